@@ -1,0 +1,272 @@
+"""EIP-712 typed data for job offers, receipts and node bindings: build, sign, verify.
+
+The typed data built here is exactly what is signed, so any standard EIP-712 library
+(eth-account, ethers) verifies it as is. `receipt_digest` is a hand-written digest of the
+fixed `Receipt` type: it is what the coordinator uses on its hot path (several times faster
+than `encode_typed_data`), and a test checks it against eth-account byte for byte.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import coincurve
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from eth_hash.auto import keccak
+from eth_utils import to_checksum_address
+
+from sogni_protocol.errors import SignatureError
+from sogni_protocol.messages import Capabilities, JobOffer, JobParams, Receipt, encode
+
+DOMAIN_NAME = "SogniSupernet"
+DOMAIN_VERSION = "1"
+
+_EIP712_DOMAIN = [
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+    {"name": "verifyingContract", "type": "address"},
+]
+_TYPES: dict[str, list[dict[str, str]]] = {
+    "JobOffer": [
+        {"name": "jobId", "type": "bytes32"},
+        {"name": "coordinator", "type": "address"},
+        {"name": "modelId", "type": "string"},
+        {"name": "paramsHash", "type": "bytes32"},
+        {"name": "steps", "type": "uint32"},
+        {"name": "width", "type": "uint32"},
+        {"name": "height", "type": "uint32"},
+        {"name": "seed", "type": "uint32"},
+        {"name": "workUnits", "type": "uint256"},
+        {"name": "deadline", "type": "uint64"},
+    ],
+    "Receipt": [
+        {"name": "jobId", "type": "bytes32"},
+        {"name": "offerHash", "type": "bytes32"},
+        {"name": "worker", "type": "address"},
+        {"name": "coordinator", "type": "address"},
+        {"name": "modelId", "type": "string"},
+        {"name": "resultHash", "type": "bytes32"},
+        {"name": "stepsDone", "type": "uint32"},
+        {"name": "workUnits", "type": "uint256"},
+        {"name": "completedAt", "type": "uint64"},
+    ],
+    "NodeBinding": [
+        {"name": "peerId", "type": "string"},
+        {"name": "wallet", "type": "address"},
+        {"name": "expiry", "type": "uint64"},
+        {"name": "capabilitiesHash", "type": "bytes32"},
+    ],
+}
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The EIP-712 domain: binds every signature to one chain and one reward distributor."""
+
+    chain_id: int
+    verifying_contract: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": DOMAIN_NAME,
+            "version": DOMAIN_VERSION,
+            "chainId": self.chain_id,
+            "verifyingContract": to_checksum_address(self.verifying_contract),
+        }
+
+    @functools.cached_property
+    def separator(self) -> bytes:
+        return keccak(
+            _type_hash("EIP712Domain", _EIP712_DOMAIN)
+            + keccak(DOMAIN_NAME.encode())
+            + keccak(DOMAIN_VERSION.encode())
+            + self.chain_id.to_bytes(32, "big")
+            + bytes(12)
+            + bytes.fromhex(self.verifying_contract[2:])
+        )
+
+
+def _type_hash(name: str, fields: list[dict[str, str]]) -> bytes:
+    return keccak(f"{name}({','.join(f['type'] + ' ' + f['name'] for f in fields)})".encode())
+
+
+_RECEIPT_TYPEHASH = _type_hash("Receipt", _TYPES["Receipt"])
+_OFFER_TYPEHASH = _type_hash("JobOffer", _TYPES["JobOffer"])
+
+
+def _hex(b: bytes) -> str:
+    return "0x" + b.hex()
+
+
+def offer_message(offer: JobOffer) -> dict[str, Any]:
+    return {
+        "jobId": _hex(offer.job_id),
+        "coordinator": to_checksum_address(offer.coordinator),
+        "modelId": offer.model_id,
+        "paramsHash": _hex(offer.params_hash),
+        "steps": offer.steps,
+        "width": offer.width,
+        "height": offer.height,
+        "seed": offer.seed,
+        "workUnits": offer.work_units,
+        "deadline": offer.deadline,
+    }
+
+
+def receipt_message(receipt: Receipt) -> dict[str, Any]:
+    return {
+        "jobId": _hex(receipt.job_id),
+        "offerHash": _hex(receipt.offer_hash),
+        "worker": to_checksum_address(receipt.worker),
+        "coordinator": to_checksum_address(receipt.coordinator),
+        "modelId": receipt.model_id,
+        "resultHash": _hex(receipt.result_hash),
+        "stepsDone": receipt.steps_done,
+        "workUnits": receipt.work_units,
+        "completedAt": receipt.completed_at,
+    }
+
+
+def typed_data(domain: Domain, primary_type: str, message: dict[str, Any]) -> dict[str, Any]:
+    """The full EIP-712 document (`domain`, `types`, `primaryType`, `message`)."""
+    return {
+        "domain": domain.as_dict(),
+        "types": {"EIP712Domain": _EIP712_DOMAIN, primary_type: _TYPES[primary_type]},
+        "primaryType": primary_type,
+        "message": message,
+    }
+
+
+def _sign(private_key: bytes, document: dict[str, Any]) -> bytes:
+    return bytes(Account.sign_message(encode_typed_data(full_message=document), private_key).signature)
+
+
+def _recover(document: dict[str, Any], signature: bytes) -> str:
+    try:
+        return str(Account.recover_message(encode_typed_data(full_message=document), signature=signature))
+    except Exception as exc:  # eth-keys raises several types for malformed signatures
+        raise SignatureError(f"signature does not recover: {type(exc).__name__}") from None
+
+
+# --- hashes --------------------------------------------------------------------------------
+def params_hash(params: JobParams) -> bytes:
+    """keccak256 of the canonical encoding: binds prompt and settings into the signed offer."""
+    return keccak(encode(params))
+
+
+def capabilities_hash(caps: Capabilities) -> bytes:
+    return keccak(encode(caps))
+
+
+def offer_hash(domain: Domain, offer: JobOffer) -> bytes:
+    """The EIP-712 digest of an offer; receipts point at it."""
+    struct = keccak(
+        _OFFER_TYPEHASH
+        + offer.job_id
+        + bytes(12)
+        + bytes.fromhex(offer.coordinator[2:])
+        + keccak(offer.model_id.encode())
+        + offer.params_hash
+        + offer.steps.to_bytes(32, "big")
+        + offer.width.to_bytes(32, "big")
+        + offer.height.to_bytes(32, "big")
+        + offer.seed.to_bytes(32, "big")
+        + offer.work_units.to_bytes(32, "big")
+        + offer.deadline.to_bytes(32, "big")
+    )
+    return keccak(b"\x19\x01" + domain.separator + struct)
+
+
+def receipt_digest(domain: Domain, receipt: Receipt) -> bytes:
+    struct = keccak(
+        _RECEIPT_TYPEHASH
+        + receipt.job_id
+        + receipt.offer_hash
+        + bytes(12)
+        + bytes.fromhex(receipt.worker[2:])
+        + bytes(12)
+        + bytes.fromhex(receipt.coordinator[2:])
+        + keccak(receipt.model_id.encode())
+        + receipt.result_hash
+        + receipt.steps_done.to_bytes(32, "big")
+        + receipt.work_units.to_bytes(32, "big")
+        + receipt.completed_at.to_bytes(32, "big")
+    )
+    return keccak(b"\x19\x01" + domain.separator + struct)
+
+
+# --- sign / verify -------------------------------------------------------------------------
+def sign_digest(private_key: bytes, digest: bytes) -> bytes:
+    """65-byte r||s||v signature (v = 27/28), as eth-account produces."""
+    sig = coincurve.PrivateKey(private_key).sign_recoverable(digest, hasher=None)
+    return sig[:64] + bytes([sig[64] + 27])
+
+
+def recover_digest(digest: bytes, signature: bytes) -> str:
+    """Checksummed address that signed `digest`, or `SignatureError`."""
+    if len(signature) != 65 or signature[64] not in (27, 28):
+        raise SignatureError("signature must be 65 bytes with v of 27 or 28")
+    s = int.from_bytes(signature[32:64], "big")
+    if s == 0 or s > _SECP256K1_HALF_N:
+        raise SignatureError("signature s value is not canonical")
+    try:
+        pub = coincurve.PublicKey.from_signature_and_message(
+            signature[:64] + bytes([signature[64] - 27]), digest, hasher=None
+        )
+    except Exception:
+        raise SignatureError("signature does not recover to a public key") from None
+    return to_checksum_address(keccak(pub.format(compressed=False)[1:])[-20:])
+
+
+_SECP256K1_HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F46681B20A0
+
+
+def sign_offer(private_key: bytes, domain: Domain, offer: JobOffer) -> bytes:
+    return sign_digest(private_key, offer_hash(domain, offer))
+
+
+def sign_receipt(private_key: bytes, domain: Domain, receipt: Receipt) -> bytes:
+    return sign_digest(private_key, receipt_digest(domain, receipt))
+
+
+def recover_offer_signer(domain: Domain, offer: JobOffer, signature: bytes) -> str:
+    return recover_digest(offer_hash(domain, offer), signature)
+
+
+def recover_receipt_signer(domain: Domain, receipt: Receipt, signature: bytes) -> str:
+    return recover_digest(receipt_digest(domain, receipt), signature)
+
+
+def binding_document(domain: Domain, caps: Capabilities) -> dict[str, Any]:
+    message = {
+        "peerId": caps.peer_id,
+        "wallet": to_checksum_address(caps.wallet),
+        "expiry": caps.expiry,
+        "capabilitiesHash": _hex(capabilities_hash(caps)),
+    }
+    return typed_data(domain, "NodeBinding", message)
+
+
+def sign_binding(private_key: bytes, domain: Domain, caps: Capabilities) -> bytes:
+    """The wallet vouches for the libp2p peer id (and the capabilities) until `expiry`."""
+    return _sign(private_key, binding_document(domain, caps))
+
+
+def recover_binding_signer(domain: Domain, caps: Capabilities, signature: bytes) -> str:
+    return _recover(binding_document(domain, caps), signature)
+
+
+def receipt_document(domain: Domain, receipt: Receipt) -> dict[str, Any]:
+    return typed_data(domain, "Receipt", receipt_message(receipt))
+
+
+def offer_document(domain: Domain, offer: JobOffer) -> dict[str, Any]:
+    return typed_data(domain, "JobOffer", offer_message(offer))
+
+
+def same_address(a: str, b: str) -> bool:
+    return a.lower() == b.lower()

@@ -1,0 +1,20 @@
+"""Errors shared by every part; their messages never contain prompts or image bytes."""
+
+
+class ProtocolError(Exception):
+    """A peer sent something this protocol refuses; the message names what was wrong."""
+
+
+class FrameTooLarge(ProtocolError):
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"frame of {size} bytes exceeds the {limit}-byte limit")
+        self.size = size
+        self.limit = limit
+
+
+class InvalidMessage(ProtocolError):
+    """Bytes that are not MessagePack, or a message with a bad type, field or value."""
+
+
+class SignatureError(ProtocolError):
+    """A signature that does not verify, or was made by a key we do not trust."""

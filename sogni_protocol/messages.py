@@ -1,0 +1,285 @@
+"""Typed wire messages and their strict MessagePack codec.
+
+Every frame is a MessagePack map with `type` (the tag below) and `v` (the wire version).
+Decoding refuses an unknown type, a missing field, an unknown field, a wrong type or an
+out-of-range value, with an error that names the field. Nothing else in the code base sees
+an unvalidated dict from the network.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from sogni_protocol import ids
+from sogni_protocol.errors import InvalidMessage
+
+# --- field types -------------------------------------------------------------------------
+Bytes32 = Annotated[bytes, Meta(min_length=32, max_length=32)]
+Signature = Annotated[bytes, Meta(min_length=65, max_length=65)]
+Address = Annotated[str, Meta(pattern="^0x[0-9a-fA-F]{40}$")]
+Uint32 = Annotated[int, Meta(ge=0, le=2**32 - 1)]
+Uint64 = Annotated[int, Meta(ge=0, le=2**63 - 1)]  # msgspec bounds are int64
+ModelId = Annotated[str, Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+Prompt = Annotated[str, Meta(max_length=ids.MAX_PROMPT_CHARS)]
+Steps = Annotated[int, Meta(ge=1, le=150)]
+Guidance = Annotated[float, Meta(ge=0.0, le=30.0)]
+Side = Annotated[int, Meta(ge=64, le=2048, multiple_of=8)]
+ImageCount = Annotated[int, Meta(ge=1, le=ids.MAX_IMAGES_PER_REQUEST)]
+Slots = Annotated[int, Meta(ge=0, le=64)]
+Reason = Annotated[str, Meta(max_length=512)]
+ShortText = Annotated[str, Meta(max_length=128)]
+Network = Literal["fast", "relaxed"]
+TokenType = Literal["spark", "sogni"]
+Scheduler = Annotated[str, Meta(max_length=32, pattern=r"^[a-z0-9_]*$")]
+
+
+class _Message(
+    msgspec.Struct, tag_field="type", rename="camel", kw_only=True, forbid_unknown_fields=True
+):
+    v: Annotated[int, Meta(ge=ids.WIRE_VERSION, le=ids.WIRE_VERSION)] = ids.WIRE_VERSION
+
+
+class _Record(msgspec.Struct, rename="camel", kw_only=True, forbid_unknown_fields=True):
+    """A struct nested inside messages (no tag of its own)."""
+
+
+# --- shared records ----------------------------------------------------------------------
+class JobParams(_Record, kw_only=True):
+    """What one image is rendered from. Hashed into the offer, so the node can check it."""
+
+    model_id: ModelId
+    positive_prompt: Prompt
+    negative_prompt: Prompt = ""
+    style_prompt: Prompt = ""
+    steps: Steps
+    guidance: Guidance
+    scheduler: Scheduler = ""
+    width: Side
+    height: Side
+    seed: Uint32
+
+
+class JobOffer(_Record, kw_only=True):
+    """The EIP-712 `JobOffer` the coordinator signs; field names are the typed-data names."""
+
+    job_id: Bytes32
+    coordinator: Address
+    model_id: ModelId
+    params_hash: Bytes32
+    steps: Steps
+    width: Side
+    height: Side
+    seed: Uint32
+    work_units: Uint64
+    deadline: Uint64
+
+
+class Receipt(_Record, kw_only=True):
+    """The EIP-712 `Receipt` the node's wallet signs for each image it delivers."""
+
+    job_id: Bytes32
+    offer_hash: Bytes32
+    worker: Address
+    coordinator: Address
+    model_id: ModelId
+    result_hash: Bytes32
+    steps_done: Uint32
+    work_units: Uint64
+    completed_at: Uint64
+
+
+class Capabilities(_Record, kw_only=True):
+    """What a node can do right now; signed (by hash) together with its peer-id binding."""
+
+    peer_id: Annotated[str, Meta(min_length=1, max_length=128)]
+    wallet: Address
+    expiry: Uint64
+    models: Annotated[list[ModelId], Meta(max_length=256)]
+    slots: Slots
+    backend: ShortText
+    device: ShortText
+    max_pixels: Annotated[int, Meta(ge=0, le=2**31)]
+    version: ShortText = ""
+
+
+class RenderMeta(_Record, kw_only=True):
+    """How an image was made, so a later check compares with the right tolerance."""
+
+    backend: ShortText
+    device: ShortText
+    dtype: ShortText
+    threads: Annotated[int, Meta(ge=0, le=1024)]
+
+
+# --- client <-> coordinator (/sogni/client/1.0.0) ---------------------------------------
+class RenderRequest(_Message, tag="renderRequest", kw_only=True):
+    """Field names follow Sogni's public client SDK."""
+
+    model_id: ModelId
+    positive_prompt: Prompt
+    negative_prompt: Prompt = ""
+    style_prompt: Prompt = ""
+    steps: Steps = 20
+    guidance: Guidance = 7.5
+    scheduler: Scheduler = ""
+    width: Side = 512
+    height: Side = 512
+    seed: Uint32 = 0
+    number_of_images: ImageCount = 1
+    network: Network = "fast"
+    token_type: TokenType = "spark"
+
+
+class RequestAccepted(_Message, tag="requestAccepted", kw_only=True):
+    request_id: Bytes32
+    job_ids: Annotated[list[Bytes32], Meta(max_length=ids.MAX_IMAGES_PER_REQUEST)]
+    chain_id: Uint64
+    verifying_contract: Address
+
+
+class RequestRefused(_Message, tag="requestRefused", kw_only=True):
+    code: ShortText
+    reason: Reason
+
+
+class JobProgress(_Message, tag="jobProgress", kw_only=True):
+    job_id: Bytes32
+    index: Uint32
+    step: Uint32
+    steps: Uint32
+
+
+class JobImage(_Message, tag="jobImage", kw_only=True):
+    job_id: Bytes32
+    index: Uint32
+    seed: Uint32
+    image: bytes
+    receipt: Receipt
+    signature: Signature
+    meta: RenderMeta
+
+
+class RequestDone(_Message, tag="requestDone", kw_only=True):
+    request_id: Bytes32
+    delivered: Uint32
+    failed: Uint32
+
+
+# --- node <-> coordinator (/sogni/jobs/1.0.0) --------------------------------------------
+class NodeHello(_Message, tag="nodeHello", kw_only=True):
+    """First frame of a pull stream: who the node is and what it can render."""
+
+    capabilities: Capabilities
+    binding_signature: Signature
+
+
+class Welcome(_Message, tag="welcome", kw_only=True):
+    """Coordinator's answer: its offer-signing address and the EIP-712 domain for receipts."""
+
+    coordinator: Address
+    chain_id: Uint64
+    verifying_contract: Address
+    heartbeat_interval: Annotated[float, Meta(gt=0, le=300)]
+
+
+class Ready(_Message, tag="ready", kw_only=True):
+    """The node can take `slots` more offers (credit-based flow control)."""
+
+    slots: Slots
+
+
+class Offer(_Message, tag="offer", kw_only=True):
+    offer: JobOffer
+    params: JobParams
+    signature: Signature
+
+
+class OfferDeclined(_Message, tag="offerDeclined", kw_only=True):
+    job_id: Bytes32
+    reason: Reason
+
+
+class Progress(_Message, tag="progress", kw_only=True):
+    job_id: Bytes32
+    step: Uint32
+
+
+class Cancel(_Message, tag="cancel", kw_only=True):
+    job_id: Bytes32
+
+
+class Result(_Message, tag="result", kw_only=True):
+    job_id: Bytes32
+    image: bytes
+    receipt: Receipt
+    signature: Signature
+    meta: RenderMeta
+
+
+class ResultAck(_Message, tag="resultAck", kw_only=True):
+    job_id: Bytes32
+    accepted: bool
+    reason: Reason = ""
+
+
+class HandBack(_Message, tag="handBack", kw_only=True):
+    """The node gives a job back unfinished (shutdown, failure); it goes back to the queue."""
+
+    job_id: Bytes32
+    steps_done: Uint32
+    reason: Reason
+
+
+class Heartbeat(_Message, tag="heartbeat", kw_only=True):
+    seq: Uint64
+
+
+class Goodbye(_Message, tag="goodbye", kw_only=True):
+    reason: Reason = ""
+
+
+ClientMessage = RenderRequest
+CoordinatorToClient = RequestAccepted | RequestRefused | JobProgress | JobImage | RequestDone
+NodeToCoordinator = NodeHello | Ready | OfferDeclined | Progress | Result | HandBack | Heartbeat | Goodbye
+CoordinatorToNode = Welcome | Offer | Cancel | ResultAck | Heartbeat
+Message = (
+    RenderRequest
+    | RequestAccepted
+    | RequestRefused
+    | JobProgress
+    | JobImage
+    | RequestDone
+    | NodeHello
+    | Welcome
+    | Ready
+    | Offer
+    | OfferDeclined
+    | Progress
+    | Cancel
+    | Result
+    | ResultAck
+    | HandBack
+    | Heartbeat
+    | Goodbye
+)
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Message)
+
+
+def encode(message: _Message | _Record) -> bytes:
+    """Canonical MessagePack: fields in declaration order, so hashes of records are stable."""
+    return _encoder.encode(message)
+
+
+def decode(payload: bytes) -> Message:
+    """Decode one frame payload into a typed message, or raise `InvalidMessage`."""
+    try:
+        return _decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise InvalidMessage(f"invalid message: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidMessage(f"not a MessagePack message: {exc}") from None
