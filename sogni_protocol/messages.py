@@ -162,6 +162,14 @@ class JobImage(_Message, tag="jobImage", kw_only=True):
     meta: RenderMeta
 
 
+class JobFailed(_Message, tag="jobFailed", kw_only=True):
+    """A job the coordinator gave up on after too many failed attempts; nothing is charged."""
+
+    job_id: Bytes32
+    index: Uint32
+    reason: Reason
+
+
 class RequestDone(_Message, tag="requestDone", kw_only=True):
     request_id: Bytes32
     delivered: Uint32
@@ -242,8 +250,12 @@ class Goodbye(_Message, tag="goodbye", kw_only=True):
 
 
 ClientMessage = RenderRequest
-CoordinatorToClient = RequestAccepted | RequestRefused | JobProgress | JobImage | RequestDone
-NodeToCoordinator = NodeHello | Ready | OfferDeclined | Progress | Result | HandBack | Heartbeat | Goodbye
+CoordinatorToClient = (
+    RequestAccepted | RequestRefused | JobProgress | JobImage | JobFailed | RequestDone
+)
+NodeToCoordinator = (
+    NodeHello | Ready | OfferDeclined | Progress | Result | HandBack | Heartbeat | Goodbye
+)
 CoordinatorToNode = Welcome | Offer | Cancel | ResultAck | Heartbeat
 Message = (
     RenderRequest
@@ -251,6 +263,7 @@ Message = (
     | RequestRefused
     | JobProgress
     | JobImage
+    | JobFailed
     | RequestDone
     | NodeHello
     | Welcome

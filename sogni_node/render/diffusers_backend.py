@@ -1,0 +1,268 @@
+"""Render with Hugging Face diffusers on CUDA, Apple MPS or CPU.
+
+Why this shape: pipelines are big, so each model is loaded once (lazily, from a local folder,
+never from a hub) and kept; a lock per pipeline serialises renders because a diffusers
+pipeline holds per-call state (scheduler, interrupt flag) and is not re-entrant. Each render
+gets a fresh scheduler from the model's saved config, so a job's scheduler choice never leaks
+into the next job.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    LCMScheduler,
+)
+from diffusers.utils import is_accelerate_available
+
+from sogni_node.models.registry import ModelRegistry
+from sogni_node.render.backend import RenderCancelled, RenderError, RenderJob, RenderOutput
+from sogni_node.render.png import encode_png, float_image_to_uint8
+
+logger = logging.getLogger(__name__)
+
+
+class _SchedulerClass(Protocol):
+    """A diffusers scheduler class (SchedulerMixin + ConfigMixin), as a type for mypy."""
+
+    def from_config(self, config: Any, **kwargs: Any) -> Any: ...
+
+
+SCHEDULERS: Mapping[str, tuple[_SchedulerClass, Mapping[str, Any]]] = {
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "ddim": (DDIMScheduler, {}),
+    "dpmpp_2m_karras": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "use_karras_sigmas": True},
+    ),
+    "lcm": (LCMScheduler, {}),
+}
+"""Job scheduler names (as in the Sogni API) -> diffusers class and config overrides."""
+
+DEVICES = ("cpu", "cuda", "mps")
+
+_DTYPES: Mapping[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+
+def check_scheduler(name: str | None) -> None:
+    """Raise ValueError naming an unknown scheduler (cheap, before any model is loaded)."""
+    if name is not None and name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}")
+
+
+def parse_dtype(dtype: torch.dtype | str | None, device: str) -> torch.dtype:
+    """None picks float16 on CUDA and float32 elsewhere (bf16 is >20x slower on AVX2 CPUs)."""
+    if dtype is None:
+        return torch.float16 if device == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype.removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(_DTYPES)}") from None
+
+
+class _RedactTruncatedPrompt(logging.Filter):
+    """diffusers logs the cut-off tail of an over-long prompt; replace it with a neutral line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "truncated" in str(record.msg):
+            record.msg = "prompt truncated to the text encoder's token limit (text withheld)"
+            record.args = ()
+        return True
+
+
+def _install_redaction(pipe: Any) -> None:
+    module_logger = logging.getLogger(type(pipe).__module__)
+    if not any(isinstance(f, _RedactTruncatedPrompt) for f in module_logger.filters):
+        module_logger.addFilter(_RedactTruncatedPrompt())
+
+
+@dataclass
+class _Loaded:
+    pipe: Any  # a DiffusionPipeline subclass; diffusers' stubs don't declare its components
+    lock: threading.Lock
+    scheduler_cls: _SchedulerClass
+    scheduler_config: Mapping[str, Any]
+
+
+class DiffusersBackend:
+    """`Backend` over diffusers pipelines from local folders in a `ModelRegistry`."""
+
+    name = "diffusers"
+
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        device: str = "cpu",
+        dtype: torch.dtype | str | None = None,
+        threads: int | None = None,
+    ) -> None:
+        dev = torch.device(device)
+        if dev.type not in DEVICES:
+            raise ValueError(f"unsupported device {device!r}; expected one of {DEVICES}")
+        self.registry = registry
+        self.device = str(dev)
+        self.dtype = parse_dtype(dtype, dev.type)
+        # Output bytes on CPU depend on the thread count, so it is fixed per backend and
+        # recorded in every RenderOutput.
+        self.threads = threads if threads is not None else torch.get_num_threads()
+        if self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if dev.type == "cpu" and self.dtype != torch.float32:
+            logger.warning("dtype %s on CPU is much slower than float32", self.dtype)
+        self._pipes: dict[str, _Loaded] = {}
+        self._load_lock = threading.Lock()
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def load(self, model_id: str) -> None:
+        """Load a model now (e.g. at start-up) instead of on its first job."""
+        self._get(model_id)
+
+    def _get(self, model_id: str) -> _Loaded:
+        spec = self.registry.get(model_id)  # UnknownModelError before taking any lock
+        with self._load_lock:
+            loaded = self._pipes.get(model_id)
+            if loaded is None:
+                started = time.perf_counter()
+                pipe = DiffusionPipeline.from_pretrained(
+                    str(spec.path),
+                    dtype=self.dtype,
+                    local_files_only=True,
+                    # Low-memory loading needs accelerate; asking without it only logs a warning.
+                    low_cpu_mem_usage=is_accelerate_available(),
+                )
+                pipe.to(self.device)
+                pipe.set_progress_bar_config(disable=True)
+                _install_redaction(pipe)
+                loaded = _Loaded(
+                    pipe=pipe,
+                    lock=threading.Lock(),
+                    scheduler_cls=pipe.scheduler.__class__,
+                    scheduler_config=dict(pipe.scheduler.config),
+                )
+                self._pipes[model_id] = loaded
+                logger.info(
+                    "loaded model %s on %s/%s in %.2fs",
+                    model_id,
+                    self.device,
+                    self.dtype_name,
+                    time.perf_counter() - started,
+                )
+            return loaded
+
+    def _scheduler(self, loaded: _Loaded, name: str | None) -> Any:
+        if name is None:
+            return loaded.scheduler_cls.from_config(loaded.scheduler_config)
+        cls, overrides = SCHEDULERS[name]
+        return cls.from_config(loaded.scheduler_config, **overrides)
+
+    def render(
+        self,
+        job: RenderJob,
+        on_step: Callable[[int], None],
+        should_cancel: Callable[[], bool],
+    ) -> RenderOutput:
+        """Blocking render; run it with `trio.to_thread.run_sync`. See `Backend.render`."""
+        check_scheduler(job.scheduler)
+        loaded = self._get(job.model_id)
+        steps_done = 0
+        caller_error: BaseException | None = None
+
+        def step_end(
+            _pipe: Any, step_index: int, _timestep: Any, callback_kwargs: dict[str, Any]
+        ) -> dict[str, Any]:
+            nonlocal steps_done, caller_error
+            steps_done = step_index + 1
+            try:
+                on_step(steps_done)
+                cancel = should_cancel()
+            except BaseException as exc:
+                caller_error = exc  # the caller's own error: re-raised unchanged below
+                raise
+            if cancel:
+                # Raising (rather than pipe._interrupt) also skips the VAE decode.
+                raise RenderCancelled(steps_done)
+            return callback_kwargs
+
+        with loaded.lock:
+            if should_cancel():  # asked while we waited for the pipeline
+                raise RenderCancelled(0)
+            # Process-global in torch; set here, on the rendering thread, so the recorded
+            # count is the one actually used.
+            torch.set_num_threads(self.threads)
+            pipe = loaded.pipe
+            pipe.scheduler = self._scheduler(loaded, job.scheduler)
+            generator = torch.Generator(self.device).manual_seed(job.seed)
+            try:
+                result = pipe(
+                    prompt=job.prompt,
+                    negative_prompt=job.negative_prompt or None,
+                    num_inference_steps=job.steps,
+                    guidance_scale=job.guidance,
+                    width=job.width,
+                    height=job.height,
+                    generator=generator,
+                    output_type="np",
+                    callback_on_step_end=step_end,
+                )
+            except RenderCancelled:
+                raise
+            except Exception as exc:
+                if exc is caller_error:
+                    raise
+                raise _private_error(exc, job) from _private_cause(exc, job)
+        images = np.asarray(result.images)
+        if images.ndim != 4 or images.shape[0] != 1:
+            raise RenderError(f"model {job.model_id!r} returned images of shape {images.shape}")
+        return RenderOutput(
+            image=encode_png(float_image_to_uint8(images[0])),
+            steps_done=steps_done,
+            backend=self.name,
+            device=self.device,
+            dtype=self.dtype_name,
+            threads=self.threads,
+        )
+
+    def close(self) -> None:
+        with self._load_lock:
+            self._pipes.clear()
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+
+
+def _private_error(exc: Exception, job: RenderJob) -> RenderError:
+    return RenderError(f"{type(exc).__name__} while rendering model {job.model_id!r}")
+
+
+def _private_cause(exc: Exception, job: RenderJob) -> Exception | None:
+    """Chain the original error for debugging unless its text quotes the prompt."""
+    text = str(exc)
+    for secret in (job.prompt, job.negative_prompt):
+        if secret.strip() and secret.strip() in text:
+            return None
+    return exc
