@@ -142,12 +142,16 @@ def typed_data(domain: Domain, primary_type: str, message: dict[str, Any]) -> di
 
 
 def _sign(private_key: bytes, document: dict[str, Any]) -> bytes:
-    return bytes(Account.sign_message(encode_typed_data(full_message=document), private_key).signature)
+    return bytes(
+        Account.sign_message(encode_typed_data(full_message=document), private_key).signature
+    )
 
 
 def _recover(document: dict[str, Any], signature: bytes) -> str:
     try:
-        return str(Account.recover_message(encode_typed_data(full_message=document), signature=signature))
+        return str(
+            Account.recover_message(encode_typed_data(full_message=document), signature=signature)
+        )
     except Exception as exc:  # eth-keys raises several types for malformed signatures
         raise SignatureError(f"signature does not recover: {type(exc).__name__}") from None
 

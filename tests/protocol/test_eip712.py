@@ -49,8 +49,16 @@ def test_receipt_digest_matches_eth_account(steps: int, units: int, model: str) 
 
 def test_offer_hash_matches_eth_account() -> None:
     offer = JobOffer(
-        job_id=os.urandom(32), coordinator="0x" + "33" * 20, model_id="m", params_hash=os.urandom(32),
-        steps=4, width=64, height=64, seed=9, work_units=77, deadline=1_800_000_000,
+        job_id=os.urandom(32),
+        coordinator="0x" + "33" * 20,
+        model_id="m",
+        params_hash=os.urandom(32),
+        steps=4,
+        width=64,
+        height=64,
+        seed=9,
+        work_units=77,
+        deadline=1_800_000_000,
     )
     from eth_account.messages import _hash_eip191_message
 
@@ -62,7 +70,10 @@ def test_signed_receipt_verifies_with_eth_account() -> None:
     receipt = _receipt()
     sig = eip712.sign_receipt(WORKER.key, DOMAIN, receipt)
     doc = eip712.receipt_document(DOMAIN, receipt)
-    assert Account.recover_message(encode_typed_data(full_message=doc), signature=sig) == WORKER.address
+    assert (
+        Account.recover_message(encode_typed_data(full_message=doc), signature=sig)
+        == WORKER.address
+    )
     assert eip712.recover_receipt_signer(DOMAIN, receipt, sig) == WORKER.address
 
 
@@ -85,10 +96,18 @@ def test_malformed_signatures_are_refused() -> None:
 
 def test_binding_signed_by_wallet() -> None:
     caps = Capabilities(
-        peer_id="12D3KooWtest", wallet=WORKER.address, expiry=2_000_000_000, models=["m"],
-        slots=1, backend="diffusers", device="cpu", max_pixels=262144,
+        peer_id="12D3KooWtest",
+        wallet=WORKER.address,
+        expiry=2_000_000_000,
+        models=["m"],
+        slots=1,
+        backend="diffusers",
+        device="cpu",
+        max_pixels=262144,
     )
     sig = eip712.sign_binding(WORKER.key, DOMAIN, caps)
     assert eip712.recover_binding_signer(DOMAIN, caps, sig) == WORKER.address
-    moved = Capabilities(**{**{f: getattr(caps, f) for f in caps.__struct_fields__}, "peer_id": "x"})
+    moved = Capabilities(
+        **{**{f: getattr(caps, f) for f in caps.__struct_fields__}, "peer_id": "x"}
+    )
     assert eip712.recover_binding_signer(DOMAIN, moved, sig) != WORKER.address

@@ -26,12 +26,15 @@ def test_roundtrip_keeps_every_field() -> None:
         ({"type": "heartbeat", "seq": -1}, "$.seq"),
         ({"type": "heartbeat", "seq": 1, "v": 2}, "$.v"),
         ({"type": "heartbeat", "seq": 1, "extra": 0}, "`extra`"),
-        ({"type": "renderRequest", "modelId": "m", "positivePrompt": "p", "numberOfImages": 0},
-         "$.numberOfImages"),
-        ({"type": "renderRequest", "modelId": "m", "positivePrompt": "p", "numberOfImages": 513},
-         "$.numberOfImages"),
-        ({"type": "renderRequest", "modelId": "m", "positivePrompt": "p", "width": 100},
-         "$.width"),
+        (
+            {"type": "renderRequest", "modelId": "m", "positivePrompt": "p", "numberOfImages": 0},
+            "$.numberOfImages",
+        ),
+        (
+            {"type": "renderRequest", "modelId": "m", "positivePrompt": "p", "numberOfImages": 513},
+            "$.numberOfImages",
+        ),
+        ({"type": "renderRequest", "modelId": "m", "positivePrompt": "p", "width": 100}, "$.width"),
         ({"type": "renderRequest", "modelId": "bad id!", "positivePrompt": "p"}, "$.modelId"),
     ],
 )

@@ -1,0 +1,224 @@
+"""A whole Supernet on 127.0.0.1: one coordinator and N nodes as separate processes.
+
+`make demo` runs `python -m sogni_client.localnet --images 8 --out out`; tests and benchmarks
+use `LocalNet` directly. Each process logs (JSON lines) to its own file under the work
+folder, so a test can read every line that every process wrote. Readiness is never guessed:
+each daemon prints one JSON line per event on stdout (`ready`, `connected`) and the launcher
+reads them with a deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sogni_node.keystore import create_keystore
+
+DEMO_PASSWORD = "localnet-demo-password"
+DEMO_KDF_N = 2**14
+
+
+@dataclass
+class Proc:
+    name: str
+    popen: subprocess.Popen[str]
+    log_path: Path
+    events: list[dict[str, Any]] = field(default_factory=list)
+    _lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+
+    def __post_init__(self) -> None:
+        # A thread reads stdout line by line: select() on a buffered pipe misses lines that
+        # were read ahead into the buffer.
+        threading.Thread(target=self._pump, name=f"{self.name}-stdout", daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def wait_event(self, event: str, timeout: float) -> dict[str, Any]:
+        """Wait until this process announces `event` on stdout (or dies, or times out)."""
+        for seen in self.events:
+            if seen.get("event") == event:
+                return seen
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise TimeoutError(
+                    f"{self.name} did not report {event!r} within {timeout:.0f} s; "
+                    f"see {self.log_path}"
+                ) from None
+            if line is None:
+                self._lines.put(None)
+                raise RuntimeError(
+                    f"{self.name} exited (code {self.popen.wait()}) before {event!r}; "
+                    f"see {self.log_path}"
+                )
+            try:
+                msg = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            self.events.append(msg)
+            if msg.get("event") == event:
+                return msg
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                return self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+        return self.popen.wait()
+
+
+@dataclass
+class LocalNet:
+    workdir: Path
+    coordinator: Proc
+    nodes: list[Proc]
+    coordinator_addr: str
+
+    def log_files(self) -> list[Path]:
+        return [self.coordinator.log_path, *(n.log_path for n in self.nodes)]
+
+
+def _spawn(name: str, args: list[str], env: dict[str, str], workdir: Path) -> Proc:
+    log_path = workdir / "logs" / f"{name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_file = log_path.open("w")
+    popen = subprocess.Popen(
+        [sys.executable, "-m", *args],
+        stdout=subprocess.PIPE,
+        stderr=log_file,
+        env=env,
+        text=True,
+        cwd=workdir,
+    )
+    log_file.close()
+    return Proc(name, popen, log_path)
+
+
+def _base_env(log_level: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SOGNI_")}
+    env["SOGNI_NODE_PASSWORD"] = DEMO_PASSWORD
+    env["SOGNI_COORDINATOR_PASSWORD"] = DEMO_PASSWORD
+    env["SOGNI_NODE_LOG_LEVEL"] = log_level
+    env["SOGNI_COORDINATOR_LOG_LEVEL"] = log_level
+    env["SOGNI_NODE_LOG_JSON"] = "true"
+    env["SOGNI_COORDINATOR_LOG_JSON"] = "true"
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+@contextmanager
+def start_localnet(
+    workdir: Path,
+    *,
+    nodes: int = 2,
+    log_level: str = "info",
+    models_dir: Path | None = None,
+    node_env: dict[str, str] | None = None,
+    coordinator_env: dict[str, str] | None = None,
+    timeout: float = 120.0,
+) -> Iterator[LocalNet]:
+    """Start a coordinator and `nodes` nodes, wait until every node is connected, then yield."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    models_dir = models_dir or workdir / "models"
+    env = _base_env(log_level)
+    cdir = workdir / "coordinator"
+    signer = create_keystore(cdir / "signer.json", DEMO_PASSWORD, kdf_n=DEMO_KDF_N, force=True)
+    cenv = {
+        **env,
+        "SOGNI_COORDINATOR_DATA_DIR": str(cdir),
+        "SOGNI_COORDINATOR_LISTEN": "/ip4/127.0.0.1/tcp/0",
+        **(coordinator_env or {}),
+    }
+    procs: list[Proc] = []
+    try:
+        coordinator = _spawn(
+            "coordinator", ["sogni_coordinator.cli", "start", "--announce"], cenv, workdir
+        )
+        procs.append(coordinator)
+        ready = coordinator.wait_event("ready", timeout)
+        addr = str(ready["addrs"][0])
+        node_procs = []
+        for i in range(nodes):
+            ndir = workdir / f"node{i}"
+            create_keystore(ndir / "wallet.json", DEMO_PASSWORD, kdf_n=DEMO_KDF_N, force=True)
+            nenv = {
+                **env,
+                "SOGNI_NODE_DATA_DIR": str(ndir),
+                "SOGNI_NODE_MODELS_DIR": str(models_dir),
+                "SOGNI_NODE_COORDINATORS": addr,
+                "SOGNI_NODE_TRUSTED_COORDINATORS": signer,
+                "SOGNI_NODE_THREADS": "1",
+                **(node_env or {}),
+            }
+            proc = _spawn(f"node{i}", ["sogni_node.cli", "start", "--announce"], nenv, workdir)
+            procs.append(proc)
+            node_procs.append(proc)
+        for proc in node_procs:
+            proc.wait_event("connected", timeout)
+        yield LocalNet(workdir, coordinator, node_procs, addr)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def _demo(images: int, out: Path, prompt: str) -> int:
+    from sogni_client.api import render_sync, save
+    from sogni_protocol.messages import RenderRequest
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "receipts.jsonl").unlink(missing_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="sogni-localnet-"))
+    cache = Path(os.environ.get("SOGNI_CACHE", ".cache")).resolve()
+    print(f"starting a coordinator and 2 nodes on 127.0.0.1 (logs in {work}/logs)")
+    with start_localnet(work, nodes=2, models_dir=cache / "models") as net:
+        print(f"coordinator {net.coordinator_addr}")
+        request = RenderRequest(
+            model_id="sogni-tiny-sd",
+            positive_prompt=prompt,
+            steps=8,
+            guidance=4.0,
+            width=64,
+            height=64,
+            seed=42,
+            number_of_images=images,
+        )
+        result = render_sync(net.coordinator_addr, request)
+        paths = save(result, out)
+    workers = {im.receipt.worker for im in result.images}
+    print(
+        f"{len(paths)} images from {len(workers)} nodes in {out}/, receipts in {out}/receipts.jsonl"
+    )
+    return 0 if len(paths) == images else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--out", type=Path, default=Path("out"))
+    parser.add_argument("--prompt", default="a red circle on a blue background")
+    args = parser.parse_args(argv)
+    return _demo(args.images, args.out, args.prompt)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,117 @@
+"""`sogni-coordinator`: run a coordinator and manage its offer-signing key."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import trio
+import typer
+
+from sogni_coordinator.config import CoordinatorConfig, load_coordinator_config
+from sogni_node.keystore import (
+    KeystoreError,
+    create_keystore,
+    keystore_address,
+    password_from_env_or_prompt,
+    unlock_wallet,
+)
+from sogni_protocol.logs import configure_logging
+from sogni_protocol.settings import SettingsError
+
+app = typer.Typer(help="Sogni Supernet coordinator.", no_args_is_help=True)
+keys_app = typer.Typer(help="The coordinator's offer-signing key.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML config file.", exists=True)
+]
+_HINT = "sogni-coordinator keys create"
+
+
+def _config(path: Path | None) -> CoordinatorConfig:
+    try:
+        return load_coordinator_config(path)
+    except (SettingsError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+@keys_app.command("create")
+def keys_create(
+    config: ConfigOpt = None,
+    force: Annotated[bool, typer.Option(help="Replace an existing key (kept as .bak).")] = False,
+) -> None:
+    """Create the encrypted signing key (password from the env var or a prompt)."""
+    cfg = _config(config)
+    try:
+        password = password_from_env_or_prompt(cfg.password_env, confirm=True)
+        address = create_keystore(cfg.keystore, password, force=force, create_hint=_HINT)
+    except KeystoreError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"coordinator signer {address} in {cfg.keystore}")
+
+
+@keys_app.command("show")
+def keys_show(config: ConfigOpt = None) -> None:
+    """Print the signer address nodes must list in `trusted_coordinators`."""
+    cfg = _config(config)
+    try:
+        typer.echo(
+            json.dumps(
+                {
+                    "address": keystore_address(cfg.keystore, create_hint=_HINT),
+                    "keystore": str(cfg.keystore),
+                }
+            )
+        )
+    except KeystoreError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+
+
+@app.command("start")
+def start(
+    config: ConfigOpt = None,
+    announce: Annotated[
+        bool, typer.Option(help="Print one JSON line on stdout when ready (for launchers).")
+    ] = False,
+) -> None:
+    """Serve nodes and clients until SIGINT/SIGTERM."""
+    from sogni_coordinator.service import RunningCoordinator, Signer, run_coordinator
+
+    cfg = _config(config)
+    configure_logging(cfg.log_level, json=cfg.log_json)
+    try:
+        wallet = unlock_wallet(cfg.keystore, cfg.password_env, create_hint=_HINT)
+    except KeystoreError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    signer = Signer(wallet.address, wallet.private_key)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            running: RunningCoordinator = await nursery.start(run_coordinator, cfg, signer)
+            if announce:
+                line = {
+                    "event": "ready",
+                    "peerId": running.peer_id,
+                    "addrs": running.addrs,
+                    "address": running.address,
+                }
+                print(json.dumps(line), flush=True)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    sys.stderr.flush()
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,85 @@
+"""The coordinator's configuration: a TOML file (optional) plus `SOGNI_COORDINATOR_*` env.
+
+Defaults run a local coordinator against the embedded chain (eth-tester's chain id, a zero
+verifying contract until the reward distributor is deployed); production sets both, because
+they are the EIP-712 domain every offer and receipt is bound to.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from sogni_protocol.logs import LogLevel
+from sogni_protocol.messages import Address, ModelId
+from sogni_protocol.settings import (
+    DEFAULT_CHAIN_ID,
+    UNDEPLOYED_CONTRACT,
+    ChainId,
+    EnvName,
+    Multiaddr,
+    Seconds,
+    load_settings,
+    read_config_text,
+)
+
+__all__ = [
+    "CONFIG_ENV",
+    "ENV_PREFIX",
+    "CoordinatorConfig",
+    "load_coordinator_config",
+]
+
+ENV_PREFIX = "SOGNI_COORDINATOR"
+CONFIG_ENV = "SOGNI_COORDINATOR_CONFIG"
+
+
+class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Settings of one `sogni-coordinator`; see `configs/coordinator.example.toml`."""
+
+    data_dir: Path = Path("~/.sogni/coordinator")
+    listen: Multiaddr = "/ip4/127.0.0.1/tcp/4001"
+    keystore: Path = None  # type: ignore[assignment]  # None until __post_init__: signer.json
+    password_env: EnvName = "SOGNI_COORDINATOR_PASSWORD"
+    database: Path = None  # type: ignore[assignment]  # None until __post_init__
+    chain_id: ChainId = DEFAULT_CHAIN_ID
+    verifying_contract: Address = UNDEPLOYED_CONTRACT
+    heartbeat_interval: Seconds = 5.0
+    heartbeat_timeout: Seconds = 15.0
+    offer_ttl: Seconds = 30.0
+    job_deadline_floor: Seconds = 150.0
+    models: Annotated[list[ModelId], Meta(max_length=1024)] = msgspec.field(default_factory=list)
+    log_level: LogLevel = "info"
+    log_json: bool | None = None
+
+    def __post_init__(self) -> None:
+        # A timeout at or below the interval would drop every healthy node between two beats.
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ValueError(
+                f"heartbeat_timeout ({self.heartbeat_timeout:g} s) must be greater than "
+                f"heartbeat_interval ({self.heartbeat_interval:g} s)"
+            )
+        data_dir = self.data_dir.expanduser()
+        msgspec.structs.force_setattr(self, "data_dir", data_dir)
+        keystore = self.keystore if self.keystore is not None else data_dir / "signer.json"
+        msgspec.structs.force_setattr(self, "keystore", Path(keystore).expanduser())
+        database = self.database if self.database is not None else data_dir / "coordinator.db"
+        msgspec.structs.force_setattr(self, "database", Path(database).expanduser())
+
+    @property
+    def node_key_path(self) -> Path:
+        """Ed25519 libp2p identity of the coordinator, stored 0600 (its /p2p/ id)."""
+        return self.data_dir / "node.key"
+
+
+def load_coordinator_config(
+    path: Path | None = None, env: Mapping[str, str] = os.environ
+) -> CoordinatorConfig:
+    """Load: file `path` (or `$SOGNI_COORDINATOR_CONFIG`, or none) + `SOGNI_COORDINATOR_*`."""
+    text, source = read_config_text(path, env, CONFIG_ENV)
+    return load_settings(CoordinatorConfig, text, env, ENV_PREFIX, source=source)

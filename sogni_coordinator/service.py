@@ -1,0 +1,102 @@
+"""A running coordinator: libp2p host, dispatcher and store, owned by one nursery."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trio
+
+from sogni_coordinator.client_session import orphan_saver, serve_client
+from sogni_coordinator.config import CoordinatorConfig
+from sogni_coordinator.dispatch import Dispatcher, Job, RequestState
+from sogni_coordinator.node_session import serve_node
+from sogni_coordinator.store import Store
+from sogni_net import Channel, open_host
+from sogni_protocol.eip712 import Domain
+from sogni_protocol.ids import CLIENT_PROTOCOL, JOBS_PROTOCOL
+from sogni_protocol.logs import get_logger
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus  # trio-typing's stubs shadow trio's own types
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Signer:
+    address: str
+    private_key: bytes
+
+
+@dataclass(frozen=True)
+class RunningCoordinator:
+    peer_id: str
+    addrs: list[str]
+    address: str
+    dispatcher: Dispatcher
+
+
+def _restore(store: Store, dispatcher: Dispatcher, config: CoordinatorConfig) -> int:
+    """Requeue jobs that had no receipt when the coordinator stopped; their clients are gone."""
+    jobs = store.unfinished_jobs()
+    by_request: dict[bytes, list[Job]] = {}
+    for j in jobs:
+        job = Job(j.job_id, j.request_id, j.index, j.params, j.work_units, attempts=j.attempts)
+        by_request.setdefault(j.request_id, []).append(job)
+    save = orphan_saver(config.data_dir / "results")
+    for request_id, group in by_request.items():
+        dispatcher.add_request(RequestState(request_id, len(group), None, save), group)
+    return len(jobs)
+
+
+async def run_coordinator(
+    config: CoordinatorConfig,
+    signer: Signer,
+    *,
+    task_status: TaskStatus[RunningCoordinator] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled. `task_status.started` reports the listening addresses."""
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(config.database)
+    try:
+        dispatcher = Dispatcher(
+            store,
+            signer_key=signer.private_key,
+            signer_address=signer.address,
+            domain=Domain(config.chain_id, config.verifying_contract),
+            deadline_floor=config.job_deadline_floor,
+        )
+        restored = _restore(store, dispatcher, config)
+        if restored:
+            log.info("jobs_restored", jobs=restored)
+        allowed = set(config.models)
+        results_dir = config.data_dir / "results"
+
+        async def on_node(channel: Channel) -> None:
+            await serve_node(
+                channel,
+                dispatcher,
+                heartbeat_interval=config.heartbeat_interval,
+                heartbeat_timeout=config.heartbeat_timeout,
+            )
+
+        async def on_client(channel: Channel) -> None:
+            await serve_client(channel, dispatcher, allowed_models=allowed, results_dir=results_dir)
+
+        async with open_host(key_path=config.node_key_path, listen=[config.listen]) as host:
+            host.set_stream_handler(JOBS_PROTOCOL, on_node)
+            host.set_stream_handler(CLIENT_PROTOCOL, on_client)
+            info = {"peerId": host.peer_id, "addrs": host.addrs, "address": signer.address}
+            (config.data_dir / "coordinator.json").write_text(json.dumps(info, indent=2))
+            log.info(
+                "coordinator_ready", peer=host.peer_id, addrs=host.addrs, signer=signer.address
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dispatcher.run)
+                task_status.started(
+                    RunningCoordinator(host.peer_id, list(host.addrs), signer.address, dispatcher)
+                )
+    finally:
+        store.close()

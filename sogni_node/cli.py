@@ -1,0 +1,187 @@
+"""`sogni-node`: manage the node's wallet, inspect its hardware, and start the daemon.
+
+Commands print results on stdout (JSON with `--json`, for scripts and partner images) and
+errors as one line on stderr with a non-zero exit, never a traceback: a config or password
+mistake is an operator problem, not a crash. The private key is never printed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, NoReturn
+
+import msgspec
+import typer
+
+from sogni_node.config import NodeConfig, load_node_config
+from sogni_node.hardware import HardwareError, probe
+from sogni_node.keystore import (
+    DEFAULT_KDF_N,
+    KeystoreError,
+    KeystoreExists,
+    create_keystore,
+    keystore_address,
+    password_from_env_or_prompt,
+)
+from sogni_protocol.logs import configure_logging
+from sogni_protocol.settings import SettingsError, settings_to_builtins
+
+__all__ = ["app"]
+
+app = typer.Typer(
+    name="sogni-node",
+    help="Sogni Supernet worker node: renders images for coordinators, paid per signed receipt.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+keys_app = typer.Typer(help="The node's wallet (keystore v3): rewards go to its address.")
+app.add_typer(keys_app, name="keys")
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        "-c",
+        help="TOML config file (default: $SOGNI_NODE_CONFIG, else built-in defaults).",
+        dir_okay=False,
+    ),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _config(path: Path | None) -> NodeConfig:
+    try:
+        return load_node_config(path)
+    except SettingsError as exc:
+        _fail(str(exc), 2)
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2, default=str))
+
+
+@app.callback()
+def _main() -> None:
+    # Library loggers (and the keystore's) must not write plain text to stdout before
+    # `start` configures logging for real; warnings still reach stderr.
+    configure_logging("warning", capture_warnings=False)
+
+
+@keys_app.command("create")
+def keys_create(
+    config: ConfigOption = None,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace an existing keystore (the old one is kept as .bak)."),
+    ] = False,
+    kdf_n: Annotated[
+        int,
+        typer.Option(
+            "--kdf-n", envvar="SOGNI_KDF_N", hidden=True, help="scrypt N (tests use a small one)."
+        ),
+    ] = DEFAULT_KDF_N,
+) -> None:
+    """Create the node's wallet key, encrypted with a password ($SOGNI_NODE_PASSWORD or prompt)."""
+    cfg = _config(config)
+    try:
+        if cfg.keystore.exists() and not force:
+            raise KeystoreExists(
+                f"keystore {cfg.keystore} already exists (address "
+                f"{keystore_address(cfg.keystore)}); use --force to replace it"
+            )
+        password = password_from_env_or_prompt(cfg.password_env, confirm=True)
+        address = create_keystore(
+            cfg.keystore, password, kdf_n=kdf_n, force=force, create_hint="sogni-node keys create"
+        )
+    except (KeystoreError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"address:  {address}")
+    typer.echo(f"keystore: {cfg.keystore}")
+    typer.echo(
+        "Back up the keystore file and its password: without both the key is lost.", err=True
+    )
+
+
+@keys_app.command("show")
+def keys_show(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Show the wallet address and keystore path (needs no password; never the key)."""
+    cfg = _config(config)
+    try:
+        address = keystore_address(cfg.keystore)
+    except KeystoreError as exc:
+        _fail(str(exc))
+    info = {
+        "address": address,
+        "keystore": str(cfg.keystore),
+        "payout_address": cfg.payout_address or address,
+    }
+    if as_json:
+        _print_json(info)
+        return
+    for key, value in info.items():
+        typer.echo(f"{key + ':':<16}{value}")
+
+
+@app.command("probe")
+def probe_command(
+    as_json: JsonOption = False,
+    device: Annotated[
+        str, typer.Option("--device", help="auto, cuda, mps or cpu (check that one).")
+    ] = "auto",
+) -> None:
+    """Detect the render device, its memory and a suggested pixel limit."""
+    try:
+        info = probe(device)
+    except (HardwareError, ValueError) as exc:
+        _fail(str(exc))
+    data = msgspec.to_builtins(info)
+    if as_json:
+        _print_json(data)
+        return
+    gib = 1024**3
+    for key, value in data.items():
+        if key.endswith("memory_bytes") and isinstance(value, int):
+            value = f"{value / gib:.1f} GiB ({value} bytes)"
+        typer.echo(f"{key + ':':<22}{value}")
+
+
+@app.command("config")
+def config_command(config: ConfigOption = None) -> None:
+    """Print the effective config (file + SOGNI_NODE_* env + defaults) as JSON."""
+    cfg = _config(config)
+    data = settings_to_builtins(cfg)
+    data["journal_path"] = str(cfg.journal_path)
+    data["node_key_path"] = str(cfg.node_key_path)
+    _print_json(data)
+
+
+@app.command("start")
+def start(
+    config: ConfigOption = None,
+    announce: Annotated[
+        bool, typer.Option(help="Print one JSON line per event on stdout (for launchers).")
+    ] = False,
+) -> None:
+    """Run the node until SIGINT/SIGTERM (running jobs get `shutdown_grace` to finish)."""
+    cfg = _config(config)
+    configure_logging(cfg.log_level, cfg.log_json)
+    from sogni_node import daemon  # lazy: pulls in torch, diffusers and libp2p
+
+    try:
+        daemon.run(cfg, announce=announce)
+    except (KeystoreError, HardwareError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,102 @@
+"""The node's configuration: a TOML file (optional) plus `SOGNI_NODE_*` env overrides.
+
+Every field has a default so `sogni-node start` works with no file at all, and partner images
+(Nosana, Salad) can configure a node by env alone. Paths left unset derive from `data_dir`,
+so moving one directory moves the whole node.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+from sogni_protocol.logs import LogLevel
+from sogni_protocol.messages import Address
+from sogni_protocol.settings import (
+    DEFAULT_CHAIN_ID,
+    UNDEPLOYED_CONTRACT,
+    ChainId,
+    CoordinatorMultiaddr,
+    EnvName,
+    Multiaddr,
+    Seconds,
+    load_settings,
+    read_config_text,
+)
+
+__all__ = [
+    "CONFIG_ENV",
+    "ENV_PREFIX",
+    "NodeConfig",
+    "load_node_config",
+]
+
+ENV_PREFIX = "SOGNI_NODE"
+CONFIG_ENV = "SOGNI_NODE_CONFIG"
+"""Env var naming the config file when no `--config` is given."""
+
+
+class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Settings of one `sogni-node`; see `configs/node.example.toml` for each key's meaning."""
+
+    data_dir: Path = Path("~/.sogni/node")
+    listen: Multiaddr = "/ip4/127.0.0.1/tcp/0"
+    coordinators: list[CoordinatorMultiaddr] = msgspec.field(default_factory=list)
+    trusted_coordinators: list[Address] = msgspec.field(default_factory=list)
+    slots: Annotated[int, Meta(ge=1, le=16)] = 1
+    models_dir: Path = None  # type: ignore[assignment]  # None until __post_init__: data_dir/models
+    backend: Literal["auto", "diffusers", "coreml"] = "auto"
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    threads: Annotated[int, Meta(ge=0, le=1024)] = 0
+    max_pixels: Annotated[int, Meta(ge=0, le=2048 * 2048)] = 0
+    keystore: Path = None  # type: ignore[assignment]  # None until __post_init__: wallet.json
+    password_env: EnvName = "SOGNI_NODE_PASSWORD"
+    payout_address: Address | None = None
+    heartbeat_interval: Annotated[float, Meta(gt=0, le=300)] = 5.0
+    heartbeat_timeout: Seconds = 15.0
+    shutdown_grace: Annotated[float, Meta(ge=0, le=3600)] = 30.0
+    chain_id: ChainId = DEFAULT_CHAIN_ID
+    verifying_contract: Address = UNDEPLOYED_CONTRACT
+    log_level: LogLevel = "info"
+    log_json: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.heartbeat_timeout <= self.heartbeat_interval:
+            raise ValueError(
+                f"heartbeat_timeout ({self.heartbeat_timeout:g} s) must be greater than "
+                f"heartbeat_interval ({self.heartbeat_interval:g} s)"
+            )
+        # Derived defaults are filled here (not in the loader) so that `NodeConfig(data_dir=x)`
+        # built in code or tests behaves exactly like a loaded config.
+        data_dir = self.data_dir.expanduser()
+        msgspec.structs.force_setattr(self, "data_dir", data_dir)
+        models = self.models_dir if self.models_dir is not None else data_dir / "models"
+        msgspec.structs.force_setattr(self, "models_dir", Path(models).expanduser())
+        keystore = self.keystore if self.keystore is not None else data_dir / "wallet.json"
+        msgspec.structs.force_setattr(self, "keystore", Path(keystore).expanduser())
+
+    @property
+    def journal_path(self) -> Path:
+        """SQLite journal of this node's offers and receipts (`sogni_node.journal`)."""
+        return self.data_dir / "journal.db"
+
+    @property
+    def node_key_path(self) -> Path:
+        """Ed25519 libp2p identity (peer id), stored 0600."""
+        return self.data_dir / "node.key"
+
+    def is_trusted(self, address: str) -> bool:
+        """Whether offers signed by `address` are accepted (case-insensitive hex compare)."""
+        low = address.lower()
+        return any(low == a.lower() for a in self.trusted_coordinators)
+
+
+def load_node_config(path: Path | None = None, env: Mapping[str, str] = os.environ) -> NodeConfig:
+    """Load the node config: file `path` (or `$SOGNI_NODE_CONFIG`, or none) + `SOGNI_NODE_*`."""
+    text, source = read_config_text(path, env, CONFIG_ENV)
+    return load_settings(NodeConfig, text, env, ENV_PREFIX, source=source)

@@ -1,0 +1,193 @@
+"""`sogni-node start`: the node daemon, and its graceful shutdown.
+
+On SIGINT/SIGTERM the node stops taking offers (it advertises zero free slots), gives the
+running jobs `shutdown_grace` seconds to finish, cancels the rest at their next step and
+hands them back to their coordinator, then says goodbye; the log names which jobs finished
+and which were handed back.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from sogni_net import Host, open_host
+from sogni_node.config import NodeConfig
+from sogni_node.hardware import HardwareInfo, probe
+from sogni_node.journal import Journal
+from sogni_node.keystore import Wallet, unlock_wallet
+from sogni_node.pull import NodeIdentity, PullSession, pull_forever
+from sogni_node.render.backend import Backend
+from sogni_node.worker import Worker
+from sogni_protocol.eip712 import Domain
+from sogni_protocol.logs import get_logger
+from sogni_protocol.messages import Capabilities
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus  # trio-typing's stubs shadow trio's own types
+
+log = get_logger(__name__)
+
+ADVERT_TTL = 3600
+"""How long a capability binding stays valid; sessions re-sign on every (re)connect."""
+
+
+@dataclass
+class ShutdownReport:
+    finished: list[str] = field(default_factory=list)
+    handed_back: list[str] = field(default_factory=list)
+
+
+def capabilities(
+    peer_id: str, wallet: str, worker: Worker, hw: HardwareInfo, backend: Backend, models: list[str]
+) -> Capabilities:
+    return Capabilities(
+        peer_id=peer_id,
+        wallet=wallet,
+        expiry=int(time.time()) + ADVERT_TTL,
+        models=models,
+        slots=worker.slots,
+        backend=backend.name,
+        device=hw.device,
+        max_pixels=hw.max_pixels,
+    )
+
+
+async def run_node(
+    config: NodeConfig,
+    wallet: Wallet,
+    backend: Backend,
+    models: list[str],
+    *,
+    stop: trio.Event,
+    on_event: Callable[[dict[str, object]], None] | None = None,
+    task_status: TaskStatus[Host] = trio.TASK_STATUS_IGNORED,
+) -> ShutdownReport:
+    """Pull and render until `stop` is set, then drain; returns what finished and what didn't."""
+    hw = probe(config.device)
+    worker = Worker(backend, config.slots)
+    journal = Journal(config.journal_path)
+    identity = NodeIdentity(
+        wallet_address=wallet.address,
+        wallet_key=wallet.private_key,
+        domain=Domain(config.chain_id, config.verifying_contract),
+        trusted=frozenset(a.lower() for a in config.trusted_coordinators),
+    )
+    sessions: set[PullSession] = set()
+    report = ShutdownReport()
+    try:
+        async with open_host(key_path=config.node_key_path, listen=[config.listen]) as host:
+
+            def new_session(addr: str) -> PullSession:
+                caps = capabilities(host.peer_id, wallet.address, worker, hw, backend, models)
+                return PullSession(
+                    host,
+                    addr,
+                    identity,
+                    worker,
+                    journal,
+                    caps,
+                    heartbeat_interval=config.heartbeat_interval,
+                    heartbeat_timeout=config.heartbeat_timeout,
+                    on_connected=on_event,
+                )
+
+            log.info(
+                "node_ready",
+                peer=host.peer_id,
+                wallet=wallet.address,
+                device=hw.device,
+                slots=config.slots,
+                coordinators=len(config.coordinators),
+            )
+            if on_event is not None:
+                on_event({"event": "ready", "peerId": host.peer_id, "addrs": host.addrs})
+            task_status.started(host)
+            pulls_stop = trio.Event()
+            async with trio.open_nursery() as nursery:
+                for addr in config.coordinators:
+                    nursery.start_soon(
+                        pull_forever, lambda a=addr: new_session(a), addr, sessions, pulls_stop
+                    )
+                await stop.wait()
+                await _drain(worker, sessions, config.shutdown_grace, report)
+                pulls_stop.set()
+                for session in list(sessions):
+                    session.finish()
+                with trio.move_on_after(5):
+                    await _all_closed(sessions)
+                nursery.cancel_scope.cancel()
+    finally:
+        journal.close()
+    log.info("node_stopped", finished=report.finished, handed_back=report.handed_back)
+    return report
+
+
+async def _drain(
+    worker: Worker, sessions: set[PullSession], grace: float, report: ShutdownReport
+) -> None:
+    worker.draining = True
+    for session in list(sessions):
+        session.offer_ready()  # zero slots: no more offers
+    running = set(worker.running)
+    log.info("node_draining", running=len(running), grace_seconds=grace)
+    with trio.move_on_after(grace):
+        await worker.wait_idle()
+    handed_back = set(worker.cancel_all("node shutting down"))
+    await worker.wait_idle()  # cancelled renders stop at their next step
+    report.handed_back = sorted(j.hex() for j in handed_back)
+    report.finished = sorted(j.hex() for j in running - handed_back)
+
+
+async def _all_closed(sessions: set[PullSession]) -> None:
+    for session in list(sessions):
+        await session.closed.wait()
+
+
+def _announce(event: dict[str, object]) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def run(config: NodeConfig, *, announce: bool = False) -> ShutdownReport:
+    """Blocking entry point used by the CLI: runs until SIGINT or SIGTERM.
+
+    With `announce`, one JSON line per event (`ready`, `connected`) goes to stdout, so a
+    launcher knows when the node is usable without guessing.
+    """
+    from sogni_node.models import ModelRegistry
+    from sogni_node.render import create_backend
+
+    wallet = unlock_wallet(config.keystore, config.password_env)
+    registry = ModelRegistry.default(config.models_dir)
+    backend = create_backend(
+        "diffusers",
+        registry,
+        device=None if config.device == "auto" else config.device,
+        threads=config.threads or None,
+    )
+    models = registry.ids()
+    on_event = _announce if announce else None
+
+    async def main() -> ShutdownReport:
+        stop = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for signum in signals:
+                        log.info("signal_received", signal=signal.Signals(signum).name)
+                        stop.set()
+                        return
+
+            nursery.start_soon(watch_signals)
+            report = await run_node(config, wallet, backend, models, stop=stop, on_event=on_event)
+            nursery.cancel_scope.cancel()
+        return report
+
+    return trio.run(main)

@@ -1,0 +1,107 @@
+"""The node's render slots: run jobs in worker threads, report steps, stop on request.
+
+One `Worker` is shared by the pull sessions of every coordinator the node trusts, so the
+slot count is global. Model work never touches the trio thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from sogni_node.render.backend import Backend, RenderJob, RenderOutput
+from sogni_protocol.messages import JobParams
+
+
+class NoFreeSlot(Exception):
+    pass
+
+
+@dataclass(eq=False)
+class Running:
+    job_id: bytes
+    cancel: threading.Event = field(default_factory=threading.Event)
+    steps_done: int = 0
+    reason: str = ""
+
+
+def _render_job(params: JobParams) -> RenderJob:
+    prompt = params.positive_prompt
+    if params.style_prompt:
+        prompt = f"{prompt}, {params.style_prompt}"
+    return RenderJob(
+        model_id=params.model_id,
+        prompt=prompt,
+        negative_prompt=params.negative_prompt,
+        steps=params.steps,
+        guidance=params.guidance,
+        scheduler=params.scheduler or None,
+        width=params.width,
+        height=params.height,
+        seed=params.seed,
+    )
+
+
+class Worker:
+    def __init__(self, backend: Backend, slots: int) -> None:
+        self.backend = backend
+        self.slots = slots
+        self.running: dict[bytes, Running] = {}
+        self.draining = False
+        self._idle = trio.Event()
+        self._idle.set()
+
+    @property
+    def free_slots(self) -> int:
+        return 0 if self.draining else max(0, self.slots - len(self.running))
+
+    def claim(self, job_id: bytes) -> Running:
+        """Reserve a slot now (synchronously), so two offers never race for the last one."""
+        if self.draining:
+            raise NoFreeSlot("node is shutting down")
+        if job_id in self.running:
+            raise NoFreeSlot("job is already running here")
+        if len(self.running) >= self.slots:
+            raise NoFreeSlot("no free render slot")
+        run = Running(job_id)
+        self.running[job_id] = run
+        self._idle = trio.Event()
+        return run
+
+    async def render(
+        self, run: Running, params: JobParams, on_step: Callable[[int], None]
+    ) -> RenderOutput:
+        """Render in a thread; raises `RenderCancelled` if `cancel` was called meanwhile."""
+
+        def step(i: int) -> None:
+            run.steps_done = i
+            trio.from_thread.run_sync(on_step, i)
+
+        try:
+            return await trio.to_thread.run_sync(
+                self.backend.render, _render_job(params), step, run.cancel.is_set
+            )
+        finally:
+            del self.running[run.job_id]
+            if not self.running:
+                self._idle.set()
+
+    def cancel(self, job_id: bytes, reason: str) -> bool:
+        run = self.running.get(job_id)
+        if run is None:
+            return False
+        run.reason = reason
+        run.cancel.set()
+        return True
+
+    def cancel_all(self, reason: str) -> list[bytes]:
+        ids = list(self.running)
+        for job_id in ids:
+            self.cancel(job_id, reason)
+        return ids
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()

@@ -1,0 +1,260 @@
+"""Structured logging for every part: structlog in front, stdlib logging behind it.
+
+Why this shape: libp2p, diffusers and transformers log through stdlib `logging`; routing both
+kinds through one stderr handler gives one format (JSON lines for log collectors when stderr
+is not a terminal, a readable console otherwise) and one place to enforce privacy. Prompts,
+images and secrets must never reach a log: `redact_sensitive` replaces the values of
+sensitive keys (at any depth, inside dicts, dataclasses and msgspec Structs) with
+"[redacted]", and tracebacks are rendered without local variables, which would otherwise
+print a prompt held in a frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from collections.abc import Mapping
+from typing import Any, Literal, TextIO, cast
+
+import msgspec
+import structlog
+from structlog.typing import EventDict, Processor
+
+__all__ = [
+    "DENY_KEYS",
+    "REDACTED",
+    "LogLevel",
+    "adopt_library_loggers",
+    "configure_logging",
+    "get_logger",
+    "redact_sensitive",
+]
+
+LogLevel = Literal["debug", "info", "warning", "error", "critical"]
+
+REDACTED = "[redacted]"
+
+DENY_KEYS: frozenset[str] = frozenset(
+    {
+        "prompt",
+        "prompts",
+        "positive_prompt",
+        "negative_prompt",
+        "style_prompt",
+        "image",
+        "images",
+        "image_bytes",
+        "params",
+        "password",
+        "passphrase",
+        "private_key",
+        "secret",
+        "mnemonic",
+    }
+)
+"""Keys whose values are never logged. Matching ignores case, `_` and `-` (so camelCase
+`positivePrompt` matches), and any key containing "prompt" or "password" is denied too."""
+
+_OUR_PACKAGES = (
+    "sogni",
+    "sogni_protocol",
+    "sogni_net",
+    "sogni_chain",
+    "sogni_node",
+    "sogni_coordinator",
+    "sogni_client",
+    "bench",
+)
+_LIBRARIES = ("transformers", "diffusers", "huggingface_hub")
+"""Libraries that install their own stderr handler and stop propagation at import."""
+
+_MAX_DEPTH = 6
+_MAX_INLINE_BYTES = 64
+
+
+def _norm(key: str) -> str:
+    return key.lower().replace("_", "").replace("-", "")
+
+
+_DENY_NORMALIZED = frozenset(_norm(k) for k in DENY_KEYS)
+
+
+def _denied(key: object) -> bool:
+    k = _norm(str(key))
+    return k in _DENY_NORMALIZED or "prompt" in k or "password" in k or "privatekey" in k
+
+
+def _clean(key: object, value: Any, depth: int) -> Any:
+    return REDACTED if _denied(key) else _scrub(value, depth)
+
+
+def _scrub(value: Any, depth: int) -> Any:
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if depth > _MAX_DEPTH:
+        return "[...]"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        raw = bytes(value)
+        if len(raw) <= _MAX_INLINE_BYTES:  # ids and hashes: readable hex
+            return "0x" + raw.hex()
+        return f"[{len(raw)} bytes]"  # image bytes and other blobs: size only
+    if isinstance(value, msgspec.Struct):
+        fields = msgspec.structs.asdict(value)
+        return {"_type": type(value).__name__} | {
+            k: _clean(k, v, depth + 1) for k, v in fields.items()
+        }
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        shown = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.repr}
+        return {"_type": type(value).__name__} | {
+            k: _clean(k, v, depth + 1) for k, v in shown.items()
+        }
+    if isinstance(value, Mapping):
+        return {str(k): _clean(k, v, depth + 1) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_scrub(v, depth + 1) for v in value]
+    return value
+
+
+def redact_sensitive(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: replace values of denied keys (at any depth) with "[redacted]"."""
+    for key in list(event_dict):
+        if key in ("exc_info", "stack_info", "_record", "_from_structlog"):
+            continue
+        event_dict[key] = _clean(key, event_dict[key], 0)
+    return event_dict
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to whatever `sys.stderr` is at emit time (test runners swap it)."""
+
+    _sogni = True
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self) -> TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value: Any) -> None:
+        pass
+
+
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "warn": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+def _level(name: str) -> int:
+    try:
+        return _LEVELS[name.strip().lower()]
+    except KeyError:
+        raise ValueError(
+            f"unknown log level {name!r} (use debug, info, warning, error or critical)"
+        ) from None
+
+
+def _shared_processors() -> list[Processor]:
+    return [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
+        structlog.stdlib.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        redact_sensitive,
+    ]
+
+
+def adopt_library_loggers(names: tuple[str, ...] = _LIBRARIES) -> None:
+    """Route already-imported libraries' loggers through ours.
+
+    transformers and diffusers add their own stderr handler and set `propagate = False` when
+    first imported, bypassing the JSON format and the redaction. `configure_logging` calls
+    this; call it again right after importing such a library (the render backend does).
+    """
+    for name in names:
+        lib = logging.getLogger(name)
+        for handler in list(lib.handlers):
+            if not getattr(handler, "_sogni", False):
+                lib.removeHandler(handler)
+        lib.propagate = True
+
+
+def configure_logging(
+    level: str = "info",
+    json: bool | None = None,
+    *,
+    third_party_level: str = "warning",
+    capture_warnings: bool = True,
+) -> None:
+    """Set up logging once per process (calling it again reconfigures).
+
+    `level` applies to this project's loggers; stdlib loggers of other libraries go through
+    the same handler at `third_party_level`. `json=None` picks JSON lines unless stderr is a
+    terminal. Everything goes to stderr; stdout stays free for command output.
+    """
+    ours, theirs = _level(level), _level(third_party_level)
+    if json is None:
+        json = not sys.stderr.isatty()
+
+    renderer: Processor
+    if json:
+        renderer = structlog.processors.JSONRenderer()
+        final: list[Processor] = [
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+            ),
+            renderer,
+        ]
+    else:
+        tty = sys.stderr.isatty()
+        renderer = structlog.dev.ConsoleRenderer(
+            colors=tty,
+            exception_formatter=structlog.dev.RichTracebackFormatter(
+                color_system="truecolor" if tty else None, show_locals=False
+            ),
+        )
+        final = [renderer]
+
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.ExtraAdder(), *_shared_processors()],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *final],
+    )
+    handler = _StderrHandler()
+    handler.setFormatter(formatter)
+
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        if getattr(old, "_sogni", False):
+            root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(theirs)
+    for name in _OUR_PACKAGES:
+        logging.getLogger(name).setLevel(ours)
+    adopt_library_loggers()
+    logging.captureWarnings(capture_warnings)
+
+    structlog.configure(
+        processors=[
+            structlog.stdlib.filter_by_level,
+            structlog.stdlib.PositionalArgumentsFormatter(),
+            *_shared_processors(),
+            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
+        ],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        # Not cached: a logger used before configure_logging() must pick up the config later.
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> structlog.stdlib.BoundLogger:
+    """A structured logger named `name` (use the module's `__name__`)."""
+    return cast(structlog.stdlib.BoundLogger, structlog.stdlib.get_logger(name))

@@ -1,0 +1,297 @@
+"""Typed settings from a TOML text plus environment overrides, validated by msgspec.
+
+Why one loader for every part: node and coordinator configs follow the same rules (a TOML
+file, `PREFIX_<FIELD>` env vars that win over it, strict validation), and partner images
+configure nodes by env alone, so env strings must become typed values the same way
+everywhere. Errors name the offending key *and* where it came from (the file, or the env var),
+because a config error the operator cannot locate is worse than none. `load_settings` is
+pure (callers pass the text and the env mapping); `read_config_text` is the one small file read,
+kept here so node and coordinator configs share it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path, PurePath
+from typing import Annotated, Any, TypeVar
+
+import msgspec
+from msgspec import Meta
+from msgspec import inspect as mi
+
+__all__ = [
+    "DEFAULT_CHAIN_ID",
+    "UNDEPLOYED_CONTRACT",
+    "ChainId",
+    "CoordinatorMultiaddr",
+    "EnvName",
+    "Multiaddr",
+    "Seconds",
+    "SettingsError",
+    "env_names",
+    "load_settings",
+    "read_config_text",
+    "settings_to_builtins",
+    "unused_env",
+]
+
+S = TypeVar("S", bound=msgspec.Struct)
+
+# Shared field types for the node and coordinator configs.
+Multiaddr = Annotated[str, Meta(pattern=r"^(/[A-Za-z0-9_.:%-]+)+/?$", max_length=512)]
+CoordinatorMultiaddr = Annotated[
+    str, Meta(pattern=r"^(/[A-Za-z0-9_.:%-]+)+/p2p/[A-Za-z0-9]+$", max_length=512)
+]
+"""A dialable coordinator address that pins its peer id (`/p2p/...`), so Noise authenticates it."""
+EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
+"""The name of an environment variable (e.g. the one holding a keystore password)."""
+ChainId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
+Seconds = Annotated[float, Meta(gt=0, le=86_400)]
+
+DEFAULT_CHAIN_ID = 131277322940537
+"""eth-tester / py-evm's chain id: the embedded local settlement chain is the default domain."""
+UNDEPLOYED_CONTRACT = "0x" + "00" * 20
+"""Verifying contract until the reward distributor is deployed (local runs only)."""
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
+_PATH_RE = re.compile(r"`\$((?:\.[A-Za-z0-9_]+|\[\d+\])*)`$")
+
+
+class SettingsError(ValueError):
+    """A config that cannot be used; the message names the key and its source."""
+
+    def __init__(self, message: str, *, key: str | None = None, source: str | None = None):
+        super().__init__(message)
+        self.key = key
+        self.source = source
+
+
+def _env_prefix(prefix: str) -> str:
+    return prefix.rstrip("_").upper() + "_"
+
+
+def _struct_info(cls: type[msgspec.Struct]) -> mi.StructType:
+    info = mi.type_info(cls)
+    if not isinstance(info, mi.StructType):  # pragma: no cover - guarded by the TypeVar
+        raise TypeError(f"{cls!r} is not a msgspec Struct")
+    return info
+
+
+def _nested_struct(t: mi.Type) -> mi.StructType | None:
+    """The Struct a field holds as a TOML table (`T` or `T | None`), if any."""
+    if isinstance(t, mi.StructType):
+        return t
+    if isinstance(t, mi.UnionType):
+        structs = [x for x in t.types if isinstance(x, mi.StructType)]
+        if len(structs) == 1:
+            return structs[0]
+    return None
+
+
+def env_names(cls: type[msgspec.Struct], prefix: str) -> dict[str, tuple[str, ...]]:
+    """Every env var `cls` reads, mapped to the key path it sets (for docs and checks)."""
+    out: dict[str, tuple[str, ...]] = {}
+
+    def walk(info: mi.StructType, env_prefix: str, path: tuple[str, ...]) -> None:
+        for f in info.fields:
+            name = env_prefix + f.encode_name.upper()
+            nested = _nested_struct(f.type)
+            if nested is not None:
+                walk(nested, name + "__", (*path, f.encode_name))
+            else:
+                out[name] = (*path, f.encode_name)
+
+    walk(_struct_info(cls), _env_prefix(prefix), ())
+    return out
+
+
+def unused_env(
+    cls: type[msgspec.Struct], env: Mapping[str, str], prefix: str, ignore: Iterable[str] = ()
+) -> list[str]:
+    """Env vars carrying the prefix that no field reads: likely typos, worth a warning.
+
+    Not an error in `load_settings`, because the prefix is shared with other variables
+    (the node's password variable is `SOGNI_NODE_PASSWORD` by default).
+    """
+    known = set(env_names(cls, prefix)) | set(ignore)
+    p = _env_prefix(prefix)
+    return sorted(k for k in env if k.startswith(p) and k not in known)
+
+
+def _check_unknown(data: dict[str, Any], info: mi.StructType, path: str, out: list[str]) -> None:
+    by_name = {f.encode_name: f for f in info.fields}
+    for key, value in data.items():
+        field = by_name.get(key)
+        dotted = f"{path}{key}"
+        if field is None:
+            hint = difflib.get_close_matches(key, list(by_name), n=1)
+            out.append(f"{dotted} (did you mean {path}{hint[0]}?)" if hint else dotted)
+            continue
+        nested = _nested_struct(field.type)
+        if nested is not None and isinstance(value, dict):
+            _check_unknown(value, nested, dotted + ".", out)
+
+
+def _env_value(raw: str, t: mi.Type) -> Any:
+    """Turn an env string into what msgspec (strict=False) converts to the field type."""
+    if isinstance(t, mi.UnionType):
+        if raw.strip() == "" and any(isinstance(x, mi.NoneType) for x in t.types):
+            return None
+        for x in t.types:
+            if isinstance(x, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
+                return _env_value(raw, x)
+        if all(isinstance(x, (mi.BoolType, mi.NoneType)) for x in t.types):
+            return _env_value(raw, mi.BoolType())
+        return raw
+    if isinstance(t, (mi.ListType, mi.SetType, mi.FrozenSetType, mi.VarTupleType)):
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    if isinstance(t, mi.BoolType):
+        low = raw.strip().lower()
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        return raw
+    if isinstance(t, (mi.IntType, mi.FloatType)):
+        return raw.strip()
+    return raw
+
+
+def _apply_env(
+    data: dict[str, Any],
+    info: mi.StructType,
+    env: Mapping[str, str],
+    env_prefix: str,
+    path: tuple[str, ...],
+    origin: dict[tuple[str, ...], str],
+) -> None:
+    for f in info.fields:
+        name = env_prefix + f.encode_name.upper()
+        nested = _nested_struct(f.type)
+        if nested is not None:
+            sub = data.get(f.encode_name)
+            if not isinstance(sub, dict):
+                sub = {}
+            _apply_env(sub, nested, env, name + "__", (*path, f.encode_name), origin)
+            if sub:
+                data[f.encode_name] = sub
+            continue
+        if name in env:
+            data[f.encode_name] = _env_value(env[name], f.type)
+            origin[(*path, f.encode_name)] = name
+
+
+def _dec_hook(tp: type, obj: Any) -> Any:
+    if isinstance(tp, type) and issubclass(tp, PurePath) and isinstance(obj, str):
+        return tp(obj).expanduser() if issubclass(tp, Path) else tp(obj)
+    raise NotImplementedError(f"cannot convert {type(obj).__name__} to {tp!r}")
+
+
+def _split_error(message: str) -> tuple[tuple[str, ...], str]:
+    """msgspec's "Expected `int` >= 1 - at `$.a.b[2]`" -> (("a", "b"), "Expected `int` >= 1")."""
+    text, sep, where = message.rpartition(" - at ")
+    if not sep:
+        return (), message
+    m = _PATH_RE.search(where)
+    if m is None:
+        return (), message
+    keys = tuple(re.findall(r"\.([A-Za-z0-9_]+)", m.group(1)))
+    return keys, text
+
+
+def load_settings(
+    cls: type[S],
+    toml_text: str | None,
+    env: Mapping[str, str],
+    prefix: str,
+    *,
+    source: str | None = None,
+) -> S:
+    """Build `cls` from TOML text (may be None: defaults only), overridden by `PREFIX_*` env.
+
+    `source` names the file in error messages. Env vars: `PREFIX_<FIELD>` for top-level keys,
+    `PREFIX_<TABLE>__<FIELD>` inside a table; lists are comma-separated; an empty value sets an
+    optional field to None. Unknown keys in the TOML are an error; unknown env vars are not
+    (see `unused_env`).
+    """
+    where = source or "<config>"
+    info = _struct_info(cls)
+    data: dict[str, Any] = {}
+    if toml_text is not None:
+        try:
+            data = tomllib.loads(toml_text)
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"{where}: not valid TOML: {exc}", source=where) from None
+    unknown: list[str] = []
+    _check_unknown(data, info, "", unknown)
+    if unknown:
+        raise SettingsError(
+            f"{where}: unknown setting{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}",
+            key=unknown[0].split(" ")[0],
+            source=where,
+        )
+    origin: dict[tuple[str, ...], str] = {}
+    _apply_env(data, info, env, _env_prefix(prefix), (), origin)
+    try:
+        return msgspec.convert(data, cls, strict=False, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        keys, text = _split_error(str(exc))
+        env_name = _origin_of(keys, origin)
+        if env_name is not None:
+            raise SettingsError(f"{env_name}: {text}", key=env_name, source="environment") from None
+        if keys:
+            key = ".".join(keys)
+            raise SettingsError(f"{key}: {text} (in {where})", key=key, source=where) from None
+        # A check across fields (__post_init__): say where the values came from.
+        parts = [f"in {where}"] if toml_text is not None else []
+        if origin:
+            parts.append("env " + ", ".join(sorted(origin.values())))
+        suffix = f" ({'; '.join(parts)})" if parts else ""
+        raise SettingsError(
+            f"{text}{suffix}", source=where if toml_text is not None else None
+        ) from None
+
+
+def _origin_of(keys: tuple[str, ...], origin: dict[tuple[str, ...], str]) -> str | None:
+    for n in range(len(keys), 0, -1):
+        if keys[:n] in origin:
+            return origin[keys[:n]]
+    return None
+
+
+def read_config_text(
+    path: Path | None, env: Mapping[str, str], config_env: str
+) -> tuple[str | None, str | None]:
+    """The TOML text and its name: `path`, else the file named by `$config_env`, else none."""
+    if path is None:
+        named = env.get(config_env, "").strip()
+        if not named:
+            return None, None
+        path = Path(named)
+    path = path.expanduser()
+    try:
+        return path.read_text(encoding="utf-8"), str(path)
+    except FileNotFoundError:
+        raise SettingsError(f"config file {path} not found", source=str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc}", source=str(path)) from None
+
+
+def settings_to_builtins(value: msgspec.Struct) -> dict[str, Any]:
+    """Builtins for printing an effective config (Paths as strings, None dropped)."""
+    raw = msgspec.to_builtins(value, enc_hook=_enc_hook)
+    return _drop_none(raw) if isinstance(raw, dict) else {}
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, PurePath):
+        return str(obj)
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}

@@ -1,0 +1,118 @@
+"""Hardware probe on this CPU machine, and CUDA / Apple Silicon detection with fakes.
+
+This machine has no GPU, so the CUDA tests monkeypatch `torch.cuda.is_available`,
+`get_device_properties` and `device_count` with fakes, and the MPS test swaps in a fake torch
+module and a fake `platform.system() == "Darwin"`. They check our reading of torch's answers,
+not the driver.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import msgspec
+import pytest
+import torch
+
+from sogni_node import hardware
+from sogni_node.hardware import HardwareError, HardwareInfo, probe, suggest_max_pixels
+
+GIB = 1024**3
+
+
+def test_cpu_probe_on_this_machine() -> None:
+    info = probe()
+    assert info.device == "cpu"  # this machine has no GPU
+    assert info.name and info.cpu_name == info.name
+    assert info.memory_bytes > 0 and info.memory_bytes == info.system_memory_bytes
+    assert info.cpu_count >= 1
+    assert info.torch_version == torch.__version__
+    assert info.cuda_capability is None and info.cuda_device_count == 0
+    assert info.max_pixels == suggest_max_pixels("cpu", info.memory_bytes)
+    assert probe("cpu").device == "cpu"
+    decoded = msgspec.json.decode(msgspec.json.encode(info), type=HardwareInfo)
+    assert decoded == info
+
+
+def test_asking_for_a_missing_device_is_an_error() -> None:
+    with pytest.raises(HardwareError, match="cuda"):
+        probe("cuda")
+    with pytest.raises(HardwareError, match="mps"):
+        probe("mps")
+    with pytest.raises(ValueError, match="unknown device"):
+        probe("tpu")
+
+
+def _fake_cuda(monkeypatch: pytest.MonkeyPatch, memory: int = 24 * GIB) -> None:
+    props = SimpleNamespace(name="NVIDIA GeForce RTX 4090", total_memory=memory, major=8, minor=9)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index=0: props)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+
+def test_cuda_detected_with_faked_torch_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_cuda(monkeypatch)
+    for asked in ("auto", "cuda"):
+        info = probe(asked)
+        assert info.device == "cuda"
+        assert info.name == "NVIDIA GeForce RTX 4090"
+        assert info.memory_bytes == 24 * GIB
+        assert info.cuda_capability == (8, 9)
+        assert info.cuda_device_count == 2
+        assert info.max_pixels == 2048 * 2048
+    assert probe("cpu").device == "cpu"  # config device = cpu wins over a present GPU
+
+
+def test_small_gpu_gets_small_pixel_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_cuda(monkeypatch, memory=6 * GIB)
+    assert probe().max_pixels == 768 * 768
+
+
+def test_broken_cuda_driver_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    def boom(index: int = 0) -> None:
+        raise RuntimeError("CUDA driver initialization failed")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", boom)
+    assert probe().device == "cpu"
+
+
+def test_apple_silicon_detected_with_fake_torch(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_torch = SimpleNamespace(
+        __version__="2.13.0",
+        cuda=SimpleNamespace(is_available=lambda: False),
+        backends=SimpleNamespace(mps=SimpleNamespace(is_available=lambda: True)),
+    )
+    monkeypatch.setattr(hardware, "_import_torch", lambda: fake_torch)
+    monkeypatch.setattr(hardware.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(hardware.platform, "machine", lambda: "arm64")
+    monkeypatch.setattr(hardware, "_cpu_name", lambda: "Apple M2 Pro")
+    monkeypatch.setattr(hardware, "_system_memory", lambda: 32 * GIB)
+    info = probe()
+    assert info.device == "mps"
+    assert info.name == "Apple M2 Pro"
+    assert info.memory_bytes == 32 * GIB
+    assert info.platform == "Darwin-arm64"
+    assert info.max_pixels == 1536 * 1536  # half of unified memory counts
+    assert probe("mps").device == "mps"
+
+
+def test_without_torch_probe_still_reports_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hardware, "_import_torch", lambda: None)
+    info = probe()
+    assert info.device == "cpu" and info.torch_version is None
+
+
+@pytest.mark.parametrize(
+    ("device", "memory", "side"),
+    [
+        ("cuda", 3 * GIB, 512),
+        ("cuda", 8 * GIB, 1024),
+        ("cuda", 16 * GIB, 1536),
+        ("cuda", 80 * GIB, 2048),
+        ("cpu", 8 * GIB, 768),
+        ("mps", 64 * GIB, 2048),
+    ],
+)
+def test_suggest_max_pixels(device: hardware.Device, memory: int, side: int) -> None:
+    assert suggest_max_pixels(device, memory) == side * side

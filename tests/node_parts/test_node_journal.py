@@ -1,0 +1,155 @@
+"""The node's SQLite journal: offers, receipts, acks, hand-backs; durable across reopen."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from sogni_node.journal import SCHEMA_VERSION, Journal, JournalError
+from sogni_protocol.messages import JobOffer, Receipt, RenderMeta
+
+COORD = "0x" + "c0" * 20
+WORKER = "0x" + "a1" * 20
+
+
+def offer(n: int) -> JobOffer:
+    return JobOffer(
+        job_id=bytes([n]) * 32,
+        coordinator=COORD,
+        model_id="sogni-tiny-sd",
+        params_hash=b"\x07" * 32,
+        steps=4,
+        width=64,
+        height=64,
+        seed=n,
+        work_units=1000 + n,
+        deadline=2_000_000_000,
+    )
+
+
+def receipt(n: int, completed_at: int = 1_700_000_000) -> Receipt:
+    return Receipt(
+        job_id=bytes([n]) * 32,
+        offer_hash=b"\x0f" * 32,
+        worker=WORKER,
+        coordinator=COORD,
+        model_id="sogni-tiny-sd",
+        result_hash=bytes([n + 100]) * 32,
+        steps_done=4,
+        work_units=1000 + n,
+        completed_at=completed_at + n,
+    )
+
+
+SIG = b"\x01" * 65
+
+
+def test_roundtrip_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "node" / "journal.db"
+    meta = RenderMeta(backend="diffusers", device="cpu", dtype="float32", threads=2)
+    with Journal(path) as j:
+        o = offer(1)
+        j.record_offer(
+            o.job_id, o.coordinator, o.model_id, b"\x0f" * 32, o.work_units, o.deadline,
+            msgspec.json.encode(o),
+        )  # fmt: skip
+        j.record_receipt(receipt(1), SIG, b"\x09" * 32, chain_id=5, verifying_contract=COORD,
+                         meta=meta)  # fmt: skip
+        j.record_signed_offer(offer(2), b"\x0e" * 32, b"\x02" * 65)
+        j.record_receipt(receipt(2), SIG)
+        assert j.mark_acked(offer(1).job_id, True)
+        assert j.mark_acked(offer(2).job_id, False, "bad result")
+        j.record_offer(offer(3).job_id, COORD, "sogni-tiny-sd", b"\x0d" * 32, 5, 6)
+        assert j.mark_handed_back(offer(3).job_id, 2, "node shutting down")
+    with Journal(path) as j:  # everything survives a reopen
+        rs = j.receipts()
+        assert [r.receipt for r in rs] == [receipt(1), receipt(2)]
+        first = rs[0]
+        assert first.signature == SIG and first.image_sha256 == b"\x09" * 32
+        assert (first.chain_id, first.verifying_contract, first.meta) == (5, COORD, meta)
+        assert first.accepted is True
+        assert rs[1].accepted is False and rs[1].ack_reason == "bad result"
+        assert rs[1].image_sha256 == receipt(2).result_hash  # defaults to the result hash
+        assert j.offer(offer(1).job_id) == offer(1)
+        assert j.offer(offer(3).job_id) is None  # recorded without its JSON
+        assert j.counts() == {
+            "offers": 3,
+            "receipts": 2,
+            "accepted": 1,
+            "rejected": 1,
+            "unacked": 0,
+            "handed_back": 1,
+            "work_units_accepted": 1001,
+        }
+
+
+def test_unacked_and_filters(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.db") as j:
+        for n in (1, 2, 3):
+            j.record_receipt(receipt(n), SIG)
+        j.mark_acked(bytes([2]) * 32, True)
+        assert [r.receipt.job_id[0] for r in j.unacked()] == [1, 3]
+        assert len(j.receipts(coordinator=COORD.upper().replace("0X", "0x"))) == 3
+        assert j.receipts(coordinator="0x" + "00" * 20) == []
+        assert [r.receipt.job_id[0] for r in j.receipts(since=1_700_000_002)] == [2, 3]
+
+
+def test_receipt_is_idempotent_but_never_replaced(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.db") as j:
+        j.record_receipt(receipt(1), SIG)
+        j.record_receipt(receipt(1), SIG)  # retry after a crash: no-op
+        with pytest.raises(JournalError, match="already has a different receipt"):
+            j.record_receipt(receipt(1), b"\x02" * 65)
+        assert j.counts()["receipts"] == 1
+
+
+def test_unknown_jobs(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.db") as j:
+        assert j.mark_acked(b"\x00" * 32, True) is False
+        assert j.mark_handed_back(b"\x00" * 32, 0, "x") is False
+
+
+def test_prompts_cannot_be_journalled(tmp_path: Path) -> None:
+    smuggled = b'{"jobId": "AA==", "params": {"positivePrompt": "SENTINEL"}}'
+    with Journal(tmp_path / "j.db") as j, pytest.raises(JournalError, match="not a JobOffer"):
+        j.record_offer(b"\x01" * 32, COORD, "m", b"\x00" * 32, 1, 1, smuggled)
+    assert b"SENTINEL" not in (tmp_path / "j.db").read_bytes()
+
+
+def test_reoffer_resets_hand_back(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.db") as j:
+        j.record_signed_offer(offer(1), b"\x0f" * 32, SIG)
+        j.mark_handed_back(offer(1).job_id, 1, "failed")
+        j.record_signed_offer(offer(1), b"\x0e" * 32, SIG)
+        assert j.counts()["handed_back"] == 0 and j.counts()["offers"] == 1
+
+
+def test_pragmas_and_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    Journal(path).close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.commit()
+    db.close()
+    with pytest.raises(JournalError, match="newer than this node"):
+        Journal(path)
+
+
+def test_synchronous_full(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.db") as j:
+        assert j._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+async def test_usable_from_trio_worker_threads(tmp_path: Path) -> None:
+    import trio
+
+    with Journal(tmp_path / "j.db") as j:
+        async with trio.open_nursery() as nursery:
+            for n in range(1, 9):
+                nursery.start_soon(trio.to_thread.run_sync, j.record_receipt, receipt(n), SIG)
+        assert j.counts()["receipts"] == 8
