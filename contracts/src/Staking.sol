@@ -1,0 +1,152 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.24;
+
+import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
+import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
+import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+
+/// @title SOGNI staking for worker tiers
+/// @notice Workers stake SOGNI to qualify for a tier (fast workers need a minimum) and to raise
+///         their selection chance. Unstaking moves tokens to a pending bucket that stops counting
+///         immediately and can be withdrawn only after a 7-day cooldown, so a worker cannot
+///         dodge a slash by unstaking right after misbehaving.
+/// @dev Roles: DEFAULT_ADMIN_ROLE is governance (sets tier minimums, may slash, manages roles);
+///      SLASHER_ROLE may slash. Slashed tokens go to `slashRecipient`, never back to the worker.
+///      A new unstake request adds to the pending bucket and restarts the cooldown for all of it.
+contract Staking is AccessControl {
+    using SafeERC20 for IERC20;
+
+    bytes32 public constant SLASHER_ROLE = keccak256("SLASHER_ROLE");
+    uint256 public constant COOLDOWN = 7 days;
+
+    IERC20 public immutable token;
+    address public slashRecipient;
+
+    struct Position {
+        uint256 active;
+        uint256 pending;
+        uint64 unlockAt;
+    }
+
+    mapping(address account => Position) private _positions;
+    mapping(uint8 tier => uint256) public tierMinimum;
+    uint256 public totalActive;
+    uint256 public totalPending;
+
+    event Staked(address indexed account, uint256 amount, uint256 activeAfter);
+    event UnstakeRequested(address indexed account, uint256 amount, uint256 pendingAfter, uint64 unlockAt);
+    event Withdrawn(address indexed account, uint256 amount);
+    event Slashed(
+        address indexed account, uint256 fromActive, uint256 fromPending, address indexed slasher, string reason
+    );
+    event TierMinimumSet(uint8 indexed tier, uint256 minimum);
+    event SlashRecipientSet(address recipient);
+
+    error ZeroAddress();
+    error ZeroAmount();
+    error InsufficientActiveStake(uint256 requested, uint256 active);
+    error NothingToWithdraw();
+    error CooldownActive(uint64 unlockAt);
+    error NothingToSlash(address account);
+    error NotSlasher(address caller);
+
+    constructor(IERC20 token_, address governance, address slashRecipient_) {
+        if (address(token_) == address(0) || governance == address(0) || slashRecipient_ == address(0)) {
+            revert ZeroAddress();
+        }
+        token = token_;
+        slashRecipient = slashRecipient_;
+        _grantRole(DEFAULT_ADMIN_ROLE, governance);
+    }
+
+    // ----- staker actions -----
+
+    /// @notice Pull `amount` SOGNI from the caller (needs an allowance) into active stake.
+    function stake(uint256 amount) external {
+        if (amount == 0) revert ZeroAmount();
+        Position storage p = _positions[msg.sender];
+        p.active += amount;
+        totalActive += amount;
+        emit Staked(msg.sender, amount, p.active);
+        token.safeTransferFrom(msg.sender, address(this), amount);
+    }
+
+    /// @notice Move `amount` from active to pending; it stops counting now, unlocks after COOLDOWN.
+    function requestUnstake(uint256 amount) external {
+        if (amount == 0) revert ZeroAmount();
+        Position storage p = _positions[msg.sender];
+        if (amount > p.active) revert InsufficientActiveStake(amount, p.active);
+        p.active -= amount;
+        p.pending += amount;
+        totalActive -= amount;
+        totalPending += amount;
+        uint64 unlockAt = uint64(block.timestamp + COOLDOWN);
+        p.unlockAt = unlockAt;
+        emit UnstakeRequested(msg.sender, amount, p.pending, unlockAt);
+    }
+
+    /// @notice Withdraw the whole pending bucket once its cooldown is over.
+    function withdraw() external returns (uint256 amount) {
+        Position storage p = _positions[msg.sender];
+        amount = p.pending;
+        if (amount == 0) revert NothingToWithdraw();
+        if (block.timestamp < p.unlockAt) revert CooldownActive(p.unlockAt);
+        p.pending = 0;
+        p.unlockAt = 0;
+        totalPending -= amount;
+        emit Withdrawn(msg.sender, amount);
+        token.safeTransfer(msg.sender, amount);
+    }
+
+    // ----- governance -----
+
+    /// @notice Set the minimum active stake for `tier` (0 means no minimum).
+    function setTierMinimum(uint8 tier, uint256 minimum) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        tierMinimum[tier] = minimum;
+        emit TierMinimumSet(tier, minimum);
+    }
+
+    function setSlashRecipient(address recipient) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        if (recipient == address(0)) revert ZeroAddress();
+        slashRecipient = recipient;
+        emit SlashRecipientSet(recipient);
+    }
+
+    /// @notice Take up to `amount` from `account`: active stake first, then pending.
+    /// @dev Capped at what the account has (a slasher racing a withdrawal should not fail);
+    ///      reverts only when there is nothing at all. Returns the amount actually slashed.
+    function slash(address account, uint256 amount, string calldata reason) external returns (uint256 slashed) {
+        if (!hasRole(SLASHER_ROLE, msg.sender) && !hasRole(DEFAULT_ADMIN_ROLE, msg.sender)) {
+            revert NotSlasher(msg.sender);
+        }
+        if (amount == 0) revert ZeroAmount();
+        Position storage p = _positions[account];
+        if (p.active + p.pending == 0) revert NothingToSlash(account);
+        uint256 fromActive = amount < p.active ? amount : p.active;
+        uint256 rest = amount - fromActive;
+        uint256 fromPending = rest < p.pending ? rest : p.pending;
+        p.active -= fromActive;
+        p.pending -= fromPending;
+        totalActive -= fromActive;
+        totalPending -= fromPending;
+        slashed = fromActive + fromPending;
+        emit Slashed(account, fromActive, fromPending, msg.sender, reason);
+        token.safeTransfer(slashRecipient, slashed);
+    }
+
+    // ----- views -----
+
+    /// @notice Stake that counts for tiers and selection (excludes the pending bucket).
+    function activeStake(address account) external view returns (uint256) {
+        return _positions[account].active;
+    }
+
+    function pendingStake(address account) external view returns (uint256 amount, uint64 unlockAt) {
+        Position storage p = _positions[account];
+        return (p.pending, p.unlockAt);
+    }
+
+    function meetsTier(address account, uint8 tier) external view returns (bool) {
+        return _positions[account].active >= tierMinimum[tier];
+    }
+}

@@ -1,0 +1,359 @@
+"""Typed wrappers for the four contracts, with small surfaces.
+
+Each wrapper is bound to a :class:`~sogni_chain.chain.Chain`, an address and a default
+sender; every transaction method takes ``sender=`` to act as someone else. Amounts are in
+token base units (1 SOGNI = 10**18). Reverts raise :class:`~sogni_chain.errors.ChainRevert`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from eth_account.messages import encode_typed_data
+from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
+from web3 import Web3
+
+from sogni_protocol.eip712 import DOMAIN_NAME, DOMAIN_VERSION, Domain
+
+from .chain import Chain, Signer, Tx
+
+__all__ = [
+    "Distributor",
+    "Eip712Domain",
+    "License",
+    "Staking",
+    "Token",
+]
+
+_ZERO32 = bytes(32)
+
+
+def _b32(value: bytes | str) -> bytes:
+    raw = (
+        bytes.fromhex(value[2:] if value.startswith("0x") else value)
+        if isinstance(value, str)
+        else bytes(value)
+    )
+    if len(raw) != 32:
+        raise ValueError("expected 32 bytes")
+    return raw
+
+
+class _Bound:
+    NAME: ClassVar[str]
+
+    def __init__(self, chain: Chain, address: str, sender: Signer | None = None) -> None:
+        self.chain = chain
+        self.contract = chain.contract(self.NAME, address)
+        self.address: ChecksumAddress = self.contract.address
+        self.sender = sender if sender is not None else chain.accounts[0]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.address})"
+
+    def _send(self, name: str, *args: Any, sender: Signer | None = None) -> Tx:
+        fn = self.contract.get_function_by_name(name)(*args)
+        return self.chain.send(fn, sender=sender if sender is not None else self.sender)
+
+    def _call(self, name: str, *args: Any) -> Any:
+        return self.chain.call(self.contract.get_function_by_name(name)(*args))
+
+    def _acct(self, who: Signer) -> ChecksumAddress:
+        return self.chain.address_of(who)
+
+    def has_role(self, role: str, account: Signer) -> bool:
+        """``role`` by name, e.g. ``"SETTLEMENT_ROLE"`` or ``"DEFAULT_ADMIN_ROLE"``."""
+        return bool(self._call("hasRole", self._role(role), self._acct(account)))
+
+    def grant_role(self, role: str, account: Signer, *, sender: Signer | None = None) -> Tx:
+        return self._send("grantRole", self._role(role), self._acct(account), sender=sender)
+
+    def revoke_role(self, role: str, account: Signer, *, sender: Signer | None = None) -> Tx:
+        return self._send("revokeRole", self._role(role), self._acct(account), sender=sender)
+
+    @staticmethod
+    def _role(name: str) -> bytes:
+        return _ZERO32 if name == "DEFAULT_ADMIN_ROLE" else Web3.keccak(text=name)
+
+
+class Token(_Bound):
+    """SOGNI (ERC-20 + EIP-2612 permit)."""
+
+    NAME = "SogniToken"
+
+    def total_supply(self) -> int:
+        return int(self._call("totalSupply"))
+
+    def balance_of(self, account: Signer) -> int:
+        return int(self._call("balanceOf", self._acct(account)))
+
+    def allowance(self, owner: Signer, spender: Signer) -> int:
+        return int(self._call("allowance", self._acct(owner), self._acct(spender)))
+
+    def transfer(self, to: Signer, amount: int, *, sender: Signer | None = None) -> Tx:
+        return self._send("transfer", self._acct(to), amount, sender=sender)
+
+    def approve(self, spender: Signer, amount: int, *, sender: Signer | None = None) -> Tx:
+        return self._send("approve", self._acct(spender), amount, sender=sender)
+
+    def nonces(self, owner: Signer) -> int:
+        return int(self._call("nonces", self._acct(owner)))
+
+    def sign_permit(
+        self, owner: LocalAccount, spender: Signer, value: int, deadline: int
+    ) -> tuple[int, bytes, bytes]:
+        """EIP-2612 signature ``(v, r, s)`` by ``owner`` allowing ``spender`` ``value``."""
+        message = encode_typed_data(
+            full_message={
+                "types": {
+                    "EIP712Domain": [
+                        {"name": "name", "type": "string"},
+                        {"name": "version", "type": "string"},
+                        {"name": "chainId", "type": "uint256"},
+                        {"name": "verifyingContract", "type": "address"},
+                    ],
+                    "Permit": [
+                        {"name": "owner", "type": "address"},
+                        {"name": "spender", "type": "address"},
+                        {"name": "value", "type": "uint256"},
+                        {"name": "nonce", "type": "uint256"},
+                        {"name": "deadline", "type": "uint256"},
+                    ],
+                },
+                "primaryType": "Permit",
+                "domain": {
+                    "name": "Sogni",
+                    "version": "1",
+                    "chainId": self.chain.chain_id,
+                    "verifyingContract": self.address,
+                },
+                "message": {
+                    "owner": owner.address,
+                    "spender": self._acct(spender),
+                    "value": value,
+                    "nonce": self.nonces(owner),
+                    "deadline": deadline,
+                },
+            }
+        )
+        signed = owner.sign_message(message)
+        return signed.v, signed.r.to_bytes(32, "big"), signed.s.to_bytes(32, "big")
+
+    def permit(
+        self,
+        owner: Signer,
+        spender: Signer,
+        value: int,
+        deadline: int,
+        signature: tuple[int, bytes, bytes],
+        *,
+        sender: Signer | None = None,
+    ) -> Tx:
+        """Submit a permit signature (anyone may pay the gas)."""
+        v, r, s = signature
+        return self._send(
+            "permit",
+            self._acct(owner),
+            self._acct(spender),
+            value,
+            deadline,
+            v,
+            r,
+            s,
+            sender=sender,
+        )
+
+
+class Staking(_Bound):
+    """Worker stake with a 7-day unstake cooldown, tier minimums and slashing."""
+
+    NAME = "Staking"
+    COOLDOWN_SECONDS = 7 * 24 * 3600
+
+    def stake(self, amount: int, *, sender: Signer | None = None) -> Tx:
+        """Needs a prior ``Token.approve(staking, amount)`` (or a permit)."""
+        return self._send("stake", amount, sender=sender)
+
+    def request_unstake(self, amount: int, *, sender: Signer | None = None) -> Tx:
+        return self._send("requestUnstake", amount, sender=sender)
+
+    def withdraw(self, *, sender: Signer | None = None) -> Tx:
+        return self._send("withdraw", sender=sender)
+
+    def active_stake(self, account: Signer) -> int:
+        return int(self._call("activeStake", self._acct(account)))
+
+    def pending_stake(self, account: Signer) -> tuple[int, int]:
+        """``(amount, unlock timestamp)`` of the account's unstake bucket."""
+        amount, unlock_at = self._call("pendingStake", self._acct(account))
+        return int(amount), int(unlock_at)
+
+    def slash(
+        self, account: Signer, amount: int, reason: str, *, sender: Signer | None = None
+    ) -> Tx:
+        """Takes from active, then pending stake; ``tx.event("Slashed")`` has the split."""
+        return self._send("slash", self._acct(account), amount, reason, sender=sender)
+
+    def set_tier_minimum(self, tier: int, minimum: int, *, sender: Signer | None = None) -> Tx:
+        return self._send("setTierMinimum", tier, minimum, sender=sender)
+
+    def tier_minimum(self, tier: int) -> int:
+        return int(self._call("tierMinimum", tier))
+
+    def meets_tier(self, account: Signer, tier: int) -> bool:
+        return bool(self._call("meetsTier", self._acct(account), tier))
+
+
+class License(_Bound):
+    """Fast-worker licence NFTs."""
+
+    NAME = "WorkerLicense"
+
+    def mint_batch(self, to: Sequence[Signer], *, sender: Signer | None = None) -> list[int]:
+        """Mint one licence per address; returns the new token ids in order."""
+        tx = self._send("mintBatch", [self._acct(a) for a in to], sender=sender)
+        return [int(ev.args["tokenId"]) for ev in tx.events if ev.name == "Transfer"]
+
+    def has_valid_license(self, account: Signer) -> bool:
+        return bool(self._call("hasValidLicense", self._acct(account)))
+
+    def owner_of(self, token_id: int) -> ChecksumAddress:
+        return Web3.to_checksum_address(self._call("ownerOf", token_id))
+
+    def balance_of(self, account: Signer) -> int:
+        return int(self._call("balanceOf", self._acct(account)))
+
+    def is_blacklisted(self, token_id: int) -> bool:
+        return bool(self._call("blacklisted", token_id))
+
+    def blacklist(self, token_id: int, *, sender: Signer | None = None) -> Tx:
+        return self._send("blacklist", token_id, sender=sender)
+
+    def unblacklist(self, token_id: int, *, sender: Signer | None = None) -> Tx:
+        return self._send("unblacklist", token_id, sender=sender)
+
+    def burn(self, token_id: int, *, sender: Signer | None = None) -> Tx:
+        return self._send("burn", token_id, sender=sender)
+
+    def transfer(self, to: Signer, token_id: int, *, sender: Signer | None = None) -> Tx:
+        frm = self._acct(sender if sender is not None else self.sender)
+        return self._send("transferFrom", frm, self._acct(to), token_id, sender=sender)
+
+
+@dataclass(frozen=True)
+class Eip712Domain:
+    """The distributor's EIP-712 domain, as it reports it (ERC-5267)."""
+
+    name: str
+    version: str
+    chain_id: int
+    verifying_contract: ChecksumAddress
+
+    def as_dict(self) -> dict[str, Any]:
+        """In the shape eth-account's ``encode_typed_data`` takes as ``domain``."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "chainId": self.chain_id,
+            "verifyingContract": self.verifying_contract,
+        }
+
+
+class Distributor(_Bound):
+    """Per-epoch Merkle roots of cumulative payouts, claims, and the receipts' EIP-712 domain."""
+
+    NAME = "RewardDistributor"
+
+    def post_root(
+        self,
+        epoch: int,
+        root: bytes | str,
+        total: int,
+        receipts_hash: bytes | str,
+        *,
+        sender: Signer | None = None,
+    ) -> Tx:
+        """Needs SETTLEMENT_ROLE; epochs strictly increase; ``total`` must be funded."""
+        return self._send("postRoot", epoch, _b32(root), total, _b32(receipts_hash), sender=sender)
+
+    def claim(
+        self,
+        account: Signer,
+        cumulative_amount: int,
+        proof: Sequence[bytes | str],
+        *,
+        sender: Signer | None = None,
+    ) -> Tx:
+        """Pay ``account`` what it has not claimed yet; ``tx.event("Claimed")["amount"]``.
+
+        Reverts ``NothingToClaim`` when nothing is due, ``InvalidProof`` for a wrong amount or
+        proof against the latest root, ``EnforcedPause`` while paused.
+        """
+        return self._send(
+            "claim",
+            self._acct(account),
+            cumulative_amount,
+            [_b32(p) for p in proof],
+            sender=sender,
+        )
+
+    def claimed(self, account: Signer) -> int:
+        return int(self._call("claimed", self._acct(account)))
+
+    def root_of(self, epoch: int) -> bytes | None:
+        """The root posted for ``epoch``, or None."""
+        root = bytes(self._call("rootOf", epoch))
+        return root if root != _ZERO32 else None
+
+    def receipts_hash_of(self, epoch: int) -> bytes:
+        return bytes(self._call("receiptsHashOf", epoch))
+
+    def roots_posted(self, from_block: int = 0) -> list[dict[str, Any]]:
+        """All ``RootPosted`` events (epoch, root, total, receiptsHash), oldest first."""
+        event = self.contract.events.RootPosted()
+        logs = event.get_logs(from_block=from_block)
+        return [dict(log["args"]) for log in logs]
+
+    def latest_epoch(self) -> int:
+        return int(self._call("latestEpoch"))
+
+    def latest_root(self) -> bytes:
+        return bytes(self._call("latestRoot"))
+
+    def total_claimed(self) -> int:
+        return int(self._call("totalClaimed"))
+
+    def paused(self) -> bool:
+        return bool(self._call("paused"))
+
+    def pause(self, *, sender: Signer | None = None) -> Tx:
+        return self._send("pause", sender=sender)
+
+    def unpause(self, *, sender: Signer | None = None) -> Tx:
+        return self._send("unpause", sender=sender)
+
+    def eip712_domain(self) -> Eip712Domain:
+        _fields, name, version, chain_id, verifying, _salt, _ext = self._call("eip712Domain")
+        return Eip712Domain(
+            str(name), str(version), int(chain_id), Web3.to_checksum_address(verifying)
+        )
+
+    def domain_separator(self) -> bytes:
+        return bytes(self._call("domainSeparator"))
+
+    def protocol_domain(self) -> Domain:
+        """The ``sogni_protocol.eip712.Domain`` that offers and receipts are signed under.
+
+        Read from the contract (ERC-5267) and checked against the protocol's name and
+        version, so a misconfigured distributor address fails here, not at every signature.
+        """
+        onchain = self.eip712_domain()
+        if (onchain.name, onchain.version) != (DOMAIN_NAME, DOMAIN_VERSION):
+            raise ValueError(
+                f"{self.address} has EIP-712 domain {onchain.name!r} v{onchain.version}, "
+                f"expected {DOMAIN_NAME!r} v{DOMAIN_VERSION}"
+            )
+        return Domain(chain_id=onchain.chain_id, verifying_contract=onchain.verifying_contract)

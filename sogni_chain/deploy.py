@@ -1,0 +1,178 @@
+"""Deploy and wire the four contracts, and remember where they are.
+
+``deploy_all`` is what a local network (embedded or anvil) runs once; the resulting
+:class:`Addresses` file is what coordinators and nodes read afterwards. It carries the chain id
+so a file written for one chain is never used against another.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from eth_typing import ChecksumAddress
+from web3 import Web3
+
+from .chain import Chain, Signer
+from .contracts import Distributor, License, Staking, Token
+
+__all__ = ["Addresses", "Deployment", "deploy_all"]
+
+
+@dataclass(frozen=True)
+class Addresses:
+    """Where the contracts live on one chain."""
+
+    chain_id: int
+    token: ChecksumAddress
+    staking: ChecksumAddress
+    license: ChecksumAddress
+    distributor: ChecksumAddress
+    deployed_at_block: int = 0
+
+    def save(self, path: str | Path) -> None:
+        """Write atomically (a reader never sees half a file), with sorted keys."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n", "utf-8")
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path, *, chain_id: int | None = None) -> Addresses:
+        """Read an addresses file; with ``chain_id``, refuse one written for another chain."""
+        raw: dict[str, Any] = json.loads(Path(path).read_text("utf-8"))
+        addresses = cls(
+            chain_id=int(raw["chain_id"]),
+            token=Web3.to_checksum_address(raw["token"]),
+            staking=Web3.to_checksum_address(raw["staking"]),
+            license=Web3.to_checksum_address(raw["license"]),
+            distributor=Web3.to_checksum_address(raw["distributor"]),
+            deployed_at_block=int(raw.get("deployed_at_block", 0)),
+        )
+        if chain_id is not None and addresses.chain_id != chain_id:
+            raise ValueError(
+                f"{path} is for chain {addresses.chain_id}, but connected to chain {chain_id}"
+            )
+        return addresses
+
+
+class Deployment:
+    """The four wrappers for one :class:`Addresses`, sharing a default sender."""
+
+    def __init__(self, chain: Chain, addresses: Addresses, sender: Signer | None = None) -> None:
+        if addresses.chain_id != chain.chain_id:
+            raise ValueError(
+                f"addresses are for chain {addresses.chain_id}, connected to {chain.chain_id}"
+            )
+        self.chain = chain
+        self.addresses = addresses
+        self.token = Token(chain, addresses.token, sender)
+        self.staking = Staking(chain, addresses.staking, sender)
+        self.license = License(chain, addresses.license, sender)
+        self.distributor = Distributor(chain, addresses.distributor, sender)
+
+    def is_deployed(self) -> bool:
+        """True when all four addresses hold code (a stale file after a chain reset has none)."""
+        return all(
+            len(self.chain.w3.eth.get_code(a)) > 0
+            for a in (
+                self.token.address,
+                self.staking.address,
+                self.license.address,
+                self.distributor.address,
+            )
+        )
+
+
+def deploy_all(
+    chain: Chain,
+    treasury: Signer,
+    *,
+    governance: Signer | None = None,
+    coordinator: Signer | None = None,
+    slasher: Signer | None = None,
+    distributor_funding: int = 0,
+    path: str | Path | None = None,
+) -> Addresses:
+    """Deploy SogniToken, Staking, WorkerLicense and RewardDistributor and wire them.
+
+    - the whole token supply goes to ``treasury`` (which must be able to sign, to fund);
+    - ``governance`` (default: the treasury) deploys everything and holds the admin roles:
+      tier minimums, slashing, licence minting/blacklisting, pausing claims;
+    - ``coordinator`` (default: governance) gets SETTLEMENT_ROLE on the distributor;
+    - ``slasher``, if given, gets SLASHER_ROLE on staking;
+    - ``distributor_funding`` SOGNI move from the treasury to the distributor;
+    - slashed stake goes to the treasury.
+
+    With ``path`` the addresses are also saved there.
+    """
+    gov = governance if governance is not None else treasury
+    gov_addr = chain.address_of(gov)
+    treasury_addr = chain.address_of(treasury)
+    settlement = chain.address_of(coordinator) if coordinator is not None else gov_addr
+
+    token_tx = chain.deploy("SogniToken", treasury_addr, sender=gov)
+    token = token_tx.contract_address
+    staking = chain.deploy("Staking", token, gov_addr, treasury_addr, sender=gov).contract_address
+    license_ = chain.deploy("WorkerLicense", gov_addr, sender=gov).contract_address
+    distributor = chain.deploy(
+        "RewardDistributor", token, gov_addr, settlement, sender=gov
+    ).contract_address
+    assert token and staking and license_ and distributor  # set by Chain.deploy
+
+    addresses = Addresses(
+        chain_id=chain.chain_id,
+        token=token,
+        staking=staking,
+        license=license_,
+        distributor=distributor,
+        deployed_at_block=token_tx.block_number,
+    )
+    if slasher is not None:
+        Staking(chain, staking, gov).grant_role("SLASHER_ROLE", slasher)
+    if distributor_funding:
+        Token(chain, token, treasury).transfer(distributor, distributor_funding)
+    if path is not None:
+        addresses.save(path)
+    return addresses
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Deploy to a dev chain with its default accounts and write the addresses file.
+
+    Account 0 is treasury and governance, account 1 the coordinator (settlement role).
+    """
+    import argparse
+
+    from .chain import connect
+
+    parser = argparse.ArgumentParser(description="Deploy the Sogni contracts to a dev chain.")
+    parser.add_argument("--url", default="http://127.0.0.1:8545", help="JSON-RPC url")
+    parser.add_argument("--out", default=".cache/addresses.json", help="addresses file")
+    parser.add_argument(
+        "--fund-distributor", type=int, default=1_000_000, help="SOGNI moved to the distributor"
+    )
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep an existing addresses file if its code exists"
+    )
+    args = parser.parse_args(argv)
+    chain = connect(args.url)
+    if args.reuse and Path(args.out).is_file():
+        existing = Addresses.load(args.out, chain_id=chain.chain_id)
+        if Deployment(chain, existing).is_deployed():
+            print(f"already deployed: {args.out}")
+            return 0
+    treasury, coordinator = chain.accounts[0], chain.accounts[1]
+    addresses = deploy_all(
+        chain,
+        treasury,
+        coordinator=coordinator,
+        distributor_funding=args.fund_distributor * 10**18,
+        path=args.out,
+    )
+    print(json.dumps(asdict(addresses), indent=2, sort_keys=True))
+    return 0
