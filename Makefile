@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test demo bench lint clean
+.PHONY: install test demo bench lint clean contracts contracts-check chain chain-deploy
 
 install: $(STAMP)
 
@@ -18,7 +18,14 @@ $(STAMP): pyproject.toml scripts/ensure-system-deps.sh
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+# npm tools for the chain tests: solc-js, OpenZeppelin, anvil (pinned in contracts/package-lock.json)
+NPM_STAMP := contracts/node_modules/.installed
+$(NPM_STAMP): contracts/package.json contracts/package-lock.json
+	@command -v npm >/dev/null || { echo "error: npm is missing (Debian: apt-get install nodejs npm)" >&2; exit 1; }
+	npm ci --prefix contracts --no-audit --no-fund --loglevel=error
+	touch $(NPM_STAMP)
+
+test: install $(NPM_STAMP)
 	$(PY) -m pytest
 
 demo: install
@@ -30,6 +37,18 @@ bench: install
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy sogni_protocol sogni_net sogni_chain sogni_node sogni_coordinator sogni_client
+
+contracts: $(NPM_STAMP)
+	node contracts/build.mjs
+
+contracts-check: $(NPM_STAMP)
+	node contracts/build.mjs --check
+
+chain: install $(NPM_STAMP)
+	$(PY) -m sogni_chain anvil --state .cache/anvil-state.json --port 8545
+
+chain-deploy: install
+	$(PY) -m sogni_chain deploy --url http://127.0.0.1:8545 --out .cache/addresses.json --reuse
 
 clean:
 	rm -rf out .cache .pytest_cache .mypy_cache .ruff_cache

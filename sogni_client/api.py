@@ -17,9 +17,10 @@ from typing import Any
 
 import trio
 
-from sogni_net import open_host
+from sogni_net import Host, TransportError, open_host
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
+from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CLIENT_PROTOCOL, CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT
 from sogni_protocol.messages import (
     JobFailed,
@@ -80,45 +81,66 @@ async def render(
     idle_timeout: float = 300.0,
 ) -> RenderResult:
     """Send one request and collect its images; `idle_timeout` bounds each wait for news."""
+    outcome: RenderResult | Exception
     async with open_host(key_path=None, listen=()) as host:
-        channel = await host.open_channel(coordinator, CLIENT_PROTOCOL, timeout=15.0)
+        # errors leave the host's nursery as plain exceptions, not exception groups
         try:
-            await channel.send(request)
-            first = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=30.0)
-            if isinstance(first, RequestRefused):
-                raise RenderRefused(first.code, first.reason)
-            if not isinstance(first, RequestAccepted):
-                raise RenderRefused("protocol", f"unexpected {type(first).__name__}")
-            domain = Domain(first.chain_id, first.verifying_contract)
-            result = RenderResult(first.request_id)
-            while True:
-                msg = await channel.receive(limit=RESULT_FRAME_LIMIT, timeout=idle_timeout)
-                if isinstance(msg, JobProgress):
-                    if on_progress is not None:
-                        on_progress(msg.index, msg.step, msg.steps)
-                elif isinstance(msg, JobImage):
-                    image = RenderedImage(
-                        msg.index,
-                        msg.job_id,
-                        msg.seed,
-                        msg.image,
-                        msg.receipt,
-                        msg.signature,
-                        msg.meta,
-                        domain,
-                    )
-                    result.images.append(image)
-                    if on_image is not None:
-                        on_image(image)
-                elif isinstance(msg, JobFailed):
-                    result.failed.append((msg.index, msg.reason))
-                elif isinstance(msg, RequestDone):
-                    result.images.sort(key=lambda im: im.index)
-                    return result
-        finally:
-            with trio.move_on_after(1) as scope:
-                scope.shield = True
-                await channel.close()
+            outcome = await _exchange(
+                host, coordinator, request, on_progress, on_image, idle_timeout
+            )
+        except (RenderRefused, TransportError, ProtocolError) as exc:
+            outcome = exc
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+async def _exchange(
+    host: Host,
+    coordinator: str,
+    request: RenderRequest,
+    on_progress: ProgressFn | None,
+    on_image: Callable[[RenderedImage], None] | None,
+    idle_timeout: float,
+) -> RenderResult:
+    channel = await host.open_channel(coordinator, CLIENT_PROTOCOL, timeout=15.0)
+    try:
+        await channel.send(request)
+        first = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=30.0)
+        if isinstance(first, RequestRefused):
+            raise RenderRefused(first.code, first.reason)
+        if not isinstance(first, RequestAccepted):
+            raise RenderRefused("protocol", f"unexpected {type(first).__name__}")
+        domain = Domain(first.chain_id, first.verifying_contract)
+        result = RenderResult(first.request_id)
+        while True:
+            msg = await channel.receive(limit=RESULT_FRAME_LIMIT, timeout=idle_timeout)
+            if isinstance(msg, JobProgress):
+                if on_progress is not None:
+                    on_progress(msg.index, msg.step, msg.steps)
+            elif isinstance(msg, JobImage):
+                image = RenderedImage(
+                    msg.index,
+                    msg.job_id,
+                    msg.seed,
+                    msg.image,
+                    msg.receipt,
+                    msg.signature,
+                    msg.meta,
+                    domain,
+                )
+                result.images.append(image)
+                if on_image is not None:
+                    on_image(image)
+            elif isinstance(msg, JobFailed):
+                result.failed.append((msg.index, msg.reason))
+            elif isinstance(msg, RequestDone):
+                result.images.sort(key=lambda im: im.index)
+                return result
+    finally:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            await channel.close()
 
 
 def render_sync(coordinator: str, request: RenderRequest, **kwargs: Any) -> RenderResult:

@@ -62,9 +62,12 @@ def _job_params(req: RenderRequest, index: int) -> JobParams:
 
 
 def refusal_for(req: RenderRequest, dispatcher: Dispatcher, allowed: set[str]) -> str | None:
-    if allowed and req.model_id not in allowed:
-        return f"unknown model {req.model_id!r}: this coordinator serves {sorted(allowed)}"
-    if req.model_id not in dispatcher.known_models():
+    """A configured model list is a promise (jobs wait for nodes); without one, only models
+    some connected node has are accepted."""
+    if allowed:
+        if req.model_id not in allowed:
+            return f"unknown model {req.model_id!r}: this coordinator serves {sorted(allowed)}"
+    elif req.model_id not in dispatcher.known_models():
         return f"unknown model {req.model_id!r}: no connected node has it"
     return None
 

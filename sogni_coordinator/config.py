@@ -53,6 +53,7 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     heartbeat_timeout: Seconds = 15.0
     offer_ttl: Seconds = 30.0
     job_deadline_floor: Seconds = 150.0
+    job_deadline_base: Annotated[float, Meta(ge=0, le=86_400)] = 30.0
     models: Annotated[list[ModelId], Meta(max_length=1024)] = msgspec.field(default_factory=list)
     log_level: LogLevel = "info"
     log_json: bool | None = None

@@ -41,9 +41,9 @@ MAX_ATTEMPTS = 5
 """A job that fails this many times (node lost, deadline, hand-back) is given up on."""
 
 
-def expected_render_seconds(params: JobParams, floor: float) -> float:
+def render_budget(params: JobParams, floor: float, base: float = 30.0) -> float:
     """AI Horde's deadline rule: generous for small jobs, grows with steps x pixels."""
-    return max(floor, 30.0 + 2.0 * params.steps * params.width * params.height / 512**2)
+    return max(floor, base + 2.0 * params.steps * params.width * params.height / 512**2)
 
 
 @dataclass(eq=False)
@@ -101,6 +101,7 @@ class Dispatcher:
         signer_address: str,
         domain: Domain,
         deadline_floor: float = 150.0,
+        deadline_base: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -108,6 +109,7 @@ class Dispatcher:
         self.address = signer_address
         self.domain = domain
         self.deadline_floor = deadline_floor
+        self.deadline_base = deadline_base
         self._clock = clock
         self.queue: deque[Job] = deque()
         self.jobs: dict[bytes, Job] = {}
@@ -199,7 +201,7 @@ class Dispatcher:
 
     def _offer(self, job: Job, link: NodeLink) -> None:
         now = self._clock()
-        budget = expected_render_seconds(job.params, self.deadline_floor)
+        budget = render_budget(job.params, self.deadline_floor, self.deadline_base)
         offer = JobOffer(
             job_id=job.job_id,
             coordinator=self.address,

@@ -67,6 +67,7 @@ async def run_coordinator(
             signer_address=signer.address,
             domain=Domain(config.chain_id, config.verifying_contract),
             deadline_floor=config.job_deadline_floor,
+            deadline_base=config.job_deadline_base,
         )
         restored = _restore(store, dispatcher, config)
         if restored:

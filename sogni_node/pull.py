@@ -229,6 +229,7 @@ class PullSession:
         if fault is not None:
             log.warning("offer_declined", job=job_id.hex()[:16], reason=fault)
             self.send(OfferDeclined(job_id=job_id, reason=fault))
+            self.offer_ready()  # the coordinator spent a credit on this offer
             return
         self.jobs.add(job_id)
         nursery.start_soon(self._run_job, msg, run)

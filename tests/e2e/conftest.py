@@ -1,0 +1,189 @@
+"""An in-process Supernet on 127.0.0.1: real libp2p, real diffusers, real SQLite.
+
+Coordinator and nodes run as trio tasks in the test's nursery (the multi-process layout is
+covered by the privacy test, which uses the launcher). Rogue peers speak the wire protocol
+directly to show what the coordinator and the nodes refuse.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from eth_account import Account
+
+from sogni_coordinator.config import CoordinatorConfig
+from sogni_coordinator.service import RunningCoordinator, Signer, run_coordinator
+from sogni_net import Channel, open_host
+from sogni_node.config import NodeConfig
+from sogni_node.daemon import ShutdownReport, run_node
+from sogni_node.keystore import Wallet
+from sogni_node.models import ModelRegistry
+from sogni_node.render.backend import Backend, RenderJob, RenderOutput
+from sogni_node.render.diffusers_backend import DiffusersBackend
+from sogni_protocol import eip712
+from sogni_protocol.eip712 import Domain
+from sogni_protocol.ids import CONTROL_FRAME_LIMIT, JOBS_PROTOCOL
+from sogni_protocol.messages import Capabilities, NodeHello, Welcome
+
+MODEL = "sogni-tiny-sd"
+
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
+    return ModelRegistry.default(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def backend(registry: ModelRegistry) -> DiffusersBackend:
+    return DiffusersBackend(registry, device="cpu", threads=1)
+
+
+class SlowBackend:
+    """The real backend, throttled per step so a test can act while a job is mid-render."""
+
+    def __init__(self, inner: Backend, step_seconds: float) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.step_seconds = step_seconds
+        self.started = trio.Event()
+        self._token = trio.lowlevel.current_trio_token()
+
+    def render(
+        self, job: RenderJob, on_step: Callable[[int], None], should_cancel: Callable[[], bool]
+    ) -> RenderOutput:
+        self._token.run_sync_soon(self.started.set)
+
+        def step(i: int) -> None:
+            time.sleep(self.step_seconds)
+            on_step(i)
+
+        return self.inner.render(job, step, should_cancel)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class NodeHandle:
+    wallet: Wallet
+    stop: trio.Event
+    connected: trio.Event
+    report: list[ShutdownReport]
+    done: trio.Event
+
+
+@dataclass
+class Net:
+    tmp: Path
+    nursery: trio.Nursery
+    coordinator: RunningCoordinator
+    signer: Signer
+    config: CoordinatorConfig
+
+    @property
+    def addr(self) -> str:
+        return self.coordinator.addrs[0]
+
+    @property
+    def domain(self) -> Domain:
+        return Domain(self.config.chain_id, self.config.verifying_contract)
+
+    async def add_node(
+        self, backend: Backend, name: str, *, trusted: list[str] | None = None, **cfg: Any
+    ) -> NodeHandle:
+        acct = Account.create()
+        wallet = Wallet(acct.address, bytes(acct.key))
+        config = NodeConfig(
+            data_dir=self.tmp / name,
+            coordinators=[self.addr],
+            trusted_coordinators=trusted if trusted is not None else [self.signer.address],
+            threads=1,
+            heartbeat_interval=0.5,
+            heartbeat_timeout=3.0,
+            **cfg,
+        )
+        handle = NodeHandle(wallet, trio.Event(), trio.Event(), [], trio.Event())
+
+        def on_event(event: dict[str, object]) -> None:
+            if event["event"] == "connected":
+                handle.connected.set()
+
+        async def run() -> None:
+            try:
+                handle.report.append(
+                    await run_node(config, wallet, backend, [MODEL], stop=handle.stop,
+                                   on_event=on_event)
+                )
+            finally:
+                handle.done.set()
+
+        self.nursery.start_soon(run)
+        if trusted is None:
+            with trio.fail_after(20):
+                await handle.connected.wait()
+        return handle
+
+
+@asynccontextmanager
+async def start_net(tmp: Path, **cfg: Any) -> AsyncIterator[Net]:
+    acct = Account.create()
+    signer = Signer(acct.address, bytes(acct.key))
+    config = CoordinatorConfig(
+        data_dir=tmp / "coordinator",
+        listen="/ip4/127.0.0.1/tcp/0",
+        heartbeat_interval=0.5,
+        heartbeat_timeout=3.0,
+        **cfg,
+    )
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(run_coordinator, config, signer)
+        yield Net(tmp, nursery, running, signer, config)
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def net_factory(tmp_path: Path) -> Callable[..., Any]:
+    def make(**cfg: Any) -> Any:
+        return start_net(tmp_path, **cfg)
+
+    return make
+
+
+@asynccontextmanager
+async def rogue_node(
+    net: Net, *, wallet: Any = None, models: tuple[str, ...] = (MODEL,)
+) -> AsyncIterator[tuple[Channel, Any]]:
+    """A node that completes the handshake and then does whatever the test says."""
+    acct = wallet or Account.create()
+    async with open_host(key_path=None, listen=()) as host:
+        channel = await host.open_channel(net.addr, JOBS_PROTOCOL)
+        caps = Capabilities(
+            peer_id=host.peer_id, wallet=acct.address, expiry=int(time.time()) + 600,
+            models=list(models), slots=1, backend="rogue", device="cpu", max_pixels=1 << 20,
+        )
+        sig = eip712.sign_binding(bytes(acct.key), net.domain, caps)
+        await channel.send(NodeHello(capabilities=caps, binding_signature=sig))
+        welcome = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=10)
+        assert isinstance(welcome, Welcome)
+        yield channel, acct
+
+
+async def receive_skipping(
+    channel: Channel, kinds: tuple[type, ...], timeout: float = 20.0, limit: int = CONTROL_FRAME_LIMIT
+) -> Any:
+    """Next message that is one of `kinds`, skipping heartbeats and progress."""
+    with trio.fail_after(timeout):
+        while True:
+            msg = await channel.receive(limit=limit, timeout=timeout)
+            if isinstance(msg, kinds):
+                return msg
+
+
+Waiter = Callable[[], Awaitable[None]]

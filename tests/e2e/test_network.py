@@ -1,0 +1,369 @@
+"""The Supernet end to end over libp2p on 127.0.0.1, and the bad input it must survive."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import time
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+from eth_account import Account
+from eth_account.messages import encode_typed_data
+from PIL import Image
+
+from sogni_client.api import RenderRefused, receipt_line, render
+from sogni_net import ChannelClosed, open_host
+from sogni_protocol import eip712
+from sogni_protocol.ids import CLIENT_PROTOCOL, RESULT_FRAME_LIMIT
+from sogni_protocol.messages import (
+    Goodbye,
+    HandBack,
+    JobFailed,
+    Offer,
+    OfferDeclined,
+    Progress,
+    Receipt,
+    RenderMeta,
+    RenderRequest,
+    RequestAccepted,
+    RequestDone,
+    RequestRefused,
+    Result,
+    ResultAck,
+)
+
+from .conftest import MODEL, SlowBackend, receive_skipping, rogue_node
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def request(n: int = 2, **kw: Any) -> RenderRequest:
+    fields: dict[str, Any] = dict(
+        model_id=MODEL, positive_prompt="a red circle", steps=3, guidance=4.0,
+        width=64, height=64, seed=1, number_of_images=n,
+    )
+    fields.update(kw)
+    return RenderRequest(**fields)
+
+
+async def test_images_come_back_with_receipts_any_eip712_library_verifies(
+    net_factory: Any, backend: Any
+) -> None:
+    async with net_factory() as net:
+        nodes = [await net.add_node(backend, f"node{i}") for i in range(2)]
+        with trio.fail_after(60):
+            result = await render(net.addr, request(6))
+        assert [im.index for im in result.images] == list(range(6))
+        wallets = {n.wallet.address for n in nodes}
+        for im in result.images:
+            assert Image.open(io.BytesIO(im.image)).size == (64, 64)
+            line = receipt_line(im, "x.png")
+            signable = encode_typed_data(
+                full_message={k: line[k] for k in ("domain", "types", "primaryType", "message")}
+            )
+            signer = Account.recover_message(signable, signature=line["signature"])
+            assert signer == line["message"]["worker"]
+            assert signer in wallets
+            assert line["message"]["resultHash"] == "0x" + hashlib.sha256(im.image).hexdigest()
+            assert line["message"]["coordinator"] == net.signer.address
+            stored = net.coordinator.dispatcher.store.receipt(im.job_id)
+            assert stored is not None and stored.signature == im.signature
+
+
+async def test_unknown_model_and_image_counts_are_refused_naming_the_problem(
+    net_factory: Any, backend: Any
+) -> None:
+    async with net_factory() as net:
+        await net.add_node(backend, "node0")
+        with pytest.raises(RenderRefused, match="unknown model 'nope'"):
+            await render(net.addr, request(1, model_id="nope"))
+        async with open_host(key_path=None, listen=()) as client:
+            for count in (0, 513):
+                channel = await client.open_channel(net.addr, CLIENT_PROTOCOL)
+                raw = msgspec.msgpack.encode(
+                    {"type": "renderRequest", "modelId": MODEL, "positivePrompt": "x",
+                     "numberOfImages": count}
+                )
+                await channel.send_raw(raw, limit=len(raw), timeout=5)
+                refused = await channel.receive(timeout=10)
+                assert isinstance(refused, RequestRefused)
+                assert "$.numberOfImages" in refused.reason
+        with trio.fail_after(60):
+            result = await render(net.addr, request(1))  # still serving
+        assert len(result.images) == 1
+
+
+async def test_garbage_from_clients_never_takes_the_coordinator_down(
+    net_factory: Any, backend: Any
+) -> None:
+    async with net_factory() as net:
+        await net.add_node(backend, "node0")
+        async with open_host(key_path=None, listen=()) as client:
+            # a frame announcing 100 MB: refused from the header alone, the stream is reset
+            channel = await client.open_channel(net.addr, CLIENT_PROTOCOL)
+            await channel.send_unframed((100 * 1024 * 1024).to_bytes(4, "big"), timeout=5)
+            with pytest.raises(ChannelClosed):
+                await channel.receive(timeout=10)
+            # bytes that are not MessagePack
+            channel = await client.open_channel(net.addr, CLIENT_PROTOCOL)
+            await channel.send_raw(b"\xc1\xc1\xc1", timeout=5)
+            refused = await channel.receive(timeout=10)
+            assert isinstance(refused, RequestRefused) and "MessagePack" in refused.reason
+            # a missing field and a wrong-typed field
+            for bad, field in (
+                ({"type": "renderRequest", "modelId": MODEL}, "positivePrompt"),
+                ({"type": "renderRequest", "modelId": MODEL, "positivePrompt": "x", "steps": "9"},
+                 "$.steps"),
+            ):
+                channel = await client.open_channel(net.addr, CLIENT_PROTOCOL)
+                await channel.send_raw(msgspec.msgpack.encode(bad), timeout=5)
+                refused = await channel.receive(timeout=10)
+                assert isinstance(refused, RequestRefused) and field in refused.reason
+        with trio.fail_after(60):
+            assert len((await render(net.addr, request(1))).images) == 1
+
+
+async def test_node_refuses_offers_from_untrusted_coordinators(
+    net_factory: Any, backend: Any
+) -> None:
+    async with net_factory() as net:
+        stranger = Account.create().address
+        node = await net.add_node(backend, "node0", trusted=[stranger])
+        # the node never completes a session with a coordinator it does not trust
+        with trio.move_on_after(3):
+            await node.connected.wait()
+        assert not node.connected.is_set()
+        assert net.coordinator.dispatcher.nodes == {}
+        node.stop.set()
+
+
+async def test_offer_signed_by_another_key_is_declined(net_factory: Any, backend: Any) -> None:
+    """A coordinator whose offers are not signed by its announced key gets nothing rendered."""
+    async with net_factory() as net:
+        await net.add_node(backend, "node0")
+        link = next(iter(net.coordinator.dispatcher.nodes.values()))
+        forger = Account.create()
+        dispatcher = net.coordinator.dispatcher
+        real_key = dispatcher._key
+        dispatcher._key = bytes(forger.key)  # the same coordinator, now signing with a wrong key
+        try:
+            async with open_host(key_path=None, listen=()) as client:
+                channel = await client.open_channel(net.addr, CLIENT_PROTOCOL)
+                await channel.send(request(1))
+                assert isinstance(await channel.receive(timeout=10), RequestAccepted)
+                failed = await receive_skipping(channel, (JobFailed,), timeout=30)
+                done = await receive_skipping(channel, (RequestDone,), timeout=10)
+        finally:
+            dispatcher._key = real_key
+        assert "offer signed by untrusted key" in failed.reason
+        assert (done.delivered, done.failed) == (0, 1)
+        assert dispatcher.store.receipts() == []
+        assert link.peer_id in dispatcher.nodes
+
+
+def _result_for(offer: Offer, acct: Any, domain: Any, image: bytes, **override: Any) -> Result:
+    receipt = Receipt(
+        job_id=offer.offer.job_id,
+        offer_hash=eip712.offer_hash(domain, offer.offer),
+        worker=acct.address,
+        coordinator=offer.offer.coordinator,
+        model_id=offer.offer.model_id,
+        result_hash=hashlib.sha256(image).digest(),
+        steps_done=offer.offer.steps,
+        work_units=offer.offer.work_units,
+        completed_at=int(time.time()),
+    )
+    receipt = msgspec.structs.replace(receipt, **override)
+    sig = eip712.sign_receipt(bytes(acct.key), domain, receipt)
+    meta = RenderMeta(backend="rogue", device="cpu", dtype="float32", threads=1)
+    return Result(job_id=receipt.job_id, image=image, receipt=receipt, signature=sig, meta=meta)
+
+
+async def test_bad_receipts_are_refused_and_the_job_is_receipted_once(
+    net_factory: Any, backend: Any
+) -> None:
+    async with net_factory() as net:
+        async with rogue_node(net) as (channel, acct):
+            from sogni_protocol.messages import Ready
+
+            await channel.send(Ready(slots=1))
+            async with open_host(key_path=None, listen=()) as client:
+                cchan = await client.open_channel(net.addr, CLIENT_PROTOCOL)
+                await cchan.send(request(1))
+                assert isinstance(await cchan.receive(timeout=10), RequestAccepted)
+                offer = await receive_skipping(channel, (Offer,))
+                image = b"\x89PNG not really"
+                # wrong hash
+                bad_hash = _result_for(offer, acct, net.domain, image, result_hash=b"\x00" * 32)
+                await channel.send(bad_hash, limit=RESULT_FRAME_LIMIT)
+                ack = await receive_skipping(channel, (ResultAck,))
+                assert not ack.accepted and "resultHash" in ack.reason
+                # wrong signature: signed by a key that is not the bound wallet
+                impostor = Account.create()
+                forged = _result_for(offer, impostor, net.domain, image, worker=acct.address)
+                await channel.send(forged, limit=RESULT_FRAME_LIMIT)
+                ack = await receive_skipping(channel, (ResultAck,))
+                assert not ack.accepted and "signature" in ack.reason
+                assert net.coordinator.dispatcher.store.counts()["receipts"] == 0
+                # the job went back to the queue; a real node now finishes it, exactly once
+                await channel.send(Goodbye(reason="test"))
+                await net.add_node(backend, "honest")
+                with trio.fail_after(60):
+                    while True:
+                        msg = await cchan.receive(limit=RESULT_FRAME_LIMIT, timeout=60)
+                        if type(msg).__name__ == "RequestDone":
+                            break
+                assert msg.delivered == 1
+                late = _result_for(offer, acct, net.domain, image)
+                stored = net.coordinator.dispatcher.store.receipts()
+                assert len(stored) == 1 and stored[0].receipt.worker != acct.address.lower()
+                assert late.job_id == stored[0].receipt.job_id
+
+
+async def test_node_that_disconnects_mid_job_loses_it_to_the_queue(
+    net_factory: Any, backend: Any
+) -> None:
+    async with net_factory() as net:
+        async with rogue_node(net) as (channel, _acct):
+            from sogni_protocol.messages import Ready
+
+            await channel.send(Ready(slots=1))
+            async with open_host(key_path=None, listen=()) as client:
+                cchan = await client.open_channel(net.addr, CLIENT_PROTOCOL)
+                await cchan.send(request(1))
+                accepted = await cchan.receive(timeout=10)
+                assert isinstance(accepted, RequestAccepted)
+                offer = await receive_skipping(channel, (Offer,))
+                await channel.send(Progress(job_id=offer.offer.job_id, step=1))
+                await channel.reset()  # vanishes mid-job
+                await net.add_node(backend, "honest")
+                with trio.fail_after(60):
+                    while True:
+                        msg = await cchan.receive(limit=RESULT_FRAME_LIMIT, timeout=60)
+                        if type(msg).__name__ == "RequestDone":
+                            break
+                assert (msg.delivered, msg.failed) == (1, 0)
+        receipts = net.coordinator.dispatcher.store.receipts()
+        assert [r.receipt.job_id for r in receipts] == accepted.job_ids
+
+
+async def test_job_past_its_deadline_is_requeued_and_paid_once(
+    net_factory: Any, backend: Any
+) -> None:
+    async with net_factory(job_deadline_floor=1.0, job_deadline_base=0.0) as net:
+        async with rogue_node(net) as (channel, acct):
+            from sogni_protocol.messages import Cancel, Heartbeat, Ready
+
+            await channel.send(Ready(slots=1))
+            async with open_host(key_path=None, listen=()) as client:
+                cchan = await client.open_channel(net.addr, CLIENT_PROTOCOL)
+                await cchan.send(request(1))
+                accepted = await cchan.receive(timeout=10)
+                offer = await receive_skipping(channel, (Offer,))
+                # keep heartbeating but never deliver: the coordinator cancels and requeues
+                with trio.fail_after(10):
+                    while True:
+                        await channel.send(Heartbeat(seq=1))
+                        msg = await channel.receive(timeout=5)
+                        if isinstance(msg, Cancel):
+                            break
+                await net.add_node(backend, "honest")
+                with trio.fail_after(60):
+                    while True:
+                        msg = await cchan.receive(limit=RESULT_FRAME_LIMIT, timeout=60)
+                        if type(msg).__name__ == "RequestDone":
+                            break
+                # the late result from the first node is refused: the job is already receipted
+                late = _result_for(offer, acct, net.domain, b"late image")
+                await channel.send(late, limit=RESULT_FRAME_LIMIT)
+                ack = await receive_skipping(channel, (ResultAck,))
+                assert not ack.accepted and "already receipted" in ack.reason
+        assert len(net.coordinator.dispatcher.store.receipts()) == 1
+        assert accepted.job_ids[0] == net.coordinator.dispatcher.store.receipts()[0].receipt.job_id
+
+
+async def test_client_that_disconnects_loses_nothing(net_factory: Any, backend: Any) -> None:
+    async with net_factory() as net:
+        slow = SlowBackend(backend, 0.3)
+        await net.add_node(slow, "node0")
+        async with open_host(key_path=None, listen=()) as client:
+            cchan = await client.open_channel(net.addr, CLIENT_PROTOCOL)
+            await cchan.send(request(2))
+            accepted = await cchan.receive(timeout=10)
+            assert isinstance(accepted, RequestAccepted)
+            await slow.started.wait()
+            await cchan.reset()
+        store = net.coordinator.dispatcher.store
+        with trio.fail_after(60):
+            while store.counts().get("done", 0) < 2:
+                await trio.sleep(0.05)
+        results = net.config.data_dir / "results" / accepted.request_id.hex()
+        assert sorted(p.name for p in results.iterdir()) == ["0000.png", "0001.png"]
+        assert {r.receipt.job_id for r in store.receipts()} == set(accepted.job_ids)
+
+
+async def test_sigterm_finishes_or_hands_back_running_jobs_and_says_which(
+    net_factory: Any, backend: Any
+) -> None:
+    async with net_factory() as net:
+        slow = SlowBackend(backend, 0.4)
+        node = await net.add_node(slow, "node0", shutdown_grace=0.2)
+        async with open_host(key_path=None, listen=()) as client:
+            cchan = await client.open_channel(net.addr, CLIENT_PROTOCOL)
+            await cchan.send(request(1, steps=20))
+            accepted = await cchan.receive(timeout=10)
+            await slow.started.wait()
+            node.stop.set()  # what SIGTERM does in the daemon
+            with trio.fail_after(30):
+                await node.done.wait()
+            report = node.report[0]
+            assert report.handed_back == [accepted.job_ids[0].hex()]
+            assert report.finished == []
+            # the coordinator requeued it; another node finishes it
+            await net.add_node(backend, "node1")
+            with trio.fail_after(60):
+                while True:
+                    msg = await cchan.receive(limit=RESULT_FRAME_LIMIT, timeout=60)
+                    if type(msg).__name__ == "RequestDone":
+                        break
+            assert msg.delivered == 1
+
+
+async def test_coordinator_restart_requeues_accepted_jobs(tmp_path: Any, backend: Any) -> None:
+    from .conftest import start_net
+
+    async with start_net(tmp_path, models=[MODEL]) as net:
+        async with open_host(key_path=None, listen=()) as client:
+            # no node yet: the jobs wait in the queue when the coordinator stops
+            cchan = await client.open_channel(net.addr, CLIENT_PROTOCOL)
+            await cchan.send(request(2))
+            accepted = await cchan.receive(timeout=10)
+            assert isinstance(accepted, RequestAccepted)
+    signer = net.signer
+    from .conftest import Net
+    from sogni_coordinator.service import run_coordinator
+
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(run_coordinator, net.config, signer)
+        net2 = Net(tmp_path, nursery, running, signer, net.config)
+        await net2.add_node(backend, "node1")
+        store = running.dispatcher.store
+        with trio.fail_after(60):
+            while store.counts().get("done", 0) < 2:
+                await trio.sleep(0.05)
+        assert {r.receipt.job_id for r in store.receipts()} == set(accepted.job_ids)
+        nursery.cancel_scope.cancel()
+
+
+def test_seed_of_image_i_is_seed_plus_i() -> None:
+    from sogni_coordinator.client_session import _job_params
+
+    req = request(3, seed=2**32 - 1)
+    assert [_job_params(req, i).seed for i in range(3)] == [2**32 - 1, 0, 1]
+
+
+_ = (HandBack, OfferDeclined, os)
