@@ -221,6 +221,7 @@ class Dispatcher:
         except (trio.WouldBlock, trio.ClosedResourceError):
             self.queue.append(job)
             return
+        log.debug("offer_sent", job=job.job_id.hex()[:16], peer=link.peer_id, budget_s=budget)
         job.offers[offer_hash] = link.peer_id
         job.node = link
         job.deadline = now + budget

@@ -45,16 +45,15 @@ class HandshakeRefused(Exception):
 def _check_hello(hello: Message, channel: Channel, dispatcher: Dispatcher) -> NodeHello:
     if not isinstance(hello, NodeHello):
         raise HandshakeRefused(f"first message must be nodeHello, got {type(hello).__name__}")
-    caps = hello.capabilities
-    if caps.peer_id != channel.remote_peer_id:
-        raise HandshakeRefused("capabilities name another peer id than this connection's")
-    if caps.expiry < time.time():
-        raise HandshakeRefused("capability binding has expired")
-    signer = eip712.recover_binding_signer(dispatcher.domain, caps, hello.binding_signature)
-    if not eip712.same_address(signer, caps.wallet):
-        raise HandshakeRefused(
-            "binding is not signed by its wallet (or is for another chain or distributor)"
-        )
+    fault = eip712.check_binding(
+        dispatcher.domain,
+        hello.capabilities,
+        hello.binding_signature,
+        channel.remote_peer_id,
+        time.time(),
+    )
+    if fault is not None:
+        raise HandshakeRefused(fault)
     return hello
 
 

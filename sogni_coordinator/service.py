@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from sogni_coordinator.adverts import AdvertBook
 from sogni_coordinator.client_session import orphan_saver, serve_client
 from sogni_coordinator.config import CoordinatorConfig
 from sogni_coordinator.dispatch import Dispatcher, Job, RequestState
@@ -15,7 +16,7 @@ from sogni_coordinator.node_session import serve_node
 from sogni_coordinator.store import Store
 from sogni_net import Channel, open_host
 from sogni_protocol.eip712 import Domain
-from sogni_protocol.ids import CLIENT_PROTOCOL, JOBS_PROTOCOL
+from sogni_protocol.ids import CAPABILITIES_TOPIC, CLIENT_PROTOCOL, JOBS_PROTOCOL
 from sogni_protocol.logs import get_logger
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ class RunningCoordinator:
     addrs: list[str]
     address: str
     dispatcher: Dispatcher
+    adverts: AdvertBook
 
 
 def _restore(store: Store, dispatcher: Dispatcher, config: CoordinatorConfig) -> int:
@@ -86,7 +88,13 @@ async def run_coordinator(
         async def on_client(channel: Channel) -> None:
             await serve_client(channel, dispatcher, allowed_models=allowed, results_dir=results_dir)
 
-        async with open_host(key_path=config.node_key_path, listen=[config.listen]) as host:
+        book = AdvertBook(dispatcher.domain)
+        async with open_host(
+            key_path=config.node_key_path,
+            listen=[config.listen],
+            pubsub_topics=[CAPABILITIES_TOPIC],
+        ) as host:
+            host.set_topic_validator(CAPABILITIES_TOPIC, book.validate)
             host.set_stream_handler(JOBS_PROTOCOL, on_node)
             host.set_stream_handler(CLIENT_PROTOCOL, on_client)
             info = {"peerId": host.peer_id, "addrs": host.addrs, "address": signer.address}
@@ -97,7 +105,9 @@ async def run_coordinator(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(dispatcher.run)
                 task_status.started(
-                    RunningCoordinator(host.peer_id, list(host.addrs), signer.address, dispatcher)
+                    RunningCoordinator(
+                        host.peer_id, list(host.addrs), signer.address, dispatcher, book
+                    )
                 )
     finally:
         store.close()

@@ -62,6 +62,8 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     shutdown_grace: Annotated[float, Meta(ge=0, le=3600)] = 30.0
     chain_id: ChainId = DEFAULT_CHAIN_ID
     verifying_contract: Address = UNDEPLOYED_CONTRACT
+    advert_interval: Annotated[float, Meta(ge=1, le=3600)] = 30.0
+    """Seconds between gossiped capability adverts (coordinators accept one per ~25 s)."""
     log_level: LogLevel = "info"
     log_json: bool | None = None
 

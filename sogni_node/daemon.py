@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from sogni_net import Host, open_host
+from sogni_net import Host, TransportError, open_host
 from sogni_node.config import NodeConfig
 from sogni_node.hardware import HardwareInfo, probe
 from sogni_node.journal import Journal
@@ -25,9 +25,11 @@ from sogni_node.keystore import Wallet, unlock_wallet
 from sogni_node.pull import NodeIdentity, PullSession, pull_forever
 from sogni_node.render.backend import Backend
 from sogni_node.worker import Worker
+from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
+from sogni_protocol.ids import CAPABILITIES_TOPIC
 from sogni_protocol.logs import get_logger
-from sogni_protocol.messages import Capabilities
+from sogni_protocol.messages import Capabilities, NodeHello, encode
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus  # trio-typing's stubs shadow trio's own types
@@ -82,10 +84,17 @@ async def run_node(
     sessions: set[PullSession] = set()
     report = ShutdownReport()
     try:
-        async with open_host(key_path=config.node_key_path, listen=[config.listen]) as host:
+        async with open_host(
+            key_path=config.node_key_path,
+            listen=[config.listen],
+            pubsub_topics=[CAPABILITIES_TOPIC],
+        ) as host:
+
+            def new_caps() -> Capabilities:
+                return capabilities(host.peer_id, wallet.address, worker, hw, backend, models)
 
             def new_session(addr: str) -> PullSession:
-                caps = capabilities(host.peer_id, wallet.address, worker, hw, backend, models)
+                caps = new_caps()
                 return PullSession(
                     host,
                     addr,
@@ -115,6 +124,9 @@ async def run_node(
                     nursery.start_soon(
                         pull_forever, lambda a=addr: new_session(a), addr, sessions, pulls_stop
                     )
+                nursery.start_soon(
+                    _advertise, host, identity, lambda: new_caps(), config.advert_interval
+                )
                 await stop.wait()
                 await _drain(worker, sessions, config.shutdown_grace, report)
                 pulls_stop.set()
@@ -127,6 +139,23 @@ async def run_node(
         journal.close()
     log.info("node_stopped", finished=report.finished, handed_back=report.handed_back)
     return report
+
+
+async def _advertise(
+    host: Host, identity: NodeIdentity, caps: Callable[[], Capabilities], interval: float
+) -> None:
+    """Gossip a signed capability advert every `interval` seconds (coordinators rate-limit)."""
+    while True:
+        advert = caps()
+        hello = NodeHello(
+            capabilities=advert,
+            binding_signature=eip712.sign_binding(identity.wallet_key, identity.domain, advert),
+        )
+        try:
+            await host.publish(CAPABILITIES_TOPIC, encode(hello))
+        except (TransportError, ValueError) as exc:
+            log.warning("advert_not_published", error=str(exc))
+        await trio.sleep(interval)
 
 
 async def _drain(

@@ -274,3 +274,24 @@ def offer_document(domain: Domain, offer: JobOffer) -> dict[str, Any]:
 
 def same_address(a: str, b: str) -> bool:
     return a.lower() == b.lower()
+
+
+def check_binding(
+    domain: Domain, caps: Capabilities, signature: bytes, peer_id: str, now: float
+) -> str | None:
+    """Why a signed capability advert is unacceptable from `peer_id`, or None if it is fine.
+
+    The authenticated peer id must be the bound one, the binding unexpired, and the
+    signature the wallet's own for this chain and distributor.
+    """
+    if caps.peer_id != peer_id:
+        return "capabilities name another peer id than the sender's"
+    if caps.expiry < now:
+        return "capability binding has expired"
+    try:
+        signer = recover_binding_signer(domain, caps, signature)
+    except SignatureError as exc:
+        return str(exc)
+    if not same_address(signer, caps.wallet):
+        return "binding is not signed by its wallet (or is for another chain or distributor)"
+    return None

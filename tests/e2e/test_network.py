@@ -367,3 +367,14 @@ def test_seed_of_image_i_is_seed_plus_i() -> None:
 
 
 _ = (HandBack, OfferDeclined, os)
+
+
+async def test_nodes_gossip_signed_capability_adverts(net_factory: Any, backend: Any) -> None:
+    async with net_factory() as net:
+        await net.add_node(backend, "node0", advert_interval=1.0)
+        peer = next(iter(net.coordinator.dispatcher.nodes))
+        with trio.fail_after(20):
+            while peer not in net.coordinator.adverts.adverts:
+                await trio.sleep(0.05)
+        caps = net.coordinator.adverts.adverts[peer]
+        assert caps.models == [MODEL] and caps.peer_id == peer

@@ -1,0 +1,42 @@
+"""Prompts never reach a log line: three real processes, debug level, a sentinel prompt."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from sogni_client.api import render_sync
+from sogni_client.localnet import start_localnet
+from sogni_protocol.messages import RenderRequest
+
+SENTINEL = "zebra-sentinel-7f3a"
+
+
+def test_sentinel_prompt_is_in_no_log_line_of_any_process(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with start_localnet(tmp_path / "net", nodes=2, log_level="debug") as net:
+        request = RenderRequest(
+            model_id="sogni-tiny-sd",
+            positive_prompt=f"a red circle {SENTINEL}",
+            negative_prompt=f"blurry {SENTINEL}",
+            style_prompt=SENTINEL,
+            steps=3,
+            width=64,
+            height=64,
+            number_of_images=4,
+        )
+        result = render_sync(net.coordinator_addr, request)
+        logs = net.log_files()
+    assert len(result.images) == 4
+    lines = [line for path in logs for line in path.read_text().splitlines()]
+    # the daemons really logged at debug level, including the work on this request
+    assert any('"level": "debug"' in line for line in lines)
+    assert any("job_finished" in line for line in lines)
+    assert not [line for line in lines if SENTINEL in line]
+    captured = capfd.readouterr()
+    assert SENTINEL not in captured.out + captured.err
+    assert SENTINEL not in caplog.text
