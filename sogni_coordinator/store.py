@@ -59,6 +59,24 @@ CREATE TABLE IF NOT EXISTS receipts (
     stored_at    REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS receipts_worker ON receipts(worker);
+CREATE TABLE IF NOT EXISTS epochs (
+    epoch         INTEGER PRIMARY KEY,
+    state         TEXT NOT NULL CHECK (state IN ('planned', 'posted')),
+    root          BLOB NOT NULL,
+    total         TEXT NOT NULL,
+    receipts_hash BLOB NOT NULL,
+    plan          BLOB NOT NULL,
+    planned_at    REAL NOT NULL,
+    posted_at     REAL,
+    tx_hash       TEXT
+);
+CREATE TABLE IF NOT EXISTS settled_receipts (
+    job_id       BLOB PRIMARY KEY REFERENCES receipts(job_id),
+    epoch        INTEGER REFERENCES epochs(epoch),
+    status       TEXT NOT NULL CHECK (status IN ('paid', 'refused')),
+    detail       TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS settled_receipts_epoch ON settled_receipts(epoch);
 """
 
 _receipt_decoder = msgspec.msgpack.Decoder(Receipt)
@@ -150,7 +168,8 @@ class Store:
         """A failed attempt (node lost, deadline missed, handed back), kept across restarts."""
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET attempts=attempts+1, updated_at=? WHERE job_id=? AND state='queued'",
+                "UPDATE jobs SET attempts=attempts+1, updated_at=?"
+                " WHERE job_id=? AND state='queued'",
                 (time.time(), job_id),
             )
 
@@ -229,3 +248,138 @@ class Store:
         out = {state: int(n) for state, n in rows}
         out["receipts"] = int(receipts)
         return out
+
+    # --- settlement epochs (sogni_coordinator.settlement) -----------------------------------
+    # A receipt is paid at most once because `settled_receipts.job_id` is a primary key and a
+    # plan is committed (epoch row + its receipts) in one transaction before any chain call.
+    _EPOCH_COLUMNS = (
+        "epoch, state, root, total, receipts_hash, plan, planned_at, posted_at, tx_hash"
+    )
+
+    def unsettled_receipts(self) -> list[StoredReceipt]:
+        """Receipts in no epoch yet (neither paid nor refused), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT r.receipt, r.signature, r.request_id FROM receipts r"
+                " WHERE NOT EXISTS (SELECT 1 FROM settled_receipts s WHERE s.job_id = r.job_id)"
+                " ORDER BY r.rowid"
+            ).fetchall()
+        return [StoredReceipt(_receipt_decoder.decode(r[0]), r[1], r[2]) for r in rows]
+
+    def save_epoch_plan(
+        self,
+        epoch: int,
+        *,
+        root: bytes,
+        total: int,
+        receipts_hash: bytes,
+        plan: bytes,
+        paid: list[bytes],
+        refused: list[tuple[bytes, str]],
+    ) -> None:
+        """Commit an epoch plan and mark its receipts, atomically.
+
+        Raises `sqlite3.IntegrityError` if the epoch exists or a receipt is already settled
+        (another closer won the race); nothing is written then.
+        """
+        with self._tx() as db:
+            db.execute(
+                f"INSERT INTO epochs ({self._EPOCH_COLUMNS}) VALUES"
+                " (?, 'planned', ?, ?, ?, ?, ?, NULL, NULL)",
+                (epoch, root, str(total), receipts_hash, plan, time.time()),
+            )
+            db.executemany(
+                "INSERT INTO settled_receipts (job_id, epoch, status) VALUES (?, ?, 'paid')",
+                [(job_id, epoch) for job_id in paid],
+            )
+            db.executemany(
+                "INSERT INTO settled_receipts (job_id, epoch, status, detail)"
+                " VALUES (?, ?, 'refused', ?)",
+                [(job_id, epoch, why) for job_id, why in refused],
+            )
+
+    def save_refused(self, refused: list[tuple[bytes, str]]) -> None:
+        """Mark receipts that will never be paid when no epoch is planned (nothing payable)."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO settled_receipts (job_id, epoch, status, detail)"
+                " VALUES (?, NULL, 'refused', ?)",
+                refused,
+            )
+
+    def mark_epoch_posted(self, epoch: int, tx_hash: str | None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE epochs SET state='posted', posted_at=?, tx_hash=coalesce(?, tx_hash)"
+                " WHERE epoch=?",
+                (time.time(), tx_hash, epoch),
+            )
+
+    def epoch_record(self, epoch: int) -> EpochRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {self._EPOCH_COLUMNS} FROM epochs WHERE epoch=?", (epoch,)
+            ).fetchone()
+        return None if row is None else EpochRecord.from_row(row)
+
+    def last_epoch_record(self, *, state: str | None = None) -> EpochRecord | None:
+        """The highest epoch (optionally only one in `state`)."""
+        sql = f"SELECT {self._EPOCH_COLUMNS} FROM epochs"
+        args: tuple[str, ...] = ()
+        if state is not None:
+            sql += " WHERE state=?"
+            args = (state,)
+        with self._lock:
+            row = self._db.execute(sql + " ORDER BY epoch DESC LIMIT 1", args).fetchone()
+        return None if row is None else EpochRecord.from_row(row)
+
+    def epoch_summaries(self) -> list[tuple[int, str, int, int, int]]:
+        """``(epoch, state, total, paid receipts, refused receipts)`` for every epoch."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT e.epoch, e.state, e.total,"
+                " (SELECT count(*) FROM settled_receipts s"
+                "  WHERE s.epoch = e.epoch AND s.status = 'paid'),"
+                " (SELECT count(*) FROM settled_receipts s"
+                "  WHERE s.epoch = e.epoch AND s.status = 'refused')"
+                " FROM epochs e ORDER BY e.epoch"
+            ).fetchall()
+        return [(int(e), str(st), int(t), int(p), int(r)) for e, st, t, p, r in rows]
+
+    def receipt_settlement(self, job_id: bytes) -> tuple[int | None, str, str] | None:
+        """``(epoch, 'paid' | 'refused', detail)`` for a settled receipt, else None."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT epoch, status, detail FROM settled_receipts WHERE job_id=?", (job_id,)
+            ).fetchone()
+        return None if row is None else (row[0], str(row[1]), str(row[2]))
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One row of `epochs`: a settlement plan, and whether its root is on chain yet."""
+
+    epoch: int
+    state: str
+    root: bytes
+    total: int
+    receipts_hash: bytes
+    plan: bytes
+    planned_at: float
+    posted_at: float | None
+    tx_hash: str | None
+
+    @classmethod
+    def from_row(cls, r: tuple) -> EpochRecord:
+        epoch, state, root, total, receipts_hash, plan, planned_at, posted_at, tx_hash = r
+        return cls(
+            epoch=int(epoch),
+            state=str(state),
+            root=bytes(root),
+            total=int(str(total)),
+            receipts_hash=bytes(receipts_hash),
+            plan=bytes(plan),
+            planned_at=float(planned_at),
+            posted_at=None if posted_at is None else float(posted_at),
+            tx_hash=None if tx_hash is None else str(tx_hash),
+        )

@@ -220,8 +220,13 @@ class PullSession:
 
     def _on_offer(self, msg: Offer, nursery: trio.Nursery) -> None:
         job_id = msg.offer.job_id
-        log.debug("offer_received", job=job_id.hex()[:16], model=msg.offer.model_id,
-                  steps=msg.offer.steps, params=msg.params)  # params are redacted by the logger
+        log.debug(
+            "offer_received",
+            job=job_id.hex()[:16],
+            model=msg.offer.model_id,
+            steps=msg.offer.steps,
+            params=msg.params,
+        )  # params are redacted by the logger
         fault = self._check_offer(msg)
         if fault is None:
             try:

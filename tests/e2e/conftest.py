@@ -118,8 +118,9 @@ class Net:
         async def run() -> None:
             try:
                 handle.report.append(
-                    await run_node(config, wallet, backend, [MODEL], stop=handle.stop,
-                                   on_event=on_event)
+                    await run_node(
+                        config, wallet, backend, [MODEL], stop=handle.stop, on_event=on_event
+                    )
                 )
             finally:
                 handle.done.set()
@@ -165,8 +166,14 @@ async def rogue_node(
     async with open_host(key_path=None, listen=()) as host:
         channel = await host.open_channel(net.addr, JOBS_PROTOCOL)
         caps = Capabilities(
-            peer_id=host.peer_id, wallet=acct.address, expiry=int(time.time()) + 600,
-            models=list(models), slots=1, backend="rogue", device="cpu", max_pixels=1 << 20,
+            peer_id=host.peer_id,
+            wallet=acct.address,
+            expiry=int(time.time()) + 600,
+            models=list(models),
+            slots=1,
+            backend="rogue",
+            device="cpu",
+            max_pixels=1 << 20,
         )
         sig = eip712.sign_binding(bytes(acct.key), net.domain, caps)
         await channel.send(NodeHello(capabilities=caps, binding_signature=sig))
@@ -176,7 +183,10 @@ async def rogue_node(
 
 
 async def receive_skipping(
-    channel: Channel, kinds: tuple[type, ...], timeout: float = 20.0, limit: int = CONTROL_FRAME_LIMIT
+    channel: Channel,
+    kinds: tuple[type, ...],
+    timeout: float = 20.0,
+    limit: int = CONTROL_FRAME_LIMIT,
 ) -> Any:
     """Next message that is one of `kinds`, skipping heartbeats and progress."""
     with trio.fail_after(timeout):

@@ -43,8 +43,14 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 
 def request(n: int = 2, **kw: Any) -> RenderRequest:
     fields: dict[str, Any] = dict(
-        model_id=MODEL, positive_prompt="a red circle", steps=3, guidance=4.0,
-        width=64, height=64, seed=1, number_of_images=n,
+        model_id=MODEL,
+        positive_prompt="a red circle",
+        steps=3,
+        guidance=4.0,
+        width=64,
+        height=64,
+        seed=1,
+        number_of_images=n,
     )
     fields.update(kw)
     return RenderRequest(**fields)
@@ -85,8 +91,12 @@ async def test_unknown_model_and_image_counts_are_refused_naming_the_problem(
             for count in (0, 513):
                 channel = await client.open_channel(net.addr, CLIENT_PROTOCOL)
                 raw = msgspec.msgpack.encode(
-                    {"type": "renderRequest", "modelId": MODEL, "positivePrompt": "x",
-                     "numberOfImages": count}
+                    {
+                        "type": "renderRequest",
+                        "modelId": MODEL,
+                        "positivePrompt": "x",
+                        "numberOfImages": count,
+                    }
                 )
                 await channel.send_raw(raw, limit=len(raw), timeout=5)
                 refused = await channel.receive(timeout=10)
@@ -116,8 +126,15 @@ async def test_garbage_from_clients_never_takes_the_coordinator_down(
             # a missing field and a wrong-typed field
             for bad, field in (
                 ({"type": "renderRequest", "modelId": MODEL}, "positivePrompt"),
-                ({"type": "renderRequest", "modelId": MODEL, "positivePrompt": "x", "steps": "9"},
-                 "$.steps"),
+                (
+                    {
+                        "type": "renderRequest",
+                        "modelId": MODEL,
+                        "positivePrompt": "x",
+                        "steps": "9",
+                    },
+                    "$.steps",
+                ),
             ):
                 channel = await client.open_channel(net.addr, CLIENT_PROTOCOL)
                 await channel.send_raw(msgspec.msgpack.encode(bad), timeout=5)
@@ -186,42 +203,41 @@ def _result_for(offer: Offer, acct: Any, domain: Any, image: bytes, **override: 
 async def test_bad_receipts_are_refused_and_the_job_is_receipted_once(
     net_factory: Any, backend: Any
 ) -> None:
-    async with net_factory() as net:
-        async with rogue_node(net) as (channel, acct):
-            from sogni_protocol.messages import Ready
+    async with net_factory() as net, rogue_node(net) as (channel, acct):
+        from sogni_protocol.messages import Ready
 
-            await channel.send(Ready(slots=1))
-            async with open_host(key_path=None, listen=()) as client:
-                cchan = await client.open_channel(net.addr, CLIENT_PROTOCOL)
-                await cchan.send(request(1))
-                assert isinstance(await cchan.receive(timeout=10), RequestAccepted)
-                offer = await receive_skipping(channel, (Offer,))
-                image = b"\x89PNG not really"
-                # wrong hash
-                bad_hash = _result_for(offer, acct, net.domain, image, result_hash=b"\x00" * 32)
-                await channel.send(bad_hash, limit=RESULT_FRAME_LIMIT)
-                ack = await receive_skipping(channel, (ResultAck,))
-                assert not ack.accepted and "resultHash" in ack.reason
-                # wrong signature: signed by a key that is not the bound wallet
-                impostor = Account.create()
-                forged = _result_for(offer, impostor, net.domain, image, worker=acct.address)
-                await channel.send(forged, limit=RESULT_FRAME_LIMIT)
-                ack = await receive_skipping(channel, (ResultAck,))
-                assert not ack.accepted and "signature" in ack.reason
-                assert net.coordinator.dispatcher.store.counts()["receipts"] == 0
-                # the job went back to the queue; a real node now finishes it, exactly once
-                await channel.send(Goodbye(reason="test"))
-                await net.add_node(backend, "honest")
-                with trio.fail_after(60):
-                    while True:
-                        msg = await cchan.receive(limit=RESULT_FRAME_LIMIT, timeout=60)
-                        if type(msg).__name__ == "RequestDone":
-                            break
-                assert msg.delivered == 1
-                late = _result_for(offer, acct, net.domain, image)
-                stored = net.coordinator.dispatcher.store.receipts()
-                assert len(stored) == 1 and stored[0].receipt.worker != acct.address.lower()
-                assert late.job_id == stored[0].receipt.job_id
+        await channel.send(Ready(slots=1))
+        async with open_host(key_path=None, listen=()) as client:
+            cchan = await client.open_channel(net.addr, CLIENT_PROTOCOL)
+            await cchan.send(request(1))
+            assert isinstance(await cchan.receive(timeout=10), RequestAccepted)
+            offer = await receive_skipping(channel, (Offer,))
+            image = b"\x89PNG not really"
+            # wrong hash
+            bad_hash = _result_for(offer, acct, net.domain, image, result_hash=b"\x00" * 32)
+            await channel.send(bad_hash, limit=RESULT_FRAME_LIMIT)
+            ack = await receive_skipping(channel, (ResultAck,))
+            assert not ack.accepted and "resultHash" in ack.reason
+            # wrong signature: signed by a key that is not the bound wallet
+            impostor = Account.create()
+            forged = _result_for(offer, impostor, net.domain, image, worker=acct.address)
+            await channel.send(forged, limit=RESULT_FRAME_LIMIT)
+            ack = await receive_skipping(channel, (ResultAck,))
+            assert not ack.accepted and "signature" in ack.reason
+            assert net.coordinator.dispatcher.store.counts()["receipts"] == 0
+            # the job went back to the queue; a real node now finishes it, exactly once
+            await channel.send(Goodbye(reason="test"))
+            await net.add_node(backend, "honest")
+            with trio.fail_after(60):
+                while True:
+                    msg = await cchan.receive(limit=RESULT_FRAME_LIMIT, timeout=60)
+                    if type(msg).__name__ == "RequestDone":
+                        break
+            assert msg.delivered == 1
+            late = _result_for(offer, acct, net.domain, image)
+            stored = net.coordinator.dispatcher.store.receipts()
+            assert len(stored) == 1 and stored[0].receipt.worker != acct.address.lower()
+            assert late.job_id == stored[0].receipt.job_id
 
 
 async def test_node_that_disconnects_mid_job_loses_it_to_the_queue(
@@ -336,16 +352,19 @@ async def test_sigterm_finishes_or_hands_back_running_jobs_and_says_which(
 async def test_coordinator_restart_requeues_accepted_jobs(tmp_path: Any, backend: Any) -> None:
     from .conftest import start_net
 
-    async with start_net(tmp_path, models=[MODEL]) as net:
-        async with open_host(key_path=None, listen=()) as client:
-            # no node yet: the jobs wait in the queue when the coordinator stops
-            cchan = await client.open_channel(net.addr, CLIENT_PROTOCOL)
-            await cchan.send(request(2))
-            accepted = await cchan.receive(timeout=10)
-            assert isinstance(accepted, RequestAccepted)
+    async with (
+        start_net(tmp_path, models=[MODEL]) as net,
+        open_host(key_path=None, listen=()) as client,
+    ):
+        # no node yet: the jobs wait in the queue when the coordinator stops
+        cchan = await client.open_channel(net.addr, CLIENT_PROTOCOL)
+        await cchan.send(request(2))
+        accepted = await cchan.receive(timeout=10)
+        assert isinstance(accepted, RequestAccepted)
     signer = net.signer
-    from .conftest import Net
     from sogni_coordinator.service import run_coordinator
+
+    from .conftest import Net
 
     async with trio.open_nursery() as nursery:
         running = await nursery.start(run_coordinator, net.config, signer)

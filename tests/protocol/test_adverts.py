@@ -16,11 +16,19 @@ WALLET = Account.from_key(b"\x02" * 32)
 
 def _advert(peer: str = "12D3KooWpeer", key: bytes = bytes(WALLET.key), **kw: object) -> bytes:
     caps = Capabilities(
-        peer_id=peer, wallet=WALLET.address, expiry=int(time.time()) + 60, models=["m"],
-        slots=1, backend="diffusers", device="cpu", max_pixels=4096,
+        peer_id=peer,
+        wallet=WALLET.address,
+        expiry=int(time.time()) + 60,
+        models=["m"],
+        slots=1,
+        backend="diffusers",
+        device="cpu",
+        max_pixels=4096,
     )
     caps = msgspec.structs.replace(caps, **kw)
-    return encode(NodeHello(capabilities=caps, binding_signature=eip712.sign_binding(key, DOMAIN, caps)))
+    return encode(
+        NodeHello(capabilities=caps, binding_signature=eip712.sign_binding(key, DOMAIN, caps))
+    )
 
 
 def test_valid_advert_is_recorded_once_per_interval() -> None:
