@@ -1,0 +1,388 @@
+"""A channel: one libp2p stream carrying length-prefixed frames of typed messages.
+
+Why the channel owns two background tasks (a reader "pump" and a writer) instead of calling
+`stream.read` / `stream.write` in the caller's task:
+
+* py-libp2p 0.8.1 is not cancel-safe. A cancelled `YamuxStream.read` can drop bytes it has
+  already taken from the buffer, or skip the window update that credits them (the stream then
+  stalls). A cancelled write can stop between Noise encryption and the socket send, which
+  desynchronises the Noise nonce and kills the whole connection, every channel on it
+  included. Deadlines (`trio.fail_after`) are cancellations, so every read and write here has
+  one and must never cut into py-libp2p's I/O.
+* So the pump reads into the channel's own buffer and is only cancelled when the stream is
+  being reset anyway, and the writer performs every write, FIN and RST to completion. Callers
+  wait on those tasks with deadlines; waiting is cancel-safe, so a `ReadTimeout` loses no
+  bytes and the next `receive` continues where the stream is.
+* The pump reads in its own loop: py-libp2p's `read_exactly` with its default `retry_count`
+  gives up on healthy streams above a few hundred KB.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Literal
+
+import trio
+from libp2p.abc import INetStream
+from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+
+from sogni_net._log import describe
+from sogni_net.errors import ChannelClosed, ReadTimeout, WriteTimeout
+from sogni_protocol.errors import FrameTooLarge
+from sogni_protocol.framing import HEADER_SIZE, body_length, encode_frame
+from sogni_protocol.ids import CONTROL_FRAME_LIMIT
+from sogni_protocol.messages import Message, decode, encode
+
+_READ_SIZE = 1 << 20
+"""Largest chunk asked of yamux per read; it returns what is buffered, up to this."""
+
+_READ_AHEAD = 4 << 20
+"""The pump reads ahead of `receive` up to this many bytes (or the frame being assembled).
+
+Generous because a py-libp2p yamux writer whose send window stays shut for 5 s fails the
+write: a typical result frame should fit even while the receiving task is busy elsewhere.
+"""
+
+_RESET_WAIT = 1.0
+"""How long `reset()` waits for the RST to leave before returning anyway."""
+
+DEFAULT_LINGER = 10.0
+"""After `close()`, how long the peer gets to close its side before the stream is reset."""
+
+
+@dataclass(eq=False)
+class _WriteOp:
+    kind: Literal["data", "fin", "reset"]
+    data: bytes = b""
+    done: trio.Event = field(default_factory=trio.Event)
+    error: BaseException | None = None
+
+
+class Channel:
+    """One stream speaking frames; the peer's identity is `remote_peer_id` (Noise-verified).
+
+    Use it as an async context manager: leaving the block closes it (resets it on an error).
+    One task should receive at a time; sends from several tasks are serialised frame by frame.
+    """
+
+    def __init__(self, stream: INetStream, *, protocol: str, linger: float = DEFAULT_LINGER):
+        self._stream = stream
+        self.protocol = protocol
+        self.remote_peer_id: str = stream.muxed_conn.peer_id.to_base58()
+        self._linger = linger
+        # receive side
+        self._buf = bytearray()
+        self._want = 0
+        self._data_lot = trio.lowlevel.ParkingLot()
+        self._space_lot = trio.lowlevel.ParkingLot()
+        self._recv_lock = trio.Lock()
+        self._read_end: str | None = None  # why no more bytes will arrive
+        self._recv_closed: str | None = None  # set when we stopped receiving ourselves
+        self._pump_scope = trio.CancelScope()
+        # send side
+        self._ops_send, self._ops_recv = trio.open_memory_channel[_WriteOp](math.inf)
+        self._send_end: str | None = None  # why `send` refuses new frames
+        self._aborted = False  # reset requested: drop queued frames, send RST
+        self._peer_reset = False
+        self._fin_sent = False
+        self._finished = trio.Event()
+
+    # --- lifecycle ---------------------------------------------------------------------
+    def _start(self, nursery: trio.Nursery) -> None:
+        nursery.start_soon(self._run)
+
+    async def __aenter__(self) -> Channel:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            await self.close()
+        else:
+            self._reset_nowait("aborted by an error")
+
+    async def close(self, *, timeout: float = 10.0) -> None:
+        """Graceful close: flush queued frames, send FIN, stop receiving.
+
+        Returns once the FIN is written; the peer then has `linger` seconds to close its side
+        before the stream is reset in the background. Idempotent; never raises for a channel
+        that is already closed or reset.
+        """
+        self._stop_receiving("channel closed locally")
+        # From now on the peer has `linger` seconds to send its FIN (the pump discards data).
+        self._pump_scope.deadline = min(
+            self._pump_scope.deadline, trio.current_time() + self._linger
+        )
+        if self._send_end is None:
+            self._send_end = "channel closed locally"
+            op = _WriteOp("fin")
+            if self._enqueue(op):
+                with trio.move_on_after(timeout) as scope:
+                    await op.done.wait()
+                if scope.cancelled_caught:
+                    self._reset_nowait("close timed out")
+
+    async def close_write(self, *, timeout: float = 10.0) -> None:
+        """Half-close: send FIN after queued frames; frames from the peer can still be received."""
+        if self._send_end is not None:
+            return
+        self._send_end = "channel closed for sending"
+        op = _WriteOp("fin")
+        if self._enqueue(op):
+            with trio.move_on_after(timeout) as scope:
+                await op.done.wait()
+            if scope.cancelled_caught:
+                self._reset_nowait("close timed out")
+                raise WriteTimeout(f"FIN not written within {timeout}s")
+
+    async def reset(self) -> None:
+        """Abort both directions now; queued frames are dropped, the peer sees a reset."""
+        op = self._reset_nowait("channel reset locally")
+        if op is not None:
+            with trio.move_on_after(_RESET_WAIT):
+                await op.done.wait()
+
+    def _reset_nowait(self, reason: str) -> _WriteOp | None:
+        if self._aborted:
+            return None
+        self._aborted = True
+        self._send_end = self._send_end or reason
+        self._recv_closed = self._recv_closed or reason
+        self._pump_scope.cancel()
+        self._data_lot.unpark_all()
+        op = _WriteOp("reset")
+        return op if self._enqueue(op) else None
+
+    def _stop_receiving(self, reason: str) -> None:
+        self._recv_closed = self._recv_closed or reason
+        self._buf.clear()
+        self._data_lot.unpark_all()
+        self._space_lot.unpark_all()
+
+    def _enqueue(self, op: _WriteOp) -> bool:
+        try:
+            self._ops_send.send_nowait(op)
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return False
+        return True
+
+    # --- sending ------------------------------------------------------------------------
+    async def send(
+        self, message: Message, *, limit: int = CONTROL_FRAME_LIMIT, timeout: float = 10.0
+    ) -> None:
+        """Send one typed message as one frame; `FrameTooLarge` if it exceeds `limit`."""
+        await self._send_bytes(encode_frame(encode(message), limit), timeout)
+
+    async def send_raw(
+        self, payload: bytes, *, limit: int = CONTROL_FRAME_LIMIT, timeout: float = 10.0
+    ) -> None:
+        """Send `payload` as one frame without encoding it (tests of a misbehaving peer)."""
+        await self._send_bytes(encode_frame(payload, limit), timeout)
+
+    async def send_unframed(self, data: bytes, *, timeout: float = 10.0) -> None:
+        """Write bytes with no frame header at all (tests that fake a hostile peer)."""
+        await self._send_bytes(bytes(data), timeout)
+
+    async def _send_bytes(self, data: bytes, timeout: float) -> None:
+        if self._send_end is not None:
+            raise ChannelClosed(self._send_end)
+        op = _WriteOp("data", data)
+        if not self._enqueue(op):
+            raise ChannelClosed(self._send_end or "channel is closed")
+        try:
+            with trio.fail_after(timeout):
+                await op.done.wait()
+        except trio.TooSlowError:
+            self._reset_nowait("write timed out")
+            raise WriteTimeout(f"frame not written within {timeout}s") from None
+        if op.error is not None:
+            if _window_stalled(op.error):
+                raise WriteTimeout(
+                    "peer stopped reading: yamux gives up after its send window stays shut for 5 s"
+                ) from op.error
+            raise ChannelClosed(f"send failed: {describe(op.error)}") from op.error
+
+    # --- receiving ----------------------------------------------------------------------
+    async def receive(self, *, limit: int = CONTROL_FRAME_LIMIT, timeout: float) -> Message:
+        """Next typed message; `InvalidMessage` if the frame does not decode.
+
+        The channel stays usable after `InvalidMessage` (the frame was read whole); whether
+        to carry on is the caller's decision.
+        """
+        return decode(await self.receive_raw(limit=limit, timeout=timeout))
+
+    async def receive_raw(self, *, limit: int = CONTROL_FRAME_LIMIT, timeout: float) -> bytes:
+        """Next frame's payload, undecoded.
+
+        The header is checked against `limit` before any of the body is waited for; a frame
+        that is too large raises `FrameTooLarge` and resets the channel.
+        """
+        try:
+            with trio.fail_after(timeout):
+                async with self._recv_lock:
+                    try:
+                        await self._fill(HEADER_SIZE)
+                        try:
+                            size = body_length(bytes(self._buf[:HEADER_SIZE]), limit)
+                        except FrameTooLarge:
+                            self._reset_nowait("peer sent a frame above the limit")
+                            raise
+                        await self._fill(HEADER_SIZE + size)
+                        return self._take(HEADER_SIZE + size, skip=HEADER_SIZE)
+                    finally:
+                        self._want = 0
+        except trio.TooSlowError:
+            raise ReadTimeout(f"no complete frame within {timeout}s") from None
+
+    async def _receive_exact(self, n: int, *, timeout: float) -> bytes:
+        """Exactly `n` unframed bytes (ping's echo)."""
+        try:
+            with trio.fail_after(timeout):
+                async with self._recv_lock:
+                    try:
+                        await self._fill(n)
+                        return self._take(n)
+                    finally:
+                        self._want = 0
+        except trio.TooSlowError:
+            raise ReadTimeout(f"{n} bytes not received within {timeout}s") from None
+
+    async def _fill(self, n: int) -> None:
+        """Wait until `n` bytes are buffered. Cancel-safe: nothing is consumed here."""
+        self._want = n
+        while len(self._buf) < n:
+            if self._recv_closed is not None:
+                raise ChannelClosed(self._recv_closed)
+            if self._read_end is not None:
+                if self._buf:
+                    raise ChannelClosed(
+                        f"{self._read_end} mid-frame ({len(self._buf)} of {n} bytes)"
+                    )
+                raise ChannelClosed(self._read_end)
+            self._space_lot.unpark_all()
+            await self._data_lot.park()
+        if self._recv_closed is not None:
+            raise ChannelClosed(self._recv_closed)
+
+    def _take(self, n: int, *, skip: int = 0) -> bytes:
+        """Consume `n` buffered bytes and return those after the first `skip`; synchronous."""
+        if self._recv_closed is not None:
+            raise ChannelClosed(self._recv_closed)
+        out = bytes(self._buf[skip:n])
+        del self._buf[:n]
+        self._want = 0
+        self._space_lot.unpark_all()
+        return out
+
+    # --- background tasks ---------------------------------------------------------------
+    async def _run(self) -> None:
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump)
+                await self._writer()
+            await self._release()
+        finally:
+            self._finished.set()
+
+    async def _pump(self) -> None:
+        reason = "closed by peer"
+        with self._pump_scope:
+            try:
+                while True:
+                    while self._recv_closed is None and len(self._buf) >= max(
+                        _READ_AHEAD, self._want
+                    ):
+                        await self._space_lot.park()
+                    data = await self._stream.read(_READ_SIZE)
+                    if not data:
+                        break
+                    if self._recv_closed is None:
+                        self._buf += data
+                        self._data_lot.unpark_all()
+            except StreamEOF:
+                # Yamux drops a reset stream's bookkeeping on RST, and a later read then
+                # reports EOF: only the muxed stream's flag tells a reset from a FIN.
+                muxed = getattr(self._stream, "muxed_stream", None)
+                if getattr(muxed, "reset_received", False):
+                    reason = "reset by peer"
+                    self._peer_reset = True
+            except StreamReset:
+                reason = "reset by peer"
+                self._peer_reset = True
+            except Exception as exc:
+                reason = f"connection lost ({describe(exc)})"
+                self._peer_reset = True
+        if self._pump_scope.cancelled_caught:
+            reason = self._recv_closed or "peer did not close in time"
+            if not self._aborted:  # linger expired after our FIN
+                self._aborted = True
+        self._read_end = reason
+        self._data_lot.unpark_all()
+        if self._peer_reset:
+            # Nothing can be written any more: fail queued frames and let the writer end.
+            self._send_end = self._send_end or reason
+            self._ops_send.close()
+
+    async def _writer(self) -> None:
+        with self._ops_recv:
+            async for op in self._ops_recv:
+                if op.kind == "data" and self._aborted:
+                    op.error = ChannelClosed(self._send_end or "channel reset")
+                    op.done.set()
+                    continue
+                try:
+                    if op.kind == "data":
+                        await self._stream.write(op.data)
+                    elif op.kind == "fin":
+                        # NetStream.close_write is a yamux half-close (FIN); INetStream
+                        # does not declare it, and close() would also drop the stream.
+                        await getattr(self._stream, "close_write", self._stream.close)()
+                        self._fin_sent = True
+                    elif not self._peer_reset:
+                        await self._stream.reset()
+                except Exception as exc:
+                    op.error = exc
+                    if op.kind == "data":
+                        # A failed frame may be half-written: the stream cannot be used again.
+                        self._reset_nowait(f"write failed ({describe(exc)})")
+                finally:
+                    op.done.set()
+                if op.kind != "data":
+                    break
+            # Our side is finished: anything queued behind the FIN/RST (a late reset()) is
+            # moot; `_release` sends the RST if one was asked for.
+            self._ops_send.close()
+            while True:
+                try:
+                    leftover = self._ops_recv.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                leftover.error = ChannelClosed(self._send_end or "channel is closed")
+                leftover.done.set()
+
+    async def _release(self) -> None:
+        """Drop the stream from py-libp2p's bookkeeping; RST it if the peer never closed."""
+        try:
+            if self._aborted and not self._peer_reset:
+                await self._stream.reset()
+            elif self._fin_sent and not self._peer_reset:
+                await self._stream.close()  # both sides closed: no bytes on the wire
+            else:
+                await self._stream.reset()  # peer reset or connection gone: local cleanup
+        except Exception:
+            pass
+
+
+def _window_stalled(exc: BaseException | None) -> bool:
+    """py-libp2p reports a shut yamux window only as text inside a StreamReset's cause."""
+    while exc is not None:
+        if "waiting for window update" in str(exc):
+            return True
+        exc = exc.__cause__
+    return False
