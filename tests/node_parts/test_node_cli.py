@@ -120,7 +120,7 @@ def test_start_calls_daemon_run_with_config(
 ) -> None:
     seen: list[NodeConfig] = []
     fake = types.ModuleType("sogni_node.daemon")
-    fake.run = seen.append  # type: ignore[attr-defined]
+    fake.run = lambda cfg, announce=False: seen.append(cfg)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "sogni_node.daemon", fake)
     monkeypatch.setattr(sogni_node, "daemon", fake, raising=False)
     env = env_for(tmp_path, SOGNI_NODE_SLOTS="2", SOGNI_NODE_LOG_JSON="true")

@@ -1,0 +1,84 @@
+"""Price a render request before sending it: `quote(...)` (API) and `sogni quote` (CLI)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import typer
+
+from sogni_protocol.catalog import load_catalog
+from sogni_protocol.messages import RenderRequest
+from sogni_protocol.pricing import Quote
+from sogni_protocol.pricing import quote as _price
+
+__all__ = ["Quote", "quote", "quote_cmd"]
+
+
+def quote(
+    model: str = "sdxl-base-1.0",
+    *,
+    steps: int | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    images: int = 1,
+    network: Literal["fast", "relaxed"] = "fast",
+    token_type: Literal["spark", "sogni"] = "spark",
+    sogni_usd: float | None = None,
+    catalog: Path | str | None = None,
+) -> Quote:
+    """Quote `images` renders of `model`; unset steps/size take the model's defaults."""
+    cat = load_catalog(catalog) if catalog is not None else None
+    entry = (cat or load_catalog()).model(model)
+    request = msgspec.convert(
+        {
+            "type": "renderRequest",
+            "modelId": model,
+            "positivePrompt": "",
+            "steps": steps or entry.default_steps,
+            "width": width or entry.default_width,
+            "height": height or entry.default_height,
+            "numberOfImages": images,
+            "network": network,
+            "tokenType": token_type,
+        },
+        RenderRequest,
+    )
+    return _price(request, cat, sogni_usd)
+
+
+def quote_cmd(
+    model: Annotated[str, typer.Option("--model", help="Model id.")] = "sdxl-base-1.0",
+    steps: Annotated[int | None, typer.Option(help="Steps (default: model's).")] = None,
+    width: Annotated[int | None, typer.Option(help="Width (default: model's).")] = None,
+    height: Annotated[int | None, typer.Option(help="Height (default: model's).")] = None,
+    n: Annotated[int, typer.Option("-n", "--number", help="Number of images.")] = 1,
+    network: Annotated[str, typer.Option(help="fast or relaxed (50% off).")] = "fast",
+    token_type: Annotated[str, typer.Option(help="spark or sogni.")] = "spark",
+    sogni_usd: Annotated[float | None, typer.Option(help="SOGNI price in USD.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show what a request would cost in render seconds, Spark, SOGNI and USD."""
+    try:
+        q = quote(
+            model,
+            steps=steps,
+            width=width,
+            height=height,
+            images=n,
+            network=network,  # type: ignore[arg-type]
+            token_type=token_type,  # type: ignore[arg-type]
+            sogni_usd=sogni_usd,
+        )
+    except (msgspec.ValidationError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if as_json:
+        typer.echo(json.dumps(q.to_dict()))
+        return
+    typer.echo(
+        f"{q.images} x {q.model_id} on {q.network}: {q.render_seconds:.2f} render s = "
+        f"{q.spark:.6f} Spark = {q.sogni:.6f} SOGNI = ${q.usd:.6f} "
+        f"(per image {q.per_image.spark:.6f} Spark)"
+    )

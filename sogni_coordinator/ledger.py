@@ -1,0 +1,493 @@
+"""Accounts and balances: an append-only double-entry journal in SQLite (WAL).
+
+Every operation is one transaction of entries `(account, asset, amount)` whose amounts sum
+to zero per asset; a balance is the sum of an account's entries. Amounts are integers in
+micro units (1e-6 Spark or SOGNI). Assets: `spark_paid`, `spark_free` (Daily Boost, kept
+apart) and `sogni`.
+
+Accounts: a payer is its wallet address (lower case). System accounts: `treasury` (issues
+Spark: card purchases, Daily Boost), `chain` (SOGNI deposited from chain), `reserved:<request>`,
+`worker:<address>`, `platform`, `creator:<model>`. Only the issuers may go negative.
+
+Request path: `reserve` on accept, `settle` per receipt, `refund` on finish or cancel.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from sogni_protocol.pricing import MICRO, Quote
+
+Asset = Literal["spark_paid", "spark_free", "sogni"]
+ASSETS: tuple[Asset, ...] = ("spark_paid", "spark_free", "sogni")
+TREASURY = "treasury"
+CHAIN = "chain"
+PLATFORM = "platform"
+ISSUERS = frozenset({TREASURY, CHAIN})
+BPS = 10_000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger_tx (
+    tx_id       INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind        TEXT NOT NULL,
+    ref         TEXT NOT NULL DEFAULT '',
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger_entries (
+    tx_id       INTEGER NOT NULL REFERENCES ledger_tx(tx_id),
+    account     TEXT NOT NULL,
+    asset       TEXT NOT NULL CHECK (asset IN ('spark_paid', 'spark_free', 'sogni')),
+    amount      INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_entries_account ON ledger_entries(account, asset);
+CREATE TABLE IF NOT EXISTS ledger_boosts (
+    payer       TEXT NOT NULL,
+    day         TEXT NOT NULL,
+    tx_id       INTEGER NOT NULL REFERENCES ledger_tx(tx_id),
+    PRIMARY KEY (payer, day)
+);
+CREATE TABLE IF NOT EXISTS ledger_reservations (
+    request_id  TEXT PRIMARY KEY,
+    payer       TEXT NOT NULL,
+    token_type  TEXT NOT NULL CHECK (token_type IN ('spark', 'sogni')),
+    amount      INTEGER NOT NULL,
+    spark_equiv INTEGER NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('open', 'closed')),
+    created_at  REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS ledger_jobs (
+    tx_id       INTEGER PRIMARY KEY REFERENCES ledger_tx(tx_id),
+    job_id      TEXT UNIQUE,
+    request_id  TEXT NOT NULL,
+    payer       TEXT NOT NULL,
+    worker      TEXT NOT NULL,
+    model_id    TEXT NOT NULL,
+    spark_free  INTEGER NOT NULL,
+    spark_paid  INTEGER NOT NULL,
+    sogni       INTEGER NOT NULL,
+    sogni_spark INTEGER NOT NULL,
+    settled_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_jobs_time ON ledger_jobs(settled_at);
+"""
+
+
+class LedgerError(Exception):
+    """An operation the ledger refuses; the message says why."""
+
+
+class InsufficientFunds(LedgerError):
+    """The payer cannot afford the quote."""
+
+    def __init__(self, payer: str, quote: Quote, needed: int, available: int) -> None:
+        unit = "Spark" if quote.token_type == "spark" else "SOGNI"
+        super().__init__(
+            f"{payer} needs {needed / MICRO:.6f} {unit} for this request "
+            f"but has {available / MICRO:.6f}"
+        )
+        self.payer = payer
+        self.quote = quote
+        self.needed = needed
+        self.available = available
+
+
+class BoostAlreadyClaimed(LedgerError):
+    """The Daily Boost was already claimed this UTC day."""
+
+
+@dataclass(frozen=True)
+class Reservation:
+    """Funds held for a request. Amounts in micro units of their asset."""
+
+    request_id: str
+    payer: str
+    token_type: Literal["spark", "sogni"]
+    spark_free: int
+    spark_paid: int
+    sogni: int
+    per_image: int
+    """Price of one image in the paying unit: the `job_value` of a complete job."""
+
+    @property
+    def total(self) -> int:
+        return self.spark_free + self.spark_paid + self.sogni
+
+
+@dataclass(frozen=True)
+class Settlement:
+    """Where one job's value went (micro units, per asset)."""
+
+    request_id: str
+    worker: int
+    platform: int
+    creator: int
+    spark_free: int
+    spark_paid: int
+    sogni: int
+
+
+def _hex(value: bytes | str) -> str:
+    return value.hex() if isinstance(value, bytes) else value
+
+
+def _addr(value: str) -> str:
+    return value.lower()
+
+
+def reserved_account(request_id: bytes | str) -> str:
+    return f"reserved:{_hex(request_id)}"
+
+
+def worker_account(address: str) -> str:
+    return f"worker:{_addr(address)}"
+
+
+def creator_account(model_id: str) -> str:
+    return f"creator:{model_id}"
+
+
+def partial_value(job_value: int, steps_done: int, steps: int) -> int:
+    """Value of a cancelled job: the steps that were done (whitepaper), rounded down."""
+    return job_value * max(0, min(steps_done, steps)) // steps
+
+
+class Ledger:
+    """The journal; safe to share between threads (one connection, one lock)."""
+
+    def __init__(self, path: Path | str, *, daily_boost_spark: int = 50) -> None:
+        self.path = str(path)
+        self.daily_boost_micro = daily_boost_spark * MICRO
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        if self.path != ":memory:":
+            self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @staticmethod
+    def _post(
+        db: sqlite3.Connection,
+        kind: str,
+        ref: str,
+        entries: list[tuple[str, Asset, int]],
+        now: float | None = None,
+    ) -> int:
+        """Append one balanced transaction; zero amounts are dropped."""
+        for asset in ASSETS:
+            total = sum(a for _, s, a in entries if s == asset)
+            assert total == 0, f"{kind}: {asset} entries sum to {total}, not 0"
+        cur = db.execute(
+            "INSERT INTO ledger_tx (kind, ref, created_at) VALUES (?, ?, ?)",
+            (kind, ref, time.time() if now is None else now),
+        )
+        tx_id = int(cur.lastrowid or 0)
+        db.executemany(
+            "INSERT INTO ledger_entries (tx_id, account, asset, amount) VALUES (?, ?, ?, ?)",
+            [(tx_id, acc, asset, amt) for acc, asset, amt in entries if amt != 0],
+        )
+        return tx_id
+
+    @staticmethod
+    def _balance(db: sqlite3.Connection, account: str, asset: Asset) -> int:
+        row = db.execute(
+            "SELECT COALESCE(SUM(amount), 0) FROM ledger_entries WHERE account = ? AND asset = ?",
+            (account, asset),
+        ).fetchone()
+        return int(row[0])
+
+    # --- reads ------------------------------------------------------------------------------
+    def balance(self, account: str) -> dict[Asset, int]:
+        """Micro-unit balance of every asset of `account` (a payer address or system name)."""
+        account = account if ":" in account or account in ISSUERS else _addr(account)
+        with self._lock:
+            return {a: self._balance(self._db, account, a) for a in ASSETS}
+
+    def balances(self) -> dict[str, dict[Asset, int]]:
+        """Every account with a non-zero balance."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT account, asset, SUM(amount) FROM ledger_entries"
+                " GROUP BY account, asset HAVING SUM(amount) != 0"
+            ).fetchall()
+        out: dict[str, dict[Asset, int]] = {}
+        for account, asset, amount in rows:
+            out.setdefault(account, dict.fromkeys(ASSETS, 0))[asset] = int(amount)
+        return out
+
+    def totals(self) -> dict[Asset, int]:
+        """Sum of each asset over all accounts: always 0 (double entry)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT asset, SUM(amount) FROM ledger_entries GROUP BY asset"
+            ).fetchall()
+        out = dict.fromkeys(ASSETS, 0)
+        out.update({asset: int(amount) for asset, amount in rows})
+        return out
+
+    # --- issuing ----------------------------------------------------------------------------
+    def credit_purchase(self, payer: str, spark: int, *, micro: bool = False) -> int:
+        """Credit paid Spark bought by card (operator command); returns the tx id."""
+        amount = spark if micro else spark * MICRO
+        if amount <= 0:
+            raise LedgerError("a purchase must be positive")
+        with self._tx() as db:
+            return self._post(
+                db,
+                "purchase",
+                _addr(payer),
+                [(TREASURY, "spark_paid", -amount), (_addr(payer), "spark_paid", amount)],
+            )
+
+    def deposit_sogni(self, payer: str, micro_sogni: int) -> int:
+        """Credit SOGNI the payer deposited on chain (micro-SOGNI); returns the tx id."""
+        if micro_sogni <= 0:
+            raise LedgerError("a deposit must be positive")
+        with self._tx() as db:
+            return self._post(
+                db,
+                "deposit",
+                _addr(payer),
+                [(CHAIN, "sogni", -micro_sogni), (_addr(payer), "sogni", micro_sogni)],
+            )
+
+    def claim_daily_boost(self, payer: str, now: dt.datetime | float | None = None) -> int:
+        """Grant the free Daily Boost Spark once per UTC day; returns the micro-Spark granted."""
+        ts = (
+            time.time()
+            if now is None
+            else now.timestamp()
+            if isinstance(now, dt.datetime)
+            else float(now)
+        )
+        day = dt.datetime.fromtimestamp(ts, dt.UTC).date().isoformat()
+        payer = _addr(payer)
+        with self._tx() as db:
+            if db.execute(
+                "SELECT 1 FROM ledger_boosts WHERE payer = ? AND day = ?", (payer, day)
+            ).fetchone():
+                raise BoostAlreadyClaimed(
+                    f"{payer} already claimed the Daily Boost on {day} (UTC); "
+                    "the next claim opens at 00:00 UTC"
+                )
+            amount = self.daily_boost_micro
+            tx = self._post(
+                db,
+                "daily_boost",
+                payer,
+                [(TREASURY, "spark_free", -amount), (payer, "spark_free", amount)],
+                ts,
+            )
+            db.execute("INSERT INTO ledger_boosts VALUES (?, ?, ?)", (payer, day, tx))
+            return amount
+
+    # --- request path -----------------------------------------------------------------------
+    def reserve(
+        self,
+        request_id: bytes | str,
+        payer: str,
+        quote: Quote,
+        token_type: Literal["spark", "sogni"] | None = None,
+    ) -> Reservation:
+        """Hold the quote's price (free Spark before paid); `InsufficientFunds` if short."""
+        rid, payer = _hex(request_id), _addr(payer)
+        token = token_type or quote.token_type
+        account = reserved_account(rid)
+        with self._tx() as db:
+            if db.execute(
+                "SELECT 1 FROM ledger_reservations WHERE request_id = ?", (rid,)
+            ).fetchone():
+                raise LedgerError(f"request {rid} is already reserved")
+            if token == "spark":
+                need = quote.spark_micro
+                free = self._balance(db, payer, "spark_free")
+                paid = self._balance(db, payer, "spark_paid")
+                if free + paid < need:
+                    raise InsufficientFunds(payer, quote, need, free + paid)
+                use_free = min(free, need)
+                res = Reservation(
+                    rid, payer, token, use_free, need - use_free, 0, quote.per_image.spark_micro
+                )
+            else:
+                need = quote.sogni_micro
+                have = self._balance(db, payer, "sogni")
+                if have < need:
+                    raise InsufficientFunds(payer, quote, need, have)
+                res = Reservation(rid, payer, token, 0, 0, need, quote.per_image.sogni_micro)
+            entries: list[tuple[str, Asset, int]] = []
+            for asset, amount in (
+                ("spark_free", res.spark_free),
+                ("spark_paid", res.spark_paid),
+                ("sogni", res.sogni),
+            ):
+                entries += [(payer, asset, -amount), (account, asset, amount)]  # type: ignore[list-item]
+            self._post(db, "reserve", rid, entries)
+            db.execute(
+                "INSERT INTO ledger_reservations VALUES (?, ?, ?, ?, ?, 'open', ?)",
+                (rid, payer, token, need, quote.spark_micro, time.time()),
+            )
+            return res
+
+    def settle(
+        self,
+        request_id: bytes | str,
+        job_value: int,
+        worker: str,
+        take_rate_bps: int,
+        creator_share_bps: int,
+        *,
+        model_id: str = "",
+        job_id: bytes | str | None = None,
+        now: float | None = None,
+    ) -> Settlement:
+        """Pay one receipt: `job_value` (micro, paying unit) from the reservation to the worker,
+        the platform (take) and the model's creator (share; the platform if no model).
+
+        Free Spark is spent before paid. Idempotent per `job_id`.
+        """
+        rid = _hex(request_id)
+        if job_value < 0 or not 0 <= take_rate_bps + creator_share_bps <= BPS:
+            raise LedgerError("job_value must be >= 0 and take + creator share <= 100%")
+        account = reserved_account(rid)
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT payer, token_type, amount, spark_equiv, state FROM ledger_reservations"
+                " WHERE request_id = ?",
+                (rid,),
+            ).fetchone()
+            if row is None:
+                raise LedgerError(f"request {rid} has no reservation")
+            payer, token, amount, spark_equiv, state = row
+            if job_id is not None:
+                done = db.execute(
+                    "SELECT spark_free, spark_paid, sogni FROM ledger_jobs WHERE job_id = ?",
+                    (_hex(job_id),),
+                ).fetchone()
+                if done is not None:
+                    return self._replay(db, rid, _hex(job_id), done)
+            if state != "open":
+                raise LedgerError(f"request {rid} is closed (refunded)")
+            left = {a: self._balance(db, account, a) for a in ASSETS}
+            if job_value > sum(left.values()):
+                raise LedgerError(
+                    f"job value {job_value} exceeds the {sum(left.values())} left reserved"
+                )
+            parts: dict[Asset, int] = dict.fromkeys(ASSETS, 0)
+            if token == "spark":
+                parts["spark_free"] = min(left["spark_free"], job_value)
+                parts["spark_paid"] = job_value - parts["spark_free"]
+            else:
+                parts["sogni"] = job_value
+            creator = creator_account(model_id) if model_id else PLATFORM
+            entries: list[tuple[str, Asset, int]] = []
+            totals = {"take": 0, "creator": 0, "worker": 0}
+            for asset, value in parts.items():
+                take = value * take_rate_bps // BPS
+                share = value * creator_share_bps // BPS
+                pay = value - take - share
+                totals["take"] += take
+                totals["creator"] += share
+                totals["worker"] += pay
+                entries += [
+                    (account, asset, -value),
+                    (worker_account(worker), asset, pay),
+                    (PLATFORM, asset, take),
+                    (creator, asset, share),
+                ]
+            ts = time.time() if now is None else now
+            tx = self._post(db, "settle", rid, entries, ts)
+            sogni_spark = parts["sogni"] * spark_equiv // amount if amount else 0
+            db.execute(
+                "INSERT INTO ledger_jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    tx,
+                    None if job_id is None else _hex(job_id),
+                    rid,
+                    payer,
+                    _addr(worker),
+                    model_id,
+                    parts["spark_free"],
+                    parts["spark_paid"],
+                    parts["sogni"],
+                    sogni_spark,
+                    ts,
+                ),
+            )
+            return Settlement(
+                rid,
+                totals["worker"],
+                totals["take"],
+                totals["creator"],
+                parts["spark_free"],
+                parts["spark_paid"],
+                parts["sogni"],
+            )
+
+    @staticmethod
+    def _replay(
+        db: sqlite3.Connection, rid: str, job_id: str, done: tuple[int, int, int]
+    ) -> Settlement:
+        rows = db.execute(
+            "SELECT e.account, SUM(e.amount) FROM ledger_entries e JOIN ledger_jobs j"
+            " ON e.tx_id = j.tx_id WHERE j.job_id = ? AND e.amount > 0 GROUP BY e.account",
+            (job_id,),
+        ).fetchall()
+        by = {acc: int(amt) for acc, amt in rows}
+        platform = by.pop(PLATFORM, 0)
+        worker = sum(v for k, v in by.items() if k.startswith("worker:"))
+        creator = sum(v for k, v in by.items() if k.startswith("creator:"))
+        return Settlement(rid, worker, platform, creator, *done)
+
+    def refund(self, request_id: bytes | str) -> dict[Asset, int]:
+        """Return what is still reserved to the payer and close the request (idempotent)."""
+        rid = _hex(request_id)
+        account = reserved_account(rid)
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT payer FROM ledger_reservations WHERE request_id = ?", (rid,)
+            ).fetchone()
+            if row is None:
+                raise LedgerError(f"request {rid} has no reservation")
+            left = {a: self._balance(db, account, a) for a in ASSETS}
+            entries: list[tuple[str, Asset, int]] = []
+            for asset, amount in left.items():
+                entries += [(account, asset, -amount), (row[0], asset, amount)]
+            if any(left.values()):
+                self._post(db, "refund", rid, entries)
+            db.execute(
+                "UPDATE ledger_reservations SET state = 'closed' WHERE request_id = ?", (rid,)
+            )
+            return left
+
+    # --- leaderboard source -----------------------------------------------------------------
+    def settled_jobs(self, start: float, end: float) -> list[tuple[str, str, int, int, int, int]]:
+        """Settled jobs in [start, end): (payer, worker, free, paid, sogni, sogni_as_spark)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT payer, worker, spark_free, spark_paid, sogni, sogni_spark"
+                " FROM ledger_jobs WHERE settled_at >= ? AND settled_at < ?",
+                (start, end),
+            ).fetchall()
+        return [tuple(r) for r in rows]

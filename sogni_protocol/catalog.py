@@ -1,0 +1,190 @@
+"""The model catalog: model classes with baseline render seconds, and economic constants.
+
+Loaded from `configs/catalog.toml` (or `$SOGNI_CATALOG`); see docs/ECONOMICS.md. A model not
+in the catalog is priced as the SDXL class, the whitepaper's reference.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import tomllib
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+DEFAULT_CATALOG = CONFIGS / "catalog.toml"
+REFERENCE_CLASS = "sdxl"
+
+
+class CatalogError(ValueError):
+    """The catalog file is malformed."""
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """A model's pricing baseline: render seconds at its default steps and size."""
+
+    model_id: str
+    model_class: str
+    baseline_render_seconds: float
+    default_steps: int
+    default_width: int
+    default_height: int
+    name: str = ""
+
+    @property
+    def default_pixels(self) -> int:
+        return self.default_width * self.default_height
+
+
+@dataclass(frozen=True)
+class Season:
+    """A leaderboard season: the UTC half-open range [start, end)."""
+
+    number: int
+    start: dt.datetime
+    end: dt.datetime
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """Model classes and models, plus `[economics]` and `[seasons]`."""
+
+    classes: dict[str, ModelEntry]
+    models: dict[str, ModelEntry]
+    sogni_usd_price: float = 0.005
+    relaxed_price_factor: float = 0.5
+    daily_boost_spark: int = 50
+    season_first_number: int = 1
+    season_first_start: dt.date = dt.date(2024, 1, 1)
+    season_length_days: int = 42
+    fixed_seasons: dict[int, Season] = field(default_factory=dict)
+
+    def model(self, model_id: str) -> ModelEntry:
+        """The model's entry; an unknown model is priced as the reference (SDXL) class."""
+        if model_id in self.models:
+            return self.models[model_id]
+        ref = self.classes[REFERENCE_CLASS]
+        return ModelEntry(
+            model_id,
+            REFERENCE_CLASS,
+            ref.baseline_render_seconds,
+            ref.default_steps,
+            ref.default_width,
+            ref.default_height,
+        )
+
+    def season(self, number: int) -> Season:
+        """Season `number`: a fixed entry, else the regular `length_days` grid."""
+        if number in self.fixed_seasons:
+            return self.fixed_seasons[number]
+        if number < self.season_first_number:
+            raise CatalogError(f"season {number} precedes season {self.season_first_number}")
+        first = dt.datetime.combine(self.season_first_start, dt.time(), dt.UTC)
+        offset = (number - self.season_first_number) * self.season_length_days
+        start = first + dt.timedelta(days=offset)
+        return Season(number, start, start + dt.timedelta(days=self.season_length_days))
+
+    def season_at(self, when: dt.datetime) -> Season:
+        """The season containing `when` (fixed seasons first)."""
+        for s in self.fixed_seasons.values():
+            if s.start <= when < s.end:
+                return s
+        first = dt.datetime.combine(self.season_first_start, dt.time(), dt.UTC)
+        n = (when - first).days // self.season_length_days
+        return self.season(self.season_first_number + max(0, n))
+
+
+_REFERENCE = ModelEntry(REFERENCE_CLASS, REFERENCE_CLASS, 43.2, 20, 1024, 1024)
+
+
+def _date(value: Any, what: str) -> dt.date:
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value))
+    except ValueError:
+        raise CatalogError(f"{what}: expected a date YYYY-MM-DD, got {value!r}") from None
+
+
+def _entry(model_id: str, cls: str, raw: dict[str, Any], base: ModelEntry | None) -> ModelEntry:
+    def pick(key: str, kind: type) -> Any:
+        if key in raw:
+            value = raw[key]
+        elif base is not None:
+            value = getattr(base, key)
+        else:
+            raise CatalogError(f"{model_id}: missing {key}")
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        ok = isinstance(value, kind) and not isinstance(value, bool)
+        if not ok or float(value) <= 0:
+            raise CatalogError(f"{model_id}: {key} must be a positive {kind.__name__}")
+        return value
+
+    return ModelEntry(
+        model_id,
+        cls,
+        pick("baseline_render_seconds", float),
+        pick("default_steps", int),
+        pick("default_width", int),
+        pick("default_height", int),
+        str(raw.get("name", "")),
+    )
+
+
+def parse_catalog(data: dict[str, Any]) -> Catalog:
+    """Build a `Catalog` from the parsed TOML tables."""
+    classes = {name: _entry(name, name, raw, None) for name, raw in data.get("classes", {}).items()}
+    classes.setdefault(REFERENCE_CLASS, _REFERENCE)
+    models: dict[str, ModelEntry] = {}
+    for model_id, raw in data.get("models", {}).items():
+        cls = raw.get("class", REFERENCE_CLASS)
+        if cls not in classes:
+            raise CatalogError(f"{model_id}: unknown class {cls!r}")
+        models[model_id] = _entry(model_id, cls, raw, classes[cls])
+    econ = data.get("economics", {})
+    seasons = data.get("seasons", {})
+    fixed = {}
+    for raw in seasons.get("fixed", []):
+        n = int(raw["number"])
+        start, end = _date(raw["start"], f"season {n}"), _date(raw["end"], f"season {n}")
+        fixed[n] = Season(
+            n,
+            dt.datetime.combine(start, dt.time(), dt.UTC),
+            dt.datetime.combine(end, dt.time(), dt.UTC),
+        )
+    catalog = Catalog(
+        classes=classes,
+        models=models,
+        sogni_usd_price=float(econ.get("sogni_usd_price", 0.005)),
+        relaxed_price_factor=float(econ.get("relaxed_price_factor", 0.5)),
+        daily_boost_spark=int(econ.get("daily_boost_spark", 50)),
+        season_first_number=int(seasons.get("first_number", 1)),
+        season_first_start=_date(seasons.get("first_start", "2024-01-01"), "first_start"),
+        season_length_days=int(seasons.get("length_days", 42)),
+        fixed_seasons=fixed,
+    )
+    if catalog.sogni_usd_price <= 0 or not 0 < catalog.relaxed_price_factor <= 1:
+        raise CatalogError("sogni_usd_price must be > 0 and relaxed_price_factor in (0, 1]")
+    return catalog
+
+
+def load_catalog(path: Path | str | None = None) -> Catalog:
+    """Read a catalog file: `path`, else `$SOGNI_CATALOG`, else `configs/catalog.toml`."""
+    chosen = Path(path or os.environ.get("SOGNI_CATALOG") or DEFAULT_CATALOG).expanduser()
+    if path is None and not chosen.exists():
+        return parse_catalog({})
+    with chosen.open("rb") as f:
+        return parse_catalog(tomllib.load(f))
+
+
+@lru_cache(maxsize=1)
+def default_catalog() -> Catalog:
+    """The catalog at the default location, read once."""
+    return load_catalog()
