@@ -10,12 +10,16 @@ typed_data()` is the EIP-712 document exactly as the node signed it.
 from __future__ import annotations
 
 import json
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import trio
+from eth_account import Account
 
 from sogni_net import Host, TransportError, open_host
 from sogni_protocol import eip712
@@ -33,6 +37,8 @@ from sogni_protocol.messages import (
     RequestDone,
     RequestRefused,
 )
+from sogni_protocol.settings import DEFAULT_CHAIN_ID
+from sogni_protocol.settings import UNDEPLOYED_CONTRACT as UNDEPLOYED
 
 __all__ = ["RenderRefused", "RenderResult", "RenderedImage", "render", "render_sync", "save"]
 
@@ -64,6 +70,7 @@ class RenderedImage:
 @dataclass
 class RenderResult:
     request_id: bytes
+    cost_micro: int = 0
     images: list[RenderedImage] = field(default_factory=list)
     failed: list[tuple[int, str]] = field(default_factory=list)
 
@@ -79,8 +86,16 @@ async def render(
     on_progress: ProgressFn | None = None,
     on_image: Callable[[RenderedImage], None] | None = None,
     idle_timeout: float = 300.0,
+    payer_key: bytes | None = None,
+    domain: Domain | None = None,
 ) -> RenderResult:
-    """Send one request and collect its images; `idle_timeout` bounds each wait for news."""
+    """Send one request and collect its images; `idle_timeout` bounds each wait for news.
+
+    With `payer_key`, the request names that wallet as payer and carries its EIP-712
+    authorization for `domain` (the coordinator's chain and distributor).
+    """
+    if payer_key is not None:
+        request = authorize(request, payer_key, domain or Domain(DEFAULT_CHAIN_ID, UNDEPLOYED))
     outcome: RenderResult | Exception
     async with open_host(key_path=None, listen=()) as host:
         # errors leave the host's nursery as plain exceptions, not exception groups
@@ -112,7 +127,7 @@ async def _exchange(
         if not isinstance(first, RequestAccepted):
             raise RenderRefused("protocol", f"unexpected {type(first).__name__}")
         domain = Domain(first.chain_id, first.verifying_contract)
-        result = RenderResult(first.request_id)
+        result = RenderResult(first.request_id, cost_micro=first.cost_micro)
         while True:
             msg = await channel.receive(limit=RESULT_FRAME_LIMIT, timeout=idle_timeout)
             if isinstance(msg, JobProgress):
@@ -141,6 +156,17 @@ async def _exchange(
         with trio.move_on_after(1) as scope:
             scope.shield = True
             await channel.close()
+
+
+def authorize(
+    request: RenderRequest, payer_key: bytes, domain: Domain, ttl: float = 600.0
+) -> RenderRequest:
+    """Name the payer and sign this exact request (fresh nonce, so it cannot be replayed)."""
+    payer = Account.from_key(payer_key).address
+    unsigned = msgspec.structs.replace(
+        request, payer=payer, nonce=os.urandom(16), expiry=int(time.time() + ttl)
+    )
+    return eip712.sign_request(payer_key, domain, unsigned)
 
 
 def render_sync(coordinator: str, request: RenderRequest, **kwargs: Any) -> RenderResult:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import trio
 
+from sogni_coordinator.billing import Refusal
 from sogni_coordinator.dispatch import Dispatcher, Job, RequestState
 from sogni_net import Channel, ChannelClosed, ReadTimeout, TransportError
 from sogni_protocol.errors import ProtocolError
@@ -101,6 +102,14 @@ async def serve_client(
         return
 
     request_id = os.urandom(32)
+    cost = 0
+    if dispatcher.billing is not None:
+        try:
+            cost = dispatcher.billing.admit(req, request_id)
+        except Refusal as exc:
+            log.info("client_request_refused", peer=peer, code=exc.code, error=exc.reason)
+            await _refuse(channel, exc.code, exc.reason)
+            return
     jobs = []
     for i in range(req.number_of_images):
         params = _job_params(req, i)
@@ -124,6 +133,7 @@ async def serve_client(
                 job_ids=[j.job_id for j in jobs],
                 chain_id=dispatcher.domain.chain_id,
                 verifying_contract=dispatcher.domain.verifying_contract,
+                cost_micro=cost,
             )
         )
         async with trio.open_nursery() as nursery:
@@ -174,7 +184,7 @@ async def _watch_client(channel: Channel, scope: trio.CancelScope) -> None:
 
 async def _refuse(channel: Channel, code: str, reason: str) -> None:
     try:
-        await channel.send(RequestRefused(code=code, reason=reason[:500]))
+        await channel.send(RequestRefused(code=code, reason=reason[:2000]))
     except TransportError:
         pass
     finally:

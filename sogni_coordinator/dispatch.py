@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from sogni_coordinator.billing import Billing
 from sogni_coordinator.store import Store
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
@@ -103,6 +104,7 @@ class Dispatcher:
         deadline_floor: float = 150.0,
         deadline_base: float = 30.0,
         clock: Callable[[], float] = time.time,
+        billing: Billing | None = None,
     ) -> None:
         self.store = store
         self._key = signer_key
@@ -111,6 +113,7 @@ class Dispatcher:
         self.deadline_floor = deadline_floor
         self.deadline_base = deadline_base
         self._clock = clock
+        self.billing = billing
         self.queue: deque[Job] = deque()
         self.jobs: dict[bytes, Job] = {}
         self.nodes: dict[str, NodeLink] = {}
@@ -311,6 +314,8 @@ class Dispatcher:
             raise ResultRefused("receipt signature is not from the node's wallet")
         if not self.store.store_receipt(receipt, result.signature, job.request_id):
             raise ResultRefused("job already receipted")
+        if self.billing is not None:
+            self.billing.settle(job.request_id, job.job_id, receipt.worker)
         self._complete(job, link, result)
 
     def _complete(self, job: Job, link: NodeLink, result: Result) -> None:
@@ -341,6 +346,8 @@ class Dispatcher:
         state.remaining -= 1
         if state.remaining <= 0:
             del self.requests[state.request_id]
+            if self.billing is not None:
+                self.billing.finish(state.request_id)
             state.finished.set()
 
     def _to_client(self, state: RequestState, msg: Message) -> bool:

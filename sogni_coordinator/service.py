@@ -9,10 +9,12 @@ from typing import TYPE_CHECKING
 import trio
 
 from sogni_coordinator.adverts import AdvertBook
+from sogni_coordinator.billing import Billing
 from sogni_coordinator.client_session import orphan_saver, serve_client
 from sogni_coordinator.config import CoordinatorConfig
 from sogni_coordinator.dispatch import Dispatcher, Job, RequestState
 from sogni_coordinator.node_session import serve_node
+from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.store import Store
 from sogni_net import Channel, open_host
 from sogni_protocol.eip712 import Domain
@@ -62,12 +64,22 @@ async def run_coordinator(
     """Serve until cancelled. `task_status.started` reports the listening addresses."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(config.database)
+    ledger = Ledger(config.database)
     try:
+        domain = Domain(config.chain_id, config.verifying_contract)
+        billing = Billing(
+            ledger,
+            domain,
+            mode=config.billing,
+            take_rate_bps=config.settlement.take_rates_bps[0],
+            creator_share_bps=config.settlement.creator_share_bps,
+        )
         dispatcher = Dispatcher(
             store,
             signer_key=signer.private_key,
             signer_address=signer.address,
-            domain=Domain(config.chain_id, config.verifying_contract),
+            domain=domain,
+            billing=billing,
             deadline_floor=config.job_deadline_floor,
             deadline_base=config.job_deadline_base,
         )
@@ -110,4 +122,5 @@ async def run_coordinator(
                     )
                 )
     finally:
+        ledger.close()
         store.close()

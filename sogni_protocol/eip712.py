@@ -13,13 +13,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import coincurve
+import msgspec
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_hash.auto import keccak
 from eth_utils import to_checksum_address
 
 from sogni_protocol.errors import SignatureError
-from sogni_protocol.messages import Capabilities, JobOffer, JobParams, Receipt, encode
+from sogni_protocol.messages import (
+    Capabilities,
+    JobOffer,
+    JobParams,
+    Receipt,
+    RenderRequest,
+    encode,
+)
 
 DOMAIN_NAME = "SogniSupernet"
 DOMAIN_VERSION = "1"
@@ -53,6 +61,11 @@ _TYPES: dict[str, list[dict[str, str]]] = {
         {"name": "stepsDone", "type": "uint32"},
         {"name": "workUnits", "type": "uint256"},
         {"name": "completedAt", "type": "uint64"},
+    ],
+    "RenderAuthorization": [
+        {"name": "payer", "type": "address"},
+        {"name": "requestHash", "type": "bytes32"},
+        {"name": "expiry", "type": "uint64"},
     ],
     "NodeBinding": [
         {"name": "peerId", "type": "string"},
@@ -294,4 +307,39 @@ def check_binding(
         return str(exc)
     if not same_address(signer, caps.wallet):
         return "binding is not signed by its wallet (or is for another chain or distributor)"
+    return None
+
+
+# --- payer authorization ----------------------------------------------------------------
+def request_hash(request: RenderRequest) -> bytes:
+    """keccak of the request's canonical encoding without its signature (binds every field)."""
+    return keccak(encode(msgspec.structs.replace(request, payer_signature=None)))
+
+
+def authorization_document(domain: Domain, request: RenderRequest) -> dict[str, Any]:
+    if request.payer is None:
+        raise SignatureError("request names no payer")
+    message = {
+        "payer": to_checksum_address(request.payer),
+        "requestHash": _hex(request_hash(request)),
+        "expiry": request.expiry,
+    }
+    return typed_data(domain, "RenderAuthorization", message)
+
+
+def sign_request(private_key: bytes, domain: Domain, request: RenderRequest) -> RenderRequest:
+    """The request with `payer_signature` set: the payer's wallet authorizes this exact request."""
+    sig = _sign(private_key, authorization_document(domain, request))
+    return msgspec.structs.replace(request, payer_signature=sig)
+
+
+def check_payer(domain: Domain, request: RenderRequest, now: float) -> str | None:
+    """Why the request's payer authorization is unacceptable, or None if it is valid."""
+    if request.payer is None or request.payer_signature is None:
+        return "request has no payer and payer signature"
+    if request.expiry < now:
+        return "payer authorization has expired"
+    signer = _recover(authorization_document(domain, request), request.payer_signature)
+    if not same_address(signer, request.payer):
+        return "payer signature is not from the payer (or is for another chain or distributor)"
     return None

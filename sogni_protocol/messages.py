@@ -131,6 +131,11 @@ class RenderRequest(_Message, tag="renderRequest", kw_only=True):
     number_of_images: ImageCount = 1
     network: Network = "fast"
     token_type: TokenType = "spark"
+    payer: Address | None = None
+    """Wallet that pays; proven by `payer_signature` (EIP-712 `RenderAuthorization`)."""
+    nonce: Annotated[bytes, Meta(max_length=32)] = b""
+    expiry: Uint64 = 0
+    payer_signature: Signature | None = None
 
 
 class RequestAccepted(_Message, tag="requestAccepted", kw_only=True):
@@ -138,11 +143,13 @@ class RequestAccepted(_Message, tag="requestAccepted", kw_only=True):
     job_ids: Annotated[list[Bytes32], Meta(max_length=ids.MAX_IMAGES_PER_REQUEST)]
     chain_id: Uint64
     verifying_contract: Address
+    cost_micro: Uint64 = 0
+    """Reserved price in micro units of the request's token type (0 when billing is off)."""
 
 
 class RequestRefused(_Message, tag="requestRefused", kw_only=True):
     code: ShortText
-    reason: Reason
+    reason: Annotated[str, Meta(max_length=4096)]  # may carry the quote as JSON
 
 
 class JobProgress(_Message, tag="jobProgress", kw_only=True):
