@@ -68,7 +68,8 @@ class Billing:
         try:
             reservation = self.ledger.reserve(request_id, request.payer, q)
         except InsufficientFunds as exc:
-            raise Refusal("insufficient_funds", f"{exc}; quote: {json.dumps(q.to_dict())}") from None
+            reason = f"{exc}; quote: {json.dumps(q.to_dict())}"
+            raise Refusal("insufficient_funds", reason) from None
         self._seen[digest] = request.expiry
         self._reservations[request_id] = reservation
         self._models[request_id] = request.model_id
