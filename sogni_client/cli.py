@@ -107,5 +107,8 @@ def render_cmd(
         raise typer.Exit(1)
 
 
+app.command("quote")(__import__("sogni_client.quote").quote.quote_cmd)
+
+
 if __name__ == "__main__":
     app()

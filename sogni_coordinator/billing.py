@@ -15,7 +15,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sogni_coordinator.ledger import InsufficientFunds, Ledger, LedgerError, Reservation
+from sogni_coordinator.ledger import (
+    InsufficientFunds,
+    Ledger,
+    LedgerError,
+    Reservation,
+    partial_value,
+)
 from sogni_protocol import eip712
 from sogni_protocol.catalog import Catalog
 from sogni_protocol.eip712 import Domain
@@ -75,15 +81,17 @@ class Billing:
         self._models[request_id] = request.model_id
         return reservation.total
 
-    def settle(self, request_id: bytes, job_id: bytes, worker: str) -> None:
-        """One delivered image: pay its value out of the reservation."""
+    def settle(
+        self, request_id: bytes, job_id: bytes, worker: str, steps_done: int, steps: int
+    ) -> None:
+        """One receipt: pay its value (pro rata for a cancelled job) out of the reservation."""
         reservation = self._reservations.get(request_id)
         if reservation is None:
             return
         try:
             self.ledger.settle(
                 request_id,
-                reservation.per_image,
+                partial_value(reservation.per_image, steps_done, steps),
                 worker,
                 self.take_rate_bps,
                 self.creator_share_bps,

@@ -113,5 +113,52 @@ def start(
     sys.stderr.flush()
 
 
+@app.command("credit")
+def credit(
+    account: Annotated[str, typer.Argument(help="Payer wallet address.")],
+    amount: Annotated[int, typer.Argument(help="Whole Spark (or SOGNI with --sogni).", min=1)],
+    sogni: Annotated[bool, typer.Option("--sogni", help="Credit SOGNI instead of Spark.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Credit a payer: stands for a card purchase of Spark, or a SOGNI deposit."""
+    from eth_utils import is_address
+
+    from sogni_coordinator.ledger import MICRO, Ledger
+
+    if not is_address(account):
+        typer.echo(f"error: {account!r} is not an Ethereum address", err=True)
+        raise typer.Exit(2)
+    cfg = _config(config)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(cfg.database)
+    try:
+        if sogni:
+            ledger.deposit_sogni(account, amount * MICRO)
+        else:
+            ledger.credit_purchase(account, amount)
+        typer.echo(json.dumps({"account": account, "balance": ledger.balance(account)}))
+    finally:
+        ledger.close()
+
+
+@app.command("balance")
+def balance(
+    account: Annotated[str, typer.Argument(help="Wallet address.")], config: ConfigOpt = None
+) -> None:
+    """Balances of an account in micro units (spark_free, spark_paid, sogni)."""
+    from sogni_coordinator.ledger import Ledger
+
+    ledger = Ledger(_config(config).database)
+    try:
+        typer.echo(json.dumps({"account": account, "balance": ledger.balance(account)}))
+    finally:
+        ledger.close()
+
+
+app.command("leaderboard")(__import__("sogni_coordinator.leaderboard").leaderboard.leaderboard_cmd)
+
+
+app.add_typer(__import__("sogni_coordinator.chain_cli", fromlist=["app"]).app)
+
 if __name__ == "__main__":
     app()

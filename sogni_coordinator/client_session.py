@@ -23,6 +23,7 @@ from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
+    CancelRequest,
     JobImage,
     JobParams,
     Message,
@@ -70,6 +71,11 @@ def refusal_for(req: RenderRequest, dispatcher: Dispatcher, allowed: set[str]) -
             return f"unknown model {req.model_id!r}: this coordinator serves {sorted(allowed)}"
     elif req.model_id not in dispatcher.known_models():
         return f"unknown model {req.model_id!r}: no connected node has it"
+    elif not dispatcher.can_serve(req.network, req.model_id, req.width * req.height):
+        return (
+            f"no connected node can serve {req.network} {req.model_id} at "
+            f"{req.width}x{req.height} now"
+        )
     return None
 
 
@@ -113,7 +119,9 @@ async def serve_client(
     jobs = []
     for i in range(req.number_of_images):
         params = _job_params(req, i)
-        jobs.append(Job(os.urandom(32), request_id, i, params, work_units(params)))
+        jobs.append(
+            Job(os.urandom(32), request_id, i, params, work_units(params), network=req.network)
+        )
     dispatcher.store.add_request(
         request_id,
         model_id=req.model_id,
@@ -137,7 +145,7 @@ async def serve_client(
             )
         )
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_client, channel, nursery.cancel_scope)
+            nursery.start_soon(_watch_client, channel, dispatcher, request_id, nursery.cancel_scope)
             await _stream_events(channel, out_recv, state)
             nursery.cancel_scope.cancel()
     except TransportError as exc:
@@ -165,21 +173,31 @@ async def _stream_events(
             limit = RESULT_FRAME_LIMIT if isinstance(msg, JobImage) else CONTROL_FRAME_LIMIT
             await channel.send(msg, limit=limit, timeout=60.0)
         await channel.send(
-            RequestDone(request_id=state.request_id, delivered=state.delivered, failed=state.failed)
+            RequestDone(
+                request_id=state.request_id,
+                delivered=state.delivered,
+                failed=state.failed,
+                cancelled=state.cancelled,
+            )
         )
         nursery.cancel_scope.cancel()
 
 
-async def _watch_client(channel: Channel, scope: trio.CancelScope) -> None:
-    """The client sends nothing after its request; a closed stream means it went away."""
+async def _watch_client(
+    channel: Channel, dispatcher: Dispatcher, request_id: bytes, scope: trio.CancelScope
+) -> None:
+    """After its request the client may only cancel; a closed stream means it went away."""
     while True:
         try:
-            await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=30.0)
+            msg = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=30.0)
         except ReadTimeout:
             continue
         except (ChannelClosed, TransportError, ProtocolError):
             scope.cancel()
             return
+        if isinstance(msg, CancelRequest) and msg.request_id == request_id:
+            log.info("request_cancelled", request=request_id.hex()[:16])
+            dispatcher.cancel_request(request_id)
 
 
 async def _refuse(channel: Channel, code: str, reason: str) -> None:

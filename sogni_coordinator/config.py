@@ -10,11 +10,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 from msgspec import Meta
 
+from sogni_coordinator.settlement.rules import SettlementConfig
+from sogni_node.config import ChainUrl, apply_addresses_file
 from sogni_protocol.logs import LogLevel
 from sogni_protocol.messages import Address, ModelId
 from sogni_protocol.settings import (
@@ -57,6 +59,20 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     models: Annotated[list[ModelId], Meta(max_length=1024)] = msgspec.field(default_factory=list)
     log_level: LogLevel = "info"
     log_json: bool | None = None
+    chain_url: ChainUrl | None = None
+    """Settlement chain JSON-RPC url (anvil: http://127.0.0.1:8545). None: the embedded
+    in-process chain, which only the process that deployed it can use (see SETTLEMENT.md)."""
+    addresses_file: Path | None = None
+    """`chain deploy`'s output; when set, chain_id and verifying_contract come from it."""
+    settlement: SettlementConfig = msgspec.field(default_factory=SettlementConfig)
+    tiers: Literal["open", "enforced"] = "open"
+    """"enforced": fast jobs only to CUDA nodes with a worker licence and `fast_min_stake`;
+    "open" (local networks): every node serves both tiers."""
+    fast_min_stake: Annotated[int, Meta(ge=0)] = 10_000
+    """Whole SOGNI a fast worker must have staked (read from chain)."""
+    billing: Literal["off", "optional", "required"] = "optional"
+    """"optional": requests naming a payer are charged, others are free (local networks);
+    "required": every request must name and authorize a payer; "off": nothing is charged."""
 
     def __post_init__(self) -> None:
         # A timeout at or below the interval would drop every healthy node between two beats.
@@ -71,6 +87,8 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
         msgspec.structs.force_setattr(self, "keystore", Path(keystore).expanduser())
         database = self.database if self.database is not None else data_dir / "coordinator.db"
         msgspec.structs.force_setattr(self, "database", Path(database).expanduser())
+        if self.addresses_file is not None:
+            apply_addresses_file(self)
 
     @property
     def node_key_path(self) -> Path:

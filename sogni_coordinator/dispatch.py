@@ -1,17 +1,20 @@
-"""The job queue and the routing of jobs to connected nodes.
+"""The job queue and the life of each job: offered, re-queued, cancelled, receipted once.
 
 One `Dispatcher` per coordinator holds the live view: queued jobs, connected nodes with their
 free slots, and the requests waiting for images. Node and client sessions call into it; its
-`run` task matches queued jobs to nodes whenever either side changes, and its deadline sweep
-puts expired jobs back in the queue. All of it runs on one trio thread, so no locks.
+`run` task matches queued jobs to nodes (through the `Router`) whenever either side changes,
+and a sweep each fraction of a second re-queues expired jobs, re-dispatches stragglers near
+the end of a request, and fails jobs no connected node can serve. All of it runs on one trio
+thread, so no locks.
 
-Routing here is "least-loaded capable node first"; the economics issue replaces `_pick_node`.
+A job may be held by two nodes at once (a straggler's copy); the first valid receipt wins and
+the other holder is told to stop.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable
@@ -20,6 +23,8 @@ from dataclasses import dataclass, field
 import trio
 
 from sogni_coordinator.billing import Billing
+from sogni_coordinator.reputation import Reputation
+from sogni_coordinator.routing import Router
 from sogni_coordinator.store import Store
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
@@ -40,6 +45,11 @@ log = get_logger(__name__)
 
 MAX_ATTEMPTS = 5
 """A job that fails this many times (node lost, deadline, hand-back) is given up on."""
+NO_NODE_GRACE = 10.0
+"""Seconds a queued job may wait with no connected node able to serve it before it fails."""
+STRAGGLER_FACTOR = 2.0
+"""A job running this many times longer than its request's median is copied to another node."""
+EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
 
 def render_budget(params: JobParams, floor: float, base: float = 30.0) -> float:
@@ -56,12 +66,13 @@ class NodeLink:
     models: frozenset[str]
     slots: int
     outbox: trio.MemorySendChannel[Message]
+    device: str = "cpu"
+    max_pixels: int = 0
+    networks: frozenset[str] = frozenset({"fast", "relaxed"})
+    stake_weight: float = 1.0
+    connected_at: float = field(default_factory=time.time)
     credit: int = 0
     inflight: dict[bytes, Job] = field(default_factory=dict)
-
-    @property
-    def load(self) -> float:
-        return len(self.inflight) / max(self.slots, 1)
 
 
 @dataclass(eq=False)
@@ -71,11 +82,15 @@ class Job:
     index: int
     params: JobParams
     work_units: int
+    network: str = "fast"
     attempts: int = 0
-    node: NodeLink | None = None
-    deadline: float = math.inf
+    holders: dict[NodeLink, float] = field(default_factory=dict)
+    """Nodes rendering it now -> when they were offered it."""
+    deadlines: dict[NodeLink, float] = field(default_factory=dict)
     offers: dict[bytes, str] = field(default_factory=dict)
     """Every offer hash issued for this job -> the peer id it was issued to."""
+    queued_since: float = field(default_factory=time.time)
+    cancelled: bool = False
 
 
 @dataclass(eq=False)
@@ -86,6 +101,10 @@ class RequestState:
     on_orphan_image: Callable[[bytes, int, bytes], None]
     delivered: int = 0
     failed: int = 0
+    cancelled: int = 0
+    durations: list[float] = field(default_factory=list)
+    nodes: dict[NodeLink, int] = field(default_factory=dict)
+    """Nodes holding this request's jobs -> how many (at most 16 nodes per request)."""
     finished: trio.Event = field(default_factory=trio.Event)
 
 
@@ -101,6 +120,7 @@ class Dispatcher:
         signer_key: bytes,
         signer_address: str,
         domain: Domain,
+        router: Router | None = None,
         deadline_floor: float = 150.0,
         deadline_base: float = 30.0,
         clock: Callable[[], float] = time.time,
@@ -110,6 +130,8 @@ class Dispatcher:
         self._key = signer_key
         self.address = signer_address
         self.domain = domain
+        self.router = router or Router(Reputation(":memory:"))
+        self.reputation = self.router.reputation
         self.deadline_floor = deadline_floor
         self.deadline_base = deadline_base
         self._clock = clock
@@ -124,13 +146,18 @@ class Dispatcher:
     def known_models(self) -> set[str]:
         return {m for link in self.nodes.values() for m in link.models}
 
+    def can_serve(self, network: str, model_id: str, pixels: int) -> bool:
+        """Some connected node could take such a job (now or once it has a free slot)."""
+        return any(
+            self.router.capable(link, network, model_id, pixels) for link in self.nodes.values()
+        )
+
     def _wake(self) -> None:
         self._changed.set()
 
     def enqueue(self, job: Job, *, front: bool = False) -> None:
         self.jobs[job.job_id] = job
-        job.node = None
-        job.deadline = math.inf
+        job.queued_since = self._clock()
         (self.queue.appendleft if front else self.queue.append)(job)
         self._wake()
 
@@ -150,40 +177,42 @@ class Dispatcher:
         old = self.nodes.get(link.peer_id)
         if old is not None:
             self.node_left(old, "replaced by a new stream from the same peer")
+        link.networks, link.stake_weight = self.router.classify(link.device, link.wallet)
         self.nodes[link.peer_id] = link
         self._wake()
 
     def node_left(self, link: NodeLink, reason: str) -> None:
         if self.nodes.get(link.peer_id) is link:
             del self.nodes[link.peer_id]
+            self.reputation.disconnected(link.wallet, self._clock() - link.connected_at)
         for job in list(link.inflight.values()):
-            self._retry(job, f"node left: {reason}")
-        link.inflight.clear()
+            self._drop_holder(job, link, f"node left: {reason}", penalize=True)
         link.outbox.close()
 
     def add_credit(self, link: NodeLink, slots: int) -> None:
-        link.credit = max(0, min(slots, link.slots))
+        link.credit = max(0, min(slots, link.slots) - len(link.inflight))
         self._wake()
 
     # --- matching ------------------------------------------------------------------------
     async def run(self) -> None:
-        """Match queued jobs to nodes whenever something changes; sweep deadlines each second."""
+        """Match queued jobs to nodes whenever something changes; sweep on a short period."""
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._sweep_deadlines)
+            nursery.start_soon(self._sweep_forever)
             while True:
                 await self._changed.wait()
                 self._changed = trio.Event()
                 self._match()
 
     def _match(self) -> None:
-        if not self.queue or not self.nodes:
+        if not self.queue or not any(n.credit > 0 for n in self.nodes.values()):
             return
         unmatched: deque[Job] = deque()
         while self.queue:
             job = self.queue.popleft()
-            if job.job_id not in self.jobs:  # finished while it waited (late receipt)
+            if job.job_id not in self.jobs or job.holders:  # done, or picked up meanwhile
                 continue
-            link = self._pick_node(job)
+            state = self.requests.get(job.request_id)
+            link = self.router.pick(job, self.nodes.values(), set(state.nodes) if state else set())
             if link is None:
                 unmatched.append(job)
                 if not any(n.credit > 0 for n in self.nodes.values()):
@@ -192,15 +221,6 @@ class Dispatcher:
             self._offer(job, link)
         unmatched.extend(self.queue)
         self.queue = unmatched
-
-    def _pick_node(self, job: Job) -> NodeLink | None:
-        best: NodeLink | None = None
-        for link in self.nodes.values():
-            if link.credit <= 0 or job.params.model_id not in link.models:
-                continue
-            if best is None or link.load < best.load:
-                best = link
-        return best
 
     def _offer(self, job: Job, link: NodeLink) -> None:
         now = self._clock()
@@ -222,32 +242,78 @@ class Dispatcher:
         try:
             link.outbox.send_nowait(Offer(offer=offer, params=job.params, signature=signature))
         except (trio.WouldBlock, trio.ClosedResourceError):
-            self.queue.append(job)
+            if not job.holders:
+                self.queue.append(job)
             return
         log.debug("offer_sent", job=job.job_id.hex()[:16], peer=link.peer_id, budget_s=budget)
         job.offers[offer_hash] = link.peer_id
-        job.node = link
-        job.deadline = now + budget
+        job.holders[link] = now
+        job.deadlines[link] = now + budget
         link.credit -= 1
         link.inflight[job.job_id] = job
+        state = self.requests.get(job.request_id)
+        if state is not None:
+            state.nodes[link] = state.nodes.get(link, 0) + 1
 
-    async def _sweep_deadlines(self) -> None:
+    async def _sweep_forever(self) -> None:
         while True:
-            await trio.sleep(min(1.0, self.deadline_floor / 4))
-            now = self._clock()
-            for job in [j for j in self.jobs.values() if j.node is not None and j.deadline < now]:
-                node = job.node
-                assert node is not None
-                node.inflight.pop(job.job_id, None)
-                self._send_to_node(node, Cancel(job_id=job.job_id))
-                self._retry(job, "deadline missed")
+            await trio.sleep(min(0.5, self.deadline_floor / 4))
+            self.sweep()
+
+    def sweep(self) -> None:
+        """Deadlines, jobs nobody can serve, and stragglers near the end of a request."""
+        now = self._clock()
+        for job in list(self.jobs.values()):
+            for link, deadline in list(job.deadlines.items()):
+                if deadline < now:
+                    self._send_to_node(link, Cancel(job_id=job.job_id))
+                    self._drop_holder(job, link, "deadline missed", penalize=True)
+        for job in [j for j in self.queue if j.job_id in self.jobs and not j.holders]:
+            p = job.params
+            if now - job.queued_since > NO_NODE_GRACE and not self.can_serve(
+                job.network, p.model_id, p.width * p.height
+            ):
+                self._give_up(job, f"no connected node can serve {job.network} {p.model_id}")
+        self._redispatch_stragglers(now)
+
+    def _redispatch_stragglers(self, now: float) -> None:
+        queued = {j.request_id for j in self.queue if j.job_id in self.jobs}
+        for job in list(self.jobs.values()):
+            state = self.requests.get(job.request_id)
+            if (
+                state is None
+                or job.request_id in queued
+                or len(job.holders) != 1
+                or len(state.durations) < 3
+                or job.cancelled
+            ):
+                continue
+            started = next(iter(job.holders.values()))
+            if now - started > STRAGGLER_FACTOR * statistics.median(state.durations):
+                link = self.router.pick(job, self.nodes.values(), set(state.nodes))
+                if link is not None:
+                    log.info("straggler_redispatched", job=job.job_id.hex()[:16])
+                    self._offer(job, link)
 
     # --- events from nodes ---------------------------------------------------------------
-    def _retry(self, job: Job, reason: str) -> None:
-        if job.job_id not in self.jobs:
+    def _drop_holder(self, job: Job, link: NodeLink, reason: str, *, penalize: bool) -> None:
+        """`link` no longer renders `job`; re-queue it if nobody else does."""
+        link.inflight.pop(job.job_id, None)
+        if job.holders.pop(link, None) is None:
             return
-        if job.node is not None:
-            job.node.inflight.pop(job.job_id, None)
+        job.deadlines.pop(link, None)
+        state = self.requests.get(job.request_id)
+        if state is not None and link in state.nodes:
+            state.nodes[link] -= 1
+            if state.nodes[link] <= 0:
+                del state.nodes[link]
+        if penalize:
+            self.reputation.failed(link.wallet)
+        if job.job_id not in self.jobs or job.holders:
+            return
+        if job.cancelled:
+            self._end_job(job, "cancelled")
+            return
         job.attempts += 1
         self.store.count_attempt(job.job_id)
         log.info("job_requeued", job=job.job_id.hex()[:16], attempts=job.attempts, reason=reason)
@@ -257,18 +323,53 @@ class Dispatcher:
         self.enqueue(job, front=True)
 
     def _give_up(self, job: Job, reason: str) -> None:
-        self.jobs.pop(job.job_id, None)
         self.store.mark_failed(job.job_id)
         state = self.requests.get(job.request_id)
         if state is not None:
-            state.failed += 1
             self._to_client(state, JobFailed(job_id=job.job_id, index=job.index, reason=reason))
+        self._end_job(job, "failed")
+
+    def _end_job(self, job: Job, outcome: str) -> None:
+        """Forget a job that ends without an image (failed or cancelled)."""
+        if self.jobs.pop(job.job_id, None) is None:
+            return
+        for link in list(job.holders):
+            self._send_to_node(link, Cancel(job_id=job.job_id))
+            self._drop_holder(job, link, outcome, penalize=False)
+        state = self.requests.get(job.request_id)
+        if state is not None:
+            if outcome == "cancelled":
+                state.cancelled += 1
+            else:
+                state.failed += 1
             self._finish_one(state)
 
     def handed_back(self, link: NodeLink, job_id: bytes, reason: str) -> None:
-        job = link.inflight.pop(job_id, None)
+        job = link.inflight.get(job_id)
         if job is not None:
-            self._retry(job, f"handed back: {reason}")
+            self._drop_holder(job, link, f"handed back: {reason}", penalize=False)
+
+    def declined(self, link: NodeLink, job_id: bytes, reason: str) -> None:
+        self.reputation.declined(link.wallet)
+        self.handed_back(link, job_id, f"declined: {reason}")
+
+    def bad_result(self, link: NodeLink, job_id: bytes, reason: str) -> None:
+        if self.reputation.strike(link.wallet):
+            log.warning("worker_blacklisted", wallet=link.wallet, reason=reason)
+        job = link.inflight.get(job_id)
+        if job is not None:
+            self._drop_holder(job, link, f"bad result: {reason}", penalize=False)
+
+    def cancel_request(self, request_id: bytes) -> None:
+        """The client cancelled: queued jobs end now, running ones stop at their next step
+        and are paid for the steps done (their nodes send partial receipts)."""
+        for job in [j for j in self.jobs.values() if j.request_id == request_id]:
+            job.cancelled = True
+            if not job.holders:
+                self.store.mark_failed(job.job_id)
+                self._end_job(job, "cancelled")
+            for link in list(job.holders):
+                self._send_to_node(link, Cancel(job_id=job.job_id, pay_partial=True))
 
     def progress(self, link: NodeLink, job_id: bytes, step: int) -> None:
         job = link.inflight.get(job_id)
@@ -286,6 +387,8 @@ class Dispatcher:
         """Verify a result and commit its receipt, or raise `ResultRefused` naming the fault.
 
         The receipt is durable when this returns; only then may the node hear "accepted".
+        A cancelled job may come back partial: no image, steps done < steps, work units
+        pro rata; it is paid for those steps.
         """
         receipt = result.receipt
         if receipt.job_id != result.job_id:
@@ -305,7 +408,14 @@ class Dispatcher:
             raise ResultRefused("receipt worker is not the wallet bound to this peer")
         if receipt.model_id != job.params.model_id:
             raise ResultRefused("receipt names another model")
-        if receipt.steps_done != job.params.steps or receipt.work_units != job.work_units:
+        steps = job.params.steps
+        partial = receipt.steps_done < steps
+        if partial:
+            if not job.cancelled or result.image or receipt.result_hash != EMPTY_SHA256:
+                raise ResultRefused("partial receipt for a job that was not cancelled")
+            if receipt.work_units != job.work_units * receipt.steps_done // steps:
+                raise ResultRefused("partial receipt's work units are not pro rata")
+        elif receipt.steps_done != steps or receipt.work_units != job.work_units:
             raise ResultRefused("receipt steps or work units differ from the offer")
         if hashlib.sha256(result.image).digest() != receipt.result_hash:
             raise ResultRefused("resultHash is not the sha256 of the image bytes")
@@ -315,20 +425,29 @@ class Dispatcher:
         if not self.store.store_receipt(receipt, result.signature, job.request_id):
             raise ResultRefused("job already receipted")
         if self.billing is not None:
-            self.billing.settle(job.request_id, job.job_id, receipt.worker)
-        self._complete(job, link, result)
+            self.billing.settle(
+                job.request_id, job.job_id, receipt.worker, receipt.steps_done, steps
+            )
+        started = job.holders.get(link, self._clock())
+        elapsed = self._clock() - started
+        budget = render_budget(job.params, self.deadline_floor, self.deadline_base)
+        self.reputation.succeeded(link.wallet, elapsed, budget, receipt.work_units)
+        if partial:
+            self._drop_holder(job, link, "cancelled", penalize=False)
+            return
+        self._complete(job, link, result, elapsed)
 
-    def _complete(self, job: Job, link: NodeLink, result: Result) -> None:
+    def _complete(self, job: Job, link: NodeLink, result: Result, elapsed: float) -> None:
         del self.jobs[job.job_id]
-        link.inflight.pop(job.job_id, None)
-        if job.node is not None and job.node is not link:  # re-dispatched copy still running
-            job.node.inflight.pop(job.job_id, None)
-            self._send_to_node(job.node, Cancel(job_id=job.job_id))
-        job.node = None
+        for other in list(job.holders):
+            if other is not link:  # a straggler's copy still running
+                self._send_to_node(other, Cancel(job_id=job.job_id))
+            self._drop_holder(job, other, "done", penalize=False)
         state = self.requests.get(job.request_id)
         if state is None:
             return
         state.delivered += 1
+        state.durations.append(elapsed)
         image = JobImage(
             job_id=job.job_id,
             index=job.index,

@@ -82,6 +82,10 @@ async def serve_node(
         return
 
     caps = hello.capabilities
+    if dispatcher.reputation.blacklisted(caps.wallet):
+        log.warning("node_refused", peer=peer, error="wallet is blacklisted")
+        await channel.close()
+        return
     out_send, out_recv = trio.open_memory_channel[Message](math.inf)
     link = NodeLink(
         peer_id=peer,
@@ -89,6 +93,8 @@ async def serve_node(
         models=frozenset(caps.models),
         slots=max(caps.slots, 1),
         outbox=out_send,
+        device=caps.device,
+        max_pixels=caps.max_pixels,
     )
     dispatcher.node_joined(link)
     log.info("node_joined", peer=peer, wallet=caps.wallet, slots=caps.slots, models=caps.models)
@@ -143,7 +149,7 @@ async def _reader(channel: Channel, link: NodeLink, dispatcher: Dispatcher, time
             _on_result(link, dispatcher, msg)
         elif isinstance(msg, OfferDeclined):
             log.info("offer_declined", peer=link.peer_id, reason=msg.reason)
-            dispatcher.handed_back(link, msg.job_id, f"declined: {msg.reason}")
+            dispatcher.declined(link, msg.job_id, msg.reason)
         elif isinstance(msg, HandBack):
             dispatcher.handed_back(link, msg.job_id, msg.reason)
         elif isinstance(msg, Goodbye):
@@ -160,7 +166,7 @@ def _on_result(link: NodeLink, dispatcher: Dispatcher, msg: Result) -> None:
     except (ResultRefused, ProtocolError) as exc:
         log.warning("receipt_refused", peer=link.peer_id, job=msg.job_id.hex()[:16], error=str(exc))
         if msg.job_id in link.inflight:  # a bad result from the node holding the job
-            dispatcher.handed_back(link, msg.job_id, f"bad result: {exc}")
+            dispatcher.bad_result(link, msg.job_id, str(exc))
         ack = ResultAck(job_id=msg.job_id, accepted=False, reason=str(exc))
     else:
         ack = ResultAck(job_id=msg.job_id, accepted=True)

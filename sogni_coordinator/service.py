@@ -13,8 +13,10 @@ from sogni_coordinator.billing import Billing
 from sogni_coordinator.client_session import orphan_saver, serve_client
 from sogni_coordinator.config import CoordinatorConfig
 from sogni_coordinator.dispatch import Dispatcher, Job, RequestState
-from sogni_coordinator.node_session import serve_node
 from sogni_coordinator.ledger import Ledger
+from sogni_coordinator.node_session import serve_node
+from sogni_coordinator.reputation import Reputation
+from sogni_coordinator.routing import Router
 from sogni_coordinator.store import Store
 from sogni_net import Channel, open_host
 from sogni_protocol.eip712 import Domain
@@ -47,7 +49,15 @@ def _restore(store: Store, dispatcher: Dispatcher, config: CoordinatorConfig) ->
     jobs = store.unfinished_jobs()
     by_request: dict[bytes, list[Job]] = {}
     for j in jobs:
-        job = Job(j.job_id, j.request_id, j.index, j.params, j.work_units, attempts=j.attempts)
+        job = Job(
+            j.job_id,
+            j.request_id,
+            j.index,
+            j.params,
+            j.work_units,
+            network=j.network,
+            attempts=j.attempts,
+        )
         by_request.setdefault(j.request_id, []).append(job)
     save = orphan_saver(config.data_dir / "results")
     for request_id, group in by_request.items():
@@ -65,6 +75,7 @@ async def run_coordinator(
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(config.database)
     ledger = Ledger(config.database)
+    reputation = Reputation(config.database)
     try:
         domain = Domain(config.chain_id, config.verifying_contract)
         billing = Billing(
@@ -80,6 +91,7 @@ async def run_coordinator(
             signer_address=signer.address,
             domain=domain,
             billing=billing,
+            router=Router(reputation, tiers=config.tiers, fast_min_stake=config.fast_min_stake),
             deadline_floor=config.job_deadline_floor,
             deadline_base=config.job_deadline_base,
         )
@@ -122,5 +134,6 @@ async def run_coordinator(
                     )
                 )
     finally:
+        reputation.close()
         ledger.close()
         store.close()

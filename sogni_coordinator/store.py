@@ -92,6 +92,7 @@ class StoredJob:
     work_units: int
     state: str
     attempts: int
+    network: str = "fast"
 
 
 @dataclass(frozen=True)
@@ -212,11 +213,12 @@ class Store:
         """Jobs without a receipt: after a restart they go back in the queue."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT job_id, request_id, idx, params, work_units, state, attempts FROM jobs"
-                " WHERE state='queued' ORDER BY rowid"
+                "SELECT j.job_id, j.request_id, j.idx, j.params, j.work_units, j.state,"
+                " j.attempts, r.network FROM jobs j JOIN requests r USING (request_id)"
+                " WHERE j.state='queued' ORDER BY j.rowid"
             ).fetchall()
         return [
-            StoredJob(r[0], r[1], r[2], _params_decoder.decode(r[3]), r[4], r[5], r[6])
+            StoredJob(r[0], r[1], r[2], _params_decoder.decode(r[3]), r[4], r[5], r[6], r[7])
             for r in rows
         ]
 

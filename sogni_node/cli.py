@@ -183,5 +183,7 @@ def start(
         sys.exit(130)
 
 
+app.add_typer(__import__("sogni_node.rewards_cli", fromlist=["app"]).app)
+
 if __name__ == "__main__":
     app()

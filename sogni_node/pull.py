@@ -31,6 +31,7 @@ from sogni_protocol.messages import (
     Capabilities,
     Goodbye,
     HandBack,
+    JobOffer,
     Heartbeat,
     Message,
     NodeHello,
@@ -181,7 +182,9 @@ class PullSession:
             if isinstance(msg, Offer):
                 self._on_offer(msg, nursery)
             elif isinstance(msg, Cancel):
-                self.worker.cancel(msg.job_id, "cancelled by coordinator")
+                self.worker.cancel(
+                    msg.job_id, "cancelled by coordinator", pay_partial=msg.pay_partial
+                )
             elif isinstance(msg, ResultAck):
                 self.journal.mark_acked(msg.job_id, msg.accepted, msg.reason)
                 if not msg.accepted:
@@ -267,6 +270,10 @@ class PullSession:
         try:
             out = await self.worker.render(run, msg.params, on_step)
         except RenderCancelled as exc:
+            if run.pay_partial and exc.steps_done > 0:
+                self._send_receipt(offer, offer_hash, b"", exc.steps_done, None)
+                log.info("job_cancelled_paid", job=offer.job_id.hex()[:16], steps=exc.steps_done)
+                return
             reason = run.reason or "cancelled"
             self.journal.mark_handed_back(offer.job_id, exc.steps_done, reason)
             self.send(HandBack(job_id=offer.job_id, steps_done=exc.steps_done, reason=reason))
@@ -277,32 +284,41 @@ class PullSession:
             self.journal.mark_handed_back(offer.job_id, run.steps_done, "render failed")
             self.send(HandBack(job_id=offer.job_id, steps_done=0, reason="render failed"))
             return
+        meta = RenderMeta(
+            backend=out.backend, device=out.device, dtype=out.dtype, threads=out.threads
+        )
+        self._send_receipt(offer, offer_hash, out.image, out.steps_done, meta)
+        log.info("job_finished", job=offer.job_id.hex()[:16], steps=out.steps_done)
+
+    def _send_receipt(
+        self,
+        offer: JobOffer,
+        offer_hash: bytes,
+        image: bytes,
+        steps_done: int,
+        meta: RenderMeta | None,
+    ) -> None:
+        """Sign, journal, then send. A partial receipt (cancelled job) has no image and is
+        worth the steps done, pro rata."""
         receipt = Receipt(
             job_id=offer.job_id,
             offer_hash=offer_hash,
             worker=self.id.wallet_address,
             coordinator=self.coordinator,
             model_id=offer.model_id,
-            result_hash=hashlib.sha256(out.image).digest(),
-            steps_done=out.steps_done,
-            work_units=offer.work_units,
+            result_hash=hashlib.sha256(image).digest(),
+            steps_done=steps_done,
+            work_units=offer.work_units * min(steps_done, offer.steps) // offer.steps,
             completed_at=int(time.time()),
         )
         signature = eip712.sign_receipt(self.id.wallet_key, self.id.domain, receipt)
         self.journal.record_receipt(receipt, signature)
-        meta = RenderMeta(
-            backend=out.backend, device=out.device, dtype=out.dtype, threads=out.threads
-        )
+        meta = meta or RenderMeta(backend=self.worker.backend.name, device="", dtype="", threads=0)
         self.send(
             Result(
-                job_id=offer.job_id,
-                image=out.image,
-                receipt=receipt,
-                signature=signature,
-                meta=meta,
+                job_id=offer.job_id, image=image, receipt=receipt, signature=signature, meta=meta
             )
         )
-        log.info("job_finished", job=offer.job_id.hex()[:16], steps=out.steps_done)
 
 
 async def pull_forever(

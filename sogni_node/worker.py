@@ -26,6 +26,7 @@ class Running:
     cancel: threading.Event = field(default_factory=threading.Event)
     steps_done: int = 0
     reason: str = ""
+    pay_partial: bool = False
 
 
 def _render_job(params: JobParams) -> RenderJob:
@@ -89,11 +90,12 @@ class Worker:
             if not self.running:
                 self._idle.set()
 
-    def cancel(self, job_id: bytes, reason: str) -> bool:
+    def cancel(self, job_id: bytes, reason: str, *, pay_partial: bool = False) -> bool:
         run = self.running.get(job_id)
         if run is None:
             return False
         run.reason = reason
+        run.pay_partial = pay_partial
         run.cancel.set()
         return True
 

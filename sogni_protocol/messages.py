@@ -177,10 +177,17 @@ class JobFailed(_Message, tag="jobFailed", kw_only=True):
     reason: Reason
 
 
+class CancelRequest(_Message, tag="cancelRequest", kw_only=True):
+    """The client gives up on the rest of its request; it pays only for steps done."""
+
+    request_id: Bytes32
+
+
 class RequestDone(_Message, tag="requestDone", kw_only=True):
     request_id: Bytes32
     delivered: Uint32
     failed: Uint32
+    cancelled: Uint32 = 0
 
 
 # --- node <-> coordinator (/sogni/jobs/1.0.0) --------------------------------------------
@@ -223,7 +230,11 @@ class Progress(_Message, tag="progress", kw_only=True):
 
 
 class Cancel(_Message, tag="cancel", kw_only=True):
+    """Stop at the next step. With `pay_partial` (the client cancelled) the node sends a
+    receipt for the steps done, without an image; otherwise it just hands the job back."""
+
     job_id: Bytes32
+    pay_partial: bool = False
 
 
 class Result(_Message, tag="result", kw_only=True):
@@ -256,7 +267,7 @@ class Goodbye(_Message, tag="goodbye", kw_only=True):
     reason: Reason = ""
 
 
-ClientMessage = RenderRequest
+ClientMessage = RenderRequest | CancelRequest
 CoordinatorToClient = (
     RequestAccepted | RequestRefused | JobProgress | JobImage | JobFailed | RequestDone
 )
@@ -271,6 +282,7 @@ Message = (
     | JobProgress
     | JobImage
     | JobFailed
+    | CancelRequest
     | RequestDone
     | NodeHello
     | Welcome

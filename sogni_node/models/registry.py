@@ -7,6 +7,7 @@ checks and catalogs; this keeps only what rendering needs now.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,23 @@ from sogni_node.models.tiny import (
     TINY_MODEL_ID,
     ensure_tiny_model,
 )
+
+logger = logging.getLogger(__name__)
+
+SHAPES_MODEL_ID = "sogni-shapes-64"
+"""The embedded default: a small trained model of coloured shapes (see docs/MODEL.md)."""
+
+SHAPES_DIR = Path(__file__).resolve().parent / "weights" / SHAPES_MODEL_ID
+"""Shipped as package data, so a fresh install can render real prompts with no download."""
+
+SHAPES_IMAGE_SIZE = 64
+SHAPES_DEFAULT_STEPS = 8
+SHAPES_DEFAULT_GUIDANCE = 5.0
+SHAPES_DEFAULT_SCHEDULER = "euler"
+"""Same as its saved scheduler config (Euler, v-prediction, zero terminal SNR, trailing)."""
+
+DEFAULT_MODEL_ID = SHAPES_MODEL_ID
+"""What a node renders when nothing else is configured."""
 
 MODEL_CLASSES = frozenset({"sd15", "sdxl", "sdxl-turbo", "lcm", "flux"})
 """Pipeline families named in DESIGN.md section 5."""
@@ -55,6 +73,8 @@ class ModelSpec:
     default_guidance: float = 7.5
     width: int = 512
     height: int = 512
+    default_scheduler: str | None = None
+    """A job scheduler name (e.g. "euler"); None means the model's own saved scheduler."""
 
     def __post_init__(self) -> None:
         if not self.model_id:
@@ -70,8 +90,9 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, model_id: str, cfg: Mapping[str, Any]) -> ModelSpec:
-        """Build from a config entry: {"path", "class", "steps", "guidance", "width", "height"}."""
-        unknown = set(cfg) - {"path", "class", "steps", "guidance", "width", "height"}
+        """Build from a config entry: {"path", "class", "steps", "guidance", "width", "height",
+        "scheduler"}."""
+        unknown = set(cfg) - {"path", "class", "steps", "guidance", "width", "height", "scheduler"}
         if unknown:
             raise ValueError(f"model {model_id!r}: unknown config keys {sorted(unknown)}")
         if "path" not in cfg:
@@ -84,6 +105,7 @@ class ModelSpec:
             default_guidance=float(cfg.get("guidance", 7.5)),
             width=int(cfg.get("width", 512)),
             height=int(cfg.get("height", 512)),
+            default_scheduler=str(cfg["scheduler"]) if cfg.get("scheduler") else None,
         )
 
 
@@ -102,8 +124,17 @@ class ModelRegistry:
 
     @classmethod
     def default(cls, cache_dir: Path) -> ModelRegistry:
-        """A registry holding the tiny CPU model, built into `cache_dir` if missing."""
-        return cls([tiny_model_spec(cache_dir)])
+        """The shipped shapes model (the default) plus the tiny random test model.
+
+        The tiny model is built into `cache_dir` if missing. The shapes model is read in place
+        from the package; an install that lacks its files only logs a warning.
+        """
+        specs = [tiny_model_spec(cache_dir)]
+        if (SHAPES_DIR / "model_index.json").is_file():
+            specs.insert(0, shapes_model_spec())
+        else:
+            logger.warning("embedded model %s missing at %s", SHAPES_MODEL_ID, SHAPES_DIR)
+        return cls(specs)
 
     def register(self, spec: ModelSpec) -> None:
         if spec.model_id in self._specs:
@@ -136,4 +167,18 @@ def tiny_model_spec(cache_dir: Path) -> ModelSpec:
         default_guidance=TINY_DEFAULT_GUIDANCE,
         width=TINY_IMAGE_SIZE,
         height=TINY_IMAGE_SIZE,
+    )
+
+
+def shapes_model_spec() -> ModelSpec:
+    """Spec of the shipped shapes model (read in place from the package)."""
+    return ModelSpec(
+        model_id=SHAPES_MODEL_ID,
+        path=SHAPES_DIR,
+        model_class="sd15",
+        default_steps=SHAPES_DEFAULT_STEPS,
+        default_guidance=SHAPES_DEFAULT_GUIDANCE,
+        width=SHAPES_IMAGE_SIZE,
+        height=SHAPES_IMAGE_SIZE,
+        default_scheduler=SHAPES_DEFAULT_SCHEDULER,
     )

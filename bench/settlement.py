@@ -1,0 +1,214 @@
+"""Settlement costs: gas of postRoot and claim, Merkle build time, receipts verified per second.
+
+- Gas at 1,000 and 100,000 leaves, on the embedded EVM (py-evm, Cancun: the same gas as anvil
+  and the compiler target). ``postRoot`` first (epoch 0 -> 1 writes fresh storage) and next
+  (median of 3 later epochs); ``claim`` by an address that never held SOGNI (cold: median of 5
+  leaves) and a worker's repeat claim of a later epoch's increment (warm: median of 3).
+- Merkle build time (`sogni_protocol.merkle.MerkleTree`) for 100,000 and 1,000,000 leaves.
+- Receipts verified per second on one core with `recover_receipt_signer` (the coordinator's
+  and the settlement's check), against a floor of 2,000/s.
+- One epoch close end to end (verify, split, tree, files, SQLite, postRoot).
+
+Every figure is the median of its runs (gas is deterministic; its median is over different
+leaves and epochs). Run: ``.venv/bin/python -m bench.settlement [--quick]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from eth_account import Account
+from eth_hash.auto import keccak
+
+from sogni_protocol import eip712
+from sogni_protocol.eip712 import Domain
+from sogni_protocol.merkle import MerkleTree
+from sogni_protocol.messages import JobParams, Receipt
+
+SOGNI = 10**18
+VERIFY_FLOOR = 2_000
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values))
+
+
+def _leaves(n: int, seed: int) -> list[tuple[str, int]]:
+    rng = random.Random(seed)
+    return [("0x" + rng.randbytes(20).hex(), rng.randrange(1, 10**18)) for _ in range(n)]
+
+
+# --- gas -----------------------------------------------------------------------------------
+def gas(n_leaves: int) -> dict[str, float]:
+    """Gas of postRoot (first, next) and claim (cold, warm) with ``n_leaves`` in the tree."""
+    from sogni_chain import Deployment, connect, deploy_all
+
+    chain = connect()
+    treasury, settler, worker = chain.accounts[0], chain.accounts[1], chain.accounts[2]
+    addrs = deploy_all(chain, treasury, coordinator=settler, distributor_funding=10**9 * SOGNI)
+    dist = Deployment(chain, addrs, sender=treasury).distributor
+    others = _leaves(n_leaves - 1, n_leaves)
+    posts: list[int] = []
+    warm: list[int] = []
+    cold: list[int] = []
+    tree = None
+    for epoch in range(1, 5):
+        leaves = [(worker.address, epoch * SOGNI), *others]
+        tree = MerkleTree(leaves)
+        total = sum(v for _, v in leaves)
+        posts.append(dist.post_root(epoch, tree.root, total, keccak(bytes([epoch])),
+                                    sender=settler).gas_used)  # fmt: skip
+        claim = dist.claim(worker.address, *tree.proof_for(worker.address), sender=worker)
+        if epoch > 1:
+            warm.append(claim.gas_used)
+    assert tree is not None
+    for i in range(1, 6):  # addresses that never held SOGNI, claimed by a relayer
+        account, amount = others[i * (len(others) // 6)]
+        cold.append(dist.claim(account, amount, tree.proof_for(account)[1],
+                               sender=treasury).gas_used)  # fmt: skip
+    return {
+        "post_first": posts[0],
+        "post_next": _median([float(g) for g in posts[1:]]),
+        "claim_cold": _median([float(g) for g in cold]),
+        "claim_warm": _median([float(g) for g in warm]),
+        "proof": len(tree.proof(0)),
+    }
+
+
+# --- Merkle build --------------------------------------------------------------------------
+def build_seconds(n: int, runs: int) -> list[float]:
+    leaves = _leaves(n, n)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        MerkleTree(leaves)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+# --- receipt verification ------------------------------------------------------------------
+def _signed(n: int, domain: Domain) -> list[tuple[Receipt, bytes]]:
+    keys = [Account.from_key(keccak(f"bench worker {i}".encode())) for i in range(16)]
+    out = []
+    for i in range(n):
+        key = keys[i % len(keys)]
+        job = keccak(i.to_bytes(8, "big"))
+        receipt = Receipt(
+            job_id=job,
+            offer_hash=keccak(b"o" + job),
+            worker=key.address,
+            coordinator="0x" + "c0" * 20,
+            model_id="sogni-tiny-sd",
+            result_hash=keccak(b"r" + job),
+            steps_done=20,
+            work_units=43_200,
+            completed_at=1_700_000_000 + i,
+        )
+        out.append((receipt, eip712.sign_receipt(key.key, domain, receipt)))
+    return out
+
+
+def verify_rate(n: int, runs: int) -> list[float]:
+    """Receipts per second through `recover_receipt_signer` (and the worker comparison)."""
+    domain = Domain(31337, "0x" + "d1" * 20)
+    signed = _signed(n, domain)
+    recover: Callable[[Domain, Receipt, bytes], str] = eip712.recover_receipt_signer
+    rates = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        for receipt, signature in signed:
+            if recover(domain, receipt, signature) != receipt.worker:
+                raise AssertionError("a receipt did not verify")
+        rates.append(n / (time.perf_counter() - start))
+    return rates
+
+
+# --- one close, end to end -----------------------------------------------------------------
+def close_seconds(n_receipts: int) -> float:
+    from sogni_chain import Deployment, connect, deploy_all
+    from sogni_coordinator.settlement.epochs import Settler
+    from sogni_coordinator.settlement.rules import SettlementConfig
+    from sogni_coordinator.store import Store
+
+    chain = connect()
+    treasury, settler = chain.accounts[0], chain.accounts[1]
+    addrs = deploy_all(chain, treasury, coordinator=settler, distributor_funding=10**9 * SOGNI)
+    d = Deployment(chain, addrs, sender=treasury)
+    domain = Domain(addrs.chain_id, addrs.distributor)
+    with tempfile.TemporaryDirectory(prefix="bench-settlement-") as tmp:
+        store = Store(Path(tmp) / "c.db")
+        store._db.execute("PRAGMA synchronous=OFF")  # set-up only: not what is measured
+        params = JobParams(model_id="sogni-tiny-sd", positive_prompt="", steps=20,
+                           guidance=7.0, width=64, height=64, seed=0)  # fmt: skip
+        signed = _signed(n_receipts, domain)
+        store.add_request(b"\x01" * 32, model_id="sogni-tiny-sd", network="fast",
+                          token_type="spark", client_peer="bench",
+                          jobs=[(r.job_id, params, r.work_units) for r, _ in signed])  # fmt: skip
+        for receipt, signature in signed:
+            store.store_receipt(receipt, signature, b"\x01" * 32)
+        s = Settler(store, d, sender=settler, rules=SettlementConfig().rules(),
+                    publish_dir=Path(tmp) / "epochs")  # fmt: skip
+        start = time.perf_counter()
+        result = s.close_epoch()
+        elapsed = time.perf_counter() - start
+        store.close()
+    assert result is not None and result.paid_receipts == n_receipts
+    return elapsed
+
+
+def run(quick: bool) -> str:
+    """Measure and return the markdown section."""
+    small_runs, big_runs = (3, 1) if quick else (5, 3)
+    n_verify, verify_runs = (2_000, 3) if quick else (10_000, 5)
+    n_close = 2_000 if quick else 20_000
+    g = {n: gas(n) for n in (1_000, 100_000)}
+    builds = {100_000: build_seconds(100_000, small_runs),
+              1_000_000: build_seconds(1_000_000, big_runs)}  # fmt: skip
+    rates = verify_rate(n_verify, verify_runs)
+    close = close_seconds(n_close)
+    rate = _median(rates)
+    verdict = "meets" if rate >= VERIFY_FLOOR else "**below**"
+    gas_rows = "\n".join(
+        f"| {n:,} | {v['proof']} | {v['post_first']:,.0f} | {v['post_next']:,.0f} | "
+        f"{v['claim_cold']:,.0f} | {v['claim_warm']:,.0f} |"
+        for n, v in g.items()
+    )
+    build_rows = "\n".join(
+        f"| {n:,} | {_median(t):.2f} | {min(t):.2f}-{max(t):.2f} | {len(t)} |"
+        for n, t in builds.items()
+    )
+    return f"""## Settlement
+
+Gas on the embedded EVM (Cancun rules, same as anvil). `postRoot` first = epoch 1 (fresh
+storage), next = median of epochs 2-4; claim cold = median of 5 first claims by addresses that
+never held SOGNI (sent by a relayer), warm = median of 3 repeat claims by one worker.
+
+| leaves | proof hashes | postRoot first | postRoot next | claim cold | claim warm |
+|---|---|---|---|---|---|
+{gas_rows}
+
+Merkle tree build (OpenZeppelin StandardMerkleTree layout, one core):
+
+| leaves | median s | min-max s | runs |
+|---|---|---|---|
+{build_rows}
+
+Receipts verified per second on one core (`recover_receipt_signer`, {n_verify:,} receipts,
+median of {verify_runs} runs): **{rate:,.0f}/s** (min {min(rates):,.0f}, max
+{max(rates):,.0f}); {verdict} the {VERIFY_FLOOR:,}/s floor.
+
+One epoch close of {n_close:,} receipts (verify, split, cumulative tree, receipts file,
+SQLite plan, `postRoot`): {close:.2f} s ({n_close / close:,.0f} receipts/s).
+"""
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    print(run(parser.parse_args().quick))

@@ -1,0 +1,381 @@
+"""`sogni-coordinator chain ...` and `sogni-coordinator epoch ...`: contracts and settlement.
+
+Commands that change chain state across processes need a shared chain, i.e. a JSON-RPC url
+(`--chain-url`, or `chain_url` in the config; anvil locally). The embedded chain exists only
+inside one process: `chain deploy` without a url deploys on a throwaway embedded chain just to
+write its (deterministic) addresses file; settling on the embedded chain is done in-process by
+`sogni_coordinator.settlement.settle_and_claim` (the local demo does that).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import tomllib
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+from sogni_coordinator.config import (
+    CONFIG_ENV,
+    ENV_PREFIX,
+    CoordinatorConfig,
+    load_coordinator_config,
+)
+from sogni_protocol.logs import configure_logging
+from sogni_protocol.settings import SettingsError, load_settings, read_config_text
+
+if TYPE_CHECKING:
+    from sogni_chain import Chain, Deployment
+    from sogni_coordinator.settlement.epochs import Settler
+    from sogni_coordinator.store import Store
+
+__all__ = ["app", "chain_app", "epoch_app"]
+
+app = typer.Typer(add_completion=False)
+"""Nameless: `sogni_coordinator.cli` merges its two groups (`chain`, `epoch`) into its own."""
+chain_app = typer.Typer(
+    help="The settlement contracts (deploy, dev funding).", no_args_is_help=True
+)
+epoch_app = typer.Typer(help="Settlement epochs: close, show, list, watch.", no_args_is_help=True)
+app.add_typer(chain_app, name="chain")
+app.add_typer(epoch_app, name="epoch")
+
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="TOML config file.", exists=True)
+]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option("--chain-url", help="JSON-RPC url (default: config chain_url; none: embedded)."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+_HINT = "sogni-coordinator keys create"
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _config(path: Path | None) -> CoordinatorConfig:
+    """Load the config; logs go to stderr at its level (stdout carries `--json` output)."""
+    try:
+        cfg = load_coordinator_config(path)
+    except (SettingsError, ValueError) as exc:
+        _fail(str(exc), 2)
+    configure_logging(cfg.log_level, json=cfg.log_json, capture_warnings=False)
+    return cfg
+
+
+def _config_before_deploy(path: Path | None) -> tuple[CoordinatorConfig, Path]:
+    """The config and where `chain deploy` writes, even if `addresses_file` does not exist yet.
+
+    A configured but missing addresses file makes the config refuse to load (a coordinator
+    must never sign under a guessed domain), yet writing that file is this command's job.
+    """
+    try:
+        text, source = read_config_text(path, os.environ, CONFIG_ENV)
+    except SettingsError as exc:
+        _fail(str(exc), 2)
+    configured = os.environ.get(f"{ENV_PREFIX}_ADDRESSES_FILE") or None
+    if configured is None and text:
+        try:
+            raw = tomllib.loads(text).get("addresses_file")
+        except tomllib.TOMLDecodeError:
+            raw = None  # load_settings reports it below
+        configured = str(raw) if raw else None
+    env = {**os.environ, f"{ENV_PREFIX}_ADDRESSES_FILE": ""}  # empty: unset for this load
+    try:
+        cfg = load_settings(CoordinatorConfig, text, env, ENV_PREFIX, source=source)
+    except (SettingsError, ValueError) as exc:
+        _fail(str(exc), 2)
+    configure_logging(cfg.log_level, json=cfg.log_json, capture_warnings=False)
+    target = Path(configured).expanduser() if configured else _addresses_path(cfg)
+    return cfg, target
+
+
+def _print_json(value: Any) -> None:
+    typer.echo(json.dumps(value, indent=2))
+
+
+def _addresses_path(cfg: CoordinatorConfig) -> Path:
+    return cfg.addresses_file if cfg.addresses_file is not None else cfg.data_dir / "addresses.json"
+
+
+def _publish_dir(cfg: CoordinatorConfig) -> Path:
+    publish = cfg.settlement.publish_dir
+    return publish.expanduser() if publish is not None else cfg.data_dir / "epochs"
+
+
+def _shared_chain(cfg: CoordinatorConfig, url: str | None) -> Chain:
+    from sogni_chain import connect
+
+    url = url or cfg.chain_url
+    if url is None or url == "embedded":
+        _fail(
+            "this needs a shared chain: set chain_url (e.g. anvil at http://127.0.0.1:8545) or "
+            "pass --chain-url; the embedded chain lives only inside one process "
+            "(see docs/SETTLEMENT.md)",
+            2,
+        )
+    try:
+        return connect(url)
+    except (ConnectionError, ValueError) as exc:
+        _fail(str(exc))
+
+
+def _deployment(cfg: CoordinatorConfig, chain: Chain) -> Deployment:
+    from sogni_chain import Addresses, Deployment
+
+    path = _addresses_path(cfg)
+    try:
+        addresses = Addresses.load(path, chain_id=chain.chain_id)
+    except FileNotFoundError:
+        _fail(f"no addresses file {path}: run `sogni-coordinator chain deploy` first")
+    except (ValueError, KeyError) as exc:
+        _fail(f"{path}: {exc}")
+    deployment = Deployment(chain, addresses)
+    if not deployment.is_deployed():
+        _fail(f"no contracts at the addresses in {path} (was the chain reset?)")
+    return deployment
+
+
+def _settler(cfg: CoordinatorConfig, url: str | None, store: Store) -> Settler:
+    from sogni_coordinator.settlement.epochs import Settler
+    from sogni_node.keystore import KeystoreError, unlock_wallet
+
+    chain = _shared_chain(cfg, url)
+    deployment = _deployment(cfg, chain)
+    try:
+        wallet = unlock_wallet(cfg.keystore, cfg.password_env, create_hint=_HINT)
+    except KeystoreError as exc:
+        _fail(str(exc))
+    sender = chain.add_key(wallet.private_key)
+    if not deployment.distributor.has_role("SETTLEMENT_ROLE", sender):
+        _fail(
+            f"the coordinator key {sender.address} lacks SETTLEMENT_ROLE on "
+            f"{deployment.distributor.address} (deploy with it as settler, or grant the role)"
+        )
+    return Settler(
+        store,
+        deployment,
+        sender=sender,
+        rules=cfg.settlement.rules(),
+        publish_dir=_publish_dir(cfg),
+    )
+
+
+# --- chain ---------------------------------------------------------------------------------
+@chain_app.command("deploy")
+def chain_deploy(
+    config: ConfigOpt = None,
+    chain_url: UrlOpt = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Addresses file (default: addresses_file, else data_dir)."),
+    ] = None,
+    fund_distributor: Annotated[
+        int, typer.Option(help="Whole SOGNI moved from the treasury to the distributor.")
+    ] = 1_000_000,
+    settler: Annotated[
+        str | None,
+        typer.Option(help="Address given SETTLEMENT_ROLE (default: this coordinator's key)."),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Deploy even if the file's contracts exist.")] = False,
+) -> None:
+    """Deploy token, staking, licence and distributor; write the addresses file.
+
+    Dev account 0 (anvil's first key) is treasury and governance. The distributor's address is
+    the EIP-712 verifying contract: point coordinators' and nodes' `addresses_file` at the file.
+    """
+    from sogni_chain import Addresses, Deployment, connect, deploy_all
+    from sogni_node.keystore import KeystoreError, keystore_address
+
+    cfg, default_path = _config_before_deploy(config)
+    url = chain_url or cfg.chain_url
+    try:
+        chain = connect(url)
+    except (ConnectionError, ValueError) as exc:
+        _fail(str(exc))
+    path = out if out is not None else default_path
+    if path.is_file() and not force:
+        try:
+            existing = Addresses.load(path, chain_id=chain.chain_id)
+            if Deployment(chain, existing).is_deployed():
+                _fail(f"{path} already names deployed contracts; --force deploys new ones")
+        except ValueError:
+            pass  # a file for another chain: replace it
+    if settler is None:
+        try:
+            settler = keystore_address(cfg.keystore, create_hint=_HINT)
+        except KeystoreError:
+            settler = chain.accounts[1].address
+    treasury = chain.accounts[0]
+    addresses = deploy_all(
+        chain,
+        treasury,
+        coordinator=settler,
+        distributor_funding=fund_distributor * 10**18,
+        path=path,
+    )
+    if chain.eth_balance(settler) < 10**18:
+        chain.send_eth(settler, 10 * 10**18, sender=treasury)  # gas for postRoot
+    if chain.kind == "embedded":
+        typer.echo(
+            "warning: deployed on a throwaway embedded chain (gone when this command exits); "
+            "the file matches any fresh embedded deployment made the same way",
+            err=True,
+        )
+    _print_json({**addresses.__dict__, "settler": settler, "file": str(path)})
+
+
+@chain_app.command("fund")
+def chain_fund(
+    address: Annotated[str, typer.Argument(help="Account to fund (e.g. a node wallet).")],
+    config: ConfigOpt = None,
+    chain_url: UrlOpt = None,
+    eth: Annotated[float, typer.Option(help="ETH for gas.")] = 1.0,
+    sogni: Annotated[int, typer.Option(help="Whole SOGNI from the treasury (for staking).")] = 0,
+) -> None:
+    """Dev faucet: ETH and SOGNI from dev account 0 (the treasury of `chain deploy`)."""
+    from sogni_chain import ChainRevert
+
+    cfg = _config(config)
+    chain = _shared_chain(cfg, chain_url)
+    deployment = _deployment(cfg, chain)
+    try:
+        if eth > 0:
+            chain.send_eth(address, int(eth * 10**18), sender=chain.accounts[0])
+        if sogni > 0:
+            deployment.token.transfer(address, sogni * 10**18, sender=chain.accounts[0])
+    except (ChainRevert, ValueError) as exc:
+        _fail(str(exc))
+    _print_json(
+        {
+            "address": address,
+            "eth": str(chain.eth_balance(address)),
+            "sogni": str(deployment.token.balance_of(address)),
+        }
+    )
+
+
+# --- epoch ---------------------------------------------------------------------------------
+@epoch_app.command("close")
+def epoch_close(
+    config: ConfigOpt = None, chain_url: UrlOpt = None, as_json: JsonOpt = False
+) -> None:
+    """Settle every receipt not yet in an epoch and post the root (idempotent, resumable)."""
+    from sogni_coordinator.settlement.epochs import SettlementError
+    from sogni_coordinator.store import Store
+
+    cfg = _config(config)
+    store = Store(cfg.database)
+    try:
+        result = _settler(cfg, chain_url, store).close_epoch()
+    except SettlementError as exc:
+        _fail(str(exc))
+    finally:
+        store.close()
+    if result is None:
+        if as_json:
+            _print_json(None)
+        else:
+            typer.echo("nothing to settle: no new payable receipts")
+        return
+    if as_json:
+        _print_json(result.as_json())
+        return
+    typer.echo(
+        f"epoch {result.epoch}{' (resumed)' if result.resumed else ''}: "
+        f"{result.paid_receipts} receipts paid, {result.refused_receipts} refused, "
+        f"{len(result.payouts)} accounts, total {result.total}, root 0x{result.root.hex()}"
+    )
+    typer.echo(f"published {result.epoch_file} and {result.receipts_file}")
+
+
+@epoch_app.command("show")
+def epoch_show(
+    epoch: Annotated[int, typer.Argument(help="Epoch number.", min=1)],
+    config: ConfigOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """An epoch's root, receiptsHash and every claim with its Merkle proof."""
+    from sogni_coordinator.settlement.epochs import epoch_claims
+    from sogni_coordinator.store import Store
+
+    cfg = _config(config)
+    store = Store(cfg.database)
+    try:
+        record = store.epoch_record(epoch)
+    finally:
+        store.close()
+    if record is None:
+        _fail(f"no epoch {epoch} in {cfg.database}")
+    data = epoch_claims(record)
+    if as_json:
+        _print_json(data)
+        return
+    for key in ("epoch", "state", "root", "receiptsHash", "total", "txHash", "receiptsFile"):
+        typer.echo(f"{key + ':':<14}{data[key]}")
+    for c in data["claims"]:
+        typer.echo(f"  {c['account']}  {c['cumulativeAmount']}")
+
+
+@epoch_app.command("list")
+def epoch_list(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
+    """Every epoch with its state, total and receipt counts."""
+    from sogni_coordinator.store import Store
+
+    cfg = _config(config)
+    store = Store(cfg.database)
+    try:
+        rows = store.epoch_summaries()
+    finally:
+        store.close()
+    items = [
+        {"epoch": e, "state": s, "total": str(t), "paidReceipts": p, "refusedReceipts": r}
+        for e, s, t, p, r in rows
+    ]
+    if as_json:
+        _print_json(items)
+        return
+    for it in items:
+        typer.echo(
+            f"{it['epoch']:>6}  {it['state']:<8} {it['paidReceipts']:>7} paid "
+            f"{it['refusedReceipts']:>5} refused  total {it['total']}"
+        )
+
+
+@epoch_app.command("watch")
+def epoch_watch(
+    config: ConfigOpt = None,
+    chain_url: UrlOpt = None,
+    every: Annotated[
+        float | None, typer.Option(help="Seconds between closes (default: epoch_seconds).")
+    ] = None,
+) -> None:
+    """Close an epoch every `epoch_seconds` until SIGINT/SIGTERM (the settlement timer)."""
+    import trio
+
+    from sogni_coordinator.settlement.timer import run_epoch_timer
+    from sogni_coordinator.store import Store
+
+    cfg = _config(config)
+    store = Store(cfg.database)
+    settler = _settler(cfg, chain_url, store)
+    period = every if every is not None else cfg.settlement.epoch_seconds
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_epoch_timer, settler, period)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
+            nursery.cancel_scope.cancel()
+
+    try:
+        trio.run(main)
+    finally:
+        store.close()

@@ -1,0 +1,169 @@
+"""Workers' reputation: what the coordinator remembers about each wallet, across restarts.
+
+Moving averages (EMA, weight `ALPHA` per event) of
+- speed: expected render budget / actual time, capped, so a node that is faster than the
+  deadline rule assumes scores above one that barely makes it;
+- success: 1 for a receipted job, 0 for a lost, expired, handed-back or bad one;
+- acceptance: 1 for an offer taken, 0 for one declined;
+and uptime (seconds connected / seconds since first seen). Bad results and wrong models are
+strikes; `BLACKLIST_STRIKES` strikes within `STRIKE_WINDOW` seconds blacklist the wallet for
+`BLACKLIST_SECONDS`. The score mixes them into (0, 1]; newcomers get `NEWCOMER_FLOOR` until
+they have `NEWCOMER_JOBS` jobs, so every capable node gets work (greedy best-first starves
+the rest, as Livepeer's gateway learned).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ALPHA = 0.2
+NEWCOMER_FLOOR = 0.5
+NEWCOMER_JOBS = 10
+SCORE_FLOOR = 0.05
+STRIKE_WINDOW = 3600.0
+BLACKLIST_STRIKES = 5
+BLACKLIST_SECONDS = 24 * 3600.0
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS reputation (
+    wallet TEXT PRIMARY KEY,
+    speed REAL NOT NULL, success REAL NOT NULL, acceptance REAL NOT NULL,
+    jobs INTEGER NOT NULL, failures INTEGER NOT NULL, strikes TEXT NOT NULL,
+    first_seen REAL NOT NULL, connected_seconds REAL NOT NULL,
+    blacklisted_until REAL NOT NULL, earned_units INTEGER NOT NULL
+);
+"""
+
+
+@dataclass
+class WorkerRecord:
+    wallet: str
+    speed: float = 1.0
+    success: float = 1.0
+    acceptance: float = 1.0
+    jobs: int = 0
+    failures: int = 0
+    strikes: list[float] = field(default_factory=list)
+    first_seen: float = 0.0
+    connected_seconds: float = 0.0
+    blacklisted_until: float = 0.0
+    earned_units: int = 0
+
+    def uptime(self, now: float, connected_since: float | None) -> float:
+        live = now - connected_since if connected_since is not None else 0.0
+        span = max(now - self.first_seen, 1.0)
+        return min(1.0, (self.connected_seconds + live) / span)
+
+    def score(self, now: float, connected_since: float | None = None) -> float:
+        speed = min(self.speed, 2.0) / 2.0
+        raw = (
+            self.success**2
+            * self.acceptance
+            * (0.5 + 0.5 * speed)
+            * (0.5 + 0.5 * self.uptime(now, connected_since))
+        )
+        if self.jobs < NEWCOMER_JOBS:
+            raw = max(raw, NEWCOMER_FLOOR)
+        return max(SCORE_FLOOR, min(1.0, raw))
+
+
+def _ema(old: float, sample: float) -> float:
+    return (1 - ALPHA) * old + ALPHA * sample
+
+
+class Reputation:
+    """Per-wallet records in memory, written through to SQLite (its own table)."""
+
+    def __init__(self, path: Path | str, clock: Callable[[], float] = time.time) -> None:
+        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+        self._lock = threading.Lock()
+        self._clock = clock
+        self.records: dict[str, WorkerRecord] = {}
+        for row in self._db.execute("SELECT * FROM reputation"):
+            strikes = [float(x) for x in row[6].split(",") if x]
+            wallet, speed, success, acceptance, jobs, failures = row[:6]
+            first_seen, connected, blacklisted_until, earned = row[7:]
+            self.records[wallet] = WorkerRecord(
+                wallet,
+                speed,
+                success,
+                acceptance,
+                jobs,
+                failures,
+                strikes,
+                first_seen,
+                connected,
+                blacklisted_until,
+                earned,
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def get(self, wallet: str) -> WorkerRecord:
+        key = wallet.lower()
+        rec = self.records.get(key)
+        if rec is None:
+            rec = self.records[key] = WorkerRecord(key, first_seen=self._clock())
+        return rec
+
+    def _save(self, rec: WorkerRecord) -> None:
+        values = asdict(rec)
+        values["strikes"] = ",".join(f"{t:.0f}" for t in rec.strikes)
+        with self._lock:
+            self._db.execute(
+                "INSERT OR REPLACE INTO reputation VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                tuple(values.values()),
+            )
+
+    # --- events --------------------------------------------------------------------------
+    def succeeded(self, wallet: str, elapsed: float, budget: float, work_units: int) -> None:
+        rec = self.get(wallet)
+        rec.speed = _ema(rec.speed, budget / max(elapsed, 1e-3) if elapsed > 0 else 2.0)
+        rec.success = _ema(rec.success, 1.0)
+        rec.acceptance = _ema(rec.acceptance, 1.0)
+        rec.jobs += 1
+        rec.earned_units += work_units
+        self._save(rec)
+
+    def failed(self, wallet: str) -> None:
+        rec = self.get(wallet)
+        rec.success = _ema(rec.success, 0.0)
+        rec.failures += 1
+        self._save(rec)
+
+    def declined(self, wallet: str) -> None:
+        rec = self.get(wallet)
+        rec.acceptance = _ema(rec.acceptance, 0.0)
+        self._save(rec)
+
+    def strike(self, wallet: str, now: float | None = None) -> bool:
+        """A bad result or a wrong model; True if this strike blacklists the wallet."""
+        now = self._clock() if now is None else now
+        rec = self.get(wallet)
+        rec.strikes = [t for t in rec.strikes if now - t < STRIKE_WINDOW] + [now]
+        rec.success = _ema(rec.success, 0.0)
+        rec.failures += 1
+        hit = len(rec.strikes) >= BLACKLIST_STRIKES
+        if hit:
+            rec.blacklisted_until = now + BLACKLIST_SECONDS
+            rec.strikes = []
+        self._save(rec)
+        return hit
+
+    def disconnected(self, wallet: str, connected_for: float) -> None:
+        rec = self.get(wallet)
+        rec.connected_seconds += max(0.0, connected_for)
+        self._save(rec)
+
+    def blacklisted(self, wallet: str) -> bool:
+        rec = self.records.get(wallet.lower())
+        return rec is not None and rec.blacklisted_until > self._clock()

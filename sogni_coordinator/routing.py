@@ -1,0 +1,91 @@
+"""Which node gets a job: capability, tier, and weighted random choice by reputation x stake.
+
+- Capable: has the model, serves the request's network tier, allows the job's pixel count,
+  is not blacklisted, and has a free slot (credit).
+- Tiers (whitepaper, "Dual-Tier Architecture"): `fast` jobs go only to CUDA nodes whose wallet
+  holds a worker licence and the minimum stake; `relaxed` jobs go to the others (Macs, CPUs).
+  With `tiers = "open"` (local networks) every node serves both.
+- Choice: weighted random over capable nodes, weight = reputation score (with a newcomer
+  floor) x stake weight, so good nodes get more work and every capable node gets some.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+from sogni_coordinator.reputation import Reputation
+
+if TYPE_CHECKING:
+    from sogni_coordinator.dispatch import Job, NodeLink
+
+TierMode = Literal["open", "enforced"]
+MAX_NODES_PER_REQUEST = 16
+
+
+@dataclass(frozen=True)
+class Standing:
+    """What the chain says about a wallet: licence, and stake in whole SOGNI."""
+
+    licensed: bool = False
+    stake: int = 0
+
+
+StandingLookup = Callable[[str], Standing]
+
+
+def no_chain(_wallet: str) -> Standing:
+    return Standing()
+
+
+@dataclass
+class Router:
+    reputation: Reputation
+    tiers: TierMode = "open"
+    fast_min_stake: int = 0
+    standing: StandingLookup = no_chain
+    rng: random.Random | None = None
+    clock: Callable[[], float] | None = None
+
+    def classify(self, device: str, wallet: str) -> tuple[frozenset[str], float]:
+        """Networks a node may serve and its stake weight, decided once per connection."""
+        st = self.standing(wallet)
+        weight = 1.0 + math.log10(1.0 + max(st.stake, 0)) / 2
+        if self.tiers == "open":
+            return frozenset({"fast", "relaxed"}), weight
+        fast = device == "cuda" and st.licensed and st.stake >= self.fast_min_stake
+        return frozenset({"fast"} if fast else {"relaxed"}), weight
+
+    def capable(self, link: NodeLink, network: str, model_id: str, pixels: int) -> bool:
+        return (
+            model_id in link.models
+            and network in link.networks
+            and (link.max_pixels == 0 or pixels <= link.max_pixels)
+            and not self.reputation.blacklisted(link.wallet)
+        )
+
+    def pick(self, job: Job, nodes: Iterable[NodeLink], in_use: set[NodeLink]) -> NodeLink | None:
+        """Weighted random capable node with a free slot; at most 16 nodes per request."""
+        p = job.params
+        candidates = [
+            link
+            for link in nodes
+            if link.credit > 0
+            and link not in job.holders
+            and (link in in_use or len(in_use) < MAX_NODES_PER_REQUEST)
+            and self.capable(link, job.network, p.model_id, p.width * p.height)
+        ]
+        if not candidates:
+            return None
+        if len(candidates) == 1:
+            return candidates[0]
+        now = (self.clock or time.time)()
+        weights = [
+            self.reputation.get(link.wallet).score(now, link.connected_at) * link.stake_weight
+            for link in candidates
+        ]
+        return (self.rng or random).choices(candidates, weights=weights)[0]

@@ -1,0 +1,345 @@
+"""A node's rewards: audit the coordinator's published epochs against its own journal, claim.
+
+Why a node audits at all: the coordinator computes payouts, but the node holds the evidence
+(every receipt it signed, in its journal). For each published epoch it checks that the
+receipts batch is the one whose hash is posted on chain, that every receipt the coordinator
+accepted from it is in a batch exactly as signed, that each receipt's split follows the
+epoch's published rules, and that its leaf in the cumulative tree equals the sum of what the
+batches say it earned. Anything else is reported as a problem (and `sogni-node rewards`
+exits non-zero), never silently accepted.
+
+Inputs are files (the coordinator's `epochs/` folder: `epoch-N.json`, `receipts/0x<hash>.json`)
+and, when a chain is reachable, the distributor (roots, receipts hashes, claimed amounts).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sogni_coordinator.settlement.formats import (
+    BatchEntry,
+    EpochFile,
+    ReceiptsBatch,
+    content_hash,
+    decode_batch,
+    decode_epoch,
+    receipts_filename,
+)
+from sogni_node.journal import JournalReceipt
+from sogni_protocol import eip712
+from sogni_protocol.eip712 import Domain
+from sogni_protocol.errors import SignatureError
+from sogni_protocol.merkle import MerkleTree
+
+if TYPE_CHECKING:
+    from sogni_chain import Distributor, Signer
+
+__all__ = [
+    "PENDING_GRACE_S",
+    "EpochRewards",
+    "PublicationError",
+    "PublishedEpoch",
+    "RewardsReport",
+    "audit",
+    "claim",
+    "claim_from_tree",
+    "format_sogni",
+    "load_published",
+    "parse_sogni",
+]
+
+SOGNI = 10**18
+PENDING_GRACE_S = 600.0
+"""A receipt recorded less than this before an epoch closed may legitimately be in the next."""
+
+
+class PublicationError(Exception):
+    """A published epoch file or receipts batch is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class PublishedEpoch:
+    """An epoch file with its receipts batch, both checked for internal consistency."""
+
+    file: EpochFile
+    batch: ReceiptsBatch
+    tree: MerkleTree
+    path: Path
+
+    @property
+    def epoch(self) -> int:
+        return self.file.epoch
+
+    @property
+    def domain(self) -> Domain:
+        return Domain(self.batch.chain_id, self.batch.verifying_contract)
+
+
+def load_published(epochs_dir: Path) -> list[PublishedEpoch]:
+    """Every ``epoch-N.json`` under ``epochs_dir`` with its batch, by epoch.
+
+    Checks that the batch's keccak256 is the file's ``receiptsHash`` (the content address),
+    that both name the same epoch and chain, and that the leaves build the stated root.
+    """
+    out: list[PublishedEpoch] = []
+    for path in sorted(Path(epochs_dir).glob("epoch-*.json")):
+        if path.name.endswith(".tree.json"):
+            continue
+        try:
+            ef = decode_epoch(path.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise PublicationError(f"{path}: {exc}") from None
+        receipts_hash = _unhex(ef.receipts_hash)
+        # never follow a path from the file: the name is derived from the hash
+        batch_path = Path(epochs_dir) / "receipts" / receipts_filename(receipts_hash)
+        try:
+            raw = batch_path.read_bytes()
+        except OSError:
+            raise PublicationError(
+                f"epoch {ef.epoch}: receipts batch {batch_path} missing"
+            ) from None
+        if content_hash(raw) != receipts_hash:
+            raise PublicationError(f"epoch {ef.epoch}: {batch_path} does not hash to its name")
+        try:
+            batch = decode_batch(raw)
+        except ValueError as exc:
+            raise PublicationError(f"{batch_path}: {exc}") from None
+        if (batch.epoch, batch.chain_id) != (ef.epoch, ef.chain_id) or (
+            batch.verifying_contract.lower() != ef.distributor.lower()
+        ):
+            raise PublicationError(f"epoch {ef.epoch}: batch is for another epoch or chain")
+        tree = MerkleTree(ef.leaf_ints())
+        if tree.root_hex != ef.root.lower():
+            raise PublicationError(f"epoch {ef.epoch}: leaves do not build root {ef.root}")
+        out.append(PublishedEpoch(ef, batch, tree, path))
+    out.sort(key=lambda p: p.epoch)
+    return out
+
+
+@dataclass(frozen=True)
+class EpochRewards:
+    epoch: int
+    earned: int
+    """This account's amounts in the epoch's batch (worker pay plus any creator share)."""
+    cumulative: int
+    """Its leaf in the epoch's tree (0 when absent)."""
+    receipts: int
+    root: str
+    onchain: bool | None
+    """Root and receiptsHash match the distributor (None: no chain to ask)."""
+
+
+@dataclass
+class RewardsReport:
+    account: str
+    epochs: list[EpochRewards] = field(default_factory=list)
+    earned: int = 0
+    """Cumulative amount in the latest epoch's tree."""
+    claimed: int | None = None
+    claimable: int | None = None
+    verified: int = 0
+    """Journal receipts found in a batch, identical and correctly split."""
+    pending: list[str] = field(default_factory=list)
+    """Accepted receipts not yet in any batch (too recent for the last close)."""
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "account": self.account,
+            "earned": str(self.earned),
+            "claimed": None if self.claimed is None else str(self.claimed),
+            "claimable": None if self.claimable is None else str(self.claimable),
+            "verifiedReceipts": self.verified,
+            "pendingReceipts": self.pending,
+            "problems": self.problems,
+            "ok": self.ok,
+            "epochs": [
+                {
+                    "epoch": e.epoch,
+                    "earned": str(e.earned),
+                    "cumulative": str(e.cumulative),
+                    "receipts": e.receipts,
+                    "root": e.root,
+                    "onchain": e.onchain,
+                    "claimed": None if self.claimed is None else self.claimed >= e.cumulative,
+                }
+                for e in self.epochs
+            ],
+        }
+
+
+def _unhex(s: str) -> bytes:
+    return bytes.fromhex(s[2:] if s.startswith(("0x", "0X")) else s)
+
+
+def _same(a: str | None, b: str | None) -> bool:
+    return a is not None and b is not None and a.lower() == b.lower()
+
+
+def _split_problem(pe: PublishedEpoch, e: BatchEntry) -> str | None:
+    """Why ``e``'s split disagrees with the epoch's rules, or None."""
+    rules = pe.batch.rules
+    if e.take_bps not in rules.take_rates_bps:
+        return f"take rate {e.take_bps} bps is not one of the epoch's tiers"
+    split = rules.split(e.work_units, e.model_id, e.take_bps)
+    if (split.worker, split.creator_amount) != (int(e.worker_amount), int(e.creator_amount)):
+        return (
+            f"split is {e.worker_amount}/{e.creator_amount}, rules give "
+            f"{split.worker}/{split.creator_amount}"
+        )
+    if split.creator_amount and (split.creator or "").lower() != (e.creator or "").lower():
+        return f"creator share goes to {e.creator}, rules say {split.creator}"
+    return None
+
+
+def audit(
+    account: str,
+    journal: Iterable[JournalReceipt],
+    epochs: Sequence[PublishedEpoch],
+    *,
+    distributor: Distributor | None = None,
+) -> RewardsReport:
+    """Check the published epochs against ``account``'s journal (and the chain, if given)."""
+    report = RewardsReport(account=account)
+    if not epochs:
+        return report
+    domain = epochs[-1].domain
+    coordinators = {e.coordinator.lower() for pe in epochs for e in pe.batch.receipts}
+    by_job: dict[str, tuple[PublishedEpoch, BatchEntry]] = {}
+    refused: dict[str, str] = {}
+    running = 0
+    contiguous = epochs[0].epoch == 1
+    previous_epoch = 0
+    for pe in epochs:
+        if pe.domain != domain:
+            report.problems.append(f"epoch {pe.epoch} is for another chain or distributor")
+        contiguous = contiguous and pe.epoch == previous_epoch + 1
+        previous_epoch = pe.epoch
+        earned = mine = 0
+        for e in pe.batch.receipts:
+            by_job[e.job_id.lower()] = (pe, e)
+            if _same(e.worker, account):
+                earned += int(e.worker_amount)
+                mine += 1
+                why = _split_problem(pe, e)
+                if why:
+                    report.problems.append(f"epoch {pe.epoch} job {e.job_id}: {why}")
+            if _same(e.creator, account):
+                earned += int(e.creator_amount)
+        for refusal in pe.batch.refused:
+            refused[refusal.job_id.lower()] = refusal.reason
+        running += earned
+        try:
+            leaf = pe.tree.amount_of(account)
+        except KeyError:
+            leaf = 0
+        if contiguous and leaf != running:
+            report.problems.append(
+                f"epoch {pe.epoch}: leaf is {leaf} but the batches so far add up to {running}"
+            )
+        onchain: bool | None = None
+        if distributor is not None:
+            onchain = distributor.root_of(pe.epoch) == _unhex(pe.file.root) and (
+                distributor.receipts_hash_of(pe.epoch) == _unhex(pe.file.receipts_hash)
+            )
+            if not onchain:
+                report.problems.append(f"epoch {pe.epoch}: root or receiptsHash differ on chain")
+        report.epochs.append(EpochRewards(pe.epoch, earned, leaf, mine, pe.file.root, onchain))
+    if not contiguous:
+        report.problems.append("epoch files are not contiguous from 1: leaf totals unchecked")
+
+    last_close = epochs[-1].file.closed_at
+    for jr in journal:
+        r = jr.receipt
+        if jr.accepted is False or not _same(r.worker, account):
+            continue
+        if r.coordinator.lower() not in coordinators:
+            continue  # another coordinator's work: its own epochs settle it
+        if (
+            jr.chain_id is not None
+            and jr.verifying_contract is not None
+            and (
+                jr.chain_id != domain.chain_id
+                or not _same(jr.verifying_contract, domain.verifying_contract)
+            )
+        ):
+            continue  # signed for another deployment: never payable here
+        job = "0x" + r.job_id.hex()
+        found = by_job.get(job)
+        if found is None:
+            if job in refused:
+                report.problems.append(f"job {job} refused by the coordinator: {refused[job]}")
+            elif jr.accepted and jr.recorded_at < last_close - PENDING_GRACE_S:
+                report.problems.append(f"job {job} accepted but missing from every batch")
+            else:
+                report.pending.append(job)
+            continue
+        pe, entry = found
+        if entry.receipt() != r or entry.signature_bytes != jr.signature:
+            report.problems.append(f"job {job}: epoch {pe.epoch} batch differs from the journal")
+            continue
+        try:
+            signer = eip712.recover_receipt_signer(pe.domain, r, jr.signature)
+        except SignatureError:
+            signer = ""
+        if not _same(signer, account):
+            report.problems.append(f"job {job}: signature does not verify under the epoch domain")
+            continue
+        report.verified += 1
+
+    report.earned = report.epochs[-1].cumulative
+    if distributor is not None:
+        report.claimed = distributor.claimed(account)
+        report.claimable = max(0, report.earned - report.claimed)
+    return report
+
+
+def claim(distributor: Distributor, account: Signer, epochs: Sequence[PublishedEpoch]) -> int:
+    """Claim everything due against the latest root on chain; returns the amount paid (0: none).
+
+    Raises `PublicationError` when the chain's latest epoch is not among ``epochs`` (the
+    proof must be against the root the contract checks).
+    """
+    latest = distributor.latest_epoch()
+    match = [pe for pe in epochs if pe.epoch == latest]
+    if not match:
+        raise PublicationError(f"the chain's latest epoch {latest} is not in the epoch files")
+    return claim_from_tree(distributor, account, match[0].tree)
+
+
+def claim_from_tree(distributor: Distributor, account: Signer, tree: MerkleTree) -> int:
+    """Claim ``account``'s leaf of ``tree`` (the latest root's tree); 0 when nothing is due."""
+    address = distributor.chain.address_of(account)
+    try:
+        cumulative, proof = tree.proof_for(address)
+    except KeyError:
+        return 0
+    if cumulative <= distributor.claimed(address):
+        return 0
+    tx = distributor.claim(address, cumulative, proof, sender=account)
+    return int(tx.event("Claimed")["amount"])
+
+
+def parse_sogni(text: str) -> int:
+    """``"12.5"`` SOGNI -> base units; refuses negatives, zero and more than 18 decimals."""
+    try:
+        value = Decimal(text.strip()) * SOGNI
+    except InvalidOperation:
+        raise ValueError(f"not an amount of SOGNI: {text!r}") from None
+    if value != value.to_integral_value() or value <= 0:
+        raise ValueError(f"amount must be positive with at most 18 decimals: {text!r}")
+    return int(value)
+
+
+def format_sogni(amount: int) -> str:
+    """Base units -> SOGNI with up to 18 decimals, trailing zeros trimmed."""
+    whole, frac = divmod(amount, SOGNI)
+    return f"{whole}.{frac:018d}".rstrip("0").rstrip(".") if frac else str(whole)

@@ -1,0 +1,152 @@
+"""The CLIs end to end on anvil: deploy, close, show, then the node audits, claims and stakes.
+
+Runs in-process (typer's runner) against a shared anvil, the setup for separate processes;
+skipped when anvil is not installed. The embedded-only checks run everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sogni_chain import Addresses, Deployment, connect
+from sogni_chain.anvil import Anvil
+from sogni_coordinator.cli import app as coordinator_app
+from sogni_coordinator.store import Store
+from sogni_node.cli import app as node_app
+from sogni_node.journal import Journal
+from sogni_node.keystore import create_keystore
+from sogni_protocol.eip712 import Domain
+
+from .settle_env import signed_receipt, store_receipts, worker
+
+PASSWORD = "settlement-test"
+runner = CliRunner()
+
+
+def _run(app: object, args: list[str], env: dict[str, str], code: int = 0) -> str:
+    result = runner.invoke(app, args, env=env)  # type: ignore[arg-type]
+    assert result.exit_code == code, (args, result.output, result.exception)
+    return result.stdout
+
+
+@pytest.fixture
+def anvil_url(_anvil: Anvil) -> Iterator[str]:
+    chain = connect(_anvil.url)
+    snap = chain.snapshot()
+    try:
+        yield _anvil.url
+    finally:
+        chain.revert(snap)
+
+
+def test_cli_deploy_close_show_rewards_claim_stake(anvil_url: str, tmp_path: Path) -> None:
+    cdir, ndir = tmp_path / "coordinator", tmp_path / "node"
+    addresses_file = cdir / "addresses.json"
+    create_keystore(cdir / "signer.json", PASSWORD, kdf_n=2)
+    cenv = {
+        "SOGNI_COORDINATOR_DATA_DIR": str(cdir),
+        "SOGNI_COORDINATOR_PASSWORD": PASSWORD,
+        "SOGNI_COORDINATOR_CHAIN_URL": anvil_url,
+        "SOGNI_COORDINATOR_ADDRESSES_FILE": str(addresses_file),  # not there yet
+        "SOGNI_COORDINATOR_LOG_LEVEL": "warning",
+    }
+    deployed = json.loads(_run(coordinator_app, ["chain", "deploy"], cenv))
+    addresses = Addresses.load(addresses_file)
+    assert deployed["distributor"] == addresses.distributor
+    _run(coordinator_app, ["chain", "deploy"], cenv, code=1)  # refuses to redeploy over it
+    domain = Domain(addresses.chain_id, addresses.distributor)
+
+    node = worker(1)
+    create_keystore(ndir / "wallet.json", PASSWORD, kdf_n=2, private_key=node.key)
+    receipts = [signed_receipt(node, domain) for _ in range(2)]
+    store = Store(cdir / "coordinator.db")
+    store_receipts(store, receipts)
+    store.close()
+    with Journal(ndir / "journal.db") as journal:
+        for receipt, signature in receipts:
+            journal.record_receipt(
+                receipt, signature, chain_id=domain.chain_id,
+                verifying_contract=domain.verifying_contract,
+            )  # fmt: skip
+            journal.mark_acked(receipt.job_id, True)
+
+    closed = json.loads(_run(coordinator_app, ["epoch", "close", "--json"], cenv))
+    assert closed["epoch"] == 1 and closed["paidReceipts"] == 2 and closed["posted"]
+    assert json.loads(_run(coordinator_app, ["epoch", "close", "--json"], cenv)) is None
+    shown = json.loads(_run(coordinator_app, ["epoch", "show", "1", "--json"], cenv))
+    assert {"epoch", "root", "receiptsHash", "claims"} <= set(shown)
+    assert shown["root"] == closed["root"] and shown["receiptsHash"] == closed["receiptsHash"]
+    [claim] = shown["claims"]
+    assert claim["account"] == node.address and claim["proof"] == []
+    listed = json.loads(_run(coordinator_app, ["epoch", "list", "--json"], cenv))
+    assert listed == [
+        {
+            "epoch": 1,
+            "state": "posted",
+            "total": closed["total"],
+            "paidReceipts": 2,
+            "refusedReceipts": 0,
+        }
+    ]
+    _run(coordinator_app, ["chain", "fund", node.address, "--sogni", "1000"], cenv)
+
+    nenv = {
+        "SOGNI_NODE_DATA_DIR": str(ndir),
+        "SOGNI_NODE_PASSWORD": PASSWORD,
+        "SOGNI_NODE_CHAIN_URL": anvil_url,
+        "SOGNI_NODE_ADDRESSES_FILE": str(addresses_file),
+        "SOGNI_NODE_EPOCHS_DIR": str(cdir / "epochs"),
+    }
+    report = json.loads(_run(node_app, ["rewards", "--json"], nenv))
+    assert report["ok"] and report["verifiedReceipts"] == 2
+    assert report["claimable"] == report["earned"] == closed["total"]
+    claimed = json.loads(_run(node_app, ["rewards", "claim", "--json"], nenv))
+    assert claimed == {"account": node.address, "claimed": closed["total"]}
+    again = json.loads(_run(node_app, ["rewards", "claim", "--json"], nenv))
+    assert again["claimed"] == "0"
+    report = json.loads(_run(node_app, ["rewards", "--json"], nenv))
+    assert report["claimable"] == "0" and report["epochs"][0]["claimed"] is True
+    assert "claimed" in _run(node_app, ["rewards"], nenv)  # the table view
+
+    staked = json.loads(_run(node_app, ["stake", "100"], nenv))
+    assert staked["active"] == str(100 * 10**18)
+    unstaked = json.loads(_run(node_app, ["unstake", "40"], nenv))
+    assert (unstaked["active"], unstaked["pending"]) == (str(60 * 10**18), str(40 * 10**18))
+    early = runner.invoke(node_app, ["withdraw"], env=nenv)
+    assert early.exit_code == 1 and "CooldownActive" in early.output
+    chain = connect(anvil_url)
+    chain.advance_time(7 * 24 * 3600 + 1)
+    done = json.loads(_run(node_app, ["withdraw"], nenv))
+    assert done["pending"] == "0"
+    d = Deployment(chain, addresses)
+    assert d.token.balance_of(node.address) == int(closed["total"]) + 940 * 10**18
+
+
+def test_cli_without_a_shared_chain_explains(tmp_path: Path) -> None:
+    env = {"SOGNI_COORDINATOR_DATA_DIR": str(tmp_path), "SOGNI_COORDINATOR_LOG_LEVEL": "error"}
+    result = runner.invoke(coordinator_app, ["epoch", "close"], env=env)
+    assert result.exit_code == 2 and "shared chain" in result.output
+    result = runner.invoke(coordinator_app, ["epoch", "show", "1"], env=env)
+    assert result.exit_code == 1 and "no epoch 1" in result.output
+    nenv = {"SOGNI_NODE_DATA_DIR": str(tmp_path / "n")}
+    result = runner.invoke(node_app, ["stake", "1"], env=nenv)
+    assert result.exit_code == 1 and "needs a chain" in result.output
+    result = runner.invoke(node_app, ["rewards"], env=nenv)
+    assert result.exit_code == 1 and "keystore" in result.output
+
+
+def test_embedded_deploy_writes_the_deterministic_addresses(tmp_path: Path) -> None:
+    from sogni_coordinator.settlement import embedded_deployment
+
+    env = {"SOGNI_COORDINATOR_DATA_DIR": str(tmp_path), "SOGNI_COORDINATOR_LOG_LEVEL": "error"}
+    result = runner.invoke(coordinator_app, ["chain", "deploy"], env=env)
+    assert result.exit_code == 0, result.output
+    written = Addresses.load(tmp_path / "addresses.json")
+    in_process = embedded_deployment(tmp_path / "again.json").addresses
+    assert written.distributor == in_process.distributor
+    assert written.chain_id == in_process.chain_id

@@ -1,0 +1,63 @@
+"""`settle_and_claim` (what the local demo calls) and the epoch timer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import trio
+
+from sogni_coordinator.settlement import (
+    EpochResult,
+    embedded_deployment,
+    run_epoch_timer,
+    settle_and_claim,
+)
+from sogni_coordinator.store import Store
+from sogni_protocol.eip712 import Domain
+
+from .settle_env import Net, settler, signed_receipt, store_receipts, worker
+
+
+def test_settle_and_claim_on_a_fresh_embedded_chain(tmp_path: Path) -> None:
+    d = embedded_deployment(tmp_path / "addresses.json")
+    assert (tmp_path / "addresses.json").is_file()
+    domain = Domain(d.addresses.chain_id, d.addresses.distributor)
+    a, b, idle = worker(1), worker(2), worker(3)
+    db = tmp_path / "coordinator" / "coordinator.db"
+    store = Store(db)
+    store_receipts(
+        store,
+        [
+            signed_receipt(a, domain),
+            signed_receipt(a, domain),
+            signed_receipt(b, domain, work_units=3 * 43_200),
+        ],
+    )
+    store.close()
+
+    out = settle_and_claim(db, d, [a.key, b.key, idle.key])
+    assert out.epoch is not None and out.epoch.epoch == 1
+    per_spark = 650_000_000_000_000_000
+    assert out.claimed == {a.address: 2 * per_spark, b.address: 3 * per_spark, idle.address: 0}
+    assert out.claimed[a.address] == out.epoch.payouts[a.address]
+    assert d.token.balance_of(b.address) == 3 * per_spark
+    assert (db.parent / "epochs" / "epoch-000001.json").is_file()
+
+    again = settle_and_claim(db, d, [a.key, b.key])
+    assert again.epoch is None and set(again.claimed.values()) == {0}
+
+
+async def test_timer_closes_epochs(net: Net, store: Store, tmp_path: Path) -> None:
+    store_receipts(store, [signed_receipt(worker(1), net.domain)])
+    closed: list[EpochResult] = []
+    s = settler(store, net, tmp_path)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_epoch_timer, s, 0.05, closed.append)
+            while not closed:
+                await trio.sleep(0.05)
+            store_receipts(store, [signed_receipt(worker(2), net.domain)])
+            while len(closed) < 2:
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    assert [r.epoch for r in closed] == [1, 2]
