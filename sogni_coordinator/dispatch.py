@@ -136,6 +136,7 @@ class Dispatcher:
         self.deadline_base = deadline_base
         self._clock = clock
         self.billing = billing
+        self.no_node_grace = NO_NODE_GRACE
         self.queue: deque[Job] = deque()
         self.jobs: dict[bytes, Job] = {}
         self.nodes: dict[str, NodeLink] = {}
@@ -270,7 +271,7 @@ class Dispatcher:
                     self._drop_holder(job, link, "deadline missed", penalize=True)
         for job in [j for j in self.queue if j.job_id in self.jobs and not j.holders]:
             p = job.params
-            if now - job.queued_since > NO_NODE_GRACE and not self.can_serve(
+            if now - job.queued_since > self.no_node_grace and not self.can_serve(
                 job.network, p.model_id, p.width * p.height
             ):
                 self._give_up(job, f"no connected node can serve {job.network} {p.model_id}")
