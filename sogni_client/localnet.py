@@ -28,6 +28,9 @@ from sogni_node.keystore import create_keystore
 
 DEMO_PASSWORD = "localnet-demo-password"
 DEMO_KDF_N = 2**14
+DEMO_MODEL = "sogni-tiny-sd"
+DEMO_STEPS = 8
+DEMO_GUIDANCE = 4.0
 
 
 @dataclass
@@ -135,12 +138,16 @@ def start_localnet(
     models_dir: Path | None = None,
     node_env: dict[str, str] | None = None,
     coordinator_env: dict[str, str] | None = None,
+    addresses_file: Path | None = None,
     timeout: float = 120.0,
 ) -> Iterator[LocalNet]:
     """Start a coordinator and `nodes` nodes, wait until every node is connected, then yield."""
     workdir.mkdir(parents=True, exist_ok=True)
     models_dir = models_dir or workdir / "models"
     env = _base_env(log_level)
+    if addresses_file is not None:  # receipts bound to the deployed reward distributor
+        env["SOGNI_COORDINATOR_ADDRESSES_FILE"] = str(addresses_file)
+        env["SOGNI_NODE_ADDRESSES_FILE"] = str(addresses_file)
     cdir = workdir / "coordinator"
     signer = create_keystore(cdir / "signer.json", DEMO_PASSWORD, kdf_n=DEMO_KDF_N, force=True)
     cenv = {
@@ -181,34 +188,58 @@ def start_localnet(
             proc.stop()
 
 
-def _demo(images: int, out: Path, prompt: str) -> int:
+def _demo(images: int, out: Path, prompt: str, model: str) -> int:
     from sogni_client.api import render_sync, save
+    from sogni_coordinator.settlement import embedded_deployment, settle_and_claim
+    from sogni_node.keystore import load_wallet
     from sogni_protocol.messages import RenderRequest
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "receipts.jsonl").unlink(missing_ok=True)
     work = Path(tempfile.mkdtemp(prefix="sogni-localnet-"))
     cache = Path(os.environ.get("SOGNI_CACHE", ".cache")).resolve()
+    print("deploying SOGNI token, staking, licence and reward distributor on the embedded EVM")
+    deployment = embedded_deployment(work / "addresses.json")
     print(f"starting a coordinator and 2 nodes on 127.0.0.1 (logs in {work}/logs)")
-    with start_localnet(work, nodes=2, models_dir=cache / "models") as net:
+    with start_localnet(
+        work, nodes=2, models_dir=cache / "models", addresses_file=work / "addresses.json"
+    ) as net:
         print(f"coordinator {net.coordinator_addr}")
         request = RenderRequest(
-            model_id="sogni-tiny-sd",
+            model_id=model,
             positive_prompt=prompt,
-            steps=8,
-            guidance=4.0,
+            seed=42,
             width=64,
             height=64,
-            seed=42,
+            steps=DEMO_STEPS,
+            guidance=DEMO_GUIDANCE,
             number_of_images=images,
         )
         result = render_sync(net.coordinator_addr, request)
         paths = save(result, out)
-    workers = {im.receipt.worker for im in result.images}
+        workers = {im.receipt.worker for im in result.images}
+        print(f"{len(paths)} images from {len(workers)} nodes in {out}/ (receipts.jsonl)")
+        keys = [
+            load_wallet(work / f"node{i}" / "wallet.json", DEMO_PASSWORD).private_key
+            for i in range(2)
+        ]
+        settled = settle_and_claim(work / "coordinator" / "coordinator.db", deployment, keys)
+    epoch = settled.epoch
+    if epoch is None:
+        print("no epoch closed: no receipts to settle")
+        return 1
     print(
-        f"{len(paths)} images from {len(workers)} nodes in {out}/, receipts in {out}/receipts.jsonl"
+        f"epoch {epoch.epoch} settled on chain: root 0x{epoch.root.hex()[:16]}..., "
+        f"{epoch.paid_receipts} receipts, batch {epoch.receipts_file}"
     )
-    return 0 if len(paths) == images else 1
+    for address, amount in settled.claimed.items():
+        balance = deployment.token.balance_of(address)
+        print(
+            f"  node {address} claimed {amount / 10**18:.6f} SOGNI "
+            f"(wallet now holds {balance / 10**18:.6f} SOGNI)"
+        )
+    claimed_by_all = all(v > 0 for v in settled.claimed.values())
+    return 0 if len(paths) == images and claimed_by_all else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -216,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--out", type=Path, default=Path("out"))
     parser.add_argument("--prompt", default="a red circle on a blue background")
+    parser.add_argument("--model", default=DEMO_MODEL)
     args = parser.parse_args(argv)
-    return _demo(args.images, args.out, args.prompt)
+    return _demo(args.images, args.out, args.prompt, args.model)
 
 
 if __name__ == "__main__":
