@@ -10,6 +10,7 @@ import trio
 
 from sogni_coordinator.adverts import AdvertBook
 from sogni_coordinator.billing import Billing
+from sogni_coordinator.chain_link import connect_chain
 from sogni_coordinator.client_session import orphan_saver, serve_client
 from sogni_coordinator.config import CoordinatorConfig
 from sogni_coordinator.dispatch import Dispatcher, Job, RequestState
@@ -17,6 +18,7 @@ from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.node_session import serve_node
 from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.routing import Router
+from sogni_coordinator.settlement.timer import run_epoch_timer
 from sogni_coordinator.store import Store
 from sogni_net import Channel, open_host
 from sogni_protocol.eip712 import Domain
@@ -85,13 +87,17 @@ async def run_coordinator(
             take_rate_bps=config.settlement.take_rates_bps[0],
             creator_share_bps=config.settlement.creator_share_bps,
         )
+        link = connect_chain(config, signer.private_key, store)
+        router = Router(reputation, tiers=config.tiers, fast_min_stake=config.fast_min_stake)
+        if link is not None:
+            router.standing = link.standing
         dispatcher = Dispatcher(
             store,
             signer_key=signer.private_key,
             signer_address=signer.address,
             domain=domain,
             billing=billing,
-            router=Router(reputation, tiers=config.tiers, fast_min_stake=config.fast_min_stake),
+            router=router,
             deadline_floor=config.job_deadline_floor,
             deadline_base=config.job_deadline_base,
         )
@@ -128,6 +134,10 @@ async def run_coordinator(
             )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(dispatcher.run)
+                if link is not None:
+                    await nursery.start(
+                        run_epoch_timer, link.settler, config.settlement.epoch_seconds
+                    )
                 task_status.started(
                     RunningCoordinator(
                         host.peer_id, list(host.addrs), signer.address, dispatcher, book
