@@ -133,8 +133,10 @@ class Net:
 
 
 @asynccontextmanager
-async def start_net(tmp: Path, **cfg: Any) -> AsyncIterator[Net]:
-    acct = Account.create()
+async def start_net(
+    tmp: Path, *, signer_key: bytes | None = None, **cfg: Any
+) -> AsyncIterator[Net]:
+    acct = Account.from_key(signer_key) if signer_key else Account.create()
     signer = Signer(acct.address, bytes(acct.key))
     config = CoordinatorConfig(
         data_dir=tmp / "coordinator",
