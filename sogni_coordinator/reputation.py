@@ -82,6 +82,9 @@ class Reputation:
     def __init__(self, path: Path | str, clock: Callable[[], float] = time.time) -> None:
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._db.execute("PRAGMA journal_mode=WAL")
+        # Reputation is advisory: losing the last moments of it in a crash is fine, an fsync
+        # per job on the event loop is not.
+        self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(_SCHEMA)
         self._lock = threading.Lock()
         self._clock = clock

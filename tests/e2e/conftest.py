@@ -100,14 +100,17 @@ class Net:
     ) -> NodeHandle:
         acct = Account.create()
         wallet = Wallet(acct.address, bytes(acct.key))
+        settings: dict[str, Any] = {
+            "threads": 1,
+            "heartbeat_interval": 0.5,
+            "heartbeat_timeout": 3.0,
+            **cfg,
+        }
         config = NodeConfig(
             data_dir=self.tmp / name,
             coordinators=[self.addr],
             trusted_coordinators=trusted if trusted is not None else [self.signer.address],
-            threads=1,
-            heartbeat_interval=0.5,
-            heartbeat_timeout=3.0,
-            **cfg,
+            **settings,
         )
         handle = NodeHandle(wallet, trio.Event(), trio.Event(), [], trio.Event())
 
