@@ -113,6 +113,61 @@ def start(
     sys.stderr.flush()
 
 
+@app.command("workers")
+def workers(
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Each worker's reputation score, tier, stake, jobs, failures and earnings."""
+    import time
+
+    from sogni_coordinator.chain_link import WEI_PER_SOGNI
+    from sogni_coordinator.reputation import Reputation
+    from sogni_protocol.pricing import BASELINE_RENDER_SECONDS
+
+    cfg = _config(config)
+    reputation = Reputation(cfg.database)
+    standing = None
+    if cfg.chain_url and cfg.addresses_file:
+        from sogni_chain import Addresses, Deployment, connect
+
+        chain = connect(cfg.chain_url)
+        standing = Deployment(chain, Addresses.load(cfg.addresses_file, chain_id=chain.chain_id))
+    now = time.time()
+    rows = []
+    for rec in sorted(reputation.records.values(), key=lambda r: -r.score(now)):
+        stake = licensed = None
+        if standing is not None:
+            stake = standing.staking.active_stake(rec.wallet) // WEI_PER_SOGNI
+            licensed = standing.license.has_valid_license(rec.wallet)
+        rows.append(
+            {
+                "wallet": rec.wallet,
+                "score": round(rec.score(now), 3),
+                "tier": "unknown" if licensed is None else ("fast" if licensed else "relaxed"),
+                "stake": stake,
+                "jobs": rec.jobs,
+                "failures": rec.failures,
+                "earnedSpark": round(rec.earned_units / 1000 / BASELINE_RENDER_SECONDS, 6),
+                "blacklisted": rec.blacklisted_until > now,
+            }
+        )
+    reputation.close()
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    typer.echo(
+        f"{'wallet':<44}{'score':>7}{'tier':>9}{'stake':>10}{'jobs':>7}{'fail':>6}{'spark':>12}"
+    )
+    for r in rows:
+        stake_text = "-" if r["stake"] is None else str(r["stake"])
+        typer.echo(
+            f"{r['wallet']:<44}{r['score']:>7}{r['tier']:>9}{stake_text:>10}"
+            f"{r['jobs']:>7}{r['failures']:>6}{r['earnedSpark']:>12}"
+            + ("  BLACKLISTED" if r["blacklisted"] else "")
+        )
+
+
 @app.command("credit")
 def credit(
     account: Annotated[str, typer.Argument(help="Payer wallet address.")],

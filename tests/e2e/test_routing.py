@@ -167,3 +167,22 @@ async def test_cancel_pays_the_steps_done_and_refunds_the_rest(
             assert sum(ledger.balance(worker_account(node.wallet.address)).values()) > 0
         finally:
             ledger.close()
+
+
+def test_workers_command_lists_reputation(tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from sogni_coordinator.cli import app
+
+    rep = Reputation(tmp_path / "coordinator.db")
+    rep.succeeded("0xAA", elapsed=1.0, budget=4.0, work_units=43_200)
+    rep.failed("0xAA")
+    rep.close()
+    env = {"SOGNI_COORDINATOR_DATA_DIR": str(tmp_path)}
+    result = CliRunner().invoke(app, ["workers", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(result.stdout)
+    assert (row["wallet"], row["jobs"], row["failures"], row["earnedSpark"]) == ("0xaa", 1, 1, 1.0)
+    assert row["tier"] == "unknown" and 0 < row["score"] <= 1
