@@ -26,6 +26,8 @@ from sogni_protocol.settings import (
     EnvName,
     Multiaddr,
     Seconds,
+    check_heartbeats,
+    fill_path,
     load_settings,
     read_config_text,
 )
@@ -75,18 +77,10 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     "required": every request must name and authorize a payer; "off": nothing is charged."""
 
     def __post_init__(self) -> None:
-        # A timeout at or below the interval would drop every healthy node between two beats.
-        if self.heartbeat_timeout <= self.heartbeat_interval:
-            raise ValueError(
-                f"heartbeat_timeout ({self.heartbeat_timeout:g} s) must be greater than "
-                f"heartbeat_interval ({self.heartbeat_interval:g} s)"
-            )
-        data_dir = self.data_dir.expanduser()
-        msgspec.structs.force_setattr(self, "data_dir", data_dir)
-        keystore = self.keystore if self.keystore is not None else data_dir / "signer.json"
-        msgspec.structs.force_setattr(self, "keystore", Path(keystore).expanduser())
-        database = self.database if self.database is not None else data_dir / "coordinator.db"
-        msgspec.structs.force_setattr(self, "database", Path(database).expanduser())
+        check_heartbeats(self.heartbeat_interval, self.heartbeat_timeout)
+        data_dir = fill_path(self, "data_dir", self.data_dir)
+        fill_path(self, "keystore", data_dir / "signer.json")
+        fill_path(self, "database", data_dir / "coordinator.db")
         if self.addresses_file is not None:
             apply_addresses_file(self)
 

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from sogni_coordinator.db import Database
 from sogni_protocol.pricing import MICRO, Quote
 
 Asset = Literal["spark_paid", "spark_free", "sogni"]
@@ -159,33 +157,12 @@ def partial_value(job_value: int, steps_done: int, steps: int) -> int:
     return job_value * max(0, min(steps_done, steps)) // steps
 
 
-class Ledger:
+class Ledger(Database):
     """The journal; safe to share between threads (one connection, one lock)."""
 
     def __init__(self, path: Path | str, *, daily_boost_spark: int = 50) -> None:
-        self.path = str(path)
+        super().__init__(path, _SCHEMA)
         self.daily_boost_micro = daily_boost_spark * MICRO
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        if self.path != ":memory:":
-            self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     @staticmethod
     def _post(

@@ -14,12 +14,12 @@ the rest, as Livepeer's gateway learned).
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from sogni_coordinator.db import Database
 
 ALPHA = 0.2
 NEWCOMER_FLOOR = 0.5
@@ -76,17 +76,13 @@ def _ema(old: float, sample: float) -> float:
     return (1 - ALPHA) * old + ALPHA * sample
 
 
-class Reputation:
+class Reputation(Database):
     """Per-wallet records in memory, written through to SQLite (its own table)."""
 
     def __init__(self, path: Path | str, clock: Callable[[], float] = time.time) -> None:
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
         # Reputation is advisory: losing the last moments of it in a crash is fine, an fsync
         # per job on the event loop is not.
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
-        self._lock = threading.Lock()
+        super().__init__(path, _SCHEMA, synchronous="NORMAL")
         self._clock = clock
         self.records: dict[str, WorkerRecord] = {}
         for row in self._db.execute("SELECT * FROM reputation"):
@@ -106,10 +102,6 @@ class Reputation:
                 blacklisted_until,
                 earned,
             )
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
     def get(self, wallet: str) -> WorkerRecord:
         key = wallet.lower()

@@ -11,15 +11,13 @@ request arrived in; nothing here logs them.
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
+from sogni_coordinator.db import Database
 from sogni_protocol.messages import JobParams, Receipt
 
 _SCHEMA_VERSION = 1
@@ -102,41 +100,25 @@ class StoredReceipt:
     request_id: bytes
 
 
-class Store:
+def _schema_version(path: Path | str) -> int:
+    if str(path) == ":memory:" or not Path(path).exists():
+        return 0
+    with sqlite3.connect(str(path)) as db:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+class Store(Database):
     """One SQLite connection guarded by a lock; calls are short and run on the trio thread."""
 
     def __init__(self, path: Path | str) -> None:
-        self.path = Path(path)
-        if str(path) != ":memory:":
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._lock = threading.Lock()
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        version = _schema_version(path)
         if version > _SCHEMA_VERSION:
             raise RuntimeError(
                 f"database {path} has schema version {version}, newer than this coordinator "
                 f"({_SCHEMA_VERSION}); upgrade sogni-coordinator"
             )
-        self._db.executescript(_SCHEMA)
+        super().__init__(path, _SCHEMA)
         self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
 
     # --- writes ------------------------------------------------------------------------
     def add_request(

@@ -25,6 +25,8 @@ from sogni_protocol.settings import (
     EnvName,
     Multiaddr,
     Seconds,
+    check_heartbeats,
+    fill_path,
     load_settings,
     read_config_text,
 )
@@ -76,19 +78,10 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     """The coordinator's published epoch files (`epoch-N.json`, `receipts/`), for `rewards`."""
 
     def __post_init__(self) -> None:
-        if self.heartbeat_timeout <= self.heartbeat_interval:
-            raise ValueError(
-                f"heartbeat_timeout ({self.heartbeat_timeout:g} s) must be greater than "
-                f"heartbeat_interval ({self.heartbeat_interval:g} s)"
-            )
-        # Derived defaults are filled here (not in the loader) so that `NodeConfig(data_dir=x)`
-        # built in code or tests behaves exactly like a loaded config.
-        data_dir = self.data_dir.expanduser()
-        msgspec.structs.force_setattr(self, "data_dir", data_dir)
-        models = self.models_dir if self.models_dir is not None else data_dir / "models"
-        msgspec.structs.force_setattr(self, "models_dir", Path(models).expanduser())
-        keystore = self.keystore if self.keystore is not None else data_dir / "wallet.json"
-        msgspec.structs.force_setattr(self, "keystore", Path(keystore).expanduser())
+        check_heartbeats(self.heartbeat_interval, self.heartbeat_timeout)
+        data_dir = fill_path(self, "data_dir", self.data_dir)
+        fill_path(self, "models_dir", data_dir / "models")
+        fill_path(self, "keystore", data_dir / "wallet.json")
         if self.addresses_file is not None:
             apply_addresses_file(self)
 

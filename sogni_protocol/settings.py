@@ -295,3 +295,24 @@ def _enc_hook(obj: Any) -> Any:
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
     return {k: _drop_none(v) if isinstance(v, dict) else v for k, v in d.items() if v is not None}
+
+
+def check_heartbeats(interval: float, timeout: float) -> None:
+    """A timeout at or below the interval would drop every healthy peer between two beats."""
+    if timeout <= interval:
+        raise ValueError(
+            f"heartbeat_timeout ({timeout:g} s) must be greater than "
+            f"heartbeat_interval ({interval:g} s)"
+        )
+
+
+def fill_path(settings: msgspec.Struct, name: str, default: Path) -> Path:
+    """Set a path field left empty to `default`, `~` expanded, on a frozen settings struct.
+
+    Derived defaults are filled in `__post_init__` (not in the loader) so that a struct built
+    in code behaves exactly like a loaded one.
+    """
+    value = getattr(settings, name)
+    path = Path(value if value is not None else default).expanduser()
+    msgspec.structs.force_setattr(settings, name, path)
+    return path
