@@ -228,11 +228,7 @@ async def test_bad_receipts_are_refused_and_the_job_is_receipted_once(
             # the job went back to the queue; a real node now finishes it, exactly once
             await channel.send(Goodbye(reason="test"))
             await net.add_node(backend, "honest")
-            with trio.fail_after(60):
-                while True:
-                    msg = await cchan.receive(limit=RESULT_FRAME_LIMIT, timeout=60)
-                    if type(msg).__name__ == "RequestDone":
-                        break
+            msg = await receive_skipping(cchan, (RequestDone,), 60, RESULT_FRAME_LIMIT)
             assert msg.delivered == 1
             late = _result_for(offer, acct, net.domain, image)
             stored = net.coordinator.dispatcher.store.receipts()
@@ -257,11 +253,7 @@ async def test_node_that_disconnects_mid_job_loses_it_to_the_queue(
                 await channel.send(Progress(job_id=offer.offer.job_id, step=1))
                 await channel.reset()  # vanishes mid-job
                 await net.add_node(backend, "honest")
-                with trio.fail_after(60):
-                    while True:
-                        msg = await cchan.receive(limit=RESULT_FRAME_LIMIT, timeout=60)
-                        if type(msg).__name__ == "RequestDone":
-                            break
+                msg = await receive_skipping(cchan, (RequestDone,), 60, RESULT_FRAME_LIMIT)
                 assert (msg.delivered, msg.failed) == (1, 0)
         receipts = net.coordinator.dispatcher.store.receipts()
         assert [r.receipt.job_id for r in receipts] == accepted.job_ids
@@ -288,11 +280,7 @@ async def test_job_past_its_deadline_is_requeued_and_paid_once(
                         if isinstance(msg, Cancel):
                             break
                 await net.add_node(backend, "honest")
-                with trio.fail_after(60):
-                    while True:
-                        msg = await cchan.receive(limit=RESULT_FRAME_LIMIT, timeout=60)
-                        if type(msg).__name__ == "RequestDone":
-                            break
+                msg = await receive_skipping(cchan, (RequestDone,), 60, RESULT_FRAME_LIMIT)
                 # the late result from the first node is refused: the job is already receipted
                 late = _result_for(offer, acct, net.domain, b"late image")
                 await channel.send(late, limit=RESULT_FRAME_LIMIT)
@@ -341,11 +329,7 @@ async def test_sigterm_finishes_or_hands_back_running_jobs_and_says_which(
             assert report.finished == []
             # the coordinator requeued it; another node finishes it
             await net.add_node(backend, "node1")
-            with trio.fail_after(60):
-                while True:
-                    msg = await cchan.receive(limit=RESULT_FRAME_LIMIT, timeout=60)
-                    if type(msg).__name__ == "RequestDone":
-                        break
+            msg = await receive_skipping(cchan, (RequestDone,), 60, RESULT_FRAME_LIMIT)
             assert msg.delivered == 1
 
 
