@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import msgspec
 import typer
 
-from sogni_node.config import NodeConfig, load_node_config
+from sogni_node.cli_common import ConfigOption, JsonOption
+from sogni_node.cli_common import fail as _fail
+from sogni_node.cli_common import load_config as _config
 from sogni_node.hardware import HardwareError, probe
 from sogni_node.keystore import (
     DEFAULT_KDF_N,
@@ -26,7 +27,7 @@ from sogni_node.keystore import (
     password_from_env_or_prompt,
 )
 from sogni_protocol.logs import configure_logging
-from sogni_protocol.settings import SettingsError, settings_to_builtins
+from sogni_protocol.settings import settings_to_builtins
 
 __all__ = ["app"]
 
@@ -39,29 +40,6 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="The node's wallet (keystore v3): rewards go to its address.")
 app.add_typer(keys_app, name="keys")
-
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="TOML config file (default: $SOGNI_NODE_CONFIG, else built-in defaults).",
-        dir_okay=False,
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _config(path: Path | None) -> NodeConfig:
-    try:
-        return load_node_config(path)
-    except SettingsError as exc:
-        _fail(str(exc), 2)
 
 
 def _print_json(value: Any) -> None:

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from sogni_node.config import NodeConfig, load_node_config
+from sogni_node.cli_common import ConfigOption, JsonOption
+from sogni_node.cli_common import fail as _fail
+from sogni_node.cli_common import load_config as _config
+from sogni_node.config import NodeConfig
 from sogni_node.keystore import KeystoreError, keystore_address, unlock_wallet
-from sogni_protocol.settings import SettingsError
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
@@ -33,12 +35,6 @@ rewards_app = typer.Typer(
 )
 app.add_typer(rewards_app, name="rewards")
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config", "-c", help="TOML config file (default: $SOGNI_NODE_CONFIG).", dir_okay=False
-    ),
-]
 UrlOption = Annotated[
     str | None, typer.Option("--chain-url", help="JSON-RPC url (default: config chain_url).")
 ]
@@ -46,19 +42,6 @@ EpochsOption = Annotated[
     Path | None,
     typer.Option("--epochs-dir", help="Coordinator's published epochs (default: epochs_dir)."),
 ]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON.")]
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
-
-
-def _config(path: Path | None) -> NodeConfig:
-    try:
-        return load_node_config(path)
-    except (SettingsError, ValueError) as exc:
-        _fail(str(exc), 2)
 
 
 def _print_json(value: Any) -> None:
