@@ -71,6 +71,7 @@ class NodeLink:
     networks: frozenset[str] = frozenset({"fast", "relaxed"})
     stake_weight: float = 1.0
     connected_at: float = field(default_factory=time.time)
+    warm: frozenset[str] = frozenset()
     credit: int = 0
     inflight: dict[bytes, Job] = field(default_factory=dict)
 

@@ -142,6 +142,7 @@ async def _reader(channel: Channel, link: NodeLink, dispatcher: Dispatcher, time
     while True:
         msg = await channel.receive(limit=RESULT_FRAME_LIMIT, timeout=timeout)
         if isinstance(msg, Ready):
+            link.warm = frozenset(msg.warm_models)
             dispatcher.add_credit(link, msg.slots)
         elif isinstance(msg, Progress):
             dispatcher.progress(link, msg.job_id, msg.step)

@@ -6,7 +6,8 @@
   holds a worker licence and the minimum stake; `relaxed` jobs go to the others (Macs, CPUs).
   With `tiers = "open"` (local networks) every node serves both.
 - Choice: weighted random over capable nodes, weight = reputation score (with a newcomer
-  floor) x stake weight, so good nodes get more work and every capable node gets some.
+  floor) x stake weight x `WARM_BONUS` if the model is already loaded there, so good nodes
+  get more work, loads are avoided, and every capable node gets some.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 
 TierMode = Literal["open", "enforced"]
 MAX_NODES_PER_REQUEST = 16
+WARM_BONUS = 2.0
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,9 @@ class Router:
             return candidates[0]
         now = (self.clock or time.time)()
         weights = [
-            self.reputation.get(link.wallet).score(now, link.connected_at) * link.stake_weight
+            self.reputation.get(link.wallet).score(now, link.connected_at)
+            * link.stake_weight
+            * (WARM_BONUS if p.model_id in link.warm else 1.0)
             for link in candidates
         ]
         return (self.rng or random).choices(candidates, weights=weights)[0]

@@ -58,6 +58,7 @@ def capabilities(
         backend=backend.name,
         device=hw.device,
         max_pixels=hw.max_pixels,
+        warm_models=worker.warm_models(),
     )
 
 

@@ -31,8 +31,8 @@ from sogni_protocol.messages import (
     Capabilities,
     Goodbye,
     HandBack,
-    JobOffer,
     Heartbeat,
+    JobOffer,
     Message,
     NodeHello,
     Offer,
@@ -98,7 +98,7 @@ class PullSession:
             pass
 
     def offer_ready(self) -> None:
-        self.send(Ready(slots=self.worker.free_slots))
+        self.send(Ready(slots=self.worker.free_slots, warm_models=self.worker.warm_models()))
 
     async def run(self) -> None:
         try:

@@ -55,6 +55,10 @@ class Worker:
         self._idle = trio.Event()
         self._idle.set()
 
+    def warm_models(self) -> list[str]:
+        warm = getattr(self.backend, "warm_models", None)
+        return list(warm()[:64]) if callable(warm) else []
+
     @property
     def free_slots(self) -> int:
         return 0 if self.draining else max(0, self.slots - len(self.running))

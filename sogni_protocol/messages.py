@@ -103,6 +103,7 @@ class Capabilities(_Record, kw_only=True):
     device: ShortText
     max_pixels: Annotated[int, Meta(ge=0, le=2**31)]
     version: ShortText = ""
+    warm_models: Annotated[list[ModelId], Meta(max_length=64)] = []
 
 
 class RenderMeta(_Record, kw_only=True):
@@ -208,9 +209,11 @@ class Welcome(_Message, tag="welcome", kw_only=True):
 
 
 class Ready(_Message, tag="ready", kw_only=True):
-    """The node can take `slots` more offers (credit-based flow control)."""
+    """The node can take `slots` more offers (credit-based flow control); `warm_models` are
+    loaded now, so jobs for them start without a load."""
 
     slots: Slots
+    warm_models: Annotated[list[ModelId], Meta(max_length=64)] = []
 
 
 class Offer(_Message, tag="offer", kw_only=True):

@@ -31,6 +31,7 @@ from diffusers.utils import is_accelerate_available
 from sogni_node.models.registry import ModelRegistry
 from sogni_node.render.backend import RenderCancelled, RenderError, RenderJob, RenderOutput
 from sogni_node.render.png import encode_png, float_image_to_uint8
+from sogni_node.render.residency import Residency, module_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,15 @@ class _Loaded:
     scheduler_config: Mapping[str, Any]
 
 
+def _default_budget(device: str) -> int:
+    """Half of the device's memory: room for activations and the rest of the system."""
+    if device == "cuda":
+        return int(torch.cuda.get_device_properties(0).total_memory // 2)
+    import os
+
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
+
+
 class DiffusersBackend:
     """`Backend` over diffusers pipelines from local folders in a `ModelRegistry`."""
 
@@ -118,6 +128,7 @@ class DiffusersBackend:
         device: str = "cpu",
         dtype: torch.dtype | str | None = None,
         threads: int | None = None,
+        memory_budget: int | None = None,
     ) -> None:
         dev = torch.device(device)
         if dev.type not in DEVICES:
@@ -132,7 +143,8 @@ class DiffusersBackend:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if dev.type == "cpu" and self.dtype != torch.float32:
             logger.warning("dtype %s on CPU is much slower than float32", self.dtype)
-        self._pipes: dict[str, _Loaded] = {}
+        budget = memory_budget or _default_budget(dev.type)
+        self._pipes: Residency[_Loaded] = Residency(budget, on_evict=self._evicted)
         self._load_lock = threading.Lock()
 
     @property
@@ -142,6 +154,15 @@ class DiffusersBackend:
     def load(self, model_id: str) -> None:
         """Load a model now (e.g. at start-up) instead of on its first job."""
         self._get(model_id)
+
+    def warm_models(self) -> list[str]:
+        """Models loaded now, most recently used first (advertised to coordinators)."""
+        return self._pipes.warm()
+
+    def _evicted(self, model_id: str, _loaded: _Loaded) -> None:
+        logger.info("evicted model %s to stay within the memory budget", model_id)
+        if self.device.startswith("cuda"):
+            torch.cuda.empty_cache()
 
     def _get(self, model_id: str) -> _Loaded:
         spec = self.registry.get(model_id)  # UnknownModelError before taking any lock
@@ -165,7 +186,8 @@ class DiffusersBackend:
                     scheduler_cls=pipe.scheduler.__class__,
                     scheduler_config=dict(pipe.scheduler.config),
                 )
-                self._pipes[model_id] = loaded
+                busy = [m for m, item in self._pipes.items() if item.lock.locked()]
+                self._pipes.admit(model_id, loaded, module_bytes(pipe), busy=busy)
                 logger.info(
                     "loaded model %s on %s/%s in %.2fs",
                     model_id,

@@ -381,3 +381,16 @@ async def test_nodes_gossip_signed_capability_adverts(net_factory: Any, backend:
                 await trio.sleep(0.05)
         caps = net.coordinator.adverts.adverts[peer]
         assert caps.models == [MODEL] and caps.peer_id == peer
+
+
+async def test_nodes_report_warm_models_with_their_free_slots(
+    net_factory: Any, backend: Any
+) -> None:
+    async with net_factory() as net:
+        await net.add_node(backend, "node0")
+        with trio.fail_after(60):
+            await render(net.addr, request(1))
+        link = next(iter(net.coordinator.dispatcher.nodes.values()))
+        with trio.fail_after(10):
+            while MODEL not in link.warm:
+                await trio.sleep(0.05)
