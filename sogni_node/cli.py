@@ -141,6 +141,41 @@ def config_command(config: ConfigOption = None) -> None:
     _print_json(data)
 
 
+@app.command("bench")
+def bench(
+    config: ConfigOption = None,
+    runs: Annotated[int, typer.Option(min=1, help="Timed renders per model.")] = 3,
+    as_json: JsonOption = False,
+) -> None:
+    """Measure render speed per installed model against the catalog baseline; save it."""
+    from sogni_node.benchmark import run_bench, save_report
+    from sogni_node.models import ModelRegistry
+    from sogni_node.render import create_backend
+
+    cfg = _config(config)
+    try:
+        hw = probe(cfg.device)
+    except (HardwareError, ValueError) as exc:
+        _fail(str(exc))
+    registry = ModelRegistry.default(cfg.models_dir)
+    backend = create_backend("diffusers", registry, device=hw.device, threads=cfg.threads or None)
+    report = run_bench(backend, registry, hw.device, runs=runs)
+    save_report(report, cfg.bench_path)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+        return
+    for m in report.models:
+        typer.echo(
+            f"{m.model_id:<28} {m.width}x{m.height} {m.steps:>3} steps  "
+            f"{m.measured_seconds:>8.3f} s (baseline {m.baseline_seconds:.3f} s)  "
+            f"speed {m.speed:.2f}x"
+        )
+    typer.echo(
+        f"device {report.device}, speed {report.speed:.2f}x: qualifies for the "
+        f"{report.tier} tier (fast also needs a worker licence and stake on chain)"
+    )
+
+
 @app.command("start")
 def start(
     config: ConfigOption = None,
@@ -162,6 +197,7 @@ def start(
 
 
 app.add_typer(__import__("sogni_node.rewards_cli", fromlist=["app"]).app)
+app.add_typer(__import__("sogni_node.models_cli", fromlist=["x"]).models_app, name="models")
 
 if __name__ == "__main__":
     app()

@@ -86,6 +86,11 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
             apply_addresses_file(self)
 
     @property
+    def bench_path(self) -> Path:
+        """Last `sogni-node bench` result; its speed is advertised."""
+        return self.data_dir / "bench.json"
+
+    @property
     def journal_path(self) -> Path:
         """SQLite journal of this node's offers and receipts (`sogni_node.journal`)."""
         return self.data_dir / "journal.db"

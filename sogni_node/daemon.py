@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from sogni_net import Host, TransportError, open_host
+from sogni_node.benchmark import saved_speed
 from sogni_node.config import NodeConfig
 from sogni_node.hardware import HardwareInfo, probe
 from sogni_node.journal import Journal
@@ -47,7 +48,13 @@ class ShutdownReport:
 
 
 def capabilities(
-    peer_id: str, wallet: str, worker: Worker, hw: HardwareInfo, backend: Backend, models: list[str]
+    peer_id: str,
+    wallet: str,
+    worker: Worker,
+    hw: HardwareInfo,
+    backend: Backend,
+    models: list[str],
+    speed: float = 0.0,
 ) -> Capabilities:
     return Capabilities(
         peer_id=peer_id,
@@ -59,6 +66,7 @@ def capabilities(
         device=hw.device,
         max_pixels=hw.max_pixels,
         warm_models=worker.warm_models(),
+        speed=speed,
     )
 
 
@@ -90,9 +98,12 @@ async def run_node(
             listen=[config.listen],
             pubsub_topics=[CAPABILITIES_TOPIC],
         ) as host:
+            speed = saved_speed(config.bench_path)
 
             def new_caps() -> Capabilities:
-                return capabilities(host.peer_id, wallet.address, worker, hw, backend, models)
+                return capabilities(
+                    host.peer_id, wallet.address, worker, hw, backend, models, speed
+                )
 
             def new_session(addr: str) -> PullSession:
                 caps = new_caps()

@@ -104,6 +104,8 @@ class Capabilities(_Record, kw_only=True):
     max_pixels: Annotated[int, Meta(ge=0, le=2**31)]
     version: ShortText = ""
     warm_models: Annotated[list[ModelId], Meta(max_length=64)] = []
+    speed: Annotated[float, Meta(ge=0, le=1e6)] = 0.0
+    """Measured by `sogni-node bench`: baseline render seconds / this node's (0: unmeasured)."""
 
 
 class RenderMeta(_Record, kw_only=True):
