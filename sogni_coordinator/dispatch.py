@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import trio
 
 from sogni_coordinator.billing import Billing
+from sogni_coordinator.group_commit import GroupCommit
 from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.routing import Router
 from sogni_coordinator.store import Store
@@ -138,6 +139,7 @@ class Dispatcher:
         self._clock = clock
         self.billing = billing
         self.no_node_grace = NO_NODE_GRACE
+        self.receipts = GroupCommit(store)
         self.queue: deque[Job] = deque()
         self.jobs: dict[bytes, Job] = {}
         self.nodes: dict[str, NodeLink] = {}
@@ -200,6 +202,7 @@ class Dispatcher:
         """Match queued jobs to nodes whenever something changes; sweep on a short period."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sweep_forever)
+            nursery.start_soon(self.receipts.run)
             while True:
                 await self._changed.wait()
                 self._changed = trio.Event()
@@ -385,7 +388,7 @@ class Dispatcher:
             except trio.WouldBlock:
                 pass  # progress is advisory: a slow client misses some, never an image
 
-    def accept_result(self, link: NodeLink, result: Result) -> None:
+    async def accept_result(self, link: NodeLink, result: Result) -> None:
         """Verify a result and commit its receipt, or raise `ResultRefused` naming the fault.
 
         The receipt is durable when this returns; only then may the node hear "accepted".
@@ -424,8 +427,10 @@ class Dispatcher:
         signer = eip712.recover_receipt_signer(self.domain, receipt, result.signature)
         if not eip712.same_address(signer, link.wallet):
             raise ResultRefused("receipt signature is not from the node's wallet")
-        if not self.store.store_receipt(receipt, result.signature, job.request_id):
+        if not await self.receipts.commit(receipt, result.signature, job.request_id):
             raise ResultRefused("job already receipted")
+        if job.job_id not in self.jobs:  # it ended (failed, cancelled) while we committed
+            return
         if self.billing is not None:
             self.billing.settle(
                 job.request_id, job.job_id, receipt.worker, receipt.steps_done, steps

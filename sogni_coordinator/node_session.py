@@ -147,7 +147,7 @@ async def _reader(channel: Channel, link: NodeLink, dispatcher: Dispatcher, time
         elif isinstance(msg, Progress):
             dispatcher.progress(link, msg.job_id, msg.step)
         elif isinstance(msg, Result):
-            _on_result(link, dispatcher, msg)
+            await _on_result(link, dispatcher, msg)
         elif isinstance(msg, OfferDeclined):
             log.info("offer_declined", peer=link.peer_id, reason=msg.reason)
             dispatcher.declined(link, msg.job_id, msg.reason)
@@ -161,9 +161,9 @@ async def _reader(channel: Channel, link: NodeLink, dispatcher: Dispatcher, time
             raise ProtocolError(f"unexpected {type(msg).__name__} on the jobs stream")
 
 
-def _on_result(link: NodeLink, dispatcher: Dispatcher, msg: Result) -> None:
+async def _on_result(link: NodeLink, dispatcher: Dispatcher, msg: Result) -> None:
     try:
-        dispatcher.accept_result(link, msg)
+        await dispatcher.accept_result(link, msg)
     except (ResultRefused, ProtocolError) as exc:
         log.warning("receipt_refused", peer=link.peer_id, job=msg.job_id.hex()[:16], error=str(exc))
         if msg.job_id in link.inflight:  # a bad result from the node holding the job

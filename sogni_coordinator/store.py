@@ -165,30 +165,41 @@ class Store(Database):
 
     def store_receipt(self, receipt: Receipt, signature: bytes, request_id: bytes) -> bool:
         """Commit a verified receipt and mark its job done; False if the job already has one."""
+        return self.store_receipts([(receipt, signature, request_id)])[0]
+
+    def store_receipts(self, batch: list[tuple[Receipt, bytes, bytes]]) -> list[bool]:
+        """Commit several receipts in one transaction (one fsync); per receipt, False if its
+        job already had one."""
         with self._tx() as db:
-            cur = db.execute(
-                "INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    receipt.job_id,
-                    request_id,
-                    receipt.worker.lower(),
-                    receipt.offer_hash,
-                    receipt.result_hash,
-                    receipt.steps_done,
-                    receipt.work_units,
-                    receipt.completed_at,
-                    msgspec.msgpack.encode(receipt),
-                    signature,
-                    time.time(),
-                ),
-            )
-            if cur.rowcount == 0:
-                return False
-            db.execute(
-                "UPDATE jobs SET state='done', updated_at=? WHERE job_id=?",
-                (time.time(), receipt.job_id),
-            )
-            return True
+            return [self._insert_receipt(db, *item) for item in batch]
+
+    @staticmethod
+    def _insert_receipt(
+        db: sqlite3.Connection, receipt: Receipt, signature: bytes, request_id: bytes
+    ) -> bool:
+        cur = db.execute(
+            "INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                receipt.job_id,
+                request_id,
+                receipt.worker.lower(),
+                receipt.offer_hash,
+                receipt.result_hash,
+                receipt.steps_done,
+                receipt.work_units,
+                receipt.completed_at,
+                msgspec.msgpack.encode(receipt),
+                signature,
+                time.time(),
+            ),
+        )
+        if cur.rowcount == 0:
+            return False
+        db.execute(
+            "UPDATE jobs SET state='done', updated_at=? WHERE job_id=?",
+            (time.time(), receipt.job_id),
+        )
+        return True
 
     # --- reads -------------------------------------------------------------------------
     def unfinished_jobs(self) -> list[StoredJob]:

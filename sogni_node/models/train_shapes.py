@@ -431,7 +431,17 @@ def train(out: Path, minutes: float = DEFAULT_MINUTES, seed: int = DEFAULT_SEED)
         pipe.save_pretrained(str(out), safe_serialization=True)
         for name in ("vocab.json", "merges.txt"):
             shutil.copyfile(tok_dir / name, out / "tokenizer" / name)
+    _add_ddim_keys(out / "scheduler" / "scheduler_config.json")
     return out
+
+
+def _add_ddim_keys(path: Path) -> None:
+    """Make a job's `ddim` scheduler (built from this config) work: DDIM clips x0 to [-1, 1]
+    by default, which wrecks unit-variance latents. Euler ignores these keys, as SD 1.5's own
+    scheduler config carries them too."""
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg.update(clip_sample=False, set_alpha_to_one=False)
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ from sogni_node.render.backend import (
     RenderOutput,
 )
 
-BACKEND_KINDS = ("diffusers",)
+BACKEND_KINDS = ("diffusers", "coreml")
 
 __all__ = [
     "BACKEND_KINDS",
@@ -49,4 +49,8 @@ def create_backend(kind: str, registry: ModelRegistry, **opts: Any) -> Backend:
         if opts.get("device") is None:
             opts["device"] = default_device()
         return DiffusersBackend(registry, **opts)
+    if kind == "coreml":
+        from sogni_node.render.coreml_backend import CoreMLBackend
+
+        return CoreMLBackend(registry, **opts)  # opts: cache_dir, nbits, compute_units
     raise ValueError(f"unknown backend kind {kind!r}; known: {', '.join(BACKEND_KINDS)}")

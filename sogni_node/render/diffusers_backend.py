@@ -238,7 +238,8 @@ class DiffusersBackend:
             # count is the one actually used.
             torch.set_num_threads(self.threads)
             pipe = loaded.pipe
-            pipe.scheduler = self._scheduler(loaded, job.scheduler)
+            scheduler = job.scheduler or self.registry.get(job.model_id).default_scheduler
+            pipe.scheduler = self._scheduler(loaded, scheduler)
             generator = torch.Generator(self.device).manual_seed(job.seed)
             try:
                 result = pipe(

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 
 from sogni_node.models import TINY_MODEL_ID, ModelRegistry, ModelSpec, UnknownModelError
+from sogni_node.models.registry import SHAPES_MODEL_ID
 
 
 def test_default_registers_tiny(registry: ModelRegistry, tiny_path: Path) -> None:
-    assert registry.ids() == [TINY_MODEL_ID]
+    assert registry.ids() == [SHAPES_MODEL_ID, TINY_MODEL_ID]
     spec = registry.get(TINY_MODEL_ID)
     assert spec.path == tiny_path
     assert spec.model_class == "sd15"

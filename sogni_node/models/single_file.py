@@ -1,0 +1,258 @@
+"""Single-file checkpoints (A1111 / original SD key layout) <-> diffusers folders, offline.
+
+Why: many community models ship as one `.safetensors` file, but the render backend loads
+diffusers folders. Converting once at import time (with `from_single_file(config=<local
+skeleton>, local_files_only=True)`) keeps model hubs out of the picture and makes every later
+load a plain `from_pretrained`. The reverse (`export_sd15_single_file`) exists so tests and
+operators can produce a checkpoint in the original layout from any SD 1.5-style folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
+"""Bundled config skeletons: one diffusers folder layout (JSON only) per model class."""
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer."
+
+TOKENIZER_FILES = ("vocab.json", "merges.txt")
+_TOKENIZER_SUBFOLDERS = {"sd15": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2")}
+_PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+
+
+class SingleFileError(ValueError):
+    """A checkpoint could not be converted (unsupported class, missing tokenizer, bad keys)."""
+
+
+def skeleton_family(model_class: str) -> str:
+    """Config skeleton for a model class: turbo/lightning share SDXL's, lcm shares SD 1.5's."""
+    if model_class in ("sdxl", "sdxl-turbo"):
+        return "sdxl"
+    if model_class in ("sd15", "lcm"):
+        return "sd15"
+    raise SingleFileError(
+        f"single-file import of class {model_class!r} is not supported (only sd15/lcm and "
+        "sdxl/sdxl-turbo); convert it to a diffusers folder first"
+    )
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return all((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def prepare_config_dir(
+    family: str, dest: Path, tokenizer_dirs: dict[str, Path] | None = None
+) -> Path:
+    """Copy the bundled skeleton for `family` to `dest`, adding tokenizer files.
+
+    The skeletons ship JSON configs only: the real CLIP BPE vocabulary is ~2 MB, so tokenizer
+    files come from `tokenizer_dirs` (subfolder name -> folder with vocab.json + merges.txt),
+    typically taken from an installed diffusers model of the same family.
+    """
+    src = CONFIGS_DIR / family
+    if not (src / "model_index.json").is_file():
+        raise SingleFileError(f"no bundled config skeleton for {family!r} at {src}")
+    shutil.copytree(src, dest, dirs_exist_ok=True)
+    for sub in _TOKENIZER_SUBFOLDERS[family]:
+        if _has_tokenizer(dest / sub):
+            continue
+        tok = (tokenizer_dirs or {}).get(sub)
+        if tok is None or not _has_tokenizer(tok):
+            raise SingleFileError(
+                f"single-file {family} import needs a CLIP tokenizer for {sub!r} "
+                "(vocab.json + merges.txt); pass --tokenizer DIR or first add a diffusers "
+                f"{family} model folder that has one"
+            )
+        (dest / sub).mkdir(parents=True, exist_ok=True)
+        for name in (*TOKENIZER_FILES, "special_tokens_map.json"):
+            if (tok / name).is_file():
+                shutil.copyfile(tok / name, dest / sub / name)
+    return dest
+
+
+def convert_single_file(
+    checkpoint: Path,
+    dest: Path,
+    family: str,
+    config_dir: Path | None = None,
+    tokenizer_dirs: dict[str, Path] | None = None,
+) -> Path:
+    """Convert `checkpoint` into a diffusers folder at `dest` (must not exist), offline.
+
+    `config_dir` overrides the bundled skeleton (a diffusers folder whose JSON configs and
+    tokenizer describe the checkpoint's architecture, e.g. for non-standard sizes).
+    """
+    import diffusers  # lazy: heavy
+
+    pipeline_cls: Any = getattr(diffusers, _PIPELINES[family])
+    with tempfile.TemporaryDirectory(prefix=".sogni-cfg.") as tmp:
+        cfg = config_dir
+        if cfg is None:
+            cfg = prepare_config_dir(family, Path(tmp) / "config", tokenizer_dirs)
+        try:
+            pipe = pipeline_cls.from_single_file(
+                str(checkpoint),
+                config=str(cfg),
+                local_files_only=True,
+                safety_checker=None,
+                requires_safety_checker=False,
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise SingleFileError(f"cannot convert {checkpoint.name}: {exc}") from exc
+        pipe.save_pretrained(str(dest), safe_serialization=True)
+        # Keep plain BPE files next to tokenizer.json, as tiny.py does, for other loaders.
+        for sub in _TOKENIZER_SUBFOLDERS[family]:
+            if _has_tokenizer(Path(cfg) / sub) and (dest / sub).is_dir():
+                for name in TOKENIZER_FILES:
+                    if not (dest / sub / name).exists():
+                        shutil.copyfile(Path(cfg) / sub / name, dest / sub / name)
+    return dest
+
+
+# --- diffusers -> original (LDM) layout, SD 1.5 family --------------------------------------
+
+_RESNET_TO_LDM = (
+    ("norm1", "in_layers.0"),
+    ("conv1", "in_layers.2"),
+    ("norm2", "out_layers.0"),
+    ("conv2", "out_layers.3"),
+    ("time_emb_proj", "emb_layers.1"),
+    ("conv_shortcut", "skip_connection"),
+)
+_VAE_ATTN_TO_LDM = (
+    ("group_norm.", "norm."),
+    ("to_q.", "q."),
+    ("to_k.", "k."),
+    ("to_v.", "v."),
+    ("to_out.0.", "proj_out."),
+)
+
+
+def _rename_head(rest: str, table: tuple[tuple[str, str], ...]) -> str:
+    head, _, tail = rest.partition(".")
+    for new, old in table:
+        if head == new:
+            return f"{old}.{tail}"
+    return rest
+
+
+def unet_to_ldm(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of diffusers' `convert_ldm_unet_checkpoint` for SD-style UNets (any depth)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    mapping: Any = DIFFUSERS_TO_LDM_MAPPING  # untyped nested dict in diffusers
+    fixed: dict[str, str] = dict(mapping["unet"]["layers"])
+    if config.get("addition_embed_type") == "text_time":
+        fixed.update(mapping["unet"]["addition_embed_type"])
+    per = int(config["layers_per_block"]) + 1
+    up_types = list(config["up_block_types"])
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if key in fixed:
+            out[fixed[key]] = value
+            continue
+        m = re.match(
+            r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)"
+            r"\.(\d+)\.(.*)",
+            key,
+        )
+        if m:
+            side, b, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+            if side == "down":
+                if kind == "downsamplers":
+                    new = f"input_blocks.{(b + 1) * per}.0.op.{rest.removeprefix('conv.')}"
+                else:
+                    idx = 1 + b * per + j
+                    part = _rename_head(rest, _RESNET_TO_LDM) if kind == "resnets" else rest
+                    new = f"input_blocks.{idx}.{0 if kind == 'resnets' else 1}.{part}"
+            elif kind == "upsamplers":
+                slot = 2 if "CrossAttn" in up_types[b] else 1
+                new = f"output_blocks.{b * per + per - 1}.{slot}.{rest}"
+            else:
+                part = _rename_head(rest, _RESNET_TO_LDM) if kind == "resnets" else rest
+                new = f"output_blocks.{b * per + j}.{0 if kind == 'resnets' else 1}.{part}"
+            out[new] = value
+            continue
+        m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key)
+        if m:
+            if m[1] == "resnets":
+                out[f"middle_block.{2 * int(m[2])}.{_rename_head(m[3], _RESNET_TO_LDM)}"] = value
+            else:
+                out[f"middle_block.1.{m[3]}"] = value
+            continue
+        raise SingleFileError(f"no original-layout name for UNet key {key!r}")
+    return {UNET_PREFIX + k: v for k, v in out.items()}
+
+
+def vae_to_ldm(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """Inverse of diffusers' `convert_ldm_vae_checkpoint` (attention weights become 1x1 convs)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    mapping: Any = DIFFUSERS_TO_LDM_MAPPING
+    fixed: dict[str, str] = dict(mapping["vae"])
+    n_up = len(config["up_block_types"])
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if key in fixed:
+            out[fixed[key]] = value
+            continue
+        m = re.match(
+            r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|"
+            r"upsamplers)\.(\d+)\.(.*)",
+            key,
+        )
+        if m:
+            part, side, b, kind, j, rest = m[1], m[2], int(m[3]), m[4], m[5], m[6]
+            ldm_b = b if side == "down" else n_up - 1 - b
+            if kind == "resnets":
+                rest = rest.replace("conv_shortcut", "nin_shortcut")
+                out[f"{part}.{side}.{ldm_b}.block.{j}.{rest}"] = value
+            else:
+                sample = "downsample" if side == "down" else "upsample"
+                out[f"{part}.{side}.{ldm_b}.{sample}.{rest}"] = value
+            continue
+        m = re.match(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.*)", key)
+        if m:
+            if m[2] == "resnets":
+                rest = m[4].replace("conv_shortcut", "nin_shortcut")
+                out[f"{m[1]}.mid.block_{int(m[3]) + 1}.{rest}"] = value
+            else:
+                rest = m[4]
+                for new, old in _VAE_ATTN_TO_LDM:
+                    if rest.startswith(new):
+                        rest = old + rest[len(new) :]
+                if value.ndim == 2:
+                    value = value[:, :, None, None]
+                out[f"{m[1]}.mid.attn_1.{rest}"] = value
+            continue
+        raise SingleFileError(f"no original-layout name for VAE key {key!r}")
+    return {VAE_PREFIX + k: v for k, v in out.items()}
+
+
+def export_sd15_single_file(folder: Path, out_path: Path) -> Path:
+    """Write an SD 1.5-style diffusers folder as one original-layout `.safetensors` file."""
+    from safetensors.torch import load_file, save_file
+
+    state: dict[str, Any] = {}
+    for sub, convert in (("unet", unet_to_ldm), ("vae", vae_to_ldm)):
+        config = json.loads((folder / sub / "config.json").read_text(encoding="utf-8"))
+        weights = load_file(str(folder / sub / "diffusion_pytorch_model.safetensors"))
+        state.update(convert(weights, config))
+    text = load_file(str(folder / "text_encoder" / "model.safetensors"))
+    # transformers >= 5.6 saves CLIPTextModel flat; the original layout keeps `text_model.`.
+    state.update(
+        {
+            CLIP_PREFIX + (k if k.startswith("text_model.") else f"text_model.{k}"): v
+            for k, v in text.items()
+        }
+    )
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out_path))
+    return out_path

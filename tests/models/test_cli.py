@@ -1,0 +1,53 @@
+"""`sogni-node models ...` through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from sogni_node.cli import app
+
+runner = CliRunner()
+
+
+def _run(models: Path, *args: str) -> tuple[int, str]:
+    cmd, *rest = args
+    result = runner.invoke(app, ["models", cmd, *rest, "--models-dir", str(models)])
+    return result.exit_code, result.output
+
+
+def test_models_cli(
+    tiny_folder: Path, tiny_checkpoint: Path, tiny_config_dir: Path, tmp_path: Path
+) -> None:
+    models = tmp_path / "models"
+    assert _run(models, "list") == (0, "no models installed\n")
+    code, out = _run(models, "add", str(tiny_folder), "--id", "tiny")
+    assert code == 0 and "added tiny (sd15)" in out
+    code, out = _run(models, "add", str(tiny_checkpoint), "--config-dir", str(tiny_config_dir))
+    assert code == 0 and "added tiny_sd_v1_-test (sd15)" in out
+    code, out = _run(models, "add", str(tiny_folder), "--id", "tiny")
+    assert code == 1 and "already installed" in out
+
+    code, out = _run(models, "list", "--json")
+    assert code == 0
+    listed = json.loads(out)
+    assert sorted(listed) == ["tiny", "tiny_sd_v1_-test"]
+    assert listed["tiny_sd_v1_-test"]["format"] == "single-file"
+
+    assert _run(models, "verify") == (0, "tiny: ok\ntiny_sd_v1_-test: ok\n")
+    unet = models / "tiny" / "unet" / "diffusion_pytorch_model.safetensors"
+    unet.write_bytes(unet.read_bytes()[:100])
+    code, out = _run(models, "verify")
+    assert code == 1
+    assert "tiny: BAD:" in out and "truncated" in out and "tiny_sd_v1_-test: ok" in out
+    code, out = _run(models, "verify", "tiny_sd_v1_-test", "--quick", "--json")
+    assert code == 0 and json.loads(out) == {"tiny_sd_v1_-test": {"ok": True, "problems": []}}
+
+    assert _run(models, "remove", "tiny") == (0, "removed tiny\n")
+    assert not (models / "tiny").exists()
+    code, out = _run(models, "remove", "tiny")
+    assert code == 1 and "not installed" in out
+    code, out = _run(models, "list")
+    assert code == 0 and out.startswith("tiny_sd_v1_-test  sd15  512x512")
