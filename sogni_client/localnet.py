@@ -28,7 +28,7 @@ from sogni_node.keystore import create_keystore
 
 DEMO_PASSWORD = "localnet-demo-password"
 DEMO_KDF_N = 2**14
-DEMO_MODEL = "sogni-tiny-sd"
+DEMO_MODEL = "sogni-shapes-64"  # the trained embedded default: follows colour prompts
 DEMO_STEPS = 8
 DEMO_GUIDANCE = 4.0
 

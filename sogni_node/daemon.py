@@ -206,12 +206,15 @@ def run(config: NodeConfig, *, announce: bool = False) -> ShutdownReport:
 
     wallet = unlock_wallet(config.keystore, config.password_env)
     registry = ModelRegistry.default(config.models_dir)
-    backend = create_backend(
-        "diffusers",
-        registry,
-        device=None if config.device == "auto" else config.device,
-        threads=config.threads or None,
-    )
+    if config.backend == "coreml":  # Apple Silicon; converts on first use, predicts on macOS
+        backend = create_backend("coreml", registry, cache_dir=config.models_dir / "coreml")
+    else:
+        backend = create_backend(
+            "diffusers",
+            registry,
+            device=None if config.device == "auto" else config.device,
+            threads=config.threads or None,
+        )
     models = registry.ids()
     on_event = _announce if announce else None
 
