@@ -133,7 +133,7 @@ async def serve_client(
     out_send, out_recv = trio.open_memory_channel[Message](math.inf)
     state = RequestState(request_id, len(jobs), out_send, orphan_saver(results_dir))
     dispatcher.add_request(state, jobs)
-    log.info("request_accepted", peer=peer, request=request_id.hex()[:16], images=len(jobs))
+    log.info("request_accepted", peer=peer, request=request_id.hex()[:16], image_count=len(jobs))
     try:
         await channel.send(
             RequestAccepted(

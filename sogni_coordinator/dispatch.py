@@ -212,13 +212,18 @@ class Dispatcher:
         if not self.queue or not any(n.credit > 0 for n in self.nodes.values()):
             return
         unmatched: deque[Job] = deque()
+        blocked: set[bytes] = set()  # requests no free node can serve in this pass
         while self.queue:
             job = self.queue.popleft()
             if job.job_id not in self.jobs or job.holders:  # done, or picked up meanwhile
                 continue
+            if job.request_id in blocked:  # its jobs differ only by seed: same answer
+                unmatched.append(job)
+                continue
             state = self.requests.get(job.request_id)
             link = self.router.pick(job, self.nodes.values(), set(state.nodes) if state else set())
             if link is None:
+                blocked.add(job.request_id)
                 unmatched.append(job)
                 if not any(n.credit > 0 for n in self.nodes.values()):
                     break

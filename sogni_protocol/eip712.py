@@ -217,9 +217,15 @@ def receipt_digest(domain: Domain, receipt: Receipt) -> bytes:
 
 
 # --- sign / verify -------------------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
+def _signing_key(private_key: bytes) -> coincurve.PrivateKey:
+    """Building a key derives its public key (~100 us): once per key, not per signature."""
+    return coincurve.PrivateKey(private_key)
+
+
 def sign_digest(private_key: bytes, digest: bytes) -> bytes:
     """65-byte r||s||v signature (v = 27/28), as eth-account produces."""
-    sig = coincurve.PrivateKey(private_key).sign_recoverable(digest, hasher=None)
+    sig = _signing_key(bytes(private_key)).sign_recoverable(digest, hasher=None)
     return sig[:64] + bytes([sig[64] + 27])
 
 

@@ -162,7 +162,7 @@ def _result(key: object, domain: Domain, offer: Offer, dispatcher: Dispatcher) -
 
 
 @pytest.mark.parametrize("wrong", ["chain", "distributor"])
-def test_dispatcher_refuses_receipts_for_another_chain_or_distributor(
+async def test_dispatcher_refuses_receipts_for_another_chain_or_distributor(
     net: Net, store: Store, tmp_path: Path, wrong: str
 ) -> None:
     cfg = CoordinatorConfig(data_dir=tmp_path, addresses_file=_addresses_file(net, tmp_path))
@@ -174,12 +174,15 @@ def test_dispatcher_refuses_receipts_for_another_chain_or_distributor(
         if wrong == "chain"
         else Domain(net.domain.chain_id, "0x" + "33" * 20)
     )
-    with pytest.raises(ResultRefused, match="signature"):
-        dispatcher.accept_result(link, _result(node, other, offer, dispatcher))
-    assert store.receipts() == []
-    # the same receipt signed under the deployed distributor's domain is accepted, once
-    good = _result(node, net.domain, offer, dispatcher)
-    dispatcher.accept_result(link, good)
-    assert len(store.receipts()) == 1
-    with pytest.raises(ResultRefused, match="already receipted"):
-        dispatcher.accept_result(link, good)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dispatcher.receipts.run)  # receipts are committed in groups
+        with pytest.raises(ResultRefused, match="signature"):
+            await dispatcher.accept_result(link, _result(node, other, offer, dispatcher))
+        assert store.receipts() == []
+        # the same receipt signed under the deployed distributor's domain is accepted, once
+        good = _result(node, net.domain, offer, dispatcher)
+        await dispatcher.accept_result(link, good)
+        assert len(store.receipts()) == 1
+        with pytest.raises(ResultRefused, match="already receipted"):
+            await dispatcher.accept_result(link, good)
+        nursery.cancel_scope.cancel()

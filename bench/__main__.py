@@ -1,0 +1,82 @@
+"""`python -m bench [overhead] [dispatch] [settlement] [pricing] [--quick]`: run benchmarks, write BENCHMARKS.md.
+
+With no section named, every benchmark runs and BENCHMARKS.md is rewritten whole; naming
+sections reruns only those and keeps the others' text as it was.
+"""
+
+from __future__ import annotations
+
+import os
+
+# One BLAS/OpenMP thread in this process too, before torch is imported anywhere: the direct
+# baseline must run with the node's thread settings.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import shlex
+import sys
+import time
+
+from bench import _common as common
+from sogni_protocol.logs import configure_logging
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("sections", nargs="*", help=f"any of {', '.join(common.SECTION_ORDER)}")
+    parser.add_argument("--quick", action="store_true", help="smaller batches (about 2 min)")
+    parser.add_argument("--keep", action="store_true", help="keep work folders and logs")
+    parser.add_argument("--no-profile", action="store_true", help="dispatch: skip the profile")
+    parser.add_argument("--no-write", action="store_true", help="print, do not write the file")
+    args = parser.parse_args(argv)
+    unknown = [s for s in args.sections if s not in common.SECTION_ORDER]
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; known: {list(common.SECTION_ORDER)}")
+    sections = list(dict.fromkeys(args.sections)) or list(common.SECTION_ORDER)
+    whole = not args.sections
+    configure_logging("warning", json=False)
+    flags = [f for f, on in (("--quick", args.quick), ("--no-profile", args.no_profile)) if on]
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > 0.5:
+        print(
+            f"warning: load average is {load:.1f} before starting; other processes will "
+            f"skew the numbers (reported as 'others' CPU)",
+            file=sys.stderr,
+        )
+    started = time.perf_counter()
+    out: dict[str, str] = {}
+    for name in sections:
+        command = shlex.join(["python", "-m", "bench", *([] if whole else [name]), *flags])
+        if name == "overhead":
+            from bench import overhead
+
+            o_settings = overhead.QUICK if args.quick else overhead.Settings()
+            o_settings = overhead.Settings(**{**o_settings.__dict__, "keep": args.keep})
+            out[name] = overhead.render_markdown(overhead.run(o_settings, command))
+        elif name == "dispatch":
+            from bench import dispatch
+
+            d_settings = dispatch.QUICK if args.quick else dispatch.Settings()
+            d_settings = dispatch.Settings(
+                **{**d_settings.__dict__, "keep": args.keep, "profile": not args.no_profile}
+            )
+            out[name] = dispatch.render_markdown(dispatch.run(d_settings, command))
+        elif name == "settlement":
+            from bench import settlement
+
+            out[name] = settlement.run(args.quick)
+        elif name == "pricing":  # also rewrites configs/pricing_factors.toml
+            from bench import pricing_scaling
+
+            out[name] = pricing_scaling.run(args.quick)
+    elapsed = time.perf_counter() - started
+    for text in out.values():
+        print("\n" + text)
+    if not args.no_write:
+        path = common.write_sections(out, common.machine_section(), whole=whole)
+        print(f"wrote {path} ({', '.join(out)}) in {elapsed:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

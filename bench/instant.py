@@ -1,0 +1,58 @@
+"""`InstantBackend`: a `Backend` that answers every job at once with a ready PNG.
+
+It makes the render cost zero, so a benchmark measures only what the node daemon, the wire
+and the coordinator add per job. The image is a fixed 64x64 noise PNG (incompressible, like
+the tiny model's output, about 12 KB), encoded once by the same deterministic encoder the
+real backends use.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from sogni_node.render.backend import Backend, RenderCancelled, RenderJob, RenderOutput
+from sogni_node.render.png import encode_png
+
+
+def noise_png(side: int = 64, seed: int = 0) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    return encode_png(pixels)
+
+
+class InstantBackend:
+    """Reports every step, then returns the same PNG; honours cancellation like a real one."""
+
+    name = "instant"
+
+    def __init__(self, image: bytes | None = None) -> None:
+        self.image = image if image is not None else noise_png()
+        self.renders = 0
+
+    def render(
+        self,
+        job: RenderJob,
+        on_step: Callable[[int], None],
+        should_cancel: Callable[[], bool],
+    ) -> RenderOutput:
+        for step in range(1, job.steps + 1):
+            if should_cancel():
+                raise RenderCancelled(step - 1)
+            on_step(step)
+        self.renders += 1
+        return RenderOutput(
+            image=self.image,
+            steps_done=job.steps,
+            backend=self.name,
+            device="cpu",
+            dtype="none",
+            threads=1,
+        )
+
+    def close(self) -> None:
+        pass
+
+
+def _check_protocol() -> Backend:
+    return InstantBackend()  # mypy: InstantBackend satisfies the Backend protocol
