@@ -1,4 +1,4 @@
-"""`python -m bench [overhead] [dispatch] [settlement] [pricing] [--quick]`: run benchmarks, write BENCHMARKS.md.
+"""`python -m bench [SECTION...] [--quick]`: run benchmarks, write BENCHMARKS.md.
 
 With no section named, every benchmark runs and BENCHMARKS.md is rewritten whole; naming
 sections reruns only those and keeps the others' text as it was.
