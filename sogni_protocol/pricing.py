@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from sogni_protocol.catalog import CONFIGS, Catalog, default_catalog
 from sogni_protocol.messages import RenderRequest
@@ -132,14 +132,16 @@ def sogni_micro(spark_micro_amount: int, sogni_usd: float) -> int:
     return _round(spark_micro_amount * BASELINE_USD / Fraction(str(sogni_usd)))
 
 
-@dataclass(frozen=True)
-class Price:
-    """One image's (or a whole request's) cost."""
+class _InUnits:
+    """Spark, SOGNI and USD views of amounts kept in integer micro units."""
 
-    render_seconds: float
-    work_units: int
-    spark_micro: int
-    sogni_micro: int
+    if TYPE_CHECKING:  # fields in `Price`, computed in `Quote`
+
+        @property
+        def spark_micro(self) -> int: ...
+
+        @property
+        def sogni_micro(self) -> int: ...
 
     @property
     def spark(self) -> float:
@@ -155,7 +157,17 @@ class Price:
 
 
 @dataclass(frozen=True)
-class Quote:
+class Price(_InUnits):
+    """One image's (or a whole request's) cost."""
+
+    render_seconds: float
+    work_units: int
+    spark_micro: int
+    sogni_micro: int
+
+
+@dataclass(frozen=True)
+class Quote(_InUnits):
     """What a request costs. `render_seconds` is work (tier-independent); prices are per tier.
 
     The totals are exactly `images` x `per_image`, so per-receipt settlement adds up.
@@ -183,18 +195,6 @@ class Quote:
     @property
     def sogni_micro(self) -> int:
         return self.per_image.sogni_micro * self.images
-
-    @property
-    def spark(self) -> float:
-        return self.spark_micro / MICRO
-
-    @property
-    def sogni(self) -> float:
-        return self.sogni_micro / MICRO
-
-    @property
-    def usd(self) -> float:
-        return float(self.spark_micro * BASELINE_USD / MICRO)
 
     @property
     def amount_micro(self) -> int:
