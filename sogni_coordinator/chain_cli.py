@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 
+from sogni_coordinator.chain_link import publish_dir
 from sogni_coordinator.config import (
     CONFIG_ENV,
     ENV_PREFIX,
@@ -104,11 +105,6 @@ def _addresses_path(cfg: CoordinatorConfig) -> Path:
     return cfg.addresses_file if cfg.addresses_file is not None else cfg.data_dir / "addresses.json"
 
 
-def _publish_dir(cfg: CoordinatorConfig) -> Path:
-    publish = cfg.settlement.publish_dir
-    return publish.expanduser() if publish is not None else cfg.data_dir / "epochs"
-
-
 def _shared_chain(cfg: CoordinatorConfig, url: str | None) -> Chain:
     from sogni_chain import connect
 
@@ -163,7 +159,7 @@ def _settler(cfg: CoordinatorConfig, url: str | None, store: Store) -> Settler:
         deployment,
         sender=sender,
         rules=cfg.settlement.rules(),
-        publish_dir=_publish_dir(cfg),
+        publish_dir=publish_dir(cfg),
     )
 
 

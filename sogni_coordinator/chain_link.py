@@ -9,6 +9,7 @@ closed by `sogni-coordinator epoch close` or by the demo launcher.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sogni_coordinator.config import CoordinatorConfig
@@ -20,6 +21,12 @@ if TYPE_CHECKING:
     from sogni_coordinator.settlement import Settler
 
 WEI_PER_SOGNI = 10**18
+
+
+def publish_dir(config: CoordinatorConfig) -> Path:
+    """Where epoch and receipts files are published (`settlement.publish_dir`)."""
+    publish = config.settlement.publish_dir
+    return publish.expanduser() if publish is not None else config.data_dir / "epochs"
 
 
 @dataclass
@@ -49,6 +56,6 @@ def connect_chain(config: CoordinatorConfig, private_key: bytes, store: Store) -
         deployment,
         sender=sender,
         rules=config.settlement.rules(),
-        publish_dir=config.settlement.publish_dir or config.data_dir / "epochs",
+        publish_dir=publish_dir(config),
     )
     return ChainLink(deployment, settler)

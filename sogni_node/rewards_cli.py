@@ -9,6 +9,7 @@ chain (`chain_url`, e.g. anvil) and the keystore password.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -191,6 +192,22 @@ def _amount(text: str) -> int:
         _fail(str(exc), 2)
 
 
+def _staking_tx(
+    config: Path | None, chain_url: str | None, send: Callable[[Deployment, LocalAccount], object]
+) -> None:
+    """Run one staking transaction with the node wallet and print the resulting stake."""
+    from sogni_chain import ChainRevert
+
+    cfg = _config(config)
+    deployment = _required_deployment(cfg, chain_url)
+    wallet = _wallet(cfg, deployment)
+    try:
+        send(deployment, wallet)
+    except ChainRevert as exc:
+        _fail(exc.reason)
+    _print_json(_stake_state(deployment, wallet.address))
+
+
 @app.command("stake")
 def stake(
     amount: Annotated[str, typer.Argument(help="SOGNI to stake (e.g. 1000 or 0.5).")],
@@ -198,19 +215,14 @@ def stake(
     chain_url: UrlOption = None,
 ) -> None:
     """Stake SOGNI from the node wallet (approve + stake): lowers the platform take rate."""
-    from sogni_chain import ChainRevert
-
     wei = _amount(amount)
-    cfg = _config(config)
-    deployment = _required_deployment(cfg, chain_url)
-    wallet = _wallet(cfg, deployment)
-    try:
+
+    def send(deployment: Deployment, wallet: LocalAccount) -> None:
         if deployment.token.allowance(wallet, deployment.staking.address) < wei:
             deployment.token.approve(deployment.staking.address, wei, sender=wallet)
         deployment.staking.stake(wei, sender=wallet)
-    except ChainRevert as exc:
-        _fail(exc.reason)
-    _print_json(_stake_state(deployment, wallet.address))
+
+    _staking_tx(config, chain_url, send)
 
 
 @app.command("unstake")
@@ -220,29 +232,11 @@ def unstake(
     chain_url: UrlOption = None,
 ) -> None:
     """Request an unstake: it stops counting now and can be withdrawn after 7 days."""
-    from sogni_chain import ChainRevert
-
     wei = _amount(amount)
-    cfg = _config(config)
-    deployment = _required_deployment(cfg, chain_url)
-    wallet = _wallet(cfg, deployment)
-    try:
-        deployment.staking.request_unstake(wei, sender=wallet)
-    except ChainRevert as exc:
-        _fail(exc.reason)
-    _print_json(_stake_state(deployment, wallet.address))
+    _staking_tx(config, chain_url, lambda d, w: d.staking.request_unstake(wei, sender=w))
 
 
 @app.command("withdraw")
 def withdraw(config: ConfigOption = None, chain_url: UrlOption = None) -> None:
     """Withdraw the unstaked bucket once its cooldown is over."""
-    from sogni_chain import ChainRevert
-
-    cfg = _config(config)
-    deployment = _required_deployment(cfg, chain_url)
-    wallet = _wallet(cfg, deployment)
-    try:
-        deployment.staking.withdraw(sender=wallet)
-    except ChainRevert as exc:
-        _fail(exc.reason)
-    _print_json(_stake_state(deployment, wallet.address))
+    _staking_tx(config, chain_url, lambda d, w: d.staking.withdraw(sender=w))
