@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml scripts/ensure-system-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev,coreml]'
+	$(PY) -m pip install -q -e '.[dev,coreml,quant]'
 	touch $(STAMP)
 
 # npm tools for the chain tests: solc-js, OpenZeppelin, anvil (pinned in contracts/package-lock.json)

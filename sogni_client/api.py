@@ -26,6 +26,7 @@ from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CLIENT_PROTOCOL, CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT
+from sogni_protocol.image_types import extension_of
 from sogni_protocol.messages import (
     JobFailed,
     JobImage,
@@ -182,12 +183,13 @@ def receipt_line(image: RenderedImage, file_name: str) -> dict[str, Any]:
 
 
 def save(result: RenderResult, out_dir: Path) -> list[Path]:
-    """Write each image as `<request>-<index>.png` and append its receipt to receipts.jsonl."""
+    """Write each image as `<request>-<index>.<png|jpg|webp>` and append its receipt to
+    receipts.jsonl."""
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     with (out_dir / "receipts.jsonl").open("a") as receipts:
         for image in result.images:
-            name = f"{result.request_id.hex()[:12]}-{image.index:03d}.png"
+            name = f"{result.request_id.hex()[:12]}-{image.index:03d}.{extension_of(image.image)}"
             (out_dir / name).write_bytes(image.image)
             receipts.write(json.dumps(receipt_line(image, name)) + "\n")
             paths.append(out_dir / name)

@@ -21,6 +21,7 @@ from sogni_coordinator.dispatch import Dispatcher, Job, RequestState
 from sogni_net import Channel, ChannelClosed, ReadTimeout, TransportError
 from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT
+from sogni_protocol.image_types import extension_of
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
     CancelRequest,
@@ -43,7 +44,7 @@ def orphan_saver(results_dir: Path) -> Callable[[bytes, int, bytes], None]:
     def save(request_id: bytes, index: int, image: bytes) -> None:
         folder = results_dir / request_id.hex()
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{index:04d}.png").write_bytes(image)
+        (folder / f"{index:04d}.{extension_of(image)}").write_bytes(image)
 
     return save
 
@@ -60,6 +61,8 @@ def _job_params(req: RenderRequest, index: int) -> JobParams:
         width=req.width,
         height=req.height,
         seed=(req.seed + index) % 2**32,
+        loras=req.loras,
+        output_format=req.output_format,
     )
 
 

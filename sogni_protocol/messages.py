@@ -34,6 +34,8 @@ ShortText = Annotated[str, Meta(max_length=128)]
 Network = Literal["fast", "relaxed"]
 TokenType = Literal["spark", "sogni"]
 Scheduler = Annotated[str, Meta(max_length=32, pattern=r"^[a-z0-9_]*$")]
+OutputFormat = Literal["png", "jpeg", "webp"]
+LoraStrength = Annotated[float, Meta(ge=-4.0, le=4.0)]
 
 
 class _Message(
@@ -47,6 +49,17 @@ class _Record(msgspec.Struct, rename="camel", kw_only=True, forbid_unknown_field
 
 
 # --- shared records ----------------------------------------------------------------------
+class LoraRef(_Record, kw_only=True):
+    """One LoRA a job asks for, by the id it has in the node's model store."""
+
+    id: ModelId
+    strength: LoraStrength = 1.0
+
+
+Loras = Annotated[list[LoraRef], Meta(max_length=ids.MAX_LORAS)]
+"""Applied in order; at most 8, as in Sogni's apps."""
+
+
 class JobParams(_Record, kw_only=True):
     """What one image is rendered from. Hashed into the offer, so the node can check it."""
 
@@ -60,6 +73,8 @@ class JobParams(_Record, kw_only=True):
     width: Side
     height: Side
     seed: Uint32
+    loras: Loras = []
+    output_format: OutputFormat = "png"
 
 
 class JobOffer(_Record, kw_only=True):
@@ -106,6 +121,8 @@ class Capabilities(_Record, kw_only=True):
     warm_models: Annotated[list[ModelId], Meta(max_length=64)] = []
     speed: Annotated[float, Meta(ge=0, le=1e6)] = 0.0
     """Measured by `sogni-node bench`: baseline render seconds / this node's (0: unmeasured)."""
+    loras: Annotated[list[ModelId], Meta(max_length=256)] = []
+    """LoRA ids installed on the node (a job asking for others is not offered to it)."""
 
 
 class RenderMeta(_Record, kw_only=True):
@@ -132,6 +149,8 @@ class RenderRequest(_Message, tag="renderRequest", kw_only=True):
     height: Side = 512
     seed: Uint32 = 0
     number_of_images: ImageCount = 1
+    loras: Loras = []
+    output_format: OutputFormat = "png"
     network: Network = "fast"
     token_type: TokenType = "spark"
     payer: Address | None = None
