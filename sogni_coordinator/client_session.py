@@ -74,10 +74,11 @@ def refusal_for(req: RenderRequest, dispatcher: Dispatcher, allowed: set[str]) -
             return f"unknown model {req.model_id!r}: this coordinator serves {sorted(allowed)}"
     elif req.model_id not in dispatcher.known_models():
         return f"unknown model {req.model_id!r}: no connected node has it"
-    elif not dispatcher.can_serve(req.network, req.model_id, req.width * req.height):
+    elif not dispatcher.can_serve(req.network, req):
+        loras = f" with LoRAs {[lora.id for lora in req.loras]}" if req.loras else ""
         return (
             f"no connected node can serve {req.network} {req.model_id} at "
-            f"{req.width}x{req.height} now"
+            f"{req.width}x{req.height}{loras} now"
         )
     return None
 

@@ -39,6 +39,7 @@ from sogni_protocol.messages import (
     JobProgress,
     Message,
     Offer,
+    RenderRequest,
     Result,
 )
 
@@ -73,6 +74,7 @@ class NodeLink:
     stake_weight: float = 1.0
     connected_at: float = field(default_factory=time.time)
     warm: frozenset[str] = frozenset()
+    loras: frozenset[str] = frozenset()
     credit: int = 0
     inflight: dict[bytes, Job] = field(default_factory=dict)
 
@@ -150,11 +152,9 @@ class Dispatcher:
     def known_models(self) -> set[str]:
         return {m for link in self.nodes.values() for m in link.models}
 
-    def can_serve(self, network: str, model_id: str, pixels: int) -> bool:
+    def can_serve(self, network: str, want: JobParams | RenderRequest) -> bool:
         """Some connected node could take such a job (now or once it has a free slot)."""
-        return any(
-            self.router.capable(link, network, model_id, pixels) for link in self.nodes.values()
-        )
+        return any(self.router.capable(link, network, want) for link in self.nodes.values())
 
     def _wake(self) -> None:
         self._changed.set()
@@ -280,9 +280,7 @@ class Dispatcher:
                     self._drop_holder(job, link, "deadline missed", penalize=True)
         for job in [j for j in self.queue if j.job_id in self.jobs and not j.holders]:
             p = job.params
-            if now - job.queued_since > self.no_node_grace and not self.can_serve(
-                job.network, p.model_id, p.width * p.height
-            ):
+            if now - job.queued_since > self.no_node_grace and not self.can_serve(job.network, p):
                 self._give_up(job, f"no connected node can serve {job.network} {p.model_id}")
         self._redispatch_stragglers(now)
 

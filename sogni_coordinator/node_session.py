@@ -95,6 +95,7 @@ async def serve_node(
         outbox=out_send,
         device=caps.device,
         max_pixels=caps.max_pixels,
+        loras=frozenset(caps.loras),
     )
     dispatcher.node_joined(link)
     log.info("node_joined", peer=peer, wallet=caps.wallet, slots=caps.slots, models=caps.models)

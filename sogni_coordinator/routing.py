@@ -23,6 +23,7 @@ from sogni_coordinator.reputation import Reputation
 
 if TYPE_CHECKING:
     from sogni_coordinator.dispatch import Job, NodeLink
+    from sogni_protocol.messages import JobParams, RenderRequest
 
 TierMode = Literal["open", "enforced"]
 MAX_NODES_PER_REQUEST = 16
@@ -62,11 +63,13 @@ class Router:
         fast = device == "cuda" and st.licensed and st.stake >= self.fast_min_stake
         return frozenset({"fast"} if fast else {"relaxed"}), weight
 
-    def capable(self, link: NodeLink, network: str, model_id: str, pixels: int) -> bool:
+    def capable(self, link: NodeLink, network: str, want: JobParams | RenderRequest) -> bool:
+        """The node has the model and every LoRA, serves the tier, and fits the size."""
         return (
-            model_id in link.models
+            want.model_id in link.models
             and network in link.networks
-            and (link.max_pixels == 0 or pixels <= link.max_pixels)
+            and (link.max_pixels == 0 or want.width * want.height <= link.max_pixels)
+            and all(lora.id in link.loras for lora in want.loras)
             and not self.reputation.blacklisted(link.wallet)
         )
 
@@ -79,7 +82,7 @@ class Router:
             if link.credit > 0
             and link not in job.holders
             and (link in in_use or len(in_use) < MAX_NODES_PER_REQUEST)
-            and self.capable(link, job.network, p.model_id, p.width * p.height)
+            and self.capable(link, job.network, p)
         ]
         if not candidates:
             return None
