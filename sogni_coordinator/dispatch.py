@@ -29,6 +29,7 @@ from sogni_coordinator.routing import Router
 from sogni_coordinator.store import Store
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
+from sogni_protocol.image_types import format_of
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
     Cancel,
@@ -427,6 +428,8 @@ class Dispatcher:
             raise ResultRefused("receipt steps or work units differ from the offer")
         if hashlib.sha256(result.image).digest() != receipt.result_hash:
             raise ResultRefused("resultHash is not the sha256 of the image bytes")
+        if result.image and format_of(result.image) != job.params.output_format:
+            raise ResultRefused(f"image is not the {job.params.output_format} the job asked for")
         signer = eip712.recover_receipt_signer(self.domain, receipt, result.signature)
         if not eip712.same_address(signer, link.wallet):
             raise ResultRefused("receipt signature is not from the node's wallet")
