@@ -13,7 +13,7 @@ from collections.abc import Callable
 import numpy as np
 
 from sogni_node.render.backend import Backend, RenderCancelled, RenderJob, RenderOutput
-from sogni_node.render.png import encode_png
+from sogni_node.render.encoding import encode_png
 
 
 def noise_png(side: int = 64, seed: int = 0) -> bytes:
@@ -25,6 +25,7 @@ class InstantBackend:
     """Reports every step, then returns the same PNG; honours cancellation like a real one."""
 
     name = "instant"
+    supports_loras = False
 
     def __init__(self, image: bytes | None = None) -> None:
         self.image = image if image is not None else noise_png()

@@ -198,6 +198,7 @@ def start(
 
 app.add_typer(__import__("sogni_node.rewards_cli", fromlist=["app"]).app)
 app.add_typer(__import__("sogni_node.models_cli", fromlist=["x"]).models_app, name="models")
+app.add_typer(__import__("sogni_node.models_cli", fromlist=["x"]).loras_app, name="loras")
 
 if __name__ == "__main__":
     app()

@@ -23,6 +23,7 @@ from sogni_node.config import NodeConfig
 from sogni_node.hardware import HardwareInfo, probe
 from sogni_node.journal import Journal
 from sogni_node.keystore import Wallet, unlock_wallet
+from sogni_node.models.loras import LoraLibrary
 from sogni_node.pull import NodeIdentity, PullSession, pull_forever
 from sogni_node.render.backend import Backend
 from sogni_node.worker import Worker
@@ -67,6 +68,7 @@ def capabilities(
         max_pixels=hw.max_pixels,
         warm_models=worker.warm_models(),
         speed=speed,
+        loras=worker.lora_ids(),
     )
 
 
@@ -82,7 +84,7 @@ async def run_node(
 ) -> ShutdownReport:
     """Pull and render until `stop` is set, then drain; returns what finished and what didn't."""
     hw = probe(config.device)
-    worker = Worker(backend, config.slots)
+    worker = Worker(backend, config.slots, LoraLibrary(config.models_dir))
     journal = Journal(config.journal_path)
     identity = NodeIdentity(
         wallet_address=wallet.address,

@@ -1,4 +1,4 @@
-"""`sogni-node models list | add PATH | remove ID | verify [ID]`.
+"""`sogni-node models list | add PATH | remove ID | verify [ID]` and the same for `loras`.
 
 Works on the node's models dir (config `models_dir`, or `--models-dir`) with no model hub:
 `add` copies a diffusers folder or converts a `.safetensors` checkpoint offline, and records
@@ -15,11 +15,13 @@ import typer
 
 from sogni_node.cli_common import ConfigOption, JsonOption, fail, load_config
 from sogni_node.models.detect import DetectionError
+from sogni_node.models.loras import LoraLibrary, LoraLibraryError
 from sogni_node.models.store import ModelStore, ModelStoreError
 
-__all__ = ["models_app"]
+__all__ = ["loras_app", "models_app"]
 
 models_app = typer.Typer(help="Install, list, remove and verify local models.")
+loras_app = typer.Typer(help="Install, list, remove and verify LoRAs that jobs can ask for.")
 
 DirOption = Annotated[
     Path | None,
@@ -124,4 +126,74 @@ def verify(
                 f"{r.model_id}: ok" if r.ok else f"{r.model_id}: BAD: {'; '.join(r.problems)}"
             )
     if not all(r.ok for r in results):
+        raise typer.Exit(1)
+
+
+def _library(config: Path | None, models_dir: Path | None) -> LoraLibrary:
+    return LoraLibrary(models_dir if models_dir is not None else load_config(config).models_dir)
+
+
+@loras_app.command("list")
+def list_loras(
+    config: ConfigOption = None, models_dir: DirOption = None, as_json: JsonOption = False
+) -> None:
+    """Installed LoRAs (advertised to coordinators by these ids)."""
+    try:
+        loras = _library(config, models_dir).installed()
+    except LoraLibraryError as exc:
+        fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps({s.lora_id: {"sha256": s.sha256, "size": s.size} for s in loras}))
+        return
+    if not loras:
+        typer.echo("no LoRAs installed")
+    for s in loras:
+        typer.echo(f"{s.lora_id}  {s.size} bytes  sha256={s.sha256[:16]}")
+
+
+@loras_app.command("add")
+def add_lora(
+    path: Annotated[Path, typer.Argument(help="LoRA .safetensors (kohya or diffusers keys).")],
+    lora_id: Annotated[
+        str | None, typer.Option("--id", help="LoRA id (default: from file name).")
+    ] = None,
+    config: ConfigOption = None,
+    models_dir: DirOption = None,
+) -> None:
+    """Check that a file is a supported LoRA, hash it and install it."""
+    try:
+        stored = _library(config, models_dir).add(path, lora_id)
+    except (LoraLibraryError, ValueError) as exc:
+        fail(str(exc))
+    typer.echo(f"added LoRA {stored.lora_id}")
+
+
+@loras_app.command("remove")
+def remove_lora(
+    lora_id: Annotated[str, typer.Argument(help="Installed LoRA id.")],
+    config: ConfigOption = None,
+    models_dir: DirOption = None,
+) -> None:
+    """Remove a LoRA's file and index entry."""
+    try:
+        _library(config, models_dir).remove(lora_id)
+    except LoraLibraryError as exc:
+        fail(str(exc))
+    typer.echo(f"removed LoRA {lora_id}")
+
+
+@loras_app.command("verify")
+def verify_loras(
+    lora_id: Annotated[str | None, typer.Argument(help="One LoRA (default: all).")] = None,
+    config: ConfigOption = None,
+    models_dir: DirOption = None,
+) -> None:
+    """Re-hash LoRA files against the index; exit 1 if any is bad."""
+    try:
+        problems = _library(config, models_dir).verify(lora_id)
+    except LoraLibraryError as exc:
+        fail(str(exc))
+    for i, problem in problems.items():
+        typer.echo(f"{i}: ok" if problem is None else f"{i}: BAD: {problem}")
+    if any(p is not None for p in problems.values()):
         raise typer.Exit(1)

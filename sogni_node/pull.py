@@ -217,6 +217,9 @@ class PullSession:
             return "offer fields do not match its parameters"
         if offer.model_id not in self.caps.models:
             return f"model {offer.model_id} is not installed here"
+        missing = [lora.id for lora in p.loras if lora.id not in self.caps.loras]
+        if missing:
+            return f"LoRA {', '.join(missing)} not installed here"
         if offer.deadline <= time.time():
             return "offer deadline already passed"
         return None

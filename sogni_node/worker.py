@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from sogni_node.models.loras import LoraLibrary
 from sogni_node.render.backend import Backend, RenderJob, RenderOutput
 from sogni_protocol.messages import JobParams
 
@@ -29,7 +30,10 @@ class Running:
     pay_partial: bool = False
 
 
-def _render_job(params: JobParams) -> RenderJob:
+def _render_job(params: JobParams, loras: LoraLibrary | None) -> RenderJob:
+    """Wire parameters -> a backend job; LoRA ids become checked files (in a thread: hashing)."""
+    if params.loras and loras is None:
+        raise ValueError("this node has no LoRA library")
     prompt = params.positive_prompt
     if params.style_prompt:
         prompt = f"{prompt}, {params.style_prompt}"
@@ -43,17 +47,26 @@ def _render_job(params: JobParams) -> RenderJob:
         width=params.width,
         height=params.height,
         seed=params.seed,
+        loras=loras.resolve(params.loras) if loras is not None else (),
+        output_format=params.output_format,
     )
 
 
 class Worker:
-    def __init__(self, backend: Backend, slots: int) -> None:
+    def __init__(self, backend: Backend, slots: int, loras: LoraLibrary | None = None) -> None:
         self.backend = backend
         self.slots = slots
+        self.loras = loras
         self.running: dict[bytes, Running] = {}
         self.draining = False
         self._idle = trio.Event()
         self._idle.set()
+
+    def lora_ids(self) -> list[str]:
+        """LoRAs to advertise: none when the backend cannot apply them."""
+        if self.loras is None or not self.backend.supports_loras:
+            return []
+        return self.loras.ids()[:256]
 
     def warm_models(self) -> list[str]:
         warm = getattr(self.backend, "warm_models", None)
@@ -85,10 +98,12 @@ class Worker:
             run.steps_done = i
             trio.from_thread.run_sync(on_step, i)
 
+        def render() -> RenderOutput:
+            job = _render_job(params, self.loras)
+            return self.backend.render(job, step, run.cancel.is_set)
+
         try:
-            return await trio.to_thread.run_sync(
-                self.backend.render, _render_job(params), step, run.cancel.is_set
-            )
+            return await trio.to_thread.run_sync(render)
         finally:
             del self.running[run.job_id]
             if not self.running:

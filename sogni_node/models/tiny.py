@@ -226,3 +226,31 @@ def ensure_tiny_model(cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+_UNET_ATTN = "down_blocks.1.attentions.0.transformer_blocks.0"
+_TE_ATTN = "text_model.encoder.layers.0.self_attn"
+
+
+def write_tiny_lora(path: Path, seed: int, rank: int = 4) -> Path:
+    """A seeded LoRA for the tiny model in kohya layout (underscored names, down/up, alpha).
+
+    Why: LoRA jobs need a real file to install and merge, and none can be downloaded; this one
+    touches a UNet self- and cross-attention projection and a text-encoder projection.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, d_in, d_out in [
+        (f"lora_unet_{_UNET_ATTN}.attn1.to_q", 64, 64),
+        (f"lora_unet_{_UNET_ATTN}.attn2.to_k", 32, 64),
+        (f"lora_te_{_TE_ATTN}.q_proj", 32, 32),
+    ]:
+        key = name.replace(".", "_")
+        tensors[f"{key}.lora_down.weight"] = torch.randn(rank, d_in, generator=g)
+        tensors[f"{key}.lora_up.weight"] = torch.randn(d_out, rank, generator=g) * 0.5
+        tensors[f"{key}.alpha"] = torch.tensor(float(rank))
+    save_file(tensors, str(path))
+    return path

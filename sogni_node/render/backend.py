@@ -10,11 +10,25 @@ exception messages raised by a backend.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 UINT32_MAX = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Lora:
+    """One LoRA file and the strength to apply it with (1.0 = as trained, 0.0 = off)."""
+
+    path: Path
+    strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.strength):
+            raise ValueError(f"LoRA strength must be finite, got {self.strength}")
 
 
 @dataclass(frozen=True)
@@ -31,6 +45,9 @@ class RenderJob:
     height: int
     seed: int
     """uint32, so every backend (and every language a client uses) can reproduce it."""
+    loras: tuple[Lora, ...] = ()
+    """Merged into the weights in this order for this render only."""
+    output_format: str = "png"
 
     def __post_init__(self) -> None:
         if not 0 <= self.seed <= UINT32_MAX:
@@ -48,7 +65,8 @@ class RenderOutput:
     """A finished image plus what a receipt needs to say how it was made."""
 
     image: bytes = field(repr=False)
-    """PNG bytes, no text chunks; the result hash is sha256 of exactly these bytes."""
+    """Encoded image (the job's format, no metadata); the result hash is sha256 of these
+    bytes."""
     steps_done: int
     backend: str
     device: str
@@ -76,6 +94,11 @@ class Backend(Protocol):
     """What the node needs from a renderer."""
 
     name: str
+
+    @property
+    def supports_loras(self) -> bool:
+        """Whether `RenderJob.loras` can be applied (the node advertises its LoRAs only then)."""
+        ...
 
     def render(
         self,

@@ -30,7 +30,7 @@ from sogni_node.render.coreml_convert import (
     model_cache_folder,
     precision_dir,
 )
-from sogni_node.render.png import encode_png, float_image_to_uint8
+from sogni_node.render.encoding import encode_image, float_image_to_uint8
 
 Predict = Callable[[Mapping[str, npt.NDArray[Any]]], Mapping[str, npt.NDArray[Any]]]
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
@@ -60,6 +60,7 @@ class CoreMLBackend:
     """`Backend` over Core ML packages converted from the registry's diffusers folders."""
 
     name = "coreml"
+    supports_loras = False
 
     def __init__(
         self,
@@ -110,6 +111,8 @@ class CoreMLBackend:
         from sogni_node.render.diffusers_backend import check_scheduler
 
         check_scheduler(job.scheduler)
+        if job.loras:  # converted packages have their weights baked in
+            raise RenderError(f"model {job.model_id!r}: the Core ML backend cannot apply LoRAs")
         if not is_macos():
             folder = self.package_folder(job)
             where = (
@@ -125,7 +128,7 @@ class CoreMLBackend:
         with lock:  # pragma: no cover
             pixels = run_coreml_pipeline(parts, spec.path, job, on_step, should_cancel)
         return RenderOutput(  # pragma: no cover
-            image=encode_png(float_image_to_uint8(pixels)),
+            image=encode_image(float_image_to_uint8(pixels), job.output_format),
             steps_done=job.steps,
             backend=self.name,
             device=f"coreml:{self.compute_units.lower()}",

@@ -30,7 +30,8 @@ from diffusers.utils import is_accelerate_available
 
 from sogni_node.models.registry import ModelRegistry
 from sogni_node.render.backend import RenderCancelled, RenderError, RenderJob, RenderOutput
-from sogni_node.render.png import encode_png, float_image_to_uint8
+from sogni_node.render.encoding import encode_image, float_image_to_uint8
+from sogni_node.render.lora import LoraError, applied_loras
 from sogni_node.render.residency import Residency, module_bytes
 
 logger = logging.getLogger(__name__)
@@ -129,10 +130,18 @@ class DiffusersBackend:
         dtype: torch.dtype | str | None = None,
         threads: int | None = None,
         memory_budget: int | None = None,
+        quantize: str = "none",
+        compile: bool = False,
     ) -> None:
         dev = torch.device(device)
         if dev.type not in DEVICES:
             raise ValueError(f"unsupported device {device!r}; expected one of {DEVICES}")
+        if quantize != "none":
+            from sogni_node.render.quantize import check_quant_mode
+
+            check_quant_mode(quantize, dev.type)  # names a missing extra or a wrong device
+        self.quantize = quantize
+        self.compile = compile
         self.registry = registry
         self.device = str(dev)
         self.dtype = parse_dtype(dtype, dev.type)
@@ -149,7 +158,18 @@ class DiffusersBackend:
 
     @property
     def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
+        """Recorded in receipts' metadata: the compute dtype plus what changes the numbers."""
+        name = str(self.dtype).removeprefix("torch.")
+        if self.quantize != "none":
+            name += f"+{self.quantize}"
+        if self.compile:
+            name += "+compiled"
+        return name
+
+    @property
+    def supports_loras(self) -> bool:
+        """LoRAs merge into plain weights; quantized ones would need re-quantizing per job."""
+        return self.quantize == "none"
 
     def load(self, model_id: str) -> None:
         """Load a model now (e.g. at start-up) instead of on its first job."""
@@ -178,6 +198,13 @@ class DiffusersBackend:
                     low_cpu_mem_usage=is_accelerate_available(),
                 )
                 pipe.to(self.device)
+                if self.quantize != "none" or self.compile:
+                    from sogni_node.render.quantize import compile_pipeline, quantize_pipeline
+
+                    if self.quantize != "none":
+                        quantize_pipeline(pipe, self.quantize)
+                    if self.compile:
+                        compile_pipeline(pipe)
                 pipe.set_progress_bar_config(disable=True)
                 _install_redaction(pipe)
                 loaded = _Loaded(
@@ -211,6 +238,10 @@ class DiffusersBackend:
     ) -> RenderOutput:
         """Blocking render; run it with `trio.to_thread.run_sync`. See `Backend.render`."""
         check_scheduler(job.scheduler)
+        if job.loras and not self.supports_loras:
+            raise RenderError(
+                f"model {job.model_id!r}: LoRAs cannot be applied to {self.quantize} weights"
+            )
         loaded = self._get(job.model_id)
         steps_done = 0
         caller_error: BaseException | None = None
@@ -242,19 +273,22 @@ class DiffusersBackend:
             pipe.scheduler = self._scheduler(loaded, scheduler)
             generator = torch.Generator(self.device).manual_seed(job.seed)
             try:
-                result = pipe(
-                    prompt=job.prompt,
-                    negative_prompt=job.negative_prompt or None,
-                    num_inference_steps=job.steps,
-                    guidance_scale=job.guidance,
-                    width=job.width,
-                    height=job.height,
-                    generator=generator,
-                    output_type="np",
-                    callback_on_step_end=step_end,
-                )
+                with applied_loras(pipe, job.loras):
+                    result = pipe(
+                        prompt=job.prompt,
+                        negative_prompt=job.negative_prompt or None,
+                        num_inference_steps=job.steps,
+                        guidance_scale=job.guidance,
+                        width=job.width,
+                        height=job.height,
+                        generator=generator,
+                        output_type="np",
+                        callback_on_step_end=step_end,
+                    )
             except RenderCancelled:
                 raise
+            except LoraError as exc:  # names files and layers, never the prompt
+                raise RenderError(f"model {job.model_id!r}: {exc}") from None
             except Exception as exc:
                 if exc is caller_error:
                     raise
@@ -263,7 +297,7 @@ class DiffusersBackend:
         if images.ndim != 4 or images.shape[0] != 1:
             raise RenderError(f"model {job.model_id!r} returned images of shape {images.shape}")
         return RenderOutput(
-            image=encode_png(float_image_to_uint8(images[0])),
+            image=encode_image(float_image_to_uint8(images[0]), job.output_format),
             steps_done=steps_done,
             backend=self.name,
             device=self.device,

@@ -19,8 +19,7 @@ LoKr, DoRA) are refused rather than silently ignored.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +27,8 @@ from typing import Any
 
 import torch
 
-MAX_LORAS = 8
-"""The Sogni API's per-job limit."""
+from sogni_node.render.backend import Lora
+from sogni_protocol.ids import MAX_LORAS
 
 _KOHYA_PREFIXES = {
     "lora_unet_": "unet",
@@ -51,18 +50,6 @@ _DOWN_UP = (
 
 class LoraError(ValueError):
     """A LoRA list or file that cannot be applied (too many, wrong model, unsupported keys)."""
-
-
-@dataclass(frozen=True)
-class Lora:
-    """One LoRA file and the strength to apply it with (1.0 = as trained, 0.0 = off)."""
-
-    path: Path
-    strength: float = 1.0
-
-    def __post_init__(self) -> None:
-        if not math.isfinite(self.strength):
-            raise LoraError(f"LoRA strength must be finite, got {self.strength}")
 
 
 @dataclass(frozen=True)
@@ -201,12 +188,3 @@ def applied_loras(pipe: Any, loras: Sequence[Lora]) -> Iterator[list[Lora]]:
                 weight = module.weight
                 assert isinstance(weight, torch.Tensor)
                 weight.copy_(original)
-
-
-def loras_from_job(entries: Sequence[Mapping[str, Any]], resolve: Any) -> list[Lora]:
-    """Build `Lora`s from job entries `{"id": ..., "strength": ...}`; `resolve(id) -> Path`.
-
-    Checks the count first, so a job with 9 entries is refused without resolving any file.
-    """
-    check_lora_count(entries)
-    return [Lora(Path(resolve(e["id"])), float(e.get("strength", 1.0))) for e in entries]

@@ -51,6 +51,7 @@ class SlowBackend:
     def __init__(self, inner: Backend, step_seconds: float) -> None:
         self.inner = inner
         self.name = inner.name
+        self.supports_loras = inner.supports_loras
         self.step_seconds = step_seconds
         self.started = trio.Event()
         self._token = trio.lowlevel.current_trio_token()

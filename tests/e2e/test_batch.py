@@ -32,6 +32,7 @@ class TimedBackend:
     """Takes `seconds` per image: a simulated GPU of a given speed."""
 
     name = "timed"
+    supports_loras = False
 
     def __init__(self, seconds: float) -> None:
         self.seconds = seconds
