@@ -149,8 +149,8 @@ def bench(
 ) -> None:
     """Measure render speed per installed model against the catalog baseline; save it."""
     from sogni_node.benchmark import run_bench, save_report
+    from sogni_node.daemon import build_backend
     from sogni_node.models import ModelRegistry
-    from sogni_node.render import create_backend
 
     cfg = _config(config)
     try:
@@ -158,7 +158,10 @@ def bench(
     except (HardwareError, ValueError) as exc:
         _fail(str(exc))
     registry = ModelRegistry.default(cfg.models_dir)
-    backend = create_backend("diffusers", registry, device=hw.device, threads=cfg.threads or None)
+    try:
+        backend = build_backend(cfg, registry, hw)
+    except ValueError as exc:  # e.g. a quant mode this device cannot run, a missing extra
+        _fail(str(exc))
     report = run_bench(backend, registry, hw.device, runs=runs)
     save_report(report, cfg.bench_path)
     if as_json:

@@ -56,6 +56,12 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     backend: Literal["auto", "diffusers", "coreml"] = "auto"
     device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
     threads: Annotated[int, Meta(ge=0, le=1024)] = 0
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """auto: float16 on CUDA, float32 elsewhere."""
+    quantize: Literal["none", "int8", "int8-dynamic", "fp8", "quanto-int8", "quanto-int4"] = "none"
+    """Quantized denoiser weights (the `quant` extra); fp8 needs a CUDA GPU of sm_89 or newer."""
+    compile: bool = False
+    """torch.compile the denoiser: slower first render, faster steps after (CUDA mostly)."""
     max_pixels: Annotated[int, Meta(ge=0, le=2048 * 2048)] = 0
     keystore: Path = None  # type: ignore[assignment]  # None until __post_init__: wallet.json
     password_env: EnvName = "SOGNI_NODE_PASSWORD"

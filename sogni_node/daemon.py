@@ -20,7 +20,7 @@ import trio
 from sogni_net import Host, TransportError, open_host
 from sogni_node.benchmark import saved_speed
 from sogni_node.config import NodeConfig
-from sogni_node.hardware import HardwareInfo, probe
+from sogni_node.hardware import HardwareError, HardwareInfo, probe
 from sogni_node.journal import Journal
 from sogni_node.keystore import Wallet, unlock_wallet
 from sogni_node.models.loras import LoraLibrary
@@ -35,6 +35,8 @@ from sogni_protocol.messages import Capabilities, NodeHello, encode
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus  # trio-typing's stubs shadow trio's own types
+
+    from sogni_node.models import ModelRegistry
 
 log = get_logger(__name__)
 
@@ -197,6 +199,27 @@ def _announce(event: dict[str, object]) -> None:
     print(json.dumps(event), flush=True)
 
 
+def build_backend(config: NodeConfig, registry: ModelRegistry, hw: HardwareInfo) -> Backend:
+    """The renderer `start` and `bench` both use, so the measured speed is the served one.
+
+    `auto` is diffusers on the probed device (CUDA, MPS or CPU): Core ML needs a conversion
+    of minutes per model, so a Mac owner opts in with `backend = "coreml"`.
+    """
+    from sogni_node.render import create_backend
+
+    if config.backend == "coreml":  # Apple Silicon; converts on first use, predicts on macOS
+        return create_backend("coreml", registry, cache_dir=config.models_dir / "coreml")
+    return create_backend(
+        "diffusers",
+        registry,
+        device=hw.device,
+        threads=config.threads or None,
+        dtype=None if config.dtype == "auto" else config.dtype,
+        quantize=config.quantize,
+        compile=config.compile,
+    )
+
+
 def run(config: NodeConfig, *, announce: bool = False) -> ShutdownReport:
     """Blocking entry point used by the CLI: runs until SIGINT or SIGTERM.
 
@@ -204,19 +227,13 @@ def run(config: NodeConfig, *, announce: bool = False) -> ShutdownReport:
     launcher knows when the node is usable without guessing.
     """
     from sogni_node.models import ModelRegistry
-    from sogni_node.render import create_backend
 
     wallet = unlock_wallet(config.keystore, config.password_env)
     registry = ModelRegistry.default(config.models_dir)
-    if config.backend == "coreml":  # Apple Silicon; converts on first use, predicts on macOS
-        backend = create_backend("coreml", registry, cache_dir=config.models_dir / "coreml")
-    else:
-        backend = create_backend(
-            "diffusers",
-            registry,
-            device=None if config.device == "auto" else config.device,
-            threads=config.threads or None,
-        )
+    try:
+        backend = build_backend(config, registry, probe(config.device))
+    except ValueError as exc:  # a quant mode this device can't run, a missing extra
+        raise HardwareError(str(exc)) from None
     models = registry.ids()
     on_event = _announce if announce else None
 

@@ -3,8 +3,8 @@
 Why: many community models ship as one `.safetensors` file, but the render backend loads
 diffusers folders. Converting once at import time (with `from_single_file(config=<local
 skeleton>, local_files_only=True)`) keeps model hubs out of the picture and makes every later
-load a plain `from_pretrained`. The reverse (`export_sd15_single_file`) exists so tests and
-operators can produce a checkpoint in the original layout from any SD 1.5-style folder.
+load a plain `from_pretrained`. The reverse (`export_sd15_single_file`, `export_sdxl_single_file`)
+exists so tests and operators can produce a checkpoint in the original layout from a folder.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 _TOKENIZER_SUBFOLDERS = {"sd15": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2")}
@@ -237,22 +239,112 @@ def vae_to_ldm(state: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
     return {VAE_PREFIX + k: v for k, v in out.items()}
 
 
-def export_sd15_single_file(folder: Path, out_path: Path) -> Path:
-    """Write an SD 1.5-style diffusers folder as one original-layout `.safetensors` file."""
-    from safetensors.torch import load_file, save_file
+def clip_to_ldm(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """A transformers CLIP text encoder in the original `<prefix>text_model.*` layout."""
+    # transformers >= 5.6 saves CLIPTextModel flat; the original layout keeps `text_model.`.
+    return {
+        prefix + (k if k.startswith("text_model.") else f"text_model.{k}"): v
+        for k, v in state.items()
+    }
+
+
+_OPEN_CLIP_BLOCK = (
+    ("self_attn.out_proj.", "attn.out_proj."),
+    ("layer_norm1.", "ln_1."),
+    ("layer_norm2.", "ln_2."),
+    ("mlp.fc1.", "mlp.c_fc."),
+    ("mlp.fc2.", "mlp.c_proj."),
+)
+_OPEN_CLIP_FIXED = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+
+
+def open_clip_to_ldm(state: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Inverse of diffusers' `convert_open_clip_checkpoint` (SDXL's second text encoder).
+
+    OpenCLIP fuses q/k/v into one `in_proj` matrix and stores `text_projection` transposed
+    (hidden x projection), which is how SDXL checkpoints ship `conditioner.embedders.1.model`.
+    """
+    import torch
+
+    out: dict[str, Any] = {}
+    qkv: dict[tuple[int, str], dict[str, Any]] = {}
+    for key, value in state.items():
+        name = key.removeprefix("text_model.")
+        if name == "text_projection.weight":
+            out["text_projection"] = value.T
+            continue
+        if name in _OPEN_CLIP_FIXED:
+            out[_OPEN_CLIP_FIXED[name]] = value
+            continue
+        m = re.fullmatch(r"encoder\.layers\.(\d+)\.(.*)", name)
+        if m is None:
+            raise SingleFileError(f"no original-layout name for text encoder key {key!r}")
+        i, rest = int(m[1]), m[2]
+        proj = re.fullmatch(r"self_attn\.([qkv])_proj\.(weight|bias)", rest)
+        if proj:
+            qkv.setdefault((i, proj[2]), {})[proj[1]] = value
+            continue
+        for new, old in _OPEN_CLIP_BLOCK:
+            if rest.startswith(new):
+                rest = old + rest[len(new) :]
+                break
+        else:
+            raise SingleFileError(f"no original-layout name for text encoder key {key!r}")
+        out[f"transformer.resblocks.{i}.{rest}"] = value
+    for (i, kind), parts in sorted(qkv.items()):
+        if sorted(parts) != ["k", "q", "v"]:
+            raise SingleFileError(f"text encoder layer {i}: incomplete q/k/v {kind}")
+        fused = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+        out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = fused
+    return {prefix + k: v for k, v in out.items()}
+
+
+def _unet_vae_to_ldm(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
 
     state: dict[str, Any] = {}
     for sub, convert in (("unet", unet_to_ldm), ("vae", vae_to_ldm)):
         config = json.loads((folder / sub / "config.json").read_text(encoding="utf-8"))
         weights = load_file(str(folder / sub / "diffusion_pytorch_model.safetensors"))
         state.update(convert(weights, config))
-    text = load_file(str(folder / "text_encoder" / "model.safetensors"))
-    # transformers >= 5.6 saves CLIPTextModel flat; the original layout keeps `text_model.`.
-    state.update(
-        {
-            CLIP_PREFIX + (k if k.startswith("text_model.") else f"text_model.{k}"): v
-            for k, v in text.items()
-        }
-    )
+    return state
+
+
+def _save(state: dict[str, Any], out_path: Path) -> Path:
+    from safetensors.torch import save_file
+
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_path))
     return out_path
+
+
+def export_sd15_single_file(folder: Path, out_path: Path) -> Path:
+    """Write an SD 1.5-style diffusers folder as one original-layout `.safetensors` file."""
+    from safetensors.torch import load_file
+
+    state = _unet_vae_to_ldm(folder)
+    state.update(
+        clip_to_ldm(load_file(str(folder / "text_encoder" / "model.safetensors")), CLIP_PREFIX)
+    )
+    return _save(state, out_path)
+
+
+def export_sdxl_single_file(folder: Path, out_path: Path) -> Path:
+    """Write an SDXL diffusers folder as one original-layout (A1111 / SGM) `.safetensors` file.
+
+    CLIP-L goes under `conditioner.embedders.0.transformer.`, the OpenCLIP-style second
+    encoder under `conditioner.embedders.1.model.`, the UNet (with `label_emb`) and VAE as
+    for SD 1.5.
+    """
+    from safetensors.torch import load_file
+
+    state = _unet_vae_to_ldm(folder)
+    text = load_file(str(folder / "text_encoder" / "model.safetensors"))
+    state.update(clip_to_ldm(text, SDXL_CLIP_PREFIX))
+    text_2 = load_file(str(folder / "text_encoder_2" / "model.safetensors"))
+    state.update(open_clip_to_ldm(text_2, SDXL_OPEN_CLIP_PREFIX))
+    return _save(state, out_path)
