@@ -1,22 +1,89 @@
-"""`sogni`: render images on the Supernet from the command line."""
+"""`sogni`: render images on the Supernet, claim the Daily Boost and read balances.
+
+Paying commands sign with the payer's wallet, an encrypted keystore v3 file (`--keystore`,
+password from `--password-env` or a prompt), for the coordinator's EIP-712 domain
+(`--chain-id`, `--verifying-contract`; for the local coordinator, read from the address
+file it writes).
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
-import msgspec
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sogni_client.api import RenderedImage, RenderRefused, render_sync, save
-from sogni_protocol.messages import RenderRequest
+from sogni_client.api import (
+    DEFAULT_DOMAIN,
+    AccountRefused,
+    RenderedImage,
+    RenderRefused,
+    balance_sync,
+    claim_daily_boost_sync,
+    render_request,
+    render_sync,
+    save,
+)
+from sogni_node.keystore import (
+    KeystoreError,
+    Wallet,
+    create_keystore,
+    keystore_address,
+    password_from_env_or_prompt,
+    unlock_wallet,
+)
+from sogni_protocol.eip712 import Domain
+from sogni_protocol.logs import configure_logging
+from sogni_protocol.messages import Balances
 
 app = typer.Typer(help="Render images on the Sogni Supernet.", no_args_is_help=True)
+keys_app = typer.Typer(help="The payer wallet that signs requests.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 
 DEFAULT_COORDINATOR_FILE = Path("~/.sogni/coordinator/coordinator.json")
+DEFAULT_KEYSTORE = Path("~/.sogni/client/payer.json")
+_KEYS_HINT = "sogni keys create"
+MICRO = 1_000_000
+
+CoordinatorOpt = Annotated[str | None, typer.Option(help="Coordinator multiaddr.")]
+KeystoreOpt = Annotated[
+    Path,
+    typer.Option("--keystore", envvar="SOGNI_KEYSTORE", help="Payer wallet: a keystore v3 file."),
+]
+PasswordEnvOpt = Annotated[
+    str,
+    typer.Option("--password-env", help="Env var holding the keystore password (else a prompt)."),
+]
+ChainIdOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--chain-id",
+        envvar="SOGNI_CHAIN_ID",
+        min=1,
+        help="Coordinator's chain id (default: the local coordinator's, else the embedded chain).",
+    ),
+]
+ContractOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--verifying-contract",
+        envvar="SOGNI_VERIFYING_CONTRACT",
+        help="Coordinator's reward distributor address (EIP-712 verifying contract).",
+    ),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+
+def _local_coordinator() -> dict[str, Any] | None:
+    info = DEFAULT_COORDINATOR_FILE.expanduser()
+    if not info.exists():
+        return None
+    data = json.loads(info.read_text())
+    return data if isinstance(data, dict) else None
 
 
 def resolve_coordinator(explicit: str | None) -> str:
@@ -25,9 +92,9 @@ def resolve_coordinator(explicit: str | None) -> str:
         return explicit
     if env := os.environ.get("SOGNI_COORDINATOR_ADDR"):
         return env
-    info = DEFAULT_COORDINATOR_FILE.expanduser()
-    if info.exists():
-        return str(json.loads(info.read_text())["addrs"][0])
+    local = _local_coordinator()
+    if local is not None:
+        return str(local["addrs"][0])
     raise typer.BadParameter(
         "no coordinator: pass --coordinator /ip4/.../p2p/..., set SOGNI_COORDINATOR_ADDR, "
         f"or run a local coordinator (it writes {DEFAULT_COORDINATOR_FILE})",
@@ -35,9 +102,54 @@ def resolve_coordinator(explicit: str | None) -> str:
     )
 
 
+def resolve_domain(addr: str, chain_id: int | None, contract: str | None) -> Domain:
+    """The EIP-712 domain payer messages are signed for: the options, else what the local
+    coordinator wrote in its address file (when `addr` is that coordinator), else the
+    defaults of a local coordinator."""
+    from eth_utils import is_address
+
+    if contract is not None and not is_address(contract):
+        raise typer.BadParameter(
+            f"{contract!r} is not an Ethereum address", param_hint="--verifying-contract"
+        )
+    local = _local_coordinator()
+    if local is not None and addr.endswith(f"/p2p/{local.get('peerId')}"):
+        chain_id = chain_id or local.get("chainId")
+        contract = contract or local.get("verifyingContract")
+    return Domain(
+        int(chain_id or DEFAULT_DOMAIN.chain_id),
+        str(contract or DEFAULT_DOMAIN.verifying_contract),
+    )
+
+
+def _wallet(keystore: Path, password_env: str) -> Wallet:
+    try:
+        return unlock_wallet(keystore, password_env, create_hint=_KEYS_HINT)
+    except KeystoreError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _iso(ts: int) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _micro(b: Balances) -> dict[str, int]:
+    return {"sparkFree": b.spark_free, "sparkPaid": b.spark_paid, "sogni": b.sogni}
+
+
+def _refused(exc: AccountRefused, as_json: bool) -> typer.Exit:
+    if as_json:
+        typer.echo(json.dumps({"refused": True, "code": exc.code, "reason": exc.reason}))
+    else:
+        typer.echo(f"refused: {exc}", err=True)
+    return typer.Exit(1 if exc.code == "already_claimed" else 2)
+
+
 @app.callback()
 def _main() -> None:
     """Sub-commands below."""
+    configure_logging("warning")  # to stderr: stdout carries the command's output (--json)
 
 
 @app.command("render")
@@ -52,30 +164,56 @@ def render_cmd(
     height: Annotated[int, typer.Option(help="Height in pixels.")] = 64,
     negative: Annotated[str, typer.Option(help="Negative prompt.")] = "",
     network: Annotated[str, typer.Option(help="fast or relaxed.")] = "fast",
+    lora: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--lora",
+            metavar="ID[:STRENGTH]",
+            help="LoRA to apply (repeatable, in order, at most 8; strength default 1.0).",
+        ),
+    ] = None,
+    output_format: Annotated[
+        str, typer.Option("--format", help="Image format: png, jpeg or webp.")
+    ] = "png",
+    token_type: Annotated[str, typer.Option(help="Pay in spark or sogni.")] = "spark",
     out: Annotated[Path, typer.Option(help="Folder for images and receipts.jsonl.")] = Path("out"),
-    coordinator: Annotated[str | None, typer.Option(help="Coordinator multiaddr.")] = None,
+    coordinator: CoordinatorOpt = None,
+    keystore: Annotated[
+        Path | None,
+        typer.Option(
+            "--keystore",
+            envvar="SOGNI_KEYSTORE",
+            help="Payer wallet (keystore v3); without one the request names no payer.",
+        ),
+    ] = None,
+    password_env: PasswordEnvOpt = "SOGNI_PASSWORD",
+    chain_id: ChainIdOpt = None,
+    verifying_contract: ContractOpt = None,
 ) -> None:
     """Render PROMPT and save the images with their signed receipts."""
     addr = resolve_coordinator(coordinator)
     try:
-        request = msgspec.convert(
-            {
-                "modelId": model,
-                "positivePrompt": prompt,
-                "negativePrompt": negative,
-                "steps": steps,
-                "guidance": guidance,
-                "seed": seed,
-                "width": width,
-                "height": height,
-                "numberOfImages": n,
-                "network": network,
-                "type": "renderRequest",
-            },
-            RenderRequest,
+        request = render_request(
+            prompt,
+            model_id=model,
+            negative_prompt=negative,
+            steps=steps,
+            guidance=guidance,
+            seed=seed,
+            width=width,
+            height=height,
+            number_of_images=n,
+            loras=lora or [],
+            output_format=output_format,  # type: ignore[arg-type]  # validated inside
+            network=network,  # type: ignore[arg-type]
+            token_type=token_type,  # type: ignore[arg-type]
         )
-    except msgspec.ValidationError as exc:
+    except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
+    paying: dict[str, Any] = {}
+    if keystore is not None:
+        domain = resolve_domain(addr, chain_id, verifying_contract)
+        paying = {"payer_key": _wallet(keystore, password_env).private_key, "domain": domain}
     with Progress(
         TextColumn("[bold]rendering"),
         BarColumn(),
@@ -95,16 +233,124 @@ def render_cmd(
             bar.update(task, completed=sum(done_steps.values()))
 
         try:
-            result = render_sync(addr, request, on_progress=on_progress, on_image=on_image)
+            result = render_sync(
+                addr, request, on_progress=on_progress, on_image=on_image, **paying
+            )
         except RenderRefused as exc:
             typer.echo(f"refused: {exc}", err=True)
             raise typer.Exit(2) from None
     paths = save(result, out)
-    typer.echo(f"{len(paths)} images and receipts in {out}/ (receipts.jsonl)")
+    cost = f" for {result.cost_micro / MICRO:.6f} {token_type}" if result.cost_micro else ""
+    typer.echo(f"{len(paths)} images and receipts in {out}/ (receipts.jsonl){cost}")
     for index, reason in result.failed:
         typer.echo(f"image {index} failed: {reason}", err=True)
     if result.failed:
         raise typer.Exit(1)
+
+
+@app.command("boost")
+def boost_cmd(
+    coordinator: CoordinatorOpt = None,
+    keystore: KeystoreOpt = DEFAULT_KEYSTORE,
+    password_env: PasswordEnvOpt = "SOGNI_PASSWORD",
+    chain_id: ChainIdOpt = None,
+    verifying_contract: ContractOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Claim today's free Daily Boost Spark (once per UTC day). Exit 1 if already claimed."""
+    addr = resolve_coordinator(coordinator)
+    domain = resolve_domain(addr, chain_id, verifying_contract)
+    wallet = _wallet(keystore, password_env)
+    try:
+        granted = claim_daily_boost_sync(addr, wallet.private_key, domain=domain)
+    except AccountRefused as exc:
+        raise _refused(exc, as_json) from None
+    if as_json:
+        out = {
+            "payer": granted.payer,
+            "day": granted.day,
+            "amountMicro": granted.amount_micro,
+            "balancesMicro": _micro(granted.balances),
+            "nextClaimAt": _iso(granted.next_claim_at),
+        }
+        typer.echo(json.dumps(out))
+        return
+    b = granted.balances
+    typer.echo(
+        f"Daily Boost for {granted.day} (UTC): +{granted.amount_micro / MICRO:.6f} free Spark "
+        f"to {granted.payer}; now {b.spark_free / MICRO:.6f} free + "
+        f"{b.spark_paid / MICRO:.6f} paid Spark, {b.sogni / MICRO:.6f} SOGNI; "
+        f"next claim at {_iso(granted.next_claim_at)}"
+    )
+
+
+@app.command("balance")
+def balance_cmd(
+    coordinator: CoordinatorOpt = None,
+    keystore: KeystoreOpt = DEFAULT_KEYSTORE,
+    password_env: PasswordEnvOpt = "SOGNI_PASSWORD",
+    chain_id: ChainIdOpt = None,
+    verifying_contract: ContractOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Your Spark and SOGNI here, what running requests hold, and the next Daily Boost."""
+    addr = resolve_coordinator(coordinator)
+    domain = resolve_domain(addr, chain_id, verifying_contract)
+    wallet = _wallet(keystore, password_env)
+    try:
+        report = balance_sync(addr, wallet.private_key, domain=domain)
+    except AccountRefused as exc:
+        raise _refused(exc, as_json) from None
+    if as_json:
+        out = {
+            "payer": report.payer,
+            "balancesMicro": _micro(report.balances),
+            "reservedMicro": _micro(report.reserved),
+            "boostAvailable": report.boost_available,
+            "nextBoostAt": _iso(report.next_boost_at),
+        }
+        typer.echo(json.dumps(out))
+        return
+    b, r = report.balances, report.reserved
+    boost = "available now" if report.boost_available else f"next at {_iso(report.next_boost_at)}"
+    typer.echo(
+        f"{report.payer}\n"
+        f"  Spark (free)  {b.spark_free / MICRO:>16.6f}\n"
+        f"  Spark (paid)  {b.spark_paid / MICRO:>16.6f}\n"
+        f"  SOGNI         {b.sogni / MICRO:>16.6f}\n"
+        f"  reserved      {(r.spark_free + r.spark_paid) / MICRO:>16.6f} Spark, "
+        f"{r.sogni / MICRO:.6f} SOGNI\n"
+        f"  Daily Boost   {boost}"
+    )
+
+
+@keys_app.command("create")
+def keys_create(
+    keystore: KeystoreOpt = DEFAULT_KEYSTORE,
+    password_env: PasswordEnvOpt = "SOGNI_PASSWORD",
+    force: Annotated[bool, typer.Option(help="Replace an existing key (kept as .bak).")] = False,
+) -> None:
+    """Create an encrypted payer wallet (password from the env var or a prompt)."""
+    try:
+        password = password_from_env_or_prompt(password_env, confirm=True)
+        address = create_keystore(
+            keystore, password, force=force, create_hint=f"{_KEYS_HINT} --force"
+        )
+    except KeystoreError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"payer {address} in {keystore}")
+
+
+@keys_app.command("show")
+def keys_show(keystore: KeystoreOpt = DEFAULT_KEYSTORE) -> None:
+    """Print the payer address (what operators credit with `sogni-coordinator credit`)."""
+    try:
+        address = keystore_address(keystore, create_hint=_KEYS_HINT)
+    except KeystoreError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps({"address": address, "keystore": str(keystore)}))
 
 
 app.command("quote")(__import__("sogni_client.quote").quote.quote_cmd)

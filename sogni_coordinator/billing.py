@@ -6,27 +6,49 @@ is refused with the quote), each verified receipt moves one image's value from t
 reservation to the worker, the platform and the model creator, and whatever was not
 delivered goes back to the payer when the request ends. Requests without a payer are free
 unless the operator requires payment (`billing = "required"`).
+
+The platform's take on a receipt follows the worker's stake tier, with the same rule as
+epoch settlement (`PayoutRules.take_bps`). Payers also claim their Daily Boost and read
+their balances here, each with a signed message. Reservations live in the ledger, so a
+restarted coordinator reloads them (`restore`) and still settles or refunds every request.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from sogni_coordinator.ledger import (
+    Asset,
+    BoostAlreadyClaimed,
     InsufficientFunds,
     Ledger,
     LedgerError,
+    Replayed,
     Reservation,
+    next_utc_midnight,
     partial_value,
+    utc_day,
 )
+from sogni_coordinator.routing import StandingLookup, no_chain
+from sogni_coordinator.settlement.rules import SOGNI, PayoutRules, SettlementConfig
+from sogni_coordinator.store import Store
 from sogni_protocol import eip712
 from sogni_protocol.catalog import Catalog
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.logs import get_logger
-from sogni_protocol.messages import RenderRequest
+from sogni_protocol.messages import (
+    BalanceQuery,
+    BalanceReport,
+    Balances,
+    BoostGranted,
+    DailyBoostClaim,
+    RenderRequest,
+)
 from sogni_protocol.pricing import quote
 
 log = get_logger(__name__)
@@ -34,6 +56,10 @@ log = get_logger(__name__)
 BillingMode = Literal["off", "optional", "required"]
 MAX_AUTHORIZATION_SECONDS = 24 * 3600
 """A payer authorization may not outlive a day: it bounds the replay memory."""
+MAX_QUERY_SECONDS = 3600
+"""A signed balance query may not be valid for longer than an hour."""
+STAKE_TTL_SECONDS = 300.0
+"""How long a worker's stake read from chain is reused (unstaking takes 7 days anyway)."""
 
 
 class Refusal(Exception):
@@ -43,43 +69,80 @@ class Refusal(Exception):
         self.reason = reason
 
 
+def _balances(amounts: dict[Asset, int]) -> Balances:
+    return Balances(
+        spark_free=amounts["spark_free"], spark_paid=amounts["spark_paid"], sogni=amounts["sogni"]
+    )
+
+
+def _iso(ts: int) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 @dataclass
 class Billing:
     ledger: Ledger
     domain: Domain
     mode: BillingMode = "optional"
     catalog: Catalog | None = None
-    take_rate_bps: int = 2000
-    creator_share_bps: int = 500
+    rules: PayoutRules = field(default_factory=lambda: SettlementConfig().rules())
+    """Stake tiers, take rates and the creator share (the `[settlement]` table)."""
+    standing: StandingLookup = no_chain
+    """Licence and stake of a wallet, from the chain link (none: every worker is tier 0)."""
+    clock: Callable[[], float] = time.time
     _reservations: dict[bytes, Reservation] = field(default_factory=dict)
     _models: dict[bytes, str] = field(default_factory=dict)
-    _seen: dict[bytes, int] = field(default_factory=dict)
+    _stakes: dict[str, tuple[float, int]] = field(default_factory=dict)
 
+    # --- render requests -------------------------------------------------------------------
     def admit(self, request: RenderRequest, request_id: bytes) -> int:
         """Reserve the request's price; returns it (micro units) or raises `Refusal`."""
         if self.mode == "off" or (request.payer is None and self.mode == "optional"):
             return 0
-        now = time.time()
+        now = self.clock()
         fault = eip712.check_payer(self.domain, request, now)
         if fault is not None:
-            raise Refusal("unauthorized", fault)
+            raise Refusal("unauthorized", self._with_domain(fault))
         if request.expiry > now + MAX_AUTHORIZATION_SECONDS:
             raise Refusal("unauthorized", "payer authorization expires more than a day ahead")
-        digest = eip712.request_hash(request)
-        self._seen = {h: exp for h, exp in self._seen.items() if exp >= now}
-        if digest in self._seen:
-            raise Refusal("replayed", "this signed request was already submitted")
         q = quote(request, self.catalog)
         assert request.payer is not None
         try:
-            reservation = self.ledger.reserve(request_id, request.payer, q)
+            reservation = self.ledger.reserve(
+                request_id,
+                request.payer,
+                q,
+                authorization=eip712.request_hash(request),
+                authorization_expiry=request.expiry,
+            )
+        except Replayed as exc:
+            raise Refusal("replayed", str(exc)) from None
         except InsufficientFunds as exc:
             reason = f"{exc}; quote: {json.dumps(q.to_dict())}"
             raise Refusal("insufficient_funds", reason) from None
-        self._seen[digest] = request.expiry
         self._reservations[request_id] = reservation
         self._models[request_id] = request.model_id
         return reservation.total
+
+    def take_rate_bps(self, worker: str) -> int:
+        """The platform's take on this worker's receipts: its stake tier's rate."""
+        return self.rules.take_bps(self._stake_wei(worker))
+
+    def _stake_wei(self, worker: str) -> int | None:
+        """The worker's active stake (cached for `STAKE_TTL_SECONDS`); on a chain error the
+        last value read, else None (tier 0, the highest take)."""
+        wallet = worker.lower()
+        now = self.clock()
+        cached = self._stakes.get(wallet)
+        if cached is not None and now - cached[0] < STAKE_TTL_SECONDS:
+            return cached[1] * SOGNI
+        try:
+            stake = self.standing(worker).stake
+        except Exception as exc:  # web3 raises many kinds; the receipt must still be paid
+            log.warning("stake_lookup_failed", wallet=wallet, error=type(exc).__name__)
+            return None if cached is None else cached[1] * SOGNI
+        self._stakes[wallet] = (now, stake)
+        return stake * SOGNI
 
     def settle(
         self, request_id: bytes, job_id: bytes, worker: str, steps_done: int, steps: int
@@ -93,8 +156,8 @@ class Billing:
                 request_id,
                 partial_value(reservation.per_image, steps_done, steps),
                 worker,
-                self.take_rate_bps,
-                self.creator_share_bps,
+                self.take_rate_bps(worker),
+                self.rules.creator_share_bps,
                 model_id=self._models[request_id],
                 job_id=job_id,
             )
@@ -109,3 +172,100 @@ class Billing:
         refunded = self.ledger.refund(request_id)
         if any(refunded.values()):
             log.info("request_refunded", request=request_id.hex()[:16], refunded=refunded)
+
+    def restore(self, store: Store) -> int:
+        """After a restart, take back every open reservation; returns how many stay open.
+
+        Receipts stored before the stop but not yet settled in the ledger (the coordinator
+        stopped between the two commits) are settled now (settling is idempotent per job);
+        a request with no queued job left is refunded now; the others are kept, so their
+        re-queued jobs settle per receipt and the rest is refunded when they end. A
+        reservation whose request never reached the store (stopped before accepting it)
+        is refunded whole.
+        """
+        kept = 0
+        for row in self.ledger.open_reservations():
+            rid = bytes.fromhex(row.request_id)
+            record = store.request_record(rid)
+            if record is None or row.amount % record.images:
+                if record is not None:
+                    log.error("reservation_not_divisible", request=row.request_id[:16])
+                self.ledger.refund(rid)
+                continue
+            self._reservations[rid] = Reservation(
+                row.request_id,
+                row.payer,
+                row.token_type,
+                row.left["spark_free"],
+                row.left["spark_paid"],
+                row.left["sogni"],
+                row.amount // record.images,
+            )
+            self._models[rid] = record.model_id
+            for receipt, steps in record.receipts:
+                self.settle(rid, receipt.job_id, receipt.worker, receipt.steps_done, steps)
+            if record.queued == 0:
+                self.finish(rid)
+            else:
+                kept += 1
+        return kept
+
+    # --- Daily Boost and balances ---------------------------------------------------------
+    def _require_on(self) -> None:
+        if self.mode == "off":
+            raise Refusal(
+                "billing_off", "billing is off on this coordinator: renders are free, no balances"
+            )
+
+    def _with_domain(self, fault: str) -> str:
+        d = self.domain
+        return f"{fault}; this coordinator signs for chain {d.chain_id}, {d.verifying_contract}"
+
+    def claim_boost(self, claim: DailyBoostClaim) -> BoostGranted:
+        """Grant the Daily Boost for today (UTC) if the claim is the payer's own and the first
+        today; otherwise `Refusal` (`unauthorized`, `wrong_day`, `already_claimed`)."""
+        self._require_on()
+        fault = eip712.check_boost_claim(self.domain, claim)
+        if fault is not None:
+            raise Refusal("unauthorized", self._with_domain(fault))
+        now = self.clock()
+        today, opens = utc_day(now), next_utc_midnight(now)
+        if claim.day != today:
+            raise Refusal(
+                "wrong_day",
+                f"the claim is for {claim.day} but today is {today} (UTC): sign one for today",
+            )
+        try:
+            amount = self.ledger.claim_daily_boost(claim.payer, now)
+        except BoostAlreadyClaimed:
+            raise Refusal(
+                "already_claimed",
+                f"{claim.payer} already claimed the Daily Boost for {today} (UTC); "
+                f"the next claim opens at {_iso(opens)}",
+            ) from None
+        log.info("daily_boost_granted", payer=claim.payer.lower(), micro_spark=amount)
+        return BoostGranted(
+            payer=claim.payer,
+            day=today,
+            amount_micro=amount,
+            balances=_balances(self.ledger.balance(claim.payer)),
+            next_claim_at=opens,
+        )
+
+    def report(self, query: BalanceQuery, peer_id: str) -> BalanceReport:
+        """The payer's balances, for a query it signed for this connection's peer id."""
+        self._require_on()
+        now = self.clock()
+        fault = eip712.check_balance_query(self.domain, query, peer_id, now)
+        if fault is not None:
+            raise Refusal("unauthorized", self._with_domain(fault))
+        if query.expiry > now + MAX_QUERY_SECONDS:
+            raise Refusal("unauthorized", "balance query expires more than an hour ahead")
+        available = not self.ledger.boost_claimed(query.payer, utc_day(now))
+        return BalanceReport(
+            payer=query.payer,
+            balances=_balances(self.ledger.balance(query.payer)),
+            reserved=_balances(self.ledger.reserved_for(query.payer)),
+            boost_available=available,
+            next_boost_at=int(now) if available else next_utc_midnight(now),
+        )

@@ -1,10 +1,13 @@
-"""The coordinator's end of an app's render request (`/sogni/client/1.0.0`).
+"""The coordinator's end of an app's stream (`/sogni/client/1.0.0`).
 
 One stream per request: the app sends a `RenderRequest`; the coordinator validates it,
 commits the request and its jobs, answers `RequestAccepted`, then streams progress, images
 with their verified receipts, and `RequestDone`. If the app goes away the request still
 runs to completion (the work was accepted and nodes are paid for it); its images are kept
 on disk under the coordinator's results folder.
+
+The first frame may instead be a signed `DailyBoostClaim` or `BalanceQuery`: one answer
+(`BoostGranted`, `BalanceReport` or `RequestRefused`), then the stream closes.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from sogni_protocol.ids import CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT
 from sogni_protocol.image_types import extension_of
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
+    BalanceQuery,
     CancelRequest,
+    DailyBoostClaim,
     JobImage,
     JobParams,
     Message,
@@ -100,9 +105,14 @@ async def serve_client(
     except TransportError as exc:
         log.info("client_gone_before_request", peer=peer, error=type(exc).__name__)
         return
+    if isinstance(req, DailyBoostClaim | BalanceQuery):
+        await _answer_account(channel, dispatcher, req)
+        return
     if not isinstance(req, RenderRequest):
         await _refuse(
-            channel, "invalid_request", f"expected renderRequest, got {type(req).__name__}"
+            channel,
+            "invalid_request",
+            f"expected renderRequest, dailyBoostClaim or balanceQuery, got {type(req).__name__}",
         )
         return
     fault = refusal_for(req, dispatcher, allowed_models)
@@ -202,6 +212,32 @@ async def _watch_client(
         if isinstance(msg, CancelRequest) and msg.request_id == request_id:
             log.info("request_cancelled", request=request_id.hex()[:16])
             dispatcher.cancel_request(request_id)
+
+
+async def _answer_account(
+    channel: Channel, dispatcher: Dispatcher, req: DailyBoostClaim | BalanceQuery
+) -> None:
+    """A payer's Daily Boost claim or balance query: one answer, then the stream closes."""
+    billing = dispatcher.billing
+    try:
+        if billing is None:
+            raise Refusal("billing_off", "billing is off on this coordinator: renders are free")
+        if isinstance(req, DailyBoostClaim):
+            reply: Message = billing.claim_boost(req)
+        else:
+            reply = billing.report(req, channel.remote_peer_id)
+    except Refusal as exc:
+        log.info("account_request_refused", kind=type(req).__name__, code=exc.code)
+        await _refuse(channel, exc.code, exc.reason)
+        return
+    try:
+        await channel.send(reply)
+    except TransportError as exc:
+        log.info("client_gone", error=type(exc).__name__)
+    finally:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            await channel.close()
 
 
 async def _refuse(channel: Channel, code: str, reason: str) -> None:

@@ -9,7 +9,8 @@ Accounts: a payer is its wallet address (lower case). System accounts: `treasury
 Spark: card purchases, Daily Boost), `chain` (SOGNI deposited from chain), `reserved:<request>`,
 `worker:<address>`, `platform`, `creator:<model>`. Only the issuers may go negative.
 
-Request path: `reserve` on accept, `settle` per receipt, `refund` on finish or cancel.
+Request path: `reserve` on accept, `settle` per receipt, `refund` on finish or cancel. Open
+reservations stay in `ledger_reservations`, so a restarted coordinator takes them back.
 """
 
 from __future__ import annotations
@@ -75,6 +76,11 @@ CREATE TABLE IF NOT EXISTS ledger_jobs (
     settled_at  REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS ledger_jobs_time ON ledger_jobs(settled_at);
+CREATE TABLE IF NOT EXISTS ledger_authorizations (
+    digest      TEXT PRIMARY KEY,
+    expiry      REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS ledger_authorizations_expiry ON ledger_authorizations(expiry);
 """
 
 
@@ -99,6 +105,11 @@ class InsufficientFunds(LedgerError):
 
 class BoostAlreadyClaimed(LedgerError):
     """The Daily Boost was already claimed this UTC day."""
+
+
+class Replayed(LedgerError):
+    """A payer authorization that was already used (kept in the database until it expires, so
+    a restart does not forget it)."""
 
 
 @dataclass(frozen=True)
@@ -150,6 +161,35 @@ def worker_account(address: str) -> str:
 
 def creator_account(model_id: str) -> str:
     return f"creator:{model_id}"
+
+
+@dataclass(frozen=True)
+class OpenReservation:
+    """A reservation not yet refunded, with what is still held (micro units, per asset)."""
+
+    request_id: str
+    payer: str
+    token_type: Literal["spark", "sogni"]
+    amount: int
+    """What was reserved in total, in the paying unit."""
+    left: dict[Asset, int]
+
+
+def _timestamp(now: dt.datetime | float | None) -> float:
+    if now is None:
+        return time.time()
+    return now.timestamp() if isinstance(now, dt.datetime) else float(now)
+
+
+def utc_day(now: dt.datetime | float | None = None) -> str:
+    """The UTC calendar day (`YYYY-MM-DD`) of `now`: the Daily Boost's unit."""
+    return dt.datetime.fromtimestamp(_timestamp(now), dt.UTC).date().isoformat()
+
+
+def next_utc_midnight(now: dt.datetime | float | None = None) -> int:
+    """Unix time of the next 00:00 UTC after `now`: when the next Daily Boost opens."""
+    day = dt.datetime.fromtimestamp(_timestamp(now), dt.UTC).date() + dt.timedelta(days=1)
+    return int(dt.datetime.combine(day, dt.time(), dt.UTC).timestamp())
 
 
 def partial_value(job_value: int, steps_done: int, steps: int) -> int:
@@ -214,6 +254,45 @@ class Ledger(Database):
             out.setdefault(account, dict.fromkeys(ASSETS, 0))[asset] = int(amount)
         return out
 
+    def reserved_for(self, payer: str) -> dict[Asset, int]:
+        """What is held for the payer's open requests, per asset."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT e.asset, SUM(e.amount) FROM ledger_reservations r"
+                " JOIN ledger_entries e ON e.account = 'reserved:' || r.request_id"
+                " WHERE r.payer = ? AND r.state = 'open' GROUP BY e.asset",
+                (_addr(payer),),
+            ).fetchall()
+        out = dict.fromkeys(ASSETS, 0)
+        out.update({asset: int(amount) for asset, amount in rows})
+        return out
+
+    def boost_claimed(self, payer: str, day: str) -> bool:
+        """Whether `payer` claimed the Daily Boost on UTC `day` (`YYYY-MM-DD`)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM ledger_boosts WHERE payer = ? AND day = ?", (_addr(payer), day)
+            ).fetchone()
+        return row is not None
+
+    def open_reservations(self) -> list[OpenReservation]:
+        """Reservations not refunded yet, oldest first: what a restarted coordinator reloads."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT request_id, payer, token_type, amount FROM ledger_reservations"
+                " WHERE state = 'open' ORDER BY created_at, rowid"
+            ).fetchall()
+            return [
+                OpenReservation(
+                    rid,
+                    payer,
+                    token,
+                    int(amount),
+                    {a: self._balance(self._db, reserved_account(rid), a) for a in ASSETS},
+                )
+                for rid, payer, token, amount in rows
+            ]
+
     def totals(self) -> dict[Asset, int]:
         """Sum of each asset over all accounts: always 0 (double entry)."""
         with self._lock:
@@ -252,14 +331,8 @@ class Ledger(Database):
 
     def claim_daily_boost(self, payer: str, now: dt.datetime | float | None = None) -> int:
         """Grant the free Daily Boost Spark once per UTC day; returns the micro-Spark granted."""
-        ts = (
-            time.time()
-            if now is None
-            else now.timestamp()
-            if isinstance(now, dt.datetime)
-            else float(now)
-        )
-        day = dt.datetime.fromtimestamp(ts, dt.UTC).date().isoformat()
+        ts = _timestamp(now)
+        day = utc_day(ts)
         payer = _addr(payer)
         with self._tx() as db:
             if db.execute(
@@ -287,8 +360,15 @@ class Ledger(Database):
         payer: str,
         quote: Quote,
         token_type: Literal["spark", "sogni"] | None = None,
+        *,
+        authorization: bytes | None = None,
+        authorization_expiry: float = 0.0,
     ) -> Reservation:
-        """Hold the quote's price (free Spark before paid); `InsufficientFunds` if short."""
+        """Hold the quote's price (free Spark before paid); `InsufficientFunds` if short.
+
+        `authorization` (the digest of the payer's signed request) is remembered until
+        `authorization_expiry`, in the same transaction: using it twice raises `Replayed`.
+        """
         rid, payer = _hex(request_id), _addr(payer)
         token = token_type or quote.token_type
         account = reserved_account(rid)
@@ -297,6 +377,12 @@ class Ledger(Database):
                 "SELECT 1 FROM ledger_reservations WHERE request_id = ?", (rid,)
             ).fetchone():
                 raise LedgerError(f"request {rid} is already reserved")
+            if authorization is not None:
+                db.execute("DELETE FROM ledger_authorizations WHERE expiry < ?", (time.time(),))
+                if db.execute(
+                    "SELECT 1 FROM ledger_authorizations WHERE digest = ?", (authorization.hex(),)
+                ).fetchone():
+                    raise Replayed("this signed request was already submitted")
             if token == "spark":
                 need = quote.spark_micro
                 free = self._balance(db, payer, "spark_free")
@@ -325,6 +411,11 @@ class Ledger(Database):
                 "INSERT INTO ledger_reservations VALUES (?, ?, ?, ?, ?, 'open', ?)",
                 (rid, payer, token, need, quote.spark_micro, time.time()),
             )
+            if authorization is not None:
+                db.execute(
+                    "INSERT INTO ledger_authorizations VALUES (?, ?)",
+                    (authorization.hex(), authorization_expiry),
+                )
             return res
 
     def settle(

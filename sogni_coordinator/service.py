@@ -21,6 +21,7 @@ from sogni_coordinator.routing import Router
 from sogni_coordinator.settlement.timer import run_epoch_timer
 from sogni_coordinator.store import Store
 from sogni_net import Channel, open_host
+from sogni_protocol.catalog import default_catalog
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import CAPABILITIES_TOPIC, CLIENT_PROTOCOL, JOBS_PROTOCOL
 from sogni_protocol.logs import get_logger
@@ -47,7 +48,15 @@ class RunningCoordinator:
 
 
 def _restore(store: Store, dispatcher: Dispatcher, config: CoordinatorConfig) -> int:
-    """Requeue jobs that had no receipt when the coordinator stopped; their clients are gone."""
+    """Requeue jobs that had no receipt when the coordinator stopped; their clients are gone.
+
+    Their reservations are reloaded first (`Billing.restore`), so what these jobs deliver is
+    still settled per receipt and the rest refunded when their request ends.
+    """
+    if dispatcher.billing is not None:
+        kept = dispatcher.billing.restore(store)
+        if kept:
+            log.info("reservations_restored", requests=kept)
     jobs = store.unfinished_jobs()
     by_request: dict[bytes, list[Job]] = {}
     for j in jobs:
@@ -76,21 +85,16 @@ async def run_coordinator(
     """Serve until cancelled. `task_status.started` reports the listening addresses."""
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(config.database)
-    ledger = Ledger(config.database)
+    ledger = Ledger(config.database, daily_boost_spark=default_catalog().daily_boost_spark)
     reputation = Reputation(config.database)
     try:
         domain = Domain(config.chain_id, config.verifying_contract)
-        billing = Billing(
-            ledger,
-            domain,
-            mode=config.billing,
-            take_rate_bps=config.settlement.take_rates_bps[0],
-            creator_share_bps=config.settlement.creator_share_bps,
-        )
+        billing = Billing(ledger, domain, mode=config.billing, rules=config.settlement.rules())
         link = connect_chain(config, signer.private_key, store)
         router = Router(reputation, tiers=config.tiers, fast_min_stake=config.fast_min_stake)
         if link is not None:
             router.standing = link.standing
+            billing.standing = link.standing
         dispatcher = Dispatcher(
             store,
             signer_key=signer.private_key,
@@ -127,7 +131,13 @@ async def run_coordinator(
             host.set_topic_validator(CAPABILITIES_TOPIC, book.validate)
             host.set_stream_handler(JOBS_PROTOCOL, on_node)
             host.set_stream_handler(CLIENT_PROTOCOL, on_client)
-            info = {"peerId": host.peer_id, "addrs": host.addrs, "address": signer.address}
+            info = {
+                "peerId": host.peer_id,
+                "addrs": host.addrs,
+                "address": signer.address,
+                "chainId": domain.chain_id,
+                "verifyingContract": domain.verifying_contract,
+            }
             (config.data_dir / "coordinator.json").write_text(json.dumps(info, indent=2))
             log.info(
                 "coordinator_ready", peer=host.peer_id, addrs=host.addrs, signer=signer.address

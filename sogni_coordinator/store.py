@@ -100,6 +100,19 @@ class StoredReceipt:
     request_id: bytes
 
 
+@dataclass(frozen=True)
+class RequestRecord:
+    """A request as stored: what billing needs to settle it again after a restart."""
+
+    request_id: bytes
+    model_id: str
+    images: int
+    queued: int
+    """Jobs with neither a receipt nor a failure: the request is still running."""
+    receipts: list[tuple[Receipt, int]]
+    """Each receipt with the steps its job asked for (a partial receipt pays pro rata)."""
+
+
 def _schema_version(path: Path | str) -> int:
     if str(path) == ":memory:" or not Path(path).exists():
         return 0
@@ -214,6 +227,30 @@ class Store(Database):
             StoredJob(r[0], r[1], r[2], _params_decoder.decode(r[3]), r[4], r[5], r[6], r[7])
             for r in rows
         ]
+
+    def request_record(self, request_id: bytes) -> RequestRecord | None:
+        """The request, how many of its jobs are still queued, and its receipts."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT model_id, images FROM requests WHERE request_id=?", (request_id,)
+            ).fetchone()
+            if row is None:
+                return None
+            queued = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE request_id=? AND state='queued'", (request_id,)
+            ).fetchone()[0]
+            receipts = self._db.execute(
+                "SELECT r.receipt, j.params FROM receipts r JOIN jobs j USING (job_id)"
+                " WHERE r.request_id=? ORDER BY r.rowid",
+                (request_id,),
+            ).fetchall()
+        return RequestRecord(
+            request_id,
+            str(row[0]),
+            int(row[1]),
+            int(queued),
+            [(_receipt_decoder.decode(r), _params_decoder.decode(p).steps) for r, p in receipts],
+        )
 
     def job_state(self, job_id: bytes) -> str | None:
         with self._lock:

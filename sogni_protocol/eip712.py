@@ -1,4 +1,4 @@
-"""EIP-712 typed data for job offers, receipts and node bindings: build, sign, verify.
+"""EIP-712 typed data for job offers, receipts, node bindings and payer authorizations.
 
 The typed data built here is exactly what is signed, so any standard EIP-712 library
 (eth-account, ethers) verifies it as is. `receipt_digest` is a hand-written digest of the
@@ -21,7 +21,9 @@ from eth_utils import to_checksum_address
 
 from sogni_protocol.errors import SignatureError
 from sogni_protocol.messages import (
+    BalanceQuery,
     Capabilities,
+    DailyBoostClaim,
     JobOffer,
     JobParams,
     Receipt,
@@ -65,6 +67,15 @@ _TYPES: dict[str, list[dict[str, str]]] = {
     "RenderAuthorization": [
         {"name": "payer", "type": "address"},
         {"name": "requestHash", "type": "bytes32"},
+        {"name": "expiry", "type": "uint64"},
+    ],
+    "DailyBoostClaim": [
+        {"name": "payer", "type": "address"},
+        {"name": "day", "type": "string"},
+    ],
+    "BalanceQuery": [
+        {"name": "payer", "type": "address"},
+        {"name": "peerId", "type": "string"},
         {"name": "expiry", "type": "uint64"},
     ],
     "NodeBinding": [
@@ -349,3 +360,66 @@ def check_payer(domain: Domain, request: RenderRequest, now: float) -> str | Non
     if not same_address(signer, request.payer):
         return "payer signature is not from the payer (or is for another chain or distributor)"
     return None
+
+
+def _payer_fault(signer_or_fault: str | SignatureError, payer: str) -> str | None:
+    if isinstance(signer_or_fault, SignatureError):
+        return str(signer_or_fault)
+    if not same_address(signer_or_fault, payer):
+        return "signature is not from the payer (or is for another chain or distributor)"
+    return None
+
+
+def _recover_or_fault(document: dict[str, Any], signature: bytes) -> str | SignatureError:
+    try:
+        return _recover(document, signature)
+    except SignatureError as exc:
+        return exc
+
+
+# --- Daily Boost and balances ---------------------------------------------------------------
+def boost_claim_document(domain: Domain, payer: str, day: str) -> dict[str, Any]:
+    message = {"payer": to_checksum_address(payer), "day": day}
+    return typed_data(domain, "DailyBoostClaim", message)
+
+
+def sign_boost_claim(private_key: bytes, domain: Domain, day: str) -> DailyBoostClaim:
+    """The key's wallet claims the Daily Boost for `day` (UTC `YYYY-MM-DD`)."""
+    payer = str(Account.from_key(private_key).address)
+    sig = _sign(private_key, boost_claim_document(domain, payer, day))
+    return DailyBoostClaim(payer=payer, day=day, signature=sig)
+
+
+def check_boost_claim(domain: Domain, claim: DailyBoostClaim) -> str | None:
+    """Why the claim's signature is unacceptable, or None. (The day is checked by the caller,
+    against its clock.)"""
+    signer = _recover_or_fault(
+        boost_claim_document(domain, claim.payer, claim.day), claim.signature
+    )
+    return _payer_fault(signer, claim.payer)
+
+
+def balance_query_document(domain: Domain, payer: str, peer_id: str, expiry: int) -> dict[str, Any]:
+    message = {"payer": to_checksum_address(payer), "peerId": peer_id, "expiry": expiry}
+    return typed_data(domain, "BalanceQuery", message)
+
+
+def sign_balance_query(
+    private_key: bytes, domain: Domain, peer_id: str, expiry: int
+) -> BalanceQuery:
+    """The key's wallet asks for its balances from libp2p peer `peer_id`, until `expiry`."""
+    payer = str(Account.from_key(private_key).address)
+    sig = _sign(private_key, balance_query_document(domain, payer, peer_id, expiry))
+    return BalanceQuery(payer=payer, peer_id=peer_id, expiry=expiry, signature=sig)
+
+
+def check_balance_query(
+    domain: Domain, query: BalanceQuery, peer_id: str, now: float
+) -> str | None:
+    """Why the query is unacceptable from the authenticated `peer_id` at `now`, or None."""
+    if query.peer_id != peer_id:
+        return "balance query was signed for another peer id than the sender's"
+    if query.expiry < now:
+        return "balance query has expired"
+    document = balance_query_document(domain, query.payer, query.peer_id, query.expiry)
+    return _payer_fault(_recover_or_fault(document, query.signature), query.payer)

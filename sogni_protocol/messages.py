@@ -36,6 +36,9 @@ TokenType = Literal["spark", "sogni"]
 Scheduler = Annotated[str, Meta(max_length=32, pattern=r"^[a-z0-9_]*$")]
 OutputFormat = Literal["png", "jpeg", "webp"]
 LoraStrength = Annotated[float, Meta(ge=-4.0, le=4.0)]
+UtcDay = Annotated[str, Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")]
+"""A UTC calendar day, `YYYY-MM-DD` (the Daily Boost's unit of replay protection)."""
+PeerId = Annotated[str, Meta(min_length=1, max_length=128)]
 
 
 class _Message(
@@ -212,6 +215,56 @@ class RequestDone(_Message, tag="requestDone", kw_only=True):
     cancelled: Uint32 = 0
 
 
+class Balances(_Record, kw_only=True):
+    """A payer's holdings in micro units (1e-6): free Daily Boost Spark, paid Spark, SOGNI."""
+
+    spark_free: Uint64 = 0
+    spark_paid: Uint64 = 0
+    sogni: Uint64 = 0
+
+
+class DailyBoostClaim(_Message, tag="dailyBoostClaim", kw_only=True):
+    """Claim the free Daily Boost Spark for `day` (must be today, UTC), signed by the payer
+    (EIP-712 `DailyBoostClaim`). The coordinator grants it once per payer and day, so a
+    replayed claim is refused; answered by `BoostGranted` or `RequestRefused`."""
+
+    payer: Address
+    day: UtcDay
+    signature: Signature
+
+
+class BoostGranted(_Message, tag="boostGranted", kw_only=True):
+    payer: Address
+    day: UtcDay
+    amount_micro: Uint64
+    """Free Spark granted, in micro-Spark."""
+    balances: Balances
+    next_claim_at: Uint64
+    """Unix time the next claim opens (the next 00:00 UTC)."""
+
+
+class BalanceQuery(_Message, tag="balanceQuery", kw_only=True):
+    """Read one's own balances, signed by the payer (EIP-712 `BalanceQuery`) for the peer id
+    that sends it and until `expiry`, so a copied query is useless to anyone else."""
+
+    payer: Address
+    peer_id: PeerId
+    expiry: Uint64
+    signature: Signature
+
+
+class BalanceReport(_Message, tag="balanceReport", kw_only=True):
+    payer: Address
+    balances: Balances
+    """What the payer can spend now."""
+    reserved: Balances
+    """Held for the payer's requests still running (settled per image, the rest refunded)."""
+    boost_available: bool
+    """The Daily Boost has not been claimed today (UTC)."""
+    next_boost_at: Uint64
+    """Unix time the Daily Boost can next be claimed (now, if it is available)."""
+
+
 # --- node <-> coordinator (/sogni/jobs/1.0.0) --------------------------------------------
 class NodeHello(_Message, tag="nodeHello", kw_only=True):
     """First frame of a pull stream: who the node is and what it can render."""
@@ -291,9 +344,16 @@ class Goodbye(_Message, tag="goodbye", kw_only=True):
     reason: Reason = ""
 
 
-ClientMessage = RenderRequest | CancelRequest
+ClientMessage = RenderRequest | CancelRequest | DailyBoostClaim | BalanceQuery
 CoordinatorToClient = (
-    RequestAccepted | RequestRefused | JobProgress | JobImage | JobFailed | RequestDone
+    RequestAccepted
+    | RequestRefused
+    | JobProgress
+    | JobImage
+    | JobFailed
+    | RequestDone
+    | BoostGranted
+    | BalanceReport
 )
 NodeToCoordinator = (
     NodeHello | Ready | OfferDeclined | Progress | Result | HandBack | Heartbeat | Goodbye
@@ -308,6 +368,10 @@ Message = (
     | JobFailed
     | CancelRequest
     | RequestDone
+    | DailyBoostClaim
+    | BoostGranted
+    | BalanceQuery
+    | BalanceReport
     | NodeHello
     | Welcome
     | Ready

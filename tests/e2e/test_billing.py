@@ -1,7 +1,14 @@
-"""Paying for renders through the real coordinator and nodes: reserve, settle, refund."""
+"""Paying for renders through the real coordinator and nodes: reserve, settle, refund;
+the Daily Boost and balances over the wire and from the `sogni` CLI; worker pay by stake."""
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -9,14 +16,34 @@ import pytest
 import trio
 from eth_account import Account
 
-from sogni_client.api import RenderRefused, authorize, render
-from sogni_coordinator.ledger import Ledger, worker_account
+from sogni_chain import Addresses, Deployment, connect, deploy_all
+from sogni_chain.anvil import Anvil, find_anvil
+from sogni_client.api import (
+    AccountRefused,
+    RenderRefused,
+    authorize,
+    balance,
+    claim_daily_boost,
+    render,
+)
+from sogni_coordinator.ledger import PLATFORM, Ledger, utc_day, worker_account
+from sogni_coordinator.settlement.rules import SOGNI, SettlementConfig
 from sogni_net import open_host
+from sogni_node.keystore import create_keystore
+from sogni_protocol import eip712
+from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import CLIENT_PROTOCOL
-from sogni_protocol.messages import RenderRequest, RequestAccepted, RequestRefused
+from sogni_protocol.messages import (
+    BalanceReport,
+    RenderRequest,
+    RequestAccepted,
+    RequestRefused,
+)
 from sogni_protocol.pricing import quote
 
-from .conftest import MODEL
+from .conftest import MODEL, start_net
+
+SPARK = 1_000_000  # micro
 
 
 def _request(n: int) -> RenderRequest:
@@ -103,5 +130,148 @@ async def test_undelivered_images_are_refunded(net_factory: Any, backend: Any) -
                 )
             assert result.images == [] and len(result.failed) == 2
             assert ledger.balance(payer.address)["spark_paid"] == 1_000_000
+        finally:
+            ledger.close()
+
+
+async def test_daily_boost_and_balance_over_the_wire(net_factory: Any) -> None:
+    payer = Account.create()
+    key = bytes(payer.key)
+    async with net_factory() as net:
+        with trio.fail_after(30):
+            granted = await claim_daily_boost(net.addr, key, domain=net.domain)
+        assert granted.amount_micro == 50 * SPARK and granted.day == utc_day()
+        assert granted.balances.spark_free == 50 * SPARK
+        with pytest.raises(AccountRefused) as again:
+            await claim_daily_boost(net.addr, key, domain=net.domain)
+        assert again.value.code == "already_claimed" and "next claim opens at" in again.value.reason
+        with pytest.raises(AccountRefused) as foreign:
+            await claim_daily_boost(net.addr, key, domain=Domain(1, net.domain.verifying_contract))
+        assert foreign.value.code == "unauthorized"
+        report = await balance(net.addr, key, domain=net.domain)
+        assert report.balances.spark_free == 50 * SPARK and not report.boost_available
+        async with open_host(key_path=None, listen=()) as thief:
+            # a query signed for another peer id (a copy of someone's query) is refused
+            query = eip712.sign_balance_query(key, net.domain, "12D3KooWsomeoneelse", 2**40)
+            channel = await thief.open_channel(net.addr, CLIENT_PROTOCOL)
+            await channel.send(query)
+            refused = await channel.receive(timeout=10)
+            assert isinstance(refused, RequestRefused) and refused.code == "unauthorized"
+            assert "another peer id" in refused.reason
+            # signed for this peer: answered, then the stream is closed
+            expiry = int(time.time()) + 60
+            query = eip712.sign_balance_query(key, net.domain, thief.peer_id, expiry)
+            channel = await thief.open_channel(net.addr, CLIENT_PROTOCOL)
+            await channel.send(query)
+            assert isinstance(await channel.receive(timeout=10), BalanceReport)
+
+
+async def _sogni(home: Path, *args: str) -> tuple[int, str, str]:
+    """Run the `sogni` CLI as a user would: its own process, HOME, keystore password env."""
+    env = {**os.environ, "HOME": str(home), "SOGNI_PASSWORD": "payer-password"}
+    for name in ("SOGNI_COORDINATOR_ADDR", "SOGNI_KEYSTORE", "SOGNI_CHAIN_ID"):
+        env.pop(name, None)
+    with trio.fail_after(120):
+        done = await trio.run_process(
+            [sys.executable, "-m", "sogni_client.cli", *args],
+            env=env,
+            cwd=home,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+
+async def test_sogni_cli_boost_render_and_balance(
+    net_factory: Any, backend: Any, tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    keystore = home / ".sogni" / "client" / "payer.json"  # the default place
+    address = create_keystore(keystore, "payer-password", kdf_n=2**14)
+    contract = "0x" + "5a" * 20  # not the default domain: the CLI must learn it
+    async with net_factory(verifying_contract=contract) as net:
+        await net.add_node(backend, "node0", verifying_contract=contract)
+        local = home / ".sogni" / "coordinator" / "coordinator.json"
+        local.parent.mkdir(parents=True)
+        local.write_text((net.config.data_dir / "coordinator.json").read_text())
+        # a local coordinator: address and EIP-712 domain come from the file it wrote
+        code, out, err = await _sogni(home, "boost", "--json")
+        assert code == 0, err
+        granted = json.loads(out)
+        assert granted["payer"] == address and granted["amountMicro"] == 50 * SPARK
+        assert granted["nextClaimAt"].endswith("T00:00:00Z")
+        explicit = [
+            f"--coordinator={net.addr}",
+            f"--chain-id={net.domain.chain_id}",
+            f"--verifying-contract={contract}",
+            "--json",
+        ]
+        code, out, err = await _sogni(
+            home, "render", "a red circle", "--steps", "3", "--format", "jpeg",
+            "--keystore", str(keystore), "--out", str(tmp_path / "out"),
+        )  # fmt: skip
+        assert code == 0, err
+        assert "1 images" in out and " spark" in out  # paid, from the free Spark
+        assert [p.suffix for p in (tmp_path / "out").glob("*-000.*")] == [".jpg"]
+        code, _, err = await _sogni(home, "render", "x", "--lora", "ghost:0.5", "--lora", "a")
+        assert code == 2 and "LoRAs ['ghost', 'a']" in err  # the LoRAs went on the wire
+        code, out, err = await _sogni(home, "balance", *explicit)
+        assert code == 0, err
+        report = json.loads(out)
+        cost = quote(_request(1)).per_image.spark_micro
+        assert report["balancesMicro"] == {
+            "sparkFree": 50 * SPARK - cost,
+            "sparkPaid": 0,
+            "sogni": 0,
+        }
+        assert report["reservedMicro"]["sparkFree"] == 0 and report["boostAvailable"] is False
+
+
+@pytest.fixture(scope="module")
+def anvil() -> Iterator[Anvil]:
+    if find_anvil() is None:
+        pytest.skip("anvil binary not installed (npm ci --prefix contracts)")
+    with Anvil() as node:
+        yield node
+
+
+async def test_worker_pay_per_receipt_uses_its_stake_tier(
+    anvil: Anvil, tmp_path: Path, backend: Any
+) -> None:
+    chain = connect(anvil.url)
+    treasury = chain.accounts[0]
+    signer, payer = Account.create(), Account.create()
+    chain.send_eth(signer.address, 10**18, sender=treasury)
+    addresses = tmp_path / "addresses.json"
+    deploy_all(chain, treasury, coordinator=signer.address, path=addresses)
+    deployment = Deployment(chain, Addresses.load(addresses), treasury)
+    settlement = SettlementConfig()  # stake 10,000 SOGNI: 20 % take instead of 30 %
+    async with start_net(
+        tmp_path,
+        signer_key=bytes(signer.key),
+        chain_url=anvil.url,
+        addresses_file=addresses,
+        settlement=settlement,
+    ) as net:
+        node = await net.add_node(backend, "node0", addresses_file=addresses)
+        staker = chain.add_key(node.wallet.private_key)
+        chain.send_eth(staker, 10**18, sender=treasury)
+        deployment.token.transfer(staker, 10_000 * SOGNI)
+        deployment.token.approve(deployment.staking.address, 10_000 * SOGNI, sender=staker)
+        deployment.staking.stake(10_000 * SOGNI, sender=staker)
+        ledger = Ledger(net.config.database)
+        try:
+            ledger.credit_purchase(payer.address, 1)
+            with trio.fail_after(60):
+                result = await render(
+                    net.addr, _request(2), payer_key=bytes(payer.key), domain=net.domain
+                )
+            assert len(result.images) == 2
+            value = quote(_request(1)).per_image.spark_micro
+            take, creator = value * 2000 // 10_000, value * 500 // 10_000
+            worker = ledger.balance(worker_account(node.wallet.address))
+            assert worker["spark_paid"] == 2 * (value - take - creator)
+            assert ledger.balance(PLATFORM)["spark_paid"] == 2 * take
         finally:
             ledger.close()
