@@ -332,16 +332,20 @@ class Dispatcher:
         self.enqueue(job, front=True)
 
     def _give_up(self, job: Job, reason: str) -> None:
-        self.store.mark_failed(job.job_id)
         state = self.requests.get(job.request_id)
         if state is not None:
             self._to_client(state, JobFailed(job_id=job.job_id, index=job.index, reason=reason))
         self._end_job(job, "failed")
 
     def _end_job(self, job: Job, outcome: str) -> None:
-        """Forget a job that ends without an image (failed or cancelled)."""
+        """Forget a job that ends without an image (failed or cancelled).
+
+        The store hears it too, so a restart never re-queues (and charges for) a job that
+        ended; a partial receipt already marked it done, which `mark_failed` leaves alone.
+        """
         if self.jobs.pop(job.job_id, None) is None:
             return
+        self.store.mark_failed(job.job_id)
         for link in list(job.holders):
             self._send_to_node(link, Cancel(job_id=job.job_id))
             self._drop_holder(job, link, outcome, penalize=False)
@@ -375,7 +379,6 @@ class Dispatcher:
         for job in [j for j in self.jobs.values() if j.request_id == request_id]:
             job.cancelled = True
             if not job.holders:
-                self.store.mark_failed(job.job_id)
                 self._end_job(job, "cancelled")
             for link in list(job.holders):
                 self._send_to_node(link, Cancel(job_id=job.job_id, pay_partial=True))

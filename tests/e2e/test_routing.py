@@ -17,8 +17,12 @@ from sogni_coordinator.routing import Router, Standing
 from sogni_net import open_host
 from sogni_protocol.ids import CLIENT_PROTOCOL, RESULT_FRAME_LIMIT
 from sogni_protocol.messages import (
+    Cancel,
     CancelRequest,
+    Goodbye,
     JobFailed,
+    Offer,
+    Ready,
     RenderRequest,
     RequestAccepted,
     RequestDone,
@@ -26,7 +30,7 @@ from sogni_protocol.messages import (
 )
 from sogni_protocol.pricing import quote
 
-from .conftest import MODEL, SlowBackend, receive_skipping
+from .conftest import MODEL, SlowBackend, receive_skipping, rogue_node
 
 
 def _request(n: int, **kw: Any) -> RenderRequest:
@@ -167,6 +171,28 @@ async def test_cancel_pays_the_steps_done_and_refunds_the_rest(
             assert sum(ledger.balance(worker_account(node.wallet.address)).values()) > 0
         finally:
             ledger.close()
+
+
+async def test_a_cancelled_job_whose_node_vanishes_ends_for_good(net_factory: Any) -> None:
+    """No partial receipt ever comes: the job ends as cancelled, also in the store, so a
+    restarted coordinator does not render (and charge) it again."""
+    async with net_factory() as net, rogue_node(net) as (node, _acct):
+        await node.send(Ready(slots=1))
+        async with open_host(key_path=None, listen=()) as client:
+            channel = await client.open_channel(net.addr, CLIENT_PROTOCOL)
+            await channel.send(_request(1))
+            accepted = await channel.receive(timeout=10)
+            assert isinstance(accepted, RequestAccepted)
+            offer = await receive_skipping(node, (Offer,))
+            await channel.send(CancelRequest(request_id=accepted.request_id))
+            cancel = await receive_skipping(node, (Cancel,))
+            assert cancel.pay_partial
+            await node.send(Goodbye(reason="gone"))
+            done = await receive_skipping(channel, (RequestDone,), timeout=20)
+        assert (done.delivered, done.cancelled) == (0, 1)
+        store = net.coordinator.dispatcher.store
+        assert store.job_state(offer.offer.job_id) == "failed"
+        assert store.unfinished_jobs() == []
 
 
 def test_workers_command_lists_reputation(tmp_path: Path) -> None:
