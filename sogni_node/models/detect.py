@@ -7,6 +7,7 @@ JSON configs and the safetensors header (no tensors), so it is cheap even for 7 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import struct
@@ -51,6 +52,35 @@ CLASS_DEFAULTS: Mapping[str, ClassDefaults] = {
 }
 """Class -> defaults; steps and sizes agree with configs/catalog.toml where it lists them."""
 
+ARCHITECTURES: Mapping[str, frozenset[str]] = {
+    "sd15": frozenset({"sd15", "lcm"}),
+    "sdxl": frozenset({"sdxl", "sdxl-turbo", "lcm"}),
+    "flux": frozenset({"flux"}),
+}
+"""Architecture -> the classes that can label it (LCM distillations exist for both UNets)."""
+
+
+def check_class_fits(model_class: str, architecture: str | None) -> None:
+    """Refuse a class that cannot describe the detected architecture (e.g. `sdxl` on SD 1.5).
+
+    Why: the class picks pricing, defaults and the single-file config skeleton, so a wrong
+    `--class` would otherwise install a silently broken model.
+    """
+    if architecture is not None and model_class not in ARCHITECTURES[architecture]:
+        fits = ", ".join(sorted(ARCHITECTURES[architecture]))
+        raise DetectionError(
+            f"class {model_class!r} does not fit this {architecture} model (use one of: {fits})"
+        )
+
+
+def class_defaults(model_class: str, architecture: str | None = None) -> ClassDefaults:
+    """Defaults for a class; an SDXL-based LCM keeps LCM's steps and scheduler at SDXL's size."""
+    d = CLASS_DEFAULTS[model_class]
+    if model_class == "lcm" and architecture == "sdxl":
+        xl = CLASS_DEFAULTS["sdxl"]
+        return dataclasses.replace(d, width=xl.width, height=xl.height)
+    return d
+
 
 def default_model_id(path: Path) -> str:
     """Id from a file or folder name: lowercase, spaces to `_`, other odd characters to `-`."""
@@ -94,28 +124,35 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def detect_folder(folder: Path, name: str | None = None) -> str:
-    """Class of a diffusers folder from model_index.json and the unet/transformer config."""
+def folder_architecture(folder: Path) -> str:
+    """`sd15`, `sdxl` or `flux` for a diffusers folder, from model_index.json and configs."""
     index = _read_json(folder / "model_index.json")
     if not index:
         raise DetectionError(f"{folder} is not a diffusers folder (no readable model_index.json)")
     pipeline = str(index.get("_class_name", ""))
     unet = _read_json(folder / "unet" / "config.json")
     transformer = _read_json(folder / "transformer" / "config.json")
-    scheduler = str(
-        _read_json(folder / "scheduler" / "scheduler_config.json").get("_class_name", "")
-    )
-    hint = name or folder.name
     if "Flux" in pipeline or "Flux" in str(transformer.get("_class_name", "")):
         return "flux"
     cross = unet.get("cross_attention_dim")
     if unet.get("addition_embed_type") == "text_time" or cross == 2048 or "XL" in pipeline:
-        return _refine("sdxl", hint, scheduler)
+        return "sdxl"
     if cross == 1024:
         raise DetectionError(f"{folder}: SD 2.x models (1024-dim text context) are not supported")
     if cross == 768 or (pipeline.startswith("StableDiffusion") and unet):
-        return _refine("sd15", hint, scheduler)
+        return "sd15"
     raise DetectionError(f"{folder}: unknown pipeline {pipeline!r}; pass --class")
+
+
+def detect_folder(folder: Path, name: str | None = None) -> str:
+    """Class of a diffusers folder from model_index.json and the unet/transformer config."""
+    base = folder_architecture(folder)
+    if base == "flux":
+        return base
+    scheduler = str(
+        _read_json(folder / "scheduler" / "scheduler_config.json").get("_class_name", "")
+    )
+    return _refine(base, name or folder.name, scheduler)
 
 
 def read_safetensors_header(path: Path) -> dict[str, Any]:
@@ -136,12 +173,12 @@ def read_safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-def detect_keys(
+def keys_architecture(
     keys: Iterable[str],
-    name: str = "",
     shapes: Mapping[str, Sequence[int]] | None = None,
+    name: str = "",
 ) -> str:
-    """Class of a single-file checkpoint from its tensor names (and shapes, when known)."""
+    """`sd15`, `sdxl` or `flux` for a single-file checkpoint, from its tensor names and shapes."""
     keyset = set(keys)
     shapes = shapes or {}
 
@@ -151,7 +188,7 @@ def detect_keys(
     if has("double_blocks.") or has("model.diffusion_model.double_blocks."):
         return "flux"
     if has("conditioner.embedders.1.") or has("model.diffusion_model.label_emb."):
-        return _refine("sdxl", name)
+        return "sdxl"
     if has("model.diffusion_model.input_blocks."):
         context = [
             int(shape[-1])
@@ -161,14 +198,35 @@ def detect_keys(
         if has("cond_stage_model.model.") or (context and context[0] == 1024):
             raise DetectionError(f"{name or 'checkpoint'}: SD 2.x checkpoints are not supported")
         if (context and context[0] == 768) or has("cond_stage_model.transformer."):
-            return _refine("sd15", name)
+            return "sd15"
     raise DetectionError(f"{name or 'checkpoint'}: unrecognised checkpoint layout; pass --class")
+
+
+def detect_keys(
+    keys: Iterable[str],
+    name: str = "",
+    shapes: Mapping[str, Sequence[int]] | None = None,
+) -> str:
+    """Class of a single-file checkpoint from its tensor names (and shapes, when known)."""
+    base = keys_architecture(keys, shapes, name)
+    return base if base == "flux" else _refine(base, name)
+
+
+def _header_shapes(path: Path) -> tuple[dict[str, Sequence[int]], dict[str, Any]]:
+    header = read_safetensors_header(path)
+    meta = header.pop("__metadata__", None) or {}
+    shapes = {k: v.get("shape", []) for k, v in header.items() if isinstance(v, dict)}
+    return shapes, meta if isinstance(meta, dict) else {}
+
+
+def file_architecture(path: Path) -> str:
+    """`sd15`, `sdxl` or `flux` for a `.safetensors` checkpoint, from its header only."""
+    shapes, _ = _header_shapes(path)
+    return keys_architecture(shapes.keys(), shapes, path.name)
 
 
 def detect_file(path: Path, name: str | None = None) -> str:
     """Class of a single `.safetensors` checkpoint, from its header only."""
-    header = read_safetensors_header(path)
-    meta = header.pop("__metadata__", None) or {}
-    shapes = {k: v.get("shape", []) for k, v in header.items() if isinstance(v, dict)}
+    shapes, meta = _header_shapes(path)
     hint = " ".join([name or path.name, str(meta.get("modelspec.architecture", ""))])
-    return detect_keys(header.keys(), hint, shapes)
+    return detect_keys(shapes.keys(), hint, shapes)

@@ -10,11 +10,15 @@ exists so tests and operators can produce a checkpoint in the original layout fr
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from sogni_node.models.detect import WEIGHT_SUFFIXES, DetectionError, read_safetensors_header
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 """Bundled config skeletons: one diffusers folder layout (JSON only) per model class."""
@@ -28,17 +32,36 @@ SDXL_OPEN_CLIP_PREFIX = "conditioner.embedders.1.model."
 TOKENIZER_FILES = ("vocab.json", "merges.txt")
 _TOKENIZER_SUBFOLDERS = {"sd15": ("tokenizer",), "sdxl": ("tokenizer", "tokenizer_2")}
 _PIPELINES = {"sd15": "StableDiffusionPipeline", "sdxl": "StableDiffusionXLPipeline"}
+_COMPONENTS = {
+    "sd15": ("scheduler", "text_encoder", "tokenizer", "unet", "vae"),
+    "sdxl": (
+        "scheduler",
+        "text_encoder",
+        "text_encoder_2",
+        "tokenizer",
+        "tokenizer_2",
+        "unet",
+        "vae",
+    ),
+}
+"""Components a converted pipeline must have; diffusers treats the text parts as optional."""
 
 
 class SingleFileError(ValueError):
     """A checkpoint could not be converted (unsupported class, missing tokenizer, bad keys)."""
 
 
-def skeleton_family(model_class: str) -> str:
-    """Config skeleton for a model class: turbo/lightning share SDXL's, lcm shares SD 1.5's."""
-    if model_class in ("sdxl", "sdxl-turbo"):
+def skeleton_family(model_class: str, architecture: str | None = None) -> str:
+    """Config skeleton for a checkpoint: its architecture when known, else the class's.
+
+    The architecture (from the tensor names) wins because a class is only a label: `lcm`
+    exists for SD 1.5 and SDXL, and a wrong `--class` must not pick the wrong skeleton.
+    """
+    if architecture in _PIPELINES:
+        return str(architecture)
+    if architecture is None and model_class in ("sdxl", "sdxl-turbo"):
         return "sdxl"
-    if model_class in ("sd15", "lcm"):
+    if architecture is None and model_class in ("sd15", "lcm"):
         return "sd15"
     raise SingleFileError(
         f"single-file import of class {model_class!r} is not supported (only sd15/lcm and "
@@ -46,28 +69,54 @@ def skeleton_family(model_class: str) -> str:
     )
 
 
-def _has_tokenizer(folder: Path) -> bool:
+def _has_bpe(folder: Path) -> bool:
     return all((folder / name).is_file() for name in TOKENIZER_FILES)
 
 
+def _has_tokenizer(folder: Path) -> bool:
+    """BPE files, or the `tokenizer.json` that transformers >= 5 saves instead."""
+    return _has_bpe(folder) or (folder / "tokenizer.json").is_file()
+
+
+def _weights(path: str) -> bool:
+    return path.lower().endswith(WEIGHT_SUFFIXES)
+
+
 def prepare_config_dir(
-    family: str, dest: Path, tokenizer_dirs: dict[str, Path] | None = None
+    family: str,
+    dest: Path,
+    tokenizer_dirs: dict[str, Path] | None = None,
+    source: Path | None = None,
 ) -> Path:
-    """Copy the bundled skeleton for `family` to `dest`, adding tokenizer files.
+    """Copy a config skeleton (`source`, default the bundled one) to `dest`, adding tokenizers.
 
     The skeletons ship JSON configs only: the real CLIP BPE vocabulary is ~2 MB, so tokenizer
     files come from `tokenizer_dirs` (subfolder name -> folder with vocab.json + merges.txt),
-    typically taken from an installed diffusers model of the same family.
+    typically taken from an installed diffusers model. A skeleton without a tokenizer must be
+    refused: transformers would silently build an empty one and every prompt would be lost.
     """
-    src = CONFIGS_DIR / family
-    if not (src / "model_index.json").is_file():
-        raise SingleFileError(f"no bundled config skeleton for {family!r} at {src}")
-    shutil.copytree(src, dest, dirs_exist_ok=True)
+    src = source if source is not None else CONFIGS_DIR / family
+    index_path = src / "model_index.json"
+    if not index_path.is_file():
+        raise SingleFileError(f"no config skeleton for {family!r} at {src} (no model_index.json)")
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise SingleFileError(f"{index_path}: {exc}") from None
+    missing = [c for c in _COMPONENTS[family] if not (index.get(c) or [None])[0]]
+    if missing:
+        raise SingleFileError(
+            f"config folder {src} is not a {family} pipeline layout (no {', '.join(missing)})"
+        )
+    # A full diffusers folder works as a skeleton too; its weights are not needed.
+    shutil.copytree(
+        src, dest, dirs_exist_ok=True, ignore=lambda _d, names: [n for n in names if _weights(n)]
+    )
     for sub in _TOKENIZER_SUBFOLDERS[family]:
         if _has_tokenizer(dest / sub):
             continue
         tok = (tokenizer_dirs or {}).get(sub)
-        if tok is None or not _has_tokenizer(tok):
+        if tok is None or not _has_bpe(tok):
             raise SingleFileError(
                 f"single-file {family} import needs a CLIP tokenizer for {sub!r} "
                 "(vocab.json + merges.txt); pass --tokenizer DIR or first add a diffusers "
@@ -80,6 +129,22 @@ def prepare_config_dir(
     return dest
 
 
+def _check_text_encoders(cfg: Path) -> None:
+    """diffusers routes SDXL's two text encoders by width: equal widths load CLIP-L twice."""
+    widths = []
+    for sub in ("text_encoder", "text_encoder_2"):
+        try:
+            config = json.loads((cfg / sub / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # transformers reports an unreadable config itself
+        widths.append(config.get("hidden_size"))
+    if widths[0] == widths[1]:
+        raise SingleFileError(
+            f"config folder: text_encoder and text_encoder_2 have the same hidden size "
+            f"({widths[0]}), so diffusers cannot tell them apart in a single file"
+        )
+
+
 def convert_single_file(
     checkpoint: Path,
     dest: Path,
@@ -89,37 +154,89 @@ def convert_single_file(
 ) -> Path:
     """Convert `checkpoint` into a diffusers folder at `dest` (must not exist), offline.
 
-    `config_dir` overrides the bundled skeleton (a diffusers folder whose JSON configs and
-    tokenizer describe the checkpoint's architecture, e.g. for non-standard sizes).
+    `config_dir` overrides the bundled skeleton (a diffusers folder whose JSON configs
+    describe the checkpoint's architecture, e.g. for non-standard sizes); tokenizers it lacks
+    come from `tokenizer_dirs`. The result is checked against the checkpoint, because
+    diffusers leaves weights the file lacks at their random init without a word.
     """
     import diffusers  # lazy: heavy
 
     pipeline_cls: Any = getattr(diffusers, _PIPELINES[family])
+    extra: dict[str, Any] = {}
+    if family == "sd15":
+        extra = {"safety_checker": None, "requires_safety_checker": False}
     with tempfile.TemporaryDirectory(prefix=".sogni-cfg.") as tmp:
-        cfg = config_dir
-        if cfg is None:
-            cfg = prepare_config_dir(family, Path(tmp) / "config", tokenizer_dirs)
+        cfg = prepare_config_dir(family, Path(tmp) / "config", tokenizer_dirs, config_dir)
+        if family == "sdxl":
+            _check_text_encoders(cfg)
         try:
             pipe = pipeline_cls.from_single_file(
-                str(checkpoint),
-                config=str(cfg),
-                local_files_only=True,
-                safety_checker=None,
-                requires_safety_checker=False,
+                str(checkpoint), config=str(cfg), local_files_only=True, **extra
             )
-        except (OSError, ValueError, KeyError, RuntimeError) as exc:
-            raise SingleFileError(f"cannot convert {checkpoint.name}: {exc}") from exc
+        except Exception as exc:  # diffusers raises bare Exception subclasses, too
+            # Drop diffusers' advice to pass the component in Python: not an option here.
+            reason = str(exc).split("\nPlease load the component")[0].strip()
+            raise SingleFileError(f"cannot convert {checkpoint.name}: {reason}") from exc
         pipe.save_pretrained(str(dest), safe_serialization=True)
+        del pipe
         # Keep plain BPE files next to tokenizer.json, as tiny.py does, for other loaders.
         for sub in _TOKENIZER_SUBFOLDERS[family]:
-            if _has_tokenizer(Path(cfg) / sub) and (dest / sub).is_dir():
+            if _has_bpe(cfg / sub) and (dest / sub).is_dir():
                 for name in TOKENIZER_FILES:
                     if not (dest / sub / name).exists():
-                        shutil.copyfile(Path(cfg) / sub / name, dest / sub / name)
+                        shutil.copyfile(cfg / sub / name, dest / sub / name)
+    check_converted(dest, checkpoint, family)
     return dest
 
 
-# --- diffusers -> original (LDM) layout, SD 1.5 family --------------------------------------
+def check_converted(folder: Path, checkpoint: Path, family: str) -> None:
+    """Every weight in the converted `folder` must come from `checkpoint` (names and sizes).
+
+    Maps the folder's tensor names back to the original layout (from the safetensors
+    headers, no tensor data) and looks each up in the checkpoint. A component whose prefix the
+    checkpoint does not use at all (e.g. a VAE stored as `vae.*`) is left to diffusers.
+    """
+    ckpt = {
+        k: math.prod(v["shape"])
+        for k, v in read_safetensors_header(checkpoint).items()
+        if isinstance(v, dict) and "shape" in v
+    }
+    try:
+        expected = _ldm_state(folder, family, _meta_tensors)
+    except (OSError, SingleFileError, DetectionError) as exc:
+        raise SingleFileError(f"{checkpoint.name}: converted folder is incomplete: {exc}") from None
+    prefixes = (UNET_PREFIX, VAE_PREFIX, CLIP_PREFIX, SDXL_CLIP_PREFIX, SDXL_OPEN_CLIP_PREFIX)
+    used = {p for p in prefixes if any(k.startswith(p) for k in ckpt)}
+
+    def found(key: str) -> int | None:  # diffusers also reads CLIP keys without `text_model.`
+        return ckpt.get(key, ckpt.get(key.replace(".text_model.", ".", 1)))
+
+    bad = [
+        k
+        for k, v in expected.items()
+        if any(k.startswith(p) for p in used) and found(k) != math.prod(v.shape)
+    ]
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise SingleFileError(
+            f"{checkpoint.name} lacks {len(bad)} tensor(s) the {family} config needs or has "
+            f"them in another size ({shown}); a truncated file or a config that does not fit"
+        )
+
+
+def _meta_tensors(path: str) -> dict[str, Any]:
+    """A safetensors file's tensors as shape-only meta tensors (reads the header only)."""
+    import torch
+
+    header = read_safetensors_header(Path(path))
+    return {
+        k: torch.empty(v["shape"], device="meta")
+        for k, v in header.items()
+        if isinstance(v, dict) and "shape" in v
+    }
+
+
+# --- diffusers -> original (LDM) layout ------------------------------------------------------
 
 _RESNET_TO_LDM = (
     ("norm1", "in_layers.0"),
@@ -304,33 +421,35 @@ def open_clip_to_ldm(state: dict[str, Any], prefix: str) -> dict[str, Any]:
     return {prefix + k: v for k, v in out.items()}
 
 
-def _unet_vae_to_ldm(folder: Path) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
+def _ldm_state(folder: Path, family: str, load: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+    """A `family` diffusers folder's weights under their original-layout names."""
     state: dict[str, Any] = {}
     for sub, convert in (("unet", unet_to_ldm), ("vae", vae_to_ldm)):
         config = json.loads((folder / sub / "config.json").read_text(encoding="utf-8"))
-        weights = load_file(str(folder / sub / "diffusion_pytorch_model.safetensors"))
-        state.update(convert(weights, config))
+        state.update(
+            convert(load(str(folder / sub / "diffusion_pytorch_model.safetensors")), config)
+        )
+    text = load(str(folder / "text_encoder" / "model.safetensors"))
+    if family == "sd15":
+        state.update(clip_to_ldm(text, CLIP_PREFIX))
+    else:
+        state.update(clip_to_ldm(text, SDXL_CLIP_PREFIX))
+        text_2 = load(str(folder / "text_encoder_2" / "model.safetensors"))
+        state.update(open_clip_to_ldm(text_2, SDXL_OPEN_CLIP_PREFIX))
     return state
 
 
-def _save(state: dict[str, Any], out_path: Path) -> Path:
-    from safetensors.torch import save_file
+def _export(folder: Path, out_path: Path, family: str) -> Path:
+    from safetensors.torch import load_file, save_file
 
+    state = _ldm_state(folder, family, load_file)
     save_file({k: v.contiguous() for k, v in state.items()}, str(out_path))
     return out_path
 
 
 def export_sd15_single_file(folder: Path, out_path: Path) -> Path:
     """Write an SD 1.5-style diffusers folder as one original-layout `.safetensors` file."""
-    from safetensors.torch import load_file
-
-    state = _unet_vae_to_ldm(folder)
-    state.update(
-        clip_to_ldm(load_file(str(folder / "text_encoder" / "model.safetensors")), CLIP_PREFIX)
-    )
-    return _save(state, out_path)
+    return _export(folder, out_path, "sd15")
 
 
 def export_sdxl_single_file(folder: Path, out_path: Path) -> Path:
@@ -340,11 +459,4 @@ def export_sdxl_single_file(folder: Path, out_path: Path) -> Path:
     encoder under `conditioner.embedders.1.model.`, the UNet (with `label_emb`) and VAE as
     for SD 1.5.
     """
-    from safetensors.torch import load_file
-
-    state = _unet_vae_to_ldm(folder)
-    text = load_file(str(folder / "text_encoder" / "model.safetensors"))
-    state.update(clip_to_ldm(text, SDXL_CLIP_PREFIX))
-    text_2 = load_file(str(folder / "text_encoder_2" / "model.safetensors"))
-    state.update(open_clip_to_ldm(text_2, SDXL_OPEN_CLIP_PREFIX))
-    return _save(state, out_path)
+    return _export(folder, out_path, "sdxl")

@@ -24,10 +24,15 @@ from typing import Any
 from sogni_node.models.detect import (
     CLASS_DEFAULTS,
     WEIGHT_SUFFIXES,
+    DetectionError,
+    check_class_fits,
     check_model_id,
+    class_defaults,
     default_model_id,
     detect_file,
     detect_folder,
+    file_architecture,
+    folder_architecture,
     read_safetensors_header,
 )
 from sogni_node.models.registry import ModelRegistry, ModelSpec
@@ -224,12 +229,22 @@ class ModelStore:
         is_file = source.is_file()
         if is_file and not source.name.lower().endswith(".safetensors"):
             raise ModelStoreError(f"{source.name}: only .safetensors single files are supported")
+        try:
+            architecture: str | None = (
+                file_architecture(source) if is_file else folder_architecture(source)
+            )
+        except DetectionError:
+            architecture = None  # unrecognised layout: an explicit --class decides
         if model_class is None:
             model_class = detect_file(source) if is_file else detect_folder(source)
         if model_class not in CLASS_DEFAULTS:
             raise ModelStoreError(
                 f"unknown class {model_class!r}; expected one of {sorted(CLASS_DEFAULTS)}"
             )
+        try:
+            check_class_fits(model_class, architecture)
+        except DetectionError as exc:
+            raise ModelStoreError(f"{source.name}: {exc}") from None
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / mid
         if final.exists():
@@ -242,7 +257,7 @@ class ModelStore:
                 say(f"hashing {source.name}")
                 source_sha = sha256_file(source)
                 say(f"converting {source.name} ({model_class}) to a diffusers folder")
-                self._convert(source, staged, model_class, config_dir, tokenizer_dir)
+                self._convert(source, staged, model_class, architecture, config_dir, tokenizer_dir)
             else:
                 say(f"copying {source}")
                 shutil.copytree(source, staged)
@@ -258,7 +273,7 @@ class ModelStore:
             os.rename(staged, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        d = CLASS_DEFAULTS[model_class]
+        d = class_defaults(model_class, architecture)
         model = StoredModel(
             model_id=mid,
             folder=mid,
@@ -285,12 +300,14 @@ class ModelStore:
         source: Path,
         dest: Path,
         model_class: str,
+        architecture: str | None,
         config_dir: Path | None,
         tokenizer_dir: Path | None,
     ) -> None:
         try:
-            family = skeleton_family(model_class)
-            tokenizers = None if config_dir else self._tokenizers(source, family, tokenizer_dir)
+            family = skeleton_family(model_class, architecture)
+            # Also with a config folder: it may lack tokenizers (then these fill them in).
+            tokenizers = self._tokenizers(source, family, tokenizer_dir)
             convert_single_file(source, dest, family, config_dir, tokenizers)
         except SingleFileError as exc:
             raise ModelStoreError(str(exc)) from None
@@ -299,7 +316,9 @@ class ModelStore:
         """Tokenizer folders per subfolder: `explicit`, else an installed model's.
 
         A candidate must have as many tokens as the checkpoint's embedding rows, so the tiny
-        test tokenizer is never paired with a real CLIP text encoder.
+        test tokenizer is never paired with a real CLIP text encoder. Any installed model
+        may donate (an SDXL-based `lcm` has a `tokenizer_2`; SD 1.5, SDXL and Flux share the
+        CLIP-L vocabulary); the files and the vocabulary size decide.
         """
         header = read_safetensors_header(checkpoint)
         rows = {
@@ -313,7 +332,7 @@ class ModelStore:
             candidates = []
             if explicit is not None:
                 candidates += [explicit / sub, explicit]
-            candidates += [self.path(m) / sub for m in self.installed() if _family(m) == family]
+            candidates += [self.path(m) / sub for m in self.installed()]
             for cand in candidates:
                 if all((cand / n).is_file() for n in TOKENIZER_FILES) and _vocab_fits(cand, rows):
                     found[sub] = cand
@@ -397,13 +416,6 @@ class ModelStore:
     def registry(self, verify: bool = True, strict: bool = False) -> ModelRegistry:
         """A ModelRegistry of every installed model (see `specs`)."""
         return ModelRegistry(self.specs(verify=verify, strict=strict))
-
-
-def _family(model: StoredModel) -> str | None:
-    try:
-        return skeleton_family(model.model_class)
-    except SingleFileError:
-        return None
 
 
 def _vocab_fits(folder: Path, rows: set[int]) -> bool:
