@@ -133,8 +133,8 @@ def verify_rate(n: int, runs: int) -> list[float]:
 def close_seconds(n_receipts: int) -> float:
     from sogni_chain import Deployment, connect, deploy_all
     from sogni_coordinator.settlement.epochs import Settler
-    from sogni_coordinator.settlement.rules import SettlementConfig
     from sogni_coordinator.store import Store
+    from sogni_protocol.payout_rules import SettlementConfig
 
     chain = connect()
     treasury, settler = chain.accounts[0], chain.accounts[1]

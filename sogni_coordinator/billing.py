@@ -35,7 +35,6 @@ from sogni_coordinator.ledger import (
     utc_day,
 )
 from sogni_coordinator.routing import StandingLookup, no_chain
-from sogni_coordinator.settlement.rules import SOGNI, PayoutRules, SettlementConfig
 from sogni_coordinator.store import Store
 from sogni_protocol import eip712
 from sogni_protocol.catalog import Catalog
@@ -49,6 +48,7 @@ from sogni_protocol.messages import (
     DailyBoostClaim,
     RenderRequest,
 )
+from sogni_protocol.payout_rules import SOGNI, PayoutRules, SettlementConfig
 from sogni_protocol.pricing import quote
 
 log = get_logger(__name__)

@@ -15,10 +15,10 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from sogni_coordinator.settlement.rules import SettlementConfig
 from sogni_node.config import ChainUrl, apply_addresses_file
 from sogni_protocol.logs import LogLevel
 from sogni_protocol.messages import Address, ModelId
+from sogni_protocol.payout_rules import SettlementConfig
 from sogni_protocol.settings import (
     DEFAULT_CHAIN_ID,
     UNDEPLOYED_CONTRACT,

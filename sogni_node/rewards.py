@@ -20,7 +20,10 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sogni_coordinator.settlement.formats import (
+from sogni_node.journal import JournalReceipt
+from sogni_protocol import eip712
+from sogni_protocol.eip712 import Domain
+from sogni_protocol.epoch_files import (
     BatchEntry,
     EpochFile,
     ReceiptsBatch,
@@ -29,9 +32,6 @@ from sogni_coordinator.settlement.formats import (
     decode_epoch,
     receipts_filename,
 )
-from sogni_node.journal import JournalReceipt
-from sogni_protocol import eip712
-from sogni_protocol.eip712 import Domain
 from sogni_protocol.errors import SignatureError
 from sogni_protocol.merkle import MerkleTree
 

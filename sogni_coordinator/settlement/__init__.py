@@ -15,10 +15,11 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from sogni_protocol.epoch_files import EpochFile, ReceiptsBatch
+    from sogni_protocol.payout_rules import PayoutRules, SettlementConfig
+
     from .demo import SettleAndClaim, embedded_deployment, settle_and_claim
     from .epochs import EpochConflict, EpochResult, SettlementError, Settler, epoch_claims
-    from .formats import EpochFile, ReceiptsBatch
-    from .rules import PayoutRules, SettlementConfig
     from .timer import run_epoch_timer
 
 __all__ = [

@@ -29,12 +29,7 @@ from sogni_chain import ChainRevert, Deployment, Signer
 from sogni_coordinator.store import EpochRecord, Store
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
-from sogni_protocol.errors import SignatureError
-from sogni_protocol.logs import get_logger
-from sogni_protocol.merkle import MerkleTree
-from sogni_protocol.messages import Receipt
-
-from .formats import (
+from sogni_protocol.epoch_files import (
     EPOCH_FORMAT,
     RECEIPTS_FORMAT,
     BatchEntry,
@@ -49,7 +44,11 @@ from .formats import (
     epoch_filename,
     receipts_filename,
 )
-from .rules import PayoutRules
+from sogni_protocol.errors import SignatureError
+from sogni_protocol.logs import get_logger
+from sogni_protocol.merkle import MerkleTree
+from sogni_protocol.messages import Receipt
+from sogni_protocol.payout_rules import PayoutRules
 
 __all__ = [
     "EpochConflict",

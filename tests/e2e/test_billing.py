@@ -27,7 +27,6 @@ from sogni_client.api import (
     render,
 )
 from sogni_coordinator.ledger import PLATFORM, Ledger, utc_day, worker_account
-from sogni_coordinator.settlement.rules import SOGNI, SettlementConfig
 from sogni_net import open_host
 from sogni_node.keystore import create_keystore
 from sogni_protocol import eip712
@@ -39,6 +38,7 @@ from sogni_protocol.messages import (
     RequestAccepted,
     RequestRefused,
 )
+from sogni_protocol.payout_rules import SOGNI, SettlementConfig
 from sogni_protocol.pricing import quote
 
 from .conftest import MODEL, start_net

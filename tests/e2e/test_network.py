@@ -212,7 +212,7 @@ async def test_bad_receipts_are_refused_and_the_job_is_receipted_once(
             await cchan.send(request(1))
             assert isinstance(await cchan.receive(timeout=10), RequestAccepted)
             offer = await receive_skipping(channel, (Offer,))
-            image = b"\x89PNG not really"
+            image = b"\x89PNG\r\n\x1a\n not really"
             # wrong hash
             bad_hash = _result_for(offer, acct, net.domain, image, result_hash=b"\x00" * 32)
             await channel.send(bad_hash, limit=RESULT_FRAME_LIMIT)

@@ -31,11 +31,11 @@ from sogni_coordinator.ledger import (
     worker_account,
 )
 from sogni_coordinator.settlement.epochs import Settler
-from sogni_coordinator.settlement.rules import SOGNI, SettlementConfig
 from sogni_coordinator.store import Store
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.messages import JobParams, Receipt, RenderRequest
+from sogni_protocol.payout_rules import SOGNI, SettlementConfig
 from sogni_protocol.pricing import quote
 
 BASELINE_MODEL = "sdxl-base-1.0"  # SDXL class: 1024x1024, 20 steps = 43.2 render s = 1 Spark

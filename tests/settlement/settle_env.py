@@ -12,11 +12,11 @@ from eth_hash.auto import keccak
 
 from sogni_chain import Chain, Deployment, deploy_all
 from sogni_coordinator.settlement.epochs import Settler
-from sogni_coordinator.settlement.rules import SOGNI, PayoutRules, SettlementConfig
 from sogni_coordinator.store import Store
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.messages import JobParams, Receipt
+from sogni_protocol.payout_rules import SOGNI, PayoutRules, SettlementConfig
 
 MODEL = "sogni-tiny-sd"
 COORDINATOR = "0x" + "c0" * 20

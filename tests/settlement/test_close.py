@@ -8,10 +8,10 @@ import pytest
 
 from sogni_chain import ChainRevert
 from sogni_coordinator.settlement.epochs import epoch_claims
-from sogni_coordinator.settlement.formats import content_hash, decode_batch, decode_epoch
-from sogni_coordinator.settlement.rules import SOGNI
 from sogni_coordinator.store import Store
+from sogni_protocol.epoch_files import content_hash, decode_batch, decode_epoch
 from sogni_protocol.merkle import MerkleTree, verify
+from sogni_protocol.payout_rules import SOGNI
 
 from .settle_env import Net, rules, settler, signed_receipt, store_receipts, worker
 

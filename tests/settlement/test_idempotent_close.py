@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from sogni_coordinator.settlement.epochs import EpochConflict, SettlementError
-from sogni_coordinator.settlement.formats import decode_epoch
 from sogni_coordinator.store import Store
+from sogni_protocol.epoch_files import decode_epoch
 
 from .settle_env import Net, rules, settler, signed_receipt, store_receipts, worker
 

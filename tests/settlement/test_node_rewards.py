@@ -8,14 +8,6 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from sogni_coordinator.settlement.formats import (
-    content_hash,
-    decode_batch,
-    decode_epoch,
-    encode,
-    epoch_filename,
-    receipts_filename,
-)
 from sogni_coordinator.store import Store
 from sogni_node.journal import Journal
 from sogni_node.rewards import (
@@ -27,6 +19,14 @@ from sogni_node.rewards import (
     parse_sogni,
 )
 from sogni_protocol.eip712 import Domain
+from sogni_protocol.epoch_files import (
+    content_hash,
+    decode_batch,
+    decode_epoch,
+    encode,
+    epoch_filename,
+    receipts_filename,
+)
 
 from .settle_env import Net, settler, signed_receipt, store_receipts, worker
 

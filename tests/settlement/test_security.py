@@ -140,7 +140,7 @@ def _dispatcher_and_offer(
 
 
 def _result(key: object, domain: Domain, offer: Offer, dispatcher: Dispatcher) -> Result:
-    image = b"png bytes"
+    image = b"\x89PNG\r\n\x1a\n not a real image"
     receipt = Receipt(
         job_id=offer.offer.job_id,
         offer_hash=eip712.offer_hash(dispatcher.domain, offer.offer),

@@ -22,8 +22,7 @@ import msgspec
 from eth_hash.auto import keccak
 
 from sogni_protocol.messages import Receipt
-
-from .rules import PayoutRules
+from sogni_protocol.payout_rules import PayoutRules
 
 __all__ = [
     "EPOCH_FORMAT",
