@@ -5,8 +5,9 @@
     result = settler.close_epoch()          # idempotent; resumes a crashed close
     settle_and_claim(db_path, deployment, node_keys)   # the local demo, in one process
 
-Exports are loaded lazily: the coordinator's config imports `rules` from here, and loading a
-config must not import web3 and the chain layer.
+Exports are loaded lazily, so importing this package does not import web3 and the chain
+layer. The payout rules and the epoch file formats are shared with nodes and live in
+`sogni_protocol.payout_rules` and `sogni_protocol.epoch_files`.
 """
 
 from __future__ import annotations
@@ -15,21 +16,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sogni_protocol.epoch_files import EpochFile, ReceiptsBatch
-    from sogni_protocol.payout_rules import PayoutRules, SettlementConfig
-
     from .demo import SettleAndClaim, embedded_deployment, settle_and_claim
     from .epochs import EpochConflict, EpochResult, SettlementError, Settler, epoch_claims
     from .timer import run_epoch_timer
 
 __all__ = [
     "EpochConflict",
-    "EpochFile",
     "EpochResult",
-    "PayoutRules",
-    "ReceiptsBatch",
     "SettleAndClaim",
-    "SettlementConfig",
     "SettlementError",
     "Settler",
     "embedded_deployment",
@@ -47,10 +41,6 @@ _WHERE = {
     "SettlementError": "epochs",
     "Settler": "epochs",
     "epoch_claims": "epochs",
-    "EpochFile": "formats",
-    "ReceiptsBatch": "formats",
-    "PayoutRules": "rules",
-    "SettlementConfig": "rules",
     "run_epoch_timer": "timer",
 }
 

@@ -14,8 +14,8 @@ from eth_account import Account
 from sogni_chain import Addresses, Deployment, connect, deploy_all
 from sogni_chain.anvil import Anvil, find_anvil
 from sogni_client.api import render
-from sogni_coordinator.settlement import SettlementConfig
 from sogni_protocol.messages import RenderRequest
+from sogni_protocol.payout_rules import SettlementConfig
 
 from .conftest import MODEL, start_net
 
