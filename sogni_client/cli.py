@@ -11,8 +11,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -48,6 +49,8 @@ DEFAULT_COORDINATOR_FILE = Path("~/.sogni/coordinator/coordinator.json")
 DEFAULT_KEYSTORE = Path("~/.sogni/client/payer.json")
 _KEYS_HINT = "sogni keys create"
 MICRO = 1_000_000
+
+_T = TypeVar("_T")
 
 CoordinatorOpt = Annotated[str | None, typer.Option(help="Coordinator multiaddr.")]
 KeystoreOpt = Annotated[
@@ -248,6 +251,25 @@ def render_cmd(
         raise typer.Exit(1)
 
 
+def _account_call(
+    call: Callable[..., _T],
+    coordinator: str | None,
+    keystore: Path,
+    password_env: str,
+    chain_id: int | None,
+    verifying_contract: str | None,
+    as_json: bool,
+) -> _T:
+    """Run one signed account exchange (`boost`, `balance`) with the payer's wallet."""
+    addr = resolve_coordinator(coordinator)
+    domain = resolve_domain(addr, chain_id, verifying_contract)
+    wallet = _wallet(keystore, password_env)
+    try:
+        return call(addr, wallet.private_key, domain=domain)
+    except AccountRefused as exc:
+        raise _refused(exc, as_json) from None
+
+
 @app.command("boost")
 def boost_cmd(
     coordinator: CoordinatorOpt = None,
@@ -258,13 +280,15 @@ def boost_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Claim today's free Daily Boost Spark (once per UTC day). Exit 1 if already claimed."""
-    addr = resolve_coordinator(coordinator)
-    domain = resolve_domain(addr, chain_id, verifying_contract)
-    wallet = _wallet(keystore, password_env)
-    try:
-        granted = claim_daily_boost_sync(addr, wallet.private_key, domain=domain)
-    except AccountRefused as exc:
-        raise _refused(exc, as_json) from None
+    granted = _account_call(
+        claim_daily_boost_sync,
+        coordinator,
+        keystore,
+        password_env,
+        chain_id,
+        verifying_contract,
+        as_json,
+    )
     if as_json:
         out = {
             "payer": granted.payer,
@@ -294,13 +318,9 @@ def balance_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Your Spark and SOGNI here, what running requests hold, and the next Daily Boost."""
-    addr = resolve_coordinator(coordinator)
-    domain = resolve_domain(addr, chain_id, verifying_contract)
-    wallet = _wallet(keystore, password_env)
-    try:
-        report = balance_sync(addr, wallet.private_key, domain=domain)
-    except AccountRefused as exc:
-        raise _refused(exc, as_json) from None
+    report = _account_call(
+        balance_sync, coordinator, keystore, password_env, chain_id, verifying_contract, as_json
+    )
     if as_json:
         out = {
             "payer": report.payer,

@@ -30,9 +30,25 @@ from sogni_node.render.diffusers_backend import DiffusersBackend
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT, JOBS_PROTOCOL
-from sogni_protocol.messages import Capabilities, NodeHello, Welcome
+from sogni_protocol.messages import Capabilities, NodeHello, RenderRequest, Welcome
 
 MODEL = "sogni-tiny-sd"
+
+
+def tiny_request(n: int = 2, **kw: Any) -> RenderRequest:
+    """A small request for the tiny model (3 steps, 64x64); `kw` overrides any field."""
+    fields: dict[str, Any] = {
+        "model_id": MODEL,
+        "positive_prompt": "a red circle",
+        "steps": 3,
+        "guidance": 4.0,
+        "width": 64,
+        "height": 64,
+        "seed": 1,
+        "number_of_images": n,
+    }
+    fields.update(kw)
+    return RenderRequest(**fields)
 
 
 @pytest.fixture(scope="session")

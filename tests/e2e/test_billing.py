@@ -41,21 +41,13 @@ from sogni_protocol.messages import (
 from sogni_protocol.payout_rules import SOGNI, SettlementConfig
 from sogni_protocol.pricing import quote
 
-from .conftest import MODEL, start_net
+from .conftest import start_net, tiny_request
 
 SPARK = 1_000_000  # micro
 
 
 def _request(n: int) -> RenderRequest:
-    return RenderRequest(
-        model_id=MODEL,
-        positive_prompt="a red circle",
-        steps=3,
-        guidance=4.0,
-        width=64,
-        height=64,
-        number_of_images=n,
-    )
+    return tiny_request(n, seed=0)
 
 
 async def test_payer_is_charged_per_image_and_workers_paid(net_factory: Any, backend: Any) -> None:

@@ -23,24 +23,14 @@ from sogni_protocol.messages import (
     ResultAck,
 )
 
-from .conftest import MODEL, receive_skipping, rogue_node
+from .conftest import receive_skipping, rogue_node, tiny_request
 from .test_network import _result_for
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def _request(n: int, **kw: Any) -> RenderRequest:
-    return RenderRequest(
-        model_id=MODEL,
-        positive_prompt="a red circle",
-        steps=3,
-        guidance=4.0,
-        width=64,
-        height=64,
-        seed=5,
-        number_of_images=n,
-        **kw,
-    )
+    return tiny_request(n, seed=5, **kw)
 
 
 async def test_lora_jobs_go_only_to_nodes_that_have_the_lora(

@@ -28,7 +28,6 @@ from sogni_protocol.messages import (
     Progress,
     Receipt,
     RenderMeta,
-    RenderRequest,
     RequestAccepted,
     RequestDone,
     RequestRefused,
@@ -36,24 +35,12 @@ from sogni_protocol.messages import (
     ResultAck,
 )
 
-from .conftest import MODEL, SlowBackend, receive_skipping, rogue_node
+from .conftest import MODEL, SlowBackend, receive_skipping, rogue_node, tiny_request
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
-def request(n: int = 2, **kw: Any) -> RenderRequest:
-    fields: dict[str, Any] = dict(
-        model_id=MODEL,
-        positive_prompt="a red circle",
-        steps=3,
-        guidance=4.0,
-        width=64,
-        height=64,
-        seed=1,
-        number_of_images=n,
-    )
-    fields.update(kw)
-    return RenderRequest(**fields)
+request = tiny_request
 
 
 async def test_images_come_back_with_receipts_any_eip712_library_verifies(

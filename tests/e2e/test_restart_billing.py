@@ -15,21 +15,13 @@ from sogni_coordinator.ledger import ISSUERS, Ledger, reserved_account
 from sogni_coordinator.service import run_coordinator
 from sogni_net import open_host
 from sogni_protocol.ids import CLIENT_PROTOCOL
-from sogni_protocol.messages import RenderRequest, RequestAccepted
+from sogni_protocol.messages import RequestAccepted
 from sogni_protocol.pricing import quote
 
-from .conftest import MODEL, Net, SlowBackend, start_net
+from .conftest import MODEL, Net, SlowBackend, start_net, tiny_request
 
 SPARK = 1_000_000  # micro
-REQUEST = RenderRequest(
-    model_id=MODEL,
-    positive_prompt="a red circle",
-    steps=3,
-    guidance=4.0,
-    width=64,
-    height=64,
-    number_of_images=3,
-)
+REQUEST = tiny_request(3, seed=0)
 
 
 def _assert_conserved(ledger: Ledger) -> None:

@@ -30,21 +30,11 @@ from sogni_protocol.messages import (
 )
 from sogni_protocol.pricing import quote
 
-from .conftest import MODEL, SlowBackend, receive_skipping, rogue_node
+from .conftest import MODEL, SlowBackend, receive_skipping, rogue_node, tiny_request
 
 
 def _request(n: int, **kw: Any) -> RenderRequest:
-    fields: dict[str, Any] = dict(
-        model_id=MODEL,
-        positive_prompt="a red circle",
-        steps=10,
-        guidance=4.0,
-        width=64,
-        height=64,
-        number_of_images=n,
-    )
-    fields.update(kw)
-    return RenderRequest(**fields)
+    return tiny_request(n, **{"steps": 10, "seed": 0, **kw})
 
 
 def _link(wallet: str, device: str = "cpu") -> NodeLink:

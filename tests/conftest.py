@@ -1,5 +1,5 @@
-"""Tests here call `configure_logging` (directly or via the CLI); undo it after each test so
-other test folders see the logging setup they expect."""
+"""Tests call `configure_logging` (directly or via the `sogni*` CLIs in-process); undo it after
+each test so every test sees the logging setup it expects."""
 
 from __future__ import annotations
 
