@@ -1,7 +1,8 @@
 """`python -m bench [SECTION...] [--quick]`: run benchmarks, write BENCHMARKS.md.
 
-With no section named, every benchmark runs and BENCHMARKS.md is rewritten whole; naming
-sections reruns only those and keeps the others' text as it was.
+With no section named, every benchmark but the slow `unet` one runs and BENCHMARKS.md is
+rewritten whole (keeping the `unet` section); naming sections reruns only those and keeps the
+others' text as it was.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in args.sections if s not in common.SECTION_ORDER]
     if unknown:
         parser.error(f"unknown section(s) {unknown}; known: {list(common.SECTION_ORDER)}")
-    sections = list(dict.fromkeys(args.sections)) or list(common.SECTION_ORDER)
+    sections = list(dict.fromkeys(args.sections)) or [
+        s for s in common.SECTION_ORDER if s not in common.SLOW_SECTIONS
+    ]
     whole = not args.sections
     configure_logging("warning", json=False)
     flags = [f for f, on in (("--quick", args.quick), ("--no-profile", args.no_profile)) if on]
@@ -69,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import pricing_scaling
 
             out[name] = pricing_scaling.run(args.quick)
+        elif name == "unet":  # runs each configuration in its own subprocess
+            from bench import unet_steps
+
+            out[name] = unet_steps.run(args.quick, command)
     elapsed = time.perf_counter() - started
     for text in out.values():
         print("\n" + text)
