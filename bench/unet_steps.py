@@ -241,7 +241,6 @@ def child_render(mode: str, settings: Settings) -> dict[str, Any]:
 
     from sogni_node.models import ModelRegistry
     from sogni_node.models.registry import SHAPES_MODEL_ID, shapes_model_spec
-    from sogni_node.render.backend import RenderJob
     from sogni_node.render.diffusers_backend import DiffusersBackend
 
     spec = shapes_model_spec()
@@ -249,17 +248,7 @@ def child_render(mode: str, settings: Settings) -> dict[str, Any]:
     try:
 
         def render(seed: int) -> tuple[float, float]:
-            job = RenderJob(
-                model_id=SHAPES_MODEL_ID,
-                prompt="a red circle on a blue background",
-                negative_prompt="",
-                steps=spec.default_steps,
-                guidance=spec.default_guidance,
-                scheduler=spec.default_scheduler,
-                width=spec.width,
-                height=spec.height,
-                seed=seed,
-            )
+            job = spec.default_job("a red circle on a blue background", seed)
             wall, cpu = time.perf_counter(), time.process_time()
             backend.render(job, on_step=lambda _i: None, should_cancel=lambda: False)
             return time.perf_counter() - wall, time.process_time() - cpu

@@ -67,17 +67,7 @@ def run_bench(
     results = []
     for model_id in registry.ids():
         spec = registry.get(model_id)
-        job = RenderJob(
-            model_id=model_id,
-            prompt="a red circle on a blue background",
-            negative_prompt="",
-            steps=spec.default_steps,
-            guidance=spec.default_guidance,
-            scheduler=spec.default_scheduler,
-            width=spec.width,
-            height=spec.height,
-            seed=0,
-        )
+        job = spec.default_job("a red circle on a blue background")
         _render_seconds(backend, job)  # warm-up: load and first-run costs are not speed
         measured = statistics.median(_render_seconds(backend, job) for _ in range(runs))
         baseline = job_render_seconds(model_id, job.steps, job.width, job.height, catalog)

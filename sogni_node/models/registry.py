@@ -11,7 +11,7 @@ import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sogni_node.models.tiny import (
     TINY_DEFAULT_GUIDANCE,
@@ -20,6 +20,9 @@ from sogni_node.models.tiny import (
     TINY_MODEL_ID,
     ensure_tiny_model,
 )
+
+if TYPE_CHECKING:
+    from sogni_node.render.backend import RenderJob
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,22 @@ class ModelSpec:
         if self.default_steps < 1 or self.width < 8 or self.height < 8:
             raise ValueError(f"model {self.model_id!r}: steps and size must be positive")
         object.__setattr__(self, "path", Path(self.path))
+
+    def default_job(self, prompt: str, seed: int = 0) -> RenderJob:
+        """A job at this model's defaults: what `bench` measures and the catalog prices."""
+        from sogni_node.render.backend import RenderJob  # render imports this module
+
+        return RenderJob(
+            model_id=self.model_id,
+            prompt=prompt,
+            negative_prompt="",
+            steps=self.default_steps,
+            guidance=self.default_guidance,
+            scheduler=self.default_scheduler,
+            width=self.width,
+            height=self.height,
+            seed=seed,
+        )
 
     @classmethod
     def from_dict(cls, model_id: str, cfg: Mapping[str, Any]) -> ModelSpec:

@@ -8,7 +8,7 @@ directly to show what the coordinator and the nodes refuse.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +18,7 @@ import pytest
 import trio
 from eth_account import Account
 
+from sogni_chain.anvil import Anvil, find_anvil
 from sogni_coordinator.config import CoordinatorConfig
 from sogni_coordinator.service import RunningCoordinator, Signer, run_coordinator
 from sogni_net import Channel, open_host
@@ -49,6 +50,15 @@ def tiny_request(n: int = 2, **kw: Any) -> RenderRequest:
     }
     fields.update(kw)
     return RenderRequest(**fields)
+
+
+@pytest.fixture(scope="module")
+def anvil() -> Iterator[Anvil]:
+    """A fresh anvil per test module (chain tests assume their own deployments)."""
+    if find_anvil() is None:
+        pytest.skip("anvil binary not installed (npm ci --prefix contracts)")
+    with Anvil() as node:
+        yield node
 
 
 @pytest.fixture(scope="session")

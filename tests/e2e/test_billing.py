@@ -7,7 +7,6 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,7 @@ import trio
 from eth_account import Account
 
 from sogni_chain import Addresses, Deployment, connect, deploy_all
-from sogni_chain.anvil import Anvil, find_anvil
+from sogni_chain.anvil import Anvil
 from sogni_client.api import (
     AccountRefused,
     RenderRefused,
@@ -218,14 +217,6 @@ async def test_sogni_cli_boost_render_and_balance(
             "sogni": 0,
         }
         assert report["reservedMicro"]["sparkFree"] == 0 and report["boostAvailable"] is False
-
-
-@pytest.fixture(scope="module")
-def anvil() -> Iterator[Anvil]:
-    if find_anvil() is None:
-        pytest.skip("anvil binary not installed (npm ci --prefix contracts)")
-    with Anvil() as node:
-        yield node
 
 
 async def test_worker_pay_per_receipt_uses_its_stake_tier(

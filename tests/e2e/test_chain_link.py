@@ -3,29 +3,19 @@ fast tier is decided by the licence and stake the chain reports."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 from eth_account import Account
 
 from sogni_chain import Addresses, Deployment, connect, deploy_all
-from sogni_chain.anvil import Anvil, find_anvil
+from sogni_chain.anvil import Anvil
 from sogni_client.api import render
 from sogni_protocol.messages import RenderRequest
 from sogni_protocol.payout_rules import SettlementConfig
 
 from .conftest import MODEL, start_net
-
-
-@pytest.fixture(scope="module")
-def anvil() -> Iterator[Anvil]:
-    if find_anvil() is None:
-        pytest.skip("anvil binary not installed (npm ci --prefix contracts)")
-    with Anvil() as node:
-        yield node
 
 
 async def test_epochs_close_on_a_timer_and_tiers_follow_the_chain(
