@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml scripts/ensure-system-deps.sh
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[dev,coreml,quant]'
+	$(PY) -m pip install -q -e '.[node,coordinator,dev,coreml,quant]'
 	touch $(STAMP)
 
 # npm tools for the chain tests: solc-js, OpenZeppelin, anvil (pinned in contracts/package-lock.json)
@@ -29,14 +29,14 @@ test: install $(NPM_STAMP)
 	$(PY) -m pytest
 
 demo: install
-	$(PY) -m sogni_client.localnet --images 8 --out out
+	$(PY) -m sogni_devnet.localnet --images 8 --out out
 
 bench: install
 	$(PY) -m bench
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy sogni_protocol sogni_net sogni_chain sogni_node sogni_coordinator sogni_client
+	$(VENV)/bin/mypy sogni_protocol sogni_net sogni_chain sogni_node sogni_coordinator sogni_wallet sogni_app sogni_devnet
 
 contracts: $(NPM_STAMP)
 	node contracts/build.mjs

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from sogni_client.localnet import DEMO_PASSWORD, Proc
+from sogni_devnet.localnet import DEMO_PASSWORD, Proc
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"

@@ -20,8 +20,8 @@ import trio
 
 from sogni_coordinator.config import load_coordinator_config
 from sogni_coordinator.service import RunningCoordinator, Signer, run_coordinator
-from sogni_node.keystore import unlock_wallet
 from sogni_protocol.logs import configure_logging
+from sogni_wallet.keystore import unlock_wallet
 
 
 def _emit(event: dict[str, object]) -> None:

@@ -21,8 +21,8 @@ from eth_account import Account
 from bench.instant import InstantBackend
 from sogni_node.config import NodeConfig
 from sogni_node.daemon import run_node
-from sogni_node.keystore import Wallet
 from sogni_protocol.logs import configure_logging
+from sogni_wallet.keystore import Wallet
 
 MODEL = "sogni-tiny-sd"
 

@@ -43,11 +43,10 @@ from eth_account.signers.local import LocalAccount
 from bench import _common as common
 from bench import _profile
 from bench.instant import noise_png
-from sogni_client.localnet import DEMO_KDF_N, DEMO_PASSWORD, Proc
 from sogni_coordinator.dispatch import Dispatcher, Job, NodeLink, RequestState
 from sogni_coordinator.store import Store
+from sogni_devnet.localnet import DEMO_KDF_N, DEMO_PASSWORD, Proc
 from sogni_net import open_host
-from sogni_node.keystore import create_keystore
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import CLIENT_PROTOCOL, CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT
@@ -69,6 +68,7 @@ from sogni_protocol.messages import (
 )
 from sogni_protocol.pricing import work_units
 from sogni_protocol.settings import DEFAULT_CHAIN_ID, UNDEPLOYED_CONTRACT
+from sogni_wallet.keystore import create_keystore
 
 MODEL = "sogni-tiny-sd"
 FLOOR_JOBS_PER_S = 100.0

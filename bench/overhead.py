@@ -1,7 +1,7 @@
 """Network overhead per image: client -> coordinator -> node -> back, against a direct render.
 
 Network: `start_localnet` runs the coordinator and one node (1 slot, 1 torch thread) as
-separate processes on 127.0.0.1; this process is the client (`sogni_client.api.render`, real
+separate processes on 127.0.0.1; this process is the client (`sogni_app.api.render`, real
 libp2p: TCP + Noise + yamux). One request of N images at 64x64 goes to the single node,
 which renders them one after another, so wall time / N is the time per image as an app
 sees it, every per-image cost included (offer signing and checking, journal and receipt
@@ -26,8 +26,8 @@ from pathlib import Path
 import trio
 
 from bench import _common as common
-from sogni_client.api import RenderedImage, render
-from sogni_client.localnet import LocalNet, start_localnet
+from sogni_app.api import RenderedImage, render
+from sogni_devnet.localnet import LocalNet, start_localnet
 from sogni_protocol.messages import RenderRequest
 
 MODEL = "sogni-tiny-sd"
@@ -108,13 +108,13 @@ async def _network_batch(
 
 def run(settings: Settings, command: str) -> Report:
     # Heavy imports here, after __main__ has pinned OMP_NUM_THREADS for this process.
-    from sogni_node.models import ModelRegistry
+    from sogni_node.models.defaults import default_registry
     from sogni_node.render.backend import RenderJob
     from sogni_node.render.diffusers_backend import DiffusersBackend
 
     s = settings
     models_dir = _models_dir()
-    registry = ModelRegistry.default(models_dir)
+    registry = default_registry(models_dir, test_model=True)
     backend = DiffusersBackend(registry, device="cpu", threads=1)
     started = time.perf_counter()
     backend.load(MODEL)
@@ -148,7 +148,11 @@ def run(settings: Settings, command: str) -> Report:
             workdir,
             nodes=1,
             models_dir=models_dir,
-            node_env={"SOGNI_NODE_THREADS": "1", "SOGNI_NODE_SLOTS": "1"},
+            node_env={
+                "SOGNI_NODE_THREADS": "1",
+                "SOGNI_NODE_SLOTS": "1",
+                "SOGNI_NODE_TEST_MODEL": "true",
+            },
         ) as net:
             startup = time.perf_counter() - started
             print(f"  up in {startup:.1f} s; warming up the node")
@@ -214,7 +218,7 @@ def render_markdown(report: Report) -> str:
         "",
         f"Network: `start_localnet` with the coordinator and one node as separate processes "
         f"(node: 1 slot, `SOGNI_NODE_THREADS=1`, `OMP_NUM_THREADS=1`), this process the "
-        f"client via `sogni_client.api.render` over real libp2p (TCP + Noise + yamux) on "
+        f"client via `sogni_app.api.render` over real libp2p (TCP + Noise + yamux) on "
         f"127.0.0.1. Direct: `DiffusersBackend(threads=1).render` in this process. Both: "
         f"`{MODEL}`, {s.side}x{s.side}, {s.steps} steps, guidance {s.guidance}, seeds "
         f"{s.seed}..{s.seed + n - 1}, one batch of {n} images rendered one after another; "

@@ -59,12 +59,12 @@ def _cpu() -> str:
 def _measure(quick: bool) -> dict[str, object]:
     import torch
 
-    from sogni_node.models import ModelRegistry
+    from sogni_node.models.defaults import default_registry
     from sogni_node.render.backend import RenderJob
     from sogni_node.render.diffusers_backend import DiffusersBackend
 
     cache = Path(os.environ.get("SOGNI_BENCH_MODELS", "~/.cache/sogni-bench-models")).expanduser()
-    backend = DiffusersBackend(ModelRegistry.default(cache), device="cpu", threads=1)
+    backend = DiffusersBackend(default_registry(cache, test_model=True), device="cpu", threads=1)
     reps = 1 if quick else 3
     native, default_steps = 64, 4
     step_grid = [2, 4, 8, 16] if quick else [2, 4, 8, 16, 32]

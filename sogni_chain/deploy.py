@@ -8,56 +8,15 @@ so a file written for one chain is never used against another.
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-from eth_typing import ChecksumAddress
-from web3 import Web3
+from sogni_wallet.addresses import Addresses
 
 from .chain import Chain, Signer
 from .contracts import Distributor, License, Staking, Token
 
 __all__ = ["Addresses", "Deployment", "deploy_all"]
-
-
-@dataclass(frozen=True)
-class Addresses:
-    """Where the contracts live on one chain."""
-
-    chain_id: int
-    token: ChecksumAddress
-    staking: ChecksumAddress
-    license: ChecksumAddress
-    distributor: ChecksumAddress
-    deployed_at_block: int = 0
-
-    def save(self, path: str | Path) -> None:
-        """Write atomically (a reader never sees half a file), with sorted keys."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n", "utf-8")
-        os.replace(tmp, path)
-
-    @classmethod
-    def load(cls, path: str | Path, *, chain_id: int | None = None) -> Addresses:
-        """Read an addresses file; with ``chain_id``, refuse one written for another chain."""
-        raw: dict[str, Any] = json.loads(Path(path).read_text("utf-8"))
-        addresses = cls(
-            chain_id=int(raw["chain_id"]),
-            token=Web3.to_checksum_address(raw["token"]),
-            staking=Web3.to_checksum_address(raw["staking"]),
-            license=Web3.to_checksum_address(raw["license"]),
-            distributor=Web3.to_checksum_address(raw["distributor"]),
-            deployed_at_block=int(raw.get("deployed_at_block", 0)),
-        )
-        if chain_id is not None and addresses.chain_id != chain_id:
-            raise ValueError(
-                f"{path} is for chain {addresses.chain_id}, but connected to chain {chain_id}"
-            )
-        return addresses
 
 
 class Deployment:

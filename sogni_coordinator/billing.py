@@ -34,7 +34,7 @@ from sogni_coordinator.ledger import (
     partial_value,
     utc_day,
 )
-from sogni_coordinator.routing import StandingLookup, no_chain
+from sogni_coordinator.standing import StandingLookup, no_chain
 from sogni_coordinator.store import Store
 from sogni_protocol import eip712
 from sogni_protocol.catalog import Catalog

@@ -140,7 +140,7 @@ def _deployment(cfg: CoordinatorConfig, chain: Chain) -> Deployment:
 
 def _settler(cfg: CoordinatorConfig, url: str | None, store: Store) -> Settler:
     from sogni_coordinator.settlement.epochs import Settler
-    from sogni_node.keystore import KeystoreError, unlock_wallet
+    from sogni_wallet.keystore import KeystoreError, unlock_wallet
 
     chain = _shared_chain(cfg, url)
     deployment = _deployment(cfg, chain)
@@ -187,7 +187,7 @@ def chain_deploy(
     the EIP-712 verifying contract: point coordinators' and nodes' `addresses_file` at the file.
     """
     from sogni_chain import Addresses, Deployment, connect, deploy_all
-    from sogni_node.keystore import KeystoreError, keystore_address
+    from sogni_wallet.keystore import KeystoreError, keystore_address
 
     cfg, default_path = _config_before_deploy(config)
     url = chain_url or cfg.chain_url

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sogni_coordinator.config import CoordinatorConfig
-from sogni_coordinator.routing import Standing
+from sogni_coordinator.standing import Standing
 from sogni_coordinator.store import Store
 
 if TYPE_CHECKING:

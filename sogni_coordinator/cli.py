@@ -12,15 +12,15 @@ import trio
 import typer
 
 from sogni_coordinator.config import CoordinatorConfig, load_coordinator_config
-from sogni_node.keystore import (
+from sogni_protocol.logs import configure_logging
+from sogni_protocol.settings import SettingsError
+from sogni_wallet.keystore import (
     KeystoreError,
     create_keystore,
     keystore_address,
     password_from_env_or_prompt,
     unlock_wallet,
 )
-from sogni_protocol.logs import configure_logging
-from sogni_protocol.settings import SettingsError
 
 app = typer.Typer(help="Sogni Supernet coordinator.", no_args_is_help=True)
 keys_app = typer.Typer(help="The coordinator's offer-signing key.", no_args_is_help=True)

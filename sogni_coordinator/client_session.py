@@ -31,12 +31,12 @@ from sogni_protocol.messages import (
     CancelRequest,
     DailyBoostClaim,
     JobImage,
-    JobParams,
     Message,
     RenderRequest,
     RequestAccepted,
     RequestDone,
     RequestRefused,
+    split_request,
 )
 from sogni_protocol.pricing import work_units
 
@@ -52,23 +52,6 @@ def orphan_saver(results_dir: Path) -> Callable[[bytes, int, bytes], None]:
         (folder / f"{index:04d}.{extension_of(image)}").write_bytes(image)
 
     return save
-
-
-def _job_params(req: RenderRequest, index: int) -> JobParams:
-    return JobParams(
-        model_id=req.model_id,
-        positive_prompt=req.positive_prompt,
-        negative_prompt=req.negative_prompt,
-        style_prompt=req.style_prompt,
-        steps=req.steps,
-        guidance=req.guidance,
-        scheduler=req.scheduler,
-        width=req.width,
-        height=req.height,
-        seed=(req.seed + index) % 2**32,
-        loras=req.loras,
-        output_format=req.output_format,
-    )
 
 
 def refusal_for(req: RenderRequest, dispatcher: Dispatcher, allowed: set[str]) -> str | None:
@@ -131,8 +114,7 @@ async def serve_client(
             await _refuse(channel, exc.code, exc.reason)
             return
     jobs = []
-    for i in range(req.number_of_images):
-        params = _job_params(req, i)
+    for i, params in enumerate(split_request(req)):
         jobs.append(
             Job(os.urandom(32), request_id, i, params, work_units(params), network=req.network)
         )

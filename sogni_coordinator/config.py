@@ -15,7 +15,6 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
-from sogni_node.config import ChainUrl, apply_addresses_file
 from sogni_protocol.logs import LogLevel
 from sogni_protocol.messages import Address, ModelId
 from sogni_protocol.payout_rules import SettlementConfig
@@ -23,6 +22,7 @@ from sogni_protocol.settings import (
     DEFAULT_CHAIN_ID,
     UNDEPLOYED_CONTRACT,
     ChainId,
+    ChainUrl,
     EnvName,
     Multiaddr,
     Seconds,
@@ -31,6 +31,7 @@ from sogni_protocol.settings import (
     load_settings,
     read_config_text,
 )
+from sogni_wallet.addresses import apply_addresses_file
 
 __all__ = [
     "CONFIG_ENV",

@@ -18,12 +18,12 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import trio
 
 from sogni_coordinator.billing import Billing
 from sogni_coordinator.group_commit import GroupCommit
+from sogni_coordinator.jobs import Job, NodeLink, RequestState
 from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.routing import Router
 from sogni_coordinator.store import Store
@@ -58,59 +58,6 @@ EMPTY_SHA256 = hashlib.sha256(b"").digest()
 def render_budget(params: JobParams, floor: float, base: float = 30.0) -> float:
     """AI Horde's deadline rule: generous for small jobs, grows with steps x pixels."""
     return max(floor, base + 2.0 * params.steps * params.width * params.height / 512**2)
-
-
-@dataclass(eq=False)
-class NodeLink:
-    """The coordinator's view of one connected node (one pull stream)."""
-
-    peer_id: str
-    wallet: str
-    models: frozenset[str]
-    slots: int
-    outbox: trio.MemorySendChannel[Message]
-    device: str = "cpu"
-    max_pixels: int = 0
-    networks: frozenset[str] = frozenset({"fast", "relaxed"})
-    stake_weight: float = 1.0
-    connected_at: float = field(default_factory=time.time)
-    warm: frozenset[str] = frozenset()
-    loras: frozenset[str] = frozenset()
-    credit: int = 0
-    inflight: dict[bytes, Job] = field(default_factory=dict)
-
-
-@dataclass(eq=False)
-class Job:
-    job_id: bytes
-    request_id: bytes
-    index: int
-    params: JobParams
-    work_units: int
-    network: str = "fast"
-    attempts: int = 0
-    holders: dict[NodeLink, float] = field(default_factory=dict)
-    """Nodes rendering it now -> when they were offered it."""
-    deadlines: dict[NodeLink, float] = field(default_factory=dict)
-    offers: dict[bytes, str] = field(default_factory=dict)
-    """Every offer hash issued for this job -> the peer id it was issued to."""
-    queued_since: float = field(default_factory=time.time)
-    cancelled: bool = False
-
-
-@dataclass(eq=False)
-class RequestState:
-    request_id: bytes
-    remaining: int
-    outbox: trio.MemorySendChannel[Message] | None
-    on_orphan_image: Callable[[bytes, int, bytes], None]
-    delivered: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    durations: list[float] = field(default_factory=list)
-    nodes: dict[NodeLink, int] = field(default_factory=dict)
-    """Nodes holding this request's jobs -> how many (at most 16 nodes per request)."""
-    finished: trio.Event = field(default_factory=trio.Event)
 
 
 class ResultRefused(Exception):

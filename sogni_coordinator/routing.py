@@ -20,29 +20,15 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from sogni_coordinator.reputation import Reputation
+from sogni_coordinator.standing import StandingLookup, no_chain
 
 if TYPE_CHECKING:
-    from sogni_coordinator.dispatch import Job, NodeLink
+    from sogni_coordinator.jobs import Job, NodeLink
     from sogni_protocol.messages import JobParams, RenderRequest
 
 TierMode = Literal["open", "enforced"]
 MAX_NODES_PER_REQUEST = 16
 WARM_BONUS = 2.0
-
-
-@dataclass(frozen=True)
-class Standing:
-    """What the chain says about a wallet: licence, and stake in whole SOGNI."""
-
-    licensed: bool = False
-    stake: int = 0
-
-
-StandingLookup = Callable[[str], Standing]
-
-
-def no_chain(_wallet: str) -> Standing:
-    return Standing()
 
 
 @dataclass

@@ -18,7 +18,9 @@ from sogni_node.cli_common import ConfigOption, JsonOption
 from sogni_node.cli_common import fail as _fail
 from sogni_node.cli_common import load_config as _config
 from sogni_node.hardware import HardwareError, probe
-from sogni_node.keystore import (
+from sogni_protocol.logs import configure_logging
+from sogni_protocol.settings import settings_to_builtins
+from sogni_wallet.keystore import (
     DEFAULT_KDF_N,
     KeystoreError,
     KeystoreExists,
@@ -26,8 +28,6 @@ from sogni_node.keystore import (
     keystore_address,
     password_from_env_or_prompt,
 )
-from sogni_protocol.logs import configure_logging
-from sogni_protocol.settings import settings_to_builtins
 
 __all__ = ["app"]
 
@@ -150,14 +150,14 @@ def bench(
     """Measure render speed per installed model against the catalog baseline; save it."""
     from sogni_node.benchmark import run_bench, save_report
     from sogni_node.daemon import build_backend
-    from sogni_node.models import ModelRegistry
+    from sogni_node.models.defaults import default_registry
 
     cfg = _config(config)
     try:
         hw = probe(cfg.device)
     except (HardwareError, ValueError) as exc:
         _fail(str(exc))
-    registry = ModelRegistry.default(cfg.models_dir)
+    registry = default_registry(cfg.models_dir, test_model=cfg.test_model)
     try:
         backend = build_backend(cfg, registry, hw)
     except ValueError as exc:  # e.g. a quant mode this device cannot run, a missing extra

@@ -21,6 +21,7 @@ from sogni_protocol.settings import (
     DEFAULT_CHAIN_ID,
     UNDEPLOYED_CONTRACT,
     ChainId,
+    ChainUrl,
     CoordinatorMultiaddr,
     EnvName,
     Multiaddr,
@@ -30,6 +31,7 @@ from sogni_protocol.settings import (
     load_settings,
     read_config_text,
 )
+from sogni_wallet.addresses import apply_addresses_file
 
 __all__ = [
     "CONFIG_ENV",
@@ -39,7 +41,6 @@ __all__ = [
 ]
 
 ENV_PREFIX = "SOGNI_NODE"
-ChainUrl = Annotated[str, Meta(pattern=r"^https?://\S+$", max_length=512)]
 CONFIG_ENV = "SOGNI_NODE_CONFIG"
 """Env var naming the config file when no `--config` is given."""
 
@@ -63,6 +64,9 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     compile: bool = False
     """torch.compile the denoiser: slower first render, faster steps after (CUDA mostly)."""
     max_pixels: Annotated[int, Meta(ge=0, le=2048 * 2048)] = 0
+    test_model: bool = False
+    """Also offer `sogni-tiny-sd`, the random-weights test model (tests, benchmarks): its images
+    are noise, so a production node leaves it off."""
     keystore: Path = None  # type: ignore[assignment]  # None until __post_init__: wallet.json
     password_env: EnvName = "SOGNI_NODE_PASSWORD"
     payout_address: Address | None = None
@@ -116,47 +120,3 @@ def load_node_config(path: Path | None = None, env: Mapping[str, str] = os.envir
     """Load the node config: file `path` (or `$SOGNI_NODE_CONFIG`, or none) + `SOGNI_NODE_*`."""
     text, source = read_config_text(path, env, CONFIG_ENV)
     return load_settings(NodeConfig, text, env, ENV_PREFIX, source=source)
-
-
-def read_addresses_domain(path: Path) -> tuple[int, str]:
-    """``(chain id, distributor)`` from a `sogni-coordinator chain deploy` addresses file.
-
-    Read with the standard library only (no web3 import just to load a config).
-    """
-    import json
-    import re
-
-    try:
-        raw = json.loads(Path(path).read_text("utf-8"))
-        chain_id, distributor = int(raw["chain_id"]), str(raw["distributor"])
-    except FileNotFoundError:
-        raise ValueError(
-            f"addresses_file {path} not found (write it with `sogni-coordinator chain deploy`)"
-        ) from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"addresses_file {path} is not an addresses file: {exc!r}") from None
-    if not re.fullmatch(r"0x[0-9a-fA-F]{40}", distributor) or not 1 <= chain_id < 2**63:
-        raise ValueError(f"addresses_file {path} has an invalid chain_id or distributor")
-    return chain_id, distributor
-
-
-def apply_addresses_file(cfg: msgspec.Struct) -> None:
-    """Take the EIP-712 domain (chain id, verifying contract) from ``cfg.addresses_file``.
-
-    Why: a receipt is only payable under the deployed distributor's domain, so the deployment
-    file is the single source of truth; an explicit, different ``chain_id`` or
-    ``verifying_contract`` next to it is a contradiction, reported rather than guessed.
-    """
-    path = Path(cfg.addresses_file).expanduser()  # type: ignore[attr-defined]
-    chain_id, distributor = read_addresses_domain(path)
-    configured_chain: int = cfg.chain_id  # type: ignore[attr-defined]
-    configured_contract: str = cfg.verifying_contract  # type: ignore[attr-defined]
-    if configured_chain not in (DEFAULT_CHAIN_ID, chain_id):
-        raise ValueError(f"chain_id {configured_chain} contradicts {path} (chain {chain_id})")
-    if configured_contract.lower() not in (UNDEPLOYED_CONTRACT, distributor.lower()):
-        raise ValueError(
-            f"verifying_contract {configured_contract} contradicts {path} ({distributor})"
-        )
-    msgspec.structs.force_setattr(cfg, "addresses_file", path)
-    msgspec.structs.force_setattr(cfg, "chain_id", chain_id)
-    msgspec.structs.force_setattr(cfg, "verifying_contract", distributor)

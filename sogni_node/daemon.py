@@ -22,7 +22,6 @@ from sogni_node.benchmark import saved_speed
 from sogni_node.config import NodeConfig
 from sogni_node.hardware import HardwareError, HardwareInfo, probe
 from sogni_node.journal import Journal
-from sogni_node.keystore import Wallet, unlock_wallet
 from sogni_node.models.loras import LoraLibrary
 from sogni_node.pull import NodeIdentity, PullSession, pull_forever
 from sogni_node.render.backend import Backend
@@ -32,11 +31,13 @@ from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import CAPABILITIES_TOPIC
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import Capabilities, NodeHello, encode
+from sogni_wallet.keystore import Wallet, unlock_wallet
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus  # trio-typing's stubs shadow trio's own types
 
     from sogni_node.models import ModelRegistry
+
 
 log = get_logger(__name__)
 
@@ -226,10 +227,10 @@ def run(config: NodeConfig, *, announce: bool = False) -> ShutdownReport:
     With `announce`, one JSON line per event (`ready`, `connected`) goes to stdout, so a
     launcher knows when the node is usable without guessing.
     """
-    from sogni_node.models import ModelRegistry
+    from sogni_node.models.defaults import default_registry
 
     wallet = unlock_wallet(config.keystore, config.password_env)
-    registry = ModelRegistry.default(config.models_dir)
+    registry = default_registry(config.models_dir, test_model=config.test_model)
     try:
         backend = build_backend(config, registry, probe(config.device))
     except ValueError as exc:  # a quant mode this device can't run, a missing extra

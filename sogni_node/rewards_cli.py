@@ -19,7 +19,7 @@ from sogni_node.cli_common import ConfigOption, JsonOption
 from sogni_node.cli_common import fail as _fail
 from sogni_node.cli_common import load_config as _config
 from sogni_node.config import NodeConfig
-from sogni_node.keystore import KeystoreError, keystore_address, unlock_wallet
+from sogni_wallet.keystore import KeystoreError, keystore_address, unlock_wallet
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount

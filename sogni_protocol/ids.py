@@ -24,3 +24,6 @@ RESULT_FRAME_LIMIT: Final = 32 * 1024 * 1024
 MAX_IMAGES_PER_REQUEST: Final = 512
 MAX_PROMPT_CHARS: Final = 4096
 MAX_LORAS: Final = 8
+
+EMBEDDED_MODEL_ID = "sogni-shapes-64"
+"""The trained model shipped inside the node package: what a render asks for by default."""

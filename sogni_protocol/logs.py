@@ -63,7 +63,9 @@ _OUR_PACKAGES = (
     "sogni_chain",
     "sogni_node",
     "sogni_coordinator",
-    "sogni_client",
+    "sogni_wallet",
+    "sogni_app",
+    "sogni_devnet",
     "bench",
 )
 _LIBRARIES = ("transformers", "diffusers", "huggingface_hub")

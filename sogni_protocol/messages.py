@@ -163,6 +163,32 @@ class RenderRequest(_Message, tag="renderRequest", kw_only=True):
     payer_signature: Signature | None = None
 
 
+def job_params(request: RenderRequest, index: int) -> JobParams:
+    """The parameters of image `index` of `request`: the request's own, seed + index (mod 2^32).
+
+    The one definition of the request -> jobs split; coordinators, benchmarks and tests use it.
+    """
+    return JobParams(
+        model_id=request.model_id,
+        positive_prompt=request.positive_prompt,
+        negative_prompt=request.negative_prompt,
+        style_prompt=request.style_prompt,
+        steps=request.steps,
+        guidance=request.guidance,
+        scheduler=request.scheduler,
+        width=request.width,
+        height=request.height,
+        seed=(request.seed + index) % 2**32,
+        loras=request.loras,
+        output_format=request.output_format,
+    )
+
+
+def split_request(request: RenderRequest) -> list[JobParams]:
+    """One `JobParams` per image of `request`, in order."""
+    return [job_params(request, i) for i in range(request.number_of_images)]
+
+
 class RequestAccepted(_Message, tag="requestAccepted", kw_only=True):
     request_id: Bytes32
     job_ids: Annotated[list[Bytes32], Meta(max_length=ids.MAX_IMAGES_PER_REQUEST)]

@@ -49,6 +49,7 @@ CoordinatorMultiaddr = Annotated[
 EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=128)]
 """The name of an environment variable (e.g. the one holding a keystore password)."""
 ChainId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
+ChainUrl = Annotated[str, Meta(pattern=r"^https?://\S+$", max_length=512)]
 Seconds = Annotated[float, Meta(gt=0, le=86_400)]
 
 DEFAULT_CHAIN_ID = 131277322940537

@@ -3,7 +3,6 @@
     settler = Settler(store, deployment, sender=key, rules=cfg.settlement.rules(),
                       publish_dir=cfg.data_dir / "epochs")
     result = settler.close_epoch()          # idempotent; resumes a crashed close
-    settle_and_claim(db_path, deployment, node_keys)   # the local demo, in one process
 
 Exports are loaded lazily, so importing this package does not import web3 and the chain
 layer. The payout rules and the epoch file formats are shared with nodes and live in
@@ -16,26 +15,19 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .demo import SettleAndClaim, embedded_deployment, settle_and_claim
     from .epochs import EpochConflict, EpochResult, SettlementError, Settler, epoch_claims
     from .timer import run_epoch_timer
 
 __all__ = [
     "EpochConflict",
     "EpochResult",
-    "SettleAndClaim",
     "SettlementError",
     "Settler",
-    "embedded_deployment",
     "epoch_claims",
     "run_epoch_timer",
-    "settle_and_claim",
 ]
 
 _WHERE = {
-    "SettleAndClaim": "demo",
-    "embedded_deployment": "demo",
-    "settle_and_claim": "demo",
     "EpochConflict": "epochs",
     "EpochResult": "epochs",
     "SettlementError": "epochs",

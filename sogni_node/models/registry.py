@@ -20,13 +20,14 @@ from sogni_node.models.tiny import (
     TINY_MODEL_ID,
     ensure_tiny_model,
 )
+from sogni_protocol.ids import EMBEDDED_MODEL_ID
 
 if TYPE_CHECKING:
     from sogni_node.render.backend import RenderJob
 
 logger = logging.getLogger(__name__)
 
-SHAPES_MODEL_ID = "sogni-shapes-64"
+SHAPES_MODEL_ID = EMBEDDED_MODEL_ID
 """The embedded default: a small trained model of coloured shapes (see docs/MODEL.md)."""
 
 SHAPES_DIR = Path(__file__).resolve().parent / "weights" / SHAPES_MODEL_ID
@@ -140,28 +141,6 @@ class ModelRegistry:
     def from_config(cls, config: Mapping[str, Mapping[str, Any]]) -> ModelRegistry:
         """Build from `{model_id: {"path": ..., "class": ..., ...}}` (e.g. parsed TOML)."""
         return cls(ModelSpec.from_dict(mid, cfg) for mid, cfg in config.items())
-
-    @classmethod
-    def default(cls, cache_dir: Path) -> ModelRegistry:
-        """The shipped shapes model (the default), the tiny random test model, and every model
-        installed with `sogni-node models add` in `cache_dir` (the node's models_dir).
-
-        The tiny model is built into `cache_dir` if missing. The shapes model is read in place
-        from the package; an install that lacks its files only logs a warning. Installed
-        models are checked (file sizes) and a damaged one is left out with a warning.
-        """
-        from sogni_node.models.store import ModelStore  # store.py imports this module
-
-        specs = [tiny_model_spec(cache_dir)]
-        if (SHAPES_DIR / "model_index.json").is_file():
-            specs.insert(0, shapes_model_spec())
-        else:
-            logger.warning("embedded model %s missing at %s", SHAPES_MODEL_ID, SHAPES_DIR)
-        built_in = {s.model_id for s in specs}
-        if (cache_dir / "index.json").is_file():
-            installed = ModelStore(cache_dir).specs(verify=True)
-            specs += [s for s in installed if s.model_id not in built_in]
-        return cls(specs)
 
     def register(self, spec: ModelSpec) -> None:
         if spec.model_id in self._specs:

@@ -24,14 +24,15 @@ from sogni_coordinator.service import RunningCoordinator, Signer, run_coordinato
 from sogni_net import Channel, open_host
 from sogni_node.config import NodeConfig
 from sogni_node.daemon import ShutdownReport, run_node
-from sogni_node.keystore import Wallet
 from sogni_node.models import ModelRegistry
+from sogni_node.models.defaults import default_registry
 from sogni_node.render.backend import Backend, RenderJob, RenderOutput
 from sogni_node.render.diffusers_backend import DiffusersBackend
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT, JOBS_PROTOCOL
 from sogni_protocol.messages import Capabilities, NodeHello, RenderRequest, Welcome
+from sogni_wallet.keystore import Wallet
 
 MODEL = "sogni-tiny-sd"
 
@@ -63,7 +64,7 @@ def anvil() -> Iterator[Anvil]:
 
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory: pytest.TempPathFactory) -> ModelRegistry:
-    return ModelRegistry.default(tmp_path_factory.mktemp("models"))
+    return default_registry(tmp_path_factory.mktemp("models"), test_model=True)
 
 
 @pytest.fixture(scope="session")

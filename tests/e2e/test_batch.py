@@ -17,7 +17,7 @@ from typing import Any
 import trio
 from PIL import Image
 
-from sogni_client.api import render
+from sogni_app.api import render
 from sogni_node.render.backend import RenderJob, RenderOutput
 from sogni_protocol.messages import RenderRequest
 

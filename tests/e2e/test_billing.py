@@ -15,9 +15,7 @@ import pytest
 import trio
 from eth_account import Account
 
-from sogni_chain import Addresses, Deployment, connect, deploy_all
-from sogni_chain.anvil import Anvil
-from sogni_client.api import (
+from sogni_app.api import (
     AccountRefused,
     RenderRefused,
     authorize,
@@ -25,9 +23,10 @@ from sogni_client.api import (
     claim_daily_boost,
     render,
 )
+from sogni_chain import Addresses, Deployment, connect, deploy_all
+from sogni_chain.anvil import Anvil
 from sogni_coordinator.ledger import PLATFORM, Ledger, utc_day, worker_account
 from sogni_net import open_host
-from sogni_node.keystore import create_keystore
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import CLIENT_PROTOCOL
@@ -39,6 +38,7 @@ from sogni_protocol.messages import (
 )
 from sogni_protocol.payout_rules import SOGNI, SettlementConfig
 from sogni_protocol.pricing import quote
+from sogni_wallet.keystore import create_keystore
 
 from .conftest import start_net, tiny_request
 
@@ -164,7 +164,7 @@ async def _sogni(home: Path, *args: str) -> tuple[int, str, str]:
         env.pop(name, None)
     with trio.fail_after(120):
         done = await trio.run_process(
-            [sys.executable, "-m", "sogni_client.cli", *args],
+            [sys.executable, "-m", "sogni_app.cli", *args],
             env=env,
             cwd=home,
             capture_stdout=True,

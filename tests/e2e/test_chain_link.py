@@ -9,9 +9,9 @@ from typing import Any
 import trio
 from eth_account import Account
 
+from sogni_app.api import render
 from sogni_chain import Addresses, Deployment, connect, deploy_all
 from sogni_chain.anvil import Anvil
-from sogni_client.api import render
 from sogni_protocol.messages import RenderRequest
 from sogni_protocol.payout_rules import SettlementConfig
 

@@ -16,7 +16,7 @@ from eth_account.messages import encode_typed_data
 def test_demo_renders_settles_and_its_receipts_verify(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "sogni_client.localnet", "--images", "4", "--out", str(out)],
+        [sys.executable, "-m", "sogni_devnet.localnet", "--images", "4", "--out", str(out)],
         capture_output=True,
         text=True,
         timeout=300,

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import trio
 
-from sogni_client.api import RenderRefused, render
+from sogni_app.api import RenderRefused, render
 from sogni_net import open_host
 from sogni_node.models.loras import LoraLibrary
 from sogni_node.models.tiny import write_tiny_lora

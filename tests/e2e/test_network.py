@@ -15,7 +15,7 @@ from eth_account import Account
 from eth_account.messages import encode_typed_data
 from PIL import Image
 
-from sogni_client.api import RenderRefused, receipt_line, render
+from sogni_app.api import RenderRefused, receipt_line, render
 from sogni_net import ChannelClosed, open_host
 from sogni_protocol import eip712
 from sogni_protocol.ids import CLIENT_PROTOCOL, RESULT_FRAME_LIMIT
@@ -350,10 +350,10 @@ async def test_coordinator_restart_requeues_accepted_jobs(tmp_path: Any, backend
 
 
 def test_seed_of_image_i_is_seed_plus_i() -> None:
-    from sogni_coordinator.client_session import _job_params
+    from sogni_protocol.messages import job_params
 
     req = request(3, seed=2**32 - 1)
-    assert [_job_params(req, i).seed for i in range(3)] == [2**32 - 1, 0, 1]
+    assert [job_params(req, i).seed for i in range(3)] == [2**32 - 1, 0, 1]
 
 
 _ = (HandBack, OfferDeclined, os)

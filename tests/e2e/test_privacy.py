@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from sogni_client.api import render_sync
-from sogni_client.localnet import start_localnet
+from sogni_app.api import render_sync
+from sogni_devnet.localnet import start_localnet
 from sogni_protocol.messages import RenderRequest
 
 SENTINEL = "zebra-sentinel-7f3a"
@@ -18,7 +18,12 @@ def test_sentinel_prompt_is_in_no_log_line_of_any_process(
     tmp_path: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG)
-    with start_localnet(tmp_path / "net", nodes=2, log_level="debug") as net:
+    with start_localnet(
+        tmp_path / "net",
+        nodes=2,
+        log_level="debug",
+        node_env={"SOGNI_NODE_TEST_MODEL": "true"},
+    ) as net:
         request = RenderRequest(
             model_id="sogni-tiny-sd",
             positive_prompt=f"a red circle {SENTINEL}",

@@ -10,7 +10,7 @@ import pytest
 import trio
 from eth_account import Account
 
-from sogni_client.api import authorize
+from sogni_app.api import authorize
 from sogni_coordinator.ledger import ISSUERS, Ledger, reserved_account
 from sogni_coordinator.service import run_coordinator
 from sogni_net import open_host

@@ -9,11 +9,12 @@ from typing import Any
 import trio
 from eth_account import Account
 
-from sogni_client.api import authorize
+from sogni_app.api import authorize
 from sogni_coordinator.dispatch import NodeLink
 from sogni_coordinator.ledger import Ledger, partial_value, worker_account
 from sogni_coordinator.reputation import BLACKLIST_STRIKES, NEWCOMER_FLOOR, Reputation
-from sogni_coordinator.routing import Router, Standing
+from sogni_coordinator.routing import Router
+from sogni_coordinator.standing import Standing
 from sogni_net import open_host
 from sogni_protocol.ids import CLIENT_PROTOCOL, RESULT_FRAME_LIMIT
 from sogni_protocol.messages import (
@@ -85,10 +86,10 @@ def test_selection_is_weighted_random_and_every_capable_node_gets_work() -> None
         rep.failed("0xpoor")
         rep.succeeded("0xpoor", 1.0, 1.0, 1)
     router = Router(rep, rng=random.Random(7))
-    from sogni_coordinator.client_session import _job_params
     from sogni_coordinator.dispatch import Job
+    from sogni_protocol.messages import job_params
 
-    job = Job(b"j" * 32, b"r" * 32, 0, _job_params(_request(1), 0), 1)
+    job = Job(b"j" * 32, b"r" * 32, 0, job_params(_request(1), 0), 1)
     counts = {good: 0, poor: 0, newcomer: 0}
     for _ in range(3000):
         for link in counts:

@@ -16,8 +16,8 @@ import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
+from sogni_app.api import authorize
 from sogni_chain import Deployment, connect, deploy_all
-from sogni_client.api import authorize
 from sogni_coordinator.billing import Billing, Refusal
 from sogni_coordinator.chain_link import ChainLink
 from sogni_coordinator.ledger import (

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sogni_client.api import DEFAULT_DOMAIN, parse_lora, render_request
-from sogni_client.cli import app, resolve_domain
+from sogni_app.api import DEFAULT_DOMAIN, parse_lora, render_request
+from sogni_app.cli import app, resolve_domain
 from sogni_protocol.messages import LoraRef
 
 PEER = "12D3KooWcoordinator"

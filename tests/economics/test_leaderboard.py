@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sogni_client.quote import quote
+from sogni_app.quote import quote
 from sogni_coordinator.cli import app
 from sogni_coordinator.leaderboard import (
     artist_points_micro,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from sogni_client.quote import quote
+from sogni_app.quote import quote
 from sogni_coordinator.ledger import (
     BoostAlreadyClaimed,
     InsufficientFunds,

@@ -7,7 +7,7 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sogni_client.quote import quote
+from sogni_app.quote import quote
 from sogni_coordinator.ledger import (
     ASSETS,
     ISSUERS,

@@ -7,8 +7,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from sogni_client.cli import app
-from sogni_client.quote import quote
+from sogni_app.cli import app
+from sogni_app.quote import quote
 from sogni_protocol.catalog import load_catalog, parse_catalog
 from sogni_protocol.messages import JobParams
 from sogni_protocol.pricing import load_factors, render_seconds, work_units

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from eth_account import Account
 
-from sogni_node.keystore import (
+from sogni_wallet.keystore import (
     KeystoreError,
     KeystoreExists,
     KeystoreNotFound,

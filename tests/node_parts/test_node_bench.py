@@ -11,7 +11,11 @@ from sogni_node.cli import app
 
 
 def test_bench_measures_saves_and_names_the_tier(tmp_path: Path) -> None:
-    env = {"SOGNI_NODE_DATA_DIR": str(tmp_path), "SOGNI_NODE_THREADS": "1"}
+    env = {
+        "SOGNI_NODE_DATA_DIR": str(tmp_path),
+        "SOGNI_NODE_THREADS": "1",
+        "SOGNI_NODE_TEST_MODEL": "true",
+    }
     result = CliRunner().invoke(app, ["bench", "--runs", "1", "--json"], env=env)
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

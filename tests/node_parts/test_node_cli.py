@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 import sogni_node
 from sogni_node.cli import app
 from sogni_node.config import NodeConfig
-from sogni_node.keystore import load_wallet
+from sogni_wallet.keystore import load_wallet
 
 runner = CliRunner()
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from sogni_node.models import ModelRegistry, ensure_tiny_model
+from sogni_node.models.defaults import default_registry
 from sogni_node.render.diffusers_backend import DiffusersBackend
 
 
@@ -23,7 +24,7 @@ def tiny_path(model_cache: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def registry(model_cache: Path, tiny_path: Path) -> ModelRegistry:
-    return ModelRegistry.default(model_cache)
+    return default_registry(model_cache, test_model=True)
 
 
 @pytest.fixture(scope="session")

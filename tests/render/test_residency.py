@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from sogni_node.models import ModelRegistry
+from sogni_node.models.defaults import default_registry
 from sogni_node.render.diffusers_backend import DiffusersBackend
 from sogni_node.render.residency import Residency, module_bytes
 
@@ -24,7 +24,7 @@ def test_lru_eviction_within_budget_and_busy_models_kept() -> None:
 
 
 def test_backend_evicts_a_model_that_no_longer_fits(tmp_path: Path) -> None:
-    registry = ModelRegistry.default(tmp_path)
+    registry = default_registry(tmp_path, test_model=True)
     backend = DiffusersBackend(registry, device="cpu", threads=1)
     backend.load("sogni-tiny-sd")
     size = module_bytes(backend._pipes.items()[0][1].pipe)

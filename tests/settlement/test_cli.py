@@ -19,8 +19,8 @@ from sogni_coordinator.cli import app as coordinator_app
 from sogni_coordinator.store import Store
 from sogni_node.cli import app as node_app
 from sogni_node.journal import Journal
-from sogni_node.keystore import create_keystore
 from sogni_protocol.eip712 import Domain
+from sogni_wallet.keystore import create_keystore
 
 from .settle_env import signed_receipt, store_receipts, worker
 
@@ -141,7 +141,7 @@ def test_cli_without_a_shared_chain_explains(tmp_path: Path) -> None:
 
 
 def test_embedded_deploy_writes_the_deterministic_addresses(tmp_path: Path) -> None:
-    from sogni_coordinator.settlement import embedded_deployment
+    from sogni_devnet.settlement_demo import embedded_deployment
 
     env = {"SOGNI_COORDINATOR_DATA_DIR": str(tmp_path), "SOGNI_COORDINATOR_LOG_LEVEL": "error"}
     result = runner.invoke(coordinator_app, ["chain", "deploy"], env=env)

@@ -6,13 +6,9 @@ from pathlib import Path
 
 import trio
 
-from sogni_coordinator.settlement import (
-    EpochResult,
-    embedded_deployment,
-    run_epoch_timer,
-    settle_and_claim,
-)
+from sogni_coordinator.settlement import EpochResult, run_epoch_timer
 from sogni_coordinator.store import Store
+from sogni_devnet.settlement_demo import embedded_deployment, settle_and_claim
 from sogni_protocol.eip712 import Domain
 
 from .settle_env import Net, settler, signed_receipt, store_receipts, worker

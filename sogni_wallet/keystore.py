@@ -6,8 +6,8 @@ a leaked disk image. The password comes from an env var (containers) or a termin
 Files are written 0600 and atomically, and an existing keystore is never silently replaced:
 losing it loses whatever the key has earned.
 
-Lives in `sogni_node` (not `sogni_protocol`, which does no I/O); the coordinator imports it
-for its offer-signing key.
+Lives in `sogni_wallet`, below both daemons: nodes, coordinators (offer-signing key) and
+the client all import it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import json
 import os
 import stat
 import sys
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from typing import Any
 from eth_account import Account
 from eth_utils import to_checksum_address
 
+from sogni_protocol.atomic import FileExists, atomic_write_bytes
 from sogni_protocol.logs import get_logger
 
 __all__ = [
@@ -79,41 +79,13 @@ def _check_kdf_n(kdf_n: int) -> None:
         raise ValueError(f"kdf_n must be a power of two >= 2, got {kdf_n}")
 
 
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):  # not supported on every platform/file system
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _write_private(path: Path, data: bytes, *, replace: bool) -> None:
     """Write `data` to `path` 0600 and atomically; with `replace=False`, fail if it exists."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    tmp = Path(tmp_name)
     try:
-        os.fchmod(fd, 0o600)  # mkstemp already uses 0600; be explicit against odd umasks
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if replace:
-            os.replace(tmp, path)
-        else:
-            try:
-                os.link(tmp, path)  # atomic "create if absent"
-            except FileExistsError:
-                raise KeystoreExists(f"keystore {path} already exists") from None
-            except OSError:  # file system without hard links
-                if path.exists():
-                    raise KeystoreExists(f"keystore {path} already exists") from None
-                os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        atomic_write_bytes(path, data, mode=0o600, replace=replace)
+    except FileExists:
+        raise KeystoreExists(f"keystore {path} already exists") from None
 
 
 def create_keystore(

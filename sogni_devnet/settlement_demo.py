@@ -18,13 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sogni_chain import Deployment, Signer, connect, deploy_all
+from sogni_coordinator.settlement.epochs import EpochResult, Settler
 from sogni_coordinator.store import Store
 from sogni_node.rewards import claim_from_tree
 from sogni_protocol.epoch_files import decode_epoch
 from sogni_protocol.merkle import MerkleTree
 from sogni_protocol.payout_rules import SOGNI, PayoutRules, SettlementConfig
-
-from .epochs import EpochResult, Settler
 
 __all__ = ["SettleAndClaim", "embedded_deployment", "settle_and_claim"]
 

@@ -1,6 +1,6 @@
 """A whole Supernet on 127.0.0.1: one coordinator and N nodes as separate processes.
 
-`make demo` runs `python -m sogni_client.localnet --images 8 --out out`; tests and benchmarks
+`make demo` runs `python -m sogni_devnet.localnet --images 8 --out out`; tests and benchmarks
 use `LocalNet` directly. Each process logs (JSON lines) to its own file under the work
 folder, so a test can read every line that every process wrote. Readiness is never guessed:
 each daemon prints one JSON line per event on stdout (`ready`, `connected`) and the launcher
@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sogni_node.keystore import create_keystore
+from sogni_wallet.keystore import create_keystore
 
 DEMO_PASSWORD = "localnet-demo-password"
 DEMO_KDF_N = 2**14
@@ -189,10 +189,10 @@ def start_localnet(
 
 
 def _demo(images: int, out: Path, prompt: str, model: str) -> int:
-    from sogni_client.api import render_sync, save
-    from sogni_coordinator.settlement import embedded_deployment, settle_and_claim
-    from sogni_node.keystore import load_wallet
+    from sogni_app.api import render_sync, save
+    from sogni_devnet.settlement_demo import embedded_deployment, settle_and_claim
     from sogni_protocol.messages import RenderRequest
+    from sogni_wallet.keystore import load_wallet
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "receipts.jsonl").unlink(missing_ok=True)

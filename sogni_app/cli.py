@@ -18,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from sogni_client.api import (
+from sogni_app.api import (
     DEFAULT_DOMAIN,
     AccountRefused,
     RenderedImage,
@@ -29,7 +29,11 @@ from sogni_client.api import (
     render_sync,
     save,
 )
-from sogni_node.keystore import (
+from sogni_protocol.eip712 import Domain
+from sogni_protocol.ids import EMBEDDED_MODEL_ID
+from sogni_protocol.logs import configure_logging
+from sogni_protocol.messages import Balances
+from sogni_wallet.keystore import (
     KeystoreError,
     Wallet,
     create_keystore,
@@ -37,14 +41,12 @@ from sogni_node.keystore import (
     password_from_env_or_prompt,
     unlock_wallet,
 )
-from sogni_protocol.eip712 import Domain
-from sogni_protocol.logs import configure_logging
-from sogni_protocol.messages import Balances
 
 app = typer.Typer(help="Render images on the Sogni Supernet.", no_args_is_help=True)
 keys_app = typer.Typer(help="The payer wallet that signs requests.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
+DEFAULT_MODEL = EMBEDDED_MODEL_ID
 DEFAULT_COORDINATOR_FILE = Path("~/.sogni/coordinator/coordinator.json")
 DEFAULT_KEYSTORE = Path("~/.sogni/client/payer.json")
 _KEYS_HINT = "sogni keys create"
@@ -159,7 +161,7 @@ def _main() -> None:
 def render_cmd(
     prompt: Annotated[str, typer.Argument(help="What to draw.")],
     n: Annotated[int, typer.Option("-n", "--number", help="Number of images (1-512).")] = 1,
-    model: Annotated[str, typer.Option("--model", help="Model id.")] = "sogni-tiny-sd",
+    model: Annotated[str, typer.Option("--model", help="Model id.")] = DEFAULT_MODEL,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 8,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed+i.")] = 0,
@@ -373,7 +375,7 @@ def keys_show(keystore: KeystoreOpt = DEFAULT_KEYSTORE) -> None:
     typer.echo(json.dumps({"address": address, "keystore": str(keystore)}))
 
 
-app.command("quote")(__import__("sogni_client.quote").quote.quote_cmd)
+app.command("quote")(__import__("sogni_app.quote").quote.quote_cmd)
 
 
 if __name__ == "__main__":
