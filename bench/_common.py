@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from sogni_devnet.localnet import DEMO_PASSWORD, Proc
+from sogni_protocol.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
@@ -187,7 +188,8 @@ def write_sections(sections: Mapping[str, str], machine: str, *, whole: bool) ->
     for name in SECTION_ORDER:
         if name in kept:
             parts.append(f"{_marker(name)}\n{kept[name]}\n{_marker(name, end=True)}")
-    BENCHMARKS_MD.write_text("\n\n".join(p.strip("\n") for p in parts) + "\n")
+    # atomic: a crash or Ctrl-C mid-write must not lose the sections this run kept
+    atomic_write_text(BENCHMARKS_MD, "\n\n".join(p.strip("\n") for p in parts) + "\n")
     return BENCHMARKS_MD
 
 

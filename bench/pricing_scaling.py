@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sogni_protocol.atomic import atomic_write_text
+
 REPO = Path(__file__).resolve().parent.parent
 FACTORS_TOML = REPO / "configs" / "pricing_factors.toml"
 MODEL = "sogni-tiny-sd"
@@ -140,7 +142,7 @@ samples = [{by_px}]  # [pixels, seconds] at {m["default_steps"]} steps
 def run(quick: bool) -> str:
     """Measure, rewrite `configs/pricing_factors.toml`, return a markdown section."""
     m = _measure(quick)
-    FACTORS_TOML.write_text(_toml(m, quick))
+    atomic_write_text(FACTORS_TOML, _toml(m, quick))  # sogni_protocol.pricing reads it
     rows = "\n".join(f"| {s} | {t * 1000:.0f} |" for s, t in m["by_steps"])  # type: ignore[attr-defined]
     prow = "\n".join(f"| {p} | {t * 1000:.0f} |" for p, t in m["by_pixels"])  # type: ignore[attr-defined]
     return f"""## Pricing scaling ({MODEL}, CPU, 1 thread)

@@ -27,6 +27,7 @@ from eth_account import Account
 
 from sogni_net import Host, TransportError, open_host
 from sogni_protocol import eip712
+from sogni_protocol.atomic import atomic_write_bytes
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CLIENT_PROTOCOL, CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT
@@ -385,7 +386,7 @@ def save(result: RenderResult, out_dir: Path) -> list[Path]:
     with (out_dir / "receipts.jsonl").open("a") as receipts:
         for image in result.images:
             name = f"{result.request_id.hex()[:12]}-{image.index:03d}.{extension_of(image.image)}"
-            (out_dir / name).write_bytes(image.image)
+            atomic_write_bytes(out_dir / name, image.image)
             receipts.write(json.dumps(receipt_line(image, name)) + "\n")
             paths.append(out_dir / name)
     return paths

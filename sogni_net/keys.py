@@ -20,6 +20,8 @@ from libp2p.crypto.keys import KeyPair, KeyType
 from libp2p.crypto.serialization import deserialize_private_key
 from libp2p.peer.id import ID
 
+from sogni_protocol.atomic import FileExists, atomic_write_bytes
+
 _log = logging.getLogger("sogni_net.keys")
 
 
@@ -68,17 +70,6 @@ def _load(path: Path) -> KeyPair:
 
 
 def _create(path: Path, key_pair: KeyPair) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o600)
-    try:
-        try:
-            os.write(fd, key_pair.private_key.serialize())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        # link() fails if `path` appeared meanwhile: then the other writer's key wins.
-        with contextlib.suppress(FileExistsError):
-            os.link(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # replace=False: if `path` appeared meanwhile, the other writer's key wins.
+    with contextlib.suppress(FileExists):
+        atomic_write_bytes(path, key_pair.private_key.serialize(), mode=0o600, replace=False)

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sogni_node.models import ModelRegistry
 from sogni_node.render.backend import Backend, RenderJob
+from sogni_protocol.atomic import atomic_write_text
 from sogni_protocol.catalog import Catalog, default_catalog
 from sogni_protocol.pricing import job_render_seconds
 
@@ -89,10 +90,9 @@ def run_bench(
 
 
 def save_report(report: BenchReport, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report.to_dict(), indent=2))
-    tmp.replace(path)
+    """Atomic and durable: the node advertises this speed, and a half-written file after a
+    crash would read as 0 (never measured) until the next bench."""
+    atomic_write_text(path, json.dumps(report.to_dict(), indent=2))
 
 
 def saved_speed(path: Path) -> float:

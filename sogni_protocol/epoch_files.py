@@ -15,9 +15,6 @@ canonical (sorted keys, no whitespace) so the same batch always hashes the same.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import msgspec
 from eth_hash.auto import keccak
 
@@ -32,7 +29,6 @@ __all__ = [
     "Payout",
     "ReceiptsBatch",
     "Refusal",
-    "atomic_write",
     "content_hash",
     "decode_batch",
     "decode_epoch",
@@ -194,14 +190,3 @@ def content_hash(data: bytes) -> bytes:
 
 def epoch_filename(epoch: int, suffix: str = "json") -> str:
     return f"epoch-{epoch:06d}.{suffix}"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write via a temp file and rename, fsynced: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

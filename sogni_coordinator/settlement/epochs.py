@@ -28,6 +28,7 @@ from eth_utils import to_checksum_address
 from sogni_chain import ChainRevert, Deployment, Signer
 from sogni_coordinator.store import EpochRecord, Store
 from sogni_protocol import eip712
+from sogni_protocol.atomic import atomic_write_bytes
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.epoch_files import (
     EPOCH_FORMAT,
@@ -37,7 +38,6 @@ from sogni_protocol.epoch_files import (
     Payout,
     ReceiptsBatch,
     Refusal,
-    atomic_write,
     content_hash,
     decode_epoch,
     encode,
@@ -205,7 +205,7 @@ class Settler:
         batch_bytes = encode(batch)
         receipts_hash = content_hash(batch_bytes)
         receipts_name = receipts_filename(receipts_hash)
-        atomic_write(self.publish_dir / "receipts" / receipts_name, batch_bytes)
+        atomic_write_bytes(self.publish_dir / "receipts" / receipts_name, batch_bytes)
 
         plan = EpochFile(
             format=EPOCH_FORMAT,
@@ -304,12 +304,12 @@ class Settler:
     def _publish(self, record: EpochRecord, tree: MerkleTree | None = None) -> Path:
         """(Re)write the epoch file and tree dump from the committed plan: idempotent."""
         path = self.publish_dir / epoch_filename(record.epoch)
-        atomic_write(path, record.plan)
+        atomic_write_bytes(path, record.plan)
         tree_path = self.publish_dir / epoch_filename(record.epoch, "tree.json")
         if tree is None and not tree_path.exists():  # crashed before writing it
             tree = MerkleTree(decode_epoch(record.plan).leaf_ints())
         if tree is not None:
-            atomic_write(tree_path, json.dumps(tree.dump(), separators=(",", ":")).encode())
+            atomic_write_bytes(tree_path, json.dumps(tree.dump(), separators=(",", ":")).encode())
         return path
 
     # --- step 2: post --------------------------------------------------------------------

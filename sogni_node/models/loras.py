@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import shutil
 import threading
 from collections.abc import Sequence
@@ -19,12 +20,17 @@ from pathlib import Path
 from typing import Protocol
 
 from sogni_node.models.detect import check_model_id
-from sogni_node.models.store import _atomic_write_json, sha256_file
+from sogni_node.models.store import sha256_file, write_index
 from sogni_node.render.backend import Lora
 from sogni_protocol.ids import MAX_LORAS
 
 INDEX_NAME = "index.json"
 INDEX_VERSION = 1
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as f:
+        os.fsync(f.fileno())
 
 
 class LoraLibraryError(ValueError):
@@ -78,7 +84,7 @@ class LoraLibrary:
         entries = {
             i: {k: v for k, v in asdict(s).items() if k != "lora_id"} for i, s in loras.items()
         }
-        _atomic_write_json(self.root / INDEX_NAME, {"version": INDEX_VERSION, "loras": entries})
+        write_index(self.root / INDEX_NAME, {"version": INDEX_VERSION, "loras": entries})
 
     def installed(self) -> list[StoredLora]:
         return [s for _, s in sorted(self._load().items())]
@@ -112,6 +118,7 @@ class LoraLibrary:
         target = self.root / f"{lora_id}.safetensors"
         tmp = target.with_suffix(".part")
         shutil.copyfile(source, tmp)
+        _fsync_file(tmp)  # the index (fsynced) must never name a file still only in cache
         stored = StoredLora(
             lora_id=lora_id,
             file=target.name,
@@ -119,7 +126,7 @@ class LoraLibrary:
             size=tmp.stat().st_size,
             added_at=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )
-        tmp.replace(target)
+        tmp.replace(target)  # made durable by the index write's fsync of the same folder
         loras[lora_id] = stored
         self._save(loras)
         return stored

@@ -42,6 +42,7 @@ from sogni_node.models.single_file import (
     convert_single_file,
     skeleton_family,
 )
+from sogni_protocol.atomic import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -148,18 +149,10 @@ def _weight_files(folder: Path) -> list[Path]:
     )
 
 
-def _atomic_write_json(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def write_index(path: Path, data: Any) -> None:
+    """Write an index (models or LoRAs) as sorted JSON, atomically and durably: the index is
+    the only record of what was installed and its hashes, so a crash must leave the old one."""
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 class ModelStore:
@@ -188,7 +181,7 @@ class ModelStore:
     def _save_index(self, models: dict[str, StoredModel]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         data = {"version": INDEX_VERSION, "models": {m: s.to_json() for m, s in models.items()}}
-        _atomic_write_json(self.index_path, data)
+        write_index(self.index_path, data)
 
     def installed(self) -> list[StoredModel]:
         return [m for _, m in sorted(self._load_index().items())]
@@ -270,7 +263,7 @@ class ModelStore:
             }
             if not files:
                 raise ModelStoreError(f"{source}: no weight files found")
-            os.rename(staged, final)
+            os.rename(staged, final)  # made durable by the index write's fsync of root
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         d = class_defaults(model_class, architecture)

@@ -1,13 +1,16 @@
-"""Hardware probe on this CPU machine, and CUDA / Apple Silicon detection with fakes.
+"""Hardware probe on this machine, and CUDA / Apple Silicon detection with fakes.
 
-This machine has no GPU, so the CUDA tests monkeypatch `torch.cuda.is_available`,
-`get_device_properties` and `device_count` with fakes, and the MPS test swaps in a fake torch
-module and a fake `platform.system() == "Darwin"`. They check our reading of torch's answers,
-not the driver.
+The suite runs on CPU-only machines and on GPU ones, so a real probe is checked against what
+torch itself reports here, and a CPU probe is asked for explicitly (`probe("cpu")`). The CUDA
+tests monkeypatch `torch.cuda.is_available`, `get_device_properties` and `device_count` with
+fakes, and the MPS test swaps in a fake torch module and a fake `platform.system() ==
+"Darwin"`: they check our reading of torch's answers, not the driver. Tests about a *missing*
+GPU hide the real one (`_no_gpu`).
 """
 
 from __future__ import annotations
 
+import platform
 from types import SimpleNamespace
 
 import msgspec
@@ -20,27 +23,68 @@ from sogni_node.hardware import HardwareError, HardwareInfo, probe, suggest_max_
 GIB = 1024**3
 
 
+def _torch_device() -> str:
+    """The device torch itself says this machine has, in the probe's order of preference."""
+    if torch.cuda.is_available():
+        return "cuda"
+    if platform.system() == "Darwin" and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _no_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hide any real GPU from the probe (no-op on a CPU-only machine)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+
+
 def test_cpu_probe_on_this_machine() -> None:
-    info = probe()
-    assert info.device == "cpu"  # this machine has no GPU
+    info = probe("cpu")  # config device = cpu: wins over a present GPU
+    assert info.device == "cpu"
     assert info.name and info.cpu_name == info.name
     assert info.memory_bytes > 0 and info.memory_bytes == info.system_memory_bytes
     assert info.cpu_count >= 1
     assert info.torch_version == torch.__version__
     assert info.cuda_capability is None and info.cuda_device_count == 0
     assert info.max_pixels == suggest_max_pixels("cpu", info.memory_bytes)
-    assert probe("cpu").device == "cpu"
     decoded = msgspec.json.decode(msgspec.json.encode(info), type=HardwareInfo)
     assert decoded == info
 
 
-def test_asking_for_a_missing_device_is_an_error() -> None:
+def test_auto_probe_finds_what_torch_finds() -> None:
+    info = probe()
+    assert info.device == _torch_device()
+    assert info.torch_version == torch.__version__
+    assert info.memory_bytes > 0 and info.system_memory_bytes > 0 and info.cpu_count >= 1
+    assert info.max_pixels == suggest_max_pixels(info.device, info.memory_bytes)
+    if info.device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        assert info.name == props.name and info.memory_bytes == props.total_memory
+        assert info.cuda_capability == torch.cuda.get_device_capability(0)
+        assert info.cuda_device_count == torch.cuda.device_count() >= 1
+    else:
+        assert info.cuda_capability is None and info.cuda_device_count == 0
+        assert info.memory_bytes == info.system_memory_bytes
+        if info.device == "cpu":
+            assert info.name == info.cpu_name
+    assert probe(info.device) == info  # asking for the device found gives the same answer
+    decoded = msgspec.json.decode(msgspec.json.encode(info), type=HardwareInfo)
+    assert decoded == info
+
+
+def test_asking_for_a_missing_device_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    for device in ("cuda", "mps"):  # the real machine: whichever it lacks
+        if device != _torch_device():
+            with pytest.raises(HardwareError, match=device):
+                probe(device)
+    _no_gpu(monkeypatch)
     with pytest.raises(HardwareError, match="cuda"):
         probe("cuda")
     with pytest.raises(HardwareError, match="mps"):
         probe("mps")
     with pytest.raises(ValueError, match="unknown device"):
         probe("tpu")
+    assert probe().device == "cpu"
 
 
 def _fake_cuda(monkeypatch: pytest.MonkeyPatch, memory: int = 24 * GIB) -> None:
@@ -74,6 +118,7 @@ def test_broken_cuda_driver_falls_back_to_cpu(monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", boom)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)  # a Mac's MPS
     assert probe().device == "cpu"
 
 

@@ -6,8 +6,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sogni_node.benchmark import saved_speed
+from sogni_node.benchmark import FAST_MIN_SPEED, saved_speed
 from sogni_node.cli import app
+from sogni_node.hardware import probe
 
 
 def test_bench_measures_saves_and_names_the_tier(tmp_path: Path) -> None:
@@ -23,5 +24,24 @@ def test_bench_measures_saves_and_names_the_tier(tmp_path: Path) -> None:
     assert tiny["measured_seconds"] > 0 and tiny["baseline_seconds"] > 0
     expected = tiny["baseline_seconds"] / tiny["measured_seconds"]  # of the rounded figures
     assert tiny["speed"] == pytest.approx(expected, rel=0.01)
-    assert report["device"] == "cpu" and report["tier"] == "relaxed"  # no CUDA here
+    # `device = auto`: whatever this machine has. Only CUDA at reference speed is fast.
+    assert report["device"] == probe().device
+    fast = report["device"] == "cuda" and report["speed"] >= FAST_MIN_SPEED
+    assert report["tier"] == ("fast" if fast else "relaxed")
     assert saved_speed(tmp_path / "bench.json") == report["speed"] > 0
+    assert json.loads((tmp_path / "bench.json").read_text()) == report
+
+
+@pytest.mark.skipif(probe().device == "cpu", reason="the test above already ran on the CPU")
+def test_bench_on_cpu_is_relaxed_whatever_its_speed(tmp_path: Path) -> None:
+    """Pinned to the CPU (config `device = cpu`), even on a GPU machine: never the fast tier."""
+    env = {
+        "SOGNI_NODE_DATA_DIR": str(tmp_path),
+        "SOGNI_NODE_THREADS": "1",
+        "SOGNI_NODE_TEST_MODEL": "true",
+        "SOGNI_NODE_DEVICE": "cpu",
+    }
+    result = CliRunner().invoke(app, ["bench", "--runs", "1", "--json"], env=env)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["device"] == "cpu" and report["tier"] == "relaxed"

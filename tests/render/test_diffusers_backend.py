@@ -1,4 +1,5 @@
-"""DiffusersBackend on CPU with the tiny model: PNG output, determinism, progress, cancel."""
+"""DiffusersBackend on CPU with the tiny model: PNG output, determinism, progress, cancel;
+and a render on this machine's GPU where it has one."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import trio
 from PIL import Image
 
 from sogni_node.models import TINY_MODEL_ID, ModelRegistry, UnknownModelError
+from sogni_node.models.registry import SHAPES_MODEL_ID
 from sogni_node.render import (
     Backend,
     RenderCancelled,
@@ -66,8 +68,30 @@ def test_render_gives_plain_png(backend: DiffusersBackend) -> None:
     assert _png_chunks(out.image) == [b"IHDR", b"IDAT", b"IEND"]  # no text/metadata chunks
     assert img.getextrema() != ((0, 0), (0, 0), (0, 0))  # not a blank (NaN) image
     assert out.steps_done == JOB.steps
+    # the session backend is pinned to the CPU (conftest), whatever GPU this machine has
     assert (out.backend, out.device, out.dtype) == ("diffusers", "cpu", "float32")
     assert out.threads == backend.threads
+
+
+@pytest.mark.skipif(default_device() == "cpu", reason="no CUDA or MPS GPU here")
+def test_render_on_this_machines_gpu(registry: ModelRegistry) -> None:
+    """The same job on the GPU: a real PNG (float16 on CUDA must not overflow to NaN/black),
+    with the device and dtype it really ran on in the render metadata."""
+    device = default_device()
+    gpu = DiffusersBackend(registry, device=device, threads=1)
+    try:
+        job = registry.get(SHAPES_MODEL_ID).default_job("a red circle on a blue background", 7)
+        out = gpu.render(job, _ignore, _never)
+        img = Image.open(io.BytesIO(out.image))
+        img.load()
+        assert (img.format, img.size, img.mode) == ("PNG", (64, 64), "RGB")
+        assert img.getextrema() != ((0, 0), (0, 0), (0, 0))
+        assert out.steps_done == job.steps
+        expected_dtype = "float16" if device == "cuda" else "float32"
+        assert (out.backend, out.device, out.dtype) == ("diffusers", device, expected_dtype)
+        assert gpu.render(replace(JOB, steps=2), _ignore, _never).steps_done == 2  # tiny too
+    finally:
+        gpu.close()
 
 
 def test_same_job_same_bytes_across_threads(backend: DiffusersBackend) -> None:

@@ -8,10 +8,44 @@ from pathlib import Path
 import pytest
 
 from sogni_node.models import TINY_MODEL_ID, ModelRegistry, ModelSpec, UnknownModelError
-from sogni_node.models.registry import SHAPES_MODEL_ID
+from sogni_node.models.defaults import default_registry
+from sogni_node.models.registry import DEFAULT_MODEL_ID, SHAPES_MODEL_ID
 
 
-def test_default_registers_tiny(registry: ModelRegistry, tiny_path: Path) -> None:
+def test_default_registry_leaves_out_the_test_model(tmp_path: Path) -> None:
+    """A node advertises noise only when asked: no tiny model, and nothing built for it."""
+    reg = default_registry(tmp_path)
+    assert SHAPES_MODEL_ID in reg
+    assert TINY_MODEL_ID not in reg
+    assert reg.ids() == [SHAPES_MODEL_ID]
+    assert DEFAULT_MODEL_ID == SHAPES_MODEL_ID == "sogni-shapes-64"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_test_model_flag_adds_the_tiny_model(model_cache: Path, tiny_path: Path) -> None:
+    reg = default_registry(model_cache, test_model=True)
+    assert SHAPES_MODEL_ID in reg and TINY_MODEL_ID in reg
+
+
+def test_node_config_test_model_is_off_unless_set() -> None:
+    from sogni_node.config import load_node_config
+
+    assert load_node_config(None, env={}).test_model is False
+    assert load_node_config(None, env={"SOGNI_NODE_TEST_MODEL": "1"}).test_model is True
+
+
+def test_sogni_render_defaults_to_the_shapes_model() -> None:
+    """`sogni render` without `--model` asks for the trained model, not the noise one."""
+    import typer.main
+
+    from sogni_app.cli import app
+
+    render = typer.main.get_command(app).commands["render"]  # type: ignore[attr-defined]
+    model = next(p for p in render.params if p.name == "model")
+    assert model.default == SHAPES_MODEL_ID
+
+
+def test_test_model_spec(registry: ModelRegistry, tiny_path: Path) -> None:
     assert registry.ids() == [SHAPES_MODEL_ID, TINY_MODEL_ID]
     spec = registry.get(TINY_MODEL_ID)
     assert spec.path == tiny_path

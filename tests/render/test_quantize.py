@@ -25,6 +25,7 @@ from sogni_node.models.train_shapes import classify_image, random_scene
 from sogni_node.render.backend import RenderJob
 from sogni_node.render.diffusers_backend import DiffusersBackend
 from sogni_node.render.quantize import (
+    FP8_MIN_CAPABILITY,
     QUANT_EXTRA,
     QUANT_MODES,
     check_quant_mode,
@@ -180,6 +181,20 @@ def test_fp8_needs_a_recent_cuda_gpu() -> None:
         check_quant_mode("fp8", "cpu")
     with pytest.raises(ValueError, match="'fp8'"):
         quantize_pipeline(_load(), "fp8")  # a CPU pipeline
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU here")
+def test_fp8_on_this_machines_cuda_gpu() -> None:
+    """What a CUDA node is told about fp8 follows its GPU's compute capability."""
+    capability = torch.cuda.get_device_capability(0)
+    if capability < FP8_MIN_CAPABILITY:
+        with pytest.raises(ValueError, match=r"'fp8' needs CUDA compute capability >= 8\.9"):
+            check_quant_mode("fp8", "cuda")
+    elif _available("int8"):  # torchao, which fp8 uses too
+        check_quant_mode("fp8", "cuda")
+    else:
+        with pytest.raises(ValueError, match="not installed"):
+            check_quant_mode("fp8", "cuda")
 
 
 @pytest.mark.parametrize(("mode", "package"), [("int8", "torchao"), ("quanto-int4", "optimum")])

@@ -19,6 +19,7 @@ from PIL import Image
 from sogni_node.models import ModelRegistry
 from sogni_node.models.registry import DEFAULT_MODEL_ID, SHAPES_MODEL_ID, shapes_model_spec
 from sogni_node.models.train_shapes import classify_image, random_scene
+from sogni_node.render import default_device
 from sogni_node.render.backend import RenderJob
 from sogni_node.render.diffusers_backend import DiffusersBackend
 
@@ -59,13 +60,13 @@ def test_shapes_is_the_default(registry: ModelRegistry) -> None:
     assert (spec.path / "model_index.json").is_file()
 
 
-def test_colours_follow_the_prompt(shapes_backend: DiffusersBackend) -> None:
+def _check_adherence(backend: DiffusersBackend) -> None:
     rng = random.Random(20250101)
     shape_ok = bg_ok = 0
     misses: list[str] = []
     for _ in range(N_PROMPTS):
         scene = random_scene(rng, jitter=False)
-        png = _render(shapes_backend, _job(scene.caption, rng.randrange(2**32)))
+        png = _render(backend, _job(scene.caption, rng.randrange(2**32)))
         image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
         assert image.shape == (64, 64, 3)
         shape_c, bg_c = classify_image(image)
@@ -75,6 +76,21 @@ def test_colours_follow_the_prompt(shapes_backend: DiffusersBackend) -> None:
             misses.append(f"{scene.colour}/{scene.background} -> {shape_c}/{bg_c}")
     assert shape_ok / N_PROMPTS >= MIN_ADHERENCE, misses
     assert bg_ok / N_PROMPTS >= MIN_ADHERENCE, misses
+
+
+def test_colours_follow_the_prompt(shapes_backend: DiffusersBackend) -> None:
+    _check_adherence(shapes_backend)
+
+
+@pytest.mark.skipif(default_device() == "cpu", reason="no CUDA or MPS GPU here")
+def test_colours_follow_the_prompt_on_this_machines_gpu() -> None:
+    """A GPU node (float16 on CUDA, its own noise generator) must follow prompts as well."""
+    device = default_device()
+    backend = DiffusersBackend(ModelRegistry([shapes_model_spec()]), device=device)
+    try:
+        _check_adherence(backend)
+    finally:
+        backend.close()
 
 
 def test_same_job_same_bytes(shapes_backend: DiffusersBackend) -> None:

@@ -1,0 +1,337 @@
+"""The in-process harness: the coordinator's per-job work through the real `Dispatcher`."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+import os
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+
+from bench.dispatch._parts import COMMIT, MODEL, bench_request
+from bench.instant import noise_png
+from sogni_coordinator.dispatch import Dispatcher, Job, NodeLink, RequestState
+from sogni_coordinator.store import Store
+from sogni_protocol import eip712
+from sogni_protocol.eip712 import Domain
+from sogni_protocol.messages import (
+    JobImage,
+    JobParams,
+    Message,
+    Offer,
+    Receipt,
+    RenderMeta,
+    Result,
+    ResultAck,
+    decode,
+    encode,
+)
+from sogni_protocol.pricing import work_units
+from sogni_protocol.settings import DEFAULT_CHAIN_ID, UNDEPLOYED_CONTRACT
+
+
+# --- baseline: the coordinator's per-job work, no network -----------------------------------
+@dataclass
+class Baseline:
+    jobs: int
+    seconds: float
+    """Wall time of the in-process run minus the fake nodes' own time."""
+    parts: dict[str, float]
+    """Seconds per kind of coordinator task (trio task steps), plus loop idle time."""
+    micro_us: dict[str, float]
+    """Microseconds per call of individual primitives."""
+    picks: int = 0
+    """`Router.pick` calls (one per queued job `_match` looked at)."""
+    matches: int = 0
+    """`_match` calls (wake-ups of `Dispatcher.run`)."""
+
+    @property
+    def jobs_per_s(self) -> float:
+        return self.jobs / self.seconds
+
+    @property
+    def busy_seconds(self) -> float:
+        """Time the loop spent running coordinator code (not waiting for the commit thread)."""
+        return self.seconds - self.parts.get(PART_IDLE, 0.0)
+
+
+PART_NODE = "fake nodes (not counted)"
+PART_LOOP = "`Dispatcher.run`: `_match`, signing offers, sweeps"
+PART_READER = "node streams in: decode results, `accept_result`, acks, credit"
+PART_WRITER = "node streams out: encode offers"
+PART_CLIENT = "client streams: encode images"
+PART_IDLE = "loop idle (waiting on I/O, e.g. a commit thread)"
+PART_OTHER = "group commit and other coordinator tasks"
+
+
+class _TaskClock(trio.abc.Instrument):
+    """Wall time of every trio task step, by the task's name, and of the loop's I/O waits."""
+
+    def __init__(self) -> None:
+        self.steps: dict[str, float] = defaultdict(float)
+        self._started = 0.0
+        self._io = 0.0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._started = time.perf_counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps[task.name] += time.perf_counter() - self._started
+
+    def before_io_wait(self, timeout: float) -> None:
+        self._io = time.perf_counter()
+
+    def after_io_wait(self, timeout: float) -> None:
+        self.steps[PART_IDLE] += time.perf_counter() - self._io
+
+
+def _node_answer(offer_msg: Offer, wallet: LocalAccount, domain: Domain, image: bytes) -> bytes:
+    """What a node sends back for an offer (node work: not counted)."""
+    offer = offer_msg.offer
+    receipt = Receipt(
+        job_id=offer.job_id,
+        offer_hash=eip712.offer_hash(domain, offer),
+        worker=wallet.address,
+        coordinator=offer.coordinator,
+        model_id=offer.model_id,
+        result_hash=hashlib.sha256(image).digest(),
+        steps_done=offer.steps,
+        work_units=offer.work_units,
+        completed_at=int(time.time()),
+    )
+    signature = eip712.sign_receipt(bytes(wallet.key), domain, receipt)
+    meta = RenderMeta(backend="instant", device="cpu", dtype="none", threads=1)
+    result = Result(
+        job_id=offer.job_id, image=image, receipt=receipt, signature=signature, meta=meta
+    )
+    return encode(result)
+
+
+def run_baseline(requests: int, images: int, nodes: int, workdir: Path) -> Baseline:
+    """The networked round's traffic through the real `Dispatcher`, minus the network."""
+    clock = _TaskClock()
+    return trio.run(_baseline, requests, images, nodes, workdir, clock, instruments=[clock])
+
+
+async def _baseline(
+    n_requests: int, n_images: int, n_nodes: int, workdir: Path, clock: _TaskClock
+) -> Baseline:
+    """One trio loop holds the coordinator's code and 50 fake nodes, joined by memory channels.
+
+    Per node link, as in `node_session`: a writer task encodes what the dispatcher sends, a
+    reader task decodes results, awaits `accept_result`, encodes the ack and gives the credit
+    back (the node's `Ready`). The client stream encodes every image. `Dispatcher.run` does
+    the matching as in production. A fake node decodes offers and signs receipts; the time
+    of its steps is subtracted, everything else in the loop is the coordinator's.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    store = Store(workdir / "baseline.db")
+    domain = Domain(DEFAULT_CHAIN_ID, UNDEPLOYED_CONTRACT)
+    signer = Account.create()
+    dispatcher = Dispatcher(
+        store, signer_key=bytes(signer.key), signer_address=signer.address, domain=domain
+    )
+    image = noise_png()
+    counts = {"picks": 0, "matches": 0}
+    router = getattr(dispatcher, "router", None)
+    if router is not None and hasattr(router, "pick"):
+        pick = router.pick
+
+        def counting_pick(*args: Any, **kwargs: Any) -> Any:
+            counts["picks"] += 1
+            return pick(*args, **kwargs)
+
+        router.pick = counting_pick
+    if hasattr(dispatcher, "_match"):
+        match = dispatcher._match
+
+        def counting_match() -> None:
+            counts["matches"] += 1
+            match()
+
+        dispatcher._match = counting_match  # type: ignore[method-assign]
+
+    n_jobs = n_requests * n_images
+    all_delivered = trio.Event()
+    delivered = 0
+    client_send, client_recv = trio.open_memory_channel[Message](math.inf)
+
+    async def client_stream() -> None:
+        nonlocal delivered
+        async for msg in client_recv:
+            encode(msg)
+            if isinstance(msg, JobImage):
+                delivered += 1
+                if delivered == n_jobs:
+                    all_delivered.set()
+
+    async def node_writer(
+        outbox: trio.MemoryReceiveChannel[Message], to_node: trio.MemorySendChannel[bytes]
+    ) -> None:
+        async for msg in outbox:
+            to_node.send_nowait(encode(msg))
+
+    async def fake_node(
+        wallet: LocalAccount,
+        from_coordinator: trio.MemoryReceiveChannel[bytes],
+        to_coordinator: trio.MemorySendChannel[bytes],
+    ) -> None:
+        async for frame in from_coordinator:
+            msg = decode(frame)
+            if isinstance(msg, Offer):
+                to_coordinator.send_nowait(_node_answer(msg, wallet, domain, image))
+
+    async def node_reader(link: NodeLink, from_node: trio.MemoryReceiveChannel[bytes]) -> None:
+        async for frame in from_node:
+            result = decode(frame)
+            assert isinstance(result, Result)
+            outcome = dispatcher.accept_result(link, result)
+            if inspect.isawaitable(outcome):  # async since the group commit
+                await outcome
+            encode(ResultAck(job_id=result.job_id, accepted=True))
+            dispatcher.add_credit(link, 1)
+
+    def accept_request(r: int) -> None:
+        req = bench_request(n_images, r * n_images)
+        request_id = os.urandom(32)
+        jobs = []
+        for i in range(n_images):
+            params = JobParams(
+                model_id=req.model_id,
+                positive_prompt=req.positive_prompt,
+                steps=req.steps,
+                guidance=req.guidance,
+                width=req.width,
+                height=req.height,
+                seed=req.seed + i,
+            )
+            jobs.append(Job(os.urandom(32), request_id, i, params, work_units(params)))
+        store.add_request(
+            request_id,
+            model_id=MODEL,
+            network="fast",
+            token_type="spark",
+            client_peer="bench",
+            jobs=[(j.job_id, j.params, j.work_units) for j in jobs],
+        )
+        dispatcher.add_request(RequestState(request_id, n_images, client_send, _drop), jobs)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(dispatcher.run, name="dispatcher")
+        nursery.start_soon(client_stream, name=PART_CLIENT)
+        wallets = [Account.create() for _ in range(n_nodes)]
+        for i, wallet in enumerate(wallets):
+            outbox_send, outbox_recv = trio.open_memory_channel[Message](math.inf)
+            down_send, down_recv = trio.open_memory_channel[bytes](math.inf)
+            up_send, up_recv = trio.open_memory_channel[bytes](math.inf)
+            link = NodeLink(
+                peer_id=f"peer{i}",
+                wallet=wallet.address,
+                models=frozenset({MODEL}),
+                slots=1,
+                outbox=outbox_send,
+            )
+            nursery.start_soon(node_writer, outbox_recv, down_send, name=PART_WRITER)
+            nursery.start_soon(fake_node, wallet, down_recv, up_send, name=PART_NODE)
+            nursery.start_soon(node_reader, link, up_recv, name=PART_READER)
+            dispatcher.node_joined(link)
+        await trio.testing.wait_all_tasks_blocked()
+        clock.steps.clear()
+        started = time.perf_counter()
+        for r in range(n_requests):
+            accept_request(r)  # what serve_client does on each request
+        for link in list(dispatcher.nodes.values()):
+            dispatcher.add_credit(link, 1)  # each node's first Ready
+        await all_delivered.wait()
+        wall = time.perf_counter() - started
+        nursery.cancel_scope.cancel()
+    parts: dict[str, float] = defaultdict(float)
+    for name, seconds in clock.steps.items():
+        parts[_part(name)] += seconds
+    coordinator = wall - parts.pop(PART_NODE, 0.0)
+    micro = _micro(store, dispatcher, domain, wallets[0], image)
+    store.close()
+    return Baseline(n_jobs, coordinator, dict(parts), micro, counts["picks"], counts["matches"])
+
+
+def _part(task_name: str) -> str:
+    if task_name in (PART_NODE, PART_READER, PART_WRITER, PART_CLIENT, PART_IDLE):
+        return task_name
+    if task_name == "dispatcher" or "Dispatcher." in task_name:
+        return PART_LOOP
+    if "bench.dispatch" in task_name or "_baseline" in task_name:
+        return "requests accepted (SQLite insert of every job)"
+    return PART_OTHER
+
+
+def _drop(_request_id: bytes, _index: int, _image: bytes) -> None:
+    pass
+
+
+def _micro(
+    store: Store, dispatcher: Dispatcher, domain: Domain, wallet: LocalAccount, image: bytes
+) -> dict[str, float]:
+    """Microseconds per call of the primitives the coordinator runs once per job."""
+    n = 300
+    out: dict[str, float] = {}
+    receipts = []
+    for i in range(n):
+        receipt = Receipt(
+            job_id=os.urandom(32),
+            offer_hash=os.urandom(32),
+            worker=wallet.address,
+            coordinator=dispatcher.address,
+            model_id=MODEL,
+            result_hash=hashlib.sha256(image).digest(),
+            steps_done=1,
+            work_units=1,
+            completed_at=i,
+        )
+        receipts.append((receipt, eip712.sign_receipt(bytes(wallet.key), domain, receipt)))
+
+    def each(name: str, fn: Callable[[int], object]) -> None:
+        started = time.perf_counter()
+        for i in range(n):
+            fn(i)
+        out[name] = (time.perf_counter() - started) / n * 1e6
+
+    key = dispatcher._key
+    each(
+        "ECDSA sign an offer digest (coincurve)",
+        lambda i: eip712.sign_digest(key, receipts[i][0].job_id),
+    )
+    each(
+        "recover a receipt signer (EIP-712 digest + ECDSA recover + checksum)",
+        lambda i: eip712.recover_receipt_signer(domain, receipts[i][0], receipts[i][1]),
+    )
+    each("sha256 of a 12 KB image", lambda i: hashlib.sha256(image).digest())
+    # store_receipt needs its job row (foreign key): add the jobs first, untimed
+    request_id = os.urandom(32)
+    params = JobParams(
+        model_id=MODEL, positive_prompt="x", steps=1, guidance=1.0, width=64, height=64, seed=0
+    )
+    store.add_request(
+        request_id,
+        model_id=MODEL,
+        network="fast",
+        token_type="spark",
+        client_peer="bench",
+        jobs=[(r.job_id, params, 1) for r, _ in receipts],
+    )
+    each(
+        COMMIT,
+        lambda i: store.store_receipt(receipts[i][0], receipts[i][1], request_id),
+    )
+    return out
+
+

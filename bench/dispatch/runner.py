@@ -1,0 +1,106 @@
+"""Settings and the run: baseline, network start-up, warm-up, timed rounds, profile."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+import trio.testing
+
+from bench import _common as common
+from bench import _profile
+from bench.dispatch._parts import Settings
+from bench.dispatch.baseline import Baseline, run_baseline
+from bench.dispatch.network import Network, Round, run_round, start_network
+from sogni_devnet.localnet import Proc
+
+
+@dataclass
+class Report:
+    settings: Settings
+    baseline: Baseline
+    rounds: list[Round]
+    warmup: Round
+    profile: _profile.Profile | None
+    profile_error: str | None
+    command: str
+    startup_s: float
+
+
+def _print_round(label: str, r: Round) -> None:
+    line = (
+        f"  {label}: {r.jobs} jobs ({r.failed} failed) in {r.wall:.2f} s = "
+        f"{r.jobs_per_s:.0f} jobs/s, p50 {common.percentile(r.latencies, 50) * 1000:.0f} ms, "
+        f"p99 {common.percentile(r.latencies, 99) * 1000:.0f} ms"
+    )
+    if r.cpu:
+        line += (
+            f"; coordinator {r.cpu['coordinator'] / r.jobs * 1e3:.1f} ms CPU/job, "
+            f"other processes {r.cpu['others'] / r.window * 100:.0f}% CPU"
+        )
+    print(line)
+
+
+def run(settings: Settings, command: str) -> Report:
+    workdir = Path(tempfile.mkdtemp(prefix="sogni-bench-dispatch-"))
+    procs: list[Proc] = []
+    try:
+        print(f"dispatch: baseline (in-process Dispatcher + Store, {settings.jobs} jobs)")
+        baseline = run_baseline(
+            settings.requests, settings.images_per_request, settings.nodes, workdir / "baseline"
+        )
+        print(f"  {baseline.jobs_per_s:.0f} jobs/s of coordinator work")
+        started = time.perf_counter()
+        print(
+            f"dispatch: starting a coordinator and {settings.nodes} nodes "
+            f"({settings.processes} processes x {settings.nodes_per_process}); logs in {workdir}"
+        )
+        net = start_network(settings, workdir, procs)
+        startup = time.perf_counter() - started
+        print(f"  up in {startup:.1f} s")
+        warmup = trio.run(run_round, net.addr, 2, settings.nodes, 1)
+        _print_round("warm-up", warmup)
+        rounds: list[Round] = []
+        profile: _profile.Profile | None = None
+        profile_error: str | None = None
+        use_py_spy = settings.profile and _profile.py_spy() is not None
+        for r in range(settings.rounds):
+            seed = 1000 * (r + 1)
+            if use_py_spy and r == settings.rounds - 1:
+                spy_out = workdir / "coordinator.py-spy.txt"
+                try:
+                    with _profile.sampling(net.coordinator.popen.pid, spy_out):
+                        result = net.timed_round(settings, seed)
+                    profile = _profile.from_py_spy(spy_out)
+                except (OSError, RuntimeError) as exc:
+                    profile_error = f"py-spy failed: {exc}"
+            else:
+                result = net.timed_round(settings, seed)
+            rounds.append(result)
+            _print_round(f"round {r + 1}", result)
+        if settings.profile and profile is None:
+            profile = _cprofile_round(net, settings)
+        return Report(settings, baseline, rounds, warmup, profile, profile_error, command, startup)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        if not settings.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _cprofile_round(net: Network, settings: Settings) -> _profile.Profile:
+    """No py-spy: one more round with cProfile switched on inside the coordinator."""
+    net.coordinator.popen.send_signal(signal.SIGUSR1)
+    net.coordinator.wait_event("profiling", 10)
+    result = trio.run(run_round, net.addr, settings.requests, settings.images_per_request, 99_000)
+    net.coordinator.popen.send_signal(signal.SIGUSR2)
+    path = Path(str(net.coordinator.wait_event("profiled", 60)["path"]))
+    _print_round("profiled round (cProfile)", result)
+    return _profile.from_cprofile(path)
+
+
