@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import signal
 from pathlib import Path
 
@@ -29,7 +30,10 @@ def _emit(event: dict[str, object]) -> None:
 
 
 async def _main(profile_out: Path | None) -> None:
-    cfg = load_coordinator_config()
+    # A free HTTP port unless the benchmark chose one: several runs may share the machine.
+    cfg = load_coordinator_config(
+        env={"SOGNI_COORDINATOR_HTTP_LISTEN": "127.0.0.1:0", **os.environ}
+    )
     configure_logging(cfg.log_level, json=cfg.log_json)
     wallet = unlock_wallet(cfg.keystore, cfg.password_env)
     signer = Signer(wallet.address, wallet.private_key)
@@ -42,6 +46,7 @@ async def _main(profile_out: Path | None) -> None:
                 "peerId": running.peer_id,
                 "addrs": running.addrs,
                 "address": running.address,
+                "http": running.http_url,
             }
         )
         wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)

@@ -50,6 +50,7 @@ async def _main(args: argparse.Namespace) -> None:
             threads=1,
             shutdown_grace=1.0,
             log_level=args.log_level,
+            http_listen="127.0.0.1:0",  # one listener per simulated node, each on a free port
         )
         wallet = Wallet(account.address, bytes(account.key))
         await run_node(config, wallet, backend, [MODEL], stop=stops[i], on_event=on_event)

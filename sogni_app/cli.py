@@ -4,6 +4,11 @@ Paying commands sign with the payer's wallet, an encrypted keystore v3 file (`--
 password from `--password-env` or a prompt), for the coordinator's EIP-712 domain
 (`--chain-id`, `--verifying-contract`; for the local coordinator, read from the address
 file it writes).
+
+Errors are one line with the exit code of their class (`sogni_protocol.cli_errors`,
+docs/CLI.md): 2 usage, 3 refused (by the coordinator or the keystore), 4 unavailable (nothing
+listening, no keystore). Exit 1 means the command ran with a negative result: some images
+failed, or today's Daily Boost was already claimed.
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ from sogni_app.api import (
     render_sync,
     save,
 )
+from sogni_protocol.cli_errors import CliGroup, DebugOption, Refused, register
+from sogni_protocol.cli_errors import main as run_cli
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import EMBEDDED_MODEL_ID
 from sogni_protocol.logs import configure_logging
 from sogni_protocol.messages import Balances
 from sogni_wallet.keystore import (
-    KeystoreError,
     Wallet,
     create_keystore,
     keystore_address,
@@ -42,7 +48,7 @@ from sogni_wallet.keystore import (
     unlock_wallet,
 )
 
-app = typer.Typer(help="Render images on the Sogni Supernet.", no_args_is_help=True)
+app = typer.Typer(help="Render images on the Sogni Supernet.", no_args_is_help=True, cls=CliGroup)
 keys_app = typer.Typer(help="The payer wallet that signs requests.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
@@ -81,6 +87,8 @@ ContractOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+
+register(RenderRefused, Refused, None)  # the coordinator's reason says what it needs
 
 
 def _local_coordinator() -> dict[str, Any] | None:
@@ -128,11 +136,7 @@ def resolve_domain(addr: str, chain_id: int | None, contract: str | None) -> Dom
 
 
 def _wallet(keystore: Path, password_env: str) -> Wallet:
-    try:
-        return unlock_wallet(keystore, password_env, create_hint=_KEYS_HINT)
-    except KeystoreError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    return unlock_wallet(keystore, password_env, create_hint=_KEYS_HINT)
 
 
 def _iso(ts: int) -> str:
@@ -143,16 +147,19 @@ def _micro(b: Balances) -> dict[str, int]:
     return {"sparkFree": b.spark_free, "sparkPaid": b.spark_paid, "sogni": b.sogni}
 
 
-def _refused(exc: AccountRefused, as_json: bool) -> typer.Exit:
+def _refused(exc: AccountRefused, as_json: bool) -> Exception:
+    """Already claimed today is a result (exit 1); any other refusal is an error (exit 3)."""
     if as_json:
         typer.echo(json.dumps({"refused": True, "code": exc.code, "reason": exc.reason}))
-    else:
-        typer.echo(f"refused: {exc}", err=True)
-    return typer.Exit(1 if exc.code == "already_claimed" else 2)
+    if exc.code == "already_claimed":
+        if not as_json:
+            typer.echo(f"refused: {exc}", err=True)
+        return typer.Exit(1)
+    return Refused(f"the coordinator refused: {exc}", "see the reason")
 
 
 @app.callback()
-def _main() -> None:
+def _main(debug: DebugOption = False) -> None:
     """Sub-commands below."""
     configure_logging("warning")  # to stderr: stdout carries the command's output (--json)
 
@@ -237,13 +244,7 @@ def render_cmd(
             done_steps[image.index] = steps
             bar.update(task, completed=sum(done_steps.values()))
 
-        try:
-            result = render_sync(
-                addr, request, on_progress=on_progress, on_image=on_image, **paying
-            )
-        except RenderRefused as exc:
-            typer.echo(f"refused: {exc}", err=True)
-            raise typer.Exit(2) from None
+        result = render_sync(addr, request, on_progress=on_progress, on_image=on_image, **paying)
     paths = save(result, out)
     cost = f" for {result.cost_micro / MICRO:.6f} {token_type}" if result.cost_micro else ""
     typer.echo(f"{len(paths)} images and receipts in {out}/ (receipts.jsonl){cost}")
@@ -353,30 +354,25 @@ def keys_create(
     force: Annotated[bool, typer.Option(help="Replace an existing key (kept as .bak).")] = False,
 ) -> None:
     """Create an encrypted payer wallet (password from the env var or a prompt)."""
-    try:
-        password = password_from_env_or_prompt(password_env, confirm=True)
-        address = create_keystore(
-            keystore, password, force=force, create_hint=f"{_KEYS_HINT} --force"
-        )
-    except KeystoreError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    password = password_from_env_or_prompt(password_env, confirm=True)
+    address = create_keystore(keystore, password, force=force, create_hint=f"{_KEYS_HINT} --force")
     typer.echo(f"payer {address} in {keystore}")
 
 
 @keys_app.command("show")
 def keys_show(keystore: KeystoreOpt = DEFAULT_KEYSTORE) -> None:
     """Print the payer address (what operators credit with `sogni-coordinator credit`)."""
-    try:
-        address = keystore_address(keystore, create_hint=_KEYS_HINT)
-    except KeystoreError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    address = keystore_address(keystore, create_hint=_KEYS_HINT)
     typer.echo(json.dumps({"address": address, "keystore": str(keystore)}))
 
 
 app.command("quote")(__import__("sogni_app.quote").quote.quote_cmd)
 
 
+def main() -> None:
+    """The `sogni` entry point: the app through the CLI error layer."""
+    run_cli(app, prog_name="sogni")
+
+
 if __name__ == "__main__":
-    app()
+    main()

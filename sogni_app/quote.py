@@ -10,6 +10,7 @@ import msgspec
 import typer
 
 from sogni_protocol.catalog import load_catalog
+from sogni_protocol.cli_errors import BadUsage
 from sogni_protocol.messages import RenderRequest
 from sogni_protocol.pricing import Quote
 from sogni_protocol.pricing import quote as _price
@@ -72,8 +73,8 @@ def quote_cmd(
             token_type=token_type,  # type: ignore[arg-type]
             sogni_usd=sogni_usd,
         )
-    except (msgspec.ValidationError, ValueError) as exc:
-        raise typer.BadParameter(str(exc)) from None
+    except (msgspec.ValidationError, ValueError) as exc:  # an unknown model, a bad size
+        raise BadUsage(str(exc), "see `sogni quote --help` and the catalog's model ids") from None
     if as_json:
         typer.echo(json.dumps(q.to_dict()))
         return

@@ -100,11 +100,19 @@ def deploy_all(
     return addresses
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, debug: bool = False) -> int:
     """Deploy to a dev chain with its default accounts and write the addresses file.
 
     Account 0 is treasury and governance, account 1 the coordinator (settlement role).
+    Nothing listening at the url, or a bad addresses file, is one line and exit 4
+    (`sogni_protocol.cli_errors`).
     """
+    from sogni_protocol.cli_errors import debug_requested, run
+
+    return run(lambda: _deploy_main(argv), debug=debug or debug_requested([]))
+
+
+def _deploy_main(argv: list[str] | None) -> int:
     import argparse
 
     from .chain import connect

@@ -14,7 +14,7 @@ import os
 import signal
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -25,8 +25,10 @@ from sogni_coordinator.config import (
     CoordinatorConfig,
     load_coordinator_config,
 )
+from sogni_protocol.cli_errors import BadUsage, Refused, Unavailable
 from sogni_protocol.logs import configure_logging
 from sogni_protocol.settings import SettingsError, load_settings, read_config_text
+from sogni_wallet.addresses import AddressesFileError
 
 if TYPE_CHECKING:
     from sogni_chain import Chain, Deployment
@@ -55,17 +57,18 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 _HINT = "sogni-coordinator keys create"
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+def _bad_config(exc: ValueError) -> BadUsage:
+    return BadUsage(str(exc), "fix the config file or the SOGNI_COORDINATOR_* variables")
 
 
 def _config(path: Path | None) -> CoordinatorConfig:
     """Load the config; logs go to stderr at its level (stdout carries `--json` output)."""
     try:
         cfg = load_coordinator_config(path)
-    except (SettingsError, ValueError) as exc:
-        _fail(str(exc), 2)
+    except (SettingsError, AddressesFileError):
+        raise
+    except ValueError as exc:
+        raise _bad_config(exc) from exc
     configure_logging(cfg.log_level, json=cfg.log_json, capture_warnings=False)
     return cfg
 
@@ -76,10 +79,7 @@ def _config_before_deploy(path: Path | None) -> tuple[CoordinatorConfig, Path]:
     A configured but missing addresses file makes the config refuse to load (a coordinator
     must never sign under a guessed domain), yet writing that file is this command's job.
     """
-    try:
-        text, source = read_config_text(path, os.environ, CONFIG_ENV)
-    except SettingsError as exc:
-        _fail(str(exc), 2)
+    text, source = read_config_text(path, os.environ, CONFIG_ENV)
     configured = os.environ.get(f"{ENV_PREFIX}_ADDRESSES_FILE") or None
     if configured is None and text:
         try:
@@ -90,8 +90,10 @@ def _config_before_deploy(path: Path | None) -> tuple[CoordinatorConfig, Path]:
     env = {**os.environ, f"{ENV_PREFIX}_ADDRESSES_FILE": ""}  # empty: unset for this load
     try:
         cfg = load_settings(CoordinatorConfig, text, env, ENV_PREFIX, source=source)
-    except (SettingsError, ValueError) as exc:
-        _fail(str(exc), 2)
+    except SettingsError:
+        raise
+    except ValueError as exc:
+        raise _bad_config(exc) from exc
     configure_logging(cfg.log_level, json=cfg.log_json, capture_warnings=False)
     target = Path(configured).expanduser() if configured else _addresses_path(cfg)
     return cfg, target
@@ -106,53 +108,55 @@ def _addresses_path(cfg: CoordinatorConfig) -> Path:
 
 
 def _shared_chain(cfg: CoordinatorConfig, url: str | None) -> Chain:
-    from sogni_chain import connect
-
     url = url or cfg.chain_url
     if url is None or url == "embedded":
-        _fail(
-            "this needs a shared chain: set chain_url (e.g. anvil at http://127.0.0.1:8545) or "
-            "pass --chain-url; the embedded chain lives only inside one process "
-            "(see docs/SETTLEMENT.md)",
-            2,
+        raise BadUsage(
+            "this needs a shared chain; the embedded chain lives only inside one process",
+            "set chain_url (e.g. anvil at http://127.0.0.1:8545) or pass --chain-url; "
+            "see docs/SETTLEMENT.md",
         )
+    return _connect(url)
+
+
+def _connect(url: str | None) -> Chain:
+    """`connect`; nothing answering is unavailable (exit 4, by the layer), a bad url usage."""
+    from sogni_chain import connect
+
     try:
         return connect(url)
-    except (ConnectionError, ValueError) as exc:
-        _fail(str(exc))
+    except ConnectionError:
+        raise
+    except ValueError as exc:
+        raise BadUsage(str(exc), "use http(s)://host:port, or 'embedded'") from exc
 
 
 def _deployment(cfg: CoordinatorConfig, chain: Chain) -> Deployment:
     from sogni_chain import Addresses, Deployment
 
     path = _addresses_path(cfg)
-    try:
-        addresses = Addresses.load(path, chain_id=chain.chain_id)
-    except FileNotFoundError:
-        _fail(f"no addresses file {path}: run `sogni-coordinator chain deploy` first")
-    except (ValueError, KeyError) as exc:
-        _fail(f"{path}: {exc}")
+    addresses = Addresses.load(path, chain_id=chain.chain_id)  # AddressesFileError: exit 4
     deployment = Deployment(chain, addresses)
     if not deployment.is_deployed():
-        _fail(f"no contracts at the addresses in {path} (was the chain reset?)")
+        raise Unavailable(
+            f"no contracts at the addresses in {path} (was the chain reset?)",
+            "deploy them again with `sogni-coordinator chain deploy --force`",
+        )
     return deployment
 
 
 def _settler(cfg: CoordinatorConfig, url: str | None, store: Store) -> Settler:
     from sogni_coordinator.settlement.epochs import Settler
-    from sogni_wallet.keystore import KeystoreError, unlock_wallet
+    from sogni_wallet.keystore import unlock_wallet
 
     chain = _shared_chain(cfg, url)
     deployment = _deployment(cfg, chain)
-    try:
-        wallet = unlock_wallet(cfg.keystore, cfg.password_env, create_hint=_HINT)
-    except KeystoreError as exc:
-        _fail(str(exc))
+    wallet = unlock_wallet(cfg.keystore, cfg.password_env, create_hint=_HINT)
     sender = chain.add_key(wallet.private_key)
     if not deployment.distributor.has_role("SETTLEMENT_ROLE", sender):
-        _fail(
+        raise Refused(
             f"the coordinator key {sender.address} lacks SETTLEMENT_ROLE on "
-            f"{deployment.distributor.address} (deploy with it as settler, or grant the role)"
+            f"{deployment.distributor.address}",
+            "deploy with it as settler, or grant the role",
         )
     return Settler(
         store,
@@ -186,23 +190,19 @@ def chain_deploy(
     Dev account 0 (anvil's first key) is treasury and governance. The distributor's address is
     the EIP-712 verifying contract: point coordinators' and nodes' `addresses_file` at the file.
     """
-    from sogni_chain import Addresses, Deployment, connect, deploy_all
+    from sogni_chain import Addresses, Deployment, deploy_all
     from sogni_wallet.keystore import KeystoreError, keystore_address
 
     cfg, default_path = _config_before_deploy(config)
-    url = chain_url or cfg.chain_url
-    try:
-        chain = connect(url)
-    except (ConnectionError, ValueError) as exc:
-        _fail(str(exc))
+    chain = _connect(chain_url or cfg.chain_url)
     path = out if out is not None else default_path
     if path.is_file() and not force:
         try:
             existing = Addresses.load(path, chain_id=chain.chain_id)
-            if Deployment(chain, existing).is_deployed():
-                _fail(f"{path} already names deployed contracts; --force deploys new ones")
         except ValueError:
-            pass  # a file for another chain: replace it
+            existing = None  # a file for another chain: replace it
+        if existing is not None and Deployment(chain, existing).is_deployed():
+            raise Refused(f"{path} already names deployed contracts", "--force deploys new ones")
     if settler is None:
         try:
             settler = keystore_address(cfg.keystore, create_hint=_HINT)
@@ -246,8 +246,10 @@ def chain_fund(
             chain.send_eth(address, int(eth * 10**18), sender=chain.accounts[0])
         if sogni > 0:
             deployment.token.transfer(address, sogni * 10**18, sender=chain.accounts[0])
-    except (ChainRevert, ValueError) as exc:
-        _fail(str(exc))
+    except ChainRevert:
+        raise
+    except ValueError as exc:  # e.g. not an address
+        raise BadUsage(str(exc), "give a 0x... address") from exc
     _print_json(
         {
             "address": address,
@@ -263,15 +265,12 @@ def epoch_close(
     config: ConfigOpt = None, chain_url: UrlOpt = None, as_json: JsonOpt = False
 ) -> None:
     """Settle every receipt not yet in an epoch and post the root (idempotent, resumable)."""
-    from sogni_coordinator.settlement.epochs import SettlementError
     from sogni_coordinator.store import Store
 
     cfg = _config(config)
     store = Store(cfg.database)
     try:
-        result = _settler(cfg, chain_url, store).close_epoch()
-    except SettlementError as exc:
-        _fail(str(exc))
+        result = _settler(cfg, chain_url, store).close_epoch()  # SettlementError: exit 3
     finally:
         store.close()
     if result is None:
@@ -308,7 +307,7 @@ def epoch_show(
     finally:
         store.close()
     if record is None:
-        _fail(f"no epoch {epoch} in {cfg.database}")
+        raise BadUsage(f"no epoch {epoch} in {cfg.database}", "see `sogni-coordinator epoch list`")
     data = epoch_claims(record)
     if as_json:
         _print_json(data)

@@ -1,4 +1,9 @@
-"""`sogni-coordinator`: run a coordinator and manage its offer-signing key."""
+"""`sogni-coordinator`: run a coordinator and manage its offer-signing key.
+
+Errors are one line with the exit code of their class (`sogni_protocol.cli_errors`,
+docs/CLI.md). The entry point is `sogni_coordinator.__main__:main`, which checks the
+`coordinator` extra before importing this module.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +17,18 @@ import trio
 import typer
 
 from sogni_coordinator.config import CoordinatorConfig, load_coordinator_config
+from sogni_protocol.cli_errors import BadUsage, CliGroup, DebugOption, Refused, register
 from sogni_protocol.logs import configure_logging
 from sogni_protocol.settings import SettingsError
+from sogni_wallet.addresses import AddressesFileError
 from sogni_wallet.keystore import (
-    KeystoreError,
     create_keystore,
     keystore_address,
     password_from_env_or_prompt,
     unlock_wallet,
 )
 
-app = typer.Typer(help="Sogni Supernet coordinator.", no_args_is_help=True)
+app = typer.Typer(help="Sogni Supernet coordinator.", no_args_is_help=True, cls=CliGroup)
 keys_app = typer.Typer(help="The coordinator's offer-signing key.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 
@@ -31,13 +37,25 @@ ConfigOpt = Annotated[
 ]
 _HINT = "sogni-coordinator keys create"
 
+register("sogni_coordinator.settlement.epochs.SettlementError", Refused, None)
+register("sogni_coordinator.ledger.LedgerError", Refused, None)
+
+
+@app.callback()
+def _main(debug: DebugOption = False) -> None:
+    """Sub-commands below."""
+
 
 def _config(path: Path | None) -> CoordinatorConfig:
+    """The effective config; a value it refuses is a usage error (exit 2)."""
     try:
         return load_coordinator_config(path)
-    except (SettingsError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+    except (SettingsError, AddressesFileError):
+        raise
+    except ValueError as exc:  # e.g. chain_id contradicting the addresses file
+        raise BadUsage(
+            str(exc), "fix the config file or the SOGNI_COORDINATOR_* variables"
+        ) from exc
 
 
 @keys_app.command("create")
@@ -47,12 +65,8 @@ def keys_create(
 ) -> None:
     """Create the encrypted signing key (password from the env var or a prompt)."""
     cfg = _config(config)
-    try:
-        password = password_from_env_or_prompt(cfg.password_env, confirm=True)
-        address = create_keystore(cfg.keystore, password, force=force, create_hint=_HINT)
-    except KeystoreError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    password = password_from_env_or_prompt(cfg.password_env, confirm=True)
+    address = create_keystore(cfg.keystore, password, force=force, create_hint=_HINT)
     typer.echo(f"coordinator signer {address} in {cfg.keystore}")
 
 
@@ -60,18 +74,8 @@ def keys_create(
 def keys_show(config: ConfigOpt = None) -> None:
     """Print the signer address nodes must list in `trusted_coordinators`."""
     cfg = _config(config)
-    try:
-        typer.echo(
-            json.dumps(
-                {
-                    "address": keystore_address(cfg.keystore, create_hint=_HINT),
-                    "keystore": str(cfg.keystore),
-                }
-            )
-        )
-    except KeystoreError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    address = keystore_address(cfg.keystore, create_hint=_HINT)
+    typer.echo(json.dumps({"address": address, "keystore": str(cfg.keystore)}))
 
 
 @app.command("start")
@@ -86,11 +90,7 @@ def start(
 
     cfg = _config(config)
     configure_logging(cfg.log_level, json=cfg.log_json)
-    try:
-        wallet = unlock_wallet(cfg.keystore, cfg.password_env, create_hint=_HINT)
-    except KeystoreError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+    wallet = unlock_wallet(cfg.keystore, cfg.password_env, create_hint=_HINT)
     signer = Signer(wallet.address, wallet.private_key)
 
     async def main() -> None:
@@ -102,6 +102,7 @@ def start(
                     "peerId": running.peer_id,
                     "addrs": running.addrs,
                     "address": running.address,
+                    "http": running.http_url,
                 }
                 print(json.dumps(line), flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -181,8 +182,7 @@ def credit(
     from sogni_coordinator.ledger import MICRO, Ledger
 
     if not is_address(account):
-        typer.echo(f"error: {account!r} is not an Ethereum address", err=True)
-        raise typer.Exit(2)
+        raise BadUsage(f"{account!r} is not an Ethereum address", "give a 0x... address")
     cfg = _config(config)
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     ledger = Ledger(cfg.database)
@@ -216,4 +216,6 @@ app.command("leaderboard")(__import__("sogni_coordinator.leaderboard").leaderboa
 app.add_typer(__import__("sogni_coordinator.chain_cli", fromlist=["app"]).app)
 
 if __name__ == "__main__":
-    app()
+    from sogni_protocol.cli_errors import main
+
+    main(app, prog_name="sogni-coordinator")

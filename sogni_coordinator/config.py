@@ -60,6 +60,9 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     job_deadline_floor: Seconds = 150.0
     job_deadline_base: Annotated[float, Meta(ge=0, le=86_400)] = 30.0
     models: Annotated[list[ModelId], Meta(max_length=1024)] = msgspec.field(default_factory=list)
+    http_listen: Annotated[str, Meta(max_length=300)] = "127.0.0.1:8080"
+    """HTTP listener (`/healthz` now; the gateway and metrics later): `host:port`,
+    `[ipv6]:port` (port 0 picks a free port) or `off`."""
     log_level: LogLevel = "info"
     log_json: bool | None = None
     chain_url: ChainUrl | None = None
@@ -79,6 +82,7 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
 
     def __post_init__(self) -> None:
         check_heartbeats(self.heartbeat_interval, self.heartbeat_timeout)
+        check_http_listen(self.http_listen)
         data_dir = fill_path(self, "data_dir", self.data_dir)
         fill_path(self, "keystore", data_dir / "signer.json")
         fill_path(self, "database", data_dir / "coordinator.db")
@@ -97,3 +101,13 @@ def load_coordinator_config(
     """Load: file `path` (or `$SOGNI_COORDINATOR_CONFIG`, or none) + `SOGNI_COORDINATOR_*`."""
     text, source = read_config_text(path, env, CONFIG_ENV)
     return load_settings(CoordinatorConfig, text, env, ENV_PREFIX, source=source)
+
+
+def check_http_listen(value: str) -> None:
+    """Refuse a malformed `http_listen` at load time, naming the field (not at first bind)."""
+    from sogni_net.http import parse_listen  # lazy: sogni_net loads libp2p
+
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        raise ValueError(f"http_listen: {exc}") from None

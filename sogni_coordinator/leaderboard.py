@@ -81,6 +81,7 @@ def leaderboard_cmd(
 ) -> None:
     """Rank workers or artists by season points, from the ledger in the coordinator database."""
     from sogni_coordinator.config import load_coordinator_config
+    from sogni_protocol.cli_errors import BadUsage, Unavailable
     from sogni_protocol.settings import SettingsError
 
     if board not in ("workers", "artists"):
@@ -90,11 +91,11 @@ def leaderboard_cmd(
         cat: Catalog = load_catalog(catalog)
         s = cat.season(season) if season is not None else cat.season_at(dt.datetime.now(dt.UTC))
     except (SettingsError, ValueError, OSError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        raise BadUsage(str(exc)) from None
     if not cfg.database.exists():
-        typer.echo(f"error: no database at {cfg.database}", err=True)
-        raise typer.Exit(1)
+        raise Unavailable(
+            f"no database at {cfg.database}", "start the coordinator once, or pass --config"
+        )
     ledger = Ledger(cfg.database)
     try:
         rows = leaderboard(ledger, board, s, limit)  # type: ignore[arg-type]

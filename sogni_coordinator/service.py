@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,13 +15,14 @@ from sogni_coordinator.chain_link import connect_chain
 from sogni_coordinator.client_session import orphan_saver, serve_client
 from sogni_coordinator.config import CoordinatorConfig
 from sogni_coordinator.dispatch import Dispatcher, Job, RequestState
+from sogni_coordinator.http_api import CoordinatorView, build_app
 from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.node_session import serve_node
 from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.routing import Router
 from sogni_coordinator.settlement.timer import run_epoch_timer
 from sogni_coordinator.store import Store
-from sogni_net import Channel, open_host
+from sogni_net import Channel, open_host, parse_listen, serve_http
 from sogni_protocol.catalog import default_catalog
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import CAPABILITIES_TOPIC, CLIENT_PROTOCOL, JOBS_PROTOCOL
@@ -45,6 +47,8 @@ class RunningCoordinator:
     address: str
     dispatcher: Dispatcher
     adverts: AdvertBook
+    http_url: str | None = None
+    """Where `http_listen` is served (real port), None when it is off."""
 
 
 def _restore(store: Store, dispatcher: Dispatcher, config: CoordinatorConfig) -> int:
@@ -83,6 +87,7 @@ async def run_coordinator(
     task_status: TaskStatus[RunningCoordinator] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled. `task_status.started` reports the listening addresses."""
+    started = time.monotonic()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(config.database)
     ledger = Ledger(config.database, daily_boost_spark=default_catalog().daily_boost_spark)
@@ -131,26 +136,40 @@ async def run_coordinator(
             host.set_topic_validator(CAPABILITIES_TOPIC, book.validate)
             host.set_stream_handler(JOBS_PROTOCOL, on_node)
             host.set_stream_handler(CLIENT_PROTOCOL, on_client)
-            info = {
-                "peerId": host.peer_id,
-                "addrs": host.addrs,
-                "address": signer.address,
-                "chainId": domain.chain_id,
-                "verifyingContract": domain.verifying_contract,
-            }
-            (config.data_dir / "coordinator.json").write_text(json.dumps(info, indent=2))
-            log.info(
-                "coordinator_ready", peer=host.peer_id, addrs=host.addrs, signer=signer.address
-            )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(dispatcher.run)
                 if link is not None:
                     await nursery.start(
                         run_epoch_timer, link.settler, config.settlement.epoch_seconds
                     )
+                http_url = None
+                if parse_listen(config.http_listen) is not None:
+                    view = CoordinatorView(host.peer_id, signer.address, dispatcher, started)
+                    http_url = await nursery.start(serve_http, build_app(view), config.http_listen)
+                info = {
+                    "peerId": host.peer_id,
+                    "addrs": host.addrs,
+                    "address": signer.address,
+                    "chainId": domain.chain_id,
+                    "verifyingContract": domain.verifying_contract,
+                    "http": http_url,
+                }
+                (config.data_dir / "coordinator.json").write_text(json.dumps(info, indent=2))
+                log.info(
+                    "coordinator_ready",
+                    peer=host.peer_id,
+                    addrs=host.addrs,
+                    signer=signer.address,
+                    http=http_url,
+                )
                 task_status.started(
                     RunningCoordinator(
-                        host.peer_id, list(host.addrs), signer.address, dispatcher, book
+                        host.peer_id,
+                        list(host.addrs),
+                        signer.address,
+                        dispatcher,
+                        book,
+                        http_url=http_url,
                     )
                 )
     finally:

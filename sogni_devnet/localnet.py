@@ -125,6 +125,10 @@ def _base_env(log_level: str) -> dict[str, str]:
     env["SOGNI_COORDINATOR_LOG_LEVEL"] = log_level
     env["SOGNI_NODE_LOG_JSON"] = "true"
     env["SOGNI_COORDINATOR_LOG_JSON"] = "true"
+    # Free ports for the HTTP listeners: several daemons (and test runs) share one machine.
+    # Each daemon's `http_started` log event names its URL.
+    env["SOGNI_NODE_HTTP_LISTEN"] = "127.0.0.1:0"
+    env["SOGNI_COORDINATOR_HTTP_LISTEN"] = "127.0.0.1:0"
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
 

@@ -1,8 +1,10 @@
 """`sogni-node`: manage the node's wallet, inspect its hardware, and start the daemon.
 
 Commands print results on stdout (JSON with `--json`, for scripts and partner images) and
-errors as one line on stderr with a non-zero exit, never a traceback: a config or password
-mistake is an operator problem, not a crash. The private key is never printed.
+errors as one line on stderr with the exit code of their class (`sogni_protocol.cli_errors`,
+docs/CLI.md), never a traceback unless `--debug`: a config or password mistake is an operator
+problem, not a crash. The private key is never printed. The entry point is
+`sogni_node.__main__:main`, which checks the `node` extra before importing this module.
 """
 
 from __future__ import annotations
@@ -15,14 +17,13 @@ import msgspec
 import typer
 
 from sogni_node.cli_common import ConfigOption, JsonOption
-from sogni_node.cli_common import fail as _fail
 from sogni_node.cli_common import load_config as _config
-from sogni_node.hardware import HardwareError, probe
+from sogni_node.hardware import HardwareInfo, probe
+from sogni_protocol.cli_errors import BadUsage, CliGroup, DebugOption, Unavailable
 from sogni_protocol.logs import configure_logging
 from sogni_protocol.settings import settings_to_builtins
 from sogni_wallet.keystore import (
     DEFAULT_KDF_N,
-    KeystoreError,
     KeystoreExists,
     create_keystore,
     keystore_address,
@@ -37,9 +38,17 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=CliGroup,
 )
 keys_app = typer.Typer(help="The node's wallet (keystore v3): rewards go to its address.")
 app.add_typer(keys_app, name="keys")
+
+
+def _probe(device: str) -> HardwareInfo:
+    try:
+        return probe(device)
+    except ValueError as exc:  # an unknown device name
+        raise BadUsage(str(exc), "use auto, cuda, mps or cpu") from exc
 
 
 def _print_json(value: Any) -> None:
@@ -47,7 +56,7 @@ def _print_json(value: Any) -> None:
 
 
 @app.callback()
-def _main() -> None:
+def _main(debug: DebugOption = False) -> None:
     # Library loggers (and the keystore's) must not write plain text to stdout before
     # `start` configures logging for real; warnings still reach stderr.
     configure_logging("warning", capture_warnings=False)
@@ -69,18 +78,18 @@ def keys_create(
 ) -> None:
     """Create the node's wallet key, encrypted with a password ($SOGNI_NODE_PASSWORD or prompt)."""
     cfg = _config(config)
+    if cfg.keystore.exists() and not force:
+        raise KeystoreExists(
+            f"keystore {cfg.keystore} already exists (address "
+            f"{keystore_address(cfg.keystore)}); use --force to replace it"
+        )
+    password = password_from_env_or_prompt(cfg.password_env, confirm=True)
     try:
-        if cfg.keystore.exists() and not force:
-            raise KeystoreExists(
-                f"keystore {cfg.keystore} already exists (address "
-                f"{keystore_address(cfg.keystore)}); use --force to replace it"
-            )
-        password = password_from_env_or_prompt(cfg.password_env, confirm=True)
         address = create_keystore(
             cfg.keystore, password, kdf_n=kdf_n, force=force, create_hint="sogni-node keys create"
         )
-    except (KeystoreError, ValueError) as exc:
-        _fail(str(exc))
+    except ValueError as exc:  # --kdf-n is not a power of two
+        raise BadUsage(str(exc)) from exc
     typer.echo(f"address:  {address}")
     typer.echo(f"keystore: {cfg.keystore}")
     typer.echo(
@@ -92,10 +101,7 @@ def keys_create(
 def keys_show(config: ConfigOption = None, as_json: JsonOption = False) -> None:
     """Show the wallet address and keystore path (needs no password; never the key)."""
     cfg = _config(config)
-    try:
-        address = keystore_address(cfg.keystore)
-    except KeystoreError as exc:
-        _fail(str(exc))
+    address = keystore_address(cfg.keystore)
     info = {
         "address": address,
         "keystore": str(cfg.keystore),
@@ -116,10 +122,7 @@ def probe_command(
     ] = "auto",
 ) -> None:
     """Detect the render device, its memory and a suggested pixel limit."""
-    try:
-        info = probe(device)
-    except (HardwareError, ValueError) as exc:
-        _fail(str(exc))
+    info = _probe(device)
     data = msgspec.to_builtins(info)
     if as_json:
         _print_json(data)
@@ -153,15 +156,12 @@ def bench(
     from sogni_node.models.defaults import default_registry
 
     cfg = _config(config)
-    try:
-        hw = probe(cfg.device)
-    except (HardwareError, ValueError) as exc:
-        _fail(str(exc))
+    hw = _probe(cfg.device)
     registry = default_registry(cfg.models_dir, test_model=cfg.test_model)
     try:
         backend = build_backend(cfg, registry, hw)
     except ValueError as exc:  # e.g. a quant mode this device cannot run, a missing extra
-        _fail(str(exc))
+        raise Unavailable(str(exc), "change dtype/quantize/backend in the config") from exc
     report = run_bench(backend, registry, hw.device, runs=runs)
     save_report(report, cfg.bench_path)
     if as_json:
@@ -193,8 +193,6 @@ def start(
 
     try:
         daemon.run(cfg, announce=announce)
-    except (KeystoreError, HardwareError) as exc:
-        _fail(str(exc))
     except KeyboardInterrupt:
         sys.exit(130)
 
@@ -204,4 +202,6 @@ app.add_typer(__import__("sogni_node.models_cli", fromlist=["x"]).models_app, na
 app.add_typer(__import__("sogni_node.models_cli", fromlist=["x"]).loras_app, name="loras")
 
 if __name__ == "__main__":
-    app()
+    from sogni_protocol.cli_errors import main
+
+    main(app, prog_name="sogni-node")

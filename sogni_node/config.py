@@ -77,6 +77,9 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     verifying_contract: Address = UNDEPLOYED_CONTRACT
     advert_interval: Annotated[float, Meta(ge=1, le=3600)] = 30.0
     """Seconds between gossiped capability adverts (coordinators accept one per ~25 s)."""
+    http_listen: Annotated[str, Meta(max_length=300)] = "127.0.0.1:9860"
+    """HTTP listener (`/healthz` now; status and metrics later): `host:port`, `[ipv6]:port`
+    (port 0 picks a free port) or `off`."""
     log_level: LogLevel = "info"
     log_json: bool | None = None
     chain_url: ChainUrl | None = None
@@ -89,6 +92,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
 
     def __post_init__(self) -> None:
         check_heartbeats(self.heartbeat_interval, self.heartbeat_timeout)
+        check_http_listen(self.http_listen)
         data_dir = fill_path(self, "data_dir", self.data_dir)
         fill_path(self, "models_dir", data_dir / "models")
         fill_path(self, "keystore", data_dir / "wallet.json")
@@ -120,3 +124,13 @@ def load_node_config(path: Path | None = None, env: Mapping[str, str] = os.envir
     """Load the node config: file `path` (or `$SOGNI_NODE_CONFIG`, or none) + `SOGNI_NODE_*`."""
     text, source = read_config_text(path, env, CONFIG_ENV)
     return load_settings(NodeConfig, text, env, ENV_PREFIX, source=source)
+
+
+def check_http_listen(value: str) -> None:
+    """Refuse a malformed `http_listen` at load time, naming the field (not at first bind)."""
+    from sogni_net.http import parse_listen  # lazy: sogni_net loads libp2p
+
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        raise ValueError(f"http_listen: {exc}") from None

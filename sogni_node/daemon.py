@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from sogni_net import Host, TransportError, open_host
+from sogni_net import Host, TransportError, open_host, parse_listen, serve_http
 from sogni_node.benchmark import saved_speed
 from sogni_node.config import NodeConfig
 from sogni_node.hardware import HardwareError, HardwareInfo, probe
+from sogni_node.http_api import NodeView, build_app
 from sogni_node.journal import Journal
 from sogni_node.models.loras import LoraLibrary
 from sogni_node.pull import NodeIdentity, PullSession, pull_forever
@@ -85,7 +86,12 @@ async def run_node(
     on_event: Callable[[dict[str, object]], None] | None = None,
     task_status: TaskStatus[Host] = trio.TASK_STATUS_IGNORED,
 ) -> ShutdownReport:
-    """Pull and render until `stop` is set, then drain; returns what finished and what didn't."""
+    """Pull and render until `stop` is set, then drain; returns what finished and what didn't.
+
+    `on_event` gets the launcher announcements: `ready` (peerId, addrs, http) once the host
+    and the HTTP listener are up, `connected` (coordinator) after each welcome.
+    """
+    started = time.monotonic()
     hw = probe(config.device)
     worker = Worker(backend, config.slots, LoraLibrary(config.models_dir))
     journal = Journal(config.journal_path)
@@ -110,6 +116,12 @@ async def run_node(
                     host.peer_id, wallet.address, worker, hw, backend, models, speed
                 )
 
+            def connected(addr: str, event: dict[str, object]) -> None:
+                peer = addr.rpartition("/p2p/")[2]
+                log.info("coordinator_connected", coordinator=event["coordinator"], peer=peer)
+                if on_event is not None:
+                    on_event(event)
+
             def new_session(addr: str) -> PullSession:
                 caps = new_caps()
                 return PullSession(
@@ -121,22 +133,42 @@ async def run_node(
                     caps,
                     heartbeat_interval=config.heartbeat_interval,
                     heartbeat_timeout=config.heartbeat_timeout,
-                    on_connected=on_event,
+                    on_connected=lambda event: connected(addr, event),
                 )
 
-            log.info(
-                "node_ready",
-                peer=host.peer_id,
-                wallet=wallet.address,
-                device=hw.device,
-                slots=config.slots,
-                coordinators=len(config.coordinators),
-            )
-            if on_event is not None:
-                on_event({"event": "ready", "peerId": host.peer_id, "addrs": host.addrs})
-            task_status.started(host)
             pulls_stop = trio.Event()
             async with trio.open_nursery() as nursery:
+                http_url = None
+                if parse_listen(config.http_listen) is not None:
+                    view = NodeView(
+                        host.peer_id,
+                        wallet.address,
+                        worker,
+                        lambda: _connected(sessions),
+                        len(config.coordinators),
+                        started,
+                    )
+                    http_url = await nursery.start(serve_http, build_app(view), config.http_listen)
+                log.info(
+                    "node_ready",
+                    peer=host.peer_id,
+                    addrs=host.addrs,
+                    wallet=wallet.address,
+                    device=hw.device,
+                    slots=config.slots,
+                    coordinators=len(config.coordinators),
+                    http=http_url,
+                )
+                if on_event is not None:
+                    on_event(
+                        {
+                            "event": "ready",
+                            "peerId": host.peer_id,
+                            "addrs": host.addrs,
+                            "http": http_url,
+                        }
+                    )
+                task_status.started(host)
                 for addr in config.coordinators:
                     nursery.start_soon(
                         pull_forever, lambda a=addr: new_session(a), addr, sessions, pulls_stop
@@ -191,6 +223,11 @@ async def _drain(
     report.finished = sorted(j.hex() for j in running - handed_back)
 
 
+def _connected(sessions: set[PullSession]) -> int:
+    """Pull sessions that got a welcome and are still open."""
+    return sum(1 for s in sessions if s.coordinator and not s.closed.is_set())
+
+
 async def _all_closed(sessions: set[PullSession]) -> None:
     for session in list(sessions):
         await session.closed.wait()
@@ -225,7 +262,8 @@ def run(config: NodeConfig, *, announce: bool = False) -> ShutdownReport:
     """Blocking entry point used by the CLI: runs until SIGINT or SIGTERM.
 
     With `announce`, one JSON line per event (`ready`, `connected`) goes to stdout, so a
-    launcher knows when the node is usable without guessing.
+    launcher knows when the node is usable without guessing. These announcements are for
+    launchers; operators and tests read the stable log events of docs/EVENTS.md.
     """
     from sogni_node.models.defaults import default_registry
 

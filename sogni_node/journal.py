@@ -9,6 +9,9 @@ carries only the params hash, and `record_offer` only accepts a `JobOffer` recor
 
 Sync API on one connection guarded by a lock: writes are a few hundred bytes, so trio code
 may call it directly or through `trio.to_thread.run_sync`.
+
+The schema evolves by ordered forward migrations (`_MIGRATIONS`, applied on open by
+`sogni_protocol.migrations`); a journal written by a newer node is refused, never rewritten.
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ from typing import Any
 
 import msgspec
 
+from sogni_protocol import eip712
 from sogni_protocol.messages import JobOffer, Receipt, RenderMeta
+from sogni_protocol.migrations import Migration, SchemaTooNew, migrate
 
 __all__ = ["SCHEMA_VERSION", "Journal", "JournalError", "JournalReceipt"]
-
-SCHEMA_VERSION = 1
 
 _SCHEMA_V1 = """
 CREATE TABLE offers (
@@ -69,10 +72,21 @@ CREATE INDEX receipts_unacked ON receipts (recorded_at) WHERE accepted IS NULL;
 CREATE INDEX receipts_coordinator ON receipts (coordinator, completed_at);
 """
 
+_MIGRATIONS = (
+    Migration(1, "offers and receipts", _SCHEMA_V1),
+    Migration(
+        2,
+        "receipts record the EIP-712 domain version they were signed under, so they stay "
+        "verifiable after a version change; every earlier receipt was signed under '1'",
+        "ALTER TABLE receipts ADD COLUMN domain_version TEXT NOT NULL DEFAULT '1'",
+    ),
+)
+SCHEMA_VERSION = len(_MIGRATIONS)
+
 _RECEIPT_COLUMNS = (
     "job_id, offer_hash, worker, coordinator, model_id, result_hash, steps_done, work_units,"
     " completed_at, signature, image_sha256, chain_id, verifying_contract, meta_json,"
-    " recorded_at, accepted, ack_reason, acked_at"
+    " recorded_at, accepted, ack_reason, acked_at, domain_version"
 )
 
 
@@ -94,6 +108,8 @@ class JournalReceipt:
     accepted: bool | None
     """None: no ack received yet; False: the coordinator rejected it."""
     ack_reason: str | None
+    domain_version: str = "1"
+    """The EIP-712 domain version the receipt was signed under (`eip712.Domain.version`)."""
 
 
 class Journal:
@@ -114,24 +130,14 @@ class Journal:
             raise JournalError(f"cannot open journal {self.path}: {exc}") from None
 
     def _migrate(self) -> None:
-        self._db.execute("BEGIN IMMEDIATE")  # two processes opening a new journal: one creates
+        """Apply the migrations this journal lacks (one transaction), or refuse a newer one."""
         try:
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise JournalError(
-                    f"journal {self.path} has schema {version}, newer than this node's "
-                    f"{SCHEMA_VERSION}; upgrade sogni-node"
-                )
-            if version == 0:
-                for statement in _SCHEMA_V1.split(";"):
-                    if statement.strip():
-                        self._db.execute(statement)
-            # Later versions: `if version < 2: <migration>` here, in this same transaction.
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
+            migrate(self._db, _MIGRATIONS, what=f"journal {self.path}")
+        except SchemaTooNew as exc:
+            raise JournalError(
+                f"journal {self.path} has schema version {exc.found}, newer than this node's "
+                f"{exc.known}; upgrade sogni-node"
+            ) from None
 
     def close(self) -> None:
         with self._lock:
@@ -227,11 +233,13 @@ class Journal:
         chain_id: int | None = None,
         verifying_contract: str | None = None,
         meta: RenderMeta | None = None,
+        domain_version: str | None = None,
     ) -> None:
         """Durably journal a signed receipt; call before sending the result.
 
         `image_sha256` defaults to `receipt.result_hash` (the result hash *is* the image's
-        sha256). Recording the same receipt twice is a no-op; a different receipt for a job
+        sha256); `domain_version` to the current EIP-712 version (what `sign_receipt` uses).
+        Recording the same receipt twice is a no-op; a different receipt for a job
         that already has one is a `JournalError` (a node never signs two results for one job).
         """
         row = (
@@ -250,14 +258,15 @@ class Journal:
             verifying_contract,
             msgspec.json.encode(meta).decode() if meta is not None else None,
             time.time(),
+            domain_version or eip712.DOMAIN_VERSION,
         )
         with self._lock:
             try:
                 self._db.execute(
                     "INSERT INTO receipts (job_id, offer_hash, worker, coordinator, model_id,"
                     " result_hash, steps_done, work_units, completed_at, signature,"
-                    " image_sha256, chain_id, verifying_contract, meta_json, recorded_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    " image_sha256, chain_id, verifying_contract, meta_json, recorded_at,"
+                    " domain_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     row,
                 )
             except sqlite3.IntegrityError:
@@ -351,7 +360,7 @@ class Journal:
 def _receipt_from_row(r: tuple[Any, ...]) -> JournalReceipt:
     (job_id, offer_hash, worker, coordinator, model_id, result_hash, steps_done, work_units,
      completed_at, signature, image_sha256, chain_id, verifying_contract, meta_json,
-     recorded_at, accepted, ack_reason, _acked_at) = r  # fmt: skip
+     recorded_at, accepted, ack_reason, _acked_at, domain_version) = r  # fmt: skip
     receipt = Receipt(
         job_id=bytes(job_id),
         offer_hash=bytes(offer_hash),
@@ -373,4 +382,5 @@ def _receipt_from_row(r: tuple[Any, ...]) -> JournalReceipt:
         recorded_at=float(recorded_at),
         accepted=None if accepted is None else bool(accepted),
         ack_reason=None if ack_reason is None else str(ack_reason),
+        domain_version=str(domain_version),
     )

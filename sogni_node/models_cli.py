@@ -3,6 +3,8 @@
 Works on the node's models dir (config `models_dir`, or `--models-dir`) with no model hub:
 `add` copies a diffusers folder or converts a `.safetensors` checkpoint offline, and records
 every weight file's sha256 so a changed or truncated file is refused before it is used.
+Store and library errors propagate to the CLI error layer (registered in `cli_common`: exit 3);
+`verify` finding a bad file is a result, not an error: it exits 1.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from typing import Annotated
 
 import typer
 
-from sogni_node.cli_common import ConfigOption, JsonOption, fail, load_config
-from sogni_node.models.detect import DetectionError
-from sogni_node.models.loras import LoraLibrary, LoraLibraryError
-from sogni_node.models.store import ModelStore, ModelStoreError
+from sogni_node.cli_common import ConfigOption, JsonOption, load_config
+from sogni_node.models.loras import LoraLibrary
+from sogni_node.models.store import ModelStore
+from sogni_protocol.cli_errors import CliError, Refused, classify
 
 __all__ = ["loras_app", "models_app"]
 
@@ -31,6 +33,11 @@ DirOption = Annotated[
 ]
 
 
+def _unusable(exc: ValueError) -> CliError:
+    """A file the store cannot use: its registered class, else refused (exit 3)."""
+    return classify(exc) or Refused(str(exc), "check the file, or pass --class/--config-dir")
+
+
 def _store(config: Path | None, models_dir: Path | None) -> ModelStore:
     return ModelStore(models_dir if models_dir is not None else load_config(config).models_dir)
 
@@ -40,10 +47,7 @@ def list_models(
     config: ConfigOption = None, models_dir: DirOption = None, as_json: JsonOption = False
 ) -> None:
     """Installed models with class and render defaults."""
-    try:
-        models = _store(config, models_dir).installed()
-    except ModelStoreError as exc:
-        fail(str(exc))
+    models = _store(config, models_dir).installed()
     if as_json:
         typer.echo(json.dumps({m.model_id: m.to_json() for m in models}, indent=2))
         return
@@ -86,8 +90,8 @@ def add(
             tokenizer_dir=tokenizer,
             progress=lambda msg: typer.echo(msg, err=True),
         )
-    except (ModelStoreError, DetectionError, ValueError) as exc:
-        fail(str(exc))
+    except ValueError as exc:
+        raise _unusable(exc) from exc
     typer.echo(f"added {model.model_id} ({model.model_class}) at {store.path(model)}")
 
 
@@ -98,10 +102,7 @@ def remove(
     models_dir: DirOption = None,
 ) -> None:
     """Remove a model's files and index entry."""
-    try:
-        _store(config, models_dir).remove(model_id)
-    except ModelStoreError as exc:
-        fail(str(exc))
+    _store(config, models_dir).remove(model_id)
     typer.echo(f"removed {model_id}")
 
 
@@ -114,10 +115,7 @@ def verify(
     as_json: JsonOption = False,
 ) -> None:
     """Re-hash weight files against the index; exit 1 if any model is bad."""
-    try:
-        results = _store(config, models_dir).verify(model_id, full=not quick)
-    except ModelStoreError as exc:
-        fail(str(exc))
+    results = _store(config, models_dir).verify(model_id, full=not quick)
     if as_json:
         typer.echo(json.dumps({r.model_id: {"ok": r.ok, "problems": r.problems} for r in results}))
     else:
@@ -138,10 +136,7 @@ def list_loras(
     config: ConfigOption = None, models_dir: DirOption = None, as_json: JsonOption = False
 ) -> None:
     """Installed LoRAs (advertised to coordinators by these ids)."""
-    try:
-        loras = _library(config, models_dir).installed()
-    except LoraLibraryError as exc:
-        fail(str(exc))
+    loras = _library(config, models_dir).installed()
     if as_json:
         typer.echo(json.dumps({s.lora_id: {"sha256": s.sha256, "size": s.size} for s in loras}))
         return
@@ -163,8 +158,8 @@ def add_lora(
     """Check that a file is a supported LoRA, hash it and install it."""
     try:
         stored = _library(config, models_dir).add(path, lora_id)
-    except (LoraLibraryError, ValueError) as exc:
-        fail(str(exc))
+    except ValueError as exc:
+        raise _unusable(exc) from exc
     typer.echo(f"added LoRA {stored.lora_id}")
 
 
@@ -175,10 +170,7 @@ def remove_lora(
     models_dir: DirOption = None,
 ) -> None:
     """Remove a LoRA's file and index entry."""
-    try:
-        _library(config, models_dir).remove(lora_id)
-    except LoraLibraryError as exc:
-        fail(str(exc))
+    _library(config, models_dir).remove(lora_id)
     typer.echo(f"removed LoRA {lora_id}")
 
 
@@ -189,10 +181,7 @@ def verify_loras(
     models_dir: DirOption = None,
 ) -> None:
     """Re-hash LoRA files against the index; exit 1 if any is bad."""
-    try:
-        problems = _library(config, models_dir).verify(lora_id)
-    except LoraLibraryError as exc:
-        fail(str(exc))
+    problems = _library(config, models_dir).verify(lora_id)
     for i, problem in problems.items():
         typer.echo(f"{i}: ok" if problem is None else f"{i}: BAD: {problem}")
     if any(p is not None for p in problems.values()):

@@ -16,15 +16,17 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from sogni_node.cli_common import ConfigOption, JsonOption
-from sogni_node.cli_common import fail as _fail
 from sogni_node.cli_common import load_config as _config
 from sogni_node.config import NodeConfig
-from sogni_wallet.keystore import KeystoreError, keystore_address, unlock_wallet
+from sogni_protocol.cli_errors import BadUsage, Refused
+from sogni_wallet.addresses import AddressesFileError
+from sogni_wallet.keystore import keystore_address, unlock_wallet
 
 if TYPE_CHECKING:
     from eth_account.signers.local import LocalAccount
 
     from sogni_chain import Deployment
+    from sogni_node.rewards import PublishedEpoch
 
 __all__ = ["app", "rewards_app"]
 
@@ -60,29 +62,48 @@ def _required_deployment(cfg: NodeConfig, url: str | None) -> Deployment:
 
     url = url or cfg.chain_url
     if url is None:
-        _fail("this needs a chain: set chain_url (e.g. http://127.0.0.1:8545) or --chain-url")
+        raise BadUsage(
+            "this needs a chain", "set chain_url (e.g. http://127.0.0.1:8545) or --chain-url"
+        )
     if cfg.addresses_file is None:
-        _fail("set addresses_file (the coordinator's `chain deploy` output)")
+        raise BadUsage(
+            "this needs the contracts' addresses",
+            "set addresses_file (the coordinator's `chain deploy` output)",
+        )
     try:
         chain = connect(url)
         deployment = Deployment(chain, Addresses.load(cfg.addresses_file, chain_id=chain.chain_id))
-    except (ConnectionError, ValueError, OSError) as exc:
-        _fail(str(exc))
+    except AddressesFileError:
+        raise
+    except ValueError as exc:  # an unsupported url, or addresses for another chain
+        raise BadUsage(str(exc), "check chain_url and addresses_file") from exc
     return deployment
 
 
 def _wallet(cfg: NodeConfig, deployment: Deployment) -> LocalAccount:
-    try:
-        wallet = unlock_wallet(cfg.keystore, cfg.password_env)
-    except KeystoreError as exc:
-        _fail(str(exc))
+    wallet = unlock_wallet(cfg.keystore, cfg.password_env)
     return deployment.chain.add_key(wallet.private_key)
+
+
+def _published(path: Path) -> list[PublishedEpoch]:
+    """The published epochs, or `Refused` when they contradict each other."""
+    from sogni_node.rewards import PublicationError, load_published
+
+    try:
+        return load_published(path)
+    except PublicationError as exc:
+        raise Refused(
+            f"published epochs are inconsistent: {exc}", "ask the coordinator's operator"
+        ) from exc
 
 
 def _epochs_dir(cfg: NodeConfig, option: Path | None) -> Path:
     path = option if option is not None else cfg.epochs_dir
     if path is None:
-        _fail("set epochs_dir (the coordinator's published epochs folder) or --epochs-dir", 2)
+        raise BadUsage(
+            "no published epochs to read",
+            "set epochs_dir (the coordinator's published epochs folder) or --epochs-dir",
+        )
     return path
 
 
@@ -99,17 +120,11 @@ def rewards(
     if ctx.invoked_subcommand is not None:
         return
     from sogni_node.journal import Journal
-    from sogni_node.rewards import PublicationError, audit, format_sogni, load_published
+    from sogni_node.rewards import audit, format_sogni
 
     cfg = _config(config)
-    try:
-        account = keystore_address(cfg.keystore)
-    except KeystoreError as exc:
-        _fail(str(exc))
-    try:
-        epochs = load_published(_epochs_dir(cfg, epochs_dir))
-    except PublicationError as exc:
-        _fail(f"published epochs are inconsistent: {exc}", 3)
+    account = keystore_address(cfg.keystore)
+    epochs = _published(_epochs_dir(cfg, epochs_dir))
     deployment = _deployment(cfg, chain_url)
     with Journal(cfg.journal_path) as journal:
         report = audit(
@@ -151,20 +166,13 @@ def rewards_claim(
     as_json: JsonOption = False,
 ) -> None:
     """Claim everything earned so far against the latest root (one transaction)."""
-    from sogni_chain import ChainRevert
-    from sogni_node.rewards import PublicationError, claim, format_sogni, load_published
+    from sogni_node.rewards import claim, format_sogni
 
     cfg = _config(config)
     deployment = _required_deployment(cfg, chain_url)
-    try:
-        epochs = load_published(_epochs_dir(cfg, epochs_dir))
-    except PublicationError as exc:
-        _fail(f"published epochs are inconsistent: {exc}", 3)
+    epochs = _published(_epochs_dir(cfg, epochs_dir))
     wallet = _wallet(cfg, deployment)
-    try:
-        amount = claim(deployment.distributor, wallet, epochs)
-    except (ChainRevert, PublicationError) as exc:
-        _fail(str(exc))
+    amount = claim(deployment.distributor, wallet, epochs)  # ChainRevert: refused, exit 3
     if as_json:
         _print_json({"account": wallet.address, "claimed": str(amount)})
     else:
@@ -189,22 +197,17 @@ def _amount(text: str) -> int:
     try:
         return parse_sogni(text)
     except ValueError as exc:
-        _fail(str(exc), 2)
+        raise BadUsage(str(exc), "give an amount of SOGNI such as 1000 or 0.5") from exc
 
 
 def _staking_tx(
     config: Path | None, chain_url: str | None, send: Callable[[Deployment, LocalAccount], object]
 ) -> None:
     """Run one staking transaction with the node wallet and print the resulting stake."""
-    from sogni_chain import ChainRevert
-
     cfg = _config(config)
     deployment = _required_deployment(cfg, chain_url)
     wallet = _wallet(cfg, deployment)
-    try:
-        send(deployment, wallet)
-    except ChainRevert as exc:
-        _fail(exc.reason)
+    send(deployment, wallet)  # a revert (e.g. CooldownActive) is refused: exit 3
     _print_json(_stake_state(deployment, wallet.address))
 
 

@@ -1,20 +1,25 @@
 """The node's render slots: run jobs in worker threads, report steps, stop on request.
 
 One `Worker` is shared by the pull sessions of every coordinator the node trusts, so the
-slot count is global. Model work never touches the trio thread.
+slot count is global. Model work never touches the trio thread. Every render, whatever its
+end, logs the stable `job_started` and `job_finished` events (docs/EVENTS.md).
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from sogni_node.models.loras import LoraLibrary
-from sogni_node.render.backend import Backend, RenderJob, RenderOutput
+from sogni_node.render.backend import Backend, RenderCancelled, RenderJob, RenderOutput
+from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import JobParams
+
+log = get_logger(__name__)
 
 
 class NoFreeSlot(Exception):
@@ -102,12 +107,27 @@ class Worker:
             job = _render_job(params, self.loras)
             return self.backend.render(job, step, run.cancel.is_set)
 
+        job_id = run.job_id.hex()[:16]
+        log.info("job_started", job=job_id, model=params.model_id, steps=params.steps)
+        started = time.monotonic()
+        end: dict[str, object] = {"outcome": "failed"}
         try:
-            return await trio.to_thread.run_sync(render)
+            out = await trio.to_thread.run_sync(render)
+            end = {"outcome": "done"}
+            run.steps_done = out.steps_done
+            return out
+        except (RenderCancelled, trio.Cancelled):
+            end = {"outcome": "cancelled", "reason": run.reason or "cancelled"}
+            raise
+        except Exception as exc:  # the type only: a message may quote the job's parameters
+            end["error"] = type(exc).__name__
+            raise
         finally:
             del self.running[run.job_id]
             if not self.running:
                 self._idle.set()
+            seconds = round(time.monotonic() - started, 3)
+            log.info("job_finished", job=job_id, seconds=seconds, steps=run.steps_done, **end)
 
     def cancel(self, job_id: bytes, reason: str, *, pay_partial: bool = False) -> bool:
         run = self.running.get(job_id)

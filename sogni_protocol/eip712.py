@@ -4,11 +4,26 @@ The typed data built here is exactly what is signed, so any standard EIP-712 lib
 (eth-account, ethers) verifies it as is. `receipt_digest` is a hand-written digest of the
 fixed `Receipt` type: it is what the coordinator uses on its hot path (several times faster
 than `encode_typed_data`), and a test checks it against eth-account byte for byte.
+
+Versions. The domain's `version` names the layout of every type below. The rule:
+- new signatures always use `DOMAIN_VERSION` (the current one): signing under another
+  version is refused;
+- a change to any type (a field added, renamed, retyped) gets a new `DOMAIN_VERSION`, and the
+  old one stays in `KNOWN_VERSIONS` (with its old type layouts) for as long as signatures made
+  under it must verify: receipts are evidence for payouts long after they were signed;
+- verification accepts exactly `KNOWN_VERSIONS`: `recover_*` use the version the `Domain`
+  names (record it next to what was signed: `Domain.as_dict()`, `Domain.from_dict`), the
+  `check_*` functions and `verify_receipt` (which know the expected signer) try the domain's
+  version first and then every other known one; an unknown version is refused with a
+  `SignatureError` that names it and the known ones.
+Version "1" is byte-identical to the digests and signatures made before versions existed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +48,9 @@ from sogni_protocol.messages import (
 
 DOMAIN_NAME = "SogniSupernet"
 DOMAIN_VERSION = "1"
+"""The version new signatures use."""
+KNOWN_VERSIONS: tuple[str, ...] = ("1",)
+"""Every version whose signatures still verify, the current one included (see the rule above)."""
 
 _EIP712_DOMAIN = [
     {"name": "name", "type": "string"},
@@ -89,15 +107,37 @@ _TYPES: dict[str, list[dict[str, str]]] = {
 
 @dataclass(frozen=True)
 class Domain:
-    """The EIP-712 domain: binds every signature to one chain and one reward distributor."""
+    """The EIP-712 domain: binds every signature to one chain and one reward distributor.
+
+    `version` defaults to the current `DOMAIN_VERSION`; name an older one to verify what was
+    signed under it.
+    """
 
     chain_id: int
     verifying_contract: str
+    version: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.version:  # resolved now, so a Domain always says which version it is
+            object.__setattr__(self, "version", DOMAIN_VERSION)
+
+    def at(self, version: str) -> Domain:
+        """The same chain and distributor under another version."""
+        return dataclasses.replace(self, version=version)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Domain:
+        """The domain of a recorded typed-data document (e.g. a receipts.jsonl line)."""
+        if data.get("name") != DOMAIN_NAME:
+            raise SignatureError(f"EIP-712 domain name {data.get('name')!r} is not {DOMAIN_NAME!r}")
+        domain = cls(int(data["chainId"]), str(data["verifyingContract"]), str(data["version"]))
+        check_version(domain)
+        return domain
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "name": DOMAIN_NAME,
-            "version": DOMAIN_VERSION,
+            "version": self.version,
             "chainId": self.chain_id,
             "verifyingContract": to_checksum_address(self.verifying_contract),
         }
@@ -107,11 +147,35 @@ class Domain:
         return keccak(
             _type_hash("EIP712Domain", _EIP712_DOMAIN)
             + keccak(DOMAIN_NAME.encode())
-            + keccak(DOMAIN_VERSION.encode())
+            + keccak(self.version.encode())
             + self.chain_id.to_bytes(32, "big")
             + bytes(12)
             + bytes.fromhex(self.verifying_contract[2:])
         )
+
+
+def check_version(domain: Domain) -> None:
+    """Refuse a domain whose version this code does not know (`SignatureError`)."""
+    if domain.version not in KNOWN_VERSIONS:
+        raise SignatureError(
+            f"EIP-712 domain version {domain.version!r} is unknown: this code verifies versions "
+            f"{', '.join(map(repr, KNOWN_VERSIONS))} and signs {DOMAIN_VERSION!r}"
+        )
+
+
+def _for_signing(domain: Domain) -> Domain:
+    if domain.version != DOMAIN_VERSION:
+        raise ValueError(
+            f"signing uses the current EIP-712 version {DOMAIN_VERSION!r}, not "
+            f"{domain.version!r}: older versions only verify"
+        )
+    return domain
+
+
+def _known_versions(domain: Domain) -> list[Domain]:
+    """`domain`, then the same domain at every other known version."""
+    check_version(domain)
+    return [domain] + [domain.at(v) for v in KNOWN_VERSIONS if v != domain.version]
 
 
 def _type_hash(name: str, fields: list[dict[str, str]]) -> bytes:
@@ -260,19 +324,44 @@ _SECP256K1_HALF_N = 0x7FFFFFFFFFFFFFFFFFFFFFFFFFFFFFFF5D576E7357A4501DDFE92F4668
 
 
 def sign_offer(private_key: bytes, domain: Domain, offer: JobOffer) -> bytes:
-    return sign_digest(private_key, offer_hash(domain, offer))
+    return sign_digest(private_key, offer_hash(_for_signing(domain), offer))
 
 
 def sign_receipt(private_key: bytes, domain: Domain, receipt: Receipt) -> bytes:
-    return sign_digest(private_key, receipt_digest(domain, receipt))
+    return sign_digest(private_key, receipt_digest(_for_signing(domain), receipt))
 
 
 def recover_offer_signer(domain: Domain, offer: JobOffer, signature: bytes) -> str:
+    """Who signed `offer` under `domain` (its version included); `SignatureError` if none."""
+    check_version(domain)
     return recover_digest(offer_hash(domain, offer), signature)
 
 
 def recover_receipt_signer(domain: Domain, receipt: Receipt, signature: bytes) -> str:
+    """Who signed `receipt` under `domain` (its version included); `SignatureError` if none."""
+    check_version(domain)
     return recover_digest(receipt_digest(domain, receipt), signature)
+
+
+def verify_receipt(domain: Domain, receipt: Receipt, signature: bytes, worker: str) -> str:
+    """The known version under which `worker` signed `receipt`, else `SignatureError`.
+
+    For receipts stored without their version: the domain's version is tried first, then
+    every other known one, so a receipt signed before a version change still verifies.
+    """
+    first: SignatureError | None = None
+    for candidate in _known_versions(domain):
+        try:
+            if same_address(recover_receipt_signer(candidate, receipt, signature), worker):
+                return candidate.version
+            fault = SignatureError(
+                "receipt is not signed by its worker (or is for another chain or distributor)"
+            )
+        except SignatureError as exc:
+            fault = exc
+        first = first or fault
+    assert first is not None  # _known_versions is never empty
+    raise first
 
 
 def binding_document(domain: Domain, caps: Capabilities) -> dict[str, Any]:
@@ -287,10 +376,11 @@ def binding_document(domain: Domain, caps: Capabilities) -> dict[str, Any]:
 
 def sign_binding(private_key: bytes, domain: Domain, caps: Capabilities) -> bytes:
     """The wallet vouches for the libp2p peer id (and the capabilities) until `expiry`."""
-    return _sign(private_key, binding_document(domain, caps))
+    return _sign(private_key, binding_document(_for_signing(domain), caps))
 
 
 def recover_binding_signer(domain: Domain, caps: Capabilities, signature: bytes) -> str:
+    check_version(domain)
     return _recover(binding_document(domain, caps), signature)
 
 
@@ -318,13 +408,35 @@ def check_binding(
         return "capabilities name another peer id than the sender's"
     if caps.expiry < now:
         return "capability binding has expired"
+    return _fault(
+        lambda d: binding_document(d, caps),
+        domain,
+        signature,
+        caps.wallet,
+        "binding is not signed by its wallet (or is for another chain or distributor)",
+    )
+
+
+def _fault(
+    document: Callable[[Domain], dict[str, Any]],
+    domain: Domain,
+    signature: bytes,
+    signer: str,
+    not_signer: str,
+) -> str | None:
+    """None when `signer` signed `document` under the domain's or another known version;
+    else why not, as it reads under the domain's own version (`not_signer` for someone else)."""
     try:
-        signer = recover_binding_signer(domain, caps, signature)
+        candidates = _known_versions(domain)
     except SignatureError as exc:
         return str(exc)
-    if not same_address(signer, caps.wallet):
-        return "binding is not signed by its wallet (or is for another chain or distributor)"
-    return None
+    first: str | None = None
+    for candidate in candidates:
+        got = _recover_or_fault(document(candidate), signature)
+        if not isinstance(got, SignatureError) and same_address(got, signer):
+            return None
+        first = first or (str(got) if isinstance(got, SignatureError) else not_signer)
+    return first
 
 
 # --- payer authorization ----------------------------------------------------------------
@@ -346,7 +458,7 @@ def authorization_document(domain: Domain, request: RenderRequest) -> dict[str, 
 
 def sign_request(private_key: bytes, domain: Domain, request: RenderRequest) -> RenderRequest:
     """The request with `payer_signature` set: the payer's wallet authorizes this exact request."""
-    sig = _sign(private_key, authorization_document(domain, request))
+    sig = _sign(private_key, authorization_document(_for_signing(domain), request))
     return msgspec.structs.replace(request, payer_signature=sig)
 
 
@@ -356,18 +468,16 @@ def check_payer(domain: Domain, request: RenderRequest, now: float) -> str | Non
         return "request has no payer and payer signature"
     if request.expiry < now:
         return "payer authorization has expired"
-    signer = _recover(authorization_document(domain, request), request.payer_signature)
-    if not same_address(signer, request.payer):
-        return "payer signature is not from the payer (or is for another chain or distributor)"
-    return None
+    return _fault(
+        lambda d: authorization_document(d, request),
+        domain,
+        request.payer_signature,
+        request.payer,
+        "payer signature is not from the payer (or is for another chain or distributor)",
+    )
 
 
-def _payer_fault(signer_or_fault: str | SignatureError, payer: str) -> str | None:
-    if isinstance(signer_or_fault, SignatureError):
-        return str(signer_or_fault)
-    if not same_address(signer_or_fault, payer):
-        return "signature is not from the payer (or is for another chain or distributor)"
-    return None
+_NOT_PAYER = "signature is not from the payer (or is for another chain or distributor)"
 
 
 def _recover_or_fault(document: dict[str, Any], signature: bytes) -> str | SignatureError:
@@ -386,17 +496,20 @@ def boost_claim_document(domain: Domain, payer: str, day: str) -> dict[str, Any]
 def sign_boost_claim(private_key: bytes, domain: Domain, day: str) -> DailyBoostClaim:
     """The key's wallet claims the Daily Boost for `day` (UTC `YYYY-MM-DD`)."""
     payer = str(Account.from_key(private_key).address)
-    sig = _sign(private_key, boost_claim_document(domain, payer, day))
+    sig = _sign(private_key, boost_claim_document(_for_signing(domain), payer, day))
     return DailyBoostClaim(payer=payer, day=day, signature=sig)
 
 
 def check_boost_claim(domain: Domain, claim: DailyBoostClaim) -> str | None:
     """Why the claim's signature is unacceptable, or None. (The day is checked by the caller,
     against its clock.)"""
-    signer = _recover_or_fault(
-        boost_claim_document(domain, claim.payer, claim.day), claim.signature
+    return _fault(
+        lambda d: boost_claim_document(d, claim.payer, claim.day),
+        domain,
+        claim.signature,
+        claim.payer,
+        _NOT_PAYER,
     )
-    return _payer_fault(signer, claim.payer)
 
 
 def balance_query_document(domain: Domain, payer: str, peer_id: str, expiry: int) -> dict[str, Any]:
@@ -409,7 +522,7 @@ def sign_balance_query(
 ) -> BalanceQuery:
     """The key's wallet asks for its balances from libp2p peer `peer_id`, until `expiry`."""
     payer = str(Account.from_key(private_key).address)
-    sig = _sign(private_key, balance_query_document(domain, payer, peer_id, expiry))
+    sig = _sign(private_key, balance_query_document(_for_signing(domain), payer, peer_id, expiry))
     return BalanceQuery(payer=payer, peer_id=peer_id, expiry=expiry, signature=sig)
 
 
@@ -421,5 +534,10 @@ def check_balance_query(
         return "balance query was signed for another peer id than the sender's"
     if query.expiry < now:
         return "balance query has expired"
-    document = balance_query_document(domain, query.payer, query.peer_id, query.expiry)
-    return _payer_fault(_recover_or_fault(document, query.signature), query.payer)
+    return _fault(
+        lambda d: balance_query_document(d, query.payer, query.peer_id, query.expiry),
+        domain,
+        query.signature,
+        query.payer,
+        _NOT_PAYER,
+    )

@@ -68,8 +68,9 @@ _OUR_PACKAGES = (
     "sogni_devnet",
     "bench",
 )
-_LIBRARIES = ("transformers", "diffusers", "huggingface_hub")
-"""Libraries that install their own stderr handler and stop propagation at import."""
+_LIBRARIES = ("transformers", "diffusers", "huggingface_hub", "libp2p", "multiaddr")
+"""Libraries that install their own stderr handler or stop propagation at import (py-libp2p
+sets `propagate = False` on its root logger)."""
 
 _MAX_DEPTH = 6
 _MAX_INLINE_BYTES = 64

@@ -105,6 +105,8 @@ class NodeHandle:
     connected: trio.Event
     report: list[ShutdownReport]
     done: trio.Event
+    http: str | None = None
+    """The node's HTTP listener URL (port 0 in tests), from its `ready` announcement."""
 
 
 @dataclass
@@ -132,6 +134,7 @@ class Net:
             "threads": 1,
             "heartbeat_interval": 0.5,
             "heartbeat_timeout": 3.0,
+            "http_listen": "127.0.0.1:0",  # a free port: tests run side by side
             **cfg,
         }
         config = NodeConfig(
@@ -143,7 +146,10 @@ class Net:
         handle = NodeHandle(wallet, trio.Event(), trio.Event(), [], trio.Event())
 
         def on_event(event: dict[str, object]) -> None:
-            if event["event"] == "connected":
+            if event["event"] == "ready":
+                url = event.get("http")
+                handle.http = url if isinstance(url, str) else None
+            elif event["event"] == "connected":
                 handle.connected.set()
 
         async def run() -> None:
@@ -169,12 +175,14 @@ async def start_net(
 ) -> AsyncIterator[Net]:
     acct = Account.from_key(signer_key) if signer_key else Account.create()
     signer = Signer(acct.address, bytes(acct.key))
-    config = CoordinatorConfig(
-        data_dir=tmp / "coordinator",
-        listen="/ip4/127.0.0.1/tcp/0",
-        heartbeat_interval=0.5,
-        heartbeat_timeout=3.0,
+    settings: dict[str, Any] = {
+        "heartbeat_interval": 0.5,
+        "heartbeat_timeout": 3.0,
+        "http_listen": "127.0.0.1:0",  # a free port: tests run side by side
         **cfg,
+    }
+    config = CoordinatorConfig(
+        data_dir=tmp / "coordinator", listen="/ip4/127.0.0.1/tcp/0", **settings
     )
     async with trio.open_nursery() as nursery:
         running = await nursery.start(run_coordinator, config, signer)

@@ -28,7 +28,7 @@ def test_models_cli(
     code, out = _run(models, "add", str(tiny_checkpoint), "--config-dir", str(tiny_config_dir))
     assert code == 0 and "added tiny_sd_v1_-test (sd15)" in out
     code, out = _run(models, "add", str(tiny_folder), "--id", "tiny")
-    assert code == 1 and "already installed" in out
+    assert code == 3 and "already installed" in out  # refused
 
     code, out = _run(models, "list", "--json")
     assert code == 0
@@ -48,6 +48,6 @@ def test_models_cli(
     assert _run(models, "remove", "tiny") == (0, "removed tiny\n")
     assert not (models / "tiny").exists()
     code, out = _run(models, "remove", "tiny")
-    assert code == 1 and "not installed" in out
+    assert code == 3 and "not installed" in out
     code, out = _run(models, "list")
     assert code == 0 and out.startswith("tiny_sd_v1_-test  sd15  512x512")

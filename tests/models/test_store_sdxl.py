@@ -243,7 +243,7 @@ def test_cli_adds_sdxl_single_file(
     result = runner.invoke(
         app, [*base, "--class", "sd15", "--config-dir", str(tiny_sdxl_config_dir)]
     )
-    assert result.exit_code == 1 and "does not fit" in result.output
+    assert result.exit_code == 3 and "does not fit" in result.output
     result = runner.invoke(app, [*base, "--config-dir", str(tiny_sdxl_config_dir)])
     assert result.exit_code == 0, result.output
     assert "added tiny_sdxl_-test (sdxl)" in result.output

@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 import sogni_node
 from sogni_node.cli import app
 from sogni_node.config import NodeConfig
+from sogni_node.hardware import probe
 from sogni_wallet.keystore import load_wallet
 
 runner = CliRunner()
@@ -59,7 +60,8 @@ def test_keys_create_refuses_overwrite_unless_forced(tmp_path: Path) -> None:
     env = env_for(tmp_path)
     first = runner.invoke(app, ["keys", "create"], env=env).stdout.split()[1]
     result = runner.invoke(app, ["keys", "create"], env=env)
-    assert result.exit_code == 1
+    assert result.exit_code == 3  # refused
+    assert result.stderr.startswith("error: keystore ") and result.stderr.count("\n") == 1
     assert "already exists" in result.stderr and "--force" in result.stderr
     assert "Traceback" not in result.output
     result = runner.invoke(app, ["keys", "create", "--force"], env=env)
@@ -71,13 +73,13 @@ def test_keys_create_refuses_overwrite_unless_forced(tmp_path: Path) -> None:
 def test_keys_create_without_password_or_terminal(tmp_path: Path) -> None:
     env = env_for(tmp_path, SOGNI_NODE_PASSWORD=None)
     result = runner.invoke(app, ["keys", "create"], env=env)
-    assert result.exit_code == 1
+    assert result.exit_code == 3  # the keystore refuses to go without a password
     assert "set $SOGNI_NODE_PASSWORD" in result.stderr
 
 
 def test_keys_show_without_keystore(tmp_path: Path) -> None:
     result = runner.invoke(app, ["keys", "show"], env=env_for(tmp_path))
-    assert result.exit_code == 1
+    assert result.exit_code == 4  # unavailable: a file the user must create
     assert "sogni-node keys create" in result.stderr
 
 
@@ -108,11 +110,13 @@ def test_probe_json() -> None:
     result = runner.invoke(app, ["probe", "--json"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
-    assert info["device"] == "cpu" and info["memory_bytes"] > 0 and info["max_pixels"] > 0
+    assert info["device"] == probe().device  # cuda/mps where present, else cpu
+    assert info["memory_bytes"] > 0 and info["max_pixels"] > 0
     result = runner.invoke(app, ["probe"])
     assert result.exit_code == 0 and "GiB" in result.stdout
-    result = runner.invoke(app, ["probe", "--device", "cuda"])
-    assert result.exit_code == 1 and "CUDA" in result.stderr
+    missing = "mps" if info["device"] == "cuda" else "cuda"  # a device this machine lacks
+    result = runner.invoke(app, ["probe", "--device", missing])
+    assert result.exit_code == 4 and missing.upper() in result.stderr  # unavailable
 
 
 def test_start_calls_daemon_run_with_config(

@@ -136,8 +136,71 @@ def test_pragmas_and_schema_version(tmp_path: Path) -> None:
     db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     db.commit()
     db.close()
-    with pytest.raises(JournalError, match="newer than this node"):
+    newer = SCHEMA_VERSION + 1
+    with pytest.raises(
+        JournalError,
+        match=f"schema version {newer}, newer than this node's {SCHEMA_VERSION}; upgrade",
+    ):
         Journal(path)
+
+
+def test_a_version_1_journal_migrates_on_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sogni_node.journal import _MIGRATIONS
+    from sogni_protocol.migrations import migrate
+
+    path = tmp_path / "j.db"  # a journal as sogni-node wrote it before migrations existed
+    db = sqlite3.connect(path, isolation_level=None)
+    migrate(db, _MIGRATIONS[:1], what="v1 journal")  # migration 1 is that schema, verbatim
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    r = receipt(1)
+    db.execute(
+        "INSERT INTO receipts (job_id, offer_hash, worker, coordinator, model_id, result_hash,"
+        " steps_done, work_units, completed_at, signature, image_sha256, recorded_at)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 1.0)",
+        (r.job_id, r.offer_hash, r.worker, r.coordinator, r.model_id, r.result_hash,
+         r.steps_done, r.work_units, r.completed_at, SIG, r.result_hash),
+    )  # fmt: skip
+    db.close()
+
+    from sogni_protocol import eip712
+
+    monkeypatch.setattr(eip712, "DOMAIN_VERSION", "2")  # receipts signed from now on
+    with Journal(path) as j:
+        assert j._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        [old] = j.receipts()
+        assert old.receipt == r and old.signature == SIG
+        assert old.domain_version == "1"  # everything before the migration was signed so
+        j.record_receipt(receipt(2), SIG)
+        assert [x.domain_version for x in j.receipts()] == ["1", "2"]
+    with Journal(path) as j:  # reopening an up-to-date journal changes nothing
+        assert len(j.receipts()) == 2
+
+
+def test_migrations_are_ordered_and_atomic(tmp_path: Path) -> None:
+    from sogni_protocol.migrations import Migration, migrate, split_statements
+
+    assert split_statements("CREATE TABLE a (x TEXT DEFAULT ';'); ;\nSELECT 1") == [
+        "CREATE TABLE a (x TEXT DEFAULT ';');",
+        "SELECT 1;",
+    ]
+    db = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
+    one = Migration(1, "a", "CREATE TABLE a (x INTEGER); INSERT INTO a VALUES (1)")
+
+    def fail(conn: sqlite3.Connection) -> None:
+        raise RuntimeError("half-way")
+
+    two = Migration(2, "b", "CREATE TABLE b (y INTEGER)", apply=fail)
+    with pytest.raises(ValueError, match=r"numbered 1\.\.n"):
+        migrate(db, [two], what="db")
+    with pytest.raises(RuntimeError, match="half-way"):
+        migrate(db, [one, two], what="db")
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 0  # nothing of it stayed
+    assert db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0] == 0
+    assert migrate(db, [one], what="db") == 0
+    assert migrate(db, [one], what="db") == 1
+    assert db.execute("SELECT x FROM a").fetchall() == [(1,)]
 
 
 def test_synchronous_full(tmp_path: Path) -> None:

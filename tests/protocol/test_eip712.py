@@ -111,3 +111,68 @@ def test_binding_signed_by_wallet() -> None:
         **{**{f: getattr(caps, f) for f in caps.__struct_fields__}, "peer_id": "x"}
     )
     assert eip712.recover_binding_signer(DOMAIN, moved, sig) != WORKER.address
+
+
+# --- versions ------------------------------------------------------------------------------
+def _bump(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As if a type had changed: version "2" signs, "1" still verifies."""
+    monkeypatch.setattr(eip712, "DOMAIN_VERSION", "2")
+    monkeypatch.setattr(eip712, "KNOWN_VERSIONS", ("2", "1"))
+
+
+def test_version_1_is_the_unversioned_domain_byte_for_byte() -> None:
+    assert DOMAIN.version == eip712.DOMAIN_VERSION == "1"
+    assert DOMAIN.as_dict()["version"] == "1"
+    expected = Domain(DOMAIN.chain_id, DOMAIN.verifying_contract, "1")
+    assert expected == DOMAIN and DOMAIN.separator == expected.separator
+
+
+def test_receipt_signed_under_version_1_verifies_after_a_bump(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    receipt = _receipt()
+    sig = eip712.sign_receipt(WORKER.key, DOMAIN, receipt)
+    line = {"domain": DOMAIN.as_dict(), **eip712.receipt_document(DOMAIN, receipt)}
+    _bump(monkeypatch)
+
+    current = Domain(DOMAIN.chain_id, DOMAIN.verifying_contract)
+    assert current.version == "2" and current.separator != DOMAIN.separator
+    assert eip712.recover_receipt_signer(current, receipt, sig) != WORKER.address
+    recorded = Domain.from_dict(line["domain"])  # the version travels with the receipt
+    assert recorded.version == "1"
+    assert eip712.recover_receipt_signer(recorded, receipt, sig) == WORKER.address
+    assert eip712.verify_receipt(current, receipt, sig, WORKER.address) == "1"
+    with pytest.raises(SignatureError, match="not signed by its worker"):
+        eip712.verify_receipt(current, receipt, sig, "0x" + "44" * 20)
+    # new signatures use "2", and say so in their typed data
+    new_sig = eip712.sign_receipt(WORKER.key, current, receipt)
+    doc = eip712.receipt_document(current, receipt)
+    assert doc["domain"]["version"] == "2"
+    signable = encode_typed_data(full_message=doc)
+    assert Account.recover_message(signable, signature=new_sig) == WORKER.address
+    with pytest.raises(ValueError, match="signing uses the current EIP-712 version '2'"):
+        eip712.sign_receipt(WORKER.key, recorded, receipt)
+
+
+def test_payer_checks_accept_every_known_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    claim = eip712.sign_boost_claim(WORKER.key, DOMAIN, "2025-06-01")
+    _bump(monkeypatch)
+    current = Domain(DOMAIN.chain_id, DOMAIN.verifying_contract)
+    assert eip712.check_boost_claim(current, claim) is None
+    monkeypatch.setattr(eip712, "KNOWN_VERSIONS", ("2",))  # "1" retired: refused
+    assert "not from the payer" in (eip712.check_boost_claim(current, claim) or "")
+
+
+def test_unknown_version_is_refused_with_the_reason() -> None:
+    receipt = _receipt()
+    sig = eip712.sign_receipt(WORKER.key, DOMAIN, receipt)
+    future = DOMAIN.at("9")
+    reason = "EIP-712 domain version '9' is unknown: this code verifies versions '1'"
+    with pytest.raises(SignatureError, match=reason):
+        eip712.recover_receipt_signer(future, receipt, sig)
+    with pytest.raises(SignatureError, match=reason):
+        eip712.verify_receipt(future, receipt, sig, WORKER.address)
+    with pytest.raises(SignatureError, match=reason):
+        Domain.from_dict({**DOMAIN.as_dict(), "version": "9"})
+    claim = eip712.sign_boost_claim(WORKER.key, DOMAIN, "2025-06-01")
+    assert (eip712.check_boost_claim(future, claim) or "").startswith(reason)

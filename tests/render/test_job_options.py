@@ -115,7 +115,7 @@ def test_loras_cli(tmp_path: Path) -> None:
     assert code == 1 and "detail: BAD:" in out
     assert run("remove", "detail") == (0, "removed LoRA detail\n")
     code, out = run("remove", "detail")
-    assert code == 1 and "not installed" in out
+    assert code == 3 and "not installed" in out  # refused
 
 
 # --- rendering with LoRAs ------------------------------------------------------------------

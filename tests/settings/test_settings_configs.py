@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,6 +27,7 @@ def test_node_defaults_work_without_file() -> None:
     assert cfg.node_key_path == home / ".sogni/node/node.key"
     assert (cfg.slots, cfg.backend, cfg.device, cfg.threads) == (1, "auto", "auto", 0)
     assert cfg.listen == "/ip4/127.0.0.1/tcp/0"
+    assert cfg.http_listen == "127.0.0.1:9860"
     assert cfg.password_env == "SOGNI_NODE_PASSWORD"
     assert cfg.chain_id == DEFAULT_CHAIN_ID
     assert cfg.payout_address is None and cfg.log_json is None
@@ -102,6 +105,7 @@ def test_coordinator_defaults_and_env(tmp_path: Path) -> None:
     assert cfg.keystore == cfg.data_dir / "signer.json"
     assert cfg.database == cfg.data_dir / "coordinator.db"
     assert cfg.listen == "/ip4/127.0.0.1/tcp/4001"
+    assert cfg.http_listen == "127.0.0.1:8080"
     assert cfg.chain_id == 131277322940537
     assert cfg.verifying_contract == "0x" + "00" * 20
     assert (cfg.heartbeat_interval, cfg.heartbeat_timeout) == (5.0, 15.0)
@@ -128,6 +132,30 @@ def test_coordinator_errors() -> None:
         SettingsError, match=r"unknown setting: chainid \(did you mean chain_id\?\)"
     ):
         load_settings(CoordinatorConfig, "chainid = 1\n", {}, "SOGNI_COORDINATOR")
+
+
+@pytest.mark.parametrize(
+    ("loader", "env_name"),
+    [
+        (load_node_config, "SOGNI_NODE_HTTP_LISTEN"),
+        (load_coordinator_config, "SOGNI_COORDINATOR_HTTP_LISTEN"),
+    ],
+)
+def test_http_listen_is_host_port_or_off(
+    tmp_path: Path, loader: Callable[..., Any], env_name: str
+) -> None:
+    for value in ("127.0.0.1:0", "0.0.0.0:8080", "[::1]:9860", "localhost:80", "off"):
+        assert loader(None, env={env_name: value}).http_listen == value
+    with pytest.raises(
+        SettingsError, match=rf"^http_listen: '8080' is not host:port.* \(env {env_name}\)$"
+    ):
+        loader(None, env={env_name: "8080"})
+    with pytest.raises(SettingsError, match=r"^http_listen: .*port must be 0-65535"):
+        loader(None, env={env_name: "127.0.0.1:70000"})
+    path = tmp_path / "daemon.toml"
+    path.write_text('http_listen = "::1:80"\n')
+    with pytest.raises(SettingsError, match=rf"in brackets.* \(in {re.escape(str(path))}\)$"):
+        loader(path, env={})
 
 
 def _uncommented(text: str) -> str:

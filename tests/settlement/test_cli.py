@@ -58,7 +58,7 @@ def test_cli_deploy_close_show_rewards_claim_stake(anvil_url: str, tmp_path: Pat
     deployed = json.loads(_run(coordinator_app, ["chain", "deploy"], cenv))
     addresses = Addresses.load(addresses_file)
     assert deployed["distributor"] == addresses.distributor
-    _run(coordinator_app, ["chain", "deploy"], cenv, code=1)  # refuses to redeploy over it
+    _run(coordinator_app, ["chain", "deploy"], cenv, code=3)  # refuses to redeploy over it
     domain = Domain(addresses.chain_id, addresses.distributor)
 
     node = worker(1)
@@ -118,7 +118,7 @@ def test_cli_deploy_close_show_rewards_claim_stake(anvil_url: str, tmp_path: Pat
     unstaked = json.loads(_run(node_app, ["unstake", "40"], nenv))
     assert (unstaked["active"], unstaked["pending"]) == (str(60 * 10**18), str(40 * 10**18))
     early = runner.invoke(node_app, ["withdraw"], env=nenv)
-    assert early.exit_code == 1 and "CooldownActive" in early.output
+    assert early.exit_code == 3 and "CooldownActive" in early.output  # the chain refused
     chain = connect(anvil_url)
     chain.advance_time(7 * 24 * 3600 + 1)
     done = json.loads(_run(node_app, ["withdraw"], nenv))
@@ -132,12 +132,12 @@ def test_cli_without_a_shared_chain_explains(tmp_path: Path) -> None:
     result = runner.invoke(coordinator_app, ["epoch", "close"], env=env)
     assert result.exit_code == 2 and "shared chain" in result.output
     result = runner.invoke(coordinator_app, ["epoch", "show", "1"], env=env)
-    assert result.exit_code == 1 and "no epoch 1" in result.output
+    assert result.exit_code == 2 and "no epoch 1" in result.output
     nenv = {"SOGNI_NODE_DATA_DIR": str(tmp_path / "n")}
     result = runner.invoke(node_app, ["stake", "1"], env=nenv)
-    assert result.exit_code == 1 and "needs a chain" in result.output
+    assert result.exit_code == 2 and "needs a chain" in result.output
     result = runner.invoke(node_app, ["rewards"], env=nenv)
-    assert result.exit_code == 1 and "keystore" in result.output
+    assert result.exit_code == 4 and "keystore" in result.output  # none created yet
 
 
 def test_embedded_deploy_writes_the_deterministic_addresses(tmp_path: Path) -> None:

@@ -1,0 +1,167 @@
+"""The one CLI error layer: one line and the class's exit code; tracebacks for bugs and --debug.
+
+A toy app exercises the layer itself; the real CLIs are checked for the same behaviour.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from sogni_protocol.cli_errors import (
+    BadUsage,
+    CliGroup,
+    DebugOption,
+    Refused,
+    Unavailable,
+    classify,
+    register,
+    require_extra,
+    run,
+)
+from sogni_wallet.keystore import KeystoreNotFound, WrongPassword
+
+runner = CliRunner()
+
+
+class OddError(Exception):
+    """A CLI-specific error registered with a class by its type object."""
+
+
+register(OddError, Refused, "ask the odd one")
+
+toy = typer.Typer(cls=CliGroup, add_completion=False)
+
+
+@toy.callback()
+def _toy(debug: DebugOption = False) -> None:
+    """A toy CLI."""
+
+
+@toy.command("raise")
+def raise_cmd(kind: str) -> None:
+    """Raise one kind of error."""
+    errors: dict[str, Exception] = {
+        "usage": BadUsage("no coordinator given", "pass --coordinator"),
+        "refused": Refused("wrong receipt\nsecond line", "sign it again"),
+        "unavailable": Unavailable("nothing listens on 127.0.0.1:9"),
+        "keystore": KeystoreNotFound("no keystore at /x; create one with `sogni keys create`"),
+        "password": WrongPassword("wrong password for keystore /x"),
+        "odd": OddError("odd"),
+        "connection": ConnectionRefusedError(111, "Connection refused"),
+        "validation": msgspec.ValidationError("Expected `int`, got `str` - at `$.steps`"),
+        "group": ExceptionGroup("nursery", [Unavailable("peer went away")]),
+        "bug": KeyError("bug"),
+    }
+    raise errors[kind]
+
+
+@toy.command("ok")
+def ok_cmd(n: int) -> None:
+    """Succeed (or fail typer's own parsing)."""
+    typer.echo(n)
+
+
+@pytest.mark.parametrize(
+    ("kind", "code", "line"),
+    [
+        ("usage", 2, "error: no coordinator given (pass --coordinator)"),
+        ("refused", 3, "error: wrong receipt; second line (sign it again)"),
+        ("unavailable", 4, "error: nothing listens on 127.0.0.1:9"),
+        ("keystore", 4, "error: no keystore at /x; create one with `sogni keys create`"),
+        ("password", 3, "error: wrong password for keystore /x (check the keystore password)"),
+        ("odd", 3, "error: odd (ask the odd one)"),
+        ("connection", 4, "error: [Errno 111] Connection refused (check that it is running"),
+        ("validation", 2, "error: Expected `int`, got `str` - at `$.steps` (check the values"),
+        ("group", 4, "error: peer went away"),
+    ],
+)
+def test_expected_errors_are_one_line_with_their_class_code(
+    kind: str, code: int, line: str
+) -> None:
+    result = runner.invoke(toy, ["raise", kind], env={"SOGNI_DEBUG": None})
+    assert result.exit_code == code
+    assert result.stderr.startswith(line) and result.stderr.count("\n") == 1
+    assert result.stdout == "" and "Traceback" not in result.output
+
+
+def test_a_bug_keeps_its_traceback() -> None:
+    result = runner.invoke(toy, ["raise", "bug"], env={"SOGNI_DEBUG": None})
+    assert isinstance(result.exception, KeyError) and result.exit_code == 1
+    assert "error:" not in result.output
+
+
+def test_debug_option_or_env_shows_the_traceback() -> None:
+    result = runner.invoke(toy, ["--debug", "raise", "refused"], env={"SOGNI_DEBUG": None})
+    assert isinstance(result.exception, Refused) and "error:" not in result.output
+    result = runner.invoke(toy, ["raise", "keystore"], env={"SOGNI_DEBUG": "1"})
+    assert isinstance(result.exception, KeystoreNotFound)
+
+
+def test_typer_usage_errors_keep_exit_2() -> None:
+    assert runner.invoke(toy, ["ok", "x"]).exit_code == 2
+    assert runner.invoke(toy, ["nope"]).exit_code == 2
+    assert runner.invoke(toy, ["ok", "3"]).stdout == "3\n"
+
+
+def test_classify_and_run_for_plain_functions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert classify(KeyError("x")) is None
+    assert classify(typer.Exit(3)) is None
+    assert classify(ExceptionGroup("g", [Refused("a"), KeyError("b")])) is None  # a bug inside
+
+    def deploy() -> int:
+        raise ConnectionError("no JSON-RPC node answers at http://127.0.0.1:9")
+
+    assert run(deploy, debug=False) == 4
+    assert capsys.readouterr().err.startswith("error: no JSON-RPC node answers")
+    assert run(lambda: 0, debug=False) == 0
+    with pytest.raises(ConnectionError):
+        run(deploy, debug=True)
+
+
+def test_require_extra_names_the_install_command() -> None:
+    require_extra("sogni-node", "node", ["json"])
+    with pytest.raises(Unavailable) as info:
+        require_extra("sogni-node", "node", ["json", "surely_not_installed_sogni_x"])
+    assert info.value.code == 4
+    assert info.value.line() == (
+        "error: sogni-node needs the node extra (pip install 'sogni-supernet[node]')"
+    )
+
+
+# --- the real CLIs ---------------------------------------------------------------------------
+def test_every_cli_runs_through_the_layer(tmp_path: Path) -> None:
+    from sogni_app.cli import app as sogni_app
+    from sogni_coordinator.cli import app as coordinator_app
+    from sogni_node.cli import app as node_app
+
+    missing = str(tmp_path / "none.json")
+    cases: list[tuple[typer.Typer, list[str], dict[str, str | None]]] = [
+        (sogni_app, ["keys", "show", "--keystore", missing], {}),
+        (node_app, ["keys", "show"], {"SOGNI_NODE_DATA_DIR": str(tmp_path)}),
+        (coordinator_app, ["keys", "show"], {"SOGNI_COORDINATOR_DATA_DIR": str(tmp_path)}),
+    ]
+    for app, args, env in cases:
+        env = {**env, "SOGNI_DEBUG": None, "SOGNI_NODE_CONFIG": None}
+        result = runner.invoke(app, args, env=env)
+        assert result.exit_code == 4, result.output  # no keystore: create it first
+        assert result.stderr.startswith("error: no keystore at ")
+        assert result.stderr.count("\n") == 1
+        result = runner.invoke(app, ["--debug", *args], env=env)
+        assert isinstance(result.exception, KeystoreNotFound)
+
+
+def test_quote_and_credit_usage_errors_are_one_line() -> None:
+    from sogni_app.cli import app as sogni_app
+    from sogni_coordinator.cli import app as coordinator_app
+
+    result = runner.invoke(sogni_app, ["quote", "--network", "slow"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: ")
+    assert result.stderr.count("\n") == 1
+    result = runner.invoke(coordinator_app, ["credit", "0x12", "5"])
+    assert result.exit_code == 2
+    assert result.stderr == "error: '0x12' is not an Ethereum address (give a 0x... address)\n"
