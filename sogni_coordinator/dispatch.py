@@ -1,38 +1,57 @@
-"""The job queue and the life of each job: offered, re-queued, cancelled, receipted once.
+"""The job queue and the life of each job, behind one API that the stream handlers call.
 
 One `Dispatcher` per coordinator holds the live view: queued jobs, connected nodes with their
-free slots, and the requests waiting for images. Node and client sessions call into it; its
-`run` task matches queued jobs to nodes (through the `Router`) whenever either side changes,
-and a sweep each fraction of a second re-queues expired jobs, re-dispatches stragglers near
-the end of a request, and fails jobs no connected node can serve. All of it runs on one trio
-thread, so no locks.
+free slots, and the requests waiting for images. Sessions call its public methods (submit,
+node joined/left, ready, declined, handed back, progress, result, cancel, account queries);
+nothing else touches billing, the store or reputation. Its `run` task matches queued jobs
+to nodes (through the `Router`) whenever either side changes, and `sweep` (each fraction of
+a second) re-queues expired jobs, copies stragglers near the end of a request, and fails
+jobs no connected node can serve. All of it runs on one trio thread, so no locks.
 
-A job may be held by two nodes at once (a straggler's copy); the first valid receipt wins and
-the other holder is told to stop.
+Every change of a job's state goes through `_to`, which asks `job_state.transition` (the
+one table of the lifecycle) and queues the change for the store; `_save` writes the queued
+changes in one transaction at the end of each entry point. Receipts are the exception:
+the group commit writes a receipt and its job's new state in one transaction before the
+node hears "accepted".
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import statistics
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import trio
 
-from sogni_coordinator.billing import Billing
+from sogni_coordinator.billing import Billing, Refusal
 from sogni_coordinator.group_commit import GroupCommit
-from sogni_coordinator.jobs import Job, NodeLink, RequestState
+from sogni_coordinator.job_state import (
+    LIVE,
+    TERMINAL,
+    Forbidden,
+    JobEvent,
+    JobState,
+    stored,
+    transition,
+)
+from sogni_coordinator.jobs import Job, NodeLink, OrphanSink, RequestState
 from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.routing import Router
 from sogni_coordinator.store import Store
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
+from sogni_protocol.errors import ProtocolError
 from sogni_protocol.image_types import format_of
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
+    BalanceQuery,
     Cancel,
+    Capabilities,
+    DailyBoostClaim,
     JobFailed,
     JobImage,
     JobOffer,
@@ -41,10 +60,24 @@ from sogni_protocol.messages import (
     Message,
     Offer,
     RenderRequest,
+    RequestAccepted,
     Result,
+    split_request,
 )
+from sogni_protocol.pricing import work_units
 
 log = get_logger(__name__)
+
+__all__ = [
+    "MAX_ATTEMPTS",
+    "NO_NODE_GRACE",
+    "Dispatcher",
+    "Job",  # re-exported until service.py imports nothing but `Dispatcher` from here
+    "Refusal",
+    "RequestState",
+    "ResultRefused",
+    "Submission",
+]
 
 MAX_ATTEMPTS = 5
 """A job that fails this many times (node lost, deadline, hand-back) is given up on."""
@@ -64,6 +97,16 @@ class ResultRefused(Exception):
     """A result the coordinator will not receipt; the message goes back to the node."""
 
 
+@dataclass(frozen=True)
+class Submission:
+    """An accepted request: the answer for the client, and the stream of its events."""
+
+    accepted: RequestAccepted
+    state: RequestState
+    events: trio.MemoryReceiveChannel[Message]
+    """Progress, images, failures; closed by the session once `state.finished` is set."""
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -81,6 +124,7 @@ class Dispatcher:
         self.store = store
         self._key = signer_key
         self.address = signer_address
+        """The offer-signing address: nodes list it as trusted, receipts name it."""
         self.domain = domain
         self.router = router or Router(Reputation(":memory:"))
         self.reputation = self.router.reputation
@@ -92,11 +136,37 @@ class Dispatcher:
         self.receipts = GroupCommit(store)
         self.queue: deque[Job] = deque()
         self.jobs: dict[bytes, Job] = {}
+        """Live jobs (queued, running, cancelling); a job leaves when it ends."""
         self.nodes: dict[str, NodeLink] = {}
         self.requests: dict[bytes, RequestState] = {}
+        self._unsaved: dict[bytes, Job] = {}
         self._changed = trio.Event()
 
-    # --- bookkeeping ---------------------------------------------------------------------
+    # --- the lifecycle: the only place a job's state changes --------------------------------
+    def _to(self, job: Job, event: JobEvent, *, durable: bool = False) -> JobState:
+        """Apply `event` (raises `Forbidden`); `durable` when the caller already stored it."""
+        old, job.state = job.state, transition(job.state, event)
+        if not durable and stored(job.state) is not stored(old):
+            self._unsaved[job.job_id] = job
+        return job.state
+
+    def _save(self) -> None:
+        """Write the state changes of this entry point in one transaction."""
+        if self._unsaved:
+            batch, self._unsaved = self._unsaved, {}
+            self.store.save_job_states(
+                (j.job_id, stored(j.state), j.attempts) for j in batch.values()
+            )
+
+    def job_counts(self) -> dict[str, int]:
+        """Live jobs per state (`queued`, `running`, `cancelling`), for health and metrics;
+        `len(queue)` also counts stale entries."""
+        counts = dict.fromkeys((s.value for s in LIVE), 0)
+        for job in self.jobs.values():
+            counts[job.state.value] += 1
+        return counts
+
+    # --- requests from clients ------------------------------------------------------------
     def known_models(self) -> set[str]:
         return {m for link in self.nodes.values() for m in link.models}
 
@@ -104,19 +174,88 @@ class Dispatcher:
         """Some connected node could take such a job (now or once it has a free slot)."""
         return any(self.router.capable(link, network, want) for link in self.nodes.values())
 
-    def _wake(self) -> None:
-        self._changed.set()
+    def model_fault(self, req: RenderRequest, allowed: set[str]) -> str | None:
+        """A configured model list is a promise (jobs wait for nodes); without one, only
+        models some connected node can serve now are accepted."""
+        if allowed:
+            if req.model_id not in allowed:
+                return f"unknown model {req.model_id!r}: this coordinator serves {sorted(allowed)}"
+        elif req.model_id not in self.known_models():
+            return f"unknown model {req.model_id!r}: no connected node has it"
+        elif not self.can_serve(req.network, req):
+            loras = f" with LoRAs {[lora.id for lora in req.loras]}" if req.loras else ""
+            return (
+                f"no connected node can serve {req.network} {req.model_id} at "
+                f"{req.width}x{req.height}{loras} now"
+            )
+        return None
 
-    def enqueue(self, job: Job, *, front: bool = False) -> None:
-        self.jobs[job.job_id] = job
-        job.queued_since = self._clock()
-        (self.queue.appendleft if front else self.queue.append)(job)
-        self._wake()
+    def submit(
+        self,
+        req: RenderRequest,
+        *,
+        client_peer: str,
+        allowed_models: set[str],
+        on_orphan: OrphanSink,
+    ) -> Submission:
+        """Validate, reserve the price, split into jobs, commit them, queue them.
+
+        Raises `Refusal(code, reason)`. When this returns the request and every job are
+        durable, so the client may be told "accepted".
+        """
+        fault = self.model_fault(req, allowed_models)
+        if fault is not None:
+            raise Refusal("unknown_model", fault)
+        request_id = os.urandom(32)
+        cost = self.billing.admit(req, request_id) if self.billing is not None else 0
+        jobs = [
+            Job(os.urandom(32), request_id, i, params, work_units(params), network=req.network)
+            for i, params in enumerate(split_request(req))
+        ]
+        try:
+            self.store.add_request(
+                request_id,
+                model_id=req.model_id,
+                network=req.network,
+                token_type=req.token_type,
+                client_peer=client_peer,
+                jobs=[(j.job_id, j.params, j.work_units) for j in jobs],
+            )
+        except BaseException:
+            if self.billing is not None:  # not accepted: nothing may stay reserved
+                self.billing.finish(request_id)
+            raise
+        send, events = trio.open_memory_channel[Message](float("inf"))
+        state = RequestState(request_id, len(jobs), send, on_orphan)
+        self.add_request(state, jobs)
+        accepted = RequestAccepted(
+            request_id=request_id,
+            job_ids=[j.job_id for j in jobs],
+            chain_id=self.domain.chain_id,
+            verifying_contract=self.domain.verifying_contract,
+            cost_micro=cost,
+        )
+        return Submission(accepted, state, events)
 
     def add_request(self, state: RequestState, jobs: list[Job]) -> None:
+        """Queue the (already stored) jobs of a request."""
         self.requests[state.request_id] = state
         for job in jobs:
-            self.enqueue(job)
+            self._enqueue(job)
+
+    def cancel_request(self, request_id: bytes) -> None:
+        """The client cancelled: queued jobs end now, running ones stop at their next step
+        and are paid for the steps done (their nodes send partial receipts)."""
+        for job in [j for j in self.jobs.values() if j.request_id == request_id]:
+            try:
+                new = self._to(job, JobEvent.CANCEL)
+            except Forbidden:
+                continue  # already cancelling
+            if new is JobState.CANCELLED:
+                self._ended(job)
+            for link in job.holders:
+                self._send_to_node(link, Cancel(job_id=job.job_id, pay_partial=True))
+        self._save()
 
     def detach_client(self, request_id: bytes) -> None:
         """The client went away: its jobs still run and are receipted; images go to disk."""
@@ -125,25 +264,211 @@ class Dispatcher:
             state.outbox.close()
             state.outbox = None
 
-    def node_joined(self, link: NodeLink) -> None:
-        old = self.nodes.get(link.peer_id)
+    def account(self, req: DailyBoostClaim | BalanceQuery, peer_id: str) -> Message:
+        """A payer's Daily Boost claim or balance query; raises `Refusal`."""
+        if self.billing is None:
+            raise Refusal("billing_off", "billing is off on this coordinator: renders are free")
+        if isinstance(req, DailyBoostClaim):
+            return self.billing.claim_boost(req)
+        return self.billing.report(req, peer_id)
+
+    def restore(self, on_orphan: OrphanSink) -> int:
+        """After a restart: re-queue the jobs that had not ended (their clients are gone;
+        images go to `on_orphan`), end those a client had cancelled, and take back the open
+        reservations so what the jobs deliver is settled and the rest refunded. Returns how
+        many jobs were re-queued."""
+        by_request: dict[bytes, list[Job]] = {}
+        for s in self.store.live_jobs():
+            job = Job(
+                s.job_id,
+                s.request_id,
+                s.index,
+                s.params,
+                s.work_units,
+                network=s.network,
+                attempts=s.attempts,
+                state=s.state,
+            )
+            if self._to(job, JobEvent.RESTORE) is JobState.QUEUED:
+                by_request.setdefault(s.request_id, []).append(job)
+        self._save()  # before billing counts each request's queued jobs
+        if self.billing is not None:
+            kept = self.billing.restore(self.store)
+            if kept:
+                log.info("reservations_restored", requests=kept)
+        for request_id, group in by_request.items():
+            self.add_request(RequestState(request_id, len(group), None, on_orphan), group)
+        return sum(len(group) for group in by_request.values())
+
+    # --- nodes ----------------------------------------------------------------------------
+    def node_joined(
+        self, peer_id: str, caps: Capabilities, outbox: trio.MemorySendChannel[Message]
+    ) -> NodeLink:
+        """A node passed the handshake; raises `Refusal` if its wallet is blacklisted. A
+        second stream from the same peer replaces the first."""
+        if self.reputation.blacklisted(caps.wallet):
+            raise Refusal("blacklisted", f"wallet {caps.wallet} is blacklisted")
+        link = NodeLink(
+            peer_id=peer_id,
+            wallet=caps.wallet,
+            models=frozenset(caps.models),
+            slots=max(caps.slots, 1),
+            outbox=outbox,
+            device=caps.device,
+            max_pixels=caps.max_pixels,
+            loras=frozenset(caps.loras),
+            warm=frozenset(caps.warm_models),
+            connected_at=self._clock(),
+        )
+        old = self.nodes.get(peer_id)
         if old is not None:
             self.node_left(old, "replaced by a new stream from the same peer")
         link.networks, link.stake_weight = self.router.classify(link.device, link.wallet)
-        self.nodes[link.peer_id] = link
+        self.nodes[peer_id] = link
         self._wake()
+        return link
 
     def node_left(self, link: NodeLink, reason: str) -> None:
+        """The stream ended: the node's jobs go back to the front of the queue."""
         if self.nodes.get(link.peer_id) is link:
             del self.nodes[link.peer_id]
             self.reputation.disconnected(link.wallet, self._clock() - link.connected_at)
         for job in list(link.inflight.values()):
-            self._drop_holder(job, link, f"node left: {reason}", penalize=True)
+            self._release(job, link, f"node left: {reason}", penalize=True)
         link.outbox.close()
+        self._save()
 
-    def add_credit(self, link: NodeLink, slots: int) -> None:
+    def ready(self, link: NodeLink, slots: int, warm_models: list[str] | None = None) -> None:
+        """The node's credit: it can take `slots` more offers beyond those in flight."""
+        if warm_models is not None:
+            link.warm = frozenset(warm_models)
         link.credit = max(0, min(slots, link.slots) - len(link.inflight))
         self._wake()
+
+    def offer_declined(self, link: NodeLink, job_id: bytes, reason: str) -> None:
+        self.reputation.declined(link.wallet)
+        self.handed_back(link, job_id, f"declined: {reason}")
+
+    def handed_back(self, link: NodeLink, job_id: bytes, reason: str) -> None:
+        job = link.inflight.get(job_id)
+        if job is not None:
+            self._release(job, link, f"handed back: {reason}", penalize=False)
+            self._save()
+
+    def progress(self, link: NodeLink, job_id: bytes, step: int) -> None:
+        job = link.inflight.get(job_id)
+        if job is None:
+            return
+        state = self.requests.get(job.request_id)
+        if state is not None and state.outbox is not None:
+            msg = JobProgress(job_id=job_id, index=job.index, step=step, steps=job.params.steps)
+            try:
+                state.outbox.send_nowait(msg)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # progress is advisory: a slow client misses some, never an image
+
+    async def accept_result(self, link: NodeLink, result: Result) -> None:
+        """Verify a result and commit its receipt, or raise `ResultRefused` naming the fault.
+
+        The receipt is durable when this returns; only then may the node hear "accepted".
+        A bad result from the node holding the job is a strike, and the job is re-queued.
+        """
+        try:
+            await self._accept(link, result)
+        except (ResultRefused, ProtocolError) as exc:
+            job = link.inflight.get(result.job_id)
+            if job is not None:  # the holder itself sent something bad
+                if self.reputation.strike(link.wallet):
+                    log.warning("worker_blacklisted", wallet=link.wallet, reason=str(exc))
+                self._release(job, link, f"bad result: {exc}", penalize=False)
+                self._save()
+            if isinstance(exc, ResultRefused):
+                raise
+            raise ResultRefused(str(exc)) from None
+
+    async def _accept(self, link: NodeLink, result: Result) -> None:
+        job = self._check_result(link, result)
+        receipt = result.receipt
+        partial = receipt.steps_done < job.params.steps
+        event = JobEvent.PARTIAL_RECEIPT if partial else JobEvent.RECEIPT
+        try:
+            outcome = transition(job.state, event)
+        except Forbidden:
+            raise ResultRefused("partial receipt for a job that was not cancelled") from None
+        if not await self.receipts.commit(receipt, result.signature, job.request_id, outcome):
+            raise ResultRefused(self._gone_reason(job.job_id))
+        # durable from here on: the node is paid whatever happened meanwhile
+        if self.billing is not None:
+            self.billing.settle(
+                job.request_id, job.job_id, receipt.worker, receipt.steps_done, job.params.steps
+            )
+        now = self._clock()
+        elapsed = now - job.holders.get(link, now)
+        budget = render_budget(job.params, self.deadline_floor, self.deadline_base)
+        self.reputation.succeeded(link.wallet, elapsed, budget, receipt.work_units)
+        try:
+            self._to(job, event, durable=True)
+        except Forbidden:  # it ended (failed) while the receipt was being committed
+            log.warning("receipt_for_ended_job", job=job.job_id.hex()[:16], state=job.state)
+            return
+        state = self.requests.get(job.request_id)
+        if state is not None and not partial:
+            state.durations.append(elapsed)
+            image = JobImage(
+                job_id=job.job_id,
+                index=job.index,
+                seed=job.params.seed,
+                image=result.image,
+                receipt=receipt,
+                signature=result.signature,
+                meta=result.meta,
+            )
+            if not self._to_client(state, image):
+                state.on_orphan_image(job.request_id, job.index, result.image)
+        self._ended(job, keep=link)
+        self._save()
+
+    def _check_result(self, link: NodeLink, result: Result) -> Job:
+        """Everything about a result that can be checked before committing it."""
+        receipt = result.receipt
+        if receipt.job_id != result.job_id:
+            raise ResultRefused("receipt is for another job")
+        job = self.jobs.get(result.job_id)
+        if job is None:
+            raise ResultRefused(self._gone_reason(result.job_id))
+        offered_to = job.offers.get(receipt.offer_hash)
+        if offered_to is None:
+            raise ResultRefused("receipt names an offer this coordinator did not make")
+        if offered_to != link.peer_id:
+            raise ResultRefused("offer was made to another node")
+        if not eip712.same_address(receipt.coordinator, self.address):
+            raise ResultRefused("receipt names another coordinator")
+        if not eip712.same_address(receipt.worker, link.wallet):
+            raise ResultRefused("receipt worker is not the wallet bound to this peer")
+        if receipt.model_id != job.params.model_id:
+            raise ResultRefused("receipt names another model")
+        steps = job.params.steps
+        if receipt.steps_done < steps:
+            if result.image or receipt.result_hash != EMPTY_SHA256:
+                raise ResultRefused("a partial receipt carries no image")
+            if receipt.work_units != job.work_units * receipt.steps_done // steps:
+                raise ResultRefused("partial receipt's work units are not pro rata")
+        elif receipt.steps_done != steps or receipt.work_units != job.work_units:
+            raise ResultRefused("receipt steps or work units differ from the offer")
+        if hashlib.sha256(result.image).digest() != receipt.result_hash:
+            raise ResultRefused("resultHash is not the sha256 of the image bytes")
+        if result.image and format_of(result.image) != job.params.output_format:
+            raise ResultRefused(f"image is not the {job.params.output_format} the job asked for")
+        signer = eip712.recover_receipt_signer(self.domain, receipt, result.signature)
+        if not eip712.same_address(signer, link.wallet):
+            raise ResultRefused("receipt signature is not from the node's wallet")
+        return job
+
+    def _gone_reason(self, job_id: bytes) -> str:
+        if self.store.receipt(job_id) is not None:
+            return "job already receipted"
+        state = self.store.job_state(job_id)
+        return "unknown job" if state is None else f"job already ended ({state.value})"
 
     # --- matching ------------------------------------------------------------------------
     async def run(self) -> None:
@@ -154,16 +479,32 @@ class Dispatcher:
             while True:
                 await self._changed.wait()
                 self._changed = trio.Event()
-                self._match()
+                self.match()
 
-    def _match(self) -> None:
+    def _wake(self) -> None:
+        self._changed.set()
+
+    def _enqueue(self, job: Job, *, front: bool = False) -> None:
+        self.jobs[job.job_id] = job
+        job.queued_since = self._clock()
+        (self.queue.appendleft if front else self.queue.append)(job)
+        self._wake()
+
+    @staticmethod
+    def _waiting(job: Job) -> bool:
+        """Is this queue entry live? A job leaves QUEUED without leaving the queue (late
+        receipt, cancel, give-up); such stale entries are skipped and dropped here."""
+        return job.state is JobState.QUEUED
+
+    def match(self) -> None:
+        """One pass: offer queued jobs to nodes with credit, in queue order."""
         if not self.queue or not any(n.credit > 0 for n in self.nodes.values()):
             return
         unmatched: deque[Job] = deque()
         blocked: set[bytes] = set()  # requests no free node can serve in this pass
         while self.queue:
             job = self.queue.popleft()
-            if job.job_id not in self.jobs or job.holders:  # done, or picked up meanwhile
+            if not self._waiting(job):
                 continue
             if job.request_id in blocked:  # its jobs differ only by seed: same answer
                 unmatched.append(job)
@@ -175,12 +516,14 @@ class Dispatcher:
                 unmatched.append(job)
                 if not any(n.credit > 0 for n in self.nodes.values()):
                     break
-                continue
-            self._offer(job, link)
+            elif not self._offer(job, link):
+                link.credit = 0  # its stream is gone; node_left follows
+                unmatched.append(job)
         unmatched.extend(self.queue)
         self.queue = unmatched
 
-    def _offer(self, job: Job, link: NodeLink) -> None:
+    def _offer(self, job: Job, link: NodeLink) -> bool:
+        """Sign and send an offer; False if the node's outbox refused it."""
         now = self._clock()
         budget = render_budget(job.params, self.deadline_floor, self.deadline_base)
         offer = JobOffer(
@@ -199,10 +542,9 @@ class Dispatcher:
         signature = eip712.sign_digest(self._key, offer_hash)
         try:
             link.outbox.send_nowait(Offer(offer=offer, params=job.params, signature=signature))
-        except (trio.WouldBlock, trio.ClosedResourceError):
-            if not job.holders:
-                self.queue.append(job)
-            return
+        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        self._to(job, JobEvent.OFFER)  # RUNNING is stored as QUEUED: nothing to write
         log.debug("offer_sent", job=job.job_id.hex()[:16], peer=link.peer_id, budget_s=budget)
         job.offers[offer_hash] = link.peer_id
         job.holders[link] = now
@@ -212,6 +554,7 @@ class Dispatcher:
         state = self.requests.get(job.request_id)
         if state is not None:
             state.nodes[link] = state.nodes.get(link, 0) + 1
+        return True
 
     async def _sweep_forever(self) -> None:
         while True:
@@ -225,209 +568,95 @@ class Dispatcher:
             for link, deadline in list(job.deadlines.items()):
                 if deadline < now:
                     self._send_to_node(link, Cancel(job_id=job.job_id))
-                    self._drop_holder(job, link, "deadline missed", penalize=True)
-        for job in [j for j in self.queue if j.job_id in self.jobs and not j.holders]:
+                    self._release(job, link, "deadline missed", penalize=True)
+        for job in [j for j in self.queue if self._waiting(j)]:
             p = job.params
             if now - job.queued_since > self.no_node_grace and not self.can_serve(job.network, p):
                 self._give_up(job, f"no connected node can serve {job.network} {p.model_id}")
-        self._redispatch_stragglers(now)
+        self._copy_stragglers(now)
+        self._save()
 
-    def _redispatch_stragglers(self, now: float) -> None:
-        queued = {j.request_id for j in self.queue if j.job_id in self.jobs}
+    def _copy_stragglers(self, now: float) -> None:
+        queued = {j.request_id for j in self.queue if self._waiting(j)}
         for job in list(self.jobs.values()):
             state = self.requests.get(job.request_id)
             if (
                 state is None
+                or job.state is not JobState.RUNNING
                 or job.request_id in queued
                 or len(job.holders) != 1
                 or len(state.durations) < 3
-                or job.cancelled
             ):
                 continue
             started = next(iter(job.holders.values()))
             if now - started > STRAGGLER_FACTOR * statistics.median(state.durations):
                 link = self.router.pick(job, self.nodes.values(), set(state.nodes))
-                if link is not None:
-                    log.info("straggler_redispatched", job=job.job_id.hex()[:16])
-                    self._offer(job, link)
+                if link is not None and self._offer(job, link):
+                    log.info("straggler_copied", job=job.job_id.hex()[:16])
 
-    # --- events from nodes ---------------------------------------------------------------
-    def _drop_holder(self, job: Job, link: NodeLink, reason: str, *, penalize: bool) -> None:
-        """`link` no longer renders `job`; re-queue it if nobody else does."""
+    # --- holders and endings -------------------------------------------------------------
+    def _forget_holder(self, job: Job, link: NodeLink) -> bool:
+        """Drop `link` from `job`'s holders (no state change); False if it held nothing."""
         link.inflight.pop(job.job_id, None)
         if job.holders.pop(link, None) is None:
-            return
+            return False
         job.deadlines.pop(link, None)
         state = self.requests.get(job.request_id)
         if state is not None and link in state.nodes:
             state.nodes[link] -= 1
             if state.nodes[link] <= 0:
                 del state.nodes[link]
+        return True
+
+    def _release(self, job: Job, link: NodeLink, reason: str, *, penalize: bool) -> None:
+        """`link` no longer renders `job`. When it was the last holder, the job goes back to
+        the queue (an attempt spent), or ends if it was being cancelled or out of attempts."""
+        if not self._forget_holder(job, link):
+            return
         if penalize:
             self.reputation.failed(link.wallet)
-        if job.job_id not in self.jobs or job.holders:
+        if job.holders:  # a straggler's copy runs on
             return
-        if job.cancelled:
-            self._end_job(job, "cancelled")
+        if self._to(job, JobEvent.RELEASE) is JobState.CANCELLED:
+            self._ended(job)
             return
         job.attempts += 1
-        self.store.count_attempt(job.job_id)
+        self._unsaved[job.job_id] = job  # attempts survive a restart
         log.info("job_requeued", job=job.job_id.hex()[:16], attempts=job.attempts, reason=reason)
         if job.attempts >= MAX_ATTEMPTS:
             self._give_up(job, f"gave up after {job.attempts} attempts; last: {reason}")
             return
-        self.enqueue(job, front=True)
+        self._enqueue(job, front=True)
 
     def _give_up(self, job: Job, reason: str) -> None:
+        self._to(job, JobEvent.GIVE_UP)
         state = self.requests.get(job.request_id)
         if state is not None:
             self._to_client(state, JobFailed(job_id=job.job_id, index=job.index, reason=reason))
-        self._end_job(job, "failed")
+        self._ended(job)
 
-    def _end_job(self, job: Job, outcome: str) -> None:
-        """Forget a job that ends without an image (failed or cancelled).
-
-        The store hears it too, so a restart never re-queues (and charges for) a job that
-        ended; a partial receipt already marked it done, which `mark_failed` leaves alone.
-        """
-        if self.jobs.pop(job.job_id, None) is None:
-            return
-        self.store.mark_failed(job.job_id)
-        for link in list(job.holders):
-            self._send_to_node(link, Cancel(job_id=job.job_id))
-            self._drop_holder(job, link, outcome, penalize=False)
-        state = self.requests.get(job.request_id)
-        if state is not None:
-            if outcome == "cancelled":
-                state.cancelled += 1
-            else:
-                state.failed += 1
-            self._finish_one(state)
-
-    def handed_back(self, link: NodeLink, job_id: bytes, reason: str) -> None:
-        job = link.inflight.get(job_id)
-        if job is not None:
-            self._drop_holder(job, link, f"handed back: {reason}", penalize=False)
-
-    def declined(self, link: NodeLink, job_id: bytes, reason: str) -> None:
-        self.reputation.declined(link.wallet)
-        self.handed_back(link, job_id, f"declined: {reason}")
-
-    def bad_result(self, link: NodeLink, job_id: bytes, reason: str) -> None:
-        if self.reputation.strike(link.wallet):
-            log.warning("worker_blacklisted", wallet=link.wallet, reason=reason)
-        job = link.inflight.get(job_id)
-        if job is not None:
-            self._drop_holder(job, link, f"bad result: {reason}", penalize=False)
-
-    def cancel_request(self, request_id: bytes) -> None:
-        """The client cancelled: queued jobs end now, running ones stop at their next step
-        and are paid for the steps done (their nodes send partial receipts)."""
-        for job in [j for j in self.jobs.values() if j.request_id == request_id]:
-            job.cancelled = True
-            if not job.holders:
-                self._end_job(job, "cancelled")
-            for link in list(job.holders):
-                self._send_to_node(link, Cancel(job_id=job.job_id, pay_partial=True))
-
-    def progress(self, link: NodeLink, job_id: bytes, step: int) -> None:
-        job = link.inflight.get(job_id)
-        if job is None:
-            return
-        state = self.requests.get(job.request_id)
-        if state is not None and state.outbox is not None:
-            msg = JobProgress(job_id=job_id, index=job.index, step=step, steps=job.params.steps)
-            try:
-                state.outbox.send_nowait(msg)
-            except trio.WouldBlock:
-                pass  # progress is advisory: a slow client misses some, never an image
-
-    async def accept_result(self, link: NodeLink, result: Result) -> None:
-        """Verify a result and commit its receipt, or raise `ResultRefused` naming the fault.
-
-        The receipt is durable when this returns; only then may the node hear "accepted".
-        A cancelled job may come back partial: no image, steps done < steps, work units
-        pro rata; it is paid for those steps.
-        """
-        receipt = result.receipt
-        if receipt.job_id != result.job_id:
-            raise ResultRefused("receipt is for another job")
-        job = self.jobs.get(result.job_id)
-        if job is None:
-            stored = self.store.receipt(result.job_id)
-            raise ResultRefused("job already receipted" if stored else "unknown job")
-        offered_to = job.offers.get(receipt.offer_hash)
-        if offered_to is None:
-            raise ResultRefused("receipt names an offer this coordinator did not make")
-        if offered_to != link.peer_id:
-            raise ResultRefused("offer was made to another node")
-        if not eip712.same_address(receipt.coordinator, self.address):
-            raise ResultRefused("receipt names another coordinator")
-        if not eip712.same_address(receipt.worker, link.wallet):
-            raise ResultRefused("receipt worker is not the wallet bound to this peer")
-        if receipt.model_id != job.params.model_id:
-            raise ResultRefused("receipt names another model")
-        steps = job.params.steps
-        partial = receipt.steps_done < steps
-        if partial:
-            if not job.cancelled or result.image or receipt.result_hash != EMPTY_SHA256:
-                raise ResultRefused("partial receipt for a job that was not cancelled")
-            if receipt.work_units != job.work_units * receipt.steps_done // steps:
-                raise ResultRefused("partial receipt's work units are not pro rata")
-        elif receipt.steps_done != steps or receipt.work_units != job.work_units:
-            raise ResultRefused("receipt steps or work units differ from the offer")
-        if hashlib.sha256(result.image).digest() != receipt.result_hash:
-            raise ResultRefused("resultHash is not the sha256 of the image bytes")
-        if result.image and format_of(result.image) != job.params.output_format:
-            raise ResultRefused(f"image is not the {job.params.output_format} the job asked for")
-        signer = eip712.recover_receipt_signer(self.domain, receipt, result.signature)
-        if not eip712.same_address(signer, link.wallet):
-            raise ResultRefused("receipt signature is not from the node's wallet")
-        if not await self.receipts.commit(receipt, result.signature, job.request_id):
-            raise ResultRefused("job already receipted")
-        if job.job_id not in self.jobs:  # it ended (failed, cancelled) while we committed
-            return
-        if self.billing is not None:
-            self.billing.settle(
-                job.request_id, job.job_id, receipt.worker, receipt.steps_done, steps
-            )
-        started = job.holders.get(link, self._clock())
-        elapsed = self._clock() - started
-        budget = render_budget(job.params, self.deadline_floor, self.deadline_base)
-        self.reputation.succeeded(link.wallet, elapsed, budget, receipt.work_units)
-        if partial:
-            self._drop_holder(job, link, "cancelled", penalize=False)
-            return
-        self._complete(job, link, result, elapsed)
-
-    def _complete(self, job: Job, link: NodeLink, result: Result, elapsed: float) -> None:
-        del self.jobs[job.job_id]
+    def _ended(self, job: Job, *, keep: NodeLink | None = None) -> None:
+        """A job reached a terminal state: stop its other holders and count it for its
+        request (the image or `JobFailed` was already sent)."""
+        assert job.state in TERMINAL, job.state
+        self.jobs.pop(job.job_id, None)
         for other in list(job.holders):
-            if other is not link:  # a straggler's copy still running
+            if other is not keep:  # e.g. a straggler's copy still running
                 self._send_to_node(other, Cancel(job_id=job.job_id))
-            self._drop_holder(job, other, "done", penalize=False)
+            self._forget_holder(job, other)
         state = self.requests.get(job.request_id)
         if state is None:
             return
-        state.delivered += 1
-        state.durations.append(elapsed)
-        image = JobImage(
-            job_id=job.job_id,
-            index=job.index,
-            seed=job.params.seed,
-            image=result.image,
-            receipt=result.receipt,
-            signature=result.signature,
-            meta=result.meta,
-        )
-        if not self._to_client(state, image):
-            state.on_orphan_image(job.request_id, job.index, result.image)
-        self._finish_one(state)
-
-    def _finish_one(self, state: RequestState) -> None:
+        if job.state is JobState.DONE:
+            state.delivered += 1
+        elif job.state is JobState.FAILED:
+            state.failed += 1
+        else:
+            state.cancelled += 1
         state.remaining -= 1
         if state.remaining <= 0:
             del self.requests[state.request_id]
+            self._save()  # the jobs' end is durable before the rest is refunded
             if self.billing is not None:
                 self.billing.finish(state.request_id)
             state.finished.set()

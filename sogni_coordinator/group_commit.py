@@ -12,13 +12,14 @@ from dataclasses import dataclass, field
 
 import trio
 
+from sogni_coordinator.job_state import JobState
 from sogni_coordinator.store import Store
 from sogni_protocol.messages import Receipt
 
 
 @dataclass(eq=False)
 class _Waiter:
-    item: tuple[Receipt, bytes, bytes]
+    item: tuple[Receipt, bytes, bytes, JobState]
     done: trio.Event = field(default_factory=trio.Event)
     stored: bool = False
     error: BaseException | None = None
@@ -30,9 +31,16 @@ class GroupCommit:
         self._pending: list[_Waiter] = []
         self._wake = trio.Event()
 
-    async def commit(self, receipt: Receipt, signature: bytes, request_id: bytes) -> bool:
-        """Durably store a receipt; False if its job already had one."""
-        waiter = _Waiter((receipt, signature, request_id))
+    async def commit(
+        self,
+        receipt: Receipt,
+        signature: bytes,
+        request_id: bytes,
+        state: JobState = JobState.DONE,
+    ) -> bool:
+        """Durably store a receipt and its job's new state (one transaction); False if the
+        job already had a receipt or ended."""
+        waiter = _Waiter((receipt, signature, request_id, state))
         self._pending.append(waiter)
         self._wake.set()
         await waiter.done.wait()

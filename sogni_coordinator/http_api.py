@@ -38,6 +38,7 @@ def health(view: CoordinatorView) -> dict[str, object]:
     """
     d = view.dispatcher
     nodes = len(d.nodes)
+    counts = d.job_counts()
     return {
         "status": "ok" if nodes else "degraded",
         "role": "coordinator",
@@ -45,8 +46,8 @@ def health(view: CoordinatorView) -> dict[str, object]:
         "signer": view.signer,
         "uptimeSeconds": round(time.monotonic() - view.started, 1),
         "nodes": nodes,
-        "queuedJobs": len(d.queue),
-        "liveJobs": len(d.jobs),
+        "queuedJobs": counts["queued"],
+        "liveJobs": sum(counts.values()),
     }
 
 

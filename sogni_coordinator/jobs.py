@@ -1,14 +1,35 @@
-"""The dispatcher's live records: a connected node, a job, a request waiting for its images."""
+"""The dispatcher's live records: a connected node, a job, a request waiting for its images.
+
+Plain data; only the dispatcher changes them (a job's `state` only through
+`job_state.transition`).
+"""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import trio
 
+from sogni_coordinator.job_state import JobState
+from sogni_protocol.image_types import extension_of
 from sogni_protocol.messages import JobParams, Message
+
+OrphanSink = Callable[[bytes, int, bytes], None]
+"""Where an image goes when its client has gone: (request id, index, image bytes)."""
+
+
+def orphan_saver(results_dir: Path) -> OrphanSink:
+    """Images of a gone client are kept under `<results_dir>/<request id>/<index>.<ext>`."""
+
+    def save(request_id: bytes, index: int, image: bytes) -> None:
+        folder = results_dir / request_id.hex()
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"{index:04d}.{extension_of(image)}").write_bytes(image)
+
+    return save
 
 
 @dataclass(eq=False)
@@ -40,13 +61,13 @@ class Job:
     work_units: int
     network: str = "fast"
     attempts: int = 0
+    state: JobState = JobState.QUEUED
     holders: dict[NodeLink, float] = field(default_factory=dict)
-    """Nodes rendering it now -> when they were offered it."""
+    """Nodes rendering it now -> when they were offered it (two: a straggler's copy)."""
     deadlines: dict[NodeLink, float] = field(default_factory=dict)
     offers: dict[bytes, str] = field(default_factory=dict)
     """Every offer hash issued for this job -> the peer id it was issued to."""
     queued_since: float = field(default_factory=time.time)
-    cancelled: bool = False
 
 
 @dataclass(eq=False)
@@ -54,7 +75,7 @@ class RequestState:
     request_id: bytes
     remaining: int
     outbox: trio.MemorySendChannel[Message] | None
-    on_orphan_image: Callable[[bytes, int, bytes], None]
+    on_orphan_image: OrphanSink
     delivered: int = 0
     failed: int = 0
     cancelled: int = 0

@@ -33,7 +33,7 @@ PLATFORM = "platform"
 ISSUERS = frozenset({TREASURY, CHAIN})
 BPS = 10_000
 
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS ledger_tx (
     tx_id       INTEGER PRIMARY KEY AUTOINCREMENT,
     kind        TEXT NOT NULL,
@@ -82,6 +82,8 @@ CREATE TABLE IF NOT EXISTS ledger_authorizations (
 );
 CREATE INDEX IF NOT EXISTS ledger_authorizations_expiry ON ledger_authorizations(expiry);
 """
+MIGRATIONS = (_SCHEMA_V1,)
+"""The ledger's schema versions in order (`Database` applies the missing ones on open)."""
 
 
 class LedgerError(Exception):
@@ -201,7 +203,7 @@ class Ledger(Database):
     """The journal; safe to share between threads (one connection, one lock)."""
 
     def __init__(self, path: Path | str, *, daily_boost_spark: int = 50) -> None:
-        super().__init__(path, _SCHEMA)
+        super().__init__(path, component="ledger", migrations=MIGRATIONS)
         self.daily_boost_micro = daily_boost_spark * MICRO
 
     @staticmethod

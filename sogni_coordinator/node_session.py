@@ -2,7 +2,9 @@
 
 Handshake: the node's capabilities must be bound, by its wallet's EIP-712 signature, to the
 peer id that Noise authenticated on this very connection; otherwise anyone could claim a
-wallet's work. After the handshake a reader handles the node's messages and a writer sends
+wallet's work. A refused hello (another wire version, a bad binding, a blacklisted wallet)
+is answered with `HelloRefused` naming the reason before the stream closes, so the node can
+say why in one line. After the handshake a reader handles the node's messages and a writer sends
 offers, acks and heartbeats; when the node goes silent past the heartbeat timeout, or the
 stream breaks, its jobs go back to the queue.
 """
@@ -15,16 +17,18 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from sogni_coordinator.dispatch import Dispatcher, NodeLink, ResultRefused
+from sogni_coordinator.dispatch import Dispatcher, Refusal, ResultRefused
+from sogni_coordinator.jobs import NodeLink
 from sogni_net import Channel, TransportError
 from sogni_protocol import eip712
 from sogni_protocol.errors import ProtocolError
-from sogni_protocol.ids import CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT
+from sogni_protocol.ids import CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT, unsupported_version
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
     Goodbye,
     HandBack,
     Heartbeat,
+    HelloRefused,
     Message,
     NodeHello,
     OfferDeclined,
@@ -32,6 +36,7 @@ from sogni_protocol.messages import (
     Ready,
     Result,
     ResultAck,
+    UnsupportedWireVersion,
     Welcome,
 )
 
@@ -57,6 +62,17 @@ def _check_hello(hello: Message, channel: Channel, dispatcher: Dispatcher) -> No
     return hello
 
 
+async def _refuse(channel: Channel, reason: str) -> None:
+    """Tell the node why (one `HelloRefused`), then close."""
+    log.warning("node_refused", peer=channel.remote_peer_id, error=reason)
+    try:
+        await channel.send(HelloRefused(reason=reason[:2000]), timeout=5.0)
+    except TransportError:
+        pass
+    finally:
+        await channel.close()
+
+
 async def serve_node(
     channel: Channel,
     dispatcher: Dispatcher,
@@ -65,9 +81,28 @@ async def serve_node(
     heartbeat_timeout: float,
 ) -> None:
     peer = channel.remote_peer_id
+    out_send, out_recv = trio.open_memory_channel[Message](math.inf)
     try:
         first = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=10.0)
         hello = _check_hello(first, channel, dispatcher)
+        link = dispatcher.node_joined(peer, hello.capabilities, out_send)
+    except UnsupportedWireVersion as exc:
+        await _refuse(channel, unsupported_version(exc.version, "coordinator"))
+        return
+    except (HandshakeRefused, ProtocolError) as exc:
+        await _refuse(channel, str(exc))
+        return
+    except Refusal as exc:
+        await _refuse(channel, exc.reason)
+        return
+    except TransportError as exc:
+        log.warning("node_refused", peer=peer, error=str(exc))
+        await channel.close()
+        return
+
+    caps = hello.capabilities
+    reason = "stream closed"
+    try:
         await channel.send(
             Welcome(
                 coordinator=dispatcher.address,
@@ -76,31 +111,7 @@ async def serve_node(
                 heartbeat_interval=heartbeat_interval,
             )
         )
-    except (HandshakeRefused, ProtocolError, TransportError) as exc:
-        log.warning("node_refused", peer=peer, error=str(exc))
-        await channel.close()
-        return
-
-    caps = hello.capabilities
-    if dispatcher.reputation.blacklisted(caps.wallet):
-        log.warning("node_refused", peer=peer, error="wallet is blacklisted")
-        await channel.close()
-        return
-    out_send, out_recv = trio.open_memory_channel[Message](math.inf)
-    link = NodeLink(
-        peer_id=peer,
-        wallet=caps.wallet,
-        models=frozenset(caps.models),
-        slots=max(caps.slots, 1),
-        outbox=out_send,
-        device=caps.device,
-        max_pixels=caps.max_pixels,
-        loras=frozenset(caps.loras),
-    )
-    dispatcher.node_joined(link)
-    log.info("node_joined", peer=peer, wallet=caps.wallet, slots=caps.slots, models=caps.models)
-    reason = "stream closed"
-    try:
+        log.info("node_joined", peer=peer, wallet=caps.wallet, slots=caps.slots, models=caps.models)
         async with trio.open_nursery() as nursery:
 
             async def guarded(fn: Callable[[], Awaitable[str]]) -> None:
@@ -115,6 +126,8 @@ async def serve_node(
             nursery.start_soon(
                 guarded, lambda: _reader(channel, link, dispatcher, heartbeat_timeout)
             )
+    except (TransportError, ProtocolError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
     finally:
         dispatcher.node_left(link, reason)
         log.info("node_left", peer=peer, reason=reason)
@@ -143,15 +156,14 @@ async def _reader(channel: Channel, link: NodeLink, dispatcher: Dispatcher, time
     while True:
         msg = await channel.receive(limit=RESULT_FRAME_LIMIT, timeout=timeout)
         if isinstance(msg, Ready):
-            link.warm = frozenset(msg.warm_models)
-            dispatcher.add_credit(link, msg.slots)
+            dispatcher.ready(link, msg.slots, msg.warm_models)
         elif isinstance(msg, Progress):
             dispatcher.progress(link, msg.job_id, msg.step)
         elif isinstance(msg, Result):
             await _on_result(link, dispatcher, msg)
         elif isinstance(msg, OfferDeclined):
             log.info("offer_declined", peer=link.peer_id, reason=msg.reason)
-            dispatcher.declined(link, msg.job_id, msg.reason)
+            dispatcher.offer_declined(link, msg.job_id, msg.reason)
         elif isinstance(msg, HandBack):
             dispatcher.handed_back(link, msg.job_id, msg.reason)
         elif isinstance(msg, Goodbye):
@@ -165,11 +177,9 @@ async def _reader(channel: Channel, link: NodeLink, dispatcher: Dispatcher, time
 async def _on_result(link: NodeLink, dispatcher: Dispatcher, msg: Result) -> None:
     try:
         await dispatcher.accept_result(link, msg)
-    except (ResultRefused, ProtocolError) as exc:
+    except ResultRefused as exc:
         log.warning("receipt_refused", peer=link.peer_id, job=msg.job_id.hex()[:16], error=str(exc))
-        if msg.job_id in link.inflight:  # a bad result from the node holding the job
-            dispatcher.bad_result(link, msg.job_id, str(exc))
-        ack = ResultAck(job_id=msg.job_id, accepted=False, reason=str(exc))
+        ack = ResultAck(job_id=msg.job_id, accepted=False, reason=str(exc)[:512])
     else:
         ack = ResultAck(job_id=msg.job_id, accepted=True)
     try:

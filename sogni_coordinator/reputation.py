@@ -29,7 +29,7 @@ STRIKE_WINDOW = 3600.0
 BLACKLIST_STRIKES = 5
 BLACKLIST_SECONDS = 24 * 3600.0
 
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS reputation (
     wallet TEXT PRIMARY KEY,
     speed REAL NOT NULL, success REAL NOT NULL, acceptance REAL NOT NULL,
@@ -38,6 +38,7 @@ CREATE TABLE IF NOT EXISTS reputation (
     blacklisted_until REAL NOT NULL, earned_units INTEGER NOT NULL
 );
 """
+MIGRATIONS = (_SCHEMA_V1,)
 
 
 @dataclass
@@ -82,7 +83,7 @@ class Reputation(Database):
     def __init__(self, path: Path | str, clock: Callable[[], float] = time.time) -> None:
         # Reputation is advisory: losing the last moments of it in a crash is fine, an fsync
         # per job on the event loop is not.
-        super().__init__(path, _SCHEMA, synchronous="NORMAL")
+        super().__init__(path, component="reputation", migrations=MIGRATIONS, synchronous="NORMAL")
         self._clock = clock
         self.records: dict[str, WorkerRecord] = {}
         for row in self._db.execute("SELECT * FROM reputation"):

@@ -12,10 +12,11 @@ import trio
 from sogni_coordinator.adverts import AdvertBook
 from sogni_coordinator.billing import Billing
 from sogni_coordinator.chain_link import connect_chain
-from sogni_coordinator.client_session import orphan_saver, serve_client
+from sogni_coordinator.client_session import serve_client
 from sogni_coordinator.config import CoordinatorConfig
-from sogni_coordinator.dispatch import Dispatcher, Job, RequestState
+from sogni_coordinator.dispatch import Dispatcher
 from sogni_coordinator.http_api import CoordinatorView, build_app
+from sogni_coordinator.jobs import orphan_saver
 from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.node_session import serve_node
 from sogni_coordinator.reputation import Reputation
@@ -51,35 +52,6 @@ class RunningCoordinator:
     """Where `http_listen` is served (real port), None when it is off."""
 
 
-def _restore(store: Store, dispatcher: Dispatcher, config: CoordinatorConfig) -> int:
-    """Requeue jobs that had no receipt when the coordinator stopped; their clients are gone.
-
-    Their reservations are reloaded first (`Billing.restore`), so what these jobs deliver is
-    still settled per receipt and the rest refunded when their request ends.
-    """
-    if dispatcher.billing is not None:
-        kept = dispatcher.billing.restore(store)
-        if kept:
-            log.info("reservations_restored", requests=kept)
-    jobs = store.unfinished_jobs()
-    by_request: dict[bytes, list[Job]] = {}
-    for j in jobs:
-        job = Job(
-            j.job_id,
-            j.request_id,
-            j.index,
-            j.params,
-            j.work_units,
-            network=j.network,
-            attempts=j.attempts,
-        )
-        by_request.setdefault(j.request_id, []).append(job)
-    save = orphan_saver(config.data_dir / "results")
-    for request_id, group in by_request.items():
-        dispatcher.add_request(RequestState(request_id, len(group), None, save), group)
-    return len(jobs)
-
-
 async def run_coordinator(
     config: CoordinatorConfig,
     signer: Signer,
@@ -110,7 +82,7 @@ async def run_coordinator(
             deadline_floor=config.job_deadline_floor,
             deadline_base=config.job_deadline_base,
         )
-        restored = _restore(store, dispatcher, config)
+        restored = dispatcher.restore(orphan_saver(config.data_dir / "results"))
         if restored:
             log.info("jobs_restored", jobs=restored)
         allowed = set(config.models)

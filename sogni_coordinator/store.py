@@ -1,8 +1,13 @@
 """Durable state of a coordinator: requests, jobs and receipts in SQLite (WAL).
 
 A receipt is committed (synchronous=FULL) before the node hears that it was accepted, so an
-acknowledged receipt survives a crash. A job is receipted at most once: `receipts.job_id` is
-the primary key and `store_receipt` reports a duplicate instead of overwriting.
+acknowledged receipt survives a crash. A job is receipted at most once, and only while it is
+live: the receipt and the job's new state are written in one transaction, and a job that
+already has a receipt, or ended (failed, cancelled), refuses another.
+
+Each job's state is a `JobState` (as `job_state.stored` maps it: an offer is not durable);
+the dispatcher decides every change, the store only records it and never moves a job out
+of a terminal state.
 
 Job parameters (which include the prompt) are stored as the opaque MessagePack blob the
 request arrived in; nothing here logs them.
@@ -12,16 +17,17 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import msgspec
 
 from sogni_coordinator.db import Database
+from sogni_coordinator.job_state import STORED_LIVE, JobState
 from sogni_protocol.messages import JobParams, Receipt
 
-_SCHEMA_VERSION = 1
-_SCHEMA = """
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS requests (
     request_id   BLOB PRIMARY KEY,
     model_id     TEXT NOT NULL,
@@ -76,6 +82,35 @@ CREATE TABLE IF NOT EXISTS settled_receipts (
 );
 CREATE INDEX IF NOT EXISTS settled_receipts_epoch ON settled_receipts(epoch);
 """
+"""The release before versioned migrations (it marked itself `PRAGMA user_version=1`)."""
+
+_V2_JOB_STATES = """
+CREATE TABLE jobs_v2 (
+    job_id       BLOB PRIMARY KEY,
+    request_id   BLOB NOT NULL REFERENCES requests(request_id),
+    idx          INTEGER NOT NULL,
+    params       BLOB NOT NULL,
+    work_units   INTEGER NOT NULL,
+    state        TEXT NOT NULL
+                 CHECK (state IN ('queued', 'cancelling', 'done', 'failed', 'cancelled')),
+    attempts     INTEGER NOT NULL DEFAULT 0,
+    updated_at   REAL NOT NULL
+);
+INSERT INTO jobs_v2 (job_id, request_id, idx, params, work_units, state, attempts, updated_at)
+    SELECT job_id, request_id, idx, params, work_units, state, attempts, updated_at
+    FROM jobs ORDER BY rowid;
+DROP TABLE jobs;
+ALTER TABLE jobs_v2 RENAME TO jobs;
+CREATE INDEX jobs_state ON jobs(state);
+CREATE INDEX jobs_request ON jobs(request_id);
+PRAGMA user_version=2
+"""
+"""The job lifecycle's states (`job_state.JobState`, as stored). `user_version` moves on so
+the release before versioning refuses this file instead of misreading it."""
+
+MIGRATIONS = (_SCHEMA_V1, _V2_JOB_STATES)
+_LIVE_SQL = "(" + ", ".join(sorted(f"'{s.value}'" for s in STORED_LIVE)) + ")"
+"""The stored states a job may still leave; the terminal ones are final."""
 
 _receipt_decoder = msgspec.msgpack.Decoder(Receipt)
 _params_decoder = msgspec.msgpack.Decoder(JobParams)
@@ -88,7 +123,7 @@ class StoredJob:
     index: int
     params: JobParams
     work_units: int
-    state: str
+    state: JobState
     attempts: int
     network: str = "fast"
 
@@ -108,30 +143,16 @@ class RequestRecord:
     model_id: str
     images: int
     queued: int
-    """Jobs with neither a receipt nor a failure: the request is still running."""
+    """Jobs still queued (not receipted, failed or cancelled): the request runs on."""
     receipts: list[tuple[Receipt, int]]
     """Each receipt with the steps its job asked for (a partial receipt pays pro rata)."""
-
-
-def _schema_version(path: Path | str) -> int:
-    if str(path) == ":memory:" or not Path(path).exists():
-        return 0
-    with sqlite3.connect(str(path)) as db:
-        return int(db.execute("PRAGMA user_version").fetchone()[0])
 
 
 class Store(Database):
     """One SQLite connection guarded by a lock; calls are short and run on the trio thread."""
 
     def __init__(self, path: Path | str) -> None:
-        version = _schema_version(path)
-        if version > _SCHEMA_VERSION:
-            raise RuntimeError(
-                f"database {path} has schema version {version}, newer than this coordinator "
-                f"({_SCHEMA_VERSION}); upgrade sogni-coordinator"
-            )
-        super().__init__(path, _SCHEMA)
-        self._db.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+        super().__init__(path, component="store", migrations=MIGRATIONS)
 
     # --- writes ------------------------------------------------------------------------
     def add_request(
@@ -160,38 +181,51 @@ class Store(Database):
                 ],
             )
 
-    def count_attempt(self, job_id: bytes) -> None:
-        """A failed attempt (node lost, deadline missed, handed back), kept across restarts."""
+    def save_job_states(self, jobs: Iterable[tuple[bytes, JobState, int]]) -> None:
+        """Record `(job id, state, attempts)` in one transaction. A job that already ended
+        (receipted, failed, cancelled) keeps its state: the store never revives one."""
+        now = time.time()
         with self._tx() as db:
-            db.execute(
-                "UPDATE jobs SET attempts=attempts+1, updated_at=?"
-                " WHERE job_id=? AND state='queued'",
-                (time.time(), job_id),
+            db.executemany(
+                "UPDATE jobs SET state=?, attempts=?, updated_at=?"
+                f" WHERE job_id=? AND state IN {_LIVE_SQL}",
+                [(state.value, attempts, now, job_id) for job_id, state, attempts in jobs],
             )
 
-    def mark_failed(self, job_id: bytes) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE jobs SET state='failed', updated_at=? WHERE job_id=? AND state!='done'",
-                (time.time(), job_id),
-            )
+    def store_receipt(
+        self,
+        receipt: Receipt,
+        signature: bytes,
+        request_id: bytes,
+        state: JobState = JobState.DONE,
+    ) -> bool:
+        """Commit a verified receipt and move its job to `state` (DONE, or CANCELLED for a
+        partial receipt); False if the job already has a receipt or ended."""
+        return self.store_receipts([(receipt, signature, request_id, state)])[0]
 
-    def store_receipt(self, receipt: Receipt, signature: bytes, request_id: bytes) -> bool:
-        """Commit a verified receipt and mark its job done; False if the job already has one."""
-        return self.store_receipts([(receipt, signature, request_id)])[0]
-
-    def store_receipts(self, batch: list[tuple[Receipt, bytes, bytes]]) -> list[bool]:
+    def store_receipts(self, batch: list[tuple[Receipt, bytes, bytes, JobState]]) -> list[bool]:
         """Commit several receipts in one transaction (one fsync); per receipt, False if its
-        job already had one."""
+        job already had one or ended."""
         with self._tx() as db:
             return [self._insert_receipt(db, *item) for item in batch]
 
     @staticmethod
     def _insert_receipt(
-        db: sqlite3.Connection, receipt: Receipt, signature: bytes, request_id: bytes
+        db: sqlite3.Connection,
+        receipt: Receipt,
+        signature: bytes,
+        request_id: bytes,
+        state: JobState,
     ) -> bool:
-        cur = db.execute(
-            "INSERT OR IGNORE INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        now = time.time()
+        live = db.execute(
+            f"UPDATE jobs SET state=?, updated_at=? WHERE job_id=? AND state IN {_LIVE_SQL}",
+            (state.value, now, receipt.job_id),
+        )
+        if live.rowcount == 0:  # unknown, receipted already, or ended
+            return False
+        db.execute(
+            "INSERT INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 receipt.job_id,
                 request_id,
@@ -203,28 +237,33 @@ class Store(Database):
                 receipt.completed_at,
                 msgspec.msgpack.encode(receipt),
                 signature,
-                time.time(),
+                now,
             ),
-        )
-        if cur.rowcount == 0:
-            return False
-        db.execute(
-            "UPDATE jobs SET state='done', updated_at=? WHERE job_id=?",
-            (time.time(), receipt.job_id),
         )
         return True
 
     # --- reads -------------------------------------------------------------------------
+    def live_jobs(self) -> list[StoredJob]:
+        """Jobs that had not ended when the coordinator stopped (queued or cancelling),
+        in the order they were accepted: what a restart restores."""
+        return self._jobs(f"j.state IN {_LIVE_SQL}")
+
     def unfinished_jobs(self) -> list[StoredJob]:
-        """Jobs without a receipt: after a restart they go back in the queue."""
+        """Queued jobs without a receipt (the release before `Dispatcher.restore` re-queued
+        these)."""
+        return self._jobs("j.state='queued'")
+
+    def _jobs(self, where: str) -> list[StoredJob]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT j.job_id, j.request_id, j.idx, j.params, j.work_units, j.state,"
                 " j.attempts, r.network FROM jobs j JOIN requests r USING (request_id)"
-                " WHERE j.state='queued' ORDER BY j.rowid"
+                f" WHERE {where} ORDER BY j.rowid"
             ).fetchall()
         return [
-            StoredJob(r[0], r[1], r[2], _params_decoder.decode(r[3]), r[4], r[5], r[6], r[7])
+            StoredJob(
+                r[0], r[1], r[2], _params_decoder.decode(r[3]), r[4], JobState(r[5]), r[6], r[7]
+            )
             for r in rows
         ]
 
@@ -252,10 +291,10 @@ class Store(Database):
             [(_receipt_decoder.decode(r), _params_decoder.decode(p).steps) for r, p in receipts],
         )
 
-    def job_state(self, job_id: bytes) -> str | None:
+    def job_state(self, job_id: bytes) -> JobState | None:
         with self._lock:
             row = self._db.execute("SELECT state FROM jobs WHERE job_id=?", (job_id,)).fetchone()
-        return None if row is None else str(row[0])
+        return None if row is None else JobState(row[0])
 
     def receipt(self, job_id: bytes) -> StoredReceipt | None:
         with self._lock:

@@ -24,7 +24,12 @@ from sogni_node.worker import NoFreeSlot, Running, Worker
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.errors import ProtocolError
-from sogni_protocol.ids import CONTROL_FRAME_LIMIT, JOBS_PROTOCOL, RESULT_FRAME_LIMIT
+from sogni_protocol.ids import (
+    CONTROL_FRAME_LIMIT,
+    JOBS_PROTOCOL,
+    RESULT_FRAME_LIMIT,
+    unsupported_version,
+)
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
     Cancel,
@@ -32,6 +37,7 @@ from sogni_protocol.messages import (
     Goodbye,
     HandBack,
     Heartbeat,
+    HelloRefused,
     JobOffer,
     Message,
     NodeHello,
@@ -43,6 +49,7 @@ from sogni_protocol.messages import (
     RenderMeta,
     Result,
     ResultAck,
+    UnsupportedWireVersion,
     Welcome,
 )
 
@@ -59,7 +66,8 @@ class NodeIdentity:
 
 
 class SessionRefused(Exception):
-    """The coordinator is not one we trust, or speaks for another chain."""
+    """The coordinator refused this node (it said why), is not one we trust, speaks another
+    wire version, or settles on another chain."""
 
 
 class PullSession:
@@ -137,7 +145,12 @@ class PullSession:
     async def _handshake(self, channel: Channel) -> None:
         signature = eip712.sign_binding(self.id.wallet_key, self.id.domain, self.caps)
         await channel.send(NodeHello(capabilities=self.caps, binding_signature=signature))
-        welcome = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=10.0)
+        try:
+            welcome = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=10.0)
+        except UnsupportedWireVersion as exc:
+            raise SessionRefused(unsupported_version(exc.version, "node")) from None
+        if isinstance(welcome, HelloRefused):
+            raise SessionRefused(f"coordinator refused this node: {welcome.reason}")
         if not isinstance(welcome, Welcome):
             raise SessionRefused(f"coordinator answered {type(welcome).__name__}, not welcome")
         if welcome.coordinator.lower() not in self.id.trusted:
@@ -155,7 +168,6 @@ class PullSession:
             )
         self.coordinator = welcome.coordinator
         self.heartbeat_interval = min(self.heartbeat_interval, welcome.heartbeat_interval)
-        log.info("coordinator_connected", coordinator=welcome.coordinator, addr=self.addr)
         if self._on_connected is not None:
             self._on_connected({"event": "connected", "coordinator": welcome.coordinator})
 
@@ -265,7 +277,6 @@ class PullSession:
             work_units=offer.work_units,
             deadline=offer.deadline,
         )
-        log.info("job_started", job=offer.job_id.hex()[:16], model=offer.model_id)
 
         def on_step(step: int) -> None:
             self.send(Progress(job_id=offer.job_id, step=step))
@@ -291,7 +302,7 @@ class PullSession:
             backend=out.backend, device=out.device, dtype=out.dtype, threads=out.threads
         )
         self._send_receipt(offer, offer_hash, out.image, out.steps_done, meta)
-        log.info("job_finished", job=offer.job_id.hex()[:16], steps=out.steps_done)
+        log.info("receipt_sent", job=offer.job_id.hex()[:16], steps=out.steps_done)
 
     def _send_receipt(
         self,

@@ -13,7 +13,22 @@ CAPABILITIES_TOPIC: Final = "sogni/capabilities/1"
 """GossipSub topic for signed capability adverts (at most one per node every 30 s)."""
 
 WIRE_VERSION: Final = 1
-"""Version carried in every message map; a peer speaking another version is refused."""
+"""The wire format's major version, carried as `v` in every message map.
+
+The rule: `v` is the major version, and peers speak only their own (messages are strict, an
+unknown field is refused, so any change to a message is a new major version). It is
+negotiated at the first frame of a stream: a coordinator answers a `NodeHello` of another
+version with `HelloRefused`, and a client's first frame with `RequestRefused`
+(`unsupported_version`), both naming the two versions, then closes. Those two refusals keep
+their shape in every version, so a peer reads them whatever `v` they carry."""
+
+SUPPORTED_WIRE_VERSIONS: Final = frozenset({WIRE_VERSION})
+
+
+def unsupported_version(version: int, speaker: str = "peer") -> str:
+    """Why a frame of wire version `version` is refused, for logs and refusals."""
+    return f"wire version {version} is not supported: this {speaker} speaks {WIRE_VERSION}"
+
 
 CONTROL_FRAME_LIMIT: Final = 64 * 1024
 """Largest frame that carries no image: offers, progress, heartbeats, requests."""

@@ -1,9 +1,12 @@
 """Typed wire messages and their strict MessagePack codec.
 
-Every frame is a MessagePack map with `type` (the tag below) and `v` (the wire version).
-Decoding refuses an unknown type, a missing field, an unknown field, a wrong type or an
-out-of-range value, with an error that names the field. Nothing else in the code base sees
-an unvalidated dict from the network.
+Every frame is a MessagePack map with `type` (the tag below) and `v` (the wire version,
+`ids.WIRE_VERSION`). Decoding refuses an unknown type, a missing field, an unknown field, a
+wrong type or an out-of-range value, with an error that names the field. A frame of another
+wire version raises `UnsupportedWireVersion` naming both versions (so the first frame of a
+stream can be refused with that reason), except `HelloRefused` and `RequestRefused`, which
+decode at any version so a peer always learns why it was refused. Nothing else in the code
+base sees an unvalidated dict from the network.
 """
 
 from __future__ import annotations
@@ -39,6 +42,14 @@ LoraStrength = Annotated[float, Meta(ge=-4.0, le=4.0)]
 UtcDay = Annotated[str, Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")]
 """A UTC calendar day, `YYYY-MM-DD` (the Daily Boost's unit of replay protection)."""
 PeerId = Annotated[str, Meta(min_length=1, max_length=128)]
+
+
+class UnsupportedWireVersion(InvalidMessage):
+    """A frame of a wire version this code does not speak."""
+
+    def __init__(self, version: int) -> None:
+        super().__init__(ids.unsupported_version(version) + " (at $.v)")
+        self.version = version
 
 
 class _Message(
@@ -299,6 +310,13 @@ class NodeHello(_Message, tag="nodeHello", kw_only=True):
     binding_signature: Signature
 
 
+class HelloRefused(_Message, tag="helloRefused", kw_only=True):
+    """Coordinator's answer to a hello it refuses (wire version, binding, blacklist), sent
+    before it closes the stream. Its shape never changes, so any version can read it."""
+
+    reason: Annotated[str, Meta(max_length=2000)]
+
+
 class Welcome(_Message, tag="welcome", kw_only=True):
     """Coordinator's answer: its offer-signing address and the EIP-712 domain for receipts."""
 
@@ -384,7 +402,7 @@ CoordinatorToClient = (
 NodeToCoordinator = (
     NodeHello | Ready | OfferDeclined | Progress | Result | HandBack | Heartbeat | Goodbye
 )
-CoordinatorToNode = Welcome | Offer | Cancel | ResultAck | Heartbeat
+CoordinatorToNode = Welcome | HelloRefused | Offer | Cancel | ResultAck | Heartbeat
 Message = (
     RenderRequest
     | RequestAccepted
@@ -399,6 +417,7 @@ Message = (
     | BalanceQuery
     | BalanceReport
     | NodeHello
+    | HelloRefused
     | Welcome
     | Ready
     | Offer
@@ -421,11 +440,47 @@ def encode(message: _Message | _Record) -> bytes:
     return _encoder.encode(message)
 
 
+class _Envelope(msgspec.Struct):
+    """What every version's frames share: enough to tell the version (other fields ignored)."""
+
+    type: str = ""
+    v: int = ids.WIRE_VERSION
+
+
+class _AnyRefusal(msgspec.Struct):
+    type: str
+    code: str = ""
+    reason: str = ""
+
+
+def _other_version(payload: bytes) -> Message | None:
+    """A frame of another wire version: its refusal if it is one, else raise."""
+    try:
+        envelope = msgspec.msgpack.decode(payload, type=_Envelope)
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        return None
+    if envelope.v in ids.SUPPORTED_WIRE_VERSIONS:
+        return None
+    if envelope.type in ("helloRefused", "requestRefused"):
+        try:
+            r = msgspec.msgpack.decode(payload, type=_AnyRefusal)
+        except msgspec.ValidationError:
+            raise UnsupportedWireVersion(envelope.v) from None
+        if envelope.type == "helloRefused":
+            return HelloRefused(reason=r.reason[:2000])
+        return RequestRefused(code=r.code[:128], reason=r.reason[:4096])
+    raise UnsupportedWireVersion(envelope.v)
+
+
 def decode(payload: bytes) -> Message:
-    """Decode one frame payload into a typed message, or raise `InvalidMessage`."""
+    """Decode one frame payload into a typed message, or raise `InvalidMessage`
+    (`UnsupportedWireVersion` for a frame of another wire version)."""
     try:
         return _decoder.decode(payload)
     except msgspec.ValidationError as exc:
+        refusal = _other_version(payload)
+        if refusal is not None:
+            return refusal
         raise InvalidMessage(f"invalid message: {exc}") from None
     except msgspec.DecodeError as exc:
         raise InvalidMessage(f"not a MessagePack message: {exc}") from None

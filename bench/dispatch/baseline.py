@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 import os
 import time
@@ -20,11 +19,16 @@ from eth_account.signers.local import LocalAccount
 
 from bench.dispatch._parts import COMMIT, MODEL, bench_request
 from bench.instant import noise_png
-from sogni_coordinator.dispatch import Dispatcher, Job, NodeLink, RequestState
+from sogni_app.api import authorize
+from sogni_coordinator.billing import Billing
+from sogni_coordinator.dispatch import Dispatcher
+from sogni_coordinator.jobs import NodeLink
+from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.store import Store
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.messages import (
+    Capabilities,
     JobImage,
     JobParams,
     Message,
@@ -36,7 +40,6 @@ from sogni_protocol.messages import (
     decode,
     encode,
 )
-from sogni_protocol.pricing import work_units
 from sogni_protocol.settings import DEFAULT_CHAIN_ID, UNDEPLOYED_CONTRACT
 
 
@@ -117,58 +120,83 @@ def _node_answer(offer_msg: Offer, wallet: LocalAccount, domain: Domain, image: 
     return encode(result)
 
 
-def run_baseline(requests: int, images: int, nodes: int, workdir: Path) -> Baseline:
-    """The networked round's traffic through the real `Dispatcher`, minus the network."""
+def run_baseline(
+    requests: int, images: int, nodes: int, workdir: Path, *, paid: bool = False
+) -> Baseline:
+    """The networked round's traffic through the real `Dispatcher`, minus the network.
+
+    With `paid`, billing is on (`billing = "required"`): each request is signed by a funded
+    payer, its quote reserved in the ledger, each receipt settled and the rest refunded, as in
+    a paying network.
+    """
     clock = _TaskClock()
-    return trio.run(_baseline, requests, images, nodes, workdir, clock, instruments=[clock])
+    return trio.run(
+        _baseline, requests, images, nodes, workdir, clock, paid, instruments=[clock]
+    )
+
+
+def _billing(workdir: Path, domain: Domain) -> tuple[Billing, Ledger]:
+    ledger = Ledger(workdir / "baseline.db")
+    return Billing(ledger, domain, mode="required"), ledger
 
 
 async def _baseline(
-    n_requests: int, n_images: int, n_nodes: int, workdir: Path, clock: _TaskClock
+    n_requests: int,
+    n_images: int,
+    n_nodes: int,
+    workdir: Path,
+    clock: _TaskClock,
+    paid: bool,
 ) -> Baseline:
     """One trio loop holds the coordinator's code and 50 fake nodes, joined by memory channels.
 
     Per node link, as in `node_session`: a writer task encodes what the dispatcher sends, a
     reader task decodes results, awaits `accept_result`, encodes the ack and gives the credit
-    back (the node's `Ready`). The client stream encodes every image. `Dispatcher.run` does
-    the matching as in production. A fake node decodes offers and signs receipts; the time
-    of its steps is subtracted, everything else in the loop is the coordinator's.
+    back (the node's `Ready`). Each request's events are encoded as its client stream would.
+    `Dispatcher.run` does the matching as in production. A fake node decodes offers and signs
+    receipts; the time of its steps is subtracted, everything else in the loop is the
+    coordinator's. Only the dispatcher's public API is used; `match` and `Router.pick` are
+    wrapped on the instance to count them.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     store = Store(workdir / "baseline.db")
     domain = Domain(DEFAULT_CHAIN_ID, UNDEPLOYED_CONTRACT)
     signer = Account.create()
+    billing, ledger = _billing(workdir, domain) if paid else (None, None)
     dispatcher = Dispatcher(
-        store, signer_key=bytes(signer.key), signer_address=signer.address, domain=domain
+        store,
+        signer_key=bytes(signer.key),
+        signer_address=signer.address,
+        domain=domain,
+        billing=billing,
     )
+    payer = Account.create()
+    if ledger is not None:  # enough paid Spark for every job
+        ledger.credit_purchase(payer.address, 10 * n_requests * n_images)
     image = noise_png()
     counts = {"picks": 0, "matches": 0}
-    router = getattr(dispatcher, "router", None)
-    if router is not None and hasattr(router, "pick"):
-        pick = router.pick
+    pick = dispatcher.router.pick
 
-        def counting_pick(*args: Any, **kwargs: Any) -> Any:
-            counts["picks"] += 1
-            return pick(*args, **kwargs)
+    def counting_pick(*args: Any, **kwargs: Any) -> Any:
+        counts["picks"] += 1
+        return pick(*args, **kwargs)
 
-        router.pick = counting_pick
-    if hasattr(dispatcher, "_match"):
-        match = dispatcher._match
+    dispatcher.router.pick = counting_pick  # type: ignore[method-assign]
+    match = dispatcher.match
 
-        def counting_match() -> None:
-            counts["matches"] += 1
-            match()
+    def counting_match() -> None:
+        counts["matches"] += 1
+        match()
 
-        dispatcher._match = counting_match  # type: ignore[method-assign]
+    dispatcher.match = counting_match  # type: ignore[method-assign]
 
     n_jobs = n_requests * n_images
     all_delivered = trio.Event()
     delivered = 0
-    client_send, client_recv = trio.open_memory_channel[Message](math.inf)
 
-    async def client_stream() -> None:
+    async def client_stream(events: trio.MemoryReceiveChannel[Message]) -> None:
         nonlocal delivered
-        async for msg in client_recv:
+        async for msg in events:
             encode(msg)
             if isinstance(msg, JobImage):
                 delivered += 1
@@ -195,63 +223,48 @@ async def _baseline(
         async for frame in from_node:
             result = decode(frame)
             assert isinstance(result, Result)
-            outcome = dispatcher.accept_result(link, result)
-            if inspect.isawaitable(outcome):  # async since the group commit
-                await outcome
+            await dispatcher.accept_result(link, result)
             encode(ResultAck(job_id=result.job_id, accepted=True))
-            dispatcher.add_credit(link, 1)
+            dispatcher.ready(link, 1)
 
-    def accept_request(r: int) -> None:
+    def accept_request(r: int, nursery: trio.Nursery) -> None:
+        """What `serve_client` does with each request."""
         req = bench_request(n_images, r * n_images)
-        request_id = os.urandom(32)
-        jobs = []
-        for i in range(n_images):
-            params = JobParams(
-                model_id=req.model_id,
-                positive_prompt=req.positive_prompt,
-                steps=req.steps,
-                guidance=req.guidance,
-                width=req.width,
-                height=req.height,
-                seed=req.seed + i,
-            )
-            jobs.append(Job(os.urandom(32), request_id, i, params, work_units(params)))
-        store.add_request(
-            request_id,
-            model_id=MODEL,
-            network="fast",
-            token_type="spark",
-            client_peer="bench",
-            jobs=[(j.job_id, j.params, j.work_units) for j in jobs],
+        if paid:
+            req = authorize(req, bytes(payer.key), domain)
+        submission = dispatcher.submit(
+            req, client_peer="bench", allowed_models={MODEL}, on_orphan=_drop
         )
-        dispatcher.add_request(RequestState(request_id, n_images, client_send, _drop), jobs)
+        nursery.start_soon(client_stream, submission.events, name=PART_CLIENT)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(dispatcher.run, name="dispatcher")
-        nursery.start_soon(client_stream, name=PART_CLIENT)
         wallets = [Account.create() for _ in range(n_nodes)]
         for i, wallet in enumerate(wallets):
             outbox_send, outbox_recv = trio.open_memory_channel[Message](math.inf)
             down_send, down_recv = trio.open_memory_channel[bytes](math.inf)
             up_send, up_recv = trio.open_memory_channel[bytes](math.inf)
-            link = NodeLink(
+            caps = Capabilities(
                 peer_id=f"peer{i}",
                 wallet=wallet.address,
-                models=frozenset({MODEL}),
+                expiry=2**40,
+                models=[MODEL],
                 slots=1,
-                outbox=outbox_send,
+                backend="instant",
+                device="cpu",
+                max_pixels=0,
             )
+            link = dispatcher.node_joined(f"peer{i}", caps, outbox_send)
             nursery.start_soon(node_writer, outbox_recv, down_send, name=PART_WRITER)
             nursery.start_soon(fake_node, wallet, down_recv, up_send, name=PART_NODE)
             nursery.start_soon(node_reader, link, up_recv, name=PART_READER)
-            dispatcher.node_joined(link)
         await trio.testing.wait_all_tasks_blocked()
         clock.steps.clear()
         started = time.perf_counter()
         for r in range(n_requests):
-            accept_request(r)  # what serve_client does on each request
+            accept_request(r, nursery)
         for link in list(dispatcher.nodes.values()):
-            dispatcher.add_credit(link, 1)  # each node's first Ready
+            dispatcher.ready(link, 1)  # each node's first Ready
         await all_delivered.wait()
         wall = time.perf_counter() - started
         nursery.cancel_scope.cancel()
@@ -259,7 +272,9 @@ async def _baseline(
     for name, seconds in clock.steps.items():
         parts[_part(name)] += seconds
     coordinator = wall - parts.pop(PART_NODE, 0.0)
-    micro = _micro(store, dispatcher, domain, wallets[0], image)
+    micro = _micro(store, bytes(signer.key), dispatcher.address, domain, wallets[0], image)
+    if ledger is not None:
+        ledger.close()
     store.close()
     return Baseline(n_jobs, coordinator, dict(parts), micro, counts["picks"], counts["matches"])
 
@@ -279,7 +294,7 @@ def _drop(_request_id: bytes, _index: int, _image: bytes) -> None:
 
 
 def _micro(
-    store: Store, dispatcher: Dispatcher, domain: Domain, wallet: LocalAccount, image: bytes
+    store: Store, key: bytes, address: str, domain: Domain, wallet: LocalAccount, image: bytes
 ) -> dict[str, float]:
     """Microseconds per call of the primitives the coordinator runs once per job."""
     n = 300
@@ -290,7 +305,7 @@ def _micro(
             job_id=os.urandom(32),
             offer_hash=os.urandom(32),
             worker=wallet.address,
-            coordinator=dispatcher.address,
+            coordinator=address,
             model_id=MODEL,
             result_hash=hashlib.sha256(image).digest(),
             steps_done=1,
@@ -305,7 +320,6 @@ def _micro(
             fn(i)
         out[name] = (time.perf_counter() - started) / n * 1e6
 
-    key = dispatcher._key
     each(
         "ECDSA sign an offer digest (coincurve)",
         lambda i: eip712.sign_digest(key, receipts[i][0].job_id),

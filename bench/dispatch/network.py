@@ -10,11 +10,15 @@ from pathlib import Path
 
 import trio
 import trio.testing
+from eth_account import Account
 
 from bench import _common as common
 from bench.dispatch._parts import Settings, bench_request
+from sogni_app.api import authorize
+from sogni_coordinator.ledger import Ledger
 from sogni_devnet.localnet import DEMO_KDF_N, DEMO_PASSWORD, Proc
 from sogni_net import open_host
+from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import CLIENT_PROTOCOL, CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT
 from sogni_protocol.messages import (
     JobFailed,
@@ -22,6 +26,7 @@ from sogni_protocol.messages import (
     RequestAccepted,
     RequestDone,
 )
+from sogni_protocol.settings import DEFAULT_CHAIN_ID, UNDEPLOYED_CONTRACT
 from sogni_wallet.keystore import create_keystore
 
 
@@ -59,14 +64,23 @@ class _Outcome:
 
 
 async def _client_request(
-    addr: str, images: int, seed: int, gate: trio.Event, out: list[_Outcome]
+    addr: str,
+    images: int,
+    seed: int,
+    gate: trio.Event,
+    out: list[_Outcome],
+    payer_key: bytes | None,
 ) -> None:
-    """One app with its own libp2p host; sends its request when `gate` opens."""
+    """One app with its own libp2p host; sends its request when `gate` opens. With
+    `payer_key` the request is paid: signed for the coordinator's (default) domain."""
+    request = bench_request(images, seed)
+    if payer_key is not None:
+        request = authorize(request, payer_key, Domain(DEFAULT_CHAIN_ID, UNDEPLOYED_CONTRACT))
     async with open_host(key_path=None, listen=()) as host:
         channel = await host.open_channel(addr, CLIENT_PROTOCOL, timeout=30.0)
         await gate.wait()
         sent = time.perf_counter()
-        await channel.send(bench_request(images, seed))
+        await channel.send(request)
         first = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=120.0)
         if not isinstance(first, RequestAccepted):
             raise RuntimeError(f"request not accepted: {first!r}")
@@ -86,12 +100,16 @@ async def _client_request(
         out.append(outcome)
 
 
-async def run_round(addr: str, requests: int, images: int, seed: int) -> Round:
+async def run_round(
+    addr: str, requests: int, images: int, seed: int, payer_key: bytes | None = None
+) -> Round:
     out: list[_Outcome] = []
     gate = trio.Event()
     async with trio.open_nursery() as nursery:
         for i in range(requests):
-            nursery.start_soon(_client_request, addr, images, seed + i * images, gate, out)
+            nursery.start_soon(
+                _client_request, addr, images, seed + i * images, gate, out, payer_key
+            )
         await trio.sleep(1.0)  # hosts up and channels open before the clock starts
         gate.set()
     start = min(o.sent for o in out)
@@ -118,6 +136,8 @@ class Network:
     nodes: list[Proc]
     addr: str
     database: Path
+    payer_key: bytes
+    """A payer funded in the coordinator's ledger before it started, for the paid rounds."""
 
     def cpu(self) -> dict[str, float]:
         return {
@@ -127,12 +147,17 @@ class Network:
             "machine": common.system_busy_seconds(),
         }
 
-    def timed_round(self, settings: Settings, seed: int) -> Round:
+    def timed_round(self, settings: Settings, seed: int, *, paid: bool = False) -> Round:
         before = self.cpu()
         thread_before = common.schedstat(self.coordinator.popen.pid)
         started = time.perf_counter()
         result = trio.run(
-            run_round, self.addr, settings.requests, settings.images_per_request, seed
+            run_round,
+            self.addr,
+            settings.requests,
+            settings.images_per_request,
+            seed,
+            self.payer_key if paid else None,
         )
         result.window = time.perf_counter() - started
         thread_after = common.schedstat(self.coordinator.popen.pid)
@@ -153,6 +178,10 @@ def start_network(settings: Settings, workdir: Path, procs: list[Proc]) -> Netwo
     env = common.base_env("info")
     cdir = workdir / "coordinator"
     signer = create_keystore(cdir / "signer.json", DEMO_PASSWORD, kdf_n=DEMO_KDF_N, force=True)
+    payer = Account.create()
+    ledger = Ledger(cdir / "coordinator.db")  # billing "optional": paid when a payer signs
+    ledger.credit_purchase(payer.address, 10 * settings.jobs * (settings.rounds + 1))
+    ledger.close()
     cenv = {
         **env,
         "SOGNI_COORDINATOR_DATA_DIR": str(cdir),
@@ -180,6 +209,6 @@ def start_network(settings: Settings, workdir: Path, procs: list[Proc]) -> Netwo
         nodes.append(proc)
     for proc in nodes:
         proc.wait_event("connected", 180)
-    return Network(coordinator, nodes, addr, cdir / "coordinator.db")
+    return Network(coordinator, nodes, addr, cdir / "coordinator.db", bytes(payer.key))
 
 

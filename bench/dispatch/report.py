@@ -61,6 +61,7 @@ def render_markdown(report: Report) -> str:
             ("  accepted -> receipt committed, p99", f"{common.spread(rp99, pct)} ms"),
         ]
     rows.append(("time to drain a batch", f"{common.spread([r.wall for r in rounds], '{:.1f}')} s"))
+    rows += _paid_rows(report, rate)
     lines = [
         "## Dispatch: one coordinator, 50 instant nodes",
         "",
@@ -79,7 +80,10 @@ def render_markdown(report: Report) -> str:
         f"`Dispatcher.run` and `Store` on disk, results decoded, verified and acked, offers "
         f"and images encoded, with {s.nodes} fake nodes on memory channels instead of "
         f"libp2p; the fake nodes' time (a trio instrument times every task step) is "
-        f"subtracted.",
+        f"subtracted. Paid path: after each free round a round of the same size whose requests "
+        f"name a funded payer and carry its EIP-712 signature (the coordinator's billing is "
+        f"`optional`, so these are billed: reservation, settlement per receipt, refund), and a "
+        f"baseline with billing `required`.",
         "",
         common.table(("metric", "value"), rows),
         "",
@@ -144,6 +148,34 @@ def render_markdown(report: Report) -> str:
         lines += [f"(No profile: {report.profile_error}.)", ""]
     lines += [_interpretation(report), ""]
     return "\n".join(lines)
+
+
+def _paid_rows(report: Report, free_rate: float) -> list[tuple[str, str]]:
+    """The paid path: the same jobs with billing on (payer signature checked, quote reserved in
+    the ledger, each receipt settled, the rest refunded)."""
+    paid, base = report.paid_rounds, report.paid_baseline
+    if not paid:
+        return []
+    rates = [r.jobs_per_s for r in paid]
+    rate = common.median(rates)
+    pct = "{:.0f}"
+    return [
+        (
+            "**paid path (billing on), networked**",
+            f"**{common.spread(rates, pct)} jobs/s** ({rate / free_rate:.2f} of free; "
+            f"{sum(r.failed for r in paid)} failed)",
+        ),
+        (
+            "paid path baseline: the coordinator's own work, no network",
+            f"{base.jobs_per_s:.0f} jobs/s ({base.seconds / base.jobs * 1e6:.0f} us per job; "
+            f"{base.jobs_per_s / report.baseline.jobs_per_s:.2f} of free)",
+        ),
+        ("ratio paid networked / paid baseline", f"{rate / base.jobs_per_s:.2f}"),
+        (
+            "paid latency p50, accepted -> image at client",
+            f"{common.spread([_ms(r.latencies, 50) for r in paid], pct)} ms",
+        ),
+    ]
 
 
 def _thread_table(report: Report) -> list[str]:

@@ -30,6 +30,10 @@ class Report:
     profile_error: str | None
     command: str
     startup_s: float
+    paid_baseline: Baseline
+    """The baseline with billing on: signed payer, reservation, settlement per receipt."""
+    paid_rounds: list[Round]
+    """Networked rounds of paid requests (billing on), interleaved with the free ones."""
 
 
 def _print_round(label: str, r: Round) -> None:
@@ -55,6 +59,14 @@ def run(settings: Settings, command: str) -> Report:
             settings.requests, settings.images_per_request, settings.nodes, workdir / "baseline"
         )
         print(f"  {baseline.jobs_per_s:.0f} jobs/s of coordinator work")
+        paid_baseline = run_baseline(
+            settings.requests,
+            settings.images_per_request,
+            settings.nodes,
+            workdir / "baseline-paid",
+            paid=True,
+        )
+        print(f"  paid (billing on): {paid_baseline.jobs_per_s:.0f} jobs/s of coordinator work")
         started = time.perf_counter()
         print(
             f"dispatch: starting a coordinator and {settings.nodes} nodes "
@@ -66,6 +78,7 @@ def run(settings: Settings, command: str) -> Report:
         warmup = trio.run(run_round, net.addr, 2, settings.nodes, 1)
         _print_round("warm-up", warmup)
         rounds: list[Round] = []
+        paid_rounds: list[Round] = []
         profile: _profile.Profile | None = None
         profile_error: str | None = None
         use_py_spy = settings.profile and _profile.py_spy() is not None
@@ -83,9 +96,23 @@ def run(settings: Settings, command: str) -> Report:
                 result = net.timed_round(settings, seed)
             rounds.append(result)
             _print_round(f"round {r + 1}", result)
+            paid = net.timed_round(settings, seed + 500, paid=True)
+            paid_rounds.append(paid)
+            _print_round(f"round {r + 1}, paid", paid)
         if settings.profile and profile is None:
             profile = _cprofile_round(net, settings)
-        return Report(settings, baseline, rounds, warmup, profile, profile_error, command, startup)
+        return Report(
+            settings,
+            baseline,
+            rounds,
+            warmup,
+            profile,
+            profile_error,
+            command,
+            startup,
+            paid_baseline,
+            paid_rounds,
+        )
     finally:
         for proc in reversed(procs):
             proc.stop()

@@ -199,14 +199,17 @@ async def test_sogni_cli_boost_render_and_balance(
             "--json",
         ]
         code, out, err = await _sogni(
-            home, "render", "a red circle", "--steps", "3", "--format", "jpeg",
+            home, "render", "a red circle", "--model", "sogni-tiny-sd", "--steps", "3",
+            "--format", "jpeg",
             "--keystore", str(keystore), "--out", str(tmp_path / "out"),
         )  # fmt: skip
         assert code == 0, err
         assert "1 images" in out and " spark" in out  # paid, from the free Spark
         assert [p.suffix for p in (tmp_path / "out").glob("*-000.*")] == [".jpg"]
-        code, _, err = await _sogni(home, "render", "x", "--lora", "ghost:0.5", "--lora", "a")
-        assert code == 2 and "LoRAs ['ghost', 'a']" in err  # the LoRAs went on the wire
+        code, _, err = await _sogni(
+            home, "render", "x", "--model", "sogni-tiny-sd", "--lora", "ghost:0.5", "--lora", "a"
+        )
+        assert code == 3 and "LoRAs ['ghost', 'a']" in err  # the LoRAs went on the wire
         code, out, err = await _sogni(home, "balance", *explicit)
         assert code == 0, err
         report = json.loads(out)

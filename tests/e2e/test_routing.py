@@ -10,7 +10,7 @@ import trio
 from eth_account import Account
 
 from sogni_app.api import authorize
-from sogni_coordinator.dispatch import NodeLink
+from sogni_coordinator.jobs import Job, NodeLink
 from sogni_coordinator.ledger import Ledger, partial_value, worker_account
 from sogni_coordinator.reputation import BLACKLIST_STRIKES, NEWCOMER_FLOOR, Reputation
 from sogni_coordinator.routing import Router
@@ -28,6 +28,7 @@ from sogni_protocol.messages import (
     RequestAccepted,
     RequestDone,
     RequestRefused,
+    job_params,
 )
 from sogni_protocol.pricing import quote
 
@@ -86,8 +87,6 @@ def test_selection_is_weighted_random_and_every_capable_node_gets_work() -> None
         rep.failed("0xpoor")
         rep.succeeded("0xpoor", 1.0, 1.0, 1)
     router = Router(rep, rng=random.Random(7))
-    from sogni_coordinator.dispatch import Job
-    from sogni_protocol.messages import job_params
 
     job = Job(b"j" * 32, b"r" * 32, 0, job_params(_request(1), 0), 1)
     counts = {good: 0, poor: 0, newcomer: 0}
@@ -182,8 +181,8 @@ async def test_a_cancelled_job_whose_node_vanishes_ends_for_good(net_factory: An
             done = await receive_skipping(channel, (RequestDone,), timeout=20)
         assert (done.delivered, done.cancelled) == (0, 1)
         store = net.coordinator.dispatcher.store
-        assert store.job_state(offer.offer.job_id) == "failed"
-        assert store.unfinished_jobs() == []
+        assert store.job_state(offer.offer.job_id) == "cancelled"
+        assert store.live_jobs() == []
 
 
 def test_workers_command_lists_reputation(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from sogni_app.api import authorize
 from sogni_chain import Deployment, connect, deploy_all
 from sogni_coordinator.billing import Billing, Refusal
 from sogni_coordinator.chain_link import ChainLink
+from sogni_coordinator.job_state import JobState
 from sogni_coordinator.ledger import (
     ISSUERS,
     PLATFORM,
@@ -293,7 +294,7 @@ def test_restart_settles_missed_receipts_refunds_ended_requests_keeps_running_on
     coord.deliver(ended, e1, worker, settle=False)
     failed, (f0, f1) = coord.accept(payer, _request(2))
     coord.deliver(failed, f0, worker, settle=False)
-    coord.store.mark_failed(f1)  # given up on: nothing to pay
+    coord.store.save_job_states([(f1, JobState.FAILED, 1)])  # given up on: nothing to pay
     orphan = os.urandom(32)  # reserved, then stopped before the request was stored
     coord.billing.admit(authorize(_request(3), payer.key, coord.domain), orphan)
     assert coord.ledger.balance(payer.address)["spark_paid"] == 11 * SPARK

@@ -5,7 +5,16 @@ import pytest
 
 from sogni_protocol.errors import FrameTooLarge, InvalidMessage
 from sogni_protocol.framing import body_length, encode_frame
-from sogni_protocol.messages import Heartbeat, RenderRequest, decode, encode
+from sogni_protocol.ids import WIRE_VERSION, unsupported_version
+from sogni_protocol.messages import (
+    Heartbeat,
+    HelloRefused,
+    RenderRequest,
+    RequestRefused,
+    UnsupportedWireVersion,
+    decode,
+    encode,
+)
 
 
 def _raw(obj: object) -> bytes:
@@ -24,7 +33,6 @@ def test_roundtrip_keeps_every_field() -> None:
         ({"type": "heartbeat"}, "`seq`"),
         ({"type": "heartbeat", "seq": "1"}, "$.seq"),
         ({"type": "heartbeat", "seq": -1}, "$.seq"),
-        ({"type": "heartbeat", "seq": 1, "v": 2}, "$.v"),
         ({"type": "heartbeat", "seq": 1, "extra": 0}, "`extra`"),
         (
             {"type": "renderRequest", "modelId": "m", "positivePrompt": "p", "numberOfImages": 0},
@@ -68,3 +76,30 @@ def test_frame_limit_checked_from_the_header_alone() -> None:
 
 def test_encoding_is_canonical() -> None:
     assert encode(Heartbeat(seq=1)) == encode(Heartbeat(seq=1))
+
+
+# --- wire version ------------------------------------------------------------------------
+@pytest.mark.parametrize("v", [0, 2, 7])
+def test_another_wire_version_is_named_not_an_opaque_field_error(v: int) -> None:
+    payload = _raw({"type": "nodeHello", "v": v, "capabilities": {}, "someV2Field": 1})
+    with pytest.raises(UnsupportedWireVersion) as info:
+        decode(payload)
+    assert info.value.version == v
+    assert f"wire version {v} is not supported: this peer speaks {WIRE_VERSION}" in str(info.value)
+    assert isinstance(info.value, InvalidMessage)  # still a protocol error to old callers
+    assert unsupported_version(v, "coordinator").endswith(f"this coordinator speaks {WIRE_VERSION}")
+
+
+def test_a_bad_frame_of_our_own_version_keeps_its_field_error() -> None:
+    with pytest.raises(InvalidMessage, match=r"\$\.seq") as info:
+        decode(_raw({"type": "heartbeat", "v": WIRE_VERSION, "seq": -1}))
+    assert not isinstance(info.value, UnsupportedWireVersion)
+
+
+def test_refusals_are_read_at_any_version() -> None:
+    """A peer of another version still learns why it was refused."""
+    hello = decode(_raw({"type": "helloRefused", "v": 9, "reason": "r", "newField": True}))
+    assert hello == HelloRefused(reason="r")
+    refused = decode(_raw({"type": "requestRefused", "v": 9, "code": "c", "reason": "why"}))
+    assert refused == RequestRefused(code="c", reason="why")
+    assert decode(encode(HelloRefused(reason="x"))) == HelloRefused(reason="x")

@@ -11,13 +11,22 @@ import trio
 
 from sogni_chain import ChainRevert
 from sogni_coordinator.config import CoordinatorConfig
-from sogni_coordinator.dispatch import Dispatcher, Job, NodeLink, ResultRefused
+from sogni_coordinator.dispatch import Dispatcher, ResultRefused
+from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.settlement.epochs import SettlementError, Settler, epoch_claims
 from sogni_coordinator.store import Store
 from sogni_node.config import NodeConfig
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
-from sogni_protocol.messages import JobParams, Offer, Receipt, RenderMeta, Result
+from sogni_protocol.messages import (
+    Capabilities,
+    Message,
+    Offer,
+    Receipt,
+    RenderMeta,
+    RenderRequest,
+    Result,
+)
 from sogni_protocol.settings import DEFAULT_CHAIN_ID, UNDEPLOYED_CONTRACT
 
 from .settle_env import MODEL, Net, rules, settler, signed_receipt, store_receipts, worker
@@ -110,30 +119,26 @@ def _dispatcher_and_offer(
         signer_address=coordinator.address,
         domain=Domain(cfg.chain_id, cfg.verifying_contract),
     )
-    send, receive = trio.open_memory_channel[object](10)
-    link = NodeLink(
+    send, receive = trio.open_memory_channel[Message](10)
+    caps = Capabilities(
         peer_id="peer-1",
         wallet=node_wallet,
-        models=frozenset({MODEL}),
+        expiry=0,
+        models=[MODEL],
         slots=1,
-        outbox=send,  # type: ignore[arg-type]
-        credit=1,
+        backend="test",
+        device="cpu",
+        max_pixels=0,
     )
-    params = JobParams(
+    link = dispatcher.node_joined("peer-1", caps, send)
+    request = RenderRequest(
         model_id=MODEL, positive_prompt="p", steps=8, guidance=4.0, width=64, height=64, seed=1
     )
-    job_id, request_id = b"\x01" * 32, b"\x02" * 32
-    store.add_request(
-        request_id,
-        model_id=MODEL,
-        network="fast",
-        token_type="spark",
-        client_peer="client",
-        jobs=[(job_id, params, 1234)],
+    dispatcher.submit(
+        request, client_peer="client", allowed_models={MODEL}, on_orphan=lambda *_: None
     )
-    job = Job(job_id, request_id, 0, params, 1234)
-    dispatcher.jobs[job_id] = job
-    dispatcher._offer(job, link)
+    dispatcher.ready(link, 1)
+    dispatcher.match()
     offer = receive.receive_nowait()
     assert isinstance(offer, Offer)
     return dispatcher, link, offer

@@ -1,0 +1,234 @@
+"""A real `Dispatcher` on a real SQLite store, without libp2p: nodes are memory channels.
+
+Time is a fake clock the test advances; matching and sweeping run when the test calls
+`match()` / `sweep()`, so nothing depends on sleeps. The group commit task runs in the
+test's nursery, so `accept_result` commits receipts exactly as in production.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from eth_account import Account
+
+from sogni_coordinator.billing import Billing
+from sogni_coordinator.dispatch import Dispatcher, Submission
+from sogni_coordinator.jobs import NodeLink
+from sogni_coordinator.ledger import Ledger
+from sogni_coordinator.reputation import Reputation
+from sogni_coordinator.routing import Router
+from sogni_coordinator.store import Store
+from sogni_protocol import eip712
+from sogni_protocol.eip712 import Domain
+from sogni_protocol.messages import (
+    Cancel,
+    Capabilities,
+    Message,
+    Offer,
+    Receipt,
+    RenderMeta,
+    RenderRequest,
+    Result,
+)
+
+MODEL = "sogni-tiny-sd"
+DOMAIN = Domain(8453, "0x" + "42" * 20)
+SIGNER = Account.from_key(b"\x05" * 32)
+PNG = b"\x89PNG\r\n\x1a\n a test image"
+FLOOR = 10.0
+"""Deadline floor: every test job (64x64, few steps) gets exactly this budget."""
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def request(n: int = 1, **kw: Any) -> RenderRequest:
+    fields: dict[str, Any] = {
+        "model_id": MODEL,
+        "positive_prompt": "a red circle",
+        "steps": 10,
+        "guidance": 4.0,
+        "width": 64,
+        "height": 64,
+        "seed": 1,
+        "number_of_images": n,
+    }
+    return RenderRequest(**(fields | kw))
+
+
+@dataclass
+class FakeNode:
+    """A node as the dispatcher sees it: a link, and the outbox's other end."""
+
+    link: NodeLink
+    key: bytes
+    inbox: trio.MemoryReceiveChannel[Message]
+    seen: list[Message] = field(default_factory=list)
+
+    @property
+    def wallet(self) -> str:
+        return self.link.wallet
+
+    def drain(self) -> list[Message]:
+        """Everything the dispatcher sent since the last call."""
+        out = []
+        while True:
+            try:
+                out.append(self.inbox.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+        self.seen.extend(out)
+        return out
+
+    def offers(self) -> list[Offer]:
+        return [m for m in self.drain() if isinstance(m, Offer)]
+
+    def cancels(self) -> list[Cancel]:
+        self.drain()
+        return [m for m in self.seen if isinstance(m, Cancel)]
+
+    def result(self, offer: Offer, *, steps_done: int | None = None, image: bytes = PNG) -> Result:
+        """A correctly signed result; `steps_done` below the job's steps: a partial one."""
+        o = offer.offer
+        done = o.steps if steps_done is None else steps_done
+        if done < o.steps and image is PNG:
+            image = b""
+        receipt = Receipt(
+            job_id=o.job_id,
+            offer_hash=eip712.offer_hash(DOMAIN, o),
+            worker=self.wallet,
+            coordinator=o.coordinator,
+            model_id=o.model_id,
+            result_hash=hashlib.sha256(image).digest(),
+            steps_done=done,
+            work_units=o.work_units * done // o.steps,
+            completed_at=1_700_000_000,
+        )
+        return Result(
+            job_id=o.job_id,
+            image=image,
+            receipt=receipt,
+            signature=eip712.sign_receipt(self.key, DOMAIN, receipt),
+            meta=RenderMeta(backend="test", device="cpu", dtype="fp32", threads=1),
+        )
+
+
+class Harness:
+    def __init__(self, path: Path, nursery: trio.Nursery, *, billing: bool = False) -> None:
+        self.path = path
+        self.nursery = nursery
+        self.clock = FakeClock()
+        self.store = Store(path)
+        self.reputation = Reputation(path, clock=self.clock)
+        self.ledger = Ledger(path) if billing else None
+        self.orphans: list[tuple[bytes, int, bytes]] = []
+        self._start()
+
+    def _start(self) -> None:
+        """A dispatcher, and its group commit task (the rest of `run` the test drives)."""
+        self.dispatcher = self._dispatcher()
+        self._commits = scope = trio.CancelScope()
+        receipts = self.dispatcher.receipts
+
+        async def commit_receipts() -> None:
+            with scope:
+                await receipts.run()
+
+        self.nursery.start_soon(commit_receipts)
+
+    def _dispatcher(self) -> Dispatcher:
+        router = Router(self.reputation, rng=random.Random(7), clock=self.clock)
+        return Dispatcher(
+            self.store,
+            signer_key=bytes(SIGNER.key),
+            signer_address=SIGNER.address,
+            domain=DOMAIN,
+            router=router,
+            deadline_floor=FLOOR,
+            deadline_base=0.0,
+            clock=self.clock,
+            billing=None if self.ledger is None else Billing(self.ledger, DOMAIN),
+        )
+
+    def restart(self) -> None:
+        """Stop and start the coordinator on the same database (nodes and clients gone)."""
+        self.close()
+        self.store = Store(self.path)
+        self.reputation = Reputation(self.path, clock=self.clock)
+        self.ledger = None if self.ledger is None else Ledger(self.path)
+        self._start()
+
+    def close(self) -> None:
+        self._commits.cancel()
+        for db in (self.store, self.reputation, self.ledger):
+            if db is not None:
+                db.close()
+
+    def node(self, n: int, *, slots: int = 1, ready: bool = True) -> FakeNode:
+        key = bytes([n + 1]) * 32
+        wallet = Account.from_key(key).address
+        send, inbox = trio.open_memory_channel[Message](1000)
+        caps = Capabilities(
+            peer_id=f"peer-{n}",
+            wallet=wallet,
+            expiry=0,
+            models=[MODEL],
+            slots=slots,
+            backend="test",
+            device="cpu",
+            max_pixels=0,
+        )
+        link = self.dispatcher.node_joined(f"peer-{n}", caps, send)
+        if ready:
+            self.dispatcher.ready(link, slots)
+        return FakeNode(link, key, inbox)
+
+    def submit(self, req: RenderRequest) -> Submission:
+        return self.dispatcher.submit(
+            req,
+            client_peer="client",
+            allowed_models={MODEL},
+            on_orphan=lambda *image: self.orphans.append(image),
+        )
+
+    async def deliver(self, node: FakeNode, offer: Offer, **kw: Any) -> None:
+        await self.dispatcher.accept_result(node.link, node.result(offer, **kw))
+
+
+def events(sub: Submission) -> list[Message]:
+    out = []
+    while True:
+        try:
+            out.append(sub.events.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return out
+
+
+@pytest.fixture
+async def coord(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Harness]:
+    h = Harness(tmp_path / "coordinator.db", nursery)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+async def paid(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Harness]:
+    """A coordinator that charges: ledger and billing on the same database."""
+    h = Harness(tmp_path / "coordinator.db", nursery, billing=True)
+    yield h
+    h.close()

@@ -1,0 +1,297 @@
+"""The dispatcher's lifecycle driven through its public API, on a fake clock and real SQLite:
+deadlines, stragglers, the attempts limit, cancel with partial pay, restart restore."""
+
+from __future__ import annotations
+
+import pytest
+from eth_account import Account
+
+from sogni_app.api import authorize
+from sogni_coordinator.dispatch import MAX_ATTEMPTS, Refusal, ResultRefused
+from sogni_coordinator.job_state import JobState
+from sogni_coordinator.ledger import partial_value, reserved_account, worker_account
+from sogni_protocol.messages import JobFailed, JobImage, RequestAccepted
+from sogni_protocol.pricing import quote
+
+from .conftest import FLOOR, Harness, events, request
+
+
+def _job_state(h: Harness, job_id: bytes) -> JobState | None:
+    job = h.dispatcher.jobs.get(job_id)
+    return job.state if job is not None else h.store.job_state(job_id)
+
+
+# --- submit -------------------------------------------------------------------------------
+async def test_submit_commits_and_queues_one_job_per_image(coord: Harness) -> None:
+    sub = coord.submit(request(3))
+    assert isinstance(sub.accepted, RequestAccepted)
+    assert sub.accepted.cost_micro == 0  # billing off
+    ids = sub.accepted.job_ids
+    assert [s.job_id for s in coord.store.live_jobs()] == ids
+    assert [j.job_id for j in coord.dispatcher.queue] == ids
+    assert all(_job_state(coord, j) is JobState.QUEUED for j in ids)
+    assert coord.dispatcher.job_counts() == {"queued": 3, "running": 0, "cancelling": 0}
+
+
+async def test_submit_refuses_with_a_code_and_a_reason(coord: Harness) -> None:
+    with pytest.raises(Refusal) as info:
+        coord.submit(request(model_id="not-served"))
+    assert info.value.code == "unknown_model" and "not-served" in info.value.reason
+    with pytest.raises(Refusal, match="no connected node has it"):  # no configured list
+        coord.dispatcher.submit(
+            request(), client_peer="c", allowed_models=set(), on_orphan=lambda *_: None
+        )
+    with pytest.raises(Refusal) as info:
+        coord.dispatcher.account(None, "peer")  # type: ignore[arg-type]
+    assert info.value.code == "billing_off"
+    assert coord.store.counts().get("queued", 0) == 0  # nothing refused was stored
+
+
+async def test_a_blacklisted_wallet_cannot_join(coord: Harness) -> None:
+    node = coord.node(0)
+    for _ in range(5):
+        coord.reputation.strike(node.wallet)
+    coord.dispatcher.node_left(node.link, "bye")
+    with pytest.raises(Refusal, match="blacklisted"):
+        coord.node(0)
+
+
+# --- deadlines and lost nodes ---------------------------------------------------------------
+async def test_missed_deadline_cancels_requeues_and_costs_reputation(coord: Harness) -> None:
+    sub = coord.submit(request(1))
+    (job_id,) = sub.accepted.job_ids
+    a = coord.node(0)
+    coord.dispatcher.match()
+    (offer,) = a.offers()
+    assert _job_state(coord, job_id) is JobState.RUNNING
+    coord.clock.advance(FLOOR - 1)
+    coord.dispatcher.sweep()
+    assert a.cancels() == [] and _job_state(coord, job_id) is JobState.RUNNING
+    coord.clock.advance(2)
+    coord.dispatcher.sweep()
+    assert [c.job_id for c in a.cancels()] == [job_id]
+    assert not a.cancels()[0].pay_partial
+    assert _job_state(coord, job_id) is JobState.QUEUED
+    assert coord.store.live_jobs()[0].attempts == 1  # durable across a restart
+    assert coord.reputation.get(a.wallet).failures == 1
+    assert a.link.inflight == {}
+    # another node takes it; the first node's late receipt still counts (work saved), once
+    b = coord.node(1)
+    coord.dispatcher.match()
+    (copy,) = b.offers()
+    assert copy.offer.job_id == job_id
+    await coord.deliver(a, offer)
+    assert _job_state(coord, job_id) is JobState.DONE
+    assert [c.job_id for c in b.cancels()] == [job_id]  # the other holder is stopped
+    with pytest.raises(ResultRefused, match="already receipted"):
+        await coord.deliver(b, copy)
+    assert coord.reputation.get(b.wallet).failures == 0  # b no longer held it: no strike
+    assert [type(m) for m in events(sub)] == [JobImage]
+    assert sub.state.finished.is_set() and sub.state.delivered == 1
+
+
+async def test_a_node_that_leaves_gives_its_jobs_back_to_the_front(coord: Harness) -> None:
+    first = coord.submit(request(1))
+    a = coord.node(0)
+    coord.dispatcher.match()
+    assert len(a.offers()) == 1
+    second = coord.submit(request(1))
+    coord.dispatcher.node_left(a.link, "stream closed")
+    assert [j.job_id for j in coord.dispatcher.queue if j.state is JobState.QUEUED] == [
+        first.accepted.job_ids[0],
+        second.accepted.job_ids[0],
+    ]
+    assert coord.reputation.get(a.wallet).failures == 1
+    assert coord.dispatcher.nodes == {}
+
+
+async def test_attempts_limit_fails_the_job_and_tells_the_client(coord: Harness) -> None:
+    sub = coord.submit(request(1))
+    (job_id,) = sub.accepted.job_ids
+    a = coord.node(0)
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        coord.dispatcher.ready(a.link, 1)
+        coord.dispatcher.match()
+        (offer,) = a.offers()
+        assert offer.offer.job_id == job_id
+        coord.dispatcher.handed_back(a.link, job_id, "render failed")
+        if attempt < MAX_ATTEMPTS:
+            assert _job_state(coord, job_id) is JobState.QUEUED
+    assert _job_state(coord, job_id) is JobState.FAILED
+    assert coord.store.job_state(job_id) is JobState.FAILED
+    (failed,) = events(sub)
+    assert isinstance(failed, JobFailed) and f"after {MAX_ATTEMPTS} attempts" in failed.reason
+    assert "render failed" in failed.reason
+    assert sub.state.finished.is_set() and sub.state.failed == 1
+    assert coord.reputation.get(a.wallet).failures == 0  # hand-backs are not penalised
+    coord.dispatcher.ready(a.link, 1)
+    coord.dispatcher.match()
+    assert a.offers() == []
+
+
+async def test_a_job_no_connected_node_can_serve_fails_after_the_grace(coord: Harness) -> None:
+    sub = coord.submit(request(1))  # the model is configured: accepted without any node
+    coord.clock.advance(coord.dispatcher.no_node_grace - 1)
+    coord.dispatcher.sweep()
+    assert events(sub) == []
+    coord.clock.advance(2)
+    coord.dispatcher.sweep()
+    (failed,) = events(sub)
+    assert isinstance(failed, JobFailed) and "no connected node can serve" in failed.reason
+    assert coord.store.job_state(sub.accepted.job_ids[0]) is JobState.FAILED
+
+
+# --- stragglers ------------------------------------------------------------------------------
+async def test_a_straggler_is_copied_and_the_first_receipt_wins(coord: Harness) -> None:
+    sub = coord.submit(request(4))
+    a = coord.node(0, slots=4)
+    coord.dispatcher.match()
+    offers = a.offers()
+    assert len(offers) == 4
+    coord.clock.advance(1)
+    for offer in offers[:3]:
+        await coord.deliver(a, offer)
+    slow = offers[3]
+    b = coord.node(1)
+    coord.clock.advance(1.5)  # running 2.5 s against a median of 1 s: 2.5 > 2 x 1
+    coord.dispatcher.sweep()
+    (copy,) = b.offers()
+    assert copy.offer.job_id == slow.offer.job_id
+    job = coord.dispatcher.jobs[slow.offer.job_id]
+    assert job.state is JobState.RUNNING and set(job.holders) == {a.link, b.link}
+    coord.dispatcher.sweep()
+    assert b.offers() == []  # one copy only
+    await coord.deliver(b, copy)
+    assert [c.job_id for c in a.cancels()] == [slow.offer.job_id]
+    with pytest.raises(ResultRefused, match="already receipted"):
+        await coord.deliver(a, slow)
+    assert coord.reputation.get(a.wallet).failures == 0
+    images = [m for m in events(sub) if isinstance(m, JobImage)]
+    assert sorted(m.index for m in images) == [0, 1, 2, 3]
+    assert sub.state.finished.is_set() and sub.state.delivered == 4
+    assert len(coord.store.receipts()) == 4
+
+
+# --- cancel ---------------------------------------------------------------------------------
+async def test_cancel_ends_queued_jobs_and_pays_running_ones_pro_rata(paid: Harness) -> None:
+    payer = Account.create()
+    assert paid.ledger is not None
+    paid.ledger.credit_purchase(payer.address, 1)
+    req = request(3)
+    sub = paid.submit(authorize(req, bytes(payer.key), paid.dispatcher.domain))
+    per_image = quote(req).per_image.spark_micro
+    assert sub.accepted.cost_micro == 3 * per_image
+    a = paid.node(0)
+    paid.dispatcher.match()
+    (offer,) = a.offers()
+    running, *queued = sub.accepted.job_ids
+    assert offer.offer.job_id == running
+
+    paid.dispatcher.cancel_request(sub.accepted.request_id)
+    assert [(c.job_id, c.pay_partial) for c in a.cancels()] == [(running, True)]
+    assert _job_state(paid, running) is JobState.CANCELLING
+    assert paid.store.job_state(running) is JobState.CANCELLING  # a restart will not redo it
+    assert all(paid.store.job_state(j) is JobState.CANCELLED for j in queued)
+    paid.dispatcher.cancel_request(sub.accepted.request_id)  # twice: nothing more happens
+    assert len(a.cancels()) == 1
+
+    with pytest.raises(ResultRefused, match="no image"):  # partial means no image
+        await paid.deliver(a, offer, steps_done=4, image=b"\x89PNG\r\n\x1a\n")
+    # a bad result from the holder is a strike and lets go of the job: being cancelled, it ends
+    assert len(paid.reputation.get(a.wallet).strikes) == 1
+    assert _job_state(paid, running) is JobState.CANCELLED
+    assert paid.store.receipts() == []
+    assert not [m for m in events(sub) if isinstance(m, JobImage)]
+    assert sub.state.finished.is_set() and sub.state.cancelled == 3
+    assert paid.ledger.balance(payer.address)["spark_paid"] == 1_000_000  # all refunded
+
+
+async def test_a_partial_receipt_is_paid_for_the_steps_done(paid: Harness) -> None:
+    payer = Account.create()
+    assert paid.ledger is not None
+    paid.ledger.credit_purchase(payer.address, 1)
+    req = request(2)
+    sub = paid.submit(authorize(req, bytes(payer.key), paid.dispatcher.domain))
+    per_image = quote(req).per_image.spark_micro
+    a = paid.node(0)
+    paid.dispatcher.match()
+    (offer,) = a.offers()
+    paid.dispatcher.cancel_request(sub.accepted.request_id)
+    await paid.deliver(a, offer, steps_done=4)
+    (stored,) = paid.store.receipts()
+    assert stored.receipt.steps_done == 4 and stored.receipt.work_units == (
+        offer.offer.work_units * 4 // 10
+    )
+    assert paid.store.job_state(offer.offer.job_id) is JobState.CANCELLED
+    charged = partial_value(per_image, 4, 10)
+    assert paid.ledger.balance(payer.address)["spark_paid"] == 1_000_000 - charged
+    assert sum(paid.ledger.balance(worker_account(a.wallet)).values()) > 0
+    assert sum(paid.ledger.balance(reserved_account(sub.accepted.request_id)).values()) == 0
+    assert not [m for m in events(sub) if isinstance(m, JobImage)]
+    assert (sub.state.delivered, sub.state.cancelled) == (0, 2)
+    with pytest.raises(ResultRefused, match="already receipted"):  # paid once
+        await paid.deliver(a, offer, steps_done=5)
+
+
+async def test_a_partial_receipt_for_a_running_job_is_refused_as_a_strike(
+    coord: Harness,
+) -> None:
+    sub = coord.submit(request(1))
+    a = coord.node(0)
+    coord.dispatcher.match()
+    (offer,) = a.offers()
+    with pytest.raises(ResultRefused, match="not cancelled"):
+        await coord.deliver(a, offer, steps_done=3)
+    assert coord.store.receipts() == []
+    assert len(coord.reputation.get(a.wallet).strikes) == 1
+    assert _job_state(coord, sub.accepted.job_ids[0]) is JobState.QUEUED  # re-queued
+
+
+# --- restart --------------------------------------------------------------------------------
+async def test_restart_requeues_live_jobs_and_never_ended_ones(coord: Harness) -> None:
+    main = coord.submit(request(3))  # one done, one running, one queued
+    cancelled_running = coord.submit(request(1))
+    cancelled_queued = coord.submit(request(1))
+    a = coord.node(0, slots=2)
+    coord.dispatcher.match()
+    first, second = a.offers()
+    assert (first.offer.job_id, second.offer.job_id) == tuple(main.accepted.job_ids[:2])
+    await coord.deliver(a, first)
+    coord.dispatcher.ready(a.link, 2)  # one slot busy
+    coord.dispatcher.match()
+    (third,) = a.offers()
+    assert third.offer.job_id == main.accepted.job_ids[2]
+    coord.dispatcher.handed_back(a.link, third.offer.job_id, "shutdown")  # attempt 1 spent
+    coord.dispatcher.ready(a.link, 2)  # one slot busy
+    coord.dispatcher.match()
+    (other,) = a.offers()
+    assert other.offer.job_id == main.accepted.job_ids[2]  # back at the front
+    coord.dispatcher.cancel_request(cancelled_queued.accepted.request_id)
+    c = coord.node(2)
+    coord.dispatcher.match()
+    (doomed,) = c.offers()
+    assert doomed.offer.job_id == cancelled_running.accepted.job_ids[0]
+    coord.dispatcher.cancel_request(cancelled_running.accepted.request_id)  # CANCELLING
+
+    coord.restart()  # nodes and clients are gone; every offer is void
+    restored = coord.dispatcher.restore(lambda *image: coord.orphans.append(image))
+    live = main.accepted.job_ids[1:]
+    assert restored == 2
+    assert set(coord.dispatcher.jobs) == set(live)
+    assert coord.store.job_state(main.accepted.job_ids[0]) is JobState.DONE
+    assert coord.store.job_state(doomed.offer.job_id) is JobState.CANCELLED  # not redone
+    assert [s.job_id for s in coord.store.live_jobs()] == live
+    assert {s.job_id: s.attempts for s in coord.store.live_jobs()}[live[1]] == 1
+
+    b = coord.node(1, slots=4)
+    coord.dispatcher.match()
+    offers = b.offers()
+    assert sorted(o.offer.job_id for o in offers) == sorted(live)
+    for offer in offers:
+        await coord.deliver(b, offer)
+    assert sorted(index for _, index, _ in coord.orphans) == [1, 2]  # client gone: to disk
+    assert coord.store.live_jobs() == []
+    assert coord.dispatcher.requests == {}
+    # and a second restart has nothing to do
+    coord.restart()
+    assert coord.dispatcher.restore(lambda *_: None) == 0

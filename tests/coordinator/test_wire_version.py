@@ -1,0 +1,158 @@
+"""The wire version is settled by a stream's first frame: a peer of another version hears
+why (`HelloRefused`, `RequestRefused`), and a node says so in one line instead of a bare
+"channel closed". Sessions run over a scripted channel, no libp2p."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+import msgspec
+import pytest
+
+from sogni_coordinator.client_session import serve_client
+from sogni_coordinator.node_session import serve_node
+from sogni_net import Channel
+from sogni_node.pull import NodeIdentity, PullSession, SessionRefused
+from sogni_protocol import eip712
+from sogni_protocol.ids import WIRE_VERSION
+from sogni_protocol.messages import (
+    Capabilities,
+    HelloRefused,
+    Message,
+    NodeHello,
+    RequestRefused,
+    Welcome,
+    decode,
+    encode,
+)
+
+from .conftest import DOMAIN, MODEL, SIGNER, Harness
+
+V2 = WIRE_VERSION + 1
+
+
+class ScriptedChannel:
+    """Receives the given frames (decoded as a real channel does), records what is sent."""
+
+    remote_peer_id = "peer-x"
+
+    def __init__(self, *frames: bytes) -> None:
+        self.frames = list(frames)
+        self.sent: list[Message] = []
+        self.closed = False
+
+    async def receive(self, *, limit: int = 0, timeout: float = 0) -> Message:
+        return decode(self.frames.pop(0))
+
+    async def send(self, message: Message, **_: Any) -> None:
+        self.sent.append(decode(encode(message)))
+
+    async def close(self, **_: Any) -> None:
+        self.closed = True
+
+
+def _as_version(message: Message, v: int, **extra: Any) -> bytes:
+    raw = msgspec.to_builtins(message)
+    return msgspec.msgpack.encode({**raw, "v": v, **extra})
+
+
+def _caps(peer: str = "peer-x") -> Capabilities:
+    return Capabilities(
+        peer_id=peer,
+        wallet=SIGNER.address,
+        expiry=2_000_000_000,
+        models=[MODEL],
+        slots=1,
+        backend="test",
+        device="cpu",
+        max_pixels=0,
+    )
+
+
+def _hello() -> NodeHello:
+    caps = _caps()
+    return NodeHello(
+        capabilities=caps,
+        binding_signature=eip712.sign_binding(bytes(SIGNER.key), DOMAIN, caps),
+    )
+
+
+async def test_coordinator_refuses_a_hello_of_another_version_saying_why(
+    coord: Harness,
+) -> None:
+    channel = ScriptedChannel(_as_version(_hello(), V2, aFieldFromTheFuture=1))
+    await serve_node(
+        cast(Channel, channel), coord.dispatcher, heartbeat_interval=1, heartbeat_timeout=3
+    )
+    assert channel.sent == [
+        HelloRefused(
+            reason=f"wire version {V2} is not supported: this coordinator speaks {WIRE_VERSION}"
+        )
+    ]
+    assert channel.closed and coord.dispatcher.nodes == {}
+
+
+async def test_other_refused_hellos_are_explained_too(coord: Harness) -> None:
+    signature = _hello().binding_signature  # bound to peer-x, claimed for another peer
+    forged = NodeHello(capabilities=_caps("another-peer"), binding_signature=signature)
+    channel = ScriptedChannel(encode(forged))
+    await serve_node(
+        cast(Channel, channel), coord.dispatcher, heartbeat_interval=1, heartbeat_timeout=3
+    )
+    (refused,) = channel.sent
+    assert isinstance(refused, HelloRefused) and refused.reason
+    assert channel.closed and coord.dispatcher.nodes == {}
+
+
+async def test_client_first_frame_of_another_version_is_refused(
+    coord: Harness, tmp_path: Path
+) -> None:
+    frame = msgspec.msgpack.encode(
+        {"type": "renderRequest", "v": V2, "modelId": MODEL, "positivePrompt": "p"}
+    )
+    channel = ScriptedChannel(frame)
+    await serve_client(
+        cast(Channel, channel), coord.dispatcher, allowed_models={MODEL}, results_dir=tmp_path
+    )
+    assert channel.sent == [
+        RequestRefused(
+            code="unsupported_version",
+            reason=f"wire version {V2} is not supported: this coordinator speaks {WIRE_VERSION}",
+        )
+    ]
+    assert channel.closed and coord.dispatcher.requests == {}
+
+
+def _session() -> PullSession:
+    identity = NodeIdentity(
+        wallet_address=SIGNER.address,
+        wallet_key=bytes(SIGNER.key),
+        domain=DOMAIN,
+        trusted=frozenset({SIGNER.address.lower()}),
+    )
+    return PullSession(None, "addr", identity, None, None, _caps())  # type: ignore[arg-type]
+
+
+async def test_node_reports_the_coordinators_refusal_in_one_line() -> None:
+    reason = f"wire version {V2} is not supported: this coordinator speaks {WIRE_VERSION}"
+    # a newer coordinator's refusal, read although it carries another version
+    channel = ScriptedChannel(_as_version(HelloRefused(reason=reason), V2))
+    with pytest.raises(SessionRefused) as info:
+        await _session()._handshake(cast(Channel, channel))
+    assert str(info.value) == f"coordinator refused this node: {reason}"
+    assert isinstance(channel.sent[0], NodeHello)
+
+
+async def test_node_refuses_a_welcome_of_another_version() -> None:
+    welcome = Welcome(
+        coordinator=SIGNER.address,
+        chain_id=DOMAIN.chain_id,
+        verifying_contract=DOMAIN.verifying_contract,
+        heartbeat_interval=1.0,
+    )
+    channel = ScriptedChannel(_as_version(welcome, V2))
+    with pytest.raises(SessionRefused, match=f"wire version {V2} is not supported: this node"):
+        await _session()._handshake(cast(Channel, channel))
+    ok = ScriptedChannel(encode(welcome))
+    await _session()._handshake(cast(Channel, ok))  # the same at our version is welcome
