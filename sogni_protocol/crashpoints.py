@@ -1,0 +1,33 @@
+"""Named crash points for the crash-matrix tests: `crashpoint("after_receipt_commit")` kills
+this process with SIGKILL right there when `SOGNI_CRASHPOINT` names that point.
+
+Why named points and not timing: a test that says "kill the coordinator after it committed the
+receipt but before it acked" must hit exactly that window on every machine, every run. Outside
+tests the variable is unset and a crash point costs one dictionary lookup.
+
+`SOGNI_CRASHPOINT` may hold several names separated by commas; `SOGNI_CRASHPOINT_SKIP=N` lets
+the first N hits pass (crash on the N+1-th), so a test can crash mid-stream, not on the first
+job.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+__all__ = ["CRASHPOINT_ENV", "crashpoint"]
+
+CRASHPOINT_ENV = "SOGNI_CRASHPOINT"
+_hits: dict[str, int] = {}
+
+
+def crashpoint(name: str) -> None:
+    """SIGKILL this process if `SOGNI_CRASHPOINT` names `name` (after the allowed skips)."""
+    wanted = os.environ.get(CRASHPOINT_ENV)
+    if not wanted or name not in wanted.split(","):
+        return
+    seen = _hits.get(name, 0)
+    _hits[name] = seen + 1
+    if seen < int(os.environ.get("SOGNI_CRASHPOINT_SKIP", "0")):
+        return
+    os.kill(os.getpid(), signal.SIGKILL)
