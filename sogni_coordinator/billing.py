@@ -58,8 +58,6 @@ MAX_AUTHORIZATION_SECONDS = 24 * 3600
 """A payer authorization may not outlive a day: it bounds the replay memory."""
 MAX_QUERY_SECONDS = 3600
 """A signed balance query may not be valid for longer than an hour."""
-STAKE_TTL_SECONDS = 300.0
-"""How long a worker's stake read from chain is reused (unstaking takes 7 days anyway)."""
 
 
 class Refusal(Exception):
@@ -88,11 +86,11 @@ class Billing:
     rules: PayoutRules = field(default_factory=lambda: SettlementConfig().rules())
     """Stake tiers, take rates and the creator share (the `[settlement]` table)."""
     standing: StandingLookup = no_chain
-    """Licence and stake of a wallet, from the chain link (none: every worker is tier 0)."""
+    """Licence and stake of a wallet: the service's `StandingCache`, so settling never waits
+    for the chain (none: every worker is tier 0)."""
     clock: Callable[[], float] = time.time
     _reservations: dict[bytes, Reservation] = field(default_factory=dict)
     _models: dict[bytes, str] = field(default_factory=dict)
-    _stakes: dict[str, tuple[float, int]] = field(default_factory=dict)
 
     # --- render requests -------------------------------------------------------------------
     def admit(self, request: RenderRequest, request_id: bytes) -> int:
@@ -129,46 +127,63 @@ class Billing:
         return self.rules.take_bps(self._stake_wei(worker))
 
     def _stake_wei(self, worker: str) -> int | None:
-        """The worker's active stake (cached for `STAKE_TTL_SECONDS`); on a chain error the
-        last value read, else None (tier 0, the highest take)."""
-        wallet = worker.lower()
-        now = self.clock()
-        cached = self._stakes.get(wallet)
-        if cached is not None and now - cached[0] < STAKE_TTL_SECONDS:
-            return cached[1] * SOGNI
+        """The worker's active stake as `standing` has it (a `StandingCache` in the service:
+        memory only, never the chain); None (tier 0, the highest take) if it fails."""
         try:
-            stake = self.standing(worker).stake
-        except Exception as exc:  # web3 raises many kinds; the receipt must still be paid
-            log.warning("stake_lookup_failed", wallet=wallet, error=type(exc).__name__)
-            return None if cached is None else cached[1] * SOGNI
-        self._stakes[wallet] = (now, stake)
-        return stake * SOGNI
+            return self.standing(worker).stake * SOGNI
+        except Exception as exc:  # a raw chain lookup raises many kinds; pay anyway
+            log.warning("stake_lookup_failed", wallet=worker.lower(), error=type(exc).__name__)
+            return None
 
     def settle(
         self, request_id: bytes, job_id: bytes, worker: str, steps_done: int, steps: int
     ) -> None:
-        """One receipt: pay its value (pro rata for a cancelled job) out of the reservation."""
+        """One receipt: pay its value (pro rata for a cancelled job) out of the reservation.
+
+        The amounts are decided now; the ledger write joins the database's write queue (the
+        group commit's next transaction, off the event loop). Paying twice is impossible
+        (the ledger settles a job id once) and a settlement lost in a crash is redone by
+        `restore` from the stored receipt.
+        """
         reservation = self._reservations.get(request_id)
         if reservation is None:
             return
+        self.ledger.submit(
+            "settle",
+            self._settle_now,
+            request_id,
+            partial_value(reservation.per_image, steps_done, steps),
+            worker,
+            self.take_rate_bps(worker),
+            self._models[request_id],
+            job_id,
+        )
+
+    def _settle_now(
+        self, request_id: bytes, value: int, worker: str, take_bps: int, model: str, job: bytes
+    ) -> None:
         try:
             self.ledger.settle(
                 request_id,
-                partial_value(reservation.per_image, steps_done, steps),
+                value,
                 worker,
-                self.take_rate_bps(worker),
+                take_bps,
                 self.rules.creator_share_bps,
-                model_id=self._models[request_id],
-                job_id=job_id,
+                model_id=model,
+                job_id=job,
             )
         except LedgerError as exc:  # the receipt is stored; the money can be reconciled
             log.error("ledger_settle_failed", request=request_id.hex()[:16], error=str(exc))
 
     def finish(self, request_id: bytes) -> None:
-        """The request ended (all delivered, failed or given up): refund what is left."""
+        """The request ended (all delivered, failed or given up): refund what is left, after
+        every settlement queued before (one queue, in order)."""
         if self._reservations.pop(request_id, None) is None:
             return
         self._models.pop(request_id, None)
+        self.ledger.submit("refund", self._refund_now, request_id)
+
+    def _refund_now(self, request_id: bytes) -> None:
         refunded = self.ledger.refund(request_id)
         if any(refunded.values()):
             log.info("request_refunded", request=request_id.hex()[:16], refunded=refunded)

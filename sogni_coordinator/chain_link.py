@@ -4,16 +4,20 @@ When `chain_url` and `addresses_file` are configured, the service closes epochs 
 (`settlement.epoch_seconds`) and reads each node wallet's licence and stake for tier routing
 and selection weight. Without them (the embedded chain lives in one process only) epochs are
 closed by `sogni-coordinator epoch close` or by the demo launcher.
+
+Every call here blocks (web3 over HTTP): the event loop reaches them only through
+`standing.StandingCache` (`standing_cache`), which runs them in worker threads.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sogni_coordinator.config import CoordinatorConfig
-from sogni_coordinator.standing import Standing
+from sogni_coordinator.standing import Standing, StandingCache
 from sogni_coordinator.store import Store
 
 if TYPE_CHECKING:
@@ -21,6 +25,11 @@ if TYPE_CHECKING:
     from sogni_coordinator.settlement import Settler
 
 WEI_PER_SOGNI = 10**18
+MAX_LOG_BLOCKS = 5_000
+"""A wider gap between polls (a long outage) invalidates every wallet instead of asking
+the node for that many blocks of logs."""
+_STAKE_EVENTS = ("Staked", "UnstakeRequested", "Withdrawn", "Slashed")
+_ZERO_ADDRESS = "0x" + "00" * 20
 
 
 def publish_dir(config: CoordinatorConfig) -> Path:
@@ -39,6 +48,40 @@ class ChainLink:
         licensed = self.deployment.license.has_valid_license(wallet)
         stake = self.deployment.staking.active_stake(wallet) // WEI_PER_SOGNI
         return Standing(licensed, int(stake))
+
+    def standing_changes(self) -> Callable[[], set[str] | None]:
+        """A feed of wallets whose standing changed since its previous call, from staking
+        and licence events (None: a blacklisting or a gap too wide, any may have)."""
+        w3 = self.deployment.chain.w3
+        staking = self.deployment.staking.contract
+        licence = self.deployment.license.contract
+        cursor: int | None = None
+
+        def poll() -> set[str] | None:
+            nonlocal cursor
+            head = int(w3.eth.block_number)
+            if cursor is None or head - cursor >= MAX_LOG_BLOCKS:
+                first, cursor = cursor is None, head + 1
+                return set() if first else None
+            if head < cursor:
+                return set()
+            span = {"from_block": cursor, "to_block": head}
+            changed: set[str] = set()
+            for name in _STAKE_EVENTS:
+                for entry in staking.events[name]().get_logs(**span):
+                    changed.add(str(entry["args"]["account"]).lower())
+            for entry in licence.events.Transfer().get_logs(**span):
+                changed.update(str(entry["args"][k]).lower() for k in ("from", "to"))
+            blacklisted = licence.events.Blacklisted().get_logs(**span)
+            cursor = head + 1
+            changed.discard(_ZERO_ADDRESS)  # a mint's `from`, a burn's `to`
+            return None if blacklisted else changed
+
+        return poll
+
+    def standing_cache(self, **kw: Any) -> StandingCache:
+        """What routing and billing read (never blocking); its `run` polls the events."""
+        return StandingCache(self.standing, changes=self.standing_changes(), **kw)
 
 
 def connect_chain(config: CoordinatorConfig, private_key: bytes, store: Store) -> ChainLink | None:

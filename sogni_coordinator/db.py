@@ -1,8 +1,24 @@
 """The coordinator's SQLite databases share one way of opening, migrating and writing.
 
-One connection per component, guarded by a lock so trio worker threads (settlement) can use
-it too; WAL so readers (the CLI, settlement) never block the writer; `BEGIN IMMEDIATE`
-transactions so a write never fails half-way on a lock upgrade.
+One connection per database file in this process: store, ledger and reputation share
+`config.database`, and three connections to one file turned every overlap into a busy
+timeout (`sqlite3.OperationalError: database is locked`) raised in the middle of a session.
+The shared connection has one re-entrant lock, so trio worker threads (the write queue,
+settlement) can use it too; WAL so other processes' readers (the CLI) never block the
+writer; `BEGIN IMMEDIATE` transactions so a write never fails half-way on a lock upgrade.
+Another process holding the write lock delays a transaction (`busy_timeout`, then retries
+until `WRITE_DEADLINE`) and only then fails, with `DatabaseBusy` naming the file.
+
+Writes leave the event loop through the file's write queue: `call` (awaited) and `submit`
+(fire and forget) queue a write; while `run_writer` runs (the group commit runs it), a
+worker thread applies everything queued in one transaction, so one fsync serves a whole
+group of receipts, ledger settlements and reputation updates. Each write has its own
+savepoint: one that raises is rolled back alone and its caller hears the error. The queue
+is one order for the whole file. A component's synchronous transaction, and its reads
+under `_lock`, first apply the queue when it holds writes of that component: a refund
+queued before a reservation is seen by it, and a read sees every write submitted before
+it, while the store's own writes do not pull the ledger's onto the event loop. Without a
+running writer (tests, the CLI), `submit` writes at once and `call` in a worker thread.
 
 Schemas are versioned per component (store, ledger and reputation share one file, so one
 `PRAGMA user_version` cannot serve them all): `schema_versions` records each component's
@@ -15,13 +31,27 @@ is refused: running old code on it could misread or corrupt rows it does not und
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypeVar
+
+import trio
+
+from sogni_protocol.logs import get_logger
+
+log = get_logger(__name__)
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 1_000
+"""SQLite's own wait for another process's write lock, per attempt."""
+WRITE_DEADLINE = 30.0
+"""How long a transaction keeps retrying a locked database before `DatabaseBusy`."""
 
 _VERSIONS_TABLE = """
 CREATE TABLE IF NOT EXISTS schema_versions (
@@ -34,6 +64,10 @@ CREATE TABLE IF NOT EXISTS schema_versions (
 
 class SchemaTooNew(RuntimeError):
     """The database was written by a newer release than this code."""
+
+
+class DatabaseBusy(RuntimeError):
+    """Another process held the database's write lock past `WRITE_DEADLINE`."""
 
 
 def statements(script: str) -> list[str]:
@@ -54,6 +88,235 @@ def schema_version(db: sqlite3.Connection, component: str) -> int:
     return 0 if row is None else int(row[0])
 
 
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "locked" in text or "busy" in text
+
+
+Done = Callable[[Any, BaseException | None], None]
+"""Told the outcome of a queued write once its transaction committed (or failed)."""
+
+
+@dataclass(eq=False)
+class _Write:
+    component: str
+    fn: Callable[[], Any]
+    done: Done
+
+
+class _Shared:
+    """One connection to one file, and the write queue in front of it."""
+
+    def __init__(self, path: str, key: str | None) -> None:
+        self.path = path
+        self.key = key
+        self.conn = sqlite3.connect(
+            path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+        )
+        self.rlock = threading.RLock()
+        self.refs = 0
+        self.depth = 0
+        """Transaction nesting of the thread holding `rlock` (0: no transaction open)."""
+        self.synchronous: Literal["FULL", "NORMAL"] | None = None
+        self.closed = False
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Write] = []
+        self.wake: Callable[[], None] | None = None
+        """Set while a writer runs: tells it there is something to write (any thread)."""
+
+    # --- the queue ---------------------------------------------------------------------
+    def enqueue(self, write: _Write) -> None:
+        with self._queue_lock:
+            self._queue.append(write)
+        wake = self.wake
+        if wake is not None:
+            wake()
+
+    def pending(self, component: str | None = None) -> bool:
+        """Anything queued (of `component`)?"""
+        with self._queue_lock:
+            return any(component in (None, w.component) for w in self._queue)
+
+    def _take(self) -> list[_Write]:
+        with self._queue_lock:
+            taken, self._queue = self._queue, []
+        return taken
+
+    def _put_back(self, taken: list[_Write]) -> None:
+        with self._queue_lock:
+            self._queue[:0] = taken
+
+    # --- transactions (the caller holds `rlock`) -----------------------------------------
+    def begin(self) -> None:
+        """`BEGIN IMMEDIATE`, waiting for another process's write lock up to the deadline."""
+        deadline = time.monotonic() + WRITE_DEADLINE
+        pause = 0.01
+        while True:
+            try:
+                self.conn.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise DatabaseBusy(
+                        f"database {self.path} stayed locked by another process for "
+                        f"{WRITE_DEADLINE:.0f} s; find and stop it (a long `sqlite3` session?)"
+                    ) from exc
+            time.sleep(pause)
+            pause = min(pause * 2, 0.25)
+
+    def apply(self, taken: list[_Write]) -> list[tuple[Any, BaseException | None]]:
+        """Run queued writes inside the open transaction, each in its own savepoint."""
+        out: list[tuple[Any, BaseException | None]] = []
+        for write in taken:
+            self.conn.execute("SAVEPOINT queued")
+            try:
+                result = write.fn()
+            except Exception as exc:
+                self.conn.execute("ROLLBACK TO queued")
+                self.conn.execute("RELEASE queued")
+                out.append((None, exc))
+            else:
+                self.conn.execute("RELEASE queued")
+                out.append((result, None))
+        return out
+
+    def rollback(self) -> None:
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
+
+    @staticmethod
+    def complete(taken: list[_Write], outcomes: list[tuple[Any, BaseException | None]]) -> None:
+        for write, (result, error) in zip(taken, outcomes, strict=True):
+            write.done(result, error)
+
+    def flush(self) -> None:
+        """Apply everything queued in one transaction (the writer's thread, or a reader
+        that must see it); a failed transaction is reported to every write in it."""
+        with self.rlock:
+            if self.closed or not self._queue:
+                return
+            if self.depth:  # inside a transaction of this thread: it will take them
+                return
+            taken = self._take()
+            try:
+                self.begin()
+                self.depth = 1
+                try:
+                    outcomes = self.apply(taken)
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    self.rollback()
+                    raise
+                finally:
+                    self.depth = 0
+            except Exception as exc:  # busy past the deadline, disk full: none was written
+                outcomes = [(None, exc)] * len(taken)
+        self.complete(taken, outcomes)
+
+    @contextmanager
+    def transaction(self, component: str) -> Iterator[sqlite3.Connection]:
+        """A transaction, or a savepoint inside the one this thread has open. When writes of
+        `component` are queued, the queue goes first, in the same transaction."""
+        with self.rlock:
+            if self.depth:
+                name = f"nested{self.depth}"
+                self.conn.execute(f"SAVEPOINT {name}")
+                self.depth += 1
+                try:
+                    yield self.conn
+                except BaseException:
+                    self.conn.execute(f"ROLLBACK TO {name}")
+                    self.conn.execute(f"RELEASE {name}")
+                    raise
+                else:
+                    self.conn.execute(f"RELEASE {name}")
+                finally:
+                    self.depth -= 1
+                return
+            self.begin()
+            self.depth = 1
+            taken = self._take() if self.pending(component) else []
+            try:
+                outcomes = self.apply(taken)
+                yield self.conn
+                self.conn.execute("COMMIT")
+            except BaseException:
+                self.rollback()
+                self._put_back(taken)
+                raise
+            finally:
+                self.depth = 0
+        self.complete(taken, outcomes)
+
+
+class _ReadLock:
+    """What a component holds to read: the connection's lock, after applying the queue if
+    it holds writes of this component, so a read sees every write submitted before it."""
+
+    def __init__(self, shared: _Shared, component: str) -> None:
+        self._shared = shared
+        self._component = component
+
+    def __enter__(self) -> None:
+        self._shared.rlock.acquire()
+        try:
+            if self._shared.pending(self._component):
+                self._shared.flush()
+        except BaseException:
+            self._shared.rlock.release()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self._shared.rlock.release()
+
+
+_registry: dict[str, _Shared] = {}
+_registry_lock = threading.Lock()
+
+
+def _open_shared(path: Path | str) -> _Shared:
+    if str(path) == ":memory:":  # each in-memory database is its own
+        memory = _Shared(":memory:", None)
+        memory.refs = 1
+        return memory
+    key = str(Path(path).resolve())
+    with _registry_lock:
+        shared = _registry.get(key)
+        if shared is None:
+            shared = _registry[key] = _Shared(str(path), key)
+            try:
+                shared.conn.execute("PRAGMA journal_mode=WAL")
+            except BaseException:
+                shared.conn.close()
+                del _registry[key]
+                raise
+        shared.refs += 1
+        return shared
+
+
+def _close_shared(shared: _Shared) -> None:
+    with _registry_lock, shared.rlock:
+        if shared.closed:
+            return
+        shared.refs -= 1
+        if shared.refs > 0:
+            return
+        shared.closed = True
+        if shared.key is not None and _registry.get(shared.key) is shared:
+            del _registry[shared.key]
+        shared.conn.close()
+
+
+def _log_failure(component: str, label: str) -> Done:
+    def done(_result: Any, error: BaseException | None) -> None:
+        if error is not None:
+            log.error("db_write_failed", component=component, write=label, error=str(error))
+
+    return done
+
+
 class Database:
     def __init__(
         self,
@@ -64,17 +327,22 @@ class Database:
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
     ) -> None:
         self.path = Path(path)
+        self.component = component
         if str(path) != ":memory:":
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._lock = threading.Lock()
+        self._shared = _open_shared(path)
+        self._db = self._shared.conn
+        self._lock = _ReadLock(self._shared, component)
         try:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(f"PRAGMA synchronous={synchronous}")
-            self.schema_version = self._migrate(component, migrations)
-            self._db.execute("PRAGMA foreign_keys=ON")
+            with self._shared.rlock:
+                # one connection, one setting: the strongest any component asked for
+                if self._shared.synchronous != "FULL":
+                    self._shared.synchronous = synchronous
+                    self._db.execute(f"PRAGMA synchronous={synchronous}")
+                self.schema_version = self._migrate(component, migrations)
+                self._db.execute("PRAGMA foreign_keys=ON")
         except BaseException:
-            self._db.close()
+            _close_shared(self._shared)
             raise
 
     def _migrate(self, component: str, migrations: Sequence[str]) -> int:
@@ -107,16 +375,84 @@ class Database:
         return target
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        """Apply what is queued, then let go of the shared connection (the last one closes)."""
+        self._shared.flush()
+        _close_shared(self._shared)
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+        """One transaction (a savepoint when nested in one, e.g. inside a queued write)."""
+        with self._shared.transaction(self.component) as db:
+            yield db
+
+    # --- the write queue -----------------------------------------------------------------
+    @property
+    def writer_running(self) -> bool:
+        return self._shared.wake is not None
+
+    def submit(self, label: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
+        """Write later, in the writer's next group (at once when no writer runs); a failure
+        is logged with `label`. For writes nobody waits for: settlement, reputation."""
+        call = functools.partial(fn, *args, **kwargs)
+        done = _log_failure(self.component, label)
+        if not self.writer_running:
             try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+                call()
+            except Exception as exc:
+                done(None, exc)
+            return
+        self._shared.enqueue(_Write(self.component, call, done))
+
+    async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Write in the writer's next group and return what `fn` returned (or raise what it
+        raised). Cancelling the wait does not cancel the write."""
+        call = functools.partial(fn, *args, **kwargs)
+        if not self.writer_running:
+            return await trio.to_thread.run_sync(call)
+        token = trio.lowlevel.current_trio_token()
+        finished = trio.Event()
+        box: list[tuple[Any, BaseException | None]] = []
+
+        def done(result: Any, error: BaseException | None) -> None:
+            box.append((result, error))
+            try:
+                token.run_sync_soon(finished.set)
+            except trio.RunFinishedError:
+                pass
+
+        self._shared.enqueue(_Write(self.component, call, done))
+        await finished.wait()
+        result, error = box[0]
+        if error is not None:
+            raise error
+        return result  # type: ignore[no-any-return]
+
+    async def run_writer(self) -> None:
+        """Apply queued writes in groups, one transaction each, in a worker thread, until
+        cancelled; one writer per file. What is still queued then is written before it
+        returns."""
+        shared = self._shared
+        if shared.wake is not None:
+            raise RuntimeError(f"database {self.path} already has a writer")
+        token = trio.lowlevel.current_trio_token()
+        wanted = trio.Event()
+
+        def set_wanted() -> None:
+            wanted.set()
+
+        def wake() -> None:
+            try:
+                token.run_sync_soon(set_wanted)
+            except trio.RunFinishedError:
+                pass
+
+        shared.wake = wake
+        try:
+            while True:
+                await wanted.wait()
+                wanted = trio.Event()
+                if shared.pending():
+                    await trio.to_thread.run_sync(shared.flush)
+        finally:
+            shared.wake = None
+            shared.flush()

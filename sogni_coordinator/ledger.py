@@ -200,7 +200,8 @@ def partial_value(job_value: int, steps_done: int, steps: int) -> int:
 
 
 class Ledger(Database):
-    """The journal; safe to share between threads (one connection, one lock)."""
+    """The journal; safe to share between threads (the file's one connection and lock).
+    `Billing` queues settlements and refunds (`submit`); reads and reservations see them."""
 
     def __init__(self, path: Path | str, *, daily_boost_spark: int = 50) -> None:
         super().__init__(path, component="ledger", migrations=MIGRATIONS)

@@ -5,22 +5,37 @@ peer id that Noise authenticated on this very connection; otherwise anyone could
 wallet's work. A refused hello (another wire version, a bad binding, a blacklisted wallet)
 is answered with `HelloRefused` naming the reason before the stream closes, so the node can
 say why in one line. After the handshake a reader handles the node's messages and a writer sends
-offers, acks and heartbeats; when the node goes silent past the heartbeat timeout, or the
-stream breaks, its jobs go back to the queue.
+what the dispatcher queues (offers, cancels) and heartbeats; when the node goes silent past
+the heartbeat timeout, or the stream breaks, its jobs go back to the queue.
+
+Before the node joins, its wallet's chain standing is read (`StandingCache.warm`, off the
+loop, bounded by its timeout), so routing and billing find it in memory.
+
+Backpressure: the outbox is bounded (`outbox_size`). Offers need credit, so at most `slots`
+are outstanding; cancels are at most two per job held; so a full outbox means the node has
+stopped reading. Then the dispatcher's non-blocking send fails: an offer is not made (the job
+stays queued and the node's credit drops to zero), a cancel is not queued (the node is
+past saving: its writer times out within 30 s and its jobs are re-queued). A `ResultAck` is
+never dropped: the reader writes it to the stream itself (the channel serialises frames) and
+reads nothing more from that node until it is written, so a node that does not read its
+acks stops being read, and the write's timeout ends the session.
 """
 
 from __future__ import annotations
 
-import math
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable
 
 import trio
 
+from sogni_coordinator.db import DatabaseBusy
 from sogni_coordinator.dispatch import Dispatcher, Refusal, ResultRefused
 from sogni_coordinator.jobs import NodeLink
+from sogni_coordinator.standing import StandingCache
 from sogni_net import Channel, TransportError
 from sogni_protocol import eip712
+from sogni_protocol.crashpoints import crashpoint
 from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT, unsupported_version
 from sogni_protocol.logs import get_logger
@@ -41,6 +56,14 @@ from sogni_protocol.messages import (
 )
 
 log = get_logger(__name__)
+
+ACK_TIMEOUT = 30.0
+"""A node that has not taken its ack off the stream by then is dropped."""
+
+
+def outbox_size(slots: int) -> int:
+    """Room for every offer the node's credit allows, two cancels per job, and spare."""
+    return 3 * max(slots, 1) + 16
 
 
 class HandshakeRefused(Exception):
@@ -81,10 +104,13 @@ async def serve_node(
     heartbeat_timeout: float,
 ) -> None:
     peer = channel.remote_peer_id
-    out_send, out_recv = trio.open_memory_channel[Message](math.inf)
     try:
         first = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=10.0)
         hello = _check_hello(first, channel, dispatcher)
+        await _warm_standing(dispatcher, hello.capabilities.wallet)
+        out_send, out_recv = trio.open_memory_channel[Message](
+            outbox_size(hello.capabilities.slots)
+        )
         link = dispatcher.node_joined(peer, hello.capabilities, out_send)
     except UnsupportedWireVersion as exc:
         await _refuse(channel, unsupported_version(exc.version, "coordinator"))
@@ -136,6 +162,14 @@ async def serve_node(
             await channel.close()
 
 
+async def _warm_standing(dispatcher: Dispatcher, wallet: str) -> None:
+    """Read the wallet's standing into the router's cache (at most its timeout), so that
+    `node_joined` classifies the node without touching the chain."""
+    standing = dispatcher.router.standing
+    if isinstance(standing, StandingCache):
+        await standing.warm(wallet)
+
+
 async def _writer(
     channel: Channel, outbox: trio.MemoryReceiveChannel[Message], interval: float
 ) -> str:
@@ -160,7 +194,7 @@ async def _reader(channel: Channel, link: NodeLink, dispatcher: Dispatcher, time
         elif isinstance(msg, Progress):
             dispatcher.progress(link, msg.job_id, msg.step)
         elif isinstance(msg, Result):
-            await _on_result(link, dispatcher, msg)
+            await _on_result(channel, link, dispatcher, msg)
         elif isinstance(msg, OfferDeclined):
             log.info("offer_declined", peer=link.peer_id, reason=msg.reason)
             dispatcher.offer_declined(link, msg.job_id, msg.reason)
@@ -174,15 +208,38 @@ async def _reader(channel: Channel, link: NodeLink, dispatcher: Dispatcher, time
             raise ProtocolError(f"unexpected {type(msg).__name__} on the jobs stream")
 
 
-async def _on_result(link: NodeLink, dispatcher: Dispatcher, msg: Result) -> None:
+def _storage_failed(
+    link: NodeLink, dispatcher: Dispatcher, msg: Result, exc: Exception
+) -> ResultAck:
+    """The ack for a result whose handling hit a database error: accepted if its receipt
+    is durable all the same (a later write failed), else refused and the job re-queued."""
+    job = msg.job_id.hex()[:16]
+    try:
+        stored = dispatcher.store.receipt(msg.job_id)
+    except (DatabaseBusy, sqlite3.Error):
+        stored = None
+    if stored is not None and stored.receipt == msg.receipt:
+        log.error("write_after_receipt_failed", peer=link.peer_id, job=job, error=str(exc))
+        return ResultAck(job_id=msg.job_id, accepted=True)
+    log.error("receipt_not_stored", peer=link.peer_id, job=job, error=str(exc))
+    try:  # re-queue it now rather than at its deadline (its state write may fail too)
+        dispatcher.handed_back(link, msg.job_id, "the coordinator could not store its receipt")
+    except (DatabaseBusy, sqlite3.Error) as again:
+        log.error("job_state_not_stored", job=job, error=str(again))
+    reason = f"coordinator storage unavailable, receipt not stored: {exc}"
+    return ResultAck(job_id=msg.job_id, accepted=False, reason=reason[:512])
+
+
+async def _on_result(channel: Channel, link: NodeLink, dispatcher: Dispatcher, msg: Result) -> None:
     try:
         await dispatcher.accept_result(link, msg)
     except ResultRefused as exc:
         log.warning("receipt_refused", peer=link.peer_id, job=msg.job_id.hex()[:16], error=str(exc))
         ack = ResultAck(job_id=msg.job_id, accepted=False, reason=str(exc)[:512])
+    except (DatabaseBusy, sqlite3.Error) as exc:  # the database failed: answer, keep the stream
+        ack = _storage_failed(link, dispatcher, msg, exc)
     else:
         ack = ResultAck(job_id=msg.job_id, accepted=True)
-    try:
-        link.outbox.send_nowait(ack)
-    except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-        pass
+    crashpoint("coordinator_before_ack")
+    await channel.send(ack, timeout=ACK_TIMEOUT)  # backpressure: see the module docstring
+    crashpoint("coordinator_after_ack")

@@ -82,7 +82,7 @@ class Reputation(Database):
 
     def __init__(self, path: Path | str, clock: Callable[[], float] = time.time) -> None:
         # Reputation is advisory: losing the last moments of it in a crash is fine, an fsync
-        # per job on the event loop is not.
+        # per job on the event loop is not (its writes are queued; see `_save`).
         super().__init__(path, component="reputation", migrations=MIGRATIONS, synchronous="NORMAL")
         self._clock = clock
         self.records: dict[str, WorkerRecord] = {}
@@ -112,13 +112,15 @@ class Reputation(Database):
         return rec
 
     def _save(self, rec: WorkerRecord) -> None:
+        """Write-behind: the row joins the database's write queue (the group commit's next
+        transaction, off the event loop); memory is the truth meanwhile."""
         values = asdict(rec)
         values["strikes"] = ",".join(f"{t:.0f}" for t in rec.strikes)
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO reputation VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                tuple(values.values()),
-            )
+        self.submit("reputation", self._write, tuple(values.values()))
+
+    def _write(self, row: tuple[object, ...]) -> None:
+        with self._tx() as db:
+            db.execute("INSERT OR REPLACE INTO reputation VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
 
     # --- events --------------------------------------------------------------------------
     def succeeded(self, wallet: str, elapsed: float, budget: float, work_units: int) -> None:

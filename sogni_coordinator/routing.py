@@ -41,7 +41,10 @@ class Router:
     clock: Callable[[], float] | None = None
 
     def classify(self, device: str, wallet: str) -> tuple[frozenset[str], float]:
-        """Networks a node may serve and its stake weight, decided once per connection."""
+        """Networks a node may serve and its stake weight, decided once per connection.
+
+        Runs on the event loop: `standing` must answer from memory (the service's
+        `StandingCache`, warmed by the node's session before it joins)."""
         st = self.standing(wallet)
         weight = 1.0 + math.log10(1.0 + max(st.stake, 0)) / 2
         if self.tiers == "open":

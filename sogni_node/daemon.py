@@ -4,6 +4,11 @@ On SIGINT/SIGTERM the node stops taking offers (it advertises zero free slots), 
 running jobs `shutdown_grace` seconds to finish, cancels the rest at their next step and
 hands them back to their coordinator, then says goodbye; the log names which jobs finished
 and which were handed back.
+
+One job cannot stop the daemon: each job's failures stay in its own task (`sogni_node.pull`),
+and a session that fails in an unexpected way is logged and reconnected like a broken stream.
+Results wait in `<data_dir>/results` until their coordinator acks them; on start the daemon
+prunes those older than `RESULT_KEEP_SECONDS`, which no re-offer will ask for any more.
 """
 
 from __future__ import annotations
@@ -44,6 +49,10 @@ log = get_logger(__name__)
 
 ADVERT_TTL = 3600
 """How long a capability binding stays valid; sessions re-sign on every (re)connect."""
+
+RESULT_KEEP_SECONDS = 7 * 86400
+"""How long an unacked result is kept for a re-offer. A coordinator re-offers a job within
+minutes (restart, reconnect) or gives it to another node; a week covers a long outage."""
 
 
 @dataclass
@@ -94,7 +103,7 @@ async def run_node(
     started = time.monotonic()
     hw = probe(config.device)
     worker = Worker(backend, config.slots, LoraLibrary(config.models_dir))
-    journal = Journal(config.journal_path)
+    journal = Journal(config.journal_path, config.data_dir / "results")
     identity = NodeIdentity(
         wallet_address=wallet.address,
         wallet_key=wallet.private_key,
@@ -104,6 +113,13 @@ async def run_node(
     sessions: set[PullSession] = set()
     report = ShutdownReport()
     try:
+        try:
+            pruned = await trio.to_thread.run_sync(journal.prune_results, RESULT_KEEP_SECONDS)
+        except OSError as exc:  # a tidy-up: never a reason not to start
+            log.warning("results_not_pruned", error=type(exc).__name__)
+        else:
+            if pruned:
+                log.info("results_pruned", files=pruned)
         async with open_host(
             key_path=config.node_key_path,
             listen=[config.listen],

@@ -7,8 +7,15 @@ is sent: a crash after sending never loses the receipt. Prompts never touch the 
 carries only the params hash, and `record_offer` only accepts a `JobOffer` record's JSON
 (which has no prompt field), never free-form JSON.
 
-Sync API on one connection guarded by a lock: writes are a few hundred bytes, so trio code
-may call it directly or through `trio.to_thread.run_sync`.
+Results are kept until acked: `keep_result` writes the image to `<results_dir>/<job id>.<ext>`
+(atomic, fsync'd) before the receipt row commits, and `mark_acked` deletes it, so a result the
+coordinator may not have received can be sent again byte for byte (`stored_result`), re-signed
+against a new offer if the coordinator restarted (`resign`: same image, same sha256; only the
+offer hash and the signature change). A file without a receipt is a crash between the two
+steps and is overwritten by the next render; `prune_results` clears what no ack will delete.
+
+Sync API on one connection guarded by a lock. Every write is fsync'd (and `keep_result` writes
+megabytes), so trio code calls it through `trio.to_thread.run_sync`, never on the trio thread.
 
 The schema evolves by ordered forward migrations (`_MIGRATIONS`, applied on open by
 `sogni_protocol.migrations`); a journal written by a newer node is refused, never rewritten.
@@ -16,6 +23,7 @@ The schema evolves by ordered forward migrations (`_MIGRATIONS`, applied on open
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import threading
 import time
@@ -27,10 +35,12 @@ from typing import Any
 import msgspec
 
 from sogni_protocol import eip712
+from sogni_protocol.atomic import atomic_write_bytes
+from sogni_protocol.image_types import extension_of
 from sogni_protocol.messages import JobOffer, Receipt, RenderMeta
 from sogni_protocol.migrations import Migration, SchemaTooNew, migrate
 
-__all__ = ["SCHEMA_VERSION", "Journal", "JournalError", "JournalReceipt"]
+__all__ = ["SCHEMA_VERSION", "Journal", "JournalError", "JournalReceipt", "StoredResult"]
 
 _SCHEMA_V1 = """
 CREATE TABLE offers (
@@ -90,6 +100,9 @@ _RECEIPT_COLUMNS = (
 )
 
 
+_EMPTY_SHA256 = hashlib.sha256(b"").digest()
+
+
 class JournalError(Exception):
     """The journal cannot be opened or refuses a write that would contradict it."""
 
@@ -112,12 +125,25 @@ class JournalReceipt:
     """The EIP-712 domain version the receipt was signed under (`eip712.Domain.version`)."""
 
 
+@dataclass(frozen=True)
+class StoredResult:
+    """A journalled receipt and the image it names, as kept until the coordinator's ack."""
+
+    entry: JournalReceipt
+    image: bytes | None
+    """The exact bytes the receipt's `resultHash` names (b"" for a partial receipt); None when
+    the file is missing or no longer matches the hash (it cannot be sent again)."""
+
+
 class Journal:
     """One node's SQLite journal. Use as a context manager, or call `close()`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, results_dir: Path | None = None) -> None:
         self.path = Path(path).expanduser()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.results_dir = (
+            Path(results_dir).expanduser() if results_dir else self.path.parent / "results"
+        )
         self._lock = threading.Lock()
         try:
             self._db = sqlite3.connect(
@@ -239,53 +265,134 @@ class Journal:
 
         `image_sha256` defaults to `receipt.result_hash` (the result hash *is* the image's
         sha256); `domain_version` to the current EIP-712 version (what `sign_receipt` uses).
-        Recording the same receipt twice is a no-op; a different receipt for a job
-        that already has one is a `JournalError` (a node never signs two results for one job).
+        Recording the same receipt twice is a no-op; a different receipt for a job that
+        already has one is a `JournalError` (a node never signs two results for one job),
+        unless the coordinator refused the first (`accepted = 0`): that one is worth nothing,
+        and the new receipt replaces it.
         """
-        row = (
-            receipt.job_id,
-            receipt.offer_hash,
-            receipt.worker,
-            receipt.coordinator,
-            receipt.model_id,
-            receipt.result_hash,
-            receipt.steps_done,
-            receipt.work_units,
-            receipt.completed_at,
-            bytes(signature),
-            bytes(image_sha256 if image_sha256 is not None else receipt.result_hash),
-            chain_id,
-            verifying_contract,
-            msgspec.json.encode(meta).decode() if meta is not None else None,
-            time.time(),
-            domain_version or eip712.DOMAIN_VERSION,
+        row = _receipt_row(
+            receipt, signature, image_sha256, chain_id, verifying_contract, meta, domain_version
         )
         with self._lock:
+            self._insert_receipt(receipt.job_id, row, signature)
+
+    def _insert_receipt(self, job_id: bytes, row: tuple[object, ...], signature: bytes) -> None:
+        """Insert under the lock: a no-op for the same signature, a replacement for a
+        refused receipt, `JournalError` for any other receipt of the same job."""
+        if not self._may_record(job_id, signature):
+            return
+        self._db.execute(
+            "INSERT OR REPLACE INTO receipts (job_id, offer_hash, worker, coordinator,"
+            " model_id, result_hash, steps_done, work_units, completed_at, signature,"
+            " image_sha256, chain_id, verifying_contract, meta_json, recorded_at,"
+            " domain_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            row,
+        )
+
+    def _may_record(self, job_id: bytes, signature: bytes) -> bool:
+        """False: this very receipt is already recorded; raises if another one stands."""
+        existing = self._db.execute(
+            "SELECT signature, accepted FROM receipts WHERE job_id = ?", (job_id,)
+        ).fetchone()
+        if existing is None or existing[1] == 0:
+            return True
+        if bytes(existing[0]) == bytes(signature):
+            return False
+        raise JournalError(f"job 0x{job_id.hex()} already has a different receipt")
+
+    def keep_result(
+        self,
+        receipt: Receipt,
+        signature: bytes,
+        image: bytes,
+        *,
+        meta: RenderMeta | None = None,
+        chain_id: int | None = None,
+        verifying_contract: str | None = None,
+    ) -> None:
+        """Write the image (atomically, fsync'd), then journal its receipt; both stay until
+        `mark_acked`. Checks first, so a refused write never replaces a kept image."""
+        if hashlib.sha256(image).digest() != receipt.result_hash:
+            raise JournalError(f"job 0x{receipt.job_id.hex()}: resultHash is not the image's")
+        row = _receipt_row(receipt, signature, None, chain_id, verifying_contract, meta, None)
+        with self._lock:
+            if not self._may_record(receipt.job_id, signature):
+                return
+            if image:  # a partial receipt has none
+                self._drop_files(receipt.job_id)
+                name = f"{receipt.job_id.hex()}.{extension_of(image)}"
+                atomic_write_bytes(self.results_dir / name, image, mode=0o600)
+            self._insert_receipt(receipt.job_id, row, signature)
+
+    def resign(self, job_id: bytes, offer_hash: bytes, signature: bytes) -> bool:
+        """Point an unacked receipt at a new offer (a coordinator that restarted forgot the
+        old one). Only the offer hash and signature change: the image and its hash stay, so
+        the node never signs two different images for one job. False if no unacked receipt."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE receipts SET offer_hash = ?, signature = ?, recorded_at = ?"
+                " WHERE job_id = ? AND accepted IS NULL",
+                (bytes(offer_hash), bytes(signature), time.time(), bytes(job_id)),
+            )
+            return cur.rowcount > 0
+
+    def stored_result(self, job_id: bytes) -> StoredResult | None:
+        """The journalled receipt for `job_id` and its kept image; None if it has no receipt."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE job_id = ?", (bytes(job_id),)
+            ).fetchone()
+        if row is None:
+            return None
+        entry = _receipt_from_row(row)
+        if entry.receipt.result_hash == _EMPTY_SHA256:
+            return StoredResult(entry, b"")
+        for path in self._files(job_id):
             try:
-                self._db.execute(
-                    "INSERT INTO receipts (job_id, offer_hash, worker, coordinator, model_id,"
-                    " result_hash, steps_done, work_units, completed_at, signature,"
-                    " image_sha256, chain_id, verifying_contract, meta_json, recorded_at,"
-                    " domain_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    row,
+                image = path.read_bytes()
+            except OSError:
+                continue
+            if hashlib.sha256(image).digest() == entry.receipt.result_hash:
+                return StoredResult(entry, image)
+        return StoredResult(entry, None)
+
+    def prune_results(self, max_age: float) -> int:
+        """Delete kept images no ack will delete: those of acked or unknown jobs (a crash
+        between file and receipt) and those unacked for more than `max_age` seconds (the
+        coordinator gave the job to another node). Returns how many files went."""
+        if not self.results_dir.is_dir():
+            return 0
+        with self._lock:
+            keep = {
+                bytes(job_id).hex()
+                for (job_id,) in self._db.execute(
+                    "SELECT job_id FROM receipts WHERE accepted IS NULL AND recorded_at >= ?",
+                    (time.time() - max_age,),
                 )
-            except sqlite3.IntegrityError:
-                existing = self._db.execute(
-                    "SELECT signature FROM receipts WHERE job_id = ?", (receipt.job_id,)
-                ).fetchone()
-                if existing is not None and bytes(existing[0]) == bytes(signature):
-                    return
-                raise JournalError(
-                    f"job 0x{receipt.job_id.hex()} already has a different receipt"
-                ) from None
+            }
+        gone = 0
+        for path in self.results_dir.iterdir():
+            if path.is_file() and not path.name.startswith(".") and path.stem not in keep:
+                path.unlink(missing_ok=True)
+                gone += 1
+        return gone
+
+    def _files(self, job_id: bytes) -> list[Path]:
+        return sorted(self.results_dir.glob(f"{bytes(job_id).hex()}.*"))
+
+    def _drop_files(self, job_id: bytes) -> None:
+        for path in self._files(job_id):
+            path.unlink(missing_ok=True)
 
     def mark_acked(self, job_id: bytes, accepted: bool, reason: str = "") -> bool:
-        """Record the coordinator's `ResultAck`; False if no receipt exists for `job_id`."""
+        """Record the coordinator's `ResultAck` and delete the kept image (accepted: the
+        coordinator has it; refused: it is worth nothing). False if `job_id` has no receipt."""
         with self._lock:
             cur = self._db.execute(
                 "UPDATE receipts SET accepted = ?, ack_reason = ?, acked_at = ? WHERE job_id = ?",
                 (int(accepted), reason, time.time(), job_id),
             )
+            self._drop_files(job_id)
             return cur.rowcount > 0
 
     def mark_handed_back(self, job_id: bytes, steps_done: int, reason: str) -> bool:
@@ -355,6 +462,35 @@ class Journal:
             "handed_back": handed_back,
             "work_units_accepted": units,
         }
+
+
+def _receipt_row(
+    receipt: Receipt,
+    signature: bytes,
+    image_sha256: bytes | None,
+    chain_id: int | None,
+    verifying_contract: str | None,
+    meta: RenderMeta | None,
+    domain_version: str | None,
+) -> tuple[object, ...]:
+    return (
+        receipt.job_id,
+        receipt.offer_hash,
+        receipt.worker,
+        receipt.coordinator,
+        receipt.model_id,
+        receipt.result_hash,
+        receipt.steps_done,
+        receipt.work_units,
+        receipt.completed_at,
+        bytes(signature),
+        bytes(image_sha256 if image_sha256 is not None else receipt.result_hash),
+        chain_id,
+        verifying_contract,
+        msgspec.json.encode(meta).decode() if meta is not None else None,
+        time.time(),
+        domain_version or eip712.DOMAIN_VERSION,
+    )
 
 
 def _receipt_from_row(r: tuple[Any, ...]) -> JournalReceipt:

@@ -5,23 +5,56 @@ credits. Every offer is checked (signer trusted, parameters match the signed has
 present, deadline ahead) before a slot renders it; every result goes back with a receipt
 signed by the wallet and journaled first. Heartbeats flow both ways; a silent coordinator
 ends the session and `pull_forever` reconnects with backoff.
+
+One job can never take the node down. Each job is a task of its own (`_run_job`) in a nursery
+that `pull_forever` owns; whatever it raises (render, journal, signing) is logged with the job
+id prefix and the exception type only (never a message: it may quote the prompt), the job is
+handed back, and the session and every other job carry on. A result that cannot be framed is
+handed back by the writer without ending the stream.
+
+Results are kept until acked. The image and its signed receipt are written to the journal
+(`Journal.keep_result`, off the trio thread) before the result is queued, and deleted when
+the coordinator's `ResultAck` arrives. A job outlives the session that offered it: if the
+stream breaks mid-render the render finishes, and its result waits on disk.
+
+Re-offers. An offer for a job this node already rendered (a restarted coordinator re-queues
+every job without a receipt; a coordinator re-offers a job whose node reconnected) is answered
+with the kept result, never a second render: the same image bytes and sha256, under the same
+receipt and signature when the offer hash is the same. The hash usually differs (the offer's
+deadline is new, and a restarted coordinator accepts only receipts naming offers it made since
+it started), so the kept receipt is re-signed against the new offer: only `offerHash` and the
+signature change, the image does not. An offer for a job still rendering here from an earlier
+session waits for that render. Kept results are re-sent only when offered again, never unasked
+on reconnect: after a coordinator restart the old offer hash is void, the refusal would drop
+the result, and the re-offer would then render the job a second time. After a node restart the
+same holds: the coordinator re-queued the job when the stream broke, and its re-offer gets the
+kept result. Results never offered again (the job went to another node) are pruned after
+`RESULT_KEEP_SECONDS` (`sogni_node.daemon`).
+
+Crash points for the crash-matrix tests (`sogni_protocol.crashpoints`): `node_before_journal`
+(rendered, receipt not journaled), `node_after_journal`, `node_before_send_result` and
+`node_after_send_result` (around the frame's write to the stream).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
+import msgspec
 import trio
 
 from sogni_net import Channel, Host, TransportError
-from sogni_node.journal import Journal
+from sogni_node.journal import Journal, StoredResult
 from sogni_node.render.backend import RenderCancelled
 from sogni_node.worker import NoFreeSlot, Running, Worker
 from sogni_protocol import eip712
+from sogni_protocol.crashpoints import crashpoint
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import (
@@ -51,9 +84,13 @@ from sogni_protocol.messages import (
     ResultAck,
     UnsupportedWireVersion,
     Welcome,
+    encode,
 )
 
 log = get_logger(__name__)
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,6 +105,24 @@ class NodeIdentity:
 class SessionRefused(Exception):
     """The coordinator refused this node (it said why), is not one we trust, speaks another
     wire version, or settles on another chain."""
+
+
+@dataclass
+class _Job:
+    """One offer this session answers: exactly one Result, HandBack or OfferDeclined."""
+
+    msg: Offer
+    offer_hash: bytes
+    run: Running | None
+    """The claimed slot; None until the job needs one (a kept result needs none)."""
+
+    @property
+    def id(self) -> bytes:
+        return self.msg.offer.job_id
+
+    @property
+    def tag(self) -> str:
+        return self.id.hex()[:16]
 
 
 class PullSession:
@@ -95,52 +150,63 @@ class PullSession:
         self.coordinator = ""
         self._out_send, self._out_recv = trio.open_memory_channel[Message](math.inf)
         self.jobs: set[bytes] = set()
+        """Jobs offered on this session and not yet answered."""
+        self._cancelled: set[bytes] = set()
         self.closed = trio.Event()
         self._on_connected = on_connected
+        self._slot_freed: Callable[[], None] = self.offer_ready
         self._error: Exception | None = None
 
     def send(self, msg: Message) -> None:
         try:
             self._out_send.send_nowait(msg)
-        except trio.ClosedResourceError:
-            pass
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass  # the session is over; a kept result waits for the re-offer
 
     def offer_ready(self) -> None:
         self.send(Ready(slots=self.worker.free_slots, warm_models=self.worker.warm_models()))
 
-    async def run(self) -> None:
+    async def run(
+        self, jobs: trio.Nursery | None = None, slot_freed: Callable[[], None] | None = None
+    ) -> None:
+        """Serve until the stream ends. Job tasks go to `jobs` (they outlive the session)
+        or, without it, to a nursery of the session's own that it waits for. `slot_freed`
+        is called whenever a job ends (default: this session's `Ready`)."""
+        if slot_freed is not None:
+            self._slot_freed = slot_freed
         try:
-            await self._run()
+            if jobs is not None:
+                await self._run(jobs)
+            else:
+                async with trio.open_nursery() as own:
+                    await self._run(own)
         finally:
+            self._out_send.close()
             self.closed.set()
 
-    async def _run(self) -> None:
+    async def _run(self, jobs: trio.Nursery) -> None:
         channel = await self.host.open_channel(self.addr, JOBS_PROTOCOL, timeout=10.0)
         try:
             await self._handshake(channel)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._guard, self._reader, channel, nursery)
+            async with trio.open_nursery() as io:
+                io.start_soon(self._guard, functools.partial(self._reader, channel, jobs), io)
                 self.offer_ready()
-                await self._guard(self._writer, channel, nursery)  # ends after Goodbye
-                nursery.cancel_scope.cancel()
+                await self._guard(functools.partial(self._writer, channel), io)  # ends on Goodbye
+                io.cancel_scope.cancel()
             if self._error is not None:
                 raise self._error
         finally:
-            for job_id in self.jobs:  # nobody will take these results now
-                self.worker.cancel(job_id, "coordinator connection lost")
             with trio.move_on_after(2) as scope:
                 scope.shield = True
                 await channel.close()
 
-    async def _guard(
-        self, fn: Callable[..., object], channel: Channel, nursery: trio.Nursery
-    ) -> None:
+    async def _guard(self, fn: Callable[[], Awaitable[None]], io: trio.Nursery) -> None:
         """Turn an expected stream failure into a clean end of the session (no exception group)."""
         try:
-            await fn(channel, nursery)  # type: ignore[misc]
+            await fn()
         except (TransportError, ProtocolError) as exc:
             self._error = self._error or exc
-            nursery.cancel_scope.cancel()
+            io.cancel_scope.cancel()
 
     async def _handshake(self, channel: Channel) -> None:
         signature = eip712.sign_binding(self.id.wallet_key, self.id.domain, self.caps)
@@ -171,41 +237,69 @@ class PullSession:
         if self._on_connected is not None:
             self._on_connected({"event": "connected", "coordinator": welcome.coordinator})
 
-    async def _writer(self, channel: Channel, nursery: trio.Nursery) -> None:
+    # --- the stream ----------------------------------------------------------------------
+    async def _writer(self, channel: Channel) -> None:
         seq = 0
         while True:
+            msg: Message | None = None
             with trio.move_on_after(self.heartbeat_interval):
                 msg = await self._out_recv.receive()
-                limit = RESULT_FRAME_LIMIT if isinstance(msg, Result) else CONTROL_FRAME_LIMIT
-                await channel.send(msg, limit=limit, timeout=60.0)
-                if isinstance(msg, Goodbye):
-                    return
+            if msg is None:  # quiet for a heartbeat interval
+                seq += 1
+                await channel.send(Heartbeat(seq=seq), timeout=self.heartbeat_timeout)
                 continue
-            seq += 1
-            await channel.send(Heartbeat(seq=seq), timeout=self.heartbeat_timeout)
+            await self._write(channel, msg)  # never under the heartbeat's timer: a frame
+            if isinstance(msg, Goodbye):  # cut short would break the stream
+                return
+
+    async def _write(self, channel: Channel, msg: Message) -> None:
+        is_result = isinstance(msg, Result)
+        limit = RESULT_FRAME_LIMIT if is_result else CONTROL_FRAME_LIMIT
+        payload = encode(msg)
+        if len(payload) > limit:  # this message's problem, not the stream's
+            log.error("message_too_large", type=type(msg).__name__, size=len(payload))
+            if isinstance(msg, Result):
+                self.send(HandBack(job_id=msg.job_id, steps_done=0, reason="result too large"))
+            return
+        if is_result:
+            crashpoint("node_before_send_result")
+        await channel.send_raw(payload, limit=limit, timeout=60.0)
+        if is_result:
+            crashpoint("node_after_send_result")
 
     def finish(self) -> None:
         """Say goodbye after everything already queued (results, hand-backs) has gone out."""
         self.send(Goodbye(reason="node shutting down"))
 
-    async def _reader(self, channel: Channel, nursery: trio.Nursery) -> None:
+    async def _reader(self, channel: Channel, jobs: trio.Nursery) -> None:
         while True:
             msg = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=self.heartbeat_timeout)
             if isinstance(msg, Offer):
-                self._on_offer(msg, nursery)
+                self._on_offer(msg, jobs)
             elif isinstance(msg, Cancel):
-                self.worker.cancel(
-                    msg.job_id, "cancelled by coordinator", pay_partial=msg.pay_partial
-                )
+                if msg.job_id in self.jobs:  # never another session's job
+                    self._cancelled.add(msg.job_id)
+                    self.worker.cancel(
+                        msg.job_id, "cancelled by coordinator", pay_partial=msg.pay_partial
+                    )
             elif isinstance(msg, ResultAck):
-                self.journal.mark_acked(msg.job_id, msg.accepted, msg.reason)
-                if not msg.accepted:
-                    log.warning("receipt_refused", job=msg.job_id.hex()[:16], reason=msg.reason)
+                await self._on_ack(msg)
             elif isinstance(msg, Heartbeat):
                 pass
             else:
                 log.warning("unexpected_message", type=type(msg).__name__)
 
+    async def _on_ack(self, msg: ResultAck) -> None:
+        """Journal the answer and drop the kept image (accepted: delivered; refused: void)."""
+        job = msg.job_id.hex()[:16]
+        try:
+            await _off_loop(self.journal.mark_acked, msg.job_id, msg.accepted, msg.reason)
+        except Exception as exc:  # the image stays until pruned; the session carries on
+            log.error("ack_not_journaled", job=job, error=type(exc).__name__)
+        if not msg.accepted:
+            log.warning("receipt_refused", job=job, reason=msg.reason)
+
+    # --- offers --------------------------------------------------------------------------
     def _check_offer(self, msg: Offer) -> str | None:
         offer = msg.offer
         try:
@@ -216,6 +310,8 @@ class PullSession:
             return f"offer signed by untrusted key {signer}"
         if not eip712.same_address(signer, self.coordinator):
             return "offer signed by a key other than this session's coordinator"
+        if not eip712.same_address(offer.coordinator, self.coordinator):
+            return "offer names another coordinator"
         if eip712.params_hash(msg.params) != offer.params_hash:
             return "offer paramsHash does not match its parameters"
         p = msg.params
@@ -236,7 +332,7 @@ class PullSession:
             return "offer deadline already passed"
         return None
 
-    def _on_offer(self, msg: Offer, nursery: trio.Nursery) -> None:
+    def _on_offer(self, msg: Offer, jobs: trio.Nursery) -> None:
         job_id = msg.offer.job_id
         log.debug(
             "offer_received",
@@ -245,78 +341,120 @@ class PullSession:
             steps=msg.offer.steps,
             params=msg.params,
         )  # params are redacted by the logger
-        fault = self._check_offer(msg)
-        if fault is None:
-            try:
-                run = self.worker.claim(job_id)
-            except NoFreeSlot as exc:
-                fault = str(exc)
+        run = None
+        try:
+            fault = self._check_offer(msg)
+            offer_hash = eip712.offer_hash(self.id.domain, msg.offer)
+            if fault is None and job_id in self.jobs:
+                fault = "job is already running here"
+            elif fault is None and job_id not in self.worker.running:
+                run = self.worker.claim(job_id)  # now, so two offers never race for a slot
+            # else: an earlier session's render of this job is still running; _serve waits
+        except NoFreeSlot as exc:
+            fault = str(exc)
+        except Exception as exc:  # one bad offer must not end the reader
+            fault = f"offer not handled ({type(exc).__name__})"
         if fault is not None:
-            log.warning("offer_declined", job=job_id.hex()[:16], reason=fault)
-            self.send(OfferDeclined(job_id=job_id, reason=fault))
-            self.offer_ready()  # the coordinator spent a credit on this offer
+            self._decline(job_id, fault)
             return
         self.jobs.add(job_id)
-        nursery.start_soon(self._run_job, msg, run)
+        jobs.start_soon(self._run_job, _Job(msg, offer_hash, run))
 
-    async def _run_job(self, msg: Offer, run: Running) -> None:
+    def _decline(self, job_id: bytes, reason: str) -> None:
+        log.warning("offer_declined", job=job_id.hex()[:16], reason=reason)
+        self.send(OfferDeclined(job_id=job_id, reason=reason))
+        self.offer_ready()  # the coordinator spent a credit on this offer
+
+    # --- one job -------------------------------------------------------------------------
+    async def _run_job(self, job: _Job) -> None:
+        """Everything one job does; nothing it raises leaves this task."""
         try:
-            await self._render_and_receipt(msg, run)
+            await self._serve(job)
+        except Exception as exc:  # the type only: a message may quote the job's parameters
+            log.error("job_failed", job=job.tag, error=type(exc).__name__)
+            steps = job.run.steps_done if job.run is not None else 0
+            await self._hand_back(job, steps, "node error", sent_steps=0)
         finally:
-            self.jobs.discard(msg.offer.job_id)
-            self.offer_ready()
+            if job.run is not None:
+                self.worker.release(job.run)
+            self.jobs.discard(job.id)
+            self._cancelled.discard(job.id)
+            try:
+                self._slot_freed()
+            except Exception as exc:  # e.g. a backend that cannot list its warm models
+                log.error("ready_not_sent", job=job.tag, error=type(exc).__name__)
 
-    async def _render_and_receipt(self, msg: Offer, run: Running) -> None:
-        offer = msg.offer
-        offer_hash = eip712.offer_hash(self.id.domain, offer)
-        self.journal.record_offer(
-            job_id=offer.job_id,
-            coordinator=self.coordinator,
-            model_id=offer.model_id,
-            offer_hash=offer_hash,
-            work_units=offer.work_units,
-            deadline=offer.deadline,
-        )
+    async def _serve(self, job: _Job) -> None:
+        if job.run is None:  # an earlier session's render of this job: let it end first
+            earlier = self.worker.running.get(job.id)
+            if earlier is not None:
+                await earlier.ended.wait()
+        kept = await _off_loop(self.journal.stored_result, job.id)
+        if kept is not None and kept.entry.accepted is not False:
+            if job.run is not None:
+                self.worker.release(job.run)
+            await self._resend(job, kept)
+            return
+        if job.id in self._cancelled:  # cancelled while it waited for the earlier render
+            await self._hand_back(job, 0, "cancelled by coordinator")
+            return
+        if job.run is None:
+            try:
+                job.run = self.worker.claim(job.id)
+            except NoFreeSlot as exc:
+                self._decline(job.id, str(exc))
+                return
+        await self._render(job, job.run)
+
+    async def _render(self, job: _Job, run: Running) -> None:
+        offer = job.msg.offer
+        await _off_loop(self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature)
 
         def on_step(step: int) -> None:
             self.send(Progress(job_id=offer.job_id, step=step))
 
         try:
-            out = await self.worker.render(run, msg.params, on_step)
+            out = await self.worker.render(run, job.msg.params, on_step)
         except RenderCancelled as exc:
             if run.pay_partial and exc.steps_done > 0:
-                self._send_receipt(offer, offer_hash, b"", exc.steps_done, None)
-                log.info("job_cancelled_paid", job=offer.job_id.hex()[:16], steps=exc.steps_done)
+                await self._finish(job, b"", exc.steps_done, None)
+                log.info("job_cancelled_paid", job=job.tag, steps=exc.steps_done)
                 return
-            reason = run.reason or "cancelled"
-            self.journal.mark_handed_back(offer.job_id, exc.steps_done, reason)
-            self.send(HandBack(job_id=offer.job_id, steps_done=exc.steps_done, reason=reason))
-            log.info("job_handed_back", job=offer.job_id.hex()[:16], steps=exc.steps_done)
+            await self._hand_back(job, exc.steps_done, run.reason or "cancelled")
+            log.info("job_handed_back", job=job.tag, steps=exc.steps_done)
             return
         except Exception as exc:  # a failed render must not take the session down
-            log.error("render_failed", job=offer.job_id.hex()[:16], error=type(exc).__name__)
-            self.journal.mark_handed_back(offer.job_id, run.steps_done, "render failed")
-            self.send(HandBack(job_id=offer.job_id, steps_done=0, reason="render failed"))
+            log.error("render_failed", job=job.tag, error=type(exc).__name__)
+            await self._hand_back(job, run.steps_done, "render failed", sent_steps=0)
             return
         meta = RenderMeta(
             backend=out.backend, device=out.device, dtype=out.dtype, threads=out.threads
         )
-        self._send_receipt(offer, offer_hash, out.image, out.steps_done, meta)
-        log.info("receipt_sent", job=offer.job_id.hex()[:16], steps=out.steps_done)
+        await self._finish(job, out.image, out.steps_done, meta)
+        sent = not self.closed.is_set()  # else it waits on disk for the re-offer
+        log.info("receipt_sent" if sent else "result_kept", job=job.tag, steps=out.steps_done)
 
-    def _send_receipt(
-        self,
-        offer: JobOffer,
-        offer_hash: bytes,
-        image: bytes,
-        steps_done: int,
-        meta: RenderMeta | None,
+    async def _hand_back(
+        self, job: _Job, steps_done: int, reason: str, *, sent_steps: int | None = None
     ) -> None:
-        """Sign, journal, then send. A partial receipt (cancelled job) has no image and is
-        worth the steps done, pro rata."""
+        """Give the job back to the coordinator, then journal it (best effort: the
+        coordinator's re-queue does not depend on the node's journal)."""
+        sent = steps_done if sent_steps is None else sent_steps
+        self.send(HandBack(job_id=job.id, steps_done=sent, reason=reason))
+        try:
+            await _off_loop(self.journal.mark_handed_back, job.id, steps_done, reason)
+        except Exception as exc:
+            log.error("hand_back_not_journaled", job=job.tag, error=type(exc).__name__)
+
+    async def _finish(
+        self, job: _Job, image: bytes, steps_done: int, meta: RenderMeta | None
+    ) -> None:
+        """Sign, keep (image + receipt, durably), then send. A partial receipt (cancelled
+        job) has no image and is worth the steps done, pro rata."""
+        offer = job.msg.offer
         receipt = Receipt(
             job_id=offer.job_id,
-            offer_hash=offer_hash,
+            offer_hash=job.offer_hash,
             worker=self.id.wallet_address,
             coordinator=self.coordinator,
             model_id=offer.model_id,
@@ -326,34 +464,112 @@ class PullSession:
             completed_at=int(time.time()),
         )
         signature = eip712.sign_receipt(self.id.wallet_key, self.id.domain, receipt)
-        self.journal.record_receipt(receipt, signature)
         meta = meta or RenderMeta(backend=self.worker.backend.name, device="", dtype="", threads=0)
+        crashpoint("node_before_journal")
+        await _off_loop(
+            functools.partial(
+                self.journal.keep_result,
+                receipt,
+                signature,
+                image,
+                meta=meta,
+                chain_id=self.id.domain.chain_id,
+                verifying_contract=self.id.domain.verifying_contract,
+            )
+        )
+        crashpoint("node_after_journal")
         self.send(
             Result(
                 job_id=offer.job_id, image=image, receipt=receipt, signature=signature, meta=meta
             )
         )
 
+    async def _resend(self, job: _Job, kept: StoredResult) -> None:
+        """Answer a re-offer with the kept result: the same image and hash; the receipt is
+        re-signed only if this offer's hash differs from the one it names."""
+        entry, offer = kept.entry, job.msg.offer
+        fault = _reoffer_fault(entry.receipt, entry.accepted, kept.image, offer)
+        if fault is not None:
+            self._decline(job.id, fault)
+            return
+        receipt, signature = entry.receipt, entry.signature
+        if receipt.offer_hash != job.offer_hash:
+            receipt = msgspec.structs.replace(receipt, offer_hash=job.offer_hash)
+            signature = eip712.sign_receipt(self.id.wallet_key, self.id.domain, receipt)
+            await _off_loop(
+                self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature
+            )
+            if not await _off_loop(self.journal.resign, job.id, job.offer_hash, signature):
+                self._decline(job.id, "the kept result was acknowledged meanwhile")
+                return
+        meta = entry.meta or RenderMeta(
+            backend=self.worker.backend.name, device="", dtype="", threads=0
+        )
+        assert kept.image is not None  # _reoffer_fault checked it
+        self.send(
+            Result(job_id=job.id, image=kept.image, receipt=receipt, signature=signature, meta=meta)
+        )
+        log.info("result_resent", job=job.tag, resigned=receipt is not entry.receipt)
+
+
+def _reoffer_fault(
+    receipt: Receipt, accepted: bool | None, image: bytes | None, offer: JobOffer
+) -> str | None:
+    """Why a kept result cannot answer `offer` (then the offer is declined), or None."""
+    if accepted:
+        return "this node's result for the job was already accepted"
+    if image is None:
+        return "this node's kept result for the job is lost; it will not sign another image"
+    if receipt.steps_done != offer.steps or not image:
+        return "this node holds a partial receipt for the job"
+    same = (
+        eip712.same_address(receipt.coordinator, offer.coordinator)
+        and receipt.model_id == offer.model_id
+        and receipt.work_units == offer.work_units
+    )
+    return None if same else "the re-offer differs from the offer this node rendered"
+
+
+async def _off_loop(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run a blocking journal call (SQLite fsync, image files) in a worker thread."""
+    return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
 
 async def pull_forever(
     new_session: Callable[[], PullSession], addr: str, sessions: set[PullSession], stop: trio.Event
 ) -> None:
-    """Keep a session to `addr` open, reconnecting with capped exponential backoff."""
-    delay = 0.5
-    while not stop.is_set():
-        session = new_session()
-        sessions.add(session)
-        started = time.monotonic()
-        try:
-            await session.run()
-        except SessionRefused as exc:
-            log.error("coordinator_refused", addr=addr, error=str(exc))
-        except (TransportError, ProtocolError, OSError) as exc:
-            log.warning("pull_session_ended", addr=addr, error=f"{type(exc).__name__}: {exc}")
-        finally:
-            sessions.discard(session)
-        if time.monotonic() - started > 30:
-            delay = 0.5
-        with trio.move_on_after(delay):
-            await stop.wait()
-        delay = min(delay * 2, 30.0)
+    """Keep a session to `addr` open, reconnecting with capped exponential backoff.
+
+    Jobs run in this function's nursery, not the session's: a broken stream neither waits
+    for nor kills the renders it offered, and their kept results answer the re-offers.
+    """
+    current: list[PullSession] = []
+
+    def slot_freed() -> None:
+        if current:
+            current[0].offer_ready()
+
+    async with trio.open_nursery() as jobs:
+        delay = 0.5
+        while not stop.is_set():
+            started = time.monotonic()
+            session: PullSession | None = None
+            try:
+                session = new_session()
+                current[:] = [session]
+                sessions.add(session)
+                await session.run(jobs, slot_freed)
+            except SessionRefused as exc:
+                log.error("coordinator_refused", addr=addr, error=str(exc))
+            except (TransportError, ProtocolError, OSError) as exc:
+                log.warning("pull_session_ended", addr=addr, error=f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # a bug in one session must not end the node
+                log.error("pull_session_failed", addr=addr, error=type(exc).__name__)
+            finally:
+                if session is not None:
+                    sessions.discard(session)
+            if time.monotonic() - started > 30:
+                delay = 0.5
+            with trio.move_on_after(delay):
+                await stop.wait()
+            delay = min(delay * 2, 30.0)

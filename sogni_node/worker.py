@@ -33,6 +33,8 @@ class Running:
     steps_done: int = 0
     reason: str = ""
     pay_partial: bool = False
+    ended: trio.Event = field(default_factory=trio.Event)
+    """Set when the slot is free again: a re-offer of this job waits for it."""
 
 
 def _render_job(params: JobParams, loras: LoraLibrary | None) -> RenderJob:
@@ -123,11 +125,18 @@ class Worker:
             end["error"] = type(exc).__name__
             raise
         finally:
+            self.release(run)
+            seconds = round(time.monotonic() - started, 3)
+            log.info("job_finished", job=job_id, seconds=seconds, steps=run.steps_done, **end)
+
+    def release(self, run: Running) -> None:
+        """Free `run`'s slot (idempotent): `render` does it, and so must whoever claimed a
+        slot and then never rendered (the job failed before, or needed no render)."""
+        if self.running.get(run.job_id) is run:
             del self.running[run.job_id]
             if not self.running:
                 self._idle.set()
-            seconds = round(time.monotonic() - started, 3)
-            log.info("job_finished", job=job_id, seconds=seconds, steps=run.steps_done, **end)
+        run.ended.set()
 
     def cancel(self, job_id: bytes, reason: str, *, pay_partial: bool = False) -> bool:
         run = self.running.get(job_id)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
+import time
 from pathlib import Path
 
 import msgspec
@@ -216,3 +218,75 @@ async def test_usable_from_trio_worker_threads(tmp_path: Path) -> None:
             for n in range(1, 9):
                 nursery.start_soon(trio.to_thread.run_sync, j.record_receipt, receipt(n), SIG)
         assert j.counts()["receipts"] == 8
+
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def rendered(n: int, image: bytes) -> Receipt:
+    """`receipt(n)` for a real image: its resultHash is the image's sha256."""
+    return msgspec.structs.replace(receipt(n), result_hash=hashlib.sha256(image).digest())
+
+
+def test_a_kept_result_stays_until_acked_and_never_changes_image(tmp_path: Path) -> None:
+    image = PNG + b"one"
+    with Journal(tmp_path / "j.db", tmp_path / "results") as j:
+        j.keep_result(rendered(1, image), SIG, image)
+        [path] = (tmp_path / "results").iterdir()
+        assert (
+            path.name == f"{(bytes([1]) * 32).hex()}.png" and path.stat().st_mode & 0o777 == 0o600
+        )
+        j.keep_result(rendered(1, image), SIG, image)  # a retry: no-op
+        with pytest.raises(JournalError, match="already has a different receipt"):
+            j.keep_result(rendered(1, PNG + b"two"), b"\x02" * 65, PNG + b"two")
+        with pytest.raises(JournalError, match="resultHash is not the image's"):
+            j.keep_result(rendered(2, image), SIG, PNG + b"other")
+        kept = j.stored_result(bytes([1]) * 32)
+        assert kept is not None and kept.image == image and kept.entry.accepted is None
+
+        assert j.resign(bytes([1]) * 32, b"\x0e" * 32, b"\x03" * 65)  # a new offer, same image
+        kept = j.stored_result(bytes([1]) * 32)
+        assert kept is not None and kept.image == image
+        assert (kept.entry.receipt.offer_hash, kept.entry.signature) == (b"\x0e" * 32, b"\x03" * 65)
+        assert kept.entry.receipt.result_hash == hashlib.sha256(image).digest()
+
+        assert j.mark_acked(bytes([1]) * 32, True)
+        assert list((tmp_path / "results").iterdir()) == []
+        assert not j.resign(bytes([1]) * 32, b"\x0d" * 32, SIG)  # acked: never re-signed
+        assert j.stored_result(bytes([2]) * 32) is None
+
+
+def test_a_lost_or_changed_image_is_reported_not_sent(tmp_path: Path) -> None:
+    image = PNG + b"one"
+    with Journal(tmp_path / "j.db") as j:  # results next to the journal by default
+        j.keep_result(rendered(1, image), SIG, image)
+        [path] = (tmp_path / "results").iterdir()
+        path.write_bytes(PNG + b"bit rot")
+        kept = j.stored_result(bytes([1]) * 32)
+        assert kept is not None and kept.image is None
+
+
+def test_a_refused_receipt_is_replaced_by_the_next_render(tmp_path: Path) -> None:
+    with Journal(tmp_path / "j.db") as j:
+        j.keep_result(rendered(1, PNG + b"a"), SIG, PNG + b"a")
+        j.mark_acked(bytes([1]) * 32, False, "bad image")  # the refused image is dropped
+        assert list((tmp_path / "results").iterdir()) == []
+        j.keep_result(rendered(1, PNG + b"b"), b"\x02" * 65, PNG + b"b")
+        kept = j.stored_result(bytes([1]) * 32)
+        assert kept is not None and kept.image == PNG + b"b" and kept.entry.accepted is None
+        assert j.counts()["receipts"] == 1
+
+
+def test_prune_keeps_only_recent_unacked_results(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with Journal(tmp_path / "j.db") as j:
+        for n in (1, 2, 3):
+            j.keep_result(rendered(n, PNG + bytes([n])), SIG, PNG + bytes([n]))
+        j.mark_acked(bytes([2]) * 32, True)
+        (tmp_path / "results" / "orphan.png").write_bytes(PNG)  # a crash before its receipt
+        assert j.prune_results(max_age=3600) == 1
+        assert {p.stem[:2] for p in (tmp_path / "results").iterdir()} == {"01", "03"}
+        monkeypatch.setattr(time, "time", lambda: 2e10)  # much later: nobody re-offered them
+        assert j.prune_results(max_age=3600) == 2
+        assert list((tmp_path / "results").iterdir()) == []

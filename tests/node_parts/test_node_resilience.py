@@ -1,0 +1,409 @@
+"""One job can never take the node down, and a rendered result is never rendered twice.
+
+The node here is the real one (`pull_forever`, `PullSession`, `Worker`, `Journal`, libp2p on
+127.0.0.1) against a scripted coordinator: a libp2p host that welcomes the node and then
+sends exactly the offers, acks and stream breaks each test names, signing offers with its
+own key. The renderer is a stand-in that counts its renders and makes every image unique (a
+second render could never reproduce the bytes), since what is under test is the job path
+around it, not diffusion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from eth_account import Account
+from structlog.testing import capture_logs
+
+from sogni_net import Channel, open_host
+from sogni_node import pull
+from sogni_node.journal import Journal
+from sogni_node.pull import NodeIdentity, PullSession, pull_forever
+from sogni_node.render.backend import RenderCancelled, RenderJob, RenderOutput
+from sogni_node.worker import Worker
+from sogni_protocol import eip712
+from sogni_protocol.eip712 import Domain
+from sogni_protocol.ids import CONTROL_FRAME_LIMIT, JOBS_PROTOCOL, RESULT_FRAME_LIMIT
+from sogni_protocol.logs import redact_sensitive
+from sogni_protocol.messages import (
+    Capabilities,
+    HandBack,
+    JobOffer,
+    JobParams,
+    NodeHello,
+    Offer,
+    OfferDeclined,
+    Result,
+    ResultAck,
+    Welcome,
+)
+
+MODEL = "sogni-tiny-sd"
+MARK = "SENT" + "INEL"  # the prompt; assembled so a traceback quoting this file cannot hold it
+DOMAIN = Domain(31337, "0x" + "ab" * 20)
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+class CountingBackend:
+    """Counts renders; fails the seeds in `fail`; holds every render at step 1 while `hold`
+    is clear (`started` is set when one is held there)."""
+
+    name = "counting"
+    supports_loras = False
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail: set[int] = set()
+        self.hold = threading.Event()
+        self.hold.set()
+        self.started = threading.Event()
+
+    def render(
+        self, job: RenderJob, on_step: Callable[[int], None], should_cancel: Callable[[], bool]
+    ) -> RenderOutput:
+        self.calls += 1
+        if job.seed in self.fail:
+            raise RuntimeError(f"cannot render {job.prompt}")  # a message quoting the prompt
+        for step in range(1, job.steps + 1):
+            if should_cancel():
+                raise RenderCancelled(step - 1)
+            on_step(step)
+            if step == 1:
+                self.started.set()
+                assert self.hold.wait(timeout=30)
+        image = PNG + os.urandom(32)  # unique: only a re-send can repeat these bytes
+        return RenderOutput(image, job.steps, self.name, "cpu", "float32", 1)
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class Link:
+    """The coordinator's end of one node stream."""
+
+    channel: Channel
+    done: trio.Event = field(default_factory=trio.Event)
+
+    async def next(self, *kinds: type, timeout: float = 20.0) -> Any:
+        """The next message of one of `kinds`, skipping Ready, Progress and heartbeats."""
+        with trio.fail_after(timeout):
+            while True:
+                msg = await self.channel.receive(limit=RESULT_FRAME_LIMIT, timeout=timeout)
+                if isinstance(msg, kinds):
+                    return msg
+
+
+@dataclass
+class Coordinator:
+    addr: str
+    key: bytes
+    address: str
+    links: trio.MemoryReceiveChannel[Link]
+
+    def offer(self, seed: int, *, job_id: bytes | None = None, later: int = 0) -> Offer:
+        """A signed offer; `later` moves its deadline, which changes its hash."""
+        params = JobParams(
+            model_id=MODEL,
+            positive_prompt=MARK,
+            steps=3,
+            guidance=4.0,
+            width=64,
+            height=64,
+            seed=seed,
+        )
+        offer = JobOffer(
+            job_id=job_id or os.urandom(32),
+            coordinator=self.address,
+            model_id=MODEL,
+            params_hash=eip712.params_hash(params),
+            steps=3,
+            width=64,
+            height=64,
+            seed=seed,
+            work_units=3000,
+            deadline=int(time.time()) + 600 + later,
+        )
+        digest = eip712.offer_hash(DOMAIN, offer)
+        return Offer(offer=offer, params=params, signature=eip712.sign_digest(self.key, digest))
+
+    async def link(self) -> Link:
+        with trio.fail_after(20):
+            return await self.links.receive()
+
+
+@asynccontextmanager
+async def coordinator() -> AsyncIterator[Coordinator]:
+    acct = Account.create()
+    send, receive = trio.open_memory_channel[Link](16)
+
+    async def on_node(channel: Channel) -> None:
+        hello = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=10)
+        assert isinstance(hello, NodeHello)
+        await channel.send(
+            Welcome(
+                coordinator=acct.address,
+                chain_id=DOMAIN.chain_id,
+                verifying_contract=DOMAIN.verifying_contract,
+                heartbeat_interval=0.5,
+            )
+        )
+        link = Link(channel)
+        await send.send(link)
+        await link.done.wait()
+
+    async with open_host(key_path=None, listen=["/ip4/127.0.0.1/tcp/0"]) as host:
+        host.set_stream_handler(JOBS_PROTOCOL, on_node)
+        yield Coordinator(host.addrs[0], bytes(acct.key), acct.address, receive)
+
+
+@dataclass
+class Node:
+    journal: Journal
+    worker: Worker
+    results: Path
+
+
+@asynccontextmanager
+async def node(
+    tmp: Path, coord: Coordinator, backend: CountingBackend, wallet: Any = None
+) -> AsyncIterator[Node]:
+    """A node daemon's pull loop for `coord`; leaving the block stops it (a node restart
+    when the next block opens on the same `tmp` and `wallet`)."""
+    acct = wallet or Account.create()
+    identity = NodeIdentity(
+        acct.address, bytes(acct.key), DOMAIN, frozenset({coord.address.lower()})
+    )
+    worker = Worker(backend, slots=2)
+    journal = Journal(tmp / "journal.db", tmp / "results")
+    try:
+        async with open_host(key_path=tmp / "node.key", listen=()) as host:
+            caps = Capabilities(
+                peer_id=host.peer_id,
+                wallet=acct.address,
+                expiry=int(time.time()) + 600,
+                models=[MODEL],
+                slots=2,
+                backend=backend.name,
+                device="cpu",
+                max_pixels=1 << 20,
+            )
+
+            def new_session() -> PullSession:
+                return PullSession(
+                    host,
+                    coord.addr,
+                    identity,
+                    worker,
+                    journal,
+                    caps,
+                    heartbeat_interval=0.5,
+                    heartbeat_timeout=60,  # the scripted coordinator sends no heartbeats
+                )
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pull_forever, new_session, coord.addr, set(), trio.Event())
+                yield Node(journal, worker, tmp / "results")
+                nursery.cancel_scope.cancel()
+    finally:
+        journal.close()
+
+
+def kept(results: Path) -> set[str]:
+    """Job ids (hex) whose images the node keeps."""
+    return {p.stem for p in results.glob("*.png")} if results.exists() else set()
+
+
+def recover(result: Result) -> str:
+    return eip712.recover_receipt_signer(DOMAIN, result.receipt, result.signature)
+
+
+async def test_a_journal_failure_hands_that_job_back_and_the_next_job_renders(
+    tmp_path: Path,
+) -> None:
+    backend = CountingBackend()
+    async with coordinator() as coord, node(tmp_path, coord, backend) as n:
+        link = await coord.link()
+        keep = n.journal.keep_result
+        failures: list[int] = []
+
+        def keep_once(*args: Any, **kwargs: Any) -> None:
+            if not failures:
+                failures.append(1)
+                raise OSError("disk full")
+            keep(*args, **kwargs)
+
+        n.journal.keep_result = keep_once  # type: ignore[method-assign]
+        first = coord.offer(1)
+        with capture_logs() as logs:
+            await link.channel.send(first)
+            back = await link.next(HandBack, Result)
+        assert isinstance(back, HandBack) and back.job_id == first.offer.job_id
+        assert back.reason == "node error"
+        [failed] = [e for e in logs if e["event"] == "job_failed"]
+        assert failed["error"] == "OSError" and failed["job"] == first.offer.job_id.hex()[:16]
+        second = coord.offer(2)
+        await link.channel.send(second)
+        result = await link.next(HandBack, Result)
+        assert isinstance(result, Result) and result.job_id == second.offer.job_id
+        assert n.worker.running == {}  # the failed job's slot came back
+        link.done.set()
+
+
+async def test_a_failed_render_is_contained_and_never_logs_the_prompt(tmp_path: Path) -> None:
+    backend = CountingBackend()
+    backend.fail.add(1)
+    async with coordinator() as coord, node(tmp_path, coord, backend) as n:
+        link = await coord.link()
+        with capture_logs() as logs:
+            await link.channel.send(coord.offer(1))
+            back = await link.next(HandBack, Result)
+            await link.channel.send(coord.offer(2))
+            result = await link.next(HandBack, Result)
+        assert isinstance(back, HandBack) and back.reason == "render failed"
+        assert (
+            isinstance(result, Result) and recover(result) == n.journal.receipts()[0].receipt.worker
+        )
+        emitted = [redact_sensitive(None, e["log_level"], dict(e)) for e in logs]
+        assert MARK not in repr(emitted)  # what the logger's processors let through
+        assert any(e["event"] == "render_failed" and e["error"] == "RuntimeError" for e in logs)
+        link.done.set()
+
+
+async def test_a_reoffer_of_a_rendered_job_resends_the_kept_result(tmp_path: Path) -> None:
+    backend = CountingBackend()
+    async with coordinator() as coord, node(tmp_path, coord, backend) as n:
+        link = await coord.link()
+        offer = coord.offer(1)
+        await link.channel.send(offer)
+        first = await link.next(Result, HandBack)
+        assert isinstance(first, Result)
+
+        await link.channel.send(offer)  # the same offer again (same hash)
+        same = await link.next(Result, HandBack)
+        assert (same.image, same.receipt, same.signature) == (
+            first.image,
+            first.receipt,
+            first.signature,
+        )
+
+        again = coord.offer(1, job_id=offer.offer.job_id, later=5)  # a restarted coordinator
+        await link.channel.send(again)
+        resent = await link.next(Result, HandBack)
+        assert isinstance(resent, Result) and resent.image == first.image
+        assert resent.receipt.result_hash == first.receipt.result_hash
+        assert resent.receipt.result_hash == hashlib.sha256(first.image).digest()
+        assert resent.receipt.offer_hash == eip712.offer_hash(DOMAIN, again.offer)
+        assert recover(resent) == recover(first)  # re-signed by the same wallet
+        assert backend.calls == 1
+        [entry] = n.journal.receipts()
+        assert (entry.receipt, entry.signature) == (resent.receipt, resent.signature)
+        link.done.set()
+
+
+async def test_results_are_kept_until_acked_then_deleted(tmp_path: Path) -> None:
+    backend = CountingBackend()
+    async with coordinator() as coord, node(tmp_path, coord, backend) as n:
+        link = await coord.link()
+        ids = []
+        for seed in (1, 2, 3):
+            offer = coord.offer(seed)
+            await link.channel.send(offer)
+            assert isinstance(await link.next(Result, HandBack), Result)
+            ids.append(offer.offer.job_id)
+        assert kept(n.results) == {i.hex() for i in ids}
+
+        await link.channel.send(ResultAck(job_id=ids[0], accepted=True))
+        await link.channel.send(ResultAck(job_id=ids[1], accepted=False, reason="bad image"))
+        await link.channel.send(coord.offer(4))  # read after the acks: they are journaled
+        fourth = await link.next(Result, HandBack)
+        assert kept(n.results) == {ids[2].hex(), fourth.job_id.hex()}
+        states = {r.receipt.job_id: r.accepted for r in n.journal.receipts()}
+        assert (states[ids[0]], states[ids[1]], states[ids[2]]) == (True, False, None)
+
+        await link.channel.send(coord.offer(1, job_id=ids[0], later=5))  # already delivered
+        declined = await link.next(OfferDeclined, Result, HandBack)
+        assert isinstance(declined, OfferDeclined) and "already accepted" in declined.reason
+        await link.channel.send(coord.offer(2, job_id=ids[1], later=5))  # refused: rendered anew
+        rerendered = await link.next(Result, HandBack)
+        assert isinstance(rerendered, Result) and rerendered.job_id == ids[1]
+        assert backend.calls == 5
+        link.done.set()
+
+
+async def test_a_node_restart_resends_an_unacked_result_when_offered_again(
+    tmp_path: Path,
+) -> None:
+    wallet = Account.create()
+    async with coordinator() as coord:
+        async with node(tmp_path, coord, CountingBackend(), wallet):
+            link = await coord.link()
+            offer = coord.offer(7)
+            await link.channel.send(offer)
+            first = await link.next(Result, HandBack)
+            assert isinstance(first, Result)
+            link.done.set()  # no ack: the node stops now
+        backend = CountingBackend()
+        async with node(tmp_path, coord, backend, wallet):
+            link = await coord.link()
+            again = coord.offer(7, job_id=offer.offer.job_id, later=5)
+            await link.channel.send(again)
+            resent = await link.next(Result, HandBack)
+            assert isinstance(resent, Result)
+            assert (resent.image, resent.receipt.result_hash) == (
+                first.image,
+                first.receipt.result_hash,
+            )
+            assert resent.receipt.offer_hash == eip712.offer_hash(DOMAIN, again.offer)
+            assert recover(resent) == wallet.address
+            assert backend.calls == 0
+            link.done.set()
+
+
+async def test_a_render_outlives_its_broken_stream_and_answers_the_reoffer(
+    tmp_path: Path,
+) -> None:
+    backend = CountingBackend()
+    backend.hold.clear()
+    async with coordinator() as coord, node(tmp_path, coord, backend) as n:
+        link = await coord.link()
+        offer = coord.offer(1)
+        await link.channel.send(offer)
+        await trio.to_thread.run_sync(backend.started.wait, 20)
+        await link.channel.reset()  # the coordinator dies mid-render
+        link.done.set()
+        relink = await coord.link()  # the node reconnected; the render runs on
+        assert set(n.worker.running) == {offer.offer.job_id}
+        again = coord.offer(1, job_id=offer.offer.job_id, later=5)
+        await relink.channel.send(again)
+        backend.hold.set()
+        resent = await relink.next(Result, HandBack, OfferDeclined)
+        assert isinstance(resent, Result) and backend.calls == 1
+        assert resent.receipt.offer_hash == eip712.offer_hash(DOMAIN, again.offer)
+        assert resent.receipt.result_hash == hashlib.sha256(resent.image).digest()
+        relink.done.set()
+
+
+async def test_a_result_too_large_to_send_is_handed_back_and_the_stream_stays(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pull, "RESULT_FRAME_LIMIT", 64)  # any real image is above it
+    async with coordinator() as coord, node(tmp_path, coord, CountingBackend()):
+        link = await coord.link()
+        offer = coord.offer(1)
+        await link.channel.send(offer)
+        back = await link.next(HandBack, Result)
+        assert isinstance(back, HandBack) and back.reason == "result too large"
+        await link.channel.send(coord.offer(2))
+        assert isinstance(await link.next(HandBack, Result), HandBack)  # same stream, alive
+        link.done.set()
