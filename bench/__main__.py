@@ -72,10 +72,18 @@ def main(argv: list[str] | None = None) -> int:
             from bench import pricing_scaling
 
             out[name] = pricing_scaling.run(args.quick)
+        elif name == "fuzz":  # live daemons as processes, then the js-libp2p client
+            from bench import fuzz
+
+            out[name] = fuzz.run(args.quick)
         elif name == "unet":  # runs each configuration in its own subprocess
             from bench import unet_steps
 
             out[name] = unet_steps.run(args.quick, command)
+        elif name == "cpuvar":  # each CPU configuration in its own subprocess
+            from bench import cpu_variation
+
+            out[name] = cpu_variation.run(args.quick, command)
     elapsed = time.perf_counter() - started
     for text in out.values():
         print("\n" + text)

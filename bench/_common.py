@@ -153,8 +153,8 @@ def _marker(name: str, end: bool = False) -> str:
     return f"<!-- bench:{'/' if end else ''}{name} -->"
 
 
-SECTION_ORDER = ("overhead", "dispatch", "settlement", "pricing", "unet")
-SLOW_SECTIONS = ("unet",)
+SECTION_ORDER = ("overhead", "dispatch", "settlement", "pricing", "fuzz", "unet", "cpuvar")
+SLOW_SECTIONS = ("unet", "cpuvar")
 """Run only when named (`python -m bench unet`, about 45 min here); a whole-file rewrite keeps
 their last text."""
 

@@ -9,6 +9,13 @@
 Every image comes with the receipt the coordinator verified and stored; `RenderedImage.
 typed_data()` is the EIP-712 document exactly as the node signed it. Payer messages are
 signed for the coordinator's EIP-712 domain (`domain`; default: the local embedded chain).
+
+A render survives the coordinator: when the stream breaks (the coordinator restarted, the
+network dropped) `render` reconnects with backoff and resumes the same request with its
+resume token (`RequestAccepted.resume_token`, handed to `on_accepted` as a `ResumeTicket`);
+the coordinator sends what this client has not acknowledged, and nothing is charged twice.
+Each image is acknowledged after `on_image` returns, so an app that saves it there has it
+exactly once. `collect` fetches a request later, from another process, with its ticket.
 """
 
 from __future__ import annotations
@@ -25,9 +32,10 @@ import msgspec
 import trio
 from eth_account import Account
 
-from sogni_net import Host, TransportError, open_host
+from sogni_net import Channel, Host, TransportError, open_host
 from sogni_protocol import eip712
-from sogni_protocol.atomic import atomic_write_bytes
+from sogni_protocol.atomic import atomic_write_bytes, atomic_write_text, fsync_dir
+from sogni_protocol.crashpoints import crashpoint
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CLIENT_PROTOCOL, CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT
@@ -35,6 +43,7 @@ from sogni_protocol.image_types import extension_of
 from sogni_protocol.messages import (
     BalanceReport,
     BoostGranted,
+    ImageAck,
     JobFailed,
     JobImage,
     JobProgress,
@@ -46,6 +55,8 @@ from sogni_protocol.messages import (
     RequestAccepted,
     RequestDone,
     RequestRefused,
+    RequestResumed,
+    ResumeRequest,
 )
 from sogni_protocol.settings import DEFAULT_CHAIN_ID
 from sogni_protocol.settings import UNDEPLOYED_CONTRACT as UNDEPLOYED
@@ -53,19 +64,24 @@ from sogni_protocol.settings import UNDEPLOYED_CONTRACT as UNDEPLOYED
 __all__ = [
     "DEFAULT_DOMAIN",
     "AccountRefused",
+    "CoordinatorLost",
     "Refused",
     "RenderRefused",
     "RenderResult",
     "RenderedImage",
+    "ResumeTicket",
     "balance",
     "balance_sync",
     "claim_daily_boost",
     "claim_daily_boost_sync",
+    "collect",
+    "collect_sync",
     "parse_lora",
     "render",
     "render_request",
     "render_sync",
     "save",
+    "save_image",
 ]
 
 DEFAULT_DOMAIN = Domain(DEFAULT_CHAIN_ID, UNDEPLOYED)
@@ -83,6 +99,53 @@ class Refused(Exception):
 
 class RenderRefused(Refused):
     """A render request was refused (unknown model, insufficient funds, bad signature...)."""
+
+
+class CoordinatorLost(TransportError):
+    """The stream broke and the coordinator could not be reached again in time; the request
+    runs on there and `ticket` collects it later."""
+
+    def __init__(self, ticket: ResumeTicket, seconds: float, last: BaseException) -> None:
+        super().__init__(
+            f"lost the coordinator and could not reconnect within {seconds:.0f} s "
+            f"({type(last).__name__}); request {ticket.request_id.hex()} runs on there"
+        )
+        self.ticket = ticket
+
+
+@dataclass(frozen=True)
+class ResumeTicket:
+    """What re-attaches to a request: where, which, and the requester's secret token.
+    Keep it private (`sogni render` writes it to `<out>/request.json`, mode 0600)."""
+
+    coordinator: str
+    request_id: bytes
+    token: bytes
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "coordinator": self.coordinator,
+                "requestId": self.request_id.hex(),
+                "token": self.token.hex(),
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ResumeTicket:
+        """Raises `ValueError` for anything but a ticket `to_json` wrote."""
+        try:
+            data = json.loads(text)
+            ticket = cls(
+                str(data["coordinator"]),
+                bytes.fromhex(data["requestId"]),
+                bytes.fromhex(data["token"]),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a request ticket: {exc}") from None
+        if len(ticket.request_id) != 32 or len(ticket.token) != 32:
+            raise ValueError("not a request ticket: ids are 32 bytes")
+        return ticket
 
 
 class AccountRefused(Refused):
@@ -194,14 +257,19 @@ async def render(
     *,
     on_progress: ProgressFn | None = None,
     on_image: Callable[[RenderedImage], None] | None = None,
+    on_accepted: Callable[[ResumeTicket], None] | None = None,
     idle_timeout: float = 300.0,
     payer_key: bytes | None = None,
     domain: Domain | None = None,
+    reconnect_for: float = 120.0,
 ) -> RenderResult:
     """Send one request and collect its images; `idle_timeout` bounds each wait for news.
 
     With `payer_key`, the request names that wallet as payer and carries its EIP-712
-    authorization for `domain` (the coordinator's chain and distributor).
+    authorization for `domain` (the coordinator's chain and distributor). `on_accepted` gets
+    the request's `ResumeTicket` as soon as it is accepted. If the stream breaks after that,
+    the request is resumed (backoff, up to `reconnect_for` seconds per outage) and each image
+    is still handed over once; `CoordinatorLost` (with the ticket) when that fails.
     """
     if payer_key is not None:
         request = authorize(request, payer_key, domain or DEFAULT_DOMAIN)
@@ -209,9 +277,10 @@ async def render(
     async with open_host(key_path=None, listen=()) as host:
         # errors leave the host's nursery as plain exceptions, not exception groups
         try:
-            outcome = await _exchange(
-                host, coordinator, request, on_progress, on_image, idle_timeout
-            )
+            outcome = await _render(
+                host, coordinator, request, on_progress, on_image, on_accepted, idle_timeout,
+                reconnect_for,
+            )  # fmt: skip
         except (RenderRefused, TransportError, ProtocolError) as exc:
             outcome = exc
     if isinstance(outcome, Exception):
@@ -219,14 +288,55 @@ async def render(
     return outcome
 
 
-async def _exchange(
+async def collect(
+    ticket: ResumeTicket,
+    *,
+    on_progress: ProgressFn | None = None,
+    on_image: Callable[[RenderedImage], None] | None = None,
+    idle_timeout: float = 300.0,
+    reconnect_for: float = 10.0,
+) -> RenderResult:
+    """Fetch a request's images not yet acknowledged (and wait for the rest if it is still
+    running), e.g. after the process that sent it went away. `RenderRefused`
+    (`unauthorized`) for a wrong token or an unknown request."""
+    run = _Run(RenderResult(ticket.request_id), None, on_progress, on_image)
+    outcome: RenderResult | Exception
+    async with open_host(key_path=None, listen=()) as host:
+        try:
+            outcome = await _until_done(host, ticket, run, idle_timeout, reconnect_for)
+        except (RenderRefused, TransportError, ProtocolError) as exc:
+            outcome = exc
+    if isinstance(outcome, Exception):
+        raise outcome
+    return outcome
+
+
+@dataclass
+class _Run:
+    """One request as this client sees it, across the streams it takes."""
+
+    result: RenderResult
+    domain: Domain | None
+    on_progress: ProgressFn | None
+    on_image: Callable[[RenderedImage], None] | None
+    seen: set[bytes] = field(default_factory=set)
+    failed: set[bytes] = field(default_factory=set)
+    attached: bool = False
+    """A stream got as far as the coordinator's answer since the last failure."""
+
+
+async def _render(
     host: Host,
     coordinator: str,
     request: RenderRequest,
     on_progress: ProgressFn | None,
     on_image: Callable[[RenderedImage], None] | None,
+    on_accepted: Callable[[ResumeTicket], None] | None,
     idle_timeout: float,
+    reconnect_for: float,
 ) -> RenderResult:
+    """Send the request (once: it is never sent again), follow its stream, and resume it
+    with its ticket if the stream breaks."""
     channel = await host.open_channel(coordinator, CLIENT_PROTOCOL, timeout=15.0)
     try:
         await channel.send(request)
@@ -235,36 +345,98 @@ async def _exchange(
             raise RenderRefused(first.code, first.reason)
         if not isinstance(first, RequestAccepted):
             raise RenderRefused("protocol", f"unexpected {type(first).__name__}")
+        ticket = ResumeTicket(coordinator, first.request_id, first.resume_token)
         domain = Domain(first.chain_id, first.verifying_contract)
         result = RenderResult(first.request_id, cost_micro=first.cost_micro)
-        while True:
-            msg = await channel.receive(limit=RESULT_FRAME_LIMIT, timeout=idle_timeout)
-            if isinstance(msg, JobProgress):
-                if on_progress is not None:
-                    on_progress(msg.index, msg.step, msg.steps)
-            elif isinstance(msg, JobImage):
-                image = RenderedImage(
-                    msg.index,
-                    msg.job_id,
-                    msg.seed,
-                    msg.image,
-                    msg.receipt,
-                    msg.signature,
-                    msg.meta,
-                    domain,
-                )
-                result.images.append(image)
-                if on_image is not None:
-                    on_image(image)
-            elif isinstance(msg, JobFailed):
-                result.failed.append((msg.index, msg.reason))
-            elif isinstance(msg, RequestDone):
-                result.images.sort(key=lambda im: im.index)
-                return result
+        run = _Run(result, domain, on_progress, on_image, attached=True)
+        if on_accepted is not None:
+            on_accepted(ticket)
+        try:
+            return await _follow(channel, ticket, run, idle_timeout)
+        except TransportError:
+            pass  # resumed below, once this stream is closed
     finally:
         with trio.move_on_after(1) as scope:
             scope.shield = True
             await channel.close()
+    return await _until_done(host, ticket, run, idle_timeout, reconnect_for)
+
+
+async def _until_done(
+    host: Host, ticket: ResumeTicket, run: _Run, idle_timeout: float, reconnect_for: float
+) -> RenderResult:
+    """Attach with the ticket until `RequestDone`, reconnecting with backoff (0.1 s doubling
+    to 5 s) for up to `reconnect_for` seconds after each break."""
+    deadline = trio.current_time() + reconnect_for
+    delay = 0.1
+    while True:
+        try:
+            return await _attach(host, ticket, run, idle_timeout)
+        except TransportError as exc:
+            if run.attached:  # it had worked: a new outage, a new budget
+                run.attached = False
+                deadline, delay = trio.current_time() + reconnect_for, 0.1
+            if trio.current_time() + delay > deadline:
+                raise CoordinatorLost(ticket, reconnect_for, exc) from None
+        await trio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+async def _attach(host: Host, ticket: ResumeTicket, run: _Run, idle_timeout: float) -> RenderResult:
+    channel = await host.open_channel(ticket.coordinator, CLIENT_PROTOCOL, timeout=15.0)
+    try:
+        await channel.send(ResumeRequest(request_id=ticket.request_id, token=ticket.token))
+        first = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=30.0)
+        if isinstance(first, RequestRefused):
+            raise RenderRefused(first.code, first.reason)
+        if not isinstance(first, RequestResumed) or first.request_id != ticket.request_id:
+            raise RenderRefused("protocol", f"unexpected {type(first).__name__}")
+        run.attached = True
+        if run.domain is None:
+            run.domain = Domain(first.chain_id, first.verifying_contract)
+        return await _follow(channel, ticket, run, idle_timeout)
+    finally:
+        with trio.move_on_after(1) as scope:
+            scope.shield = True
+            await channel.close()
+
+
+async def _follow(
+    channel: Channel, ticket: ResumeTicket, run: _Run, idle_timeout: float
+) -> RenderResult:
+    """Read one stream of the request until `RequestDone`, acknowledging each image."""
+    while True:
+        msg = await channel.receive(limit=RESULT_FRAME_LIMIT, timeout=idle_timeout)
+        if isinstance(msg, JobProgress):
+            if run.on_progress is not None and msg.job_id not in run.seen:
+                run.on_progress(msg.index, msg.step, msg.steps)
+        elif isinstance(msg, JobImage):
+            await _take_image(channel, ticket, run, msg)
+        elif isinstance(msg, JobFailed):
+            if msg.job_id not in run.failed:
+                run.failed.add(msg.job_id)
+                run.result.failed.append((msg.index, msg.reason))
+        elif isinstance(msg, RequestDone):
+            run.result.images.sort(key=lambda im: im.index)
+            run.result.failed.sort()
+            return run.result
+
+
+async def _take_image(channel: Channel, ticket: ResumeTicket, run: _Run, msg: JobImage) -> None:
+    """Hand a new image to the app, then acknowledge it (a copy already handed over, sent
+    again because its ack was lost, is only acknowledged again)."""
+    if msg.job_id not in run.seen:
+        assert run.domain is not None
+        image = RenderedImage(
+            msg.index, msg.job_id, msg.seed, msg.image, msg.receipt, msg.signature, msg.meta,
+            run.domain,
+        )  # fmt: skip
+        if run.on_image is not None:
+            run.on_image(image)
+        run.seen.add(msg.job_id)
+        run.result.images.append(image)
+        crashpoint("client_mid_stream")
+    await channel.send(ImageAck(request_id=ticket.request_id, job_ids=[msg.job_id]))
 
 
 def authorize(
@@ -280,6 +452,10 @@ def authorize(
 
 def render_sync(coordinator: str, request: RenderRequest, **kwargs: Any) -> RenderResult:
     return trio.run(lambda: render(coordinator, request, **kwargs))
+
+
+def collect_sync(ticket: ResumeTicket, **kwargs: Any) -> RenderResult:
+    return trio.run(lambda: collect(ticket, **kwargs))
 
 
 _Reply = TypeVar("_Reply", BoostGranted, BalanceReport)
@@ -378,15 +554,38 @@ def receipt_line(image: RenderedImage, file_name: str) -> dict[str, Any]:
     return doc
 
 
+def image_name(request_id: bytes, image: RenderedImage) -> str:
+    """`<request prefix>-<index>.<png|jpg|webp>`: the file `save_image` writes."""
+    return f"{request_id.hex()[:12]}-{image.index:03d}.{extension_of(image.image)}"
+
+
+def save_image(request_id: bytes, image: RenderedImage, out_dir: Path) -> Path:
+    """Write one image and append its receipt to `receipts.jsonl`, durably; an image whose
+    receipt line is already there is not written again (a resumed or repeated collect)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = image_name(request_id, image)
+    receipts = out_dir / "receipts.jsonl"
+    if receipts.exists():
+        for line in receipts.read_text().splitlines():
+            if line.strip() and json.loads(line).get("image") == name:
+                return out_dir / name
+    atomic_write_bytes(out_dir / name, image.image)
+    with receipts.open("a") as f:
+        f.write(json.dumps(receipt_line(image, name)) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(out_dir)
+    return out_dir / name
+
+
+def save_ticket(ticket: ResumeTicket, out_dir: Path) -> Path:
+    """`<out_dir>/request.json` (0600): what `sogni collect` needs to fetch the request."""
+    path = out_dir / "request.json"
+    atomic_write_text(path, ticket.to_json() + "\n", mode=0o600)
+    return path
+
+
 def save(result: RenderResult, out_dir: Path) -> list[Path]:
     """Write each image as `<request>-<index>.<png|jpg|webp>` and append its receipt to
-    receipts.jsonl."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    with (out_dir / "receipts.jsonl").open("a") as receipts:
-        for image in result.images:
-            name = f"{result.request_id.hex()[:12]}-{image.index:03d}.{extension_of(image.image)}"
-            atomic_write_bytes(out_dir / name, image.image)
-            receipts.write(json.dumps(receipt_line(image, name)) + "\n")
-            paths.append(out_dir / name)
-    return paths
+    receipts.jsonl (once per image)."""
+    return [save_image(result.request_id, image, out_dir) for image in result.images]

@@ -26,15 +26,27 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from sogni_app.api import (
     DEFAULT_DOMAIN,
     AccountRefused,
+    CoordinatorLost,
     RenderedImage,
     RenderRefused,
+    RenderResult,
+    ResumeTicket,
     balance_sync,
     claim_daily_boost_sync,
+    collect_sync,
     render_request,
     render_sync,
-    save,
+    save_image,
+    save_ticket,
 )
-from sogni_protocol.cli_errors import CliGroup, DebugOption, Refused, register
+from sogni_protocol.cli_errors import (
+    BadUsage,
+    CliGroup,
+    DebugOption,
+    Refused,
+    Unavailable,
+    register,
+)
 from sogni_protocol.cli_errors import main as run_cli
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import EMBEDDED_MODEL_ID
@@ -87,8 +99,17 @@ ContractOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
+ReconnectOpt = Annotated[
+    float,
+    typer.Option(
+        "--reconnect-for",
+        min=0,
+        help="Seconds to keep trying to reach a lost coordinator before giving up.",
+    ),
+]
 
 register(RenderRefused, Refused, None)  # the coordinator's reason says what it needs
+register(CoordinatorLost, Unavailable, "collect the rest later with `sogni collect`")
 
 
 def _local_coordinator() -> dict[str, Any] | None:
@@ -201,8 +222,12 @@ def render_cmd(
     password_env: PasswordEnvOpt = "SOGNI_PASSWORD",
     chain_id: ChainIdOpt = None,
     verifying_contract: ContractOpt = None,
+    reconnect_for: ReconnectOpt = 120.0,
 ) -> None:
-    """Render PROMPT and save the images with their signed receipts."""
+    """Render PROMPT and save the images with their signed receipts.
+
+    The request id and its resume token go to OUT/request.json (0600): if the coordinator
+    is lost for longer than --reconnect-for, `sogni collect ID --out OUT` fetches the rest."""
     addr = resolve_coordinator(coordinator)
     try:
         request = render_request(
@@ -226,32 +251,136 @@ def render_cmd(
     if keystore is not None:
         domain = resolve_domain(addr, chain_id, verifying_contract)
         paying = {"payer_key": _wallet(keystore, password_env).private_key, "domain": domain}
-    with Progress(
-        TextColumn("[bold]rendering"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-    ) as bar:
-        total = n * steps
-        task = bar.add_task("render", total=total)
-        done_steps: dict[int, int] = {}
+    tickets: list[ResumeTicket] = []
 
-        def on_progress(index: int, step: int, _steps: int) -> None:
-            done_steps[index] = step
-            bar.update(task, completed=sum(done_steps.values()))
+    def on_accepted(ticket: ResumeTicket) -> None:
+        tickets.append(ticket)
+        path = save_ticket(ticket, out)
+        typer.echo(f"request {ticket.request_id.hex()} accepted (resume ticket: {path})", err=True)
+
+    with _ProgressBar("rendering", n * steps) as bar:
 
         def on_image(image: RenderedImage) -> None:
-            done_steps[image.index] = steps
-            bar.update(task, completed=sum(done_steps.values()))
+            save_image(tickets[0].request_id, image, out)  # saved before it is acknowledged
+            bar.image(image.index, steps)
 
-        result = render_sync(addr, request, on_progress=on_progress, on_image=on_image, **paying)
-    paths = save(result, out)
+        try:
+            result = render_sync(
+                addr,
+                request,
+                on_progress=bar.progress,
+                on_image=on_image,
+                on_accepted=on_accepted,
+                reconnect_for=reconnect_for,
+                **paying,
+            )
+        except CoordinatorLost as exc:
+            raise _lost(exc, out) from None
+    _report(result, out, token_type)
+
+
+@app.command("collect")
+def collect_cmd(
+    request_id: Annotated[str, typer.Argument(help="The request id `sogni render` printed.")],
+    token: Annotated[
+        str | None,
+        typer.Option(help="Its resume token (default: from OUT/request.json)."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for images and receipts.jsonl.")] = Path("out"),
+    coordinator: CoordinatorOpt = None,
+    reconnect_for: ReconnectOpt = 10.0,
+) -> None:
+    """Fetch the images of a request that `sogni render` left (it stopped, or lost the
+    coordinator): those not yet saved, and the rest once rendered."""
+    ticket = _ticket(request_id, token, out, coordinator)
+    with _ProgressBar("collecting", 0) as bar:
+
+        def on_image(image: RenderedImage) -> None:
+            save_image(ticket.request_id, image, out)
+            bar.image(image.index, 0)
+
+        try:
+            result = collect_sync(ticket, on_image=on_image, reconnect_for=reconnect_for)
+        except CoordinatorLost as exc:
+            raise _lost(exc, out) from None
+    _report(result, out, None)
+
+
+def _ticket(request_id: str, token: str | None, out: Path, coordinator: str | None) -> ResumeTicket:
+    """The ticket from the options, completed from `<out>/request.json` when it is this
+    request's."""
+    try:
+        rid = bytes.fromhex(request_id.removeprefix("0x"))
+        if len(rid) != 32:
+            raise ValueError("not 32 bytes")
+    except ValueError as exc:
+        raise BadUsage(f"request id {request_id!r} is not 64 hex digits ({exc})") from None
+    saved: ResumeTicket | None = None
+    path = out / "request.json"
+    if path.exists():
+        try:
+            saved = ResumeTicket.from_json(path.read_text())
+        except ValueError as exc:
+            raise BadUsage(f"{path}: {exc}", "pass --token") from None
+        if saved.request_id != rid:
+            saved = None
+    if token is None:
+        if saved is None:
+            raise BadUsage(
+                f"no resume token for request {request_id[:12]}...",
+                "pass --token, or --out the folder whose request.json names it",
+            )
+        secret = saved.token
+    else:
+        try:
+            secret = bytes.fromhex(token.removeprefix("0x"))
+        except ValueError:
+            secret = b""
+        if len(secret) != 32:
+            raise BadUsage("--token must be 64 hex digits")
+    addr = coordinator or (saved.coordinator if saved else None) or resolve_coordinator(None)
+    return ResumeTicket(addr, rid, secret)
+
+
+def _lost(exc: CoordinatorLost, out: Path) -> Unavailable:
+    rid = exc.ticket.request_id.hex()
+    return Unavailable(str(exc), f"collect it later: sogni collect {rid} --out {out}")
+
+
+def _report(result: RenderResult, out: Path, token_type: str | None) -> None:
+    """The summary line; exit 1 when some images failed."""
     cost = f" for {result.cost_micro / MICRO:.6f} {token_type}" if result.cost_micro else ""
-    typer.echo(f"{len(paths)} images and receipts in {out}/ (receipts.jsonl){cost}")
+    typer.echo(f"{len(result.images)} images and receipts in {out}/ (receipts.jsonl){cost}")
     for index, reason in result.failed:
         typer.echo(f"image {index} failed: {reason}", err=True)
     if result.failed:
         raise typer.Exit(1)
+
+
+class _ProgressBar:
+    """Steps done over all images (rich; to stderr)."""
+
+    def __init__(self, label: str, total: int) -> None:
+        self._bar = Progress(
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
+        )
+        self._task = self._bar.add_task(label, total=total or None)
+        self._steps: dict[int, int] = {}
+
+    def __enter__(self) -> _ProgressBar:
+        self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._bar.__exit__(None, None, None)
+
+    def progress(self, index: int, step: int, _steps: int) -> None:
+        self._steps[index] = step
+        self._bar.update(self._task, completed=sum(self._steps.values()))
+
+    def image(self, index: int, steps: int) -> None:
+        self._steps[index] = steps or 1
+        self._bar.update(self._task, completed=sum(self._steps.values()))
 
 
 def _account_call(

@@ -1,10 +1,16 @@
 """The coordinator's end of an app's stream (`/sogni/client/1.0.0`).
 
-One stream per request: the app sends a `RenderRequest`; the coordinator validates it,
-commits the request and its jobs, answers `RequestAccepted`, then streams progress, images
-with their verified receipts, and `RequestDone`. If the app goes away the request still
-runs to completion (the work was accepted and nodes are paid for it); its images are kept
-on disk under the coordinator's results folder.
+A render stream: the app sends a `RenderRequest`; the coordinator validates it, commits the
+request and its jobs, answers `RequestAccepted` (with a resume token only the requester
+gets), then streams progress, images with their verified receipts, and `RequestDone`. The app
+acknowledges each image (`ImageAck`); an image is sent again on the next attachment until it
+is. If the app goes away the request still runs to completion (the work was accepted and
+nodes are paid for it) and its images wait in the results folder.
+
+A resume stream: the first frame is `ResumeRequest{request_id, token}` (after a lost
+connection, a coordinator restart, or `sogni collect` later); a wrong token is refused, the
+right one gets `RequestResumed`, then every image not yet acknowledged and the rest as above.
+Nothing is charged again: receipts were paid when stored.
 
 The first frame may instead be a signed `DailyBoostClaim` or `BalanceQuery`: one answer
 (`BoostGranted`, `BalanceReport` or `RequestRefused`), then the stream closes.
@@ -12,13 +18,12 @@ The first frame may instead be a signed `DailyBoostClaim` or `BalanceQuery`: one
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import trio
 
+from sogni_coordinator.delivery import Cursor, short
 from sogni_coordinator.dispatch import Dispatcher, Refusal
-from sogni_coordinator.jobs import RequestState, orphan_saver
 from sogni_net import Channel, ChannelClosed, ReadTimeout, TransportError
+from sogni_protocol.crashpoints import crashpoint
 from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT, unsupported_version
 from sogni_protocol.logs import get_logger
@@ -26,25 +31,25 @@ from sogni_protocol.messages import (
     BalanceQuery,
     CancelRequest,
     DailyBoostClaim,
+    ImageAck,
     JobImage,
     Message,
     RenderRequest,
-    RequestDone,
     RequestRefused,
+    ResumeRequest,
     UnsupportedWireVersion,
 )
 
 log = get_logger(__name__)
 
-__all__ = ["orphan_saver", "serve_client"]  # orphan_saver: service.py imports it from here
+__all__ = ["ACK_GRACE", "serve_client"]
+
+ACK_GRACE = 30.0
+"""After `RequestDone`, how long the app gets to send its last acks and close."""
 
 
 async def serve_client(
-    channel: Channel,
-    dispatcher: Dispatcher,
-    *,
-    allowed_models: set[str],
-    results_dir: Path,
+    channel: Channel, dispatcher: Dispatcher, *, allowed_models: set[str]
 ) -> None:
     peer = channel.remote_peer_id
     try:
@@ -64,87 +69,97 @@ async def serve_client(
     if isinstance(req, DailyBoostClaim | BalanceQuery):
         await _answer_account(channel, dispatcher, req)
         return
-    if not isinstance(req, RenderRequest):
-        await _refuse(
-            channel,
-            "invalid_request",
-            f"expected renderRequest, dailyBoostClaim or balanceQuery, got {type(req).__name__}",
-        )
-        return
+    first: Message
     try:
-        submitted = dispatcher.submit(
-            req,
-            client_peer=peer,
-            allowed_models=allowed_models,
-            on_orphan=orphan_saver(results_dir),
-        )
+        if isinstance(req, RenderRequest):
+            submitted = dispatcher.submit(req, client_peer=peer, allowed_models=allowed_models)
+            first, events = submitted.accepted, submitted.events
+            log.info(
+                "request_accepted",
+                peer=peer,
+                request=short(first.request_id),
+                image_count=len(first.job_ids),
+            )
+        elif isinstance(req, ResumeRequest):
+            resumed = dispatcher.resume(req.request_id, req.token)
+            first, events = resumed.reply, resumed.events
+            log.info(
+                "request_resumed", peer=peer, request=short(req.request_id), acked=len(first.acked)
+            )
+        else:
+            raise Refusal(
+                "invalid_request",
+                "expected renderRequest, resumeRequest, dailyBoostClaim or balanceQuery, "
+                f"got {type(req).__name__}",
+            )
     except Refusal as exc:
         log.info("client_request_refused", peer=peer, code=exc.code, error=exc.reason)
         await _refuse(channel, exc.code, exc.reason)
         return
-    request_id = submitted.accepted.request_id
-    log.info(
-        "request_accepted",
-        peer=peer,
-        request=request_id.hex()[:16],
-        image_count=len(submitted.accepted.job_ids),
-    )
+    await _serve_request(channel, dispatcher, first, events)
+
+
+async def _serve_request(
+    channel: Channel, dispatcher: Dispatcher, first: Message, events: Cursor
+) -> None:
+    """Send the answer, then what the request owes this client, reading its acks and cancel
+    meanwhile; the images it does not acknowledge wait for the next attachment."""
+    request_id = events.box.request_id
     try:
-        await channel.send(submitted.accepted)
+        await channel.send(first)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_watch_client, channel, dispatcher, request_id, nursery.cancel_scope)
-            await _stream_events(channel, submitted.events, submitted.state)
+            closed = trio.Event()
+            nursery.start_soon(
+                _read_client, channel, dispatcher, request_id, closed, nursery.cancel_scope
+            )
+            await _stream(channel, events)
+            if events.finished:  # the app acks and closes; a superseded stream just ends
+                with trio.move_on_after(ACK_GRACE):
+                    await closed.wait()
             nursery.cancel_scope.cancel()
     except TransportError as exc:
-        log.info("client_gone", request=request_id.hex()[:16], error=type(exc).__name__)
+        log.info("client_gone", request=short(request_id), error=type(exc).__name__)
     finally:
-        dispatcher.detach_client(request_id)
+        dispatcher.detach(events)
         with trio.move_on_after(1) as scope:
             scope.shield = True
             await channel.close()
 
 
-async def _stream_events(
-    channel: Channel, events: trio.MemoryReceiveChannel[Message], state: RequestState
+async def _stream(channel: Channel, events: Cursor) -> None:
+    async for msg in events:
+        if isinstance(msg, JobImage):
+            crashpoint("coordinator_before_image_stream")
+            await channel.send(msg, limit=RESULT_FRAME_LIMIT, timeout=60.0)
+            crashpoint("coordinator_after_image_stream")
+        else:
+            await channel.send(msg, limit=CONTROL_FRAME_LIMIT, timeout=60.0)
+
+
+async def _read_client(
+    channel: Channel,
+    dispatcher: Dispatcher,
+    request_id: bytes,
+    closed: trio.Event,
+    scope: trio.CancelScope,
 ) -> None:
-    async with trio.open_nursery() as nursery:
-
-        async def close_when_finished() -> None:
-            await state.finished.wait()
-            # everything for this request is already in the channel: drain, then stop
-            if state.outbox is not None:
-                state.outbox.close()
-
-        nursery.start_soon(close_when_finished)
-        async for msg in events:
-            limit = RESULT_FRAME_LIMIT if isinstance(msg, JobImage) else CONTROL_FRAME_LIMIT
-            await channel.send(msg, limit=limit, timeout=60.0)
-        await channel.send(
-            RequestDone(
-                request_id=state.request_id,
-                delivered=state.delivered,
-                failed=state.failed,
-                cancelled=state.cancelled,
-            )
-        )
-        nursery.cancel_scope.cancel()
-
-
-async def _watch_client(
-    channel: Channel, dispatcher: Dispatcher, request_id: bytes, scope: trio.CancelScope
-) -> None:
-    """After its request the client may only cancel; a closed stream means it went away."""
-    while True:
-        try:
-            msg = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=30.0)
-        except ReadTimeout:
-            continue
-        except (ChannelClosed, TransportError, ProtocolError):
-            scope.cancel()
-            return
-        if isinstance(msg, CancelRequest) and msg.request_id == request_id:
-            log.info("request_cancelled", request=request_id.hex()[:16])
-            dispatcher.cancel_request(request_id)
+    """The app acknowledges images and may cancel; a closed stream means it went away (the
+    writer is then cancelled: nothing more is sent on this attachment)."""
+    try:
+        while True:
+            try:
+                msg = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=30.0)
+            except ReadTimeout:
+                continue
+            if isinstance(msg, ImageAck) and msg.request_id == request_id:
+                await dispatcher.ack_images(request_id, msg.job_ids)
+            elif isinstance(msg, CancelRequest) and msg.request_id == request_id:
+                log.info("request_cancelled", request=short(request_id))
+                dispatcher.cancel_request(request_id)
+    except (ChannelClosed, TransportError, ProtocolError):
+        pass
+    closed.set()
+    scope.cancel()
 
 
 async def _answer_account(

@@ -80,6 +80,10 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     """"optional": requests naming a payer are charged, others are free (local networks);
     "required": every request must name and authorize a payer; "off": nothing is charged."""
 
+    prompt_retention_seconds: Annotated[float, Meta(ge=0, le=365 * 86_400)] = 3600.0
+    """How long a request's prompt stays readable after the request ended: then its key is
+    deleted (crypto-shredding) and the sealed prompt in the database is useless. 0: at once."""
+
     def __post_init__(self) -> None:
         check_heartbeats(self.heartbeat_interval, self.heartbeat_timeout)
         check_http_listen(self.http_listen)

@@ -13,6 +13,14 @@ one table of the lifecycle) and queues the change for the store; `_save` writes 
 changes in one transaction at the end of each entry point. Receipts are the exception:
 the group commit writes a receipt and its job's new state in one transaction before the
 node hears "accepted".
+
+Delivery (`delivery.py`): each request has a `Mailbox` of what its client is owed. An image is
+written to the results folder before its receipt is committed, and stays there until the
+client acknowledges it (`ack_images`); `submit` and `resume` (with the requester's resume
+token) hand the client stream a `Cursor` over the mailbox, so a lost stream or a restart
+loses nothing and sends nothing twice that was acknowledged. Prompts are sealed in the store
+with a key per request, which a background task shreds `prompt_retention` seconds after the
+request ended.
 """
 
 from __future__ import annotations
@@ -20,14 +28,17 @@ from __future__ import annotations
 import hashlib
 import os
 import statistics
+import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import trio
 
 from sogni_coordinator.billing import Billing, Refusal
+from sogni_coordinator.delivery import Cursor, Mailbox, ResultFiles, short
 from sogni_coordinator.group_commit import GroupCommit
 from sogni_coordinator.job_state import (
     LIVE,
@@ -38,7 +49,8 @@ from sogni_coordinator.job_state import (
     stored,
     transition,
 )
-from sogni_coordinator.jobs import Job, NodeLink, OrphanSink, RequestState
+from sogni_coordinator.jobs import Job, NodeLink, RequestState
+from sogni_coordinator.prompt_crypto import new_key
 from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.routing import Router
 from sogni_coordinator.store import Store
@@ -61,6 +73,8 @@ from sogni_protocol.messages import (
     Offer,
     RenderRequest,
     RequestAccepted,
+    RequestDone,
+    RequestResumed,
     Result,
     split_request,
 )
@@ -76,6 +90,7 @@ __all__ = [
     "Refusal",
     "RequestState",
     "ResultRefused",
+    "Resumed",
     "Submission",
 ]
 
@@ -97,14 +112,28 @@ class ResultRefused(Exception):
     """A result the coordinator will not receipt; the message goes back to the node."""
 
 
+class StorageFault(ResultRefused):
+    """The coordinator could not store a good result (disk full): not the node's fault."""
+
+
 @dataclass(frozen=True)
 class Submission:
-    """An accepted request: the answer for the client, and the stream of its events."""
+    """An accepted request: the answer for the client, and what to stream to it."""
 
     accepted: RequestAccepted
     state: RequestState
-    events: trio.MemoryReceiveChannel[Message]
-    """Progress, images, failures; closed by the session once `state.finished` is set."""
+    mailbox: Mailbox
+    events: Cursor
+    """Progress, images, failures, then `RequestDone`; each once for this attachment."""
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """A request re-attached with its resume token: the answer, and what is still owed."""
+
+    reply: RequestResumed
+    mailbox: Mailbox
+    events: Cursor
 
 
 class Dispatcher:
@@ -120,6 +149,8 @@ class Dispatcher:
         deadline_base: float = 30.0,
         clock: Callable[[], float] = time.time,
         billing: Billing | None = None,
+        results_dir: Path | None = None,
+        prompt_retention: float = 3600.0,
     ) -> None:
         self.store = store
         self._key = signer_key
@@ -141,6 +172,15 @@ class Dispatcher:
         self.requests: dict[bytes, RequestState] = {}
         self._unsaved: dict[bytes, Job] = {}
         self._changed = trio.Event()
+        if results_dir is None:  # beside the database (a temporary folder for `:memory:`)
+            memory = str(store.path) == ":memory:"
+            results_dir = Path(tempfile.mkdtemp()) if memory else store.path.parent / "results"
+        self.results = ResultFiles(results_dir)
+        self.mailboxes: dict[bytes, Mailbox] = {}
+        """Requests still live, or attached to a client, or with images unacknowledged."""
+        self.prompt_retention = prompt_retention
+        """Seconds a request's prompt key outlives the request (then it is shredded)."""
+        self._shred_wake = trio.Event()
 
     # --- the lifecycle: the only place a job's state changes --------------------------------
     def _to(self, job: Job, event: JobEvent, *, durable: bool = False) -> JobState:
@@ -154,8 +194,12 @@ class Dispatcher:
         """Write the state changes of this entry point in one transaction."""
         if self._unsaved:
             batch, self._unsaved = self._unsaved, {}
-            self.store.save_job_states(
-                (j.job_id, stored(j.state), j.attempts) for j in batch.values()
+            # Queued for the writer thread (in order, so a job's end is stored before its
+            # request's refund); at once when no writer runs (restore, tests).
+            self.store.submit(
+                "job states",
+                self.store.save_job_states,
+                [(j.job_id, stored(j.state), j.attempts) for j in batch.values()],
             )
 
     def job_counts(self) -> dict[str, int]:
@@ -196,12 +240,14 @@ class Dispatcher:
         *,
         client_peer: str,
         allowed_models: set[str],
-        on_orphan: OrphanSink,
+        on_orphan: object = None,
     ) -> Submission:
         """Validate, reserve the price, split into jobs, commit them, queue them.
 
         Raises `Refusal(code, reason)`. When this returns the request and every job are
-        durable, so the client may be told "accepted".
+        durable, so the client may be told "accepted". The answer carries a fresh resume
+        token (only its hash is stored). `on_orphan` is ignored: every image waits in the
+        results folder until the client acknowledges it.
         """
         fault = self.model_fault(req, allowed_models)
         if fault is not None:
@@ -212,6 +258,7 @@ class Dispatcher:
             Job(os.urandom(32), request_id, i, params, work_units(params), network=req.network)
             for i, params in enumerate(split_request(req))
         ]
+        token = os.urandom(32)
         try:
             self.store.add_request(
                 request_id,
@@ -220,13 +267,15 @@ class Dispatcher:
                 token_type=req.token_type,
                 client_peer=client_peer,
                 jobs=[(j.job_id, j.params, j.work_units) for j in jobs],
+                token_hash=hashlib.sha256(token).digest(),
+                key=new_key(),
             )
         except BaseException:
             if self.billing is not None:  # not accepted: nothing may stay reserved
                 self.billing.finish(request_id)
             raise
-        send, events = trio.open_memory_channel[Message](float("inf"))
-        state = RequestState(request_id, len(jobs), send, on_orphan)
+        box = Mailbox(request_id, [j.job_id for j in jobs])
+        state = RequestState(request_id, len(jobs), box)
         self.add_request(state, jobs)
         accepted = RequestAccepted(
             request_id=request_id,
@@ -234,14 +283,66 @@ class Dispatcher:
             chain_id=self.domain.chain_id,
             verifying_contract=self.domain.verifying_contract,
             cost_micro=cost,
+            resume_token=token,
         )
-        return Submission(accepted, state, events)
+        return Submission(accepted, state, box, box.attach(self.results))
 
     def add_request(self, state: RequestState, jobs: list[Job]) -> None:
         """Queue the (already stored) jobs of a request."""
         self.requests[state.request_id] = state
+        self.mailboxes[state.request_id] = state.mailbox
         for job in jobs:
             self._enqueue(job)
+
+    # --- delivery: resume, acknowledgements ---------------------------------------------------
+    def resume(self, request_id: bytes, token: bytes) -> Resumed:
+        """Re-attach a client to its request: raises `Refusal("unauthorized")` unless `token`
+        is the request's resume token (an unknown request gets the same answer). The returned
+        cursor yields every image not yet acknowledged, then the rest as it comes; a stream
+        still attached is superseded. Nothing is charged: receipts were paid when stored."""
+        if not self.store.token_matches(request_id, token):
+            raise Refusal("unauthorized", "unknown request, or not its resume token")
+        box = self.mailboxes.get(request_id)
+        if box is None:
+            record = self.store.delivery(request_id)
+            if record is None:  # token matched, so the request exists: a race with nothing
+                raise Refusal("unauthorized", "unknown request, or not its resume token")
+            box = self.mailboxes[request_id] = Mailbox.from_record(record, self.results)
+        reply = RequestResumed(
+            request_id=request_id,
+            job_ids=list(box.job_ids),
+            chain_id=self.domain.chain_id,
+            verifying_contract=self.domain.verifying_contract,
+            acked=sorted(box.acked, key=box.job_ids.index),
+        )
+        return Resumed(reply, box, box.attach(self.results))
+
+    def detach(self, cursor: Cursor) -> None:
+        """A client stream ended: its images stay on disk until a client acknowledges them."""
+        box = cursor.box
+        box.detach(cursor)
+        if box.idle and self.mailboxes.get(box.request_id) is box:
+            del self.mailboxes[box.request_id]
+
+    async def ack_images(self, request_id: bytes, job_ids: Iterable[bytes]) -> list[bytes]:
+        """The client has these images: record them as delivered (durably), then delete their
+        files. Jobs of other requests, unknown, or not yet receipted are ignored."""
+        box = self.mailboxes.get(request_id)
+        wanted = list(dict.fromkeys(job_ids))
+
+        def write() -> list[bytes]:
+            acked = self.store.mark_delivered(request_id, wanted)
+            if box is not None:
+                self.results.remove(box.pending[j] for j in acked if j in box.pending)
+            return acked
+
+        acked = await trio.to_thread.run_sync(write)
+        if box is not None:  # no checkpoint since the thread returned: this is atomic
+            for job_id in acked:
+                box.pending.pop(job_id, None)
+                box.acked.add(job_id)
+            box.notify()
+        return acked
 
     def cancel_request(self, request_id: bytes) -> None:
         """The client cancelled: queued jobs end now, running ones stop at their next step
@@ -257,13 +358,6 @@ class Dispatcher:
                 self._send_to_node(link, Cancel(job_id=job.job_id, pay_partial=True))
         self._save()
 
-    def detach_client(self, request_id: bytes) -> None:
-        """The client went away: its jobs still run and are receipted; images go to disk."""
-        state = self.requests.get(request_id)
-        if state is not None and state.outbox is not None:
-            state.outbox.close()
-            state.outbox = None
-
     def account(self, req: DailyBoostClaim | BalanceQuery, peer_id: str) -> Message:
         """A payer's Daily Boost claim or balance query; raises `Refusal`."""
         if self.billing is None:
@@ -272,11 +366,11 @@ class Dispatcher:
             return self.billing.claim_boost(req)
         return self.billing.report(req, peer_id)
 
-    def restore(self, on_orphan: OrphanSink) -> int:
-        """After a restart: re-queue the jobs that had not ended (their clients are gone;
-        images go to `on_orphan`), end those a client had cancelled, and take back the open
-        reservations so what the jobs deliver is settled and the rest refunded. Returns how
-        many jobs were re-queued."""
+    def restore(self, on_orphan: object = None) -> int:
+        """After a restart: re-queue the jobs that had not ended (their clients resume with
+        their tokens), end those a client had cancelled, take back the open reservations so
+        what the jobs deliver is settled and the rest refunded, and drop image files that no
+        client is owed. Returns how many jobs were re-queued. (`on_orphan` is ignored.)"""
         by_request: dict[bytes, list[Job]] = {}
         for s in self.store.live_jobs():
             job = Job(
@@ -297,7 +391,14 @@ class Dispatcher:
             if kept:
                 log.info("reservations_restored", requests=kept)
         for request_id, group in by_request.items():
-            self.add_request(RequestState(request_id, len(group), None, on_orphan), group)
+            record = self.store.delivery(request_id)
+            assert record is not None  # it has live jobs
+            box = Mailbox.from_record(record, self.results)
+            self.add_request(RequestState(request_id, len(group), box), group)
+        keep = {self.results.path(*pending) for pending in self.store.pending_deliveries()}
+        pruned = self.results.prune(keep)
+        if pruned:
+            log.info("result_files_pruned", files=pruned)
         return sum(len(group) for group in by_request.values())
 
     # --- nodes ----------------------------------------------------------------------------
@@ -360,12 +461,12 @@ class Dispatcher:
         if job is None:
             return
         state = self.requests.get(job.request_id)
-        if state is not None and state.outbox is not None:
-            msg = JobProgress(job_id=job_id, index=job.index, step=step, steps=job.params.steps)
-            try:
-                state.outbox.send_nowait(msg)
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # progress is advisory: a slow client misses some, never an image
+        if state is not None and state.mailbox.attached:
+            # the latest step per job replaces the last: a slow client misses some, never more
+            state.mailbox.progress[job_id] = JobProgress(
+                job_id=job_id, index=job.index, step=step, steps=job.params.steps
+            )
+            state.mailbox.notify()
 
     async def accept_result(self, link: NodeLink, result: Result) -> None:
         """Verify a result and commit its receipt, or raise `ResultRefused` naming the fault.
@@ -377,7 +478,10 @@ class Dispatcher:
             await self._accept(link, result)
         except (ResultRefused, ProtocolError) as exc:
             job = link.inflight.get(result.job_id)
-            if job is not None:  # the holder itself sent something bad
+            if job is not None and isinstance(exc, StorageFault):
+                self._release(job, link, str(exc), penalize=False)
+                self._save()
+            elif job is not None:  # the holder itself sent something bad
                 if self.reputation.strike(link.wallet):
                     log.warning("worker_blacklisted", wallet=link.wallet, reason=str(exc))
                 self._release(job, link, f"bad result: {exc}", penalize=False)
@@ -395,7 +499,26 @@ class Dispatcher:
             outcome = transition(job.state, event)
         except Forbidden:
             raise ResultRefused("partial receipt for a job that was not cancelled") from None
+        path = None
+        if not partial:  # on disk before it is deliverable: a restart finds it there
+            path = self.results.path(job.request_id, job.index, receipt.offer_hash)
+            image = JobImage(
+                job_id=job.job_id,
+                index=job.index,
+                seed=job.params.seed,
+                image=result.image,
+                receipt=receipt,
+                signature=result.signature,
+                meta=result.meta,
+            )
+            try:
+                await self.results.write(path, image)
+            except OSError as exc:
+                log.error("result_file_write_failed", job=job.job_id.hex()[:16], error=str(exc))
+                raise StorageFault("the coordinator could not store the image; retry") from None
         if not await self.receipts.commit(receipt, result.signature, job.request_id, outcome):
+            if path is not None:
+                self.results.remove([path])
             raise ResultRefused(self._gone_reason(job.job_id))
         # durable from here on: the node is paid whatever happened meanwhile
         if self.billing is not None:
@@ -412,19 +535,11 @@ class Dispatcher:
             log.warning("receipt_for_ended_job", job=job.job_id.hex()[:16], state=job.state)
             return
         state = self.requests.get(job.request_id)
-        if state is not None and not partial:
+        if state is not None and path is not None:
             state.durations.append(elapsed)
-            image = JobImage(
-                job_id=job.job_id,
-                index=job.index,
-                seed=job.params.seed,
-                image=result.image,
-                receipt=receipt,
-                signature=result.signature,
-                meta=result.meta,
-            )
-            if not self._to_client(state, image):
-                state.on_orphan_image(job.request_id, job.index, result.image)
+            state.mailbox.pending[job.job_id] = path
+            state.mailbox.progress.pop(job.job_id, None)
+            state.mailbox.notify()
         self._ended(job, keep=link)
         self._save()
 
@@ -475,6 +590,7 @@ class Dispatcher:
         """Match queued jobs to nodes whenever something changes; sweep on a short period."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sweep_forever)
+            nursery.start_soon(self._shred_forever)
             nursery.start_soon(self.receipts.run)
             while True:
                 await self._changed.wait()
@@ -561,6 +677,17 @@ class Dispatcher:
             await trio.sleep(min(0.5, self.deadline_floor / 4))
             self.sweep()
 
+    async def _shred_forever(self) -> None:
+        """Shred the prompt keys of requests ended `prompt_retention` seconds ago: when a
+        request ends (retention 0) and on a period otherwise."""
+        while True:
+            with trio.move_on_after(min(max(self.prompt_retention / 2, 1.0), 60.0)):
+                await self._shred_wake.wait()
+            self._shred_wake = trio.Event()
+            shredded = await trio.to_thread.run_sync(self.store.shred_keys, self.prompt_retention)
+            if shredded:
+                log.info("prompt_keys_shredded", requests=shredded)
+
     def sweep(self) -> None:
         """Deadlines, jobs nobody can serve, and stragglers near the end of a request."""
         now = self._clock()
@@ -632,7 +759,10 @@ class Dispatcher:
         self._to(job, JobEvent.GIVE_UP)
         state = self.requests.get(job.request_id)
         if state is not None:
-            self._to_client(state, JobFailed(job_id=job.job_id, index=job.index, reason=reason))
+            state.mailbox.failed[job.job_id] = JobFailed(
+                job_id=job.job_id, index=job.index, reason=reason
+            )
+            state.mailbox.notify()
         self._ended(job)
 
     def _ended(self, job: Job, *, keep: NodeLink | None = None) -> None:
@@ -659,19 +789,26 @@ class Dispatcher:
             self._save()  # the jobs' end is durable before the rest is refunded
             if self.billing is not None:
                 self.billing.finish(state.request_id)
+            box = state.mailbox
+            box.done = RequestDone(
+                request_id=state.request_id,
+                delivered=state.delivered,
+                failed=state.failed,
+                cancelled=state.cancelled,
+            )
+            box.notify()
+            if box.idle and self.mailboxes.get(box.request_id) is box:
+                del self.mailboxes[box.request_id]
+            log.debug("request_ended", request=short(state.request_id))
+            self._shred_wake.set()
             state.finished.set()
-
-    def _to_client(self, state: RequestState, msg: Message) -> bool:
-        if state.outbox is None:
-            return False
-        try:
-            state.outbox.send_nowait(msg)
-            return True
-        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            return False
 
     def _send_to_node(self, link: NodeLink, msg: Message) -> None:
         try:
             link.outbox.send_nowait(msg)
-        except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the node is gone or flooded; its jobs are requeued by node_left/deadline
+        except trio.WouldBlock:
+            # The node stopped reading: its writer times out within 30 s and node_left
+            # re-queues its jobs.
+            log.warning("node_outbox_full", peer=link.peer_id, kind=type(msg).__name__)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the node is gone; its jobs are re-queued by node_left

@@ -7,29 +7,13 @@ Plain data; only the dispatcher changes them (a job's `state` only through
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import trio
 
+from sogni_coordinator.delivery import Mailbox
 from sogni_coordinator.job_state import JobState
-from sogni_protocol.image_types import extension_of
 from sogni_protocol.messages import JobParams, Message
-
-OrphanSink = Callable[[bytes, int, bytes], None]
-"""Where an image goes when its client has gone: (request id, index, image bytes)."""
-
-
-def orphan_saver(results_dir: Path) -> OrphanSink:
-    """Images of a gone client are kept under `<results_dir>/<request id>/<index>.<ext>`."""
-
-    def save(request_id: bytes, index: int, image: bytes) -> None:
-        folder = results_dir / request_id.hex()
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"{index:04d}.{extension_of(image)}").write_bytes(image)
-
-    return save
 
 
 @dataclass(eq=False)
@@ -72,10 +56,11 @@ class Job:
 
 @dataclass(eq=False)
 class RequestState:
+    """A request with jobs still live; what it owes its client is in `mailbox`."""
+
     request_id: bytes
     remaining: int
-    outbox: trio.MemorySendChannel[Message] | None
-    on_orphan_image: OrphanSink
+    mailbox: Mailbox
     delivered: int = 0
     failed: int = 0
     cancelled: int = 0

@@ -16,7 +16,6 @@ from sogni_coordinator.client_session import serve_client
 from sogni_coordinator.config import CoordinatorConfig
 from sogni_coordinator.dispatch import Dispatcher
 from sogni_coordinator.http_api import CoordinatorView, build_app
-from sogni_coordinator.jobs import orphan_saver
 from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.node_session import serve_node
 from sogni_coordinator.reputation import Reputation
@@ -69,9 +68,10 @@ async def run_coordinator(
         billing = Billing(ledger, domain, mode=config.billing, rules=config.settlement.rules())
         link = connect_chain(config, signer.private_key, store)
         router = Router(reputation, tiers=config.tiers, fast_min_stake=config.fast_min_stake)
-        if link is not None:
-            router.standing = link.standing
-            billing.standing = link.standing
+        standing = link.standing_cache() if link is not None else None
+        if standing is not None:  # chain reads off the loop, cached; routing reads memory
+            router.standing = standing
+            billing.standing = standing
         dispatcher = Dispatcher(
             store,
             signer_key=signer.private_key,
@@ -81,12 +81,13 @@ async def run_coordinator(
             router=router,
             deadline_floor=config.job_deadline_floor,
             deadline_base=config.job_deadline_base,
+            results_dir=config.data_dir / "results",
+            prompt_retention=config.prompt_retention_seconds,
         )
-        restored = dispatcher.restore(orphan_saver(config.data_dir / "results"))
+        restored = dispatcher.restore()
         if restored:
             log.info("jobs_restored", jobs=restored)
         allowed = set(config.models)
-        results_dir = config.data_dir / "results"
 
         async def on_node(channel: Channel) -> None:
             await serve_node(
@@ -97,7 +98,7 @@ async def run_coordinator(
             )
 
         async def on_client(channel: Channel) -> None:
-            await serve_client(channel, dispatcher, allowed_models=allowed, results_dir=results_dir)
+            await serve_client(channel, dispatcher, allowed_models=allowed)
 
         book = AdvertBook(dispatcher.domain)
         async with open_host(
@@ -110,6 +111,8 @@ async def run_coordinator(
             host.set_stream_handler(CLIENT_PROTOCOL, on_client)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(dispatcher.run)
+                if standing is not None:
+                    nursery.start_soon(standing.run)
                 if link is not None:
                     await nursery.start(
                         run_epoch_timer, link.settler, config.settlement.epoch_seconds

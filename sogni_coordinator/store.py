@@ -9,12 +9,21 @@ Each job's state is a `JobState` (as `job_state.stored` maps it: an offer is not
 the dispatcher decides every change, the store only records it and never moves a job out
 of a terminal state.
 
-Job parameters (which include the prompt) are stored as the opaque MessagePack blob the
-request arrived in; nothing here logs them.
+Job parameters (which include the prompt) are stored sealed with a key of their request
+(`prompt_crypto`, AES-GCM), kept in `request_keys`; once a request has ended and its
+retention window has passed, `shred_keys` deletes the key (`secure_delete` overwrites it in
+the file, a WAL checkpoint removes it from the WAL), so the prompt is gone for good.
+Nothing here logs parameters.
+
+Delivery: a receipted job's image waits in the results folder until the client acknowledges
+it (`jobs.delivered`); a request is re-attached with its resume token, of which only the
+sha256 is stored (`requests.token_hash`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import sqlite3
 import time
 from collections.abc import Iterable
@@ -25,6 +34,7 @@ import msgspec
 
 from sogni_coordinator.db import Database
 from sogni_coordinator.job_state import STORED_LIVE, JobState
+from sogni_coordinator.prompt_crypto import PromptKeyError, new_key, seal, unseal
 from sogni_protocol.messages import JobParams, Receipt
 
 _SCHEMA_V1 = """
@@ -108,12 +118,34 @@ PRAGMA user_version=2
 """The job lifecycle's states (`job_state.JobState`, as stored). `user_version` moves on so
 the release before versioning refuses this file instead of misreading it."""
 
-MIGRATIONS = (_SCHEMA_V1, _V2_JOB_STATES)
+_V3_RESUME_AND_SEALED_PROMPTS = """
+ALTER TABLE requests ADD COLUMN token_hash BLOB;
+ALTER TABLE jobs ADD COLUMN steps INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN sealed INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN delivered INTEGER NOT NULL DEFAULT 1;
+CREATE TABLE request_keys (
+    request_id   BLOB PRIMARY KEY REFERENCES requests(request_id),
+    key          BLOB NOT NULL
+);
+PRAGMA user_version=3
+"""
+"""Resume tokens (their hash), per-job delivery (acked by the client), sealed parameters
+with a key per request, and `steps` in the clear (billing needs it after the key is gone).
+Rows of older releases count as delivered (their images were streamed or saved as files);
+their plaintext parameters are sealed (live jobs) or dropped (ended ones) on open."""
+
+MIGRATIONS = (_SCHEMA_V1, _V2_JOB_STATES, _V3_RESUME_AND_SEALED_PROMPTS)
 _LIVE_SQL = "(" + ", ".join(sorted(f"'{s.value}'" for s in STORED_LIVE)) + ")"
 """The stored states a job may still leave; the terminal ones are final."""
 
 _receipt_decoder = msgspec.msgpack.Decoder(Receipt)
 _params_decoder = msgspec.msgpack.Decoder(JobParams)
+
+
+def _open_params(key: bytes | None, blob: bytes, job_id: bytes) -> JobParams:
+    if key is None:
+        raise PromptKeyError("the request's key is gone: its parameters were shredded")
+    return _params_decoder.decode(unseal(bytes(key), bytes(blob), job_id))
 
 
 @dataclass(frozen=True)
@@ -136,6 +168,24 @@ class StoredReceipt:
 
 
 @dataclass(frozen=True)
+class DeliveryRecord:
+    """What a request owes its client, as stored: enough to resume it after a restart."""
+
+    request_id: bytes
+    job_ids: list[bytes]
+    """Every job of the request, by image index."""
+    pending: list[tuple[bytes, int, bytes]]
+    """(job id, index, offer hash) of images receipted but not acknowledged by the client."""
+    acked: list[bytes]
+    failed: list[tuple[bytes, int]]
+    """(job id, index) of jobs given up on."""
+    delivered: int
+    cancelled: int
+    live: int
+    """Jobs still queued or cancelling: the request is not over."""
+
+
+@dataclass(frozen=True)
 class RequestRecord:
     """A request as stored: what billing needs to settle it again after a restart."""
 
@@ -153,6 +203,47 @@ class Store(Database):
 
     def __init__(self, path: Path | str) -> None:
         super().__init__(path, component="store", migrations=MIGRATIONS)
+        self._checkpoint_due = False
+        try:
+            # deleted rows (shredded keys, legacy plaintext) are overwritten, not just unlinked
+            self._db.execute("PRAGMA secure_delete=ON")
+            self._seal_legacy()
+        except BaseException:
+            self.close()
+            raise
+
+    def _seal_legacy(self) -> None:
+        """Parameters written in plaintext by an older release: seal those of live jobs with a
+        new key of their request, drop those of ended jobs (no one needs them again)."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT job_id, request_id, params, state FROM jobs WHERE sealed=0"
+            ).fetchall()
+            keys: dict[bytes, bytes] = {}
+            for job_id, request_id, blob, state in rows:
+                params = _params_decoder.decode(blob)
+                sealed = b""
+                if JobState(state) in STORED_LIVE:
+                    key = keys.get(request_id) or self._request_key(db, request_id)
+                    keys[request_id] = key
+                    sealed = seal(key, bytes(blob), job_id)
+                db.execute(
+                    "UPDATE jobs SET params=?, sealed=1, steps=? WHERE job_id=?",
+                    (sealed, params.steps, job_id),
+                )
+        if rows:
+            self._checkpoint()
+
+    @staticmethod
+    def _request_key(db: sqlite3.Connection, request_id: bytes) -> bytes:
+        row = db.execute(
+            "SELECT key FROM request_keys WHERE request_id=?", (request_id,)
+        ).fetchone()
+        if row is not None:
+            return bytes(row[0])
+        key = new_key()
+        db.execute("INSERT INTO request_keys VALUES (?, ?)", (request_id, key))
+        return key
 
     # --- writes ------------------------------------------------------------------------
     def add_request(
@@ -164,19 +255,45 @@ class Store(Database):
         token_type: str,
         client_peer: str,
         jobs: list[tuple[bytes, JobParams, int]],
+        token_hash: bytes | None = None,
+        key: bytes | None = None,
     ) -> None:
-        """Request and all its jobs in one transaction: accepted means every job is queued."""
+        """Request and all its jobs in one transaction: accepted means every job is queued.
+
+        Parameters are sealed with `key` (a fresh one when None), kept in `request_keys`;
+        `token_hash` is the sha256 of the requester's resume token (None: not resumable).
+        """
         now = time.time()
+        key = key or new_key()
         with self._tx() as db:
             db.execute(
-                "INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (request_id, model_id, len(jobs), network, token_type, client_peer, now),
+                "INSERT INTO requests (request_id, model_id, images, network, token_type,"
+                " client_peer, created_at, token_hash) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    request_id,
+                    model_id,
+                    len(jobs),
+                    network,
+                    token_type,
+                    client_peer,
+                    now,
+                    token_hash,
+                ),
             )
+            db.execute("INSERT INTO request_keys VALUES (?, ?)", (request_id, key))
             db.executemany(
-                "INSERT INTO jobs (job_id, request_id, idx, params, work_units, state, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+                "INSERT INTO jobs (job_id, request_id, idx, params, work_units, state, updated_at,"
+                " steps, sealed, delivered) VALUES (?, ?, ?, ?, ?, 'queued', ?, ?, 1, 0)",
                 [
-                    (job_id, request_id, i, msgspec.msgpack.encode(params), units, now)
+                    (
+                        job_id,
+                        request_id,
+                        i,
+                        seal(key, msgspec.msgpack.encode(params), job_id),
+                        units,
+                        now,
+                        params.steps,
+                    )
                     for i, (job_id, params, units) in enumerate(jobs)
                 ],
             )
@@ -254,15 +371,25 @@ class Store(Database):
         return self._jobs("j.state='queued'")
 
     def _jobs(self, where: str) -> list[StoredJob]:
+        """Jobs with their parameters unsealed (raises `PromptKeyError` if a live job's key
+        is gone, which `shred_keys` never allows)."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT j.job_id, j.request_id, j.idx, j.params, j.work_units, j.state,"
-                " j.attempts, r.network FROM jobs j JOIN requests r USING (request_id)"
+                " j.attempts, r.network, k.key FROM jobs j JOIN requests r USING (request_id)"
+                " LEFT JOIN request_keys k ON k.request_id = j.request_id"
                 f" WHERE {where} ORDER BY j.rowid"
             ).fetchall()
         return [
             StoredJob(
-                r[0], r[1], r[2], _params_decoder.decode(r[3]), r[4], JobState(r[5]), r[6], r[7]
+                r[0],
+                r[1],
+                r[2],
+                _open_params(r[8], r[3], r[0]),
+                r[4],
+                JobState(r[5]),
+                r[6],
+                r[7],
             )
             for r in rows
         ]
@@ -279,7 +406,7 @@ class Store(Database):
                 "SELECT COUNT(*) FROM jobs WHERE request_id=? AND state='queued'", (request_id,)
             ).fetchone()[0]
             receipts = self._db.execute(
-                "SELECT r.receipt, j.params FROM receipts r JOIN jobs j USING (job_id)"
+                "SELECT r.receipt, j.steps FROM receipts r JOIN jobs j USING (job_id)"
                 " WHERE r.request_id=? ORDER BY r.rowid",
                 (request_id,),
             ).fetchall()
@@ -288,8 +415,104 @@ class Store(Database):
             str(row[0]),
             int(row[1]),
             int(queued),
-            [(_receipt_decoder.decode(r), _params_decoder.decode(p).steps) for r, p in receipts],
+            [(_receipt_decoder.decode(r), int(steps)) for r, steps in receipts],
         )
+
+    # --- delivery to the client and resume ------------------------------------------------
+    def token_matches(self, request_id: bytes, token: bytes) -> bool:
+        """Is `token` the resume token of `request_id`? Compared in constant time; an
+        unknown request costs the same as a wrong token."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT token_hash FROM requests WHERE request_id=?", (request_id,)
+            ).fetchone()
+        stored = bytes(row[0]) if row is not None and row[0] is not None else b"\0" * 32
+        given = hashlib.sha256(token).digest()
+        return hmac.compare_digest(given, stored) and row is not None and row[0] is not None
+
+    def delivery(self, request_id: bytes) -> DeliveryRecord | None:
+        """The request's jobs as its client sees them (None: unknown request)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT j.job_id, j.idx, j.state, j.delivered, r.offer_hash FROM jobs j"
+                " LEFT JOIN receipts r ON r.job_id = j.job_id WHERE j.request_id=?"
+                " ORDER BY j.idx",
+                (request_id,),
+            ).fetchall()
+        if not rows:
+            return None
+        states = [JobState(r[2]) for r in rows]
+        by_state = list(zip(rows, states, strict=True))
+        done = [(r, s) for r, s in by_state if s is JobState.DONE]
+        return DeliveryRecord(
+            request_id,
+            job_ids=[r[0] for r in rows],
+            pending=[(r[0], r[1], bytes(r[4])) for r, _ in done if not r[3]],
+            acked=[r[0] for r, _ in done if r[3]],
+            failed=[
+                (r[0], r[1]) for r, s in zip(rows, states, strict=True) if s is JobState.FAILED
+            ],
+            delivered=len(done),
+            cancelled=states.count(JobState.CANCELLED),
+            live=sum(s in STORED_LIVE for s in states),
+        )
+
+    def pending_deliveries(self) -> list[tuple[bytes, int, bytes]]:
+        """(request id, index, offer hash) of every image receipted but not acknowledged:
+        the files the results folder must keep."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT j.request_id, j.idx, r.offer_hash FROM jobs j"
+                " JOIN receipts r ON r.job_id = j.job_id WHERE j.state='done' AND j.delivered=0"
+            ).fetchall()
+        return [(bytes(r[0]), int(r[1]), bytes(r[2])) for r in rows]
+
+    def mark_delivered(self, request_id: bytes, job_ids: Iterable[bytes]) -> list[bytes]:
+        """Record that the client has these images (jobs of `request_id` that are DONE and
+        not yet acknowledged); returns the ones newly marked."""
+        marked = []
+        with self._tx() as db:
+            for job_id in dict.fromkeys(job_ids):
+                cur = db.execute(
+                    "UPDATE jobs SET delivered=1 WHERE job_id=? AND request_id=?"
+                    " AND state='done' AND delivered=0",
+                    (job_id, request_id),
+                )
+                if cur.rowcount:
+                    marked.append(job_id)
+        return marked
+
+    # --- prompts: crypto-shredding ------------------------------------------------------------
+    def shred_keys(self, retention: float, now: float | None = None) -> int:
+        """Delete the keys of requests that ended (no live job) at least `retention` seconds
+        ago (by their jobs' last change), then checkpoint the WAL so the deleted key is gone
+        from it too. Returns how many keys were deleted."""
+        cutoff = (time.time() if now is None else now) - retention
+        with self._tx() as db:
+            cur = db.execute(
+                "DELETE FROM request_keys WHERE NOT EXISTS (SELECT 1 FROM jobs j"
+                f" WHERE j.request_id = request_keys.request_id AND j.state IN {_LIVE_SQL})"
+                " AND (SELECT MAX(j.updated_at) FROM jobs j"
+                "      WHERE j.request_id = request_keys.request_id) <= ?",
+                (cutoff,),
+            )
+            deleted = max(cur.rowcount, 0)
+        if deleted or self._checkpoint_due:
+            self._checkpoint()
+        return deleted
+
+    def has_key(self, request_id: bytes) -> bool:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM request_keys WHERE request_id=?", (request_id,)
+            ).fetchone()
+        return row is not None
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL into the file and truncate it; retried later if a reader holds it."""
+        with self._lock:
+            busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        self._checkpoint_due = bool(busy)
 
     def job_state(self, job_id: bytes) -> JobState | None:
         with self._lock:

@@ -7,7 +7,8 @@ JOBS_PROTOCOL: Final = "/sogni/jobs/1.0.0"
 
 CLIENT_PROTOCOL: Final = "/sogni/client/1.0.0"
 """One stream per exchange from an app to a coordinator: a render request (and its images),
-a Daily Boost claim, or a balance query."""
+a resume of one (`ResumeRequest`: the images not yet acknowledged), a Daily Boost claim, or a
+balance query."""
 
 CAPABILITIES_TOPIC: Final = "sogni/capabilities/1"
 """GossipSub topic for signed capability adverts (at most one per node every 30 s)."""

@@ -207,6 +207,35 @@ class RequestAccepted(_Message, tag="requestAccepted", kw_only=True):
     verifying_contract: Address
     cost_micro: Uint64 = 0
     """Reserved price in micro units of the request's token type (0 when billing is off)."""
+    resume_token: Bytes32
+    """The requester's secret for `ResumeRequest`: only it can re-attach or collect later.
+    The coordinator keeps only its hash; the request id alone is not a secret."""
+
+
+class ResumeRequest(_Message, tag="resumeRequest", kw_only=True):
+    """First frame of a stream that re-attaches to an accepted request (after a lost
+    connection or a coordinator restart, or to collect later). Answered by `RequestResumed`
+    then every image not yet acknowledged, or `RequestRefused` (`unauthorized`)."""
+
+    request_id: Bytes32
+    token: Bytes32
+
+
+class RequestResumed(_Message, tag="requestResumed", kw_only=True):
+    request_id: Bytes32
+    job_ids: Annotated[list[Bytes32], Meta(max_length=ids.MAX_IMAGES_PER_REQUEST)]
+    chain_id: Uint64
+    verifying_contract: Address
+    acked: Annotated[list[Bytes32], Meta(max_length=ids.MAX_IMAGES_PER_REQUEST)] = []
+    """Jobs whose images the client already acknowledged: they are not sent again."""
+
+
+class ImageAck(_Message, tag="imageAck", kw_only=True):
+    """The client has these images (saved, or handed to the app): the coordinator records
+    them as delivered, never sends them again and may delete its copies."""
+
+    request_id: Bytes32
+    job_ids: Annotated[list[Bytes32], Meta(min_length=1, max_length=ids.MAX_IMAGES_PER_REQUEST)]
 
 
 class RequestRefused(_Message, tag="requestRefused", kw_only=True):
@@ -388,9 +417,12 @@ class Goodbye(_Message, tag="goodbye", kw_only=True):
     reason: Reason = ""
 
 
-ClientMessage = RenderRequest | CancelRequest | DailyBoostClaim | BalanceQuery
+ClientMessage = (
+    RenderRequest | ResumeRequest | ImageAck | CancelRequest | DailyBoostClaim | BalanceQuery
+)
 CoordinatorToClient = (
     RequestAccepted
+    | RequestResumed
     | RequestRefused
     | JobProgress
     | JobImage
@@ -406,6 +438,9 @@ CoordinatorToNode = Welcome | HelloRefused | Offer | Cancel | ResultAck | Heartb
 Message = (
     RenderRequest
     | RequestAccepted
+    | ResumeRequest
+    | RequestResumed
+    | ImageAck
     | RequestRefused
     | JobProgress
     | JobImage

@@ -7,7 +7,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -194,7 +194,7 @@ async def _baseline(
     all_delivered = trio.Event()
     delivered = 0
 
-    async def client_stream(events: trio.MemoryReceiveChannel[Message]) -> None:
+    async def client_stream(events: AsyncIterator[Message]) -> None:
         nonlocal delivered
         async for msg in events:
             encode(msg)

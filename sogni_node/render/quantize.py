@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 import importlib
 import importlib.util
@@ -76,6 +77,23 @@ def _installed(module: str) -> bool:
         return False
 
 
+@functools.cache
+def int8_matmul_is_exact() -> bool:
+    """Whether `torch._int_mm`, which torchao's int8-dynamic mode calls on CPU (u8 x s8 on
+    VNNI CPUs without AMX, s8 x s8 otherwise), gives exact int32 products here: oneDNN's
+    AVX2/AVX-512 int8 kernels without VNNI saturate 16-bit partial sums, and the render
+    comes out at ~23 dB with colours off by ~100 (measured in BENCHMARKS.md, CPU variation)."""
+    g = torch.Generator().manual_seed(0)
+    b = torch.randint(-128, 128, (64, 64), dtype=torch.int8, generator=g)
+    for a in (
+        torch.randint(-128, 128, (32, 64), dtype=torch.int8, generator=g),
+        torch.randint(0, 256, (32, 64), dtype=torch.uint8, generator=g),
+    ):
+        if not torch.equal(torch._int_mm(a, b), a.to(torch.int32) @ b.to(torch.int32)):
+            return False
+    return True
+
+
 def check_quant_mode(mode: str, device: str) -> None:
     """Raise ValueError for an unknown mode, a mode the device can't run, or a missing package.
 
@@ -101,6 +119,11 @@ def check_quant_mode(mode: str, device: str) -> None:
                 f"{FP8_MIN_CAPABILITY[0]}.{FP8_MIN_CAPABILITY[1]}; this GPU has "
                 f"{capability[0]}.{capability[1]}: use 'int8' instead"
             )
+    if mode == "int8-dynamic" and dev.type == "cpu" and not int8_matmul_is_exact():
+        raise ValueError(
+            "quantization mode 'int8-dynamic' gives wrong images on this CPU (its int8 matrix "
+            "multiply saturates: oneDNN without VNNI); use 'int8' or 'quanto-int8' instead"
+        )
     package = _PACKAGE[mode]
     if not _installed(package):
         raise ValueError(

@@ -19,7 +19,7 @@ import trio
 from eth_account import Account
 
 from sogni_coordinator.billing import Billing
-from sogni_coordinator.dispatch import Dispatcher, Submission
+from sogni_coordinator.dispatch import Dispatcher, Resumed, Submission
 from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.reputation import Reputation
@@ -35,6 +35,7 @@ from sogni_protocol.messages import (
     Receipt,
     RenderMeta,
     RenderRequest,
+    RequestDone,
     Result,
 )
 
@@ -136,7 +137,6 @@ class Harness:
         self.store = Store(path)
         self.reputation = Reputation(path, clock=self.clock)
         self.ledger = Ledger(path) if billing else None
-        self.orphans: list[tuple[bytes, int, bytes]] = []
         self._start()
 
     def _start(self) -> None:
@@ -199,24 +199,20 @@ class Harness:
         return FakeNode(link, key, inbox)
 
     def submit(self, req: RenderRequest) -> Submission:
-        return self.dispatcher.submit(
-            req,
-            client_peer="client",
-            allowed_models={MODEL},
-            on_orphan=lambda *image: self.orphans.append(image),
-        )
+        return self.dispatcher.submit(req, client_peer="client", allowed_models={MODEL})
 
     async def deliver(self, node: FakeNode, offer: Offer, **kw: Any) -> None:
         await self.dispatcher.accept_result(node.link, node.result(offer, **kw))
 
 
-def events(sub: Submission) -> list[Message]:
-    out = []
-    while True:
-        try:
-            out.append(sub.events.receive_nowait())
-        except (trio.WouldBlock, trio.EndOfChannel):
-            return out
+async def events(sub: Submission | Resumed) -> list[Message]:
+    """What the client stream would send now (images read from disk), without `RequestDone`
+    (see `sub.events.finished`); each message once per attachment."""
+    out: list[Message] = []
+    while (msg := await sub.events.next()) is not None:
+        if not isinstance(msg, RequestDone):
+            out.append(msg)
+    return out
 
 
 @pytest.fixture

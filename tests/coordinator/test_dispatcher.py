@@ -38,9 +38,7 @@ async def test_submit_refuses_with_a_code_and_a_reason(coord: Harness) -> None:
         coord.submit(request(model_id="not-served"))
     assert info.value.code == "unknown_model" and "not-served" in info.value.reason
     with pytest.raises(Refusal, match="no connected node has it"):  # no configured list
-        coord.dispatcher.submit(
-            request(), client_peer="c", allowed_models=set(), on_orphan=lambda *_: None
-        )
+        coord.dispatcher.submit(request(), client_peer="c", allowed_models=set())
     with pytest.raises(Refusal) as info:
         coord.dispatcher.account(None, "peer")  # type: ignore[arg-type]
     assert info.value.code == "billing_off"
@@ -86,7 +84,7 @@ async def test_missed_deadline_cancels_requeues_and_costs_reputation(coord: Harn
     with pytest.raises(ResultRefused, match="already receipted"):
         await coord.deliver(b, copy)
     assert coord.reputation.get(b.wallet).failures == 0  # b no longer held it: no strike
-    assert [type(m) for m in events(sub)] == [JobImage]
+    assert [type(m) for m in await events(sub)] == [JobImage]
     assert sub.state.finished.is_set() and sub.state.delivered == 1
 
 
@@ -119,7 +117,7 @@ async def test_attempts_limit_fails_the_job_and_tells_the_client(coord: Harness)
             assert _job_state(coord, job_id) is JobState.QUEUED
     assert _job_state(coord, job_id) is JobState.FAILED
     assert coord.store.job_state(job_id) is JobState.FAILED
-    (failed,) = events(sub)
+    (failed,) = await events(sub)
     assert isinstance(failed, JobFailed) and f"after {MAX_ATTEMPTS} attempts" in failed.reason
     assert "render failed" in failed.reason
     assert sub.state.finished.is_set() and sub.state.failed == 1
@@ -133,10 +131,10 @@ async def test_a_job_no_connected_node_can_serve_fails_after_the_grace(coord: Ha
     sub = coord.submit(request(1))  # the model is configured: accepted without any node
     coord.clock.advance(coord.dispatcher.no_node_grace - 1)
     coord.dispatcher.sweep()
-    assert events(sub) == []
+    assert await events(sub) == []
     coord.clock.advance(2)
     coord.dispatcher.sweep()
-    (failed,) = events(sub)
+    (failed,) = await events(sub)
     assert isinstance(failed, JobFailed) and "no connected node can serve" in failed.reason
     assert coord.store.job_state(sub.accepted.job_ids[0]) is JobState.FAILED
 
@@ -166,7 +164,7 @@ async def test_a_straggler_is_copied_and_the_first_receipt_wins(coord: Harness) 
     with pytest.raises(ResultRefused, match="already receipted"):
         await coord.deliver(a, slow)
     assert coord.reputation.get(a.wallet).failures == 0
-    images = [m for m in events(sub) if isinstance(m, JobImage)]
+    images = [m for m in await events(sub) if isinstance(m, JobImage)]
     assert sorted(m.index for m in images) == [0, 1, 2, 3]
     assert sub.state.finished.is_set() and sub.state.delivered == 4
     assert len(coord.store.receipts()) == 4
@@ -201,7 +199,7 @@ async def test_cancel_ends_queued_jobs_and_pays_running_ones_pro_rata(paid: Harn
     assert len(paid.reputation.get(a.wallet).strikes) == 1
     assert _job_state(paid, running) is JobState.CANCELLED
     assert paid.store.receipts() == []
-    assert not [m for m in events(sub) if isinstance(m, JobImage)]
+    assert not [m for m in await events(sub) if isinstance(m, JobImage)]
     assert sub.state.finished.is_set() and sub.state.cancelled == 3
     assert paid.ledger.balance(payer.address)["spark_paid"] == 1_000_000  # all refunded
 
@@ -227,7 +225,7 @@ async def test_a_partial_receipt_is_paid_for_the_steps_done(paid: Harness) -> No
     assert paid.ledger.balance(payer.address)["spark_paid"] == 1_000_000 - charged
     assert sum(paid.ledger.balance(worker_account(a.wallet)).values()) > 0
     assert sum(paid.ledger.balance(reserved_account(sub.accepted.request_id)).values()) == 0
-    assert not [m for m in events(sub) if isinstance(m, JobImage)]
+    assert not [m for m in await events(sub) if isinstance(m, JobImage)]
     assert (sub.state.delivered, sub.state.cancelled) == (0, 2)
     with pytest.raises(ResultRefused, match="already receipted"):  # paid once
         await paid.deliver(a, offer, steps_done=5)
@@ -274,7 +272,7 @@ async def test_restart_requeues_live_jobs_and_never_ended_ones(coord: Harness) -
     coord.dispatcher.cancel_request(cancelled_running.accepted.request_id)  # CANCELLING
 
     coord.restart()  # nodes and clients are gone; every offer is void
-    restored = coord.dispatcher.restore(lambda *image: coord.orphans.append(image))
+    restored = coord.dispatcher.restore()
     live = main.accepted.job_ids[1:]
     assert restored == 2
     assert set(coord.dispatcher.jobs) == set(live)
@@ -289,9 +287,11 @@ async def test_restart_requeues_live_jobs_and_never_ended_ones(coord: Harness) -
     assert sorted(o.offer.job_id for o in offers) == sorted(live)
     for offer in offers:
         await coord.deliver(b, offer)
-    assert sorted(index for _, index, _ in coord.orphans) == [1, 2]  # client gone: to disk
+    # the client is gone: every image waits on disk for it (the first one, too)
+    assert sorted(i for _, i, _ in coord.store.pending_deliveries()) == [0, 1, 2]
+    assert len(list(coord.dispatcher.results.folder(main.accepted.request_id).iterdir())) == 3
     assert coord.store.live_jobs() == []
     assert coord.dispatcher.requests == {}
     # and a second restart has nothing to do
     coord.restart()
-    assert coord.dispatcher.restore(lambda *_: None) == 0
+    assert coord.dispatcher.restore() == 0

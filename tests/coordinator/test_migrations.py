@@ -172,6 +172,12 @@ def test_a_database_of_the_previous_release_migrates_with_its_data(tmp_path: Pat
     assert versions == {"store": len(MIGRATIONS), "ledger": 1, "reputation": 1}
     assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+    # the old plaintext parameters: sealed for the live job, dropped for the ended ones
+    plain = msgspec.msgpack.encode(PARAMS)
+    rows = dict(db.execute("SELECT job_id, params FROM jobs").fetchall())
+    assert all(plain not in bytes(blob) for blob in rows.values())
+    assert rows[done] == b"" and rows[failed] == b"" and len(rows[queued]) > len(plain)
+    assert db.execute("SELECT SUM(delivered) FROM jobs").fetchone()[0] == 3  # old: delivered
     db.close()
     Store(path).close()  # opening again migrates nothing
 

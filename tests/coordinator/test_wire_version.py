@@ -112,9 +112,7 @@ async def test_client_first_frame_of_another_version_is_refused(
         {"type": "renderRequest", "v": V2, "modelId": MODEL, "positivePrompt": "p"}
     )
     channel = ScriptedChannel(frame)
-    await serve_client(
-        cast(Channel, channel), coord.dispatcher, allowed_models={MODEL}, results_dir=tmp_path
-    )
+    await serve_client(cast(Channel, channel), coord.dispatcher, allowed_models={MODEL})
     assert channel.sent == [
         RequestRefused(
             code="unsupported_version",

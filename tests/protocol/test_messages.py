@@ -103,3 +103,33 @@ def test_refusals_are_read_at_any_version() -> None:
     refused = decode(_raw({"type": "requestRefused", "v": 9, "code": "c", "reason": "why"}))
     assert refused == RequestRefused(code="c", reason="why")
     assert decode(encode(HelloRefused(reason="x"))) == HelloRefused(reason="x")
+
+
+def test_resume_messages_roundtrip_and_are_strict() -> None:
+    from sogni_protocol.messages import ImageAck, RequestResumed, ResumeRequest
+
+    rid, token = b"r" * 32, b"t" * 32
+    for msg in (
+        ResumeRequest(request_id=rid, token=token),
+        ImageAck(request_id=rid, job_ids=[b"j" * 32]),
+        RequestResumed(
+            request_id=rid, job_ids=[b"j" * 32], chain_id=1, verifying_contract="0x" + "00" * 20
+        ),
+    ):
+        assert decode(encode(msg)) == msg
+    with pytest.raises(InvalidMessage, match=r"\$\.token"):  # a token is exactly 32 bytes
+        decode(_raw({"type": "resumeRequest", "requestId": rid, "token": b"short"}))
+    with pytest.raises(InvalidMessage, match=r"\$\.jobIds"):  # an ack names at least one image
+        decode(_raw({"type": "imageAck", "requestId": rid, "jobIds": []}))
+    with pytest.raises(InvalidMessage, match="resumeToken"):  # an acceptance carries the token
+        decode(
+            _raw(
+                {
+                    "type": "requestAccepted",
+                    "requestId": rid,
+                    "jobIds": [],
+                    "chainId": 1,
+                    "verifyingContract": "0x" + "00" * 20,
+                }
+            )
+        )

@@ -3,7 +3,12 @@
 Why: a quantized node signs receipts for images it claims are the model's; if quantization
 drifted far from fp32 (or silently did nothing) nobody would notice from the outside. The
 shipped model `sogni-shapes-64` is rendered for the same seeded prompts in fp32 and in each
-mode that runs on CPU, and each quantized image must stay above a PSNR floor against fp32.
+mode that runs on CPU, and each quantized image must stay above a PSNR floor against fp32
+and keep fp32's colours.
+
+The bounds hold on any x86-64 CPU: they come from `python -m bench cpuvar` (BENCHMARKS.md,
+"CPU variation"), which renders these prompts under 17 emulated CPU code paths (torch's
+ATEN_CPU_CAPABILITY, oneDNN's ISA, MKL's, the quantized engine), not from one machine's output.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from bench.cpu_variation import colour_shift, int8_matmul_is_exact, to_u8
 from sogni_node.models import ModelRegistry
 from sogni_node.models.registry import SHAPES_DIR, SHAPES_MODEL_ID, shapes_model_spec
-from sogni_node.models.train_shapes import classify_image, random_scene
+from sogni_node.models.train_shapes import random_scene
 from sogni_node.render.backend import RenderJob
 from sogni_node.render.diffusers_backend import DiffusersBackend
 from sogni_node.render.quantize import (
@@ -39,12 +45,30 @@ from sogni_node.render.quantize import (
 
 N_PROMPTS = 6
 
-# PSNR floors (dB, images in [0, 1]) against the fp32 render. Measured minimum over the
-# N_PROMPTS prompts below, 1 CPU thread, torch 2.13, torchao 0.18.0, optimum-quanto 0.2.7
-# (mean in brackets): int8 61.2 (64.6), int8-dynamic 50.7 (53.6), quanto-int8 57.1 (61.0),
-# quanto-int4 29.2 (38.2). Floors sit 5-11 dB below those minimums.
-PSNR_FLOOR = {"int8": 50.0, "int8-dynamic": 42.0, "quanto-int8": 48.0, "quanto-int4": 24.0}
+# PSNR floors (dB, images in [0, 1]) against the fp32 render of the same machine: minimum
+# over the N_PROMPTS prompts below, worst of 17 emulated CPU configurations, 1 thread, torch
+# 2.13, torchao 0.18.0, optimum-quanto 0.2.7. int8 61.2, quanto-int8 57.1, quanto-int4 29.2:
+# the same in every configuration (weight-only modes compute in fp32). int8-dynamic 46.9,
+# spread 46.9-51.7 across configurations (an Intel Xeon measured 47.9): quantizing the
+# activations per token amplifies fp32 rounding differences. Floors sit 5-11 dB below the
+# worst; int8-dynamic's 6.9 dB, 1.4x its spread.
+PSNR_FLOOR = {"int8": 50.0, "int8-dynamic": 40.0, "quanto-int8": 48.0, "quanto-int4": 24.0}
 CPU_MODES = tuple(PSNR_FLOOR)
+
+# Largest colour shift (RGB units, 0-255; `colour_shift`: the median colour of the background
+# and of fp32's shape pixels) of a quantized render from fp32, same prompts and configurations.
+# Shape: int8 1.0, quanto-int8 2.3, quanto-int4 52.8 (int4 weights move colours, though no
+# verdict changes), all three the same in every configuration; int8-dynamic 5.9 (1.4-5.9
+# across configurations). Background: int8 0.0, int8-dynamic and quanto-int8 1.0, quanto-int4
+# 3.6. Bounds: worst + 4 RGB units, or + 3x the spread across configurations where larger
+# (int8-dynamic's shape: 5.9 + 13.5); quanto-int4's shape 25% above its worst. All but int4's
+# shape bound stay far below half the smallest palette gap (orange-yellow, 81), so no colour
+# can drift into another name unseen.
+# The classifier's verdicts are not compared: one fp32 shape sits 1.3 RGB units from the
+# yellow/white boundary, and int8-dynamic's shift of a few units flips it on some CPUs (the
+# Xeon failure; emulated with ONEDNN_MAX_CPU_ISA=AVX2_VNNI).
+MAX_SHAPE_SHIFT = {"int8": 5.0, "int8-dynamic": 20.0, "quanto-int8": 6.5, "quanto-int4": 66.0}
+MAX_BACKGROUND_SHIFT = {"int8": 4.0, "int8-dynamic": 5.0, "quanto-int8": 5.0, "quanto-int4": 8.0}
 
 
 def _available(mode: str) -> bool:
@@ -105,10 +129,20 @@ def reference(one_thread: None, prompts: list[tuple[str, int]]) -> list[np.ndarr
 
 @pytest.mark.parametrize("mode", CPU_MODES)
 def test_quantized_render_is_close_to_fp32(
-    mode: str, prompts: list[tuple[str, int]], reference: list[np.ndarray]
+    mode: str,
+    prompts: list[tuple[str, int]],
+    reference: list[np.ndarray],
+    request: pytest.FixtureRequest,
 ) -> None:
     if not _available(mode):
         pytest.skip(f"{mode} needs the quant extra: {QUANT_EXTRA}")
+    if mode == "int8-dynamic" and not int8_matmul_is_exact():
+        # A product bug, not rounding: on x86 CPUs without VNNI or AMX oneDNN's int8 matmul
+        # saturates, and int8-dynamic renders land at 22.7 dB with shapes shifted by up to 102
+        # (emulated with ONEDNN_MAX_CPU_ISA=AVX2 or AVX512_CORE). Still run, so a fix shows.
+        request.applymarker(
+            pytest.mark.xfail(reason="torch._int_mm is inexact on this CPU (no VNNI)")
+        )
     pipe = _load()
     unet = denoiser(pipe)
     fp32_bytes = storage_bytes(unet)
@@ -126,10 +160,14 @@ def test_quantized_render_is_close_to_fp32(
     assert min(scores) >= PSNR_FLOOR[mode], scores
     # ...and they change the output (a silent no-op would give identical floats).
     assert all(not np.array_equal(ref, img) for ref, img in zip(reference, images, strict=True))
-    # The colours a requester asked for survive quantization.
-    for ref, img in zip(reference, images, strict=True):
-        to_u8 = lambda x: (x * 255).round().astype(np.uint8)  # noqa: E731
-        assert classify_image(to_u8(img)) == classify_image(to_u8(ref))
+    # The colours a requester asked for survive quantization: fp32's background and shape
+    # colours move by no more than quantization moves them on any measured CPU path.
+    pairs = zip(reference, images, strict=True)
+    shifts = [colour_shift(to_u8(ref), to_u8(img)) for ref, img in pairs]
+    bg_shift, shape_shift = max(s[0] for s in shifts), max(s[1] for s in shifts)
+    print(f"{mode}: colour shift max background {bg_shift:.1f} shape {shape_shift:.1f}")
+    assert bg_shift <= MAX_BACKGROUND_SHIFT[mode], shifts
+    assert shape_shift <= MAX_SHAPE_SHIFT[mode], shifts
 
 
 def test_backend_renders_quantized() -> None:
@@ -221,3 +259,16 @@ def test_compile_wraps_the_denoiser_in_place() -> None:
     assert getattr(unet, "_compiled_call_impl", None) is not None
     with pytest.raises(ValueError, match=r"unknown torch\.compile mode"):
         compile_pipeline(_load(), "fastest")
+
+
+def test_int8_dynamic_is_refused_where_int8_matmul_is_inexact(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node on a CPU whose int8 matmul saturates must not serve int8-dynamic renders."""
+    import sogni_node.render.quantize as quantize
+
+    monkeypatch.setattr(quantize, "int8_matmul_is_exact", lambda: False)
+    with pytest.raises(ValueError, match="wrong images on this CPU"):
+        quantize.check_quant_mode("int8-dynamic", "cpu")
+    if _available("int8"):
+        quantize.check_quant_mode("int8", "cpu")  # the other modes stay available

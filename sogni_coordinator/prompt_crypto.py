@@ -1,0 +1,53 @@
+"""Prompts at rest: job parameters sealed with a per-request key (AES-256-GCM).
+
+Why: a coordinator needs a request's prompt only while its jobs can still be offered to a
+node. Sealing each job's parameters with a key of its request, stored in its own row, lets
+the store forget a prompt by deleting 32 bytes (crypto-shredding): the ciphertext left in
+the jobs table, in old WAL frames or in backups is useless without the key. The job id is
+the associated data, so a sealed blob cannot be moved to another job's row.
+
+Blob layout: 12-byte nonce, ciphertext, 16-byte tag.
+"""
+
+from __future__ import annotations
+
+import os
+
+from Crypto.Cipher import AES
+
+__all__ = ["KEY_BYTES", "PromptKeyError", "new_key", "seal", "unseal"]
+
+KEY_BYTES = 32
+_NONCE = 12
+_TAG = 16
+
+
+class PromptKeyError(Exception):
+    """A sealed blob does not open with this key and job id (wrong key, moved or altered)."""
+
+
+def new_key() -> bytes:
+    """A fresh random key for one request."""
+    return os.urandom(KEY_BYTES)
+
+
+def seal(key: bytes, plaintext: bytes, job_id: bytes) -> bytes:
+    """Encrypt and authenticate `plaintext` for the row of `job_id`."""
+    nonce = os.urandom(_NONCE)
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=_TAG)
+    cipher.update(job_id)
+    body, tag = cipher.encrypt_and_digest(plaintext)
+    return nonce + body + tag
+
+
+def unseal(key: bytes, blob: bytes, job_id: bytes) -> bytes:
+    """The plaintext `seal` was given, or `PromptKeyError`."""
+    if len(blob) < _NONCE + _TAG:
+        raise PromptKeyError("sealed parameters are truncated")
+    nonce, body, tag = blob[:_NONCE], blob[_NONCE:-_TAG], blob[-_TAG:]
+    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=_TAG)
+    cipher.update(job_id)
+    try:
+        return cipher.decrypt_and_verify(body, tag)
+    except ValueError:
+        raise PromptKeyError("sealed parameters do not open with this request's key") from None
