@@ -25,7 +25,14 @@ $(NPM_STAMP): contracts/package.json contracts/package-lock.json
 	npm ci --prefix contracts --no-audit --no-fund --loglevel=error
 	touch $(NPM_STAMP)
 
-test: install $(NPM_STAMP)
+# js-libp2p hostile client for the interop test (pinned in interop/package-lock.json)
+INTEROP_STAMP := interop/node_modules/.installed
+$(INTEROP_STAMP): interop/package.json interop/package-lock.json
+	@command -v npm >/dev/null || { echo "error: npm is missing (Debian: apt-get install nodejs npm)" >&2; exit 1; }
+	npm ci --prefix interop --no-audit --no-fund --loglevel=error
+	touch $(INTEROP_STAMP)
+
+test: install $(NPM_STAMP) $(INTEROP_STAMP)
 	$(PY) -m pytest
 
 demo: install

@@ -52,11 +52,31 @@ class Proc:
             self._lines.put(line)
         self._lines.put(None)
 
-    def wait_event(self, event: str, timeout: float) -> dict[str, Any]:
-        """Wait until this process announces `event` on stdout (or dies, or times out)."""
+    def seen(self, event: str) -> int:
+        """How many times this process has announced `event` so far (without waiting)."""
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self._lines.put(None)
+                break
+            try:
+                self.events.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return sum(1 for e in self.events if e.get("event") == event)
+
+    def wait_event(self, event: str, timeout: float, *, nth: int = 1) -> dict[str, Any]:
+        """Wait until this process announces `event` on stdout for the `nth` time (or dies, or
+        times out): a node says `connected` again after each reconnect."""
+        count = 0
         for seen in self.events:
             if seen.get("event") == event:
-                return seen
+                count += 1
+                if count == nth:
+                    return seen
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -78,7 +98,9 @@ class Proc:
                 continue
             self.events.append(msg)
             if msg.get("event") == event:
-                return msg
+                count += 1
+                if count == nth:
+                    return msg
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.popen.poll() is None:

@@ -30,7 +30,7 @@ from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 
 from sogni_net._log import describe
 from sogni_net.errors import ChannelClosed, ReadTimeout, WriteTimeout
-from sogni_protocol.errors import FrameTooLarge
+from sogni_protocol.errors import FrameTooLarge, InvalidMessage
 from sogni_protocol.framing import HEADER_SIZE, body_length, encode_frame
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT
 from sogni_protocol.messages import Message, decode, encode
@@ -215,7 +215,15 @@ class Channel:
         The channel stays usable after `InvalidMessage` (the frame was read whole); whether
         to carry on is the caller's decision.
         """
-        return decode(await self.receive_raw(limit=limit, timeout=timeout))
+        payload = await self.receive_raw(limit=limit, timeout=timeout)
+        try:
+            return decode(payload)
+        except UnicodeDecodeError as exc:
+            # msgspec raises this, not a DecodeError, for a string that is not UTF-8; it is
+            # the peer's fault like any other undecodable frame (found by tests/fuzz).
+            raise InvalidMessage(
+                f"not a MessagePack message: invalid UTF-8 ({exc.reason})"
+            ) from None
 
     async def receive_raw(self, *, limit: int = CONTROL_FRAME_LIMIT, timeout: float) -> bytes:
         """Next frame's payload, undecoded.
@@ -252,6 +260,26 @@ class Channel:
                         self._want = 0
         except trio.TooSlowError:
             raise ReadTimeout(f"{n} bytes not received within {timeout}s") from None
+
+    async def drain(self, *, timeout: float) -> str:
+        """Discard whatever the peer sends until it ends the stream; returns how it ended
+        ("closed by peer", "reset by peer", ...). For probes of protocols that are not ours.
+
+        Raises `ReadTimeout` if the stream is still open after `timeout`.
+        """
+        try:
+            with trio.fail_after(timeout):
+                async with self._recv_lock:
+                    while self._read_end is None:
+                        if self._recv_closed is not None:
+                            raise ChannelClosed(self._recv_closed)
+                        self._buf.clear()
+                        self._space_lot.unpark_all()
+                        await self._data_lot.park()
+                    self._buf.clear()
+                    return self._read_end
+        except trio.TooSlowError:
+            raise ReadTimeout(f"stream still open after {timeout}s") from None
 
     async def _fill(self, n: int) -> None:
         """Wait until `n` bytes are buffered. Cancel-safe: nothing is consumed here."""

@@ -4,6 +4,10 @@ Built from py-libp2p 0.8.1 parts rather than its defaults, because the defaults 
 us: `new_host()` also accepts plaintext, secio and TLS, offers mplex, waits 250 ms per dial
 when it may open 3 connections per peer, and runs handlers inside its own per-connection
 nurseries where an exception tears down the connection.
+
+Every host runs under `sogni_net.containment`: a peer whose bytes make any libp2p stream or
+task fail (identify, ping, pubsub, ...) loses that stream, is scored down and disconnected;
+the host carries on.
 """
 
 from __future__ import annotations
@@ -50,6 +54,13 @@ from libp2p.transport.tcp.tcp import TCP
 
 from sogni_net._log import describe, log_event, quiet_libp2p_logging
 from sogni_net.channel import Channel
+from sogni_net.containment import (
+    PeerPenalties,
+    contain_tasks,
+    guard_streams,
+    ignore_peer_exchange,
+    refuse_unknown_version,
+)
 from sogni_net.errors import ChannelClosed, DialError, ReadTimeout, TransportError, WriteTimeout
 from sogni_net.keys import NodeKey, load_or_create_node_key
 from sogni_protocol.errors import ProtocolError
@@ -84,10 +95,12 @@ class Host:
         nursery: trio.Nursery,
         pubsub: Pubsub,
         topics: Iterable[str],
+        penalties: PeerPenalties | None = None,
     ) -> None:
         self._lp = libp2p_host
         self._nursery = nursery
         self._pubsub = pubsub
+        self._penalties = penalties
         self._topics = frozenset(topics)
         self._subscribers: dict[str, set[trio.MemorySendChannel[tuple[str, bytes]]]] = {
             topic: set() for topic in self._topics
@@ -109,6 +122,22 @@ class Host:
     def connected_peers(self) -> list[str]:
         """Peer ids with an open connection to us (either direction)."""
         return [peer.to_base58() for peer in self._lp.get_connected_peers()]
+
+    def protocols(self) -> list[str]:
+        """Every protocol id this host answers, libp2p's own (identify, ping, meshsub) included."""
+        return sorted(str(p) for p in self._lp.get_mux().get_protocols() if p is not None)
+
+    def known_protocols(self, peer_id: str) -> list[str]:
+        """The protocol ids a connected peer announced over identify (empty until it has)."""
+        try:
+            return sorted(self._lp.get_peerstore().get_protocols(ID.from_base58(peer_id)))
+        except Exception:
+            return []
+
+    def strikes(self, peer_id: str) -> int:
+        """How many times this peer's input made a libp2p stream or task fail (then it was
+        scored down and disconnected); 0 when containment is off."""
+        return self._penalties.strikes[peer_id] if self._penalties is not None else 0
 
     # --- streams ------------------------------------------------------------------------
     def set_stream_handler(self, protocol: str, handler: Handler) -> None:
@@ -428,6 +457,11 @@ async def open_host(
         # delay for a second connection that never comes.
         connection_config=ConnectionConfig(max_connections_per_peer=1),
     )
+    network: Any = lp.get_network()
+    penalties = None if refuse_unknown_version() else PeerPenalties(network)
+    if penalties is not None:
+        guard_streams(network, getattr(lp, "_swarm_stream_handler"), penalties)  # noqa: B009
+        _contain_swarm_before_listening(network, penalties)
     router = GossipSub(
         protocols=list(_GOSSIP_PROTOCOLS),
         degree=6,
@@ -444,6 +478,8 @@ async def open_host(
     # Always run pubsub, even without topics: py-libp2p opens a pubsub stream to every peer
     # it connects to and logs an error for each peer that does not speak it.
     pubsub = Pubsub(lp, router, strict_signing=True, allowed_topics=frozenset(pubsub_topics))
+    if penalties is not None:
+        ignore_peer_exchange(router)
 
     async with lp.run(listen_addrs):
         await _stop_auto_connector(lp)
@@ -453,8 +489,12 @@ async def open_host(
                 background_trio_service(router),
                 trio.open_nursery() as nursery,
             ):
+                if penalties is not None:
+                    contain_tasks(pubsub.manager, penalties, "pubsub")
+                    contain_tasks(router.manager, penalties, "gossipsub")
+                    penalties.attach(nursery, router)
                 await pubsub.wait_until_ready()
-                host = Host(lp, nursery, pubsub, pubsub_topics)
+                host = Host(lp, nursery, pubsub, pubsub_topics, penalties)
                 for protocol, handler in (handlers or {}).items():
                     host.set_stream_handler(protocol, handler)
                 for topic in dict.fromkeys(pubsub_topics):
@@ -496,6 +536,21 @@ def _check_listen_addrs(listen: Sequence[str]) -> None:
                 probe.bind((str(ip), port))
             except OSError as exc:
                 raise TransportError(f"cannot listen on {text}: {exc.strerror}") from exc
+
+
+def _contain_swarm_before_listening(network: Any, penalties: PeerPenalties) -> None:
+    """Contain the swarm's per-connection tasks from the first connection on.
+
+    Its manager only exists once `lp.run` starts the swarm service, and `run` listens at
+    once; wrapping `listen` (this instance's) patches the manager in between.
+    """
+    listen = network.listen
+
+    async def contained_listen(*addrs: multiaddr.Multiaddr) -> bool:
+        contain_tasks(network.manager, penalties, "swarm")
+        return bool(await listen(*addrs))
+
+    network.listen = contained_listen
 
 
 async def _stop_auto_connector(lp: IHost) -> None:

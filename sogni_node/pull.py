@@ -568,8 +568,8 @@ async def pull_forever(
             finally:
                 if session is not None:
                     sessions.discard(session)
-            if time.monotonic() - started > 30:
-                delay = 0.5
+            if time.monotonic() - started > 30 or (session is not None and session.coordinator):
+                delay = 0.5  # it was welcomed: a restarted coordinator is back within seconds
             with trio.move_on_after(delay):
                 await stop.wait()
             delay = min(delay * 2, 30.0)

@@ -517,5 +517,5 @@ def decode(payload: bytes) -> Message:
         if refusal is not None:
             return refusal
         raise InvalidMessage(f"invalid message: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: a str not UTF-8
         raise InvalidMessage(f"not a MessagePack message: {exc}") from None
