@@ -76,6 +76,9 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     "open" (local networks): every node serves both tiers."""
     fast_min_stake: Annotated[int, Meta(ge=0)] = 10_000
     """Whole SOGNI a fast worker must have staked (read from chain)."""
+    chain_poll_seconds: Annotated[float, Meta(ge=0.1, le=3600)] = 15.0
+    """How often the chain's stake and licence events are polled to refresh the cached
+    standing that routing and pay tiers read (chain reads never block dispatch)."""
     billing: Literal["off", "optional", "required"] = "optional"
     """"optional": requests naming a payer are charged, others are free (local networks);
     "required": every request must name and authorize a payer; "off": nothing is charged."""

@@ -68,7 +68,11 @@ async def run_coordinator(
         billing = Billing(ledger, domain, mode=config.billing, rules=config.settlement.rules())
         link = connect_chain(config, signer.private_key, store)
         router = Router(reputation, tiers=config.tiers, fast_min_stake=config.fast_min_stake)
-        standing = link.standing_cache() if link is not None else None
+        standing = (
+            link.standing_cache(poll_interval=config.chain_poll_seconds)
+            if link is not None
+            else None
+        )
         if standing is not None:  # chain reads off the loop, cached; routing reads memory
             router.standing = standing
             billing.standing = standing

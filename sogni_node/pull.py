@@ -389,6 +389,9 @@ class PullSession:
             earlier = self.worker.running.get(job.id)
             if earlier is not None:
                 await earlier.ended.wait()
+        finishing = self.worker.finishing.get(job.id)
+        if finishing is not None:  # rendered, its result still being kept: wait for it
+            await finishing.wait()
         kept = await _off_loop(self.journal.stored_result, job.id)
         if kept is not None and kept.entry.accepted is not False:
             if job.run is not None:
@@ -407,6 +410,15 @@ class PullSession:
         await self._render(job, job.run)
 
     async def _render(self, job: _Job, run: Running) -> None:
+        finishing = self.worker.finishing[job.id] = trio.Event()
+        try:
+            await self._render_and_keep(job, run)
+        finally:
+            if self.worker.finishing.get(job.id) is finishing:
+                del self.worker.finishing[job.id]
+            finishing.set()
+
+    async def _render_and_keep(self, job: _Job, run: Running) -> None:
         offer = job.msg.offer
         await _off_loop(self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature)
 

@@ -65,6 +65,9 @@ class Worker:
         self.slots = slots
         self.loras = loras
         self.running: dict[bytes, Running] = {}
+        self.finishing: dict[bytes, trio.Event] = {}
+        """Jobs rendered or rendering whose result is not yet kept on disk (the slot is free
+        once the render ends; a re-offer of the job must wait for the kept result)."""
         self.draining = False
         self._idle = trio.Event()
         self._idle.set()

@@ -239,6 +239,7 @@ async def test_worker_pay_per_receipt_uses_its_stake_tier(
         chain_url=anvil.url,
         addresses_file=addresses,
         settlement=settlement,
+        chain_poll_seconds=0.5,
     ) as net:
         node = await net.add_node(backend, "node0", addresses_file=addresses)
         staker = chain.add_key(node.wallet.private_key)
@@ -246,6 +247,11 @@ async def test_worker_pay_per_receipt_uses_its_stake_tier(
         deployment.token.transfer(staker, 10_000 * SOGNI)
         deployment.token.approve(deployment.staking.address, 10_000 * SOGNI, sender=staker)
         deployment.staking.stake(10_000 * SOGNI, sender=staker)
+        # the coordinator learns the stake from the chain's events (polled), not per receipt
+        standing = net.coordinator.dispatcher.billing.standing
+        with trio.fail_after(30):
+            while standing(node.wallet.address).stake < 10_000:
+                await trio.sleep(0.1)
         ledger = Ledger(net.config.database)
         try:
             ledger.credit_purchase(payer.address, 1)
