@@ -55,7 +55,9 @@ class ChainLink:
         w3 = self.deployment.chain.w3
         staking = self.deployment.staking.contract
         licence = self.deployment.license.contract
-        cursor: int | None = None
+        # From now on: a change between this call and the first poll must not be missed
+        # (standings read before now are fresh reads).
+        cursor: int | None = int(w3.eth.block_number) + 1
 
         def poll() -> set[str] | None:
             nonlocal cursor
