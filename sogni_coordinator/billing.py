@@ -49,7 +49,7 @@ from sogni_protocol.messages import (
     RenderRequest,
 )
 from sogni_protocol.payout_rules import SOGNI, PayoutRules, SettlementConfig
-from sogni_protocol.pricing import quote
+from sogni_protocol.pricing import Quote, quote
 
 log = get_logger(__name__)
 
@@ -94,19 +94,39 @@ class Billing:
 
     # --- render requests -------------------------------------------------------------------
     def admit(self, request: RenderRequest, request_id: bytes) -> int:
-        """Reserve the request's price; returns it (micro units) or raises `Refusal`."""
-        if self.mode == "off" or (request.payer is None and self.mode == "optional"):
+        """Reserve the request's price; returns it (micro units) or raises `Refusal`.
+        Writes on the calling thread (CLI, tests); the dispatcher uses `admit_off_loop`."""
+        q = self._authorized_quote(request)
+        if q is None:
             return 0
+        return self._record(request, request_id, self._reserve(request, request_id, q))
+
+    async def admit_off_loop(self, request: RenderRequest, request_id: bytes) -> int:
+        """`admit` with the ledger's fsync'd write in the writer thread, in order with every
+        queued settlement and refund."""
+        q = self._authorized_quote(request)
+        if q is None:
+            return 0
+        reservation = await self.ledger.call(self._reserve, request, request_id, q)
+        return self._record(request, request_id, reservation)
+
+    def _authorized_quote(self, request: RenderRequest) -> Quote | None:
+        """The quote of a request that must be paid, after checking its payer's signature;
+        None for a free request."""
+        if self.mode == "off" or (request.payer is None and self.mode == "optional"):
+            return None
         now = self.clock()
         fault = eip712.check_payer(self.domain, request, now)
         if fault is not None:
             raise Refusal("unauthorized", self._with_domain(fault))
         if request.expiry > now + MAX_AUTHORIZATION_SECONDS:
             raise Refusal("unauthorized", "payer authorization expires more than a day ahead")
-        q = quote(request, self.catalog)
+        return quote(request, self.catalog)
+
+    def _reserve(self, request: RenderRequest, request_id: bytes, q: Quote) -> Reservation:
         assert request.payer is not None
         try:
-            reservation = self.ledger.reserve(
+            return self.ledger.reserve(
                 request_id,
                 request.payer,
                 q,
@@ -118,6 +138,8 @@ class Billing:
         except InsufficientFunds as exc:
             reason = f"{exc}; quote: {json.dumps(q.to_dict())}"
             raise Refusal("insufficient_funds", reason) from None
+
+    def _record(self, request: RenderRequest, request_id: bytes, reservation: Reservation) -> int:
         self._reservations[request_id] = reservation
         self._models[request_id] = request.model_id
         return reservation.total

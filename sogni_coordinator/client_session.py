@@ -72,7 +72,9 @@ async def serve_client(
     first: Message
     try:
         if isinstance(req, RenderRequest):
-            submitted = dispatcher.submit(req, client_peer=peer, allowed_models=allowed_models)
+            submitted = await dispatcher.submit(
+                req, client_peer=peer, allowed_models=allowed_models
+            )
             first, events = submitted.accepted, submitted.events
             log.info(
                 "request_accepted",

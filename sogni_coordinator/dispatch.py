@@ -234,7 +234,7 @@ class Dispatcher:
             )
         return None
 
-    def submit(
+    async def submit(
         self,
         req: RenderRequest,
         *,
@@ -245,7 +245,8 @@ class Dispatcher:
         """Validate, reserve the price, split into jobs, commit them, queue them.
 
         Raises `Refusal(code, reason)`. When this returns the request and every job are
-        durable, so the client may be told "accepted". The answer carries a fresh resume
+        durable, so the client may be told "accepted". The reservation and the request are
+        written by the writer thread (no fsync on the loop). The answer carries a fresh resume
         token (only its hash is stored). `on_orphan` is ignored: every image waits in the
         results folder until the client acknowledges it.
         """
@@ -253,27 +254,35 @@ class Dispatcher:
         if fault is not None:
             raise Refusal("unknown_model", fault)
         request_id = os.urandom(32)
-        cost = self.billing.admit(req, request_id) if self.billing is not None else 0
         jobs = [
             Job(os.urandom(32), request_id, i, params, work_units(params), network=req.network)
             for i, params in enumerate(split_request(req))
         ]
         token = os.urandom(32)
-        try:
-            self.store.add_request(
-                request_id,
-                model_id=req.model_id,
-                network=req.network,
-                token_type=req.token_type,
-                client_peer=client_peer,
-                jobs=[(j.job_id, j.params, j.work_units) for j in jobs],
-                token_hash=hashlib.sha256(token).digest(),
-                key=new_key(),
+        # Shielded: a client that goes away mid-submit must not leave a stored request
+        # without its reservation, or a reservation without its request.
+        with trio.CancelScope(shield=True):
+            cost = (
+                await self.billing.admit_off_loop(req, request_id)
+                if self.billing is not None
+                else 0
             )
-        except BaseException:
-            if self.billing is not None:  # not accepted: nothing may stay reserved
-                self.billing.finish(request_id)
-            raise
+            try:
+                await self.store.call(
+                    self.store.add_request,
+                    request_id,
+                    model_id=req.model_id,
+                    network=req.network,
+                    token_type=req.token_type,
+                    client_peer=client_peer,
+                    jobs=[(j.job_id, j.params, j.work_units) for j in jobs],
+                    token_hash=hashlib.sha256(token).digest(),
+                    key=new_key(),
+                )
+            except BaseException:
+                if self.billing is not None:  # not accepted: nothing may stay reserved
+                    self.billing.finish(request_id)
+                raise
         box = Mailbox(request_id, [j.job_id for j in jobs])
         state = RequestState(request_id, len(jobs), box)
         self.add_request(state, jobs)

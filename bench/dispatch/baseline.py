@@ -227,12 +227,12 @@ async def _baseline(
             encode(ResultAck(job_id=result.job_id, accepted=True))
             dispatcher.ready(link, 1)
 
-    def accept_request(r: int, nursery: trio.Nursery) -> None:
+    async def accept_request(r: int, nursery: trio.Nursery) -> None:
         """What `serve_client` does with each request."""
         req = bench_request(n_images, r * n_images)
         if paid:
             req = authorize(req, bytes(payer.key), domain)
-        submission = dispatcher.submit(
+        submission = await dispatcher.submit(
             req, client_peer="bench", allowed_models={MODEL}, on_orphan=_drop
         )
         nursery.start_soon(client_stream, submission.events, name=PART_CLIENT)
@@ -262,7 +262,7 @@ async def _baseline(
         clock.steps.clear()
         started = time.perf_counter()
         for r in range(n_requests):
-            accept_request(r, nursery)
+            await accept_request(r, nursery)
         for link in list(dispatcher.nodes.values()):
             dispatcher.ready(link, 1)  # each node's first Ready
         await all_delivered.wait()

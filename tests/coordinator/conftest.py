@@ -198,8 +198,8 @@ class Harness:
             self.dispatcher.ready(link, slots)
         return FakeNode(link, key, inbox)
 
-    def submit(self, req: RenderRequest) -> Submission:
-        return self.dispatcher.submit(req, client_peer="client", allowed_models={MODEL})
+    async def submit(self, req: RenderRequest) -> Submission:
+        return await self.dispatcher.submit(req, client_peer="client", allowed_models={MODEL})
 
     async def deliver(self, node: FakeNode, offer: Offer, **kw: Any) -> None:
         await self.dispatcher.accept_result(node.link, node.result(offer, **kw))

@@ -24,7 +24,7 @@ from .conftest import Harness, events, request
 
 async def _render_all(h: Harness, n: int) -> tuple[Submission, list[Offer]]:
     """Submit `n` images, have one node render them all; returns (submission, offers)."""
-    sub = h.submit(request(n))
+    sub = await h.submit(request(n))
     node = h.node(0, slots=n)
     h.dispatcher.match()
     offers = node.offers()
@@ -76,7 +76,7 @@ async def test_a_resume_needs_the_token_and_gets_exactly_the_unacknowledged_rest
 
 async def test_only_hashes_of_tokens_and_no_plaintext_prompt_are_stored(coord: Harness) -> None:
     sentinel = "giraffe-sentinel-91"
-    sub = coord.submit(request(2, positive_prompt=sentinel, negative_prompt=sentinel))
+    sub = await coord.submit(request(2, positive_prompt=sentinel, negative_prompt=sentinel))
     rid, token = sub.accepted.request_id, sub.accepted.resume_token
     db = sqlite3.connect(coord.path)
     try:
@@ -96,7 +96,7 @@ async def test_keys_are_shredded_after_the_retention_window_only_once_ended(
     coord: Harness,
 ) -> None:
     ended, _ = await _render_all(coord, 1)
-    live = coord.submit(request(1))
+    live = await coord.submit(request(1))
     now = 2e9
     assert coord.store.shred_keys(3600, now=0) == 0  # not ended long enough ago
     assert coord.store.shred_keys(3600, now=now) == 1  # the ended one only
@@ -114,7 +114,7 @@ async def test_after_a_restart_a_resume_gets_the_images_from_disk_and_charges_no
     assert paid.ledger is not None
     paid.ledger.credit_purchase(payer.address, 1)
     req = request(3)
-    sub = paid.submit(authorize(req, bytes(payer.key), paid.dispatcher.domain))
+    sub = await paid.submit(authorize(req, bytes(payer.key), paid.dispatcher.domain))
     rid, token = sub.accepted.request_id, sub.accepted.resume_token
     node = paid.node(0, slots=3)
     paid.dispatcher.match()
@@ -149,7 +149,7 @@ async def test_after_a_restart_a_resume_gets_the_images_from_disk_and_charges_no
 async def test_progress_is_coalesced_per_job_so_a_slow_client_costs_no_memory(
     coord: Harness,
 ) -> None:
-    sub = coord.submit(request(2))
+    sub = await coord.submit(request(2))
     node = coord.node(0, slots=2)
     coord.dispatcher.match()
     a, b = node.offers()
@@ -190,7 +190,7 @@ _ = RequestDone
 async def test_a_result_the_coordinator_cannot_store_is_refused_without_a_strike(
     coord: Harness, tmp_path: Path
 ) -> None:
-    sub = coord.submit(request(1))
+    sub = await coord.submit(request(1))
     node = coord.node(0)
     coord.dispatcher.match()
     (offer,) = node.offers()

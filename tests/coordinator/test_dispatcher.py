@@ -23,7 +23,7 @@ def _job_state(h: Harness, job_id: bytes) -> JobState | None:
 
 # --- submit -------------------------------------------------------------------------------
 async def test_submit_commits_and_queues_one_job_per_image(coord: Harness) -> None:
-    sub = coord.submit(request(3))
+    sub = await coord.submit(request(3))
     assert isinstance(sub.accepted, RequestAccepted)
     assert sub.accepted.cost_micro == 0  # billing off
     ids = sub.accepted.job_ids
@@ -35,10 +35,10 @@ async def test_submit_commits_and_queues_one_job_per_image(coord: Harness) -> No
 
 async def test_submit_refuses_with_a_code_and_a_reason(coord: Harness) -> None:
     with pytest.raises(Refusal) as info:
-        coord.submit(request(model_id="not-served"))
+        await coord.submit(request(model_id="not-served"))
     assert info.value.code == "unknown_model" and "not-served" in info.value.reason
     with pytest.raises(Refusal, match="no connected node has it"):  # no configured list
-        coord.dispatcher.submit(request(), client_peer="c", allowed_models=set())
+        await coord.dispatcher.submit(request(), client_peer="c", allowed_models=set())
     with pytest.raises(Refusal) as info:
         coord.dispatcher.account(None, "peer")  # type: ignore[arg-type]
     assert info.value.code == "billing_off"
@@ -56,7 +56,7 @@ async def test_a_blacklisted_wallet_cannot_join(coord: Harness) -> None:
 
 # --- deadlines and lost nodes ---------------------------------------------------------------
 async def test_missed_deadline_cancels_requeues_and_costs_reputation(coord: Harness) -> None:
-    sub = coord.submit(request(1))
+    sub = await coord.submit(request(1))
     (job_id,) = sub.accepted.job_ids
     a = coord.node(0)
     coord.dispatcher.match()
@@ -89,11 +89,11 @@ async def test_missed_deadline_cancels_requeues_and_costs_reputation(coord: Harn
 
 
 async def test_a_node_that_leaves_gives_its_jobs_back_to_the_front(coord: Harness) -> None:
-    first = coord.submit(request(1))
+    first = await coord.submit(request(1))
     a = coord.node(0)
     coord.dispatcher.match()
     assert len(a.offers()) == 1
-    second = coord.submit(request(1))
+    second = await coord.submit(request(1))
     coord.dispatcher.node_left(a.link, "stream closed")
     assert [j.job_id for j in coord.dispatcher.queue if j.state is JobState.QUEUED] == [
         first.accepted.job_ids[0],
@@ -104,7 +104,7 @@ async def test_a_node_that_leaves_gives_its_jobs_back_to_the_front(coord: Harnes
 
 
 async def test_attempts_limit_fails_the_job_and_tells_the_client(coord: Harness) -> None:
-    sub = coord.submit(request(1))
+    sub = await coord.submit(request(1))
     (job_id,) = sub.accepted.job_ids
     a = coord.node(0)
     for attempt in range(1, MAX_ATTEMPTS + 1):
@@ -128,7 +128,7 @@ async def test_attempts_limit_fails_the_job_and_tells_the_client(coord: Harness)
 
 
 async def test_a_job_no_connected_node_can_serve_fails_after_the_grace(coord: Harness) -> None:
-    sub = coord.submit(request(1))  # the model is configured: accepted without any node
+    sub = await coord.submit(request(1))  # the model is configured: accepted without any node
     coord.clock.advance(coord.dispatcher.no_node_grace - 1)
     coord.dispatcher.sweep()
     assert await events(sub) == []
@@ -141,7 +141,7 @@ async def test_a_job_no_connected_node_can_serve_fails_after_the_grace(coord: Ha
 
 # --- stragglers ------------------------------------------------------------------------------
 async def test_a_straggler_is_copied_and_the_first_receipt_wins(coord: Harness) -> None:
-    sub = coord.submit(request(4))
+    sub = await coord.submit(request(4))
     a = coord.node(0, slots=4)
     coord.dispatcher.match()
     offers = a.offers()
@@ -176,7 +176,7 @@ async def test_cancel_ends_queued_jobs_and_pays_running_ones_pro_rata(paid: Harn
     assert paid.ledger is not None
     paid.ledger.credit_purchase(payer.address, 1)
     req = request(3)
-    sub = paid.submit(authorize(req, bytes(payer.key), paid.dispatcher.domain))
+    sub = await paid.submit(authorize(req, bytes(payer.key), paid.dispatcher.domain))
     per_image = quote(req).per_image.spark_micro
     assert sub.accepted.cost_micro == 3 * per_image
     a = paid.node(0)
@@ -209,7 +209,7 @@ async def test_a_partial_receipt_is_paid_for_the_steps_done(paid: Harness) -> No
     assert paid.ledger is not None
     paid.ledger.credit_purchase(payer.address, 1)
     req = request(2)
-    sub = paid.submit(authorize(req, bytes(payer.key), paid.dispatcher.domain))
+    sub = await paid.submit(authorize(req, bytes(payer.key), paid.dispatcher.domain))
     per_image = quote(req).per_image.spark_micro
     a = paid.node(0)
     paid.dispatcher.match()
@@ -234,7 +234,7 @@ async def test_a_partial_receipt_is_paid_for_the_steps_done(paid: Harness) -> No
 async def test_a_partial_receipt_for_a_running_job_is_refused_as_a_strike(
     coord: Harness,
 ) -> None:
-    sub = coord.submit(request(1))
+    sub = await coord.submit(request(1))
     a = coord.node(0)
     coord.dispatcher.match()
     (offer,) = a.offers()
@@ -247,9 +247,9 @@ async def test_a_partial_receipt_for_a_running_job_is_refused_as_a_strike(
 
 # --- restart --------------------------------------------------------------------------------
 async def test_restart_requeues_live_jobs_and_never_ended_ones(coord: Harness) -> None:
-    main = coord.submit(request(3))  # one done, one running, one queued
-    cancelled_running = coord.submit(request(1))
-    cancelled_queued = coord.submit(request(1))
+    main = await coord.submit(request(3))  # one done, one running, one queued
+    cancelled_running = await coord.submit(request(1))
+    cancelled_queued = await coord.submit(request(1))
     a = coord.node(0, slots=2)
     coord.dispatcher.match()
     first, second = a.offers()

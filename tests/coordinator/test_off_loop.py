@@ -151,8 +151,8 @@ class Coordinator:
         node.signer = FakeNode(link, key, trio.open_memory_channel[Message](1)[1])
         return node
 
-    def submit(self, req: Any) -> Any:
-        return self.dispatcher.submit(
+    async def submit(self, req: Any) -> Any:
+        return await self.dispatcher.submit(
             req, client_peer="client", allowed_models={MODEL}, on_orphan=lambda *_: None
         )
 
@@ -235,7 +235,7 @@ async def test_a_chain_that_hangs_does_not_stall_dispatch(tmp_path: Path) -> Non
             node = await c.connect(0, device="cuda")
             link = c.dispatcher.nodes["peer-0"]
             assert asked and link.networks == {"relaxed"}  # no standing known: relaxed
-            sub = c.submit(request(1, network="relaxed"))
+            sub = await c.submit(request(1, network="relaxed"))
             await node.send(Ready(slots=1))
             offer = await node.next(Offer)
             await node.send(node.signer.result(offer))
@@ -341,7 +341,7 @@ async def test_receipt_ledger_and_reputation_writes_run_off_the_trio_thread(
         payer = Account.create()
         c.ledger.credit_purchase(payer.address, 1)
         req = request(1)
-        sub = c.submit(authorize(req, bytes(payer.key), DOMAIN))
+        sub = await c.submit(authorize(req, bytes(payer.key), DOMAIN))
         node = await c.connect(0)
         await node.send(Ready(slots=1))
         offer = await node.next(Offer)
@@ -414,7 +414,7 @@ async def test_queued_settlements_pay_each_receipt_once_and_conserve_the_ledger(
 async def test_a_locked_database_delays_a_receipt_but_does_not_fail_it(tmp_path: Path) -> None:
     async with coordinator(tmp_path) as c:
         node = await c.connect(0)
-        c.submit(request(1))
+        await c.submit(request(1))
         await node.send(Ready(slots=1))
         offer = await node.next(Offer)
         released = hold_write_lock(c.path, 0.6)
@@ -432,7 +432,7 @@ async def test_a_database_locked_past_the_deadline_refuses_the_receipt_not_the_s
     monkeypatch.setattr(dbmod, "WRITE_DEADLINE", 0.2)
     async with coordinator(tmp_path) as c:
         node = await c.connect(0)
-        sub = c.submit(request(1))
+        sub = await c.submit(request(1))
         await node.send(Ready(slots=1))
         offer = await node.next(Offer)
         released = hold_write_lock(c.path, 2.0)
@@ -458,7 +458,7 @@ async def test_a_node_that_stops_reading_is_held_back_without_losing_an_ack(
         node = await c.connect(0, slots=1)
         link = c.dispatcher.nodes["peer-0"]
         assert link.outbox.statistics().max_buffer_size == outbox_size(1)
-        first, second, third = c.submit(request(3)).accepted.job_ids
+        first, second, third = (await c.submit(request(3))).accepted.job_ids
         await node.send(Ready(slots=1))
         offer = await node.next(Offer)
         assert offer.offer.job_id == first

@@ -108,7 +108,7 @@ def test_configs_take_the_domain_from_the_addresses_file(net: Net, tmp_path: Pat
             cls(data_dir=tmp_path, addresses_file=tmp_path / "missing.json")  # type: ignore[call-arg]
 
 
-def _dispatcher_and_offer(
+async def _dispatcher_and_offer(
     cfg: CoordinatorConfig, store: Store, node_wallet: str
 ) -> tuple[Dispatcher, NodeLink, Offer]:
     """A dispatcher built as the service builds it, with one job offered to one node."""
@@ -134,7 +134,7 @@ def _dispatcher_and_offer(
     request = RenderRequest(
         model_id=MODEL, positive_prompt="p", steps=8, guidance=4.0, width=64, height=64, seed=1
     )
-    dispatcher.submit(
+    await dispatcher.submit(
         request, client_peer="client", allowed_models={MODEL}, on_orphan=lambda *_: None
     )
     dispatcher.ready(link, 1)
@@ -172,7 +172,7 @@ async def test_dispatcher_refuses_receipts_for_another_chain_or_distributor(
 ) -> None:
     cfg = CoordinatorConfig(data_dir=tmp_path, addresses_file=_addresses_file(net, tmp_path))
     node = worker(7)
-    dispatcher, link, offer = _dispatcher_and_offer(cfg, store, node.address)
+    dispatcher, link, offer = await _dispatcher_and_offer(cfg, store, node.address)
     assert dispatcher.domain == net.domain
     other = (
         Domain(net.domain.chain_id + 1, net.domain.verifying_contract)
