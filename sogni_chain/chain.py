@@ -27,6 +27,8 @@ from web3.contract import Contract
 from web3.exceptions import ContractLogicError
 from web3.types import RPCEndpoint
 
+from sogni_protocol.settings import DEV_CHAIN_IDS
+
 from .artifacts import CONTRACT_NAMES, load_artifact
 from .errors import ChainRevert, ErrorDecoder
 
@@ -325,5 +327,13 @@ def connect(
         w3 = Web3(Web3.HTTPProvider(url, request_kwargs={"timeout": timeout}))
         if not w3.is_connected():
             raise ConnectionError(f"no JSON-RPC node answers at {url}")
+        if keys is None:
+            chain_id = int(w3.eth.chain_id)
+            if chain_id not in DEV_CHAIN_IDS:
+                raise ValueError(
+                    f"chain {chain_id} at {url} is not a local dev chain: refusing to sign with "
+                    f"anvil's public dev keys there (anyone can spend from them); pass the "
+                    f"keys to sign with"
+                )
         return Chain(w3, kind="rpc", keys=keys if keys is not None else anvil_dev_keys(), url=url)
     raise ValueError(f"unsupported chain url {url!r}: use 'embedded' or http(s)://host:port")

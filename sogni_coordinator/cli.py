@@ -28,7 +28,12 @@ from sogni_wallet.keystore import (
     unlock_wallet,
 )
 
-app = typer.Typer(help="Sogni Supernet coordinator.", no_args_is_help=True, cls=CliGroup)
+app = typer.Typer(
+    help="Sogni Supernet coordinator.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # a key in a local must never reach a terminal
+    cls=CliGroup,
+)
 keys_app = typer.Typer(help="The coordinator's offer-signing key.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import trio
@@ -37,7 +37,7 @@ log = get_logger(__name__)
 @dataclass(frozen=True)
 class Signer:
     address: str
-    private_key: bytes
+    private_key: bytes = field(repr=False)
 
 
 @dataclass(frozen=True)

@@ -53,6 +53,9 @@ ChainUrl = Annotated[str, Meta(pattern=r"^https?://\S+$", max_length=512)]
 Seconds = Annotated[float, Meta(gt=0, le=86_400)]
 
 DEFAULT_CHAIN_ID = 131277322940537
+DEV_CHAIN_IDS = frozenset({31337, 1337, DEFAULT_CHAIN_ID})
+"""Local development chains: anvil and hardhat (31337), ganache (1337), the embedded EVM.
+Only on these may public dev keys sign."""
 """eth-tester / py-evm's chain id: the embedded local settlement chain is the default domain."""
 UNDEPLOYED_CONTRACT = "0x" + "00" * 20
 """Verifying contract until the reward distributor is deployed (local runs only)."""

@@ -12,7 +12,6 @@ the client all import it.
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import json
 import os
@@ -153,16 +152,29 @@ def keystore_address(path: Path, *, create_hint: str = "sogni-node keys create")
         raise KeystoreError(f"keystore {path} records an invalid address") from None
 
 
+def _check_private(path: Path) -> None:
+    """Refuse a keystore others can read or write: its encryption is only as strong as its
+    password, and a world-readable file invites an offline guessing attack."""
+    if os.name == "nt":
+        return
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return  # reading it will say what is wrong
+    if mode & 0o077:
+        raise KeystoreError(
+            f"keystore {path} is readable or writable by others (mode {mode:o}); "
+            f"run `chmod 600 {path}` and try again"
+        )
+
+
 def load_wallet(
     path: Path, password: str, *, create_hint: str = "sogni-node keys create"
 ) -> Wallet:
     """Decrypt the keystore at `path`. Errors say what is wrong and how to fix it."""
     path = Path(path).expanduser()
     document = _read_document(path, create_hint)
-    with contextlib.suppress(OSError):
-        mode = stat.S_IMODE(path.stat().st_mode)
-        if mode & 0o077:
-            log.warning("keystore_permissions_too_open", path=str(path), mode=oct(mode))
+    _check_private(path)
     try:
         key = bytes(Account.decrypt(document, password))
     except ValueError as exc:  # eth-keyfile: "MAC mismatch" (a ValueError subclass)
@@ -212,6 +224,9 @@ def unlock_wallet(
     path = Path(path).expanduser()
     if not path.exists():
         raise KeystoreNotFound(f"no keystore at {path}; create one with `{create_hint}`")
-    return load_wallet(
+    wallet = load_wallet(
         path, password_from_env_or_prompt(password_env, env=env), create_hint=create_hint
     )
+    if env is None:  # read once: child processes (a shell-out, a crash reporter) never see it
+        os.environ.pop(password_env, None)
+    return wallet
