@@ -100,6 +100,11 @@ NO_NODE_GRACE = 10.0
 """Seconds a queued job may wait with no connected node able to serve it before it fails."""
 STRAGGLER_FACTOR = 2.0
 """A job running this many times longer than its request's median is copied to another node."""
+NEWCOMER_WORK_RATE = 20_000.0
+"""Work units per second a node is allowed for partial pay before it has shown its own rate:
+20x the baseline GPU (1,000 per second), so no real node is cut."""
+PARTIAL_RATE_MARGIN = 2.0
+"""A measured node may claim partial steps at up to twice its measured rate."""
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
 
@@ -508,6 +513,11 @@ class Dispatcher:
             outcome = transition(job.state, event)
         except Forbidden:
             raise ResultRefused("partial receipt for a job that was not cancelled") from None
+        if partial and receipt.steps_done > (allowed := self._partial_steps_allowed(link, job)):
+            raise ResultRefused(
+                f"partial receipt claims {receipt.steps_done} of {job.params.steps} steps; the "
+                f"time since the offer allows at most {allowed} at this node's measured speed"
+            )
         path = None
         if not partial:  # on disk before it is deliverable: a restart finds it there
             path = self.results.path(job.request_id, job.index, receipt.offer_hash)
@@ -537,7 +547,9 @@ class Dispatcher:
         now = self._clock()
         elapsed = now - job.holders.get(link, now)
         budget = render_budget(job.params, self.deadline_floor, self.deadline_base)
-        self.reputation.succeeded(link.wallet, elapsed, budget, receipt.work_units)
+        self.reputation.succeeded(
+            link.wallet, elapsed, budget, receipt.work_units, full=not partial
+        )
         try:
             self._to(job, event, durable=True)
         except Forbidden:  # it ended (failed) while the receipt was being committed
@@ -587,6 +599,19 @@ class Dispatcher:
         if not eip712.same_address(signer, link.wallet):
             raise ResultRefused("receipt signature is not from the node's wallet")
         return job
+
+    def _partial_steps_allowed(self, link: NodeLink, job: Job) -> int:
+        """The most steps `link` can have done on `job` since it was offered: elapsed time at
+        the rate this coordinator measured for the node (full receipts, with a margin), or at
+        `NEWCOMER_WORK_RATE` before it has any; never the node's own claim."""
+        offered = job.holders.get(link)
+        if offered is None:
+            return 0
+        measured = self.reputation.get(link.wallet).work_rate
+        rate = NEWCOMER_WORK_RATE if measured <= 0 else PARTIAL_RATE_MARGIN * measured
+        elapsed = max(0.0, self._clock() - offered)
+        per_step = job.work_units / job.params.steps  # work units of one step of this job
+        return 1 + int(elapsed * min(rate, NEWCOMER_WORK_RATE) / max(per_step, 1e-9))
 
     def _gone_reason(self, job_id: bytes) -> str:
         if self.store.receipt(job_id) is not None:

@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS reputation (
     blacklisted_until REAL NOT NULL, earned_units INTEGER NOT NULL
 );
 """
-MIGRATIONS = (_SCHEMA_V1,)
+_V2_WORK_RATE = "ALTER TABLE reputation ADD COLUMN work_rate REAL NOT NULL DEFAULT 0;"
+MIGRATIONS = (_SCHEMA_V1, _V2_WORK_RATE)
 
 
 @dataclass
@@ -54,6 +55,9 @@ class WorkerRecord:
     connected_seconds: float = 0.0
     blacklisted_until: float = 0.0
     earned_units: int = 0
+    work_rate: float = 0.0
+    """Work units per second from offer to full receipt (EMA; 0: not measured yet). Bounds
+    what a partial receipt may claim: never what the node says, what it has shown."""
 
     def uptime(self, now: float, connected_since: float | None) -> float:
         live = now - connected_since if connected_since is not None else 0.0
@@ -89,7 +93,7 @@ class Reputation(Database):
         for row in self._db.execute("SELECT * FROM reputation"):
             strikes = [float(x) for x in row[6].split(",") if x]
             wallet, speed, success, acceptance, jobs, failures = row[:6]
-            first_seen, connected, blacklisted_until, earned = row[7:]
+            first_seen, connected, blacklisted_until, earned, work_rate = row[7:12]
             self.records[wallet] = WorkerRecord(
                 wallet,
                 speed,
@@ -102,6 +106,7 @@ class Reputation(Database):
                 connected,
                 blacklisted_until,
                 earned,
+                work_rate,
             )
 
     def get(self, wallet: str) -> WorkerRecord:
@@ -120,11 +125,18 @@ class Reputation(Database):
 
     def _write(self, row: tuple[object, ...]) -> None:
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO reputation VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+            db.execute("INSERT OR REPLACE INTO reputation VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
 
     # --- events --------------------------------------------------------------------------
-    def succeeded(self, wallet: str, elapsed: float, budget: float, work_units: int) -> None:
+    def succeeded(
+        self, wallet: str, elapsed: float, budget: float, work_units: int, *, full: bool = True
+    ) -> None:
+        """A receipt was stored; `full`: a whole render (a partial one says nothing about
+        the node's rate)."""
         rec = self.get(wallet)
+        if full and elapsed > 0:
+            sample = work_units / elapsed
+            rec.work_rate = sample if rec.work_rate <= 0 else _ema(rec.work_rate, sample)
         rec.speed = _ema(rec.speed, budget / max(elapsed, 1e-3) if elapsed > 0 else 2.0)
         rec.success = _ema(rec.success, 1.0)
         rec.acceptance = _ema(rec.acceptance, 1.0)

@@ -215,6 +215,7 @@ async def test_a_partial_receipt_is_paid_for_the_steps_done(paid: Harness) -> No
     paid.dispatcher.match()
     (offer,) = a.offers()
     paid.dispatcher.cancel_request(sub.accepted.request_id)
+    paid.clock.advance(2.0)  # 4 of 10 steps of a tiny job: plenty of time for a newcomer
     await paid.deliver(a, offer, steps_done=4)
     (stored,) = paid.store.receipts()
     assert stored.receipt.steps_done == 4 and stored.receipt.work_units == (
@@ -229,6 +230,40 @@ async def test_a_partial_receipt_is_paid_for_the_steps_done(paid: Harness) -> No
     assert (sub.state.delivered, sub.state.cancelled) == (0, 2)
     with pytest.raises(ResultRefused, match="already receipted"):  # paid once
         await paid.deliver(a, offer, steps_done=5)
+
+
+async def test_a_partial_receipt_cannot_claim_more_steps_than_time_allows(
+    coord: Harness,
+) -> None:
+    """The cheat: a client cancels at once and its own node claims nearly every step of a big
+    job. The bound is the node's measured rate (or a generous newcomer rate), never its word."""
+    big = {"width": 1024, "height": 1024, "steps": 40}
+    a = coord.node(0)
+    cheat = await coord.submit(request(1, **big))
+    coord.dispatcher.match()
+    (offer,) = a.offers()
+    coord.dispatcher.cancel_request(cheat.accepted.request_id)
+    with pytest.raises(ResultRefused, match="at most 1 at this node's measured speed"):
+        await coord.deliver(a, offer, steps_done=39)  # 0 s after the offer
+    assert not coord.store.receipts()
+
+    # an honest full render teaches the coordinator the node's rate: 40 steps in 10 s
+    honest = await coord.submit(request(1, **big))
+    coord.dispatcher.ready(a.link, 1)
+    coord.dispatcher.match()
+    (offer,) = a.offers()
+    coord.clock.advance(10.0)
+    await coord.deliver(a, offer)
+    # 1 s after the next offer: at twice that rate, at most 1 + 8 steps
+    third = await coord.submit(request(1, **big))
+    coord.dispatcher.ready(a.link, 1)
+    coord.dispatcher.match()
+    (offer,) = a.offers()
+    coord.dispatcher.cancel_request(third.accepted.request_id)
+    coord.clock.advance(1.0)
+    with pytest.raises(ResultRefused, match="at most 9 at this node's measured speed"):
+        await coord.deliver(a, offer, steps_done=20)
+    assert len(coord.store.receipts()) == 1 and honest.accepted.job_ids
 
 
 async def test_a_partial_receipt_for_a_running_job_is_refused_as_a_strike(

@@ -144,7 +144,7 @@ def test_a_database_of_the_previous_release_migrates_with_its_data(tmp_path: Pat
         assert (store.schema_version, ledger.schema_version, reputation.schema_version) == (
             len(MIGRATIONS),
             1,
-            1,
+            2,  # + work_rate, for bounding partial pay
         )
         (live,) = store.live_jobs()
         assert (live.job_id, live.state, live.attempts, live.params) == (
@@ -158,6 +158,7 @@ def test_a_database_of_the_previous_release_migrates_with_its_data(tmp_path: Pat
         (kept,) = store.receipts()
         assert kept.receipt.job_id == done and kept.signature == b"s" * 65
         assert reputation.get(WALLET).jobs == 7 and reputation.get(WALLET).earned_units == 700
+        assert reputation.get(WALLET).work_rate == 0  # not measured yet: the newcomer bound
         # the new states are accepted now, and ended jobs stay ended
         store.save_job_states([(queued, JobState.CANCELLING, 1), (done, JobState.FAILED, 0)])
         assert store.job_state(queued) is JobState.CANCELLING
@@ -169,7 +170,7 @@ def test_a_database_of_the_previous_release_migrates_with_its_data(tmp_path: Pat
         reputation.close()
     db = sqlite3.connect(path)
     versions = dict(db.execute("SELECT component, version FROM schema_versions").fetchall())
-    assert versions == {"store": len(MIGRATIONS), "ledger": 1, "reputation": 1}
+    assert versions == {"store": len(MIGRATIONS), "ledger": 1, "reputation": 2}
     assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert db.execute("PRAGMA foreign_key_check").fetchall() == []
     # the old plaintext parameters: sealed for the live job, dropped for the ended ones
