@@ -76,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import fuzz
 
             out[name] = fuzz.run(args.quick)
+        elif name == "chaos":  # node and coordinator processes SIGKILLed mid-run
+            from bench import chaos
+
+            out[name] = chaos.run(args.quick, command, keep=args.keep)
         elif name == "unet":  # runs each configuration in its own subprocess
             from bench import unet_steps
 

@@ -153,7 +153,7 @@ def _marker(name: str, end: bool = False) -> str:
     return f"<!-- bench:{'/' if end else ''}{name} -->"
 
 
-SECTION_ORDER = ("overhead", "dispatch", "settlement", "pricing", "fuzz", "unet", "cpuvar")
+SECTION_ORDER = ("overhead", "dispatch", "settlement", "pricing", "fuzz", "chaos", "unet", "cpuvar")
 SLOW_SECTIONS = ("unet", "cpuvar")
 """Run only when named (`python -m bench unet`, about 45 min here); a whole-file rewrite keeps
 their last text."""

@@ -45,6 +45,11 @@ class Cluster:
     node_env: dict[str, str] = field(default_factory=dict)
     coordinator_env: dict[str, str] = field(default_factory=dict)
     timeout: float = 120.0
+    node_command: list[str] = field(
+        default_factory=lambda: ["sogni_node.cli", "start", "--announce"]
+    )
+    """`python -m` arguments of a node: the chaos soak runs `bench._chaos_node` (a stub
+    backend) in its place; it reads the same `SOGNI_NODE_*` env and announces `connected`."""
     coordinator: Proc | None = None
     node_procs: dict[int, Proc] = field(default_factory=dict)
     addr: str = ""
@@ -114,8 +119,7 @@ class Cluster:
             **self.node_env,
             **_crash_env(crashpoint, skip),
         }
-        args = ["sogni_node.cli", "start", "--announce"]
-        proc = _spawn(self._name(f"node{i}"), args, env, self.workdir)
+        proc = _spawn(self._name(f"node{i}"), list(self.node_command), env, self.workdir)
         self.node_procs[i] = proc
         proc.wait_event("connected", self.timeout)
         return proc
