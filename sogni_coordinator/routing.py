@@ -41,7 +41,9 @@ class Router:
     clock: Callable[[], float] | None = None
 
     def classify(self, device: str, wallet: str) -> tuple[frozenset[str], float]:
-        """Networks a node may serve and its stake weight, decided once per connection.
+        """Networks a node may serve and its stake weight, from its standing now: asked at
+        every match, so an unstake or a licence handed to another wallet takes effect as soon
+        as the chain's events reach the cache, not at the next connection.
 
         Runs on the event loop: `standing` must answer from memory (the service's
         `StandingCache`, warmed by the node's session before it joins)."""
@@ -56,7 +58,7 @@ class Router:
         """The node has the model and every LoRA, serves the tier, and fits the size."""
         return (
             want.model_id in link.models
-            and network in link.networks
+            and network in self.classify(link.device, link.wallet)[0]
             and (link.max_pixels == 0 or want.width * want.height <= link.max_pixels)
             and all(lora.id in link.loras for lora in want.loras)
             and not self.reputation.blacklisted(link.wallet)
@@ -80,7 +82,7 @@ class Router:
         now = (self.clock or time.time)()
         weights = [
             self.reputation.get(link.wallet).score(now, link.connected_at)
-            * link.stake_weight
+            * self.classify(link.device, link.wallet)[1]
             * (WARM_BONUS if p.model_id in link.warm else 1.0)
             for link in candidates
         ]
