@@ -27,11 +27,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import random
 import shutil
 import sqlite3
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -83,7 +85,8 @@ class _Client:
     quoted_micro: int = 0
     handed: list[bytes] = field(default_factory=list)
     """Job ids as `on_image` got them, duplicates included."""
-    failed: int = 0
+    failed: list[str] = field(default_factory=list)
+    """The reasons of the `JobFailed` the client got."""
     error: str = ""
     done_at: float = 0.0
 
@@ -97,6 +100,7 @@ class Outcome:
     """Jobs of the requests whose image reached their client."""
     duplicates: int = 0
     failed: int = 0
+    failure_reasons: Counter[str] = field(default_factory=Counter)
     errors: list[str] = field(default_factory=list)
     receipts: int = 0
     receipts_match: bool = False
@@ -120,6 +124,8 @@ class Outcome:
     coordinator_down: list[float] = field(default_factory=list)
     drain: float = 0.0
     alive: bool = False
+    load: float = 0.0
+    """1-minute load average when the soak started: other work shares the cores."""
     seed: int = 0
     workdir: str = ""
 
@@ -132,7 +138,7 @@ class Outcome:
         checks = [
             (self.delivered == self.requested and not self.errors, "not every job delivered"),
             (self.duplicates == 0, f"{self.duplicates} duplicates at clients"),
-            (self.failed == 0, f"{self.failed} jobs failed"),
+            (self.failed == 0, f"{self.failed} jobs failed ({dict(self.failure_reasons)})"),
             (self.receipts_match and self.receipts == self.requested, "receipts != jobs"),
             (self.settled_jobs == self.requested, "settlements != jobs"),
             (self.paid_twice == 0, f"{self.paid_twice} jobs paid twice"),
@@ -288,7 +294,7 @@ async def _client(addr: str, request: RenderRequest, payer_key: bytes, rec: _Cli
         rec.error = f"client: {type(exc).__name__}: {exc}"
     else:
         rec.request_id, rec.quoted_micro = result.request_id, result.cost_micro
-        rec.failed = len(result.failed)
+        rec.failed = [reason for _, reason in result.failed]
     rec.done_at = time.perf_counter()
 
 
@@ -316,7 +322,8 @@ def _audit(cluster: Cluster, payer: str, funds_micro: int, clients: list[_Client
         mine = jobs.get(c.request_id, set())
         out.delivered += len(mine & set(c.handed))
         out.duplicates += len(c.handed) - len(set(c.handed))
-        out.failed += c.failed
+        out.failed += len(c.failed)
+        out.failure_reasons.update(c.failed)
         if c.error:
             out.errors.append(c.error)
     out.receipts = len(receipts)
@@ -359,6 +366,7 @@ def _coordinator_log_counts(cluster: Cluster) -> tuple[int, int]:
 async def soak(settings: Settings, workdir: Path) -> Outcome:
     """One run: start the cluster, render under chaos, audit, stop."""
     seed = settings.seed if settings.seed is not None else random.randrange(2**32)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rng = random.Random(seed)
     models = workdir / "models"
     models.mkdir(parents=True, exist_ok=True)
@@ -406,6 +414,7 @@ async def soak(settings: Settings, workdir: Path) -> Outcome:
         setattr(out, name, getattr(chaos.outcome, name))
     out.requeued, out.restored = _coordinator_log_counts(cluster)
     out.drain, out.alive, out.seed, out.workdir = drained, alive, seed, str(workdir)
+    out.load = load
     return out
 
 
@@ -438,6 +447,7 @@ def render_markdown(settings: Settings, outcomes: list[Outcome], command: str) -
         ("live jobs restored by restarted coordinators (sum)", figure(lambda o: o.restored)),
         ("time to drain (s)", figure(lambda o: o.drain, "{:.1f}")),
         ("jobs/s under chaos", figure(lambda o: o.requested / o.drain, "{:.1f}")),
+        ("load average at start (other work here)", figure(lambda o: o.load, "{:.1f}")),
     ]
     missed = [m for o in outcomes for m in o.missed()]
     verdict = "all met" if not missed else "MISSED: " + "; ".join(missed)
@@ -451,11 +461,12 @@ def render_markdown(settings: Settings, outcomes: list[Outcome], command: str) -
             f"node processes (the real node daemon, `bench._chaos_node`, over a stub backend "
             f"taking {s.render_seconds:g} s per image), all on this machine.",
             "",
-            f"Kill rule: every {s.tick:g} s each node process that is up is SIGKILLed with "
-            f"probability {s.kill_probability:.0%} and restarted at once on its data (wallet, "
-            f"peer key, journal); the coordinator is SIGKILLed {s.coordinator_restarts} "
-            f"time(s), each when the store's receipt count passes a random point of its own "
-            f"slice of the run, and restarted on the same port, key and database. Seeds: "
+            f"Kill rule: every {s.tick:g} s each node process that has finished starting is "
+            f"SIGKILLed with probability {s.kill_probability:.0%} and restarted at once on its "
+            f"data (wallet, peer key, journal); the coordinator is SIGKILLed "
+            f"{s.coordinator_restarts} time{'s' if s.coordinator_restarts != 1 else ''}, each "
+            f"when the store's receipt count passes a random point of its own slice of the "
+            f"run, and restarted on the same port, key and database. Seeds: "
             f"{', '.join(str(o.seed) for o in outcomes)}.",
             "",
             f"Floors: every job delivered, duplicates 0, paid twice 0, the payer charged "

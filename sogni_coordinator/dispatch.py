@@ -730,9 +730,17 @@ class Dispatcher:
                 if deadline < now:
                     self._send_to_node(link, Cancel(job_id=job.job_id))
                     self._release(job, link, "deadline missed", penalize=True)
+        servable: dict[bytes, bool] = {}  # a request's jobs differ only by seed: one answer
         for job in [j for j in self.queue if self._waiting(j)]:
             p = job.params
-            if now - job.queued_since > self.no_node_grace and not self.can_serve(job.network, p):
+            ok = servable.get(job.request_id)
+            if ok is None:
+                ok = servable[job.request_id] = self.can_serve(job.network, p)
+            if ok:
+                job.unservable_since = None
+            elif job.unservable_since is None:
+                job.unservable_since = now
+            elif now - job.unservable_since > self.no_node_grace:
                 self._give_up(job, f"no connected node can serve {job.network} {p.model_id}")
         self._copy_stragglers(now)
         self._save()

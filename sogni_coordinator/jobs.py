@@ -52,6 +52,10 @@ class Job:
     offers: dict[bytes, str] = field(default_factory=dict)
     """Every offer hash issued for this job -> the peer id it was issued to."""
     queued_since: float = field(default_factory=time.time)
+    unservable_since: float | None = None
+    """When a sweep first found no connected node able to serve it (None: one can). The
+    no-node grace runs from here, not from when it was queued: a job that waited its turn
+    behind others must not fail the moment the last capable node blinks."""
 
 
 @dataclass(eq=False)

@@ -129,6 +129,7 @@ async def test_attempts_limit_fails_the_job_and_tells_the_client(coord: Harness)
 
 async def test_a_job_no_connected_node_can_serve_fails_after_the_grace(coord: Harness) -> None:
     sub = await coord.submit(request(1))  # the model is configured: accepted without any node
+    coord.dispatcher.sweep()  # the first sweep finds no node: the grace starts
     coord.clock.advance(coord.dispatcher.no_node_grace - 1)
     coord.dispatcher.sweep()
     assert await events(sub) == []
@@ -137,6 +138,25 @@ async def test_a_job_no_connected_node_can_serve_fails_after_the_grace(coord: Ha
     (failed,) = await events(sub)
     assert isinstance(failed, JobFailed) and "no connected node can serve" in failed.reason
     assert coord.store.job_state(sub.accepted.job_ids[0]) is JobState.FAILED
+
+
+async def test_a_momentary_gap_does_not_fail_a_long_queued_job(coord: Harness) -> None:
+    """Found by the chaos soak: the grace counts from when no node could serve the job, not
+    from when it was queued, so a job that waited its turn survives a node's restart."""
+    sub = await coord.submit(request(2))
+    a = coord.node(0)  # one slot: job 0 runs on it, job 1 waits in the queue
+    coord.dispatcher.match()
+    coord.clock.advance(coord.dispatcher.no_node_grace / 2)
+    coord.dispatcher.sweep()
+    coord.clock.advance(coord.dispatcher.no_node_grace / 2 + 1)  # job 1 queued > grace
+    coord.dispatcher.sweep()
+    assert await events(sub) == []  # a capable node was connected all along
+    coord.dispatcher.node_left(a.link, "killed")  # the node dies; its restart is under way
+    coord.dispatcher.sweep()  # the same instant: no node has been missing for any time
+    assert not any(isinstance(m, JobFailed) for m in await events(sub))
+    coord.clock.advance(coord.dispatcher.no_node_grace + 1)  # it stays away: now they fail
+    coord.dispatcher.sweep()
+    assert sum(isinstance(m, JobFailed) for m in await events(sub)) == 2
 
 
 # --- stragglers ------------------------------------------------------------------------------
