@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep work folders and logs")
     parser.add_argument("--no-profile", action="store_true", help="dispatch: skip the profile")
     parser.add_argument("--no-write", action="store_true", help="print, do not write the file")
+    parser.add_argument(
+        "--fuzz-streams", type=int, default=None, help="fuzz: streams per protocol and client"
+    )
     args = parser.parse_args(argv)
     unknown = [s for s in args.sections if s not in common.SECTION_ORDER]
     if unknown:
@@ -39,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     whole = not args.sections
     configure_logging("warning", json=False)
     flags = [f for f, on in (("--quick", args.quick), ("--no-profile", args.no_profile)) if on]
+    if args.fuzz_streams is not None:
+        flags += ["--fuzz-streams", str(args.fuzz_streams)]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > 0.5:
         print(
@@ -75,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         elif name == "fuzz":  # live daemons as processes, then the js-libp2p client
             from bench import fuzz
 
-            out[name] = fuzz.run(args.quick)
+            out[name] = fuzz.run(args.quick, args.fuzz_streams)
         elif name == "chaos":  # node and coordinator processes SIGKILLed mid-run
             from bench import chaos
 

@@ -410,11 +410,16 @@ def _interop(targets: dict[str, str], streams: int) -> dict[str, Any] | None:
     return out
 
 
+def _streams_flag(streams: int, quick: bool) -> str:
+    return "" if streams == (300 if quick else 2000) else f" --fuzz-streams {streams}"
+
+
 def render_markdown(report: FuzzReport, quick: bool) -> str:
     lines = [
         "## Fuzz: malformed streams against live daemons",
         "",
-        f"`python -m bench fuzz{' --quick' if quick else ''}`: a coordinator and a node as "
+        f"`python -m bench fuzz{' --quick' if quick else ''}"
+        f"{_streams_flag(report.streams_per_protocol, quick)}`: a coordinator and a node as "
         f"separate processes (localnet); {report.streams_per_protocol} malformed streams on "
         "every protocol each one announces over identify, from a py-libp2p peer (kinds: "
         + ", ".join(sorted(KINDS))

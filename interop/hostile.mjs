@@ -79,9 +79,9 @@ const KINDS = [
   ['frame_oversized', () => be32(0xffffffff - randInt(1 << 20))],
   ['frame_truncated', () => concat(be32(1000 + randInt(60000)), randBytes(1 + randInt(64)))],
   ['frame_wrong_type', () => {
-    // {"type": <a real message type at the wrong step>, "v": 1}
+    // {"type": <a real message type at the wrong step>, "v": 2 (the wire version)}
     const kinds = ['result', 'welcome', 'offer', 'requestDone', 'progress', 'cancel', 'ready']
-    const body = concat(Uint8Array.of(0x82), msgpackStr('type'), msgpackStr(kinds[randInt(kinds.length)]), msgpackStr('v'), Uint8Array.of(0x01))
+    const body = concat(Uint8Array.of(0x82), msgpackStr('type'), msgpackStr(kinds[randInt(kinds.length)]), msgpackStr('v'), Uint8Array.of(0x02))
     return concat(be32(body.length), body)
   }],
   ['protobuf_publish', () => {

@@ -18,7 +18,7 @@ from PIL import Image
 from sogni_app.api import RenderRefused, receipt_line, render
 from sogni_net import ChannelClosed, open_host
 from sogni_protocol import eip712
-from sogni_protocol.ids import CLIENT_PROTOCOL, JOBS_PROTOCOL, RESULT_FRAME_LIMIT
+from sogni_protocol.ids import CLIENT_PROTOCOL, JOBS_PROTOCOL, RESULT_FRAME_LIMIT, WIRE_VERSION
 from sogni_protocol.messages import (
     Goodbye,
     HandBack,
@@ -129,17 +129,24 @@ async def test_garbage_from_clients_never_takes_the_coordinator_down(
                 refused = await channel.receive(timeout=10)
                 assert isinstance(refused, RequestRefused) and field in refused.reason
             # a newer client, and a newer node: told which version this coordinator speaks
-            newer = {"type": "renderRequest", "v": 2, "modelId": MODEL, "positivePrompt": "x"}
+            newer = {
+                "type": "renderRequest", "v": WIRE_VERSION + 1, "modelId": MODEL,
+                "positivePrompt": "x",
+            }  # fmt: skip
             channel = await client.open_channel(net.addr, CLIENT_PROTOCOL)
             await channel.send_raw(msgspec.msgpack.encode(newer), timeout=5)
             refused = await channel.receive(timeout=10)
             assert isinstance(refused, RequestRefused) and refused.code == "unsupported_version"
-            assert "wire version 2 is not supported: this coordinator speaks 1" in refused.reason
+            newer_v = f"wire version {WIRE_VERSION + 1} is not supported"
+            assert f"{newer_v}: this coordinator speaks {WIRE_VERSION}" in refused.reason
             channel = await client.open_channel(net.addr, JOBS_PROTOCOL)
-            hello = {"type": "nodeHello", "v": 2, "capabilities": {}, "bindingSignature": b""}
+            hello = {
+                "type": "nodeHello", "v": WIRE_VERSION + 1, "capabilities": {},
+                "bindingSignature": b"",
+            }  # fmt: skip
             await channel.send_raw(msgspec.msgpack.encode(hello), timeout=5)
             answer = await channel.receive(timeout=10)
-            assert isinstance(answer, HelloRefused) and "wire version 2" in answer.reason
+            assert isinstance(answer, HelloRefused) and newer_v in answer.reason
         with trio.fail_after(60):
             assert len((await render(net.addr, request(1))).images) == 1
 

@@ -25,6 +25,7 @@ from sogni_net.errors import ChannelClosed
 from sogni_protocol import messages
 from sogni_protocol.errors import FrameTooLarge, InvalidMessage
 from sogni_protocol.framing import HEADER_SIZE, encode_frame
+from sogni_protocol.ids import WIRE_VERSION
 
 EXAMPLES = int(os.environ.get("SOGNI_FUZZ_EXAMPLES", "300")) // 3
 FUZZ = settings(
@@ -151,7 +152,7 @@ frame_payloads = st.one_of(
         st.text(max_size=8),
         st.integers(min_value=-(2**63), max_value=2**63 - 1) | st.text(max_size=8),
         max_size=4,
-    ).map(lambda d: msgspec.msgpack.encode({"type": "heartbeat", "v": 1, **d})),
+    ).map(lambda d: msgspec.msgpack.encode({"type": "heartbeat", "v": WIRE_VERSION, **d})),
 )
 
 

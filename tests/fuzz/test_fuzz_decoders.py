@@ -21,7 +21,7 @@ from bench.fuzz import message_tags, sample_messages
 from sogni_protocol import messages
 from sogni_protocol.errors import FrameTooLarge, InvalidMessage, ProtocolError
 from sogni_protocol.framing import HEADER_SIZE, body_length, encode_frame
-from sogni_protocol.ids import CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT
+from sogni_protocol.ids import CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT, WIRE_VERSION
 
 EXAMPLES = int(os.environ.get("SOGNI_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(
@@ -110,7 +110,7 @@ def test_decode_mutated_valid_messages(data: st.DataObject) -> None:
 
 def test_a_string_that_is_not_utf8_is_a_protocol_error() -> None:
     """Found by this fuzzer: msgspec raises UnicodeDecodeError for such a field."""
-    raw = msgspec.msgpack.encode({"type": "goodbye", "v": 1, "reason": "ab"})
+    raw = msgspec.msgpack.encode({"type": "goodbye", "v": WIRE_VERSION, "reason": "ab"})
     with pytest.raises(InvalidMessage):
         messages.decode(raw.replace(b"\xa2ab", b"\xa2\xff\xfe"))
 

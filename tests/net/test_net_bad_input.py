@@ -14,7 +14,7 @@ import trio
 
 from sogni_net import ChannelClosed, Host, open_host
 from sogni_protocol.errors import FrameTooLarge, InvalidMessage
-from sogni_protocol.ids import CONTROL_FRAME_LIMIT
+from sogni_protocol.ids import CONTROL_FRAME_LIMIT, WIRE_VERSION
 from sogni_protocol.messages import Heartbeat
 
 if TYPE_CHECKING:
@@ -73,10 +73,10 @@ async def test_bytes_that_are_not_msgpack(server: Server, client: Host) -> None:
 @pytest.mark.parametrize(
     ("fields", "named"),
     [
-        ({"type": "heartbeat", "v": 1}, "seq"),  # missing field
-        ({"type": "heartbeat", "v": 1, "seq": "seven"}, "seq"),  # wrong type
-        ({"type": "ready", "v": 1, "slots": 10_000}, "slots"),  # out of range
-        ({"type": "noSuchMessage", "v": 1}, "noSuchMessage"),  # unknown type
+        ({"type": "heartbeat", "v": WIRE_VERSION}, "seq"),  # missing field
+        ({"type": "heartbeat", "v": WIRE_VERSION, "seq": "seven"}, "seq"),  # wrong type
+        ({"type": "ready", "v": WIRE_VERSION, "slots": 10_000}, "slots"),  # out of range
+        ({"type": "noSuchMessage", "v": WIRE_VERSION}, "noSuchMessage"),  # unknown type
     ],
 )
 async def test_malformed_message_names_the_field(
@@ -95,7 +95,7 @@ async def test_invalid_message_leaves_the_channel_in_sync(channel_to: ChannelTo)
     """A frame that fails to decode was still read whole: the next frame decodes fine."""
 
     async def two_frames(channel) -> None:  # type: ignore[no-untyped-def]
-        await channel.send_raw(msgspec.msgpack.encode({"type": "heartbeat", "v": 1}))
+        await channel.send_raw(msgspec.msgpack.encode({"type": "heartbeat", "v": WIRE_VERSION}))
         await channel.send(Heartbeat(seq=2))
         await channel.receive(timeout=5)
 
