@@ -7,6 +7,8 @@ directly to show what the coordinator and the nodes refuse.
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -238,3 +240,24 @@ async def receive_skipping(
 
 
 Waiter = Callable[[], Awaitable[None]]
+
+
+async def run_sogni(home: Path, *args: str, password: str | None = None) -> tuple[int, str, str]:
+    """Run the `sogni` CLI as a user would: its own process and HOME, no stray `SOGNI_*`
+    defaults from the test environment; `password` for the payer keystore."""
+    env = {**os.environ, "HOME": str(home)}
+    for name in ("SOGNI_COORDINATOR_ADDR", "SOGNI_KEYSTORE", "SOGNI_CHAIN_ID"):
+        env.pop(name, None)
+    if password is not None:
+        env["SOGNI_PASSWORD"] = password
+    with trio.fail_after(120):
+        done = await trio.run_process(
+            [sys.executable, "-m", "sogni_app.cli", *args],
+            env=env,
+            cwd=home,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+        )
+    return done.returncode, done.stdout.decode(), done.stderr.decode()
+

@@ -4,8 +4,6 @@ the Daily Boost and balances over the wire and from the `sogni` CLI; worker pay 
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,7 +38,7 @@ from sogni_protocol.payout_rules import SOGNI, SettlementConfig
 from sogni_protocol.pricing import quote
 from sogni_wallet.keystore import create_keystore
 
-from .conftest import start_net, tiny_request
+from .conftest import run_sogni, start_net, tiny_request
 
 SPARK = 1_000_000  # micro
 
@@ -158,20 +156,7 @@ async def test_daily_boost_and_balance_over_the_wire(net_factory: Any) -> None:
 
 
 async def _sogni(home: Path, *args: str) -> tuple[int, str, str]:
-    """Run the `sogni` CLI as a user would: its own process, HOME, keystore password env."""
-    env = {**os.environ, "HOME": str(home), "SOGNI_PASSWORD": "payer-password"}
-    for name in ("SOGNI_COORDINATOR_ADDR", "SOGNI_KEYSTORE", "SOGNI_CHAIN_ID"):
-        env.pop(name, None)
-    with trio.fail_after(120):
-        done = await trio.run_process(
-            [sys.executable, "-m", "sogni_app.cli", *args],
-            env=env,
-            cwd=home,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    return done.returncode, done.stdout.decode(), done.stderr.decode()
+    return await run_sogni(home, *args, password="payer-password")
 
 
 async def test_sogni_cli_boost_render_and_balance(

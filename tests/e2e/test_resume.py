@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import stat
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from sogni_protocol.messages import (
 )
 from sogni_protocol.pricing import quote
 
-from .conftest import MODEL, Net, SlowBackend, receive_skipping, start_net, tiny_request
+from .conftest import MODEL, Net, SlowBackend, receive_skipping, run_sogni, start_net, tiny_request
 
 SPARK = 1_000_000  # micro
 
@@ -180,18 +179,7 @@ def store_receipts(path: Path) -> list[Any]:
 
 
 async def _sogni(home: Path, *args: str) -> tuple[int, str, str]:
-    env = {**os.environ, "HOME": str(home)}
-    env.pop("SOGNI_COORDINATOR_ADDR", None)
-    with trio.fail_after(120):
-        done = await trio.run_process(
-            [sys.executable, "-m", "sogni_app.cli", *args],
-            env=env,
-            cwd=home,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    return done.returncode, done.stdout.decode(), done.stderr.decode()
+    return await run_sogni(home, *args)
 
 
 async def test_sogni_collect_fetches_a_request_whose_client_went_away(
