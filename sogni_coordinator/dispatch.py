@@ -86,9 +86,7 @@ __all__ = [
     "MAX_ATTEMPTS",
     "NO_NODE_GRACE",
     "Dispatcher",
-    "Job",  # re-exported until service.py imports nothing but `Dispatcher` from here
     "Refusal",
-    "RequestState",
     "ResultRefused",
     "Resumed",
     "Submission",
@@ -245,15 +243,14 @@ class Dispatcher:
         *,
         client_peer: str,
         allowed_models: set[str],
-        on_orphan: object = None,
     ) -> Submission:
         """Validate, reserve the price, split into jobs, commit them, queue them.
 
         Raises `Refusal(code, reason)`. When this returns the request and every job are
         durable, so the client may be told "accepted". The reservation and the request are
         written by the writer thread (no fsync on the loop). The answer carries a fresh resume
-        token (only its hash is stored). `on_orphan` is ignored: every image waits in the
-        results folder until the client acknowledges it.
+        token (only its hash is stored). Every image waits in the results folder until the
+        client acknowledges it.
         """
         fault = self.model_fault(req, allowed_models)
         if fault is not None:
@@ -380,11 +377,11 @@ class Dispatcher:
             return self.billing.claim_boost(req)
         return self.billing.report(req, peer_id)
 
-    def restore(self, on_orphan: object = None) -> int:
+    def restore(self) -> int:
         """After a restart: re-queue the jobs that had not ended (their clients resume with
         their tokens), end those a client had cancelled, take back the open reservations so
         what the jobs deliver is settled and the rest refunded, and drop image files that no
-        client is owed. Returns how many jobs were re-queued. (`on_orphan` is ignored.)"""
+        client is owed. Returns how many jobs were re-queued."""
         by_request: dict[bytes, list[Job]] = {}
         for s in self.store.live_jobs():
             job = Job(
@@ -438,7 +435,6 @@ class Dispatcher:
         old = self.nodes.get(peer_id)
         if old is not None:
             self.node_left(old, "replaced by a new stream from the same peer")
-        link.networks, link.stake_weight = self.router.classify(link.device, link.wallet)
         self.nodes[peer_id] = link
         self._wake()
         return link
@@ -636,7 +632,6 @@ class Dispatcher:
 
     def _enqueue(self, job: Job, *, front: bool = False) -> None:
         self.jobs[job.job_id] = job
-        job.queued_since = self._clock()
         (self.queue.appendleft if front else self.queue.append)(job)
         self._wake()
 

@@ -27,8 +27,6 @@ class NodeLink:
     outbox: trio.MemorySendChannel[Message]
     device: str = "cpu"
     max_pixels: int = 0
-    networks: frozenset[str] = frozenset({"fast", "relaxed"})
-    stake_weight: float = 1.0
     connected_at: float = field(default_factory=time.time)
     warm: frozenset[str] = frozenset()
     loras: frozenset[str] = frozenset()
@@ -51,7 +49,6 @@ class Job:
     deadlines: dict[NodeLink, float] = field(default_factory=dict)
     offers: dict[bytes, str] = field(default_factory=dict)
     """Every offer hash issued for this job -> the peer id it was issued to."""
-    queued_since: float = field(default_factory=time.time)
     unservable_since: float | None = None
     """When a sweep first found no connected node able to serve it (None: one can). The
     no-node grace runs from here, not from when it was queued: a job that waited its turn

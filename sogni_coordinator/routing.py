@@ -56,9 +56,11 @@ class Router:
 
     def capable(self, link: NodeLink, network: str, want: JobParams | RenderRequest) -> bool:
         """The node has the model and every LoRA, serves the tier, and fits the size."""
+        return network in self.classify(link.device, link.wallet)[0] and self._fits(link, want)
+
+    def _fits(self, link: NodeLink, want: JobParams | RenderRequest) -> bool:
         return (
             want.model_id in link.models
-            and network in self.classify(link.device, link.wallet)[0]
             and (link.max_pixels == 0 or want.width * want.height <= link.max_pixels)
             and all(lora.id in link.loras for lora in want.loras)
             and not self.reputation.blacklisted(link.wallet)
@@ -67,14 +69,19 @@ class Router:
     def pick(self, job: Job, nodes: Iterable[NodeLink], in_use: set[NodeLink]) -> NodeLink | None:
         """Weighted random capable node with a free slot; at most 16 nodes per request."""
         p = job.params
-        candidates = [
-            link
-            for link in nodes
-            if link.credit > 0
-            and link not in job.holders
-            and (link in in_use or len(in_use) < MAX_NODES_PER_REQUEST)
-            and self.capable(link, job.network, p)
-        ]
+        candidates: list[NodeLink] = []
+        stake_weights: list[float] = []
+        for link in nodes:
+            if (
+                link.credit <= 0
+                or link in job.holders
+                or (link not in in_use and len(in_use) >= MAX_NODES_PER_REQUEST)
+            ):
+                continue
+            networks, stake_weight = self.classify(link.device, link.wallet)  # once per node
+            if job.network in networks and self._fits(link, p):
+                candidates.append(link)
+                stake_weights.append(stake_weight)
         if not candidates:
             return None
         if len(candidates) == 1:
@@ -82,8 +89,8 @@ class Router:
         now = (self.clock or time.time)()
         weights = [
             self.reputation.get(link.wallet).score(now, link.connected_at)
-            * self.classify(link.device, link.wallet)[1]
+            * stake_weight
             * (WARM_BONUS if p.model_id in link.warm else 1.0)
-            for link in candidates
+            for link, stake_weight in zip(candidates, stake_weights, strict=True)
         ]
         return (self.rng or random).choices(candidates, weights=weights)[0]

@@ -365,11 +365,6 @@ class Store(Database):
         in the order they were accepted: what a restart restores."""
         return self._jobs(f"j.state IN {_LIVE_SQL}")
 
-    def unfinished_jobs(self) -> list[StoredJob]:
-        """Queued jobs without a receipt (the release before `Dispatcher.restore` re-queued
-        these)."""
-        return self._jobs("j.state='queued'")
-
     def _jobs(self, where: str) -> list[StoredJob]:
         """Jobs with their parameters unsealed (raises `PromptKeyError` if a live job's key
         is gone, which `shred_keys` never allows)."""

@@ -233,7 +233,7 @@ async def _baseline(
         if paid:
             req = authorize(req, bytes(payer.key), domain)
         submission = await dispatcher.submit(
-            req, client_peer="bench", allowed_models={MODEL}, on_orphan=_drop
+            req, client_peer="bench", allowed_models={MODEL}
         )
         nursery.start_soon(client_stream, submission.events, name=PART_CLIENT)
 
@@ -287,10 +287,6 @@ def _part(task_name: str) -> str:
     if "bench.dispatch" in task_name or "_baseline" in task_name:
         return "requests accepted (SQLite insert of every job)"
     return PART_OTHER
-
-
-def _drop(_request_id: bytes, _index: int, _image: bytes) -> None:
-    pass
 
 
 def _micro(

@@ -135,7 +135,7 @@ async def _dispatcher_and_offer(
         model_id=MODEL, positive_prompt="p", steps=8, guidance=4.0, width=64, height=64, seed=1
     )
     await dispatcher.submit(
-        request, client_peer="client", allowed_models={MODEL}, on_orphan=lambda *_: None
+        request, client_peer="client", allowed_models={MODEL}
     )
     dispatcher.ready(link, 1)
     dispatcher.match()
