@@ -44,6 +44,7 @@ from typing import Any, Literal, TypeVar
 import trio
 
 from sogni_protocol.logs import get_logger
+from sogni_protocol.migrations import split_statements
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -68,12 +69,6 @@ class SchemaTooNew(RuntimeError):
 
 class DatabaseBusy(RuntimeError):
     """Another process held the database's write lock past `WRITE_DEADLINE`."""
-
-
-def statements(script: str) -> list[str]:
-    """Split a migration into statements (`executescript` would commit our transaction).
-    Migrations therefore keep `;` out of string literals."""
-    return [s.strip() for s in script.split(";") if s.strip()]
 
 
 def schema_version(db: sqlite3.Connection, component: str) -> int:
@@ -361,7 +356,7 @@ class Database:
                     f"newer than this code's version {target}; upgrade sogni-coordinator"
                 )
             for script in migrations[current:]:
-                for sql in statements(script):
+                for sql in split_statements(script):
                     db.execute(sql)
             if current < target:
                 db.execute(_VERSIONS_TABLE)
