@@ -40,7 +40,8 @@ async def test_epochs_close_on_a_timer_and_tiers_follow_the_chain(
     ) as net:
         await net.add_node(backend, "node0", addresses_file=addresses)
         link = next(iter(net.coordinator.dispatcher.nodes.values()))
-        assert link.networks == {"relaxed"}  # CPU, no licence, no stake
+        networks, _ = net.coordinator.dispatcher.router.classify(link.device, link.wallet)
+        assert networks == {"relaxed"}  # CPU, no licence, no stake
         request = RenderRequest(
             model_id=MODEL,
             positive_prompt="x",
