@@ -78,7 +78,7 @@ from sogni_protocol.messages import (
     Result,
     split_request,
 )
-from sogni_protocol.pricing import work_units
+from sogni_protocol.pricing import price_factor_bps, work_units
 
 log = get_logger(__name__)
 
@@ -579,6 +579,8 @@ class Dispatcher:
             raise ResultRefused("receipt worker is not the wallet bound to this peer")
         if receipt.model_id != job.params.model_id:
             raise ResultRefused("receipt names another model")
+        if receipt.price_factor_bps != price_factor_bps(job.network):
+            raise ResultRefused("receipt's price factor differs from the offer's tier")
         steps = job.params.steps
         if receipt.steps_done < steps:
             if result.image or receipt.result_hash != EMPTY_SHA256:
@@ -682,6 +684,7 @@ class Dispatcher:
             seed=job.params.seed,
             work_units=job.work_units,
             deadline=int(now + budget),
+            price_factor_bps=price_factor_bps(job.network),
         )
         offer_hash = eip712.offer_hash(self.domain, offer)
         signature = eip712.sign_digest(self._key, offer_hash)

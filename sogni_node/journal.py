@@ -90,13 +90,18 @@ _MIGRATIONS = (
         "verifiable after a version change; every earlier receipt was signed under '1'",
         "ALTER TABLE receipts ADD COLUMN domain_version TEXT NOT NULL DEFAULT '1'",
     ),
+    Migration(
+        3,
+        "receipts carry the tier's price factor (EIP-712 version '2'); earlier ones were full price",
+        "ALTER TABLE receipts ADD COLUMN price_factor_bps INTEGER NOT NULL DEFAULT 10000",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _RECEIPT_COLUMNS = (
     "job_id, offer_hash, worker, coordinator, model_id, result_hash, steps_done, work_units,"
     " completed_at, signature, image_sha256, chain_id, verifying_contract, meta_json,"
-    " recorded_at, accepted, ack_reason, acked_at, domain_version"
+    " recorded_at, accepted, ack_reason, acked_at, domain_version, price_factor_bps"
 )
 
 
@@ -285,7 +290,8 @@ class Journal:
             "INSERT OR REPLACE INTO receipts (job_id, offer_hash, worker, coordinator,"
             " model_id, result_hash, steps_done, work_units, completed_at, signature,"
             " image_sha256, chain_id, verifying_contract, meta_json, recorded_at,"
-            " domain_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " domain_version, price_factor_bps)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             row,
         )
 
@@ -490,13 +496,14 @@ def _receipt_row(
         msgspec.json.encode(meta).decode() if meta is not None else None,
         time.time(),
         domain_version or eip712.DOMAIN_VERSION,
+        receipt.price_factor_bps,
     )
 
 
 def _receipt_from_row(r: tuple[Any, ...]) -> JournalReceipt:
     (job_id, offer_hash, worker, coordinator, model_id, result_hash, steps_done, work_units,
      completed_at, signature, image_sha256, chain_id, verifying_contract, meta_json,
-     recorded_at, accepted, ack_reason, _acked_at, domain_version) = r  # fmt: skip
+     recorded_at, accepted, ack_reason, _acked_at, domain_version, price_factor_bps) = r  # fmt: skip
     receipt = Receipt(
         job_id=bytes(job_id),
         offer_hash=bytes(offer_hash),
@@ -507,6 +514,7 @@ def _receipt_from_row(r: tuple[Any, ...]) -> JournalReceipt:
         steps_done=int(steps_done),
         work_units=int(work_units),
         completed_at=int(completed_at),
+        price_factor_bps=int(price_factor_bps),
     )
     return JournalReceipt(
         receipt=receipt,

@@ -474,6 +474,7 @@ class PullSession:
             steps_done=steps_done,
             work_units=offer.work_units * min(steps_done, offer.steps) // offer.steps,
             completed_at=int(time.time()),
+            price_factor_bps=offer.price_factor_bps,
         )
         signature = eip712.sign_receipt(self.id.wallet_key, self.id.domain, receipt)
         meta = meta or RenderMeta(backend=self.worker.backend.name, device="", dtype="", threads=0)

@@ -17,6 +17,8 @@ Versions. The domain's `version` names the layout of every type below. The rule:
   version first and then every other known one; an unknown version is refused with a
   `SignatureError` that names it and the known ones.
 Version "1" is byte-identical to the digests and signatures made before versions existed.
+Version "2" adds `priceFactorBps` to `JobOffer` and `Receipt` (the tier's price factor, so
+relaxed work is paid what the payer paid); a v1 offer or receipt is only valid at full price.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from eth_utils import to_checksum_address
 
 from sogni_protocol.errors import SignatureError
 from sogni_protocol.messages import (
+    FULL_PRICE_BPS,
     BalanceQuery,
     Capabilities,
     DailyBoostClaim,
@@ -47,9 +50,9 @@ from sogni_protocol.messages import (
 )
 
 DOMAIN_NAME = "SogniSupernet"
-DOMAIN_VERSION = "1"
+DOMAIN_VERSION = "2"
 """The version new signatures use."""
-KNOWN_VERSIONS: tuple[str, ...] = ("1",)
+KNOWN_VERSIONS: tuple[str, ...] = ("1", "2")
 """Every version whose signatures still verify, the current one included (see the rule above)."""
 
 _EIP712_DOMAIN = [
@@ -58,7 +61,7 @@ _EIP712_DOMAIN = [
     {"name": "chainId", "type": "uint256"},
     {"name": "verifyingContract", "type": "address"},
 ]
-_TYPES: dict[str, list[dict[str, str]]] = {
+_TYPES_V1: dict[str, list[dict[str, str]]] = {
     "JobOffer": [
         {"name": "jobId", "type": "bytes32"},
         {"name": "coordinator", "type": "address"},
@@ -103,6 +106,19 @@ _TYPES: dict[str, list[dict[str, str]]] = {
         {"name": "capabilitiesHash", "type": "bytes32"},
     ],
 }
+
+_PRICE_FACTOR = {"name": "priceFactorBps", "type": "uint32"}
+_TYPES: dict[str, list[dict[str, str]]] = {
+    **_TYPES_V1,
+    "JobOffer": [*_TYPES_V1["JobOffer"], _PRICE_FACTOR],
+    "Receipt": [*_TYPES_V1["Receipt"], _PRICE_FACTOR],
+}
+"""The current layouts (`DOMAIN_VERSION`)."""
+_TYPES_BY_VERSION: dict[str, dict[str, list[dict[str, str]]]] = {"1": _TYPES_V1, "2": _TYPES}
+
+
+def _types_of(version: str) -> dict[str, list[dict[str, str]]]:
+    return _TYPES_BY_VERSION[version]
 
 
 @dataclass(frozen=True)
@@ -182,8 +198,8 @@ def _type_hash(name: str, fields: list[dict[str, str]]) -> bytes:
     return keccak(f"{name}({','.join(f['type'] + ' ' + f['name'] for f in fields)})".encode())
 
 
-_RECEIPT_TYPEHASH = _type_hash("Receipt", _TYPES["Receipt"])
-_OFFER_TYPEHASH = _type_hash("JobOffer", _TYPES["JobOffer"])
+_RECEIPT_TYPEHASH = {v: _type_hash("Receipt", t["Receipt"]) for v, t in _TYPES_BY_VERSION.items()}
+_OFFER_TYPEHASH = {v: _type_hash("JobOffer", t["JobOffer"]) for v, t in _TYPES_BY_VERSION.items()}
 
 
 def _hex(b: bytes) -> str:
@@ -202,6 +218,7 @@ def offer_message(offer: JobOffer) -> dict[str, Any]:
         "seed": offer.seed,
         "workUnits": offer.work_units,
         "deadline": offer.deadline,
+        "priceFactorBps": offer.price_factor_bps,
     }
 
 
@@ -216,16 +233,21 @@ def receipt_message(receipt: Receipt) -> dict[str, Any]:
         "stepsDone": receipt.steps_done,
         "workUnits": receipt.work_units,
         "completedAt": receipt.completed_at,
+        "priceFactorBps": receipt.price_factor_bps,
     }
 
 
 def typed_data(domain: Domain, primary_type: str, message: dict[str, Any]) -> dict[str, Any]:
-    """The full EIP-712 document (`domain`, `types`, `primaryType`, `message`)."""
+    """The full EIP-712 document (`domain`, `types`, `primaryType`, `message`), in the
+    layout of the domain's version (fields that version lacks are left out)."""
+    check_version(domain)
+    fields = _types_of(domain.version)[primary_type]
+    names = {f["name"] for f in fields}
     return {
         "domain": domain.as_dict(),
-        "types": {"EIP712Domain": _EIP712_DOMAIN, primary_type: _TYPES[primary_type]},
+        "types": {"EIP712Domain": _EIP712_DOMAIN, primary_type: fields},
         "primaryType": primary_type,
-        "message": message,
+        "message": {k: v for k, v in message.items() if k in names},
     }
 
 
@@ -256,8 +278,9 @@ def capabilities_hash(caps: Capabilities) -> bytes:
 
 def offer_hash(domain: Domain, offer: JobOffer) -> bytes:
     """The EIP-712 digest of an offer; receipts point at it."""
+    tail = _price_factor_tail(domain, offer.price_factor_bps)
     struct = keccak(
-        _OFFER_TYPEHASH
+        _OFFER_TYPEHASH[domain.version]
         + offer.job_id
         + bytes(12)
         + bytes.fromhex(offer.coordinator[2:])
@@ -269,13 +292,24 @@ def offer_hash(domain: Domain, offer: JobOffer) -> bytes:
         + offer.seed.to_bytes(32, "big")
         + offer.work_units.to_bytes(32, "big")
         + offer.deadline.to_bytes(32, "big")
+        + tail
     )
     return keccak(b"\x19\x01" + domain.separator + struct)
 
 
+def _price_factor_tail(domain: Domain, price_factor_bps: int) -> bytes:
+    """The encoded `priceFactorBps` (v2 on); v1 has no such field, so only full price."""
+    if domain.version == "1":
+        if price_factor_bps != FULL_PRICE_BPS:
+            raise SignatureError("EIP-712 version '1' has no price factor: only full price")
+        return b""
+    return price_factor_bps.to_bytes(32, "big")
+
+
 def receipt_digest(domain: Domain, receipt: Receipt) -> bytes:
+    tail = _price_factor_tail(domain, receipt.price_factor_bps)
     struct = keccak(
-        _RECEIPT_TYPEHASH
+        _RECEIPT_TYPEHASH[domain.version]
         + receipt.job_id
         + receipt.offer_hash
         + bytes(12)
@@ -287,6 +321,7 @@ def receipt_digest(domain: Domain, receipt: Receipt) -> bytes:
         + receipt.steps_done.to_bytes(32, "big")
         + receipt.work_units.to_bytes(32, "big")
         + receipt.completed_at.to_bytes(32, "big")
+        + tail
     )
     return keccak(b"\x19\x01" + domain.separator + struct)
 

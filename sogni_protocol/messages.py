@@ -42,6 +42,10 @@ LoraStrength = Annotated[float, Meta(ge=-4.0, le=4.0)]
 UtcDay = Annotated[str, Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")]
 """A UTC calendar day, `YYYY-MM-DD` (the Daily Boost's unit of replay protection)."""
 PeerId = Annotated[str, Meta(min_length=1, max_length=128)]
+PriceFactorBps = Annotated[int, Meta(ge=1, le=10_000)]
+"""The tier's price factor in basis points: 10000 on fast, 5000 on relaxed (signed into the
+offer and the receipt, so the payer's price, the worker's pay and the epoch agree)."""
+FULL_PRICE_BPS = 10_000
 
 
 class UnsupportedWireVersion(InvalidMessage):
@@ -104,6 +108,7 @@ class JobOffer(_Record, kw_only=True):
     seed: Uint32
     work_units: Uint64
     deadline: Uint64
+    price_factor_bps: PriceFactorBps = FULL_PRICE_BPS
 
 
 class Receipt(_Record, kw_only=True):
@@ -118,6 +123,7 @@ class Receipt(_Record, kw_only=True):
     steps_done: Uint32
     work_units: Uint64
     completed_at: Uint64
+    price_factor_bps: PriceFactorBps = FULL_PRICE_BPS
 
 
 class Capabilities(_Record, kw_only=True):

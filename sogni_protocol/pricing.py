@@ -120,6 +120,11 @@ def tier_factor(network: str, catalog: Catalog | None = None) -> Fraction:
     raise ValueError(f"unknown network {network!r}; expected fast or relaxed")
 
 
+def price_factor_bps(network: str, catalog: Catalog | None = None) -> int:
+    """`tier_factor` in basis points, as signed into offers and receipts (`priceFactorBps`)."""
+    return int(tier_factor(network, catalog) * 10_000)
+
+
 def spark_micro(units: int, network: str = "fast", catalog: Catalog | None = None) -> int:
     """Price in micro-Spark of `units` work units on `network`."""
     return _round(Fraction(units * MICRO, WORK_UNITS_PER_SPARK) * tier_factor(network, catalog))

@@ -110,6 +110,7 @@ def _node_answer(offer_msg: Offer, wallet: LocalAccount, domain: Domain, image: 
         result_hash=hashlib.sha256(image).digest(),
         steps_done=offer.steps,
         work_units=offer.work_units,
+        price_factor_bps=offer.price_factor_bps,
         completed_at=int(time.time()),
     )
     signature = eip712.sign_receipt(bytes(wallet.key), domain, receipt)

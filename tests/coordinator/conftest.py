@@ -119,6 +119,7 @@ class FakeNode:
             steps_done=done,
             work_units=o.work_units * done // o.steps,
             completed_at=1_700_000_000,
+            price_factor_bps=o.price_factor_bps,
         )
         return Result(
             job_id=o.job_id,

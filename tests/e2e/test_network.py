@@ -199,6 +199,7 @@ def _result_for(offer: Offer, acct: Any, domain: Any, image: bytes, **override: 
         result_hash=hashlib.sha256(image).digest(),
         steps_done=offer.offer.steps,
         work_units=offer.offer.work_units,
+        price_factor_bps=offer.offer.price_factor_bps,
         completed_at=int(time.time()),
     )
     receipt = msgspec.structs.replace(receipt, **override)

@@ -2,6 +2,7 @@
 
 import os
 
+import msgspec
 import pytest
 from eth_account import Account
 from eth_account.messages import encode_typed_data
@@ -114,60 +115,68 @@ def test_binding_signed_by_wallet() -> None:
 
 
 # --- versions ------------------------------------------------------------------------------
-def _bump(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As if a type had changed: version "2" signs, "1" still verifies."""
-    monkeypatch.setattr(eip712, "DOMAIN_VERSION", "2")
-    monkeypatch.setattr(eip712, "KNOWN_VERSIONS", ("2", "1"))
+V1 = DOMAIN.at("1")
 
 
-def test_version_1_is_the_unversioned_domain_byte_for_byte() -> None:
-    assert DOMAIN.version == eip712.DOMAIN_VERSION == "1"
-    assert DOMAIN.as_dict()["version"] == "1"
-    expected = Domain(DOMAIN.chain_id, DOMAIN.verifying_contract, "1")
-    assert expected == DOMAIN and DOMAIN.separator == expected.separator
+def test_current_version_is_2_and_adds_the_price_factor() -> None:
+    assert DOMAIN.version == eip712.DOMAIN_VERSION == "2"
+    assert eip712.KNOWN_VERSIONS == ("1", "2")
+    assert V1.separator != DOMAIN.separator
+    doc = eip712.receipt_document(DOMAIN, _receipt())
+    assert doc["types"]["Receipt"][-1] == {"name": "priceFactorBps", "type": "uint32"}
+    assert doc["message"]["priceFactorBps"] == 10_000
+    old = eip712.receipt_document(V1, _receipt())
+    assert "priceFactorBps" not in old["message"]
+    assert all(f["name"] != "priceFactorBps" for f in old["types"]["Receipt"])
 
 
-def test_receipt_signed_under_version_1_verifies_after_a_bump(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_price_factor_is_signed() -> None:
     receipt = _receipt()
-    sig = eip712.sign_receipt(WORKER.key, DOMAIN, receipt)
-    line = {"domain": DOMAIN.as_dict(), **eip712.receipt_document(DOMAIN, receipt)}
-    _bump(monkeypatch)
+    relaxed = msgspec.structs.replace(receipt, price_factor_bps=5_000)
+    sig = eip712.sign_receipt(WORKER.key, DOMAIN, relaxed)
+    assert eip712.recover_receipt_signer(DOMAIN, relaxed, sig) == WORKER.address
+    assert eip712.recover_receipt_signer(DOMAIN, receipt, sig) != WORKER.address
+    signable = encode_typed_data(full_message=eip712.receipt_document(DOMAIN, relaxed))
+    assert Account.recover_message(signable, signature=sig) == WORKER.address
 
-    current = Domain(DOMAIN.chain_id, DOMAIN.verifying_contract)
-    assert current.version == "2" and current.separator != DOMAIN.separator
-    assert eip712.recover_receipt_signer(current, receipt, sig) != WORKER.address
+
+def test_receipt_signed_under_version_1_still_verifies() -> None:
+    receipt = _receipt()
+    sig = eip712.sign_digest(WORKER.key, eip712.receipt_digest(V1, receipt))
+    line = {"domain": V1.as_dict(), **eip712.receipt_document(V1, receipt)}
+    signable = encode_typed_data(full_message=eip712.receipt_document(V1, receipt))
+    assert Account.recover_message(signable, signature=sig) == WORKER.address  # v1 bytes kept
+
+    assert eip712.recover_receipt_signer(DOMAIN, receipt, sig) != WORKER.address
     recorded = Domain.from_dict(line["domain"])  # the version travels with the receipt
     assert recorded.version == "1"
     assert eip712.recover_receipt_signer(recorded, receipt, sig) == WORKER.address
-    assert eip712.verify_receipt(current, receipt, sig, WORKER.address) == "1"
+    assert eip712.verify_receipt(DOMAIN, receipt, sig, WORKER.address) == "1"
     with pytest.raises(SignatureError, match="not signed by its worker"):
-        eip712.verify_receipt(current, receipt, sig, "0x" + "44" * 20)
-    # new signatures use "2", and say so in their typed data
-    new_sig = eip712.sign_receipt(WORKER.key, current, receipt)
-    doc = eip712.receipt_document(current, receipt)
-    assert doc["domain"]["version"] == "2"
-    signable = encode_typed_data(full_message=doc)
-    assert Account.recover_message(signable, signature=new_sig) == WORKER.address
+        eip712.verify_receipt(DOMAIN, receipt, sig, "0x" + "44" * 20)
     with pytest.raises(ValueError, match="signing uses the current EIP-712 version '2'"):
         eip712.sign_receipt(WORKER.key, recorded, receipt)
 
 
+def test_version_1_cannot_carry_a_discount() -> None:
+    relaxed = msgspec.structs.replace(_receipt(), price_factor_bps=5_000)
+    with pytest.raises(SignatureError, match="only full price"):
+        eip712.receipt_digest(V1, relaxed)
+
+
 def test_payer_checks_accept_every_known_version(monkeypatch: pytest.MonkeyPatch) -> None:
     claim = eip712.sign_boost_claim(WORKER.key, DOMAIN, "2025-06-01")
-    _bump(monkeypatch)
-    current = Domain(DOMAIN.chain_id, DOMAIN.verifying_contract)
-    assert eip712.check_boost_claim(current, claim) is None
-    monkeypatch.setattr(eip712, "KNOWN_VERSIONS", ("2",))  # "1" retired: refused
-    assert "not from the payer" in (eip712.check_boost_claim(current, claim) or "")
+    assert eip712.check_boost_claim(DOMAIN, claim) is None
+    assert eip712.check_boost_claim(V1, claim) is None  # tried under every known version
+    monkeypatch.setattr(eip712, "KNOWN_VERSIONS", ("1",))  # "2" retired: refused
+    assert "not from the payer" in (eip712.check_boost_claim(V1, claim) or "")
 
 
 def test_unknown_version_is_refused_with_the_reason() -> None:
     receipt = _receipt()
     sig = eip712.sign_receipt(WORKER.key, DOMAIN, receipt)
     future = DOMAIN.at("9")
-    reason = "EIP-712 domain version '9' is unknown: this code verifies versions '1'"
+    reason = "EIP-712 domain version '9' is unknown: this code verifies versions '1', '2'"
     with pytest.raises(SignatureError, match=reason):
         eip712.recover_receipt_signer(future, receipt, sig)
     with pytest.raises(SignatureError, match=reason):
