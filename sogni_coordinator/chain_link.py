@@ -100,7 +100,8 @@ def connect_chain(config: CoordinatorConfig, private_key: bytes, store: Store) -
         store,
         deployment,
         sender=sender,
-        rules=config.settlement.rules(),
+        rules=config.settlement.rules(local=config.local),
         publish_dir=publish_dir(config),
+        network_id=config.network_id,
     )
     return ChainLink(deployment, settler)

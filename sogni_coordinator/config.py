@@ -20,6 +20,7 @@ from sogni_protocol.messages import Address, ModelId
 from sogni_protocol.payout_rules import SettlementConfig
 from sogni_protocol.settings import (
     DEFAULT_CHAIN_ID,
+    DEV_CHAIN_IDS,
     UNDEPLOYED_CONTRACT,
     ChainId,
     ChainUrl,
@@ -83,6 +84,18 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     """"optional": requests naming a payer are charged, others are free (local networks);
     "required": every request must name and authorize a payer; "off": nothing is charged."""
 
+    network_id: Annotated[
+        str, Meta(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    ] = "sogni-local"
+    """The network this coordinator's ledger serves, shared by every coordinator of that
+    ledger: payer authorizations and boost claims name it (with the distributor), so one is
+    spent once across the network and is worthless at any other."""
+    settlement_keystore: Path | None = None
+    """The key that posts epoch roots (SETTLEMENT_ROLE), kept apart from the online offer key.
+    None: on a local network the coordinator key settles; elsewhere `epoch close` writes the
+    unsigned transaction for the settlement key to sign offline."""
+    settlement_password_env: EnvName = "SOGNI_SETTLEMENT_PASSWORD"
+
     prompt_retention_seconds: Annotated[float, Meta(ge=0, le=365 * 86_400)] = 3600.0
     """How long a request's prompt stays readable after the request ended: then its key is
     deleted (crypto-shredding) and the sealed prompt in the database is useless. 0: at once."""
@@ -95,6 +108,18 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
         fill_path(self, "database", data_dir / "coordinator.db")
         if self.addresses_file is not None:
             apply_addresses_file(self)
+        if not self.local and self.billing != "required":
+            raise ValueError(
+                f"billing = {self.billing!r} pays for work nobody paid for: chain id "
+                f"{self.chain_id} is not a local network (a dev chain: "
+                f"{', '.join(map(str, sorted(DEV_CHAIN_IDS)))}), so billing must be 'required'"
+            )
+
+    @property
+    def local(self) -> bool:
+        """A local network: the chain is a dev chain (free work may be paid, one key may
+        both offer and settle)."""
+        return self.chain_id in DEV_CHAIN_IDS
 
     @property
     def node_key_path(self) -> Path:

@@ -531,7 +531,10 @@ class Dispatcher:
             except OSError as exc:
                 log.error("result_file_write_failed", job=job.job_id.hex()[:16], error=str(exc))
                 raise StorageFault("the coordinator could not store the image; retry") from None
-        if not await self.receipts.commit(receipt, result.signature, job.request_id, outcome):
+        offer = job.signed_offers.get(receipt.offer_hash)
+        if not await self.receipts.commit(
+            receipt, result.signature, job.request_id, outcome, offer
+        ):
             if path is not None:
                 self.results.remove([path])
             raise ResultRefused(self._gone_reason(job.job_id))
@@ -695,6 +698,7 @@ class Dispatcher:
         self._to(job, JobEvent.OFFER)  # RUNNING is stored as QUEUED: nothing to write
         log.debug("offer_sent", job=job.job_id.hex()[:16], peer=link.peer_id, budget_s=budget)
         job.offers[offer_hash] = link.peer_id
+        job.signed_offers[offer_hash] = (offer, signature)
         job.holders[link] = now
         job.deadlines[link] = now + budget
         link.credit -= 1

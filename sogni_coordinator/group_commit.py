@@ -13,7 +13,7 @@ from __future__ import annotations
 from sogni_coordinator.job_state import JobState
 from sogni_coordinator.store import Store
 from sogni_protocol.crashpoints import crashpoint
-from sogni_protocol.messages import Receipt
+from sogni_protocol.messages import JobOffer, Receipt
 
 
 class GroupCommit:
@@ -26,13 +26,15 @@ class GroupCommit:
         signature: bytes,
         request_id: bytes,
         state: JobState = JobState.DONE,
+        offer: tuple[JobOffer, bytes] | None = None,
     ) -> bool:
-        """Durably store a receipt and its job's new state (one savepoint in the group's
-        transaction); False if the job already had a receipt or ended. Raises what the
-        write raised (`db.DatabaseBusy` when another process held the file too long)."""
+        """Durably store a receipt (with the signed offer it answers) and its job's new state
+        (one savepoint in the group's transaction); False if the job already had a receipt or
+        ended. Raises what the write raised (`db.DatabaseBusy` when another process held the
+        file too long)."""
         crashpoint("coordinator_before_receipt_commit")
         stored = await self.store.call(
-            self.store.store_receipt, receipt, signature, request_id, state
+            self.store.store_receipt, receipt, signature, request_id, state, offer
         )
         crashpoint("coordinator_after_receipt_commit")
         return stored

@@ -13,7 +13,7 @@ import trio
 
 from sogni_coordinator.delivery import Mailbox
 from sogni_coordinator.job_state import JobState
-from sogni_protocol.messages import JobParams, Message
+from sogni_protocol.messages import JobOffer, JobParams, Message
 
 
 @dataclass(eq=False)
@@ -49,6 +49,8 @@ class Job:
     deadlines: dict[NodeLink, float] = field(default_factory=dict)
     offers: dict[bytes, str] = field(default_factory=dict)
     """Every offer hash issued for this job -> the peer id it was issued to."""
+    signed_offers: dict[bytes, tuple[JobOffer, bytes]] = field(default_factory=dict)
+    """Every offer hash -> the offer and its signature (the epoch publishes the one paid)."""
     unservable_since: float | None = None
     """When a sweep first found no connected node able to serve it (None: one can). The
     no-node grace runs from here, not from when it was queued: a job that waited its turn

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 from sogni_coordinator.db import Database
+from sogni_protocol.epoch_files import PayerSettlement
 from sogni_protocol.pricing import MICRO, Quote
 
 Asset = Literal["spark_paid", "spark_free", "sogni"]
@@ -551,6 +552,39 @@ class Ledger(Database):
                 "UPDATE ledger_reservations SET state = 'closed' WHERE request_id = ?", (rid,)
             )
             return left
+
+    # --- epoch source --------------------------------------------------------------------------
+    def payer_settlements(
+        self, job_ids: list[bytes], request_ids: list[bytes]
+    ) -> tuple[dict[bytes, PayerSettlement], set[bytes]]:
+        """What each job's payer paid for it (jobs the ledger settled), and which of
+        `request_ids` have a reservation at all (a request without one had no payer)."""
+        settled: dict[bytes, PayerSettlement] = {}
+        reserved: set[bytes] = set()
+        with self._lock:
+            for job_id in job_ids:
+                row = self._db.execute(
+                    "SELECT j.payer, r.token_type, j.spark_free, j.spark_paid, j.sogni,"
+                    " j.sogni_spark FROM ledger_jobs j JOIN ledger_reservations r"
+                    " ON r.request_id = j.request_id WHERE j.job_id = ?",
+                    (job_id.hex(),),
+                ).fetchone()
+                if row is not None:
+                    payer, token, free, paid, sogni, sogni_spark = row
+                    settled[job_id] = PayerSettlement(
+                        payer=payer,
+                        token_type=token,
+                        spark_free=free,
+                        spark_paid=paid,
+                        sogni=sogni,
+                        spark_equiv=free + paid if token == "spark" else sogni_spark,
+                    )
+            for rid in set(request_ids):
+                if self._db.execute(
+                    "SELECT 1 FROM ledger_reservations WHERE request_id = ?", (rid.hex(),)
+                ).fetchone():
+                    reserved.add(rid)
+        return settled, reserved
 
     # --- leaderboard source -----------------------------------------------------------------
     def settled_jobs(self, start: float, end: float) -> list[tuple[str, str, int, int, int, int]]:

@@ -65,7 +65,8 @@ async def run_coordinator(
     reputation = Reputation(config.database)
     try:
         domain = Domain(config.chain_id, config.verifying_contract)
-        billing = Billing(ledger, domain, mode=config.billing, rules=config.settlement.rules())
+        rules = config.settlement.rules(local=config.local)
+        billing = Billing(ledger, domain, mode=config.billing, rules=rules)
         link = connect_chain(config, signer.private_key, store)
         router = Router(reputation, tiers=config.tiers, fast_min_stake=config.fast_min_stake)
         standing = (

@@ -29,13 +29,14 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
 from sogni_coordinator.db import Database
 from sogni_coordinator.job_state import STORED_LIVE, JobState
 from sogni_coordinator.prompt_crypto import PromptKeyError, new_key, seal, unseal
-from sogni_protocol.messages import JobParams, Receipt
+from sogni_protocol.messages import JobOffer, JobParams, Receipt
 
 _SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS requests (
@@ -134,11 +135,20 @@ with a key per request, and `steps` in the clear (billing needs it after the key
 Rows of older releases count as delivered (their images were streamed or saved as files);
 their plaintext parameters are sealed (live jobs) or dropped (ended ones) on open."""
 
-MIGRATIONS = (_SCHEMA_V1, _V2_JOB_STATES, _V3_RESUME_AND_SEALED_PROMPTS)
+_V4_PUBLISHED_OFFERS = """
+ALTER TABLE receipts ADD COLUMN offer BLOB;
+ALTER TABLE receipts ADD COLUMN offer_signature BLOB;
+PRAGMA user_version=4
+"""
+"""Each receipt keeps the signed offer it answers: epochs publish it, so anyone can check
+the price factor and work units the payer was charged for (NULL for older receipts)."""
+
+MIGRATIONS = (_SCHEMA_V1, _V2_JOB_STATES, _V3_RESUME_AND_SEALED_PROMPTS, _V4_PUBLISHED_OFFERS)
 _LIVE_SQL = "(" + ", ".join(sorted(f"'{s.value}'" for s in STORED_LIVE)) + ")"
 """The stored states a job may still leave; the terminal ones are final."""
 
 _receipt_decoder = msgspec.msgpack.Decoder(Receipt)
+_offer_decoder = msgspec.msgpack.Decoder(JobOffer)
 _params_decoder = msgspec.msgpack.Decoder(JobParams)
 
 
@@ -160,11 +170,25 @@ class StoredJob:
     network: str = "fast"
 
 
+def _stored_receipt(row: tuple[Any, ...]) -> StoredReceipt:
+    receipt, signature, request_id, offer, offer_signature = row
+    return StoredReceipt(
+        _receipt_decoder.decode(receipt),
+        signature,
+        request_id,
+        None if offer is None else _offer_decoder.decode(offer),
+        offer_signature,
+    )
+
+
 @dataclass(frozen=True)
 class StoredReceipt:
     receipt: Receipt
     signature: bytes
     request_id: bytes
+    offer: JobOffer | None = None
+    """The signed offer the receipt answers (None: stored before offers were kept)."""
+    offer_signature: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -315,12 +339,16 @@ class Store(Database):
         signature: bytes,
         request_id: bytes,
         state: JobState = JobState.DONE,
+        offer: tuple[JobOffer, bytes] | None = None,
     ) -> bool:
-        """Commit a verified receipt and move its job to `state` (DONE, or CANCELLED for a
-        partial receipt); False if the job already has a receipt or ended."""
-        return self.store_receipts([(receipt, signature, request_id, state)])[0]
+        """Commit a verified receipt (with the signed `offer` it answers) and move its job to
+        `state` (DONE, or CANCELLED for a partial receipt); False if the job already has a
+        receipt or ended."""
+        return self.store_receipts([(receipt, signature, request_id, state, offer)])[0]
 
-    def store_receipts(self, batch: list[tuple[Receipt, bytes, bytes, JobState]]) -> list[bool]:
+    def store_receipts(
+        self, batch: list[tuple[Receipt, bytes, bytes, JobState, tuple[JobOffer, bytes] | None]]
+    ) -> list[bool]:
         """Commit several receipts in one transaction (one fsync); per receipt, False if its
         job already had one or ended."""
         with self._tx() as db:
@@ -333,6 +361,7 @@ class Store(Database):
         signature: bytes,
         request_id: bytes,
         state: JobState,
+        offer: tuple[JobOffer, bytes] | None,
     ) -> bool:
         now = time.time()
         live = db.execute(
@@ -342,7 +371,7 @@ class Store(Database):
         if live.rowcount == 0:  # unknown, receipted already, or ended
             return False
         db.execute(
-            "INSERT INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO receipts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 receipt.job_id,
                 request_id,
@@ -355,6 +384,8 @@ class Store(Database):
                 msgspec.msgpack.encode(receipt),
                 signature,
                 now,
+                None if offer is None else msgspec.msgpack.encode(offer[0]),
+                None if offer is None else offer[1],
             ),
         )
         return True
@@ -514,21 +545,21 @@ class Store(Database):
             row = self._db.execute("SELECT state FROM jobs WHERE job_id=?", (job_id,)).fetchone()
         return None if row is None else JobState(row[0])
 
+    _RECEIPT_READ = "r.receipt, r.signature, r.request_id, r.offer, r.offer_signature"
+
     def receipt(self, job_id: bytes) -> StoredReceipt | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT receipt, signature, request_id FROM receipts WHERE job_id=?", (job_id,)
+                f"SELECT {self._RECEIPT_READ} FROM receipts r WHERE job_id=?", (job_id,)
             ).fetchone()
-        if row is None:
-            return None
-        return StoredReceipt(_receipt_decoder.decode(row[0]), row[1], row[2])
+        return None if row is None else _stored_receipt(row)
 
     def receipts(self) -> list[StoredReceipt]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT receipt, signature, request_id FROM receipts ORDER BY rowid"
+                f"SELECT {self._RECEIPT_READ} FROM receipts r ORDER BY rowid"
             ).fetchall()
-        return [StoredReceipt(_receipt_decoder.decode(r[0]), r[1], r[2]) for r in rows]
+        return [_stored_receipt(r) for r in rows]
 
     def counts(self) -> dict[str, int]:
         with self._lock:
@@ -549,11 +580,11 @@ class Store(Database):
         """Receipts in no epoch yet (neither paid nor refused), oldest first."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT r.receipt, r.signature, r.request_id FROM receipts r"
+                f"SELECT {self._RECEIPT_READ} FROM receipts r"
                 " WHERE NOT EXISTS (SELECT 1 FROM settled_receipts s WHERE s.job_id = r.job_id)"
                 " ORDER BY r.rowid"
             ).fetchall()
-        return [StoredReceipt(_receipt_decoder.decode(r[0]), r[1], r[2]) for r in rows]
+        return [_stored_receipt(r) for r in rows]
 
     def save_epoch_plan(
         self,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sogni_node.journal import JournalReceipt
-from sogni_protocol import eip712
+from sogni_protocol import eip712, epoch_math
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.epoch_files import (
     BatchEntry,
@@ -185,19 +185,8 @@ def _same(a: str | None, b: str | None) -> bool:
 
 
 def _split_problem(pe: PublishedEpoch, e: BatchEntry) -> str | None:
-    """Why ``e``'s split disagrees with the epoch's rules, or None."""
-    rules = pe.batch.rules
-    if e.take_bps not in rules.take_rates_bps:
-        return f"take rate {e.take_bps} bps is not one of the epoch's tiers"
-    split = rules.split(e.work_units, e.model_id, e.take_bps)
-    if (split.worker, split.creator_amount) != (int(e.worker_amount), int(e.creator_amount)):
-        return (
-            f"split is {e.worker_amount}/{e.creator_amount}, rules give "
-            f"{split.worker}/{split.creator_amount}"
-        )
-    if split.creator_amount and (split.creator or "").lower() != (e.creator or "").lower():
-        return f"creator share goes to {e.creator}, rules say {split.creator}"
-    return None
+    """Why ``e`` is not what the epoch's rules pay for it (recomputed from the batch), or None."""
+    return epoch_math.entry_problem(pe.batch, e)
 
 
 def audit(

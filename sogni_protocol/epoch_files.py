@@ -1,9 +1,13 @@
 """The two files a coordinator publishes per epoch, shared by the coordinator and the nodes.
 
-- ``receipts/0x<keccak256>.json``: the epoch's receipts batch (every receipt paid, with its
-  signature and split, plus the receipts refused). Content-addressed: the name is the
-  keccak256 of the exact bytes, and that hash is what ``postRoot`` records as ``receiptsHash``,
-  so anyone holding the file can prove it is the batch the root was built from.
+- ``receipts/0x<keccak256>.json``: the epoch's receipts batch: everything needed to recompute
+  the epoch (`sogni_protocol.epoch_math`): every receipt paid with its signature, the signed
+  offer it answers, the payer settlement it is paid from (accounts and amounts, no prompts),
+  the rules (the Spark -> SOGNI rate and the free emission budget included), the stake
+  snapshot block and the stakes read there, each receipt's split; plus the receipts refused.
+  Content-addressed: the name is the keccak256 of the exact bytes, and that hash is what
+  ``postRoot`` records as ``receiptsHash``, so anyone holding the file can prove it is the
+  batch the root was built from.
 - ``epoch-<N>.json``: the epoch summary: root, total, rules, this epoch's payouts and every
   cumulative leaf ``[account, cumulativeAmount]``. The Merkle tree (and any proof) is rebuilt
   from the leaves; ``epoch-<N>.tree.json`` is the same tree in OpenZeppelin's ``standard-v1``
@@ -15,10 +19,12 @@ canonical (sorted keys, no whitespace) so the same batch always hashes the same.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
 from eth_hash.auto import keccak
 
-from sogni_protocol.messages import Receipt
+from sogni_protocol.messages import JobOffer, Receipt
 from sogni_protocol.payout_rules import PayoutRules
 
 __all__ = [
@@ -26,6 +32,8 @@ __all__ = [
     "RECEIPTS_FORMAT",
     "BatchEntry",
     "EpochFile",
+    "OfferRecord",
+    "PayerSettlement",
     "Payout",
     "ReceiptsBatch",
     "Refusal",
@@ -37,8 +45,8 @@ __all__ = [
     "receipts_filename",
 ]
 
-RECEIPTS_FORMAT = "sogni-receipts-v1"
-EPOCH_FORMAT = "sogni-epoch-v1"
+RECEIPTS_FORMAT = "sogni-receipts-v2"
+EPOCH_FORMAT = "sogni-epoch-v2"
 
 
 def _hex(b: bytes) -> str:
@@ -49,8 +57,78 @@ def _unhex(s: str) -> bytes:
     return bytes.fromhex(s[2:] if s.startswith(("0x", "0X")) else s)
 
 
+class OfferRecord(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
+    """The coordinator-signed offer a receipt answers (its EIP-712 fields and signature)."""
+
+    job_id: str
+    coordinator: str
+    model_id: str
+    params_hash: str
+    steps: int
+    width: int
+    height: int
+    seed: int
+    work_units: int
+    deadline: int
+    price_factor_bps: int
+    signature: str
+
+    def offer(self) -> JobOffer:
+        return JobOffer(
+            job_id=_unhex(self.job_id),
+            coordinator=self.coordinator,
+            model_id=self.model_id,
+            params_hash=_unhex(self.params_hash),
+            steps=self.steps,
+            width=self.width,
+            height=self.height,
+            seed=self.seed,
+            work_units=self.work_units,
+            deadline=self.deadline,
+            price_factor_bps=self.price_factor_bps,
+        )
+
+    @property
+    def signature_bytes(self) -> bytes:
+        return _unhex(self.signature)
+
+    @classmethod
+    def of(cls, offer: JobOffer, signature: bytes) -> OfferRecord:
+        return cls(
+            job_id=_hex(offer.job_id),
+            coordinator=offer.coordinator,
+            model_id=offer.model_id,
+            params_hash=_hex(offer.params_hash),
+            steps=offer.steps,
+            width=offer.width,
+            height=offer.height,
+            seed=offer.seed,
+            work_units=offer.work_units,
+            deadline=offer.deadline,
+            price_factor_bps=offer.price_factor_bps,
+            signature=_hex(signature),
+        )
+
+
+class PayerSettlement(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
+    """What the payer paid for one job, as the ledger settled it (micro units: 1e-6 Spark or
+    SOGNI). ``spark_equiv``: the value in micro-Spark (for SOGNI payments, at the request's
+    quote). Accounts and amounts only: never a prompt."""
+
+    payer: str
+    token_type: Literal["spark", "sogni"]
+    spark_free: int
+    spark_paid: int
+    sogni: int
+    spark_equiv: int
+
+
 class BatchEntry(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
-    """One paid receipt exactly as signed, plus how its value was split."""
+    """One paid receipt exactly as signed, the offer and payment behind it, and its split.
+
+    ``paid_value`` (SOGNI base units) comes from paid Spark and SOGNI; ``free_value`` from
+    free (Daily Boost) Spark after the epoch's emission budget scaled it; their sum is split.
+    """
 
     job_id: str
     offer_hash: str
@@ -61,7 +139,12 @@ class BatchEntry(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     steps_done: int
     work_units: int
     completed_at: int
+    price_factor_bps: int
     signature: str
+    offer: OfferRecord
+    settlement: PayerSettlement
+    paid_value: str
+    free_value: str
     take_bps: int
     worker_amount: str
     creator: str | None
@@ -78,6 +161,7 @@ class BatchEntry(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
             steps_done=self.steps_done,
             work_units=self.work_units,
             completed_at=self.completed_at,
+            price_factor_bps=self.price_factor_bps,
         )
 
     @property
@@ -90,6 +174,10 @@ class BatchEntry(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
         receipt: Receipt,
         signature: bytes,
         *,
+        offer: OfferRecord,
+        settlement: PayerSettlement,
+        paid_value: int,
+        free_value: int,
         take_bps: int,
         worker_amount: int,
         creator: str | None,
@@ -105,7 +193,12 @@ class BatchEntry(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
             steps_done=receipt.steps_done,
             work_units=receipt.work_units,
             completed_at=receipt.completed_at,
+            price_factor_bps=receipt.price_factor_bps,
             signature=_hex(signature),
+            offer=offer,
+            settlement=settlement,
+            paid_value=str(paid_value),
+            free_value=str(free_value),
             take_bps=take_bps,
             worker_amount=str(worker_amount),
             creator=creator,
@@ -126,7 +219,17 @@ class ReceiptsBatch(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     epoch: int
     chain_id: int
     verifying_contract: str
+    network_id: str
+    """The ledger's network (shared by its coordinators): payer authorizations name it."""
     rules: PayoutRules
+    """The rate (`weiPerSpark`) and free emission budget this epoch was settled with."""
+    stake_block: int | None
+    """The block each worker's stake (its take-rate tier) was read at; None: no stake read,
+    every worker pays tier 0."""
+    stakes: dict[str, str]
+    """Worker -> active stake (base units) at ``stake_block``."""
+    free_requested: str
+    """The free Spark value (base units) of this batch before the emission budget."""
     receipts: list[BatchEntry]
     refused: list[Refusal] = msgspec.field(default_factory=list)
 
@@ -150,6 +253,9 @@ class EpochFile(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     receipts_hash: str
     receipts_file: str
     closed_at: int
+    previous_total: str
+    """The total of the epoch before (0 for the first): what this epoch added on top."""
+    stake_block: int | None
     rules: PayoutRules
     payouts: list[Payout]
     leaves: list[tuple[str, str]]

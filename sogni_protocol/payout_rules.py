@@ -4,7 +4,9 @@ Integer-only and free of I/O on purpose: a node recomputes its own payout from i
 with this same code and the rules published in each epoch file, so every rounding step must
 be identical on both sides. Amounts are SOGNI base units (1 SOGNI = 10**18).
 
-    value   = work_units * wei_per_spark // 43_200      (43.2 render s = 1 Spark)
+    value   = what the payer paid for the job, in SOGNI base units at the epoch's rate
+              (`sogni_protocol.epoch_math`: paid Spark * wei_per_spark + SOGNI, plus free
+              Spark scaled to the epoch's emission budget)
     take    = value * take_bps // 10_000                (by the worker's stake tier)
     creator = value * creator_share_bps // 10_000       (model creator, or creator fund)
     worker  = value - take - creator
@@ -35,6 +37,9 @@ BPS = 10_000
 WORK_UNITS_PER_SPARK = 43_200
 """Work units are milli render-seconds; one Spark is 43.2 render seconds."""
 
+LOCAL_FREE_EMISSION_SOGNI = 1_000_000
+"""A local network's default free budget per epoch: enough that demos never hit it."""
+
 Bps = Annotated[int, Meta(ge=0, le=BPS)]
 WholeSogni = Annotated[int, Meta(ge=0, le=10**12)]
 
@@ -59,6 +64,8 @@ class PayoutRules(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     creator_share_bps: int
     model_creators: dict[str, str] = msgspec.field(default_factory=dict)
     creator_fund: str | None = None
+    free_budget_wei: int = 0
+    """What this epoch may pay at most for free (Daily Boost) Spark, in base units."""
 
     def take_bps(self, stake_wei: int | None) -> int:
         """Take rate of the highest tier whose minimum ``stake_wei`` reaches (None: tier 0)."""
@@ -73,8 +80,8 @@ class PayoutRules(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     def creator_of(self, model_id: str) -> str | None:
         return self.model_creators.get(model_id, self.creator_fund)
 
-    def split(self, work_units: int, model_id: str, take_bps: int) -> Split:
-        value = work_units * self.wei_per_spark // WORK_UNITS_PER_SPARK
+    def split(self, value: int, model_id: str, take_bps: int) -> Split:
+        """Split `value` (base units the payer paid) between platform, creator and worker."""
         take = value * take_bps // BPS
         creator_amount = value * self.creator_share_bps // BPS
         worker = value - take - creator_amount
@@ -103,6 +110,9 @@ class SettlementConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown
     model_creators: dict[ModelId, Address] = msgspec.field(default_factory=dict)
     """Model id -> creator wallet (TOML only); other models' share goes to `creator_fund`."""
     creator_fund: Address | None = None
+    free_emission_sogni: Annotated[int, Meta(ge=0, le=10**12)] | None = None
+    """Whole SOGNI an epoch may pay for free (Daily Boost) work, pro rata when the work is worth
+    more; default: 0, except on a local network (a dev chain id), where free work is paid."""
     publish_dir: Path | None = None
     """Where epoch and receipts files are written; default: `data_dir/epochs`."""
 
@@ -117,9 +127,15 @@ class SettlementConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown
         if rates[0] + self.creator_share_bps > BPS:
             raise ValueError("take_rates_bps[0] + creator_share_bps exceed 10000 (100%)")
 
-    def rules(self) -> PayoutRules:
+    def rules(self, *, local: bool = False, wei_per_spark: int | None = None) -> PayoutRules:
+        """The rules of the next epoch; `local`: the chain is a dev chain (free work is paid
+        unless `free_emission_sogni` says otherwise); `wei_per_spark`: today's rate."""
+        budget = self.free_emission_sogni
+        if budget is None:
+            budget = LOCAL_FREE_EMISSION_SOGNI if local else 0
         return PayoutRules(
-            wei_per_spark=self.sogni_wei_per_spark,
+            wei_per_spark=self.sogni_wei_per_spark if wei_per_spark is None else wei_per_spark,
+            free_budget_wei=budget * SOGNI,
             stake_tiers_sogni=list(self.stake_tiers_sogni),
             take_rates_bps=list(self.take_rates_bps),
             creator_share_bps=self.creator_share_bps,

@@ -26,8 +26,9 @@ from typing import Any
 from eth_utils import to_checksum_address
 
 from sogni_chain import ChainRevert, Deployment, Signer
-from sogni_coordinator.store import EpochRecord, Store
-from sogni_protocol import eip712
+from sogni_coordinator.ledger import Ledger
+from sogni_coordinator.store import EpochRecord, Store, StoredReceipt
+from sogni_protocol import eip712, epoch_math
 from sogni_protocol.atomic import atomic_write_bytes
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.epoch_files import (
@@ -35,6 +36,8 @@ from sogni_protocol.epoch_files import (
     RECEIPTS_FORMAT,
     BatchEntry,
     EpochFile,
+    OfferRecord,
+    PayerSettlement,
     Payout,
     ReceiptsBatch,
     Refusal,
@@ -47,7 +50,6 @@ from sogni_protocol.epoch_files import (
 from sogni_protocol.errors import SignatureError
 from sogni_protocol.logs import get_logger
 from sogni_protocol.merkle import MerkleTree
-from sogni_protocol.messages import Receipt
 from sogni_protocol.payout_rules import PayoutRules
 
 __all__ = [
@@ -59,6 +61,8 @@ __all__ = [
 ]
 
 log = get_logger(__name__)
+
+_NO_PAYER = "no payer: requests nobody paid for are never paid on chain"
 
 
 class SettlementError(Exception):
@@ -119,13 +123,17 @@ class Settler:
         store: Store,
         deployment: Deployment,
         *,
-        sender: Signer,
+        sender: Signer | None,
         rules: PayoutRules,
         publish_dir: str | Path,
+        ledger: Ledger | None = None,
+        network_id: str = "sogni-local",
         read_stake: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
+        self.ledger = ledger if ledger is not None else Ledger(store.path)
+        self.network_id = network_id
         self.deployment = deployment
         self.distributor = deployment.distributor
         self.sender = sender
@@ -151,7 +159,10 @@ class Settler:
     def plan_epoch(self) -> EpochRecord | None:
         """Compute and commit the next epoch's plan (no chain writes); None if nothing new.
 
-        A plan already pending is returned as is: one unposted plan at a time.
+        A plan already pending is returned as is: one unposted plan at a time. Only paid
+        value is paid: a receipt earns what its payer paid for that job (the ledger's
+        settlement), at this epoch's rate; a request with no payer earns nothing; a paid one
+        whose ledger settlement is still queued waits for the next epoch.
         """
         pending = self.store.last_epoch_record(state="planned")
         if pending is not None:
@@ -159,19 +170,33 @@ class Settler:
         stored = self.store.unsettled_receipts()
         if not stored:
             return None
-        paid: list[tuple[Receipt, bytes]] = []
+        settlements, reserved = self.ledger.payer_settlements(
+            [s.receipt.job_id for s in stored], [s.request_id for s in stored]
+        )
+        candidates: list[tuple[StoredReceipt, PayerSettlement]] = []
         refused: list[Refusal] = []
+        waiting = 0
         for s in stored:
-            why = self._refusal(s.receipt, s.signature)
+            paid_for = settlements.get(s.receipt.job_id)
+            why = self._refusal(s, paid_for)
+            if why is None and paid_for is None:
+                if s.request_id in reserved:
+                    waiting += 1  # its ledger settlement is queued: next epoch
+                    continue
+                why = _NO_PAYER
             if why is None:
-                paid.append((s.receipt, s.signature))
+                assert paid_for is not None
+                candidates.append((s, paid_for))
             else:
                 job = "0x" + s.receipt.job_id.hex()
                 refused.append(Refusal(job_id=job, worker=s.receipt.worker, reason=why))
         if refused:
             log.warning("receipts_refused", count=len(refused), first=refused[0].reason)
-        if not paid:
-            self.store.save_refused([(bytes.fromhex(r.job_id[2:]), r.reason) for r in refused])
+        if waiting:
+            log.info("receipts_waiting_for_ledger", count=waiting)
+        if not candidates:
+            if refused:
+                self.store.save_refused([(bytes.fromhex(r.job_id[2:]), r.reason) for r in refused])
             return None
 
         last = self.store.last_epoch_record()
@@ -184,21 +209,27 @@ class Settler:
             )
         epoch = db_epoch + 1
         previous = _leaves_of(last.plan) if last is not None else {}
+        previous_total = sum(previous.values())
 
-        entries, earned, counts = self._split(paid)
-        cumulative = dict(previous)
-        for account, amount in earned.items():
-            cumulative[account] = cumulative.get(account, 0) + amount
-        leaves = sorted(cumulative.items())
+        stake_block, stakes = self._stake_snapshot({r.receipt.worker for r, _ in candidates})
+        entries, free_requested = self._value(candidates, stakes)
+        earned = epoch_math.earned_by_account(entries)
+        leaves = epoch_math.cumulative_leaves(previous, earned)
+        cumulative = dict(leaves)
         tree = MerkleTree(leaves)
         total = sum(cumulative.values())
+        self._check_growth(total - previous_total)
 
         batch = ReceiptsBatch(
             format=RECEIPTS_FORMAT,
             epoch=epoch,
             chain_id=self.domain.chain_id,
             verifying_contract=to_checksum_address(self.domain.verifying_contract),
+            network_id=self.network_id,
             rules=self.rules,
+            stake_block=stake_block,
+            stakes={w: str(v) for w, v in sorted(stakes.items())},
+            free_requested=str(free_requested),
             receipts=sorted(entries, key=lambda e: e.job_id),
             refused=sorted(refused, key=lambda r: r.job_id),
         )
@@ -207,6 +238,9 @@ class Settler:
         receipts_name = receipts_filename(receipts_hash)
         atomic_write_bytes(self.publish_dir / "receipts" / receipts_name, batch_bytes)
 
+        counts: dict[str, int] = {}
+        for e in entries:
+            counts[e.worker] = counts.get(e.worker, 0) + 1
         plan = EpochFile(
             format=EPOCH_FORMAT,
             epoch=epoch,
@@ -217,6 +251,8 @@ class Settler:
             receipts_hash="0x" + receipts_hash.hex(),
             receipts_file=f"receipts/{receipts_name}",
             closed_at=int(self._clock()),
+            previous_total=str(previous_total),
+            stake_block=stake_block,
             rules=self.rules,
             payouts=[
                 Payout(
@@ -237,7 +273,7 @@ class Settler:
                 total=total,
                 receipts_hash=receipts_hash,
                 plan=plan_bytes,
-                paid=[r.job_id for r, _ in paid],
+                paid=[bytes.fromhex(e.job_id[2:]) for e in entries],
                 refused=[(bytes.fromhex(r.job_id[2:]), r.reason) for r in refused],
             )
         except sqlite3.IntegrityError as exc:
@@ -247,18 +283,21 @@ class Settler:
         log.info(
             "epoch_planned",
             epoch=epoch,
-            receipts=len(paid),
+            receipts=len(entries),
             refused=len(refused),
             accounts=len(earned),
             leaves=len(leaves),
             total=str(total),
+            stake_block=stake_block,
         )
         record = self.store.epoch_record(epoch)
         assert record is not None
         self._publish(record, tree)
         return record
 
-    def _refusal(self, receipt: Receipt, signature: bytes) -> str | None:
+    def _refusal(self, s: StoredReceipt, paid_for: PayerSettlement | None) -> str | None:
+        """Why a stored receipt will never be paid, or None (it may be, once paid for)."""
+        receipt, signature = s.receipt, s.signature
         try:
             signer = eip712.recover_receipt_signer(self.domain, receipt, signature)
         except SignatureError as exc:
@@ -268,38 +307,83 @@ class Settler:
                 "signature is not the worker's under this chain and distributor "
                 f"(chain {self.domain.chain_id}, {self.domain.verifying_contract})"
             )
+        if s.offer is None or s.offer_signature is None:
+            return "no signed offer on record for this receipt"
+        if eip712.offer_hash(self.domain, s.offer) != receipt.offer_hash:
+            return "the receipt does not answer the offer on record"
+        try:
+            offer_signer = eip712.recover_offer_signer(self.domain, s.offer, s.offer_signature)
+        except SignatureError as exc:
+            return f"bad offer signature: {exc}"
+        if not eip712.same_address(offer_signer, receipt.coordinator):
+            return "the offer is not signed by the coordinator the receipt names"
+        if receipt.price_factor_bps != s.offer.price_factor_bps:
+            return "the receipt's price factor differs from its offer's"
+        if paid_for is None:
+            return None  # the caller tells "queued in the ledger" from "no payer"
+        charged = epoch_math.expected_charge(
+            s.offer.work_units, s.offer.price_factor_bps, receipt.steps_done, s.offer.steps
+        )
+        slack = 0 if paid_for.token_type == "spark" else 1  # SOGNI's Spark value is rounded
+        if abs(paid_for.spark_equiv - charged) > slack:
+            return (
+                f"the payer was charged {paid_for.spark_equiv} micro-Spark for it, not the "
+                f"{charged} its offer prices"
+            )
+        if paid_for.spark_paid + paid_for.sogni == 0 and self.rules.free_budget_wei == 0:
+            if paid_for.spark_free:
+                return "free (Daily Boost) work, and this network's free emission budget is 0"
+            return "the payer was charged nothing for it"
         return None
 
-    def _split(
-        self, paid: list[tuple[Receipt, bytes]]
-    ) -> tuple[list[BatchEntry], dict[str, int], dict[str, int]]:
-        workers = {to_checksum_address(r.worker) for r, _ in paid}
-        stakes: dict[str, int | None] = dict.fromkeys(workers)
-        if self.read_stake:
-            for w in workers:
-                stakes[w] = self.deployment.staking.active_stake(w)
-        take = {w: self.rules.take_bps(stakes[w]) for w in workers}
+    def _stake_snapshot(self, workers: set[str]) -> tuple[int | None, dict[str, int]]:
+        """Every worker's active stake at one recorded block (its take-rate tier)."""
+        if not self.read_stake:
+            return None, {}
+        block = self.deployment.chain.block_number()
+        staking = self.deployment.staking
+        return block, {
+            to_checksum_address(w): staking.active_stake(w, block=block) for w in sorted(workers)
+        }
+
+    def _value(
+        self, candidates: list[tuple[StoredReceipt, PayerSettlement]], stakes: dict[str, int]
+    ) -> tuple[list[BatchEntry], int]:
+        """Each receipt's value (what its payer paid, at the rate; free Spark scaled into the
+        emission budget) and split; returns the entries and the free value requested."""
+        free_requested = sum(epoch_math.free_value(p, self.rules) for _, p in candidates)
         entries: list[BatchEntry] = []
-        earned: dict[str, int] = {}
-        counts: dict[str, int] = {}
-        for receipt, signature in paid:
+        for s, paid_for in candidates:
+            receipt = s.receipt
             worker = to_checksum_address(receipt.worker)
-            split = self.rules.split(receipt.work_units, receipt.model_id, take[worker])
+            take = self.rules.take_bps(stakes.get(worker) if self.read_stake else None)
+            valued = epoch_math.split_entry(
+                paid_for, receipt.model_id, self.rules, take, free_requested
+            )
+            assert s.offer is not None and s.offer_signature is not None
             entries.append(
                 BatchEntry.of(
                     receipt,
-                    signature,
-                    take_bps=take[worker],
-                    worker_amount=split.worker,
-                    creator=split.creator,
-                    creator_amount=split.creator_amount,
+                    s.signature,
+                    offer=OfferRecord.of(s.offer, s.offer_signature),
+                    settlement=paid_for,
+                    paid_value=valued.paid_value,
+                    free_value=valued.free_value,
+                    take_bps=take,
+                    worker_amount=valued.split.worker,
+                    creator=valued.split.creator,
+                    creator_amount=valued.split.creator_amount,
                 )
             )
-            earned[worker] = earned.get(worker, 0) + split.worker
-            counts[worker] = counts.get(worker, 0) + 1
-            if split.creator is not None and split.creator_amount:
-                earned[split.creator] = earned.get(split.creator, 0) + split.creator_amount
-        return entries, earned, counts
+        return entries, free_requested
+
+    def _check_growth(self, growth: int) -> None:
+        cap = self.distributor.max_total_growth()
+        if growth > cap:
+            raise SettlementError(
+                f"this epoch would add {growth} to the total, over the distributor's cap of "
+                f"{cap} per epoch: close epochs more often, or have the admin raise the cap"
+            )
 
     def _publish(self, record: EpochRecord, tree: MerkleTree | None = None) -> Path:
         """(Re)write the epoch file and tree dump from the committed plan: idempotent."""

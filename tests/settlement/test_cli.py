@@ -68,7 +68,7 @@ def test_cli_deploy_close_show_rewards_claim_stake(anvil_url: str, tmp_path: Pat
     store_receipts(store, receipts)
     store.close()
     with Journal(ndir / "journal.db") as journal:
-        for receipt, signature in receipts:
+        for receipt, signature, *_ in receipts:
             journal.record_receipt(
                 receipt, signature, chain_id=domain.chain_id,
                 verifying_contract=domain.verifying_contract,

@@ -73,7 +73,7 @@ def test_replayed_receipt_is_not_paid_in_a_later_epoch(
     first = s.close_epoch()
     assert first is not None and first.payouts == {a.address: 650_000_000_000_000_000}
     # the same receipt again: the store refuses it (one receipt per job) ...
-    receipt, signature = original
+    receipt, signature, *_ = original
     assert not store.store_receipt(receipt, signature, b"\x00" * 32)
     # ... and the next epoch pays only new work; the leaf grows by that alone
     store_receipts(store, [signed_receipt(a, net.domain)])
@@ -134,9 +134,7 @@ async def _dispatcher_and_offer(
     request = RenderRequest(
         model_id=MODEL, positive_prompt="p", steps=8, guidance=4.0, width=64, height=64, seed=1
     )
-    await dispatcher.submit(
-        request, client_peer="client", allowed_models={MODEL}
-    )
+    await dispatcher.submit(request, client_peer="client", allowed_models={MODEL})
     dispatcher.ready(link, 1)
     dispatcher.match()
     offer = receive.receive_nowait()

@@ -1,0 +1,200 @@
+"""The arithmetic of an epoch, in one place: the coordinator settles with it, the auditor and
+the nodes recompute with it, so every rounding step is the same on every side.
+
+Only paid value is paid. Each receipt earns what its payer paid for that job (the ledger's
+settlement of it), converted at the epoch's rate, then split by the rules:
+
+    paid_value = spark_paid * wei_per_spark // 1e6 + sogni * 1e12     (micro units -> wei)
+    free_raw   = spark_free * wei_per_spark // 1e6                     (Daily Boost Spark)
+    free_value = free_raw * budget // free_requested   if free_requested > budget
+                 free_raw                              otherwise       (pro rata in budget)
+    value      = paid_value + free_value   -> take (stake tier), creator share, worker
+
+A receipt with no payer settlement earns nothing (it is refused, never in a batch). The
+payer's charge is bound to the signed offer: a full job costs `spark_micro(work_units)` at the
+offer's price factor, a cancelled one the steps done pro rata (`expected_charge`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from fractions import Fraction
+from typing import NamedTuple
+
+from eth_utils import to_checksum_address
+
+from sogni_protocol import eip712
+from sogni_protocol.eip712 import Domain
+from sogni_protocol.epoch_files import BatchEntry, PayerSettlement, ReceiptsBatch
+from sogni_protocol.errors import SignatureError
+from sogni_protocol.payout_rules import BPS, PayoutRules, Split
+
+__all__ = [
+    "MICRO",
+    "WEI_PER_MICRO_SOGNI",
+    "Valued",
+    "batch_problem",
+    "cumulative_leaves",
+    "earned_by_account",
+    "entry_problem",
+    "expected_charge",
+    "free_value",
+    "paid_value",
+    "scale_free",
+    "split_entry",
+]
+
+MICRO = 1_000_000
+"""Ledger micro units per Spark or SOGNI."""
+WEI_PER_MICRO_SOGNI = 10**18 // MICRO
+WORK_UNITS_PER_SPARK = 43_200
+
+
+class Valued(NamedTuple):
+    """One receipt's value and split, as the batch records them."""
+
+    paid_value: int
+    free_value: int
+    take_bps: int
+    split: Split
+
+
+def paid_value(s: PayerSettlement, rules: PayoutRules) -> int:
+    """Base units of SOGNI the payer paid for the job (paid Spark at the rate, and SOGNI)."""
+    return s.spark_paid * rules.wei_per_spark // MICRO + s.sogni * WEI_PER_MICRO_SOGNI
+
+
+def free_value(s: PayerSettlement, rules: PayoutRules) -> int:
+    """The job's free (Daily Boost) Spark at the rate, before the emission budget."""
+    return s.spark_free * rules.wei_per_spark // MICRO
+
+
+def scale_free(raw: int, requested: int, budget: int) -> int:
+    """`raw` scaled so that the epoch's free value fits `budget` (pro rata, rounded down)."""
+    if requested <= budget:
+        return raw
+    return raw * budget // requested
+
+
+def split_entry(
+    s: PayerSettlement,
+    model_id: str,
+    rules: PayoutRules,
+    take_bps: int,
+    free_requested: int,
+) -> Valued:
+    """The value and split of one receipt paid from settlement `s`."""
+    paid = paid_value(s, rules)
+    free = scale_free(free_value(s, rules), free_requested, rules.free_budget_wei)
+    return Valued(paid, free, take_bps, rules.split(paid + free, model_id, take_bps))
+
+
+def expected_charge(work_units: int, price_factor_bps: int, steps_done: int, steps: int) -> int:
+    """Micro-Spark a payer is charged for a job of the signed offer's `work_units` at its
+    `price_factor_bps`, with `steps_done` of `steps` rendered (as billing charges it)."""
+    price = Fraction(work_units * MICRO, WORK_UNITS_PER_SPARK) * Fraction(price_factor_bps, BPS)
+    per_image = int((price * 2 + 1) // 2)  # round half up, as pricing does
+    return per_image * max(0, min(steps_done, steps)) // steps
+
+
+def earned_by_account(entries: Iterable[BatchEntry]) -> dict[str, int]:
+    """Account -> what a batch's entries pay it (workers and creators)."""
+    earned: dict[str, int] = {}
+    for e in entries:
+        worker = to_checksum_address(e.worker)
+        earned[worker] = earned.get(worker, 0) + int(e.worker_amount)
+        if e.creator is not None and int(e.creator_amount):
+            creator = to_checksum_address(e.creator)
+            earned[creator] = earned.get(creator, 0) + int(e.creator_amount)
+    return earned
+
+
+def cumulative_leaves(
+    previous: Mapping[str, int], earned: Mapping[str, int]
+) -> list[tuple[str, int]]:
+    """The cumulative tree's leaves: every account ever paid with its running total, sorted."""
+    cumulative = dict(previous)
+    for account, amount in earned.items():
+        cumulative[account] = cumulative.get(account, 0) + amount
+    return sorted(cumulative.items())
+
+
+def batch_problem(batch: ReceiptsBatch) -> str | None:
+    """What is wrong with a batch as a whole (before its entries are checked), or None."""
+    requested = sum(free_value(e.settlement, batch.rules) for e in batch.receipts)
+    if str(requested) != batch.free_requested:
+        return (
+            f"freeRequested is {batch.free_requested} but the batch's free Spark is worth "
+            f"{requested}"
+        )
+    if batch.stake_block is None and batch.stakes:
+        return "stakes are listed without the block they were read at"
+    return None
+
+
+def entry_problem(batch: ReceiptsBatch, e: BatchEntry) -> str | None:
+    """Why entry `e` of `batch` is not exactly what the rules pay for its receipt, or None.
+
+    Recomputed from the entry alone: both signatures (the worker's receipt, the
+    coordinator's offer), the receipt answering its offer, the payer's charge matching the
+    offer's price, the take rate matching the worker's stake at the snapshot block, and the
+    value and split.
+    """
+    domain = Domain(batch.chain_id, batch.verifying_contract)
+    receipt, offer = e.receipt(), e.offer.offer()
+    try:
+        if not eip712.same_address(
+            eip712.recover_receipt_signer(domain, receipt, e.signature_bytes), e.worker
+        ):
+            return "the receipt is not signed by its worker under this chain and distributor"
+        if not eip712.same_address(
+            eip712.recover_offer_signer(domain, offer, e.offer.signature_bytes), e.coordinator
+        ):
+            return "the offer is not signed by the coordinator the receipt names"
+        if eip712.offer_hash(domain, offer) != receipt.offer_hash:
+            return "the receipt does not answer the published offer"
+    except SignatureError as exc:
+        return f"bad signature: {exc}"
+    if offer.job_id != receipt.job_id or offer.model_id != receipt.model_id:
+        return "the offer is for another job or model"
+    if receipt.price_factor_bps != offer.price_factor_bps:
+        return "the receipt's price factor differs from its offer's"
+    if receipt.steps_done > offer.steps or receipt.work_units != (
+        offer.work_units * receipt.steps_done // offer.steps
+    ):
+        return "the receipt's steps or work units do not follow from its offer"
+    charged = expected_charge(
+        offer.work_units, offer.price_factor_bps, receipt.steps_done, offer.steps
+    )
+    slack = 0 if e.settlement.token_type == "spark" else 1
+    if abs(e.settlement.spark_equiv - charged) > slack:
+        return (
+            f"the payer's settlement is worth {e.settlement.spark_equiv} micro-Spark, "
+            f"the offer prices it at {charged}"
+        )
+    s = e.settlement
+    if s.token_type == "spark" and (s.sogni or s.spark_free + s.spark_paid != s.spark_equiv):
+        return "the Spark settlement's parts do not add up"
+    if s.token_type == "sogni" and (s.spark_free or s.spark_paid):
+        return "a SOGNI settlement carries Spark"
+    rules = batch.rules
+    if batch.stake_block is None:
+        take = rules.take_rates_bps[0]
+    else:
+        stake = batch.stakes.get(to_checksum_address(e.worker))
+        if stake is None:
+            return f"no stake recorded for {e.worker} at block {batch.stake_block}"
+        take = rules.take_bps(int(stake))
+    if e.take_bps != take:
+        return f"take rate is {e.take_bps} bps, the worker's stake tier gives {take}"
+    v = split_entry(s, e.model_id, rules, take, int(batch.free_requested))
+    got = (int(e.paid_value), int(e.free_value), int(e.worker_amount), int(e.creator_amount))
+    want = (v.paid_value, v.free_value, v.split.worker, v.split.creator_amount)
+    if got != want:
+        return (
+            f"paid/free/worker/creator amounts are {'/'.join(map(str, got))}, the rules give "
+            f"{'/'.join(map(str, want))}"
+        )
+    if v.split.creator_amount and (e.creator or "").lower() != (v.split.creator or "").lower():
+        return f"creator share goes to {e.creator}, the rules say {v.split.creator}"
+    return None
