@@ -41,6 +41,7 @@ from sogni_protocol.catalog import Catalog
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
+    DEFAULT_NETWORK_ID,
     BalanceQuery,
     BalanceReport,
     Balances,
@@ -89,6 +90,8 @@ class Billing:
     """Licence and stake of a wallet: the service's `StandingCache`, so settling never waits
     for the chain (none: every worker is tier 0)."""
     clock: Callable[[], float] = time.time
+    network_id: str = DEFAULT_NETWORK_ID
+    """The ledger's network: authorizations and boost claims must name it."""
     _reservations: dict[bytes, Reservation] = field(default_factory=dict)
     _models: dict[bytes, str] = field(default_factory=dict)
 
@@ -110,11 +113,17 @@ class Billing:
         reservation = await self.ledger.call(self._reserve, request, request_id, q)
         return self._record(request, request_id, reservation)
 
+    def charges(self, request: RenderRequest) -> bool:
+        """Whether `request` is paid for (else it is free: never paid on chain either)."""
+        return not (self.mode == "off" or (request.payer is None and self.mode == "optional"))
+
     def _authorized_quote(self, request: RenderRequest) -> Quote | None:
         """The quote of a request that must be paid, after checking its payer's signature;
         None for a free request."""
-        if self.mode == "off" or (request.payer is None and self.mode == "optional"):
+        if not self.charges(request):
             return None
+        if request.network_id != self.network_id:
+            raise Refusal("unauthorized", self._wrong_network("request", request.network_id))
         now = self.clock()
         fault = eip712.check_payer(self.domain, request, now)
         if fault is not None:
@@ -132,6 +141,8 @@ class Billing:
                 q,
                 authorization=eip712.request_hash(request),
                 authorization_expiry=request.expiry,
+                signature=request.payer_signature,
+                network_id=request.network_id,
             )
         except Replayed as exc:
             raise Refusal("replayed", str(exc)) from None
@@ -254,6 +265,12 @@ class Billing:
                 "billing_off", "billing is off on this coordinator: renders are free, no balances"
             )
 
+    def _wrong_network(self, what: str, named: str) -> str:
+        return (
+            f"the {what} is signed for network {named!r}, but this coordinator's ledger serves "
+            f"{self.network_id!r}: sign it for {self.network_id!r}"
+        )
+
     def _with_domain(self, fault: str) -> str:
         d = self.domain
         return f"{fault}; this coordinator signs for chain {d.chain_id}, {d.verifying_contract}"
@@ -262,6 +279,8 @@ class Billing:
         """Grant the Daily Boost for today (UTC) if the claim is the payer's own and the first
         today; otherwise `Refusal` (`unauthorized`, `wrong_day`, `already_claimed`)."""
         self._require_on()
+        if claim.network_id != self.network_id:
+            raise Refusal("unauthorized", self._wrong_network("boost claim", claim.network_id))
         fault = eip712.check_boost_claim(self.domain, claim)
         if fault is not None:
             raise Refusal("unauthorized", self._with_domain(fault))

@@ -255,9 +255,19 @@ class Dispatcher:
         fault = self.model_fault(req, allowed_models)
         if fault is not None:
             raise Refusal("unknown_model", fault)
-        request_id = os.urandom(32)
+        paid = self.billing is not None and self.billing.charges(req)
+        # A paid request is known by the hash its payer signed, and its jobs by ids derived
+        # from it: a published receipt then proves which authorization paid for it.
+        request_id = eip712.request_hash(req) if paid else os.urandom(32)
         jobs = [
-            Job(os.urandom(32), request_id, i, params, work_units(params), network=req.network)
+            Job(
+                eip712.job_id_of(request_id, i) if paid else os.urandom(32),
+                request_id,
+                i,
+                params,
+                work_units(params),
+                network=req.network,
+            )
             for i, params in enumerate(split_request(req))
         ]
         token = os.urandom(32)

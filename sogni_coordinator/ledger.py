@@ -22,8 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from eth_utils import to_checksum_address
+
 from sogni_coordinator.db import Database
-from sogni_protocol.epoch_files import PayerSettlement
+from sogni_protocol.epoch_files import PayerAuthorization, PayerSettlement
 from sogni_protocol.pricing import MICRO, Quote
 
 Asset = Literal["spark_paid", "spark_free", "sogni"]
@@ -83,7 +85,15 @@ CREATE TABLE IF NOT EXISTS ledger_authorizations (
 );
 CREATE INDEX IF NOT EXISTS ledger_authorizations_expiry ON ledger_authorizations(expiry);
 """
-MIGRATIONS = (_SCHEMA_V1,)
+_V2_AUTHORIZATION_EVIDENCE = """
+ALTER TABLE ledger_reservations ADD COLUMN auth_signature BLOB;
+ALTER TABLE ledger_reservations ADD COLUMN auth_expiry INTEGER;
+ALTER TABLE ledger_reservations ADD COLUMN network_id TEXT;
+"""
+"""A paid request keeps its payer's signed authorization: epochs publish it as the evidence
+that the payer agreed to pay for the job (NULL for older reservations)."""
+
+MIGRATIONS = (_SCHEMA_V1, _V2_AUTHORIZATION_EVIDENCE)
 """The ledger's schema versions in order (`Database` applies the missing ones on open)."""
 
 
@@ -367,11 +377,15 @@ class Ledger(Database):
         *,
         authorization: bytes | None = None,
         authorization_expiry: float = 0.0,
+        signature: bytes | None = None,
+        network_id: str | None = None,
     ) -> Reservation:
         """Hold the quote's price (free Spark before paid); `InsufficientFunds` if short.
 
         `authorization` (the digest of the payer's signed request) is remembered until
         `authorization_expiry`, in the same transaction: using it twice raises `Replayed`.
+        The payer's `signature` and the `network_id` it names are kept with the reservation
+        (an epoch publishes them as the evidence of who agreed to pay).
         """
         rid, payer = _hex(request_id), _addr(payer)
         token = token_type or quote.token_type
@@ -412,8 +426,20 @@ class Ledger(Database):
                 entries += [(payer, asset, -amount), (account, asset, amount)]  # type: ignore[list-item]
             self._post(db, "reserve", rid, entries)
             db.execute(
-                "INSERT INTO ledger_reservations VALUES (?, ?, ?, ?, ?, 'open', ?)",
-                (rid, payer, token, need, quote.spark_micro, time.time()),
+                "INSERT INTO ledger_reservations (request_id, payer, token_type, amount,"
+                " spark_equiv, state, created_at, auth_signature, auth_expiry, network_id)"
+                " VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?, ?)",
+                (
+                    rid,
+                    payer,
+                    token,
+                    need,
+                    quote.spark_micro,
+                    time.time(),
+                    signature,
+                    int(authorization_expiry) if signature is not None else None,
+                    network_id,
+                ),
             )
             if authorization is not None:
                 db.execute(
@@ -555,31 +581,43 @@ class Ledger(Database):
 
     # --- epoch source --------------------------------------------------------------------------
     def payer_settlements(
-        self, job_ids: list[bytes], request_ids: list[bytes]
+        self, jobs: list[tuple[bytes, bytes, int]]
     ) -> tuple[dict[bytes, PayerSettlement], set[bytes]]:
-        """What each job's payer paid for it (jobs the ledger settled), and which of
-        `request_ids` have a reservation at all (a request without one had no payer)."""
+        """For `(job id, request id, image index)`: what each job's payer paid for it (jobs
+        the ledger settled), with the payer's authorization; and which of the requests have a
+        reservation at all (a request without one had no payer)."""
         settled: dict[bytes, PayerSettlement] = {}
         reserved: set[bytes] = set()
         with self._lock:
-            for job_id in job_ids:
+            for job_id, request_id, index in jobs:
                 row = self._db.execute(
                     "SELECT j.payer, r.token_type, j.spark_free, j.spark_paid, j.sogni,"
-                    " j.sogni_spark FROM ledger_jobs j JOIN ledger_reservations r"
+                    " j.sogni_spark, r.auth_signature, r.auth_expiry, r.network_id"
+                    " FROM ledger_jobs j JOIN ledger_reservations r"
                     " ON r.request_id = j.request_id WHERE j.job_id = ?",
                     (job_id.hex(),),
                 ).fetchone()
                 if row is not None:
-                    payer, token, free, paid, sogni, sogni_spark = row
+                    payer, token, free, paid, sogni, sogni_spark, sig, expiry, network = row
+                    auth = None
+                    if sig is not None:
+                        auth = PayerAuthorization(
+                            request_hash="0x" + request_id.hex(),
+                            network_id=network,
+                            expiry=expiry,
+                            signature="0x" + bytes(sig).hex(),
+                            index=index,
+                        )
                     settled[job_id] = PayerSettlement(
-                        payer=payer,
+                        payer=to_checksum_address(payer),
                         token_type=token,
                         spark_free=free,
                         spark_paid=paid,
                         sogni=sogni,
                         spark_equiv=free + paid if token == "spark" else sogni_spark,
+                        authorization=auth,
                     )
-            for rid in set(request_ids):
+            for rid in {r for _, r, _ in jobs}:
                 if self._db.execute(
                     "SELECT 1 FROM ledger_reservations WHERE request_id = ?", (rid.hex(),)
                 ).fetchone():

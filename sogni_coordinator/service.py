@@ -66,7 +66,9 @@ async def run_coordinator(
     try:
         domain = Domain(config.chain_id, config.verifying_contract)
         rules = config.settlement.rules(local=config.local)
-        billing = Billing(ledger, domain, mode=config.billing, rules=rules)
+        billing = Billing(
+            ledger, domain, mode=config.billing, rules=rules, network_id=config.network_id
+        )
         link = connect_chain(config, signer.private_key, store)
         router = Router(reputation, tiers=config.tiers, fast_min_stake=config.fast_min_stake)
         standing = (
@@ -132,6 +134,7 @@ async def run_coordinator(
                     "address": signer.address,
                     "chainId": domain.chain_id,
                     "verifyingContract": domain.verifying_contract,
+                    "networkId": config.network_id,
                     "http": http_url,
                 }
                 (config.data_dir / "coordinator.json").write_text(json.dumps(info, indent=2))

@@ -171,13 +171,14 @@ class StoredJob:
 
 
 def _stored_receipt(row: tuple[Any, ...]) -> StoredReceipt:
-    receipt, signature, request_id, offer, offer_signature = row
+    receipt, signature, request_id, offer, offer_signature, index = row
     return StoredReceipt(
         _receipt_decoder.decode(receipt),
         signature,
         request_id,
         None if offer is None else _offer_decoder.decode(offer),
         offer_signature,
+        index or 0,
     )
 
 
@@ -189,6 +190,8 @@ class StoredReceipt:
     offer: JobOffer | None = None
     """The signed offer the receipt answers (None: stored before offers were kept)."""
     offer_signature: bytes | None = None
+    index: int = 0
+    """The job's image index in its request."""
 
 
 @dataclass(frozen=True)
@@ -545,7 +548,10 @@ class Store(Database):
             row = self._db.execute("SELECT state FROM jobs WHERE job_id=?", (job_id,)).fetchone()
         return None if row is None else JobState(row[0])
 
-    _RECEIPT_READ = "r.receipt, r.signature, r.request_id, r.offer, r.offer_signature"
+    _RECEIPT_READ = (
+        "r.receipt, r.signature, r.request_id, r.offer, r.offer_signature,"
+        " (SELECT j.idx FROM jobs j WHERE j.job_id = r.job_id)"
+    )
 
     def receipt(self, job_id: bytes) -> StoredReceipt | None:
         with self._lock:

@@ -18,7 +18,9 @@ Versions. The domain's `version` names the layout of every type below. The rule:
   `SignatureError` that names it and the known ones.
 Version "1" is byte-identical to the digests and signatures made before versions existed.
 Version "2" adds `priceFactorBps` to `JobOffer` and `Receipt` (the tier's price factor, so
-relaxed work is paid what the payer paid); a v1 offer or receipt is only valid at full price.
+relaxed work is paid what the payer paid; a v1 offer or receipt is only valid at full price)
+and `networkId` to `RenderAuthorization` and `DailyBoostClaim` (the ledger's network: with the
+distributor in the domain, an authorization is good on one network only, and spent once there).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from eth_utils import to_checksum_address
 
 from sogni_protocol.errors import SignatureError
 from sogni_protocol.messages import (
+    DEFAULT_NETWORK_ID,
     FULL_PRICE_BPS,
     BalanceQuery,
     Capabilities,
@@ -108,10 +111,13 @@ _TYPES_V1: dict[str, list[dict[str, str]]] = {
 }
 
 _PRICE_FACTOR = {"name": "priceFactorBps", "type": "uint32"}
+_NETWORK = {"name": "networkId", "type": "string"}
 _TYPES: dict[str, list[dict[str, str]]] = {
     **_TYPES_V1,
     "JobOffer": [*_TYPES_V1["JobOffer"], _PRICE_FACTOR],
     "Receipt": [*_TYPES_V1["Receipt"], _PRICE_FACTOR],
+    "RenderAuthorization": [*_TYPES_V1["RenderAuthorization"], _NETWORK],
+    "DailyBoostClaim": [*_TYPES_V1["DailyBoostClaim"], _NETWORK],
 }
 """The current layouts (`DOMAIN_VERSION`)."""
 _TYPES_BY_VERSION: dict[str, dict[str, list[dict[str, str]]]] = {"1": _TYPES_V1, "2": _TYPES}
@@ -483,12 +489,46 @@ def request_hash(request: RenderRequest) -> bytes:
 def authorization_document(domain: Domain, request: RenderRequest) -> dict[str, Any]:
     if request.payer is None:
         raise SignatureError("request names no payer")
+    return _authorization(
+        domain, request.payer, request_hash(request), request.expiry, request.network_id
+    )
+
+
+def _authorization(
+    domain: Domain, payer: str, request_digest: bytes, expiry: int, network_id: str
+) -> dict[str, Any]:
     message = {
-        "payer": to_checksum_address(request.payer),
-        "requestHash": _hex(request_hash(request)),
-        "expiry": request.expiry,
+        "payer": to_checksum_address(payer),
+        "requestHash": _hex(request_digest),
+        "expiry": expiry,
+        "networkId": network_id,
     }
     return typed_data(domain, "RenderAuthorization", message)
+
+
+def recover_authorization_signer(
+    domain: Domain,
+    payer: str,
+    request_digest: bytes,
+    expiry: int,
+    network_id: str,
+    signature: bytes,
+) -> str:
+    """Who signed the `RenderAuthorization` of a request known only by its hash (an epoch's
+    published evidence carries no prompt); `SignatureError` if none. The domain's version is
+    tried first, then every other known one."""
+    for candidate in _known_versions(domain):
+        doc = _authorization(candidate, payer, request_digest, expiry, network_id)
+        signer = _recover_or_fault(doc, signature)
+        if isinstance(signer, str) and same_address(signer, payer):
+            return signer
+    raise SignatureError(_NOT_PAYER)
+
+
+def job_id_of(request_digest: bytes, index: int) -> bytes:
+    """The job id of image `index` of a paid request: derived from the hash its payer signed,
+    so a published receipt proves which authorization paid for it."""
+    return keccak(b"sogni-job" + request_digest + index.to_bytes(4, "big"))
 
 
 def sign_request(private_key: bytes, domain: Domain, request: RenderRequest) -> RenderRequest:
@@ -523,23 +563,29 @@ def _recover_or_fault(document: dict[str, Any], signature: bytes) -> str | Signa
 
 
 # --- Daily Boost and balances ---------------------------------------------------------------
-def boost_claim_document(domain: Domain, payer: str, day: str) -> dict[str, Any]:
-    message = {"payer": to_checksum_address(payer), "day": day}
+def boost_claim_document(
+    domain: Domain, payer: str, day: str, network_id: str = DEFAULT_NETWORK_ID
+) -> dict[str, Any]:
+    message = {"payer": to_checksum_address(payer), "day": day, "networkId": network_id}
     return typed_data(domain, "DailyBoostClaim", message)
 
 
-def sign_boost_claim(private_key: bytes, domain: Domain, day: str) -> DailyBoostClaim:
-    """The key's wallet claims the Daily Boost for `day` (UTC `YYYY-MM-DD`)."""
+def sign_boost_claim(
+    private_key: bytes, domain: Domain, day: str, network_id: str = DEFAULT_NETWORK_ID
+) -> DailyBoostClaim:
+    """The key's wallet claims the Daily Boost for `day` (UTC `YYYY-MM-DD`) on `network_id`."""
     payer = str(Account.from_key(private_key).address)
-    sig = _sign(private_key, boost_claim_document(_for_signing(domain), payer, day))
-    return DailyBoostClaim(payer=payer, day=day, signature=sig)
+    doc = boost_claim_document(_for_signing(domain), payer, day, network_id)
+    return DailyBoostClaim(
+        payer=payer, day=day, signature=_sign(private_key, doc), network_id=network_id
+    )
 
 
 def check_boost_claim(domain: Domain, claim: DailyBoostClaim) -> str | None:
     """Why the claim's signature is unacceptable, or None. (The day is checked by the caller,
     against its clock.)"""
     return _fault(
-        lambda d: boost_claim_document(d, claim.payer, claim.day),
+        lambda d: boost_claim_document(d, claim.payer, claim.day, claim.network_id),
         domain,
         claim.signature,
         claim.payer,

@@ -33,6 +33,7 @@ __all__ = [
     "BatchEntry",
     "EpochFile",
     "OfferRecord",
+    "PayerAuthorization",
     "PayerSettlement",
     "Payout",
     "ReceiptsBatch",
@@ -110,6 +111,18 @@ class OfferRecord(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
         )
 
 
+class PayerAuthorization(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
+    """The payer's signed `RenderAuthorization` of the request a job belongs to, known by its
+    hash only (no prompt): the job id is `eip712.job_id_of(request_hash, index)`, so the
+    receipt, the offer and this signature tie the payment to the payer's own consent."""
+
+    request_hash: str
+    network_id: str
+    expiry: int
+    signature: str
+    index: int
+
+
 class PayerSettlement(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     """What the payer paid for one job, as the ledger settled it (micro units: 1e-6 Spark or
     SOGNI). ``spark_equiv``: the value in micro-Spark (for SOGNI payments, at the request's
@@ -121,6 +134,8 @@ class PayerSettlement(msgspec.Struct, kw_only=True, frozen=True, rename="camel")
     spark_paid: int
     sogni: int
     spark_equiv: int
+    authorization: PayerAuthorization | None = None
+    """None only for a request accepted before authorizations were kept: the audit says so."""
 
 
 class BatchEntry(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):

@@ -173,6 +173,9 @@ def entry_problem(batch: ReceiptsBatch, e: BatchEntry) -> str | None:
             f"the offer prices it at {charged}"
         )
     s = e.settlement
+    why = _authorization_problem(batch, e, domain)
+    if why is not None:
+        return why
     if s.token_type == "spark" and (s.sogni or s.spark_free + s.spark_paid != s.spark_equiv):
         return "the Spark settlement's parts do not add up"
     if s.token_type == "sogni" and (s.spark_free or s.spark_paid):
@@ -197,4 +200,28 @@ def entry_problem(batch: ReceiptsBatch, e: BatchEntry) -> str | None:
         )
     if v.split.creator_amount and (e.creator or "").lower() != (v.split.creator or "").lower():
         return f"creator share goes to {e.creator}, the rules say {v.split.creator}"
+    return None
+
+
+def _authorization_problem(batch: ReceiptsBatch, e: BatchEntry, domain: Domain) -> str | None:
+    """Why the entry's payer evidence does not prove the payer authorized this very job."""
+    auth = e.settlement.authorization
+    if auth is None:
+        return "no payer authorization is published for this job"
+    if auth.network_id != batch.network_id:
+        return f"the payer authorized network {auth.network_id!r}, not {batch.network_id!r}"
+    digest = bytes.fromhex(auth.request_hash.removeprefix("0x"))
+    if eip712.job_id_of(digest, auth.index) != e.receipt().job_id:
+        return "the job id is not derived from the authorized request"
+    try:
+        eip712.recover_authorization_signer(
+            domain,
+            e.settlement.payer,
+            digest,
+            auth.expiry,
+            auth.network_id,
+            bytes.fromhex(auth.signature.removeprefix("0x")),
+        )
+    except SignatureError:
+        return "the payer authorization is not signed by the payer"
     return None

@@ -42,6 +42,9 @@ LoraStrength = Annotated[float, Meta(ge=-4.0, le=4.0)]
 UtcDay = Annotated[str, Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")]
 """A UTC calendar day, `YYYY-MM-DD` (the Daily Boost's unit of replay protection)."""
 PeerId = Annotated[str, Meta(min_length=1, max_length=128)]
+NetworkId = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[a-z0-9][a-z0-9._-]*$")]
+"""The network a ledger serves (shared by its coordinators): authorizations name it."""
+DEFAULT_NETWORK_ID = "sogni-local"
 PriceFactorBps = Annotated[int, Meta(ge=1, le=10_000)]
 """The tier's price factor in basis points: 10000 on fast, 5000 on relaxed (signed into the
 offer and the receipt, so the payer's price, the worker's pay and the epoch agree)."""
@@ -175,6 +178,8 @@ class RenderRequest(_Message, tag="renderRequest", kw_only=True):
     token_type: TokenType = "spark"
     payer: Address | None = None
     """Wallet that pays; proven by `payer_signature` (EIP-712 `RenderAuthorization`)."""
+    network_id: NetworkId = DEFAULT_NETWORK_ID
+    """The network (ledger) the payer authorizes this request on: spent once across it."""
     nonce: Annotated[bytes, Meta(max_length=32)] = b""
     expiry: Uint64 = 0
     payer_signature: Signature | None = None
@@ -303,6 +308,7 @@ class DailyBoostClaim(_Message, tag="dailyBoostClaim", kw_only=True):
     payer: Address
     day: UtcDay
     signature: Signature
+    network_id: NetworkId = DEFAULT_NETWORK_ID
 
 
 class BoostGranted(_Message, tag="boostGranted", kw_only=True):

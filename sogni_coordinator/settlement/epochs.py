@@ -171,7 +171,7 @@ class Settler:
         if not stored:
             return None
         settlements, reserved = self.ledger.payer_settlements(
-            [s.receipt.job_id for s in stored], [s.request_id for s in stored]
+            [(s.receipt.job_id, s.request_id, s.index) for s in stored]
         )
         candidates: list[tuple[StoredReceipt, PayerSettlement]] = []
         refused: list[Refusal] = []

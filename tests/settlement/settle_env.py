@@ -19,14 +19,15 @@ from sogni_coordinator.settlement.epochs import Settler
 from sogni_coordinator.store import Store
 from sogni_protocol import eip712, epoch_math
 from sogni_protocol.eip712 import Domain
-from sogni_protocol.messages import JobOffer, JobParams, Receipt
+from sogni_protocol.messages import JobOffer, JobParams, Receipt, RenderRequest
 from sogni_protocol.payout_rules import SOGNI, PayoutRules, SettlementConfig
 from sogni_protocol.pricing import Price, Quote
 
 MODEL = "sogni-tiny-sd"
 COORDINATOR_KEY: LocalAccount = Account.from_key(keccak(b"settlement coordinator"))
 COORDINATOR = COORDINATOR_KEY.address
-PAYER = "0x" + "9a" * 20
+PAYER_KEY: LocalAccount = Account.from_key(keccak(b"settlement payer"))
+PAYER = PAYER_KEY.address
 STEPS = 8
 FUNDING = 1_000_000 * SOGNI
 _jobs = itertools.count(1)
@@ -47,8 +48,20 @@ def signed_receipt(
     price_factor_bps: int = 10_000,
     steps_done: int = STEPS,
 ) -> SignedReceipt:
-    """A receipt for `work_units` (a full job's), answering an offer the coordinator signed."""
-    job = job_id if job_id is not None else keccak(f"job {next(_jobs)}".encode())
+    """A receipt for `work_units` (a full job's), answering an offer the coordinator signed,
+    for image 0 of a request the payer signed (its job id derived from the request)."""
+    request = eip712.sign_request(
+        PAYER_KEY.key,
+        domain,
+        RenderRequest(
+            model_id=model,
+            positive_prompt=f"request {next(_jobs)}",
+            network="fast" if price_factor_bps == 10_000 else "relaxed",
+            payer=PAYER,
+            expiry=2_000_000_000,
+        ),
+    )
+    job = job_id if job_id is not None else eip712.job_id_of(eip712.request_hash(request), 0)
     offer = JobOffer(
         job_id=job,
         coordinator=COORDINATOR,
@@ -76,7 +89,7 @@ def signed_receipt(
         price_factor_bps=price_factor_bps,
     )
     return SignedReceipt(
-        receipt, eip712.sign_receipt(key.key, domain, receipt), offer, offer_signature
+        receipt, eip712.sign_receipt(key.key, domain, receipt), offer, offer_signature, request
     )
 
 
@@ -85,6 +98,7 @@ class SignedReceipt(NamedTuple):
     signature: bytes
     offer: JobOffer
     offer_signature: bytes
+    request: RenderRequest
 
 
 Payment = Literal["spark", "free", "sogni", "none"]
@@ -95,7 +109,6 @@ def store_receipts(
     receipts: list[SignedReceipt],
     *,
     paid: Payment = "spark",
-    payer: str = PAYER,
 ) -> None:
     """As the dispatcher and billing would: a request with one job per receipt, reserved by
     `payer` (`paid`: with bought Spark, Daily Boost Spark or SOGNI; "none": no payer), then
@@ -111,7 +124,7 @@ def store_receipts(
             height=64,
             seed=1,
         )
-        request_id = keccak(b"request" + r.receipt.job_id)
+        request_id = eip712.request_hash(r.request)
         network = "fast" if r.offer.price_factor_bps == 10_000 else "relaxed"
         store.add_request(
             request_id,
@@ -133,12 +146,20 @@ def store_receipts(
                 per_image,
             )
             if paid == "spark":
-                ledger.credit_purchase(payer, spark, micro=True)
+                ledger.credit_purchase(PAYER, spark, micro=True)
             elif paid == "free":
-                _grant_free(ledger, payer, spark)
+                _grant_free(ledger, PAYER, spark)
             else:
-                ledger.deposit_sogni(payer, spark)
-            ledger.reserve(request_id, payer, quote)
+                ledger.deposit_sogni(PAYER, spark)
+            ledger.reserve(
+                request_id,
+                PAYER,
+                quote,
+                authorization=request_id,
+                authorization_expiry=r.request.expiry,
+                signature=r.request.payer_signature,
+                network_id=r.request.network_id,
+            )
         assert store.store_receipt(
             r.receipt, r.signature, request_id, offer=(r.offer, r.offer_signature)
         )
