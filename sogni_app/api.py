@@ -8,7 +8,11 @@
 
 Every image comes with the receipt the coordinator verified and stored; `RenderedImage.
 typed_data()` is the EIP-712 document exactly as the node signed it. Payer messages are
-signed for the coordinator's EIP-712 domain (`domain`; default: the local embedded chain).
+signed for the coordinator's EIP-712 domain (`domain`; default: the local embedded chain)
+and, for render authorizations and Daily Boost claims, its network (`network_id`: the ledger
+its coordinators share; default `DEFAULT_NETWORK_ID`, a local network's). A signature is good
+on that one network only, and spent once across all its coordinators; a coordinator of
+another network refuses it (`unauthorized`, naming both networks).
 
 A render survives the coordinator: when the stream breaks (the coordinator restarted, the
 network dropped) `render` reconnects with backoff and resumes the same request with its
@@ -41,6 +45,7 @@ from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CLIENT_PROTOCOL, CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT
 from sogni_protocol.image_types import extension_of
 from sogni_protocol.messages import (
+    DEFAULT_NETWORK_ID,
     BalanceReport,
     BoostGranted,
     ImageAck,
@@ -49,6 +54,7 @@ from sogni_protocol.messages import (
     JobProgress,
     LoraRef,
     Message,
+    NetworkId,
     Receipt,
     RenderMeta,
     RenderRequest,
@@ -63,6 +69,7 @@ from sogni_protocol.settings import UNDEPLOYED_CONTRACT as UNDEPLOYED
 
 __all__ = [
     "DEFAULT_DOMAIN",
+    "DEFAULT_NETWORK_ID",
     "AccountRefused",
     "CoordinatorLost",
     "Refused",
@@ -70,6 +77,7 @@ __all__ = [
     "RenderResult",
     "RenderedImage",
     "ResumeTicket",
+    "authorize",
     "balance",
     "balance_sync",
     "claim_daily_boost",
@@ -82,6 +90,7 @@ __all__ = [
     "render_sync",
     "save",
     "save_image",
+    "valid_network_id",
 ]
 
 DEFAULT_DOMAIN = Domain(DEFAULT_CHAIN_ID, UNDEPLOYED)
@@ -151,6 +160,18 @@ class ResumeTicket:
 class AccountRefused(Refused):
     """A Daily Boost claim or balance query was refused (`already_claimed`, `wrong_day`,
     `unauthorized`, `billing_off`)."""
+
+
+def valid_network_id(network_id: str) -> str:
+    """`network_id` if it is a well-formed network id (1-64 of `a-z 0-9 . _ -`, starting with
+    a letter or digit), else `ValueError` saying so."""
+    try:
+        return msgspec.convert(network_id, NetworkId)
+    except msgspec.ValidationError:
+        raise ValueError(
+            f"network id {network_id!r} is not 1-64 characters of a-z, 0-9, '.', '_' and '-' "
+            "starting with a letter or digit"
+        ) from None
 
 
 def parse_lora(text: str) -> LoraRef:
@@ -261,18 +282,21 @@ async def render(
     idle_timeout: float = 300.0,
     payer_key: bytes | None = None,
     domain: Domain | None = None,
+    network_id: str | None = None,
     reconnect_for: float = 120.0,
 ) -> RenderResult:
     """Send one request and collect its images; `idle_timeout` bounds each wait for news.
 
     With `payer_key`, the request names that wallet as payer and carries its EIP-712
-    authorization for `domain` (the coordinator's chain and distributor). `on_accepted` gets
+    authorization for `domain` (the coordinator's chain and distributor) on `network_id`
+    (the coordinator's network; None: the request's own, `DEFAULT_NETWORK_ID` unless set),
+    and the coordinator knows the request by the hash it signed. `on_accepted` gets
     the request's `ResumeTicket` as soon as it is accepted. If the stream breaks after that,
     the request is resumed (backoff, up to `reconnect_for` seconds per outage) and each image
     is still handed over once; `CoordinatorLost` (with the ticket) when that fails.
     """
     if payer_key is not None:
-        request = authorize(request, payer_key, domain or DEFAULT_DOMAIN)
+        request = authorize(request, payer_key, domain or DEFAULT_DOMAIN, network_id=network_id)
     outcome: RenderResult | Exception
     async with open_host(key_path=None, listen=()) as host:
         # errors leave the host's nursery as plain exceptions, not exception groups
@@ -440,12 +464,25 @@ async def _take_image(channel: Channel, ticket: ResumeTicket, run: _Run, msg: Jo
 
 
 def authorize(
-    request: RenderRequest, payer_key: bytes, domain: Domain, ttl: float = 600.0
+    request: RenderRequest,
+    payer_key: bytes,
+    domain: Domain,
+    ttl: float = 600.0,
+    *,
+    network_id: str | None = None,
 ) -> RenderRequest:
-    """Name the payer and sign this exact request (fresh nonce, so it cannot be replayed)."""
+    """Name the payer and sign this exact request for `domain` on `network_id` (None: the
+    request's own, `DEFAULT_NETWORK_ID` unless set). A fresh nonce makes every authorization
+    new; each is spent once across its network and refused on any other. `ValueError` for a
+    malformed network id."""
+    network = valid_network_id(request.network_id if network_id is None else network_id)
     payer = Account.from_key(payer_key).address
     unsigned = msgspec.structs.replace(
-        request, payer=payer, nonce=os.urandom(16), expiry=int(time.time() + ttl)
+        request,
+        payer=payer,
+        network_id=network,
+        nonce=os.urandom(16),
+        expiry=int(time.time() + ttl),
     )
     return eip712.sign_request(payer_key, domain, unsigned)
 
@@ -504,16 +541,21 @@ async def claim_daily_boost(
     payer_key: bytes,
     *,
     domain: Domain | None = None,
+    network_id: str = DEFAULT_NETWORK_ID,
     day: str | None = None,
     timeout: float = 30.0,
 ) -> BoostGranted:
-    """Claim today's free Daily Boost Spark for the key's wallet (once per UTC day).
+    """Claim today's free Daily Boost Spark for the key's wallet (once per UTC day), signed
+    for `domain` on `network_id` (the coordinator's network: one claim a day across all its
+    coordinators).
 
     Raises `AccountRefused`: `already_claimed` (the reason says when the next claim opens),
-    `wrong_day`, `unauthorized` (e.g. signed for another chain or distributor) or
-    `billing_off`.
+    `wrong_day`, `unauthorized` (e.g. signed for another network, chain or distributor) or
+    `billing_off`; `ValueError` for a malformed network id.
     """
-    claim = eip712.sign_boost_claim(payer_key, domain or DEFAULT_DOMAIN, day or utc_today())
+    claim = eip712.sign_boost_claim(
+        payer_key, domain or DEFAULT_DOMAIN, day or utc_today(), valid_network_id(network_id)
+    )
     return await _ask(coordinator, lambda _host: claim, BoostGranted, timeout)
 
 

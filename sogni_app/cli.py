@@ -2,8 +2,9 @@
 
 Paying commands sign with the payer's wallet, an encrypted keystore v3 file (`--keystore`,
 password from `--password-env` or a prompt), for the coordinator's EIP-712 domain
-(`--chain-id`, `--verifying-contract`; for the local coordinator, read from the address
-file it writes).
+(`--chain-id`, `--verifying-contract`) and network (`--network-id`: render authorizations and
+Daily Boost claims name it, so they are good on that network only); for the local
+coordinator all three are read from the address file it writes.
 
 Errors are one line with the exit code of their class (`sogni_protocol.cli_errors`,
 docs/CLI.md): 2 usage, 3 refused (by the coordinator or the keystore), 4 unavailable (nothing
@@ -25,6 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from sogni_app.api import (
     DEFAULT_DOMAIN,
+    DEFAULT_NETWORK_ID,
     AccountRefused,
     CoordinatorLost,
     RenderedImage,
@@ -38,6 +40,7 @@ from sogni_app.api import (
     render_sync,
     save_image,
     save_ticket,
+    valid_network_id,
 )
 from sogni_protocol.cli_errors import (
     BadUsage,
@@ -103,6 +106,17 @@ ContractOpt = Annotated[
         help="Coordinator's reward distributor address (EIP-712 verifying contract).",
     ),
 ]
+NetworkIdOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--network-id",
+        envvar="SOGNI_NETWORK_ID",
+        help=(
+            "Coordinator's network (the ledger its coordinators share), named in what the payer "
+            f"signs (default: the local coordinator's, else {DEFAULT_NETWORK_ID!r})."
+        ),
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 ReconnectOpt = Annotated[
     float,
@@ -114,6 +128,9 @@ ReconnectOpt = Annotated[
 ]
 
 register(RenderRefused, Refused, None)  # the coordinator's reason says what it needs
+_SIGN_FOR_IT = (
+    "sign for the coordinator's network and domain: --network-id, --chain-id, --verifying-contract"
+)
 register(CoordinatorLost, Unavailable, "collect the rest later with `sogni collect`")
 
 
@@ -141,6 +158,15 @@ def resolve_coordinator(explicit: str | None) -> str:
     )
 
 
+def _local_coordinator_at(addr: str) -> dict[str, Any]:
+    """What the local coordinator wrote in its address file, if `addr` is that coordinator
+    (else nothing: the file is not about it)."""
+    local = _local_coordinator()
+    if local is not None and addr.endswith(f"/p2p/{local.get('peerId')}"):
+        return local
+    return {}
+
+
 def resolve_domain(addr: str, chain_id: int | None, contract: str | None) -> Domain:
     """The EIP-712 domain payer messages are signed for: the options, else what the local
     coordinator wrote in its address file (when `addr` is that coordinator), else the
@@ -151,14 +177,24 @@ def resolve_domain(addr: str, chain_id: int | None, contract: str | None) -> Dom
         raise typer.BadParameter(
             f"{contract!r} is not an Ethereum address", param_hint="--verifying-contract"
         )
-    local = _local_coordinator()
-    if local is not None and addr.endswith(f"/p2p/{local.get('peerId')}"):
-        chain_id = chain_id or local.get("chainId")
-        contract = contract or local.get("verifyingContract")
+    local = _local_coordinator_at(addr)
+    chain_id = chain_id or local.get("chainId")
+    contract = contract or local.get("verifyingContract")
     return Domain(
         int(chain_id or DEFAULT_DOMAIN.chain_id),
         str(contract or DEFAULT_DOMAIN.verifying_contract),
     )
+
+
+def resolve_network_id(addr: str, network_id: str | None) -> str:
+    """The network render authorizations and boost claims are signed for: the option, else
+    what the local coordinator wrote in its address file (when `addr` is that coordinator),
+    else a local network's (`DEFAULT_NETWORK_ID`)."""
+    chosen = network_id or _local_coordinator_at(addr).get("networkId") or DEFAULT_NETWORK_ID
+    try:
+        return valid_network_id(str(chosen))
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--network-id") from None
 
 
 def _wallet(keystore: Path, password_env: str) -> Wallet:
@@ -181,7 +217,8 @@ def _refused(exc: AccountRefused, as_json: bool) -> Exception:
         if not as_json:
             typer.echo(f"refused: {exc}", err=True)
         return typer.Exit(1)
-    return Refused(f"the coordinator refused: {exc}", "see the reason")
+    todo = _SIGN_FOR_IT if exc.code == "unauthorized" else "see the reason"
+    return Refused(f"the coordinator refused: {exc}", todo)
 
 
 @app.callback()
@@ -227,6 +264,7 @@ def render_cmd(
     password_env: PasswordEnvOpt = "SOGNI_PASSWORD",
     chain_id: ChainIdOpt = None,
     verifying_contract: ContractOpt = None,
+    network_id: NetworkIdOpt = None,
     reconnect_for: ReconnectOpt = 120.0,
 ) -> None:
     """Render PROMPT and save the images with their signed receipts.
@@ -254,8 +292,11 @@ def render_cmd(
         raise typer.BadParameter(str(exc)) from None
     paying: dict[str, Any] = {}
     if keystore is not None:
-        domain = resolve_domain(addr, chain_id, verifying_contract)
-        paying = {"payer_key": _wallet(keystore, password_env).private_key, "domain": domain}
+        paying = {  # the options are checked before the wallet asks for its password
+            "domain": resolve_domain(addr, chain_id, verifying_contract),
+            "network_id": resolve_network_id(addr, network_id),
+            "payer_key": _wallet(keystore, password_env).private_key,
+        }
     tickets: list[ResumeTicket] = []
 
     def on_accepted(ticket: ResumeTicket) -> None:
@@ -281,6 +322,10 @@ def render_cmd(
             )
         except CoordinatorLost as exc:
             raise _lost(exc, out) from None
+        except RenderRefused as exc:
+            if paying and exc.code == "unauthorized":  # signed for another network or domain
+                raise Refused(f"the coordinator refused: {exc}", _SIGN_FOR_IT) from None
+            raise
     _report(result, out, token_type)
 
 
@@ -396,13 +441,20 @@ def _account_call(
     chain_id: int | None,
     verifying_contract: str | None,
     as_json: bool,
+    *,
+    network_id: str | None = None,
+    names_network: bool = False,
 ) -> _T:
-    """Run one signed account exchange (`boost`, `balance`) with the payer's wallet."""
+    """Run one signed account exchange (`boost`, `balance`) with the payer's wallet; with
+    `names_network` the signed message names the coordinator's network (a boost claim)."""
     addr = resolve_coordinator(coordinator)
     domain = resolve_domain(addr, chain_id, verifying_contract)
+    signing: dict[str, Any] = {"domain": domain}
+    if names_network:
+        signing["network_id"] = resolve_network_id(addr, network_id)
     wallet = _wallet(keystore, password_env)
     try:
-        return call(addr, wallet.private_key, domain=domain)
+        return call(addr, wallet.private_key, **signing)
     except AccountRefused as exc:
         raise _refused(exc, as_json) from None
 
@@ -414,9 +466,11 @@ def boost_cmd(
     password_env: PasswordEnvOpt = "SOGNI_PASSWORD",
     chain_id: ChainIdOpt = None,
     verifying_contract: ContractOpt = None,
+    network_id: NetworkIdOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Claim today's free Daily Boost Spark (once per UTC day). Exit 1 if already claimed."""
+    """Claim today's free Daily Boost Spark (once per UTC day, across the coordinator's
+    network). Exit 1 if already claimed."""
     granted = _account_call(
         claim_daily_boost_sync,
         coordinator,
@@ -425,6 +479,8 @@ def boost_cmd(
         chain_id,
         verifying_contract,
         as_json,
+        network_id=network_id,
+        names_network=True,
     )
     if as_json:
         out = {

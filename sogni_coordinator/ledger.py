@@ -394,6 +394,8 @@ class Ledger(Database):
             if db.execute(
                 "SELECT 1 FROM ledger_reservations WHERE request_id = ?", (rid,)
             ).fetchone():
+                if authorization is not None:  # a paid request is known by its signed hash
+                    raise Replayed("this signed request was already submitted")
                 raise LedgerError(f"request {rid} is already reserved")
             if authorization is not None:
                 db.execute("DELETE FROM ledger_authorizations WHERE expiry < ?", (time.time(),))

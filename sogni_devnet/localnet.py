@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import queue
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
 
 from sogni_wallet.keystore import create_keystore
 
@@ -214,9 +218,24 @@ def start_localnet(
             proc.stop()
 
 
+def _credited_payer(database: Path, images: int) -> LocalAccount:
+    """A fresh payer wallet with bought Spark in the coordinator's ledger (what a card
+    purchase does), so the demo's requests are paid and its epoch pays the nodes."""
+    from sogni_coordinator.ledger import Ledger
+
+    payer: LocalAccount = Account.create()
+    ledger = Ledger(database)
+    try:
+        ledger.credit_purchase(payer.address, max(1, images))
+    finally:
+        ledger.close()
+    return payer
+
+
 def _demo(images: int, out: Path, prompt: str, model: str) -> int:
     from sogni_app.api import render_sync, save
     from sogni_devnet.settlement_demo import embedded_deployment, settle_and_claim
+    from sogni_protocol.eip712 import Domain
     from sogni_protocol.messages import RenderRequest
     from sogni_wallet.keystore import load_wallet
 
@@ -231,6 +250,7 @@ def _demo(images: int, out: Path, prompt: str, model: str) -> int:
         work, nodes=2, models_dir=cache / "models", addresses_file=work / "addresses.json"
     ) as net:
         print(f"coordinator {net.coordinator_addr}")
+        payer = _credited_payer(work / "coordinator" / "coordinator.db", images)
         request = RenderRequest(
             model_id=model,
             positive_prompt=prompt,
@@ -241,15 +261,22 @@ def _demo(images: int, out: Path, prompt: str, model: str) -> int:
             guidance=DEMO_GUIDANCE,
             number_of_images=images,
         )
-        result = render_sync(net.coordinator_addr, request)
+        domain = Domain(deployment.addresses.chain_id, deployment.addresses.distributor)
+        result = render_sync(
+            net.coordinator_addr, request, payer_key=bytes(payer.key), domain=domain
+        )
         paths = save(result, out)
         workers = {im.receipt.worker for im in result.images}
         print(f"{len(paths)} images from {len(workers)} nodes in {out}/ (receipts.jsonl)")
+        print(f"  paid by {payer.address}: {result.cost_micro / 1e6:.6f} Spark")
         keys = [
             load_wallet(work / f"node{i}" / "wallet.json", DEMO_PASSWORD).private_key
             for i in range(2)
         ]
         settled = settle_and_claim(work / "coordinator" / "coordinator.db", deployment, keys)
+    published = out / "epochs"
+    shutil.rmtree(published, ignore_errors=True)
+    shutil.copytree(work / "coordinator" / "epochs", published)
     epoch = settled.epoch
     if epoch is None:
         print("no epoch closed: no receipts to settle")
@@ -257,6 +284,10 @@ def _demo(images: int, out: Path, prompt: str, model: str) -> int:
     print(
         f"epoch {epoch.epoch} settled on chain: root 0x{epoch.root.hex()[:16]}..., "
         f"{epoch.paid_receipts} receipts, batch {epoch.receipts_file}"
+    )
+    print(
+        f"  published epochs copied to {published}/ (check: sogni-coordinator epoch audit "
+        f"--published {published})"
     )
     for address, amount in settled.claimed.items():
         balance = deployment.token.balance_of(address)

@@ -75,7 +75,8 @@ def settle_and_claim(
     wallet private keys (e.g. ``load_wallet(path, password).private_key``); a wallet without
     gas gets ``GAS_ALLOWANCE_WEI`` from dev account 0 first. ``settler`` defaults to dev
     account 1, ``publish_dir`` to ``<db dir>/epochs``, ``rules`` to the default
-    `SettlementConfig`. Safe to call again: closing is idempotent, claiming twice pays 0.
+    `SettlementConfig` on a local network (free work paid within a generous budget). Safe to
+    call again: closing is idempotent, claiming twice pays 0.
     """
     chain = deployment.chain
     db = Path(db_path)
@@ -85,7 +86,7 @@ def settle_and_claim(
             store,
             deployment,
             sender=settler if settler is not None else chain.accounts[1],
-            rules=rules if rules is not None else SettlementConfig().rules(),
+            rules=rules if rules is not None else SettlementConfig().rules(local=True),
             publish_dir=publish_dir if publish_dir is not None else db.parent / "epochs",
         ).close_epoch()
         latest = store.last_epoch_record(state="posted")

@@ -12,6 +12,7 @@ from eth_account import Account
 from sogni_app.api import render
 from sogni_chain import Addresses, Deployment, connect, deploy_all
 from sogni_chain.anvil import Anvil
+from sogni_coordinator.ledger import Ledger
 from sogni_protocol.messages import RenderRequest
 from sogni_protocol.payout_rules import SettlementConfig
 
@@ -51,8 +52,16 @@ async def test_epochs_close_on_a_timer_and_tiers_follow_the_chain(
             number_of_images=2,
             network="relaxed",
         )
+        payer = Account.create()  # only paid work is paid on chain
+        ledger = Ledger(net.config.database)
+        try:
+            ledger.credit_purchase(payer.address, 1)
+        finally:
+            ledger.close()
         with trio.fail_after(60):
-            result = await render(net.addr, request)
+            result = await render(
+                net.addr, request, payer_key=bytes(payer.key), domain=net.domain
+            )
         assert len(result.images) == 2
         store = net.coordinator.dispatcher.store
         with trio.fail_after(30):

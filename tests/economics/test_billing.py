@@ -35,7 +35,7 @@ from sogni_coordinator.settlement.epochs import Settler
 from sogni_coordinator.store import Store
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
-from sogni_protocol.messages import JobParams, Receipt, RenderRequest
+from sogni_protocol.messages import JobOffer, JobParams, Receipt, RenderRequest
 from sogni_protocol.payout_rules import SOGNI, SettlementConfig
 from sogni_protocol.pricing import quote
 
@@ -58,7 +58,9 @@ def _request(n: int, **kw: object) -> RenderRequest:
     return RenderRequest(**fields)  # type: ignore[arg-type]
 
 
-def _jobs(req: RenderRequest) -> list[tuple[bytes, JobParams, int]]:
+def _jobs(req: RenderRequest, request_id: bytes) -> list[tuple[bytes, JobParams, int]]:
+    """The request's jobs, each known by the id derived from the hash its payer signed (as
+    `Dispatcher.submit` names the jobs of a paid request)."""
     params = JobParams(
         model_id=req.model_id,
         positive_prompt=req.positive_prompt,
@@ -69,15 +71,29 @@ def _jobs(req: RenderRequest) -> list[tuple[bytes, JobParams, int]]:
         seed=0,
     )
     units = quote(req).per_image.work_units
-    return [(os.urandom(32), params, units) for _ in range(req.number_of_images)]
+    return [(eip712.job_id_of(request_id, i), params, units) for i in range(req.number_of_images)]
 
 
 def _receipt(
     worker: LocalAccount, domain: Domain, job_id: bytes, units: int, steps_done: int = 20
-) -> tuple[Receipt, bytes]:
+) -> tuple[Receipt, bytes, tuple[JobOffer, bytes]]:
+    """A worker's receipt answering the offer the coordinator signed for `job_id` (an epoch
+    pays only a receipt that answers a signed offer)."""
+    offer = JobOffer(
+        job_id=job_id,
+        coordinator=COORDINATOR.address,
+        model_id=BASELINE_MODEL,
+        params_hash=os.urandom(32),
+        steps=20,
+        width=1024,
+        height=1024,
+        seed=0,
+        work_units=units,
+        deadline=1_700_000_600,
+    )
     receipt = Receipt(
         job_id=job_id,
-        offer_hash=os.urandom(32),
+        offer_hash=eip712.offer_hash(domain, offer),
         worker=worker.address,
         coordinator=COORDINATOR.address,
         model_id=BASELINE_MODEL,
@@ -86,7 +102,8 @@ def _receipt(
         work_units=units * steps_done // 20,
         completed_at=1_700_000_000,
     )
-    return receipt, eip712.sign_receipt(worker.key, domain, receipt)
+    offer_signature = eip712.sign_offer(COORDINATOR.key, domain, offer)
+    return receipt, eip712.sign_receipt(worker.key, domain, receipt), (offer, offer_signature)
 
 
 @dataclass
@@ -113,10 +130,12 @@ class Coordinator:
         self.ledger.close()
 
     def accept(self, payer: LocalAccount, req: RenderRequest) -> tuple[bytes, list[bytes]]:
-        """What `serve_client` does: reserve, then commit the request and its jobs."""
-        rid = os.urandom(32)
-        self.billing.admit(authorize(req, payer.key, self.domain), rid)
-        jobs = _jobs(req)
+        """What `Dispatcher.submit` does: reserve under the hash the payer signed (the paid
+        request's id), then commit the request and its jobs (ids derived from it)."""
+        signed = authorize(req, payer.key, self.domain)
+        rid = eip712.request_hash(signed)
+        self.billing.admit(signed, rid)
+        jobs = _jobs(req, rid)
         self.store.add_request(
             rid,
             model_id=req.model_id,
@@ -132,7 +151,8 @@ class Coordinator:
     ) -> None:
         """A verified receipt is stored, then (unless the coordinator stops first) settled."""
         units = quote(_request(1)).per_image.work_units
-        assert self.store.store_receipt(*_receipt(worker, self.domain, job_id, units), rid)
+        receipt, signature, offer = _receipt(worker, self.domain, job_id, units)
+        assert self.store.store_receipt(receipt, signature, rid, offer=offer)
         if settle:
             self.billing.settle(rid, job_id, worker.address, 20, 20)
 
