@@ -55,6 +55,7 @@ UrlOpt = Annotated[
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 _HINT = "sogni-coordinator keys create"
+_SETTLEMENT_HINT = "sogni-coordinator keys create --settlement"
 
 
 def _bad_config(exc: ValueError) -> BadUsage:
@@ -146,24 +147,32 @@ def _deployment(cfg: CoordinatorConfig, chain: Chain) -> Deployment:
 
 def _settler(cfg: CoordinatorConfig, url: str | None, store: Store) -> Settler:
     from sogni_coordinator.settlement.epochs import Settler
-    from sogni_wallet.keystore import unlock_wallet
+    from sogni_coordinator.settlement.keys import settlement_sender
+    from sogni_wallet.keystore import keystore_address, unlock_wallet
 
     chain = _shared_chain(cfg, url)
     deployment = _deployment(cfg, chain)
-    wallet = unlock_wallet(cfg.keystore, cfg.password_env, create_hint=_HINT)
-    sender = chain.add_key(wallet.private_key)
-    if not deployment.distributor.has_role("SETTLEMENT_ROLE", sender):
+    offer_address = keystore_address(cfg.keystore, create_hint=_HINT)
+    sender = settlement_sender(
+        cfg,
+        chain,
+        offer_address,
+        lambda: unlock_wallet(cfg.keystore, cfg.password_env, create_hint=_HINT).private_key,
+    )
+    address = sender if isinstance(sender, str) else sender.address
+    if not deployment.distributor.has_role("SETTLEMENT_ROLE", address):
         raise Refused(
-            f"the coordinator key {sender.address} lacks SETTLEMENT_ROLE on "
+            f"the settlement key {address} lacks SETTLEMENT_ROLE on "
             f"{deployment.distributor.address}",
-            "deploy with it as settler, or grant the role",
+            "deploy with it as settler (--settler), or have the admin grant the role",
         )
     return Settler(
         store,
         deployment,
         sender=sender,
-        rules=cfg.settlement.rules(),
+        rules=cfg.settlement.rules(local=cfg.local),
         publish_dir=publish_dir(cfg),
+        network_id=cfg.network_id,
     )
 
 
@@ -288,6 +297,85 @@ def epoch_close(
         f"{len(result.payouts)} accounts, total {result.total}, root 0x{result.root.hex()}"
     )
     typer.echo(f"published {result.epoch_file} and {result.receipts_file}")
+    if result.unsigned_tx is not None:
+        typer.echo(
+            f"the root awaits the offline settlement key: sign {result.unsigned_tx} with "
+            "`sogni-coordinator epoch sign FILE --keystore KEY` on its machine, then "
+            "`sogni-coordinator epoch submit SIGNED`"
+        )
+
+
+@epoch_app.command("sign")
+def epoch_sign(
+    unsigned: Annotated[Path, typer.Argument(help="The unsigned postRoot file.", exists=True)],
+    keystore: Annotated[Path, typer.Option(help="The settlement key's keystore.", exists=True)],
+    password_env: Annotated[
+        str, typer.Option(help="Env var holding its password (else prompted).")
+    ] = "SOGNI_SETTLEMENT_PASSWORD",
+    out: Annotated[Path | None, typer.Option(help="Default: FILE with .signed.json.")] = None,
+) -> None:
+    """Sign an epoch's postRoot with the settlement key, offline (no chain, no config)."""
+    from sogni_coordinator.settlement.epochs import SettlementError, sign_offline
+    from sogni_wallet.keystore import load_wallet, password_from_env_or_prompt
+
+    try:
+        document = json.loads(unsigned.read_text())
+    except (OSError, ValueError) as exc:
+        raise BadUsage(
+            f"cannot read {unsigned}: {exc}", "pass the file epoch close wrote"
+        ) from None
+    password = password_from_env_or_prompt(password_env)
+    wallet = load_wallet(
+        keystore, password, create_hint="sogni-coordinator keys create --settlement"
+    )
+    try:
+        signed = sign_offline(document, wallet.private_key)
+    except (SettlementError, KeyError, TypeError, ValueError) as exc:
+        raise Refused(
+            f"not signed: {exc}", "sign the file `epoch close` wrote, with its key"
+        ) from None
+    target = out or unsigned.with_suffix(".signed.json")
+    target.write_text(json.dumps(signed, indent=2))
+    typer.echo(
+        f"signed epoch {signed['epoch']} root {signed['root']} (total {document['total']}) "
+        f"from {signed['from']}: {target}"
+    )
+
+
+@epoch_app.command("submit")
+def epoch_submit(
+    signed: Annotated[Path, typer.Argument(help="The signed postRoot file.", exists=True)],
+    config: ConfigOpt = None,
+    chain_url: UrlOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Broadcast a planned epoch's root signed offline, and record it as posted."""
+    from sogni_coordinator.settlement.epochs import Settler
+    from sogni_coordinator.store import Store
+
+    try:
+        document = json.loads(signed.read_text())
+    except (OSError, ValueError) as exc:
+        raise BadUsage(f"cannot read {signed}: {exc}", "pass the file epoch sign wrote") from None
+    cfg = _config(config)
+    chain = _shared_chain(cfg, chain_url)
+    store = Store(cfg.database)
+    try:
+        settler = Settler(
+            store,
+            _deployment(cfg, chain),
+            sender=str(document.get("from", "")),
+            rules=cfg.settlement.rules(local=cfg.local),
+            publish_dir=publish_dir(cfg),
+            network_id=cfg.network_id,
+        )
+        result = settler.submit_signed(document)  # SettlementError: exit 3
+    finally:
+        store.close()
+    if as_json:
+        _print_json(result.as_json())
+        return
+    typer.echo(f"epoch {result.epoch} posted: root 0x{result.root.hex()} tx {result.tx_hash}")
 
 
 @epoch_app.command("show")
@@ -374,3 +462,8 @@ def epoch_watch(
         trio.run(main)
     finally:
         store.close()
+
+
+from sogni_coordinator.audit_cli import audit as _audit  # noqa: E402
+
+epoch_app.command("audit")(_audit)

@@ -91,11 +91,13 @@ def connect_chain(config: CoordinatorConfig, private_key: bytes, store: Store) -
         return None
     from sogni_chain import Addresses, Deployment, connect
     from sogni_coordinator.settlement import Settler
+    from sogni_coordinator.settlement.keys import settlement_sender
 
     chain = connect(config.chain_url)
     addresses = Addresses.load(config.addresses_file, chain_id=chain.chain_id)
     deployment = Deployment(chain, addresses)
-    sender = chain.add_key(private_key)
+    offer_address = chain.add_key(private_key).address
+    sender = settlement_sender(config, chain, offer_address, lambda: private_key)
     settler = Settler(
         store,
         deployment,

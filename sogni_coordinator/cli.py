@@ -67,9 +67,28 @@ def _config(path: Path | None) -> CoordinatorConfig:
 def keys_create(
     config: ConfigOpt = None,
     force: Annotated[bool, typer.Option(help="Replace an existing key (kept as .bak).")] = False,
+    settlement: Annotated[
+        bool,
+        typer.Option(
+            "--settlement",
+            help="Create the separate settlement key at `settlement_keystore` instead.",
+        ),
+    ] = False,
 ) -> None:
     """Create the encrypted signing key (password from the env var or a prompt)."""
     cfg = _config(config)
+    if settlement:
+        if cfg.settlement_keystore is None:
+            raise BadUsage(
+                "settlement_keystore is not set", "set it in the config (a path), then run again"
+            )
+        password = password_from_env_or_prompt(cfg.settlement_password_env, confirm=True)
+        address = create_keystore(cfg.settlement_keystore, password, force=force)
+        typer.echo(
+            f"settlement key {address} in {cfg.settlement_keystore}: grant it SETTLEMENT_ROLE "
+            "(chain deploy --settler ADDRESS), and keep it offline if you like"
+        )
+        return
     password = password_from_env_or_prompt(cfg.password_env, confirm=True)
     address = create_keystore(cfg.keystore, password, force=force, create_hint=_HINT)
     typer.echo(f"coordinator signer {address} in {cfg.keystore}")

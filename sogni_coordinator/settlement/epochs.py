@@ -62,6 +62,9 @@ __all__ = [
 
 log = get_logger(__name__)
 
+UNSIGNED_FORMAT = "sogni-unsigned-post-root-v1"
+SIGNED_FORMAT = "sogni-signed-post-root-v1"
+
 _NO_PAYER = "no payer: requests nobody paid for are never paid on chain"
 
 
@@ -91,6 +94,8 @@ class EpochResult:
     tx_hash: str | None
     resumed: bool
     """True when this call finished a plan an earlier (crashed) call had committed."""
+    unsigned_tx: Path | None = None
+    """With an offline settlement key: the unsigned `postRoot` awaiting its signature."""
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -106,6 +111,7 @@ class EpochResult:
             "posted": self.posted,
             "txHash": self.tx_hash,
             "resumed": self.resumed,
+            "unsignedTx": None if self.unsigned_tx is None else str(self.unsigned_tx),
         }
 
 
@@ -398,12 +404,15 @@ class Settler:
 
     # --- step 2: post --------------------------------------------------------------------
     def post(self, record: EpochRecord, *, resumed: bool = False) -> EpochResult:
-        """Put a planned epoch's root on chain, exactly once."""
-        plan = decode_epoch(record.plan)
+        """Put a planned epoch's root on chain, exactly once. With an offline settlement key
+        (`sender` is only its address) the unsigned transaction is written instead
+        (`EpochResult.unsigned_tx`) for `sign_offline`, and `submit_signed` finishes it."""
         epoch_file = self._publish(record)
         tx_hash: str | None = record.tx_hash
         if record.state != "posted":
             onchain = self.distributor.root_of(record.epoch)
+            if onchain is None and isinstance(self.sender, str):
+                return self._result(record, epoch_file, resumed, self._write_unsigned(record))
             if onchain is None:
                 try:
                     tx = self.distributor.post_root(
@@ -415,19 +424,87 @@ class Settler:
                     )
                     tx_hash = tx.hash
                 except ChainRevert as exc:
-                    if exc.error != "RootAlreadyPosted":
+                    onchain = self.distributor.root_of(record.epoch)
+                    if onchain is None:  # not a lost race with ourselves: a real refusal
                         raise SettlementError(
                             f"posting epoch {record.epoch} failed: {exc.reason} "
                             "(the plan is kept; closing again retries it)"
                         ) from None
-                    onchain = self.distributor.root_of(record.epoch)
-            if onchain is not None and onchain != record.root:
-                raise EpochConflict(
-                    f"epoch {record.epoch} has root 0x{onchain.hex()} on chain, "
-                    f"not this plan's 0x{record.root.hex()}"
-                )
-            self.store.mark_epoch_posted(record.epoch, tx_hash)
-            log.info("epoch_posted", epoch=record.epoch, tx=tx_hash, resumed=resumed)
+            self._record_posted(record, onchain, tx_hash, resumed)
+        return self._result(record, epoch_file, resumed, None, tx_hash)
+
+    def _record_posted(
+        self, record: EpochRecord, onchain: bytes | None, tx_hash: str | None, resumed: bool
+    ) -> None:
+        if onchain is not None and onchain != record.root:
+            raise EpochConflict(
+                f"epoch {record.epoch} has root 0x{onchain.hex()} on chain, "
+                f"not this plan's 0x{record.root.hex()}"
+            )
+        self.store.mark_epoch_posted(record.epoch, tx_hash)
+        log.info("epoch_posted", epoch=record.epoch, tx=tx_hash, resumed=resumed)
+
+    # --- an offline settlement key ---------------------------------------------------------
+    def _write_unsigned(self, record: EpochRecord) -> Path:
+        assert isinstance(self.sender, str)
+        try:
+            tx = self.distributor.build_post_root(
+                record.epoch, record.root, record.total, record.receipts_hash, sender=self.sender
+            )
+        except ChainRevert as exc:
+            raise SettlementError(
+                f"epoch {record.epoch}'s root would be refused: {exc.reason} (the plan is kept)"
+            ) from None
+        document = {
+            "format": UNSIGNED_FORMAT,
+            "epoch": record.epoch,
+            "root": "0x" + record.root.hex(),
+            "total": str(record.total),
+            "receiptsHash": "0x" + record.receipts_hash.hex(),
+            "from": to_checksum_address(self.sender),
+            "tx": tx,
+        }
+        path = self.publish_dir.parent / "unsigned" / f"post-epoch-{record.epoch:06d}.json"
+        atomic_write_bytes(path, json.dumps(document, indent=2).encode())
+        log.info("epoch_awaiting_signature", epoch=record.epoch, file=str(path))
+        return path
+
+    def submit_signed(self, signed: dict[str, Any]) -> EpochResult:
+        """Broadcast the planned epoch's `postRoot`, signed offline (`sign_offline`'s output),
+        after checking it is exactly that epoch's root from the settlement key."""
+        record = self.store.last_epoch_record(state="planned")
+        if record is None:
+            raise SettlementError("no planned epoch awaits a signature")
+        if (signed.get("epoch"), signed.get("root")) != (record.epoch, "0x" + record.root.hex()):
+            raise SettlementError(
+                f"the signed transaction is for epoch {signed.get('epoch')} root "
+                f"{signed.get('root')}, but epoch {record.epoch} root 0x{record.root.hex()} "
+                "awaits: sign the current unsigned file"
+            )
+        onchain = self.distributor.root_of(record.epoch)
+        tx_hash = None
+        if onchain is None:
+            try:
+                tx_hash = self.deployment.chain.send_raw(str(signed["raw"])).hash
+            except ChainRevert as exc:
+                raise SettlementError(
+                    f"posting epoch {record.epoch} failed: {exc.reason}"
+                ) from None
+            onchain = self.distributor.root_of(record.epoch)
+        self._record_posted(record, onchain, tx_hash, False)
+        posted = self.store.epoch_record(record.epoch)
+        assert posted is not None
+        return self.post(posted)
+
+    def _result(
+        self,
+        record: EpochRecord,
+        epoch_file: Path,
+        resumed: bool,
+        unsigned: Path | None,
+        tx_hash: str | None = None,
+    ) -> EpochResult:
+        plan = decode_epoch(record.plan)
         counts = {e: (p, r) for e, _state, _total, p, r in self.store.epoch_summaries()}
         paid_n, refused_n = counts.get(record.epoch, (0, 0))
         return EpochResult(
@@ -440,9 +517,10 @@ class Settler:
             paid_receipts=paid_n,
             refused_receipts=refused_n,
             payouts={p.account: int(p.amount) for p in plan.payouts},
-            posted=True,
-            tx_hash=tx_hash,
+            posted=unsigned is None,
+            tx_hash=tx_hash or record.tx_hash,
             resumed=resumed,
+            unsigned_tx=unsigned,
         )
 
 
@@ -475,4 +553,28 @@ def epoch_claims(record: EpochRecord) -> dict[str, Any]:
             }
             for i, (account, amount) in enumerate(leaves)
         ],
+    }
+
+
+def sign_offline(unsigned: dict[str, Any], private_key: bytes) -> dict[str, Any]:
+    """Sign an unsigned `postRoot` (`Settler` wrote it) with the settlement key, without any
+    chain access: the output is what `Settler.submit_signed` broadcasts."""
+    from eth_account import Account
+
+    if unsigned.get("format") != UNSIGNED_FORMAT:
+        raise SettlementError(f"not an unsigned epoch root transaction ({UNSIGNED_FORMAT})")
+    account = Account.from_key(private_key)
+    if not eip712.same_address(account.address, str(unsigned["from"])):
+        raise SettlementError(
+            f"the transaction is to be sent from {unsigned['from']}, not from this key's "
+            f"{account.address}"
+        )
+    signed = account.sign_transaction(unsigned["tx"])
+    return {
+        "format": SIGNED_FORMAT,
+        "epoch": unsigned["epoch"],
+        "root": unsigned["root"],
+        "from": account.address,
+        "raw": "0x" + bytes(signed.raw_transaction).hex(),
+        "hash": "0x" + bytes(signed.hash).hex(),
     }

@@ -44,7 +44,7 @@ async def run_epoch_timer(
         except Exception as exc:  # an RPC hiccup must not take the coordinator down
             log.error("epoch_close_crashed", error=repr(exc), exc_info=True)
             continue
-        if result is not None:
+        if result is not None and result.posted:
             log.info(
                 "epoch_closed",
                 epoch=result.epoch,

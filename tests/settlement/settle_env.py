@@ -217,7 +217,7 @@ def settler(store: Store, net: Net, tmp: Path, **kw: object) -> Settler:
     return Settler(
         store,
         net.d,
-        sender=net.settler,
+        sender=kw.pop("sender", net.settler),  # type: ignore[arg-type]
         rules=kw.pop("rules", rules()),  # type: ignore[arg-type]
         publish_dir=tmp / "epochs",
         **kw,  # type: ignore[arg-type]
