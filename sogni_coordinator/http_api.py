@@ -1,23 +1,37 @@
 """The coordinator's HTTP API (served by `sogni_net.serve_http` on `http_listen`).
 
-`/healthz` for probes and operators. Later routes (the HTTP gateway for apps, metrics, a
-status page) go into `routes()`. starlette is imported when the app is built, so importing
-this module needs no `http` extra.
+`/healthz` for probes and operators; `GET /epochs` (the index of published epochs) and
+`GET /epochs/{name}` (one published file: `epoch-NNNNNN.json`, `epoch-NNNNNN.tree.json`,
+`receipts/0x<keccak>.json`) so nodes can fetch and check their rewards from anywhere;
+`POST /relay/claim` to have this coordinator submit a claim and pay its gas (the same checks
+and limits as the `/sogni/relay/1.0.0` protocol, `claim_relay`). Later routes (the HTTP
+gateway for apps, metrics, a status page) go into `routes()`. starlette is imported when the
+app is built, so importing this module needs no `http` extra.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import msgspec
 
 from sogni_net import health_endpoint, require_http_extra
+from sogni_protocol import ids
 
 if TYPE_CHECKING:
     from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
     from starlette.routing import BaseRoute
 
+    from sogni_coordinator.claim_relay import ClaimRelay
     from sogni_coordinator.dispatch import Dispatcher
+    from sogni_coordinator.epoch_serving import EpochFolder
+
+RELAY_BODY_LIMIT = ids.RELAY_FRAME_LIMIT
+"""Largest `POST /relay/claim` body read (a claim with a 64-node proof is ~5 KB of JSON)."""
 
 
 @dataclass(frozen=True)
@@ -28,6 +42,10 @@ class CoordinatorView:
     signer: str
     dispatcher: Dispatcher
     started: float = field(default_factory=time.monotonic)
+    epochs: EpochFolder | None = None
+    """The published epochs folder (`chain_link.publish_dir`); None: `/epochs` is 404."""
+    relay: ClaimRelay | None = None
+    """Submits claims for nodes; None (no settlement chain): `/relay/claim` answers 503."""
 
 
 def health(view: CoordinatorView) -> dict[str, object]:
@@ -51,10 +69,141 @@ def health(view: CoordinatorView) -> dict[str, object]:
     }
 
 
+def _error(status: int, code: str, reason: str) -> Response:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"error": code, "reason": reason}, status_code=status)
+
+
+_FILE_STATUS = {"bad_name": 400, "not_found": 404, "too_large": 413}
+
+
+def epoch_routes(view: CoordinatorView) -> list[BaseRoute]:
+    """`GET /epochs` and `GET /epochs/{name}` over `view.epochs`."""
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from sogni_coordinator.epoch_serving import EpochFileError
+
+    async def index(request: Request) -> Response:
+        if view.epochs is None:
+            return _error(404, "not_found", "this coordinator publishes no epochs")
+        after_text = request.query_params.get("after", "0")
+        if not after_text.isdigit() or len(after_text) > 18:
+            return _error(400, "bad_request", "after must be an epoch number")
+        epochs, more = await view.epochs.index_async(int(after_text))
+        body = {"epochs": msgspec.to_builtins(epochs), "more": more}
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+    async def file(request: Request) -> Response:
+        if view.epochs is None:
+            return _error(404, "not_found", "this coordinator publishes no epochs")
+        name = str(request.path_params["name"])
+        try:
+            data = await view.epochs.read_async(name)
+        except EpochFileError as exc:
+            return _error(_FILE_STATUS.get(exc.code, 400), exc.code, exc.reason)
+        # receipts batches are content-addressed (immutable); an epoch file is rewritten
+        # only while its root is not posted yet
+        cache = (
+            "public, max-age=31536000, immutable" if name.startswith("receipts/") else "no-cache"
+        )
+        return Response(data, media_type="application/json", headers={"Cache-Control": cache})
+
+    return [
+        Route("/epochs", index, methods=["GET"]),
+        Route("/epochs/{name:path}", file, methods=["GET"]),
+    ]
+
+
+def relay_routes(view: CoordinatorView) -> list[BaseRoute]:
+    """`POST /relay/claim`: a JSON `RelayClaim` (camelCase; proof and signature as 0x-hex)."""
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from sogni_coordinator.claim_relay import RelayRefusal
+    from sogni_protocol.relay_messages import RelayClaim
+
+    status = {
+        "rate_limited": 429,
+        "busy": 429,
+        "no_chain": 503,
+        "unavailable": 503,
+        "relayer_unfunded": 503,
+        "paused": 503,
+        "not_matured": 409,
+        "nothing_to_claim": 409,
+    }
+
+    async def relay_claim(request: Request) -> Response:
+        if view.relay is None:
+            return _error(503, "no_chain", "this coordinator has no settlement chain")
+        body = await _read_body(request, RELAY_BODY_LIMIT)
+        if body is None:
+            return _error(413, "too_large", f"the body is over {RELAY_BODY_LIMIT} bytes")
+        try:
+            claim = msgspec.convert(_claim_fields(msgspec.json.decode(body)), RelayClaim)
+        except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError) as exc:
+            return _error(400, "bad_request", str(exc)[:500])
+        try:
+            done = await view.relay.relay(claim)
+        except RelayRefusal as exc:
+            return _error(status.get(exc.code, 422), exc.code, exc.reason)
+        return JSONResponse(
+            {
+                "txHash": "0x" + done.tx_hash.hex(),
+                "account": done.account,
+                "epoch": done.epoch,
+                "amount": done.amount,
+                "staked": done.staked,
+                "paid": done.paid,
+            }
+        )
+
+    return [Route("/relay/claim", relay_claim, methods=["POST"])]
+
+
+def _claim_fields(raw: Any) -> dict[str, Any]:
+    """The JSON body (camelCase, 0x-hex bytes) with its bytes decoded, for `msgspec.convert`."""
+    if not isinstance(raw, dict):
+        raise ValueError("the body must be a JSON object")
+    out = dict(raw)
+    proof = out.get("proof", [])
+    if not isinstance(proof, list) or len(proof) > ids.MAX_PROOF_NODES:
+        raise ValueError(f"proof must be a list of at most {ids.MAX_PROOF_NODES} 0x-hex hashes")
+    out["proof"] = [_hex(p, "proof") for p in proof]
+    if "signature" in out:
+        out["signature"] = _hex(out["signature"], "signature")
+    return out
+
+
+def _hex(value: Any, what: str) -> bytes:
+    if not isinstance(value, str) or not value.startswith("0x"):
+        raise ValueError(f"{what} must be 0x-hex")
+    return bytes.fromhex(value[2:])
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it exceeds `limit` bytes."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
+
+
 def routes(view: CoordinatorView) -> list[BaseRoute]:
     from starlette.routing import Route
 
-    return [Route("/healthz", health_endpoint(lambda: health(view)), methods=["GET"])]
+    return [
+        Route("/healthz", health_endpoint(lambda: health(view)), methods=["GET"]),
+        *epoch_routes(view),
+        *relay_routes(view),
+    ]
 
 
 def build_app(view: CoordinatorView) -> Starlette:

@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
 
 from sogni_coordinator.adverts import AdvertBook
 from sogni_coordinator.billing import Billing
-from sogni_coordinator.chain_link import connect_chain
+from sogni_coordinator.chain_link import connect_chain, publish_dir
+from sogni_coordinator.claim_relay import ClaimRelay, serve_relay
 from sogni_coordinator.client_session import serve_client
 from sogni_coordinator.config import CoordinatorConfig
 from sogni_coordinator.dispatch import Dispatcher
+from sogni_coordinator.epoch_serving import EpochFolder, serve_epochs
 from sogni_coordinator.http_api import CoordinatorView, build_app
 from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.node_session import serve_node
@@ -25,7 +28,13 @@ from sogni_coordinator.store import Store
 from sogni_net import Channel, open_host, parse_listen, serve_http
 from sogni_protocol.catalog import default_catalog
 from sogni_protocol.eip712 import Domain
-from sogni_protocol.ids import CAPABILITIES_TOPIC, CLIENT_PROTOCOL, JOBS_PROTOCOL
+from sogni_protocol.ids import (
+    CAPABILITIES_TOPIC,
+    CLIENT_PROTOCOL,
+    EPOCHS_PROTOCOL,
+    JOBS_PROTOCOL,
+    RELAY_PROTOCOL,
+)
 from sogni_protocol.logs import get_logger
 
 if TYPE_CHECKING:
@@ -108,6 +117,11 @@ async def run_coordinator(
             await serve_client(channel, dispatcher, allowed_models=allowed)
 
         book = AdvertBook(dispatcher.domain)
+        epochs = EpochFolder(publish_dir(config))
+        relay = None
+        if link is not None:  # relaying needs gas only, no role: the online coordinator key
+            relayer = link.deployment.chain.add_key(signer.private_key)
+            relay = ClaimRelay(link.deployment.distributor, relayer)
         async with open_host(
             key_path=config.node_key_path,
             listen=[config.listen],
@@ -116,6 +130,8 @@ async def run_coordinator(
             host.set_topic_validator(CAPABILITIES_TOPIC, book.validate)
             host.set_stream_handler(JOBS_PROTOCOL, on_node)
             host.set_stream_handler(CLIENT_PROTOCOL, on_client)
+            host.set_stream_handler(EPOCHS_PROTOCOL, partial(serve_epochs, folder=epochs))
+            host.set_stream_handler(RELAY_PROTOCOL, partial(serve_relay, relay=relay))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(dispatcher.run)
                 if standing is not None:
@@ -126,7 +142,9 @@ async def run_coordinator(
                     )
                 http_url = None
                 if parse_listen(config.http_listen) is not None:
-                    view = CoordinatorView(host.peer_id, signer.address, dispatcher, started)
+                    view = CoordinatorView(
+                        host.peer_id, signer.address, dispatcher, started, epochs, relay
+                    )
                     http_url = await nursery.start(serve_http, build_app(view), config.http_listen)
                 info = {
                     "peerId": host.peer_id,

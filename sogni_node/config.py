@@ -45,6 +45,16 @@ CONFIG_ENV = "SOGNI_NODE_CONFIG"
 """Env var naming the config file when no `--config` is given."""
 
 
+EpochSource = Annotated[
+    str,
+    Meta(
+        pattern=r"^((/[A-Za-z0-9_.:%-]+)+/p2p/[A-Za-z0-9]+|https?://[^\s/]+(/[^\s]*)?)$",
+        max_length=512,
+    ),
+]
+"""A coordinator's multiaddr (pinning its peer id) or the base URL of its HTTP listener."""
+
+
 class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Settings of one `sogni-node`; see `configs/node.example.toml` for each key's meaning."""
 
@@ -88,7 +98,19 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     """`sogni-coordinator chain deploy`'s output; when set, chain_id and verifying_contract
     come from it (its distributor is the EIP-712 verifying contract)."""
     epochs_dir: Path | None = None
-    """The coordinator's published epoch files (`epoch-N.json`, `receipts/`), for `rewards`."""
+    """A local copy of a coordinator's published epoch files (`epoch-N.json`, `receipts/`) for
+    `rewards`; None: fetch them from `epoch_sources` (else the coordinators) into
+    `data_dir/epochs`, checked before use."""
+    epoch_sources: Annotated[list[EpochSource], Meta(max_length=32)] = msgspec.field(
+        default_factory=list
+    )
+    """Where `rewards` fetches published epochs and sends relayed claims: coordinator
+    multiaddrs (`/sogni/epochs/1.0.0`, `/sogni/relay/1.0.0`) or their HTTP listeners
+    (`http(s)://host:port`); tried in order. Empty: the `coordinators`."""
+    auto_stake_share: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    """Share of each `rewards claim` staked for this wallet at once (0.5: half); the rest
+    goes to the wallet. `--stake-share` overrides it for one claim; `sogni-node rewards
+    auto-stake SHARE` writes it to the config file."""
 
     def __post_init__(self) -> None:
         check_heartbeats(self.heartbeat_interval, self.heartbeat_timeout)
@@ -108,6 +130,11 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     def journal_path(self) -> Path:
         """SQLite journal of this node's offers and receipts (`sogni_node.journal`)."""
         return self.data_dir / "journal.db"
+
+    @property
+    def epochs_cache(self) -> Path:
+        """Where fetched epoch folders are kept, one per source (`sogni_node.epoch_fetch`)."""
+        return self.data_dir / "epochs"
 
     @property
     def node_key_path(self) -> Path:

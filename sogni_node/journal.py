@@ -92,7 +92,8 @@ _MIGRATIONS = (
     ),
     Migration(
         3,
-        "receipts carry the tier's price factor (EIP-712 version '2'); earlier ones were full price",
+        "receipts carry the tier's price factor (EIP-712 version '2'); earlier ones were at "
+        "full price",
         "ALTER TABLE receipts ADD COLUMN price_factor_bps INTEGER NOT NULL DEFAULT 10000",
     ),
 )
@@ -503,7 +504,8 @@ def _receipt_row(
 def _receipt_from_row(r: tuple[Any, ...]) -> JournalReceipt:
     (job_id, offer_hash, worker, coordinator, model_id, result_hash, steps_done, work_units,
      completed_at, signature, image_sha256, chain_id, verifying_contract, meta_json,
-     recorded_at, accepted, ack_reason, _acked_at, domain_version, price_factor_bps) = r  # fmt: skip
+     recorded_at, accepted, ack_reason, _acked_at, domain_version,
+     price_factor_bps) = r  # fmt: skip
     receipt = Receipt(
         job_id=bytes(job_id),
         offer_hash=bytes(offer_hash),

@@ -8,8 +8,16 @@ epoch's published rules, and that its leaf in the cumulative tree equals the sum
 batches say it earned. Anything else is reported as a problem (and `sogni-node rewards`
 exits non-zero), never silently accepted.
 
-Inputs are files (the coordinator's `epochs/` folder: `epoch-N.json`, `receipts/0x<hash>.json`)
-and, when a chain is reachable, the distributor (roots, receipts hashes, claimed amounts).
+Inputs are files (the coordinator's `epochs/` folder: `epoch-N.json`, `receipts/0x<hash>.json`,
+fetched and checked by `sogni_node.epoch_fetch`, or a local copy) and, when a chain is
+reachable, the distributor (roots, receipts hashes, claimed amounts).
+
+Claims verify against the distributor's newest *matured* root (a root waits `claimDelay`
+seconds after it is posted), so the proof is always built from that epoch's tree
+(`plan_claim`), not from the latest file. A claim is sent by the node wallet (`submit_claim`,
+which needs ETH for gas: `gas_shortfall` says how much is missing) or by a coordinator's
+relayer (`sogni_node.epoch_fetch.relay_claim`); either may stake a share of it at once
+(`claimAndStake`, `stake_bps`).
 """
 
 from __future__ import annotations
@@ -40,7 +48,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PENDING_GRACE_S",
+    "ClaimPlan",
+    "ClaimResult",
     "EpochRewards",
+    "NoGas",
+    "NotMatured",
     "PublicationError",
     "PublishedEpoch",
     "RewardsReport",
@@ -48,8 +60,12 @@ __all__ = [
     "claim",
     "claim_from_tree",
     "format_sogni",
+    "gas_shortfall",
     "load_published",
     "parse_sogni",
+    "plan_claim",
+    "stake_bps_of",
+    "submit_claim",
 ]
 
 SOGNI = 10**18
@@ -59,6 +75,17 @@ PENDING_GRACE_S = 600.0
 
 class PublicationError(Exception):
     """A published epoch file or receipts batch is missing, malformed or inconsistent."""
+
+
+class NotMatured(Exception):
+    """No posted root has matured yet: nothing can be claimed before `opens_at`."""
+
+    def __init__(self, opens_at: int | None) -> None:
+        when = (
+            f": claims open at {_utc(opens_at)}" if opens_at else ": no reward root is posted yet"
+        )
+        super().__init__("no reward root has matured yet" + when)
+        self.opens_at = opens_at
 
 
 @dataclass(frozen=True)
@@ -141,6 +168,9 @@ class RewardsReport:
     """Cumulative amount in the latest epoch's tree."""
     claimed: int | None = None
     claimable: int | None = None
+    """What a claim pays now: the leaf in the newest matured epoch minus what was claimed."""
+    matured_epoch: int | None = None
+    """The epoch claims verify against now (None: no chain to ask; 0: none matured yet)."""
     verified: int = 0
     """Journal receipts found in a batch, identical and correctly split."""
     pending: list[str] = field(default_factory=list)
@@ -157,6 +187,7 @@ class RewardsReport:
             "earned": str(self.earned),
             "claimed": None if self.claimed is None else str(self.claimed),
             "claimable": None if self.claimable is None else str(self.claimable),
+            "maturedEpoch": self.matured_epoch,
             "verifiedReceipts": self.verified,
             "pendingReceipts": self.pending,
             "problems": self.problems,
@@ -287,25 +318,26 @@ def audit(
     report.earned = report.epochs[-1].cumulative
     if distributor is not None:
         report.claimed = distributor.claimed(account)
-        report.claimable = max(0, report.earned - report.claimed)
+        report.matured_epoch = distributor.matured_epoch()
+        matured = [e.cumulative for e in report.epochs if e.epoch == report.matured_epoch]
+        report.claimable = max(0, (matured[0] if matured else 0) - report.claimed)
     return report
 
 
 def claim(distributor: Distributor, account: Signer, epochs: Sequence[PublishedEpoch]) -> int:
-    """Claim everything due against the latest root on chain; returns the amount paid (0: none).
+    """Claim everything due against the newest matured root; returns the amount paid (0: none).
 
-    Raises `PublicationError` when the chain's latest epoch is not among ``epochs`` (the
-    proof must be against the root the contract checks).
+    Raises `NotMatured` before any root has matured, `PublicationError` when the matured
+    epoch is not among ``epochs`` (the proof must be against the root the contract checks).
     """
-    latest = distributor.latest_epoch()
-    match = [pe for pe in epochs if pe.epoch == latest]
-    if not match:
-        raise PublicationError(f"the chain's latest epoch {latest} is not in the epoch files")
-    return claim_from_tree(distributor, account, match[0].tree)
+    plan = plan_claim(distributor, distributor.chain.address_of(account), epochs)
+    if plan is None:
+        return 0
+    return submit_claim(distributor, account, plan).amount
 
 
 def claim_from_tree(distributor: Distributor, account: Signer, tree: MerkleTree) -> int:
-    """Claim ``account``'s leaf of ``tree`` (the latest root's tree); 0 when nothing is due."""
+    """Claim ``account``'s leaf of ``tree`` (the matured root's tree); 0 when nothing is due."""
     address = distributor.chain.address_of(account)
     try:
         cumulative, proof = tree.proof_for(address)
@@ -315,6 +347,144 @@ def claim_from_tree(distributor: Distributor, account: Signer, tree: MerkleTree)
         return 0
     tx = distributor.claim(address, cumulative, proof, sender=account)
     return int(tx.event("Claimed")["amount"])
+
+
+@dataclass(frozen=True)
+class ClaimPlan:
+    """What `account` can claim now: its leaf in the newest matured epoch, with the proof."""
+
+    account: str
+    epoch: int
+    cumulative: int
+    proof: list[bytes]
+    already: int
+
+    @property
+    def due(self) -> int:
+        return self.cumulative - self.already
+
+
+@dataclass(frozen=True)
+class ClaimResult:
+    amount: int
+    staked: int
+    tx_hash: str
+
+
+def plan_claim(
+    distributor: Distributor, account: str, epochs: Sequence[PublishedEpoch]
+) -> ClaimPlan | None:
+    """The claim against the newest matured root, or None when nothing is due.
+
+    `NotMatured` before a root has matured; `PublicationError` when that epoch's file is not
+    in ``epochs`` or its root is not the one on chain.
+    """
+    matured = distributor.matured_epoch()
+    if matured == 0:
+        first = distributor.matures_at(1) if distributor.latest_epoch() else None
+        raise NotMatured(first)
+    match = [pe for pe in epochs if pe.epoch == matured]
+    if not match:
+        raise PublicationError(
+            f"the chain's newest matured epoch {matured} is not in the published epoch files"
+        )
+    tree = match[0].tree
+    if distributor.root_of(matured) != tree.root:
+        raise PublicationError(f"epoch {matured}: the published root is not the one on chain")
+    try:
+        cumulative, proof = tree.proof_for(account)
+    except KeyError:
+        return None
+    already = distributor.claimed(account)
+    if cumulative <= already:
+        return None
+    return ClaimPlan(account, matured, cumulative, list(proof), already)
+
+
+def stake_bps_of(share: float) -> int:
+    """A stake share (0..1) in basis points, as `claimAndStake` takes it."""
+    if not 0.0 <= share <= 1.0:
+        raise ValueError(f"stake share must be between 0 and 1, not {share}")
+    return round(share * 10_000)
+
+
+def _claim_call(distributor: Distributor, plan: ClaimPlan, stake_bps: int, deadline: int) -> Any:
+    """The contract call the wallet itself would send (for gas estimates)."""
+    fn = distributor.contract.functions
+    if stake_bps > 0:
+        return fn.claimAndStake(plan.account, plan.cumulative, plan.proof, stake_bps, deadline, b"")
+    return fn.claim(plan.account, plan.cumulative, plan.proof)
+
+
+def gas_shortfall(
+    distributor: Distributor, plan: ClaimPlan, *, stake_bps: int = 0, deadline: int = 0
+) -> tuple[int, int] | None:
+    """`(needed, balance)` in wei when the wallet cannot pay its claim's gas, else None.
+
+    Estimated from the node's fees now (room for the base fee to double, as `Chain.send`
+    offers). A claim the contract would refuse raises its `ChainRevert` here.
+    """
+    chain = distributor.chain
+    w3 = chain.w3
+    call = _claim_call(distributor, plan, stake_bps, deadline)
+    from eth_tester.exceptions import TransactionFailed
+    from web3.exceptions import ContractLogicError
+
+    try:
+        gas = int(call.estimate_gas({"from": plan.account, "value": 0}) * chain.gas_margin)
+    except (ContractLogicError, TransactionFailed) as exc:
+        raise chain.errors.from_exception(exc) from None
+    except Exception as exc:
+        if not _no_funds(exc):
+            raise
+        gas = 300_000  # the node estimates with the sender's balance: it has none
+    base_fee = int(w3.eth.get_block("latest").get("baseFeePerGas", 0))
+    price = 2 * base_fee + int(w3.eth.max_priority_fee)
+    needed = gas * price
+    balance = chain.eth_balance(plan.account)
+    return (needed, balance) if balance < needed or balance == 0 else None
+
+
+def _no_funds(exc: BaseException) -> bool:
+    return "insufficient funds" in str(exc).lower()
+
+
+class NoGas(Exception):
+    """The wallet has too little ETH to send its own claim."""
+
+
+def submit_claim(
+    distributor: Distributor,
+    account: Signer,
+    plan: ClaimPlan,
+    *,
+    stake_bps: int = 0,
+    deadline: int = 0,
+) -> ClaimResult:
+    """Send the claim from the wallet itself (it pays the gas; `NoGas` if it cannot).
+
+    With ``stake_bps`` it is `claimAndStake` (no signature needed: the sender is the account).
+    """
+    try:
+        if stake_bps > 0:
+            tx = distributor.claim_and_stake(
+                plan.account, plan.cumulative, plan.proof, stake_bps, deadline, b"", sender=account
+            )
+            staked = int(tx.event("AutoStaked")["staked"])
+        else:
+            tx = distributor.claim(plan.account, plan.cumulative, plan.proof, sender=account)
+            staked = 0
+    except Exception as exc:
+        if _no_funds(exc):
+            raise NoGas(f"{plan.account} has too little ETH to pay the claim's gas") from None
+        raise
+    return ClaimResult(int(tx.event("Claimed")["amount"]), staked, tx.hash)
+
+
+def _utc(ts: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def parse_sogni(text: str) -> int:

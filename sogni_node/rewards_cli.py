@@ -1,14 +1,23 @@
-"""`sogni-node rewards [claim]`, `sogni-node stake | unstake | withdraw`.
+"""`sogni-node rewards [claim | auto-stake]`, `sogni-node stake | unstake | withdraw`.
 
-`rewards` works from files alone (the coordinator's published `epochs/` folder and the node's
-journal); with a chain url it also checks the posted roots and shows claimed and claimable
-amounts. Claims and staking send transactions signed by the node wallet, so they need a shared
-chain (`chain_url`, e.g. anvil) and the keystore password.
+`rewards` reads the published epochs from the node's coordinators by default (libp2p
+`/sogni/epochs/1.0.0`, or their HTTP listener when `epoch_sources` lists URLs), keeps a copy
+under `data_dir/epochs` and checks it before use (`epoch_audit.audit_folder`, then the node's
+own audit against its journal); `--epochs-dir` (or `epochs_dir`) reads a local copy instead.
+With a chain url it also checks the posted roots and shows claimed and claimable amounts.
+
+`rewards claim` claims against the newest matured root. The wallet pays its own gas, or with
+`--relay` a coordinator submits the claim and pays it (the tokens still go to the wallet);
+`--stake-share` (or `auto_stake_share`) stakes that share of the claim at once. Staking
+sends transactions signed by the node wallet, so it needs a shared chain (`chain_url`, e.g.
+anvil) and the keystore password. See docs/REWARDS.md.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -17,8 +26,8 @@ import typer
 
 from sogni_node.cli_common import ConfigOption, JsonOption
 from sogni_node.cli_common import load_config as _config
-from sogni_node.config import NodeConfig
-from sogni_protocol.cli_errors import BadUsage, Refused
+from sogni_node.config import CONFIG_ENV, ENV_PREFIX, NodeConfig
+from sogni_protocol.cli_errors import BadUsage, Refused, Unavailable, register
 from sogni_wallet.addresses import AddressesFileError
 from sogni_wallet.keystore import keystore_address, unlock_wallet
 
@@ -29,6 +38,19 @@ if TYPE_CHECKING:
     from sogni_node.rewards import PublishedEpoch
 
 __all__ = ["app", "rewards_app"]
+
+for _name, _kind, _todo in (
+    ("sogni_node.epoch_fetch.EpochsRejected", Refused, "tell the coordinator's operator"),
+    (
+        "sogni_node.epoch_fetch.EpochFetchError",
+        Unavailable,
+        "check that a coordinator is running and reachable, or pass --epochs-dir",
+    ),
+    ("sogni_node.epoch_fetch.RelayFailed", Refused, None),
+    ("sogni_node.rewards.NotMatured", Refused, "try again once it has matured"),
+    ("sogni_protocol.epoch_audit.PublishedFolderError", BadUsage, "check --epochs-dir"),
+):
+    register(_name, _kind, _todo)
 
 app = typer.Typer(add_completion=False)
 """Nameless: `sogni_node.cli` merges `rewards`, `stake`, `unstake`, `withdraw` into its own."""
@@ -43,8 +65,22 @@ UrlOption = Annotated[
 ]
 EpochsOption = Annotated[
     Path | None,
-    typer.Option("--epochs-dir", help="Coordinator's published epochs (default: epochs_dir)."),
+    typer.Option(
+        "--epochs-dir",
+        help="A local copy of the published epochs (default: epochs_dir, else fetch them).",
+    ),
 ]
+FromOption = Annotated[
+    str | None,
+    typer.Option(
+        "--from",
+        help="Coordinator to fetch epochs from and relay through: a /p2p/ multiaddr or an "
+        "http(s):// URL (default: epoch_sources, else coordinators).",
+    ),
+]
+GAS_TODO = "fund the wallet with a little ETH, or add --relay to have a coordinator submit it"
+AUTHORIZATION_SECONDS = 3600
+"""How long a stake authorization signed for a relayed claim stays valid."""
 
 
 def _print_json(value: Any) -> None:
@@ -97,14 +133,71 @@ def _published(path: Path) -> list[PublishedEpoch]:
         ) from exc
 
 
-def _epochs_dir(cfg: NodeConfig, option: Path | None) -> Path:
-    path = option if option is not None else cfg.epochs_dir
-    if path is None:
+def _sources(cfg: NodeConfig, source: str | None) -> list[str]:
+    if source is not None:
+        import msgspec
+
+        from sogni_node.config import EpochSource
+
+        try:
+            return [msgspec.convert(source, EpochSource)]
+        except msgspec.ValidationError:
+            raise BadUsage(
+                f"--from {source[:100]!r} is neither a coordinator multiaddr nor an HTTP URL",
+                "give /ip4/.../tcp/.../p2p/<peer id> or http(s)://host:port",
+            ) from None
+    return list(cfg.epoch_sources or cfg.coordinators)
+
+
+def _epochs_dir(
+    cfg: NodeConfig, option: Path | None, source: str | None, *, through: int | None = None
+) -> Path:
+    """A checked folder of published epochs: the local copy given, else fetched.
+
+    A local copy is checked here (`audit_folder`, up to `through`); a fetched one was
+    checked before it replaced the cache.
+    """
+    import trio
+
+    local = option if option is not None else (cfg.epochs_dir if source is None else None)
+    if local is not None:
+        from sogni_protocol.epoch_audit import audit_folder
+
+        if not any(Path(local).glob("epoch-*.json")):
+            return Path(local)  # nothing published yet: an empty report
+        report = audit_folder(Path(local), through=through)
+        if not report.ok:
+            raise Refused(
+                f"published epochs in {local} fail the check: {report.first_problem}",
+                "ask the coordinator's operator",
+            )
+        return Path(local)
+    sources = _sources(cfg, source)
+    if not sources:
         raise BadUsage(
             "no published epochs to read",
-            "set epochs_dir (the coordinator's published epochs folder) or --epochs-dir",
+            "list coordinators (or epoch_sources) in the config, or pass --epochs-dir",
         )
-    return path
+    from sogni_node.epoch_fetch import fetch_epochs
+
+    fetched = trio.run(fetch_epochs, sources, cfg.epochs_cache)
+    if fetched.stale is not None:
+        typer.echo(
+            f"warning: no coordinator answered ({fetched.stale}); using the copy of "
+            f"{fetched.source} checked earlier",
+            err=True,
+        )
+    return fetched.path
+
+
+def _posted(
+    epochs: list[PublishedEpoch], deployment: Deployment | None
+) -> tuple[list[PublishedEpoch], list[int]]:
+    """The epochs whose root is on chain, and the numbers of those published but not yet."""
+    if deployment is None:
+        return epochs, []
+    latest = deployment.distributor.latest_epoch()
+    return [e for e in epochs if e.epoch <= latest], [e.epoch for e in epochs if e.epoch > latest]
 
 
 # --- rewards -------------------------------------------------------------------------------
@@ -113,6 +206,7 @@ def rewards(
     ctx: typer.Context,
     config: ConfigOption = None,
     epochs_dir: EpochsOption = None,
+    source: FromOption = None,
     chain_url: UrlOption = None,
     as_json: JsonOption = False,
 ) -> None:
@@ -124,8 +218,9 @@ def rewards(
 
     cfg = _config(config)
     account = keystore_address(cfg.keystore)
-    epochs = _published(_epochs_dir(cfg, epochs_dir))
+    folder = _epochs_dir(cfg, epochs_dir, source)
     deployment = _deployment(cfg, chain_url)
+    epochs, unposted = _posted(_published(folder), deployment)
     with Journal(cfg.journal_path) as journal:
         report = audit(
             account,
@@ -134,7 +229,7 @@ def rewards(
             distributor=deployment.distributor if deployment is not None else None,
         )
     if as_json:
-        _print_json(report.as_json())
+        _print_json({**report.as_json(), "epochsDir": str(folder), "unposted": unposted})
     else:
         typer.echo(f"account    {account}")
         for e in report.epochs:
@@ -147,10 +242,15 @@ def rewards(
                 f"epoch {e.epoch:>5}  earned {format_sogni(e.earned):>14} SOGNI  "
                 f"cumulative {format_sogni(e.cumulative):>14}  receipts {e.receipts}{status}"
             )
+        for n in unposted:
+            typer.echo(f"epoch {n:>5}  published, its root is not on chain yet")
         typer.echo(f"earned     {format_sogni(report.earned)} SOGNI")
         if report.claimed is not None and report.claimable is not None:
             typer.echo(f"claimed    {format_sogni(report.claimed)} SOGNI")
-            typer.echo(f"claimable  {format_sogni(report.claimable)} SOGNI")
+            typer.echo(
+                f"claimable  {format_sogni(report.claimable)} SOGNI"
+                f" (epoch {report.matured_epoch}, the newest matured)"
+            )
         typer.echo(f"verified   {report.verified} journal receipts; {len(report.pending)} pending")
         for problem in report.problems:
             typer.echo(f"problem: {problem}", err=True)
@@ -162,21 +262,192 @@ def rewards(
 def rewards_claim(
     config: ConfigOption = None,
     epochs_dir: EpochsOption = None,
+    source: FromOption = None,
     chain_url: UrlOption = None,
+    relay: Annotated[
+        bool,
+        typer.Option(
+            "--relay",
+            help="Have a coordinator submit the claim and pay its gas (the wallet needs no ETH).",
+        ),
+    ] = False,
+    stake_share: Annotated[
+        float | None,
+        typer.Option(
+            "--stake-share",
+            min=0.0,
+            max=1.0,
+            help="Share of the claim to stake at once, 0..1 (default: auto_stake_share).",
+        ),
+    ] = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Claim everything earned so far against the latest root (one transaction)."""
-    from sogni_node.rewards import claim, format_sogni
+    """Claim everything earned so far against the newest matured root (one transaction)."""
+    import trio
+
+    from sogni_node.journal import Journal
+    from sogni_node.rewards import (
+        ClaimResult,
+        NoGas,
+        NotMatured,
+        audit,
+        format_sogni,
+        gas_shortfall,
+        plan_claim,
+        stake_bps_of,
+        submit_claim,
+    )
 
     cfg = _config(config)
     deployment = _required_deployment(cfg, chain_url)
-    epochs = _published(_epochs_dir(cfg, epochs_dir))
-    wallet = _wallet(cfg, deployment)
-    amount = claim(deployment.distributor, wallet, epochs)  # ChainRevert: refused, exit 3
+    d = deployment.distributor
+    share = stake_share if stake_share is not None else cfg.auto_stake_share
+    bps = stake_bps_of(share)
+    account = keystore_address(cfg.keystore)
+    matured = d.matured_epoch()
+    if matured == 0:
+        raise NotMatured(d.matures_at(1) if d.latest_epoch() else None)
+    folder = _epochs_dir(cfg, epochs_dir, source, through=matured)
+    epochs, _unposted = _posted(_published(folder), deployment)
+    with Journal(cfg.journal_path) as journal:
+        report = audit(account, journal.receipts(), epochs, distributor=d)
+    for problem in report.problems:  # a claim never gives up a later correction: go on
+        typer.echo(f"warning: {problem}", err=True)
+    plan = plan_claim(d, account, epochs)  # NotMatured: exit 3
+    result: ClaimResult | None = None
+    relayer: str | None = None
+    if plan is not None:
+        deadline = deployment.chain.timestamp() + AUTHORIZATION_SECONDS if bps else 0
+        if relay:
+            from sogni_node.epoch_fetch import relay_claim
+            from sogni_protocol.relay_messages import RelayClaim
+
+            signature = b""
+            if bps:
+                wallet = _wallet(cfg, deployment)
+                signature = d.sign_stake_authorization(wallet, plan.cumulative, bps, deadline)
+            request = RelayClaim(
+                account=account,
+                cumulative_amount=str(plan.cumulative),
+                proof=plan.proof,
+                stake_bps=bps,
+                deadline=deadline,
+                signature=signature,
+            )
+            sources = _sources(cfg, source)
+            if not sources:
+                raise BadUsage(
+                    "no coordinator to relay the claim",
+                    "list coordinators (or epoch_sources) in the config, or pass --from",
+                )
+            relayer, done = trio.run(relay_claim, sources, request)
+            result = ClaimResult(int(done.amount), int(done.staked), "0x" + done.tx_hash.hex())
+        else:
+            shortfall = gas_shortfall(d, plan, stake_bps=bps, deadline=deadline)
+            if shortfall is not None:
+                raise Refused(_no_gas(account, *shortfall), GAS_TODO)
+            wallet = _wallet(cfg, deployment)
+            try:
+                result = submit_claim(d, wallet, plan, stake_bps=bps, deadline=deadline)
+            except NoGas as exc:
+                raise Refused(str(exc), GAS_TODO) from None
+    amount = result.amount if result is not None else 0
+    staked = result.staked if result is not None else 0
     if as_json:
-        _print_json({"account": wallet.address, "claimed": str(amount)})
+        out: dict[str, Any] = {"account": account, "claimed": str(amount)}
+        if relay or bps:
+            out.update(
+                {
+                    "staked": str(staked),
+                    "paid": str(amount - staked),
+                    "epoch": plan.epoch if plan is not None else matured,
+                    "txHash": result.tx_hash if result is not None else None,
+                    "relayer": relayer,
+                }
+            )
+        _print_json(out)
     else:
-        typer.echo(f"claimed {format_sogni(amount)} SOGNI to {wallet.address}")
+        extra = f", {format_sogni(staked)} SOGNI of it staked" if staked else ""
+        via = f" (relayed by {relayer})" if relayer else ""
+        typer.echo(f"claimed {format_sogni(amount)} SOGNI to {account}{extra}{via}")
+
+
+def _no_gas(account: str, needed: int, balance: int) -> str:
+    def eth(wei: int) -> str:
+        return f"{wei / 10**18:.6f}".rstrip("0").rstrip(".") or "0"
+
+    return (
+        f"wallet {account} has {eth(balance)} ETH, too little for the claim's gas "
+        f"(about {eth(needed)} ETH)"
+    )
+
+
+@rewards_app.command("auto-stake")
+def rewards_auto_stake(
+    share: Annotated[
+        float | None,
+        typer.Argument(min=0.0, max=1.0, help="Share of each claim to stake, 0..1 (0: none)."),
+    ] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Show, or set in the config file, the share of every claim staked at once."""
+    from sogni_protocol.atomic import atomic_write_bytes
+    from sogni_protocol.settings import load_settings
+
+    path = config
+    if path is None and os.environ.get(CONFIG_ENV, "").strip():
+        path = Path(os.environ[CONFIG_ENV].strip())
+    if share is None:
+        cfg = _config(config)
+        _print_json({"autoStakeShare": cfg.auto_stake_share, "config": str(path) if path else None})
+        return
+    if path is None:
+        raise BadUsage(
+            "no config file to write auto_stake_share to",
+            f"pass --config PATH (created if missing) or set {CONFIG_ENV}; or set "
+            f"{ENV_PREFIX}_AUTO_STAKE_SHARE",
+        )
+    path = path.expanduser()
+    try:
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Unavailable(f"cannot read {path}: {exc}") from exc
+    updated = set_top_level_key(text, "auto_stake_share", repr(float(share)))
+    load_settings(NodeConfig, updated, {}, ENV_PREFIX, source=str(path))  # still valid
+    mode = path.stat().st_mode & 0o777 if path.exists() else 0o644
+    atomic_write_bytes(path, updated.encode("utf-8"), mode=mode)
+    override = os.environ.get(f"{ENV_PREFIX}_AUTO_STAKE_SHARE")
+    if override:
+        typer.echo(
+            f"warning: {ENV_PREFIX}_AUTO_STAKE_SHARE={override} overrides the file", err=True
+        )
+    _print_json({"autoStakeShare": float(share), "config": str(path)})
+
+
+_TABLE = re.compile(r"^\s*\[")
+
+
+def set_top_level_key(text: str, key: str, value: str) -> str:
+    """`text` (TOML) with top-level `key = value`: its line replaced, else added before the
+    first table (comments and everything else kept as they are)."""
+    lines = text.splitlines(keepends=True)
+    assignment = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    first_table = next((i for i, line in enumerate(lines) if _TABLE.match(line)), len(lines))
+    new_line = f"{key} = {value}\n"
+    for i in range(first_table):
+        if assignment.match(lines[i]):
+            lines[i] = new_line
+            return "".join(lines)
+    if first_table and not lines[first_table - 1].endswith("\n"):
+        lines[first_table - 1] += "\n"
+    block = [
+        "# Share of each `sogni-node rewards claim` staked at once (0..1).\n",
+        new_line,
+    ]
+    if first_table < len(lines):
+        block.append("\n")
+    lines[first_table:first_table] = block
+    return "".join(lines)
 
 
 # --- staking -------------------------------------------------------------------------------

@@ -45,3 +45,31 @@ MAX_LORAS: Final = 8
 
 EMBEDDED_MODEL_ID = "sogni-shapes-64"
 """The trained model shipped inside the node package: what a render asks for by default."""
+
+EPOCHS_PROTOCOL: Final = "/sogni/epochs/1.0.0"
+"""A coordinator's published epoch folder (`epoch-N.json`, `epoch-N.tree.json`,
+`receipts/0x<keccak>.json`) for nodes that claim from anywhere: a stream carries requests one
+after another (`sogni_protocol.relay_messages`: an index page, or a file by name), each
+answered before the next is read."""
+
+RELAY_PROTOCOL: Final = "/sogni/relay/1.0.0"
+"""Gasless claims: one `RelayClaim` per stream, answered by the transaction's hash or a
+refusal; the coordinator pays the gas, the tokens go to the claiming account."""
+
+EPOCH_FILE_LIMIT: Final = 64 * 1024 * 1024
+"""Largest published file served or fetched (a receipts batch of a very busy epoch)."""
+
+EPOCH_CHUNK_BYTES: Final = 512 * 1024
+"""A file travels over `EPOCHS_PROTOCOL` in chunks of at most this many bytes."""
+
+EPOCHS_FRAME_LIMIT: Final = 1024 * 1024
+"""Largest frame on `EPOCHS_PROTOCOL`: a chunk, or an index page, with room for the map."""
+
+EPOCH_INDEX_PAGE: Final = 1000
+"""Most epochs listed in one index answer (the rest: ask again `after` the last one)."""
+
+RELAY_FRAME_LIMIT: Final = CONTROL_FRAME_LIMIT
+"""Largest frame on `RELAY_PROTOCOL` (a claim with its proof, or the answer)."""
+
+MAX_PROOF_NODES: Final = 64
+"""Longest Merkle proof accepted: a tree of 2^64 leaves."""

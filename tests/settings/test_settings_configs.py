@@ -116,11 +116,17 @@ def test_coordinator_defaults_and_env(tmp_path: Path) -> None:
             "SOGNI_COORDINATOR_DATA_DIR": str(tmp_path),
             "SOGNI_COORDINATOR_MODELS": "sogni-tiny-sd,sdxl-base-1.0",
             "SOGNI_COORDINATOR_CHAIN_ID": "8453",
+            "SOGNI_COORDINATOR_BILLING": "required",  # not a local network: every job paid
         },
     )
     assert cfg.database == tmp_path / "coordinator.db"
     assert cfg.models == ["sogni-tiny-sd", "sdxl-base-1.0"]
-    assert cfg.chain_id == 8453
+    assert cfg.chain_id == 8453 and cfg.billing == "required" and not cfg.local
+    with pytest.raises(SettingsError, match="billing must be 'required'"):
+        load_coordinator_config(
+            None,
+            env={"SOGNI_COORDINATOR_DATA_DIR": str(tmp_path), "SOGNI_COORDINATOR_CHAIN_ID": "8453"},
+        )
 
 
 def test_coordinator_errors() -> None:
