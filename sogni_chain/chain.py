@@ -200,16 +200,86 @@ class Chain:
         if local is not None:
             tx["nonce"] = self.w3.eth.get_transaction_count(frm, "pending")
             if "maxFeePerGas" not in tx and "gasPrice" not in tx:
-                priority = int(self.w3.eth.max_priority_fee)
-                base_fee = int(self.w3.eth.get_block("latest").get("baseFeePerGas", 0))
-                tx["maxPriorityFeePerGas"] = priority
-                tx["maxFeePerGas"] = 2 * base_fee + priority
+                tx.update(self._fees())
             signed = local.sign_transaction(tx)
             tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
         else:
             tx_hash = self.w3.eth.send_transaction(cast(Any, tx))
+        return self._mined(tx_hash, tx)
+
+    def _fees(self) -> dict[str, int]:
+        """EIP-1559 fees: the node's priority fee, and room for the base fee to double."""
+        priority = int(self.w3.eth.max_priority_fee)
+        base_fee = int(self.w3.eth.get_block("latest").get("baseFeePerGas", 0))
+        return {"maxPriorityFeePerGas": priority, "maxFeePerGas": 2 * base_fee + priority}
+
+    def build_unsigned(
+        self,
+        fn: Any,
+        *,
+        sender: Signer,
+        nonce: int | None = None,
+        gas: int | None = None,
+        max_fee_per_gas: int | None = None,
+        max_priority_fee_per_gas: int | None = None,
+    ) -> dict[str, Any]:
+        """An unsigned EIP-1559 transaction calling ``fn`` from ``sender``, for a key that
+        signs elsewhere (e.g. an offline settlement key).
+
+        Returns ``{"to", "data", "value", "chainId", "nonce", "gas", "maxFeePerGas",
+        "maxPriorityFeePerGas", "type"}``: what ``Account.sign_transaction`` takes; send the
+        result with :meth:`send_raw`. Gas is estimated (so a call that would revert fails here
+        as :class:`ChainRevert`) unless given; the nonce is ``sender``'s pending count unless
+        given. Fees are for now: a transaction signed long after may need fresh ones.
+        """
+        frm = self.address_of(sender)
+        fees = self._fees()
+        if max_priority_fee_per_gas is not None:
+            fees["maxPriorityFeePerGas"] = max_priority_fee_per_gas
+        if max_fee_per_gas is not None:
+            fees["maxFeePerGas"] = max_fee_per_gas
+        fees["maxFeePerGas"] = max(fees["maxFeePerGas"], fees["maxPriorityFeePerGas"])
+        base: dict[str, Any] = {"from": frm, "value": 0}
+        try:
+            if gas is None:
+                gas = int(fn.estimate_gas(base) * self.gas_margin)
+            built = dict(fn.build_transaction({**base, "gas": gas, **fees}))
+        except _REVERTS as exc:
+            raise self.errors.from_exception(exc) from None
+        if nonce is None:
+            nonce = int(self.w3.eth.get_transaction_count(frm, "pending"))
+        return {
+            "to": Web3.to_checksum_address(built["to"]),
+            "data": HexBytes(built["data"]).to_0x_hex(),
+            "value": 0,
+            "chainId": self.chain_id,
+            "nonce": nonce,
+            "gas": gas,
+            **fees,
+            "type": 2,
+        }
+
+    def send_raw(self, raw: bytes | str) -> Tx:
+        """Broadcast an already-signed transaction (e.g. :meth:`build_unsigned`'s, signed
+        offline) and wait for it to be mined; a failure raises :class:`ChainRevert`."""
+        try:
+            tx_hash = self.w3.eth.send_raw_transaction(HexBytes(raw))
+        except _REVERTS as exc:
+            raise self.errors.from_exception(exc) from None
+        return self._mined(tx_hash, None)
+
+    def _mined(self, tx_hash: Any, tx: dict[str, Any] | None) -> Tx:
         receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=60)
         if receipt["status"] != 1:
+            if tx is None:  # a raw transaction: read back what was sent
+                sent = self.w3.eth.get_transaction(tx_hash)
+                tx = {
+                    "from": sent["from"],
+                    "to": sent.get("to"),
+                    "data": HexBytes(sent["input"]).to_0x_hex(),
+                    "value": int(sent["value"]),
+                    "gas": int(sent["gas"]),
+                }
             raise self._why_failed(tx, int(receipt["blockNumber"]))
         created = receipt.get("contractAddress")
         return Tx(

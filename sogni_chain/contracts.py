@@ -16,19 +16,105 @@ from eth_account.signers.local import LocalAccount
 from eth_typing import ChecksumAddress
 from web3 import Web3
 
-from sogni_protocol.eip712 import DOMAIN_NAME, DOMAIN_VERSION, Domain
+from sogni_protocol import eip712
+from sogni_protocol.eip712 import Domain
 
 from .chain import Chain, Signer, Tx
 
 __all__ = [
+    "DISTRIBUTOR_DOMAIN_NAME",
+    "DISTRIBUTOR_DOMAIN_VERSION",
+    "MAX_BPS",
     "Distributor",
     "Eip712Domain",
     "License",
     "Staking",
     "Token",
+    "sign_stake_authorization",
+    "stake_authorization_typed_data",
 ]
 
 _ZERO32 = bytes(32)
+
+DISTRIBUTOR_DOMAIN_NAME = "SogniSupernet"
+"""The reward distributor's EIP-712 domain name (shared with offers and receipts)."""
+DISTRIBUTOR_DOMAIN_VERSION = "2"
+"""The domain version the deployed RewardDistributor reports (``eip712Domain()``)."""
+MAX_BPS = 10_000
+"""``stakeBps`` is in basis points: 10,000 stakes the whole claim."""
+
+_EIP712_DOMAIN_TYPE = [
+    {"name": "name", "type": "string"},
+    {"name": "version", "type": "string"},
+    {"name": "chainId", "type": "uint256"},
+    {"name": "verifyingContract", "type": "address"},
+]
+_STAKE_AUTHORIZATION_TYPE = [
+    {"name": "account", "type": "address"},
+    {"name": "cumulativeAmount", "type": "uint256"},
+    {"name": "stakeBps", "type": "uint16"},
+    {"name": "deadline", "type": "uint64"},
+]
+
+
+def stake_authorization_typed_data(
+    *,
+    chain_id: int,
+    distributor: str,
+    account: str,
+    cumulative_amount: int,
+    stake_bps: int,
+    deadline: int,
+) -> dict[str, Any]:
+    """The EIP-712 document a worker signs to let anyone submit ``claimAndStake`` for it.
+
+    ``StakeAuthorization(address account,uint256 cumulativeAmount,uint16 stakeBps,
+    uint64 deadline)`` under the distributor's domain (``"SogniSupernet"``, version ``"2"``,
+    ``chain_id``, ``distributor``), in the ``full_message`` shape of eth-account's
+    ``encode_typed_data`` (and of ``eth_signTypedData_v4`` in wallets).
+    """
+    if not 0 <= stake_bps <= MAX_BPS:
+        raise ValueError(f"stake_bps must be 0..{MAX_BPS}, not {stake_bps}")
+    return {
+        "types": {
+            "EIP712Domain": _EIP712_DOMAIN_TYPE,
+            "StakeAuthorization": _STAKE_AUTHORIZATION_TYPE,
+        },
+        "primaryType": "StakeAuthorization",
+        "domain": {
+            "name": DISTRIBUTOR_DOMAIN_NAME,
+            "version": DISTRIBUTOR_DOMAIN_VERSION,
+            "chainId": chain_id,
+            "verifyingContract": Web3.to_checksum_address(distributor),
+        },
+        "message": {
+            "account": Web3.to_checksum_address(account),
+            "cumulativeAmount": cumulative_amount,
+            "stakeBps": stake_bps,
+            "deadline": deadline,
+        },
+    }
+
+
+def sign_stake_authorization(
+    signer: LocalAccount,
+    *,
+    chain_id: int,
+    distributor: str,
+    cumulative_amount: int,
+    stake_bps: int,
+    deadline: int,
+) -> bytes:
+    """``signer``'s 65-byte signature of its own :func:`stake_authorization_typed_data`."""
+    document = stake_authorization_typed_data(
+        chain_id=chain_id,
+        distributor=distributor,
+        account=signer.address,
+        cumulative_amount=cumulative_amount,
+        stake_bps=stake_bps,
+        deadline=deadline,
+    )
+    return bytes(signer.sign_message(encode_typed_data(full_message=document)).signature)
 
 
 def _b32(value: bytes | str) -> bytes:
@@ -58,8 +144,8 @@ class _Bound:
         fn = self.contract.get_function_by_name(name)(*args)
         return self.chain.send(fn, sender=sender if sender is not None else self.sender)
 
-    def _call(self, name: str, *args: Any) -> Any:
-        return self.chain.call(self.contract.get_function_by_name(name)(*args))
+    def _call(self, name: str, *args: Any, block: int | str = "latest") -> Any:
+        return self.chain.call(self.contract.get_function_by_name(name)(*args), block=block)
 
     def _acct(self, who: Signer) -> ChecksumAddress:
         return self.chain.address_of(who)
@@ -77,6 +163,33 @@ class _Bound:
     @staticmethod
     def _role(name: str) -> bytes:
         return _ZERO32 if name == "DEFAULT_ADMIN_ROLE" else Web3.keccak(text=name)
+
+    # Two-step admin handover (OpenZeppelin AccessControlDefaultAdminRules): grant_role and
+    # revoke_role refuse DEFAULT_ADMIN_ROLE; the admin begins a transfer, and the new admin
+    # accepts it once `default_admin_delay()` seconds have passed.
+
+    def default_admin(self) -> ChecksumAddress:
+        return Web3.to_checksum_address(self._call("defaultAdmin"))
+
+    def default_admin_delay(self) -> int:
+        return int(self._call("defaultAdminDelay"))
+
+    def pending_default_admin(self) -> tuple[ChecksumAddress, int]:
+        """``(new admin, timestamp after which it may accept)``; zero address when none."""
+        new_admin, schedule = self._call("pendingDefaultAdmin")
+        return Web3.to_checksum_address(new_admin), int(schedule)
+
+    def begin_default_admin_transfer(
+        self, new_admin: Signer, *, sender: Signer | None = None
+    ) -> Tx:
+        return self._send("beginDefaultAdminTransfer", self._acct(new_admin), sender=sender)
+
+    def cancel_default_admin_transfer(self, *, sender: Signer | None = None) -> Tx:
+        return self._send("cancelDefaultAdminTransfer", sender=sender)
+
+    def accept_default_admin_transfer(self, *, sender: Signer) -> Tx:
+        """Sent by the new admin, after the delay."""
+        return self._send("acceptDefaultAdminTransfer", sender=sender)
 
 
 class Token(_Bound):
@@ -177,14 +290,28 @@ class Staking(_Bound):
         """Needs a prior ``Token.approve(staking, amount)`` (or a permit)."""
         return self._send("stake", amount, sender=sender)
 
+    def stake_for(self, account: Signer, amount: int, *, sender: Signer | None = None) -> Tx:
+        """Stake ``amount`` of the sender's SOGNI for ``account`` (the sender needs to have
+        approved staking); only ``account`` can unstake it."""
+        return self._send("stakeFor", self._acct(account), amount, sender=sender)
+
     def request_unstake(self, amount: int, *, sender: Signer | None = None) -> Tx:
         return self._send("requestUnstake", amount, sender=sender)
 
     def withdraw(self, *, sender: Signer | None = None) -> Tx:
         return self._send("withdraw", sender=sender)
 
-    def active_stake(self, account: Signer) -> int:
-        return int(self._call("activeStake", self._acct(account)))
+    def active_stake(self, account: Signer, block: int | None = None) -> int:
+        """Active stake now, or as it was at block number ``block`` (a stake snapshot; on a
+        real node, blocks older than its state history need an archive node)."""
+        where: int | str = "latest" if block is None else block
+        return int(self._call("activeStake", self._acct(account), block=where))
+
+    def total_active(self) -> int:
+        return int(self._call("totalActive"))
+
+    def total_pending(self) -> int:
+        return int(self._call("totalPending"))
 
     def pending_stake(self, account: Signer) -> tuple[int, int]:
         """``(amount, unlock timestamp)`` of the account's unstake bucket."""
@@ -220,6 +347,10 @@ class License(_Bound):
     def has_valid_license(self, account: Signer) -> bool:
         return bool(self._call("hasValidLicense", self._acct(account)))
 
+    def valid_balance(self, account: Signer) -> int:
+        """How many of the account's licences are not blacklisted."""
+        return int(self._call("validBalance", self._acct(account)))
+
     def owner_of(self, token_id: int) -> ChecksumAddress:
         return Web3.to_checksum_address(self._call("ownerOf", token_id))
 
@@ -239,8 +370,20 @@ class License(_Bound):
         return self._send("burn", token_id, sender=sender)
 
     def transfer(self, to: Signer, token_id: int, *, sender: Signer | None = None) -> Tx:
+        """Reverts ``TransferCooldown`` within ``transfer_cooldown()`` of its last transfer."""
         frm = self._acct(sender if sender is not None else self.sender)
         return self._send("transferFrom", frm, self._acct(to), token_id, sender=sender)
+
+    def transfer_cooldown(self) -> int:
+        """Seconds a transferred licence must stay with its new holder."""
+        return int(self._call("transferCooldown"))
+
+    def set_transfer_cooldown(self, seconds: int, *, sender: Signer | None = None) -> Tx:
+        return self._send("setTransferCooldown", seconds, sender=sender)
+
+    def transferable_at(self, token_id: int) -> int:
+        """Timestamp from which ``token_id`` may be transferred again (0: any time)."""
+        return int(self._call("transferableAt", token_id))
 
 
 @dataclass(frozen=True)
@@ -276,8 +419,37 @@ class Distributor(_Bound):
         *,
         sender: Signer | None = None,
     ) -> Tx:
-        """Needs SETTLEMENT_ROLE; epochs strictly increase; ``total`` must be funded."""
+        """Needs SETTLEMENT_ROLE. ``epoch`` must be ``latest_epoch() + 1`` (the first is 1);
+        ``total`` may not be below the previous root's, nor exceed it by more than
+        ``max_total_growth()``, and must be funded."""
         return self._send("postRoot", epoch, _b32(root), total, _b32(receipts_hash), sender=sender)
+
+    def build_post_root(
+        self,
+        epoch: int,
+        root: bytes | str,
+        total: int,
+        receipts_hash: bytes | str,
+        *,
+        sender: Signer,
+        nonce: int | None = None,
+        gas: int | None = None,
+        max_fee_per_gas: int | None = None,
+        max_priority_fee_per_gas: int | None = None,
+    ) -> dict[str, Any]:
+        """An UNSIGNED ``postRoot`` transaction from ``sender`` (the settlement key's address),
+        to be signed offline (``Account.sign_transaction(tx, key)``) and broadcast with
+        ``chain.send_raw(signed.raw_transaction)``. Built by :meth:`Chain.build_unsigned`: gas
+        is estimated now, so a root the contract would refuse fails here."""
+        fn = self.contract.functions.postRoot(epoch, _b32(root), total, _b32(receipts_hash))
+        return self.chain.build_unsigned(
+            fn,
+            sender=sender,
+            nonce=nonce,
+            gas=gas,
+            max_fee_per_gas=max_fee_per_gas,
+            max_priority_fee_per_gas=max_priority_fee_per_gas,
+        )
 
     def claim(
         self,
@@ -289,8 +461,11 @@ class Distributor(_Bound):
     ) -> Tx:
         """Pay ``account`` what it has not claimed yet; ``tx.event("Claimed")["amount"]``.
 
-        Reverts ``NothingToClaim`` when nothing is due, ``InvalidProof`` for a wrong amount or
-        proof against the latest root, ``EnforcedPause`` while paused.
+        The proof is against the newest *matured* root (``claimable_root()``, epoch
+        ``matured_epoch()``), not necessarily the latest posted one. Reverts
+        ``NothingToClaim`` when nothing is due, ``InvalidProof`` for a wrong amount or proof,
+        ``NoRoot``/``NotMatured`` before the first root is posted/matured, ``EnforcedPause``
+        while paused.
         """
         return self._send(
             "claim",
@@ -298,6 +473,62 @@ class Distributor(_Bound):
             cumulative_amount,
             [_b32(p) for p in proof],
             sender=sender,
+        )
+
+    def claim_and_stake(
+        self,
+        account: Signer,
+        cumulative_amount: int,
+        proof: Sequence[bytes | str],
+        stake_bps: int,
+        deadline: int,
+        signature: bytes | str = b"",
+        *,
+        sender: Signer | None = None,
+    ) -> Tx:
+        """Claim for ``account`` and stake ``stake_bps``/10,000 of it for ``account`` in the
+        staking contract; the rest goes to ``account``. ``tx.event("AutoStaked")`` has the
+        split. Unless the sender is ``account``, ``signature`` must be ``account``'s
+        :meth:`sign_stake_authorization` of exactly these values (a relayer pays the gas and
+        receives nothing)."""
+        sig = (
+            bytes.fromhex(signature.removeprefix("0x")) if isinstance(signature, str) else signature
+        )
+        return self._send(
+            "claimAndStake",
+            self._acct(account),
+            cumulative_amount,
+            [_b32(p) for p in proof],
+            stake_bps,
+            deadline,
+            bytes(sig),
+            sender=sender,
+        )
+
+    def stake_authorization(
+        self, account: Signer, cumulative_amount: int, stake_bps: int, deadline: int
+    ) -> dict[str, Any]:
+        """The typed-data document ``account`` signs for :meth:`claim_and_stake`."""
+        return stake_authorization_typed_data(
+            chain_id=self.chain.chain_id,
+            distributor=self.address,
+            account=self._acct(account),
+            cumulative_amount=cumulative_amount,
+            stake_bps=stake_bps,
+            deadline=deadline,
+        )
+
+    def sign_stake_authorization(
+        self, signer: LocalAccount, cumulative_amount: int, stake_bps: int, deadline: int
+    ) -> bytes:
+        """``signer``'s signature letting anyone submit :meth:`claim_and_stake` for it."""
+        return sign_stake_authorization(
+            signer,
+            chain_id=self.chain.chain_id,
+            distributor=self.address,
+            cumulative_amount=cumulative_amount,
+            stake_bps=stake_bps,
+            deadline=deadline,
         )
 
     def claimed(self, account: Signer) -> int:
@@ -321,7 +552,44 @@ class Distributor(_Bound):
         return int(self._call("latestEpoch"))
 
     def latest_root(self) -> bytes:
+        """The most recently posted root (claims use :meth:`claimable_root`)."""
         return bytes(self._call("latestRoot"))
+
+    def matured_epoch(self) -> int:
+        """The newest epoch whose root has matured (claims verify against it); 0 if none."""
+        return int(self._call("maturedEpoch"))
+
+    def claimable_root(self) -> bytes | None:
+        """The root claims are checked against now, or None before one has matured."""
+        root = bytes(self._call("claimableRoot"))
+        return root if root != _ZERO32 else None
+
+    def total_of(self, epoch: int) -> int:
+        """The ``total`` posted with ``epoch``'s root (0 if none)."""
+        return int(self._call("totalOf", epoch))
+
+    def posted_at(self, epoch: int) -> int:
+        """Timestamp of the block that posted ``epoch``'s root (0 if none)."""
+        return int(self._call("postedAt", epoch))
+
+    def matures_at(self, epoch: int) -> int | None:
+        """When ``epoch``'s root starts being used for claims (under the current delay)."""
+        posted = self.posted_at(epoch)
+        return posted + self.claim_delay() if posted else None
+
+    def claim_delay(self) -> int:
+        return int(self._call("claimDelay"))
+
+    def max_total_growth(self) -> int:
+        return int(self._call("maxTotalGrowth"))
+
+    def set_claim_delay(self, seconds: int, *, sender: Signer | None = None) -> Tx:
+        """DEFAULT_ADMIN_ROLE; at most 30 days; applies to roots already posted too."""
+        return self._send("setClaimDelay", seconds, sender=sender)
+
+    def set_max_total_growth(self, amount: int, *, sender: Signer | None = None) -> Tx:
+        """DEFAULT_ADMIN_ROLE."""
+        return self._send("setMaxTotalGrowth", amount, sender=sender)
 
     def total_claimed(self) -> int:
         return int(self._call("totalClaimed"))
@@ -351,9 +619,10 @@ class Distributor(_Bound):
         version, so a misconfigured distributor address fails here, not at every signature.
         """
         onchain = self.eip712_domain()
-        if (onchain.name, onchain.version) != (DOMAIN_NAME, DOMAIN_VERSION):
+        expected = (eip712.DOMAIN_NAME, eip712.DOMAIN_VERSION)
+        if (onchain.name, onchain.version) != expected:
             raise ValueError(
                 f"{self.address} has EIP-712 domain {onchain.name!r} v{onchain.version}, "
-                f"expected {DOMAIN_NAME!r} v{DOMAIN_VERSION}"
+                f"expected {expected[0]!r} v{expected[1]}"
             )
         return Domain(chain_id=onchain.chain_id, verifying_contract=onchain.verifying_contract)

@@ -11,12 +11,53 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from sogni_protocol.settings import DEV_CHAIN_IDS
 from sogni_wallet.addresses import Addresses
 
 from .chain import Chain, Signer
 from .contracts import Distributor, License, Staking, Token
 
-__all__ = ["Addresses", "Deployment", "deploy_all"]
+__all__ = [
+    "DEV_ADMIN_TRANSFER_DELAY",
+    "DEV_CLAIM_DELAY",
+    "DEV_MAX_TOTAL_GROWTH",
+    "LIVE_ADMIN_TRANSFER_DELAY",
+    "LIVE_CLAIM_DELAY",
+    "LIVE_MAX_TOTAL_GROWTH",
+    "Addresses",
+    "Deployment",
+    "deploy_all",
+    "deploy_defaults",
+]
+
+_SOGNI = 10**18
+DEV_CLAIM_DELAY = 0
+"""On dev chains a posted root is claimable at once."""
+LIVE_CLAIM_DELAY = 24 * 3600
+"""Elsewhere a root waits a day before claims use it: time to pause a bad one."""
+DEV_MAX_TOTAL_GROWTH = 10**9 * _SOGNI
+LIVE_MAX_TOTAL_GROWTH = 10**9 * _SOGNI
+"""Generous caps on how much one epoch's root may add to the total (a stop against a runaway
+or compromised settlement key, not an economic limit); governance tunes them."""
+DEV_ADMIN_TRANSFER_DELAY = 0
+LIVE_ADMIN_TRANSFER_DELAY = 2 * 24 * 3600
+"""Seconds between beginning an admin handover and the new admin accepting it."""
+
+
+def deploy_defaults(chain_id: int) -> dict[str, int]:
+    """``claim_delay``, ``max_total_growth`` and ``admin_transfer_delay`` for a chain: the
+    dev values on local dev chains (``DEV_CHAIN_IDS``), the live ones elsewhere."""
+    if chain_id in DEV_CHAIN_IDS:
+        return {
+            "claim_delay": DEV_CLAIM_DELAY,
+            "max_total_growth": DEV_MAX_TOTAL_GROWTH,
+            "admin_transfer_delay": DEV_ADMIN_TRANSFER_DELAY,
+        }
+    return {
+        "claim_delay": LIVE_CLAIM_DELAY,
+        "max_total_growth": LIVE_MAX_TOTAL_GROWTH,
+        "admin_transfer_delay": LIVE_ADMIN_TRANSFER_DELAY,
+    }
 
 
 class Deployment:
@@ -56,19 +97,35 @@ def deploy_all(
     slasher: Signer | None = None,
     distributor_funding: int = 0,
     path: str | Path | None = None,
+    claim_delay: int | None = None,
+    max_total_growth: int | None = None,
+    admin_transfer_delay: int | None = None,
 ) -> Addresses:
     """Deploy SogniToken, Staking, WorkerLicense and RewardDistributor and wire them.
 
     - the whole token supply goes to ``treasury`` (which must be able to sign, to fund);
-    - ``governance`` (default: the treasury) deploys everything and holds the admin roles:
-      tier minimums, slashing, licence minting/blacklisting, pausing claims;
-    - ``coordinator`` (default: governance) gets SETTLEMENT_ROLE on the distributor;
+    - ``governance`` (default: the treasury) deploys everything and is the single
+      DEFAULT_ADMIN_ROLE holder of staking, licence and distributor (tier minimums, slashing,
+      licence minting/blacklisting, pausing claims, claim delay, growth cap), handed over in
+      two steps ``admin_transfer_delay`` seconds apart;
+    - ``coordinator`` (default: governance) gets SETTLEMENT_ROLE on the distributor: the key
+      that posts roots (ideally its own key, not the coordinator's online offer key);
     - ``slasher``, if given, gets SLASHER_ROLE on staking;
     - ``distributor_funding`` SOGNI move from the treasury to the distributor;
-    - slashed stake goes to the treasury.
+    - slashed stake goes to the treasury;
+    - ``claim_delay`` (seconds before a posted root is claimable), ``max_total_growth`` (cap
+      on how much one root's total may exceed the previous one's) and
+      ``admin_transfer_delay`` default to :func:`deploy_defaults` for the chain: 0, 10**9
+      SOGNI and 0 on dev chains; 1 day, 10**9 SOGNI and 2 days elsewhere.
 
     With ``path`` the addresses are also saved there.
     """
+    defaults = deploy_defaults(chain.chain_id)
+    delay = defaults["claim_delay"] if claim_delay is None else claim_delay
+    cap = defaults["max_total_growth"] if max_total_growth is None else max_total_growth
+    admin_delay = (
+        defaults["admin_transfer_delay"] if admin_transfer_delay is None else admin_transfer_delay
+    )
     gov = governance if governance is not None else treasury
     gov_addr = chain.address_of(gov)
     treasury_addr = chain.address_of(treasury)
@@ -76,10 +133,20 @@ def deploy_all(
 
     token_tx = chain.deploy("SogniToken", treasury_addr, sender=gov)
     token = token_tx.contract_address
-    staking = chain.deploy("Staking", token, gov_addr, treasury_addr, sender=gov).contract_address
-    license_ = chain.deploy("WorkerLicense", gov_addr, sender=gov).contract_address
+    staking = chain.deploy(
+        "Staking", token, gov_addr, treasury_addr, admin_delay, sender=gov
+    ).contract_address
+    license_ = chain.deploy("WorkerLicense", gov_addr, admin_delay, sender=gov).contract_address
     distributor = chain.deploy(
-        "RewardDistributor", token, gov_addr, settlement, sender=gov
+        "RewardDistributor",
+        token,
+        staking,
+        gov_addr,
+        settlement,
+        admin_delay,
+        delay,
+        cap,
+        sender=gov,
     ).contract_address
     assert token and staking and license_ and distributor  # set by Chain.deploy
 
@@ -126,6 +193,18 @@ def _deploy_main(argv: list[str] | None) -> int:
     parser.add_argument(
         "--reuse", action="store_true", help="keep an existing addresses file if its code exists"
     )
+    parser.add_argument(
+        "--claim-delay",
+        type=int,
+        default=None,
+        help="seconds before a posted root is claimable (default: 0 on dev chains, else 1 day)",
+    )
+    parser.add_argument(
+        "--max-total-growth",
+        type=int,
+        default=None,
+        help="whole SOGNI one epoch's root may add to the total (default: 10**9)",
+    )
     args = parser.parse_args(argv)
     chain = connect(args.url)
     if args.reuse and Path(args.out).is_file():
@@ -140,6 +219,8 @@ def _deploy_main(argv: list[str] | None) -> int:
         coordinator=coordinator,
         distributor_funding=args.fund_distributor * 10**18,
         path=args.out,
+        claim_delay=args.claim_delay,
+        max_total_growth=None if args.max_total_growth is None else args.max_total_growth * _SOGNI,
     )
     print(json.dumps(asdict(addresses), indent=2, sort_keys=True))
     return 0

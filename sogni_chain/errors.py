@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from eth_abi import decode as abi_decode
 from eth_hash.auto import keccak
 from eth_utils import to_checksum_address
 
-__all__ = ["ChainRevert", "ErrorDecoder"]
+__all__ = ["FRIENDLY", "ChainRevert", "ErrorDecoder", "friendly_message"]
 
 _PANIC_CODES = {
     0x01: "assertion failed",
@@ -35,12 +36,124 @@ _PANIC = keccak(b"Panic(uint256)")[:4]
 _PREFIX = re.compile(r"^(?:execution reverted:?\s*)", re.IGNORECASE)
 
 
+def _when(ts: Any) -> str:
+    try:
+        return datetime.fromtimestamp(int(ts), UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, ValueError, OSError):
+        return str(ts)
+
+
+def _sogni(wei: Any) -> str:
+    value = int(wei)
+    whole, frac = divmod(value, 10**18)
+    return f"{whole}.{frac:018d}".rstrip("0").rstrip(".") + " SOGNI" if frac else f"{whole} SOGNI"
+
+
+_Friendly = Callable[[Mapping[str, Any]], str]
+
+FRIENDLY: dict[str, _Friendly] = {
+    # RewardDistributor
+    "ZeroRoot": lambda a: "a Merkle root of zero cannot be posted",
+    "RootAlreadyPosted": lambda a: f"epoch {a['epoch']} already has a root on chain",
+    "EpochNotNext": lambda a: (
+        f"epoch {a['epoch']} cannot be posted: the next epoch is {a['expected']} "
+        "(epochs are 1, 2, 3, ... with no gaps)"
+    ),
+    "TotalDecreased": lambda a: (
+        f"the root's total {_sogni(a['total'])} is below the previous root's "
+        f"{_sogni(a['previous'])}: cumulative payouts never go down"
+    ),
+    "GrowthCapExceeded": lambda a: (
+        f"the root adds {_sogni(a['growth'])} to the total, more than the cap of "
+        f"{_sogni(a['cap'])} per epoch (governance can raise maxTotalGrowth)"
+    ),
+    "Underfunded": lambda a: (
+        f"the distributor holds {_sogni(a['balance'])} but the root needs "
+        f"{_sogni(a['owed'])}: fund it first"
+    ),
+    "ClaimDelayTooLong": lambda a: (
+        f"a claim delay of {a['claimDelay']} s is over the maximum of {a['maximum']} s"
+    ),
+    "NoRoot": lambda a: "no reward root has been posted yet: nothing to claim",
+    "NotMatured": lambda a: f"no reward root has matured yet: claims open at {_when(a['opensAt'])}",
+    "InvalidProof": lambda a: (
+        "the amount and proof do not match the claimable (newest matured) root: "
+        "use the tree of that epoch"
+    ),
+    "NothingToClaim": lambda a: (
+        f"nothing to claim: {a['account']} already claimed {_sogni(a['alreadyClaimed'])} "
+        f"of its {_sogni(a['cumulativeAmount'])}"
+    ),
+    "ClaimExceedsRootTotal": lambda a: (
+        f"paying this would bring all claims to {_sogni(a['totalClaimedAfter'])}, over the "
+        f"root's total of {_sogni(a['rootTotal'])}: the root moved earnings between accounts"
+    ),
+    "StakeBpsTooHigh": lambda a: (
+        f"cannot stake {a['stakeBps']} basis points of a claim: at most {a['maximum']}"
+    ),
+    "AuthorizationExpired": lambda a: (
+        f"the stake authorization expired at {_when(a['deadline'])}: sign a new one"
+    ),
+    "InvalidStakeAuthorization": lambda a: (
+        f"the stake authorization is not signed by {a['account']} for exactly these values"
+    ),
+    "EnforcedPause": lambda a: "claims are paused by governance",
+    # Staking
+    "ZeroAddress": lambda a: "the zero address is not allowed here",
+    "ZeroAmount": lambda a: "the amount must be more than zero",
+    "InsufficientActiveStake": lambda a: (
+        f"only {_sogni(a['active'])} is staked, cannot unstake {_sogni(a['requested'])}"
+    ),
+    "NothingToWithdraw": lambda a: "nothing is waiting to be withdrawn",
+    "CooldownActive": lambda a: f"the unstaked tokens unlock at {_when(a['unlockAt'])}",
+    "NothingToSlash": lambda a: f"{a['account']} has no stake to slash",
+    "NotSlasher": lambda a: f"{a['caller']} may not slash (needs SLASHER_ROLE or governance)",
+    # WorkerLicense
+    "EmptyBatch": lambda a: "no addresses to mint licences to",
+    "LicenseBlacklisted": lambda a: f"licence {a['tokenId']} is blacklisted and cannot move",
+    "TransferCooldown": lambda a: (
+        f"licence {a['tokenId']} changed hands recently: it can move again at {_when(a['until'])}"
+    ),
+    # OpenZeppelin access control
+    "AccessControlUnauthorizedAccount": lambda a: (
+        f"{a['account']} lacks the role this needs (0x{bytes(a['neededRole']).hex()})"
+    ),
+    "AccessControlEnforcedDefaultAdminRules": lambda a: (
+        "the admin role is handed over in two steps (beginDefaultAdminTransfer, then "
+        "acceptDefaultAdminTransfer), never granted or revoked directly"
+    ),
+    "AccessControlEnforcedDefaultAdminDelay": lambda a: (
+        f"the admin handover is not due yet: it can be accepted after {_when(a['schedule'])}"
+        if a.get("schedule")
+        else "no admin handover is scheduled"
+    ),
+    "AccessControlInvalidDefaultAdmin": lambda a: (
+        f"{a['defaultAdmin']} is not the pending admin of this contract"
+    ),
+}
+"""One-line explanations of the project's custom errors, by error name (see
+:func:`friendly_message`)."""
+
+
+def friendly_message(error: str | None, args: Mapping[str, Any]) -> str | None:
+    """The one-line explanation of custom error ``error`` with decoded ``args``, if known."""
+    make = FRIENDLY.get(error or "")
+    if make is None:
+        return None
+    try:
+        return make(args)
+    except (KeyError, TypeError, ValueError):  # an error of the same name, other arguments
+        return None
+
+
 class ChainRevert(Exception):
     """A call or transaction reverted.
 
-    ``reason`` is human-readable (``"NothingToClaim(account=0x…, …)"``, a ``require`` string,
-    or ``"Panic(0x11: arithmetic overflow or underflow)"``); ``error`` is the custom error's
-    name (or ``"Error"``/``"Panic"``), ``args`` its decoded arguments, ``data`` the raw bytes.
+    ``reason`` is the decoded error (``"NothingToClaim(account=0x…, …)"``, a ``require``
+    string, or ``"Panic(0x11: arithmetic overflow or underflow)"``); ``error`` is the custom
+    error's name (or ``"Error"``/``"Panic"``), ``args`` its decoded arguments, ``data`` the raw
+    bytes; ``hint`` a one-line explanation of a known custom error (:data:`FRIENDLY`).
+    ``str()`` is the hint followed by the reason, what a CLI prints.
     """
 
     def __init__(
@@ -51,11 +164,12 @@ class ChainRevert(Exception):
         args: Mapping[str, Any] | None = None,
         data: bytes | None = None,
     ) -> None:
-        super().__init__(reason)
         self.reason = reason
         self.error = error
         self.args_by_name: dict[str, Any] = dict(args or {})
         self.data = data
+        self.hint = friendly_message(error, self.args_by_name)
+        super().__init__(f"{self.hint} [{reason}]" if self.hint else reason)
 
     def __repr__(self) -> str:
         return f"ChainRevert({self.reason!r})"

@@ -193,6 +193,23 @@ def chain_deploy(
         typer.Option(help="Address given SETTLEMENT_ROLE (default: this coordinator's key)."),
     ] = None,
     force: Annotated[bool, typer.Option(help="Deploy even if the file's contracts exist.")] = False,
+    claim_delay: Annotated[
+        int | None,
+        typer.Option(
+            "--claim-delay",
+            min=0,
+            help="Seconds a posted root waits before claims use it "
+            "(default: 0 on dev chains, 86400 elsewhere; at most 30 days).",
+        ),
+    ] = None,
+    max_total_growth: Annotated[
+        int | None,
+        typer.Option(
+            "--max-total-growth",
+            min=0,
+            help="Whole SOGNI one epoch's root may add to the total (default: 1000000000).",
+        ),
+    ] = None,
 ) -> None:
     """Deploy token, staking, licence and distributor; write the addresses file.
 
@@ -224,6 +241,8 @@ def chain_deploy(
         coordinator=settler,
         distributor_funding=fund_distributor * 10**18,
         path=path,
+        claim_delay=claim_delay,
+        max_total_growth=None if max_total_growth is None else max_total_growth * 10**18,
     )
     if chain.eth_balance(settler) < 10**18:
         chain.send_eth(settler, 10 * 10**18, sender=treasury)  # gas for postRoot

@@ -3,17 +3,19 @@ pragma solidity ^0.8.24;
 
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
-import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+import {AccessControlDefaultAdminRules} from
+    "@openzeppelin/contracts/access/extensions/AccessControlDefaultAdminRules.sol";
 
 /// @title SOGNI staking for worker tiers
 /// @notice Workers stake SOGNI to qualify for a tier (fast workers need a minimum) and to raise
 ///         their selection chance. Unstaking moves tokens to a pending bucket that stops counting
 ///         immediately and can be withdrawn only after a 7-day cooldown, so a worker cannot
 ///         dodge a slash by unstaking right after misbehaving.
-/// @dev Roles: DEFAULT_ADMIN_ROLE is governance (sets tier minimums, may slash, manages roles);
-///      SLASHER_ROLE may slash. Slashed tokens go to `slashRecipient`, never back to the worker.
+/// @dev Roles: DEFAULT_ADMIN_ROLE is governance (sets tier minimums, may slash, manages roles;
+///      one holder, handed over in two steps after `defaultAdminDelay()`); SLASHER_ROLE may slash.
+///      `stakeFor` lets anyone (the reward distributor's auto-stake) add stake for an account. Slashed tokens go to `slashRecipient`, never back to the worker.
 ///      A new unstake request adds to the pending bucket and restarts the cooldown for all of it.
-contract Staking is AccessControl {
+contract Staking is AccessControlDefaultAdminRules {
     using SafeERC20 for IERC20;
 
     bytes32 public constant SLASHER_ROLE = keccak256("SLASHER_ROLE");
@@ -50,24 +52,35 @@ contract Staking is AccessControl {
     error NothingToSlash(address account);
     error NotSlasher(address caller);
 
-    constructor(IERC20 token_, address governance, address slashRecipient_) {
-        if (address(token_) == address(0) || governance == address(0) || slashRecipient_ == address(0)) {
-            revert ZeroAddress();
-        }
+    /// @param adminTransferDelay seconds between `beginDefaultAdminTransfer` and its acceptance.
+    constructor(IERC20 token_, address governance, address slashRecipient_, uint48 adminTransferDelay)
+        AccessControlDefaultAdminRules(adminTransferDelay, governance)
+    {
+        if (address(token_) == address(0) || slashRecipient_ == address(0)) revert ZeroAddress();
         token = token_;
         slashRecipient = slashRecipient_;
-        _grantRole(DEFAULT_ADMIN_ROLE, governance);
     }
 
     // ----- staker actions -----
 
     /// @notice Pull `amount` SOGNI from the caller (needs an allowance) into active stake.
     function stake(uint256 amount) external {
+        _stake(msg.sender, amount);
+    }
+
+    /// @notice Pull `amount` SOGNI from the caller (needs an allowance) into `account`'s active
+    ///         stake. The stake belongs to `account` alone: only it can unstake and withdraw.
+    function stakeFor(address account, uint256 amount) external {
+        if (account == address(0)) revert ZeroAddress();
+        _stake(account, amount);
+    }
+
+    function _stake(address account, uint256 amount) private {
         if (amount == 0) revert ZeroAmount();
-        Position storage p = _positions[msg.sender];
+        Position storage p = _positions[account];
         p.active += amount;
         totalActive += amount;
-        emit Staked(msg.sender, amount, p.active);
+        emit Staked(account, amount, p.active);
         token.safeTransferFrom(msg.sender, address(this), amount);
     }
 

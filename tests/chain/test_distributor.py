@@ -48,22 +48,27 @@ def test_post_root_rules(env: Env) -> None:
     dist, c = env.d.distributor, env.coordinator
     tree = _tree(env, [100])
     with pytest.raises(ChainRevert) as err:
-        dist.post_root(5, bytes(32), 100, RECEIPTS, sender=c)
+        dist.post_root(1, bytes(32), 100, RECEIPTS, sender=c)
     assert err.value.error == "ZeroRoot"
     with pytest.raises(ChainRevert) as err:  # every leaf must be payable
-        dist.post_root(5, tree.root, DISTRIBUTOR_FUNDING + 1, RECEIPTS, sender=c)
+        dist.post_root(1, tree.root, DISTRIBUTOR_FUNDING + 1, RECEIPTS, sender=c)
     assert err.value.error == "Underfunded"
+    with pytest.raises(ChainRevert) as err:  # the first epoch is 1
+        dist.post_root(0, tree.root, 100, RECEIPTS, sender=c)
+    assert err.value.args_by_name == {"epoch": 0, "expected": 1}
 
-    dist.post_root(5, tree.root, 100, RECEIPTS, sender=c)
+    dist.post_root(1, tree.root, 100, RECEIPTS, sender=c)
     with pytest.raises(ChainRevert) as err:
-        dist.post_root(5, _tree(env, [1]).root, 1, RECEIPTS, sender=c)
+        dist.post_root(1, _tree(env, [1]).root, 1, RECEIPTS, sender=c)
     assert err.value.error == "RootAlreadyPosted"
-    assert err.value.args_by_name == {"epoch": 5}
-    with pytest.raises(ChainRevert) as err:
-        dist.post_root(4, tree.root, 100, RECEIPTS, sender=c)
-    assert err.value.error == "EpochNotIncreasing"
-    dist.post_root(7, tree.root, 100, RECEIPTS, sender=c)  # gaps are fine
-    assert dist.latest_epoch() == 7
+    assert err.value.args_by_name == {"epoch": 1}
+    with pytest.raises(ChainRevert) as err:  # no gaps
+        dist.post_root(3, tree.root, 100, RECEIPTS, sender=c)
+    assert err.value.error == "EpochNotNext"
+    assert err.value.args_by_name == {"epoch": 3, "expected": 2}
+    dist.post_root(2, tree.root, 100, RECEIPTS, sender=c)
+    assert dist.latest_epoch() == 2
+    assert dist.total_of(2) == 100 and dist.posted_at(2) > 0
 
 
 def test_claim_pays_once_and_checks_amount_and_proof(env: Env) -> None:
@@ -122,7 +127,7 @@ def test_cumulative_claims_across_epochs_pay_the_difference(env: Env) -> None:
 
     e2 = MerkleTree([(a.address, 250), (b.address, 80), (c.address, 30)])
     dist.post_root(2, e2.root, 360, keccak(b"epoch 2"), sender=env.coordinator)
-    with pytest.raises(ChainRevert) as err:  # claims are checked against the latest root only
+    with pytest.raises(ChainRevert) as err:  # claims use the newest matured root only
         dist.claim(b, *e1.proof_for(b.address), sender=b)
     assert err.value.error == "InvalidProof"
 
@@ -171,7 +176,7 @@ def test_eip712_domain_matches_python(env: Env) -> None:
     dist = env.d.distributor
     domain = dist.eip712_domain()
     assert domain.name == "SogniSupernet"
-    assert domain.version == "1"
+    assert domain.version == "2"
     assert domain.chain_id == env.chain.chain_id
     assert domain.verifying_contract == dist.address
 
@@ -181,7 +186,7 @@ def test_eip712_domain_matches_python(env: Env) -> None:
     by_hand = keccak(
         abi_encode(
             ["bytes32", "bytes32", "bytes32", "uint256", "address"],
-            [type_hash, keccak(b"SogniSupernet"), keccak(b"1"), env.chain.chain_id, dist.address],
+            [type_hash, keccak(b"SogniSupernet"), keccak(b"2"), env.chain.chain_id, dist.address],
         )
     )
     assert dist.domain_separator() == by_hand == hash_domain(domain.as_dict())
