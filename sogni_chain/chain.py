@@ -10,6 +10,7 @@ on a real RPC endpoint where nothing is unlocked.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
@@ -113,6 +114,9 @@ class Chain:
         for key in keys:
             self.add_key(key)
         self._abis: dict[str, list[dict[str, Any]]] = {}
+        self._nonce_lock = threading.Lock()
+        """Nonce, sign and submit as one step: the epoch timer and the claim relayer may send
+        from the same key on different threads."""
         self.errors = ErrorDecoder(load_artifact(n).abi for n in CONTRACT_NAMES)
 
     def __repr__(self) -> str:
@@ -198,11 +202,12 @@ class Chain:
                 raise self.errors.from_exception(exc) from None
         local = self._local(sender)
         if local is not None:
-            tx["nonce"] = self.w3.eth.get_transaction_count(frm, "pending")
             if "maxFeePerGas" not in tx and "gasPrice" not in tx:
                 tx.update(self._fees())
-            signed = local.sign_transaction(tx)
-            tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+            with self._nonce_lock:
+                tx["nonce"] = self.w3.eth.get_transaction_count(frm, "pending")
+                signed = local.sign_transaction(tx)
+                tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
         else:
             tx_hash = self.w3.eth.send_transaction(cast(Any, tx))
         return self._mined(tx_hash, tx)
