@@ -246,7 +246,8 @@ class Settler:
 
         counts: dict[str, int] = {}
         for e in entries:
-            counts[e.worker] = counts.get(e.worker, 0) + 1
+            worker = to_checksum_address(e.worker)
+            counts[worker] = counts.get(worker, 0) + 1
         plan = EpochFile(
             format=EPOCH_FORMAT,
             epoch=epoch,
