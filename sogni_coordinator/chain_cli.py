@@ -42,7 +42,9 @@ app = typer.Typer(add_completion=False)
 chain_app = typer.Typer(
     help="The settlement contracts (deploy, dev funding).", no_args_is_help=True
 )
-epoch_app = typer.Typer(help="Settlement epochs: close, show, list, watch.", no_args_is_help=True)
+epoch_app = typer.Typer(
+    help="Settlement epochs: close, sign, submit, show, list, watch, audit.", no_args_is_help=True
+)
 app.add_typer(chain_app, name="chain")
 app.add_typer(epoch_app, name="epoch")
 
