@@ -23,9 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgspec
-from eth_utils import to_checksum_address
-
 from sogni_protocol import epoch_math
 from sogni_protocol.epoch_files import (
     EpochFile,
@@ -413,29 +410,7 @@ def _check_payouts(
     earned: dict[str, int],
     cumulative: dict[str, int],
 ) -> None:
-    counts: dict[str, int] = {}
-    as_signed: dict[str, int] = {}
-    for e in batch.receipts:
-        w = to_checksum_address(e.worker)
-        counts[w] = counts.get(w, 0) + 1
-        as_signed[e.worker] = as_signed.get(e.worker, 0) + 1
-    # The settler counts receipts by the worker address as the receipt spells it, so a
-    # receipt signed with a lower-case address counts 0 there: informational, accepted.
-    payouts = [
-        msgspec.structs.replace(p, receipts=counts.get(p.account, 0))
-        if p.receipts == as_signed.get(p.account, 0)
-        else p
-        for p in payouts
-    ]
-    want = [
-        Payout(
-            account=a,
-            amount=str(earned[a]),
-            cumulative_amount=str(cumulative[a]),
-            receipts=counts.get(a, 0),
-        )
-        for a in sorted(earned)
-    ]
+    want = epoch_math.payouts(batch.receipts, earned, cumulative)
     if payouts == want:
         return
     got_by = {p.account: p for p in payouts}

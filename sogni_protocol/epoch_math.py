@@ -25,7 +25,7 @@ from eth_utils import to_checksum_address
 
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
-from sogni_protocol.epoch_files import BatchEntry, PayerSettlement, ReceiptsBatch
+from sogni_protocol.epoch_files import BatchEntry, PayerSettlement, Payout, ReceiptsBatch
 from sogni_protocol.errors import SignatureError
 from sogni_protocol.payout_rules import BPS, PayoutRules, Split
 
@@ -40,6 +40,7 @@ __all__ = [
     "expected_charge",
     "free_value",
     "paid_value",
+    "payouts",
     "scale_free",
     "split_entry",
 ]
@@ -107,6 +108,26 @@ def earned_by_account(entries: Iterable[BatchEntry]) -> dict[str, int]:
             creator = to_checksum_address(e.creator)
             earned[creator] = earned.get(creator, 0) + int(e.creator_amount)
     return earned
+
+
+def payouts(
+    entries: Iterable[BatchEntry], earned: Mapping[str, int], cumulative: Mapping[str, int]
+) -> list[Payout]:
+    """The epoch file's payouts: what each account earned, its new cumulative total, and how
+    many of the batch's receipts are its own (by checksummed worker address)."""
+    counts: dict[str, int] = {}
+    for e in entries:
+        worker = to_checksum_address(e.worker)
+        counts[worker] = counts.get(worker, 0) + 1
+    return [
+        Payout(
+            account=a,
+            amount=str(earned[a]),
+            cumulative_amount=str(cumulative[a]),
+            receipts=counts.get(a, 0),
+        )
+        for a in sorted(earned)
+    ]
 
 
 def cumulative_leaves(

@@ -38,7 +38,6 @@ from sogni_protocol.epoch_files import (
     EpochFile,
     OfferRecord,
     PayerSettlement,
-    Payout,
     ReceiptsBatch,
     Refusal,
     content_hash,
@@ -244,10 +243,6 @@ class Settler:
         receipts_name = receipts_filename(receipts_hash)
         atomic_write_bytes(self.publish_dir / "receipts" / receipts_name, batch_bytes)
 
-        counts: dict[str, int] = {}
-        for e in entries:
-            worker = to_checksum_address(e.worker)
-            counts[worker] = counts.get(worker, 0) + 1
         plan = EpochFile(
             format=EPOCH_FORMAT,
             epoch=epoch,
@@ -261,15 +256,7 @@ class Settler:
             previous_total=str(previous_total),
             stake_block=stake_block,
             rules=self.rules,
-            payouts=[
-                Payout(
-                    account=a,
-                    amount=str(earned[a]),
-                    cumulative_amount=str(cumulative[a]),
-                    receipts=counts.get(a, 0),
-                )
-                for a in sorted(earned)
-            ],
+            payouts=epoch_math.payouts(entries, earned, cumulative),
             leaves=[(a, str(v)) for a, v in leaves],
         )
         plan_bytes = encode(plan)

@@ -21,7 +21,6 @@ from sogni_protocol.epoch_files import (
     OfferRecord,
     PayerAuthorization,
     PayerSettlement,
-    Payout,
     ReceiptsBatch,
     content_hash,
     decode_batch,
@@ -73,10 +72,6 @@ def rebuild(folder: Path, start: int) -> None:
         earned = epoch_math.earned_by_account(batch.receipts)
         leaves = epoch_math.cumulative_leaves(previous, earned)
         cumulative = dict(leaves)
-        counts: dict[str, int] = {}
-        for e in batch.receipts:
-            w = to_checksum_address(e.worker)
-            counts[w] = counts.get(w, 0) + 1
         tree = MerkleTree(leaves)
         write_epoch(
             folder,
@@ -85,15 +80,7 @@ def rebuild(folder: Path, start: int) -> None:
                 root=tree.root_hex,
                 total=str(sum(cumulative.values())),
                 previous_total=str(sum(previous.values())),
-                payouts=[
-                    Payout(
-                        account=a,
-                        amount=str(earned[a]),
-                        cumulative_amount=str(cumulative[a]),
-                        receipts=counts.get(a, 0),
-                    )
-                    for a in sorted(earned)
-                ],
+                payouts=epoch_math.payouts(batch.receipts, earned, cumulative),
                 leaves=[(a, str(v)) for a, v in leaves],
             ),
         )
