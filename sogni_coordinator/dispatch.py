@@ -40,6 +40,7 @@ import trio
 from sogni_coordinator.billing import Billing, Refusal
 from sogni_coordinator.delivery import Cursor, Mailbox, ResultFiles, short
 from sogni_coordinator.group_commit import GroupCommit
+from sogni_coordinator.image_check import image_fault
 from sogni_coordinator.job_state import (
     LIVE,
     TERMINAL,
@@ -514,6 +515,13 @@ class Dispatcher:
         job = self._check_result(link, result)
         receipt = result.receipt
         partial = receipt.steps_done < job.params.steps
+        if not partial:
+            p = job.params
+            fault = await trio.to_thread.run_sync(
+                image_fault, result.image, p.output_format, p.width, p.height
+            )
+            if fault is not None:
+                raise ResultRefused(fault)
         event = JobEvent.PARTIAL_RECEIPT if partial else JobEvent.RECEIPT
         try:
             outcome = transition(job.state, event)

@@ -7,7 +7,9 @@ test's nursery, so `accept_result` commits receipts exactly as in production.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import io
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 import trio
 from eth_account import Account
+from PIL import Image
 
 from sogni_coordinator.billing import Billing
 from sogni_coordinator.dispatch import Dispatcher, Resumed, Submission
@@ -42,7 +45,17 @@ from sogni_protocol.messages import (
 MODEL = "sogni-tiny-sd"
 DOMAIN = Domain(8453, "0x" + "42" * 20)
 SIGNER = Account.from_key(b"\x05" * 32)
-PNG = b"\x89PNG\r\n\x1a\n a test image"
+
+
+@functools.lru_cache(maxsize=8)
+def _png(width: int = 64, height: int = 64) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+PNG = _png()
+"""A real 64x64 PNG: every delivered image must decode at the job's size."""
 FLOOR = 10.0
 """Deadline floor: every test job (64x64, few steps) gets exactly this budget."""
 
@@ -109,6 +122,8 @@ class FakeNode:
         done = o.steps if steps_done is None else steps_done
         if done < o.steps and image is PNG:
             image = b""
+        elif image is PNG:
+            image = _png(o.width, o.height)  # the job's size
         receipt = Receipt(
             job_id=o.job_id,
             offer_hash=eip712.offer_hash(DOMAIN, o),
