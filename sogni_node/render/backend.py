@@ -14,7 +14,10 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from sogni_node.render.trajectory import Trajectory
 
 UINT32_MAX = 2**32 - 1
 
@@ -72,6 +75,9 @@ class RenderOutput:
     device: str
     dtype: str
     threads: int
+    trajectory: Trajectory | None = field(default=None, repr=False, compare=False)
+    """The committed denoising trajectory (root, digests, tensors to open any step; see
+    docs/TRAJECTORY.md), from backends that record one (diffusers); None from the others."""
 
 
 class RenderCancelled(Exception):

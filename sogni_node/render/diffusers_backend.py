@@ -5,6 +5,13 @@ never from a hub) and kept; a lock per pipeline serialises renders because a dif
 pipeline holds per-call state (scheduler, interrupt flag) and is not re-entrant. Each render
 gets a fresh scheduler from the model's saved config, so a job's scheduler choice never leaks
 into the next job.
+
+Randomness is pinned to the job's seed on the CPU (see `noise`): the initial latent is drawn by
+`initial_latents` and passed in as ``latents=``, and each step of a stochastic scheduler gets
+its own CPU generator keyed by (seed, step). Every render records its trajectory (see
+`trajectory`): leaf 0 is that initial latent, leaf k the latent after step k with the
+scheduler state step k + 1 needs, and `RenderOutput.trajectory` carries the Merkle root over
+them and the tensors to open any step later.
 """
 
 from __future__ import annotations
@@ -32,7 +39,9 @@ from sogni_node.models.registry import ModelRegistry
 from sogni_node.render.backend import RenderCancelled, RenderError, RenderJob, RenderOutput
 from sogni_node.render.encoding import encode_image, float_image_to_uint8
 from sogni_node.render.lora import LoraError, applied_loras
+from sogni_node.render.noise import initial_latents, pin_step_noise
 from sogni_node.render.residency import Residency, module_bytes
+from sogni_node.render.trajectory import TrajectoryRecorder
 
 logger = logging.getLogger(__name__)
 
@@ -245,12 +254,17 @@ class DiffusersBackend:
         loaded = self._get(job.model_id)
         steps_done = 0
         caller_error: BaseException | None = None
+        recorder: TrajectoryRecorder | None = None
 
         def step_end(
-            _pipe: Any, step_index: int, _timestep: Any, callback_kwargs: dict[str, Any]
+            pipeline: Any, step_index: int, timestep: Any, callback_kwargs: dict[str, Any]
         ) -> dict[str, Any]:
             nonlocal steps_done, caller_error
             steps_done = step_index + 1
+            if recorder is not None:
+                recorder.record(
+                    steps_done, callback_kwargs["latents"], pipeline.scheduler, timestep
+                )
             try:
                 on_step(steps_done)
                 cancel = should_cancel()
@@ -271,7 +285,16 @@ class DiffusersBackend:
             pipe = loaded.pipe
             scheduler = job.scheduler or self.registry.get(job.model_id).default_scheduler
             pipe.scheduler = self._scheduler(loaded, scheduler)
-            generator = torch.Generator(self.device).manual_seed(job.seed)
+            pin_step_noise(pipe.scheduler, job.seed)
+            # Only read where a pipeline draws noise itself (no `latents` below).
+            generator = torch.Generator("cpu").manual_seed(job.seed)
+            pinned: dict[str, Any] = {}
+            shape = latent_shape(pipe, job.width, job.height)
+            if shape is not None:
+                latents = initial_latents(job.seed, shape, self.dtype, self.device)
+                recorder = TrajectoryRecorder()
+                recorder.record(0, latents, pipe.scheduler)
+                pinned["latents"] = latents
             try:
                 with applied_loras(pipe, job.loras):
                     result = pipe(
@@ -284,6 +307,7 @@ class DiffusersBackend:
                         generator=generator,
                         output_type="np",
                         callback_on_step_end=step_end,
+                        **pinned,
                     )
             except RenderCancelled:
                 raise
@@ -303,6 +327,7 @@ class DiffusersBackend:
             device=self.device,
             dtype=self.dtype_name,
             threads=self.threads,
+            trajectory=recorder.finish() if recorder is not None else None,
         )
 
     def close(self) -> None:
@@ -310,6 +335,17 @@ class DiffusersBackend:
             self._pipes.clear()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+
+
+def latent_shape(pipe: Any, width: int, height: int) -> tuple[int, ...] | None:
+    """The initial latent's shape for UNet pipelines (SD 1.5, SDXL, LCM and turbo variants:
+    what their ``prepare_latents`` draws); None for others (e.g. Flux packs its latents), which
+    then draw from a seeded CPU generator and record no trajectory."""
+    unet = getattr(pipe, "unet", None)
+    scale = getattr(pipe, "vae_scale_factor", None)
+    if unet is None or not isinstance(scale, int):
+        return None
+    return (1, int(unet.config.in_channels), height // scale, width // scale)
 
 
 def _private_error(exc: Exception, job: RenderJob) -> RenderError:
