@@ -38,7 +38,7 @@ _ZERO32 = bytes(32)
 
 DISTRIBUTOR_DOMAIN_NAME = "SogniSupernet"
 """The reward distributor's EIP-712 domain name (shared with offers and receipts)."""
-DISTRIBUTOR_DOMAIN_VERSION = "2"
+DISTRIBUTOR_DOMAIN_VERSION = "3"
 """The domain version the deployed RewardDistributor reports (``eip712Domain()``)."""
 MAX_BPS = 10_000
 """``stakeBps`` is in basis points: 10,000 stakes the whole claim."""
@@ -69,7 +69,7 @@ def stake_authorization_typed_data(
     """The EIP-712 document a worker signs to let anyone submit ``claimAndStake`` for it.
 
     ``StakeAuthorization(address account,uint256 cumulativeAmount,uint16 stakeBps,
-    uint64 deadline)`` under the distributor's domain (``"SogniSupernet"``, version ``"2"``,
+    uint64 deadline)`` under the distributor's domain (``"SogniSupernet"``, version ``"3"``,
     ``chain_id``, ``distributor``), in the ``full_message`` shape of eth-account's
     ``encode_typed_data`` (and of ``eth_signTypedData_v4`` in wallets).
     """

@@ -92,6 +92,9 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     (port 0 picks a free port) or `off`."""
     log_level: LogLevel = "info"
     log_json: bool | None = None
+    trajectory_retention_seconds: Annotated[float, Meta(ge=0, le=30 * 86_400)] = 3600.0
+    """How long each render's committed trajectory (every step's latent, about 8 MiB for a
+    30-step SDXL render) is kept to answer a challenge of its receipt; then deleted."""
     chain_url: ChainUrl | None = None
     """Settlement chain JSON-RPC url (e.g. anvil) for `rewards`, `stake`; None: no chain."""
     addresses_file: Path | None = None

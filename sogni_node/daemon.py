@@ -31,6 +31,7 @@ from sogni_node.journal import Journal
 from sogni_node.models.loras import LoraLibrary
 from sogni_node.pull import NodeIdentity, PullSession, pull_forever
 from sogni_node.render.backend import Backend
+from sogni_node.trajectory_files import TrajectoryFiles
 from sogni_node.worker import Worker
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
@@ -104,6 +105,9 @@ async def run_node(
     hw = probe(config.device)
     worker = Worker(backend, config.slots, LoraLibrary(config.models_dir))
     journal = Journal(config.journal_path, config.data_dir / "results")
+    trajectories = TrajectoryFiles(
+        config.data_dir / "trajectories", config.trajectory_retention_seconds
+    )
     identity = NodeIdentity(
         wallet_address=wallet.address,
         wallet_key=wallet.private_key,
@@ -150,6 +154,7 @@ async def run_node(
                     heartbeat_interval=config.heartbeat_interval,
                     heartbeat_timeout=config.heartbeat_timeout,
                     on_connected=lambda event: connected(addr, event),
+                    trajectories=trajectories,
                 )
 
             pulls_stop = trio.Event()

@@ -37,7 +37,7 @@ import msgspec
 from sogni_protocol import eip712
 from sogni_protocol.atomic import atomic_write_bytes
 from sogni_protocol.image_types import extension_of
-from sogni_protocol.messages import JobOffer, Receipt, RenderMeta
+from sogni_protocol.messages import NO_TRAJECTORY, JobOffer, Receipt, RenderMeta
 from sogni_protocol.migrations import Migration, SchemaTooNew, migrate
 
 __all__ = ["SCHEMA_VERSION", "Journal", "JournalError", "JournalReceipt", "StoredResult"]
@@ -96,13 +96,19 @@ _MIGRATIONS = (
         "full price",
         "ALTER TABLE receipts ADD COLUMN price_factor_bps INTEGER NOT NULL DEFAULT 10000",
     ),
+    Migration(
+        4,
+        "receipts carry the trajectory root (EIP-712 version '3'); earlier ones had none",
+        "ALTER TABLE receipts ADD COLUMN trajectory_root BLOB",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 _RECEIPT_COLUMNS = (
     "job_id, offer_hash, worker, coordinator, model_id, result_hash, steps_done, work_units,"
     " completed_at, signature, image_sha256, chain_id, verifying_contract, meta_json,"
-    " recorded_at, accepted, ack_reason, acked_at, domain_version, price_factor_bps"
+    " recorded_at, accepted, ack_reason, acked_at, domain_version, price_factor_bps,"
+    " trajectory_root"
 )
 
 
@@ -291,8 +297,8 @@ class Journal:
             "INSERT OR REPLACE INTO receipts (job_id, offer_hash, worker, coordinator,"
             " model_id, result_hash, steps_done, work_units, completed_at, signature,"
             " image_sha256, chain_id, verifying_contract, meta_json, recorded_at,"
-            " domain_version, price_factor_bps)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " domain_version, price_factor_bps, trajectory_root)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             row,
         )
 
@@ -498,6 +504,7 @@ def _receipt_row(
         time.time(),
         domain_version or eip712.DOMAIN_VERSION,
         receipt.price_factor_bps,
+        receipt.trajectory_root,
     )
 
 
@@ -505,7 +512,7 @@ def _receipt_from_row(r: tuple[Any, ...]) -> JournalReceipt:
     (job_id, offer_hash, worker, coordinator, model_id, result_hash, steps_done, work_units,
      completed_at, signature, image_sha256, chain_id, verifying_contract, meta_json,
      recorded_at, accepted, ack_reason, _acked_at, domain_version,
-     price_factor_bps) = r  # fmt: skip
+     price_factor_bps, trajectory_root) = r  # fmt: skip
     receipt = Receipt(
         job_id=bytes(job_id),
         offer_hash=bytes(offer_hash),
@@ -517,6 +524,7 @@ def _receipt_from_row(r: tuple[Any, ...]) -> JournalReceipt:
         work_units=int(work_units),
         completed_at=int(completed_at),
         price_factor_bps=int(price_factor_bps),
+        trajectory_root=bytes(trajectory_root) if trajectory_root else NO_TRAJECTORY,
     )
     return JournalReceipt(
         receipt=receipt,

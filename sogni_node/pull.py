@@ -52,6 +52,7 @@ import trio
 from sogni_net import Channel, Host, TransportError
 from sogni_node.journal import Journal, StoredResult
 from sogni_node.render.backend import RenderCancelled
+from sogni_node.trajectory_files import TrajectoryFiles
 from sogni_node.worker import NoFreeSlot, Running, Worker
 from sogni_protocol import eip712
 from sogni_protocol.crashpoints import crashpoint
@@ -65,6 +66,7 @@ from sogni_protocol.ids import (
 )
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
+    NO_TRAJECTORY,
     Cancel,
     Capabilities,
     Goodbye,
@@ -138,8 +140,10 @@ class PullSession:
         heartbeat_interval: float = 5.0,
         heartbeat_timeout: float = 15.0,
         on_connected: Callable[[dict[str, object]], None] | None = None,
+        trajectories: TrajectoryFiles | None = None,
     ) -> None:
         self.host = host
+        self.trajectories = trajectories
         self.addr = addr
         self.id = identity
         self.worker = worker
@@ -442,7 +446,12 @@ class PullSession:
         meta = RenderMeta(
             backend=out.backend, device=out.device, dtype=out.dtype, threads=out.threads
         )
-        await self._finish(job, out.image, out.steps_done, meta)
+        root = NO_TRAJECTORY
+        if out.trajectory is not None and self.trajectories is not None:
+            # kept before the receipt commits to it: a challenge can always be answered
+            await _off_loop(self.trajectories.keep, job.id, out.trajectory)
+            root = out.trajectory.root
+        await self._finish(job, out.image, out.steps_done, meta, root)
         sent = not self.closed.is_set()  # else it waits on disk for the re-offer
         log.info("receipt_sent" if sent else "result_kept", job=job.tag, steps=out.steps_done)
 
@@ -459,7 +468,12 @@ class PullSession:
             log.error("hand_back_not_journaled", job=job.tag, error=type(exc).__name__)
 
     async def _finish(
-        self, job: _Job, image: bytes, steps_done: int, meta: RenderMeta | None
+        self,
+        job: _Job,
+        image: bytes,
+        steps_done: int,
+        meta: RenderMeta | None,
+        trajectory_root: bytes = NO_TRAJECTORY,
     ) -> None:
         """Sign, keep (image + receipt, durably), then send. A partial receipt (cancelled
         job) has no image and is worth the steps done, pro rata."""
@@ -475,6 +489,7 @@ class PullSession:
             work_units=offer.work_units * min(steps_done, offer.steps) // offer.steps,
             completed_at=int(time.time()),
             price_factor_bps=offer.price_factor_bps,
+            trajectory_root=trajectory_root,
         )
         signature = eip712.sign_receipt(self.id.wallet_key, self.id.domain, receipt)
         meta = meta or RenderMeta(backend=self.worker.backend.name, device="", dtype="", threads=0)

@@ -21,6 +21,8 @@ Version "2" adds `priceFactorBps` to `JobOffer` and `Receipt` (the tier's price 
 relaxed work is paid what the payer paid; a v1 offer or receipt is only valid at full price)
 and `networkId` to `RenderAuthorization` and `DailyBoostClaim` (the ledger's network: with the
 distributor in the domain, an authorization is good on one network only, and spent once there).
+Version "3" adds `trajectoryRoot` to `Receipt`: the commitment to every step of the render
+(docs/TRAJECTORY.md); a v1 or v2 receipt can only carry none (zero).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from sogni_protocol.errors import SignatureError
 from sogni_protocol.messages import (
     DEFAULT_NETWORK_ID,
     FULL_PRICE_BPS,
+    NO_TRAJECTORY,
     BalanceQuery,
     Capabilities,
     DailyBoostClaim,
@@ -53,9 +56,9 @@ from sogni_protocol.messages import (
 )
 
 DOMAIN_NAME = "SogniSupernet"
-DOMAIN_VERSION = "2"
+DOMAIN_VERSION = "3"
 """The version new signatures use."""
-KNOWN_VERSIONS: tuple[str, ...] = ("1", "2")
+KNOWN_VERSIONS: tuple[str, ...] = ("1", "2", "3")
 """Every version whose signatures still verify, the current one included (see the rule above)."""
 
 _EIP712_DOMAIN = [
@@ -119,8 +122,15 @@ _TYPES: dict[str, list[dict[str, str]]] = {
     "RenderAuthorization": [*_TYPES_V1["RenderAuthorization"], _NETWORK],
     "DailyBoostClaim": [*_TYPES_V1["DailyBoostClaim"], _NETWORK],
 }
+_TYPES_V2 = _TYPES
+_TRAJECTORY = {"name": "trajectoryRoot", "type": "bytes32"}
+_TYPES = {**_TYPES_V2, "Receipt": [*_TYPES_V2["Receipt"], _TRAJECTORY]}
 """The current layouts (`DOMAIN_VERSION`)."""
-_TYPES_BY_VERSION: dict[str, dict[str, list[dict[str, str]]]] = {"1": _TYPES_V1, "2": _TYPES}
+_TYPES_BY_VERSION: dict[str, dict[str, list[dict[str, str]]]] = {
+    "1": _TYPES_V1,
+    "2": _TYPES_V2,
+    "3": _TYPES,
+}
 
 
 def _types_of(version: str) -> dict[str, list[dict[str, str]]]:
@@ -240,6 +250,7 @@ def receipt_message(receipt: Receipt) -> dict[str, Any]:
         "workUnits": receipt.work_units,
         "completedAt": receipt.completed_at,
         "priceFactorBps": receipt.price_factor_bps,
+        "trajectoryRoot": _hex(receipt.trajectory_root),
     }
 
 
@@ -312,8 +323,21 @@ def _price_factor_tail(domain: Domain, price_factor_bps: int) -> bytes:
     return price_factor_bps.to_bytes(32, "big")
 
 
+def _trajectory_tail(domain: Domain, root: bytes) -> bytes:
+    """The encoded `trajectoryRoot` (v3 on); earlier versions have none, so only zero."""
+    if domain.version in ("1", "2"):
+        if root != NO_TRAJECTORY:
+            raise SignatureError(
+                f"EIP-712 version {domain.version!r} has no trajectory root: only none"
+            )
+        return b""
+    return root
+
+
 def receipt_digest(domain: Domain, receipt: Receipt) -> bytes:
-    tail = _price_factor_tail(domain, receipt.price_factor_bps)
+    tail = _price_factor_tail(domain, receipt.price_factor_bps) + _trajectory_tail(
+        domain, receipt.trajectory_root
+    )
     struct = keccak(
         _RECEIPT_TYPEHASH[domain.version]
         + receipt.job_id

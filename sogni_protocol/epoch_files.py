@@ -46,7 +46,7 @@ __all__ = [
     "receipts_filename",
 ]
 
-RECEIPTS_FORMAT = "sogni-receipts-v2"
+RECEIPTS_FORMAT = "sogni-receipts-v3"
 EPOCH_FORMAT = "sogni-epoch-v2"
 
 
@@ -155,6 +155,7 @@ class BatchEntry(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     work_units: int
     completed_at: int
     price_factor_bps: int
+    trajectory_root: str
     signature: str
     offer: OfferRecord
     settlement: PayerSettlement
@@ -177,6 +178,7 @@ class BatchEntry(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
             work_units=self.work_units,
             completed_at=self.completed_at,
             price_factor_bps=self.price_factor_bps,
+            trajectory_root=_unhex(self.trajectory_root),
         )
 
     @property
@@ -209,6 +211,7 @@ class BatchEntry(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
             work_units=receipt.work_units,
             completed_at=receipt.completed_at,
             price_factor_bps=receipt.price_factor_bps,
+            trajectory_root=_hex(receipt.trajectory_root),
             signature=_hex(signature),
             offer=offer,
             settlement=settlement,

@@ -13,10 +13,10 @@ balance query."""
 CAPABILITIES_TOPIC: Final = "sogni/capabilities/1"
 """GossipSub topic for signed capability adverts (at most one per node every 30 s)."""
 
-WIRE_VERSION: Final = 3
+WIRE_VERSION: Final = 4
 """The wire format's major version, carried as `v` in every message map (2: resume tokens,
 `ResumeRequest`, `ImageAck`, `HelloRefused`; 3: the tier's `priceFactorBps` in offers and
-receipts, and the network id in payer authorizations).
+receipts, and the network id in payer authorizations; 4: the trajectory root in receipts).
 
 The rule: `v` is the major version, and peers speak only their own (messages are strict, an
 unknown field is refused, so any change to a message is a new major version). It is

@@ -49,6 +49,7 @@ PriceFactorBps = Annotated[int, Meta(ge=1, le=10_000)]
 """The tier's price factor in basis points: 10000 on fast, 5000 on relaxed (signed into the
 offer and the receipt, so the payer's price, the worker's pay and the epoch agree)."""
 FULL_PRICE_BPS = 10_000
+NO_TRAJECTORY = bytes(32)
 
 
 class UnsupportedWireVersion(InvalidMessage):
@@ -127,6 +128,10 @@ class Receipt(_Record, kw_only=True):
     work_units: Uint64
     completed_at: Uint64
     price_factor_bps: PriceFactorBps = FULL_PRICE_BPS
+    trajectory_root: Bytes32 = NO_TRAJECTORY
+    """The Merkle root of the render's trajectory (`sogni_protocol.trajectory`): every step's
+    latent and scheduler state, committed before anyone asks for one; zero: none (a partial
+    receipt, or a backend that does not record one)."""
 
 
 class Capabilities(_Record, kw_only=True):

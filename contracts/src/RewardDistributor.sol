@@ -29,7 +29,7 @@ interface IStaking {
 ///      posting faster than the delay never locks claims (and a bad root can be answered by
 ///      pausing before it matures, then posting the next epoch).
 ///      Also the EIP-712 verifying contract for receipts and offers (name "SogniSupernet",
-///      version "2"), and of `StakeAuthorization`, the signature behind gasless auto-staking.
+///      version "3"), and of `StakeAuthorization`, the signature behind gasless auto-staking.
 ///      A claim that would pay nothing reverts with `NothingToClaim` (rather than succeeding
 ///      silently) so wallets see the mistake at gas estimation and no gas is spent on a no-op.
 ///      Roles: DEFAULT_ADMIN_ROLE (one holder, handed over in two steps after
@@ -106,7 +106,7 @@ contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
         uint48 adminTransferDelay,
         uint256 claimDelay_,
         uint256 maxTotalGrowth_
-    ) AccessControlDefaultAdminRules(adminTransferDelay, admin) EIP712("SogniSupernet", "2") {
+    ) AccessControlDefaultAdminRules(adminTransferDelay, admin) EIP712("SogniSupernet", "3") {
         if (address(token_) == address(0) || address(staking_) == address(0)) revert ZeroAddress();
         token = token_;
         staking = staking_;

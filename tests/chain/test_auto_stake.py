@@ -177,7 +177,7 @@ def test_typed_data_document_matches_the_contract(env: Env) -> None:
         stake_bps=4_000,
         deadline=99,
     )
-    assert doc["domain"]["version"] == DISTRIBUTOR_DOMAIN_VERSION == "2"
+    assert doc["domain"]["version"] == DISTRIBUTOR_DOMAIN_VERSION == "3"
     assert doc["primaryType"] == "StakeAuthorization"
     signable = encode_typed_data(full_message=doc)
     assert signable.header == dist.domain_separator()

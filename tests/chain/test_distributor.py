@@ -176,7 +176,7 @@ def test_eip712_domain_matches_python(env: Env) -> None:
     dist = env.d.distributor
     domain = dist.eip712_domain()
     assert domain.name == "SogniSupernet"
-    assert domain.version == "2"
+    assert domain.version == "3"
     assert domain.chain_id == env.chain.chain_id
     assert domain.verifying_contract == dist.address
 
@@ -186,7 +186,7 @@ def test_eip712_domain_matches_python(env: Env) -> None:
     by_hand = keccak(
         abi_encode(
             ["bytes32", "bytes32", "bytes32", "uint256", "address"],
-            [type_hash, keccak(b"SogniSupernet"), keccak(b"2"), env.chain.chain_id, dist.address],
+            [type_hash, keccak(b"SogniSupernet"), keccak(b"3"), env.chain.chain_id, dist.address],
         )
     )
     assert dist.domain_separator() == by_hand == hash_domain(domain.as_dict())

@@ -44,6 +44,8 @@ def test_demo_renders_settles_and_its_receipts_verify(tmp_path: Path) -> None:
         image = (out / line["image"]).read_bytes()
         assert line["message"]["resultHash"] == "0x" + hashlib.sha256(image).hexdigest()
         assert line["domain"]["verifyingContract"] != "0x" + "00" * 20  # the real distributor
+        assert line["message"]["trajectoryRoot"] != "0x" + "00" * 32  # every step committed
+    assert len({line["message"]["trajectoryRoot"] for line in lines}) == len(lines)
     _audit_the_published_epochs(out / "epochs", tmp_path)
 
 

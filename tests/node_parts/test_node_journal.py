@@ -170,7 +170,7 @@ def test_a_version_1_journal_migrates_on_open(
 
     monkeypatch.setattr(eip712, "DOMAIN_VERSION", "2")  # receipts signed from now on
     with Journal(path) as j:
-        assert j._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert j._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         [old] = j.receipts()
         assert old.receipt == r and old.signature == SIG
         assert old.domain_version == "1"  # everything before the migration was signed so

@@ -118,16 +118,40 @@ def test_binding_signed_by_wallet() -> None:
 V1 = DOMAIN.at("1")
 
 
-def test_current_version_is_2_and_adds_the_price_factor() -> None:
-    assert DOMAIN.version == eip712.DOMAIN_VERSION == "2"
-    assert eip712.KNOWN_VERSIONS == ("1", "2")
-    assert V1.separator != DOMAIN.separator
+V2 = DOMAIN.at("2")
+
+
+def test_current_version_is_3_with_the_price_factor_and_the_trajectory_root() -> None:
+    assert DOMAIN.version == eip712.DOMAIN_VERSION == "3"
+    assert eip712.KNOWN_VERSIONS == ("1", "2", "3")
+    assert len({V1.separator, V2.separator, DOMAIN.separator}) == 3
     doc = eip712.receipt_document(DOMAIN, _receipt())
-    assert doc["types"]["Receipt"][-1] == {"name": "priceFactorBps", "type": "uint32"}
+    assert doc["types"]["Receipt"][-2:] == [
+        {"name": "priceFactorBps", "type": "uint32"},
+        {"name": "trajectoryRoot", "type": "bytes32"},
+    ]
     assert doc["message"]["priceFactorBps"] == 10_000
+    assert doc["message"]["trajectoryRoot"] == "0x" + "00" * 32
+    v2 = eip712.receipt_document(V2, _receipt())
+    assert "trajectoryRoot" not in v2["message"] and "priceFactorBps" in v2["message"]
     old = eip712.receipt_document(V1, _receipt())
     assert "priceFactorBps" not in old["message"]
     assert all(f["name"] != "priceFactorBps" for f in old["types"]["Receipt"])
+
+
+def test_trajectory_root_is_signed_and_only_v3_carries_one() -> None:
+    committed = msgspec.structs.replace(_receipt(), trajectory_root=b"\x07" * 32)
+    sig = eip712.sign_receipt(WORKER.key, DOMAIN, committed)
+    assert eip712.recover_receipt_signer(DOMAIN, committed, sig) == WORKER.address
+    other = msgspec.structs.replace(committed, trajectory_root=b"\x08" * 32)
+    assert eip712.recover_receipt_signer(DOMAIN, other, sig) != WORKER.address
+    signable = encode_typed_data(full_message=eip712.receipt_document(DOMAIN, committed))
+    assert Account.recover_message(signable, signature=sig) == WORKER.address
+    with pytest.raises(SignatureError, match="no trajectory root"):
+        eip712.receipt_digest(V2, committed)
+    plain = _receipt()
+    v2_sig = eip712.sign_digest(WORKER.key, eip712.receipt_digest(V2, plain))
+    assert eip712.verify_receipt(DOMAIN, plain, v2_sig, WORKER.address) == "2"
 
 
 def test_price_factor_is_signed() -> None:
@@ -154,7 +178,7 @@ def test_receipt_signed_under_version_1_still_verifies() -> None:
     assert eip712.verify_receipt(DOMAIN, receipt, sig, WORKER.address) == "1"
     with pytest.raises(SignatureError, match="not signed by its worker"):
         eip712.verify_receipt(DOMAIN, receipt, sig, "0x" + "44" * 20)
-    with pytest.raises(ValueError, match="signing uses the current EIP-712 version '2'"):
+    with pytest.raises(ValueError, match="signing uses the current EIP-712 version '3'"):
         eip712.sign_receipt(WORKER.key, recorded, receipt)
 
 
@@ -168,7 +192,7 @@ def test_payer_checks_accept_every_known_version(monkeypatch: pytest.MonkeyPatch
     claim = eip712.sign_boost_claim(WORKER.key, DOMAIN, "2025-06-01")
     assert eip712.check_boost_claim(DOMAIN, claim) is None
     assert eip712.check_boost_claim(V1, claim) is None  # tried under every known version
-    monkeypatch.setattr(eip712, "KNOWN_VERSIONS", ("1",))  # "2" retired: refused
+    monkeypatch.setattr(eip712, "KNOWN_VERSIONS", ("1",))  # "3" retired: refused
     assert "not from the payer" in (eip712.check_boost_claim(V1, claim) or "")
 
 
@@ -176,7 +200,7 @@ def test_unknown_version_is_refused_with_the_reason() -> None:
     receipt = _receipt()
     sig = eip712.sign_receipt(WORKER.key, DOMAIN, receipt)
     future = DOMAIN.at("9")
-    reason = "EIP-712 domain version '9' is unknown: this code verifies versions '1', '2'"
+    reason = "EIP-712 domain version '9' is unknown: this code verifies versions '1', '2', '3'"
     with pytest.raises(SignatureError, match=reason):
         eip712.recover_receipt_signer(future, receipt, sig)
     with pytest.raises(SignatureError, match=reason):

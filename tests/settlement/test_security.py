@@ -4,10 +4,12 @@ accepted (the dispatcher's domain comes from the addresses file), and replays.""
 from __future__ import annotations
 
 import hashlib
+import io
 from pathlib import Path
 
 import pytest
 import trio
+from PIL import Image
 
 from sogni_chain import ChainRevert
 from sogni_coordinator.config import CoordinatorConfig
@@ -143,7 +145,9 @@ async def _dispatcher_and_offer(
 
 
 def _result(key: object, domain: Domain, offer: Offer, dispatcher: Dispatcher) -> Result:
-    image = b"\x89PNG\r\n\x1a\n not a real image"
+    buf = io.BytesIO()  # a real 64x64 PNG: the coordinator decodes every delivered image
+    Image.new("RGB", (64, 64), (0, 90, 200)).save(buf, format="PNG")
+    image = buf.getvalue()
     receipt = Receipt(
         job_id=offer.offer.job_id,
         offer_hash=eip712.offer_hash(dispatcher.domain, offer.offer),
