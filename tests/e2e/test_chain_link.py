@@ -59,9 +59,7 @@ async def test_epochs_close_on_a_timer_and_tiers_follow_the_chain(
         finally:
             ledger.close()
         with trio.fail_after(60):
-            result = await render(
-                net.addr, request, payer_key=bytes(payer.key), domain=net.domain
-            )
+            result = await render(net.addr, request, payer_key=bytes(payer.key), domain=net.domain)
         assert len(result.images) == 2
         store = net.coordinator.dispatcher.store
         with trio.fail_after(30):
