@@ -26,6 +26,7 @@ request ended.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import statistics
 import tempfile
@@ -38,6 +39,7 @@ from pathlib import Path
 import trio
 
 from sogni_coordinator.billing import Billing, Refusal
+from sogni_coordinator.challenges import ChallengeResult, PendingChallenges
 from sogni_coordinator.delivery import Cursor, Mailbox, ResultFiles, short
 from sogni_coordinator.group_commit import GroupCommit
 from sogni_coordinator.image_check import image_fault
@@ -64,6 +66,7 @@ from sogni_protocol.messages import (
     BalanceQuery,
     Cancel,
     Capabilities,
+    Challenge,
     DailyBoostClaim,
     JobFailed,
     JobImage,
@@ -185,6 +188,8 @@ class Dispatcher:
         self.prompt_retention = prompt_retention
         """Seconds a request's prompt key outlives the request (then it is shredded)."""
         self._shred_wake = trio.Event()
+        self.challenges = PendingChallenges()
+        """Challenges sent to nodes and not yet answered (`challenge`)."""
 
     # --- the lifecycle: the only place a job's state changes --------------------------------
     def _to(self, job: Job, event: JobEvent, *, durable: bool = False) -> JobState:
@@ -458,7 +463,21 @@ class Dispatcher:
         for job in list(link.inflight.values()):
             self._release(job, link, f"node left: {reason}", penalize=True)
         link.outbox.close()
+        if self.nodes.get(link.peer_id) is None:  # no newer stream: its challenges fail now
+            self.challenges.node_left(link.peer_id, reason)
         self._save()
+
+    async def challenge(
+        self, peer_id: str, job_id: bytes, steps: list[int], timeout: float
+    ) -> ChallengeResult:
+        """Ask node `peer_id` to open leaves `steps` of job `job_id`'s trajectory; waits at
+        most `timeout` s. The answer is not checked here: `ChallengeResult.fault(receipt)`."""
+        deadline = math.ceil(self._clock() + timeout)
+        challenge = Challenge(job_id=job_id, steps=list(steps), deadline=deadline)
+        link = self.nodes.get(peer_id)
+        if link is None:
+            return ChallengeResult(challenge, refused="node not connected")
+        return await self.challenges.ask(peer_id, link.outbox, challenge, timeout)
 
     def ready(self, link: NodeLink, slots: int, warm_models: list[str] | None = None) -> None:
         """The node's credit: it can take `slots` more offers beyond those in flight."""

@@ -40,6 +40,8 @@ from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT, unsupported_version
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
+    ChallengeAnswer,
+    ChallengeRefused,
     Goodbye,
     HandBack,
     Heartbeat,
@@ -202,6 +204,8 @@ async def _reader(channel: Channel, link: NodeLink, dispatcher: Dispatcher, time
             dispatcher.handed_back(link, msg.job_id, msg.reason)
         elif isinstance(msg, Goodbye):
             return f"node said goodbye: {msg.reason}"
+        elif isinstance(msg, ChallengeAnswer | ChallengeRefused):
+            dispatcher.challenges.answered(link.peer_id, msg)
         elif isinstance(msg, Heartbeat):
             pass
         else:

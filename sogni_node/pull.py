@@ -44,7 +44,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar
+from typing import ParamSpec, TypeVar, cast
 
 import msgspec
 import trio
@@ -52,6 +52,7 @@ import trio
 from sogni_net import Channel, Host, TransportError
 from sogni_node.journal import Journal, StoredResult
 from sogni_node.render.backend import RenderCancelled
+from sogni_node.render.trajectory import StepOpening
 from sogni_node.trajectory_files import TrajectoryFiles
 from sogni_node.worker import NoFreeSlot, Running, Worker
 from sogni_protocol import eip712
@@ -69,6 +70,9 @@ from sogni_protocol.messages import (
     NO_TRAJECTORY,
     Cancel,
     Capabilities,
+    Challenge,
+    ChallengeAnswer,
+    ChallengeRefused,
     Goodbye,
     HandBack,
     Heartbeat,
@@ -84,10 +88,15 @@ from sogni_protocol.messages import (
     RenderMeta,
     Result,
     ResultAck,
+    ScalarEntry,
+    StepOpeningWire,
+    TensorDtype,
+    TensorEntry,
     UnsupportedWireVersion,
     Welcome,
     encode,
 )
+from sogni_protocol.trajectory import TensorBytes
 
 log = get_logger(__name__)
 
@@ -160,6 +169,8 @@ class PullSession:
         self._on_connected = on_connected
         self._slot_freed: Callable[[], None] = self.offer_ready
         self._error: Exception | None = None
+        self._challenge_limiter = trio.CapacityLimiter(1)
+        """Challenges answered one at a time (each loads a trajectory file)."""
 
     def send(self, msg: Message) -> None:
         try:
@@ -258,12 +269,16 @@ class PullSession:
 
     async def _write(self, channel: Channel, msg: Message) -> None:
         is_result = isinstance(msg, Result)
-        limit = RESULT_FRAME_LIMIT if is_result else CONTROL_FRAME_LIMIT
+        large = is_result or isinstance(msg, ChallengeAnswer)  # images, revealed latents
+        limit = RESULT_FRAME_LIMIT if large else CONTROL_FRAME_LIMIT
         payload = encode(msg)
         if len(payload) > limit:  # this message's problem, not the stream's
             log.error("message_too_large", type=type(msg).__name__, size=len(payload))
             if isinstance(msg, Result):
                 self.send(HandBack(job_id=msg.job_id, steps_done=0, reason="result too large"))
+            elif isinstance(msg, ChallengeAnswer):
+                reason = f"answer too large ({len(payload)} bytes): ask for fewer steps"
+                self.send(ChallengeRefused(job_id=msg.job_id, reason=reason))
             return
         if is_result:
             crashpoint("node_before_send_result")
@@ -288,6 +303,8 @@ class PullSession:
                     )
             elif isinstance(msg, ResultAck):
                 await self._on_ack(msg)
+            elif isinstance(msg, Challenge):
+                jobs.start_soon(self._on_challenge, msg)
             elif isinstance(msg, Heartbeat):
                 pass
             else:
@@ -302,6 +319,47 @@ class PullSession:
             log.error("ack_not_journaled", job=job, error=type(exc).__name__)
         if not msg.accepted:
             log.warning("receipt_refused", job=job, reason=msg.reason)
+
+    # --- challenges ----------------------------------------------------------------------
+    async def _on_challenge(self, msg: Challenge) -> None:
+        """Open the asked leaves of the job's kept trajectory (off the event loop) and send
+        them, or a `ChallengeRefused` saying why not. Never raises; logs no parameters."""
+        job = msg.job_id.hex()[:16]
+        reply: ChallengeAnswer | ChallengeRefused
+        try:
+            reply = await trio.to_thread.run_sync(
+                self._answer, msg, limiter=self._challenge_limiter
+            )
+        except Exception as exc:  # a broken file or a bug: refuse, keep the session
+            log.error("challenge_failed", job=job, error=type(exc).__name__)
+            reply = ChallengeRefused(
+                job_id=msg.job_id, reason="the node could not open its trajectory"
+            )
+        if isinstance(reply, ChallengeRefused):
+            log.warning("challenge_refused", job=job, reason=reply.reason)
+        else:
+            log.info("challenge_answered", job=job, steps=len(reply.openings))
+        self.send(reply)
+
+    def _answer(self, msg: Challenge) -> ChallengeAnswer | ChallengeRefused:
+        """Blocking: read the journal and the trajectory file."""
+
+        def refuse(reason: str) -> ChallengeRefused:
+            return ChallengeRefused(job_id=msg.job_id, reason=reason)
+
+        offer = self.journal.offer(msg.job_id)
+        if offer is None or not eip712.same_address(offer.coordinator, self.coordinator):
+            return refuse("this node rendered no such job for this coordinator")
+        if self.trajectories is None:
+            return refuse("this node keeps no trajectories")
+        trajectory = self.trajectories.load(msg.job_id)
+        if trajectory is None:
+            return refuse("no trajectory kept for this job (expired or lost)")
+        outside = [k for k in msg.steps if k >= trajectory.n_leaves]
+        if outside:
+            return refuse(f"steps {outside} outside the {trajectory.n_leaves} committed leaves")
+        openings = [_opening_wire(trajectory.open(k)) for k in msg.steps]
+        return ChallengeAnswer(job_id=msg.job_id, openings=openings)
 
     # --- offers --------------------------------------------------------------------------
     def _check_offer(self, msg: Offer) -> str | None:
@@ -538,6 +596,32 @@ class PullSession:
             Result(job_id=job.id, image=kept.image, receipt=receipt, signature=signature, meta=meta)
         )
         log.info("result_resent", job=job.tag, resigned=receipt is not entry.receipt)
+
+
+def _opening_wire(opening: StepOpening) -> StepOpeningWire:
+    """A revealed leaf as it travels: every committed entry, the proof, the tree's size."""
+    entries = opening.record.entries()
+    tensors, scalars = [], []
+    for name in sorted(entries):
+        value = entries[name]
+        if isinstance(value, TensorBytes):
+            tensors.append(
+                TensorEntry(
+                    name=name,
+                    dtype=cast(TensorDtype, value.dtype),
+                    shape=list(value.shape),
+                    data=value.data,
+                )
+            )
+        else:
+            scalars.append(ScalarEntry(name=name, value=value))
+    return StepOpeningWire(
+        step=opening.step,
+        tensors=tensors,
+        scalars=scalars,
+        proof=list(opening.proof),
+        n_leaves=opening.n_leaves,
+    )
 
 
 def _reoffer_fault(

@@ -434,6 +434,94 @@ class Goodbye(_Message, tag="goodbye", kw_only=True):
     reason: Reason = ""
 
 
+# --- challenges (docs/TRAJECTORY.md, "Challenges") ---------------------------------------
+MAX_CHALLENGE_STEPS = 16
+"""Most leaves one `Challenge` may ask for (8 step pairs)."""
+MAX_STEP_ENTRIES = 64
+"""Most committed entries (tensors plus scalars) one revealed step may carry."""
+EntryName = Annotated[str, Meta(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.]+$")]
+Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
+TensorDtype = Literal["float32", "float16", "bfloat16"]
+"""`sogni_protocol.trajectory.DTYPES`: the compute dtypes a committed tensor may name."""
+
+
+class TensorEntry(_Record, kw_only=True):
+    """One committed tensor of a revealed step: float32 little-endian bytes (C order), its
+    shape, and the dtype it was computed in (`sogni_protocol.trajectory.TensorBytes`)."""
+
+    name: EntryName
+    dtype: TensorDtype
+    shape: Annotated[list[Uint32], Meta(max_length=8)]
+    data: bytes
+
+    def __post_init__(self) -> None:
+        size = 4
+        for d in self.shape:
+            size *= d
+        if len(self.data) != size:
+            raise ValueError(
+                f"tensor {self.name!r} of shape {self.shape} needs {size} bytes, "
+                f"got {len(self.data)}"
+            )
+
+
+class ScalarEntry(_Record, kw_only=True):
+    """One committed scalar of a revealed step (an int, a float, or None)."""
+
+    name: EntryName
+    value: Int64 | float | None
+
+
+class StepOpeningWire(_Record, kw_only=True):
+    """Leaf `step` revealed: every entry its digest commits to, and its Merkle proof."""
+
+    step: Uint32
+    tensors: Annotated[list[TensorEntry], Meta(min_length=1, max_length=MAX_STEP_ENTRIES)]
+    scalars: Annotated[list[ScalarEntry], Meta(max_length=MAX_STEP_ENTRIES)] = []
+    proof: Annotated[list[Bytes32], Meta(max_length=ids.MAX_PROOF_NODES)]
+    n_leaves: Annotated[int, Meta(ge=1, le=2**32 - 1)]
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.tensors] + [s.name for s in self.scalars]
+        if len(names) > MAX_STEP_ENTRIES:
+            raise ValueError(f"a step has at most {MAX_STEP_ENTRIES} entries")
+        if len(set(names)) != len(names):
+            raise ValueError("entry names repeat")
+        if "latents" not in {t.name for t in self.tensors}:
+            raise ValueError("a step reveals a 'latents' tensor")
+        if self.step >= self.n_leaves:
+            raise ValueError(f"step {self.step} is outside a tree of {self.n_leaves} leaves")
+
+
+class Challenge(_Message, tag="challenge", kw_only=True):
+    """Coordinator -> node: reveal these leaves of the job's committed trajectory (with
+    proofs) before `deadline` (unix seconds). Answered by `ChallengeAnswer` or
+    `ChallengeRefused`."""
+
+    job_id: Bytes32
+    steps: Annotated[list[Uint32], Meta(min_length=1, max_length=MAX_CHALLENGE_STEPS)]
+    deadline: Uint64
+
+    def __post_init__(self) -> None:
+        if len(set(self.steps)) != len(self.steps):
+            raise ValueError("challenged steps repeat")
+
+
+class ChallengeAnswer(_Message, tag="challengeAnswer", kw_only=True):
+    """Node -> coordinator: the asked leaves, opened. May be megabytes: it travels under the
+    result frame limit."""
+
+    job_id: Bytes32
+    openings: Annotated[list[StepOpeningWire], Meta(min_length=1, max_length=MAX_CHALLENGE_STEPS)]
+
+
+class ChallengeRefused(_Message, tag="challengeRefused", kw_only=True):
+    """Node -> coordinator: it cannot answer (trajectory gone, step out of range)."""
+
+    job_id: Bytes32
+    reason: Reason
+
+
 ClientMessage = (
     RenderRequest | ResumeRequest | ImageAck | CancelRequest | DailyBoostClaim | BalanceQuery
 )
@@ -449,9 +537,18 @@ CoordinatorToClient = (
     | BalanceReport
 )
 NodeToCoordinator = (
-    NodeHello | Ready | OfferDeclined | Progress | Result | HandBack | Heartbeat | Goodbye
+    NodeHello
+    | Ready
+    | OfferDeclined
+    | Progress
+    | Result
+    | HandBack
+    | Heartbeat
+    | Goodbye
+    | ChallengeAnswer
+    | ChallengeRefused
 )
-CoordinatorToNode = Welcome | HelloRefused | Offer | Cancel | ResultAck | Heartbeat
+CoordinatorToNode = Welcome | HelloRefused | Offer | Cancel | ResultAck | Heartbeat | Challenge
 Message = (
     RenderRequest
     | RequestAccepted
@@ -481,6 +578,9 @@ Message = (
     | HandBack
     | Heartbeat
     | Goodbye
+    | Challenge
+    | ChallengeAnswer
+    | ChallengeRefused
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -1,0 +1,207 @@
+"""Challenges: ask a worker to reveal steps of the trajectory its receipt committed to.
+
+Why: a receipt signs `trajectory_root`, the Merkle root over every latent of the render
+(docs/TRAJECTORY.md). After the receipt is in, the coordinator draws a few steps at random and
+asks the node that rendered the job to open them (`Challenge`); the node answers with the
+committed entries and a Merkle proof for each (`ChallengeAnswer`), or says why it cannot
+(`ChallengeRefused`). `check_answer` proves the revealed latents are the ones committed before
+the node knew which steps would be asked. It does not prove they are the model's honest
+steps: that is the verifier's re-render of step s from leaf s - 1 (still to build), which is
+why steps are drawn in pairs.
+
+How many pairs: a node that faked a fraction ``f`` of its steps escapes one uniformly drawn
+step with probability ``1 - f``, and ``k`` independent draws with ``(1 - f)^k``. So
+``k = ceil(log(1 - p) / log(1 - f))`` pairs catch it with probability at least ``p``
+(`pairs_needed`): 1 pair for f = 1, 5 for f = 0.5 and p = 0.95, 29 for f = 0.1 and p = 0.95.
+Drawing without replacement (what `choose_steps` does) only raises the odds. One `Challenge`
+carries at most `MAX_CHALLENGE_STEPS` leaves (8 pairs); more needs several challenges.
+
+The async half (`PendingChallenges`) pairs each answer with the challenge waiting for it; the
+dispatcher owns one (`Dispatcher.challenge`), the node session feeds it the node's answers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, field
+
+import trio
+
+from sogni_protocol.logs import get_logger
+from sogni_protocol.messages import (
+    MAX_CHALLENGE_STEPS,
+    NO_TRAJECTORY,
+    Challenge,
+    ChallengeAnswer,
+    ChallengeRefused,
+    Message,
+    Receipt,
+    StepOpeningWire,
+)
+from sogni_protocol.trajectory import StepValue, TensorBytes, step_digest, verify_step
+
+__all__ = [
+    "MAX_PAIRS",
+    "ChallengeResult",
+    "PendingChallenges",
+    "check_answer",
+    "choose_steps",
+    "opening_entries",
+    "pairs_needed",
+]
+
+log = get_logger(__name__)
+
+MAX_PAIRS = MAX_CHALLENGE_STEPS // 2
+"""Most step pairs one `Challenge` can ask for."""
+
+
+def pairs_needed(fraction: float, confidence: float) -> int:
+    """Step pairs to draw so that a node faking `fraction` of its steps is caught with
+    probability at least `confidence`: ``ceil(log(1 - p) / log(1 - f))`` (at least 1)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if not 0 <= confidence < 1:
+        raise ValueError(f"confidence must be in [0, 1), got {confidence}")
+    if fraction == 1 or confidence == 0:
+        return 1
+    # the tiny epsilon keeps an exact k (e.g. f = 0.5, p = 0.75 -> 2) from rounding up to k + 1
+    return max(1, math.ceil(math.log1p(-confidence) / math.log1p(-fraction) - 1e-9))
+
+
+def choose_steps(n_steps: int, k: int, rng: random.Random | None = None) -> list[int]:
+    """The leaves to ask for to re-run `k` distinct denoising steps of an `n_steps` render:
+    for each drawn step s (1..n_steps) leaves s - 1 and s (the verifier runs step s from leaf
+    s - 1 and compares with leaf s). Sorted, no repeats (adjacent pairs share a leaf). `k` is
+    capped at `n_steps` and at `MAX_PAIRS`. Draw it after the receipt is in, from a source the
+    node cannot predict (the default: the OS's)."""
+    if n_steps < 1:
+        raise ValueError("a render has at least one step")
+    if k < 1:
+        raise ValueError("draw at least one step")
+    rng = rng or random.SystemRandom()
+    drawn = rng.sample(range(1, n_steps + 1), min(k, n_steps, MAX_PAIRS))
+    return sorted({leaf for s in drawn for leaf in (s - 1, s)})
+
+
+def opening_entries(opening: StepOpeningWire) -> dict[str, StepValue]:
+    """The revealed step as `sogni_protocol.trajectory` entries (ValueError if malformed)."""
+    entries: dict[str, StepValue] = {s.name: s.value for s in opening.scalars}
+    for t in opening.tensors:
+        entries[t.name] = TensorBytes(t.dtype, tuple(t.shape), t.data)
+    return entries
+
+
+def check_answer(receipt: Receipt, challenge: Challenge, answer: ChallengeAnswer) -> str | None:
+    """Why `answer` does not open `challenge` against `receipt.trajectory_root`, or None.
+
+    Holds when the answer is for the receipt's job, opens exactly the asked steps, each in a
+    tree of ``steps_done + 1`` leaves, and each revealed step's digest (recomputed from its
+    entries) is that leaf of the committed root."""
+    root = receipt.trajectory_root
+    if root == NO_TRAJECTORY:
+        return "the receipt commits to no trajectory"
+    if not receipt.job_id == challenge.job_id == answer.job_id:
+        return "the answer is for another job"
+    opened = sorted(o.step for o in answer.openings)
+    if opened != sorted(challenge.steps):
+        return f"asked for steps {sorted(challenge.steps)}, opened {opened}"
+    n_leaves = receipt.steps_done + 1
+    for opening in answer.openings:
+        if opening.n_leaves != n_leaves:
+            return (
+                f"step {opening.step}: a tree of {opening.n_leaves} leaves, the receipt's "
+                f"{receipt.steps_done} steps make {n_leaves}"
+            )
+        try:
+            digest = step_digest(opening_entries(opening))
+        except (TypeError, ValueError) as exc:
+            return f"step {opening.step}: malformed entries ({exc})"
+        if not verify_step(root, opening.step, digest, opening.proof, n_leaves):
+            return f"step {opening.step} does not match the committed trajectory root"
+    return None
+
+
+@dataclass(frozen=True)
+class ChallengeResult:
+    """What came back for `challenge`: the node's answer (not yet checked: `fault`), or why
+    there is none (`refused`: the node's reason, no answer in time, the node left)."""
+
+    challenge: Challenge
+    answer: ChallengeAnswer | None = None
+    refused: str | None = None
+
+    def fault(self, receipt: Receipt) -> str | None:
+        """Why the challenge failed (no answer counts as failed), or None if it passed."""
+        if self.answer is None:
+            return self.refused or "no answer"
+        return check_answer(receipt, self.challenge, self.answer)
+
+
+@dataclass(eq=False)
+class _Waiting:
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: ChallengeAnswer | ChallengeRefused | None = None
+    gone: str | None = None
+
+
+class PendingChallenges:
+    """Challenges sent and not yet answered, keyed by (peer id, job id): one at a time per
+    job and node. Runs on the dispatcher's trio thread, like everything it touches."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[tuple[str, bytes], _Waiting] = {}
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    async def ask(
+        self,
+        peer_id: str,
+        outbox: trio.MemorySendChannel[Message],
+        challenge: Challenge,
+        timeout: float,
+    ) -> ChallengeResult:
+        """Queue `challenge` on the node's stream and wait at most `timeout` seconds."""
+        key = (peer_id, challenge.job_id)
+        if key in self._waiting:
+            return ChallengeResult(challenge, refused="a challenge for this job is still open")
+        waiting = self._waiting[key] = _Waiting()
+        try:
+            try:
+                outbox.send_nowait(challenge)
+            except trio.WouldBlock:
+                return ChallengeResult(challenge, refused="the node's outbox is full")
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return ChallengeResult(challenge, refused="the node is gone")
+            with trio.move_on_after(timeout):
+                await waiting.done.wait()
+        finally:
+            if self._waiting.get(key) is waiting:
+                del self._waiting[key]
+        reply = waiting.reply
+        if isinstance(reply, ChallengeAnswer):
+            return ChallengeResult(challenge, answer=reply)
+        if isinstance(reply, ChallengeRefused):
+            return ChallengeResult(challenge, refused=f"node refused: {reply.reason}")
+        if waiting.gone is not None:
+            return ChallengeResult(challenge, refused=f"node left: {waiting.gone}")
+        return ChallengeResult(challenge, refused=f"no answer within {timeout:g} s")
+
+    def answered(self, peer_id: str, reply: ChallengeAnswer | ChallengeRefused) -> bool:
+        """A node's reply; False (and ignored) if no challenge of this node waits for it."""
+        waiting = self._waiting.get((peer_id, reply.job_id))
+        if waiting is None or waiting.done.is_set():
+            log.warning("unasked_challenge_reply", peer=peer_id, job=reply.job_id.hex()[:16])
+            return False
+        waiting.reply = reply
+        waiting.done.set()
+        return True
+
+    def node_left(self, peer_id: str, reason: str) -> None:
+        """The node's stream ended: its open challenges fail now, not at their deadline."""
+        for (peer, _), waiting in self._waiting.items():
+            if peer == peer_id and not waiting.done.is_set():
+                waiting.gone = reason
+                waiting.done.set()
