@@ -93,6 +93,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import cpu_variation
 
             out[name] = cpu_variation.run(args.quick, command)
+        elif name == "tolerance":  # trajectory commitments: step-check tolerance, detection
+            from bench import trajectory_tolerance
+
+            out[name] = trajectory_tolerance.run(args.quick, command)
     elapsed = time.perf_counter() - started
     for text in out.values():
         print("\n" + text)

@@ -153,8 +153,10 @@ def _marker(name: str, end: bool = False) -> str:
     return f"<!-- bench:{'/' if end else ''}{name} -->"
 
 
-SECTION_ORDER = ("overhead", "dispatch", "settlement", "pricing", "fuzz", "chaos", "unet", "cpuvar")
-SLOW_SECTIONS = ("unet", "cpuvar")
+SECTION_ORDER = (
+    "overhead", "dispatch", "settlement", "pricing", "fuzz", "chaos", "unet", "cpuvar", "tolerance",
+)  # fmt: skip
+SLOW_SECTIONS = ("unet", "cpuvar", "tolerance")
 """Run only when named (`python -m bench unet`, about 45 min here); a whole-file rewrite keeps
 their last text."""
 

@@ -73,20 +73,29 @@ def fresh_scheduler(scheduler: Any, steps: int, device: torch.device | str) -> A
     return copy
 
 
+SUPPORTED_SCHEDULERS = (
+    "EulerDiscreteScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "DDIMScheduler",
+    "LCMScheduler",
+    "DPMSolverMultistepScheduler",
+)
+"""Scheduler classes whose step k `recompute_step` can rebuild: the backend's table. The first
+four carry nothing between steps but their step index; DPM-Solver multistep carries its earlier
+model outputs (`StepState`). Others (Heun, KDPM2, LMS, PNDM, UniPC, DEIS, ...) keep other state
+or call `step` more than once per pipeline step, and are refused."""
+
+
 def _multistep_order(scheduler: Any) -> int:
     """How many earlier model outputs step k reads (0 for single-step schedulers)."""
-    if not hasattr(scheduler, "model_outputs"):
-        if hasattr(scheduler, "last_sample") or getattr(scheduler, "order", 1) != 1:
-            raise NotImplementedError(
-                f"{type(scheduler).__name__} carries state between steps that step_check "
-                f"cannot rebuild"
-            )
-        return 0
-    if type(scheduler).__name__ != "DPMSolverMultistepScheduler":
+    name = type(scheduler).__name__
+    if name not in SUPPORTED_SCHEDULERS:
         raise NotImplementedError(
-            f"{type(scheduler).__name__} carries model outputs between steps; only "
-            f"DPMSolverMultistepScheduler's are rebuilt"
+            f"{name} carries state between steps that step_check cannot rebuild; supported: "
+            f"{', '.join(SUPPORTED_SCHEDULERS)}"
         )
+    if name != "DPMSolverMultistepScheduler":
+        return 0
     return int(scheduler.config.solver_order) - 1
 
 
@@ -264,8 +273,8 @@ def multistep_state(
 ) -> StepState:
     """The `StepState` step k of a multistep scheduler starts from, rebuilt from the committed
     latents before it (`previous` = [..., x_{k-2}, x_{k-1}], oldest first; the last
-    solver_order - 1 are used): one UNet evaluation per latent used. Empty for single-step
-    schedulers and k = 0."""
+    solver_order - 1 are used; x_0 is the scaled start, `start_latents`, not the unscaled
+    leaf 0): one UNet evaluation per latent used. Empty for single-step schedulers and k = 0."""
     _check_k(k, steps)
     ctx = _prepare(
         pipe,
