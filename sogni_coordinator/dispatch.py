@@ -57,6 +57,7 @@ from sogni_coordinator.prompt_crypto import new_key
 from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.routing import Router
 from sogni_coordinator.store import Store
+from sogni_coordinator.verifiers import PendingVerifications
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.errors import ProtocolError
@@ -190,6 +191,8 @@ class Dispatcher:
         self._shred_wake = trio.Event()
         self.challenges = PendingChallenges()
         """Challenges sent to nodes and not yet answered (`challenge`)."""
+        self.verifications = PendingVerifications()
+        """Steps sent to verifier nodes and not yet answered (`verifiers.verify_step`)."""
 
     # --- the lifecycle: the only place a job's state changes --------------------------------
     def _to(self, job: Job, event: JobEvent, *, durable: bool = False) -> JobState:
@@ -465,6 +468,7 @@ class Dispatcher:
         link.outbox.close()
         if self.nodes.get(link.peer_id) is None:  # no newer stream: its challenges fail now
             self.challenges.node_left(link.peer_id, reason)
+            self.verifications.node_left(link.peer_id, reason)
         self._save()
 
     async def challenge(

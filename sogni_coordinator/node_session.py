@@ -53,7 +53,10 @@ from sogni_protocol.messages import (
     Ready,
     Result,
     ResultAck,
+    StepVerified,
     UnsupportedWireVersion,
+    VerifyRefused,
+    VerifyStep,
     Welcome,
 )
 
@@ -182,7 +185,9 @@ async def _writer(
                 msg = await outbox.receive()
             except trio.EndOfChannel:
                 return "node replaced or removed"
-            await channel.send(msg, timeout=30.0)
+            large = isinstance(msg, VerifyStep)  # a committed latent may pass 64 KiB
+            limit = RESULT_FRAME_LIMIT if large else CONTROL_FRAME_LIMIT
+            await channel.send(msg, limit=limit, timeout=30.0)
             continue
         seq += 1
         await channel.send(Heartbeat(seq=seq), timeout=interval * 3)
@@ -206,6 +211,8 @@ async def _reader(channel: Channel, link: NodeLink, dispatcher: Dispatcher, time
             return f"node said goodbye: {msg.reason}"
         elif isinstance(msg, ChallengeAnswer | ChallengeRefused):
             dispatcher.challenges.answered(link.peer_id, msg)
+        elif isinstance(msg, StepVerified | VerifyRefused):
+            dispatcher.verifications.answered(link.peer_id, msg)
         elif isinstance(msg, Heartbeat):
             pass
         else:

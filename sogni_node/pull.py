@@ -90,15 +90,22 @@ from sogni_protocol.messages import (
     ResultAck,
     ScalarEntry,
     StepOpeningWire,
+    StepVerified,
     TensorDtype,
     TensorEntry,
     UnsupportedWireVersion,
+    VerifyRefused,
+    VerifyStep,
     Welcome,
     encode,
 )
 from sogni_protocol.trajectory import TensorBytes
 
 log = get_logger(__name__)
+
+_READ_LIMIT = RESULT_FRAME_LIMIT
+"""What the coordinator may send in one frame: a `VerifyStep` carries a committed latent
+(64 KiB at 512 x 512, more with multistep state), above a control frame."""
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -171,6 +178,8 @@ class PullSession:
         self._error: Exception | None = None
         self._challenge_limiter = trio.CapacityLimiter(1)
         """Challenges answered one at a time (each loads a trajectory file)."""
+        self._verify_limiter = trio.CapacityLimiter(1)
+        """Steps re-run for the coordinator one at a time (`VerifyStep`: a UNet call each)."""
 
     def send(self, msg: Message) -> None:
         try:
@@ -269,7 +278,7 @@ class PullSession:
 
     async def _write(self, channel: Channel, msg: Message) -> None:
         is_result = isinstance(msg, Result)
-        large = is_result or isinstance(msg, ChallengeAnswer)  # images, revealed latents
+        large = is_result or isinstance(msg, ChallengeAnswer | StepVerified)  # images, latents
         limit = RESULT_FRAME_LIMIT if large else CONTROL_FRAME_LIMIT
         payload = encode(msg)
         if len(payload) > limit:  # this message's problem, not the stream's
@@ -279,6 +288,8 @@ class PullSession:
             elif isinstance(msg, ChallengeAnswer):
                 reason = f"answer too large ({len(payload)} bytes): ask for fewer steps"
                 self.send(ChallengeRefused(job_id=msg.job_id, reason=reason))
+            elif isinstance(msg, StepVerified):
+                self.send(VerifyRefused(check_id=msg.check_id, reason="answer too large"))
             return
         if is_result:
             crashpoint("node_before_send_result")
@@ -292,7 +303,7 @@ class PullSession:
 
     async def _reader(self, channel: Channel, jobs: trio.Nursery) -> None:
         while True:
-            msg = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=self.heartbeat_timeout)
+            msg = await channel.receive(limit=_READ_LIMIT, timeout=self.heartbeat_timeout)
             if isinstance(msg, Offer):
                 self._on_offer(msg, jobs)
             elif isinstance(msg, Cancel):
@@ -305,6 +316,8 @@ class PullSession:
                 await self._on_ack(msg)
             elif isinstance(msg, Challenge):
                 jobs.start_soon(self._on_challenge, msg)
+            elif isinstance(msg, VerifyStep):
+                jobs.start_soon(self._on_verify, msg)
             elif isinstance(msg, Heartbeat):
                 pass
             else:
@@ -360,6 +373,107 @@ class PullSession:
             return refuse(f"steps {outside} outside the {trajectory.n_leaves} committed leaves")
         openings = [_opening_wire(trajectory.open(k)) for k in msg.steps]
         return ChallengeAnswer(job_id=msg.job_id, openings=openings)
+
+    # --- re-running another node's step (docs/VERIFICATION.md, "Verifier nodes") ----------
+    async def _on_verify(self, msg: VerifyStep) -> None:
+        """Re-run step k of someone's render (off the event loop, one at a time) and send
+        x'_{k+1}, or a `VerifyRefused` saying why not. Never raises; logs neither the prompt
+        nor any other parameter (exceptions by type only)."""
+        check = msg.check_id.hex()[:16]
+        reply: StepVerified | VerifyRefused
+        if msg.deadline <= time.time():
+            reply = VerifyRefused(check_id=msg.check_id, reason="deadline already passed")
+        else:
+            try:
+                reply = await trio.to_thread.run_sync(
+                    self._verify, msg, limiter=self._verify_limiter
+                )
+            except Exception as exc:  # a bug or a bad tensor: refuse, keep the session
+                log.error("verify_failed", check=check, error=type(exc).__name__)
+                reason = f"the node could not re-run the step ({type(exc).__name__})"
+                reply = VerifyRefused(check_id=msg.check_id, reason=reason)
+        if isinstance(reply, VerifyRefused):
+            log.warning("verify_refused", check=check, reason=reply.reason)
+        else:
+            log.info("step_reverified", check=check, k=msg.k)
+        self.send(reply)
+
+    def _verify(self, msg: VerifyStep) -> StepVerified | VerifyRefused:
+        """Blocking: load the model if needed and run one UNet step under its lock."""
+        import torch
+
+        from sogni_node.render.diffusers_backend import SCHEDULERS, DiffusersBackend
+        from sogni_node.render.lora import applied_loras
+        from sogni_node.verify import step_check as sc
+        from sogni_node.worker import _render_job
+
+        def refuse(reason: str) -> VerifyRefused:
+            return VerifyRefused(check_id=msg.check_id, reason=reason)
+
+        backend = self.worker.backend
+        if not isinstance(backend, DiffusersBackend):
+            return refuse(f"the {backend.name} backend cannot re-run a step")
+        if msg.model_id not in self.caps.models:
+            return refuse(f"model {msg.model_id} is not served here")
+        if backend.dtype_name != msg.dtype:
+            return refuse(f"this node runs {backend.dtype_name}, the step declared {msg.dtype}")
+        if msg.params.loras and not backend.supports_loras:
+            return refuse("this node cannot apply LoRAs")
+        name = msg.scheduler or backend.registry.get(msg.model_id).default_scheduler
+        if name and name not in SCHEDULERS:
+            return refuse(f"unknown scheduler {name!r}")
+        try:
+            job = _render_job(msg.params, self.worker.loras)
+        except Exception as exc:  # a LoRA not installed here
+            return refuse(f"the job's LoRAs are not available here ({type(exc).__name__})")
+        loaded = backend._get(msg.model_id)
+        if name:
+            cls, overrides = SCHEDULERS[name]
+            scheduler = cls.from_config(loaded.scheduler_config, **overrides)
+        else:
+            scheduler = loaded.scheduler_cls.from_config(loaded.scheduler_config)
+        if type(scheduler).__name__ not in sc.SUPPORTED_SCHEDULERS:
+            return refuse(f"{type(scheduler).__name__} steps cannot be re-run")
+
+        def tensor(entry: TensorEntry) -> torch.Tensor:
+            flat = torch.frombuffer(bytearray(entry.data), dtype=torch.float32)
+            return flat.reshape(entry.shape)
+
+        entries = {t.name: t for t in msg.opening.tensors}
+        committed = entries["latents"]
+        x_k = tensor(committed)
+        scale = 1.0
+        if msg.k == 0:  # leaf 0 is the unscaled noise
+            scale = float(sc.fresh_scheduler(scheduler, job.steps, "cpu").init_noise_sigma)
+            x_k = x_k * scale
+        outputs = sorted(
+            (n for n in entries if n.startswith("model_outputs.")),
+            key=lambda n: int(n.rsplit(".", 1)[1]) if n.rsplit(".", 1)[1].isdigit() else 0,
+        )
+        state = sc.StepState(tuple(tensor(entries[n]) for n in outputs)) if outputs else None
+        if msg.k >= 1 and state is None and type(scheduler).__name__.startswith("DPMSolver"):
+            return refuse(f"leaf {msg.k} carries no multistep state")
+        with loaded.lock:
+            torch.set_num_threads(backend.threads)  # process-global: set under the lock
+            with applied_loras(loaded.pipe, job.loras):
+                x_pred = sc.recompute_step(
+                    loaded.pipe,
+                    prompt=job.prompt,
+                    negative_prompt=job.negative_prompt or None,
+                    guidance=job.guidance,
+                    steps=job.steps,
+                    width=job.width,
+                    height=job.height,
+                    seed=job.seed,
+                    scheduler=scheduler,
+                    k=msg.k,
+                    latents_k=x_k,
+                    scheduler_state=state,
+                )
+        out = x_pred.detach().to("cpu", torch.float32).reshape(committed.shape).contiguous()
+        data = out.numpy().astype("<f4").tobytes()
+        latents = TensorEntry(name="latents", dtype="float32", shape=list(out.shape), data=data)
+        return StepVerified(check_id=msg.check_id, latents=latents, x_k_scale=scale)
 
     # --- offers --------------------------------------------------------------------------
     def _check_offer(self, msg: Offer) -> str | None:

@@ -522,6 +522,55 @@ class ChallengeRefused(_Message, tag="challengeRefused", kw_only=True):
     reason: Reason
 
 
+# --- verifier nodes (docs/VERIFICATION.md, "Verifier nodes") --------------------------------
+class VerifyStep(_Message, tag="verifyStep", kw_only=True):
+    """Coordinator -> a verifier node (another wallet than the worker's): re-run denoising
+    step `k` (0-based, x_k -> x_{k+1}) of a render from the committed leaf k and answer
+    `StepVerified` with x'_{k+1}, or `VerifyRefused`, before `deadline` (unix seconds).
+
+    `check_id` is random, never the job id; the verifier is not told whose job it is. It does
+    see the job's parameters (`params`: the prompt too), since re-running a step needs them.
+    `dtype` is the numeric mode the worker declared (`RenderMeta.dtype`): the verifier runs
+    only in that mode, else refuses. `scheduler` "" means the model's default. May exceed a
+    control frame (a 512 x 512 latent is 64 KiB): it travels under the result frame limit."""
+
+    check_id: Bytes32
+    model_id: ModelId
+    params: JobParams
+    scheduler: Scheduler
+    dtype: ShortText
+    k: Uint32
+    opening: StepOpeningWire
+    deadline: Uint64
+
+    def __post_init__(self) -> None:
+        if self.model_id != self.params.model_id:
+            raise ValueError("model_id differs from the parameters' model")
+        if self.k >= self.params.steps:
+            raise ValueError(f"step {self.k} is outside a render of {self.params.steps} steps")
+        if self.opening.step != self.k:
+            raise ValueError(f"opening of leaf {self.opening.step} for step {self.k}")
+
+
+class StepVerified(_Message, tag="stepVerified", kw_only=True):
+    """Verifier -> coordinator: its x'_{k+1} (float32, `latents`). `x_k_scale` is what it
+    multiplied leaf k by to get x_k (the scheduler's `init_noise_sigma` for k = 0, since
+    leaf 0 is the unscaled noise; 1 otherwise), so the coordinator measures the committed
+    step from the same x_k. Travels under the result frame limit."""
+
+    check_id: Bytes32
+    latents: TensorEntry
+    x_k_scale: Annotated[float, Meta(gt=0.0, le=1e6)] = 1.0
+
+
+class VerifyRefused(_Message, tag="verifyRefused", kw_only=True):
+    """Verifier -> coordinator: it cannot re-run the step (model not here, another numeric
+    mode, scheduler it cannot rebuild, ...)."""
+
+    check_id: Bytes32
+    reason: Reason
+
+
 ClientMessage = (
     RenderRequest | ResumeRequest | ImageAck | CancelRequest | DailyBoostClaim | BalanceQuery
 )
@@ -547,8 +596,12 @@ NodeToCoordinator = (
     | Goodbye
     | ChallengeAnswer
     | ChallengeRefused
+    | StepVerified
+    | VerifyRefused
 )
-CoordinatorToNode = Welcome | HelloRefused | Offer | Cancel | ResultAck | Heartbeat | Challenge
+CoordinatorToNode = (
+    Welcome | HelloRefused | Offer | Cancel | ResultAck | Heartbeat | Challenge | VerifyStep
+)
 Message = (
     RenderRequest
     | RequestAccepted
@@ -581,6 +634,9 @@ Message = (
     | Challenge
     | ChallengeAnswer
     | ChallengeRefused
+    | VerifyStep
+    | StepVerified
+    | VerifyRefused
 )
 
 _encoder = msgspec.msgpack.Encoder()

@@ -1,0 +1,293 @@
+"""Verifier nodes: re-run one committed step of a job on a node of ANOTHER wallet.
+
+Why: a challenge (`challenges.py`) proves the revealed latents are the ones the worker
+committed to; it does not prove they are honest steps of the model. Here the coordinator
+hands leaf k of a challenged job (its latents and committed scheduler state) to another
+node serving the same model, whose wallet differs from the worker's (`choose_verifier`; never
+the worker's own wallet, or a worker could vouch for itself). That node re-runs step k
+(`sogni_node.verify.step_check.recompute_step`) in the worker's declared numeric mode and
+sends back x'_{k+1} (`StepVerified`). The coordinator then measures the committed x_{k+1}
+against it (docs/VERIFICATION.md):
+
+    d = |x_{k+1} - x'_{k+1}| / |x_{k+1} - x_k|      (L2, float64)
+
+and passes the step when d is below the tolerance measured for the declared mode
+(`TOLERANCES`, BENCHMARKS.md "Trajectory commitments"); an unmeasured mode fails closed.
+
+The verifier learns the job's parameters, the prompt included (re-running a step needs
+them), but not the job id (`check_id` is random) nor whose job it is. The coordinator imports
+no torch: the distance is computed here in pure Python over the float32 bytes.
+
+Not decided here: which jobs and steps to verify, holding a result until verified, what a
+failed verdict costs the worker, known-answer probes of the verifier, paying verifiers.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import secrets
+import sys
+import time
+from array import array
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import trio
+
+from sogni_coordinator.jobs import NodeLink
+from sogni_protocol import eip712
+from sogni_protocol.ids import RESULT_FRAME_LIMIT
+from sogni_protocol.logs import get_logger
+from sogni_protocol.messages import (
+    JobParams,
+    Message,
+    StepOpeningWire,
+    StepVerified,
+    TensorEntry,
+    VerifyRefused,
+    VerifyStep,
+    encode,
+)
+
+__all__ = [
+    "TOLERANCES",
+    "PendingVerifications",
+    "StepVerdict",
+    "choose_verifier",
+    "normalised_distance",
+    "tolerance_for",
+    "verify_step",
+]
+
+log = get_logger(__name__)
+
+TOLERANCES: Mapping[str, float] = {
+    "float32": 5e-5,
+    "float32+int8": 6e-5,
+    "float32+quanto-int8": 4e-5,
+    "float32+quanto-int4": 4e-5,
+    "float32+int8-dynamic": 2e-1,
+    "bfloat16": 8e-1,
+}
+"""Declared numeric mode (`RenderMeta.dtype`, the backend's `dtype_name`) -> largest distance
+an honest step may show when the verifier runs the same mode: 10x the largest honest distance
+measured (BENCHMARKS.md, "Trajectory commitments"; 0 false rejections in 1000 held-out honest
+checks). Other modes (CUDA float16, fp8, compiled pipelines) are not measured: they fail."""
+
+
+def tolerance_for(dtype: str) -> float | None:
+    """The tolerance for a declared mode, or None if that mode was never measured."""
+    return TOLERANCES.get(dtype)
+
+
+def choose_verifier(
+    nodes: Mapping[str, NodeLink],
+    model_id: str,
+    worker_wallet: str,
+    rng: random.Random | None = None,
+) -> str | None:
+    """A connected node (peer id) that serves `model_id` and whose wallet is not
+    `worker_wallet`, drawn at random; None if there is none. Never the worker's wallet."""
+    candidates = sorted(
+        peer
+        for peer, link in nodes.items()
+        if model_id in link.models and not eip712.same_address(link.wallet, worker_wallet)
+    )
+    if not candidates:
+        return None
+    return (rng or random.SystemRandom()).choice(candidates)
+
+
+# --- the distance, without torch ---------------------------------------------------------
+def _floats(tensor: TensorEntry) -> array[float]:
+    """The entry's float32 little-endian bytes as floats."""
+    values = array("f")
+    values.frombytes(tensor.data)
+    if sys.byteorder != "little":
+        values.byteswap()
+    return values
+
+
+def normalised_distance(
+    x_next: Iterable[float], x_pred: Iterable[float], x_k: Iterable[float], k_scale: float = 1.0
+) -> float:
+    """|x_next - x_pred| / |x_next - k_scale * x_k| in float64 (what
+    `sogni_node.verify.step_check.normalised_distance` computes, over flat sequences of the
+    same length). 0.0 when both norms are zero; inf when only the step is."""
+    num = 0.0
+    den = 0.0
+    for a, p, b in zip(x_next, x_pred, x_k, strict=True):
+        d = a - p
+        num += d * d
+        s = a - k_scale * b
+        den += s * s
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return math.sqrt(num) / math.sqrt(den)
+
+
+def _latents(opening: StepOpeningWire) -> TensorEntry:
+    return next(t for t in opening.tensors if t.name == "latents")  # the wire type checks it
+
+
+# --- the exchange ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class StepVerdict:
+    """The outcome of one re-run step: `passed` only when a verifier answered and the
+    committed x_{k+1} lies within `tolerance` of its x'_{k+1}. A failure with `distance`
+    None is inconclusive (no verifier, no answer, refused, malformed): `reason` says which."""
+
+    verifier: str | None
+    step: int
+    distance: float | None
+    tolerance: float
+    passed: bool
+    reason: str
+
+
+@dataclass(eq=False)
+class _Waiting:
+    done: trio.Event = field(default_factory=trio.Event)
+    reply: StepVerified | VerifyRefused | None = None
+    gone: str | None = None
+
+
+class PendingVerifications:
+    """`VerifyStep`s sent and not yet answered, keyed by (verifier peer id, check id). Runs
+    on the dispatcher's trio thread; the node session feeds it the verifiers' replies."""
+
+    def __init__(self) -> None:
+        self._waiting: dict[tuple[str, bytes], _Waiting] = {}
+
+    def __len__(self) -> int:
+        return len(self._waiting)
+
+    async def ask(
+        self,
+        peer_id: str,
+        outbox: trio.MemorySendChannel[Message],
+        request: VerifyStep,
+        timeout: float,
+    ) -> StepVerified | str:
+        """Queue `request` on the verifier's stream and wait at most `timeout` seconds: its
+        answer, or why there is none."""
+        key = (peer_id, request.check_id)
+        waiting = self._waiting[key] = _Waiting()
+        try:
+            try:
+                outbox.send_nowait(request)
+            except trio.WouldBlock:
+                return "the verifier's outbox is full"
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return "the verifier is gone"
+            with trio.move_on_after(timeout):
+                await waiting.done.wait()
+        finally:
+            if self._waiting.get(key) is waiting:
+                del self._waiting[key]
+        reply = waiting.reply
+        if isinstance(reply, StepVerified):
+            return reply
+        if isinstance(reply, VerifyRefused):
+            return f"verifier refused: {reply.reason}"
+        if waiting.gone is not None:
+            return f"verifier left: {waiting.gone}"
+        return f"no answer within {timeout:g} s"
+
+    def answered(self, peer_id: str, reply: StepVerified | VerifyRefused) -> bool:
+        """A verifier's reply; False (and ignored) if nothing of that node waits for it."""
+        waiting = self._waiting.get((peer_id, reply.check_id))
+        if waiting is None or waiting.done.is_set():
+            log.warning("unasked_verify_reply", peer=peer_id)
+            return False
+        waiting.reply = reply
+        waiting.done.set()
+        return True
+
+    def node_left(self, peer_id: str, reason: str) -> None:
+        """The verifier's stream ended: its open checks fail now, not at their deadline."""
+        for (peer, _), waiting in self._waiting.items():
+            if peer == peer_id and not waiting.done.is_set():
+                waiting.gone = reason
+                waiting.done.set()
+
+
+class _Dispatcher(Protocol):
+    """What `verify_step` uses of `sogni_coordinator.dispatch.Dispatcher` (named here, not
+    imported: the dispatcher imports this module)."""
+
+    @property
+    def nodes(self) -> Mapping[str, NodeLink]: ...
+
+    @property
+    def verifications(self) -> PendingVerifications: ...
+
+
+async def verify_step(
+    dispatcher: _Dispatcher,
+    *,
+    params: JobParams,
+    scheduler: str,
+    worker: str,
+    opening_k: StepOpeningWire,
+    opening_next: StepOpeningWire,
+    dtype: str,
+    timeout: float,
+    rng: random.Random | None = None,
+) -> StepVerdict:
+    """Re-run step k = `opening_k.step` (x_k -> x_{k+1}) on a node of another wallet than
+    `worker` (the worker's wallet address) and compare with `opening_next` (leaf k + 1).
+
+    Both openings must already have passed `challenges.check_answer` against the worker's
+    receipt; `dtype` is the mode the worker declared (`RenderMeta.dtype`)."""
+    k = opening_k.step
+    tol = tolerance_for(dtype)
+
+    def fail(reason: str, verifier: str | None = None, d: float | None = None) -> StepVerdict:
+        log.info("step_not_verified", step=k, verifier=verifier, reason=reason)
+        return StepVerdict(verifier, k, d, tol if tol is not None else 0.0, False, reason)
+
+    if tol is None:
+        return fail(f"no tolerance measured for the declared mode {dtype!r}")
+    if opening_next.step != k + 1:
+        return fail(f"leaf {opening_next.step} does not follow leaf {k}")
+    x_k, x_next = _latents(opening_k), _latents(opening_next)
+    if x_k.shape != x_next.shape:
+        return fail(f"leaves {k} and {k + 1} differ in shape")
+    peer = choose_verifier(dispatcher.nodes, params.model_id, worker, rng)
+    if peer is None:
+        return fail(f"no verifier: no other wallet's node serves {params.model_id}")
+    try:
+        request = VerifyStep(
+            check_id=secrets.token_bytes(32),
+            model_id=params.model_id,
+            params=params,
+            scheduler=scheduler,
+            dtype=dtype,
+            k=k,
+            opening=opening_k,
+            deadline=int(time.time() + timeout) + 1,
+        )
+    except ValueError as exc:
+        return fail(f"cannot ask for step {k}: {exc}")
+    if len(encode(request)) > RESULT_FRAME_LIMIT:
+        return fail("leaf k is too large to send")
+    reply = await dispatcher.verifications.ask(
+        peer, dispatcher.nodes[peer].outbox, request, timeout
+    )
+    if isinstance(reply, str):
+        return fail(reply, peer)
+    if reply.latents.shape != x_next.shape:
+        return fail(f"the verifier returned latents of shape {reply.latents.shape}", peer)
+    scale = reply.x_k_scale if k == 0 else 1.0
+    d = normalised_distance(_floats(x_next), _floats(reply.latents), _floats(x_k), scale)
+    passed = d <= tol
+    reason = (
+        f"step {k}: d = {d:.3g} within {tol:g} ({dtype})"
+        if passed
+        else f"step {k}: d = {d:.3g} over {tol:g} ({dtype})"
+    )
+    log.info("step_verified", step=k, verifier=peer, distance=d, passed=passed)
+    return StepVerdict(peer, k, d, tol, passed, reason)
