@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import trio
 
+from sogni_coordinator.pending_replies import PendingReplies
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
     MAX_CHALLENGE_STEPS,
@@ -139,22 +140,15 @@ class ChallengeResult:
         return check_answer(receipt, self.challenge, self.answer)
 
 
-@dataclass(eq=False)
-class _Waiting:
-    done: trio.Event = field(default_factory=trio.Event)
-    reply: ChallengeAnswer | ChallengeRefused | None = None
-    gone: str | None = None
-
-
 class PendingChallenges:
     """Challenges sent and not yet answered, keyed by (peer id, job id): one at a time per
-    job and node. Runs on the dispatcher's trio thread, like everything it touches."""
+    job and node (`pending_replies.PendingReplies`)."""
 
     def __init__(self) -> None:
-        self._waiting: dict[tuple[str, bytes], _Waiting] = {}
+        self._pending = PendingReplies(ChallengeAnswer, ChallengeRefused, "node", exclusive=True)
 
     def __len__(self) -> int:
-        return len(self._waiting)
+        return len(self._pending)
 
     async def ask(
         self,
@@ -164,44 +158,15 @@ class PendingChallenges:
         timeout: float,
     ) -> ChallengeResult:
         """Queue `challenge` on the node's stream and wait at most `timeout` seconds."""
-        key = (peer_id, challenge.job_id)
-        if key in self._waiting:
-            return ChallengeResult(challenge, refused="a challenge for this job is still open")
-        waiting = self._waiting[key] = _Waiting()
-        try:
-            try:
-                outbox.send_nowait(challenge)
-            except trio.WouldBlock:
-                return ChallengeResult(challenge, refused="the node's outbox is full")
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return ChallengeResult(challenge, refused="the node is gone")
-            with trio.move_on_after(timeout):
-                await waiting.done.wait()
-        finally:
-            if self._waiting.get(key) is waiting:
-                del self._waiting[key]
-        reply = waiting.reply
-        if isinstance(reply, ChallengeAnswer):
-            return ChallengeResult(challenge, answer=reply)
-        if isinstance(reply, ChallengeRefused):
-            return ChallengeResult(challenge, refused=f"node refused: {reply.reason}")
-        if waiting.gone is not None:
-            return ChallengeResult(challenge, refused=f"node left: {waiting.gone}")
-        return ChallengeResult(challenge, refused=f"no answer within {timeout:g} s")
+        reply = await self._pending.ask(peer_id, challenge.job_id, outbox, challenge, timeout)
+        if isinstance(reply, str):
+            return ChallengeResult(challenge, refused=reply)
+        return ChallengeResult(challenge, answer=reply)
 
     def answered(self, peer_id: str, reply: ChallengeAnswer | ChallengeRefused) -> bool:
         """A node's reply; False (and ignored) if no challenge of this node waits for it."""
-        waiting = self._waiting.get((peer_id, reply.job_id))
-        if waiting is None or waiting.done.is_set():
-            log.warning("unasked_challenge_reply", peer=peer_id, job=reply.job_id.hex()[:16])
-            return False
-        waiting.reply = reply
-        waiting.done.set()
-        return True
+        return self._pending.answered(peer_id, reply.job_id, reply)
 
     def node_left(self, peer_id: str, reason: str) -> None:
         """The node's stream ended: its open challenges fail now, not at their deadline."""
-        for (peer, _), waiting in self._waiting.items():
-            if peer == peer_id and not waiting.done.is_set():
-                waiting.gone = reason
-                waiting.done.set()
+        self._pending.node_left(peer_id, reason)

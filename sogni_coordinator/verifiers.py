@@ -31,12 +31,13 @@ import sys
 import time
 from array import array
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
 from sogni_coordinator.jobs import NodeLink
+from sogni_coordinator.pending_replies import PendingReplies
 from sogni_protocol import eip712
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
 from sogni_protocol.logs import get_logger
@@ -147,22 +148,15 @@ class StepVerdict:
     reason: str
 
 
-@dataclass(eq=False)
-class _Waiting:
-    done: trio.Event = field(default_factory=trio.Event)
-    reply: StepVerified | VerifyRefused | None = None
-    gone: str | None = None
-
-
 class PendingVerifications:
-    """`VerifyStep`s sent and not yet answered, keyed by (verifier peer id, check id). Runs
-    on the dispatcher's trio thread; the node session feeds it the verifiers' replies."""
+    """`VerifyStep`s sent and not yet answered, keyed by (verifier peer id, check id)
+    (`pending_replies.PendingReplies`); the node session feeds it the verifiers' replies."""
 
     def __init__(self) -> None:
-        self._waiting: dict[tuple[str, bytes], _Waiting] = {}
+        self._pending = PendingReplies(StepVerified, VerifyRefused, "verifier", exclusive=False)
 
     def __len__(self) -> int:
-        return len(self._waiting)
+        return len(self._pending)
 
     async def ask(
         self,
@@ -173,45 +167,15 @@ class PendingVerifications:
     ) -> StepVerified | str:
         """Queue `request` on the verifier's stream and wait at most `timeout` seconds: its
         answer, or why there is none."""
-        key = (peer_id, request.check_id)
-        waiting = self._waiting[key] = _Waiting()
-        try:
-            try:
-                outbox.send_nowait(request)
-            except trio.WouldBlock:
-                return "the verifier's outbox is full"
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                return "the verifier is gone"
-            with trio.move_on_after(timeout):
-                await waiting.done.wait()
-        finally:
-            if self._waiting.get(key) is waiting:
-                del self._waiting[key]
-        reply = waiting.reply
-        if isinstance(reply, StepVerified):
-            return reply
-        if isinstance(reply, VerifyRefused):
-            return f"verifier refused: {reply.reason}"
-        if waiting.gone is not None:
-            return f"verifier left: {waiting.gone}"
-        return f"no answer within {timeout:g} s"
+        return await self._pending.ask(peer_id, request.check_id, outbox, request, timeout)
 
     def answered(self, peer_id: str, reply: StepVerified | VerifyRefused) -> bool:
         """A verifier's reply; False (and ignored) if nothing of that node waits for it."""
-        waiting = self._waiting.get((peer_id, reply.check_id))
-        if waiting is None or waiting.done.is_set():
-            log.warning("unasked_verify_reply", peer=peer_id)
-            return False
-        waiting.reply = reply
-        waiting.done.set()
-        return True
+        return self._pending.answered(peer_id, reply.check_id, reply)
 
     def node_left(self, peer_id: str, reason: str) -> None:
         """The verifier's stream ended: its open checks fail now, not at their deadline."""
-        for (peer, _), waiting in self._waiting.items():
-            if peer == peer_id and not waiting.done.is_set():
-                waiting.gone = reason
-                waiting.done.set()
+        self._pending.node_left(peer_id, reason)
 
 
 class _Dispatcher(Protocol):
