@@ -70,10 +70,27 @@ def _sample_value(info: mi.Type) -> Any:
         fields = {f.encode_name: _sample_value(f.type) for f in info.fields if f.required}
         if info.tag is not None:
             fields[info.tag_field or "type"] = info.tag
-        return fields
+        return _consistent(info.cls, fields)
     if isinstance(info, mi.NoneType):
         return None
     raise TypeError(f"no sample for {info!r}: extend bench/fuzz.py")
+
+
+def _consistent(cls: type, fields: dict[str, Any]) -> dict[str, Any]:
+    """Cross-field rules the schema cannot state (a message's `__post_init__`), met by the
+    smallest sample: tensor bytes match their shape, a revealed step is leaf 0 of a one-leaf
+    tree named `latents`, a step re-check asks for that leaf."""
+    if cls is messages.TensorEntry:
+        size = 4
+        for d in fields["shape"]:
+            size *= d
+        fields["data"] = b"\x01" * size
+        fields["name"] = "latents"
+    elif cls is messages.StepOpeningWire:
+        fields["step"], fields["nLeaves"] = 0, 1
+    elif cls is messages.VerifyStep:
+        fields["k"], fields["modelId"] = 0, fields["params"]["modelId"]
+    return fields
 
 
 def _sample_string(info: mi.StrType) -> str:
