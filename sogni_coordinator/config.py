@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from sogni_coordinator.verification_config import VerificationConfig
 from sogni_protocol.logs import LogLevel
 from sogni_protocol.messages import Address, ModelId
 from sogni_protocol.payout_rules import SettlementConfig
@@ -99,6 +100,10 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     prompt_retention_seconds: Annotated[float, Meta(ge=0, le=365 * 86_400)] = 3600.0
     """How long a request's prompt stays readable after the request ended: then its key is
     deleted (crypto-shredding) and the sealed prompt in the database is useless. 0: at once."""
+
+    verification: VerificationConfig = msgspec.field(default_factory=VerificationConfig)
+    """`[verification]`: which receipts are held until a re-run step verifies them
+    (`sogni_coordinator.checks`); off by default."""
 
     def __post_init__(self) -> None:
         check_heartbeats(self.heartbeat_interval, self.heartbeat_timeout)

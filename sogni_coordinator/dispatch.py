@@ -40,6 +40,7 @@ import trio
 
 from sogni_coordinator.billing import Billing, Refusal
 from sogni_coordinator.challenges import ChallengeResult, PendingChallenges
+from sogni_coordinator.checks import RESTART_REASON, Checks, Held, Outcome
 from sogni_coordinator.delivery import Cursor, Mailbox, ResultFiles, short
 from sogni_coordinator.group_commit import GroupCommit
 from sogni_coordinator.image_check import image_fault
@@ -57,6 +58,7 @@ from sogni_coordinator.prompt_crypto import new_key
 from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.routing import Router
 from sogni_coordinator.store import Store
+from sogni_coordinator.verification_config import VerificationConfig
 from sogni_coordinator.verifiers import PendingVerifications
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
@@ -76,6 +78,7 @@ from sogni_protocol.messages import (
     JobProgress,
     Message,
     Offer,
+    Receipt,
     RenderRequest,
     RequestAccepted,
     RequestDone,
@@ -159,6 +162,8 @@ class Dispatcher:
         billing: Billing | None = None,
         results_dir: Path | None = None,
         prompt_retention: float = 3600.0,
+        verification: VerificationConfig | None = None,
+        verification_log: Path | None = None,
     ) -> None:
         self.store = store
         self._key = signer_key
@@ -193,6 +198,10 @@ class Dispatcher:
         """Challenges sent to nodes and not yet answered (`challenge`)."""
         self.verifications = PendingVerifications()
         """Steps sent to verifier nodes and not yet answered (`verifiers.verify_step`)."""
+        self.checks = Checks(self, verification, verification_log)
+        """Sampled receipts held until verified (`checks.py`); off by default."""
+        self.excluded: dict[bytes, set[str]] = {}
+        """Job id -> wallets whose receipt for it failed a check: offered elsewhere first."""
 
     # --- the lifecycle: the only place a job's state changes --------------------------------
     def _to(self, job: Job, event: JobEvent, *, durable: bool = False) -> JobState:
@@ -401,6 +410,10 @@ class Dispatcher:
         their tokens), end those a client had cancelled, take back the open reservations so
         what the jobs deliver is settled and the rest refunded, and drop image files that no
         client is owed. Returns how many jobs were re-queued."""
+        # checks.py: a check pending at the stop fails closed (before anything reads the
+        # receipts): the receipt becomes evidence, its job is queued again, nobody is struck.
+        for job_id, worker in self.store.fail_pending_checks(RESTART_REASON):
+            self.checks.write_log(job_id, worker, Outcome("fail", RESTART_REASON, strike=False))
         by_request: dict[bytes, list[Job]] = {}
         for s in self.store.live_jobs():
             job = Job(
@@ -555,6 +568,8 @@ class Dispatcher:
                 f"partial receipt claims {receipt.steps_done} of {job.params.steps} steps; the "
                 f"time since the offer allows at most {allowed} at this node's measured speed"
             )
+        # checks.py: a sampled receipt is held (stored pending, not billed nor delivered)
+        hold = job.state is JobState.RUNNING and self.checks.sampled(job, receipt, result.meta)
         path = None
         if not partial:  # on disk before it is deliverable: a restart finds it there
             path = self.results.path(job.request_id, job.index, receipt.offer_hash)
@@ -573,12 +588,21 @@ class Dispatcher:
                 log.error("result_file_write_failed", job=job.job_id.hex()[:16], error=str(exc))
                 raise StorageFault("the coordinator could not store the image; retry") from None
         offer = job.signed_offers.get(receipt.offer_hash)
-        if not await self.receipts.commit(
-            receipt, result.signature, job.request_id, outcome, offer
-        ):
+        if hold:
+            committed = await self.store.call(
+                self.store.store_held_receipt, receipt, result.signature, job.request_id, offer
+            )
+        else:
+            committed = await self.receipts.commit(
+                receipt, result.signature, job.request_id, outcome, offer
+            )
+        if not committed:
             if path is not None:
                 self.results.remove([path])
             raise ResultRefused(self._gone_reason(job.job_id))
+        if hold and path is not None:
+            self._hold(job, link, receipt, result.meta.dtype if result.meta else "", path)
+            return
         # durable from here on: the node is paid whatever happened meanwhile
         if self.billing is not None:
             self.billing.settle(
@@ -603,6 +627,78 @@ class Dispatcher:
             state.mailbox.notify()
         self._ended(job, keep=link)
         self._save()
+
+    # --- held receipts (checks.py): the dispatcher's side --------------------------------
+    def _hold(self, job: Job, link: NodeLink, receipt: Receipt, dtype: str, path: Path) -> None:
+        """A sampled receipt is stored pending: the job stays live (RUNNING, no holder: the
+        client sees it rendering) until `check_passed` or `check_failed`."""
+        now = self._clock()
+        elapsed = now - job.holders.get(link, now)
+        budget = render_budget(job.params, self.deadline_floor, self.deadline_base)
+        for other in list(job.holders):
+            if other is not link:  # a straggler's copy: its receipt could not be stored now
+                self._send_to_node(other, Cancel(job_id=job.job_id))
+            self._forget_holder(job, other)
+        self.checks.hold(
+            Held(job, link.peer_id, link.wallet, receipt, dtype, path, elapsed, budget)
+        )
+        self._save()
+
+    async def check_passed(self, held: Held, verdict: str) -> None:
+        """Release a held receipt as `_accept` does any other: settle, credit, deliver."""
+        job, receipt = held.job, held.receipt
+        await self.store.call(
+            self.store.mark_check, job.job_id, "passed" if verdict == "pass" else "skipped"
+        )
+        if self.billing is not None:
+            self.billing.settle(
+                job.request_id, job.job_id, receipt.worker, receipt.steps_done, job.params.steps
+            )
+        self.reputation.succeeded(held.worker, held.elapsed, held.budget, receipt.work_units)
+        self.excluded.pop(job.job_id, None)
+        self._to(job, JobEvent.RECEIPT, durable=True)
+        state = self.requests.get(job.request_id)
+        if state is not None:
+            state.durations.append(held.elapsed)
+            state.mailbox.pending[job.job_id] = held.path
+            state.mailbox.progress.pop(job.job_id, None)
+            state.mailbox.notify()
+        self._ended(job)
+        self._save()
+
+    async def check_failed(self, held: Held, reason: str, *, strike: bool) -> None:
+        """The receipt becomes evidence (`failed_receipts`), nothing is charged, the worker
+        is struck, and the job goes back to the queue, away from that wallet if it can."""
+        job = held.job
+        await self.store.call(self.store.fail_held_receipt, job.job_id, reason)
+        self.results.remove([held.path])
+        log.warning("receipt_check_failed", job=job.job_id.hex()[:16], worker=held.worker)
+        if strike and self.reputation.strike(held.worker):
+            log.warning("worker_blacklisted", wallet=held.worker, reason=reason)
+        self.excluded.setdefault(job.job_id, set()).add(held.worker.lower())
+        if self._to(job, JobEvent.RELEASE) is JobState.CANCELLED:
+            self._ended(job)
+            self._save()
+            return
+        job.attempts += 1
+        self._unsaved[job.job_id] = job
+        if job.attempts >= MAX_ATTEMPTS:
+            self._give_up(job, f"gave up after {job.attempts} attempts; last: {reason}")
+        else:
+            self._enqueue(job, front=True)
+        self._save()
+
+    def _candidates(self, job: Job) -> list[NodeLink]:
+        """Nodes `job` may be offered to: not a wallet whose receipt for it failed a check,
+        unless no other connected node can serve it."""
+        nodes = list(self.nodes.values())
+        bad = self.excluded.get(job.job_id)
+        if not bad:
+            return nodes
+        others = [n for n in nodes if n.wallet.lower() not in bad]
+        if any(self.router.capable(n, job.network, job.params) for n in others):
+            return others
+        return nodes
 
     def _check_result(self, link: NodeLink, result: Result) -> Job:
         """Everything about a result that can be checked before committing it."""
@@ -668,6 +764,7 @@ class Dispatcher:
             nursery.start_soon(self._sweep_forever)
             nursery.start_soon(self._shred_forever)
             nursery.start_soon(self.receipts.run)
+            nursery.start_soon(self.checks.run)
             while True:
                 await self._changed.wait()
                 self._changed = trio.Event()
@@ -701,9 +798,11 @@ class Dispatcher:
                 unmatched.append(job)
                 continue
             state = self.requests.get(job.request_id)
-            link = self.router.pick(job, self.nodes.values(), set(state.nodes) if state else set())
+            in_use = set(state.nodes) if state else set()
+            link = self.router.pick(job, self._candidates(job), in_use)
             if link is None:
-                blocked.add(job.request_id)
+                if job.job_id not in self.excluded:  # its siblings may go where it may not
+                    blocked.add(job.request_id)
                 unmatched.append(job)
                 if not any(n.credit > 0 for n in self.nodes.values()):
                     break
@@ -802,7 +901,7 @@ class Dispatcher:
                 continue
             started = next(iter(job.holders.values()))
             if now - started > STRAGGLER_FACTOR * statistics.median(state.durations):
-                link = self.router.pick(job, self.nodes.values(), set(state.nodes))
+                link = self.router.pick(job, self._candidates(job), set(state.nodes))
                 if link is not None and self._offer(job, link):
                     log.info("straggler_copied", job=job.job_id.hex()[:16])
 
@@ -855,6 +954,7 @@ class Dispatcher:
         request (the image or `JobFailed` was already sent)."""
         assert job.state in TERMINAL, job.state
         self.jobs.pop(job.job_id, None)
+        self.excluded.pop(job.job_id, None)
         for other in list(job.holders):
             if other is not keep:  # e.g. a straggler's copy still running
                 self._send_to_node(other, Cancel(job_id=job.job_id))

@@ -99,6 +99,8 @@ async def run_coordinator(
             deadline_base=config.job_deadline_base,
             results_dir=config.data_dir / "results",
             prompt_retention=config.prompt_retention_seconds,
+            verification=config.verification,
+            verification_log=config.data_dir / "verifications.jsonl",
         )
         restored = dispatcher.restore()
         if restored:

@@ -143,7 +143,39 @@ PRAGMA user_version=4
 """Each receipt keeps the signed offer it answers: epochs publish it, so anyone can check
 the price factor and work units the payer was charged for (NULL for older receipts)."""
 
-MIGRATIONS = (_SCHEMA_V1, _V2_JOB_STATES, _V3_RESUME_AND_SEALED_PROMPTS, _V4_PUBLISHED_OFFERS)
+_V5_CHECKS = """
+CREATE TABLE checks (
+    job_id       BLOB PRIMARY KEY,
+    worker       TEXT NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('pending', 'passed', 'skipped')),
+    updated_at   REAL NOT NULL
+);
+CREATE INDEX checks_state ON checks(state);
+CREATE TABLE failed_receipts (
+    job_id       BLOB NOT NULL,
+    request_id   BLOB NOT NULL,
+    worker       TEXT NOT NULL,
+    receipt      BLOB NOT NULL,
+    signature    BLOB NOT NULL,
+    reason       TEXT NOT NULL,
+    failed_at    REAL NOT NULL
+);
+CREATE INDEX failed_receipts_job ON failed_receipts(job_id);
+PRAGMA user_version=5
+"""
+"""Checks of sampled receipts (`sogni_coordinator.checks`): a `pending` receipt is neither
+billed, delivered nor paid in an epoch; a failed one moves to `failed_receipts` (evidence,
+with the reason) and its job is queued again."""
+
+MIGRATIONS = (
+    _SCHEMA_V1,
+    _V2_JOB_STATES,
+    _V3_RESUME_AND_SEALED_PROMPTS,
+    _V4_PUBLISHED_OFFERS,
+    _V5_CHECKS,
+)
+_NOT_HELD = "NOT EXISTS (SELECT 1 FROM checks c WHERE c.job_id = r.job_id AND c.state='pending')"
+"""SQL: receipt `r` is not held by a pending check."""
 _LIVE_SQL = "(" + ", ".join(sorted(f"'{s.value}'" for s in STORED_LIVE)) + ")"
 """The stored states a job may still leave; the terminal ones are final."""
 
@@ -393,6 +425,94 @@ class Store(Database):
         )
         return True
 
+    # --- checks of sampled receipts (sogni_coordinator.checks) ----------------------------
+    def store_held_receipt(
+        self,
+        receipt: Receipt,
+        signature: bytes,
+        request_id: bytes,
+        offer: tuple[JobOffer, bytes] | None = None,
+    ) -> bool:
+        """`store_receipt` (job DONE) plus a `pending` check, in one transaction: the receipt
+        is durable but neither delivered nor paid until `mark_check` or `fail_held_receipt`."""
+        with self._tx() as db:
+            if not self._insert_receipt(db, receipt, signature, request_id, JobState.DONE, offer):
+                return False
+            db.execute(
+                "INSERT OR REPLACE INTO checks VALUES (?, ?, 'pending', ?)",
+                (receipt.job_id, receipt.worker.lower(), time.time()),
+            )
+            return True
+
+    def mark_check(self, job_id: bytes, state: str) -> None:
+        """A pending check ended well: `passed` or `skipped` (the receipt is released)."""
+        with self._tx() as db:
+            db.execute(
+                "UPDATE checks SET state=?, updated_at=? WHERE job_id=? AND state='pending'",
+                (state, time.time(), job_id),
+            )
+
+    def check_state(self, job_id: bytes) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT state FROM checks WHERE job_id=?", (job_id,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def fail_held_receipt(self, job_id: bytes, reason: str) -> bool:
+        """A pending check failed: move the receipt to `failed_receipts` (with `reason`) and
+        put its job back to `queued`, so it can be rendered and receipted again. False if the
+        receipt was not held."""
+        with self._tx() as db:
+            return self._fail_held(db, job_id, reason)
+
+    @staticmethod
+    def _fail_held(db: sqlite3.Connection, job_id: bytes, reason: str) -> bool:
+        gone = db.execute("DELETE FROM checks WHERE job_id=? AND state='pending'", (job_id,))
+        if gone.rowcount == 0:
+            return False
+        now = time.time()
+        db.execute(
+            "INSERT INTO failed_receipts SELECT job_id, request_id, worker, receipt, signature,"
+            " ?, ? FROM receipts WHERE job_id=?",
+            (reason, now, job_id),
+        )
+        db.execute("DELETE FROM receipts WHERE job_id=?", (job_id,))
+        db.execute(
+            "UPDATE jobs SET state='queued', updated_at=? WHERE job_id=? AND state='done'",
+            (now, job_id),
+        )
+        return True
+
+    def fail_pending_checks(self, reason: str) -> list[tuple[bytes, str]]:
+        """After a restart: fail every pending check closed (`fail_held_receipt`); returns
+        `(job id, worker)` of each."""
+        with self._tx() as db:
+            rows = db.execute("SELECT job_id, worker FROM checks WHERE state='pending'").fetchall()
+            for job_id, _ in rows:
+                self._fail_held(db, job_id, reason)
+        return [(bytes(j), str(w)) for j, w in rows]
+
+    def failed_receipts(self, job_id: bytes | None = None) -> list[tuple[bytes, str, Receipt, str]]:
+        """`(job id, worker, receipt, reason)` of receipts whose check failed, oldest first."""
+        where, args = ("WHERE job_id=?", (job_id,)) if job_id is not None else ("", ())
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id, worker, receipt, reason FROM failed_receipts "
+                + where
+                + " ORDER BY rowid",
+                args,
+            ).fetchall()
+        return [(bytes(j), str(w), _receipt_decoder.decode(r), str(t)) for j, w, r, t in rows]
+
+    def receipt_count(self, worker: str) -> int:
+        """Receipts this coordinator stored for `worker` (failed ones included)."""
+        w = worker.lower()
+        with self._lock:
+            n = self._db.execute("SELECT COUNT(*) FROM receipts WHERE worker=?", (w,)).fetchone()
+            f = self._db.execute(
+                "SELECT COUNT(*) FROM failed_receipts WHERE worker=?", (w,)
+            ).fetchone()
+        return int(n[0]) + int(f[0])
+
     # --- reads -------------------------------------------------------------------------
     def live_jobs(self) -> list[StoredJob]:
         """Jobs that had not ended when the coordinator stopped (queued or cancelling),
@@ -463,7 +583,9 @@ class Store(Database):
         """The request's jobs as its client sees them (None: unknown request)."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT j.job_id, j.idx, j.state, j.delivered, r.offer_hash FROM jobs j"
+                "SELECT j.job_id, j.idx,"
+                f" CASE WHEN r.job_id IS NOT NULL AND NOT {_NOT_HELD} THEN 'queued'"
+                " ELSE j.state END, j.delivered, r.offer_hash FROM jobs j"
                 " LEFT JOIN receipts r ON r.job_id = j.job_id WHERE j.request_id=?"
                 " ORDER BY j.idx",
                 (request_id,),
@@ -493,6 +615,7 @@ class Store(Database):
             rows = self._db.execute(
                 "SELECT j.request_id, j.idx, r.offer_hash FROM jobs j"
                 " JOIN receipts r ON r.job_id = j.job_id WHERE j.state='done' AND j.delivered=0"
+                f" AND {_NOT_HELD}"  # a held image is kept by its check, not the client
             ).fetchall()
         return [(bytes(r[0]), int(r[1]), bytes(r[2])) for r in rows]
 
@@ -583,11 +706,13 @@ class Store(Database):
     )
 
     def unsettled_receipts(self) -> list[StoredReceipt]:
-        """Receipts in no epoch yet (neither paid nor refused), oldest first."""
+        """Receipts in no epoch yet (neither paid nor refused) and not held by a pending
+        check (`sogni_coordinator.checks`), oldest first."""
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {self._RECEIPT_READ} FROM receipts r"
                 " WHERE NOT EXISTS (SELECT 1 FROM settled_receipts s WHERE s.job_id = r.job_id)"
+                f" AND {_NOT_HELD}"  # a receipt whose check is pending is not paid yet
                 " ORDER BY r.rowid"
             ).fetchall()
         return [_stored_receipt(r) for r in rows]

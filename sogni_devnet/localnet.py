@@ -232,6 +232,16 @@ def _credited_payer(database: Path, images: int) -> LocalAccount:
     return payer
 
 
+def _copy_verifications(log: Path, out: Path) -> list[dict[str, object]]:
+    """Copy the coordinator's check log to `out/verifications.jsonl`; its lines."""
+    target = out / "verifications.jsonl"
+    target.unlink(missing_ok=True)
+    if not log.exists():
+        return []
+    shutil.copyfile(log, target)
+    return [json.loads(line) for line in target.read_text().splitlines() if line.strip()]
+
+
 def _demo(images: int, out: Path, prompt: str, model: str) -> int:
     from sogni_app.api import render_sync, save
     from sogni_devnet.settlement_demo import embedded_deployment, settle_and_claim
@@ -246,8 +256,14 @@ def _demo(images: int, out: Path, prompt: str, model: str) -> int:
     print("deploying SOGNI token, staking, licence and reward distributor on the embedded EVM")
     deployment = embedded_deployment(work / "addresses.json")
     print(f"starting a coordinator and 2 nodes on 127.0.0.1 (logs in {work}/logs)")
+    # every receipt is checked: each node re-runs a step of the other's (two wallets)
+    verify_all = {"SOGNI_COORDINATOR_VERIFICATION__RATE": "1"}
     with start_localnet(
-        work, nodes=2, models_dir=cache / "models", addresses_file=work / "addresses.json"
+        work,
+        nodes=2,
+        models_dir=cache / "models",
+        addresses_file=work / "addresses.json",
+        coordinator_env=verify_all,
     ) as net:
         print(f"coordinator {net.coordinator_addr}")
         payer = _credited_payer(work / "coordinator" / "coordinator.db", images)
@@ -274,6 +290,10 @@ def _demo(images: int, out: Path, prompt: str, model: str) -> int:
             for i in range(2)
         ]
         settled = settle_and_claim(work / "coordinator" / "coordinator.db", deployment, keys)
+    checks = _copy_verifications(work / "coordinator" / "verifications.jsonl", out)
+    passed = sum(c.get("verdict") == "pass" for c in checks)
+    print(f"{passed} of {len(checks)} receipt checks passed (re-run on the other node; see")
+    print(f"  {out}/verifications.jsonl)")
     published = out / "epochs"
     shutil.rmtree(published, ignore_errors=True)
     shutil.copytree(work / "coordinator" / "epochs", published)

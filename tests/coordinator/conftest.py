@@ -28,6 +28,7 @@ from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.routing import Router
 from sogni_coordinator.store import Store
+from sogni_coordinator.verification_config import VerificationConfig
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.messages import (
@@ -146,8 +147,18 @@ class FakeNode:
 
 
 class Harness:
-    def __init__(self, path: Path, nursery: trio.Nursery, *, billing: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        nursery: trio.Nursery,
+        *,
+        billing: bool = False,
+        verification: VerificationConfig | None = None,
+    ) -> None:
         self.path = path
+        self.verification = verification
+        """`[verification]` policy (None: off); checks log to `verifications.jsonl` beside
+        the database."""
         self.nursery = nursery
         self.clock = FakeClock()
         self.store = Store(path)
@@ -161,9 +172,13 @@ class Harness:
         self._commits = scope = trio.CancelScope()
         receipts = self.dispatcher.receipts
 
+        checks = self.dispatcher.checks
+
         async def commit_receipts() -> None:
             with scope:
-                await receipts.run()
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(checks.run)  # held receipts' check tasks (`checks.py`)
+                    await receipts.run()
 
         self.nursery.start_soon(commit_receipts)
 
@@ -179,6 +194,8 @@ class Harness:
             deadline_base=0.0,
             clock=self.clock,
             billing=None if self.ledger is None else Billing(self.ledger, DOMAIN),
+            verification=self.verification,
+            verification_log=self.path.parent / "verifications.jsonl",
         )
 
     def restart(self) -> None:

@@ -47,6 +47,12 @@ def test_demo_renders_settles_and_its_receipts_verify(tmp_path: Path) -> None:
         assert line["message"]["trajectoryRoot"] != "0x" + "00" * 32  # every step committed
     assert len({line["message"]["trajectoryRoot"] for line in lines}) == len(lines)
     _audit_the_published_epochs(out / "epochs", tmp_path)
+    # every receipt was checked (rate = 1) by the other wallet's node, and passed
+    checks = [json.loads(c) for c in (out / "verifications.jsonl").read_text().splitlines()]
+    assert len(checks) == 4, checks
+    assert all(c["verdict"] == "pass" for c in checks), checks
+    assert all(c["verifier"] and c["verifier"].lower() != c["worker"].lower() for c in checks)
+    assert "4 of 4 receipt checks passed" in proc.stdout
 
 
 def _audit(folder: Path) -> tuple[int, str]:

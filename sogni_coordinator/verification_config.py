@@ -1,0 +1,42 @@
+"""The `[verification]` table of the coordinator config: which receipts are checked.
+
+A sampled receipt is held (not billed, not delivered, not paid in an epoch) until a check
+passes: the worker opens `pairs` random step pairs of its committed trajectory and a node of
+another wallet re-runs each step (`sogni_coordinator.checks`, docs/VERIFICATION.md,
+"Sampling, holding and consequences"). `rate = 0` and `first_jobs = 0` (the defaults) turn
+checking off: every receipt is released as before.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
+
+from sogni_coordinator.challenges import MAX_PAIRS
+from sogni_protocol.settings import Seconds
+
+__all__ = ["VerificationConfig"]
+
+
+class VerificationConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """`[verification]`; env `SOGNI_COORDINATOR_VERIFICATION__<KEY>`."""
+
+    rate: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.0
+    """Share of full receipts checked, drawn at random per receipt (0: none, 1: all)."""
+    first_jobs: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
+    """Every one of a wallet's first N full receipts (as counted by this coordinator) is
+    checked, whatever `rate` says."""
+    pairs: Annotated[int, Meta(ge=1, le=MAX_PAIRS)] = 1
+    """Step pairs re-run per check. `challenges.pairs_needed(f, p)` gives how many catch a
+    worker faking a fraction f of its steps with probability p: 1 for f = 1, 5 for f = 0.5 and
+    p = 0.95, 29 for f = 0.1 and p = 0.95 (capped here at one challenge: 8)."""
+    challenge_timeout: Seconds = 30.0
+    """Seconds the worker has to open the drawn steps."""
+    verify_timeout: Seconds = 120.0
+    """Seconds a verifier node has to re-run one step."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0 or self.first_jobs > 0

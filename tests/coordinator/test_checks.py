@@ -1,0 +1,320 @@
+"""Sampled receipts are held until verified (`sogni_coordinator.checks`): in-process, with a
+fake worker that commits to a real Merkle tree of made-up latents and a fake verifier node."""
+
+from __future__ import annotations
+
+import json
+from array import array
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+import trio
+from eth_account import Account
+
+from sogni_app.api import authorize
+from sogni_coordinator.checks import RESTART_REASON
+from sogni_coordinator.job_state import JobState
+from sogni_coordinator.ledger import worker_account
+from sogni_coordinator.verification_config import VerificationConfig
+from sogni_protocol import eip712
+from sogni_protocol.messages import (
+    Challenge,
+    ChallengeAnswer,
+    ChallengeRefused,
+    JobImage,
+    Offer,
+    RenderMeta,
+    Result,
+    ScalarEntry,
+    StepOpeningWire,
+    StepVerified,
+    TensorEntry,
+    VerifyStep,
+)
+from sogni_protocol.trajectory import TensorBytes, TrajectoryTree, step_digest
+
+from .conftest import DOMAIN, FakeNode, Harness, events, request
+
+T = TypeVar("T")
+SHAPE = [1, 4, 2, 2]
+ALL = VerificationConfig(rate=1.0, challenge_timeout=5.0, verify_timeout=5.0)
+
+
+def _latents(step: int, seed: int) -> bytes:
+    n = 1
+    for d in SHAPE:
+        n *= d
+    return array("f", [(seed + 1) * 10.0 / (step + 1) + i * 0.01 for i in range(n)]).tobytes()
+
+
+class Trajectory:
+    """N + 1 made-up leaves (a latent and a None timestep each) and their Merkle tree."""
+
+    def __init__(self, steps: int, seed: int) -> None:
+        self.leaves = [_latents(k, seed) for k in range(steps + 1)]
+        self.tree = TrajectoryTree([self.digest(k) for k in range(steps + 1)])
+
+    def entries(self, k: int) -> dict[str, object]:
+        return {"latents": TensorBytes("float32", tuple(SHAPE), self.leaves[k]), "timestep": None}
+
+    def digest(self, k: int) -> bytes:
+        return step_digest(self.entries(k))  # type: ignore[arg-type]
+
+    def tensor(self, k: int) -> TensorEntry:
+        return TensorEntry(name="latents", dtype="float32", shape=SHAPE, data=self.leaves[k])
+
+    def opening(self, k: int) -> StepOpeningWire:
+        return StepOpeningWire(
+            step=k,
+            tensors=[self.tensor(k)],
+            scalars=[ScalarEntry(name="timestep", value=None)],
+            proof=self.tree.proof(k),
+            n_leaves=self.tree.n_leaves,
+        )
+
+
+def committed(node: FakeNode, offer: Offer, t: Trajectory, dtype: str = "float32") -> Result:
+    """`node`'s result for `offer`, its receipt signing `t`'s root, in mode `dtype`."""
+    plain = node.result(offer)
+    receipt = plain.receipt.__class__(
+        **{f: getattr(plain.receipt, f) for f in plain.receipt.__struct_fields__ if f != "v"}
+        | {"trajectory_root": t.tree.root}
+    )
+    return Result(
+        job_id=plain.job_id,
+        image=plain.image,
+        receipt=receipt,
+        signature=eip712.sign_receipt(node.key, DOMAIN, receipt),
+        meta=RenderMeta(backend="test", device="cpu", dtype=dtype, threads=1),
+    )
+
+
+async def until(pred: Callable[[], object], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(0.005)
+
+
+async def next_of(node: FakeNode, kind: type[T]) -> T:
+    found: list[T] = []
+
+    def got() -> bool:
+        found.extend(m for m in node.drain() if isinstance(m, kind))
+        return bool(found)
+
+    await until(got)
+    return found[0]
+
+
+async def answer_challenge(
+    h: Harness, worker: FakeNode, t: Trajectory, *, lie: bool = False
+) -> None:
+    """The worker opens what it is asked (`lie`: proven leaves of another trajectory)."""
+    ch = await next_of(worker, Challenge)
+    src = Trajectory(len(t.leaves) - 1, seed=99) if lie else t
+    answer = ChallengeAnswer(job_id=ch.job_id, openings=[src.opening(k) for k in ch.steps])
+    assert h.dispatcher.challenges.answered(worker.link.peer_id, answer)
+
+
+async def answer_verify(h: Harness, verifier: FakeNode, t: Trajectory, *, honest: bool) -> None:
+    """The verifier re-runs step k: the committed next leaf (honest) or another one."""
+    ask = await next_of(verifier, VerifyStep)
+    latents = t.tensor(ask.k + 1) if honest else Trajectory(len(t.leaves) - 1, 5).tensor(ask.k + 1)
+    reply = StepVerified(check_id=ask.check_id, latents=latents)
+    assert h.dispatcher.verifications.answered(verifier.link.peer_id, reply)
+
+
+def log_lines(h: Harness) -> list[dict[str, object]]:
+    path = h.path.parent / "verifications.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture
+async def checked(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Harness]:
+    """A charging coordinator that checks every full receipt."""
+    h = Harness(tmp_path / "coordinator.db", nursery, billing=True, verification=ALL)
+    yield h
+    h.close()
+
+
+async def _paid_request(h: Harness, n: int = 1) -> tuple[object, str]:
+    payer = Account.create()
+    assert h.ledger is not None
+    h.ledger.credit_purchase(payer.address, 1)
+    sub = await h.submit(authorize(request(n), bytes(payer.key), h.dispatcher.domain))
+    return sub, payer.address
+
+
+def _earned(h: Harness, wallet: str) -> int:
+    assert h.ledger is not None
+    return sum(h.ledger.balance(worker_account(wallet)).values())
+
+
+async def test_a_sampled_receipt_is_held_until_its_check_passes(checked: Harness) -> None:
+    h = checked
+    sub, _ = await _paid_request(h)
+    worker, verifier = h.node(0), h.node(1, ready=False)  # two wallets
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    t = Trajectory(offer.offer.steps, seed=1)
+    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+    job_id = offer.offer.job_id
+    # held: stored pending, not delivered, not billed, not in an epoch, still "running"
+    assert h.store.check_state(job_id) == "pending"
+    assert not [m for m in await events(sub) if isinstance(m, JobImage)]  # type: ignore[arg-type]
+    assert h.store.unsettled_receipts() == []
+    assert h.dispatcher.job_counts()["running"] == 1
+    assert _earned(h, worker.wallet) == 0
+    await answer_challenge(h, worker, t)
+    await answer_verify(h, verifier, t, honest=True)
+    await until(lambda: h.store.check_state(job_id) == "passed")
+    await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
+    images = [m for m in await events(sub) if isinstance(m, JobImage)]  # type: ignore[arg-type]
+    assert [m.job_id for m in images] == [job_id]
+    assert [r.receipt.job_id for r in h.store.unsettled_receipts()] == [job_id]
+    await until(lambda: _earned(h, worker.wallet) > 0)
+    (line,) = log_lines(h)
+    assert line["verdict"] == "pass" and line["jobId"] == "0x" + job_id.hex()
+    assert line["worker"] == worker.wallet and line["verifier"] == verifier.wallet
+    assert line["distance"] == 0.0 and "prompt" not in json.dumps(line)
+
+
+@pytest.mark.parametrize("fault", ["verifier_disagrees", "other_root", "refuses"])
+async def test_a_failed_check_requeues_unpaid_strikes_and_keeps_evidence(
+    checked: Harness, fault: str
+) -> None:
+    h = checked
+    sub, payer = await _paid_request(h)
+    rogue, honest = h.node(0), h.node(1, ready=False)
+    h.dispatcher.match()
+    (offer,) = rogue.offers()
+    job_id = offer.offer.job_id
+    t = Trajectory(offer.offer.steps, seed=1)
+    await h.dispatcher.accept_result(rogue.link, committed(rogue, offer, t))
+    if fault == "refuses":
+        ch = await next_of(rogue, Challenge)
+        refusal = ChallengeRefused(job_id=ch.job_id, reason="trajectory gone")
+        assert h.dispatcher.challenges.answered(rogue.link.peer_id, refusal)
+    elif fault == "other_root":  # leaves of another trajectory: the Merkle check fails
+        await answer_challenge(h, rogue, t, lie=True)
+    else:  # its own committed (made-up) leaves, correctly proven: the re-run disagrees
+        await answer_challenge(h, rogue, t)
+        await answer_verify(h, honest, t, honest=False)
+    await until(lambda: h.store.failed_receipts(job_id))
+    ((_, worker, evidence, reason),) = h.store.failed_receipts(job_id)
+    assert worker == rogue.wallet.lower() and evidence.trajectory_root == t.tree.root
+    assert reason
+    assert h.store.receipt(job_id) is None and h.store.check_state(job_id) is None
+    assert h.store.job_state(job_id) is JobState.QUEUED
+    assert h.store.unsettled_receipts() == []
+    assert len(h.reputation.get(rogue.wallet).strikes) == 1
+    assert not [m for m in await events(sub) if isinstance(m, JobImage)]  # type: ignore[arg-type]
+    (line,) = log_lines(h)
+    assert line["verdict"] == "fail" and line["worker"] == rogue.wallet
+    assert (line["distance"] is not None) is (fault == "verifier_disagrees")
+    # re-rendered by the other wallet, though the rogue has a free slot too
+    h.dispatcher.ready(honest.link, 1)
+    h.dispatcher.ready(rogue.link, 1)
+    h.dispatcher.match()
+    assert rogue.offers() == []
+    (again,) = honest.offers()
+    assert again.offer.job_id == job_id
+    t2 = Trajectory(again.offer.steps, seed=2)
+    await h.dispatcher.accept_result(honest.link, committed(honest, again, t2))
+    await answer_challenge(h, honest, t2)
+    await answer_verify(h, rogue, t2, honest=True)  # the rogue verifies (and is honest here)
+    await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
+    assert _earned(h, rogue.wallet) == 0
+    await until(lambda: _earned(h, honest.wallet) > 0)
+    assert [x["verdict"] for x in log_lines(h)] == ["fail", "pass"]
+    assert h.ledger is not None and h.ledger.balance(payer)["spark_paid"] < 1_000_000
+
+
+async def test_no_verifier_skips_the_check_and_releases(checked: Harness) -> None:
+    h = checked
+    sub, _ = await _paid_request(h)
+    worker = h.node(0)  # a single-wallet network
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    t = Trajectory(offer.offer.steps, seed=1)
+    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+    await answer_challenge(h, worker, t)
+    await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
+    assert h.store.check_state(offer.offer.job_id) == "skipped"
+    (line,) = log_lines(h)
+    assert line["verdict"] == "skipped" and "no verifier" in str(line["reason"])
+    assert h.reputation.get(worker.wallet).strikes == []
+
+
+async def test_policy_samples_nothing_at_rate_zero_and_the_first_jobs(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    for policy, held in [
+        (VerificationConfig(), [False, False, False]),
+        (VerificationConfig(first_jobs=2), [True, True, False]),
+    ]:
+        folder = tmp_path / str(policy.first_jobs)
+        folder.mkdir()
+        h = Harness(folder / "coordinator.db", nursery, verification=policy)
+        worker, verifier = h.node(0), h.node(1, ready=False)
+        sub = await h.submit(request(3))
+        seen = []
+        for _ in range(3):
+            h.dispatcher.ready(worker.link, 1)
+            h.dispatcher.match()
+            (offer,) = worker.offers()
+            t = Trajectory(offer.offer.steps, seed=1)
+            await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+            seen.append(h.store.check_state(offer.offer.job_id) == "pending")
+            if seen[-1]:
+                await answer_challenge(h, worker, t)
+                await answer_verify(h, verifier, t, honest=True)
+                job_id = offer.offer.job_id
+                await until(lambda s=h.store, j=job_id: s.check_state(j) == "passed")
+        assert seen == held
+        await until(lambda s=sub: s.state.finished.is_set())
+        h.close()
+
+
+async def test_unsampled_receipts_are_released_at_once(checked: Harness) -> None:
+    """A zero root, an unmeasured mode: not sampled even at rate 1."""
+    h = checked
+    sub, _ = await _paid_request(h, 2)
+    worker, _verifier = h.node(0, slots=2), h.node(1, ready=False)
+    h.dispatcher.match()
+    a, b = worker.offers()
+    await h.deliver(worker, a)  # no trajectory
+    t = Trajectory(b.offer.steps, seed=1)
+    await h.dispatcher.accept_result(worker.link, committed(worker, b, t, dtype="float16"))
+    assert h.store.check_state(a.offer.job_id) is None
+    assert h.store.check_state(b.offer.job_id) is None
+    assert sub.state.finished.is_set()  # type: ignore[attr-defined]
+
+
+async def test_a_check_pending_at_restart_fails_closed_and_the_job_is_rendered_again(
+    checked: Harness,
+) -> None:
+    h = checked
+    sub, _ = await _paid_request(h)
+    worker = h.node(0)
+    h.node(1, ready=False)
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    job_id = offer.offer.job_id
+    t = Trajectory(offer.offer.steps, seed=1)
+    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+    assert h.store.check_state(job_id) == "pending"
+    h.restart()
+    assert h.dispatcher.restore() == 1
+    ((_, _, _, reason),) = h.store.failed_receipts(job_id)
+    assert reason == RESTART_REASON
+    assert h.store.receipt(job_id) is None and h.store.unsettled_receipts() == []
+    assert h.reputation.get(worker.wallet).strikes == []  # not the worker's fault
+    assert [x["verdict"] for x in log_lines(h)] == ["fail"]
+    again = h.node(0)
+    h.dispatcher.match()
+    (offer2,) = again.offers()
+    assert offer2.offer.job_id == job_id
+    del sub
