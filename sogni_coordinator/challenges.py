@@ -71,19 +71,33 @@ def pairs_needed(fraction: float, confidence: float) -> int:
     return max(1, math.ceil(math.log1p(-confidence) / math.log1p(-fraction) - 1e-9))
 
 
-def choose_steps(n_steps: int, k: int, rng: random.Random | None = None) -> list[int]:
+def choose_steps(
+    n_steps: int, k: int, rng: random.Random | None = None, *, start: bool = False
+) -> list[int]:
     """The leaves to ask for to re-run `k` distinct denoising steps of an `n_steps` render:
     for each drawn step s (1..n_steps) leaves s - 1 and s (the verifier runs step s from leaf
     s - 1 and compares with leaf s). Sorted, no repeats (adjacent pairs share a leaf). `k` is
     capped at `n_steps` and at `MAX_PAIRS`. Draw it after the receipt is in, from a source the
-    node cannot predict (the default: the OS's)."""
+    node cannot predict (the default: the OS's).
+
+    `start`: also ask for step 1 (leaves 0 and 1) when it was not drawn, so leaf 0 is opened
+    and a verifier compares it with the seed's noise (docs/VERIFICATION.md, "Seed check").
+    If that would exceed `MAX_CHALLENGE_STEPS` leaves, the last drawn step gives way."""
     if n_steps < 1:
         raise ValueError("a render has at least one step")
     if k < 1:
         raise ValueError("draw at least one step")
     rng = rng or random.SystemRandom()
     drawn = rng.sample(range(1, n_steps + 1), min(k, n_steps, MAX_PAIRS))
-    return sorted({leaf for s in drawn for leaf in (s - 1, s)})
+
+    def leaves() -> list[int]:
+        return sorted({leaf for s in drawn for leaf in (s - 1, s)})
+
+    if start and 1 not in drawn:
+        drawn.append(1)
+        while len(leaves()) > MAX_CHALLENGE_STEPS:
+            del drawn[-2]  # a random one (sample's order is random), never step 1
+    return leaves()
 
 
 def opening_entries(opening: StepOpeningWire) -> dict[str, StepValue]:

@@ -13,9 +13,12 @@ credit reputation, put the image in the client's mailbox, nor end the job (the c
 sees it rendering); the epoch settler skips pending receipts (`Store.unsettled_receipts`).
 `Checks.run` (in the dispatcher's nursery) then runs one `_check` task per held receipt:
 
-1. challenge the worker for `pairs` random step pairs (`challenges.choose_steps`) and prove
-   the answer against the receipt's root (`ChallengeResult.fault`);
-2. re-run each drawn step on a node of another wallet (`verifiers.verify_step`).
+1. challenge the worker for `pairs` random step pairs (`challenges.choose_steps`), plus the
+   pair (0, 1) when it was not drawn, and prove the answer against the receipt's root
+   (`ChallengeResult.fault`);
+2. re-run each drawn step on a node of another wallet (`verifiers.verify_step`); step 1's
+   verifier also compares leaf 0 with the noise of the job's seed (the seed check), so a
+   render of another seed, or an older job's trajectory replayed, fails.
 
 Verdicts: `pass` (every step within tolerance): the check is marked passed, billing settles,
 the image is delivered. `fail` (no or bad answer to the challenge, a step over tolerance): the
@@ -180,7 +183,7 @@ class Checks:
     async def verify(self, held: Held) -> Outcome:
         """Challenge the worker, prove its answer, re-run each drawn step elsewhere."""
         d, p, receipt = self.dispatcher, self.policy, held.receipt
-        leaves = choose_steps(receipt.steps_done, p.pairs, self._rng)
+        leaves = choose_steps(receipt.steps_done, p.pairs, self._rng, start=True)
         result = await d.challenge(held.peer_id, receipt.job_id, leaves, p.challenge_timeout)
         fault = result.fault(receipt)
         if fault is not None:

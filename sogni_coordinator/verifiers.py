@@ -53,6 +53,7 @@ from sogni_protocol.messages import (
 )
 
 __all__ = [
+    "SEED_TOLERANCE",
     "TOLERANCES",
     "PendingVerifications",
     "StepVerdict",
@@ -76,6 +77,15 @@ TOLERANCES: Mapping[str, float] = {
 an honest step may show when the verifier runs the same mode: 10x the largest honest distance
 measured (BENCHMARKS.md, "Trajectory commitments"; 0 false rejections in 1000 held-out honest
 checks). Other modes (CUDA float16, fp8, compiled pipelines) are not measured: they fail."""
+
+
+SEED_TOLERANCE = 1e-6
+"""Largest |leaf 0 - noise| / |noise| a seed check passes (`StepVerified.start_distance`).
+The noise is drawn on the CPU in float32 and cast to the compute dtype on every device (the
+verifier casts to the same declared mode), and leaf 0 stores those values exactly as float32,
+so an honest leaf 0 regenerates bit for bit: measured 0.0 (tests/e2e/test_seed_check.py,
+float32 on the CPU). Another seed's noise is independent: measured 1.37 to 1.39, about
+sqrt(2). 1e-6 leaves room for a float32 rounding of a few values, none for another draw."""
 
 
 def tolerance_for(dtype: str) -> float | None:
@@ -254,4 +264,13 @@ async def verify_step(
         else f"step {k}: d = {d:.3g} over {tol:g} ({dtype})"
     )
     log.info("step_verified", step=k, verifier=peer, distance=d, passed=passed)
+    if passed and k == 0:  # the seed check (docs/VERIFICATION.md, "Seed check")
+        d0 = reply.start_distance
+        if d0 is None:
+            return fail("the verifier did not compare leaf 0 with the seed's noise", peer)
+        if d0 > SEED_TOLERANCE:
+            reason = f"seed: leaf 0 is d0 = {d0:.3g} from the seed's noise, over {SEED_TOLERANCE:g}"
+            log.info("seed_not_verified", verifier=peer, distance=d0)
+            return StepVerdict(peer, k, d0, SEED_TOLERANCE, False, reason)
+        reason += f"; seed: leaf 0 is the seed's noise (d0 = {d0:.3g})"
     return StepVerdict(peer, k, d, tol, passed, reason)

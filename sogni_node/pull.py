@@ -404,6 +404,7 @@ class PullSession:
 
         from sogni_node.render.diffusers_backend import SCHEDULERS, DiffusersBackend
         from sogni_node.render.lora import applied_loras
+        from sogni_node.render.noise import initial_latents as pinned_noise
         from sogni_node.verify import step_check as sc
         from sogni_node.worker import _render_job
 
@@ -473,7 +474,19 @@ class PullSession:
         out = x_pred.detach().to("cpu", torch.float32).reshape(committed.shape).contiguous()
         data = out.numpy().astype("<f4").tobytes()
         latents = TensorEntry(name="latents", dtype="float32", shape=list(out.shape), data=data)
-        return StepVerified(check_id=msg.check_id, latents=latents, x_k_scale=scale)
+        start: float | None = None
+        if msg.k == 0:  # the seed check: leaf 0 must be this seed's noise, unscaled, as the
+            # compute dtype rounds it (docs/VERIFICATION.md, "Seed check")
+            shape = sc.latent_shape(loaded.pipe, width=job.width, height=job.height)
+            noise = pinned_noise(job.seed, shape, dtype=backend.dtype).float()  # as rendered
+            leaf = tensor(committed)
+            start = math.inf
+            if tuple(leaf.shape) == tuple(noise.shape):
+                start = sc.start_distance(leaf, noise)
+                start = start if math.isfinite(start) else math.inf
+        return StepVerified(
+            check_id=msg.check_id, latents=latents, x_k_scale=scale, start_distance=start
+        )
 
     # --- offers --------------------------------------------------------------------------
     def _check_offer(self, msg: Offer) -> str | None:

@@ -556,11 +556,15 @@ class StepVerified(_Message, tag="stepVerified", kw_only=True):
     """Verifier -> coordinator: its x'_{k+1} (float32, `latents`). `x_k_scale` is what it
     multiplied leaf k by to get x_k (the scheduler's `init_noise_sigma` for k = 0, since
     leaf 0 is the unscaled noise; 1 otherwise), so the coordinator measures the committed
-    step from the same x_k. Travels under the result frame limit."""
+    step from the same x_k. `start_distance` (k = 0 only, else None): |leaf 0 - noise| / |noise|
+    where noise is the job seed's initial noise as the verifier regenerates it (inf when
+    leaf 0 has another shape): the seed check (docs/VERIFICATION.md, "Seed check"). Travels
+    under the result frame limit."""
 
     check_id: Bytes32
     latents: TensorEntry
     x_k_scale: Annotated[float, Meta(gt=0.0, le=1e6)] = 1.0
+    start_distance: Annotated[float, Meta(ge=0.0)] | None = None
 
 
 class VerifyRefused(_Message, tag="verifyRefused", kw_only=True):

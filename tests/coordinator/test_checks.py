@@ -4,6 +4,8 @@ fake worker that commits to a real Merkle tree of made-up latents and a fake ver
 from __future__ import annotations
 
 import json
+import math
+import random
 from array import array
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -14,12 +16,15 @@ import trio
 from eth_account import Account
 
 from sogni_app.api import authorize
+from sogni_coordinator.challenges import MAX_PAIRS, choose_steps
 from sogni_coordinator.checks import RESTART_REASON
 from sogni_coordinator.job_state import JobState
 from sogni_coordinator.ledger import worker_account
 from sogni_coordinator.verification_config import VerificationConfig
+from sogni_coordinator.verifiers import SEED_TOLERANCE
 from sogni_protocol import eip712
 from sogni_protocol.messages import (
+    MAX_CHALLENGE_STEPS,
     Challenge,
     ChallengeAnswer,
     ChallengeRefused,
@@ -118,12 +123,35 @@ async def answer_challenge(
     assert h.dispatcher.challenges.answered(worker.link.peer_id, answer)
 
 
-async def answer_verify(h: Harness, verifier: FakeNode, t: Trajectory, *, honest: bool) -> None:
-    """The verifier re-runs step k: the committed next leaf (honest) or another one."""
-    ask = await next_of(verifier, VerifyStep)
-    latents = t.tensor(ask.k + 1) if honest else Trajectory(len(t.leaves) - 1, 5).tensor(ask.k + 1)
-    reply = StepVerified(check_id=ask.check_id, latents=latents)
-    assert h.dispatcher.verifications.answered(verifier.link.peer_id, reply)
+async def answer_verify(
+    h: Harness,
+    verifier: FakeNode,
+    t: Trajectory,
+    *,
+    honest: bool,
+    start: float | None = 0.0,
+) -> list[int]:
+    """The verifier re-runs step k, for every `VerifyStep` of the check under way: the
+    committed next leaf (honest) or another one; for k = 0 it reports `start` as leaf 0's
+    distance from the seed's noise. Returns the k asked, in order."""
+    asked: list[VerifyStep] = []
+    ks: list[int] = []
+
+    def got() -> bool:
+        asked.extend(m for m in verifier.drain() if isinstance(m, VerifyStep))
+        return bool(asked) or not h.dispatcher.checks.pending
+
+    while True:
+        await until(got)
+        if not asked:
+            return ks
+        ask = asked.pop(0)
+        ks.append(ask.k)
+        other = Trajectory(len(t.leaves) - 1, 5)
+        latents = t.tensor(ask.k + 1) if honest else other.tensor(ask.k + 1)
+        d0 = start if ask.k == 0 else None
+        reply = StepVerified(check_id=ask.check_id, latents=latents, start_distance=d0)
+        assert h.dispatcher.verifications.answered(verifier.link.peer_id, reply)
 
 
 def log_lines(h: Harness) -> list[dict[str, object]]:
@@ -202,7 +230,7 @@ async def test_a_failed_check_requeues_unpaid_strikes_and_keeps_evidence(
     else:  # its own committed (made-up) leaves, correctly proven: the re-run disagrees
         await answer_challenge(h, rogue, t)
         await answer_verify(h, honest, t, honest=False)
-    await until(lambda: h.store.failed_receipts(job_id))
+    await until(lambda: h.store.failed_receipts(job_id) and h.reputation.get(rogue.wallet).strikes)
     ((_, worker, evidence, reason),) = h.store.failed_receipts(job_id)
     assert worker == rogue.wallet.lower() and evidence.trajectory_root == t.tree.root
     assert reason
@@ -318,3 +346,82 @@ async def test_a_check_pending_at_restart_fails_closed_and_the_job_is_rendered_a
     (offer2,) = again.offers()
     assert offer2.offer.job_id == job_id
     del sub
+
+
+# --- the seed check (docs/VERIFICATION.md, "Seed check") ---------------------------------
+@pytest.mark.parametrize("n_steps", [1, 2, 3, 10, 50])
+@pytest.mark.parametrize("pairs", [1, 2, MAX_PAIRS])
+def test_choose_steps_with_start_always_opens_the_pair_0_1(n_steps: int, pairs: int) -> None:
+    rng = random.Random(n_steps * 100 + pairs)
+    for _ in range(200):
+        leaves = choose_steps(n_steps, pairs, rng, start=True)
+        assert leaves == sorted(set(leaves)) and {0, 1} <= set(leaves)
+        assert len(leaves) <= MAX_CHALLENGE_STEPS and max(leaves) <= n_steps
+        steps = [s for s in leaves if s >= 1 and s - 1 in leaves]
+        # as many random pairs as asked (but step 1's place when 8 disjoint pairs are full)
+        assert len(steps) >= min(pairs, n_steps, MAX_PAIRS)
+    assert choose_steps(1, 1, rng, start=True) == [0, 1]
+    assert 0 not in choose_steps(50, 1, random.Random(7))  # unchanged without `start`
+
+
+async def test_every_check_opens_leaf_0_and_has_pair_0_1_verified(checked: Harness) -> None:
+    h = checked
+    sub, _ = await _paid_request(h)
+    worker, verifier = h.node(0), h.node(1, ready=False)
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    t = Trajectory(offer.offer.steps, seed=1)
+    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+    ch = await next_of(worker, Challenge)
+    assert {0, 1} <= set(ch.steps)
+    answer = ChallengeAnswer(job_id=ch.job_id, openings=[t.opening(k) for k in ch.steps])
+    assert h.dispatcher.challenges.answered(worker.link.peer_id, answer)
+    ks = await answer_verify(h, verifier, t, honest=True)
+    # step 1 first, then the drawn one (and step 2 when the drawn one is 3: leaves 1, 2 pair)
+    assert ks[0] == 0 and ks == sorted(set(ks)) and len(ks) <= 3
+    await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
+    (line,) = log_lines(h)
+    assert line["verdict"] == "pass"
+
+
+@pytest.mark.parametrize(
+    ("start", "verdict"),
+    [(0.0, "pass"), (5e-7, "pass"), (1.41, "fail"), (math.inf, "fail"), (None, "skipped")],
+)
+async def test_a_leaf_0_off_the_seed_fails_the_check(
+    checked: Harness, start: float | None, verdict: str
+) -> None:
+    """Leaves that make honest steps (the verifier agrees on every step) but whose leaf 0 is
+    not the seed's noise: another seed, or an older job replayed. A verifier that did not
+    compare (no `start_distance`) is inconclusive: skipped, no strike."""
+    h = checked
+    sub, _ = await _paid_request(h)
+    rogue, verifier = h.node(0), h.node(1, ready=False)
+    h.dispatcher.match()
+    (offer,) = rogue.offers()
+    job_id = offer.offer.job_id
+    t = Trajectory(offer.offer.steps, seed=1)
+    await h.dispatcher.accept_result(rogue.link, committed(rogue, offer, t))
+    await answer_challenge(h, rogue, t)
+    ks = await answer_verify(h, verifier, t, honest=True, start=start)
+    assert ks[0] == 0
+    (line,) = log_lines(h)
+    assert line["verdict"] == verdict, line
+    if verdict == "fail":
+        await until(lambda: h.reputation.get(rogue.wallet).strikes)  # after the evidence
+        assert len(ks) == 1  # the seed check decided it: no further step asked
+        assert line["step"] == 0 and line["tolerance"] == SEED_TOLERANCE
+        assert line["distance"] == (None if math.isinf(start or 0.0) else start)
+        assert "seed" in str(line["reason"])
+        ((_, worker, _, reason),) = h.store.failed_receipts(job_id)
+        assert worker == rogue.wallet.lower() and "seed's noise" in reason
+        assert len(h.reputation.get(rogue.wallet).strikes) == 1
+        assert h.store.job_state(job_id) is JobState.QUEUED
+        assert _earned(h, rogue.wallet) == 0
+        assert not [m for m in await events(sub) if isinstance(m, JobImage)]  # type: ignore[arg-type]
+    else:
+        await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
+        assert h.reputation.get(rogue.wallet).strikes == []
+        assert h.store.check_state(job_id) == ("passed" if verdict == "pass" else "skipped")
+        if verdict == "skipped":
+            assert "did not compare leaf 0" in str(line["reason"])

@@ -1,0 +1,228 @@
+"""The seed check over libp2p (docs/VERIFICATION.md, "Seed check"): real nodes, real steps.
+
+Every sampled check also opens leaf 0 and has step 1 re-run by a node of another wallet,
+which compares leaf 0 with the noise it regenerates from the job's seed. Honest nodes pass
+(their leaf 0 is that noise bit for bit). A rogue worker that renders the job honestly but
+with another seed (every step of its trajectory is a real step of the model, so only the seed
+check can tell), or that replays an older job's real trajectory and image (same prompt,
+another seed) for a new job, is caught: its receipt becomes evidence, it earns nothing, it is
+struck, and the honest node renders the job again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+
+from sogni_app.api import render
+from sogni_coordinator.verification_config import VerificationConfig
+from sogni_coordinator.verifiers import SEED_TOLERANCE
+from sogni_net import Channel
+from sogni_node.render.diffusers_backend import DiffusersBackend
+from sogni_node.render.trajectory import Trajectory
+from sogni_node.worker import _render_job
+from sogni_protocol import eip712
+from sogni_protocol.ids import RESULT_FRAME_LIMIT
+from sogni_protocol.messages import (
+    Challenge,
+    ChallengeAnswer,
+    JobParams,
+    Offer,
+    Ready,
+    Receipt,
+    RenderMeta,
+    Result,
+    ResultAck,
+    StepVerified,
+    VerifyRefused,
+    VerifyStep,
+)
+
+from .conftest import Net, receive_skipping, rogue_node, tiny_request
+from .test_challenge import _heartbeats, _wire
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+EVERY = VerificationConfig(rate=1.0, challenge_timeout=30.0, verify_timeout=30.0)
+
+
+def _checks(tmp: Path) -> list[dict[str, Any]]:
+    path = tmp / "coordinator" / "verifications.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def _spy_replies(monkeypatch: pytest.MonkeyPatch, net: Net) -> list[StepVerified]:
+    """Every `StepVerified` a verifier sends the coordinator, in order."""
+    pending = net.coordinator.dispatcher.verifications
+    seen: list[StepVerified] = []
+    original = pending.answered
+
+    def answered(peer_id: str, reply: Any) -> bool:
+        if isinstance(reply, StepVerified):
+            seen.append(reply)
+        return original(peer_id, reply)
+
+    monkeypatch.setattr(pending, "answered", answered)
+    return seen
+
+
+async def _render(backend: DiffusersBackend, params: JobParams) -> tuple[bytes, Trajectory]:
+    """A real render of `params` with the tiny model: its image and trajectory."""
+    job = _render_job(params, None)
+    out = await trio.to_thread.run_sync(backend.render, job, lambda _: None, lambda: False)
+    assert out.trajectory is not None
+    return out.image, out.trajectory
+
+
+async def _take(channel: Channel) -> Offer:
+    await channel.send(Ready(slots=1))
+    offer: Offer = await receive_skipping(channel, (Offer,))
+    return offer
+
+
+async def _submit(
+    net: Net,
+    channel: Channel,
+    acct: Any,
+    offer: Offer,
+    image: bytes,
+    committed: Trajectory,
+    dtype: str,
+) -> bytes:
+    """A receipt for `offer` naming `image` and `committed`'s root; the job id."""
+    receipt = Receipt(
+        job_id=offer.offer.job_id,
+        offer_hash=eip712.offer_hash(net.domain, offer.offer),
+        worker=acct.address,
+        coordinator=offer.offer.coordinator,
+        model_id=offer.offer.model_id,
+        result_hash=hashlib.sha256(image).digest(),
+        steps_done=offer.offer.steps,
+        work_units=offer.offer.work_units,
+        price_factor_bps=offer.offer.price_factor_bps,
+        completed_at=int(time.time()),
+        trajectory_root=committed.root,
+    )
+    sig = eip712.sign_receipt(bytes(acct.key), net.domain, receipt)
+    meta = RenderMeta(backend="diffusers", device="cpu", dtype=dtype, threads=1)
+    result = Result(job_id=receipt.job_id, image=image, receipt=receipt, signature=sig, meta=meta)
+    await channel.send(result, limit=RESULT_FRAME_LIMIT)
+    ack = await receive_skipping(channel, (ResultAck,))
+    assert ack.accepted, ack.reason
+    return receipt.job_id
+
+
+async def _open(channel: Channel, job_id: bytes, committed: Trajectory) -> list[int]:
+    """Answer the coordinator's challenge faithfully; the steps it asked for."""
+    challenge = await receive_skipping(channel, (Challenge,))
+    assert challenge.job_id == job_id
+    openings = [_wire(committed, k) for k in challenge.steps]
+    await channel.send(ChallengeAnswer(job_id=job_id, openings=openings), limit=RESULT_FRAME_LIMIT)
+    return list(challenge.steps)
+
+
+async def test_honest_nodes_pass_the_seed_check(
+    net_factory: Any, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with net_factory(verification=EVERY) as net:
+        replies = _spy_replies(monkeypatch, net)
+        await net.add_node(backend, "alice")
+        await net.add_node(backend, "bob")
+        with trio.fail_after(120):
+            result = await render(net.addr, tiny_request(2, scheduler="euler_a"))
+        assert len(result.images) == 2
+        checks = _checks(net.tmp)
+        assert [c["verdict"] for c in checks] == ["pass", "pass"], checks
+        # one seed comparison per check (step 1, k = 0), each exact: the measured d0
+        starts = [r.start_distance for r in replies if r.start_distance is not None]
+        assert starts == [0.0, 0.0]
+        assert all(r.start_distance is None for r in replies if r.x_k_scale == 1.0)
+
+
+@pytest.mark.parametrize("rogue", ["another_seed", "replayed_older_job"])
+async def test_a_rogue_with_the_wrong_start_is_caught_and_its_job_rendered_again(
+    net_factory: Any, backend: Any, rogue: str
+) -> None:
+    async with (
+        net_factory(verification=EVERY) as net,
+        rogue_node(net) as (channel, acct),
+        trio.open_nursery() as beats,
+    ):
+        beats.start_soon(_heartbeats, channel)
+        dispatcher = net.coordinator.dispatcher
+        request = tiny_request(1, scheduler="euler")
+        results: list[Any] = []
+
+        async def client(req: Any) -> None:
+            results.append(await render(net.addr, req))
+
+        with trio.fail_after(150):
+            if rogue == "replayed_older_job":
+                # an older job, same prompt, seed 5, rendered honestly by the rogue; alone on
+                # the network its check is skipped (no other wallet) and it is delivered
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(client, msgspec.structs.replace(request, seed=5))
+                    older = await _take(channel)
+                    assert older.params.seed == 5
+                    image, committed = await _render(backend, older.params)
+                    old_id = await _submit(
+                        net, channel, acct, older, image, committed, backend.dtype_name
+                    )
+                    await _open(channel, old_id, committed)
+                assert dispatcher.store.check_state(old_id) == "skipped"
+                results.clear()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client, request)
+                offer = await _take(channel)
+                assert offer.params.seed == 1
+                if rogue == "another_seed":  # every step real, from seed 2's noise
+                    params = msgspec.structs.replace(offer.params, seed=2)
+                    image, committed = await _render(backend, params)
+                # else: the older job's image and trajectory, replayed
+                job_id = await _submit(
+                    net, channel, acct, offer, image, committed, backend.dtype_name
+                )
+                assert dispatcher.store.check_state(job_id) == "pending"
+                challenge = await receive_skipping(channel, (Challenge,))
+                assert {0, 1} <= set(challenge.steps)
+                honest = await net.add_node(backend, "honest")  # the verifier, then worker
+                while len(dispatcher.nodes) < 2:
+                    await trio.sleep(0.05)
+                openings = [_wire(committed, k) for k in challenge.steps]
+                answer = ChallengeAnswer(job_id=job_id, openings=openings)
+                await channel.send(answer, limit=RESULT_FRAME_LIMIT)
+                # the honest node renders the job again; the rogue, the only other wallet,
+                # is asked to verify it and refuses: the honest node is released anyway
+                ask = await receive_skipping(
+                    channel, (VerifyStep,), timeout=120, limit=RESULT_FRAME_LIMIT
+                )
+                await channel.send(VerifyRefused(check_id=ask.check_id, reason="no"))
+        (result,) = results
+        (image_out,) = result.images
+        assert eip712.same_address(image_out.receipt.worker, honest.wallet.address)
+        ((_, worker, evidence, reason),) = dispatcher.store.failed_receipts(job_id)
+        assert eip712.same_address(worker, acct.address)
+        assert evidence.trajectory_root == committed.root
+        assert "seed's noise" in reason, reason
+        assert len(dispatcher.reputation.get(acct.address).strikes) == 1
+        assert dispatcher.reputation.get(honest.wallet.address).strikes == []
+        payable = [r.receipt for r in dispatcher.store.unsettled_receipts()]
+        assert job_id in [r.job_id for r in payable]
+        for r in payable:
+            if r.job_id == job_id:
+                assert eip712.same_address(r.worker, honest.wallet.address)
+        *_, failed, released = _checks(net.tmp)
+        assert failed["verdict"] == "fail" and failed["step"] == 0
+        assert eip712.same_address(failed["verifier"], honest.wallet.address)
+        assert failed["tolerance"] == SEED_TOLERANCE
+        assert failed["distance"] > 0.5  # independent noise: about sqrt(2)
+        assert released["verdict"] == "skipped"
+        assert eip712.same_address(released["worker"], honest.wallet.address)
+        beats.cancel_scope.cancel()
