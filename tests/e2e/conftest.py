@@ -260,4 +260,3 @@ async def run_sogni(home: Path, *args: str, password: str | None = None) -> tupl
             check=False,
         )
     return done.returncode, done.stdout.decode(), done.stderr.decode()
-

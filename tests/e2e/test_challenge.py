@@ -9,56 +9,29 @@ re-render's job, docs/TRAJECTORY.md.)
 
 from __future__ import annotations
 
-import hashlib
-import io
 import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 import pytest
-import torch
 import trio
-from PIL import Image
 
 from sogni_app.api import render
 from sogni_coordinator.challenges import ChallengeResult, choose_steps
 from sogni_coordinator.dispatch import Dispatcher
 from sogni_net import Channel
-from sogni_node.render.trajectory import Trajectory, TrajectoryRecorder
-from sogni_protocol import eip712
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT
 from sogni_protocol.messages import (
     Challenge,
     ChallengeAnswer,
-    Heartbeat,
-    Offer,
-    Ready,
-    Receipt,
-    RenderMeta,
-    Result,
-    ResultAck,
-    ScalarEntry,
-    StepOpeningWire,
-    TensorEntry,
     encode,
 )
 
-from .conftest import Net, receive_skipping, rogue_node, tiny_request
+from .conftest import receive_skipping, rogue_node, tiny_request
+from .rogue_kit import heartbeats, made_up_trajectory, peer_of, rogue_result, stored_receipt, wire
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def _peer_of(dispatcher: Dispatcher, wallet: str) -> str:
-    peers = [p for p, link in dispatcher.nodes.items() if eip712.same_address(link.wallet, wallet)]
-    assert len(peers) == 1
-    return peers[0]
-
-
-def _receipt(dispatcher: Dispatcher, job_id: bytes) -> Receipt:
-    stored = dispatcher.store.receipt(job_id)
-    assert stored is not None
-    return stored.receipt
 
 
 async def test_an_honest_node_opens_its_steps_and_one_that_lost_them_refuses(
@@ -72,10 +45,10 @@ async def test_an_honest_node_opens_its_steps_and_one_that_lost_them_refuses(
             result = await render(net.addr, tiny_request(2, width=256, height=256))
         capsys.readouterr()  # from here on: what challenges log
         dispatcher = net.coordinator.dispatcher
-        peer = _peer_of(dispatcher, node.wallet.address)
+        peer = peer_of(dispatcher, node.wallet.address)
         first, second = (im.job_id for im in result.images)
 
-        receipt = _receipt(dispatcher, first)
+        receipt = stored_receipt(dispatcher, first)
         assert receipt.trajectory_root != bytes(32) and receipt.steps_done == 3
         every_leaf = await dispatcher.challenge(peer, first, [0, 1, 2, 3], timeout=20)
         assert every_leaf.answer is not None, every_leaf.refused
@@ -84,7 +57,9 @@ async def test_an_honest_node_opens_its_steps_and_one_that_lost_them_refuses(
         drawn = choose_steps(receipt.steps_done, 1)
         assert (await dispatcher.challenge(peer, first, drawn, timeout=20)).fault(receipt) is None
         # asked of the wrong receipt (another job's root): the same honest openings fail
-        assert every_leaf.fault(_receipt(dispatcher, second)) == "the answer is for another job"
+        assert (
+            every_leaf.fault(stored_receipt(dispatcher, second)) == "the answer is for another job"
+        )
 
         out_of_range = await dispatcher.challenge(peer, first, [3, 4], timeout=20)
         assert out_of_range.answer is None
@@ -95,7 +70,7 @@ async def test_an_honest_node_opens_its_steps_and_one_that_lost_them_refuses(
         kept.unlink()  # expired, or lost with a disk
         lost = await dispatcher.challenge(peer, second, [1, 2], timeout=20)
         assert lost.answer is None
-        assert lost.fault(_receipt(dispatcher, second)) == (
+        assert lost.fault(stored_receipt(dispatcher, second)) == (
             "node refused: no trajectory kept for this job (expired or lost)"
         )
 
@@ -110,67 +85,6 @@ async def test_an_honest_node_opens_its_steps_and_one_that_lost_them_refuses(
     logs = capsys.readouterr()
     assert "challenge_answered" in logs.out + logs.err  # the node logs them, not the prompt
     assert "a red circle" not in logs.out + logs.err
-
-
-def _png(width: int, height: int) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _made_up_trajectory(steps: int, seed: int) -> Trajectory:
-    rec = TrajectoryRecorder()
-    gen = torch.Generator("cpu").manual_seed(seed)
-    for k in range(steps + 1):
-        rec.record(k, torch.randn((1, 4, 8, 8), generator=gen), timestep=None if k == 0 else 1.0)
-    return rec.finish()
-
-
-def _wire(t: Trajectory, step: int, tamper: bool = False) -> StepOpeningWire:
-    opening = t.open(step)
-    rec = opening.record
-    tensors = []
-    for name, arr in sorted(rec.tensors.items()):
-        data = arr.astype("<f4").tobytes()
-        if tamper and name == "latents":
-            data = (arr * 1.001).astype("<f4").tobytes()  # "close enough" latents
-        dtype: Any = rec.dtypes[name]
-        tensors.append(TensorEntry(name=name, dtype=dtype, shape=list(arr.shape), data=data))
-    return StepOpeningWire(
-        step=step,
-        tensors=tensors,
-        scalars=[ScalarEntry(name=n, value=v) for n, v in sorted(rec.scalars.items())],
-        proof=list(opening.proof),
-        n_leaves=opening.n_leaves,
-    )
-
-
-async def _rogue_result(net: Net, channel: Channel, acct: Any, committed: Trajectory) -> bytes:
-    """Take one job, 'render' it (a flat image) and get a receipt naming `committed`'s root."""
-    await channel.send(Ready(slots=1))
-    offer = await receive_skipping(channel, (Offer,))
-    p = offer.params
-    image = _png(p.width, p.height)
-    receipt = Receipt(
-        job_id=offer.offer.job_id,
-        offer_hash=eip712.offer_hash(net.domain, offer.offer),
-        worker=acct.address,
-        coordinator=offer.offer.coordinator,
-        model_id=offer.offer.model_id,
-        result_hash=hashlib.sha256(image).digest(),
-        steps_done=offer.offer.steps,
-        work_units=offer.offer.work_units,
-        price_factor_bps=offer.offer.price_factor_bps,
-        completed_at=int(time.time()),
-        trajectory_root=committed.root,
-    )
-    sig = eip712.sign_receipt(bytes(acct.key), net.domain, receipt)
-    meta = RenderMeta(backend="rogue", device="cpu", dtype="float32", threads=1)
-    result = Result(job_id=receipt.job_id, image=image, receipt=receipt, signature=sig, meta=meta)
-    await channel.send(result, limit=RESULT_FRAME_LIMIT)
-    ack = await receive_skipping(channel, (ResultAck,))
-    assert ack.accepted, ack.reason
-    return receipt.job_id
 
 
 async def _challenge_rogue(
@@ -193,49 +107,40 @@ async def _challenge_rogue(
     return results[0]
 
 
-async def _heartbeats(channel: Channel) -> None:
-    """What keeps a rogue's stream alive (the coordinator drops a silent node)."""
-    seq = 0
-    while True:
-        seq += 1
-        await channel.send(Heartbeat(seq=seq))
-        await trio.sleep(0.5)
-
-
 async def test_a_rogue_answering_with_other_latents_fails(net_factory: Any) -> None:
     async with (
         net_factory() as net,
         rogue_node(net) as (channel, acct),
         trio.open_nursery() as beats,
     ):
-        beats.start_soon(_heartbeats, channel)
-        committed = _made_up_trajectory(3, seed=11)
+        beats.start_soon(heartbeats, channel)
+        committed = made_up_trajectory(3, seed=11)
         async with trio.open_nursery() as nursery:  # a client, so there is a job to take
             nursery.start_soon(render, net.addr, tiny_request(1))
-            job_id = await _rogue_result(net, channel, acct, committed)
+            job_id = await rogue_result(net, channel, acct, committed)
             nursery.cancel_scope.cancel()
         dispatcher = net.coordinator.dispatcher
-        peer = _peer_of(dispatcher, acct.address)
-        receipt = _receipt(dispatcher, job_id)
+        peer = peer_of(dispatcher, acct.address)
+        receipt = stored_receipt(dispatcher, job_id)
         assert receipt.trajectory_root == committed.root
 
         def tampered(c: Challenge) -> ChallengeAnswer:
             return ChallengeAnswer(
-                job_id=c.job_id, openings=[_wire(committed, 1, True), _wire(committed, 2)]
+                job_id=c.job_id, openings=[wire(committed, 1, True), wire(committed, 2)]
             )
 
         res = await _challenge_rogue(dispatcher, peer, job_id, channel, tampered)
         assert res.fault(receipt) == "step 1 does not match the committed trajectory root"
 
         def another_run(c: Challenge) -> ChallengeAnswer:  # latents made up after the ask
-            fresh = _made_up_trajectory(3, seed=12)
-            return ChallengeAnswer(job_id=c.job_id, openings=[_wire(fresh, k) for k in c.steps])
+            fresh = made_up_trajectory(3, seed=12)
+            return ChallengeAnswer(job_id=c.job_id, openings=[wire(fresh, k) for k in c.steps])
 
         res = await _challenge_rogue(dispatcher, peer, job_id, channel, another_run)
         assert res.fault(receipt) == "step 1 does not match the committed trajectory root"
 
         def one_missing(c: Challenge) -> ChallengeAnswer:
-            return ChallengeAnswer(job_id=c.job_id, openings=[_wire(committed, 1)])
+            return ChallengeAnswer(job_id=c.job_id, openings=[wire(committed, 1)])
 
         res = await _challenge_rogue(dispatcher, peer, job_id, channel, one_missing)
         assert res.fault(receipt) == "asked for steps [1, 2], opened [1]"
@@ -243,7 +148,7 @@ async def test_a_rogue_answering_with_other_latents_fails(net_factory: Any) -> N
         # Faithful openings of made-up latents pass: this check proves commitment, not
         # honest steps (the verifier's re-render of step 2 from leaf 1 is what catches it).
         def faithful(c: Challenge) -> ChallengeAnswer:
-            return ChallengeAnswer(job_id=c.job_id, openings=[_wire(committed, k) for k in c.steps])
+            return ChallengeAnswer(job_id=c.job_id, openings=[wire(committed, k) for k in c.steps])
 
         res = await _challenge_rogue(dispatcher, peer, job_id, channel, faithful)
         assert res.fault(receipt) is None

@@ -11,17 +11,12 @@ will not verify).
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import trio
 
 from sogni_app.api import render
-from sogni_coordinator.verification_config import VerificationConfig
-from sogni_node.render.trajectory import Trajectory, TrajectoryRecorder
 from sogni_protocol import eip712
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
 from sogni_protocol.messages import (
@@ -33,28 +28,12 @@ from sogni_protocol.messages import (
 )
 
 from .conftest import receive_skipping, rogue_node, tiny_request
-from .test_challenge import _heartbeats, _rogue_result, _wire
+from .rogue_kit import EVERY, checks_of, heartbeats, made_up_trajectory, rogue_result, wire
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
-EVERY = VerificationConfig(rate=1.0, challenge_timeout=30.0, verify_timeout=30.0)
-
-
 LATENTS = (1, 4, 16, 16)
 """The tiny model's latent for 64 x 64 (its VAE downsamples by 4)."""
-
-
-def _made_up_trajectory(steps: int, seed: int, shape: tuple[int, ...]) -> Trajectory:
-    rec = TrajectoryRecorder()
-    gen = torch.Generator("cpu").manual_seed(seed)
-    for k in range(steps + 1):
-        rec.record(k, torch.randn(shape, generator=gen), timestep=None if k == 0 else 1.0)
-    return rec.finish()
-
-
-def _checks(tmp: Path) -> list[dict[str, Any]]:
-    path = tmp / "coordinator" / "verifications.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 async def test_honest_nodes_pass_every_check_and_every_image_is_delivered(
@@ -67,7 +46,7 @@ async def test_honest_nodes_pass_every_check_and_every_image_is_delivered(
             result = await render(net.addr, tiny_request(4))
         assert len(result.images) == 4
         dispatcher = net.coordinator.dispatcher
-        checks = _checks(net.tmp)
+        checks = checks_of(net.tmp)
         assert len(checks) == 4
         assert all(c["verdict"] == "pass" for c in checks), checks
         for c in checks:
@@ -92,7 +71,7 @@ async def test_a_rogue_worker_is_caught_unpaid_and_its_job_rendered_again(
         rogue_node(net) as (channel, acct),
         trio.open_nursery() as beats,
     ):
-        beats.start_soon(_heartbeats, channel)
+        beats.start_soon(heartbeats, channel)
         dispatcher = net.coordinator.dispatcher
         results: list[Any] = []
 
@@ -105,8 +84,8 @@ async def test_a_rogue_worker_is_caught_unpaid_and_its_job_rendered_again(
                 # "rendered" without the model: noise of the job's latent size, or (malformed)
                 # latents of another size, which the verifier cannot even re-run
                 shape = (1, 4, 8, 8) if rogue == "malformed_leaves" else LATENTS
-                committed = _made_up_trajectory(3, seed=11, shape=shape)
-                job_id = await _rogue_result(net, channel, acct, committed)
+                committed = made_up_trajectory(3, seed=11, shape=shape)
+                job_id = await rogue_result(net, channel, acct, committed)
                 assert dispatcher.store.check_state(job_id) == "pending"
                 challenge = await receive_skipping(channel, (Challenge,))
                 honest = await net.add_node(backend, "honest")  # the verifier, then worker
@@ -115,7 +94,7 @@ async def test_a_rogue_worker_is_caught_unpaid_and_its_job_rendered_again(
                 if rogue == "refuses_to_reveal":
                     answer: Any = ChallengeRefused(job_id=job_id, reason="not telling")
                 else:  # faithful openings of what it committed: the Merkle check passes
-                    openings = [_wire(committed, k) for k in challenge.steps]
+                    openings = [wire(committed, k) for k in challenge.steps]
                     answer = ChallengeAnswer(job_id=job_id, openings=openings)
                 await channel.send(answer, limit=RESULT_FRAME_LIMIT)
                 # the honest node renders the job again; the rogue, the only other wallet,
@@ -137,7 +116,7 @@ async def test_a_rogue_worker_is_caught_unpaid_and_its_job_rendered_again(
         assert dispatcher.reputation.get(honest.wallet.address).strikes == []
         payable = [r.receipt.worker for r in dispatcher.store.unsettled_receipts()]
         assert [w.lower() for w in payable] == [honest.wallet.address.lower()]
-        failed, released = _checks(net.tmp)
+        failed, released = checks_of(net.tmp)
         assert failed["verdict"] == "fail" and eip712.same_address(failed["worker"], acct.address)
         if rogue == "made_up_latents":
             assert eip712.same_address(failed["verifier"], honest.wallet.address)

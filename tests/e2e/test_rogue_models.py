@@ -29,11 +29,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
-import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -64,18 +62,13 @@ from sogni_protocol.messages import (
 )
 
 from .conftest import MODEL, Net, NodeHandle, receive_skipping, rogue_node, tiny_request
-from .test_challenge import _heartbeats, _wire
+from .rogue_kit import checks_of, heartbeats, wire
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 
 def _policy(pairs: int) -> VerificationConfig:
     return VerificationConfig(rate=1.0, pairs=pairs, challenge_timeout=30.0, verify_timeout=30.0)
-
-
-def _checks(tmp: Path) -> list[dict[str, Any]]:
-    path = tmp / "coordinator" / "verifications.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +232,7 @@ async def _rogue_is_caught(
         rogue_node(net) as (channel, acct),
         trio.open_nursery() as beats,
     ):
-        beats.start_soon(_heartbeats, channel)
+        beats.start_soon(heartbeats, channel)
         dispatcher = net.coordinator.dispatcher
         results: list[Any] = []
 
@@ -255,7 +248,7 @@ async def _rogue_is_caught(
                 honest = await net.add_node(backend, "honest")
                 while len(dispatcher.nodes) < 2:
                     await trio.sleep(0.05)
-                openings = [_wire(committed, k) for k in challenge.steps]  # faithful
+                openings = [wire(committed, k) for k in challenge.steps]  # faithful
                 answer = ChallengeAnswer(job_id=job_id, openings=openings)
                 await channel.send(answer, limit=RESULT_FRAME_LIMIT)
                 ask = await receive_skipping(
@@ -273,7 +266,7 @@ async def _rogue_is_caught(
         assert dispatcher.reputation.get(honest.wallet.address).strikes == []
         payable = [r.receipt.worker for r in dispatcher.store.unsettled_receipts()]
         assert [w.lower() for w in payable] == [honest.wallet.address.lower()]
-        failed, released = _checks(net.tmp)
+        failed, released = checks_of(net.tmp)
         assert failed["verdict"] == "fail" and eip712.same_address(failed["worker"], acct.address)
         assert eip712.same_address(failed["verifier"], honest.wallet.address)
         assert "over 5e-05" in reason
@@ -350,7 +343,7 @@ async def _lazy_check(net_factory: Any, backend: Any, answer: str) -> dict[str, 
         rogue_node(net) as (channel, acct),  # never Ready: it takes no job, only checks
         trio.open_nursery() as beats,
     ):
-        beats.start_soon(_heartbeats, channel)
+        beats.start_soon(heartbeats, channel)
         dispatcher = net.coordinator.dispatcher
         honest = await net.add_node(backend, "honest")
         with trio.fail_after(60):
@@ -365,10 +358,10 @@ async def _lazy_check(net_factory: Any, backend: Any, answer: str) -> dict[str, 
                 await channel.send(
                     StepVerified(check_id=ask.check_id, latents=lazy), limit=RESULT_FRAME_LIMIT
                 )
-                while not _checks(net.tmp):
+                while not checks_of(net.tmp):
                     await trio.sleep(0.05)
                 nursery.cancel_scope.cancel()
-        (check,) = _checks(net.tmp)
+        (check,) = checks_of(net.tmp)
         beats.cancel_scope.cancel()
         return {
             **check,

@@ -12,9 +12,7 @@ struck, and the honest node renders the job again.
 from __future__ import annotations
 
 import hashlib
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -22,7 +20,6 @@ import pytest
 import trio
 
 from sogni_app.api import render
-from sogni_coordinator.verification_config import VerificationConfig
 from sogni_coordinator.verifiers import SEED_TOLERANCE
 from sogni_net import Channel
 from sogni_node.render.diffusers_backend import DiffusersBackend
@@ -46,16 +43,9 @@ from sogni_protocol.messages import (
 )
 
 from .conftest import Net, receive_skipping, rogue_node, tiny_request
-from .test_challenge import _heartbeats, _wire
+from .rogue_kit import EVERY, checks_of, heartbeats, wire
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-EVERY = VerificationConfig(rate=1.0, challenge_timeout=30.0, verify_timeout=30.0)
-
-
-def _checks(tmp: Path) -> list[dict[str, Any]]:
-    path = tmp / "coordinator" / "verifications.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _spy_replies(monkeypatch: pytest.MonkeyPatch, net: Net) -> list[StepVerified]:
@@ -123,7 +113,7 @@ async def _open(channel: Channel, job_id: bytes, committed: Trajectory) -> list[
     """Answer the coordinator's challenge faithfully; the steps it asked for."""
     challenge = await receive_skipping(channel, (Challenge,))
     assert challenge.job_id == job_id
-    openings = [_wire(committed, k) for k in challenge.steps]
+    openings = [wire(committed, k) for k in challenge.steps]
     await channel.send(ChallengeAnswer(job_id=job_id, openings=openings), limit=RESULT_FRAME_LIMIT)
     return list(challenge.steps)
 
@@ -138,7 +128,7 @@ async def test_honest_nodes_pass_the_seed_check(
         with trio.fail_after(120):
             result = await render(net.addr, tiny_request(2, scheduler="euler_a"))
         assert len(result.images) == 2
-        checks = _checks(net.tmp)
+        checks = checks_of(net.tmp)
         assert [c["verdict"] for c in checks] == ["pass", "pass"], checks
         # one seed comparison per check (step 1, k = 0), each exact: the measured d0
         starts = [r.start_distance for r in replies if r.start_distance is not None]
@@ -155,7 +145,7 @@ async def test_a_rogue_with_the_wrong_start_is_caught_and_its_job_rendered_again
         rogue_node(net) as (channel, acct),
         trio.open_nursery() as beats,
     ):
-        beats.start_soon(_heartbeats, channel)
+        beats.start_soon(heartbeats, channel)
         dispatcher = net.coordinator.dispatcher
         request = tiny_request(1, scheduler="euler")
         results: list[Any] = []
@@ -195,7 +185,7 @@ async def test_a_rogue_with_the_wrong_start_is_caught_and_its_job_rendered_again
                 honest = await net.add_node(backend, "honest")  # the verifier, then worker
                 while len(dispatcher.nodes) < 2:
                     await trio.sleep(0.05)
-                openings = [_wire(committed, k) for k in challenge.steps]
+                openings = [wire(committed, k) for k in challenge.steps]
                 answer = ChallengeAnswer(job_id=job_id, openings=openings)
                 await channel.send(answer, limit=RESULT_FRAME_LIMIT)
                 # the honest node renders the job again; the rogue, the only other wallet,
@@ -218,7 +208,7 @@ async def test_a_rogue_with_the_wrong_start_is_caught_and_its_job_rendered_again
         for r in payable:
             if r.job_id == job_id:
                 assert eip712.same_address(r.worker, honest.wallet.address)
-        *_, failed, released = _checks(net.tmp)
+        *_, failed, released = checks_of(net.tmp)
         assert failed["verdict"] == "fail" and failed["step"] == 0
         assert eip712.same_address(failed["verifier"], honest.wallet.address)
         assert failed["tolerance"] == SEED_TOLERANCE

@@ -19,31 +19,20 @@ from sogni_coordinator.dispatch import Dispatcher
 from sogni_coordinator.verifiers import StepVerdict, verify_step
 from sogni_protocol import eip712
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT
-from sogni_protocol.messages import JobParams, Receipt, StepOpeningWire, encode, job_params
+from sogni_protocol.messages import JobParams, StepOpeningWire, encode, job_params
 
 from .conftest import tiny_request
+from .rogue_kit import peer_of, stored_receipt
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 PROMPT = "a red circle"  # tiny_request's prompt: it must never reach a log
 
 
-def _peer_of(dispatcher: Dispatcher, wallet: str) -> str:
-    peers = [p for p, link in dispatcher.nodes.items() if eip712.same_address(link.wallet, wallet)]
-    assert len(peers) == 1
-    return peers[0]
-
-
-def _receipt(dispatcher: Dispatcher, job_id: bytes) -> Receipt:
-    stored = dispatcher.store.receipt(job_id)
-    assert stored is not None
-    return stored.receipt
-
-
 async def _open(dispatcher: Dispatcher, job_id: bytes, leaves: list[int]) -> list[StepOpeningWire]:
     """Challenge the job's worker for `leaves`; the answer must open its receipt's root."""
-    receipt = _receipt(dispatcher, job_id)
-    peer = _peer_of(dispatcher, receipt.worker)
+    receipt = stored_receipt(dispatcher, job_id)
+    peer = peer_of(dispatcher, receipt.worker)
     res = await dispatcher.challenge(peer, job_id, leaves, timeout=20)
     assert res.answer is not None, res.refused
     assert res.fault(receipt) is None
@@ -62,8 +51,8 @@ async def test_another_wallets_node_re_runs_a_challenged_step(
         dispatcher = net.coordinator.dispatcher
         first, second = (im.job_id for im in result.images)
         params: JobParams = job_params(request, 0)
-        worker = _receipt(dispatcher, first).worker
-        worker_peer = _peer_of(dispatcher, worker)
+        worker = stored_receipt(dispatcher, first).worker
+        worker_peer = peer_of(dispatcher, worker)
         leaves = await _open(dispatcher, first, [0, 1, 2])
 
         async def verify(k: int, nxt: StepOpeningWire, timeout: float = 30) -> StepVerdict:
@@ -144,7 +133,7 @@ async def test_a_leaf_above_a_control_frame_travels(net_factory: Any, backend: A
                 dispatcher,
                 params=job_params(request, 0),
                 scheduler="",
-                worker=_receipt(dispatcher, job_id).worker,
+                worker=stored_receipt(dispatcher, job_id).worker,
                 opening_k=leaves[0],
                 opening_next=leaves[1],
                 dtype=backend.dtype_name,

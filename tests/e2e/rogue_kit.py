@@ -1,0 +1,129 @@
+"""Shared pieces of the rogue-node and verification tests: what a rogue sends (a flat image,
+made-up but correctly committed trajectories, faithful openings), how its stream stays alive,
+and where the coordinator's check log is."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import trio
+from PIL import Image
+
+from sogni_coordinator.dispatch import Dispatcher
+from sogni_coordinator.verification_config import VerificationConfig
+from sogni_net import Channel
+from sogni_node.render.trajectory import Trajectory, TrajectoryRecorder
+from sogni_protocol import eip712
+from sogni_protocol.ids import RESULT_FRAME_LIMIT
+from sogni_protocol.messages import (
+    Heartbeat,
+    Offer,
+    Ready,
+    Receipt,
+    RenderMeta,
+    Result,
+    ResultAck,
+    ScalarEntry,
+    StepOpeningWire,
+    TensorEntry,
+)
+
+from .conftest import Net, receive_skipping
+
+EVERY = VerificationConfig(rate=1.0, challenge_timeout=30.0, verify_timeout=30.0)
+"""Check every receipt."""
+
+
+def checks_of(tmp: Path) -> list[dict[str, Any]]:
+    """The coordinator's `verifications.jsonl`, one dict per check."""
+    path = tmp / "coordinator" / "verifications.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def peer_of(dispatcher: Dispatcher, wallet: str) -> str:
+    peers = [p for p, link in dispatcher.nodes.items() if eip712.same_address(link.wallet, wallet)]
+    assert len(peers) == 1
+    return peers[0]
+
+
+def stored_receipt(dispatcher: Dispatcher, job_id: bytes) -> Receipt:
+    stored = dispatcher.store.receipt(job_id)
+    assert stored is not None
+    return stored.receipt
+
+
+def png(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def made_up_trajectory(steps: int, seed: int, shape: tuple[int, ...] = (1, 4, 8, 8)) -> Trajectory:
+    """A correctly committed trajectory of noise: every Merkle proof holds, no step is real."""
+    rec = TrajectoryRecorder()
+    gen = torch.Generator("cpu").manual_seed(seed)
+    for k in range(steps + 1):
+        rec.record(k, torch.randn(shape, generator=gen), timestep=None if k == 0 else 1.0)
+    return rec.finish()
+
+
+def wire(t: Trajectory, step: int, tamper: bool = False) -> StepOpeningWire:
+    opening = t.open(step)
+    rec = opening.record
+    tensors = []
+    for name, arr in sorted(rec.tensors.items()):
+        data = arr.astype("<f4").tobytes()
+        if tamper and name == "latents":
+            data = (arr * 1.001).astype("<f4").tobytes()  # "close enough" latents
+        dtype: Any = rec.dtypes[name]
+        tensors.append(TensorEntry(name=name, dtype=dtype, shape=list(arr.shape), data=data))
+    return StepOpeningWire(
+        step=step,
+        tensors=tensors,
+        scalars=[ScalarEntry(name=n, value=v) for n, v in sorted(rec.scalars.items())],
+        proof=list(opening.proof),
+        n_leaves=opening.n_leaves,
+    )
+
+
+async def rogue_result(net: Net, channel: Channel, acct: Any, committed: Trajectory) -> bytes:
+    """Take one job, 'render' it (a flat image) and get a receipt naming `committed`'s root."""
+    await channel.send(Ready(slots=1))
+    offer = await receive_skipping(channel, (Offer,))
+    p = offer.params
+    image = png(p.width, p.height)
+    receipt = Receipt(
+        job_id=offer.offer.job_id,
+        offer_hash=eip712.offer_hash(net.domain, offer.offer),
+        worker=acct.address,
+        coordinator=offer.offer.coordinator,
+        model_id=offer.offer.model_id,
+        result_hash=hashlib.sha256(image).digest(),
+        steps_done=offer.offer.steps,
+        work_units=offer.offer.work_units,
+        price_factor_bps=offer.offer.price_factor_bps,
+        completed_at=int(time.time()),
+        trajectory_root=committed.root,
+    )
+    sig = eip712.sign_receipt(bytes(acct.key), net.domain, receipt)
+    meta = RenderMeta(backend="rogue", device="cpu", dtype="float32", threads=1)
+    result = Result(job_id=receipt.job_id, image=image, receipt=receipt, signature=sig, meta=meta)
+    await channel.send(result, limit=RESULT_FRAME_LIMIT)
+    ack = await receive_skipping(channel, (ResultAck,))
+    assert ack.accepted, ack.reason
+    return receipt.job_id
+
+
+async def heartbeats(channel: Channel) -> None:
+    """What keeps a rogue's stream alive (the coordinator drops a silent node)."""
+    seq = 0
+    while True:
+        seq += 1
+        await channel.send(Heartbeat(seq=seq))
+        await trio.sleep(0.5)
