@@ -19,9 +19,10 @@ canonical (sorted keys, no whitespace) so the same batch always hashes the same.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import msgspec
+import msgspec.inspect
 from eth_hash.auto import keccak
 
 from sogni_protocol.messages import JobOffer, Receipt
@@ -58,6 +59,29 @@ def _unhex(s: str) -> bytes:
     return bytes.fromhex(s[2:] if s.startswith(("0x", "0X")) else s)
 
 
+_Signed = TypeVar("_Signed", JobOffer, Receipt)
+
+
+def _as_record(signed: JobOffer | Receipt) -> dict[str, Any]:
+    """The fields of a signed offer or receipt as published: bytes as 0x-hex, the rest as is."""
+    out: dict[str, Any] = {}
+    for name in signed.__struct_fields__:
+        value = getattr(signed, name)
+        out[name] = _hex(value) if isinstance(value, bytes) else value
+    return out
+
+
+def _from_record(cls: type[_Signed], record: msgspec.Struct) -> _Signed:
+    """`cls` rebuilt from a published record holding its fields (0x-hex for bytes fields)."""
+    info = msgspec.inspect.type_info(cls)
+    assert isinstance(info, msgspec.inspect.StructType)
+    fields: dict[str, Any] = {}
+    for f in info.fields:
+        value = getattr(record, f.name)
+        fields[f.name] = _unhex(value) if isinstance(f.type, msgspec.inspect.BytesType) else value
+    return cls(**fields)
+
+
 class OfferRecord(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     """The coordinator-signed offer a receipt answers (its EIP-712 fields and signature)."""
 
@@ -75,19 +99,7 @@ class OfferRecord(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     signature: str
 
     def offer(self) -> JobOffer:
-        return JobOffer(
-            job_id=_unhex(self.job_id),
-            coordinator=self.coordinator,
-            model_id=self.model_id,
-            params_hash=_unhex(self.params_hash),
-            steps=self.steps,
-            width=self.width,
-            height=self.height,
-            seed=self.seed,
-            work_units=self.work_units,
-            deadline=self.deadline,
-            price_factor_bps=self.price_factor_bps,
-        )
+        return _from_record(JobOffer, self)
 
     @property
     def signature_bytes(self) -> bytes:
@@ -95,20 +107,7 @@ class OfferRecord(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
 
     @classmethod
     def of(cls, offer: JobOffer, signature: bytes) -> OfferRecord:
-        return cls(
-            job_id=_hex(offer.job_id),
-            coordinator=offer.coordinator,
-            model_id=offer.model_id,
-            params_hash=_hex(offer.params_hash),
-            steps=offer.steps,
-            width=offer.width,
-            height=offer.height,
-            seed=offer.seed,
-            work_units=offer.work_units,
-            deadline=offer.deadline,
-            price_factor_bps=offer.price_factor_bps,
-            signature=_hex(signature),
-        )
+        return cls(**_as_record(offer), signature=_hex(signature))
 
 
 class PayerAuthorization(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
@@ -167,19 +166,7 @@ class BatchEntry(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     creator_amount: str
 
     def receipt(self) -> Receipt:
-        return Receipt(
-            job_id=_unhex(self.job_id),
-            offer_hash=_unhex(self.offer_hash),
-            worker=self.worker,
-            coordinator=self.coordinator,
-            model_id=self.model_id,
-            result_hash=_unhex(self.result_hash),
-            steps_done=self.steps_done,
-            work_units=self.work_units,
-            completed_at=self.completed_at,
-            price_factor_bps=self.price_factor_bps,
-            trajectory_root=_unhex(self.trajectory_root),
-        )
+        return _from_record(Receipt, self)
 
     @property
     def signature_bytes(self) -> bytes:
@@ -201,17 +188,7 @@ class BatchEntry(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
         creator_amount: int,
     ) -> BatchEntry:
         return cls(
-            job_id=_hex(receipt.job_id),
-            offer_hash=_hex(receipt.offer_hash),
-            worker=receipt.worker,
-            coordinator=receipt.coordinator,
-            model_id=receipt.model_id,
-            result_hash=_hex(receipt.result_hash),
-            steps_done=receipt.steps_done,
-            work_units=receipt.work_units,
-            completed_at=receipt.completed_at,
-            price_factor_bps=receipt.price_factor_bps,
-            trajectory_root=_hex(receipt.trajectory_root),
+            **_as_record(receipt),
             signature=_hex(signature),
             offer=offer,
             settlement=settlement,
