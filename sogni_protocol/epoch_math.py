@@ -27,6 +27,7 @@ from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.epoch_files import BatchEntry, PayerSettlement, Payout, ReceiptsBatch
 from sogni_protocol.errors import SignatureError
+from sogni_protocol.messages import JobOffer, Receipt
 from sogni_protocol.payout_rules import BPS, PayoutRules, Split
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "entry_problem",
     "expected_charge",
     "free_value",
+    "mispriced",
     "paid_value",
     "payouts",
     "scale_free",
@@ -96,6 +98,16 @@ def expected_charge(work_units: int, price_factor_bps: int, steps_done: int, ste
     price = Fraction(work_units * MICRO, WORK_UNITS_PER_SPARK) * Fraction(price_factor_bps, BPS)
     per_image = int((price * 2 + 1) // 2)  # round half up, as pricing does
     return per_image * max(0, min(steps_done, steps)) // steps
+
+
+def mispriced(offer: JobOffer, receipt: Receipt, paid: PayerSettlement) -> int | None:
+    """What the signed offer prices the job at (micro-Spark) when the payer's settlement is
+    worth something else; None when they agree (SOGNI's Spark value may be off by rounding)."""
+    charged = expected_charge(
+        offer.work_units, offer.price_factor_bps, receipt.steps_done, offer.steps
+    )
+    slack = 0 if paid.token_type == "spark" else 1
+    return charged if abs(paid.spark_equiv - charged) > slack else None
 
 
 def earned_by_account(entries: Iterable[BatchEntry]) -> dict[str, int]:
@@ -184,11 +196,8 @@ def entry_problem(batch: ReceiptsBatch, e: BatchEntry) -> str | None:
         offer.work_units * receipt.steps_done // offer.steps
     ):
         return "the receipt's steps or work units do not follow from its offer"
-    charged = expected_charge(
-        offer.work_units, offer.price_factor_bps, receipt.steps_done, offer.steps
-    )
-    slack = 0 if e.settlement.token_type == "spark" else 1
-    if abs(e.settlement.spark_equiv - charged) > slack:
+    charged = mispriced(offer, receipt, e.settlement)
+    if charged is not None:
         return (
             f"the payer's settlement is worth {e.settlement.spark_equiv} micro-Spark, "
             f"the offer prices it at {charged}"

@@ -315,11 +315,8 @@ class Settler:
             return "the receipt's price factor differs from its offer's"
         if paid_for is None:
             return None  # the caller tells "queued in the ledger" from "no payer"
-        charged = epoch_math.expected_charge(
-            s.offer.work_units, s.offer.price_factor_bps, receipt.steps_done, s.offer.steps
-        )
-        slack = 0 if paid_for.token_type == "spark" else 1  # SOGNI's Spark value is rounded
-        if abs(paid_for.spark_equiv - charged) > slack:
+        charged = epoch_math.mispriced(s.offer, receipt, paid_for)
+        if charged is not None:
             return (
                 f"the payer was charged {paid_for.spark_equiv} micro-Spark for it, not the "
                 f"{charged} its offer prices"
