@@ -92,12 +92,26 @@ def wire(t: Trajectory, step: int, tamper: bool = False) -> StepOpeningWire:
     )
 
 
-async def rogue_result(net: Net, channel: Channel, acct: Any, committed: Trajectory) -> bytes:
-    """Take one job, 'render' it (a flat image) and get a receipt naming `committed`'s root."""
+async def take_offer(channel: Channel) -> Offer:
+    """Ask for one job and take the offer."""
     await channel.send(Ready(slots=1))
-    offer = await receive_skipping(channel, (Offer,))
-    p = offer.params
-    image = png(p.width, p.height)
+    offer: Offer = await receive_skipping(channel, (Offer,))
+    return offer
+
+
+async def submit_result(
+    net: Net,
+    channel: Channel,
+    acct: Any,
+    offer: Offer,
+    image: bytes,
+    committed: Trajectory,
+    *,
+    dtype: str = "float32",
+    backend: str = "rogue",
+) -> bytes:
+    """Sign a receipt for `offer` naming `image` and `committed`'s root, send it and see it
+    accepted; the job id."""
     receipt = Receipt(
         job_id=offer.offer.job_id,
         offer_hash=eip712.offer_hash(net.domain, offer.offer),
@@ -112,12 +126,19 @@ async def rogue_result(net: Net, channel: Channel, acct: Any, committed: Traject
         trajectory_root=committed.root,
     )
     sig = eip712.sign_receipt(bytes(acct.key), net.domain, receipt)
-    meta = RenderMeta(backend="rogue", device="cpu", dtype="float32", threads=1)
+    meta = RenderMeta(backend=backend, device="cpu", dtype=dtype, threads=1)
     result = Result(job_id=receipt.job_id, image=image, receipt=receipt, signature=sig, meta=meta)
     await channel.send(result, limit=RESULT_FRAME_LIMIT)
     ack = await receive_skipping(channel, (ResultAck,))
     assert ack.accepted, ack.reason
     return receipt.job_id
+
+
+async def rogue_result(net: Net, channel: Channel, acct: Any, committed: Trajectory) -> bytes:
+    """Take one job, 'render' it (a flat image) and get a receipt naming `committed`'s root."""
+    offer = await take_offer(channel)
+    image = png(offer.params.width, offer.params.height)
+    return await submit_result(net, channel, acct, offer, image, committed)
 
 
 async def heartbeats(channel: Channel) -> None:

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -49,12 +47,6 @@ from sogni_protocol.ids import RESULT_FRAME_LIMIT
 from sogni_protocol.messages import (
     Challenge,
     ChallengeAnswer,
-    Offer,
-    Ready,
-    Receipt,
-    RenderMeta,
-    Result,
-    ResultAck,
     StepVerified,
     TensorEntry,
     VerifyRefused,
@@ -62,7 +54,7 @@ from sogni_protocol.messages import (
 )
 
 from .conftest import MODEL, Net, NodeHandle, receive_skipping, rogue_node, tiny_request
-from .rogue_kit import checks_of, heartbeats, wire
+from .rogue_kit import checks_of, heartbeats, submit_result, take_offer, wire
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -171,8 +163,7 @@ async def _rogue_renders(
 ) -> tuple[bytes, Trajectory]:
     """Take one job, render it on the rogue's engine under `cheat` (then `edit` what it
     commits), and get a receipt naming the served model and the committed root."""
-    await channel.send(Ready(slots=1))
-    offer = await receive_skipping(channel, (Offer,))
+    offer = await take_offer(channel)
     job = _render_job(offer.params, None)
 
     def run() -> Any:
@@ -182,28 +173,10 @@ async def _rogue_renders(
     out = await trio.to_thread.run_sync(run)
     assert out.trajectory is not None and out.steps_done == offer.offer.steps
     committed = edit(out.trajectory) if edit is not None else out.trajectory
-    receipt = Receipt(
-        job_id=offer.offer.job_id,
-        offer_hash=eip712.offer_hash(net.domain, offer.offer),
-        worker=acct.address,
-        coordinator=offer.offer.coordinator,
-        model_id=offer.offer.model_id,
-        result_hash=hashlib.sha256(out.image).digest(),
-        steps_done=out.steps_done,
-        work_units=offer.offer.work_units,
-        price_factor_bps=offer.offer.price_factor_bps,
-        completed_at=int(time.time()),
-        trajectory_root=committed.root,
+    job_id = await submit_result(
+        net, channel, acct, offer, out.image, committed, dtype=out.dtype, backend=out.backend
     )
-    sig = eip712.sign_receipt(bytes(acct.key), net.domain, receipt)
-    meta = RenderMeta(backend=out.backend, device="cpu", dtype=out.dtype, threads=1)
-    result = Result(
-        job_id=receipt.job_id, image=out.image, receipt=receipt, signature=sig, meta=meta
-    )
-    await channel.send(result, limit=RESULT_FRAME_LIMIT)
-    ack = await receive_skipping(channel, (ResultAck,))
-    assert ack.accepted, ack.reason
-    return receipt.job_id, committed
+    return job_id, committed
 
 
 @dataclass

@@ -11,8 +11,6 @@ struck, and the honest node renders the job again.
 
 from __future__ import annotations
 
-import hashlib
-import time
 from typing import Any
 
 import msgspec
@@ -31,19 +29,13 @@ from sogni_protocol.messages import (
     Challenge,
     ChallengeAnswer,
     JobParams,
-    Offer,
-    Ready,
-    Receipt,
-    RenderMeta,
-    Result,
-    ResultAck,
     StepVerified,
     VerifyRefused,
     VerifyStep,
 )
 
 from .conftest import Net, receive_skipping, rogue_node, tiny_request
-from .rogue_kit import EVERY, checks_of, heartbeats, wire
+from .rogue_kit import EVERY, checks_of, heartbeats, submit_result, take_offer, wire
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -69,44 +61,6 @@ async def _render(backend: DiffusersBackend, params: JobParams) -> tuple[bytes, 
     out = await trio.to_thread.run_sync(backend.render, job, lambda _: None, lambda: False)
     assert out.trajectory is not None
     return out.image, out.trajectory
-
-
-async def _take(channel: Channel) -> Offer:
-    await channel.send(Ready(slots=1))
-    offer: Offer = await receive_skipping(channel, (Offer,))
-    return offer
-
-
-async def _submit(
-    net: Net,
-    channel: Channel,
-    acct: Any,
-    offer: Offer,
-    image: bytes,
-    committed: Trajectory,
-    dtype: str,
-) -> bytes:
-    """A receipt for `offer` naming `image` and `committed`'s root; the job id."""
-    receipt = Receipt(
-        job_id=offer.offer.job_id,
-        offer_hash=eip712.offer_hash(net.domain, offer.offer),
-        worker=acct.address,
-        coordinator=offer.offer.coordinator,
-        model_id=offer.offer.model_id,
-        result_hash=hashlib.sha256(image).digest(),
-        steps_done=offer.offer.steps,
-        work_units=offer.offer.work_units,
-        price_factor_bps=offer.offer.price_factor_bps,
-        completed_at=int(time.time()),
-        trajectory_root=committed.root,
-    )
-    sig = eip712.sign_receipt(bytes(acct.key), net.domain, receipt)
-    meta = RenderMeta(backend="diffusers", device="cpu", dtype=dtype, threads=1)
-    result = Result(job_id=receipt.job_id, image=image, receipt=receipt, signature=sig, meta=meta)
-    await channel.send(result, limit=RESULT_FRAME_LIMIT)
-    ack = await receive_skipping(channel, (ResultAck,))
-    assert ack.accepted, ack.reason
-    return receipt.job_id
 
 
 async def _open(channel: Channel, job_id: bytes, committed: Trajectory) -> list[int]:
@@ -159,25 +113,25 @@ async def test_a_rogue_with_the_wrong_start_is_caught_and_its_job_rendered_again
                 # the network its check is skipped (no other wallet) and it is delivered
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(client, msgspec.structs.replace(request, seed=5))
-                    older = await _take(channel)
+                    older = await take_offer(channel)
                     assert older.params.seed == 5
                     image, committed = await _render(backend, older.params)
-                    old_id = await _submit(
-                        net, channel, acct, older, image, committed, backend.dtype_name
+                    old_id = await submit_result(
+                        net, channel, acct, older, image, committed, dtype=backend.dtype_name
                     )
                     await _open(channel, old_id, committed)
                 assert dispatcher.store.check_state(old_id) == "skipped"
                 results.clear()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client, request)
-                offer = await _take(channel)
+                offer = await take_offer(channel)
                 assert offer.params.seed == 1
                 if rogue == "another_seed":  # every step real, from seed 2's noise
                     params = msgspec.structs.replace(offer.params, seed=2)
                     image, committed = await _render(backend, params)
                 # else: the older job's image and trajectory, replayed
-                job_id = await _submit(
-                    net, channel, acct, offer, image, committed, backend.dtype_name
+                job_id = await submit_result(
+                    net, channel, acct, offer, image, committed, dtype=backend.dtype_name
                 )
                 assert dispatcher.store.check_state(job_id) == "pending"
                 challenge = await receive_skipping(channel, (Challenge,))
