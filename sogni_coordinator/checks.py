@@ -97,6 +97,8 @@ class Outcome:
     distance: float | None = None
     tolerance: float | None = None
     strike: bool = True
+    evidence: bytes | None = None
+    """For a fail: what the check saw (`Store.failed_evidence` keeps it for a dispute)."""
 
 
 class _Dispatcher(Protocol):
@@ -118,7 +120,9 @@ class _Dispatcher(Protocol):
 
     async def check_passed(self, held: Held, verdict: str) -> None: ...
 
-    async def check_failed(self, held: Held, reason: str, *, strike: bool) -> None: ...
+    async def check_failed(
+        self, held: Held, reason: str, *, strike: bool, evidence: bytes | None = None
+    ) -> None: ...
 
 
 class Checks:
@@ -176,7 +180,9 @@ class Checks:
         self.pending.pop(held.job.job_id, None)
         self.write_log(held.job.job_id, held.worker, outcome)
         if outcome.verdict == "fail":
-            await self.dispatcher.check_failed(held, outcome.reason, strike=outcome.strike)
+            await self.dispatcher.check_failed(
+                held, outcome.reason, strike=outcome.strike, evidence=outcome.evidence
+            )
         else:
             await self.dispatcher.check_passed(held, outcome.verdict)
 

@@ -55,7 +55,7 @@ from sogni_coordinator.job_state import (
 )
 from sogni_coordinator.jobs import Job, NodeLink, RequestState
 from sogni_coordinator.prompt_crypto import new_key
-from sogni_coordinator.reputation import Reputation
+from sogni_coordinator.reputation import STRIKE_WINDOW, Reputation
 from sogni_coordinator.routing import Router
 from sogni_coordinator.store import Store
 from sogni_coordinator.verification_config import VerificationConfig
@@ -666,15 +666,23 @@ class Dispatcher:
         self._ended(job)
         self._save()
 
-    async def check_failed(self, held: Held, reason: str, *, strike: bool) -> None:
-        """The receipt becomes evidence (`failed_receipts`), nothing is charged, the worker
-        is struck, and the job goes back to the queue, away from that wallet if it can."""
+    async def check_failed(
+        self, held: Held, reason: str, *, strike: bool, evidence: bytes | None = None
+    ) -> None:
+        """The receipt becomes evidence (`failed_receipts`, with the check's `evidence`),
+        nothing is charged, the worker is struck, and the job goes back to the queue, away
+        from that wallet if it can. A wallet blacklisted by the strike gets a slash proposal
+        (`Store.propose_slash`), for the operator to sign offline with the settlement key."""
         job = held.job
-        await self.store.call(self.store.fail_held_receipt, job.job_id, reason)
+        await self.store.call(self.store.fail_held_receipt, job.job_id, reason, evidence)
         self.results.remove([held.path])
         log.warning("receipt_check_failed", job=job.job_id.hex()[:16], worker=held.worker)
         if strike and self.reputation.strike(held.worker):
             log.warning("worker_blacklisted", wallet=held.worker, reason=reason)
+            since = time.time() - STRIKE_WINDOW
+            failed = await self.store.call(self.store.failed_job_ids, held.worker, since)
+            why = f"{len(failed)} failed result checks within {STRIKE_WINDOW:g} s; last: {reason}"
+            await self.store.call(self.store.propose_slash, held.worker, why[:500], failed)
         self.excluded.setdefault(job.job_id, set()).add(held.worker.lower())
         if self._to(job, JobEvent.RELEASE) is JobState.CANCELLED:
             self._ended(job)

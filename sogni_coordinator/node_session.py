@@ -42,6 +42,7 @@ from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
     ChallengeAnswer,
     ChallengeRefused,
+    DecodeVerified,
     Goodbye,
     HandBack,
     Heartbeat,
@@ -55,6 +56,7 @@ from sogni_protocol.messages import (
     ResultAck,
     StepVerified,
     UnsupportedWireVersion,
+    VerifyDecode,
     VerifyRefused,
     VerifyStep,
     Welcome,
@@ -185,7 +187,7 @@ async def _writer(
                 msg = await outbox.receive()
             except trio.EndOfChannel:
                 return "node replaced or removed"
-            large = isinstance(msg, VerifyStep)  # a committed latent may pass 64 KiB
+            large = isinstance(msg, VerifyStep | VerifyDecode)  # latents may pass 64 KiB
             limit = RESULT_FRAME_LIMIT if large else CONTROL_FRAME_LIMIT
             await channel.send(msg, limit=limit, timeout=30.0)
             continue
@@ -211,7 +213,7 @@ async def _reader(channel: Channel, link: NodeLink, dispatcher: Dispatcher, time
             return f"node said goodbye: {msg.reason}"
         elif isinstance(msg, ChallengeAnswer | ChallengeRefused):
             dispatcher.challenges.answered(link.peer_id, msg)
-        elif isinstance(msg, StepVerified | VerifyRefused):
+        elif isinstance(msg, StepVerified | DecodeVerified | VerifyRefused):
             dispatcher.verifications.answered(link.peer_id, msg)
         elif isinstance(msg, Heartbeat):
             pass

@@ -9,7 +9,7 @@ dispatcher's trio thread, like everything it touches.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 import trio
 
@@ -42,7 +42,12 @@ class PendingReplies(Generic[Answer, Refusal]):
     ("node", "verifier"); `exclusive`: a second request for a waiting key is refused."""
 
     def __init__(
-        self, answer: type[Answer], refusal: type[Refusal], who: str, *, exclusive: bool
+        self,
+        answer: type[Answer] | tuple[type[Any], ...],
+        refusal: type[Refusal],
+        who: str,
+        *,
+        exclusive: bool,
     ) -> None:
         self._answer = answer
         self._refusal = refusal
@@ -82,7 +87,7 @@ class PendingReplies(Generic[Answer, Refusal]):
                 del self._waiting[slot]
         reply = waiting.reply
         if isinstance(reply, self._answer):
-            return reply
+            return reply  # type: ignore[return-value]
         if isinstance(reply, self._refusal):
             return f"{self._who} refused: {reply.reason}"
         if waiting.gone is not None:

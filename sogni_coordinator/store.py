@@ -167,12 +167,41 @@ PRAGMA user_version=5
 billed, delivered nor paid in an epoch; a failed one moves to `failed_receipts` (evidence,
 with the reason) and its job is queued again."""
 
+_V6_EVIDENCE_VERIFIERS_SLASHES = """
+ALTER TABLE failed_receipts ADD COLUMN evidence BLOB;
+CREATE TABLE verifier_work (
+    job_id       BLOB NOT NULL,
+    verifier     TEXT NOT NULL,
+    steps        INTEGER NOT NULL CHECK (steps > 0),
+    recorded_at  REAL NOT NULL
+);
+CREATE INDEX verifier_work_job ON verifier_work(job_id);
+CREATE TABLE slash_proposals (
+    id           INTEGER PRIMARY KEY AUTOINCREMENT,
+    wallet       TEXT NOT NULL,
+    reason       TEXT NOT NULL,
+    job_ids      BLOB NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('proposed', 'submitted', 'dismissed')),
+    proposed_at  REAL NOT NULL,
+    note         TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX slash_proposals_state ON slash_proposals(state);
+PRAGMA user_version=6
+"""
+"""Issue #12, consequences: a failed check keeps its evidence (the opened leaves, proofs and
+the verifiers' answers, `checks.Evidence`, MessagePack); each step a verifier node computed
+for a job is recorded, to be paid from the take when the job's receipt is settled
+(`verifier_work`); a wallet blacklisted for failed checks gets a slash proposal, which the
+operator signs offline with the settlement key (`slash_proposals`; `job_ids` is the
+MessagePack list of its failed receipts' job ids)."""
+
 MIGRATIONS = (
     _SCHEMA_V1,
     _V2_JOB_STATES,
     _V3_RESUME_AND_SEALED_PROMPTS,
     _V4_PUBLISHED_OFFERS,
     _V5_CHECKS,
+    _V6_EVIDENCE_VERIFIERS_SLASHES,
 )
 _NOT_HELD = "NOT EXISTS (SELECT 1 FROM checks c WHERE c.job_id = r.job_id AND c.state='pending')"
 """SQL: receipt `r` is not held by a pending check."""
@@ -182,6 +211,7 @@ _LIVE_SQL = "(" + ", ".join(sorted(f"'{s.value}'" for s in STORED_LIVE)) + ")"
 _receipt_decoder = msgspec.msgpack.Decoder(Receipt)
 _offer_decoder = msgspec.msgpack.Decoder(JobOffer)
 _params_decoder = msgspec.msgpack.Decoder(JobParams)
+_job_ids_decoder = msgspec.msgpack.Decoder(list[bytes])
 
 
 def _open_params(key: bytes | None, blob: bytes, job_id: bytes) -> JobParams:
@@ -224,6 +254,21 @@ class StoredReceipt:
     offer_signature: bytes | None = None
     index: int = 0
     """The job's image index in its request."""
+
+
+@dataclass(frozen=True)
+class SlashProposal:
+    """A wallet blacklisted for failed checks, proposed for a slash (`Store.propose_slash`)."""
+
+    id: int
+    wallet: str
+    reason: str
+    job_ids: list[bytes]
+    """The failed receipts behind it (their evidence is in `failed_receipts`)."""
+    state: str
+    """`proposed` (open), `submitted` or `dismissed`."""
+    proposed_at: float
+    note: str
 
 
 @dataclass(frozen=True)
@@ -457,23 +502,25 @@ class Store(Database):
             row = self._db.execute("SELECT state FROM checks WHERE job_id=?", (job_id,)).fetchone()
         return None if row is None else str(row[0])
 
-    def fail_held_receipt(self, job_id: bytes, reason: str) -> bool:
-        """A pending check failed: move the receipt to `failed_receipts` (with `reason`) and
-        put its job back to `queued`, so it can be rendered and receipted again. False if the
-        receipt was not held."""
+    def fail_held_receipt(self, job_id: bytes, reason: str, evidence: bytes | None = None) -> bool:
+        """A pending check failed: move the receipt to `failed_receipts` (with `reason` and
+        the check's `evidence`) and put its job back to `queued`, so it can be rendered and
+        receipted again. False if the receipt was not held."""
         with self._tx() as db:
-            return self._fail_held(db, job_id, reason)
+            return self._fail_held(db, job_id, reason, evidence)
 
     @staticmethod
-    def _fail_held(db: sqlite3.Connection, job_id: bytes, reason: str) -> bool:
+    def _fail_held(
+        db: sqlite3.Connection, job_id: bytes, reason: str, evidence: bytes | None = None
+    ) -> bool:
         gone = db.execute("DELETE FROM checks WHERE job_id=? AND state='pending'", (job_id,))
         if gone.rowcount == 0:
             return False
         now = time.time()
         db.execute(
             "INSERT INTO failed_receipts SELECT job_id, request_id, worker, receipt, signature,"
-            " ?, ? FROM receipts WHERE job_id=?",
-            (reason, now, job_id),
+            " ?, ?, ? FROM receipts WHERE job_id=?",
+            (reason, now, evidence, job_id),
         )
         db.execute("DELETE FROM receipts WHERE job_id=?", (job_id,))
         db.execute(
@@ -502,6 +549,93 @@ class Store(Database):
                 args,
             ).fetchall()
         return [(bytes(j), str(w), _receipt_decoder.decode(r), str(t)) for j, w, r, t in rows]
+
+    def failed_evidence(self, job_id: bytes) -> list[bytes]:
+        """The evidence kept with each failed receipt of `job_id` (oldest first; failures
+        stored before evidence was kept, or without any, are left out)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT evidence FROM failed_receipts WHERE job_id=? AND evidence IS NOT NULL"
+                " ORDER BY rowid",
+                (job_id,),
+            ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    def failed_job_ids(self, worker: str, since: float) -> list[bytes]:
+        """Job ids of `worker`'s receipts that failed a check at or after `since`."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id FROM failed_receipts WHERE worker=? AND failed_at>=? ORDER BY rowid",
+                (worker.lower(), since),
+            ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
+    # --- verifier work (paid from the take when the job's receipt is settled) -------------
+    def record_verifier_work(self, job_id: bytes, verifier: str, steps: int) -> None:
+        """`verifier` (a wallet) computed `steps` steps (or decodes) checking `job_id`."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO verifier_work VALUES (?, ?, ?, ?)",
+                (job_id, verifier.lower(), steps, time.time()),
+            )
+
+    def verifier_work(self, job_ids: Iterable[bytes]) -> dict[bytes, list[tuple[str, int]]]:
+        """Job id -> `(verifier wallet, steps)` per verifier, summed, sorted by wallet, for
+        each of `job_ids` that has any."""
+        out: dict[bytes, list[tuple[str, int]]] = {}
+        with self._lock:
+            for job_id in job_ids:
+                rows = self._db.execute(
+                    "SELECT verifier, SUM(steps) FROM verifier_work WHERE job_id=?"
+                    " GROUP BY verifier ORDER BY verifier",
+                    (job_id,),
+                ).fetchall()
+                if rows:
+                    out[job_id] = [(str(v), int(n)) for v, n in rows]
+        return out
+
+    # --- slash proposals (signed offline with the settlement key) ------------------------
+    def propose_slash(self, wallet: str, reason: str, job_ids: list[bytes]) -> int | None:
+        """Record a slash proposal for `wallet` (None, nothing recorded, if one is already
+        open for it)."""
+        w = wallet.lower()
+        with self._tx() as db:
+            open_ = db.execute(
+                "SELECT 1 FROM slash_proposals WHERE wallet=? AND state='proposed'", (w,)
+            ).fetchone()
+            if open_ is not None:
+                return None
+            cur = db.execute(
+                "INSERT INTO slash_proposals (wallet, reason, job_ids, state, proposed_at)"
+                " VALUES (?, ?, ?, 'proposed', ?)",
+                (w, reason, msgspec.msgpack.encode(job_ids), time.time()),
+            )
+            return int(cur.lastrowid or 0)
+
+    def slash_proposals(self, state: str | None = None) -> list[SlashProposal]:
+        """Slash proposals, oldest first (only those in `state` when given)."""
+        where, args = ("WHERE state=?", (state,)) if state is not None else ("", ())
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT id, wallet, reason, job_ids, state, proposed_at, note"
+                " FROM slash_proposals " + where + " ORDER BY id",
+                args,
+            ).fetchall()
+        return [
+            SlashProposal(
+                int(i), str(w), str(r), _job_ids_decoder.decode(j), str(st), float(t), str(n)
+            )
+            for i, w, r, j, st, t, n in rows
+        ]
+
+    def mark_slash(self, proposal_id: int, state: str, note: str = "") -> bool:
+        """Close an open proposal: `submitted` (note: the tx hash) or `dismissed` (why)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE slash_proposals SET state=?, note=? WHERE id=? AND state='proposed'",
+                (state, note, proposal_id),
+            )
+            return cur.rowcount == 1
 
     def receipt_count(self, worker: str) -> int:
         """Receipts this coordinator stored for `worker` (failed ones included)."""
@@ -705,15 +839,20 @@ class Store(Database):
         "epoch, state, root, total, receipts_hash, plan, planned_at, posted_at, tx_hash"
     )
 
-    def unsettled_receipts(self) -> list[StoredReceipt]:
-        """Receipts in no epoch yet (neither paid nor refused) and not held by a pending
-        check (`sogni_coordinator.checks`), oldest first."""
+    def unsettled_receipts(self, stored_before: float | None = None) -> list[StoredReceipt]:
+        """Receipts in no epoch yet (neither paid nor refused), not held by a pending check
+        (`sogni_coordinator.checks`) and, with `stored_before`, stored before that time (the
+        dispute window: younger receipts wait for a later epoch), oldest first."""
+        window = "" if stored_before is None else " AND r.stored_at < ?"
+        args = () if stored_before is None else (stored_before,)
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {self._RECEIPT_READ} FROM receipts r"
                 " WHERE NOT EXISTS (SELECT 1 FROM settled_receipts s WHERE s.job_id = r.job_id)"
                 f" AND {_NOT_HELD}"  # a receipt whose check is pending is not paid yet
-                " ORDER BY r.rowid"
+                + window
+                + " ORDER BY r.rowid",
+                args,
             ).fetchall()
         return [_stored_receipt(r) for r in rows]
 

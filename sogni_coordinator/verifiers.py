@@ -42,11 +42,13 @@ from sogni_protocol import eip712
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
+    DecodeVerified,
     JobParams,
     Message,
     StepOpeningWire,
     StepVerified,
     TensorEntry,
+    VerifyDecode,
     VerifyRefused,
     VerifyStep,
     encode,
@@ -163,7 +165,10 @@ class PendingVerifications:
     (`pending_replies.PendingReplies`); the node session feeds it the verifiers' replies."""
 
     def __init__(self) -> None:
-        self._pending = PendingReplies(StepVerified, VerifyRefused, "verifier", exclusive=False)
+        answers = (StepVerified, DecodeVerified)
+        self._pending: PendingReplies[StepVerified | DecodeVerified, VerifyRefused] = (
+            PendingReplies(answers, VerifyRefused, "verifier", exclusive=False)
+        )
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -172,14 +177,14 @@ class PendingVerifications:
         self,
         peer_id: str,
         outbox: trio.MemorySendChannel[Message],
-        request: VerifyStep,
+        request: VerifyStep | VerifyDecode,
         timeout: float,
-    ) -> StepVerified | str:
+    ) -> StepVerified | DecodeVerified | str:
         """Queue `request` on the verifier's stream and wait at most `timeout` seconds: its
         answer, or why there is none."""
         return await self._pending.ask(peer_id, request.check_id, outbox, request, timeout)
 
-    def answered(self, peer_id: str, reply: StepVerified | VerifyRefused) -> bool:
+    def answered(self, peer_id: str, reply: StepVerified | DecodeVerified | VerifyRefused) -> bool:
         """A verifier's reply; False (and ignored) if nothing of that node waits for it."""
         return self._pending.answered(peer_id, reply.check_id, reply)
 
@@ -253,6 +258,8 @@ async def verify_step(
     )
     if isinstance(reply, str):
         return fail(reply, peer)
+    if not isinstance(reply, StepVerified):
+        return fail("the verifier answered a step with a decoded image", peer)
     if reply.latents.shape != x_next.shape:
         return fail(f"the verifier returned latents of shape {reply.latents.shape}", peer)
     scale = reply.x_k_scale if k == 0 else 1.0

@@ -73,6 +73,7 @@ from sogni_protocol.messages import (
     Challenge,
     ChallengeAnswer,
     ChallengeRefused,
+    DecodeVerified,
     Goodbye,
     HandBack,
     Heartbeat,
@@ -94,6 +95,7 @@ from sogni_protocol.messages import (
     TensorDtype,
     TensorEntry,
     UnsupportedWireVersion,
+    VerifyRefusalCode,
     VerifyRefused,
     VerifyStep,
     Welcome,
@@ -278,7 +280,7 @@ class PullSession:
 
     async def _write(self, channel: Channel, msg: Message) -> None:
         is_result = isinstance(msg, Result)
-        large = is_result or isinstance(msg, ChallengeAnswer | StepVerified)  # images, latents
+        large = is_result or isinstance(msg, ChallengeAnswer | StepVerified | DecodeVerified)
         limit = RESULT_FRAME_LIMIT if large else CONTROL_FRAME_LIMIT
         payload = encode(msg)
         if len(payload) > limit:  # this message's problem, not the stream's
@@ -288,8 +290,12 @@ class PullSession:
             elif isinstance(msg, ChallengeAnswer):
                 reason = f"answer too large ({len(payload)} bytes): ask for fewer steps"
                 self.send(ChallengeRefused(job_id=msg.job_id, reason=reason))
-            elif isinstance(msg, StepVerified):
-                self.send(VerifyRefused(check_id=msg.check_id, reason="answer too large"))
+            elif isinstance(msg, StepVerified | DecodeVerified):
+                self.send(
+                    VerifyRefused(
+                        check_id=msg.check_id, reason="answer too large", code="too_large"
+                    )
+                )
             return
         if is_result:
             crashpoint("node_before_send_result")
@@ -382,7 +388,9 @@ class PullSession:
         check = msg.check_id.hex()[:16]
         reply: StepVerified | VerifyRefused
         if msg.deadline <= time.time():
-            reply = VerifyRefused(check_id=msg.check_id, reason="deadline already passed")
+            reply = VerifyRefused(
+                check_id=msg.check_id, reason="deadline already passed", code="deadline"
+            )
         else:
             try:
                 reply = await trio.to_thread.run_sync(
@@ -391,7 +399,8 @@ class PullSession:
             except Exception as exc:  # a bug or a bad tensor: refuse, keep the session
                 log.error("verify_failed", check=check, error=type(exc).__name__)
                 reason = f"the node could not re-run the step ({type(exc).__name__})"
-                reply = VerifyRefused(check_id=msg.check_id, reason=reason)
+                code: VerifyRefusalCode = "bad_leaf" if isinstance(exc, ValueError) else "other"
+                reply = VerifyRefused(check_id=msg.check_id, reason=reason, code=code)
         if isinstance(reply, VerifyRefused):
             log.warning("verify_refused", check=check, reason=reply.reason)
         else:
@@ -408,25 +417,27 @@ class PullSession:
         from sogni_node.verify import step_check as sc
         from sogni_node.worker import _render_job
 
-        def refuse(reason: str) -> VerifyRefused:
-            return VerifyRefused(check_id=msg.check_id, reason=reason)
+        def refuse(reason: str, code: VerifyRefusalCode) -> VerifyRefused:
+            return VerifyRefused(check_id=msg.check_id, reason=reason, code=code)
 
         backend = self.worker.backend
         if not isinstance(backend, DiffusersBackend):
-            return refuse(f"the {backend.name} backend cannot re-run a step")
+            return refuse(f"the {backend.name} backend cannot re-run a step", "backend")
         if msg.model_id not in self.caps.models:
-            return refuse(f"model {msg.model_id} is not served here")
+            return refuse(f"model {msg.model_id} is not served here", "model")
         if backend.dtype_name != msg.dtype:
-            return refuse(f"this node runs {backend.dtype_name}, the step declared {msg.dtype}")
+            return refuse(
+                f"this node runs {backend.dtype_name}, the step declared {msg.dtype}", "mode"
+            )
         if msg.params.loras and not backend.supports_loras:
-            return refuse("this node cannot apply LoRAs")
+            return refuse("this node cannot apply LoRAs", "loras")
         name = msg.scheduler or backend.registry.get(msg.model_id).default_scheduler
         if name and name not in SCHEDULERS:
-            return refuse(f"unknown scheduler {name!r}")
+            return refuse(f"unknown scheduler {name!r}", "scheduler")
         try:
             job = _render_job(msg.params, self.worker.loras)
         except Exception as exc:  # a LoRA not installed here
-            return refuse(f"the job's LoRAs are not available here ({type(exc).__name__})")
+            return refuse(f"the job's LoRAs are not available here ({type(exc).__name__})", "loras")
         loaded = backend._get(msg.model_id)
         if name:
             cls, overrides = SCHEDULERS[name]
@@ -434,7 +445,7 @@ class PullSession:
         else:
             scheduler = loaded.scheduler_cls.from_config(loaded.scheduler_config)
         if type(scheduler).__name__ not in sc.SUPPORTED_SCHEDULERS:
-            return refuse(f"{type(scheduler).__name__} steps cannot be re-run")
+            return refuse(f"{type(scheduler).__name__} steps cannot be re-run", "scheduler")
 
         def tensor(entry: TensorEntry) -> torch.Tensor:
             flat = torch.frombuffer(bytearray(entry.data), dtype=torch.float32)
@@ -453,7 +464,7 @@ class PullSession:
         )
         state = sc.StepState(tuple(tensor(entries[n]) for n in outputs)) if outputs else None
         if msg.k >= 1 and state is None and type(scheduler).__name__.startswith("DPMSolver"):
-            return refuse(f"leaf {msg.k} carries no multistep state")
+            return refuse(f"leaf {msg.k} carries no multistep state", "bad_leaf")
         with loaded.lock:
             torch.set_num_threads(backend.threads)  # process-global: set under the lock
             with applied_loras(loaded.pipe, job.loras):

@@ -567,12 +567,47 @@ class StepVerified(_Message, tag="stepVerified", kw_only=True):
     start_distance: Annotated[float, Meta(ge=0.0)] | None = None
 
 
+class VerifyDecode(_Message, tag="verifyDecode", kw_only=True):
+    """Coordinator -> a verifier node: decode the committed final latent (leaf N, `opening`)
+    of a `width` x `height` render of `model_id` with the model's VAE, in the declared mode
+    `dtype`, and answer `DecodeVerified` with the image, or `VerifyRefused`, before
+    `deadline`. The coordinator compares that image with the one the worker delivered, so a
+    worker cannot commit one trajectory and deliver another image (docs/VERIFICATION.md,
+    "Image check"). Carries no prompt. Travels under the result frame limit."""
+
+    check_id: Bytes32
+    model_id: ModelId
+    dtype: ShortText
+    width: Annotated[int, Meta(ge=8, le=4096)]
+    height: Annotated[int, Meta(ge=8, le=4096)]
+    opening: StepOpeningWire
+    deadline: Uint64
+
+
+class DecodeVerified(_Message, tag="decodeVerified", kw_only=True):
+    """Verifier -> coordinator: the VAE decode of the final latent of a `VerifyDecode`, as a
+    lossless PNG. Travels under the result frame limit."""
+
+    check_id: Bytes32
+    image: Annotated[bytes, Meta(max_length=ids.RESULT_FRAME_LIMIT)]
+
+
+VerifyRefusalCode = Literal[
+    "bad_leaf", "mode", "model", "backend", "scheduler", "loras", "deadline", "too_large", "other"
+]
+"""Why a verifier refused, for the coordinator to act on (the reason is for people):
+`bad_leaf` blames the worker's committed leaf (a latent of the wrong size, a multistep leaf
+without its state: re-running it raised ValueError); every other code says nothing about the
+worker (another numeric mode, the model or its LoRAs not here, a backend or scheduler that
+cannot re-run, a deadline already past, an answer over the frame limit, a crash)."""
+
+
 class VerifyRefused(_Message, tag="verifyRefused", kw_only=True):
-    """Verifier -> coordinator: it cannot re-run the step (model not here, another numeric
-    mode, scheduler it cannot rebuild, ...)."""
+    """Verifier -> coordinator: it cannot re-run the step or decode the latent (`code`)."""
 
     check_id: Bytes32
     reason: Reason
+    code: VerifyRefusalCode = "other"
 
 
 ClientMessage = (
@@ -601,10 +636,19 @@ NodeToCoordinator = (
     | ChallengeAnswer
     | ChallengeRefused
     | StepVerified
+    | DecodeVerified
     | VerifyRefused
 )
 CoordinatorToNode = (
-    Welcome | HelloRefused | Offer | Cancel | ResultAck | Heartbeat | Challenge | VerifyStep
+    Welcome
+    | HelloRefused
+    | Offer
+    | Cancel
+    | ResultAck
+    | Heartbeat
+    | Challenge
+    | VerifyStep
+    | VerifyDecode
 )
 Message = (
     RenderRequest
@@ -640,6 +684,8 @@ Message = (
     | ChallengeRefused
     | VerifyStep
     | StepVerified
+    | VerifyDecode
+    | DecodeVerified
     | VerifyRefused
 )
 
