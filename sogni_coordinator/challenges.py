@@ -72,7 +72,12 @@ def pairs_needed(fraction: float, confidence: float) -> int:
 
 
 def choose_steps(
-    n_steps: int, k: int, rng: random.Random | None = None, *, start: bool = False
+    n_steps: int,
+    k: int,
+    rng: random.Random | None = None,
+    *,
+    start: bool = False,
+    end: bool = False,
 ) -> list[int]:
     """The leaves to ask for to re-run `k` distinct denoising steps of an `n_steps` render:
     for each drawn step s (1..n_steps) leaves s - 1 and s (the verifier runs step s from leaf
@@ -82,7 +87,10 @@ def choose_steps(
 
     `start`: also ask for step 1 (leaves 0 and 1) when it was not drawn, so leaf 0 is opened
     and a verifier compares it with the seed's noise (docs/VERIFICATION.md, "Seed check").
-    If that would exceed `MAX_CHALLENGE_STEPS` leaves, the last drawn step gives way."""
+    If that would exceed `MAX_CHALLENGE_STEPS` leaves, the last drawn step gives way.
+
+    `end`: also ask for the final leaf (`n_steps`, the final latent), which a verifier
+    decodes and compares with the delivered image (docs/IMAGE_CHECK.md)."""
     if n_steps < 1:
         raise ValueError("a render has at least one step")
     if k < 1:
@@ -91,12 +99,14 @@ def choose_steps(
     drawn = rng.sample(range(1, n_steps + 1), min(k, n_steps, MAX_PAIRS))
 
     def leaves() -> list[int]:
-        return sorted({leaf for s in drawn for leaf in (s - 1, s)})
+        opened = {leaf for s in drawn for leaf in (s - 1, s)}
+        return sorted(opened | {n_steps} if end else opened)
 
     if start and 1 not in drawn:
         drawn.append(1)
-        while len(leaves()) > MAX_CHALLENGE_STEPS:
-            del drawn[-2]  # a random one (sample's order is random), never step 1
+    keep = 1 if start else 0  # step 1 (the seed check) stays; others give way at random
+    while len(leaves()) > MAX_CHALLENGE_STEPS and len(drawn) > keep + 1:
+        del drawn[-2 if start and drawn[-1] == 1 else -1]
     return leaves()
 
 

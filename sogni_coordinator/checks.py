@@ -49,6 +49,7 @@ from typing import Protocol
 import trio
 
 from sogni_coordinator.challenges import ChallengeResult, choose_steps
+from sogni_coordinator.image_verify import verify_image
 from sogni_coordinator.jobs import Job, NodeLink
 from sogni_coordinator.store import Store
 from sogni_coordinator.verification_config import VerificationConfig
@@ -189,7 +190,7 @@ class Checks:
     async def verify(self, held: Held) -> Outcome:
         """Challenge the worker, prove its answer, re-run each drawn step elsewhere."""
         d, p, receipt = self.dispatcher, self.policy, held.receipt
-        leaves = choose_steps(receipt.steps_done, p.pairs, self._rng, start=True)
+        leaves = choose_steps(receipt.steps_done, p.pairs, self._rng, start=True, end=p.image_check)
         result = await d.challenge(held.peer_id, receipt.job_id, leaves, p.challenge_timeout)
         fault = result.fault(receipt)
         if fault is not None:
@@ -226,6 +227,26 @@ class Checks:
                 return Outcome(
                     "skipped", v.reason, v.step, v.verifier, v.distance, v.tolerance, False
                 )
+        if p.image_check and receipt.steps_done in by_step:
+            image = await trio.to_thread.run_sync(held.path.read_bytes)
+            v = await verify_image(
+                d,
+                params=held.job.params,
+                worker=held.worker,
+                final=by_step[receipt.steps_done],
+                image=image,
+                dtype=held.dtype,
+                timeout=p.verify_timeout,
+                rng=self._rng,
+            )
+            link = d.nodes.get(v.verifier) if v.verifier is not None else None
+            v = replace(v, verifier=link.wallet if link is not None else v.verifier)
+            if v.passed:
+                last = last or Outcome(
+                    "pass", v.reason, v.step, v.verifier, v.distance, v.tolerance
+                )
+            elif v.distance is not None or LEAF_REJECTED in v.reason:
+                return Outcome("fail", v.reason, v.step, v.verifier, v.distance, v.tolerance)
         return last or Outcome("skipped", "no step pair drawn", strike=False)
 
     # --- the log -------------------------------------------------------------------------

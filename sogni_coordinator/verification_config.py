@@ -36,6 +36,12 @@ class VerificationConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unkno
     """Seconds the worker has to open the drawn steps."""
     verify_timeout: Seconds = 120.0
     """Seconds a verifier node has to re-run one step."""
+    image_check: bool = True
+    """Also open the final latent and have a verifier decode it and compare with the
+    delivered image (docs/IMAGE_CHECK.md)."""
+    dispute_window: Annotated[float, Meta(ge=0.0, le=30 * 86_400.0)] = 0.0
+    """Seconds a receipt waits after it is stored (and its check, if any, passed) before an
+    epoch may pay it: the time a worker, payer or verifier has to dispute it."""
 
     @property
     def enabled(self) -> bool:

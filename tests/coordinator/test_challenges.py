@@ -283,3 +283,13 @@ async def test_pending_challenges_pair_answers_time_out_and_fail_when_the_node_l
     out_recv.close()
     await ask(5.0)
     assert results[4].refused == "the node is gone" and len(pending) == 0
+
+
+def test_choose_steps_can_open_the_final_leaf_for_the_image_check() -> None:
+    rng = random.Random(9)
+    for _ in range(300):
+        n, k = rng.randint(1, 60), rng.randint(1, 12)
+        leaves = choose_steps(n, k, rng, start=True, end=True)
+        assert n in leaves and {0, 1} <= set(leaves)  # the final latent and the seed's pair
+        assert len(leaves) <= 16 and leaves == sorted(set(leaves))
+    assert choose_steps(8, 1, random.Random(2), end=True)[-1] == 8
