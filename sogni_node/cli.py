@@ -197,6 +197,44 @@ def start(
         sys.exit(130)
 
 
+@app.command("status")
+def status_command(
+    config: ConfigOption = None,
+    once: Annotated[bool, typer.Option("--once", help="Print one reading and exit.")] = False,
+    every: Annotated[
+        float, typer.Option("--every", min=0.5, help="Seconds between live readings.")
+    ] = 2.0,
+    as_json: JsonOption = False,
+) -> None:
+    """A live view of this node: daemon, coordinators, jobs today, speed, rewards."""
+    import time
+
+    from sogni_node.status_view import collect, render
+
+    cfg = _config(config)
+    try:
+        wallet: str | None = keystore_address(cfg.keystore)
+    except Exception:  # no keystore yet: the view says so
+        wallet = None
+    if as_json:
+        typer.echo(json.dumps(collect(cfg, wallet).as_json(), indent=2))
+        return
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    if once or not console.is_terminal:
+        console.print(render(collect(cfg, wallet)))
+        return
+    try:
+        with Live(render(collect(cfg, wallet)), console=console, auto_refresh=False) as live:
+            while True:
+                time.sleep(every)
+                live.update(render(collect(cfg, wallet)), refresh=True)
+    except KeyboardInterrupt:
+        return
+
+
 app.add_typer(__import__("sogni_node.rewards_cli", fromlist=["app"]).app)
 app.add_typer(__import__("sogni_node.models_cli", fromlist=["x"]).models_app, name="models")
 app.add_typer(__import__("sogni_node.models_cli", fromlist=["x"]).loras_app, name="loras")

@@ -436,6 +436,19 @@ class Journal:
             rows = self._db.execute(sql, args).fetchall()
         return [_receipt_from_row(r) for r in rows]
 
+    def render_times(self, since: float) -> list[tuple[str, float, int]]:
+        """`(model id, seconds from offer to receipt, work units)` of each receipt recorded at
+        or after `since` that the coordinator did not refuse (`sogni-node status`)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT r.model_id, r.recorded_at - o.offered_at, r.work_units"
+                " FROM receipts r JOIN offers o ON o.job_id = r.job_id"
+                " WHERE r.recorded_at >= ? AND coalesce(r.accepted, 1) = 1"
+                " ORDER BY r.recorded_at",
+                (since,),
+            ).fetchall()
+        return [(str(m), max(0.0, float(t)), int(u)) for m, t, u in rows]
+
     def unacked(self) -> list[JournalReceipt]:
         """Receipts with no `ResultAck` yet (the result may not have reached the coordinator)."""
         with self._lock:

@@ -1,0 +1,179 @@
+"""`sogni-node status`: what a node owner wants to see at a glance, live in the terminal.
+
+The running daemon (its `/healthz` on `http_listen`: coordinators connected, slots, jobs
+rendering, warm models), the journal (jobs today and how fast they went against the
+benchmark's speed), and rewards from the published epochs (earned; claimable when a chain is
+configured). Each part is read on its own, so a stopped daemon or a missing chain leaves a
+line that says so instead of failing the view.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sogni_node.benchmark import saved_speed
+from sogni_node.config import NodeConfig
+from sogni_node.journal import Journal
+
+if TYPE_CHECKING:
+    from rich.console import RenderableType
+
+__all__ = ["NodeStatus", "collect", "render"]
+
+WEI_PER_SOGNI = 10**18
+
+
+@dataclass
+class NodeStatus:
+    """One reading of the node's state; every part may be missing, with the reason."""
+
+    wallet: str | None
+    daemon: dict[str, Any] | None
+    daemon_error: str | None
+    jobs_today: int
+    work_units_today: int
+    speed_today: float | None
+    """Reference render seconds per second over today's jobs (as `bench` measures speed)."""
+    bench_speed: float
+    models_today: dict[str, int] = field(default_factory=dict)
+    unacked: int = 0
+    earned_wei: int | None = None
+    claimable_wei: int | None = None
+    rewards_error: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        for k in ("earned_wei", "claimable_wei"):
+            out[k] = None if out[k] is None else str(out[k])
+        return out
+
+
+def _daemon(cfg: NodeConfig, timeout: float) -> tuple[dict[str, Any] | None, str | None]:
+    listen = cfg.http_listen
+    if listen == "off":
+        return None, "the node's HTTP listener is off (http_listen = off)"
+    host, _, port = listen.rpartition(":")
+    if host in ("0.0.0.0", "", "[::]"):
+        host = "127.0.0.1"
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}/healthz", timeout=timeout) as r:
+            return json.loads(r.read()), None
+    except urllib.error.HTTPError as exc:  # 503 while draining still carries the facts
+        try:
+            return json.loads(exc.read()), None
+        except ValueError:
+            return None, f"the daemon answered HTTP {exc.code}"
+    except (OSError, ValueError):
+        return None, f"no node daemon answers on {listen} (start it with `sogni-node start`)"
+
+
+def _rewards(
+    cfg: NodeConfig, wallet: str, journal: Journal
+) -> tuple[int | None, int | None, str | None]:
+    if cfg.epochs_dir is None or not any(cfg.epochs_dir.glob("epoch-*.json")):
+        return None, None, "no published epochs here yet (`sogni-node rewards` fetches them)"
+    from sogni_node.rewards import PublicationError, audit, load_published
+
+    try:
+        epochs = load_published(cfg.epochs_dir)
+    except PublicationError as exc:
+        return None, None, f"published epochs are inconsistent: {exc}"
+    distributor = None
+    if cfg.chain_url is not None and cfg.addresses_file is not None:
+        try:
+            from sogni_chain import Addresses, Deployment, connect
+
+            chain = connect(cfg.chain_url)
+            distributor = Deployment(
+                chain, Addresses.load(cfg.addresses_file, chain_id=chain.chain_id)
+            ).distributor
+        except Exception as exc:  # the chain is optional here: report it, show the rest
+            return None, None, f"cannot reach the chain ({type(exc).__name__})"
+    report = audit(wallet, journal.receipts(), epochs, distributor=distributor)
+    return report.earned, report.claimable, None
+
+
+def collect(cfg: NodeConfig, wallet: str | None, *, timeout: float = 2.0) -> NodeStatus:
+    """Read everything the view shows (blocking: HTTP, SQLite, files)."""
+    daemon, daemon_error = _daemon(cfg, timeout)
+    midnight = dt.datetime.combine(dt.date.today(), dt.time(), dt.UTC).timestamp()
+    jobs, units, seconds = 0, 0, 0.0
+    models: dict[str, int] = {}
+    earned = claimable = None
+    rewards_error: str | None = "no wallet: create one with `sogni-node keys create`"
+    unacked = 0
+    if cfg.journal_path.exists():
+        with Journal(cfg.journal_path) as journal:
+            for model, secs, wu in journal.render_times(midnight):
+                jobs += 1
+                units += wu
+                seconds += secs
+                models[model] = models.get(model, 0) + 1
+            unacked = len(journal.unacked())
+            if wallet is not None:
+                earned, claimable, rewards_error = _rewards(cfg, wallet, journal)
+    elif wallet is not None:
+        rewards_error = "no jobs journalled yet"
+    return NodeStatus(
+        wallet=wallet,
+        daemon=daemon,
+        daemon_error=daemon_error,
+        jobs_today=jobs,
+        work_units_today=units,
+        speed_today=(units / 1000 / seconds) if seconds > 0 else None,
+        bench_speed=saved_speed(cfg.bench_path),
+        models_today=models,
+        unacked=unacked,
+        earned_wei=earned,
+        claimable_wei=claimable,
+        rewards_error=rewards_error,
+    )
+
+
+def _sogni(wei: int | None) -> str:
+    return "-" if wei is None else f"{wei / WEI_PER_SOGNI:,.6f} SOGNI"
+
+
+def render(s: NodeStatus) -> RenderableType:
+    """A rich table of one reading."""
+    from rich.table import Table
+
+    t = Table(title=f"sogni-node  {time.strftime('%H:%M:%S')}", show_header=False, box=None)
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("wallet", s.wallet or "-")
+    if s.daemon is not None:
+        d = s.daemon
+        t.add_row("daemon", f"{d.get('status', '?')}, up {d.get('uptimeSeconds', 0):.0f} s")
+        t.add_row(
+            "coordinators",
+            f"{d.get('coordinators', 0)} connected of {d.get('configuredCoordinators', 0)}",
+        )
+        t.add_row("slots", f"{d.get('runningJobs', 0)} rendering of {d.get('slots', 0)}")
+        warm = d.get("warmModels")
+        if isinstance(warm, list):
+            t.add_row("warm models", ", ".join(map(str, warm)) or "none")
+    else:
+        t.add_row("daemon", f"[yellow]{s.daemon_error}[/]")
+    per_model = ", ".join(f"{m} {n}" for m, n in sorted(s.models_today.items()))
+    t.add_row("jobs today", f"{s.jobs_today}" + (f" ({per_model})" if per_model else ""))
+    bench = f"{s.bench_speed:.2f}x" if s.bench_speed else "not measured (`sogni-node bench`)"
+    today = f"{s.speed_today:.2f}x" if s.speed_today is not None else "-"
+    t.add_row("speed", f"today {today} the reference render, benchmark {bench}")
+    if s.unacked:
+        t.add_row("unacknowledged", f"{s.unacked} results wait for their coordinator's answer")
+    if s.rewards_error is None:
+        t.add_row("earned", _sogni(s.earned_wei))
+        t.add_row(
+            "claimable",
+            _sogni(s.claimable_wei) if s.claimable_wei is not None else "- (no chain configured)",
+        )
+    else:
+        t.add_row("rewards", s.rewards_error)
+    return t
