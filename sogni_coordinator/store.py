@@ -923,6 +923,15 @@ class Store(Database):
             row = self._db.execute(sql + " ORDER BY epoch DESC LIMIT 1", args).fetchone()
         return None if row is None else EpochRecord.from_row(row)
 
+    def receipt_times(self, since: float) -> list[float]:
+        """When each receipt stored at or after `since` was stored (the status page's
+        throughput chart), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT stored_at FROM receipts WHERE stored_at>=? ORDER BY stored_at", (since,)
+            ).fetchall()
+        return [float(r[0]) for r in rows]
+
     def epoch_summaries(self) -> list[tuple[int, str, int, int, int]]:
         """``(epoch, state, total, paid receipts, refused receipts)`` for every epoch."""
         with self._lock:
