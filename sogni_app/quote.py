@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -29,10 +30,27 @@ def quote(
     token_type: Literal["spark", "sogni"] = "spark",
     sogni_usd: float | None = None,
     catalog: Path | str | None = None,
+    model_class: str | None = None,
 ) -> Quote:
-    """Quote `images` renders of `model`; unset steps/size take the model's defaults."""
-    cat = load_catalog(catalog) if catalog is not None else None
-    entry = (cat or load_catalog()).model(model)
+    """Quote `images` renders of `model`; unset steps/size take the model's defaults.
+
+    A model the catalog does not list is refused (ValueError) unless `model_class` names the
+    class to price it as (an estimate: a coordinator prices a model it does not list as the
+    reference class, SDXL, scaled to the request's size)."""
+    cat = load_catalog(catalog) if catalog is not None else load_catalog()
+    if model not in cat.models:
+        if model_class is None:
+            raise ValueError(
+                f"unknown model {model!r}: the catalog lists {', '.join(sorted(cat.models))}; "
+                "give --class CLASS to estimate an unlisted model"
+            )
+        if model_class not in cat.classes:
+            raise ValueError(
+                f"unknown class {model_class!r}: the catalog has {', '.join(sorted(cat.classes))}"
+            )
+        base = cat.classes[model_class]
+        cat = replace(cat, models={**cat.models, model: replace(base, model_id=model)})
+    entry = cat.model(model)
     request = msgspec.convert(
         {
             "type": "renderRequest",
@@ -59,6 +77,10 @@ def quote_cmd(
     network: Annotated[str, typer.Option(help="fast or relaxed (50% off).")] = "fast",
     token_type: Annotated[str, typer.Option(help="spark or sogni.")] = "spark",
     sogni_usd: Annotated[float | None, typer.Option(help="SOGNI price in USD.")] = None,
+    model_class: Annotated[
+        str | None,
+        typer.Option("--class", help="Price a model the catalog does not list as this class."),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show what a request would cost in render seconds, Spark, SOGNI and USD."""
@@ -72,6 +94,7 @@ def quote_cmd(
             network=network,  # type: ignore[arg-type]
             token_type=token_type,  # type: ignore[arg-type]
             sogni_usd=sogni_usd,
+            model_class=model_class,
         )
     except (msgspec.ValidationError, ValueError) as exc:  # an unknown model, a bad size
         raise BadUsage(str(exc), "see `sogni quote --help` and the catalog's model ids") from None

@@ -36,7 +36,14 @@ def test_sogni_is_usd_over_market_price() -> None:
 
 
 def test_unknown_model_priced_as_sdxl_class() -> None:
-    assert quote("no-such-model").spark == 1.0
+    """A coordinator prices a model it does not list as the reference class; the app's quote
+    refuses it unless told the class (tests/economics/test_quote_truth.py)."""
+    from sogni_protocol.messages import RenderRequest
+    from sogni_protocol.pricing import quote as price
+
+    req = RenderRequest(model_id="no-such-model", positive_prompt="x", width=1024, height=1024)
+    assert price(req).spark == 1.0
+    assert quote("no-such-model", model_class="sdxl").spark == 1.0
 
 
 def test_scaling_is_measured_and_monotonic() -> None:
