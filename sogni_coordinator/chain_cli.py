@@ -195,6 +195,13 @@ def chain_deploy(
         typer.Option(help="Address given SETTLEMENT_ROLE (default: this coordinator's key)."),
     ] = None,
     force: Annotated[bool, typer.Option(help="Deploy even if the file's contracts exist.")] = False,
+    slasher: Annotated[
+        str | None,
+        typer.Option(
+            help="Address given SLASHER_ROLE on Staking (default: the settlement key, "
+            "settlement_keystore; never the offer key)."
+        ),
+    ] = None,
     claim_delay: Annotated[
         int | None,
         typer.Option(
@@ -231,30 +238,45 @@ def chain_deploy(
             existing = None  # a file for another chain: replace it
         if existing is not None and Deployment(chain, existing).is_deployed():
             raise Refused(f"{path} already names deployed contracts", "--force deploys new ones")
+    try:
+        offer: str | None = keystore_address(cfg.keystore, create_hint=_HINT)
+    except KeystoreError:
+        offer = None
     if settler is None:
+        settler = offer if offer is not None else chain.accounts[1].address
+    if slasher is None and cfg.settlement_keystore is not None:
         try:
-            settler = keystore_address(cfg.keystore, create_hint=_HINT)
+            slasher = keystore_address(cfg.settlement_keystore, create_hint=_SETTLEMENT_HINT)
         except KeystoreError:
-            settler = chain.accounts[1].address
+            slasher = None  # not created yet: the admin grants the role later (SLASHING.md)
+    if slasher is None and (offer is None or settler.lower() != offer.lower()):
+        slasher = settler  # a settlement key named with --settler (or a dev account)
+    if slasher is not None and offer is not None and slasher.lower() == offer.lower():
+        raise Refused(
+            f"{slasher} is the offer-signing key, which must never hold SLASHER_ROLE",
+            "give the settlement key's address (--slasher)",
+        )
     treasury = chain.accounts[0]
     addresses = deploy_all(
         chain,
         treasury,
         coordinator=settler,
+        slasher=slasher,
         distributor_funding=fund_distributor * 10**18,
         path=path,
         claim_delay=claim_delay,
         max_total_growth=None if max_total_growth is None else max_total_growth * 10**18,
     )
-    if chain.eth_balance(settler) < 10**18:
-        chain.send_eth(settler, 10 * 10**18, sender=treasury)  # gas for postRoot
+    for gas_user in dict.fromkeys(a for a in (settler, slasher) if a is not None):
+        if chain.eth_balance(gas_user) < 10**18:  # gas for postRoot / slash
+            chain.send_eth(gas_user, 10 * 10**18, sender=treasury)
     if chain.kind == "embedded":
         typer.echo(
             "warning: deployed on a throwaway embedded chain (gone when this command exits); "
             "the file matches any fresh embedded deployment made the same way",
             err=True,
         )
-    _print_json({**addresses.__dict__, "settler": settler, "file": str(path)})
+    _print_json({**addresses.__dict__, "settler": settler, "slasher": slasher, "file": str(path)})
 
 
 @chain_app.command("fund")

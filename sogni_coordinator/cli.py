@@ -239,11 +239,11 @@ app.command("leaderboard")(__import__("sogni_coordinator.leaderboard").leaderboa
 
 app.add_typer(__import__("sogni_coordinator.chain_cli", fromlist=["app"]).app)
 app.add_typer(__import__("sogni_coordinator.slash_cli", fromlist=["app"]).app, name="slash")
+app.registered_commands += __import__(
+    "sogni_coordinator.backup_cli", fromlist=["app"]
+).app.registered_commands
 
 if __name__ == "__main__":
     from sogni_protocol.cli_errors import main
 
     main(app, prog_name="sogni-coordinator")
-app.registered_commands += __import__(
-    "sogni_coordinator.backup_cli", fromlist=["app"]
-).app.registered_commands
