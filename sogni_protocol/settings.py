@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path, PurePath
@@ -241,7 +242,7 @@ def load_settings(
     origin: dict[tuple[str, ...], str] = {}
     _apply_env(data, info, env, _env_prefix(prefix), (), origin)
     try:
-        return msgspec.convert(data, cls, strict=False, dec_hook=_dec_hook)
+        loaded = msgspec.convert(data, cls, strict=False, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         keys, text = _split_error(str(exc))
         env_name = _origin_of(keys, origin)
@@ -258,6 +259,31 @@ def load_settings(
         raise SettingsError(
             f"{text}{suffix}", source=where if toml_text is not None else None
         ) from None
+    _warn_unused_env(loaded, env, prefix)
+    return loaded
+
+
+_warned: set[str] = set()
+
+
+def _warn_unused_env(settings: msgspec.Struct, env: Mapping[str, str], prefix: str) -> None:
+    """One line on stderr per `PREFIX_*` variable no setting reads (a typo, most likely),
+    with the closest known name; never an error. Variables the settings name as theirs (a
+    password variable, `*_env` fields) and `PREFIX_CONFIG` are known."""
+    named = {
+        v
+        for k, v in msgspec.structs.asdict(settings).items()
+        if k.endswith("_env") and isinstance(v, str)
+    }
+    ignore = named | {_env_prefix(prefix) + "CONFIG"}
+    known = sorted(set(env_names(type(settings), prefix)) | ignore)
+    for name in unused_env(type(settings), env, prefix, ignore):
+        if name in _warned:
+            continue
+        _warned.add(name)
+        hint = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        did = f"; did you mean {hint[0]}?" if hint else ""
+        sys.stderr.write(f"warning: {name} is not a setting and is ignored{did}\n")
 
 
 def _origin_of(keys: tuple[str, ...], origin: dict[tuple[str, ...], str]) -> str | None:

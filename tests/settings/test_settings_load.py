@@ -158,3 +158,22 @@ def test_settings_to_builtins_for_printing() -> None:
     assert out["home"] == "/h"
     assert "payout" not in out  # None dropped
     assert out["chain"] == {"rpc": "embedded", "chain_id": 1}
+
+
+def test_a_misspelt_variable_is_warned_about_with_the_closest_name(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from sogni_node.config import NodeConfig
+
+    env = {
+        "SOGNI_NODE_HTTP_LISTN": "127.0.0.1:0",  # a typo: warned, ignored
+        "SOGNI_NODE_PASSWORD": "x",  # the default password variable: a known name
+        "SOGNI_NODE_CONFIG": "",  # the config-file variable: known
+    }
+    cfg = load_settings(NodeConfig, None, env, "SOGNI_NODE")
+    assert cfg.http_listen == "127.0.0.1:9860"  # not applied
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "warning: SOGNI_NODE_HTTP_LISTN is not a setting and is ignored; "
+        "did you mean SOGNI_NODE_HTTP_LISTEN?"
+    ]
