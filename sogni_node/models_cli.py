@@ -46,13 +46,49 @@ def _store(config: Path | None, models_dir: Path | None) -> ModelStore:
 def list_models(
     config: ConfigOption = None, models_dir: DirOption = None, as_json: JsonOption = False
 ) -> None:
-    """Installed models with class and render defaults."""
+    """The models this node serves: built-in ones first, then installed ones."""
+    from sogni_node.models import tiny
+    from sogni_node.models.registry import SHAPES_DIR, ModelSpec, shapes_model_spec
+
+    cfg = load_config(config)
     models = _store(config, models_dir).installed()
+    built_in = []
+    if (SHAPES_DIR / "model_index.json").is_file():
+        built_in.append(shapes_model_spec())
+    if cfg.test_model:  # listed, not built: the node builds it at start
+        built_in.append(
+            ModelSpec(
+                model_id=tiny.TINY_MODEL_ID,
+                path=(models_dir or cfg.models_dir) / tiny.TINY_MODEL_ID,
+                model_class="sd15",
+                default_steps=tiny.TINY_DEFAULT_STEPS,
+                default_guidance=tiny.TINY_DEFAULT_GUIDANCE,
+                width=tiny.TINY_IMAGE_SIZE,
+                height=tiny.TINY_IMAGE_SIZE,
+            )
+        )
     if as_json:
-        typer.echo(json.dumps({m.model_id: m.to_json() for m in models}, indent=2))
+        out = {
+            s.model_id: {
+                "builtIn": True,
+                "class": s.model_class,
+                "width": s.width,
+                "height": s.height,
+                "steps": s.default_steps,
+                "guidance": s.default_guidance,
+            }
+            for s in built_in
+        }
+        out.update({m.model_id: m.to_json() for m in models})
+        typer.echo(json.dumps(out, indent=2))
         return
+    for s in built_in:
+        typer.echo(
+            f"{s.model_id}  {s.model_class}  {s.width}x{s.height}  steps={s.default_steps} "
+            f"guidance={s.default_guidance}  (built-in)"
+        )
     if not models:
-        typer.echo("no models installed")
+        typer.echo("no models installed (add one with `sogni-node models add PATH`)")
     for m in models:
         typer.echo(
             f"{m.model_id}  {m.model_class}  {m.width}x{m.height}  steps={m.steps} "
@@ -116,6 +152,9 @@ def verify(
 ) -> None:
     """Re-hash weight files against the index; exit 1 if any model is bad."""
     results = _store(config, models_dir).verify(model_id, full=not quick)
+    if not results and not as_json:
+        typer.echo("no models installed: nothing to verify (built-in models ship with the node)")
+        return
     if as_json:
         typer.echo(json.dumps({r.model_id: {"ok": r.ok, "problems": r.problems} for r in results}))
     else:

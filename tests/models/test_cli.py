@@ -22,7 +22,15 @@ def test_models_cli(
     tiny_folder: Path, tiny_checkpoint: Path, tiny_config_dir: Path, tmp_path: Path
 ) -> None:
     models = tmp_path / "models"
-    assert _run(models, "list") == (0, "no models installed\n")
+    assert _run(models, "verify") == (
+        0,
+        "no models installed: nothing to verify (built-in models ship with the node)\n",
+    )
+    assert _run(models, "list") == (
+        0,
+        "sogni-shapes-64  sd15  64x64  steps=8 guidance=5.0  (built-in)\n"
+        "no models installed (add one with `sogni-node models add PATH`)\n",
+    )
     code, out = _run(models, "add", str(tiny_folder), "--id", "tiny")
     assert code == 0 and "added tiny (sd15)" in out
     code, out = _run(models, "add", str(tiny_checkpoint), "--config-dir", str(tiny_config_dir))
@@ -33,7 +41,8 @@ def test_models_cli(
     code, out = _run(models, "list", "--json")
     assert code == 0
     listed = json.loads(out)
-    assert sorted(listed) == ["tiny", "tiny_sd_v1_-test"]
+    assert sorted(listed) == ["sogni-shapes-64", "tiny", "tiny_sd_v1_-test"]
+    assert listed["sogni-shapes-64"]["builtIn"] is True
     assert listed["tiny_sd_v1_-test"]["format"] == "single-file"
 
     assert _run(models, "verify") == (0, "tiny: ok\ntiny_sd_v1_-test: ok\n")
@@ -50,4 +59,4 @@ def test_models_cli(
     code, out = _run(models, "remove", "tiny")
     assert code == 3 and "not installed" in out
     code, out = _run(models, "list")
-    assert code == 0 and out.startswith("tiny_sd_v1_-test  sd15  512x512")
+    assert code == 0 and out.splitlines()[1].startswith("tiny_sd_v1_-test  sd15  512x512")
