@@ -545,7 +545,7 @@ def keys_create(
 ) -> None:
     """Create an encrypted payer wallet (password from the env var or a prompt)."""
     password = password_from_env_or_prompt(password_env, confirm=True)
-    address = create_keystore(keystore, password, force=force, create_hint=f"{_KEYS_HINT} --force")
+    address = create_keystore(keystore, password, force=force, create_hint=_KEYS_HINT)
     typer.echo(f"payer {address} in {keystore}")
 
 

@@ -83,7 +83,12 @@ def keys_create(
                 "settlement_keystore is not set", "set it in the config (a path), then run again"
             )
         password = password_from_env_or_prompt(cfg.settlement_password_env, confirm=True)
-        address = create_keystore(cfg.settlement_keystore, password, force=force)
+        address = create_keystore(
+            cfg.settlement_keystore,
+            password,
+            force=force,
+            create_hint="sogni-coordinator keys create --settlement",
+        )
         typer.echo(
             f"settlement key {address} in {cfg.settlement_keystore}: grant it SETTLEMENT_ROLE "
             "(chain deploy --settler ADDRESS), and keep it offline if you like"

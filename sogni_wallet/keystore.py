@@ -94,7 +94,7 @@ def create_keystore(
     kdf_n: int = DEFAULT_KDF_N,
     force: bool = False,
     private_key: bytes | None = None,
-    create_hint: str = "sogni-node keys create --force",
+    create_hint: str = "sogni-node keys create",
 ) -> str:
     """Create a new key (or encrypt `private_key`) at `path`; returns its checksummed address.
 
@@ -112,7 +112,8 @@ def create_keystore(
         if not force:
             raise KeystoreExists(
                 f"keystore {path} already exists (address {keystore_address(path)}); "
-                f"refusing to replace it. To replace it anyway: {create_hint}"
+                f"refusing to replace it. To replace it anyway (the old one is kept as "
+                f".bak): {create_hint} --force"
             )
         backup = path.with_name(f"{path.name}.{int(time.time())}.bak")
         os.replace(path, backup)

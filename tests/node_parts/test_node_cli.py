@@ -131,3 +131,15 @@ def test_start_calls_daemon_run_with_config(
     result = runner.invoke(app, ["start"], env=env)
     assert result.exit_code == 0, result.output
     assert len(seen) == 1 and seen[0].slots == 2 and seen[0].data_dir == tmp_path
+
+
+def test_an_existing_key_names_the_force_option_once(tmp_path: Path) -> None:
+    from sogni_wallet.keystore import KeystoreExists, create_keystore
+
+    create_keystore(tmp_path / "k.json", "pw", kdf_n=2)
+    with pytest.raises(KeystoreExists) as info:
+        create_keystore(
+            tmp_path / "k.json", "pw", kdf_n=2, create_hint="sogni-coordinator keys create"
+        )
+    assert str(info.value).endswith("sogni-coordinator keys create --force")
+    assert str(info.value).count("--force") == 1
