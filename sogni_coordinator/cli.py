@@ -227,16 +227,32 @@ def credit(
 
 @app.command("balance")
 def balance(
-    account: Annotated[str, typer.Argument(help="Wallet address.")], config: ConfigOpt = None
+    account: Annotated[str, typer.Argument(help="Wallet address.")],
+    config: ConfigOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (micro units).")] = False,
 ) -> None:
-    """Balances of an account in micro units (spark_free, spark_paid, sogni)."""
-    from sogni_coordinator.ledger import Ledger
+    """Balances of an account: free Spark, paid Spark and SOGNI."""
+    from eth_utils import is_address
 
+    from sogni_coordinator.ledger import MICRO, Ledger
+
+    if not is_address(account):
+        raise BadUsage(f"{account!r} is not an Ethereum address", "give a 0x... address")
     ledger = Ledger(_config(config).database)
     try:
-        typer.echo(json.dumps({"account": account, "balance": ledger.balance(account)}))
+        held = ledger.balance(account)
     finally:
         ledger.close()
+    if as_json:
+        typer.echo(json.dumps({"account": account, "balance": held}))
+        return
+    typer.echo(f"account     {account}")
+    for key, unit in (
+        ("spark_free", "free Spark"),
+        ("spark_paid", "paid Spark"),
+        ("sogni", "SOGNI"),
+    ):
+        typer.echo(f"{unit:<11} {held.get(key, 0) / MICRO:,.6f}")
 
 
 app.command("leaderboard")(__import__("sogni_coordinator.leaderboard").leaderboard.leaderboard_cmd)
