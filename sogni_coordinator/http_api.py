@@ -1,17 +1,20 @@
 """The coordinator's HTTP API (served by `sogni_net.serve_http` on `http_listen`).
 
-`/healthz` for probes and operators; `GET /epochs` (the index of published epochs) and
-`GET /epochs/{name}` (one published file: `epoch-NNNNNN.json`, `epoch-NNNNNN.tree.json`,
-`receipts/0x<keccak>.json`) so nodes can fetch and check their rewards from anywhere;
-`POST /relay/claim` to have this coordinator submit a claim and pay its gas (the same checks
-and limits as the `/sogni/relay/1.0.0` protocol, `claim_relay`). Later routes (the HTTP
-gateway for apps, metrics, a status page) go into `routes()`. starlette is imported when the
-app is built, so importing this module needs no `http` extra.
+`/healthz` (the process is up) and `/readyz` (database writable, libp2p listening) for probes,
+`/metrics` for Prometheus (`sogni_coordinator.metrics`, docs/OPERATIONS.md); `GET /epochs`
+(the index of published epochs) and `GET /epochs/{name}` (one published file:
+`epoch-NNNNNN.json`, `epoch-NNNNNN.tree.json`, `receipts/0x<keccak>.json`) so nodes can
+fetch and check their rewards from anywhere; `POST /relay/claim` to have this coordinator
+submit a claim and pay its gas (the same checks and limits as the `/sogni/relay/1.0.0`
+protocol, `claim_relay`). Later routes (the HTTP gateway for apps, a status page) go into
+`routes()`. starlette is imported when the app is built, so importing this module needs no
+`http` extra.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +24,7 @@ from sogni_net import health_endpoint, require_http_extra
 from sogni_protocol import ids
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.responses import Response
@@ -46,6 +50,12 @@ class CoordinatorView:
     """The published epochs folder (`chain_link.publish_dir`); None: `/epochs` is 404."""
     relay: ClaimRelay | None = None
     """Submits claims for nodes; None (no settlement chain): `/relay/claim` answers 503."""
+    registry: CollectorRegistry | None = None
+    """This coordinator's metrics (`sogni_coordinator.metrics`); None: `/metrics` is 404."""
+    refresh: Callable[[], Awaitable[None]] | None = None
+    """Run before each scrape: the gauges that need the database, read off the loop."""
+    not_ready: Callable[[], Awaitable[str | None]] | None = None
+    """Why `/readyz` is 503 (one line), or None when ready; None here: ready while up."""
 
 
 def health(view: CoordinatorView) -> dict[str, object]:
@@ -196,11 +206,28 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
     return bytes(body)
 
 
+def probe_routes(view: CoordinatorView) -> list[BaseRoute]:
+    """`/readyz`, and `/metrics` when the coordinator keeps metrics."""
+    from starlette.routing import Route
+
+    from sogni_protocol.metrics import metrics_endpoint, readiness_endpoint
+
+    async def not_ready() -> str | None:
+        return None if view.not_ready is None else await view.not_ready()
+
+    out: list[BaseRoute] = [Route("/readyz", readiness_endpoint(not_ready), methods=["GET"])]
+    if view.registry is not None:
+        endpoint = metrics_endpoint(view.registry, view.refresh)
+        out.append(Route("/metrics", endpoint, methods=["GET"]))
+    return out
+
+
 def routes(view: CoordinatorView) -> list[BaseRoute]:
     from starlette.routing import Route
 
     return [
         Route("/healthz", health_endpoint(lambda: health(view)), methods=["GET"]),
+        *probe_routes(view),
         *epoch_routes(view),
         *relay_routes(view),
     ]

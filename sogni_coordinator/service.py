@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING
@@ -25,7 +26,7 @@ from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.routing import Router
 from sogni_coordinator.settlement.timer import run_epoch_timer
 from sogni_coordinator.store import Store
-from sogni_net import Channel, open_host, parse_listen, serve_http
+from sogni_net import Channel, open_host, parse_listen, require_http_extra, serve_http
 from sogni_protocol.catalog import default_catalog
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import (
@@ -88,7 +89,13 @@ async def run_coordinator(
         if standing is not None:  # chain reads off the loop, cached; routing reads memory
             router.standing = standing
             billing.standing = standing
-        dispatcher = Dispatcher(
+        new_dispatcher: Callable[..., Dispatcher] = Dispatcher
+        if parse_listen(config.http_listen) is not None:  # metrics for /metrics
+            require_http_extra()  # say what to install, not ModuleNotFoundError
+            from sogni_coordinator.metrics import metered
+
+            new_dispatcher = metered({*default_catalog().models, *config.models})
+        dispatcher = new_dispatcher(
             store,
             signer_key=signer.private_key,
             signer_address=signer.address,
@@ -144,9 +151,12 @@ async def run_coordinator(
                     )
                 http_url = None
                 if parse_listen(config.http_listen) is not None:
+                    from sogni_coordinator.metrics import observe
+
                     view = CoordinatorView(
                         host.peer_id, signer.address, dispatcher, started, epochs, relay
                     )
+                    view = observe(view, store, config.database, host, nursery)
                     http_url = await nursery.start(serve_http, build_app(view), config.http_listen)
                 info = {
                     "peerId": host.peer_id,

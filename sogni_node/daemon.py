@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from sogni_net import Host, TransportError, open_host, parse_listen, serve_http
+from sogni_net import (
+    Host,
+    TransportError,
+    open_host,
+    parse_listen,
+    require_http_extra,
+    serve_http,
+)
 from sogni_node.benchmark import saved_speed
 from sogni_node.config import NodeConfig
 from sogni_node.hardware import HardwareError, HardwareInfo, probe
@@ -103,7 +110,13 @@ async def run_node(
     """
     started = time.monotonic()
     hw = probe(config.device)
-    worker = Worker(backend, config.slots, LoraLibrary(config.models_dir))
+    new_worker: Callable[..., Worker] = Worker
+    if parse_listen(config.http_listen) is not None:  # metrics for /metrics
+        require_http_extra()  # say what to install, not ModuleNotFoundError
+        from sogni_node.metrics import metered
+
+        new_worker = metered(models)
+    worker = new_worker(backend, config.slots, LoraLibrary(config.models_dir))
     journal = Journal(config.journal_path, config.data_dir / "results")
     trajectories = TrajectoryFiles(
         config.data_dir / "trajectories", config.trajectory_retention_seconds
@@ -168,7 +181,11 @@ async def run_node(
                         lambda: _connected(sessions),
                         len(config.coordinators),
                         started,
+                        tuple(models),
                     )
+                    from sogni_node.metrics import observe
+
+                    view = observe(view, nursery)
                     http_url = await nursery.start(serve_http, build_app(view), config.http_listen)
                 log.info(
                     "node_ready",

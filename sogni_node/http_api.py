@@ -1,8 +1,9 @@
 """The node's HTTP API (served by `sogni_net.serve_http` on `http_listen`).
 
-`/healthz` for probes and operators; later routes (metrics, a status page) go into
-`routes()`. starlette is imported when the app is built, so importing this module needs no
-`http` extra.
+`/healthz` (the process is up) and `/readyz` (a trusted coordinator connected, a model to
+serve) for probes, `/metrics` for Prometheus (`sogni_node.metrics`, docs/OPERATIONS.md);
+later routes (a status page) go into `routes()`. starlette is imported when the app is built,
+so importing this module needs no `http` extra.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 from sogni_net import health_endpoint, require_http_extra
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
     from starlette.applications import Starlette
     from starlette.routing import BaseRoute
 
@@ -32,6 +34,10 @@ class NodeView:
     """Coordinators with a live, welcomed pull session."""
     configured: int
     started: float = field(default_factory=time.monotonic)
+    models: tuple[str, ...] = ()
+    """Models this node serves (advertised); none: not ready."""
+    registry: CollectorRegistry | None = None
+    """This node's metrics (`sogni_node.metrics`); None: `/metrics` is 404."""
 
 
 def health(view: NodeView) -> dict[str, object]:
@@ -57,10 +63,35 @@ def health(view: NodeView) -> dict[str, object]:
     }
 
 
+def not_ready(view: NodeView) -> str | None:
+    """Why the node cannot take work now (one line for `/readyz`), or None.
+
+    Ready: not shutting down, a model to serve, and a welcomed session with at least one
+    trusted coordinator (sessions are only welcomed by a trusted signer)."""
+    if view.worker.draining:
+        return "draining: the node is shutting down"
+    if not view.models:
+        return "no model to serve"
+    if view.coordinators() < 1:
+        return f"no trusted coordinator connected (0 of {view.configured})"
+    return None
+
+
 def routes(view: NodeView) -> list[BaseRoute]:
     from starlette.routing import Route
 
-    return [Route("/healthz", health_endpoint(lambda: health(view)), methods=["GET"])]
+    from sogni_protocol.metrics import metrics_endpoint, readiness_endpoint
+
+    async def reason() -> str | None:
+        return not_ready(view)
+
+    out: list[BaseRoute] = [
+        Route("/healthz", health_endpoint(lambda: health(view)), methods=["GET"]),
+        Route("/readyz", readiness_endpoint(reason), methods=["GET"]),
+    ]
+    if view.registry is not None:
+        out.append(Route("/metrics", metrics_endpoint(view.registry), methods=["GET"]))
+    return out
 
 
 def build_app(view: NodeView) -> Starlette:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any, Literal, TextIO, cast
 
 import msgspec
@@ -29,6 +30,7 @@ __all__ = [
     "configure_logging",
     "get_logger",
     "redact_sensitive",
+    "tap_events",
 ]
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -125,6 +127,30 @@ def redact_sensitive(_logger: Any, _method: str, event_dict: EventDict) -> Event
         if key in ("exc_info", "stack_info", "_record", "_from_structlog"):
             continue
         event_dict[key] = _clean(key, event_dict[key], 0)
+    return event_dict
+
+
+_TAP: ContextVar[Callable[[str], None] | None] = ContextVar("sogni_event_tap", default=None)
+
+
+def tap_events(tap: Callable[[str], None]) -> None:
+    """Call `tap(event name)` for every structured event logged from this task and the tasks
+    and threads it starts from now on (trio copies the context), whatever the log level.
+
+    How a daemon counts events its modules already log (metrics) without a hook in them;
+    the context keeps two daemons in one process apart. Only the name is passed, never a
+    field. Active once `configure_logging` ran (the daemons' CLIs run it first)."""
+    _TAP.set(tap)
+
+
+def _tap_event(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
+    tap = _TAP.get()
+    event = event_dict.get("event")
+    if tap is not None and isinstance(event, str):
+        try:
+            tap(event)
+        except Exception:  # a metric must never break logging
+            pass
     return event_dict
 
 
@@ -246,6 +272,7 @@ def configure_logging(
 
     structlog.configure(
         processors=[
+            _tap_event,  # before the level filter: counts do not depend on the log level
             structlog.stdlib.filter_by_level,
             structlog.stdlib.PositionalArgumentsFormatter(),
             *_shared_processors(),

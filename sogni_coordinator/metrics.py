@@ -1,0 +1,342 @@
+"""The coordinator's Prometheus metrics (`GET /metrics`) and readiness (`GET /readyz`).
+
+Counts come from a `Dispatcher` subclass that sees every job state change (`_to`, the one
+place a job's state changes), offers declined, results accepted or refused and check
+verdicts, without touching the dispatcher's logic; gauges are read from memory at scrape
+time (nodes per tier and model, live jobs), and the settlement gauges from the database off
+the event loop before each scrape. Labels are model ids of the allowed set, tiers, verdicts
+and fixed refusal categories: never a prompt, a key, an address or a reason's text.
+Imported only when the HTTP listener is on (needs the `http` extra).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from sogni_coordinator.dispatch import Dispatcher, ResultRefused
+from sogni_coordinator.job_state import TERMINAL, JobEvent, JobState
+from sogni_protocol.metrics import (
+    OTHER,
+    RENDER_BUCKETS,
+    LoopLag,
+    ModelLabels,
+    category,
+    new_registry,
+)
+from sogni_protocol.payout_rules import SOGNI
+
+if TYPE_CHECKING:
+    from sogni_coordinator.checks import Held
+    from sogni_coordinator.http_api import CoordinatorView
+    from sogni_coordinator.jobs import Job, NodeLink
+    from sogni_coordinator.store import Store
+    from sogni_net import Host
+    from sogni_protocol.messages import Result
+
+PREFIX = "sogni_coordinator"
+TIERS = ("fast", "relaxed")
+VERDICTS = ("pass", "fail", "skipped")
+
+REFUSAL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("storage", ("storage", "could not store", "retry")),
+    ("job_gone", ("unknown job", "already receipted", "already ended", "for another job")),
+    ("offer_mismatch", ("offer", "another coordinator", "another model", "price factor")),
+    ("bad_signature", ("signature", "wallet bound")),
+    ("partial", ("partial",)),
+    ("work_mismatch", ("steps or work units",)),
+    ("bad_image", ("image", "resulthash", "decode")),
+)
+"""`ResultRefused` texts -> a fixed label set (`receipts_refused_total{reason}`)."""
+REFUSAL_LABELS = (*(name for name, _ in REFUSAL_CATEGORIES), "other")
+
+READY_TIMEOUT = 3.0
+"""Seconds `/readyz` waits for the database write lock before answering not ready."""
+
+
+class CoordinatorMetrics:
+    """The counters and histograms, and the per-job times the histograms need (live jobs
+    only: dropped when a job ends)."""
+
+    def __init__(self, registry: CollectorRegistry, models: ModelLabels) -> None:
+        self.registry = registry
+        self.model = models
+
+        def jobs(name: str, doc: str) -> Counter:
+            return Counter(f"{PREFIX}_jobs_{name}", doc, ["model"], registry=registry)
+
+        self.offered = jobs("offered", "Offers sent to nodes (a straggler's copy counts)")
+        self.declined = jobs("declined", "Offers a node declined")
+        self.accepted = jobs("accepted", "Results accepted: receipt stored (held or final)")
+        self.finished = jobs("finished", "Jobs done: image delivered to the client")
+        self.failed = jobs("failed", "Jobs given up (attempts spent or no capable node)")
+        self.requeued = jobs("requeued", "Jobs put back in the queue after a node let go")
+        self.job_counters = (
+            self.offered,
+            self.declined,
+            self.accepted,
+            self.finished,
+            self.failed,
+            self.requeued,
+        )
+        self.receipts_stored = Counter(
+            f"{PREFIX}_receipts_stored", "Receipts committed to the database", registry=registry
+        )
+        self.receipts_refused = Counter(
+            f"{PREFIX}_receipts_refused",
+            "Results refused, by category of the reason",
+            ["reason"],
+            registry=registry,
+        )
+        self.checks = Counter(
+            f"{PREFIX}_checks",
+            "Sampled receipts checked, by verdict (pass, fail, skipped)",
+            ["verdict"],
+            registry=registry,
+        )
+        self.render_seconds = Histogram(
+            f"{PREFIX}_render_seconds",
+            "From the offer to the stored receipt of a finished job",
+            ["model"],
+            buckets=RENDER_BUCKETS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            f"{PREFIX}_queue_wait_seconds",
+            "From (re-)queueing a job to its offer",
+            ["model"],
+            buckets=RENDER_BUCKETS,
+            registry=registry,
+        )
+        self.epoch = Gauge(
+            f"{PREFIX}_epoch",
+            "Number of the last epoch in each state (planned: root not on chain yet)",
+            ["state"],
+            registry=registry,
+        )
+        self.settled = Gauge(
+            f"{PREFIX}_settled_sogni",
+            "SOGNI paid to nodes by the last posted epoch (cumulative)",
+            registry=registry,
+        )
+        self.lag = LoopLag(registry, PREFIX)
+        for model in (*sorted(models.allowed), OTHER):  # every series exists from the start
+            for counter in self.job_counters:
+                counter.labels(model=model)
+        for name in REFUSAL_LABELS:
+            self.receipts_refused.labels(reason=name)
+        for verdict in VERDICTS:
+            self.checks.labels(verdict=verdict)
+        self._queued_at: dict[bytes, float] = {}
+        self._offered_at: dict[bytes, float] = {}
+
+    def queued(self, job: Job, now: float, *, again: bool) -> None:
+        self._queued_at[job.job_id] = now
+        if again:
+            self.requeued.labels(model=self.model(job.params.model_id)).inc()
+
+    def transition(self, job: Job, old: JobState, event: JobEvent, now: float) -> None:
+        model = self.model(job.params.model_id)
+        if event is JobEvent.OFFER:
+            self.offered.labels(model=model).inc()
+            if old is JobState.QUEUED:
+                since = self._queued_at.pop(job.job_id, None)
+                if since is not None:
+                    self.queue_wait.labels(model=model).observe(max(0.0, now - since))
+                self._offered_at[job.job_id] = now
+        elif event is JobEvent.RELEASE or event is JobEvent.RESTORE:
+            self._offered_at.pop(job.job_id, None)
+        if job.state is JobState.DONE:
+            self.finished.labels(model=model).inc()
+            since = self._offered_at.get(job.job_id)
+            if since is not None:
+                self.render_seconds.labels(model=model).observe(max(0.0, now - since))
+        elif job.state is JobState.FAILED:
+            self.failed.labels(model=model).inc()
+        if job.state in TERMINAL:
+            self._queued_at.pop(job.job_id, None)
+            self._offered_at.pop(job.job_id, None)
+
+
+class MeteredDispatcher(Dispatcher):
+    """The dispatcher, counting as it goes (`metrics`); behaviour unchanged."""
+
+    def __init__(self, *args: Any, metrics: CoordinatorMetrics, **kwargs: Any) -> None:
+        self.metrics = metrics
+        super().__init__(*args, **kwargs)
+
+    def _to(self, job: Job, event: JobEvent, *, durable: bool = False) -> JobState:
+        old = job.state
+        new = super()._to(job, event, durable=durable)
+        self.metrics.transition(job, old, event, self._clock())
+        return new
+
+    def _enqueue(self, job: Job, *, front: bool = False) -> None:
+        super()._enqueue(job, front=front)
+        self.metrics.queued(job, self._clock(), again=front)
+
+    def offer_declined(self, link: NodeLink, job_id: bytes, reason: str) -> None:
+        job = link.inflight.get(job_id)
+        if job is not None:
+            self.metrics.declined.labels(model=self.metrics.model(job.params.model_id)).inc()
+        super().offer_declined(link, job_id, reason)
+
+    async def accept_result(self, link: NodeLink, result: Result) -> None:
+        job = self.jobs.get(result.job_id)
+        try:
+            await super().accept_result(link, result)
+        except ResultRefused as exc:
+            reason = category(str(exc), REFUSAL_CATEGORIES)
+            self.metrics.receipts_refused.labels(reason=reason).inc()
+            raise
+        self.metrics.receipts_stored.inc()
+        if job is not None:
+            self.metrics.accepted.labels(model=self.metrics.model(job.params.model_id)).inc()
+
+    async def check_passed(self, held: Held, verdict: str) -> None:
+        label = verdict if verdict in VERDICTS else "skipped"
+        self.metrics.checks.labels(verdict=label).inc()
+        await super().check_passed(held, verdict)
+
+    async def check_failed(
+        self, held: Held, reason: str, *, strike: bool, evidence: bytes | None = None
+    ) -> None:
+        self.metrics.checks.labels(verdict="fail").inc()
+        await super().check_failed(held, reason, strike=strike, evidence=evidence)
+
+
+class LiveState(Collector):
+    """Gauges read from the dispatcher's memory at scrape time (on the trio thread)."""
+
+    def __init__(self, dispatcher: Dispatcher, models: ModelLabels) -> None:
+        self.dispatcher = dispatcher
+        self.model = models
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        d = self.dispatcher
+        tiers = dict.fromkeys(TIERS, 0)
+        models: dict[str, int] = {}
+        for link in list(d.nodes.values()):
+            for tier in d.router.classify(link.device, link.wallet)[0]:
+                if tier in tiers:
+                    tiers[tier] += 1
+            for model in {self.model(m) for m in link.models}:
+                models[model] = models.get(model, 0) + 1
+        nodes, by_model, jobs = self._families()
+        nodes.add_metric(["all"], len(d.nodes))
+        for tier, n in tiers.items():
+            nodes.add_metric([tier], n)
+        for model, n in sorted(models.items()):
+            by_model.add_metric([model], n)
+        for state, n in d.job_counts().items():
+            jobs.add_metric([state], n)
+        yield from (nodes, by_model, jobs)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                f"{PREFIX}_nodes_connected",
+                "Connected nodes per tier they may serve now (all: every node)",
+                labels=["tier"],
+            ),
+            GaugeMetricFamily(
+                f"{PREFIX}_nodes_with_model",
+                "Connected nodes offering each model",
+                labels=["model"],
+            ),
+            GaugeMetricFamily(f"{PREFIX}_live_jobs", "Live jobs per state", labels=["state"]),
+        )
+
+
+def settlement_facts(store: Store) -> tuple[int | None, int | None, int]:
+    """Blocking: (last planned epoch, last posted epoch, SOGNI base units paid so far)."""
+    planned = store.last_epoch_record(state="planned")
+    posted = store.last_epoch_record(state="posted")
+    return (
+        None if planned is None else planned.epoch,
+        None if posted is None else posted.epoch,
+        0 if posted is None else posted.total,
+    )
+
+
+async def refresh_settlement(metrics: CoordinatorMetrics, store: Store) -> None:
+    """Update the epoch gauges before a scrape; a slow database leaves the last values."""
+    with trio.move_on_after(READY_TIMEOUT):
+        planned, posted, total = await trio.to_thread.run_sync(
+            settlement_facts,
+            store,
+            abandon_on_cancel=True,  # type: ignore[call-arg]
+        )
+        for state, epoch in (("planned", planned), ("posted", posted)):
+            metrics.epoch.labels(state=state).set(-1 if epoch is None else epoch)
+        metrics.settled.set(total / SOGNI)
+
+
+def database_writable(path: Path, timeout: float = READY_TIMEOUT) -> str | None:
+    """Blocking: take the database's write lock and roll back at once; None if it could,
+    else a one-line reason. A second connection, so a probe never joins the writer's
+    transaction."""
+    if not path.exists():
+        return "database file missing"
+    started = time.monotonic()
+    try:
+        db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ROLLBACK")
+        finally:
+            db.close()
+    except sqlite3.Error as exc:
+        waited = time.monotonic() - started
+        return f"database not writable after {waited:.1f} s ({type(exc).__name__})"
+    return None
+
+
+async def database_ready(path: Path) -> str | None:
+    with trio.move_on_after(READY_TIMEOUT + 1):
+        return await trio.to_thread.run_sync(database_writable, path, abandon_on_cancel=True)  # type: ignore[call-arg]
+    return f"database write lock not taken within {READY_TIMEOUT + 1:g} s"
+
+
+def metered(allowed_models: Iterable[str]) -> Callable[..., MeteredDispatcher]:
+    """A `Dispatcher` constructor that counts into a new registry of its own (several
+    coordinators in one process stay apart). Model labels: `allowed_models`, else "other"."""
+    models = ModelLabels(allowed_models)
+    return partial(MeteredDispatcher, metrics=CoordinatorMetrics(new_registry(), models))
+
+
+def observe(
+    view: CoordinatorView, store: Store, database: Path, host: Host, nursery: trio.Nursery
+) -> CoordinatorView:
+    """`view` with `/metrics` and `/readyz` wired to this coordinator; starts the event-loop
+    lag probe in `nursery` (the service's, so it ends with the service)."""
+    dispatcher = view.dispatcher
+    if not isinstance(dispatcher, MeteredDispatcher):
+        raise TypeError("the dispatcher was not built by `metered`")
+    metrics = dispatcher.metrics
+    metrics.registry.register(LiveState(dispatcher, metrics.model))
+    nursery.start_soon(metrics.lag.run)
+
+    async def refresh() -> None:
+        await refresh_settlement(metrics, store)
+
+    async def not_ready() -> str | None:
+        if not host.addrs:
+            return "libp2p listener not up"
+        return await database_ready(database)
+
+    return replace(view, registry=metrics.registry, refresh=refresh, not_ready=not_ready)

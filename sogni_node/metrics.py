@@ -1,0 +1,177 @@
+"""The node's Prometheus metrics (`GET /metrics`) and readiness (`GET /readyz`).
+
+Counts come from a `Worker` subclass that sees every slot claimed and every render's end
+(the worker is shared by all coordinator sessions, so these are the node's totals); gauges
+are read from memory at scrape time. Labels are model ids this node serves ("other"
+otherwise) and outcomes: never a prompt, a job id or an error text.
+Imported only when the HTTP listener is on (needs the `http` extra).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from sogni_node.render.backend import RenderCancelled
+from sogni_node.worker import Running, Worker
+from sogni_protocol.logs import tap_events
+from sogni_protocol.metrics import OTHER, RENDER_BUCKETS, LoopLag, ModelLabels, new_registry
+
+if TYPE_CHECKING:
+    from sogni_node.http_api import NodeView
+    from sogni_node.render.backend import RenderOutput
+    from sogni_protocol.messages import JobParams
+
+PREFIX = "sogni_node"
+
+EVENT_COUNTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "step_reverified": (("step",), "done"),
+    "verify_refused": (("step",), "refused"),
+    "latent_decoded": (("decode",), "done"),
+    "decode_refused": (("decode",), "refused"),
+    "challenge_answered": ((), "answered"),
+    "challenge_refused": ((), "refused"),
+}
+"""Log event -> (verification kind, or none for a challenge; outcome)."""
+
+
+class NodeMetrics:
+    def __init__(self, registry: CollectorRegistry, models: ModelLabels) -> None:
+        self.registry = registry
+        self.model = models
+        self.received = Counter(
+            f"{PREFIX}_jobs_received", "Offers taken into a render slot", registry=registry
+        )
+
+        def jobs(name: str, doc: str) -> Counter:
+            return Counter(f"{PREFIX}_jobs_{name}", doc, ["model"], registry=registry)
+
+        self.finished = jobs("finished", "Renders finished")
+        self.failed = jobs("failed", "Renders that failed (the job is handed back)")
+        self.handed_back = jobs(
+            "handed_back", "Renders cancelled mid-way (handed back, or paid pro rata)"
+        )
+        for model in (*sorted(models.allowed), OTHER):  # every series exists from the start
+            for counter in (self.finished, self.failed, self.handed_back):
+                counter.labels(model=model)
+        self.render_seconds = Histogram(
+            f"{PREFIX}_render_seconds",
+            "Wall time of finished renders",
+            ["model"],
+            buckets=RENDER_BUCKETS,
+            registry=registry,
+        )
+        self.verifications = Counter(
+            f"{PREFIX}_verifications",
+            "Other nodes' work re-run for a coordinator (kind: step, decode)",
+            ["kind", "outcome"],
+            registry=registry,
+        )
+        self.challenges = Counter(
+            f"{PREFIX}_challenges",
+            "Trajectory challenges about this node's own renders",
+            ["outcome"],
+            registry=registry,
+        )
+        for kind, outcome in EVENT_COUNTS.values():
+            (self.verifications if kind else self.challenges).labels(*kind, outcome)
+        self.lag = LoopLag(registry, PREFIX)
+
+    def on_event(self, event: str) -> None:
+        """A structured log event's name (`sogni_protocol.logs.tap_events`): count the
+        verification and challenge events `sogni_node.pull` logs."""
+        counted = EVENT_COUNTS.get(event)
+        if counted is not None:
+            kind, outcome = counted
+            (self.verifications if kind else self.challenges).labels(*kind, outcome).inc()
+
+
+class MeteredWorker(Worker):
+    """The worker, counting as it goes (`metrics`); behaviour unchanged."""
+
+    def __init__(self, *args: Any, metrics: NodeMetrics, **kwargs: Any) -> None:
+        self.metrics = metrics
+        super().__init__(*args, **kwargs)
+
+    def claim(self, job_id: bytes) -> Running:
+        run = super().claim(job_id)
+        self.metrics.received.inc()
+        return run
+
+    async def render(
+        self, run: Running, params: JobParams, on_step: Callable[[int], None]
+    ) -> RenderOutput:
+        m = self.metrics
+        model = m.model(params.model_id)
+        started = time.monotonic()
+        try:
+            out = await super().render(run, params, on_step)
+        except (RenderCancelled, trio.Cancelled):
+            m.handed_back.labels(model=model).inc()
+            raise
+        except Exception:
+            m.failed.labels(model=model).inc()
+            raise
+        m.finished.labels(model=model).inc()
+        m.render_seconds.labels(model=model).observe(time.monotonic() - started)
+        return out
+
+
+class LiveState(Collector):
+    """Gauges read from the daemon's memory at scrape time (on the trio thread)."""
+
+    def __init__(self, worker: Worker, coordinators: Callable[[], int], configured: int) -> None:
+        self.worker = worker
+        self.coordinators = coordinators
+        self.configured = configured
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        connected, configured, slots, running, draining = self._families()
+        connected.add_metric([], self.coordinators())
+        configured.add_metric([], self.configured)
+        slots.add_metric([], self.worker.slots)
+        running.add_metric([], len(self.worker.running))
+        draining.add_metric([], 1 if self.worker.draining else 0)
+        yield from (connected, configured, slots, running, draining)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, ...]:
+        return (
+            GaugeMetricFamily(
+                f"{PREFIX}_coordinators_connected", "Coordinators with a welcomed session"
+            ),
+            GaugeMetricFamily(f"{PREFIX}_coordinators_configured", "Coordinators configured"),
+            GaugeMetricFamily(f"{PREFIX}_slots", "Render slots"),
+            GaugeMetricFamily(f"{PREFIX}_running_jobs", "Renders running now"),
+            GaugeMetricFamily(f"{PREFIX}_draining", "1 while shutting down"),
+        )
+
+
+def metered(models: Iterable[str]) -> Callable[..., MeteredWorker]:
+    """A `Worker` constructor that counts into a new registry of its own (several nodes in
+    one process stay apart). Model labels: `models` (those this node serves), else "other"."""
+    return partial(MeteredWorker, metrics=NodeMetrics(new_registry(), ModelLabels(models)))
+
+
+def observe(view: NodeView, nursery: trio.Nursery) -> NodeView:
+    """`view` with `/metrics` wired to this node; starts the event-loop lag probe in
+    `nursery` (the daemon's, so it ends with the daemon)."""
+    worker = view.worker
+    if not isinstance(worker, MeteredWorker):
+        raise TypeError("the worker was not built by `metered`")
+    metrics = worker.metrics
+    metrics.registry.register(LiveState(worker, view.coordinators, view.configured))
+    nursery.start_soon(metrics.lag.run)
+    tap_events(metrics.on_event)  # the sessions this task starts from now on
+    return replace(view, registry=metrics.registry)
