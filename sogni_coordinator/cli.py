@@ -247,12 +247,13 @@ def balance(
         typer.echo(json.dumps({"account": account, "balance": held}))
         return
     typer.echo(f"account     {account}")
-    for key, unit in (
-        ("spark_free", "free Spark"),
-        ("spark_paid", "paid Spark"),
-        ("sogni", "SOGNI"),
-    ):
-        typer.echo(f"{unit:<11} {held.get(key, 0) / MICRO:,.6f}")
+    rows = (
+        ("free Spark", held["spark_free"]),
+        ("paid Spark", held["spark_paid"]),
+        ("SOGNI", held["sogni"]),
+    )
+    for unit, amount in rows:
+        typer.echo(f"{unit:<11} {amount / MICRO:,.6f}")
 
 
 app.command("leaderboard")(__import__("sogni_coordinator.leaderboard").leaderboard.leaderboard_cmd)

@@ -225,11 +225,14 @@ def probe_routes(view: CoordinatorView) -> list[BaseRoute]:
 def routes(view: CoordinatorView) -> list[BaseRoute]:
     from starlette.routing import Route
 
+    from sogni_coordinator.status_page import status_routes
+
     return [
         Route("/healthz", health_endpoint(lambda: health(view)), methods=["GET"]),
         *probe_routes(view),
         *epoch_routes(view),
         *relay_routes(view),
+        *status_routes(view),
     ]
 
 

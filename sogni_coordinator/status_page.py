@@ -16,7 +16,7 @@ import html
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from sogni_coordinator.leaderboard import Row, leaderboard
 from sogni_protocol.catalog import Catalog
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from starlette.responses import Response
     from starlette.routing import BaseRoute
 
-    from sogni_coordinator.http_api import CoordinatorView
+    from sogni_coordinator.dispatch import Dispatcher
 
 __all__ = [
     "BUCKET_SECONDS",
@@ -44,6 +44,19 @@ REFRESH_SECONDS = 10
 TOP = 10
 """Rows shown per leaderboard."""
 WEI_PER_SOGNI = 10**18
+
+
+class CoordinatorView(Protocol):
+    """What the page reads (`http_api.CoordinatorView` has it)."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    @property
+    def signer(self) -> str: ...
+
+    @property
+    def dispatcher(self) -> Dispatcher: ...
 
 
 @dataclass(frozen=True)

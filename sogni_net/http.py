@@ -92,6 +92,7 @@ def require_http_extra() -> None:
     """
     try:
         import hypercorn.trio  # noqa: F401
+        import prometheus_client  # noqa: F401
         import starlette  # noqa: F401
     except ImportError:
         raise TransportError(_NO_EXTRA) from None

@@ -60,7 +60,8 @@ class _Page(HTMLParser):
         elif tag == "td" and self._cell is not None and self._table is not None:
             self.tables[self._table][-1].append("".join(self._cell))
             self._cell = None
-        elif tag == "table":
+        elif tag == "table" and self._table is not None:
+            self.tables[self._table] = [r for r in self.tables[self._table] if r]  # header
             self._table = None
 
     def handle_data(self, data: str) -> None:
