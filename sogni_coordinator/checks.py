@@ -21,14 +21,24 @@ sees it rendering); the epoch settler skips pending receipts (`Store.unsettled_r
    render of another seed, or an older job's trajectory replayed, fails.
 
 Verdicts: `pass` (every step within tolerance): the check is marked passed, billing settles,
-the image is delivered. `fail` (no or bad answer to the challenge, a step over tolerance): the
-receipt moves to `failed_receipts` with the reason (evidence; the job may be receipted again),
-the payer is charged nothing, the worker is struck (`Reputation.strike`; repeated strikes
-blacklist), and the job is re-queued, offered to other wallets first
+the image is delivered. `fail` (no or bad answer to the challenge, a step over tolerance,
+confirmed): the receipt moves to `failed_receipts` with the reason and `evidence`
+(`evidence.py`), the payer is charged nothing, the worker is struck (`Reputation.strike`;
+repeated strikes blacklist), and the job is re-queued, offered to other wallets first
 (`Dispatcher.excluded`). `skipped` (no other wallet's node serves the model, or the verifier
 refused or did not answer: nothing the worker did): released as a pass; an honest node is
-never refused for lack of verifiers. A verifier refusing because the worker's leaf cannot
-be re-run (`LEAF_REJECTED`) is a fail.
+never refused for lack of verifiers. A refusal with code `bad_leaf` (the worker's leaf
+cannot be re-run) counts as over tolerance.
+
+Checking the verifiers (docs/VERIFICATION.md, "Checking the verifiers"): a step over
+tolerance is re-run on a node of a third wallet before it is held against the worker. The
+third agrees: the fail stands. It passes: the first verifier loses standing
+(`verifier_standing.py`), its answers in this check are discarded and the step counts as
+passed. No third answer: the first verifier gets a known-answer probe (`known_answers.py`);
+a wrong probe answer costs it its standing (and the step is asked elsewhere, or skipped),
+a right one (or no probe at all) lets the fail stand. Verifier answers are also probed at
+`probe_rate`. Every verifier answer a verdict rests on is recorded for pay
+(`Store.record_verifier_work`); passed steps feed the known-answer pool.
 
 Restart: a check still pending when the coordinator stopped fails closed in `restore`
 ("not verified before restart", no strike): the receipt becomes evidence and the job is
@@ -41,21 +51,32 @@ import json
 import math
 import random
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import trio
 
 from sogni_coordinator.challenges import ChallengeResult, choose_steps
+from sogni_coordinator.evidence import Evidence, StepEvidence, VerifierAnswer, encode_evidence
 from sogni_coordinator.image_verify import verify_image
 from sogni_coordinator.jobs import Job, NodeLink
+from sogni_coordinator.known_answers import KnownAnswer, KnownAnswers
+from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.store import Store
 from sogni_coordinator.verification_config import VerificationConfig
-from sogni_coordinator.verifiers import PendingVerifications, tolerance_for, verify_step
+from sogni_coordinator.verifier_standing import VerifierStanding
+from sogni_coordinator.verifiers import (
+    PendingVerifications,
+    StepVerdict,
+    probe_step,
+    tolerance_for,
+    verify_step,
+)
 from sogni_protocol.logs import get_logger
-from sogni_protocol.messages import NO_TRAJECTORY, Receipt, RenderMeta
+from sogni_protocol.messages import NO_TRAJECTORY, Receipt, RenderMeta, StepOpeningWire
 
 __all__ = ["SUPPORTED_SCHEDULERS", "Checks", "Held", "Outcome"]
 
@@ -65,11 +86,16 @@ SUPPORTED_SCHEDULERS = frozenset({"", "euler", "euler_a", "ddim", "dpmpp_2m_karr
 """Schedulers a verifier can re-run a step of (docs/VERIFICATION.md; "" is the model's
 default, which the verifier node rebuilds or refuses, a refusal counting as skipped)."""
 RESTART_REASON = "not verified before restart"
-LEAF_REJECTED = "could not re-run the step (ValueError)"
-"""A verifier's refusal that blames the worker's leaf (`sogni_node.pull`: re-running it
-raised ValueError: a latent of the wrong size, a multistep scheduler's committed state
-missing, ...): a fail, as a step over tolerance. Other refusals (another numeric mode, the
-model not loaded, a deadline) and silence say nothing about the worker: skipped."""
+OVERRULED = "overruled a verifier's fail"
+"""In a verdict's reason: a third wallet passed a step a verifier had failed."""
+PROBE_FAILED = "a verifier failed a known-answer probe"
+"""In a verdict's reason: a verifier's answer was discarded after a wrong probe answer."""
+BAD_LEAF = "bad_leaf"
+"""The refusal code (`VerifyRefused.code`) that blames the worker's leaf (`sogni_node.pull`:
+re-running it raised ValueError: a latent of the wrong size, a multistep scheduler's
+committed state missing, ...): a fail, as a step over tolerance. Other codes (another
+numeric mode, the model not loaded, a deadline) and silence say nothing about the worker:
+skipped."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +128,94 @@ class Outcome:
     """For a fail: what the check saw (`Store.failed_evidence` keeps it for a dispute)."""
 
 
+@dataclass(frozen=True)
+class _Answer:
+    """One verifier's verdict (`verifier` its wallet) and the peer that gave it."""
+
+    verdict: StepVerdict
+    peer: str | None
+
+    @property
+    def wallet(self) -> str | None:
+        return self.verdict.verifier
+
+    @property
+    def answered(self) -> bool:
+        """The verifier answered (or refused with a code): its word can be probed."""
+        v = self.verdict
+        return self.peer is not None and (v.distance is not None or v.code is not None)
+
+    def outcome(self, verdict: str, *, strike: bool = True) -> Outcome:
+        v = self.verdict
+        return Outcome(verdict, v.reason, v.step, v.verifier, v.distance, v.tolerance, strike)
+
+    def evidence(self) -> VerifierAnswer:
+        v = self.verdict
+        return VerifierAnswer(
+            verifier=v.verifier,
+            distance=v.distance,
+            tolerance=v.tolerance,
+            passed=v.passed,
+            reason=v.reason,
+            code=v.code,
+            latents=v.latents,
+        )
+
+
+@dataclass
+class _Run:
+    """One check under way: the opened leaves and what the verdict rests on so far."""
+
+    held: Held
+    by_step: dict[int, StepOpeningWire]
+    used: list[tuple[str | None, int, str]] = field(default_factory=list)
+    """(verifier wallet, step k or the final leaf, "step"/"image") per answer relied on."""
+    discarded: frozenset[str] = frozenset()
+    """Wallets (lowercase) whose answers this check no longer believes."""
+    evidence: list[StepEvidence] = field(default_factory=list)
+    last: Outcome | None = None
+    notes: list[str] = field(default_factory=list)
+    """What happened to verifiers in this check, for the verdict's reason."""
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+
+@dataclass(frozen=True)
+class _Decided:
+    outcome: Outcome
+    requeue: list[int]
+    """Steps k whose earlier pass was discarded (their verifier lost standing)."""
+
+
+_Ask = Callable[[frozenset[str]], Awaitable[StepVerdict]]
+"""Ask one verifier, not of these wallets, for a verdict (a step re-run, an image check)."""
+
+
+def _against_worker(v: StepVerdict) -> bool:
+    """The verdict holds the step against the worker: over tolerance, or `bad_leaf`."""
+    return not v.passed and (v.distance is not None or v.code == BAD_LEAF)
+
+
+@dataclass(frozen=True)
+class _Without:
+    """The dispatcher's nodes less some wallets, for `verify_image` (which draws its own
+    verifier): so the image check, too, never asks a verifier without standing."""
+
+    _d: _Dispatcher
+    _exclude: frozenset[str]
+
+    @property
+    def nodes(self) -> Mapping[str, NodeLink]:
+        barred = {w.lower() for w in self._exclude}
+        return {p: link for p, link in self._d.nodes.items() if link.wallet.lower() not in barred}
+
+    @property
+    def verifications(self) -> PendingVerifications:
+        return self._d.verifications
+
+
 class _Dispatcher(Protocol):
     """What the checks use of `sogni_coordinator.dispatch.Dispatcher` (named here, not
     imported: the dispatcher imports this module)."""
@@ -114,6 +228,9 @@ class _Dispatcher(Protocol):
 
     @property
     def store(self) -> Store: ...
+
+    @property
+    def reputation(self) -> Reputation: ...
 
     async def challenge(
         self, peer_id: str, job_id: bytes, steps: list[int], timeout: float
@@ -135,11 +252,17 @@ class Checks:
         policy: VerificationConfig | None = None,
         log_path: Path | None = None,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.dispatcher = dispatcher
         self.policy = policy or VerificationConfig()
         self.log_path = log_path
         self._rng = rng or random.SystemRandom()
+        self._clock = clock
+        self.known = KnownAnswers(self.policy.probe_pool)
+        """Steps whose answer is known, to probe verifiers with (in memory)."""
+        self.standing = VerifierStanding(self.policy.standing_lost_for, clock)
+        """Verifiers caught answering wrongly, not asked for a while."""
         self._send, self._recv = trio.open_memory_channel[Held](math.inf)
         self.pending: dict[bytes, Held] = {}
         """Held receipts by job id, until their check ends."""
@@ -158,7 +281,23 @@ class Checks:
             return False  # an unmeasured mode would fail every honest check: not sampled
         if p.first_jobs and self.dispatcher.store.receipt_count(receipt.worker) < p.first_jobs:
             return True
-        return p.rate >= 1.0 or self._rng.random() < p.rate
+        rate = p.rate
+        if p.low_score_rate > rate and self._low_score(receipt.worker):
+            rate = p.low_score_rate
+        return rate >= 1.0 or self._rng.random() < rate
+
+    def _low_score(self, wallet: str) -> bool:
+        """The worker's reputation score (with its live connection, if any) is below
+        `low_score_below`."""
+        since = [
+            link.connected_at
+            for link in self.dispatcher.nodes.values()
+            if link.wallet.lower() == wallet.lower()
+        ]
+        score = self.dispatcher.reputation.get(wallet).score(
+            self._clock(), min(since) if since else None
+        )
+        return score < self.policy.low_score_below
 
     # --- the tasks -----------------------------------------------------------------------
     def hold(self, held: Held) -> None:
@@ -195,59 +334,224 @@ class Checks:
         fault = result.fault(receipt)
         if fault is not None:
             gone = result.answer is None and fault == "node not connected"
-            return Outcome("fail", f"challenge: {fault}", strike=not gone)
+            reason = f"challenge: {fault}"
+            ev = Evidence(reason=reason, challenge=result.answer, challenge_refused=result.refused)
+            return Outcome("fail", reason, strike=not gone, evidence=encode_evidence(ev))
         assert result.answer is not None
-        by_step = {o.step: o for o in result.answer.openings}
-        drawn = [s for s in leaves if s >= 1 and s - 1 in by_step]
-        last: Outcome | None = None
-        for s in drawn:
-            v = await verify_step(
-                d,
-                params=held.job.params,
-                scheduler=held.job.params.scheduler,
+        run = _Run(held, {o.step: o for o in result.answer.openings})
+        drawn = [s for s in leaves if s >= 1 and s - 1 in run.by_step]
+        outcome = await self._verify_steps(run, drawn)
+        if outcome is None and p.image_check and receipt.steps_done in run.by_step:
+            outcome, again = await self._verify_image(run)
+            if outcome is None and again:  # its verifier lost standing: its steps are re-run
+                outcome = await self._verify_steps(run, [k + 1 for k in again])
+        outcome = outcome or run.last or Outcome("skipped", "no step pair drawn", strike=False)
+        if outcome.verdict == "fail":
+            ev = Evidence(reason=outcome.reason, challenge=result.answer, steps=run.evidence)
+            outcome = replace(outcome, evidence=encode_evidence(ev))
+        elif outcome.verdict == "pass":
+            self._remember(run)
+        extra = [n for n in run.notes if n not in outcome.reason]
+        if extra and outcome.verdict != "fail":
+            outcome = replace(outcome, reason="; ".join([outcome.reason, *extra]))
+        await self._record_work(run)
+        return outcome
+
+    # --- one check's steps ---------------------------------------------------------------
+    async def _verify_steps(self, run: _Run, drawn: list[int]) -> Outcome | None:
+        """Each drawn step, in order (step 1 first: the seed check); a step whose answer is
+        discarded (its verifier lost standing) is asked again. An outcome that ends the
+        check (fail, skipped), or None when every step passed."""
+        todo = sorted(drawn)
+        while todo:
+            s = todo.pop(0)
+            ok = run.by_step[s - 1]
+            ask = self._step_asker(run, ok, run.by_step[s])
+            decided = await self._decide(run, ok.step, "step", ask)
+            for again in decided.requeue:
+                if again + 1 not in todo:
+                    todo.append(again + 1)  # `passed` holds k; the drawn step is k + 1
+            todo.sort()
+            if decided.outcome.verdict != "pass":
+                return decided.outcome
+            run.last = decided.outcome
+        return None
+
+    def _step_asker(self, run: _Run, ok: StepOpeningWire, nxt: StepOpeningWire) -> _Ask:
+        held, params = run.held, run.held.job.params
+
+        async def ask(exclude: frozenset[str]) -> StepVerdict:
+            return await verify_step(
+                self.dispatcher,
+                params=params,
+                scheduler=params.scheduler,
                 worker=held.worker,
-                opening_k=by_step[s - 1],
-                opening_next=by_step[s],
+                opening_k=ok,
+                opening_next=nxt,
                 dtype=held.dtype,
-                timeout=p.verify_timeout,
+                timeout=self.policy.verify_timeout,
                 rng=self._rng,
+                exclude=exclude,
             )
-            link = d.nodes.get(v.verifier) if v.verifier is not None else None
-            wallet = link.wallet if link is not None else v.verifier
-            v = replace(v, verifier=wallet)  # the log names wallets: never the worker's
-            if v.passed:
-                last = Outcome("pass", v.reason, v.step, v.verifier, v.distance, v.tolerance)
-            elif (
-                v.distance is not None
-                or (v.verifier is None and not v.reason.startswith("no verifier"))
-                or LEAF_REJECTED in v.reason
-            ):  # over tolerance, or the worker's own leaves do not make a step
-                return Outcome("fail", v.reason, v.step, v.verifier, v.distance, v.tolerance)
-            else:  # no other wallet, or the verifier refused or did not answer
-                return Outcome(
-                    "skipped", v.reason, v.step, v.verifier, v.distance, v.tolerance, False
-                )
-        if p.image_check and receipt.steps_done in by_step:
-            image = await trio.to_thread.run_sync(held.path.read_bytes)
-            v = await verify_image(
-                d,
+
+        return ask
+
+    async def _verify_image(self, run: _Run) -> tuple[Outcome | None, list[int]]:
+        """The image check (docs/IMAGE_CHECK.md), decided as a step is; an inconclusive one
+        changes nothing (None). Also the steps k whose pass was discarded meanwhile."""
+        held, d = run.held, self.dispatcher
+        image = await trio.to_thread.run_sync(held.path.read_bytes)
+        final = run.by_step[held.receipt.steps_done]
+
+        async def ask(exclude: frozenset[str]) -> StepVerdict:
+            view = _Without(d, exclude)
+            return await verify_image(
+                view,
                 params=held.job.params,
                 worker=held.worker,
-                final=by_step[receipt.steps_done],
+                final=final,
                 image=image,
                 dtype=held.dtype,
-                timeout=p.verify_timeout,
+                timeout=self.policy.verify_timeout,
                 rng=self._rng,
             )
-            link = d.nodes.get(v.verifier) if v.verifier is not None else None
-            v = replace(v, verifier=link.wallet if link is not None else v.verifier)
+
+        decided = await self._decide(run, final.step, "image", ask)
+        if decided.outcome.verdict == "fail":
+            return decided.outcome, decided.requeue
+        if decided.outcome.verdict == "pass":
+            run.last = run.last or decided.outcome
+        return None, decided.requeue
+
+    async def _decide(self, run: _Run, step: int, kind: str, ask: _Ask) -> _Decided:
+        """One step (or the image check), asked until an answer can be believed:
+        the first verifier; over tolerance, a third wallet; none, a probe of the first."""
+        requeue: list[int] = []
+        while True:
+            excluded = self.standing.without() | run.discarded
+            first = await self._asked(ask, excluded)
+            v = first.verdict
+            probing = first.answered and self._rng.random() < self.policy.probe_rate
+            if probing and await self._probe(run, first) is False:
+                requeue += self._discard(run, first.wallet)
+                continue  # its answer is discarded: ask another verifier
             if v.passed:
-                last = last or Outcome(
-                    "pass", v.reason, v.step, v.verifier, v.distance, v.tolerance
+                run.used.append((first.wallet, step, kind))
+                return _Decided(first.outcome("pass"), requeue)
+            if not _against_worker(v):
+                unfit = v.verifier is None and not v.reason.startswith("no verifier")
+                if unfit and kind == "step":  # the worker's leaves do not make a step
+                    return _Decided(self._failed(run, step, kind, first), requeue)
+                return _Decided(first.outcome("skipped", strike=False), requeue)
+            assert first.wallet is not None  # an answer over tolerance names its verifier
+            third = await self._asked(ask, excluded | {first.wallet})
+            if third.verdict.passed:  # the first verifier is overruled
+                self.standing.lose(first.wallet, f"overruled by a third wallet at {kind} {step}")
+                requeue += self._discard(run, first.wallet)
+                run.used.append((third.wallet, step, kind))
+                run.note(OVERRULED)
+                reason = f"{third.verdict.reason}; {OVERRULED}"
+                return _Decided(replace(third.outcome("pass"), reason=reason), requeue)
+            if third.answered and _against_worker(third.verdict):
+                run.used += [(first.wallet, step, kind), (third.wallet, step, kind)]
+                return _Decided(self._failed(run, step, kind, first, third), requeue)
+            probed = await self._probe(run, first)
+            if probed is False:
+                requeue += self._discard(run, first.wallet)
+                continue  # the step is asked again, without the lying verifier
+            run.used.append((first.wallet, step, kind))
+            return _Decided(self._failed(run, step, kind, first, probed=probed), requeue)
+
+    async def _asked(self, ask: _Ask, exclude: frozenset[str]) -> _Answer:
+        """`ask`, with the verifier named by its wallet (the log names wallets)."""
+        v = await ask(exclude)
+        link = self.dispatcher.nodes.get(v.verifier) if v.verifier is not None else None
+        wallet = link.wallet if link is not None else v.verifier
+        return _Answer(replace(v, verifier=wallet), v.verifier)
+
+    async def _probe(self, run: _Run, first: _Answer) -> bool | None:
+        """A known-answer probe of `first`'s verifier: True if it answered right, False if
+        wrong (it loses standing), None if there was no probe or no answer."""
+        held = run.held
+        if first.peer is None or first.wallet is None:
+            return None
+        known = self.known.draw(held.job.params.model_id, held.dtype, first.wallet, self._rng)
+        if known is None:
+            return None
+        v = await probe_step(
+            self.dispatcher,
+            first.peer,
+            params=known.params,
+            scheduler=known.scheduler,
+            opening_k=known.opening_k,
+            opening_next=known.opening_next,
+            dtype=known.dtype,
+            timeout=self.policy.verify_timeout,
+        )
+        log.info("verifier_probed", verifier=first.wallet, passed=v.passed)
+        if v.passed:
+            return True
+        if _against_worker(v):  # over tolerance, or bad_leaf on a known-good leaf
+            self.standing.lose(first.wallet, f"known-answer probe: {v.reason}")
+            run.note(PROBE_FAILED)
+            return False
+        return None
+
+    @staticmethod
+    def _discard(run: _Run, wallet: str | None) -> list[int]:
+        """Forget `wallet`'s answers in this check; the steps they had passed (to ask again)."""
+        if wallet is None:
+            return []
+        w = wallet.lower()
+        run.discarded = run.discarded | {w}
+        gone = [(x, s, k) for x, s, k in run.used if x is not None and x.lower() == w]
+        run.used = [u for u in run.used if u not in gone]
+        return sorted({s for _, s, k in gone if k == "step"})
+
+    @staticmethod
+    def _failed(
+        run: _Run,
+        step: int,
+        kind: str,
+        first: _Answer,
+        third: _Answer | None = None,
+        probed: bool | None = None,
+    ) -> Outcome:
+        run.evidence.append(
+            StepEvidence(
+                step=step,
+                kind=kind,
+                first=first.evidence(),
+                third=third.evidence() if third is not None else None,
+                probe_passed=probed,
+            )
+        )
+        return first.outcome("fail")
+
+    def _remember(self, run: _Run) -> None:
+        """A passed check's steps become known answers (for probing other verifiers)."""
+        held = run.held
+        for wallet, step, kind in run.used:
+            if kind != "step" or wallet is None:
+                continue
+            self.known.add(
+                KnownAnswer(
+                    worker=held.worker.lower(),
+                    verifier=wallet.lower(),
+                    params=held.job.params,
+                    scheduler=held.job.params.scheduler,
+                    dtype=held.dtype,
+                    opening_k=run.by_step[step],
+                    opening_next=run.by_step[step + 1],
                 )
-            elif v.distance is not None or LEAF_REJECTED in v.reason:
-                return Outcome("fail", v.reason, v.step, v.verifier, v.distance, v.tolerance)
-        return last or Outcome("skipped", "no step pair drawn", strike=False)
+            )
+
+    async def _record_work(self, run: _Run) -> None:
+        """Each used answer is one step of verifier work, paid from the take at settlement."""
+        per_wallet = Counter(w.lower() for w, _, _ in run.used if w is not None)
+        store = self.dispatcher.store
+        for wallet, steps in sorted(per_wallet.items()):
+            await store.call(store.record_verifier_work, run.held.job.job_id, wallet, steps)
 
     # --- the log -------------------------------------------------------------------------
     def write_log(self, job_id: bytes, worker: str, outcome: Outcome) -> None:

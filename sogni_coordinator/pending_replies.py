@@ -67,7 +67,22 @@ class PendingReplies(Generic[Answer, Refusal]):
         timeout: float,
     ) -> Answer | str:
         """Queue `message` on the node's stream and wait at most `timeout` seconds: the
-        node's answer, or why there is none."""
+        node's answer, or why there is none (a refusal as its reason)."""
+        reply = await self.ask_reply(peer_id, key, outbox, message, timeout)
+        if isinstance(reply, self._refusal):
+            return f"{self._who} refused: {reply.reason}"
+        return reply  # type: ignore[return-value]
+
+    async def ask_reply(
+        self,
+        peer_id: str,
+        key: bytes,
+        outbox: trio.MemorySendChannel[Message],
+        message: Message,
+        timeout: float,
+    ) -> Answer | Refusal | str:
+        """As `ask`, but a refusal comes back as itself, for a caller that acts on its
+        fields (a verifier's refusal `code`), not only its reason."""
         slot = (peer_id, key)
         if self._exclusive and slot in self._waiting:
             return f"a request for this job is still open at the {self._who}"
@@ -89,7 +104,7 @@ class PendingReplies(Generic[Answer, Refusal]):
         if isinstance(reply, self._answer):
             return reply  # type: ignore[return-value]
         if isinstance(reply, self._refusal):
-            return f"{self._who} refused: {reply.reason}"
+            return reply
         if waiting.gone is not None:
             return f"{self._who} left: {waiting.gone}"
         return f"no answer within {timeout:g} s"

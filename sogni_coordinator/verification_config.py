@@ -43,6 +43,21 @@ class VerificationConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unkno
     """Seconds a receipt waits after it is stored (and its check, if any, passed) before an
     epoch may pay it: the time a worker, payer or verifier has to dispute it."""
 
+    low_score_rate: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.5
+    """Share of full receipts checked for a worker whose reputation score is below
+    `low_score_below` (when checking is on at all: `rate` or `first_jobs`); the larger of
+    this and `rate` applies."""
+    low_score_below: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.3
+    """The reputation score (`Reputation` record's `score`) under which a worker is a
+    low-score worker."""
+    probe_rate: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.1
+    """Share of verifier answers followed by a known-answer probe of the same verifier
+    (`known_answers.py`); a wrong probe answer costs the verifier its standing."""
+    probe_pool: Annotated[int, Meta(ge=0, le=10_000)] = 64
+    """Known answers kept per (model, declared mode), in memory."""
+    standing_lost_for: Annotated[float, Meta(ge=0.0, le=365 * 86_400.0)] = 86_400.0
+    """Seconds a verifier without standing is not asked to verify."""
+
     @property
     def enabled(self) -> bool:
         return self.rate > 0 or self.first_jobs > 0

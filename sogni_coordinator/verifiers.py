@@ -19,7 +19,9 @@ them), but not the job id (`check_id` is random) nor whose job it is. The coordi
 no torch: the distance is computed here in pure Python over the float32 bytes.
 
 Not decided here: which jobs and steps to verify, holding a result until verified, what a
-failed verdict costs the worker, known-answer probes of the verifier, paying verifiers.
+failed verdict costs the worker, whom to believe when verifiers disagree (`checks.py`).
+`probe_step` sends a step whose answer is already known (`known_answers.py`) to one chosen
+verifier, exactly as `verify_step` sends a real one.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import secrets
 import sys
 import time
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,6 +63,7 @@ __all__ = [
     "StepVerdict",
     "choose_verifier",
     "normalised_distance",
+    "probe_step",
     "tolerance_for",
     "verify_step",
 ]
@@ -100,13 +103,18 @@ def choose_verifier(
     model_id: str,
     worker_wallet: str,
     rng: random.Random | None = None,
+    exclude: Collection[str] = (),
 ) -> str | None:
-    """A connected node (peer id) that serves `model_id` and whose wallet is not
-    `worker_wallet`, drawn at random; None if there is none. Never the worker's wallet."""
+    """A connected node (peer id) that serves `model_id` and whose wallet is neither
+    `worker_wallet` nor in `exclude` (wallets, any case: verifiers without standing, the
+    verifier a re-check must not ask again), drawn at random; None if there is none."""
+    barred = {w.lower() for w in exclude}
     candidates = sorted(
         peer
         for peer, link in nodes.items()
-        if model_id in link.models and not eip712.same_address(link.wallet, worker_wallet)
+        if model_id in link.models
+        and not eip712.same_address(link.wallet, worker_wallet)
+        and link.wallet.lower() not in barred
     )
     if not candidates:
         return None
@@ -158,6 +166,11 @@ class StepVerdict:
     tolerance: float
     passed: bool
     reason: str
+    code: str | None = None
+    """The verifier's refusal code (`VerifyRefused.code`; `bad_leaf` blames the worker's
+    leaf), None when it did not refuse."""
+    latents: TensorEntry | None = None
+    """The verifier's x'_{k+1}, when it answered (kept as evidence of a failed check)."""
 
 
 class PendingVerifications:
@@ -183,6 +196,16 @@ class PendingVerifications:
         """Queue `request` on the verifier's stream and wait at most `timeout` seconds: its
         answer, or why there is none."""
         return await self._pending.ask(peer_id, request.check_id, outbox, request, timeout)
+
+    async def ask_reply(
+        self,
+        peer_id: str,
+        outbox: trio.MemorySendChannel[Message],
+        request: VerifyStep | VerifyDecode,
+        timeout: float,
+    ) -> StepVerified | DecodeVerified | VerifyRefused | str:
+        """As `ask`, but a refusal comes back as the `VerifyRefused` (its `code` matters)."""
+        return await self._pending.ask_reply(peer_id, request.check_id, outbox, request, timeout)
 
     def answered(self, peer_id: str, reply: StepVerified | DecodeVerified | VerifyRefused) -> bool:
         """A verifier's reply; False (and ignored) if nothing of that node waits for it."""
@@ -215,29 +238,89 @@ async def verify_step(
     dtype: str,
     timeout: float,
     rng: random.Random | None = None,
+    exclude: Collection[str] = (),
 ) -> StepVerdict:
     """Re-run step k = `opening_k.step` (x_k -> x_{k+1}) on a node of another wallet than
-    `worker` (the worker's wallet address) and compare with `opening_next` (leaf k + 1).
+    `worker` (the worker's wallet address) and the wallets in `exclude`, and compare with
+    `opening_next` (leaf k + 1).
 
     Both openings must already have passed `challenges.check_answer` against the worker's
     receipt; `dtype` is the mode the worker declared (`RenderMeta.dtype`)."""
     k = opening_k.step
-    tol = tolerance_for(dtype)
-
-    def fail(reason: str, verifier: str | None = None, d: float | None = None) -> StepVerdict:
-        log.info("step_not_verified", step=k, verifier=verifier, reason=reason)
-        return StepVerdict(verifier, k, d, tol if tol is not None else 0.0, False, reason)
-
-    if tol is None:
-        return fail(f"no tolerance measured for the declared mode {dtype!r}")
-    if opening_next.step != k + 1:
-        return fail(f"leaf {opening_next.step} does not follow leaf {k}")
-    x_k, x_next = _latents(opening_k), _latents(opening_next)
-    if x_k.shape != x_next.shape:
-        return fail(f"leaves {k} and {k + 1} differ in shape")
-    peer = choose_verifier(dispatcher.nodes, params.model_id, worker, rng)
+    bad = _unfit(opening_k, opening_next, dtype)
+    if bad is not None:
+        return _not_verified(k, dtype, bad)
+    peer = choose_verifier(dispatcher.nodes, params.model_id, worker, rng, exclude)
     if peer is None:
-        return fail(f"no verifier: no other wallet's node serves {params.model_id}")
+        return _not_verified(
+            k, dtype, f"no verifier: no other wallet's node serves {params.model_id}"
+        )
+    return await probe_step(
+        dispatcher,
+        peer,
+        params=params,
+        scheduler=scheduler,
+        opening_k=opening_k,
+        opening_next=opening_next,
+        dtype=dtype,
+        timeout=timeout,
+    )
+
+
+def _unfit(opening_k: StepOpeningWire, opening_next: StepOpeningWire, dtype: str) -> str | None:
+    """Why these two leaves cannot be checked as a step at all (the worker's doing), or None."""
+    k = opening_k.step
+    if tolerance_for(dtype) is None:
+        return f"no tolerance measured for the declared mode {dtype!r}"
+    if opening_next.step != k + 1:
+        return f"leaf {opening_next.step} does not follow leaf {k}"
+    if _latents(opening_k).shape != _latents(opening_next).shape:
+        return f"leaves {k} and {k + 1} differ in shape"
+    return None
+
+
+def _not_verified(
+    k: int,
+    dtype: str,
+    reason: str,
+    verifier: str | None = None,
+    d: float | None = None,
+    code: str | None = None,
+) -> StepVerdict:
+    tol = tolerance_for(dtype)
+    log.info("step_not_verified", step=k, verifier=verifier, reason=reason)
+    return StepVerdict(verifier, k, d, tol if tol is not None else 0.0, False, reason, code)
+
+
+async def probe_step(
+    dispatcher: _Dispatcher,
+    peer: str,
+    *,
+    params: JobParams,
+    scheduler: str,
+    opening_k: StepOpeningWire,
+    opening_next: StepOpeningWire,
+    dtype: str,
+    timeout: float,
+) -> StepVerdict:
+    """Ask verifier `peer` to re-run step k and measure its answer against `opening_next`.
+    The request is the same for a real check and a known-answer probe (a fresh random
+    `check_id` each time): the verifier cannot tell them apart."""
+    k = opening_k.step
+    tol = tolerance_for(dtype)
+    bad = _unfit(opening_k, opening_next, dtype)
+    if bad is not None or tol is None:
+        return _not_verified(k, dtype, bad or "no tolerance")
+    link = dispatcher.nodes.get(peer)
+    if link is None:
+        return _not_verified(k, dtype, "verifier not connected", peer)
+
+    def fail(
+        reason: str, verifier: str | None = None, d: float | None = None, code: str | None = None
+    ) -> StepVerdict:
+        return _not_verified(k, dtype, reason, verifier, d, code)
+
+    x_k, x_next = _latents(opening_k), _latents(opening_next)
     try:
         request = VerifyStep(
             check_id=secrets.token_bytes(32),
@@ -253,11 +336,11 @@ async def verify_step(
         return fail(f"cannot ask for step {k}: {exc}")
     if len(encode(request)) > RESULT_FRAME_LIMIT:
         return fail("leaf k is too large to send")
-    reply = await dispatcher.verifications.ask(
-        peer, dispatcher.nodes[peer].outbox, request, timeout
-    )
+    reply = await dispatcher.verifications.ask_reply(peer, link.outbox, request, timeout)
     if isinstance(reply, str):
         return fail(reply, peer)
+    if isinstance(reply, VerifyRefused):
+        return fail(f"verifier refused: {reply.reason}", peer, code=reply.code)
     if not isinstance(reply, StepVerified):
         return fail("the verifier answered a step with a decoded image", peer)
     if reply.latents.shape != x_next.shape:
@@ -271,6 +354,7 @@ async def verify_step(
         else f"step {k}: d = {d:.3g} over {tol:g} ({dtype})"
     )
     log.info("step_verified", step=k, verifier=peer, distance=d, passed=passed)
+    mine = reply.latents
     if passed and k == 0:  # the seed check (docs/VERIFICATION.md, "Seed check")
         d0 = reply.start_distance
         if d0 is None:
@@ -278,6 +362,6 @@ async def verify_step(
         if d0 > SEED_TOLERANCE:
             reason = f"seed: leaf 0 is d0 = {d0:.3g} from the seed's noise, over {SEED_TOLERANCE:g}"
             log.info("seed_not_verified", verifier=peer, distance=d0)
-            return StepVerdict(peer, k, d0, SEED_TOLERANCE, False, reason)
+            return StepVerdict(peer, k, d0, SEED_TOLERANCE, False, reason, latents=mine)
         reason += f"; seed: leaf 0 is the seed's noise (d0 = {d0:.3g})"
-    return StepVerdict(peer, k, d, tol, passed, reason)
+    return StepVerdict(peer, k, d, tol, passed, reason, latents=mine)

@@ -44,7 +44,10 @@ from .conftest import DOMAIN, FakeNode, Harness, events, request
 
 T = TypeVar("T")
 SHAPE = [1, 4, 2, 2]
-ALL = VerificationConfig(rate=1.0, challenge_timeout=5.0, verify_timeout=5.0)
+ALL = VerificationConfig(
+    rate=1.0, challenge_timeout=5.0, verify_timeout=5.0, image_check=False, probe_rate=0.0
+)
+"""Every receipt checked; no image check (its own tests), no probes unless a test asks."""
 
 
 def _latents(step: int, seed: int) -> bytes:
@@ -281,7 +284,7 @@ async def test_policy_samples_nothing_at_rate_zero_and_the_first_jobs(
 ) -> None:
     for policy, held in [
         (VerificationConfig(), [False, False, False]),
-        (VerificationConfig(first_jobs=2), [True, True, False]),
+        (VerificationConfig(first_jobs=2, image_check=False), [True, True, False]),
     ]:
         folder = tmp_path / str(policy.first_jobs)
         folder.mkdir()

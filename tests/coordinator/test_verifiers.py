@@ -58,6 +58,11 @@ def test_choose_verifier_never_picks_the_workers_wallet() -> None:
     assert choose_verifier(only_worker, "m", WORKER, rng) is None
     assert choose_verifier(nodes, "absent-model", WORKER, rng) is None
     assert choose_verifier({}, "m", WORKER) is None
+    # verifiers without standing (any case), or the one a re-check must not ask again
+    assert {
+        choose_verifier(nodes, "m", WORKER, rng, exclude={THIRD.upper()}) for _ in range(50)
+    } == {"o1"}
+    assert choose_verifier(nodes, "m", WORKER, rng, exclude=(OTHER, THIRD)) is None
 
 
 def _np_distance(a: np.ndarray, p: np.ndarray, b: np.ndarray) -> float:
@@ -181,6 +186,16 @@ async def test_pending_pairs_answers_and_fails_fast_when_the_verifier_leaves() -
         await recv.receive()
         pending.answered("peer", VerifyRefused(check_id=request.check_id, reason="busy"))
     assert results[-1] == "verifier refused: busy"
+
+    async def ask_reply() -> None:
+        results.append(await pending.ask_reply("peer", send, request, timeout=5))
+
+    refusal = VerifyRefused(check_id=request.check_id, reason="leaf", code="bad_leaf")
+    async with trio.open_nursery() as nursery:  # the refusal itself, for its code
+        nursery.start_soon(ask_reply)
+        await recv.receive()
+        pending.answered("peer", refusal)
+    assert results[-1] == refusal
 
     assert await pending.ask("peer", send, request, timeout=0.05) == "no answer within 0.05 s"
     assert len(pending) == 0
