@@ -165,7 +165,7 @@ def bench(
     report = run_bench(backend, registry, hw.device, runs=runs)
     save_report(report, cfg.bench_path)
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        typer.echo(json.dumps({**report.to_dict(), "savedTo": str(cfg.bench_path)}, indent=2))
         return
     for m in report.models:
         typer.echo(
@@ -177,6 +177,7 @@ def bench(
         f"device {report.device}, speed {report.speed:.2f}x: qualifies for the "
         f"{report.tier} tier (fast also needs a worker licence and stake on chain)"
     )
+    typer.echo(f"saved to {cfg.bench_path}: the node advertises this speed from its next start")
 
 
 @app.command("start")

@@ -104,6 +104,10 @@ _KNOWN: dict[str, tuple[_Kind, str | None]] = {
         "check the address and that the peer is running",
     ),
     "sogni_chain.errors.ChainRevert": (Refused, None),
+    "sogni_node.render.coreml_backend.BackendUnavailable": (
+        Unavailable,
+        "use the diffusers backend here (backend = \"diffusers\"); Core ML renders on macOS",
+    ),
     "msgspec.ValidationError": (BadUsage, "check the values given"),
     "builtins.ConnectionError": (Unavailable, "check that it is running and reachable"),
     "builtins.ModuleNotFoundError": (

@@ -143,3 +143,14 @@ def test_an_existing_key_names_the_force_option_once(tmp_path: Path) -> None:
         )
     assert str(info.value).endswith("sogni-coordinator keys create --force")
     assert str(info.value).count("--force") == 1
+
+
+def test_importing_the_renderer_prints_no_third_party_chatter() -> None:
+    """torchao / torch pytree / diffusers import-time warnings are quieted by `sogni_node`."""
+    import subprocess
+
+    code = "import sogni_node.render.diffusers_backend, torchao  # noqa"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for noise in ("register_constant", "Unable to import `torchao`", "Failed to load"):
+        assert noise not in out.stderr, out.stderr
