@@ -1,4 +1,4 @@
-"""Measure how render time scales with steps and pixels; write `configs/pricing_factors.toml`.
+"""Measure how render time scales with steps and pixels; propose `configs/pricing_factors.toml`.
 
 The whitepaper benchmarks each model class once at its defaults and then "the impact of
 modification to parameters like increase in inference steps and output resolution". This
@@ -11,7 +11,10 @@ measures that impact on the tiny model (`sogni-tiny-sd`, `DiffusersBackend`, CPU
 
 Both factors are 1 at a model's defaults, so a baseline job keeps its catalog price exactly.
 
-Run: ``.venv/bin/python -m bench.pricing_scaling [--quick]``.
+Run: ``.venv/bin/python -m bench.pricing_scaling [--quick] [--adopt]``. The measured factors
+go to a proposal file (`.cache/pricing_factors.proposed.toml`): every coordinator of a network
+must price alike, so the committed `configs/pricing_factors.toml` changes only on purpose
+(`--adopt`, then commit it), never as a side effect of a benchmark run.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from sogni_protocol.atomic import atomic_write_text
 
 REPO = Path(__file__).resolve().parent.parent
 FACTORS_TOML = REPO / "configs" / "pricing_factors.toml"
+PROPOSAL_TOML = REPO / ".cache" / "pricing_factors.proposed.toml"
 MODEL = "sogni-tiny-sd"
 
 
@@ -139,10 +143,20 @@ samples = [{by_px}]  # [pixels, seconds] at {m["default_steps"]} steps
 """
 
 
-def run(quick: bool) -> str:
-    """Measure, rewrite `configs/pricing_factors.toml`, return a markdown section."""
+def write_factors(text: str, *, adopt: bool = False) -> Path:
+    """Write measured factors: to the proposal file, or with `adopt` to the committed file
+    that `sogni_protocol.pricing` reads. Returns where it wrote."""
+    target = FACTORS_TOML if adopt else PROPOSAL_TOML
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(target, text)
+    return target
+
+
+def run(quick: bool, adopt: bool = False) -> str:
+    """Measure, write the factors (`write_factors`), return a markdown section."""
     m = _measure(quick)
-    atomic_write_text(FACTORS_TOML, _toml(m, quick))  # sogni_protocol.pricing reads it
+    written = write_factors(_toml(m, quick), adopt=adopt)
+    note = "" if adopt else " (a proposal: `--adopt` writes configs/pricing_factors.toml)"
     rows = "\n".join(f"| {s} | {t * 1000:.0f} |" for s, t in m["by_steps"])  # type: ignore[attr-defined]
     prow = "\n".join(f"| {p} | {t * 1000:.0f} |" for p, t in m["by_pixels"])  # type: ignore[attr-defined]
     return f"""## Pricing scaling ({MODEL}, CPU, 1 thread)
@@ -161,11 +175,15 @@ Render time vs pixels at {m["default_steps"]} steps: fit `t = k * p^e`,
 |---|---|
 {prow}
 
-Written to `configs/pricing_factors.toml`.
+Written to `{written.relative_to(REPO)}`{note}.
 """
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    print(run(parser.parse_args().quick))
+    parser.add_argument(
+        "--adopt", action="store_true", help="write configs/pricing_factors.toml (then commit it)"
+    )
+    args = parser.parse_args()
+    print(run(args.quick, args.adopt))
