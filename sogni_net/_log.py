@@ -41,6 +41,9 @@ def quiet_libp2p_logging() -> None:
         logger = logging.getLogger(name)
         logger.setLevel(logging.WARNING)
         logger.propagate = True
+    # A failed dial is reported once, by whoever dialled (one line with what to do); the
+    # TCP transport's own "Failed to open TCP stream" error would say it twice.
+    logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
     # Some modules pin their own logger lower (auto_connector sets INFO at import).
     for name, child in list(logging.root.manager.loggerDict.items()):
         if (

@@ -165,3 +165,33 @@ def test_quote_and_credit_usage_errors_are_one_line() -> None:
     result = runner.invoke(coordinator_app, ["credit", "0x12", "5"])
     assert result.exit_code == 2
     assert result.stderr == "error: '0x12' is not an Ethereum address (give a 0x... address)\n"
+
+
+def test_a_coordinator_that_is_down_is_one_line(tmp_path: Path) -> None:
+    """`sogni render` against a closed port: exit 4 and one `error:` line naming the address,
+    no traceback and no second report from py-libp2p's TCP transport."""
+    import os
+    import subprocess
+    import sys
+
+    addr = "/ip4/127.0.0.1/tcp/9/p2p/12D3KooWDpJ7As7BWAwRMfu1VU2WCqNjvq387JEYKDBj4kx6nXTN"
+    env = {**os.environ, "HOME": str(tmp_path)}
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from sogni_app.cli import main; main()",
+            "render",
+            "a red circle",
+            "--coordinator",
+            addr,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert out.returncode == 4, out.stderr
+    assert len(errors) == 1 and f"cannot connect to {addr}" in errors[0]
+    assert "Traceback" not in out.stderr and "Failed to open TCP stream" not in out.stderr
