@@ -198,7 +198,9 @@ def add_lora(
     try:
         stored = _library(config, models_dir).add(path, lora_id)
     except ValueError as exc:
-        raise _unusable(exc) from exc
+        raise classify(exc) or Refused(
+            str(exc), "check that it is a LoRA .safetensors file (kohya or diffusers keys)"
+        ) from exc
     typer.echo(f"added LoRA {stored.lora_id}")
 
 

@@ -72,10 +72,14 @@ def check_lora_count(loras: Sequence[Any]) -> None:
 
 def read_lora(path: Path) -> list[_Delta]:
     """Parse a LoRA `.safetensors` file into per-module down/up pairs."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as exc:  # a truncated or foreign file: say so in one line
+        raise LoraError(f"{path.name}: not a readable safetensors file ({exc})") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         for down_sfx, up_sfx in _DOWN_UP:

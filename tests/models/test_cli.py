@@ -60,3 +60,15 @@ def test_models_cli(
     assert code == 3 and "not installed" in out
     code, out = _run(models, "list")
     assert code == 0 and out.splitlines()[1].startswith("tiny_sd_v1_-test  sd15  512x512")
+
+
+def test_a_broken_lora_file_is_one_line(tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"garbage")
+    result = runner.invoke(
+        app, ["loras", "add", str(bogus), "--models-dir", str(tmp_path / "models")]
+    )
+    assert result.exit_code == 3, result.output
+    assert "bogus.safetensors: not a readable safetensors file" in result.output
+    assert "LoRA .safetensors" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "models" / "bogus.safetensors").exists()
