@@ -38,12 +38,16 @@ from sogni_wallet.addresses import apply_addresses_file
 __all__ = [
     "CONFIG_ENV",
     "ENV_PREFIX",
+    "MIN_DISPUTE_WINDOW",
     "CoordinatorConfig",
     "load_coordinator_config",
 ]
 
 ENV_PREFIX = "SOGNI_COORDINATOR"
 CONFIG_ENV = "SOGNI_COORDINATOR_CONFIG"
+MIN_DISPUTE_WINDOW = 3600.0
+"""Seconds `[verification] dispute_window` must be at least off a local network (with
+verification on): the settler keeps a receipt out of every epoch for that long."""
 
 
 class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -118,6 +122,13 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
                 f"billing = {self.billing!r} pays for work nobody paid for: chain id "
                 f"{self.chain_id} is not a local network (a dev chain: "
                 f"{', '.join(map(str, sorted(DEV_CHAIN_IDS)))}), so billing must be 'required'"
+            )
+        window = self.verification.dispute_window
+        if not self.local and self.verification.enabled and window < MIN_DISPUTE_WINDOW:
+            raise ValueError(
+                f"verification.dispute_window = {window:g} s leaves no time to dispute a "
+                f"receipt before it is paid: chain id {self.chain_id} is not a local network, "
+                f"so with verification on it must be at least {MIN_DISPUTE_WINDOW:g} (seconds)"
             )
 
     @property

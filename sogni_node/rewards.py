@@ -5,8 +5,8 @@ Why a node audits at all: the coordinator computes payouts, but the node holds t
 receipts batch is the one whose hash is posted on chain, that every receipt the coordinator
 accepted from it is in a batch exactly as signed, that each receipt's split follows the
 epoch's published rules, and that its leaf in the cumulative tree equals the sum of what the
-batches say it earned. Anything else is reported as a problem (and `sogni-node rewards`
-exits non-zero), never silently accepted.
+batches say it earned (as worker, creator, and verifier of other nodes' jobs). Anything else
+is reported as a problem (and `sogni-node rewards` exits non-zero), never silently accepted.
 
 Inputs are files (the coordinator's `epochs/` folder: `epoch-N.json`, `receipts/0x<hash>.json`,
 fetched and checked by `sogni_node.epoch_fetch`, or a local copy) and, when a chain is
@@ -254,6 +254,9 @@ def audit(
                     report.problems.append(f"epoch {pe.epoch} job {e.job_id}: {why}")
             if _same(e.creator, account):
                 earned += int(e.creator_amount)
+            for v in e.verifiers:  # paid from the take for checking another node's job
+                if _same(v.account, account):
+                    earned += int(v.amount)
         for refusal in pe.batch.refused:
             refused[refusal.job_id.lower()] = refusal.reason
         running += earned

@@ -4,7 +4,8 @@
   the epoch (`sogni_protocol.epoch_math`): every receipt paid with its signature, the signed
   offer it answers, the payer settlement it is paid from (accounts and amounts, no prompts),
   the rules (the Spark -> SOGNI rate and the free emission budget included), the stake
-  snapshot block and the stakes read there, each receipt's split; plus the receipts refused.
+  snapshot block and the stakes read there, each receipt's split (the verifier nodes that
+  checked it included, paid from the take); plus the receipts refused.
   Content-addressed: the name is the keccak256 of the exact bytes, and that hash is what
   ``postRoot`` records as ``receiptsHash``, so anyone holding the file can prove it is the
   batch the root was built from.
@@ -19,6 +20,7 @@ canonical (sorted keys, no whitespace) so the same batch always hashes the same.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal, TypeVar
 
 import msgspec
@@ -39,6 +41,7 @@ __all__ = [
     "Payout",
     "ReceiptsBatch",
     "Refusal",
+    "VerifierPay",
     "content_hash",
     "decode_batch",
     "decode_epoch",
@@ -47,8 +50,12 @@ __all__ = [
     "receipts_filename",
 ]
 
-RECEIPTS_FORMAT = "sogni-receipts-v3"
-EPOCH_FORMAT = "sogni-epoch-v2"
+RECEIPTS_FORMAT = "sogni-receipts-v4"
+EPOCH_FORMAT = "sogni-epoch-v3"
+_OLD_RECEIPTS_FORMAT = "sogni-receipts-v3"
+"""Before verifier pay: read as v4 with no verifiers (the rules were otherwise the same)."""
+_OLD_EPOCH_FORMAT = "sogni-epoch-v2"
+"""Before verifier pay: its payouts are workers' and creators' only."""
 
 
 def _hex(b: bytes) -> str:
@@ -137,11 +144,22 @@ class PayerSettlement(msgspec.Struct, kw_only=True, frozen=True, rename="camel")
     """None only for a request accepted before authorizations were kept: the audit says so."""
 
 
+class VerifierPay(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
+    """A verifier node paid from a receipt's take for the steps it re-ran checking that job
+    (`sogni_protocol.epoch_math.verifier_pay`)."""
+
+    account: str
+    steps: int
+    amount: str
+
+
 class BatchEntry(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     """One paid receipt exactly as signed, the offer and payment behind it, and its split.
 
     ``paid_value`` (SOGNI base units) comes from paid Spark and SOGNI; ``free_value`` from
     free (Daily Boost) Spark after the epoch's emission budget scaled it; their sum is split.
+    ``verifiers`` are paid out of the take (the platform's part), never the worker's or the
+    creator's.
     """
 
     job_id: str
@@ -164,6 +182,8 @@ class BatchEntry(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     worker_amount: str
     creator: str | None
     creator_amount: str
+    verifiers: list[VerifierPay] = msgspec.field(default_factory=list)
+    """Sorted by lowercase account, one each; empty in batches before `sogni-receipts-v4`."""
 
     def receipt(self) -> Receipt:
         return _from_record(Receipt, self)
@@ -186,6 +206,7 @@ class BatchEntry(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
         worker_amount: int,
         creator: str | None,
         creator_amount: int,
+        verifiers: Sequence[VerifierPay] = (),
     ) -> BatchEntry:
         return cls(
             **_as_record(receipt),
@@ -198,6 +219,7 @@ class BatchEntry(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
             worker_amount=str(worker_amount),
             creator=creator,
             creator_amount=str(creator_amount),
+            verifiers=list(verifiers),
         )
 
 
@@ -230,7 +252,8 @@ class ReceiptsBatch(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
 
 
 class Payout(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
-    """What one account earned in this epoch, and its new cumulative total."""
+    """What one account earned in this epoch (as worker, creator and verifier), its new
+    cumulative total, and how many of the batch's receipts it rendered."""
 
     account: str
     amount: str
@@ -266,15 +289,20 @@ def encode(value: msgspec.Struct) -> bytes:
 
 
 def decode_batch(data: bytes) -> ReceiptsBatch:
+    """A receipts batch of this format or the one before (which pays no verifier)."""
     batch = msgspec.json.decode(data, type=ReceiptsBatch)
-    if batch.format != RECEIPTS_FORMAT:
+    if batch.format == _OLD_RECEIPTS_FORMAT:
+        if any(e.verifiers for e in batch.receipts):
+            raise ValueError(f"a {_OLD_RECEIPTS_FORMAT} batch cannot pay verifiers")
+    elif batch.format != RECEIPTS_FORMAT:
         raise ValueError(f"unknown receipts batch format {batch.format!r}")
     return batch
 
 
 def decode_epoch(data: bytes) -> EpochFile:
+    """An epoch file of this format or the one before."""
     epoch = msgspec.json.decode(data, type=EpochFile)
-    if epoch.format != EPOCH_FORMAT:
+    if epoch.format not in (EPOCH_FORMAT, _OLD_EPOCH_FORMAT):
         raise ValueError(f"unknown epoch file format {epoch.format!r}")
     return epoch
 

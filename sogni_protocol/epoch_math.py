@@ -10,6 +10,11 @@ settlement of it), converted at the epoch's rate, then split by the rules:
                  free_raw                              otherwise       (pro rata in budget)
     value      = paid_value + free_value   -> take (stake tier), creator share, worker
 
+Verifier nodes that re-ran steps of a job's check are paid out of that receipt's take
+(`verifier_pay`): a step is worth the job's value over the offer's steps (a verifier gets
+`value * steps // offer.steps`), scaled down pro rata when the verifiers would get more than
+the take; the worker's and creator's amounts never change.
+
 A receipt with no payer settlement earns nothing (it is refused, never in a batch). The
 payer's charge is bound to the signed offer: a full job costs `spark_micro(work_units)` at the
 offer's price factor, a cancelled one the steps done pro rata (`expected_charge`).
@@ -17,7 +22,7 @@ offer's price factor, a cancelled one the steps done pro rata (`expected_charge`
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from fractions import Fraction
 from typing import NamedTuple
 
@@ -25,7 +30,13 @@ from eth_utils import to_checksum_address
 
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
-from sogni_protocol.epoch_files import BatchEntry, PayerSettlement, Payout, ReceiptsBatch
+from sogni_protocol.epoch_files import (
+    BatchEntry,
+    PayerSettlement,
+    Payout,
+    ReceiptsBatch,
+    VerifierPay,
+)
 from sogni_protocol.errors import SignatureError
 from sogni_protocol.messages import JobOffer, Receipt
 from sogni_protocol.payout_rules import BPS, PayoutRules, Split
@@ -45,6 +56,9 @@ __all__ = [
     "payouts",
     "scale_free",
     "split_entry",
+    "verifier_pay",
+    "verifier_problem",
+    "verifiers_of",
 ]
 
 MICRO = 1_000_000
@@ -110,15 +124,89 @@ def mispriced(offer: JobOffer, receipt: Receipt, paid: PayerSettlement) -> int |
     return charged if abs(paid.spark_equiv - charged) > slack else None
 
 
+def verifier_pay(
+    value: int, take: int, job_steps: int, work: Sequence[tuple[str, int]]
+) -> list[VerifierPay]:
+    """What each `(verifier, steps)` of `work` is paid from one receipt's `take`.
+
+    A step is worth the job's value over its steps: a verifier gets
+    `value * steps // job_steps`. When that adds up to more than `take`, every amount is
+    scaled by `take / owed`, rounded down (pro rata, so the sum never exceeds the take and no
+    order matters). Pure arithmetic on what it is given: `verifiers_of` decides who counts.
+    """
+    if job_steps <= 0:
+        raise ValueError(f"a job of {job_steps} steps")
+    owed = [value * steps // job_steps for _, steps in work]
+    total = sum(owed)
+    if total > take:
+        owed = [x * take // total for x in owed]
+    return [
+        VerifierPay(account=account, steps=steps, amount=str(x))
+        for (account, steps), x in zip(work, owed, strict=True)
+    ]
+
+
+def verifiers_of(
+    work: Iterable[tuple[str, int]], *, worker: str, value: int, take: int, job_steps: int
+) -> list[VerifierPay]:
+    """The settler's verifier list for one receipt from the recorded `(wallet, steps)` work:
+    checksummed, one per wallet, sorted by lowercase address, the receipt's own worker left
+    out (it is never paid for checking itself), each wallet's steps capped at the job's."""
+    steps_of: dict[str, int] = {}
+    for wallet, steps in work:
+        if steps <= 0 or eip712.same_address(wallet, worker):
+            continue
+        account = to_checksum_address(wallet)
+        steps_of[account] = steps_of.get(account, 0) + steps
+    listed = [(a, min(steps_of[a], job_steps)) for a in sorted(steps_of, key=lambda a: a.lower())]
+    return verifier_pay(value, take, job_steps, listed)
+
+
+def verifier_problem(e: BatchEntry, value: int, take: int, job_steps: int) -> str | None:
+    """Why entry `e`'s verifier pay is not what `verifier_pay` gives for the verifiers and
+    steps it lists (out of a take of `take`), or None."""
+    seen: set[str] = set()
+    previous = ""
+    for v in e.verifiers:
+        account = to_checksum_address(v.account)  # ValueError: malformed
+        if v.account != account:
+            return f"verifier {v.account} is not a checksummed address"
+        if eip712.same_address(account, e.worker):
+            return f"the worker {e.worker} is paid as a verifier of its own receipt"
+        if account.lower() in seen or account.lower() < previous:
+            return "verifiers are not listed once each, sorted by account"
+        seen.add(account.lower())
+        previous = account.lower()
+        if not 0 < v.steps <= job_steps:
+            return f"verifier {account} is paid for {v.steps} steps of a {job_steps}-step job"
+    want = verifier_pay(value, take, job_steps, [(v.account, v.steps) for v in e.verifiers])
+    got = [int(v.amount) for v in e.verifiers]
+    if sum(got) > take:
+        return f"verifiers are paid {sum(got)}, more than the take of {take}"
+    for v, w in zip(e.verifiers, want, strict=True):
+        if int(v.amount) != int(w.amount):
+            return (
+                f"verifier {v.account} is paid {v.amount} for {v.steps} steps, the rules give "
+                f"{w.amount}"
+            )
+    return None
+
+
 def earned_by_account(entries: Iterable[BatchEntry]) -> dict[str, int]:
-    """Account -> what a batch's entries pay it (workers and creators)."""
+    """Account -> what a batch's entries pay it (workers, creators and verifiers)."""
     earned: dict[str, int] = {}
+
+    def add(account: str, amount: int) -> None:
+        a = to_checksum_address(account)
+        earned[a] = earned.get(a, 0) + amount
+
     for e in entries:
-        worker = to_checksum_address(e.worker)
-        earned[worker] = earned.get(worker, 0) + int(e.worker_amount)
+        add(e.worker, int(e.worker_amount))
         if e.creator is not None and int(e.creator_amount):
-            creator = to_checksum_address(e.creator)
-            earned[creator] = earned.get(creator, 0) + int(e.creator_amount)
+            add(e.creator, int(e.creator_amount))
+        for v in e.verifiers:
+            if int(v.amount):
+                add(v.account, int(v.amount))
     return earned
 
 
@@ -170,8 +258,8 @@ def entry_problem(batch: ReceiptsBatch, e: BatchEntry) -> str | None:
 
     Recomputed from the entry alone: both signatures (the worker's receipt, the
     coordinator's offer), the receipt answering its offer, the payer's charge matching the
-    offer's price, the take rate matching the worker's stake at the snapshot block, and the
-    value and split.
+    offer's price, the take rate matching the worker's stake at the snapshot block, the
+    value and split, and the verifiers paid from the take (`verifier_problem`).
     """
     domain = Domain(batch.chain_id, batch.verifying_contract)
     receipt, offer = e.receipt(), e.offer.offer()
@@ -230,7 +318,7 @@ def entry_problem(batch: ReceiptsBatch, e: BatchEntry) -> str | None:
         )
     if v.split.creator_amount and (e.creator or "").lower() != (v.split.creator or "").lower():
         return f"creator share goes to {e.creator}, the rules say {v.split.creator}"
-    return None
+    return verifier_problem(e, v.split.value, v.split.take, offer.steps)
 
 
 def _authorization_problem(batch: ReceiptsBatch, e: BatchEntry, domain: Domain) -> str | None:

@@ -121,6 +121,8 @@ class Settler:
     worker's active stake on chain for its take-rate tier (else everyone pays tier 0).
     Receipts are re-verified here against the deployment's EIP-712 domain (chain id and
     distributor): a database carried over from another chain or deployment pays nothing.
+    ``dispute_window`` (seconds, `[verification] dispute_window`): a receipt enters an epoch
+    only once that long has passed since it was stored, so a dispute can still keep it out.
     """
 
     def __init__(
@@ -134,6 +136,7 @@ class Settler:
         ledger: Ledger | None = None,
         network_id: str = "sogni-local",
         read_stake: bool = True,
+        dispute_window: float = 0.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -145,6 +148,7 @@ class Settler:
         self.rules = rules
         self.publish_dir = Path(publish_dir)
         self.read_stake = read_stake
+        self.dispute_window = dispute_window
         self._clock = clock
         addrs = deployment.addresses
         self.domain = Domain(addrs.chain_id, addrs.distributor)
@@ -167,12 +171,14 @@ class Settler:
         A plan already pending is returned as is: one unposted plan at a time. Only paid
         value is paid: a receipt earns what its payer paid for that job (the ledger's
         settlement), at this epoch's rate; a request with no payer earns nothing; a paid one
-        whose ledger settlement is still queued waits for the next epoch.
+        whose ledger settlement is still queued waits for the next epoch, and so does one
+        stored within the last `dispute_window` seconds (or held by a pending check).
         """
         pending = self.store.last_epoch_record(state="planned")
         if pending is not None:
             return pending
-        stored = self.store.unsettled_receipts()
+        window_closed = self._clock() - self.dispute_window if self.dispute_window > 0 else None
+        stored = self.store.unsettled_receipts(stored_before=window_closed)
         if not stored:
             return None
         settlements, reserved = self.ledger.payer_settlements(
@@ -280,6 +286,7 @@ class Settler:
             receipts=len(entries),
             refused=len(refused),
             accounts=len(earned),
+            verifier_payments=sum(len(e.verifiers) for e in entries),
             leaves=len(leaves),
             total=str(total),
             stake_block=stake_block,
@@ -341,8 +348,10 @@ class Settler:
         self, candidates: list[tuple[StoredReceipt, PayerSettlement]], stakes: dict[str, int]
     ) -> tuple[list[BatchEntry], int]:
         """Each receipt's value (what its payer paid, at the rate; free Spark scaled into the
-        emission budget) and split; returns the entries and the free value requested."""
+        emission budget), split, and the verifiers paid from its take for checking it;
+        returns the entries and the free value requested."""
         free_requested = sum(epoch_math.free_value(p, self.rules) for _, p in candidates)
+        work = self.store.verifier_work([s.receipt.job_id for s, _ in candidates])
         entries: list[BatchEntry] = []
         for s, paid_for in candidates:
             receipt = s.receipt
@@ -352,6 +361,13 @@ class Settler:
                 paid_for, receipt.model_id, self.rules, take, free_requested
             )
             assert s.offer is not None and s.offer_signature is not None
+            verifiers = epoch_math.verifiers_of(
+                work.get(receipt.job_id, []),
+                worker=receipt.worker,
+                value=valued.split.value,
+                take=valued.split.take,
+                job_steps=s.offer.steps,
+            )
             entries.append(
                 BatchEntry.of(
                     receipt,
@@ -364,6 +380,7 @@ class Settler:
                     worker_amount=valued.split.worker,
                     creator=valued.split.creator,
                     creator_amount=valued.split.creator_amount,
+                    verifiers=verifiers,
                 )
             )
         return entries, free_requested
