@@ -175,6 +175,7 @@ def _settler(cfg: CoordinatorConfig, url: str | None, store: Store) -> Settler:
         rules=cfg.settlement.rules(local=cfg.local),
         publish_dir=publish_dir(cfg),
         network_id=cfg.network_id,
+        dispute_window=cfg.verification.dispute_window,
     )
 
 
@@ -411,6 +412,7 @@ def epoch_submit(
             rules=cfg.settlement.rules(local=cfg.local),
             publish_dir=publish_dir(cfg),
             network_id=cfg.network_id,
+            dispute_window=cfg.verification.dispute_window,
         )
         result = settler.submit_signed(document)  # SettlementError: exit 3
     finally:

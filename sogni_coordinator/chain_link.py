@@ -105,5 +105,6 @@ def connect_chain(config: CoordinatorConfig, private_key: bytes, store: Store) -
         rules=config.settlement.rules(local=config.local),
         publish_dir=publish_dir(config),
         network_id=config.network_id,
+        dispute_window=config.verification.dispute_window,
     )
     return ChainLink(deployment, settler)

@@ -40,8 +40,9 @@ class VerificationConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unkno
     """Also open the final latent and have a verifier decode it and compare with the
     delivered image (docs/IMAGE_CHECK.md)."""
     dispute_window: Annotated[float, Meta(ge=0.0, le=30 * 86_400.0)] = 0.0
-    """Seconds a receipt waits after it is stored (and its check, if any, passed) before an
-    epoch may pay it: the time a worker, payer or verifier has to dispute it."""
+    """Seconds a receipt waits after it is stored before an epoch may pay it: the time a
+    worker, payer or verifier has to dispute it. A held receipt also waits for its check
+    (counted from when it was stored, so a check longer than the window adds no wait)."""
 
     low_score_rate: Annotated[float, Meta(ge=0.0, le=1.0)] = 0.5
     """Share of full receipts checked for a worker whose reputation score is below
