@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             from bench import settlement
 
             out[name] = settlement.run(args.quick)
-        elif name == "pricing":  # also rewrites configs/pricing_factors.toml
+        elif name == "pricing":  # also proposes .cache/pricing_factors.proposed.toml
             from bench import pricing_scaling
 
             out[name] = pricing_scaling.run(args.quick)
@@ -97,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import trajectory_tolerance
 
             out[name] = trajectory_tolerance.run(args.quick, command)
+        elif name == "image":  # image check: decode tolerance, detection, cost
+            from bench import image_tolerance
+
+            out[name] = image_tolerance.run(args.quick, command)
     elapsed = time.perf_counter() - started
     for text in out.values():
         print("\n" + text)

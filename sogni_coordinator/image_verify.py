@@ -3,20 +3,160 @@ compares that image with the one the worker delivered (docs/IMAGE_CHECK.md).
 
 Why: the step checks prove the committed latents are honest steps of the model from the job's
 seed; nothing in them ties the delivered image to the last latent. A worker could commit an
-honest trajectory and deliver another image (a cheaper render, a cached picture).
+honest trajectory and deliver another image (a cheaper render, a cached picture, an edit).
+
+How: the worker's opened final leaf (already proved against its receipt's root) goes to a node
+of another wallet serving the model (`verifiers.choose_verifier`) in a `VerifyDecode`; that
+node decodes it with the model's VAE exactly as its backend ends a render
+(`sogni_node.verify.decode_check`) and answers a lossless PNG (`DecodeVerified`). Both images
+are compared here with Pillow (no numpy, no torch in the coordinator), as RGB at the job's
+size, by `image_distance`: the largest mean absolute difference, in 0..255 levels, over any
+8 x 8 pixel block (one latent cell of an SD VAE) and channel. A block statistic rather than the
+whole-image mean so that a small painted patch cannot hide in the average. The image passes
+when that is within the tolerance measured for the declared mode plus, for a lossy output
+format, what that format's encoding adds (`image_tolerance`).
 """
 
 from __future__ import annotations
 
+import io
+import math
 import random
+import secrets
+import time
+import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Protocol
 
-from sogni_coordinator.jobs import NodeLink
-from sogni_coordinator.verifiers import PendingVerifications, StepVerdict
-from sogni_protocol.messages import JobParams, StepOpeningWire
+import trio
+from PIL import Image, ImageChops, ImageStat
 
-__all__ = ["verify_image"]
+from sogni_coordinator.jobs import NodeLink
+from sogni_coordinator.verifiers import PendingVerifications, StepVerdict, choose_verifier
+from sogni_protocol.errors import InvalidMessage
+from sogni_protocol.ids import RESULT_FRAME_LIMIT
+from sogni_protocol.logs import get_logger
+from sogni_protocol.messages import (
+    DecodeVerified,
+    JobImage,
+    JobParams,
+    StepOpeningWire,
+    VerifyDecode,
+    VerifyRefused,
+    decode,
+    encode,
+)
+
+__all__ = [
+    "BLOCK",
+    "FORMAT_TOLERANCES",
+    "IMAGE_TOLERANCES",
+    "ImageDistance",
+    "delivered_image",
+    "image_distance",
+    "image_tolerance",
+    "verify_image",
+]
+
+log = get_logger(__name__)
+
+BLOCK = 8
+"""Side in pixels of the blocks whose mean difference is compared (one SD latent cell)."""
+
+IMAGE_TOLERANCES: Mapping[str, float] = {
+    "float32": 1.0,
+    "float32+int8": 1.0,
+    "float32+int8-dynamic": 1.0,
+    "float32+quanto-int8": 1.0,
+    "float32+quanto-int4": 1.0,
+    "bfloat16": 3.6,
+}
+"""Declared numeric mode -> the largest block distance (levels, 0..255) between an honest
+worker's PNG and a verifier's decode of its final latent in the same mode: 10x the largest
+honest distance `python -m bench image` measured, at least 1 level (BENCHMARKS.md "Image
+check": float32 and the quantized modes, whose VAE stays float32, differ by at most one level
+on one pixel of a block, 1/64; bfloat16 across CPU code paths by up to 0.42; 0 false
+rejections in 1000 held-out honest checks). Other modes were not measured: inconclusive."""
+
+FORMAT_TOLERANCES: Mapping[str, float] = {"png": 0.0, "jpeg": 32.0, "webp": 32.0}
+"""Output format -> what its encoding may add to the block distance (levels): 0 for the
+lossless PNG; for JPEG and WebP, 2x the largest block distance their fixed-quality encoders
+put between an honest image and its decode (15.6 and 15.5 measured; held out: 16.2 and 16.5,
+0 of 385 over). Added to the mode's tolerance (a block's mean of |a - c| is at most its mean
+of |a - b| plus its mean of |b - c|). Wide: a lossy job's image is checked loosely
+(docs/IMAGE_CHECK.md, "What it does not prove")."""
+
+
+def image_tolerance(dtype: str, output_format: str) -> float | None:
+    """The tolerance for a declared mode and output format, None if either is unmeasured."""
+    mode, fmt = IMAGE_TOLERANCES.get(dtype), FORMAT_TOLERANCES.get(output_format)
+    return None if mode is None or fmt is None else mode + fmt
+
+
+@dataclass(frozen=True)
+class ImageDistance:
+    """`block`: the largest mean absolute difference over any BLOCK x BLOCK block and
+    channel (the verdict's distance); `mean`: over the whole image. Both in 0..255 levels,
+    inf when the delivered image does not decode at the job's size."""
+
+    block: float
+    mean: float
+
+
+_FAR = ImageDistance(math.inf, math.inf)
+
+
+def _rgb(data: bytes, width: int, height: int) -> Image.Image | None:
+    """`data` decoded as RGB, or None if it is not a complete image of that size (the size is
+    read from the header before any pixel is decoded: no decompression bombs)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                if im.size != (width, height):
+                    return None
+                im.load()
+                return im.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError):  # fmt: skip
+        return None
+
+
+def image_distance(delivered: bytes, reference: bytes, width: int, height: int) -> ImageDistance:
+    """How far the delivered image lies from the verifier's decode (see `ImageDistance`).
+    The reference must decode at the job's size (`ValueError` otherwise: the verifier's
+    fault, not the worker's); a delivered image that does not is infinitely far."""
+    ref = _rgb(reference, width, height)
+    if ref is None:
+        raise ValueError("the verifier's image is not a complete image of the job's size")
+    got = _rgb(delivered, width, height)
+    if got is None:
+        return _FAR
+    diff = ImageChops.difference(got, ref)
+    mean = sum(ImageStat.Stat(diff).mean) / 3
+    cells = (max(1, -(-width // BLOCK)), max(1, -(-height // BLOCK)))
+    block = 0.0
+    for band in diff.split():  # float box averages: no rounding to whole levels
+        reduced = band.convert("F").resize(cells, Image.Resampling.BOX)
+        hi = reduced.getextrema()[1]
+        block = max(block, float(hi))  # type: ignore[arg-type]
+    return ImageDistance(block, mean)
+
+
+def delivered_image(data: bytes) -> bytes:
+    """The image in `data`: the bytes themselves, or the image of a stored `JobImage` frame
+    (what the coordinator's results folder holds, `delivery.ResultFiles`)."""
+    if data.startswith(_IMAGE_MAGIC):
+        return data
+    try:
+        frame = decode(data)
+    except InvalidMessage:
+        return data
+    return frame.image if isinstance(frame, JobImage) else data
+
+
+_IMAGE_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"RIFF")
 
 
 class _Dispatcher(Protocol):
@@ -39,6 +179,62 @@ async def verify_image(
     rng: random.Random | None = None,
 ) -> StepVerdict:
     """Ask a node of another wallet than `worker` to decode `final` (the worker's opened
-    final leaf) and compare its image with `image` (the delivered one). A verdict with
-    `distance` None is inconclusive; over tolerance, evidence against the worker."""
-    return StepVerdict(None, final.step, None, 0.0, False, "no verifier: image check not built")
+    final leaf) and compare its image with `image` (the delivered one, or the stored
+    `JobImage` frame holding it: `delivered_image`). A verdict with
+    `distance` None is inconclusive (no verifier, no answer, a refusal), except that a refusal
+    keeps its `code` (`bad_leaf`: the worker's final latent does not decode at the job's size,
+    which `checks.py` holds against the worker); over tolerance, evidence against the worker."""
+    step = final.step
+    tol = image_tolerance(dtype, params.output_format)
+
+    def fail(reason: str, verifier: str | None = None, code: str | None = None) -> StepVerdict:
+        log.info("image_not_verified", step=step, verifier=verifier, reason=reason)
+        t = tol if tol is not None else 0.0
+        return StepVerdict(verifier, step, None, t, False, reason, code)
+
+    if tol is None:
+        return fail(f"image: no tolerance measured for {dtype!r} {params.output_format}")
+    if not any(t.name == "latents" for t in final.tensors):
+        return fail("image: the final leaf carries no latent")
+    peer = choose_verifier(dispatcher.nodes, params.model_id, worker, rng)
+    if peer is None:
+        return fail(f"no verifier: no other wallet's node serves {params.model_id}")
+    try:
+        request = VerifyDecode(
+            check_id=secrets.token_bytes(32),
+            model_id=params.model_id,
+            dtype=dtype,
+            width=params.width,
+            height=params.height,
+            opening=final,
+            deadline=int(time.time() + timeout) + 1,
+        )
+    except ValueError as exc:
+        return fail(f"image: cannot ask for a decode: {exc}")
+    if len(encode(request)) > RESULT_FRAME_LIMIT:
+        return fail("image: the final leaf is too large to send")
+    reply = await dispatcher.verifications.ask_reply(
+        peer, dispatcher.nodes[peer].outbox, request, timeout
+    )
+    if isinstance(reply, str):
+        return fail(f"image: {reply}", peer)
+    if isinstance(reply, VerifyRefused):  # `bad_leaf` blames the worker's leaf: checks.py
+        return fail(f"image: verifier refused: {reply.reason}", peer, reply.code)
+    if not isinstance(reply, DecodeVerified):
+        return fail("image: the verifier answered a decode with a step", peer)
+    try:
+        ref, w, h = reply.image, params.width, params.height
+        d = await trio.to_thread.run_sync(lambda: image_distance(delivered_image(image), ref, w, h))
+    except ValueError as exc:
+        return fail(f"image: {exc}", peer)
+    passed = d.block <= tol
+    if math.isinf(d.block):
+        reason = f"image: not a {params.width}x{params.height} image"
+    else:
+        word = "within" if passed else "over"
+        reason = (
+            f"image: block distance {d.block:.3g} {word} {tol:g} levels "
+            f"(mean {d.mean:.3g}; {dtype}, {params.output_format})"
+        )
+    log.info("image_verified", step=step, verifier=peer, distance=d.block, passed=passed)
+    return StepVerdict(peer, step, d.block, tol, passed, reason)

@@ -95,6 +95,7 @@ from sogni_protocol.messages import (
     TensorDtype,
     TensorEntry,
     UnsupportedWireVersion,
+    VerifyDecode,
     VerifyRefusalCode,
     VerifyRefused,
     VerifyStep,
@@ -324,6 +325,8 @@ class PullSession:
                 jobs.start_soon(self._on_challenge, msg)
             elif isinstance(msg, VerifyStep):
                 jobs.start_soon(self._on_verify, msg)
+            elif isinstance(msg, VerifyDecode):
+                jobs.start_soon(self._on_verify_decode, msg)
             elif isinstance(msg, Heartbeat):
                 pass
             else:
@@ -498,6 +501,71 @@ class PullSession:
         return StepVerified(
             check_id=msg.check_id, latents=latents, x_k_scale=scale, start_distance=start
         )
+
+    # --- decoding another node's final latent (docs/IMAGE_CHECK.md) ------------------------
+    async def _on_verify_decode(self, msg: VerifyDecode) -> None:
+        """Decode someone's committed final latent (off the event loop, one check at a time,
+        as `_on_verify`) and send the image as a PNG, or a `VerifyRefused` saying why not.
+        Never raises; logs no image (exceptions by type only)."""
+        check = msg.check_id.hex()[:16]
+        reply: DecodeVerified | VerifyRefused
+        if msg.deadline <= time.time():
+            reply = VerifyRefused(
+                check_id=msg.check_id, reason="deadline already passed", code="deadline"
+            )
+        else:
+            try:
+                reply = await trio.to_thread.run_sync(
+                    self._decode, msg, limiter=self._verify_limiter
+                )
+            except Exception as exc:  # a bug or a bad tensor: refuse, keep the session
+                log.error("decode_failed", check=check, error=type(exc).__name__)
+                reason = f"the node could not decode the final latent ({type(exc).__name__})"
+                # a ValueError blames the worker's leaf (wrong shape, not finite)
+                code: VerifyRefusalCode = "bad_leaf" if isinstance(exc, ValueError) else "other"
+                reply = VerifyRefused(check_id=msg.check_id, reason=reason, code=code)
+        if isinstance(reply, VerifyRefused):
+            log.warning("decode_refused", check=check, reason=reply.reason, code=reply.code)
+        else:
+            log.info("latent_decoded", check=check, size=len(reply.image))
+        self.send(reply)
+
+    def _decode(self, msg: VerifyDecode) -> DecodeVerified | VerifyRefused:
+        """Blocking: load the model if needed and decode leaf N under the model's lock."""
+        import torch
+
+        from sogni_node.render.diffusers_backend import DiffusersBackend
+        from sogni_node.verify.decode_check import decode_png, final_latent_shape
+
+        def refuse(reason: str, code: VerifyRefusalCode) -> VerifyRefused:
+            return VerifyRefused(check_id=msg.check_id, reason=reason, code=code)
+
+        backend = self.worker.backend
+        if not isinstance(backend, DiffusersBackend):
+            return refuse(f"the {backend.name} backend cannot decode a latent", "backend")
+        if msg.model_id not in self.caps.models:
+            return refuse(f"model {msg.model_id} is not served here", "model")
+        if backend.dtype_name != msg.dtype:
+            return refuse(
+                f"this node runs {backend.dtype_name}, the image declared {msg.dtype}", "mode"
+            )
+        limit = self.caps.max_pixels
+        if limit and msg.width * msg.height > limit:  # what this node would not render
+            return refuse(f"{msg.width}x{msg.height} is over this node's max_pixels", "too_large")
+        latents = [t for t in msg.opening.tensors if t.name == "latents"]
+        if len(latents) != 1:  # bytes are float32 whatever `dtype` it was computed in
+            raise ValueError("the opening carries no final latent")
+        loaded = backend._get(msg.model_id)
+        if final_latent_shape(loaded.pipe, width=msg.width, height=msg.height) is None:
+            return refuse("this model's latents cannot be decoded here", "backend")
+        entry = latents[0]
+        x = torch.frombuffer(bytearray(entry.data), dtype=torch.float32).reshape(entry.shape)
+        with loaded.lock:
+            torch.set_num_threads(backend.threads)  # process-global: set under the lock
+            image = decode_png(
+                loaded.pipe, x, width=msg.width, height=msg.height, dtype=backend.dtype
+            )
+        return DecodeVerified(check_id=msg.check_id, image=image)
 
     # --- offers --------------------------------------------------------------------------
     def _check_offer(self, msg: Offer) -> str | None:

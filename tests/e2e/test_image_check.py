@@ -1,0 +1,233 @@
+"""The image check over libp2p (docs/IMAGE_CHECK.md): real nodes decode real final latents.
+
+Every sampled check also opens the final leaf x_N; a node of another wallet decodes it with the
+model's VAE (`VerifyDecode` -> `DecodeVerified`) and the coordinator compares that image with
+the delivered one. Honest nodes pass (the decode is the delivered PNG, byte for byte). A rogue
+that commits an honest trajectory, so that every step and the seed check pass, but delivers
+another image (another seed's render, or the honest image with a patch painted on it) is
+caught: its receipt becomes evidence, it earns nothing, it is struck, and the honest node
+renders the job again.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import msgspec
+import pytest
+import trio
+from PIL import Image
+
+from sogni_app.api import render
+from sogni_coordinator.dispatch import Dispatcher
+from sogni_coordinator.image_verify import verify_image
+from sogni_net import Channel
+from sogni_node.render.diffusers_backend import DiffusersBackend
+from sogni_node.render.trajectory import Trajectory
+from sogni_node.worker import _render_job
+from sogni_protocol import eip712
+from sogni_protocol.ids import RESULT_FRAME_LIMIT
+from sogni_protocol.messages import (
+    Challenge,
+    ChallengeAnswer,
+    DecodeVerified,
+    JobParams,
+    StepOpeningWire,
+    TensorEntry,
+    VerifyDecode,
+    VerifyRefused,
+    VerifyStep,
+    job_params,
+)
+
+from .conftest import Net, receive_skipping, rogue_node, tiny_request
+from .rogue_kit import (
+    EVERY,
+    checks_of,
+    heartbeats,
+    peer_of,
+    stored_receipt,
+    submit_result,
+    take_offer,
+    wire,
+)
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+PROMPT = "a red circle"  # tiny_request's prompt: it must never reach a log
+
+
+def _spy_decodes(monkeypatch: pytest.MonkeyPatch, net: Net) -> list[DecodeVerified]:
+    """Every `DecodeVerified` a verifier sends the coordinator, in order."""
+    pending = net.coordinator.dispatcher.verifications
+    seen: list[DecodeVerified] = []
+    original = pending.answered
+
+    def answered(peer_id: str, reply: Any) -> bool:
+        if isinstance(reply, DecodeVerified):
+            seen.append(reply)
+        return original(peer_id, reply)
+
+    monkeypatch.setattr(pending, "answered", answered)
+    return seen
+
+
+async def _render(backend: DiffusersBackend, params: JobParams) -> tuple[bytes, Trajectory]:
+    """A real render of `params` with the tiny model: its PNG and trajectory."""
+    job = _render_job(params, None)
+    out = await trio.to_thread.run_sync(backend.render, job, lambda _: None, lambda: False)
+    assert out.trajectory is not None
+    return out.image, out.trajectory
+
+
+def _patched(image: bytes) -> bytes:
+    """`image` with one 8x8 patch painted far from what was there (>= 128 levels a channel)."""
+    im = Image.open(io.BytesIO(image)).convert("RGB")
+    r, g, b = im.getpixel((28, 28))  # type: ignore[misc]
+    far = tuple(0 if c > 127 else 255 for c in (r, g, b))
+    im.paste(far, (24, 24, 32, 32))
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def _refuse_every_check(channel: Channel) -> None:
+    """The rogue as a verifier: it refuses every step and decode it is asked (saying nothing
+    about the worker), so the honest node's re-render is released."""
+    while True:
+        ask = await receive_skipping(
+            channel, (VerifyStep, VerifyDecode), timeout=120, limit=RESULT_FRAME_LIMIT
+        )
+        await channel.send(VerifyRefused(check_id=ask.check_id, reason="no", code="model"))
+
+
+async def test_honest_nodes_pass_the_image_check(
+    net_factory: Any, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with net_factory(verification=EVERY) as net:
+        decodes = _spy_decodes(monkeypatch, net)
+        await net.add_node(backend, "alice")
+        await net.add_node(backend, "bob")
+        with trio.fail_after(120):
+            result = await render(net.addr, tiny_request(2, scheduler="euler"))
+        assert len(result.images) == 2
+        checks = checks_of(net.tmp)
+        assert [c["verdict"] for c in checks] == ["pass", "pass"], checks
+        # each check decoded its final latent on the other wallet: the delivered PNG exactly
+        assert sorted(d.image for d in decodes) == sorted(i.image for i in result.images)
+
+
+@pytest.mark.parametrize("rogue", ["another_seeds_image", "patch_painted"])
+async def test_a_rogue_delivering_another_image_is_caught_and_its_job_rendered_again(
+    net_factory: Any, backend: Any, rogue: str
+) -> None:
+    async with (
+        net_factory(verification=EVERY) as net,
+        rogue_node(net) as (channel, acct),
+        trio.open_nursery() as tasks,
+    ):
+        tasks.start_soon(heartbeats, channel)
+        dispatcher = net.coordinator.dispatcher
+        results: list[Any] = []
+
+        async def client() -> None:
+            results.append(await render(net.addr, tiny_request(1, scheduler="euler")))
+
+        with trio.fail_after(150):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client)
+                offer = await take_offer(channel)
+                honest_image, committed = await _render(backend, offer.params)
+                if rogue == "another_seeds_image":  # a render it had, not this job's
+                    other = msgspec.structs.replace(offer.params, seed=offer.params.seed + 1)
+                    image, _ = await _render(backend, other)
+                else:
+                    image = _patched(honest_image)
+                assert image != honest_image
+                job_id = await submit_result(
+                    net, channel, acct, offer, image, committed, dtype=backend.dtype_name
+                )
+                assert dispatcher.store.check_state(job_id) == "pending"
+                challenge = await receive_skipping(channel, (Challenge,))
+                assert offer.params.steps in challenge.steps  # the final leaf is opened
+                honest = await net.add_node(backend, "honest")  # the verifier, then worker
+                while len(dispatcher.nodes) < 2:
+                    await trio.sleep(0.05)
+                openings = [wire(committed, k) for k in challenge.steps]
+                answer = ChallengeAnswer(job_id=job_id, openings=openings)
+                await channel.send(answer, limit=RESULT_FRAME_LIMIT)
+                tasks.start_soon(_refuse_every_check, channel)
+        (result,) = results
+        (image_out,) = result.images
+        assert eip712.same_address(image_out.receipt.worker, honest.wallet.address)
+        assert image_out.image == honest_image  # the same render, by the honest node
+        ((_, worker, evidence, reason),) = dispatcher.store.failed_receipts(job_id)
+        assert eip712.same_address(worker, acct.address)
+        assert evidence.trajectory_root == committed.root
+        assert reason.startswith("image: block distance"), reason
+        assert len(dispatcher.reputation.get(acct.address).strikes) == 1
+        assert dispatcher.reputation.get(honest.wallet.address).strikes == []
+        payable = [r.receipt for r in dispatcher.store.unsettled_receipts()]
+        assert [r.worker.lower() for r in payable if r.job_id == job_id] == [
+            honest.wallet.address.lower()
+        ]
+        failed = next(c for c in checks_of(net.tmp) if c["verdict"] == "fail")
+        assert failed["step"] == offer.params.steps  # the final leaf
+        assert eip712.same_address(failed["verifier"], honest.wallet.address)
+        assert failed["distance"] > 10 * failed["tolerance"]
+        tasks.cancel_scope.cancel()
+
+
+async def _final_leaf(dispatcher: Dispatcher, job_id: bytes) -> tuple[str, StepOpeningWire]:
+    """The job's worker (wallet) and its final leaf, opened against its receipt's root."""
+    receipt = stored_receipt(dispatcher, job_id)
+    peer = peer_of(dispatcher, receipt.worker)
+    res = await dispatcher.challenge(peer, job_id, [receipt.steps_done], timeout=20)
+    assert res.answer is not None and res.fault(receipt) is None
+    (opening,) = res.answer.openings
+    return receipt.worker, opening
+
+
+async def test_a_verifier_node_decodes_or_refuses_with_a_code(
+    net_factory: Any, backend: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The exchange itself, against real nodes: the decode is the delivered PNG; a latent of
+    the wrong size is `bad_leaf` (the worker's fault), another declared mode is `mode`."""
+    async with net_factory() as net:
+        await net.add_node(backend, "alice")
+        await net.add_node(backend, "bob")
+        request = tiny_request(1)
+        with trio.fail_after(60):
+            result = await render(net.addr, request)
+        capsys.readouterr()  # from here on: what the image check logs
+        (delivered,) = result.images
+        dispatcher = net.coordinator.dispatcher
+        params: JobParams = job_params(request, 0)
+        worker, final = await _final_leaf(dispatcher, delivered.job_id)
+
+        async def check(opening: StepOpeningWire, dtype: str = backend.dtype_name) -> Any:
+            return await verify_image(
+                dispatcher, params=params, worker=worker, final=opening,
+                image=delivered.image, dtype=dtype, timeout=30,
+            )  # fmt: skip
+
+        with trio.fail_after(60):
+            honest = await check(final)
+            assert honest.passed and honest.distance == 0.0, honest.reason
+            assert not eip712.same_address(dispatcher.nodes[honest.verifier].wallet, worker)
+            (latents,) = [t for t in final.tensors if t.name == "latents"]
+            half = len(latents.data) // 2
+            small = TensorEntry(
+                name="latents", dtype=latents.dtype, shape=[1, 2, *latents.shape[2:]],
+                data=latents.data[:half],
+            )  # fmt: skip
+            others = [t for t in final.tensors if t.name != "latents"]
+            bad = await check(msgspec.structs.replace(final, tensors=[small, *others]))
+            assert not bad.passed and bad.distance is None and bad.code == "bad_leaf", bad
+            other_mode = await check(final, dtype="bfloat16")
+            assert other_mode.distance is None and other_mode.code == "mode", other_mode
+        assert len(dispatcher.verifications) == 0
+    logs = capsys.readouterr()
+    assert "latent_decoded" in logs.out + logs.err
+    assert PROMPT not in logs.out + logs.err
