@@ -32,7 +32,20 @@ $(INTEROP_STAMP): interop/package.json interop/package-lock.json
 	npm ci --prefix interop --no-audit --no-fund --loglevel=error
 	touch $(INTEROP_STAMP)
 
-test: install $(NPM_STAMP) $(INTEROP_STAMP)
+# Nosana's own job-definition validator, @nosana/sdk (pinned in deploy/nosana/package-lock.json)
+NOSANA_STAMP := deploy/nosana/node_modules/.installed
+$(NOSANA_STAMP): deploy/nosana/package.json deploy/nosana/package-lock.json
+	@command -v npm >/dev/null || { echo "error: npm is missing (Debian: apt-get install nodejs npm)" >&2; exit 1; }
+	npm ci --prefix deploy/nosana --no-audit --no-fund --loglevel=error
+	touch $(NOSANA_STAMP)
+
+# A headless browser for the status-page test (Debian's chromium; installed when root)
+BROWSER_STAMP := .cache/.browser-checked
+$(BROWSER_STAMP): scripts/ensure-browser.sh
+	./scripts/ensure-browser.sh
+	@mkdir -p .cache && touch $(BROWSER_STAMP)
+
+test: install $(NPM_STAMP) $(INTEROP_STAMP) $(NOSANA_STAMP) $(BROWSER_STAMP)
 	$(PY) -m pytest
 
 demo: install
@@ -59,3 +72,20 @@ chain-deploy: install
 
 clean:
 	rm -rf out .cache .pytest_cache .mypy_cache .ruff_cache
+
+# Partner images and definitions (docs/PARTNERS.md). The images build where a Docker engine
+# runs (none runs on the dev machines or CI: tests check the Dockerfiles and the entrypoint).
+.PHONY: image-node image-coordinator nosana-validator nosana-check salad-group
+DOCKER    ?= docker
+IMAGE_TAG ?= 0.1.0
+image-node image-coordinator: image-%:
+	@$(DOCKER) info >/dev/null 2>&1 || { echo "$@: no Docker engine here; build on a host that runs one (docs/PARTNERS.md)" >&2; exit 1; }
+	$(DOCKER) build -f docker/$*.Dockerfile -t sogni-$*:$(IMAGE_TAG) .
+
+nosana-validator: $(NOSANA_STAMP)
+
+nosana-check: $(NOSANA_STAMP)
+	node deploy/nosana/validate.mjs deploy/nosana/node-job.json
+
+salad-group: install
+	@$(PY) deploy/salad/build.py
