@@ -29,6 +29,7 @@ def test_bench_measures_saves_and_names_the_tier(tmp_path: Path) -> None:
     fast = report["device"] == "cuda" and report["speed"] >= FAST_MIN_SPEED
     assert report["tier"] == ("fast" if fast else "relaxed")
     assert saved_speed(tmp_path / "bench.json") == report["speed"] > 0
+    assert report.pop("savedTo") == str(tmp_path / "bench.json")  # it says where it saved
     assert json.loads((tmp_path / "bench.json").read_text()) == report
 
 
