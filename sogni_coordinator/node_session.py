@@ -144,7 +144,14 @@ async def serve_node(
                 heartbeat_interval=heartbeat_interval,
             )
         )
-        log.info("node_joined", peer=peer, wallet=caps.wallet, slots=caps.slots, models=caps.models)
+        log.info(
+            "node_joined",
+            peer=peer,
+            wallet=caps.wallet,
+            slots=caps.slots,
+            models=caps.models,
+            machine_id=caps.machine_id or None,
+        )
         async with trio.open_nursery() as nursery:
 
             async def guarded(fn: Callable[[], Awaitable[str]]) -> None:

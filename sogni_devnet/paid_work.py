@@ -59,9 +59,14 @@ def signed_receipt(
     job_id: bytes | None = None,
     price_factor_bps: int = 10_000,
     steps_done: int = STEPS,
+    payout: str | None = None,
+    version: str | None = None,
 ) -> SignedReceipt:
     """A receipt for `work_units` (a full job's), answering an offer the coordinator signed,
-    for image 0 of a request the payer signed (its job id derived from the request)."""
+    for image 0 of a request the payer signed (its job id derived from the request).
+    `payout`: the account the receipt pays (None: the worker); `version`: an older EIP-712
+    version to sign the offer and receipt under (as a node and coordinator of that time did)."""
+    signing = domain.at(version) if version is not None else domain
     request = eip712.sign_request(
         PAYER_KEY.key,
         domain,
@@ -87,10 +92,10 @@ def signed_receipt(
         deadline=1_700_000_600,
         price_factor_bps=price_factor_bps,
     )
-    offer_signature = eip712.sign_offer(COORDINATOR_KEY.key, domain, offer)
+    offer_signature = eip712.sign_digest(COORDINATOR_KEY.key, eip712.offer_hash(signing, offer))
     receipt = Receipt(
         job_id=job,
-        offer_hash=eip712.offer_hash(domain, offer),
+        offer_hash=eip712.offer_hash(signing, offer),
         worker=key.address,
         coordinator=COORDINATOR,
         model_id=model,
@@ -99,10 +104,10 @@ def signed_receipt(
         work_units=work_units * steps_done // STEPS,
         completed_at=1_700_000_000,
         price_factor_bps=price_factor_bps,
+        payout=payout,
     )
-    return SignedReceipt(
-        receipt, eip712.sign_receipt(key.key, domain, receipt), offer, offer_signature, request
-    )
+    signature = eip712.sign_digest(key.key, eip712.receipt_digest(signing, receipt))
+    return SignedReceipt(receipt, signature, offer, offer_signature, request)
 
 
 class SignedReceipt(NamedTuple):

@@ -80,6 +80,8 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     keystore: Path = None  # type: ignore[assignment]  # None until __post_init__: wallet.json
     password_env: EnvName = "SOGNI_NODE_PASSWORD"
     payout_address: Address | None = None
+    """Where this node's rewards go (env `SOGNI_NODE_PAYOUT_ADDRESS`), signed into every
+    receipt; None: its own wallet. A partner container with a throwaway key needs one."""
     heartbeat_interval: Annotated[float, Meta(gt=0, le=300)] = 5.0
     heartbeat_timeout: Seconds = 15.0
     shutdown_grace: Annotated[float, Meta(ge=0, le=3600)] = 30.0
@@ -118,6 +120,11 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     def __post_init__(self) -> None:
         check_heartbeats(self.heartbeat_interval, self.heartbeat_timeout)
         check_http_listen(self.http_listen)
+        if self.payout_address is not None:
+            from sogni_node.payout import check_payout_address
+
+            payout = check_payout_address(self.payout_address)
+            msgspec.structs.force_setattr(self, "payout_address", payout)
         data_dir = fill_path(self, "data_dir", self.data_dir)
         fill_path(self, "models_dir", data_dir / "models")
         fill_path(self, "keystore", data_dir / "wallet.json")

@@ -30,12 +30,14 @@ from sogni_net import (
     require_http_extra,
     serve_http,
 )
+from sogni_node import partner
 from sogni_node.benchmark import saved_speed
 from sogni_node.config import NodeConfig
 from sogni_node.hardware import HardwareError, HardwareInfo, probe
 from sogni_node.http_api import NodeView, build_app
 from sogni_node.journal import Journal
 from sogni_node.models.loras import LoraLibrary
+from sogni_node.payout import payout_of
 from sogni_node.pull import NodeIdentity, PullSession, pull_forever
 from sogni_node.render.backend import Backend
 from sogni_node.trajectory_files import TrajectoryFiles
@@ -77,6 +79,7 @@ def capabilities(
     backend: Backend,
     models: list[str],
     speed: float = 0.0,
+    machine_id: str = "",
 ) -> Capabilities:
     return Capabilities(
         peer_id=peer_id,
@@ -90,6 +93,7 @@ def capabilities(
         warm_models=worker.warm_models(),
         speed=speed,
         loras=worker.lora_ids(),
+        machine_id=machine_id,
     )
 
 
@@ -126,6 +130,7 @@ async def run_node(
         wallet_key=wallet.private_key,
         domain=Domain(config.chain_id, config.verifying_contract),
         trusted=frozenset(a.lower() for a in config.trusted_coordinators),
+        payout=payout_of(config.payout_address, wallet.address),
     )
     sessions: set[PullSession] = set()
     report = ShutdownReport()
@@ -137,6 +142,8 @@ async def run_node(
         else:
             if pruned:
                 log.info("results_pruned", files=pruned)
+        salad = await trio.to_thread.run_sync(partner.salad_identity)  # None: not on Salad
+        machine_id = salad.machine_id if salad else ""
         async with open_host(
             key_path=config.node_key_path,
             listen=[config.listen],
@@ -146,7 +153,7 @@ async def run_node(
 
             def new_caps() -> Capabilities:
                 return capabilities(
-                    host.peer_id, wallet.address, worker, hw, backend, models, speed
+                    host.peer_id, wallet.address, worker, hw, backend, models, speed, machine_id
                 )
 
             def connected(addr: str, event: dict[str, object]) -> None:
@@ -192,6 +199,8 @@ async def run_node(
                     peer=host.peer_id,
                     addrs=host.addrs,
                     wallet=wallet.address,
+                    payout=identity.payout or wallet.address,
+                    machine_id=machine_id or None,
                     device=hw.device,
                     slots=config.slots,
                     coordinators=len(config.coordinators),

@@ -51,6 +51,7 @@ import trio
 
 from sogni_net import Channel, Host, TransportError
 from sogni_node.journal import Journal, StoredResult
+from sogni_node.payout import signed_form
 from sogni_node.render.backend import RenderCancelled
 from sogni_node.render.trajectory import StepOpening
 from sogni_node.trajectory_files import TrajectoryFiles
@@ -121,6 +122,8 @@ class NodeIdentity:
     domain: Domain
     trusted: frozenset[str]
     """Lower-case coordinator signing addresses whose offers this node accepts."""
+    payout: str | None = None
+    """The account its receipts pay (`payout_address`), signed into each; None: the wallet."""
 
 
 class SessionRefused(Exception):
@@ -754,6 +757,7 @@ class PullSession:
             completed_at=int(time.time()),
             price_factor_bps=offer.price_factor_bps,
             trajectory_root=trajectory_root,
+            payout=self.id.payout,
         )
         signature = eip712.sign_receipt(self.id.wallet_key, self.id.domain, receipt)
         meta = meta or RenderMeta(backend=self.worker.backend.name, device="", dtype="", threads=0)
@@ -784,9 +788,12 @@ class PullSession:
         if fault is not None:
             self._decline(job.id, fault)
             return
-        receipt, signature = entry.receipt, entry.signature
+        signature = entry.signature
+        receipt = signed_form(entry.receipt, entry.domain_version, self.id.payout)
         if receipt.offer_hash != job.offer_hash:
-            receipt = msgspec.structs.replace(receipt, offer_hash=job.offer_hash)
+            receipt = msgspec.structs.replace(
+                receipt, offer_hash=job.offer_hash, payout=self.id.payout
+            )
             signature = eip712.sign_receipt(self.id.wallet_key, self.id.domain, receipt)
             await _off_loop(
                 self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature
@@ -801,7 +808,7 @@ class PullSession:
         self.send(
             Result(job_id=job.id, image=kept.image, receipt=receipt, signature=signature, meta=meta)
         )
-        log.info("result_resent", job=job.tag, resigned=receipt is not entry.receipt)
+        log.info("result_resent", job=job.tag, resigned=signature != entry.signature)
 
 
 def _opening_wire(opening: StepOpening) -> StepOpeningWire:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sogni_node.journal import JournalReceipt
+from sogni_node.payout import payout_of, signed_form
 from sogni_protocol import eip712, epoch_math
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.epoch_files import (
@@ -226,8 +227,14 @@ def audit(
     epochs: Sequence[PublishedEpoch],
     *,
     distributor: Distributor | None = None,
+    worker: str | None = None,
 ) -> RewardsReport:
-    """Check the published epochs against ``account``'s journal (and the chain, if given)."""
+    """Check the published epochs against the journal of ``worker`` (the signing wallet;
+    default ``account``), whose receipts pay ``account`` (its payout address, or itself),
+    and the chain, if given. Earnings and the leaf are ``account``'s: every receipt paying it
+    counts, whichever wallet signed it (a payout address collects several containers')."""
+    worker = worker if worker is not None else account
+    payout = payout_of(account, worker)
     report = RewardsReport(account=account)
     if not epochs:
         return report
@@ -246,7 +253,7 @@ def audit(
         earned = mine = 0
         for e in pe.batch.receipts:
             by_job[e.job_id.lower()] = (pe, e)
-            if _same(e.worker, account):
+            if _same(e.payee, account):
                 earned += int(e.worker_amount)
                 mine += 1
                 why = _split_problem(pe, e)
@@ -281,8 +288,8 @@ def audit(
 
     last_close = epochs[-1].file.closed_at
     for jr in journal:
-        r = jr.receipt
-        if jr.accepted is False or not _same(r.worker, account):
+        r = signed_form(jr.receipt, jr.domain_version, payout)
+        if jr.accepted is False or not _same(r.worker, worker):
             continue
         if r.coordinator.lower() not in coordinators:
             continue  # another coordinator's work: its own epochs settle it
@@ -310,11 +317,12 @@ def audit(
             report.problems.append(f"job {job}: epoch {pe.epoch} batch differs from the journal")
             continue
         try:
-            signer = eip712.recover_receipt_signer(pe.domain, r, jr.signature)
+            eip712.verify_receipt(pe.domain, r, jr.signature, worker)
         except SignatureError:
-            signer = ""
-        if not _same(signer, account):
             report.problems.append(f"job {job}: signature does not verify under the epoch domain")
+            continue
+        if not _same(entry.payee, account):
+            report.problems.append(f"job {job}: epoch {pe.epoch} pays {entry.payee}, not {account}")
             continue
         report.verified += 1
 
@@ -420,9 +428,15 @@ def _claim_call(distributor: Distributor, plan: ClaimPlan, stake_bps: int, deadl
 
 
 def gas_shortfall(
-    distributor: Distributor, plan: ClaimPlan, *, stake_bps: int = 0, deadline: int = 0
+    distributor: Distributor,
+    plan: ClaimPlan,
+    *,
+    stake_bps: int = 0,
+    deadline: int = 0,
+    sender: str | None = None,
 ) -> tuple[int, int] | None:
-    """`(needed, balance)` in wei when the wallet cannot pay its claim's gas, else None.
+    """`(needed, balance)` in wei when `sender` (default: the claiming account) cannot pay
+    the claim's gas, else None. Anyone may send a plain claim: the tokens go to the account.
 
     Estimated from the node's fees now (room for the base fee to double, as `Chain.send`
     offers). A claim the contract would refuse raises its `ChainRevert` here.
@@ -434,7 +448,8 @@ def gas_shortfall(
     from web3.exceptions import ContractLogicError
 
     try:
-        gas = int(call.estimate_gas({"from": plan.account, "value": 0}) * chain.gas_margin)
+        payer = sender if sender is not None else plan.account
+        gas = int(call.estimate_gas({"from": payer, "value": 0}) * chain.gas_margin)
     except (ContractLogicError, TransactionFailed) as exc:
         raise chain.errors.from_exception(exc) from None
     except Exception as exc:
@@ -444,7 +459,7 @@ def gas_shortfall(
     base_fee = int(w3.eth.get_block("latest").get("baseFeePerGas", 0))
     price = 2 * base_fee + int(w3.eth.max_priority_fee)
     needed = gas * price
-    balance = chain.eth_balance(plan.account)
+    balance = chain.eth_balance(payer)
     return (needed, balance) if balance < needed or balance == 0 else None
 
 

@@ -11,6 +11,12 @@ With a chain url it also checks the posted roots and shows claimed and claimable
 `--stake-share` (or `auto_stake_share`) stakes that share of the claim at once. Staking
 sends transactions signed by the node wallet, so it needs a shared chain (`chain_url`, e.g.
 anvil) and the keystore password. See docs/REWARDS.md.
+
+With `payout_address` set, the rewards are the payout account's: `rewards` reports its leaf
+(every receipt paying it) and audits this wallet's journal against it, and `rewards claim`
+claims for it (a plain claim may be sent by anyone; the tokens go to the account). Staking
+a share at claim time needs the payout account's own signature, so it is refused there:
+stake from the payout wallet itself.
 """
 
 from __future__ import annotations
@@ -116,6 +122,12 @@ def _required_deployment(cfg: NodeConfig, url: str | None) -> Deployment:
     return deployment
 
 
+def _accounts(cfg: NodeConfig) -> tuple[str, str]:
+    """(the account rewards are paid to, the wallet that signs receipts)."""
+    wallet = keystore_address(cfg.keystore)
+    return cfg.payout_address or wallet, wallet
+
+
 def _wallet(cfg: NodeConfig, deployment: Deployment) -> LocalAccount:
     wallet = unlock_wallet(cfg.keystore, cfg.password_env)
     return deployment.chain.add_key(wallet.private_key)
@@ -217,7 +229,7 @@ def rewards(
     from sogni_node.rewards import audit, format_sogni
 
     cfg = _config(config)
-    account = keystore_address(cfg.keystore)
+    account, signer = _accounts(cfg)
     folder = _epochs_dir(cfg, epochs_dir, source)
     deployment = _deployment(cfg, chain_url)
     epochs, unposted = _posted(_published(folder), deployment)
@@ -227,11 +239,14 @@ def rewards(
             journal.receipts(),
             epochs,
             distributor=deployment.distributor if deployment is not None else None,
+            worker=signer,
         )
     if as_json:
         _print_json({**report.as_json(), "epochsDir": str(folder), "unposted": unposted})
     else:
         typer.echo(f"account    {account}")
+        if signer.lower() != account.lower():
+            typer.echo(f"signed by  {signer} (payout_address: rewards go to the account)")
         for e in report.epochs:
             status = (
                 ""
@@ -303,14 +318,20 @@ def rewards_claim(
     d = deployment.distributor
     share = stake_share if stake_share is not None else cfg.auto_stake_share
     bps = stake_bps_of(share)
-    account = keystore_address(cfg.keystore)
+    account, signer = _accounts(cfg)
+    if bps and signer.lower() != account.lower():
+        raise BadUsage(
+            f"staking at claim time needs the payout account {account}'s own signature, "
+            f"and this node signs as {signer}",
+            "claim with --stake-share 0, then stake from the payout wallet",
+        )
     matured = d.matured_epoch()
     if matured == 0:
         raise NotMatured(d.matures_at(1) if d.latest_epoch() else None)
     folder = _epochs_dir(cfg, epochs_dir, source, through=matured)
     epochs, _unposted = _posted(_published(folder), deployment)
     with Journal(cfg.journal_path) as journal:
-        report = audit(account, journal.receipts(), epochs, distributor=d)
+        report = audit(account, journal.receipts(), epochs, distributor=d, worker=signer)
     for problem in report.problems:  # a claim never gives up a later correction: go on
         typer.echo(f"warning: {problem}", err=True)
     plan = plan_claim(d, account, epochs)  # NotMatured: exit 3
@@ -343,9 +364,9 @@ def rewards_claim(
             relayer, done = trio.run(relay_claim, sources, request)
             result = ClaimResult(int(done.amount), int(done.staked), "0x" + done.tx_hash.hex())
         else:
-            shortfall = gas_shortfall(d, plan, stake_bps=bps, deadline=deadline)
+            shortfall = gas_shortfall(d, plan, stake_bps=bps, deadline=deadline, sender=signer)
             if shortfall is not None:
-                raise Refused(_no_gas(account, *shortfall), GAS_TODO)
+                raise Refused(_no_gas(signer, *shortfall), GAS_TODO)
             wallet = _wallet(cfg, deployment)
             try:
                 result = submit_claim(d, wallet, plan, stake_bps=bps, deadline=deadline)

@@ -23,6 +23,9 @@ and `networkId` to `RenderAuthorization` and `DailyBoostClaim` (the ledger's net
 distributor in the domain, an authorization is good on one network only, and spent once there).
 Version "3" adds `trajectoryRoot` to `Receipt`: the commitment to every step of the render
 (docs/TRAJECTORY.md); a v1 or v2 receipt can only carry none (zero).
+Version "4" adds `payout` to `Receipt`: the account its rewards go to (the worker's own when
+the node names none), so a container's signing key can be thrown away; a v1..v3 receipt pays
+its worker only.
 """
 
 from __future__ import annotations
@@ -56,9 +59,9 @@ from sogni_protocol.messages import (
 )
 
 DOMAIN_NAME = "SogniSupernet"
-DOMAIN_VERSION = "3"
+DOMAIN_VERSION = "4"
 """The version new signatures use."""
-KNOWN_VERSIONS: tuple[str, ...] = ("1", "2", "3")
+KNOWN_VERSIONS: tuple[str, ...] = ("1", "2", "3", "4")
 """Every version whose signatures still verify, the current one included (see the rule above)."""
 
 _EIP712_DOMAIN = [
@@ -124,12 +127,15 @@ _TYPES: dict[str, list[dict[str, str]]] = {
 }
 _TYPES_V2 = _TYPES
 _TRAJECTORY = {"name": "trajectoryRoot", "type": "bytes32"}
-_TYPES = {**_TYPES_V2, "Receipt": [*_TYPES_V2["Receipt"], _TRAJECTORY]}
+_TYPES_V3 = {**_TYPES_V2, "Receipt": [*_TYPES_V2["Receipt"], _TRAJECTORY]}
+_PAYOUT = {"name": "payout", "type": "address"}
+_TYPES = {**_TYPES_V3, "Receipt": [*_TYPES_V3["Receipt"], _PAYOUT]}
 """The current layouts (`DOMAIN_VERSION`)."""
 _TYPES_BY_VERSION: dict[str, dict[str, list[dict[str, str]]]] = {
     "1": _TYPES_V1,
     "2": _TYPES_V2,
-    "3": _TYPES,
+    "3": _TYPES_V3,
+    "4": _TYPES,
 }
 
 
@@ -251,6 +257,7 @@ def receipt_message(receipt: Receipt) -> dict[str, Any]:
         "completedAt": receipt.completed_at,
         "priceFactorBps": receipt.price_factor_bps,
         "trajectoryRoot": _hex(receipt.trajectory_root),
+        "payout": to_checksum_address(receipt.payee),
     }
 
 
@@ -334,9 +341,22 @@ def _trajectory_tail(domain: Domain, root: bytes) -> bytes:
     return root
 
 
+def _payout_tail(domain: Domain, receipt: Receipt) -> bytes:
+    """The encoded `payout` (v4 on: the payee); earlier versions pay the worker only."""
+    if domain.version in ("1", "2", "3"):
+        if not same_address(receipt.payee, receipt.worker):
+            raise SignatureError(
+                f"EIP-712 version {domain.version!r} has no payout address: only the worker"
+            )
+        return b""
+    return bytes(12) + bytes.fromhex(receipt.payee[2:])
+
+
 def receipt_digest(domain: Domain, receipt: Receipt) -> bytes:
-    tail = _price_factor_tail(domain, receipt.price_factor_bps) + _trajectory_tail(
-        domain, receipt.trajectory_root
+    tail = (
+        _price_factor_tail(domain, receipt.price_factor_bps)
+        + _trajectory_tail(domain, receipt.trajectory_root)
+        + _payout_tail(domain, receipt)
     )
     struct = keccak(
         _RECEIPT_TYPEHASH[domain.version]

@@ -3,7 +3,8 @@
 Anyone holding the folder (``epoch-NNNNNN.json``, ``epoch-NNNNNN.tree.json`` and
 ``receipts/0x<keccak>.json``) can recompute every epoch: each paid receipt with its worker's
 and coordinator's signatures, the payer's signed authorization it is paid from, its value and
-split under the published rules (the verifiers paid from its take included), then what each
+split under the published rules (the verifiers paid from its take included; the worker's
+amount and take tier following the receipt's signed payout address), then what each
 account earned, the cumulative leaves on top of the epoch before, the total and the Merkle
 root. A coordinator that pays anyone a wei more
 than the published evidence justifies, or drops evidence after the fact, is caught here.

@@ -50,10 +50,13 @@ __all__ = [
     "receipts_filename",
 ]
 
-RECEIPTS_FORMAT = "sogni-receipts-v4"
+RECEIPTS_FORMAT = "sogni-receipts-v5"
 EPOCH_FORMAT = "sogni-epoch-v3"
+_V4_RECEIPTS_FORMAT = "sogni-receipts-v4"
+"""Before payout addresses: read as v5 with every receipt paying its worker."""
 _OLD_RECEIPTS_FORMAT = "sogni-receipts-v3"
-"""Before verifier pay: read as v4 with no verifiers (the rules were otherwise the same)."""
+"""Before verifier pay: read as v5 with no verifiers and no payout addresses (the rules were
+otherwise the same)."""
 _OLD_EPOCH_FORMAT = "sogni-epoch-v2"
 """Before verifier pay: its payouts are workers' and creators' only."""
 
@@ -184,9 +187,17 @@ class BatchEntry(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     creator_amount: str
     verifiers: list[VerifierPay] = msgspec.field(default_factory=list)
     """Sorted by lowercase account, one each; empty in batches before `sogni-receipts-v4`."""
+    payout: str | None = None
+    """The receipt's signed payout address (`worker_amount` and the take tier follow it);
+    None: the worker (always, in batches before `sogni-receipts-v5`)."""
 
     def receipt(self) -> Receipt:
         return _from_record(Receipt, self)
+
+    @property
+    def payee(self) -> str:
+        """Who `worker_amount` is paid to: the payout address, else the worker."""
+        return self.payout if self.payout is not None else self.worker
 
     @property
     def signature_bytes(self) -> bytes:
@@ -244,7 +255,8 @@ class ReceiptsBatch(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     """The block each worker's stake (its take-rate tier) was read at; None: no stake read,
     every worker pays tier 0."""
     stakes: dict[str, str]
-    """Worker -> active stake (base units) at ``stake_block``."""
+    """Payee (the receipt's payout address, else its worker) -> active stake (base units) at
+    ``stake_block``: the stake that sets a receipt's take tier is the paid account's."""
     free_requested: str
     """The free Spark value (base units) of this batch before the emission budget."""
     receipts: list[BatchEntry]
@@ -289,10 +301,13 @@ def encode(value: msgspec.Struct) -> bytes:
 
 
 def decode_batch(data: bytes) -> ReceiptsBatch:
-    """A receipts batch of this format or the one before (which pays no verifier)."""
+    """A receipts batch of this format or an older one (v4: every receipt pays its worker;
+    v3: also no verifier is paid)."""
     batch = msgspec.json.decode(data, type=ReceiptsBatch)
-    if batch.format == _OLD_RECEIPTS_FORMAT:
-        if any(e.verifiers for e in batch.receipts):
+    if batch.format in (_OLD_RECEIPTS_FORMAT, _V4_RECEIPTS_FORMAT):
+        if any(e.payout is not None for e in batch.receipts):
+            raise ValueError(f"a {batch.format} batch cannot name payout addresses")
+        if batch.format == _OLD_RECEIPTS_FORMAT and any(e.verifiers for e in batch.receipts):
             raise ValueError(f"a {_OLD_RECEIPTS_FORMAT} batch cannot pay verifiers")
     elif batch.format != RECEIPTS_FORMAT:
         raise ValueError(f"unknown receipts batch format {batch.format!r}")

@@ -15,6 +15,12 @@ Verifier nodes that re-ran steps of a job's check are paid out of that receipt's
 `value * steps // offer.steps`), scaled down pro rata when the verifiers would get more than
 the take; the worker's and creator's amounts never change.
 
+Payout addresses (receipts of EIP-712 version "4"): the worker's amount goes to the receipt's
+`payee` (its signed payout address, else the worker), and the take tier is the payee's stake
+(an ephemeral container's signing key holds no stake; the account it pays does). Self-dealing
+is judged against both the worker and the payee: neither is paid as a verifier of the
+receipt, and no receipt pays its own payer back free (Daily Boost) Spark (`self_dealing`).
+
 A receipt with no payer settlement earns nothing (it is refused, never in a batch). The
 payer's charge is bound to the signed offer: a full job costs `spark_micro(work_units)` at the
 offer's price factor, a cancelled one the steps done pro rata (`expected_charge`).
@@ -31,6 +37,7 @@ from eth_utils import to_checksum_address
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.epoch_files import (
+    RECEIPTS_FORMAT,
     BatchEntry,
     PayerSettlement,
     Payout,
@@ -55,6 +62,7 @@ __all__ = [
     "paid_value",
     "payouts",
     "scale_free",
+    "self_dealing",
     "split_entry",
     "verifier_pay",
     "verifier_problem",
@@ -147,14 +155,23 @@ def verifier_pay(
 
 
 def verifiers_of(
-    work: Iterable[tuple[str, int]], *, worker: str, value: int, take: int, job_steps: int
+    work: Iterable[tuple[str, int]],
+    *,
+    worker: str,
+    value: int,
+    take: int,
+    job_steps: int,
+    payee: str | None = None,
 ) -> list[VerifierPay]:
     """The settler's verifier list for one receipt from the recorded `(wallet, steps)` work:
-    checksummed, one per wallet, sorted by lowercase address, the receipt's own worker left
-    out (it is never paid for checking itself), each wallet's steps capped at the job's."""
+    checksummed, one per wallet, sorted by lowercase address, the receipt's own worker and
+    payee left out (neither is paid for checking itself), each wallet's steps capped at the
+    job's."""
     steps_of: dict[str, int] = {}
     for wallet, steps in work:
         if steps <= 0 or eip712.same_address(wallet, worker):
+            continue
+        if payee is not None and eip712.same_address(wallet, payee):
             continue
         account = to_checksum_address(wallet)
         steps_of[account] = steps_of.get(account, 0) + steps
@@ -173,6 +190,8 @@ def verifier_problem(e: BatchEntry, value: int, take: int, job_steps: int) -> st
             return f"verifier {v.account} is not a checksummed address"
         if eip712.same_address(account, e.worker):
             return f"the worker {e.worker} is paid as a verifier of its own receipt"
+        if eip712.same_address(account, e.payee):
+            return f"the payout address {e.payee} is paid as a verifier of its own receipt"
         if account.lower() in seen or account.lower() < previous:
             return "verifiers are not listed once each, sorted by account"
         seen.add(account.lower())
@@ -201,7 +220,7 @@ def earned_by_account(entries: Iterable[BatchEntry]) -> dict[str, int]:
         earned[a] = earned.get(a, 0) + amount
 
     for e in entries:
-        add(e.worker, int(e.worker_amount))
+        add(e.payee, int(e.worker_amount))
         if e.creator is not None and int(e.creator_amount):
             add(e.creator, int(e.creator_amount))
         for v in e.verifiers:
@@ -214,11 +233,11 @@ def payouts(
     entries: Iterable[BatchEntry], earned: Mapping[str, int], cumulative: Mapping[str, int]
 ) -> list[Payout]:
     """The epoch file's payouts: what each account earned, its new cumulative total, and how
-    many of the batch's receipts are its own (by checksummed worker address)."""
+    many of the batch's receipts pay it (by checksummed payee: payout address, else worker)."""
     counts: dict[str, int] = {}
     for e in entries:
-        worker = to_checksum_address(e.worker)
-        counts[worker] = counts.get(worker, 0) + 1
+        payee = to_checksum_address(e.payee)
+        counts[payee] = counts.get(payee, 0) + 1
     return [
         Payout(
             account=a,
@@ -253,20 +272,34 @@ def batch_problem(batch: ReceiptsBatch) -> str | None:
     return None
 
 
+def self_dealing(payer: str, spark_free: int, worker: str, payee: str) -> str | None:
+    """Why a receipt would pay its own payer back free (Daily Boost) Spark, or None.
+
+    A payer rendering its own free requests (as worker, or by naming itself as the payout
+    address) would turn the free emission into SOGNI for itself: such a receipt is refused.
+    Paid Spark or SOGNI is the payer's own money: paying it back is allowed."""
+    if spark_free <= 0:
+        return None
+    if eip712.same_address(payee, payer):
+        return f"self-dealing: the payer {payer} is this receipt's payout account (free Spark)"
+    if eip712.same_address(worker, payer):
+        return f"self-dealing: the payer {payer} rendered its own free (Daily Boost) request"
+    return None
+
+
 def entry_problem(batch: ReceiptsBatch, e: BatchEntry) -> str | None:
     """Why entry `e` of `batch` is not exactly what the rules pay for its receipt, or None.
 
     Recomputed from the entry alone: both signatures (the worker's receipt, the
-    coordinator's offer), the receipt answering its offer, the payer's charge matching the
-    offer's price, the take rate matching the worker's stake at the snapshot block, the
-    value and split, and the verifiers paid from the take (`verifier_problem`).
+    coordinator's offer; under the EIP-712 version the receipt was signed in), the receipt
+    answering its offer, the payer's charge matching the offer's price, no self-dealing, the
+    take rate matching the payee's stake at the snapshot block, the value and split, and the
+    verifiers paid from the take (`verifier_problem`).
     """
-    domain = Domain(batch.chain_id, batch.verifying_contract)
     receipt, offer = e.receipt(), e.offer.offer()
     try:
-        if not eip712.same_address(
-            eip712.recover_receipt_signer(domain, receipt, e.signature_bytes), e.worker
-        ):
+        domain = _signed_domain(batch, e, receipt)
+        if domain is None:
             return "the receipt is not signed by its worker under this chain and distributor"
         if not eip712.same_address(
             eip712.recover_offer_signer(domain, offer, e.offer.signature_bytes), e.coordinator
@@ -298,16 +331,20 @@ def entry_problem(batch: ReceiptsBatch, e: BatchEntry) -> str | None:
         return "the Spark settlement's parts do not add up"
     if s.token_type == "sogni" and (s.spark_free or s.spark_paid):
         return "a SOGNI settlement carries Spark"
+    if batch.format == RECEIPTS_FORMAT:  # the rule came with it: older epochs predate it
+        why = self_dealing(s.payer, s.spark_free, e.worker, e.payee)
+        if why is not None:
+            return why
     rules = batch.rules
     if batch.stake_block is None:
         take = rules.take_rates_bps[0]
     else:
-        stake = batch.stakes.get(to_checksum_address(e.worker))
+        stake = batch.stakes.get(to_checksum_address(e.payee))
         if stake is None:
-            return f"no stake recorded for {e.worker} at block {batch.stake_block}"
+            return f"no stake recorded for {e.payee} at block {batch.stake_block}"
         take = rules.take_bps(int(stake))
     if e.take_bps != take:
-        return f"take rate is {e.take_bps} bps, the worker's stake tier gives {take}"
+        return f"take rate is {e.take_bps} bps, the payee's stake tier gives {take}"
     v = split_entry(s, e.model_id, rules, take, int(batch.free_requested))
     got = (int(e.paid_value), int(e.free_value), int(e.worker_amount), int(e.creator_amount))
     want = (v.paid_value, v.free_value, v.split.worker, v.split.creator_amount)
@@ -319,6 +356,17 @@ def entry_problem(batch: ReceiptsBatch, e: BatchEntry) -> str | None:
     if v.split.creator_amount and (e.creator or "").lower() != (v.split.creator or "").lower():
         return f"creator share goes to {e.creator}, the rules say {v.split.creator}"
     return verifier_problem(e, v.split.value, v.split.take, offer.steps)
+
+
+def _signed_domain(batch: ReceiptsBatch, e: BatchEntry, receipt: Receipt) -> Domain | None:
+    """The batch's domain at the EIP-712 version its worker signed the receipt under (the
+    offer was signed under the same one), or None when the worker signed it under none."""
+    domain = Domain(batch.chain_id, batch.verifying_contract)
+    try:
+        version = eip712.verify_receipt(domain, receipt, e.signature_bytes, e.worker)
+    except SignatureError:
+        return None
+    return domain.at(version)
 
 
 def _authorization_problem(batch: ReceiptsBatch, e: BatchEntry, domain: Domain) -> str | None:

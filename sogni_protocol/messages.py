@@ -132,6 +132,14 @@ class Receipt(_Record, kw_only=True):
     """The Merkle root of the render's trajectory (`sogni_protocol.trajectory`): every step's
     latent and scheduler state, committed before anyone asks for one; zero: none (a partial
     receipt, or a backend that does not record one)."""
+    payout: Address | None = None
+    """The account this receipt's rewards go to (EIP-712 version "4" on), so a container's
+    signing key can be thrown away; None: the worker itself (`payee`). Signed as `payee`."""
+
+    @property
+    def payee(self) -> str:
+        """Where the worker's share of this receipt is paid: `payout`, else the worker."""
+        return self.payout if self.payout is not None else self.worker
 
 
 class Capabilities(_Record, kw_only=True):
@@ -151,6 +159,11 @@ class Capabilities(_Record, kw_only=True):
     """Measured by `sogni-node bench`: baseline render seconds / this node's (0: unmeasured)."""
     loras: Annotated[list[ModelId], Meta(max_length=256)] = []
     """LoRA ids installed on the node (a job asking for others is not offered to it)."""
+    machine_id: Annotated[
+        str, Meta(max_length=64, pattern=r"^([A-Za-z0-9][A-Za-z0-9_.:-]{0,63})?$")
+    ] = ""
+    """The partner cloud's machine id (SaladCloud's instance metadata), so a coordinator can
+    tell two adverts of one machine apart from two machines; empty: none known."""
 
 
 class RenderMeta(_Record, kw_only=True):

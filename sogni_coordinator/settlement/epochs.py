@@ -118,7 +118,9 @@ class Settler:
     """Closes epochs for one coordinator database against one deployment.
 
     ``sender`` must hold SETTLEMENT_ROLE on the distributor. ``read_stake``: look up each
-    worker's active stake on chain for its take-rate tier (else everyone pays tier 0).
+    payee's active stake on chain for its receipts' take-rate tier (else everyone pays tier
+    0); the payee is the receipt's signed payout address, else its worker: an ephemeral
+    container's signing key stakes nothing, the account it pays does.
     Receipts are re-verified here against the deployment's EIP-712 domain (chain id and
     distributor): a database carried over from another chain or deployment pays nothing.
     ``dispute_window`` (seconds, `[verification] dispute_window`): a receipt enters an epoch
@@ -222,7 +224,7 @@ class Settler:
         previous = _leaves_of(last.plan) if last is not None else {}
         previous_total = sum(previous.values())
 
-        stake_block, stakes = self._stake_snapshot({r.receipt.worker for r, _ in candidates})
+        stake_block, stakes = self._stake_snapshot({r.receipt.payee for r, _ in candidates})
         entries, free_requested = self._value(candidates, stakes)
         earned = epoch_math.earned_by_account(entries)
         leaves = epoch_math.cumulative_leaves(previous, earned)
@@ -299,21 +301,21 @@ class Settler:
     def _refusal(self, s: StoredReceipt, paid_for: PayerSettlement | None) -> str | None:
         """Why a stored receipt will never be paid, or None (it may be, once paid for)."""
         receipt, signature = s.receipt, s.signature
-        try:
-            signer = eip712.recover_receipt_signer(self.domain, receipt, signature)
+        try:  # under the EIP-712 version it was signed in (receipts outlive version changes)
+            domain = self.domain.at(
+                eip712.verify_receipt(self.domain, receipt, signature, receipt.worker)
+            )
         except SignatureError as exc:
-            return f"bad signature: {exc}"
-        if not eip712.same_address(signer, receipt.worker):
             return (
                 "signature is not the worker's under this chain and distributor "
-                f"(chain {self.domain.chain_id}, {self.domain.verifying_contract})"
+                f"(chain {self.domain.chain_id}, {self.domain.verifying_contract}): {exc}"
             )
         if s.offer is None or s.offer_signature is None:
             return "no signed offer on record for this receipt"
-        if eip712.offer_hash(self.domain, s.offer) != receipt.offer_hash:
+        if eip712.offer_hash(domain, s.offer) != receipt.offer_hash:
             return "the receipt does not answer the offer on record"
         try:
-            offer_signer = eip712.recover_offer_signer(self.domain, s.offer, s.offer_signature)
+            offer_signer = eip712.recover_offer_signer(domain, s.offer, s.offer_signature)
         except SignatureError as exc:
             return f"bad offer signature: {exc}"
         if not eip712.same_address(offer_signer, receipt.coordinator):
@@ -322,6 +324,11 @@ class Settler:
             return "the receipt's price factor differs from its offer's"
         if paid_for is None:
             return None  # the caller tells "queued in the ledger" from "no payer"
+        why = epoch_math.self_dealing(
+            paid_for.payer, paid_for.spark_free, receipt.worker, receipt.payee
+        )
+        if why is not None:
+            return why
         charged = epoch_math.mispriced(s.offer, receipt, paid_for)
         if charged is not None:
             return (
@@ -335,7 +342,7 @@ class Settler:
         return None
 
     def _stake_snapshot(self, workers: set[str]) -> tuple[int | None, dict[str, int]]:
-        """Every worker's active stake at one recorded block (its take-rate tier)."""
+        """Every payee's active stake at one recorded block (its receipts' take-rate tier)."""
         if not self.read_stake:
             return None, {}
         block = self.deployment.chain.block_number()
@@ -355,8 +362,8 @@ class Settler:
         entries: list[BatchEntry] = []
         for s, paid_for in candidates:
             receipt = s.receipt
-            worker = to_checksum_address(receipt.worker)
-            take = self.rules.take_bps(stakes.get(worker) if self.read_stake else None)
+            payee = to_checksum_address(receipt.payee)
+            take = self.rules.take_bps(stakes.get(payee) if self.read_stake else None)
             valued = epoch_math.split_entry(
                 paid_for, receipt.model_id, self.rules, take, free_requested
             )
@@ -364,6 +371,7 @@ class Settler:
             verifiers = epoch_math.verifiers_of(
                 work.get(receipt.job_id, []),
                 worker=receipt.worker,
+                payee=receipt.payee,
                 value=valued.split.value,
                 take=valued.split.take,
                 job_steps=s.offer.steps,

@@ -121,15 +121,17 @@ V1 = DOMAIN.at("1")
 V2 = DOMAIN.at("2")
 
 
-def test_current_version_is_3_with_the_price_factor_and_the_trajectory_root() -> None:
-    assert DOMAIN.version == eip712.DOMAIN_VERSION == "3"
-    assert eip712.KNOWN_VERSIONS == ("1", "2", "3")
-    assert len({V1.separator, V2.separator, DOMAIN.separator}) == 3
+def test_current_version_is_4_with_the_price_factor_trajectory_root_and_payout() -> None:
+    assert DOMAIN.version == eip712.DOMAIN_VERSION == "4"
+    assert eip712.KNOWN_VERSIONS == ("1", "2", "3", "4")
+    assert len({V1.separator, V2.separator, DOMAIN.at("3").separator, DOMAIN.separator}) == 4
     doc = eip712.receipt_document(DOMAIN, _receipt())
-    assert doc["types"]["Receipt"][-2:] == [
+    assert doc["types"]["Receipt"][-3:] == [
         {"name": "priceFactorBps", "type": "uint32"},
         {"name": "trajectoryRoot", "type": "bytes32"},
+        {"name": "payout", "type": "address"},
     ]
+    assert doc["message"]["payout"] == doc["message"]["worker"]  # none named: the worker
     assert doc["message"]["priceFactorBps"] == 10_000
     assert doc["message"]["trajectoryRoot"] == "0x" + "00" * 32
     v2 = eip712.receipt_document(V2, _receipt())
@@ -178,7 +180,7 @@ def test_receipt_signed_under_version_1_still_verifies() -> None:
     assert eip712.verify_receipt(DOMAIN, receipt, sig, WORKER.address) == "1"
     with pytest.raises(SignatureError, match="not signed by its worker"):
         eip712.verify_receipt(DOMAIN, receipt, sig, "0x" + "44" * 20)
-    with pytest.raises(ValueError, match="signing uses the current EIP-712 version '3'"):
+    with pytest.raises(ValueError, match="signing uses the current EIP-712 version '4'"):
         eip712.sign_receipt(WORKER.key, recorded, receipt)
 
 
@@ -192,7 +194,7 @@ def test_payer_checks_accept_every_known_version(monkeypatch: pytest.MonkeyPatch
     claim = eip712.sign_boost_claim(WORKER.key, DOMAIN, "2025-06-01")
     assert eip712.check_boost_claim(DOMAIN, claim) is None
     assert eip712.check_boost_claim(V1, claim) is None  # tried under every known version
-    monkeypatch.setattr(eip712, "KNOWN_VERSIONS", ("1",))  # "3" retired: refused
+    monkeypatch.setattr(eip712, "KNOWN_VERSIONS", ("1",))  # "4" retired: refused
     assert "not from the payer" in (eip712.check_boost_claim(V1, claim) or "")
 
 
@@ -200,7 +202,7 @@ def test_unknown_version_is_refused_with_the_reason() -> None:
     receipt = _receipt()
     sig = eip712.sign_receipt(WORKER.key, DOMAIN, receipt)
     future = DOMAIN.at("9")
-    reason = "EIP-712 domain version '9' is unknown: this code verifies versions '1', '2', '3'"
+    reason = "EIP-712 domain version '9' is unknown: this code verifies versions '1', '2', '3', '4'"
     with pytest.raises(SignatureError, match=reason):
         eip712.recover_receipt_signer(future, receipt, sig)
     with pytest.raises(SignatureError, match=reason):

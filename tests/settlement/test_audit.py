@@ -245,7 +245,7 @@ def test_take_rate_lowered_against_the_stake_snapshot(copy: Path) -> None:
     problem = _first(audit_folder(copy))
     assert problem == (
         f"epoch 2: receipts file {forge.epoch_file(copy, 2).receipts_file}: job "
-        f"{receipts[i].job_id}: take rate is 2000 bps, the worker's stake tier gives 3000"
+        f"{receipts[i].job_id}: take rate is 2000 bps, the payee's stake tier gives 3000"
     )
     _audit_cli(copy, code=3)
 

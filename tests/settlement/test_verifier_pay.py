@@ -108,7 +108,7 @@ def test_verifiers_are_paid_from_the_take_and_claim_like_workers(honest: Honest)
     )
     assert int(checked.worker_amount) == WORKER_PER_JOB  # never from the worker's amount
     assert _entry(one, honest.jobs[1]).verifiers == []
-    assert one.format == "sogni-receipts-v4"
+    assert one.format == "sogni-receipts-v5"
     two = forge.batch_of(honest.folder, 2)
     assert [(v.account, int(v.amount)) for v in _entry(two, honest.jobs[2]).verifiers] == [
         (V1.address, STEP)  # within the take: a full step's worth
