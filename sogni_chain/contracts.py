@@ -615,14 +615,16 @@ class Distributor(_Bound):
     def protocol_domain(self) -> Domain:
         """The ``sogni_protocol.eip712.Domain`` that offers and receipts are signed under.
 
-        Read from the contract (ERC-5267) and checked against the protocol's name and
-        version, so a misconfigured distributor address fails here, not at every signature.
+        Read from the contract (ERC-5267) and checked against the protocol's name and known
+        versions, so a misconfigured distributor address fails here, not at every signature.
+        The contract reports the version it was deployed under (the layout of the one type it
+        verifies itself, `StakeAuthorization`); offers and receipts, checked off chain, are
+        signed under the protocol's current version with the same name, chain and contract.
         """
         onchain = self.eip712_domain()
-        expected = (eip712.DOMAIN_NAME, eip712.DOMAIN_VERSION)
-        if (onchain.name, onchain.version) != expected:
+        if onchain.name != eip712.DOMAIN_NAME or onchain.version not in eip712.KNOWN_VERSIONS:
             raise ValueError(
                 f"{self.address} has EIP-712 domain {onchain.name!r} v{onchain.version}, "
-                f"expected {expected[0]!r} v{expected[1]}"
+                f"expected {eip712.DOMAIN_NAME!r} v{'/'.join(eip712.KNOWN_VERSIONS)}"
             )
         return Domain(chain_id=onchain.chain_id, verifying_contract=onchain.verifying_contract)

@@ -8,7 +8,8 @@ from eth_account._utils.encode_typed_data.encoding_and_hashing import hash_domai
 from eth_account.messages import encode_typed_data
 from eth_hash.auto import keccak
 
-from sogni_chain import ChainRevert
+from sogni_chain import DISTRIBUTOR_DOMAIN_VERSION, ChainRevert
+from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.merkle import MerkleTree
 
@@ -192,7 +193,8 @@ def test_eip712_domain_matches_python(env: Env) -> None:
     assert dist.domain_separator() == by_hand == hash_domain(domain.as_dict())
     protocol = dist.protocol_domain()  # what offers and receipts are signed under
     assert protocol == Domain(chain_id=env.chain.chain_id, verifying_contract=dist.address)
-    assert protocol.separator == dist.domain_separator()
+    assert protocol.version == eip712.DOMAIN_VERSION  # offers and receipts: the current one
+    assert protocol.at(DISTRIBUTOR_DOMAIN_VERSION).separator == dist.domain_separator()
 
     # and eth-account signs typed data under exactly this separator
     signable = encode_typed_data(

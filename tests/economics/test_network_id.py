@@ -278,7 +278,7 @@ def test_v2_render_authorization_recovers_to_the_payer_with_eth_account(
     }
     assert _recover(written_out, signed.payer_signature) == payer.address
     document = eip712.authorization_document(DOMAIN, signed)  # what the coordinator checks
-    assert document["domain"]["version"] == eip712.DOMAIN_VERSION == "3"
+    assert document["domain"]["version"] == eip712.DOMAIN_VERSION == "4"
     assert document["message"]["networkId"] == NET_A
     assert _recover(document, signed.payer_signature) == payer.address
     # eth-account signs the same document to the same bytes (RFC 6979)
