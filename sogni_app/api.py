@@ -487,11 +487,30 @@ def authorize(
     return eip712.sign_request(payer_key, domain, unsigned)
 
 
+def quiet_unconfigured_logging() -> None:
+    """Keep a script's output to warnings and errors unless it configured logging itself.
+
+    Why: structlog unconfigured prints every level to stdout, so each call of the `*_sync`
+    helpers from a plain script printed the transport's `host_started` event. Logging set up
+    by the application (structlog configured) is left alone.
+    """
+    import logging
+
+    import structlog
+
+    if not structlog.is_configured():
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
 def render_sync(coordinator: str, request: RenderRequest, **kwargs: Any) -> RenderResult:
+    """`render` for scripts (starts its own trio loop)."""
+    quiet_unconfigured_logging()
     return trio.run(lambda: render(coordinator, request, **kwargs))
 
 
 def collect_sync(ticket: ResumeTicket, **kwargs: Any) -> RenderResult:
+    """`collect` for scripts (starts its own trio loop)."""
+    quiet_unconfigured_logging()
     return trio.run(lambda: collect(ticket, **kwargs))
 
 
@@ -581,10 +600,14 @@ async def balance(
 
 
 def claim_daily_boost_sync(coordinator: str, payer_key: bytes, **kwargs: Any) -> BoostGranted:
+    """`claim_daily_boost` for scripts: returns `BoostGranted`, raises `AccountRefused`."""
+    quiet_unconfigured_logging()
     return trio.run(lambda: claim_daily_boost(coordinator, payer_key, **kwargs))
 
 
 def balance_sync(coordinator: str, payer_key: bytes, **kwargs: Any) -> BalanceReport:
+    """`balance` for scripts: returns `BalanceReport`, raises `AccountRefused`."""
+    quiet_unconfigured_logging()
     return trio.run(lambda: balance(coordinator, payer_key, **kwargs))
 
 

@@ -28,6 +28,7 @@ from sogni_protocol.settings import (
     EnvName,
     Multiaddr,
     Seconds,
+    SettingsError,
     check_heartbeats,
     fill_path,
     load_settings,
@@ -40,6 +41,7 @@ __all__ = [
     "ENV_PREFIX",
     "MIN_DISPUTE_WINDOW",
     "CoordinatorConfig",
+    "check_chain_domain",
     "load_coordinator_config",
 ]
 
@@ -148,7 +150,28 @@ def load_coordinator_config(
 ) -> CoordinatorConfig:
     """Load: file `path` (or `$SOGNI_COORDINATOR_CONFIG`, or none) + `SOGNI_COORDINATOR_*`."""
     text, source = read_config_text(path, env, CONFIG_ENV)
-    return load_settings(CoordinatorConfig, text, env, ENV_PREFIX, source=source)
+    cfg = load_settings(CoordinatorConfig, text, env, ENV_PREFIX, source=source)
+    check_chain_domain(cfg, source)
+    return cfg
+
+
+def check_chain_domain(cfg: CoordinatorConfig, source: str | None = None) -> None:
+    """Refuse `chain_url` without `addresses_file`.
+
+    Why: the EIP-712 domain comes from the addresses file; without it the coordinator signs
+    every offer and receipt for the embedded chain's domain, and none of that work can ever be
+    paid on the shared chain `chain_url` names. (`chain deploy`, which writes that file, loads
+    the config without this check.)
+    """
+    if cfg.chain_url is not None and cfg.addresses_file is None:
+        raise SettingsError(
+            f"chain_url without addresses_file: receipts would be signed for chain "
+            f"{cfg.chain_id}, never payable on {cfg.chain_url}; set addresses_file "
+            "(SOGNI_COORDINATOR_ADDRESSES_FILE) to the file `sogni-coordinator chain deploy` "
+            "wrote",
+            key="addresses_file",
+            source=source or "<config>",
+        )
 
 
 def check_http_listen(value: str) -> None:
