@@ -32,7 +32,9 @@ image, so a batch of 2 draws each image's own noise.
 
 Run: ``.venv/bin/python -m bench tolerance`` (writes its section of BENCHMARKS.md; about 4
 minutes here, 1 with --quick) or ``.venv/bin/python -m bench.trajectory_tolerance [--quick]``
-(prints only).
+(prints only). After a change to the tables only: ``.venv/bin/python -m
+bench.trajectory_tolerance --from-json /tmp/trajectory_tolerance-<time>.json`` re-renders its
+section of BENCHMARKS.md from a run's raw results (no measuring; other sections untouched).
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from typing import Any
 import torch
 
 from bench import _common as common
+from sogni_coordinator.verification_config import VerificationConfig
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,6 +71,9 @@ SAFETY = 10.0
 
 CHECKS_PER_JOB = (1, 2, 4)
 """Random steps re-run per checked job in the detection table (and all of them)."""
+POLICY = VerificationConfig()
+"""The coordinator's default `[verification]` policy: the steps it re-runs per checked job of
+STEPS steps (`steps_to_check`) get their own column and the floor's verdict."""
 
 _ISA_KEYS = (
     "ATEN_CPU_CAPABILITY",
@@ -799,6 +805,13 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
         "",
     ]
     floor_misses: dict[str, list[str]] = {}
+    policy_k = POLICY.steps_to_check(STEPS)
+    lines[-2] += (
+        f" 'policy c={policy_k}': the coordinator's default, `pairs_needed("
+        f"{POLICY.catch_fraction:g}, {POLICY.confidence:g}, {STEPS})` random steps per checked "
+        'job (docs/VERIFICATION.md, "The floor per checked job, by policy"); step 1 is '
+        "re-run besides when not drawn, which only adds."
+    )
     for regime in REGIMES:
         if regime.label not in m["cheats"]:
             continue
@@ -810,7 +823,8 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
             nonzero = [d for d in _flat([ds for _s, ds in rows_]) if d > 0]
             bad = sum(sum(d > t for d in ds) for _s, ds in rows_)
             rates = [_job_rates(rows_, t, ts, c) for c in (*CHECKS_PER_JOB, STEPS)]
-            if rates[0] < 0.99:
+            at_policy = _job_rates(rows_, t, ts, policy_k)
+            if at_policy < 0.99:
                 floor_misses.setdefault(regime.label, []).append(cheat)
             enough = [c for c in range(1, STEPS + 1) if _job_rates(rows_, t, ts, c) >= 0.99]
             crow.append(
@@ -820,6 +834,7 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
                     f"{bad} / {len(rows_) * STEPS}",
                     f"{sum(x > ts for x, _ in rows_)} / {len(rows_)}",
                     *(_pct(r) for r in rates),
+                    f"**{_pct(at_policy)}**",
                     str(enough[0]) if enough else "never",
                 )
             )
@@ -837,24 +852,29 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
                     "x_0 off",
                     *(f"c={c}" for c in CHECKS_PER_JOB),
                     f"all {STEPS}",
+                    f"policy c={policy_k}",
                     "c for >= 99%",
                 ),
                 crow,
             ),
             "",
         ]
+    met = [r.label for r in REGIMES if r.label in m["cheats"] and r.label not in floor_misses]
+    if met:
+        lines.append(
+            f"Floor, >= 99% detection of each cheat per checked job, at the policy's c = "
+            f"{policy_k} of {STEPS} steps: **met** for {', '.join(met)}."
+        )
     if floor_misses:
         lines.append(
-            "Floor, >= 99% detection per checked job with one step checked (c=1): **not met** "
-            "for "
+            f"{'' if not met else chr(10)}Floor at c = {policy_k}: **not met** for "
             + "; ".join(f"{r}: {', '.join(cs)}" for r, cs in floor_misses.items())
             + ". A cheat that fakes only some steps is caught by a step check only when the "
             "check lands on a faked step (b of n faked, c checked: 1 - C(n-b, c)/C(n, c)), so "
-            "partial faking needs more steps checked per job, not a tighter tolerance; a mode "
-            "whose honest spread is wide (bf16 across CPUs) also hides near models."
+            "partial faking needs more steps checked per job, not a tighter tolerance (the "
+            "policy derives c from that); a mode whose honest spread is wide (bf16 across CPUs) "
+            "hides near models and partial skipping at any c."
         )
-    else:
-        lines.append("Floor, >= 99% detection per checked job at c=1: **met** for every cheat.")
     lines += ["", "### Cost of one check", ""]
     cost_rows = []
     for name, c in m["cost"].items():
@@ -900,15 +920,38 @@ def run(quick: bool, command: str = "python -m bench tolerance") -> str:
     return render_markdown(m, command, time.perf_counter() - started)
 
 
+def rewrite_section(raw: Path) -> Path:
+    """Re-render this bench's BENCHMARKS.md section from a full run's raw results (the JSON
+    `run` leaves in the temp folder) after a change to the tables; only that section's text
+    between its markers is replaced (its command and time are kept)."""
+    path = common.BENCHMARKS_MD
+    text = path.read_text()
+    start, end = "<!-- bench:tolerance -->", "<!-- bench:/tolerance -->"
+    head, rest = text.split(start, 1)
+    body, tail = rest.split(end, 1)
+    took = body.split("` (", 1)[1].split(" s)", 1)[0]
+    m = json.loads(raw.read_text())
+    section = render_markdown(m, "python -m bench tolerance", float(took))
+    path.write_text(f"{head}{start}\n{section}\n{end}{tail}")
+    return path
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small samples (about 1 min)")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        help="re-render the BENCHMARKS.md section from this run's raw results (no measuring)",
+    )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--quantize", default="none", help=argparse.SUPPRESS)
     ns = parser.parse_args()
     if ns.child:
         _child(ns.child, Mode(ns.dtype, ns.quantize))
+    elif ns.from_json:
+        print(f"wrote {rewrite_section(ns.from_json)}")
     else:
         cmd = "python -m bench.trajectory_tolerance" + (" --quick" if ns.quick else "")
         print(run(ns.quick, cmd))

@@ -6,15 +6,17 @@ asks the node that rendered the job to open them (`Challenge`); the node answers
 committed entries and a Merkle proof for each (`ChallengeAnswer`), or says why it cannot
 (`ChallengeRefused`). `check_answer` proves the revealed latents are the ones committed before
 the node knew which steps would be asked. It does not prove they are the model's honest
-steps: that is the verifier's re-render of step s from leaf s - 1 (still to build), which is
-why steps are drawn in pairs.
+steps: that is the verifier's re-render of step s from leaf s - 1
+(`verifiers.verify_step`), which is why steps are drawn in pairs.
 
-How many pairs: a node that faked a fraction ``f`` of its steps escapes one uniformly drawn
-step with probability ``1 - f``, and ``k`` independent draws with ``(1 - f)^k``. So
-``k = ceil(log(1 - p) / log(1 - f))`` pairs catch it with probability at least ``p``
-(`pairs_needed`): 1 pair for f = 1, 5 for f = 0.5 and p = 0.95, 29 for f = 0.1 and p = 0.95.
-Drawing without replacement (what `choose_steps` does) only raises the odds. One `Challenge`
-carries at most `MAX_CHALLENGE_STEPS` leaves (8 pairs); more needs several challenges.
+How many steps: a node that faked ``b`` of its ``n`` steps escapes ``k`` distinct uniformly
+drawn steps with probability ``C(n - b, k) / C(n, k)`` (drawing without replacement, what
+`draw_steps` does), which is at most ``(1 - f)^k`` for ``f = b / n``. `pairs_needed(f, p, n)`
+is the smallest ``k`` that brings it to ``1 - p`` or below for every node faking at least a
+fraction ``f`` (``b = ceil(f n)``): 7 of 8 steps and 12 of 30 for f = 0.25, p = 0.99. Without
+``n`` it is the bound ``ceil(log(1 - p) / log(1 - f))`` (17 for the same f and p), which holds
+for any length. One `Challenge` carries at most `MAX_CHALLENGE_STEPS` leaves, so a check that
+needs more is sent as several challenges, one after another (`challenge_batches`).
 
 The async half (`PendingChallenges`) pairs each answer with the challenge waiting for it; the
 dispatcher owns one (`Dispatcher.challenge`), the node session feeds it the node's answers.
@@ -46,8 +48,11 @@ __all__ = [
     "MAX_PAIRS",
     "ChallengeResult",
     "PendingChallenges",
+    "challenge_batches",
     "check_answer",
     "choose_steps",
+    "draw_steps",
+    "leaves_for",
     "opening_entries",
     "pairs_needed",
 ]
@@ -58,17 +63,55 @@ MAX_PAIRS = MAX_CHALLENGE_STEPS // 2
 """Most step pairs one `Challenge` can ask for."""
 
 
-def pairs_needed(fraction: float, confidence: float) -> int:
-    """Step pairs to draw so that a node faking `fraction` of its steps is caught with
-    probability at least `confidence`: ``ceil(log(1 - p) / log(1 - f))`` (at least 1)."""
+def pairs_needed(fraction: float, confidence: float, n_steps: int | None = None) -> int:
+    """Steps to re-run so that a node faking at least `fraction` of its steps is caught with
+    probability at least `confidence`. With `n_steps`, exact for distinct draws among that
+    many steps (at most `n_steps`: all of them when fewer would not do); without, the bound
+    ``ceil(log(1 - p) / log(1 - f))`` for any length. At least 1."""
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     if not 0 <= confidence < 1:
         raise ValueError(f"confidence must be in [0, 1), got {confidence}")
+    if n_steps is not None:
+        if n_steps < 1:
+            raise ValueError("a render has at least one step")
+        bad = max(1, math.ceil(fraction * n_steps - 1e-9))  # the fewest faked steps that count
+        for k in range(1, n_steps + 1):
+            if math.comb(n_steps - bad, k) / math.comb(n_steps, k) <= 1 - confidence + 1e-12:
+                return k
+        return n_steps
     if fraction == 1 or confidence == 0:
         return 1
     # the tiny epsilon keeps an exact k (e.g. f = 0.5, p = 0.75 -> 2) from rounding up to k + 1
     return max(1, math.ceil(math.log1p(-confidence) / math.log1p(-fraction) - 1e-9))
+
+
+def draw_steps(
+    n_steps: int, k: int, rng: random.Random | None = None, *, start: bool = False
+) -> list[int]:
+    """`k` distinct denoising steps (1..n_steps, capped at n_steps) drawn uniformly, sorted;
+    with `start`, step 1 too (the seed check opens leaf 0) when it was not drawn. Draw after
+    the receipt is in, from a source the node cannot predict (the default: the OS's)."""
+    if n_steps < 1:
+        raise ValueError("a render has at least one step")
+    if k < 1:
+        raise ValueError("draw at least one step")
+    rng = rng or random.SystemRandom()
+    drawn = set(rng.sample(range(1, n_steps + 1), min(k, n_steps)))
+    return sorted(drawn | {1} if start else drawn)
+
+
+def leaves_for(steps: list[int], n_steps: int, *, end: bool = False) -> list[int]:
+    """The leaves to open to re-run `steps`: s - 1 and s for each (the verifier runs step s
+    from leaf s - 1 and compares with leaf s), plus the final leaf with `end` (the image
+    check, docs/IMAGE_CHECK.md). Sorted, no repeats."""
+    opened = {leaf for s in steps for leaf in (s - 1, s)}
+    return sorted(opened | {n_steps} if end else opened)
+
+
+def challenge_batches(leaves: list[int]) -> list[list[int]]:
+    """`leaves` cut into challenges of at most `MAX_CHALLENGE_STEPS` leaves each, in order."""
+    return [leaves[i : i + MAX_CHALLENGE_STEPS] for i in range(0, len(leaves), MAX_CHALLENGE_STEPS)]
 
 
 def choose_steps(
@@ -79,7 +122,9 @@ def choose_steps(
     start: bool = False,
     end: bool = False,
 ) -> list[int]:
-    """The leaves to ask for to re-run `k` distinct denoising steps of an `n_steps` render:
+    """One challenge's leaves (at most `MAX_PAIRS` steps; `checks.Checks` uses `draw_steps`,
+    `leaves_for` and `challenge_batches`, which have no cap) to re-run `k` distinct denoising
+    steps of an `n_steps` render:
     for each drawn step s (1..n_steps) leaves s - 1 and s (the verifier runs step s from leaf
     s - 1 and compares with leaf s). Sorted, no repeats (adjacent pairs share a leaf). `k` is
     capped at `n_steps` and at `MAX_PAIRS`. Draw it after the receipt is in, from a source the

@@ -13,8 +13,11 @@ credit reputation, put the image in the client's mailbox, nor end the job (the c
 sees it rendering); the epoch settler skips pending receipts (`Store.unsettled_receipts`).
 `Checks.run` (in the dispatcher's nursery) then runs one `_check` task per held receipt:
 
-1. challenge the worker for `pairs` random step pairs (`challenges.choose_steps`), plus the
-   pair (0, 1) when it was not drawn, and prove the answer against the receipt's root
+1. draw `policy.steps_to_check(n)` random steps (`challenges.draw_steps`: enough that a
+   worker faking `catch_fraction` of its steps is caught with probability `confidence`),
+   plus step 1 when it was not drawn; challenge the worker for leaves s - 1 and s of each
+   (and the final leaf for the image check), in as many challenges as the leaves need
+   (`challenge_batches`), and prove each answer against the receipt's root
    (`ChallengeResult.fault`);
 2. re-run each drawn step on a node of another wallet (`verifiers.verify_step`); step 1's
    verifier also compares leaf 0 with the noise of the job's seed (the seed check), so a
@@ -40,9 +43,12 @@ a right one (or no probe at all) lets the fail stand. Verifier answers are also 
 `probe_rate`. Every verifier answer a verdict rests on is recorded for pay
 (`Store.record_verifier_work`); passed steps feed the known-answer pool.
 
-Restart: a check still pending when the coordinator stopped fails closed in `restore`
-("not verified before restart", no strike): the receipt becomes evidence and the job is
-rendered again. Every check appends one JSON line to `data_dir/verifications.jsonl`.
+Restart: a check still pending when the coordinator stopped is handed back by
+`Dispatcher.restore` (`Held.reconnect_within`): it waits for the node that rendered the job
+(it keeps the trajectory) and a verifier to reconnect, then runs; if the node does not come
+back within `restart_recheck_timeout`, or cannot open its trajectory, it fails closed ("not
+verified before restart: ...", no strike) and the job is rendered again. Every check appends
+one JSON line to `data_dir/verifications.jsonl`.
 """
 
 from __future__ import annotations
@@ -59,7 +65,12 @@ from typing import Protocol
 
 import trio
 
-from sogni_coordinator.challenges import ChallengeResult, choose_steps
+from sogni_coordinator.challenges import (
+    ChallengeResult,
+    challenge_batches,
+    draw_steps,
+    leaves_for,
+)
 from sogni_coordinator.evidence import Evidence, StepEvidence, VerifierAnswer, encode_evidence
 from sogni_coordinator.image_verify import verify_image
 from sogni_coordinator.jobs import Job, NodeLink
@@ -76,7 +87,14 @@ from sogni_coordinator.verifiers import (
     verify_step,
 )
 from sogni_protocol.logs import get_logger
-from sogni_protocol.messages import NO_TRAJECTORY, Receipt, RenderMeta, StepOpeningWire
+from sogni_protocol.messages import (
+    MAX_CHALLENGE_STEPS,
+    NO_TRAJECTORY,
+    ChallengeAnswer,
+    Receipt,
+    RenderMeta,
+    StepOpeningWire,
+)
 
 __all__ = ["SUPPORTED_SCHEDULERS", "Checks", "Held", "Outcome"]
 
@@ -110,6 +128,10 @@ class Held:
     path: Path
     elapsed: float
     budget: float
+    reconnect_within: float | None = None
+    """Restored after a restart: seconds to wait for node `peer_id` (of `worker`'s wallet)
+    to reconnect before checking; it never does, or cannot open its trajectory: the check
+    fails closed, without a strike. None: held by this run, its node connected."""
 
 
 @dataclass(frozen=True)
@@ -189,6 +211,16 @@ class _Decided:
     """Steps k whose earlier pass was discarded (their verifier lost standing)."""
 
 
+def _evidence_openings(run: _Run) -> list[StepOpeningWire]:
+    """The opened leaves a fail's evidence keeps: all of them when one challenge's worth,
+    else those the failed steps rest on (leaf k and k + 1 of a step, the final leaf of the
+    image check), so the evidence stays one valid `ChallengeAnswer`."""
+    if len(run.by_step) <= MAX_CHALLENGE_STEPS:
+        return [run.by_step[k] for k in sorted(run.by_step)]
+    wanted = {e.step + j for e in run.evidence for j in ((0, 1) if e.kind == "step" else (0,))}
+    return [run.by_step[k] for k in sorted(wanted) if k in run.by_step][:MAX_CHALLENGE_STEPS]
+
+
 _Ask = Callable[[frozenset[str]], Awaitable[StepVerdict]]
 """Ask one verifier, not of these wallets, for a verdict (a step re-run, an image check)."""
 
@@ -263,6 +295,9 @@ class Checks:
         """Steps whose answer is known, to probe verifiers with (in memory)."""
         self.standing = VerifierStanding(self.policy.standing_lost_for, clock)
         """Verifiers caught answering wrongly, not asked for a while."""
+        self._joined = trio.Event()
+        """Set (and replaced) whenever a node joins: checks restored after a restart wait on
+        it for their node."""
         self._send, self._recv = trio.open_memory_channel[Held](math.inf)
         self.pending: dict[bytes, Held] = {}
         """Held receipts by job id, until their check ends."""
@@ -311,9 +346,45 @@ class Checks:
             async for held in self._recv:
                 nursery.start_soon(self._check, held)
 
+    def node_joined(self) -> None:
+        """A node joined (`Dispatcher.node_joined`): wake the checks waiting for theirs."""
+        joined, self._joined = self._joined, trio.Event()
+        joined.set()
+
+    def _connected(self, held: Held) -> bool:
+        """The node that rendered `held` is connected, and (after a restart verifiers come
+        back too) some node of another wallet that serves the model and has standing."""
+        link = self.dispatcher.nodes.get(held.peer_id)
+        if link is None or link.wallet.lower() != held.worker.lower():
+            return False
+        barred = self.standing.without() | {held.worker.lower()}
+        model = held.job.params.model_id
+        return any(
+            model in other.models and other.wallet.lower() not in barred
+            for other in self.dispatcher.nodes.values()
+        )
+
+    async def _reconnected(self, held: Held) -> Outcome | None:
+        """Wait (at most `reconnect_within` s) for the node that rendered a receipt held
+        across a restart, and a verifier; None once they are connected (or the node is and
+        no verifier came back: the check then runs and is skipped, as any without one),
+        else the fail-closed outcome."""
+        wait = held.reconnect_within
+        if wait is None:
+            return None
+        with trio.move_on_after(wait):
+            while not self._connected(held):
+                await self._joined.wait()
+            return None
+        link = self.dispatcher.nodes.get(held.peer_id)
+        if link is not None and link.wallet.lower() == held.worker.lower():
+            return None
+        reason = f"{RESTART_REASON}: its node did not reconnect within {wait:g} s"
+        return Outcome("fail", reason, strike=False)
+
     async def _check(self, held: Held) -> None:
         try:
-            outcome = await self.verify(held)
+            outcome = await self._reconnected(held) or await self.verify(held)
         except Exception as exc:  # a bug here must not take the dispatcher down: fail closed
             log.exception("check_crashed", job=held.job.job_id.hex()[:16])
             outcome = Outcome("fail", f"check crashed: {exc}", strike=False)
@@ -327,27 +398,23 @@ class Checks:
             await self.dispatcher.check_passed(held, outcome.verdict)
 
     async def verify(self, held: Held) -> Outcome:
-        """Challenge the worker, prove its answer, re-run each drawn step elsewhere."""
-        d, p, receipt = self.dispatcher, self.policy, held.receipt
-        leaves = choose_steps(receipt.steps_done, p.pairs, self._rng, start=True, end=p.image_check)
-        result = await d.challenge(held.peer_id, receipt.job_id, leaves, p.challenge_timeout)
-        fault = result.fault(receipt)
-        if fault is not None:
-            gone = result.answer is None and fault == "node not connected"
-            reason = f"challenge: {fault}"
-            ev = Evidence(reason=reason, challenge=result.answer, challenge_refused=result.refused)
-            return Outcome("fail", reason, strike=not gone, evidence=encode_evidence(ev))
-        assert result.answer is not None
-        run = _Run(held, {o.step: o for o in result.answer.openings})
-        drawn = [s for s in leaves if s >= 1 and s - 1 in run.by_step]
+        """Challenge the worker, prove its answers, re-run each drawn step elsewhere."""
+        p, receipt = self.policy, held.receipt
+        n = receipt.steps_done
+        drawn = draw_steps(n, p.steps_to_check(n), self._rng, start=True)
+        opened = await self._open(held, leaves_for(drawn, n, end=p.image_check))
+        if isinstance(opened, Outcome):
+            return opened
+        run = _Run(held, {o.step: o for o in opened})
         outcome = await self._verify_steps(run, drawn)
-        if outcome is None and p.image_check and receipt.steps_done in run.by_step:
+        if outcome is None and p.image_check and n in run.by_step:
             outcome, again = await self._verify_image(run)
             if outcome is None and again:  # its verifier lost standing: its steps are re-run
                 outcome = await self._verify_steps(run, [k + 1 for k in again])
         outcome = outcome or run.last or Outcome("skipped", "no step pair drawn", strike=False)
         if outcome.verdict == "fail":
-            ev = Evidence(reason=outcome.reason, challenge=result.answer, steps=run.evidence)
+            answer = ChallengeAnswer(job_id=receipt.job_id, openings=_evidence_openings(run))
+            ev = Evidence(reason=outcome.reason, challenge=answer, steps=run.evidence)
             outcome = replace(outcome, evidence=encode_evidence(ev))
         elif outcome.verdict == "pass":
             self._remember(run)
@@ -356,6 +423,33 @@ class Checks:
             outcome = replace(outcome, reason="; ".join([outcome.reason, *extra]))
         await self._record_work(run)
         return outcome
+
+    async def _open(self, held: Held, leaves: list[int]) -> list[StepOpeningWire] | Outcome:
+        """Have the worker open `leaves`, one challenge after another (each at most
+        `MAX_CHALLENGE_STEPS` leaves), each answer proved against the receipt's root; the
+        openings, or the failed outcome of the first challenge that failed."""
+        d, receipt = self.dispatcher, held.receipt
+        openings: list[StepOpeningWire] = []
+        for batch in challenge_batches(leaves):
+            result = await d.challenge(
+                held.peer_id, receipt.job_id, batch, self.policy.challenge_timeout
+            )
+            fault = result.fault(receipt)
+            if fault is not None:
+                restored = held.reconnect_within is not None
+                # no answer: not struck when the node left, or lost its trajectory in the
+                # restart (it kept it for `trajectory_retention_seconds` only)
+                gone = result.answer is None and (fault == "node not connected" or restored)
+                reason = f"challenge: {fault}"
+                if gone and restored:
+                    reason = f"{RESTART_REASON}: {reason}"
+                ev = Evidence(
+                    reason=reason, challenge=result.answer, challenge_refused=result.refused
+                )
+                return Outcome("fail", reason, strike=not gone, evidence=encode_evidence(ev))
+            assert result.answer is not None
+            openings += result.answer.openings
+        return openings
 
     # --- one check's steps ---------------------------------------------------------------
     async def _verify_steps(self, run: _Run, drawn: list[int]) -> Outcome | None:

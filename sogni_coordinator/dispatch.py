@@ -57,7 +57,7 @@ from sogni_coordinator.jobs import Job, NodeLink, RequestState
 from sogni_coordinator.prompt_crypto import new_key
 from sogni_coordinator.reputation import STRIKE_WINDOW, Reputation
 from sogni_coordinator.routing import Router
-from sogni_coordinator.store import Store
+from sogni_coordinator.store import PendingCheck, Store
 from sogni_coordinator.verification_config import VerificationConfig
 from sogni_coordinator.verifiers import PendingVerifications
 from sogni_protocol import eip712
@@ -409,11 +409,18 @@ class Dispatcher:
         """After a restart: re-queue the jobs that had not ended (their clients resume with
         their tokens), end those a client had cancelled, take back the open reservations so
         what the jobs deliver is settled and the rest refunded, and drop image files that no
-        client is owed. Returns how many jobs were re-queued."""
-        # checks.py: a check pending at the stop fails closed (before anything reads the
-        # receipts): the receipt becomes evidence, its job is queued again, nobody is struck.
-        for job_id, worker in self.store.fail_pending_checks(RESTART_REASON):
-            self.checks.write_log(job_id, worker, Outcome("fail", RESTART_REASON, strike=False))
+        client is owed. Receipts held by a pending check stay held, their check re-run when
+        their node reconnects. Returns how many jobs were re-queued."""
+        # checks.py: a check pending at the stop is run again once its node reconnects
+        # (`_held_after_restart`); one stored before v7 names no node: it fails closed (the
+        # receipt becomes evidence, its job is queued again, nobody is struck).
+        held = self.store.pending_checks()
+        for c in [c for c in held if not c.peer_id]:
+            if self.store.fail_held_receipt(c.job.job_id, RESTART_REASON):
+                self.checks.write_log(
+                    c.job.job_id, c.worker, Outcome("fail", RESTART_REASON, strike=False)
+                )
+        held = [c for c in held if c.peer_id]
         by_request: dict[bytes, list[Job]] = {}
         for s in self.store.live_jobs():
             job = Job(
@@ -433,16 +440,48 @@ class Dispatcher:
             kept = self.billing.restore(self.store)
             if kept:
                 log.info("reservations_restored", requests=kept)
-        for request_id, group in by_request.items():
+        held_by: dict[bytes, list[PendingCheck]] = {}
+        for c in held:
+            held_by.setdefault(c.job.request_id, []).append(c)
+        for request_id in by_request | held_by:
             record = self.store.delivery(request_id)
             assert record is not None  # it has live jobs
             box = Mailbox.from_record(record, self.results)
-            self.add_request(RequestState(request_id, len(group), box), group)
+            group, checks = by_request.get(request_id, []), held_by.get(request_id, [])
+            self.add_request(RequestState(request_id, len(group) + len(checks), box), group)
         keep = {self.results.path(*pending) for pending in self.store.pending_deliveries()}
+        keep |= {self._held_after_restart(c) for c in held}
         pruned = self.results.prune(keep)
         if pruned:
             log.info("result_files_pruned", files=pruned)
         return sum(len(group) for group in by_request.values())
+
+    def _held_after_restart(self, c: PendingCheck) -> Path:
+        """A receipt held when the coordinator stopped: its job is live again (RUNNING, no
+        holder: the client sees it rendering), and its check runs once the node that
+        rendered it reconnects (`Checks`, `restart_recheck_timeout`). Returns its image."""
+        s = c.job
+        job = Job(
+            s.job_id,
+            s.request_id,
+            s.index,
+            s.params,
+            s.work_units,
+            network=s.network,
+            attempts=s.attempts,
+            state=JobState.RUNNING,
+        )
+        self.jobs[job.job_id] = job
+        path = self.results.path(s.request_id, s.index, c.receipt.offer_hash)
+        budget = render_budget(s.params, self.deadline_floor, self.deadline_base)
+        wait = self.checks.policy.restart_recheck_timeout
+        self.checks.hold(
+            Held(
+                job, c.peer_id, c.receipt.worker, c.receipt, c.dtype, path, c.elapsed, budget, wait
+            )
+        )
+        log.info("check_resumed", job=s.job_id.hex()[:16], worker=c.receipt.worker)
+        return path
 
     # --- nodes ----------------------------------------------------------------------------
     def node_joined(
@@ -468,6 +507,7 @@ class Dispatcher:
         if old is not None:
             self.node_left(old, "replaced by a new stream from the same peer")
         self.nodes[peer_id] = link
+        self.checks.node_joined()  # a check waiting for this node since a restart may run
         self._wake()
         return link
 
@@ -589,8 +629,16 @@ class Dispatcher:
                 raise StorageFault("the coordinator could not store the image; retry") from None
         offer = job.signed_offers.get(receipt.offer_hash)
         if hold:
+            now = self._clock()
             committed = await self.store.call(
-                self.store.store_held_receipt, receipt, result.signature, job.request_id, offer
+                self.store.store_held_receipt,
+                receipt,
+                result.signature,
+                job.request_id,
+                offer,
+                peer_id=link.peer_id,
+                dtype=result.meta.dtype if result.meta else "",
+                elapsed=now - job.holders.get(link, now),
             )
         else:
             committed = await self.receipts.commit(

@@ -195,6 +195,17 @@ for a job is recorded, to be paid from the take when the job's receipt is settle
 operator signs offline with the settlement key (`slash_proposals`; `job_ids` is the
 MessagePack list of its failed receipts' job ids)."""
 
+_V7_RECHECK_AFTER_RESTART = """
+ALTER TABLE checks ADD COLUMN peer_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE checks ADD COLUMN dtype TEXT NOT NULL DEFAULT '';
+ALTER TABLE checks ADD COLUMN elapsed REAL NOT NULL DEFAULT 0;
+PRAGMA user_version=7
+"""
+"""A pending check survives a restart (`Dispatcher.restore` re-runs it once the worker's node
+reconnects): the node's peer id (it keeps the trajectory), the numeric mode it declared, and
+the render's elapsed time (reputation credits it when the check passes). Checks pending in
+an older file have none: their node is unknown, so they fail closed as before."""
+
 MIGRATIONS = (
     _SCHEMA_V1,
     _V2_JOB_STATES,
@@ -202,6 +213,7 @@ MIGRATIONS = (
     _V4_PUBLISHED_OFFERS,
     _V5_CHECKS,
     _V6_EVIDENCE_VERIFIERS_SLASHES,
+    _V7_RECHECK_AFTER_RESTART,
 )
 _NOT_HELD = "NOT EXISTS (SELECT 1 FROM checks c WHERE c.job_id = r.job_id AND c.state='pending')"
 """SQL: receipt `r` is not held by a pending check."""
@@ -230,6 +242,19 @@ class StoredJob:
     state: JobState
     attempts: int
     network: str = "fast"
+
+
+@dataclass(frozen=True)
+class PendingCheck:
+    """A receipt held by a pending check when the coordinator stopped (`pending_checks`)."""
+
+    job: StoredJob
+    worker: str
+    peer_id: str
+    """The node that rendered it and keeps its trajectory ("" in files older than v7)."""
+    dtype: str
+    elapsed: float
+    receipt: Receipt
 
 
 def _stored_receipt(row: tuple[Any, ...]) -> StoredReceipt:
@@ -477,17 +502,49 @@ class Store(Database):
         signature: bytes,
         request_id: bytes,
         offer: tuple[JobOffer, bytes] | None = None,
+        *,
+        peer_id: str = "",
+        dtype: str = "",
+        elapsed: float = 0.0,
     ) -> bool:
         """`store_receipt` (job DONE) plus a `pending` check, in one transaction: the receipt
-        is durable but neither delivered nor paid until `mark_check` or `fail_held_receipt`."""
+        is durable but neither delivered nor paid until `mark_check` or `fail_held_receipt`.
+        `peer_id`, `dtype`, `elapsed`: what re-running the check after a restart needs."""
         with self._tx() as db:
             if not self._insert_receipt(db, receipt, signature, request_id, JobState.DONE, offer):
                 return False
             db.execute(
-                "INSERT OR REPLACE INTO checks VALUES (?, ?, 'pending', ?)",
-                (receipt.job_id, receipt.worker.lower(), time.time()),
+                "INSERT OR REPLACE INTO checks (job_id, worker, state, updated_at, peer_id,"
+                " dtype, elapsed) VALUES (?, ?, 'pending', ?, ?, ?, ?)",
+                (receipt.job_id, receipt.worker.lower(), time.time(), peer_id, dtype, elapsed),
             )
             return True
+
+    def pending_checks(self) -> list[PendingCheck]:
+        """After a restart: every receipt still held by a pending check, with its job (the
+        parameters unsealed) and what the check needs, in the order they were stored."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT c.job_id, c.worker, c.peer_id, c.dtype, c.elapsed, r.receipt"
+                " FROM checks c JOIN receipts r USING (job_id) WHERE c.state='pending'"
+                " ORDER BY r.rowid"
+            ).fetchall()
+        jobs = {
+            j.job_id: j
+            for j in self._jobs("j.job_id IN (SELECT job_id FROM checks WHERE state='pending')")
+        }
+        return [
+            PendingCheck(
+                jobs[bytes(r[0])],
+                str(r[1]),
+                str(r[2]),
+                str(r[3]),
+                float(r[4]),
+                _receipt_decoder.decode(r[5]),
+            )
+            for r in rows
+            if bytes(r[0]) in jobs
+        ]
 
     def mark_check(self, job_id: bytes, state: str) -> None:
         """A pending check ended well: `passed` or `skipped` (the receipt is released)."""
@@ -528,15 +585,6 @@ class Store(Database):
             (now, job_id),
         )
         return True
-
-    def fail_pending_checks(self, reason: str) -> list[tuple[bytes, str]]:
-        """After a restart: fail every pending check closed (`fail_held_receipt`); returns
-        `(job id, worker)` of each."""
-        with self._tx() as db:
-            rows = db.execute("SELECT job_id, worker FROM checks WHERE state='pending'").fetchall()
-            for job_id, _ in rows:
-                self._fail_held(db, job_id, reason)
-        return [(bytes(j), str(w)) for j, w in rows]
 
     def failed_receipts(self, job_id: bytes | None = None) -> list[tuple[bytes, str, Receipt, str]]:
         """`(job id, worker, receipt, reason)` of receipts whose check failed, oldest first."""
@@ -685,12 +733,14 @@ class Store(Database):
             ).fetchone()
             if row is None:
                 return None
-            queued = self._db.execute(
-                "SELECT COUNT(*) FROM jobs WHERE request_id=? AND state='queued'", (request_id,)
+            queued = self._db.execute(  # a held receipt's job is not settled yet: still live
+                "SELECT COUNT(*) FROM jobs WHERE request_id=? AND (state='queued' OR job_id IN"
+                " (SELECT job_id FROM checks WHERE state='pending'))",
+                (request_id,),
             ).fetchone()[0]
             receipts = self._db.execute(
                 "SELECT r.receipt, j.steps FROM receipts r JOIN jobs j USING (job_id)"
-                " WHERE r.request_id=? ORDER BY r.rowid",
+                f" WHERE r.request_id=? AND {_NOT_HELD} ORDER BY r.rowid",
                 (request_id,),
             ).fetchall()
         return RequestRecord(

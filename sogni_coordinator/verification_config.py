@@ -1,10 +1,11 @@
 """The `[verification]` table of the coordinator config: which receipts are checked.
 
 A sampled receipt is held (not billed, not delivered, not paid in an epoch) until a check
-passes: the worker opens `pairs` random step pairs of its committed trajectory and a node of
-another wallet re-runs each step (`sogni_coordinator.checks`, docs/VERIFICATION.md,
-"Sampling, holding and consequences"). `rate = 0` and `first_jobs = 0` (the defaults) turn
-checking off: every receipt is released as before.
+passes: the worker opens random step pairs of its committed trajectory (as many as
+`steps_to_check` says) and a node of another wallet re-runs each step
+(`sogni_coordinator.checks`, docs/VERIFICATION.md, "Sampling, holding and consequences").
+`rate = 0` and `first_jobs = 0` (the defaults) turn checking off:
+every receipt is released as before.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
-from sogni_coordinator.challenges import MAX_PAIRS
+from sogni_coordinator.challenges import pairs_needed
 from sogni_protocol.settings import Seconds
 
 __all__ = ["VerificationConfig"]
@@ -28,14 +29,24 @@ class VerificationConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unkno
     first_jobs: Annotated[int, Meta(ge=0, le=1_000_000)] = 0
     """Every one of a wallet's first N full receipts (as counted by this coordinator) is
     checked, whatever `rate` says."""
-    pairs: Annotated[int, Meta(ge=1, le=MAX_PAIRS)] = 1
-    """Step pairs re-run per check. `challenges.pairs_needed(f, p)` gives how many catch a
-    worker faking a fraction f of its steps with probability p: 1 for f = 1, 5 for f = 0.5 and
-    p = 0.95, 29 for f = 0.1 and p = 0.95 (capped here at one challenge: 8)."""
+    catch_fraction: Annotated[float, Meta(gt=0.0, le=1.0)] = 0.25
+    """The detection floor's cheat: a worker faking at least this share of a job's steps
+    (skipping them, or rendering them with another model) ..."""
+    confidence: Annotated[float, Meta(ge=0.0, lt=1.0)] = 0.99
+    """... is caught in at least this share of its checked jobs: each check re-runs
+    `challenges.pairs_needed(catch_fraction, confidence, steps)` random steps (7 of 8 steps,
+    12 of 30, for the defaults; every step of a job of 4 or fewer)."""
+    pairs: Annotated[int, Meta(ge=0, le=10_000)] = 0
+    """An explicit number of steps re-run per check (capped at the job's steps), overriding
+    the floor above; 0 (the default): derived from `catch_fraction` and `confidence`."""
     challenge_timeout: Seconds = 30.0
     """Seconds the worker has to open the drawn steps."""
     verify_timeout: Seconds = 120.0
     """Seconds a verifier node has to re-run one step."""
+    restart_recheck_timeout: Seconds = 900.0
+    """After a coordinator restart, seconds a held receipt waits for its worker's node to
+    reconnect so its check can run (the node keeps trajectories for
+    `trajectory_retention_seconds`, 1 h by default); then it fails closed, without a strike."""
     image_check: bool = True
     """Also open the final latent and have a verifier decode it and compare with the
     delivered image (docs/IMAGE_CHECK.md)."""
@@ -62,3 +73,10 @@ class VerificationConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unkno
     @property
     def enabled(self) -> bool:
         return self.rate > 0 or self.first_jobs > 0
+
+    def steps_to_check(self, n_steps: int) -> int:
+        """Random steps a check of an `n_steps` job re-runs (step 1, the seed check, is
+        re-run besides when it is not drawn)."""
+        if self.pairs:
+            return min(self.pairs, n_steps)
+        return pairs_needed(self.catch_fraction, self.confidence, n_steps)

@@ -5,7 +5,11 @@ anywhere, so `prepare()` runs on Linux too and `render()` fails there with an er
 where the packages are. The denoising loop is written against three plain `predict(dict) ->
 dict` callables, so the same loop is tested on Linux with torch stand-ins and runs on macOS with
 `coremltools.models.MLModel.predict`. Tokenizer and scheduler stay in Python (diffusers), as in
-Apple's ml-stable-diffusion; seeds give the same initial noise as the diffusers backend.
+Apple's ml-stable-diffusion. Randomness is pinned as in the diffusers backend
+(`sogni_node.render.noise`): the initial latent is `initial_latents(seed, shape)` and the k-th
+scheduler step draws from `step_generator(seed, k)`, so a verifier regenerates both; the loop
+records the trajectory (leaf 0 and the latent after every step, `TrajectoryRecorder`) that the
+receipt commits to (docs/TRAJECTORY.md).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from sogni_node.render.coreml_convert import (
     precision_dir,
 )
 from sogni_node.render.encoding import encode_image, float_image_to_uint8
+from sogni_node.render.trajectory import TrajectoryRecorder
 
 Predict = Callable[[Mapping[str, npt.NDArray[Any]]], Mapping[str, npt.NDArray[Any]]]
 COMPUTE_UNITS = ("ALL", "CPU_AND_NE", "CPU_AND_GPU", "CPU_ONLY")
@@ -125,8 +130,11 @@ class CoreMLBackend:
             )
         parts, lock = self._get(job)  # pragma: no cover - macOS only
         spec = self.registry.get(job.model_id)  # pragma: no cover
+        recorder = TrajectoryRecorder()  # pragma: no cover
         with lock:  # pragma: no cover
-            pixels = run_coreml_pipeline(parts, spec.path, job, on_step, should_cancel)
+            pixels = run_coreml_pipeline(
+                parts, spec.path, job, on_step, should_cancel, recorder=recorder
+            )
         return RenderOutput(  # pragma: no cover
             image=encode_image(float_image_to_uint8(pixels), job.output_format),
             steps_done=job.steps,
@@ -134,6 +142,7 @@ class CoreMLBackend:
             device=f"coreml:{self.compute_units.lower()}",
             dtype=self.dtype_name,
             threads=1,
+            trajectory=recorder.finish(),
         )
 
     def _get(self, job: RenderJob) -> tuple[CoreMLParts, threading.Lock]:  # pragma: no cover
@@ -176,17 +185,23 @@ def run_coreml_pipeline(
     job: RenderJob,
     on_step: Callable[[int], None],
     should_cancel: Callable[[], bool],
+    *,
+    recorder: TrajectoryRecorder | None = None,
 ) -> npt.NDArray[np.float32]:
     """Text encoder -> guided denoising loop -> VAE decoder; returns HxWx3 floats in [0, 1].
 
-    Mirrors diffusers' StableDiffusionPipeline (same noise for a seed, same guidance formula),
-    so a Mac's image is close to a CUDA node's for the same job. The UNet package has batch 2
-    (unconditional, conditional), so it always runs both halves.
+    Mirrors diffusers' StableDiffusionPipeline as the diffusers backend runs it (the same
+    pinned initial noise and per-step noise for a seed, the same guidance formula), so a
+    Mac's image is close to a CUDA node's for the same job. The UNet package has batch 2
+    (unconditional, conditional), so it always runs both halves. `recorder` gets leaf 0 (the
+    unscaled initial noise) and the latents after each step, with the scheduler's carried
+    state and the step's timestep, as the diffusers backend records them.
     """
     import torch
     from transformers import CLIPTokenizer
 
     from sogni_node.render.diffusers_backend import SCHEDULERS
+    from sogni_node.render.noise import initial_latents, pin_step_noise, takes_generator
 
     tokenizer = CLIPTokenizer.from_pretrained(str(model_dir / "tokenizer"), local_files_only=True)
     sched_config = json.loads(
@@ -211,8 +226,11 @@ def run_coreml_pipeline(
     channels, lat_h, lat_w = parts.latent_shape
     if (job.height // lat_h, job.width // lat_w) != (job.height / lat_h, job.width / lat_w):
         raise RenderError(f"model {job.model_id!r}: packages are for another image size")
-    generator = torch.Generator("cpu").manual_seed(job.seed)
-    latents = torch.randn((1, channels, lat_h, lat_w), generator=generator, dtype=torch.float32)
+    pin_step_noise(scheduler, job.seed)  # step k draws from step_generator(seed, k)
+    step_kwargs: dict[str, Any] = {"generator": None} if takes_generator(scheduler) else {}
+    latents = initial_latents(job.seed, (1, channels, lat_h, lat_w))
+    if recorder is not None:
+        recorder.record(0, latents, scheduler)
     scheduler.set_timesteps(job.steps, device="cpu")
     latents = latents * scheduler.init_noise_sigma
     for i, t in enumerate(scheduler.timesteps):
@@ -226,7 +244,9 @@ def run_coreml_pipeline(
         )["noise_pred"]
         uncond, cond = torch.from_numpy(np.asarray(noise, dtype=np.float32)).chunk(2)
         guided = uncond + job.guidance * (cond - uncond) if job.guidance > 1.0 else cond
-        latents = scheduler.step(guided, t, latents, generator=generator).prev_sample
+        latents = scheduler.step(guided, t, latents, **step_kwargs).prev_sample
+        if recorder is not None:
+            recorder.record(i + 1, latents, scheduler, t)
         on_step(i + 1)
         if should_cancel():
             raise RenderCancelled(i + 1)

@@ -17,7 +17,6 @@ from eth_account import Account
 
 from sogni_app.api import authorize
 from sogni_coordinator.challenges import MAX_PAIRS, choose_steps
-from sogni_coordinator.checks import RESTART_REASON
 from sogni_coordinator.job_state import JobState
 from sogni_coordinator.ledger import worker_account
 from sogni_coordinator.verification_config import VerificationConfig
@@ -324,33 +323,6 @@ async def test_unsampled_receipts_are_released_at_once(checked: Harness) -> None
     assert sub.state.finished.is_set()  # type: ignore[attr-defined]
 
 
-async def test_a_check_pending_at_restart_fails_closed_and_the_job_is_rendered_again(
-    checked: Harness,
-) -> None:
-    h = checked
-    sub, _ = await _paid_request(h)
-    worker = h.node(0)
-    h.node(1, ready=False)
-    h.dispatcher.match()
-    (offer,) = worker.offers()
-    job_id = offer.offer.job_id
-    t = Trajectory(offer.offer.steps, seed=1)
-    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
-    assert h.store.check_state(job_id) == "pending"
-    h.restart()
-    assert h.dispatcher.restore() == 1
-    ((_, _, _, reason),) = h.store.failed_receipts(job_id)
-    assert reason == RESTART_REASON
-    assert h.store.receipt(job_id) is None and h.store.unsettled_receipts() == []
-    assert h.reputation.get(worker.wallet).strikes == []  # not the worker's fault
-    assert [x["verdict"] for x in log_lines(h)] == ["fail"]
-    again = h.node(0)
-    h.dispatcher.match()
-    (offer2,) = again.offers()
-    assert offer2.offer.job_id == job_id
-    del sub
-
-
 # --- the seed check (docs/VERIFICATION.md, "Seed check") ---------------------------------
 @pytest.mark.parametrize("n_steps", [1, 2, 3, 10, 50])
 @pytest.mark.parametrize("pairs", [1, 2, MAX_PAIRS])
@@ -380,8 +352,9 @@ async def test_every_check_opens_leaf_0_and_has_pair_0_1_verified(checked: Harne
     answer = ChallengeAnswer(job_id=ch.job_id, openings=[t.opening(k) for k in ch.steps])
     assert h.dispatcher.challenges.answered(worker.link.peer_id, answer)
     ks = await answer_verify(h, verifier, t, honest=True)
-    # step 1 first, then the drawn one (and step 2 when the drawn one is 3: leaves 1, 2 pair)
-    assert ks[0] == 0 and ks == sorted(set(ks)) and len(ks) <= 3
+    # step 1 first, then the drawn ones: 7 of 10 steps by default (catch_fraction 0.25,
+    # confidence 0.99), 8 when step 1 was not among them
+    assert ks[0] == 0 and ks == sorted(set(ks)) and 7 <= len(ks) <= 8
     await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
     (line,) = log_lines(h)
     assert line["verdict"] == "pass"
