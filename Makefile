@@ -39,13 +39,31 @@ $(NOSANA_STAMP): deploy/nosana/package.json deploy/nosana/package-lock.json
 	npm ci --prefix deploy/nosana --no-audit --no-fund --loglevel=error
 	touch $(NOSANA_STAMP)
 
+# Sogni's official SDKs for the gateway tests (tests/gateway/test_official_sdks.py): the Python
+# one in its own folder, first on PYTHONPATH when the test runs it (it pins websockets<17, the
+# venv has 17; its other requirements are the venv's: `pip check` sees both), the JS one by npm ci.
+SDK_PY_DIR   := .cache/sogni-sdk-py
+SDK_PY_STAMP := $(SDK_PY_DIR)/.installed
+$(SDK_PY_STAMP): tests/gateway/sdk/requirements.txt | $(STAMP)
+	rm -rf $(SDK_PY_DIR)
+	$(PY) -m pip install -q --no-deps --target $(SDK_PY_DIR) -r tests/gateway/sdk/requirements.txt
+	PYTHONPATH=$(SDK_PY_DIR) $(PY) -c "import sogni_client, websockets, httpx, eth_account"
+	PYTHONPATH=$(SDK_PY_DIR) $(PY) -m pip check
+	touch $(SDK_PY_STAMP)
+
+SDK_JS_STAMP := tests/gateway/sdk/js/node_modules/.installed
+$(SDK_JS_STAMP): tests/gateway/sdk/js/package.json tests/gateway/sdk/js/package-lock.json
+	@command -v npm >/dev/null || { echo "error: npm is missing (Debian: apt-get install nodejs npm)" >&2; exit 1; }
+	npm ci --prefix tests/gateway/sdk/js --no-audit --no-fund --loglevel=error
+	touch $(SDK_JS_STAMP)
+
 # A headless browser for the status-page test (Debian's chromium; installed when root)
 BROWSER_STAMP := .cache/.browser-checked
 $(BROWSER_STAMP): scripts/ensure-browser.sh
 	./scripts/ensure-browser.sh
 	@mkdir -p .cache && touch $(BROWSER_STAMP)
 
-test: install $(NPM_STAMP) $(INTEROP_STAMP) $(NOSANA_STAMP) $(BROWSER_STAMP)
+test: install $(NPM_STAMP) $(INTEROP_STAMP) $(NOSANA_STAMP) $(BROWSER_STAMP) $(SDK_PY_STAMP) $(SDK_JS_STAMP)
 	$(PY) -m pytest
 
 demo: install

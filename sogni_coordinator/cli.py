@@ -261,6 +261,7 @@ app.command("leaderboard")(__import__("sogni_coordinator.leaderboard").leaderboa
 
 app.add_typer(__import__("sogni_coordinator.chain_cli", fromlist=["app"]).app)
 app.add_typer(__import__("sogni_coordinator.slash_cli", fromlist=["app"]).app, name="slash")
+app.add_typer(__import__("sogni_coordinator.api_keys_cli", fromlist=["app"]).app, name="api-keys")
 app.registered_commands += __import__(
     "sogni_coordinator.backup_cli", fromlist=["app"]
 ).app.registered_commands

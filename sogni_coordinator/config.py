@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from sogni_coordinator.gateway.config import GatewayConfig
 from sogni_coordinator.verification_config import VerificationConfig
 from sogni_protocol.logs import LogLevel
 from sogni_protocol.messages import Address, ModelId
@@ -69,7 +70,8 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     job_deadline_base: Annotated[float, Meta(ge=0, le=86_400)] = 30.0
     models: Annotated[list[ModelId], Meta(max_length=1024)] = msgspec.field(default_factory=list)
     http_listen: Annotated[str, Meta(max_length=300)] = "127.0.0.1:8080"
-    """HTTP listener (`/healthz` now; the gateway and metrics later): `host:port`,
+    """HTTP listener (`/healthz`, `/readyz`, `/metrics`, `/status`, `/epochs`, `/relay/claim`,
+    the SDK gateway): `host:port`,
     `[ipv6]:port` (port 0 picks a free port) or `off`."""
     log_level: LogLevel = "info"
     log_json: bool | None = None
@@ -106,6 +108,10 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     prompt_retention_seconds: Annotated[float, Meta(ge=0, le=365 * 86_400)] = 3600.0
     """How long a request's prompt stays readable after the request ended: then its key is
     deleted (crypto-shredding) and the sealed prompt in the database is useless. 0: at once."""
+
+    gateway: GatewayConfig = msgspec.field(default_factory=GatewayConfig)
+    """`[gateway]`: REST and WebSocket for apps built on Sogni's official SDKs, on
+    `http_listen` (docs/GATEWAY.md); on by default, it answers only to API keys."""
 
     verification: VerificationConfig = msgspec.field(default_factory=VerificationConfig)
     """`[verification]`: which receipts are held until a re-run step verifies them

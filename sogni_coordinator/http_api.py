@@ -6,9 +6,9 @@
 `epoch-NNNNNN.json`, `epoch-NNNNNN.tree.json`, `receipts/0x<keccak>.json`) so nodes can
 fetch and check their rewards from anywhere; `POST /relay/claim` to have this coordinator
 submit a claim and pay its gas (the same checks and limits as the `/sogni/relay/1.0.0`
-protocol, `claim_relay`). Later routes (the HTTP gateway for apps, a status page) go into
-`routes()`. starlette is imported when the app is built, so importing this module needs no
-`http` extra.
+protocol, `claim_relay`); the status page; and the gateway for apps written for Sogni's
+client SDKs (`sogni_coordinator.gateway`, REST and WebSocket at the host root). starlette is
+imported when the app is built, so importing this module needs no `http` extra.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import msgspec
 
 from sogni_net import health_endpoint, require_http_extra
 from sogni_protocol import ids
+from sogni_protocol.json_depth import check_depth
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from sogni_coordinator.claim_relay import ClaimRelay
     from sogni_coordinator.dispatch import Dispatcher
     from sogni_coordinator.epoch_serving import EpochFolder
+    from sogni_coordinator.gateway import Gateway
 
 RELAY_BODY_LIMIT = ids.RELAY_FRAME_LIMIT
 """Largest `POST /relay/claim` body read (a claim with a 64-node proof is ~5 KB of JSON)."""
@@ -56,6 +58,9 @@ class CoordinatorView:
     """Run before each scrape: the gauges that need the database, read off the loop."""
     not_ready: Callable[[], Awaitable[str | None]] | None = None
     """Why `/readyz` is 503 (one line), or None when ready; None here: ready while up."""
+    gateway: Gateway | None = None
+    """The SDK gateway (`sogni_coordinator.gateway`): its REST routes and the WebSocket at
+    `/`; None: not served."""
 
 
 def health(view: CoordinatorView) -> dict[str, object]:
@@ -152,6 +157,7 @@ def relay_routes(view: CoordinatorView) -> list[BaseRoute]:
         if body is None:
             return _error(413, "too_large", f"the body is over {RELAY_BODY_LIMIT} bytes")
         try:
+            check_depth(body)  # an untyped decode of deep nesting crashes, not raises
             claim = msgspec.convert(_claim_fields(msgspec.json.decode(body)), RelayClaim)
         except (msgspec.DecodeError, msgspec.ValidationError, TypeError, ValueError) as exc:
             return _error(400, "bad_request", str(exc)[:500])
@@ -233,7 +239,16 @@ def routes(view: CoordinatorView) -> list[BaseRoute]:
         *epoch_routes(view),
         *relay_routes(view),
         *status_routes(view),
+        *_gateway_routes(view),
     ]
+
+
+def _gateway_routes(view: CoordinatorView) -> list[BaseRoute]:
+    if view.gateway is None:
+        return []
+    from sogni_coordinator.gateway import gateway_routes
+
+    return gateway_routes(view.gateway)
 
 
 def build_app(view: CoordinatorView) -> Starlette:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import TYPE_CHECKING
 
 import trio
 
 from sogni_coordinator.adverts import AdvertBook
+from sogni_coordinator.api_keys import ApiKeys
 from sogni_coordinator.billing import Billing
 from sogni_coordinator.chain_link import connect_chain, publish_dir
 from sogni_coordinator.claim_relay import ClaimRelay, serve_relay
@@ -19,6 +20,7 @@ from sogni_coordinator.client_session import serve_client
 from sogni_coordinator.config import CoordinatorConfig
 from sogni_coordinator.dispatch import Dispatcher
 from sogni_coordinator.epoch_serving import EpochFolder, serve_epochs
+from sogni_coordinator.gateway import open_gateway
 from sogni_coordinator.http_api import CoordinatorView, build_app
 from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.node_session import serve_node
@@ -71,6 +73,7 @@ async def run_coordinator(
     started = time.monotonic()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(config.database)
+    closers: list[ApiKeys] = []  # closed after the nursery (the gateway's key store)
     ledger = Ledger(config.database, daily_boost_spark=default_catalog().daily_boost_spark)
     reputation = Reputation(config.database)
     try:
@@ -157,6 +160,19 @@ async def run_coordinator(
                         host.peer_id, signer.address, dispatcher, started, epochs, relay
                     )
                     view = observe(view, store, config.database, host, nursery)
+                    gateway_config = config.gateway
+                    if gateway_config.enabled:  # REST and WebSocket for the Sogni SDKs
+                        gateway, keys = open_gateway(
+                            gateway_config,
+                            dispatcher,
+                            database=config.database,
+                            data_dir=config.data_dir,
+                            configured_models=allowed,
+                            network_id=config.network_id,
+                        )
+                        closers.append(keys)
+                        nursery.start_soon(gateway.run)
+                        view = replace(view, gateway=gateway)
                     http_url = await nursery.start(serve_http, build_app(view), config.http_listen)
                 info = {
                     "peerId": host.peer_id,
@@ -186,6 +202,8 @@ async def run_coordinator(
                     )
                 )
     finally:
+        for closer in closers:
+            closer.close()
         reputation.close()
         ledger.close()
         store.close()

@@ -144,6 +144,8 @@ async def serve_http(
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
     config.graceful_timeout = 1.0
+    config.websocket_max_message_size = 1 << 20  # the SDK gateway's own frame limit is lower
+    config.websocket_ping_interval = 20.0  # dead sockets are noticed, not kept forever
     asgi = cast(Any, app)  # hypercorn's ASGI types are narrower than starlette's
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(partial(serve, asgi, config, mode="asgi"))

@@ -38,6 +38,7 @@ import trio
 from sogni_protocol import ids
 from sogni_protocol.epoch_files import content_hash
 from sogni_protocol.errors import ProtocolError
+from sogni_protocol.json_depth import check_depth
 from sogni_protocol.relay_messages import (
     EpochFileChunk,
     EpochFileRequest,
@@ -265,6 +266,7 @@ class _HttpRefused(Exception):
 
 def _error_detail(body: bytes) -> dict[str, str]:
     try:
+        check_depth(body)  # an untyped decode of deep nesting crashes, not raises
         value = json.loads(body)
     except ValueError:
         return {}

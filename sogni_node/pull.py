@@ -610,8 +610,7 @@ class PullSession:
             job=job_id.hex()[:16],
             model=msg.offer.model_id,
             steps=msg.offer.steps,
-            params=msg.params,
-        )  # params are redacted by the logger
+        )  # never the parameters: they hold the prompt
         run = None
         try:
             fault = self._check_offer(msg)

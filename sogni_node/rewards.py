@@ -175,6 +175,8 @@ class RewardsReport:
     verified: int = 0
     """Journal receipts found in a batch, identical and correctly split."""
     pending: list[str] = field(default_factory=list)
+    unpaid: list[str] = field(default_factory=list)
+    """Receipts for free work (no payer): accepted, and never paid on chain by design."""
     """Accepted receipts not yet in any batch (too recent for the last close)."""
     problems: list[str] = field(default_factory=list)
 
@@ -191,6 +193,7 @@ class RewardsReport:
             "maturedEpoch": self.matured_epoch,
             "verifiedReceipts": self.verified,
             "pendingReceipts": self.pending,
+            "unpaidReceipts": self.unpaid,
             "problems": self.problems,
             "ok": self.ok,
             "epochs": [
@@ -305,7 +308,9 @@ def audit(
         job = "0x" + r.job_id.hex()
         found = by_job.get(job)
         if found is None:
-            if job in refused:
+            if refused.get(job) == epoch_math.NO_PAYER:
+                report.unpaid.append(job)  # free work: never paid on chain, not a fault
+            elif job in refused:
                 report.problems.append(f"job {job} refused by the coordinator: {refused[job]}")
             elif jr.accepted and jr.recorded_at < last_close - PENDING_GRACE_S:
                 report.problems.append(f"job {job} accepted but missing from every batch")

@@ -267,6 +267,8 @@ def rewards(
                 f" (epoch {report.matured_epoch}, the newest matured)"
             )
         typer.echo(f"verified   {report.verified} journal receipts; {len(report.pending)} pending")
+        if report.unpaid:
+            typer.echo(f"unpaid     {len(report.unpaid)} receipts for free work (nobody paid)")
         for problem in report.problems:
             typer.echo(f"problem: {problem}", err=True)
     if not report.ok:

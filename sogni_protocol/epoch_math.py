@@ -50,6 +50,7 @@ from sogni_protocol.payout_rules import BPS, PayoutRules, Split
 
 __all__ = [
     "MICRO",
+    "NO_PAYER",
     "WEI_PER_MICRO_SOGNI",
     "Valued",
     "batch_problem",
@@ -68,6 +69,10 @@ __all__ = [
     "verifier_problem",
     "verifiers_of",
 ]
+
+NO_PAYER = "no payer: requests nobody paid for are never paid on chain"
+"""The refusal of a receipt for free work (no payer settlement): listed in the batch's
+`refused`, never a problem for the worker (`sogni-node rewards` counts it as unpaid)."""
 
 MICRO = 1_000_000
 """Ledger micro units per Spark or SOGNI."""

@@ -64,7 +64,6 @@ log = get_logger(__name__)
 UNSIGNED_FORMAT = "sogni-unsigned-post-root-v1"
 SIGNED_FORMAT = "sogni-signed-post-root-v1"
 
-_NO_PAYER = "no payer: requests nobody paid for are never paid on chain"
 
 
 class SettlementError(Exception):
@@ -196,7 +195,7 @@ class Settler:
                 if s.request_id in reserved:
                     waiting += 1  # its ledger settlement is queued: next epoch
                     continue
-                why = _NO_PAYER
+                why = epoch_math.NO_PAYER
             if why is None:
                 assert paid_for is not None
                 candidates.append((s, paid_for))

@@ -245,6 +245,9 @@ async def test_the_relayer_checks_before_it_spends_gas(anvil_net: Net, tmp_path:
         ).encode()  # fmt: skip
         status, reply = await trio.to_thread.run_sync(_post, c.running.http_url, body)
         assert status == 422 and reply["error"] == "invalid_proof"
+        # 64 KiB of nesting: refused, not a crash (an untyped decode overflows the C stack)
+        status, reply = await trio.to_thread.run_sync(_post, c.running.http_url, b"[" * 65_000)
+        assert status == 400 and "deeper" in reply["reason"]
         assert net.chain.w3.eth.get_transaction_count(net.settler.address) == nonce  # no tx
         assert net.d.token.balance_of(me.address) == 0
 

@@ -100,6 +100,24 @@ def test_missing_receipt_is_a_problem_and_a_recent_one_pending(
     assert any("missing from every batch" in p for p in report.problems)
 
 
+def test_free_work_is_listed_unpaid_not_a_problem(
+    net: Net, store: Store, tmp_path: Path
+) -> None:
+    """A render nobody paid for is refused at settlement ("no payer"): the node's audit lists
+    it as unpaid free work and stays ok (a newcomer's first free render is not an error)."""
+    me = worker(1)
+    paid, free = signed_receipt(me, net.domain), signed_receipt(me, net.domain)
+    store_receipts(store, [paid])
+    store_receipts(store, [free], paid="none")
+    assert settler(store, net, tmp_path).close_epoch() is not None
+    epochs = load_published(tmp_path / "epochs")
+    with _journal(tmp_path, net, [paid, free]) as journal:
+        report = audit(me.address, journal.receipts(), epochs)
+    assert report.ok, report.problems
+    assert report.verified == 1 and report.unpaid == ["0x" + free[0].job_id.hex()]
+    assert report.as_json()["unpaidReceipts"] == report.unpaid
+
+
 def test_tampered_batch_file_is_rejected(net: Net, store: Store, tmp_path: Path) -> None:
     store_receipts(store, [signed_receipt(worker(1), net.domain)])
     result = settler(store, net, tmp_path).close_epoch()

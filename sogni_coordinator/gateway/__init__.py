@@ -1,0 +1,48 @@
+"""The gateway for apps written for Sogni's official client SDKs (docs/GATEWAY.md).
+
+REST and WebSocket on the coordinator's HTTP listener, at the host root, in-process on the
+coordinator's dispatcher, ledger and store. `open_gateway` builds it from the coordinator's
+settings; `gateway_routes` mounts it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sogni_coordinator.api_keys import ApiKeys
+from sogni_coordinator.gateway.config import GatewayConfig
+from sogni_coordinator.gateway.core import Gateway
+from sogni_coordinator.gateway.rest import gateway_routes
+from sogni_coordinator.result_urls import ResultUrls
+from sogni_protocol.catalog import default_catalog
+
+if TYPE_CHECKING:
+    from sogni_coordinator.dispatch import Dispatcher
+
+__all__ = ["Gateway", "GatewayConfig", "gateway_routes", "open_gateway"]
+
+
+def open_gateway(
+    config: GatewayConfig,
+    dispatcher: Dispatcher,
+    *,
+    database: Path,
+    data_dir: Path,
+    configured_models: set[str],
+    network_id: str,
+) -> tuple[Gateway, ApiKeys]:
+    """The gateway, and the API-key store to `close()` when the coordinator stops."""
+
+    keys = ApiKeys(database)
+    gateway = Gateway(
+        dispatcher,
+        keys,
+        ResultUrls.load(data_dir, config.public_url),
+        config=config,
+        catalog=default_catalog(),
+        configured_models=configured_models,
+        results_dir=data_dir / "gateway-results",
+        network_id=network_id,
+    )
+    return gateway, keys

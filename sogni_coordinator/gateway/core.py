@@ -1,0 +1,416 @@
+"""The gateway's state and its two jobs: authenticate API keys, run SDK projects.
+
+One `Gateway` per coordinator, beside the libp2p client protocol and on the same
+`Dispatcher`: a project is submitted with `Dispatcher.submit` like any client's request,
+its payer is the API key's account (the authorization signed in-process with the wallet
+derived from the key, `api_keys.account_private_key`), and its events are read from the
+dispatcher's cursor, translated into SDK frames, with images saved for download and
+acknowledged. A project outlives its socket; a repeated jobRequest
+re-attaches with `Dispatcher.resume` and never submits (or charges) again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgspec
+import trio
+
+from sogni_coordinator.api_keys import account_address, account_private_key
+from sogni_coordinator.billing import Refusal
+from sogni_coordinator.delivery import Cursor
+from sogni_coordinator.gateway.config import GatewayConfig
+from sogni_coordinator.gateway.limits import FailureWindow, KeyBuckets
+from sogni_coordinator.gateway.models import ModelBook
+from sogni_coordinator.gateway.projects import (
+    Outcome,
+    Project,
+    ProjectBook,
+    ProjectRefused,
+    job_id_of,
+    parse_job_request,
+)
+from sogni_coordinator.gateway.results import ImageStore
+from sogni_protocol import eip712
+from sogni_protocol.catalog import Catalog
+from sogni_protocol.logs import get_logger
+from sogni_protocol.messages import JobFailed, JobImage, JobProgress, RenderRequest, RequestDone
+from sogni_protocol.pricing import quote
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from sogni_coordinator.dispatch import Dispatcher
+
+log = get_logger(__name__)
+
+__all__ = ["AuthedKey", "Gateway", "KeyRecord", "KeyStore", "UrlSigner"]
+
+AUTHORIZATION_SECONDS = 3600
+"""Lifetime of the payer authorization the gateway signs for a project."""
+SWEEP_SECONDS = 60.0
+ERRORS = {"insufficient_funds": (4024, "insufficientFunds")}
+
+Send = Callable[[str, dict[str, Any]], Awaitable[None]]
+"""Queue one frame (type, payload) for a socket."""
+
+
+class KeyRecord(Protocol):
+    """`api_keys.ApiKeyRecord` (read-only)."""
+
+    @property
+    def key_id(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def account(self) -> str: ...
+    @property
+    def revoked(self) -> bool: ...
+    @property
+    def daily_limit_micro(self) -> int | None: ...
+
+
+class KeyStore(Protocol):
+    """`sogni_coordinator.api_keys.ApiKeys` (blocking: called off the trio thread)."""
+
+    def lookup(self, key: str) -> KeyRecord | None: ...
+    def spent_today(self, account: str) -> int: ...
+    def record_spend(self, account: str, micro: int) -> None: ...
+    def try_spend(self, account: str, micro: int, limit_micro: int | None) -> bool: ...
+
+
+class UrlSigner(Protocol):
+    """`sogni_coordinator.result_urls.ResultUrls`."""
+
+    def sign(
+        self, image_id: str, *, base_url: str, ttl: float = 3600, now: float | None = None
+    ) -> str: ...
+    def verify(self, image_id: str, exp: str, sig: str, now: float | None = None) -> bool: ...
+
+
+@dataclass(frozen=True)
+class AuthedKey:
+    """An API key that passed `authenticate`: its record, and the plaintext for signing."""
+
+    record: KeyRecord
+    secret: str
+
+    @property
+    def key_id(self) -> str:
+        return self.record.key_id
+
+
+class Gateway:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        keys: KeyStore,
+        urls: UrlSigner,
+        *,
+        config: GatewayConfig,
+        catalog: Catalog,
+        configured_models: set[str],
+        results_dir: Path,
+        network_id: str,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.keys = keys
+        self.urls = urls
+        self.config = config
+        self.book = ModelBook(catalog, frozenset(configured_models))
+        self.configured = set(configured_models)
+        self.images = ImageStore(results_dir, config.retention_seconds)
+        self.projects = ProjectBook(keep=config.retention_seconds)
+        self.network_id = network_id
+        self.failed_auth = FailureWindow(config.failed_auth_per_minute)
+        burst = max(5, config.jobs_per_minute // 4)
+        self.job_rate = KeyBuckets(config.jobs_per_minute, burst)
+        self.rest_rate = KeyBuckets(
+            config.requests_per_minute, max(10, config.requests_per_minute // 4)
+        )
+        self.sockets: dict[tuple[str, str], Any] = {}
+        """(key id, appId) -> the socket session holding it (`socket.Session`)."""
+
+    async def run(self) -> None:
+        """Index stored images, then delete expired images and forget ended projects."""
+        await trio.to_thread.run_sync(self.images.load)
+        while True:
+            await self.images.sweep()
+            self.projects.sweep()
+            await trio.sleep(SWEEP_SECONDS)
+
+    # --- keys ---------------------------------------------------------------------------
+    async def authenticate(self, secret: str | None, address: str) -> AuthedKey | None:
+        """The key's record, or None (a failure counted against `address`)."""
+        if secret and 8 <= len(secret) <= 256 and secret.isprintable():
+            record = await trio.to_thread.run_sync(self.keys.lookup, secret)
+            if record is not None and not record.revoked:
+                if record.account.lower() == account_address(secret).lower():
+                    return AuthedKey(record, secret)
+                log.error("gateway_key_account_mismatch", key=record.key_id)
+        self.failed_auth.failed(address)
+        return None
+
+    def advertised(self) -> set[str]:
+        return self.dispatcher.known_models()
+
+    def swarm(self) -> dict[str, int]:
+        """`swarmModels`: connected nodes per servable model."""
+        counts = dict.fromkeys(self.book.served(self.advertised()), 0)
+        for link in self.dispatcher.nodes.values():
+            for model in link.models:
+                counts[model] = counts.get(model, 0) + 1
+        return counts
+
+    async def balances(self, account: str) -> dict[str, Any]:
+        """`{sogni, spark}` as the SDKs read them (decimal strings of whole tokens)."""
+        billing = self.dispatcher.billing
+        have: Mapping[Any, int] = dict.fromkeys(("spark_free", "spark_paid", "sogni"), 0)
+        held: Mapping[Any, int] = have
+        if billing is not None:
+            ledger = billing.ledger
+            have = await trio.to_thread.run_sync(ledger.balance, account)
+            held = await trio.to_thread.run_sync(ledger.reserved_for, account)
+
+        def side(net: int, debit: int, premium: int | None) -> dict[str, str]:
+            out = {
+                "settled": _tokens(net + debit),
+                "credit": "0",
+                "debit": _tokens(debit),
+                "net": _tokens(net),
+                "relaxedUnclaimed": "0",
+                "fastUnclaimed": "0",
+            }
+            if premium is not None:
+                out["premiumCredit"] = _tokens(premium)
+            return out
+
+        spark = have["spark_free"] + have["spark_paid"]
+        spark_held = held["spark_free"] + held["spark_paid"]
+        return {
+            "sogni": side(have["sogni"], held["sogni"], None),
+            "spark": side(spark, spark_held, have["spark_paid"]),
+        }
+
+    # --- projects -----------------------------------------------------------------------
+    async def open_project(
+        self, key: AuthedKey, data: dict[str, Any], network: str
+    ) -> tuple[Project, Cursor | None]:
+        """The project of this jobRequest, submitted once, and a cursor over what it still
+        owes (None when it already ended). Raises `ProjectRefused`."""
+        job_id = job_id_of(data)
+        project = self.projects.get(key.key_id, job_id)
+        if project is not None:  # the SDK re-sent it (reconnect, 1001): resume
+            await project.ready.wait()
+            if project.refusal is not None:
+                raise project.refusal
+            if project.done:
+                return project, None
+            resumed = self.dispatcher.resume(project.request_id, project.token)
+            log.info("gateway_project_resumed", key=key.key_id, project=job_id)
+            return project, resumed.events
+        if not self.job_rate.take(key.key_id):
+            raise ProjectRefused(4029, "rateLimited", "too many projects: wait a minute")
+        served = self.book.served(self.advertised())
+        req = parse_job_request(data, book=self.book, served=served, network=network)
+        project = Project(key.key_id, job_id, req.number_of_images)
+        self.projects.add(project)
+        try:
+            submission = await self._submit(key, req)
+        except ProjectRefused as exc:
+            project.refusal = exc
+            self.projects.drop(project)
+            raise
+        finally:
+            project.ready.set()
+        project.request_id = submission.accepted.request_id
+        project.token = submission.accepted.resume_token
+        project.cost_micro = submission.accepted.cost_micro
+        log.info(
+            "gateway_project_accepted",
+            key=key.key_id,
+            project=job_id,
+            images=req.number_of_images,
+            model=req.model_id,
+        )
+        return project, submission.events
+
+    async def _submit(self, key: AuthedKey, req: RenderRequest) -> Any:
+        account = key.record.account
+        limit = key.record.daily_limit_micro
+        reserved = quote(req).spark_micro  # the check and the write in one transaction
+        if not await trio.to_thread.run_sync(self.keys.try_spend, account, reserved, limit):
+            raise ProjectRefused(
+                4025, "dailyLimitReached", "this API key's daily spend limit is reached"
+            )
+        signed = eip712.sign_request(
+            account_private_key(key.secret),
+            self.dispatcher.domain,
+            msgspec.structs.replace(
+                req,
+                payer=account,
+                network_id=self.network_id,
+                nonce=os.urandom(16),
+                expiry=int(time.time()) + AUTHORIZATION_SECONDS,
+            ),
+        )
+        try:
+            submission = await self.dispatcher.submit(
+                signed, client_peer=f"api-key:{key.key_id}", allowed_models=self.configured
+            )
+        except Refusal as exc:
+            await trio.to_thread.run_sync(self.keys.record_spend, account, -reserved)
+            code, error = ERRORS.get(exc.code, (4000, exc.code))
+            message = (
+                exc.reason.split("; quote:")[0] if exc.code == "insufficient_funds" else exc.reason
+            )
+            raise ProjectRefused(code, error, message[:500]) from None
+        correction = submission.accepted.cost_micro - reserved  # the price charged wins
+        if correction:
+            await trio.to_thread.run_sync(self.keys.record_spend, account, correction)
+        return submission
+
+    def cancel(self, key: AuthedKey, job_id: str) -> Project | None:
+        project = self.projects.get(key.key_id, job_id.upper())
+        if project is None or not project.request_id:
+            return None
+        project.cancelled = True
+        if not project.done:
+            self.dispatcher.cancel_request(project.request_id)
+        return project
+
+    async def stream(
+        self, project: Project, events: Cursor | None, send: Send, base_url: str
+    ) -> None:
+        """Send what the project owes this socket: outcomes already known, then the events
+        of its cursor; exactly one result or error per image, then `jobCompleted`."""
+        sent: set[int] = set()
+        job = project.job_id
+        try:
+            if events is None or not project.outcomes:
+                await send("jobState", {"type": "queued", "jobID": job, "queuePosition": 0})
+            for index in sorted(project.outcomes):
+                sent.add(index)
+                await self._send_outcome(project, index, send, base_url)
+            if events is None:
+                await self._finish(project, send)
+                return
+            started: set[int] = set()
+            async for msg in events:
+                if isinstance(msg, JobProgress):
+                    if msg.index in sent or project.cancelled or msg.index >= project.count:
+                        continue
+                    img = project.img_ids[msg.index]
+                    if msg.index not in started:
+                        started.add(msg.index)
+                        await send(
+                            "jobState",
+                            {
+                                "type": "jobStarted",
+                                "jobID": job,
+                                "imgID": img,
+                                "workerName": "supernet",
+                                "jobIndex": msg.index,
+                            },
+                        )
+                    await send(
+                        "jobProgress",
+                        {"jobID": job, "imgID": img, "step": msg.step, "stepCount": msg.steps},
+                    )
+                elif isinstance(msg, JobImage):
+                    await self._keep_image(project, msg)
+                elif (
+                    isinstance(msg, JobFailed)
+                    and msg.index < project.count
+                    and msg.index not in project.outcomes
+                ):
+                    project.outcomes[msg.index] = Outcome(ok=False, error="jobFailed")
+                # outcomes an earlier attachment recorded meanwhile are sent here too
+                for index in sorted(set(project.outcomes) - sent):
+                    sent.add(index)
+                    await self._send_outcome(project, index, send, base_url)
+                if isinstance(msg, RequestDone):
+                    project.done = True
+                    project.ended_at = time.time()
+                    await self._finish(project, send)
+        finally:
+            if events is not None:
+                self.dispatcher.detach(events)
+
+    async def _keep_image(self, project: Project, msg: JobImage) -> None:
+        """Store the image for download, then acknowledge it (the dispatcher deletes its copy)."""
+        if msg.index < project.count and msg.index not in project.outcomes:
+            img = project.img_ids[msg.index]
+            try:
+                await self.images.save(img, msg.image)
+                outcome = Outcome(ok=True, seed=msg.seed, steps=msg.receipt.steps_done)
+            except (OSError, ValueError) as exc:
+                log.error(
+                    "gateway_image_not_stored", project=project.job_id, error=type(exc).__name__
+                )
+                outcome = Outcome(ok=False, error="imageNotStored")
+            project.outcomes[msg.index] = outcome
+        await self.dispatcher.ack_images(project.request_id, [msg.job_id])
+
+    async def _send_outcome(self, project: Project, index: int, send: Send, base_url: str) -> None:
+        if project.cancelled:
+            return
+        outcome = project.outcomes[index]
+        img = project.img_ids[index]
+        if outcome.ok:
+            url = self.urls.sign(img, base_url=base_url, ttl=self.config.result_ttl_seconds)
+            await send(
+                "jobResult",
+                {
+                    "jobID": project.job_id,
+                    "imgID": img,
+                    "performedStepCount": outcome.steps,
+                    "lastSeed": str(outcome.seed),
+                    "resultUrl": url,
+                },
+            )
+        else:
+            await send(
+                "jobError",
+                {
+                    "jobID": project.job_id,
+                    "imgID": img,
+                    "error": 5000,
+                    "error_message": "the network could not render this image",
+                    "isFromWorker": False,
+                },
+            )
+
+    async def _finish(self, project: Project, send: Send) -> None:
+        if project.cancelled:
+            return
+        if any(o.ok for o in project.outcomes.values()):
+            await send("jobState", {"type": "jobCompleted", "jobID": project.job_id})
+        else:
+            await send(
+                "jobError",
+                {
+                    "jobID": project.job_id,
+                    "error": 5000,
+                    "error_message": "no image of this project could be rendered",
+                    "isFromWorker": False,
+                },
+            )
+
+    def result_url(self, img_id: str, base_url: str) -> str | None:
+        """A fresh signed URL for a stored image (`/v1/image/downloadUrl`)."""
+        if self.images.get(img_id) is None:
+            return None
+        return self.urls.sign(img_id, base_url=base_url, ttl=self.config.result_ttl_seconds)
+
+
+def _tokens(micro: int) -> str:
+    """Micro units as a decimal string of whole tokens (`"1.5"`, `"0.000125"`)."""
+    sign = "-" if micro < 0 else ""
+    whole, frac = divmod(abs(micro), 1_000_000)
+    text = f"{whole}.{frac:06d}".rstrip("0").rstrip(".")
+    return sign + text

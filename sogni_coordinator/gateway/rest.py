@@ -1,0 +1,117 @@
+"""The SDKs' REST calls, the result downloads and the WebSocket route, all at the host root.
+
+Every call but the downloads needs the `api-key` header (401 `{status:"error"}` without a
+valid one, and failures counted per address like the socket's). Downloads need none: the
+signed URL is the authorization; the image is found by its id in the gateway's index.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sogni_coordinator.gateway.core import AuthedKey, Gateway
+from sogni_coordinator.gateway.socket import base_url_of, client_address, serve_socket
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import BaseRoute
+    from starlette.websockets import WebSocket
+
+__all__ = ["gateway_routes"]
+
+
+def _error(status: int, code: int, message: str) -> Response:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(
+        {"status": "error", "message": message, "errorCode": code},
+        status_code=status,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _ok(data: Any) -> Response:
+    from starlette.responses import JSONResponse
+
+    return JSONResponse({"status": "success", "data": data}, headers={"Cache-Control": "no-store"})
+
+
+def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
+    from starlette.responses import FileResponse, JSONResponse
+    from starlette.routing import Route, WebSocketRoute
+
+    async def auth(request: Request) -> AuthedKey | Response:
+        address = client_address(request)
+        if gateway.failed_auth.blocked(address):
+            return _error(429, 4029, "too many failed API keys from this address: wait a minute")
+        key = await gateway.authenticate(request.headers.get("api-key"), address)
+        if key is None:
+            return _error(401, 4021, "missing, unknown or revoked API key")
+        if not gateway.rest_rate.take(key.key_id):
+            return _error(429, 4029, "too many requests for this API key: slow down")
+        return key
+
+    async def me(request: Request) -> Response:
+        key = await auth(request)
+        if not isinstance(key, AuthedKey):
+            return key
+        record = key.record
+        return _ok({"username": record.name, "currentEmail": "", "walletAddress": record.account})
+
+    async def models_list(request: Request) -> Response:
+        key = await auth(request)
+        if not isinstance(key, AuthedKey):
+            return key
+        return JSONResponse(gateway.book.listing(gateway.advertised()))
+
+    async def tiers(request: Request) -> Response:
+        key = await auth(request)
+        if not isinstance(key, AuthedKey):
+            return key
+        return JSONResponse(gateway.book.tiers(gateway.advertised()))
+
+    async def balance(request: Request) -> Response:
+        key = await auth(request)
+        if not isinstance(key, AuthedKey):
+            return key
+        return _ok(await gateway.balances(key.record.account))
+
+    async def download_url(request: Request) -> Response:
+        key = await auth(request)
+        if not isinstance(key, AuthedKey):
+            return key
+        img = request.query_params.get("imageId", "").upper()
+        found = gateway.projects.by_image(img)
+        url = gateway.result_url(img, base_url_of(gateway, request.url)) if found else None
+        if found is None or found[0].key_id != key.key_id or url is None:
+            return _error(404, 4004, "unknown image")
+        return _ok({"downloadUrl": url})
+
+    async def result(request: Request) -> Response:
+        image_id = str(request.path_params["image_id"])
+        exp = request.query_params.get("exp", "")
+        sig = request.query_params.get("sig", "")
+        if len(image_id) > 64 or len(exp) > 32 or len(sig) > 256:
+            return _error(404, 4004, "unknown image")
+        if not gateway.urls.verify(image_id, exp, sig):
+            return _error(403, 4003, "this result URL is invalid or has expired")
+        stored = gateway.images.get(image_id)
+        if stored is None:
+            return _error(404, 4004, "this image is no longer kept")
+        return FileResponse(
+            stored.path, media_type=stored.media_type, headers={"Cache-Control": "private"}
+        )
+
+    async def socket(ws: WebSocket) -> None:
+        await serve_socket(ws, gateway)
+
+    return [
+        Route("/v1/account/me", me, methods=["GET"]),
+        Route("/api/v1/models/list", models_list, methods=["GET"]),
+        Route("/api/v2/models/tiers", tiers, methods=["GET"]),
+        Route("/v4/account/balance", balance, methods=["GET"]),
+        Route("/v1/image/downloadUrl", download_url, methods=["GET"]),
+        Route("/results/{image_id}", result, methods=["GET"]),
+        WebSocketRoute("/", socket),
+    ]

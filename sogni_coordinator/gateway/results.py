@@ -1,0 +1,84 @@
+"""Delivered images kept for download by their image id, deleted after `retention`.
+
+Files are named `<imgID>.<ext>` by this module only; a URL's id is checked against the index
+(built from the folder listing), so no part of a URL ever becomes a path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from sogni_protocol.image_types import format_of
+
+__all__ = ["ImageStore", "StoredImage"]
+
+IMAGE_ID = re.compile(r"^[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}$")
+_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+_EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+
+
+@dataclass(frozen=True)
+class StoredImage:
+    path: Path
+    media_type: str
+    created: float
+
+
+class ImageStore:
+    def __init__(self, folder: Path, retention: float) -> None:
+        self.folder = folder
+        self.retention = retention
+        self._index: dict[str, StoredImage] = {}
+
+    def load(self) -> int:
+        """Index what an earlier run left (blocking: call off the loop at start)."""
+        self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        kinds = {ext: kind for kind, ext in _EXT.items()}
+        for path in self.folder.iterdir():
+            stem, _, ext = path.name.partition(".")
+            if IMAGE_ID.match(stem) and ext in kinds:
+                created = path.stat().st_mtime
+                self._index[stem] = StoredImage(path, _TYPES[kinds[ext]], created)
+        return len(self._index)
+
+    def get(self, image_id: str) -> StoredImage | None:
+        return self._index.get(image_id) if IMAGE_ID.match(image_id) else None
+
+    async def save(self, image_id: str, image: bytes) -> StoredImage:
+        """Write the image durably under its id; raises ValueError for an unknown format."""
+        kind = format_of(image)
+        if kind is None or not IMAGE_ID.match(image_id):
+            raise ValueError("not a png, jpeg or webp image")
+        path = self.folder / f"{image_id}.{_EXT[kind]}"
+
+        def write() -> None:
+            tmp = path.with_suffix(".tmp")
+            with open(tmp, "wb") as f:
+                f.write(image)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+        await trio.to_thread.run_sync(write)
+        stored = StoredImage(path, _TYPES[kind], time.time())
+        self._index[image_id] = stored
+        return stored
+
+    async def sweep(self, now: float | None = None) -> int:
+        """Delete images older than the retention; returns how many."""
+        now = time.time() if now is None else now
+        old = [i for i, s in self._index.items() if now - s.created > self.retention]
+        paths = [self._index.pop(i).path for i in old]
+
+        def remove() -> None:
+            for p in paths:
+                p.unlink(missing_ok=True)
+
+        await trio.to_thread.run_sync(remove)
+        return len(paths)

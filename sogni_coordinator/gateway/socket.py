@@ -1,0 +1,233 @@
+"""One SDK WebSocket at `/`: authenticate, announce, read jobRequests and cancels.
+
+The upgrade carries the `api-key` header and the `appId` query parameter. A bad key is
+accepted then closed with 4021 (the SDKs sign out; Python's `create` raises); an address with
+too many failed keys gets 4029 before any lookup. One socket per (key, appId): a newer one
+closes the older with 4015. Every frame is decoded strictly (`frames.py`): a malformed one
+closes the socket with its code. One writer task owns the socket's send side; each project
+streams into it from its own task in the session's nursery, and a lost socket only detaches
+the projects (the dispatcher keeps rendering; a re-sent jobRequest resumes them).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from sogni_coordinator.gateway.core import AuthedKey, Gateway
+from sogni_coordinator.gateway.frames import (
+    CLOSE_AUTH,
+    CLOSE_POLICY,
+    CLOSE_RATE_LIMITED,
+    CLOSE_REPLACED,
+    FrameError,
+    decode_frame,
+    encode_frame,
+)
+from sogni_coordinator.gateway.projects import ProjectRefused, job_id_of
+from sogni_protocol.logs import get_logger
+
+if TYPE_CHECKING:
+    from starlette.websockets import WebSocket
+
+log = get_logger(__name__)
+
+__all__ = ["Session", "serve_socket"]
+
+OUTBOX = 256
+"""Frames queued for a slow socket before its projects wait."""
+SWARM_POLL = 1.0
+"""How often the worker counts are compared and re-sent when they changed."""
+SEND_TIMEOUT = 30.0
+
+
+def client_address(ws: Any) -> str:
+    client = ws.client
+    return client.host if client is not None else "?"
+
+
+def base_url_of(gateway: Gateway, scope_url: Any) -> str:
+    if gateway.config.public_url:
+        return gateway.config.public_url.rstrip("/")
+    scheme = "https" if scope_url.scheme in ("https", "wss") else "http"
+    return f"{scheme}://{scope_url.netloc}"
+
+
+class Session:
+    def __init__(self, gateway: Gateway, ws: WebSocket, key: AuthedKey, app_id: str) -> None:
+        self.gateway = gateway
+        self.ws = ws
+        self.key = key
+        self.app_id = app_id
+        self.send_in, self.send_out = trio.open_memory_channel[str](OUTBOX)
+        self.close_code = 1000
+        self.scope = trio.CancelScope()
+        network = ws.query_params.get("forceWorkerId", "fast")
+        self.network = "relaxed" if network == "" else gateway.config.default_network
+        self.base_url = base_url_of(gateway, ws.url)
+        self.live: set[str] = set()
+
+    def close(self, code: int) -> None:
+        """End this session (from another task): the socket closes with `code`."""
+        self.close_code = code
+        self.scope.cancel()
+
+    async def send(self, name: str, data: dict[str, Any]) -> None:
+        await self.send_in.send(encode_frame(name, data))
+
+    async def run(self) -> None:
+        slot = (self.key.key_id, self.app_id)
+        older = self.gateway.sockets.get(slot)
+        if older is not None:
+            older.close(CLOSE_REPLACED)
+        self.gateway.sockets[slot] = self
+        try:
+            with self.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._write)
+                    await self._hello()
+                    nursery.start_soon(self._swarm)
+                    await self._read(nursery)
+                    nursery.cancel_scope.cancel()
+        finally:
+            if self.gateway.sockets.get(slot) is self:
+                del self.gateway.sockets[slot]
+            with trio.move_on_after(1) as shield:
+                shield.shield = True
+                try:
+                    await self.ws.close(code=self.close_code)
+                except Exception:  # already closed by the peer: nothing to tell it
+                    pass
+
+    async def _hello(self) -> None:
+        record = self.key.record
+        await self.send(
+            "authenticated",
+            {
+                "clientType": "artist",
+                "username": record.name,
+                "address": record.account,
+                "activeProjects": [],
+                "unclaimedCompletedProjects": [],
+                "subscriptionEntitlement": {"active": False, "subscription": None},
+            },
+        )
+        await self.send("swarmModels", self.gateway.swarm())
+        await self.send("balanceUpdate", await self.gateway.balances(record.account))
+
+    async def _write(self) -> None:
+        """The only sender; a socket that fails or stalls a send ends the session."""
+        try:
+            async for text in self.send_out:
+                with trio.fail_after(SEND_TIMEOUT):
+                    await self.ws.send_text(text)
+        except Exception as exc:  # closed by the peer, or too slow: nothing more to send
+            log.info("gateway_socket_send_failed", key=self.key.key_id, error=type(exc).__name__)
+            self.scope.cancel()
+
+    async def _swarm(self) -> None:
+        last = self.gateway.swarm()
+        while True:
+            await trio.sleep(SWARM_POLL)
+            now = self.gateway.swarm()
+            if now != last:
+                last = now
+                await self.send("swarmModels", now)
+
+    async def _read(self, nursery: trio.Nursery) -> None:
+        limit = self.gateway.config.frame_limit_bytes
+        while True:
+            message = await self.ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            raw = message.get("text")
+            if raw is None:
+                raw = message.get("bytes")
+            try:
+                name, data = decode_frame(raw, limit)
+            except FrameError as exc:
+                log.info("gateway_bad_frame", key=self.key.key_id, code=exc.code, error=exc.reason)
+                self.close_code = exc.code
+                return
+            if name == "jobRequest":
+                await self._job_request(nursery, data)
+            elif name == "jobError":
+                await self._cancel(data)
+
+    async def _job_request(self, nursery: trio.Nursery, data: dict[str, Any]) -> None:
+        raw_id = data.get("jobID")
+        shown = raw_id.upper() if isinstance(raw_id, str) and len(raw_id) <= 64 else ""
+        try:
+            job_id = job_id_of(data)
+            known = self.gateway.projects.get(self.key.key_id, job_id)
+            if job_id in self.live and (known is None or not known.done):
+                return  # already streaming on this socket
+            if len(self.live) >= self.gateway.config.max_projects_per_socket:
+                raise ProjectRefused(4029, "tooManyProjects", "too many projects in flight")
+            self.live.add(job_id)
+            try:
+                project, events = await self.gateway.open_project(self.key, data, self.network)
+            except BaseException:
+                self.live.discard(job_id)
+                raise
+        except ProjectRefused as exc:
+            log.info("gateway_project_refused", key=self.key.key_id, error=exc.error)
+            await self.send(
+                "jobError",
+                {
+                    "jobID": shown,
+                    "error": exc.code,
+                    "error_message": exc.message,
+                    "isFromWorker": False,
+                },
+            )
+            return
+
+        async def stream() -> None:
+            try:
+                await self.gateway.stream(project, events, self.send, self.base_url)
+            finally:
+                self.live.discard(project.job_id)
+            await self.send("balanceUpdate", await self.gateway.balances(self.key.record.account))
+
+        nursery.start_soon(stream)
+
+    async def _cancel(self, data: dict[str, Any]) -> None:
+        job_id = data.get("jobID")
+        if not isinstance(job_id, str) or len(job_id) > 64:
+            self.close_code = CLOSE_POLICY
+            self.scope.cancel()
+            return
+        project = self.gateway.cancel(self.key, job_id)
+        if project is not None:
+            log.info("gateway_project_cancelled", key=self.key.key_id, project=project.job_id)
+        await self.send(
+            "artistCancelConfirmation", {"jobID": job_id.upper(), "didCancel": project is not None}
+        )
+
+
+async def serve_socket(ws: WebSocket, gateway: Gateway) -> None:
+    """The WebSocket endpoint at `/`."""
+    address = client_address(ws)
+    if gateway.failed_auth.blocked(address):
+        await ws.accept()
+        await ws.close(code=CLOSE_RATE_LIMITED)
+        return
+    key = await gateway.authenticate(ws.headers.get("api-key"), address)
+    app_id = ws.query_params.get("appId", "")
+    if key is None:
+        log.info("gateway_auth_refused", address=address)
+        await ws.accept()
+        await ws.close(code=CLOSE_AUTH)
+        return
+    if not 0 < len(app_id) <= 128 or not app_id.isprintable():
+        await ws.accept()
+        await ws.close(code=CLOSE_POLICY, reason="appId is required")
+        return
+    await ws.accept()
+    log.info("gateway_socket_open", key=key.key_id)
+    try:
+        await Session(gateway, ws, key, app_id).run()
+    finally:
+        log.info("gateway_socket_closed", key=key.key_id)

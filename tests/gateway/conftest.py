@@ -1,0 +1,17 @@
+"""Gateway tests: an in-process coordinator and a real node on 127.0.0.1 (tiny model)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sogni_coordinator.api_keys import ApiKeys
+from tests.e2e.conftest import backend, registry  # noqa: F401  (fixtures)
+
+
+def create_key(database: Path, name: str = "app", **kw: float | None) -> tuple[str, str]:
+    """A new API key and its account, as `sogni-coordinator api-keys create` makes them."""
+    keys = ApiKeys(database)
+    try:
+        return keys.create(name, **kw)
+    finally:
+        keys.close()

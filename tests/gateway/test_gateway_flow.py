@@ -1,0 +1,251 @@
+"""The SDK gateway against a live in-process network: a real coordinator and a real node
+rendering the tiny model on 127.0.0.1, driven by `sdk_wire` as the official SDKs drive it."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import trio
+from trio_websocket import ConnectionClosed, open_websocket_url
+
+from sogni_coordinator.api_keys import ApiKeys
+from sogni_coordinator.ledger import Ledger
+from tests.e2e.conftest import MODEL, SlowBackend, start_net
+
+from .conftest import create_key
+from .sdk_wire import SdkSocket, connect, job_request
+
+TINY = {"steps": 3, "sizePreset": "custom", "width": 64, "height": 64}
+
+
+def _key(net: Any, name: str = "app", **kw: Any) -> tuple[str, str]:
+    return create_key(net.config.database, name, **kw)
+
+
+def _credit(net: Any, account: str, spark: int) -> None:
+    ledger = Ledger(net.config.database)
+    try:
+        ledger.credit_purchase(account, spark)
+    finally:
+        ledger.close()
+
+
+def _spark(net: Any, account: str) -> int:
+    ledger = Ledger(net.config.database)
+    try:
+        have = ledger.balance(account)
+    finally:
+        ledger.close()
+    return have["spark_free"] + have["spark_paid"]
+
+
+async def test_sdk_flow_auth_models_images_download_errors(tmp_path: Path, backend: Any) -> None:
+    async with start_net(tmp_path) as net:
+        await net.add_node(backend, "node0")
+        url = net.coordinator.http_url
+        assert url is not None
+        key, account = _key(net)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            # a wrong key: 401 on REST, 4021 on the socket
+            bad = await http.get("/v1/account/me", headers={"api-key": "sk_wrong-key-123"})
+            assert bad.status_code == 401 and bad.json()["status"] == "error"
+            async with connect(url, "sk_wrong-key-123") as ws:
+                assert await ws.close_code() == 4021
+
+            auth = {"api-key": key}
+            me = (await http.get("/v1/account/me", headers=auth)).json()
+            assert me["status"] == "success" and me["data"]["walletAddress"] == account
+            models = (await http.get("/api/v1/models/list", headers=auth)).json()
+            assert [m["id"] for m in models] == [MODEL] and models[0]["media"] == "image"
+            tiers = (await http.get("/api/v2/models/tiers", headers=auth)).json()
+            assert tiers[models[0]["tier"]]["steps"]["default"] == 4
+
+            async with connect(url, key) as ws:
+                kind, hello = await ws.next()
+                assert kind == "authenticated" and hello["address"] == account
+                assert await ws.until("swarmModels") == {MODEL: 1}
+
+                # no balance yet: a project-level error, nothing rendered
+                broke = job_request(MODEL, 2, **TINY)
+                await ws.send("jobRequest", broke)
+                frames = await ws.project(broke["jobID"])
+                assert frames[-1][0] == "jobError" and frames[-1][1]["error"] == 4024
+
+                # unknown model, out-of-range steps, bad size: clear errors
+                for frame, words in (
+                    ({"modelID": "no-such-model"}, "unknown model"),
+                    ({"steps": 500}, "steps must be"),
+                    ({"sizePreset": "custom", "width": 100, "height": 64}, "multiples of 8"),
+                ):
+                    req = job_request(MODEL, 1, **frame)
+                    await ws.send("jobRequest", req)
+                    err = (await ws.project(req["jobID"]))[-1][1]
+                    assert words in err["error_message"]
+
+                _credit(net, account, 1)
+                before = _spark(net, account)
+                req = job_request(MODEL, 2, **TINY)
+                await ws.send("jobRequest", req)
+                frames = await ws.project(req["jobID"])
+                results = [d for k, d in frames if k == "jobResult"]
+                assert len(results) == 2 and frames[-1][1]["type"] == "jobCompleted"
+                assert len({r["imgID"] for r in results}) == 2
+                assert any(k == "jobProgress" for k, _ in frames)
+                update = await ws.until("balanceUpdate")
+                spent = before - _spark(net, account)
+                assert 0 < spent < 1_000_000
+                assert float(update["spark"]["net"]) * 1_000_000 == before - spent
+
+            # a key's daily spend limit, and a revoked key
+            capped, capped_account = _key(net, "capped", daily_limit_spark=0.000001)
+            _credit(net, capped_account, 1)
+            async with connect(url, capped) as ws:
+                req = job_request(MODEL, 1, **TINY)
+                await ws.send("jobRequest", req)
+                assert (await ws.project(req["jobID"]))[-1][1]["error"] == 4025
+            assert _spark(net, capped_account) == 1_000_000
+            keys = ApiKeys(net.config.database)
+            try:
+                record = keys.lookup(capped)
+                assert record is not None and keys.revoke(record.key_id)
+            finally:
+                keys.close()
+            async with connect(url, capped) as ws:
+                assert await ws.close_code() == 4021
+            revoked = await http.get("/v1/account/me", headers={"api-key": capped})
+            assert revoked.status_code == 401
+
+        # downloads: no auth header, right content type, a tampered URL refused
+        async with httpx.AsyncClient(timeout=30) as plain:
+            for result in results:
+                got = await plain.get(result["resultUrl"])
+                assert got.status_code == 200 and got.headers["content-type"] == "image/png"
+                assert got.content.startswith(b"\x89PNG")
+            forged = results[0]["resultUrl"].replace("sig=", "sig=0")
+            assert (await plain.get(forged)).status_code == 403
+            other = results[0]["resultUrl"].replace(results[0]["imgID"], results[1]["imgID"])
+            assert (await plain.get(other)).status_code == 403
+            balance = await plain.get(url + "/v4/account/balance", headers={"api-key": key})
+            assert balance.json()["data"]["spark"]["net"] == update["spark"]["net"]
+
+            # failed authentications are limited per address
+            codes = [
+                (
+                    await plain.get(url + "/v1/account/me", headers={"api-key": f"sk_bad{i:06d}"})
+                ).status_code
+                for i in range(22)
+            ]
+            assert codes[0] == 401 and codes[-1] == 429
+            assert (await plain.get(url + "/v1/account/me", headers=auth)).status_code == 429
+
+
+async def test_hostile_frames_close_the_socket_not_the_gateway(
+    tmp_path: Path, backend: Any
+) -> None:
+    async with start_net(tmp_path) as net:
+        url = net.coordinator.http_url
+        assert url is not None
+        key, _ = _key(net)
+        raw = [
+            ("not json", 1008),
+            (json.dumps([1, 2]), 1008),
+            (json.dumps({"type": "jobRequest", "data": "%%%not-base64"}), 1008),
+            (json.dumps({"type": "jobRequest", "data": base64.b64encode(b"[1]").decode()}), 1008),
+            (
+                json.dumps({"type": "jobRequest", "data": base64.b64encode(b"\xff\xfe").decode()}),
+                1008,
+            ),
+            (
+                json.dumps({"type": "deleteEverything", "data": base64.b64encode(b"{}").decode()}),
+                1008,
+            ),
+            (json.dumps({"type": "jobRequest", "data": "A" * 400_000}), 1009),
+            (b"\x00binary", 1003),
+            # nesting that would overflow the C stack under the process's recursion limit
+            (
+                json.dumps(
+                    {
+                        "type": "jobRequest",
+                        "data": base64.b64encode(b"[" * 50_000 + b"]" * 50_000).decode(),
+                    }
+                ),
+                1008,
+            ),
+        ]
+        for frame, code in raw:
+            async with open_websocket_url(
+                SdkSocket.url(url), extra_headers=[(b"api-key", key.encode())]
+            ) as ws:
+                await ws.send_message(frame)
+                with trio.fail_after(10):
+                    try:
+                        while True:
+                            await ws.get_message()
+                    except ConnectionClosed as exc:
+                        assert exc.reason.code == code, frame[:40]
+        # the gateway still serves, and re-sends the worker counts when a node joins
+        async with connect(url, key) as sdk:
+            assert (await sdk.next())[0] == "authenticated"
+            assert await sdk.until("swarmModels") == {}
+            await net.add_node(backend, "node0")
+            assert await sdk.until("swarmModels", timeout=20) == {MODEL: 1}
+
+
+async def test_reconnect_resumes_without_double_charge_then_cancel(
+    tmp_path: Path, backend: Any
+) -> None:
+    slow = SlowBackend(backend, step_seconds=0.4)
+    async with start_net(tmp_path) as net:
+        await net.add_node(slow, "node0")
+        url = net.coordinator.http_url
+        assert url is not None
+        key, account = _key(net)
+        _credit(net, account, 1)
+        before = _spark(net, account)
+        req = job_request(MODEL, 2, steps=4, sizePreset="custom", width=64, height=64, seed=7)
+        async with connect(url, key) as first:
+            await first.send("jobRequest", req)
+            await first.until("jobProgress", jobID=req["jobID"])
+            held = before - _spark(net, account)
+            assert held > 0
+            # the SDK reconnects (same appId): the older socket is closed with 4015
+            async with connect(url, key) as second:
+                assert await first.close_code() == 4015
+                await second.send("jobRequest", req)  # the SDK re-sends its project
+                frames = await second.project(req["jobID"])
+                results = [d for k, d in frames if k == "jobResult"]
+                assert len(results) == 2 and frames[-1][1]["type"] == "jobCompleted"
+                assert before - _spark(net, account) <= held  # charged once (refunds only)
+                # the same jobID once more: replayed from memory, not rendered or charged
+                spent = before - _spark(net, account)
+                await second.send("jobRequest", req)
+                again = await second.project(req["jobID"])
+                assert [d["imgID"] for k, d in again if k == "jobResult"] == [
+                    r["imgID"] for r in results
+                ]
+                assert before - _spark(net, account) == spent
+
+                # cancel: artistCancelConfirmation, then nothing more for that project
+                slow.started = trio.Event()
+                cancel = job_request(MODEL, 2, steps=20, sizePreset="custom", width=64, height=64)
+                await second.send("jobRequest", cancel)
+                await second.until("jobProgress", jobID=cancel["jobID"])
+                await second.send(
+                    "jobError",
+                    {
+                        "jobID": cancel["jobID"],
+                        "error": "artistCanceled",
+                        "error_message": "artistCanceled",
+                        "isFromWorker": False,
+                    },
+                )
+                confirm = await second.until("artistCancelConfirmation", jobID=cancel["jobID"])
+                assert confirm["didCancel"] is True
+                await second.until("balanceUpdate")  # the project's stream ended
+                assert not any(
+                    k == "jobResult" and d["jobID"] == cancel["jobID"] for k, d in second.frames
+                )
