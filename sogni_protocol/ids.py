@@ -13,13 +13,14 @@ balance query."""
 CAPABILITIES_TOPIC: Final = "sogni/capabilities/1"
 """GossipSub topic for signed capability adverts (at most one per node every 30 s)."""
 
-WIRE_VERSION: Final = 6
+WIRE_VERSION: Final = 7
 """The wire format's major version, carried as `v` in every message map (2: resume tokens,
 `ResumeRequest`, `ImageAck`, `HelloRefused`; 3: the tier's `priceFactorBps` in offers and
 receipts, and the network id in payer authorizations; 4: the trajectory root in receipts;
 5: refusal codes in `VerifyRefused`, and the verifier's image check, `VerifyDecode` /
 `DecodeVerified`; 6: the payout address in receipts (EIP-712 version "4") and the partner
-cloud's `machineId` in capabilities).
+cloud's `machineId` in capabilities; 7: `CapabilitiesUpdate` during a session, and the chain of
+offer-key rotations in `Welcome`).
 
 The rule: `v` is the major version, and peers speak only their own (messages are strict, an
 unknown field is refused, so any change to a message is a new major version). It is

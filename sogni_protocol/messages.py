@@ -376,6 +376,24 @@ class HelloRefused(_Message, tag="helloRefused", kw_only=True):
     reason: Annotated[str, Meta(max_length=2000)]
 
 
+class KeyRotation(_Record, kw_only=True):
+    """A coordinator's offer-signing key handing over to a new one: signed (EIP-712
+    `KeyRotation`) by `old_key`, so a node that trusts the old key may trust the new one
+    without its operator editing `trusted_coordinators` (docs/OPERATIONS.md, "Rotating the
+    offer key")."""
+
+    old_key: Address
+    new_key: Address
+    not_before: Uint64
+    """Unix seconds from which the new key signs offers."""
+
+
+class SignedKeyRotation(_Record, kw_only=True):
+    rotation: KeyRotation
+    signature: Signature
+    """By `rotation.old_key`, over the EIP-712 `KeyRotation` under the coordinator's domain."""
+
+
 class Welcome(_Message, tag="welcome", kw_only=True):
     """Coordinator's answer: its offer-signing address and the EIP-712 domain for receipts."""
 
@@ -383,6 +401,18 @@ class Welcome(_Message, tag="welcome", kw_only=True):
     chain_id: Uint64
     verifying_contract: Address
     heartbeat_interval: Annotated[float, Meta(gt=0, le=300)]
+    rotations: Annotated[list[SignedKeyRotation], Meta(max_length=16)] = []
+    """The chain of key rotations from an older offer key to `coordinator`, oldest first: a
+    node that trusts any key on it trusts `coordinator` too (each link signed by the key it
+    replaces)."""
+
+
+class CapabilitiesUpdate(_Message, tag="capabilitiesUpdate", kw_only=True):
+    """Node -> coordinator during a session: what it can render changed (a model or LoRA
+    added or removed while it runs). Same content and binding signature as `NodeHello`."""
+
+    capabilities: Capabilities
+    binding_signature: Signature
 
 
 class Ready(_Message, tag="ready", kw_only=True):
@@ -639,6 +669,7 @@ CoordinatorToClient = (
 )
 NodeToCoordinator = (
     NodeHello
+    | CapabilitiesUpdate
     | Ready
     | OfferDeclined
     | Progress
@@ -680,6 +711,7 @@ Message = (
     | BalanceQuery
     | BalanceReport
     | NodeHello
+    | CapabilitiesUpdate
     | HelloRefused
     | Welcome
     | Ready
