@@ -171,7 +171,9 @@ class Billing:
     def settle(
         self, request_id: bytes, job_id: bytes, worker: str, steps_done: int, steps: int
     ) -> None:
-        """One receipt: pay its value (pro rata for a cancelled job) out of the reservation.
+        """One receipt: pay its value (pro rata for a cancelled job) out of the reservation,
+        to `worker`, the receipt's payee (its payout address, else the signing wallet: as the
+        epoch pays it, take tier included).
 
         The amounts are decided now; the ledger write joins the database's write queue (the
         group commit's next transaction, off the event loop). Paying twice is impossible
@@ -251,7 +253,7 @@ class Billing:
             )
             self._models[rid] = record.model_id
             for receipt, steps in record.receipts:
-                self.settle(rid, receipt.job_id, receipt.worker, receipt.steps_done, steps)
+                self.settle(rid, receipt.job_id, receipt.payee, receipt.steps_done, steps)
             if record.queued == 0:
                 self.finish(rid)
             else:

@@ -654,8 +654,8 @@ class Dispatcher:
         # durable from here on: the node is paid whatever happened meanwhile
         if self.billing is not None:
             self.billing.settle(
-                job.request_id, job.job_id, receipt.worker, receipt.steps_done, job.params.steps
-            )
+                job.request_id, job.job_id, receipt.payee, receipt.steps_done, job.params.steps
+            )  # the payee: where the receipt says its rewards go, as the epoch pays them
         now = self._clock()
         elapsed = now - job.holders.get(link, now)
         budget = render_budget(job.params, self.deadline_floor, self.deadline_base)
@@ -700,8 +700,8 @@ class Dispatcher:
         )
         if self.billing is not None:
             self.billing.settle(
-                job.request_id, job.job_id, receipt.worker, receipt.steps_done, job.params.steps
-            )
+                job.request_id, job.job_id, receipt.payee, receipt.steps_done, job.params.steps
+            )  # the payee: where the receipt says its rewards go, as the epoch pays them
         self.reputation.succeeded(held.worker, held.elapsed, held.budget, receipt.work_units)
         self.excluded.pop(job.job_id, None)
         self._to(job, JobEvent.RECEIPT, durable=True)

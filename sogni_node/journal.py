@@ -101,6 +101,11 @@ _MIGRATIONS = (
         "receipts carry the trajectory root (EIP-712 version '3'); earlier ones had none",
         "ALTER TABLE receipts ADD COLUMN trajectory_root BLOB",
     ),
+    Migration(
+        5,
+        "receipts carry where their rewards go (EIP-712 version '4'); NULL: the worker",
+        "ALTER TABLE receipts ADD COLUMN payout TEXT",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -108,7 +113,7 @@ _RECEIPT_COLUMNS = (
     "job_id, offer_hash, worker, coordinator, model_id, result_hash, steps_done, work_units,"
     " completed_at, signature, image_sha256, chain_id, verifying_contract, meta_json,"
     " recorded_at, accepted, ack_reason, acked_at, domain_version, price_factor_bps,"
-    " trajectory_root"
+    " trajectory_root, payout"
 )
 
 
@@ -297,8 +302,8 @@ class Journal:
             "INSERT OR REPLACE INTO receipts (job_id, offer_hash, worker, coordinator,"
             " model_id, result_hash, steps_done, work_units, completed_at, signature,"
             " image_sha256, chain_id, verifying_contract, meta_json, recorded_at,"
-            " domain_version, price_factor_bps, trajectory_root)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " domain_version, price_factor_bps, trajectory_root, payout)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             row,
         )
 
@@ -518,6 +523,7 @@ def _receipt_row(
         domain_version or eip712.DOMAIN_VERSION,
         receipt.price_factor_bps,
         receipt.trajectory_root,
+        receipt.payout,
     )
 
 
@@ -525,7 +531,7 @@ def _receipt_from_row(r: tuple[Any, ...]) -> JournalReceipt:
     (job_id, offer_hash, worker, coordinator, model_id, result_hash, steps_done, work_units,
      completed_at, signature, image_sha256, chain_id, verifying_contract, meta_json,
      recorded_at, accepted, ack_reason, _acked_at, domain_version,
-     price_factor_bps, trajectory_root) = r  # fmt: skip
+     price_factor_bps, trajectory_root, payout) = r  # fmt: skip
     receipt = Receipt(
         job_id=bytes(job_id),
         offer_hash=bytes(offer_hash),
@@ -538,6 +544,7 @@ def _receipt_from_row(r: tuple[Any, ...]) -> JournalReceipt:
         completed_at=int(completed_at),
         price_factor_bps=int(price_factor_bps),
         trajectory_root=bytes(trajectory_root) if trajectory_root else NO_TRAJECTORY,
+        payout=str(payout) if payout else None,
     )
     return JournalReceipt(
         receipt=receipt,

@@ -49,9 +49,9 @@ def payout_of(payout_address: str | None, wallet: str) -> str | None:
 
 
 def signed_form(receipt: Receipt, domain_version: str, payout: str | None) -> Receipt:
-    """A journalled receipt as it was signed: the journal (before it keeps the payout column)
-    returns v4 receipts without their payout, so this node's `payout` is put back; receipts of
-    older EIP-712 versions never had one."""
+    """A journalled receipt as it was signed. The journal keeps the payout (migration 5);
+    a v4 receipt journalled before that comes back without it, and this node's `payout` is
+    put back; receipts of older EIP-712 versions never had one."""
     if receipt.payout is not None or payout is None or domain_version in _NO_PAYOUT_VERSIONS:
         return receipt
     return msgspec.structs.replace(receipt, payout=payout)

@@ -95,7 +95,8 @@ def _rewards(
             ).distributor
         except Exception as exc:  # the chain is optional here: report it, show the rest
             return None, None, f"cannot reach the chain ({type(exc).__name__})"
-    report = audit(wallet, journal.receipts(), epochs, distributor=distributor)
+    account = cfg.payout_address or wallet  # rewards go where the receipts say
+    report = audit(account, journal.receipts(), epochs, distributor=distributor, worker=wallet)
     return report.earned, report.claimable, None
 
 

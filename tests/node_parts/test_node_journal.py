@@ -170,7 +170,7 @@ def test_a_version_1_journal_migrates_on_open(
 
     monkeypatch.setattr(eip712, "DOMAIN_VERSION", "2")  # receipts signed from now on
     with Journal(path) as j:
-        assert j._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+        assert j._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
         [old] = j.receipts()
         assert old.receipt == r and old.signature == SIG
         assert old.domain_version == "1"  # everything before the migration was signed so
@@ -290,3 +290,15 @@ def test_prune_keeps_only_recent_unacked_results(
         monkeypatch.setattr(time, "time", lambda: 2e10)  # much later: nobody re-offered them
         assert j.prune_results(max_age=3600) == 2
         assert list((tmp_path / "results").iterdir()) == []
+
+
+def test_the_payout_address_is_journalled_with_the_receipt(tmp_path: Path) -> None:
+    """A v4 receipt comes back from the journal exactly as signed, payout included, so a
+    re-sent result and the rewards audit verify without the node's current config."""
+    payout = "0x" + "b2" * 20
+    with Journal(tmp_path / "j.db") as j:
+        j.record_receipt(msgspec.structs.replace(receipt(3), payout=payout), SIG)
+        j.record_receipt(receipt(4), SIG)
+    with Journal(tmp_path / "j.db") as j:
+        by_job = {r.receipt.job_id[0]: r.receipt for r in j.receipts()}
+    assert by_job[3].payout == payout and by_job[4].payout is None
