@@ -9,7 +9,7 @@ import io
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import trio
@@ -18,11 +18,14 @@ from PIL import Image
 from sogni_coordinator.dispatch import Dispatcher
 from sogni_coordinator.verification_config import VerificationConfig
 from sogni_net import Channel
+from sogni_node.render.diffusers_backend import DiffusersBackend
 from sogni_node.render.trajectory import Trajectory, TrajectoryRecorder
+from sogni_node.worker import _render_job
 from sogni_protocol import eip712
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
 from sogni_protocol.messages import (
     Heartbeat,
+    JobParams,
     Offer,
     Ready,
     Receipt,
@@ -35,6 +38,8 @@ from sogni_protocol.messages import (
 )
 
 from .conftest import Net, receive_skipping
+
+T = TypeVar("T")
 
 EVERY = VerificationConfig(rate=1.0, challenge_timeout=30.0, verify_timeout=30.0)
 """Check every receipt."""
@@ -148,3 +153,27 @@ async def heartbeats(channel: Channel) -> None:
         seq += 1
         await channel.send(Heartbeat(seq=seq))
         await trio.sleep(0.5)
+
+
+def spy_verifier_replies(monkeypatch: Any, net: Net, kind: type[T]) -> list[T]:
+    """Every reply of type `kind` (`StepVerified`, `DecodeVerified`) a verifier sends the
+    coordinator, in order."""
+    pending = net.coordinator.dispatcher.verifications
+    seen: list[T] = []
+    original = pending.answered
+
+    def answered(peer_id: str, reply: Any) -> bool:
+        if isinstance(reply, kind):
+            seen.append(reply)
+        return original(peer_id, reply)
+
+    monkeypatch.setattr(pending, "answered", answered)
+    return seen
+
+
+async def real_render(backend: DiffusersBackend, params: JobParams) -> tuple[bytes, Trajectory]:
+    """A real render of `params` with the test backend: its image and trajectory."""
+    job = _render_job(params, None)
+    out = await trio.to_thread.run_sync(backend.render, job, lambda _: None, lambda: False)
+    assert out.trajectory is not None
+    return out.image, out.trajectory

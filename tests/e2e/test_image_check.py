@@ -23,9 +23,6 @@ from sogni_app.api import render
 from sogni_coordinator.dispatch import Dispatcher
 from sogni_coordinator.image_verify import verify_image
 from sogni_net import Channel
-from sogni_node.render.diffusers_backend import DiffusersBackend
-from sogni_node.render.trajectory import Trajectory
-from sogni_node.worker import _render_job
 from sogni_protocol import eip712
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
 from sogni_protocol.messages import (
@@ -41,12 +38,14 @@ from sogni_protocol.messages import (
     job_params,
 )
 
-from .conftest import Net, receive_skipping, rogue_node, tiny_request
+from .conftest import receive_skipping, rogue_node, tiny_request
 from .rogue_kit import (
     EVERY,
     checks_of,
     heartbeats,
     peer_of,
+    real_render,
+    spy_verifier_replies,
     stored_receipt,
     submit_result,
     take_offer,
@@ -56,29 +55,6 @@ from .rogue_kit import (
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 PROMPT = "a red circle"  # tiny_request's prompt: it must never reach a log
-
-
-def _spy_decodes(monkeypatch: pytest.MonkeyPatch, net: Net) -> list[DecodeVerified]:
-    """Every `DecodeVerified` a verifier sends the coordinator, in order."""
-    pending = net.coordinator.dispatcher.verifications
-    seen: list[DecodeVerified] = []
-    original = pending.answered
-
-    def answered(peer_id: str, reply: Any) -> bool:
-        if isinstance(reply, DecodeVerified):
-            seen.append(reply)
-        return original(peer_id, reply)
-
-    monkeypatch.setattr(pending, "answered", answered)
-    return seen
-
-
-async def _render(backend: DiffusersBackend, params: JobParams) -> tuple[bytes, Trajectory]:
-    """A real render of `params` with the tiny model: its PNG and trajectory."""
-    job = _render_job(params, None)
-    out = await trio.to_thread.run_sync(backend.render, job, lambda _: None, lambda: False)
-    assert out.trajectory is not None
-    return out.image, out.trajectory
 
 
 def _patched(image: bytes) -> bytes:
@@ -106,7 +82,7 @@ async def test_honest_nodes_pass_the_image_check(
     net_factory: Any, backend: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with net_factory(verification=EVERY) as net:
-        decodes = _spy_decodes(monkeypatch, net)
+        decodes = spy_verifier_replies(monkeypatch, net, DecodeVerified)
         await net.add_node(backend, "alice")
         await net.add_node(backend, "bob")
         with trio.fail_after(120):
@@ -138,10 +114,10 @@ async def test_a_rogue_delivering_another_image_is_caught_and_its_job_rendered_a
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(client)
                 offer = await take_offer(channel)
-                honest_image, committed = await _render(backend, offer.params)
+                honest_image, committed = await real_render(backend, offer.params)
                 if rogue == "another_seeds_image":  # a render it had, not this job's
                     other = msgspec.structs.replace(offer.params, seed=offer.params.seed + 1)
-                    image, _ = await _render(backend, other)
+                    image, _ = await real_render(backend, other)
                 else:
                     image = _patched(honest_image)
                 assert image != honest_image

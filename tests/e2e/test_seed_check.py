@@ -20,47 +20,30 @@ import trio
 from sogni_app.api import render
 from sogni_coordinator.verifiers import SEED_TOLERANCE
 from sogni_net import Channel
-from sogni_node.render.diffusers_backend import DiffusersBackend
 from sogni_node.render.trajectory import Trajectory
-from sogni_node.worker import _render_job
 from sogni_protocol import eip712
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
 from sogni_protocol.messages import (
     Challenge,
     ChallengeAnswer,
-    JobParams,
     StepVerified,
     VerifyRefused,
     VerifyStep,
 )
 
-from .conftest import Net, receive_skipping, rogue_node, tiny_request
-from .rogue_kit import EVERY, checks_of, heartbeats, submit_result, take_offer, wire
+from .conftest import receive_skipping, rogue_node, tiny_request
+from .rogue_kit import (
+    EVERY,
+    checks_of,
+    heartbeats,
+    real_render,
+    spy_verifier_replies,
+    submit_result,
+    take_offer,
+    wire,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
-
-
-def _spy_replies(monkeypatch: pytest.MonkeyPatch, net: Net) -> list[StepVerified]:
-    """Every `StepVerified` a verifier sends the coordinator, in order."""
-    pending = net.coordinator.dispatcher.verifications
-    seen: list[StepVerified] = []
-    original = pending.answered
-
-    def answered(peer_id: str, reply: Any) -> bool:
-        if isinstance(reply, StepVerified):
-            seen.append(reply)
-        return original(peer_id, reply)
-
-    monkeypatch.setattr(pending, "answered", answered)
-    return seen
-
-
-async def _render(backend: DiffusersBackend, params: JobParams) -> tuple[bytes, Trajectory]:
-    """A real render of `params` with the tiny model: its image and trajectory."""
-    job = _render_job(params, None)
-    out = await trio.to_thread.run_sync(backend.render, job, lambda _: None, lambda: False)
-    assert out.trajectory is not None
-    return out.image, out.trajectory
 
 
 async def _open(channel: Channel, job_id: bytes, committed: Trajectory) -> list[int]:
@@ -76,7 +59,7 @@ async def test_honest_nodes_pass_the_seed_check(
     net_factory: Any, backend: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with net_factory(verification=EVERY) as net:
-        replies = _spy_replies(monkeypatch, net)
+        replies = spy_verifier_replies(monkeypatch, net, StepVerified)
         await net.add_node(backend, "alice")
         await net.add_node(backend, "bob")
         with trio.fail_after(120):
@@ -115,7 +98,7 @@ async def test_a_rogue_with_the_wrong_start_is_caught_and_its_job_rendered_again
                     nursery.start_soon(client, msgspec.structs.replace(request, seed=5))
                     older = await take_offer(channel)
                     assert older.params.seed == 5
-                    image, committed = await _render(backend, older.params)
+                    image, committed = await real_render(backend, older.params)
                     old_id = await submit_result(
                         net, channel, acct, older, image, committed, dtype=backend.dtype_name
                     )
@@ -128,7 +111,7 @@ async def test_a_rogue_with_the_wrong_start_is_caught_and_its_job_rendered_again
                 assert offer.params.seed == 1
                 if rogue == "another_seed":  # every step real, from seed 2's noise
                     params = msgspec.structs.replace(offer.params, seed=2)
-                    image, committed = await _render(backend, params)
+                    image, committed = await real_render(backend, params)
                 # else: the older job's image and trajectory, replayed
                 job_id = await submit_result(
                     net, channel, acct, offer, image, committed, dtype=backend.dtype_name
