@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import image_tolerance
 
             out[name] = image_tolerance.run(args.quick, command)
+        elif name == "content":  # prompt policy: refusal rates on the corpus, cost per prompt
+            from bench import content_policy
+
+            out[name] = content_policy.run(args.quick, command)
     elapsed = time.perf_counter() - started
     for text in out.values():
         print("\n" + text)

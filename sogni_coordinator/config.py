@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta
 
+from sogni_coordinator.content_policy import ContentConfig
 from sogni_coordinator.gateway.config import GatewayConfig
 from sogni_coordinator.verification_config import VerificationConfig
 from sogni_protocol.logs import LogLevel
@@ -116,6 +117,10 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     verification: VerificationConfig = msgspec.field(default_factory=VerificationConfig)
     """`[verification]`: which receipts are held until a re-run step verifies them
     (`sogni_coordinator.checks`); off by default."""
+
+    content: ContentConfig = msgspec.field(default_factory=ContentConfig)
+    """`[content]`: the prompt policy checked before a request is queued or charged
+    (docs/CONTENT_POLICY.md); adult content off by default."""
 
     def __post_init__(self) -> None:
         check_heartbeats(self.heartbeat_interval, self.heartbeat_timeout)

@@ -201,6 +201,10 @@ class RenderRequest(_Message, tag="renderRequest", kw_only=True):
     nonce: Annotated[bytes, Meta(max_length=32)] = b""
     expiry: Uint64 = 0
     payer_signature: Signature | None = None
+    disable_safety: bool = False
+    """The SDKs' `disableSafety`: asks for adult content, which a coordinator renders only
+    when its operator allows it (`[content] allow_adult`, docs/CONTENT_POLICY.md); prompts
+    about minors are refused whatever it says."""
 
 
 def job_params(request: RenderRequest, index: int) -> JobParams:
