@@ -15,6 +15,7 @@ failed, or today's Daily Boost was already claimed.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import os
 from collections.abc import Callable
@@ -42,6 +43,7 @@ from sogni_app.api import (
     save_ticket,
     valid_network_id,
 )
+from sogni_app.option_names import in_option_terms
 from sogni_protocol.cli_errors import (
     BadUsage,
     CliGroup,
@@ -271,7 +273,6 @@ def render_cmd(
 
     The request id and its resume token go to OUT/request.json (0600): if the coordinator
     is lost for longer than --reconnect-for, `sogni collect ID --out OUT` fetches the rest."""
-    addr = resolve_coordinator(coordinator)
     try:
         request = render_request(
             prompt,
@@ -288,8 +289,9 @@ def render_cmd(
             network=network,  # type: ignore[arg-type]
             token_type=token_type,  # type: ignore[arg-type]
         )
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from None
+    except ValueError as exc:  # in the options' names, not the wire fields'
+        raise BadUsage(in_option_terms(str(exc)), "see `sogni render --help`") from None
+    addr = resolve_coordinator(coordinator)  # after the inputs: they are wrong either way
     paying: dict[str, Any] = {}
     if keystore is not None:
         paying = {  # the options are checked before the wallet asks for its password
@@ -556,7 +558,20 @@ def keys_show(keystore: KeystoreOpt = DEFAULT_KEYSTORE) -> None:
     typer.echo(json.dumps({"address": address, "keystore": str(keystore)}))
 
 
-app.command("quote")(__import__("sogni_app.quote").quote.quote_cmd)
+def _in_option_terms(command: Callable[..., None]) -> Callable[..., None]:
+    """`command` with its input errors naming the options typed, not the wire fields."""
+
+    @functools.wraps(command)  # typer reads the options from the wrapped signature
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            command(*args, **kwargs)
+        except BadUsage as exc:
+            raise BadUsage(in_option_terms(exc.what), exc.todo) from None
+
+    return wrapper
+
+
+app.command("quote")(_in_option_terms(__import__("sogni_app.quote").quote.quote_cmd))
 
 
 def main() -> None:

@@ -13,7 +13,8 @@ be reversed, and a stolen database file does not hand out working keys. A key is
 its hash and the stored hash is compared in constant time. The plaintext is returned once, by
 `create`. An optional daily limit caps what a key spends per UTC day (`spent_today`,
 `record_spend`), on top of its balance. The tables live in the coordinator's database as
-their own component (`api_keys`, see `db.Database`).
+their own component (`api_keys`, see `db.Database`); the projects each key started
+(`key_projects.KeyProjects`, component `api_key_projects`) are opened and closed with it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import coincurve
 from eth_utils import keccak, to_checksum_address
 
 from sogni_coordinator.db import Database
+from sogni_coordinator.key_projects import KeyProjects
 from sogni_protocol.pricing import MICRO
 
 KEY_PREFIX = "sk-sogni-"
@@ -130,6 +132,16 @@ class ApiKeys(Database):
 
     def __init__(self, path: Path | str) -> None:
         super().__init__(path, component="api_keys", migrations=MIGRATIONS)
+        try:
+            self.projects = KeyProjects(path)
+            """The projects the keys started (`key_projects.py`): closed with the keys."""
+        except BaseException:
+            super().close()
+            raise
+
+    def close(self) -> None:
+        self.projects.close()
+        super().close()
 
     def create(self, name: str, daily_limit_spark: float | None = None) -> tuple[str, str]:
         """A new key and its fresh account: `(plaintext key, account)`. The plaintext is not

@@ -273,8 +273,12 @@ def chain_deploy(
             chain.send_eth(gas_user, 10 * 10**18, sender=treasury)
     if chain.kind == "embedded":
         typer.echo(
-            "warning: deployed on a throwaway embedded chain (gone when this command exits); "
-            "the file matches any fresh embedded deployment made the same way",
+            "warning: no --chain-url, so these contracts were deployed on an embedded chain "
+            "inside this command and vanished when it exited: nothing can stake, settle or "
+            "claim against them. To deploy contracts that stay, start a local chain "
+            "(`anvil`) and run `sogni-coordinator chain deploy --chain-url "
+            "http://127.0.0.1:8545` (or set chain_url in the config). The file written only "
+            "matches another fresh embedded deployment made the same way.",
             err=True,
         )
     _print_json({**addresses.__dict__, "settler": settler, "slasher": slasher, "file": str(path)})

@@ -44,6 +44,11 @@ _HINT = "sogni-coordinator keys create"
 
 register("sogni_coordinator.settlement.epochs.SettlementError", Refused, None)
 register("sogni_coordinator.ledger.LedgerError", Refused, None)
+register(
+    "sogni_coordinator.key_rotation.RotationError",
+    Refused,
+    'see docs/OPERATIONS.md, "Rotating the offer key"',
+)
 
 
 @app.callback()
@@ -105,6 +110,28 @@ def keys_show(config: ConfigOpt = None) -> None:
     cfg = _config(config)
     address = keystore_address(cfg.keystore, create_hint=_HINT)
     typer.echo(json.dumps({"address": address, "keystore": str(cfg.keystore)}))
+
+
+@keys_app.command("rotate")
+def keys_rotate(config: ConfigOpt = None) -> None:
+    """Hand over to a new offer-signing key, signed by the old one (nodes follow it).
+
+    The old keystore is kept as `<keystore>.<address>.bak`; restart the coordinator to sign
+    with the new key. docs/OPERATIONS.md, "Rotating the offer key".
+    """
+    from sogni_coordinator.key_rotation import chain_path, rotate
+    from sogni_protocol.eip712 import Domain
+
+    cfg = _config(config)
+    password = password_from_env_or_prompt(cfg.password_env)
+    done = rotate(
+        cfg.keystore, password, cfg.data_dir, Domain(cfg.chain_id, cfg.verifying_contract)
+    )
+    what = "finished the interrupted rotation" if done.resumed else "rotated"
+    typer.echo(
+        f"{what}: offer key {done.old} -> {done.new} (old keystore kept as {done.backup}, "
+        f"chain in {chain_path(cfg.data_dir)}); restart the coordinator to sign with the new key"
+    )
 
 
 @app.command("start")

@@ -41,6 +41,7 @@ import trio
 from sogni_coordinator.billing import Billing, Refusal
 from sogni_coordinator.challenges import ChallengeResult, PendingChallenges
 from sogni_coordinator.checks import RESTART_REASON, Checks, Held, Outcome
+from sogni_coordinator.content_policy import ContentPolicy, screen_request
 from sogni_coordinator.delivery import Cursor, Mailbox, ResultFiles, short
 from sogni_coordinator.group_commit import GroupCommit
 from sogni_coordinator.image_check import image_fault
@@ -164,8 +165,11 @@ class Dispatcher:
         prompt_retention: float = 3600.0,
         verification: VerificationConfig | None = None,
         verification_log: Path | None = None,
+        content_policy: ContentPolicy | None = None,
     ) -> None:
         self.store = store
+        self.content_policy = content_policy
+        """Prompts checked before anything is reserved (None: the shipped policy, adult off)."""
         self._key = signer_key
         self.address = signer_address
         """The offer-signing address: nodes list it as trusted, receipts name it."""
@@ -273,6 +277,8 @@ class Dispatcher:
         fault = self.model_fault(req, allowed_models)
         if fault is not None:
             raise Refusal("unknown_model", fault)
+        # Before anything is reserved: a refused prompt costs nothing (docs/CONTENT_POLICY.md).
+        screen_request(req, self.content_policy)
         paid = self.billing is not None and self.billing.charges(req)
         # A paid request is known by the hash its payer signed, and its jobs by ids derived
         # from it: a published receipt then proves which authorization paid for it.
@@ -510,6 +516,23 @@ class Dispatcher:
         self.checks.node_joined()  # a check waiting for this node since a restart may run
         self._wake()
         return link
+
+    def capabilities_changed(self, link: NodeLink, caps: Capabilities) -> None:
+        """A connected node's models or LoRAs changed (`CapabilitiesUpdate`, checked by the
+        session like a hello): routing uses them from the next offer on. Slots stay as
+        agreed at the handshake (credit accounting is per session)."""
+        link.models = frozenset(caps.models)
+        link.loras = frozenset(caps.loras)
+        link.warm = frozenset(caps.warm_models)
+        link.max_pixels = caps.max_pixels
+        link.device = caps.device
+        log.info(
+            "node_capabilities_changed",
+            peer=link.peer_id,
+            models=sorted(link.models),
+            loras=len(link.loras),
+        )
+        self._wake()
 
     def node_left(self, link: NodeLink, reason: str) -> None:
         """The stream ended: the node's jobs go back to the front of the queue."""

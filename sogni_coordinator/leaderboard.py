@@ -76,7 +76,11 @@ def leaderboard_cmd(
         Path | None, typer.Option("--config", "-c", help="Coordinator TOML config.", exists=True)
     ] = None,
     catalog: Annotated[
-        Path | None, typer.Option(help="Catalog TOML with [seasons] (default: configs/).")
+        Path | None,
+        typer.Option(
+            help="Catalog TOML whose seasons table dates the seasons "
+            "(default: $SOGNI_CATALOG, else configs/catalog.toml).",
+        ),
     ] = None,
 ) -> None:
     """Rank workers or artists by season points, from the ledger in the coordinator database."""

@@ -11,6 +11,15 @@ the heartbeat timeout, or the stream breaks, its jobs go back to the queue.
 Before the node joins, its wallet's chain standing is read (`StandingCache.warm`, off the
 loop, bounded by its timeout), so routing and billing find it in memory.
 
+During the session a node may send `CapabilitiesUpdate` (a model or LoRA added while it
+runs): it is checked like the hello (same peer id, the session's wallet, the wallet's binding
+signature, unexpired) and then routes from the next offer on; a bad one is answered with
+`HelloRefused` naming why, and the session goes on under what it had. When the coordinator
+ends a session for its own reason (a frame it must refuse, a node silent past the heartbeat
+timeout, a replaced stream), it sends `Goodbye(reason)` first (1 s at most), so the node logs
+that reason rather than a closed stream; not when the node said goodbye, the stream broke,
+or the coordinator is shutting down.
+
 Backpressure: the outbox is bounded (`outbox_size`). Offers need credit, so at most `slots`
 are outstanding; cancels are at most two per job held; so a full outbox means the node has
 stopped reading. Then the dispatcher's non-blocking send fails: an offer is not made (the job
@@ -25,7 +34,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import trio
 
@@ -33,13 +42,14 @@ from sogni_coordinator.db import DatabaseBusy
 from sogni_coordinator.dispatch import Dispatcher, Refusal, ResultRefused
 from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.standing import StandingCache
-from sogni_net import Channel, TransportError
+from sogni_net import Channel, ReadTimeout, TransportError
 from sogni_protocol import eip712
 from sogni_protocol.crashpoints import crashpoint
 from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT, unsupported_version
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
+    CapabilitiesUpdate,
     ChallengeAnswer,
     ChallengeRefused,
     DecodeVerified,
@@ -54,6 +64,7 @@ from sogni_protocol.messages import (
     Ready,
     Result,
     ResultAck,
+    SignedKeyRotation,
     StepVerified,
     UnsupportedWireVersion,
     VerifyDecode,
@@ -109,7 +120,10 @@ async def serve_node(
     *,
     heartbeat_interval: float,
     heartbeat_timeout: float,
+    rotations: Sequence[SignedKeyRotation] = (),
 ) -> None:
+    """Serve one node's stream. `rotations`: the checked chain of offer-key rotations that
+    ends at this coordinator's key (`key_rotation.chain_for`), sent in the `Welcome`."""
     peer = channel.remote_peer_id
     try:
         first = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=10.0)
@@ -135,6 +149,7 @@ async def serve_node(
 
     caps = hello.capabilities
     reason = "stream closed"
+    ended_here = False  # the coordinator ends it for its own reason: tell the node (Goodbye)
     try:
         await channel.send(
             Welcome(
@@ -142,6 +157,7 @@ async def serve_node(
                 chain_id=dispatcher.domain.chain_id,
                 verifying_contract=dispatcher.domain.verifying_contract,
                 heartbeat_interval=heartbeat_interval,
+                rotations=list(rotations),
             )
         )
         log.info(
@@ -155,11 +171,14 @@ async def serve_node(
         async with trio.open_nursery() as nursery:
 
             async def guarded(fn: Callable[[], Awaitable[str]]) -> None:
-                nonlocal reason
+                nonlocal reason, ended_here
                 try:
                     reason = await fn()
+                    ended_here = not reason.startswith(NODE_GOODBYE)  # e.g. node replaced
                 except (TransportError, ProtocolError) as exc:
                     reason = f"{type(exc).__name__}: {exc}"
+                    # a bad frame or a silent node: the node may still read why
+                    ended_here = isinstance(exc, ProtocolError | ReadTimeout)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(guarded, lambda: _writer(channel, out_recv, heartbeat_interval))
@@ -168,12 +187,30 @@ async def serve_node(
             )
     except (TransportError, ProtocolError) as exc:
         reason = f"{type(exc).__name__}: {exc}"
+    except trio.Cancelled:  # no goodbye: a restarted coordinator is back within seconds
+        reason = "coordinator shutting down"
+        raise
     finally:
         dispatcher.node_left(link, reason)
         log.info("node_left", peer=peer, reason=reason)
         with trio.move_on_after(1) as scope:
             scope.shield = True
+            if ended_here:
+                await _say_goodbye(channel, reason)
             await channel.close()
+
+
+NODE_GOODBYE = "node said goodbye"
+"""How `node_left`'s reason starts when the node ended the session itself."""
+
+
+async def _say_goodbye(channel: Channel, reason: str) -> None:
+    """Tell the node why the coordinator ends its session, so its log names the reason
+    rather than a closed stream. Best effort: the stream may already be broken."""
+    try:
+        await channel.send(Goodbye(reason=reason[:512]), timeout=1.0)
+    except (TransportError, ProtocolError):
+        pass
 
 
 async def _warm_standing(dispatcher: Dispatcher, wallet: str) -> None:
@@ -217,7 +254,9 @@ async def _reader(channel: Channel, link: NodeLink, dispatcher: Dispatcher, time
         elif isinstance(msg, HandBack):
             dispatcher.handed_back(link, msg.job_id, msg.reason)
         elif isinstance(msg, Goodbye):
-            return f"node said goodbye: {msg.reason}"
+            return f"{NODE_GOODBYE}: {msg.reason}"
+        elif isinstance(msg, CapabilitiesUpdate):
+            await _on_capabilities(channel, link, dispatcher, msg)
         elif isinstance(msg, ChallengeAnswer | ChallengeRefused):
             dispatcher.challenges.answered(link.peer_id, msg)
         elif isinstance(msg, StepVerified | DecodeVerified | VerifyRefused):
@@ -226,6 +265,26 @@ async def _reader(channel: Channel, link: NodeLink, dispatcher: Dispatcher, time
             pass
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} on the jobs stream")
+
+
+async def _on_capabilities(
+    channel: Channel, link: NodeLink, dispatcher: Dispatcher, msg: CapabilitiesUpdate
+) -> None:
+    """Check an update like a hello (bound to this stream's peer id, signed by the wallet,
+    unexpired) and for the session's own wallet; apply it, or refuse it with the reason
+    (`HelloRefused` mid-session: the session goes on under the capabilities it had)."""
+    caps = msg.capabilities
+    fault = eip712.check_binding(
+        dispatcher.domain, caps, msg.binding_signature, channel.remote_peer_id, time.time()
+    )
+    if fault is None and not eip712.same_address(caps.wallet, link.wallet):
+        fault = "capabilities update names another wallet than this session's"
+    if fault is None:
+        dispatcher.capabilities_changed(link, caps)
+        return
+    log.warning("capabilities_refused", peer=link.peer_id, error=fault)
+    reason = f"capabilities update refused: {fault}"
+    await channel.send(HelloRefused(reason=reason[:2000]), timeout=ACK_TIMEOUT)
 
 
 def _storage_failed(

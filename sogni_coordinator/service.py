@@ -22,6 +22,7 @@ from sogni_coordinator.dispatch import Dispatcher
 from sogni_coordinator.epoch_serving import EpochFolder, serve_epochs
 from sogni_coordinator.gateway import open_gateway
 from sogni_coordinator.http_api import CoordinatorView, build_app
+from sogni_coordinator.key_rotation import chain_for, chain_path
 from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.node_session import serve_node
 from sogni_coordinator.reputation import Reputation
@@ -111,7 +112,16 @@ async def run_coordinator(
             prompt_retention=config.prompt_retention_seconds,
             verification=config.verification,
             verification_log=config.data_dir / "verifications.jsonl",
+            content_policy=config.content.policy(),
         )
+        rotations = chain_for(domain, chain_path(config.data_dir), signer.address, time.time())
+        if rotations:  # nodes that trust an older key follow the chain to this one
+            log.info(
+                "offer_key_rotations",
+                links=len(rotations),
+                oldest=rotations[0].rotation.old_key,
+                signer=signer.address,
+            )
         restored = dispatcher.restore()
         if restored:
             log.info("jobs_restored", jobs=restored)
@@ -123,6 +133,7 @@ async def run_coordinator(
                 dispatcher,
                 heartbeat_interval=config.heartbeat_interval,
                 heartbeat_timeout=config.heartbeat_timeout,
+                rotations=rotations,
             )
 
         async def on_client(channel: Channel) -> None:

@@ -135,13 +135,26 @@ def probe_command(
 
 
 @app.command("config")
-def config_command(config: ConfigOption = None) -> None:
-    """Print the effective config (file + SOGNI_NODE_* env + defaults) as JSON."""
+def config_command(config: ConfigOption = None, as_json: JsonOption = False) -> None:
+    """Print every setting, set or not, with where its value comes from (env, file, default).
+
+    `--json`: the effective values alone (unset ones as null), for scripts."""
+    from sogni_node.config import config_sources
+
     cfg = _config(config)
-    data = settings_to_builtins(cfg)
-    data["journal_path"] = str(cfg.journal_path)
-    data["node_key_path"] = str(cfg.node_key_path)
-    _print_json(data)
+    data = {f.name: None for f in msgspec.structs.fields(cfg)} | settings_to_builtins(cfg)
+    if as_json:
+        data["journal_path"] = str(cfg.journal_path)
+        data["node_key_path"] = str(cfg.node_key_path)
+        _print_json(data)
+        return
+    sources = config_sources(config)
+    width = max(len(key) for key in data)
+    for key, value in data.items():
+        shown = "(not set)" if value is None or value == [] else json.dumps(value)
+        typer.echo(f"{key:<{width}}  {shown}  [{sources.get(key, 'default')}]")
+    typer.echo(f"{'journal_path':<{width}}  {json.dumps(str(cfg.journal_path))}  [data_dir]")
+    typer.echo(f"{'node_key_path':<{width}}  {json.dumps(str(cfg.node_key_path))}  [data_dir]")
 
 
 @app.command("bench")
@@ -189,6 +202,13 @@ def start(
 ) -> None:
     """Run the node until SIGINT/SIGTERM (running jobs get `shutdown_grace` to finish)."""
     cfg = _config(config)
+    if not cfg.coordinators:  # it would wait for work that never comes
+        raise BadUsage(
+            "no coordinators configured: this node would never get work",
+            "set `coordinators` in the config file or "
+            "SOGNI_NODE_COORDINATORS=/ip4/HOST/tcp/PORT/p2p/PEER_ID, and the coordinator's "
+            "signing address in `trusted_coordinators`; `sogni-node config` shows both",
+        )
     configure_logging(cfg.log_level, cfg.log_json)
     from sogni_node import daemon  # lazy: pulls in torch, diffusers and libp2p
 

@@ -37,6 +37,7 @@ __all__ = [
     "CONFIG_ENV",
     "ENV_PREFIX",
     "NodeConfig",
+    "config_sources",
     "load_node_config",
 ]
 
@@ -161,6 +162,37 @@ def load_node_config(path: Path | None = None, env: Mapping[str, str] = os.envir
     """Load the node config: file `path` (or `$SOGNI_NODE_CONFIG`, or none) + `SOGNI_NODE_*`."""
     text, source = read_config_text(path, env, CONFIG_ENV)
     return load_settings(NodeConfig, text, env, ENV_PREFIX, source=source)
+
+
+DERIVED_FROM_DATA_DIR = frozenset({"models_dir", "keystore"})
+"""Keys whose default is a path under `data_dir`."""
+FROM_ADDRESSES_FILE = frozenset({"chain_id", "verifying_contract"})
+"""Keys that `addresses_file`, when set, decides."""
+
+
+def config_sources(path: Path | None = None, env: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """Where each key's effective value comes from: `env NAME`, `file PATH`, `addresses_file`,
+    `default` or `default (under data_dir)`, for every key, set or not. Call after
+    `load_node_config` succeeded (the file is known to parse)."""
+    import tomllib
+
+    text, source = read_config_text(path, env, CONFIG_ENV)
+    in_file = tomllib.loads(text) if text is not None else {}
+    addresses = env.get(f"{ENV_PREFIX}_ADDRESSES_FILE") or in_file.get("addresses_file")
+    out: dict[str, str] = {}
+    for field in msgspec.structs.fields(NodeConfig):
+        env_name = f"{ENV_PREFIX}_{field.encode_name.upper()}"
+        if field.name in FROM_ADDRESSES_FILE and addresses:
+            out[field.name] = "addresses_file"
+        elif env_name in env:
+            out[field.name] = f"env {env_name}"
+        elif field.encode_name in in_file:
+            out[field.name] = f"file {source}"
+        elif field.name in DERIVED_FROM_DATA_DIR:
+            out[field.name] = "default (under data_dir)"
+        else:
+            out[field.name] = "default"
+    return out
 
 
 def check_http_listen(value: str) -> None:

@@ -9,6 +9,10 @@ One job cannot stop the daemon: each job's failures stay in its own task (`sogni
 and a session that fails in an unexpected way is logged and reconnected like a broken stream.
 Results wait in `<data_dir>/results` until their coordinator acks them; on start the daemon
 prunes those older than `RESULT_KEEP_SECONDS`, which no re-offer will ask for any more.
+
+Models and LoRAs installed while the node runs (`sogni-node models add`, `loras add`, from
+another process) are served without a restart: `sogni_node.live_install` notices the index
+change, and every session sends its coordinator a re-signed `CapabilitiesUpdate`.
 """
 
 from __future__ import annotations
@@ -36,7 +40,9 @@ from sogni_node.config import NodeConfig
 from sogni_node.hardware import HardwareError, HardwareInfo, probe
 from sogni_node.http_api import NodeView, build_app
 from sogni_node.journal import Journal
+from sogni_node.live_install import InstalledModels, watch_installed
 from sogni_node.models.loras import LoraLibrary
+from sogni_node.models.registry import ModelRegistry
 from sogni_node.payout import payout_of
 from sogni_node.pull import NodeIdentity, PullSession, pull_forever
 from sogni_node.render.backend import Backend
@@ -51,8 +57,6 @@ from sogni_wallet.keystore import Wallet, unlock_wallet
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus  # trio-typing's stubs shadow trio's own types
-
-    from sogni_node.models import ModelRegistry
 
 
 log = get_logger(__name__)
@@ -121,6 +125,11 @@ async def run_node(
 
         new_worker = metered(models)
     worker = new_worker(backend, config.slots, LoraLibrary(config.models_dir))
+    models = list(models)  # ours to change: `models add` while we run extends it
+    registry = getattr(backend, "registry", None)
+    installed = InstalledModels(
+        config.models_dir, registry if isinstance(registry, ModelRegistry) else None, models
+    )
     journal = Journal(config.journal_path, config.data_dir / "results")
     trajectories = TrajectoryFiles(
         config.data_dir / "trajectories", config.trajectory_retention_seconds
@@ -153,8 +162,22 @@ async def run_node(
 
             def new_caps() -> Capabilities:
                 return capabilities(
-                    host.peer_id, wallet.address, worker, hw, backend, models, speed, machine_id
+                    host.peer_id,
+                    wallet.address,
+                    worker,
+                    hw,
+                    backend,
+                    list(models),  # a copy: `installed` changes the list while we run
+                    speed,
+                    machine_id,
                 )
+
+            def announce() -> None:
+                """A model or LoRA was added or removed: tell every coordinator."""
+                caps = new_caps()
+                log.info("capabilities_changed", models=caps.models, loras=len(caps.loras))
+                for session in list(sessions):
+                    session.update_capabilities(caps)
 
             def connected(addr: str, event: dict[str, object]) -> None:
                 peer = addr.rpartition("/p2p/")[2]
@@ -192,7 +215,7 @@ async def run_node(
                     )
                     from sogni_node.metrics import observe
 
-                    view = observe(view, nursery)
+                    view = observe(view, nursery, journal)
                     http_url = await nursery.start(serve_http, build_app(view), config.http_listen)
                 log.info(
                     "node_ready",
@@ -223,6 +246,7 @@ async def run_node(
                 nursery.start_soon(
                     _advertise, host, identity, lambda: new_caps(), config.advert_interval
                 )
+                nursery.start_soon(watch_installed, config.models_dir, installed, announce)
                 await stop.wait()
                 await _drain(worker, sessions, config.shutdown_grace, report)
                 pulls_stop.set()

@@ -2,8 +2,9 @@
 
 Counts come from a `Worker` subclass that sees every slot claimed and every render's end
 (the worker is shared by all coordinator sessions, so these are the node's totals); gauges
-are read from memory at scrape time. Labels are model ids this node serves ("other"
-otherwise) and outcomes: never a prompt, a job id or an error text.
+are read from memory at scrape time, the earnings gauges from totals that a task re-reads
+from the journal off the event loop (`sogni_node.earnings`). Labels are model ids this node
+serves ("other" otherwise) and outcomes: never a prompt, a job id or an error text.
 Imported only when the HTTP listener is on (needs the `http` extra).
 """
 
@@ -20,10 +21,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from sogni_node.earnings import EarningsTally
+from sogni_node.journal import Journal
 from sogni_node.render.backend import RenderCancelled
 from sogni_node.worker import Running, Worker
-from sogni_protocol.logs import tap_events
+from sogni_protocol.logs import get_logger, tap_events
 from sogni_protocol.metrics import OTHER, RENDER_BUCKETS, LoopLag, ModelLabels, new_registry
+from sogni_protocol.pricing import MICRO
 
 if TYPE_CHECKING:
     from sogni_node.http_api import NodeView
@@ -31,6 +35,10 @@ if TYPE_CHECKING:
     from sogni_protocol.messages import JobParams
 
 PREFIX = "sogni_node"
+EARNINGS_INTERVAL = 15.0
+"""How often the earnings gauges re-read the journal (a common scrape interval)."""
+
+log = get_logger(__name__)
 
 EVENT_COUNTS: dict[str, tuple[tuple[str, ...], str]] = {
     "step_reverified": (("step",), "done"),
@@ -158,20 +166,72 @@ class LiveState(Collector):
         )
 
 
+class Earnings(Collector):
+    """The accepted receipts' totals (`sogni_node.earnings`), as last refreshed."""
+
+    def __init__(self, tally: EarningsTally) -> None:
+        self.tally = tally
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        return list(self._families())
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        receipts, units, spark = self._families()
+        receipts.add_metric([], self.tally.accepted)
+        units.add_metric([], self.tally.work_units)
+        spark.add_metric([], self.tally.spark_micro / MICRO)
+        yield from (receipts, units, spark)
+
+    @staticmethod
+    def _families() -> tuple[GaugeMetricFamily, ...]:
+        return (
+            GaugeMetricFamily(
+                f"{PREFIX}_receipts_accepted", "Receipts the coordinators accepted (journal)"
+            ),
+            GaugeMetricFamily(f"{PREFIX}_earned_work_units", "Work units of accepted receipts"),
+            GaugeMetricFamily(
+                f"{PREFIX}_earned_spark",
+                "Value of accepted receipts in Spark, at each receipt's tier price",
+            ),
+        )
+
+
+async def _refresh_earnings(tally: EarningsTally, interval: float) -> None:
+    """Re-read the journal off the event loop every `interval` seconds (a scrape reads the
+    last totals, never the database)."""
+    while True:
+        try:
+            await trio.to_thread.run_sync(tally.refresh)
+        except Exception as exc:  # a metric must never take the node down
+            log.warning("earnings_not_read", error=type(exc).__name__)
+        await trio.sleep(interval)
+
+
 def metered(models: Iterable[str]) -> Callable[..., MeteredWorker]:
     """A `Worker` constructor that counts into a new registry of its own (several nodes in
     one process stay apart). Model labels: `models` (those this node serves), else "other"."""
     return partial(MeteredWorker, metrics=NodeMetrics(new_registry(), ModelLabels(models)))
 
 
-def observe(view: NodeView, nursery: trio.Nursery) -> NodeView:
+def observe(
+    view: NodeView,
+    nursery: trio.Nursery,
+    journal: Journal | None = None,
+    *,
+    earnings_interval: float = EARNINGS_INTERVAL,
+) -> NodeView:
     """`view` with `/metrics` wired to this node; starts the event-loop lag probe in
-    `nursery` (the daemon's, so it ends with the daemon)."""
+    `nursery` (the daemon's, so it ends with the daemon), and with `journal` the earnings
+    gauges and their refresh (every `earnings_interval` seconds, off the loop)."""
     worker = view.worker
     if not isinstance(worker, MeteredWorker):
         raise TypeError("the worker was not built by `metered`")
     metrics = worker.metrics
     metrics.registry.register(LiveState(worker, view.coordinators, view.configured))
+    if journal is not None:
+        tally = EarningsTally(journal)
+        metrics.registry.register(Earnings(tally))
+        nursery.start_soon(_refresh_earnings, tally, earnings_interval)
     nursery.start_soon(metrics.lag.run)
     tap_events(metrics.on_event)  # the sessions this task starts from now on
     return replace(view, registry=metrics.registry)

@@ -10,6 +10,7 @@ Store and library errors propagate to the CLI error layer (registered in `cli_co
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -191,17 +192,57 @@ def add_lora(
     lora_id: Annotated[
         str | None, typer.Option("--id", help="LoRA id (default: from file name).")
     ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="Refuse the LoRA unless it fits this model's UNet and text encoder "
+            "(loads the model: seconds).",
+        ),
+    ] = None,
     config: ConfigOption = None,
     models_dir: DirOption = None,
 ) -> None:
     """Check that a file is a supported LoRA, hash it and install it."""
+    fits = _fit_check(config, models_dir, model) if model is not None else None
     try:
-        stored = _library(config, models_dir).add(path, lora_id)
+        stored = _library(config, models_dir).add(path, lora_id, fits)
     except ValueError as exc:
+        if model is not None and "does not fit model" in str(exc):
+            raise Refused(
+                str(exc), f"use a LoRA trained for {model}, or leave out --model"
+            ) from None
         raise classify(exc) or Refused(
             str(exc), "check that it is a LoRA .safetensors file (kohya or diffusers keys)"
         ) from exc
-    typer.echo(f"added LoRA {stored.lora_id}")
+    typer.echo(f"added LoRA {stored.lora_id}" + (f" (fits {model})" if model else ""))
+
+
+def _fit_check(
+    config: Path | None, models_dir: Path | None, model_id: str
+) -> Callable[[Path], str | None]:
+    """File -> why it does not fit `model_id` (None: it fits), on the node's CPU renderer."""
+    from sogni_node.models.defaults import default_registry
+    from sogni_node.models.tiny import TINY_MODEL_ID
+    from sogni_node.render.diffusers_backend import DiffusersBackend
+
+    cfg = load_config(config)
+    folder = models_dir if models_dir is not None else cfg.models_dir
+    test_model = cfg.test_model or model_id == TINY_MODEL_ID
+    registry = default_registry(folder, test_model=test_model)
+    if model_id not in registry:
+        known = ", ".join(registry.ids()) or "none"
+        raise Refused(
+            f"model {model_id!r} is not on this node (models: {known})",
+            "name one of them with --model, or add it with `sogni-node models add PATH`",
+        )
+    backend = DiffusersBackend(registry, device="cpu")
+
+    def fits(path: Path) -> str | None:
+        problem = backend.lora_fit(model_id, path)
+        return None if problem is None else f"does not fit model {model_id}: {problem}"
+
+    return fits
 
 
 @loras_app.command("remove")

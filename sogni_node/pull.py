@@ -29,7 +29,10 @@ on reconnect: after a coordinator restart the old offer hash is void, the refusa
 the result, and the re-offer would then render the job a second time. After a node restart the
 same holds: the coordinator re-queued the job when the stream broke, and its re-offer gets the
 kept result. Results never offered again (the job went to another node) are pruned after
-`RESULT_KEEP_SECONDS` (`sogni_node.daemon`).
+`RESULT_KEEP_SECONDS` (`sogni_node.daemon`). After the coordinator rotated its offer key (a
+`Welcome` whose `rotations` lead from a trusted key to its own; `sogni_node.trust`), a re-offer
+from the new key for a result kept under an earlier key of that chain gets the same image
+under a new receipt naming the new key: the old receipt is voided in the journal first.
 
 Crash points for the crash-matrix tests (`sogni_protocol.crashpoints`): `node_before_journal`
 (rendered, receipt not journaled), `node_after_journal`, `node_before_send_result` and
@@ -38,6 +41,7 @@ Crash points for the crash-matrix tests (`sogni_protocol.crashpoints`): `node_be
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -55,6 +59,7 @@ from sogni_node.payout import signed_form
 from sogni_node.render.backend import RenderCancelled
 from sogni_node.render.trajectory import StepOpening
 from sogni_node.trajectory_files import TrajectoryFiles
+from sogni_node.trust import TrustedKeys, TrustFileError
 from sogni_node.worker import NoFreeSlot, Running, Worker
 from sogni_protocol import eip712
 from sogni_protocol.crashpoints import crashpoint
@@ -71,6 +76,7 @@ from sogni_protocol.messages import (
     NO_TRAJECTORY,
     Cancel,
     Capabilities,
+    CapabilitiesUpdate,
     Challenge,
     ChallengeAnswer,
     ChallengeRefused,
@@ -103,6 +109,7 @@ from sogni_protocol.messages import (
     Welcome,
     encode,
 )
+from sogni_protocol.rotation_chain import chain_fault, chain_keys, newly_trusted
 from sogni_protocol.trajectory import TensorBytes
 
 log = get_logger(__name__)
@@ -174,6 +181,8 @@ class PullSession:
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
         self.coordinator = ""
+        self.previous_keys: frozenset[str] = frozenset()
+        """The coordinator's earlier offer keys (lower-case), from its verified rotations."""
         self._out_send, self._out_recv = trio.open_memory_channel[Message](math.inf)
         self.jobs: set[bytes] = set()
         """Jobs offered on this session and not yet answered."""
@@ -234,7 +243,7 @@ class PullSession:
         """Turn an expected stream failure into a clean end of the session (no exception group)."""
         try:
             await fn()
-        except (TransportError, ProtocolError) as exc:
+        except (TransportError, ProtocolError, SessionRefused) as exc:
             self._error = self._error or exc
             io.cancel_scope.cancel()
 
@@ -249,10 +258,6 @@ class PullSession:
             raise SessionRefused(f"coordinator refused this node: {welcome.reason}")
         if not isinstance(welcome, Welcome):
             raise SessionRefused(f"coordinator answered {type(welcome).__name__}, not welcome")
-        if welcome.coordinator.lower() not in self.id.trusted:
-            raise SessionRefused(
-                f"coordinator {welcome.coordinator} is not in trusted_coordinators"
-            )
         if (welcome.chain_id, welcome.verifying_contract.lower()) != (
             self.id.domain.chain_id,
             self.id.domain.verifying_contract.lower(),
@@ -262,10 +267,44 @@ class PullSession:
                 f"{welcome.verifying_contract}, this node on {self.id.domain.chain_id} / "
                 f"{self.id.domain.verifying_contract}"
             )
+        await self._trust(welcome)
         self.coordinator = welcome.coordinator
         self.heartbeat_interval = min(self.heartbeat_interval, welcome.heartbeat_interval)
         if self._on_connected is not None:
             self._on_connected({"event": "connected", "coordinator": welcome.coordinator})
+
+    async def _trust(self, welcome: Welcome) -> None:
+        """Accept the welcoming key if it is trusted: configured, persisted after an earlier
+        rotation (`sogni_node.trust`), or reached from either through `welcome.rotations`
+        (then persisted, and `coordinator_key_rotated` logged). A chain that does not verify
+        is refused even for a trusted key. Sets `self.id.trusted` for this session's offers
+        and `previous_keys` (the coordinator's earlier keys) for re-offers of kept results."""
+        chain, key = welcome.rotations, welcome.coordinator
+        fault = chain_fault(self.id.domain, chain, key, time.time())
+        if fault is not None:
+            raise SessionRefused(
+                f"coordinator {key} sent key rotations that do not verify: {fault}"
+            )
+        configured = trusted = self.id.trusted
+        if key.lower() not in configured:  # the trust file is read only when it matters
+            store = TrustedKeys.in_dir(self.journal.path.parent)  # data_dir: journal.db is in it
+            try:
+                trusted = configured | (await _off_loop(store.load, configured)).keys()
+            except TrustFileError as exc:
+                log.error("trust_file_unreadable", error=str(exc))
+        if key.lower() not in trusted:
+            links = newly_trusted(chain, trusted)
+            if links is None:
+                via = " nor reachable from them by its key rotations" if chain else ""
+                raise SessionRefused(f"coordinator {key} is not in trusted_coordinators{via}")
+            try:
+                await _off_loop(store.add, links, configured)
+            except OSError as exc:  # trusted for this session all the same
+                log.error("trust_not_saved", error=type(exc).__name__)
+            for old, new in links:
+                log.info("coordinator_key_rotated", old=old, new=new)
+        self.previous_keys = frozenset(k.lower() for k in chain_keys(chain)[:-1])
+        self.id = dataclasses.replace(self.id, trusted=trusted | {key.lower()})
 
     # --- the stream ----------------------------------------------------------------------
     async def _writer(self, channel: Channel) -> None:
@@ -307,6 +346,15 @@ class PullSession:
         if is_result:
             crashpoint("node_after_send_result")
 
+    def update_capabilities(self, caps: Capabilities) -> None:
+        """What this node renders changed while it runs (a model or LoRA added or removed):
+        offers are checked against `caps` from now on, and the coordinator hears of it in a
+        `CapabilitiesUpdate` signed like the hello. Queued, so before the welcome it goes out
+        right after it."""
+        self.caps = caps
+        signature = eip712.sign_binding(self.id.wallet_key, self.id.domain, caps)
+        self.send(CapabilitiesUpdate(capabilities=caps, binding_signature=signature))
+
     def finish(self) -> None:
         """Say goodbye after everything already queued (results, hand-backs) has gone out."""
         self.send(Goodbye(reason="node shutting down"))
@@ -332,6 +380,10 @@ class PullSession:
                 jobs.start_soon(self._on_verify_decode, msg)
             elif isinstance(msg, Heartbeat):
                 pass
+            elif isinstance(msg, Goodbye):  # the coordinator ends the session: say why
+                raise SessionRefused(f"coordinator ended the session: {msg.reason}")
+            elif isinstance(msg, HelloRefused):  # a `CapabilitiesUpdate` it would not take
+                log.error("capabilities_refused", coordinator=self.coordinator, error=msg.reason)
             else:
                 log.warning("unexpected_message", type=type(msg).__name__)
 
@@ -373,7 +425,11 @@ class PullSession:
             return ChallengeRefused(job_id=msg.job_id, reason=reason)
 
         offer = self.journal.offer(msg.job_id)
-        if offer is None or not eip712.same_address(offer.coordinator, self.coordinator):
+        ours = offer is not None and (  # an offer of this coordinator's earlier key counts
+            eip712.same_address(offer.coordinator, self.coordinator)
+            or offer.coordinator.lower() in self.previous_keys
+        )
+        if offer is None or not ours:
             return refuse("this node rendered no such job for this coordinator")
         if self.trajectories is None:
             return refuse("this node keeps no trajectories")
@@ -706,8 +762,10 @@ class PullSession:
             log.info("job_handed_back", job=job.tag, steps=exc.steps_done)
             return
         except Exception as exc:  # a failed render must not take the session down
-            log.error("render_failed", job=job.tag, error=type(exc).__name__)
-            await self._hand_back(job, run.steps_done, "render failed", sent_steps=0)
+            refusal = getattr(exc, "refusal", None)  # LoraRefused: layer names, never a prompt
+            log.error("render_failed", job=job.tag, error=type(exc).__name__, reason=refusal)
+            reason = refusal if isinstance(refusal, str) else "render failed"
+            await self._hand_back(job, run.steps_done, reason[:512], sent_steps=0)
             return
         meta = RenderMeta(
             backend=out.backend, device=out.device, dtype=out.dtype, threads=out.threads
@@ -783,12 +841,15 @@ class PullSession:
         """Answer a re-offer with the kept result: the same image and hash; the receipt is
         re-signed only if this offer's hash differs from the one it names."""
         entry, offer = kept.entry, job.msg.offer
-        fault = _reoffer_fault(entry.receipt, entry.accepted, kept.image, offer)
+        fault = _reoffer_fault(entry.receipt, entry.accepted, kept.image, offer, self.previous_keys)
         if fault is not None:
             self._decline(job.id, fault)
             return
         signature = entry.signature
         receipt = signed_form(entry.receipt, entry.domain_version, self.id.payout)
+        if not eip712.same_address(receipt.coordinator, offer.coordinator):
+            await self._resign_rotated(job, kept, receipt)
+            return
         if receipt.offer_hash != job.offer_hash:
             receipt = msgspec.structs.replace(
                 receipt, offer_hash=job.offer_hash, payout=self.id.payout
@@ -808,6 +869,40 @@ class PullSession:
             Result(job_id=job.id, image=kept.image, receipt=receipt, signature=signature, meta=meta)
         )
         log.info("result_resent", job=job.tag, resigned=signature != entry.signature)
+
+    async def _resign_rotated(self, job: _Job, kept: StoredResult, receipt: Receipt) -> None:
+        """A re-offer from this coordinator's new key (it rotated; `previous_keys`) for a
+        result kept under its old key: the same image, its receipt now naming the new key and
+        offer. The old receipt is journaled as void (the restarted coordinator forgot its
+        offer, so no ack will come for it) before the new one is kept: the journal holds one
+        live receipt per job. A crash in between loses the kept image (the job renders again)."""
+        offer, entry = job.msg.offer, kept.entry
+        assert kept.image is not None  # _reoffer_fault checked it
+        receipt = msgspec.structs.replace(
+            receipt, offer_hash=job.offer_hash, coordinator=offer.coordinator, payout=self.id.payout
+        )
+        signature = eip712.sign_receipt(self.id.wallet_key, self.id.domain, receipt)
+        meta = entry.meta or RenderMeta(
+            backend=self.worker.backend.name, device="", dtype="", threads=0
+        )
+        await _off_loop(self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature)
+        why = f"void: re-signed for the coordinator's new key {offer.coordinator}"
+        await _off_loop(self.journal.mark_acked, job.id, False, why)
+        await _off_loop(
+            functools.partial(
+                self.journal.keep_result,
+                receipt,
+                signature,
+                kept.image,
+                meta=meta,
+                chain_id=self.id.domain.chain_id,
+                verifying_contract=self.id.domain.verifying_contract,
+            )
+        )
+        self.send(
+            Result(job_id=job.id, image=kept.image, receipt=receipt, signature=signature, meta=meta)
+        )
+        log.info("result_resent", job=job.tag, resigned=True, rotated=True)
 
 
 def _opening_wire(opening: StepOpening) -> StepOpeningWire:
@@ -837,7 +932,11 @@ def _opening_wire(opening: StepOpening) -> StepOpeningWire:
 
 
 def _reoffer_fault(
-    receipt: Receipt, accepted: bool | None, image: bytes | None, offer: JobOffer
+    receipt: Receipt,
+    accepted: bool | None,
+    image: bytes | None,
+    offer: JobOffer,
+    previous_keys: frozenset[str] = frozenset(),
 ) -> str | None:
     """Why a kept result cannot answer `offer` (then the offer is declined), or None."""
     if accepted:
@@ -847,7 +946,10 @@ def _reoffer_fault(
     if receipt.steps_done != offer.steps or not image:
         return "this node holds a partial receipt for the job"
     same = (
-        eip712.same_address(receipt.coordinator, offer.coordinator)
+        (
+            eip712.same_address(receipt.coordinator, offer.coordinator)
+            or receipt.coordinator.lower() in previous_keys  # the coordinator rotated its key
+        )
         and receipt.model_id == offer.model_id
         and receipt.work_units == offer.work_units
     )

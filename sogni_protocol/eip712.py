@@ -26,6 +26,11 @@ Version "3" adds `trajectoryRoot` to `Receipt`: the commitment to every step of 
 Version "4" adds `payout` to `Receipt`: the account its rewards go to (the worker's own when
 the node names none), so a container's signing key can be thrown away; a v1..v3 receipt pays
 its worker only.
+
+A new type is not a change to a type: it keeps `DOMAIN_VERSION`, joins the current layout
+(and every later one), and its documents verify under the versions that have it
+(`_versions_with`). No existing digest changes. `KeyRotation` (a coordinator's offer key
+handing over to a new one, signed by the old key) was added this way under version "4".
 """
 
 from __future__ import annotations
@@ -53,8 +58,10 @@ from sogni_protocol.messages import (
     DailyBoostClaim,
     JobOffer,
     JobParams,
+    KeyRotation,
     Receipt,
     RenderRequest,
+    SignedKeyRotation,
     encode,
 )
 
@@ -129,7 +136,16 @@ _TYPES_V2 = _TYPES
 _TRAJECTORY = {"name": "trajectoryRoot", "type": "bytes32"}
 _TYPES_V3 = {**_TYPES_V2, "Receipt": [*_TYPES_V2["Receipt"], _TRAJECTORY]}
 _PAYOUT = {"name": "payout", "type": "address"}
-_TYPES = {**_TYPES_V3, "Receipt": [*_TYPES_V3["Receipt"], _PAYOUT]}
+_KEY_ROTATION = [  # a new type, added under version "4" (no version change: see the rule)
+    {"name": "oldKey", "type": "address"},
+    {"name": "newKey", "type": "address"},
+    {"name": "notBefore", "type": "uint64"},
+]
+_TYPES = {
+    **_TYPES_V3,
+    "Receipt": [*_TYPES_V3["Receipt"], _PAYOUT],
+    "KeyRotation": _KEY_ROTATION,
+}
 """The current layouts (`DOMAIN_VERSION`)."""
 _TYPES_BY_VERSION: dict[str, dict[str, list[dict[str, str]]]] = {
     "1": _TYPES_V1,
@@ -141,6 +157,12 @@ _TYPES_BY_VERSION: dict[str, dict[str, list[dict[str, str]]]] = {
 
 def _types_of(version: str) -> dict[str, list[dict[str, str]]]:
     return _TYPES_BY_VERSION[version]
+
+
+def _versions_with(primary_type: str) -> tuple[str, ...]:
+    """The known versions whose layout has `primary_type` (a type added later is absent
+    from the versions before it)."""
+    return tuple(v for v in KNOWN_VERSIONS if primary_type in _TYPES_BY_VERSION[v])
 
 
 @dataclass(frozen=True)
@@ -666,3 +688,52 @@ def check_balance_query(
         query.payer,
         _NOT_PAYER,
     )
+
+
+# --- offer-key rotation ---------------------------------------------------------------------
+def key_rotation_document(domain: Domain, rotation: KeyRotation) -> dict[str, Any]:
+    message = {
+        "oldKey": to_checksum_address(rotation.old_key),
+        "newKey": to_checksum_address(rotation.new_key),
+        "notBefore": rotation.not_before,
+    }
+    return typed_data(domain, "KeyRotation", message)
+
+
+def sign_key_rotation(
+    private_key: bytes, domain: Domain, rotation: KeyRotation
+) -> SignedKeyRotation:
+    """The old offer key hands over to `rotation.new_key` (it must be the key signing)."""
+    signer = str(Account.from_key(private_key).address)
+    if not same_address(signer, rotation.old_key):
+        raise ValueError(
+            f"a key rotation is signed by its old key {rotation.old_key}, not {signer}"
+        )
+    doc = key_rotation_document(_for_signing(domain), rotation)
+    return SignedKeyRotation(rotation=rotation, signature=_sign(private_key, doc))
+
+
+def check_key_rotation(domain: Domain, signed: SignedKeyRotation) -> str | None:
+    """Why the link is not signed by its old key under this chain and distributor, or None.
+    Tried under the domain's version, then the other known versions that have the type."""
+    try:
+        check_version(domain)
+    except SignatureError as exc:
+        return str(exc)
+    versions = [domain.version, *(v for v in _versions_with("KeyRotation") if v != domain.version)]
+    first: str | None = None
+    for version in versions:
+        if "KeyRotation" not in _types_of(version):
+            continue
+        got = _recover_or_fault(
+            key_rotation_document(domain.at(version), signed.rotation), signed.signature
+        )
+        if isinstance(got, str) and same_address(got, signed.rotation.old_key):
+            return None
+        first = first or (str(got) if isinstance(got, SignatureError) else _NOT_OLD_KEY)
+    return first or _NOT_OLD_KEY
+
+
+_NOT_OLD_KEY = (
+    "key rotation is not signed by the key it replaces (or is for another chain or distributor)"
+)

@@ -32,13 +32,15 @@ def open_gateway(
     configured_models: set[str],
     network_id: str,
 ) -> tuple[Gateway, ApiKeys]:
-    """The gateway, and the API-key store to `close()` when the coordinator stops."""
+    """The gateway, and the API-key store to `close()` when the coordinator stops (it
+    closes the project records the gateway keeps in the same database too)."""
 
     keys = ApiKeys(database)
     gateway = Gateway(
         dispatcher,
         keys,
         ResultUrls.load(data_dir, config.public_url),
+        keys.projects,
         config=config,
         catalog=default_catalog(),
         configured_models=configured_models,

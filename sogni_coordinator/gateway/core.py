@@ -5,8 +5,10 @@ One `Gateway` per coordinator, beside the libp2p client protocol and on the same
 its payer is the API key's account (the authorization signed in-process with the wallet
 derived from the key, `api_keys.account_private_key`), and its events are read from the
 dispatcher's cursor, translated into SDK frames, with images saved for download and
-acknowledged. A project outlives its socket; a repeated jobRequest
-re-attaches with `Dispatcher.resume` and never submits (or charges) again.
+acknowledged. A project outlives its socket and the coordinator process: it is recorded in
+the database (`key_projects`) before it is submitted, with its resume token once accepted and
+each image's outcome before the image is acknowledged, so a repeated jobRequest, even after a
+restart, re-attaches with `Dispatcher.resume` and never submits (or charges) again.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from sogni_coordinator.gateway.projects import (
     parse_job_request,
 )
 from sogni_coordinator.gateway.results import ImageStore
+from sogni_coordinator.key_projects import ProjectRecord, seal_token
 from sogni_protocol import eip712
 from sogni_protocol.catalog import Catalog
 from sogni_protocol.logs import get_logger
@@ -45,6 +48,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from sogni_coordinator.dispatch import Dispatcher
+    from sogni_coordinator.key_projects import KeyProjects
 
 log = get_logger(__name__)
 
@@ -54,6 +58,11 @@ AUTHORIZATION_SECONDS = 3600
 """Lifetime of the payer authorization the gateway signs for a project."""
 SWEEP_SECONDS = 60.0
 ERRORS = {"insufficient_funds": (4024, "insufficientFunds")}
+INTERRUPTED = (
+    "the coordinator stopped while this project was being submitted; it is not resumed "
+    "(nor charged again): start a new project"
+)
+LOST = "the network no longer knows this project: start a new project"
 
 Send = Callable[[str, dict[str, Any]], Awaitable[None]]
 """Queue one frame (type, payload) for a socket."""
@@ -110,6 +119,7 @@ class Gateway:
         dispatcher: Dispatcher,
         keys: KeyStore,
         urls: UrlSigner,
+        records: KeyProjects,
         *,
         config: GatewayConfig,
         catalog: Catalog,
@@ -120,6 +130,7 @@ class Gateway:
         self.dispatcher = dispatcher
         self.keys = keys
         self.urls = urls
+        self.records = records
         self.config = config
         self.book = ModelBook(catalog, frozenset(configured_models))
         self.configured = set(configured_models)
@@ -141,6 +152,7 @@ class Gateway:
         while True:
             await self.images.sweep()
             self.projects.sweep()
+            await self.records.call(self.records.prune, self.config.retention_seconds)
             await trio.sleep(SWEEP_SECONDS)
 
     # --- keys ---------------------------------------------------------------------------
@@ -198,38 +210,35 @@ class Gateway:
 
     # --- projects -----------------------------------------------------------------------
     async def open_project(
-        self, key: AuthedKey, data: dict[str, Any], network: str
+        self, key: AuthedKey, data: dict[str, Any], network: str, app_id: str = ""
     ) -> tuple[Project, Cursor | None]:
         """The project of this jobRequest, submitted once, and a cursor over what it still
-        owes (None when it already ended). Raises `ProjectRefused`."""
+        owes (None when it already ended or was cancelled). Raises `ProjectRefused`."""
         job_id = job_id_of(data)
-        project = self.projects.get(key.key_id, job_id)
-        if project is not None:  # the SDK re-sent it (reconnect, 1001): resume
-            await project.ready.wait()
-            if project.refusal is not None:
-                raise project.refusal
-            if project.done:
-                return project, None
-            resumed = self.dispatcher.resume(project.request_id, project.token)
-            log.info("gateway_project_resumed", key=key.key_id, project=job_id)
-            return project, resumed.events
+        project = self.projects.get(key.key_id, job_id) or await self._recall(key, job_id)
+        if project is not None:  # the SDK re-sent it (reconnect, 1001, restart): resume
+            return project, await self.reattach(project)
         if not self.job_rate.take(key.key_id):
             raise ProjectRefused(4029, "rateLimited", "too many projects: wait a minute")
         served = self.book.served(self.advertised())
         req = parse_job_request(data, book=self.book, served=served, network=network)
-        project = Project(key.key_id, job_id, req.number_of_images)
+        project = self.projects.get(key.key_id, job_id)  # a twin raced us through _recall
+        if project is not None:
+            return project, await self.reattach(project)
+        project = Project(key.key_id, job_id, req.number_of_images, app_id=app_id)
         self.projects.add(project)
         try:
-            submission = await self._submit(key, req)
-        except ProjectRefused as exc:
-            project.refusal = exc
+            submission = await self._submit_recorded(key, project, req)
+        except BaseException as exc:
+            project.refusal = (
+                exc
+                if isinstance(exc, ProjectRefused)
+                else ProjectRefused(5000, "projectInterrupted", "try again")
+            )
             self.projects.drop(project)
             raise
         finally:
             project.ready.set()
-        project.request_id = submission.accepted.request_id
-        project.token = submission.accepted.resume_token
-        project.cost_micro = submission.accepted.cost_micro
         log.info(
             "gateway_project_accepted",
             key=key.key_id,
@@ -238,6 +247,72 @@ class Gateway:
             model=req.model_id,
         )
         return project, submission.events
+
+    async def _recall(self, key: AuthedKey, job_id: str) -> Project | None:
+        """The project as the database kept it (after a restart, or once swept from memory)."""
+        record = await trio.to_thread.run_sync(self.records.get, key.key_id, job_id)
+        known = self.projects.get(key.key_id, job_id)
+        if record is None or known is not None:
+            return known
+        project = _from_record(record, key.secret)
+        self.projects.add(project)
+        log.info("gateway_project_recalled", key=key.key_id, project=job_id)
+        return project
+
+    async def untold(self, key: AuthedKey, app_id: str) -> list[Project]:
+        """The projects `app_id` started with this key whose end it was not sent: in memory,
+        and (after a restart) recalled from the database. A new socket of that app gets them."""
+        stored = await trio.to_thread.run_sync(self.records.in_flight, key.key_id, app_id)
+        found = {p.job_id: p for p in self.projects.untold(key.key_id, app_id)}
+        for job_id in stored:
+            if job_id not in found:
+                project = await self._recall(key, job_id)
+                if project is not None:
+                    found[job_id] = project
+        return list(found.values())
+
+    async def reattach(self, project: Project) -> Cursor | None:
+        """A cursor over what a known project still owes; None when nothing more will come."""
+        await project.ready.wait()
+        if project.refusal is not None:
+            raise project.refusal
+        if project.done or project.cancelled:
+            return None
+        try:
+            resumed = self.dispatcher.resume(project.request_id, project.token)
+        except Refusal:
+            if len(project.outcomes) < project.count:
+                project.told = True  # nothing to push: a re-send hears this
+                raise ProjectRefused(5000, "projectLost", LOST) from None
+            project.done = True  # every outcome is known: replay them
+            return None
+        log.info("gateway_project_resumed", key=project.key_id, project=project.job_id)
+        return resumed.events
+
+    async def _submit_recorded(self, key: AuthedKey, project: Project, req: RenderRequest) -> Any:
+        """Record the project, submit it, record its resume token; on a refusal (or a
+        cancellation before the dispatcher took it) the record goes and the jobID is free."""
+        records = self.records
+        if not await records.call(
+            records.begin, key.key_id, project.job_id, project.img_ids, project.app_id
+        ):
+            raise ProjectRefused(4000, "duplicateProject", "this jobID is already in use")
+        try:
+            submission = await self._submit(key, req)
+        except BaseException:
+            with trio.CancelScope(shield=True):  # nothing was submitted (submit is atomic)
+                await records.call(records.forget, key.key_id, project.job_id)
+            raise
+        accepted = submission.accepted
+        project.request_id = accepted.request_id
+        project.token = accepted.resume_token
+        project.cost_micro = accepted.cost_micro
+        sealed = seal_token(accepted.resume_token, key.secret, accepted.request_id)
+        with trio.CancelScope(shield=True):  # accepted and charged: the record must say so
+            await records.call(
+                records.accepted, key.key_id, project.job_id, accepted.request_id, sealed
+            )
+        return submission
 
     async def _submit(self, key: AuthedKey, req: RenderRequest) -> Any:
         account = key.record.account
@@ -274,14 +349,26 @@ class Gateway:
             await trio.to_thread.run_sync(self.keys.record_spend, account, correction)
         return submission
 
-    def cancel(self, key: AuthedKey, job_id: str) -> Project | None:
-        project = self.projects.get(key.key_id, job_id.upper())
+    async def cancel(self, key: AuthedKey, job_id: str) -> Project | None:
+        """Cancel the key's project (recalled from the database after a restart); None when
+        there is no such accepted project."""
+        job_id = job_id.upper()
+        project = self.projects.get(key.key_id, job_id) or await self._recall(key, job_id)
         if project is None or not project.request_id:
             return None
-        project.cancelled = True
+        if not project.cancelled:
+            project.cancelled = True
+            await self.records.call(self.records.cancel, key.key_id, job_id)
         if not project.done:
             self.dispatcher.cancel_request(project.request_id)
         return project
+
+    async def active(self, key: AuthedKey) -> list[str]:
+        """jobIDs of the key's projects in flight (`/api/v1/artist/projects/active`): those in
+        memory and those the database holds from before a restart."""
+        stored = await trio.to_thread.run_sync(self.records.in_flight, key.key_id)
+        live = [p.job_id for p in self.projects.in_flight(key.key_id)]
+        return list(dict.fromkeys(live + stored))
 
     async def stream(
         self, project: Project, events: Cursor | None, send: Send, base_url: str
@@ -291,6 +378,9 @@ class Gateway:
         sent: set[int] = set()
         job = project.job_id
         try:
+            if project.cancelled:  # a repeat after a cancel: its final state, nothing else
+                await _send_cancelled(project, send)
+                return
             if events is None or not project.outcomes:
                 await send("jobState", {"type": "queued", "jobID": job, "queuePosition": 0})
             for index in sorted(project.outcomes):
@@ -328,14 +418,23 @@ class Gateway:
                     and msg.index < project.count
                     and msg.index not in project.outcomes
                 ):
-                    project.outcomes[msg.index] = Outcome(ok=False, error="jobFailed")
+                    await self._record(project, msg.index, Outcome(ok=False, error="jobFailed"))
                 # outcomes an earlier attachment recorded meanwhile are sent here too
                 for index in sorted(set(project.outcomes) - sent):
                     sent.add(index)
                     await self._send_outcome(project, index, send, base_url)
                 if isinstance(msg, RequestDone):
+                    for index in range(project.count):  # exactly one outcome per image
+                        if index not in project.outcomes:
+                            await self._record(project, index, Outcome(ok=False, error="lost"))
+                    for index in sorted(set(project.outcomes) - sent):
+                        sent.add(index)
+                        await self._send_outcome(project, index, send, base_url)
                     project.done = True
                     project.ended_at = time.time()
+                    await self.records.call(
+                        self.records.ended, project.key_id, job, project.ended_at
+                    )
                     await self._finish(project, send)
         finally:
             if events is not None:
@@ -353,8 +452,16 @@ class Gateway:
                     "gateway_image_not_stored", project=project.job_id, error=type(exc).__name__
                 )
                 outcome = Outcome(ok=False, error="imageNotStored")
-            project.outcomes[msg.index] = outcome
+            await self._record(project, msg.index, outcome)
         await self.dispatcher.ack_images(project.request_id, [msg.job_id])
+
+    async def _record(self, project: Project, index: int, outcome: Outcome) -> None:
+        """Keep an image's outcome, durably before its image is acknowledged: after a
+        restart the resumed request no longer sends it."""
+        project.outcomes[index] = outcome
+        await self.records.call(
+            self.records.record_outcome, project.key_id, project.job_id, index, outcome
+        )
 
     async def _send_outcome(self, project: Project, index: int, send: Send, base_url: str) -> None:
         if project.cancelled:
@@ -388,6 +495,7 @@ class Gateway:
     async def _finish(self, project: Project, send: Send) -> None:
         if project.cancelled:
             return
+        project.told = True
         if any(o.ok for o in project.outcomes.values()):
             await send("jobState", {"type": "jobCompleted", "jobID": project.job_id})
         else:
@@ -406,6 +514,46 @@ class Gateway:
         if self.images.get(img_id) is None:
             return None
         return self.urls.sign(img_id, base_url=base_url, ttl=self.config.result_ttl_seconds)
+
+
+async def _send_cancelled(project: Project, send: Send) -> None:
+    """What a cancelled project's repeat gets: the confirmation (ends a cancel still waiting
+    for it) and a project-level `artistCanceled` error (the SDKs' code 5004)."""
+    await send("artistCancelConfirmation", {"jobID": project.job_id, "didCancel": True})
+    await send(
+        "jobError",
+        {
+            "jobID": project.job_id,
+            "error": "artistCanceled",
+            "error_message": "this project was cancelled",
+            "isFromWorker": False,
+        },
+    )
+
+
+def _from_record(record: ProjectRecord, secret: str) -> Project:
+    """A project rebuilt from its database row; its resume token unsealed with the key."""
+    project = Project(
+        record.key_id,
+        record.job_id,
+        len(record.img_ids),
+        app_id=record.app_id,
+        img_ids=list(record.img_ids),
+        outcomes=dict(record.outcomes),
+        cancelled=record.cancelled,
+        done=record.ended_at is not None,
+        ended_at=record.ended_at,
+        started_at=record.created_at,
+    )
+    if record.request_id is None or record.token_sealed is None:
+        project.refusal = ProjectRefused(5000, "projectInterrupted", INTERRUPTED)
+        project.ended_at = time.time()  # swept from memory after the retention
+        project.told = True  # nothing to push: a re-send hears the refusal
+    else:
+        project.request_id = record.request_id
+        project.token = seal_token(record.token_sealed, secret, record.request_id)
+    project.ready.set()
+    return project
 
 
 def _tokens(micro: int) -> str:

@@ -4,8 +4,8 @@
 defaulted per model, every value range-checked, clear errors). A `Project` is the gateway's
 memory of one (API key, jobID): the request it became, the resume token that re-attaches to
 it, the image ids handed out and each image's outcome. `ProjectBook` finds it again when an
-SDK re-sends the same jobRequest after a reconnect, so the request is resumed, never
-submitted (or charged) twice.
+SDK re-sends the same jobRequest or reconnects, so the request is resumed, never submitted (or
+charged) twice; `sogni_coordinator.key_projects` keeps the same across a restart.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from sogni_coordinator.gateway.models import ModelBook, scheduler_of
+from sogni_coordinator.key_projects import ImageOutcome
 from sogni_protocol import ids
 from sogni_protocol.messages import Network, RenderRequest, TokenType
 
@@ -127,6 +128,9 @@ def parse_job_request(
         token = data["tokenType"]
     elif data.get("tokenType"):
         raise _bad("tokenType must be spark or sogni")
+    safety_off = data.get("disableSafety", False)
+    if not isinstance(safety_off, bool):
+        raise _bad("disableSafety must be true or false")
     net: Network = "relaxed" if network == "relaxed" else "fast"
     if data.get("network") in ("fast", "relaxed"):
         net = data["network"]
@@ -147,6 +151,7 @@ def parse_job_request(
         output_format=_FORMATS[fmt],  # type: ignore[arg-type]
         network=net,
         token_type=token,
+        disable_safety=safety_off,
     )
 
 
@@ -165,14 +170,8 @@ def _size(frame: dict[str, Any], width: int, height: int) -> tuple[int, int]:
     raise _bad(f"sizePreset must be 'custom' (with width and height) or one of {sorted(_PRESETS)}")
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What one image of a project became: a result URL base, or an error."""
-
-    ok: bool
-    seed: int = 0
-    steps: int = 0
-    error: str = ""
+Outcome = ImageOutcome
+"""What one image of a project became: a result (seed, steps), or an error."""
 
 
 @dataclass
@@ -180,6 +179,8 @@ class Project:
     key_id: str
     job_id: str
     count: int
+    app_id: str = ""
+    """The app (socket `appId`) that started it: a new socket of that app gets its events."""
     img_ids: list[str] = field(default_factory=list)
     request_id: bytes = b""
     token: bytes = b""
@@ -187,7 +188,10 @@ class Project:
     outcomes: dict[int, Outcome] = field(default_factory=dict)
     cancelled: bool = False
     done: bool = False
+    told: bool = False
+    """Its end (`jobCompleted`, or the project-level error) was queued for a socket."""
     ended_at: float | None = None
+    started_at: float = field(default_factory=time.time)
     ready: trio.Event = field(default_factory=trio.Event)
     """Set once submitted (or refused): a repeat waits on it instead of submitting again."""
     refusal: ProjectRefused | None = None
@@ -221,10 +225,24 @@ class ProjectBook:
         return None
 
     def in_flight(self, key_id: str) -> list[Project]:
-        return [p for (k, _), p in self._by_key.items() if k == key_id and not p.done]
+        """The key's projects not ended nor cancelled."""
+        return [
+            p for (k, _), p in self._by_key.items() if k == key_id and not (p.done or p.cancelled)
+        ]
+
+    def untold(self, key_id: str, app_id: str) -> list[Project]:
+        """The projects `app_id` started with the key whose end no socket was sent (still
+        running, or ended while the app was away), cancelled ones aside."""
+        return [
+            p
+            for (k, _), p in self._by_key.items()
+            if k == key_id and p.app_id == app_id and not (p.told or p.cancelled)
+        ]
 
     def sweep(self, now: float | None = None) -> None:
+        """Forget projects that ended `keep` s ago, and those started `keep` s ago whose end
+        no stream saw (their app never came back; the database keeps them as long)."""
         now = time.time() if now is None else now
         for key, p in list(self._by_key.items()):
-            if p.ended_at is not None and now - p.ended_at > self.keep:
+            if now - (p.ended_at if p.ended_at is not None else p.started_at) > self.keep:
                 del self._by_key[key]

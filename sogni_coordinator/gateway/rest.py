@@ -88,6 +88,16 @@ def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
             return _error(404, 4004, "unknown image")
         return _ok({"downloadUrl": url})
 
+    async def active(request: Request) -> Response:
+        """The SDKs' watchdog asks after 2 silent minutes: every project in flight, bare."""
+        key = await auth(request)
+        if not isinstance(key, AuthedKey):
+            return key
+        jobs = await gateway.active(key)
+        return JSONResponse(
+            {"projects": [{"id": job} for job in jobs]}, headers={"Cache-Control": "no-store"}
+        )
+
     async def result(request: Request) -> Response:
         image_id = str(request.path_params["image_id"])
         exp = request.query_params.get("exp", "")
@@ -112,6 +122,7 @@ def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
         Route("/api/v2/models/tiers", tiers, methods=["GET"]),
         Route("/v4/account/balance", balance, methods=["GET"]),
         Route("/v1/image/downloadUrl", download_url, methods=["GET"]),
+        Route("/api/v1/artist/projects/active", active, methods=["GET"]),
         Route("/results/{image_id}", result, methods=["GET"]),
         WebSocketRoute("/", socket),
     ]

@@ -6,7 +6,9 @@ too many failed keys gets 4029 before any lookup. One socket per (key, appId): a
 closes the older with 4015. Every frame is decoded strictly (`frames.py`): a malformed one
 closes the socket with its code. One writer task owns the socket's send side; each project
 streams into it from its own task in the session's nursery, and a lost socket only detaches
-the projects (the dispatcher keeps rendering; a re-sent jobRequest resumes them).
+the projects (the dispatcher keeps rendering): the app's next socket resumes them at once (the
+SDKs wait for events, they do not re-send an accepted jobRequest), and a re-sent jobRequest
+resumes them too (after a 1001, or from another appId).
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ from sogni_coordinator.gateway.frames import (
     decode_frame,
     encode_frame,
 )
-from sogni_coordinator.gateway.projects import ProjectRefused, job_id_of
+from sogni_coordinator.gateway.projects import Project, ProjectRefused, job_id_of
 from sogni_protocol.logs import get_logger
 
 if TYPE_CHECKING:
     from starlette.websockets import WebSocket
+
+    from sogni_coordinator.delivery import Cursor
 
 log = get_logger(__name__)
 
@@ -87,6 +91,7 @@ class Session:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write)
                     await self._hello()
+                    await self._resume_in_flight(nursery)
                     nursery.start_soon(self._swarm)
                     await self._read(nursery)
                     nursery.cancel_scope.cancel()
@@ -161,13 +166,15 @@ class Session:
         try:
             job_id = job_id_of(data)
             known = self.gateway.projects.get(self.key.key_id, job_id)
-            if job_id in self.live and (known is None or not known.done):
+            if job_id in self.live and (known is None or not (known.done or known.cancelled)):
                 return  # already streaming on this socket
             if len(self.live) >= self.gateway.config.max_projects_per_socket:
                 raise ProjectRefused(4029, "tooManyProjects", "too many projects in flight")
             self.live.add(job_id)
             try:
-                project, events = await self.gateway.open_project(self.key, data, self.network)
+                project, events = await self.gateway.open_project(
+                    self.key, data, self.network, self.app_id
+                )
             except BaseException:
                 self.live.discard(job_id)
                 raise
@@ -184,14 +191,33 @@ class Session:
             )
             return
 
-        async def stream() -> None:
-            try:
-                await self.gateway.stream(project, events, self.send, self.base_url)
-            finally:
-                self.live.discard(project.job_id)
-            await self.send("balanceUpdate", await self.gateway.balances(self.key.record.account))
+        nursery.start_soon(self._stream, project, events)
 
-        nursery.start_soon(stream)
+    async def _stream(self, project: Project, events: Cursor | None) -> None:
+        try:
+            await self.gateway.stream(project, events, self.send, self.base_url)
+        finally:
+            self.live.discard(project.job_id)
+        await self.send("balanceUpdate", await self.gateway.balances(self.key.record.account))
+
+    async def _resume_in_flight(self, nursery: trio.Nursery) -> None:
+        """This app's projects still in flight (its older socket dropped, or the coordinator
+        restarted) stream here at once: the SDKs wait for their events without re-sending
+        an accepted jobRequest. A re-sent one finds them already streaming."""
+        limit = self.gateway.config.max_projects_per_socket
+        for project in (await self.gateway.untold(self.key, self.app_id))[:limit]:
+            if project.job_id not in self.live:
+                self.live.add(project.job_id)
+                nursery.start_soon(self._reattached, project)
+
+    async def _reattached(self, project: Project) -> None:
+        try:
+            events = await self.gateway.reattach(project)
+        except ProjectRefused as exc:  # lost or interrupted: the app hears it if it re-sends
+            log.info("gateway_project_not_resumed", key=self.key.key_id, error=exc.error)
+            self.live.discard(project.job_id)
+            return
+        await self._stream(project, events)
 
     async def _cancel(self, data: dict[str, Any]) -> None:
         job_id = data.get("jobID")
@@ -199,7 +225,7 @@ class Session:
             self.close_code = CLOSE_POLICY
             self.scope.cancel()
             return
-        project = self.gateway.cancel(self.key, job_id)
+        project = await self.gateway.cancel(self.key, job_id)
         if project is not None:
             log.info("gateway_project_cancelled", key=self.key.key_id, project=project.job_id)
         await self.send(

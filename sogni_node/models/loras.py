@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -101,8 +101,14 @@ class LoraLibrary:
 
     # --- changes ---------------------------------------------------------------------------
 
-    def add(self, source: Path, lora_id: str | None = None) -> StoredLora:
-        """Copy a LoRA file in after checking that it parses as a supported LoRA."""
+    def add(
+        self,
+        source: Path,
+        lora_id: str | None = None,
+        fits: Callable[[Path], str | None] | None = None,
+    ) -> StoredLora:
+        """Copy a LoRA file in after checking that it parses as a supported LoRA and, with
+        `fits` (the file -> why it does not fit a model, or None), that it fits that model."""
         from sogni_node.render.lora import read_lora  # torch: only when adding
 
         source = Path(source)
@@ -114,6 +120,9 @@ class LoraLibrary:
         if lora_id in loras:
             raise LoraLibraryError(f"LoRA {lora_id!r} is already installed; remove it first")
         read_lora(source)  # LoraError (a ValueError) names the file and the bad key
+        problem = fits(source) if fits is not None else None
+        if problem is not None:
+            raise LoraLibraryError(problem)
         self.root.mkdir(parents=True, exist_ok=True)
         target = self.root / f"{lora_id}.safetensors"
         tmp = target.with_suffix(".part")

@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -38,12 +39,15 @@ from diffusers.utils import is_accelerate_available
 from sogni_node.models.registry import ModelRegistry
 from sogni_node.render.backend import RenderCancelled, RenderError, RenderJob, RenderOutput
 from sogni_node.render.encoding import encode_image, float_image_to_uint8
-from sogni_node.render.lora import LoraError, applied_loras
+from sogni_node.render.lora import LoraError, applied_loras, lora_fit_problem
 from sogni_node.render.noise import initial_latents, pin_step_noise
 from sogni_node.render.residency import Residency, module_bytes
 from sogni_node.render.trajectory import TrajectoryRecorder
+from sogni_protocol.logs import get_logger
 
 logger = logging.getLogger(__name__)
+events = get_logger(__name__)
+"""Structured events operators read (docs/EVENTS.md): `lora_refused`."""
 
 
 class _SchedulerClass(Protocol):
@@ -127,6 +131,16 @@ def _default_budget(device: str) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
 
 
+class LoraRefused(RenderError):
+    """A job's LoRA cannot be applied to its model (built for another model, unreadable),
+    found before any step. Its message names files, layers and shapes only, never the
+    prompt, so it may travel as the job's hand-back reason: `refusal` holds it."""
+
+    @property
+    def refusal(self) -> str:
+        return str(self)
+
+
 class DiffusersBackend:
     """`Backend` over diffusers pipelines from local folders in a `ModelRegistry`."""
 
@@ -179,6 +193,14 @@ class DiffusersBackend:
     def supports_loras(self) -> bool:
         """LoRAs merge into plain weights; quantized ones would need re-quantizing per job."""
         return self.quantize == "none"
+
+    def lora_fit(self, model_id: str, path: Path) -> str | None:
+        """Why the LoRA file at `path` does not fit model `model_id` (None: it fits), checked
+        against the loaded UNet and text encoders without changing them: `loras add --model`
+        refuses a LoRA built for another model before any job asks for it."""
+        loaded = self._get(model_id)
+        with loaded.lock:
+            return lora_fit_problem(loaded.pipe, path)
 
     def load(self, model_id: str) -> None:
         """Load a model now (e.g. at start-up) instead of on its first job."""
@@ -312,7 +334,8 @@ class DiffusersBackend:
             except RenderCancelled:
                 raise
             except LoraError as exc:  # names files and layers, never the prompt
-                raise RenderError(f"model {job.model_id!r}: {exc}") from None
+                events.warning("lora_refused", model=job.model_id, reason=str(exc))
+                raise LoraRefused(f"model {job.model_id!r}: {exc}") from None
             except Exception as exc:
                 if exc is caller_error:
                     raise

@@ -153,29 +153,68 @@ def _delta_weight(delta: _Delta, weight: torch.Tensor, where: str) -> torch.Tens
     return product.reshape(weight.shape) * delta.scale
 
 
+class LoraMismatch(LoraError):
+    """A LoRA built for another model: some of its layers are not this model's, or not of
+    this model's shape. Its message names the file, how many layers and the first misfit
+    (layer names and shapes only), so a node can log it and refuse the job with it."""
+
+
+Plan = list[tuple[torch.nn.Module, torch.Tensor]]
+
+
+def _plan(pipe: Any, loras: Sequence[Lora]) -> Plan:
+    """Every weight change the LoRAs make, computed before any is applied; `LoraMismatch`
+    naming the first file that does not fit (all its misfit layers counted)."""
+    targets = _targets(pipe) if loras else {}
+    plan: Plan = []
+    for lora in loras:
+        name = Path(lora.path).name
+        deltas = read_lora(lora.path)
+        misfits: list[str] = []
+        for delta in deltas:
+            module = targets.get(delta.component, {}).get(
+                "_" + delta.module if delta.underscored else delta.module
+            )
+            where = f"{delta.component}.{delta.module}"
+            if module is None:
+                misfits.append(f"{where} matches no Linear/Conv2d layer of this model")
+                continue
+            weight = module.weight
+            assert isinstance(weight, torch.Tensor)
+            try:
+                plan.append((module, _delta_weight(delta, weight, where) * lora.strength))
+            except LoraError as exc:
+                misfits.append(str(exc))
+        if misfits:
+            raise LoraMismatch(
+                f"LoRA {name} was built for another model: {len(misfits)} of {len(deltas)} "
+                f"layers do not fit this one (first: {misfits[0]})"
+            )
+    return plan
+
+
+def lora_fit_problem(pipe: Any, path: Path) -> str | None:
+    """Why the LoRA file at `path` cannot be applied to `pipe` (unreadable, unsupported or
+    built for another model), or None if it fits. Changes no weight."""
+    try:
+        _plan(pipe, [Lora(Path(path), 1.0)])
+    except LoraError as exc:
+        return str(exc)
+    return None
+
+
 @contextmanager
 def applied_loras(pipe: Any, loras: Sequence[Lora]) -> Iterator[list[Lora]]:
     """Merge `loras` in order into `pipe`'s UNet/text encoder weights for the `with` block.
 
-    Every file is read and matched before any weight changes, so a bad file leaves the pipeline
-    untouched; on exit (also on error) the touched weights are restored bit-exactly. Not
-    re-entrant: hold the pipeline's lock around the block. Yields the LoRAs that were merged.
+    Every file is read and matched before any weight changes, so a bad file (`LoraError`;
+    `LoraMismatch` for one built for another model) leaves the pipeline untouched; on exit
+    (also on error) the touched weights are restored bit-exactly. Not re-entrant: hold the
+    pipeline's lock around the block. Yields the LoRAs that were merged.
     """
     check_lora_count(loras)
     active = [lora for lora in loras if lora.strength != 0.0]
-    targets = _targets(pipe) if active else {}
-    plan: list[tuple[torch.nn.Module, torch.Tensor]] = []
-    for lora in active:
-        for delta in read_lora(lora.path):
-            names = targets.get(delta.component, {})
-            key = "_" + delta.module if delta.underscored else delta.module
-            module = names.get(key)
-            where = f"{Path(lora.path).name}: {delta.component}.{delta.module}"
-            if module is None:
-                raise LoraError(f"{where} matches no Linear/Conv2d layer of this model")
-            weight = module.weight
-            assert isinstance(weight, torch.Tensor)
-            plan.append((module, _delta_weight(delta, weight, where) * lora.strength))
+    plan = _plan(pipe, active)
     saved: dict[int, tuple[torch.nn.Module, torch.Tensor]] = {}
     try:
         with torch.no_grad():

@@ -215,9 +215,15 @@ async def test_reconnect_resumes_without_double_charge_then_cancel(
             # the SDK reconnects (same appId): the older socket is closed with 4015
             async with connect(url, key) as second:
                 assert await first.close_code() == 4015
-                await second.send("jobRequest", req)  # the SDK re-sends its project
+                # the new socket of the same app gets the project without asking (the SDKs do
+                # not re-send an accepted jobRequest after a drop) ...
+                while (await second.next())[1].get("jobID") != req["jobID"]:
+                    pass
+                await second.send("jobRequest", req)  # ... and a re-send adds nothing
                 frames = await second.project(req["jobID"])
-                results = [d for k, d in frames if k == "jobResult"]
+                results = [
+                    d for k, d in second.frames if k == "jobResult" and d["jobID"] == req["jobID"]
+                ]
                 assert len(results) == 2 and frames[-1][1]["type"] == "jobCompleted"
                 assert before - _spark(net, account) <= held  # charged once (refunds only)
                 # the same jobID once more: replayed from memory, not rendered or charged
@@ -249,3 +255,36 @@ async def test_reconnect_resumes_without_double_charge_then_cancel(
                 assert not any(
                     k == "jobResult" and d["jobID"] == cancel["jobID"] for k, d in second.frames
                 )
+                # the SDK re-sends the cancelled project (a reconnect before the confirmation
+                # reached it): its final state, not `queued` and then silence
+                await second.send("jobRequest", cancel)
+                final = await second.project(cancel["jobID"])
+                assert [k for k, _ in final] == ["artistCancelConfirmation", "jobError"]
+                assert final[0][1]["didCancel"] is True
+                assert final[1][1]["error"] == "artistCanceled" and "imgID" not in final[1][1]
+                # the watchdog's list: nothing of this key is in flight any more
+                async with httpx.AsyncClient(timeout=10) as http:
+                    active = await http.get(
+                        url + "/api/v1/artist/projects/active", headers={"api-key": key}
+                    )
+                assert active.status_code == 200 and active.json() == {"projects": []}
+
+            # a project that ends while its app is away reaches the app's next socket
+            store = net.coordinator.dispatcher.store
+            done_before = store.counts().get("done", 0)
+            away = job_request(MODEL, 2, steps=2, sizePreset="custom", width=64, height=64)
+            async with connect(url, key, app_id="away") as gone:
+                await gone.send("jobRequest", away)
+                await gone.until("jobState", jobID=away["jobID"])  # accepted
+            with trio.fail_after(60):
+                while store.counts().get("done", 0) < done_before + 2:
+                    await trio.sleep(0.1)
+            async with connect(url, key, app_id="away") as back:
+                frames = await back.project(away["jobID"])
+                assert [k for k, _ in frames].count("jobResult") == 2
+                assert frames[-1][1]["type"] == "jobCompleted"
+            async with connect(url, key, app_id="away") as told:  # told once: nothing pushed
+                await told.until("balanceUpdate")
+                with trio.move_on_after(1):
+                    while True:
+                        assert (await told.next())[1].get("jobID") != away["jobID"]

@@ -63,6 +63,16 @@ def test_job_request_defaults_and_refusals() -> None:
     req = parse_job_request(custom, book=BOOK, served=[MODEL], network="relaxed")
     assert (req.steps, req.seed, req.width, req.scheduler) == (6, 9, 128, "euler_a")
     assert req.output_format == "jpeg" and req.network == "relaxed"
+    assert req.disable_safety is False  # the SDKs' default: safety on
+    adult = {**job_request(MODEL, 1), "disableSafety": True}
+    assert parse_job_request(adult, book=BOOK, served=[MODEL], network="fast").disable_safety
+    with pytest.raises(ProjectRefused, match="disableSafety"):
+        parse_job_request(
+            {**job_request(MODEL, 1), "disableSafety": "yes"},
+            book=BOOK,
+            served=[MODEL],
+            network="fast",
+        )
     bad = [
         ({"modelID": "other"}, "unknown model"),
         ({"steps": 0}, "steps"),
@@ -129,3 +139,23 @@ async def test_images_kept_by_id_and_swept(tmp_path: Path) -> None:
     assert again.load() == 1
     assert await again.sweep(now=stored.created + 61) == 1
     assert again.get(img) is None and not stored.path.exists()
+
+
+def test_project_book_pushes_untold_projects_of_one_app_and_forgets_abandoned_ones() -> None:
+    from sogni_coordinator.gateway.projects import Project, ProjectBook
+
+    book = ProjectBook(keep=60)
+    running = Project("key_a", "RUN", 2, app_id="app", started_at=1000.0)
+    ended_unseen = Project("key_a", "AWAY", 1, app_id="app", done=True, started_at=1000.0)
+    told = Project("key_a", "TOLD", 1, app_id="app", done=True, told=True, ended_at=1010.0)
+    cancelled = Project("key_a", "CAN", 1, app_id="app", cancelled=True, started_at=1000.0)
+    other_app = Project("key_a", "OTHER", 1, app_id="other", started_at=1000.0)
+    other_key = Project("key_b", "RUN", 1, app_id="app", started_at=1000.0)
+    for p in (running, ended_unseen, told, cancelled, other_app, other_key):
+        book.add(p)
+    assert [p.job_id for p in book.untold("key_a", "app")] == ["RUN", "AWAY"]
+    assert [p.job_id for p in book.in_flight("key_a")] == ["RUN", "OTHER"]
+    book.sweep(now=1065.0)  # started 65 s ago and never seen to end: gone; TOLD ended 55 s ago
+    assert book.get("key_a", "TOLD") is told and book.get("key_a", "RUN") is None
+    book.sweep(now=1071.0)
+    assert book.get("key_a", "TOLD") is None

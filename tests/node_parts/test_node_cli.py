@@ -98,7 +98,7 @@ def test_config_prints_effective_config(tmp_path: Path) -> None:
     toml = tmp_path / "node.toml"
     toml.write_text("slots = 2\n")
     result = runner.invoke(
-        app, ["config", "-c", str(toml)], env=env_for(tmp_path, SOGNI_NODE_THREADS="3")
+        app, ["config", "-c", str(toml), "--json"], env=env_for(tmp_path, SOGNI_NODE_THREADS="3")
     )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
@@ -127,7 +127,12 @@ def test_start_calls_daemon_run_with_config(
     fake.run = lambda cfg, announce=False: seen.append(cfg)  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "sogni_node.daemon", fake)
     monkeypatch.setattr(sogni_node, "daemon", fake, raising=False)
-    env = env_for(tmp_path, SOGNI_NODE_SLOTS="2", SOGNI_NODE_LOG_JSON="true")
+    env = env_for(
+        tmp_path,
+        SOGNI_NODE_SLOTS="2",
+        SOGNI_NODE_LOG_JSON="true",
+        SOGNI_NODE_COORDINATORS="/ip4/127.0.0.1/tcp/9/p2p/12D3KooWNDUxrJgsgq7ocTuLmYg3pqSQ2m9Sz1jBzj4TZs5p3HwB",
+    )
     result = runner.invoke(app, ["start"], env=env)
     assert result.exit_code == 0, result.output
     assert len(seen) == 1 and seen[0].slots == 2 and seen[0].data_dir == tmp_path

@@ -32,6 +32,10 @@ PASSWORD = "container secret pw"
 GRACE = 5.0
 
 
+UNREACHABLE_PEER = "12D3KooWNDUxrJgsgq7ocTuLmYg3pqSQ2m9Sz1jBzj4TZs5p3HwB"
+"""A well-formed peer id for a coordinator address nothing answers at."""
+
+
 def _env(**extra: str) -> dict[str, str]:
     """A clean env (no caller SOGNI_*), the venv's commands first on PATH, like the image."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SOGNI_")}
@@ -106,6 +110,8 @@ def test_entrypoint_runs_the_node_from_env_and_it_stops_cleanly_on_sigterm(
         SOGNI_NODE_LOG_JSON="true",
         SOGNI_NODE_KEYSTORE_FILE=str(mounted),
         SOGNI_NODE_PASSWORD_FILE=str(password_file),
+        # a node without coordinators refuses to start; nothing listens on port 9
+        SOGNI_NODE_COORDINATORS=f"/ip4/127.0.0.1/tcp/9/p2p/{UNREACHABLE_PEER}",
     )
     node = _spawn("node", ["node", "--announce"], env, tmp_path)
     try:
@@ -119,7 +125,7 @@ def test_entrypoint_runs_the_node_from_env_and_it_stops_cleanly_on_sigterm(
         assert copied.read_bytes() == mounted.read_bytes()
 
         status, facts = _get(f"http://127.0.0.1:{http}/healthz")
-        assert status == 200 and facts["role"] == "node"  # up (no coordinator configured)
+        assert status == 200 and facts["role"] == "node"  # up (its coordinator unreachable)
         # the daemon unlocked the keystore it was handed, with the password from the file
         ready_log = _wait_for(
             lambda: next(

@@ -145,8 +145,9 @@ async def main_flow(cfg: dict[str, Any], out: dict[str, Any]) -> None:
         }
 
     async def reconnect() -> dict[str, Any]:
-        """The socket drops mid-project; after the SDK reconnects the same `jobRequest` is
-        sent again, as the SDK itself does after a 1001 or an unacknowledged send."""
+        """The socket drops mid-project; the SDK reconnects on its own and, without re-sending
+        the accepted `jobRequest`, gets the rest of the project on its new socket (the gateway
+        resumes an app's in-flight projects there)."""
         before = _spark(await client.account.refresh_balance())
         project = await client.projects.create(_project(cfg, 2))
         requests = [d for t, d in sent if t == "jobRequest" and d.get("jobID") == project.id]
@@ -164,10 +165,15 @@ async def main_flow(cfg: dict[str, Any], out: dict[str, Any]) -> None:
         deadline = time.monotonic() + 10
         while not socket.is_connected and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        await socket.send("jobRequest", requests[0])
         urls = await project.wait_for_completion(timeout=TIMEOUT)
         after = _spark(await client.account.refresh_balance())
-        return {"urls": urls, "charged": round(before - after, 6), "dropped": True}
+        again = [d for t, d in sent if t == "jobRequest" and d.get("jobID") == project.id]
+        return {
+            "urls": urls,
+            "charged": round(before - after, 6),
+            "dropped": True,
+            "sentAgain": len(again) - 1,
+        }
 
     async def cancel() -> dict[str, Any]:
         before = _spark(await client.account.refresh_balance())

@@ -165,8 +165,9 @@ async function mainFlow() {
     };
   });
   await step('reconnect', async () => {
-    // The socket drops mid-project; once the SDK has reconnected, the same jobRequest is
-    // sent again, as the SDK itself does after a 1001 or an unacknowledged send.
+    // The socket drops mid-project; the SDK reconnects on its own and, without re-sending the
+    // accepted jobRequest, gets the rest of the project on its new socket (the gateway resumes
+    // an app's in-flight projects there).
     const before = await balance();
     const p = await sogni.projects.create(project(2));
     const requests = sent.filter(([t, d]) => t === 'jobRequest' && d.jobID === p.id);
@@ -176,10 +177,10 @@ async function mainFlow() {
     const reconnected = new Promise((resolve) => sogni.apiClient.once('connected', resolve));
     socket.socket.terminate(); // a dropped connection (1006), not a close: the SDK reconnects
     await withTimeout(reconnected, 30_000, 'reconnect');
-    await socket.send('jobRequest', requests[0][1]);
     const urls = await withTimeout(p.waitForCompletion(), TIMEOUT_MS, 'reconnect render');
     const after = await balance();
-    return { urls, charged: Number((before - after).toFixed(6)), dropped: true };
+    const sentAgain = sent.filter(([t, d]) => t === 'jobRequest' && d.jobID === p.id).length - 1;
+    return { urls, charged: Number((before - after).toFixed(6)), dropped: true, sentAgain };
   });
   await step('cancel', async () => {
     const before = await balance();

@@ -1,0 +1,122 @@
+"""Models and LoRAs installed while the node runs are served without a restart.
+
+`sogni-node models add` and `loras add` run in a process of their own and change only the
+index files under the models folder. The daemon polls those files' stamps (cheap: two
+`stat` calls every `POLL_SECONDS`); when one changes it registers the newly installed models
+with the running backend, and the caller re-signs its capabilities and announces them to
+every coordinator (`CapabilitiesUpdate`), so routing and the node's own offer checks use
+them from the next offer on.
+
+Removed models leave the advertised list (their files are gone) but stay registered: a job
+already running on one finishes or fails on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+
+from sogni_node.models.loras import INDEX_NAME as LORA_INDEX
+from sogni_node.models.registry import ModelRegistry, ModelSpec
+from sogni_node.models.store import INDEX_NAME as MODEL_INDEX
+from sogni_node.models.store import ModelIntegrityError, ModelStore, ModelStoreError
+from sogni_protocol.logs import get_logger
+
+log = get_logger(__name__)
+
+POLL_SECONDS = 2.0
+"""How often the index files are looked at: a model or LoRA added is served within this."""
+
+Stamp = tuple[tuple[int, int, int] | None, ...]
+
+
+def index_stamp(models_dir: Path) -> Stamp:
+    """(mtime, inode, size) of the model and LoRA indexes (None: absent). Both are rewritten
+    by an atomic rename, so any change moves the inode or the mtime."""
+    out: list[tuple[int, int, int] | None] = []
+    for path in (models_dir / MODEL_INDEX, models_dir / "loras" / LORA_INDEX):
+        try:
+            st = path.stat()
+        except OSError:
+            out.append(None)
+        else:
+            out.append((st.st_mtime_ns, st.st_ino, st.st_size))
+    return tuple(out)
+
+
+class InstalledModels:
+    """The advertised model list of a running node, kept in step with the model store.
+
+    `models` is the list the daemon advertises (mutated in place). Models installed with
+    `models add` are registered with `registry` (the backend's) when they appear; ids that
+    were never in the store (built-in models) are never dropped.
+    """
+
+    def __init__(self, models_dir: Path, registry: ModelRegistry | None, models: list[str]):
+        self.store = ModelStore(models_dir)
+        self.registry = registry
+        self.models = models
+        self._from_store: set[str] = set()
+
+    def installed_specs(self) -> list[ModelSpec]:
+        """Specs of the installed models; a model not yet registered has its files checked
+        first (sha256, as at start-up) and is left out if one is bad. Blocking: run it off
+        the event loop."""
+        if not self.store.index_path.is_file():
+            return []
+        specs = []
+        for model in self.store.installed():
+            new = self.registry is None or model.model_id not in self.registry
+            try:
+                specs.append(self.store.spec(model.model_id, verify=new))
+            except ModelIntegrityError as exc:
+                log.error("model_not_served", model=model.model_id, error=str(exc))
+        return specs
+
+    def apply(self, specs: list[ModelSpec]) -> bool:
+        """Register new specs, drop removed store models; True if the advertised list changed.
+        On the event loop: the registry's dict is only ever written here and at start-up."""
+        before = list(self.models)
+        now = {s.model_id for s in specs}
+        for spec in specs:
+            if self.registry is not None and spec.model_id not in self.registry:
+                self.registry.register(spec)
+            if self.registry is not None and spec.model_id not in self.models:
+                self.models.append(spec.model_id)
+        for gone in self._from_store - now:
+            if gone in self.models:
+                self.models.remove(gone)
+        self._from_store = now & set(self.models)
+        self.models.sort()
+        return self.models != before
+
+
+async def watch_installed(
+    models_dir: Path,
+    installed: InstalledModels,
+    announce: Callable[[], None],
+    *,
+    interval: float = POLL_SECONDS,
+) -> None:
+    """Poll the indexes; on a change, reload the models and call `announce` (re-sign and send
+    the capabilities). Runs until cancelled; a bad index is logged and retried next time."""
+    last = await trio.to_thread.run_sync(index_stamp, models_dir)
+    try:
+        installed.apply(await trio.to_thread.run_sync(installed.installed_specs))
+    except (ModelStoreError, OSError) as exc:
+        log.warning("models_not_reloaded", error=str(exc))
+    while True:
+        await trio.sleep(interval)
+        stamp = await trio.to_thread.run_sync(index_stamp, models_dir)
+        if stamp == last:
+            continue
+        try:
+            specs = await trio.to_thread.run_sync(installed.installed_specs)
+        except (ModelStoreError, OSError) as exc:  # e.g. an index mid-rewrite by hand
+            log.warning("models_not_reloaded", error=str(exc))
+            continue  # `last` unchanged: tried again at the next poll
+        last = stamp
+        installed.apply(specs)
+        announce()
