@@ -98,6 +98,19 @@ def _refused(logs: list[dict[str, Any]]) -> list[str]:
     return [str(e["error"]) for e in logs if e["event"] == "coordinator_refused"]
 
 
+
+def _node_config(tmp_path: Path, coordinator: str, trusted: str, domain: Domain) -> NodeConfig:
+    """A node dialling a hand-driven coordinator host that trusts only `trusted`."""
+    return NodeConfig(
+        data_dir=tmp_path / "node",
+        coordinators=[coordinator],
+        trusted_coordinators=[trusted],
+        chain_id=domain.chain_id,
+        verifying_contract=domain.verifying_contract,
+        threads=1,
+        http_listen="off",
+    )
+
 async def test_rotated_key_keeps_in_flight_work_and_nodes_follow_it(
     tmp_path: Path, backend: Any
 ) -> None:
@@ -219,15 +232,7 @@ async def test_a_forged_rotation_chain_is_refused(tmp_path: Path, backend: Any) 
     with capture_logs() as logs:
         async with open_host(key_path=None, listen=["/ip4/127.0.0.1/tcp/0"]) as host:
             host.set_stream_handler(JOBS_PROTOCOL, on_node)
-            config = NodeConfig(
-                data_dir=tmp_path / "node",
-                coordinators=[host.addrs[0]],
-                trusted_coordinators=[trusted.address],
-                chain_id=domain.chain_id,
-                verifying_contract=domain.verifying_contract,
-                threads=1,
-                http_listen="off",
-            )
+            config = _node_config(tmp_path, host.addrs[0], trusted.address, domain)
             wallet = Wallet(acct.address, bytes(acct.key))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lambda: run_node(config, wallet, backend, [MODEL], stop=stop))
@@ -309,15 +314,7 @@ async def test_a_challenge_about_work_offered_under_the_old_key_is_answered(
     with capture_logs() as logs:
         async with open_host(key_path=None, listen=["/ip4/127.0.0.1/tcp/0"]) as host:
             host.set_stream_handler(JOBS_PROTOCOL, on_node)
-            config = NodeConfig(
-                data_dir=tmp_path / "node",
-                coordinators=[host.addrs[0]],
-                trusted_coordinators=[old.address],
-                chain_id=domain.chain_id,
-                verifying_contract=domain.verifying_contract,
-                threads=1,
-                http_listen="off",
-            )
+            config = _node_config(tmp_path, host.addrs[0], old.address, domain)
             wallet = Wallet(acct.address, bytes(acct.key))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lambda: run_node(config, wallet, backend, [MODEL], stop=stop))
