@@ -176,6 +176,14 @@ def convert_single_file(
         except Exception as exc:  # diffusers raises bare Exception subclasses, too
             # Drop diffusers' advice to pass the component in Python: not an option here.
             reason = str(exc).split("\nPlease load the component")[0].strip()
+            if "size mismatch" in reason:  # not the class's standard layout: one line, no dump
+                mismatched = reason.count("size mismatch")
+                component = reason.split("loading state_dict for ", 1)[-1].split(":", 1)[0]
+                reason = (
+                    f"its {component} has {mismatched} layers of other sizes than the standard "
+                    f"{family} layout (a custom or resized model): pass --config-dir with its "
+                    "diffusers config folder, or --class if it is another class"
+                )
             raise SingleFileError(f"cannot convert {checkpoint.name}: {reason}") from exc
         pipe.save_pretrained(str(dest), safe_serialization=True)
         del pipe

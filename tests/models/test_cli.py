@@ -33,6 +33,13 @@ def test_models_cli(
     )
     code, out = _run(models, "add", str(tiny_folder), "--id", "tiny")
     assert code == 0 and "added tiny (sd15)" in out
+    # a single file whose layout is not the standard class's (an A1111 export of a custom
+    # model): one line saying what to pass, never a `size mismatch` dump (issue #15)
+    code, out = _run(models, "add", str(tiny_checkpoint), "--id", "nocfg")
+    (error,) = [line for line in out.splitlines() if line.startswith("error:")]
+    assert code == 3 and "other sizes than the standard sd15 layout" in error, out
+    assert "--config-dir" in error and len(error) < 400
+    assert "size mismatch" not in out and "Traceback" not in out
     code, out = _run(models, "add", str(tiny_checkpoint), "--config-dir", str(tiny_config_dir))
     assert code == 0 and "added tiny_sd_v1_-test (sd15)" in out
     code, out = _run(models, "add", str(tiny_folder), "--id", "tiny")
