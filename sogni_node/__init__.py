@@ -8,6 +8,12 @@ events are untouched.
 """
 
 import logging as _logging
+import os as _os
+
+# transformers configures its own root logger when imported, so a level set here would be
+# overwritten: its documented switch is the environment ("requires torchvision ... falling
+# back to CLIPImageProcessorPil" on every model load). An operator's own setting wins.
+_os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 for _name in (
     "torchao",  # "Failed to load .../_C_mxfp8...so" on builds without CUDA kernels

@@ -154,8 +154,17 @@ def test_importing_the_renderer_prints_no_third_party_chatter() -> None:
     """torchao / torch pytree / diffusers import-time warnings are quieted by `sogni_node`."""
     import subprocess
 
-    code = "import sogni_node.render.diffusers_backend, torchao  # noqa"
+    code = (
+        "import sogni_node.render.diffusers_backend, torchao\n"
+        "from transformers import CLIPImageProcessor\n"
+        "CLIPImageProcessor()\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    for noise in ("register_constant", "Unable to import `torchao`", "Failed to load"):
+    for noise in (
+        "register_constant",
+        "Unable to import `torchao`",
+        "Failed to load",
+        "requires torchvision",
+    ):
         assert noise not in out.stderr, out.stderr
