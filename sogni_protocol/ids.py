@@ -20,7 +20,8 @@ receipts, and the network id in payer authorizations; 4: the trajectory root in 
 5: refusal codes in `VerifyRefused`, and the verifier's image check, `VerifyDecode` /
 `DecodeVerified`; 6: the payout address in receipts (EIP-712 version "4") and the partner
 cloud's `machineId` in capabilities; 7: `CapabilitiesUpdate` during a session, and the chain of
-offer-key rotations in `Welcome`, and `disableSafety` in render requests).
+offer-key rotations in `Welcome`, `disableSafety` in render requests, and the payout
+address in capabilities).
 
 The rule: `v` is the major version, and peers speak only their own (messages are strict, an
 unknown field is refused, so any change to a message is a new major version). It is

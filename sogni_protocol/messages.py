@@ -164,6 +164,10 @@ class Capabilities(_Record, kw_only=True):
     ] = ""
     """The partner cloud's machine id (SaladCloud's instance metadata), so a coordinator can
     tell two adverts of one machine apart from two machines; empty: none known."""
+    payout: Address | None = None
+    """Where this node's rewards go (`payout_address`; None: its wallet): work it verifies for
+    others is paid there too, and a verifier is never one paid to the same account as the
+    worker it checks."""
 
 
 class RenderMeta(_Record, kw_only=True):
