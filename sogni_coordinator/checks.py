@@ -41,7 +41,9 @@ passed. No third answer: the first verifier gets a known-answer probe (`known_an
 a wrong probe answer costs it its standing (and the step is asked elsewhere, or skipped),
 a right one (or no probe at all) lets the fail stand. Verifier answers are also probed at
 `probe_rate`. Every verifier answer a verdict rests on is recorded for pay
-(`Store.record_verifier_work`); passed steps feed the known-answer pool.
+(`Store.record_verifier_work`, at the verifier's payout account, else its wallet); passed
+steps feed the known-answer pool. A verifier is never of the worker's wallet or payout
+account (nor, for a third node, of the first verifier's), by either of its own.
 
 Restart: a check still pending when the coordinator stopped is handed back by
 `Dispatcher.restore` (`Held.reconnect_within`): it waits for the node that rendered the job
@@ -152,14 +154,23 @@ class Outcome:
 
 @dataclass(frozen=True)
 class _Answer:
-    """One verifier's verdict (`verifier` its wallet) and the peer that gave it."""
+    """One verifier's verdict (`verifier` its wallet), the peer that gave it, and the
+    account its work is paid to (its advertised payout address at the time, else its
+    wallet; None when nobody answered, or its node left before it was looked up:
+    such an answer is not paid, as no account is known for it)."""
 
     verdict: StepVerdict
     peer: str | None
+    payee: str | None = None
 
     @property
     def wallet(self) -> str | None:
         return self.verdict.verifier
+
+    @property
+    def accounts(self) -> frozenset[str]:
+        """Its wallet and payout account, lowercase: a third node may be neither."""
+        return frozenset(a.lower() for a in (self.wallet, self.payee) if a is not None)
 
     @property
     def answered(self) -> bool:
@@ -192,6 +203,9 @@ class _Run:
     by_step: dict[int, StepOpeningWire]
     used: list[tuple[str | None, int, str]] = field(default_factory=list)
     """(verifier wallet, step k or the final leaf, "step"/"image") per answer relied on."""
+    payees: dict[str, str] = field(default_factory=dict)
+    """Verifier wallet (lowercase) -> the account its work is paid to, as it was when it
+    answered (its payout address, else its wallet)."""
     discarded: frozenset[str] = frozenset()
     """Wallets (lowercase) whose answers this check no longer believes."""
     evidence: list[StepEvidence] = field(default_factory=list)
@@ -202,6 +216,12 @@ class _Run:
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
+
+    def use(self, answer: _Answer, step: int, kind: str) -> None:
+        """Rely on `answer` for `step`: it is paid, at the payee it had when it answered."""
+        self.used.append((answer.wallet, step, kind))
+        if answer.wallet is not None and answer.payee is not None:
+            self.payees[answer.wallet.lower()] = answer.payee
 
 
 @dataclass(frozen=True)
@@ -237,11 +257,12 @@ class _Without:
 
     _d: _Dispatcher
     _exclude: frozenset[str]
+    """Accounts (wallets or payout addresses): a node with either among them is left out."""
 
     @property
     def nodes(self) -> Mapping[str, NodeLink]:
         barred = {w.lower() for w in self._exclude}
-        return {p: link for p, link in self._d.nodes.items() if link.wallet.lower() not in barred}
+        return {p: link for p, link in self._d.nodes.items() if link.accounts.isdisjoint(barred)}
 
     @property
     def verifications(self) -> PendingVerifications:
@@ -357,10 +378,10 @@ class Checks:
         link = self.dispatcher.nodes.get(held.peer_id)
         if link is None or link.wallet.lower() != held.worker.lower():
             return False
-        barred = self.standing.without() | {held.worker.lower()}
+        barred = self.standing.without() | {held.worker.lower(), held.receipt.payee.lower()}
         model = held.job.params.model_id
         return any(
-            model in other.models and other.wallet.lower() not in barred
+            model in other.models and other.accounts.isdisjoint(barred)
             for other in self.dispatcher.nodes.values()
         )
 
@@ -486,6 +507,7 @@ class Checks:
                 timeout=self.policy.verify_timeout,
                 rng=self._rng,
                 exclude=exclude,
+                worker_payout=held.receipt.payee,
             )
 
         return ask
@@ -498,7 +520,8 @@ class Checks:
         final = run.by_step[held.receipt.steps_done]
 
         async def ask(exclude: frozenset[str]) -> StepVerdict:
-            view = _Without(d, exclude)
+            # the worker's payout account too: `verify_image` bars only the worker's wallet
+            view = _Without(d, exclude | {held.receipt.payee.lower()})
             return await verify_image(
                 view,
                 params=held.job.params,
@@ -530,7 +553,7 @@ class Checks:
                 requeue += self._discard(run, first.wallet)
                 continue  # its answer is discarded: ask another verifier
             if v.passed:
-                run.used.append((first.wallet, step, kind))
+                run.use(first, step, kind)
                 return _Decided(first.outcome("pass"), requeue)
             if not _against_worker(v):
                 unfit = v.verifier is None and not v.reason.startswith("no verifier")
@@ -538,22 +561,23 @@ class Checks:
                     return _Decided(self._failed(run, step, kind, first), requeue)
                 return _Decided(first.outcome("skipped", strike=False), requeue)
             assert first.wallet is not None  # an answer over tolerance names its verifier
-            third = await self._asked(ask, excluded | {first.wallet})
+            third = await self._asked(ask, excluded | first.accounts)
             if third.verdict.passed:  # the first verifier is overruled
                 self.standing.lose(first.wallet, f"overruled by a third wallet at {kind} {step}")
                 requeue += self._discard(run, first.wallet)
-                run.used.append((third.wallet, step, kind))
+                run.use(third, step, kind)
                 run.note(OVERRULED)
                 reason = f"{third.verdict.reason}; {OVERRULED}"
                 return _Decided(replace(third.outcome("pass"), reason=reason), requeue)
             if third.answered and _against_worker(third.verdict):
-                run.used += [(first.wallet, step, kind), (third.wallet, step, kind)]
+                run.use(first, step, kind)
+                run.use(third, step, kind)
                 return _Decided(self._failed(run, step, kind, first, third), requeue)
             probed = await self._probe(run, first)
             if probed is False:
                 requeue += self._discard(run, first.wallet)
                 continue  # the step is asked again, without the lying verifier
-            run.used.append((first.wallet, step, kind))
+            run.use(first, step, kind)
             return _Decided(self._failed(run, step, kind, first, probed=probed), requeue)
 
     async def _asked(self, ask: _Ask, exclude: frozenset[str]) -> _Answer:
@@ -561,7 +585,8 @@ class Checks:
         v = await ask(exclude)
         link = self.dispatcher.nodes.get(v.verifier) if v.verifier is not None else None
         wallet = link.wallet if link is not None else v.verifier
-        return _Answer(replace(v, verifier=wallet), v.verifier)
+        payee = link.payee if link is not None else None  # gone: no account known to pay
+        return _Answer(replace(v, verifier=wallet), v.verifier, payee)
 
     async def _probe(self, run: _Run, first: _Answer) -> bool | None:
         """A known-answer probe of `first`'s verifier: True if it answered right, False if
@@ -641,11 +666,17 @@ class Checks:
             )
 
     async def _record_work(self, run: _Run) -> None:
-        """Each used answer is one step of verifier work, paid from the take at settlement."""
-        per_wallet = Counter(w.lower() for w, _, _ in run.used if w is not None)
+        """Each used answer is one step of verifier work, paid from the take at settlement
+        to the verifier's payout account (else its wallet): an ephemeral container's pay
+        lands with its operator, not on a throwaway key."""
+        per_payee = Counter(
+            run.payees[w.lower()].lower()
+            for w, _, _ in run.used
+            if w is not None and w.lower() in run.payees
+        )
         store = self.dispatcher.store
-        for wallet, steps in sorted(per_wallet.items()):
-            await store.call(store.record_verifier_work, run.held.job.job_id, wallet, steps)
+        for payee, steps in sorted(per_payee.items()):
+            await store.call(store.record_verifier_work, run.held.job.job_id, payee, steps)
 
     # --- the log -------------------------------------------------------------------------
     def write_log(self, job_id: bytes, worker: str, outcome: Outcome) -> None:

@@ -508,6 +508,7 @@ class Dispatcher:
             loras=frozenset(caps.loras),
             warm=frozenset(caps.warm_models),
             connected_at=self._clock(),
+            payout=caps.payout,
         )
         old = self.nodes.get(peer_id)
         if old is not None:
@@ -526,6 +527,7 @@ class Dispatcher:
         link.warm = frozenset(caps.warm_models)
         link.max_pixels = caps.max_pixels
         link.device = caps.device
+        link.payout = caps.payout  # where verifier work done from now on is paid
         log.info(
             "node_capabilities_changed",
             peer=link.peer_id,

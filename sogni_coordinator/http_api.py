@@ -14,7 +14,7 @@ imported when the app is built, so importing this module needs no `http` extra.
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from sogni_coordinator.dispatch import Dispatcher
     from sogni_coordinator.epoch_serving import EpochFolder
     from sogni_coordinator.gateway import Gateway
+    from sogni_coordinator.seasons.stakers import StakeChange
 
 RELAY_BODY_LIMIT = ids.RELAY_FRAME_LIMIT
 """Largest `POST /relay/claim` body read (a claim with a 64-node proof is ~5 KB of JSON)."""
@@ -52,6 +53,9 @@ class CoordinatorView:
     """The published epochs folder (`chain_link.publish_dir`); None: `/epochs` is 404."""
     relay: ClaimRelay | None = None
     """Submits claims for nodes; None (no settlement chain): `/relay/claim` answers 503."""
+    stakes: Callable[[], Sequence[StakeChange]] | None = None
+    """The Staking contract's history (`seasons.stakers.StakeHistory.changes`) for the status
+    page's Stakers board; None (no settlement chain): the board says it needs the chain."""
     registry: CollectorRegistry | None = None
     """This coordinator's metrics (`sogni_coordinator.metrics`); None: `/metrics` is 404."""
     refresh: Callable[[], Awaitable[None]] | None = None
@@ -238,7 +242,7 @@ def routes(view: CoordinatorView) -> list[BaseRoute]:
         *probe_routes(view),
         *epoch_routes(view),
         *relay_routes(view),
-        *status_routes(view),
+        *status_routes(view, view.stakes),
         *_gateway_routes(view),
     ]
 

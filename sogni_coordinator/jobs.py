@@ -32,6 +32,19 @@ class NodeLink:
     loras: frozenset[str] = frozenset()
     credit: int = 0
     inflight: dict[bytes, Job] = field(default_factory=dict)
+    payout: str | None = None
+    """Its advertised payout account (`Capabilities.payout`, signed in the binding; None:
+    its wallet): work it verifies is paid there, and it never verifies that account's work."""
+
+    @property
+    def payee(self) -> str:
+        """The account its verifier work is paid to: its payout address, else its wallet."""
+        return self.payout if self.payout is not None else self.wallet
+
+    @property
+    def accounts(self) -> frozenset[str]:
+        """Its wallet and payout account, lowercase (who it may not verify for)."""
+        return frozenset({self.wallet.lower(), self.payee.lower()})
 
 
 @dataclass(eq=False)

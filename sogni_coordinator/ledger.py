@@ -9,6 +9,9 @@ Accounts: a payer is its wallet address (lower case). System accounts: `treasury
 Spark: card purchases, Daily Boost), `chain` (SOGNI deposited from chain), `reserved:<request>`,
 `worker:<address>`, `platform`, `creator:<model>`. Only the issuers may go negative.
 
+Referrals (`refer`, `ledger_referrals`) link a referred account to its referrer for the season
+boards (`sogni_coordinator.seasons`), which also read `season_jobs` and `purchases`.
+
 Request path: `reserve` on accept, `settle` per receipt, `refund` on finish or cancel. Open
 reservations stay in `ledger_reservations`, so a restarted coordinator takes them back.
 """
@@ -22,10 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import msgspec
 from eth_utils import to_checksum_address
 
 from sogni_coordinator.db import Database
 from sogni_protocol.epoch_files import PayerAuthorization, PayerSettlement
+from sogni_protocol.messages import Receipt
 from sogni_protocol.pricing import MICRO, Quote
 
 Asset = Literal["spark_paid", "spark_free", "sogni"]
@@ -93,7 +98,19 @@ ALTER TABLE ledger_reservations ADD COLUMN network_id TEXT;
 """A paid request keeps its payer's signed authorization: epochs publish it as the evidence
 that the payer agreed to pay for the job (NULL for older reservations)."""
 
-MIGRATIONS = (_SCHEMA_V1, _V2_AUTHORIZATION_EVIDENCE)
+_V3_REFERRALS = """
+CREATE TABLE ledger_referrals (
+    referred    TEXT PRIMARY KEY,
+    referrer    TEXT NOT NULL,
+    created_at  REAL NOT NULL,
+    CHECK (referred != referrer)
+);
+CREATE INDEX ledger_referrals_referrer ON ledger_referrals(referrer);
+"""
+"""Who referred whom (season Ambassadors board, no-farming links): one referrer per account,
+never oneself, never a cycle (`Ledger.refer` walks the chain up before inserting)."""
+
+MIGRATIONS = (_SCHEMA_V1, _V2_AUTHORIZATION_EVIDENCE, _V3_REFERRALS)
 """The ledger's schema versions in order (`Database` applies the missing ones on open)."""
 
 
@@ -114,6 +131,11 @@ class InsufficientFunds(LedgerError):
         self.quote = quote
         self.needed = needed
         self.available = available
+
+
+class ReferralRefused(LedgerError):
+    """A referral that would refer an account to itself, give it a second referrer, or close
+    a cycle."""
 
 
 class BoostAlreadyClaimed(LedgerError):
@@ -156,8 +178,54 @@ class Settlement:
     sogni: int
 
 
+@dataclass(frozen=True)
+class SeasonJob:
+    """One settled job as the season boards read it: the ledger's row, plus what the store
+    (same file) says of it when its tables are there (None: not recorded)."""
+
+    job_id: str | None
+    payer: str
+    payee: str
+    """Who the ledger paid: the receipt's payout address, else the signing wallet."""
+    signer: str | None
+    """The wallet that signed the receipt (store `receipts.worker`)."""
+    payout: str | None
+    """The payout address the stored receipt names (None: none, or no receipt stored)."""
+    network: str | None
+    """`fast` or `relaxed`: the tier the request ran on (store `requests.network`)."""
+    check: str | None
+    """The sampled check's state (`pending`, `passed`, `skipped`); None: not sampled."""
+    refused: bool
+    """An epoch refused to pay the receipt (store `settled_receipts.status = 'refused'`)."""
+    spark_free: int
+    spark_paid: int
+    sogni: int
+    sogni_spark: int
+    settled_at: float
+
+
 def _hex(value: bytes | str) -> str:
     return value.hex() if isinstance(value, bytes) else value
+
+
+def _unhex(value: str | None) -> bytes | None:
+    """The bytes of a hex id; None for an id that is not hex (set by hand in tests)."""
+    try:
+        return bytes.fromhex(value) if value else None
+    except ValueError:
+        return None
+
+
+_receipt_decoder = msgspec.msgpack.Decoder(Receipt)
+
+
+def _receipt_payout(blob: object) -> str | None:
+    """The payout address a stored receipt (MessagePack) names, lower case; None if none."""
+    try:
+        receipt = _receipt_decoder.decode(blob if isinstance(blob, bytes) else b"")
+    except (msgspec.DecodeError, TypeError):
+        return None
+    return None if receipt.payout is None else str(receipt.payout).lower()
 
 
 def _addr(value: str) -> str:
@@ -636,3 +704,128 @@ class Ledger(Database):
                 (start, end),
             ).fetchall()
         return [tuple(r) for r in rows]
+
+    def _has_table(self, name: str) -> bool:
+        return (
+            self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)
+            ).fetchone()
+            is not None
+        )
+
+    def _store_lookup(self, sql: str, keys: list[bytes]) -> dict[bytes, tuple[object, ...]]:
+        """`sql` (with one `{}` for the IN list) over `keys` in chunks; first column keys."""
+        out: dict[bytes, tuple[object, ...]] = {}
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            q = sql.format(", ".join("?" * len(chunk)))
+            for row in self._db.execute(q, chunk):
+                out[bytes(row[0])] = tuple(row[1:])
+        return out
+
+    def season_jobs(self, start: float, end: float) -> list[SeasonJob]:
+        """Settled jobs in [start, end) with their receipt's signer, tier, check and epoch
+        verdict from the store's tables (left None/False where the store has no record)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT job_id, request_id, payer, worker, spark_free, spark_paid, sogni,"
+                " sogni_spark, settled_at FROM ledger_jobs"
+                " WHERE settled_at >= ? AND settled_at < ? ORDER BY tx_id",
+                (start, end),
+            ).fetchall()
+            job_keys = [k for r in rows if (k := _unhex(r[0])) is not None]
+            request_keys = sorted({k for r in rows if (k := _unhex(r[1])) is not None})
+            signers: dict[bytes, tuple[object, ...]] = {}
+            networks, checks, refused = dict(signers), dict(signers), dict(signers)
+            if self._has_table("receipts"):
+                signers = self._store_lookup(
+                    "SELECT job_id, worker, receipt FROM receipts WHERE job_id IN ({})", job_keys
+                )
+            if self._has_table("requests"):
+                networks = self._store_lookup(
+                    "SELECT request_id, network FROM requests WHERE request_id IN ({})",
+                    request_keys,
+                )
+            if self._has_table("checks"):
+                checks = self._store_lookup(
+                    "SELECT job_id, state FROM checks WHERE job_id IN ({})", job_keys
+                )
+            if self._has_table("settled_receipts"):
+                refused = self._store_lookup(
+                    "SELECT job_id, status FROM settled_receipts"
+                    " WHERE status = 'refused' AND job_id IN ({})",
+                    job_keys,
+                )
+        out = []
+        for job_id, rid, payer, worker, free, paid, sogni, sogni_spark, at in rows:
+            key = _unhex(job_id) or b""
+            signer = signers.get(key)
+            network = networks.get(_unhex(rid) or b"")
+            check = checks.get(key)
+            payout = None if signer is None else _receipt_payout(signer[1])
+            out.append(
+                SeasonJob(
+                    job_id,
+                    payer,
+                    worker,
+                    None if signer is None else str(signer[0]).lower(),
+                    payout,
+                    None if network is None else str(network[0]),
+                    None if check is None else str(check[0]),
+                    key in refused,
+                    int(free),
+                    int(paid),
+                    int(sogni),
+                    int(sogni_spark),
+                    float(at),
+                )
+            )
+        return out
+
+    def purchases(self, start: float, end: float) -> list[tuple[str, int, float]]:
+        """Card purchases of paid Spark in [start, end): (payer, micro-Spark, time)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT t.ref, e.amount, t.created_at FROM ledger_tx t JOIN ledger_entries e"
+                " ON e.tx_id = t.tx_id AND e.account = t.ref AND e.asset = 'spark_paid'"
+                " WHERE t.kind = 'purchase' AND t.created_at >= ? AND t.created_at < ?"
+                " ORDER BY t.tx_id",
+                (start, end),
+            ).fetchall()
+        return [(str(p), int(a), float(t)) for p, a, t in rows]
+
+    # --- referrals ------------------------------------------------------------------------------
+    def refer(self, referred: str, referrer: str, now: float | None = None) -> None:
+        """Record that `referrer` referred `referred`; `ReferralRefused` for oneself, a second
+        referrer, or a cycle (`referrer` is already below `referred`)."""
+        referred, referrer = _addr(referred), _addr(referrer)
+        if referred == referrer:
+            raise ReferralRefused("an account cannot refer itself")
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT referrer FROM ledger_referrals WHERE referred = ?", (referred,)
+            ).fetchone()
+            if row is not None:
+                raise ReferralRefused(f"{referred} was already referred by {row[0]}")
+            up: str | None = referrer
+            while up is not None:  # the chain is acyclic, so this ends
+                if up == referred:
+                    raise ReferralRefused(
+                        f"{referrer} is referred (directly or not) by {referred}: a cycle"
+                    )
+                nxt = db.execute(
+                    "SELECT referrer FROM ledger_referrals WHERE referred = ?", (up,)
+                ).fetchone()
+                up = None if nxt is None else str(nxt[0])
+            db.execute(
+                "INSERT INTO ledger_referrals VALUES (?, ?, ?)",
+                (referred, referrer, time.time() if now is None else now),
+            )
+
+    def referrals(self) -> dict[str, tuple[str, float]]:
+        """referred -> (referrer, when) for every referral."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT referred, referrer, created_at FROM ledger_referrals"
+            ).fetchall()
+        return {str(a): (str(b), float(t)) for a, b, t in rows}

@@ -167,6 +167,7 @@ async def serve_node(
             slots=caps.slots,
             models=caps.models,
             machine_id=caps.machine_id or None,
+            payout=caps.payout,
         )
         async with trio.open_nursery() as nursery:
 

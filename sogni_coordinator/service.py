@@ -167,8 +167,13 @@ async def run_coordinator(
                 if parse_listen(config.http_listen) is not None:
                     from sogni_coordinator.metrics import observe
 
+                    stakes = None
+                    if link is not None:  # the Stakers board reads the Staking contract
+                        from sogni_coordinator.seasons.stakers import StakeHistory
+
+                        stakes = StakeHistory(link.deployment).changes
                     view = CoordinatorView(
-                        host.peer_id, signer.address, dispatcher, started, epochs, relay
+                        host.peer_id, signer.address, dispatcher, started, epochs, relay, stakes
                     )
                     view = observe(view, store, config.database, host, nursery)
                     gateway_config = config.gateway

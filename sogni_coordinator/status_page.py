@@ -18,10 +18,13 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from sogni_coordinator.leaderboard import Row, leaderboard
+from sogni_coordinator.seasons import BOARD_RULES, BOARDS, Row, board_rows
+from sogni_coordinator.seasons.stakers import StakeChange
 from sogni_protocol.catalog import Catalog
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     from starlette.requests import Request
     from starlette.responses import Response
     from starlette.routing import BaseRoute
@@ -76,14 +79,18 @@ class StatusSnapshot:
     epochs: list[tuple[int, str, int, int, int]]
     """The last epochs, newest first: (epoch, state, total wei, paid, refused)."""
     season: int | None
-    workers: list[Row]
-    artists: list[Row]
+    boards: dict[str, list[Row] | None]
+    """Each season board's top `TOP`; None: not readable here (stakers without a chain)."""
 
 
 def snapshot(
-    view: CoordinatorView, catalog: Catalog | None, now: float | None = None
+    view: CoordinatorView,
+    catalog: Catalog | None,
+    now: float | None = None,
+    stakes: Callable[[], Sequence[StakeChange]] | None = None,
 ) -> StatusSnapshot:
-    """Read the page's facts (blocking: database reads)."""
+    """Read the page's facts (blocking: database reads, and `stakes`, the Staking contract's
+    history, when given)."""
     now = time.time() if now is None else now
     d = view.dispatcher
     by_tier: Counter[str] = Counter()
@@ -99,13 +106,15 @@ def snapshot(
         bars[min(BUCKETS - 1, max(0, int((t - start) // BUCKET_SECONDS)))] += 1
     epochs = list(reversed(d.store.epoch_summaries()[-5:]))
     season = None
-    workers: list[Row] = []
-    artists: list[Row] = []
+    boards: dict[str, list[Row] | None] = {}
     if catalog is not None and d.billing is not None:
         s = catalog.season_at(dt.datetime.fromtimestamp(now, dt.UTC))
         season = s.number
-        workers = leaderboard(d.billing.ledger, "workers", s, TOP)
-        artists = leaderboard(d.billing.ledger, "artists", s, TOP)
+        for board in BOARDS:
+            if board == "stakers" and stakes is None:
+                boards[board] = None
+                continue
+            boards[board] = board_rows(d.billing.ledger, board, s, TOP, stakes=stakes, now=now)
     return StatusSnapshot(
         generated_at=now,
         peer_id=view.peer_id,
@@ -117,8 +126,7 @@ def snapshot(
         throughput=bars,
         epochs=epochs,
         season=season,
-        workers=workers,
-        artists=artists,
+        boards=boards,
     )
 
 
@@ -194,12 +202,22 @@ def render(s: StatusSnapshot) -> str:
     )
     boards = ""
     if s.season is not None:
-        for name, rows in (("Workers", s.workers), ("Artists", s.artists)):
-            boards += f"<h2>{name}, season {s.season}</h2>" + _table(
-                ["rank", "wallet", "points", "jobs"],
-                [[r.rank, r.address, f"{r.points:.3f}", r.jobs] for r in rows],
-                {0, 2, 3},
-                name.lower(),
+        for board, rows in s.boards.items():
+            boards += f"<h2>{_e(BOARD_RULES[board].title)}, season {s.season}</h2>"
+            if rows is None:
+                boards += (
+                    f'<p id="{_e(board)}" class="empty">needs the chain: '
+                    f"<code>sogni-coordinator leaderboard {_e(board)}</code></p>"
+                )
+                continue
+            boards += _table(
+                ["rank", "wallet", "points", "days", "prize SOGNI"],
+                [
+                    [r.rank, r.address, f"{r.points:.3f}", r.days_active, f"{r.prize:.2f}"]
+                    for r in rows
+                ],
+                {0, 2, 3, 4},
+                board,
             )
     stamp = dt.datetime.fromtimestamp(s.generated_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     return (
@@ -218,8 +236,11 @@ def render(s: StatusSnapshot) -> str:
     )
 
 
-def status_routes(view: CoordinatorView) -> list[BaseRoute]:
-    """`GET /status`: the page, read in a worker thread (database reads)."""
+def status_routes(
+    view: CoordinatorView, stakes: Callable[[], Sequence[StakeChange]] | None = None
+) -> list[BaseRoute]:
+    """`GET /status`: the page, read in a worker thread (database reads; `stakes`, a reader
+    of the Staking contract's history, fills the Stakers board)."""
     import trio
     from starlette.responses import HTMLResponse
     from starlette.routing import Route
@@ -233,7 +254,7 @@ def status_routes(view: CoordinatorView) -> list[BaseRoute]:
 
     async def page(request: Request) -> Response:
         del request
-        s = await trio.to_thread.run_sync(snapshot, view, catalog)
+        s = await trio.to_thread.run_sync(snapshot, view, catalog, None, stakes)
         return HTMLResponse(render(s), headers={"Cache-Control": "no-store"})
 
     return [Route("/status", page, methods=["GET"])]

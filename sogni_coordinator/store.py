@@ -620,7 +620,9 @@ class Store(Database):
 
     # --- verifier work (paid from the take when the job's receipt is settled) -------------
     def record_verifier_work(self, job_id: bytes, verifier: str, steps: int) -> None:
-        """`verifier` (a wallet) computed `steps` steps (or decodes) checking `job_id`."""
+        """A verifier computed `steps` steps (or decodes) checking `job_id`; `verifier` is the
+        account it is paid at (its payout address at the time of the check, else its wallet:
+        `checks._record_work`; rows before payout addresses hold wallets, the same thing)."""
         with self._tx() as db:
             db.execute(
                 "INSERT INTO verifier_work VALUES (?, ?, ?, ?)",
@@ -628,8 +630,8 @@ class Store(Database):
             )
 
     def verifier_work(self, job_ids: Iterable[bytes]) -> dict[bytes, list[tuple[str, int]]]:
-        """Job id -> `(verifier wallet, steps)` per verifier, summed, sorted by wallet, for
-        each of `job_ids` that has any."""
+        """Job id -> `(verifier account, steps)` per account paid, summed, sorted by account,
+        for each of `job_ids` that has any."""
         out: dict[bytes, list[tuple[str, int]]] = {}
         with self._lock:
             for job_id in job_ids:

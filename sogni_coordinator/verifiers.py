@@ -3,8 +3,9 @@
 Why: a challenge (`challenges.py`) proves the revealed latents are the ones the worker
 committed to; it does not prove they are honest steps of the model. Here the coordinator
 hands leaf k of a challenged job (its latents and committed scheduler state) to another
-node serving the same model, whose wallet differs from the worker's (`choose_verifier`; never
-the worker's own wallet, or a worker could vouch for itself). That node re-runs step k
+node serving the same model, whose wallet and payout account both differ from the worker's
+wallet and payout account (`choose_verifier`; or a worker, or another container paid to the
+same account, could vouch for itself). That node re-runs step k
 (`sogni_node.verify.step_check.recompute_step`) in the worker's declared numeric mode and
 sends back x'_{k+1} (`StepVerified`). The coordinator then measures the committed x_{k+1}
 against it (docs/VERIFICATION.md):
@@ -40,7 +41,6 @@ import trio
 
 from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.pending_replies import PendingReplies
-from sogni_protocol import eip712
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
@@ -104,17 +104,26 @@ def choose_verifier(
     worker_wallet: str,
     rng: random.Random | None = None,
     exclude: Collection[str] = (),
+    *,
+    worker_payout: str | None = None,
 ) -> str | None:
-    """A connected node (peer id) that serves `model_id` and whose wallet is neither
-    `worker_wallet` nor in `exclude` (wallets, any case: verifiers without standing, the
-    verifier a re-check must not ask again), drawn at random; None if there is none."""
-    barred = {w.lower() for w in exclude}
+    """A connected node (peer id) that serves `model_id`, drawn at random, none of whose
+    accounts (its wallet, its advertised payout address) is barred; None if there is none.
+
+    Barred (any case): `worker_wallet`, `worker_payout` (the worker's payout account: an
+    operator's containers share one and must not vouch for each other) and `exclude`
+    (accounts: verifiers without standing, the first verifier's wallet and payout when a
+    third node re-runs its step). The caller passes the payee its worker SIGNED into the
+    receipt, never the payout the worker's node advertises: an advert costs nothing, so a
+    cheater naming an honest operator's account there could bar that operator's nodes from
+    checking it, while a receipt naming it pays that operator."""
+    barred = {worker_wallet.lower(), *(a.lower() for a in exclude)}
+    if worker_payout is not None:
+        barred.add(worker_payout.lower())
     candidates = sorted(
         peer
         for peer, link in nodes.items()
-        if model_id in link.models
-        and not eip712.same_address(link.wallet, worker_wallet)
-        and link.wallet.lower() not in barred
+        if model_id in link.models and link.accounts.isdisjoint(barred)
     )
     if not candidates:
         return None
@@ -239,10 +248,11 @@ async def verify_step(
     timeout: float,
     rng: random.Random | None = None,
     exclude: Collection[str] = (),
+    worker_payout: str | None = None,
 ) -> StepVerdict:
-    """Re-run step k = `opening_k.step` (x_k -> x_{k+1}) on a node of another wallet than
-    `worker` (the worker's wallet address) and the wallets in `exclude`, and compare with
-    `opening_next` (leaf k + 1).
+    """Re-run step k = `opening_k.step` (x_k -> x_{k+1}) on a node none of whose accounts is
+    `worker` (the worker's wallet address), `worker_payout` (the receipt's payee) or in
+    `exclude` (`choose_verifier`), and compare with `opening_next` (leaf k + 1).
 
     Both openings must already have passed `challenges.check_answer` against the worker's
     receipt; `dtype` is the mode the worker declared (`RenderMeta.dtype`)."""
@@ -250,7 +260,9 @@ async def verify_step(
     bad = _unfit(opening_k, opening_next, dtype)
     if bad is not None:
         return _not_verified(k, dtype, bad)
-    peer = choose_verifier(dispatcher.nodes, params.model_id, worker, rng, exclude)
+    peer = choose_verifier(
+        dispatcher.nodes, params.model_id, worker, rng, exclude, worker_payout=worker_payout
+    )
     if peer is None:
         return _not_verified(
             k, dtype, f"no verifier: no other wallet's node serves {params.model_id}"

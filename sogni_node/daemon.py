@@ -84,7 +84,10 @@ def capabilities(
     models: list[str],
     speed: float = 0.0,
     machine_id: str = "",
+    payout: str | None = None,
 ) -> Capabilities:
+    """This node's advert; `payout` (its payout account, None: its wallet) tells the
+    coordinator where work it verifies is paid and whom it may not verify for."""
     return Capabilities(
         peer_id=peer_id,
         wallet=wallet,
@@ -98,6 +101,7 @@ def capabilities(
         speed=speed,
         loras=worker.lora_ids(),
         machine_id=machine_id,
+        payout=payout,
     )
 
 
@@ -170,6 +174,7 @@ async def run_node(
                     list(models),  # a copy: `installed` changes the list while we run
                     speed,
                     machine_id,
+                    identity.payout,
                 )
 
             def announce() -> None:

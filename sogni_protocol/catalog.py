@@ -40,13 +40,31 @@ class ModelEntry:
         return self.default_width * self.default_height
 
 
+SEASON_BOARDS = ("artists", "ambassadors", "stakers", "workers-relaxed", "workers-fast")
+"""The season leaderboards (seed 003), by id."""
+DEFAULT_SEASON_PRIZES: dict[str, int] = {
+    "artists": 2_000_000,
+    "ambassadors": 3_000_000,
+    "stakers": 3_000_000,
+    "workers-relaxed": 500_000,
+    "workers-fast": 1_500_000,
+}
+"""Whole SOGNI per board: Season 7 of the leaderboard page (10,000,000 in all)."""
+
+
 @dataclass(frozen=True)
 class Season:
-    """A leaderboard season: the UTC half-open range [start, end)."""
+    """A leaderboard season: the UTC half-open range [start, end), with its prize pools."""
 
     number: int
     start: dt.datetime
     end: dt.datetime
+    prizes: tuple[tuple[str, int], ...] = tuple(DEFAULT_SEASON_PRIZES.items())
+    """(board id, whole SOGNI) for each board with a prize pool."""
+
+    def prize_pool(self, board: str) -> int:
+        """Whole SOGNI to be awarded on `board` this season (0: none)."""
+        return dict(self.prizes).get(board, 0)
 
 
 @dataclass(frozen=True)
@@ -62,6 +80,8 @@ class Catalog:
     season_first_start: dt.date = dt.date(2024, 1, 1)
     season_length_days: int = 42
     fixed_seasons: dict[int, Season] = field(default_factory=dict)
+    season_prizes: tuple[tuple[str, int], ...] = tuple(DEFAULT_SEASON_PRIZES.items())
+    """`[seasons.prizes]`: each regular season's pools (a fixed season may set its own)."""
 
     def model(self, model_id: str) -> ModelEntry:
         """The model's entry; an unknown model is priced as the reference (SDXL) class."""
@@ -86,7 +106,8 @@ class Catalog:
         first = dt.datetime.combine(self.season_first_start, dt.time(), dt.UTC)
         offset = (number - self.season_first_number) * self.season_length_days
         start = first + dt.timedelta(days=offset)
-        return Season(number, start, start + dt.timedelta(days=self.season_length_days))
+        end = start + dt.timedelta(days=self.season_length_days)
+        return Season(number, start, end, self.season_prizes)
 
     def season_at(self, when: dt.datetime) -> Season:
         """The season containing `when` (fixed seasons first)."""
@@ -110,6 +131,20 @@ def _date(value: Any, what: str) -> dt.date:
         return dt.date.fromisoformat(str(value))
     except ValueError:
         raise CatalogError(f"{what}: expected a date YYYY-MM-DD, got {value!r}") from None
+
+
+def _prizes(raw: Any, what: str) -> tuple[tuple[str, int], ...]:
+    """A `prizes` table: board id -> whole SOGNI (>= 0); boards left out get no pool."""
+    if not isinstance(raw, dict):
+        raise CatalogError(f"{what}: prizes must be a table of board = whole SOGNI")
+    out = []
+    for board, amount in raw.items():
+        if board not in SEASON_BOARDS:
+            raise CatalogError(f"{what}: unknown board {board!r}; expected {SEASON_BOARDS}")
+        if not isinstance(amount, int) or isinstance(amount, bool) or amount < 0:
+            raise CatalogError(f"{what}: prize pool of {board} must be whole SOGNI >= 0")
+        out.append((str(board), amount))
+    return tuple(out)
 
 
 def _entry(model_id: str, cls: str, raw: dict[str, Any], base: ModelEntry | None) -> ModelEntry:
@@ -150,6 +185,7 @@ def parse_catalog(data: dict[str, Any]) -> Catalog:
         models[model_id] = _entry(model_id, cls, raw, classes[cls])
     econ = data.get("economics", {})
     seasons = data.get("seasons", {})
+    default_prizes = _prizes(seasons.get("prizes", DEFAULT_SEASON_PRIZES), "seasons.prizes")
     fixed = {}
     for raw in seasons.get("fixed", []):
         n = int(raw["number"])
@@ -158,6 +194,7 @@ def parse_catalog(data: dict[str, Any]) -> Catalog:
             n,
             dt.datetime.combine(start, dt.time(), dt.UTC),
             dt.datetime.combine(end, dt.time(), dt.UTC),
+            _prizes(raw["prizes"], f"season {n}") if "prizes" in raw else default_prizes,
         )
     catalog = Catalog(
         classes=classes,
@@ -169,6 +206,7 @@ def parse_catalog(data: dict[str, Any]) -> Catalog:
         season_first_start=_date(seasons.get("first_start", "2024-01-01"), "first_start"),
         season_length_days=int(seasons.get("length_days", 42)),
         fixed_seasons=fixed,
+        season_prizes=default_prizes,
     )
     if catalog.sogni_usd_price <= 0 or not 0 < catalog.relaxed_price_factor <= 1:
         raise CatalogError("sogni_usd_price must be > 0 and relaxed_price_factor in (0, 1]")

@@ -168,10 +168,11 @@ def verifiers_of(
     job_steps: int,
     payee: str | None = None,
 ) -> list[VerifierPay]:
-    """The settler's verifier list for one receipt from the recorded `(wallet, steps)` work:
-    checksummed, one per wallet, sorted by lowercase address, the receipt's own worker and
-    payee left out (neither is paid for checking itself), each wallet's steps capped at the
-    job's."""
+    """The settler's verifier list for one receipt from the recorded `(account, steps)` work
+    (the account each verifier is paid at: its payout address when it advertised one, else
+    its wallet): checksummed, one per account, sorted by lowercase address, the receipt's own
+    worker and payee left out (neither is paid for checking itself: a worker's payout account
+    never earns verifying its own work), each account's steps capped at the job's."""
     steps_of: dict[str, int] = {}
     for wallet, steps in work:
         if steps <= 0 or eip712.same_address(wallet, worker):

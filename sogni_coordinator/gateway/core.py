@@ -378,7 +378,9 @@ class Gateway:
         sent: set[int] = set()
         job = project.job_id
         try:
-            if project.cancelled:  # a repeat after a cancel: its final state, nothing else
+            if project.cancelled and events is None:  # a repeat after a cancel: its end only
+                # (a fresh project cancelled before its stream began follows its events: the
+                # dispatcher's cancellation ends it the way the SDKs expect, "canceled")
                 await _send_cancelled(project, send)
                 return
             if events is None or not project.outcomes:

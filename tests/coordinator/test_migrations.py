@@ -143,7 +143,7 @@ def test_a_database_of_the_previous_release_migrates_with_its_data(tmp_path: Pat
     try:
         assert (store.schema_version, ledger.schema_version, reputation.schema_version) == (
             len(MIGRATIONS),
-            2,  # + the payer's authorization evidence
+            3,  # + the payer's authorization evidence, referrals
             2,  # + work_rate, for bounding partial pay
         )
         (live,) = store.live_jobs()

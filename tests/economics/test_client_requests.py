@@ -64,8 +64,8 @@ def test_request_keeps_loras_in_order_and_the_format() -> None:
     ("args", "says"),
     [
         (["--lora", "ghost:strong"], "strength 'strong' is not a number"),
-        (["--format", "gif"], "outputFormat"),
-        (["--lora", "a", "--width", "100"], "width"),
+        (["--format", "gif"], "--format: invalid enum value 'gif'"),  # the option typed
+        (["--lora", "a", "--width", "100"], "--width"),
     ],
 )
 def test_sogni_render_refuses_bad_options_before_sending(args: list[str], says: str) -> None:
