@@ -594,7 +594,9 @@ class Checks:
         held = run.held
         if first.peer is None or first.wallet is None:
             return None
-        known = self.known.draw(held.job.params.model_id, held.dtype, first.wallet, self._rng)
+        known = self.known.draw(
+            held.job.params.model_id, held.dtype, first.wallet, self._rng, payout=first.payee
+        )
         if known is None:
             return None
         v = await probe_step(
@@ -662,6 +664,11 @@ class Checks:
                     dtype=held.dtype,
                     opening_k=run.by_step[step],
                     opening_next=run.by_step[step + 1],
+                    accounts=frozenset(
+                        a.lower()
+                        for a in (held.receipt.payee, run.payees.get(wallet.lower()))
+                        if a is not None
+                    ),
                 )
             )
 

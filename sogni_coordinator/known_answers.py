@@ -40,10 +40,15 @@ class KnownAnswer:
     opening_k: StepOpeningWire
     opening_next: StepOpeningWire
     """Leaf k + 1 as the worker committed it: the known answer."""
+    accounts: frozenset[str] = frozenset()
+    """Every other account behind it (lowercase): the receipt's payee, the verifier's payout
+    account. A verifier whose wallet or payout is one of them could recognise the step."""
 
-    def involves(self, wallet: str) -> bool:
-        w = wallet.lower()
-        return w in (self.worker, self.verifier)
+    def involves(self, *accounts: str | None) -> bool:
+        """Whether any of `accounts` (wallets or payout addresses) rendered, verified or was
+        paid for this step."""
+        mine = {self.worker, self.verifier, *self.accounts}
+        return any(a is not None and a.lower() in mine for a in accounts)
 
 
 class KnownAnswers:
@@ -66,10 +71,18 @@ class KnownAnswers:
         queue.append(answer)
 
     def draw(
-        self, model_id: str, dtype: str, verifier: str, rng: random.Random
+        self,
+        model_id: str,
+        dtype: str,
+        verifier: str,
+        rng: random.Random,
+        *,
+        payout: str | None = None,
     ) -> KnownAnswer | None:
-        """A known answer for `model_id` in mode `dtype` that `verifier` (a wallet) neither
-        rendered nor verified, drawn at random; None if there is none."""
+        """A known answer for `model_id` in mode `dtype` that `verifier` (a wallet) and its
+        `payout` account neither rendered, verified nor were paid for, drawn at random; None
+        if there is none (a sibling container of one operator must not be probed with its
+        siblings' work)."""
         queue = self._pool.get((model_id, dtype), ())
-        fit = [a for a in queue if not a.involves(verifier)]
+        fit = [a for a in queue if not a.involves(verifier, payout)]
         return rng.choice(fit) if fit else None

@@ -399,6 +399,19 @@ def test_known_answers_are_bounded_and_never_the_probed_wallets_own() -> None:
     assert pool.draw("m", "float32", "0xbb", rng) is None  # its own answer
     assert pool.draw("other", "float32", "0xcc", rng) is None
     assert pool.draw("m", "bfloat16", "0xcc", rng) is not None
+    # a sibling container (another wallet, the same payout account as the worker's payee or
+    # the agreeing verifier's) is never probed with that work
+    sibling = KnownAnswers()
+    sibling.add(
+        KnownAnswer(
+            "0xaa", "0xbb", params, "", "float32", t.opening(0), t.opening(1),
+            accounts=frozenset({"0xpayee", "0xvpay"}),
+        )
+    )  # fmt: skip
+    assert sibling.draw("m", "float32", "0xdd", rng, payout="0xPAYEE") is None
+    assert sibling.draw("m", "float32", "0xdd", rng, payout="0xvpay") is None
+    assert sibling.draw("m", "float32", "0xdd", rng, payout="0xother") is not None
+    assert sibling.draw("m", "float32", "0xdd", rng) is not None
 
 
 def test_standing_is_lost_for_a_while() -> None:
