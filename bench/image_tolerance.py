@@ -13,24 +13,30 @@ cycling through the backend's schedulers):
   subprocess, as `python -m bench tolerance` does), and the declared numeric mode (float32,
   bfloat16, the CPU quantization modes). The verifier decodes in the declared mode, 1 thread,
   batch 1, this CPU's own code paths;
-- what the lossy output formats add (JPEG and WebP at the backend's fixed settings);
-- tolerances (per mode: SAFETY x the largest calibration distance, at least 1 level; per lossy
-  format: FORMAT_SAFETY x its largest calibration distance), then the false rejections among
-  >= 1,000 held-out honest checks (other prompts and seeds);
+- the same for JPEG and WebP jobs: the worker delivers its pixels through the node's encoder,
+  the coordinator puts the verifier's decode through the same encoder
+  (`sogni_coordinator.image_verify.check_distance`, `sogni_protocol.image_encoding`), and the
+  share of honest checks whose bytes came out identical;
+- tolerances (per declared mode and output format: SAFETY x the largest calibration distance,
+  at least 1 level), then the false rejections among >= 1,000 held-out honest checks per
+  format (other prompts and seeds);
 - the detection of each cheat (the worker commits an honest trajectory and delivers another
   image): another seed's image, another prompt's image, a replayed older image, pure noise,
-  the decode of the second-to-last latent (a truncated schedule), a JPEG re-encode of the
-  honest image, and small painted patches (8x8 and 4x4 pixels);
+  the decode of the second-to-last latent (a truncated schedule), a lossy re-encode of the
+  honest image (JPEG quality 92 delivered for a PNG job; quality 75 in the job's format for a
+  JPEG or WebP job), and small painted patches (8x8 and 4x4 pixels), each delivered in the
+  job's format, for PNG, JPEG and WebP jobs;
 - the cost of one check (the verifier's decode plus the coordinator's compare) against the
   render's time (float32, 1 thread, same run).
 
-Run: ``.venv/bin/python -m bench image`` (writes its section of BENCHMARKS.md; about 4 minutes
+Run: ``.venv/bin/python -m bench image`` (writes its section of BENCHMARKS.md; about 5.5 minutes
 here, 1 with --quick) or ``.venv/bin/python -m bench.image_tolerance [--quick]`` (prints only).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -53,7 +59,11 @@ from bench.trajectory_tolerance import BF16, FP32, INT8, Job, Mode, Provider
 
 REPO = Path(__file__).resolve().parent.parent
 SAFETY = 10.0
-FORMAT_SAFETY = 2.0
+LOSSY_SAFETY = 2.0
+"""A lossy job's honest distance comes from whole quantised coefficients flipping where the
+worker's and the verifier's pixels differ by a level: steps of the encoder's quantiser, which
+do not grow with the numeric noise. So 2x the largest calibration distance (over more
+calibration renders, `Settings.lossy_calibration_renders`), not 10x."""
 FLOOR = 1.0
 """No mode's tolerance is below one level: an all-zero calibration must not reject the next
 honest rounding of one pixel."""
@@ -75,13 +85,16 @@ PROVIDERS: tuple[Provider, ...] = (
 )
 QUICK_PROVIDERS = ("fp32, 1 thread", "fp32, 2 threads", "fp32, 1 thread, batch 2", "bf16, 1 thread")
 FORMATS = ("jpeg", "webp")
+JOB_FORMATS = ("png", *FORMATS)
+CHEAT_QUALITY = 75
+"""A lossy job's re-encode cheat: the honest pixels at this quality in the job's format."""
 CHEATS = (
     "another seed's image",
     "another prompt's image",
     "replayed older image",
     "pure noise",
     "truncated schedule (x_{N-1} decoded)",
-    "JPEG re-encode (quality 92)",
+    "lossy re-encode (JPEG q92 for PNG jobs, q75 in the job's format)",
     "8x8 patch painted",
     "4x4 patch painted",
 )
@@ -90,13 +103,21 @@ CHEATS = (
 @dataclass(frozen=True)
 class Settings:
     calibration_renders: int = 12  # per provider
+    lossy_calibration_renders: int = 28  # more per provider, for the lossy formats' tolerance
     honest_checks: int = 1000  # held out, spread over the providers
     cheat_jobs: int = 50
     cost_runs: int = 20
     quick: bool = False
 
 
-QUICK = Settings(calibration_renders=3, honest_checks=100, cheat_jobs=8, cost_runs=6, quick=True)
+QUICK = Settings(
+    calibration_renders=3,
+    lossy_calibration_renders=2,
+    honest_checks=100,
+    cheat_jobs=8,
+    cost_runs=6,
+    quick=True,
+)
 
 Rendered = tuple[torch.Tensor, torch.Tensor, np.ndarray]
 """(x_{N-1}, x_N) float32 (1, C, h, w), and the delivered pixels HxWx3 uint8."""
@@ -196,6 +217,13 @@ def png(pixels: np.ndarray, fmt: str = "png") -> bytes:
     return encode_image(pixels, fmt)
 
 
+def pixels_of(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as im:
+        return np.asarray(im.convert("RGB"))
+
+
 def decode(ver: Any, latent: torch.Tensor) -> bytes:
     """The verifier's answer: its decode of `latent` as a PNG (1 thread)."""
     from sogni_node.verify.decode_check import decode_png
@@ -204,36 +232,52 @@ def decode(ver: Any, latent: torch.Tensor) -> bytes:
     return decode_png(ver, latent, width=tt.SIZE, height=tt.SIZE)  # in the VAE's dtype
 
 
-def distance(delivered: bytes, reference: bytes) -> float:
-    from sogni_coordinator.image_verify import image_distance
+def distance(delivered: bytes, decoded: bytes, fmt: str = "png") -> float:
+    """The coordinator's distance for a job in `fmt` (the verifier's decode re-encoded)."""
+    from sogni_coordinator.image_verify import check_distance
 
-    return image_distance(delivered, reference, tt.SIZE, tt.SIZE).block
+    return check_distance(delivered, decoded, fmt, tt.SIZE, tt.SIZE).block
 
 
-def cheat_image(
+def reencode(pixels: np.ndarray, fmt: str) -> bytes:
+    """The re-encode cheat: a lossy copy of the honest image that is not the node's encoding."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    if fmt == "png":
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=92)
+    elif fmt == "jpeg":
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=CHEAT_QUALITY)
+    else:
+        Image.fromarray(pixels).save(buf, format="WEBP", quality=CHEAT_QUALITY)
+    return buf.getvalue()
+
+
+def cheat_pixels(
     cheat: str, job: Job, honest: Rendered, older: Rendered, ver: Any, pipe: Any, base: Any,
     rng: random.Random,
-) -> bytes:  # fmt: skip
-    """What a worker that committed `honest`'s trajectory delivers when cheating this way."""
+) -> np.ndarray | None:  # fmt: skip
+    """The pixels a worker that committed `honest`'s trajectory delivers when cheating this
+    way (None for the re-encode cheat, whose bytes depend on the job's format)."""
     pixels = honest[2]
     if cheat == "another seed's image":
-        return png(render(pipe, [job], base, seeds=[(job.seed + 1) % 2**32])[0][0][2])
+        return render(pipe, [job], base, seeds=[(job.seed + 1) % 2**32])[0][0][2]
     if cheat == "another prompt's image":
         other = tt.make_jobs(1, rng)[0]
-        return png(render(pipe, [Job(other.prompt, job.seed, job.scheduler)], base)[0][0][2])
+        return render(pipe, [Job(other.prompt, job.seed, job.scheduler)], base)[0][0][2]
     if cheat == "replayed older image":
-        return png(older[2])
+        return older[2]
     if cheat == "pure noise":
-        return png(np.random.default_rng(job.seed).integers(0, 256, pixels.shape, dtype=np.uint8))
+        return np.random.default_rng(job.seed).integers(0, 256, pixels.shape, dtype=np.uint8)
     if cheat.startswith("truncated"):
-        return decode(ver, honest[0])
-    if cheat.startswith("JPEG"):
-        return png(pixels, "jpeg")
+        return pixels_of(decode(ver, honest[0]))
+    if cheat.startswith("lossy"):
+        return None
     side = 8 if cheat.startswith("8x8") else 4
     edited = pixels.copy()
     y, x = rng.randrange(tt.SIZE - side + 1), rng.randrange(tt.SIZE - side + 1)
     edited[y : y + side, x : x + side] = rng.choice(((255, 255, 255), (0, 0, 0), (255, 0, 0)))
-    return png(edited)
+    return edited
 
 
 def _tolerance(honest_max: float, safety: float, floor: float) -> float:
@@ -245,8 +289,20 @@ def _tolerance(honest_max: float, safety: float, floor: float) -> float:
     return math.ceil(round(value / 10**exponent, 9)) * 10**exponent
 
 
+def vae_dtype(mode: str) -> str:
+    """The dtype the VAE decodes in: the quantized modes quantize only the UNet."""
+    return "bf16" if mode == "bf16" else "fp32"
+
+
+def _lossy_calibration(h: dict[str, Any], fmt: str) -> list[float]:
+    d, n, nh = h["d"][fmt], h["n_cal"], h["n_held"]
+    return [*d[:n], *d[n + nh :]]
+
+
 # --- the run ----------------------------------------------------------------------------------
 def measure(settings: Settings) -> dict[str, Any]:
+    from sogni_protocol.image_encoding import encoder_versions
+
     rng = random.Random(20261130)
     pipes: dict[Mode, Any] = {FP32: tt.load_pipe(tt.shapes_path())}
     base = dict(pipes[FP32].scheduler.config)
@@ -263,59 +319,77 @@ def measure(settings: Settings) -> dict[str, Any]:
     held: dict[str, list[Job]] = {p.name: [] for p in providers}
     for i, job in enumerate(tt.make_jobs(settings.honest_checks, rng)):
         held[providers[i % len(providers)].name].append(job)
+    extra_rng = random.Random(20261201)  # its own draw: the PNG jobs and cheats stay as they were
+    extra = {p.name: tt.make_jobs(settings.lossy_calibration_renders, extra_rng) for p in providers}
 
     honest: dict[str, dict[str, Any]] = {}
-    fmt_cal: dict[str, list[float]] = {f: [] for f in FORMATS}
-    fmt_held: dict[str, list[float]] = {f: [] for f in FORMATS}
     with tempfile.TemporaryDirectory(prefix="image-tolerance-") as tmp:
         for p in providers:
             started = time.perf_counter()
-            jobs = calibration[p.name] + held[p.name]
+            jobs = calibration[p.name] + held[p.name] + extra[p.name]
             if p.env:
                 rows = provide_in_subprocess(p, jobs, Path(tmp))
             else:
                 rows = provide(p, jobs, pipe_for(p.mode), base)
             ver = pipe_for(p.mode)
             n_cal = len(calibration[p.name])
-            ds: list[float] = []
-            for i, (_prev, final, pixels) in enumerate(rows):
+            ds: dict[str, list[float]] = {f: [] for f in JOB_FORMATS}
+            same: dict[str, int] = {f: 0 for f in JOB_FORMATS}
+            for _prev, final, pixels in rows:
                 ref = decode(ver, final)
-                ds.append(distance(png(pixels), ref))
-                if p.mode == FP32:  # what a lossy format adds, on top of the mode's spread
-                    for f in FORMATS:
-                        (fmt_cal if i < n_cal else fmt_held)[f].append(
-                            distance(png(pixels, f), ref)
-                        )
-            honest[p.name] = {"mode": p.mode.name, "n_cal": n_cal, "d": ds}
+                for f in JOB_FORMATS:
+                    delivered = png(pixels, f)
+                    ds[f].append(distance(delivered, ref, f))
+                    same[f] += delivered == (ref if f == "png" else png(pixels_of(ref), f))
+            honest[p.name] = {
+                "mode": p.mode.name, "n_cal": n_cal, "n_held": len(held[p.name]), "d": ds,
+                "same": same,
+            }  # fmt: skip
             print(
-                f"image: {p.name}: max {max(ds):.3g} ({time.perf_counter() - started:.0f} s)",
+                f"image: {p.name}: max "
+                + ", ".join(f"{f} {max(ds[f]):.3g}" for f in JOB_FORMATS)
+                + f" ({time.perf_counter() - started:.0f} s)",
                 file=sys.stderr,
             )
 
     modes = list(dict.fromkeys(p.mode.name for p in providers))
-    worst = {
-        m: max(max(h["d"][: h["n_cal"]]) for h in honest.values() if h["mode"] == m) for m in modes
+    worst = {  # PNG: the mode's own calibration renders
+        "png": {
+            m: max(max(h["d"]["png"][: h["n_cal"]]) for h in honest.values() if h["mode"] == m)
+            for m in modes
+        }
     }
-    tol = {m: _tolerance(worst[m], SAFETY, FLOOR) for m in modes}
-    fmt_worst = {f: max(fmt_cal[f]) for f in FORMATS}
-    fmt_tol = {f: _tolerance(fmt_worst[f], FORMAT_SAFETY, 0.0) for f in FORMATS}
+    for f in FORMATS:  # lossy: every calibration render of the modes sharing the VAE's dtype
+        worst[f] = {
+            m: max(
+                max(_lossy_calibration(h, f))
+                for h in honest.values()
+                if vae_dtype(h["mode"]) == vae_dtype(m)
+            )
+            for m in modes
+        }
+    tol = {"png": {m: _tolerance(worst["png"][m], SAFETY, FLOOR) for m in modes}}
+    for f in FORMATS:
+        tol[f] = {m: _tolerance(worst[f][m], LOSSY_SAFETY, FLOOR) for m in modes}
 
     # cheats: the worker (fp32) commits an honest trajectory and delivers another image
     own = pipes[FP32]
     cheat_jobs = tt.make_jobs(settings.cheat_jobs + 1, rng)
-    cheats: dict[str, list[float]] = {c: [] for c in CHEATS}
+    cheats: dict[str, dict[str, list[float]]] = {f: {c: [] for c in CHEATS} for f in JOB_FORMATS}
     started = time.perf_counter()
     rendered = [render(own, [j], base)[0][0] for j in cheat_jobs]
     for i, job in enumerate(cheat_jobs[1:], start=1):
         honest_row = rendered[i]
         ref = decode(own, honest_row[1])
         for c in CHEATS:
-            img = cheat_image(c, job, honest_row, rendered[i - 1], own, own, base, rng)
-            cheats[c].append(distance(img, ref))
+            px = cheat_pixels(c, job, honest_row, rendered[i - 1], own, own, base, rng)
+            for f in JOB_FORMATS:
+                img = reencode(honest_row[2], f) if px is None else png(px, f)
+                cheats[f][c].append(distance(img, ref, f))
     print(f"image: cheats ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
     # cost: one render vs one check (decode + PNG + compare), float32, 1 thread, interleaved
-    cost: dict[str, list[float]] = {"render": [], "decode": [], "compare": []}
+    cost: dict[str, list[float]] = {"render": [], "decode": [], "compare": [], "jpeg": []}
     for i, job in enumerate(tt.make_jobs(settings.cost_runs + 1, rng)):
         (row,), seconds = render(own, [job], base)
         t0 = time.perf_counter()
@@ -323,10 +397,13 @@ def measure(settings: Settings) -> dict[str, Any]:
         t1 = time.perf_counter()
         distance(png(row[2]), ref)
         t2 = time.perf_counter()
+        distance(png(row[2][::-1].copy(), "jpeg"), ref, "jpeg")  # another image: no byte match
+        t3 = time.perf_counter()
         if i:
             cost["render"].append(seconds)
             cost["decode"].append(t1 - t0)
             cost["compare"].append(t2 - t1)
+            cost["jpeg"].append(t3 - t2)
     return {
         "settings": settings.__dict__,
         "providers": [p.name for p in providers],
@@ -334,7 +411,7 @@ def measure(settings: Settings) -> dict[str, Any]:
         "honest": honest,
         "worst": worst,
         "tolerance": tol,
-        "formats": {"cal": fmt_cal, "held": fmt_held, "worst": fmt_worst, "tolerance": fmt_tol},
+        "encoders": encoder_versions(),
         "cheats": cheats,
         "cost": cost,
     }
@@ -346,26 +423,37 @@ def _v(x: float) -> str:
 
 
 def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
+    from sogni_protocol.image_encoding import JPEG_QUALITY, WEBP_QUALITY
+
     s, tol = m["settings"], m["tolerance"]
-    n_held = sum(len(h["d"]) - h["n_cal"] for h in m["honest"].values())
+    n_held = sum(h["n_held"] for h in m["honest"].values())
+    enc = m["encoders"]
     lines = [
         "## Image check: delivered image vs the committed final latent's decode",
         "",
         f"Command: `{command}` ({seconds:.0f} s). Model `sogni-shapes-64` (64x64, "
         f"{tt.STEPS} steps, guidance {tt.GUIDANCE:g}), jobs cycling through the schedulers, "
         "random shape captions and seeds. The worker renders as the backend does and delivers "
-        "a PNG; a verifier decodes the worker's final latent x_N in the declared mode, 1 "
-        "thread, batch 1, this CPU's code paths (`sogni_node.verify.decode_check`); the "
-        "distance is the largest mean absolute difference over any 8x8 block and channel, in "
-        "0..255 levels (`sogni_coordinator.image_verify.image_distance`). See "
-        "docs/IMAGE_CHECK.md.",
+        f"a PNG, a JPEG (quality {JPEG_QUALITY}, 4:2:0) or a WebP (quality {WEBP_QUALITY}) "
+        "through the node's encoder; a verifier decodes the worker's final latent x_N in the "
+        "declared mode, 1 thread, batch 1, this CPU's code paths "
+        "(`sogni_node.verify.decode_check`) and answers a PNG; for a lossy job the "
+        "coordinator puts those pixels through the same encoder "
+        "(`sogni_protocol.image_encoding`); the distance is the largest mean absolute "
+        "difference over any 8x8 block and channel, in 0..255 levels "
+        "(`sogni_coordinator.image_verify.check_distance`). See docs/IMAGE_CHECK.md. "
+        f"Encoders here: Pillow {enc['pillow']}, libjpeg-turbo {enc['libjpeg_turbo']}, "
+        f"libwebp {enc['libwebp']}.",
         "",
-        f"Sizes: {s['calibration_renders']} calibration renders per provider, {n_held} "
-        f"held-out honest checks (other prompts and seeds, spread over the providers), "
-        f"{s['cheat_jobs']} jobs per cheat. Tolerance per declared mode = {SAFETY:g} x the "
-        f"largest calibration distance, at least {FLOOR:g} level; per lossy format, "
-        f"{FORMAT_SAFETY:g} x the largest calibration distance its encoding adds, added to "
-        "the mode's."
+        f"Sizes: {s['calibration_renders']} calibration renders per provider (PNG), "
+        f"{s['calibration_renders'] + s['lossy_calibration_renders']} for the lossy formats, "
+        f"{n_held} held-out honest checks per output format (other prompts and seeds, spread "
+        f"over the providers), {s['cheat_jobs']} jobs per cheat and format. Tolerance per "
+        f"declared mode: PNG, {SAFETY:g} x the largest calibration distance of that mode; "
+        f"JPEG and WebP, {LOSSY_SAFETY:g} x the largest calibration distance of the modes "
+        "whose VAE decodes in the same dtype (the quantized modes keep it float32), since "
+        "their honest distance is whole quantiser steps flipping where pixels differ by a "
+        f"level, not numeric noise; at least {FLOOR:g} level."
         + (" **Quick run**: small samples; use the full run's numbers." if s["quick"] else "")
         + (
             f" Run with OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} (idle OpenMP threads "
@@ -377,82 +465,80 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
         "",
         "### Honest distance per provider",
         "",
+        "Max distance per job format; identical: the delivered bytes equal the reference's "
+        "(the verifier's PNG, or its pixels through the node's encoder).",
+        "",
     ]
     rows = []
-    rejected = 0
+    rejected = dict.fromkeys(JOB_FORMATS, 0)
     for name in m["providers"]:
         h = m["honest"][name]
-        d, n = h["d"], h["n_cal"]
-        bad = sum(x > tol[h["mode"]] for x in d[n:])
-        rejected += bad
-        rows.append(
-            (name, len(d), _v(common.median(d)), _v(max(d)), sum(x > 0 for x in d),
-             f"{bad} / {len(d) - n}")
-        )  # fmt: skip
-    lines.append(
-        common.table(("provider", "checks", "median", "max", "nonzero", "held-out rejected"), rows)
-    )
+        n, nh, total = h["n_cal"], h["n_held"], len(h["d"]["png"])
+        row: list[Any] = [name, total]
+        for f in JOB_FORMATS:
+            d = h["d"][f]
+            bad = sum(x > tol[f][h["mode"]] for x in d[n : n + nh])
+            rejected[f] += bad
+            row += [_v(max(d)), f"{h['same'][f]}", f"{bad}"]
+        rows.append(tuple(row))
+    head: list[str] = ["provider", "checks"]
+    for f in JOB_FORMATS:
+        head += [f"{f} max", f"{f} identical", f"{f} held-out rejected"]
+    lines.append(common.table(tuple(head), rows))
     if m["skipped"]:
         lines += ["", "Not run here: " + "; ".join(f"{k} ({v})" for k, v in m["skipped"].items())]
-    f = m["formats"]
+    modes = list(tol["png"])
     lines += [
         "",
         "### Tolerance",
         "",
         common.table(
-            ("declared mode", "max honest (calibration)", "tolerance (PNG)"),
-            [(mode, _v(m["worst"][mode]), f"**{_v(t)}**") for mode, t in tol.items()],
-        ),
-        "",
-        common.table(
-            (
-                "output format (fp32 workers)",
-                "max added (calibration)",
-                "added tolerance",
-                "held-out max",
-                "held-out over fp32 + format tol.",
-            ),
+            ("declared mode", *(f"{f}: max calibration / tolerance" for f in JOB_FORMATS)),
             [
                 (
-                    fmt,
-                    _v(f["worst"][fmt]),
-                    f"**{_v(f['tolerance'][fmt])}**",
-                    _v(max(f["held"][fmt])),
-                    f"{sum(x > tol['fp32'] + f['tolerance'][fmt] for x in f['held'][fmt])} / "
-                    f"{len(f['held'][fmt])}",
+                    mode,
+                    *(f"{_v(m['worst'][f][mode])} / **{_v(tol[f][mode])}**" for f in JOB_FORMATS),
                 )
-                for fmt in FORMATS
+                for mode in modes
             ],
         ),
         "",
-        f"Held-out honest PNG checks over their mode's tolerance: {rejected} of {n_held}. "
-        f"Floor, 0 false rejections in 1,000 honest checks: **"
-        f"{'met' if n_held >= 1000 and rejected == 0 else 'not met'}**"
-        + (" (fewer than 1,000 checks in a quick run)." if n_held < 1000 else "."),
-        "",
+    ]
+    for f in JOB_FORMATS:
+        met = n_held >= 1000 and rejected[f] == 0
+        lines.append(
+            f"Held-out honest {f.upper()} checks over their mode's tolerance: {rejected[f]} of "
+            f"{n_held}. Floor, 0 false rejections in 1,000 honest checks: **"
+            f"{'met' if met else 'not met'}**"
+            + (" (fewer than 1,000 checks in a quick run)." if n_held < 1000 else ".")
+        )
+        lines.append("")
+    lines += [
         "### Detection per checked job",
         "",
-        "The worker (fp32) commits an honest trajectory and delivers another image. Caught: "
-        "over the fp32 PNG tolerance, and (last column) over fp32 + the JPEG allowance, "
-        "as for a job asking for JPEG.",
+        "The worker (fp32) commits an honest trajectory and delivers another image in the "
+        "job's format. Caught: over the fp32 tolerance of that format.",
         "",
     ]
-    t_png = tol["fp32"]
-    t_jpeg = t_png + f["tolerance"]["jpeg"]
     crow = []
-    for cheat, ds in m["cheats"].items():
-        crow.append(
-            (cheat, f"{_v(min(ds))} / {_v(common.median(ds))}",
-             f"{100 * sum(x > t_png for x in ds) / len(ds):.0f}%",
-             f"{100 * sum(x > t_jpeg for x in ds) / len(ds):.0f}%")
-        )  # fmt: skip
+    for cheat in CHEATS:
+        row = [cheat]
+        for f in JOB_FORMATS:
+            ds = m["cheats"][f][cheat]
+            t = tol[f]["fp32"]
+            row.append(
+                f"{_v(min(ds))} / {_v(common.median(ds))}: "
+                f"**{100 * sum(x > t for x in ds) / len(ds):.0f}%**"
+            )
+        crow.append(tuple(row))
     lines += [
         common.table(
             (
                 "cheat",
-                "distance min / median",
-                f"caught (PNG, tol. {_v(t_png)})",
-                f"caught (JPEG job, tol. {_v(t_jpeg)})",
+                *(
+                    f"{f} job (tol. {_v(tol[f]['fp32'])}): min / median, caught"
+                    for f in JOB_FORMATS
+                ),
             ),
             crow,
         ),
@@ -461,13 +547,14 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
         "",
     ]
     c = m["cost"]
-    r, dec, cmp_ = (common.median(c[k]) for k in ("render", "decode", "compare"))
+    r, dec, cmp_, jpg = (common.median(c[k]) for k in ("render", "decode", "compare", "jpeg"))
     lines += [
         common.table(
             (
                 "render ms (baseline)",
                 "verifier decode ms",
-                "coordinator compare ms",
+                "coordinator compare ms (PNG job)",
+                "(JPEG job, re-encode + compare)",
                 "check / render",
             ),
             [
@@ -475,15 +562,18 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
                     f"{1000 * r:.0f}",
                     f"{1000 * dec:.1f}",
                     f"{1000 * cmp_:.2f}",
-                    f"{(dec + cmp_) / r:.3f}",
+                    f"{1000 * jpg:.2f}",
+                    f"{(dec + max(cmp_, jpg)) / r:.3f}",
                 )
             ],
         ),
         "",
         f"Median of {s['cost_runs']} renders and checks after one warm-up, interleaved, "
         "float32, 1 thread. The render is the whole pipeline call; the check is one VAE "
-        "decode and PNG encode on the verifier and two PNG decodes and the block compare on "
-        "the coordinator (the network round trip is not counted).",
+        "decode and PNG encode on the verifier and, on the coordinator, two image decodes and "
+        "the block compare (a lossy job adds one encode of the verifier's pixels; timed on an "
+        "image that differs, so no byte-equality shortcut). The network round trip is not "
+        "counted.",
     ]
     return "\n".join(lines)
 

@@ -3,37 +3,33 @@
 Why: the result hash in a receipt is sha256 of the encoded bytes, so encoding must be a pure
 function of the pixels and the format: fixed settings and no metadata (no prompt, no software
 name, no timestamps, no EXIF/ICC/XMP). PNG is lossless and the default; JPEG and WebP are
-lossy at fixed quality, for apps that want smaller files.
+lossy at fixed quality, for apps that want smaller files. The settings live in
+`sogni_protocol.image_encoding`, which the coordinator's image check uses too.
 """
 
 from __future__ import annotations
-
-import io
-from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-PNG_COMPRESS_LEVEL = 6
-JPEG_QUALITY = 92
-WEBP_QUALITY = 90
-FORMATS = ("png", "jpeg", "webp")
+from sogni_protocol.image_encoding import (
+    FORMATS,
+    JPEG_QUALITY,
+    PNG_COMPRESS_LEVEL,
+    WEBP_QUALITY,
+    encode_rgb,
+)
 
-_SAVE_OPTIONS: Mapping[str, Mapping[str, Any]] = {
-    "png": {"format": "PNG", "optimize": False, "compress_level": PNG_COMPRESS_LEVEL},
-    # 4:2:0 chroma, baseline (not progressive), no optimized Huffman tables: one fixed path.
-    "jpeg": {
-        "format": "JPEG",
-        "quality": JPEG_QUALITY,
-        "subsampling": 2,
-        "optimize": False,
-        "progressive": False,
-    },
-    # method 4 is libwebp's default speed/size trade-off; lossy, no alpha, no metadata.
-    "webp": {"format": "WEBP", "quality": WEBP_QUALITY, "method": 4, "lossless": False},
-}
+__all__ = [
+    "FORMATS",
+    "JPEG_QUALITY",
+    "PNG_COMPRESS_LEVEL",
+    "WEBP_QUALITY",
+    "encode_image",
+    "encode_png",
+    "float_image_to_uint8",
+]
 
 
 def float_image_to_uint8(image: npt.NDArray[np.floating]) -> npt.NDArray[np.uint8]:
@@ -47,15 +43,12 @@ def float_image_to_uint8(image: npt.NDArray[np.floating]) -> npt.NDArray[np.uint
 
 def encode_image(pixels: npt.NDArray[np.uint8], output_format: str = "png") -> bytes:
     """HxWx3 uint8 RGB -> image bytes in `output_format` (png, jpeg or webp)."""
-    options = _SAVE_OPTIONS.get(output_format)
-    if options is None:
+    if output_format not in FORMATS:
         raise ValueError(f"unknown output format {output_format!r}; known: {', '.join(FORMATS)}")
     if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[2] != 3:
         raise ValueError(f"expected HxWx3 uint8 pixels, got {pixels.dtype} {pixels.shape}")
     image = Image.fromarray(np.ascontiguousarray(pixels))  # fresh image: empty .info
-    buf = io.BytesIO()
-    image.save(buf, **options)
-    return buf.getvalue()
+    return encode_rgb(image, output_format)
 
 
 def encode_png(pixels: npt.NDArray[np.uint8]) -> bytes:

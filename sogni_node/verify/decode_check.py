@@ -13,7 +13,10 @@ compute dtype (leaf N stores those values exactly as float32), divide by the VAE
 decode in float32 when a float16 VAE asks for `force_upcast`), `vae.decode`, the safety checker
 when the pipeline has one, `image_processor.postprocess(..., output_type="np")`, then the
 backend's own `float_image_to_uint8`. Encoding is left to the caller: the verifier answers a
-lossless PNG whatever format the job asked for.
+lossless PNG whatever format the job asked for, with the node's encoder
+(`sogni_protocol.image_encoding`); for a JPEG or WebP job the coordinator puts those pixels
+through that same encoder and compares like with like
+(`sogni_coordinator.image_verify.reference_image`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""The image check's coordinator side (`sogni_coordinator.image_verify`): real PNG/JPEG bytes
-compared with Pillow, and the `VerifyDecode` exchange through the real `PendingVerifications`
-with a scripted verifier node on the other end of its outbox."""
+"""The image check's coordinator side (`sogni_coordinator.image_verify`): real PNG/JPEG/WebP
+bytes compared with Pillow (a lossy job's reference through the node's own encoder), and the
+`VerifyDecode` exchange through the real `PendingVerifications` with a scripted verifier node
+on the other end of its outbox."""
 
 from __future__ import annotations
 
@@ -16,15 +17,18 @@ import trio
 from PIL import Image
 
 from sogni_coordinator.image_verify import (
-    FORMAT_TOLERANCES,
     IMAGE_TOLERANCES,
+    LOSSY_TOLERANCES,
+    check_distance,
     delivered_image,
     image_distance,
     image_tolerance,
+    reference_image,
     verify_image,
 )
 from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.verifiers import PendingVerifications, StepVerdict
+from sogni_protocol.image_encoding import encode_rgb
 from sogni_protocol.messages import (
     DecodeVerified,
     JobImage,
@@ -100,18 +104,69 @@ def test_another_size_or_garbage_is_infinitely_far_and_a_bad_reference_is_an_err
         image_distance(ref, encoded(picture(size=72)), SIZE, SIZE)
 
 
-def test_a_jpeg_of_the_same_pixels_fits_only_the_jpeg_allowance() -> None:
+def test_a_jpeg_of_the_same_pixels_is_no_png_jobs_image() -> None:
     jpeg = encoded(picture(), "JPEG", quality=92, subsampling=2)
-    d = image_distance(jpeg, encoded(picture()), SIZE, SIZE)
+    d = check_distance(jpeg, encoded(picture()), "png", SIZE, SIZE)
     assert d.block > image_tolerance("float32", "png")  # type: ignore[operator]
-    assert d.block <= image_tolerance("float32", "jpeg")  # type: ignore[operator]
+
+
+def _painted(im: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    im = im.copy()
+    r, g, b = im.getpixel(box[:2])  # type: ignore[misc]
+    im.paste(tuple(0 if c > 127 else 255 for c in (r, g, b)), box)
+    return im
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_a_lossy_job_compares_like_with_like(fmt: str) -> None:
+    """The honest worker's JPEG/WebP is the verifier's pixels through the same encoder: the
+    same bytes, distance 0, where the old allowance let an edit of 30 levels through."""
+    verifier_png = encoded(picture())
+    honest = encode_rgb(picture(), fmt)
+    assert reference_image(verifier_png, fmt, SIZE, SIZE) == honest
+    assert check_distance(honest, verifier_png, fmt, SIZE, SIZE).block == 0.0
+    tol = image_tolerance("float32", fmt)
+    assert tol is not None and tol < 8
+    cheats = {
+        "4x4 patch": encode_rgb(_painted(picture(), (40, 40, 44, 44)), fmt),
+        "another quality": encoded(picture(), fmt.upper(), quality=75),
+        "PNG of the pixels": verifier_png,  # not the node's encoding of them
+        "another picture": encode_rgb(picture(seed=7), fmt),
+    }
+    for name, image in cheats.items():
+        d = check_distance(image, verifier_png, fmt, SIZE, SIZE)
+        assert d.block > tol, (name, d)
+
+
+def test_a_png_jobs_reference_is_the_verifiers_png_untouched() -> None:
+    verifier_png = encoded(picture())
+    assert reference_image(verifier_png, "png", SIZE, SIZE) == verifier_png
+
+
+def test_the_reference_carries_nothing_of_the_verifiers_file_but_its_pixels() -> None:
+    """A verifier's PNG with text, gamma or an ICC profile re-encodes to the same bytes: only
+    pixels enter the node's encoder (a lying verifier cannot steer the reference's metadata)."""
+    from PIL import ImageCms, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Comment", "hello")
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    decorated = encoded(picture(), pnginfo=info, icc_profile=icc)
+    assert decorated != encoded(picture())
+    for fmt in ("jpeg", "webp"):
+        plain = reference_image(encoded(picture()), fmt, SIZE, SIZE)
+        assert reference_image(decorated, fmt, SIZE, SIZE) == plain
+    with pytest.raises(ValueError):  # a verifier's answer of another size is its own fault
+        reference_image(encoded(picture(size=72)), "jpeg", SIZE, SIZE)
 
 
 def test_unmeasured_modes_and_formats_have_no_tolerance() -> None:
     assert image_tolerance("float16", "png") is None
+    assert image_tolerance("float16", "jpeg") is None
     assert image_tolerance("float32", "gif") is None
     assert image_tolerance("float32", "png") == IMAGE_TOLERANCES["float32"]
-    assert FORMAT_TOLERANCES["png"] == 0.0
+    for fmt in ("jpeg", "webp"):
+        assert set(LOSSY_TOLERANCES[fmt]) == set(IMAGE_TOLERANCES)
 
 
 # --- the exchange -------------------------------------------------------------------------------
@@ -220,12 +275,16 @@ async def test_a_delivered_image_of_another_size_fails_at_infinite_distance() ->
     assert math.isinf(verdict.distance)
 
 
-async def test_a_jpeg_job_gets_the_jpeg_allowance() -> None:
-    jpeg_params = msgspec.structs.replace(PARAMS, output_format="jpeg")
-    jpeg = encoded(picture(), "JPEG", quality=92, subsampling=2)
-    verdict, _ = await check(jpeg, decodes_to(encoded(picture())), params=jpeg_params)
-    assert verdict.passed, verdict
-    assert verdict.tolerance == image_tolerance("float32", "jpeg")
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+async def test_a_lossy_job_is_compared_with_the_verifiers_pixels_re_encoded(fmt: str) -> None:
+    lossy = msgspec.structs.replace(PARAMS, output_format=fmt)
+    verifier_png = encoded(picture())
+    verdict, _ = await check(encode_rgb(picture(), fmt), decodes_to(verifier_png), params=lossy)
+    assert verdict.passed and verdict.distance == 0.0, verdict
+    assert verdict.tolerance == image_tolerance("float32", fmt)
+    patched = encode_rgb(_painted(picture(), (40, 40, 44, 44)), fmt)
+    verdict, _ = await check(patched, decodes_to(verifier_png), params=lossy)
+    assert not verdict.passed and "over" in verdict.reason, verdict
 
 
 async def test_refusals_silence_and_bad_answers_are_inconclusive_keeping_the_reason() -> None:

@@ -2,7 +2,8 @@
 
 Every sampled check also opens the final leaf x_N; a node of another wallet decodes it with the
 model's VAE (`VerifyDecode` -> `DecodeVerified`) and the coordinator compares that image with
-the delivered one. Honest nodes pass (the decode is the delivered PNG, byte for byte). A rogue
+the delivered one. Honest nodes pass (the decode is the delivered PNG, byte for byte; for a
+JPEG or WebP job the coordinator's re-encode of it is the delivered file, byte for byte). A rogue
 that commits an honest trajectory, so that every step and the seed check pass, but delivers
 another image (another seed's render, or the honest image with a patch painted on it) is
 caught: its receipt becomes evidence, it earns nothing, it is struck, and the honest node
@@ -168,8 +169,9 @@ async def _final_leaf(dispatcher: Dispatcher, job_id: bytes) -> tuple[str, StepO
 async def test_a_verifier_node_decodes_or_refuses_with_a_code(
     net_factory: Any, backend: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The exchange itself, against real nodes: the decode is the delivered PNG; a latent of
-    the wrong size is `bad_leaf` (the worker's fault), another declared mode is `mode`."""
+    """The exchange itself, against real nodes: the decode is the delivered PNG (and, for
+    JPEG and WebP jobs, re-encoded by the coordinator, the delivered file); a latent of the
+    wrong size is `bad_leaf` (the worker's fault), another declared mode is `mode`."""
     async with net_factory() as net:
         await net.add_node(backend, "alice")
         await net.add_node(backend, "bob")
@@ -203,6 +205,15 @@ async def test_a_verifier_node_decodes_or_refuses_with_a_code(
             assert not bad.passed and bad.distance is None and bad.code == "bad_leaf", bad
             other_mode = await check(final, dtype="bfloat16")
             assert other_mode.distance is None and other_mode.code == "mode", other_mode
+            for fmt in ("jpeg", "webp"):  # like with like: the node's encoder on both sides
+                lossy_request = tiny_request(1, output_format=fmt, seed=3)
+                (lossy,) = (await render(net.addr, lossy_request)).images
+                lossy_worker, lossy_final = await _final_leaf(dispatcher, lossy.job_id)
+                verdict = await verify_image(
+                    dispatcher, params=job_params(lossy_request, 0), worker=lossy_worker,
+                    final=lossy_final, image=lossy.image, dtype=backend.dtype_name, timeout=30,
+                )  # fmt: skip
+                assert verdict.passed and verdict.distance == 0.0, verdict.reason
         assert len(dispatcher.verifications) == 0
     logs = capsys.readouterr()
     assert "latent_decoded" in logs.out + logs.err

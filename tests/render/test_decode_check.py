@@ -1,6 +1,8 @@
 """Decoding a committed final latent (`sogni_node.verify.decode_check`) gives back the very
 image the backend delivered for that render: the same PNG bytes, on the shipped model and the
-tiny test model. What the image check (docs/IMAGE_CHECK.md) rests on."""
+tiny test model; and for a JPEG or WebP job, the coordinator's re-encode of that PNG is the
+delivered file byte for byte (one shared encoder). What the image check (docs/IMAGE_CHECK.md)
+rests on."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from sogni_coordinator.image_verify import check_distance, reference_image
 from sogni_node.models import ModelRegistry
 from sogni_node.models.registry import SHAPES_MODEL_ID, shapes_model_spec
 from sogni_node.models.tiny import TINY_MODEL_ID
@@ -24,7 +27,9 @@ def shapes_backend() -> Iterator[DiffusersBackend]:
     backend.close()
 
 
-def _job(model_id: str, scheduler: str, seed: int = 11, size: int = 64) -> RenderJob:
+def _job(
+    model_id: str, scheduler: str, seed: int = 11, size: int = 64, output_format: str = "png"
+) -> RenderJob:
     return RenderJob(
         model_id=model_id,
         prompt="a red circle on a blue background",
@@ -35,6 +40,7 @@ def _job(model_id: str, scheduler: str, seed: int = 11, size: int = 64) -> Rende
         width=size,
         height=size,
         seed=seed,
+        output_format=output_format,
     )
 
 
@@ -71,6 +77,19 @@ def test_the_final_leaf_decodes_to_the_delivered_png_on_the_tiny_model(
 ) -> None:
     out = _render(backend, _job(TINY_MODEL_ID, "euler_a", size=64))
     assert _decode(backend, TINY_MODEL_ID, _leaf(out, out.steps_done)) == out.image
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp"])
+def test_a_lossy_jobs_delivered_file_is_the_coordinators_re_encode_of_the_decode(
+    shapes_backend: DiffusersBackend, fmt: str
+) -> None:
+    out = _render(shapes_backend, _job(SHAPES_MODEL_ID, "euler", seed=12, output_format=fmt))
+    decoded = _decode(shapes_backend, SHAPES_MODEL_ID, _leaf(out, out.steps_done))
+    assert decoded.startswith(b"\x89PNG")  # the verifier answers a PNG whatever the format
+    assert reference_image(decoded, fmt, 64, 64) == out.image
+    # the truncated schedule's decode, re-encoded alike, is far from the delivered file
+    truncated = _decode(shapes_backend, SHAPES_MODEL_ID, _leaf(out, out.steps_done - 1))
+    assert check_distance(out.image, truncated, fmt, 64, 64).block > 1
 
 
 def test_a_leaf_that_is_no_final_latent_of_the_job_is_a_value_error(
