@@ -8,6 +8,7 @@ directly to show what the coordinator and the nodes refuse.
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -98,6 +99,39 @@ class SlowBackend:
 
     def close(self) -> None:
         pass
+
+
+class CountingSlowBackend(SlowBackend):
+    """`SlowBackend` that counts renders and says when the `nth` one starts."""
+
+    def __init__(self, inner: Backend, step_seconds: float, nth: int) -> None:
+        super().__init__(inner, step_seconds)
+        self.calls = 0
+        self.nth_started = trio.Event()
+        self._nth = nth
+
+    def render(
+        self, job: RenderJob, on_step: Callable[[int], None], should_cancel: Callable[[], bool]
+    ) -> RenderOutput:
+        self.calls += 1
+        if self.calls == self._nth:
+            self._token.run_sync_soon(self.nth_started.set)
+        return super().render(job, on_step, should_cancel)
+
+
+def free_port() -> int:
+    """A free port on 127.0.0.1, for a daemon that must listen on the same address twice
+    (across a restart: its peers dial the same address)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def until(condition: Callable[[], bool], seconds: float) -> None:
+    """Wait for `condition`, failing after `seconds`."""
+    with trio.fail_after(seconds):
+        while not condition():
+            await trio.sleep(0.05)
 
 
 @dataclass

@@ -11,9 +11,7 @@ ends with exactly one receipt.
 
 from __future__ import annotations
 
-import socket
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,42 +21,10 @@ from eth_account import Account
 from sogni_coordinator.config import CoordinatorConfig
 from sogni_coordinator.service import Signer, run_coordinator
 from sogni_net import open_host
-from sogni_node.render.backend import Backend, RenderJob, RenderOutput
 from sogni_protocol.ids import CLIENT_PROTOCOL
 from sogni_protocol.messages import RequestAccepted
 
-from .conftest import MODEL, Net, SlowBackend, tiny_request
-
-
-class CountingSlowBackend(SlowBackend):
-    """`SlowBackend` that counts renders and says when the `nth` one starts."""
-
-    def __init__(self, inner: Backend, step_seconds: float, nth: int) -> None:
-        super().__init__(inner, step_seconds)
-        self.calls = 0
-        self.nth_started = trio.Event()
-        self._nth = nth
-
-    def render(
-        self, job: RenderJob, on_step: Callable[[int], None], should_cancel: Callable[[], bool]
-    ) -> RenderOutput:
-        self.calls += 1
-        if self.calls == self._nth:
-            self._token.run_sync_soon(self.nth_started.set)
-        return super().render(job, on_step, should_cancel)
-
-
-def _free_port() -> int:
-    """A port for the coordinator to listen on twice (the node dials the same address)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _until(condition: Callable[[], bool], seconds: float) -> None:
-    with trio.fail_after(seconds):
-        while not condition():
-            await trio.sleep(0.05)
+from .conftest import MODEL, CountingSlowBackend, Net, free_port, tiny_request, until
 
 
 async def test_node_survives_a_coordinator_restart_and_each_job_has_one_receipt(
@@ -68,7 +34,7 @@ async def test_node_survives_a_coordinator_restart_and_each_job_has_one_receipt(
     signer = Signer(acct.address, bytes(acct.key))
     config = CoordinatorConfig(
         data_dir=tmp_path / "coordinator",
-        listen=f"/ip4/127.0.0.1/tcp/{_free_port()}",
+        listen=f"/ip4/127.0.0.1/tcp/{free_port()}",
         models=[MODEL],
         heartbeat_interval=0.5,
         heartbeat_timeout=3.0,
@@ -91,7 +57,7 @@ async def test_node_survives_a_coordinator_restart_and_each_job_has_one_receipt(
         async with trio.open_nursery() as second:
             running = await second.start(run_coordinator, config, signer)
             store = running.dispatcher.store
-            await _until(lambda: store.counts().get("done", 0) == 4, 45)
+            await until(lambda: store.counts().get("done", 0) == 4, 45)
             receipts = store.receipts()
             second.cancel_scope.cancel()
 

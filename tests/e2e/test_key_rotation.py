@@ -14,10 +14,8 @@ coordinator; a chain with a link signed by another key is refused.
 from __future__ import annotations
 
 import os
-import socket
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -60,43 +58,14 @@ from sogni_protocol.messages import (
 )
 from sogni_wallet.keystore import Wallet, create_keystore, load_wallet
 
-from .conftest import MODEL, Net, SlowBackend, tiny_request
+from .conftest import MODEL, CountingSlowBackend, Net, free_port, tiny_request, until
 
 PASSWORD = "rotate-me"
 FAST = 2**4  # scrypt cost for test keystores
 
 
-class CountingSlowBackend(SlowBackend):
-    """`SlowBackend` that counts renders and says when the `nth` one starts."""
-
-    def __init__(self, inner: Any, step_seconds: float, nth: int) -> None:
-        super().__init__(inner, step_seconds)
-        self.calls = 0
-        self.nth_started = trio.Event()
-        self._nth = nth
-
-    def render(self, job: Any, on_step: Any, should_cancel: Any) -> Any:
-        self.calls += 1
-        if self.calls == self._nth:
-            self._token.run_sync_soon(self.nth_started.set)
-        return super().render(job, on_step, should_cancel)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def _until(condition: Callable[[], bool], seconds: float) -> None:
-    with trio.fail_after(seconds):
-        while not condition():
-            await trio.sleep(0.05)
-
-
 def _refused(logs: list[dict[str, Any]]) -> list[str]:
     return [str(e["error"]) for e in logs if e["event"] == "coordinator_refused"]
-
 
 
 def _node_config(tmp_path: Path, coordinator: str, trusted: str, domain: Domain) -> NodeConfig:
@@ -111,6 +80,7 @@ def _node_config(tmp_path: Path, coordinator: str, trusted: str, domain: Domain)
         http_listen="off",
     )
 
+
 async def test_rotated_key_keeps_in_flight_work_and_nodes_follow_it(
     tmp_path: Path, backend: Any
 ) -> None:
@@ -120,7 +90,7 @@ async def test_rotated_key_keeps_in_flight_work_and_nodes_follow_it(
     create_keystore(keystore, PASSWORD, kdf_n=FAST, private_key=bytes(old.key))
     config = CoordinatorConfig(
         data_dir=data_dir,
-        listen=f"/ip4/127.0.0.1/tcp/{_free_port()}",
+        listen=f"/ip4/127.0.0.1/tcp/{free_port()}",
         models=[MODEL],
         heartbeat_interval=0.5,
         heartbeat_timeout=3.0,
@@ -152,7 +122,7 @@ async def test_rotated_key_keeps_in_flight_work_and_nodes_follow_it(
                 signer = Signer(wallet.address, wallet.private_key)
                 running = await second.start(run_coordinator, config, signer)
                 store = running.dispatcher.store
-                await _until(lambda: store.counts().get("done", 0) == 3, 60)
+                await until(lambda: store.counts().get("done", 0) == 3, 60)
                 # later offers under the new key are rendered too
                 net = Net(tmp_path, nodes, running, signer, config)
                 async with open_host(key_path=None, listen=()) as client:
@@ -160,10 +130,10 @@ async def test_rotated_key_keeps_in_flight_work_and_nodes_follow_it(
                     await channel.send(tiny_request(1, seed=9))
                     more = await channel.receive(timeout=10)
                     assert isinstance(more, RequestAccepted)
-                    await _until(lambda: store.counts().get("done", 0) == 4, 60)
+                    await until(lambda: store.counts().get("done", 0) == 4, 60)
                 # a node that trusts neither key refuses this coordinator
                 await net.add_node(backend, "stranger", trusted=[Account.create().address])
-                await _until(lambda: bool(_refused(logs)), 30)
+                await until(lambda: bool(_refused(logs)), 30)
                 receipts = store.receipts()
                 second.cancel_scope.cancel()
             node.stop.set()
@@ -236,7 +206,7 @@ async def test_a_forged_rotation_chain_is_refused(tmp_path: Path, backend: Any) 
             wallet = Wallet(acct.address, bytes(acct.key))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lambda: run_node(config, wallet, backend, [MODEL], stop=stop))
-                await _until(lambda: bool(_refused(logs)), 30)
+                await until(lambda: bool(_refused(logs)), 30)
                 stop.set()
     assert welcomed.is_set()
     reason = _refused(logs)[0]

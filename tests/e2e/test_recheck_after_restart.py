@@ -26,9 +26,17 @@ from sogni_protocol import eip712
 from sogni_protocol.ids import CLIENT_PROTOCOL, RESULT_FRAME_LIMIT
 from sogni_protocol.messages import RequestAccepted, VerifyStep
 
-from .conftest import MODEL, Net, receive_skipping, rogue_node, tiny_request
+from .conftest import (
+    MODEL,
+    CountingSlowBackend,
+    Net,
+    free_port,
+    receive_skipping,
+    rogue_node,
+    tiny_request,
+    until,
+)
 from .rogue_kit import checks_of, heartbeats
-from .test_coordinator_restart import CountingSlowBackend, _free_port, _until
 
 POLICY = VerificationConfig(
     rate=1.0, challenge_timeout=30.0, verify_timeout=120.0, restart_recheck_timeout=60.0
@@ -42,7 +50,7 @@ async def test_a_pending_check_runs_after_a_restart_and_the_image_is_paid_once(
     signer = Signer(acct.address, bytes(acct.key))
     config = CoordinatorConfig(
         data_dir=tmp_path / "coordinator",
-        listen=f"/ip4/127.0.0.1/tcp/{_free_port()}",
+        listen=f"/ip4/127.0.0.1/tcp/{free_port()}",
         models=[MODEL],
         heartbeat_interval=0.5,
         heartbeat_timeout=3.0,
@@ -74,8 +82,8 @@ async def test_a_pending_check_runs_after_a_restart_and_the_image_is_paid_once(
             assert running.dispatcher.job_counts()["running"] == 1
             net = Net(tmp_path, nodes, running, signer, config)
             verifier = await net.add_node(backend, "verifier")
-            await _until(lambda: store.check_state(job_id) == "passed", 60)
-            await _until(lambda: running.dispatcher.job_counts()["running"] == 0, 10)
+            await until(lambda: store.check_state(job_id) == "passed", 60)
+            await until(lambda: running.dispatcher.job_counts()["running"] == 0, 10)
             owed = store.delivery(accepted.request_id)  # what a resuming client is sent
             assert owed is not None and [p[0] for p in owed.pending] == [job_id]
             assert running.dispatcher.results.path(*store.pending_deliveries()[0]).exists()

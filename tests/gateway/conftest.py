@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sogni_coordinator.api_keys import ApiKeys
+from sogni_coordinator.ledger import Ledger
 from tests.e2e.conftest import backend, registry  # noqa: F401  (fixtures)
 
 
@@ -15,3 +16,13 @@ def create_key(database: Path, name: str = "app", **kw: float | None) -> tuple[s
         return keys.create(name, **kw)
     finally:
         keys.close()
+
+
+def spark_of(database: Path, account: str) -> int:
+    """`account`'s Spark (free and paid, micro units) in the coordinator's ledger."""
+    ledger = Ledger(database)
+    try:
+        have = ledger.balance(account)
+    finally:
+        ledger.close()
+    return have["spark_free"] + have["spark_paid"]

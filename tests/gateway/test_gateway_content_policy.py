@@ -15,19 +15,10 @@ from sogni_coordinator.api_keys import ApiKeys
 from sogni_coordinator.ledger import Ledger
 from tests.e2e.conftest import MODEL, start_net
 
-from .conftest import create_key
+from .conftest import create_key, spark_of
 from .sdk_wire import connect, job_request
 
 TINY = {"steps": 3, "sizePreset": "custom", "width": 64, "height": 64}
-
-
-def _spark(database: Path, account: str) -> int:
-    ledger = Ledger(database)
-    try:
-        have = ledger.balance(account)
-    finally:
-        ledger.close()
-    return have["spark_free"] + have["spark_paid"]
 
 
 async def test_the_gateway_refuses_by_category_and_charges_nothing(
@@ -47,7 +38,7 @@ async def test_the_gateway_refuses_by_category_and_charges_nothing(
             ledger.credit_purchase(account, 1)
         finally:
             ledger.close()
-        before = _spark(database, account)
+        before = spark_of(database, account)
         async with connect(url, key) as ws:
             await ws.until("swarmModels")
             cases = (
@@ -69,7 +60,7 @@ async def test_the_gateway_refuses_by_category_and_charges_nothing(
             req = job_request(MODEL, 1, **TINY)
             await ws.send("jobRequest", req)
             assert (await ws.project(req["jobID"]))[-1][1]["type"] == "jobCompleted"
-        spent = before - _spark(database, account)
+        spent = before - spark_of(database, account)
         assert 0 < spent < 1_000_000  # only the clean project was paid for
         keys = ApiKeys(database)
         try:

@@ -20,20 +20,10 @@ from eth_account import Account
 from sogni_coordinator.config import CoordinatorConfig
 from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.service import Signer, run_coordinator
-from tests.e2e.conftest import MODEL, Net
-from tests.e2e.test_coordinator_restart import CountingSlowBackend, _free_port
+from tests.e2e.conftest import MODEL, CountingSlowBackend, Net, free_port
 
-from .conftest import create_key
+from .conftest import create_key, spark_of
 from .sdk_wire import connect, job_request
-
-
-def _spark(database: Path, account: str) -> int:
-    ledger = Ledger(database)
-    try:
-        have = ledger.balance(account)
-    finally:
-        ledger.close()
-    return have["spark_free"] + have["spark_paid"]
 
 
 def _credit(database: Path, account: str, spark: int) -> None:
@@ -56,10 +46,10 @@ async def test_restart_mid_project_resumes_the_resent_job_request_and_charges_on
 ) -> None:
     acct = Account.create()
     signer = Signer(acct.address, bytes(acct.key))
-    http_port = _free_port()
+    http_port = free_port()
     config = CoordinatorConfig(
         data_dir=tmp_path / "coordinator",
-        listen=f"/ip4/127.0.0.1/tcp/{_free_port()}",
+        listen=f"/ip4/127.0.0.1/tcp/{free_port()}",
         models=[MODEL],
         heartbeat_interval=0.5,
         heartbeat_timeout=3.0,
@@ -75,7 +65,7 @@ async def test_restart_mid_project_resumes_the_resent_job_request_and_charges_on
             key, account = create_key(config.database)
             other, other_account = create_key(config.database, "other")
             _credit(config.database, account, 1)
-            before = _spark(config.database, account)
+            before = spark_of(config.database, account)
             node = await Net(tmp_path, nodes, running, signer, config).add_node(slow, "node0")
             async with connect(url, key) as ws:
                 await ws.send("jobRequest", req)
@@ -84,7 +74,7 @@ async def test_restart_mid_project_resumes_the_resent_job_request_and_charges_on
                     await slow.nth_started.wait()  # image 2 mid-render
                 assert await _active(url, key) == [job]
                 first.cancel_scope.cancel()  # the coordinator dies here
-        held = before - _spark(config.database, account)
+        held = before - spark_of(config.database, account)
         assert held > 0
 
         async with trio.open_nursery() as second:
@@ -110,7 +100,7 @@ async def test_restart_mid_project_resumes_the_resent_job_request_and_charges_on
                         image = await plain.get(result["resultUrl"])
                         assert image.status_code == 200 and image.content.startswith(b"\x89PNG")
                 # once more after the end: replayed, not rendered or charged again
-                spent = before - _spark(config.database, account)
+                spent = before - spark_of(config.database, account)
                 await ws.send("jobRequest", req)
                 again = await ws.project(job)
                 assert [d["imgID"] for k, d in again if k == "jobResult"] == [
@@ -124,8 +114,8 @@ async def test_restart_mid_project_resumes_the_resent_job_request_and_charges_on
         assert counts == {"done": 2} and receipts == 2  # one request of 2 jobs, each paid once
         assert slow.calls == 2  # neither image rendered twice
         assert 0 < spent <= held  # charged once: the reservation, less any refund
-        assert before - _spark(config.database, account) == spent
-        assert _spark(config.database, other_account) == 0
+        assert before - spark_of(config.database, account) == spent
+        assert spark_of(config.database, other_account) == 0
         node.stop.set()
         with trio.fail_after(20):
             await node.done.wait()
