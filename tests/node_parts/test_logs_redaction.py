@@ -116,6 +116,8 @@ def test_library_logger_with_own_handler_is_adopted(capsys: pytest.CaptureFixtur
     own = logging.StreamHandler()
     lib.addHandler(own)
     lib.propagate = False  # what transformers does at import
+    level = lib.level  # `sogni_node` quiets transformers to ERROR (TRANSFORMERS_VERBOSITY)
+    lib.setLevel(logging.WARNING)  # this test is about adopting its handler, not its level
     try:
         configure_logging(json=True, capture_warnings=False)
         lib.warning("adopted", extra={"prompt": MARK})
@@ -125,6 +127,7 @@ def test_library_logger_with_own_handler_is_adopted(capsys: pytest.CaptureFixtur
     finally:
         lib.removeHandler(own)
         lib.propagate = True
+        lib.setLevel(level)
 
 
 def test_processor_directly() -> None:
