@@ -48,7 +48,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import ParamSpec, TypeVar, cast
+from typing import Any, ParamSpec, TypeVar, cast
 
 import msgspec
 import trio
@@ -120,6 +120,7 @@ _READ_LIMIT = RESULT_FRAME_LIMIT
 
 P = ParamSpec("P")
 T = TypeVar("T")
+_Reply = TypeVar("_Reply", StepVerified, DecodeVerified)
 
 
 @dataclass(frozen=True)
@@ -442,27 +443,58 @@ class PullSession:
         openings = [_opening_wire(trajectory.open(k)) for k in msg.steps]
         return ChallengeAnswer(job_id=msg.job_id, openings=openings)
 
+    # --- work for the coordinator's checks (docs/VERIFICATION.md, docs/IMAGE_CHECK.md) ------
+    async def _verifier_work(
+        self,
+        msg: VerifyStep | VerifyDecode,
+        work: Callable[[Any], _Reply | VerifyRefused],
+        failed: str,
+        doing: str,
+    ) -> _Reply | VerifyRefused:
+        """`work(msg)` off the event loop, one check at a time (a UNet call or a VAE decode
+        each), unless the deadline passed; a crash is a refusal, never the session's end. A
+        ValueError blames the worker's leaf (wrong shape, not finite, state missing)."""
+        if msg.deadline <= time.time():
+            return VerifyRefused(
+                check_id=msg.check_id, reason="deadline already passed", code="deadline"
+            )
+        try:
+            return await trio.to_thread.run_sync(work, msg, limiter=self._verify_limiter)
+        except Exception as exc:  # a bug or a bad tensor: refuse, keep the session
+            log.error(failed, check=msg.check_id.hex()[:16], error=type(exc).__name__)
+            code: VerifyRefusalCode = "bad_leaf" if isinstance(exc, ValueError) else "other"
+            reason = f"the node {doing} ({type(exc).__name__})"
+            return VerifyRefused(check_id=msg.check_id, reason=reason, code=code)
+
+    def _serving_refusal(self, msg: VerifyStep | VerifyDecode, what: str) -> VerifyRefused | None:
+        """Why this node cannot do `what` for `msg` at all (not the diffusers backend, the
+        model not served, another numeric mode than the declared one), or None."""
+        from sogni_node.render.diffusers_backend import DiffusersBackend
+
+        def refuse(reason: str, code: VerifyRefusalCode) -> VerifyRefused:
+            return VerifyRefused(check_id=msg.check_id, reason=reason, code=code)
+
+        backend = self.worker.backend
+        if not isinstance(backend, DiffusersBackend):
+            return refuse(f"the {backend.name} backend cannot {what}", "backend")
+        if msg.model_id not in self.caps.models:
+            return refuse(f"model {msg.model_id} is not served here", "model")
+        if backend.dtype_name != msg.dtype:
+            declared = "step" if isinstance(msg, VerifyStep) else "image"
+            return refuse(
+                f"this node runs {backend.dtype_name}, the {declared} declared {msg.dtype}", "mode"
+            )
+        return None
+
     # --- re-running another node's step (docs/VERIFICATION.md, "Verifier nodes") ----------
     async def _on_verify(self, msg: VerifyStep) -> None:
         """Re-run step k of someone's render (off the event loop, one at a time) and send
         x'_{k+1}, or a `VerifyRefused` saying why not. Never raises; logs neither the prompt
         nor any other parameter (exceptions by type only)."""
         check = msg.check_id.hex()[:16]
-        reply: StepVerified | VerifyRefused
-        if msg.deadline <= time.time():
-            reply = VerifyRefused(
-                check_id=msg.check_id, reason="deadline already passed", code="deadline"
-            )
-        else:
-            try:
-                reply = await trio.to_thread.run_sync(
-                    self._verify, msg, limiter=self._verify_limiter
-                )
-            except Exception as exc:  # a bug or a bad tensor: refuse, keep the session
-                log.error("verify_failed", check=check, error=type(exc).__name__)
-                reason = f"the node could not re-run the step ({type(exc).__name__})"
-                code: VerifyRefusalCode = "bad_leaf" if isinstance(exc, ValueError) else "other"
-                reply = VerifyRefused(check_id=msg.check_id, reason=reason, code=code)
+        reply = await self._verifier_work(
+            msg, self._verify, "verify_failed", "could not re-run the step"
+        )
         if isinstance(reply, VerifyRefused):
             log.warning("verify_refused", check=check, reason=reply.reason)
         else:
@@ -482,15 +514,11 @@ class PullSession:
         def refuse(reason: str, code: VerifyRefusalCode) -> VerifyRefused:
             return VerifyRefused(check_id=msg.check_id, reason=reason, code=code)
 
+        refused = self._serving_refusal(msg, "re-run a step")
+        if refused is not None:
+            return refused
         backend = self.worker.backend
-        if not isinstance(backend, DiffusersBackend):
-            return refuse(f"the {backend.name} backend cannot re-run a step", "backend")
-        if msg.model_id not in self.caps.models:
-            return refuse(f"model {msg.model_id} is not served here", "model")
-        if backend.dtype_name != msg.dtype:
-            return refuse(
-                f"this node runs {backend.dtype_name}, the step declared {msg.dtype}", "mode"
-            )
+        assert isinstance(backend, DiffusersBackend)
         if msg.params.loras and not backend.supports_loras:
             return refuse("this node cannot apply LoRAs", "loras")
         name = msg.scheduler or backend.registry.get(msg.model_id).default_scheduler
@@ -567,22 +595,9 @@ class PullSession:
         as `_on_verify`) and send the image as a PNG, or a `VerifyRefused` saying why not.
         Never raises; logs no image (exceptions by type only)."""
         check = msg.check_id.hex()[:16]
-        reply: DecodeVerified | VerifyRefused
-        if msg.deadline <= time.time():
-            reply = VerifyRefused(
-                check_id=msg.check_id, reason="deadline already passed", code="deadline"
-            )
-        else:
-            try:
-                reply = await trio.to_thread.run_sync(
-                    self._decode, msg, limiter=self._verify_limiter
-                )
-            except Exception as exc:  # a bug or a bad tensor: refuse, keep the session
-                log.error("decode_failed", check=check, error=type(exc).__name__)
-                reason = f"the node could not decode the final latent ({type(exc).__name__})"
-                # a ValueError blames the worker's leaf (wrong shape, not finite)
-                code: VerifyRefusalCode = "bad_leaf" if isinstance(exc, ValueError) else "other"
-                reply = VerifyRefused(check_id=msg.check_id, reason=reason, code=code)
+        reply = await self._verifier_work(
+            msg, self._decode, "decode_failed", "could not decode the final latent"
+        )
         if isinstance(reply, VerifyRefused):
             log.warning("decode_refused", check=check, reason=reply.reason, code=reply.code)
         else:
@@ -599,15 +614,11 @@ class PullSession:
         def refuse(reason: str, code: VerifyRefusalCode) -> VerifyRefused:
             return VerifyRefused(check_id=msg.check_id, reason=reason, code=code)
 
+        refused = self._serving_refusal(msg, "decode a latent")
+        if refused is not None:
+            return refused
         backend = self.worker.backend
-        if not isinstance(backend, DiffusersBackend):
-            return refuse(f"the {backend.name} backend cannot decode a latent", "backend")
-        if msg.model_id not in self.caps.models:
-            return refuse(f"model {msg.model_id} is not served here", "model")
-        if backend.dtype_name != msg.dtype:
-            return refuse(
-                f"this node runs {backend.dtype_name}, the image declared {msg.dtype}", "mode"
-            )
+        assert isinstance(backend, DiffusersBackend)
         limit = self.caps.max_pixels
         if limit and msg.width * msg.height > limit:  # what this node would not render
             return refuse(f"{msg.width}x{msg.height} is over this node's max_pixels", "too_large")
