@@ -73,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
             from bench import settlement
 
             out[name] = settlement.run(args.quick)
+        elif name == "governance":  # staking vote checkpoints, propose/vote/queue/execute
+            from bench import governance_gas
+
+            out[name] = governance_gas.run(args.quick)
+        elif name == "disputes":  # open, commit, reveal, resolve, slashes through Disputes
+            from bench import dispute_gas
+
+            out[name] = dispute_gas.run(args.quick)
         elif name == "pricing":  # also proposes .cache/pricing_factors.proposed.toml
             from bench import pricing_scaling
 
@@ -105,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import content_policy
 
             out[name] = content_policy.run(args.quick, command)
+        elif name == "safety_image":  # image check: detector cost per image (docs/SAFETY.md)
+            from bench import safety_image
+
+            out[name] = safety_image.run(args.quick, command)
     elapsed = time.perf_counter() - started
     for text in out.values():
         print("\n" + text)

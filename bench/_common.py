@@ -154,8 +154,8 @@ def _marker(name: str, end: bool = False) -> str:
 
 
 SECTION_ORDER = (
-    "overhead", "dispatch", "settlement", "pricing", "fuzz", "chaos", "unet", "cpuvar", "tolerance",
-    "image", "content",
+    "overhead", "dispatch", "settlement", "governance", "disputes", "pricing", "fuzz", "chaos",
+    "unet", "cpuvar", "tolerance", "image", "content", "safety_image",
 )  # fmt: skip
 SLOW_SECTIONS = ("unet", "cpuvar", "tolerance", "image")
 """Run only when named (`python -m bench unet`, about 45 min here); a whole-file rewrite keeps

@@ -18,7 +18,7 @@ const HERE = path.dirname(fileURLToPath(import.meta.url))
 const SRC = path.join(HERE, 'src')
 const NODE_MODULES = path.join(HERE, 'node_modules')
 // Contracts that get an artifact (others compiled from src/ are ignored).
-const CONTRACTS = ['SogniToken', 'Staking', 'WorkerLicense', 'RewardDistributor']
+const CONTRACTS = ['SogniToken', 'Staking', 'WorkerLicense', 'RewardDistributor', 'NetworkParameters', 'SogniGovernor', 'SogniTimelock', 'Disputes', 'ModelStake']
 const SETTINGS = {
   evmVersion: 'cancun', // py-evm's newest fork is Prague; cancun bytecode runs on both chains
   optimizer: { enabled: true, runs: 200 },

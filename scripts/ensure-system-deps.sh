@@ -18,3 +18,20 @@ if ! have_gmp; then
     exit 1
   fi
 fi
+
+# PostgreSQL server binaries: the shared-queue tests start a throwaway server with them
+# (sogni_devnet/pg_cluster.py); Debian's postgresql package puts them in /usr/lib/postgresql.
+have_postgres() {
+  [ -n "${SOGNI_PG_BINDIR:-}" ] && [ -x "$SOGNI_PG_BINDIR/initdb" ] && return 0
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
+}
+if ! have_postgres; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing postgresql (the queue tests start a throwaway PostgreSQL server)"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "error: PostgreSQL is missing: install the Debian package postgresql" \
+         "(sudo apt-get install postgresql), then run make again" >&2
+    exit 1
+  fi
+fi

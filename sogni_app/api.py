@@ -56,14 +56,19 @@ from sogni_protocol.messages import (
     Message,
     NetworkId,
     Receipt,
+    ReferralReport,
     RenderMeta,
     RenderRequest,
+    ReportFiled,
+    ReportReason,
     RequestAccepted,
     RequestDone,
     RequestRefused,
     RequestResumed,
     ResumeRequest,
 )
+from sogni_protocol.referral_signing import sign_referral_query
+from sogni_protocol.report_signing import sign_report
 from sogni_protocol.settings import DEFAULT_CHAIN_ID
 from sogni_protocol.settings import UNDEPLOYED_CONTRACT as UNDEPLOYED
 
@@ -85,6 +90,8 @@ __all__ = [
     "collect",
     "collect_sync",
     "parse_lora",
+    "referral",
+    "referral_sync",
     "render",
     "render_request",
     "render_sync",
@@ -514,7 +521,7 @@ def collect_sync(ticket: ResumeTicket, **kwargs: Any) -> RenderResult:
     return trio.run(lambda: collect(ticket, **kwargs))
 
 
-_Reply = TypeVar("_Reply", BoostGranted, BalanceReport)
+_Reply = TypeVar("_Reply", BoostGranted, BalanceReport, ReportFiled, ReferralReport)
 
 
 async def _ask(
@@ -597,6 +604,83 @@ async def balance(
         return eip712.sign_balance_query(payer_key, domain or DEFAULT_DOMAIN, host.peer_id, expiry)
 
     return await _ask(coordinator, build, BalanceReport, timeout)
+
+
+async def report(
+    coordinator: str,
+    payer_key: bytes,
+    request_id: bytes,
+    reason: ReportReason,
+    *,
+    image_index: int = -1,
+    note: str = "",
+    domain: Domain | None = None,
+    ttl: float = 60.0,
+    timeout: float = 30.0,
+) -> ReportFiled:
+    """Report a request this key's wallet paid for (one image, or all with -1) to the
+    coordinator's operator (docs/SAFETY.md, "Reports"); the note goes to the operator only.
+
+    Raises `AccountRefused`: `unknown_job` (not a request of this payer), `duplicate_report`,
+    `not_delivered`, `rate_limited`, `unauthorized`, `reports_off`.
+    """
+    expiry = int(time.time() + ttl)
+
+    def build(host: Host) -> Message:
+        return sign_report(
+            payer_key,
+            domain or DEFAULT_DOMAIN,
+            peer_id=host.peer_id,
+            request_id=request_id,
+            reason=reason,
+            image_index=image_index,
+            note=note,
+            expiry=expiry,
+        )
+
+    return await _ask(coordinator, build, ReportFiled, timeout)
+
+
+def report_sync(
+    coordinator: str, payer_key: bytes, request_id: bytes, reason: ReportReason, **kwargs: Any
+) -> ReportFiled:
+    """`report` for scripts: returns `ReportFiled`, raises `AccountRefused`."""
+    quiet_unconfigured_logging()
+    return trio.run(lambda: report(coordinator, payer_key, request_id, reason, **kwargs))
+
+
+async def referral(
+    coordinator: str,
+    payer_key: bytes,
+    code: str = "",
+    *,
+    domain: Domain | None = None,
+    ttl: float = 60.0,
+    timeout: float = 30.0,
+) -> ReferralReport:
+    """The key's wallet's referral code on this coordinator's network (`ReferralReport.code`,
+    to hand out) and who referred it; with `code`, first record that the code's owner
+    referred this wallet (docs/ECONOMICS.md, "Referral codes").
+
+    Raises `AccountRefused`: `referral_refused` (unknown code, one's own, already referred,
+    a cycle), `unauthorized`, `billing_off`.
+    """
+    expiry = int(time.time() + ttl)
+
+    def build(host: Host) -> Message:
+        return sign_referral_query(
+            payer_key, domain or DEFAULT_DOMAIN, peer_id=host.peer_id, code=code, expiry=expiry
+        )
+
+    return await _ask(coordinator, build, ReferralReport, timeout)
+
+
+def referral_sync(
+    coordinator: str, payer_key: bytes, code: str = "", **kwargs: Any
+) -> ReferralReport:
+    """`referral` for scripts: returns `ReferralReport`, raises `AccountRefused`."""
+    quiet_unconfigured_logging()
+    return trio.run(lambda: referral(coordinator, payer_key, code, **kwargs))
 
 
 def claim_daily_boost_sync(coordinator: str, payer_key: bytes, **kwargs: Any) -> BoostGranted:

@@ -37,8 +37,10 @@ from sogni_app.api import (
     balance_sync,
     claim_daily_boost_sync,
     collect_sync,
+    referral_sync,
     render_request,
     render_sync,
+    report_sync,
     save_image,
     save_ticket,
     valid_network_id,
@@ -56,7 +58,7 @@ from sogni_protocol.cli_errors import main as run_cli
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import EMBEDDED_MODEL_ID
 from sogni_protocol.logs import configure_logging
-from sogni_protocol.messages import Balances
+from sogni_protocol.messages import Balances, ReferralReport
 from sogni_wallet.keystore import (
     Wallet,
     create_keystore,
@@ -539,6 +541,107 @@ def balance_cmd(
     )
 
 
+REPORT_REASONS = ("minor", "sexual", "violence", "hate", "other")
+
+
+@app.command("report")
+def report_cmd(
+    job: Annotated[str, typer.Argument(help="The request id `sogni render` printed (hex).")],
+    reason: Annotated[str, typer.Option("--reason", help=f"One of: {', '.join(REPORT_REASONS)}.")],
+    image: Annotated[
+        int | None, typer.Option("--image", min=0, help="One image's index (default: all).")
+    ] = None,
+    note: Annotated[
+        str, typer.Option("--note", help="For the operator only (at most 1000 characters).")
+    ] = "",
+    coordinator: CoordinatorOpt = None,
+    keystore: KeystoreOpt = DEFAULT_KEYSTORE,
+    password_env: PasswordEnvOpt = "SOGNI_PASSWORD",
+    chain_id: ChainIdOpt = None,
+    verifying_contract: ContractOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Report a request you paid for to the coordinator's operator (docs/SAFETY.md)."""
+    if reason not in REPORT_REASONS:
+        raise BadUsage(f"--reason must be one of {', '.join(REPORT_REASONS)}", None)
+    text = job[2:] if job[:2].lower() == "0x" else job
+    try:
+        request_id = bytes.fromhex(text)
+    except ValueError:
+        request_id = b""
+    if len(request_id) != 32:
+        raise BadUsage("JOB is a request id: 64 hex digits", "see request.json of the render")
+    if len(note) > 1000:
+        raise BadUsage("--note is at most 1000 characters", None)
+
+    def call(addr: str, key: bytes, **signing: Any) -> Any:
+        index = -1 if image is None else image
+        why: Any = reason  # one of REPORT_REASONS, checked above
+        return report_sync(addr, key, request_id, why, image_index=index, note=note, **signing)
+
+    filed = _account_call(
+        call, coordinator, keystore, password_env, chain_id, verifying_contract, as_json
+    )
+    if as_json:
+        typer.echo(json.dumps({"reportId": filed.report_id}))
+        return
+    typer.echo(f"report {filed.report_id} filed: the coordinator's operator will review it")
+
+
+referral_app = typer.Typer(no_args_is_help=True, help="Your referral code; use someone's.")
+app.add_typer(referral_app, name="referral")
+
+
+def _referral_out(got: ReferralReport, as_json: bool) -> None:
+    if as_json:
+        out = {"payer": got.payer, "code": got.code, "referredBy": got.referred_by}
+        typer.echo(json.dumps(out))
+        return
+    by = f"; referred by {got.referred_by}" if got.referred_by else ""
+    typer.echo(f"referral code of {got.payer}: {got.code}{by}")
+
+
+@referral_app.command("code")
+def referral_code_cmd(
+    coordinator: CoordinatorOpt = None,
+    keystore: KeystoreOpt = DEFAULT_KEYSTORE,
+    password_env: PasswordEnvOpt = "SOGNI_PASSWORD",
+    chain_id: ChainIdOpt = None,
+    verifying_contract: ContractOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Print your referral code (purchases of those who use it score for you)."""
+    got = _account_call(
+        referral_sync, coordinator, keystore, password_env, chain_id, verifying_contract, as_json
+    )
+    _referral_out(got, as_json)
+
+
+@referral_app.command("use")
+def referral_use_cmd(
+    code: Annotated[str, typer.Argument(help="The referrer's code.")],
+    coordinator: CoordinatorOpt = None,
+    keystore: KeystoreOpt = DEFAULT_KEYSTORE,
+    password_env: PasswordEnvOpt = "SOGNI_PASSWORD",
+    chain_id: ChainIdOpt = None,
+    verifying_contract: ContractOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Record who referred you (once; not yourself, no cycles)."""
+    if not 1 <= len(code.strip()) <= 40:
+        raise BadUsage("CODE is a referral code of 10 letters and digits", None)
+    got = _account_call(
+        functools.partial(referral_sync, code=code.strip()),
+        coordinator,
+        keystore,
+        password_env,
+        chain_id,
+        verifying_contract,
+        as_json,
+    )
+    _referral_out(got, as_json)
+
+
 @keys_app.command("create")
 def keys_create(
     keystore: KeystoreOpt = DEFAULT_KEYSTORE,
@@ -572,6 +675,8 @@ def _in_option_terms(command: Callable[..., None]) -> Callable[..., None]:
 
 
 app.command("quote")(_in_option_terms(__import__("sogni_app.quote").quote.quote_cmd))
+app.add_typer(__import__("sogni_app.governance_cli").governance_cli.gov_app, name="gov")
+app.add_typer(__import__("sogni_app.dispute_cli").dispute_cli.dispute_app, name="dispute")
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from sogni_protocol.cli_errors import BadUsage
 from sogni_protocol.messages import RenderRequest
 from sogni_protocol.pricing import Quote
 from sogni_protocol.pricing import quote as _price
+from sogni_protocol.stake_benefits import StakeBenefits, discounted
 
 __all__ = ["Quote", "quote", "quote_cmd"]
 
@@ -31,12 +32,14 @@ def quote(
     sogni_usd: float | None = None,
     catalog: Path | str | None = None,
     model_class: str | None = None,
+    stake: int = 0,
 ) -> Quote:
     """Quote `images` renders of `model`; unset steps/size take the model's defaults.
 
     A model the catalog does not list is refused (ValueError) unless `model_class` names the
     class to price it as (an estimate: a coordinator prices a model it does not list as the
-    reference class, SDXL, scaled to the request's size)."""
+    reference class, SDXL, scaled to the request's size). `stake`: the payer's active stake in
+    whole SOGNI, for its tier's discount (the coordinator's default `[staking_benefits]`)."""
     cat = load_catalog(catalog) if catalog is not None else load_catalog()
     if model not in cat.models:
         if model_class is None:
@@ -65,7 +68,8 @@ def quote(
         },
         RenderRequest,
     )
-    return _price(request, cat, sogni_usd)
+    rules = StakeBenefits()  # the coordinator's defaults ([staking_benefits])
+    return discounted(_price(request, cat, sogni_usd), rules.discount_for(rules.tier(stake)))
 
 
 def quote_cmd(
@@ -81,6 +85,9 @@ def quote_cmd(
         str | None,
         typer.Option("--class", help="Price a model the catalog does not list as this class."),
     ] = None,
+    stake: Annotated[
+        int, typer.Option(min=0, help="Your active stake in whole SOGNI (staker discount).")
+    ] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show what a request would cost in render seconds, Spark, SOGNI and USD."""
@@ -95,6 +102,7 @@ def quote_cmd(
             token_type=token_type,  # type: ignore[arg-type]
             sogni_usd=sogni_usd,
             model_class=model_class,
+            stake=stake,
         )
     except (msgspec.ValidationError, ValueError) as exc:  # an unknown model, a bad size
         raise BadUsage(str(exc), "see `sogni quote --help` and the catalog's model ids") from None

@@ -52,6 +52,10 @@ EMBEDDED_ACCOUNTS = 10
 Signer = LocalAccount | str
 
 _REVERTS: tuple[type[BaseException], ...] = (ContractLogicError, TransactionFailed)
+GAS_HEADROOM = 64_000
+"""Added to every estimate: Staking's vote checkpoints are keyed by timestamp, so a call
+estimated in the same second as the last block updates a checkpoint in place but, mined a
+second later, pushes new ones (about 20k gas each, up to three per call). Unused gas is not paid."""
 
 
 def anvil_dev_keys(count: int = 10, mnemonic: str = ANVIL_MNEMONIC) -> list[str]:
@@ -186,7 +190,7 @@ class Chain:
         base: dict[str, Any] = {"from": frm, "value": value}
         try:
             if gas is None:
-                gas = int(fn.estimate_gas(base) * self.gas_margin)
+                gas = int(fn.estimate_gas(base) * self.gas_margin) + GAS_HEADROOM
             tx = dict(fn.build_transaction({**base, "gas": gas}))
         except _REVERTS as exc:
             raise self.errors.from_exception(exc) from None

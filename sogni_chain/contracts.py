@@ -424,6 +424,37 @@ class Distributor(_Bound):
         ``max_total_growth()``, and must be funded."""
         return self._send("postRoot", epoch, _b32(root), total, _b32(receipts_hash), sender=sender)
 
+    def post_airdrop_root(
+        self,
+        epoch: int,
+        season: int,
+        root: bytes | str,
+        total: int,
+        evidence_hash: bytes | str,
+        *,
+        sender: Signer | None = None,
+    ) -> Tx:
+        """Needs AIRDROP_ROLE. Like :meth:`post_root`, but ``season``'s prizes: once per
+        season, growth at most ``airdrop_cap(season)``."""
+        return self._send(
+            "postAirdropRoot", epoch, season, _b32(root), total, _b32(evidence_hash), sender=sender
+        )
+
+    def set_airdrop_cap(self, season: int, cap: int, *, sender: Signer | None = None) -> Tx:
+        """DEFAULT_ADMIN_ROLE; refused once the season's airdrop is posted."""
+        return self._send("setAirdropCap", season, cap, sender=sender)
+
+    def airdrop_cap(self, season: int) -> int:
+        return int(self._call("airdropCap", season))
+
+    def airdrop_epoch_of(self, season: int) -> int:
+        """The epoch that paid ``season``'s prizes (0: not posted)."""
+        return int(self._call("airdropEpochOf", season))
+
+    def airdrop_season_of(self, epoch: int) -> int:
+        """The season whose prizes ``epoch`` paid (0: a work epoch)."""
+        return int(self._call("airdropSeasonOf", epoch))
+
     def build_post_root(
         self,
         epoch: int,

@@ -8,7 +8,7 @@ so a file written for one chain is never used against another.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from sogni_protocol.settings import DEV_CHAIN_IDS
@@ -16,6 +16,8 @@ from sogni_wallet.addresses import Addresses
 
 from .chain import Chain, Signer
 from .contracts import Distributor, License, Staking, Token
+from .disputes import DisputeParams, Disputes, deploy_disputes
+from .model_stake import ModelStake, deploy_model_stake
 
 __all__ = [
     "DEV_ADMIN_TRANSFER_DELAY",
@@ -74,6 +76,9 @@ class Deployment:
         self.staking = Staking(chain, addresses.staking, sender)
         self.license = License(chain, addresses.license, sender)
         self.distributor = Distributor(chain, addresses.distributor, sender)
+        self.disputes = Disputes(chain, addresses.disputes, sender) if addresses.disputes else None
+        ms = addresses.model_stake
+        self.model_stake = ModelStake(chain, ms, sender) if ms else None
 
     def is_deployed(self) -> bool:
         """True when all four addresses hold code (a stale file after a chain reset has none)."""
@@ -100,6 +105,8 @@ def deploy_all(
     claim_delay: int | None = None,
     max_total_growth: int | None = None,
     admin_transfer_delay: int | None = None,
+    disputes: DisputeParams | None = None,
+    governed: bool = False,
 ) -> Addresses:
     """Deploy SogniToken, Staking, WorkerLicense and RewardDistributor and wire them.
 
@@ -110,7 +117,9 @@ def deploy_all(
       two steps ``admin_transfer_delay`` seconds apart;
     - ``coordinator`` (default: governance) gets SETTLEMENT_ROLE on the distributor: the key
       that posts roots (ideally its own key, not the coordinator's online offer key);
-    - ``slasher``, if given, gets SLASHER_ROLE on staking;
+    - ``slasher``, if given, gets SLASHER_ROLE on staking; with ``disputes`` (its parameters)
+      Disputes.sol is deployed too, holds Staking's SLASHER_ROLE and ``slasher`` proposes
+      slashes there (executed after the dispute window); ``coordinator`` signs refusals;
     - ``distributor_funding`` SOGNI move from the treasury to the distributor;
     - slashed stake goes to the treasury;
     - ``claim_delay`` (seconds before a posted root is claimable), ``max_total_growth`` (cap
@@ -118,7 +127,9 @@ def deploy_all(
       ``admin_transfer_delay`` default to :func:`deploy_defaults` for the chain: 0, 10**9
       SOGNI and 0 on dev chains; 1 day, 10**9 SOGNI and 2 days elsewhere.
 
-    With ``path`` the addresses are also saved there.
+    With ``path`` the addresses are also saved there. ``governed``: stakers' Governor and
+    timelock take over staking's and the distributor's admin (``sogni_chain.governance``;
+    its addresses go to ``<path stem>.governance.json``).
     """
     defaults = deploy_defaults(chain.chain_id)
     delay = defaults["claim_delay"] if claim_delay is None else claim_delay
@@ -157,11 +168,31 @@ def deploy_all(
         license=license_,
         distributor=distributor,
         deployed_at_block=token_tx.block_number,
+        model_stake=deploy_model_stake(chain, token, sender=gov),
     )
-    if slasher is not None:
+    if disputes is not None:  # slashes go through Disputes' window; it alone slashes Staking
+        addresses = replace(
+            addresses,
+            disputes=deploy_disputes(
+                chain,
+                token=token,
+                staking=staking,
+                governance=gov,
+                treasury=treasury,
+                slasher=slasher,
+                reporters=(settlement,),
+                params=disputes,
+                admin_transfer_delay=admin_delay,
+            ),
+        )
+    elif slasher is not None:
         Staking(chain, staking, gov).grant_role("SLASHER_ROLE", slasher)
     if distributor_funding:
         Token(chain, token, treasury).transfer(distributor, distributor_funding)
+    if governed:
+        from .governance import deploy_governance, governance_path
+
+        deploy_governance(chain, addresses, gov, path=governance_path(path) if path else None)
     if path is not None:
         addresses.save(path)
     return addresses
@@ -205,6 +236,9 @@ def _deploy_main(argv: list[str] | None) -> int:
         default=None,
         help="whole SOGNI one epoch's root may add to the total (default: 10**9)",
     )
+    parser.add_argument(
+        "--governed", action="store_true", help="also deploy stakers' Governor and timelock"
+    )
     args = parser.parse_args(argv)
     chain = connect(args.url)
     if args.reuse and Path(args.out).is_file():
@@ -221,6 +255,7 @@ def _deploy_main(argv: list[str] | None) -> int:
         path=args.out,
         claim_delay=args.claim_delay,
         max_total_growth=None if args.max_total_growth is None else args.max_total_growth * _SOGNI,
+        governed=args.governed,
     )
     print(json.dumps(asdict(addresses), indent=2, sort_keys=True))
     return 0

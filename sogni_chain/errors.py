@@ -67,6 +67,14 @@ FRIENDLY: dict[str, _Friendly] = {
         f"the root adds {_sogni(a['growth'])} to the total, more than the cap of "
         f"{_sogni(a['cap'])} per epoch (governance can raise maxTotalGrowth)"
     ),
+    "AirdropCapExceeded": lambda a: (
+        f"season {a['season']}'s airdrop adds {_sogni(a['growth'])}, more than its cap of "
+        f"{_sogni(a['cap'])} (governance sets it: setAirdropCap)"
+    ),
+    "AirdropAlreadyPosted": lambda a: (
+        f"season {a['season']}'s airdrop was already posted, as epoch {a['epoch']}"
+    ),
+    "ZeroSeason": lambda a: "season 0 has no airdrop: seasons are numbered from 1",
     "Underfunded": lambda a: (
         f"the distributor holds {_sogni(a['balance'])} but the root needs "
         f"{_sogni(a['owed'])}: fund it first"

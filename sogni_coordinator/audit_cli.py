@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import typer
 
+from sogni_protocol.airdrop import airdrop_season
 from sogni_protocol.cli_errors import BadUsage, Refused, Unavailable
 from sogni_protocol.epoch_audit import (
     AuditedEpoch,
@@ -119,6 +120,17 @@ def check_chain(audited: Sequence[AuditedEpoch], contracts: Contracts) -> ChainC
                 f"receiptsHashOf({n}) is {posted_hash}"
             )
             continue
+        season_of = getattr(dist, "airdrop_season_of", None)
+        if season_of is not None:  # a work epoch must not pass for an airdrop, nor back
+            said, posted = airdrop_season(ef.receipts_file) or 0, int(season_of(n))
+            if said != posted:
+                check.problems.append(
+                    f"epoch {n}: {where}: it is "
+                    + (f"season {said}'s airdrop" if said else "a work epoch")
+                    + ", the distributor posted it as "
+                    + (f"season {posted}'s airdrop" if posted else "a work epoch")
+                )
+                continue
         if total_of is not None:
             posted_total = int(total_of(n))
             if str(posted_total) != ef.total:

@@ -34,6 +34,7 @@ from sogni_coordinator.ledger import (
     partial_value,
     utc_day,
 )
+from sogni_coordinator.staking_benefits import PayerBenefits
 from sogni_coordinator.standing import StandingLookup, no_chain
 from sogni_coordinator.store import Store
 from sogni_protocol import eip712
@@ -92,6 +93,8 @@ class Billing:
     clock: Callable[[], float] = time.time
     network_id: str = DEFAULT_NETWORK_ID
     """The ledger's network: authorizations and boost claims must name it."""
+    benefits: PayerBenefits | None = None
+    """Staked payers' discount and queue tier (`[staking_benefits]`); None: none."""
     _reservations: dict[bytes, Reservation] = field(default_factory=dict)
     _models: dict[bytes, str] = field(default_factory=dict)
 
@@ -107,6 +110,8 @@ class Billing:
     async def admit_off_loop(self, request: RenderRequest, request_id: bytes) -> int:
         """`admit` with the ledger's fsync'd write in the writer thread, in order with every
         queued settlement and refund."""
+        if self.benefits is not None and self.charges(request):
+            await self.benefits.warm(request.payer)
         q = self._authorized_quote(request)
         if q is None:
             return 0
@@ -130,7 +135,8 @@ class Billing:
             raise Refusal("unauthorized", self._with_domain(fault))
         if request.expiry > now + MAX_AUTHORIZATION_SECONDS:
             raise Refusal("unauthorized", "payer authorization expires more than a day ahead")
-        return quote(request, self.catalog)
+        q = quote(request, self.catalog)
+        return q if self.benefits is None else self.benefits.apply(request.payer, q)
 
     def _reserve(self, request: RenderRequest, request_id: bytes, q: Quote) -> Reservation:
         assert request.payer is not None

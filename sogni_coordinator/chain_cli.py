@@ -150,6 +150,7 @@ def _deployment(cfg: CoordinatorConfig, chain: Chain) -> Deployment:
 def _settler(cfg: CoordinatorConfig, url: str | None, store: Store) -> Settler:
     from sogni_coordinator.settlement.epochs import Settler
     from sogni_coordinator.settlement.keys import settlement_sender
+    from sogni_coordinator.settlement.rules import payout_rules
     from sogni_wallet.keystore import keystore_address, unlock_wallet
 
     chain = _shared_chain(cfg, url)
@@ -172,7 +173,7 @@ def _settler(cfg: CoordinatorConfig, url: str | None, store: Store) -> Settler:
         store,
         deployment,
         sender=sender,
-        rules=cfg.settlement.rules(local=cfg.local),
+        rules=payout_rules(cfg),
         publish_dir=publish_dir(cfg),
         network_id=cfg.network_id,
         dispute_window=cfg.verification.dispute_window,
@@ -220,6 +221,14 @@ def chain_deploy(
             help="Whole SOGNI one epoch's root may add to the total (default: 1000000000).",
         ),
     ] = None,
+    disputes: Annotated[
+        bool,
+        typer.Option(
+            "--disputes",
+            help="Also deploy Disputes.sol: it alone may slash (after a dispute window); "
+            "the offer key signs refusals (docs/GOVERNANCE.md, Disputes).",
+        ),
+    ] = False,
 ) -> None:
     """Deploy token, staking, licence and distributor; write the addresses file.
 
@@ -227,6 +236,7 @@ def chain_deploy(
     the EIP-712 verifying contract: point coordinators' and nodes' `addresses_file` at the file.
     """
     from sogni_chain import Addresses, Deployment, deploy_all
+    from sogni_chain.disputes import Disputes, dispute_params
     from sogni_wallet.keystore import KeystoreError, keystore_address
 
     cfg, default_path = _config_before_deploy(config)
@@ -267,7 +277,10 @@ def chain_deploy(
         path=path,
         claim_delay=claim_delay,
         max_total_growth=None if max_total_growth is None else max_total_growth * 10**18,
+        disputes=dispute_params(chain.chain_id) if disputes else None,
     )
+    if addresses.disputes is not None and offer is not None:  # it signs refusals
+        Disputes(chain, addresses.disputes, treasury).grant_role("REPORTER_ROLE", offer)
     for gas_user in dict.fromkeys(a for a in (settler, slasher) if a is not None):
         if chain.eth_balance(gas_user) < 10**18:  # gas for postRoot / slash
             chain.send_eth(gas_user, 10 * 10**18, sender=treasury)
@@ -405,6 +418,8 @@ def epoch_submit(
         document = json.loads(signed.read_text())
     except (OSError, ValueError) as exc:
         raise BadUsage(f"cannot read {signed}: {exc}", "pass the file epoch sign wrote") from None
+    from sogni_coordinator.settlement.rules import payout_rules
+
     cfg = _config(config)
     chain = _shared_chain(cfg, chain_url)
     store = Store(cfg.database)
@@ -413,7 +428,7 @@ def epoch_submit(
             store,
             _deployment(cfg, chain),
             sender=str(document.get("from", "")),
-            rules=cfg.settlement.rules(local=cfg.local),
+            rules=payout_rules(cfg),
             publish_dir=publish_dir(cfg),
             network_id=cfg.network_id,
             dispute_window=cfg.verification.dispute_window,

@@ -90,8 +90,10 @@ def connect_chain(config: CoordinatorConfig, private_key: bytes, store: Store) -
     if config.chain_url is None or config.addresses_file is None:
         return None
     from sogni_chain import Addresses, Deployment, connect
+    from sogni_coordinator.network_params import network_params_for
     from sogni_coordinator.settlement import Settler
     from sogni_coordinator.settlement.keys import settlement_sender
+    from sogni_coordinator.settlement.rules import payout_rules
 
     chain = connect(config.chain_url)
     addresses = Addresses.load(config.addresses_file, chain_id=chain.chain_id)
@@ -102,9 +104,10 @@ def connect_chain(config: CoordinatorConfig, private_key: bytes, store: Store) -
         store,
         deployment,
         sender=sender,
-        rules=config.settlement.rules(local=config.local),
+        rules=payout_rules(config),
         publish_dir=publish_dir(config),
         network_id=config.network_id,
         dispute_window=config.verification.dispute_window,
+        params=network_params_for(chain, config.addresses_file),
     )
     return ChainLink(deployment, settler)

@@ -284,11 +284,15 @@ def balance(
 
 
 app.command("leaderboard")(__import__("sogni_coordinator.leaderboard").leaderboard.leaderboard_cmd)
+app.add_typer(
+    __import__("sogni_coordinator.seasons.close_cli", fromlist=["app"]).app, name="season"
+)
 
 
 app.add_typer(__import__("sogni_coordinator.chain_cli", fromlist=["app"]).app)
 app.add_typer(__import__("sogni_coordinator.slash_cli", fromlist=["app"]).app, name="slash")
 app.add_typer(__import__("sogni_coordinator.api_keys_cli", fromlist=["app"]).app, name="api-keys")
+app.add_typer(__import__("sogni_coordinator.reports_cli", fromlist=["app"]).app, name="reports")
 app.registered_commands += __import__(
     "sogni_coordinator.backup_cli", fromlist=["app"]
 ).app.registered_commands

@@ -12,8 +12,9 @@ connection, a coordinator restart, or `sogni collect` later); a wrong token is r
 right one gets `RequestResumed`, then every image not yet acknowledged and the rest as above.
 Nothing is charged again: receipts were paid when stored.
 
-The first frame may instead be a signed `DailyBoostClaim` or `BalanceQuery`: one answer
-(`BoostGranted`, `BalanceReport` or `RequestRefused`), then the stream closes.
+The first frame may instead be a signed `DailyBoostClaim`, `BalanceQuery` or `ContentReport`
+(`report_intake.py`): one answer (`BoostGranted`, `BalanceReport`, `ReportFiled` or
+`RequestRefused`), then the stream closes.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import trio
 
 from sogni_coordinator.delivery import Cursor, short
 from sogni_coordinator.dispatch import Dispatcher, Refusal
+from sogni_coordinator.referral_intake import serve_referral
+from sogni_coordinator.report_intake import serve_report
 from sogni_net import Channel, ChannelClosed, ReadTimeout, TransportError
 from sogni_protocol.crashpoints import crashpoint
 from sogni_protocol.errors import ProtocolError
@@ -30,10 +33,12 @@ from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
     BalanceQuery,
     CancelRequest,
+    ContentReport,
     DailyBoostClaim,
     ImageAck,
     JobImage,
     Message,
+    ReferralQuery,
     RenderRequest,
     RequestRefused,
     ResumeRequest,
@@ -68,6 +73,12 @@ async def serve_client(
         return
     if isinstance(req, DailyBoostClaim | BalanceQuery):
         await _answer_account(channel, dispatcher, req)
+        return
+    if isinstance(req, ContentReport):  # docs/SAFETY.md, "Reports"
+        await serve_report(channel, dispatcher, req)
+        return
+    if isinstance(req, ReferralQuery):  # docs/ECONOMICS.md, "Referral codes"
+        await serve_referral(channel, dispatcher, req)
         return
     first: Message
     try:

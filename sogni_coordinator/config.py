@@ -36,6 +36,7 @@ from sogni_protocol.settings import (
     load_settings,
     read_config_text,
 )
+from sogni_protocol.stake_benefits import StakeBenefits
 from sogni_wallet.addresses import apply_addresses_file
 
 __all__ = [
@@ -118,6 +119,9 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     """`[verification]`: which receipts are held until a re-run step verifies them
     (`sogni_coordinator.checks`); off by default."""
 
+    staking_benefits: StakeBenefits = msgspec.field(default_factory=StakeBenefits)
+    """`[staking_benefits]`: payers' stake tiers -> discount, queue priority, free upgrades
+    (docs/ECONOMICS.md "Staking benefits"); applied only with a chain to read stake from."""
     content: ContentConfig = msgspec.field(default_factory=ContentConfig)
     """`[content]`: the prompt policy checked before a request is queued or charged
     (docs/CONTENT_POLICY.md); adult content off by default."""

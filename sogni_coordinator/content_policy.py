@@ -87,6 +87,8 @@ class _PolicyFile(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fiel
     adult_age: Annotated[int, Meta(ge=1, le=30)] = 18
     minors: _Minors
     adult: _Adult
+    image: dict[str, object] = {}
+    """The image check's table, validated by `safety.image_policy` (docs/SAFETY.md)."""
 
 
 Reading = tuple[list[list[Shape]], list[str]]
@@ -219,6 +221,15 @@ class ContentPolicy:
             return "adult"
         return None
 
+    def prompt_facts(self, positive: str, style: str = "") -> tuple[bool, bool]:
+        """(young, lewd) of the wanted prompts: what the image check weighs (docs/SAFETY.md)."""
+        readings = _read(f"{positive}\n{style}")
+        lewd = any(self.sexual.found_in(r) or self.suggestive.found_in(r) for r in readings)
+        young = self._young_age(f"{positive}\n{style}") or any(
+            self.underage.found_in(r) for r in readings
+        )
+        return young, lewd
+
     def judge_request(
         self, req: RenderRequest, *, disable_safety: bool | None = None
     ) -> Category | None:
@@ -305,9 +316,19 @@ class ContentConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     """The policy (docs/CONTENT_POLICY.md); None: the shipped `configs/content_policy.toml`."""
     allow_adult: bool = False
     """Render adult content for requests that set `disableSafety` (never minors)."""
+    image_check: bool = True
+    """Classify every image before delivery (docs/SAFETY.md; NudeNet, `coordinator` extra)."""
+    adult_action: Literal["blur", "withhold"] = "blur"
+    """What an adult image for a request that did not opt in becomes; the job is paid."""
 
     def __post_init__(self) -> None:
         self.policy()
+        if self.image_check:  # a bad [image] table stops the coordinator at start too
+            from sogni_coordinator.safety.detector import require_detector
+            from sogni_coordinator.safety.image_table import read_image_table
+
+            read_image_table(self.path)
+            require_detector()
 
     @property
     def path(self) -> Path:

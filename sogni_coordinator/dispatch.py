@@ -31,7 +31,6 @@ import os
 import statistics
 import tempfile
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from sogni_coordinator.challenges import ChallengeResult, PendingChallenges
 from sogni_coordinator.checks import RESTART_REASON, Checks, Held, Outcome
 from sogni_coordinator.content_policy import ContentPolicy, screen_request
 from sogni_coordinator.delivery import Cursor, Mailbox, ResultFiles, short
+from sogni_coordinator.disputes import Reporter
 from sogni_coordinator.group_commit import GroupCommit
 from sogni_coordinator.image_check import image_fault
 from sogni_coordinator.job_state import (
@@ -55,9 +55,15 @@ from sogni_coordinator.job_state import (
     transition,
 )
 from sogni_coordinator.jobs import Job, NodeLink, RequestState
+from sogni_coordinator.model_stake import ModelStakeBoard
 from sogni_coordinator.prompt_crypto import new_key
+from sogni_coordinator.reports import NODE_BLOCKED, PAYER_BLOCKED, Reports
 from sogni_coordinator.reputation import STRIKE_WINDOW, Reputation
 from sogni_coordinator.routing import Router
+from sogni_coordinator.safety.screen import MESSAGES as IMAGE_REFUSALS
+from sogni_coordinator.safety.screen import ImageSafety
+from sogni_coordinator.seasons.hardware import HardwareLog
+from sogni_coordinator.staking_benefits import TieredQueue, pick_with_upgrade, upgrade_rule
 from sogni_coordinator.store import PendingCheck, Store
 from sogni_coordinator.verification_config import VerificationConfig
 from sogni_coordinator.verifiers import PendingVerifications
@@ -166,10 +172,17 @@ class Dispatcher:
         verification: VerificationConfig | None = None,
         verification_log: Path | None = None,
         content_policy: ContentPolicy | None = None,
+        image_safety: ImageSafety | None = None,
     ) -> None:
         self.store = store
         self.content_policy = content_policy
         """Prompts checked before anything is reserved (None: the shipped policy, adult off)."""
+        self.image_safety = image_safety
+        """Images checked before they are stored for delivery (docs/SAFETY.md); None: off."""
+        self.blocked_payers: frozenset[str] = frozenset()
+        """Lowercase payers the operator blocked after a content report (`reports.py`)."""
+        self.reports: Reports | None = None
+        """Where content reports are filed (`report_intake`); None: reports are off."""
         self._key = signer_key
         self.address = signer_address
         """The offer-signing address: nodes list it as trusted, receipts name it."""
@@ -182,7 +195,8 @@ class Dispatcher:
         self.billing = billing
         self.no_node_grace = NO_NODE_GRACE
         self.receipts = GroupCommit(store)
-        self.queue: deque[Job] = deque()
+        self.queue = TieredQueue()
+        """Queued jobs, higher payer stake tiers first (staking_benefits.py)."""
         self.jobs: dict[bytes, Job] = {}
         """Live jobs (queued, running, cancelling); a job leaves when it ends."""
         self.nodes: dict[str, NodeLink] = {}
@@ -204,8 +218,15 @@ class Dispatcher:
         """Steps sent to verifier nodes and not yet answered (`verifiers.verify_step`)."""
         self.checks = Checks(self, verification, verification_log)
         """Sampled receipts held until verified (`checks.py`); off by default."""
+        self.model_stake: ModelStakeBoard | None = None
+        self.hardware: HardwareLog | None = None
+        """Records each node's advertised device for the Workers boards (seasons/hardware.py)."""
+        """Stake on models (model_stake.py), read by model lists; None without a chain."""
         self.excluded: dict[bytes, set[str]] = {}
         """Job id -> wallets whose receipt for it failed a check: offered elsewhere first."""
+        self.refusals: Reporter | None = None
+        """Signs each refusal so the worker can dispute it on chain (disputes.py); None
+        without a Disputes contract."""
 
     # --- the lifecycle: the only place a job's state changes --------------------------------
     def _to(self, job: Job, event: JobEvent, *, durable: bool = False) -> JobState:
@@ -274,6 +295,8 @@ class Dispatcher:
         token (only its hash is stored). Every image waits in the results folder until the
         client acknowledges it.
         """
+        if req.payer is not None and req.payer.lower() in self.blocked_payers:
+            raise Refusal("payer_blocked", PAYER_BLOCKED)  # before anything is reserved
         fault = self.model_fault(req, allowed_models)
         if fault is not None:
             raise Refusal("unknown_model", fault)
@@ -283,6 +306,8 @@ class Dispatcher:
         # A paid request is known by the hash its payer signed, and its jobs by ids derived
         # from it: a published receipt then proves which authorization paid for it.
         request_id = eip712.request_hash(req) if paid else os.urandom(32)
+        if self.image_safety is not None:
+            self.image_safety.note_request(request_id, req)
         jobs = [
             Job(
                 eip712.job_id_of(request_id, i) if paid else os.urandom(32),
@@ -321,6 +346,8 @@ class Dispatcher:
                 raise
         box = Mailbox(request_id, [j.job_id for j in jobs])
         state = RequestState(request_id, len(jobs), box)
+        if paid and self.billing is not None and self.billing.benefits is not None:
+            self.queue.tiers[request_id] = self.billing.benefits.tier(req.payer)
         self.add_request(state, jobs)
         accepted = RequestAccepted(
             request_id=request_id,
@@ -497,6 +524,8 @@ class Dispatcher:
         second stream from the same peer replaces the first."""
         if self.reputation.blacklisted(caps.wallet):
             raise Refusal("blacklisted", f"wallet {caps.wallet} is blacklisted")
+        if caps.wallet.lower() in self.router.blocked_nodes:
+            raise Refusal("blocked", f"wallet {caps.wallet}: {NODE_BLOCKED}")
         link = NodeLink(
             peer_id=peer_id,
             wallet=caps.wallet,
@@ -514,6 +543,8 @@ class Dispatcher:
         if old is not None:
             self.node_left(old, "replaced by a new stream from the same peer")
         self.nodes[peer_id] = link
+        if self.hardware is not None:
+            self.hardware.seen(caps)
         self.checks.node_joined()  # a check waiting for this node since a restart may run
         self._wake()
         return link
@@ -528,6 +559,8 @@ class Dispatcher:
         link.max_pixels = caps.max_pixels
         link.device = caps.device
         link.payout = caps.payout  # where verifier work done from now on is paid
+        if self.hardware is not None:
+            self.hardware.seen(caps)
         log.info(
             "node_capabilities_changed",
             peer=link.peer_id,
@@ -623,6 +656,14 @@ class Dispatcher:
             )
             if fault is not None:
                 raise ResultRefused(fault)
+        delivered = result.image
+        if self.image_safety is not None and not partial:  # docs/SAFETY.md
+            screened = await self.image_safety.screen(job.request_id, job.params, result.image)
+            if screened.outcome in ("timeout", "error"):  # not the node's fault: retried
+                raise StorageFault(IMAGE_REFUSALS["timeout"])
+            if screened.outcome == "refuse":  # the holder is struck, the job goes elsewhere
+                raise ResultRefused(IMAGE_REFUSALS["minors"])
+            delivered = screened.image
         event = JobEvent.PARTIAL_RECEIPT if partial else JobEvent.RECEIPT
         try:
             outcome = transition(job.state, event)
@@ -642,7 +683,7 @@ class Dispatcher:
                 job_id=job.job_id,
                 index=job.index,
                 seed=job.params.seed,
-                image=result.image,
+                image=delivered,
                 receipt=receipt,
                 signature=result.signature,
                 meta=result.meta,
@@ -747,6 +788,8 @@ class Dispatcher:
         from that wallet if it can. A wallet blacklisted by the strike gets a slash proposal
         (`Store.propose_slash`), for the operator to sign offline with the settlement key."""
         job = held.job
+        if self.refusals is not None and strike:  # disputable: signed, kept for a re-check
+            self.refusals.refused(held.receipt, job.params, held.dtype, reason, evidence)
         await self.store.call(self.store.fail_held_receipt, job.job_id, reason, evidence)
         self.results.remove([held.path])
         log.warning("receipt_check_failed", job=job.job_id.hex()[:16], worker=held.worker)
@@ -869,7 +912,9 @@ class Dispatcher:
         """One pass: offer queued jobs to nodes with credit, in queue order."""
         if not self.queue or not any(n.credit > 0 for n in self.nodes.values()):
             return
-        unmatched: deque[Job] = deque()
+        unmatched = self.queue.emptied()
+        benefits = self.billing.benefits if self.billing is not None else None
+        upgrades = upgrade_rule(benefits, self.router, self.nodes, self.queue.tiers)
         blocked: set[bytes] = set()  # requests no free node can serve in this pass
         while self.queue:
             job = self.queue.popleft()
@@ -880,7 +925,9 @@ class Dispatcher:
                 continue
             state = self.requests.get(job.request_id)
             in_use = set(state.nodes) if state else set()
-            link = self.router.pick(job, self._candidates(job), in_use)
+            link = pick_with_upgrade(
+                self.router, job, self._candidates(job), in_use, upgrade=upgrades(job)
+            )
             if link is None:
                 if job.job_id not in self.excluded:  # its siblings may go where it may not
                     blocked.add(job.request_id)
@@ -1052,6 +1099,7 @@ class Dispatcher:
         state.remaining -= 1
         if state.remaining <= 0:
             del self.requests[state.request_id]
+            self.queue.forget(state.request_id)
             self._save()  # the jobs' end is durable before the rest is refunded
             if self.billing is not None:
                 self.billing.finish(state.request_id)

@@ -235,6 +235,7 @@ def probe_routes(view: CoordinatorView) -> list[BaseRoute]:
 def routes(view: CoordinatorView) -> list[BaseRoute]:
     from starlette.routing import Route
 
+    from sogni_coordinator.disputes import dispute_routes
     from sogni_coordinator.status_page import status_routes
 
     return [
@@ -242,6 +243,7 @@ def routes(view: CoordinatorView) -> list[BaseRoute]:
         *probe_routes(view),
         *epoch_routes(view),
         *relay_routes(view),
+        *dispute_routes(view.dispatcher),
         *status_routes(view, view.stakes),
         *_gateway_routes(view),
     ]

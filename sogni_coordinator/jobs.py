@@ -32,6 +32,8 @@ class NodeLink:
     loras: frozenset[str] = frozenset()
     credit: int = 0
     inflight: dict[bytes, Job] = field(default_factory=dict)
+    removed_reason: str = ""
+    """Set when the coordinator drops the node itself (a block): the session's Goodbye."""
     payout: str | None = None
     """Its advertised payout account (`Capabilities.payout`, signed in the binding; None:
     its wallet): work it verifies is paid there, and it never verifies that account's work."""

@@ -104,6 +104,12 @@ class CoordinatorMetrics:
             ["verdict"],
             registry=registry,
         )
+        self.image_checks = Counter(
+            f"{PREFIX}_image_checks",
+            "Images checked before delivery (docs/SAFETY.md), by category and action",
+            ["category", "action"],
+            registry=registry,
+        )
         self.render_seconds = Histogram(
             f"{PREFIX}_render_seconds",
             "From the offer to the stored receipt of a finished job",
@@ -174,6 +180,10 @@ class MeteredDispatcher(Dispatcher):
     def __init__(self, *args: Any, metrics: CoordinatorMetrics, **kwargs: Any) -> None:
         self.metrics = metrics
         super().__init__(*args, **kwargs)
+        if self.image_safety is not None:  # fixed labels: category and action, no content
+            self.image_safety.on_decision = lambda category, action: (
+                metrics.image_checks.labels(category=category, action=action).inc()
+            )
 
     def _to(self, job: Job, event: JobEvent, *, durable: bool = False) -> JobState:
         old = job.state

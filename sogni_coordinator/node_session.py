@@ -175,6 +175,7 @@ async def serve_node(
                 nonlocal reason, ended_here
                 try:
                     reason = await fn()
+                    reason = link.removed_reason or reason  # dropped by the coordinator: why
                     ended_here = not reason.startswith(NODE_GOODBYE)  # e.g. node replaced
                 except (TransportError, ProtocolError) as exc:
                     reason = f"{type(exc).__name__}: {exc}"

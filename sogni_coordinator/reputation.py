@@ -169,6 +169,16 @@ class Reputation(Database):
         self._save(rec)
         return hit
 
+    def pardon(self, wallet: str) -> None:
+        """A dispute found a refusal wrong (`sogni_coordinator.disputes`): take back one
+        strike and its failure, and lift a blacklisting (the strike may have caused it)."""
+        rec = self.get(wallet)
+        rec.strikes = rec.strikes[:-1]
+        rec.failures = max(0, rec.failures - 1)
+        rec.success = _ema(rec.success, 1.0)
+        rec.blacklisted_until = 0.0
+        self._save(rec)
+
     def disconnected(self, wallet: str, connected_for: float) -> None:
         rec = self.get(wallet)
         rec.connected_seconds += max(0.0, connected_for)

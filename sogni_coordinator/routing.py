@@ -39,6 +39,8 @@ class Router:
     standing: StandingLookup = no_chain
     rng: random.Random | None = None
     clock: Callable[[], float] | None = None
+    blocked_nodes: frozenset[str] = frozenset()
+    """Lowercase wallets the operator blocked after a content report (`reports.py`)."""
 
     def classify(self, device: str, wallet: str) -> tuple[frozenset[str], float]:
         """Networks a node may serve and its stake weight, from its standing now: asked at
@@ -64,11 +66,20 @@ class Router:
             and (link.max_pixels == 0 or want.width * want.height <= link.max_pixels)
             and all(lora.id in link.loras for lora in want.loras)
             and not self.reputation.blacklisted(link.wallet)
+            and link.wallet.lower() not in self.blocked_nodes
         )
 
-    def pick(self, job: Job, nodes: Iterable[NodeLink], in_use: set[NodeLink]) -> NodeLink | None:
-        """Weighted random capable node with a free slot; at most 16 nodes per request."""
+    def pick(
+        self,
+        job: Job,
+        nodes: Iterable[NodeLink],
+        in_use: set[NodeLink],
+        network: str | None = None,
+    ) -> NodeLink | None:
+        """Weighted random capable node with a free slot; at most 16 nodes per request.
+        `network` picks among another tier's nodes (a free upgrade: staking_benefits.py)."""
         p = job.params
+        tier = network or job.network
         candidates: list[NodeLink] = []
         stake_weights: list[float] = []
         for link in nodes:
@@ -79,7 +90,7 @@ class Router:
             ):
                 continue
             networks, stake_weight = self.classify(link.device, link.wallet)  # once per node
-            if job.network in networks and self._fits(link, p):
+            if tier in networks and self._fits(link, p):
                 candidates.append(link)
                 stake_weights.append(stake_weight)
         if not candidates:

@@ -14,20 +14,30 @@ import trio
 from sogni_coordinator.adverts import AdvertBook
 from sogni_coordinator.api_keys import ApiKeys
 from sogni_coordinator.billing import Billing
+from sogni_coordinator.block_watch import apply_blocks
+from sogni_coordinator.block_watch import watch as watch_reports
 from sogni_coordinator.chain_link import connect_chain, publish_dir
 from sogni_coordinator.claim_relay import ClaimRelay, serve_relay
 from sogni_coordinator.client_session import serve_client
 from sogni_coordinator.config import CoordinatorConfig
 from sogni_coordinator.dispatch import Dispatcher
+from sogni_coordinator.disputes import attach_disputes
 from sogni_coordinator.epoch_serving import EpochFolder, serve_epochs
 from sogni_coordinator.gateway import open_gateway
 from sogni_coordinator.http_api import CoordinatorView, build_app
 from sogni_coordinator.key_rotation import chain_for, chain_path
 from sogni_coordinator.ledger import Ledger
+from sogni_coordinator.model_stake import ModelStakeBoard
 from sogni_coordinator.node_session import serve_node
+from sogni_coordinator.referrals import close_beside
+from sogni_coordinator.reports import Reports
 from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.routing import Router
+from sogni_coordinator.safety.screen import image_safety_from
+from sogni_coordinator.seasons.hardware import HardwareLog
+from sogni_coordinator.settlement.rules import payout_rules
 from sogni_coordinator.settlement.timer import run_epoch_timer
+from sogni_coordinator.staking_benefits import PayerBenefits
 from sogni_coordinator.store import Store
 from sogni_net import Channel, open_host, parse_listen, require_http_extra, serve_http
 from sogni_protocol.catalog import default_catalog
@@ -77,9 +87,11 @@ async def run_coordinator(
     closers: list[ApiKeys] = []  # closed after the nursery (the gateway's key store)
     ledger = Ledger(config.database, daily_boost_spark=default_catalog().daily_boost_spark)
     reputation = Reputation(config.database)
+    reports = Reports(config.database)
+    hardware = HardwareLog(config.database)  # the Workers boards' Hardware column
     try:
         domain = Domain(config.chain_id, config.verifying_contract)
-        rules = config.settlement.rules(local=config.local)
+        rules = payout_rules(config)  # [settlement] + the catalog's model creators
         billing = Billing(
             ledger, domain, mode=config.billing, rules=rules, network_id=config.network_id
         )
@@ -93,6 +105,7 @@ async def run_coordinator(
         if standing is not None:  # chain reads off the loop, cached; routing reads memory
             router.standing = standing
             billing.standing = standing
+            billing.benefits = PayerBenefits(config.staking_benefits, standing)
         new_dispatcher: Callable[..., Dispatcher] = Dispatcher
         if parse_listen(config.http_listen) is not None:  # metrics for /metrics
             require_http_extra()  # say what to install, not ModuleNotFoundError
@@ -113,7 +126,11 @@ async def run_coordinator(
             verification=config.verification,
             verification_log=config.data_dir / "verifications.jsonl",
             content_policy=config.content.policy(),
+            image_safety=image_safety_from(config.content),  # docs/SAFETY.md
         )
+        dispatcher.hardware = hardware
+        if link is not None and link.settler.params is not None:  # docs/GOVERNANCE.md
+            link.settler.params.follow_verification(dispatcher.checks)
         rotations = chain_for(domain, chain_path(config.data_dir), signer.address, time.time())
         if rotations:  # nodes that trust an older key follow the chain to this one
             log.info(
@@ -122,6 +139,12 @@ async def run_coordinator(
                 oldest=rotations[0].rotation.old_key,
                 signer=signer.address,
             )
+        dispatcher.reports = reports  # content reports and the blocks they lead to
+        desk = attach_disputes(  # refusals signed, disputes followed (docs/GOVERNANCE.md)
+            link, dispatcher, signer.private_key, publish_dir(config), config.database
+        )
+        reports.refresh()
+        apply_blocks(reports, dispatcher)
         restored = dispatcher.restore()
         if restored:
             log.info("jobs_restored", jobs=restored)
@@ -157,12 +180,22 @@ async def run_coordinator(
             host.set_stream_handler(RELAY_PROTOCOL, partial(serve_relay, relay=relay))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(dispatcher.run)
+                nursery.start_soon(watch_reports, reports, dispatcher)
+                if desk is not None:
+                    nursery.start_soon(desk.run, config.chain_poll_seconds)
                 if standing is not None:
                     nursery.start_soon(standing.run)
                 if link is not None:
                     await nursery.start(
                         run_epoch_timer, link.settler, config.settlement.epoch_seconds
                     )
+                if link is not None and link.deployment.model_stake is not None:
+                    dispatcher.model_stake = ModelStakeBoard(
+                        link.deployment.model_stake,
+                        first_block=link.deployment.addresses.deployed_at_block,
+                        poll_seconds=config.chain_poll_seconds,
+                    )
+                    nursery.start_soon(dispatcher.model_stake.run)
                 http_url = None
                 if parse_listen(config.http_listen) is not None:
                     from sogni_coordinator.metrics import observe
@@ -220,6 +253,9 @@ async def run_coordinator(
     finally:
         for closer in closers:
             closer.close()
+        reports.close()
+        hardware.close()
         reputation.close()
+        close_beside(ledger)  # referral codes (referrals.py), in the ledger's database
         ledger.close()
         store.close()

@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from sogni_coordinator.model_stake import by_stake
 from sogni_coordinator.seasons import BOARD_RULES, BOARDS, Row, board_rows
 from sogni_coordinator.seasons.stakers import StakeChange
 from sogni_protocol.catalog import Catalog
@@ -121,7 +122,7 @@ def snapshot(
         signer=view.signer,
         nodes=len(d.nodes),
         nodes_by_tier=dict(sorted(by_tier.items())),
-        nodes_by_model=dict(sorted(by_model.items())),
+        nodes_by_model={m: by_model[m] for m in by_stake(d.model_stake, sorted(by_model))},
         jobs=d.job_counts(),
         throughput=bars,
         epochs=epochs,
@@ -210,13 +211,21 @@ def render(s: StatusSnapshot) -> str:
                     f"<code>sogni-coordinator leaderboard {_e(board)}</code></p>"
                 )
                 continue
+            hw = board.startswith("workers")  # the page's Hardware column
             boards += _table(
-                ["rank", "wallet", "points", "days", "prize SOGNI"],
+                ["rank", "wallet", *(["hardware"] if hw else []), "points", "days", "prize SOGNI"],
                 [
-                    [r.rank, r.address, f"{r.points:.3f}", r.days_active, f"{r.prize:.2f}"]
+                    [
+                        r.rank,
+                        r.address,
+                        *([r.hardware or "-"] if hw else []),
+                        f"{r.points:.3f}",
+                        r.days_active,
+                        f"{r.prize:.2f}",
+                    ]
                     for r in rows
                 ],
-                {0, 2, 3, 4},
+                {0, 3, 4, 5} if hw else {0, 2, 3, 4},
                 board,
             )
     stamp = dt.datetime.fromtimestamp(s.generated_at, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -259,6 +259,7 @@ def status_command(
 app.add_typer(__import__("sogni_node.rewards_cli", fromlist=["app"]).app)
 app.add_typer(__import__("sogni_node.models_cli", fromlist=["x"]).models_app, name="models")
 app.add_typer(__import__("sogni_node.models_cli", fromlist=["x"]).loras_app, name="loras")
+app.add_typer(__import__("sogni_node.dispute_cli", fromlist=["app"]).app, name="dispute")
 
 if __name__ == "__main__":
     from sogni_protocol.cli_errors import main

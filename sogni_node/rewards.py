@@ -31,8 +31,11 @@ from typing import TYPE_CHECKING, Any
 from sogni_node.journal import JournalReceipt
 from sogni_node.payout import payout_of, signed_form
 from sogni_protocol import eip712, epoch_math
+from sogni_protocol.airdrop import airdrop_season, prizes_by_account
+from sogni_protocol.airdrop_audit import read_evidence
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.epoch_files import (
+    RECEIPTS_FORMAT,
     BatchEntry,
     EpochFile,
     ReceiptsBatch,
@@ -97,6 +100,8 @@ class PublishedEpoch:
     batch: ReceiptsBatch
     tree: MerkleTree
     path: Path
+    prizes: dict[str, int] = field(default_factory=dict)
+    """A season's airdrop epoch: account (lowercase) -> its prizes; its batch is empty."""
 
     @property
     def epoch(self) -> int:
@@ -122,6 +127,9 @@ def load_published(epochs_dir: Path) -> list[PublishedEpoch]:
         except (OSError, ValueError) as exc:
             raise PublicationError(f"{path}: {exc}") from None
         receipts_hash = _unhex(ef.receipts_hash)
+        if airdrop_season(ef.receipts_file) is not None:  # season prizes (protocol/airdrop.py)
+            out.append(_airdrop_epoch(Path(epochs_dir), ef, path))
+            continue
         # never follow a path from the file: the name is derived from the hash
         batch_path = Path(epochs_dir) / "receipts" / receipts_filename(receipts_hash)
         try:
@@ -146,6 +154,36 @@ def load_published(epochs_dir: Path) -> list[PublishedEpoch]:
         out.append(PublishedEpoch(ef, batch, tree, path))
     out.sort(key=lambda p: p.epoch)
     return out
+
+
+def _airdrop_epoch(folder: Path, ef: EpochFile, path: Path) -> PublishedEpoch:
+    """An airdrop epoch: its evidence checked like a batch, its prizes by account."""
+    season = airdrop_season(ef.receipts_file)
+    assert season is not None
+    ev = read_evidence(folder, ef, season)
+    if isinstance(ev, str):
+        raise PublicationError(f"epoch {ef.epoch}: {ev}")
+    if (ev.epoch, ev.chain_id) != (ef.epoch, ef.chain_id) or not _same(
+        ev.distributor, ef.distributor
+    ):
+        raise PublicationError(f"epoch {ef.epoch}: airdrop evidence is for another epoch or chain")
+    tree = MerkleTree(ef.leaf_ints())
+    if tree.root_hex != ef.root.lower():
+        raise PublicationError(f"epoch {ef.epoch}: leaves do not build root {ef.root}")
+    empty = ReceiptsBatch(
+        format=RECEIPTS_FORMAT,
+        epoch=ef.epoch,
+        chain_id=ef.chain_id,
+        verifying_contract=ef.distributor,
+        network_id="",
+        rules=ef.rules,
+        stake_block=None,
+        stakes={},
+        free_requested="0",
+        receipts=[],
+    )
+    prizes = {a.lower(): v for a, v in prizes_by_account(ev).items()}
+    return PublishedEpoch(ef, empty, tree, path, prizes)
 
 
 @dataclass(frozen=True)
@@ -269,6 +307,7 @@ def audit(
                     earned += int(v.amount)
         for refusal in pe.batch.refused:
             refused[refusal.job_id.lower()] = refusal.reason
+        earned += pe.prizes.get(account.lower(), 0)  # a season's prizes (airdrop epoch)
         running += earned
         try:
             leaf = pe.tree.amount_of(account)

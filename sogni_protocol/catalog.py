@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -34,6 +34,9 @@ class ModelEntry:
     default_width: int
     default_height: int
     name: str = ""
+    creator: str | None = None
+    """The model creator's registered address (checksummed): the creator share of its jobs
+    goes there (docs/ECONOMICS.md, "Model creators"); None: the share stays with the network."""
 
     @property
     def default_pixels(self) -> int:
@@ -173,6 +176,22 @@ def _entry(model_id: str, cls: str, raw: dict[str, Any], base: ModelEntry | None
     )
 
 
+def _creator(model_id: str, value: Any) -> str:
+    """A model's `creator`: a non-zero 0x address (mixed case only with a valid checksum)."""
+    from eth_utils import is_address, to_checksum_address
+
+    if not (isinstance(value, str) and value.startswith("0x") and is_address(value)):
+        raise CatalogError(f"{model_id}: creator must be a 0x address (40 hex digits, non-zero)")
+    checksummed = str(to_checksum_address(value))
+    mixed = value[2:] not in (value[2:].lower(), value[2:].upper())
+    if int(value, 16) == 0 or (mixed and value != checksummed):
+        raise CatalogError(
+            f"{model_id}: creator must be a 0x address (40 hex digits, non-zero, a valid "
+            "checksum if mixed case)"
+        )
+    return checksummed
+
+
 def parse_catalog(data: dict[str, Any]) -> Catalog:
     """Build a `Catalog` from the parsed TOML tables."""
     classes = {name: _entry(name, name, raw, None) for name, raw in data.get("classes", {}).items()}
@@ -183,6 +202,8 @@ def parse_catalog(data: dict[str, Any]) -> Catalog:
         if cls not in classes:
             raise CatalogError(f"{model_id}: unknown class {cls!r}")
         models[model_id] = _entry(model_id, cls, raw, classes[cls])
+        if "creator" in raw:
+            models[model_id] = replace(models[model_id], creator=_creator(model_id, raw["creator"]))
     econ = data.get("economics", {})
     seasons = data.get("seasons", {})
     default_prizes = _prizes(seasons.get("prizes", DEFAULT_SEASON_PRIZES), "seasons.prizes")

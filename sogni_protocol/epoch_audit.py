@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from sogni_protocol import epoch_math
+from sogni_protocol.airdrop import airdrop_season
+from sogni_protocol.airdrop_audit import airdrop_problem
 from sogni_protocol.epoch_files import (
     EpochFile,
     Payout,
@@ -151,13 +153,29 @@ def iter_published(path: Path, *, through: int | None = None) -> Iterator[Audite
             ef = _read_epoch(file_path, n)
             audit.root, audit.receipts = ef.root, 0
             audit.total = _int(ef.total, "total", file_path.name)
-            batch = _read_batch(folder, ef)
-            audit.receipts = len(batch.receipts)
-            _check(folder, ef, batch, state)
+            season = airdrop_season(ef.receipts_file)
+            if season is not None:  # a season's prizes (sogni_protocol.airdrop_audit)
+                _check_airdrop(folder, ef, season, state)
+            else:
+                batch = _read_batch(folder, ef)
+                audit.receipts = len(batch.receipts)
+                _check(folder, ef, batch, state)
         except _Mismatch as exc:
             audit.problem = f"epoch {n}: {exc}"
         state.advance(ef, batch)
         yield AuditedEpoch(audit, ef, batch)
+
+
+def _check_airdrop(folder: Path, ef: EpochFile, season: int, state: _State) -> None:
+    if not state.readable:
+        raise _Mismatch(f"cannot be checked: epoch {ef.epoch - 1}'s file is unreadable")
+    if state.chain_id is not None and (
+        ef.chain_id != state.chain_id or ef.distributor.lower() != (state.distributor or "").lower()
+    ):
+        raise _Mismatch(f"{epoch_filename(ef.epoch)} is for another chain or distributor")
+    why = airdrop_problem(folder, ef, season, state.leaves, state.total)
+    if why is not None:
+        raise _Mismatch(why)
 
 
 # --- reading --------------------------------------------------------------------------------

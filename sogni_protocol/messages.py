@@ -661,8 +661,66 @@ class VerifyRefused(_Message, tag="verifyRefused", kw_only=True):
     code: VerifyRefusalCode = "other"
 
 
+# --- content reports (client -> coordinator, docs/SAFETY.md "Reports") --------------------
+ReportReason = Literal["minor", "sexual", "violence", "hate", "other"]
+ReportNote = Annotated[str, Meta(max_length=1000)]
+ImageIndex = Annotated[int, Meta(ge=-1, le=ids.MAX_IMAGES_PER_REQUEST - 1)]
+"""An image of a request by index; -1: every image of it."""
+
+
+class ContentReport(_Message, tag="contentReport", kw_only=True):
+    """Report a request's images to the coordinator's operator, signed by the request's payer
+    (EIP-712 `ContentReport`, `sogni_protocol.report_signing`) for the sending peer id and
+    until `expiry`. Answered by `ReportFiled` or `RequestRefused`."""
+
+    payer: Address
+    peer_id: PeerId
+    request_id: Bytes32
+    image_index: ImageIndex = -1
+    reason: ReportReason
+    note: ReportNote = ""
+    """Free text for the operator: kept with the report, never logged."""
+    expiry: Uint64
+    signature: Signature
+
+
+class ReportFiled(_Message, tag="reportFiled", kw_only=True):
+    report_id: Uint64
+    """The operator's handle (`sogni-coordinator reports show ID`)."""
+
+
+# --- referral codes (client -> coordinator, docs/ECONOMICS.md "Referral codes") ------------
+ReferralCode = Annotated[str, Meta(max_length=40)]
+
+
+class ReferralQuery(_Message, tag="referralQuery", kw_only=True):
+    """Read one's referral code, and with `code` apply someone's, signed by the payer
+    (EIP-712 `ReferralQuery`, `sogni_protocol.referral_signing`) for the sending peer id and
+    until `expiry`. Answered by `ReferralReport` or `RequestRefused`."""
+
+    payer: Address
+    peer_id: PeerId
+    code: ReferralCode = ""
+    """Empty: only read; else the referrer's code to record."""
+    expiry: Uint64
+    signature: Signature
+
+
+class ReferralReport(_Message, tag="referralReport", kw_only=True):
+    payer: Address
+    code: ReferralCode
+    """The payer's own code, to hand out."""
+    referred_by: Address | None = None
+
+
 ClientMessage = (
-    RenderRequest | ResumeRequest | ImageAck | CancelRequest | DailyBoostClaim | BalanceQuery
+    RenderRequest
+    | ResumeRequest
+    | ImageAck
+    | CancelRequest
+    | DailyBoostClaim
+    | BalanceQuery
+    | ContentReport
 )
 CoordinatorToClient = (
     RequestAccepted
@@ -674,6 +732,7 @@ CoordinatorToClient = (
     | RequestDone
     | BoostGranted
     | BalanceReport
+    | ReportFiled
 )
 NodeToCoordinator = (
     NodeHello
@@ -740,6 +799,10 @@ Message = (
     | VerifyDecode
     | DecodeVerified
     | VerifyRefused
+    | ContentReport
+    | ReportFiled
+    | ReferralQuery
+    | ReferralReport
 )
 
 _encoder = msgspec.msgpack.Encoder()

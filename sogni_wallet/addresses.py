@@ -43,10 +43,15 @@ class Addresses:
     license: ChecksumAddress
     distributor: ChecksumAddress
     deployed_at_block: int = 0
+    disputes: ChecksumAddress | None = None
+    """Disputes.sol, where slashes go through a dispute window (absent: slash on Staking)."""
+    model_stake: ChecksumAddress | None = None
+    """ModelStake.sol, stake on models for visibility (absent in files written before it)."""
 
     def save(self, path: str | Path) -> None:
         """Write atomically and durably (a reader never sees half a file), keys sorted."""
-        atomic_write_text(path, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        body = {k: v for k, v in asdict(self).items() if v is not None}
+        atomic_write_text(path, json.dumps(body, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, path: str | Path, *, chain_id: int | None = None) -> Addresses:
@@ -78,6 +83,8 @@ class Addresses:
             license=_address(raw, "license", path),
             distributor=_address(raw, "distributor", path),
             deployed_at_block=block,
+            disputes=_address(raw, "disputes", path) if raw.get("disputes") else None,
+            model_stake=_address(raw, "model_stake", path) if raw.get("model_stake") else None,
         )
         if chain_id is not None and addresses.chain_id != chain_id:
             raise AddressesFileError(

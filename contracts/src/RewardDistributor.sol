@@ -33,12 +33,19 @@ interface IStaking {
 ///      A claim that would pay nothing reverts with `NothingToClaim` (rather than succeeding
 ///      silently) so wallets see the mistake at gas estimation and no gas is spent on a no-op.
 ///      Roles: DEFAULT_ADMIN_ROLE (one holder, handed over in two steps after
-///      `defaultAdminDelay()`) pauses/unpauses claims, sets the claim delay and growth cap and
-///      manages roles; SETTLEMENT_ROLE posts roots (meant for a separate, possibly offline key).
+///      `defaultAdminDelay()`) pauses/unpauses claims, sets the claim delay, the growth cap and
+///      each season's airdrop cap and manages roles; SETTLEMENT_ROLE posts work epochs' roots
+///      (meant for a separate, possibly offline key); AIRDROP_ROLE posts season airdrops.
+///      Airdrops: a season's prizes are one epoch of the same numbering and the same
+///      cumulative tree (its leaves are the previous root's plus each winner's prize), so one
+///      claim pays work and prizes together and no earlier leaf changes. It is posted with
+///      `postAirdropRoot`, once per season, its growth bounded by the season's
+///      `airdropCap` (set by governance) instead of `maxTotalGrowth`.
 contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
     using SafeERC20 for IERC20;
 
     bytes32 public constant SETTLEMENT_ROLE = keccak256("SETTLEMENT_ROLE");
+    bytes32 public constant AIRDROP_ROLE = keccak256("AIRDROP_ROLE");
     bytes32 public constant STAKE_AUTHORIZATION_TYPEHASH =
         keccak256("StakeAuthorization(address account,uint256 cumulativeAmount,uint16 stakeBps,uint64 deadline)");
     uint16 public constant MAX_BPS = 10_000;
@@ -65,6 +72,12 @@ contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
     uint256 public latestEpoch;
     uint256 public totalClaimed;
     mapping(address account => uint256) public claimed;
+    /// @notice Most a season's airdrop epoch may add to the total (0: no airdrop allowed).
+    mapping(uint256 season => uint256) public airdropCap;
+    /// @notice The epoch that paid `season`'s prizes (0: not posted yet).
+    mapping(uint256 season => uint256) public airdropEpochOf;
+    /// @notice The season whose prizes `epoch` paid (0: a work epoch).
+    mapping(uint256 epoch => uint256) public airdropSeasonOf;
 
     event RootPosted(uint256 indexed epoch, bytes32 root, uint256 total, bytes32 receiptsHash);
     /// @param epoch the matured epoch whose root the claim was verified against.
@@ -73,6 +86,8 @@ contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
     event AutoStaked(address indexed account, uint256 indexed epoch, uint256 staked, uint256 paid);
     event ClaimDelaySet(uint256 claimDelay);
     event MaxTotalGrowthSet(uint256 maxTotalGrowth);
+    event AirdropCapSet(uint256 indexed season, uint256 cap);
+    event AirdropPosted(uint256 indexed season, uint256 indexed epoch, uint256 amount);
 
     error ZeroAddress();
     error ZeroRoot();
@@ -90,6 +105,9 @@ contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
     error StakeBpsTooHigh(uint16 stakeBps, uint16 maximum);
     error AuthorizationExpired(uint64 deadline);
     error InvalidStakeAuthorization(address account);
+    error ZeroSeason();
+    error AirdropAlreadyPosted(uint256 season, uint256 epoch);
+    error AirdropCapExceeded(uint256 season, uint256 growth, uint256 cap);
 
     /// @param token_ the reward token (SOGNI) this contract holds and pays out.
     /// @param staking_ where `claimAndStake` stakes (through `stakeFor`).
@@ -126,18 +144,49 @@ contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
         external
         onlyRole(SETTLEMENT_ROLE)
     {
+        uint256 growth = _checkNext(epoch, root, total);
+        if (growth > maxTotalGrowth) revert GrowthCapExceeded(growth, maxTotalGrowth);
+        _record(epoch, root, total, receiptsHash);
+    }
+
+    /// @notice Publish `season`'s prize airdrop as epoch `epoch` (`latestEpoch + 1`): a root
+    ///         of the same cumulative tree, adding at most `airdropCap[season]` to the total.
+    ///         Once per season.
+    /// @param evidenceHash content address of the published airdrop evidence (per board, per
+    ///        account: the inputs to the points, the points and the prize).
+    function postAirdropRoot(uint256 epoch, uint256 season, bytes32 root, uint256 total, bytes32 evidenceHash)
+        external
+        onlyRole(AIRDROP_ROLE)
+    {
+        if (season == 0) revert ZeroSeason();
+        uint256 done = airdropEpochOf[season];
+        if (done != 0) revert AirdropAlreadyPosted(season, done);
+        uint256 growth = _checkNext(epoch, root, total);
+        uint256 cap = airdropCap[season];
+        if (growth > cap) revert AirdropCapExceeded(season, growth, cap);
+        airdropEpochOf[season] = epoch;
+        airdropSeasonOf[epoch] = season;
+        _record(epoch, root, total, evidenceHash);
+        emit AirdropPosted(season, epoch, growth);
+    }
+
+    /// @dev The checks every root passes (next epoch, non-zero, total not lower, funded);
+    ///      returns how much it adds to the previous total.
+    function _checkNext(uint256 epoch, bytes32 root, uint256 total) private view returns (uint256 growth) {
         if (root == bytes32(0)) revert ZeroRoot();
         uint256 latest = latestEpoch;
         if (epoch != 0 && epoch <= latest) revert RootAlreadyPosted(epoch);
         if (epoch != latest + 1) revert EpochNotNext(epoch, latest + 1);
         uint256 previous = _epochs[latest].total;
         if (total < previous) revert TotalDecreased(total, previous);
-        uint256 growth = total - previous;
-        if (growth > maxTotalGrowth) revert GrowthCapExceeded(growth, maxTotalGrowth);
+        growth = total - previous;
         uint256 balance = token.balanceOf(address(this));
         uint256 claimedSoFar = totalClaimed;
         uint256 owed = total > claimedSoFar ? total - claimedSoFar : 0;
         if (owed > balance) revert Underfunded(owed, balance);
+    }
+
+    function _record(uint256 epoch, bytes32 root, uint256 total, bytes32 receiptsHash) private {
         _epochs[epoch] = EpochRoot({
             root: root,
             receiptsHash: receiptsHash,
@@ -240,6 +289,16 @@ contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
 
     function setMaxTotalGrowth(uint256 newCap) external onlyRole(DEFAULT_ADMIN_ROLE) {
         _setMaxTotalGrowth(newCap);
+    }
+
+    /// @notice Governance's cap on what `season`'s airdrop may add to the total; fixed once
+    ///         the season's airdrop is posted.
+    function setAirdropCap(uint256 season, uint256 cap) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        if (season == 0) revert ZeroSeason();
+        uint256 done = airdropEpochOf[season];
+        if (done != 0) revert AirdropAlreadyPosted(season, done);
+        airdropCap[season] = cap;
+        emit AirdropCapSet(season, cap);
     }
 
     function _setClaimDelay(uint256 newDelay) private {

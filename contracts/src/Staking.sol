@@ -5,6 +5,8 @@ import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {AccessControlDefaultAdminRules} from
     "@openzeppelin/contracts/access/extensions/AccessControlDefaultAdminRules.sol";
+import {Votes} from "@openzeppelin/contracts/governance/utils/Votes.sol";
+import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 
 /// @title SOGNI staking for worker tiers
 /// @notice Workers stake SOGNI to qualify for a tier (fast workers need a minimum) and to raise
@@ -15,11 +17,18 @@ import {AccessControlDefaultAdminRules} from
 ///      one holder, handed over in two steps after `defaultAdminDelay()`); SLASHER_ROLE may slash.
 ///      `stakeFor` lets anyone (the reward distributor's auto-stake) add stake for an account. Slashed tokens go to `slashRecipient`, never back to the worker.
 ///      A new unstake request adds to the pending bucket and restarts the cooldown for all of it.
-contract Staking is AccessControlDefaultAdminRules {
+///      Votes: active stake is voting power (OZ `Votes`, timestamp clock) for the Governor. It is
+///      checkpointed here and not on the token, so token transfers (claims) pay no vote gas.
+///      A first stake delegates the account to itself unless it has chosen a delegate already;
+///      an unstake request or a slash of active stake removes the votes at once.
+contract Staking is AccessControlDefaultAdminRules, Votes {
     using SafeERC20 for IERC20;
 
     bytes32 public constant SLASHER_ROLE = keccak256("SLASHER_ROLE");
+    /// @notice The default unstake cooldown; governance may move it within the bounds below.
     uint256 public constant COOLDOWN = 7 days;
+    uint256 public constant MIN_COOLDOWN = 1 days;
+    uint256 public constant MAX_COOLDOWN = 30 days;
 
     IERC20 public immutable token;
     address public slashRecipient;
@@ -34,6 +43,8 @@ contract Staking is AccessControlDefaultAdminRules {
     mapping(uint8 tier => uint256) public tierMinimum;
     uint256 public totalActive;
     uint256 public totalPending;
+    /// @notice Seconds an unstake request waits before it can be withdrawn.
+    uint256 public cooldown = COOLDOWN;
 
     event Staked(address indexed account, uint256 amount, uint256 activeAfter);
     event UnstakeRequested(address indexed account, uint256 amount, uint256 pendingAfter, uint64 unlockAt);
@@ -43,6 +54,7 @@ contract Staking is AccessControlDefaultAdminRules {
     );
     event TierMinimumSet(uint8 indexed tier, uint256 minimum);
     event SlashRecipientSet(address recipient);
+    event CooldownSet(uint256 cooldown);
 
     error ZeroAddress();
     error ZeroAmount();
@@ -51,10 +63,12 @@ contract Staking is AccessControlDefaultAdminRules {
     error CooldownActive(uint64 unlockAt);
     error NothingToSlash(address account);
     error NotSlasher(address caller);
+    error CooldownOutOfBounds(uint256 value, uint256 min, uint256 max);
 
     /// @param adminTransferDelay seconds between `beginDefaultAdminTransfer` and its acceptance.
     constructor(IERC20 token_, address governance, address slashRecipient_, uint48 adminTransferDelay)
         AccessControlDefaultAdminRules(adminTransferDelay, governance)
+        EIP712("SogniStaking", "1")
     {
         if (address(token_) == address(0) || slashRecipient_ == address(0)) revert ZeroAddress();
         token = token_;
@@ -77,10 +91,13 @@ contract Staking is AccessControlDefaultAdminRules {
 
     function _stake(address account, uint256 amount) private {
         if (amount == 0) revert ZeroAmount();
+        // Delegate first: `_delegate` moves the units the account already has.
+        if (delegates(account) == address(0)) _delegate(account, account);
         Position storage p = _positions[account];
         p.active += amount;
         totalActive += amount;
         emit Staked(account, amount, p.active);
+        _transferVotingUnits(address(0), account, amount);
         token.safeTransferFrom(msg.sender, address(this), amount);
     }
 
@@ -93,7 +110,8 @@ contract Staking is AccessControlDefaultAdminRules {
         p.pending += amount;
         totalActive -= amount;
         totalPending += amount;
-        uint64 unlockAt = uint64(block.timestamp + COOLDOWN);
+        _transferVotingUnits(msg.sender, address(0), amount);
+        uint64 unlockAt = uint64(block.timestamp + cooldown);
         p.unlockAt = unlockAt;
         emit UnstakeRequested(msg.sender, amount, p.pending, unlockAt);
     }
@@ -119,6 +137,16 @@ contract Staking is AccessControlDefaultAdminRules {
         emit TierMinimumSet(tier, minimum);
     }
 
+    /// @notice Set the unstake cooldown (bounded: a slash must still be able to catch a leaver).
+    /// @dev Applies to later requests; a pending bucket keeps the unlock time it was given.
+    function setCooldown(uint256 newCooldown) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        if (newCooldown < MIN_COOLDOWN || newCooldown > MAX_COOLDOWN) {
+            revert CooldownOutOfBounds(newCooldown, MIN_COOLDOWN, MAX_COOLDOWN);
+        }
+        cooldown = newCooldown;
+        emit CooldownSet(newCooldown);
+    }
+
     function setSlashRecipient(address recipient) external onlyRole(DEFAULT_ADMIN_ROLE) {
         if (recipient == address(0)) revert ZeroAddress();
         slashRecipient = recipient;
@@ -142,9 +170,26 @@ contract Staking is AccessControlDefaultAdminRules {
         p.pending -= fromPending;
         totalActive -= fromActive;
         totalPending -= fromPending;
+        if (fromActive > 0) _transferVotingUnits(account, address(0), fromActive);
         slashed = fromActive + fromPending;
         emit Slashed(account, fromActive, fromPending, msg.sender, reason);
         token.safeTransfer(slashRecipient, slashed);
+    }
+
+    // ----- votes -----
+
+    /// @notice Votes use timestamps (ERC-6372), so governance windows are in seconds.
+    function clock() public view override returns (uint48) {
+        return uint48(block.timestamp);
+    }
+
+    // solhint-disable-next-line func-name-mixedcase
+    function CLOCK_MODE() public pure override returns (string memory) {
+        return "mode=timestamp";
+    }
+
+    function _getVotingUnits(address account) internal view override returns (uint256) {
+        return _positions[account].active;
     }
 
     // ----- views -----

@@ -15,7 +15,17 @@ from typing import Any
 
 __all__ = ["CONTRACT_NAMES", "Artifact", "load_artifact"]
 
-CONTRACT_NAMES = ("SogniToken", "Staking", "WorkerLicense", "RewardDistributor")
+CONTRACT_NAMES = (
+    "SogniToken",
+    "Staking",
+    "WorkerLicense",
+    "RewardDistributor",
+    "NetworkParameters",
+    "SogniGovernor",
+    "SogniTimelock",
+    "Disputes",
+    "ModelStake",
+)
 
 
 @dataclass(frozen=True)

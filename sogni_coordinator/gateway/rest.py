@@ -10,7 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sogni_coordinator.gateway.core import AuthedKey, Gateway
+from sogni_coordinator.gateway.referral import account_referral, apply_referral
+from sogni_coordinator.gateway.report_route import gateway_report
 from sogni_coordinator.gateway.socket import base_url_of, client_address, serve_socket
+from sogni_coordinator.model_stake import by_stake
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -57,13 +60,35 @@ def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
         if not isinstance(key, AuthedKey):
             return key
         record = key.record
-        return _ok({"username": record.name, "currentEmail": "", "walletAddress": record.account})
+        out = {"username": record.name, "currentEmail": "", "walletAddress": record.account}
+        out.update(await account_referral(gateway, record.account))
+        return _ok(out)
+
+    async def use_referral(request: Request) -> Response:
+        """`POST {"code": "..."}`: the key's account was referred by the code's owner."""
+        key = await auth(request)
+        if not isinstance(key, AuthedKey):
+            return key
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        code = body.get("code") if isinstance(body, dict) else None
+        if not isinstance(code, str):
+            return _error(400, 4000, 'send a JSON body {"code": "REFERRAL-CODE"}')
+        fault = await apply_referral(gateway, key.record.account, code)
+        if fault is not None:
+            return _error(400, 4000, fault)
+        return _ok(await account_referral(gateway, key.record.account))
 
     async def models_list(request: Request) -> Response:
         key = await auth(request)
         if not isinstance(key, AuthedKey):
             return key
-        return JSONResponse(gateway.book.listing(gateway.advertised()))
+        listing = gateway.book.listing(gateway.advertised())
+        order = by_stake(gateway.dispatcher.model_stake, [m["id"] for m in listing])
+        rank = {m: i for i, m in enumerate(order)}  # staked models first (model_stake.py)
+        return JSONResponse(sorted(listing, key=lambda m: rank[m["id"]]))
 
     async def tiers(request: Request) -> Response:
         key = await auth(request)
@@ -113,16 +138,25 @@ def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
             stored.path, media_type=stored.media_type, headers={"Cache-Control": "private"}
         )
 
+    async def report(request: Request) -> Response:
+        """A content report on one of the key's projects (docs/SAFETY.md, "Reports")."""
+        key = await auth(request)
+        if not isinstance(key, AuthedKey):
+            return key
+        return await gateway_report(gateway, key, request)
+
     async def socket(ws: WebSocket) -> None:
         await serve_socket(ws, gateway)
 
     return [
         Route("/v1/account/me", me, methods=["GET"]),
+        Route("/v1/account/referral", use_referral, methods=["POST"]),
         Route("/api/v1/models/list", models_list, methods=["GET"]),
         Route("/api/v2/models/tiers", tiers, methods=["GET"]),
         Route("/v4/account/balance", balance, methods=["GET"]),
         Route("/v1/image/downloadUrl", download_url, methods=["GET"]),
         Route("/api/v1/artist/projects/active", active, methods=["GET"]),
         Route("/results/{image_id}", result, methods=["GET"]),
+        Route("/v1/report", report, methods=["POST"]),
         WebSocketRoute("/", socket),
     ]

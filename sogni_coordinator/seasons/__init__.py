@@ -2,7 +2,10 @@
 
 `boards` holds the ids, the prize rules and the ranking; `eligible` decides which settled jobs
 count (no farming); `artists`, `workers`, `ambassadors` and `stakers` compute each board's
-points; `tally.board_rows` ranks any of them; `command` is `sogni-coordinator leaderboard`.
+points; `tally.board_rows` ranks any of them; `command` is `sogni-coordinator leaderboard`;
+`hardware` records the device each worker advertised (the Workers boards' column); `prizes`
+gathers every board's inputs for the season's airdrop (`settlement/airdrop.py`), which
+`close_cli` (`sogni-coordinator season close N`) posts.
 docs/ECONOMICS.md, "Seasons".
 """
 

@@ -12,6 +12,7 @@ import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from sogni_protocol.airdrop import points_of, prizes
 from sogni_protocol.catalog import SEASON_BOARDS, Season
 from sogni_protocol.pricing import MICRO
 
@@ -65,6 +66,8 @@ class Row:
     days_active: int = 0
     """UTC days of the season with activity that scored (stakers: days with stake)."""
     prize_wei: int = 0
+    hardware: str = ""
+    """Workers boards: the device the worker last advertised ("": unknown)."""
 
     @property
     def points(self) -> float:
@@ -90,12 +93,29 @@ def rank(
     """Rows by points (ties: by address), each with its share of the board's prize pool."""
     rule = BOARD_RULES.get(board, LEGACY_WORKERS)
     ordered = sorted((a for a, p in points.items() if p > 0), key=lambda a: (-points[a], a))
-    paid = ordered if rule.cut is None else ordered[: rule.cut]
-    total = sum(points[a] for a in paid)
-    pool = season.prize_pool(board) * WEI_PER_SOGNI
-    prizes = {a: pool * points[a] // total for a in paid} if total else {}
+    won = prizes(season.prize_pool(board) * WEI_PER_SOGNI, rule.cut, points)
     shown = ordered if limit is None else ordered[:limit]
     return [
-        Row(i + 1, a, points[a], counts.get(a, 0), days.get(a, 0), prizes.get(a, 0))
+        Row(i + 1, a, points[a], counts.get(a, 0), days.get(a, 0), won.get(a, 0))
         for i, a in enumerate(shown)
     ]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A board's per-account inputs to the points (`sogni_protocol.airdrop.BOARD_INPUTS`),
+    with what the leaderboard shows beside them: counts (jobs, purchases) and days active."""
+
+    by_account: dict[str, dict[str, int]]
+    counts: dict[str, int]
+    days: dict[str, int]
+
+    def points(self, board: str) -> dict[str, int]:
+        return {a: points_of(board, i) for a, i in self.by_account.items()}
+
+    def rank(
+        self, board: str, season: Season, limit: int | None = None, *, scored_as: str = ""
+    ) -> list[Row]:
+        """The board's rows; `scored_as`: whose points formula (default: the board's)."""
+        points = self.points(scored_as or board)
+        return rank(board, season, points, self.counts, self.days, limit)

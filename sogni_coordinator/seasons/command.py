@@ -55,6 +55,7 @@ def _row_json(r: Row) -> dict[str, object]:
         "points_micro": r.points_micro,
         "jobs": r.jobs,
         "days_active": r.days_active,
+        "hardware": r.hardware,
         "prize_wei": str(r.prize_wei),
     }
 
@@ -139,7 +140,8 @@ def leaderboard_cmd(
         f"{pool:,} SOGNI" + (f" to the top {rule.cut}" if rule and rule.cut else " by share")
     )
     for r in rows[:limit]:
+        hardware = f"  {(r.hardware or '-')[:28]:<28}" if board.startswith("workers") else ""
         typer.echo(
-            f"{r.rank:>4}  {r.address:<44} {r.points:>16.6f}  {r.days_active:>3} days"
+            f"{r.rank:>4}  {r.address:<44}{hardware} {r.points:>16.6f}  {r.days_active:>3} days"
             f"  {r.prize:>14.6f} SOGNI"
         )

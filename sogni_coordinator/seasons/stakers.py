@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sogni_coordinator.seasons.boards import Row, rank
+from sogni_coordinator.seasons.boards import Inputs, Row, rank
+from sogni_protocol.airdrop import points_of
 from sogni_protocol.catalog import Season
 
 if TYPE_CHECKING:
@@ -40,6 +41,8 @@ class Power:
     """One account's Staking Power within a range of time."""
 
     micro_sogni_days: int
+    wei_seconds: int
+    """Active stake (wei) x seconds: the input `micro_sogni_days` is computed from."""
     seconds_staked: int
     """Seconds with a non-zero active stake."""
     changes: int
@@ -66,8 +69,23 @@ def staking_power(changes: Sequence[StakeChange], start: float, end: float) -> d
                 inside += 1
             active = c.active_wei
         if wei_seconds > 0:
-            out[account] = Power(wei_seconds // WEI_PER_MICRO // DAY, staked, inside)
+            points = points_of("stakers", {"stakeWeiSeconds": wei_seconds})
+            out[account] = Power(points, wei_seconds, staked, inside)
     return out
+
+
+def inputs(changes: Sequence[StakeChange], season: Season, *, now: float | None = None) -> Inputs:
+    """Account -> its stake wei-seconds within the season (to `now` while it is open),
+    changes of stake, days staked."""
+    start, end = season.start.timestamp(), season.end.timestamp()
+    if now is not None:
+        end = max(start, min(end, now))
+    power = staking_power(changes, start, end)
+    return Inputs(
+        {a: {"stakeWeiSeconds": p.wei_seconds} for a, p in power.items()},
+        {a: p.changes for a, p in power.items()},
+        {a: -(-p.seconds_staked // DAY) for a, p in power.items()},
+    )
 
 
 def board(

@@ -26,9 +26,12 @@ from typing import Any
 from eth_utils import to_checksum_address
 
 from sogni_chain import ChainRevert, Deployment, Signer
+from sogni_coordinator.disputes import Restorations
 from sogni_coordinator.ledger import Ledger
+from sogni_coordinator.network_params import NetworkParamsReader
 from sogni_coordinator.store import EpochRecord, Store, StoredReceipt
 from sogni_protocol import eip712, epoch_math
+from sogni_protocol.airdrop import airdrop_season
 from sogni_protocol.atomic import atomic_write_bytes
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.epoch_files import (
@@ -139,7 +142,10 @@ class Settler:
         read_stake: bool = True,
         dispute_window: float = 0.0,
         clock: Callable[[], float] = time.time,
+        params: NetworkParamsReader | None = None,
     ) -> None:
+        self.params = params
+        """Governed parameters (docs/GOVERNANCE.md), folded into ``rules`` at each plan."""
         self.store = store
         self.ledger = ledger if ledger is not None else Ledger(store.path)
         self.network_id = network_id
@@ -151,6 +157,7 @@ class Settler:
         self.read_stake = read_stake
         self.dispute_window = dispute_window
         self._clock = clock
+        self.restorations: Restorations | None = None
         addrs = deployment.addresses
         self.domain = Domain(addrs.chain_id, addrs.distributor)
 
@@ -178,6 +185,8 @@ class Settler:
         pending = self.store.last_epoch_record(state="planned")
         if pending is not None:
             return pending
+        if self.params is not None:
+            self.rules = self.params.rules_for_epoch(self.rules)
         window_closed = self._clock() - self.dispute_window if self.dispute_window > 0 else None
         stored = self.store.unsettled_receipts(stored_before=window_closed)
         if not stored:
@@ -226,6 +235,8 @@ class Settler:
         stake_block, stakes = self._stake_snapshot({r.receipt.payee for r, _ in candidates})
         entries, free_requested = self._value(candidates, stakes)
         earned = epoch_math.earned_by_account(entries)
+        if self.restorations is not None:  # disputes won since the last epoch (disputes.py)
+            earned = self.restorations.add_to(earned, self.rules, epoch)
         leaves = epoch_math.cumulative_leaves(previous, earned)
         cumulative = dict(leaves)
         tree = MerkleTree(leaves)
@@ -418,19 +429,35 @@ class Settler:
         (`EpochResult.unsigned_tx`) for `sign_offline`, and `submit_signed` finishes it."""
         epoch_file = self._publish(record)
         tx_hash: str | None = record.tx_hash
+        season = airdrop_season(decode_epoch(record.plan).receipts_file)
         if record.state != "posted":
             onchain = self.distributor.root_of(record.epoch)
             if onchain is None and isinstance(self.sender, str):
+                if season is not None:
+                    raise SettlementError(
+                        f"epoch {record.epoch} is season {season}'s airdrop: it is posted "
+                        "online by the AIRDROP_ROLE key (sogni-coordinator season close)"
+                    )
                 return self._result(record, epoch_file, resumed, self._write_unsigned(record))
             if onchain is None:
                 try:
-                    tx = self.distributor.post_root(
-                        record.epoch,
-                        record.root,
-                        record.total,
-                        record.receipts_hash,
-                        sender=self.sender,
-                    )
+                    if season is not None:  # a season's prizes (settlement/airdrop.py)
+                        tx = self.distributor.post_airdrop_root(
+                            record.epoch,
+                            season,
+                            record.root,
+                            record.total,
+                            record.receipts_hash,
+                            sender=self.sender,
+                        )
+                    else:
+                        tx = self.distributor.post_root(
+                            record.epoch,
+                            record.root,
+                            record.total,
+                            record.receipts_hash,
+                            sender=self.sender,
+                        )
                     tx_hash = tx.hash
                 except ChainRevert as exc:
                     onchain = self.distributor.root_of(record.epoch)

@@ -59,6 +59,9 @@ DEFAULT_SHARE_BPS = 10_000
 hour (deliberate cheating, not bad luck), and the operator reviews each one before signing."""
 MAX_BPS = 10_000
 _SELECTOR = keccak(b"slash(address,uint256,string)")[:4]
+_PROPOSE_SELECTOR = keccak(b"proposeSlash(address,uint256,string,bytes32)")[:4]
+"""With a Disputes contract deployed the settlement key proposes there instead: the slash
+executes only after its dispute window (docs/DISPUTES.md)."""
 _ROLES = ("SLASHER_ROLE", "DEFAULT_ADMIN_ROLE")
 _PINNED = ("nonce", "gas", "maxFeePerGas", "maxPriorityFeePerGas")
 """Fields a submitted slash must share with the prepared one (an edited fee could spend the
@@ -91,6 +94,8 @@ class Submitted:
     recipient: str
     resumed: bool
     """The transaction was already mined (a crash after sending): only recorded now."""
+    case_id: str | None = None
+    """Sent to Disputes: the case that executes after its window (nothing slashed yet)."""
 
 
 def unsigned_path(data_dir: Path, proposal_id: int) -> Path:
@@ -127,11 +132,22 @@ def binding_of(
     return "0x" + keccak(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hex()
 
 
-def _calldata(wallet: str, amount: int, reason: str) -> str:
+def _calldata(wallet: str, amount: int, reason: str, evidence: str | None = None) -> str:
+    if evidence is not None:  # Disputes.proposeSlash
+        args = abi_encode(
+            ["address", "uint256", "string", "bytes32"],
+            [to_checksum_address(wallet), amount, reason, bytes.fromhex(evidence[2:])],
+        )
+        return "0x" + (_PROPOSE_SELECTOR + args).hex()
     args = abi_encode(
         ["address", "uint256", "string"], [to_checksum_address(wallet), amount, reason]
     )
     return "0x" + (_SELECTOR + args).hex()
+
+
+def _evidence_of(proposal: SlashProposal) -> str:
+    """bytes32 naming the proposal's evidence on chain: keccak of its failed job ids."""
+    return "0x" + keccak(b"".join(proposal.job_ids)).hex()
 
 
 def open_proposal(store: Store, proposal_id: int) -> SlashProposal:
@@ -146,8 +162,10 @@ def open_proposal(store: Store, proposal_id: int) -> SlashProposal:
 
 
 def can_slash(deployment: Deployment, address: str) -> bool:
-    """Whether `address` holds SLASHER_ROLE (or is the admin) on Staking."""
-    return any(deployment.staking.has_role(role, address) for role in _ROLES)
+    """Whether `address` holds SLASHER_ROLE (or is the admin) on Disputes when deployed, else
+    on Staking."""
+    target = deployment.disputes or deployment.staking
+    return any(target.has_role(role, address) for role in _ROLES)
 
 
 def slash_amount(staked: int, *, amount: int | None = None, share_bps: int | None = None) -> int:
@@ -199,7 +217,14 @@ def prepare(
     taken = slash_amount(staked, amount=amount, share_bps=share_bps)
     reason = chain_reason(proposal)
     wallet = to_checksum_address(proposal.wallet)
-    fn = staking.contract.functions.slash(wallet, taken, reason)
+    disputes = deployment.disputes
+    evidence = _evidence_of(proposal) if disputes is not None else None
+    if disputes is not None and evidence is not None:
+        fn = disputes.contract.functions.proposeSlash(
+            wallet, taken, reason, bytes.fromhex(evidence[2:])
+        )
+    else:
+        fn = staking.contract.functions.slash(wallet, taken, reason)
     try:
         tx = deployment.chain.build_unsigned(fn, sender=sender)
     except ChainRevert as exc:
@@ -221,6 +246,9 @@ def prepare(
         ),
         "tx": tx,
     }
+    if disputes is not None:
+        document["disputes"] = disputes.address
+        document["evidence"] = evidence
     path = unsigned_path(data_dir, proposal_id)
     atomic_write_bytes(path, json.dumps(document, indent=2).encode())
     return Prepared(proposal_id, wallet, staked, taken, path)
@@ -235,12 +263,14 @@ def _check_document(doc: dict[str, Any]) -> None:
         staking, sender, tx = str(doc["staking"]), str(doc["from"]), doc["tx"]
         binding = binding_of(proposal, wallet, amount, reason, chain_id, staking, sender)
         data, to, tx_chain = str(tx["data"]).lower(), str(tx["to"]), int(tx["chainId"])
-        expected = _calldata(wallet, amount, reason)
+        evidence = doc.get("evidence")
+        expected = _calldata(wallet, amount, reason, None if evidence is None else str(evidence))
+        target = str(doc.get("disputes") or staking)
     except (KeyError, TypeError, ValueError) as exc:
         raise SlashError(f"not an unsigned slash transaction: {exc!r}") from None
     if binding != doc.get("binding"):
         raise SlashError("the file does not match its binding: it was edited after it was written")
-    if data != expected or not eip712.same_address(to, staking) or tx_chain != chain_id:
+    if data != expected or not eip712.same_address(to, target) or tx_chain != chain_id:
         raise SlashError(
             "the transaction is not the slash the file describes (another account, amount or "
             "contract): it was edited after it was written"
@@ -349,6 +379,7 @@ def submit(
     if offer_address is not None and eip712.same_address(sender, offer_address):
         raise SlashError(f"{sender} is the offer-signing key, which never slashes")
     tx_hash = str(signed.get("hash") or "")
+    case_id: str | None = None
     mined: Any = None
     if tx_hash:
         try:
@@ -373,14 +404,35 @@ def submit(
                 "another transaction since propose-tx, run propose-tx and sign again)"
             ) from None
         tx_hash = tx.hash
-        event = tx.event("Slashed")
-        slashed = int(event["fromActive"]) + int(event["fromPending"])
         resumed = False
+        if reference.get("disputes"):
+            slashed = 0
+            case_id = "0x" + bytes(tx.event("SlashProposed")["caseId"]).hex()
+        else:
+            event = tx.event("Slashed")
+            slashed = int(event["fromActive"]) + int(event["fromPending"])
     recipient = str(deployment.staking.contract.functions.slashRecipient().call())
     note = f"tx {tx_hash}; slashed {slashed} to {recipient}"
+    if reference.get("disputes"):
+        if resumed:
+            case_id = _case_in(deployment, mined)
+        note = f"tx {tx_hash}; proposed as dispute case {case_id}, executes after its window"
     if not store.mark_slash(proposal_id, "submitted", note):
         raise SlashError(f"slash proposal {proposal_id} was closed meanwhile (tx {tx_hash})")
-    return Submitted(proposal_id, proposal.wallet, tx_hash, slashed, recipient, resumed)
+    return Submitted(
+        proposal_id, proposal.wallet, tx_hash, slashed, recipient, resumed, case_id
+    )
+
+
+def _case_in(deployment: Deployment, receipt: Any) -> str | None:
+    from web3.logs import DISCARD
+
+    if deployment.disputes is None:
+        return None
+    events = deployment.disputes.contract.events.SlashProposed().process_receipt(
+        receipt, errors=DISCARD
+    )
+    return "0x" + bytes(events[0]["args"]["caseId"]).hex() if events else None
 
 
 def _slashed_in(deployment: Deployment, receipt: Any) -> int:

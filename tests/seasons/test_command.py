@@ -98,6 +98,7 @@ def test_prize_pools_from_the_catalog() -> None:
 def test_status_page_shows_each_board() -> None:
     row = Row(1, A, 2_500_000, 3, 2, 10**18)
     boards: dict[str, list[Row] | None] = {b: [row] for b in BOARDS}
+    boards["workers-fast"] = [Row(1, A, 2_500_000, 3, 2, 10**18, hardware="RTX 4090")]
     boards["stakers"] = None
     page = render(
         StatusSnapshot(
@@ -118,3 +119,8 @@ def test_status_page_shows_each_board() -> None:
         assert f'<table id="{board}">' in page
     assert "Fast Workers, season 5" in page and "2.500" in page and "1.00" in page
     assert 'id="stakers" class="empty">needs the chain' in page
+    fast = page.split('<table id="workers-fast">')[1].split("</table>")[0]
+    relaxed = page.split('<table id="workers-relaxed">')[1].split("</table>")[0]
+    artists = page.split('<table id="artists">')[1].split("</table>")[0]
+    assert "hardware" in fast and "RTX 4090" in fast  # the page's Hardware column
+    assert "hardware" in relaxed and "hardware" not in artists

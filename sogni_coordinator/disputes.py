@@ -1,0 +1,601 @@
+"""The coordinator's side of disputes (contracts/src/Disputes.sol, docs/GOVERNANCE.md).
+
+Why here: a refusal is only disputable if the coordinator signed it, the jurors can only judge
+what the coordinator publishes, and a won dispute only matters if the coordinator pays it.
+
+- `Reporter.refused` (the dispatcher's `check_failed` hook): signs the refusal with the
+  coordinator's reporter key (EIP-191 over `Disputes.refusalDigest`: case id, worker, evidence
+  hash, time; no gas) and keeps it, with what a re-check and a re-credit need, in `DisputeBook`
+  (its own database component). `sogni-node dispute open JOB` fetches it (or reads the node's
+  journal) and sends it on chain with the bond.
+- `DisputeDesk.poll`: reads the contract's events. A dispute opened on one of this
+  coordinator's refusals schedules `rechecks` more re-runs of every challenged step on nodes of
+  other wallets (none of them the worker's, its payee's, or a verifier already heard; they are
+  not told whose job it is: the same `VerifyStep` as any check), writes the evidence bundle
+  (`disputes/<case>.json` under the publish dir: the original verdict, every re-check, no
+  prompt, verifiers named v1, v2, ...) and opens the vote with its keccak256. A dispute
+  resolved for the worker restores its reputation (`Reputation.pardon`) and queues a
+  restoration that the next epoch pays (`Restorations.add_to`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgspec
+import structlog
+from eth_hash.auto import keccak
+
+from sogni_coordinator.db import Database
+from sogni_coordinator.evidence import decode_evidence
+from sogni_protocol import epoch_math
+from sogni_protocol.atomic import atomic_write_bytes
+from sogni_protocol.messages import JobParams, Receipt, StepOpeningWire
+
+if TYPE_CHECKING:
+    from sogni_chain.disputes import Disputes
+    from sogni_coordinator.jobs import NodeLink
+    from sogni_coordinator.reputation import Reputation
+    from sogni_coordinator.store import Store
+    from sogni_coordinator.verifiers import PendingVerifications
+    from sogni_protocol.payout_rules import PayoutRules
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "DEFAULT_RECHECKS",
+    "DisputeBook",
+    "DisputeDesk",
+    "RefusalRecord",
+    "Reporter",
+    "Restorations",
+    "case_id_of",
+    "evidence_hash_of",
+]
+
+log = structlog.get_logger(__name__)
+
+BUNDLE_FORMAT = "sogni-dispute-bundle-v1"
+DEFAULT_RECHECKS = 3
+"""Re-runs of each challenged step per dispute, each on another wallet's node."""
+
+_SCHEMA_V1 = """
+CREATE TABLE IF NOT EXISTS dispute_refusals (
+    job_id        BLOB NOT NULL,
+    case_id       BLOB PRIMARY KEY,
+    worker        TEXT NOT NULL,
+    payee         TEXT NOT NULL,
+    receipt       BLOB NOT NULL,
+    params        BLOB NOT NULL,
+    dtype         TEXT NOT NULL,
+    reason        TEXT NOT NULL,
+    evidence_hash BLOB NOT NULL,
+    refused_at    INTEGER NOT NULL,
+    signature     BLOB NOT NULL,
+    bundle_hash   BLOB,
+    bundle_path   TEXT,
+    outcome       TEXT
+);
+CREATE INDEX IF NOT EXISTS dispute_refusals_job ON dispute_refusals(job_id);
+CREATE TABLE IF NOT EXISTS dispute_restorations (
+    case_id       BLOB PRIMARY KEY,
+    job_id        BLOB NOT NULL,
+    payee         TEXT NOT NULL,
+    model_id      TEXT NOT NULL,
+    micro_spark   INTEGER NOT NULL,
+    epoch         INTEGER,
+    amount        TEXT
+);
+CREATE TABLE IF NOT EXISTS dispute_cursor (
+    id            INTEGER PRIMARY KEY CHECK (id = 1),
+    next_block    INTEGER NOT NULL
+);
+"""
+
+
+def evidence_hash_of(evidence: bytes | None, reason: str) -> bytes:
+    """What the signed refusal commits to: the stored evidence (else the reason)."""
+    return keccak(evidence if evidence else reason.encode())
+
+
+def case_id_of(disputes: str, job_id: bytes, worker: str) -> bytes:
+    """One case per (contract, job, worker): a job refused twice, for two workers, is two."""
+    return keccak(
+        b"sogni-refusal-case" + bytes.fromhex(disputes[2:]) + job_id + bytes.fromhex(worker[2:])
+    )
+
+
+@dataclass(frozen=True)
+class RefusalRecord:
+    job_id: bytes
+    case_id: bytes
+    worker: str
+    payee: str
+    receipt: Receipt
+    params: JobParams
+    dtype: str
+    reason: str
+    evidence_hash: bytes
+    refused_at: int
+    signature: bytes
+    bundle_hash: bytes | None = None
+    bundle_path: str | None = None
+    outcome: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        """What a worker needs to dispute it (`sogni_chain.disputes.Refusal.from_json`)."""
+        return {
+            "jobId": "0x" + self.job_id.hex(),
+            "caseId": "0x" + self.case_id.hex(),
+            "worker": self.worker,
+            "evidenceHash": "0x" + self.evidence_hash.hex(),
+            "refusedAt": self.refused_at,
+            "signature": "0x" + self.signature.hex(),
+            "reason": self.reason,
+            "outcome": self.outcome,
+        }
+
+
+_COLS = (
+    "job_id, case_id, worker, payee, receipt, params, dtype, reason, evidence_hash, refused_at,"
+    " signature, bundle_hash, bundle_path, outcome"
+)
+
+
+def _record(row: tuple[Any, ...]) -> RefusalRecord:
+    return RefusalRecord(
+        bytes(row[0]),
+        bytes(row[1]),
+        str(row[2]),
+        str(row[3]),
+        msgspec.msgpack.decode(row[4], type=Receipt),
+        msgspec.msgpack.decode(row[5], type=JobParams),
+        str(row[6]),
+        str(row[7]),
+        bytes(row[8]),
+        int(row[9]),
+        bytes(row[10]),
+        None if row[11] is None else bytes(row[11]),
+        row[12],
+        row[13],
+    )
+
+
+class DisputeBook(Database):
+    """Signed refusals, their bundles and outcomes, and restorations owed (component
+    `disputes`, in the coordinator's database)."""
+
+    def __init__(self, path: Path | str) -> None:
+        super().__init__(path, component="disputes", migrations=[_SCHEMA_V1])
+
+    def add(self, r: RefusalRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                f"INSERT OR IGNORE INTO dispute_refusals ({_COLS}) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL)",
+                (
+                    r.job_id,
+                    r.case_id,
+                    r.worker.lower(),
+                    r.payee.lower(),
+                    msgspec.msgpack.encode(r.receipt),
+                    msgspec.msgpack.encode(r.params),
+                    r.dtype,
+                    r.reason,
+                    r.evidence_hash,
+                    r.refused_at,
+                    r.signature,
+                ),
+            )
+
+    def refusals(self, job_id: bytes | None = None) -> list[RefusalRecord]:
+        where, args = ("WHERE job_id=?", (job_id,)) if job_id is not None else ("", ())
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLS} FROM dispute_refusals {where} ORDER BY rowid", args
+            ).fetchall()
+        return [_record(r) for r in rows]
+
+    def by_case(self, case_id: bytes) -> RefusalRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_COLS} FROM dispute_refusals WHERE case_id=?", (case_id,)
+            ).fetchone()
+        return None if row is None else _record(row)
+
+    def set_bundle(self, case_id: bytes, bundle_hash: bytes, path: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE dispute_refusals SET bundle_hash=?, bundle_path=? WHERE case_id=?",
+                (bundle_hash, path, case_id),
+            )
+
+    def settle(self, case_id: bytes, worker_won: bool) -> bool:
+        """Record the outcome once; a won refusal owes a restoration. False if already set."""
+        with self._tx() as db:
+            done = db.execute(
+                "UPDATE dispute_refusals SET outcome=? WHERE case_id=? AND outcome IS NULL",
+                ("worker won" if worker_won else "refusal upheld", case_id),
+            )
+            if done.rowcount == 0:
+                return False
+            if worker_won:
+                row = db.execute(
+                    "SELECT job_id, payee, receipt FROM dispute_refusals WHERE case_id=?",
+                    (case_id,),
+                ).fetchone()
+                receipt = msgspec.msgpack.decode(row[2], type=Receipt)
+                charge = epoch_math.expected_charge(
+                    receipt.work_units,
+                    receipt.price_factor_bps,
+                    receipt.steps_done,
+                    receipt.steps_done,
+                )
+                db.execute(
+                    "INSERT OR IGNORE INTO dispute_restorations VALUES (?, ?, ?, ?, ?, NULL, NULL)",
+                    (case_id, bytes(row[0]), str(row[1]), receipt.model_id, charge),
+                )
+            return True
+
+    def due(self) -> list[tuple[bytes, str, str, int]]:
+        """(case id, payee, model, micro-Spark) of restorations no epoch paid yet."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT case_id, payee, model_id, micro_spark FROM dispute_restorations"
+                " WHERE epoch IS NULL ORDER BY rowid"
+            ).fetchall()
+        return [(bytes(c), str(p), str(m), int(s)) for c, p, m, s in rows]
+
+    def paid(self, epoch: int, amounts: Mapping[bytes, int]) -> None:
+        with self._tx() as db:
+            for case_id, amount in amounts.items():
+                db.execute(
+                    "UPDATE dispute_restorations SET epoch=?, amount=? WHERE case_id=?"
+                    " AND epoch IS NULL",
+                    (epoch, str(amount), case_id),
+                )
+
+    def restorations(self) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT case_id, job_id, payee, epoch, amount FROM dispute_restorations"
+                " ORDER BY rowid"
+            ).fetchall()
+        return [
+            {
+                "caseId": "0x" + bytes(c).hex(),
+                "jobId": "0x" + bytes(j).hex(),
+                "payee": p,
+                "epoch": e,
+                "amount": a,
+            }
+            for c, j, p, e, a in rows
+        ]
+
+    def next_block(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT next_block FROM dispute_cursor WHERE id=1").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def set_next_block(self, block: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO dispute_cursor VALUES (1, ?) ON CONFLICT(id) DO UPDATE"
+                " SET next_block=excluded.next_block",
+                (block,),
+            )
+
+
+class Reporter:
+    """Signs refusals with the coordinator's reporter key (REPORTER_ROLE on Disputes)."""
+
+    def __init__(
+        self,
+        book: DisputeBook,
+        key: bytes,
+        *,
+        chain_id: int,
+        disputes: str,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.book, self._key, self.chain_id, self.disputes = book, key, chain_id, disputes
+        self._clock = clock
+
+    def refused(
+        self,
+        receipt: Receipt,
+        params: JobParams,
+        dtype: str,
+        reason: str,
+        evidence: bytes | None,
+    ) -> RefusalRecord:
+        from sogni_chain.disputes import sign_refusal
+
+        case_id = case_id_of(self.disputes, receipt.job_id, receipt.worker)
+        evidence_hash = evidence_hash_of(evidence, reason)
+        refused_at = int(self._clock()) - 1  # never ahead of the next block's timestamp
+        signed = sign_refusal(
+            self._key,
+            chain_id=self.chain_id,
+            disputes=self.disputes,
+            case_id=case_id,
+            worker=receipt.worker,
+            evidence_hash=evidence_hash,
+            refused_at=refused_at,
+        )
+        record = RefusalRecord(
+            receipt.job_id,
+            case_id,
+            receipt.worker.lower(),
+            receipt.payee.lower(),
+            receipt,
+            params,
+            dtype,
+            reason,
+            evidence_hash,
+            refused_at,
+            signed.signature,
+        )
+        self.book.add(record)
+        return record
+
+
+class Restorations:
+    """The epoch hook: pays each won dispute's receipt, valued as billing would have charged
+    it (worker share at the epoch's rules, from the distributor's funding: the payer was
+    charged nothing for the refused receipt, and the job was rendered again)."""
+
+    def __init__(self, book: DisputeBook) -> None:
+        self.book = book
+
+    def add_to(self, earned: dict[str, int], rules: PayoutRules, epoch: int) -> dict[str, int]:
+        out = dict(earned)
+        paid: dict[bytes, int] = {}
+        for case_id, payee, model_id, micro_spark in self.book.due():
+            value = micro_spark * rules.wei_per_spark // epoch_math.MICRO
+            amount = rules.split(value, model_id, rules.take_rates_bps[0]).worker
+            key = next((a for a in out if a.lower() == payee.lower()), payee)
+            out[key] = out.get(key, 0) + amount
+            paid[case_id] = amount
+        if paid:
+            self.book.paid(epoch, paid)
+            log.info("disputes_restored", epoch=epoch, count=len(paid))
+        return out
+
+
+class _Dispatcher(Protocol):
+    @property
+    def nodes(self) -> Mapping[str, NodeLink]: ...
+
+    @property
+    def verifications(self) -> PendingVerifications: ...
+
+    @property
+    def store(self) -> Store: ...
+
+
+class DisputeDesk:
+    """Follows Disputes' events for this coordinator's cases: re-checks and publishes the
+    bundle when one is opened, restores pay and reputation when the worker wins."""
+
+    def __init__(
+        self,
+        book: DisputeBook,
+        disputes: Disputes,
+        *,
+        reporter: Any,
+        publish_dir: Path,
+        dispatcher: _Dispatcher | None = None,
+        reputation: Reputation | None = None,
+        rechecks: int = DEFAULT_RECHECKS,
+        verify_timeout: float = 30.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.book, self.disputes, self.reporter = book, disputes, reporter
+        self.publish_dir = publish_dir
+        self.dispatcher, self.reputation = dispatcher, reputation
+        self.rechecks, self.verify_timeout = rechecks, verify_timeout
+        self._rng = rng or random.SystemRandom()
+
+    def events(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """New DisputeOpened and DisputeResolved events since the last poll."""
+        start = self.book.next_block()
+        head = self.disputes.chain.block_number()
+        if head < start:
+            return [], []
+        opened = [
+            e for e in self.disputes.events_of("DisputeOpened", start) if e["blockNumber"] <= head
+        ]
+        resolved = [
+            e for e in self.disputes.events_of("DisputeResolved", start) if e["blockNumber"] <= head
+        ]
+        self.book.set_next_block(head + 1)
+        return opened, resolved
+
+    async def poll(self) -> int:
+        """Handle what happened on chain since the last poll; returns events handled."""
+        opened, resolved = self.events()
+        for ev in opened:
+            record = self.book.by_case(bytes(ev["caseId"]))
+            if record is not None:
+                await self.open_vote(record)
+        for ev in resolved:
+            self.resolved(bytes(ev["caseId"]), bool(ev["workerWon"]))
+        return len(opened) + len(resolved)
+
+    async def open_vote(self, record: RefusalRecord) -> bytes:
+        rechecks = await self.recheck(record) if self.dispatcher is not None else []
+        bundle = {
+            "format": BUNDLE_FORMAT,
+            "caseId": "0x" + record.case_id.hex(),
+            "jobId": "0x" + record.job_id.hex(),
+            "worker": record.worker,
+            "modelId": record.params.model_id,
+            "steps": record.receipt.steps_done,
+            "refusedAt": record.refused_at,
+            "reason": record.reason,
+            "evidenceHash": "0x" + record.evidence_hash.hex(),
+            "rechecks": rechecks,
+        }
+        body = json.dumps(bundle, indent=2, sort_keys=True).encode()
+        digest = keccak(body)
+        path = self.publish_dir / "disputes" / f"{record.case_id.hex()}.json"
+        atomic_write_bytes(path, body)
+        self.book.set_bundle(record.case_id, digest, str(path))
+        self.disputes.open_voting(record.case_id, digest, path.as_uri(), sender=self.reporter)
+        log.info("dispute_vote_opened", case=record.case_id.hex()[:16], rechecks=len(rechecks))
+        return digest
+
+    async def recheck(self, record: RefusalRecord) -> list[dict[str, Any]]:
+        """`rechecks` more re-runs of each step the check held against the worker, each on a
+        node of a wallet not heard on this job yet."""
+        from sogni_coordinator.verifiers import verify_step
+
+        assert self.dispatcher is not None
+        kept = self.dispatcher.store.failed_evidence(record.job_id)
+        if not kept:
+            return []
+        evidence = decode_evidence(kept[-1])
+        openings: dict[int, StepOpeningWire] = (
+            {o.step: o for o in evidence.challenge.openings} if evidence.challenge else {}
+        )
+        nodes = self.dispatcher.nodes
+        heard: set[str] = set()
+        for step in evidence.steps:
+            for answer in (step.first, step.third):
+                if answer is not None and answer.verifier:
+                    heard.add(answer.verifier.lower())
+        out: list[dict[str, Any]] = []
+        labels: dict[str, str] = {}
+        for step in evidence.steps:
+            ok, nxt = openings.get(step.step), openings.get(step.step + 1)
+            if step.kind != "step" or ok is None or nxt is None:
+                continue
+            for _ in range(self.rechecks):
+                v = await verify_step(
+                    self.dispatcher,
+                    params=record.params,
+                    scheduler=record.params.scheduler,
+                    worker=record.worker,
+                    opening_k=ok,
+                    opening_next=nxt,
+                    dtype=record.dtype,
+                    timeout=self.verify_timeout,
+                    rng=self._rng,
+                    exclude=frozenset(heard),
+                    worker_payout=record.payee,
+                )
+                if v.verifier is None:
+                    break  # no other wallet left to ask
+                link = nodes.get(v.verifier)
+                wallet = link.wallet.lower() if link is not None else v.verifier
+                heard |= set(link.accounts) if link is not None else {wallet}
+                label = labels.setdefault(wallet, f"v{len(labels) + 1}")
+                out.append(
+                    {
+                        "step": step.step,
+                        "verifier": label,
+                        "distance": v.distance,
+                        "tolerance": v.tolerance,
+                        "passed": v.passed,
+                        "reason": v.reason,
+                    }
+                )
+        return out
+
+    def resolved(self, case_id: bytes, worker_won: bool) -> None:
+        record = self.book.by_case(case_id)
+        if record is None or not self.book.settle(case_id, worker_won):
+            return
+        if worker_won and self.reputation is not None:
+            self.reputation.pardon(record.worker)
+        log.info("dispute_resolved", case=case_id.hex()[:16], worker_won=worker_won)
+
+    async def run(self, poll_seconds: float) -> None:
+        """Poll the contract until cancelled; a failing poll is logged and retried."""
+        import trio
+
+        while True:
+            try:
+                await self.poll()
+            except Exception as exc:  # a chain hiccup must not stop the coordinator
+                log.warning("dispute_poll_failed", error=str(exc))
+            await trio.sleep(poll_seconds)
+
+
+def attach_disputes(
+    link: Any, dispatcher: Any, signer_key: bytes, publish_dir: Path, database: Path | str
+) -> DisputeDesk | None:
+    """Wire disputes into a coordinator whose deployment has a Disputes contract: the
+    dispatcher signs refusals, the epoch settler pays restorations; returns the desk to run."""
+    if link is None or link.deployment.disputes is None:
+        return None
+    disputes = link.deployment.disputes
+    book = DisputeBook(database)
+    reporter = link.deployment.chain.add_key(signer_key)
+    if not disputes.has_role("REPORTER_ROLE", reporter.address):
+        log.warning(  # refusals it signs would not be disputable, nor its bundles published
+            "disputes_not_reporter",
+            key=reporter.address,
+            todo="governance: Disputes.grantRole(REPORTER_ROLE, this coordinator's offer key)",
+        )
+    dispatcher.refusals = Reporter(
+        book, signer_key, chain_id=link.deployment.chain.chain_id, disputes=disputes.address
+    )
+    link.settler.restorations = Restorations(book)
+    if book.next_block() == 0:  # never scan the chain from before the contracts existed
+        book.set_next_block(link.deployment.addresses.deployed_at_block)
+    return DisputeDesk(
+        book,
+        disputes,
+        reporter=reporter,
+        publish_dir=publish_dir,
+        dispatcher=dispatcher,
+        reputation=dispatcher.reputation,
+    )
+
+
+def dispute_routes(dispatcher: Any) -> list[Any]:
+    """`GET /disputes/refusals/0x<job id>`: the signed refusals of a job (what `sogni-node
+    dispute open` sends on chain; no prompt, no image), 404 when there is none;
+    `GET /disputes/bundles/0x<case id>`: a case's published evidence bundle, for jurors."""
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    async def refusals(request: Request) -> JSONResponse:
+        reporter: Reporter | None = getattr(dispatcher, "refusals", None)
+        text = str(request.path_params["job"]).lower().removeprefix("0x")
+        try:
+            job_id = bytes.fromhex(text)
+        except ValueError:
+            job_id = b""
+        if len(job_id) != 32:
+            return JSONResponse({"error": "a job id is 32 bytes of hex"}, status_code=400)
+        found = [] if reporter is None else reporter.book.refusals(job_id)
+        if not found:
+            return JSONResponse({"error": "no refusal for this job"}, status_code=404)
+        return JSONResponse({"refusals": [r.as_json() for r in found]})
+
+    async def bundle(request: Request) -> Response:
+        reporter: Reporter | None = getattr(dispatcher, "refusals", None)
+        text = str(request.path_params["case"]).lower().removeprefix("0x").removesuffix(".json")
+        try:
+            case_id = bytes.fromhex(text)
+        except ValueError:
+            case_id = b""
+        record = reporter.book.by_case(case_id) if reporter is not None and case_id else None
+        if record is None or record.bundle_path is None:
+            return JSONResponse({"error": "no published bundle for this case"}, status_code=404)
+        body = Path(record.bundle_path).read_bytes()  # its keccak256 is the on-chain bundleHash
+        return Response(body, media_type="application/json")
+
+    return [
+        Route("/disputes/refusals/{job}", refusals, methods=["GET"]),
+        Route("/disputes/bundles/{case}", bundle, methods=["GET"]),
+    ]
