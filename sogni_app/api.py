@@ -220,10 +220,13 @@ def render_request(
     output_format: Literal["png", "jpeg", "webp"] = "png",
     network: Literal["fast", "relaxed"] = "fast",
     token_type: Literal["spark", "sogni"] = "spark",
+    disable_safety: bool = False,
 ) -> RenderRequest:
     """A validated `RenderRequest`; `ValueError` names the field that is wrong.
 
     `loras` are applied in order (at most 8), each a `LoraRef` or `"ID[:STRENGTH]"`.
+    `disable_safety` asks for adult content, which a coordinator delivers unblurred only when
+    its operator allows it (docs/SAFETY.md).
     """
     refs = [lora if isinstance(lora, LoraRef) else parse_lora(lora) for lora in loras]
     try:
@@ -245,6 +248,7 @@ def render_request(
                 "outputFormat": output_format,
                 "network": network,
                 "tokenType": token_type,
+                "disableSafety": disable_safety,
             },
             RenderRequest,
         )

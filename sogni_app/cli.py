@@ -255,6 +255,13 @@ def render_cmd(
         str, typer.Option("--format", help="Image format: png, jpeg or webp.")
     ] = "png",
     token_type: Annotated[str, typer.Option(help="Pay in spark or sogni.")] = "spark",
+    disable_safety: Annotated[
+        bool,
+        typer.Option(
+            "--disable-safety",
+            help="Ask for adult content (delivered unblurred only where the operator allows it).",
+        ),
+    ] = False,
     out: Annotated[Path, typer.Option(help="Folder for images and receipts.jsonl.")] = Path("out"),
     coordinator: CoordinatorOpt = None,
     keystore: Annotated[
@@ -290,6 +297,7 @@ def render_cmd(
             output_format=output_format,  # type: ignore[arg-type]  # validated inside
             network=network,  # type: ignore[arg-type]
             token_type=token_type,  # type: ignore[arg-type]
+            disable_safety=disable_safety,
         )
     except ValueError as exc:  # in the options' names, not the wire fields'
         raise BadUsage(in_option_terms(str(exc)), "see `sogni render --help`") from None

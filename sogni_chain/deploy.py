@@ -121,6 +121,8 @@ def deploy_all(
       Disputes.sol is deployed too, holds Staking's SLASHER_ROLE and ``slasher`` proposes
       slashes there (executed after the dispute window); ``coordinator`` signs refusals;
     - ``distributor_funding`` SOGNI move from the treasury to the distributor;
+    - on dev chains the settlement key also gets AIRDROP_ROLE (season prizes; elsewhere
+      governance grants it), each season's cap still set by governance (``setAirdropCap``);
     - slashed stake goes to the treasury;
     - ``claim_delay`` (seconds before a posted root is claimable), ``max_total_growth`` (cap
       on how much one root's total may exceed the previous one's) and
@@ -189,6 +191,8 @@ def deploy_all(
         Staking(chain, staking, gov).grant_role("SLASHER_ROLE", slasher)
     if distributor_funding:
         Token(chain, token, treasury).transfer(distributor, distributor_funding)
+    if chain.chain_id in DEV_CHAIN_IDS:  # a local network pays its seasons' prizes itself
+        Distributor(chain, distributor, gov).grant_role("AIRDROP_ROLE", settlement)
     if governed:
         from .governance import deploy_governance, governance_path
 

@@ -112,3 +112,59 @@ def season_close(
         f"{sum(e.payouts.values())} base units, root 0x{e.root.hex()}"
     )
     typer.echo(f"published {e.epoch_file} and {e.receipts_file}")
+
+
+@app.command("cap")
+def season_cap(
+    season: Annotated[int, typer.Argument(help="The season number.")],
+    keystore: Annotated[
+        Path,
+        typer.Option(help="Keystore of the distributor's admin (governance).", exists=True),
+    ],
+    sogni: Annotated[
+        int | None,
+        typer.Option(help="The cap in whole SOGNI (default: the season's five prize pools)."),
+    ] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Coordinator TOML config.", exists=True)
+    ] = None,
+    catalog: Annotated[
+        Path | None,
+        typer.Option(help="Catalog TOML dating the seasons and setting their prize pools."),
+    ] = None,
+    chain_url: Annotated[
+        str | None, typer.Option(help="The shared chain's JSON-RPC url (default: chain_url).")
+    ] = None,
+    password_env: Annotated[
+        str, typer.Option(help="Variable holding --keystore's password.")
+    ] = "SOGNI_GOVERNANCE_PASSWORD",
+) -> None:
+    """Set the most a season's airdrop may pay (`setAirdropCap`, the distributor's admin
+    only). Where stakers' Governor holds that role, propose the call with `sogni gov`."""
+    from sogni_chain import ChainRevert
+    from sogni_coordinator.chain_cli import _config, _deployment, _shared_chain
+    from sogni_protocol.catalog import load_catalog
+    from sogni_protocol.cli_errors import BadUsage, Refused
+    from sogni_wallet.keystore import unlock_wallet
+
+    cfg = _config(config)
+    try:
+        s = load_catalog(catalog).season(season)
+    except (ValueError, OSError) as exc:
+        raise BadUsage(str(exc)) from None
+    whole = sum(pool for _board, pool in s.prizes) if sogni is None else sogni
+    if whole <= 0:
+        raise BadUsage(f"--sogni must be positive, not {whole}")
+    chain = _shared_chain(cfg, chain_url)
+    deployment = _deployment(cfg, chain)
+    admin = chain.add_key(unlock_wallet(keystore, password_env).private_key)
+    if not deployment.distributor.has_role("DEFAULT_ADMIN_ROLE", admin.address):
+        raise Refused(
+            f"{admin.address} is not the distributor's admin",
+            "where the Governor holds the role, propose setAirdropCap with `sogni gov propose`",
+        )
+    try:
+        deployment.distributor.set_airdrop_cap(season, whole * 10**18, sender=admin)
+    except ChainRevert as exc:
+        raise Refused(str(exc), "see docs/ECONOMICS.md, Season prizes") from None
+    typer.echo(f"season {season}'s airdrop may pay at most {whole} SOGNI")

@@ -1,10 +1,13 @@
-"""Prompts never reach a log line: three real processes, debug level, a sentinel prompt."""
+"""Prompts never reach a log line, a metric or a file in the clear: three real processes,
+debug level, a sentinel prompt that passes the prompt policy and the image check."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
+import httpx
 import pytest
 
 from sogni_app.api import render_sync
@@ -36,6 +39,7 @@ def test_sentinel_prompt_is_in_no_log_line_of_any_process(
         )
         result = render_sync(net.coordinator_addr, request)
         logs = net.log_files()
+        pages = [httpx.get(f"{url}/metrics", timeout=10).text for url in _http_urls(logs)]
     assert len(result.images) == 4
     lines = [line for path in logs for line in path.read_text().splitlines()]
     # the daemons really logged at debug level, including the work on this request
@@ -45,3 +49,19 @@ def test_sentinel_prompt_is_in_no_log_line_of_any_process(
     captured = capfd.readouterr()
     assert SENTINEL not in captured.out + captured.err
     assert SENTINEL not in caplog.text
+    # every daemon's metrics, including the image check's counters, are free of it
+    assert len(pages) == 3 and any("image_checks_total" in page for page in pages)
+    assert not [page for page in pages if SENTINEL in page]
+    # the coordinator keeps prompts sealed: no file under its data folder holds one in the clear
+    stored = [p for p in (tmp_path / "net").rglob("*") if p.is_file() and p.suffix != ".log"]
+    assert any(p.suffix == ".db" for p in stored)
+    assert not [p for p in stored if SENTINEL.encode() in p.read_bytes()]
+
+
+def _http_urls(logs: list[Path]) -> list[str]:
+    urls = []
+    for path in logs:
+        for line in path.read_text().splitlines():
+            if '"http_started"' in line:
+                urls.append(json.loads(line)["url"])
+    return urls

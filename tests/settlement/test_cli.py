@@ -13,14 +13,15 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sogni_chain import Addresses, Deployment, connect
+from sogni_chain import Addresses, Deployment, anvil_dev_keys, connect
 from sogni_chain.anvil import Anvil
 from sogni_coordinator.cli import app as coordinator_app
 from sogni_coordinator.store import Store
 from sogni_node.cli import app as node_app
 from sogni_node.journal import Journal
+from sogni_protocol.catalog import load_catalog
 from sogni_protocol.eip712 import Domain
-from sogni_wallet.keystore import create_keystore
+from sogni_wallet.keystore import create_keystore, keystore_address
 
 from .settle_env import signed_receipt, store_receipts, worker
 
@@ -60,6 +61,7 @@ def test_cli_deploy_close_show_rewards_claim_stake(anvil_url: str, tmp_path: Pat
     assert deployed["distributor"] == addresses.distributor
     _run(coordinator_app, ["chain", "deploy"], cenv, code=3)  # refuses to redeploy over it
     domain = Domain(addresses.chain_id, addresses.distributor)
+    _season_prizes_can_be_authorised(anvil_url, addresses, cdir, cenv)
 
     node = worker(1)
     create_keystore(ndir / "wallet.json", PASSWORD, kdf_n=2, private_key=node.key)
@@ -125,6 +127,30 @@ def test_cli_deploy_close_show_rewards_claim_stake(anvil_url: str, tmp_path: Pat
     assert done["pending"] == "0"
     d = Deployment(chain, addresses)
     assert d.token.balance_of(node.address) == int(closed["total"]) + 940 * 10**18
+
+
+def _season_prizes_can_be_authorised(
+    url: str, addresses: Addresses, cdir: Path, cenv: dict[str, str]
+) -> None:
+    """On a dev chain the settlement key may post season prizes; only governance caps them."""
+    d = Deployment(connect(url), addresses)
+    settler = keystore_address(cdir / "signer.json")
+    assert d.distributor.has_role("AIRDROP_ROLE", settler)
+    refused = runner.invoke(
+        coordinator_app, ["season", "cap", "1", "--keystore", str(cdir / "signer.json")],
+        env={**cenv, "SOGNI_GOVERNANCE_PASSWORD": PASSWORD},
+    )  # fmt: skip
+    assert refused.exit_code == 3 and "is not the distributor's admin" in refused.output
+    assert d.distributor.airdrop_cap(1) == 0
+    gov = cdir / "governance.json"
+    create_keystore(gov, PASSWORD, kdf_n=2, private_key=bytes.fromhex(anvil_dev_keys()[0][2:]))
+    out = _run(
+        coordinator_app, ["season", "cap", "1", "--keystore", str(gov)],
+        {**cenv, "SOGNI_GOVERNANCE_PASSWORD": PASSWORD},
+    )  # fmt: skip
+    pools = sum(pool for _board, pool in load_catalog().season(1).prizes)
+    assert f"at most {pools} SOGNI" in out
+    assert d.distributor.airdrop_cap(1) == pools * 10**18
 
 
 def test_cli_without_a_shared_chain_explains(tmp_path: Path) -> None:
