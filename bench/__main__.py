@@ -1,8 +1,12 @@
-"""`python -m bench [SECTION...] [--quick]`: run benchmarks, write BENCHMARKS.md.
+"""`python -m bench [SECTION...] [--quick] [--json] [--against COMMIT]`: run benchmarks,
+write BENCHMARKS.md.
 
 With no section named, every benchmark but the slow `unet` one runs and BENCHMARKS.md is
 rewritten whole (keeping the `unet` section); naming sections reruns only those and keeps the
-others' text as it was.
+others' text as it was. `--json` prints the headline figures as one JSON object on the last
+line of stdout (`bench._metrics.KEYS`, null where not measured); `--against COMMIT` measures
+the overhead, dispatch and settlement sections of COMMIT too, in the same run, and prints old
+vs new (the JSON object then also has `against` and `against_commit`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import sys
 import time
 
 from bench import _common as common
+from bench import _metrics
 from sogni_protocol.logs import configure_logging
 
 
@@ -29,6 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep work folders and logs")
     parser.add_argument("--no-profile", action="store_true", help="dispatch: skip the profile")
     parser.add_argument("--no-write", action="store_true", help="print, do not write the file")
+    parser.add_argument(
+        "--json", action="store_true", help="last line of stdout: the figures as one JSON object"
+    )
+    parser.add_argument(
+        "--against",
+        metavar="COMMIT",
+        default=None,
+        help="also measure COMMIT's overhead/dispatch/settlement (git archive, same .venv)",
+    )
     parser.add_argument(
         "--fuzz-streams", type=int, default=None, help="fuzz: streams per protocol and client"
     )
@@ -44,6 +58,12 @@ def main(argv: list[str] | None = None) -> int:
     flags = [f for f, on in (("--quick", args.quick), ("--no-profile", args.no_profile)) if on]
     if args.fuzz_streams is not None:
         flags += ["--fuzz-streams", str(args.fuzz_streams)]
+    if args.against is not None:
+        try:
+            _metrics.resolve_commit(common.REPO, args.against)
+        except _metrics.AgainstError as e:
+            print(f"bench: {e}", file=sys.stderr)
+            return 2
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > 0.5:
         print(
@@ -53,14 +73,19 @@ def main(argv: list[str] | None = None) -> int:
         )
     started = time.perf_counter()
     out: dict[str, str] = {}
+    figures = _metrics.empty()
+    section_s: dict[str, float] = {}
     for name in sections:
+        section_started = time.perf_counter()
         command = shlex.join(["python", "-m", "bench", *([] if whole else [name]), *flags])
         if name == "overhead":
             from bench import overhead
 
             o_settings = overhead.QUICK if args.quick else overhead.Settings()
             o_settings = overhead.Settings(**{**o_settings.__dict__, "keep": args.keep})
-            out[name] = overhead.render_markdown(overhead.run(o_settings, command))
+            o_report = overhead.run(o_settings, command)
+            out[name] = overhead.render_markdown(o_report)
+            figures.update(_metrics.from_overhead(o_report))
         elif name == "dispatch":
             from bench import dispatch
 
@@ -68,11 +93,14 @@ def main(argv: list[str] | None = None) -> int:
             d_settings = dispatch.Settings(
                 **{**d_settings.__dict__, "keep": args.keep, "profile": not args.no_profile}
             )
-            out[name] = dispatch.render_markdown(dispatch.run(d_settings, command))
+            d_report = dispatch.run(d_settings, command)
+            out[name] = dispatch.render_markdown(d_report)
+            figures.update(_metrics.from_dispatch(d_report))
         elif name == "settlement":
             from bench import settlement
 
-            out[name] = settlement.run(args.quick)
+            out[name], s_figures = settlement.run_with_metrics(args.quick)
+            figures.update(s_figures)
         elif name == "governance":  # staking vote checkpoints, propose/vote/queue/execute
             from bench import governance_gas
 
@@ -117,12 +145,34 @@ def main(argv: list[str] | None = None) -> int:
             from bench import safety_image
 
             out[name] = safety_image.run(args.quick, command)
+        section_s[name] = round(time.perf_counter() - section_started, 1)
+        print(f"bench: {name} took {section_s[name]:.0f} s", file=sys.stderr, flush=True)
+    old: _metrics.Metrics | None = None
+    if args.against is not None:
+        try:
+            old = _metrics.run_against(common.REPO, args.against, sections, args.quick)
+        except _metrics.AgainstError as e:
+            print(f"bench: {e}", file=sys.stderr)
+            return 2
     elapsed = time.perf_counter() - started
     for text in out.values():
         print("\n" + text)
+    if old is not None:
+        print("\n" + _metrics.comparison_markdown(old, figures, args.against))
+        for name in out:  # each measured section carries its own old-vs-new table
+            if name in _metrics.SECTION_KEYS:
+                table = _metrics.comparison_markdown(
+                    old, figures, args.against, _metrics.SECTION_KEYS[name], level="###"
+                )
+                out[name] = out[name].rstrip("\n") + "\n\n" + table
     if not args.no_write:
         path = common.write_sections(out, common.machine_section(), whole=whole)
         print(f"wrote {path} ({', '.join(out)}) in {elapsed:.0f} s")
+    if args.json:
+        extra: dict[str, object] = {"section_s": section_s, "elapsed_s": round(elapsed, 1)}
+        if old is not None:
+            extra.update(against_commit=args.against, against=old)
+        print(_metrics.json_line(figures, extra), flush=True)
     return 0
 
 

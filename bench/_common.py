@@ -169,6 +169,13 @@ kept; `unet`, the UNet step times, takes about 45 minutes and runs only when nam
 `time.perf_counter`; each section names its command, its baseline (measured in the same
 run) and the median of its runs, with min-max in brackets.
 
+`--json` adds one JSON object of the headline figures as the last line of stdout, and
+`--against COMMIT` measures the overhead, dispatch and settlement sections of COMMIT in the
+same run (its tree exported to a temporary folder, the same .venv) and adds an old-vs-new
+table to each. GPU: `bench/gpu/sdxl_speed.py` (SDXL through the node's backend against plain
+diffusers fp16) has **no GPU figures yet**: its one H200 run ran past its time limit before
+printing (bench/gpu/README.md); no GPU figure is below.
+
 Every process of a benchmark (coordinator, nodes, client) shares the machine below, and so
 did whatever else ran on it: each section reports the CPU that other processes took during
 its timed runs. On a 2-core machine that matters; the ratios and per-job CPU costs move

@@ -178,6 +178,15 @@ class JurorClient:
             raise Refused(f"the reveal was refused: {exc}") from None
         return self.disputes.case(case_id)
 
+    def bundle(self, case: Case) -> tuple[str, dict[str, Any]] | None:
+        """The case's published bundle, fetched and verified; None before voting opens."""
+        if case.bundle_hash == bytes(32):
+            return None
+        uri = self.disputes.bundle_uri(case.case_id, self.from_block)
+        if uri is None:
+            raise Unavailable(f"no VotingOpened event names the bundle of 0x{case.case_id.hex()}")
+        return uri, fetch_bundle(uri, case.bundle_hash)
+
     def claim(self, ident: str) -> int:
         from sogni_chain import ChainRevert
 
@@ -189,6 +198,68 @@ class JurorClient:
         except ChainRevert as exc:
             raise Refused(f"the claim was refused: {exc}") from None
         return int(tx.event("RewardClaimed")["amount"])
+
+
+MAX_BUNDLE_BYTES = 4 * 1024 * 1024
+"""A bundle is distances and verdicts, never latents: anything bigger is not one."""
+
+
+def fetch_bundle(uri: str, expected: bytes) -> dict[str, Any]:
+    """The evidence bundle published at `uri` (the reporter's HTTP route, or a file URI),
+    checked against the keccak256 the contract holds: jurors judge exactly what was
+    committed, not what a server says today."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    from eth_hash.auto import keccak
+
+    parsed = urllib.parse.urlparse(uri)
+    try:
+        if parsed.scheme in ("http", "https"):
+            with urllib.request.urlopen(uri, timeout=10) as r:
+                body = r.read(MAX_BUNDLE_BYTES + 1)
+        elif parsed.scheme == "file":
+            with open(urllib.request.url2pathname(parsed.path), "rb") as f:
+                body = f.read(MAX_BUNDLE_BYTES + 1)
+        else:
+            raise Refused(f"the bundle URI {uri!r} is neither http(s) nor file")
+    except urllib.error.HTTPError as exc:
+        raise Unavailable(f"fetching the bundle from {uri} failed: HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise Unavailable(f"cannot fetch the bundle from {uri}: {reason}") from None
+    if len(body) > MAX_BUNDLE_BYTES:
+        raise Refused(f"the bundle at {uri} is over {MAX_BUNDLE_BYTES} bytes: not a bundle")
+    got = keccak(body)
+    if got != expected:
+        raise Refused(
+            f"the bundle at {uri} hashes to 0x{got.hex()}, not the 0x{expected.hex()} on chain:"
+            " do not judge on it"
+        )
+    try:
+        bundle = json.loads(body)
+    except ValueError:
+        raise Refused(f"the bundle at {uri} matches its hash but is not JSON") from None
+    if not isinstance(bundle, dict):
+        raise Refused(f"the bundle at {uri} is not a JSON object")
+    return bundle
+
+
+def format_bundle(uri: str, bundle: dict[str, Any]) -> str:
+    lines = [f"fetched   {uri} (keccak256 matches the chain)"]
+    if bundle.get("reason"):
+        lines.append(f"refused   {bundle['reason']}")
+    rechecks = bundle.get("rechecks") or []
+    if not rechecks:
+        lines.append("re-checks none (the vote is on the original evidence)")
+    for r in rechecks:
+        verdict = "passed" if r.get("passed") else "failed"
+        lines.append(
+            f"re-check  step {r.get('step')}  {r.get('verifier')}  distance {r.get('distance')}"
+            f" / tolerance {r.get('tolerance')}  {verdict}"
+        )
+    return "\n".join(lines)
 
 
 def case_dict(c: Case) -> dict[str, Any]:
@@ -309,13 +380,20 @@ def show_cmd(
     data_dir: DataDirOpt = DEFAULT_DATA_DIR,
     as_json: JsonOpt = False,
 ) -> None:
-    """One case: windows, bond, the evidence bundle's hash, the revealed votes."""
+    """One case: windows, bond, the revealed votes, and the evidence bundle (fetched from the
+    URI the coordinator published and checked against the hash on chain)."""
     c = _client(rpc, addresses, None, "", data_dir)
     found = c.case(case)
+    fetched = c.bundle(found)
     if as_json:
-        typer.echo(json.dumps(case_dict(found)))
+        out = case_dict(found)
+        if fetched is not None:
+            out["bundleUri"], out["bundle"] = fetched
+        typer.echo(json.dumps(out))
     else:
         typer.echo(format_case(found, c.chain.timestamp(), long=True))
+        if fetched is not None:
+            typer.echo(format_bundle(*fetched))
 
 
 @dispute_app.command("vote")

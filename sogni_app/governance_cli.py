@@ -142,7 +142,10 @@ class GovClient:
             raise BadUsage("--description must say what the proposal does and why")
         from sogni_chain.governance import parameter_actions
 
-        actions = parameter_actions(self.chain, self.addresses, self.gov, **changes)
+        try:
+            actions = parameter_actions(self.chain, self.addresses, self.gov, **changes)
+        except ValueError as exc:  # e.g. a juror cap without a Disputes contract
+            raise BadUsage(str(exc)) from None
         if not actions:
             raise BadUsage("nothing to propose: give at least one parameter to change")
         needed = self.governor.proposal_threshold()
@@ -357,6 +360,10 @@ def propose_cmd(
     tier_minimum: Annotated[
         list[str] | None, typer.Option(help="TIER:SOGNI stake minimum (repeatable).")
     ] = None,
+    juror_cap: Annotated[
+        int | None,
+        typer.Option(min=1, max=10_000, help="Most weight one dispute juror carries, bps."),
+    ] = None,
     rpc: RpcOpt = DEFAULT_RPC,
     addresses: AddressesOpt = DEFAULT_ADDRESSES,
     keystore: KeystoreOpt = DEFAULT_KEYSTORE,
@@ -372,6 +379,7 @@ def propose_cmd(
         "claim_delay": claim_delay,
         "max_total_growth_sogni": growth_cap,
         "tier_minimums_sogni": parse_tier_minimums(tier_minimum or []) or None,
+        "juror_cap_bps": juror_cap,
     }
     c = _client(rpc, addresses, keystore, password_env)
     _print(c.propose(description, **changes), as_json)

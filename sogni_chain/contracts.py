@@ -452,8 +452,12 @@ class Distributor(_Bound):
         return int(self._call("airdropEpochOf", season))
 
     def airdrop_season_of(self, epoch: int) -> int:
-        """The season whose prizes ``epoch`` paid (0: a work epoch)."""
-        return int(self._call("airdropSeasonOf", epoch))
+        """The season whose prizes ``epoch`` paid (0: a work epoch); from the
+        ``AirdropPosted`` events (the contract keeps only each season's epoch)."""
+        logs = self.contract.events.AirdropPosted().get_logs(
+            from_block=0, argument_filters={"epoch": epoch}
+        )
+        return int(logs[-1]["args"]["season"]) if logs else 0
 
     def build_post_root(
         self,
@@ -565,13 +569,30 @@ class Distributor(_Bound):
     def claimed(self, account: Signer) -> int:
         return int(self._call("claimed", self._acct(account)))
 
+    def _posted_log(self, epoch: int) -> Any | None:
+        """``epoch``'s ``RootPosted`` log, or None: the history the contract keeps in events
+        (it stores only the newest ``RING`` epochs, and no receipts hash)."""
+        if epoch <= 0:
+            return None
+        logs = self.contract.events.RootPosted().get_logs(
+            from_block=0, argument_filters={"epoch": epoch}
+        )
+        return logs[-1] if logs else None
+
     def root_of(self, epoch: int) -> bytes | None:
-        """The root posted for ``epoch``, or None."""
+        """The root posted for ``epoch``, or None (from storage while the epoch is among the
+        newest ``RING``, else from its ``RootPosted`` event)."""
         root = bytes(self._call("rootOf", epoch))
-        return root if root != _ZERO32 else None
+        if root != _ZERO32:
+            return root
+        log = self._posted_log(epoch)
+        return bytes(log["args"]["root"]) if log is not None else None
 
     def receipts_hash_of(self, epoch: int) -> bytes:
-        return bytes(self._call("receiptsHashOf", epoch))
+        """The receipts file's content hash posted with ``epoch`` (zeros if none), from the
+        ``RootPosted`` event."""
+        log = self._posted_log(epoch)
+        return bytes(log["args"]["receiptsHash"]) if log is not None else _ZERO32
 
     def roots_posted(self, from_block: int = 0) -> list[dict[str, Any]]:
         """All ``RootPosted`` events (epoch, root, total, receiptsHash), oldest first."""
@@ -597,11 +618,21 @@ class Distributor(_Bound):
 
     def total_of(self, epoch: int) -> int:
         """The ``total`` posted with ``epoch``'s root (0 if none)."""
-        return int(self._call("totalOf", epoch))
+        total = int(self._call("totalOf", epoch))
+        if total or bytes(self._call("rootOf", epoch)) != _ZERO32:  # held: storage is right
+            return total
+        log = self._posted_log(epoch)
+        return int(log["args"]["total"]) if log is not None else 0
 
     def posted_at(self, epoch: int) -> int:
         """Timestamp of the block that posted ``epoch``'s root (0 if none)."""
-        return int(self._call("postedAt", epoch))
+        posted = int(self._call("postedAt", epoch))
+        if posted:
+            return posted
+        log = self._posted_log(epoch)
+        if log is None:
+            return 0
+        return int(self.chain.w3.eth.get_block(log["blockNumber"])["timestamp"])
 
     def matures_at(self, epoch: int) -> int | None:
         """When ``epoch``'s root starts being used for claims (under the current delay)."""

@@ -107,6 +107,7 @@ def deploy_all(
     admin_transfer_delay: int | None = None,
     disputes: DisputeParams | None = None,
     governed: bool = False,
+    guardian: Signer | None = None,
 ) -> Addresses:
     """Deploy SogniToken, Staking, WorkerLicense and RewardDistributor and wire them.
 
@@ -123,6 +124,8 @@ def deploy_all(
     - ``distributor_funding`` SOGNI move from the treasury to the distributor;
     - on dev chains the settlement key also gets AIRDROP_ROLE (season prizes; elsewhere
       governance grants it), each season's cap still set by governance (``setAirdropCap``);
+    - ``guardian`` gets the distributor's GUARDIAN_ROLE (pause claims, nothing else; the
+      admin unpauses); on dev chains it defaults to governance (the deployer);
     - slashed stake goes to the treasury;
     - ``claim_delay`` (seconds before a posted root is claimable), ``max_total_growth`` (cap
       on how much one root's total may exceed the previous one's) and
@@ -193,6 +196,10 @@ def deploy_all(
         Token(chain, token, treasury).transfer(distributor, distributor_funding)
     if chain.chain_id in DEV_CHAIN_IDS:  # a local network pays its seasons' prizes itself
         Distributor(chain, distributor, gov).grant_role("AIRDROP_ROLE", settlement)
+    if guardian is not None or chain.chain_id in DEV_CHAIN_IDS:  # fast pause, no proposal
+        Distributor(chain, distributor, gov).grant_role(
+            "GUARDIAN_ROLE", guardian if guardian is not None else gov
+        )
     if governed:
         from .governance import deploy_governance, governance_path
 
@@ -243,6 +250,9 @@ def _deploy_main(argv: list[str] | None) -> int:
     parser.add_argument(
         "--governed", action="store_true", help="also deploy stakers' Governor and timelock"
     )
+    parser.add_argument(
+        "--guardian", default=None, help="address that may pause claims (default: the deployer)"
+    )
     args = parser.parse_args(argv)
     chain = connect(args.url)
     if args.reuse and Path(args.out).is_file():
@@ -260,6 +270,7 @@ def _deploy_main(argv: list[str] | None) -> int:
         claim_delay=args.claim_delay,
         max_total_growth=None if args.max_total_growth is None else args.max_total_growth * _SOGNI,
         governed=args.governed,
+        guardian=args.guardian,
     )
     print(json.dumps(asdict(addresses), indent=2, sort_keys=True))
     return 0

@@ -206,6 +206,13 @@ class Disputes(_Bound):
             int(self._call("jurorShareBps")),
         )
 
+    def juror_cap_bps(self) -> int:
+        """Most weight one juror carries, in bps of all votes at a case's snapshot."""
+        return int(self._call("jurorCapBps"))
+
+    def set_juror_cap(self, bps: int, *, sender: Signer | None = None) -> Tx:
+        return self._send("setJurorCap", bps, sender=sender)
+
     def set_params(self, p: DisputeParams, *, sender: Signer | None = None) -> Tx:
         return self._send(
             "setParameters",
@@ -316,6 +323,10 @@ class Disputes(_Bound):
     def voting_weight(self, juror: Signer, timepoint: int) -> int:
         return int(self._call("votingWeight", self._acct(juror), timepoint))
 
+    def juror_weight(self, juror: Signer, timepoint: int) -> int:
+        """What a vote of `juror` weighs on a case with this snapshot (votes, capped)."""
+        return int(self._call("jurorWeight", self._acct(juror), timepoint))
+
     def slash_reason(self, case_id: bytes) -> str:
         return str(self._call("slashReason", case_id))
 
@@ -327,6 +338,16 @@ class Disputes(_Bound):
             for log in event.get_logs(from_block=from_block):
                 seen.setdefault(bytes(log["args"]["caseId"]), None)
         return list(seen)
+
+    def bundle_uri(self, case_id: bytes, from_block: int = 0) -> str | None:
+        """Where the reporter published the case's evidence bundle (its `VotingOpened`
+        event; the contract stores only the bundle's hash)."""
+        event = self.contract.events.VotingOpened
+        found = event.get_logs(from_block=from_block)
+        for log in reversed(found):
+            if bytes(log["args"]["caseId"]) == case_id:
+                return str(log["args"]["bundleUri"])
+        return None
 
     def events_of(self, name: str, from_block: int = 0) -> list[dict[str, Any]]:
         """Decoded ``name`` events (args plus ``blockNumber``)."""

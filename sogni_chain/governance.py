@@ -388,6 +388,7 @@ def parameter_actions(
     claim_delay: int | None = None,
     max_total_growth_sogni: int | None = None,
     tier_minimums_sogni: dict[int, int] | None = None,
+    juror_cap_bps: int | None = None,
 ) -> list[Action]:
     """The calls a proposal makes to set the given parameters (the rest stay as they are).
 
@@ -454,6 +455,17 @@ def parameter_actions(
                 summary=f"growth cap {max_total_growth_sogni} SOGNI per epoch",
             )
         )
+    if juror_cap_bps is not None:
+        if addresses.disputes is None:
+            raise ValueError("this deployment has no Disputes contract: no juror cap to set")
+        disputes = _disputes(chain, addresses.disputes)
+        out.append(
+            Action(
+                disputes.address,
+                _calldata(disputes, "setJurorCap", juror_cap_bps),
+                summary=f"juror cap {juror_cap_bps} bps of all votes",
+            )
+        )
     return out
 
 
@@ -495,6 +507,8 @@ def deploy_governance(
     tl.grant_role("CANCELLER_ROLE", governor)
     Staking(chain, addresses.staking, admin).begin_default_admin_transfer(timelock)
     Distributor(chain, addresses.distributor, admin).begin_default_admin_transfer(timelock)
+    if addresses.disputes is not None:  # bond, windows, juror cap: governed too
+        _disputes(chain, addresses.disputes, admin).begin_default_admin_transfer(timelock)
     gov = GovernanceAddresses(
         chain_id=chain.chain_id,
         governor=governor,
@@ -504,10 +518,13 @@ def deploy_governance(
     )
     if path is not None:
         gov.save(path)
-    ready = max(
+    pending = [
         Staking(chain, addresses.staking).pending_default_admin()[1],
         Distributor(chain, addresses.distributor).pending_default_admin()[1],
-    )
+    ]
+    if addresses.disputes is not None:
+        pending.append(_disputes(chain, addresses.disputes).pending_default_admin()[1])
+    ready = max(pending)
     now = chain.timestamp()
     dev_now = chain.chain_id in DEV_CHAIN_IDS and ready <= now + 1  # a 0-second admin delay
     if ready < now or dev_now:
@@ -515,6 +532,12 @@ def deploy_governance(
             chain.advance_time(ready - now + 1)
         finish_handover(chain, addresses, gov, admin, timelock_delay=settings.timelock_delay)
     return gov
+
+
+def _disputes(chain: Chain, address: str, sender: Signer | None = None) -> Any:
+    from .disputes import Disputes
+
+    return Disputes(chain, address, sender)
 
 
 def finish_handover(
@@ -530,13 +553,18 @@ def finish_handover(
     tl = Timelock(chain, gov.timelock, admin)
     staking = Staking(chain, addresses.staking)
     distributor = Distributor(chain, addresses.distributor)
-    targets = [staking.address, distributor.address, tl.address]
+    targets = [staking.address, distributor.address]
     calldatas = [
         _calldata(staking, "acceptDefaultAdminTransfer"),
         _calldata(distributor, "acceptDefaultAdminTransfer"),
-        _calldata(tl, "updateDelay", timelock_delay),
     ]
-    args = (targets, [0, 0, 0], calldatas, bytes(32), bytes(32))
+    if addresses.disputes is not None:
+        disputes = _disputes(chain, addresses.disputes)
+        targets.append(disputes.address)
+        calldatas.append(_calldata(disputes, "acceptDefaultAdminTransfer"))
+    targets.append(tl.address)
+    calldatas.append(_calldata(tl, "updateDelay", timelock_delay))
+    args = (targets, [0] * len(targets), calldatas, bytes(32), bytes(32))
     tl._send("scheduleBatch", *args, 0)
     done = tl._send("executeBatch", *args)
     admin_addr = chain.address_of(admin)

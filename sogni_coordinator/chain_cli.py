@@ -148,6 +148,8 @@ def _deployment(cfg: CoordinatorConfig, chain: Chain) -> Deployment:
 
 
 def _settler(cfg: CoordinatorConfig, url: str | None, store: Store) -> Settler:
+    from sogni_coordinator.disputes import DisputeBook, Restorations
+    from sogni_coordinator.network_params import network_params_for
     from sogni_coordinator.settlement.epochs import Settler
     from sogni_coordinator.settlement.keys import settlement_sender
     from sogni_coordinator.settlement.rules import payout_rules
@@ -169,7 +171,7 @@ def _settler(cfg: CoordinatorConfig, url: str | None, store: Store) -> Settler:
             f"{deployment.distributor.address}",
             "deploy with it as settler (--settler), or have the admin grant the role",
         )
-    return Settler(
+    settler = Settler(
         store,
         deployment,
         sender=sender,
@@ -177,7 +179,11 @@ def _settler(cfg: CoordinatorConfig, url: str | None, store: Store) -> Settler:
         publish_dir=publish_dir(cfg),
         network_id=cfg.network_id,
         dispute_window=cfg.verification.dispute_window,
+        params=network_params_for(chain, _addresses_path(cfg)),
     )
+    if deployment.disputes is not None:  # won disputes are paid by whichever closer plans
+        settler.restorations = Restorations(DisputeBook(cfg.database))
+    return settler
 
 
 # --- chain ---------------------------------------------------------------------------------
@@ -227,6 +233,15 @@ def chain_deploy(
             "--disputes",
             help="Also deploy Disputes.sol: it alone may slash (after a dispute window); "
             "the offer key signs refusals (docs/GOVERNANCE.md, Disputes).",
+        ),
+    ] = False,
+    governed: Annotated[
+        bool,
+        typer.Option(
+            "--governed",
+            help="Also deploy stakers' Governor, timelock and NetworkParameters and hand the "
+            "contracts' admin to the timelock; writes <addresses>.governance.json "
+            "(docs/GOVERNANCE.md).",
         ),
     ] = False,
 ) -> None:
@@ -281,6 +296,12 @@ def chain_deploy(
     )
     if addresses.disputes is not None and offer is not None:  # it signs refusals
         Disputes(chain, addresses.disputes, treasury).grant_role("REPORTER_ROLE", offer)
+    governance: str | None = None
+    if governed:  # after the grants above: the deployer stops being admin here
+        from sogni_chain.governance import deploy_governance, governance_path
+
+        deploy_governance(chain, addresses, treasury, path=governance_path(path))
+        governance = str(governance_path(path))
     for gas_user in dict.fromkeys(a for a in (settler, slasher) if a is not None):
         if chain.eth_balance(gas_user) < 10**18:  # gas for postRoot / slash
             chain.send_eth(gas_user, 10 * 10**18, sender=treasury)
@@ -294,7 +315,15 @@ def chain_deploy(
             "matches another fresh embedded deployment made the same way.",
             err=True,
         )
-    _print_json({**addresses.__dict__, "settler": settler, "slasher": slasher, "file": str(path)})
+    _print_json(
+        {
+            **addresses.__dict__,
+            "settler": settler,
+            "slasher": slasher,
+            "file": str(path),
+            "governance": governance,
+        }
+    )
 
 
 @chain_app.command("fund")

@@ -63,6 +63,8 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     keystore: Path = None  # type: ignore[assignment]  # None until __post_init__: signer.json
     password_env: EnvName = "SOGNI_COORDINATOR_PASSWORD"
     database: Path = None  # type: ignore[assignment]  # None until __post_init__
+    """A SQLite file, or a `postgresql://` URL (a Path mangles its `//`: read it with
+    `storage.location`; `db.Database` does)."""
     chain_id: ChainId = DEFAULT_CHAIN_ID
     verifying_contract: Address = UNDEPLOYED_CONTRACT
     heartbeat_interval: Seconds = 5.0

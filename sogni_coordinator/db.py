@@ -27,6 +27,14 @@ the version, so a crash mid-migration leaves the previous version intact. Migrat
 each component is the schema of the release before versioning (`CREATE ... IF NOT EXISTS`),
 so a database from that release opens and migrates forward. A database newer than the code
 is refused: running old code on it could misread or corrupt rows it does not understand.
+
+Two engines behind this one class: a file path is SQLite (the default, one coordinator); a
+`postgresql://` URL is PostgreSQL (many coordinators on one database, `storage/`). There,
+`_db` is a `storage.postgres.PgConnection` that runs the same SQL (translated by
+`storage.dialect`), a write transaction takes the database's advisory write lock (the
+`BEGIN IMMEDIATE` of every coordinator on it), migrations run under that lock, and a
+component may replace a migration that SQLite-only DDL cannot express
+(`postgres_migrations`).
 """
 
 from __future__ import annotations
@@ -35,16 +43,20 @@ import functools
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
 
 import trio
 
+from sogni_coordinator.storage import is_postgres, location
 from sogni_protocol.logs import get_logger
 from sogni_protocol.migrations import split_statements
+
+if TYPE_CHECKING:
+    from sogni_coordinator.storage.postgres import PgConnection
 
 log = get_logger(__name__)
 T = TypeVar("T")
@@ -71,11 +83,17 @@ class DatabaseBusy(RuntimeError):
     """Another process held the database's write lock past `WRITE_DEADLINE`."""
 
 
+def table_exists(db: sqlite3.Connection, name: str) -> bool:
+    """Does table `name` exist (either engine)?"""
+    if not isinstance(db, sqlite3.Connection):
+        return cast("PgConnection", db).table_exists(name)
+    row = db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,))
+    return row.fetchone() is not None
+
+
 def schema_version(db: sqlite3.Connection, component: str) -> int:
     """The component's recorded version (0: never opened by versioned code)."""
-    if not db.execute(
-        "SELECT 1 FROM sqlite_master WHERE type='table' AND name='schema_versions'"
-    ).fetchone():
+    if not table_exists(db, "schema_versions"):
         return 0
     row = db.execute(
         "SELECT version FROM schema_versions WHERE component=?", (component,)
@@ -105,9 +123,17 @@ class _Shared:
     def __init__(self, path: str, key: str | None) -> None:
         self.path = path
         self.key = key
-        self.conn = sqlite3.connect(
-            path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
-        )
+        self.postgres = is_postgres(path)
+        self.conn: sqlite3.Connection
+        if self.postgres:
+            from sogni_coordinator.storage.postgres import PgConnection
+
+            pg = PgConnection(path, lock_timeout_s=WRITE_DEADLINE)
+            self.conn = cast(sqlite3.Connection, pg)  # the subset components use
+        else:
+            self.conn = sqlite3.connect(
+                path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT_MS / 1000
+            )
         self.rlock = threading.RLock()
         self.refs = 0
         self.depth = 0
@@ -144,6 +170,17 @@ class _Shared:
     # --- transactions (the caller holds `rlock`) -----------------------------------------
     def begin(self) -> None:
         """`BEGIN IMMEDIATE`, waiting for another process's write lock up to the deadline."""
+        if self.postgres:
+            try:
+                cast("PgConnection", self.conn).begin_write()
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise
+                raise DatabaseBusy(
+                    f"database {_redacted(self.path)}: another coordinator held the write "
+                    f"lock for {WRITE_DEADLINE:.0f} s"
+                ) from exc
+            return
         deadline = time.monotonic() + WRITE_DEADLINE
         pause = 0.01
         while True:
@@ -267,11 +304,28 @@ class _ReadLock:
         self._shared.rlock.release()
 
 
+def _redacted(where: str) -> str:
+    """A location fit for messages: a URL loses its password."""
+    if "://" in where and "@" in where:
+        scheme, rest = where.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':', 1)[0]}@{host}"
+    return where
+
+
 _registry: dict[str, _Shared] = {}
 _registry_lock = threading.Lock()
 
 
 def _open_shared(path: Path | str) -> _Shared:
+    if is_postgres(path):  # one connection per database URL in this process
+        url = location(path)
+        with _registry_lock:
+            shared = _registry.get(url)
+            if shared is None:
+                shared = _registry[url] = _Shared(url, url)
+            shared.refs += 1
+            return shared
     if str(path) == ":memory:":  # each in-memory database is its own
         memory = _Shared(":memory:", None)
         memory.refs = 1
@@ -320,15 +374,28 @@ class Database:
         component: str,
         migrations: Sequence[str],
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        postgres_migrations: Mapping[int, str] | None = None,
     ) -> None:
+        """`postgres_migrations`: version (1-based) -> the script PostgreSQL runs instead
+        (for SQLite-only DDL such as a table rebuild)."""
+        self.location = location(path)
+        """The file path or the PostgreSQL URL, as given (`path` mangles a URL)."""
+        self.postgres = is_postgres(path)
         self.path = Path(path)
         self.component = component
-        if str(path) != ":memory:":
+        if str(path) != ":memory:" and not self.postgres:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         self._shared = _open_shared(path)
         self._db = self._shared.conn
         self._lock = _ReadLock(self._shared, component)
         try:
+            if self.postgres:
+                with self._shared.rlock:
+                    scripts = list(migrations)
+                    for version, script in (postgres_migrations or {}).items():
+                        scripts[version - 1] = script
+                    self.schema_version = self._migrate(component, scripts)
+                return
             with self._shared.rlock:
                 # one connection, one setting: the strongest any component asked for
                 if self._shared.synchronous != "FULL":
@@ -352,8 +419,8 @@ class Database:
             current = schema_version(db, component)
             if current > target:
                 raise SchemaTooNew(
-                    f"database {self.path}: the {component} schema is version {current}, "
-                    f"newer than this code's version {target}; upgrade sogni-coordinator"
+                    f"database {_redacted(self.location)}: the {component} schema is version "
+                    f"{current}, newer than this code's version {target}; upgrade sogni-coordinator"
                 )
             for script in migrations[current:]:
                 for sql in split_statements(script):
@@ -361,13 +428,19 @@ class Database:
             if current < target:
                 db.execute(_VERSIONS_TABLE)
                 db.execute(
-                    "INSERT OR REPLACE INTO schema_versions VALUES (?, ?, ?)",
+                    "INSERT INTO schema_versions VALUES (?, ?, ?) ON CONFLICT (component)"
+                    " DO UPDATE SET version = excluded.version, migrated_at = excluded.migrated_at",
                     (component, target, time.time()),
                 )
+            if self.postgres:  # PostgreSQL checks foreign keys on every statement
+                return target
             broken = db.execute("PRAGMA foreign_key_check").fetchall()
             if broken:
                 raise RuntimeError(f"{component} migration broke foreign keys: {broken[:3]}")
         return target
+
+    def _has_table(self, name: str) -> bool:
+        return table_exists(self._db, name)
 
     def close(self) -> None:
         """Apply what is queued, then let go of the shared connection (the last one closes)."""

@@ -96,6 +96,13 @@ CREATE TABLE IF NOT EXISTS dispute_cursor (
     next_block    INTEGER NOT NULL
 );
 """
+# A restoration is first *planned* into an epoch (before that epoch's plan is saved), and only
+# marked paid (`epoch`, `amount`) once that epoch is posted: a plan that was never saved puts
+# it back in the next plan, a posted one pays it exactly once (Restorations).
+_SCHEMA_V2 = """
+ALTER TABLE dispute_restorations ADD COLUMN planned_epoch INTEGER;
+ALTER TABLE dispute_restorations ADD COLUMN planned_amount TEXT;
+"""
 
 
 def evidence_hash_of(evidence: bytes | None, reason: str) -> bytes:
@@ -171,13 +178,14 @@ class DisputeBook(Database):
     `disputes`, in the coordinator's database)."""
 
     def __init__(self, path: Path | str) -> None:
-        super().__init__(path, component="disputes", migrations=[_SCHEMA_V1])
+        super().__init__(path, component="disputes", migrations=[_SCHEMA_V1, _SCHEMA_V2])
 
     def add(self, r: RefusalRecord) -> None:
         with self._tx() as db:
             db.execute(
-                f"INSERT OR IGNORE INTO dispute_refusals ({_COLS}) VALUES"
-                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL)",
+                f"INSERT INTO dispute_refusals ({_COLS}) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL)"
+                " ON CONFLICT (case_id) DO NOTHING",
                 (
                     r.job_id,
                     r.case_id,
@@ -197,7 +205,7 @@ class DisputeBook(Database):
         where, args = ("WHERE job_id=?", (job_id,)) if job_id is not None else ("", ())
         with self._lock:
             rows = self._db.execute(
-                f"SELECT {_COLS} FROM dispute_refusals {where} ORDER BY rowid", args
+                f"SELECT {_COLS} FROM dispute_refusals {where} ORDER BY refused_at, case_id", args
             ).fetchall()
         return [_record(r) for r in rows]
 
@@ -237,34 +245,51 @@ class DisputeBook(Database):
                     receipt.steps_done,
                 )
                 db.execute(
-                    "INSERT OR IGNORE INTO dispute_restorations VALUES (?, ?, ?, ?, ?, NULL, NULL)",
+                    "INSERT INTO dispute_restorations"
+                    " (case_id, job_id, payee, model_id, micro_spark) VALUES (?, ?, ?, ?, ?)"
+                    " ON CONFLICT (case_id) DO NOTHING",
                     (case_id, bytes(row[0]), str(row[1]), receipt.model_id, charge),
                 )
             return True
 
-    def due(self) -> list[tuple[bytes, str, str, int]]:
-        """(case id, payee, model, micro-Spark) of restorations no epoch paid yet."""
+    def due(self) -> list[tuple[bytes, str, str, int, int | None]]:
+        """(case id, payee, model, micro-Spark, epoch planned into) of restorations no posted
+        epoch paid yet."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT case_id, payee, model_id, micro_spark FROM dispute_restorations"
-                " WHERE epoch IS NULL ORDER BY rowid"
+                "SELECT case_id, payee, model_id, micro_spark, planned_epoch"
+                " FROM dispute_restorations WHERE epoch IS NULL ORDER BY case_id"
             ).fetchall()
-        return [(bytes(c), str(p), str(m), int(s)) for c, p, m, s in rows]
+        return [
+            (bytes(c), str(p), str(m), int(s), None if e is None else int(e))
+            for c, p, m, s, e in rows
+        ]
 
-    def paid(self, epoch: int, amounts: Mapping[bytes, int]) -> None:
+    def plan(self, epoch: int, amounts: Mapping[bytes, int]) -> None:
+        """Put restorations into `epoch`'s plan (before the plan is saved): not paid yet."""
         with self._tx() as db:
             for case_id, amount in amounts.items():
                 db.execute(
-                    "UPDATE dispute_restorations SET epoch=?, amount=? WHERE case_id=?"
-                    " AND epoch IS NULL",
+                    "UPDATE dispute_restorations SET planned_epoch=?, planned_amount=?"
+                    " WHERE case_id=? AND epoch IS NULL",
                     (epoch, str(amount), case_id),
                 )
+
+    def posted(self, epoch: int) -> int:
+        """`epoch` is on chain: its planned restorations are paid (once). Returns how many."""
+        with self._tx() as db:
+            done = db.execute(
+                "UPDATE dispute_restorations SET epoch=planned_epoch, amount=planned_amount"
+                " WHERE planned_epoch=? AND epoch IS NULL",
+                (epoch,),
+            )
+            return int(done.rowcount)
 
     def restorations(self) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute(
                 "SELECT case_id, job_id, payee, epoch, amount FROM dispute_restorations"
-                " ORDER BY rowid"
+                " ORDER BY case_id"
             ).fetchall()
         return [
             {
@@ -347,25 +372,66 @@ class Reporter:
 
 class Restorations:
     """The epoch hook: pays each won dispute's receipt, valued as billing would have charged
-    it (worker share at the epoch's rules, from the distributor's funding: the payer was
-    charged nothing for the refused receipt, and the job was rendered again)."""
+    it (worker share at the paying epoch's rules, from the distributor's funding: the payer
+    was charged nothing for the refused receipt, and the job was rendered again).
+
+    Exactly once: `add_to` plans the owed pay into the epoch being planned (recorded before
+    the plan is saved); `posted` marks it paid when that epoch's root is on chain. A plan that
+    never got saved (a failed save, a crash) leaves it owed, so the next plan includes it
+    again; a restoration planned into an epoch that the store has as posted is paid (a crash
+    between posting and `posted` is repaired at the next plan), never planned twice.
+
+    Take rate: the payee's stake tier at the paying epoch's stake snapshot, as for any receipt
+    of that epoch (`take_of`). The refused receipt was never valued (a refusal keeps it out of
+    every epoch), so the epoch that pays it is the one whose rules and tier apply, exactly as
+    they would have to a receipt that waited out a dispute window.
+    """
 
     def __init__(self, book: DisputeBook) -> None:
         self.book = book
 
-    def add_to(self, earned: dict[str, int], rules: PayoutRules, epoch: int) -> dict[str, int]:
-        out = dict(earned)
-        paid: dict[bytes, int] = {}
-        for case_id, payee, model_id, micro_spark in self.book.due():
-            value = micro_spark * rules.wei_per_spark // epoch_math.MICRO
-            amount = rules.split(value, model_id, rules.take_rates_bps[0]).worker
-            key = next((a for a in out if a.lower() == payee.lower()), payee)
-            out[key] = out.get(key, 0) + amount
-            paid[case_id] = amount
-        if paid:
-            self.book.paid(epoch, paid)
-            log.info("disputes_restored", epoch=epoch, count=len(paid))
+    def owed(self, epoch_state: Callable[[int], str | None]) -> list[tuple[bytes, str, str, int]]:
+        """(case, payee, model, micro-Spark) the next plan must pay; `epoch_state(e)` is the
+        store's state of epoch e ("planned", "posted", None when no plan of it was saved)."""
+        out: list[tuple[bytes, str, str, int]] = []
+        for case_id, payee, model_id, micro_spark, planned in self.book.due():
+            state = None if planned is None else epoch_state(planned)
+            if planned is not None and state == "posted":
+                self.book.posted(planned)  # posted, then crashed before marking it
+                continue
+            if state == "planned":
+                continue  # in a saved plan that is still to be posted
+            out.append((case_id, payee, model_id, micro_spark))
         return out
+
+    def add_to(
+        self,
+        earned: dict[str, int],
+        rules: PayoutRules,
+        epoch: int,
+        owed: list[tuple[bytes, str, str, int]],
+        take_of: Callable[[str], int],
+    ) -> dict[str, int]:
+        """`earned` plus the `owed` restorations, recorded as planned into `epoch`."""
+        from eth_utils import to_checksum_address
+
+        out = dict(earned)
+        planned: dict[bytes, int] = {}
+        for case_id, payee, model_id, micro_spark in owed:
+            value = micro_spark * rules.wei_per_spark // epoch_math.MICRO
+            account = to_checksum_address(payee)
+            amount = rules.split(value, model_id, take_of(account)).worker
+            out[account] = out.get(account, 0) + amount
+            planned[case_id] = amount
+        if planned:
+            self.book.plan(epoch, planned)
+            log.info("disputes_restoration_planned", epoch=epoch, count=len(planned))
+        return out
+
+    def posted(self, epoch: int) -> None:
+        paid = self.book.posted(epoch)
+        if paid:
+            log.info("disputes_restored", epoch=epoch, count=paid)
 
 
 class _Dispatcher(Protocol):
@@ -395,12 +461,22 @@ class DisputeDesk:
         rechecks: int = DEFAULT_RECHECKS,
         verify_timeout: float = 30.0,
         rng: random.Random | None = None,
+        public_url: str | None = None,
     ) -> None:
         self.book, self.disputes, self.reporter = book, disputes, reporter
         self.publish_dir = publish_dir
         self.dispatcher, self.reputation = dispatcher, reputation
         self.rechecks, self.verify_timeout = rechecks, verify_timeout
         self._rng = rng or random.SystemRandom()
+        self.public_url: str | None = public_url
+        """Base URL jurors fetch bundles from (`[gateway] public_url`, else the bound
+        `http_listen`); None without an HTTP server: the bundle's file URI is published."""
+
+    def bundle_uri(self, case_id: bytes, path: Path) -> str:
+        """`<public url>/disputes/bundles/0x<case>` (the route below serves it)."""
+        if self.public_url is None:
+            return path.as_uri()
+        return f"{self.public_url.rstrip('/')}/disputes/bundles/0x{case_id.hex()}"
 
     def events(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """New DisputeOpened and DisputeResolved events since the last poll."""
@@ -447,7 +523,8 @@ class DisputeDesk:
         path = self.publish_dir / "disputes" / f"{record.case_id.hex()}.json"
         atomic_write_bytes(path, body)
         self.book.set_bundle(record.case_id, digest, str(path))
-        self.disputes.open_voting(record.case_id, digest, path.as_uri(), sender=self.reporter)
+        uri = self.bundle_uri(record.case_id, path)
+        self.disputes.open_voting(record.case_id, digest, uri, sender=self.reporter)
         log.info("dispute_vote_opened", case=record.case_id.hex()[:16], rechecks=len(rechecks))
         return digest
 

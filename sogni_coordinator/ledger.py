@@ -298,11 +298,12 @@ class Ledger(Database):
         for asset in ASSETS:
             total = sum(a for _, s, a in entries if s == asset)
             assert total == 0, f"{kind}: {asset} entries sum to {total}, not 0"
-        cur = db.execute(
-            "INSERT INTO ledger_tx (kind, ref, created_at) VALUES (?, ?, ?)",
-            (kind, ref, time.time() if now is None else now),
+        tx_id = int(
+            db.execute(
+                "INSERT INTO ledger_tx (kind, ref, created_at) VALUES (?, ?, ?) RETURNING tx_id",
+                (kind, ref, time.time() if now is None else now),
+            ).fetchone()[0]
         )
-        tx_id = int(cur.lastrowid or 0)
         db.executemany(
             "INSERT INTO ledger_entries (tx_id, account, asset, amount) VALUES (?, ?, ?, ?)",
             [(tx_id, acc, asset, amt) for acc, asset, amt in entries if amt != 0],
@@ -704,14 +705,6 @@ class Ledger(Database):
                 (start, end),
             ).fetchall()
         return [tuple(r) for r in rows]
-
-    def _has_table(self, name: str) -> bool:
-        return (
-            self._db.execute(
-                "SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)
-            ).fetchone()
-            is not None
-        )
 
     def _store_lookup(self, sql: str, keys: list[bytes]) -> dict[bytes, tuple[object, ...]]:
         """`sql` (with one `{}` for the IN list) over `keys` in chunks; first column keys."""

@@ -26,6 +26,7 @@ from prometheus_client.registry import Collector
 
 from sogni_coordinator.dispatch import Dispatcher, ResultRefused
 from sogni_coordinator.job_state import TERMINAL, JobEvent, JobState
+from sogni_coordinator.storage import is_postgres, location
 from sogni_protocol.metrics import (
     OTHER,
     RENDER_BUCKETS,
@@ -300,6 +301,10 @@ def database_writable(path: Path, timeout: float = READY_TIMEOUT) -> str | None:
     """Blocking: take the database's write lock and roll back at once; None if it could,
     else a one-line reason. A second connection, so a probe never joins the writer's
     transaction."""
+    if is_postgres(path):  # a PostgreSQL URL (storage/)
+        from sogni_coordinator.storage.postgres import probe_writable
+
+        return probe_writable(location(path), timeout)
     if not path.exists():
         return "database file missing"
     started = time.monotonic()

@@ -115,14 +115,14 @@ _OPEN: dict[str, ReferralCodes] = {}
 def codes_beside(ledger: Ledger) -> ReferralCodes:
     """The codes kept in the ledger's database, opened on first use and shared by the gateway
     and the client protocol; `close_beside` when the ledger closes."""
-    key = str(ledger.path)
+    key = ledger.location
     got = _OPEN.get(key)
     if got is None:
-        got = _OPEN[key] = ReferralCodes(ledger.path)
+        got = _OPEN[key] = ReferralCodes(key)
     return got
 
 
 def close_beside(ledger: Ledger) -> None:
-    got = _OPEN.pop(str(ledger.path), None)
+    got = _OPEN.pop(ledger.location, None)
     if got is not None:
         got.close()

@@ -101,7 +101,15 @@ CREATE TABLE report_blocks (
     PRIMARY KEY (kind, account)
 );
 """
-MIGRATIONS = (_SCHEMA_V1,)
+_V2_SHARED_HASH_KEY = """
+CREATE TABLE report_hash_key (
+    id   INTEGER PRIMARY KEY CHECK (id = 1),
+    key  BLOB NOT NULL
+);
+"""
+"""On PostgreSQL every coordinator of the network must hash prompts with one key, so it
+lives in the database (a SQLite coordinator keeps its file beside the database)."""
+MIGRATIONS = (_SCHEMA_V1, _V2_SHARED_HASH_KEY)
 
 _params_decoder = msgspec.msgpack.Decoder(JobParams)
 
@@ -266,6 +274,13 @@ class Reports(Database):
         if self._hash_key_bytes is None:
             if str(self.path) == ":memory:":
                 self._hash_key_bytes = os.urandom(32)
+            elif self.postgres:
+                with self._tx() as db:
+                    db.execute(
+                        "INSERT OR IGNORE INTO report_hash_key VALUES (1, ?)", (os.urandom(32),)
+                    )
+                    row = db.execute("SELECT key FROM report_hash_key WHERE id = 1").fetchone()
+                self._hash_key_bytes = bytes(row[0])
             else:
                 self._hash_key_bytes = _hash_key(self.path.parent / HASH_KEY_FILE)
         return self._hash_key_bytes
@@ -337,7 +352,8 @@ class Reports(Database):
             try:
                 cur = db.execute(
                     f"INSERT INTO reports ({_COLUMNS[4:]}) VALUES"
-                    " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', NULL, '', NULL)",
+                    " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', NULL, '', NULL)"
+                    " RETURNING id",
                     (
                         request_id,
                         image_index,
@@ -357,7 +373,7 @@ class Reports(Database):
                 )
             except sqlite3.IntegrityError:
                 raise ReportRefused("duplicate_report", "you already reported this job") from None
-            report_id = int(cur.lastrowid or 0)
+            report_id = int(cur.fetchone()[0])
         log.info(
             "report_filed",
             report=report_id,

@@ -40,6 +40,16 @@ CREATE TABLE IF NOT EXISTS reputation (
 """
 _V2_WORK_RATE = "ALTER TABLE reputation ADD COLUMN work_rate REAL NOT NULL DEFAULT 0;"
 MIGRATIONS = (_SCHEMA_V1, _V2_WORK_RATE)
+_COLUMNS = (
+    "wallet, speed, success, acceptance, jobs, failures, strikes, first_seen,"
+    " connected_seconds, blacklisted_until, earned_units, work_rate"
+)
+"""Named, never `*`: on PostgreSQL the table also has `rowid` (storage.dialect)."""
+_UPSERT = (
+    f"INSERT INTO reputation ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)"
+    " ON CONFLICT (wallet) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS.replace(" ", "").split(",")[1:])
+)
 
 
 @dataclass
@@ -90,7 +100,7 @@ class Reputation(Database):
         super().__init__(path, component="reputation", migrations=MIGRATIONS, synchronous="NORMAL")
         self._clock = clock
         self.records: dict[str, WorkerRecord] = {}
-        for row in self._db.execute("SELECT * FROM reputation"):
+        for row in self._db.execute(f"SELECT {_COLUMNS} FROM reputation"):
             strikes = [float(x) for x in row[6].split(",") if x]
             wallet, speed, success, acceptance, jobs, failures = row[:6]
             first_seen, connected, blacklisted_until, earned, work_rate = row[7:12]
@@ -125,7 +135,7 @@ class Reputation(Database):
 
     def _write(self, row: tuple[object, ...]) -> None:
         with self._tx() as db:
-            db.execute("INSERT OR REPLACE INTO reputation VALUES (?,?,?,?,?,?,?,?,?,?,?,?)", row)
+            db.execute(_UPSERT, row)
 
     # --- events --------------------------------------------------------------------------
     def succeeded(

@@ -181,8 +181,6 @@ async def run_coordinator(
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(dispatcher.run)
                 nursery.start_soon(watch_reports, reports, dispatcher)
-                if desk is not None:
-                    nursery.start_soon(desk.run, config.chain_poll_seconds)
                 if standing is not None:
                     nursery.start_soon(standing.run)
                 if link is not None:
@@ -223,6 +221,9 @@ async def run_coordinator(
                         nursery.start_soon(gateway.run)
                         view = replace(view, gateway=gateway)
                     http_url = await nursery.start(serve_http, build_app(view), config.http_listen)
+                if desk is not None:  # bundles are published at this server's URL
+                    desk.public_url = config.gateway.public_url or http_url
+                    nursery.start_soon(desk.run, config.chain_poll_seconds)
                 info = {
                     "peerId": host.peer_id,
                     "addrs": host.addrs,

@@ -119,6 +119,13 @@ PRAGMA user_version=2
 """The job lifecycle's states (`job_state.JobState`, as stored). `user_version` moves on so
 the release before versioning refuses this file instead of misreading it."""
 
+_V2_JOB_STATES_POSTGRES = """
+ALTER TABLE jobs DROP CONSTRAINT jobs_state_check;
+ALTER TABLE jobs ADD CONSTRAINT jobs_state_check
+    CHECK (state IN ('queued', 'cancelling', 'done', 'failed', 'cancelled'));
+"""
+"""PostgreSQL changes the check in place (a rebuild would drop the receipts' foreign key)."""
+
 _V3_RESUME_AND_SEALED_PROMPTS = """
 ALTER TABLE requests ADD COLUMN token_hash BLOB;
 ALTER TABLE jobs ADD COLUMN steps INTEGER NOT NULL DEFAULT 0;
@@ -331,7 +338,12 @@ class Store(Database):
     """One SQLite connection guarded by a lock; calls are short and run on the trio thread."""
 
     def __init__(self, path: Path | str) -> None:
-        super().__init__(path, component="store", migrations=MIGRATIONS)
+        super().__init__(
+            path,
+            component="store",
+            migrations=MIGRATIONS,
+            postgres_migrations={2: _V2_JOB_STATES_POSTGRES},
+        )
         self._checkpoint_due = False
         try:
             # deleted rows (shredded keys, legacy plaintext) are overwritten, not just unlinked
@@ -514,8 +526,11 @@ class Store(Database):
             if not self._insert_receipt(db, receipt, signature, request_id, JobState.DONE, offer):
                 return False
             db.execute(
-                "INSERT OR REPLACE INTO checks (job_id, worker, state, updated_at, peer_id,"
-                " dtype, elapsed) VALUES (?, ?, 'pending', ?, ?, ?, ?)",
+                "INSERT INTO checks (job_id, worker, state, updated_at, peer_id,"
+                " dtype, elapsed) VALUES (?, ?, 'pending', ?, ?, ?, ?) ON CONFLICT (job_id)"
+                " DO UPDATE SET worker = excluded.worker, state = excluded.state,"
+                " updated_at = excluded.updated_at, peer_id = excluded.peer_id,"
+                " dtype = excluded.dtype, elapsed = excluded.elapsed",
                 (receipt.job_id, receipt.worker.lower(), time.time(), peer_id, dtype, elapsed),
             )
             return True
@@ -655,12 +670,12 @@ class Store(Database):
             ).fetchone()
             if open_ is not None:
                 return None
-            cur = db.execute(
+            row = db.execute(
                 "INSERT INTO slash_proposals (wallet, reason, job_ids, state, proposed_at)"
-                " VALUES (?, ?, ?, 'proposed', ?)",
+                " VALUES (?, ?, ?, 'proposed', ?) RETURNING id",
                 (w, reason, msgspec.msgpack.encode(job_ids), time.time()),
-            )
-            return int(cur.lastrowid or 0)
+            ).fetchone()
+            return int(row[0])
 
     def slash_proposals(self, state: str | None = None) -> list[SlashProposal]:
         """Slash proposals, oldest first (only those in `state` when given)."""

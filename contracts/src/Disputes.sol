@@ -12,6 +12,7 @@ import {AccessControlDefaultAdminRules} from
 ///      the current active stake (fallback while Staking has no checkpoints) and `slash`.
 interface IStakingVotes {
     function getPastVotes(address account, uint256 timepoint) external view returns (uint256);
+    function getPastTotalSupply(uint256 timepoint) external view returns (uint256);
     function clock() external view returns (uint48);
     function activeStake(address account) external view returns (uint256);
     function slash(address account, uint256 amount, string calldata reason) external returns (uint256);
@@ -24,6 +25,8 @@ interface IStakingVotes {
 ///         then publishes the evidence bundle with extra re-checks (its hash opens the vote; if it
 ///         does not within `evidenceWindow`, anyone opens it on the original evidence). Stakers
 ///         vote stake-weighted (votes at the snapshot), commit-reveal so votes cannot be copied.
+///         One juror's weight is capped at `jurorCapBps` of all votes at the snapshot, so a
+///         single large staker cannot decide a case alone against the others.
 ///         The worker wins only with a strict majority of revealed weight: bond back and an event
 ///         the coordinator acts on (pay re-credited, reputation restored). Otherwise the refusal
 ///         or slash stands, the bond is kept: `jurorShareBps` of it goes to the majority jurors
@@ -91,6 +94,9 @@ contract Disputes is AccessControlDefaultAdminRules {
     uint64 public commitWindow;
     uint64 public revealWindow;
     uint16 public jurorShareBps;
+    /// @notice Most weight one juror carries, in bps of all votes (total active stake) at the
+    ///         case's snapshot; governed (`setJurorCap`).
+    uint16 public jurorCapBps = 1_000;
     uint256 public slashCount;
 
     mapping(bytes32 caseId => Case) private _cases;
@@ -107,6 +113,7 @@ contract Disputes is AccessControlDefaultAdminRules {
     event SlashExecuted(bytes32 indexed caseId, address indexed worker, uint256 slashed);
     event ParametersSet(uint256 bond, uint64 disputeWindow, uint64 evidenceWindow, uint64 commitWindow, uint64 revealWindow, uint16 jurorShareBps);
     event TreasurySet(address treasury);
+    event JurorCapSet(uint16 jurorCapBps);
 
     error ZeroAddress();
     error ZeroAmount();
@@ -159,6 +166,13 @@ contract Disputes is AccessControlDefaultAdminRules {
         uint16 jurorShareBps_
     ) external onlyRole(DEFAULT_ADMIN_ROLE) {
         _setParameters(bond_, disputeWindow_, evidenceWindow_, commitWindow_, revealWindow_, jurorShareBps_);
+    }
+
+    /// @notice Cap one juror's weight at `bps` of all votes at a case's snapshot (10_000: no cap).
+    function setJurorCap(uint16 bps) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        if (bps == 0 || bps > MAX_BPS) revert BadParameters();
+        jurorCapBps = bps;
+        emit JurorCapSet(bps);
     }
 
     function setTreasury(address treasury_) external onlyRole(DEFAULT_ADMIN_ROLE) {
@@ -303,7 +317,7 @@ contract Disputes is AccessControlDefaultAdminRules {
         if (msg.sender == c.worker) revert WorkerCannotVote();
         Ballot storage b = _ballots[caseId][msg.sender];
         if (b.commitment != bytes32(0)) revert AlreadyCommitted(msg.sender);
-        uint256 weight = votingWeight(msg.sender, c.snapshot);
+        uint256 weight = jurorWeight(msg.sender, c.snapshot);
         if (weight == 0) revert NotAStaker(msg.sender, c.snapshot);
         b.commitment = commitment;
         b.weight = weight;
@@ -371,6 +385,23 @@ contract Disputes is AccessControlDefaultAdminRules {
             return votes;
         } catch {
             return staking.activeStake(juror);
+        }
+    }
+
+    /// @notice A juror's weight on a case with snapshot `timepoint`: its votes, capped at
+    ///         `jurorCapBps` of all votes then (rounded up, so a capped juror never weighs 0).
+    function jurorWeight(address juror, uint256 timepoint) public view returns (uint256 weight) {
+        weight = votingWeight(juror, timepoint);
+        uint256 cap = jurorCapAt(timepoint);
+        if (cap != 0 && weight > cap) weight = cap;
+    }
+
+    /// @notice The cap at `timepoint` (0: none, while Staking has no vote checkpoints).
+    function jurorCapAt(uint256 timepoint) public view returns (uint256) {
+        try staking.getPastTotalSupply(timepoint) returns (uint256 total) {
+            return (total * jurorCapBps + MAX_BPS - 1) / MAX_BPS;
+        } catch {
+            return 0;
         }
     }
 

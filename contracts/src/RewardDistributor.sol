@@ -5,7 +5,6 @@ import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {AccessControlDefaultAdminRules} from
     "@openzeppelin/contracts/access/extensions/AccessControlDefaultAdminRules.sol";
-import {Pausable} from "@openzeppelin/contracts/utils/Pausable.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
 import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
@@ -28,56 +27,79 @@ interface IStaking {
 ///      seconds after it was posted; claims are checked against the newest matured root, so
 ///      posting faster than the delay never locks claims (and a bad root can be answered by
 ///      pausing before it matures, then posting the next epoch).
+///      Storage is laid out for gas (docs/CONTRACTS.md, "Storage layout"): the state a claim
+///      and a post read shares one slot (`_head`); the newest `RING` epochs live in a ring of
+///      fixed slots written with non-zero placeholders at deployment, so a post overwrites
+///      two slots instead of creating three; everything older (and each epoch's receipts
+///      hash) is history, kept in the `RootPosted`/`AirdropPosted` events. A post that would
+///      push the newest matured root out of the ring reverts `TooManyMaturing` (at most
+///      `RING - 1` roots mature at once), so claims never lose their root.
+///      Amounts fit 96 bits (the token's whole supply is 10^28 < 2^96); a cap set above
+///      that is stored as 2^96 - 1, which caps nothing.
 ///      Also the EIP-712 verifying contract for receipts and offers (name "SogniSupernet",
 ///      version "3"), and of `StakeAuthorization`, the signature behind gasless auto-staking.
 ///      A claim that would pay nothing reverts with `NothingToClaim` (rather than succeeding
 ///      silently) so wallets see the mistake at gas estimation and no gas is spent on a no-op.
 ///      Roles: DEFAULT_ADMIN_ROLE (one holder, handed over in two steps after
-///      `defaultAdminDelay()`) pauses/unpauses claims, sets the claim delay, the growth cap and
-///      each season's airdrop cap and manages roles; SETTLEMENT_ROLE posts work epochs' roots
-///      (meant for a separate, possibly offline key); AIRDROP_ROLE posts season airdrops.
+///      `defaultAdminDelay()`; governance's timelock) unpauses, sets the claim delay, the
+///      growth cap and each season's airdrop cap and manages roles; GUARDIAN_ROLE may only
+///      pause claims (a fast stop without a proposal; the admin may pause too);
+///      SETTLEMENT_ROLE posts work epochs' roots (meant for a separate, possibly offline
+///      key); AIRDROP_ROLE posts season airdrops.
 ///      Airdrops: a season's prizes are one epoch of the same numbering and the same
 ///      cumulative tree (its leaves are the previous root's plus each winner's prize), so one
 ///      claim pays work and prizes together and no earlier leaf changes. It is posted with
 ///      `postAirdropRoot`, once per season, its growth bounded by the season's
 ///      `airdropCap` (set by governance) instead of `maxTotalGrowth`.
-contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
+contract RewardDistributor is AccessControlDefaultAdminRules, EIP712 {
     using SafeERC20 for IERC20;
 
     bytes32 public constant SETTLEMENT_ROLE = keccak256("SETTLEMENT_ROLE");
     bytes32 public constant AIRDROP_ROLE = keccak256("AIRDROP_ROLE");
+    bytes32 public constant GUARDIAN_ROLE = keccak256("GUARDIAN_ROLE");
     bytes32 public constant STAKE_AUTHORIZATION_TYPEHASH =
         keccak256("StakeAuthorization(address account,uint256 cumulativeAmount,uint16 stakeBps,uint64 deadline)");
     uint16 public constant MAX_BPS = 10_000;
     /// @notice Upper bound of `claimDelay`, so a typo cannot lock claims for years.
     uint256 public constant MAX_CLAIM_DELAY = 30 days;
+    /// @notice Epochs kept in storage (the newest ones); older ones are in the events.
+    uint256 public constant RING = 32;
 
     IERC20 public immutable token;
     IStaking public immutable staking;
 
-    /// @notice Seconds after posting before a root is used for claims.
-    uint256 public claimDelay;
-    /// @notice Most a root's `total` may exceed the previous root's.
-    uint256 public maxTotalGrowth;
+    // ----- slot 0 after the inherited ones: everything a claim and a post read -----
+    uint32 private _latestEpoch;
+    uint24 private _claimDelay; // <= MAX_CLAIM_DELAY < 2^24
+    bool private _paused;
+    uint96 private _totalClaimed;
+    uint96 private _latestTotal;
 
-    /// @dev One posted epoch; `total` and `postedAt` share a slot (three slots per epoch).
-    struct EpochRoot {
-        bytes32 root;
-        bytes32 receiptsHash;
-        uint192 total;
+    // ----- one slot: the settlement key's fast role check and the growth cap it obeys -----
+    /// @dev The last account granted SETTLEMENT_ROLE while it still holds it (zero
+    ///      otherwise); others with the role go through `hasRole`.
+    address private _settler;
+    uint96 private _maxTotalGrowth;
+
+    /// @dev One epoch in the ring: slot `epoch % RING`.
+    struct Meta {
+        uint32 epoch; // 0: placeholder, nothing posted here yet
         uint64 postedAt;
+        uint96 total;
     }
 
-    mapping(uint256 epoch => EpochRoot) private _epochs;
-    uint256 public latestEpoch;
-    uint256 public totalClaimed;
+    bytes32[RING] private _roots;
+    Meta[RING] private _meta;
+
     mapping(address account => uint256) public claimed;
-    /// @notice Most a season's airdrop epoch may add to the total (0: no airdrop allowed).
-    mapping(uint256 season => uint256) public airdropCap;
-    /// @notice The epoch that paid `season`'s prizes (0: not posted yet).
-    mapping(uint256 season => uint256) public airdropEpochOf;
-    /// @notice The season whose prizes `epoch` paid (0: a work epoch).
-    mapping(uint256 epoch => uint256) public airdropSeasonOf;
+
+    /// @dev One season's airdrop: its cap and the epoch that paid it (0: not posted).
+    struct Season {
+        uint96 cap;
+        uint32 epoch;
+    }
+
+    mapping(uint256 season => Season) private _seasons;
 
     event RootPosted(uint256 indexed epoch, bytes32 root, uint256 total, bytes32 receiptsHash);
     /// @param epoch the matured epoch whose root the claim was verified against.
@@ -88,6 +110,8 @@ contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
     event MaxTotalGrowthSet(uint256 maxTotalGrowth);
     event AirdropCapSet(uint256 indexed season, uint256 cap);
     event AirdropPosted(uint256 indexed season, uint256 indexed epoch, uint256 amount);
+    event Paused(address account);
+    event Unpaused(address account);
 
     error ZeroAddress();
     error ZeroRoot();
@@ -108,6 +132,10 @@ contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
     error ZeroSeason();
     error AirdropAlreadyPosted(uint256 season, uint256 epoch);
     error AirdropCapExceeded(uint256 season, uint256 growth, uint256 cap);
+    /// @notice Posting now would push the newest matured root out of the ring; retry at `opensAt`.
+    error TooManyMaturing(uint256 opensAt);
+    error EnforcedPause();
+    error ExpectedPause();
 
     /// @param token_ the reward token (SOGNI) this contract holds and pays out.
     /// @param staking_ where `claimAndStake` stakes (through `stakeFor`).
@@ -131,6 +159,12 @@ contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
         if (settlement != address(0)) _grantRole(SETTLEMENT_ROLE, settlement);
         _setClaimDelay(claimDelay_);
         _setMaxTotalGrowth(maxTotalGrowth_);
+        // Non-zero placeholders: every later post overwrites (5k gas a slot) instead of
+        // creating (22.1k). A placeholder's epoch is 0, so no lookup ever matches it.
+        for (uint256 i; i < RING; ++i) {
+            _roots[i] = bytes32(uint256(1));
+            _meta[i] = Meta({epoch: 0, postedAt: 1, total: 0});
+        }
     }
 
     // ----- settlement -----
@@ -139,13 +173,14 @@ contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
     /// @param total sum of all cumulative amounts in the tree: at least the previous root's
     ///        total, at most `maxTotalGrowth` more, and covered by this contract's balance plus
     ///        what was already claimed, so every leaf is payable.
-    /// @param receiptsHash content address of the epoch's published receipts file.
-    function postRoot(uint256 epoch, bytes32 root, uint256 total, bytes32 receiptsHash)
-        external
-        onlyRole(SETTLEMENT_ROLE)
-    {
+    /// @param receiptsHash content address of the epoch's published receipts file (kept in
+    ///        the `RootPosted` event).
+    function postRoot(uint256 epoch, bytes32 root, uint256 total, bytes32 receiptsHash) external {
+        address settler = _settler;
+        uint256 cap = _maxTotalGrowth; // same slot as `_settler`
+        if (msg.sender != settler) _checkRole(SETTLEMENT_ROLE);
         uint256 growth = _checkNext(epoch, root, total);
-        if (growth > maxTotalGrowth) revert GrowthCapExceeded(growth, maxTotalGrowth);
+        if (growth > cap) revert GrowthCapExceeded(growth, cap);
         _record(epoch, root, total, receiptsHash);
     }
 
@@ -159,13 +194,13 @@ contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
         onlyRole(AIRDROP_ROLE)
     {
         if (season == 0) revert ZeroSeason();
-        uint256 done = airdropEpochOf[season];
+        Season storage s = _seasons[season];
+        uint256 done = s.epoch;
         if (done != 0) revert AirdropAlreadyPosted(season, done);
         uint256 growth = _checkNext(epoch, root, total);
-        uint256 cap = airdropCap[season];
+        uint256 cap = s.cap;
         if (growth > cap) revert AirdropCapExceeded(season, growth, cap);
-        airdropEpochOf[season] = epoch;
-        airdropSeasonOf[epoch] = season;
+        s.epoch = SafeCast.toUint32(epoch);
         _record(epoch, root, total, evidenceHash);
         emit AirdropPosted(season, epoch, growth);
     }
@@ -174,26 +209,40 @@ contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
     ///      returns how much it adds to the previous total.
     function _checkNext(uint256 epoch, bytes32 root, uint256 total) private view returns (uint256 growth) {
         if (root == bytes32(0)) revert ZeroRoot();
-        uint256 latest = latestEpoch;
+        uint256 latest = _latestEpoch;
         if (epoch != 0 && epoch <= latest) revert RootAlreadyPosted(epoch);
-        if (epoch != latest + 1) revert EpochNotNext(epoch, latest + 1);
-        uint256 previous = _epochs[latest].total;
+        unchecked {
+            if (epoch != latest + 1) revert EpochNotNext(epoch, latest + 1); // latest < 2^32
+        }
+        uint256 previous = _latestTotal;
         if (total < previous) revert TotalDecreased(total, previous);
-        growth = total - previous;
+        unchecked {
+            growth = total - previous;
+        }
         uint256 balance = token.balanceOf(address(this));
-        uint256 claimedSoFar = totalClaimed;
-        uint256 owed = total > claimedSoFar ? total - claimedSoFar : 0;
+        uint256 claimedSoFar = _totalClaimed;
+        uint256 owed;
+        unchecked {
+            owed = total > claimedSoFar ? total - claimedSoFar : 0;
+        }
         if (owed > balance) revert Underfunded(owed, balance);
     }
 
+    /// @dev Overwrites ring slot `epoch % RING` (epoch `epoch - RING`, if any: it must not be
+    ///      the newest matured one) and the head.
     function _record(uint256 epoch, bytes32 root, uint256 total, bytes32 receiptsHash) private {
-        _epochs[epoch] = EpochRoot({
-            root: root,
-            receiptsHash: receiptsHash,
-            total: SafeCast.toUint192(total),
-            postedAt: uint64(block.timestamp)
-        });
-        latestEpoch = epoch;
+        uint96 total96 = SafeCast.toUint96(total); // <= balance + claimed <= 2 * supply < 2^96
+        uint256 delay = _claimDelay;
+        if (delay != 0 && epoch > RING) {
+            // after this post the oldest epoch held is epoch - RING + 1: it must have matured
+            uint256 opensAt = uint256(_meta[(epoch + 1) % RING].postedAt) + delay;
+            if (opensAt > block.timestamp) revert TooManyMaturing(opensAt);
+        }
+        uint256 i = epoch % RING;
+        _roots[i] = root;
+        _meta[i] = Meta({epoch: uint32(epoch), postedAt: uint64(block.timestamp), total: total96});
+        _latestEpoch = uint32(epoch); // epoch == latest + 1 and the ring needs < 2^32 posts
+        _latestTotal = total96;
         emit RootPosted(epoch, root, total, receiptsHash);
     }
 
@@ -204,7 +253,6 @@ contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
     /// @dev Anyone may submit (a relayer can pay gas); tokens always go to `account`.
     function claim(address account, uint256 cumulativeAmount, bytes32[] calldata proof)
         external
-        whenNotPaused
         returns (uint256 amount)
     {
         (, amount) = _claim(account, cumulativeAmount, proof);
@@ -226,7 +274,8 @@ contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
         uint16 stakeBps,
         uint64 deadline,
         bytes calldata signature
-    ) external whenNotPaused returns (uint256 staked, uint256 paid) {
+    ) external returns (uint256 staked, uint256 paid) {
+        if (_paused) revert EnforcedPause();
         if (stakeBps > MAX_BPS) revert StakeBpsTooHigh(stakeBps, MAX_BPS);
         if (block.timestamp > deadline) revert AuthorizationExpired(deadline);
         if (msg.sender != account) {
@@ -248,38 +297,65 @@ contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
         if (paid > 0) token.safeTransfer(account, paid);
     }
 
-    /// @dev Verifies against the newest matured root and books the claim; pays nothing.
+    /// @dev Checks the pause, verifies against the newest matured root and books the claim;
+    ///      pays nothing.
     function _claim(address account, uint256 cumulativeAmount, bytes32[] calldata proof)
         private
         returns (uint256 epoch, uint256 amount)
     {
-        if (latestEpoch == 0) revert NoRoot();
-        epoch = maturedEpoch();
-        if (epoch == 0) revert NotMatured(uint256(_epochs[1].postedAt) + claimDelay);
-        EpochRoot storage e = _epochs[epoch];
+        if (_paused) revert EnforcedPause();
+        uint256 rootTotal;
+        (epoch, rootTotal) = _matured();
         bytes32 leaf = keccak256(bytes.concat(keccak256(abi.encode(account, cumulativeAmount))));
-        if (!MerkleProof.verifyCalldata(proof, e.root, leaf)) revert InvalidProof();
+        if (!MerkleProof.verifyCalldata(proof, _roots[epoch % RING], leaf)) revert InvalidProof();
         uint256 already = claimed[account];
         if (cumulativeAmount <= already) revert NothingToClaim(account, cumulativeAmount, already);
-        amount = cumulativeAmount - already;
+        unchecked {
+            amount = cumulativeAmount - already;
+        }
         // An honest tree's leaves never decrease per account, so this never fires; it bounds
         // what a root that moves amounts between accounts could pay out to its `total`.
-        uint256 claimedAfter = totalClaimed + amount;
-        if (claimedAfter > e.total) revert ClaimExceedsRootTotal(claimedAfter, e.total);
+        uint256 claimedAfter = _totalClaimed + amount;
+        if (claimedAfter > rootTotal) revert ClaimExceedsRootTotal(claimedAfter, rootTotal);
         claimed[account] = cumulativeAmount;
-        totalClaimed = claimedAfter;
+        _totalClaimed = uint96(claimedAfter); // <= rootTotal < 2^96
         emit Claimed(account, epoch, amount, cumulativeAmount);
     }
 
-    // ----- admin -----
+    /// @dev The newest matured epoch and its total; reverts `NoRoot`/`NotMatured`.
+    function _matured() private view returns (uint256 epoch, uint256 total) {
+        uint256 latest = _latestEpoch;
+        if (latest == 0) revert NoRoot();
+        if (_claimDelay == 0) return (latest, _latestTotal);
+        epoch = maturedEpoch();
+        if (epoch == 0) {
+            uint256 oldest = latest > RING ? latest - RING + 1 : 1;
+            revert NotMatured(uint256(_meta[oldest % RING].postedAt) + _claimDelay);
+        }
+        total = _meta[epoch % RING].total;
+    }
 
-    function pause() external onlyRole(DEFAULT_ADMIN_ROLE) {
-        _pause();
+    // ----- pause: the guardian stops, governance resumes -----
+
+    /// @notice Stop claims. GUARDIAN_ROLE (or the admin); only the admin unpauses.
+    function pause() external {
+        if (!hasRole(GUARDIAN_ROLE, msg.sender)) _checkRole(DEFAULT_ADMIN_ROLE);
+        if (_paused) revert EnforcedPause();
+        _paused = true;
+        emit Paused(msg.sender);
     }
 
     function unpause() external onlyRole(DEFAULT_ADMIN_ROLE) {
-        _unpause();
+        if (!_paused) revert ExpectedPause();
+        _paused = false;
+        emit Unpaused(msg.sender);
     }
+
+    function paused() external view returns (bool) {
+        return _paused;
+    }
+
+    // ----- admin -----
 
     /// @notice Change how long a posted root waits before claims use it (applies to every
     ///         root at once, including those already posted).
@@ -295,76 +371,118 @@ contract RewardDistributor is AccessControlDefaultAdminRules, Pausable, EIP712 {
     ///         the season's airdrop is posted.
     function setAirdropCap(uint256 season, uint256 cap) external onlyRole(DEFAULT_ADMIN_ROLE) {
         if (season == 0) revert ZeroSeason();
-        uint256 done = airdropEpochOf[season];
+        Season storage s = _seasons[season];
+        uint256 done = s.epoch;
         if (done != 0) revert AirdropAlreadyPosted(season, done);
-        airdropCap[season] = cap;
+        s.cap = _clamp96(cap);
         emit AirdropCapSet(season, cap);
     }
 
     function _setClaimDelay(uint256 newDelay) private {
         if (newDelay > MAX_CLAIM_DELAY) revert ClaimDelayTooLong(newDelay, MAX_CLAIM_DELAY);
-        claimDelay = newDelay;
+        _claimDelay = uint24(newDelay);
         emit ClaimDelaySet(newDelay);
     }
 
     function _setMaxTotalGrowth(uint256 newCap) private {
-        maxTotalGrowth = newCap;
+        _maxTotalGrowth = _clamp96(newCap);
         emit MaxTotalGrowthSet(newCap);
+    }
+
+    /// @dev Amounts past 2^96 - 1 exceed the token's supply: the cap is then no cap.
+    function _clamp96(uint256 value) private pure returns (uint96) {
+        return value > type(uint96).max ? type(uint96).max : uint96(value);
+    }
+
+    /// @dev Keeps `_settler` (the settlement key's one-SLOAD role check) in step with the role.
+    function _grantRole(bytes32 role, address account) internal override returns (bool granted) {
+        granted = super._grantRole(role, account);
+        if (role == SETTLEMENT_ROLE) _settler = account;
+    }
+
+    function _revokeRole(bytes32 role, address account) internal override returns (bool revoked) {
+        revoked = super._revokeRole(role, account);
+        if (role == SETTLEMENT_ROLE && _settler == account) _settler = address(0);
     }
 
     // ----- views -----
 
+    function latestEpoch() external view returns (uint256) {
+        return _latestEpoch;
+    }
+
+    function claimDelay() external view returns (uint256) {
+        return _claimDelay;
+    }
+
+    function maxTotalGrowth() external view returns (uint256) {
+        return _maxTotalGrowth;
+    }
+
+    function totalClaimed() external view returns (uint256) {
+        return _totalClaimed;
+    }
+
+    function airdropCap(uint256 season) external view returns (uint256) {
+        return _seasons[season].cap;
+    }
+
+    /// @notice The epoch that paid `season`'s prizes (0: not posted yet).
+    function airdropEpochOf(uint256 season) external view returns (uint256) {
+        return _seasons[season].epoch;
+    }
+
     /// @notice The newest epoch whose root has matured (`postedAt + claimDelay <= now`), the
     ///         one claims are checked against; 0 if none has.
-    /// @dev `postedAt` never decreases with the epoch, so this is a binary search (a few
-    ///      storage reads however many epochs are still maturing).
+    /// @dev `postedAt` never decreases with the epoch, so this is a binary search over the
+    ///      ring (a few storage reads however many epochs are still maturing).
     function maturedEpoch() public view returns (uint256) {
-        uint256 latest = latestEpoch;
-        uint256 delay = claimDelay;
+        uint256 latest = _latestEpoch;
+        uint256 delay = _claimDelay;
         if (latest == 0 || delay > block.timestamp) return 0;
         uint256 cutoff = block.timestamp - delay;
-        if (_epochs[latest].postedAt <= cutoff) return latest;
-        // invariant: lo == 0 or postedAt[lo] <= cutoff; postedAt[hi] > cutoff
-        uint256 lo = 0;
+        if (_meta[latest % RING].postedAt <= cutoff) return latest;
+        // invariant: lo is before the ring or postedAt[lo] <= cutoff; postedAt[hi] > cutoff
+        uint256 floor = latest > RING ? latest - RING : 0; // not held (evicted or none)
+        uint256 lo = floor;
         uint256 hi = latest;
         while (hi - lo > 1) {
             uint256 mid = (lo + hi) / 2;
-            if (_epochs[mid].postedAt <= cutoff) lo = mid;
+            if (_meta[mid % RING].postedAt <= cutoff) lo = mid;
             else hi = mid;
         }
-        return lo;
+        return lo == floor ? 0 : lo;
     }
 
     /// @notice The root claims are checked against now (zero if none has matured).
     function claimableRoot() external view returns (bytes32) {
-        return _epochs[maturedEpoch()].root;
+        return rootOf(maturedEpoch());
     }
 
     /// @notice The most recently posted root (zero before the first post); claims use
     ///         `claimableRoot()`, which is this one once it has matured.
     function latestRoot() external view returns (bytes32) {
-        return _epochs[latestEpoch].root;
+        return rootOf(_latestEpoch);
     }
 
-    /// @notice Merkle root posted for `epoch` (zero if none).
-    function rootOf(uint256 epoch) external view returns (bytes32) {
-        return _epochs[epoch].root;
+    /// @notice Merkle root posted for `epoch` while it is among the newest `RING` (zero
+    ///         otherwise: older roots are in the `RootPosted` events).
+    function rootOf(uint256 epoch) public view returns (bytes32) {
+        return _held(epoch) ? _roots[epoch % RING] : bytes32(0);
     }
 
-    /// @notice Content hash of `epoch`'s published receipts file, kept in state (not only in
-    ///         the event) so it can be read back without log history.
-    function receiptsHashOf(uint256 epoch) external view returns (bytes32) {
-        return _epochs[epoch].receiptsHash;
-    }
-
-    /// @notice Sum of the cumulative amounts in `epoch`'s tree (zero if none).
+    /// @notice Sum of the cumulative amounts in `epoch`'s tree (zero if not held).
     function totalOf(uint256 epoch) external view returns (uint256) {
-        return _epochs[epoch].total;
+        return _held(epoch) ? _meta[epoch % RING].total : 0;
     }
 
-    /// @notice Timestamp of the block that posted `epoch`'s root (zero if none).
+    /// @notice Timestamp of the block that posted `epoch`'s root (zero if not held).
     function postedAt(uint256 epoch) external view returns (uint256) {
-        return _epochs[epoch].postedAt;
+        return _held(epoch) ? _meta[epoch % RING].postedAt : 0;
+    }
+
+    function _held(uint256 epoch) private view returns (bool) {
+        return epoch != 0 && _meta[epoch % RING].epoch == epoch;
     }
 
     /// @notice The EIP-712 domain separator receipts and stake authorizations are signed under.

@@ -33,15 +33,15 @@ contract Staking is AccessControlDefaultAdminRules, Votes {
     IERC20 public immutable token;
     address public slashRecipient;
 
+    /// @dev `pending` and `unlockAt` share a slot: an unstake request writes both.
     struct Position {
         uint256 active;
-        uint256 pending;
+        uint192 pending; // <= the token's supply (10^28) < 2^192
         uint64 unlockAt;
     }
 
     mapping(address account => Position) private _positions;
     mapping(uint8 tier => uint256) public tierMinimum;
-    uint256 public totalActive;
     uint256 public totalPending;
     /// @notice Seconds an unstake request waits before it can be withdrawn.
     uint256 public cooldown = COOLDOWN;
@@ -94,9 +94,9 @@ contract Staking is AccessControlDefaultAdminRules, Votes {
         // Delegate first: `_delegate` moves the units the account already has.
         if (delegates(account) == address(0)) _delegate(account, account);
         Position storage p = _positions[account];
-        p.active += amount;
-        totalActive += amount;
-        emit Staked(account, amount, p.active);
+        uint256 active = p.active + amount;
+        p.active = active;
+        emit Staked(account, amount, active);
         _transferVotingUnits(address(0), account, amount);
         token.safeTransferFrom(msg.sender, address(this), amount);
     }
@@ -105,15 +105,18 @@ contract Staking is AccessControlDefaultAdminRules, Votes {
     function requestUnstake(uint256 amount) external {
         if (amount == 0) revert ZeroAmount();
         Position storage p = _positions[msg.sender];
-        if (amount > p.active) revert InsufficientActiveStake(amount, p.active);
-        p.active -= amount;
-        p.pending += amount;
-        totalActive -= amount;
+        uint256 active = p.active;
+        if (amount > active) revert InsufficientActiveStake(amount, active);
+        uint192 pending;
+        unchecked {
+            p.active = active - amount;
+            pending = p.pending + uint192(amount); // amount <= active <= supply < 2^192
+        }
         totalPending += amount;
         _transferVotingUnits(msg.sender, address(0), amount);
         uint64 unlockAt = uint64(block.timestamp + cooldown);
-        p.unlockAt = unlockAt;
-        emit UnstakeRequested(msg.sender, amount, p.pending, unlockAt);
+        (p.pending, p.unlockAt) = (pending, unlockAt); // one slot
+        emit UnstakeRequested(msg.sender, amount, pending, unlockAt);
     }
 
     /// @notice Withdraw the whole pending bucket once its cooldown is over.
@@ -122,8 +125,7 @@ contract Staking is AccessControlDefaultAdminRules, Votes {
         amount = p.pending;
         if (amount == 0) revert NothingToWithdraw();
         if (block.timestamp < p.unlockAt) revert CooldownActive(p.unlockAt);
-        p.pending = 0;
-        p.unlockAt = 0;
+        (p.pending, p.unlockAt) = (0, 0); // one slot
         totalPending -= amount;
         emit Withdrawn(msg.sender, amount);
         token.safeTransfer(msg.sender, amount);
@@ -167,8 +169,7 @@ contract Staking is AccessControlDefaultAdminRules, Votes {
         uint256 rest = amount - fromActive;
         uint256 fromPending = rest < p.pending ? rest : p.pending;
         p.active -= fromActive;
-        p.pending -= fromPending;
-        totalActive -= fromActive;
+        p.pending -= uint192(fromPending); // fromPending <= p.pending
         totalPending -= fromPending;
         if (fromActive > 0) _transferVotingUnits(account, address(0), fromActive);
         slashed = fromActive + fromPending;
@@ -190,6 +191,12 @@ contract Staking is AccessControlDefaultAdminRules, Votes {
 
     function _getVotingUnits(address account) internal view override returns (uint256) {
         return _positions[account].active;
+    }
+
+    /// @notice All active stake: the Votes total-supply checkpoint, which every change of
+    ///         active stake already writes (no second counter to keep in step).
+    function totalActive() external view returns (uint256) {
+        return _getTotalSupply();
     }
 
     // ----- views -----

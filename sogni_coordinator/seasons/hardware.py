@@ -42,7 +42,12 @@ class HardwareLog(Database):
 
     def _write(self, rows: list[tuple[str, str, str, float]]) -> None:
         with self._tx() as db:
-            db.executemany("INSERT OR REPLACE INTO worker_hardware VALUES (?, ?, ?, ?)", rows)
+            db.executemany(
+                "INSERT INTO worker_hardware VALUES (?, ?, ?, ?) ON CONFLICT (account) DO UPDATE"
+                " SET device = excluded.device, backend = excluded.backend,"
+                " seen_at = excluded.seen_at",
+                rows,
+            )
 
     def devices(self, accounts: Iterable[str]) -> dict[str, str]:
         """Account (lowercase) -> the device it last advertised (accounts never seen left out)."""

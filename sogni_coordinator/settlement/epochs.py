@@ -68,7 +68,6 @@ UNSIGNED_FORMAT = "sogni-unsigned-post-root-v1"
 SIGNED_FORMAT = "sogni-signed-post-root-v1"
 
 
-
 class SettlementError(Exception):
     """An epoch could not be closed (the plan, if any, is kept and retried next time)."""
 
@@ -189,7 +188,8 @@ class Settler:
             self.rules = self.params.rules_for_epoch(self.rules)
         window_closed = self._clock() - self.dispute_window if self.dispute_window > 0 else None
         stored = self.store.unsettled_receipts(stored_before=window_closed)
-        if not stored:
+        owed = [] if self.restorations is None else self.restorations.owed(self._epoch_state)
+        if not stored and not owed:  # an epoch of restorations alone still closes
             return None
         settlements, reserved = self.ledger.payer_settlements(
             [(s.receipt.job_id, s.request_id, s.index) for s in stored]
@@ -215,7 +215,7 @@ class Settler:
             log.warning("receipts_refused", count=len(refused), first=refused[0].reason)
         if waiting:
             log.info("receipts_waiting_for_ledger", count=waiting)
-        if not candidates:
+        if not candidates and not owed:
             if refused:
                 self.store.save_refused([(bytes.fromhex(r.job_id[2:]), r.reason) for r in refused])
             return None
@@ -232,11 +232,19 @@ class Settler:
         previous = _leaves_of(last.plan) if last is not None else {}
         previous_total = sum(previous.values())
 
-        stake_block, stakes = self._stake_snapshot({r.receipt.payee for r, _ in candidates})
+        stake_block, stakes = self._stake_snapshot(
+            {r.receipt.payee for r, _ in candidates} | {payee for _, payee, _, _ in owed}
+        )
         entries, free_requested = self._value(candidates, stakes)
         earned = epoch_math.earned_by_account(entries)
-        if self.restorations is not None:  # disputes won since the last epoch (disputes.py)
-            earned = self.restorations.add_to(earned, self.rules, epoch)
+        if self.restorations is not None and owed:  # disputes won (disputes.py)
+            earned = self.restorations.add_to(
+                earned,
+                self.rules,
+                epoch,
+                owed,
+                lambda payee: self.rules.take_bps(stakes.get(payee) if self.read_stake else None),
+            )
         leaves = epoch_math.cumulative_leaves(previous, earned)
         cumulative = dict(leaves)
         tree = MerkleTree(leaves)
@@ -307,6 +315,10 @@ class Settler:
         assert record is not None
         self._publish(record, tree)
         return record
+
+    def _epoch_state(self, epoch: int) -> str | None:
+        record = self.store.epoch_record(epoch)
+        return None if record is None else record.state
 
     def _refusal(self, s: StoredReceipt, paid_for: PayerSettlement | None) -> str | None:
         """Why a stored receipt will never be paid, or None (it may be, once paid for)."""
@@ -478,6 +490,8 @@ class Settler:
                 f"not this plan's 0x{record.root.hex()}"
             )
         self.store.mark_epoch_posted(record.epoch, tx_hash)
+        if self.restorations is not None:  # won disputes planned into it are now paid
+            self.restorations.posted(record.epoch)
         log.info("epoch_posted", epoch=record.epoch, tx=tx_hash, resumed=resumed)
 
     # --- an offline settlement key ---------------------------------------------------------

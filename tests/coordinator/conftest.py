@@ -149,13 +149,17 @@ class FakeNode:
 class Harness:
     def __init__(
         self,
-        path: Path,
+        path: Path | str,
         nursery: trio.Nursery,
         *,
         billing: bool = False,
         verification: VerificationConfig | None = None,
+        folder: Path | None = None,
     ) -> None:
         self.path = path
+        """The database: a SQLite file, or a PostgreSQL URL (then `folder` is needed)."""
+        self.folder = folder if folder is not None else Path(path).parent
+        """Results and the verification log (beside a SQLite database by default)."""
         self.verification = verification
         """`[verification]` policy (None: off); checks log to `verifications.jsonl` beside
         the database."""
@@ -195,7 +199,8 @@ class Harness:
             clock=self.clock,
             billing=None if self.ledger is None else Billing(self.ledger, DOMAIN),
             verification=self.verification,
-            verification_log=self.path.parent / "verifications.jsonl",
+            verification_log=self.folder / "verifications.jsonl",
+            results_dir=self.folder / "results",
         )
 
     def restart(self) -> None:
@@ -251,6 +256,22 @@ async def events(sub: Submission | Resumed) -> list[Message]:
 @pytest.fixture
 async def coord(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Harness]:
     h = Harness(tmp_path / "coordinator.db", nursery)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+async def coord_any(database: str, tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Harness]:
+    """`coord` on each engine (SQLite, PostgreSQL: tests/conftest.py's `database`)."""
+    h = Harness(database, nursery, folder=tmp_path)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+async def paid_any(database: str, tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Harness]:
+    """`paid` on each engine."""
+    h = Harness(database, nursery, billing=True, folder=tmp_path)
     yield h
     h.close()
 

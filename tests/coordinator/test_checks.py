@@ -157,7 +157,7 @@ async def answer_verify(
 
 
 def log_lines(h: Harness) -> list[dict[str, object]]:
-    path = h.path.parent / "verifications.jsonl"
+    path = h.folder / "verifications.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 

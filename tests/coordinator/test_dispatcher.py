@@ -301,7 +301,9 @@ async def test_a_partial_receipt_for_a_running_job_is_refused_as_a_strike(
 
 
 # --- restart --------------------------------------------------------------------------------
-async def test_restart_requeues_live_jobs_and_never_ended_ones(coord: Harness) -> None:
+async def test_restart_requeues_live_jobs_and_never_ended_ones(coord_any: Harness) -> None:
+    """Every job state persisted and restored, on each engine."""
+    coord = coord_any
     main = await coord.submit(request(3))  # one done, one running, one queued
     cancelled_running = await coord.submit(request(1))
     cancelled_queued = await coord.submit(request(1))

@@ -183,32 +183,34 @@ def test_a_database_of_the_previous_release_migrates_with_its_data(tmp_path: Pat
     Store(path).close()  # opening again migrates nothing
 
 
-def test_a_newer_database_is_refused_naming_both_versions(tmp_path: Path) -> None:
-    path = tmp_path / "coordinator.db"
-    Store(path).close()
-    db = sqlite3.connect(path)
-    db.execute("UPDATE schema_versions SET version=9 WHERE component='store'")
-    db.commit()
-    db.close()
+def test_a_newer_database_is_refused_naming_both_versions(database: str) -> None:
+    """On each engine (tests/conftest.py's `database`)."""
+    store = Store(database)
+    with store._tx() as db:
+        db.execute("UPDATE schema_versions SET version=9 WHERE component='store'")
+    store.close()
     with pytest.raises(SchemaTooNew) as info:
-        Store(path)
+        Store(database)
     assert "store schema is version 9" in str(info.value)
     assert f"this code's version {len(MIGRATIONS)}" in str(info.value)
-    Ledger(path).close()  # the other components are unaffected
+    Ledger(database).close()  # the other components are unaffected
 
 
 class _Broken(Database):
-    def __init__(self, path: Path, migrations: tuple[str, ...]) -> None:
+    def __init__(self, path: Path | str, migrations: tuple[str, ...]) -> None:
         super().__init__(path, component="broken", migrations=migrations)
 
 
-def test_a_failed_migration_leaves_the_previous_version(tmp_path: Path) -> None:
-    path = tmp_path / "x.db"
-    _Broken(path, ("CREATE TABLE a (x)",)).close()
+def test_a_failed_migration_leaves_the_previous_version(database: str) -> None:
+    v1 = "CREATE TABLE a (x INTEGER)"
+    _Broken(database, (v1,)).close()
     with pytest.raises(sqlite3.OperationalError):
-        _Broken(path, ("CREATE TABLE a (x)", "CREATE TABLE b (y); INSERT INTO nope VALUES (1)"))
-    db = sqlite3.connect(path)
-    assert schema_version(db, "broken") == 1
-    tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-    assert "a" in tables and "b" not in tables  # all of migration 2 rolled back
-    db.close()
+        _Broken(database, (v1, "CREATE TABLE b (y INTEGER); INSERT INTO nope VALUES (1)"))
+    again = _Broken(database, (v1,))
+    try:
+        assert again.schema_version == 1
+        with again._lock:
+            assert schema_version(again._db, "broken") == 1
+            assert again._has_table("a") and not again._has_table("b")  # all of 2 rolled back
+    finally:
+        again.close()

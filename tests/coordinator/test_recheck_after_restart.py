@@ -38,10 +38,12 @@ from .test_checks import (
 
 
 @pytest.fixture
-async def short_wait(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Harness]:
-    """Every receipt checked; after a restart a node has 2 s to come back."""
+async def short_wait(
+    database: str, tmp_path: Path, nursery: trio.Nursery
+) -> AsyncIterator[Harness]:
+    """Every receipt checked; after a restart a node has 2 s to come back (each engine)."""
     policy = msgspec.structs.replace(ALL, restart_recheck_timeout=2.0)
-    h = Harness(tmp_path / "coordinator.db", nursery, billing=True, verification=policy)
+    h = Harness(database, nursery, billing=True, verification=policy, folder=tmp_path)
     yield h
     h.close()
 

@@ -1,5 +1,6 @@
 """The dispute test world: contracts and Disputes on the embedded chain, a worker and three
-jurors staked (300, 200, 100 SOGNI), a reporter (coordinator) and a settlement key."""
+jurors staked (300, 200, 100 SOGNI), a reporter (coordinator) and a settlement key; the juror
+cap raised to 50 % so that no one here is capped."""
 
 from __future__ import annotations
 
@@ -53,6 +54,9 @@ def make_env() -> Env:
     assert d.disputes is not None
     disputes = d.disputes
     disputes.grant_role("REPORTER_ROLE", reporter)
+    # Cap a juror at 50 % of all votes (not the default 10 %): these jurors' weights stay
+    # their stakes, so the tests read plainly; test_juror_cap.py tests the default cap.
+    disputes.set_juror_cap(5_000, sender=gov)
     for who, amount in zip((worker, j1, j2, j3), STAKES.values(), strict=True):
         d.token.transfer(who.address, (amount + 100) * SOGNI)
         d.token.approve(addresses.staking, amount * SOGNI, sender=who)

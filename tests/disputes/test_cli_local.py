@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from eth_hash.auto import keccak
 from typer.testing import CliRunner, Result
 
 from sogni_app.dispute_cli import dispute_app
@@ -126,7 +127,9 @@ def test_cheater_loses_through_the_clis(anvil: Anvil, tmp_path: Path) -> None:
         Refused,
         "not open yet",
     )
-    d.disputes.open_voting(b"\x42" * 32, b"\x09" * 32, "file:///bundle.json", sender=coord)
+    bundle = tmp_path / "bundle.json"  # `show` fetches it and checks it against the chain
+    bundle.write_bytes(b'{"reason": "step 2 over", "rechecks": []}')
+    d.disputes.open_voting(b"\x42" * 32, keccak(bundle.read_bytes()), bundle.as_uri(), sender=coord)
     for (opts, env), side in zip(
         jurors, ("--against-worker", "--against-worker", "--for-worker"), strict=True
     ):
@@ -154,14 +157,18 @@ def test_cheater_loses_through_the_clis(anvil: Anvil, tmp_path: Path) -> None:
         "reveal window of 0x4242424242424242 closed",
     )
     shown = _ok(runner.invoke(dispute_app, ["show", "0x4242", *view]))
-    assert "for the worker 0, against 500" in shown and "anyone may resolve" in shown
+    # 700 SOGNI of votes, the default cap is 10 %: j1 (300) and j2 (200) weigh 70 each
+    assert "for the worker 0, against 140" in shown and "anyone may resolve" in shown
+    assert "keccak256 matches the chain" in shown and "refused   step 2 over" in shown
+    bundle.write_bytes(b'{"reason": "edited", "rechecks": []}')  # not what was committed
+    _refused(runner.invoke(dispute_app, ["show", "0x4242", *view]), Refused, "do not judge")
     treasury_before = d.token.balance_of(gov.address)
     d.disputes.resolve(b"\x42" * 32, sender=j3)
     pool = DEV_DISPUTE_PARAMS.bond * DEV_DISPUTE_PARAMS.juror_share_bps // 10_000
     assert d.token.balance_of(gov.address) == treasury_before + DEV_DISPUTE_PARAMS.bond - pool
     before = d.token.balance_of(j1.address)
     out = _ok(runner.invoke(dispute_app, ["claim", "0x4242", *jurors[0][0]], env=jurors[0][1]))
-    assert d.token.balance_of(j1.address) == before + pool * 300 // 500
+    assert d.token.balance_of(j1.address) == before + pool * 70 // 140
     assert out.startswith("claimed ")
     _refused(
         runner.invoke(dispute_app, ["claim", "0x4242", *jurors[2][0]], env=jurors[2][1]),

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from eth_utils import to_checksum_address
 
 from sogni_app.dispute_cli import JurorClient, SaltBox
 from sogni_chain.disputes import CaseState, DisputeRefused, Refusal, open_dispute
@@ -155,15 +156,20 @@ async def test_honest_worker_wins_against_faulty_verifiers(
     rules = PayoutRules(
         wei_per_spark=10**16, stake_tiers_sogni=[0], take_rates_bps=[2000], creator_share_bps=0
     )
-    earned = Restorations(book).add_to({"0xabc": 5}, rules, epoch=7)
+    restorations = Restorations(book)
+    owed = restorations.owed(lambda epoch: None)
+    earned = restorations.add_to({"0xabc": 5}, rules, 7, owed, lambda payee: 2000)
     receipt = record.receipt
     charge = epoch_math.expected_charge(
         receipt.work_units, receipt.price_factor_bps, receipt.steps_done, receipt.steps_done
     )
     worker_share = rules.split(charge * 10**16 // 10**6, receipt.model_id, 2000).worker
     assert worker_share > 0
-    assert earned == {"0xabc": 5, record.payee: worker_share}
+    payee = to_checksum_address(record.payee)
+    assert earned == {"0xabc": 5, payee: worker_share}
+    assert restorations.owed(lambda epoch: "planned") == []  # in epoch 7's pending plan
+    restorations.posted(7)
     assert book.due() == []  # paid once
-    assert Restorations(book).add_to({}, rules, epoch=8) == {}
+    assert restorations.owed(lambda epoch: None) == []
     assert await desk.poll() == 0  # nothing new; the outcome is applied once
     del sub, due

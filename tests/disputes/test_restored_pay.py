@@ -1,16 +1,23 @@
-"""A won dispute's pay reaches the next epoch's root (the epoch close's `Restorations`
-hook): the worker's payee earns the refused receipt's worker share on top of its other
-receipts, once; the next epoch does not pay it again."""
+"""A won dispute's pay reaches the epoch roots exactly once (the epoch close's
+`Restorations` hook): planned into an epoch, marked paid only when that epoch is posted; a
+plan that was never saved, or never posted, leaves it owed; an epoch of restorations alone
+closes; the payee's stake tier sets the take rate."""
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
-from sogni_chain import connect
+import pytest
+
+from sogni_chain import ChainRevert, connect
 from sogni_coordinator.disputes import DisputeBook, RefusalRecord, Restorations
+from sogni_coordinator.settlement.epochs import EpochConflict, SettlementError, Settler
 from sogni_coordinator.store import Store
 from sogni_protocol.messages import JobParams, Receipt
 from tests.settlement.settle_env import (
+    Net,
     make_net,
     rules,
     settler,
@@ -20,18 +27,31 @@ from tests.settlement.settle_env import (
 )
 
 SPARK = 43_200  # work units of one Spark: 1 SOGNI at the default rate
+SOGNI = 10**18
+CASE = b"\x0c" * 32
 
 
-def test_restoration_is_paid_in_the_next_epoch_once(tmp_path: Path) -> None:
-    net = make_net("embedded", connect(accounts=4))
-    store = Store(tmp_path / "coordinator.db")
-    book = DisputeBook(tmp_path / "coordinator.db")
-    honest, other = worker(1), worker(2)
+@pytest.fixture(scope="module")
+def _net() -> Net:
+    return make_net("embedded", connect(accounts=4))
+
+
+@pytest.fixture
+def net(_net: Net) -> Iterator[Net]:
+    snap = _net.chain.snapshot()
+    try:
+        yield _net
+    finally:
+        _net.chain.revert(snap)
+
+
+def _won(book: DisputeBook, payee: str) -> None:
+    """A refused 1-Spark receipt whose worker then won its dispute."""
     refused = Receipt(
         job_id=b"\x09" * 32,
         offer_hash=b"\x00" * 32,
-        worker=honest.address,
-        coordinator=honest.address,
+        worker=payee,
+        coordinator=payee,
         model_id="sogni-test",
         result_hash=b"\x00" * 32,
         steps_done=4,
@@ -47,13 +67,12 @@ def test_restoration_is_paid_in_the_next_epoch_once(tmp_path: Path) -> None:
         height=64,
         seed=1,
     )
-    case = b"\x0c" * 32
     book.add(
         RefusalRecord(
             refused.job_id,
-            case,
-            honest.address,
-            honest.address,
+            CASE,
+            payee,
+            payee,
             refused,
             params,
             "float32",
@@ -63,21 +82,111 @@ def test_restoration_is_paid_in_the_next_epoch_once(tmp_path: Path) -> None:
             b"sig",
         )
     )
-    assert book.settle(case, worker_won=True) and not book.settle(case, worker_won=True)
-    s = settler(store, net, tmp_path)
+    assert book.settle(CASE, worker_won=True) and not book.settle(CASE, worker_won=True)
+
+
+def _setup(net: Net, tmp: Path) -> tuple[Store, DisputeBook, Settler, str]:
+    store = Store(tmp / "coordinator.db")
+    book = DisputeBook(tmp / "coordinator.db")
+    honest = worker(1).address
+    _won(book, honest)
+    s = settler(store, net, tmp)
     s.restorations = Restorations(book)
+    return store, book, s, honest
+
+
+def _share(take_bps: int) -> int:
+    return rules().split(SOGNI, "sogni-test", take_bps).worker
+
+
+def test_paid_in_the_next_epoch_once(net: Net, tmp_path: Path) -> None:
+    store, book, s, honest = _setup(net, tmp_path)
+    other = worker(2)
     store_receipts(store, [signed_receipt(other, net.domain, work_units=SPARK)])
     first = s.close_epoch()
     assert first is not None
-    share = rules().split(10**18, "sogni-test", rules().take_rates_bps[0]).worker
-    assert first.payouts.get(honest.address, 0) == 0  # payouts list receipts' entries only
-    tree_total = first.total
-    assert tree_total == first.payouts[other.address] + share
-    assert net.d.distributor.total_of(1) == tree_total
+    share = _share(rules().take_rates_bps[0])
+    assert first.payouts[honest] == share  # listed, with no receipt of its own
+    assert first.total == first.payouts[other.address] + share
+    assert net.d.distributor.total_of(1) == first.total
     (row,) = book.restorations()
     assert row["epoch"] == 1 and int(row["amount"]) == share
     store_receipts(store, [signed_receipt(other, net.domain, work_units=SPARK)])
     second = s.close_epoch()
-    assert second is not None and second.total == tree_total + second.payouts[other.address]
-    store.close()
-    book.close()
+    assert second is not None and honest not in second.payouts
+    assert second.total == first.total + second.payouts[other.address]
+
+
+def test_an_epoch_of_restorations_alone_closes(net: Net, tmp_path: Path) -> None:
+    _store, book, s, honest = _setup(net, tmp_path)
+    result = s.close_epoch()  # no receipt at all: the won dispute is still paid
+    assert result is not None and result.paid_receipts == 0
+    assert result.payouts == {honest: _share(rules().take_rates_bps[0])}
+    assert net.d.distributor.total_of(1) == result.total
+    assert book.restorations()[0]["epoch"] == 1
+    assert s.close_epoch() is None  # nothing owed any more
+
+
+def test_a_plan_that_was_not_saved_leaves_it_owed(
+    net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, book, s, honest = _setup(net, tmp_path)
+
+    def lost_race(*_a: object, **_k: object) -> None:
+        raise sqlite3.IntegrityError("UNIQUE constraint failed: epochs.epoch")
+
+    with monkeypatch.context() as m:
+        m.setattr(store, "save_epoch_plan", lost_race)
+        with pytest.raises(EpochConflict):
+            s.close_epoch()
+    assert book.restorations()[0]["epoch"] is None  # planned, never saved: still owed
+    result = s.close_epoch()
+    assert result is not None and result.payouts == {honest: _share(rules().take_rates_bps[0])}
+    assert book.restorations()[0]["epoch"] == 1
+
+
+def test_marked_paid_only_when_posted(
+    net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _store, book, s, _honest = _setup(net, tmp_path)
+
+    def refused(*_a: object, **_k: object) -> None:
+        raise ChainRevert("paused")
+
+    with monkeypatch.context() as m:
+        m.setattr(s.distributor, "post_root", refused)
+        with pytest.raises(SettlementError):
+            s.close_epoch()
+    assert book.restorations()[0]["epoch"] is None  # planned into epoch 1, not on chain
+    assert s.close_epoch() is not None  # the kept plan is posted: now it is paid
+    assert book.restorations()[0]["epoch"] == 1
+    assert s.close_epoch() is None  # and not planned again
+
+
+def test_a_crash_after_posting_is_repaired_not_paid_twice(
+    net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, book, s, honest = _setup(net, tmp_path)
+    assert s.restorations is not None
+    with monkeypatch.context() as m:  # posted, then the process died before marking it
+        m.setattr(s.restorations, "posted", lambda epoch: None)
+        first = s.close_epoch()
+    assert first is not None and book.restorations()[0]["epoch"] is None
+    other = worker(2)
+    store_receipts(store, [signed_receipt(other, net.domain, work_units=SPARK)])
+    second = s.close_epoch()
+    assert second is not None and honest not in second.payouts
+    assert book.restorations()[0]["epoch"] == 1
+
+
+def test_the_payee_stake_tier_sets_the_take(net: Net, tmp_path: Path) -> None:
+    _store, _book, s, honest = _setup(net, tmp_path)
+    stake = 10_000 * SOGNI  # tier 2 of the default [0, 1000, 10000, 100000]
+    net.d.token.transfer(honest, stake)
+    net.chain.send_eth(honest, SOGNI, sender=net.treasury)
+    net.d.token.approve(net.d.addresses.staking, stake, sender=worker(1))
+    net.d.staking.stake(stake, sender=worker(1))
+    result = s.close_epoch()
+    assert result is not None
+    assert rules().take_rates_bps[2] < rules().take_rates_bps[0]
+    assert result.payouts == {honest: _share(rules().take_rates_bps[2])}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 
@@ -22,8 +22,10 @@ M = 1_000_000
 
 
 @pytest.fixture
-def ledger(tmp_path: Path) -> Ledger:
-    return Ledger(tmp_path / "ledger.db", daily_boost_spark=50)
+def ledger(database: str) -> Iterator[Ledger]:
+    ledger = Ledger(database, daily_boost_spark=50)  # each engine (tests/conftest.py)
+    yield ledger
+    ledger.close()
 
 
 def test_daily_boost_once_per_utc_day(ledger: Ledger) -> None:

@@ -1,0 +1,188 @@
+"""A psycopg connection that behaves like the part of `sqlite3.Connection` components use.
+
+Why an adapter: the components are written against `sqlite3` (execute, fetchone, rowcount,
+`sqlite3.IntegrityError`); this runs the same calls on PostgreSQL, translating each
+statement once (`dialect.to_postgres`, cached) and normalising what comes back: `bytea`
+as `bytes`, integral `numeric` (what `SUM(bigint)` returns) as `int`. psycopg's errors are
+raised as the `sqlite3` classes components already catch (IntegrityError for a constraint,
+OperationalError for a missing table or a lost server), with psycopg's as the cause.
+
+Autocommit mode with explicit `BEGIN`/`COMMIT`, like the SQLite connection in `db.py`.
+A write transaction first takes one transaction-scoped advisory lock per database
+(`WRITE_LOCK`): writers of every coordinator on the database take turns, as SQLite's
+`BEGIN IMMEDIATE` makes them, so a component's read-then-write (a balance check before a
+debit) sees every committed write and the ledger stays conserved. The cost is one writer
+at a time per database (docs/SCALING.md measures it); the job queue does not take this
+lock (its own `SKIP LOCKED` leases let coordinators lease in parallel).
+
+psycopg is blocking: `db.Database` runs writes in worker threads (its write queue) and
+reads under its lock; see docs/SCALING.md for which reads still run on the calling thread.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable, Iterator, Sequence
+from decimal import Decimal
+from typing import Any
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.pq import TransactionStatus
+
+from sogni_coordinator.storage.dialect import to_postgres
+
+WRITE_LOCK = 0x736F676E69
+"""The advisory lock key a write transaction holds (the job queue's migration lock too)."""
+
+Row = tuple[Any, ...]
+
+
+def _value(v: Any) -> Any:
+    if isinstance(v, memoryview):
+        return v.tobytes()
+    if isinstance(v, Decimal):
+        return int(v) if v == v.to_integral_value() else float(v)
+    return v
+
+
+def _params(params: Sequence[Any]) -> tuple[Any, ...]:
+    """SQLite stores a bool as 0/1 in an INTEGER column; PostgreSQL would refuse a boolean
+    there, so it gets the same 0/1."""
+    return tuple(int(p) if isinstance(p, bool) else p for p in params)
+
+
+def _row(row: Sequence[Any]) -> Row:
+    return tuple(_value(v) for v in row)
+
+
+def _as_sqlite(exc: psycopg.Error) -> sqlite3.Error:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, psycopg.IntegrityError):
+        return sqlite3.IntegrityError(text)
+    if isinstance(exc, psycopg.errors.LockNotAvailable | pg_errors.QueryCanceled):
+        return sqlite3.OperationalError(f"database is locked: {text}")
+    if isinstance(exc, psycopg.OperationalError | psycopg.ProgrammingError):
+        return sqlite3.OperationalError(text)
+    return sqlite3.DatabaseError(text)
+
+
+class PgCursor:
+    """What `execute` returns: rows read eagerly (the connection is shared), `rowcount`."""
+
+    def __init__(self, rows: list[Row], rowcount: int) -> None:
+        self._rows = rows
+        self._next = 0
+        self.rowcount = rowcount
+
+    @property
+    def lastrowid(self) -> int | None:
+        raise AttributeError("lastrowid does not exist on PostgreSQL: use INSERT ... RETURNING")
+
+    def fetchone(self) -> Row | None:
+        if self._next >= len(self._rows):
+            return None
+        self._next += 1
+        return self._rows[self._next - 1]
+
+    def fetchall(self) -> list[Row]:
+        rows, self._next = self._rows[self._next :], len(self._rows)
+        return rows
+
+    def fetchmany(self, size: int = 1) -> list[Row]:
+        rows = self._rows[self._next : self._next + size]
+        self._next += len(rows)
+        return rows
+
+    def __iter__(self) -> Iterator[Row]:
+        while (row := self.fetchone()) is not None:
+            yield row
+
+
+class PgConnection:
+    """One psycopg connection, used by one thread at a time (`db._Shared` holds the lock)."""
+
+    def __init__(self, url: str, *, lock_timeout_s: float) -> None:
+        self.url = url
+        self._lock_timeout_ms = int(lock_timeout_s * 1000)
+        self._conn = self._connect()
+
+    def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
+        try:
+            conn = psycopg.connect(self.url, autocommit=True)
+            conn.execute(f"SET lock_timeout = {self._lock_timeout_ms}")
+        except psycopg.Error as exc:
+            raise _as_sqlite(exc) from exc
+        return conn
+
+    def _usable(self) -> psycopg.Connection[tuple[Any, ...]]:
+        """The connection; a broken one (server restarted, connection killed) is replaced
+        between transactions: the call that met the break failed, the next one reconnects."""
+        if self._conn.broken:
+            self._conn.close()
+            self._conn = self._connect()
+        return self._conn
+
+    @property
+    def in_transaction(self) -> bool:
+        if self._conn.broken:  # the transaction died with the connection
+            return False
+        return self._conn.info.transaction_status != TransactionStatus.IDLE
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> PgCursor:
+        out = PgCursor([], -1)
+        conn = self._conn if self.in_transaction else self._usable()
+        try:
+            with conn.cursor() as cur:
+                for query in to_postgres(sql):  # one, but none for PRAGMA, more for ADD COLUMN
+                    cur.execute(query, _params(params))  # type: ignore[arg-type]  # translated
+                    rows = [_row(r) for r in cur.fetchall()] if cur.description else []
+                    out = PgCursor(rows, cur.rowcount)
+        except psycopg.Error as exc:
+            raise _as_sqlite(exc) from exc
+        return out
+
+    def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> PgCursor:
+        queries = to_postgres(sql)
+        if len(queries) != 1:
+            raise ValueError(f"executemany takes one plain statement, not {sql[:40]!r}")
+        query = queries[0]
+        rows = [_params(p) for p in seq]
+        if not rows:
+            return PgCursor([], 0)
+        conn = self._conn if self.in_transaction else self._usable()
+        try:
+            with conn.cursor() as cur:
+                cur.executemany(query, rows)  # type: ignore[arg-type]  # translated
+                return PgCursor([], cur.rowcount)
+        except psycopg.Error as exc:
+            raise _as_sqlite(exc) from exc
+
+    def begin_write(self) -> None:
+        """`BEGIN`, then wait for the database's write lock (up to `lock_timeout`)."""
+        self.execute("BEGIN")
+        try:
+            self.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
+        except BaseException:
+            self.execute("ROLLBACK")
+            raise
+
+    def table_exists(self, name: str) -> bool:
+        row = self.execute("SELECT to_regclass(?) IS NOT NULL", (name,)).fetchone()
+        return bool(row and row[0])
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+def probe_writable(url: str, timeout: float) -> str | None:
+    """The readiness probe's PostgreSQL form (blocking): a connection of its own takes the
+    write lock and rolls back at once; None if it could, else a one-line reason."""
+    try:
+        with psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout))) as conn:
+            conn.execute(f"SET lock_timeout = {int(timeout * 1000)}")
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+    except psycopg.Error as exc:
+        return f"database not writable ({type(exc).__name__})"
+    return None
