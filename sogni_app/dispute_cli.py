@@ -9,7 +9,6 @@ chain); the typer commands only connect and print.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from sogni_app.chain_cli_common import format_sogni, format_when, keystore_signer
 from sogni_protocol.cli_errors import BadUsage, Refused, Unavailable
 from sogni_wallet.addresses import Addresses
 
@@ -27,7 +27,6 @@ if TYPE_CHECKING:  # `sogni --help` imports no web3 (tests/cli/test_bare_install
 
 __all__ = ["JurorClient", "SaltBox", "dispute_app"]
 
-_SOGNI = 10**18
 
 dispute_app = typer.Typer(
     help="Disputes: stakers judge workers' appeals against refusals and slashes.",
@@ -58,15 +57,6 @@ DEFAULT_RPC = "http://127.0.0.1:8545"
 DEFAULT_ADDRESSES = Path(".cache/addresses.json")
 DEFAULT_KEYSTORE = Path("~/.sogni/client/payer.json")
 DEFAULT_DATA_DIR = Path("~/.sogni/client")
-
-
-def _when(ts: int) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _sogni(wei: int) -> str:
-    whole, frac = divmod(wei, _SOGNI)
-    return f"{whole:,}" if frac == 0 else f"{wei / _SOGNI:,.4f}"
 
 
 class SaltBox:
@@ -287,14 +277,14 @@ def _phase(c: Case, now: int) -> str:
     from sogni_chain.disputes import CaseState
 
     if c.state is CaseState.PROPOSED:
-        return f"slash proposed; disputable until {_when(c.window_end)}"
+        return f"slash proposed; disputable until {format_when(c.window_end)}"
     if c.state is CaseState.DISPUTED:
-        return f"re-checking; voting opens by {_when(c.evidence_deadline)}"
+        return f"re-checking; voting opens by {format_when(c.evidence_deadline)}"
     if c.state is CaseState.VOTING:
         if now < c.commit_end:
-            return f"voting until {_when(c.commit_end)}"
+            return f"voting until {format_when(c.commit_end)}"
         if now < c.reveal_end:
-            return f"revealing until {_when(c.reveal_end)}"
+            return f"revealing until {format_when(c.reveal_end)}"
         return "voting over: anyone may resolve it"
     return c.state.label
 
@@ -307,18 +297,18 @@ def format_case(c: Case, now: int, *, long: bool = False) -> str:
 
     lines = [
         f"case      0x{c.case_id.hex()}",
-        f"kind      {c.kind}" + (f" ({_sogni(c.amount)} SOGNI of stake)" if c.amount else ""),
+        f"kind      {c.kind}" + (f" ({format_sogni(c.amount)} SOGNI of stake)" if c.amount else ""),
         f"worker    {c.worker}",
         f"state     {_phase(c, now)}",
-        f"bond      {_sogni(c.bond)} SOGNI",
+        f"bond      {format_sogni(c.bond)} SOGNI",
         f"evidence  0x{c.evidence_hash.hex()}",
     ]
     if c.bundle_hash != bytes(32):
         lines.append(f"bundle    0x{c.bundle_hash.hex()} (with the re-checks)")
     if c.state in (CaseState.VOTING, CaseState.WORKER_WON, CaseState.WORKER_LOST):
         lines.append(
-            f"votes     for the worker {_sogni(c.for_worker)}, against {_sogni(c.against_worker)}"
-            " (revealed, stake-weighted)"
+            f"votes     for the worker {format_sogni(c.for_worker)}, "
+            f"against {format_sogni(c.against_worker)} (revealed, stake-weighted)"
         )
     return "\n".join(lines)
 
@@ -338,12 +328,7 @@ def _client(
     addresses = Addresses.load(addresses_path, chain_id=chain.chain_id)
     if addresses.disputes is None:
         raise Unavailable(f"{addresses_path} names no Disputes contract", "deploy it first")
-    account: Signer | None = None
-    if keystore is not None:
-        from sogni_wallet.keystore import unlock_wallet
-
-        wallet = unlock_wallet(keystore.expanduser(), password_env, create_hint="sogni keys create")
-        account = chain.add_key(wallet.private_key)
+    account = keystore_signer(chain, keystore, password_env)
     return JurorClient(
         chain,
         Disputes(chain, addresses.disputes),
@@ -416,7 +401,8 @@ def vote_cmd(
     found = c.vote(case, for_worker)
     typer.echo(
         f"voted {'for' if for_worker else 'against'} the worker on 0x{found.case_id.hex()[:16]} "
-        f"(hidden); reveal between {_when(found.commit_end)} and {_when(found.reveal_end)}: "
+        f"(hidden); reveal between {format_when(found.commit_end)} "
+        f"and {format_when(found.reveal_end)}: "
         f"sogni dispute reveal 0x{found.case_id.hex()[:16]}"
     )
 
@@ -434,8 +420,9 @@ def reveal_cmd(
     c = _client(rpc, addresses, keystore, password_env, data_dir)
     found = c.reveal(case)
     typer.echo(
-        f"revealed on 0x{found.case_id.hex()[:16]}: for the worker {_sogni(found.for_worker)}, "
-        f"against {_sogni(found.against_worker)} SOGNI of votes so far"
+        f"revealed on 0x{found.case_id.hex()[:16]}: "
+        f"for the worker {format_sogni(found.for_worker)}, "
+        f"against {format_sogni(found.against_worker)} SOGNI of votes so far"
     )
 
 
@@ -450,4 +437,4 @@ def claim_cmd(
 ) -> None:
     """Take your share of a kept bond (majority jurors who revealed)."""
     c = _client(rpc, addresses, keystore, password_env, data_dir)
-    typer.echo(f"claimed {_sogni(c.claim(case))} SOGNI")
+    typer.echo(f"claimed {format_sogni(c.claim(case))} SOGNI")

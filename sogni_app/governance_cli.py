@@ -9,7 +9,6 @@ typer commands only connect and print.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from sogni_app.chain_cli_common import SOGNI_WEI, format_sogni, format_when, keystore_signer
 from sogni_protocol.cli_errors import BadUsage, Refused, Unavailable
 
 if TYPE_CHECKING:  # web3 loads only when a command runs: `sogni --help` stays light
@@ -31,7 +31,6 @@ if TYPE_CHECKING:  # web3 loads only when a command runs: `sogni --help` stays l
 
 __all__ = ["GovClient", "gov_app", "parse_take_rates", "parse_tier_minimums"]
 
-_SOGNI = 10**18
 VOTE_SUPPORT = ("for", "against", "abstain")
 
 gov_app = typer.Typer(
@@ -62,15 +61,6 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 DEFAULT_RPC = "http://127.0.0.1:8545"
 DEFAULT_ADDRESSES = Path(".cache/addresses.json")
 DEFAULT_KEYSTORE = Path("~/.sogni/client/payer.json")
-
-
-def _when(ts: int) -> str:
-    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-
-
-def _sogni(wei: int) -> str:
-    whole, frac = divmod(wei, _SOGNI)
-    return f"{whole:,}" if frac == 0 else f"{wei / _SOGNI:,.4f}"
 
 
 def parse_take_rates(text: str) -> list[int]:
@@ -153,7 +143,7 @@ class GovClient:
         if have < needed:
             raise Refused(
                 f"not enough votes to propose: {self.chain.address_of(me)} has "
-                f"{_sogni(have)} SOGNI of votes, proposing needs {_sogni(needed)}",
+                f"{format_sogni(have)} SOGNI of votes, proposing needs {format_sogni(needed)}",
                 "stake SOGNI (votes count from the next second) or ask a delegate to propose",
             )
         pid = self.governor.propose(actions, description, sender=me)
@@ -166,7 +156,7 @@ class GovClient:
         p = self.find(ident)
         if p.state == "Pending":
             raise Refused(
-                f"voting on {ident} has not started: it opens after {_when(p.vote_start)}"
+                f"voting on {ident} has not started: it opens after {format_when(p.vote_start)}"
             )
         if p.state != "Active":
             raise Refused(f"voting on {ident} is closed: the proposal is {p.state}")
@@ -175,7 +165,7 @@ class GovClient:
         weight = self.votes.get_past_votes(me, p.vote_start)
         if weight == 0:
             raise Refused(
-                f"not a staker at this proposal's snapshot ({_when(p.vote_start)}): "
+                f"not a staker at this proposal's snapshot ({format_when(p.vote_start)}): "
                 f"{self.chain.address_of(me)} has no votes on it",
                 "stake (and delegate to yourself) before the next proposal opens",
             )
@@ -185,7 +175,7 @@ class GovClient:
     def queue(self, ident: str) -> Proposal:
         p = self.find(ident)
         if p.state in ("Pending", "Active"):
-            raise Refused(f"cannot queue {ident} yet: voting ends at {_when(p.vote_end)}")
+            raise Refused(f"cannot queue {ident} yet: voting ends at {format_when(p.vote_end)}")
         if p.state != "Succeeded":
             raise Refused(f"cannot queue {ident}: the proposal is {p.state}")
         self.governor.queue(p, sender=self._me())
@@ -200,7 +190,7 @@ class GovClient:
         now = self.chain.timestamp()
         if now < p.eta:
             raise Refused(
-                f"too early to execute {ident}: the timelock opens at {_when(p.eta)} "
+                f"too early to execute {ident}: the timelock opens at {format_when(p.eta)} "
                 f"(in {p.eta - now} s)"
             )
         self.governor.execute(p, sender=self._me())
@@ -223,7 +213,7 @@ class GovClient:
             "voting_delay_s": int(g._call("votingDelay")),
             "voting_period_s": int(g._call("votingPeriod")),
             "timelock_delay_s": Timelock(self.chain, self.gov.timelock).min_delay(),
-            "proposal_threshold_sogni": g.proposal_threshold() / _SOGNI,
+            "proposal_threshold_sogni": g.proposal_threshold() / SOGNI_WEI,
         }
 
 
@@ -247,15 +237,15 @@ def proposal_dict(p: Proposal) -> dict[str, Any]:
 def format_proposal(p: Proposal, *, long: bool = False) -> str:
     """One readable block (``long``) or one line for a proposal."""
     votes = (
-        f"for {_sogni(p.votes_for)} / against {_sogni(p.votes_against)} / "
-        f"abstain {_sogni(p.votes_abstain)}"
+        f"for {format_sogni(p.votes_for)} / against {format_sogni(p.votes_against)} / "
+        f"abstain {format_sogni(p.votes_abstain)}"
     )
     if p.state == "Queued":
-        when = f"eta {_when(p.eta)}"
+        when = f"eta {format_when(p.eta)}"
     elif p.state in ("Pending", "Active"):
-        when = f"voting {_when(p.vote_start)} .. {_when(p.vote_end)}"
+        when = f"voting {format_when(p.vote_start)} .. {format_when(p.vote_end)}"
     else:
-        when = f"vote ended {_when(p.vote_end)}"
+        when = f"vote ended {format_when(p.vote_end)}"
     short = str(p.proposal_id)[:12]
     if not long:
         return f"{short}  {p.state:<9} {votes}  {when}  {p.description.splitlines()[0][:60]}"
@@ -265,8 +255,8 @@ def format_proposal(p: Proposal, *, long: bool = False) -> str:
             f"  state     {p.state}",
             f"  proposer  {p.proposer}",
             f"  votes     {votes} SOGNI",
-            f"  voting    {_when(p.vote_start)} .. {_when(p.vote_end)}",
-            f"  eta       {_when(p.eta) if p.eta else '-'}",
+            f"  voting    {format_when(p.vote_start)} .. {format_when(p.vote_end)}",
+            f"  eta       {format_when(p.eta) if p.eta else '-'}",
             f"  calls     {len(p.targets)} ({', '.join(p.targets)})",
             f"  about     {p.description}",
         ]
@@ -287,12 +277,7 @@ def _client(rpc: str, addresses_path: Path, keystore: Path | None, password_env:
         gov = GovernanceAddresses.load(governance_path(addresses_path), chain_id=chain.chain_id)
     except ValueError as exc:
         raise Unavailable(str(exc), "deploy it: python -m sogni_chain deploy --governed") from None
-    account: Signer | None = None
-    if keystore is not None:
-        from sogni_wallet.keystore import unlock_wallet
-
-        wallet = unlock_wallet(keystore.expanduser(), password_env, create_hint="sogni keys create")
-        account = chain.add_key(wallet.private_key)
+    account = keystore_signer(chain, keystore, password_env)
     return GovClient(chain, addresses, gov, account)
 
 

@@ -222,12 +222,7 @@ class Token(_Bound):
         message = encode_typed_data(
             full_message={
                 "types": {
-                    "EIP712Domain": [
-                        {"name": "name", "type": "string"},
-                        {"name": "version", "type": "string"},
-                        {"name": "chainId", "type": "uint256"},
-                        {"name": "verifyingContract", "type": "address"},
-                    ],
+                    "EIP712Domain": _EIP712_DOMAIN_TYPE,
                     "Permit": [
                         {"name": "owner", "type": "address"},
                         {"name": "spender", "type": "address"},

@@ -28,7 +28,7 @@ from sogni_protocol.settings import DEV_CHAIN_IDS
 from sogni_wallet.addresses import Addresses
 
 from .chain import Chain, Signer, Tx
-from .contracts import Distributor, Staking, _Bound
+from .contracts import _EIP712_DOMAIN_TYPE, Distributor, Staking, _Bound
 
 __all__ = [
     "DEV_SETTINGS",
@@ -219,12 +219,7 @@ class StakingVotes(_Bound):
         so a staker without gas can delegate through anyone who submits it."""
         document = {
             "types": {
-                "EIP712Domain": [
-                    {"name": "name", "type": "string"},
-                    {"name": "version", "type": "string"},
-                    {"name": "chainId", "type": "uint256"},
-                    {"name": "verifyingContract", "type": "address"},
-                ],
+                "EIP712Domain": _EIP712_DOMAIN_TYPE,
                 "Delegation": [
                     {"name": "delegatee", "type": "address"},
                     {"name": "nonce", "type": "uint256"},
@@ -376,6 +371,11 @@ def _calldata(bound: _Bound, fn: str, *args: Any) -> bytes:
     return bytes.fromhex(bound.contract.encode_abi(fn, list(args))[2:])
 
 
+def _action(bound: _Bound, summary: str, fn: str, *args: Any) -> Action:
+    """One proposal call ``bound.fn(*args)``, described for the voter by ``summary``."""
+    return Action(bound.address, _calldata(bound, fn, *args), summary=summary)
+
+
 def parameter_actions(
     chain: Chain,
     addresses: Addresses,
@@ -400,59 +400,53 @@ def parameter_actions(
     distributor = Distributor(chain, addresses.distributor)
     out: list[Action] = []
     if take_rates_bps is not None:
-        out.append(
-            Action(
-                params.address,
-                _calldata(params, "setTakeRates", take_rates_bps),
-                summary=f"take rates {','.join(map(str, take_rates_bps))} bps",
-            )
-        )
+        rates = ",".join(map(str, take_rates_bps))
+        out.append(_action(params, f"take rates {rates} bps", "setTakeRates", take_rates_bps))
     if emission_budget_sogni is not None:
         out.append(
-            Action(
-                params.address,
-                _calldata(params, "setEmissionBudget", emission_budget_sogni),
-                summary=f"emission budget {emission_budget_sogni} SOGNI per epoch",
+            _action(
+                params,
+                f"emission budget {emission_budget_sogni} SOGNI per epoch",
+                "setEmissionBudget",
+                emission_budget_sogni,
             )
         )
     if verification_rate_bps is not None:
         out.append(
-            Action(
-                params.address,
-                _calldata(params, "setVerificationRate", verification_rate_bps),
-                summary=f"verification rate {verification_rate_bps} bps",
+            _action(
+                params,
+                f"verification rate {verification_rate_bps} bps",
+                "setVerificationRate",
+                verification_rate_bps,
             )
         )
     if unstake_cooldown is not None:
         out.append(
-            Action(
-                staking.address,
-                _calldata(staking, "setCooldown", unstake_cooldown),
-                summary=f"unstake cooldown {unstake_cooldown} s",
+            _action(
+                staking, f"unstake cooldown {unstake_cooldown} s", "setCooldown", unstake_cooldown
             )
         )
     for tier, minimum in sorted((tier_minimums_sogni or {}).items()):
         out.append(
-            Action(
-                staking.address,
-                _calldata(staking, "setTierMinimum", tier, minimum * _SOGNI),
-                summary=f"tier {tier} minimum {minimum} SOGNI",
+            _action(
+                staking,
+                f"tier {tier} minimum {minimum} SOGNI",
+                "setTierMinimum",
+                tier,
+                minimum * _SOGNI,
             )
         )
     if claim_delay is not None:
         out.append(
-            Action(
-                distributor.address,
-                _calldata(distributor, "setClaimDelay", claim_delay),
-                summary=f"claim delay {claim_delay} s",
-            )
+            _action(distributor, f"claim delay {claim_delay} s", "setClaimDelay", claim_delay)
         )
     if max_total_growth_sogni is not None:
         out.append(
-            Action(
-                distributor.address,
-                _calldata(distributor, "setMaxTotalGrowth", max_total_growth_sogni * _SOGNI),
-                summary=f"growth cap {max_total_growth_sogni} SOGNI per epoch",
+            _action(
+                distributor,
+                f"growth cap {max_total_growth_sogni} SOGNI per epoch",
+                "setMaxTotalGrowth",
+                max_total_growth_sogni * _SOGNI,
             )
         )
     if juror_cap_bps is not None:
@@ -460,10 +454,11 @@ def parameter_actions(
             raise ValueError("this deployment has no Disputes contract: no juror cap to set")
         disputes = _disputes(chain, addresses.disputes)
         out.append(
-            Action(
-                disputes.address,
-                _calldata(disputes, "setJurorCap", juror_cap_bps),
-                summary=f"juror cap {juror_cap_bps} bps of all votes",
+            _action(
+                disputes,
+                f"juror cap {juror_cap_bps} bps of all votes",
+                "setJurorCap",
+                juror_cap_bps,
             )
         )
     return out

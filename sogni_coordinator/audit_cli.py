@@ -245,19 +245,10 @@ def _print_table(folder: Path, report: AuditReport, chain_check: ChainCheck | No
 
 
 def _load_config(path: Path) -> CoordinatorConfig:
-    from sogni_coordinator.config import load_coordinator_config
+    from sogni_coordinator.cli_config import load_cli_config
     from sogni_protocol.logs import configure_logging
-    from sogni_protocol.settings import SettingsError
-    from sogni_wallet.addresses import AddressesFileError
 
-    try:
-        cfg = load_coordinator_config(path)
-    except (SettingsError, AddressesFileError):
-        raise
-    except ValueError as exc:
-        raise BadUsage(
-            str(exc), "fix the config file or the SOGNI_COORDINATOR_* variables"
-        ) from exc
+    cfg = load_cli_config(path)
     configure_logging(cfg.log_level, json=cfg.log_json, capture_warnings=False)
     return cfg
 

@@ -9,9 +9,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from sogni_coordinator.final_reply import send_final_reply
 from sogni_coordinator.ledger import ReferralRefused
 from sogni_coordinator.referrals import codes_beside
-from sogni_net import Channel, TransportError
+from sogni_net import Channel
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import ReferralQuery, ReferralReport, RequestRefused
 from sogni_protocol.referral_signing import check_referral_query
@@ -55,11 +56,4 @@ async def serve_referral(channel: Channel, dispatcher: Dispatcher, q: ReferralQu
     )
     if isinstance(reply, RequestRefused):
         log.info("referral_refused", code=reply.code)
-    try:
-        await channel.send(reply)
-    except TransportError as exc:
-        log.info("client_gone", error=type(exc).__name__)
-    finally:
-        with trio.move_on_after(1) as scope:
-            scope.shield = True
-            await channel.close()
+    await send_final_reply(channel, reply, log)

@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from sogni_coordinator.final_reply import send_final_reply
 from sogni_coordinator.reports import MAX_NOTE_CHARS, REASONS, ReportRefused, Reports
-from sogni_net import Channel, TransportError
+from sogni_net import Channel
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import ContentReport, ReportFiled, RequestRefused
 from sogni_protocol.report_signing import check_report
@@ -90,14 +91,7 @@ async def serve_report(channel: Channel, dispatcher: Dispatcher, req: ContentRep
     except ReportRefused as exc:
         log.info("report_refused", code=exc.code, via="client")
         reply = RequestRefused(code=exc.code, reason=exc.reason)
-    try:
-        await channel.send(reply)
-    except TransportError as exc:
-        log.info("client_gone", error=type(exc).__name__)
-    finally:
-        with trio.move_on_after(1) as scope:
-            scope.shield = True
-            await channel.close()
+    await send_final_reply(channel, reply, log)
 
 
 def parse_gateway_report(data: Any) -> tuple[str, int, str, str]:

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from sogni_coordinator.config import load_coordinator_config
+from sogni_coordinator.cli_config import load_cli_config
 from sogni_coordinator.reports import (
     ACTIONS,
     OPERATOR,
@@ -22,8 +22,6 @@ from sogni_coordinator.reports import (
     Reports,
 )
 from sogni_protocol.cli_errors import BadUsage, Refused, register
-from sogni_protocol.settings import SettingsError
-from sogni_wallet.addresses import AddressesFileError
 
 __all__ = ["app"]
 
@@ -39,14 +37,7 @@ IdArg = Annotated[int, typer.Argument(help="The report's id, from `reports list`
 
 
 def _open(config: Path | None) -> Reports:
-    try:
-        cfg = load_coordinator_config(config)
-    except (SettingsError, AddressesFileError):
-        raise
-    except ValueError as exc:
-        raise BadUsage(
-            str(exc), "fix the config file or the SOGNI_COORDINATOR_* variables"
-        ) from exc
+    cfg = load_cli_config(config)
     cfg.data_dir.mkdir(parents=True, exist_ok=True)
     return Reports(cfg.database)
 

@@ -8,10 +8,13 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import structlog
+
+if TYPE_CHECKING:
+    from sogni_coordinator.store import Store
 
 
 @pytest.fixture(autouse=True)
@@ -57,6 +60,18 @@ def pg_url(pg_server: Any) -> Iterator[str]:
     url: str = pg_server.create_database(name)
     yield url
     pg_server.drop_database(name)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    """A coordinator `Store` in this test's own SQLite file, closed after the test."""
+    from sogni_coordinator.store import Store
+
+    s = Store(tmp_path / "coordinator.db")
+    try:
+        yield s
+    finally:
+        s.close()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

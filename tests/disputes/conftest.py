@@ -6,6 +6,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.chain_rollback import rolled_back
+
 from .dispute_env import Env, make_env
 
 
@@ -16,8 +18,5 @@ def _env() -> Env:
 
 @pytest.fixture
 def env(_env: Env) -> Iterator[Env]:
-    snap = _env.chain.snapshot()
-    try:
+    with rolled_back(_env.chain):
         yield _env
-    finally:
-        _env.chain.revert(snap)

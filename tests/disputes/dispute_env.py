@@ -10,6 +10,7 @@ from eth_account.signers.local import LocalAccount
 
 from sogni_chain import Chain, Deployment, connect, deploy_all
 from sogni_chain.disputes import DEV_DISPUTE_PARAMS, Disputes
+from sogni_protocol.messages import JobParams, Receipt
 
 SOGNI = 10**18
 STAKES = {"worker": 1_000, "j1": 300, "j2": 200, "j3": 100}
@@ -32,6 +33,34 @@ class Env:
         self.d.token.approve(
             self.disputes.address, self.disputes.params().bond, sender=who or self.worker
         )
+
+
+def refused_job(
+    job_id: bytes, worker: str, coordinator: str, prompt: str
+) -> tuple[Receipt, JobParams]:
+    """A finished 4-step job of model ``m`` and the params it ran with: what a coordinator's
+    refusal record (``Reporter.refused``) is built from."""
+    receipt = Receipt(
+        job_id=job_id,
+        offer_hash=b"\x00" * 32,
+        worker=worker,
+        coordinator=coordinator,
+        model_id="m",
+        result_hash=b"\x00" * 32,
+        steps_done=4,
+        work_units=10,
+        completed_at=1,
+    )
+    params = JobParams(
+        model_id="m",
+        positive_prompt=prompt,
+        steps=4,
+        guidance=4.0,
+        width=64,
+        height=64,
+        seed=1,
+    )
+    return receipt, params
 
 
 def make_env() -> Env:

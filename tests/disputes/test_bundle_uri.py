@@ -17,9 +17,8 @@ from sogni_chain.disputes import Refusal, open_dispute
 from sogni_coordinator.disputes import DisputeBook, DisputeDesk, Reporter, dispute_routes
 from sogni_net import serve_http
 from sogni_protocol.cli_errors import Refused
-from sogni_protocol.messages import JobParams, Receipt
 
-from .dispute_env import Env
+from .dispute_env import Env, refused_job
 
 
 async def test_bundle_is_published_over_http_and_verified(env: Env, tmp_path: Path) -> None:
@@ -32,25 +31,8 @@ async def test_bundle_is_published_over_http_and_verified(env: Env, tmp_path: Pa
         disputes=disputes.address,
         clock=lambda: float(chain.timestamp()),
     )
-    receipt = Receipt(
-        job_id=b"\x5a" * 32,
-        offer_hash=b"\x00" * 32,
-        worker=env.worker.address,
-        coordinator=env.reporter.address,
-        model_id="m",
-        result_hash=b"\x00" * 32,
-        steps_done=4,
-        work_units=10,
-        completed_at=1,
-    )
-    params = JobParams(
-        model_id="m",
-        positive_prompt="a secret",
-        steps=4,
-        guidance=4.0,
-        width=64,
-        height=64,
-        seed=1,
+    receipt, params = refused_job(
+        b"\x5a" * 32, env.worker.address, env.reporter.address, "a secret"
     )
     record = reporter.refused(receipt, params, "float32", "step 1 over", b"evidence")
     open_dispute(

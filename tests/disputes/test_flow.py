@@ -20,7 +20,6 @@ from eth_utils import to_checksum_address
 from sogni_app.dispute_cli import JurorClient, SaltBox
 from sogni_chain.disputes import CaseState, DisputeRefused, Refusal, open_dispute
 from sogni_coordinator.disputes import DisputeBook, DisputeDesk, Reporter, Restorations
-from sogni_coordinator.verification_config import VerificationConfig
 from sogni_protocol import epoch_math
 from sogni_protocol.cli_errors import Refused
 from sogni_protocol.messages import StepVerified, VerifyStep
@@ -28,13 +27,9 @@ from sogni_protocol.payout_rules import PayoutRules
 from tests.coordinator.conftest import FakeNode, Harness
 from tests.coordinator.test_checks import Trajectory, _paid_request, answer_challenge, next_of
 from tests.coordinator.test_checks import until as until_true
-from tests.coordinator.test_verifier_standing import _held, _reply
+from tests.coordinator.test_verifier_standing import POLICY, _held, _reply
 
 from .dispute_env import SOGNI, Env
-
-POLICY = VerificationConfig(
-    rate=1.0, challenge_timeout=5.0, verify_timeout=5.0, image_check=False, probe_rate=0.0
-)
 
 
 @pytest.fixture

@@ -12,39 +12,34 @@ from __future__ import annotations
 
 import json
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from eth_account import Account
 
 from sogni_app.api import render
 from sogni_app.dispute_cli import JurorClient, SaltBox
-from sogni_chain import Addresses, Deployment, connect, deploy_all
-from sogni_chain.anvil import Anvil, find_anvil
+from sogni_chain.anvil import Anvil
 from sogni_chain.disputes import DEV_DISPUTE_PARAMS, CaseState, Refusal, open_dispute
 from sogni_node.dispute_cli import pick_refusal
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
 from sogni_protocol.messages import Challenge, ChallengeAnswer, VerifyRefused, VerifyStep
 from tests.e2e import conftest as e2e
-from tests.e2e.conftest import receive_skipping, rogue_node, start_net, tiny_request
+from tests.e2e.conftest import (
+    deploy_for_coordinator,
+    receive_skipping,
+    rogue_node,
+    start_net,
+    tiny_request,
+)
 from tests.e2e.rogue_kit import EVERY, heartbeats, made_up_trajectory, rogue_result, wire
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
 SOGNI = 10**18
 LATENTS = (1, 4, 16, 16)  # the tiny model's latent at 64 x 64
-registry, backend = e2e.registry, e2e.backend  # the e2e fixtures: tiny model, CPU backend
-
-
-@pytest.fixture(scope="module")
-def anvil() -> Iterator[Anvil]:
-    if find_anvil() is None:
-        pytest.skip("anvil binary not installed (npm ci --prefix contracts)")
-    with Anvil() as node:
-        yield node
+registry, backend, anvil = e2e.registry, e2e.backend, e2e.anvil  # tiny model, CPU, own anvil
 
 
 def _get_json(url: str) -> dict[str, Any]:
@@ -56,20 +51,11 @@ def _get_json(url: str) -> dict[str, Any]:
 async def test_a_dispute_is_rechecked_by_other_wallets_real_nodes(
     anvil: Anvil, tmp_path: Path, backend: Any
 ) -> None:
-    chain = connect(anvil.url)
-    treasury = chain.accounts[0]
-    signer = Account.create()  # the coordinator's offer key: settles, signs refusals
-    chain.send_eth(signer.address, 10**18, sender=treasury)
     path = tmp_path / "addresses.json"
-    deploy_all(
-        chain,
-        treasury,
-        coordinator=signer.address,
-        distributor_funding=10**24,
-        path=path,
-        disputes=DEV_DISPUTE_PARAMS,
+    # signer: the coordinator's offer key, settles and signs refusals
+    chain, treasury, signer, d = deploy_for_coordinator(
+        anvil.url, path, disputes=DEV_DISPUTE_PARAMS
     )
-    d = Deployment(chain, Addresses.load(path), treasury)
     assert d.disputes is not None
     d.disputes.grant_role("REPORTER_ROLE", signer.address)
     async with (

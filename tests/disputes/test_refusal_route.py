@@ -13,9 +13,8 @@ from starlette.testclient import TestClient
 from sogni_coordinator.disputes import DisputeBook, Reporter, dispute_routes
 from sogni_node.dispute_cli import pick_refusal
 from sogni_protocol.cli_errors import Refused
-from sogni_protocol.messages import JobParams, Receipt
 
-from .dispute_env import Env
+from .dispute_env import Env, refused_job
 
 WORKER = "0x" + "11" * 20
 DISPUTES = "0x" + "22" * 20
@@ -25,26 +24,7 @@ def test_route_serves_the_signed_refusal(tmp_path: Path) -> None:
     book = DisputeBook(tmp_path / "c.db")
     reporter = Reporter(book, b"\x05" * 32, chain_id=31337, disputes=DISPUTES, clock=lambda: 1e9)
     job = b"\x33" * 32
-    receipt = Receipt(
-        job_id=job,
-        offer_hash=b"\x00" * 32,
-        worker=WORKER,
-        coordinator=DISPUTES,
-        model_id="m",
-        result_hash=b"\x00" * 32,
-        steps_done=4,
-        work_units=10,
-        completed_at=1,
-    )
-    params = JobParams(
-        model_id="m",
-        positive_prompt="a secret prompt",
-        steps=4,
-        guidance=4.0,
-        width=64,
-        height=64,
-        seed=1,
-    )
+    receipt, params = refused_job(job, WORKER, DISPUTES, "a secret prompt")
     reporter.refused(receipt, params, "float32", "step 0: d = 2 over 5e-05", b"evidence")
     app = Starlette(routes=dispute_routes(SimpleNamespace(refusals=reporter)))
     client = TestClient(app)

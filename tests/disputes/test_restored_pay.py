@@ -16,6 +16,7 @@ from sogni_coordinator.disputes import DisputeBook, RefusalRecord, Restorations
 from sogni_coordinator.settlement.epochs import EpochConflict, SettlementError, Settler
 from sogni_coordinator.store import Store
 from sogni_protocol.messages import JobParams, Receipt
+from tests.chain_rollback import rolled_back
 from tests.settlement.settle_env import (
     Net,
     make_net,
@@ -38,11 +39,8 @@ def _net() -> Net:
 
 @pytest.fixture
 def net(_net: Net) -> Iterator[Net]:
-    snap = _net.chain.snapshot()
-    try:
+    with rolled_back(_net.chain):
         yield _net
-    finally:
-        _net.chain.revert(snap)
 
 
 def _won(book: DisputeBook, payee: str) -> None:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import trio
@@ -24,7 +24,7 @@ from eth_account import Account
 from sogni_chain.anvil import Anvil, find_anvil
 from sogni_coordinator.config import CoordinatorConfig
 from sogni_coordinator.service import RunningCoordinator, Signer, run_coordinator
-from sogni_net import Channel, open_host
+from sogni_net import Channel, Host, open_host
 from sogni_node.config import NodeConfig
 from sogni_node.daemon import ShutdownReport, run_node
 from sogni_node.models import ModelRegistry
@@ -36,6 +36,11 @@ from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT, JOBS_PROTOCOL
 from sogni_protocol.messages import Capabilities, NodeHello, RenderRequest, Welcome
 from sogni_wallet.keystore import Wallet
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
+    from sogni_chain import Chain, Deployment
 
 MODEL = "sogni-tiny-sd"
 
@@ -63,6 +68,24 @@ def anvil() -> Iterator[Anvil]:
         pytest.skip("anvil binary not installed (npm ci --prefix contracts)")
     with Anvil() as node:
         yield node
+
+
+def deploy_for_coordinator(
+    url: str, path: Path, **deploy: Any
+) -> tuple[Chain, LocalAccount, LocalAccount, Deployment]:
+    """The contracts deployed on the chain at ``url`` (addresses written to ``path``) for a
+    coordinator whose fresh offer key ``signer`` settles, funded with 1 ETH for gas; the
+    treasury is the chain's first account. ``deploy``: more `deploy_all` settings."""
+    from sogni_chain import Addresses, Deployment, connect, deploy_all
+
+    chain = connect(url)
+    treasury = chain.accounts[0]
+    signer = Account.create()
+    chain.send_eth(signer.address, 10**18, sender=treasury)
+    deploy_all(
+        chain, treasury, coordinator=signer.address, distributor_funding=10**24, path=path, **deploy
+    )
+    return chain, treasury, signer, Deployment(chain, Addresses.load(path), treasury)
 
 
 @pytest.fixture(scope="session")
@@ -234,6 +257,27 @@ def net_factory(tmp_path: Path) -> Callable[..., Any]:
     return make
 
 
+async def send_node_hello(
+    host: Host, net: Net, acct: Any, models: tuple[str, ...] = (MODEL,)
+) -> Channel:
+    """Open a jobs stream from ``host`` and send ``acct``'s signed `NodeHello` (one slot, CPU);
+    what the coordinator answers is the caller's to read."""
+    channel = await host.open_channel(net.addr, JOBS_PROTOCOL)
+    caps = Capabilities(
+        peer_id=host.peer_id,
+        wallet=acct.address,
+        expiry=int(time.time()) + 600,
+        models=list(models),
+        slots=1,
+        backend="rogue",
+        device="cpu",
+        max_pixels=1 << 20,
+    )
+    sig = eip712.sign_binding(bytes(acct.key), net.domain, caps)
+    await channel.send(NodeHello(capabilities=caps, binding_signature=sig))
+    return channel
+
+
 @asynccontextmanager
 async def rogue_node(
     net: Net, *, wallet: Any = None, models: tuple[str, ...] = (MODEL,)
@@ -241,19 +285,7 @@ async def rogue_node(
     """A node that completes the handshake and then does whatever the test says."""
     acct = wallet or Account.create()
     async with open_host(key_path=None, listen=()) as host:
-        channel = await host.open_channel(net.addr, JOBS_PROTOCOL)
-        caps = Capabilities(
-            peer_id=host.peer_id,
-            wallet=acct.address,
-            expiry=int(time.time()) + 600,
-            models=list(models),
-            slots=1,
-            backend="rogue",
-            device="cpu",
-            max_pixels=1 << 20,
-        )
-        sig = eip712.sign_binding(bytes(acct.key), net.domain, caps)
-        await channel.send(NodeHello(capabilities=caps, binding_signature=sig))
+        channel = await send_node_hello(host, net, acct, models)
         welcome = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=10)
         assert isinstance(welcome, Welcome)
         yield channel, acct

@@ -4,12 +4,11 @@ session, reverted to a snapshot after each test (deploying takes seconds on py-e
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from sogni_chain import connect
-from sogni_coordinator.store import Store
+from tests.chain_rollback import rolled_back
 
 from .gov_env import GovNet, make_gov_net
 
@@ -24,17 +23,5 @@ def gnet(_gov_nets: dict[str, GovNet]) -> Iterator[GovNet]:
     if "embedded" not in _gov_nets:
         _gov_nets["embedded"] = make_gov_net(connect())
     g = _gov_nets["embedded"]
-    snap = g.chain.snapshot()
-    try:
+    with rolled_back(g.chain):
         yield g
-    finally:
-        g.chain.revert(snap)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "coordinator.db")
-    try:
-        yield s
-    finally:
-        s.close()

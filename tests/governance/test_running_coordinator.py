@@ -5,15 +5,11 @@ rate and re-checks at the new verification rate. Skipped when anvil is not insta
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import trio
-from eth_account import Account
 
-from sogni_chain import Addresses, Deployment, connect, deploy_all
-from sogni_chain.anvil import Anvil, find_anvil
+from sogni_chain.anvil import Anvil
 from sogni_chain.governance import (
     DEV_SETTINGS,
     GovernanceAddresses,
@@ -27,17 +23,13 @@ from sogni_coordinator.verification_config import VerificationConfig
 from sogni_devnet.paid_work import signed_receipt, store_receipts, worker
 from sogni_protocol.epoch_files import decode_epoch
 from sogni_protocol.payout_rules import SOGNI, SettlementConfig
-from tests.e2e.conftest import start_net
+from tests.e2e import conftest as e2e
+from tests.e2e.conftest import deploy_for_coordinator, start_net
 
 STAKE = 100_000 * SOGNI
 
 
-@pytest.fixture(scope="module")
-def anvil() -> Iterator[Anvil]:
-    if find_anvil() is None:
-        pytest.skip("anvil binary not installed (npm ci --prefix contracts)")
-    with Anvil() as node:
-        yield node
+anvil = e2e.anvil  # a fresh anvil for this module
 
 
 async def _posted(store: Store, epoch: int) -> None:
@@ -49,23 +41,13 @@ async def _posted(store: Store, epoch: int) -> None:
 async def test_a_passed_proposal_applies_at_the_running_coordinators_next_epoch(
     anvil: Anvil, tmp_path: Path
 ) -> None:
-    chain = connect(anvil.url)
-    treasury, stakers = chain.accounts[0], chain.accounts[3:6]
-    signer = Account.create()  # the coordinator's offer key, also its settlement key (local)
-    chain.send_eth(signer.address, 10**18, sender=treasury)
     path = tmp_path / "addresses.json"
-    addresses = deploy_all(
-        chain,
-        treasury,
-        coordinator=signer.address,
-        distributor_funding=10**24,
-        path=path,
-        governed=True,
-    )
-    d = Deployment(chain, Addresses.load(path), treasury)
+    # signer: the coordinator's offer key, also its settlement key (local)
+    chain, treasury, signer, d = deploy_for_coordinator(anvil.url, path, governed=True)
+    stakers = chain.accounts[3:6]
     for s in stakers:
         d.token.transfer(s.address, STAKE)
-        d.token.approve(addresses.staking, STAKE, sender=s)
+        d.token.approve(d.addresses.staking, STAKE, sender=s)
         d.staking.stake(STAKE, sender=s)
     chain.advance_time(2)  # the stakes are checkpointed before the proposal's snapshot
     gov = GovernanceAddresses.load(governance_path(path), chain_id=chain.chain_id)

@@ -8,7 +8,6 @@ then under SOGNI_REQUIRE_POSTGRES=1 (CI).
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -19,23 +18,8 @@ import pytest
 
 from sogni_coordinator.queue import JobQueue, open_queue
 from sogni_devnet.pg_cluster import (
-    REQUIRE_ENV,
     PgCluster,
-    missing_reason,
-    release_shared_cluster,
-    shared_cluster,
 )
-
-
-@pytest.fixture(scope="session")
-def queue_pg_server() -> Iterator[PgCluster]:
-    reason = missing_reason()
-    if reason is not None:
-        if os.environ.get(REQUIRE_ENV) == "1":
-            pytest.fail(f"{reason} ({REQUIRE_ENV}=1)")
-        pytest.skip(reason)
-    yield shared_cluster()
-    release_shared_cluster()
 
 
 @dataclass
@@ -75,7 +59,7 @@ def engine_target(request: pytest.FixtureRequest, tmp_path: Any) -> Iterator[tup
     if request.param == "sqlite":
         yield "sqlite", str(tmp_path / "coordinator.sqlite")
         return
-    server: PgCluster = request.getfixturevalue("queue_pg_server")
+    server: PgCluster = request.getfixturevalue("pg_server")  # tests/conftest.py
     name = f"q_{uuid.uuid4().hex[:16]}"
     yield "postgres", server.create_database(name)
     server.drop_database(name)

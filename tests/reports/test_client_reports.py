@@ -19,13 +19,10 @@ from sogni_app.api import AccountRefused, RenderRefused, render, report
 from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.reports import OPERATOR, PAYER_BLOCKED, Reports
 from sogni_net import open_host
-from sogni_protocol import eip712
-from sogni_protocol.ids import CLIENT_PROTOCOL, CONTROL_FRAME_LIMIT, JOBS_PROTOCOL
+from sogni_protocol.ids import CLIENT_PROTOCOL, CONTROL_FRAME_LIMIT
 from sogni_protocol.messages import (
-    Capabilities,
     Goodbye,
     HelloRefused,
-    NodeHello,
     RequestRefused,
 )
 from sogni_protocol.report_signing import sign_report
@@ -34,6 +31,7 @@ from tests.e2e.conftest import (
     receive_skipping,
     rogue_node,
     run_sogni,
+    send_node_hello,
     start_net,
     tiny_request,
     until,
@@ -174,19 +172,7 @@ async def test_a_blocked_node_is_dropped_with_a_goodbye_and_refused(tmp_path: Pa
             assert not _joined(dispatcher, wallet.address)
         # the same wallet cannot come back, under a new peer id either
         async with open_host(key_path=None, listen=()) as host:
-            channel = await host.open_channel(net.addr, JOBS_PROTOCOL)
-            caps = Capabilities(
-                peer_id=host.peer_id,
-                wallet=wallet.address,
-                expiry=int(time.time()) + 600,
-                models=["sogni-tiny-sd"],
-                slots=1,
-                backend="rogue",
-                device="cpu",
-                max_pixels=1 << 20,
-            )
-            sig = eip712.sign_binding(bytes(wallet.key), net.domain, caps)
-            await channel.send(NodeHello(capabilities=caps, binding_signature=sig))
+            channel = await send_node_hello(host, net, wallet, ("sogni-tiny-sd",))
             refused = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=10)
             assert isinstance(refused, HelloRefused) and "blocked" in refused.reason
         # unblocked, it may join again (and is routed: it is among the nodes)

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from sogni_chain import connect
-from sogni_coordinator.store import Store
+from tests.chain_rollback import rolled_back
 from tests.settlement.settle_env import Net, make_net
 
 
@@ -19,17 +18,5 @@ def _season_net() -> Net:
 
 @pytest.fixture
 def net(_season_net: Net) -> Iterator[Net]:
-    snap = _season_net.chain.snapshot()
-    try:
+    with rolled_back(_season_net.chain):
         yield _season_net
-    finally:
-        _season_net.chain.revert(snap)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "coordinator.db")
-    try:
-        yield s
-    finally:
-        s.close()

@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from sogni_chain import connect
 from sogni_chain.anvil import Anvil, find_anvil
-from sogni_coordinator.store import Store
 
 from .settle_env import Net, make_net
 
@@ -59,12 +57,3 @@ def net(request: pytest.FixtureRequest, _nets: dict[str, Net]) -> Iterator[Net]:
 def any_net(request: pytest.FixtureRequest, _nets: dict[str, Net]) -> Iterator[Net]:
     """Embedded, then anvil."""
     yield from _net(request.param, request, _nets)
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "coordinator.db")
-    try:
-        yield s
-    finally:
-        s.close()
