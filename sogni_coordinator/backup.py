@@ -28,6 +28,7 @@ from pathlib import Path
 from Crypto.Cipher import AES
 from Crypto.Protocol.KDF import scrypt
 
+from sogni_coordinator.storage import is_postgres
 from sogni_protocol.atomic import atomic_write_bytes
 
 __all__ = ["BACKUP_FORMAT", "BackupError", "BackupManifest", "backup", "restore"]
@@ -143,6 +144,15 @@ def _walk(folder: Path) -> Iterable[Path]:
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
 
+def _refuse_server(database: Path | None) -> None:
+    """A PostgreSQL database is the server's to back up: a file copy here would miss it."""
+    if database is not None and is_postgres(database):
+        raise BackupError(
+            "the database is on a PostgreSQL server: back it up with pg_dump and restore it "
+            "with pg_restore (`backup` copies SQLite files only; docs/OPERATIONS.md, Backups)"
+        )
+
+
 def backup(
     data_dir: Path,
     target: Path,
@@ -156,6 +166,7 @@ def backup(
 
     `key_files` (encrypted keystores) are copied into `keys/`; `node_key` (the raw libp2p
     identity) is encrypted with `password` first. Without them the backup holds no key."""
+    _refuse_server(database)
     database = database or data_dir / _DB_NAME
     if not database.exists():
         raise BackupError(f"no coordinator database at {database}: nothing to back up")
@@ -205,6 +216,7 @@ def restore(
     Every file is checked against the manifest first; nothing is written if one differs.
     Refuses to overwrite an existing database unless `force`. Keys in the backup are restored
     too (the node key decrypted with `password`)."""
+    _refuse_server(database)
     manifest = BackupManifest.read(source)
     for rel, digest in manifest.files.items():
         path = source / rel

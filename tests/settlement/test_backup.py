@@ -129,3 +129,10 @@ def test_backup_and_restore_commands(net: Net, tmp_path: Path) -> None:
     done = runner.invoke(coordinator_app, ["restore", str(tmp_path / "bk")], env=fresh)
     assert done.exit_code == 0, done.output
     assert _state(tmp_path / "fresh") == _state(data)
+    # a PostgreSQL database is the server's to back up: one line naming pg_dump, nothing written
+    on_server = {**env, "SOGNI_COORDINATOR_DATABASE": "postgresql://sogni@127.0.0.1:1/sogni"}
+    for args in (["backup", str(tmp_path / "bk-pg")], ["restore", str(tmp_path / "bk")]):
+        refused = runner.invoke(coordinator_app, args, env=on_server)
+        assert refused.exit_code == 3 and "pg_dump" in refused.output, refused.output
+        assert "Traceback" not in refused.output
+    assert not (tmp_path / "bk-pg").exists()
