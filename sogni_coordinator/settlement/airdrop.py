@@ -25,9 +25,11 @@ from sogni_coordinator.seasons.stakers import StakeChange
 from sogni_coordinator.settlement.epochs import (
     EpochConflict,
     EpochResult,
+    SettlementBusy,
     SettlementError,
     Settler,
 )
+from sogni_coordinator.storage.session_lock import LockHeld, exclusive
 from sogni_coordinator.store import EpochRecord, Store
 from sogni_protocol import epoch_math
 from sogni_protocol.airdrop import (
@@ -92,7 +94,16 @@ class SeasonCloser:
 
     def close(self, season: Season, stakes: Sequence[StakeChange]) -> AirdropResult:
         """Plan (unless planned) and post `season`'s airdrop; `stakes`: the Staking contract's
-        changes (the Stakers board)."""
+        changes (the Stakers board). Under the same one-closer lock as work epochs."""
+        try:
+            with exclusive(self.store.location, "epoch-close"):
+                return self._close(season, stakes)
+        except LockHeld:
+            raise SettlementBusy(
+                "another coordinator of this network is closing an epoch; try again when it is done"
+            ) from None
+
+    def _close(self, season: Season, stakes: Sequence[StakeChange]) -> AirdropResult:
         end = season.end.timestamp()
         if self._clock() < end:
             raise SettlementError(

@@ -29,6 +29,7 @@ from sogni_chain import ChainRevert, Deployment, Signer
 from sogni_coordinator.disputes import Restorations
 from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.network_params import NetworkParamsReader
+from sogni_coordinator.storage.session_lock import LockHeld, exclusive
 from sogni_coordinator.store import EpochRecord, Store, StoredReceipt
 from sogni_protocol import eip712, epoch_math
 from sogni_protocol.airdrop import airdrop_season
@@ -57,6 +58,7 @@ from sogni_protocol.payout_rules import PayoutRules
 __all__ = [
     "EpochConflict",
     "EpochResult",
+    "SettlementBusy",
     "SettlementError",
     "Settler",
     "epoch_claims",
@@ -74,6 +76,10 @@ class SettlementError(Exception):
 
 class EpochConflict(SettlementError):
     """The chain or another closer disagrees with this database: never resolved silently."""
+
+
+class SettlementBusy(SettlementError):
+    """Another coordinator on the same database is closing an epoch now."""
 
 
 @dataclass(frozen=True)
@@ -162,7 +168,20 @@ class Settler:
 
     # --- the whole close ----------------------------------------------------------------
     def close_epoch(self) -> EpochResult | None:
-        """Finish a pending plan, or plan and post the next epoch; None if nothing to pay."""
+        """Finish a pending plan, or plan and post the next epoch; None if nothing to pay.
+
+        One closer at a time over the network's database (`storage.session_lock`): another
+        coordinator already closing gets `SettlementBusy`, and its next tick tries again."""
+        try:
+            with exclusive(self.store.location, "epoch-close"):
+                return self._close_epoch()
+        except LockHeld:
+            raise SettlementBusy(
+                "another coordinator of this network is closing an epoch; "
+                "the next close will include these receipts"
+            ) from None
+
+    def _close_epoch(self) -> EpochResult | None:
         pending = self.store.last_epoch_record(state="planned")
         if pending is not None:
             return self.post(pending, resumed=True)

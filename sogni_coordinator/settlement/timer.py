@@ -15,7 +15,7 @@ import trio
 
 from sogni_protocol.logs import get_logger
 
-from .epochs import EpochResult, SettlementError, Settler
+from .epochs import EpochResult, SettlementBusy, SettlementError, Settler
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -38,6 +38,9 @@ async def run_epoch_timer(
         await trio.sleep(every)
         try:
             result = await trio.to_thread.run_sync(settler.close_epoch)
+        except SettlementBusy:  # another coordinator of the network is closing: its turn
+            log.info("epoch_close_skipped", reason="another coordinator is closing")
+            continue
         except SettlementError as exc:
             log.error("epoch_close_failed", error=str(exc))
             continue
