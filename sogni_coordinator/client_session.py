@@ -26,6 +26,7 @@ from sogni_coordinator.dispatch import Dispatcher, Refusal
 from sogni_coordinator.referral_intake import serve_referral
 from sogni_coordinator.report_intake import serve_report
 from sogni_net import Channel, ChannelClosed, ReadTimeout, TransportError
+from sogni_net.channel import send_all
 from sogni_protocol.crashpoints import crashpoint
 from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT, unsupported_version
@@ -139,14 +140,32 @@ async def _serve_request(
             await channel.close()
 
 
+_STREAM_BATCH_BYTES = 1 << 20
+"""Messages ready at once go to the client together (one stream write) up to this size."""
+
+
 async def _stream(channel: Channel, events: Cursor) -> None:
+    """Send what the request owes, every message ready now in one batch (one write): under
+    load one awaited write per image let images queue up for seconds behind node traffic."""
     async for msg in events:
-        if isinstance(msg, JobImage):
+        batch = [msg]
+        size = len(msg.image) if isinstance(msg, JobImage) else 0
+        while size < _STREAM_BATCH_BYTES:
+            more = await events.next()
+            if more is None:
+                break
+            batch.append(more)
+            size += len(more.image) if isinstance(more, JobImage) else 0
+        images = any(isinstance(m, JobImage) for m in batch)
+        if images:
             crashpoint("coordinator_before_image_stream")
-            await channel.send(msg, limit=RESULT_FRAME_LIMIT, timeout=60.0)
+        frames = [
+            (m, RESULT_FRAME_LIMIT if isinstance(m, JobImage) else CONTROL_FRAME_LIMIT)
+            for m in batch
+        ]
+        await send_all(channel, frames, timeout=60.0)
+        if images:
             crashpoint("coordinator_after_image_stream")
-        else:
-            await channel.send(msg, limit=CONTROL_FRAME_LIMIT, timeout=60.0)
 
 
 async def _read_client(

@@ -108,6 +108,8 @@ __all__ = [
 ]
 
 MAX_ATTEMPTS = 5
+LOOKAHEAD = 1
+"""Offers a node may hold beyond its slots (pipelined credit: the next job in hand)."""
 """A job that fails this many times (node lost, deadline, hand-back) is given up on."""
 NO_NODE_GRACE = 10.0
 """Seconds a queued job may wait with no connected node able to serve it before it fails."""
@@ -200,12 +202,15 @@ class Dispatcher:
         self.jobs: dict[bytes, Job] = {}
         """Live jobs (queued, running, cancelling); a job leaves when it ends."""
         self.nodes: dict[str, NodeLink] = {}
+        self.free: dict[NodeLink, None] = {}
+        """Connected nodes with credit, in the order they got it (`NodeLink.credit` keeps it)."""
         self.requests: dict[bytes, RequestState] = {}
         self._unsaved: dict[bytes, Job] = {}
         self._changed = trio.Event()
-        if results_dir is None:  # beside the database (a temporary folder for `:memory:`)
-            memory = str(store.path) == ":memory:"
-            results_dir = Path(tempfile.mkdtemp()) if memory else store.path.parent / "results"
+        if results_dir is None:  # beside the database; a temporary folder for `:memory:` or
+            # a server (the service always names one: `data_dir/results`)
+            beside = not store.postgres and str(store.path) != ":memory:"
+            results_dir = store.path.parent / "results" if beside else Path(tempfile.mkdtemp())
         self.results = ResultFiles(results_dir)
         self.mailboxes: dict[bytes, Mailbox] = {}
         """Requests still live, or attached to a client, or with images unacknowledged."""
@@ -543,6 +548,7 @@ class Dispatcher:
         if old is not None:
             self.node_left(old, "replaced by a new stream from the same peer")
         self.nodes[peer_id] = link
+        link.pool = self.free
         if self.hardware is not None:
             self.hardware.seen(caps)
         self.checks.node_joined()  # a check waiting for this node since a restart may run
@@ -574,6 +580,8 @@ class Dispatcher:
         if self.nodes.get(link.peer_id) is link:
             del self.nodes[link.peer_id]
             self.reputation.disconnected(link.wallet, self._clock() - link.connected_at)
+        self.free.pop(link, None)
+        link.pool = None
         for job in list(link.inflight.values()):
             self._release(job, link, f"node left: {reason}", penalize=True)
         link.outbox.close()
@@ -595,11 +603,28 @@ class Dispatcher:
         return await self.challenges.ask(peer_id, link.outbox, challenge, timeout)
 
     def ready(self, link: NodeLink, slots: int, warm_models: list[str] | None = None) -> None:
-        """The node's credit: it can take `slots` more offers beyond those in flight."""
+        """The node's credit: it can hold `slots` offers, those in flight included.
+
+        A pipelining node (`sogni_node.pull`) says `slots + LOOKAHEAD`: it keeps one offer in
+        hand while its slots render, so its next job is there when a render ends; an older
+        node says how many slots are free, at most `slots`. The answer is kept (`capacity`)
+        and the credit recomputed from it whenever a result is acked."""
         if warm_models is not None:
             link.warm = frozenset(warm_models)
-        link.credit = max(0, min(slots, link.slots) - len(link.inflight))
+        link.capacity = max(0, min(slots, link.slots + LOOKAHEAD))
+        link.credit = max(0, link.capacity - len(link.inflight))
         self._wake()
+
+    def result_acked(self, link: NodeLink) -> None:
+        """A result from a pipelining node was answered: its credit comes back without a
+        `Ready` (its last `Ready`, above `slots`, said how many offers it holds in all). An
+        older node's `Ready` counts free slots, so its credit waits for its next `Ready`."""
+        if link.capacity <= link.slots:
+            return
+        credit = max(0, link.capacity - len(link.inflight))
+        if credit > link.credit:
+            link.credit = credit
+            self._wake()
 
     def offer_declined(self, link: NodeLink, job_id: bytes, reason: str) -> None:
         self.reputation.declined(link.wallet)
@@ -815,10 +840,10 @@ class Dispatcher:
     def _candidates(self, job: Job) -> list[NodeLink]:
         """Nodes `job` may be offered to: not a wallet whose receipt for it failed a check,
         unless no other connected node can serve it."""
-        nodes = list(self.nodes.values())
         bad = self.excluded.get(job.job_id)
-        if not bad:
-            return nodes
+        if not bad:  # only nodes with credit can be picked: the pool, not every node
+            return list(self.free)
+        nodes = list(self.nodes.values())
         others = [n for n in nodes if n.wallet.lower() not in bad]
         if any(self.router.capable(n, job.network, job.params) for n in others):
             return others
@@ -910,7 +935,7 @@ class Dispatcher:
 
     def match(self) -> None:
         """One pass: offer queued jobs to nodes with credit, in queue order."""
-        if not self.queue or not any(n.credit > 0 for n in self.nodes.values()):
+        if not self.queue or not self.free:
             return
         unmatched = self.queue.emptied()
         benefits = self.billing.benefits if self.billing is not None else None
@@ -932,7 +957,7 @@ class Dispatcher:
                 if job.job_id not in self.excluded:  # its siblings may go where it may not
                     blocked.add(job.request_id)
                 unmatched.append(job)
-                if not any(n.credit > 0 for n in self.nodes.values()):
+                if not self.free:
                     break
             elif not self._offer(job, link):
                 link.credit = 0  # its stream is gone; node_left follows

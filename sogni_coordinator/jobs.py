@@ -31,12 +31,26 @@ class NodeLink:
     warm: frozenset[str] = frozenset()
     loras: frozenset[str] = frozenset()
     credit: int = 0
+    capacity: int = 0
+    """Offers it can hold, in flight included (its last `Ready`, at most `slots + 1`)."""
     inflight: dict[bytes, Job] = field(default_factory=dict)
     removed_reason: str = ""
     """Set when the coordinator drops the node itself (a block): the session's Goodbye."""
     payout: str | None = None
     """Its advertised payout account (`Capabilities.payout`, signed in the binding; None:
     its wallet): work it verifies is paid there, and it never verifies that account's work."""
+    pool: dict[NodeLink, None] | None = field(default=None, repr=False)
+    """The dispatcher's nodes with credit (`Dispatcher.free`): kept by `credit`'s setter."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        object.__setattr__(self, name, value)
+        if name == "credit":
+            pool = self.__dict__.get("pool")
+            if pool is not None:
+                if value > 0:  # type: ignore[operator]
+                    pool[self] = None
+                else:
+                    pool.pop(self, None)
 
     @property
     def payee(self) -> str:

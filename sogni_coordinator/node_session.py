@@ -20,8 +20,9 @@ timeout, a replaced stream), it sends `Goodbye(reason)` first (1 s at most), so 
 that reason rather than a closed stream; not when the node said goodbye, the stream broke,
 or the coordinator is shutting down.
 
-Backpressure: the outbox is bounded (`outbox_size`). Offers need credit, so at most `slots`
-are outstanding; cancels are at most two per job held; so a full outbox means the node has
+Backpressure: the outbox is bounded (`outbox_size`; the writer takes up to `_WRITE_BATCH`
+more off it for one stream write). Offers need credit, so at most `slots + 1` are
+outstanding; cancels are at most two per job held; so a full outbox means the node has
 stopped reading. Then the dispatcher's non-blocking send fails: an offer is not made (the job
 stays queued and the node's credit drops to zero), a cancel is not queued (the node is
 past saving: its writer times out within 30 s and its jobs are re-queued). A `ResultAck` is
@@ -43,6 +44,7 @@ from sogni_coordinator.dispatch import Dispatcher, Refusal, ResultRefused
 from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.standing import StandingCache
 from sogni_net import Channel, ReadTimeout, TransportError
+from sogni_net.channel import send_all
 from sogni_protocol import eip712
 from sogni_protocol.crashpoints import crashpoint
 from sogni_protocol.errors import ProtocolError
@@ -223,19 +225,36 @@ async def _warm_standing(dispatcher: Dispatcher, wallet: str) -> None:
         await standing.warm(wallet)
 
 
+_WRITE_BATCH = 64
+"""At most this many queued messages go to a node in one stream write."""
+
+
+def _limit(msg: Message) -> int:
+    large = isinstance(msg, VerifyStep | VerifyDecode)  # latents may pass 64 KiB
+    return RESULT_FRAME_LIMIT if large else CONTROL_FRAME_LIMIT
+
+
 async def _writer(
     channel: Channel, outbox: trio.MemoryReceiveChannel[Message], interval: float
 ) -> str:
     seq = 0
+    # A stand-in channel (tests) writes one frame at a time: batching would only take
+    # messages off the bounded outbox early.
+    batching = hasattr(channel, "send_many")
     while True:
         with trio.move_on_after(interval):
             try:
                 msg = await outbox.receive()
             except trio.EndOfChannel:
                 return "node replaced or removed"
-            large = isinstance(msg, VerifyStep | VerifyDecode)  # latents may pass 64 KiB
-            limit = RESULT_FRAME_LIMIT if large else CONTROL_FRAME_LIMIT
-            await channel.send(msg, limit=limit, timeout=30.0)
+            batch = [(msg, _limit(msg))]  # everything queued now leaves in one write
+            while batching and len(batch) < _WRITE_BATCH:
+                try:
+                    more = outbox.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                batch.append((more, _limit(more)))
+            await send_all(channel, batch, timeout=30.0)
             continue
         seq += 1
         await channel.send(Heartbeat(seq=seq), timeout=interval * 3)
@@ -324,3 +343,4 @@ async def _on_result(channel: Channel, link: NodeLink, dispatcher: Dispatcher, m
     crashpoint("coordinator_before_ack")
     await channel.send(ack, timeout=ACK_TIMEOUT)  # backpressure: see the module docstring
     crashpoint("coordinator_after_ack")
+    dispatcher.result_acked(link)  # the result gave its credit back: no Ready needed

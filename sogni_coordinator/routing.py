@@ -77,31 +77,45 @@ class Router:
         network: str | None = None,
     ) -> NodeLink | None:
         """Weighted random capable node with a free slot; at most 16 nodes per request.
-        `network` picks among another tier's nodes (a free upgrade: staking_benefits.py)."""
+        `network` picks among another tier's nodes (a free upgrade: staking_benefits.py).
+
+        `nodes` is usually the dispatcher's pool of nodes with credit (`Dispatcher.free`),
+        so a pick looks only at nodes that can take an offer now: O(1) while the network is
+        busy. A node with an idle slot goes before one that would hold the offer in hand
+        (pipelined credit), and a request at its node cap gives no offer-in-hand while a
+        capable idle node waits outside the cap: the busy node then drains, and the request
+        moves on to the idle one (every node gets work, as without pipelining)."""
         p = job.params
         tier = network or job.network
-        candidates: list[NodeLink] = []
-        stake_weights: list[float] = []
+        idle: list[tuple[NodeLink, float]] = []
+        ahead: list[tuple[NodeLink, float]] = []
+        capped = len(in_use) >= MAX_NODES_PER_REQUEST
+        outside_idle = False
         for link in nodes:
-            if (
-                link.credit <= 0
-                or link in job.holders
-                or (link not in in_use and len(in_use) >= MAX_NODES_PER_REQUEST)
-            ):
+            if link.credit <= 0 or link in job.holders:
+                continue
+            busy = len(link.inflight) >= link.slots
+            outside = link not in in_use and capped
+            if outside and (busy or outside_idle):
                 continue
             networks, stake_weight = self.classify(link.device, link.wallet)  # once per node
             if tier in networks and self._fits(link, p):
-                candidates.append(link)
-                stake_weights.append(stake_weight)
+                if outside:
+                    outside_idle = True
+                elif busy:
+                    ahead.append((link, stake_weight))
+                else:
+                    idle.append((link, stake_weight))
+        candidates = idle or ([] if outside_idle else ahead)
         if not candidates:
             return None
         if len(candidates) == 1:
-            return candidates[0]
+            return candidates[0][0]
         now = (self.clock or time.time)()
         weights = [
             self.reputation.get(link.wallet).score(now, link.connected_at)
             * stake_weight
             * (WARM_BONUS if p.model_id in link.warm else 1.0)
-            for link, stake_weight in zip(candidates, stake_weights, strict=True)
+            for link, stake_weight in candidates
         ]
-        return (self.rng or random).choices(candidates, weights=weights)[0]
+        return (self.rng or random).choices([c[0] for c in candidates], weights=weights)[0]

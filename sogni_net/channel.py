@@ -15,11 +15,17 @@ Why the channel owns two background tasks (a reader "pump" and a writer) instead
   bytes and the next `receive` continues where the stream is.
 * The pump reads in its own loop: py-libp2p's `read_exactly` with its default `retry_count`
   gives up on healthy streams above a few hundred KB.
+* The writer writes every frame queued when it wakes in ONE `stream.write` (up to
+  `_BATCH_BYTES`): each py-libp2p write costs a yamux frame, a Noise encryption, a trio lock
+  round and a socket send whatever its size, so under load small frames (acks, offers,
+  images to a client) ride together instead of paying that per frame. `send_many` queues
+  several frames at once so they leave in one write; `writes` counts the writes.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal
@@ -44,6 +50,9 @@ _READ_AHEAD = 4 << 20
 Generous because a py-libp2p yamux writer whose send window stays shut for 5 s fails the
 write: a typical result frame should fit even while the receiving task is busy elsewhere.
 """
+
+_BATCH_BYTES = 1 << 20
+"""The writer joins queued frames into one stream write up to about this many bytes."""
 
 _RESET_WAIT = 1.0
 """How long `reset()` waits for the RST to leave before returning anyway."""
@@ -88,6 +97,8 @@ class Channel:
         self._peer_reset = False
         self._fin_sent = False
         self._finished = trio.Event()
+        self.writes = 0
+        """Data writes made to the stream (each may carry several frames)."""
 
     # --- lifecycle ---------------------------------------------------------------------
     def _start(self, nursery: trio.Nursery) -> None:
@@ -179,6 +190,27 @@ class Channel:
         """Send one typed message as one frame; `FrameTooLarge` if it exceeds `limit`."""
         await self._send_bytes(encode_frame(encode(message), limit), timeout)
 
+    async def send_many(
+        self, frames: Sequence[tuple[Message, int]], *, timeout: float = 10.0
+    ) -> None:
+        """Send several `(message, limit)` frames, queued together so that they leave in one
+        stream write; returns when all are written. `FrameTooLarge` before any is queued."""
+        payloads = [encode_frame(encode(message), limit) for message, limit in frames]
+        await self.send_frames(payloads, timeout=timeout)
+
+    async def send_frames(self, frames: Sequence[bytes], *, timeout: float = 10.0) -> None:
+        """Send already framed payloads (`encode_frame`) together, in one write if they fit."""
+        if not frames:
+            return
+        if self._send_end is not None:
+            raise ChannelClosed(self._send_end)
+        ops = [_WriteOp("data", frame) for frame in frames]
+        for op in ops:
+            if not self._enqueue(op):
+                raise ChannelClosed(self._send_end or "channel is closed")
+        for op in ops:
+            await self._wait_written(op, timeout)
+
     async def send_raw(
         self, payload: bytes, *, limit: int = CONTROL_FRAME_LIMIT, timeout: float = 10.0
     ) -> None:
@@ -195,6 +227,9 @@ class Channel:
         op = _WriteOp("data", data)
         if not self._enqueue(op):
             raise ChannelClosed(self._send_end or "channel is closed")
+        await self._wait_written(op, timeout)
+
+    async def _wait_written(self, op: _WriteOp, timeout: float) -> None:
         try:
             with trio.fail_after(timeout):
                 await op.done.wait()
@@ -359,15 +394,24 @@ class Channel:
 
     async def _writer(self) -> None:
         with self._ops_recv:
-            async for op in self._ops_recv:
+            pending: _WriteOp | None = None
+            while True:
+                if pending is not None:
+                    op, pending = pending, None
+                else:
+                    try:
+                        op = await self._ops_recv.receive()
+                    except trio.EndOfChannel:
+                        break
                 if op.kind == "data" and self._aborted:
                     op.error = ChannelClosed(self._send_end or "channel reset")
                     op.done.set()
                     continue
+                if op.kind == "data":
+                    pending = await self._write_batch(op)
+                    continue
                 try:
-                    if op.kind == "data":
-                        await self._stream.write(op.data)
-                    elif op.kind == "fin":
+                    if op.kind == "fin":
                         # NetStream.close_write is a yamux half-close (FIN); INetStream
                         # does not declare it, and close() would also drop the stream.
                         await getattr(self._stream, "close_write", self._stream.close)()
@@ -376,16 +420,15 @@ class Channel:
                         await self._stream.reset()
                 except Exception as exc:
                     op.error = exc
-                    if op.kind == "data":
-                        # A failed frame may be half-written: the stream cannot be used again.
-                        self._reset_nowait(f"write failed ({describe(exc)})")
                 finally:
                     op.done.set()
-                if op.kind != "data":
-                    break
+                break
             # Our side is finished: anything queued behind the FIN/RST (a late reset()) is
             # moot; `_release` sends the RST if one was asked for.
             self._ops_send.close()
+            if pending is not None:
+                pending.error = ChannelClosed(self._send_end or "channel is closed")
+                pending.done.set()
             while True:
                 try:
                     leftover = self._ops_recv.receive_nowait()
@@ -393,6 +436,41 @@ class Channel:
                     break
                 leftover.error = ChannelClosed(self._send_end or "channel is closed")
                 leftover.done.set()
+
+    async def _write_batch(self, first: _WriteOp) -> _WriteOp | None:
+        """Write `first` and every data frame queued behind it (up to `_BATCH_BYTES`) in one
+        stream write; returns the op that stopped the batch (a FIN or RST), if any.
+
+        One cancel-shielded yield first, so frames queued by tasks already runnable (the
+        reader's ack, the dispatcher's next offer, a burst of images) join this write."""
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        batch = [first]
+        size = len(first.data)
+        stop: _WriteOp | None = None
+        while size < _BATCH_BYTES:
+            try:
+                op = self._ops_recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if op.kind != "data":
+                stop = op
+                break
+            batch.append(op)
+            size += len(op.data)
+        try:
+            self.writes += 1
+            await self._stream.write(
+                first.data if len(batch) == 1 else b"".join(op.data for op in batch)
+            )
+        except Exception as exc:
+            for op in batch:
+                op.error = exc
+            # A failed write may be half-done: the stream cannot be used again.
+            self._reset_nowait(f"write failed ({describe(exc)})")
+        finally:
+            for op in batch:
+                op.done.set()
+        return stop
 
     async def _release(self) -> None:
         """Drop the stream from py-libp2p's bookkeeping; RST it if the peer never closed."""
@@ -414,3 +492,16 @@ def _window_stalled(exc: BaseException | None) -> bool:
             return True
         exc = exc.__cause__
     return False
+
+
+async def send_all(
+    channel: Channel, frames: Sequence[tuple[Message, int]], *, timeout: float = 10.0
+) -> None:
+    """`channel.send_many(frames)`; a stand-in channel without it (tests, benchmarks) gets
+    the frames one `send` at a time."""
+    many = getattr(channel, "send_many", None)
+    if many is not None:
+        await many(frames, timeout=timeout)
+        return
+    for message, limit in frames:
+        await channel.send(message, limit=limit, timeout=timeout)

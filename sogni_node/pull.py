@@ -60,11 +60,12 @@ from sogni_node.render.backend import RenderCancelled
 from sogni_node.render.trajectory import StepOpening
 from sogni_node.trajectory_files import TrajectoryFiles
 from sogni_node.trust import TrustedKeys, TrustFileError
-from sogni_node.worker import NoFreeSlot, Running, Worker
+from sogni_node.worker import LOOKAHEAD, NoFreeSlot, Running, Worker
 from sogni_protocol import eip712
 from sogni_protocol.crashpoints import crashpoint
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.errors import ProtocolError
+from sogni_protocol.framing import encode_frame
 from sogni_protocol.ids import (
     CONTROL_FRAME_LIMIT,
     JOBS_PROTOCOL,
@@ -118,6 +119,12 @@ _READ_LIMIT = RESULT_FRAME_LIMIT
 """What the coordinator may send in one frame: a `VerifyStep` carries a committed latent
 (64 KiB at 512 x 512, more with multistep state), above a control frame."""
 
+_WRITE_BATCH = 64
+"""At most this many queued messages leave in one stream write."""
+
+PROGRESS_INTERVAL = 0.5
+"""Seconds between progress frames of one job (none for its last step)."""
+
 P = ParamSpec("P")
 T = TypeVar("T")
 _Reply = TypeVar("_Reply", StepVerified, DecodeVerified)
@@ -147,6 +154,10 @@ class _Job:
     offer_hash: bytes
     run: Running | None
     """The claimed slot; None until the job needs one (a kept result needs none)."""
+    in_hand: bool = False
+    """Accepted with every slot busy: it waits for the next free slot (pipelined credit)."""
+    recorded: bool = False
+    """Its signed offer is journaled (done while in hand, so the render starts at once)."""
 
     @property
     def id(self) -> bytes:
@@ -204,7 +215,17 @@ class PullSession:
             pass  # the session is over; a kept result waits for the re-offer
 
     def offer_ready(self) -> None:
-        self.send(Ready(slots=self.worker.free_slots, warm_models=self.worker.warm_models()))
+        self.send(Ready(slots=self.capacity(), warm_models=self.worker.warm_models()))
+
+    def capacity(self) -> int:
+        """Offers this session may hold, its own included: every slot plus `LOOKAHEAD` in
+        hand, less what other sessions' jobs hold; 0 while draining. A coordinator that does
+        not pipeline caps it at `slots` (and counts its offers in flight against it)."""
+        if self.worker.draining:
+            return 0
+        others = sum(1 for j in self.worker.running if j not in self.jobs)
+        others += sum(1 for j in self.worker.in_hand if j not in self.jobs)
+        return max(0, self.worker.slots + LOOKAHEAD - others)
 
     async def run(
         self, jobs: trio.Nursery | None = None, slot_freed: Callable[[], None] | None = None
@@ -223,6 +244,7 @@ class PullSession:
         finally:
             self._out_send.close()
             self.closed.set()
+            self.worker.wake()  # its offers in hand give up: the coordinator re-queued them
 
     async def _run(self, jobs: trio.Nursery) -> None:
         channel = await self.host.open_channel(self.addr, JOBS_PROTOCOL, timeout=10.0)
@@ -309,6 +331,8 @@ class PullSession:
 
     # --- the stream ----------------------------------------------------------------------
     async def _writer(self, channel: Channel) -> None:
+        """Everything queued when it wakes leaves in one stream write (a result and the
+        `Ready` behind it, a burst of hand-backs): one yamux frame and one Noise record."""
         seq = 0
         while True:
             msg: Message | None = None
@@ -318,11 +342,32 @@ class PullSession:
                 seq += 1
                 await channel.send(Heartbeat(seq=seq), timeout=self.heartbeat_timeout)
                 continue
-            await self._write(channel, msg)  # never under the heartbeat's timer: a frame
-            if isinstance(msg, Goodbye):  # cut short would break the stream
+            batch = [msg]
+            while len(batch) < _WRITE_BATCH and not isinstance(batch[-1], Goodbye):
+                try:
+                    batch.append(self._out_recv.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            await self._write(channel, batch)  # never under the heartbeat's timer: a frame
+            if isinstance(batch[-1], Goodbye):  # cut short would break the stream
                 return
 
-    async def _write(self, channel: Channel, msg: Message) -> None:
+    async def _write(self, channel: Channel, batch: list[Message]) -> None:
+        frames: list[bytes] = []
+        for msg in batch:
+            frame = self._frame(msg)
+            if frame is not None:
+                frames.append(frame)
+        results = any(isinstance(msg, Result) for msg in batch)
+        if results:
+            crashpoint("node_before_send_result")
+        await channel.send_frames(frames, timeout=60.0)
+        if results:
+            crashpoint("node_after_send_result")
+
+    def _frame(self, msg: Message) -> bytes | None:
+        """`msg` framed for the stream, or None if it is too large for one frame (then what
+        answers it instead is queued: a hand-back or a refusal)."""
         is_result = isinstance(msg, Result)
         large = is_result or isinstance(msg, ChallengeAnswer | StepVerified | DecodeVerified)
         limit = RESULT_FRAME_LIMIT if large else CONTROL_FRAME_LIMIT
@@ -340,12 +385,8 @@ class PullSession:
                         check_id=msg.check_id, reason="answer too large", code="too_large"
                     )
                 )
-            return
-        if is_result:
-            crashpoint("node_before_send_result")
-        await channel.send_raw(payload, limit=limit, timeout=60.0)
-        if is_result:
-            crashpoint("node_after_send_result")
+            return None
+        return encode_frame(payload, limit)
 
     def update_capabilities(self, caps: Capabilities) -> None:
         """What this node renders changed while it runs (a model or LoRA added or removed):
@@ -368,6 +409,7 @@ class PullSession:
             elif isinstance(msg, Cancel):
                 if msg.job_id in self.jobs:  # never another session's job
                     self._cancelled.add(msg.job_id)
+                    self.worker.wake()  # an offer in hand gives up its wait
                     self.worker.cancel(
                         msg.job_id, "cancelled by coordinator", pay_partial=msg.pay_partial
                     )
@@ -679,13 +721,17 @@ class PullSession:
             steps=msg.offer.steps,
         )  # never the parameters: they hold the prompt
         run = None
+        in_hand = False
         try:
             fault = self._check_offer(msg)
             offer_hash = eip712.offer_hash(self.id.domain, msg.offer)
             if fault is None and job_id in self.jobs:
                 fault = "job is already running here"
             elif fault is None and job_id not in self.worker.running:
-                run = self.worker.claim(job_id)  # now, so two offers never race for a slot
+                if self.worker.free_slots > 0 or not self.worker.can_hold():
+                    run = self.worker.claim(job_id)  # now, so two offers never race for a slot
+                else:  # every slot busy: hold it for the next one (pipelined credit)
+                    in_hand = True
             # else: an earlier session's render of this job is still running; _serve waits
         except NoFreeSlot as exc:
             fault = str(exc)
@@ -695,7 +741,9 @@ class PullSession:
             self._decline(job_id, fault)
             return
         self.jobs.add(job_id)
-        jobs.start_soon(self._run_job, _Job(msg, offer_hash, run))
+        if in_hand:
+            self.worker.in_hand.add(job_id)
+        jobs.start_soon(self._run_job, _Job(msg, offer_hash, run, in_hand=in_hand))
 
     def _decline(self, job_id: bytes, reason: str) -> None:
         log.warning("offer_declined", job=job_id.hex()[:16], reason=reason)
@@ -712,6 +760,7 @@ class PullSession:
             steps = job.run.steps_done if job.run is not None else 0
             await self._hand_back(job, steps, "node error", sent_steps=0)
         finally:
+            self.worker.in_hand.discard(job.id)
             if job.run is not None:
                 self.worker.release(job.run)
             self.jobs.discard(job.id)
@@ -738,13 +787,48 @@ class PullSession:
         if job.id in self._cancelled:  # cancelled while it waited for the earlier render
             await self._hand_back(job, 0, "cancelled by coordinator")
             return
-        if job.run is None:
+        if job.in_hand:
+            if not await self._take_from_hand(job):
+                return
+            assert job.run is not None
+        elif job.run is None:
             try:
                 job.run = self.worker.claim(job.id)
             except NoFreeSlot as exc:
                 self._decline(job.id, str(exc))
                 return
         await self._render(job, job.run)
+
+    async def _take_from_hand(self, job: _Job) -> bool:
+        """Wait for a slot for an offer in hand: journal the offer first (so the render
+        starts the moment a slot frees), then claim the slot. The offer goes back (HandBack)
+        if its deadline passes first, the coordinator cancels it, or the node drains."""
+        offer = job.msg.offer
+        await _off_loop(self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature)
+        job.recorded = True
+        reason = "offer expired before a slot was free"
+        with trio.move_on_at(trio.current_time() + max(0.0, offer.deadline - time.time())):
+            while job.id not in self._cancelled and not self.closed.is_set():
+                if self.worker.draining:
+                    reason = "node is shutting down"
+                    break
+                if self.worker.free_slots > 0:
+                    job.run = self.worker.claim(job.id)
+                    break
+                await self.worker.changed()
+        self.worker.in_hand.discard(job.id)
+        if job.run is not None and job.id not in self._cancelled and not self.closed.is_set():
+            return True
+        if job.id in self._cancelled:
+            reason = "cancelled by coordinator"
+        elif self.closed.is_set():  # the coordinator re-queued it when the stream broke
+            reason = "session ended before a slot was free"
+        if job.run is not None:
+            self.worker.release(job.run)
+            job.run = None
+        await self._hand_back(job, 0, reason)
+        log.info("job_handed_back", job=job.tag, steps=0, reason=reason)
+        return False
 
     async def _render(self, job: _Job, run: Running) -> None:
         finishing = self.worker.finishing[job.id] = trio.Event()
@@ -757,10 +841,21 @@ class PullSession:
 
     async def _render_and_keep(self, job: _Job, run: Running) -> None:
         offer = job.msg.offer
-        await _off_loop(self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature)
+        if not job.recorded:
+            await _off_loop(
+                self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature
+            )
+
+        last = [time.monotonic()]
 
         def on_step(step: int) -> None:
-            self.send(Progress(job_id=offer.job_id, step=step))
+            # At most one progress frame per PROGRESS_INTERVAL, none for the last step (the
+            # result follows): a client's progress bar needs no more, and a frame per step
+            # was most of the frames a fast job cost the coordinator.
+            now = time.monotonic()
+            if step < offer.steps and now - last[0] >= PROGRESS_INTERVAL:
+                last[0] = now
+                self.send(Progress(job_id=offer.job_id, step=step))
 
         try:
             out = await self.worker.render(run, job.msg.params, on_step)

@@ -26,6 +26,11 @@ class NoFreeSlot(Exception):
     pass
 
 
+LOOKAHEAD = 1
+"""Offers the node holds beyond its slots (pipelined credit): the next job is in hand when a
+render ends, so a slot never idles for the result -> ack -> next offer round trip."""
+
+
 @dataclass(eq=False)
 class Running:
     job_id: bytes
@@ -68,9 +73,12 @@ class Worker:
         self.finishing: dict[bytes, trio.Event] = {}
         """Jobs rendered or rendering whose result is not yet kept on disk (the slot is free
         once the render ends; a re-offer of the job must wait for the kept result)."""
-        self.draining = False
+        self._draining = False
         self._idle = trio.Event()
         self._idle.set()
+        self.in_hand: set[bytes] = set()
+        """Offers accepted without a free slot, waiting for one (at most `LOOKAHEAD`)."""
+        self._slot_lot = trio.lowlevel.ParkingLot()
 
     def lora_ids(self) -> list[str]:
         """LoRAs to advertise: none when the backend cannot apply them."""
@@ -85,6 +93,28 @@ class Worker:
     @property
     def free_slots(self) -> int:
         return 0 if self.draining else max(0, self.slots - len(self.running))
+
+    @property
+    def draining(self) -> bool:
+        """Shutting down: no new jobs; offers in hand are handed back."""
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._draining = value
+        self.wake()
+
+    def can_hold(self) -> bool:
+        """May one more offer wait here for a slot?"""
+        return not self.draining and len(self.in_hand) < LOOKAHEAD
+
+    async def changed(self) -> None:
+        """Wait until a slot frees or `wake` is called (an offer in hand looks again)."""
+        await self._slot_lot.park()
+
+    def wake(self) -> None:
+        """Let offers in hand look again (a slot freed, a cancel, draining)."""
+        self._slot_lot.unpark_all()
 
     def claim(self, job_id: bytes) -> Running:
         """Reserve a slot now (synchronously), so two offers never race for the last one."""
@@ -139,6 +169,7 @@ class Worker:
             del self.running[run.job_id]
             if not self.running:
                 self._idle.set()
+            self._slot_lot.unpark_all()
         run.ended.set()
 
     def cancel(self, job_id: bytes, reason: str, *, pay_partial: bool = False) -> bool:

@@ -424,8 +424,10 @@ class CapabilitiesUpdate(_Message, tag="capabilitiesUpdate", kw_only=True):
 
 
 class Ready(_Message, tag="ready", kw_only=True):
-    """The node can take `slots` more offers (credit-based flow control); `warm_models` are
-    loaded now, so jobs for them start without a load."""
+    """Credit-based flow control: how many offers the node can hold, those in flight
+    included. A pipelining node says its slots + 1 (one offer in hand while it renders; the
+    coordinator then returns a credit with each acked result); an older node says its free
+    slots. `warm_models` are loaded now, so jobs for them start without a load."""
 
     slots: Slots
     warm_models: Annotated[list[ModelId], Meta(max_length=64)] = []

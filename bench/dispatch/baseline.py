@@ -24,6 +24,8 @@ from sogni_coordinator.billing import Billing
 from sogni_coordinator.dispatch import Dispatcher
 from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.ledger import Ledger
+from sogni_coordinator.reputation import Reputation
+from sogni_coordinator.routing import Router
 from sogni_coordinator.store import Store
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
@@ -164,12 +166,16 @@ async def _baseline(
     domain = Domain(DEFAULT_CHAIN_ID, UNDEPLOYED_CONTRACT)
     signer = Account.create()
     billing, ledger = _billing(workdir, domain) if paid else (None, None)
+    # As the coordinator runs it (`cli.py`): reputation in the store's file, so its updates
+    # join the group commit's writes instead of one transaction per job on the event loop.
+    reputation = Reputation(workdir / "baseline.db")
     dispatcher = Dispatcher(
         store,
         signer_key=bytes(signer.key),
         signer_address=signer.address,
         domain=domain,
         billing=billing,
+        router=Router(reputation),
     )
     payer = Account.create()
     if ledger is not None:  # enough paid Spark for every job
@@ -276,6 +282,7 @@ async def _baseline(
     micro = _micro(store, bytes(signer.key), dispatcher.address, domain, wallets[0], image)
     if ledger is not None:
         ledger.close()
+    reputation.close()
     store.close()
     return Baseline(n_jobs, coordinator, dict(parts), micro, counts["picks"], counts["matches"])
 

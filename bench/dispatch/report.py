@@ -147,7 +147,36 @@ def render_markdown(report: Report) -> str:
     elif report.profile_error:
         lines += [f"(No profile: {report.profile_error}.)", ""]
     lines += [_interpretation(report), ""]
+    lines += _floor(report)
     return "\n".join(lines)
+
+
+def _floor(report: Report) -> list[str]:
+    """Is py-libp2p's per-frame cost the wall? The same small frames over raw trio + Noise's
+    cipher (`bench.dispatch.transport_floor`), measured after the rounds."""
+    floor = getattr(report, "floor", None)
+    if not floor:
+        return []
+    us = {name: seconds * 1e6 for name, seconds in floor}
+    one, batched, raw_one, raw_batched = (us[name] for name, _ in floor)
+    return [
+        "Transport floor (`python -m bench.dispatch.transport_floor`): CPU per 200-byte "
+        "frame, both ends of one stream in one process (the coordinator pays one end):",
+        "",
+        common.table(("way", "CPU us per frame"), [(n, f"{v:.1f}") for n, v in us.items()]),
+        "",
+        f"py-libp2p costs {one / raw_one:.0f}x a raw trio socket with the same AEAD per frame "
+        f"when each frame is its own write ({one:.0f} vs {raw_one:.0f} us), and "
+        f"{batched / raw_batched:.0f}x when frames share writes ({batched:.0f} vs "
+        f"{raw_batched:.1f} us): batching queued frames (this section's channels) removes "
+        f"most of it, and what is left is py-libp2p's per-write path (yamux frame and window "
+        f"bookkeeping, Noise's msgio framing, trio locks and events in Python). Lifting it "
+        f"further means leaving that path for the hot streams: one long-lived stream per node "
+        f"with our own framing straight over the Noise-secured connection (no yamux per "
+        f"frame), or the muxer and Noise in native code (a Rust libp2p via PyO3, or "
+        f"js-libp2p's), where a frame costs what the raw row shows.",
+        "",
+    ]
 
 
 def _paid_rows(report: Report, free_rate: float) -> list[tuple[str, str]]:
@@ -243,15 +272,16 @@ def _interpretation(report: Report) -> str:
         f"{FLOOR_JOBS_PER_S:.0f} jobs/s floor and {rate / base.jobs_per_s:.2f} of the "
         f"{base.jobs_per_s:.0f} jobs/s the coordinator's own work allows.",
         f"That work costs {busy_us:.0f} us of loop time per job: {per_job_us(PART_LOOP):.0f} us in "
-        f"`Dispatcher.run` (`_match` calls `Router.pick`, O(nodes), for each queued job it "
-        f"looks at: {picks:.0f} per job here{walk}, plus signing the offer), "
+        f"`Dispatcher.run` (`_match` calls `Router.pick` over the nodes with credit only, "
+        f"for each queued job it looks at: {picks:.0f} per job here{walk}, plus signing the "
+        f"offer), "
         f"{per_job_us(PART_READER):.0f} us handling results (ECDSA recovery, bookkeeping); "
         f"{commit} ({commit_us:.0f} us per single commit).",
         f"Networked, the coordinator uses {coord_ms:.1f} ms of CPU per job, so about "
-        f"{transport_ms:.1f} ms goes to the ~7 frames per job (offer, progress x2, result, "
-        f"ack, ready, image) crossing py-libp2p: Noise, yamux, trio locks and wake-ups, a "
-        f"socket send per frame. With a core to itself it would manage ~{capacity:.0f} "
-        f"jobs/s.",
+        f"{transport_ms:.1f} ms goes to the frames per job (offer, result + ready, ack, "
+        f"image; no per-step progress) crossing py-libp2p: Noise, yamux, trio locks and "
+        f"wake-ups, a socket send per write (queued frames share one). With a core to itself "
+        f"it would manage ~{capacity:.0f} jobs/s.",
         f"All processes together need {ours_ms:.1f} ms of CPU per job (the simulated nodes "
         f"and the client pay the same per-frame costs), so {cores} cores cap this test near "
         f"{cores * 1000 / ours_ms:.0f} jobs/s on an idle machine; during the rounds the machine "
@@ -293,8 +323,8 @@ def _interpretation(report: Report) -> str:
             f"Latency is queueing (all {report.settings.jobs} jobs are accepted at once and "
             f"drain in {med(lambda r: r.wall):.0f} s), and images reach the client well after "
             f"their receipts (p50 {common.median(receipted):.0f} ms to the receipt, "
-            f"{med(lambda r: _ms(r.latencies, 50)):.0f} ms to the client): a client stream "
-            f"writes one frame at a time and waits for each write, so while 50 node streams "
-            f"keep the loop busy the images pile up in the request's queue."
+            f"{med(lambda r: _ms(r.latencies, 50)):.0f} ms to the client; a client stream "
+            f"writes every image ready at once in one write, so what is left between receipt "
+            f"and client is the loop's turn for that stream among 50 node streams)."
         )
     return " ".join(text)

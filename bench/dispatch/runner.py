@@ -14,6 +14,7 @@ import trio.testing
 
 from bench import _common as common
 from bench import _profile
+from bench.dispatch import transport_floor
 from bench.dispatch._parts import Settings
 from bench.dispatch.baseline import Baseline, run_baseline
 from bench.dispatch.network import Network, Round, run_round, start_network
@@ -34,6 +35,8 @@ class Report:
     """The baseline with billing on: signed payer, reservation, settlement per receipt."""
     paid_rounds: list[Round]
     """Networked rounds of paid requests (billing on), interleaved with the free ones."""
+    floor: list[tuple[str, float]] | None = None
+    """CPU seconds per small frame: py-libp2p vs raw trio + Noise's cipher (`transport_floor`)."""
 
 
 def _print_round(label: str, r: Round) -> None:
@@ -101,6 +104,10 @@ def run(settings: Settings, command: str) -> Report:
             _print_round(f"round {r + 1}, paid", paid)
         if settings.profile and profile is None:
             profile = _cprofile_round(net, settings)
+        for proc in reversed(procs):  # the floor is measured on a quiet machine
+            proc.stop()
+        print("dispatch: transport floor (py-libp2p vs raw trio + ChaCha20-Poly1305)")
+        floor = transport_floor.measure()
         return Report(
             settings,
             baseline,
@@ -112,6 +119,7 @@ def run(settings: Settings, command: str) -> Report:
             startup,
             paid_baseline,
             paid_rounds,
+            floor,
         )
     finally:
         for proc in reversed(procs):

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TypeVar
 
 import pytest
@@ -240,3 +241,24 @@ def test_a_lost_connection_fails_one_call_and_the_next_reconnects(pg_url: str) -
         assert ledger.balance(ALICE)["spark_paid"] == 3 * M
     finally:
         ledger.close()
+
+
+def test_a_dispatcher_on_a_server_keeps_its_results_out_of_the_working_folder(
+    pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from eth_account import Account
+
+    from sogni_app.api import DEFAULT_DOMAIN
+    from sogni_coordinator.dispatch import Dispatcher
+
+    monkeypatch.chdir(tmp_path)  # a URL once became a folder named "postgresql:" here
+    store = Store(pg_url)
+    try:
+        signer = Account.create()
+        key, address = bytes(signer.key), signer.address
+        domain = DEFAULT_DOMAIN
+        dispatcher = Dispatcher(store, signer_key=key, signer_address=address, domain=domain)
+        assert "postgresql" not in str(dispatcher.results.root)
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        store.close()
