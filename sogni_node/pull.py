@@ -123,7 +123,8 @@ _WRITE_BATCH = 64
 """At most this many queued messages leave in one stream write."""
 
 PROGRESS_INTERVAL = 0.5
-"""Seconds between progress frames of one job (none for its last step)."""
+"""Seconds between progress frames of one job: its first step always (a listening client
+sees it start), then at most one per interval, none for its last step."""
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -846,12 +847,12 @@ class PullSession:
                 self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature
             )
 
-        last = [time.monotonic()]
+        last = [float("-inf")]  # the first step always goes out
 
         def on_step(step: int) -> None:
-            # At most one progress frame per PROGRESS_INTERVAL, none for the last step (the
-            # result follows): a client's progress bar needs no more, and a frame per step
-            # was most of the frames a fast job cost the coordinator.
+            # The first step, then at most one frame per PROGRESS_INTERVAL, none for the last
+            # step (the result follows): a client's progress bar needs no more, and a frame
+            # per step was most of the frames a fast job cost the coordinator.
             now = time.monotonic()
             if step < offer.steps and now - last[0] >= PROGRESS_INTERVAL:
                 last[0] = now

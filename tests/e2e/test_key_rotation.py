@@ -109,7 +109,9 @@ async def test_rotated_key_keeps_in_flight_work_and_nodes_follow_it(
                 await channel.send(tiny_request(3))
                 accepted = await channel.receive(timeout=10)
                 assert isinstance(accepted, RequestAccepted)
-                await slow.nth_started.wait()  # image 1 receipted, image 2 mid-render
+                await slow.nth_started.wait()  # image 2 mid-render (pipelined: it may start
+                # before image 1's result is committed, so wait for that receipt)
+                await until(lambda: running.dispatcher.store.counts().get("done", 0) == 1, 10)
                 first.cancel_scope.cancel()  # the coordinator stops here
 
             done = await trio.to_thread.run_sync(

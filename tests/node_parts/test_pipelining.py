@@ -138,7 +138,10 @@ async def test_no_progress_frame_per_step(tmp_path: Path) -> None:
         for seed in (1, 2, 3):
             await link.channel.send(coord.offer(seed))
         seen = await collect(link, 3, Result, HandBack)
-        assert [type(m) for m in seen] == [Result] * 3  # no Progress: nobody needs 9 frames
+        # one Progress per job (its first step: a listening client sees it start), not one
+        # per step: nobody needs 9 frames
+        assert sorted(type(m).__name__ for m in seen) == ["Progress"] * 3 + ["Result"] * 3
+        assert {m.step for m in seen if isinstance(m, Progress)} == {1}
         link.done.set()
 
 
