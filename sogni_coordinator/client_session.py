@@ -197,9 +197,11 @@ async def _read_client(
 async def _answer_account(
     channel: Channel, dispatcher: Dispatcher, req: DailyBoostClaim | BalanceQuery
 ) -> None:
-    """A payer's Daily Boost claim or balance query: one answer, then the stream closes."""
+    """A payer's Daily Boost claim or balance query: one answer, then the stream closes.
+    In a worker thread: on PostgreSQL the ledger's reads and the boost's write are round
+    trips to the server, which must not stall the event loop."""
     try:
-        reply = dispatcher.account(req, channel.remote_peer_id)
+        reply = await trio.to_thread.run_sync(dispatcher.account, req, channel.remote_peer_id)
     except Refusal as exc:
         log.info("account_request_refused", kind=type(req).__name__, code=exc.code)
         await _refuse(channel, exc.code, exc.reason)
