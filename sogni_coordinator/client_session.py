@@ -23,6 +23,7 @@ import trio
 
 from sogni_coordinator.delivery import Cursor, short
 from sogni_coordinator.dispatch import Dispatcher, Refusal
+from sogni_coordinator.final_reply import send_final_reply
 from sogni_coordinator.referral_intake import serve_referral
 from sogni_coordinator.report_intake import serve_report
 from sogni_net import Channel, ChannelClosed, ReadTimeout, TransportError
@@ -206,14 +207,7 @@ async def _answer_account(
         log.info("account_request_refused", kind=type(req).__name__, code=exc.code)
         await _refuse(channel, exc.code, exc.reason)
         return
-    try:
-        await channel.send(reply)
-    except TransportError as exc:
-        log.info("client_gone", error=type(exc).__name__)
-    finally:
-        with trio.move_on_after(1) as scope:
-            scope.shield = True
-            await channel.close()
+    await send_final_reply(channel, reply, log)
 
 
 async def _refuse(channel: Channel, code: str, reason: str) -> None:

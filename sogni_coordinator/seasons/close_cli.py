@@ -14,20 +14,24 @@ if TYPE_CHECKING:
 
 app = typer.Typer(help="Season prizes: the airdrop epoch at season end.", no_args_is_help=True)
 
+ConfigOpt = Annotated[
+    Path | None, typer.Option("--config", "-c", help="Coordinator TOML config.", exists=True)
+]
+CatalogOpt = Annotated[
+    Path | None,
+    typer.Option(help="Catalog TOML dating the seasons and setting their prize pools."),
+]
+ChainUrlOpt = Annotated[
+    str | None, typer.Option(help="The shared chain's JSON-RPC url (default: chain_url).")
+]
+
 
 @app.command("close")
 def season_close(
     season: Annotated[int, typer.Argument(help="The season number (it must have ended).")],
-    config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="Coordinator TOML config.", exists=True)
-    ] = None,
-    catalog: Annotated[
-        Path | None,
-        typer.Option(help="Catalog TOML dating the seasons and setting their prize pools."),
-    ] = None,
-    chain_url: Annotated[
-        str | None, typer.Option(help="The shared chain's JSON-RPC url (default: chain_url).")
-    ] = None,
+    config: ConfigOpt = None,
+    catalog: CatalogOpt = None,
+    chain_url: ChainUrlOpt = None,
     keystore: Annotated[
         Path | None,
         typer.Option(
@@ -125,16 +129,9 @@ def season_cap(
         int | None,
         typer.Option(help="The cap in whole SOGNI (default: the season's five prize pools)."),
     ] = None,
-    config: Annotated[
-        Path | None, typer.Option("--config", "-c", help="Coordinator TOML config.", exists=True)
-    ] = None,
-    catalog: Annotated[
-        Path | None,
-        typer.Option(help="Catalog TOML dating the seasons and setting their prize pools."),
-    ] = None,
-    chain_url: Annotated[
-        str | None, typer.Option(help="The shared chain's JSON-RPC url (default: chain_url).")
-    ] = None,
+    config: ConfigOpt = None,
+    catalog: CatalogOpt = None,
+    chain_url: ChainUrlOpt = None,
     password_env: Annotated[
         str, typer.Option(help="Variable holding --keystore's password.")
     ] = "SOGNI_GOVERNANCE_PASSWORD",
