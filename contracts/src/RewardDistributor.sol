@@ -6,7 +6,6 @@ import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol
 import {AccessControlDefaultAdminRules} from
     "@openzeppelin/contracts/access/extensions/AccessControlDefaultAdminRules.sol";
 import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
-import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
 import {SignatureChecker} from "@openzeppelin/contracts/utils/cryptography/SignatureChecker.sol";
 import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
 
@@ -74,6 +73,13 @@ contract RewardDistributor is AccessControlDefaultAdminRules, EIP712 {
     bool private _paused;
     uint96 private _totalClaimed;
     uint96 private _latestTotal;
+    // Bit positions in that slot (Solidity packs the five in declaration order from bit 0);
+    // `_claim` reads and writes the whole slot at once. tests/chain/test_claim_gas_paths.py
+    // checks every field through its view after claims.
+    uint256 private constant _DELAY_SHIFT = 32;
+    uint256 private constant _PAUSED_SHIFT = 56;
+    uint256 private constant _CLAIMED_SHIFT = 64;
+    uint256 private constant _LATEST_TOTAL_SHIFT = 160;
 
     // ----- one slot: the settlement key's fast role check and the growth cap it obeys -----
     /// @dev The last account granted SETTLEMENT_ROLE while it still holds it (zero
@@ -298,39 +304,96 @@ contract RewardDistributor is AccessControlDefaultAdminRules, EIP712 {
     }
 
     /// @dev Checks the pause, verifies against the newest matured root and books the claim;
-    ///      pays nothing.
+    ///      pays nothing. Written for gas (docs/CONTRACTS.md, "Storage layout (gas)"): the head
+    ///      slot is read once and written once (`totalClaimed` spliced in), the root is read
+    ///      once, and the leaf and the proof are hashed in scratch memory straight from
+    ///      calldata. Same checks, errors and event as the plain Solidity it replaced.
     function _claim(address account, uint256 cumulativeAmount, bytes32[] calldata proof)
         private
         returns (uint256 epoch, uint256 amount)
     {
-        if (_paused) revert EnforcedPause();
+        uint256 head;
+        assembly ("memory-safe") {
+            head := sload(_latestEpoch.slot)
+        }
+        if ((head >> _PAUSED_SHIFT) & 0xff != 0) revert EnforcedPause();
+        epoch = uint32(head);
+        if (epoch == 0) revert NoRoot();
         uint256 rootTotal;
-        (epoch, rootTotal) = _matured();
-        bytes32 leaf = keccak256(bytes.concat(keccak256(abi.encode(account, cumulativeAmount))));
-        if (!MerkleProof.verifyCalldata(proof, _roots[epoch % RING], leaf)) revert InvalidProof();
-        uint256 already = claimed[account];
+        uint256 delay = uint24(head >> _DELAY_SHIFT);
+        if (delay == 0) {
+            rootTotal = head >> _LATEST_TOTAL_SHIFT;
+        } else {
+            (epoch, rootTotal) = _maturedUnder(epoch, delay);
+        }
+        if (!_verify(proof, _roots[epoch % RING], _leaf(account, cumulativeAmount))) revert InvalidProof();
+        uint256 slot; // claimed[account], hashed once for the read and the write
+        uint256 already;
+        assembly ("memory-safe") {
+            mstore(0x00, and(account, 0xffffffffffffffffffffffffffffffffffffffff))
+            mstore(0x20, claimed.slot)
+            slot := keccak256(0x00, 0x40)
+            already := sload(slot)
+        }
         if (cumulativeAmount <= already) revert NothingToClaim(account, cumulativeAmount, already);
         unchecked {
             amount = cumulativeAmount - already;
         }
         // An honest tree's leaves never decrease per account, so this never fires; it bounds
         // what a root that moves amounts between accounts could pay out to its `total`.
-        uint256 claimedAfter = _totalClaimed + amount;
+        uint256 claimedAfter = uint96(head >> _CLAIMED_SHIFT) + amount;
         if (claimedAfter > rootTotal) revert ClaimExceedsRootTotal(claimedAfter, rootTotal);
-        claimed[account] = cumulativeAmount;
-        _totalClaimed = uint96(claimedAfter); // <= rootTotal < 2^96
+        // claimedAfter <= rootTotal < 2^96: replace the head's `totalClaimed` bits only; then
+        // claimed[account] = cumulativeAmount
+        assembly ("memory-safe") {
+            let mask := shl(_CLAIMED_SHIFT, 0xffffffffffffffffffffffff)
+            sstore(_latestEpoch.slot, or(and(head, not(mask)), shl(_CLAIMED_SHIFT, claimedAfter)))
+            sstore(slot, cumulativeAmount)
+        }
         emit Claimed(account, epoch, amount, cumulativeAmount);
     }
 
-    /// @dev The newest matured epoch and its total; reverts `NoRoot`/`NotMatured`.
-    function _matured() private view returns (uint256 epoch, uint256 total) {
-        uint256 latest = _latestEpoch;
-        if (latest == 0) revert NoRoot();
-        if (_claimDelay == 0) return (latest, _latestTotal);
-        epoch = maturedEpoch();
+    /// @dev The StandardMerkleTree leaf of (account, cumulativeAmount):
+    ///      `keccak256(bytes.concat(keccak256(abi.encode(account, cumulativeAmount))))`.
+    function _leaf(address account, uint256 cumulativeAmount) private pure returns (bytes32 leaf) {
+        assembly ("memory-safe") {
+            mstore(0x00, and(account, 0xffffffffffffffffffffffffffffffffffffffff))
+            mstore(0x20, cumulativeAmount)
+            mstore(0x00, keccak256(0x00, 0x40))
+            leaf := keccak256(0x00, 0x20)
+        }
+    }
+
+    /// @dev OpenZeppelin `MerkleProof.verifyCalldata` (sorted-pair keccak), without its
+    ///      per-step function calls and bounds checks: reads the proof from calldata, hashes in
+    ///      scratch space.
+    function _verify(bytes32[] calldata proof, bytes32 root, bytes32 leaf) private pure returns (bool ok) {
+        assembly ("memory-safe") {
+            if proof.length {
+                let ptr := proof.offset
+                let end := add(ptr, shl(5, proof.length))
+                for {} 1 {} {
+                    let sibling := calldataload(ptr)
+                    // smaller hash first: leaf at 0x00 and sibling at 0x20, or the other way round
+                    let at := shl(5, lt(sibling, leaf))
+                    mstore(at, leaf)
+                    mstore(xor(at, 0x20), sibling)
+                    leaf := keccak256(0x00, 0x40)
+                    ptr := add(ptr, 0x20)
+                    if eq(ptr, end) { break }
+                }
+            }
+            ok := eq(leaf, root)
+        }
+    }
+
+    /// @dev The newest matured epoch and its total under a non-zero `delay`, `latest` (non-zero)
+    ///      already read; reverts `NotMatured` before the first root matures.
+    function _maturedUnder(uint256 latest, uint256 delay) private view returns (uint256 epoch, uint256 total) {
+        epoch = _maturedEpoch(latest, delay);
         if (epoch == 0) {
             uint256 oldest = latest > RING ? latest - RING + 1 : 1;
-            revert NotMatured(uint256(_meta[oldest % RING].postedAt) + _claimDelay);
+            revert NotMatured(uint256(_meta[oldest % RING].postedAt) + delay);
         }
         total = _meta[epoch % RING].total;
     }
@@ -437,8 +500,10 @@ contract RewardDistributor is AccessControlDefaultAdminRules, EIP712 {
     /// @dev `postedAt` never decreases with the epoch, so this is a binary search over the
     ///      ring (a few storage reads however many epochs are still maturing).
     function maturedEpoch() public view returns (uint256) {
-        uint256 latest = _latestEpoch;
-        uint256 delay = _claimDelay;
+        return _maturedEpoch(_latestEpoch, _claimDelay);
+    }
+
+    function _maturedEpoch(uint256 latest, uint256 delay) private view returns (uint256) {
         if (latest == 0 || delay > block.timestamp) return 0;
         uint256 cutoff = block.timestamp - delay;
         if (_meta[latest % RING].postedAt <= cutoff) return latest;
