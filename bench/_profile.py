@@ -61,10 +61,10 @@ OPERATIONS: list[tuple[str, str, str]] = [
     ("  of which committing on this thread (`Store.store_receipt`)", "store_receipt", "store"),
     ("  of which reputation updates (`Reputation.*`)", "Reputation.", "reputation"),
     ("  of which signer recovery (`recover_receipt_signer`)", "recover_receipt_signer", "eip712"),
-    ("match + sign offers (`Dispatcher._match`)", "Dispatcher._match", "dispatch"),
+    ("match + sign offers (`Dispatcher.match`)", "Dispatcher.match", "dispatch"),
     ("frames written (`Yamux._write_frame`: Noise + socket)", "Yamux._write_frame", "yamux"),
     ("frames read (`Yamux.handle_incoming`)", "Yamux.handle_incoming", "yamux"),
-    ("streaming to clients (`client_session._stream_events`)", "_stream_events", "client_session"),
+    ("streaming to clients (`client_session._stream`)", "_stream", "client_session"),
 ]
 """(label, qualified name as py-spy prints it, file-name hint for cProfile's bare names)."""
 

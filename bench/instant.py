@@ -4,6 +4,11 @@ It makes the render cost zero, so a benchmark measures only what the node daemon
 and the coordinator add per job. The image is a fixed 64x64 noise PNG (incompressible, like
 the tiny model's output, about 12 KB), encoded once by the same deterministic encoder the
 real backends use.
+
+Seeds at or above `DISTINCT_SEEDS` get a PNG of their own instead (noise drawn from the seed,
+encoded per job, ~0.5 ms of the node's CPU), as a real model's output differs per seed: the
+coordinator's image check then cannot answer from memory, so a benchmark round with such
+seeds measures what the check costs on every image.
 """
 
 from __future__ import annotations
@@ -15,9 +20,13 @@ import numpy as np
 from sogni_node.render.backend import Backend, RenderCancelled, RenderJob, RenderOutput
 from sogni_node.render.encoding import encode_png
 
+DISTINCT_SEEDS = 1 << 31
+"""Jobs whose seed is at least this get a distinct image (see the module's docstring)."""
 
-def noise_png(side: int = 64, seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (side, side, 3), dtype=np.uint8)
+
+def noise_png(side: int = 64, seed: int = 0, height: int | None = None) -> bytes:
+    shape = (height or side, side, 3)
+    pixels = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
     return encode_png(pixels)
 
 
@@ -42,8 +51,9 @@ class InstantBackend:
                 raise RenderCancelled(step - 1)
             on_step(step)
         self.renders += 1
+        distinct = job.seed >= DISTINCT_SEEDS
         return RenderOutput(
-            image=self.image,
+            image=noise_png(job.width, job.seed, job.height) if distinct else self.image,
             steps_done=job.steps,
             backend=self.name,
             device="cpu",

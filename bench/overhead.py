@@ -214,7 +214,8 @@ def render_markdown(report: Report) -> str:
     lines = [
         "## Overhead: one image through the network vs. a direct render",
         "",
-        f"Command: `{report.command}`",
+        f"Command: `{report.command}` (load average {_load_note()} when written: the "
+        f"machine is shared, so figures move with the other work on it)",
         "",
         f"Network: `start_localnet` with the coordinator and one node as separate processes "
         f"(node: 1 slot, `SOGNI_NODE_THREADS=1`, `OMP_NUM_THREADS=1`), this process the "
@@ -292,10 +293,13 @@ def _interpretation(report: Report, direct_ms: float) -> str:
         f"and the request's SQLite insert), {(first - steady) / n:.0f} ms per image over a "
         f"batch of {n}.",
         f"CPU per image: node {node:.0f} ms (the render plus its protocol work), coordinator "
-        f"{coordinator:.0f} ms and client {client:.0f} ms, mostly moving the frames that "
-        f"cross the coordinator per image (offer, result with the node's ready in the same "
-        f"write, ack, image; progress at most every 0.5 s, none for a job this short) "
-        f"through py-libp2p; they run beside the render on another core.",
+        f"{coordinator:.0f} ms and client {client:.0f} ms. The coordinator's share is mostly "
+        f"the content-safety check (NudeNet at its 320x320 input, about 12 ms of CPU per "
+        f"distinct image in a worker thread, docs/SAFETY.md; every render here is a new "
+        f"image), the rest moving the frames that cross it per image (offer, result with the "
+        f"node's ready in the same write, ack, image; progress at most every 0.5 s, none for "
+        f"a job this short) through py-libp2p; all of it runs beside the render, on the "
+        f"other core when one is free, so on a busy 2-core machine it takes from the render.",
         f"Every image came back byte-identical to the direct render "
         f"({report.identical}/{report.compared}): same model, seed and thread count give the "
         f"same PNG through the network."
@@ -309,3 +313,11 @@ def _interpretation(report: Report, direct_ms: float) -> str:
             f"which widens the spread between runs."
         )
     return " ".join(text)
+
+
+def _load_note() -> str:
+    """The 1/5/15-minute load averages now, e.g. "4.1 / 6.6 / 7.1"."""
+    try:
+        return " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    except OSError:
+        return "unknown"

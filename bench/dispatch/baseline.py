@@ -133,9 +133,7 @@ def run_baseline(
     a paying network.
     """
     clock = _TaskClock()
-    return trio.run(
-        _baseline, requests, images, nodes, workdir, clock, paid, instruments=[clock]
-    )
+    return trio.run(_baseline, requests, images, nodes, workdir, clock, paid, instruments=[clock])
 
 
 def _billing(workdir: Path, domain: Domain) -> tuple[Billing, Ledger]:
@@ -239,9 +237,7 @@ async def _baseline(
         req = bench_request(n_images, r * n_images)
         if paid:
             req = authorize(req, bytes(payer.key), domain)
-        submission = await dispatcher.submit(
-            req, client_peer="bench", allowed_models={MODEL}
-        )
+        submission = await dispatcher.submit(req, client_peer="bench", allowed_models={MODEL})
         nursery.start_soon(client_stream, submission.events, name=PART_CLIENT)
 
     async with trio.open_nursery() as nursery:
@@ -351,5 +347,3 @@ def _micro(
         lambda i: store.store_receipt(receipts[i][0], receipts[i][1], request_id),
     )
     return out
-
-

@@ -210,5 +210,3 @@ def start_network(settings: Settings, workdir: Path, procs: list[Proc]) -> Netwo
     for proc in nodes:
         proc.wait_event("connected", 180)
     return Network(coordinator, nodes, addr, cdir / "coordinator.db", bytes(payer.key))
-
-

@@ -18,6 +18,7 @@ from bench.dispatch import transport_floor
 from bench.dispatch._parts import Settings
 from bench.dispatch.baseline import Baseline, run_baseline
 from bench.dispatch.network import Network, Round, run_round, start_network
+from bench.instant import DISTINCT_SEEDS, noise_png
 from sogni_devnet.localnet import Proc
 
 
@@ -37,6 +38,13 @@ class Report:
     """Networked rounds of paid requests (billing on), interleaved with the free ones."""
     floor: list[tuple[str, float]] | None = None
     """CPU seconds per small frame: py-libp2p vs raw trio + Noise's cipher (`transport_floor`)."""
+    distinct: Round | None = None
+    """One round in which every image differs (seeds from `DISTINCT_SEEDS`): the coordinator's
+    NudeNet check runs on each, where the other rounds' identical PNG is answered from its
+    memory after the first. The CPU per job with the check on every image."""
+    check_ms: float | None = None
+    """CPU ms of one NudeNet check of a distinct 64x64 image, in this process (None: the
+    detector is not installed)."""
 
 
 def _print_round(label: str, r: Round) -> None:
@@ -102,12 +110,17 @@ def run(settings: Settings, command: str) -> Report:
             paid = net.timed_round(settings, seed + 500, paid=True)
             paid_rounds.append(paid)
             _print_round(f"round {r + 1}, paid", paid)
+        distinct = net.timed_round(settings, DISTINCT_SEEDS)
+        _print_round("distinct images (image check on every one)", distinct)
         if settings.profile and profile is None:
             profile = _cprofile_round(net, settings)
         for proc in reversed(procs):  # the floor is measured on a quiet machine
             proc.stop()
         print("dispatch: transport floor (py-libp2p vs raw trio + ChaCha20-Poly1305)")
         floor = transport_floor.measure()
+        check_ms = detector_cpu_ms()
+        if check_ms is not None:
+            print(f"  NudeNet check of a distinct 64x64 image: {check_ms:.1f} ms CPU")
         return Report(
             settings,
             baseline,
@@ -120,6 +133,8 @@ def run(settings: Settings, command: str) -> Report:
             paid_baseline,
             paid_rounds,
             floor,
+            distinct,
+            check_ms,
         )
     finally:
         for proc in reversed(procs):
@@ -139,3 +154,21 @@ def _cprofile_round(net: Network, settings: Settings) -> _profile.Profile:
     return _profile.from_cprofile(path)
 
 
+def detector_cpu_ms(images: int = 40) -> float | None:
+    """CPU ms per NudeNet check of distinct 64x64 noise images, as the coordinator runs it
+    (`ImageSafety`'s detector: one onnxruntime thread), after one warm-up image."""
+    from sogni_coordinator.safety.detector import DetectorMissing, require_detector
+
+    try:
+        require_detector()
+        from sogni_coordinator.safety.detector import shared_detector
+
+        detector = shared_detector()
+    except DetectorMissing:
+        return None
+    pngs = [noise_png(64, DISTINCT_SEEDS + i) for i in range(images + 1)]
+    detector.scores(pngs[0])
+    started = time.process_time()
+    for png in pngs[1:]:
+        detector.scores(png)
+    return (time.process_time() - started) / images * 1000
