@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: install test demo bench lint clean contracts contracts-check chain chain-deploy
+.PHONY: install test demo demo-cluster bench lint clean contracts contracts-check chain chain-deploy
 
 install: $(STAMP)
 
@@ -69,6 +69,10 @@ test: install $(NPM_STAMP) $(INTEROP_STAMP) $(NOSANA_STAMP) $(BROWSER_STAMP) $(S
 demo: install
 	$(PY) -m sogni_devnet.localnet --images 8 --out out
 
+# 3 coordinators on one throwaway PostgreSQL, 4 nodes, one coordinator SIGKILLed mid-run
+demo-cluster: install
+	$(PY) -m sogni_devnet.demo_cluster --images 24 --out out-cluster
+
 bench: install
 	$(PY) -m bench
 
@@ -89,7 +93,7 @@ chain-deploy: install
 	$(PY) -m sogni_chain deploy --url http://127.0.0.1:8545 --out .cache/addresses.json --reuse
 
 clean:
-	rm -rf out .cache .pytest_cache .mypy_cache .ruff_cache
+	rm -rf out out-cluster .cache .pytest_cache .mypy_cache .ruff_cache
 
 # Partner images and definitions (docs/PARTNERS.md). The images build where a Docker engine
 # runs (none runs on the dev machines or CI: tests check the Dockerfiles and the entrypoint).

@@ -145,6 +145,14 @@ def main(argv: list[str] | None = None) -> int:
             from bench import safety_image
 
             out[name] = safety_image.run(args.quick, command)
+        elif name == "shapes":  # sogni-shapes-64 prompt adherence (issue #17)
+            from bench import shape_adherence
+
+            out[name] = shape_adherence.run(args.quick, command)
+        elif name == "cluster":  # coordinators on SQLite vs 1-3 on one PostgreSQL (#18)
+            from bench import cluster
+
+            out[name] = cluster.run(args.quick, command, keep=args.keep)
         section_s[name] = round(time.perf_counter() - section_started, 1)
         print(f"bench: {name} took {section_s[name]:.0f} s", file=sys.stderr, flush=True)
     old: _metrics.Metrics | None = None

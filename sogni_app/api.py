@@ -20,6 +20,13 @@ resume token (`RequestAccepted.resume_token`, handed to `on_accepted` as a `Resu
 the coordinator sends what this client has not acknowledged, and nothing is charged twice.
 Each image is acknowledged after `on_image` returns, so an app that saves it there has it
 exactly once. `collect` fetches a request later, from another process, with its ticket.
+
+A render survives its coordinator dying too, when given several coordinators of one network
+(`render([a, b, c], ...)`, `sogni render --coordinator A --coordinator B`): the request goes
+to the first that answers, and a resume after a break tries the same coordinator, then the
+next, round the list; any coordinator of the network adopts the request from the shared
+database with the same token and sends what this client has not acknowledged. Nothing is
+paid twice: the payer's authorization is spent once across the network.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -44,6 +51,7 @@ from sogni_protocol.eip712 import Domain
 from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CLIENT_PROTOCOL, CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT
 from sogni_protocol.image_types import extension_of
+from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
     DEFAULT_NETWORK_ID,
     BalanceReport,
@@ -100,6 +108,8 @@ __all__ = [
     "valid_network_id",
 ]
 
+log = get_logger(__name__)
+
 DEFAULT_DOMAIN = Domain(DEFAULT_CHAIN_ID, UNDEPLOYED)
 """The domain of a local coordinator with default settings (embedded chain, no distributor)."""
 
@@ -129,35 +139,54 @@ class CoordinatorLost(TransportError):
         self.ticket = ticket
 
 
+MAX_COORDINATORS = 16
+"""Coordinators one render or ticket names (the network's, tried in turn)."""
+
+
 @dataclass(frozen=True)
 class ResumeTicket:
     """What re-attaches to a request: where, which, and the requester's secret token.
-    Keep it private (`sogni render` writes it to `<out>/request.json`, mode 0600)."""
+    Keep it private (`sogni render` writes it to `<out>/request.json`, mode 0600).
+    `alternates`: other coordinators of the same network, tried in turn when `coordinator`
+    cannot be reached."""
 
     coordinator: str
     request_id: bytes
     token: bytes
+    alternates: tuple[str, ...] = ()
+
+    @property
+    def coordinators(self) -> list[str]:
+        """Where to resume, in order: `coordinator`, then each alternate once."""
+        out = [self.coordinator]
+        out += [a for a in self.alternates if a not in out]
+        return out[:MAX_COORDINATORS]
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "coordinator": self.coordinator,
-                "requestId": self.request_id.hex(),
-                "token": self.token.hex(),
-            }
-        )
+        data: dict[str, Any] = {
+            "coordinator": self.coordinator,
+            "requestId": self.request_id.hex(),
+            "token": self.token.hex(),
+        }
+        if self.alternates:
+            data["alternates"] = list(self.alternates)
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str) -> ResumeTicket:
         """Raises `ValueError` for anything but a ticket `to_json` wrote."""
         try:
             data = json.loads(text)
+            alternates = data.get("alternates", [])
+            if not isinstance(alternates, list) or len(alternates) > MAX_COORDINATORS:
+                raise ValueError(f"alternates: a list of at most {MAX_COORDINATORS}")
             ticket = cls(
                 str(data["coordinator"]),
                 bytes.fromhex(data["requestId"]),
                 bytes.fromhex(data["token"]),
+                tuple(str(a) for a in alternates),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"not a request ticket: {exc}") from None
         if len(ticket.request_id) != 32 or len(ticket.token) != 32:
             raise ValueError("not a request ticket: ids are 32 bytes")
@@ -284,7 +313,7 @@ ProgressFn = Callable[[int, int, int], None]
 
 
 async def render(
-    coordinator: str,
+    coordinator: str | Sequence[str],
     request: RenderRequest,
     *,
     on_progress: ProgressFn | None = None,
@@ -295,8 +324,12 @@ async def render(
     domain: Domain | None = None,
     network_id: str | None = None,
     reconnect_for: float = 120.0,
+    on_resumed: Callable[[str], None] | None = None,
 ) -> RenderResult:
     """Send one request and collect its images; `idle_timeout` bounds each wait for news.
+
+    `coordinator`: one multiaddr, or several of one network (the request goes to the first
+    that can be reached; a resume tries them in turn from the one that accepted it).
 
     With `payer_key`, the request names that wallet as payer and carries its EIP-712
     authorization for `domain` (the coordinator's chain and distributor) on `network_id`
@@ -305,7 +338,9 @@ async def render(
     the request's `ResumeTicket` as soon as it is accepted. If the stream breaks after that,
     the request is resumed (backoff, up to `reconnect_for` seconds per outage) and each image
     is still handed over once; `CoordinatorLost` (with the ticket) when that fails.
+    `on_resumed` gets the coordinator's address each time the request is resumed.
     """
+    coordinators = _coordinator_list(coordinator)
     if payer_key is not None:
         request = authorize(request, payer_key, domain or DEFAULT_DOMAIN, network_id=network_id)
     outcome: RenderResult | Exception
@@ -313,8 +348,8 @@ async def render(
         # errors leave the host's nursery as plain exceptions, not exception groups
         try:
             outcome = await _render(
-                host, coordinator, request, on_progress, on_image, on_accepted, idle_timeout,
-                reconnect_for,
+                host, coordinators, request, on_progress, on_image, on_accepted, idle_timeout,
+                reconnect_for, on_resumed,
             )  # fmt: skip
         except (RenderRefused, TransportError, ProtocolError) as exc:
             outcome = exc
@@ -358,21 +393,44 @@ class _Run:
     failed: set[bytes] = field(default_factory=set)
     attached: bool = False
     """A stream got as far as the coordinator's answer since the last failure."""
+    on_resumed: Callable[[str], None] | None = None
+
+
+def _coordinator_list(coordinator: str | Sequence[str]) -> list[str]:
+    """One multiaddr or several (`ValueError` for none or more than `MAX_COORDINATORS`)."""
+    out = [coordinator] if isinstance(coordinator, str) else list(dict.fromkeys(coordinator))
+    if not out or len(out) > MAX_COORDINATORS:
+        raise ValueError(f"name 1 to {MAX_COORDINATORS} coordinators, not {len(out)}")
+    return out
+
+
+async def _open_first(host: Host, coordinators: list[str]) -> tuple[Channel, str]:
+    """A client stream to the first coordinator that can be reached (dial failures only:
+    nothing was sent to the ones skipped)."""
+    last: TransportError | None = None
+    for addr in coordinators:
+        try:
+            return await host.open_channel(addr, CLIENT_PROTOCOL, timeout=15.0), addr
+        except TransportError as exc:
+            last = exc
+    assert last is not None
+    raise last
 
 
 async def _render(
     host: Host,
-    coordinator: str,
+    coordinators: list[str],
     request: RenderRequest,
     on_progress: ProgressFn | None,
     on_image: Callable[[RenderedImage], None] | None,
     on_accepted: Callable[[ResumeTicket], None] | None,
     idle_timeout: float,
     reconnect_for: float,
+    on_resumed: Callable[[str], None] | None = None,
 ) -> RenderResult:
     """Send the request (once: it is never sent again), follow its stream, and resume it
-    with its ticket if the stream breaks."""
-    channel = await host.open_channel(coordinator, CLIENT_PROTOCOL, timeout=15.0)
+    with its ticket if the stream breaks (at the same coordinator or another of the list)."""
+    channel, coordinator = await _open_first(host, coordinators)
     try:
         await channel.send(request)
         first = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=30.0)
@@ -380,10 +438,11 @@ async def _render(
             raise RenderRefused(first.code, first.reason)
         if not isinstance(first, RequestAccepted):
             raise RenderRefused("protocol", f"unexpected {type(first).__name__}")
-        ticket = ResumeTicket(coordinator, first.request_id, first.resume_token)
+        alternates = tuple(c for c in coordinators if c != coordinator)
+        ticket = ResumeTicket(coordinator, first.request_id, first.resume_token, alternates)
         domain = Domain(first.chain_id, first.verifying_contract)
         result = RenderResult(first.request_id, cost_micro=first.cost_micro)
-        run = _Run(result, domain, on_progress, on_image, attached=True)
+        run = _Run(result, domain, on_progress, on_image, attached=True, on_resumed=on_resumed)
         if on_accepted is not None:
             on_accepted(ticket)
         try:
@@ -401,24 +460,35 @@ async def _until_done(
     host: Host, ticket: ResumeTicket, run: _Run, idle_timeout: float, reconnect_for: float
 ) -> RenderResult:
     """Attach with the ticket until `RequestDone`, reconnecting with backoff (0.1 s doubling
-    to 5 s) for up to `reconnect_for` seconds after each break."""
+    to 5 s) for up to `reconnect_for` seconds after each break. With alternates, each try
+    goes to the next coordinator of the ticket's list, starting from the one last attached."""
     deadline = trio.current_time() + reconnect_for
     delay = 0.1
+    where = ticket.coordinators
+    turn = 0
     while True:
+        addr = where[turn % len(where)]
         try:
-            return await _attach(host, ticket, run, idle_timeout)
+            return await _attach(host, ticket, run, idle_timeout, addr)
         except TransportError as exc:
             if run.attached:  # it had worked: a new outage, a new budget
                 run.attached = False
                 deadline, delay = trio.current_time() + reconnect_for, 0.1
+                where = [addr, *(a for a in where if a != addr)]  # the same one first
+                turn = 0
             if trio.current_time() + delay > deadline:
                 raise CoordinatorLost(ticket, reconnect_for, exc) from None
+            turn += 1
+            if len(where) > 1 and turn % len(where):
+                continue  # the next coordinator at once; the backoff is per round
         await trio.sleep(delay)
         delay = min(delay * 2, 5.0)
 
 
-async def _attach(host: Host, ticket: ResumeTicket, run: _Run, idle_timeout: float) -> RenderResult:
-    channel = await host.open_channel(ticket.coordinator, CLIENT_PROTOCOL, timeout=15.0)
+async def _attach(
+    host: Host, ticket: ResumeTicket, run: _Run, idle_timeout: float, addr: str
+) -> RenderResult:
+    channel = await host.open_channel(addr, CLIENT_PROTOCOL, timeout=15.0)
     try:
         await channel.send(ResumeRequest(request_id=ticket.request_id, token=ticket.token))
         first = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=30.0)
@@ -427,6 +497,10 @@ async def _attach(host: Host, ticket: ResumeTicket, run: _Run, idle_timeout: flo
         if not isinstance(first, RequestResumed) or first.request_id != ticket.request_id:
             raise RenderRefused("protocol", f"unexpected {type(first).__name__}")
         run.attached = True
+        if addr != ticket.coordinator:
+            log.info("request_resumed_elsewhere", request=ticket.request_id.hex()[:16], at=addr)
+        if run.on_resumed is not None:
+            run.on_resumed(addr)
         if run.domain is None:
             run.domain = Domain(first.chain_id, first.verifying_contract)
         return await _follow(channel, ticket, run, idle_timeout)
@@ -513,7 +587,9 @@ def quiet_unconfigured_logging() -> None:
         structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
 
 
-def render_sync(coordinator: str, request: RenderRequest, **kwargs: Any) -> RenderResult:
+def render_sync(
+    coordinator: str | Sequence[str], request: RenderRequest, **kwargs: Any
+) -> RenderResult:
     """`render` for scripts (starts its own trio loop)."""
     quiet_unconfigured_logging()
     return trio.run(lambda: render(coordinator, request, **kwargs))

@@ -85,6 +85,14 @@ MICRO = 1_000_000
 _T = TypeVar("_T")
 
 CoordinatorOpt = Annotated[str | None, typer.Option(help="Coordinator multiaddr.")]
+CoordinatorsOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--coordinator",
+        help="Coordinator multiaddr; repeat it for other coordinators of the same network, "
+        "tried in turn if one cannot be reached.",
+    ),
+]
 KeystoreOpt = Annotated[
     Path,
     typer.Option("--keystore", envvar="SOGNI_KEYSTORE", help="Payer wallet: a keystore v3 file."),
@@ -263,7 +271,7 @@ def render_cmd(
         ),
     ] = False,
     out: Annotated[Path, typer.Option(help="Folder for images and receipts.jsonl.")] = Path("out"),
-    coordinator: CoordinatorOpt = None,
+    coordinator: CoordinatorsOpt = None,
     keystore: Annotated[
         Path | None,
         typer.Option(
@@ -301,7 +309,8 @@ def render_cmd(
         )
     except ValueError as exc:  # in the options' names, not the wire fields'
         raise BadUsage(in_option_terms(str(exc)), "see `sogni render --help`") from None
-    addr = resolve_coordinator(coordinator)  # after the inputs: they are wrong either way
+    addr = resolve_coordinator(coordinator[0] if coordinator else None)  # after the inputs
+    others = [c for c in coordinator or [] if c != addr]
     paying: dict[str, Any] = {}
     if keystore is not None:
         paying = {  # the options are checked before the wallet asks for its password
@@ -324,7 +333,7 @@ def render_cmd(
 
         try:
             result = render_sync(
-                addr,
+                [addr, *others],
                 request,
                 on_progress=bar.progress,
                 on_image=on_image,
@@ -349,7 +358,7 @@ def collect_cmd(
         typer.Option(help="Its resume token (default: from OUT/request.json)."),
     ] = None,
     out: Annotated[Path, typer.Option(help="Folder for images and receipts.jsonl.")] = Path("out"),
-    coordinator: CoordinatorOpt = None,
+    coordinator: CoordinatorsOpt = None,
     reconnect_for: ReconnectOpt = 10.0,
 ) -> None:
     """Fetch the images of a request that `sogni render` left (it stopped, or lost the
@@ -368,7 +377,9 @@ def collect_cmd(
     _report(result, out, None)
 
 
-def _ticket(request_id: str, token: str | None, out: Path, coordinator: str | None) -> ResumeTicket:
+def _ticket(
+    request_id: str, token: str | None, out: Path, coordinator: list[str] | None
+) -> ResumeTicket:
     """The ticket from the options, completed from `<out>/request.json` when it is this
     request's."""
     try:
@@ -400,8 +411,11 @@ def _ticket(request_id: str, token: str | None, out: Path, coordinator: str | No
             secret = b""
         if len(secret) != 32:
             raise BadUsage("--token must be 64 hex digits")
-    addr = coordinator or (saved.coordinator if saved else None) or resolve_coordinator(None)
-    return ResumeTicket(addr, rid, secret)
+    if coordinator:  # named here: these, in this order
+        return ResumeTicket(coordinator[0], rid, secret, tuple(coordinator[1:]))
+    if saved is not None:
+        return ResumeTicket(saved.coordinator, rid, secret, saved.alternates)
+    return ResumeTicket(resolve_coordinator(None), rid, secret)
 
 
 def _lost(exc: CoordinatorLost, out: Path) -> Unavailable:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -229,7 +229,13 @@ class Billing:
         if any(refunded.values()):
             log.info("request_refunded", request=request_id.hex()[:16], refunded=refunded)
 
-    def restore(self, store: Store) -> int:
+    def forget(self, request_id: bytes) -> None:
+        """Another coordinator of the network took the request over (`cluster.py`): it
+        settles and refunds it now; this one lets go without touching the ledger."""
+        self._reservations.pop(request_id, None)
+        self._models.pop(request_id, None)
+
+    def restore(self, store: Store, only: Collection[bytes] | None = None) -> int:
         """After a restart, take back every open reservation; returns how many stay open.
 
         Receipts stored before the stop but not yet settled in the ledger (the coordinator
@@ -242,6 +248,8 @@ class Billing:
         kept = 0
         for row in self.ledger.open_reservations():
             rid = bytes.fromhex(row.request_id)
+            if only is not None and rid not in only:  # `only`: the requests this one owns
+                continue
             record = store.request_record(rid)
             if record is None or row.amount % record.images:
                 if record is not None:

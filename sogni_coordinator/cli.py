@@ -293,6 +293,7 @@ app.add_typer(__import__("sogni_coordinator.chain_cli", fromlist=["app"]).app)
 app.add_typer(__import__("sogni_coordinator.slash_cli", fromlist=["app"]).app, name="slash")
 app.add_typer(__import__("sogni_coordinator.api_keys_cli", fromlist=["app"]).app, name="api-keys")
 app.add_typer(__import__("sogni_coordinator.reports_cli", fromlist=["app"]).app, name="reports")
+app.add_typer(__import__("sogni_coordinator.network_signers", fromlist=["app"]).app, name="network")
 app.registered_commands += __import__(
     "sogni_coordinator.backup_cli", fromlist=["app"]
 ).app.registered_commands

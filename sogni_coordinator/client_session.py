@@ -96,7 +96,7 @@ async def serve_client(
                 image_count=len(first.job_ids),
             )
         elif isinstance(req, ResumeRequest):
-            resumed = dispatcher.resume(req.request_id, req.token)
+            resumed = await dispatcher.resume_anywhere(req.request_id, req.token)
             first, events = resumed.reply, resumed.events
             log.info(
                 "request_resumed", peer=peer, request=short(req.request_id), acked=len(first.acked)

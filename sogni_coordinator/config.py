@@ -124,6 +124,21 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     staking_benefits: StakeBenefits = msgspec.field(default_factory=StakeBenefits)
     """`[staking_benefits]`: payers' stake tiers -> discount, queue priority, free upgrades
     (docs/ECONOMICS.md "Staking benefits"); applied only with a chain to read stake from."""
+    results_dir: Path | None = None
+    """Where receipted images wait for their client (default `data_dir/results`). With
+    several coordinators on one PostgreSQL, one folder they all read and write (a shared
+    mount): any of them delivers an image another received (docs/SCALING.md)."""
+    network_signers: Annotated[list[Address], Meta(max_length=256)] = msgspec.field(
+        default_factory=list
+    )
+    """Offer keys of the other coordinators of this network (PostgreSQL): a node's result
+    for an offer one of them signed is accepted here (its coordinator died)."""
+    lease_seconds: Annotated[float, Meta(ge=1, le=3600)] = 30.0
+    """How long a coordinator's lease on a shared-queue job lasts without renewal (it
+    renews every third of it): after a coordinator dies, its jobs run elsewhere after this."""
+    result_url_key_file: Path | None = None
+    """The gateway's result-URL HMAC key (default `data_dir/result-url.key`): one file per
+    network, the same for every coordinator of it."""
     content: ContentConfig = msgspec.field(default_factory=ContentConfig)
     """`[content]`: the prompt policy checked before a request is queued or charged
     (docs/CONTENT_POLICY.md); adult content off by default."""

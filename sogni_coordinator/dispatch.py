@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -44,7 +45,7 @@ from sogni_coordinator.content_policy import ContentPolicy, screen_request
 from sogni_coordinator.delivery import Cursor, Mailbox, ResultFiles, short
 from sogni_coordinator.disputes import Reporter
 from sogni_coordinator.group_commit import GroupCommit
-from sogni_coordinator.image_check import image_fault
+from sogni_coordinator.image_check import check_image
 from sogni_coordinator.job_state import (
     LIVE,
     TERMINAL,
@@ -94,6 +95,9 @@ from sogni_protocol.messages import (
     split_request,
 )
 from sogni_protocol.pricing import price_factor_bps, work_units
+
+if TYPE_CHECKING:
+    from sogni_coordinator.cluster import Cluster
 
 log = get_logger(__name__)
 
@@ -232,6 +236,10 @@ class Dispatcher:
         self.refusals: Reporter | None = None
         """Signs each refusal so the worker can dispute it on chain (disputes.py); None
         without a Disputes contract."""
+        self.cluster: Cluster | None = None
+        """Several coordinators on one PostgreSQL (`cluster.py`, set by `Cluster.attach`):
+        jobs go through the shared queue, leased for this coordinator's nodes. None: one
+        coordinator, jobs queued in memory."""
 
     # --- the lifecycle: the only place a job's state changes --------------------------------
     def _to(self, job: Job, event: JobEvent, *, durable: bool = False) -> JobState:
@@ -349,6 +357,8 @@ class Dispatcher:
                 if self.billing is not None:  # not accepted: nothing may stay reserved
                     self.billing.finish(request_id)
                 raise
+            if self.cluster is not None:  # owned here, rendered by any coordinator's nodes
+                await self.cluster.submitted(request_id, jobs)
         box = Mailbox(request_id, [j.job_id for j in jobs])
         state = RequestState(request_id, len(jobs), box)
         if paid and self.billing is not None and self.billing.benefits is not None:
@@ -368,6 +378,8 @@ class Dispatcher:
         """Queue the (already stored) jobs of a request."""
         self.requests[state.request_id] = state
         self.mailboxes[state.request_id] = state.mailbox
+        if self.cluster is not None:  # in the shared queue: leased by whoever has nodes free
+            return
         for job in jobs:
             self._enqueue(job)
 
@@ -393,6 +405,16 @@ class Dispatcher:
             acked=sorted(box.acked, key=box.job_ids.index),
         )
         return Resumed(reply, box, box.attach(self.results))
+
+    async def resume_anywhere(self, request_id: bytes, token: bytes) -> Resumed:
+        """`resume`, and with several coordinators a request another one accepted: this
+        one adopts it from the shared database (its client's coordinator died, or moved)."""
+        if self.cluster is not None and request_id not in self.requests:
+            matches = await trio.to_thread.run_sync(self.store.token_matches, request_id, token)
+            if not matches:
+                raise Refusal("unauthorized", "unknown request, or not its resume token")
+            await self.cluster.adopt(request_id)
+        return self.resume(request_id, token)
 
     def detach(self, cursor: Cursor) -> None:
         """A client stream ended: its images stay on disk until a client acknowledges them."""
@@ -433,6 +455,8 @@ class Dispatcher:
                 self._ended(job)
             for link in job.holders:
                 self._send_to_node(link, Cancel(job_id=job.job_id, pay_partial=True))
+        if self.cluster is not None and request_id in self.requests:
+            self.cluster.cancelled(request_id)  # its jobs still in the shared queue
         self._save()
 
     def account(self, req: DailyBoostClaim | BalanceQuery, peer_id: str) -> Message:
@@ -448,7 +472,10 @@ class Dispatcher:
         their tokens), end those a client had cancelled, take back the open reservations so
         what the jobs deliver is settled and the rest refunded, and drop image files that no
         client is owed. Receipts held by a pending check stay held, their check re-run when
-        their node reconnects. Returns how many jobs were re-queued."""
+        their node reconnects. Returns how many jobs were re-queued. With several
+        coordinators the shared queue keeps the jobs: `Cluster.restore` instead."""
+        if self.cluster is not None:
+            return 0
         # checks.py: a check pending at the stop is run again once its node reconnects
         # (`_held_after_restart`); one stored before v7 names no node: it fails closed (the
         # receipt becomes evidence, its job is queued again, nobody is struck).
@@ -633,7 +660,11 @@ class Dispatcher:
     def handed_back(self, link: NodeLink, job_id: bytes, reason: str) -> None:
         job = link.inflight.get(job_id)
         if job is not None:
-            self._release(job, link, f"handed back: {reason}", penalize=False)
+            # with several coordinators a node declines what it has no slot for (offers from
+            # all of them): not the job's fault, so no attempt of the job is spent
+            self._release(
+                job, link, f"handed back: {reason}", penalize=False, spent=self.cluster is None
+            )
             self._save()
 
     def progress(self, link: NodeLink, job_id: bytes, step: int) -> None:
@@ -671,19 +702,33 @@ class Dispatcher:
             raise ResultRefused(str(exc)) from None
 
     async def _accept(self, link: NodeLink, result: Result) -> None:
+        taken = None
+        held = self.jobs.get(result.job_id)
+        if self.cluster is not None and (
+            held is None or result.receipt.offer_hash not in held.offers
+        ):
+            taken = await self.cluster.take_result(link, result)  # another coordinator's offer
+        try:
+            await self._accept_checked(link, result)
+        except BaseException:
+            if taken is not None and self.jobs.get(taken.job_id) is taken:
+                self.jobs.pop(taken.job_id, None)  # not held here: the shared queue has it
+            raise
+
+    async def _accept_checked(self, link: NodeLink, result: Result) -> None:
         job = self._check_result(link, result)
         receipt = result.receipt
         partial = receipt.steps_done < job.params.steps
         if not partial:
             p = job.params
-            fault = await trio.to_thread.run_sync(
-                image_fault, result.image, p.output_format, p.width, p.height
-            )
+            fault = await check_image(result.image, p.output_format, p.width, p.height)
             if fault is not None:
                 raise ResultRefused(fault)
         delivered = result.image
         if self.image_safety is not None and not partial:  # docs/SAFETY.md
-            screened = await self.image_safety.screen(job.request_id, job.params, result.image)
+            screened = await self.image_safety.screen(
+                job.request_id, job.params, result.image, digest=receipt.result_hash
+            )  # `_check_result` checked result_hash == sha256(image)
             if screened.outcome in ("timeout", "error"):  # not the node's fault: retried
                 raise StorageFault(IMAGE_REFUSALS["timeout"])
             if screened.outcome == "refuse":  # the holder is struck, the job goes elsewhere
@@ -743,7 +788,8 @@ class Dispatcher:
             self._hold(job, link, receipt, result.meta.dtype if result.meta else "", path)
             return
         # durable from here on: the node is paid whatever happened meanwhile
-        if self.billing is not None:
+        # with several coordinators the request's owner bills it (`Cluster.refresh`)
+        if self.billing is not None and (self.cluster is None or job.request_id in self.requests):
             self.billing.settle(
                 job.request_id, job.job_id, receipt.payee, receipt.steps_done, job.params.steps
             )  # the payee: where the receipt says its rewards go, as the epoch pays them
@@ -834,7 +880,7 @@ class Dispatcher:
         if job.attempts >= MAX_ATTEMPTS:
             self._give_up(job, f"gave up after {job.attempts} attempts; last: {reason}")
         else:
-            self._enqueue(job, front=True)
+            self._requeue(job)
         self._save()
 
     def _candidates(self, job: Job) -> list[NodeLink]:
@@ -862,7 +908,9 @@ class Dispatcher:
             raise ResultRefused("receipt names an offer this coordinator did not make")
         if offered_to != link.peer_id:
             raise ResultRefused("offer was made to another node")
-        if not eip712.same_address(receipt.coordinator, self.address):
+        signed = job.signed_offers.get(receipt.offer_hash)  # another coordinator's: cluster.py
+        offered_by = signed[0].coordinator if signed is not None else self.address
+        if not eip712.same_address(receipt.coordinator, offered_by):
             raise ResultRefused("receipt names another coordinator")
         if not eip712.same_address(receipt.worker, link.wallet):
             raise ResultRefused("receipt worker is not the wallet bound to this peer")
@@ -921,17 +969,19 @@ class Dispatcher:
 
     def _wake(self) -> None:
         self._changed.set()
+        if self.cluster is not None:
+            self.cluster.poke()
 
     def _enqueue(self, job: Job, *, front: bool = False) -> None:
         self.jobs[job.job_id] = job
         (self.queue.appendleft if front else self.queue.append)(job)
         self._wake()
 
-    @staticmethod
-    def _waiting(job: Job) -> bool:
+    def _waiting(self, job: Job) -> bool:
         """Is this queue entry live? A job leaves QUEUED without leaving the queue (late
-        receipt, cancel, give-up); such stale entries are skipped and dropped here."""
-        return job.state is JobState.QUEUED
+        receipt, cancel, give-up, handed back to the shared queue: `Cluster.give_back`);
+        such stale entries are skipped and dropped here."""
+        return job.state is JobState.QUEUED and self.jobs.get(job.job_id) is job
 
     def match(self) -> None:
         """One pass: offer queued jobs to nodes with credit, in queue order."""
@@ -992,6 +1042,8 @@ class Dispatcher:
         log.debug("offer_sent", job=job.job_id.hex()[:16], peer=link.peer_id, budget_s=budget)
         job.offers[offer_hash] = link.peer_id
         job.signed_offers[offer_hash] = (offer, signature)
+        if self.cluster is not None:  # a node may deliver it to another coordinator
+            self.cluster.offered(job, link, offer, offer_hash, signature)
         job.holders[link] = now
         job.deadlines[link] = now + budget
         link.credit -= 1
@@ -1036,6 +1088,9 @@ class Dispatcher:
             elif job.unservable_since is None:
                 job.unservable_since = now
             elif now - job.unservable_since > self.no_node_grace:
+                if self.cluster is not None:  # another coordinator's nodes may serve it
+                    self.cluster.give_back(job)
+                    continue
                 self._give_up(job, f"no connected node can serve {job.network} {p.model_id}")
         self._copy_stragglers(now)
         self._save()
@@ -1072,9 +1127,12 @@ class Dispatcher:
                 del state.nodes[link]
         return True
 
-    def _release(self, job: Job, link: NodeLink, reason: str, *, penalize: bool) -> None:
+    def _release(
+        self, job: Job, link: NodeLink, reason: str, *, penalize: bool, spent: bool = True
+    ) -> None:
         """`link` no longer renders `job`. When it was the last holder, the job goes back to
-        the queue (an attempt spent), or ends if it was being cancelled or out of attempts."""
+        the queue (an attempt spent unless not `spent`), or ends if it was being cancelled or
+        out of attempts."""
         if not self._forget_holder(job, link):
             return
         if penalize:
@@ -1084,16 +1142,28 @@ class Dispatcher:
         if self._to(job, JobEvent.RELEASE) is JobState.CANCELLED:
             self._ended(job)
             return
+        if not spent:  # the shared queue's lease count bounds these (cluster.py)
+            self._requeue(job)
+            return
         job.attempts += 1
         self._unsaved[job.job_id] = job  # attempts survive a restart
         log.info("job_requeued", job=job.job_id.hex()[:16], attempts=job.attempts, reason=reason)
         if job.attempts >= MAX_ATTEMPTS:
             self._give_up(job, f"gave up after {job.attempts} attempts; last: {reason}")
             return
-        self._enqueue(job, front=True)
+        self._requeue(job)
+
+    def _requeue(self, job: Job) -> None:
+        """Back to the front of the queue; with several coordinators, the shared queue."""
+        if self.cluster is not None:
+            self.cluster.give_back(job)
+        else:
+            self._enqueue(job, front=True)
 
     def _give_up(self, job: Job, reason: str) -> None:
         self._to(job, JobEvent.GIVE_UP)
+        if self.cluster is not None:
+            self.cluster.gave_up(job)
         state = self.requests.get(job.request_id)
         if state is not None:
             state.mailbox.failed[job.job_id] = JobFailed(
@@ -1108,6 +1178,8 @@ class Dispatcher:
         assert job.state in TERMINAL, job.state
         self.jobs.pop(job.job_id, None)
         self.excluded.pop(job.job_id, None)
+        if self.cluster is not None:
+            self.cluster.ended(job)
         for other in list(job.holders):
             if other is not keep:  # e.g. a straggler's copy still running
                 self._send_to_node(other, Cancel(job_id=job.job_id))
@@ -1123,6 +1195,11 @@ class Dispatcher:
             state.cancelled += 1
         state.remaining -= 1
         if state.remaining <= 0:
+            self.finish_request(state)
+
+    def finish_request(self, state: RequestState) -> None:
+        """Every job of the request ended: refund the rest, tell the client, forget it."""
+        if self.requests.get(state.request_id) is state:
             del self.requests[state.request_id]
             self.queue.forget(state.request_id)
             self._save()  # the jobs' end is durable before the rest is refunded

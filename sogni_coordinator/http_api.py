@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -65,6 +66,9 @@ class CoordinatorView:
     gateway: Gateway | None = None
     """The SDK gateway (`sogni_coordinator.gateway`): its REST routes and the WebSocket at
     `/`; None: not served."""
+    signer_set: Path | None = None
+    """The network signer set file served at `/v1/network/signers`
+    (`sogni_coordinator.network_signers`); None: 404."""
 
 
 def health(view: CoordinatorView) -> dict[str, object]:
@@ -236,6 +240,7 @@ def routes(view: CoordinatorView) -> list[BaseRoute]:
     from starlette.routing import Route
 
     from sogni_coordinator.disputes import dispute_routes
+    from sogni_coordinator.network_signers import signer_set_routes
     from sogni_coordinator.status_page import status_routes
 
     return [
@@ -243,6 +248,7 @@ def routes(view: CoordinatorView) -> list[BaseRoute]:
         *probe_routes(view),
         *epoch_routes(view),
         *relay_routes(view),
+        *signer_set_routes(view.signer_set),
         *dispute_routes(view.dispatcher),
         *status_routes(view, view.stakes),
         *_gateway_routes(view),

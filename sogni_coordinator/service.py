@@ -19,6 +19,7 @@ from sogni_coordinator.block_watch import watch as watch_reports
 from sogni_coordinator.chain_link import connect_chain, publish_dir
 from sogni_coordinator.claim_relay import ClaimRelay, serve_relay
 from sogni_coordinator.client_session import serve_client
+from sogni_coordinator.cluster import Cluster
 from sogni_coordinator.config import CoordinatorConfig
 from sogni_coordinator.dispatch import Dispatcher
 from sogni_coordinator.disputes import attach_disputes
@@ -28,6 +29,7 @@ from sogni_coordinator.http_api import CoordinatorView, build_app
 from sogni_coordinator.key_rotation import chain_for, chain_path
 from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.model_stake import ModelStakeBoard
+from sogni_coordinator.network_signers import SIGNER_SET_FILE
 from sogni_coordinator.node_session import serve_node
 from sogni_coordinator.referrals import close_beside
 from sogni_coordinator.reports import Reports
@@ -89,6 +91,7 @@ async def run_coordinator(
     reputation = Reputation(config.database)
     reports = Reports(config.database)
     hardware = HardwareLog(config.database)  # the Workers boards' Hardware column
+    cluster: Cluster | None = None
     try:
         domain = Domain(config.chain_id, config.verifying_contract)
         rules = payout_rules(config)  # [settlement] + the catalog's model creators
@@ -121,7 +124,7 @@ async def run_coordinator(
             router=router,
             deadline_floor=config.job_deadline_floor,
             deadline_base=config.job_deadline_base,
-            results_dir=config.data_dir / "results",
+            results_dir=config.results_dir or config.data_dir / "results",
             prompt_retention=config.prompt_retention_seconds,
             verification=config.verification,
             verification_log=config.data_dir / "verifications.jsonl",
@@ -145,6 +148,17 @@ async def run_coordinator(
         )
         reports.refresh()
         apply_blocks(reports, dispatcher)
+        if store.postgres:  # one of several coordinators on one database (cluster.py)
+            cluster = await Cluster.open(
+                config.database,
+                me=signer.address,
+                signers=config.network_signers,
+                lease_ttl=config.lease_seconds,
+            )
+            cluster.attach(dispatcher)
+            restored = await cluster.restore()
+            if restored:
+                log.info("requests_restored", requests=restored)
         restored = dispatcher.restore()
         if restored:
             log.info("jobs_restored", jobs=restored)
@@ -180,6 +194,8 @@ async def run_coordinator(
             host.set_stream_handler(RELAY_PROTOCOL, partial(serve_relay, relay=relay))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(dispatcher.run)
+                if cluster is not None:
+                    nursery.start_soon(cluster.run)
                 nursery.start_soon(watch_reports, reports, dispatcher)
                 if standing is not None:
                     nursery.start_soon(standing.run)
@@ -204,7 +220,14 @@ async def run_coordinator(
 
                         stakes = StakeHistory(link.deployment).changes
                     view = CoordinatorView(
-                        host.peer_id, signer.address, dispatcher, started, epochs, relay, stakes
+                        host.peer_id,
+                        signer.address,
+                        dispatcher,
+                        started,
+                        epochs,
+                        relay,
+                        stakes,
+                        signer_set=config.data_dir / SIGNER_SET_FILE,
                     )
                     view = observe(view, store, config.database, host, nursery)
                     gateway_config = config.gateway
@@ -216,6 +239,12 @@ async def run_coordinator(
                             data_dir=config.data_dir,
                             configured_models=allowed,
                             network_id=config.network_id,
+                            url_key_file=config.result_url_key_file,
+                            results_dir=(
+                                config.results_dir / "gateway"
+                                if config.results_dir is not None
+                                else None
+                            ),
                         )
                         closers.append(keys)
                         nursery.start_soon(gateway.run)
@@ -252,6 +281,9 @@ async def run_coordinator(
                     )
                 )
     finally:
+        if cluster is not None:
+            with trio.CancelScope(shield=True):
+                await cluster.aclose()
         for closer in closers:
             closer.close()
         reports.close()

@@ -322,6 +322,21 @@ class DeliveryRecord:
 
 
 @dataclass(frozen=True)
+class JobOutcome:
+    """One job of a request as stored (`Store.job_outcomes`)."""
+
+    job_id: bytes
+    index: int
+    state: JobState
+    delivered: bool
+    """The client acknowledged its image."""
+    steps: int
+    offer_hash: bytes | None
+    """With a receipt: the offer it answers (names the image's file)."""
+    receipt: Receipt | None
+
+
+@dataclass(frozen=True)
 class RequestRecord:
     """A request as stored: what billing needs to settle it again after a restart."""
 
@@ -469,7 +484,35 @@ class Store(Database):
         """Commit several receipts in one transaction (one fsync); per receipt, False if its
         job already had one or ended."""
         with self._tx() as db:
-            return [self._insert_receipt(db, *item) for item in batch]
+            done = [self._insert_receipt(db, *item) for item in batch]
+            if self.shared_queue is not None:  # cluster.py: one receipt per job, network-wide
+                for ok, (receipt, signature, request_id, *_) in zip(done, batch, strict=True):
+                    if ok:
+                        self._complete_shared(db, receipt.job_id, signature, request_id)
+            return done
+
+    shared_queue: str | None = None
+    """Set by `cluster.Cluster` (PostgreSQL, several coordinators): this coordinator's id.
+    Each receipt's transaction then also completes its job in the shared queue (its one
+    `queue_receipts` row) and NOTIFYs the request's owner, so whoever stored the receipt,
+    the coordinator the client is attached to hears of it once it is committed."""
+    notify_channel = "sogni_results"
+
+    def _complete_shared(
+        self, db: sqlite3.Connection, job_id: bytes, signature: bytes, request_id: bytes
+    ) -> None:
+        db.execute(
+            "INSERT OR IGNORE INTO queue_receipts (job_id, receipt_id, coordinator_id,"
+            " completed_at) SELECT ?, ?, ?, ? WHERE EXISTS"
+            " (SELECT 1 FROM queue_jobs WHERE job_id = ?)",
+            (job_id, hashlib.sha256(signature).digest(), self.shared_queue, time.time(), job_id),
+        )
+        db.execute(
+            "UPDATE queue_jobs SET state = 'done', lease_owner = NULL, lease_expires = NULL,"
+            " updated_at = ? WHERE job_id = ? AND state IN ('queued', 'leased')",
+            (time.time(), job_id),
+        )
+        db.execute("SELECT pg_notify(?, ?)", (self.notify_channel, request_id.hex()))
 
     @staticmethod
     def _insert_receipt(
@@ -738,6 +781,53 @@ class Store(Database):
                 JobState(r[5]),
                 r[6],
                 r[7],
+            )
+            for r in rows
+        ]
+
+    def jobs_by_id(self, job_ids: Iterable[bytes]) -> list[StoredJob]:
+        """These jobs if they are still live (a coordinator of the network leased them from
+        the shared queue), parameters unsealed; ended or unknown ones are left out."""
+        ids = list(dict.fromkeys(job_ids))
+        if not ids:
+            return []
+        with self._lock:  # one statement per lease batch
+            rows = self._db.execute(
+                "SELECT j.job_id, j.request_id, j.idx, j.params, j.work_units, j.state,"
+                " j.attempts, r.network, k.key FROM jobs j JOIN requests r USING (request_id)"
+                " LEFT JOIN request_keys k ON k.request_id = j.request_id"
+                f" WHERE j.job_id IN ({', '.join('?' * len(ids))}) AND j.state IN {_LIVE_SQL}",
+                ids,
+            ).fetchall()
+        return [
+            StoredJob(
+                r[0], r[1], r[2], _open_params(r[8], r[3], r[0]), r[4], JobState(r[5]), r[6], r[7]
+            )
+            for r in rows
+        ]
+
+    def job_outcomes(self, request_id: bytes) -> list[JobOutcome]:
+        """Each job of the request as its owner needs it when another coordinator of the
+        network may have ended it: state (a held receipt counts as live), and for a
+        receipt the offer hash, payee and steps (to deliver the image and bill it)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT j.job_id, j.idx,"
+                f" CASE WHEN r.job_id IS NOT NULL AND NOT {_NOT_HELD} THEN 'queued'"
+                " ELSE j.state END, j.delivered, j.steps, r.offer_hash, r.receipt FROM jobs j"
+                " LEFT JOIN receipts r ON r.job_id = j.job_id WHERE j.request_id=?"
+                " ORDER BY j.idx",
+                (request_id,),
+            ).fetchall()
+        return [
+            JobOutcome(
+                bytes(r[0]),
+                int(r[1]),
+                JobState(r[2]),
+                bool(r[3]),
+                int(r[4]),
+                None if r[5] is None else bytes(r[5]),
+                None if r[6] is None else _receipt_decoder.decode(r[6]),
             )
             for r in rows
         ]

@@ -16,7 +16,7 @@ import msgspec
 from msgspec import Meta
 
 from sogni_protocol.logs import LogLevel
-from sogni_protocol.messages import Address
+from sogni_protocol.messages import DEFAULT_NETWORK_ID, Address, NetworkId
 from sogni_protocol.settings import (
     DEFAULT_CHAIN_ID,
     UNDEPLOYED_CONTRACT,
@@ -63,6 +63,26 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     listen: Multiaddr = "/ip4/127.0.0.1/tcp/0"
     coordinators: list[CoordinatorMultiaddr] = msgspec.field(default_factory=list)
     trusted_coordinators: list[Address] = msgspec.field(default_factory=list)
+    network_id: NetworkId = DEFAULT_NETWORK_ID
+    """The network whose signer set this node accepts (`network_operators`)."""
+    network_operators: Annotated[list[Address], Meta(max_length=16)] = msgspec.field(
+        default_factory=list
+    )
+    """Operator keys of the network: offers from any signer of a set one of them signed
+    (`network_signers_file`, `sogni_protocol.signer_set`) are accepted too."""
+    network_signers_file: Path | None = None
+    """The operator-signed signer set (`sogni-coordinator network signers sign`), re-read at
+    each connect; the highest serial accepted is kept in `data_dir/network_signers.json`."""
+    network_signers_urls: Annotated[list[EpochSource], Meta(max_length=32)] = msgspec.field(
+        default_factory=list
+    )
+    """Coordinators' HTTP listeners (`http(s)://host:port`) to fetch the set from
+    (`GET /v1/network/signers`) at start and every `network_signers_refresh` seconds; only a
+    valid, newer set is taken."""
+    network_signers_refresh: Annotated[float, Meta(ge=1, le=86_400)] = 300.0
+    forward_results_after: Annotated[float, Meta(ge=0.5, le=86_400)] = 10.0
+    """Seconds a coordinator must have been unreachable before a result kept for it is sent
+    to another coordinator of its network (a restart is back sooner)."""
     slots: Annotated[int, Meta(ge=1, le=16)] = 1
     models_dir: Path = None  # type: ignore[assignment]  # None until __post_init__: data_dir/models
     backend: Literal["auto", "diffusers", "coreml"] = "auto"
@@ -151,6 +171,11 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     def node_key_path(self) -> Path:
         """Ed25519 libp2p identity (peer id), stored 0600."""
         return self.data_dir / "node.key"
+
+    @property
+    def network_signers_path(self) -> Path:
+        """The signer set this node accepted last (highest serial), kept across restarts."""
+        return self.data_dir / "network_signers.json"
 
     def is_trusted(self, address: str) -> bool:
         """Whether offers signed by `address` are accepted (case-insensitive hex compare)."""

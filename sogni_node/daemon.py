@@ -17,6 +17,7 @@ change, and every session sends its coordinator a re-signed `CapabilitiesUpdate`
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import time
@@ -43,16 +44,17 @@ from sogni_node.journal import Journal
 from sogni_node.live_install import InstalledModels, watch_installed
 from sogni_node.models.loras import LoraLibrary
 from sogni_node.models.registry import ModelRegistry
-from sogni_node.payout import payout_of
+from sogni_node.payout import payout_of, signed_form
 from sogni_node.pull import NodeIdentity, PullSession, pull_forever
 from sogni_node.render.backend import Backend
 from sogni_node.trajectory_files import TrajectoryFiles
+from sogni_node.trust import NetworkSigners
 from sogni_node.worker import Worker
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import CAPABILITIES_TOPIC
 from sogni_protocol.logs import get_logger
-from sogni_protocol.messages import Capabilities, NodeHello, encode
+from sogni_protocol.messages import Capabilities, NodeHello, RenderMeta, Result, encode
 from sogni_wallet.keystore import Wallet, unlock_wallet
 
 if TYPE_CHECKING:
@@ -144,6 +146,15 @@ async def run_node(
         domain=Domain(config.chain_id, config.verifying_contract),
         trusted=frozenset(a.lower() for a in config.trusted_coordinators),
         payout=payout_of(config.payout_address, wallet.address),
+        network=NetworkSigners(
+            config.network_signers_path,
+            Domain(config.chain_id, config.verifying_contract),
+            config.network_operators,
+            config.network_id,
+            config.network_signers_file,
+        )
+        if config.network_operators
+        else None,
     )
     sessions: set[PullSession] = set()
     report = ShutdownReport()
@@ -244,14 +255,41 @@ async def run_node(
                         }
                     )
                 task_status.started(host)
+
+                def all_ready() -> None:
+                    """A job ended: every coordinator may offer into the freed slot."""
+                    for session in list(sessions):
+                        session.offer_ready()
+
+                several = all_ready if len(config.coordinators) > 1 else None
                 for addr in config.coordinators:
                     nursery.start_soon(
-                        pull_forever, lambda a=addr: new_session(a), addr, sessions, pulls_stop
+                        pull_forever,
+                        lambda a=addr: new_session(a),
+                        addr,
+                        sessions,
+                        pulls_stop,
+                        several,
                     )
                 nursery.start_soon(
                     _advertise, host, identity, lambda: new_caps(), config.advert_interval
                 )
                 nursery.start_soon(watch_installed, config.models_dir, installed, announce)
+                urls = [u for u in config.network_signers_urls if u.startswith("http")]
+                if identity.network is not None and urls:
+                    nursery.start_soon(
+                        _refresh_signer_set, identity.network, urls, config.network_signers_refresh
+                    )
+                if identity.network is not None and len(config.coordinators) > 1:
+                    nursery.start_soon(
+                        functools.partial(
+                            _forward_orphans,
+                            journal,
+                            sessions,
+                            identity,
+                            orphan_after=config.forward_results_after,
+                        )
+                    )
                 await stop.wait()
                 await _drain(worker, sessions, config.shutdown_grace, report)
                 pulls_stop.set()
@@ -281,6 +319,79 @@ async def _advertise(
         except (TransportError, ValueError) as exc:
             log.warning("advert_not_published", error=str(exc))
         await trio.sleep(interval)
+
+
+async def _refresh_signer_set(network: NetworkSigners, urls: list[str], interval: float) -> None:
+    """Fetch the network's signer set from each coordinator's HTTP listener now and every
+    `interval` seconds; a newer valid set is kept (the next handshake uses it)."""
+    while True:
+        for url in urls:
+            await trio.to_thread.run_sync(network.fetch, url)
+        await trio.sleep(interval)
+
+
+async def _forward_orphans(
+    journal: Journal,
+    sessions: set[PullSession],
+    identity: NodeIdentity,
+    *,
+    interval: float = 2.0,
+    orphan_after: float = 10.0,
+) -> None:
+    """Deliver results kept for a coordinator that is gone to another of its network.
+
+    A result waits for its coordinator's ack; when that coordinator has had no open session
+    for `orphan_after` seconds, the same `Result` (receipt and signature unchanged) goes to a
+    connected coordinator whose network set names both, which accepts it against the shared
+    offer record. Each (job, coordinator) is tried once; a refusal keeps the result (a
+    re-offer still gets it, `PullSession._resend`).
+    """
+    started = trio.current_time()
+    last_seen: dict[str, float] = {}
+    tried: set[tuple[bytes, str]] = set()
+    while True:
+        await trio.sleep(interval)
+        now = trio.current_time()
+        live = {
+            s.coordinator.lower(): s for s in sessions if s.coordinator and not s.closed.is_set()
+        }
+        for key in live:
+            last_seen[key] = now
+        if not live:
+            continue
+        try:
+            entries = await trio.to_thread.run_sync(journal.unacked)
+        except Exception as exc:  # the journal is busy or broken: next round
+            log.error("orphans_not_read", error=type(exc).__name__)
+            continue
+        for entry in entries:
+            job_id, owner = entry.receipt.job_id, entry.receipt.coordinator.lower()
+            if owner in live or now - last_seen.get(owner, started) < orphan_after:
+                continue
+            targets = [
+                (key, s)
+                for key, s in live.items()
+                if owner in s.network_keys and (job_id, key) not in tried and job_id not in s.jobs
+            ]
+            if not targets:
+                continue
+            key, target = targets[0]
+            tried.add((job_id, key))  # once, even if its image is gone (pruned): no re-reads
+            kept = await trio.to_thread.run_sync(journal.stored_result, job_id)
+            if kept is None or kept.image is None or kept.entry.accepted is not None:
+                continue
+            receipt = signed_form(entry.receipt, entry.domain_version, identity.payout)
+            meta = entry.meta or RenderMeta(backend="", device="", dtype="", threads=0)
+            target.forward(
+                Result(
+                    job_id=job_id,
+                    image=kept.image,
+                    receipt=receipt,
+                    signature=entry.signature,
+                    meta=meta,
+                )
+            )
+            log.info("result_forwarded", job=job_id.hex()[:16], dead=owner, to=key)
 
 
 async def _drain(

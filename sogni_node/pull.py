@@ -34,6 +34,13 @@ kept result. Results never offered again (the job went to another node) are prun
 from the new key for a result kept under an earlier key of that chain gets the same image
 under a new receipt naming the new key: the old receipt is voided in the journal first.
 
+Several coordinators of one network (`coordinators` lists them; `network_operators` and the
+operator-signed set of their offer keys, `sogni_node.trust.NetworkSigners`): a coordinator is
+trusted when its key is configured, reached by a rotation, or in the set. A re-offer from one
+of them for a result kept under another's receipt gets the kept image re-signed for the new
+offer, as after a rotation; a result kept for a coordinator that is gone is sent unasked to
+another of the set (`forward`, driven by `sogni_node.daemon`), and a refusal there keeps it.
+
 Crash points for the crash-matrix tests (`sogni_protocol.crashpoints`): `node_before_journal`
 (rendered, receipt not journaled), `node_after_journal`, `node_before_send_result` and
 `node_after_send_result` (around the frame's write to the stream).
@@ -59,7 +66,7 @@ from sogni_node.payout import signed_form
 from sogni_node.render.backend import RenderCancelled
 from sogni_node.render.trajectory import StepOpening
 from sogni_node.trajectory_files import TrajectoryFiles
-from sogni_node.trust import TrustedKeys, TrustFileError
+from sogni_node.trust import NetworkSigners, TrustedKeys, TrustFileError
 from sogni_node.worker import LOOKAHEAD, NoFreeSlot, Running, Worker
 from sogni_protocol import eip712
 from sogni_protocol.crashpoints import crashpoint
@@ -140,6 +147,8 @@ class NodeIdentity:
     """Lower-case coordinator signing addresses whose offers this node accepts."""
     payout: str | None = None
     """The account its receipts pay (`payout_address`), signed into each; None: the wallet."""
+    network: NetworkSigners | None = None
+    """The network's operator-signed signer set (`network_operators`); None: none configured."""
 
 
 class SessionRefused(Exception):
@@ -196,6 +205,12 @@ class PullSession:
         self.coordinator = ""
         self.previous_keys: frozenset[str] = frozenset()
         """The coordinator's earlier offer keys (lower-case), from its verified rotations."""
+        self.network_keys: frozenset[str] = frozenset()
+        """Every signer of the network's set when this coordinator is one of them (lower-case):
+        a re-offer or challenge from it may concern a job another of them offered."""
+        self._forwarded: set[bytes] = set()
+        """Kept results sent here unasked, offered by another coordinator of the network that
+        is gone (`forward`): a refusal keeps them for a re-offer instead of voiding them."""
         self._out_send, self._out_recv = trio.open_memory_channel[Message](math.inf)
         self.jobs: set[bytes] = set()
         """Jobs offered on this session and not yet answered."""
@@ -309,17 +324,23 @@ class PullSession:
             raise SessionRefused(
                 f"coordinator {key} sent key rotations that do not verify: {fault}"
             )
-        configured = trusted = self.id.trusted
-        if key.lower() not in configured:  # the trust file is read only when it matters
-            store = TrustedKeys.in_dir(self.journal.path.parent)  # data_dir: journal.db is in it
+        configured = self.id.trusted
+        network: frozenset[str] = frozenset()
+        if self.id.network is not None:  # re-read each connect: the operator adds coordinators
+            network = await _off_loop(self.id.network.current)
+        trusted = configured | network
+        store = TrustedKeys.in_dir(self.journal.path.parent)  # data_dir: journal.db is in it
+        if key.lower() not in trusted:  # the trust file is read only when it matters
             try:
-                trusted = configured | (await _off_loop(store.load, configured)).keys()
+                trusted = trusted | (await _off_loop(store.load, configured)).keys()
             except TrustFileError as exc:
                 log.error("trust_file_unreadable", error=str(exc))
         if key.lower() not in trusted:
             links = newly_trusted(chain, trusted)
             if links is None:
                 via = " nor reachable from them by its key rotations" if chain else ""
+                if self.id.network is not None:
+                    via += " nor in the network's signer set"
                 raise SessionRefused(f"coordinator {key} is not in trusted_coordinators{via}")
             try:
                 await _off_loop(store.add, links, configured)
@@ -328,6 +349,7 @@ class PullSession:
             for old, new in links:
                 log.info("coordinator_key_rotated", old=old, new=new)
         self.previous_keys = frozenset(k.lower() for k in chain_keys(chain)[:-1])
+        self.network_keys = network if key.lower() in network else frozenset()
         self.id = dataclasses.replace(self.id, trusted=trusted | {key.lower()})
 
     # --- the stream ----------------------------------------------------------------------
@@ -431,9 +453,23 @@ class PullSession:
             else:
                 log.warning("unexpected_message", type=type(msg).__name__)
 
+    def forward(self, result: Result) -> None:
+        """Send a kept result whose coordinator is gone to this one (same receipt, same
+        signature): a coordinator of the same network accepts it against the shared offer
+        record. A refusal leaves it kept (`_on_ack`)."""
+        self._forwarded.add(result.job_id)
+        self.send(result)
+
     async def _on_ack(self, msg: ResultAck) -> None:
-        """Journal the answer and drop the kept image (accepted: delivered; refused: void)."""
+        """Journal the answer and drop the kept image (accepted: delivered; refused: void),
+        except a refused forwarded result: kept for its own coordinator or a re-offer."""
         job = msg.job_id.hex()[:16]
+        if msg.job_id in self._forwarded:
+            self._forwarded.discard(msg.job_id)
+            if not msg.accepted:
+                log.warning("forwarded_result_refused", job=job, reason=msg.reason)
+                return
+            log.info("forwarded_result_accepted", job=job, coordinator=self.coordinator)
         try:
             await _off_loop(self.journal.mark_acked, msg.job_id, msg.accepted, msg.reason)
         except Exception as exc:  # the image stays until pruned; the session carries on
@@ -472,6 +508,7 @@ class PullSession:
         ours = offer is not None and (  # an offer of this coordinator's earlier key counts
             eip712.same_address(offer.coordinator, self.coordinator)
             or offer.coordinator.lower() in self.previous_keys
+            or offer.coordinator.lower() in self.network_keys  # or another of its network's
         )
         if offer is None or not ours:
             return refuse("this node rendered no such job for this coordinator")
@@ -948,7 +985,9 @@ class PullSession:
         """Answer a re-offer with the kept result: the same image and hash; the receipt is
         re-signed only if this offer's hash differs from the one it names."""
         entry, offer = kept.entry, job.msg.offer
-        fault = _reoffer_fault(entry.receipt, entry.accepted, kept.image, offer, self.previous_keys)
+        fault = _reoffer_fault(
+            entry.receipt, entry.accepted, kept.image, offer, self.previous_keys | self.network_keys
+        )
         if fault is not None:
             self._decline(job.id, fault)
             return
@@ -978,11 +1017,12 @@ class PullSession:
         log.info("result_resent", job=job.tag, resigned=signature != entry.signature)
 
     async def _resign_rotated(self, job: _Job, kept: StoredResult, receipt: Receipt) -> None:
-        """A re-offer from this coordinator's new key (it rotated; `previous_keys`) for a
-        result kept under its old key: the same image, its receipt now naming the new key and
-        offer. The old receipt is journaled as void (the restarted coordinator forgot its
-        offer, so no ack will come for it) before the new one is kept: the journal holds one
-        live receipt per job. A crash in between loses the kept image (the job renders again)."""
+        """A re-offer from this coordinator's new key (it rotated; `previous_keys`), or from
+        another coordinator of its network's signer set, for a result kept under the old key:
+        the same image, its receipt now naming the new key and offer. The old receipt is
+        journaled as void (no ack will come for it) before the new one is kept: the journal
+        holds one live receipt per job. A crash in between loses the kept image (the job
+        renders again)."""
         offer, entry = job.msg.offer, kept.entry
         assert kept.image is not None  # _reoffer_fault checked it
         receipt = msgspec.structs.replace(
@@ -1055,7 +1095,7 @@ def _reoffer_fault(
     same = (
         (
             eip712.same_address(receipt.coordinator, offer.coordinator)
-            or receipt.coordinator.lower() in previous_keys  # the coordinator rotated its key
+            or receipt.coordinator.lower() in previous_keys  # rotated, or one of its network
         )
         and receipt.model_id == offer.model_id
         and receipt.work_units == offer.work_units
@@ -1069,17 +1109,27 @@ async def _off_loop(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
 
 
 async def pull_forever(
-    new_session: Callable[[], PullSession], addr: str, sessions: set[PullSession], stop: trio.Event
+    new_session: Callable[[], PullSession],
+    addr: str,
+    sessions: set[PullSession],
+    stop: trio.Event,
+    on_slot_freed: Callable[[], None] | None = None,
 ) -> None:
     """Keep a session to `addr` open, reconnecting with capped exponential backoff.
 
     Jobs run in this function's nursery, not the session's: a broken stream neither waits
     for nor kills the renders it offered, and their kept results answer the re-offers.
+    `on_slot_freed` (default: this address's current session sends `Ready`) is called when
+    one of its jobs ends: a node of several coordinators tells every one of them, since a
+    slot freed by one coordinator's job is credit for all (and the one that offered the job
+    may be gone).
     """
     current: list[PullSession] = []
 
     def slot_freed() -> None:
-        if current:
+        if on_slot_freed is not None:
+            on_slot_freed()
+        elif current:
             current[0].offer_ready()
 
     async with trio.open_nursery() as jobs:

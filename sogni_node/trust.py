@@ -1,4 +1,5 @@
-"""Coordinator keys this node trusts because a trusted key handed over to them.
+"""Coordinator keys this node trusts because a trusted key handed over to them, or because
+its network's operator listed them (`NetworkSigners`, at the end).
 
 Why persisted: a coordinator rotates its offer key by a chain of `KeyRotation` links, each
 signed by the key it replaces (`sogni_protocol.rotation_chain`). Once a node has checked the
@@ -14,15 +15,35 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Collection, Sequence
 from pathlib import Path
 
 import msgspec
 
 from sogni_protocol.atomic import atomic_write_bytes
+from sogni_protocol.eip712 import Domain
+from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import Address
+from sogni_protocol.signer_set import (
+    MAX_FILE_BYTES as MAX_SET_BYTES,
+)
+from sogni_protocol.signer_set import (
+    SignedSignerSet,
+    SignerSetError,
+    check_signer_set,
+    decode_signer_set,
+    encode_signer_set,
+    replaces,
+)
 
-__all__ = ["TRUST_FILE", "RotatedKey", "TrustFileError", "TrustedKeys"]
+__all__ = ["TRUST_FILE", "NetworkSigners", "RotatedKey", "TrustFileError", "TrustedKeys"]
+
+log = get_logger(__name__)
+
+SIGNER_SET_PATH = "/v1/network/signers"
+"""Where a coordinator's HTTP listener serves its network's signer set."""
 
 TRUST_FILE = "coordinator_keys.json"
 MAX_KEYS = 256
@@ -100,3 +121,111 @@ class TrustedKeys:
                 data = msgspec.json.encode(_File(keys=[*keep, *added][-MAX_KEYS:]))
                 atomic_write_bytes(self.path, data + b"\n", mode=0o600)
         return added
+
+
+class NetworkSigners:
+    """The network signer set this node holds (`sogni_protocol.signer_set`).
+
+    Why kept: the set with the highest serial the node ever accepted is written to
+    `data_dir/network_signers.json`, so a replayed older set (an old file put back, a
+    coordinator serving a stale copy) cannot bring back a key the operator removed. Every
+    candidate is checked against the configured operators, network and domain; a refused one
+    is logged (one line) and changes nothing.
+    """
+
+    def __init__(
+        self,
+        held_path: Path,
+        domain: Domain,
+        operators: Sequence[str],
+        network_id: str,
+        source: Path | None = None,
+    ) -> None:
+        self.held_path = Path(held_path)
+        self.domain = domain
+        self.operators = list(operators)
+        self.network_id = network_id
+        self.source = Path(source).expanduser() if source is not None else None
+
+    def _held(self) -> SignedSignerSet | None:
+        """The kept set, checked again (the configured operators may have changed)."""
+        try:
+            held = decode_signer_set(self.held_path.read_bytes())
+        except FileNotFoundError:
+            return None
+        except (OSError, SignerSetError) as exc:
+            log.error("signer_set_unreadable", path=str(self.held_path), error=str(exc))
+            return None
+        fault = check_signer_set(self.domain, held, self.operators, self.network_id)
+        if fault is not None:
+            log.warning("signer_set_dropped", reason=fault)
+            return None
+        return held
+
+    def offer(self, data: bytes, origin: str) -> SignedSignerSet | None:
+        """Take a candidate set's bytes from `origin` (a file, a coordinator): kept if it is
+        valid and newer than the held one. Returns the set now held (None: none)."""
+        with _lock:
+            held = self._held()
+            try:
+                candidate = decode_signer_set(data)
+            except SignerSetError as exc:
+                log.error("signer_set_refused", origin=origin, reason=str(exc))
+                return held
+            fault = check_signer_set(self.domain, candidate, self.operators, self.network_id)
+            if fault is not None:
+                log.error("signer_set_refused", origin=origin, reason=fault)
+                return held
+            if replaces(held, candidate):
+                atomic_write_bytes(self.held_path, encode_signer_set(candidate), mode=0o600)
+                log.info(
+                    "signer_set_accepted",
+                    origin=origin,
+                    network=candidate.set.network_id,
+                    serial=candidate.set.serial,
+                    signers=len(candidate.set.signers),
+                )
+                return candidate
+            if held is not None and candidate.set.serial < held.set.serial:
+                log.warning(
+                    "signer_set_outdated",
+                    origin=origin,
+                    serial=candidate.set.serial,
+                    held=held.set.serial,
+                )
+            return held
+
+    def current(self) -> frozenset[str]:
+        """Lower-case signer addresses of the held set, after reading `source` (blocking:
+        call it off the trio thread). Empty without operators or a valid set."""
+        if not self.operators:
+            return frozenset()
+        held: SignedSignerSet | None
+        if self.source is not None:
+            try:
+                with self.source.open("rb") as f:  # never more than the limit in memory
+                    data = f.read(MAX_SET_BYTES + 1)
+            except OSError as exc:
+                log.error("signer_set_unreadable", path=str(self.source), error=type(exc).__name__)
+                with _lock:
+                    held = self._held()
+            else:
+                held = self.offer(data, str(self.source))
+        else:
+            with _lock:
+                held = self._held()
+        return frozenset(s.lower() for s in held.set.signers) if held is not None else frozenset()
+
+    def fetch(self, base_url: str, timeout: float = 10.0) -> SignedSignerSet | None:
+        """GET `<base_url>/v1/network/signers` (a coordinator's HTTP listener) and `offer` it
+        (blocking: call it off the trio thread). A failure is one log line; returns the set
+        now held."""
+        url = base_url.rstrip("/") + SIGNER_SET_PATH
+        try:
+            with urllib.request.urlopen(url, timeout=timeout) as response:
+                data = bytes(response.read(MAX_SET_BYTES + 1))
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            log.warning("signer_set_not_fetched", url=url, error=type(exc).__name__)
+            with _lock:
+                return self._held()
+        return self.offer(data, url)

@@ -14,7 +14,7 @@ from sogni_coordinator.api_keys import ApiKeys
 from sogni_coordinator.gateway.config import GatewayConfig
 from sogni_coordinator.gateway.core import Gateway
 from sogni_coordinator.gateway.rest import gateway_routes
-from sogni_coordinator.result_urls import ResultUrls
+from sogni_coordinator.result_urls import ResultUrls, load_key
 from sogni_protocol.catalog import default_catalog
 
 if TYPE_CHECKING:
@@ -31,6 +31,8 @@ def open_gateway(
     data_dir: Path,
     configured_models: set[str],
     network_id: str,
+    url_key_file: Path | None = None,
+    results_dir: Path | None = None,
 ) -> tuple[Gateway, ApiKeys]:
     """The gateway, and the API-key store to `close()` when the coordinator stops (it
     closes the project records the gateway keeps in the same database too)."""
@@ -39,12 +41,14 @@ def open_gateway(
     gateway = Gateway(
         dispatcher,
         keys,
-        ResultUrls.load(data_dir, config.public_url),
+        ResultUrls(load_key(url_key_file), config.public_url)
+        if url_key_file is not None  # one key per network (docs/SCALING.md)
+        else ResultUrls.load(data_dir, config.public_url),
         keys.projects,
         config=config,
         catalog=default_catalog(),
         configured_models=configured_models,
-        results_dir=data_dir / "gateway-results",
+        results_dir=results_dir or data_dir / "gateway-results",
         network_id=network_id,
     )
     return gateway, keys

@@ -48,7 +48,21 @@ class ImageStore:
         return len(self._index)
 
     def get(self, image_id: str) -> StoredImage | None:
-        return self._index.get(image_id) if IMAGE_ID.match(image_id) else None
+        """The image, also when another coordinator sharing the folder saved it (the id is
+        checked against `IMAGE_ID` first: it never becomes an arbitrary path)."""
+        if not IMAGE_ID.match(image_id):
+            return None
+        found = self._index.get(image_id)
+        if found is None:
+            for kind, ext in _EXT.items():
+                path = self.folder / f"{image_id}.{ext}"
+                try:
+                    created = path.stat().st_mtime
+                except OSError:
+                    continue
+                found = self._index[image_id] = StoredImage(path, _TYPES[kind], created)
+                break
+        return found
 
     async def save(self, image_id: str, image: bytes) -> StoredImage:
         """Write the image durably under its id; raises ValueError for an unknown format."""

@@ -142,10 +142,13 @@ class JobQueue(abc.ABC):
         the coordinators waiting for work."""
 
     @abc.abstractmethod
-    async def lease(self, owner: str, n: int, ttl: float) -> list[Lease]:
-        """Take up to `n` queued jobs, oldest first, for `ttl` seconds. Expired leases are
-        swept first, so a dead coordinator's jobs are taken again. Never blocks on
-        another coordinator's lease in progress."""
+    async def lease(
+        self, owner: str, n: int, ttl: float, payloads: Sequence[bytes] | None = None
+    ) -> list[Lease]:
+        """Take up to `n` queued jobs, oldest first, for `ttl` seconds; with `payloads`,
+        only jobs whose payload is one of them (a coordinator takes only what its nodes
+        serve). Expired leases are swept first, so a dead coordinator's jobs are taken
+        again. Never blocks on another coordinator's lease in progress."""
 
     @abc.abstractmethod
     async def renew(self, lease: Lease, ttl: float) -> Lease:

@@ -108,6 +108,7 @@ RETURNING j.job_id, j.state
 _TAKE = f"""
 WITH c AS (SELECT {_NOW} AS now),
 picked AS (SELECT job_id FROM queue_jobs WHERE state = 'queued'
+             AND (%(all)s OR payload = ANY(%(payloads)s))
            ORDER BY seq LIMIT %(n)s FOR UPDATE SKIP LOCKED)
 UPDATE queue_jobs j
 SET state = 'leased', lease_owner = %(owner)s, lease_expires = c.now + %(ttl)s,
@@ -289,11 +290,20 @@ class PostgresQueue(JobQueue):
             finally:
                 self._listen_lock.release()
 
-    def _lease(self, owner: str, n: int, ttl: float) -> list[Lease]:
+    def _lease(
+        self, owner: str, n: int, ttl: float, payloads: Sequence[bytes] | None = None
+    ) -> list[Lease]:
         self._drain()
+        args = {
+            "n": n,
+            "owner": owner,
+            "ttl": ttl,
+            "all": payloads is None,
+            "payloads": list(payloads or ()),
+        }
         with self._conn.transaction():
             expired = self._sweep()
-            rows = self._conn.execute(_TAKE, {"n": n, "owner": owner, "ttl": ttl}).fetchall()
+            rows = self._conn.execute(_TAKE, args).fetchall()
             if expired.requeued and len(rows) == n:  # others may take what we did not
                 self._notify()
         return [
@@ -308,8 +318,9 @@ class PostgresQueue(JobQueue):
         ).fetchone()
         if row is None:
             raise LeaseLost(f"job {short(lease.job_id)}: lease {lease.attempt} is lost")
-        return Lease(lease.job_id, lease.request_id, lease.payload, lease.owner,
-                     lease.attempt, float(row[0]))
+        return Lease(
+            lease.job_id, lease.request_id, lease.payload, lease.owner, lease.attempt, float(row[0])
+        )
 
     def _release(self, lease: Lease) -> QueueState:
         with self._conn.transaction():
@@ -342,13 +353,33 @@ class PostgresQueue(JobQueue):
             if done is None:
                 raise JobNotLive(f"job {short(job_id)} was given up on; it takes no receipt")
 
+    def _bury(self, job_ids: Sequence[bytes], request_id: bytes | None) -> list[bytes]:
+        if request_id is not None:  # every job of the request nobody leases now
+            rows = self._conn.execute(
+                f"UPDATE queue_jobs SET state = 'dead', updated_at = {_NOW}"
+                " WHERE request_id = %s AND state = 'queued' RETURNING job_id",
+                (request_id,),
+            ).fetchall()
+        else:
+            rows = self._conn.execute(
+                "UPDATE queue_jobs SET state = 'dead', lease_owner = NULL, lease_expires = NULL,"
+                f" updated_at = {_NOW} WHERE job_id = ANY(%s) AND state IN ('queued', 'leased')"
+                " RETURNING job_id",
+                (list(job_ids),),
+            ).fetchall()
+        return [bytes(r[0]) for r in rows]
+
     def _status(self, job_id: bytes) -> JobStatus:
         row = self._conn.execute(_STATUS, (job_id,)).fetchone()
         if row is None:
             raise UnknownJob(f"job {short(job_id)} was never queued")
         return JobStatus(
-            job_id=bytes(row[0]), state=QueueState(row[1]), attempts=row[2],
-            max_attempts=row[3], owner=row[4], expires_at=row[5],
+            job_id=bytes(row[0]),
+            state=QueueState(row[1]),
+            attempts=row[2],
+            max_attempts=row[3],
+            owner=row[4],
+            expires_at=row[5],
             receipt_id=None if row[6] is None else bytes(row[6]),
         )
 
@@ -382,9 +413,19 @@ class PostgresQueue(JobQueue):
         if jobs:
             await self._run(self._enqueue, list(jobs))
 
-    async def lease(self, owner: str, n: int, ttl: float) -> list[Lease]:
+    async def lease(
+        self, owner: str, n: int, ttl: float, payloads: Sequence[bytes] | None = None
+    ) -> list[Lease]:
         check_lease_args(owner, n, ttl)
-        return await self._run(self._lease, owner, n, float(ttl))
+        return await self._run(self._lease, owner, n, float(ttl), payloads)
+
+    async def bury(
+        self, job_ids: Sequence[bytes] = (), *, request_id: bytes | None = None
+    ) -> list[bytes]:
+        """Take jobs out of the queue for good (the dead state), whoever leases them: the
+        coordinator gave up on them, or (`request_id`) its client cancelled and these were
+        still queued. Returns the jobs buried."""
+        return await self._run(self._bury, list(job_ids), request_id)
 
     async def renew(self, lease: Lease, ttl: float) -> Lease:
         check_lease_args(lease.owner, 1, ttl)

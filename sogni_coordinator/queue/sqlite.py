@@ -113,15 +113,21 @@ class _QueueFile(Database):
         with self._tx() as db:
             return self._expire(db, time.time())
 
-    def lease(self, owner: str, n: int, ttl: float) -> tuple[list[Lease], Expired]:
+    def lease(
+        self, owner: str, n: int, ttl: float, payloads: Sequence[bytes] | None = None
+    ) -> tuple[list[Lease], Expired]:
         now = time.time()
         expires = now + ttl
+        only = ""
+        if payloads is not None:  # an empty list takes nothing
+            only = f" AND payload IN ({', '.join('?' * len(payloads))})" if payloads else " AND 0"
+
         with self._tx() as db:
             expired = self._expire(db, now)
             rows = db.execute(
                 "SELECT job_id, request_id, payload, attempts FROM queue_jobs"
-                " WHERE state = 'queued' ORDER BY rowid LIMIT ?",
-                (n,),
+                f" WHERE state = 'queued'{only} ORDER BY rowid LIMIT ?",
+                (*(payloads or ()), n),
             ).fetchall()
             leases = []
             for job_id, request_id, payload, attempts in rows:
@@ -131,8 +137,14 @@ class _QueueFile(Database):
                     (owner, expires, now, job_id),
                 )
                 leases.append(
-                    Lease(bytes(job_id), bytes(request_id), bytes(payload), owner,
-                          attempts + 1, expires)
+                    Lease(
+                        bytes(job_id),
+                        bytes(request_id),
+                        bytes(payload),
+                        owner,
+                        attempts + 1,
+                        expires,
+                    )
                 )
         return leases, expired
 
@@ -146,8 +158,9 @@ class _QueueFile(Database):
             )
             if cursor.rowcount != 1:
                 raise LeaseLost(f"job {short(lease.job_id)}: lease {lease.attempt} is lost")
-        return Lease(lease.job_id, lease.request_id, lease.payload, lease.owner,
-                     lease.attempt, now + ttl)
+        return Lease(
+            lease.job_id, lease.request_id, lease.payload, lease.owner, lease.attempt, now + ttl
+        )
 
     def release(self, lease: Lease) -> QueueState:
         now = time.time()
@@ -192,8 +205,12 @@ class _QueueFile(Database):
         if row is None:
             raise UnknownJob(f"job {short(job_id)} was never queued")
         return JobStatus(
-            job_id=bytes(row[0]), state=QueueState(row[1]), attempts=row[2],
-            max_attempts=row[3], owner=row[4], expires_at=row[5],
+            job_id=bytes(row[0]),
+            state=QueueState(row[1]),
+            attempts=row[2],
+            max_attempts=row[3],
+            owner=row[4],
+            expires_at=row[5],
             receipt_id=None if row[6] is None else bytes(row[6]),
         )
 
@@ -249,10 +266,12 @@ class SqliteQueue(JobQueue):
             await self._file.call(self._file.enqueue, list(jobs))
             self._wake_all()
 
-    async def lease(self, owner: str, n: int, ttl: float) -> list[Lease]:
+    async def lease(
+        self, owner: str, n: int, ttl: float, payloads: Sequence[bytes] | None = None
+    ) -> list[Lease]:
         check_lease_args(owner, n, ttl)
         self._signalled = False
-        leases, expired = await self._file.call(self._file.lease, owner, n, ttl)
+        leases, expired = await self._file.call(self._file.lease, owner, n, ttl, payloads)
         if expired.requeued and len(leases) == n:  # others may take what we did not
             self._wake_all()
         return leases

@@ -23,6 +23,9 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from sogni_app.api import render
+from sogni_coordinator.network_signers import SIGNER_SET_FILE
+from sogni_protocol.eip712 import Domain
+from sogni_protocol.signer_set import NetworkSignerSet, encode_signer_set, sign_signer_set
 
 from .conftest import MODEL, NodeHandle, start_net, tiny_request
 
@@ -152,6 +155,18 @@ async def test_health_ready_and_metrics_of_both_daemons(tmp_path: Path, backend:
         live = {name for name, _ in c} | {name for name, _ in n}
         used = dashboard_metrics()
         assert used and not used - live, f"dashboard uses unknown metrics: {used - live}"
+
+        # The network signer set the operator published in the data folder is served as is.
+        signers = base + "/v1/network/signers"
+        assert (await get(signers))[0] == 404
+        unsigned = NetworkSignerSet(
+            network_id="sogni-test", serial=1, signers=[net.signer.address], issued_at=1
+        )
+        signed = sign_signer_set(net.signer.private_key, Domain(31337, "0x" + "ab" * 20), unsigned)
+        (net.config.data_dir / SIGNER_SET_FILE).write_bytes(encode_signer_set(signed))
+        code, body = await get(signers)
+        assert code == 200
+        assert json.loads(body)["set"]["signers"] == [net.signer.address]
 
         # A database another process holds locked: not ready, saying why, in one line.
         with write_locked(net.config.database):

@@ -1,0 +1,727 @@
+"""Several coordinators of one network on one PostgreSQL (issue #18): who renders, who delivers.
+
+Why this shape: a request belongs to the coordinator its client is attached to (its
+*owner*, `cluster_requests.owner`), but any coordinator with idle nodes may render its jobs.
+So a submitted request's jobs go into the shared queue (`queue/postgres.py`), and each
+coordinator leases jobs for its own connected nodes when they have credit (only jobs of
+models those nodes serve), renews its leases while the nodes render, and hands a job back
+to the queue when its node declines it or is lost. A coordinator that dies stops renewing;
+its leases expire and the jobs are leased again elsewhere.
+
+Whoever receives a job's result stores the image in the shared result store (`results_dir`,
+one folder every coordinator of the network reads) and commits the receipt; the same
+transaction completes the job in the shared queue (its one `queue_receipts` row) and
+NOTIFYs the request's owner (`Store.shared_queue`). The owner reads the request's jobs back
+from the shared tables (on that NOTIFY, and every `REFRESH_SECONDS` in case one was
+missed), delivers each image once, bills it from the request's reservation, and ends the
+request. A client whose coordinator died resumes at another one: `adopt` moves the owner
+column to that coordinator in one statement (the old owner's claim is lost: it stops
+delivering and billing that request when it notices), and rebuilds the mailbox and the
+reservation from the shared database. Each coordinator beats in `cluster_members`; a request
+whose owner stopped beating and that still has live jobs or an open reservation is taken
+over by a live coordinator (no client needed): it is billed, refunded and kept for a resume.
+
+A node holding a finished result whose coordinator died delivers it to another coordinator
+of the network: every offer is recorded in `cluster_offers` (written in batches off the
+event loop), so the receiver checks the result against the shared offer and job records
+(signed by a coordinator in `network_signers`, made to this wallet, job still live) and the
+receipts table's primary key decides a race between two deliveries.
+
+psycopg runs only in worker threads; each connection has a lock.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import msgspec
+import psycopg
+import trio
+
+from sogni_coordinator.delivery import Mailbox, short
+from sogni_coordinator.job_state import STORED_LIVE, JobState
+from sogni_coordinator.jobs import Job, NodeLink, RequestState
+from sogni_coordinator.queue.base import Lease, LeaseLost, NewJob, QueueError
+from sogni_coordinator.queue.postgres import PostgresQueue, migrate
+from sogni_coordinator.storage import location
+from sogni_coordinator.store import JobOutcome, Store
+from sogni_protocol import eip712
+from sogni_protocol.errors import SignatureError
+from sogni_protocol.logs import get_logger
+from sogni_protocol.messages import Cancel, JobFailed, JobOffer, Result
+
+log = get_logger(__name__)
+
+__all__ = ["Cluster"]
+
+T = TypeVar("T")
+
+COMPONENT = "cluster"
+REFRESH_SECONDS = 1.0
+"""An owner re-reads its requests' jobs this often even without a NOTIFY."""
+LEASE_BATCH = 64
+STALL_WARNING = 10.0
+EMPTY_LEASE_PAUSE = 0.05
+"""After a lease that found nothing, at most this often again (a NOTIFY meanwhile is kept)."""
+OFFER_BACKLOG = 10_000
+"""Offers waiting to be recorded; beyond that they are dropped (only failover loses)."""
+_WAIT_SLICE = 0.25
+QUEUE_ATTEMPTS = 50
+"""Leases a job may take in the shared queue. The dispatcher's own count (its
+`MAX_ATTEMPTS` of node failures) gives up first; this bounds leases lost to coordinators
+dying, after which the owner fails the job (`_fail_dead`)."""
+DEAD_GRACE = 5.0
+"""Seconds a job stays dead in the queue before its owner fails it (a bury and the store's
+own write of the job's end are two transactions)."""
+
+_SCHEMA_V1 = """
+CREATE TABLE cluster_requests (
+    request_id  BYTEA PRIMARY KEY,
+    owner       TEXT NOT NULL,
+    claimed_at  DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX cluster_requests_owner ON cluster_requests (owner);
+CREATE TABLE cluster_offers (
+    offer_hash  BYTEA PRIMARY KEY,
+    job_id      BYTEA NOT NULL,
+    coordinator TEXT NOT NULL,
+    wallet      TEXT NOT NULL,
+    offer       BYTEA NOT NULL,
+    signature   BYTEA NOT NULL,
+    made_at     DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX cluster_offers_job ON cluster_offers (job_id);
+CREATE TABLE cluster_members (
+    coordinator TEXT PRIMARY KEY,
+    seen_at     DOUBLE PRECISION NOT NULL
+);
+"""
+MIGRATIONS = (_SCHEMA_V1,)
+
+_offer_decoder = msgspec.msgpack.Decoder(JobOffer)
+_NOW = "extract(epoch FROM clock_timestamp())::float8"
+"""The database's clock: one clock for every coordinator."""
+_HEARTBEAT = (
+    f"INSERT INTO cluster_members VALUES (%s, {_NOW})"
+    " ON CONFLICT (coordinator) DO UPDATE SET seen_at = EXCLUDED.seen_at"
+)
+_ORPHANS = f"""
+UPDATE cluster_requests SET owner = %(me)s, claimed_at = {_NOW}
+WHERE request_id IN (
+    SELECT c.request_id FROM cluster_requests c
+    WHERE c.owner <> %(me)s
+      AND (EXISTS (SELECT 1 FROM jobs j WHERE j.request_id = c.request_id
+                   AND j.state IN ('queued', 'cancelling'))
+           OR EXISTS (SELECT 1 FROM ledger_reservations r
+                      WHERE r.request_id = encode(c.request_id, 'hex') AND r.state = 'open'))
+      AND NOT EXISTS (SELECT 1 FROM cluster_members m WHERE m.coordinator = c.owner
+                      AND m.seen_at > {_NOW} - %(after)s)
+    LIMIT 64 FOR UPDATE OF c SKIP LOCKED)
+RETURNING request_id
+"""
+"""Requests whose owner stopped beating, with jobs to follow or a reservation to settle:
+taken over so they are billed and ended."""
+
+
+class Cluster:
+    """This coordinator's part in the network: leases, owned requests, shared offers."""
+
+    def __init__(
+        self,
+        url: str,
+        queue: PostgresQueue,
+        conn: psycopg.Connection[Any],
+        listen: psycopg.Connection[Any],
+        *,
+        me: str,
+        signers: Iterable[str],
+        lease_ttl: float,
+    ) -> None:
+        self.url = url
+        self.queue = queue
+        self._conn = conn
+        self._listen = listen
+        self._lock = threading.Lock()
+        self.me = me.lower()
+        self.signers = frozenset(s.lower() for s in signers) | {self.me}
+        """Coordinators of this network whose offers this one accepts results for."""
+        self.lease_ttl = lease_ttl
+        self.orphan_after = max(3 * lease_ttl, 5 * REFRESH_SECONDS)
+        """Seconds without a heartbeat after which a coordinator's requests are taken over
+        (billed, refunded and kept for their client) by one that is alive."""
+        self.leases: dict[bytes, Lease] = {}
+        """Jobs this coordinator leased and holds now (in `Dispatcher.jobs`)."""
+        self.counted: dict[bytes, set[bytes]] = {}
+        """Owned request -> its jobs already counted as ended (delivered, failed, ...)."""
+        self.dispatcher: Any = None
+        """The `dispatch.Dispatcher` (not imported: it imports this module's type)."""
+        self._poked = trio.Event()
+        self._todo_send, self._todo = trio.open_memory_channel[Callable[[], Awaitable[None]]](
+            OFFER_BACKLOG
+        )
+        self._offers: list[tuple[bytes, bytes, str, str, bytes, bytes, float]] = []
+        self._offers_wake = trio.Event()
+        self._closed = False
+        self._looped_at = time.monotonic()
+        """When the lease loop last went round (at least every second): a watchdog reads it."""
+
+    @classmethod
+    async def open(
+        cls, database: str | Any, *, me: str, signers: Iterable[str], lease_ttl: float
+    ) -> Cluster:
+        """Connect to the shared database (queue, owner records, offers), migrate, LISTEN."""
+        url = location(database)
+        queue = await PostgresQueue.open(url)
+        try:
+            conn, listen = await trio.to_thread.run_sync(
+                cls._connect, url, Store.notify_channel, me.lower()
+            )
+        except BaseException:
+            await queue.aclose()
+            raise
+        return cls(url, queue, conn, listen, me=me, signers=signers, lease_ttl=lease_ttl)
+
+    @staticmethod
+    def _connect(url: str, channel: str, me: str) -> tuple[psycopg.Connection[Any], ...]:
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        try:
+            migrate(conn, COMPONENT, MIGRATIONS)
+            conn.execute(_HEARTBEAT, (me,))  # alive before its first request
+            listen = psycopg.connect(url, autocommit=True, connect_timeout=10)
+            listen.execute(f"LISTEN {channel}".encode())
+        except BaseException:
+            conn.close()
+            raise
+        return conn, listen
+
+    def attach(self, dispatcher: Any) -> None:
+        self.dispatcher = dispatcher
+        dispatcher.cluster = self
+        dispatcher.store.shared_queue = self.me
+
+    @property
+    def d(self) -> Any:
+        assert self.dispatcher is not None, "Cluster.attach first"
+        return self.dispatcher
+
+    async def _sql(self, fn: Callable[..., T], *args: Any) -> T:
+        return await trio.to_thread.run_sync(functools.partial(self._locked, fn, *args))
+
+    def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+        with self._lock:
+            return fn(*args)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self.queue.aclose()
+
+        def close() -> None:
+            with self._lock:
+                self._conn.close()
+            self._listen.close()
+
+        await trio.to_thread.run_sync(close)
+
+    # --- what the dispatcher calls ----------------------------------------------------------
+    async def submitted(self, request_id: bytes, jobs: Sequence[Job]) -> None:
+        """A stored request: this coordinator owns it, its jobs join the shared queue."""
+
+        def claim() -> None:
+            self._conn.execute(
+                "INSERT INTO cluster_requests VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                (request_id, self.me, time.time()),
+            )
+
+        await self._sql(claim)
+        self.counted[request_id] = set()
+        await self.queue.enqueue(
+            [NewJob(j.job_id, request_id, j.params.model_id.encode(), QUEUE_ATTEMPTS) for j in jobs]
+        )
+
+    def poke(self) -> None:
+        """Credit or nodes changed: the lease loop looks again."""
+        self._poked.set()
+
+    def offered(
+        self, job: Job, link: NodeLink, offer: JobOffer, offer_hash: bytes, signature: bytes
+    ) -> None:
+        """Record a signed offer for a node that may deliver its result elsewhere."""
+        if len(self._offers) >= OFFER_BACKLOG:
+            log.warning("cluster_offer_dropped", job=job.job_id.hex()[:16])
+            return
+        row = (
+            offer_hash,
+            job.job_id,
+            offer.coordinator.lower(),
+            link.wallet.lower(),
+            msgspec.msgpack.encode(offer),
+            signature,
+            time.time(),
+        )
+        self._offers.append(row)
+        self._offers_wake.set()
+
+    def ended(self, job: Job) -> None:
+        """A local job reached a terminal state (the dispatcher counted it if it owns it)."""
+        self.leases.pop(job.job_id, None)
+        counted = self.counted.get(job.request_id)
+        if counted is not None:
+            counted.add(job.job_id)
+
+    def give_back(self, job: Job) -> None:
+        """The job goes back to the shared queue (node lost, declined, deadline): another
+        coordinator, or this one, leases it again."""
+        self.d.jobs.pop(job.job_id, None)
+        lease = self.leases.pop(job.job_id, None)
+        if lease is not None:
+            self._later(functools.partial(self._release, lease))
+
+    def gave_up(self, job: Job) -> None:
+        """Out of attempts: the job leaves the shared queue for good."""
+        self.leases.pop(job.job_id, None)
+        self._later(functools.partial(self._bury, [job.job_id]))
+
+    def cancelled(self, request_id: bytes) -> None:
+        """The client cancelled: jobs still in the shared queue end (those other
+        coordinators render run on, and are paid)."""
+        self._later(functools.partial(self._cancel_queued, request_id))
+
+    def _later(self, fn: Callable[[], Awaitable[None]]) -> None:
+        try:
+            self._todo_send.send_nowait(fn)
+        except trio.WouldBlock:
+            log.error("cluster_backlog_full")  # the lease expires and the job comes back
+
+    async def _release(self, lease: Lease) -> None:
+        try:
+            await self.queue.release(lease)
+        except LeaseLost:
+            pass  # expired meanwhile: it is back in the queue already
+
+    async def _bury(self, job_ids: list[bytes]) -> None:
+        await self.queue.bury(job_ids)
+
+    async def _cancel_queued(self, request_id: bytes) -> None:
+        buried = await self.queue.bury(request_id=request_id)
+        if buried:
+            await self.d.store.call(
+                self.d.store.save_job_states, [(j, JobState.CANCELLED, 0) for j in buried]
+            )
+            await self.refresh(request_id)
+
+    # --- results for another coordinator's offer --------------------------------------------
+    async def take_result(self, link: NodeLink, result: Result) -> Job | None:
+        """A result for an offer this coordinator did not make: if some coordinator of the
+        network made it to this node's wallet and the job is still live, the offer is
+        attached to the job here (taken RUNNING if this coordinator does not hold it) so
+        the usual checks and the receipt follow. Returns a job it created, else None."""
+        offer_hash = result.receipt.offer_hash
+
+        def read() -> tuple[Any, ...] | None:
+            row = self._conn.execute(
+                "SELECT job_id, coordinator, wallet, offer, signature FROM cluster_offers"
+                " WHERE offer_hash = %s",
+                (offer_hash,),
+            ).fetchone()
+            return None if row is None else tuple(row)
+
+        row = await self._sql(read)
+        if row is None:
+            return None
+        job_id, coordinator, wallet, blob, signature = row
+        if bytes(job_id) != result.job_id or coordinator not in self.signers:
+            return None
+        if not eip712.same_address(wallet, link.wallet):
+            return None
+        offer = _offer_decoder.decode(bytes(blob))
+        domain = self.d.domain
+        try:
+            signer = eip712.recover_offer_signer(domain, offer, bytes(signature))
+        except SignatureError:
+            return None
+        if not eip712.same_address(signer, coordinator) or (
+            eip712.offer_hash(domain, offer) != offer_hash
+        ):
+            return None
+        held = self.d.jobs.get(result.job_id)
+        if held is not None:  # leased again here after its lease lapsed: the first result wins
+            held.offers[offer_hash] = link.peer_id
+            held.signed_offers[offer_hash] = (offer, bytes(signature))
+            return None
+        stored = await trio.to_thread.run_sync(self.d.store.jobs_by_id, [result.job_id])
+        if not stored or result.job_id in self.d.jobs:
+            return None
+        s = stored[0]
+        job = Job(
+            s.job_id,
+            s.request_id,
+            s.index,
+            s.params,
+            s.work_units,
+            network=s.network,
+            attempts=s.attempts,
+            state=JobState.RUNNING,
+        )
+        job.offers[offer_hash] = link.peer_id
+        job.signed_offers[offer_hash] = (offer, bytes(signature))
+        self.d.jobs[job.job_id] = job
+        log.info("result_for_network_offer", job=job.job_id.hex()[:16], coordinator=coordinator)
+        return job
+
+    # --- owning requests --------------------------------------------------------------------
+    async def adopt(self, request_id: bytes, *, claim: bool = True) -> bool:
+        """Make this coordinator the request's owner (`claim`: take it over from another,
+        atomically) and rebuild what it owes its client and its reservation from the shared
+        database. False if the network never had this request."""
+
+        def take() -> bool:
+            if claim:
+                row = self._conn.execute(
+                    "UPDATE cluster_requests SET owner = %s, claimed_at = %s"
+                    " WHERE request_id = %s RETURNING 1",
+                    (self.me, time.time(), request_id),
+                ).fetchone()
+                return row is not None
+            return True
+
+        if not await self._sql(take):
+            return False
+        d = self.d
+        outcomes = await trio.to_thread.run_sync(d.store.job_outcomes, request_id)
+        record = await trio.to_thread.run_sync(d.store.delivery, request_id)
+        if record is None:
+            return False
+        if d.billing is not None:
+            await trio.to_thread.run_sync(
+                functools.partial(d.billing.restore, d.store, only={request_id})
+            )
+        box = d.mailboxes.get(request_id) or Mailbox.from_record(record, d.results)
+        live = [o for o in outcomes if o.state in STORED_LIVE]
+        if live and request_id not in d.requests:  # else `resume` reads it when asked
+            d.mailboxes[request_id] = box
+            ended = [o.state for o in outcomes if o.state not in STORED_LIVE]
+            d.requests[request_id] = RequestState(
+                request_id,
+                len(live),
+                box,
+                delivered=ended.count(JobState.DONE),
+                failed=ended.count(JobState.FAILED),
+                cancelled=ended.count(JobState.CANCELLED),
+            )
+            self.counted[request_id] = {o.job_id for o in outcomes if o.state not in STORED_LIVE}
+        log.info("request_adopted", request=short(request_id), live=len(live))
+        return True
+
+    async def restore(self) -> int:
+        """After a restart: the requests this coordinator still owns with live jobs."""
+
+        def owned() -> list[bytes]:
+            rows = self._conn.execute(
+                "SELECT c.request_id FROM cluster_requests c WHERE c.owner = %s AND EXISTS"
+                " (SELECT 1 FROM jobs j WHERE j.request_id = c.request_id"
+                "  AND j.state IN ('queued', 'cancelling'))",
+                (self.me,),
+            ).fetchall()
+            return [bytes(r[0]) for r in rows]
+
+        mine = await self._sql(owned)
+        for request_id in mine:
+            await self.adopt(request_id, claim=False)
+        return len(mine)
+
+    async def refresh(self, request_id: bytes) -> None:
+        """Read back the request's jobs that other coordinators ended: deliver, bill, count."""
+        if request_id not in self.d.requests:
+            return
+        outcomes = await trio.to_thread.run_sync(self.d.store.job_outcomes, request_id)
+        self._apply(request_id, outcomes)
+
+    async def _fail_dead(self, request_id: bytes) -> None:
+        """Jobs the shared queue gave up on (their leases kept expiring) that no
+        coordinator ended: failed, so the request ends."""
+
+        def dead() -> list[bytes]:
+            rows = self._conn.execute(
+                "SELECT q.job_id FROM queue_jobs q JOIN jobs j ON j.job_id = q.job_id"
+                " WHERE q.request_id = %s AND q.state = 'dead'"
+                " AND q.updated_at < extract(epoch FROM clock_timestamp()) - %s"
+                " AND j.state IN ('queued', 'cancelling')",
+                (request_id, DEAD_GRACE),  # the database's clock, as the queue's
+            ).fetchall()
+            return [bytes(r[0]) for r in rows]
+
+        gone = [j for j in await self._sql(dead) if j not in self.d.jobs]
+        if gone:
+            log.warning("jobs_dead_in_queue", request=short(request_id), jobs=len(gone))
+            await self.d.store.call(
+                self.d.store.save_job_states, [(j, JobState.FAILED, 0) for j in gone]
+            )
+
+    def _apply(self, request_id: bytes, outcomes: list[JobOutcome]) -> None:
+        d = self.d
+        state = d.requests.get(request_id)
+        if state is None:
+            return
+        counted = self.counted.setdefault(request_id, set())
+        box = state.mailbox
+        changed = False
+        for o in outcomes:
+            if o.job_id in counted or o.job_id in d.jobs or o.state in STORED_LIVE:
+                continue
+            counted.add(o.job_id)
+            changed = True
+            receipt = o.receipt
+            if receipt is not None and d.billing is not None:
+                d.billing.settle(request_id, o.job_id, receipt.payee, receipt.steps_done, o.steps)
+            if o.state is JobState.DONE:
+                if o.delivered:
+                    box.acked.add(o.job_id)
+                elif o.offer_hash is not None:
+                    box.pending[o.job_id] = d.results.path(request_id, o.index, o.offer_hash)
+                    box.progress.pop(o.job_id, None)
+                state.delivered += 1
+            elif o.state is JobState.FAILED:
+                box.failed[o.job_id] = JobFailed(
+                    job_id=o.job_id, index=o.index, reason="the coordinator gave up on this image"
+                )
+                state.failed += 1
+            else:
+                state.cancelled += 1
+            state.remaining -= 1
+        if changed:
+            box.notify()
+            if state.remaining <= 0:
+                self.counted.pop(request_id, None)
+                d.finish_request(state)
+
+    async def _check_claims(self) -> None:
+        """Requests another coordinator adopted: stop delivering and billing them here."""
+        d = self.d
+        mine = list(d.requests)
+        if not mine:
+            return
+
+        def owners() -> dict[bytes, str]:
+            rows = self._conn.execute(
+                "SELECT request_id, owner FROM cluster_requests WHERE request_id = ANY(%s)",
+                (mine,),
+            ).fetchall()
+            return {bytes(r[0]): str(r[1]) for r in rows}
+
+        for request_id, owner in (await self._sql(owners)).items():
+            if owner != self.me and request_id in d.requests:
+                del d.requests[request_id]
+                self.counted.pop(request_id, None)
+                if d.billing is not None:
+                    d.billing.forget(request_id)
+                box = d.mailboxes.pop(request_id, None)
+                if box is not None:
+                    box.generation += 1  # the attached stream ends: its client moved
+                    box.notify()
+                log.info("request_claim_lost", request=short(request_id), owner=owner)
+
+    # --- tasks ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        """Lease, renew, record offers, follow owned requests; until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._lease_forever)
+            nursery.start_soon(self._queue_wakeups)
+            nursery.start_soon(self._renew_forever)
+            nursery.start_soon(self._todo_forever)
+            nursery.start_soon(self._offers_forever)
+            nursery.start_soon(self._listen_forever)
+            nursery.start_soon(self._refresh_forever)
+
+    def _want(self) -> int:
+        d = self.d
+        credit = sum(link.credit for link in d.free)
+        waiting = sum(1 for j in d.queue if d._waiting(j))
+        return min(LEASE_BATCH, credit - waiting)
+
+    async def _lease_forever(self) -> None:
+        d = self.d
+        while True:
+            self._looped_at = time.monotonic()
+            want = self._want()
+            if want > 0:
+                models = sorted({m for link in d.free for m in link.models})
+                try:
+                    leases = await self.queue.lease(
+                        self.me, want, self.lease_ttl, payloads=[m.encode() for m in models]
+                    )
+                except QueueError as exc:
+                    log.warning("lease_failed", error=str(exc))
+                    leases = []
+                if leases:
+                    await self._take(leases)
+                    continue
+                await trio.sleep(EMPTY_LEASE_PAUSE)  # nodes' credit changes often; the queue less
+            await self._wait_for_work(min(1.0, self.lease_ttl / 2))
+
+    async def _take(self, leases: list[Lease]) -> None:
+        d = self.d
+        stored = await trio.to_thread.run_sync(d.store.jobs_by_id, [x.job_id for x in leases])
+        by_id = {s.job_id: s for s in stored}
+        ended = []
+        for lease in leases:
+            s = by_id.get(lease.job_id)
+            if s is None or s.state is not JobState.QUEUED or lease.job_id in d.jobs:
+                ended.append(lease.job_id)  # ended, cancelling, or already taken here
+                continue
+            self.leases[lease.job_id] = lease
+            job = Job(
+                s.job_id,
+                s.request_id,
+                s.index,
+                s.params,
+                s.work_units,
+                network=s.network,
+                attempts=s.attempts,
+            )
+            d._enqueue(job)
+        if ended:
+            await self.queue.bury(ended)
+
+    async def _wait_for_work(self, timeout: float) -> None:
+        with trio.move_on_after(timeout):
+            await self._poked.wait()
+        self._poked = trio.Event()
+
+    async def _queue_wakeups(self) -> None:
+        """Turn the queue's NOTIFYs into pokes. One wait at a time, never cancelled
+        before shutdown: cancelling a wait on every poke (credit changes often) would leave
+        a worker thread behind each time."""
+        while True:
+            if await self.queue.wait_for_work(1.0):
+                self.poke()
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await trio.sleep(self.lease_ttl / 3)
+            for job_id, lease in list(self.leases.items()):
+                try:
+                    renewed = await self.queue.renew(lease, self.lease_ttl)
+                except LeaseLost:
+                    self._lost(job_id)
+                    continue
+                except QueueError as exc:
+                    log.warning("lease_renew_failed", error=str(exc))
+                    continue
+                if self.leases.get(job_id) is lease:
+                    self.leases[job_id] = renewed
+
+    def _lost(self, job_id: bytes) -> None:
+        """The lease lapsed and another coordinator took the job, or it was receipted
+        elsewhere: stop rendering it here."""
+        self.leases.pop(job_id, None)
+        d = self.d
+        job = d.jobs.pop(job_id, None)
+        if job is None:
+            return
+        for link in list(job.holders):
+            d._send_to_node(link, Cancel(job_id=job_id))
+            d._forget_holder(job, link)
+        log.info("lease_lost", job=job_id.hex()[:16])
+
+    async def _todo_forever(self) -> None:
+        async for fn in self._todo:
+            try:
+                await fn()
+            except QueueError as exc:
+                log.warning("cluster_queue_call_failed", error=str(exc))
+            except (psycopg.Error, sqlite3.Error) as exc:  # the lease lapses: no job is lost
+                log.warning("cluster_queue_call_failed", error=type(exc).__name__)
+
+    async def _offers_forever(self) -> None:
+        while True:
+            await self._offers_wake.wait()
+            self._offers_wake = trio.Event()
+            batch, self._offers = self._offers, []
+            if not batch:
+                continue
+
+            def write(rows: list[tuple[bytes, bytes, str, str, bytes, bytes, float]]) -> None:
+                with self._conn.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO cluster_offers VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                        " ON CONFLICT DO NOTHING",
+                        rows,
+                    )
+
+            try:
+                await self._sql(write, batch)
+            except psycopg.Error as exc:
+                log.warning(
+                    "cluster_offers_not_recorded", offers=len(batch), error=type(exc).__name__
+                )
+
+    async def _listen_forever(self) -> None:
+        while True:
+            stop = threading.Event()
+            try:
+                got = await trio.to_thread.run_sync(
+                    functools.partial(self._notified, stop),
+                    abandon_on_cancel=True,  # type: ignore[call-arg]
+                )
+            finally:
+                stop.set()
+            try:
+                for request_id in got:
+                    await self.refresh(request_id)
+            except sqlite3.Error as exc:  # the periodic refresh tries again
+                log.warning("cluster_refresh_failed", error=type(exc).__name__)
+
+    def _notified(self, stop: threading.Event) -> list[bytes]:
+        """Request ids NOTIFYed within a second (worker thread)."""
+        out: list[bytes] = []
+        deadline = time.monotonic() + REFRESH_SECONDS
+        while not (stop.is_set() or self._closed) and time.monotonic() < deadline:
+            for n in self._listen.notifies(timeout=_WAIT_SLICE, stop_after=1):
+                try:
+                    out.append(bytes.fromhex(n.payload))
+                except ValueError:
+                    continue
+            if out:
+                break
+        return list(dict.fromkeys(out))
+
+    async def _adopt_orphans(self) -> None:
+        def beat_and_take() -> list[bytes]:
+            self._conn.execute(_HEARTBEAT, (self.me,))
+            rows = self._conn.execute(
+                _ORPHANS, {"me": self.me, "after": self.orphan_after}
+            ).fetchall()
+            return [bytes(r[0]) for r in rows]
+
+        for request_id in await self._sql(beat_and_take):
+            log.info("orphan_request_adopted", request=short(request_id))
+            await self.adopt(request_id, claim=False)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await trio.sleep(REFRESH_SECONDS)
+            stalled = time.monotonic() - self._looped_at
+            if stalled > STALL_WARNING:  # for the operator: it should go round every second
+                log.warning(
+                    "lease_loop_stalled",
+                    seconds=round(stalled),
+                    credit=sum(link.credit for link in self.d.free),
+                    leases=len(self.leases),
+                )
+            try:
+                await self._adopt_orphans()
+                await self._check_claims()
+                for request_id in list(self.d.requests):
+                    await self._fail_dead(request_id)
+                    await self.refresh(request_id)
+            except (psycopg.Error, sqlite3.Error) as exc:  # the next round tries again
+                log.warning("cluster_refresh_failed", error=type(exc).__name__)
+            for request_id in [r for r in self.counted if r not in self.d.requests]:
+                del self.counted[request_id]

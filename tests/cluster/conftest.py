@@ -1,0 +1,170 @@
+"""Several coordinators of one network on one real PostgreSQL, in-process, on 127.0.0.1.
+
+Each coordinator runs in a cancel scope of its own, so a test can kill one mid-request (its
+leases are not released, its streams drop: what a crash leaves). They share the database
+(each on a connection of its own: the URL names it), the result folder and the network's
+signer list. Rogue nodes speak the real wire protocol and sign real receipts, so a test
+decides when a result arrives and at which coordinator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from eth_account import Account
+
+from sogni_coordinator.config import CoordinatorConfig
+from sogni_coordinator.service import RunningCoordinator, Signer, run_coordinator
+from sogni_net import Channel, Host
+from sogni_protocol import eip712
+from sogni_protocol.eip712 import Domain
+from sogni_protocol.ids import CONTROL_FRAME_LIMIT
+from sogni_protocol.messages import Offer, Ready, RenderMeta, Result, Welcome
+
+from ..e2e.conftest import (  # noqa: F401  (fixtures)
+    MODEL,
+    Net,
+    backend,
+    receive_skipping,
+    registry,
+    send_node_hello,
+)
+
+
+@dataclass
+class Member:
+    name: str
+    config: CoordinatorConfig
+    signer: Signer
+    running: RunningCoordinator
+    scope: trio.CancelScope
+    stopped: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def addr(self) -> str:
+        return self.running.addrs[0]
+
+    @property
+    def net(self) -> Net:
+        """The e2e helpers' view of this coordinator (to add nodes to it)."""
+        return Net(
+            self.config.data_dir.parent, self._nursery, self.running, self.signer, self.config
+        )
+
+    _nursery: Any = None
+
+    async def kill(self) -> None:
+        """Stop it as a crash would: nothing released, every stream dropped."""
+        self.scope.cancel()
+        await self.stopped.wait()
+
+
+@asynccontextmanager
+async def start_cluster(
+    tmp: Path, pg_url: str, names: list[str], **cfg: Any
+) -> AsyncIterator[dict[str, Member]]:
+    accounts = {name: Account.create() for name in names}
+    signers = [a.address for a in accounts.values()]
+    members: dict[str, Member] = {}
+    async with trio.open_nursery() as nursery:
+        for name in names:
+            acct = accounts[name]
+            config = CoordinatorConfig(
+                data_dir=tmp / name / "coordinator",
+                listen="/ip4/127.0.0.1/tcp/0",
+                database=f"{pg_url}?application_name={name}",  # type: ignore[arg-type]
+                results_dir=tmp / "shared-results",
+                network_signers=signers,
+                heartbeat_interval=0.5,
+                heartbeat_timeout=3.0,
+                http_listen="off",
+                **cfg,
+            )
+            signer = Signer(acct.address, bytes(acct.key))
+            scope = trio.CancelScope()
+            stopped = trio.Event()
+
+            async def run(
+                config: CoordinatorConfig = config,
+                signer: Signer = signer,
+                scope: trio.CancelScope = scope,
+                stopped: trio.Event = stopped,
+                *,
+                task_status: Any = trio.TASK_STATUS_IGNORED,
+            ) -> None:
+                try:
+                    with scope:
+                        await run_coordinator(config, signer, task_status=task_status)
+                finally:
+                    stopped.set()
+
+            running = await nursery.start(run)
+            member = Member(name, config, signer, running, scope, stopped)
+            member._nursery = nursery
+            members[name] = member
+        yield members
+        nursery.cancel_scope.cancel()
+
+
+def png(width: int = 64, height: int = 64) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(out, format="PNG")
+    return out.getvalue()
+
+
+class Rogue:
+    """A node that takes offers and answers them when the test says, at any coordinator."""
+
+    def __init__(self, host: Host, acct: Any) -> None:
+        self.host = host
+        self.acct = acct
+        self.channel: Channel | None = None
+
+    async def connect(self, member: Member, credit: int = 1) -> None:
+        self.channel = await send_node_hello(self.host, member.net, self.acct)
+        welcome = await self.channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=10)
+        assert isinstance(welcome, Welcome)
+        await self.channel.send(Ready(slots=credit))
+
+    async def offer(self, timeout: float = 20.0) -> Offer:
+        assert self.channel is not None
+        msg: Offer = await receive_skipping(self.channel, (Offer,), timeout)
+        return msg
+
+    def result(self, offer: Offer, domain: Domain) -> Result:
+        image = png(offer.offer.width, offer.offer.height)
+        o = offer.offer
+        from sogni_protocol.messages import Receipt
+
+        receipt = Receipt(
+            job_id=o.job_id,
+            offer_hash=eip712.offer_hash(domain, o),
+            worker=self.acct.address,
+            coordinator=o.coordinator,
+            model_id=o.model_id,
+            result_hash=hashlib.sha256(image).digest(),
+            steps_done=o.steps,
+            work_units=o.work_units,
+            completed_at=int(time.time()),
+            price_factor_bps=o.price_factor_bps,
+        )
+        return Result(
+            job_id=o.job_id,
+            image=image,
+            receipt=receipt,
+            signature=eip712.sign_receipt(bytes(self.acct.key), domain, receipt),
+            meta=RenderMeta(backend="rogue", device="cpu", dtype="float32", threads=1),
+        )
+
+
+__all__ = ["MODEL", "Member", "Rogue", "png", "start_cluster"]
