@@ -10,7 +10,11 @@ command, torch version, CPU kind and thread count rebuild the same weights:
 1. a small AutoencoderKL (64 px <-> 4x16x16 latents) learns to reconstruct the shapes;
 2. a small CLIP text encoder and UNet learn v-prediction on those latents under a zero
    terminal-SNR schedule (the first sampling step then sees pure noise, as in training, so the
-   colours come from the prompt), with 10% empty captions for classifier-free guidance.
+   colours come from the prompt), with 10% empty captions for classifier-free guidance. The
+   UNet also gets the pooled prompt in its time embedding, so every block knows the shape.
+
+Captions (issue #17) may carry a size word, a position and one of four word orders; see
+`random_training_scene`. docs/MODEL.md has the recipe, its cost and its measured adherence.
 
 Run: `python -m sogni_node.models.train_shapes --out DIR [--minutes N] [--seed S]`.
 """
@@ -41,7 +45,7 @@ SHAPES_MODEL_ID = _registry.SHAPES_MODEL_ID
 IMAGE_SIZE = _registry.SHAPES_IMAGE_SIZE
 DEFAULT_STEPS = _registry.SHAPES_DEFAULT_STEPS
 DEFAULT_GUIDANCE = _registry.SHAPES_DEFAULT_GUIDANCE
-DEFAULT_MINUTES = 15.0
+DEFAULT_MINUTES = 22.0
 DEFAULT_SEED = 1234
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -61,23 +65,44 @@ SHAPES = ("circle", "square", "triangle")
 _MAX_TOKENS = 20
 """Caption token limit (CLIP uses 77): captions are short and this keeps attention cheap."""
 
-_VAE_CHANNELS = (8, 16, 32)
+_VAE_CHANNELS = (16, 32, 64)
 _LATENT_CHANNELS = 4
 _VAE_SHARE = 0.27
 """Share of the time budget spent on the autoencoder; the rest trains UNet + text encoder."""
-_VAE_STEPS_PER_MIN = 125
-_UNET_STEPS_PER_MIN = 80
-"""Step rates measured here (1 thread, shared busy 2-core VM). Fixed, so step counts (hence the
-weights) depend on --minutes only, never on how fast the machine happens to be today."""
+_VAE_STEPS_PER_MIN = 200
+_UNET_STEPS_PER_MIN = 210
+"""Steps per CPU minute on one thread of this AMD EPYC VM (process time, so other jobs on the
+machine do not count). Fixed, so step counts (hence the weights) depend on --minutes only,
+never on how fast the machine happens to be today."""
 _VAE_BATCH = 16
+_VAE_LR = 3e-3
 _UNET_BATCH = 32
+_UNET_LR = 1.5e-3
 _CFG_DROPOUT = 0.1
 _COLOUR_JITTER = 12
 
 
+POSITIONS = ("on the left", "on the right", "at the top", "at the bottom", "in the centre")
+SIZES = ("small", "large")
+_FORMS = (
+    "{a_c} {c} {s} on {a_b} {b} background",
+    "{b} background, {c} {s}",
+    "{a_b} {b} background with {a_c} {c} {s}",
+    "{c} {s} on {b}",
+)
+"""Caption word orders. The first (the model card's form) is the most common in training."""
+_FORM_WEIGHTS = (0.7, 0.1, 0.1, 0.1)
+_P_POSITION = 0.25
+_P_SIZE = 0.2
+
+
 @dataclass(frozen=True)
 class Scene:
-    """One training image: a shape of one colour centred near the middle of another colour."""
+    """One training image: a shape of one colour on a background of another.
+
+    `position` and `size` are the optional caption words ("on the left", "small"); without
+    them the shape sits near the middle at a medium size (the original placement).
+    """
 
     colour: str
     shape: str
@@ -86,11 +111,17 @@ class Scene:
     cy: float
     radius: float
     jitter: tuple[int, ...] = (0, 0, 0, 0, 0, 0)
+    position: str | None = None
+    size: str | None = None
+    form: int = 0
 
     @property
     def caption(self) -> str:
-        shape = f"{_article(self.colour)} {self.colour} {self.shape}"
-        return f"{shape} on {_article(self.background)} {self.background} background"
+        c = self.colour if self.size is None else f"{self.size} {self.colour}"
+        s = self.shape if self.position is None else f"{self.shape} {self.position}"
+        return _FORMS[self.form].format(
+            a_c=_article(c), c=c, s=s, a_b=_article(self.background), b=self.background
+        )
 
 
 def _article(word: str) -> str:
@@ -98,7 +129,10 @@ def _article(word: str) -> str:
 
 
 def random_scene(rng: random.Random, jitter: bool = True) -> Scene:
-    """Draw a scene; shape and background colours always differ."""
+    """Draw a scene of the original form; shape and background colours always differ.
+
+    Tests and benches draw their prompts with this, so its use of `rng` must not change.
+    """
     colours = list(PALETTE)
     colour = rng.choice(colours)
     background = rng.choice([c for c in colours if c != colour])
@@ -111,6 +145,55 @@ def random_scene(rng: random.Random, jitter: bool = True) -> Scene:
         cy=rng.uniform(24.0, 40.0),
         radius=rng.uniform(11.0, 19.0),
         jitter=tuple(rng.randint(-j, j) for _ in range(6)),
+    )
+
+
+def random_training_scene(rng: random.Random) -> Scene:
+    """A scene of any caption form, with position and size words some of the time.
+
+    Placement: "on the left" etc. puts the centroid in that third (radius 8-13 so it fits);
+    "in the centre" keeps it within 3 px of the middle; "small" is radius 5-8, "large" 21-25
+    (centred, triangles lowered so their tip stays inside). Unqualified scenes keep the
+    original placement, so old prompts mean what they meant.
+    """
+    base = random_scene(rng)
+    form = rng.choices(range(len(_FORMS)), weights=_FORM_WEIGHTS)[0]
+    position = rng.choice(POSITIONS) if rng.random() < _P_POSITION else None
+    size = rng.choice(SIZES) if rng.random() < _P_SIZE else None
+    if size == "large" and position not in (None, "in the centre"):
+        size = None  # a large shape cannot sit in one third of the image
+    cx, cy, r = base.cx, base.cy, base.radius
+    if size == "small":
+        r = rng.uniform(5.0, 8.0)
+    elif size == "large":
+        r = rng.uniform(21.0, 25.0)
+        cx, cy = rng.uniform(30.0, 34.0), rng.uniform(30.0, 34.0)
+        if base.shape == "triangle":
+            cy += 0.3 * r  # centre the triangle's box, not its centroid
+    if position is not None and size is None:
+        r = rng.uniform(8.0, 13.0)
+    edge_lo, edge_hi, mid = rng.uniform(11.0, 17.0), rng.uniform(47.0, 53.0), rng.uniform(29, 35)
+    if position == "on the left":
+        cx = edge_lo
+    elif position == "on the right":
+        cx = edge_hi
+    elif position == "at the top":
+        cy = edge_lo
+    elif position == "at the bottom":
+        cy = edge_hi
+    elif position == "in the centre" and size != "large":
+        cx, cy = mid, rng.uniform(29.0, 35.0)
+    return Scene(
+        colour=base.colour,
+        shape=base.shape,
+        background=base.background,
+        cx=cx,
+        cy=cy,
+        radius=r,
+        jitter=base.jitter,
+        position=position,
+        size=size,
+        form=form,
     )
 
 
@@ -183,13 +266,25 @@ def classify_image(image: np.ndarray) -> tuple[str | None, str]:
     return nearest_colour(np.median(centre[far], axis=0)), nearest_colour(bg)
 
 
+_EXTRA_WORDS = ("left", "right", "top", "bottom", "centre", "large")
+"""Scene words the tiny vocabulary lacks; each becomes one token too."""
+
+
 def _make_tokenizer(folder: Path) -> Any:
-    """The tiny model's offline CLIP BPE tokenizer (it already knows every colour and shape)."""
+    """The tiny model's offline CLIP BPE tokenizer, plus the position and size words."""
     from transformers import CLIPTokenizer
 
-    from sogni_node.models.tiny import write_tiny_tokenizer
+    from sogni_node.models import tiny
 
-    write_tiny_tokenizer(folder)
+    tiny.write_tiny_tokenizer(folder)
+    alphabet = list(tiny._bytes_to_unicode().values())
+    merges = tiny._learn_merges([*tiny._WORDS, *_EXTRA_WORDS])
+    vocab_list = alphabet + [c + "</w>" for c in alphabet] + [a + b for a, b in merges]
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(vocab_list))}
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    merge_lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (folder / "merges.txt").write_text("\n".join(merge_lines) + "\n", encoding="utf-8")
     cfg_path = folder / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     cfg["model_max_length"] = _MAX_TOKENS
@@ -249,6 +344,12 @@ def _make_text_encoder(tokenizer: Any) -> Any:
     )
 
 
+_UNET_CHANNELS = (32, 64)
+_UNET_DOWN = ("DownBlock2D", "CrossAttnDownBlock2D")
+_UNET_UP = ("CrossAttnUpBlock2D", "UpBlock2D")
+_UNET_TEXT_EMBED: str | None = "text"
+
+
 def _make_unet() -> Any:
     from diffusers import UNet2DConditionModel
 
@@ -256,12 +357,16 @@ def _make_unet() -> Any:
         sample_size=IMAGE_SIZE // 4,
         in_channels=_LATENT_CHANNELS,
         out_channels=_LATENT_CHANNELS,
-        block_out_channels=(32, 64),
+        block_out_channels=_UNET_CHANNELS,
         layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=_UNET_DOWN,
+        up_block_types=_UNET_UP,
         cross_attention_dim=64,
         attention_head_dim=16,
+        # Pool the prompt into the time embedding, so every ResNet block sees it (the stock
+        # pipeline needs nothing more than encoder_hidden_states for this).
+        addition_embed_type=_UNET_TEXT_EMBED,
+        addition_embed_type_num_heads=4,
         norm_num_groups=4,  # 8+ channels per group, so flat colour fields survive the norms
     )
 
@@ -282,11 +387,11 @@ def _set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 def train_vae(steps: int, rng: random.Random) -> tuple[Any, float]:
     """Train the autoencoder; return it (eval mode) and the latent scaling factor (1/std)."""
     vae = _make_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=_VAE_LR, weight_decay=0.0)
     started = time.perf_counter()
     for step in range(steps):
-        _set_lr(opt, _lr(step, steps, 2e-3))
-        x = draw_scenes([random_scene(rng) for _ in range(_VAE_BATCH)])
+        _set_lr(opt, _lr(step, steps, _VAE_LR))
+        x = draw_scenes([random_training_scene(rng) for _ in range(_VAE_BATCH)])
         posterior = vae.encode(x).latent_dist
         # Deterministic (the mode): it trains several times faster here than sampling, and
         # the diffusion phase only ever uses the mode.
@@ -309,7 +414,7 @@ def train_vae(steps: int, rng: random.Random) -> tuple[Any, float]:
             )
     vae.eval()
     with torch.no_grad():
-        x = draw_scenes([random_scene(rng) for _ in range(256)])
+        x = draw_scenes([random_training_scene(rng) for _ in range(256)])
         std = float(vae.encode(x).latent_dist.mode().std())
     return vae, 1.0 / std
 
@@ -343,13 +448,18 @@ def train_diffusion(
 
     started = time.perf_counter()
     for step in range(steps):
-        _set_lr(opt, _lr(step, steps, 1.5e-3))
-        scenes = [random_scene(rng) for _ in range(_UNET_BATCH)]
+        _set_lr(opt, _lr(step, steps, _UNET_LR))
+        scenes = [random_training_scene(rng) for _ in range(_UNET_BATCH)]
         captions = [s.caption if rng.random() >= _CFG_DROPOUT else "" for s in scenes]
         with torch.no_grad():
             z0 = vae.encode(draw_scenes(scenes)).latent_dist.mode() * scale
         ids = torch.stack([tokens(c) for c in captions])
         t = torch.randint(0, len(alphas), (len(scenes),), generator=gen)
+        # Half the batch at the timesteps an 8-step trailing sampler visits (999, 874, ...,
+        # 124): the default render then runs on the steps the model saw most.
+        focus = torch.randint(0, DEFAULT_STEPS, t.shape, generator=gen)
+        focused = len(alphas) - 1 - focus * (len(alphas) // DEFAULT_STEPS)
+        t = torch.where(torch.arange(len(t)) % 2 == 0, focused, t)
         eps = torch.randn(z0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z0 + (1 - a).sqrt() * eps

@@ -1,8 +1,9 @@
 """The shipped default model follows prompts, fast and reproducibly, through the real backend.
 
-Why: `sogni-shapes-64` exists so a fresh node renders what was asked for. Colour is what a
-tiny model can get reliably right, so that is what is scored: the shape's colour and the
-background colour must match the prompt, judged against the training palette.
+Why: `sogni-shapes-64` exists so a fresh node renders what was asked for: the shape's colour,
+the background colour and (issue #17) the shape itself must match the prompt. Colours are
+judged against the training palette; shapes by `shape_judge`, which reads the foreground
+mask's geometry and shares nothing with the training code's drawing.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from PIL import Image
 
 from sogni_node.models import ModelRegistry
 from sogni_node.models.registry import DEFAULT_MODEL_ID, SHAPES_MODEL_ID, shapes_model_spec
+from sogni_node.models.shape_judge import Verdict, judge
 from sogni_node.models.train_shapes import classify_image, random_scene
 from sogni_node.render import default_device
 from sogni_node.render.backend import RenderJob
@@ -28,7 +30,8 @@ N_PROMPTS = 50
 # variation"): 49/50 shape and 50/50 background colours right in every one; renders differ
 # between paths by at most 1 (8-bit) and only 1 of the 50 has a colour within 5 RGB units of
 # a palette boundary, so rounding can flip at most that one. 0.9 (45/50) keeps 4 misses of
-# margin below the worst path.
+# margin below the worst path. (Those figures are for the weights before issue #17; `cpuvar` has
+# not been rerun for the current ones.)
 MIN_ADHERENCE = 0.9
 
 
@@ -96,6 +99,78 @@ def test_colours_follow_the_prompt_on_this_machines_gpu() -> None:
         _check_adherence(backend)
     finally:
         backend.close()
+
+
+N_SHAPE_PROMPTS = 48
+MIN_SHAPE_ADHERENCE = 0.55
+"""Shape bar on a fixed sample of the 168 colour-pair x shape prompts. Here: 32/48 (67%); all
+168: 71% (BENCHMARKS.md, "Prompt adherence"); the weights before issue #17 scored 35%, chance
+is 33%. 27/48 leaves 5 misses of margin for other CPU kinds. Issue #17 asks for 80% here
+(90% on all 168): not reached yet, squares still come out rounded and read as circles."""
+MIN_COLOUR_ADHERENCE = 0.9
+
+
+def test_shapes_follow_the_prompt(shapes_backend: DiffusersBackend) -> None:
+    rng = random.Random(17)
+    shape_ok = colour_ok = 0
+    misses: list[str] = []
+    for i in range(N_SHAPE_PROMPTS):
+        colour, background = rng.sample(_PALETTE_WORDS, 2)
+        shape = ("circle", "square", "triangle")[i % 3]
+        prompt = f"{_a(colour)} {colour} {shape} on {_a(background)} {background} background"
+        png = _render(shapes_backend, _job(prompt, 700_000 + i))
+        v = judge(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+        shape_ok += v.shape == shape
+        colour_ok += (v.colour, v.background) == (colour, background)
+        if (v.shape, v.colour, v.background) != (shape, colour, background):
+            misses.append(f"{prompt!r} -> {v.colour} {v.shape} on {v.background}")
+    assert shape_ok >= MIN_SHAPE_ADHERENCE * N_SHAPE_PROMPTS, misses
+    assert colour_ok >= MIN_COLOUR_ADHERENCE * N_SHAPE_PROMPTS, misses
+
+
+def test_position_and_size_words_move_and_scale_the_shape(shapes_backend: DiffusersBackend) -> None:
+    """Position words put the shape's centroid in that third, size words scale its box.
+
+    BENCHMARKS.md: 99% position, 99% size on 120 and 72 prompts. 20 prompts here, 16 must pass.
+    """
+    places = ("on the left", "on the right", "at the top", "at the bottom", "in the centre")
+    rng = random.Random(23)
+    ok = 0
+    misses: list[str] = []
+    for i in range(20):
+        colour, background = rng.sample(_PALETTE_WORDS, 2)
+        shape = ("circle", "square", "triangle")[i % 3]
+        bg = f"on {_a(background)} {background} background"
+        word = places[i % 5] if i < 10 else ("small", "large")[i % 2]
+        if i < 10:
+            prompt = f"{_a(colour)} {colour} {shape} {word} {bg}"
+        else:
+            prompt = f"a {word} {colour} {shape} {bg}"
+        png = _render(shapes_backend, _job(prompt, 710_000 + i))
+        v = judge(np.asarray(Image.open(io.BytesIO(png)).convert("RGB")))
+        good = _placed(word, v) and (v.colour, v.background) == (colour, background)
+        ok += good
+        if not good:
+            misses.append(f"{prompt!r} -> {v}")
+    assert ok >= 16, misses
+
+
+def _placed(word: str, v: Verdict) -> bool:
+    if word in ("small", "large"):
+        return v.size_word == word
+    third = word.split()[-1]
+    if third in ("left", "right"):
+        return v.horizontal == third
+    if third in ("top", "bottom"):
+        return v.vertical == third
+    return (v.horizontal, v.vertical) == ("centre", "centre")
+
+
+_PALETTE_WORDS = ("red", "green", "blue", "yellow", "white", "black", "orange", "purple")
+
+
+def _a(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
 
 
 def test_same_job_same_bytes(shapes_backend: DiffusersBackend) -> None:
