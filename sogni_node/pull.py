@@ -329,8 +329,8 @@ class PullSession:
         if self.id.network is not None:  # re-read each connect: the operator adds coordinators
             network = await _off_loop(self.id.network.current)
         trusted = configured | network
-        store = TrustedKeys.in_dir(self.journal.path.parent)  # data_dir: journal.db is in it
         if key.lower() not in trusted:  # the trust file is read only when it matters
+            store = TrustedKeys.in_dir(self.journal.path.parent)  # data_dir: journal.db's
             try:
                 trusted = trusted | (await _off_loop(store.load, configured)).keys()
             except TrustFileError as exc:
