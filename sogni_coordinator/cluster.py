@@ -47,13 +47,13 @@ from sogni_coordinator.delivery import Mailbox, short
 from sogni_coordinator.job_state import STORED_LIVE, JobState
 from sogni_coordinator.jobs import Job, NodeLink, RequestState
 from sogni_coordinator.queue.base import Lease, LeaseLost, NewJob, QueueError
-from sogni_coordinator.queue.postgres import PostgresQueue, migrate
+from sogni_coordinator.queue.postgres import BOUNDED, PostgresQueue, migrate
 from sogni_coordinator.storage import location
 from sogni_coordinator.store import JobOutcome, Store
 from sogni_protocol import eip712
 from sogni_protocol.errors import SignatureError
 from sogni_protocol.logs import get_logger
-from sogni_protocol.messages import Cancel, JobFailed, JobOffer, Result
+from sogni_protocol.messages import Cancel, JobFailed, JobOffer, JobProgress, Result
 
 log = get_logger(__name__)
 
@@ -75,6 +75,15 @@ QUEUE_ATTEMPTS = 50
 """Leases a job may take in the shared queue. The dispatcher's own count (its
 `MAX_ATTEMPTS` of node failures) gives up first; this bounds leases lost to coordinators
 dying, after which the owner fails the job (`_fail_dead`)."""
+PROGRESS_TAG = "p:"
+"""NOTIFY payload prefix: `p:<request>:<job>:<step>:<steps>`, a lessee's node progress."""
+PROGRESS_EVERY = 0.5
+"""A lessee relays its nodes' progress to the owners at most this often (one NOTIFY per
+job that moved): at most 2 frames a second per job reach the owner's client."""
+CANCEL_TAG = "c:"
+"""NOTIFY payload prefix on `Store.notify_channel`: the request's client cancelled."""
+HOLD_UNPLACED = 10.0
+"""Seconds a leased job may wait here for a node before it goes back to the shared queue."""
 DEAD_GRACE = 5.0
 """Seconds a job stays dead in the queue before its owner fails it (a bury and the store's
 own write of the job's end are two transactions)."""
@@ -128,6 +137,22 @@ RETURNING request_id
 taken over so they are billed and ended."""
 
 
+def _progress_item(payload: str) -> tuple[bytes, bytes, int, int] | None:
+    """`p:<request>:<job>:<step>:<steps>` checked (ids of 32 bytes, 0 <= step <= steps <
+    2**16), else None."""
+    parts = payload.removeprefix(PROGRESS_TAG).split(":")
+    if len(parts) != 4 or len(payload) > 200:
+        return None
+    try:
+        request_id, job_id = bytes.fromhex(parts[0]), bytes.fromhex(parts[1])
+        step, steps = int(parts[2]), int(parts[3])
+    except ValueError:
+        return None
+    if len(request_id) != 32 or len(job_id) != 32 or not 0 <= step <= steps < 2**16:
+        return None
+    return request_id, job_id, step, steps
+
+
 class Cluster:
     """This coordinator's part in the network: leases, owned requests, shared offers."""
 
@@ -166,7 +191,11 @@ class Cluster:
         )
         self._offers: list[tuple[bytes, bytes, str, str, bytes, bytes, float]] = []
         self._offers_wake = trio.Event()
+        self._progress: dict[bytes, tuple[bytes, int, int]] = {}
+        """Job leased here -> (request, step, steps) not yet relayed to its owner."""
         self._closed = False
+        self._taken_at: dict[bytes, float] = {}
+        """Leased job -> when it joined the dispatcher's queue here (`_return_unplaced`)."""
         self._looped_at = time.monotonic()
         """When the lease loop last went round (at least every second): a watchdog reads it."""
 
@@ -188,7 +217,7 @@ class Cluster:
 
     @staticmethod
     def _connect(url: str, channel: str, me: str) -> tuple[psycopg.Connection[Any], ...]:
-        conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        conn = psycopg.connect(url, autocommit=True, connect_timeout=10, options=BOUNDED)
         try:
             migrate(conn, COMPONENT, MIGRATIONS)
             conn.execute(_HEARTBEAT, (me,))  # alive before its first request
@@ -213,7 +242,13 @@ class Cluster:
         return await trio.to_thread.run_sync(functools.partial(self._locked, fn, *args))
 
     def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn` on the cluster's connection, opened again first if the server lost it (the
+        call that met the loss raises; every caller's next round retries)."""
         with self._lock:
+            if (self._conn.closed or self._conn.broken) and not self._closed:
+                self._conn = psycopg.connect(
+                    self.url, autocommit=True, connect_timeout=10, options=BOUNDED
+                )
             return fn(*args)
 
     async def aclose(self) -> None:
@@ -230,8 +265,9 @@ class Cluster:
         await trio.to_thread.run_sync(close)
 
     # --- what the dispatcher calls ----------------------------------------------------------
-    async def submitted(self, request_id: bytes, jobs: Sequence[Job]) -> None:
-        """A stored request: this coordinator owns it, its jobs join the shared queue."""
+    async def submitted(self, request_id: bytes, jobs: Sequence[Job], priority: int = 0) -> None:
+        """A stored request: this coordinator owns it, its jobs join the shared queue
+        (`priority`: the payer's stake tier, leased first by every coordinator)."""
 
         def claim() -> None:
             self._conn.execute(
@@ -242,7 +278,10 @@ class Cluster:
         await self._sql(claim)
         self.counted[request_id] = set()
         await self.queue.enqueue(
-            [NewJob(j.job_id, request_id, j.params.model_id.encode(), QUEUE_ATTEMPTS) for j in jobs]
+            [
+                NewJob(j.job_id, request_id, j.params.model_id.encode(), QUEUE_ATTEMPTS, priority)
+                for j in jobs
+            ]
         )
 
     def poke(self) -> None:
@@ -289,8 +328,9 @@ class Cluster:
         self._later(functools.partial(self._bury, [job.job_id]))
 
     def cancelled(self, request_id: bytes) -> None:
-        """The client cancelled: jobs still in the shared queue end (those other
-        coordinators render run on, and are paid)."""
+        """The client cancelled: jobs still in the shared queue end, and every coordinator
+        is told (NOTIFY `c:<request>`) so the ones rendering its jobs stop their nodes (paid
+        for the steps done, as any cancel: `_cancel_leased`)."""
         self._later(functools.partial(self._cancel_queued, request_id))
 
     def _later(self, fn: Callable[[], Awaitable[None]]) -> None:
@@ -309,12 +349,77 @@ class Cluster:
         await self.queue.bury(job_ids)
 
     async def _cancel_queued(self, request_id: bytes) -> None:
+        def notify() -> None:
+            self._conn.execute(
+                "SELECT pg_notify(%s, %s)", (Store.notify_channel, CANCEL_TAG + request_id.hex())
+            )
+
+        await self._sql(notify)
         buried = await self.queue.bury(request_id=request_id)
         if buried:
             await self.d.store.call(
                 self.d.store.save_job_states, [(j, JobState.CANCELLED, 0) for j in buried]
             )
             await self.refresh(request_id)
+
+    def progressed(self, job: Job, step: int) -> None:
+        """A node here rendered a step of another coordinator's job: relayed in a batch."""
+        self._progress[job.job_id] = (job.request_id, step, job.params.steps)
+
+    async def _progress_forever(self) -> None:
+        while True:
+            await trio.sleep(PROGRESS_EVERY)
+            if not self._progress:
+                continue
+            batch, self._progress = self._progress, {}
+            payloads = [
+                f"{PROGRESS_TAG}{r.hex()}:{j.hex()}:{step}:{steps}"
+                for j, (r, step, steps) in batch.items()
+            ]
+
+            def send(items: list[str]) -> None:
+                for payload in items:
+                    self._conn.execute("SELECT pg_notify(%s, %s)", (Store.notify_channel, payload))
+
+            try:
+                await self._sql(send, payloads)
+            except psycopg.Error as exc:  # progress is best effort: the result follows
+                log.warning("cluster_progress_not_sent", error=type(exc).__name__)
+
+    def _show_progress(self, items: list[tuple[bytes, bytes, int, int]]) -> None:
+        """Progress another coordinator's node made on a request owned here: to its client,
+        as the owner's own nodes' progress (the latest step per job)."""
+        d = self.d
+        for request_id, job_id, step, steps in items:
+            state = d.requests.get(request_id)
+            if state is None or not state.mailbox.attached:
+                continue
+            box = state.mailbox
+            try:
+                index = box.job_ids.index(job_id)
+            except ValueError:
+                continue
+            if job_id in box.pending or job_id in box.acked:
+                continue  # its image is here already
+            box.progress[job_id] = JobProgress(job_id=job_id, index=index, step=step, steps=steps)
+            box.notify()
+
+    def _cancel_leased(self, request_id: bytes) -> None:
+        """Another coordinator's client cancelled: the jobs of that request this one leased
+        stop as the owner's own would (`Dispatcher.cancel_request`: running ones end with a
+        partial receipt, paid pro rata, or a hand-back); those still waiting here leave the
+        shared queue. The owner counts them from the shared tables."""
+        d = self.d
+        if request_id in d.requests:  # the owner itself: it cancelled already
+            return
+        mine = [j for j in d.jobs.values() if j.request_id == request_id]
+        if not mine:
+            return
+        waiting = [j.job_id for j in mine if j.state is JobState.QUEUED]
+        log.info("leased_jobs_cancelled", request=short(request_id), jobs=len(mine))
+        d.cancel_request(request_id)
+        if waiting:
+            self._later(functools.partial(self._bury, waiting))
 
     # --- results for another coordinator's offer --------------------------------------------
     async def take_result(self, link: NodeLink, result: Result) -> Job | None:
@@ -538,6 +643,7 @@ class Cluster:
             nursery.start_soon(self._offers_forever)
             nursery.start_soon(self._listen_forever)
             nursery.start_soon(self._refresh_forever)
+            nursery.start_soon(self._progress_forever)
 
     def _want(self) -> int:
         d = self.d
@@ -546,22 +652,28 @@ class Cluster:
         return min(LEASE_BATCH, credit - waiting)
 
     async def _lease_forever(self) -> None:
+        """Lease while the nodes have credit beyond the jobs waiting here. Never waits more
+        than a second without looking again (a NOTIFY or a poke only makes it sooner), and
+        a database error only delays the next look: nothing here can sleep for good."""
         d = self.d
         while True:
             self._looped_at = time.monotonic()
             want = self._want()
             if want > 0:
                 models = sorted({m for link in d.free for m in link.models})
+                leases: list[Lease] = []
                 try:
                     leases = await self.queue.lease(
                         self.me, want, self.lease_ttl, payloads=[m.encode() for m in models]
                     )
+                    if leases:
+                        await self._take(leases)
+                        continue
                 except QueueError as exc:
                     log.warning("lease_failed", error=str(exc))
-                    leases = []
-                if leases:
-                    await self._take(leases)
-                    continue
+                except (psycopg.Error, sqlite3.Error) as exc:  # its leases lapse: none is lost
+                    log.warning("lease_failed", error=type(exc).__name__)
+                    await trio.sleep(EMPTY_LEASE_PAUSE * 10)
                 await trio.sleep(EMPTY_LEASE_PAUSE)  # nodes' credit changes often; the queue less
             await self._wait_for_work(min(1.0, self.lease_ttl / 2))
 
@@ -576,6 +688,9 @@ class Cluster:
                 ended.append(lease.job_id)  # ended, cancelling, or already taken here
                 continue
             self.leases[lease.job_id] = lease
+            self._taken_at[lease.job_id] = time.monotonic()
+            if lease.priority and lease.request_id not in d.requests:  # its tier, here too
+                d.queue.tiers[lease.request_id] = lease.priority
             job = Job(
                 s.job_id,
                 s.request_id,
@@ -614,8 +729,31 @@ class Cluster:
                 except QueueError as exc:
                     log.warning("lease_renew_failed", error=str(exc))
                     continue
+                except psycopg.Error as exc:
+                    log.warning("lease_renew_failed", error=type(exc).__name__)
+                    continue
                 if self.leases.get(job_id) is lease:
                     self.leases[job_id] = renewed
+
+    def _return_unplaced(self) -> None:
+        """Leased jobs still waiting here after `HOLD_UNPLACED` seconds (the credit that
+        leased them went elsewhere meanwhile) go back to the shared queue, where a
+        coordinator whose nodes have credit takes them; and the dispatcher matches again
+        (a wake-up it missed costs at most a second)."""
+        d = self.d
+        now = time.monotonic()
+        for job in [j for j in d.queue if d._waiting(j)]:
+            taken = self._taken_at.get(job.job_id)
+            if job.job_id in self.leases and taken is not None and now - taken > HOLD_UNPLACED:
+                log.info("leased_job_returned", job=job.job_id.hex()[:16])
+                self.give_back(job)
+        for job_id in [j for j in self._taken_at if j not in self.leases]:
+            del self._taken_at[job_id]
+        leased = {lease.request_id for lease in self.leases.values()}
+        for request_id in [r for r in d.queue.tiers if r not in d.requests and r not in leased]:
+            del d.queue.tiers[request_id]  # another's request whose jobs left here
+        if d.queue and d.free:
+            d._wake()
 
     def _lost(self, job_id: bytes) -> None:
         """The lease lapsed and another coordinator took the job, or it was receipted
@@ -666,31 +804,55 @@ class Cluster:
         while True:
             stop = threading.Event()
             try:
-                got = await trio.to_thread.run_sync(
+                got, cancels, progress = await trio.to_thread.run_sync(
                     functools.partial(self._notified, stop),
                     abandon_on_cancel=True,  # type: ignore[call-arg]
                 )
             finally:
                 stop.set()
+            for request_id in cancels:
+                self._cancel_leased(request_id)
+            self._show_progress(progress)
             try:
                 for request_id in got:
                     await self.refresh(request_id)
             except sqlite3.Error as exc:  # the periodic refresh tries again
                 log.warning("cluster_refresh_failed", error=type(exc).__name__)
 
-    def _notified(self, stop: threading.Event) -> list[bytes]:
-        """Request ids NOTIFYed within a second (worker thread)."""
+    def _notified(
+        self, stop: threading.Event
+    ) -> tuple[list[bytes], list[bytes], list[tuple[bytes, bytes, int, int]]]:
+        """What was NOTIFYed within a second (worker thread): requests with results, with
+        cancels, and relayed progress."""
         out: list[bytes] = []
+        cancels: list[bytes] = []
+        progress: list[tuple[bytes, bytes, int, int]] = []
         deadline = time.monotonic() + REFRESH_SECONDS
         while not (stop.is_set() or self._closed) and time.monotonic() < deadline:
-            for n in self._listen.notifies(timeout=_WAIT_SLICE, stop_after=1):
-                try:
-                    out.append(bytes.fromhex(n.payload))
-                except ValueError:
-                    continue
-            if out:
+            try:
+                if self._listen.closed or self._listen.broken:  # the periodic refresh covers
+                    self._listen = psycopg.connect(  # what was NOTIFYed meanwhile
+                        self.url, autocommit=True, connect_timeout=10
+                    )
+                    self._listen.execute(f"LISTEN {Store.notify_channel}".encode())
+                for n in self._listen.notifies(timeout=_WAIT_SLICE, stop_after=1):
+                    if n.payload.startswith(PROGRESS_TAG):
+                        item = _progress_item(n.payload)
+                        if item is not None:
+                            progress.append(item)
+                        continue
+                    cancel = n.payload.startswith(CANCEL_TAG)
+                    try:
+                        request_id = bytes.fromhex(n.payload.removeprefix(CANCEL_TAG))
+                    except ValueError:
+                        continue
+                    (cancels if cancel else out).append(request_id)
+            except psycopg.OperationalError:
+                time.sleep(_WAIT_SLICE)
+                continue
+            if out or cancels or progress:
                 break
-        return list(dict.fromkeys(out))
+        return list(dict.fromkeys(out)), list(dict.fromkeys(cancels)), progress
 
     async def _adopt_orphans(self) -> None:
         def beat_and_take() -> list[bytes]:
@@ -715,6 +877,7 @@ class Cluster:
                     credit=sum(link.credit for link in self.d.free),
                     leases=len(self.leases),
                 )
+            self._return_unplaced()
             try:
                 await self._adopt_orphans()
                 await self._check_claims()

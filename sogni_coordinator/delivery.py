@@ -3,7 +3,8 @@
 An image is written to the results folder (as the `JobImage` frame the client will get,
 mode 0600) before its receipt is committed, so whatever the store counts as deliverable is
 on disk. A `Mailbox` is what one request owes its client: the images not yet acknowledged
-(their paths, never their bytes: a slow or absent client costs disk, not memory), failures,
+(their paths; `ResultFiles` also keeps the latest images it wrote in memory, 64 MiB at
+most, so a slow or absent client costs disk, not unbounded memory), failures,
 the latest progress per job, and the final `RequestDone` once every job has ended. A client
 stream reads it through a `Cursor`, which yields each of those once per attachment; the
 client's `ImageAck` marks an image delivered in the store and its file is deleted. A new
@@ -14,15 +15,19 @@ so an image lost in flight is sent again and the client drops a copy it already 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
-from collections.abc import Iterable
+import sys
+import tempfile
+import threading
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
 
 from sogni_coordinator.store import DeliveryRecord
-from sogni_protocol.atomic import atomic_write_bytes
+from sogni_protocol.atomic import fsync_dir
 from sogni_protocol.errors import InvalidMessage
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import JobFailed, JobImage, JobProgress, Message, RequestDone, decode
@@ -45,8 +50,18 @@ class ResultFiles:
     """`<root>/<request id>/<index>-<offer hash prefix>.jobimage`: one file per receipted
     image (the offer hash tells a straggler's two copies apart)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, memory_bytes: int = 64 * 1024 * 1024) -> None:
         self.root = root
+        self.memory_bytes = memory_bytes
+        """At most this many image bytes are also kept in memory, so that a stream sends an
+        image it was just given without a thread hop and a file read per image (the file is
+        still written and fsync'd first: it is what a restart or another coordinator reads)."""
+        self._memory: dict[Path, JobImage] = {}
+        self._held = 0
+        self._lock = threading.Lock()  # `remove` runs in worker threads
+        self._open = _Batch()
+        """Files waiting for the next write."""
+        self._writing: _Batch | None = None
 
     def folder(self, request_id: bytes) -> Path:
         return self.root / request_id.hex()
@@ -55,12 +70,46 @@ class ResultFiles:
         return self.folder(request_id) / f"{index:04d}-{offer_hash.hex()[:16]}{_SUFFIX}"
 
     async def write(self, path: Path, image: JobImage) -> None:
-        """Durably, off the event loop (an image frame may be 32 MiB)."""
+        """Durably, off the event loop (an image frame may be 32 MiB). Files asked for while
+        a write is under way are written together in one worker-thread call (one folder
+        fsync per request, not per file): a thread hop per image costs the loop more than
+        the image itself. Raises `OSError` if this file could not be written."""
         data = encode_message(image)
-        await trio.to_thread.run_sync(lambda: atomic_write_bytes(path, data, mode=0o600))
+        batch = self._open
+        batch.items.append((path, data))
+        while not batch.done.is_set():
+            writing = self._writing
+            if writing is None:  # nobody is writing: this task writes everything queued
+                current, self._open = self._open, _Batch()
+                self._writing = current
+                try:
+                    current.errors = await trio.to_thread.run_sync(_write_files, current.items)
+                finally:
+                    self._writing = None
+                    current.done.set()
+            else:
+                await writing.done.wait()
+        if batch.errors is None:
+            raise OSError("the image write did not finish")
+        if (error := batch.errors.get(path)) is not None:
+            raise error
+        with self._lock:
+            self._forget(path)
+            if self._held + len(image.image) <= self.memory_bytes:
+                self._memory[path] = image
+                self._held += len(image.image)
+
+    def _forget(self, path: Path) -> None:
+        """Drop `path` from memory; the caller holds the lock."""
+        image = self._memory.pop(path, None)
+        if image is not None:
+            self._held -= len(image.image)
 
     async def read(self, path: Path) -> JobImage | None:
         """The frame stored at `path`, or None if it is missing or not a `JobImage`."""
+        image = self._memory.get(path)
+        if image is not None and path.exists():  # the file is the truth: it may be gone
+            return image
         try:
             data = await trio.to_thread.run_sync(path.read_bytes)
             frame = decode(data)
@@ -72,6 +121,8 @@ class ResultFiles:
         """Delete files (blocking: call from a worker thread), and their folders once empty."""
         folders = set()
         for path in paths:
+            with self._lock:
+                self._forget(path)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
             folders.add(path.parent)
@@ -95,6 +146,86 @@ class ResultFiles:
         ]
         self.remove(stale)
         return len(stale)
+
+
+@dataclass(eq=False)
+class _Batch:
+    items: list[tuple[Path, bytes]] = field(default_factory=list)
+    errors: dict[Path, OSError] | None = None
+    """Set when the write returned: the files that failed."""
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+def _write_files(items: list[tuple[Path, bytes]]) -> dict[Path, OSError]:
+    """Each file written to a temporary name, all made durable at once (one `syncfs` of the
+    results file system where Linux has it: separate fsyncs, one after another, each wait
+    for their own journal commit), renamed (mode 0600), then each folder fsync'd once (a
+    worker thread); the files that failed, with their error."""
+    errors: dict[Path, OSError] = {}
+    written: list[tuple[Path, str]] = []
+    one_sync = _SYNCFS is not None and len(items) > 1
+    for path, data in items:
+        tmp: str | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                if not one_sync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            written.append((path, tmp))
+        except OSError as exc:
+            errors[path] = exc
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+    if one_sync and written:
+        try:
+            _syncfs(written[0][0].parent)
+        except OSError as exc:
+            for path, tmp in written:
+                errors[path] = exc
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            return errors
+    folders: set[Path] = set()
+    for path, tmp in written:
+        try:
+            os.replace(tmp, path)
+            folders.add(path.parent)
+        except OSError as exc:
+            errors[path] = exc
+    for folder in folders:
+        fsync_dir(folder)
+    return errors
+
+
+def _find_syncfs() -> Callable[[int], int] | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn: Callable[[int], int] = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    return fn
+
+
+_SYNCFS = _find_syncfs()
+
+
+def _syncfs(folder: Path) -> None:
+    """Flush the file system holding `folder` to disk; raises `OSError` on a write error."""
+    assert _SYNCFS is not None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if _SYNCFS(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
 
 
 @dataclass(eq=False)
@@ -158,8 +289,9 @@ class Mailbox:
 
 
 class Cursor:
-    """One attachment's view of a mailbox: yields progress, images (read from disk one at a
-    time), failures and finally `RequestDone`, each once; stops when superseded."""
+    """One attachment's view of a mailbox: yields progress, images (from memory if this
+    process wrote them lately, else read from disk one at a time), failures and finally
+    `RequestDone`, each once; stops when superseded."""
 
     def __init__(self, box: Mailbox, generation: int, files: ResultFiles) -> None:
         self.box = box

@@ -357,12 +357,13 @@ class Dispatcher:
                 if self.billing is not None:  # not accepted: nothing may stay reserved
                     self.billing.finish(request_id)
                 raise
+            tier = 0
+            if paid and self.billing is not None and self.billing.benefits is not None:
+                tier = self.queue.tiers[request_id] = self.billing.benefits.tier(req.payer)
             if self.cluster is not None:  # owned here, rendered by any coordinator's nodes
-                await self.cluster.submitted(request_id, jobs)
+                await self.cluster.submitted(request_id, jobs, tier)  # the tier orders it
         box = Mailbox(request_id, [j.job_id for j in jobs])
         state = RequestState(request_id, len(jobs), box)
-        if paid and self.billing is not None and self.billing.benefits is not None:
-            self.queue.tiers[request_id] = self.billing.benefits.tier(req.payer)
         self.add_request(state, jobs)
         accepted = RequestAccepted(
             request_id=request_id,
@@ -672,6 +673,8 @@ class Dispatcher:
         if job is None:
             return
         state = self.requests.get(job.request_id)
+        if state is None and self.cluster is not None:  # another coordinator's client
+            self.cluster.progressed(job, step)
         if state is not None and state.mailbox.attached:
             # the latest step per job replaces the last: a slow client misses some, never more
             state.mailbox.progress[job_id] = JobProgress(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from sogni_coordinator.db import Database
@@ -129,7 +129,7 @@ class Reputation(Database):
     def _save(self, rec: WorkerRecord) -> None:
         """Write-behind: the row joins the database's write queue (the group commit's next
         transaction, off the event loop); memory is the truth meanwhile."""
-        values = asdict(rec)
+        values = {f.name: getattr(rec, f.name) for f in fields(rec)}  # flat: no deep copy
         values["strikes"] = ",".join(f"{t:.0f}" for t in rec.strikes)
         self.submit("reputation", self._write, tuple(values.values()))
 

@@ -25,6 +25,7 @@ Why the channel owns two background tasks (a reader "pump" and a writer) instead
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -33,6 +34,8 @@ from typing import Literal
 import trio
 from libp2p.abc import INetStream
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
+from libp2p.network.stream.net_stream import StreamState
+from libp2p.stream_muxer.yamux import yamux
 
 from sogni_net._log import describe
 from sogni_net.errors import ChannelClosed, ReadTimeout, WriteTimeout
@@ -459,8 +462,8 @@ class Channel:
             size += len(op.data)
         try:
             self.writes += 1
-            await self._stream.write(
-                first.data if len(batch) == 1 else b"".join(op.data for op in batch)
+            await _write(
+                self._stream, first.data if len(batch) == 1 else b"".join(op.data for op in batch)
             )
         except Exception as exc:
             for op in batch:
@@ -483,6 +486,45 @@ class Channel:
                 await self._stream.reset()  # peer reset or connection gone: local cleanup
         except Exception:
             pass
+
+
+_YAMUX_CHUNK = yamux.MAX_MESSAGE_SIZE - yamux.HEADER_SIZE
+
+
+async def _write(stream: INetStream, data: bytes) -> None:
+    """`stream.write(data)`, with what the yamux send window allows passed to the connection
+    as one write of all its 64 KB yamux frames.
+
+    py-libp2p's own write takes a stream lock, the window lock, the connection's write lock
+    and a checkpoint for every 64 KB frame: on a busy event loop each of those awaits waits
+    a full turn among every other stream, and a batch of images to a client took seconds
+    (BENCHMARKS.md, Dispatch). The bytes on the wire are the same frames. Anything this
+    cannot do so (another muxer, a stream not open for writing, no window) goes the usual
+    way, which also raises the usual errors."""
+    muxed = getattr(stream, "muxed_stream", None)
+    if (
+        len(data) <= _YAMUX_CHUNK
+        or not isinstance(muxed, yamux.YamuxStream)
+        or getattr(stream, "_state", None) not in (StreamState.OPEN, StreamState.CLOSE_READ)
+    ):
+        await stream.write(data)
+        return
+    frames = b""
+    async with muxed.rw_lock.write_lock():
+        n = min(muxed.send_window, len(data))
+        if n > 0 and not (muxed.send_closed or muxed.closed):
+            muxed.send_window -= n  # no await between the check and the update
+            chunks = [data[i : min(i + _YAMUX_CHUNK, n)] for i in range(0, n, _YAMUX_CHUNK)]
+            head = yamux.YAMUX_HEADER_FORMAT
+            frames = b"".join(
+                struct.pack(head, 0, yamux.TYPE_DATA, 0, muxed.stream_id, len(c)) + c
+                for c in chunks
+            )
+    if frames:
+        await muxed.conn._write_frame(frames)
+        data = data[n:]
+    if data:
+        await stream.write(data)
 
 
 def _window_stalled(exc: BaseException | None) -> bool:

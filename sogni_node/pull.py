@@ -364,6 +364,9 @@ class PullSession:
             if msg is None:  # quiet for a heartbeat interval
                 seq += 1
                 await channel.send(Heartbeat(seq=seq), timeout=self.heartbeat_timeout)
+                # and the credit again: a Ready lost or counted at the wrong moment (several
+                # coordinators) would otherwise leave an idle node idle for good
+                self.offer_ready()
                 continue
             batch = [msg]
             while len(batch) < _WRITE_BATCH and not isinstance(batch[-1], Goodbye):

@@ -389,15 +389,14 @@ def _interpretation(report: Report) -> str:
     if receipted:
         text.append(
             f"Latency is queueing (all {report.settings.jobs} jobs are accepted at once and "
-            f"drain in {med(lambda r: r.wall):.0f} s), and images reach the client well after "
-            f"their receipts (p50 {common.median(receipted):.0f} ms to the receipt, "
-            f"{med(lambda r: _ms(r.latencies, 50)):.0f} ms to the client; a client stream "
-            f"writes every image ready at once in one write, but py-libp2p cuts that write "
-            f"into 64 KB yamux frames, each its own Noise message and socket send behind "
-            f"several awaits, and each await waits a full turn of the busy loop among 50 node "
-            f"streams: in one traced run (30 Nov 2026, load average 10) writes of 40-60 images "
-            f"took 1.5-2.5 s with no yamux flow-control wait at all (zero-window waits 0), so "
-            f"the lag is that per-chunk path on a starved loop, not the window or the batching)."
+            f"drain in {med(lambda r: r.wall):.0f} s): p50 {common.median(receipted):.0f} ms "
+            f"to the receipt, {med(lambda r: _ms(r.latencies, 50)):.0f} ms to the client. A "
+            f"client stream writes every image ready at once in one write, and the channel "
+            f"hands what the yamux window allows to the connection as one write of all its "
+            f"64 KB frames (`sogni_net.channel._write`): py-libp2p's own write awaits four "
+            f"locks and a checkpoint per frame, each a full turn of the busy loop, and before "
+            f"that change writes of 40-60 images took 1.5-2.5 s (traced 30 Nov 2026, load "
+            f"average 10; zero-window waits 0)."
         )
     return " ".join(text)
 

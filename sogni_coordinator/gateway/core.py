@@ -278,8 +278,8 @@ class Gateway:
             raise project.refusal
         if project.done or project.cancelled:
             return None
-        try:
-            resumed = self.dispatcher.resume(project.request_id, project.token)
+        try:  # with several coordinators: also a request another one accepted (adopted)
+            resumed = await self.dispatcher.resume_anywhere(project.request_id, project.token)
         except Refusal:
             if len(project.outcomes) < project.count:
                 project.told = True  # nothing to push: a re-send hears this

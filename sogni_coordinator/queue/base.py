@@ -78,6 +78,8 @@ class NewJob:
     request_id: bytes
     payload: bytes
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    priority: int = 0
+    """Higher leases first (the payer's stake tier); first in, first out within one."""
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,7 @@ class Lease:
     attempt: int
     """This lease's attempt number (1 for the first lease): names the lease."""
     expires_at: float
+    priority: int = 0
 
 
 @dataclass(frozen=True)

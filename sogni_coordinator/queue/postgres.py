@@ -54,6 +54,9 @@ DEFAULT_CHANNEL = "sogni_queue"
 _MIGRATION_LOCK = 0x736F676E69  # "sogni": one advisory lock key for every schema change
 _WAIT_SLICE = 0.25
 """A waiting thread checks for cancellation this often."""
+BOUNDED = "-c lock_timeout=10s -c statement_timeout=60s"
+"""Session options of the queue's working connections: no statement waits for good (a lock
+held by a stuck or dead session fails the call, which its caller retries)."""
 
 _SCHEMA_V1 = """
 CREATE TABLE queue_jobs (
@@ -81,7 +84,14 @@ CREATE TABLE queue_receipts (
 );
 """
 
-MIGRATIONS = (_SCHEMA_V1,)
+_SCHEMA_V2 = """
+ALTER TABLE queue_jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+DROP INDEX queue_jobs_ready;
+CREATE INDEX queue_jobs_ready ON queue_jobs (priority DESC, seq) WHERE state = 'queued';
+"""
+"""v2: the payer's stake tier orders the shared queue (higher first, then first in)."""
+
+MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2)
 """The job_queue component's PostgreSQL schema versions, in order."""
 
 _VERSIONS_TABLE = """
@@ -109,13 +119,13 @@ _TAKE = f"""
 WITH c AS (SELECT {_NOW} AS now),
 picked AS (SELECT job_id FROM queue_jobs WHERE state = 'queued'
              AND (%(all)s OR payload = ANY(%(payloads)s))
-           ORDER BY seq LIMIT %(n)s FOR UPDATE SKIP LOCKED)
+           ORDER BY priority DESC, seq LIMIT %(n)s FOR UPDATE SKIP LOCKED)
 UPDATE queue_jobs j
 SET state = 'leased', lease_owner = %(owner)s, lease_expires = c.now + %(ttl)s,
     attempts = j.attempts + 1, updated_at = c.now
 FROM picked, c
 WHERE j.job_id = picked.job_id
-RETURNING j.seq, j.job_id, j.request_id, j.payload, j.attempts, j.lease_expires
+RETURNING -j.priority, j.seq, j.job_id, j.request_id, j.payload, j.attempts, j.lease_expires
 """
 
 _RENEW = f"""
@@ -206,7 +216,10 @@ class PostgresQueue(JobQueue):
         conn: psycopg.Connection[Any],
         listen: psycopg.Connection[Any],
         channel: str,
+        url: str = "",
     ) -> None:
+        self._url = url
+        """Where a lost connection is opened again (empty: it is not)."""
         self._conn = conn
         self._listen = listen
         self._channel = channel
@@ -224,7 +237,7 @@ class PostgresQueue(JobQueue):
     @classmethod
     def _open_sync(cls, url: str, channel: str) -> PostgresQueue:
         try:
-            conn = psycopg.connect(url, autocommit=True, connect_timeout=10)
+            conn = psycopg.connect(url, autocommit=True, connect_timeout=10, options=BOUNDED)
         except psycopg.Error as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             password = _password(url)
@@ -233,12 +246,17 @@ class PostgresQueue(JobQueue):
             raise QueueError(f"cannot connect to PostgreSQL at {redact(url)}: {reason}") from exc
         try:
             migrate(conn, COMPONENT, MIGRATIONS)
-            listen = psycopg.connect(url, autocommit=True, connect_timeout=10)
-            listen.execute(f"LISTEN {channel}".encode())
+            listen = cls._listener(url, channel)
         except BaseException:
             conn.close()
             raise
-        return cls(conn, listen, channel)
+        return cls(conn, listen, channel, url)
+
+    @staticmethod
+    def _listener(url: str, channel: str) -> psycopg.Connection[Any]:
+        listen = psycopg.connect(url, autocommit=True, connect_timeout=10)
+        listen.execute(f"LISTEN {channel}".encode())
+        return listen
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._closed:
@@ -246,8 +264,19 @@ class PostgresQueue(JobQueue):
         return await trio.to_thread.run_sync(functools.partial(self._locked, fn, *args))
 
     def _locked(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn` on the queue connection; a connection the server lost is opened again
+        first (the call that met the loss fails with `QueueError`; its caller retries)."""
         with self._lock:
-            return fn(*args)
+            try:
+                if (self._conn.closed or self._conn.broken) and self._url and not self._closed:
+                    self._conn = psycopg.connect(
+                        self._url, autocommit=True, connect_timeout=10, options=BOUNDED
+                    )
+                return fn(*args)
+            except psycopg.OperationalError as exc:
+                if self._conn.closed or self._conn.broken:
+                    raise QueueError(f"PostgreSQL connection lost ({type(exc).__name__})") from exc
+                raise
 
     def _notify(self) -> None:
         self._conn.execute("SELECT pg_notify(%s, '')", (self._channel,))
@@ -259,9 +288,9 @@ class PostgresQueue(JobQueue):
                 try:
                     self._conn.execute(
                         "INSERT INTO queue_jobs (job_id, request_id, payload, state,"
-                        " max_attempts, enqueued_at, updated_at)"
-                        f" VALUES (%s, %s, %s, 'queued', %s, {_NOW}, {_NOW})",
-                        (job.job_id, job.request_id, job.payload, job.max_attempts),
+                        " max_attempts, priority, enqueued_at, updated_at)"
+                        f" VALUES (%s, %s, %s, 'queued', %s, %s, {_NOW}, {_NOW})",
+                        (job.job_id, job.request_id, job.payload, job.max_attempts, job.priority),
                     )
                 except pg_errors.UniqueViolation as exc:
                     raise DuplicateJob(f"job {short(job.job_id)} is already queued") from exc
@@ -287,6 +316,8 @@ class PostgresQueue(JobQueue):
             try:
                 for _ in self._listen.notifies(timeout=0):
                     pass
+            except psycopg.OperationalError:
+                pass  # the next wait opens it again
             finally:
                 self._listen_lock.release()
 
@@ -307,8 +338,8 @@ class PostgresQueue(JobQueue):
             if expired.requeued and len(rows) == n:  # others may take what we did not
                 self._notify()
         return [
-            Lease(bytes(job_id), bytes(request_id), bytes(payload), owner, attempts, expires)
-            for _seq, job_id, request_id, payload, attempts, expires in sorted(rows)
+            Lease(bytes(job_id), bytes(request_id), bytes(payload), owner, attempts, expires, -neg)
+            for neg, _seq, job_id, request_id, payload, attempts, expires in sorted(rows)
         ]
 
     def _renew(self, lease: Lease, ttl: float) -> Lease:
@@ -392,12 +423,22 @@ class PostgresQueue(JobQueue):
         return out
 
     def _wait(self, deadline: float, stop: threading.Event) -> bool:
+        """True on a NOTIFY. A lost LISTEN connection is opened again; until it is, every
+        wait says "look" (a missed NOTIFY costs a look at the queue, never a stall)."""
         with self._listen_lock:
             while not (stop.is_set() or self._closed):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return False
-                for _ in self._listen.notifies(timeout=min(remaining, _WAIT_SLICE), stop_after=1):
+                try:
+                    if (self._listen.closed or self._listen.broken) and self._url:
+                        self._listen = self._listener(self._url, self._channel)
+                    for _ in self._listen.notifies(
+                        timeout=min(remaining, _WAIT_SLICE), stop_after=1
+                    ):
+                        return True
+                except psycopg.OperationalError:
+                    time.sleep(min(max(deadline - time.monotonic(), 0.0), _WAIT_SLICE))
                     return True
         return False
 

@@ -59,7 +59,12 @@ CREATE TABLE queue_receipts (
 );
 """
 
-MIGRATIONS = (_SCHEMA_V1,)
+_SCHEMA_V2 = """
+ALTER TABLE queue_jobs ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+"""
+"""v2: a priority (the payer's stake tier), leased highest first, then first in."""
+
+MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2)
 """The job_queue component's schema versions (`db.Database` applies the missing ones)."""
 
 COMPONENT = "job_queue"
@@ -84,9 +89,17 @@ class _QueueFile(Database):
                 try:
                     db.execute(
                         "INSERT INTO queue_jobs (job_id, request_id, payload, state, attempts,"
-                        " max_attempts, enqueued_at, updated_at)"
-                        " VALUES (?, ?, ?, 'queued', 0, ?, ?, ?)",
-                        (job.job_id, job.request_id, job.payload, job.max_attempts, now, now),
+                        " max_attempts, priority, enqueued_at, updated_at)"
+                        " VALUES (?, ?, ?, 'queued', 0, ?, ?, ?, ?)",
+                        (
+                            job.job_id,
+                            job.request_id,
+                            job.payload,
+                            job.max_attempts,
+                            job.priority,
+                            now,
+                            now,
+                        ),
                     )
                 except sqlite3.IntegrityError as exc:
                     raise DuplicateJob(f"job {short(job.job_id)} is already queued") from exc
@@ -125,12 +138,12 @@ class _QueueFile(Database):
         with self._tx() as db:
             expired = self._expire(db, now)
             rows = db.execute(
-                "SELECT job_id, request_id, payload, attempts FROM queue_jobs"
-                f" WHERE state = 'queued'{only} ORDER BY rowid LIMIT ?",
+                "SELECT job_id, request_id, payload, attempts, priority FROM queue_jobs"
+                f" WHERE state = 'queued'{only} ORDER BY priority DESC, rowid LIMIT ?",
                 (*(payloads or ()), n),
             ).fetchall()
             leases = []
-            for job_id, request_id, payload, attempts in rows:
+            for job_id, request_id, payload, attempts, priority in rows:
                 db.execute(
                     "UPDATE queue_jobs SET state = 'leased', lease_owner = ?, lease_expires = ?,"
                     " attempts = attempts + 1, updated_at = ? WHERE job_id = ?",
@@ -144,6 +157,7 @@ class _QueueFile(Database):
                         owner,
                         attempts + 1,
                         expires,
+                        priority,
                     )
                 )
         return leases, expired

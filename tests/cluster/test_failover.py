@@ -28,9 +28,12 @@ from sogni_protocol.ids import CLIENT_PROTOCOL, RESULT_FRAME_LIMIT
 from sogni_protocol.messages import (
     Cancel,
     CancelRequest,
+    HandBack,
     ImageAck,
     JobImage,
+    JobProgress,
     OfferDeclined,
+    Progress,
     Ready,
     RequestAccepted,
     RequestDone,
@@ -370,3 +373,64 @@ async def test_a_cancel_ends_the_jobs_still_in_the_shared_queue(
         assert (done.delivered, done.cancelled) == (0, 3)
     assert {r[0] for r in _pg_rows(pg_url, "SELECT state FROM queue_jobs")} == {"dead"}
     assert {r[0] for r in _pg_rows(pg_url, "SELECT state FROM jobs")} == {"cancelled"}
+
+
+async def test_a_cancel_stops_the_jobs_another_coordinator_leased(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A's client cancels while B's node renders the request's job: A NOTIFYs, B tells its
+    node to stop (a partial receipt is paid pro rata, as any cancel), and A ends the request
+    with the job counted cancelled."""
+    async with (
+        start_cluster(tmp_path, pg_url, ["a", "b"], lease_seconds=30.0, models=[MODEL]) as m,
+        open_host(key_path=None, listen=()) as client,
+        open_host(key_path=None, listen=()) as host,
+    ):
+        a, b = m["a"], m["b"]
+        node = Rogue(host, Account.create())
+        await node.connect(b)
+        channel = await client.open_channel(a.addr, CLIENT_PROTOCOL)
+        await channel.send(tiny_request(1, seed=8))
+        accepted = await channel.receive(timeout=10)
+        assert isinstance(accepted, RequestAccepted), accepted
+        offer = await node.offer()  # B leased A's job and offered it
+        assert node.channel is not None
+        await channel.send(CancelRequest(request_id=accepted.request_id))
+        cancel = await receive_skipping(node.channel, (Cancel,), 20)
+        assert cancel.job_id == offer.offer.job_id and cancel.pay_partial
+        await node.channel.send(
+            HandBack(job_id=offer.offer.job_id, steps_done=0, reason="cancelled")
+        )
+        done = await receive_skipping(channel, (RequestDone,), 20)
+        assert (done.delivered, done.cancelled) == (0, 1)
+        assert offer.offer.job_id not in b.running.dispatcher.jobs
+    assert {r[0] for r in _pg_rows(pg_url, "SELECT state FROM jobs")} == {"cancelled"}
+    assert _pg_rows(pg_url, "SELECT count(*) FROM receipts") == [(0,)]
+
+
+async def test_progress_of_a_job_rendered_elsewhere_reaches_the_owners_client(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """B's node renders A's job: its progress goes to A's client (relayed by NOTIFY, at most
+    twice a second), then the image."""
+    async with (
+        start_cluster(tmp_path, pg_url, ["a", "b"], lease_seconds=30.0, models=[MODEL]) as m,
+        open_host(key_path=None, listen=()) as client,
+        open_host(key_path=None, listen=()) as host,
+    ):
+        a, b = m["a"], m["b"]
+        node = Rogue(host, Account.create())
+        await node.connect(b)
+        channel = await client.open_channel(a.addr, CLIENT_PROTOCOL)
+        await channel.send(tiny_request(1, seed=9))
+        accepted = await channel.receive(timeout=10)
+        assert isinstance(accepted, RequestAccepted), accepted
+        offer = await node.offer()
+        assert node.channel is not None
+        await node.channel.send(Progress(job_id=offer.offer.job_id, step=2))
+        progress = await receive_skipping(channel, (JobProgress,), 20)
+        assert (progress.job_id, progress.index, progress.step) == (offer.offer.job_id, 0, 2)
+        assert progress.steps == offer.offer.steps
+        await node.channel.send(node.result(offer, a.net.domain))
+        image = await receive_skipping(channel, (JobImage,), 20, RESULT_FRAME_LIMIT)
+        assert image.job_id == offer.offer.job_id

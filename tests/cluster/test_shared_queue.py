@@ -3,7 +3,11 @@ coordinator's nodes serve, and burying jobs that must not run again."""
 
 from __future__ import annotations
 
-from sogni_coordinator.queue import NewJob, QueueState
+import psycopg
+import pytest
+import trio
+
+from sogni_coordinator.queue import NewJob, QueueError, QueueState
 from sogni_coordinator.queue.postgres import PostgresQueue
 
 
@@ -44,3 +48,30 @@ async def test_buried_jobs_are_never_leased_again(pg_url: str) -> None:
             assert (await queue.status(job)).state is QueueState.DEAD
     finally:
         await queue.aclose()
+
+
+async def test_a_queue_whose_connections_the_server_dropped_opens_them_again(
+    pg_url: str,
+) -> None:
+    """A lost connection (server restart, failover, idle kill) costs one failed call and one
+    early wake-up, not the coordinator: the next calls run on new connections."""
+    queue = await PostgresQueue.open(pg_url)
+    other = await PostgresQueue.open(pg_url)
+    try:
+        pids = [queue._conn.info.backend_pid, queue._listen.info.backend_pid]
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            for pid in pids:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        await trio.sleep(0.2)
+        with pytest.raises(QueueError, match="connection lost"):
+            await queue.enqueue([NewJob(b"j1", b"r1", b"m")])
+        await queue.enqueue([NewJob(b"j1", b"r1", b"m")])  # a new connection
+        assert await queue.wait_for_work(2.0)  # the lost LISTEN wakes once, reconnects
+        while await queue.wait_for_work(0.3):  # drain any stale wake-up
+            pass
+        await other.enqueue([NewJob(b"j2", b"r1", b"m")])  # NOTIFY on the new LISTEN
+        assert await queue.wait_for_work(5.0)
+        assert [x.job_id for x in await queue.lease("c1", 10, 30)] == [b"j1", b"j2"]
+    finally:
+        await queue.aclose()
+        await other.aclose()

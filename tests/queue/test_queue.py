@@ -256,3 +256,15 @@ async def test_migrations_apply_once_and_a_newer_schema_is_refused(engine: Engin
         await handle.aclose()
     with pytest.raises(SchemaTooNew, match="99"):
         await engine.open()
+
+
+async def test_higher_priority_is_leased_first_then_first_in(engine: Engine) -> None:
+    """The payer's stake tier orders the shared queue: every coordinator leases a higher
+    tier's jobs first, and within a tier the oldest first."""
+    q = await engine.open()
+    await q.enqueue([NewJob(jid(1), b"r1", b"p"), NewJob(jid(2), b"r1", b"p")])
+    await q.enqueue([NewJob(jid(3), b"r2", b"p", priority=2)])
+    await q.enqueue([NewJob(jid(4), b"r3", b"p", priority=1)])
+    leased = await q.lease("coord-a", 3, 60)
+    assert [(x.job_id, x.priority) for x in leased] == [(jid(3), 2), (jid(4), 1), (jid(1), 0)]
+    assert [x.job_id for x in await q.lease("coord-b", 5, 60)] == [jid(2)]

@@ -1,0 +1,81 @@
+"""Image files written together: each durable and whole on disk, a failure only its own.
+
+`ResultFiles.write` writes the images asked for while a write is under way in one worker
+thread call (one sync for all of them); what the store counts as deliverable must be on disk
+when `write` returns, and a stream reads it from memory without another thread hop.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+
+from sogni_coordinator.delivery import ResultFiles
+from sogni_protocol.messages import JobImage, Receipt, RenderMeta, decode
+
+
+def _image(i: int) -> JobImage:
+    receipt = Receipt(
+        job_id=bytes([i]) * 32,
+        offer_hash=b"\x02" * 32,
+        worker="0x" + "11" * 20,
+        coordinator="0x" + "22" * 20,
+        model_id="sd15",
+        result_hash=b"\x03" * 32,
+        steps_done=20,
+        work_units=1000,
+        completed_at=1_700_000_000,
+    )
+    return JobImage(
+        job_id=bytes([i]) * 32,
+        index=i,
+        seed=i,
+        image=os.urandom(1000 + i),
+        receipt=receipt,
+        signature=b"\x04" * 65,
+        meta=RenderMeta(backend="cpu", device="test", dtype="fp32", threads=2),
+    )
+
+
+async def test_images_written_at_once_are_each_on_disk_whole(tmp_path: Path) -> None:
+    files = ResultFiles(tmp_path / "results")
+    images = {files.path(b"\x09" * 32, i, b"\x02" * 32): _image(i) for i in range(1, 21)}
+    async with trio.open_nursery() as nursery:
+        for path, image in images.items():
+            nursery.start_soon(files.write, path, image)
+    for path, image in images.items():
+        assert decode(path.read_bytes()) == image
+        assert path.stat().st_mode & 0o777 == 0o600
+        assert await files.read(path) is image  # from memory: no re-read
+    assert not [p for p in path.parent.iterdir() if p.suffix == ".tmp"]
+    gone = next(iter(images))
+    files.remove([gone])
+    assert await files.read(gone) is None  # deleted and forgotten
+
+
+async def test_a_failed_file_fails_alone(tmp_path: Path) -> None:
+    files = ResultFiles(tmp_path / "results")
+    good = files.path(b"\x09" * 32, 1, b"\x02" * 32)
+    blocked = files.path(b"\x0a" * 32, 2, b"\x02" * 32)
+    blocked.parent.parent.mkdir(parents=True)
+    blocked.parent.write_bytes(b"")  # a file where its folder should be
+    outcome: dict[str, BaseException | None] = {}
+
+    async def write(name: str, path: Path, image: JobImage) -> None:
+        try:
+            await files.write(path, image)
+            outcome[name] = None
+        except OSError as exc:
+            outcome[name] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write, "good", good, _image(1))
+        nursery.start_soon(write, "blocked", blocked, _image(2))
+    assert outcome["good"] is None
+    assert isinstance(decode(good.read_bytes()), JobImage)
+    assert isinstance(outcome["blocked"], OSError)
+    with pytest.raises(OSError):
+        blocked.read_bytes()
