@@ -464,16 +464,7 @@ class Cluster:
         if not stored or result.job_id in self.d.jobs:
             return None
         s = stored[0]
-        job = Job(
-            s.job_id,
-            s.request_id,
-            s.index,
-            s.params,
-            s.work_units,
-            network=s.network,
-            attempts=s.attempts,
-            state=JobState.RUNNING,
-        )
+        job = Job.restored(s, JobState.RUNNING)
         job.offers[offer_hash] = link.peer_id
         job.signed_offers[offer_hash] = (offer, bytes(signature))
         self.d.jobs[job.job_id] = job
@@ -691,15 +682,7 @@ class Cluster:
             self._taken_at[lease.job_id] = time.monotonic()
             if lease.priority and lease.request_id not in d.requests:  # its tier, here too
                 d.queue.tiers[lease.request_id] = lease.priority
-            job = Job(
-                s.job_id,
-                s.request_id,
-                s.index,
-                s.params,
-                s.work_units,
-                network=s.network,
-                attempts=s.attempts,
-            )
+            job = Job.restored(s)
             d._enqueue(job)
         if ended:
             await self.queue.bury(ended)

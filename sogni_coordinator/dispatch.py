@@ -489,16 +489,7 @@ class Dispatcher:
         held = [c for c in held if c.peer_id]
         by_request: dict[bytes, list[Job]] = {}
         for s in self.store.live_jobs():
-            job = Job(
-                s.job_id,
-                s.request_id,
-                s.index,
-                s.params,
-                s.work_units,
-                network=s.network,
-                attempts=s.attempts,
-                state=s.state,
-            )
+            job = Job.restored(s, s.state)
             if self._to(job, JobEvent.RESTORE) is JobState.QUEUED:
                 by_request.setdefault(s.request_id, []).append(job)
         self._save()  # before billing counts each request's queued jobs
@@ -527,16 +518,7 @@ class Dispatcher:
         holder: the client sees it rendering), and its check runs once the node that
         rendered it reconnects (`Checks`, `restart_recheck_timeout`). Returns its image."""
         s = c.job
-        job = Job(
-            s.job_id,
-            s.request_id,
-            s.index,
-            s.params,
-            s.work_units,
-            network=s.network,
-            attempts=s.attempts,
-            state=JobState.RUNNING,
-        )
+        job = Job.restored(s, JobState.RUNNING)
         self.jobs[job.job_id] = job
         path = self.results.path(s.request_id, s.index, c.receipt.offer_hash)
         budget = render_budget(s.params, self.deadline_floor, self.deadline_base)

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import trio
 
 from sogni_coordinator.delivery import Mailbox
 from sogni_coordinator.job_state import JobState
 from sogni_protocol.messages import JobOffer, JobParams, Message
+
+if TYPE_CHECKING:
+    from sogni_coordinator.store import StoredJob
 
 
 @dataclass(eq=False)
@@ -84,6 +88,20 @@ class Job:
     """When a sweep first found no connected node able to serve it (None: one can). The
     no-node grace runs from here, not from when it was queued: a job that waited its turn
     behind others must not fail the moment the last capable node blinks."""
+
+    @classmethod
+    def restored(cls, s: StoredJob, state: JobState = JobState.QUEUED) -> Job:
+        """A stored job live in memory again: after a restart, a lease or a takeover."""
+        return cls(
+            s.job_id,
+            s.request_id,
+            s.index,
+            s.params,
+            s.work_units,
+            network=s.network,
+            attempts=s.attempts,
+            state=state,
+        )
 
 
 @dataclass(eq=False)
