@@ -701,6 +701,8 @@ class Dispatcher:
             raise
 
     async def _accept_checked(self, link: NodeLink, result: Result) -> None:
+        if result.receipt.job_id == result.job_id and result.job_id not in self.jobs:
+            raise ResultRefused(await self._gone_reason(result.job_id))
         job = self._check_result(link, result)
         receipt = result.receipt
         partial = receipt.steps_done < job.params.steps
@@ -768,7 +770,7 @@ class Dispatcher:
         if not committed:
             if path is not None:
                 self.results.remove([path])
-            raise ResultRefused(self._gone_reason(job.job_id))
+            raise ResultRefused(await self._gone_reason(job.job_id))
         if hold and path is not None:
             self._hold(job, link, receipt, result.meta.dtype if result.meta else "", path)
             return
@@ -886,8 +888,8 @@ class Dispatcher:
         if receipt.job_id != result.job_id:
             raise ResultRefused("receipt is for another job")
         job = self.jobs.get(result.job_id)
-        if job is None:
-            raise ResultRefused(self._gone_reason(result.job_id))
+        if job is None:  # `_accept_checked` said why before calling
+            raise ResultRefused("job is not live here")
         offered_to = job.offers.get(receipt.offer_hash)
         if offered_to is None:
             raise ResultRefused("receipt names an offer this coordinator did not make")
@@ -933,11 +935,17 @@ class Dispatcher:
         per_step = job.work_units / job.params.steps  # work units of one step of this job
         return 1 + int(elapsed * min(rate, NEWCOMER_WORK_RATE) / max(per_step, 1e-9))
 
-    def _gone_reason(self, job_id: bytes) -> str:
-        if self.store.receipt(job_id) is not None:
-            return "job already receipted"
-        state = self.store.job_state(job_id)
-        return "unknown job" if state is None else f"job already ended ({state.value})"
+    async def _gone_reason(self, job_id: bytes) -> str:
+        """Why a result for a job no longer live here is refused (store reads in a worker
+        thread: on PostgreSQL each is a round trip)."""
+
+        def read() -> str:
+            if self.store.receipt(job_id) is not None:
+                return "job already receipted"
+            state = self.store.job_state(job_id)
+            return "unknown job" if state is None else f"job already ended ({state.value})"
+
+        return await trio.to_thread.run_sync(read)
 
     # --- matching ------------------------------------------------------------------------
     async def run(self) -> None:
