@@ -889,7 +889,7 @@ class Dispatcher:
             raise ResultRefused("receipt is for another job")
         job = self.jobs.get(result.job_id)
         if job is None:  # `_accept_checked` said why before calling
-            raise ResultRefused("job is not live here")
+            raise ResultRefused("unknown job")
         offered_to = job.offers.get(receipt.offer_hash)
         if offered_to is None:
             raise ResultRefused("receipt names an offer this coordinator did not make")
