@@ -27,6 +27,7 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 
 class QueueState(StrEnum):
@@ -108,6 +109,19 @@ class JobStatus:
     owner: str | None
     expires_at: float | None
     receipt_id: bytes | None
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> JobStatus:
+        """From the status query's columns (the same order on both engines)."""
+        return cls(
+            job_id=bytes(row[0]),
+            state=QueueState(row[1]),
+            attempts=row[2],
+            max_attempts=row[3],
+            owner=row[4],
+            expires_at=row[5],
+            receipt_id=None if row[6] is None else bytes(row[6]),
+        )
 
 
 @dataclass(frozen=True)

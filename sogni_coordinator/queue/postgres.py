@@ -404,15 +404,7 @@ class PostgresQueue(JobQueue):
         row = self._conn.execute(_STATUS, (job_id,)).fetchone()
         if row is None:
             raise UnknownJob(f"job {short(job_id)} was never queued")
-        return JobStatus(
-            job_id=bytes(row[0]),
-            state=QueueState(row[1]),
-            attempts=row[2],
-            max_attempts=row[3],
-            owner=row[4],
-            expires_at=row[5],
-            receipt_id=None if row[6] is None else bytes(row[6]),
-        )
+        return JobStatus.from_row(row)
 
     def _counts(self) -> dict[QueueState, int]:
         rows = self._conn.execute(

@@ -218,15 +218,7 @@ class _QueueFile(Database):
             row = self._db.execute(_STATUS_SQL, (job_id,)).fetchone()
         if row is None:
             raise UnknownJob(f"job {short(job_id)} was never queued")
-        return JobStatus(
-            job_id=bytes(row[0]),
-            state=QueueState(row[1]),
-            attempts=row[2],
-            max_attempts=row[3],
-            owner=row[4],
-            expires_at=row[5],
-            receipt_id=None if row[6] is None else bytes(row[6]),
-        )
+        return JobStatus.from_row(row)
 
     def counts(self) -> dict[QueueState, int]:
         with self._lock:
