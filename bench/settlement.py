@@ -3,9 +3,9 @@
 - Gas at 1,000 and 100,000 leaves, on the embedded EVM (py-evm, Cancun: the same gas as anvil
   and the compiler target). ``postRoot`` first (epoch 0 -> 1 writes fresh storage) and next
   (median of 3 later epochs); ``claim`` by an address that never held SOGNI (cold: median of 5
-  leaves; it pays for the token's new balance slot too), a first claim by an address that
-  already holds SOGNI (median of 3), and a worker's repeat claim of a later epoch's increment
-  (warm: median of 3).
+  leaves; it pays for the token's new slot, balance and claimed, too), a first claim by an
+  address that already holds SOGNI (median of 3), and a worker's repeat claim of a later
+  epoch's increment (warm: median of 3).
 - Merkle build time (`sogni_protocol.merkle.MerkleTree`) for 100,000 leaves, and 1,000,000 without
   `--quick`.
 - Receipts verified per second on one core with `recover_receipt_signer` (the coordinator's
@@ -404,17 +404,18 @@ def _markdown(
 Gas on the embedded EVM (Cancun rules, same as anvil). `postRoot` first = epoch 1 (fresh
 storage), next = median of epochs 2-4; claim cold = median of 5 first claims by addresses that
 never held SOGNI (sent by a relayer: the figure includes the token creating the account's
-balance slot, 22,100 gas), first, holder = median of 3 first claims by addresses already
-holding SOGNI, warm = median of 3 repeat claims by one worker.
+slot, 22,100 gas), first, holder = median of 3 first claims by addresses already holding
+SOGNI, warm = median of 3 repeat claims by one worker.
 
 | leaves | proof | postRoot first | postRoot next | claim cold | claim first, holder | claim warm |
 |---|---|---|---|---|---|---|
 {gas_rows}
 
-Goals at 100,000 leaves: {goals}. A cold claim creates two storage slots (the account's
-`claimed` and, in the token, its balance): with the base fee, calldata, the token call, the
-logs and the three reads that is ~93.9k before any execution, so 90k is out of reach;
-docs/CONTRACTS.md, "Storage layout (gas)", has the breakdown (proof = proof hashes).
+Goals at 100,000 leaves: {goals}. The distributor's per-account `claimed` amount lives in
+the token, in the same storage slot as the account's balance (balance in the low 128 bits,
+claimed in the high 128), so a first claim creates one storage slot, not two (docs/CONTRACTS.md,
+"Storage layout (gas)", has the design, its safety argument and the breakdown; proof = proof
+hashes).
 
 Under the production claim delay (1 day, hourly epochs; the rows above use the dev chains'
 zero delay) a claim also reads the ring's `postedAt` to find the newest matured root, at

@@ -274,6 +274,21 @@ class Token(_Bound):
             sender=sender,
         )
 
+    # The reward distributor's per-account claimed amounts live in the balance's slot
+    # (docs/CONTRACTS.md, "Storage layout (gas)"); only the bound distributor writes them.
+
+    def distributor(self) -> ChecksumAddress:
+        """The distributor bound to this token's claimed counters (zero address: none yet)."""
+        return Web3.to_checksum_address(self._call("distributor"))
+
+    def claimed_of(self, account: Signer) -> int:
+        return int(self._call("claimedOf", self._acct(account)))
+
+    def set_distributor(self, distributor: Signer, *, sender: Signer | None = None) -> Tx:
+        """Bind the distributor: the token's deployer, once (later the distributor itself
+        hands over, through ``Distributor.hand_over_claims``)."""
+        return self._send("setDistributor", self._acct(distributor), sender=sender)
+
 
 class Staking(_Bound):
     """Worker stake with a 7-day unstake cooldown, tier minimums and slashing."""
@@ -563,6 +578,11 @@ class Distributor(_Bound):
 
     def claimed(self, account: Signer) -> int:
         return int(self._call("claimed", self._acct(account)))
+
+    def hand_over_claims(self, successor: Signer, *, sender: Signer | None = None) -> Tx:
+        """Governance hands the token's claimed counters to ``successor``, the distributor
+        replacing this one (which continues the same cumulative tree); claims here stop."""
+        return self._send("handOverClaims", self._acct(successor), sender=sender)
 
     def _posted_log(self, epoch: int) -> Any | None:
         """``epoch``'s ``RootPosted`` log, or None: the history the contract keeps in events

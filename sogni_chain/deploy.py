@@ -165,6 +165,12 @@ def deploy_all(
         sender=gov,
     ).contract_address
     assert token and staking and license_ and distributor  # set by Chain.deploy
+    # the distributor keeps its claimed counters in the token (balance and claimed in one
+    # slot); the deployer binds it, once
+    bound = Token(chain, token, gov)
+    bound.set_distributor(distributor)
+    if bound.distributor() != distributor:
+        raise RuntimeError(f"token {token} is bound to {bound.distributor()}, not {distributor}")
 
     addresses = Addresses(
         chain_id=chain.chain_id,

@@ -92,6 +92,17 @@ FRIENDLY: dict[str, _Friendly] = {
         f"nothing to claim: {a['account']} already claimed {_sogni(a['alreadyClaimed'])} "
         f"of its {_sogni(a['cumulativeAmount'])}"
     ),
+    "NotDistributor": lambda a: (
+        f"{a['caller']} is not the distributor bound to the token's claimed amounts "
+        "(a replaced distributor, or the token not bound yet: setDistributor)"
+    ),
+    "InvalidSuccessor": lambda a: (
+        f"{a['next']} is not a reward distributor of this token: the claimed amounts stay here"
+    ),
+    "ClaimedOverflow": lambda a: (
+        f"a cumulative amount of {_sogni(a['cumulativeAmount'])} is over 2^128 - 1 and cannot "
+        "be booked: the root is not an honest tree"
+    ),
     "ClaimExceedsRootTotal": lambda a: (
         f"paying this would bring all claims to {_sogni(a['totalClaimedAfter'])}, over the "
         f"root's total of {_sogni(a['rootTotal'])}: the root moved earnings between accounts"

@@ -15,6 +15,15 @@ interface IStaking {
     function stakeFor(address account, uint256 amount) external;
 }
 
+/// @notice What the distributor needs of the token (SogniToken): the per-account claimed
+///         amounts live in the same slot as the account's balance, written only by the bound
+///         distributor.
+interface IClaimBook {
+    function claimedOf(address account) external view returns (uint256);
+    function bookClaim(address account, uint256 cumulativeAmount, bool pay) external returns (uint256 already);
+    function setDistributor(address next) external;
+}
+
 /// @title Epoch reward distributor
 /// @notice The settlement key posts, once per epoch, the root of an OpenZeppelin
 ///         StandardMerkleTree of (address account, uint256 cumulativeAmount): everything the
@@ -97,8 +106,6 @@ contract RewardDistributor is AccessControlDefaultAdminRules, EIP712 {
     bytes32[RING] private _roots;
     Meta[RING] private _meta;
 
-    mapping(address account => uint256) public claimed;
-
     /// @dev One season's airdrop: its cap and the epoch that paid it (0: not posted).
     struct Season {
         uint96 cap;
@@ -117,6 +124,8 @@ contract RewardDistributor is AccessControlDefaultAdminRules, EIP712 {
     event AirdropCapSet(uint256 indexed season, uint256 cap);
     event AirdropPosted(uint256 indexed season, uint256 indexed epoch, uint256 amount);
     event Paused(address account);
+    /// @notice The token's claimed counters were handed to `next` (a new distributor).
+    event ClaimsHandedOver(address indexed next);
     event Unpaused(address account);
 
     error ZeroAddress();
@@ -142,6 +151,8 @@ contract RewardDistributor is AccessControlDefaultAdminRules, EIP712 {
     error TooManyMaturing(uint256 opensAt);
     error EnforcedPause();
     error ExpectedPause();
+    /// @notice `handOverClaims` to something that is not a distributor of the same token.
+    error InvalidSuccessor(address next);
 
     /// @param token_ the reward token (SOGNI) this contract holds and pays out.
     /// @param staking_ where `claimAndStake` stakes (through `stakeFor`).
@@ -261,8 +272,7 @@ contract RewardDistributor is AccessControlDefaultAdminRules, EIP712 {
         external
         returns (uint256 amount)
     {
-        (, amount) = _claim(account, cumulativeAmount, proof);
-        token.safeTransfer(account, amount);
+        (, amount) = _claim(account, cumulativeAmount, proof, true); // the token pays
     }
 
     /// @notice Claim for `account` and stake `stakeBps`/10000 of the amount for it in `staking`;
@@ -292,7 +302,7 @@ contract RewardDistributor is AccessControlDefaultAdminRules, EIP712 {
                 revert InvalidStakeAuthorization(account);
             }
         }
-        (uint256 epoch, uint256 amount) = _claim(account, cumulativeAmount, proof);
+        (uint256 epoch, uint256 amount) = _claim(account, cumulativeAmount, proof, false);
         staked = amount * stakeBps / MAX_BPS;
         paid = amount - staked;
         emit AutoStaked(account, epoch, staked, paid);
@@ -303,12 +313,14 @@ contract RewardDistributor is AccessControlDefaultAdminRules, EIP712 {
         if (paid > 0) token.safeTransfer(account, paid);
     }
 
-    /// @dev Checks the pause, verifies against the newest matured root and books the claim;
-    ///      pays nothing. Written for gas (docs/CONTRACTS.md, "Storage layout (gas)"): the head
-    ///      slot is read once and written once (`totalClaimed` spliced in), the root is read
-    ///      once, and the leaf and the proof are hashed in scratch memory straight from
-    ///      calldata. Same checks, errors and event as the plain Solidity it replaced.
-    function _claim(address account, uint256 cumulativeAmount, bytes32[] calldata proof)
+    /// @dev Checks the pause, verifies against the newest matured root and books the claim
+    ///      in the token (which, with `pay`, also pays `account` the whole amount). Written
+    ///      for gas (docs/CONTRACTS.md, "Storage layout (gas)"): the head slot is read once and
+    ///      written once (`totalClaimed` spliced in), the root is read once, the leaf and the
+    ///      proof are hashed in scratch memory straight from calldata, and `account`'s
+    ///      claimed amount shares its token balance's slot (one token call reads it, writes
+    ///      it and pays). Same checks, errors and event as the plain Solidity it replaced.
+    function _claim(address account, uint256 cumulativeAmount, bytes32[] calldata proof, bool pay)
         private
         returns (uint256 epoch, uint256 amount)
     {
@@ -327,14 +339,9 @@ contract RewardDistributor is AccessControlDefaultAdminRules, EIP712 {
             (epoch, rootTotal) = _maturedUnder(epoch, delay);
         }
         if (!_verify(proof, _roots[epoch % RING], _leaf(account, cumulativeAmount))) revert InvalidProof();
-        uint256 slot; // claimed[account], hashed once for the read and the write
-        uint256 already;
-        assembly ("memory-safe") {
-            mstore(0x00, and(account, 0xffffffffffffffffffffffffffffffffffffffff))
-            mstore(0x20, claimed.slot)
-            slot := keccak256(0x00, 0x40)
-            already := sload(slot)
-        }
+        // books claimed[account] = cumulativeAmount (and pays) unless it is not above what was
+        // claimed before; every check below reverts the booking with it
+        uint256 already = IClaimBook(address(token)).bookClaim(account, cumulativeAmount, pay);
         if (cumulativeAmount <= already) revert NothingToClaim(account, cumulativeAmount, already);
         unchecked {
             amount = cumulativeAmount - already;
@@ -343,12 +350,10 @@ contract RewardDistributor is AccessControlDefaultAdminRules, EIP712 {
         // what a root that moves amounts between accounts could pay out to its `total`.
         uint256 claimedAfter = uint96(head >> _CLAIMED_SHIFT) + amount;
         if (claimedAfter > rootTotal) revert ClaimExceedsRootTotal(claimedAfter, rootTotal);
-        // claimedAfter <= rootTotal < 2^96: replace the head's `totalClaimed` bits only; then
-        // claimed[account] = cumulativeAmount
+        // claimedAfter <= rootTotal < 2^96: replace the head's `totalClaimed` bits only
         assembly ("memory-safe") {
             let mask := shl(_CLAIMED_SHIFT, 0xffffffffffffffffffffffff)
             sstore(_latestEpoch.slot, or(and(head, not(mask)), shl(_CLAIMED_SHIFT, claimedAfter)))
-            sstore(slot, cumulativeAmount)
         }
         emit Claimed(account, epoch, amount, cumulativeAmount);
     }
@@ -468,7 +473,39 @@ contract RewardDistributor is AccessControlDefaultAdminRules, EIP712 {
         if (role == SETTLEMENT_ROLE && _settler == account) _settler = address(0);
     }
 
+    /// @notice Hand the token's per-account claimed amounts to `next`, the distributor that
+    ///         replaces this one (it continues the same cumulative tree, so nothing is paid
+    ///         twice); this contract's claims then revert `NotDistributor`. Governance only;
+    ///         `next` must be a contract whose `token()` is this one's (`InvalidSuccessor`),
+    ///         so a typo cannot strand the counters.
+    function handOverClaims(address next) external onlyRole(DEFAULT_ADMIN_ROLE) {
+        if (!_isDistributorOfToken(next)) revert InvalidSuccessor(next);
+        IClaimBook(address(token)).setDistributor(next);
+        emit ClaimsHandedOver(next);
+    }
+
+    /// @dev A typo guard, not a proof: `next` answers `token()` with this token and `RING()`
+    ///      like a distributor (Staking, say, has the first but not the second).
+    function _isDistributorOfToken(address next) private view returns (bool) {
+        if (next.code.length == 0) return false;
+        try RewardDistributor(next).token() returns (IERC20 t) {
+            if (address(t) != address(token)) return false;
+        } catch {
+            return false;
+        }
+        try RewardDistributor(next).RING() returns (uint256 ring) {
+            return ring == RING;
+        } catch {
+            return false;
+        }
+    }
+
     // ----- views -----
+
+    /// @notice What `account` has claimed so far (kept in the token, next to its balance).
+    function claimed(address account) external view returns (uint256) {
+        return IClaimBook(address(token)).claimedOf(account);
+    }
 
     function latestEpoch() external view returns (uint256) {
         return _latestEpoch;
