@@ -225,7 +225,7 @@ class ApiKeys(Database):
         with self._tx() as db:
             db.execute(
                 "INSERT INTO api_key_spend (account, day, micro) VALUES (?, ?, MAX(0, ?)) "
-                "ON CONFLICT (account, day) DO UPDATE SET micro = MAX(0, micro + ?)",
+                "ON CONFLICT (account, day) DO UPDATE SET micro = MAX(0, api_key_spend.micro + ?)",
                 (account.lower(), day, micro, micro),
             )
             # a week of history is plenty for an operator's question; older days go
@@ -251,7 +251,8 @@ class ApiKeys(Database):
                 return False
             db.execute(
                 "INSERT INTO api_key_spend (account, day, micro) VALUES (?, ?, ?) "
-                "ON CONFLICT (account, day) DO UPDATE SET micro = micro + excluded.micro",
+                "ON CONFLICT (account, day) DO UPDATE"
+                " SET micro = api_key_spend.micro + excluded.micro",
                 (account.lower(), day, micro),
             )
         return True

@@ -78,12 +78,14 @@ from sogni_coordinator.image_verify import verify_image
 from sogni_coordinator.jobs import Job, NodeLink
 from sogni_coordinator.known_answers import KnownAnswer, KnownAnswers
 from sogni_coordinator.reputation import Reputation
+from sogni_coordinator.results import ResultKey, ResultStore
 from sogni_coordinator.store import Store
 from sogni_coordinator.verification_config import VerificationConfig
 from sogni_coordinator.verifier_standing import VerifierStanding
 from sogni_coordinator.verifiers import (
     PendingVerifications,
     StepVerdict,
+    can_verify,
     probe_step,
     tolerance_for,
     verify_step,
@@ -127,7 +129,8 @@ class Held:
     worker: str
     receipt: Receipt
     dtype: str
-    path: Path
+    path: ResultKey
+    """Its image in the result store (`Dispatcher.results`)."""
     elapsed: float
     budget: float
     reconnect_within: float | None = None
@@ -285,6 +288,9 @@ class _Dispatcher(Protocol):
     @property
     def reputation(self) -> Reputation: ...
 
+    @property
+    def results(self) -> ResultStore: ...
+
     async def challenge(
         self, peer_id: str, job_id: bytes, steps: list[int], timeout: float
     ) -> ChallengeResult: ...
@@ -381,7 +387,7 @@ class Checks:
         barred = self.standing.without() | {held.worker.lower(), held.receipt.payee.lower()}
         model = held.job.params.model_id
         return any(
-            model in other.models and other.accounts.isdisjoint(barred)
+            can_verify(other, model, held.dtype) and other.accounts.isdisjoint(barred)
             for other in self.dispatcher.nodes.values()
         )
 
@@ -516,7 +522,10 @@ class Checks:
         """The image check (docs/IMAGE_CHECK.md), decided as a step is; an inconclusive one
         changes nothing (None). Also the steps k whose pass was discarded meanwhile."""
         held, d = run.held, self.dispatcher
-        image = await trio.to_thread.run_sync(held.path.read_bytes)
+        stored = await d.results.get(held.path)
+        if stored is None:
+            raise OSError(f"result store: the held image {held.path.name} is gone")
+        image = stored.image
         final = run.by_step[held.receipt.steps_done]
 
         async def ask(exclude: frozenset[str]) -> StepVerdict:

@@ -9,7 +9,8 @@ to the queue when its node declines it or is lost. A coordinator that dies stops
 its leases expire and the jobs are leased again elsewhere.
 
 Whoever receives a job's result stores the image in the shared result store (`results_dir`,
-one folder every coordinator of the network reads) and commits the receipt; the same
+one folder every coordinator of the network reads, or the database itself with
+`result_store = "database"`: `sogni_coordinator.results`) and commits the receipt; the same
 transaction completes the job in the shared queue (its one `queue_receipts` row) and
 NOTIFYs the request's owner (`Store.shared_queue`). The owner reads the request's jobs back
 from the shared tables (on that NOTIFY, and every `REFRESH_SECONDS` in case one was
@@ -26,6 +27,12 @@ of the network: every offer is recorded in `cluster_offers` (written in batches 
 event loop), so the receiver checks the result against the shared offer and job records
 (signed by a coordinator in `network_signers`, made to this wallet, job still live) and the
 receipts table's primary key decides a race between two deliveries.
+
+What the NOTIFYs carry is also in tables, so a missed one costs a moment, never an outcome:
+a cancel is written to `cluster_cancels` (the lease loop reads those of the requests it
+renders), results to `queue_receipts` and `jobs` (the owner re-reads every second). The
+models each coordinator's nodes serve are published in `cluster_models`, so every
+coordinator accepts a request for a model some node of the network serves.
 
 psycopg runs only in worker threads; each connection has a lock.
 """
@@ -82,6 +89,11 @@ PROGRESS_EVERY = 0.5
 job that moved): at most 2 frames a second per job reach the owner's client."""
 CANCEL_TAG = "c:"
 """NOTIFY payload prefix on `Store.notify_channel`: the request's client cancelled."""
+CANCEL_READ_EVERY = 0.5
+"""The lease loop reads the shared cancels of the other coordinators' requests it renders
+at most this often (a NOTIFY missed costs at most this much more rendering)."""
+CANCEL_KEEP = 24 * 3600.0
+"""Seconds a cancel row is kept (every job of its request ended long before)."""
 HOLD_UNPLACED = 10.0
 """Seconds a leased job may wait here for a node before it goes back to the shared queue."""
 DEAD_GRACE = 5.0
@@ -110,7 +122,22 @@ CREATE TABLE cluster_members (
     seen_at     DOUBLE PRECISION NOT NULL
 );
 """
-MIGRATIONS = (_SCHEMA_V1,)
+_SCHEMA_V2 = """
+CREATE TABLE cluster_cancels (
+    request_id   BYTEA PRIMARY KEY,
+    cancelled_at DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX cluster_cancels_at ON cluster_cancels (cancelled_at);
+CREATE TABLE cluster_models (
+    coordinator TEXT NOT NULL,
+    model_id    TEXT NOT NULL,
+    PRIMARY KEY (coordinator, model_id)
+);
+"""
+"""v2: cancels any coordinator can read back (a missed NOTIFY is not a lost cancel), and
+the models each coordinator's connected nodes serve (a request for a model any node of the
+network serves is accepted at every coordinator)."""
+MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2)
 
 _offer_decoder = msgspec.msgpack.Decoder(JobOffer)
 _NOW = "extract(epoch FROM clock_timestamp())::float8"
@@ -198,6 +225,13 @@ class Cluster:
         """Leased job -> when it joined the dispatcher's queue here (`_return_unplaced`)."""
         self._looped_at = time.monotonic()
         """When the lease loop last went round (at least every second): a watchdog reads it."""
+        self._cancels_read = 0.0
+        self._cancels_seen: set[bytes] = set()
+        """Other coordinators' requests whose cancel this one applied already."""
+        self.network_models: frozenset[str] = frozenset()
+        """Models some node connected to a live coordinator of the network serves (read from
+        `cluster_models` every `REFRESH_SECONDS`): `Dispatcher.model_fault` accepts them."""
+        self._published: frozenset[str] | None = None
 
     @classmethod
     async def open(
@@ -308,11 +342,44 @@ class Cluster:
         self._offers_wake.set()
 
     def ended(self, job: Job) -> None:
-        """A local job reached a terminal state (the dispatcher counted it if it owns it)."""
-        self.leases.pop(job.job_id, None)
+        """A local job reached a terminal state (the dispatcher counted it if it owns it).
+        A cancelled one leaves the shared queue now (else its lease would lapse and it would
+        be leased again only to be buried)."""
+        if self.leases.pop(job.job_id, None) is not None and job.state is JobState.CANCELLED:
+            self._later(functools.partial(self._bury, [job.job_id]))
         counted = self.counted.get(job.request_id)
         if counted is not None:
             counted.add(job.job_id)
+
+    def held_passed(self, job: Job) -> None:
+        """A held (verification-sampled) receipt's check passed: its queue row is done now,
+        and its owner is woken, as for a receipt stored without a check (`Store.
+        shared_queue`); not when the lease lapses. A failed check gives the job back
+        (`give_back`, through the dispatcher's requeue) or ends it (`ended`)."""
+        self.leases.pop(job.job_id, None)
+        self._later(functools.partial(self._complete_held, job.job_id, job.request_id))
+
+    async def _complete_held(self, job_id: bytes, request_id: bytes) -> None:
+        def complete() -> None:
+            with self._conn.transaction():
+                self._conn.execute(
+                    "INSERT INTO queue_receipts (job_id, receipt_id, coordinator_id,"
+                    f" completed_at) SELECT r.job_id, sha256(r.signature), %s, {_NOW}"
+                    " FROM receipts r JOIN queue_jobs q ON q.job_id = r.job_id"
+                    " WHERE r.job_id = %s ON CONFLICT DO NOTHING",
+                    (self.me, job_id),
+                )
+                self._conn.execute(
+                    "UPDATE queue_jobs SET state = 'done', lease_owner = NULL,"
+                    f" lease_expires = NULL, updated_at = {_NOW}"
+                    " WHERE job_id = %s AND state IN ('queued', 'leased')",
+                    (job_id,),
+                )
+                self._conn.execute(
+                    "SELECT pg_notify(%s, %s)", (Store.notify_channel, request_id.hex())
+                )
+
+        await self._sql(complete)
 
     def give_back(self, job: Job) -> None:
         """The job goes back to the shared queue (node lost, declined, deadline): another
@@ -349,10 +416,16 @@ class Cluster:
         await self.queue.bury(job_ids)
 
     async def _cancel_queued(self, request_id: bytes) -> None:
-        def notify() -> None:
-            self._conn.execute(
-                "SELECT pg_notify(%s, %s)", (Store.notify_channel, CANCEL_TAG + request_id.hex())
-            )
+        def notify() -> None:  # the row outlives a missed NOTIFY (`_read_cancels`)
+            with self._conn.transaction():
+                self._conn.execute(
+                    f"INSERT INTO cluster_cancels VALUES (%s, {_NOW}) ON CONFLICT DO NOTHING",
+                    (request_id,),
+                )
+                self._conn.execute(
+                    "SELECT pg_notify(%s, %s)",
+                    (Store.notify_channel, CANCEL_TAG + request_id.hex()),
+                )
 
         await self._sql(notify)
         buried = await self.queue.bury(request_id=request_id)
@@ -413,8 +486,9 @@ class Cluster:
         if request_id in d.requests:  # the owner itself: it cancelled already
             return
         mine = [j for j in d.jobs.values() if j.request_id == request_id]
-        if not mine:
+        if not mine or request_id in self._cancels_seen:
             return
+        self._cancels_seen.add(request_id)
         waiting = [j.job_id for j in mine if j.state is JobState.QUEUED]
         log.info("leased_jobs_cancelled", request=short(request_id), jobs=len(mine))
         d.cancel_request(request_id)
@@ -580,7 +654,7 @@ class Cluster:
                 if o.delivered:
                     box.acked.add(o.job_id)
                 elif o.offer_hash is not None:
-                    box.pending[o.job_id] = d.results.path(request_id, o.index, o.offer_hash)
+                    box.pending[o.job_id] = d.results.key(request_id, o.index, o.offer_hash)
                     box.progress.pop(o.job_id, None)
                 state.delivered += 1
             elif o.state is JobState.FAILED:
@@ -649,6 +723,10 @@ class Cluster:
         d = self.d
         while True:
             self._looped_at = time.monotonic()
+            try:
+                await self._read_cancels()
+            except (psycopg.Error, QueueError) as exc:  # the next pass reads again
+                log.warning("cancels_not_read", error=type(exc).__name__)
             want = self._want()
             if want > 0:
                 models = sorted({m for link in d.free for m in link.models})
@@ -668,10 +746,37 @@ class Cluster:
                 await trio.sleep(EMPTY_LEASE_PAUSE)  # nodes' credit changes often; the queue less
             await self._wait_for_work(min(1.0, self.lease_ttl / 2))
 
+    async def _read_cancels(self) -> None:
+        """Cancels of other coordinators' requests this one renders, read from the shared
+        table (at most every `CANCEL_READ_EVERY`): the NOTIFY is only the fast path, and a
+        lessee whose LISTEN connection was down when it was sent still stops its nodes."""
+        now = time.monotonic()
+        if now - self._cancels_read < CANCEL_READ_EVERY:
+            return
+        d = self.d
+        theirs = {j.request_id for j in d.jobs.values() if j.request_id not in d.requests}
+        self._cancels_seen &= theirs
+        ask = sorted(theirs - self._cancels_seen)
+        if not ask:
+            return
+        self._cancels_read = now
+
+        def read() -> list[bytes]:
+            rows = self._conn.execute(
+                "SELECT request_id FROM cluster_cancels WHERE request_id = ANY(%s)", (ask,)
+            ).fetchall()
+            return [bytes(r[0]) for r in rows]
+
+        for request_id in await self._sql(read):
+            log.info("cancel_read_from_table", request=short(request_id))
+            self._cancel_leased(request_id)
+
     async def _take(self, leases: list[Lease]) -> None:
         d = self.d
         stored = await trio.to_thread.run_sync(d.store.jobs_by_id, [x.job_id for x in leases])
         by_id = {s.job_id: s for s in stored}
+        again = [x.job_id for x in leases if x.attempt > 1]
+        barred = await self._failed_workers(again) if again else {}
         ended = []
         for lease in leases:
             s = by_id.get(lease.job_id)
@@ -683,9 +788,33 @@ class Cluster:
             if lease.priority and lease.request_id not in d.requests:  # its tier, here too
                 d.queue.tiers[lease.request_id] = lease.priority
             job = Job.restored(s)
+            if job.job_id in barred:  # its receipt failed a check, at any coordinator
+                d.excluded.setdefault(job.job_id, set()).update(barred[job.job_id])
             d._enqueue(job)
         if ended:
             await self.queue.bury(ended)
+
+    async def _failed_workers(self, job_ids: list[bytes]) -> dict[bytes, set[str]]:
+        """Job -> wallets whose receipt for it failed a check (`failed_receipts`, shared):
+        a job leased again after a failed check is offered to other wallets first, here as
+        at the coordinator that ran the check (`Dispatcher.excluded`). Only jobs leased
+        before (attempt > 1) are asked about: a first lease has no failed receipt."""
+
+        def read() -> list[tuple[bytes, str]]:
+            rows = self._conn.execute(
+                "SELECT job_id, worker FROM failed_receipts WHERE job_id = ANY(%s)", (job_ids,)
+            ).fetchall()
+            return [(bytes(r[0]), str(r[1]).lower()) for r in rows]
+
+        out: dict[bytes, set[str]] = {}
+        try:
+            rows = await self._sql(read)
+        except psycopg.Error as exc:  # the jobs are leased: offer them all the same
+            log.warning("failed_workers_not_read", error=type(exc).__name__)
+            return out
+        for job_id, worker in rows:
+            out.setdefault(job_id, set()).add(worker)
+        return out
 
     async def _wait_for_work(self, timeout: float) -> None:
         with trio.move_on_after(timeout):
@@ -837,9 +966,41 @@ class Cluster:
                 break
         return list(dict.fromkeys(out)), list(dict.fromkeys(cancels)), progress
 
+    async def _sync_models(self) -> None:
+        """Publish the models this coordinator's nodes serve (when they changed) and read
+        those of every live coordinator's nodes (`network_models`)."""
+        mine = frozenset(self.d.known_models())
+        publish = mine if mine != self._published else None
+
+        def sync() -> list[str]:
+            if publish is not None:
+                with self._conn.transaction():
+                    self._conn.execute(
+                        "DELETE FROM cluster_models WHERE coordinator = %s", (self.me,)
+                    )
+                    with self._conn.cursor() as cur:
+                        cur.executemany(
+                            "INSERT INTO cluster_models VALUES (%s, %s)",
+                            [(self.me, m) for m in sorted(publish)],
+                        )
+            rows = self._conn.execute(
+                "SELECT DISTINCT m.model_id FROM cluster_models m JOIN cluster_members c"
+                f" ON c.coordinator = m.coordinator WHERE c.seen_at > {_NOW} - %s",
+                (self.orphan_after,),
+            ).fetchall()
+            return [str(r[0]) for r in rows]
+
+        models = await self._sql(sync)
+        if publish is not None:
+            self._published = publish
+        self.network_models = frozenset(models) | mine
+
     async def _adopt_orphans(self) -> None:
         def beat_and_take() -> list[bytes]:
             self._conn.execute(_HEARTBEAT, (self.me,))
+            self._conn.execute(
+                f"DELETE FROM cluster_cancels WHERE cancelled_at < {_NOW} - %s", (CANCEL_KEEP,)
+            )
             rows = self._conn.execute(
                 _ORPHANS, {"me": self.me, "after": self.orphan_after}
             ).fetchall()
@@ -863,6 +1024,7 @@ class Cluster:
             self._return_unplaced()
             try:
                 await self._adopt_orphans()
+                await self._sync_models()
                 await self._check_claims()
                 for request_id in list(self.d.requests):
                     await self._fail_dead(request_id)

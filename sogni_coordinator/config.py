@@ -17,6 +17,7 @@ from msgspec import Meta
 
 from sogni_coordinator.content_policy import ContentConfig
 from sogni_coordinator.gateway.config import GatewayConfig
+from sogni_coordinator.storage import is_postgres
 from sogni_coordinator.verification_config import VerificationConfig
 from sogni_protocol.logs import LogLevel
 from sogni_protocol.messages import Address, ModelId
@@ -136,6 +137,13 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     lease_seconds: Annotated[float, Meta(ge=1, le=3600)] = 30.0
     """How long a coordinator's lease on a shared-queue job lasts without renewal (it
     renews every third of it): after a coordinator dies, its jobs run elsewhere after this."""
+    result_store: Literal["folder", "database"] = "folder"
+    """Where receipted images wait for their client: "folder" (`results_dir`, the default)
+    or "database" (rows in the PostgreSQL `database` names, which every coordinator of the
+    network reads: no shared folder to mount; only with a `postgresql://` database)."""
+    result_retention: Annotated[float, Meta(ge=1, le=3650 * 86_400)] | None = None
+    """Seconds an image its client never acknowledged is kept (then deleted by a sweep).
+    None: 7 days in the database, until acknowledged in a folder (as before)."""
     result_url_key_file: Path | None = None
     """The gateway's result-URL HMAC key (default `data_dir/result-url.key`): one file per
     network, the same for every coordinator of it."""
@@ -151,6 +159,12 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
         fill_path(self, "database", data_dir / "coordinator.db")
         if self.addresses_file is not None:
             apply_addresses_file(self)
+        if self.result_store == "database" and not is_postgres(self.database):
+            raise ValueError(
+                'result_store = "database" keeps images in the network\'s PostgreSQL, but '
+                "database is a SQLite file: set database to a postgresql:// URL, or use "
+                'result_store = "folder"'
+            )
         if not self.local and self.billing != "required":
             raise ValueError(
                 f"billing = {self.billing!r} pays for work nobody paid for: chain id "

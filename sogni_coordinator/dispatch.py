@@ -42,7 +42,7 @@ from sogni_coordinator.billing import Billing, Refusal
 from sogni_coordinator.challenges import ChallengeResult, PendingChallenges
 from sogni_coordinator.checks import RESTART_REASON, Checks, Held, Outcome
 from sogni_coordinator.content_policy import ContentPolicy, screen_request
-from sogni_coordinator.delivery import Cursor, Mailbox, ResultFiles, short
+from sogni_coordinator.delivery import Cursor, Mailbox, short
 from sogni_coordinator.disputes import Reporter
 from sogni_coordinator.group_commit import GroupCommit
 from sogni_coordinator.image_check import check_image
@@ -60,6 +60,7 @@ from sogni_coordinator.model_stake import ModelStakeBoard
 from sogni_coordinator.prompt_crypto import new_key
 from sogni_coordinator.reports import NODE_BLOCKED, PAYER_BLOCKED, Reports
 from sogni_coordinator.reputation import STRIKE_WINDOW, Reputation
+from sogni_coordinator.results import FolderResults, ResultKey, ResultStore
 from sogni_coordinator.routing import Router
 from sogni_coordinator.safety.screen import MESSAGES as IMAGE_REFUSALS
 from sogni_coordinator.safety.screen import ImageSafety
@@ -174,6 +175,7 @@ class Dispatcher:
         clock: Callable[[], float] = time.time,
         billing: Billing | None = None,
         results_dir: Path | None = None,
+        results: ResultStore | None = None,
         prompt_retention: float = 3600.0,
         verification: VerificationConfig | None = None,
         verification_log: Path | None = None,
@@ -211,11 +213,13 @@ class Dispatcher:
         self.requests: dict[bytes, RequestState] = {}
         self._unsaved: dict[bytes, Job] = {}
         self._changed = trio.Event()
-        if results_dir is None:  # beside the database; a temporary folder for `:memory:` or
-            # a server (the service always names one: `data_dir/results`)
-            beside = not store.postgres and str(store.path) != ":memory:"
-            results_dir = store.path.parent / "results" if beside else Path(tempfile.mkdtemp())
-        self.results = ResultFiles(results_dir)
+        if results is None:  # a folder: `results_dir`, or beside the database (a temporary
+            # folder for `:memory:` or a server; the service names one: `open_results`)
+            if results_dir is None:
+                beside = not store.postgres and str(store.path) != ":memory:"
+                results_dir = store.path.parent / "results" if beside else Path(tempfile.mkdtemp())
+            results = FolderResults(results_dir)
+        self.results: ResultStore = results
         self.mailboxes: dict[bytes, Mailbox] = {}
         """Requests still live, or attached to a client, or with images unacknowledged."""
         self.prompt_retention = prompt_retention
@@ -284,7 +288,8 @@ class Dispatcher:
             if req.model_id not in allowed:
                 return f"unknown model {req.model_id!r}: this coordinator serves {sorted(allowed)}"
         elif req.model_id not in self.known_models():
-            return f"unknown model {req.model_id!r}: no connected node has it"
+            if self.cluster is None or req.model_id not in self.cluster.network_models:
+                return f"unknown model {req.model_id!r}: no connected node has it"
         elif not self.can_serve(req.network, req):
             loras = f" with LoRAs {[lora.id for lora in req.loras]}" if req.loras else ""
             return (
@@ -506,21 +511,21 @@ class Dispatcher:
             box = Mailbox.from_record(record, self.results)
             group, checks = by_request.get(request_id, []), held_by.get(request_id, [])
             self.add_request(RequestState(request_id, len(group) + len(checks), box), group)
-        keep = {self.results.path(*pending) for pending in self.store.pending_deliveries()}
+        keep = {self.results.key(*pending) for pending in self.store.pending_deliveries()}
         keep |= {self._held_after_restart(c) for c in held}
         pruned = self.results.prune(keep)
         if pruned:
             log.info("result_files_pruned", files=pruned)
         return sum(len(group) for group in by_request.values())
 
-    def _held_after_restart(self, c: PendingCheck) -> Path:
+    def _held_after_restart(self, c: PendingCheck) -> ResultKey:
         """A receipt held when the coordinator stopped: its job is live again (RUNNING, no
         holder: the client sees it rendering), and its check runs once the node that
         rendered it reconnects (`Checks`, `restart_recheck_timeout`). Returns its image."""
         s = c.job
         job = Job.restored(s, JobState.RUNNING)
         self.jobs[job.job_id] = job
-        path = self.results.path(s.request_id, s.index, c.receipt.offer_hash)
+        path = self.results.key(s.request_id, s.index, c.receipt.offer_hash)
         budget = render_budget(s.params, self.deadline_floor, self.deadline_base)
         wait = self.checks.policy.restart_recheck_timeout
         self.checks.hold(
@@ -553,6 +558,7 @@ class Dispatcher:
             warm=frozenset(caps.warm_models),
             connected_at=self._clock(),
             payout=caps.payout,
+            mode=caps.mode,
         )
         old = self.nodes.get(peer_id)
         if old is not None:
@@ -575,6 +581,7 @@ class Dispatcher:
         link.max_pixels = caps.max_pixels
         link.device = caps.device
         link.payout = caps.payout  # where verifier work done from now on is paid
+        link.mode = caps.mode
         if self.hardware is not None:
             self.hardware.seen(caps)
         log.info(
@@ -735,7 +742,7 @@ class Dispatcher:
         hold = job.state is JobState.RUNNING and self.checks.sampled(job, receipt, result.meta)
         path = None
         if not partial:  # on disk before it is deliverable: a restart finds it there
-            path = self.results.path(job.request_id, job.index, receipt.offer_hash)
+            path = self.results.key(job.request_id, job.index, receipt.offer_hash)
             image = JobImage(
                 job_id=job.job_id,
                 index=job.index,
@@ -746,7 +753,7 @@ class Dispatcher:
                 meta=result.meta,
             )
             try:
-                await self.results.write(path, image)
+                await self.results.put(path, image)
             except OSError as exc:
                 log.error("result_file_write_failed", job=job.job_id.hex()[:16], error=str(exc))
                 raise StorageFault("the coordinator could not store the image; retry") from None
@@ -769,7 +776,7 @@ class Dispatcher:
             )
         if not committed:
             if path is not None:
-                self.results.remove([path])
+                await self.results.discard([path])
             raise ResultRefused(await self._gone_reason(job.job_id))
         if hold and path is not None:
             self._hold(job, link, receipt, result.meta.dtype if result.meta else "", path)
@@ -801,7 +808,9 @@ class Dispatcher:
         self._save()
 
     # --- held receipts (checks.py): the dispatcher's side --------------------------------
-    def _hold(self, job: Job, link: NodeLink, receipt: Receipt, dtype: str, path: Path) -> None:
+    def _hold(
+        self, job: Job, link: NodeLink, receipt: Receipt, dtype: str, path: ResultKey
+    ) -> None:
         """A sampled receipt is stored pending: the job stays live (RUNNING, no holder: the
         client sees it rendering) until `check_passed` or `check_failed`."""
         now = self._clock()
@@ -829,6 +838,8 @@ class Dispatcher:
         self.reputation.succeeded(held.worker, held.elapsed, held.budget, receipt.work_units)
         self.excluded.pop(job.job_id, None)
         self._to(job, JobEvent.RECEIPT, durable=True)
+        if self.cluster is not None:  # its shared queue row: done now (cluster.py)
+            self.cluster.held_passed(job)
         state = self.requests.get(job.request_id)
         if state is not None:
             state.durations.append(held.elapsed)
@@ -849,7 +860,7 @@ class Dispatcher:
         if self.refusals is not None and strike:  # disputable: signed, kept for a re-check
             self.refusals.refused(held.receipt, job.params, held.dtype, reason, evidence)
         await self.store.call(self.store.fail_held_receipt, job.job_id, reason, evidence)
-        self.results.remove([held.path])
+        await self.results.discard([held.path])
         log.warning("receipt_check_failed", job=job.job_id.hex()[:16], worker=held.worker)
         if strike and self.reputation.strike(held.worker):
             log.warning("worker_blacklisted", wallet=held.worker, reason=reason)
@@ -980,33 +991,34 @@ class Dispatcher:
         """One pass: offer queued jobs to nodes with credit, in queue order."""
         if not self.queue or not self.free:
             return
-        unmatched = self.queue.emptied()
         benefits = self.billing.benefits if self.billing is not None else None
         upgrades = upgrade_rule(benefits, self.router, self.nodes, self.queue.tiers)
         blocked: set[bytes] = set()  # requests no free node can serve in this pass
-        while self.queue:
-            job = self.queue.popleft()
-            if not self._waiting(job):
-                continue
-            if job.request_id in blocked:  # its jobs differ only by seed: same answer
-                unmatched.append(job)
-                continue
-            state = self.requests.get(job.request_id)
-            in_use = set(state.nodes) if state else set()
-            link = pick_with_upgrade(
-                self.router, job, self._candidates(job), in_use, upgrade=upgrades(job)
-            )
-            if link is None:
-                if job.job_id not in self.excluded:  # its siblings may go where it may not
-                    blocked.add(job.request_id)
-                unmatched.append(job)
-                if not self.free:
-                    break
-            elif not self._offer(job, link):
-                link.credit = 0  # its stream is gone; node_left follows
-                unmatched.append(job)
-        unmatched.extend(self.queue)
-        self.queue = unmatched
+        # Jobs looked at and left go back to the front, in order; the rest of the queue is
+        # not touched (a pass costs the jobs it looks at, not the queue's length).
+        unmatched: list[Job] = []
+        with self.router.one_pass():
+            while self.queue and self.free:
+                job = self.queue.popleft()
+                if not self._waiting(job):
+                    continue
+                if job.request_id in blocked:  # its jobs differ only by seed: same answer
+                    unmatched.append(job)
+                    continue
+                state = self.requests.get(job.request_id)
+                in_use = set(state.nodes) if state else set()
+                link = pick_with_upgrade(
+                    self.router, job, self._candidates(job), in_use, upgrade=upgrades(job)
+                )
+                if link is None:
+                    if job.job_id not in self.excluded:  # its siblings may go where it may not
+                        blocked.add(job.request_id)
+                    unmatched.append(job)
+                elif not self._offer(job, link):
+                    link.credit = 0  # its stream is gone; node_left follows
+                    unmatched.append(job)
+        for job in reversed(unmatched):
+            self.queue.appendleft(job)
 
     def _offer(self, job: Job, link: NodeLink) -> bool:
         """Sign and send an offer; False if the node's outbox refused it."""

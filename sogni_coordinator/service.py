@@ -29,11 +29,12 @@ from sogni_coordinator.http_api import CoordinatorView, build_app
 from sogni_coordinator.key_rotation import chain_for, chain_path
 from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.model_stake import ModelStakeBoard
-from sogni_coordinator.network_signers import SIGNER_SET_FILE
+from sogni_coordinator.network_signers import SIGNER_SET_FILE, WelcomeSet
 from sogni_coordinator.node_session import serve_node
 from sogni_coordinator.referrals import close_beside
 from sogni_coordinator.reports import Reports
 from sogni_coordinator.reputation import Reputation
+from sogni_coordinator.results import open_results
 from sogni_coordinator.routing import Router
 from sogni_coordinator.safety.screen import image_safety_from
 from sogni_coordinator.seasons.hardware import HardwareLog
@@ -124,7 +125,7 @@ async def run_coordinator(
             router=router,
             deadline_floor=config.job_deadline_floor,
             deadline_base=config.job_deadline_base,
-            results_dir=config.results_dir or config.data_dir / "results",
+            results=await trio.to_thread.run_sync(open_results, config),  # results/
             prompt_retention=config.prompt_retention_seconds,
             verification=config.verification,
             verification_log=config.data_dir / "verifications.jsonl",
@@ -163,6 +164,7 @@ async def run_coordinator(
         if restored:
             log.info("jobs_restored", jobs=restored)
         allowed = set(config.models)
+        welcome_set = WelcomeSet(config.data_dir / SIGNER_SET_FILE)
 
         async def on_node(channel: Channel) -> None:
             await serve_node(
@@ -171,6 +173,7 @@ async def run_coordinator(
                 heartbeat_interval=config.heartbeat_interval,
                 heartbeat_timeout=config.heartbeat_timeout,
                 rotations=rotations,
+                signer_set=welcome_set,
             )
 
         async def on_client(channel: Channel) -> None:
@@ -194,6 +197,7 @@ async def run_coordinator(
             host.set_stream_handler(RELAY_PROTOCOL, partial(serve_relay, relay=relay))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(dispatcher.run)
+                nursery.start_soon(dispatcher.results.run)  # retention sweep; closes it
                 if cluster is not None:
                     nursery.start_soon(cluster.run)
                 nursery.start_soon(watch_reports, reports, dispatcher)

@@ -134,7 +134,7 @@ class Gateway:
         self.config = config
         self.book = ModelBook(catalog, frozenset(configured_models))
         self.configured = set(configured_models)
-        self.images = ImageStore(results_dir, config.retention_seconds)
+        self.images = ImageStore(results_dir, config.retention_seconds, dispatcher.results)
         self.projects = ProjectBook(keep=config.retention_seconds)
         self.network_id = network_id
         self.failed_auth = FailureWindow(config.failed_auth_per_minute)
@@ -276,10 +276,12 @@ class Gateway:
         await project.ready.wait()
         if project.refusal is not None:
             raise project.refusal
+        if self.dispatcher.cluster is not None:
+            await self._refresh(project)
         if project.done or project.cancelled:
             return None
         try:  # with several coordinators: also a request another one accepted (adopted)
-            resumed = await self.dispatcher.resume_anywhere(project.request_id, project.token)
+            resumed = await self._resume(project)
         except Refusal:
             if len(project.outcomes) < project.count:
                 project.told = True  # nothing to push: a re-send hears this
@@ -288,6 +290,38 @@ class Gateway:
             return None
         log.info("gateway_project_resumed", key=project.key_id, project=project.job_id)
         return resumed.events
+
+    async def _refresh(self, project: Project) -> None:
+        """What other coordinators' gateways recorded of this project since this one last
+        saw it (the app was served elsewhere meanwhile, behind one address or after a
+        failover): their images' outcomes, its end, its cancel. Their images were
+        acknowledged there, so the resumed request will not send them here again."""
+        record = await trio.to_thread.run_sync(self.records.get, project.key_id, project.job_id)
+        if record is None:
+            return
+        project.outcomes.update(record.outcomes)  # the first outcome recorded wins
+        project.cancelled = project.cancelled or record.cancelled
+        if record.ended_at is not None and not project.done:
+            project.done, project.ended_at = True, record.ended_at
+
+    async def _resume(self, project: Project) -> Any:
+        """`Dispatcher.resume_anywhere`, one at a time per project."""
+        async with project.resuming:
+            return await self.dispatcher.resume_anywhere(project.request_id, project.token)
+
+    async def _take_over(self, project: Project) -> None:
+        """With several coordinators, adopt a request this one does not run (its coordinator
+        died, or the app moved here) so that a cancel here reaches it: without this the
+        cancel would only be recorded, and the request rendered and charged in full."""
+        d = self.dispatcher
+        rid = project.request_id
+        if d.cluster is None or rid in d.requests or rid in d.mailboxes:
+            return  # one coordinator, or run (or ended) here
+        try:
+            resumed = await self._resume(project)
+        except Refusal:
+            return  # the network no longer knows it: nothing left to stop
+        d.detach(resumed.events)
 
     async def _submit_recorded(self, key: AuthedKey, project: Project, req: RenderRequest) -> Any:
         """Record the project, submit it, record its resume token; on a refusal (or a
@@ -360,6 +394,7 @@ class Gateway:
             project.cancelled = True
             await self.records.call(self.records.cancel, key.key_id, job_id)
         if not project.done:
+            await self._take_over(project)
             self.dispatcher.cancel_request(project.request_id)
         return project
 
@@ -511,9 +546,9 @@ class Gateway:
                 },
             )
 
-    def result_url(self, img_id: str, base_url: str) -> str | None:
+    async def result_url(self, img_id: str, base_url: str) -> str | None:
         """A fresh signed URL for a stored image (`/v1/image/downloadUrl`)."""
-        if self.images.get(img_id) is None:
+        if await self.images.find(img_id) is None:  # in the database: any coordinator's
             return None
         return self.urls.sign(img_id, base_url=base_url, ttl=self.config.result_ttl_seconds)
 

@@ -195,6 +195,9 @@ class Project:
     ready: trio.Event = field(default_factory=trio.Event)
     """Set once submitted (or refused): a repeat waits on it instead of submitting again."""
     refusal: ProjectRefused | None = None
+    resuming: trio.Lock = field(default_factory=trio.Lock)
+    """Held while its request is resumed (adopted from another coordinator): a re-attach
+    and a cancel racing on a new socket take it over once."""
 
     def __post_init__(self) -> None:
         if not self.img_ids:

@@ -42,6 +42,7 @@ def _ok(data: Any) -> Response:
 
 def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
     from starlette.responses import FileResponse, JSONResponse
+    from starlette.responses import Response as BytesResponse
     from starlette.routing import Route, WebSocketRoute
 
     async def auth(request: Request) -> AuthedKey | Response:
@@ -108,7 +109,7 @@ def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
             return key
         img = request.query_params.get("imageId", "").upper()
         found = gateway.projects.by_image(img)
-        url = gateway.result_url(img, base_url_of(gateway, request.url)) if found else None
+        url = await gateway.result_url(img, base_url_of(gateway, request.url)) if found else None
         if found is None or found[0].key_id != key.key_id or url is None:
             return _error(404, 4004, "unknown image")
         return _ok({"downloadUrl": url})
@@ -131,9 +132,13 @@ def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
             return _error(404, 4004, "unknown image")
         if not gateway.urls.verify(image_id, exp, sig):
             return _error(403, 4003, "this result URL is invalid or has expired")
-        stored = gateway.images.get(image_id)
+        stored = await gateway.images.find(image_id, data=True)
         if stored is None:
             return _error(404, 4004, "this image is no longer kept")
+        if stored.path is None:  # a row of the network's database (result_store)
+            return BytesResponse(
+                stored.data, media_type=stored.media_type, headers={"Cache-Control": "private"}
+            )
         return FileResponse(
             stored.path, media_type=stored.media_type, headers={"Cache-Control": "private"}
         )

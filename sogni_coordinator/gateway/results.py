@@ -1,20 +1,30 @@
 """Delivered images kept for download by their image id, deleted after `retention`.
 
 Files are named `<imgID>.<ext>` by this module only; a URL's id is checked against the index
-(built from the folder listing), so no part of a URL ever becomes a path.
+(built from the folder listing), so no part of a URL ever becomes a path. With the
+coordinator's `result_store = "database"` the images are rows in the network's PostgreSQL
+instead (`results.postgres.PostgresResults`, table `gateway_images`, read and written in
+worker threads), so any coordinator of the network serves a signed URL another one issued,
+with no shared folder.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
 from sogni_protocol.image_types import format_of
+
+if TYPE_CHECKING:
+    from sogni_coordinator.results import ResultStore
+    from sogni_coordinator.results.postgres import PostgresResults
 
 __all__ = ["ImageStore", "StoredImage"]
 
@@ -25,16 +35,26 @@ _EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 @dataclass(frozen=True)
 class StoredImage:
-    path: Path
+    path: Path | None
+    """The file (a folder store); None for a database row."""
     media_type: str
     created: float
+    data: bytes | None = None
+    """The image, when read from the database (`find(..., data=True)`)."""
 
 
 class ImageStore:
-    def __init__(self, folder: Path, retention: float) -> None:
+    def __init__(self, folder: Path, retention: float, results: ResultStore | None = None):
         self.folder = folder
         self.retention = retention
         self._index: dict[str, StoredImage] = {}
+        self.database: PostgresResults | None = None
+        """The network's PostgreSQL when the coordinator's result store is the database."""
+        if results is not None and results.shared:
+            from sogni_coordinator.results.postgres import PostgresResults
+
+            if isinstance(results, PostgresResults):
+                self.database = results
 
     def load(self) -> int:
         """Index what an earlier run left (blocking: call off the loop at start)."""
@@ -64,11 +84,29 @@ class ImageStore:
                 break
         return found
 
+    async def find(self, image_id: str, *, data: bool = False) -> StoredImage | None:
+        """`get`, or the database row (with the image itself if `data`) of any coordinator."""
+        db = self.database
+        if db is None:
+            return self.get(image_id)
+        if not IMAGE_ID.match(image_id):
+            return None
+        row = await trio.to_thread.run_sync(functools.partial(db.named, image_id, data=data))
+        if row is None:
+            return None
+        media_type, created, image = row
+        return StoredImage(None, media_type, created, image)
+
     async def save(self, image_id: str, image: bytes) -> StoredImage:
-        """Write the image durably under its id; raises ValueError for an unknown format."""
+        """Write the image durably under its id; raises ValueError for an unknown format
+        (and OSError if it could not be stored)."""
         kind = format_of(image)
         if kind is None or not IMAGE_ID.match(image_id):
             raise ValueError("not a png, jpeg or webp image")
+        if self.database is not None:
+            db = self.database
+            await trio.to_thread.run_sync(db.save_named, image_id, _TYPES[kind], image)
+            return StoredImage(None, _TYPES[kind], time.time())
         path = self.folder / f"{image_id}.{_EXT[kind]}"
 
         def write() -> None:
@@ -88,11 +126,14 @@ class ImageStore:
         """Delete images older than the retention; returns how many."""
         now = time.time() if now is None else now
         old = [i for i, s in self._index.items() if now - s.created > self.retention]
-        paths = [self._index.pop(i).path for i in old]
+        paths = [p for i in old if (p := self._index.pop(i).path) is not None]
 
         def remove() -> None:
             for p in paths:
                 p.unlink(missing_ok=True)
 
         await trio.to_thread.run_sync(remove)
-        return len(paths)
+        swept = len(old)
+        if self.database is not None:  # every coordinator's, by the database's clock
+            swept += await trio.to_thread.run_sync(self.database.sweep_named, self.retention)
+        return swept

@@ -21,6 +21,7 @@ reads under its lock; see docs/SCALING.md for which reads still run on the calli
 
 from __future__ import annotations
 
+import select
 import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 from decimal import Decimal
@@ -99,13 +100,35 @@ class PgCursor:
             yield row
 
 
+LOST_IN_TRANSACTION = (
+    "the connection to PostgreSQL was lost inside a transaction: the server rolled it back "
+    "(retry it; the connection is opened again after ROLLBACK)"
+)
+LOST_AT_COMMIT = (
+    "the connection to PostgreSQL was lost during COMMIT: the transaction may or may not "
+    "have committed (check before retrying)"
+)
+
+
 class PgConnection:
-    """One psycopg connection, used by one thread at a time (`db._Shared` holds the lock)."""
+    """One psycopg connection, used by one thread at a time (`db._Shared` holds the lock).
+
+    A connection the server dropped (restart, failover, `pg_terminate_backend`, an idle
+    timeout) is opened again before the next statement outside a transaction: a drop while
+    idle is seen before anything is sent (the server's goodbye is waiting on the socket), and
+    a read or `BEGIN` that met a drop in flight is run once more on the new connection.
+    Inside a transaction there is nothing to resume (the server rolled it back): the
+    statement fails with `LOST_IN_TRANSACTION`, and so does every later one until the
+    caller's `ROLLBACK`, never running the rest of the transaction on a fresh connection
+    outside it."""
 
     def __init__(self, url: str, *, lock_timeout_s: float) -> None:
         self.url = url
         self._lock_timeout_ms = int(lock_timeout_s * 1000)
         self._conn = self._connect()
+        self._lost = False
+        """The connection broke inside a transaction that the caller has not rolled back."""
+        self.reconnects = 0
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         try:
@@ -116,30 +139,59 @@ class PgConnection:
         return conn
 
     def _usable(self) -> psycopg.Connection[tuple[Any, ...]]:
-        """The connection; a broken one (server restarted, connection killed) is replaced
-        between transactions: the call that met the break failed, the next one reconnects."""
-        if self._conn.broken:
-            self._conn.close()
-            self._conn = self._connect()
+        """The connection, between transactions; one the server dropped is replaced first."""
+        if self._conn.broken or _dropped(self._conn):
+            self._reconnect()
         return self._conn
+
+    def _reconnect(self) -> None:
+        self._conn.close()
+        self._conn = self._connect()
+        self.reconnects += 1
 
     @property
     def in_transaction(self) -> bool:
-        if self._conn.broken:  # the transaction died with the connection
+        if self._lost:  # until the caller's ROLLBACK
+            return True
+        if self._conn.broken:
             return False
         return self._conn.info.transaction_status != TransactionStatus.IDLE
 
+    def _lost_error(self, sql: str) -> sqlite3.OperationalError:
+        self._lost = True
+        text = LOST_AT_COMMIT if _first_word(sql) in ("COMMIT", "END") else LOST_IN_TRANSACTION
+        return sqlite3.OperationalError(text)
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> PgCursor:
+        if self._lost:
+            if _first_word(sql) == "ROLLBACK" and "TO" not in sql.upper().split():
+                self._lost = False  # the server rolled it back already
+                return PgCursor([], -1)
+            raise sqlite3.OperationalError(LOST_IN_TRANSACTION)
+        in_tx = self.in_transaction
+        for attempt in (0, 1):
+            conn = self._conn if in_tx else self._usable()
+            try:
+                return self._run(conn, sql, params)
+            except psycopg.Error as exc:
+                if not conn.broken:
+                    raise _as_sqlite(exc) from exc
+                if in_tx:
+                    raise self._lost_error(sql) from exc
+                if attempt or _first_word(sql) not in _REPEATABLE:
+                    raise _as_sqlite(exc) from exc
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _run(
+        conn: psycopg.Connection[tuple[Any, ...]], sql: str, params: Sequence[Any]
+    ) -> PgCursor:
         out = PgCursor([], -1)
-        conn = self._conn if self.in_transaction else self._usable()
-        try:
-            with conn.cursor() as cur:
-                for query in to_postgres(sql):  # one, but none for PRAGMA, more for ADD COLUMN
-                    cur.execute(query, _params(params))  # type: ignore[arg-type]  # translated
-                    rows = [_row(r) for r in cur.fetchall()] if cur.description else []
-                    out = PgCursor(rows, cur.rowcount)
-        except psycopg.Error as exc:
-            raise _as_sqlite(exc) from exc
+        with conn.cursor() as cur:
+            for query in to_postgres(sql):  # one, but none for PRAGMA, more for ADD COLUMN
+                cur.execute(query, _params(params))  # type: ignore[arg-type]  # translated
+                rows = [_row(r) for r in cur.fetchall()] if cur.description else []
+                out = PgCursor(rows, cur.rowcount)
         return out
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> PgCursor:
@@ -150,12 +202,17 @@ class PgConnection:
         rows = [_params(p) for p in seq]
         if not rows:
             return PgCursor([], 0)
-        conn = self._conn if self.in_transaction else self._usable()
+        if self._lost:
+            raise sqlite3.OperationalError(LOST_IN_TRANSACTION)
+        in_tx = self.in_transaction
+        conn = self._conn if in_tx else self._usable()
         try:
             with conn.cursor() as cur:
                 cur.executemany(query, rows)  # type: ignore[arg-type]  # translated
                 return PgCursor([], cur.rowcount)
         except psycopg.Error as exc:
+            if conn.broken and in_tx:
+                raise self._lost_error(sql) from exc
             raise _as_sqlite(exc) from exc
 
     def begin_write(self) -> None:
@@ -173,6 +230,27 @@ class PgConnection:
 
     def close(self) -> None:
         self._conn.close()
+
+
+_REPEATABLE = frozenset({"BEGIN", "SELECT", "ROLLBACK"})
+"""Statements that may run twice outside a transaction: one that met a dropped connection
+in flight is run again on a new one (a write outside a transaction is not: it may have
+committed before the connection went)."""
+
+
+def _first_word(sql: str) -> str:
+    return sql.lstrip().split(None, 1)[0].upper() if sql.strip() else ""
+
+
+def _dropped(conn: psycopg.Connection[Any]) -> bool:
+    """Has the server closed this idle connection? Between statements nothing is due from
+    the server, so anything readable on the socket is its goodbye (a FATAL error, then
+    EOF); at worst an unasked-for message costs a reconnect, outside any transaction."""
+    try:
+        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+    except (psycopg.Error, OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def probe_writable(url: str, timeout: float) -> str | None:

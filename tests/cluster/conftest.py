@@ -53,6 +53,12 @@ class Member:
         return self.running.addrs[0]
 
     @property
+    def http_url(self) -> str:
+        """Its gateway's base URL (`start_cluster(..., gateways=True)`)."""
+        assert self.running.http_url is not None, "started without gateways=True"
+        return self.running.http_url
+
+    @property
     def net(self) -> Net:
         """The e2e helpers' view of this coordinator (to add nodes to it)."""
         return Net(
@@ -69,8 +75,15 @@ class Member:
 
 @asynccontextmanager
 async def start_cluster(
-    tmp: Path, pg_url: str, names: list[str], **cfg: Any
+    tmp: Path, pg_url: str, names: list[str], *, gateways: bool = False, **cfg: Any
 ) -> AsyncIterator[dict[str, Member]]:
+    if gateways:  # one network: one result-URL key, one result folder, for every gateway
+        cfg = {
+            "http_listen": "127.0.0.1:0",
+            "result_url_key_file": tmp / "shared-result-url.key",
+            **cfg,
+        }
+    cfg.setdefault("http_listen", "off")
     accounts = {name: Account.create() for name in names}
     signers = [a.address for a in accounts.values()]
     members: dict[str, Member] = {}
@@ -85,7 +98,6 @@ async def start_cluster(
                 network_signers=signers,
                 heartbeat_interval=0.5,
                 heartbeat_timeout=3.0,
-                http_listen="off",
                 **cfg,
             )
             signer = Signer(acct.address, bytes(acct.key))
@@ -114,11 +126,11 @@ async def start_cluster(
         nursery.cancel_scope.cancel()
 
 
-def png(width: int = 64, height: int = 64) -> bytes:
+def png(width: int = 64, height: int = 64, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
     from PIL import Image
 
     out = io.BytesIO()
-    Image.new("RGB", (width, height), (200, 30, 30)).save(out, format="PNG")
+    Image.new("RGB", (width, height), color).save(out, format="PNG")
     return out.getvalue()
 
 
@@ -141,8 +153,9 @@ class Rogue:
         msg: Offer = await receive_skipping(self.channel, (Offer,), timeout)
         return msg
 
-    def result(self, offer: Offer, domain: Domain) -> Result:
-        image = png(offer.offer.width, offer.offer.height)
+    def result(self, offer: Offer, domain: Domain, image: bytes | None = None) -> Result:
+        """A signed result for `offer` (`image`: its bytes, a red square by default)."""
+        image = image or png(offer.offer.width, offer.offer.height)
         o = offer.offer
         from sogni_protocol.messages import Receipt
 

@@ -1,8 +1,8 @@
 """Image files written together: each durable and whole on disk, a failure only its own.
 
-`ResultFiles.write` writes the images asked for while a write is under way in one worker
+`ResultFiles.put` writes the images asked for while a write is under way in one worker
 thread call (one sync for all of them); what the store counts as deliverable must be on disk
-when `write` returns, and a stream reads it from memory without another thread hop.
+when `put` returns, and a stream reads it from memory without another thread hop.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 import trio
 
 from sogni_coordinator.delivery import ResultFiles
+from sogni_coordinator.results import ResultKey
 from sogni_protocol.messages import JobImage, Receipt, RenderMeta, decode
 
 
@@ -42,31 +43,32 @@ def _image(i: int) -> JobImage:
 
 async def test_images_written_at_once_are_each_on_disk_whole(tmp_path: Path) -> None:
     files = ResultFiles(tmp_path / "results")
-    images = {files.path(b"\x09" * 32, i, b"\x02" * 32): _image(i) for i in range(1, 21)}
+    images = {files.key(b"\x09" * 32, i, b"\x02" * 32): _image(i) for i in range(1, 21)}
     async with trio.open_nursery() as nursery:
-        for path, image in images.items():
-            nursery.start_soon(files.write, path, image)
-    for path, image in images.items():
+        for key, image in images.items():
+            nursery.start_soon(files.put, key, image)
+    for key, image in images.items():
+        path = files.path_of(key)
         assert decode(path.read_bytes()) == image
         assert path.stat().st_mode & 0o777 == 0o600
-        assert await files.read(path) is image  # from memory: no re-read
+        assert await files.get(key) is image  # from memory: no re-read
     assert not [p for p in path.parent.iterdir() if p.suffix == ".tmp"]
     gone = next(iter(images))
     files.remove([gone])
-    assert await files.read(gone) is None  # deleted and forgotten
+    assert await files.get(gone) is None  # deleted and forgotten
 
 
 async def test_a_failed_file_fails_alone(tmp_path: Path) -> None:
     files = ResultFiles(tmp_path / "results")
-    good = files.path(b"\x09" * 32, 1, b"\x02" * 32)
-    blocked = files.path(b"\x0a" * 32, 2, b"\x02" * 32)
-    blocked.parent.parent.mkdir(parents=True)
-    blocked.parent.write_bytes(b"")  # a file where its folder should be
+    good = files.key(b"\x09" * 32, 1, b"\x02" * 32)
+    blocked = files.key(b"\x0a" * 32, 2, b"\x02" * 32)
+    files.path_of(blocked).parent.parent.mkdir(parents=True)
+    files.path_of(blocked).parent.write_bytes(b"")  # a file where its folder should be
     outcome: dict[str, BaseException | None] = {}
 
-    async def write(name: str, path: Path, image: JobImage) -> None:
+    async def write(name: str, path: ResultKey, image: JobImage) -> None:
         try:
-            await files.write(path, image)
+            await files.put(path, image)
             outcome[name] = None
         except OSError as exc:
             outcome[name] = exc
@@ -75,7 +77,7 @@ async def test_a_failed_file_fails_alone(tmp_path: Path) -> None:
         nursery.start_soon(write, "good", good, _image(1))
         nursery.start_soon(write, "blocked", blocked, _image(2))
     assert outcome["good"] is None
-    assert isinstance(decode(good.read_bytes()), JobImage)
+    assert isinstance(decode(files.path_of(good).read_bytes()), JobImage)
     assert isinstance(outcome["blocked"], OSError)
     with pytest.raises(OSError):
-        blocked.read_bytes()
+        files.path_of(blocked).read_bytes()

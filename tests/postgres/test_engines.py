@@ -223,7 +223,9 @@ def test_a_write_waits_for_another_coordinator_then_fails_clearly(
         db.close()
 
 
-def test_a_lost_connection_fails_one_call_and_the_next_reconnects(pg_url: str) -> None:
+def test_a_lost_connection_is_opened_again_for_the_next_call(pg_url: str) -> None:
+    """The drop is seen before the next statement (or, met in flight by a read, that read is
+    run again): the call works. In a transaction: tests/postgres/test_pg_reconnect.py."""
     import psycopg
 
     ledger = Ledger(pg_url)
@@ -234,8 +236,6 @@ def test_a_lost_connection_fails_one_call_and_the_next_reconnects(pg_url: str) -
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
                 " WHERE datname = current_database() AND pid <> pg_backend_pid()"
             )
-        with pytest.raises(sqlite3.OperationalError):
-            ledger.balance(ALICE)
         assert ledger.balance(ALICE)["spark_paid"] == 2 * M  # reconnected, nothing lost
         ledger.credit_purchase(ALICE, 1)  # and writes again
         assert ledger.balance(ALICE)["spark_paid"] == 3 * M

@@ -1,0 +1,31 @@
+"""Where receipted images wait for their clients: one interface (`base.ResultStore`), one
+module per store: `folder` (the default: files in `results_dir`) and `postgres` (rows in
+the network's PostgreSQL, `result_store = "database"`; psycopg is imported only then)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sogni_coordinator.results.base import ResultKey, ResultStore, StoreError
+from sogni_coordinator.results.folder import FolderResults
+
+if TYPE_CHECKING:
+    from sogni_coordinator.config import CoordinatorConfig
+
+__all__ = ["FolderResults", "ResultKey", "ResultStore", "StoreError", "open_results"]
+
+
+def open_results(config: CoordinatorConfig) -> ResultStore:
+    """The store `config` names (blocking for "database": connects and migrates, so a bad
+    URL fails at start). `run()` it in the coordinator's nursery: it sweeps expired images
+    and closes the store when the coordinator stops."""
+    if config.result_store == "database":
+        from sogni_coordinator.results.postgres import PostgresResults
+        from sogni_coordinator.storage import location
+
+        store = PostgresResults(location(config.database), retention=config.result_retention)
+        store.open()
+        return store
+    return FolderResults(
+        config.results_dir or config.data_dir / "results", retention=config.result_retention
+    )

@@ -1,0 +1,180 @@
+"""Images as files: `<root>/<request id>/<index>-<offer hash prefix>.jobimage` (mode 0600).
+
+The default store (one coordinator, or several sharing a mounted folder). Each file is the
+`JobImage` frame the client will get, written under a temporary name, made durable with one
+`syncfs` for a whole group (separate fsyncs, one after another, each wait for their own
+journal commit), renamed, and each folder fsync'd once. The file is the truth: a memory copy
+is sent only while its file exists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from sogni_coordinator.results.base import DEFAULT_MEMORY, ResultKey, ResultStore
+from sogni_protocol.atomic import fsync_dir
+
+__all__ = ["SUFFIX", "FolderResults"]
+
+SUFFIX = ".jobimage"
+
+
+class FolderResults(ResultStore):
+    """A folder of `.jobimage` files (see the module docstring)."""
+
+    def __init__(
+        self, root: Path, memory_bytes: int = DEFAULT_MEMORY, *, retention: float | None = None
+    ) -> None:
+        super().__init__(memory_bytes=memory_bytes, retention=retention)
+        self.root = root
+
+    def folder(self, request_id: bytes) -> Path:
+        return self.root / request_id.hex()
+
+    def path(self, request_id: bytes, index: int, offer_hash: bytes) -> Path:
+        return self.folder(request_id) / f"{index:04d}-{offer_hash.hex()[:16]}{SUFFIX}"
+
+    def path_of(self, key: ResultKey) -> Path:
+        return self.path(*key)
+
+    def _in_memory_valid(self, key: ResultKey) -> bool:
+        return self.path_of(key).exists()  # deleted (acknowledged elsewhere, lost): not sent
+
+    def _write_many(self, items: list[tuple[ResultKey, bytes]]) -> dict[ResultKey, OSError]:
+        by_path = {self.path_of(key): key for key, _ in items}
+        failed = _write_files([(self.path_of(key), data) for key, data in items])
+        return {by_path[path]: exc for path, exc in failed.items()}
+
+    def _read(self, key: ResultKey) -> bytes | None:
+        try:
+            return self.path_of(key).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def _delete(self, keys: list[ResultKey]) -> None:
+        self._unlink(self.path_of(k) for k in keys)
+
+    @staticmethod
+    def _unlink(paths: Iterable[Path]) -> None:
+        """Delete files, and their folders once empty."""
+        folders = set()
+        for path in paths:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            folders.add(path.parent)
+        for folder in folders:
+            with contextlib.suppress(OSError):  # not empty, or already gone
+                folder.rmdir()
+
+    def _files(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        return [
+            p
+            for folder in self.root.iterdir()
+            if folder.is_dir()
+            for p in folder.iterdir()
+            if p.suffix == SUFFIX or (p.name.startswith(".") and p.name.endswith(".tmp"))
+        ]
+
+    def _delete_older(self, max_age: float) -> int:
+        cutoff = time.time() - max_age
+        old = []
+        for p in self._files():
+            if p.suffix != SUFFIX:  # a write under way (maybe another coordinator's)
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if p.stat().st_mtime < cutoff:
+                    old.append(p)
+        self._unlink(old)
+        return len(old)
+
+    def prune(self, keep: set[ResultKey]) -> int:
+        """At start: delete image files the store does not list as pending (acked before a
+        crash, or written for a receipt that never committed) and interrupted writes.
+        Other files (images saved by older releases) are left alone. Returns the count."""
+        paths = {self.path_of(k) for k in keep}
+        stale = [p for p in self._files() if p not in paths]
+        with self._lock:
+            for key in [k for k in self._memory if self.path_of(k) not in paths]:
+                self._forget(key)
+        self._unlink(stale)
+        return len(stale)
+
+
+def _write_files(items: list[tuple[Path, bytes]]) -> dict[Path, OSError]:
+    """Each file written to a temporary name, all made durable at once (one `syncfs` of the
+    results file system where Linux has it), renamed (mode 0600), then each folder fsync'd
+    once (a worker thread); the files that failed, with their error."""
+    errors: dict[Path, OSError] = {}
+    written: list[tuple[Path, str]] = []
+    one_sync = _SYNCFS is not None and len(items) > 1
+    for path, data in items:
+        tmp: str | None = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.fchmod(fd, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                if not one_sync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            written.append((path, tmp))
+        except OSError as exc:
+            errors[path] = exc
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+    if one_sync and written:
+        try:
+            _syncfs(written[0][0].parent)
+        except OSError as exc:
+            for path, tmp in written:
+                errors[path] = exc
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+            return errors
+    folders: set[Path] = set()
+    for path, tmp in written:
+        try:
+            os.replace(tmp, path)
+            folders.add(path.parent)
+        except OSError as exc:
+            errors[path] = exc
+    for folder in folders:
+        fsync_dir(folder)
+    return errors
+
+
+def _find_syncfs() -> Callable[[int], int] | None:
+    if sys.platform != "linux":
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn: Callable[[int], int] = libc.syncfs
+    except (OSError, AttributeError):
+        return None
+    return fn
+
+
+_SYNCFS = _find_syncfs()
+
+
+def _syncfs(folder: Path) -> None:
+    """Flush the file system holding `folder` to disk; raises `OSError` on a write error."""
+    assert _SYNCFS is not None
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if _SYNCFS(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    finally:
+        os.close(fd)
