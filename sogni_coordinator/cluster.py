@@ -94,6 +94,8 @@ CANCEL_READ_EVERY = 0.5
 at most this often (a NOTIFY missed costs at most this much more rendering)."""
 CANCEL_KEEP = 24 * 3600.0
 """Seconds a cancel row is kept (every job of its request ended long before)."""
+CANCEL_PRUNE_EVERY = 60.0
+"""Each coordinator deletes cancel rows older than `CANCEL_KEEP` this often."""
 HOLD_UNPLACED = 10.0
 """Seconds a leased job may wait here for a node before it goes back to the shared queue."""
 DEAD_GRACE = 5.0
@@ -226,6 +228,7 @@ class Cluster:
         self._looped_at = time.monotonic()
         """When the lease loop last went round (at least every second): a watchdog reads it."""
         self._cancels_read = 0.0
+        self._pruned_at = 0.0
         self._cancels_seen: set[bytes] = set()
         """Other coordinators' requests whose cancel this one applied already."""
         self.network_models: frozenset[str] = frozenset()
@@ -996,11 +999,18 @@ class Cluster:
         self.network_models = frozenset(models) | mine
 
     async def _adopt_orphans(self) -> None:
+        prune = time.monotonic() - self._pruned_at > CANCEL_PRUNE_EVERY
+        if prune:
+            self._pruned_at = time.monotonic()
+
         def beat_and_take() -> list[bytes]:
             self._conn.execute(_HEARTBEAT, (self.me,))
-            self._conn.execute(
-                f"DELETE FROM cluster_cancels WHERE cancelled_at < {_NOW} - %s", (CANCEL_KEEP,)
-            )
+            if prune:  # now(), not clock_timestamp(): stable, so the index serves the range
+                self._conn.execute(
+                    "DELETE FROM cluster_cancels"
+                    " WHERE cancelled_at < extract(epoch FROM now())::float8 - %s",
+                    (CANCEL_KEEP,),
+                )
             rows = self._conn.execute(
                 _ORPHANS, {"me": self.me, "after": self.orphan_after}
             ).fetchall()

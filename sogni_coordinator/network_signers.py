@@ -3,7 +3,8 @@
 `sogni-coordinator network signers sign` writes the operator-signed set of a network's
 coordinator offer keys (`sogni_protocol.signer_set`) from the operator's keystore;
 `... show` prints and checks one. Every coordinator of the network serves the file at
-`GET /v1/network/signers` (`signer_set_routes`), so nodes and operators can fetch the
+`GET /v1/network/signers` (`signer_set_routes`) and in the libp2p `Welcome` to nodes that
+read it (`WelcomeSet`), so nodes and operators can fetch the
 current set from any of them; a node accepts it only if its configured operator signed it.
 """
 
@@ -20,9 +21,11 @@ from sogni_coordinator.config import load_coordinator_config
 from sogni_protocol.atomic import atomic_write_bytes
 from sogni_protocol.cli_errors import Refused, register
 from sogni_protocol.eip712 import Domain
+from sogni_protocol.logs import get_logger
 from sogni_protocol.signer_set import (
     MAX_FILE_BYTES,
     NetworkSignerSet,
+    SignedSignerSet,
     SignerSetError,
     check_signer_set,
     decode_signer_set,
@@ -34,7 +37,9 @@ from sogni_wallet.keystore import unlock_wallet
 if TYPE_CHECKING:
     from starlette.routing import BaseRoute
 
-__all__ = ["SIGNER_SET_FILE", "app", "signer_set_routes"]
+__all__ = ["SIGNER_SET_FILE", "WelcomeSet", "app", "signer_set_routes"]
+
+log = get_logger(__name__)
 
 SIGNER_SET_FILE = "network_signers.json"
 """Where a coordinator keeps the set it serves, in its `data_dir`."""
@@ -119,6 +124,34 @@ def _summary(signed: object) -> dict[str, object]:
     data = to_builtins(signed)
     assert isinstance(data, dict)
     return data
+
+
+class WelcomeSet:
+    """The set this coordinator puts in each `Welcome` (its `data_dir/network_signers.json`,
+    as served over HTTP): read again when the file changes (an operator replaces it while the
+    coordinator runs), None while there is none or it does not decode (one log line per
+    change). Not checked against an operator here: the node does that."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._seen: tuple[int, int] | None = None
+        self._set: SignedSignerSet | None = None
+
+    def get(self) -> SignedSignerSet | None:
+        """Blocking (a stat, a read when it changed): call it off the trio thread."""
+        try:
+            st = self.path.stat()
+            stamp = (st.st_mtime_ns, st.st_size)
+            if stamp != self._seen:
+                with self.path.open("rb") as f:
+                    data = f.read(MAX_FILE_BYTES + 1)
+                self._seen, self._set = stamp, None
+                self._set = decode_signer_set(data)
+        except FileNotFoundError:
+            self._seen = self._set = None
+        except (OSError, SignerSetError) as exc:
+            log.error("signer_set_not_served", path=str(self.path), error=str(exc)[:200])
+        return self._set
 
 
 def signer_set_routes(path: Path | None) -> list[BaseRoute]:

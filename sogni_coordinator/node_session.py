@@ -22,21 +22,25 @@ or the coordinator is shutting down.
 
 Backpressure: the outbox is bounded (`outbox_size`; the writer takes up to `_WRITE_BATCH`
 more off it for one stream write). Offers need credit, so at most `slots + 1` are
-outstanding; cancels are at most two per job held; so a full outbox means the node has
+outstanding; cancels are at most two per job held; acks one (the reader waits for each to be
+written, `_AckLane`: it rides with the next offer); so a full outbox means the node has
 stopped reading. Then the dispatcher's non-blocking send fails: an offer is not made (the job
 stays queued and the node's credit drops to zero), a cancel is not queued (the node is
 past saving: its writer times out within 30 s and its jobs are re-queued). A `ResultAck` is
-never dropped: the reader writes it to the stream itself (the channel serialises frames) and
-reads nothing more from that node until it is written, so a node that does not read its
-acks stops being read, and the write's timeout ends the session.
+never dropped: the reader queues it (waiting for room) and reads nothing more from that node
+until the writer has written it, so a node that does not read its acks stops being read,
+and the write's timeout ends the session.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 
 from sogni_coordinator.db import DatabaseBusy
@@ -51,6 +55,7 @@ from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT, RESULT_FRAME_LIMIT, unsupported_version
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
+    SIGNER_SET_FEATURE,
     CapabilitiesUpdate,
     ChallengeAnswer,
     ChallengeRefused,
@@ -67,6 +72,7 @@ from sogni_protocol.messages import (
     Result,
     ResultAck,
     SignedKeyRotation,
+    SignedSignerSet,
     StepVerified,
     UnsupportedWireVersion,
     VerifyDecode,
@@ -74,6 +80,9 @@ from sogni_protocol.messages import (
     VerifyStep,
     Welcome,
 )
+
+if TYPE_CHECKING:
+    from sogni_coordinator.network_signers import WelcomeSet
 
 log = get_logger(__name__)
 
@@ -123,9 +132,11 @@ async def serve_node(
     heartbeat_interval: float,
     heartbeat_timeout: float,
     rotations: Sequence[SignedKeyRotation] = (),
+    signer_set: WelcomeSet | None = None,
 ) -> None:
     """Serve one node's stream. `rotations`: the checked chain of offer-key rotations that
-    ends at this coordinator's key (`key_rotation.chain_for`), sent in the `Welcome`."""
+    ends at this coordinator's key (`key_rotation.chain_for`), sent in the `Welcome`, with
+    the network's `signer_set` for a node that reads it (`SIGNER_SET_FEATURE`)."""
     peer = channel.remote_peer_id
     try:
         first = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=10.0)
@@ -150,6 +161,9 @@ async def serve_node(
         return
 
     caps = hello.capabilities
+    served: SignedSignerSet | msgspec.UnsetType = msgspec.UNSET  # an older node refuses it
+    if signer_set is not None and SIGNER_SET_FEATURE in caps.version.split():
+        served = await trio.to_thread.run_sync(signer_set.get) or msgspec.UNSET
     reason = "stream closed"
     ended_here = False  # the coordinator ends it for its own reason: tell the node (Goodbye)
     try:
@@ -160,6 +174,7 @@ async def serve_node(
                 verifying_contract=dispatcher.domain.verifying_contract,
                 heartbeat_interval=heartbeat_interval,
                 rotations=list(rotations),
+                signer_set=served,
             )
         )
         log.info(
@@ -185,9 +200,13 @@ async def serve_node(
                     ended_here = isinstance(exc, ProtocolError | ReadTimeout)
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(guarded, lambda: _writer(channel, out_recv, heartbeat_interval))
+            # a stand-in channel (tests) without batched writes: acks written by the reader
+            lane = _AckLane(out_send) if hasattr(channel, "send_many") else None
             nursery.start_soon(
-                guarded, lambda: _reader(channel, link, dispatcher, heartbeat_timeout)
+                guarded, lambda: _writer(channel, out_recv, heartbeat_interval, lane)
+            )
+            nursery.start_soon(
+                guarded, lambda: _reader(channel, link, dispatcher, heartbeat_timeout, lane)
             )
     except (TransportError, ProtocolError) as exc:
         reason = f"{type(exc).__name__}: {exc}"
@@ -234,33 +253,78 @@ def _limit(msg: Message) -> int:
     return RESULT_FRAME_LIMIT if large else CONTROL_FRAME_LIMIT
 
 
+class _AckLane:
+    """Acks through the outbox, so the offer its credit brings rides in the same write.
+
+    The reader gives the credit back, queues the ack and waits until the writer has written
+    it (reading nothing more from the node meanwhile: the backpressure of the module
+    docstring). The writer, finding an ack, lets the match that the credit woke run once
+    before it takes what is queued: ack and next offer leave in one stream write (one yamux
+    frame and Noise record), where the ack used to be a write of its own."""
+
+    def __init__(self, outbox: trio.MemorySendChannel[Message]) -> None:
+        self.outbox = outbox
+        self._waiting: deque[trio.Event] = deque()
+
+    async def send(self, channel: Channel, ack: ResultAck) -> None:
+        written = trio.Event()
+        self._waiting.append(written)
+        try:
+            await self.outbox.send(ack)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._waiting.remove(written)  # the node was replaced: its writer is ending
+            await channel.send(ack, timeout=ACK_TIMEOUT)
+            return
+        await written.wait()
+
+    def written(self, batch: Sequence[tuple[Message, int]]) -> None:
+        for msg, _ in batch:
+            if isinstance(msg, ResultAck) and self._waiting:
+                self._waiting.popleft().set()
+
+
 async def _writer(
-    channel: Channel, outbox: trio.MemoryReceiveChannel[Message], interval: float
+    channel: Channel,
+    outbox: trio.MemoryReceiveChannel[Message],
+    interval: float,
+    lane: _AckLane | None = None,
 ) -> str:
     seq = 0
     # A stand-in channel (tests) writes one frame at a time: batching would only take
     # messages off the bounded outbox early.
     batching = hasattr(channel, "send_many")
     while True:
+        msg: Message | None = None
         with trio.move_on_after(interval):
             try:
                 msg = await outbox.receive()
             except trio.EndOfChannel:
                 return "node replaced or removed"
-            batch = [(msg, _limit(msg))]  # everything queued now leaves in one write
-            while batching and len(batch) < _WRITE_BATCH:
-                try:
-                    more = outbox.receive_nowait()
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
-                batch.append((more, _limit(more)))
-            await send_all(channel, batch, timeout=30.0)
+        if msg is None:  # nothing to send for `interval`
+            seq += 1
+            await channel.send(Heartbeat(seq=seq), timeout=interval * 3)
             continue
-        seq += 1
-        await channel.send(Heartbeat(seq=seq), timeout=interval * 3)
+        if batching and isinstance(msg, ResultAck):
+            await trio.sleep(0)  # the match its credit woke queues the next offer behind it
+        batch = [(msg, _limit(msg))]  # everything queued now leaves in one write
+        while batching and len(batch) < _WRITE_BATCH:
+            try:
+                more = outbox.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            batch.append((more, _limit(more)))
+        await send_all(channel, batch, timeout=ACK_TIMEOUT)
+        if lane is not None:
+            lane.written(batch)
 
 
-async def _reader(channel: Channel, link: NodeLink, dispatcher: Dispatcher, timeout: float) -> str:
+async def _reader(
+    channel: Channel,
+    link: NodeLink,
+    dispatcher: Dispatcher,
+    timeout: float,
+    lane: _AckLane | None = None,
+) -> str:
     while True:
         msg = await channel.receive(limit=RESULT_FRAME_LIMIT, timeout=timeout)
         if isinstance(msg, Ready):
@@ -268,7 +332,7 @@ async def _reader(channel: Channel, link: NodeLink, dispatcher: Dispatcher, time
         elif isinstance(msg, Progress):
             dispatcher.progress(link, msg.job_id, msg.step)
         elif isinstance(msg, Result):
-            await _on_result(channel, link, dispatcher, msg)
+            await _on_result(channel, link, dispatcher, msg, lane)
         elif isinstance(msg, OfferDeclined):
             log.info("offer_declined", peer=link.peer_id, reason=msg.reason)
             dispatcher.offer_declined(link, msg.job_id, msg.reason)
@@ -330,7 +394,13 @@ def _storage_failed(
     return ResultAck(job_id=msg.job_id, accepted=False, reason=reason[:512])
 
 
-async def _on_result(channel: Channel, link: NodeLink, dispatcher: Dispatcher, msg: Result) -> None:
+async def _on_result(
+    channel: Channel,
+    link: NodeLink,
+    dispatcher: Dispatcher,
+    msg: Result,
+    lane: _AckLane | None = None,
+) -> None:
     try:
         await dispatcher.accept_result(link, msg)
     except ResultRefused as exc:
@@ -341,6 +411,11 @@ async def _on_result(channel: Channel, link: NodeLink, dispatcher: Dispatcher, m
     else:
         ack = ResultAck(job_id=msg.job_id, accepted=True)
     crashpoint("coordinator_before_ack")
+    if lane is not None:  # the result gave its credit back (no Ready needed): the next
+        dispatcher.result_acked(link)  # offer leaves with the ack
+        await lane.send(channel, ack)  # backpressure: see the module docstring
+        crashpoint("coordinator_after_ack")
+        return
     await channel.send(ack, timeout=ACK_TIMEOUT)  # backpressure: see the module docstring
     crashpoint("coordinator_after_ack")
     dispatcher.result_acked(link)  # the result gave its credit back: no Ready needed

@@ -54,7 +54,14 @@ from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import CAPABILITIES_TOPIC
 from sogni_protocol.logs import get_logger
-from sogni_protocol.messages import Capabilities, NodeHello, RenderMeta, Result, encode
+from sogni_protocol.messages import (
+    SIGNER_SET_FEATURE,
+    Capabilities,
+    NodeHello,
+    RenderMeta,
+    Result,
+    encode,
+)
 from sogni_wallet.keystore import Wallet, unlock_wallet
 
 if TYPE_CHECKING:
@@ -87,11 +94,14 @@ def capabilities(
     speed: float = 0.0,
     machine_id: str = "",
     payout: str | None = None,
+    version: str = "",
 ) -> Capabilities:
     """This node's advert; `payout` (its payout account, None: its wallet) tells the
-    coordinator where work it verifies is paid and whom it may not verify for."""
+    coordinator where work it verifies is paid and whom it may not verify for; `version`
+    names `SIGNER_SET_FEATURE` when the node reads a signer set in the `Welcome`."""
     return Capabilities(
         peer_id=peer_id,
+        version=version,
         wallet=wallet,
         expiry=int(time.time()) + ADVERT_TTL,
         models=models,
@@ -104,6 +114,7 @@ def capabilities(
         loras=worker.lora_ids(),
         machine_id=machine_id,
         payout=payout,
+        mode=getattr(backend, "dtype_name", ""),  # same-path re-checks (docs/VERIFICATION.md)
     )
 
 
@@ -186,6 +197,7 @@ async def run_node(
                     speed,
                     machine_id,
                     identity.payout,
+                    SIGNER_SET_FEATURE if identity.network is not None else "",
                 )
 
             def announce() -> None:

@@ -327,6 +327,8 @@ class PullSession:
         configured = self.id.trusted
         network: frozenset[str] = frozenset()
         if self.id.network is not None:  # re-read each connect: the operator adds coordinators
+            if welcome.signer_set is not msgspec.UNSET:  # checked as any copy; kept if newer
+                await _off_loop(self.id.network.take, welcome.signer_set, f"welcome from {key}")
             network = await _off_loop(self.id.network.current)
         trusted = configured | network
         if key.lower() not in trusted:  # the trust file is read only when it matters

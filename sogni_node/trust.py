@@ -165,13 +165,19 @@ class NetworkSigners:
     def offer(self, data: bytes, origin: str) -> SignedSignerSet | None:
         """Take a candidate set's bytes from `origin` (a file, a coordinator): kept if it is
         valid and newer than the held one. Returns the set now held (None: none)."""
+        try:
+            candidate = decode_signer_set(data)
+        except SignerSetError as exc:
+            log.error("signer_set_refused", origin=origin, reason=str(exc))
+            with _lock:
+                return self._held()
+        return self.take(candidate, origin)
+
+    def take(self, candidate: SignedSignerSet, origin: str) -> SignedSignerSet | None:
+        """`offer` for a decoded set (a coordinator's `Welcome` carries one): checked, kept
+        if newer; a refused or older one is one log line. Returns the set now held."""
         with _lock:
             held = self._held()
-            try:
-                candidate = decode_signer_set(data)
-            except SignerSetError as exc:
-                log.error("signer_set_refused", origin=origin, reason=str(exc))
-                return held
             fault = check_signer_set(self.domain, candidate, self.operators, self.network_id)
             if fault is not None:
                 log.error("signer_set_refused", origin=origin, reason=fault)

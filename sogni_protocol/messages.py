@@ -168,6 +168,11 @@ class Capabilities(_Record, kw_only=True):
     """Where this node's rewards go (`payout_address`; None: its wallet): work it verifies for
     others is paid there too, and a verifier is never one paid to the same account as the
     worker it checks."""
+    mode: ShortText = ""
+    """The numeric mode it renders and re-checks in (its backend's `dtype_name`, what its
+    receipts declare; a reduced-precision mode names its code path, `bfloat16@cpu-...`): a
+    render in a path-bound mode is re-checked only by a node advertising the same mode;
+    empty: not said (an older node)."""
 
 
 class RenderMeta(_Record, kw_only=True):
@@ -402,6 +407,35 @@ class SignedKeyRotation(_Record, kw_only=True):
     """By `rotation.old_key`, over the EIP-712 `KeyRotation` under the coordinator's domain."""
 
 
+MAX_SET_SIGNERS = 256
+"""Coordinators one network signer set names (`sogni_protocol.signer_set`)."""
+HexSignature = Annotated[str, Meta(pattern="^0x[0-9a-fA-F]{130}$")]
+
+
+class NetworkSignerSet(_Record, kw_only=True):
+    """The offer keys of one network's coordinators, as its operator signs them (EIP-712
+    `NetworkSignerSet`; the rules and the file: `sogni_protocol.signer_set`)."""
+
+    network_id: NetworkId
+    serial: Annotated[int, Meta(ge=1, le=2**63 - 1)]
+    """Raised by one for each new set; the highest accepted wins."""
+    signers: Annotated[list[Address], Meta(min_length=1, max_length=MAX_SET_SIGNERS)]
+    issued_at: Annotated[int, Meta(ge=0, le=2**63 - 1)]
+
+
+class SignedSignerSet(_Record, kw_only=True):
+    set: NetworkSignerSet
+    operator: Address
+    """Who signed it (checked against the recovered signer and the configured operators)."""
+    signature: HexSignature
+
+
+SIGNER_SET_FEATURE = "+signer-set"
+"""A word in a node's `Capabilities.version`: it reads `Welcome.signer_set`. A coordinator
+sends the set only to such nodes, so a node that predates the field (it would refuse the
+unknown field) is welcomed as before."""
+
+
 class Welcome(_Message, tag="welcome", kw_only=True):
     """Coordinator's answer: its offer-signing address and the EIP-712 domain for receipts."""
 
@@ -413,6 +447,12 @@ class Welcome(_Message, tag="welcome", kw_only=True):
     """The chain of key rotations from an older offer key to `coordinator`, oldest first: a
     node that trusts any key on it trusts `coordinator` too (each link signed by the key it
     replaces)."""
+    signer_set: SignedSignerSet | msgspec.UnsetType = msgspec.UNSET
+    """The network's operator-signed signer set this coordinator serves (its
+    `network_signers.json`), sent only to a node whose `Capabilities.version` names
+    `SIGNER_SET_FEATURE`; left out of the frame when unset, so a `Welcome` without it is
+    the same bytes as before the field existed. The node checks it as any other copy
+    (`sogni_node.trust.NetworkSigners`: operator's signature, serial only goes up)."""
 
 
 class CapabilitiesUpdate(_Message, tag="capabilitiesUpdate", kw_only=True):

@@ -17,21 +17,22 @@ Rules a checker applies (`check_signer_set`):
   one already held stays.
 
 The file is JSON (`encode_signer_set`), written by `sogni-coordinator network signers sign`
-and served by coordinators at `GET /v1/network/signers`.
+and served by coordinators at `GET /v1/network/signers` and in the libp2p `Welcome`
+(`messages.Welcome.signer_set`, to nodes that say they read it).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Any
 
 import msgspec
 from eth_account import Account
 from eth_account.messages import encode_typed_data
 from eth_utils import to_checksum_address
-from msgspec import Meta
 
 from sogni_protocol.eip712 import DOMAIN_VERSION, Domain, same_address
-from sogni_protocol.messages import Address, NetworkId
+from sogni_protocol.messages import MAX_SET_SIGNERS as MAX_SIGNERS
+from sogni_protocol.messages import NetworkSignerSet, SignedSignerSet
 
 __all__ = [
     "MAX_FILE_BYTES",
@@ -47,14 +48,8 @@ __all__ = [
     "signer_set_document",
 ]
 
-MAX_SIGNERS = 256
-"""Coordinators one set names: far above any network's coordinator count."""
 MAX_FILE_BYTES = 64 * 1024
 """A set of `MAX_SIGNERS` is about 12 KiB of JSON."""
-
-HexSignature = Annotated[str, Meta(pattern="^0x[0-9a-fA-F]{130}$")]
-Serial = Annotated[int, Meta(ge=1, le=2**63 - 1)]
-Seconds = Annotated[int, Meta(ge=0, le=2**63 - 1)]
 
 _TYPES = {
     "EIP712Domain": [
@@ -76,19 +71,7 @@ class SignerSetError(ValueError):
     """A signer-set file that cannot be read or decoded (one line, names the problem)."""
 
 
-class NetworkSignerSet(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fields=True):
-    network_id: NetworkId
-    serial: Serial
-    """Raised by one for each new set; the highest accepted wins."""
-    signers: Annotated[list[Address], Meta(min_length=1, max_length=MAX_SIGNERS)]
-    issued_at: Seconds
-
-
-class SignedSignerSet(msgspec.Struct, kw_only=True, rename="camel", forbid_unknown_fields=True):
-    set: NetworkSignerSet
-    operator: Address
-    """Who signed it (checked against the recovered signer and the configured operators)."""
-    signature: HexSignature
+# The set's structs live in `messages` (a `Welcome` carries one) and are re-exported here.
 
 
 def signer_set_document(domain: Domain, signer_set: NetworkSignerSet) -> dict[str, Any]:
