@@ -34,7 +34,9 @@ Run: ``.venv/bin/python -m bench tolerance`` (writes its section of BENCHMARKS.m
 minutes here, 1 with --quick) or ``.venv/bin/python -m bench.trajectory_tolerance [--quick]``
 (prints only). After a change to the tables only: ``.venv/bin/python -m
 bench.trajectory_tolerance --from-json /tmp/trajectory_tolerance-<time>.json`` re-renders its
-section of BENCHMARKS.md from a run's raw results (no measuring; other sections untouched).
+section of BENCHMARKS.md from a run's raw results (no measuring; other sections untouched);
+``--extend-json RAW`` also measures the providers the run lacks (e.g. one added since) and
+recomputes the tolerances with today's rules (bf16 path-bound: `PATH_BOUND`).
 """
 
 from __future__ import annotations
@@ -68,6 +70,13 @@ SIZE = 64
 SCHEDULER_NAMES = ("euler", "euler_a", "ddim", "dpmpp_2m_karras", "lcm")
 SAFETY = 10.0
 """Proposed tolerance = SAFETY x the largest honest distance of the calibration set."""
+PATH_BOUND = ("bf16",)
+"""Modes checked only by a verifier on the provider's own CPU code path (the node declares
+`bfloat16@<compute_path>`): their matched tolerance comes from the providers on the
+verifier's path alone; the other paths' distances are shown, never checked against it."""
+PATH_FLOOR = 5e-5
+"""Least tolerance of a path-bound mode: the float32 one. Same-path bf16 measured exactly 0
+(threads, batches), and an all-zero calibration must not reject the next rounding."""
 
 CHECKS_PER_JOB = (1, 2, 4)
 """Random steps re-run per checked job in the detection table (and all of them)."""
@@ -123,6 +132,11 @@ class Provider:
     needs: str | None = None  # a /proc/cpuinfo flag that code path needs
 
     @property
+    def other_path(self) -> bool:
+        """A path-bound mode on another code path than the verifier's: never its job."""
+        return bool(self.cpu) and self.mode.name in PATH_BOUND
+
+    @property
     def name(self) -> str:
         parts = [self.mode.name, f"{self.threads} thread{'s' if self.threads > 1 else ''}"]
         if self.batch > 1:
@@ -144,6 +158,7 @@ PROVIDERS: tuple[Provider, ...] = (
     *_variants(FP32, same=True, cpu=True),
     Provider(FP32, cpu="baseline", env=BASELINE),
     *_variants(BF16, same=True, cpu=True),
+    Provider(BF16, threads=4),
     *_variants(INT8, same=True, cpu=True),
     *_variants(Mode(quantize="int8-dynamic"), same=False, cpu=False),
     *_variants(Mode(quantize="quanto-int8"), same=False, cpu=False),
@@ -503,6 +518,111 @@ def _tolerance(honest_max: float, floor: float = 1e-7) -> float:
     return float(f"{math.ceil(round(value / 10**exponent, 9)) * 10**exponent:.1e}")
 
 
+def _other_path(name: str, row: dict[str, Any]) -> bool:
+    """A row of a path-bound mode rendered on another path (older raw results lack the key)."""
+    return bool(row.get("other_path", row["mode"] in PATH_BOUND and "CPU " in name))
+
+
+def tolerances(honest: dict[str, dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The largest calibration distances per declared mode and the tolerances they give
+    (matched and cross-mode, steps and x_0); a path-bound mode's matched ones from its
+    verifier's path alone."""
+    order = [m.name for m in _modes()]
+    modes = sorted({h["mode"] for h in honest.values()}, key=order.index)
+
+    def calib(row: dict[str, Any], kind: str, what: str) -> list[float]:
+        r, n = row[kind], row["n_cal"]
+        if what == "start":
+            return list(r["start"][:n])
+        return [d for ds in r["steps"][:n] for d in ds]
+
+    def worst(kind: str, what: str) -> dict[str, float]:
+        return {
+            m: max(
+                max(calib(row, kind, what))
+                for name, row in honest.items()
+                if row["mode"] == m and not (kind == "matched" and _other_path(name, row))
+            )
+            for m in modes
+        }
+
+    honest_max = {kind: worst(kind, "steps") for kind in ("matched", "cross")}
+    tolerance: dict[str, Any] = {
+        kind: {
+            m: _tolerance(v, PATH_FLOOR if kind == "matched" and m in PATH_BOUND else 1e-7)
+            for m, v in honest_max[kind].items()
+        }
+        for kind in ("matched", "cross")
+    }
+    for kind in ("matched", "cross"):
+        tolerance[f"{kind}_start"] = {
+            m: _tolerance(v, floor=1e-6) for m, v in worst(kind, "start").items()
+        }
+    return honest_max, tolerance
+
+
+def measure_provider(
+    p: Provider, jobs: list[Job], n_cal: int, pipe_for: Any, base: Any, fp32: Any, tmp: Path
+) -> dict[str, Any]:
+    """Render `jobs` as `p` and check every step: matched and cross-mode (float32)."""
+    if p.env:
+        trajectories = provide_in_subprocess(p, jobs, tmp)
+    else:
+        trajectories = provide(p, jobs, pipe_for(p.mode), base)
+    row: dict[str, Any] = {"mode": p.mode.name, "n_cal": n_cal, "other_path": p.other_path}
+    for kind, ver in (("matched", pipe_for(p.mode)), ("cross", fp32)):
+        if kind == "cross" and p.mode == FP32:
+            row["cross"] = row["matched"]
+            continue
+        checked = [verify(ver, j, base, t) for j, t in zip(jobs, trajectories, strict=True)]
+        row[kind] = {
+            "start": [s for s, _ in checked],
+            "steps": [ds for _, ds in checked],
+            "schedulers": [j.scheduler for j in jobs],
+        }
+    return row
+
+
+def extend(raw: Path) -> Path:
+    """Add to a full run's raw results the providers of `PROVIDERS` it lacks (measured now,
+    6 calibration and 7 held-out renders each, other prompts and seeds than the run's),
+    recompute the tolerances with today's rules and re-render the BENCHMARKS.md section.
+    Why: a full run is 15-40 minutes on a shared 2-core machine; this re-uses its numbers
+    for everything it measured. Writes the extended raw results beside the input."""
+    m = json.loads(raw.read_text())
+    rng = random.Random(f"extend-{raw.name}")
+    pipes: dict[Mode, Any] = {FP32: load_pipe(shapes_path())}
+    base = dict(pipes[FP32].scheduler.config)
+
+    def pipe_for(mode: Mode) -> Any:
+        if mode not in pipes:
+            pipes[mode] = load_pipe(shapes_path(), mode)
+        return pipes[mode]
+
+    with tempfile.TemporaryDirectory(prefix="tolerance-") as tmp:
+        for p in PROVIDERS:
+            if p.name in m["honest"] or p.name in m["skipped"] or unavailable(p):
+                continue
+            n_cal = m["settings"]["calibration_renders"]
+            jobs = make_jobs(n_cal + 7, rng)
+            m["honest"][p.name] = measure_provider(
+                p, jobs, n_cal, pipe_for, base, pipes[FP32], Path(tmp)
+            )
+            m["providers"].append(p.name)
+            m.setdefault("extended", []).append(p.name)
+            print(f"tolerance: added {p.name}", file=sys.stderr)
+    for name, row in m["honest"].items():
+        row["other_path"] = _other_path(name, row)
+    from sogni_node.hardware import compute_path
+
+    m["compute_path"] = compute_path("cpu")
+    m["honest_max"], m["tolerance"] = tolerances(m["honest"])
+    out = raw.with_name(raw.stem + "-extended.json")
+    out.write_text(json.dumps(m, indent=1, default=float))
+    print(f"tolerance: extended raw results in {out}", file=sys.stderr)
+    return rewrite_section(out)
+
+
 def measure(settings: Settings) -> dict[str, Any]:
     from sogni_node.models.tiny import ensure_tiny_model
 
@@ -521,29 +641,17 @@ def measure(settings: Settings) -> dict[str, Any]:
     calibration = {p.name: make_jobs(settings.calibration_renders, rng) for p in providers}
     heldout_jobs = make_jobs(math.ceil(settings.honest_checks / STEPS), rng)
     held: dict[str, list[Job]] = {p.name: [] for p in providers}
+    checked = [p for p in providers if not p.other_path]  # held-out: what is checked
     for i, job in enumerate(heldout_jobs):
-        held[providers[i % len(providers)].name].append(job)
+        held[checked[i % len(checked)].name].append(job)
 
     honest: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="tolerance-") as tmp:
         for p in providers:
             started = time.perf_counter()
             jobs = calibration[p.name] + held[p.name]
-            if p.env:
-                trajectories = provide_in_subprocess(p, jobs, Path(tmp))
-            else:
-                trajectories = provide(p, jobs, pipe_for(p.mode), base)
-            row: dict[str, Any] = {"mode": p.mode.name, "n_cal": len(calibration[p.name])}
-            for kind, ver in (("matched", pipe_for(p.mode)), ("cross", pipes[FP32])):
-                if kind == "cross" and p.mode == FP32:
-                    row["cross"] = row["matched"]
-                    continue
-                checked = [verify(ver, j, base, t) for j, t in zip(jobs, trajectories, strict=True)]
-                row[kind] = {
-                    "start": [s for s, _ in checked],
-                    "steps": [ds for _, ds in checked],
-                    "schedulers": [j.scheduler for j in jobs],
-                }
+            n_cal = len(calibration[p.name])
+            row = measure_provider(p, jobs, n_cal, pipe_for, base, pipes[FP32], Path(tmp))
             honest[p.name] = row
             largest = max(max(ds) for ds in row["matched"]["steps"])
             print(
@@ -552,29 +660,7 @@ def measure(settings: Settings) -> dict[str, Any]:
                 file=sys.stderr,
             )
 
-    def calib(p: Provider, kind: str, what: str) -> list[float]:
-        r = honest[p.name][kind]
-        n = honest[p.name]["n_cal"]
-        if what == "start":
-            return list(r["start"][:n])
-        return [d for ds in r["steps"][:n] for d in ds]
-
-    modes = sorted({p.mode.name for p in providers}, key=[m.name for m in _modes()].index)
-
-    def worst(kind: str, what: str) -> dict[str, float]:
-        return {
-            m: max(max(calib(p, kind, what)) for p in providers if p.mode.name == m) for m in modes
-        }
-
-    honest_max = {kind: worst(kind, "steps") for kind in ("matched", "cross")}
-    tolerance = {
-        kind: {m: _tolerance(v) for m, v in honest_max[kind].items()}
-        for kind in ("matched", "cross")
-    }
-    for kind in ("matched", "cross"):
-        tolerance[f"{kind}_start"] = {
-            m: _tolerance(v, floor=1e-6) for m, v in worst(kind, "start").items()
-        }
+    honest_max, tolerance = tolerances(honest)
 
     # cheats, in each regime
     cheat_jobs = make_jobs(settings.cheat_jobs, rng)
@@ -605,8 +691,11 @@ def measure(settings: Settings) -> dict[str, Any]:
                 file=sys.stderr,
             )
     cost = measure_cost(pipes[FP32], base, settings.cost_runs, rng)
+    from sogni_node.hardware import compute_path
+
     return {
         "settings": settings.__dict__,
+        "compute_path": compute_path("cpu"),
         "providers": [p.name for p in providers],
         "skipped": skipped,
         "honest": honest,
@@ -692,6 +781,16 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
             else ""
         ),
         "",
+        *(
+            [
+                "Extended (`--extend-json`): measured later and added to this run's raw "
+                f"results: {', '.join(m['extended'])} (6 calibration + 7 held-out renders "
+                "each); the tolerances recomputed with the current rules.",
+                "",
+            ]
+            if m.get("extended")
+            else []
+        ),
         "### Honest distance per provider",
         "",
     ]
@@ -708,9 +807,11 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
         r_m = sum(d > t for d in held_m) + sum(x > ts for x in mt["start"][n_cal:])
         tc, tcs = tol["cross"][mode], tol["cross_start"][mode]
         r_c = sum(d > tc for d in held_c) + sum(x > tcs for x in cr["start"][n_cal:])
-        held_total += len(held_m)
-        rej_matched += r_m
-        rej_cross += r_c
+        other = h.get("other_path", False)
+        if not other:  # another path's render is never checked by this path's verifier
+            held_total += len(held_m)
+            rej_matched += r_m
+            rej_cross += r_c
         rows.append(
             (
                 name,
@@ -719,7 +820,7 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
                 _e(common.percentile(every, 99)),
                 _e(max(every)),
                 _e(max(mt["start"])),
-                f"{r_m} / {len(held_m)}",
+                "other path: never checked here" if other else f"{r_m} / {len(held_m)}",
                 _e(max(_flat(cr["steps"]))),
             )
         )
@@ -760,6 +861,13 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
         + ".",
         "",
         "### Proposed tolerance",
+        "",
+        f"Path-bound modes ({', '.join(PATH_BOUND)}): the node declares `bfloat16@<its code "
+        "path>` (`sogni_node.hardware.compute_path`) and only a verifier declaring the same "
+        "string re-runs its steps, so their matched tolerance is measured on the verifier's "
+        f"own path (here `{m.get('compute_path', '?')}`: threads, batch) and is at least "
+        f"{PATH_FLOOR:g}; renders on other paths (CPU all-AVX2) are shown above, never checked "
+        "against it. Any other (mode, path) has no tolerance: never sampled.",
         "",
     ]
     trows = []
@@ -944,6 +1052,11 @@ if __name__ == "__main__":
         type=Path,
         help="re-render the BENCHMARKS.md section from this run's raw results (no measuring)",
     )
+    parser.add_argument(
+        "--extend-json",
+        type=Path,
+        help="add the providers a run's raw results lack, then re-render the section",
+    )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--quantize", default="none", help=argparse.SUPPRESS)
@@ -952,6 +1065,8 @@ if __name__ == "__main__":
         _child(ns.child, Mode(ns.dtype, ns.quantize))
     elif ns.from_json:
         print(f"wrote {rewrite_section(ns.from_json)}")
+    elif ns.extend_json:
+        print(f"wrote {extend(ns.extend_json)}")
     else:
         cmd = "python -m bench.trajectory_tolerance" + (" --quick" if ns.quick else "")
         print(run(ns.quick, cmd))

@@ -36,7 +36,13 @@ import trio
 from PIL import Image, ImageChops, ImageStat
 
 from sogni_coordinator.jobs import NodeLink
-from sogni_coordinator.verifiers import PendingVerifications, StepVerdict, choose_verifier
+from sogni_coordinator.verifiers import (
+    PendingVerifications,
+    StepVerdict,
+    choose_verifier,
+    path_bound,
+    tolerance_for,
+)
 from sogni_protocol.errors import InvalidMessage
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
 from sogni_protocol.image_encoding import LOSSY_FORMATS, encode_rgb
@@ -104,7 +110,14 @@ these; that run proposes 3.6 / 4.7, kept at the older values (docs/VERIFICATION.
 
 
 def image_tolerance(dtype: str, output_format: str) -> float | None:
-    """The tolerance for a declared mode and output format, None if either is unmeasured."""
+    """The tolerance for a declared mode and output format, None if either is unmeasured.
+    A path-bound mode (`bfloat16@<path>`) whose steps have a tolerance takes its bare mode's:
+    that one was measured across code paths, so on one path it is a looser bound, not a
+    guess; a path without a step tolerance has none here either."""
+    if path_bound(dtype):
+        if tolerance_for(dtype) is None:
+            return None
+        dtype = dtype.split("@", 1)[0]
     if output_format == "png":
         return IMAGE_TOLERANCES.get(dtype)
     return LOSSY_TOLERANCES.get(output_format, {}).get(dtype)
@@ -236,7 +249,7 @@ async def verify_image(
         return fail(f"image: no tolerance measured for {dtype!r} {params.output_format}")
     if not any(t.name == "latents" for t in final.tensors):
         return fail("image: the final leaf carries no latent")
-    peer = choose_verifier(dispatcher.nodes, params.model_id, worker, rng)
+    peer = choose_verifier(dispatcher.nodes, params.model_id, worker, rng, dtype=dtype)
     if peer is None:
         return fail(f"no verifier: no other wallet's node serves {params.model_id}")
     try:

@@ -43,6 +43,9 @@ class NodeLink:
     payout: str | None = None
     """Its advertised payout account (`Capabilities.payout`, signed in the binding; None:
     its wallet): work it verifies is paid there, and it never verifies that account's work."""
+    mode: str = ""
+    """Its advertised numeric mode (`Capabilities.mode`; "": not said): a path-bound mode's
+    render is re-checked only by a node of the same mode (`verifiers.can_verify`)."""
     pool: dict[NodeLink, None] | None = field(default=None, repr=False)
     """The dispatcher's nodes with credit (`Dispatcher.free`): kept by `credit`'s setter."""
 

@@ -14,6 +14,8 @@ against it (docs/VERIFICATION.md):
 
 and passes the step when d is below the tolerance measured for the declared mode
 (`TOLERANCES`, BENCHMARKS.md "Trajectory commitments"); an unmeasured mode fails closed.
+A reduced-precision mode names its code path (`bfloat16@<path>`, `sogni_node.hardware.
+compute_path`): only a node advertising that very mode re-runs its steps (`choose_verifier`).
 
 The verifier learns the job's parameters, the prompt included (re-running a step needs
 them), but not the job id (`check_id` is random) nor whose job it is. The coordinator imports
@@ -61,8 +63,10 @@ __all__ = [
     "TOLERANCES",
     "PendingVerifications",
     "StepVerdict",
+    "can_verify",
     "choose_verifier",
     "normalised_distance",
+    "path_bound",
     "probe_step",
     "tolerance_for",
     "verify_step",
@@ -76,14 +80,21 @@ TOLERANCES: Mapping[str, float] = {
     "float32+quanto-int8": 4e-5,
     "float32+quanto-int4": 4e-5,
     "float32+int8-dynamic": 2e-1,
-    "bfloat16": 8e-1,
+    "bfloat16@cpu-x86_64-avx512-avx512_core_bf16-torch2.13": 5e-5,
 }
 """Declared numeric mode (`RenderMeta.dtype`, the backend's `dtype_name`) -> largest distance
 an honest step may show when the verifier runs the same mode: 10x the largest honest distance
 measured (BENCHMARKS.md, "Trajectory commitments"; 0 false rejections in 1000 held-out honest
 checks). Retrained sogni-shapes-64 (1682ff6): the full run proposes these or tighter ones
-(int8 4e-5, bfloat16 7e-1), again 0 of 1000 over. Other modes (CUDA float16, fp8, compiled
-pipelines) are not measured: they fail."""
+(int8 4e-5), again 0 of 1000 over.
+
+bfloat16 is path-bound (`path_bound`): it differs by up to 0.085 between the AVX-512-BF16 and
+AVX2 code paths but is bit-exact across thread counts (1, 2, 4) and batches on one path, so a
+bf16 node declares `bfloat16@<compute_path>` and is re-checked only on that path, with that
+path's tolerance (same-path honest max 0; the floor is float32's 5e-5). Measured on one path
+only, the AVX-512-BF16 one of this tree's machine; a bare `bfloat16` (an older node: path
+unknown), bf16 on any other path, CUDA float16, fp8 and compiled pipelines are not measured:
+never sampled, and a verdict asked for anyway fails closed."""
 
 
 SEED_TOLERANCE = 1e-6
@@ -100,6 +111,27 @@ def tolerance_for(dtype: str) -> float | None:
     return TOLERANCES.get(dtype)
 
 
+def path_bound(dtype: str) -> bool:
+    """A declared mode that names its code path (`bfloat16@cpu-...`): only a verifier on the
+    same path may re-run it, since its numbers differ between paths beyond any useful
+    tolerance."""
+    return "@" in dtype
+
+
+def can_verify(link: NodeLink, model_id: str, dtype: str | None) -> bool:
+    """`link` serves `model_id` and can re-run a render declared in `dtype` (None: any mode).
+    A path-bound mode needs a node advertising exactly that mode (`NodeLink.mode`); other
+    modes need the same mode when the node advertises one (an older node advertises none and
+    refuses a mode it does not run itself: `VerifyRefused` `mode`)."""
+    if model_id not in link.models:
+        return False
+    if dtype is None:
+        return True
+    if path_bound(dtype):
+        return link.mode == dtype
+    return link.mode in ("", dtype)
+
+
 def choose_verifier(
     nodes: Mapping[str, NodeLink],
     model_id: str,
@@ -108,9 +140,13 @@ def choose_verifier(
     exclude: Collection[str] = (),
     *,
     worker_payout: str | None = None,
+    dtype: str | None = None,
 ) -> str | None:
     """A connected node (peer id) that serves `model_id`, drawn at random, none of whose
     accounts (its wallet, its advertised payout address) is barred; None if there is none.
+    With `dtype` (the worker's declared mode) only nodes that can re-run that mode
+    (`can_verify`): for a path-bound mode, nodes declaring the very same mode and code path,
+    required as a different wallet is, never merely preferred.
 
     Barred (any case): `worker_wallet`, `worker_payout` (the worker's payout account: an
     operator's containers share one and must not vouch for each other) and `exclude`
@@ -125,7 +161,7 @@ def choose_verifier(
     candidates = sorted(
         peer
         for peer, link in nodes.items()
-        if model_id in link.models and link.accounts.isdisjoint(barred)
+        if can_verify(link, model_id, dtype) and link.accounts.isdisjoint(barred)
     )
     if not candidates:
         return None
@@ -263,11 +299,18 @@ async def verify_step(
     if bad is not None:
         return _not_verified(k, dtype, bad)
     peer = choose_verifier(
-        dispatcher.nodes, params.model_id, worker, rng, exclude, worker_payout=worker_payout
+        dispatcher.nodes,
+        params.model_id,
+        worker,
+        rng,
+        exclude,
+        worker_payout=worker_payout,
+        dtype=dtype,
     )
     if peer is None:
+        where = f" in {dtype}" if path_bound(dtype) else ""
         return _not_verified(
-            k, dtype, f"no verifier: no other wallet's node serves {params.model_id}"
+            k, dtype, f"no verifier: no other wallet's node serves {params.model_id}{where}"
         )
     return await probe_step(
         dispatcher,

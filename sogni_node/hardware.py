@@ -9,6 +9,7 @@ CPU, unified memory on Apple Silicon. torch is imported lazily: `probe` is the o
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import subprocess
@@ -18,7 +19,14 @@ from typing import Any, Literal
 
 import msgspec
 
-__all__ = ["HardwareError", "HardwareInfo", "probe", "suggest_max_pixels"]
+__all__ = [
+    "HardwareError",
+    "HardwareInfo",
+    "compute_path",
+    "cpu_flags",
+    "probe",
+    "suggest_max_pixels",
+]
 
 Device = Literal["cuda", "mps", "cpu"]
 
@@ -52,6 +60,9 @@ class HardwareInfo(msgspec.Struct, frozen=True, kw_only=True):
     cuda_device_count: int = 0
     max_pixels: int = 0
     """Suggested largest width*height per image (a heuristic; config `max_pixels` overrides)."""
+    compute_path: str = ""
+    """The code path its kernels take (`compute_path`): reduced-precision renders are checked
+    only by a verifier on the same one."""
 
 
 def suggest_max_pixels(device: Device, memory_bytes: int) -> int:
@@ -144,6 +155,74 @@ def _mps(torch: Any) -> bool:
         return False
 
 
+# --- the code path reduced-precision numbers depend on -------------------------------------
+_ONEDNN_LADDER = (  # oneDNN's x86 ISA names, lowest first, and the cpuinfo flags each needs
+    ("sse41", ("sse4_1",)),
+    ("avx", ("avx",)),
+    ("avx2", ("avx2", "fma")),
+    ("avx2_vnni", ("avx2", "fma", "avx_vnni")),
+    ("avx512_core", ("avx512f", "avx512bw", "avx512vl", "avx512dq")),
+    ("avx512_core_vnni", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni")),
+    ("avx512_core_bf16", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")),
+    ("avx512_core_amx", ("avx512f", "avx512bw", "avx512vl", "avx512dq", "amx_bf16")),
+)
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo `flags` or ARM `Features`); empty elsewhere.
+    Read once: every receipt's mode names the path."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")) and ":" in line:
+                return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def _onednn_isa(flags: frozenset[str], env: dict[str, str]) -> str:
+    """The highest oneDNN ISA this CPU has, capped by ONEDNN_MAX_CPU_ISA / DNNL_MAX_CPU_ISA
+    as oneDNN caps it (its bf16 and int8 kernels are chosen by this)."""
+    have = [name for name, needs in _ONEDNN_LADDER if all(f in flags for f in needs)]
+    cap = (env.get("ONEDNN_MAX_CPU_ISA") or env.get("DNNL_MAX_CPU_ISA") or "all").lower()
+    names = [name for name, _ in _ONEDNN_LADDER]
+    if cap in names:
+        have = [n for n in have if names.index(n) <= names.index(cap)]
+    return have[-1] if have else "none"
+
+
+def compute_path(device: str = "cpu", env: dict[str, str] | None = None) -> str:
+    """A name for the code path this process's kernels take, e.g.
+    `cpu-x86_64-avx512-avx512_core_bf16-torch2.13`: the architecture, torch's ATen CPU
+    capability (`ATEN_CPU_CAPABILITY` can lower it), oneDNN's ISA (capped by
+    `ONEDNN_MAX_CPU_ISA`) and torch's minor version.
+
+    Why: bfloat16 on the CPU is bit-exact across thread counts and batches on one code path
+    but differs by up to 0.1 (normalised step distance) between the AVX-512-BF16 and the AVX2
+    paths (docs/VERIFICATION.md), so a reduced-precision render declares its mode with this
+    path (`DiffusersBackend.dtype_name`) and only a verifier with the same string re-runs its
+    steps. Equal strings are the claim "same kernels"; they are compared, never parsed.
+    Other devices: the device kind and, for CUDA, its compute capability (unmeasured)."""
+    env = dict(os.environ) if env is None else env
+    torch = _import_torch()
+    version = ".".join(str(torch.__version__).split("+")[0].split(".")[:2]) if torch else "none"
+    if device.startswith("cuda") and torch is not None:
+        cuda = _cuda(torch)
+        cap = f"sm{cuda[2][0]}{cuda[2][1]}" if cuda else "none"
+        return f"cuda-{cap}-torch{version}"
+    if device != "cpu":
+        return f"{device}-torch{version}"
+    arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(
+        platform.machine().lower(), platform.machine().lower() or "unknown"
+    )
+    aten = "none"
+    if torch is not None:
+        with contextlib.suppress(Exception):
+            aten = str(torch.backends.cpu.get_cpu_capability()).lower()
+    flags = cpu_flags()
+    isa = _onednn_isa(flags, env) if arch == "x86_64" else ("bf16" if "bf16" in flags else "base")
+    return f"cpu-{arch}-{aten}-{isa}-torch{version}"
+
+
 def probe(device: str = "auto") -> HardwareInfo:
     """Detect the best device (`auto`: cuda, then mps, then cpu), or check the one asked for."""
     if device not in ("auto", "cuda", "mps", "cpu"):
@@ -169,6 +248,7 @@ def probe(device: str = "auto") -> HardwareInfo:
                 cuda_capability=capability,
                 cuda_device_count=count,
                 max_pixels=suggest_max_pixels("cuda", memory),
+                compute_path=compute_path("cuda"),
                 **common,
             )
     if device == "cuda":
@@ -179,6 +259,7 @@ def probe(device: str = "auto") -> HardwareInfo:
             name=cpu_name,  # the chip (e.g. "Apple M2 Pro") is the GPU
             memory_bytes=system_memory,
             max_pixels=suggest_max_pixels("mps", system_memory),
+            compute_path=compute_path("mps"),
             **common,
         )
     if device == "mps":
@@ -188,5 +269,6 @@ def probe(device: str = "auto") -> HardwareInfo:
         name=cpu_name,
         memory_bytes=system_memory,
         max_pixels=suggest_max_pixels("cpu", system_memory),
+        compute_path=compute_path("cpu"),
         **common,
     )

@@ -187,6 +187,10 @@ class DiffusersBackend:
             name += f"+{self.quantize}"
         if self.compile:
             name += "+compiled"
+        if self.dtype != torch.float32:  # reduced precision: checked on the same path only
+            from sogni_node.hardware import compute_path
+
+            name += f"@{compute_path(torch.device(self.device).type)}"
         return name
 
     @property

@@ -15,6 +15,7 @@ import pytest
 import trio
 from PIL import Image
 
+from sogni_node.hardware import compute_path
 from sogni_node.models import TINY_MODEL_ID, ModelRegistry, UnknownModelError
 from sogni_node.models.registry import SHAPES_MODEL_ID
 from sogni_node.render import (
@@ -257,4 +258,5 @@ def test_bad_options(registry: ModelRegistry) -> None:
         DiffusersBackend(registry, dtype="float8")
     with pytest.raises(ValueError, match="device"):
         DiffusersBackend(registry, device="xpu")
-    assert DiffusersBackend(registry, dtype="bf16").dtype_name == "bfloat16"
+    bf16 = DiffusersBackend(registry, dtype="bf16").dtype_name
+    assert bf16 == f"bfloat16@{compute_path('cpu')}"  # checked on the same code path only
