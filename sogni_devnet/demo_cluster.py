@@ -12,6 +12,10 @@ coordinator is SIGKILLed: its client resumes at the next coordinator with its ti
 leased jobs go back to the queue when their leases expire, and nodes deliver results kept
 for it to another coordinator.
 
+`--result-store database` keeps the result images as rows of the network's PostgreSQL
+(`result_store = "database"`) instead of one shared results folder: each coordinator gets a
+folder of its own, and the demo checks that no image file was written to any of them.
+
 Writes `<out>/receipts.jsonl` (the `make demo` line format: `sogni_app.api.save_image`) and
 the images, checks every receipt with eth-account (a standard EIP-712 library), and prints
 one summary line: images delivered, duplicates, coordinators that signed offers. Exit 0 only
@@ -49,6 +53,7 @@ __all__ = ["ClusterRun", "main", "run_cluster_demo", "verify_receipts"]
 COORDINATORS = 3
 NODES = 4
 LEASE_SECONDS = 5
+RESULT_STORES = ("folder", "database")
 """Short leases: a killed coordinator's jobs are back in the queue within seconds."""
 
 
@@ -68,11 +73,22 @@ class ClusterRun:
     charged_micro: int = 0
     quoted_micro: int = 0
     seconds: float = 0.0
+    result_store: str = "folder"
+    image_files: int = 0
+    """`.jobimage` files the coordinators wrote (none may exist with the database store)."""
+    rows_left: int = 0
+    """Result images still in the database at the end (acknowledged ones are deleted)."""
+    forwarded: dict[str, int] = field(default_factory=dict)
+    """Nodes' `forwarded_result_accepted` / `_refused` lines: results kept for the killed
+    coordinator and delivered to another (timing decides whether any is)."""
 
     @property
     def ok(self) -> bool:
         return (
-            not self.problems and self.duplicates == 0 and self.charged_micro <= self.quoted_micro
+            not self.problems
+            and self.duplicates == 0
+            and self.charged_micro <= self.quoted_micro
+            and (self.result_store != "database" or self.image_files == 0)
         )
 
 
@@ -125,6 +141,7 @@ def run_cluster_demo(
     kill_after: int = 4,
     prompt: str = "a red circle on a blue background",
     deadline: float = 150.0,
+    result_store: str = "folder",
 ) -> ClusterRun:
     """Start everything, render, kill, collect, verify; stop everything. Raises on a failure
     to start (naming the log to read)."""
@@ -140,11 +157,16 @@ def run_cluster_demo(
     (out / "receipts.jsonl").unlink(missing_ok=True)
     work = Path(tempfile.mkdtemp(prefix="sogni-cluster-"))
     cache = Path(os.environ.get("SOGNI_CACHE", ".cache")).resolve()
-    run = ClusterRun()
+    if result_store not in RESULT_STORES:
+        raise ValueError(f"result store {result_store!r}: choose one of {', '.join(RESULT_STORES)}")
+    run = ClusterRun(result_store=result_store)
     from sogni_app.api import quiet_unconfigured_logging
 
     quiet_unconfigured_logging()  # the launcher's own lines only (keystores, the host)
-    print(f"starting PostgreSQL, {COORDINATORS} coordinators, {NODES} nodes (logs in {work}/logs)")
+    print(
+        f"starting PostgreSQL, {COORDINATORS} coordinators ({result_store} result store), "
+        f"{NODES} nodes (logs in {work}/logs)"
+    )
     pg = start_cluster(owner_pid=os.getpid())  # its own temp folder (postgres must reach it)
     procs: list[Proc] = []
     try:
@@ -173,7 +195,11 @@ def run_cluster_demo(
                 "SOGNI_COORDINATOR_DATA_DIR": str(cdir),
                 "SOGNI_COORDINATOR_LISTEN": f"/ip4/127.0.0.1/tcp/{ports[i]}",
                 "SOGNI_COORDINATOR_DATABASE": url,
-                "SOGNI_COORDINATOR_RESULTS_DIR": str(shared / "results"),
+                # one folder for the network, or one each beside the images in the database
+                "SOGNI_COORDINATOR_RESULTS_DIR": str(
+                    shared / "results" if result_store == "folder" else cdir / "results"
+                ),
+                "SOGNI_COORDINATOR_RESULT_STORE": result_store,
                 "SOGNI_COORDINATOR_RESULT_URL_KEY_FILE": str(shared / "result-url.key"),
                 "SOGNI_COORDINATOR_NETWORK_SIGNERS": ",".join(keys),
                 "SOGNI_COORDINATOR_LEASE_SECONDS": str(LEASE_SECONDS),
@@ -284,6 +310,10 @@ def run_cluster_demo(
             run.charged_micro = before - _spendable(ledger, payer.address)
         finally:
             ledger.close()
+        run.image_files = sum(1 for _ in work.rglob("*.jobimage"))
+        run.forwarded = _forwarded(work / "logs")
+        if result_store == "database":
+            run.rows_left = _db_count(url, "result_images")
     finally:
         for proc in reversed(procs):
             proc.stop()
@@ -294,6 +324,25 @@ def run_cluster_demo(
 def _spendable(ledger: Any, payer: str) -> int:
     """Paid Spark the payer still has, held reservations included (not yet spent)."""
     return int(ledger.balance(payer)["spark_paid"] + ledger.reserved_for(payer)["spark_paid"])
+
+
+def _forwarded(logs: Path) -> dict[str, int]:
+    """Count the nodes' forwarding outcomes in their JSON log lines."""
+    counts = {"accepted": 0, "refused": 0}
+    for log_file in logs.glob("node*.log"):
+        for line in log_file.read_text(errors="replace").splitlines():
+            for outcome in counts:
+                if f'"forwarded_result_{outcome}"' in line:
+                    counts[outcome] += 1
+    return counts
+
+
+def _db_count(url: str, table: str) -> int:
+    import psycopg
+
+    with psycopg.connect(url) as conn:
+        row = conn.execute(f"SELECT count(*) FROM {table}").fetchone()  # a fixed name
+    return int(row[0]) if row else 0
 
 
 def _db_duplicates(url: str) -> int:
@@ -313,12 +362,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--deadline", type=float, default=150.0, help="seconds for the clients, after start-up"
     )
+    parser.add_argument(
+        "--result-store",
+        choices=RESULT_STORES,
+        default="folder",
+        help="one shared results folder (default) or the images as rows of the database",
+    )
     args = parser.parse_args(argv)
     from sogni_devnet.pg_cluster import PgClusterError
 
     try:
         run = run_cluster_demo(
-            args.images, args.out, kill_after=args.kill_after, deadline=args.deadline
+            args.images,
+            args.out,
+            kill_after=args.kill_after,
+            deadline=args.deadline,
+            result_store=args.result_store,
         )
     except (PgClusterError, RuntimeError, TimeoutError, OSError) as exc:  # one line, no trace
         print(f"error: {exc}")
@@ -327,6 +386,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"resumed: {resumed}")
     if run.problems:
         print("receipts that do not verify: " + "; ".join(run.problems[:5]))
+    if run.forwarded:
+        print(
+            f"results nodes kept for coordinator0 and delivered to another: "
+            f"{run.forwarded['accepted']} accepted, {run.forwarded['refused']} refused"
+        )
+    if run.result_store == "database":
+        print(
+            f"result store: database ({run.rows_left} images left unacknowledged there, "
+            f"{run.image_files} image files written)"
+        )
     print(
         f"charged {run.charged_micro / 1e6:.6f} Spark for a quote of "
         f"{run.quoted_micro / 1e6:.6f} ({run.seconds:.1f} s)"

@@ -13,8 +13,10 @@ from typing import TYPE_CHECKING
 from sogni_coordinator.api_keys import ApiKeys
 from sogni_coordinator.gateway.config import GatewayConfig
 from sogni_coordinator.gateway.core import Gateway
+from sogni_coordinator.gateway.limits import SharedLimits
 from sogni_coordinator.gateway.rest import gateway_routes
 from sogni_coordinator.result_urls import ResultUrls, load_key
+from sogni_coordinator.storage import is_postgres, location
 from sogni_protocol.catalog import default_catalog
 
 if TYPE_CHECKING:
@@ -50,5 +52,8 @@ def open_gateway(
         configured_models=configured_models,
         results_dir=results_dir or data_dir / "gateway-results",
         network_id=network_id,
+        # several coordinators on one PostgreSQL count a key's rate and an address's failed
+        # keys together (connected on first use, in a worker thread; closed by `run`)
+        shared_limits=SharedLimits(location(database)) if is_postgres(database) else None,
     )
     return gateway, keys

@@ -26,7 +26,7 @@ from sogni_coordinator.api_keys import account_address, account_private_key
 from sogni_coordinator.billing import Refusal
 from sogni_coordinator.delivery import Cursor
 from sogni_coordinator.gateway.config import GatewayConfig
-from sogni_coordinator.gateway.limits import FailureWindow, KeyBuckets
+from sogni_coordinator.gateway.limits import SharedLimits, limiters
 from sogni_coordinator.gateway.models import ModelBook
 from sogni_coordinator.gateway.projects import (
     Outcome,
@@ -126,6 +126,7 @@ class Gateway:
         configured_models: set[str],
         results_dir: Path,
         network_id: str,
+        shared_limits: SharedLimits | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.keys = keys
@@ -137,11 +138,13 @@ class Gateway:
         self.images = ImageStore(results_dir, config.retention_seconds, dispatcher.results)
         self.projects = ProjectBook(keep=config.retention_seconds)
         self.network_id = network_id
-        self.failed_auth = FailureWindow(config.failed_auth_per_minute)
-        burst = max(5, config.jobs_per_minute // 4)
-        self.job_rate = KeyBuckets(config.jobs_per_minute, burst)
-        self.rest_rate = KeyBuckets(
-            config.requests_per_minute, max(10, config.requests_per_minute // 4)
+        self.shared_limits = shared_limits
+        """Rate limits counted across the network (several coordinators on PostgreSQL)."""
+        self.failed_auth, self.job_rate, self.rest_rate = limiters(
+            config.jobs_per_minute,
+            config.requests_per_minute,
+            config.failed_auth_per_minute,
+            shared_limits,
         )
         self.sockets: dict[tuple[str, str], Any] = {}
         """(key id, appId) -> the socket session holding it (`socket.Session`)."""
@@ -149,11 +152,16 @@ class Gateway:
     async def run(self) -> None:
         """Index stored images, then delete expired images and forget ended projects."""
         await trio.to_thread.run_sync(self.images.load)
-        while True:
-            await self.images.sweep()
-            self.projects.sweep()
-            await self.records.call(self.records.prune, self.config.retention_seconds)
-            await trio.sleep(SWEEP_SECONDS)
+        try:
+            while True:
+                await self.images.sweep()
+                self.projects.sweep()
+                await self.records.call(self.records.prune, self.config.retention_seconds)
+                await trio.sleep(SWEEP_SECONDS)
+        finally:
+            if self.shared_limits is not None:  # its connection, off the event loop
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.shared_limits.close)
 
     # --- keys ---------------------------------------------------------------------------
     async def authenticate(self, secret: str | None, address: str) -> AuthedKey | None:
@@ -164,7 +172,7 @@ class Gateway:
                 if record.account.lower() == account_address(secret).lower():
                     return AuthedKey(record, secret)
                 log.error("gateway_key_account_mismatch", key=record.key_id)
-        self.failed_auth.failed(address)
+        await self.failed_auth.failed_async(address)
         return None
 
     def advertised(self) -> set[str]:
@@ -218,7 +226,7 @@ class Gateway:
         project = self.projects.get(key.key_id, job_id) or await self._recall(key, job_id)
         if project is not None:  # the SDK re-sent it (reconnect, 1001, restart): resume
             return project, await self.reattach(project)
-        if not self.job_rate.take(key.key_id):
+        if not await self.job_rate.take_async(key.key_id):
             raise ProjectRefused(4029, "rateLimited", "too many projects: wait a minute")
         served = self.book.served(self.advertised())
         req = parse_job_request(data, book=self.book, served=served, network=network)

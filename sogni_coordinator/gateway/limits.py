@@ -1,15 +1,43 @@
-"""Rate limits: a token bucket per API key, a failure window per client address."""
+"""Rate limits: a token bucket per API key, a failure window per client address.
+
+One coordinator (SQLite) keeps them in memory. Several coordinators on one PostgreSQL keep
+them in that database (`SharedLimits`), so a key's `jobs_per_minute` and an address's failed
+keys are counted across the network: with memory only, N coordinators behind one address
+would allow N times the rate. Every limiter has async methods (`take_async`,
+`blocked_async`, `failed_async`), which the gateway awaits: the shared ones run psycopg in
+a worker thread, never on the event loop; when the database cannot be asked they fall back
+to this coordinator's memory (one log line), so a database hiccup never refuses or lets
+through everything.
+"""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
-__all__ = ["FailureWindow", "KeyBuckets"]
+import trio
+
+from sogni_protocol.logs import get_logger
+
+__all__ = [
+    "FailureWindow",
+    "KeyBuckets",
+    "SharedFailureWindow",
+    "SharedKeyBuckets",
+    "SharedLimits",
+    "limiters",
+]
+
+log = get_logger(__name__)
 
 MAX_TRACKED = 10_000
 """Keys or addresses remembered at once (the least recently seen is forgotten first)."""
+
+T = TypeVar("T")
 
 
 class KeyBuckets:
@@ -18,6 +46,7 @@ class KeyBuckets:
     def __init__(
         self, per_minute: int, burst: int, clock: Callable[[], float] = time.monotonic
     ) -> None:
+        self.per_minute = per_minute
         self.rate = per_minute / 60.0
         self.burst = float(burst)
         self._clock = clock
@@ -33,6 +62,9 @@ class KeyBuckets:
         while len(self._buckets) > MAX_TRACKED:
             self._buckets.popitem(last=False)
         return ok
+
+    async def take_async(self, key: str) -> bool:
+        return self.take(key)
 
 
 class FailureWindow:
@@ -61,3 +93,257 @@ class FailureWindow:
 
     def failed(self, address: str) -> None:
         self._recent(address).append(self._clock())
+
+    async def blocked_async(self, address: str) -> bool:
+        return self.blocked(address)
+
+    async def failed_async(self, address: str) -> None:
+        self.failed(address)
+
+
+# --- shared through the network's PostgreSQL ------------------------------------------------
+COMPONENT = "gateway_limits"
+_SCHEMA_V1 = """
+CREATE TABLE gateway_rate_buckets (
+    kind   TEXT NOT NULL,
+    key    TEXT NOT NULL,
+    tokens DOUBLE PRECISION NOT NULL,
+    at     DOUBLE PRECISION NOT NULL,
+    took   BOOLEAN NOT NULL,
+    PRIMARY KEY (kind, key)
+);
+CREATE INDEX gateway_rate_buckets_at ON gateway_rate_buckets (at);
+CREATE TABLE gateway_auth_failures (
+    address TEXT NOT NULL,
+    at      DOUBLE PRECISION NOT NULL
+);
+CREATE INDEX gateway_auth_failures_address ON gateway_auth_failures (address, at);
+CREATE INDEX gateway_auth_failures_at ON gateway_auth_failures (at);
+"""
+MIGRATIONS = (_SCHEMA_V1,)
+_DB_NOW = "extract(epoch from clock_timestamp())"
+PRUNE_EVERY = 600.0
+"""Seconds between deletions of rows that no longer limit anything."""
+KEEP_BUCKETS = 3600.0
+"""A bucket idle this long is full again (burst / rate is at most 600 s here), so its row
+can go: the next take starts a full bucket, as it would have found it."""
+
+# One statement per take: the row lock of the upsert orders concurrent takes of one key,
+# whichever coordinator makes them; `took` says whether this take got a token.
+_TAKE = f"""
+INSERT INTO gateway_rate_buckets AS b (kind, key, tokens, at, took)
+VALUES (%(kind)s, %(key)s, %(burst)s - 1, COALESCE(%(now)s, {_DB_NOW}), true)
+ON CONFLICT (kind, key) DO UPDATE SET
+    tokens = LEAST(%(burst)s, b.tokens + GREATEST(0, EXCLUDED.at - b.at) * %(rate)s)
+        - CASE WHEN LEAST(%(burst)s, b.tokens + GREATEST(0, EXCLUDED.at - b.at) * %(rate)s)
+            >= 1 THEN 1 ELSE 0 END,
+    at = GREATEST(b.at, EXCLUDED.at),
+    took = LEAST(%(burst)s, b.tokens + GREATEST(0, EXCLUDED.at - b.at) * %(rate)s) >= 1
+RETURNING took
+"""
+_BLOCKED = f"""
+SELECT count(*) FROM gateway_auth_failures
+WHERE address = %(address)s AND at >= COALESCE(%(now)s, {_DB_NOW}) - %(window)s
+"""
+_FAILED = f"""
+WITH gone AS (
+    DELETE FROM gateway_auth_failures
+    WHERE address = %(address)s AND at < COALESCE(%(now)s, {_DB_NOW}) - %(window)s
+)
+INSERT INTO gateway_auth_failures VALUES (%(address)s, COALESCE(%(now)s, {_DB_NOW}))
+"""
+
+
+class LimitsUnavailable(RuntimeError):
+    """The database could not answer (the caller falls back to its memory)."""
+
+
+class SharedLimits:
+    """Rate buckets and failure windows in the network's PostgreSQL, on a connection of
+    their own (not the store's write lock: a limit check never waits for a ledger write).
+    Worker threads only. `clock` (tests) replaces the database's clock."""
+
+    def __init__(self, url: str, clock: Callable[[], float] | None = None) -> None:
+        self.url = url
+        self._clock = clock
+        self._conn: Any = None
+        self._lock = threading.Lock()
+        self._migrated = False
+        self._closed = False
+        self._pruned_at = 0.0
+
+    def _connection(self) -> Any:
+        import psycopg
+
+        from sogni_coordinator.queue.postgres import BOUNDED, migrate
+
+        conn = self._conn
+        if conn is not None and not conn.broken and not conn.closed:
+            return conn
+        if conn is not None:
+            conn.close()
+            self._conn = None
+        conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10, options=BOUNDED)
+        try:
+            if not self._migrated:
+                migrate(conn, COMPONENT, MIGRATIONS)
+                self._migrated = True
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+        return conn
+
+    def _call(self, fn: Callable[[Any], T]) -> T:
+        """`fn` on the connection; any database error as `LimitsUnavailable` (one line)."""
+        import psycopg
+
+        if _on_event_loop():
+            raise RuntimeError("shared rate limits block: call them from a worker thread")
+        with self._lock:
+            if self._closed:
+                raise LimitsUnavailable("shared rate limits are closed")
+            try:
+                return fn(self._connection())
+            except psycopg.Error as exc:
+                text = str(exc).strip().splitlines()
+                line = text[0][:200] if text else type(exc).__name__
+                try:
+                    password = urlsplit(self.url).password
+                except ValueError:
+                    password = None
+                if password:  # libpq may quote the URL it could not use
+                    line = line.replace(password, "***")
+                raise LimitsUnavailable(line) from None
+
+    def open(self) -> None:
+        """Connect and migrate now (blocking), so a bad URL fails at start."""
+        self._call(lambda conn: None)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+
+    def _now(self) -> float | None:
+        return None if self._clock is None else self._clock()
+
+    def take(self, kind: str, key: str, per_minute: int, burst: float) -> bool:
+        """Spend one token of `key`'s `kind` bucket, network-wide; False when it is empty."""
+        params = {
+            "kind": kind,
+            "key": key,
+            "burst": float(burst),
+            "rate": per_minute / 60.0,
+            "now": self._now(),
+        }
+        took = self._call(lambda conn: conn.execute(_TAKE, params).fetchone()[0])
+        self._maybe_prune()
+        return bool(took)
+
+    def blocked(self, address: str, limit: int, window: float) -> bool:
+        params = {"address": address, "window": window, "now": self._now()}
+        count = self._call(lambda conn: conn.execute(_BLOCKED, params).fetchone()[0])
+        return int(count) >= limit
+
+    def failed(self, address: str, window: float) -> None:
+        params = {"address": address, "window": window, "now": self._now()}
+        self._call(lambda conn: conn.execute(_FAILED, params))
+
+    def _maybe_prune(self) -> None:
+        """Delete full buckets and old failures now and then (whoever comes first)."""
+        mono = time.monotonic()
+        if mono - self._pruned_at < PRUNE_EVERY:
+            return
+        self._pruned_at = mono
+        now = self._now()
+
+        def prune(conn: Any) -> None:
+            at = f"COALESCE(%(now)s, {_DB_NOW})"
+            conn.execute(
+                f"DELETE FROM gateway_rate_buckets WHERE at < {at} - %(keep)s",
+                {"now": now, "keep": KEEP_BUCKETS},
+            )
+            conn.execute(
+                f"DELETE FROM gateway_auth_failures WHERE at < {at} - %(keep)s",
+                {"now": now, "keep": KEEP_BUCKETS},
+            )
+
+        self._call(prune)
+
+
+async def _shared(fn: Callable[[], T], fallback: Callable[[], T], what: str) -> T:
+    try:
+        return await trio.to_thread.run_sync(fn)
+    except LimitsUnavailable as exc:
+        log.warning("gateway_limits_unshared", limit=what, error=str(exc))
+        return fallback()
+
+
+class SharedKeyBuckets(KeyBuckets):
+    """`KeyBuckets` counted in the network's database (this coordinator's memory when the
+    database cannot answer)."""
+
+    def __init__(self, shared: SharedLimits, kind: str, per_minute: int, burst: int) -> None:
+        super().__init__(per_minute, burst)
+        self.shared = shared
+        self.kind = kind
+
+    async def take_async(self, key: str) -> bool:
+        return await _shared(
+            lambda: self.shared.take(self.kind, key, self.per_minute, self.burst),
+            lambda: self.take(key),
+            self.kind,
+        )
+
+
+class SharedFailureWindow(FailureWindow):
+    """`FailureWindow` counted in the network's database (memory as the fallback)."""
+
+    def __init__(self, shared: SharedLimits, limit: int, window: float = 60.0) -> None:
+        super().__init__(limit, window)
+        self.shared = shared
+
+    async def blocked_async(self, address: str) -> bool:
+        return await _shared(
+            lambda: self.shared.blocked(address, self.limit, self.window),
+            lambda: self.blocked(address),
+            "failed_auth",
+        )
+
+    async def failed_async(self, address: str) -> None:
+        self.failed(address)  # also in memory: the fallback starts from what was seen here
+        await _shared(lambda: self.shared.failed(address, self.window), lambda: None, "failed_auth")
+
+
+def limiters(
+    jobs_per_minute: int,
+    requests_per_minute: int,
+    failed_auth_per_minute: int,
+    shared: SharedLimits | None = None,
+) -> tuple[FailureWindow, KeyBuckets, KeyBuckets]:
+    """The gateway's three limiters (failed keys per address, projects per key, REST calls
+    per key), in memory or, given `shared`, across the network."""
+    job_burst = max(5, jobs_per_minute // 4)
+    rest_burst = max(10, requests_per_minute // 4)
+    if shared is None:
+        return (
+            FailureWindow(failed_auth_per_minute),
+            KeyBuckets(jobs_per_minute, job_burst),
+            KeyBuckets(requests_per_minute, rest_burst),
+        )
+    return (
+        SharedFailureWindow(shared, failed_auth_per_minute),
+        SharedKeyBuckets(shared, "jobs", jobs_per_minute, job_burst),
+        SharedKeyBuckets(shared, "requests", requests_per_minute, rest_burst),
+    )
+
+
+def _on_event_loop() -> bool:
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return False
+    return True

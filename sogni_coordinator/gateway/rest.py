@@ -47,12 +47,12 @@ def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
 
     async def auth(request: Request) -> AuthedKey | Response:
         address = client_address(request)
-        if gateway.failed_auth.blocked(address):
+        if await gateway.failed_auth.blocked_async(address):
             return _error(429, 4029, "too many failed API keys from this address: wait a minute")
         key = await gateway.authenticate(request.headers.get("api-key"), address)
         if key is None:
             return _error(401, 4021, "missing, unknown or revoked API key")
-        if not gateway.rest_rate.take(key.key_id):
+        if not await gateway.rest_rate.take_async(key.key_id):
             return _error(429, 4029, "too many requests for this API key: slow down")
         return key
 

@@ -236,7 +236,7 @@ class Session:
 async def serve_socket(ws: WebSocket, gateway: Gateway) -> None:
     """The WebSocket endpoint at `/`."""
     address = client_address(ws)
-    if gateway.failed_auth.blocked(address):
+    if await gateway.failed_auth.blocked_async(address):
         await ws.accept()
         await ws.close(code=CLOSE_RATE_LIMITED)
         return
