@@ -26,9 +26,7 @@ from sogni_coordinator.queue import NewJob, open_queue
 from sogni_devnet.pg_cluster import start_cluster
 
 
-def _leaser(
-    database: str, owner: str, complete: bool, ready: Any, go: Any, out: Any
-) -> None:
+def _leaser(database: str, owner: str, complete: bool, ready: Any, go: Any, out: Any) -> None:
     async def run() -> list[bytes]:
         q = await open_queue(database)
         taken: list[bytes] = []
@@ -88,8 +86,10 @@ def main() -> None:
     cluster = start_cluster(fast=args.fast)
     label = "postgresql 15 (fsync off)" if args.fast else "postgresql 15 (fsync on)"
     try:
-        print(f"{'engine':<28}{'leasers':>8}{'mode':>16}{'jobs/s median':>15}{'(min-max)':>13}"
-              f"{'twice':>7}")
+        print(
+            f"{'engine':<28}{'leasers':>8}{'mode':>16}{'jobs/s median':>15}{'(min-max)':>13}"
+            f"{'twice':>7}"
+        )
         for complete in (False, True):
             mode = "lease+complete" if complete else "lease"
             rows: list[tuple[str, int, list[tuple[float, int]]]] = []
@@ -108,8 +108,11 @@ def main() -> None:
                 rates = sorted(rate for rate, _twice in runs)
                 twice = sum(t for _rate, t in runs)
                 spread = f"({rates[0]:.0f}-{rates[-1]:.0f})"
-                print(f"{name:<28}{leasers:>8}{mode:>16}{statistics.median(rates):>15.0f}"
-                      f"{spread:>13}{twice:>7}", flush=True)
+                print(
+                    f"{name:<28}{leasers:>8}{mode:>16}{statistics.median(rates):>15.0f}"
+                    f"{spread:>13}{twice:>7}",
+                    flush=True,
+                )
     finally:
         cluster.stop()
 

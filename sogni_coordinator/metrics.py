@@ -182,9 +182,9 @@ class MeteredDispatcher(Dispatcher):
         self.metrics = metrics
         super().__init__(*args, **kwargs)
         if self.image_safety is not None:  # fixed labels: category and action, no content
-            self.image_safety.on_decision = lambda category, action: (
-                metrics.image_checks.labels(category=category, action=action).inc()
-            )
+            self.image_safety.on_decision = lambda category, action: metrics.image_checks.labels(
+                category=category, action=action
+            ).inc()
 
     def _to(self, job: Job, event: JobEvent, *, durable: bool = False) -> JobState:
         old = job.state

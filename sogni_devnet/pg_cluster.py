@@ -155,8 +155,15 @@ class PgCluster:
     def _sql(self, statement: str) -> None:
         _run(
             [
-                str(self.bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1",
-                "-d", self.url(), "-c", statement,
+                str(self.bindir / "psql"),
+                "-X",
+                "-q",
+                "-v",
+                "ON_ERROR_STOP=1",
+                "-d",
+                self.url(),
+                "-c",
+                statement,
             ],
             "psql",
         )
@@ -165,8 +172,16 @@ class PgCluster:
         """Stop the server at once (no checkpoint: it is thrown away) and delete its folder."""
         if (self.data / "postmaster.pid").exists():
             _run(
-                [*_as_owner(), str(self.bindir / "pg_ctl"), "-D", str(self.data),
-                 "-m", "immediate", "-w", "stop"],
+                [
+                    *_as_owner(),
+                    str(self.bindir / "pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "stop",
+                ],
                 "pg_ctl stop",
             )
         if remove:
@@ -184,8 +199,12 @@ class PgCluster:
         except (OSError, ValueError) as exc:
             raise PgClusterError(f"{root} holds no cluster started by this module") from exc
         owner = state.get("owner_pid")
-        return cls(root=root, port=int(state["port"]), bindir=Path(state["bindir"]),
-                   owner_pid=None if owner is None else int(owner))
+        return cls(
+            root=root,
+            port=int(state["port"]),
+            bindir=Path(state["bindir"]),
+            owner_pid=None if owner is None else int(owner),
+        )
 
 
 def _ident(name: str) -> str:
@@ -225,8 +244,19 @@ def _start(root: Path, bindir: Path, fast: bool, owner_pid: int | None) -> PgClu
             )
     cluster = PgCluster(root=root, port=0, bindir=bindir, owner_pid=owner_pid)
     _run(
-        [*prefix, str(bindir / "initdb"), "-D", str(cluster.data), "-U", SUPERUSER,
-         "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync", "--no-instructions"],
+        [
+            *prefix,
+            str(bindir / "initdb"),
+            "-D",
+            str(cluster.data),
+            "-U",
+            SUPERUSER,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+            "--no-instructions",
+        ],
         "initdb",
     )
     cluster.socket_dir.mkdir(exist_ok=True)
@@ -250,9 +280,20 @@ def _start(root: Path, bindir: Path, fast: bool, owner_pid: int | None) -> PgClu
         cluster.port = _free_port()
         try:
             _run(
-                [*prefix, str(bindir / "pg_ctl"), "-D", str(cluster.data), "-l",
-                 str(cluster.log_file), "-o", f"-p {cluster.port}", "-w", "-t",
-                 str(int(READY_DEADLINE)), "start"],
+                [
+                    *prefix,
+                    str(bindir / "pg_ctl"),
+                    "-D",
+                    str(cluster.data),
+                    "-l",
+                    str(cluster.log_file),
+                    "-o",
+                    f"-p {cluster.port}",
+                    "-w",
+                    "-t",
+                    str(int(READY_DEADLINE)),
+                    "start",
+                ],
                 "pg_ctl start",
             )
         except PgClusterError as exc:

@@ -106,7 +106,7 @@ _KNOWN: dict[str, tuple[_Kind, str | None]] = {
     "sogni_chain.errors.ChainRevert": (Refused, None),
     "sogni_node.render.coreml_backend.BackendUnavailable": (
         Unavailable,
-        "use the diffusers backend here (backend = \"diffusers\"); Core ML renders on macOS",
+        'use the diffusers backend here (backend = "diffusers"); Core ML renders on macOS',
     ),
     "msgspec.ValidationError": (BadUsage, "check the values given"),
     "builtins.ConnectionError": (Unavailable, "check that it is running and reachable"),

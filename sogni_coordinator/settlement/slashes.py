@@ -419,9 +419,7 @@ def submit(
         note = f"tx {tx_hash}; proposed as dispute case {case_id}, executes after its window"
     if not store.mark_slash(proposal_id, "submitted", note):
         raise SlashError(f"slash proposal {proposal_id} was closed meanwhile (tx {tx_hash})")
-    return Submitted(
-        proposal_id, proposal.wallet, tx_hash, slashed, recipient, resumed, case_id
-    )
+    return Submitted(proposal_id, proposal.wallet, tx_hash, slashed, recipient, resumed, case_id)
 
 
 def _case_in(deployment: Deployment, receipt: Any) -> str | None:

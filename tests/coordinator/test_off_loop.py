@@ -152,9 +152,7 @@ class Coordinator:
         return node
 
     async def submit(self, req: Any) -> Any:
-        return await self.dispatcher.submit(
-            req, client_peer="client", allowed_models={MODEL}
-        )
+        return await self.dispatcher.submit(req, client_peer="client", allowed_models={MODEL})
 
 
 @asynccontextmanager

@@ -104,10 +104,20 @@ def test_missing_binaries_are_named(monkeypatch: pytest.MonkeyPatch, tmp_path: P
 def test_missing_binaries_fail_instead_of_skipping_under_the_ci_switch(tmp_path: Path) -> None:
     env = dict(os.environ, SOGNI_PG_BINDIR=str(tmp_path), **{REQUIRE_ENV: "1"})
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
-         f"tests/postgres/{Path(__file__).name}::test_each_test_gets_a_database_of_its_own"],
-        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
-        timeout=120, check=False,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "no:cacheprovider",
+            f"tests/postgres/{Path(__file__).name}::test_each_test_gets_a_database_of_its_own",
+        ],
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert done.returncode != 0 and "1 error" in done.stdout, done.stdout[-2000:]
     assert "PostgreSQL binaries (initdb, pg_ctl, postgres) not found" in done.stdout
@@ -154,8 +164,9 @@ def test_a_server_whose_test_process_died_is_reaped() -> None:
         gone = subprocess.Popen(["true"])
         gone.wait()  # a pid that no longer runs: the "killed test run"
         orphan = start_cluster(parent / "sogni-pg-orphan", owner_pid=gone.pid)
-        live = PgCluster(parent / "sogni-pg-live", port=1, bindir=orphan.bindir,
-                         owner_pid=os.getpid())
+        live = PgCluster(
+            parent / "sogni-pg-live", port=1, bindir=orphan.bindir, owner_pid=os.getpid()
+        )
         live.root.mkdir()
         live.save()
         assert orphan.ready()

@@ -124,8 +124,9 @@ async def test_renew_extends_a_live_lease_only(engine: Engine) -> None:
     renewed = await q.renew(lease, 600)
     assert renewed.expires_at > lease.expires_at + 500
     assert (await q.expire()).requeued == ()
-    stolen = type(lease)(lease.job_id, lease.request_id, lease.payload, "coord-b",
-                         lease.attempt, lease.expires_at)
+    stolen = type(lease)(
+        lease.job_id, lease.request_id, lease.payload, "coord-b", lease.attempt, lease.expires_at
+    )
     with pytest.raises(LeaseLost):
         await q.renew(stolen, 600)  # another owner's name does not renew it
     lapsing = await q.renew(renewed, 0)

@@ -100,9 +100,7 @@ def test_missing_receipt_is_a_problem_and_a_recent_one_pending(
     assert any("missing from every batch" in p for p in report.problems)
 
 
-def test_free_work_is_listed_unpaid_not_a_problem(
-    net: Net, store: Store, tmp_path: Path
-) -> None:
+def test_free_work_is_listed_unpaid_not_a_problem(net: Net, store: Store, tmp_path: Path) -> None:
     """A render nobody paid for is refused at settlement ("no payer"): the node's audit lists
     it as unpaid free work and stays ok (a newcomer's first free render is not an error)."""
     me = worker(1)
