@@ -274,6 +274,7 @@ def _interpretation(report: Report, direct_ms: float) -> str:
     diff = med([(r.network_s - r.direct_s) / n * 1000 for r in runs])
     steady = med([common.median(r.intervals) * 1000 for r in runs])
     first = med([r.first_image_s * 1000 for r in runs])
+    tail = med([(r.network_s - r.first_image_s - sum(r.intervals)) * 1000 for r in runs])
     node = med([r.cpu["node"] / n * 1000 for r in runs])
     coordinator = med([r.cpu["coordinator"] / n * 1000 for r in runs])
     client = med([r.cpu["client"] / n * 1000 for r in runs])
@@ -292,13 +293,19 @@ def _interpretation(report: Report, direct_ms: float) -> str:
         f"more than the next ones: the client's libp2p host start, dial and Noise handshake "
         f"and the request's SQLite insert), {(first - steady) / n:.0f} ms per image over a "
         f"batch of {n}.",
+        f"After the last image `render` returns in {tail:.0f} ms ({tail / n:.1f} ms per "
+        f"image): `RequestDone`, closing the stream and the client's libp2p host, whose "
+        f"py-libp2p close used to pause 0.2 s per connection (two `trio.sleep(0.1)`; a host "
+        f"without listeners now stops waiting once its sockets are closed, "
+        f"`sogni_net.host._close`).",
         f"CPU per image: node {node:.0f} ms (the render plus its protocol work), coordinator "
         f"{coordinator:.0f} ms and client {client:.0f} ms. The coordinator's share is mostly "
         f"the content-safety check (NudeNet at its 320x320 input, about 12 ms of CPU per "
         f"distinct image in a worker thread, docs/SAFETY.md; every render here is a new "
-        f"image), the rest moving the frames that cross it per image (offer, result with the "
-        f"node's ready in the same write, ack, image; progress at most every 0.5 s, none for "
-        f"a job this short) through py-libp2p; all of it runs beside the render, on the "
+        f"image), the rest moving the frames that cross it per image (result with the node's "
+        f"ready in the same write, the ack with the next offer in one write, image; "
+        f"progress at most every 0.5 s, none for a job this short) through py-libp2p; all "
+        f"of it runs beside the render, on the "
         f"other core when one is free, so on a busy 2-core machine it takes from the render.",
         f"Every image came back byte-identical to the direct render "
         f"({report.identical}/{report.compared}): same model, seed and thread count give the "

@@ -504,11 +504,15 @@ class Database:
             raise RuntimeError(f"database {self.path} already has a writer")
         token = trio.lowlevel.current_trio_token()
         wanted = trio.Event()
+        loop_thread = threading.get_ident()
 
         def set_wanted() -> None:
             wanted.set()
 
         def wake() -> None:
+            if threading.get_ident() == loop_thread:  # a write from the loop: no wake-up
+                wanted.set()  # socket write and callback per write
+                return
             try:
                 token.run_sync_soon(set_wanted)
             except trio.RunFinishedError:

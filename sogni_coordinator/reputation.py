@@ -14,10 +14,12 @@ the rest, as Livepeer's gateway learned).
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from sogni_coordinator.db import Database
 
@@ -87,6 +89,11 @@ class WorkerRecord:
         return max(SCORE_FLOOR, min(1.0, raw))
 
 
+_FIELDS = tuple(f.name for f in fields(WorkerRecord))
+"""A record's attributes in `_COLUMNS`' order."""
+_STRIKES = _FIELDS.index("strikes")
+
+
 def _ema(old: float, sample: float) -> float:
     return (1 - ALPHA) * old + ALPHA * sample
 
@@ -99,6 +106,9 @@ class Reputation(Database):
         # per job on the event loop is not (its writes are queued; see `_save`).
         super().__init__(path, component="reputation", migrations=MIGRATIONS, synchronous="NORMAL")
         self._clock = clock
+        self._dirty_lock = threading.Lock()  # `_write` runs in the writer's thread
+        self._dirty: dict[str, tuple[Any, ...]] = {}
+        self._write_queued = False
         self.records: dict[str, WorkerRecord] = {}
         for row in self._db.execute(f"SELECT {_COLUMNS} FROM reputation"):
             strikes = [float(x) for x in row[6].split(",") if x]
@@ -128,14 +138,33 @@ class Reputation(Database):
 
     def _save(self, rec: WorkerRecord) -> None:
         """Write-behind: the row joins the database's write queue (the group commit's next
-        transaction, off the event loop); memory is the truth meanwhile."""
-        values = {f.name: getattr(rec, f.name) for f in fields(rec)}  # flat: no deep copy
-        values["strikes"] = ",".join(f"{t:.0f}" for t in rec.strikes)
-        self.submit("reputation", self._write, tuple(values.values()))
+        transaction, off the event loop); memory is the truth meanwhile. Rows changed
+        before that write runs share it (one queued write and one statement per group, not
+        per job; a wallet changed twice is written once, as it is last)."""
+        values = [getattr(rec, name) for name in _FIELDS]  # flat: no deep copy
+        values[_STRIKES] = ",".join(f"{t:.0f}" for t in rec.strikes)
+        row = tuple(values)
+        with self._dirty_lock:
+            self._dirty[rec.wallet] = row
+            if self._write_queued:
+                return
+            self._write_queued = True
+        self.submit("reputation", self._write)
 
-    def _write(self, row: tuple[object, ...]) -> None:
-        with self._tx() as db:
-            db.execute(_UPSERT, row)
+    def _write(self) -> None:
+        """The rows changed since the last write (the writer's thread, or at once)."""
+        with self._dirty_lock:
+            rows, self._dirty = self._dirty, {}
+            self._write_queued = False
+        if not rows:
+            return
+        try:
+            with self._tx() as db:
+                db.executemany(_UPSERT, list(rows.values()))
+        except BaseException:
+            with self._dirty_lock:  # not written: kept for the next write (newer rows win)
+                self._dirty = rows | self._dirty
+            raise
 
     # --- events --------------------------------------------------------------------------
     def succeeded(

@@ -15,8 +15,9 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 from sogni_coordinator.reputation import Reputation
@@ -41,6 +42,20 @@ class Router:
     clock: Callable[[], float] | None = None
     blocked_nodes: frozenset[str] = frozenset()
     """Lowercase wallets the operator blocked after a content report (`reports.py`)."""
+    _memo: _PassMemo | None = field(default=None, init=False, repr=False, compare=False)
+
+    @contextmanager
+    def one_pass(self) -> Iterator[None]:
+        """Picks inside this block (one synchronous match pass: nothing awaits, so no
+        standing, reputation or blocklist changes meanwhile) remember each node's tier,
+        stake weight and score, and whether it fits a request (a request's jobs differ only
+        by seed): a pick then costs a few dict lookups per free node instead of a standing
+        lookup, a blacklist check and a score computation each."""
+        outer, self._memo = self._memo, _PassMemo((self.clock or time.time)())
+        try:
+            yield
+        finally:
+            self._memo = outer
 
     def classify(self, device: str, wallet: str) -> tuple[frozenset[str], float]:
         """Networks a node may serve and its stake weight, from its standing now: asked at
@@ -87,6 +102,7 @@ class Router:
         moves on to the idle one (every node gets work, as without pipelining)."""
         p = job.params
         tier = network or job.network
+        memo = self._memo
         idle: list[tuple[NodeLink, float]] = []
         ahead: list[tuple[NodeLink, float]] = []
         capped = len(in_use) >= MAX_NODES_PER_REQUEST
@@ -95,11 +111,16 @@ class Router:
             if link.credit <= 0 or link in job.holders:
                 continue
             busy = len(link.inflight) >= link.slots
-            outside = link not in in_use and capped
+            outside = capped and link not in in_use
             if outside and (busy or outside_idle):
                 continue
-            networks, stake_weight = self.classify(link.device, link.wallet)  # once per node
-            if tier in networks and self._fits(link, p):
+            if memo is None:
+                networks, stake_weight = self.classify(link.device, link.wallet)
+                fits = tier in networks and self._fits(link, p)
+            else:
+                networks, stake_weight = memo.classify(self, link)
+                fits = tier in networks and memo.fits(self, link, job)
+            if fits:
                 if outside:
                     outside_idle = True
                 elif busy:
@@ -111,11 +132,51 @@ class Router:
             return None
         if len(candidates) == 1:
             return candidates[0][0]
-        now = (self.clock or time.time)()
-        weights = [
-            self.reputation.get(link.wallet).score(now, link.connected_at)
-            * stake_weight
-            * (WARM_BONUS if p.model_id in link.warm else 1.0)
-            for link, stake_weight in candidates
-        ]
+        if memo is None:
+            now = (self.clock or time.time)()
+            weights = [
+                self.reputation.get(link.wallet).score(now, link.connected_at)
+                * stake_weight
+                * (WARM_BONUS if p.model_id in link.warm else 1.0)
+                for link, stake_weight in candidates
+            ]
+        else:
+            weights = [
+                memo.score(self, link)
+                * stake_weight
+                * (WARM_BONUS if p.model_id in link.warm else 1.0)
+                for link, stake_weight in candidates
+            ]
         return (self.rng or random).choices([c[0] for c in candidates], weights=weights)[0]
+
+
+class _PassMemo:
+    """What one match pass has already computed per node (`Router.one_pass`)."""
+
+    __slots__ = ("fitting", "now", "scores", "tiers")
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+        self.tiers: dict[NodeLink, tuple[frozenset[str], float]] = {}
+        self.scores: dict[NodeLink, float] = {}
+        self.fitting: dict[tuple[NodeLink, bytes], bool] = {}
+
+    def classify(self, router: Router, link: NodeLink) -> tuple[frozenset[str], float]:
+        got = self.tiers.get(link)
+        if got is None:
+            got = self.tiers[link] = router.classify(link.device, link.wallet)
+        return got
+
+    def fits(self, router: Router, link: NodeLink, job: Job) -> bool:
+        key = (link, job.request_id)  # a request's jobs share model, size and LoRAs
+        got = self.fitting.get(key)
+        if got is None:
+            got = self.fitting[key] = router._fits(link, job.params)
+        return got
+
+    def score(self, router: Router, link: NodeLink) -> float:
+        got = self.scores.get(link)
+        if got is None:
+            rec = router.reputation.get(link.wallet)
+            got = self.scores[link] = rec.score(self.now, link.connected_at)
+        return got
