@@ -4,18 +4,32 @@ the network's PostgreSQL, `result_store = "database"`; psycopg is imported only 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import Protocol
 
 from sogni_coordinator.results.base import ResultKey, ResultStore, StoreError
 from sogni_coordinator.results.folder import FolderResults
 
-if TYPE_CHECKING:
-    from sogni_coordinator.config import CoordinatorConfig
-
 __all__ = ["FolderResults", "ResultKey", "ResultStore", "StoreError", "open_results"]
 
 
-def open_results(config: CoordinatorConfig) -> ResultStore:
+class _Settings(Protocol):
+    """The `CoordinatorConfig` keys this reads (named structurally: importing the config here
+    would close an import cycle through billing and routing)."""
+
+    @property
+    def result_store(self) -> str: ...
+    @property
+    def result_retention(self) -> float | None: ...
+    @property
+    def database(self) -> Path | str: ...
+    @property
+    def results_dir(self) -> Path | None: ...
+    @property
+    def data_dir(self) -> Path: ...
+
+
+def open_results(config: _Settings) -> ResultStore:
     """The store `config` names (blocking for "database": connects and migrates, so a bad
     URL fails at start). `run()` it in the coordinator's nursery: it sweeps expired images
     and closes the store when the coordinator stops."""
