@@ -17,7 +17,6 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import trio
 
@@ -173,9 +172,7 @@ class SharedLimits:
         self._pruned_at = 0.0
 
     def _connection(self) -> Any:
-        import psycopg
-
-        from sogni_coordinator.queue.postgres import BOUNDED, migrate
+        from sogni_coordinator.queue.postgres import connect_migrated
 
         conn = self._conn
         if conn is not None and not conn.broken and not conn.closed:
@@ -183,20 +180,16 @@ class SharedLimits:
         if conn is not None:
             conn.close()
             self._conn = None
-        conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10, options=BOUNDED)
-        try:
-            if not self._migrated:
-                migrate(conn, COMPONENT, MIGRATIONS)
-                self._migrated = True
-        except BaseException:
-            conn.close()
-            raise
+        conn = connect_migrated(self.url, COMPONENT, None if self._migrated else MIGRATIONS)
+        self._migrated = True
         self._conn = conn
         return conn
 
     def _call(self, fn: Callable[[Any], T]) -> T:
         """`fn` on the connection; any database error as `LimitsUnavailable` (one line)."""
         import psycopg
+
+        from sogni_coordinator.queue.postgres import error_line
 
         if _on_event_loop():
             raise RuntimeError("shared rate limits block: call them from a worker thread")
@@ -206,15 +199,7 @@ class SharedLimits:
             try:
                 return fn(self._connection())
             except psycopg.Error as exc:
-                text = str(exc).strip().splitlines()
-                line = text[0][:200] if text else type(exc).__name__
-                try:
-                    password = urlsplit(self.url).password
-                except ValueError:
-                    password = None
-                if password:  # libpq may quote the URL it could not use
-                    line = line.replace(password, "***")
-                raise LimitsUnavailable(line) from None
+                raise LimitsUnavailable(error_line(exc, self.url)) from None
 
     def open(self) -> None:
         """Connect and migrate now (blocking), so a bad URL fails at start."""

@@ -172,6 +172,30 @@ def _password(url: str) -> str | None:
         return None
 
 
+def error_line(exc: BaseException, url: str) -> str:
+    """The first line of a psycopg error, without the URL's password (libpq may quote the
+    URL it could not use)."""
+    text = str(exc).strip()
+    line = text.splitlines()[0][:300] if text else type(exc).__name__
+    password = _password(url)
+    return line.replace(password, "***") if password else line
+
+
+def connect_migrated(
+    url: str, component: str, migrations: Sequence[str] | None
+) -> psycopg.Connection[Any]:
+    """An autocommit connection with bounded lock and statement times, `component` migrated
+    first when `migrations` is given (closed again if that fails)."""
+    conn = psycopg.connect(url, autocommit=True, connect_timeout=10, options=BOUNDED)
+    try:
+        if migrations is not None:
+            migrate(conn, component, migrations)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
 def migrate(conn: psycopg.Connection[Any], component: str, migrations: Sequence[str]) -> int:
     """Bring `component` to `len(migrations)` in one transaction, under the advisory lock;
     refuses a database newer than the code (`SchemaTooNew`)."""

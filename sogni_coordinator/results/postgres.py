@@ -20,12 +20,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import psycopg
 import trio
 
-from sogni_coordinator.queue.postgres import BOUNDED, migrate, redact
+from sogni_coordinator.queue.postgres import connect_migrated, error_line, redact
 from sogni_coordinator.results.base import DEFAULT_MEMORY, ResultKey, ResultStore, StoreError
 from sogni_protocol.logs import get_logger
 
@@ -92,21 +91,12 @@ class PostgresResults(ResultStore):
             conn.close()
             self._conn = None
         try:
-            conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10, options=BOUNDED)
+            conn = connect_migrated(self.url, COMPONENT, None if self._migrated else MIGRATIONS)
         except psycopg.Error as exc:
-            reason = _line(exc)
-            password = _password(self.url)
-            if password:  # libpq may quote the URL it could not parse
-                reason = reason.replace(password, "***")
             where = redact(self.url)
+            reason = error_line(exc, self.url)
             raise StoreError(f"cannot connect to PostgreSQL at {where}: {reason}") from None
-        try:
-            if not self._migrated:
-                migrate(conn, COMPONENT, MIGRATIONS)
-                self._migrated = True
-        except BaseException:
-            conn.close()
-            raise
+        self._migrated = True
         self._conn = conn
         return conn
 
@@ -124,9 +114,9 @@ class PostgresResults(ResultStore):
                 except psycopg.OperationalError as exc:
                     lost = conn is not None and conn.broken
                     if not (retry and attempt == 0 and lost):
-                        raise StoreError(f"result store: {_line(exc)}") from exc
+                        raise StoreError(f"result store: {error_line(exc, self.url)}") from exc
                 except psycopg.Error as exc:
-                    raise StoreError(f"result store: {_line(exc)}") from exc
+                    raise StoreError(f"result store: {error_line(exc, self.url)}") from exc
         raise AssertionError("unreachable")
 
     def open(self) -> None:
@@ -257,15 +247,3 @@ def _on_event_loop() -> bool:
     except RuntimeError:
         return False
     return True
-
-
-def _password(url: str) -> str | None:
-    try:
-        return urlsplit(url).password
-    except ValueError:
-        return None
-
-
-def _line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
