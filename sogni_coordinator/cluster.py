@@ -34,12 +34,19 @@ renders), results to `queue_receipts` and `jobs` (the owner re-reads every secon
 models each coordinator's nodes serve are published in `cluster_models`, so every
 coordinator accepts a request for a model some node of the network serves.
 
+The catalog and the pricing factors are one per network: each coordinator publishes a
+digest of those it quotes with (`cluster_members.terms`) when it joins, and refuses to start
+when a live coordinator of the network published another (`NetworkTermsDiffer`, one line
+naming what differs), so two coordinators never price one request differently.
+
 psycopg runs only in worker threads; each connection has a lock.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import sqlite3
 import threading
 import time
@@ -58,13 +65,16 @@ from sogni_coordinator.queue.postgres import BOUNDED, PostgresQueue, migrate
 from sogni_coordinator.storage import location
 from sogni_coordinator.store import JobOutcome, Store
 from sogni_protocol import eip712
+from sogni_protocol.catalog import Catalog, ModelEntry, default_catalog
+from sogni_protocol.cli_errors import Refused, register
 from sogni_protocol.errors import SignatureError
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import Cancel, JobFailed, JobOffer, JobProgress, Result
+from sogni_protocol.pricing import ScalingFactors, default_factors
 
 log = get_logger(__name__)
 
-__all__ = ["Cluster"]
+__all__ = ["Cluster", "NetworkTermsDiffer", "network_terms"]
 
 T = TypeVar("T")
 
@@ -139,7 +149,12 @@ CREATE TABLE cluster_models (
 """v2: cancels any coordinator can read back (a missed NOTIFY is not a lost cancel), and
 the models each coordinator's connected nodes serve (a request for a model any node of the
 network serves is accepted at every coordinator)."""
-MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2)
+_SCHEMA_V3 = """
+ALTER TABLE cluster_members ADD COLUMN terms TEXT;
+"""
+"""v3: each coordinator's catalog and pricing-factor digests (`network_terms`), compared
+by every coordinator that joins (`NetworkTermsDiffer`)."""
+MIGRATIONS = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
 
 _offer_decoder = msgspec.msgpack.Decoder(JobOffer)
 _NOW = "extract(epoch FROM clock_timestamp())::float8"
@@ -164,6 +179,78 @@ RETURNING request_id
 """
 """Requests whose owner stopped beating, with jobs to follow or a reservation to settle:
 taken over so they are billed and ended."""
+
+
+TERMS_LIMIT = 1024
+"""Bytes of a published `terms` value read back; a longer one is unreadable (differs)."""
+_TERMS_LOCK = 0x736F676E6974  # "sognit": joins compare and publish one at a time
+TERMS_TODO = (
+    "run the same release with the same configs/catalog.toml, $SOGNI_CATALOG and"
+    " configs/pricing_factors.toml on every coordinator of the network, or stop the others first"
+)
+
+
+class NetworkTermsDiffer(Exception):
+    """A live coordinator of this network quotes with another catalog or pricing factors:
+    this one refuses to join (one price per request, whichever coordinator takes it)."""
+
+
+register(NetworkTermsDiffer, Refused, TERMS_TODO)
+
+
+def _digest(value: object) -> str:
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _entry(e: ModelEntry) -> list[object]:
+    return [
+        e.model_class,
+        e.baseline_render_seconds,
+        e.default_steps,
+        e.default_width,
+        e.default_height,
+        e.creator,
+    ]
+
+
+def network_terms(catalog: Catalog, factors: ScalingFactors) -> dict[str, str]:
+    """What a coordinator quotes and bills with, one digest per part (so a refusal can name
+    the part that differs): the catalog's classes, models and economics, and the factors."""
+    return {
+        "catalog classes": _digest({k: _entry(v) for k, v in catalog.classes.items()}),
+        "catalog models": _digest({k: _entry(v) for k, v in catalog.models.items()}),
+        "catalog prices": _digest(
+            [catalog.sogni_usd_price, catalog.relaxed_price_factor, catalog.daily_boost_spark]
+        ),
+        "pricing factors": _digest([factors.overhead_steps, factors.pixel_exponent]),
+    }
+
+
+def _terms_fault(mine: dict[str, str], theirs: list[tuple[str, str | None]]) -> str | None:
+    """Why this coordinator may not join beside the live `theirs` (coordinator, published
+    terms), or None when every one published the same terms."""
+    for coordinator, raw in theirs:
+        if raw is None:
+            return (
+                f"coordinator {coordinator} of this network is live and publishes no catalog"
+                " digest (a release before this check)"
+            )
+        try:
+            published = json.loads(raw) if len(raw) <= TERMS_LIMIT else None
+        except ValueError:
+            published = None
+        if not isinstance(published, dict):
+            return f"coordinator {coordinator} published an unreadable catalog digest"
+        differ = [part for part in mine if published.get(part) != mine[part]]
+        if any(p not in mine for p in published):  # a release that digests more parts
+            differ.append("release")
+        if differ:
+            return (
+                f"this coordinator's {', '.join(differ)} differ from live coordinator"
+                f" {coordinator}'s"
+            )
+    return None
 
 
 def _progress_item(payload: str) -> tuple[bytes, bytes, int, int] | None:
@@ -205,7 +292,7 @@ class Cluster:
         self.signers = frozenset(s.lower() for s in signers) | {self.me}
         """Coordinators of this network whose offers this one accepts results for."""
         self.lease_ttl = lease_ttl
-        self.orphan_after = max(3 * lease_ttl, 5 * REFRESH_SECONDS)
+        self.orphan_after = self.live_window(lease_ttl)
         """Seconds without a heartbeat after which a coordinator's requests are taken over
         (billed, refunded and kept for their client) by one that is alive."""
         self.leases: dict[bytes, Lease] = {}
@@ -238,14 +325,25 @@ class Cluster:
 
     @classmethod
     async def open(
-        cls, database: str | Any, *, me: str, signers: Iterable[str], lease_ttl: float
+        cls,
+        database: str | Any,
+        *,
+        me: str,
+        signers: Iterable[str],
+        lease_ttl: float,
+        catalog: Catalog | None = None,
+        factors: ScalingFactors | None = None,
     ) -> Cluster:
-        """Connect to the shared database (queue, owner records, offers), migrate, LISTEN."""
+        """Connect to the shared database (queue, owner records, offers), migrate, join
+        (`NetworkTermsDiffer` when the live coordinators quote otherwise), LISTEN.
+        `catalog`/`factors`: what this coordinator quotes with (default: the package's)."""
         url = location(database)
+        terms = network_terms(catalog or default_catalog(), factors or default_factors())
+        after = cls.live_window(lease_ttl)
         queue = await PostgresQueue.open(url)
         try:
             conn, listen = await trio.to_thread.run_sync(
-                cls._connect, url, Store.notify_channel, me.lower()
+                cls._connect, url, Store.notify_channel, me.lower(), terms, after
             )
         except BaseException:
             await queue.aclose()
@@ -253,17 +351,46 @@ class Cluster:
         return cls(url, queue, conn, listen, me=me, signers=signers, lease_ttl=lease_ttl)
 
     @staticmethod
-    def _connect(url: str, channel: str, me: str) -> tuple[psycopg.Connection[Any], ...]:
+    def live_window(lease_ttl: float) -> float:
+        """Seconds since its last heartbeat within which a coordinator counts as live."""
+        return max(3 * lease_ttl, 5 * REFRESH_SECONDS)
+
+    @staticmethod
+    def _connect(
+        url: str, channel: str, me: str, terms: dict[str, str], after: float
+    ) -> tuple[psycopg.Connection[Any], ...]:
         conn = psycopg.connect(url, autocommit=True, connect_timeout=10, options=BOUNDED)
         try:
             migrate(conn, COMPONENT, MIGRATIONS)
-            conn.execute(_HEARTBEAT, (me,))  # alive before its first request
+            Cluster._join(conn, me, terms, after)  # alive before its first request
             listen = psycopg.connect(url, autocommit=True, connect_timeout=10)
             listen.execute(f"LISTEN {channel}".encode())
         except BaseException:
             conn.close()
             raise
         return conn, listen
+
+    @staticmethod
+    def _join(conn: psycopg.Connection[Any], me: str, terms: dict[str, str], after: float) -> None:
+        """Compare `terms` with those of the live coordinators and publish them with the
+        first heartbeat, in one transaction under an advisory lock: two coordinators that
+        join at once with different terms cannot both pass."""
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_TERMS_LOCK,))
+            rows = conn.execute(
+                "SELECT coordinator, left(terms, %s) FROM cluster_members"
+                f" WHERE coordinator <> %s AND seen_at > {_NOW} - %s ORDER BY coordinator",
+                (TERMS_LIMIT + 1, me, after),
+            ).fetchall()
+            fault = _terms_fault(terms, [(str(r[0])[:80], r[1]) for r in rows])
+            if fault is not None:
+                raise NetworkTermsDiffer(fault)
+            conn.execute(
+                f"INSERT INTO cluster_members (coordinator, seen_at, terms) VALUES (%s, {_NOW}, %s)"
+                " ON CONFLICT (coordinator) DO UPDATE"
+                " SET seen_at = EXCLUDED.seen_at, terms = EXCLUDED.terms",
+                (me, json.dumps(terms, sort_keys=True)),
+            )
 
     def attach(self, dispatcher: Any) -> None:
         self.dispatcher = dispatcher
