@@ -50,6 +50,9 @@ class Mailbox:
     """Receipted, stored, not acknowledged: job id -> its image, in the order to send them."""
     failed: dict[bytes, JobFailed] = field(default_factory=dict)
     acked: set[bytes] = field(default_factory=set)
+    acking: set[bytes] = field(default_factory=set)
+    """Acknowledged by the client, the record and file removal still in a worker thread: not
+    sent again, and counted as acked by a resume (the file may already be gone)."""
     progress: dict[bytes, JobProgress] = field(default_factory=dict)
     """The latest progress per job not yet sent: coalesced, so bounded by the job count."""
     done: RequestDone | None = None
@@ -125,7 +128,9 @@ class Cursor:
                 progress = box.progress.pop(next(iter(box.progress)))
                 if progress.job_id not in box.pending and progress.job_id not in self.sent:
                     return progress
-            job_id = next((j for j in box.pending if j not in self.sent), None)
+            job_id = next(
+                (j for j in box.pending if j not in self.sent and j not in box.acking), None
+            )
             if job_id is not None:
                 key = box.pending[job_id]
                 try:
@@ -136,8 +141,8 @@ class Cursor:
                     )
                     await trio.sleep(READ_RETRY)
                     continue
-                if job_id not in box.pending:  # acknowledged meanwhile (an earlier stream)
-                    continue
+                if job_id not in box.pending or job_id in box.acking:
+                    continue  # acknowledged meanwhile (an earlier stream)
                 self.sent.add(job_id)
                 if image is None or image.job_id != job_id:
                     log.error("result_file_missing", request=short(box.request_id), file=key.name)

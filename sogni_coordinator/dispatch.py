@@ -408,7 +408,7 @@ class Dispatcher:
             job_ids=list(box.job_ids),
             chain_id=self.domain.chain_id,
             verifying_contract=self.domain.verifying_contract,
-            acked=sorted(box.acked, key=box.job_ids.index),
+            acked=sorted(box.acked | box.acking, key=box.job_ids.index),
         )
         return Resumed(reply, box, box.attach(self.results))
 
@@ -441,12 +441,19 @@ class Dispatcher:
                 self.results.remove(box.pending[j] for j in acked if j in box.pending)
             return acked
 
-        acked = await trio.to_thread.run_sync(write)
+        acking = set() if box is None else {j for j in wanted if j in box.pending} - box.acking
+        if box is not None:  # until the thread is back, a resume must not resend (or miss) them
+            box.acking |= acking
+        try:
+            acked = await trio.to_thread.run_sync(write)
+        finally:
+            if box is not None:
+                box.acking -= acking
+                box.notify()
         if box is not None:  # no checkpoint since the thread returned: this is atomic
             for job_id in acked:
                 box.pending.pop(job_id, None)
                 box.acked.add(job_id)
-            box.notify()
         return acked
 
     def cancel_request(self, request_id: bytes) -> None:

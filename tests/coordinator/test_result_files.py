@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from sogni_coordinator.delivery import ResultFiles
+from sogni_coordinator.delivery import Mailbox, ResultFiles
 from sogni_coordinator.results import ResultKey
-from sogni_protocol.messages import JobImage, Receipt, RenderMeta, decode
+from sogni_protocol.messages import JobImage, Receipt, RenderMeta, RequestDone, decode
 
 
 def _image(i: int) -> JobImage:
@@ -81,3 +81,21 @@ async def test_a_failed_file_fails_alone(tmp_path: Path) -> None:
     assert isinstance(outcome["blocked"], OSError)
     with pytest.raises(OSError):
         files.path_of(blocked).read_bytes()
+
+
+async def test_an_image_being_acknowledged_is_not_resent_nor_reported_lost(
+    tmp_path: Path,
+) -> None:
+    """Between the ack's database commit (which deletes the file) and the event loop seeing
+    it, a resumed stream must neither resend the image nor report it lost."""
+    files = ResultFiles(tmp_path / "results")
+    rid = b"\x09" * 32
+    key = files.key(rid, 1, b"\x02" * 32)
+    image = _image(1)
+    await files.put(key, image)
+    box = Mailbox(rid, [image.job_id], pending={image.job_id: key})
+    box.done = RequestDone(request_id=rid, delivered=1, failed=0, cancelled=0)
+    box.acking.add(image.job_id)  # the ack's worker thread is under way...
+    files.remove([key])  # ...and has already deleted the file
+    cursor = box.attach(files)
+    assert await cursor.next() is box.done  # no JobFailed("lost"), no second copy
