@@ -883,13 +883,13 @@ class Cluster:
         now = time.monotonic()
         if now - self._cancels_read < CANCEL_READ_EVERY:
             return
+        self._cancels_read = now  # the scan of every job too: the loop runs on each poke
         d = self.d
         theirs = {j.request_id for j in d.jobs.values() if j.request_id not in d.requests}
         self._cancels_seen &= theirs
         ask = sorted(theirs - self._cancels_seen)
         if not ask:
             return
-        self._cancels_read = now
 
         def read() -> list[bytes]:
             rows = self._conn.execute(

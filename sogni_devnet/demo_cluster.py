@@ -53,8 +53,9 @@ __all__ = ["ClusterRun", "main", "run_cluster_demo", "verify_receipts"]
 COORDINATORS = 3
 NODES = 4
 LEASE_SECONDS = 5
-RESULT_STORES = ("folder", "database")
 """Short leases: a killed coordinator's jobs are back in the queue within seconds."""
+RESULT_STORES = ("folder", "database")
+"""`--result-store`: one shared results folder, or the images as rows of the database."""
 
 
 @dataclass

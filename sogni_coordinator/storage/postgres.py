@@ -245,12 +245,18 @@ def _first_word(sql: str) -> str:
 def _dropped(conn: psycopg.Connection[Any]) -> bool:
     """Has the server closed this idle connection? Between statements nothing is due from
     the server, so anything readable on the socket is its goodbye (a FATAL error, then
-    EOF); at worst an unasked-for message costs a reconnect, outside any transaction."""
+    EOF); at worst an unasked-for message costs a reconnect, outside any transaction.
+    `poll`, not `select`: select() refuses a descriptor of 1024 or more (FD_SETSIZE), which a
+    busy coordinator's sockets reach, and every statement would then reconnect."""
     try:
-        readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+        if not hasattr(select, "poll"):  # Windows: select() has no such limit there
+            readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
+            return bool(readable)
+        poller = select.poll()
+        poller.register(conn.pgconn.socket, select.POLLIN)
+        return bool(poller.poll(0))  # readable, or hung up / in error: dropped either way
     except (psycopg.Error, OSError, ValueError):
         return True
-    return bool(readable)
 
 
 def probe_writable(url: str, timeout: float) -> str | None:

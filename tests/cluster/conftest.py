@@ -18,16 +18,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import trio
 from eth_account import Account
 
 from sogni_coordinator.config import CoordinatorConfig
+from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.service import RunningCoordinator, Signer, run_coordinator
 from sogni_net import Channel, Host
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
-from sogni_protocol.ids import CONTROL_FRAME_LIMIT
-from sogni_protocol.messages import Offer, Ready, RenderMeta, Result, Welcome
+from sogni_protocol.ids import CLIENT_PROTOCOL, CONTROL_FRAME_LIMIT
+from sogni_protocol.messages import (
+    Cancel,
+    CancelRequest,
+    HandBack,
+    Offer,
+    Ready,
+    RenderMeta,
+    RenderRequest,
+    RequestAccepted,
+    RequestDone,
+    Result,
+    ResultAck,
+    Welcome,
+)
 
 from ..e2e.conftest import (  # noqa: F401  (fixtures)
     MODEL,
@@ -37,6 +52,7 @@ from ..e2e.conftest import (  # noqa: F401  (fixtures)
     registry,
     send_node_hello,
 )
+from ..gateway.conftest import create_key
 
 
 @dataclass
@@ -179,5 +195,65 @@ class Rogue:
             meta=RenderMeta(backend="rogue", device="cpu", dtype="float32", threads=1),
         )
 
+    async def deliver(self, offer: Offer, domain: Domain, image: bytes | None = None) -> None:
+        """Send the signed result for `offer` (see `result`) and see it accepted."""
+        assert self.channel is not None
+        await self.channel.send(self.result(offer, domain, image))
+        ack = await receive_skipping(self.channel, (ResultAck,), 20)
+        assert ack.accepted, ack.reason
 
-__all__ = ["MODEL", "Member", "Rogue", "png", "start_cluster"]
+
+def pg_rows(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """`sql`'s rows in the network's database, read on a connection of the test's own."""
+    with psycopg.connect(url) as conn:
+        return [tuple(r) for r in conn.execute(sql, args).fetchall()]
+
+
+def funded_key(pg_url: str) -> tuple[str, str]:
+    """An API key of the network (shared database) and its account, credited 1 Spark."""
+    key, account = create_key(pg_url)
+    ledger = Ledger(pg_url)
+    try:
+        ledger.credit_purchase(account, 1)
+    finally:
+        ledger.close()
+    return key, account
+
+
+async def submit(
+    client: Host, member: Member, request: RenderRequest
+) -> tuple[Channel, RequestAccepted]:
+    """Send `request` to `member` from a client stream of its own; the stream and the answer,
+    which must be an acceptance."""
+    channel = await client.open_channel(member.addr, CLIENT_PROTOCOL)
+    await channel.send(request)
+    accepted = await channel.receive(timeout=10)
+    assert isinstance(accepted, RequestAccepted), accepted
+    return channel, accepted
+
+
+async def cancel_while_rendered(
+    channel: Channel, accepted: RequestAccepted, node: Rogue, offer: Offer
+) -> None:
+    """The client cancels its request while `node` holds `offer`: the node is told to stop
+    (a partial receipt paid), hands the job back, and the request ends counted cancelled."""
+    assert node.channel is not None
+    await channel.send(CancelRequest(request_id=accepted.request_id))
+    cancel = await receive_skipping(node.channel, (Cancel,), 20)
+    assert cancel.job_id == offer.offer.job_id and cancel.pay_partial
+    await node.channel.send(HandBack(job_id=offer.offer.job_id, steps_done=0, reason="cancelled"))
+    done = await receive_skipping(channel, (RequestDone,), 20)
+    assert (done.delivered, done.cancelled) == (0, 1)
+
+
+__all__ = [
+    "MODEL",
+    "Member",
+    "Rogue",
+    "cancel_while_rendered",
+    "funded_key",
+    "pg_rows",
+    "png",
+    "start_cluster",
+    "submit",
+]

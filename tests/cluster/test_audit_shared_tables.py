@@ -10,11 +10,7 @@ at one coordinator authenticates at another, and a revocation at either is seen 
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
 
 from eth_account import Account
 
@@ -25,27 +21,12 @@ from sogni_coordinator.ledger import ASSETS, Ledger, reserved_account
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.messages import RenderRequest
+from tests.postgres._helpers import as_coordinator as _as
+from tests.postgres._helpers import together as _together
 
 DOMAIN = Domain(31337, "0x" + "d1" * 20)
 NETWORK = "sogni-audit"
 SPARK = 1_000_000
-T = TypeVar("T")
-
-
-def _as(url: str, who: str) -> str:
-    """Another coordinator's connection to the same database (its own registry entry)."""
-    return f"{url}{'&' if '?' in url else '?'}application_name={who}"
-
-
-def _together(n: int, fn: Callable[[int], T]) -> list[T]:
-    start = threading.Barrier(n)
-
-    def run(i: int) -> T:
-        start.wait(timeout=30)
-        return fn(i)
-
-    with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(run, range(n)))
 
 
 def test_one_authorization_raced_at_four_coordinators_is_spent_once(pg_url: str) -> None:

@@ -10,45 +10,39 @@ nodes that sign real receipts), for what session 7 left open:
 
 from __future__ import annotations
 
-import hashlib
-import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import trio
 from eth_account import Account
 
-from sogni_net import open_host
-from sogni_protocol import eip712
+from sogni_net import Host, open_host
 from sogni_protocol.ids import CLIENT_PROTOCOL, RESULT_FRAME_LIMIT
 from sogni_protocol.messages import (
-    Cancel,
-    CancelRequest,
     Challenge,
     ChallengeAnswer,
     ChallengeRefused,
-    HandBack,
     JobImage,
     Offer,
     Ready,
-    Receipt,
-    RenderMeta,
-    RequestAccepted,
     RequestDone,
     RequestRefused,
-    Result,
-    ResultAck,
 )
 
 from ..e2e.conftest import receive_skipping, tiny_request
-from ..e2e.rogue_kit import EVERY, heartbeats, made_up_trajectory, wire
-from .conftest import MODEL, Member, Rogue, png, start_cluster
-
-
-def _rows(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url) as conn:
-        return [tuple(r) for r in conn.execute(sql, args).fetchall()]
+from ..e2e.rogue_kit import EVERY, heartbeats, made_up_trajectory, submit_result, wire
+from .conftest import (
+    MODEL,
+    Member,
+    Rogue,
+    cancel_while_rendered,
+    png,
+    start_cluster,
+    submit,
+)
+from .conftest import pg_rows as _rows
 
 
 async def _until_rows(url: str, sql: str, want: list[tuple[Any, ...]], seconds: float) -> None:
@@ -60,40 +54,44 @@ async def _until_rows(url: str, sql: str, want: list[tuple[Any, ...]], seconds: 
     assert got == want
 
 
+async def _kept_alive(node: Rogue, member: Member, nursery: trio.Nursery, credit: int = 1) -> None:
+    """Connect `node` to `member` and keep its stream alive (heartbeats) until the test ends."""
+    await node.connect(member, credit=credit)
+    assert node.channel is not None
+    nursery.start_soon(heartbeats, node.channel)
+
+
+@asynccontextmanager
+async def _node_at_b(
+    tmp: Path, pg_url: str, **cfg: Any
+) -> AsyncIterator[tuple[Member, Member, Host, Rogue]]:
+    """Coordinators A and B (30 s leases, `cfg`), a client's host, and a node connected to B
+    (one slot) kept alive until the block ends."""
+    async with (
+        start_cluster(tmp, pg_url, ["a", "b"], lease_seconds=30.0, **cfg) as m,
+        open_host(key_path=None, listen=()) as client,
+        open_host(key_path=None, listen=()) as host,
+        trio.open_nursery() as nursery,
+    ):
+        node = Rogue(host, Account.create())
+        await _kept_alive(node, m["b"], nursery)
+        yield m["a"], m["b"], client, node
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_cancel_whose_notify_was_missed_still_stops_the_lessee(
     tmp_path: Path, pg_url: str
 ) -> None:
     """B's LISTEN connection stops listening (as one that reconnected just too late): A's
     client cancels, B never hears the NOTIFY, yet B's lease loop reads the cancel from the
     shared table and stops its node, and A ends the request counted cancelled."""
-    async with (
-        start_cluster(tmp_path, pg_url, ["a", "b"], lease_seconds=30.0, models=[MODEL]) as m,
-        open_host(key_path=None, listen=()) as client,
-        open_host(key_path=None, listen=()) as host,
-        trio.open_nursery() as nursery,
-    ):
-        a, b = m["a"], m["b"]
-        node = Rogue(host, Account.create())
-        await node.connect(b)
-        assert node.channel is not None
-        nursery.start_soon(heartbeats, node.channel)
-        channel = await client.open_channel(a.addr, CLIENT_PROTOCOL)
-        await channel.send(tiny_request(1, seed=21))
-        accepted = await channel.receive(timeout=10)
-        assert isinstance(accepted, RequestAccepted), accepted
+    async with _node_at_b(tmp_path, pg_url, models=[MODEL]) as (a, b, client, node):
+        channel, accepted = await submit(client, a, tiny_request(1, seed=21))
         offer = await node.offer()  # B leased A's job and offered it
         cluster = b.running.dispatcher.cluster
         # the notification is dropped: B's listener waits on, hearing nothing from now on
         await trio.to_thread.run_sync(cluster._listen.execute, b"UNLISTEN *")
-        await channel.send(CancelRequest(request_id=accepted.request_id))
-        cancel = await receive_skipping(node.channel, (Cancel,), 20)
-        assert cancel.job_id == offer.offer.job_id and cancel.pay_partial
-        await node.channel.send(
-            HandBack(job_id=offer.offer.job_id, steps_done=0, reason="cancelled")
-        )
-        done = await receive_skipping(channel, (RequestDone,), 20)
-        assert (done.delivered, done.cancelled) == (0, 1)
-        nursery.cancel_scope.cancel()
+        await cancel_while_rendered(channel, accepted, node, offer)
     assert _rows(pg_url, "SELECT request_id FROM cluster_cancels") == [(accepted.request_id,)]
     assert _rows(pg_url, "SELECT state FROM jobs") == [("cancelled",)]
     assert _rows(pg_url, "SELECT state FROM queue_jobs") == [("dead",)]  # not left leased
@@ -103,34 +101,9 @@ async def _held_result(node: Rogue, member: Member, offer: Offer, seed: int) -> 
     """Send a full result committing to a made-up (correctly committed) trajectory, which a
     coordinator checking every receipt holds; the trajectory, to answer its challenge."""
     assert node.channel is not None
-    o = offer.offer
-    committed = made_up_trajectory(o.steps, seed)
-    image = png(o.width, o.height)
-    receipt = Receipt(
-        job_id=o.job_id,
-        offer_hash=eip712.offer_hash(member.net.domain, o),
-        worker=node.acct.address,
-        coordinator=o.coordinator,
-        model_id=o.model_id,
-        result_hash=hashlib.sha256(image).digest(),
-        steps_done=o.steps,
-        work_units=o.work_units,
-        price_factor_bps=o.price_factor_bps,
-        completed_at=int(time.time()),
-        trajectory_root=committed.root,
-    )
-    await node.channel.send(
-        Result(
-            job_id=o.job_id,
-            image=image,
-            receipt=receipt,
-            signature=eip712.sign_receipt(bytes(node.acct.key), member.net.domain, receipt),
-            meta=RenderMeta(backend="rogue", device="cpu", dtype="float32", threads=1),
-        ),
-        limit=RESULT_FRAME_LIMIT,
-    )
-    ack = await receive_skipping(node.channel, (ResultAck,), 20)
-    assert ack.accepted, ack.reason
+    committed = made_up_trajectory(offer.offer.steps, seed)
+    image = png(offer.offer.width, offer.offer.height)
+    await submit_result(member.net, node.channel, node.acct, offer, image, committed)
     return committed
 
 
@@ -142,23 +115,10 @@ async def test_a_held_receipt_completes_its_queue_row_when_its_check_ends(
     not when B's 30 s lease lapses. Rendered again and checked (the challenge answered, no
     verifier: skipped, released as a pass), its queue row is done with B's receipt at once,
     and A delivers the image."""
-    async with (
-        start_cluster(
-            tmp_path, pg_url, ["a", "b"], lease_seconds=30.0, models=[MODEL], verification=EVERY
-        ) as m,
-        open_host(key_path=None, listen=()) as client,
-        open_host(key_path=None, listen=()) as host,
-        trio.open_nursery() as nursery,
-    ):
-        a, b = m["a"], m["b"]
-        node = Rogue(host, Account.create())
-        await node.connect(b)
+    checked = {"models": [MODEL], "verification": EVERY}  # B checks every receipt
+    async with _node_at_b(tmp_path, pg_url, **checked) as (a, b, client, node):
         assert node.channel is not None
-        nursery.start_soon(heartbeats, node.channel)
-        channel = await client.open_channel(a.addr, CLIENT_PROTOCOL)
-        await channel.send(tiny_request(1, seed=22))
-        accepted = await channel.receive(timeout=10)
-        assert isinstance(accepted, RequestAccepted), accepted
+        channel, _ = await submit(client, a, tiny_request(1, seed=22))
         job_state = "SELECT state, attempts, lease_owner IS NULL FROM queue_jobs"
 
         offer = await node.offer()
@@ -185,7 +145,6 @@ async def test_a_held_receipt_completes_its_queue_row_when_its_check_ends(
         assert image.job_id == offer.offer.job_id
         done = await receive_skipping(channel, (RequestDone,), 20)
         assert done.delivered == 1
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_model_only_another_coordinators_node_serves_is_accepted(
@@ -194,17 +153,7 @@ async def test_a_model_only_another_coordinators_node_serves_is_accepted(
     """Neither coordinator lists models; the only node serves MODEL at B. A learns it from
     the shared `cluster_models`, accepts a request for it, B's node renders it and A
     delivers; a model no node of the network serves is still refused."""
-    async with (
-        start_cluster(tmp_path, pg_url, ["a", "b"], lease_seconds=30.0) as m,
-        open_host(key_path=None, listen=()) as client,
-        open_host(key_path=None, listen=()) as host,
-        trio.open_nursery() as nursery,
-    ):
-        a, b = m["a"], m["b"]
-        node = Rogue(host, Account.create())
-        await node.connect(b)
-        assert node.channel is not None
-        nursery.start_soon(heartbeats, node.channel)
+    async with _node_at_b(tmp_path, pg_url) as (a, b, client, node):
         with trio.fail_after(10):
             while MODEL not in a.running.dispatcher.cluster.network_models:
                 await trio.sleep(0.05)
@@ -212,17 +161,13 @@ async def test_a_model_only_another_coordinators_node_serves_is_accepted(
         await refused.send(tiny_request(1, model_id="nobody-serves-this"))
         refusal = await refused.receive(timeout=10)
         assert isinstance(refusal, RequestRefused) and refusal.code == "unknown_model"
-        channel = await client.open_channel(a.addr, CLIENT_PROTOCOL)
-        await channel.send(tiny_request(1, seed=23))
-        accepted = await channel.receive(timeout=10)
-        assert isinstance(accepted, RequestAccepted), accepted
+        channel, _ = await submit(client, a, tiny_request(1, seed=23))
         offer = await node.offer()
-        await node.channel.send(node.result(offer, a.net.domain))
+        await node.deliver(offer, a.net.domain)
         image = await receive_skipping(channel, (JobImage,), 20, RESULT_FRAME_LIMIT)
         assert image.job_id == offer.offer.job_id
         done = await receive_skipping(channel, (RequestDone,), 20)
         assert done.delivered == 1
-        nursery.cancel_scope.cancel()
     assert _rows(pg_url, "SELECT coordinator_id FROM queue_receipts") == [
         (b.running.dispatcher.cluster.me,)
     ]
@@ -247,13 +192,9 @@ async def test_a_wallet_whose_receipt_failed_a_check_at_b_is_passed_over_at_a(
     ):
         a, b = m["a"], m["b"]
         at_b = Rogue(host_b, wallet)
-        await at_b.connect(b)
+        await _kept_alive(at_b, b, nursery)
         assert at_b.channel is not None
-        nursery.start_soon(heartbeats, at_b.channel)
-        channel = await client.open_channel(a.addr, CLIENT_PROTOCOL)
-        await channel.send(tiny_request(1, seed=24))
-        accepted = await channel.receive(timeout=10)
-        assert isinstance(accepted, RequestAccepted), accepted
+        await submit(client, a, tiny_request(1, seed=24))
         offer = await at_b.offer()
         await _held_result(at_b, b, offer, seed=3)
         challenge = await receive_skipping(at_b.channel, (Challenge,), 20)
@@ -262,11 +203,9 @@ async def test_a_wallet_whose_receipt_failed_a_check_at_b_is_passed_over_at_a(
         await _until_rows(pg_url, job_state, [("queued", 1)], 10)
 
         z, at_a = Rogue(host_z, Account.create()), Rogue(host_w, wallet)
-        await z.connect(a, credit=0)
-        await at_a.connect(a)  # W's credit at A: A leases the job
-        assert z.channel is not None and at_a.channel is not None
-        nursery.start_soon(heartbeats, z.channel)
-        nursery.start_soon(heartbeats, at_a.channel)
+        await _kept_alive(z, a, nursery, credit=0)
+        await _kept_alive(at_a, a, nursery)  # W's credit at A: A leases the job
+        assert z.channel is not None
         await _until_rows(pg_url, job_state, [("leased", 2)], 10)
         await z.channel.send(Ready(slots=1))
         again = await z.offer()

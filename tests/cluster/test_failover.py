@@ -28,7 +28,6 @@ from sogni_protocol.ids import CLIENT_PROTOCOL, RESULT_FRAME_LIMIT
 from sogni_protocol.messages import (
     Cancel,
     CancelRequest,
-    HandBack,
     ImageAck,
     JobImage,
     JobProgress,
@@ -46,7 +45,7 @@ from sogni_protocol.pricing import quote
 
 from ..e2e.conftest import SlowBackend, receive_skipping, tiny_request
 from ..settlement.settle_env import make_net
-from .conftest import MODEL, Rogue, start_cluster
+from .conftest import MODEL, Rogue, cancel_while_rendered, start_cluster
 
 
 def _pg_rows(url: str, sql: str) -> list[tuple[Any, ...]]:
@@ -394,15 +393,7 @@ async def test_a_cancel_stops_the_jobs_another_coordinator_leased(
         accepted = await channel.receive(timeout=10)
         assert isinstance(accepted, RequestAccepted), accepted
         offer = await node.offer()  # B leased A's job and offered it
-        assert node.channel is not None
-        await channel.send(CancelRequest(request_id=accepted.request_id))
-        cancel = await receive_skipping(node.channel, (Cancel,), 20)
-        assert cancel.job_id == offer.offer.job_id and cancel.pay_partial
-        await node.channel.send(
-            HandBack(job_id=offer.offer.job_id, steps_done=0, reason="cancelled")
-        )
-        done = await receive_skipping(channel, (RequestDone,), 20)
-        assert (done.delivered, done.cancelled) == (0, 1)
+        await cancel_while_rendered(channel, accepted, node, offer)
         assert offer.offer.job_id not in b.running.dispatcher.jobs
     assert {r[0] for r in _pg_rows(pg_url, "SELECT state FROM jobs")} == {"cancelled"}
     assert _pg_rows(pg_url, "SELECT count(*) FROM receipts") == [(0,)]

@@ -26,44 +26,14 @@ from sogni_coordinator.api_keys import ApiKeys
 from sogni_coordinator.ledger import ASSETS, Ledger, reserved_account
 from sogni_coordinator.result_urls import ResultUrls, load_key
 from sogni_net import open_host
-from sogni_protocol.messages import ResultAck
-from tests.e2e.conftest import receive_skipping
+from tests.gateway.conftest import spark_of as _spark
 from tests.gateway.sdk_wire import SdkSocket, connect, job_request
 
 from .conftest import MODEL, Member, Rogue, png, start_cluster
+from .conftest import funded_key as _funded_key
+from .conftest import pg_rows as _pg_rows
 
 TINY = {"steps": 4, "sizePreset": "custom", "width": 64, "height": 64, "seed": 11}
-
-
-def _pg_rows(url: str, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    import psycopg
-
-    with psycopg.connect(url) as conn:
-        return [tuple(r) for r in conn.execute(sql, args).fetchall()]
-
-
-def _funded_key(pg_url: str) -> tuple[str, str]:
-    """An API key of the network (shared database) and its account, credited 1 Spark."""
-    keys = ApiKeys(pg_url)
-    try:
-        key, account = keys.create("app")
-    finally:
-        keys.close()
-    ledger = Ledger(pg_url)
-    try:
-        ledger.credit_purchase(account, 1)
-    finally:
-        ledger.close()
-    return key, account
-
-
-def _spark(pg_url: str, account: str) -> int:
-    ledger = Ledger(pg_url)
-    try:
-        have = ledger.balance(account)
-    finally:
-        ledger.close()
-    return have["spark_free"] + have["spark_paid"]
 
 
 def _at(url: str, member: Member) -> str:
@@ -80,6 +50,18 @@ async def _socket_dropped(ws: SdkSocket) -> None:
                 await ws.next()
         except ConnectionClosed:
             return
+
+
+async def _queued_then_killed(a: Member, key: str, images: int) -> str:
+    """An app's project of `images` queued at A's gateway, then A killed (its socket gone);
+    the project's jobID."""
+    req = job_request(MODEL, images, **TINY)
+    async with connect(a.http_url, key) as ws:
+        await ws.send("jobRequest", req)
+        await ws.until("jobState", type="queued", jobID=req["jobID"])
+        await a.kill()
+        await _socket_dropped(ws)
+    return str(req["jobID"])
 
 
 async def test_an_app_whose_coordinator_dies_finishes_its_project_at_another(
@@ -115,9 +97,7 @@ async def test_an_app_whose_coordinator_dies_finishes_its_project_at_another(
         async with connect(a.http_url, key) as ws:
             await ws.send("jobRequest", req)
             offer1, offer2, lost = await first.offer(), await held.offer(), await stuck.offer()
-            assert first.channel is not None
-            await first.channel.send(first.result(offer1, domain, png(64, 64, colors[0])))
-            assert (await receive_skipping(first.channel, (ResultAck,), 20)).accepted
+            await first.deliver(offer1, domain, png(64, 64, colors[0]))
             got_a = await ws.until("jobResult", jobID=job)
             await a.kill()  # mid-project: a node holds A's offer for image 2
             await _socket_dropped(ws)
@@ -126,10 +106,7 @@ async def test_an_app_whose_coordinator_dies_finishes_its_project_at_another(
 
         # the node holding A's offer delivers its result to B (A is gone)
         await held.connect(b, credit=0)
-        assert held.channel is not None
-        await held.channel.send(held.result(offer2, domain, png(64, 64, colors[1])))
-        ack = await receive_skipping(held.channel, (ResultAck,), 20)
-        assert ack.accepted, ack.reason
+        await held.deliver(offer2, domain, png(64, 64, colors[1]))
 
         async with connect(b.http_url, key) as ws:  # same key, same appId: pushed, not re-sent
             results: dict[str, dict[str, Any]] = {}
@@ -147,9 +124,7 @@ async def test_an_app_whose_coordinator_dies_finishes_its_project_at_another(
             offer3 = await late.offer(timeout=30)
             assert offer3.offer.coordinator == b.signer.address
             assert offer3.offer.job_id == lost.offer.job_id
-            assert late.channel is not None
-            await late.channel.send(late.result(offer3, domain, png(64, 64, colors[2])))
-            assert (await receive_skipping(late.channel, (ResultAck,), 20)).accepted
+            await late.deliver(offer3, domain, png(64, 64, colors[2]))
             rest = await ws.project(job, timeout=30)
             assert rest[-1] == ("jobState", {"type": "jobCompleted", "jobID": job})
             for kind, data in rest:
@@ -225,10 +200,7 @@ async def test_an_app_that_lands_on_a_b_then_a_again_gets_each_image_once(
 
         async def render_one(node: Rogue, at: Member, ws: SdkSocket) -> None:
             await node.connect(at)
-            offer = await node.offer()
-            assert node.channel is not None
-            await node.channel.send(node.result(offer, domain))
-            assert (await receive_skipping(node.channel, (ResultAck,), 20)).accepted
+            await node.deliver(await node.offer(), domain)
             got = await ws.until("jobResult", jobID=job)
             while got["imgID"] in seen:  # a replay of what the app already has
                 got = await ws.until("jobResult", jobID=job)
@@ -275,19 +247,11 @@ async def test_an_app_that_comes_back_after_the_takeover_collects_its_project(
         httpx.AsyncClient(timeout=10) as http,
     ):
         a, b = m["a"], m["b"]
-        req = job_request(MODEL, 2, **TINY)
-        job = req["jobID"]
-        async with connect(a.http_url, key) as ws:
-            await ws.send("jobRequest", req)
-            await ws.until("jobState", type="queued", jobID=job)
-            await a.kill()
-            await _socket_dropped(ws)
+        job = await _queued_then_killed(a, key, 2)
         node = Rogue(host, Account.create())
         await node.connect(b, credit=2)
-        assert node.channel is not None
         for offer in [await node.offer(), await node.offer()]:
-            await node.channel.send(node.result(offer, b.net.domain))
-            assert (await receive_skipping(node.channel, (ResultAck,), 20)).accepted
+            await node.deliver(offer, b.net.domain)
         (rid,) = (bytes(r[0]) for r in _pg_rows(pg_url, "SELECT request_id FROM requests"))
         with trio.fail_after(30):  # A's heartbeat lapses after 5 s: B bills, nothing held
             while _pg_rows(
@@ -330,13 +294,7 @@ async def test_a_cancel_at_another_coordinator_stops_the_project_and_refunds_it(
         tmp_path, pg_url, ["a", "b"], gateways=True, lease_seconds=30.0, models=[MODEL]
     ) as m:
         a, b = m["a"], m["b"]
-        req = job_request(MODEL, 2, **TINY)
-        job = req["jobID"]
-        async with connect(a.http_url, key) as ws:
-            await ws.send("jobRequest", req)
-            await ws.until("jobState", type="queued", jobID=job)
-            await a.kill()
-            await _socket_dropped(ws)
+        job = await _queued_then_killed(a, key, 2)
         assert before - _spark(pg_url, account) > 0  # reserved at A
         async with connect(b.http_url, key, app_id="another-app") as ws:
             await ws.send("jobError", {"jobID": job, "error": "artistCanceled"})
@@ -368,9 +326,7 @@ async def test_a_result_url_signed_by_a_dead_coordinator_is_served_by_another(
         req = job_request(MODEL, 1, **TINY)
         async with connect(a.http_url, key) as ws:
             await ws.send("jobRequest", req)
-            offer = await node.offer()
-            assert node.channel is not None
-            await node.channel.send(node.result(offer, a.net.domain, image))
+            await node.deliver(await node.offer(), a.net.domain, image)
             url = (await ws.until("jobResult", jobID=req["jobID"]))["resultUrl"]
             await ws.until("jobState", type="jobCompleted")
         assert urlsplit(url).netloc == urlsplit(a.http_url).netloc

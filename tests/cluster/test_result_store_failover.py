@@ -19,14 +19,13 @@ from sogni_protocol.ids import CLIENT_PROTOCOL, RESULT_FRAME_LIMIT
 from sogni_protocol.messages import (
     ImageAck,
     JobImage,
-    RequestAccepted,
     RequestDone,
     RequestResumed,
     ResumeRequest,
 )
 
 from ..e2e.conftest import tiny_request
-from .conftest import MODEL, start_cluster
+from .conftest import MODEL, start_cluster, submit
 
 
 def _rows(url: str) -> int:
@@ -51,10 +50,7 @@ async def test_an_image_stored_at_a_is_served_by_b_from_the_database(
     ):
         a, b = members["a"], members["b"]
         await a.net.add_node(backend, "node-a")
-        channel = await client.open_channel(a.addr, CLIENT_PROTOCOL)
-        await channel.send(tiny_request(2, seed=11))
-        accepted = await channel.receive(timeout=10)
-        assert isinstance(accepted, RequestAccepted), accepted
+        channel, accepted = await submit(client, a, tiny_request(2, seed=11))
         rid = accepted.request_id
         from_a: dict[bytes, JobImage] = {}
         with trio.fail_after(90):
@@ -99,22 +95,11 @@ async def test_a_gateway_image_saved_at_a_downloads_from_b_out_of_the_database(
     import httpx
     from eth_account import Account
 
-    from sogni_coordinator.api_keys import ApiKeys
-    from sogni_coordinator.ledger import Ledger
     from tests.gateway.sdk_wire import connect, job_request
 
-    from .conftest import Rogue, png
+    from .conftest import Rogue, funded_key, png
 
-    keys = ApiKeys(pg_url)
-    try:
-        key, account = keys.create("app")
-    finally:
-        keys.close()
-    ledger = Ledger(pg_url)
-    try:
-        ledger.credit_purchase(account, 1)
-    finally:
-        ledger.close()
+    key, _ = funded_key(pg_url)
     image = png(64, 64, (10, 120, 240))
     async with (
         start_cluster(
@@ -129,9 +114,7 @@ async def test_a_gateway_image_saved_at_a_downloads_from_b_out_of_the_database(
         req = job_request(MODEL, 1, steps=4, sizePreset="custom", width=64, height=64, seed=3)
         async with connect(a.http_url, key) as ws:
             await ws.send("jobRequest", req)
-            offer = await node.offer()
-            assert node.channel is not None
-            await node.channel.send(node.result(offer, a.net.domain, image))
+            await node.deliver(await node.offer(), a.net.domain, image)
             url = (await ws.until("jobResult", jobID=req["jobID"]))["resultUrl"]
             await ws.until("jobState", type="jobCompleted")
         assert (await http.get(url)).content == image

@@ -7,7 +7,6 @@ when `put` returns, and a stream reads it from memory without another thread hop
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -15,35 +14,13 @@ import trio
 
 from sogni_coordinator.delivery import Mailbox, ResultFiles
 from sogni_coordinator.results import ResultKey
-from sogni_protocol.messages import JobImage, Receipt, RenderMeta, RequestDone, decode
-
-
-def _image(i: int) -> JobImage:
-    receipt = Receipt(
-        job_id=bytes([i]) * 32,
-        offer_hash=b"\x02" * 32,
-        worker="0x" + "11" * 20,
-        coordinator="0x" + "22" * 20,
-        model_id="sd15",
-        result_hash=b"\x03" * 32,
-        steps_done=20,
-        work_units=1000,
-        completed_at=1_700_000_000,
-    )
-    return JobImage(
-        job_id=bytes([i]) * 32,
-        index=i,
-        seed=i,
-        image=os.urandom(1000 + i),
-        receipt=receipt,
-        signature=b"\x04" * 65,
-        meta=RenderMeta(backend="cpu", device="test", dtype="fp32", threads=2),
-    )
+from sogni_protocol.messages import JobImage, RequestDone, decode
+from tests.coordinator._helpers import job_image
 
 
 async def test_images_written_at_once_are_each_on_disk_whole(tmp_path: Path) -> None:
     files = ResultFiles(tmp_path / "results")
-    images = {files.key(b"\x09" * 32, i, b"\x02" * 32): _image(i) for i in range(1, 21)}
+    images = {files.key(b"\x09" * 32, i, b"\x02" * 32): job_image(i) for i in range(1, 21)}
     async with trio.open_nursery() as nursery:
         for key, image in images.items():
             nursery.start_soon(files.put, key, image)
@@ -74,8 +51,8 @@ async def test_a_failed_file_fails_alone(tmp_path: Path) -> None:
             outcome[name] = exc
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(write, "good", good, _image(1))
-        nursery.start_soon(write, "blocked", blocked, _image(2))
+        nursery.start_soon(write, "good", good, job_image(1))
+        nursery.start_soon(write, "blocked", blocked, job_image(2))
     assert outcome["good"] is None
     assert isinstance(decode(files.path_of(good).read_bytes()), JobImage)
     assert isinstance(outcome["blocked"], OSError)
@@ -91,7 +68,7 @@ async def test_an_image_being_acknowledged_is_not_resent_nor_reported_lost(
     files = ResultFiles(tmp_path / "results")
     rid = b"\x09" * 32
     key = files.key(rid, 1, b"\x02" * 32)
-    image = _image(1)
+    image = job_image(1)
     await files.put(key, image)
     box = Mailbox(rid, [image.job_id], pending={image.job_id: key})
     box.done = RequestDone(request_id=rid, delivered=1, failed=0, cancelled=0)

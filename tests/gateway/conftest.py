@@ -9,7 +9,7 @@ from sogni_coordinator.ledger import Ledger
 from tests.e2e.conftest import backend, registry  # noqa: F401  (fixtures)
 
 
-def create_key(database: Path, name: str = "app", **kw: float | None) -> tuple[str, str]:
+def create_key(database: Path | str, name: str = "app", **kw: float | None) -> tuple[str, str]:
     """A new API key and its account, as `sogni-coordinator api-keys create` makes them."""
     keys = ApiKeys(database)
     try:
@@ -18,7 +18,7 @@ def create_key(database: Path, name: str = "app", **kw: float | None) -> tuple[s
         keys.close()
 
 
-def spark_of(database: Path, account: str) -> int:
+def spark_of(database: Path | str, account: str) -> int:
     """`account`'s Spark (free and paid, micro units) in the coordinator's ledger."""
     ledger = Ledger(database)
     try:

@@ -6,10 +6,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
@@ -20,28 +17,12 @@ from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.storage import is_postgres, location
 from sogni_coordinator.storage.dialect import DialectError, to_postgres
 from sogni_coordinator.store import Store
+from tests.postgres._helpers import as_coordinator as _as
+from tests.postgres._helpers import together as _together
 
-T = TypeVar("T")
 ALICE = "0x" + "a1" * 20
 BOB = "0x" + "b2" * 20
 M = 1_000_000
-
-
-def _as(url: str, who: str) -> str:
-    """Another coordinator's connection to the same database (its own registry entry)."""
-    return f"{url}{'&' if '?' in url else '?'}application_name={who}"
-
-
-def _together(n: int, fn: Callable[[int], T]) -> list[T]:
-    """`fn(i)` for i < n in n threads released at once."""
-    start = threading.Barrier(n)
-
-    def run(i: int) -> T:
-        start.wait(timeout=30)
-        return fn(i)
-
-    with ThreadPoolExecutor(n) as pool:
-        return list(pool.map(run, range(n)))
 
 
 # --- the translation -----------------------------------------------------------------------

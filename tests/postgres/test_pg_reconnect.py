@@ -8,8 +8,11 @@ Outside a transaction it works on a new connection; inside one it fails with a c
 
 from __future__ import annotations
 
+import os
+import resource
 import sqlite3
 import time
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -35,65 +38,68 @@ def _pid(conn: PgConnection) -> int:
     return conn._conn.info.backend_pid
 
 
-def test_outside_a_transaction_the_next_statement_reconnects(pg_url: str) -> None:
+@pytest.fixture
+def conn(pg_url: str) -> Iterator[PgConnection]:
+    """A store connection (lock timeout 5 s) to the test's database, with an empty table t."""
     conn = PgConnection(pg_url, lock_timeout_s=5)
     try:
         conn.execute("CREATE TABLE t (v INTEGER)")
-        conn.execute("INSERT INTO t VALUES (1)")
-        old = _pid(conn)
-        _terminate(pg_url, old)
-        assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (1,)  # no error
-        assert conn.reconnects == 1 and _pid(conn) != old
-        _terminate(pg_url, _pid(conn))  # a write outside a transaction: the same
+        yield conn
+    finally:
+        conn.close()
+
+
+def _lost_mid_transaction(conn: PgConnection, url: str) -> None:
+    """Begin a write transaction, insert 1 into t, then have the server drop the connection."""
+    conn.begin_write()
+    conn.execute("INSERT INTO t VALUES (1)")
+    _terminate(url, _pid(conn))
+
+
+def test_outside_a_transaction_the_next_statement_reconnects(
+    conn: PgConnection, pg_url: str
+) -> None:
+    conn.execute("INSERT INTO t VALUES (1)")
+    old = _pid(conn)
+    _terminate(pg_url, old)
+    assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (1,)  # no error
+    assert conn.reconnects == 1 and _pid(conn) != old
+    _terminate(pg_url, _pid(conn))  # a write outside a transaction: the same
+    conn.execute("INSERT INTO t VALUES (2)")
+    assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (2,)
+    assert conn.reconnects == 2
+    # the session settings are set again on the new connection
+    assert conn.execute("SHOW lock_timeout").fetchone() == ("5s",)
+
+
+def test_inside_a_transaction_the_loss_is_an_error_until_rollback(
+    conn: PgConnection, pg_url: str
+) -> None:
+    _lost_mid_transaction(conn, pg_url)
+    with pytest.raises(sqlite3.OperationalError) as lost:
         conn.execute("INSERT INTO t VALUES (2)")
-        assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (2,)
-        assert conn.reconnects == 2
-        # the session settings are set again on the new connection
-        assert conn.execute("SHOW lock_timeout").fetchone() == ("5s",)
-    finally:
-        conn.close()
-
-
-def test_inside_a_transaction_the_loss_is_an_error_until_rollback(pg_url: str) -> None:
-    conn = PgConnection(pg_url, lock_timeout_s=5)
-    try:
-        conn.execute("CREATE TABLE t (v INTEGER)")
-        conn.begin_write()
-        conn.execute("INSERT INTO t VALUES (1)")
-        _terminate(pg_url, _pid(conn))
-        with pytest.raises(sqlite3.OperationalError) as lost:
-            conn.execute("INSERT INTO t VALUES (2)")
-        assert str(lost.value) == LOST_IN_TRANSACTION
-        assert conn.in_transaction  # the caller must roll back: nothing runs outside it
-        for sql in ("INSERT INTO t VALUES (3)", "SELECT 1", "COMMIT", "ROLLBACK TO x"):
-            with pytest.raises(sqlite3.OperationalError, match="inside a transaction"):
-                conn.execute(sql)
+    assert str(lost.value) == LOST_IN_TRANSACTION
+    assert conn.in_transaction  # the caller must roll back: nothing runs outside it
+    for sql in ("INSERT INTO t VALUES (3)", "SELECT 1", "COMMIT", "ROLLBACK TO x"):
         with pytest.raises(sqlite3.OperationalError, match="inside a transaction"):
-            conn.executemany("INSERT INTO t VALUES (?)", [(4,)])
-        conn.execute("ROLLBACK")
-        assert not conn.in_transaction
-        assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (0,)  # none of it ran
-        conn.begin_write()  # and a new transaction works
-        conn.execute("INSERT INTO t VALUES (5)")
+            conn.execute(sql)
+    with pytest.raises(sqlite3.OperationalError, match="inside a transaction"):
+        conn.executemany("INSERT INTO t VALUES (?)", [(4,)])
+    conn.execute("ROLLBACK")
+    assert not conn.in_transaction
+    assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (0,)  # none of it ran
+    conn.begin_write()  # and a new transaction works
+    conn.execute("INSERT INTO t VALUES (5)")
+    conn.execute("COMMIT")
+    assert conn.execute("SELECT v FROM t").fetchall() == [(5,)]
+
+
+def test_a_lost_commit_says_its_outcome_is_unknown(conn: PgConnection, pg_url: str) -> None:
+    _lost_mid_transaction(conn, pg_url)
+    with pytest.raises(sqlite3.OperationalError, match="may or may not have committed"):
         conn.execute("COMMIT")
-        assert conn.execute("SELECT v FROM t").fetchall() == [(5,)]
-    finally:
-        conn.close()
-
-
-def test_a_lost_commit_says_its_outcome_is_unknown(pg_url: str) -> None:
-    conn = PgConnection(pg_url, lock_timeout_s=5)
-    try:
-        conn.execute("CREATE TABLE t (v INTEGER)")
-        conn.begin_write()
-        conn.execute("INSERT INTO t VALUES (1)")
-        _terminate(pg_url, _pid(conn))
-        with pytest.raises(sqlite3.OperationalError, match="may or may not have committed"):
-            conn.execute("COMMIT")
-        conn.execute("ROLLBACK")
-        assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (0,)
-    finally:
-        conn.close()
+    conn.execute("ROLLBACK")
+    assert conn.execute("SELECT COUNT(*) FROM t").fetchone() == (0,)
 
 
 def test_a_component_keeps_working_after_the_server_drops_its_connection(pg_url: str) -> None:
@@ -111,3 +117,33 @@ def test_a_component_keeps_working_after_the_server_drops_its_connection(pg_url:
         assert pg.reconnects == 2
     finally:
         ledger.close()
+
+
+def test_a_connection_on_a_descriptor_above_1023_is_kept(pg_url: str) -> None:
+    """A busy coordinator (many node streams) opens PostgreSQL sockets on descriptors of
+    1024 and more, which `select()` refuses: the idle-drop check must still tell a live
+    connection (kept) from a dropped one (opened again), not reconnect before every
+    statement."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 1200
+    assert hard == resource.RLIM_INFINITY or hard >= want, f"RLIMIT_NOFILE hard limit {hard}"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), hard))
+    held: list[int] = []
+    try:
+        while not held or held[-1] < 1100:  # the lowest free descriptors, taken
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        conn = PgConnection(pg_url, lock_timeout_s=5)
+        try:
+            assert conn._conn.pgconn.socket >= 1024
+            for _ in range(3):
+                assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert conn.reconnects == 0  # live: kept
+            _terminate(pg_url, _pid(conn))
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+            assert conn.reconnects == 1  # dropped: opened again, once
+        finally:
+            conn.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

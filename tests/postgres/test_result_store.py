@@ -26,34 +26,11 @@ from sogni_coordinator.results import (
     open_results,
 )
 from sogni_coordinator.results.postgres import DEFAULT_RETENTION, PostgresResults
-from sogni_protocol.messages import JobImage, Receipt, RenderMeta
 from sogni_protocol.settings import SettingsError
+from tests.coordinator._helpers import job_image
 
 RID = b"\x09" * 32
 OFFER = b"\x02" * 32
-
-
-def _image(i: int, size: int = 1000) -> JobImage:
-    receipt = Receipt(
-        job_id=bytes([i]) * 32,
-        offer_hash=OFFER,
-        worker="0x" + "11" * 20,
-        coordinator="0x" + "22" * 20,
-        model_id="sd15",
-        result_hash=b"\x03" * 32,
-        steps_done=20,
-        work_units=1000,
-        completed_at=1_700_000_000,
-    )
-    return JobImage(
-        job_id=bytes([i]) * 32,
-        index=i,
-        seed=i,
-        image=os.urandom(size + i),
-        receipt=receipt,
-        signature=b"\x04" * 65,
-        meta=RenderMeta(backend="cpu", device="test", dtype="fp32", threads=2),
-    )
 
 
 class Kind:
@@ -102,7 +79,7 @@ def kind(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Kind]:
 
 async def test_an_image_put_through_one_handle_is_read_through_another(kind: Kind) -> None:
     a, b = kind.open(), kind.open()
-    images = {a.key(RID, i, OFFER): _image(i) for i in range(1, 21)}
+    images = {a.key(RID, i, OFFER): job_image(i) for i in range(1, 21)}
     async with trio.open_nursery() as nursery:  # written together: grouped in one call
         for key, image in images.items():
             nursery.start_soon(a.put, key, image)
@@ -116,8 +93,8 @@ async def test_an_image_put_through_one_handle_is_read_through_another(kind: Kin
 async def test_remove_deletes_for_every_handle(kind: Kind) -> None:
     a, b = kind.open(), kind.open()
     keep, gone = a.key(RID, 1, OFFER), a.key(RID, 2, OFFER)
-    await a.put(keep, _image(1))
-    await a.put(gone, _image(2))
+    await a.put(keep, job_image(1))
+    await a.put(gone, job_image(2))
     await trio.to_thread.run_sync(b.remove, [gone])  # acknowledged at B
     assert await b.get(gone) is None
     assert await kind.open().get(gone) is None  # a third coordinator: gone from the store
@@ -130,8 +107,8 @@ async def test_remove_deletes_for_every_handle(kind: Kind) -> None:
 async def test_a_second_put_of_one_key_replaces_it(kind: Kind) -> None:
     a, b = kind.open(), kind.open()
     key = a.key(RID, 1, OFFER)
-    await a.put(key, _image(1))
-    second = _image(1, size=2000)
+    await a.put(key, job_image(1))
+    second = job_image(1, size=2000)
     await b.put(key, second)
     assert await kind.open().get(key) == second
 
@@ -139,7 +116,7 @@ async def test_a_second_put_of_one_key_replaces_it(kind: Kind) -> None:
 async def test_images_past_memory_are_read_back(kind: Kind) -> None:
     a = kind.open(memory_bytes=1500)  # room for one image of ~1 KB
     first, second = a.key(RID, 1, OFFER), a.key(RID, 2, OFFER)
-    one, two = _image(1), _image(2)
+    one, two = job_image(1), job_image(2)
     await a.put(first, one)
     await a.put(second, two)
     assert await a.get(first) is one
@@ -150,8 +127,8 @@ async def test_images_past_memory_are_read_back(kind: Kind) -> None:
 async def test_the_sweep_deletes_old_images_and_keeps_new_ones(kind: Kind) -> None:
     a, b = kind.open(), kind.open()
     old, new = a.key(RID, 1, OFFER), a.key(RID, 2, OFFER)
-    await a.put(old, _image(1))
-    await a.put(new, _image(2))
+    await a.put(old, job_image(1))
+    await a.put(new, job_image(2))
     kind.age(old, 7200)
     assert await trio.to_thread.run_sync(b.sweep, 3600) == 1
     assert await b.get(old) is None and await b.get(new) is not None
@@ -163,8 +140,8 @@ async def test_the_retention_task_sweeps_in_the_nursery(kind: Kind) -> None:
     a = kind.open()
     a.retention = 3600.0
     old, new = a.key(RID, 1, OFFER), a.key(RID, 2, OFFER)
-    await a.put(old, _image(1))
-    await a.put(new, _image(2))
+    await a.put(old, job_image(1))
+    await a.put(new, job_image(2))
     kind.age(old, 7200)
     reader = kind.open()
     async with trio.open_nursery() as nursery:
@@ -184,7 +161,7 @@ async def test_a_failed_write_raises_oserror(kind: Kind, tmp_path: Path) -> None
         assert kind.url is not None
         store = PostgresResults(kind.url.rsplit("/", 1)[0] + "/no_such_database")
     with pytest.raises(OSError):
-        await store.put(store.key(RID, 1, OFFER), _image(1))
+        await store.put(store.key(RID, 1, OFFER), job_image(1))
     if kind.name == "folder":
         assert await store.get(store.key(RID, 1, OFFER)) is None
     else:  # a database that cannot be asked: "try later" (`StoreError`), not "missing"
@@ -246,7 +223,7 @@ async def test_a_database_away_delays_an_image_and_never_reports_it_lost(pg_url:
 
     url = pg_url.rsplit("/", 1)[0] + "/created_later"
     reader, writer = PostgresResults(url), PostgresResults(url)
-    image = _image(1)
+    image = job_image(1)
     key = reader.key(RID, 1, OFFER)
     try:
         with pytest.raises(StoreError):
