@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from sogni_node.hardware import cpu_flags  # also read by bench.trajectory_tolerance
+
 REPO = Path(__file__).resolve().parent.parent
 
 QUANT_MODES = ("int8", "int8-dynamic", "quanto-int8", "quanto-int4")
@@ -369,16 +371,6 @@ def _load_models_conftest() -> Any:
 
 
 # --- parent: run the configurations, compare ---------------------------------------------------
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def cpu_description() -> str:
     """CPU model, family/model numbers and the ISA flags that pick code paths here."""
     from bench._common import _cpu_model

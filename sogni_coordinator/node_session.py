@@ -48,7 +48,6 @@ from sogni_coordinator.dispatch import Dispatcher, Refusal, ResultRefused
 from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.standing import StandingCache
 from sogni_net import Channel, ReadTimeout, TransportError
-from sogni_net.channel import send_all
 from sogni_protocol import eip712
 from sogni_protocol.crashpoints import crashpoint
 from sogni_protocol.errors import ProtocolError
@@ -200,8 +199,7 @@ async def serve_node(
                     ended_here = isinstance(exc, ProtocolError | ReadTimeout)
                 nursery.cancel_scope.cancel()
 
-            # a stand-in channel (tests) without batched writes: acks written by the reader
-            lane = _AckLane(out_send) if hasattr(channel, "send_many") else None
+            lane = _AckLane(out_send)
             nursery.start_soon(
                 guarded, lambda: _writer(channel, out_recv, heartbeat_interval, lane)
             )
@@ -287,12 +285,9 @@ async def _writer(
     channel: Channel,
     outbox: trio.MemoryReceiveChannel[Message],
     interval: float,
-    lane: _AckLane | None = None,
+    lane: _AckLane,
 ) -> str:
     seq = 0
-    # A stand-in channel (tests) writes one frame at a time: batching would only take
-    # messages off the bounded outbox early.
-    batching = hasattr(channel, "send_many")
     while True:
         msg: Message | None = None
         with trio.move_on_after(interval):
@@ -304,18 +299,17 @@ async def _writer(
             seq += 1
             await channel.send(Heartbeat(seq=seq), timeout=interval * 3)
             continue
-        if batching and isinstance(msg, ResultAck):
+        if isinstance(msg, ResultAck):
             await trio.sleep(0)  # the match its credit woke queues the next offer behind it
         batch = [(msg, _limit(msg))]  # everything queued now leaves in one write
-        while batching and len(batch) < _WRITE_BATCH:
+        while len(batch) < _WRITE_BATCH:
             try:
                 more = outbox.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
             batch.append((more, _limit(more)))
-        await send_all(channel, batch, timeout=ACK_TIMEOUT)
-        if lane is not None:
-            lane.written(batch)
+        await channel.send_many(batch, timeout=ACK_TIMEOUT)
+        lane.written(batch)
 
 
 async def _reader(
@@ -323,7 +317,7 @@ async def _reader(
     link: NodeLink,
     dispatcher: Dispatcher,
     timeout: float,
-    lane: _AckLane | None = None,
+    lane: _AckLane,
 ) -> str:
     while True:
         msg = await channel.receive(limit=RESULT_FRAME_LIMIT, timeout=timeout)
@@ -399,7 +393,7 @@ async def _on_result(
     link: NodeLink,
     dispatcher: Dispatcher,
     msg: Result,
-    lane: _AckLane | None = None,
+    lane: _AckLane,
 ) -> None:
     try:
         await dispatcher.accept_result(link, msg)
@@ -411,11 +405,7 @@ async def _on_result(
     else:
         ack = ResultAck(job_id=msg.job_id, accepted=True)
     crashpoint("coordinator_before_ack")
-    if lane is not None:  # the result gave its credit back (no Ready needed): the next
-        dispatcher.result_acked(link)  # offer leaves with the ack
-        await lane.send(channel, ack)  # backpressure: see the module docstring
-        crashpoint("coordinator_after_ack")
-        return
-    await channel.send(ack, timeout=ACK_TIMEOUT)  # backpressure: see the module docstring
+    # the result gave its credit back (no Ready needed): the next offer leaves with the ack
+    dispatcher.result_acked(link)
+    await lane.send(channel, ack)  # backpressure: see the module docstring
     crashpoint("coordinator_after_ack")
-    dispatcher.result_acked(link)  # the result gave its credit back: no Ready needed

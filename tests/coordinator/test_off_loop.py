@@ -14,7 +14,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -93,6 +93,22 @@ class MemoryChannel:
             self._to_node.send_nowait(message)
             return
         raise WriteTimeout(f"frame not written within {timeout}s")
+
+    async def send_many(
+        self, frames: Sequence[tuple[Message, int]], *, timeout: float = 10.0
+    ) -> None:
+        """As the real channel's: the frames leave together in one write (one wait while
+        stalled), and the call returns once all are written."""
+        with trio.move_on_after(timeout):
+            self.waiting += 1
+            try:
+                await self._reading.wait()
+            finally:
+                self.waiting -= 1
+            for message, _ in frames:
+                self._to_node.send_nowait(message)
+            return
+        raise WriteTimeout(f"frames not written within {timeout}s")
 
     async def close(self, *, timeout: float = 10.0) -> None:
         pass
@@ -480,11 +496,13 @@ async def test_a_node_that_stops_reading_is_held_back_without_losing_an_ack(
 
         # a full outbox (the writer is stuck too): no offer is made, the job waits
         node.channel.stall()
-        while True:
-            try:
-                link.outbox.send_nowait(Heartbeat(seq=0))
-            except trio.WouldBlock:
-                break
+        for _ in range(2):  # the writer takes a batch off the outbox into its stuck write
+            while True:
+                try:
+                    link.outbox.send_nowait(Heartbeat(seq=0))
+                except trio.WouldBlock:
+                    break
+            await until(lambda: node.channel.waiting == 1)
         await node.send(Ready(slots=1))
         await trio.sleep(0.2)
         assert c.dispatcher.jobs[third].state is JobState.QUEUED and link.credit == 0

@@ -4,6 +4,7 @@ why (`HelloRefused`, `RequestRefused`), and a node says so in one line instead o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -47,6 +48,10 @@ class ScriptedChannel:
 
     async def send(self, message: Message, **_: Any) -> None:
         self.sent.append(decode(encode(message)))
+
+    async def send_many(self, frames: Sequence[tuple[Message, int]], **_: Any) -> None:
+        """As the real channel's: all the frames, in order."""
+        self.sent.extend(decode(encode(message)) for message, _ in frames)
 
     async def close(self, **_: Any) -> None:
         self.closed = True
