@@ -26,6 +26,11 @@ cycling through the backend's schedulers):
   honest image (JPEG quality 92 delivered for a PNG job; quality 75 in the job's format for a
   JPEG or WebP job), and small painted patches (8x8 and 4x4 pixels), each delivered in the
   job's format, for PNG, JPEG and WebP jobs;
+- the same cheats against the pixels rule (a worker naming `+open-pixels` opens the lossless
+  pixels of its JPEG or WebP: they must be within the PNG tolerance of the decode and the
+  delivered file their encode byte for byte; `image_verify.judge_image`): a cheat passes if
+  any pixels it could open do (its honest pixels, the cheat's pixels, the delivered file's
+  decode);
 - the cost of one check (the verifier's decode plus the coordinator's compare) against the
   render's time (float32, 1 thread, same run).
 
@@ -280,6 +285,14 @@ def cheat_pixels(
     return edited
 
 
+def escapes_pixels_rule(
+    delivered: bytes, fmt: str, candidates: Sequence[np.ndarray], ref: bytes, png_tol: float
+) -> bool:
+    """A cheat's file passes the pixels rule if some pixels it could open are within the PNG
+    tolerance of the decode and encode to the delivered bytes (on this build)."""
+    return any(png(px, fmt) == delivered and distance(png(px), ref) <= png_tol for px in candidates)
+
+
 def _tolerance(honest_max: float, safety: float, floor: float) -> float:
     """safety x the largest honest value rounded up to two significant digits, >= floor."""
     value = max(honest_max * safety, floor)
@@ -376,6 +389,8 @@ def measure(settings: Settings) -> dict[str, Any]:
     own = pipes[FP32]
     cheat_jobs = tt.make_jobs(settings.cheat_jobs + 1, rng)
     cheats: dict[str, dict[str, list[float]]] = {f: {c: [] for c in CHEATS} for f in JOB_FORMATS}
+    escaped: dict[str, dict[str, int]] = {f: dict.fromkeys(CHEATS, 0) for f in FORMATS}
+    """Lossy format -> cheat -> jobs whose file passed the pixels rule."""
     started = time.perf_counter()
     rendered = [render(own, [j], base)[0][0] for j in cheat_jobs]
     for i, job in enumerate(cheat_jobs[1:], start=1):
@@ -386,10 +401,19 @@ def measure(settings: Settings) -> dict[str, Any]:
             for f in JOB_FORMATS:
                 img = reencode(honest_row[2], f) if px is None else png(px, f)
                 cheats[f][c].append(distance(img, ref, f))
+                if f in FORMATS:
+                    opened = [honest_row[2], pixels_of(img)] + ([px] if px is not None else [])
+                    escaped[f][c] += escapes_pixels_rule(img, f, opened, ref, tol["png"]["fp32"])
     print(f"image: cheats ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
     # cost: one render vs one check (decode + PNG + compare), float32, 1 thread, interleaved
-    cost: dict[str, list[float]] = {"render": [], "decode": [], "compare": [], "jpeg": []}
+    from sogni_coordinator.image_verify import judge_image
+    from sogni_protocol.image_encoding import encoder_build
+    from sogni_protocol.messages import PixelsOpening
+
+    cost: dict[str, list[float]] = {
+        "render": [], "decode": [], "compare": [], "jpeg": [], "pixels": []
+    }  # fmt: skip
     for i, job in enumerate(tt.make_jobs(settings.cost_runs + 1, rng)):
         (row,), seconds = render(own, [job], base)
         t0 = time.perf_counter()
@@ -399,11 +423,15 @@ def measure(settings: Settings) -> dict[str, Any]:
         t2 = time.perf_counter()
         distance(png(row[2][::-1].copy(), "jpeg"), ref, "jpeg")  # another image: no byte match
         t3 = time.perf_counter()
+        opening = PixelsOpening(png=png(row[2]), encoder=encoder_build())
+        judge_image(png(row[2], "webp"), ref, "webp", tt.SIZE, tt.SIZE, "float32", opening)
+        t4 = time.perf_counter()
         if i:
             cost["render"].append(seconds)
             cost["decode"].append(t1 - t0)
             cost["compare"].append(t2 - t1)
             cost["jpeg"].append(t3 - t2)
+            cost["pixels"].append(t4 - t3)
     return {
         "settings": settings.__dict__,
         "providers": [p.name for p in providers],
@@ -413,6 +441,7 @@ def measure(settings: Settings) -> dict[str, Any]:
         "tolerance": tol,
         "encoders": encoder_versions(),
         "cheats": cheats,
+        "escaped_pixels_rule": escaped,
         "cost": cost,
     }
 
@@ -543,11 +572,33 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
             crow,
         ),
         "",
+    ]
+    escaped = m.get("escaped_pixels_rule")
+    if escaped:
+        n_jobs = len(m["cheats"]["png"][CHEATS[0]])
+        png_tol = _v(tol["png"]["fp32"])
+        prow = [
+            (cheat, *(f"**{100 * (n_jobs - escaped[f][cheat]) / n_jobs:.0f}%**" for f in FORMATS))
+            for cheat in CHEATS
+        ]
+        lines += [
+            "Pixels rule (`image_verify.judge_image`; the worker names `+open-pixels` and opens "
+            "the lossless pixels of its JPEG or WebP): caught unless some pixels it could open "
+            f"(its honest pixels, the cheat's pixels, or the delivered file's decode) are within "
+            f"the PNG tolerance ({png_tol}) of the decode and encode to the delivered bytes. "
+            "Honest lossy checks under it: the opened pixels are the PNG job's image and the "
+            "delivered file their encode, so its false rejections are the PNG column's.",
+            "",
+            common.table(("cheat", *(f"{f} job, pixels rule: caught" for f in FORMATS)), prow),
+            "",
+        ]
+    lines += [
         "### Cost of one check",
         "",
     ]
     c = m["cost"]
     r, dec, cmp_, jpg = (common.median(c[k]) for k in ("render", "decode", "compare", "jpeg"))
+    pix = common.median(c["pixels"]) if c.get("pixels") else math.nan
     lines += [
         common.table(
             (
@@ -555,6 +606,7 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
                 "verifier decode ms",
                 "coordinator compare ms (PNG job)",
                 "(JPEG job, re-encode + compare)",
+                "(WebP job, pixels rule)",
                 "check / render",
             ),
             [
@@ -563,7 +615,8 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
                     f"{1000 * dec:.1f}",
                     f"{1000 * cmp_:.2f}",
                     f"{1000 * jpg:.2f}",
-                    f"{(dec + max(cmp_, jpg)) / r:.3f}",
+                    f"{1000 * pix:.2f}",
+                    f"{(dec + max(cmp_, jpg, pix)) / r:.3f}",
                 )
             ],
         ),
@@ -572,8 +625,9 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
         "float32, 1 thread. The render is the whole pipeline call; the check is one VAE "
         "decode and PNG encode on the verifier and, on the coordinator, two image decodes and "
         "the block compare (a lossy job adds one encode of the verifier's pixels; timed on an "
-        "image that differs, so no byte-equality shortcut). The network round trip is not "
-        "counted.",
+        "image that differs, so no byte-equality shortcut; the pixels rule: the opened pixels "
+        "against the decode, one encode of them and a byte compare, on an honest WebP). The "
+        "network round trip, and the opened PNG it carries, are not counted.",
     ]
     return "\n".join(lines)
 

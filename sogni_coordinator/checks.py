@@ -65,6 +65,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
+import msgspec
 import trio
 
 from sogni_coordinator.challenges import (
@@ -90,11 +91,14 @@ from sogni_coordinator.verifiers import (
     tolerance_for,
     verify_step,
 )
+from sogni_protocol.image_encoding import LOSSY_FORMATS
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
     MAX_CHALLENGE_STEPS,
     NO_TRAJECTORY,
+    OPEN_PIXELS_FEATURE,
     ChallengeAnswer,
+    PixelsOpening,
     Receipt,
     RenderMeta,
     StepOpeningWire,
@@ -153,6 +157,8 @@ class Outcome:
     strike: bool = True
     evidence: bytes | None = None
     """For a fail: what the check saw (`Store.failed_evidence` keeps it for a dispute)."""
+    rule: str | None = None
+    """The image check's rule when it decided (`image_verify.PIXELS_RULE`/`BLOCK_RULE`)."""
 
 
 @dataclass(frozen=True)
@@ -183,7 +189,9 @@ class _Answer:
 
     def outcome(self, verdict: str, *, strike: bool = True) -> Outcome:
         v = self.verdict
-        return Outcome(verdict, v.reason, v.step, v.verifier, v.distance, v.tolerance, strike)
+        return Outcome(
+            verdict, v.reason, v.step, v.verifier, v.distance, v.tolerance, strike, rule=v.rule
+        )
 
     def evidence(self) -> VerifierAnswer:
         v = self.verdict
@@ -204,6 +212,10 @@ class _Run:
 
     held: Held
     by_step: dict[int, StepOpeningWire]
+    pixels: PixelsOpening | None = None
+    """The lossy image's pixels, when the worker was asked and opened them."""
+    image_rule: str | None = None
+    """The rule the image check passed by (logged with the check's verdict)."""
     used: list[tuple[str | None, int, str]] = field(default_factory=list)
     """(verifier wallet, step k or the final leaf, "step"/"image") per answer relied on."""
     payees: dict[str, str] = field(default_factory=dict)
@@ -292,7 +304,7 @@ class _Dispatcher(Protocol):
     def results(self) -> ResultStore: ...
 
     async def challenge(
-        self, peer_id: str, job_id: bytes, steps: list[int], timeout: float
+        self, peer_id: str, job_id: bytes, steps: list[int], timeout: float, pixels: bool = False
     ) -> ChallengeResult: ...
 
     async def check_passed(self, held: Held, verdict: str) -> None: ...
@@ -432,15 +444,22 @@ class Checks:
         opened = await self._open(held, leaves_for(drawn, n, end=p.image_check))
         if isinstance(opened, Outcome):
             return opened
-        run = _Run(held, {o.step: o for o in opened})
+        openings, pixels = opened
+        run = _Run(held, {o.step: o for o in openings}, pixels)
         outcome = await self._verify_steps(run, drawn)
         if outcome is None and p.image_check and n in run.by_step:
             outcome, again = await self._verify_image(run)
             if outcome is None and again:  # its verifier lost standing: its steps are re-run
                 outcome = await self._verify_steps(run, [k + 1 for k in again])
         outcome = outcome or run.last or Outcome("skipped", "no step pair drawn", strike=False)
+        if outcome.rule is None and run.image_rule is not None:
+            outcome = replace(outcome, rule=run.image_rule)
         if outcome.verdict == "fail":
-            answer = ChallengeAnswer(job_id=receipt.job_id, openings=_evidence_openings(run))
+            answer = ChallengeAnswer(
+                job_id=receipt.job_id,
+                openings=_evidence_openings(run),
+                pixels=run.pixels if run.pixels is not None else msgspec.UNSET,
+            )
             ev = Evidence(reason=outcome.reason, challenge=answer, steps=run.evidence)
             outcome = replace(outcome, evidence=encode_evidence(ev))
         elif outcome.verdict == "pass":
@@ -451,15 +470,36 @@ class Checks:
         await self._record_work(run)
         return outcome
 
-    async def _open(self, held: Held, leaves: list[int]) -> list[StepOpeningWire] | Outcome:
+    def _asks_pixels(self, held: Held) -> bool:
+        """Ask the worker to open its lossy image's pixels with the final leaf (the image
+        check's pixels rule): only a node that names `OPEN_PIXELS_FEATURE` understands it."""
+        link = self.dispatcher.nodes.get(held.peer_id)
+        return (
+            self.policy.image_check
+            and held.job.params.output_format in LOSSY_FORMATS
+            and link is not None
+            and OPEN_PIXELS_FEATURE in link.features
+        )
+
+    async def _open(
+        self, held: Held, leaves: list[int]
+    ) -> tuple[list[StepOpeningWire], PixelsOpening | None] | Outcome:
         """Have the worker open `leaves`, one challenge after another (each at most
         `MAX_CHALLENGE_STEPS` leaves), each answer proved against the receipt's root; the
-        openings, or the failed outcome of the first challenge that failed."""
+        openings and the opened pixels (when asked for and given), or the failed outcome of
+        the first challenge that failed."""
         d, receipt = self.dispatcher, held.receipt
         openings: list[StepOpeningWire] = []
+        pixels: PixelsOpening | None = None
+        asks_pixels = self._asks_pixels(held)
         for batch in challenge_batches(leaves):
+            with_pixels = asks_pixels and receipt.steps_done in batch
             result = await d.challenge(
-                held.peer_id, receipt.job_id, batch, self.policy.challenge_timeout
+                held.peer_id,
+                receipt.job_id,
+                batch,
+                self.policy.challenge_timeout,
+                pixels=with_pixels,
             )
             fault = result.fault(receipt)
             if fault is not None:
@@ -476,7 +516,10 @@ class Checks:
                 return Outcome("fail", reason, strike=not gone, evidence=encode_evidence(ev))
             assert result.answer is not None
             openings += result.answer.openings
-        return openings
+            given = result.answer.pixels
+            if with_pixels and isinstance(given, PixelsOpening):
+                pixels = given
+        return openings, pixels
 
     # --- one check's steps ---------------------------------------------------------------
     async def _verify_steps(self, run: _Run, drawn: list[int]) -> Outcome | None:
@@ -540,6 +583,7 @@ class Checks:
                 dtype=held.dtype,
                 timeout=self.policy.verify_timeout,
                 rng=self._rng,
+                pixels=run.pixels,
             )
 
         decided = await self._decide(run, final.step, "image", ask)
@@ -547,6 +591,7 @@ class Checks:
             return decided.outcome, decided.requeue
         if decided.outcome.verdict == "pass":
             run.last = run.last or decided.outcome
+            run.image_rule = decided.outcome.rule
         return None, decided.requeue
 
     async def _decide(self, run: _Run, step: int, kind: str, ask: _Ask) -> _Decided:
@@ -719,6 +764,8 @@ class Checks:
             "verdict": outcome.verdict,
             "reason": outcome.reason,
         }
+        if outcome.rule is not None:
+            line["imageRule"] = outcome.rule
         try:
             with self.log_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(line) + "\n")

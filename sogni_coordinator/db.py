@@ -20,6 +20,15 @@ queued before a reservation is seen by it, and a read sees every write submitted
 it, while the store's own writes do not pull the ledger's onto the event loop. Without a
 running writer (tests, the CLI), `submit` writes at once and `call` in a worker thread.
 
+`call_staged` queues a write with something to store first, outside the database (a
+result image: `results.base.ResultStore.write_group`). Staged writes wait in a queue of
+their own that only the writer takes: its second worker thread stores the staged items at
+once (a folder: one `syncfs`), outside the connection's lock and while the previous group
+commits, then queues the writes whose items were stored for the next group; a write whose
+item failed is never applied and its caller gets the error. So what a row points at is
+durable before the row commits, and a job waits on one queued write (one wake-up), not
+an image write and then a receipt write.
+
 Schemas are versioned per component (store, ledger and reputation share one file, so one
 `PRAGMA user_version` cannot serve them all): `schema_versions` records each component's
 version, and on open the migrations after it are applied in order, in one transaction with
@@ -47,7 +56,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, cast
 
 import trio
 
@@ -110,11 +119,27 @@ Done = Callable[[Any, BaseException | None], None]
 """Told the outcome of a queued write once its transaction committed (or failed)."""
 
 
+class GroupWriter(Protocol):
+    """Stores what staged writes point at (a result image), before they are queued."""
+
+    def write_group(self, items: list[Any]) -> list[BaseException | None]:
+        """Store every item at once (blocking); per item, None or its error."""
+        ...
+
+
+Stage = tuple[GroupWriter, Any]
+"""What `call_staged` stores first: the writer and one item for its `write_group`."""
+
+
 @dataclass(eq=False)
 class _Write:
     component: str
     fn: Callable[[], Any]
     done: Done
+    stage: Stage | None = None
+    waited: bool = True
+    """Someone awaits it (`call`): it starts a group at once. A `submit` whose group would
+    start while images are being staged rides with their receipts instead (one commit)."""
 
 
 class _Shared:
@@ -142,21 +167,56 @@ class _Shared:
         self.closed = False
         self._queue_lock = threading.Lock()
         self._queue: list[_Write] = []
-        self.wake: Callable[[], None] | None = None
+        self._staged: list[_Write] = []
+        """`call_staged` writes whose items are not stored yet: only the writer takes them."""
+        self.wake: Callable[[_Write], None] | None = None
         """Set while a writer runs: tells it there is something to write (any thread)."""
 
     # --- the queue ---------------------------------------------------------------------
     def enqueue(self, write: _Write) -> None:
         with self._queue_lock:
-            self._queue.append(write)
+            (self._queue if write.stage is None else self._staged).append(write)
         wake = self.wake
         if wake is not None:
-            wake()
+            wake(write)
 
     def pending(self, component: str | None = None) -> bool:
         """Anything queued (of `component`)?"""
         with self._queue_lock:
             return any(component in (None, w.component) for w in self._queue)
+
+    def has_staged(self) -> bool:
+        """Any `call_staged` write whose item is not stored yet?"""
+        with self._queue_lock:
+            return bool(self._staged)
+
+    def stage(self) -> None:
+        """Store the staged writes' items, a group per writer at once, and queue the writes
+        whose items were stored; the others are told their error. Only the writer's staging
+        thread (or `close`) calls this, without `rlock`: a `syncfs` blocks no reader."""
+        with self._queue_lock:
+            taken, self._staged = self._staged, []
+        if not taken:
+            return
+        groups: dict[int, tuple[GroupWriter, list[_Write]]] = {}
+        for write in taken:
+            assert write.stage is not None
+            writer = write.stage[0]
+            groups.setdefault(id(writer), (writer, []))[1].append(write)
+        failed: dict[int, BaseException] = {}
+        for writer, writes in groups.values():
+            try:
+                errors = writer.write_group([w.stage[1] for w in writes if w.stage is not None])
+            except Exception as exc:  # the whole group: none of its writes may commit
+                errors = [exc] * len(writes)
+            for write, error in zip(writes, errors, strict=True):
+                if error is not None:
+                    failed[id(write)] = error
+        with self._queue_lock:
+            self._queue.extend(w for w in taken if id(w) not in failed)
+        for write in taken:
+            if (error := failed.get(id(write))) is not None:
+                write.done(None, error)
 
     def _take(self) -> list[_Write]:
         with self._queue_lock:
@@ -246,6 +306,12 @@ class _Shared:
             except Exception as exc:  # busy past the deadline, disk full: none was written
                 outcomes = [(None, exc)] * len(taken)
         self.complete(taken, outcomes)
+
+    def stage_and_flush(self) -> None:
+        """Everything at once, blocking (a writer's end, `close`): staged items stored,
+        then everything queued committed."""
+        self.stage()
+        self.flush()
 
     @contextmanager
     def transaction(self, component: str) -> Iterator[sqlite3.Connection]:
@@ -444,7 +510,7 @@ class Database:
 
     def close(self) -> None:
         """Apply what is queued, then let go of the shared connection (the last one closes)."""
-        self._shared.flush()
+        self._shared.stage_and_flush()
         _close_shared(self._shared)
 
     @contextmanager
@@ -469,7 +535,7 @@ class Database:
             except Exception as exc:
                 done(None, exc)
             return
-        self._shared.enqueue(_Write(self.component, call, done))
+        self._shared.enqueue(_Write(self.component, call, done, waited=False))
 
     async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Write in the writer's next group and return what `fn` returned (or raise what it
@@ -477,6 +543,10 @@ class Database:
         call = functools.partial(fn, *args, **kwargs)
         if not self.writer_running:
             return await trio.to_thread.run_sync(call)
+        return await self._queued(call, None)
+
+    async def _queued(self, call: Callable[[], T], stage: Stage | None) -> T:
+        """Queue `call` for the writer and wait for its outcome."""
         token = trio.lowlevel.current_trio_token()
         finished = trio.Event()
         box: list[tuple[Any, BaseException | None]] = []
@@ -488,43 +558,84 @@ class Database:
             except trio.RunFinishedError:
                 pass
 
-        self._shared.enqueue(_Write(self.component, call, done))
+        self._shared.enqueue(_Write(self.component, call, done, stage))
         await finished.wait()
         result, error = box[0]
         if error is not None:
             raise error
         return result  # type: ignore[no-any-return]
 
+    async def call_staged(
+        self, stage: Stage | None, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> T:
+        """`call`, with `stage` stored first (see the module docstring): `fn` runs only once
+        its item is durable, and this raises the item's error instead when it could not be
+        stored. Without a running writer both run in one worker thread call."""
+        if stage is None:
+            return await self.call(fn, *args, **kwargs)
+        call = functools.partial(fn, *args, **kwargs)
+        if not self.writer_running:
+            writer, item = stage
+
+            def both() -> T:
+                [error] = writer.write_group([item])
+                if error is not None:
+                    raise error
+                return call()
+
+            return await trio.to_thread.run_sync(both)
+        return await self._queued(call, stage)
+
     async def run_writer(self) -> None:
         """Apply queued writes in groups, one transaction each, in a worker thread, until
-        cancelled; one writer per file. What is still queued then is written before it
-        returns."""
+        cancelled; one writer per file. Staged writes' items (`call_staged`) are stored by a
+        second worker thread, while the previous group commits, and join the next group
+        once stored. What is still queued or staged then is written before it returns."""
         shared = self._shared
         if shared.wake is not None:
             raise RuntimeError(f"database {self.path} already has a writer")
         token = trio.lowlevel.current_trio_token()
-        wanted = trio.Event()
         loop_thread = threading.get_ident()
+        wanted = {"commit": trio.Event(), "stage": trio.Event()}
+        staging = [False]  # the staging thread is storing images now
 
-        def set_wanted() -> None:
-            wanted.set()
+        def want(write: _Write) -> None:
+            if write.stage is not None:
+                wanted["stage"].set()  # its receipt is queued (and committed) once stored
+            elif write.waited or not staging[0]:
+                wanted["commit"].set()
+            # else: a `submit` rides with the receipts the staging thread queues next
 
-        def wake() -> None:
+        def wake(write: _Write) -> None:
             if threading.get_ident() == loop_thread:  # a write from the loop: no wake-up
-                wanted.set()  # socket write and callback per write
+                want(write)  # socket write and callback per write
                 return
             try:
-                token.run_sync_soon(set_wanted)
+                token.run_sync_soon(want, write)
             except trio.RunFinishedError:
                 pass
 
+        async def stager() -> None:
+            while True:
+                await wanted["stage"].wait()
+                wanted["stage"] = trio.Event()
+                if shared.has_staged():
+                    staging[0] = True
+                    try:
+                        await trio.to_thread.run_sync(shared.stage)
+                    finally:
+                        staging[0] = False
+                    wanted["commit"].set()
+
         shared.wake = wake
         try:
-            while True:
-                await wanted.wait()
-                wanted = trio.Event()
-                if shared.pending():
-                    await trio.to_thread.run_sync(shared.flush)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stager)
+                while True:
+                    await wanted["commit"].wait()
+                    wanted["commit"] = trio.Event()
+                    if shared.pending():
+                        await trio.to_thread.run_sync(shared.flush)
         finally:
             shared.wake = None
-            shared.flush()
+            shared.stage_and_flush()

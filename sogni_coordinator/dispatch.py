@@ -15,7 +15,8 @@ the group commit writes a receipt and its job's new state in one transaction bef
 node hears "accepted".
 
 Delivery (`delivery.py`): each request has a `Mailbox` of what its client is owed. An image is
-written to the results folder before its receipt is committed, and stays there until the
+written to the result store before its receipt is committed (the receipt's queued write
+stores it first: `db.Database.call_staged`), and stays there until the
 client acknowledges it (`ack_images`); `submit` and `resume` (with the requester's resume
 token) hand the client stream a `Cursor` over the mailbox, so a lost stream or a restart
 loses nothing and sends nothing twice that was acknowledged. Prompts are sealed in the store
@@ -26,6 +27,8 @@ request ended.
 from __future__ import annotations
 
 import hashlib
+import heapq
+import itertools
 import math
 import os
 import statistics
@@ -36,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 
 from sogni_coordinator.billing import Billing, Refusal
@@ -207,6 +211,15 @@ class Dispatcher:
         """Queued jobs, higher payer stake tiers first (staking_benefits.py)."""
         self.jobs: dict[bytes, Job] = {}
         """Live jobs (queued, running, cancelling); a job leaves when it ends."""
+        self._queued_by_request: dict[bytes, dict[Job, None]] = {}
+        """The queue's entries by request, in queue order (`sweep` asks per request, not
+        per job); may hold entries no longer waiting (`_waiting`), dropped as met."""
+        self._deadlines: list[tuple[float, int, Job, NodeLink]] = []
+        """A heap of (deadline, tie-break, job, holder) per offer: `sweep` pops the expired
+        ones instead of walking every job; an entry whose holder is gone is skipped."""
+        self._tiebreak = itertools.count()
+        self._unservable: set[bytes] = set()
+        """Requests whose queued jobs' no-node grace clocks run (`Job.unservable_since`)."""
         self.nodes: dict[str, NodeLink] = {}
         self.free: dict[NodeLink, None] = {}
         """Connected nodes with credit, in the order they got it (`NodeLink.credit` keeps it)."""
@@ -566,6 +579,7 @@ class Dispatcher:
             connected_at=self._clock(),
             payout=caps.payout,
             mode=caps.mode,
+            features=frozenset(caps.version.split()),
         )
         old = self.nodes.get(peer_id)
         if old is not None:
@@ -615,12 +629,15 @@ class Dispatcher:
         self._save()
 
     async def challenge(
-        self, peer_id: str, job_id: bytes, steps: list[int], timeout: float
+        self, peer_id: str, job_id: bytes, steps: list[int], timeout: float, pixels: bool = False
     ) -> ChallengeResult:
-        """Ask node `peer_id` to open leaves `steps` of job `job_id`'s trajectory; waits at
-        most `timeout` s. The answer is not checked here: `ChallengeResult.fault(receipt)`."""
+        """Ask node `peer_id` to open leaves `steps` of job `job_id`'s trajectory (and, with
+        `pixels`, its lossy image's pixels: only ask a node naming `OPEN_PIXELS_FEATURE`);
+        waits at most `timeout` s. The answer is not checked here: `ChallengeResult.fault`."""
         deadline = math.ceil(self._clock() + timeout)
-        challenge = Challenge(job_id=job_id, steps=list(steps), deadline=deadline)
+        challenge = Challenge(
+            job_id=job_id, steps=list(steps), deadline=deadline, pixels=pixels or msgspec.UNSET
+        )
         link = self.nodes.get(peer_id)
         if link is None:
             return ChallengeResult(challenge, refused="node not connected")
@@ -748,7 +765,8 @@ class Dispatcher:
         # checks.py: a sampled receipt is held (stored pending, not billed nor delivered)
         hold = job.state is JobState.RUNNING and self.checks.sampled(job, receipt, result.meta)
         path = None
-        if not partial:  # on disk before it is deliverable: a restart finds it there
+        staged = None
+        if not partial:  # durable before its receipt commits: a restart finds it there
             path = self.results.key(job.request_id, job.index, receipt.offer_hash)
             image = JobImage(
                 job_id=job.job_id,
@@ -759,28 +777,29 @@ class Dispatcher:
                 signature=result.signature,
                 meta=result.meta,
             )
-            try:
-                await self.results.put(path, image)
-            except OSError as exc:
-                log.error("result_file_write_failed", job=job.job_id.hex()[:16], error=str(exc))
-                raise StorageFault("the coordinator could not store the image; retry") from None
+            staged = self.results.staged(path, image)  # written by the receipt's group
         offer = job.signed_offers.get(receipt.offer_hash)
-        if hold:
-            now = self._clock()
-            committed = await self.store.call(
-                self.store.store_held_receipt,
-                receipt,
-                result.signature,
-                job.request_id,
-                offer,
-                peer_id=link.peer_id,
-                dtype=result.meta.dtype if result.meta else "",
-                elapsed=now - job.holders.get(link, now),
-            )
-        else:
-            committed = await self.receipts.commit(
-                receipt, result.signature, job.request_id, outcome, offer
-            )
+        try:
+            if hold:
+                now = self._clock()
+                committed = await self.store.call_staged(
+                    staged,
+                    self.store.store_held_receipt,
+                    receipt,
+                    result.signature,
+                    job.request_id,
+                    offer,
+                    peer_id=link.peer_id,
+                    dtype=result.meta.dtype if result.meta else "",
+                    elapsed=now - job.holders.get(link, now),
+                )
+            else:
+                committed = await self.receipts.commit(
+                    receipt, result.signature, job.request_id, outcome, offer, image=staged
+                )
+        except OSError as exc:  # the image (a receipt's write raises no OSError): not stored
+            log.error("result_file_write_failed", job=job.job_id.hex()[:16], error=str(exc))
+            raise StorageFault("the coordinator could not store the image; retry") from None
         if not committed:
             if path is not None:
                 await self.results.discard([path])
@@ -986,7 +1005,17 @@ class Dispatcher:
     def _enqueue(self, job: Job, *, front: bool = False) -> None:
         self.jobs[job.job_id] = job
         (self.queue.appendleft if front else self.queue.append)(job)
+        self._queued_by_request.setdefault(job.request_id, {})[job] = None
         self._wake()
+
+    def _dequeued(self, job: Job) -> None:
+        """`job`'s queue entry was taken (offered, or dropped as no longer waiting)."""
+        waiting = self._queued_by_request.get(job.request_id)
+        if waiting is not None:
+            waiting.pop(job, None)
+            if not waiting:
+                del self._queued_by_request[job.request_id]
+                self._unservable.discard(job.request_id)
 
     def _waiting(self, job: Job) -> bool:
         """Is this queue entry live? A job leaves QUEUED without leaving the queue (late
@@ -1008,6 +1037,7 @@ class Dispatcher:
             while self.queue and self.free:
                 job = self.queue.popleft()
                 if not self._waiting(job):
+                    self._dequeued(job)
                     continue
                 if job.request_id in blocked:  # its jobs differ only by seed: same answer
                     unmatched.append(job)
@@ -1024,6 +1054,8 @@ class Dispatcher:
                 elif not self._offer(job, link):
                     link.credit = 0  # its stream is gone; node_left follows
                     unmatched.append(job)
+                else:
+                    self._dequeued(job)
         for job in reversed(unmatched):
             self.queue.appendleft(job)
 
@@ -1051,6 +1083,7 @@ class Dispatcher:
         except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
             return False
         self._to(job, JobEvent.OFFER)  # RUNNING is stored as QUEUED: nothing to write
+        job.unservable_since = None  # a node serves it: a later grace starts afresh
         log.debug("offer_sent", job=job.job_id.hex()[:16], peer=link.peer_id, budget_s=budget)
         job.offers[offer_hash] = link.peer_id
         job.signed_offers[offer_hash] = (offer, signature)
@@ -1058,6 +1091,7 @@ class Dispatcher:
             self.cluster.offered(job, link, offer, offer_hash, signature)
         job.holders[link] = now
         job.deadlines[link] = now + budget
+        heapq.heappush(self._deadlines, (now + budget, next(self._tiebreak), job, link))
         link.credit -= 1
         link.inflight[job.job_id] = job
         state = self.requests.get(job.request_id)
@@ -1082,48 +1116,84 @@ class Dispatcher:
                 log.info("prompt_keys_shredded", requests=shredded)
 
     def sweep(self) -> None:
-        """Deadlines, jobs nobody can serve, and stragglers near the end of a request."""
+        """Deadlines, jobs nobody can serve, and stragglers near the end of a request.
+
+        Its cost is the work it finds, not the queue's length: expired deadlines come off a
+        heap, servability is asked once per request with queued jobs (their jobs are walked
+        only while the request cannot be served), and stragglers are looked for among the
+        running jobs of requests with nothing queued."""
         now = self._clock()
-        for job in list(self.jobs.values()):
-            for link, deadline in list(job.deadlines.items()):
-                if deadline < now:
-                    self._send_to_node(link, Cancel(job_id=job.job_id))
-                    self._release(job, link, "deadline missed", penalize=True)
-        servable: dict[bytes, bool] = {}  # a request's jobs differ only by seed: one answer
-        for job in [j for j in self.queue if self._waiting(j)]:
-            p = job.params
-            ok = servable.get(job.request_id)
-            if ok is None:
-                ok = servable[job.request_id] = self.can_serve(job.network, p)
-            if ok:
-                job.unservable_since = None
-            elif job.unservable_since is None:
-                job.unservable_since = now
-            elif now - job.unservable_since > self.no_node_grace:
-                if self.cluster is not None:  # another coordinator's nodes may serve it
-                    self.cluster.give_back(job)
-                    continue
-                self._give_up(job, f"no connected node can serve {job.network} {p.model_id}")
-        self._copy_stragglers(now)
+        heap = self._deadlines
+        while heap and heap[0][0] < now:
+            deadline, _, job, link = heapq.heappop(heap)
+            if self.jobs.get(job.job_id) is job and job.deadlines.get(link) == deadline:
+                self._send_to_node(link, Cancel(job_id=job.job_id))
+                self._release(job, link, "deadline missed", penalize=True)
+        queued: set[bytes] = set()  # requests with jobs waiting in the queue
+        for request_id, entries in list(self._queued_by_request.items()):
+            first = self._first_waiting(request_id, entries)
+            if first is None:
+                continue
+            queued.add(request_id)
+            # a request's jobs differ only by seed: one answer for all of them
+            if self.can_serve(first.network, first.params):
+                if request_id in self._unservable:  # their grace clocks stop
+                    self._unservable.discard(request_id)
+                    for job in entries:
+                        job.unservable_since = None
+                continue
+            self._unservable.add(request_id)
+            for job in [j for j in entries if self._waiting(j)]:
+                if job.unservable_since is None:
+                    job.unservable_since = now
+                elif now - job.unservable_since > self.no_node_grace:
+                    self._dequeued(job)
+                    if self.cluster is not None:  # another coordinator's nodes may serve it
+                        self.cluster.give_back(job)
+                        continue
+                    p = job.params
+                    self._give_up(job, f"no connected node can serve {job.network} {p.model_id}")
+            if request_id not in self._queued_by_request:
+                self._unservable.discard(request_id)
+        self._copy_stragglers(now, queued)
         self._save()
 
-    def _copy_stragglers(self, now: float) -> None:
-        queued = {j.request_id for j in self.queue if self._waiting(j)}
-        for job in list(self.jobs.values()):
-            state = self.requests.get(job.request_id)
-            if (
-                state is None
-                or job.state is not JobState.RUNNING
-                or job.request_id in queued
-                or len(job.holders) != 1
-                or len(state.durations) < 3
-            ):
+    def _first_waiting(self, request_id: bytes, entries: dict[Job, None]) -> Job | None:
+        """The request's first queue entry still waiting; the stale ones before it are
+        dropped (None: none waits, and the request leaves the index)."""
+        for job in list(entries):
+            if self._waiting(job):
+                return job
+            del entries[job]
+        del self._queued_by_request[request_id]
+        self._unservable.discard(request_id)
+        return None
+
+    def _copy_stragglers(self, now: float, queued: set[bytes]) -> None:
+        """A second copy of a job running far longer than its request's median, once the
+        request has nothing left queued (the tail of a batch)."""
+        for request_id, state in list(self.requests.items()):
+            if request_id in queued or len(state.durations) < 3:
                 continue
-            started = next(iter(job.holders.values()))
-            if now - started > STRAGGLER_FACTOR * statistics.median(state.durations):
-                link = self.router.pick(job, self._candidates(job), set(state.nodes))
-                if link is not None and self._offer(job, link):
-                    log.info("straggler_copied", job=job.job_id.hex()[:16])
+            limit = STRAGGLER_FACTOR * statistics.median(state.durations)
+            running = {
+                job.job_id: job
+                for link in state.nodes
+                for job in link.inflight.values()
+                if job.request_id == request_id
+            }
+            for job in running.values():
+                if (
+                    self.jobs.get(job.job_id) is not job
+                    or job.state is not JobState.RUNNING
+                    or len(job.holders) != 1
+                ):
+                    continue
+                started = next(iter(job.holders.values()))
+                if now - started > limit:
+                    link = self.router.pick(job, self._candidates(job), set(state.nodes))
+                    if link is not None and self._offer(job, link):
+                        log.info("straggler_copied", job=job.job_id.hex()[:16])
 
     # --- holders and endings -------------------------------------------------------------
     def _forget_holder(self, job: Job, link: NodeLink) -> bool:

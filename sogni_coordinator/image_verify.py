@@ -18,6 +18,16 @@ job the verifier's pixels are first put through the node's own encoder
 honest image is then the same bytes or within a small measured tolerance, not "within the
 encoder's error". The image passes when the distance is within the tolerance measured for
 the declared mode and output format (`image_tolerance`).
+
+Opened pixels (`judge_image`, docs/IMAGE_CHECK.md "Opened pixels"): a node naming
+`OPEN_PIXELS_FEATURE` opens the lossless pixels its JPEG or WebP was encoded from with the
+final leaf. Then the pixels rule decides: the pixels must be within the PNG tolerance of the
+verifier's decode, and the delivered file must be the shared encoder's output of them, byte
+for byte. The receipt signs the delivered file's hash before the challenge, so that equality
+binds the pixels to it: the delivered file is proved to encode pixels as close to the
+committed latent's decode as a PNG job's image must be. When the bytes differ and either side's
+codec build is not one measured to encode alike (`image_encoding.byte_exact`), the block rule
+decides instead (never refusing an honest node on another build); the verdict names its rule.
 """
 
 from __future__ import annotations
@@ -45,12 +55,13 @@ from sogni_coordinator.verifiers import (
 )
 from sogni_protocol.errors import InvalidMessage
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
-from sogni_protocol.image_encoding import LOSSY_FORMATS, encode_rgb
+from sogni_protocol.image_encoding import LOSSY_FORMATS, byte_exact, encode_rgb, encoder_build
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
     DecodeVerified,
     JobImage,
     JobParams,
+    PixelsOpening,
     StepOpeningWire,
     VerifyDecode,
     VerifyRefused,
@@ -60,13 +71,17 @@ from sogni_protocol.messages import (
 
 __all__ = [
     "BLOCK",
+    "BLOCK_RULE",
     "IMAGE_TOLERANCES",
     "LOSSY_TOLERANCES",
+    "PIXELS_RULE",
+    "ImageCheck",
     "ImageDistance",
     "check_distance",
     "delivered_image",
     "image_distance",
     "image_tolerance",
+    "judge_image",
     "reference_image",
     "verify_image",
 ]
@@ -197,6 +212,97 @@ def check_distance(
     return image_distance(delivered, reference, width, height)
 
 
+PIXELS_RULE = "pixels"
+"""The worker opened its pixels: within the PNG tolerance of the decode, and the delivered
+file their encode byte for byte (or the byte check failed on a build measured to be exact)."""
+BLOCK_RULE = "block"
+"""The delivered file against the verifier's decode put through the encoder, at the lossy
+tolerance: PNG jobs, lossy jobs without opened pixels (an older node, pixels lost), and lossy
+jobs whose re-encode differs on a codec build not measured to encode alike."""
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """What `judge_image` decided: the rule, the verdict's distance and tolerance (levels),
+    whether it passed, and the reason (no pixels, no prompt)."""
+
+    rule: str
+    distance: float
+    tolerance: float
+    passed: bool
+    reason: str
+
+
+def _block_check(
+    delivered: bytes, decoded: bytes, fmt: str, size: tuple[int, int], tol: float, why: str
+) -> ImageCheck:
+    """The block rule; `why` ends the reason's parenthesis (mode, format, why this rule)."""
+    width, height = size
+    d = check_distance(delivered, decoded, fmt, width, height)
+    passed = d.block <= tol
+    if math.isinf(d.block):
+        reason = f"image: not a {width}x{height} image"
+    else:
+        word = "within" if passed else "over"
+        reason = f"image: block distance {d.block:.3g} {word} {tol:g} levels "
+        reason += f"(mean {d.mean:.3g}; {why})"
+    return ImageCheck(BLOCK_RULE, d.block, tol, passed, reason)
+
+
+def judge_image(
+    delivered: bytes,
+    decoded: bytes,
+    output_format: str,
+    width: int,
+    height: int,
+    dtype: str,
+    pixels: PixelsOpening | None = None,
+    coordinator_build: str | None = None,
+) -> ImageCheck | None:
+    """The image check's verdict on `delivered` (the worker's file) against `decoded` (the
+    verifier's PNG), for a render declared in `dtype`; None when no tolerance is measured for
+    it. With `pixels` (a lossy job's opened pixels) the pixels rule decides, unless the bytes
+    differ on a codec build not known to be exact (`coordinator_build`: this machine's,
+    `encoder_build()` by default), where the block rule does. ValueError when `decoded` is
+    not a complete image of the job's size (the verifier's fault). Blocking (Pillow)."""
+    tol = image_tolerance(dtype, output_format)
+    png_tol = image_tolerance(dtype, "png")
+    if tol is None or png_tol is None:
+        return None
+    size, label = (width, height), f"{dtype}, {output_format}"
+    if pixels is None or output_format not in LOSSY_FORMATS:
+        why = f"{label}; no pixels opened" if output_format in LOSSY_FORMATS else label
+        return _block_check(delivered, decoded, output_format, size, tol, why)
+    opened = _rgb(pixels.png, width, height)
+    if opened is None:
+        reason = f"image: the opened pixels are not a {width}x{height} image"
+        return ImageCheck(PIXELS_RULE, math.inf, png_tol, False, reason)
+    near = image_distance(pixels.png, decoded, width, height)  # ValueError: the verifier's
+    if near.block > png_tol:
+        reason = (
+            f"image: opened pixels at block distance {near.block:.3g} over {png_tol:g} levels "
+            f"from the decode (mean {near.mean:.3g}; {label}; rule: pixels)"
+        )
+        return ImageCheck(PIXELS_RULE, near.block, png_tol, False, reason)
+    if encode_rgb(opened, output_format) == delivered:
+        reason = (
+            f"image: opened pixels within {png_tol:g} levels of the decode (block distance "
+            f"{near.block:.3g}; {label}); the delivered file is their encode byte for byte"
+        )
+        return ImageCheck(PIXELS_RULE, near.block, png_tol, True, reason)
+    here = encoder_build() if coordinator_build is None else coordinator_build
+    if byte_exact(pixels.encoder, output_format) and byte_exact(here, output_format):
+        off = image_distance(delivered, encode_rgb(opened, output_format), width, height)
+        shown = "undecodable" if math.isinf(off.block) else f"block distance {off.block:.3g}"
+        reason = (
+            f"image: the delivered {output_format} is not the encode of the opened pixels "
+            f"({shown}; encoders {pixels.encoder!r} and {here!r} encode alike; rule: pixels)"
+        )
+        return ImageCheck(PIXELS_RULE, off.block, 0.0, False, reason)
+    why = f"{label}; re-encode differs, encoder {pixels.encoder[:64] or 'unnamed'!r}"
+    return _block_check(delivered, decoded, output_format, size, tol, why)
+
+
 def delivered_image(data: bytes) -> bytes:
     """The image in `data`: the bytes themselves, or the image of a stored `JobImage` frame
     (what the coordinator's results folder holds, `delivery.ResultFiles`)."""
@@ -230,10 +336,12 @@ async def verify_image(
     dtype: str,
     timeout: float,
     rng: random.Random | None = None,
+    pixels: PixelsOpening | None = None,
 ) -> StepVerdict:
     """Ask a node of another wallet than `worker` to decode `final` (the worker's opened
     final leaf) and compare its image with `image` (the delivered one, or the stored
-    `JobImage` frame holding it: `delivered_image`). A verdict with
+    `JobImage` frame holding it: `delivered_image`), with the worker's opened `pixels` when it
+    opened them (`judge_image`: the verdict's `rule`). A verdict with
     `distance` None is inconclusive (no verifier, no answer, a refusal), except that a refusal
     keeps its `code` (`bad_leaf`: the worker's final latent does not decode at the job's size,
     which `checks.py` holds against the worker); over tolerance, evidence against the worker."""
@@ -277,19 +385,21 @@ async def verify_image(
         return fail("image: the verifier answered a decode with a step", peer)
     try:
         ref, fmt, w, h = reply.image, params.output_format, params.width, params.height
-        d = await trio.to_thread.run_sync(
-            lambda: check_distance(delivered_image(image), ref, fmt, w, h)
+        judged = await trio.to_thread.run_sync(
+            lambda: judge_image(delivered_image(image), ref, fmt, w, h, dtype, pixels)
         )
     except ValueError as exc:
         return fail(f"image: {exc}", peer)
-    passed = d.block <= tol
-    if math.isinf(d.block):
-        reason = f"image: not a {params.width}x{params.height} image"
-    else:
-        word = "within" if passed else "over"
-        reason = (
-            f"image: block distance {d.block:.3g} {word} {tol:g} levels "
-            f"(mean {d.mean:.3g}; {dtype}, {params.output_format})"
-        )
-    log.info("image_verified", step=step, verifier=peer, distance=d.block, passed=passed)
-    return StepVerdict(peer, step, d.block, tol, passed, reason)
+    assert judged is not None  # the tolerance was looked up above
+    log.info(
+        "image_verified",
+        step=step,
+        verifier=peer,
+        distance=judged.distance,
+        passed=judged.passed,
+        rule=judged.rule,
+    )
+    return StepVerdict(
+        peer, step, judged.distance, judged.tolerance, judged.passed, judged.reason,
+        rule=judged.rule,
+    )  # fmt: skip

@@ -46,6 +46,9 @@ class NodeLink:
     mode: str = ""
     """Its advertised numeric mode (`Capabilities.mode`; "": not said): a path-bound mode's
     render is re-checked only by a node of the same mode (`verifiers.can_verify`)."""
+    features: frozenset[str] = frozenset()
+    """The words of its `Capabilities.version` (e.g. `OPEN_PIXELS_FEATURE`): optional fields
+    it understands, which an older node would refuse."""
     pool: dict[NodeLink, None] | None = field(default=None, repr=False)
     """The dispatcher's nodes with credit (`Dispatcher.free`): kept by `credit`'s setter."""
 

@@ -218,6 +218,9 @@ class StepVerdict:
     leaf), None when it did not refuse."""
     latents: TensorEntry | None = None
     """The verifier's x'_{k+1}, when it answered (kept as evidence of a failed check)."""
+    rule: str | None = None
+    """The image check's rule that decided (`image_verify.PIXELS_RULE` or `BLOCK_RULE`);
+    None for a step."""
 
 
 class PendingVerifications:

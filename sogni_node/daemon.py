@@ -55,6 +55,7 @@ from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import CAPABILITIES_TOPIC
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
+    OPEN_PIXELS_FEATURE,
     SIGNER_SET_FEATURE,
     Capabilities,
     NodeHello,
@@ -98,7 +99,8 @@ def capabilities(
 ) -> Capabilities:
     """This node's advert; `payout` (its payout account, None: its wallet) tells the
     coordinator where work it verifies is paid and whom it may not verify for; `version`
-    names `SIGNER_SET_FEATURE` when the node reads a signer set in the `Welcome`."""
+    names `SIGNER_SET_FEATURE` when the node reads a signer set in the `Welcome`, and
+    `OPEN_PIXELS_FEATURE` (it opens a lossy image's pixels when challenged)."""
     return Capabilities(
         peer_id=peer_id,
         version=version,
@@ -197,7 +199,11 @@ async def run_node(
                     speed,
                     machine_id,
                     identity.payout,
-                    SIGNER_SET_FEATURE if identity.network is not None else "",
+                    # the words of what this node reads or does beyond the base protocol
+                    " ".join(
+                        [SIGNER_SET_FEATURE] * (identity.network is not None)
+                        + [OPEN_PIXELS_FEATURE]
+                    ),
                 )
 
             def announce() -> None:

@@ -79,6 +79,7 @@ from sogni_protocol.ids import (
     RESULT_FRAME_LIMIT,
     unsupported_version,
 )
+from sogni_protocol.image_encoding import encoder_build
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
     NO_TRAJECTORY,
@@ -98,6 +99,7 @@ from sogni_protocol.messages import (
     NodeHello,
     Offer,
     OfferDeclined,
+    PixelsOpening,
     Progress,
     Ready,
     Receipt,
@@ -500,7 +502,8 @@ class PullSession:
         if isinstance(reply, ChallengeRefused):
             log.warning("challenge_refused", job=job, reason=reply.reason)
         else:
-            log.info("challenge_answered", job=job, steps=len(reply.openings))
+            opened = reply.pixels is not msgspec.UNSET  # never the pixels themselves
+            log.info("challenge_answered", job=job, steps=len(reply.openings), pixels=opened)
         self.send(reply)
 
     def _answer(self, msg: Challenge) -> ChallengeAnswer | ChallengeRefused:
@@ -526,7 +529,12 @@ class PullSession:
         if outside:
             return refuse(f"steps {outside} outside the {trajectory.n_leaves} committed leaves")
         openings = [_opening_wire(trajectory.open(k)) for k in msg.steps]
-        return ChallengeAnswer(job_id=msg.job_id, openings=openings)
+        pixels: PixelsOpening | msgspec.UnsetType = msgspec.UNSET
+        if msg.pixels is True:  # only asked of a node naming OPEN_PIXELS_FEATURE
+            png = self.trajectories.load_pixels(msg.job_id)
+            if png is not None:  # else the coordinator checks by the block rule
+                pixels = PixelsOpening(png=png, encoder=encoder_build())
+        return ChallengeAnswer(job_id=msg.job_id, openings=openings, pixels=pixels)
 
     # --- work for the coordinator's checks (docs/VERIFICATION.md, docs/IMAGE_CHECK.md) ------
     async def _verifier_work(
@@ -923,6 +931,8 @@ class PullSession:
         if out.trajectory is not None and self.trajectories is not None:
             # kept before the receipt commits to it: a challenge can always be answered
             await _off_loop(self.trajectories.keep, job.id, out.trajectory)
+            if out.pixels is not None:  # a lossy image's pixels: opened for the image check
+                await _off_loop(self.trajectories.keep_pixels, job.id, out.pixels)
             root = out.trajectory.root
         await self._finish(job, out.image, out.steps_done, meta, root)
         sent = not self.closed.is_set()  # else it waits on disk for the re-offer

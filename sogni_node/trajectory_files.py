@@ -5,6 +5,11 @@ a few steps, and the node must reveal those latents with their proofs. The tenso
 disk (`data_dir/trajectories/<job id>.safetensors`, about 8 MiB for a 30-step SDXL render)
 for `retention` seconds after the render, then are deleted; a node that lost one cannot
 answer its challenge (a failed check), so the window must outlast the coordinator's.
+
+For a JPEG or WebP render the lossless pixels it was encoded from are kept beside it
+(`<job id>.pixels.png`, same retention): a challenge of the final leaf may ask for them
+(`Challenge.pixels`; docs/IMAGE_CHECK.md, "Opened pixels"). A PNG job's delivered image is
+its pixels already.
 """
 
 from __future__ import annotations
@@ -37,15 +42,37 @@ class TrajectoryFiles:
         self.prune(time.time() if now is None else now)
         return path
 
+    def pixels_path(self, job_id: bytes) -> Path:
+        return self.folder / f"{job_id.hex()}.pixels.png"
+
+    def keep_pixels(self, job_id: bytes, png: bytes) -> Path:
+        """Write the lossless pixels of `job_id`'s lossy image (blocking: off the event loop),
+        atomically, so a challenge never reads half a file."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.pixels_path(job_id)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(png)
+        tmp.replace(path)
+        return path
+
+    def load_pixels(self, job_id: bytes) -> bytes | None:
+        """The kept pixels of `job_id` (a PNG), or None (a PNG job, expired, lost)."""
+        try:
+            return self.pixels_path(job_id).read_bytes()
+        except FileNotFoundError:
+            return None
+
     def load(self, job_id: bytes) -> Trajectory | None:
         """The kept trajectory of `job_id` (checked against its root), or None."""
         path = self.path(job_id)
         return Trajectory.load(path) if path.is_file() else None
 
     def prune(self, now: float) -> int:
-        """Delete trajectories older than the retention window; returns how many."""
+        """Delete trajectories (and kept pixels) older than the retention window; returns how
+        many files."""
         gone = 0
-        for path in self.folder.glob("*.safetensors"):
+        kept = [*self.folder.glob("*.safetensors"), *self.folder.glob("*.pixels.png")]
+        for path in kept:
             try:
                 if now - path.stat().st_mtime > self.retention:
                     path.unlink()

@@ -16,19 +16,24 @@ install Pillow), not by the client or the transport.
 from __future__ import annotations
 
 import io
+import platform
 from collections.abc import Mapping
 from typing import Any
 
 from PIL import Image, features
 
 __all__ = [
+    "BYTE_EXACT_ARCHES",
+    "BYTE_EXACT_CODECS",
     "FORMATS",
     "JPEG_QUALITY",
     "LOSSY_FORMATS",
     "PNG_COMPRESS_LEVEL",
     "SAVE_OPTIONS",
     "WEBP_QUALITY",
+    "byte_exact",
     "encode_rgb",
+    "encoder_build",
     "encoder_versions",
 ]
 
@@ -79,3 +84,41 @@ def encoder_versions() -> dict[str, str | None]:
         "libwebp": features.version("webp"),
         "zlib": features.version("zlib"),
     }
+
+
+BYTE_EXACT_ARCHES = frozenset({"x86_64", "amd64"})
+"""CPU architectures whose codec builds below were measured to encode alike."""
+BYTE_EXACT_CODECS: Mapping[str, frozenset[str]] = {
+    "jpeg": frozenset({"turbo-2.1.5.1", "turbo-3.0.3", "turbo-3.1.1", "turbo-3.2.0"}),
+    "webp": frozenset({"1.3.0", "1.4.0", "1.5.0", "1.6.0"}),
+}
+"""Lossy format -> codec builds (the wheels of Pillow 9.5.0, 10.4.0, 11.3.0 and 13.0.0) that
+gave every one of 300 honest images byte for byte the same file with `SAVE_OPTIONS`, also with
+libjpeg-turbo's SIMD forced off or to SSE2 (docs/IMAGE_CHECK.md, "Encoder versions"). A node
+and a coordinator both on such a build must produce the same bytes from the same pixels, so
+the image check holds a difference against the worker; any other build (ARM, IJG libjpeg,
+mozjpeg, another libwebp) falls back to the block rule."""
+
+
+def _codec_words(versions: Mapping[str, str | None]) -> tuple[str, str]:
+    turbo, jpeg = versions.get("libjpeg_turbo"), versions.get("libjpeg")
+    jpeg_word = f"turbo-{turbo}" if turbo else f"ijg-{jpeg or 'none'}"
+    return jpeg_word, str(versions.get("libwebp") or "none")
+
+
+def encoder_build(versions: Mapping[str, str | None] | None = None) -> str:
+    """This machine's encoder build in one line, `<arch> jpeg:<codec> webp:<version>` (e.g.
+    `x86_64 jpeg:turbo-3.2.0 webp:1.6.0`): what a node says with the pixels it opens, so
+    that the coordinator knows whether byte equality can be required (`byte_exact`)."""
+    jpeg, webp = _codec_words(encoder_versions() if versions is None else versions)
+    return f"{platform.machine().lower() or 'unknown'} jpeg:{jpeg} webp:{webp}"
+
+
+def byte_exact(build: str, output_format: str) -> bool:
+    """True when an `encoder_build` line names a measured arch and, for `output_format`, a
+    codec measured to encode byte for byte like the others in `BYTE_EXACT_CODECS`."""
+    words = build.split()
+    if len(words) != 3 or words[0] not in BYTE_EXACT_ARCHES:
+        return False
+    codecs = dict(w.split(":", 1) for w in words[1:] if ":" in w)
+    return codecs.get(output_format) in BYTE_EXACT_CODECS.get(output_format, frozenset())

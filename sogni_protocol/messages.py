@@ -586,6 +586,23 @@ class StepOpeningWire(_Record, kw_only=True):
             raise ValueError(f"step {self.step} is outside a tree of {self.n_leaves} leaves")
 
 
+OPEN_PIXELS_FEATURE = "+open-pixels"
+"""A word in a node's `Capabilities.version`: it keeps the lossless pixels of its JPEG and
+WebP renders and opens them when a `Challenge` asks (`Challenge.pixels`). A coordinator asks
+only such nodes, so a node that predates the field (it would refuse it) is challenged as
+before, and its lossy images are checked by the block rule (docs/IMAGE_CHECK.md)."""
+
+
+class PixelsOpening(_Record, kw_only=True):
+    """The lossless pixels a JPEG or WebP result was encoded from (the uint8 RGB the backend
+    produced, as a PNG of only IHDR, IDAT and IEND), and the node's encoder build
+    (`sogni_protocol.image_encoding.encoder_build`): the coordinator checks the pixels against
+    a verifier's decode and the delivered file against its own encode of them."""
+
+    png: Annotated[bytes, Meta(min_length=8, max_length=ids.RESULT_FRAME_LIMIT)]
+    encoder: ShortText = ""
+
+
 class Challenge(_Message, tag="challenge", kw_only=True):
     """Coordinator -> node: reveal these leaves of the job's committed trajectory (with
     proofs) before `deadline` (unix seconds). Answered by `ChallengeAnswer` or
@@ -594,6 +611,11 @@ class Challenge(_Message, tag="challenge", kw_only=True):
     job_id: Bytes32
     steps: Annotated[list[Uint32], Meta(min_length=1, max_length=MAX_CHALLENGE_STEPS)]
     deadline: Uint64
+    pixels: bool | msgspec.UnsetType = msgspec.UNSET
+    """True: also open the lossless pixels the job's JPEG or WebP was encoded from
+    (`ChallengeAnswer.pixels`; docs/IMAGE_CHECK.md, "Opened pixels"). Sent only to a node
+    whose `Capabilities.version` names `OPEN_PIXELS_FEATURE`; left out of the frame when
+    unset, so a `Challenge` without it is the same bytes as before the field existed."""
 
     def __post_init__(self) -> None:
         if len(set(self.steps)) != len(self.steps):
@@ -606,6 +628,9 @@ class ChallengeAnswer(_Message, tag="challengeAnswer", kw_only=True):
 
     job_id: Bytes32
     openings: Annotated[list[StepOpeningWire], Meta(min_length=1, max_length=MAX_CHALLENGE_STEPS)]
+    pixels: PixelsOpening | msgspec.UnsetType = msgspec.UNSET
+    """Only when the `Challenge` asked (`Challenge.pixels`) and the node still has them;
+    left out of the frame otherwise (an older coordinator refuses the unknown field)."""
 
 
 class ChallengeRefused(_Message, tag="challengeRefused", kw_only=True):

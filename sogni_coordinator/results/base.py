@@ -11,6 +11,13 @@ What every store shares lives here: `put` groups the images asked for while a wr
 under way into one worker-thread call (a thread hop per image costs the event loop more
 than the image), and the latest images put stay in memory (`memory_bytes`) so a stream
 sends an image it was just given without a thread hop and a read.
+
+The dispatcher does not `put` a receipted image: it hands `staged(key, image)` to the
+receipt's queued write (`db.Database.call_staged`), and the database writer's staging
+thread calls `write_group` with every image waiting, while the previous group commits;
+their receipts join the next group only once the images are durable (a folder: one
+`syncfs`), and a receipt whose image failed is never written (its caller gets the
+`OSError`). So a job waits on one queued write, not an image write and then a receipt.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from sogni_protocol.messages import encode as encode_message
 
 log = get_logger(__name__)
 
-__all__ = ["ResultKey", "ResultStore", "StoreError"]
+__all__ = ["ResultKey", "ResultStore", "StagedImage", "StoreError"]
 
 DEFAULT_MEMORY = 64 * 1024 * 1024
 SWEEP_EVERY = 300.0
@@ -57,6 +64,16 @@ class ResultKey:
 
 class StoreError(OSError):
     """An image could not be stored or read (an `OSError`, as a full disk is)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StagedImage:
+    """An image to write with its receipt's group (`ResultStore.write_group`): the encoded
+    frame (encoded on the event loop, as `put` does) and the frame itself for memory."""
+
+    key: ResultKey
+    data: bytes
+    image: JobImage
 
 
 @dataclass(eq=False)
@@ -143,10 +160,22 @@ class ResultStore(ABC):
         if (error := batch.errors.get(key)) is not None:
             raise error
         with self._lock:
-            self._forget(key)
-            if self._held + len(image.image) <= self.memory_bytes:
-                self._memory[key] = (image, time.monotonic())
-                self._held += len(image.image)
+            self._remember(key, image)
+
+    def staged(self, key: ResultKey, image: JobImage) -> tuple[ResultStore, StagedImage]:
+        """`image` ready for `db.Database.call_staged`: written by `write_group` in the
+        database writer's staging thread, before the write it goes with is queued."""
+        return self, StagedImage(key, encode_message(image), image)
+
+    def write_group(self, items: list[StagedImage]) -> list[BaseException | None]:
+        """Store a group of staged images durably at once (blocking: the database writer's
+        staging thread); per item, None or the error that kept it from being stored."""
+        errors = self._write_many([(item.key, item.data) for item in items])
+        with self._lock:
+            for item in items:
+                if item.key not in errors:
+                    self._remember(item.key, item.image)
+        return [errors.get(item.key) for item in items]
 
     async def get(self, key: ResultKey) -> JobImage | None:
         """The image stored under `key`, or None if it is missing or unreadable; raises
@@ -208,6 +237,13 @@ class ResultStore(ABC):
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self.close)
+
+    def _remember(self, key: ResultKey, image: JobImage) -> None:
+        """Keep a just-stored image in memory if it fits; the caller holds the lock."""
+        self._forget(key)
+        if self._held + len(image.image) <= self.memory_bytes:
+            self._memory[key] = (image, time.monotonic())
+            self._held += len(image.image)
 
     def _forget(self, key: ResultKey) -> None:
         """Drop `key` from memory; the caller holds the lock."""

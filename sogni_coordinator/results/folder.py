@@ -3,17 +3,18 @@
 The default store (one coordinator, or several sharing a mounted folder). Each file is the
 `JobImage` frame the client will get, written under a temporary name, made durable with one
 `syncfs` for a whole group (separate fsyncs, one after another, each wait for their own
-journal commit), renamed, and each folder fsync'd once. The file is the truth: a memory copy
-is sent only while its file exists.
+journal commit), renamed, and the renames made durable with a second `syncfs` when the
+group spans several folders (one request's folder: its fsync). The file is the truth: a
+memory copy is sent only while its file exists.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import itertools
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -35,6 +36,10 @@ class FolderResults(ResultStore):
         super().__init__(memory_bytes=memory_bytes, retention=retention)
         self.root = root
 
+    @property
+    def _root(self) -> str:
+        return os.fspath(self.root)
+
     def folder(self, request_id: bytes) -> Path:
         return self.root / request_id.hex()
 
@@ -45,7 +50,10 @@ class FolderResults(ResultStore):
         return self.path(*key)
 
     def _in_memory_valid(self, key: ResultKey) -> bool:
-        return self.path_of(key).exists()  # deleted (acknowledged elsewhere, lost): not sent
+        # deleted (acknowledged elsewhere, lost): not sent. Once per image sent, on the event
+        # loop: the path as one string (no `Path` joins), one stat.
+        name = f"{key.index:04d}-{key.offer_hash.hex()[:16]}{SUFFIX}"
+        return os.path.exists(f"{self._root}/{key.request_id.hex()}/{name}")
 
     def _write_many(self, items: list[tuple[ResultKey, bytes]]) -> dict[ResultKey, OSError]:
         by_path = {self.path_of(key): key for key, _ in items}
@@ -111,22 +119,32 @@ class FolderResults(ResultStore):
 
 def _write_files(items: list[tuple[Path, bytes]]) -> dict[Path, OSError]:
     """Each file written to a temporary name, all made durable at once (one `syncfs` of the
-    results file system where Linux has it), renamed (mode 0600), then each folder fsync'd
-    once (a worker thread); the files that failed, with their error."""
+    results file system where Linux has it), renamed (mode 0600), then the renames made
+    durable: one more `syncfs` when they span several folders (a request is a folder, and
+    an fsync per folder waits for its own journal commit), else the folder's fsync. Runs in
+    a worker thread (the database writer's, `ResultStore.write_group`); the files that
+    failed, with their error."""
     errors: dict[Path, OSError] = {}
     written: list[tuple[Path, str]] = []
     one_sync = _SYNCFS is not None and len(items) > 1
+    made: set[Path] = set()
     for path, data in items:
         tmp: str | None = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
+            folder = path.parent
+            if folder not in made:
+                folder.mkdir(parents=True, exist_ok=True)
+                made.add(folder)
+            tmp = _temporary(path)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
                 if not one_sync:
-                    f.flush()
-                    os.fsync(f.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             written.append((path, tmp))
         except OSError as exc:
             errors[path] = exc
@@ -143,15 +161,37 @@ def _write_files(items: list[tuple[Path, bytes]]) -> dict[Path, OSError]:
                     os.unlink(tmp)
             return errors
     folders: set[Path] = set()
+    renamed: list[Path] = []
     for path, tmp in written:
         try:
             os.replace(tmp, path)
             folders.add(path.parent)
+            renamed.append(path)
         except OSError as exc:
             errors[path] = exc
-    for folder in folders:
-        fsync_dir(folder)
+    if one_sync and len(folders) > 1:
+        try:
+            _syncfs(renamed[0].parent)
+        except OSError as exc:  # not known durable: none may be pointed at
+            for path in renamed:
+                errors[path] = exc
+                with contextlib.suppress(OSError):
+                    path.unlink()
+    else:
+        for folder in folders:
+            fsync_dir(folder)
     return errors
+
+
+_names = itertools.count()
+
+
+def _temporary(path: Path) -> str:
+    """A fresh temporary name beside `path` (`.<name>.<unique>.tmp`: `_files` and `prune`
+    know it as an interrupted write): the process id, a counter and random bits, so
+    coordinators sharing a mounted folder never pick the same one."""
+    unique = f"{os.getpid()}-{next(_names)}-{os.urandom(4).hex()}"
+    return str(path.parent / f".{path.name}.{unique}.tmp")
 
 
 def _find_syncfs() -> Callable[[int], int] | None:

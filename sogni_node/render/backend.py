@@ -78,6 +78,10 @@ class RenderOutput:
     trajectory: Trajectory | None = field(default=None, repr=False, compare=False)
     """The committed denoising trajectory (root, digests, tensors to open any step; see
     docs/TRAJECTORY.md), from backends that record one (diffusers); None from the others."""
+    pixels: bytes | None = field(default=None, repr=False, compare=False)
+    """For a JPEG or WebP image from a backend that records a trajectory: the lossless pixels
+    it was encoded from, as a PNG (kept to open for the image check, docs/IMAGE_CHECK.md);
+    None for a PNG image (it is its pixels) and from the other backends."""
 
 
 class RenderCancelled(Exception):

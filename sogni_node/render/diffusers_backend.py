@@ -347,14 +347,17 @@ class DiffusersBackend:
         images = np.asarray(result.images)
         if images.ndim != 4 or images.shape[0] != 1:
             raise RenderError(f"model {job.model_id!r} returned images of shape {images.shape}")
+        pixels = float_image_to_uint8(images[0])
+        lossless = recorder is not None and job.output_format != "png"  # docs/IMAGE_CHECK.md
         return RenderOutput(
-            image=encode_image(float_image_to_uint8(images[0]), job.output_format),
+            image=encode_image(pixels, job.output_format),
             steps_done=steps_done,
             backend=self.name,
             device=self.device,
             dtype=self.dtype_name,
             threads=self.threads,
             trajectory=recorder.finish() if recorder is not None else None,
+            pixels=encode_image(pixels, "png") if lossless else None,
         )
 
     def close(self) -> None:

@@ -7,39 +7,54 @@ JPEG or WebP job the coordinator's re-encode of it is the delivered file, byte f
 that commits an honest trajectory, so that every step and the seed check pass, but delivers
 another image (another seed's render, or the honest image with a patch painted on it) is
 caught: its receipt becomes evidence, it earns nothing, it is struck, and the honest node
-renders the job again.
+renders the job again. A JPEG or WebP job's worker also opens the lossless pixels it encoded
+(the pixels rule, docs/IMAGE_CHECK.md "Opened pixels"): honest nodes pass by it, and a rogue
+that paints a 4 x 4 patch on its WebP, which block statistics miss on some jobs, is caught
+because its file is not the encode of the pixels it opens.
 """
 
 from __future__ import annotations
 
 import io
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
 import pytest
 import trio
+from eth_account import Account
 from PIL import Image
 
 from sogni_app.api import render
 from sogni_coordinator.dispatch import Dispatcher
-from sogni_coordinator.image_verify import verify_image
-from sogni_net import Channel
+from sogni_coordinator.evidence import decode_evidence
+from sogni_coordinator.image_verify import PIXELS_RULE, verify_image
+from sogni_net import Channel, open_host
+from sogni_node.worker import _render_job
 from sogni_protocol import eip712
-from sogni_protocol.ids import RESULT_FRAME_LIMIT
+from sogni_protocol.ids import CONTROL_FRAME_LIMIT, JOBS_PROTOCOL, RESULT_FRAME_LIMIT
+from sogni_protocol.image_encoding import encode_rgb, encoder_build
 from sogni_protocol.messages import (
+    OPEN_PIXELS_FEATURE,
+    Capabilities,
     Challenge,
     ChallengeAnswer,
     DecodeVerified,
     JobParams,
+    NodeHello,
+    PixelsOpening,
     StepOpeningWire,
     TensorEntry,
     VerifyDecode,
     VerifyRefused,
     VerifyStep,
+    Welcome,
     job_params,
 )
 
-from .conftest import receive_skipping, rogue_node, tiny_request
+from .conftest import MODEL, Net, receive_skipping, rogue_node, tiny_request
 from .rogue_kit import (
     EVERY,
     checks_of,
@@ -128,6 +143,7 @@ async def test_a_rogue_delivering_another_image_is_caught_and_its_job_rendered_a
                 assert dispatcher.store.check_state(job_id) == "pending"
                 challenge = await receive_skipping(channel, (Challenge,))
                 assert offer.params.steps in challenge.steps  # the final leaf is opened
+                assert challenge.pixels is msgspec.UNSET  # a PNG job, a node without the word
                 honest = await net.add_node(backend, "honest")  # the verifier, then worker
                 while len(dispatcher.nodes) < 2:
                     await trio.sleep(0.05)
@@ -153,6 +169,106 @@ async def test_a_rogue_delivering_another_image_is_caught_and_its_job_rendered_a
         assert failed["step"] == offer.params.steps  # the final leaf
         assert eip712.same_address(failed["verifier"], honest.wallet.address)
         assert failed["distance"] > 10 * failed["tolerance"]
+        assert failed["imageRule"] == "block"
+        tasks.cancel_scope.cancel()
+
+
+async def test_honest_nodes_pass_lossy_jobs_by_the_pixels_they_open(
+    net_factory: Any, backend: Any
+) -> None:
+    async with net_factory(verification=EVERY) as net:
+        await net.add_node(backend, "alice")
+        await net.add_node(backend, "bob")
+        with trio.fail_after(120):
+            for fmt in ("webp", "jpeg"):
+                request = tiny_request(1, scheduler="euler", output_format=fmt, seed=5)
+                (image,) = (await render(net.addr, request)).images
+                assert image.image[:4] == (b"RIFF" if fmt == "webp" else b"\xff\xd8\xff\xe0")
+        checks = checks_of(net.tmp)
+        assert [(c["verdict"], c.get("imageRule")) for c in checks] == [("pass", PIXELS_RULE)] * 2
+
+
+@asynccontextmanager
+async def _rogue_opening_pixels(net: Net) -> AsyncIterator[tuple[Channel, Any]]:
+    """`rogue_node`, advertising `OPEN_PIXELS_FEATURE`: it is asked for its pixels."""
+    acct = Account.create()
+    async with open_host(key_path=None, listen=()) as host:
+        channel = await host.open_channel(net.addr, JOBS_PROTOCOL)
+        caps = Capabilities(
+            peer_id=host.peer_id, version=OPEN_PIXELS_FEATURE, wallet=acct.address,
+            expiry=int(time.time()) + 600, models=[MODEL], slots=1, backend="rogue",
+            device="cpu", max_pixels=1 << 20,
+        )  # fmt: skip
+        sig = eip712.sign_binding(bytes(acct.key), net.domain, caps)
+        await channel.send(NodeHello(capabilities=caps, binding_signature=sig))
+        welcome = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=10)
+        assert isinstance(welcome, Welcome)
+        yield channel, acct
+
+
+async def test_a_4x4_patch_on_a_webp_is_caught_by_the_pixels_the_rogue_opens(
+    net_factory: Any, backend: Any
+) -> None:
+    """The rogue renders honestly, commits its honest trajectory, opens its honest pixels
+    (they match the verifier's decode) but delivers a WebP with a 4 x 4 patch painted on:
+    not the encode of the pixels it opened, so it fails, whatever the block distance."""
+    async with (
+        net_factory(verification=EVERY) as net,
+        _rogue_opening_pixels(net) as (channel, acct),
+        trio.open_nursery() as tasks,
+    ):
+        tasks.start_soon(heartbeats, channel)
+        dispatcher = net.coordinator.dispatcher
+        results: list[Any] = []
+
+        async def client() -> None:
+            request = tiny_request(1, scheduler="euler", output_format="webp")
+            results.append(await render(net.addr, request))
+
+        with trio.fail_after(150):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client)
+                offer = await take_offer(channel)
+                job = _render_job(offer.params, None)
+                out = await trio.to_thread.run_sync(
+                    backend.render, job, lambda _: None, lambda: False
+                )
+                assert out.pixels is not None and out.trajectory is not None
+                honest = Image.open(io.BytesIO(out.pixels)).convert("RGB")
+                r, g, b = honest.getpixel((30, 30))  # type: ignore[misc]
+                painted = honest.copy()
+                painted.paste((255 - r, 255 - g, 255 - b), (28, 28, 32, 32))
+                image = encode_rgb(painted, "webp")
+                assert image != out.image
+                job_id = await submit_result(
+                    net, channel, acct, offer, image, out.trajectory, dtype=backend.dtype_name
+                )
+                challenge = await receive_skipping(channel, (Challenge,))
+                assert challenge.pixels is True  # asked: it named the feature, a WebP job
+                honest_node = await net.add_node(backend, "honest")
+                while len(dispatcher.nodes) < 2:
+                    await trio.sleep(0.05)
+                answer = ChallengeAnswer(
+                    job_id=job_id,
+                    openings=[wire(out.trajectory, k) for k in challenge.steps],
+                    pixels=PixelsOpening(png=out.pixels, encoder=encoder_build()),
+                )
+                await channel.send(answer, limit=RESULT_FRAME_LIMIT)
+                tasks.start_soon(_refuse_every_check, channel)
+        (result,) = results
+        (image_out,) = result.images
+        assert eip712.same_address(image_out.receipt.worker, honest_node.wallet.address)
+        assert image_out.image == out.image  # the honest node's render of the same job
+        ((_, worker, _, reason),) = dispatcher.store.failed_receipts(job_id)
+        assert eip712.same_address(worker, acct.address)
+        assert "not the encode of the opened pixels" in reason, reason
+        (kept,) = dispatcher.store.failed_evidence(job_id)
+        evidence = decode_evidence(kept)  # the opened pixels are kept for a dispute
+        assert evidence.challenge is not None and evidence.challenge.pixels == answer.pixels
+        assert len(dispatcher.reputation.get(acct.address).strikes) == 1
+        assert dispatcher.reputation.get(honest_node.wallet.address).strikes == []
+        failed = next(c for c in checks_of(net.tmp) if c["verdict"] == "fail")
+        assert failed["imageRule"] == PIXELS_RULE and failed["tolerance"] == 0.0
         tasks.cancel_scope.cancel()
 
 

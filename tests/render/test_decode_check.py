@@ -11,13 +11,20 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from sogni_coordinator.image_verify import check_distance, reference_image
+from sogni_coordinator.image_verify import (
+    PIXELS_RULE,
+    check_distance,
+    judge_image,
+    reference_image,
+)
 from sogni_node.models import ModelRegistry
 from sogni_node.models.registry import SHAPES_MODEL_ID, shapes_model_spec
 from sogni_node.models.tiny import TINY_MODEL_ID
 from sogni_node.render.backend import RenderJob, RenderOutput
 from sogni_node.render.diffusers_backend import DiffusersBackend
 from sogni_node.verify.decode_check import decode_png, final_latent_shape
+from sogni_protocol.image_encoding import encoder_build
+from sogni_protocol.messages import PixelsOpening
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +84,7 @@ def test_the_final_leaf_decodes_to_the_delivered_png_on_the_tiny_model(
 ) -> None:
     out = _render(backend, _job(TINY_MODEL_ID, "euler_a", size=64))
     assert _decode(backend, TINY_MODEL_ID, _leaf(out, out.steps_done)) == out.image
+    assert out.pixels is None  # a PNG job's image is its pixels: none kept beside it
 
 
 @pytest.mark.parametrize("fmt", ["jpeg", "webp"])
@@ -87,6 +95,13 @@ def test_a_lossy_jobs_delivered_file_is_the_coordinators_re_encode_of_the_decode
     decoded = _decode(shapes_backend, SHAPES_MODEL_ID, _leaf(out, out.steps_done))
     assert decoded.startswith(b"\x89PNG")  # the verifier answers a PNG whatever the format
     assert reference_image(decoded, fmt, 64, 64) == out.image
+    # the pixels the node keeps to open (the pixels rule): the decode itself, and the
+    # delivered file is their encode; the rule passes at distance 0
+    assert out.pixels == decoded
+    pixels = PixelsOpening(png=out.pixels, encoder=encoder_build())
+    judged = judge_image(out.image, decoded, fmt, 64, 64, "float32", pixels)
+    assert judged is not None and judged.passed and judged.rule == PIXELS_RULE
+    assert judged.distance == 0.0
     # the truncated schedule's decode, re-encoded alike, is far from the delivered file
     truncated = _decode(shapes_backend, SHAPES_MODEL_ID, _leaf(out, out.steps_done - 1))
     assert check_distance(out.image, truncated, fmt, 64, 64).block > 1

@@ -1,0 +1,200 @@
+"""The receipt write path and the sweep's cost, on real SQLite and real files.
+
+A receipted image is stored by the receipt's own group commit (`Database.call_staged`): the
+writer's worker thread writes the group's images durably first, then commits their rows, so
+an image is on disk before the receipt that points at it, and a failed image keeps its
+receipt out without failing the rest of the group. The sweep pops expired deadlines off a
+heap and asks servability once per request (`Dispatcher.sweep`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+import trio.testing
+
+from sogni_coordinator.db import Database
+from sogni_coordinator.job_state import JobState
+from sogni_coordinator.results import FolderResults, ResultKey
+from sogni_coordinator.results.base import StagedImage
+from sogni_protocol.messages import JobFailed, JobImage, JobOffer, Receipt, decode
+from tests.coordinator._helpers import job_image
+
+from .conftest import FLOOR, Harness, events, request
+
+MIGRATIONS = ("CREATE TABLE rows (name TEXT PRIMARY KEY, image_on_disk INTEGER NOT NULL)",)
+
+
+class CountingFolder(FolderResults):
+    """A real folder store that records the size of each `write_group` call."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root)
+        self.groups: list[int] = []
+
+    def write_group(self, items: list[StagedImage]) -> list[BaseException | None]:
+        self.groups.append(len(items))
+        return super().write_group(items)
+
+
+async def test_images_are_on_disk_before_their_rows_commit_in_one_group(tmp_path: Path) -> None:
+    db = Database(tmp_path / "w.db", component="write_path", migrations=MIGRATIONS)
+    files = CountingFolder(tmp_path / "results")
+    keys = [files.key(bytes([i]) * 32, i, b"\x02" * 32) for i in range(8)]
+    images = [job_image(i) for i in range(8)]
+
+    def insert(key: ResultKey) -> None:  # runs in the writer's transaction
+        on_disk = files.path_of(key).exists()
+        with db._tx() as conn:
+            conn.execute("INSERT INTO rows VALUES (?, ?)", (key.name, int(on_disk)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(db.run_writer)
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as calls:
+            for i, key in enumerate(keys):
+                calls.start_soon(db.call_staged, files.staged(key, images[i]), insert, key)
+        nursery.cancel_scope.cancel()
+    rows = db._db.execute("SELECT image_on_disk FROM rows").fetchall()
+    assert rows == [(1,)] * len(keys)  # every image durable before its row was written
+    assert sum(files.groups) == len(keys) and len(files.groups) < len(keys)  # grouped
+    for i, key in enumerate(keys):
+        assert decode(files.path_of(key).read_bytes()) == images[i]
+        assert await files.get(key) == images[i]  # kept in memory too
+    db.close()
+
+
+async def test_a_failed_image_keeps_its_row_out_and_the_rest_of_its_group_in(
+    tmp_path: Path,
+) -> None:
+    db = Database(tmp_path / "w.db", component="write_path", migrations=MIGRATIONS)
+    files = FolderResults(tmp_path / "results")
+    good = files.key(b"\x09" * 32, 1, b"\x02" * 32)
+    blocked = files.key(b"\x0a" * 32, 2, b"\x02" * 32)
+    files.path_of(blocked).parent.parent.mkdir(parents=True)
+    files.path_of(blocked).parent.write_bytes(b"")  # a file where its folder should be
+    ran: list[str] = []
+    outcome: dict[str, BaseException | None] = {}
+
+    def insert(key: ResultKey) -> None:
+        ran.append(key.name)
+        with db._tx() as conn:
+            conn.execute("INSERT INTO rows VALUES (?, 1)", (key.name,))
+
+    async def write(key: ResultKey, n: int) -> None:
+        try:
+            await db.call_staged(files.staged(key, job_image(n)), insert, key)
+            outcome[key.name] = None
+        except OSError as exc:
+            outcome[key.name] = exc
+
+    for writer_running in (True, False):
+        ran.clear()
+        db._db.execute("DELETE FROM rows")
+        async with trio.open_nursery() as nursery:
+            if writer_running:
+                nursery.start_soon(db.run_writer)
+                await trio.testing.wait_all_tasks_blocked()
+            async with trio.open_nursery() as calls:
+                calls.start_soon(write, good, 1)
+                calls.start_soon(write, blocked, 2)
+            nursery.cancel_scope.cancel()
+        assert outcome[good.name] is None and isinstance(outcome[blocked.name], OSError)
+        assert ran == [good.name]  # the blocked image's row was never written
+        assert db._db.execute("SELECT name FROM rows").fetchall() == [(good.name,)]
+    db.close()
+
+
+async def test_a_receipt_is_committed_with_its_image_in_one_writer_call(coord: Harness) -> None:
+    """Through the dispatcher: the image file exists when the receipt's row is written."""
+    seen: list[bool] = []
+    store_receipt = coord.store.store_receipt
+    results = coord.dispatcher.results
+    assert isinstance(results, FolderResults)
+
+    def checking(
+        receipt: Receipt,
+        signature: bytes,
+        request_id: bytes,
+        state: JobState = JobState.DONE,
+        offer: tuple[JobOffer, bytes] | None = None,
+    ) -> bool:
+        job = coord.dispatcher.jobs[receipt.job_id]
+        seen.append(
+            results.path_of(results.key(request_id, job.index, receipt.offer_hash)).exists()
+        )
+        return store_receipt(receipt, signature, request_id, state, offer)
+
+    coord.store.store_receipt = checking  # type: ignore[method-assign]
+    sub = await coord.submit(request(3))
+    node = coord.node(0, slots=3)
+    coord.dispatcher.match()
+    async with trio.open_nursery() as nursery:
+        for offer in node.offers():
+            nursery.start_soon(coord.deliver, node, offer)
+    assert seen == [True, True, True]
+    assert len(coord.store.receipts()) == 3
+    assert len([m for m in await events(sub) if isinstance(m, JobImage)]) == 3
+
+
+# --- the sweep -------------------------------------------------------------------------------
+async def test_the_sweep_asks_each_request_once_however_many_jobs_it_has(
+    coord: Harness,
+) -> None:
+    asked: list[str] = []
+    can_serve = coord.dispatcher.can_serve
+
+    def counting(network: str, want: Any) -> bool:
+        asked.append(network)
+        return can_serve(network, want)
+
+    coord.dispatcher.can_serve = counting  # type: ignore[method-assign]
+    for _ in range(3):
+        await coord.submit(request(40))
+    coord.node(0)
+    coord.dispatcher.match()  # one job offered, 119 queued
+    coord.dispatcher.sweep()
+    assert len(asked) == 3
+
+
+async def test_a_stale_deadline_does_not_cancel_a_later_offer(coord: Harness) -> None:
+    """The heap keeps the first offer's deadline after a hand-back; it must not cut the
+    second offer of the same job short."""
+    sub = await coord.submit(request(1))
+    (job_id,) = sub.accepted.job_ids
+    a = coord.node(0)
+    coord.dispatcher.match()
+    assert len(a.offers()) == 1
+    coord.clock.advance(FLOOR / 2)
+    coord.dispatcher.handed_back(a.link, job_id, "busy")
+    coord.dispatcher.ready(a.link, 1)
+    coord.dispatcher.match()
+    assert len(a.offers()) == 1
+    coord.clock.advance(FLOOR / 2 + 1)  # the first offer's deadline has passed
+    coord.dispatcher.sweep()
+    assert a.cancels() == [] and coord.dispatcher.jobs[job_id].state is JobState.RUNNING
+    coord.clock.advance(FLOOR / 2)  # and now the second's
+    coord.dispatcher.sweep()
+    assert [c.job_id for c in a.cancels()] == [job_id]
+    assert coord.dispatcher.jobs[job_id].state is JobState.QUEUED
+
+
+async def test_an_offered_job_gets_a_fresh_grace_when_it_comes_back(coord: Harness) -> None:
+    """A job whose grace clock ran, then was offered, starts a new grace if its node goes."""
+    sub = await coord.submit(request(1))
+    (job_id,) = sub.accepted.job_ids
+    coord.dispatcher.sweep()  # no node: the grace starts
+    coord.clock.advance(coord.dispatcher.no_node_grace - 1)
+    a = coord.node(0)
+    coord.dispatcher.match()
+    assert len(a.offers()) == 1
+    coord.dispatcher.node_left(a.link, "killed")  # back in the queue, no node again
+    coord.clock.advance(2)
+    coord.dispatcher.sweep()
+    assert not any(isinstance(m, JobFailed) for m in await events(sub))
+    assert coord.dispatcher.jobs[job_id].state is JobState.QUEUED
+    coord.clock.advance(coord.dispatcher.no_node_grace + 1)
+    coord.dispatcher.sweep()
+    assert coord.store.job_state(job_id) is JobState.FAILED
