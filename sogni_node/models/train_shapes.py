@@ -22,6 +22,7 @@ Run: `python -m sogni_node.models.train_shapes --out DIR [--minutes N] [--seed S
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -81,6 +82,12 @@ _VAE_EDGE_WEIGHT = 0.0
 An experiment knob: the VAE rounds square corners, but a full run with 2.0 and 8 latent
 channels scored far worse (docs/MODEL.md, "Limits")."""
 _UNET_BATCH = 32
+_CONTRAST_WEIGHT = 0.0
+"""UNet loss weight on where the scene's latent differs from the same scene with the other
+shape (circle <-> square; triangle -> circle): 1 + this x that difference, scaled to 1 at its
+largest per image. 0: the plain loss, as shipped. An experiment knob (docs/MODEL.md,
+"Limits", session 9: 4 raised shape from 71% to 83% but lost the position words)."""
+_CONTRAST_OF = {"circle": "square", "square": "circle", "triangle": "circle"}
 _UNET_LR = 1.5e-3
 _CFG_DROPOUT = 0.1
 _COLOUR_JITTER = 12
@@ -435,6 +442,15 @@ def train_vae(steps: int, rng: random.Random) -> tuple[Any, float]:
     return vae, 1.0 / std
 
 
+def _contrast_weight(scenes: list[Scene], z0: torch.Tensor, vae: Any, scale: float) -> torch.Tensor:
+    """Per-latent-pixel loss weight where the shape word matters (`_CONTRAST_WEIGHT`)."""
+    others = [dataclasses.replace(s, shape=_CONTRAST_OF[s.shape]) for s in scenes]
+    z_other = vae.encode(draw_scenes(others)).latent_dist.mode() * scale
+    diff = (z0 - z_other).abs().mean(dim=1, keepdim=True)
+    diff = diff / diff.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    return 1.0 + _CONTRAST_WEIGHT * diff
+
+
 def train_diffusion(
     steps: int, rng: random.Random, vae: Any, scale: float, tokenizer: Any
 ) -> tuple[Any, Any]:
@@ -469,6 +485,7 @@ def train_diffusion(
         captions = [s.caption if rng.random() >= _CFG_DROPOUT else "" for s in scenes]
         with torch.no_grad():
             z0 = vae.encode(draw_scenes(scenes)).latent_dist.mode() * scale
+            weight = _contrast_weight(scenes, z0, vae, scale) if _CONTRAST_WEIGHT else None
         ids = torch.stack([tokens(c) for c in captions])
         t = torch.randint(0, len(alphas), (len(scenes),), generator=gen)
         # Half the batch at the timesteps an 8-step trailing sampler visits (999, 874, ...,
@@ -482,7 +499,10 @@ def train_diffusion(
         target = a.sqrt() * eps - (1 - a).sqrt() * z0
         cond = text_encoder(ids)[0]
         pred = unet(noisy, t, cond).sample
-        loss = F.mse_loss(pred, target)
+        if weight is None:
+            loss = F.mse_loss(pred, target)
+        else:
+            loss = (weight * (pred - target) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -571,15 +591,23 @@ def _add_ddim_keys(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    global _CONTRAST_WEIGHT
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output model folder")
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="step budget")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--contrast-weight",
+        type=float,
+        default=_CONTRAST_WEIGHT,
+        help="UNet loss weight where circle and square differ (0: the shipped recipe)",
+    )
     parser.add_argument("--eval", type=int, default=50, help="prompts to score after (0: skip)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
+    _CONTRAST_WEIGHT = args.contrast_weight
     started = time.perf_counter()
     out = train(args.out, args.minutes, args.seed)
     logger.info("saved %s in %.1f min", out, (time.perf_counter() - started) / 60)
