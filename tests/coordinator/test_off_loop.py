@@ -84,15 +84,7 @@ class MemoryChannel:
         raise ReadTimeout(f"no frame within {timeout}s")
 
     async def send(self, message: Message, *, limit: int = 0, timeout: float = 10.0) -> None:
-        with trio.move_on_after(timeout):
-            self.waiting += 1
-            try:
-                await self._reading.wait()
-            finally:
-                self.waiting -= 1
-            self._to_node.send_nowait(message)
-            return
-        raise WriteTimeout(f"frame not written within {timeout}s")
+        await self.send_many([(message, limit)], timeout=timeout)
 
     async def send_many(
         self, frames: Sequence[tuple[Message, int]], *, timeout: float = 10.0
