@@ -12,7 +12,6 @@ through everything.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -163,54 +162,41 @@ class SharedLimits:
     Worker threads only. `clock` (tests) replaces the database's clock."""
 
     def __init__(self, url: str, clock: Callable[[], float] | None = None) -> None:
+        from sogni_coordinator.storage.lazy import LazyConnection
+
         self.url = url
         self._clock = clock
-        self._conn: Any = None
-        self._lock = threading.Lock()
-        self._migrated = False
-        self._closed = False
+        self._pg = LazyConnection(
+            url,
+            COMPONENT,
+            MIGRATIONS,
+            blocks="shared rate limits block: call them from a worker thread",
+        )
         self._pruned_at = 0.0
-
-    def _connection(self) -> Any:
-        from sogni_coordinator.queue.postgres import connect_migrated
-
-        conn = self._conn
-        if conn is not None and not conn.broken and not conn.closed:
-            return conn
-        if conn is not None:
-            conn.close()
-            self._conn = None
-        conn = connect_migrated(self.url, COMPONENT, None if self._migrated else MIGRATIONS)
-        self._migrated = True
-        self._conn = conn
-        return conn
 
     def _call(self, fn: Callable[[Any], T]) -> T:
         """`fn` on the connection; any database error as `LimitsUnavailable` (one line)."""
         import psycopg
 
         from sogni_coordinator.queue.postgres import error_line
+        from sogni_coordinator.storage.lazy import Closed, Unreachable
 
-        if _on_event_loop():
-            raise RuntimeError("shared rate limits block: call them from a worker thread")
-        with self._lock:
-            if self._closed:
-                raise LimitsUnavailable("shared rate limits are closed")
-            try:
-                return fn(self._connection())
-            except psycopg.Error as exc:
-                raise LimitsUnavailable(error_line(exc, self.url)) from None
+        try:
+            return self._pg.call(fn)
+        except Closed:
+            raise LimitsUnavailable("shared rate limits are closed") from None
+        except Unreachable as exc:
+            raise LimitsUnavailable(str(exc)) from None
+        except psycopg.Error as exc:
+            raise LimitsUnavailable(error_line(exc, self.url)) from None
 
     def open(self) -> None:
         """Connect and migrate now (blocking), so a bad URL fails at start."""
         self._call(lambda conn: None)
 
     def close(self) -> None:
-        with self._lock:
-            self._closed = True
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        """Close the connection for good: later calls fall back to memory."""
+        self._pg.close(final=True)
 
     def _now(self) -> float | None:
         return None if self._clock is None else self._clock()
@@ -324,11 +310,3 @@ def limiters(
         SharedKeyBuckets(shared, "jobs", jobs_per_minute, job_burst),
         SharedKeyBuckets(shared, "requests", requests_per_minute, rest_burst),
     )
-
-
-def _on_event_loop() -> bool:
-    try:
-        trio.lowlevel.current_trio_token()
-    except RuntimeError:
-        return False
-    return True

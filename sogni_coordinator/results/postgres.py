@@ -10,22 +10,23 @@ One row per image (`result_images`, primary key request, index, offer hash), the
 database's clock at the write. Deleted when the client acknowledges the image, as files
 are, and by the retention sweep (`result_retention`) when it never does. A group of images
 is written in one transaction (one commit, one WAL flush). psycopg runs only in worker
-threads, on a connection of this store's own (not the store's write lock: image writes do
-not wait for ledger writes); a connection the server dropped is opened again for the next
-call, and a read or delete that met the drop is tried once more on the new connection.
+threads, on a connection of this store's own (`storage.lazy`; not the store's write lock:
+image writes do not wait for ledger writes); a connection the server dropped is opened
+again for the next call, and a read or delete that met the drop is tried once more on the
+new connection.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 import psycopg
 import trio
 
-from sogni_coordinator.queue.postgres import connect_migrated, error_line, redact
+from sogni_coordinator.queue.postgres import error_line, redact
 from sogni_coordinator.results.base import DEFAULT_MEMORY, ResultKey, ResultStore, StoreError
+from sogni_coordinator.storage.lazy import LazyConnection, Unreachable
 from sogni_protocol.logs import get_logger
 
 log = get_logger(__name__)
@@ -78,46 +79,24 @@ class PostgresResults(ResultStore):
             retention=DEFAULT_RETENTION if retention is None else retention,
         )
         self.url = url
-        self._conn: psycopg.Connection[Any] | None = None
-        self._conn_lock = threading.Lock()
-        self._migrated = False
+        self._pg = LazyConnection(
+            url,
+            COMPONENT,
+            MIGRATIONS,
+            blocks="the PostgreSQL result store blocks: call it from a worker thread",
+        )
 
     # --- the connection (worker threads only) --------------------------------------------
-    def _connection(self) -> psycopg.Connection[Any]:
-        conn = self._conn
-        if conn is not None and not conn.broken and not conn.closed:
-            return conn
-        if conn is not None:
-            conn.close()
-            self._conn = None
-        try:
-            conn = connect_migrated(self.url, COMPONENT, None if self._migrated else MIGRATIONS)
-        except psycopg.Error as exc:
-            where = redact(self.url)
-            reason = error_line(exc, self.url)
-            raise StoreError(f"cannot connect to PostgreSQL at {where}: {reason}") from None
-        self._migrated = True
-        self._conn = conn
-        return conn
-
     def _call(self, fn: Callable[[psycopg.Connection[Any]], T], *, retry: bool) -> T:
         """`fn` on the connection; psycopg's errors as `StoreError`. `retry`: `fn` may run
         twice (a read or a delete), so a connection lost under it is opened again once."""
-        if _on_event_loop():
-            raise RuntimeError("the PostgreSQL result store blocks: call it from a worker thread")
-        with self._conn_lock:
-            for attempt in (0, 1):
-                conn = None
-                try:
-                    conn = self._connection()
-                    return fn(conn)
-                except psycopg.OperationalError as exc:
-                    lost = conn is not None and conn.broken
-                    if not (retry and attempt == 0 and lost):
-                        raise StoreError(f"result store: {error_line(exc, self.url)}") from exc
-                except psycopg.Error as exc:
-                    raise StoreError(f"result store: {error_line(exc, self.url)}") from exc
-        raise AssertionError("unreachable")
+        try:
+            return self._pg.call(fn, retry=retry)
+        except Unreachable as exc:
+            where = redact(self.url)
+            raise StoreError(f"cannot connect to PostgreSQL at {where}: {exc}") from None
+        except psycopg.Error as exc:
+            raise StoreError(f"result store: {error_line(exc, self.url)}") from exc
 
     def open(self) -> None:
         """Connect and migrate now (blocking), so a bad URL fails at start, not at the
@@ -125,10 +104,8 @@ class PostgresResults(ResultStore):
         self._call(lambda conn: None, retry=False)
 
     def close(self) -> None:
-        with self._conn_lock:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
+        """Close the connection (the next call opens it again)."""
+        self._pg.close()
 
     # --- the store -----------------------------------------------------------------------
     def _write_many(self, items: list[tuple[ResultKey, bytes]]) -> dict[ResultKey, OSError]:
@@ -177,13 +154,13 @@ class PostgresResults(ResultStore):
             log.warning("result_delete_failed", images=len(keys), error=str(exc)[:200])
 
     def _delete_older(self, max_age: float) -> int:
-        def delete(conn: psycopg.Connection[Any]) -> int:
-            cur = conn.execute(
-                f"DELETE FROM result_images WHERE stored_at < {_NOW} - %s", (max_age,)
-            )
-            return cur.rowcount
+        return self._delete_stored_before("result_images", max_age)
 
-        return self._call(delete, retry=True)
+    def _delete_stored_before(self, table: str, max_age: float) -> int:
+        """Delete `table`'s rows stored over `max_age` seconds ago (the database's clock,
+        one for every coordinator); how many."""
+        sql = f"DELETE FROM {table} WHERE stored_at < {_NOW} - %s"
+        return self._call(lambda conn: conn.execute(sql, (max_age,)).rowcount, retry=True)
 
     def count(self) -> int:
         """Images stored (blocking; for tests and the operator)."""
@@ -227,23 +204,8 @@ class PostgresResults(ResultStore):
 
     def sweep_named(self, max_age: float) -> int:
         """Delete gateway images older than `max_age` seconds (blocking); how many."""
-
-        def delete(conn: psycopg.Connection[Any]) -> int:
-            cur = conn.execute(
-                f"DELETE FROM gateway_images WHERE stored_at < {_NOW} - %s", (max_age,)
-            )
-            return cur.rowcount
-
-        return self._call(delete, retry=True)
+        return self._delete_stored_before("gateway_images", max_age)
 
     async def discard(self, keys: Iterable[ResultKey]) -> None:
         wanted = list(keys)
         await trio.to_thread.run_sync(self.remove, wanted)
-
-
-def _on_event_loop() -> bool:
-    try:
-        trio.lowlevel.current_trio_token()
-    except RuntimeError:
-        return False
-    return True

@@ -2,7 +2,8 @@
 
 `db.Database` is the one interface components use; `dialect` turns the SQLite SQL they
 are written in into PostgreSQL's, and `postgres.PgConnection` runs it through psycopg with
-the subset of `sqlite3.Connection`'s behaviour components rely on.
+the subset of `sqlite3.Connection`'s behaviour components rely on. `lazy.LazyConnection` is
+the connection of a component that keeps its own (result store, shared rate limits).
 """
 
 from __future__ import annotations

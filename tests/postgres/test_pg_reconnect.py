@@ -4,6 +4,7 @@ Against the session's real server: a backend is ended with `pg_terminate_backend
 restart, a failover or an idle kill does to a connection), then the next statement is run.
 Outside a transaction it works on a new connection; inside one it fails with a clear error
 (the server rolled the transaction back) and nothing of the transaction runs outside it.
+The result store's and the shared rate limits' own connections (`storage.lazy`) too.
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 
+from sogni_coordinator.gateway.limits import LimitsUnavailable, SharedLimits
 from sogni_coordinator.ledger import Ledger
+from sogni_coordinator.results.base import StoreError
+from sogni_coordinator.results.postgres import PostgresResults
 from sogni_coordinator.storage.postgres import LOST_IN_TRANSACTION, PgConnection
 
 M = 1_000_000
@@ -147,3 +151,53 @@ def test_a_connection_on_a_descriptor_above_1023_is_kept(pg_url: str) -> None:
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _drop_all(url: str) -> int:
+    """End every other backend on the test's database (a restart, to the components); how
+    many there were."""
+    with psycopg.connect(url, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pid FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    for (pid,) in rows:
+        _terminate(url, pid)
+    return len(rows)
+
+
+def test_the_result_store_and_the_shared_limits_open_their_connection_again(
+    pg_url: str,
+) -> None:
+    """After a drop, the result store runs a read again on a new connection (no error) but
+    not a write (it may have committed: `StoreError`), the shared limits refuse the check
+    (the gateway then counts in memory) without spending a token, and the next call of
+    each works on a new connection. A closed store opens again; closed limits do not."""
+    store = PostgresResults(pg_url)
+    limits = SharedLimits(pg_url, clock=lambda: 1000.0)
+    try:
+        store.open()
+        limits.open()
+        assert _drop_all(pg_url) == 2
+        assert store.count() == 0  # a read: run again
+        with pytest.raises(LimitsUnavailable) as lost:
+            limits.take("requests", "k", 60, 2)
+        assert "\n" not in str(lost.value)
+        assert [limits.take("requests", "k", 60, 2) for _ in range(3)] == [True, True, False]
+        assert _drop_all(pg_url) == 2
+        with pytest.raises(StoreError, match=r"^result store: "):  # a write: not run again
+            store.save_named("img", "image/png", b"png")
+        assert store.named("img", data=False) is None  # nothing written, connected again
+        store.close()
+        store.save_named("img", "image/png", b"png")
+        assert store.named("img", data=True) == (
+            "image/png",
+            pytest.approx(time.time(), abs=60),
+            b"png",
+        )
+        limits.close()
+        with pytest.raises(LimitsUnavailable, match="closed"):
+            limits.take("requests", "k2", 60, 2)
+    finally:
+        store.close()
+        limits.close()

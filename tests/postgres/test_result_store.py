@@ -169,6 +169,18 @@ async def test_a_failed_write_raises_oserror(kind: Kind, tmp_path: Path) -> None
             await store.get(store.key(RID, 1, OFFER))
 
 
+def test_the_gateways_images_are_kept_until_the_sweep_passes_their_age(pg_url: str) -> None:
+    store = PostgresResults(pg_url)
+    try:
+        store.save_named("img", "image/png", b"png")
+        assert store.sweep_named(3600) == 0  # younger than an hour: kept
+        assert store.named("img", data=True) is not None
+        assert store.sweep_named(-60) == 1  # "stored over -60 s ago": every row
+        assert store.named("img", data=False) is None
+    finally:
+        store.close()
+
+
 def test_the_database_store_never_runs_on_the_event_loop(pg_url: str) -> None:
     store = PostgresResults(pg_url)
 
@@ -229,7 +241,7 @@ async def test_a_database_away_delays_an_image_and_never_reports_it_lost(pg_url:
         with pytest.raises(StoreError):
             await reader.get(key)
         box = Mailbox(RID, [image.job_id])
-        box.pending[image.job_id] = key
+        box.add_image(image.job_id, key)
         cursor = box.attach(reader)
         got: list[Any] = []
         with capture_logs() as logs:
