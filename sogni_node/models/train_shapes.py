@@ -88,6 +88,18 @@ shape (circle <-> square; triangle -> circle): 1 + this x that difference, scale
 largest per image. 0: the plain loss, as shipped. An experiment knob (docs/MODEL.md,
 "Limits", session 9: 4 raised shape from 71% to 83% but lost the position words)."""
 _CONTRAST_OF = {"circle": "square", "square": "circle", "triangle": "circle"}
+_CONTRAST_BELOW = 1000
+"""Apply the contrast weight only at timesteps below this (1000: all). An experiment knob:
+layout is decided at high noise, shape detail at low noise."""
+_POSITION_CONTRAST = 0.0
+"""Extra weight where a positioned scene differs from the same scene mirrored (left <->
+right, top <-> bottom). An experiment knob, 0 as shipped."""
+_MIRROR = {
+    "on the left": "on the right",
+    "on the right": "on the left",
+    "at the top": "at the bottom",
+    "at the bottom": "at the top",
+}
 _UNET_LR = 1.5e-3
 _CFG_DROPOUT = 0.1
 _COLOUR_JITTER = 12
@@ -442,13 +454,35 @@ def train_vae(steps: int, rng: random.Random) -> tuple[Any, float]:
     return vae, 1.0 / std
 
 
-def _contrast_weight(scenes: list[Scene], z0: torch.Tensor, vae: Any, scale: float) -> torch.Tensor:
-    """Per-latent-pixel loss weight where the shape word matters (`_CONTRAST_WEIGHT`)."""
-    others = [dataclasses.replace(s, shape=_CONTRAST_OF[s.shape]) for s in scenes]
+def _latent_diff(z0: torch.Tensor, others: list[Scene], vae: Any, scale: float) -> torch.Tensor:
+    """Where each scene's latent differs from its counterfactual, scaled to 1 at the most."""
     z_other = vae.encode(draw_scenes(others)).latent_dist.mode() * scale
     diff = (z0 - z_other).abs().mean(dim=1, keepdim=True)
-    diff = diff / diff.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
-    return 1.0 + _CONTRAST_WEIGHT * diff
+    return diff / diff.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+
+
+def _contrast_weight(
+    scenes: list[Scene], z0: torch.Tensor, vae: Any, scale: float, t: torch.Tensor
+) -> torch.Tensor:
+    """Per-latent-pixel loss weight where the shape (and position) words matter."""
+    others = [dataclasses.replace(s, shape=_CONTRAST_OF[s.shape]) for s in scenes]
+    weight = 1.0 + _CONTRAST_WEIGHT * _latent_diff(z0, others, vae, scale)
+    weight = torch.where((t < _CONTRAST_BELOW).view(-1, 1, 1, 1), weight, 1.0)
+    if _POSITION_CONTRAST:
+        mirrored = [_mirrored(s) for s in scenes]
+        placed = torch.tensor([s.position in _MIRROR for s in scenes]).view(-1, 1, 1, 1)
+        pos = _latent_diff(z0, mirrored, vae, scale)
+        weight = weight + _POSITION_CONTRAST * torch.where(placed, pos, 0.0)
+    return weight
+
+
+def _mirrored(scene: Scene) -> Scene:
+    """The scene with its position word (and the shape) mirrored; unplaced scenes unchanged."""
+    if scene.position not in _MIRROR:
+        return scene
+    return dataclasses.replace(
+        scene, position=_MIRROR[scene.position], cx=IMAGE_SIZE - scene.cx, cy=IMAGE_SIZE - scene.cy
+    )
 
 
 def train_diffusion(
@@ -483,9 +517,6 @@ def train_diffusion(
         _set_lr(opt, _lr(step, steps, _UNET_LR))
         scenes = [random_training_scene(rng) for _ in range(_UNET_BATCH)]
         captions = [s.caption if rng.random() >= _CFG_DROPOUT else "" for s in scenes]
-        with torch.no_grad():
-            z0 = vae.encode(draw_scenes(scenes)).latent_dist.mode() * scale
-            weight = _contrast_weight(scenes, z0, vae, scale) if _CONTRAST_WEIGHT else None
         ids = torch.stack([tokens(c) for c in captions])
         t = torch.randint(0, len(alphas), (len(scenes),), generator=gen)
         # Half the batch at the timesteps an 8-step trailing sampler visits (999, 874, ...,
@@ -493,6 +524,10 @@ def train_diffusion(
         focus = torch.randint(0, DEFAULT_STEPS, t.shape, generator=gen)
         focused = len(alphas) - 1 - focus * (len(alphas) // DEFAULT_STEPS)
         t = torch.where(torch.arange(len(t)) % 2 == 0, focused, t)
+        with torch.no_grad():
+            z0 = vae.encode(draw_scenes(scenes)).latent_dist.mode() * scale
+            contrast = _CONTRAST_WEIGHT or _POSITION_CONTRAST
+            weight = _contrast_weight(scenes, z0, vae, scale, t) if contrast else None
         eps = torch.randn(z0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * z0 + (1 - a).sqrt() * eps
@@ -591,7 +626,7 @@ def _add_ddim_keys(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    global _CONTRAST_WEIGHT
+    global _CONTRAST_WEIGHT, _CONTRAST_BELOW, _POSITION_CONTRAST
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output model folder")
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="step budget")
@@ -603,11 +638,22 @@ def main(argv: list[str] | None = None) -> None:
         default=_CONTRAST_WEIGHT,
         help="UNet loss weight where circle and square differ (0: the shipped recipe)",
     )
+    parser.add_argument(
+        "--contrast-below", type=int, default=_CONTRAST_BELOW, help="only at timesteps below"
+    )
+    parser.add_argument(
+        "--position-contrast",
+        type=float,
+        default=_POSITION_CONTRAST,
+        help="UNet loss weight where mirrored positions differ (0: the shipped recipe)",
+    )
     parser.add_argument("--eval", type=int, default=50, help="prompts to score after (0: skip)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     _CONTRAST_WEIGHT = args.contrast_weight
+    _CONTRAST_BELOW = args.contrast_below
+    _POSITION_CONTRAST = args.position_contrast
     started = time.perf_counter()
     out = train(args.out, args.minutes, args.seed)
     logger.info("saved %s in %.1f min", out, (time.perf_counter() - started) / 60)
