@@ -482,34 +482,12 @@ class Cluster:
             counted.add(job.job_id)
 
     def held_passed(self, job: Job) -> None:
-        """A held (verification-sampled) receipt's check passed: its queue row is done now,
-        and its owner is woken, as for a receipt stored without a check (`Store.
-        shared_queue`); not when the lease lapses. A failed check gives the job back
-        (`give_back`, through the dispatcher's requeue) or ends it (`ended`)."""
+        """A held (verification-sampled) receipt's check passed: `Store.mark_check` has
+        completed its queue row and woken its owner in the check's own transaction (as
+        `Store.store_receipts` does for a receipt stored without a check); the lease is
+        over. A failed check gives the job back (`give_back`, through the dispatcher's
+        requeue) or ends it (`ended`)."""
         self.leases.pop(job.job_id, None)
-        self._later(functools.partial(self._complete_held, job.job_id, job.request_id))
-
-    async def _complete_held(self, job_id: bytes, request_id: bytes) -> None:
-        def complete() -> None:
-            with self._conn.transaction():
-                self._conn.execute(
-                    "INSERT INTO queue_receipts (job_id, receipt_id, coordinator_id,"
-                    f" completed_at) SELECT r.job_id, sha256(r.signature), %s, {_NOW}"
-                    " FROM receipts r JOIN queue_jobs q ON q.job_id = r.job_id"
-                    " WHERE r.job_id = %s ON CONFLICT DO NOTHING",
-                    (self.me, job_id),
-                )
-                self._conn.execute(
-                    "UPDATE queue_jobs SET state = 'done', lease_owner = NULL,"
-                    f" lease_expires = NULL, updated_at = {_NOW}"
-                    " WHERE job_id = %s AND state IN ('queued', 'leased')",
-                    (job_id,),
-                )
-                self._conn.execute(
-                    "SELECT pg_notify(%s, %s)", (Store.notify_channel, request_id.hex())
-                )
-
-        await self._sql(complete)
 
     def give_back(self, job: Job) -> None:
         """The job goes back to the shared queue (node lost, declined, deadline): another
@@ -784,12 +762,16 @@ class Cluster:
                 if o.delivered:
                     box.acked.add(o.job_id)
                 elif o.offer_hash is not None:
-                    box.pending[o.job_id] = d.results.key(request_id, o.index, o.offer_hash)
+                    box.add_image(o.job_id, d.results.key(request_id, o.index, o.offer_hash))
                     box.progress.pop(o.job_id, None)
                 state.delivered += 1
             elif o.state is JobState.FAILED:
-                box.failed[o.job_id] = JobFailed(
-                    job_id=o.job_id, index=o.index, reason="the coordinator gave up on this image"
+                box.add_failure(
+                    JobFailed(
+                        job_id=o.job_id,
+                        index=o.index,
+                        reason="the coordinator gave up on this image",
+                    )
                 )
                 state.failed += 1
             else:
@@ -841,9 +823,18 @@ class Cluster:
             nursery.start_soon(self._progress_forever)
 
     def _want(self) -> int:
+        """Jobs to lease now: the nodes' credit beyond the jobs waiting here. The queue is
+        counted only up to that credit (more waiting changes nothing), so a pass, run on
+        every poke, costs the credit, not the queue's length."""
         d = self.d
         credit = sum(link.credit for link in d.free)
-        waiting = sum(1 for j in d.queue if d._waiting(j))
+        waiting = 0
+        if credit > 0:
+            for job in d.queue:
+                if d._waiting(job):
+                    waiting += 1
+                    if waiting >= credit:
+                        break
         return min(LEASE_BATCH, credit - waiting)
 
     async def _lease_forever(self) -> None:
@@ -984,10 +975,16 @@ class Cluster:
         (a wake-up it missed costs at most a second)."""
         d = self.d
         now = time.monotonic()
-        for job in [j for j in d.queue if d._waiting(j)]:
-            taken = self._taken_at.get(job.job_id)
-            if job.job_id in self.leases and taken is not None and now - taken > HOLD_UNPLACED:
-                log.info("leased_job_returned", job=job.job_id.hex()[:16])
+        # the leased jobs (when each was taken), not the whole queue: only they come back
+        for job_id, taken in list(self._taken_at.items()):
+            job = d.jobs.get(job_id)
+            if (
+                job is not None
+                and job_id in self.leases
+                and now - taken > HOLD_UNPLACED
+                and d._waiting(job)
+            ):
+                log.info("leased_job_returned", job=job_id.hex()[:16])
                 self.give_back(job)
         for job_id in [j for j in self._taken_at if j not in self.leases]:
             del self._taken_at[job_id]

@@ -27,7 +27,10 @@ once (a folder: one `syncfs`), outside the connection's lock and while the previ
 commits, then queues the writes whose items were stored for the next group; a write whose
 item failed is never applied and its caller gets the error. So what a row points at is
 durable before the row commits, and a job waits on one queued write (one wake-up), not
-an image write and then a receipt write.
+an image write and then a receipt write. A writer whose rows are in this very database
+(the PostgreSQL result store on the coordinators' own database, `GroupWriter.joins`)
+is not staged: its row is written in the write's own savepoint, so image and receipt
+commit together in the group's one transaction.
 
 Schemas are versioned per component (store, ledger and reputation share one file, so one
 `PRAGMA user_version` cannot serve them all): `schema_versions` records each component's
@@ -120,10 +123,24 @@ Done = Callable[[Any, BaseException | None], None]
 
 
 class GroupWriter(Protocol):
-    """Stores what staged writes point at (a result image), before they are queued."""
+    """Stores what staged writes point at (a result image), before they are queued, or,
+    when its rows live in the very database written to (`joins`), inside the write's own
+    savepoint (`write_rows`): one commit for both."""
 
     def write_group(self, items: list[Any]) -> list[BaseException | None]:
         """Store every item at once (blocking); per item, None or its error."""
+        ...
+
+    def joins(self, database: str) -> bool:
+        """Are its rows in `database` (a `Database.location`)?"""
+        ...
+
+    def write_rows(self, conn: Any, items: list[Any]) -> None:
+        """Write the items on `conn` in its open transaction (blocking); raises on failure."""
+        ...
+
+    def kept(self, items: list[Any]) -> None:
+        """The items' rows committed (after `write_rows`)."""
         ...
 
 
@@ -574,6 +591,8 @@ class Database:
         if stage is None:
             return await self.call(fn, *args, **kwargs)
         call = functools.partial(fn, *args, **kwargs)
+        if stage[0].joins(self.location):
+            return await self._joined(stage, call)
         if not self.writer_running:
             writer, item = stage
 
@@ -585,6 +604,34 @@ class Database:
 
             return await trio.to_thread.run_sync(both)
         return await self._queued(call, stage)
+
+    async def _joined(self, stage: Stage, call: Callable[[], T]) -> T:
+        """`call_staged` for a writer whose rows are in this database: its row is written in
+        `call`'s savepoint, so both commit together (one commit, not the row's own first)
+        or neither does; a row that fails raises `StoreError` (an `OSError`, as a failed
+        staged item does) and keeps `call` from running."""
+        from sogni_coordinator.results.base import StoreError  # results import db's users
+
+        writer, item = stage
+
+        def both() -> T:
+            try:
+                writer.write_rows(self._db, [item])
+            except (sqlite3.Error, OSError) as exc:  # PgConnection raises sqlite3's errors
+                raise StoreError(f"image row not stored: {str(exc)[:200]}") from exc
+            return call()
+
+        if self.writer_running:
+            result = await self._queued(both, None)
+        else:
+
+            def alone() -> T:
+                with self._tx():
+                    return both()
+
+            result = await trio.to_thread.run_sync(alone)
+        writer.kept([item])
+        return result
 
     async def run_writer(self) -> None:
         """Apply queued writes in groups, one transaction each, in a worker thread, until

@@ -60,16 +60,30 @@ class Mailbox:
     generation: int = 0
     attached: bool = False
     changed: trio.Event = field(default_factory=trio.Event)
+    arrivals: list[bytes] = field(default_factory=list)
+    """Job ids in the order their images arrived (`add_image`), and `failures` of failed
+    jobs (`add_failure`): append-only, so a cursor walks each once from its position
+    instead of rescanning `pending` and `failed` for every message (O(1) amortised)."""
+    failures: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        """Images and failures given to the constructor arrive in their dicts' order."""
+        if not self.arrivals:
+            self.arrivals.extend(self.pending)
+        if not self.failures:
+            self.failures.extend(self.failed)
 
     @classmethod
     def from_record(cls, record: DeliveryRecord, files: ResultStore) -> Mailbox:
         """A mailbox rebuilt from the store (after a restart, or for a collect later)."""
         box = cls(record.request_id, list(record.job_ids), acked=set(record.acked))
         for job_id, index, offer_hash in record.pending:
-            box.pending[job_id] = files.key(record.request_id, index, offer_hash)
+            box.add_image(job_id, files.key(record.request_id, index, offer_hash))
         for job_id, index in record.failed:
-            box.failed[job_id] = JobFailed(
-                job_id=job_id, index=index, reason="the coordinator gave up on this image"
+            box.add_failure(
+                JobFailed(
+                    job_id=job_id, index=index, reason="the coordinator gave up on this image"
+                )
             )
         if record.live == 0:
             box.done = RequestDone(
@@ -79,6 +93,16 @@ class Mailbox:
                 cancelled=record.cancelled,
             )
         return box
+
+    def add_image(self, job_id: bytes, key: ResultKey) -> None:
+        """A receipted, stored image is owed to the client (the caller notifies)."""
+        self.pending[job_id] = key
+        self.arrivals.append(job_id)
+
+    def add_failure(self, failed: JobFailed) -> None:
+        """A job ended without an image: the client is told once (the caller notifies)."""
+        self.failed[failed.job_id] = failed
+        self.failures.append(failed.job_id)
 
     def notify(self) -> None:
         """Wake the attached cursor."""
@@ -106,19 +130,59 @@ class Mailbox:
 class Cursor:
     """One attachment's view of a mailbox: yields progress, images (from memory if this
     process stored them lately, else read from the store one at a time), failures and finally
-    `RequestDone`, each once; stops when superseded."""
+    `RequestDone`, each once; stops when superseded.
+
+    It walks the mailbox's `arrivals` and `failures` once each from a position, so a message
+    costs O(1) amortised however many images the client leaves unacknowledged. An image passed while
+    its acknowledgement was being written (`acking`) is set aside and looked at again, as
+    that write may fail and the image is then still owed."""
 
     def __init__(self, box: Mailbox, generation: int, files: ResultStore) -> None:
         self.box = box
         self.generation = generation
         self.files = files
         self.sent: set[bytes] = set()
+        self.position = 0
+        """How far into `box.arrivals` this cursor has looked."""
+        self.failure_position = 0
+        """How far into `box.failures`."""
+        self.deferred: dict[bytes, None] = {}
+        """Images passed while `acking`: looked at again until acknowledged or sent."""
         self.finished = False
         """`RequestDone` was handed out."""
 
     @property
     def superseded(self) -> bool:
         return self.box.generation != self.generation
+
+    def _next_image(self) -> bytes | None:
+        """The next image to send, in arrival order (set-aside ones first); None if none."""
+        box = self.box
+        for job_id in list(self.deferred):
+            if job_id not in box.pending or job_id in self.sent:
+                del self.deferred[job_id]  # acknowledged, or sent meanwhile
+            elif job_id not in box.acking:
+                return job_id
+        arrivals = box.arrivals
+        while self.position < len(arrivals):
+            job_id = arrivals[self.position]
+            if job_id in box.pending and job_id not in self.sent:
+                if job_id not in box.acking:
+                    return job_id  # the position moves past it once it is sent
+                self.deferred[job_id] = None
+            self.position += 1
+        return None
+
+    def _next_failure(self) -> bytes | None:
+        """The next failure not yet sent, in arrival order; None if none."""
+        box = self.box
+        failures = box.failures
+        while self.failure_position < len(failures):
+            job_id = failures[self.failure_position]
+            self.failure_position += 1
+            if job_id not in self.sent:
+                return job_id
+        return None
 
     async def next(self) -> Message | None:
         """The next message ready now, or None if there is none (or the cursor ended)."""
@@ -128,9 +192,7 @@ class Cursor:
                 progress = box.progress.pop(next(iter(box.progress)))
                 if progress.job_id not in box.pending and progress.job_id not in self.sent:
                     return progress
-            job_id = next(
-                (j for j in box.pending if j not in self.sent and j not in box.acking), None
-            )
+            job_id = self._next_image()
             if job_id is not None:
                 key = box.pending[job_id]
                 try:
@@ -141,14 +203,17 @@ class Cursor:
                     )
                     await trio.sleep(READ_RETRY)
                     continue
-                if job_id not in box.pending or job_id in box.acking:
+                if job_id not in box.pending:
                     continue  # acknowledged meanwhile (an earlier stream)
+                if job_id in box.acking:
+                    self.deferred[job_id] = None
+                    continue
                 self.sent.add(job_id)
                 if image is None or image.job_id != job_id:
                     log.error("result_file_missing", request=short(box.request_id), file=key.name)
                     return JobFailed(job_id=job_id, index=key.index, reason=LOST_IMAGE)
                 return image
-            failed = next((j for j in box.failed if j not in self.sent), None)
+            failed = self._next_failure()
             if failed is not None:
                 self.sent.add(failed)
                 return box.failed[failed]

@@ -34,6 +34,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +66,7 @@ from sogni_coordinator.prompt_crypto import new_key
 from sogni_coordinator.reports import NODE_BLOCKED, PAYER_BLOCKED, Reports
 from sogni_coordinator.reputation import STRIKE_WINDOW, Reputation
 from sogni_coordinator.results import FolderResults, ResultKey, ResultStore
-from sogni_coordinator.routing import Router
+from sogni_coordinator.routing import FreePool, Router
 from sogni_coordinator.safety.screen import MESSAGES as IMAGE_REFUSALS
 from sogni_coordinator.safety.screen import ImageSafety
 from sogni_coordinator.seasons.hardware import HardwareLog
@@ -130,6 +131,8 @@ NEWCOMER_WORK_RATE = 20_000.0
 PARTIAL_RATE_MARGIN = 2.0
 """A measured node may claim partial steps at up to twice its measured rate."""
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
+_NO_NODES: frozenset[NodeLink] = frozenset()
+"""`in_use` for a job whose request is not live here (another coordinator's, cluster.py)."""
 
 
 def render_budget(params: JobParams, floor: float, base: float = 30.0) -> float:
@@ -221,7 +224,7 @@ class Dispatcher:
         self._unservable: set[bytes] = set()
         """Requests whose queued jobs' no-node grace clocks run (`Job.unservable_since`)."""
         self.nodes: dict[str, NodeLink] = {}
-        self.free: dict[NodeLink, None] = {}
+        self.free = FreePool()
         """Connected nodes with credit, in the order they got it (`NodeLink.credit` keeps it)."""
         self.requests: dict[bytes, RequestState] = {}
         self._unsaved: dict[bytes, Job] = {}
@@ -827,7 +830,7 @@ class Dispatcher:
         state = self.requests.get(job.request_id)
         if state is not None and path is not None:
             state.durations.append(elapsed)
-            state.mailbox.pending[job.job_id] = path
+            state.mailbox.add_image(job.job_id, path)
             state.mailbox.progress.pop(job.job_id, None)
             state.mailbox.notify()
         self._ended(job, keep=link)
@@ -869,7 +872,7 @@ class Dispatcher:
         state = self.requests.get(job.request_id)
         if state is not None:
             state.durations.append(held.elapsed)
-            state.mailbox.pending[job.job_id] = held.path
+            state.mailbox.add_image(job.job_id, held.path)
             state.mailbox.progress.pop(job.job_id, None)
             state.mailbox.notify()
         self._ended(job)
@@ -907,12 +910,12 @@ class Dispatcher:
             self._requeue(job)
         self._save()
 
-    def _candidates(self, job: Job) -> list[NodeLink]:
+    def _candidates(self, job: Job) -> FreePool | list[NodeLink]:
         """Nodes `job` may be offered to: not a wallet whose receipt for it failed a check,
         unless no other connected node can serve it."""
         bad = self.excluded.get(job.job_id)
-        if not bad:  # only nodes with credit can be picked: the pool, not every node
-            return list(self.free)
+        if not bad:  # only nodes with credit can be picked: the pool itself, not a copy
+            return self.free
         nodes = list(self.nodes.values())
         others = [n for n in nodes if n.wallet.lower() not in bad]
         if any(self.router.capable(n, job.network, job.params) for n in others):
@@ -1031,8 +1034,10 @@ class Dispatcher:
         upgrades = upgrade_rule(benefits, self.router, self.nodes, self.queue.tiers)
         blocked: set[bytes] = set()  # requests no free node can serve in this pass
         # Jobs looked at and left go back to the front, in order; the rest of the queue is
-        # not touched (a pass costs the jobs it looks at, not the queue's length).
-        unmatched: list[Job] = []
+        # not touched (a pass costs the jobs it looks at, not the queue's length). A blocked
+        # request's jobs queued behind the one looked at are set aside as one run: a pass
+        # does not pop each job of a request capped at its 16 busy nodes.
+        unmatched: list[Job | deque[Job]] = []
         with self.router.one_pass():
             while self.queue and self.free:
                 job = self.queue.popleft()
@@ -1041,23 +1046,29 @@ class Dispatcher:
                     continue
                 if job.request_id in blocked:  # its jobs differ only by seed: same answer
                     unmatched.append(job)
+                    unmatched.append(self.queue.take_run(job.request_id))
                     continue
                 state = self.requests.get(job.request_id)
-                in_use = set(state.nodes) if state else set()
+                # the request's nodes as a view: no set built per job
+                in_use = state.nodes.keys() if state is not None else _NO_NODES
                 link = pick_with_upgrade(
                     self.router, job, self._candidates(job), in_use, upgrade=upgrades(job)
                 )
                 if link is None:
+                    unmatched.append(job)
                     if job.job_id not in self.excluded:  # its siblings may go where it may not
                         blocked.add(job.request_id)
-                    unmatched.append(job)
+                        unmatched.append(self.queue.take_run(job.request_id))
                 elif not self._offer(job, link):
                     link.credit = 0  # its stream is gone; node_left follows
                     unmatched.append(job)
                 else:
                     self._dequeued(job)
-        for job in reversed(unmatched):
-            self.queue.appendleft(job)
+        for entry in reversed(unmatched):
+            if isinstance(entry, deque):
+                self.queue.put_back_run(entry)
+            else:
+                self.queue.appendleft(entry)
 
     def _offer(self, job: Job, link: NodeLink) -> bool:
         """Sign and send an offer; False if the node's outbox refused it."""
@@ -1191,7 +1202,7 @@ class Dispatcher:
                     continue
                 started = next(iter(job.holders.values()))
                 if now - started > limit:
-                    link = self.router.pick(job, self._candidates(job), set(state.nodes))
+                    link = self.router.pick(job, self._candidates(job), state.nodes.keys())
                     if link is not None and self._offer(job, link):
                         log.info("straggler_copied", job=job.job_id.hex()[:16])
 
@@ -1248,9 +1259,7 @@ class Dispatcher:
             self.cluster.gave_up(job)
         state = self.requests.get(job.request_id)
         if state is not None:
-            state.mailbox.failed[job.job_id] = JobFailed(
-                job_id=job.job_id, index=job.index, reason=reason
-            )
+            state.mailbox.add_failure(JobFailed(job_id=job.job_id, index=job.index, reason=reason))
             state.mailbox.notify()
         self._ended(job)
 

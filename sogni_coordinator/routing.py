@@ -16,6 +16,7 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
@@ -30,6 +31,17 @@ if TYPE_CHECKING:
 TierMode = Literal["open", "enforced"]
 MAX_NODES_PER_REQUEST = 16
 WARM_BONUS = 2.0
+SAMPLE_FROM = 8
+"""A pick in a match pass draws from the pool (`Router._sample`) once it holds this many
+nodes; a smaller pool is walked."""
+SAMPLE_TRIES = 12
+"""Draws a pick makes per step of `Router._sample` before it looks further."""
+
+
+class FreePool(dict["NodeLink", None]):
+    """The dispatcher's nodes with credit, in the order they got it (kept by
+    `NodeLink.credit`'s setter). Given this very pool, a pick in a match pass draws from
+    it (`Router._sample`) instead of walking it; any other collection of nodes is walked."""
 
 
 @dataclass
@@ -88,21 +100,27 @@ class Router:
         self,
         job: Job,
         nodes: Iterable[NodeLink],
-        in_use: set[NodeLink],
+        in_use: AbstractSet[NodeLink],
         network: str | None = None,
     ) -> NodeLink | None:
         """Weighted random capable node with a free slot; at most 16 nodes per request.
         `network` picks among another tier's nodes (a free upgrade: staking_benefits.py).
 
         `nodes` is usually the dispatcher's pool of nodes with credit (`Dispatcher.free`),
-        so a pick looks only at nodes that can take an offer now: O(1) while the network is
-        busy. A node with an idle slot goes before one that would hold the offer in hand
-        (pipelined credit), and a request at its node cap gives no offer-in-hand while a
-        capable idle node waits outside the cap: the busy node then drains, and the request
-        moves on to the idle one (every node gets work, as without pipelining)."""
+        so a pick looks only at nodes that can take an offer now; in a match pass, a pool
+        of `SAMPLE_FROM` nodes or more is drawn from (`_sample`: a few draws per pick, the
+        same distribution) instead of walked. A node with an idle slot goes before one that
+        would hold the offer in hand (pipelined credit), and a request at its node cap gives
+        no offer-in-hand while a capable idle node waits outside the cap: the busy node then
+        drains, and the request moves on to the idle one (every node gets work, as without
+        pipelining)."""
         p = job.params
         tier = network or job.network
         memo = self._memo
+        if memo is not None and isinstance(nodes, FreePool) and len(nodes) >= SAMPLE_FROM:
+            decided, sampled = self._sample(memo, job, nodes, in_use, tier)
+            if decided:
+                return sampled
         idle: list[tuple[NodeLink, float]] = []
         ahead: list[tuple[NodeLink, float]] = []
         capped = len(in_use) >= MAX_NODES_PER_REQUEST
@@ -149,17 +167,118 @@ class Router:
             ]
         return (self.rng or random).choices([c[0] for c in candidates], weights=weights)[0]
 
+    def _sample(
+        self,
+        memo: _PassMemo,
+        job: Job,
+        pool: FreePool,
+        in_use: AbstractSet[NodeLink],
+        tier: str,
+    ) -> tuple[bool, NodeLink | None]:
+        """`pick`'s choice without walking the pool: (True, the node or None), or (False,
+        None) when the walk must decide.
+
+        1. Rejection sampling among the pool nodes with the model and an idle slot when the
+           pass began (a superset of those idle now: nothing frees a slot during a pass):
+           draw one uniformly, keep it if it is an idle candidate, with probability weight /
+           `bound` (the most such a node weighs this pass), so each is kept in proportion
+           to its weight, as the walk's `choices` keeps it.
+        2. No draw kept: look at each of those nodes (few while the network is busy) and
+           choose among the idle candidates as the walk does; none, but one idle outside
+           the request's node cap: None, as the walk says.
+        3. No idle node fits: an offer in hand, by rejection sampling over the pool nodes
+           with the model (every one with credit is busy or unfit now); the walk after
+           `SAMPLE_TRIES`.
+        Each step's choice has the walk's distribution, so the mix does too. A pick costs a
+        few draws; the pass pays one look at each pool node per model (`_PassMemo.view`)."""
+        rng = self.rng or random
+        model = job.params.model_id
+        idle, having, bound = memo.view(self, pool, model)
+        capped = len(in_use) >= MAX_NODES_PER_REQUEST
+
+        def weight(link: NodeLink, stake_weight: float) -> float:
+            warm = WARM_BONUS if model in link.warm else 1.0
+            return memo.score(self, link) * stake_weight * warm
+
+        def fitting(link: NodeLink) -> float | None:
+            """Its stake weight if it has credit and fits the job (tier, model, size)."""
+            if link.credit <= 0 or link in job.holders:
+                return None
+            networks, stake_weight = memo.classify(self, link)
+            if tier not in networks or not memo.fits(self, link, job):
+                return None
+            return stake_weight
+
+        if idle:
+            for _ in range(SAMPLE_TRIES):
+                link = idle[rng.randrange(len(idle))]
+                if len(link.inflight) >= link.slots or (capped and link not in in_use):
+                    continue
+                stake_weight = fitting(link)
+                if stake_weight is not None and rng.random() * bound < weight(link, stake_weight):
+                    return True, link
+            candidates: list[tuple[NodeLink, float]] = []
+            outside_idle = False
+            for link in idle:
+                if len(link.inflight) >= link.slots:
+                    continue
+                stake_weight = fitting(link)
+                if stake_weight is None:
+                    continue
+                if capped and link not in in_use:
+                    outside_idle = True
+                else:
+                    candidates.append((link, stake_weight))
+            if candidates:
+                weights = [weight(link, w) for link, w in candidates]
+                return True, rng.choices([c[0] for c in candidates], weights=weights)[0]
+            if outside_idle:
+                return True, None
+        for _ in range(SAMPLE_TRIES if having else 0):
+            link = having[rng.randrange(len(having))]
+            if len(link.inflight) < link.slots or (capped and link not in in_use):
+                continue  # idle: it does not fit (step 2), so it is not a candidate
+            stake_weight = fitting(link)
+            if stake_weight is not None and rng.random() * bound < weight(link, stake_weight):
+                return True, link
+        return False, None
+
 
 class _PassMemo:
     """What one match pass has already computed per node (`Router.one_pass`)."""
 
-    __slots__ = ("fitting", "now", "scores", "tiers")
+    __slots__ = ("fitting", "now", "scores", "tiers", "views")
 
     def __init__(self, now: float) -> None:
         self.now = now
         self.tiers: dict[NodeLink, tuple[frozenset[str], float]] = {}
         self.scores: dict[NodeLink, float] = {}
         self.fitting: dict[tuple[NodeLink, bytes], bool] = {}
+        self.views: dict[str, tuple[list[NodeLink], list[NodeLink], float]] = {}
+
+    def view(
+        self, router: Router, pool: FreePool, model: str
+    ) -> tuple[list[NodeLink], list[NodeLink], float]:
+        """The pool nodes that have `model`: those with an idle slot, all of them, and the
+        most any of them can weigh (a score is at most 1), as the pass began: one look at
+        each pool node per pass and model. Nothing frees a slot or gives credit during a
+        pass (nothing awaits), so the lists hold every node that can take the job later in
+        it, and the bound stays one."""
+        got = self.views.get(model)
+        if got is None:
+            idle: list[NodeLink] = []
+            having: list[NodeLink] = []
+            bound = 0.0
+            for link in pool:
+                if model not in link.models:
+                    continue
+                having.append(link)
+                if len(link.inflight) < link.slots:
+                    idle.append(link)
+                warm = WARM_BONUS if model in link.warm else 1.0
+                bound = max(bound, self.classify(router, link)[1] * warm)
+            got = self.views[model] = (idle, having, bound)
+        return got
 
     def classify(self, router: Router, link: NodeLink) -> tuple[frozenset[str], float]:
         got = self.tiers.get(link)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from typing import TYPE_CHECKING
 
 from sogni_coordinator.standing import StandingCache, StandingLookup
@@ -62,16 +63,28 @@ class PayerBenefits:
         return discounted(q, self.rules.discount_for(self.tier(payer)))
 
 
+class _Run:
+    """Consecutive queue entries of one request (a request's jobs are queued together)."""
+
+    __slots__ = ("jobs", "request_id")
+
+    def __init__(self, request_id: bytes, jobs: deque[Job]) -> None:
+        self.request_id = request_id
+        self.jobs = jobs
+
+
 class TieredQueue:
     """The dispatcher's job queue: one FIFO per payer tier, higher tiers popped first.
 
     Every operation is O(number of tiers) (a handful), never a scan of the jobs. Supports
     the `deque` calls the dispatcher makes; `tiers` (request id -> tier) is shared with the
-    queue `emptied` returns, so a match pass can rebuild the queue."""
+    queue `emptied` returns, so a match pass can rebuild the queue. Entries are kept as runs
+    of one request's consecutive jobs, so a match pass sets aside every job of a request no
+    free node can take at once (`take_run`, `put_back_run`), not one by one."""
 
     def __init__(self, tiers: dict[bytes, int] | None = None) -> None:
         self.tiers: dict[bytes, int] = {} if tiers is None else tiers
-        self._buckets: dict[int, deque[Job]] = {}
+        self._buckets: dict[int, deque[_Run]] = {}
         self._order: list[int] = []  # tiers present, highest first
         self._len = 0
 
@@ -82,8 +95,8 @@ class TieredQueue:
         """The request ended: drop its tier."""
         self.tiers.pop(request_id, None)
 
-    def _bucket(self, job: Job) -> deque[Job]:
-        tier = self.tiers.get(job.request_id, 0)
+    def _bucket(self, request_id: bytes) -> deque[_Run]:
+        tier = self.tiers.get(request_id, 0)
         got = self._buckets.get(tier)
         if got is None:
             got = self._buckets[tier] = deque()
@@ -91,24 +104,69 @@ class TieredQueue:
         return got
 
     def append(self, job: Job) -> None:
-        self._bucket(job).append(job)
+        bucket = self._bucket(job.request_id)
+        if bucket and bucket[-1].request_id == job.request_id:
+            bucket[-1].jobs.append(job)
+        else:
+            bucket.append(_Run(job.request_id, deque((job,))))
         self._len += 1
 
     def appendleft(self, job: Job) -> None:
-        self._bucket(job).appendleft(job)
+        bucket = self._bucket(job.request_id)
+        if bucket and bucket[0].request_id == job.request_id:
+            bucket[0].jobs.appendleft(job)
+        else:
+            bucket.appendleft(_Run(job.request_id, deque((job,))))
         self._len += 1
 
     def extend(self, jobs: Iterable[Job]) -> None:
         for job in jobs:
             self.append(job)
 
-    def popleft(self) -> Job:
+    def _front(self) -> deque[_Run] | None:
         for tier in self._order:
             bucket = self._buckets[tier]
             if bucket:
-                self._len -= 1
-                return bucket.popleft()
-        raise IndexError("pop from an empty queue")
+                return bucket
+        return None
+
+    def popleft(self) -> Job:
+        bucket = self._front()
+        if bucket is None:
+            raise IndexError("pop from an empty queue")
+        run = bucket[0]
+        job = run.jobs.popleft()
+        if not run.jobs:
+            bucket.popleft()
+        self._len -= 1
+        return job
+
+    def take_run(self, request_id: bytes) -> deque[Job]:
+        """The jobs of `request_id` at the very front of the queue (the ones behind the job
+        just popped), taken at once; empty if the front holds another request's."""
+        bucket = self._front()
+        if bucket is None or bucket[0].request_id != request_id:
+            return deque()
+        run = bucket.popleft()
+        self._len -= len(run.jobs)
+        return run.jobs
+
+    def put_back_run(self, jobs: deque[Job]) -> None:
+        """`take_run`'s jobs back at the front of their tier, in order."""
+        if not jobs:
+            return
+        request_id = jobs[0].request_id
+        bucket = self._bucket(request_id)
+        self._len += len(jobs)
+        if bucket and bucket[0].request_id == request_id:  # one run again: copy the shorter
+            front = bucket[0]
+            if len(jobs) < len(front.jobs):
+                front.jobs.extendleft(reversed(jobs))
+            else:
+                jobs.extend(front.jobs)
+                front.jobs = jobs
+        else:
+            bucket.appendleft(_Run(request_id, jobs))
 
     def __len__(self) -> int:
         return self._len
@@ -118,7 +176,8 @@ class TieredQueue:
 
     def __iter__(self) -> Iterator[Job]:
         for tier in self._order:
-            yield from self._buckets[tier]
+            for run in self._buckets[tier]:
+                yield from run.jobs
 
     def __eq__(self, other: object) -> bool:
         """Same jobs in the same order (like two deques)."""
@@ -142,8 +201,8 @@ def fast_idle_fraction(router: Router, nodes: Iterable[NodeLink]) -> float:
 def pick_with_upgrade(
     router: Router,
     job: Job,
-    candidates: list[NodeLink],
-    in_use: set[NodeLink],
+    candidates: Iterable[NodeLink],
+    in_use: AbstractSet[NodeLink],
     *,
     upgrade: bool,
 ) -> NodeLink | None:

@@ -605,12 +605,21 @@ class Store(Database):
         ]
 
     def mark_check(self, job_id: bytes, state: str) -> None:
-        """A pending check ended well: `passed` or `skipped` (the receipt is released)."""
+        """A pending check ended well: `passed` or `skipped` (the receipt is released). With
+        a shared queue (cluster.py) the job's queue row completes in the same transaction,
+        as an unchecked receipt's does in `store_receipts` (`_complete_shared`)."""
         with self._tx() as db:
-            db.execute(
+            changed = db.execute(
                 "UPDATE checks SET state=?, updated_at=? WHERE job_id=? AND state='pending'",
                 (state, time.time(), job_id),
             )
+            if self.shared_queue is None or changed.rowcount == 0:
+                return
+            row = db.execute(
+                "SELECT signature, request_id FROM receipts WHERE job_id=?", (job_id,)
+            ).fetchone()
+            if row is not None:
+                self._complete_shared(db, job_id, bytes(row[0]), bytes(row[1]))
 
     def check_state(self, job_id: bytes) -> str | None:
         with self._lock:

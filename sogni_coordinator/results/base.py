@@ -167,6 +167,22 @@ class ResultStore(ABC):
         database writer's staging thread, before the write it goes with is queued."""
         return self, StagedImage(key, encode_message(image), image)
 
+    def joins(self, database: str) -> bool:
+        """May these images' rows be written inside the transaction of `database` (the
+        receipts' own commit, `db.Database.call_staged`) instead of by `write_group`
+        beforehand? Only a store whose rows live in that very database."""
+        return False
+
+    def write_rows(self, conn: Any, items: list[StagedImage]) -> None:
+        """Write `items` on `conn`, inside its open transaction (blocking; when `joins`)."""
+        raise NotImplementedError
+
+    def kept(self, items: list[StagedImage]) -> None:
+        """`items` committed (`write_rows`): kept in memory as `write_group` keeps them."""
+        with self._lock:
+            for item in items:
+                self._remember(item.key, item.image)
+
     def write_group(self, items: list[StagedImage]) -> list[BaseException | None]:
         """Store a group of staged images durably at once (blocking: the database writer's
         staging thread); per item, None or the error that kept it from being stored."""

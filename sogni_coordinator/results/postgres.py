@@ -25,7 +25,14 @@ import psycopg
 import trio
 
 from sogni_coordinator.queue.postgres import error_line, redact
-from sogni_coordinator.results.base import DEFAULT_MEMORY, ResultKey, ResultStore, StoreError
+from sogni_coordinator.results.base import (
+    DEFAULT_MEMORY,
+    ResultKey,
+    ResultStore,
+    StagedImage,
+    StoreError,
+)
+from sogni_coordinator.storage import is_postgres, location
 from sogni_coordinator.storage.lazy import LazyConnection, Unreachable
 from sogni_protocol.logs import get_logger
 
@@ -126,6 +133,22 @@ class PostgresResults(ResultStore):
         except StoreError as exc:
             return {key: exc for key, _ in items}
         return {}
+
+    def joins(self, database: str) -> bool:
+        """The coordinator's own database (`result_store = "database"` uses it): an image's
+        row commits in its receipt's transaction (`db.Database.call_staged`), one commit
+        for both and never a row without its receipt."""
+        return is_postgres(database) and location(database) == location(self.url)
+
+    def write_rows(self, conn: Any, items: list[StagedImage]) -> None:
+        """On the store's connection (`storage.postgres.PgConnection`: SQLite-dialect SQL)."""
+        conn.executemany(
+            "INSERT INTO result_images (request_id, idx, offer_hash, frame, stored_at)"
+            f" VALUES (?, ?, ?, ?, {_NOW})"
+            " ON CONFLICT (request_id, idx, offer_hash) DO UPDATE"
+            " SET frame = excluded.frame, stored_at = excluded.stored_at",
+            [(i.key.request_id, i.key.index, i.key.offer_hash, i.data) for i in items],
+        )
 
     def _read(self, key: ResultKey) -> bytes | None:
         def read(conn: psycopg.Connection[Any]) -> bytes | None:

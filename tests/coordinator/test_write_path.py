@@ -9,9 +9,11 @@ heap and asks servability once per request (`Dispatcher.sweep`).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import trio
 import trio.testing
 
@@ -137,6 +139,83 @@ async def test_a_receipt_is_committed_with_its_image_in_one_writer_call(coord: H
     assert seen == [True, True, True]
     assert len(coord.store.receipts()) == 3
     assert len([m for m in await events(sub) if isinstance(m, JobImage)]) == 3
+
+
+# --- the database result store: the image row in the receipt's own commit -------------------
+PG_MIGRATIONS = ("CREATE TABLE receipt_rows (name TEXT PRIMARY KEY)",)
+
+
+async def test_an_image_row_commits_in_its_receipts_transaction(pg_url: str) -> None:
+    """With the result store on the coordinator's own PostgreSQL, `call_staged` writes the
+    image row in the receipt's savepoint: one transaction for both (the same `xmin`),
+    a receipt that fails takes its image row with it, and an image row that fails keeps
+    its receipt out without failing the rest of the group."""
+    from sogni_coordinator.results.postgres import PostgresResults
+
+    db = Database(pg_url, component="write_path", migrations=PG_MIGRATIONS)
+    results = PostgresResults(pg_url)
+    await trio.to_thread.run_sync(results.open)
+    assert results.joins(db.location) and not FolderResults(Path("unused")).joins(db.location)
+    keys = [results.key(bytes([i]) * 32, i, b"\x02" * 32) for i in range(6)]
+    images = [job_image(i) for i in range(6)]
+    outcome: dict[str, BaseException | None] = {}
+
+    seen: dict[int, tuple[int, int]] = {}  # image rows (inside, outside) the transaction
+
+    def insert(key: ResultKey, fail: bool) -> None:  # the receipt's write
+        count = "SELECT COUNT(*) FROM result_images WHERE idx = ?"
+        with db._tx() as conn:
+            conn.execute("INSERT INTO receipt_rows VALUES (?)", (key.name,))
+            inside = conn.execute(count, (key.index,)).fetchone()
+        with psycopg.connect(pg_url, autocommit=True) as other:
+            outside = other.execute(count.replace("?", "%s"), (key.index,)).fetchone()
+        assert inside is not None and outside is not None
+        seen[key.index] = (inside[0], outside[0])
+        if fail:
+            raise ValueError("the receipt's write failed")
+
+    async def write(i: int, *, fail: bool = False, bad_image: bool = False) -> None:
+        stage = results.staged(keys[i], images[i])
+        if bad_image:  # a NULL frame: the row's insert fails (NOT NULL)
+            stage = (results, StagedImage(keys[i], None, images[i]))  # type: ignore[arg-type]
+        try:
+            await db.call_staged(stage, insert, keys[i], fail)
+            outcome[keys[i].name] = None
+        except (OSError, ValueError) as exc:
+            outcome[keys[i].name] = exc
+
+    for writer_running in (True, False):
+        base = 0 if writer_running else 3
+        async with trio.open_nursery() as nursery:
+            if writer_running:
+                nursery.start_soon(db.run_writer)
+                await trio.testing.wait_all_tasks_blocked()
+            async with trio.open_nursery() as calls:
+                calls.start_soon(write, base)
+                calls.start_soon(functools.partial(write, base + 1, fail=True))
+                calls.start_soon(functools.partial(write, base + 2, bad_image=True))
+            nursery.cancel_scope.cancel()
+        good, failed, bad = (keys[base + j].name for j in range(3))
+        assert outcome[good] is None
+        assert isinstance(outcome[failed], ValueError)
+        assert isinstance(outcome[bad], OSError)  # as a failed image file: StorageFault
+        assert await results.get(keys[base]) is images[base]  # kept in memory, as staged
+
+    # the receipt's write saw its image row, which no other connection saw yet: one
+    # transaction; the receipt whose image row failed never ran
+    assert seen == {0: (1, 0), 1: (1, 0), 3: (1, 0), 4: (1, 0)}
+
+    def read() -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        with psycopg.connect(pg_url, autocommit=True) as conn:
+            receipts = conn.execute("SELECT name FROM receipt_rows ORDER BY name").fetchall()
+            rows = conn.execute("SELECT idx FROM result_images ORDER BY idx").fetchall()
+        return receipts, rows
+
+    receipts, rows = await trio.to_thread.run_sync(read)
+    assert receipts == sorted([(keys[0].name,), (keys[3].name,)])
+    assert rows == [(0,), (3,)]  # no image row without its receipt
+    results.close()
+    db.close()
 
 
 # --- the sweep -------------------------------------------------------------------------------
