@@ -31,11 +31,19 @@ cycling through the backend's schedulers):
   delivered file their encode byte for byte; `image_verify.judge_image`): a cheat passes if
   any pixels it could open do (its honest pixels, the cheat's pixels, the delivered file's
   decode);
+- the codec rule (a worker that opens its pixels and claims a codec build not measured to
+  encode alike: the delivered file must lie within `CODEC_TOLERANCES` of the shared encoder's
+  output of the pixels): the honest distance of simulated other builds of each codec (the
+  opened pixels encoded otherwise: a float colour conversion for JPEG, as the tolerance's
+  basis; Pillow's own colour conversion, other libwebp methods and +-1 on 0.2% of the samples,
+  reported as not covered), the tolerance, its false rejections on the held-out honest checks,
+  and each cheat's detection when the cheat claims such a build;
 - the cost of one check (the verifier's decode plus the coordinator's compare) against the
   render's time (float32, 1 thread, same run).
 
-Run: ``.venv/bin/python -m bench image`` (writes its section of BENCHMARKS.md; about 5.5 minutes
-here, 1 with --quick) or ``.venv/bin/python -m bench.image_tolerance [--quick]`` (prints only).
+Run: ``.venv/bin/python -m bench image`` (writes its section of BENCHMARKS.md; 11 minutes
+idle here, 17 at load 6, about 1 with --quick; set OMP_WAIT_POLICY=PASSIVE on a loaded
+machine) or ``.venv/bin/python -m bench.image_tolerance [--quick]`` (prints only).
 """
 
 from __future__ import annotations
@@ -90,6 +98,13 @@ PROVIDERS: tuple[Provider, ...] = (
 )
 QUICK_PROVIDERS = ("fp32, 1 thread", "fp32, 2 threads", "fp32, 1 thread, batch 2", "bf16, 1 thread")
 FORMATS = ("jpeg", "webp")
+CODEC_SAFETY = 2.0
+"""The codec rule's tolerance: this x the largest calibration distance of `CODEC_BASIS`."""
+CODEC_BASIS = "float colour conversion"
+"""The simulated other build the codec tolerance rests on: another implementation of the same
+arithmetic, rounding otherwise (see `other_builds`)."""
+UNMEASURED = "aarch64 jpeg:ijg-9f webp:1.2.4"
+"""The build line the codec rule's cheats and cost runs claim (not in `BYTE_EXACT_CODECS`)."""
 JOB_FORMATS = ("png", *FORMATS)
 CHEAT_QUALITY = 75
 """A lossy job's re-encode cheat: the honest pixels at this quality in the job's format."""
@@ -285,6 +300,64 @@ def cheat_pixels(
     return edited
 
 
+def _ycbcr_jpeg(ycbcr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    from sogni_protocol.image_encoding import SAVE_OPTIONS
+
+    buf = io.BytesIO()
+    Image.fromarray(ycbcr, "YCbCr").save(buf, **SAVE_OPTIONS["jpeg"])  # libjpeg: no conversion
+    return buf.getvalue()
+
+
+def other_builds(pixels: np.ndarray, fmt: str, seed: int) -> dict[str, bytes]:
+    """What an honest node on another build of the codec may deliver for `pixels`, simulated
+    with this build: `CODEC_BASIS` (JPEG: RGB -> YCbCr computed exactly in float and rounded
+    by libjpeg's convention, handed to libjpeg as YCbCr: the same specified arithmetic at
+    another precision; libjpeg's 16-bit fixed point rounds a few samples otherwise);
+    and, not covered by the tolerance, encoders that differ more: Pillow's own colour
+    conversion (it rounds otherwise throughout), libwebp methods 3, 5, 6 (other decisions at
+    the same quality), and +-1 on 0.2% of the samples before encoding (a rounding difference
+    that libwebp's prediction can carry across a macroblock)."""
+    from PIL import Image
+
+    from sogni_protocol.image_encoding import SAVE_OPTIONS
+
+    rng = np.random.default_rng(seed)
+    flip = rng.random(pixels.shape) < 0.002
+    nudged = np.clip(pixels.astype(np.int16) + flip * rng.choice((-1, 1), pixels.shape), 0, 255)
+    out = {"+-1 on 0.2% of samples": png(nudged.astype(np.uint8), fmt)}
+    if fmt == "jpeg":
+        x = pixels.astype(np.float64)
+        r, g, b = x[..., 0], x[..., 1], x[..., 2]
+        ycc = np.stack(
+            (
+                0.299 * r + 0.587 * g + 0.114 * b,
+                128 - 0.168735892 * r - 0.331264108 * g + 0.5 * b,
+                128 + 0.5 * r - 0.418687589 * g - 0.081312411 * b,
+            ),
+            axis=-1,
+        )
+        # libjpeg's convention: Y rounds halves up, Cb/Cr down (ONE_HALF - 1); exact arithmetic
+        half = np.array([0.5, 0.5 - 2**-16, 0.5 - 2**-16])
+        out[CODEC_BASIS] = _ycbcr_jpeg(np.clip(np.floor(ycc + half), 0, 255).astype(np.uint8))
+        pil = np.asarray(Image.fromarray(pixels).convert("YCbCr"))
+        out["Pillow's colour conversion"] = _ycbcr_jpeg(pil)
+    else:
+        for method in (3, 5, 6):
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, **{**SAVE_OPTIONS["webp"], "method": method})
+            out[f"libwebp method {method}"] = buf.getvalue()
+    return out
+
+
+def codec_distance(delivered: bytes, pixels: np.ndarray, fmt: str) -> float:
+    """The codec rule's distance: the delivered file against the encode of `pixels` here."""
+    from sogni_coordinator.image_verify import image_distance
+
+    return image_distance(delivered, png(pixels, fmt), tt.SIZE, tt.SIZE).block
+
+
 def escapes_pixels_rule(
     delivered: bytes, fmt: str, candidates: Sequence[np.ndarray], ref: bytes, png_tol: float
 ) -> bool:
@@ -308,7 +381,12 @@ def vae_dtype(mode: str) -> str:
 
 
 def _lossy_calibration(h: dict[str, Any], fmt: str) -> list[float]:
-    d, n, nh = h["d"][fmt], h["n_cal"], h["n_held"]
+    return _calibration_only(h, h["d"][fmt])
+
+
+def _calibration_only(h: dict[str, Any], d: Sequence[float]) -> list[float]:
+    """A provider's calibration renders' values (the held-out ones sit between them)."""
+    n, nh = h["n_cal"], h["n_held"]
     return [*d[:n], *d[n + nh :]]
 
 
@@ -348,15 +426,19 @@ def measure(settings: Settings) -> dict[str, Any]:
             n_cal = len(calibration[p.name])
             ds: dict[str, list[float]] = {f: [] for f in JOB_FORMATS}
             same: dict[str, int] = {f: 0 for f in JOB_FORMATS}
-            for _prev, final, pixels in rows:
+            codec: dict[str, dict[str, list[float]]] = {f: {} for f in FORMATS}
+            for k, (_prev, final, pixels) in enumerate(rows):
                 ref = decode(ver, final)
                 for f in JOB_FORMATS:
                     delivered = png(pixels, f)
                     ds[f].append(distance(delivered, ref, f))
                     same[f] += delivered == (ref if f == "png" else png(pixels_of(ref), f))
+                for f in FORMATS:  # the same node on another codec build (the codec rule)
+                    for name, data in other_builds(pixels, f, seed=k).items():
+                        codec[f].setdefault(name, []).append(codec_distance(data, pixels, f))
             honest[p.name] = {
                 "mode": p.mode.name, "n_cal": n_cal, "n_held": len(held[p.name]), "d": ds,
-                "same": same,
+                "same": same, "codec": codec,
             }  # fmt: skip
             print(
                 f"image: {p.name}: max "
@@ -384,6 +466,11 @@ def measure(settings: Settings) -> dict[str, Any]:
     tol = {"png": {m: _tolerance(worst["png"][m], SAFETY, FLOOR) for m in modes}}
     for f in FORMATS:
         tol[f] = {m: _tolerance(worst[f][m], LOSSY_SAFETY, FLOOR) for m in modes}
+    # the codec rule: one tolerance for both formats, on the basis build's calibration renders
+    codec_worst = max(
+        max(_calibration_only(h, h["codec"]["jpeg"][CODEC_BASIS])) for h in honest.values()
+    )
+    codec_tol = _tolerance(codec_worst, CODEC_SAFETY, FLOOR)
 
     # cheats: the worker (fp32) commits an honest trajectory and delivers another image
     own = pipes[FP32]
@@ -391,6 +478,9 @@ def measure(settings: Settings) -> dict[str, Any]:
     cheats: dict[str, dict[str, list[float]]] = {f: {c: [] for c in CHEATS} for f in JOB_FORMATS}
     escaped: dict[str, dict[str, int]] = {f: dict.fromkeys(CHEATS, 0) for f in FORMATS}
     """Lossy format -> cheat -> jobs whose file passed the pixels rule."""
+    codec_cheats: dict[str, dict[str, list[float]]] = {f: {c: [] for c in CHEATS} for f in FORMATS}
+    """Lossy format -> cheat -> the codec rule's distance per job (a cheat claiming an
+    unmeasured build): the smallest over the pixels it could open that pass the PNG leg."""
     started = time.perf_counter()
     rendered = [render(own, [j], base)[0][0] for j in cheat_jobs]
     for i, job in enumerate(cheat_jobs[1:], start=1):
@@ -404,6 +494,10 @@ def measure(settings: Settings) -> dict[str, Any]:
                 if f in FORMATS:
                     opened = [honest_row[2], pixels_of(img)] + ([px] if px is not None else [])
                     escaped[f][c] += escapes_pixels_rule(img, f, opened, ref, tol["png"]["fp32"])
+                    near = [o for o in opened if distance(png(o), ref) <= tol["png"]["fp32"]]
+                    codec_cheats[f][c].append(
+                        min((codec_distance(img, o, f) for o in near), default=math.inf)
+                    )
     print(f"image: cheats ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
 
     # cost: one render vs one check (decode + PNG + compare), float32, 1 thread, interleaved
@@ -412,7 +506,7 @@ def measure(settings: Settings) -> dict[str, Any]:
     from sogni_protocol.messages import PixelsOpening
 
     cost: dict[str, list[float]] = {
-        "render": [], "decode": [], "compare": [], "jpeg": [], "pixels": []
+        "render": [], "decode": [], "compare": [], "jpeg": [], "pixels": [], "codec": []
     }  # fmt: skip
     for i, job in enumerate(tt.make_jobs(settings.cost_runs + 1, rng)):
         (row,), seconds = render(own, [job], base)
@@ -426,12 +520,18 @@ def measure(settings: Settings) -> dict[str, Any]:
         opening = PixelsOpening(png=png(row[2]), encoder=encoder_build())
         judge_image(png(row[2], "webp"), ref, "webp", tt.SIZE, tt.SIZE, "float32", opening)
         t4 = time.perf_counter()
+        other = other_builds(row[2], "webp", seed=i)["libwebp method 3"]
+        claimed = PixelsOpening(png=png(row[2]), encoder=UNMEASURED)
+        t5 = time.perf_counter()
+        judge_image(other, ref, "webp", tt.SIZE, tt.SIZE, "float32", claimed)
+        t6 = time.perf_counter()
         if i:
             cost["render"].append(seconds)
             cost["decode"].append(t1 - t0)
             cost["compare"].append(t2 - t1)
             cost["jpeg"].append(t3 - t2)
             cost["pixels"].append(t4 - t3)
+            cost["codec"].append(t6 - t5)
     return {
         "settings": settings.__dict__,
         "providers": [p.name for p in providers],
@@ -442,6 +542,9 @@ def measure(settings: Settings) -> dict[str, Any]:
         "encoders": encoder_versions(),
         "cheats": cheats,
         "escaped_pixels_rule": escaped,
+        "codec_worst": codec_worst,
+        "codec_tolerance": codec_tol,
+        "codec_cheats": codec_cheats,
         "cost": cost,
     }
 
@@ -592,6 +695,8 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
             common.table(("cheat", *(f"{f} job, pixels rule: caught" for f in FORMATS)), prow),
             "",
         ]
+    if "codec_cheats" in m:
+        lines += _codec_markdown(m)
     lines += [
         "### Cost of one check",
         "",
@@ -599,6 +704,7 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
     c = m["cost"]
     r, dec, cmp_, jpg = (common.median(c[k]) for k in ("render", "decode", "compare", "jpeg"))
     pix = common.median(c["pixels"]) if c.get("pixels") else math.nan
+    cod = common.median(c["codec"]) if c.get("codec") else math.nan
     lines += [
         common.table(
             (
@@ -607,6 +713,7 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
                 "coordinator compare ms (PNG job)",
                 "(JPEG job, re-encode + compare)",
                 "(WebP job, pixels rule)",
+                "(WebP job, codec rule)",
                 "check / render",
             ),
             [
@@ -616,7 +723,8 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
                     f"{1000 * cmp_:.2f}",
                     f"{1000 * jpg:.2f}",
                     f"{1000 * pix:.2f}",
-                    f"{(dec + max(cmp_, jpg, pix)) / r:.3f}",
+                    f"{1000 * cod:.2f}",
+                    f"{(dec + max(cmp_, jpg, pix, cod)) / r:.3f}",
                 )
             ],
         ),
@@ -626,10 +734,87 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
         "decode and PNG encode on the verifier and, on the coordinator, two image decodes and "
         "the block compare (a lossy job adds one encode of the verifier's pixels; timed on an "
         "image that differs, so no byte-equality shortcut; the pixels rule: the opened pixels "
-        "against the decode, one encode of them and a byte compare, on an honest WebP). The "
+        "against the decode, one encode of them and a byte compare, on an honest WebP; the codec "
+        "rule: the same, then both files decoded and compared, on an honest WebP of libwebp "
+        "method 3 claiming an unmeasured build). The "
         "network round trip, and the opened PNG it carries, are not counted.",
     ]
     return "\n".join(lines)
+
+
+def _codec_markdown(m: dict[str, Any]) -> list[str]:
+    """The codec rule's subsection: honest other builds, tolerance, detection."""
+    ctol = m["codec_tolerance"]
+    lines = [
+        "### Codec rule: opened pixels, a claimed build not measured to encode alike",
+        "",
+        "The worker opens its pixels and names a codec build outside `BYTE_EXACT_CODECS` "
+        f"(cheats claim `{UNMEASURED}`), so byte equality cannot be required. The pixels must "
+        "still pass the PNG tolerance against the decode, and the delivered file must lie "
+        "within the codec tolerance of the shared encoder's output of those pixels here "
+        "(`image_verify.judge_image`, rule `codec`; 8x8 block distance). Honest other builds "
+        "are simulated on every honest render (the worker's own pixels encoded otherwise, "
+        "`bench.image_tolerance.other_builds`); the tolerance is "
+        f"{CODEC_SAFETY:g} x the largest calibration distance of `{CODEC_BASIS}` (JPEG), for "
+        "both formats.",
+        "",
+    ]
+    rows = []
+    for f in FORMATS:
+        names = list(next(iter(m["honest"].values()))["codec"][f])
+        for name in names:
+            allv = [x for h in m["honest"].values() for x in h["codec"][f][name]]
+            held = [
+                x
+                for h in m["honest"].values()
+                for x in h["codec"][f][name][h["n_cal"] : h["n_cal"] + h["n_held"]]
+            ]
+            basis = name == CODEC_BASIS
+            rows.append(
+                (
+                    f"{f}: {name}" + (" (basis)" if basis else " (not covered)"),
+                    len(allv),
+                    sum(x == 0 for x in allv),
+                    f"{_v(common.median(allv))} / {_v(max(allv))}",
+                    f"{sum(x > ctol for x in held)} of {len(held)}",
+                    f"{100 * sum(x > ctol for x in allv) / len(allv):.1f}%",
+                )
+            )
+    lines += [
+        common.table(
+            (
+                "simulated build",
+                "checks",
+                "identical bytes",
+                "median / max distance",
+                "held-out over tolerance",
+                "all over tolerance",
+            ),
+            rows,
+        ),
+        "",
+        f"Codec tolerance: {_v(m['codec_worst'])} x {CODEC_SAFETY:g} -> **{_v(ctol)}** levels "
+        "(`image_verify.CODEC_TOLERANCES`). Each cheat claims an unmeasured build and opens "
+        "whichever pixels it could (its honest pixels, the cheat's pixels, the delivered file's "
+        "decode) that pass the PNG leg; caught when even the closest is over the tolerance "
+        "(inf: no pixels it could open pass the PNG leg).",
+        "",
+    ]
+    crows = []
+    for cheat in CHEATS:
+        row: list[Any] = [cheat]
+        for f in FORMATS:
+            ds = m["codec_cheats"][f][cheat]
+            caught = 100 * sum(x > ctol for x in ds) / len(ds)
+            row.append(f"{_v(min(ds))} / {_v(common.median(ds))}: **{caught:.0f}%**")
+        crows.append(tuple(row))
+    lines += [
+        common.table(
+            ("cheat", *(f"{f} job, codec rule: min / median, caught" for f in FORMATS)), crows
+        ),
+        "",
+    ]
+    return lines
 
 
 def run(quick: bool, command: str = "python -m bench image") -> str:

@@ -158,7 +158,8 @@ class Outcome:
     evidence: bytes | None = None
     """For a fail: what the check saw (`Store.failed_evidence` keeps it for a dispute)."""
     rule: str | None = None
-    """The image check's rule when it decided (`image_verify.PIXELS_RULE`/`BLOCK_RULE`)."""
+    """The image check's rule when it decided (`image_verify.PIXELS_RULE`/`CODEC_RULE`/
+    `BLOCK_RULE`)."""
 
 
 @dataclass(frozen=True)
