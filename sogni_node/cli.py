@@ -122,8 +122,15 @@ def probe_command(
     ] = "auto",
 ) -> None:
     """Detect the render device, its memory and a suggested pixel limit."""
+    from sogni_protocol.image_encoding import encoder_build, encodes_like_network
+
     info = _probe(device)
     data = msgspec.to_builtins(info)
+    alike = encodes_like_network()
+    data["image_encoder"] = encoder_build()
+    data["encodes_like_network"] = ", ".join(
+        f"{k} {'yes' if v else 'NO'}" for k, v in alike.items()
+    )
     if as_json:
         _print_json(data)
         return

@@ -27,6 +27,7 @@ __all__ = [
     "BYTE_EXACT_CODECS",
     "FORMATS",
     "JPEG_QUALITY",
+    "KNOWN_ANSWERS",
     "LOSSY_FORMATS",
     "PNG_COMPRESS_LEVEL",
     "SAVE_OPTIONS",
@@ -35,6 +36,7 @@ __all__ = [
     "encode_rgb",
     "encoder_build",
     "encoder_versions",
+    "encodes_like_network",
 ]
 
 PNG_COMPRESS_LEVEL = 6
@@ -122,3 +124,39 @@ def byte_exact(build: str, output_format: str) -> bool:
         return False
     codecs = dict(w.split(":", 1) for w in words[1:] if ":" in w)
     return codecs.get(output_format) in BYTE_EXACT_CODECS.get(output_format, frozenset())
+
+
+def _known_answer_image() -> Image.Image:
+    """A fixed 64 x 64 test picture: smooth gradients, hard edges and seeded noise, the three
+    things an encoder's arithmetic treats differently."""
+    import random
+
+    rng = random.Random(20261201)
+    data = bytearray()
+    for y in range(64):
+        for x in range(64):
+            edge = 200 if (x // 16 + y // 16) % 2 else 40
+            data += bytes(((x * 4) & 255, (edge + rng.randrange(-20, 21)) & 255, (y * 4) & 255))
+    return Image.frombytes("RGB", (64, 64), bytes(data))
+
+
+KNOWN_ANSWERS: Mapping[str, str] = {
+    "jpeg": "80a1794876047e9335d926b61be72302660c245cc53618d6b55f4eb179779a49",
+    "webp": "45e7c62c05cb956ca2c551f894dd01951fd35706393830b93476fad317349f24",
+}
+"""Lossy format -> sha256 of `encode_rgb(_known_answer_image(), format)` on the builds of
+`BYTE_EXACT_CODECS` (the Pillow 9.5.0, 10.4.0, 11.3.0 and 13.0.0 wheels all give these bytes,
+1 Dec 2026). A machine whose encoder gives other bytes
+encodes unlike the network: a checked JPEG or WebP job of its may be refused by the codec
+rule (docs/IMAGE_CHECK.md, "The codec rule")."""
+
+
+def encodes_like_network() -> dict[str, bool]:
+    """Lossy format -> whether this machine's encoder gives the known answer's bytes."""
+    import hashlib
+
+    image = _known_answer_image()
+    return {
+        fmt: hashlib.sha256(encode_rgb(image, fmt)).hexdigest() == digest
+        for fmt, digest in KNOWN_ANSWERS.items()
+    }
