@@ -10,7 +10,9 @@ offers):
 - the honest distance across what honest nodes differ in: thread count (1 vs 2), a batch of 2
   (the job rendered next to another one), the x86-64 code paths of other CPUs (torch, oneDNN
   and MKL ISA forced in a subprocess, as `python -m bench cpuvar` does), and the numeric mode:
-  float32, bfloat16 and every CPU quantization mode of `sogni_node.render.quantize`. Every
+  float32, bfloat16, float16 (CPU float16: about 10x float32's time on a CPU without
+  AVX512-FP16/AMX-FP16, as here) and every CPU quantization mode of
+  `sogni_node.render.quantize`. Every
   honest render is checked twice: by a verifier in the provider's declared mode ("matched":
   1 thread, batch 1, this CPU's own code paths) and by a float32 verifier ("cross-mode");
 - tolerances: SAFETY x the largest honest distance of a calibration set (one for matched
@@ -30,13 +32,15 @@ from `initial_latents(seed, ...)`, and the noise of the backend's step k (1-base
 `step_generator(seed, k)`; here the generators are re-seeded from the step callback, one per
 image, so a batch of 2 draws each image's own noise.
 
-Run: ``.venv/bin/python -m bench tolerance`` (writes its section of BENCHMARKS.md; about 4
-minutes here, 1 with --quick) or ``.venv/bin/python -m bench.trajectory_tolerance [--quick]``
+Run: ``.venv/bin/python -m bench tolerance`` (writes its section of BENCHMARKS.md; 36
+minutes on this 2-core machine under load with float16, whose CPU renders take 10x
+float32's; 6 with --quick) or ``.venv/bin/python -m bench.trajectory_tolerance [--quick]``
 (prints only). After a change to the tables only: ``.venv/bin/python -m
 bench.trajectory_tolerance --from-json /tmp/trajectory_tolerance-<time>.json`` re-renders its
 section of BENCHMARKS.md from a run's raw results (no measuring; other sections untouched);
 ``--extend-json RAW`` also measures the providers the run lacks (e.g. one added since) and
-recomputes the tolerances with today's rules (bf16 path-bound: `PATH_BOUND`).
+recomputes the tolerances with today's rules (bf16 and fp16 path-bound: `PATH_BOUND`); it
+also runs the cheat regimes the run lacks (e.g. "declares fp16").
 """
 
 from __future__ import annotations
@@ -70,13 +74,14 @@ SIZE = 64
 SCHEDULER_NAMES = ("euler", "euler_a", "ddim", "dpmpp_2m_karras", "lcm")
 SAFETY = 10.0
 """Proposed tolerance = SAFETY x the largest honest distance of the calibration set."""
-PATH_BOUND = ("bf16",)
+PATH_BOUND = ("bf16", "fp16")
 """Modes checked only by a verifier on the provider's own CPU code path (the node declares
-`bfloat16@<compute_path>`): their matched tolerance comes from the providers on the
-verifier's path alone; the other paths' distances are shown, never checked against it."""
+`bfloat16@<compute_path>` / `float16@<compute_path>`, `DiffusersBackend.dtype_name`): their
+matched tolerance comes from the providers on the verifier's path alone; the other paths'
+distances are shown, never checked against it."""
 PATH_FLOOR = 5e-5
-"""Least tolerance of a path-bound mode: the float32 one. Same-path bf16 measured exactly 0
-(threads, batches), and an all-zero calibration must not reject the next rounding."""
+"""Least tolerance of a path-bound mode: the float32 one. Same-path bf16 and fp16 measured
+exactly 0 (threads, batches), and an all-zero calibration must not reject the next rounding."""
 
 CHECKS_PER_JOB = (1, 2, 4)
 """Random steps re-run per checked job in the detection table (and all of them)."""
@@ -111,12 +116,19 @@ class Mode:
 
     @property
     def name(self) -> str:
-        short = {"float32": "fp32", "bfloat16": "bf16"}[self.dtype]
+        short = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}[self.dtype]
         return short if self.quantize == "none" else self.quantize
+
+    def declared(self, path: str) -> str:
+        """The string a node rendering in this mode on `path` declares (`dtype_name`), the key
+        of `sogni_coordinator.verifiers.TOLERANCES`."""
+        name = self.dtype if self.quantize == "none" else f"{self.dtype}+{self.quantize}"
+        return f"{name}@{path}" if self.name in PATH_BOUND else name
 
 
 FP32 = Mode()
 BF16 = Mode("bfloat16")
+FP16 = Mode("float16")
 INT8 = Mode(quantize="int8")
 
 
@@ -159,6 +171,9 @@ PROVIDERS: tuple[Provider, ...] = (
     Provider(FP32, cpu="baseline", env=BASELINE),
     *_variants(BF16, same=True, cpu=True),
     Provider(BF16, threads=4),
+    *_variants(FP16, same=True, cpu=True),
+    Provider(FP16, cpu="baseline", env=BASELINE),
+    Provider(FP16, threads=4),
     *_variants(INT8, same=True, cpu=True),
     *_variants(Mode(quantize="int8-dynamic"), same=False, cpu=False),
     *_variants(Mode(quantize="quanto-int8"), same=False, cpu=False),
@@ -171,6 +186,8 @@ QUICK_PROVIDERS = (
     "fp32, 1 thread, CPU all-AVX2",
     "bf16, 2 threads",
     "bf16, 1 thread, CPU all-AVX2",
+    "fp16, 2 threads",
+    "fp16, 1 thread, CPU all-AVX2",
     "int8, 2 threads",
 )
 
@@ -505,6 +522,7 @@ REGIMES = (
     Regime("declares fp32", FP32, FP32),
     Regime("declares int8", INT8, INT8),
     Regime("declares bf16", BF16, BF16),
+    Regime("declares fp16", FP16, FP16),
 )
 """The cheater renders in the mode it declares; the verifier re-runs steps in that mode."""
 
@@ -586,7 +604,8 @@ def measure_provider(
 def extend(raw: Path) -> Path:
     """Add to a full run's raw results the providers of `PROVIDERS` it lacks (measured now,
     6 calibration and 7 held-out renders each, other prompts and seeds than the run's),
-    recompute the tolerances with today's rules and re-render the BENCHMARKS.md section.
+    recompute the tolerances with today's rules, run the cheat regimes it lacks and
+    re-render the BENCHMARKS.md section.
     Why: a full run is 15-40 minutes on a shared 2-core machine; this re-uses its numbers
     for everything it measured. Writes the extended raw results beside the input."""
     m = json.loads(raw.read_text())
@@ -617,6 +636,16 @@ def extend(raw: Path) -> Path:
 
     m["compute_path"] = compute_path("cpu")
     m["honest_max"], m["tolerance"] = tolerances(m["honest"])
+    missing = [
+        r
+        for r in REGIMES
+        if r.label not in m["cheats"] and r.declared.name in m["tolerance"]["matched"]
+    ]
+    if missing:
+        n = m["settings"]["cheat_jobs"]
+        cheat_jobs, others = make_jobs(n, rng), make_jobs(n, rng)
+        m["cheats"].update(measure_cheats(missing, cheat_jobs, others, pipe_for, base))
+        m.setdefault("extended", []).extend(r.label for r in missing)
     out = raw.with_name(raw.stem + "-extended.json")
     out.write_text(json.dumps(m, indent=1, default=float))
     print(f"tolerance: extended raw results in {out}", file=sys.stderr)
@@ -624,8 +653,6 @@ def extend(raw: Path) -> Path:
 
 
 def measure(settings: Settings) -> dict[str, Any]:
-    from sogni_node.models.tiny import ensure_tiny_model
-
     rng = random.Random(20250612)
     pipes: dict[Mode, Any] = {FP32: load_pipe(shapes_path())}
     base = dict(pipes[FP32].scheduler.config)
@@ -665,12 +692,42 @@ def measure(settings: Settings) -> dict[str, Any]:
     # cheats, in each regime
     cheat_jobs = make_jobs(settings.cheat_jobs, rng)
     others = make_jobs(settings.cheat_jobs, rng)
-    cheats: dict[str, dict[str, list[tuple[float, list[float]]]]] = {}
+    regimes = [r for r in REGIMES if r.declared.name in tolerance["matched"]]  # runs here
+    cheats = measure_cheats(regimes, cheat_jobs, others, pipe_for, base)
+    cost = measure_cost(pipes[FP32], base, settings.cost_runs, rng)
+    from sogni_node.hardware import compute_path
+
+    return {
+        "settings": settings.__dict__,
+        "compute_path": compute_path("cpu"),
+        "providers": [p.name for p in providers],
+        "skipped": skipped,
+        "honest": honest,
+        "honest_max": honest_max,
+        "tolerance": tolerance,
+        "cheats": cheats,
+        "cost": cost,
+    }
+
+
+Cheats = dict[str, dict[str, list[tuple[float, list[float]]]]]
+"""Regime label -> cheat -> per job (x_0 distance, each step's distance)."""
+
+
+def measure_cheats(
+    regimes: Sequence[Regime],
+    cheat_jobs: Sequence[Job],
+    others: Sequence[Job],
+    pipe_for: Any,
+    base: Any,
+) -> Cheats:
+    """Every cheat of `CHEATS` on every job, in each regime, every step re-run."""
+    from sogni_node.models.tiny import ensure_tiny_model
+
+    cheats: Cheats = {}
     with tempfile.TemporaryDirectory(prefix="tolerance-tiny-") as tmp:
         tiny_path = ensure_tiny_model(Path(tmp))
-        for regime in REGIMES:
-            if regime.declared.name not in tolerance["matched"]:
-                continue  # the mode cannot run here
+        for regime in regimes:
             cheat_pipes = {
                 "own": pipe_for(regime.declared),
                 "tiny": load_pipe(tiny_path, regime.declared),
@@ -690,20 +747,7 @@ def measure(settings: Settings) -> dict[str, Any]:
                 f"tolerance: cheats, {regime.label} ({time.perf_counter() - started:.0f} s)",
                 file=sys.stderr,
             )
-    cost = measure_cost(pipes[FP32], base, settings.cost_runs, rng)
-    from sogni_node.hardware import compute_path
-
-    return {
-        "settings": settings.__dict__,
-        "compute_path": compute_path("cpu"),
-        "providers": [p.name for p in providers],
-        "skipped": skipped,
-        "honest": honest,
-        "honest_max": honest_max,
-        "tolerance": tolerance,
-        "cheats": cheats,
-        "cost": cost,
-    }
+    return cheats
 
 
 def _modes() -> list[Mode]:
@@ -753,6 +797,27 @@ def _job_rates(
     ) / len(rows)
 
 
+def _cross_path(m: dict[str, Any]) -> str:
+    """What a path-bound mode's other-path renders measured against this path's verifier
+    (why the mode is path-bound, or how far its paths agree here)."""
+    worst: dict[str, tuple[float, list[str]]] = {}
+    for name, h in m["honest"].items():
+        if h.get("other_path"):
+            d = max(_flat(h["matched"]["steps"]) + list(h["matched"]["start"]))
+            prev, paths = worst.get(h["mode"], (0.0, []))
+            worst[h["mode"]] = (max(prev, d), [*paths, name.split("CPU ", 1)[1]])
+    if not worst:
+        return ""
+    return (
+        " Largest matched distance of another path's honest renders (x_0 included) against "
+        "this path's verifier: "
+        + ", ".join(f"{mode} {_e(d)} ({', '.join(p)})" for mode, (d, p) in worst.items())
+        + "; a mode measured 0 across the paths this CPU can force stays path-bound all the "
+        "same, since CPUs with native kernels for it (AVX512-FP16, AMX, Arm) take code paths "
+        "no run here covered."
+    )
+
+
 def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
     s, tol = m["settings"], m["tolerance"]
     lines = [
@@ -784,8 +849,9 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
         *(
             [
                 "Extended (`--extend-json`): measured later and added to this run's raw "
-                f"results: {', '.join(m['extended'])} (6 calibration + 7 held-out renders "
-                "each); the tolerances recomputed with the current rules.",
+                f"results: {', '.join(m['extended'])} (a provider: 6 calibration + 7 "
+                "held-out renders; a 'declares' regime: every cheat on new jobs); the "
+                "tolerances recomputed with the current rules.",
                 "",
             ]
             if m.get("extended")
@@ -862,12 +928,14 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
         "",
         "### Proposed tolerance",
         "",
-        f"Path-bound modes ({', '.join(PATH_BOUND)}): the node declares `bfloat16@<its code "
+        f"Path-bound modes ({', '.join(PATH_BOUND)}; CPU float16 here, CUDA float16 and fp8 "
+        "unmeasured): the node declares `bfloat16@<its code path>` or `float16@<its code "
         "path>` (`sogni_node.hardware.compute_path`) and only a verifier declaring the same "
         "string re-runs its steps, so their matched tolerance is measured on the verifier's "
         f"own path (here `{m.get('compute_path', '?')}`: threads, batch) and is at least "
-        f"{PATH_FLOOR:g}; renders on other paths (CPU all-AVX2) are shown above, never checked "
-        "against it. Any other (mode, path) has no tolerance: never sampled.",
+        f"{PATH_FLOOR:g}; renders on other paths (CPU all-AVX2, baseline) are shown above, "
+        "never checked against it. Any other (mode, path) has no tolerance: never sampled."
+        + _cross_path(m),
         "",
     ]
     trows = []
@@ -894,6 +962,15 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
             ),
             trows,
         ),
+        "",
+        "Proposed `sogni_coordinator.verifiers.TOLERANCES` entries (declared mode -> matched "
+        "tolerance): "
+        + ", ".join(
+            f"`{mo.declared(m.get('compute_path', '?'))}`: {_e(tol['matched'][mo.name])}"
+            for mo in _modes()
+            if mo.name in tol["matched"]
+        )
+        + ".",
         "",
         f"Held-out honest checks over their declared mode's tolerance: matched {rej_matched} "
         f"of {held_total}, cross-mode {rej_cross} of {held_total}. "

@@ -14,8 +14,9 @@ against it (docs/VERIFICATION.md):
 
 and passes the step when d is below the tolerance measured for the declared mode
 (`TOLERANCES`, BENCHMARKS.md "Trajectory commitments"); an unmeasured mode fails closed.
-A reduced-precision mode names its code path (`bfloat16@<path>`, `sogni_node.hardware.
-compute_path`): only a node advertising that very mode re-runs its steps (`choose_verifier`).
+A reduced-precision mode names its code path (`bfloat16@<path>`, `float16@<path>`,
+`sogni_node.hardware.compute_path`): only a node advertising that very mode re-runs its steps
+(`choose_verifier`).
 
 The verifier learns the job's parameters, the prompt included (re-running a step needs
 them), but not the job id (`check_id` is random) nor whose job it is. The coordinator imports
@@ -81,6 +82,7 @@ TOLERANCES: Mapping[str, float] = {
     "float32+quanto-int4": 4e-5,
     "float32+int8-dynamic": 2e-1,
     "bfloat16@cpu-x86_64-avx512-avx512_core_bf16-torch2.13": 5e-5,
+    "float16@cpu-x86_64-avx512-avx512_core_bf16-torch2.13": 5e-5,
 }
 """Declared numeric mode (`RenderMeta.dtype`, the backend's `dtype_name`) -> largest distance
 an honest step may show when the verifier runs the same mode: 10x the largest honest distance
@@ -91,10 +93,15 @@ checks). Retrained sogni-shapes-64 (1682ff6): the full run proposes these or tig
 bfloat16 is path-bound (`path_bound`): it differs by up to 0.085 between the AVX-512-BF16 and
 AVX2 code paths but is bit-exact across thread counts (1, 2, 4) and batches on one path, so a
 bf16 node declares `bfloat16@<compute_path>` and is re-checked only on that path, with that
-path's tolerance (same-path honest max 0; the floor is float32's 5e-5). Measured on one path
-only, the AVX-512-BF16 one of this tree's machine; a bare `bfloat16` (an older node: path
-unknown), bf16 on any other path, CUDA float16, fp8 and compiled pipelines are not measured:
-never sampled, and a verdict asked for anyway fails closed."""
+path's tolerance (same-path honest max 0; the floor is float32's 5e-5). CPU float16 likewise
+(`float16@<compute_path>`): bit-exact across threads (1, 2, 4) and batches on one path, but
+up to 4.2e-3 from the AVX2 path and 6.8e-3 from the baseline one (whose x_0 cast differs too),
+and CPUs with native fp16 kernels (AVX512-FP16, AMX-FP16, Arm) take paths never run here;
+every cheat caught at the policy's 7 of 8 steps. Measured on one path only, the
+AVX-512-BF16 one of this tree's machine; a bare `bfloat16`/`float16` (an older node: path
+unknown), either on any other path, CUDA float16 (`float16@cuda-...`), fp8 and compiled
+pipelines are not measured (no GPU was lent): never sampled, and a verdict asked for anyway
+fails closed."""
 
 
 SEED_TOLERANCE = 1e-6
@@ -112,9 +119,9 @@ def tolerance_for(dtype: str) -> float | None:
 
 
 def path_bound(dtype: str) -> bool:
-    """A declared mode that names its code path (`bfloat16@cpu-...`): only a verifier on the
-    same path may re-run it, since its numbers differ between paths beyond any useful
-    tolerance."""
+    """A declared mode that names its code path (`bfloat16@cpu-...`, `float16@cpu-...`): only
+    a verifier on the same path may re-run it, since its numbers differ between paths beyond
+    any useful tolerance."""
     return "@" in dtype
 
 
@@ -219,8 +226,8 @@ class StepVerdict:
     latents: TensorEntry | None = None
     """The verifier's x'_{k+1}, when it answered (kept as evidence of a failed check)."""
     rule: str | None = None
-    """The image check's rule that decided (`image_verify.PIXELS_RULE` or `BLOCK_RULE`);
-    None for a step."""
+    """The image check's rule that decided (`image_verify.PIXELS_RULE`, `CODEC_RULE` or
+    `BLOCK_RULE`); None for a step."""
 
 
 class PendingVerifications:
