@@ -606,20 +606,28 @@ class Database:
         return await self._queued(call, stage)
 
     async def _joined(self, stage: Stage, call: Callable[[], T]) -> T:
-        """`call_staged` for a writer whose rows are in this database: its row is written in
-        `call`'s savepoint, so both commit together (one commit, not the row's own first)
-        or neither does; a row that fails raises `StoreError` (an `OSError`, as a failed
-        staged item does) and keeps `call` from running."""
+        """`call_staged` for a writer whose rows are in this database: `call` runs first and
+        its row is written after it, in the same savepoint, so both commit together (one
+        commit, not the row's own first) or neither does. A `call` that answers False (a
+        refused receipt: the job had one or ended) writes no row, so a refused duplicate
+        never touches the committed image of the same key, and there is nothing to discard.
+        A row that fails raises `StoreError` (an `OSError`, as a failed staged item does)
+        and rolls `call`'s writes back with it."""
         from sogni_coordinator.results.base import StoreError  # results import db's users
 
         writer, item = stage
+        wrote = [False]
 
         def both() -> T:
+            result = call()
+            if result is False:
+                return result
             try:
                 writer.write_rows(self._db, [item])
             except (sqlite3.Error, OSError) as exc:  # PgConnection raises sqlite3's errors
                 raise StoreError(f"image row not stored: {str(exc)[:200]}") from exc
-            return call()
+            wrote[0] = True
+            return result
 
         if self.writer_running:
             result = await self._queued(both, None)
@@ -630,7 +638,8 @@ class Database:
                     return both()
 
             result = await trio.to_thread.run_sync(alone)
-        writer.kept([item])
+        if wrote[0]:
+            writer.kept([item])
         return result
 
     async def run_writer(self) -> None:

@@ -15,7 +15,9 @@ so an image lost in flight is sent again and the client drops a copy it already 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import trio
 
@@ -46,9 +48,12 @@ class Mailbox:
 
     request_id: bytes
     job_ids: list[bytes]
-    pending: dict[bytes, ResultKey] = field(default_factory=dict)
-    """Receipted, stored, not acknowledged: job id -> its image, in the order to send them."""
-    failed: dict[bytes, JobFailed] = field(default_factory=dict)
+    _pending: dict[bytes, ResultKey] = field(default_factory=dict, repr=False)
+    """Receipted, stored, not acknowledged: job id -> its image, in the order to send them.
+    Written only by `add_image` and `acknowledge` (a cursor's `arrivals` must see every
+    image added); read through `pending`."""
+    _failed: dict[bytes, JobFailed] = field(default_factory=dict, repr=False)
+    """Written only by `add_failure` (likewise `failures`); read through `failed`."""
     acked: set[bytes] = field(default_factory=set)
     acking: set[bytes] = field(default_factory=set)
     """Acknowledged by the client, the record and file removal still in a worker thread: not
@@ -69,9 +74,21 @@ class Mailbox:
     def __post_init__(self) -> None:
         """Images and failures given to the constructor arrive in their dicts' order."""
         if not self.arrivals:
-            self.arrivals.extend(self.pending)
+            self.arrivals.extend(self._pending)
         if not self.failures:
-            self.failures.extend(self.failed)
+            self.failures.extend(self._failed)
+        self._pending_view = MappingProxyType(self._pending)
+        self._failed_view = MappingProxyType(self._failed)
+
+    @property
+    def pending(self) -> Mapping[bytes, ResultKey]:
+        """Images owed and not acknowledged (read-only: `add_image`, `acknowledge`)."""
+        return self._pending_view
+
+    @property
+    def failed(self) -> Mapping[bytes, JobFailed]:
+        """Failures owed (read-only: `add_failure`)."""
+        return self._failed_view
 
     @classmethod
     def from_record(cls, record: DeliveryRecord, files: ResultStore) -> Mailbox:
@@ -96,13 +113,18 @@ class Mailbox:
 
     def add_image(self, job_id: bytes, key: ResultKey) -> None:
         """A receipted, stored image is owed to the client (the caller notifies)."""
-        self.pending[job_id] = key
+        self._pending[job_id] = key
         self.arrivals.append(job_id)
 
     def add_failure(self, failed: JobFailed) -> None:
         """A job ended without an image: the client is told once (the caller notifies)."""
-        self.failed[failed.job_id] = failed
+        self._failed[failed.job_id] = failed
         self.failures.append(failed.job_id)
+
+    def acknowledge(self, job_id: bytes) -> None:
+        """The client's acknowledgement of an image is durable: no longer owed."""
+        self._pending.pop(job_id, None)
+        self.acked.add(job_id)
 
     def notify(self) -> None:
         """Wake the attached cursor."""
@@ -159,14 +181,14 @@ class Cursor:
         """The next image to send, in arrival order (set-aside ones first); None if none."""
         box = self.box
         for job_id in list(self.deferred):
-            if job_id not in box.pending or job_id in self.sent:
+            if job_id not in box._pending or job_id in self.sent:
                 del self.deferred[job_id]  # acknowledged, or sent meanwhile
             elif job_id not in box.acking:
                 return job_id
         arrivals = box.arrivals
         while self.position < len(arrivals):
             job_id = arrivals[self.position]
-            if job_id in box.pending and job_id not in self.sent:
+            if job_id in box._pending and job_id not in self.sent:
                 if job_id not in box.acking:
                     return job_id  # the position moves past it once it is sent
                 self.deferred[job_id] = None
@@ -190,11 +212,11 @@ class Cursor:
         while not (self.finished or self.superseded):
             while box.progress:
                 progress = box.progress.pop(next(iter(box.progress)))
-                if progress.job_id not in box.pending and progress.job_id not in self.sent:
+                if progress.job_id not in box._pending and progress.job_id not in self.sent:
                     return progress
             job_id = self._next_image()
             if job_id is not None:
-                key = box.pending[job_id]
+                key = box._pending[job_id]
                 try:
                     image = await self.files.get(key)
                 except StoreError as exc:  # the database is away: not lost, sent later
@@ -203,7 +225,7 @@ class Cursor:
                     )
                     await trio.sleep(READ_RETRY)
                     continue
-                if job_id not in box.pending:
+                if job_id not in box._pending:
                     continue  # acknowledged meanwhile (an earlier stream)
                 if job_id in box.acking:
                     self.deferred[job_id] = None
@@ -216,7 +238,7 @@ class Cursor:
             failed = self._next_failure()
             if failed is not None:
                 self.sent.add(failed)
-                return box.failed[failed]
+                return box._failed[failed]
             if box.done is not None:
                 self.finished = True
                 return box.done

@@ -228,6 +228,11 @@ class Dispatcher:
         """Connected nodes with credit, in the order they got it (`NodeLink.credit` keeps it)."""
         self.requests: dict[bytes, RequestState] = {}
         self._unsaved: dict[bytes, Job] = {}
+        self._storing: dict[ResultKey, trio.Event] = {}
+        """Result keys whose receipt is being committed now (set when that ends): a
+        duplicate result (the same request, index and offer) waits for its twin before its
+        image is written, and is refused if the twin settled the job, so it never
+        overwrites, nor then discards, the image its twin committed."""
         self._changed = trio.Event()
         if results is None:  # a folder: `results_dir`, or beside the database (a temporary
             # folder for `:memory:` or a server; the service names one: `open_results`)
@@ -468,8 +473,7 @@ class Dispatcher:
                 box.notify()
         if box is not None:  # no checkpoint since the thread returned: this is atomic
             for job_id in acked:
-                box.pending.pop(job_id, None)
-                box.acked.add(job_id)
+                box.acknowledge(job_id)
         return acked
 
     def cancel_request(self, request_id: bytes) -> None:
@@ -606,6 +610,7 @@ class Dispatcher:
         link.device = caps.device
         link.payout = caps.payout  # where verifier work done from now on is paid
         link.mode = caps.mode
+        self.free.touch(link)  # models and warm models: the pool's index files it anew
         if self.hardware is not None:
             self.hardware.seen(caps)
         log.info(
@@ -782,31 +787,43 @@ class Dispatcher:
             )
             staged = self.results.staged(path, image)  # written by the receipt's group
         offer = job.signed_offers.get(receipt.offer_hash)
+        if path is not None:
+            while (twin := self._storing.get(path)) is not None:
+                await twin.wait()  # the same result, being stored: its image is left alone
+                if link.inflight.get(job.job_id) is not job:  # the twin settled the job
+                    raise ResultRefused(await self._gone_reason(job.job_id))
+            storing = self._storing[path] = trio.Event()
         try:
-            if hold:
-                now = self._clock()
-                committed = await self.store.call_staged(
-                    staged,
-                    self.store.store_held_receipt,
-                    receipt,
-                    result.signature,
-                    job.request_id,
-                    offer,
-                    peer_id=link.peer_id,
-                    dtype=result.meta.dtype if result.meta else "",
-                    elapsed=now - job.holders.get(link, now),
-                )
-            else:
-                committed = await self.receipts.commit(
-                    receipt, result.signature, job.request_id, outcome, offer, image=staged
-                )
-        except OSError as exc:  # the image (a receipt's write raises no OSError): not stored
-            log.error("result_file_write_failed", job=job.job_id.hex()[:16], error=str(exc))
-            raise StorageFault("the coordinator could not store the image; retry") from None
-        if not committed:
+            try:
+                if hold:
+                    now = self._clock()
+                    committed = await self.store.call_staged(
+                        staged,
+                        self.store.store_held_receipt,
+                        receipt,
+                        result.signature,
+                        job.request_id,
+                        offer,
+                        peer_id=link.peer_id,
+                        dtype=result.meta.dtype if result.meta else "",
+                        elapsed=now - job.holders.get(link, now),
+                    )
+                else:
+                    committed = await self.receipts.commit(
+                        receipt, result.signature, job.request_id, outcome, offer, image=staged
+                    )
+            except OSError as exc:  # the image (a receipt's write raises no OSError)
+                log.error("result_file_write_failed", job=job.job_id.hex()[:16], error=str(exc))
+                raise StorageFault("the coordinator could not store the image; retry") from None
+            if not committed:
+                # a store that joins the database wrote no row for a refused receipt
+                if path is not None and not self.results.joins(self.store.location):
+                    await self.results.discard([path])
+                raise ResultRefused(await self._gone_reason(job.job_id))
+        finally:  # a waiting twin runs once this result is settled (no await from here on)
             if path is not None:
-                await self.results.discard([path])
-            raise ResultRefused(await self._gone_reason(job.job_id))
+                del self._storing[path]
+                storing.set()
         if hold and path is not None:
             self._hold(job, link, receipt, result.meta.dtype if result.meta else "", path)
             return
@@ -1210,6 +1227,7 @@ class Dispatcher:
     def _forget_holder(self, job: Job, link: NodeLink) -> bool:
         """Drop `link` from `job`'s holders (no state change); False if it held nothing."""
         link.inflight.pop(job.job_id, None)
+        self.free.touch(link)  # a slot freed: the pool's index files it idle again
         if job.holders.pop(link, None) is None:
             return False
         job.deadlines.pop(link, None)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 import trio
 
 from sogni_coordinator.delivery import Mailbox, ResultFiles
@@ -65,7 +66,7 @@ async def test_a_client_that_never_acks_costs_constant_lookups_per_image(
     n = 600
     files = ResultFiles(tmp_path / "results")
     images = await _stored(files, n)
-    box = Mailbox(RID, [image.job_id for _, image in images], pending=_CountingDict())
+    box = Mailbox(RID, [image.job_id for _, image in images], _pending=_CountingDict())
     cursor = box.attach(files)
     cursor.sent = _CountingSet()
     got: list[bytes] = []
@@ -111,3 +112,22 @@ async def test_an_image_passed_while_its_ack_is_written_is_sent_if_that_write_fa
     sent = [await resumed.next() for _ in range(5)]
     assert [type(m) for m in sent] == [JobImage, JobImage, JobImage, JobFailed, RequestDone]
     assert cursor.superseded and await cursor.next() is None
+
+
+def test_a_mailbox_is_written_only_through_its_methods(tmp_path: Path) -> None:
+    """`pending` and `failed` are read-only views: a write that bypassed `add_image` or
+    `add_failure` would be missing from the arrival lists, and its cursor would never send
+    it. Writes through the views raise; the methods' writes show in them."""
+    files = ResultFiles(tmp_path / "results")
+    key = files.key(RID, 1, b"\x02" * 32)
+    box = Mailbox(RID, [b"\x01" * 32])
+    failed = JobFailed(job_id=b"\x07" * 32, index=9, reason="gave up")
+    with pytest.raises(TypeError):
+        box.pending[b"\x01" * 32] = key  # type: ignore[index]
+    with pytest.raises(TypeError):
+        box.failed[failed.job_id] = failed  # type: ignore[index]
+    box.add_image(b"\x01" * 32, key)
+    box.add_failure(failed)
+    assert dict(box.pending) == {b"\x01" * 32: key} and dict(box.failed) == {failed.job_id: failed}
+    box.acknowledge(b"\x01" * 32)
+    assert not box.pending and box.acked == {b"\x01" * 32}

@@ -22,6 +22,7 @@ import trio
 from sogni_coordinator.jobs import Job, NodeLink
 from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.routing import WARM_BONUS, FreePool, Router
+from sogni_coordinator.standing import Standing
 from sogni_protocol.messages import JobParams
 
 MODEL = "m"
@@ -188,4 +189,172 @@ def test_a_pass_over_many_free_nodes_looks_at_a_few_per_pick() -> None:
     # a walk per pick would be 100,000 looks
     assert _CountingPool.looks <= n, _CountingPool.looks
     assert _CountingRandom.draws <= 5 * picks, _CountingRandom.draws
+    reputation.close()
+
+
+# --- the pool's index kept across passes (`FreePool.index`) -----------------------------------
+def _looks(pool: FreePool) -> int:
+    """Nodes a pass looked at: pool walks (`_CountingPool`) and the index's re-filings and
+    step-2 walks (0 where there is no index)."""
+    indexes = getattr(pool, "_indexes", {})
+    return _CountingPool.looks + sum(index.looks for index in indexes.values())
+
+
+class _Inflight(dict[bytes, Job]):
+    """A node's jobs in flight, counting how often a pick asks how many (each look at a
+    node asks once: is it busy?), whatever the router keeps to find nodes."""
+
+    lens = 0
+
+    def __len__(self) -> int:
+        _Inflight.lens += 1
+        return super().__len__()
+
+
+def _counted(links: list[NodeLink]) -> None:
+    for link in links:
+        link.inflight = _Inflight(link.inflight)
+
+
+def _place(link: NodeLink, job: Job) -> None:
+    """What `Dispatcher._offer` does to the node: a credit spent, a slot taken."""
+    link.credit -= 1
+    link.inflight[job.job_id] = job
+
+
+def _free(pool: FreePool, link: NodeLink, job: Job) -> None:
+    """What `Dispatcher._forget_holder` and the node's next credit do."""
+    link.inflight.pop(job.job_id)
+    pool.touch(link)
+    link.credit += 1
+
+
+def test_one_pick_per_pass_over_many_nodes_looks_at_a_few() -> None:
+    """Steady state with pipelined credit: 2,000 nodes with credit, all but 5 busy, one job
+    placed per pass and one node freed: a pass looks at O(1) nodes (amortised), not every
+    node with credit (2,000 per pass before the index was kept across passes)."""
+    n, passes = 2000, 400
+    reputation = _reputation(50)
+    router = Router(reputation, rng=_CountingRandom(13), clock=lambda: NOW)
+    pool = _CountingPool()
+    links = _pool(n, pool, mixed=False)
+    for link in links:
+        link.credit = 2  # room for an offer in hand
+    for link in links[: n - 5]:
+        link.inflight[bytes(32)] = _job(9, 0)
+    placed: list[tuple[NodeLink, Job]] = []
+    _CountingPool.looks = _CountingRandom.draws = 0
+    for i in range(passes):
+        job = _job(1 + i % 200, i % 256)
+        with router.one_pass():
+            picked = router.pick(job, pool, set())
+        assert picked is not None and len(picked.inflight) < picked.slots  # idle ones first
+        _place(picked, job)
+        placed.append((picked, job))
+        if len(placed) > 3:  # a render ends: its node is idle again
+            _free(pool, *placed.pop(0))
+    # the first pass builds the index (a look at each node and its filing: 2 x 2,000), then
+    # a few per pass
+    assert _looks(pool) <= 2 * n + 5 * passes, _looks(pool)
+    assert _CountingRandom.draws <= 5 * passes, _CountingRandom.draws
+    reputation.close()
+
+
+def test_a_burst_of_picks_costs_linear_looks() -> None:
+    """`n` idle nodes and `n` jobs in one pass, each placed: drawn nodes that are busy leave
+    the idle nodes, so the looks grow linearly with `n` (~n^2/6 step-2 looks before)."""
+    costs = {}
+    for n in (250, 1000):
+        reputation = _reputation(50)
+        router = Router(reputation, rng=_CountingRandom(17), clock=lambda: NOW)
+        pool = _CountingPool()
+        _counted(_pool(n, pool, mixed=False))
+        _CountingPool.looks = _CountingRandom.draws = _Inflight.lens = 0
+        with router.one_pass():
+            for i in range(n):
+                job = _job(1 + (i // 15) % 250, i % 256)
+                link = router.pick(job, pool, set())
+                assert link is not None and not link.inflight
+                _place(link, job)
+        assert not pool
+        costs[n] = _CountingPool.looks + _Inflight.lens + _CountingRandom.draws
+        reputation.close()
+    assert costs[1000] <= 6 * costs[250], costs  # linear: 4x; quadratic: 16x
+
+
+def test_a_big_staker_bounds_only_its_own_weight_class() -> None:
+    """Mixed stakes (one whale, some stakers, most with none), the whale and half of the
+    rest busy: idle nodes are still chosen in proportion to score x stake weight x warm,
+    and a pick needs a few draws, not a walk of the idle nodes (one whale's weight bounded
+    every draw before, so most failed and fell to the walk: 240 looks per pick)."""
+    n = 1000
+    reputation = _reputation(n)  # scores spread between the floor and 1
+
+    def standing(wallet: str) -> Standing:
+        i = int(wallet, 16)  # node 0: the whale; every third node: no stake
+        return Standing(True, 10**12 if i == 0 else 0 if i % 3 == 0 else 10 ** (i % 7 * 2))
+
+    router = Router(reputation, rng=_CountingRandom(19), clock=lambda: NOW, standing=standing)
+    pool = _CountingPool()
+    links = _pool(n, pool, mixed=False)
+    for link in links[::2]:  # the whale among them
+        link.inflight[bytes(32)] = _job(9, 0)
+    _counted(links)
+    _CountingPool.looks = _Inflight.lens = 0
+    picks = 200
+    with router.one_pass():
+        for i in range(picks):
+            job = _job(1 + i // 16, i)
+            picked = router.pick(job, pool, set())
+            assert picked is not None
+            _place(picked, job)
+    looks = _CountingPool.looks + _Inflight.lens
+    assert looks <= 2 * n + 5 * picks, looks  # the build, then a few per pick
+
+    idle = links[9:49:2]  # 20 idle nodes of every stake: drawn as the walk would
+    small = FreePool()
+    for link in links:
+        link.inflight.clear()
+        link.pool = None
+    for link in idle:
+        link.credit = 1
+        link.pool = small
+        small[link] = None
+    for link in links[:8]:  # the whale and others busy, with credit: never chosen
+        link.inflight[bytes(32)] = _job(9, 0)
+        link.credit = 1
+        link.pool = small
+        small[link] = None
+    weights = {
+        link: w * router.classify(link.device, link.wallet)[1]
+        for link, w in _weights(reputation, idle).items()
+    }
+    assert len({round(w, 3) for w in weights.values()}) > 8
+    _assert_drawn_as(router, small, set(), weights)
+    reputation.close()
+
+
+def test_the_index_follows_touched_nodes_and_forgets_unasked_models() -> None:
+    """A node whose models change (`touch`, as `capabilities_changed` does) is drawn for
+    its new model only; an index no pick asks for is dropped once its backlog outgrows
+    the pool, and rebuilt when asked for again."""
+    reputation = _reputation(20)
+    router = Router(reputation, rng=random.Random(23), clock=lambda: NOW)
+    pool = FreePool()
+    links = _pool(20, pool, mixed=False)
+    with router.one_pass():
+        assert router.pick(_job(1, 0), pool, set()) is not None  # builds MODEL's index
+    for link in links[1:]:
+        link.models = frozenset({"other"})
+        pool.touch(link)
+    with router.one_pass():
+        assert all(router.pick(_job(1, i), pool, set()) is links[0] for i in range(50))
+    for link in _pool(200, pool, mixed=False):  # nodes that come and go, no pick between
+        link.credit = 0
+    assert MODEL not in pool._indexes and len(pool) == 20
+    links[5].models = frozenset({MODEL})
+    pool.touch(links[5])
+    with router.one_pass():
+        got = {router.pick(_job(1, i), pool, set()) for i in range(100)}
+    assert got == {links[0], links[5]}
     reputation.close()

@@ -70,7 +70,8 @@ async def test_an_image_being_acknowledged_is_not_resent_nor_reported_lost(
     key = files.key(rid, 1, b"\x02" * 32)
     image = job_image(1)
     await files.put(key, image)
-    box = Mailbox(rid, [image.job_id], pending={image.job_id: key})
+    box = Mailbox(rid, [image.job_id])
+    box.add_image(image.job_id, key)
     box.done = RequestDone(request_id=rid, delivered=1, failed=0, cancelled=0)
     box.acking.add(image.job_id)  # the ack's worker thread is under way...
     files.remove([key])  # ...and has already deleted the file

@@ -18,10 +18,12 @@ import trio
 import trio.testing
 
 from sogni_coordinator.db import Database
+from sogni_coordinator.dispatch import ResultRefused
 from sogni_coordinator.job_state import JobState
 from sogni_coordinator.results import FolderResults, ResultKey
 from sogni_coordinator.results.base import StagedImage
-from sogni_protocol.messages import JobFailed, JobImage, JobOffer, Receipt, decode
+from sogni_protocol.messages import JobFailed, JobImage, JobOffer, JobProgress, Receipt, decode
+from sogni_protocol.messages import encode as encode_message
 from tests.coordinator._helpers import job_image
 
 from .conftest import FLOOR, Harness, events, request
@@ -141,38 +143,83 @@ async def test_a_receipt_is_committed_with_its_image_in_one_writer_call(coord: H
     assert len([m for m in await events(sub) if isinstance(m, JobImage)]) == 3
 
 
+async def test_a_duplicate_result_leaves_its_twins_image_alone(coord: Harness) -> None:
+    """The same result sent twice at once (same request, index and offer): the second waits
+    for the first's commit and is refused without writing its image, so the committed image
+    stays and reaches the client, and the node is not struck for it. Before, the duplicate
+    wrote the same file, was refused, and deleted it: the client got "lost"."""
+    results = coord.dispatcher.results
+    assert isinstance(results, FolderResults)
+    sub = await coord.submit(request(1))
+    node = coord.node(0, slots=1)
+    coord.dispatcher.match()
+    (offer,) = node.offers()
+    job = coord.dispatcher.jobs[offer.offer.job_id]
+    result = node.result(offer)
+    refused: list[str] = []
+
+    async def send() -> None:
+        try:
+            await coord.dispatcher.accept_result(node.link, result)
+        except ResultRefused as exc:
+            refused.append(str(exc))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        nursery.start_soon(send)
+    assert len(refused) == 1 and "already receipted" in refused[0], refused
+    assert len(coord.store.receipts()) == 1
+    key = results.key(job.request_id, job.index, result.receipt.offer_hash)
+    assert results.path_of(key).exists()
+    got = await events(sub)
+    assert [type(m) for m in got if not isinstance(m, JobProgress)] == [JobImage]
+    assert coord.dispatcher.reputation.get(node.link.wallet).strikes == []
+
+
 # --- the database result store: the image row in the receipt's own commit -------------------
 PG_MIGRATIONS = ("CREATE TABLE receipt_rows (name TEXT PRIMARY KEY)",)
 
 
-async def test_an_image_row_commits_in_its_receipts_transaction(pg_url: str) -> None:
-    """With the result store on the coordinator's own PostgreSQL, `call_staged` writes the
-    image row in the receipt's savepoint: one transaction for both (the same `xmin`),
-    a receipt that fails takes its image row with it, and an image row that fails keeps
-    its receipt out without failing the rest of the group."""
+def _pg_results(pg_url: str) -> Any:
+    """A real `PostgresResults` that records the transaction each image row is written in."""
     from sogni_coordinator.results.postgres import PostgresResults
 
+    class TxResults(PostgresResults):
+        def __init__(self, url: str) -> None:
+            super().__init__(url)
+            self.row_tx: dict[int, int] = {}
+
+        def write_rows(self, conn: Any, items: list[StagedImage]) -> None:
+            super().write_rows(conn, items)
+            (tx,) = conn.execute("SELECT txid_current()").fetchone()
+            for item in items:
+                self.row_tx[item.key.index] = int(tx)
+
+    return TxResults(pg_url)
+
+
+async def test_an_image_row_commits_in_its_receipts_transaction(pg_url: str) -> None:
+    """With the result store on the coordinator's own PostgreSQL, `call_staged` writes the
+    image row after the receipt, in the receipt's savepoint: one transaction for both,
+    a receipt that fails writes no image row, and an image row that fails takes its
+    receipt with it without failing the rest of the group."""
     db = Database(pg_url, component="write_path", migrations=PG_MIGRATIONS)
-    results = PostgresResults(pg_url)
+    results = _pg_results(pg_url)
     await trio.to_thread.run_sync(results.open)
     assert results.joins(db.location) and not FolderResults(Path("unused")).joins(db.location)
     keys = [results.key(bytes([i]) * 32, i, b"\x02" * 32) for i in range(6)]
     images = [job_image(i) for i in range(6)]
     outcome: dict[str, BaseException | None] = {}
+    receipt_tx: dict[int, int] = {}
 
-    seen: dict[int, tuple[int, int]] = {}  # image rows (inside, outside) the transaction
-
-    def insert(key: ResultKey, fail: bool) -> None:  # the receipt's write
-        count = "SELECT COUNT(*) FROM result_images WHERE idx = ?"
+    def insert(key: ResultKey, fail: bool) -> bool:  # the receipt's write
         with db._tx() as conn:
             conn.execute("INSERT INTO receipt_rows VALUES (?)", (key.name,))
-            inside = conn.execute(count, (key.index,)).fetchone()
-        with psycopg.connect(pg_url, autocommit=True) as other:
-            outside = other.execute(count.replace("?", "%s"), (key.index,)).fetchone()
-        assert inside is not None and outside is not None
-        seen[key.index] = (inside[0], outside[0])
+            (tx,) = conn.execute("SELECT txid_current()").fetchone()
+        receipt_tx[key.index] = int(tx)
         if fail:
             raise ValueError("the receipt's write failed")
+        return True
 
     async def write(i: int, *, fail: bool = False, bad_image: bool = False) -> None:
         stage = results.staged(keys[i], images[i])
@@ -200,10 +247,8 @@ async def test_an_image_row_commits_in_its_receipts_transaction(pg_url: str) -> 
         assert isinstance(outcome[failed], ValueError)
         assert isinstance(outcome[bad], OSError)  # as a failed image file: StorageFault
         assert await results.get(keys[base]) is images[base]  # kept in memory, as staged
-
-    # the receipt's write saw its image row, which no other connection saw yet: one
-    # transaction; the receipt whose image row failed never ran
-    assert seen == {0: (1, 0), 1: (1, 0), 3: (1, 0), 4: (1, 0)}
+        assert results.row_tx[base] == receipt_tx[base]  # one transaction for both
+    assert set(results.row_tx) == {0, 3}  # a receipt that failed wrote no image row
 
     def read() -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         with psycopg.connect(pg_url, autocommit=True) as conn:
@@ -212,8 +257,57 @@ async def test_an_image_row_commits_in_its_receipts_transaction(pg_url: str) -> 
         return receipts, rows
 
     receipts, rows = await trio.to_thread.run_sync(read)
+    # the receipts whose image rows failed were rolled back with them
     assert receipts == sorted([(keys[0].name,), (keys[3].name,)])
     assert rows == [(0,), (3,)]  # no image row without its receipt
+    results.close()
+    db.close()
+
+
+async def test_a_refused_receipt_writes_no_image_row_and_leaves_its_twins(pg_url: str) -> None:
+    """A receipt the store refuses (False: the job had one or ended) writes no image row,
+    and a refused duplicate of a committed receipt (same request, index and offer) leaves
+    the committed image as it was, in the database and in memory. Before, the row was
+    written first and committed whatever the receipt's answer: an image row without its
+    receipt, or the committed image overwritten by the duplicate's."""
+    db = Database(pg_url, component="write_path", migrations=PG_MIGRATIONS)
+    results = _pg_results(pg_url)
+    await trio.to_thread.run_sync(results.open)
+    committed = {"request": False}
+
+    def store(key: ResultKey) -> bool:  # store_receipt's answer: one receipt per key
+        with db._tx() as conn:
+            conn.execute("INSERT INTO receipt_rows VALUES (?) ON CONFLICT DO NOTHING", (key.name,))
+        if committed["request"]:
+            return False
+        committed["request"] = True
+        return True
+
+    first, twin, lone = job_image(1), job_image(2), job_image(3)
+    assert first.image != twin.image
+    key = results.key(b"\x01" * 32, 1, b"\x02" * 32)
+    refused_key = results.key(b"\x03" * 32, 0, b"\x02" * 32)
+    for writer_running in (True, False):
+        committed["request"] = False
+        async with trio.open_nursery() as nursery:
+            if writer_running:
+                nursery.start_soon(db.run_writer)
+                await trio.testing.wait_all_tasks_blocked()
+            assert await db.call_staged(results.staged(key, first), store, key) is True
+            assert await db.call_staged(results.staged(key, twin), store, key) is False
+            committed["request"] = True  # a job that ended: refused, never stored
+            assert await db.call_staged(results.staged(refused_key, lone), store, key) is False
+            nursery.cancel_scope.cancel()
+        assert await results.get(key) is first  # memory: the committed image
+
+        def frames() -> list[tuple[Any, ...]]:
+            with psycopg.connect(pg_url, autocommit=True) as conn:
+                return conn.execute(
+                    "SELECT request_id, frame FROM result_images ORDER BY request_id"
+                ).fetchall()
+
+        rows = await trio.to_thread.run_sync(frames)
+        assert [(bytes(r), bytes(f)) for r, f in rows] == [(key.request_id, encode_message(first))]
     results.close()
     db.close()
 
