@@ -5,14 +5,20 @@
 
 Each node is a full `run_node` (own libp2p host and peer id, own wallet, own journal) in
 this process's trio loop. One JSON line `{"event": "connected", "nodes": N}` goes to stdout
-when every node has finished its handshake; SIGTERM stops them all.
+when every node has finished its handshake; SIGTERM stops them all. With `--profile-out`,
+SIGUSR1 starts cProfile on the trio thread (timed by that thread's CPU time, so the
+other load on the machine does not count) and SIGUSR2 writes its stats there and prints
+`{"event": "profiled", "path": ...}` (as `bench._coordinator` does), so one round of the
+node side can be profiled on a running network.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import signal
+import time
 from pathlib import Path
 
 import trio
@@ -58,9 +64,21 @@ async def _main(args: argparse.Namespace) -> None:
     async with trio.open_nursery() as nursery:
         for i in range(args.count):
             nursery.start_soon(one, i)
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async for _ in signals:
-                break
+        profiler = cProfile.Profile(time.thread_time)  # CPU of the trio thread, not wall
+        wanted = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+        with trio.open_signal_receiver(*wanted) as signals:
+            async for signum in signals:
+                if signum == signal.SIGUSR1 and args.profile_out is not None:
+                    profiler.enable()
+                    print(json.dumps({"event": "profiling"}), flush=True)
+                elif signum == signal.SIGUSR2 and args.profile_out is not None:
+                    profiler.disable()
+                    profiler.dump_stats(str(args.profile_out))
+                    print(
+                        json.dumps({"event": "profiled", "path": str(args.profile_out)}), flush=True
+                    )
+                elif signum in (signal.SIGINT, signal.SIGTERM):
+                    break
         for stop in stops:
             stop.set()  # each run_node drains, says goodbye and returns
         nursery.cancel_scope.deadline = trio.current_time() + 10
@@ -74,6 +92,7 @@ def main() -> None:
     parser.add_argument("--trusted", required=True)
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--profile-out", type=Path, default=None)
     args = parser.parse_args()
     configure_logging(args.log_level, json=True)
     trio.run(_main, args)

@@ -25,6 +25,7 @@ Why the channel owns two background tasks (a reader "pump" and a writer) instead
 from __future__ import annotations
 
 import math
+import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -489,6 +490,28 @@ class Channel:
 
 
 _YAMUX_CHUNK = yamux.MAX_MESSAGE_SIZE - yamux.HEADER_SIZE
+
+RELEASE_ON_READ = os.environ.get("PY_YAMUX_RELEASE_ON_READ", "0").upper() not in (
+    "0",
+    "FALSE",
+    "NO",
+)
+"""Off unless `PY_YAMUX_RELEASE_ON_READ` says otherwise (read once, at import). py-libp2p's
+yamux, with it on (its default), sends a WINDOW_UPDATE after every read: one more frame (a
+Noise record and a socket send here, a read and a wake-up at the peer) for each batch of
+frames a stream receives. Off, only its go-yamux-style rule sends one (when the credit not
+yet returned is worth an update), which for small reads is every other read: half the frames
+(tests/net/test_window_credit.py: 21 instead of 40 for 40 reads; BENCHMARKS.md, Dispatch).
+tests/net and the js-libp2p interop test (tests/net/test_interop_hostile.py) pass with it
+off. Set in py-libp2p's module, not in `os.environ`, so child processes (another commit's
+benchmark) keep their own default."""
+
+
+def _release_on_read() -> bool:
+    return RELEASE_ON_READ
+
+
+yamux._yamux_release_on_read = _release_on_read  # py-libp2p looks it up on every update
 
 
 async def _write(stream: INetStream, data: bytes) -> None:

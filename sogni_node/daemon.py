@@ -40,7 +40,7 @@ from sogni_node.benchmark import saved_speed
 from sogni_node.config import NodeConfig
 from sogni_node.hardware import HardwareError, HardwareInfo, probe
 from sogni_node.http_api import NodeView, build_app
-from sogni_node.journal import Journal
+from sogni_node.journal import SYNC_INTERVAL, Journal
 from sogni_node.live_install import InstalledModels, watch_installed
 from sogni_node.models.loras import LoraLibrary
 from sogni_node.models.registry import ModelRegistry
@@ -292,6 +292,7 @@ async def run_node(
                 nursery.start_soon(
                     _advertise, host, identity, lambda: new_caps(), config.advert_interval
                 )
+                nursery.start_soon(_sync_journal, journal)
                 nursery.start_soon(watch_installed, config.models_dir, installed, announce)
                 urls = [u for u in config.network_signers_urls if u.startswith("http")]
                 if identity.network is not None and urls:
@@ -337,6 +338,18 @@ async def _advertise(
         except (TransportError, ValueError) as exc:
             log.warning("advert_not_published", error=str(exc))
         await trio.sleep(interval)
+
+
+async def _sync_journal(journal: Journal, interval: float = SYNC_INTERVAL) -> None:
+    """Make the journal's commits without a fsync (offers taken, acks) durable within
+    `interval` seconds (`Journal.sync`; usually the next receipt's fsync'd commit has)."""
+    while True:
+        await trio.sleep(interval)
+        if journal.unsynced:
+            try:
+                await trio.to_thread.run_sync(journal.sync)
+            except OSError as exc:  # the next receipt's commit syncs it all the same
+                log.warning("journal_not_synced", error=type(exc).__name__)
 
 
 async def _refresh_signer_set(network: NetworkSigners, urls: list[str], interval: float) -> None:

@@ -1,18 +1,35 @@
 """The node's own record of its work: offers taken, receipts signed, acks, hand-backs.
 
 Why: a node must be able to audit a coordinator's epoch file and recompute its payout (and
-build claims) from its own evidence, not the coordinator's. So every signed offer and every
-receipt the node signs is committed here with `synchronous=FULL` (WAL mode) before the result
-is sent: a crash after sending never loses the receipt. Prompts never touch the disk: an offer
-carries only the params hash, and `record_offer` only accepts a `JobOffer` record's JSON
-(which has no prompt field), never free-form JSON.
+build claims) from its own evidence, not the coordinator's. So every receipt the node signs,
+with the signed offer it answers, is durable here (WAL mode, the receipt's commit fsync'd:
+`synchronous=FULL`) before the result is sent: a crash after sending never loses the receipt.
+Prompts never touch the disk: an offer carries only the params hash, and `record_offer` only
+accepts a `JobOffer` record's JSON (which has no prompt field), never free-form JSON.
+
+Durability, and what it costs (BENCHMARKS.md, Dispatch: a fsync'd commit is a few hundred
+microseconds of CPU, and a node paid three to four per job). What the node signs and sends
+is fsync'd before it is sent: the image file, its directory entry and the receipt's commit
+(`keep_result`, `record_receipt`, `resign`). Writes that answer nothing on their own, an
+offer taken (`record_offer`, `take_offer`) and a coordinator's ack (`mark_acked`), commit
+without a fsync of their own (`synchronous=NORMAL` for that commit): SQLite has them, the
+operating system holds them, and they become durable with the next fsync'd commit (the WAL
+is append-only, so fsyncing it covers every earlier commit) or `sync`, which the daemon
+calls within `SYNC_INTERVAL` seconds of such a write. A process crash loses none of them
+(the writes are in the kernel's page cache); only a power cut or an OS crash inside that
+window can: then an offer taken is forgotten (nothing was sent for it: a receipt commits
+it), or an ack is, and its receipt reads as unacked again (the receipt and its signature
+are kept; its image, if still on disk, waits until `prune_results`).
 
 Results are kept until acked: `keep_result` writes the image to `<results_dir>/<job id>.<ext>`
-(atomic, fsync'd) before the receipt row commits, and `mark_acked` deletes it, so a result the
-coordinator may not have received can be sent again byte for byte (`stored_result`), re-signed
-against a new offer if the coordinator restarted (`resign`: same image, same sha256; only the
-offer hash and the signature change). A file without a receipt is a crash between the two
-steps and is overwritten by the next render; `prune_results` clears what no ack will delete.
+(fsync'd, file and folder) before the receipt row commits, and `mark_acked` deletes it, so a
+result the coordinator may not have received can be sent again byte for byte
+(`stored_result`), re-signed against a new offer if the coordinator restarted (`resign`: same
+image, same sha256; only the offer hash and the signature change). The file is written in
+place, not renamed over: no receipt names it until the receipt commits, after the file's
+fsync, so a torn file (a crash while writing) is one no receipt names, like a file without a
+receipt (a crash between the two steps); either is overwritten by the next render of the
+job, `prune_results` clears what no ack will delete, and `stored_result` checks the hash.
 
 Sync API on one connection guarded by a lock. Every write is fsync'd (and `keep_result` writes
 megabytes), so trio code calls it through `trio.to_thread.run_sync`, never on the trio thread.
@@ -23,7 +40,9 @@ The schema evolves by ordered forward migrations (`_MIGRATIONS`, applied on open
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import sqlite3
 import threading
 import time
@@ -35,12 +54,25 @@ from typing import Any
 import msgspec
 
 from sogni_protocol import eip712
-from sogni_protocol.atomic import atomic_write_bytes
-from sogni_protocol.image_types import extension_of
+from sogni_protocol.atomic import fsync_dir
+from sogni_protocol.image_types import EXTENSIONS, extension_of
 from sogni_protocol.messages import NO_TRAJECTORY, JobOffer, Receipt, RenderMeta
 from sogni_protocol.migrations import Migration, SchemaTooNew, migrate
 
-__all__ = ["SCHEMA_VERSION", "Journal", "JournalError", "JournalReceipt", "StoredResult"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "SYNC_INTERVAL",
+    "Journal",
+    "JournalError",
+    "JournalReceipt",
+    "StoredResult",
+]
+
+SYNC_INTERVAL = 1.0
+"""Seconds within which the daemon makes commits without a fsync durable (`Journal.sync`)."""
+
+_KEPT_EXTENSIONS = (*dict.fromkeys(EXTENSIONS.values()), "bin")
+"""Every extension `extension_of` gives a kept image: its possible file names, no listing."""
 
 _SCHEMA_V1 = """
 CREATE TABLE offers (
@@ -162,6 +194,8 @@ class Journal:
             Path(results_dir).expanduser() if results_dir else self.path.parent / "results"
         )
         self._lock = threading.Lock()
+        self.unsynced = 0
+        """Commits made without a fsync since the last fsync'd one (`sync` makes them durable)."""
         try:
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=10
@@ -183,8 +217,43 @@ class Journal:
             ) from None
 
     def close(self) -> None:
+        self.sync()
         with self._lock:
             self._db.close()
+
+    def sync(self) -> bool:
+        """Make every commit so far durable: fsync the WAL if a commit since the last fsync'd
+        one had none of its own. False if there was nothing to do. Blocking (a fsync)."""
+        with self._lock:
+            if not self.unsynced:
+                return False
+            try:
+                fd = os.open(f"{self.path}-wal", os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # checkpointed and removed: its pages are in the file
+                fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)  # the file's pages, whichever descriptor wrote them
+            finally:
+                os.close(fd)
+            self.unsynced = 0
+            return True
+
+    def _lazy(self, sql: str, args: tuple[object, ...]) -> sqlite3.Cursor:
+        """Under the lock: one statement, committed without a fsync of its own (durable with
+        the next fsync'd commit or `sync`; the module's docstring says when that is enough)."""
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            cur = self._db.execute(sql, args)
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
+        self.unsynced += 1
+        return cur
+
+    def _durable(self, sql: str, args: tuple[object, ...]) -> sqlite3.Cursor:
+        """Under the lock: one statement, its commit fsync'd (and with it every earlier one)."""
+        cur = self._db.execute(sql, args)
+        self.unsynced = 0
+        return cur
 
     def __enter__(self) -> Journal:
         return self
@@ -228,44 +297,55 @@ class Journal:
             if params_hash is None:
                 params_hash = offer.params_hash
             stored = msgspec.json.encode(offer).decode()
+        row = (
+            bytes(job_id),
+            coordinator,
+            model_id,
+            bytes(offer_hash),
+            bytes(params_hash or b""),
+            work_units,
+            deadline,
+            stored,
+            bytes(signature),
+            time.time(),
+        )
         with self._lock:
-            self._db.execute(
-                "INSERT INTO offers (job_id, coordinator, model_id, offer_hash, params_hash,"
-                " work_units, deadline, offer_json, offer_signature, offered_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (job_id) DO UPDATE SET coordinator = excluded.coordinator,"
-                " model_id = excluded.model_id, offer_hash = excluded.offer_hash,"
-                " params_hash = excluded.params_hash, work_units = excluded.work_units,"
-                " deadline = excluded.deadline, offer_json = excluded.offer_json,"
-                " offer_signature = excluded.offer_signature, offered_at = excluded.offered_at,"
-                " handed_back_at = NULL, steps_done = NULL, hand_back_reason = NULL",
-                (
-                    bytes(job_id),
-                    coordinator,
-                    model_id,
-                    bytes(offer_hash),
-                    bytes(params_hash or b""),
-                    work_units,
-                    deadline,
-                    stored,
-                    bytes(signature),
-                    time.time(),
-                ),
-            )
+            self._insert_offer(row)
+
+    def _insert_offer(self, row: tuple[object, ...]) -> None:
+        """Under the lock: upsert an offer row; a re-offer clears an earlier hand-back."""
+        self._lazy(
+            "INSERT INTO offers (job_id, coordinator, model_id, offer_hash, params_hash,"
+            " work_units, deadline, offer_json, offer_signature, offered_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (job_id) DO UPDATE SET coordinator = excluded.coordinator,"
+            " model_id = excluded.model_id, offer_hash = excluded.offer_hash,"
+            " params_hash = excluded.params_hash, work_units = excluded.work_units,"
+            " deadline = excluded.deadline, offer_json = excluded.offer_json,"
+            " offer_signature = excluded.offer_signature, offered_at = excluded.offered_at,"
+            " handed_back_at = NULL, steps_done = NULL, hand_back_reason = NULL",
+            row,
+        )
 
     def record_signed_offer(self, offer: JobOffer, offer_hash: bytes, signature: bytes) -> None:
         """`record_offer` from the `JobOffer` record itself, keeping the coordinator's signature
         (the node's evidence that the work was offered)."""
-        self.record_offer(
-            offer.job_id,
-            offer.coordinator,
-            offer.model_id,
-            offer_hash,
-            offer.work_units,
-            offer.deadline,
-            msgspec.json.encode(offer),
-            signature=signature,
-        )
+        with self._lock:
+            self._insert_offer(_offer_row(offer, offer_hash, signature))
+
+    def take_offer(
+        self, offer: JobOffer, offer_hash: bytes, signature: bytes
+    ) -> StoredResult | None:
+        """A new offer in one call (one thread hop for the node): the kept result that answers
+        it if the job has a receipt here not refused (the offer is then not recorded: the
+        caller resends or declines); else the offer is recorded (`record_signed_offer`) and
+        the answer is None."""
+        with self._lock:
+            kept = self._stored_result(offer.job_id)
+            if kept is not None and kept.entry.accepted is not False:
+                return kept
+            self._insert_offer(_offer_row(offer, offer_hash, signature))
+            return None
 
     def record_receipt(
         self,
@@ -298,7 +378,7 @@ class Journal:
         refused receipt, `JournalError` for any other receipt of the same job."""
         if not self._may_record(job_id, signature):
             return
-        self._db.execute(
+        self._durable(
             "INSERT OR REPLACE INTO receipts (job_id, offer_hash, worker, coordinator,"
             " model_id, result_hash, steps_done, work_units, completed_at, signature,"
             " image_sha256, chain_id, verifying_contract, meta_json, recorded_at,"
@@ -328,8 +408,8 @@ class Journal:
         chain_id: int | None = None,
         verifying_contract: str | None = None,
     ) -> None:
-        """Write the image (atomically, fsync'd), then journal its receipt; both stay until
-        `mark_acked`. Checks first, so a refused write never replaces a kept image."""
+        """Write the image (fsync'd), then journal its receipt (its commit fsync'd); both stay
+        until `mark_acked`. Checks first, so a refused write never replaces a kept image."""
         if hashlib.sha256(image).digest() != receipt.result_hash:
             raise JournalError(f"job 0x{receipt.job_id.hex()}: resultHash is not the image's")
         row = _receipt_row(receipt, signature, None, chain_id, verifying_contract, meta, None)
@@ -337,17 +417,36 @@ class Journal:
             if not self._may_record(receipt.job_id, signature):
                 return
             if image:  # a partial receipt has none
-                self._drop_files(receipt.job_id)
-                name = f"{receipt.job_id.hex()}.{extension_of(image)}"
-                atomic_write_bytes(self.results_dir / name, image, mode=0o600)
+                extension = extension_of(image)
+                self._drop_files(receipt.job_id, keep=extension)
+                self._write_kept(self.results_dir / f"{receipt.job_id.hex()}.{extension}", image)
             self._insert_receipt(receipt.job_id, row, signature)
+
+    def _write_kept(self, path: Path, image: bytes) -> None:
+        """Write `image` in place and fsync it and its folder (see the module's docstring for
+        why no temporary file and rename: until its receipt commits no one reads it)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:  # the folder is made on first use (or was removed)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, flags, 0o600)
+        try:
+            os.fchmod(fd, 0o600)  # a leftover file keeps its mode through O_TRUNC
+            view = memoryview(image)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(path.parent)
 
     def resign(self, job_id: bytes, offer_hash: bytes, signature: bytes) -> bool:
         """Point an unacked receipt at a new offer (a coordinator that restarted forgot the
         old one). Only the offer hash and signature change: the image and its hash stay, so
         the node never signs two different images for one job. False if no unacked receipt."""
         with self._lock:
-            cur = self._db.execute(
+            cur = self._durable(
                 "UPDATE receipts SET offer_hash = ?, signature = ?, recorded_at = ?"
                 " WHERE job_id = ? AND accepted IS NULL",
                 (bytes(offer_hash), bytes(signature), time.time(), bytes(job_id)),
@@ -357,9 +456,12 @@ class Journal:
     def stored_result(self, job_id: bytes) -> StoredResult | None:
         """The journalled receipt for `job_id` and its kept image; None if it has no receipt."""
         with self._lock:
-            row = self._db.execute(
-                f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE job_id = ?", (bytes(job_id),)
-            ).fetchone()
+            return self._stored_result(job_id)
+
+    def _stored_result(self, job_id: bytes) -> StoredResult | None:
+        row = self._db.execute(
+            f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE job_id = ?", (bytes(job_id),)
+        ).fetchone()
         if row is None:
             return None
         entry = _receipt_from_row(row)
@@ -396,17 +498,25 @@ class Journal:
         return gone
 
     def _files(self, job_id: bytes) -> list[Path]:
-        return sorted(self.results_dir.glob(f"{bytes(job_id).hex()}.*"))
+        """The names a kept image of `job_id` can have (no folder listing: a glob lists the
+        whole folder, and this runs twice per job)."""
+        stem = bytes(job_id).hex()
+        return [self.results_dir / f"{stem}.{ext}" for ext in _KEPT_EXTENSIONS]
 
-    def _drop_files(self, job_id: bytes) -> None:
+    def _drop_files(self, job_id: bytes, *, keep: str = "") -> None:
+        """Delete `job_id`'s kept images (but the one with extension `keep`, about to be
+        overwritten)."""
         for path in self._files(job_id):
-            path.unlink(missing_ok=True)
+            if path.suffix[1:] != keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
 
     def mark_acked(self, job_id: bytes, accepted: bool, reason: str = "") -> bool:
         """Record the coordinator's `ResultAck` and delete the kept image (accepted: the
-        coordinator has it; refused: it is worth nothing). False if `job_id` has no receipt."""
+        coordinator has it; refused: it is worth nothing). False if `job_id` has no receipt.
+        Committed without a fsync of its own (durable within `SYNC_INTERVAL`; see above)."""
         with self._lock:
-            cur = self._db.execute(
+            cur = self._lazy(
                 "UPDATE receipts SET accepted = ?, ack_reason = ?, acked_at = ? WHERE job_id = ?",
                 (int(accepted), reason, time.time(), job_id),
             )
@@ -416,7 +526,7 @@ class Journal:
     def mark_handed_back(self, job_id: bytes, steps_done: int, reason: str) -> bool:
         """Record that the job went back unfinished; False if its offer was never recorded."""
         with self._lock:
-            cur = self._db.execute(
+            cur = self._durable(
                 "UPDATE offers SET handed_back_at = ?, steps_done = ?, hand_back_reason = ?"
                 " WHERE job_id = ?",
                 (time.time(), steps_done, reason, job_id),
@@ -493,6 +603,22 @@ class Journal:
             "handed_back": handed_back,
             "work_units_accepted": units,
         }
+
+
+def _offer_row(offer: JobOffer, offer_hash: bytes, signature: bytes) -> tuple[object, ...]:
+    """An `offers` row for a signed `JobOffer` (its JSON has no prompt field)."""
+    return (
+        bytes(offer.job_id),
+        offer.coordinator,
+        offer.model_id,
+        bytes(offer_hash),
+        bytes(offer.params_hash),
+        offer.work_units,
+        offer.deadline,
+        msgspec.json.encode(offer).decode(),
+        bytes(signature),
+        time.time(),
+    )
 
 
 def _receipt_row(

@@ -731,10 +731,13 @@ class PullSession:
         return DecodeVerified(check_id=msg.check_id, image=image)
 
     # --- offers --------------------------------------------------------------------------
-    def _check_offer(self, msg: Offer) -> str | None:
+    def _check_offer(self, msg: Offer, offer_hash: bytes) -> str | None:
+        """Why this node refuses `msg` (`offer_hash`: its EIP-712 digest, computed once for
+        the check and the receipt), or None."""
         offer = msg.offer
         try:
-            signer = eip712.recover_offer_signer(self.id.domain, offer, msg.signature)
+            eip712.check_version(self.id.domain)
+            signer = eip712.recover_digest(offer_hash, msg.signature)
         except ProtocolError as exc:
             return str(exc)
         if signer.lower() not in self.id.trusted:
@@ -774,8 +777,8 @@ class PullSession:
         run = None
         in_hand = False
         try:
-            fault = self._check_offer(msg)
             offer_hash = eip712.offer_hash(self.id.domain, msg.offer)
+            fault = self._check_offer(msg, offer_hash)
             if fault is None and job_id in self.jobs:
                 fault = "job is already running here"
             elif fault is None and job_id not in self.worker.running:
@@ -829,8 +832,12 @@ class PullSession:
         finishing = self.worker.finishing.get(job.id)
         if finishing is not None:  # rendered, its result still being kept: wait for it
             await finishing.wait()
-        kept = await _off_loop(self.journal.stored_result, job.id)
-        if kept is not None and kept.entry.accepted is not False:
+        # one thread hop: the kept result that answers this offer, else the offer journaled
+        kept = await _off_loop(
+            self.journal.take_offer, job.msg.offer, job.offer_hash, job.msg.signature
+        )
+        job.recorded = kept is None
+        if kept is not None:
             if job.run is not None:
                 self.worker.release(job.run)
             await self._resend(job, kept)
@@ -855,8 +862,11 @@ class PullSession:
         starts the moment a slot frees), then claim the slot. The offer goes back (HandBack)
         if its deadline passes first, the coordinator cancels it, or the node drains."""
         offer = job.msg.offer
-        await _off_loop(self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature)
-        job.recorded = True
+        if not job.recorded:
+            await _off_loop(
+                self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature
+            )
+            job.recorded = True
         reason = "offer expired before a slot was free"
         with trio.move_on_at(trio.current_time() + max(0.0, offer.deadline - time.time())):
             while job.id not in self._cancelled and not self.closed.is_set():

@@ -18,7 +18,9 @@ from /proc.
 
 Modules: `baseline` (the in-process harness: the real `Dispatcher` with fake nodes on memory
 channels), `network` (the networked harness: coordinator and node processes, client rounds),
-`runner` (settings, rounds, profiling), `report` (BENCHMARKS.md section).
+`runner` (settings, rounds, profiling), `report` (BENCHMARKS.md section), `node_ab` (the
+node side alone: CPU per job of this tree's node daemons against another commit's, run side by
+side in the same rounds; `python -m bench.dispatch.node_ab --against COMMIT`).
 """
 
 from bench.dispatch._parts import QUICK, Settings

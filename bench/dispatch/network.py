@@ -174,7 +174,15 @@ class Network:
         return result
 
 
-def start_network(settings: Settings, workdir: Path, procs: list[Proc]) -> Network:
+def start_network(
+    settings: Settings,
+    workdir: Path,
+    procs: list[Proc],
+    *,
+    node_trees: dict[int, Path] | None = None,
+) -> Network:
+    """Start the coordinator and the node processes; `node_trees` maps a node process's
+    index to another source tree it runs from (`bench.dispatch.node_ab`)."""
     env = common.base_env("info")
     cdir = workdir / "coordinator"
     signer = create_keystore(cdir / "signer.json", DEMO_PASSWORD, kdf_n=DEMO_KDF_N, force=True)
@@ -204,7 +212,9 @@ def start_network(settings: Settings, workdir: Path, procs: list[Proc]) -> Netwo
             "--trusted", signer,
             "--data-dir", str(workdir / f"nodes{p}"),
         ]  # fmt: skip
-        proc = common.spawn(f"nodes{p}", argv, env, workdir)
+        tree = (node_trees or {}).get(p)
+        penv = env if tree is None else {**env, "PYTHONPATH": str(tree)}
+        proc = common.spawn(f"nodes{p}", argv, penv, workdir)
         procs.append(proc)
         nodes.append(proc)
     for proc in nodes:

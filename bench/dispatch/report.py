@@ -185,8 +185,9 @@ def _floor(report: Report) -> list[str]:
         f"js-libp2p's), where a frame costs what the raw row shows. py-libp2p also sends a "
         f"yamux WINDOW_UPDATE after nearly every read (its `PY_YAMUX_RELEASE_ON_READ`, on by "
         f"default): 5.5 per job at the coordinator in one cProfile round (30 Nov 2026), 2.9 "
-        f"with it off (and 27% fewer socket reads); left on here, as it is a transport-wide "
-        f"setting that wants the interop tests first.",
+        f"with it off (and 27% fewer socket reads). `sogni_net.channel` turns it off in every "
+        f"process of this tree (its go-yamux-style rule then returns credit every other "
+        f"small read: half the updates; the js-libp2p interop test and tests/net pass).",
         "",
     ]
 
@@ -349,8 +350,9 @@ def _interpretation(report: Report) -> str:
         f"{per_job_us(PART_READER):.0f} us handling results (ECDSA recovery, bookkeeping); "
         f"{commit} ({commit_us:.0f} us per single commit).",
         f"Networked, the coordinator uses {coord_ms:.1f} ms of CPU per job, so about "
-        f"{transport_ms:.1f} ms goes to the frames per job (result; ack and next offer in "
-        f"one write; image; no per-step progress, no `Ready`) crossing py-libp2p: Noise, "
+        f"{transport_ms:.1f} ms goes to the frames per job (result, with the node's `Ready` "
+        f"in the same write; ack and next offer in one write; image; no per-step progress) "
+        f"crossing py-libp2p: Noise, "
         f"yamux, trio locks and "
         f"wake-ups, a socket send per write (queued frames share one). With a core to itself "
         f"it would manage ~{capacity:.0f} jobs/s.",
