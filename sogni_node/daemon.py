@@ -53,6 +53,7 @@ from sogni_node.worker import Worker
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import CAPABILITIES_TOPIC
+from sogni_protocol.image_encoding import encoder_build, encodes_like_network
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
     OPEN_PIXELS_FEATURE,
@@ -120,6 +121,21 @@ def capabilities(
     )
 
 
+def _warn_if_encoder_differs() -> None:
+    """One line at start when this machine's JPEG/WebP encoder gives other bytes than the
+    network's (`encodes_like_network`): its checked lossy jobs may fail the codec rule
+    (docs/IMAGE_CHECK.md), so the operator hears it before a refusal does."""
+    differs = [fmt for fmt, alike in encodes_like_network().items() if not alike]
+    if differs:
+        log.warning(
+            "image_encoder_differs",
+            formats=differs,
+            encoder=encoder_build(),
+            hint="checked jobs in these formats may be refused; install Pillow's PyPI wheel "
+            "(pip install --force-reinstall pillow)",
+        )
+
+
 async def run_node(
     config: NodeConfig,
     wallet: Wallet,
@@ -179,6 +195,7 @@ async def run_node(
         else:
             if pruned:
                 log.info("results_pruned", files=pruned)
+        _warn_if_encoder_differs()
         salad = await trio.to_thread.run_sync(partner.salad_identity)  # None: not on Salad
         machine_id = salad.machine_id if salad else ""
         async with open_host(

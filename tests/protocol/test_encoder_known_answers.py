@@ -43,3 +43,21 @@ def test_an_encoder_making_other_choices_misses_the_known_answer(
     image.save(buf, **options)
     assert hashlib.sha256(buf.getvalue()).hexdigest() != KNOWN_ANSWERS[fmt]
     assert hashlib.sha256(encode_rgb(image, fmt)).hexdigest() == KNOWN_ANSWERS[fmt]
+
+
+def test_a_node_on_an_encoder_unlike_the_networks_says_so_at_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from structlog.testing import capture_logs
+
+    from sogni_node import daemon
+
+    with capture_logs() as quiet:
+        daemon._warn_if_encoder_differs()
+    assert quiet == []
+    # Another build's answer for WebP: this machine's bytes no longer match it.
+    monkeypatch.setitem(image_encoding.KNOWN_ANSWERS, "webp", "0" * 64)  # type: ignore[index]
+    with capture_logs() as logs:
+        daemon._warn_if_encoder_differs()
+    assert [(e["event"], e["formats"]) for e in logs] == [("image_encoder_differs", ["webp"])]
+    assert "pillow" in logs[0]["hint"]
