@@ -11,8 +11,9 @@ cycling through the backend's schedulers):
 - the honest distance across what honest workers differ in: thread count (1 vs 2), a batch
   of 2 (the VAE decodes two latents at once), the x86-64 code paths of other CPUs (in a
   subprocess, as `python -m bench tolerance` does), and the declared numeric mode (float32,
-  bfloat16, the CPU quantization modes). The verifier decodes in the declared mode, 1 thread,
-  batch 1, this CPU's own code paths;
+  bfloat16, CPU float16, the CPU quantization modes). The verifier decodes in the declared
+  mode, 1 thread, batch 1, this CPU's own code paths; float16 is path-bound like bfloat16
+  (`float16@<path>`: its rows go to `image_verify.FLOAT16_CPU`, the one path measured);
 - the same for JPEG and WebP jobs: the worker delivers its pixels through the node's encoder,
   the coordinator puts the verifier's decode through the same encoder
   (`sogni_coordinator.image_verify.check_distance`, `sogni_protocol.image_encoding`), and the
@@ -25,7 +26,8 @@ cycling through the backend's schedulers):
   the decode of the second-to-last latent (a truncated schedule), a lossy re-encode of the
   honest image (JPEG quality 92 delivered for a PNG job; quality 75 in the job's format for a
   JPEG or WebP job), and small painted patches (8x8 and 4x4 pixels), each delivered in the
-  job's format, for PNG, JPEG and WebP jobs;
+  job's format, for PNG, JPEG and WebP jobs; for a float32 worker and, on the same jobs, a
+  float16 one (`CHEAT_MODES`: block rule and pixels rule at float16's tolerances);
 - the same cheats against the pixels rule (a worker naming `+open-pixels` opens the lossless
   pixels of its JPEG or WebP: they must be within the PNG tolerance of the decode and the
   delivered file their encode byte for byte; `image_verify.judge_image`): a cheat passes if
@@ -41,9 +43,10 @@ cycling through the backend's schedulers):
 - the cost of one check (the verifier's decode plus the coordinator's compare) against the
   render's time (float32, 1 thread, same run).
 
-Run: ``.venv/bin/python -m bench image`` (writes its section of BENCHMARKS.md; 11 minutes
-idle here, 17 at load 6, about 1 with --quick; set OMP_WAIT_POLICY=PASSIVE on a loaded
-machine) or ``.venv/bin/python -m bench.image_tolerance [--quick]`` (prints only).
+Run: ``.venv/bin/python -m bench image`` (writes its section of BENCHMARKS.md; 19 minutes
+at load 5-6, about 10 of them float16's providers and cheats, as CPU float16 renders take about
+10x float32's; 1.5 with --quick; set OMP_WAIT_POLICY=PASSIVE on a loaded machine) or
+``.venv/bin/python -m bench.image_tolerance [--quick]`` (prints only).
 """
 
 from __future__ import annotations
@@ -68,7 +71,7 @@ import torch
 
 from bench import _common as common
 from bench import trajectory_tolerance as tt
-from bench.trajectory_tolerance import BF16, FP32, INT8, Job, Mode, Provider
+from bench.trajectory_tolerance import BF16, FP16, FP32, INT8, Job, Mode, Provider
 
 REPO = Path(__file__).resolve().parent.parent
 SAFETY = 10.0
@@ -95,8 +98,21 @@ PROVIDERS: tuple[Provider, ...] = (
     Provider(Mode(quantize="int8-dynamic")),
     Provider(Mode(quantize="quanto-int8")),
     Provider(Mode(quantize="quanto-int4")),
+    # CPU float16 (path-bound like bf16; last, so the other providers' calibration draws stay)
+    Provider(FP16),
+    Provider(FP16, threads=2),
+    Provider(FP16, batch=2),
+    Provider(FP16, cpu="all-AVX2", env=tt.ALL_AVX2, needs="avx2"),
 )
-QUICK_PROVIDERS = ("fp32, 1 thread", "fp32, 2 threads", "fp32, 1 thread, batch 2", "bf16, 1 thread")
+QUICK_PROVIDERS = (
+    "fp32, 1 thread", "fp32, 2 threads", "fp32, 1 thread, batch 2", "bf16, 1 thread",
+    "fp16, 1 thread",
+)  # fmt: skip
+CHEAT_MODES = (FP16,)
+"""Modes whose own worker the cheats are also run against (besides fp32): the worker
+commits an honest trajectory in that mode, the verifier decodes in it, and the verdict uses
+that mode's tolerance. The cheat images needing a render (another seed's, another prompt's)
+are rendered in float32: a cheater may make them any way it likes."""
 FORMATS = ("jpeg", "webp")
 CODEC_SAFETY = 2.0
 """The codec rule's tolerance: this x the largest calibration distance of `CODEC_BASIS`."""
@@ -284,6 +300,8 @@ def cheat_pixels(
         return render(pipe, [job], base, seeds=[(job.seed + 1) % 2**32])[0][0][2]
     if cheat == "another prompt's image":
         other = tt.make_jobs(1, rng)[0]
+        while other.prompt == job.prompt:  # 168 captions: a draw may repeat the job's own
+            other = tt.make_jobs(1, rng)[0]
         return render(pipe, [Job(other.prompt, job.seed, job.scheduler)], base)[0][0][2]
     if cheat == "replayed older image":
         return older[2]
@@ -377,7 +395,7 @@ def _tolerance(honest_max: float, safety: float, floor: float) -> float:
 
 def vae_dtype(mode: str) -> str:
     """The dtype the VAE decodes in: the quantized modes quantize only the UNet."""
-    return "bf16" if mode == "bf16" else "fp32"
+    return mode if mode in ("bf16", "fp16") else "fp32"
 
 
 def _lossy_calibration(h: dict[str, Any], fmt: str) -> list[float]:
@@ -499,6 +517,11 @@ def measure(settings: Settings) -> dict[str, Any]:
                         min((codec_distance(img, o, f) for o in near), default=math.inf)
                     )
     print(f"image: cheats ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    mode_cheats = {
+        mode.name: _mode_cheats(mode, pipe_for(mode), own, base, cheat_jobs, tol)
+        for mode in CHEAT_MODES
+        if mode.name in modes
+    }
 
     # cost: one render vs one check (decode + PNG + compare), float32, 1 thread, interleaved
     from sogni_coordinator.image_verify import judge_image
@@ -541,12 +564,41 @@ def measure(settings: Settings) -> dict[str, Any]:
         "tolerance": tol,
         "encoders": encoder_versions(),
         "cheats": cheats,
+        "mode_cheats": mode_cheats,
         "escaped_pixels_rule": escaped,
         "codec_worst": codec_worst,
         "codec_tolerance": codec_tol,
         "codec_cheats": codec_cheats,
         "cost": cost,
     }
+
+
+def _mode_cheats(
+    mode: Mode, pipe: Any, own: Any, base: Any, jobs: Sequence[Job], tol: dict[str, Any]
+) -> dict[str, dict[str, list[float]]]:
+    """Job format -> cheat -> distance per job, for a worker declaring `mode` (block rule):
+    it commits an honest trajectory rendered in `mode`, the verifier decodes in `mode`; and
+    "<lossy format> pixels rule escaped" -> cheat -> 1.0 per job whose file passed the pixels
+    rule at `mode`'s PNG tolerance."""
+    started = time.perf_counter()
+    rng = random.Random(20261202)  # its own draw: the fp32 cheats stay as they were
+    rendered = [render(pipe, [j], base)[0][0] for j in jobs]
+    out: dict[str, dict[str, list[float]]] = {f: {c: [] for c in CHEATS} for f in JOB_FORMATS}
+    out.update({f"{f} pixels rule escaped": {} for f in FORMATS})
+    for i, job in enumerate(jobs[1:], start=1):
+        honest_row = rendered[i]
+        ref = decode(pipe, honest_row[1])
+        for c in CHEATS:
+            px = cheat_pixels(c, job, honest_row, rendered[i - 1], pipe, own, base, rng)
+            for f in JOB_FORMATS:
+                img = reencode(honest_row[2], f) if px is None else png(px, f)
+                out[f][c].append(distance(img, ref, f))
+                if f in FORMATS:  # jobs whose file passed the pixels rule at this mode's PNG tol.
+                    opened = [honest_row[2], pixels_of(img)] + ([px] if px is not None else [])
+                    escaped = escapes_pixels_rule(img, f, opened, ref, tol["png"][mode.name])
+                    out[f"{f} pixels rule escaped"].setdefault(c, []).append(float(escaped))
+    print(f"image: {mode.name} cheats ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    return out
 
 
 # --- markdown ---------------------------------------------------------------------------------
@@ -676,6 +728,8 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
         ),
         "",
     ]
+    for mode, mc in m.get("mode_cheats", {}).items():
+        lines += _mode_cheats_markdown(mode, mc, tol)
     escaped = m.get("escaped_pixels_rule")
     if escaped:
         n_jobs = len(m["cheats"]["png"][CHEATS[0]])
@@ -740,6 +794,39 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
         "network round trip, and the opened PNG it carries, are not counted.",
     ]
     return "\n".join(lines)
+
+
+def _mode_cheats_markdown(
+    mode: str, mc: dict[str, dict[str, list[float]]], tol: dict[str, Any]
+) -> list[str]:
+    """The cheats against a worker declaring `mode` (block rule, that mode's tolerance)."""
+    rows = []
+    for cheat in CHEATS:
+        row: list[Any] = [cheat]
+        for f in JOB_FORMATS:
+            ds, t = mc[f][cheat], tol[f][mode]
+            row.append(
+                f"{_v(min(ds))} / {_v(common.median(ds))}: "
+                f"**{100 * sum(x > t for x in ds) / len(ds):.0f}%**"
+            )
+        for f in FORMATS:
+            esc = mc[f"{f} pixels rule escaped"][cheat]
+            row.append(f"**{100 * (len(esc) - sum(esc)) / len(esc):.0f}%**")
+        rows.append(tuple(row))
+    head = [f"{f} job (tol. {_v(tol[f][mode])}): min / median, caught" for f in JOB_FORMATS]
+    head += [f"{f} job, pixels rule (PNG tol. {_v(tol['png'][mode])}): caught" for f in FORMATS]
+    return [
+        f"A {mode} worker (path-bound: `{FP16.dtype if mode == 'fp16' else mode}@<its code "
+        "path>`) commits an honest trajectory rendered in that mode, the verifier decodes its "
+        "x_N in that mode, and the worker delivers another image in the job's format (another "
+        "seed's or prompt's image rendered in float32: a cheater may make it any way it "
+        f"likes). Caught: over the {mode} tolerance of that format; under the pixels rule, "
+        f"as above but at the {mode} PNG tolerance (the codec rule was measured for fp32 "
+        "workers only).",
+        "",
+        common.table(("cheat", *head), rows),
+        "",
+    ]
 
 
 def _codec_markdown(m: dict[str, Any]) -> list[str]:

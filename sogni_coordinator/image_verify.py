@@ -78,6 +78,7 @@ __all__ = [
     "BLOCK_RULE",
     "CODEC_RULE",
     "CODEC_TOLERANCES",
+    "FLOAT16_CPU",
     "IMAGE_TOLERANCES",
     "LOSSY_TOLERANCES",
     "PIXELS_RULE",
@@ -97,6 +98,21 @@ log = get_logger(__name__)
 BLOCK = 8
 """Side in pixels of the blocks whose mean difference is compared (one SD latent cell)."""
 
+FLOAT16_CPU = "float16@cpu-x86_64-avx512-avx512_core_bf16-torch2.13"
+"""The one CPU float16 path measured (`verifiers.TOLERANCES`). Its image rows are keyed by the
+path, not by a bare `float16` as bfloat16's are, so a bare `float16` (an older node, path
+unknown), another path or CUDA float16 stays inconclusive. `python -m bench image`
+(BENCHMARKS.md "Image check", 1 Dec 2026): 1 and 2 threads, batch 2 on this path and the
+all-AVX2 path's renders against this path's decode (covered as bfloat16's rows cover theirs),
+honest max 0.219 (PNG) / 4.25 (JPEG) / 5.5 (WebP) levels: float16 renders differ from the
+verifier's decode even on one path (0 of 393 PNGs byte-identical), unlike float32 and bfloat16.
+PNG 10x, JPEG/WebP 2x the largest calibration distance (the lossy rows pool float16's own
+providers: its VAE decodes in float16): 1.9 / 8.1 / 11; 0 of 1000 held-out honest checks over
+per format (233 of them float16). Detection for a float16 worker, 50 jobs per cheat: the block
+rule misses faint cheats that float32's tighter rows catch (PNG: truncated schedule and 4 x 4
+patch 98%; JPEG/WebP: truncated schedule 80%, 4 x 4 patch 84-86%, WebP q75 re-encode 0%), the
+pixels rule at 1.9 catches 98-100% of each."""
+
 IMAGE_TOLERANCES: Mapping[str, float] = {
     "float32": 1.0,
     "float32+int8": 1.0,
@@ -104,19 +120,21 @@ IMAGE_TOLERANCES: Mapping[str, float] = {
     "float32+quanto-int8": 1.0,
     "float32+quanto-int4": 1.0,
     "bfloat16": 3.6,
+    FLOAT16_CPU: 1.9,
 }
 """Declared numeric mode -> the largest block distance (levels, 0..255) between an honest
 worker's PNG and a verifier's decode of its final latent in the same mode: 10x the largest
 honest distance `python -m bench image` measured, at least 1 level (BENCHMARKS.md "Image
 check": float32 and the quantized modes, whose VAE stays float32, differ by at most one level
 on one pixel of a block, 1/64; bfloat16 across CPU code paths by up to 0.42; 0 false
-rejections in 1000 held-out honest checks). Other modes were not measured: inconclusive."""
+rejections in 1000 held-out honest checks). CPU float16 has a row for its measured path
+only (`FLOAT16_CPU`; see there). Other modes were not measured: inconclusive."""
 
-_FLOAT32_VAE = [m for m in IMAGE_TOLERANCES if m != "bfloat16"]  # quantized: the UNet only
+_FLOAT32_VAE = [m for m in IMAGE_TOLERANCES if m not in ("bfloat16", FLOAT16_CPU)]
 
 LOSSY_TOLERANCES: Mapping[str, Mapping[str, float]] = {
-    "jpeg": {**dict.fromkeys(_FLOAT32_VAE, 3.1), "bfloat16": 8.0},
-    "webp": {**dict.fromkeys(_FLOAT32_VAE, 5.4), "bfloat16": 12.0},
+    "jpeg": {**dict.fromkeys(_FLOAT32_VAE, 3.1), "bfloat16": 8.0, FLOAT16_CPU: 8.1},
+    "webp": {**dict.fromkeys(_FLOAT32_VAE, 5.4), "bfloat16": 12.0, FLOAT16_CPU: 11.0},
 }
 """Lossy output format -> declared mode -> the largest block distance (levels) between an
 honest worker's JPEG/WebP and the verifier's decode put through the same encoder
@@ -132,16 +150,18 @@ these; that run proposes 3.6 / 4.7, kept at the older values (docs/VERIFICATION.
 
 def image_tolerance(dtype: str, output_format: str) -> float | None:
     """The tolerance for a declared mode and output format, None if either is unmeasured.
-    A path-bound mode (`bfloat16@<path>`) whose steps have a tolerance takes its bare mode's:
+    A path-bound mode with a row of its own (`FLOAT16_CPU`) takes that row; any other
+    path-bound mode (`bfloat16@<path>`) whose steps have a tolerance takes its bare mode's:
     that one was measured across code paths, so on one path it is a looser bound, not a
     guess; a path without a step tolerance has none here either."""
+    table = IMAGE_TOLERANCES if output_format == "png" else LOSSY_TOLERANCES.get(output_format, {})
     if path_bound(dtype):
         if tolerance_for(dtype) is None:
             return None
+        if dtype in table:  # measured on this path itself (`FLOAT16_CPU`)
+            return table[dtype]
         dtype = dtype.split("@", 1)[0]
-    if output_format == "png":
-        return IMAGE_TOLERANCES.get(dtype)
-    return LOSSY_TOLERANCES.get(output_format, {}).get(dtype)
+    return table.get(dtype)
 
 
 @dataclass(frozen=True)

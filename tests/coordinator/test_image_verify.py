@@ -17,17 +17,19 @@ import trio
 from PIL import Image
 
 from sogni_coordinator.image_verify import (
+    FLOAT16_CPU,
     IMAGE_TOLERANCES,
     LOSSY_TOLERANCES,
     check_distance,
     delivered_image,
     image_distance,
     image_tolerance,
+    judge_image,
     reference_image,
     verify_image,
 )
 from sogni_coordinator.jobs import NodeLink
-from sogni_coordinator.verifiers import PendingVerifications, StepVerdict
+from sogni_coordinator.verifiers import PendingVerifications, StepVerdict, tolerance_for
 from sogni_protocol.image_encoding import encode_rgb
 from sogni_protocol.messages import (
     DecodeVerified,
@@ -320,6 +322,36 @@ async def test_no_other_wallet_or_an_unmeasured_mode_asks_nobody() -> None:
     assert v.distance is None and "no tolerance" in v.reason
     with pytest.raises(trio.WouldBlock):
         inbox.receive_nowait()
+
+
+def test_cpu_float16_is_checked_on_its_measured_path_only() -> None:
+    """A float16 image row exists for the one measured path; a bare `float16` (an older node,
+    path unknown), another CPU path, another torch or CUDA float16 stay inconclusive."""
+    for fmt in ("png", "jpeg", "webp"):
+        tol = image_tolerance(FLOAT16_CPU, fmt)
+        assert tol is not None and tol > image_tolerance("float32", fmt)  # type: ignore[operator]
+    assert image_tolerance(FLOAT16_CPU, "png") == IMAGE_TOLERANCES[FLOAT16_CPU]
+    assert tolerance_for(FLOAT16_CPU) is not None  # its steps are re-checked too
+    others = (
+        "float16",
+        FLOAT16_CPU.replace("avx512_core_bf16", "avx2"),
+        FLOAT16_CPU.replace("torch2.13", "torch2.14"),
+        "float16@cuda-sm90-torch2.13",
+    )
+    for dtype in others:
+        for fmt in ("png", "jpeg", "webp"):
+            assert image_tolerance(dtype, fmt) is None, (dtype, fmt)
+    # a block 1.5 levels off: within float16's PNG row, over float32's, unjudged when bare
+    im = picture()
+    for i, (x, y) in enumerate((x, y) for y in range(40, 48) for x in range(40, 48)):
+        r, g, b = im.getpixel((x, y))  # type: ignore[misc]
+        im.putpixel((x, y), (r, g, b - 1 - i % 2))
+    delivered, decoded = encoded(im), encoded(picture())
+    fp16 = judge_image(delivered, decoded, "png", SIZE, SIZE, FLOAT16_CPU)
+    fp32 = judge_image(delivered, decoded, "png", SIZE, SIZE, "float32")
+    assert fp16 is not None and fp16.passed and fp16.distance == pytest.approx(1.5)
+    assert fp32 is not None and not fp32.passed
+    assert judge_image(delivered, decoded, "png", SIZE, SIZE, "float16") is None
 
 
 def test_the_stored_result_frame_yields_its_image() -> None:
