@@ -105,7 +105,9 @@ unknown), another path or CUDA float16 stays inconclusive. `python -m bench imag
 (BENCHMARKS.md "Image check", 1 Dec 2026): 1 and 2 threads, batch 2 on this path and the
 all-AVX2 path's renders against this path's decode (covered as bfloat16's rows cover theirs),
 honest max 0.219 (PNG) / 4.25 (JPEG) / 5.5 (WebP) levels: float16 renders differ from the
-verifier's decode even on one path (0 of 393 PNGs byte-identical), unlike float32 and bfloat16.
+verifier's decode even on one path (0 of 393 PNGs byte-identical), unlike float32 and bfloat16:
+measured before `decode_check` stopped upcasting StableDiffusionPipeline's float16 VAE (which
+the pipeline never does), so these rows are looser than float16 now needs (docs/IMAGE_CHECK.md).
 PNG 10x, JPEG/WebP 2x the largest calibration distance (the lossy rows pool float16's own
 providers: its VAE decodes in float16): 1.9 / 8.1 / 11; 0 of 1000 held-out honest checks over
 per format (233 of them float16). Detection for a float16 worker, 50 jobs per cheat: the block

@@ -9,8 +9,9 @@ pipeline call, and the coordinator compares that image with the delivered one
 What the pipeline does after its last step, and so what `decode_final` does (diffusers
 `StableDiffusionPipeline.__call__`, `output_type="np"`): cast the latent to the pipeline's
 compute dtype (leaf N stores those values exactly as float32), divide by the VAE's
-`scaling_factor` (SDXL-style VAEs: un-normalise by `latents_mean`/`latents_std` first, and
-decode in float32 when a float16 VAE asks for `force_upcast`), `vae.decode`, the safety checker
+`scaling_factor` (SDXL-style VAEs: un-normalise by `latents_mean`/`latents_std` first; the
+SDXL family's pipelines, those with `upcast_vae`, decode in float32 when a float16 VAE asks
+for `force_upcast`; StableDiffusionPipeline ignores the flag), `vae.decode`, the safety checker
 when the pipeline has one, `image_processor.postprocess(..., output_type="np")`, then the
 backend's own `float_image_to_uint8`. Encoding is left to the caller: the verifier answers a
 lossless PNG whatever format the job asked for, with the node's encoder
@@ -67,7 +68,15 @@ def decode_final(
     device = pipe._execution_device
     dtype = dtype or vae.dtype  # the latents' dtype in the pipeline's loop (the backend's)
     x = latents.to(device=device, dtype=dtype)
-    upcast = vae.dtype == torch.float16 and bool(getattr(vae.config, "force_upcast", False))
+    # Upcast only where the pipeline itself does: the SDXL family (`upcast_vae`) decodes a
+    # float16 VAE asking for `force_upcast` in float32; StableDiffusionPipeline never reads
+    # the flag and decodes in float16 (a float32 decode here differed by a level on ~3% of
+    # pixel-channels: no CPU float16 PNG matched before this).
+    upcast = (
+        vae.dtype == torch.float16
+        and bool(getattr(vae.config, "force_upcast", False))
+        and hasattr(pipe, "upcast_vae")
+    )
     if upcast:
         vae.to(torch.float32)
     try:

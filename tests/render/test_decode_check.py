@@ -79,6 +79,21 @@ def test_the_final_leaf_decodes_to_the_delivered_png_on_the_shipped_model(
     assert _decode(shapes_backend, SHAPES_MODEL_ID, _leaf(out, n - 1)) != out.image
 
 
+def test_a_float16_final_leaf_decodes_to_the_delivered_png() -> None:
+    """StableDiffusionPipeline decodes a float16 VAE in float16 even when its config asks
+    for `force_upcast` (the shipped VAE's does): the check must decode as the pipeline did,
+    or a float16 worker's image is never byte-identical to the verifier's."""
+    registry = ModelRegistry([shapes_model_spec()])
+    backend = DiffusersBackend(registry, device="cpu", threads=1, dtype="float16")
+    try:
+        pipe = backend._get(SHAPES_MODEL_ID).pipe
+        assert pipe.vae.dtype == torch.float16 and pipe.vae.config.force_upcast
+        out = _render(backend, _job(SHAPES_MODEL_ID, "euler"))
+        assert _decode(backend, SHAPES_MODEL_ID, _leaf(out, out.steps_done)) == out.image
+    finally:
+        backend.close()
+
+
 def test_the_final_leaf_decodes_to_the_delivered_png_on_the_tiny_model(
     backend: DiffusersBackend,
 ) -> None:
