@@ -16,7 +16,7 @@ from sogni_node.hardware import compute_path
 from sogni_node.models import TINY_MODEL_ID, ModelRegistry
 from sogni_node.render import RenderJob
 from sogni_node.render.diffusers_backend import SCHEDULERS, DiffusersBackend
-from sogni_node.verify import step_check as sc
+from tests.render._steps import rerun_distances
 
 STEPS, SIZE, SEED, GUIDANCE = 4, 64, 99, 5.0
 PROMPT, NEGATIVE = "a green square", "red"
@@ -75,26 +75,6 @@ def test_float16_steps_rerun_exactly_on_the_same_path(
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        x0 = sc.start_latents(
-            fp16_pipe, seed=SEED, width=SIZE, height=SIZE, steps=STEPS, scheduler=sched
-        )
-        for k in range(STEPS):
-            x_k = x0 if k == 0 else out.trajectory.record(k).tensor("latents")
-            x_pred = sc.recompute_step(
-                fp16_pipe,
-                prompt=PROMPT,
-                negative_prompt=NEGATIVE,
-                guidance=GUIDANCE,
-                steps=STEPS,
-                width=SIZE,
-                height=SIZE,
-                seed=SEED,
-                scheduler=sched,
-                k=k,
-                latents_k=x_k,
-                scheduler_state=None,
-            )
-            x_next = out.trajectory.record(k + 1).tensor("latents")
-            assert sc.normalised_distance(x_next, x_pred, x_k) == 0.0, k
+        assert rerun_distances(fp16_pipe, job, out.trajectory, sched) == [0.0] * STEPS
     finally:
         torch.set_num_threads(threads)
