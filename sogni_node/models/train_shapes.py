@@ -94,6 +94,11 @@ layout is decided at high noise, shape detail at low noise."""
 _POSITION_CONTRAST = 0.0
 """Extra weight where a positioned scene differs from the same scene mirrored (left <->
 right, top <-> bottom). An experiment knob, 0 as shipped."""
+_CONTRAST_SCOPE = "image"
+"""How the contrast weight is scaled and where it applies: "image" (to 1 at each image's
+largest difference, every scene, as in session 9's runs), "batch" (to 1 at the batch's
+largest: a small shape's cells weigh less than a large one's), "unplaced" (per image, only
+scenes without a position word). An experiment knob."""
 _MIRROR = {
     "on the left": "on the right",
     "on the right": "on the left",
@@ -454,11 +459,15 @@ def train_vae(steps: int, rng: random.Random) -> tuple[Any, float]:
     return vae, 1.0 / std
 
 
-def _latent_diff(z0: torch.Tensor, others: list[Scene], vae: Any, scale: float) -> torch.Tensor:
-    """Where each scene's latent differs from its counterfactual, scaled to 1 at the most."""
+def _latent_diff(
+    z0: torch.Tensor, others: list[Scene], vae: Any, scale: float, per: str = "image"
+) -> torch.Tensor:
+    """Where each scene's latent differs from its counterfactual, scaled to 1 at the most
+    (per image, or over the whole batch with `per="batch"`)."""
     z_other = vae.encode(draw_scenes(others)).latent_dist.mode() * scale
     diff = (z0 - z_other).abs().mean(dim=1, keepdim=True)
-    return diff / diff.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
+    dims = (0, 1, 2, 3) if per == "batch" else (2, 3)
+    return diff / diff.amax(dim=dims, keepdim=True).clamp_min(1e-6)
 
 
 def _contrast_weight(
@@ -466,8 +475,12 @@ def _contrast_weight(
 ) -> torch.Tensor:
     """Per-latent-pixel loss weight where the shape (and position) words matter."""
     others = [dataclasses.replace(s, shape=_CONTRAST_OF[s.shape]) for s in scenes]
-    weight = 1.0 + _CONTRAST_WEIGHT * _latent_diff(z0, others, vae, scale)
-    weight = torch.where((t < _CONTRAST_BELOW).view(-1, 1, 1, 1), weight, 1.0)
+    per = "batch" if _CONTRAST_SCOPE == "batch" else "image"
+    weight = 1.0 + _CONTRAST_WEIGHT * _latent_diff(z0, others, vae, scale, per)
+    applies = t < _CONTRAST_BELOW
+    if _CONTRAST_SCOPE == "unplaced":
+        applies &= torch.tensor([s.position is None for s in scenes])
+    weight = torch.where(applies.view(-1, 1, 1, 1), weight, 1.0)
     if _POSITION_CONTRAST:
         mirrored = [_mirrored(s) for s in scenes]
         placed = torch.tensor([s.position in _MIRROR for s in scenes]).view(-1, 1, 1, 1)
@@ -626,7 +639,7 @@ def _add_ddim_keys(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    global _CONTRAST_WEIGHT, _CONTRAST_BELOW, _POSITION_CONTRAST
+    global _CONTRAST_WEIGHT, _CONTRAST_BELOW, _POSITION_CONTRAST, _CONTRAST_SCOPE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output model folder")
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="step budget")
@@ -647,6 +660,12 @@ def main(argv: list[str] | None = None) -> None:
         default=_POSITION_CONTRAST,
         help="UNet loss weight where mirrored positions differ (0: the shipped recipe)",
     )
+    parser.add_argument(
+        "--contrast-scope",
+        choices=("image", "batch", "unplaced"),
+        default=_CONTRAST_SCOPE,
+        help="contrast weight scaled per image, per batch, or only on unplaced scenes",
+    )
     parser.add_argument("--eval", type=int, default=50, help="prompts to score after (0: skip)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -654,6 +673,7 @@ def main(argv: list[str] | None = None) -> None:
     _CONTRAST_WEIGHT = args.contrast_weight
     _CONTRAST_BELOW = args.contrast_below
     _POSITION_CONTRAST = args.position_contrast
+    _CONTRAST_SCOPE = args.contrast_scope
     started = time.perf_counter()
     out = train(args.out, args.minutes, args.seed)
     logger.info("saved %s in %.1f min", out, (time.perf_counter() - started) / 60)
