@@ -1,10 +1,14 @@
-"""Test data shared by the result-store tests (tests/coordinator, tests/postgres)."""
+"""Test data shared by the result-store tests (tests/coordinator, tests/postgres) and the
+verifier-choice tests."""
 
 from __future__ import annotations
 
 import os
 
-from sogni_protocol.messages import JobImage, Receipt, RenderMeta
+import trio
+
+from sogni_coordinator.jobs import NodeLink
+from sogni_protocol.messages import JobImage, Message, Receipt, RenderMeta
 
 
 def job_image(i: int, size: int = 1000) -> JobImage:
@@ -29,4 +33,12 @@ def job_image(i: int, size: int = 1000) -> JobImage:
         receipt=receipt,
         signature=b"\x04" * 65,
         meta=RenderMeta(backend="cpu", device="test", dtype="fp32", threads=2),
+    )
+
+
+def mode_link(peer: str, wallet: str, mode: str) -> NodeLink:
+    """A connected node serving model "m" with one slot that advertises numeric `mode`."""
+    send, _ = trio.open_memory_channel[Message](1)
+    return NodeLink(
+        peer_id=peer, wallet=wallet, models=frozenset({"m"}), slots=1, outbox=send, mode=mode
     )

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import random
 
-import trio
-
-from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.verifiers import (
     TOLERANCES,
     can_verify,
@@ -17,28 +14,21 @@ from sogni_coordinator.verifiers import (
     path_bound,
     tolerance_for,
 )
-from sogni_protocol.messages import Message
+from tests.coordinator._helpers import mode_link
 
 PATH = "cpu-x86_64-avx512-avx512_core_bf16-torch2.13"
 FP16 = f"float16@{PATH}"
 WORKER, A, B, C, D = ("0x" + c * 40 for c in "abcde")
 
 
-def _link(peer: str, wallet: str, mode: str) -> NodeLink:
-    send, _ = trio.open_memory_channel[Message](1)
-    return NodeLink(
-        peer_id=peer, wallet=wallet, models=frozenset({"m"}), slots=1, outbox=send, mode=mode
-    )
-
-
 def test_float16_is_verified_only_by_the_same_mode_and_path() -> None:
     nodes = {
-        "fp16": _link("fp16", A, FP16),
-        "bf16": _link("bf16", B, f"bfloat16@{PATH}"),  # same path, other mode: never
-        "fp16-avx2": _link("fp16-avx2", C, "float16@cpu-x86_64-avx2-avx2-torch2.13"),
-        "fp32": _link("fp32", D, "float32"),
-        "old": _link("old", D, ""),
-        "mine": _link("mine", WORKER, FP16),
+        "fp16": mode_link("fp16", A, FP16),
+        "bf16": mode_link("bf16", B, f"bfloat16@{PATH}"),  # same path, other mode: never
+        "fp16-avx2": mode_link("fp16-avx2", C, "float16@cpu-x86_64-avx2-avx2-torch2.13"),
+        "fp32": mode_link("fp32", D, "float32"),
+        "old": mode_link("old", D, ""),
+        "mine": mode_link("mine", WORKER, FP16),
     }
     assert path_bound(FP16)
     assert can_verify(nodes["fp16"], "m", FP16)

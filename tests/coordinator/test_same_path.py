@@ -8,10 +8,8 @@ from __future__ import annotations
 import random
 
 import msgspec
-import trio
 
 from sogni_coordinator.image_verify import image_tolerance
-from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.verifiers import (
     TOLERANCES,
     can_verify,
@@ -20,7 +18,8 @@ from sogni_coordinator.verifiers import (
     tolerance_for,
 )
 from sogni_node.hardware import _onednn_isa, compute_path
-from sogni_protocol.messages import Capabilities, JobImage, Message, VerifyStep
+from sogni_protocol.messages import Capabilities, JobImage, VerifyStep
+from tests.coordinator._helpers import mode_link
 
 from .conftest import Harness
 from .test_checks import (
@@ -43,20 +42,13 @@ AVX2 = "bfloat16@cpu-x86_64-avx2-avx2-torch2.13"
 WORKER, OTHER, THIRD, FOURTH = ("0x" + c * 40 for c in "abcd")
 
 
-def _link(peer: str, wallet: str, mode: str) -> NodeLink:
-    send, _ = trio.open_memory_channel[Message](1)
-    return NodeLink(
-        peer_id=peer, wallet=wallet, models=frozenset({"m"}), slots=1, outbox=send, mode=mode
-    )
-
-
 def test_a_path_bound_mode_is_verified_only_by_the_same_mode_and_path() -> None:
     nodes = {
-        "same": _link("same", OTHER, MEASURED),
-        "avx2": _link("avx2", THIRD, AVX2),
-        "old": _link("old", FOURTH, ""),  # an older node: says no mode
-        "fp32": _link("fp32", FOURTH, "float32"),
-        "mine": _link("mine", WORKER, MEASURED),  # the worker's own wallet: never
+        "same": mode_link("same", OTHER, MEASURED),
+        "avx2": mode_link("avx2", THIRD, AVX2),
+        "old": mode_link("old", FOURTH, ""),  # an older node: says no mode
+        "fp32": mode_link("fp32", FOURTH, "float32"),
+        "mine": mode_link("mine", WORKER, MEASURED),  # the worker's own wallet: never
     }
     rng = random.Random(3)
     assert path_bound(MEASURED) and not path_bound("float32")
@@ -97,7 +89,7 @@ def test_the_advertised_path_names_the_kernels_a_cpu_would_take() -> None:
     assert capped == here or "-sse41-" in capped  # lowered, or this CPU had nothing above
 
 
-async def test_the_advert_carries_the_mode_onto_the_link(checked: Harness) -> None:
+async def test_the_advert_carries_the_mode_onto_themode_link(checked: Harness) -> None:
     h = checked
     node = h.node(0)
     assert node.link.mode == ""
