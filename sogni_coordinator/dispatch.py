@@ -109,6 +109,7 @@ log = get_logger(__name__)
 
 __all__ = [
     "MAX_ATTEMPTS",
+    "MAX_LOOKAHEAD",
     "NO_NODE_GRACE",
     "Dispatcher",
     "Refusal",
@@ -118,9 +119,10 @@ __all__ = [
 ]
 
 MAX_ATTEMPTS = 5
-LOOKAHEAD = 1
-"""Offers a node may hold beyond its slots (pipelined credit: the next job in hand)."""
 """A job that fails this many times (node lost, deadline, hand-back) is given up on."""
+MAX_LOOKAHEAD = 4
+"""The most offers a node may hold beyond its slots: a node whose renders are shorter than
+the round trip asks for more than one in hand (`sogni_node.worker.Worker.lookahead`)."""
 NO_NODE_GRACE = 10.0
 """Seconds a queued job may wait with no connected node able to serve it before it fails."""
 STRAGGLER_FACTOR = 2.0
@@ -654,13 +656,14 @@ class Dispatcher:
     def ready(self, link: NodeLink, slots: int, warm_models: list[str] | None = None) -> None:
         """The node's credit: it can hold `slots` offers, those in flight included.
 
-        A pipelining node (`sogni_node.pull`) says `slots + LOOKAHEAD`: it keeps one offer in
-        hand while its slots render, so its next job is there when a render ends; an older
-        node says how many slots are free, at most `slots`. The answer is kept (`capacity`)
-        and the credit recomputed from it whenever a result is acked."""
+        A pipelining node (`sogni_node.pull`) says `slots + lookahead`: it keeps one offer in
+        hand while its slots render (more, up to `MAX_LOOKAHEAD`, when its renders are shorter
+        than the round trip), so its next job is there when a render ends; an older node says
+        how many slots are free, at most `slots`. The answer is kept (`capacity`) and the
+        credit recomputed from it whenever a result is acked."""
         if warm_models is not None:
             link.warm = frozenset(warm_models)
-        link.capacity = max(0, min(slots, link.slots + LOOKAHEAD))
+        link.capacity = max(0, min(slots, link.slots + MAX_LOOKAHEAD))
         link.credit = max(0, link.capacity - len(link.inflight))
         self._wake()
 

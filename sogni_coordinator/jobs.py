@@ -36,7 +36,7 @@ class NodeLink:
     loras: frozenset[str] = frozenset()
     credit: int = 0
     capacity: int = 0
-    """Offers it can hold, in flight included (its last `Ready`, at most `slots + 1`)."""
+    """Offers it can hold, in flight included (its last `Ready`, at most slots + MAX_LOOKAHEAD)."""
     inflight: dict[bytes, Job] = field(default_factory=dict)
     removed_reason: str = ""
     """Set when the coordinator drops the node itself (a block): the session's Goodbye."""

@@ -21,7 +21,7 @@ that reason rather than a closed stream; not when the node said goodbye, the str
 or the coordinator is shutting down.
 
 Backpressure: the outbox is bounded (`outbox_size`; the writer takes up to `_WRITE_BATCH`
-more off it for one stream write). Offers need credit, so at most `slots + 1` are
+more off it for one stream write). Offers need credit, so at most `slots + MAX_LOOKAHEAD` are
 outstanding; cancels are at most two per job held; acks one (the reader waits for each to be
 written, `_AckLane`: it rides with the next offer); so a full outbox means the node has
 stopped reading. Then the dispatcher's non-blocking send fails: an offer is not made (the job
@@ -44,7 +44,7 @@ import msgspec
 import trio
 
 from sogni_coordinator.db import DatabaseBusy
-from sogni_coordinator.dispatch import Dispatcher, Refusal, ResultRefused
+from sogni_coordinator.dispatch import MAX_LOOKAHEAD, Dispatcher, Refusal, ResultRefused
 from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.standing import StandingCache
 from sogni_net import Channel, ReadTimeout, TransportError
@@ -91,7 +91,7 @@ ACK_TIMEOUT = 30.0
 
 def outbox_size(slots: int) -> int:
     """Room for every offer the node's credit allows, two cancels per job, and spare."""
-    return 3 * max(slots, 1) + 16
+    return 3 * (max(slots, 1) + MAX_LOOKAHEAD) + 16
 
 
 class HandshakeRefused(Exception):

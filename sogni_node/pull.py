@@ -67,7 +67,7 @@ from sogni_node.render.backend import RenderCancelled
 from sogni_node.render.trajectory import StepOpening
 from sogni_node.trajectory_files import TrajectoryFiles
 from sogni_node.trust import NetworkSigners, TrustedKeys, TrustFileError
-from sogni_node.worker import LOOKAHEAD, NoFreeSlot, Running, Worker
+from sogni_node.worker import NoFreeSlot, Running, Worker
 from sogni_protocol import eip712
 from sogni_protocol.crashpoints import crashpoint
 from sogni_protocol.eip712 import Domain
@@ -130,6 +130,8 @@ _READ_LIMIT = RESULT_FRAME_LIMIT
 
 _WRITE_BATCH = 64
 """At most this many queued messages leave in one stream write."""
+_MAX_TIMED = 1024
+"""Results whose ack is being timed at once (more: not timed; acks lost with a session)."""
 
 PROGRESS_INTERVAL = 0.5
 """Seconds between progress frames of one job: its first step always (a listening client
@@ -225,6 +227,8 @@ class PullSession:
         """Challenges answered one at a time (each loads a trajectory file)."""
         self._verify_limiter = trio.CapacityLimiter(1)
         """Steps re-run for the coordinator one at a time (`VerifyStep`: a UNet call each)."""
+        self._result_sent: dict[bytes, float] = {}
+        """When each result not yet acked was written (the round trip sets the lookahead)."""
 
     def send(self, msg: Message) -> None:
         try:
@@ -236,14 +240,15 @@ class PullSession:
         self.send(Ready(slots=self.capacity(), warm_models=self.worker.warm_models()))
 
     def capacity(self) -> int:
-        """Offers this session may hold, its own included: every slot plus `LOOKAHEAD` in
-        hand, less what other sessions' jobs hold; 0 while draining. A coordinator that does
-        not pipeline caps it at `slots` (and counts its offers in flight against it)."""
+        """Offers this session may hold, its own included: every slot plus the worker's
+        `lookahead` in hand, less what other sessions' jobs hold; 0 while draining. A
+        coordinator that does not pipeline caps it at `slots` (and counts its offers in flight
+        against it); one that pipelines less deeply at its own most."""
         if self.worker.draining:
             return 0
         others = sum(1 for j in self.worker.running if j not in self.jobs)
         others += sum(1 for j in self.worker.in_hand if j not in self.jobs)
-        return max(0, self.worker.slots + LOOKAHEAD - others)
+        return max(0, self.worker.slots + self.worker.lookahead - others)
 
     async def run(
         self, jobs: trio.Nursery | None = None, slot_freed: Callable[[], None] | None = None
@@ -388,12 +393,15 @@ class PullSession:
             frame = self._frame(msg)
             if frame is not None:
                 frames.append(frame)
-        results = any(isinstance(msg, Result) for msg in batch)
+        results = [msg.job_id for msg in batch if isinstance(msg, Result)]
         if results:
             crashpoint("node_before_send_result")
         await channel.send_frames(frames, timeout=60.0)
         if results:
             crashpoint("node_after_send_result")
+            if len(self._result_sent) < _MAX_TIMED:
+                now = time.monotonic()
+                self._result_sent.update((job_id, now) for job_id in results)
 
     def _frame(self, msg: Message) -> bytes | None:
         """`msg` framed for the stream, or None if it is too large for one frame (then what
@@ -471,6 +479,9 @@ class PullSession:
         """Journal the answer and drop the kept image (accepted: delivered; refused: void),
         except a refused forwarded result: kept for its own coordinator or a re-offer."""
         job = msg.job_id.hex()[:16]
+        sent = self._result_sent.pop(msg.job_id, None)
+        if sent is not None:
+            self.worker.note_round_trip(time.monotonic() - sent)
         if msg.job_id in self._forwarded:
             self._forwarded.discard(msg.job_id)
             if not msg.accepted:

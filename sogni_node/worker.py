@@ -7,6 +7,7 @@ end, logs the stable `job_started` and `job_finished` events (docs/EVENTS.md).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -27,8 +28,14 @@ class NoFreeSlot(Exception):
 
 
 LOOKAHEAD = 1
-"""Offers the node holds beyond its slots (pipelined credit): the next job is in hand when a
-render ends, so a slot never idles for the result -> ack -> next offer round trip."""
+"""Offers the node holds beyond its slots (pipelined credit) at the least: the next job is in
+hand when a render ends, so a slot never idles for the result -> ack -> next offer round trip."""
+MAX_LOOKAHEAD = 4
+"""The most offers held beyond the slots: when renders are shorter than the round trip, one
+offer in hand is not enough to keep a slot busy (`Worker.lookahead`). A coordinator caps what
+it honours at the same number (`sogni_coordinator.dispatch.MAX_LOOKAHEAD`)."""
+_SMOOTHING = 0.2
+"""Weight of the newest sample in the moving averages of render and round-trip time."""
 
 
 @dataclass(eq=False)
@@ -77,8 +84,12 @@ class Worker:
         self._idle = trio.Event()
         self._idle.set()
         self.in_hand: set[bytes] = set()
-        """Offers accepted without a free slot, waiting for one (at most `LOOKAHEAD`)."""
+        """Offers accepted without a free slot, waiting for one (at most `lookahead`)."""
         self._slot_lot = trio.lowlevel.ParkingLot()
+        self._render_s: float | None = None
+        """Moving average of a render's wall time (thread hop included)."""
+        self._round_trip_s: float | None = None
+        """Moving average of result sent -> its ack received (the ack brings the credit back)."""
 
     def lora_ids(self) -> list[str]:
         """LoRAs to advertise: none when the backend cannot apply them."""
@@ -104,9 +115,29 @@ class Worker:
         self._draining = value
         self.wake()
 
+    @property
+    def lookahead(self) -> int:
+        """Offers to hold beyond the slots: enough to cover the round trip at the render rate
+        (the slots finish `slots x round trip / render` jobs while a result's credit travels),
+        at least `LOOKAHEAD`, at most `MAX_LOOKAHEAD`. A GPU render of seconds against a round
+        trip of milliseconds keeps it at 1, so a real job is never held back from an idle
+        node; only renders faster than the network (benchmarks, tiny models) pipeline deeper."""
+        if self._render_s is None or self._round_trip_s is None:
+            return LOOKAHEAD
+        wanted = math.ceil(self.slots * self._round_trip_s / max(self._render_s, 1e-6))
+        return max(LOOKAHEAD, min(MAX_LOOKAHEAD, wanted))
+
+    def note_render(self, seconds: float) -> None:
+        """A render took `seconds` of wall time."""
+        self._render_s = _smoothed(self._render_s, seconds)
+
+    def note_round_trip(self, seconds: float) -> None:
+        """A result's ack came `seconds` after the result was written."""
+        self._round_trip_s = _smoothed(self._round_trip_s, seconds)
+
     def can_hold(self) -> bool:
         """May one more offer wait here for a slot?"""
-        return not self.draining and len(self.in_hand) < LOOKAHEAD
+        return not self.draining and len(self.in_hand) < self.lookahead
 
     async def changed(self) -> None:
         """Wait until a slot frees or `wake` is called (an offer in hand looks again)."""
@@ -148,6 +179,7 @@ class Worker:
         end: dict[str, object] = {"outcome": "failed"}
         try:
             out = await trio.to_thread.run_sync(render)
+            self.note_render(time.monotonic() - started)
             end = {"outcome": "done"}
             run.steps_done = out.steps_done
             return out
@@ -189,3 +221,7 @@ class Worker:
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+
+def _smoothed(average: float | None, sample: float) -> float:
+    return sample if average is None else average + _SMOOTHING * (sample - average)

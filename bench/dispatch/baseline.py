@@ -21,7 +21,7 @@ from bench.dispatch._parts import COMMIT, MODEL, bench_request
 from bench.instant import noise_png
 from sogni_app.api import authorize
 from sogni_coordinator.billing import Billing
-from sogni_coordinator.dispatch import LOOKAHEAD, Dispatcher
+from sogni_coordinator.dispatch import MAX_LOOKAHEAD, Dispatcher
 from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.reputation import Reputation
@@ -153,8 +153,9 @@ async def _baseline(
 
     Per node link, as in `node_session`: a writer task encodes what the dispatcher sends, a
     reader task decodes results, awaits `accept_result`, encodes the ack and gives the credit
-    back (`result_acked`: each node sent one `Ready` of slots + 1 and holds an offer in hand,
-    as `sogni_node.pull` does). Each request's events are encoded as its client stream would.
+    back (`result_acked`: each node sent one `Ready` of slots + `MAX_LOOKAHEAD` and holds that
+    many offers in hand, as `sogni_node.pull` does when its renders beat the round trip).
+    Each request's events are encoded as its client stream would.
     `Dispatcher.run` does the matching as in production. A fake node decodes offers and signs
     receipts; the time of its steps is subtracted, everything else in the loop is the
     coordinator's. Only the dispatcher's public API is used; `match` and `Router.pick` are
@@ -268,7 +269,8 @@ async def _baseline(
         for r in range(n_requests):
             await accept_request(r, nursery)
         for link in list(dispatcher.nodes.values()):  # each node's one `Ready`, as
-            dispatcher.ready(link, link.slots + LOOKAHEAD)  # `sogni_node.pull` sends it
+            # an instant node's renders beat any round trip: `sogni_node.pull` asks for the most
+            dispatcher.ready(link, link.slots + MAX_LOOKAHEAD)
         await all_delivered.wait()
         wall = time.perf_counter() - started
         nursery.cancel_scope.cancel()

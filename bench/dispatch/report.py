@@ -12,7 +12,7 @@ from bench.dispatch._parts import COMMIT, FLOOR_JOBS_PER_S
 from bench.dispatch.baseline import PART_LOOP, PART_READER
 from bench.dispatch.network import Round
 from bench.dispatch.runner import Report
-from sogni_coordinator.dispatch import Dispatcher
+from sogni_coordinator.dispatch import MAX_LOOKAHEAD, Dispatcher
 
 
 # --- markdown -------------------------------------------------------------------------------
@@ -84,8 +84,9 @@ def render_markdown(report: Report) -> str:
         f"{s.images_per_request} jobs): the coordinator's own code in one trio loop, "
         f"`Dispatcher.run` and `Store` on disk, results decoded, verified and acked, offers "
         f"and images encoded, with {s.nodes} fake nodes on memory channels instead of "
-        f"libp2p, each holding one offer beyond its slot as `sogni_node.pull` does (one "
-        f"`Ready` of slots + 1, credit back with each ack); the fake nodes' time (a trio "
+        f"libp2p, each holding {MAX_LOOKAHEAD} offers beyond its slot as an instant "
+        f"`sogni_node.pull` node does (one `Ready` of slots + {MAX_LOOKAHEAD}, credit back "
+        f"with each ack); the fake nodes' time (a trio "
         f"instrument times every task step) is "
         f"subtracted. Paid path: after each free round a round of the same size whose requests "
         f"name a funded payer and carry its EIP-712 signature (the coordinator's billing is "

@@ -1,4 +1,5 @@
-"""Pipelined credit at the coordinator: a node that says `slots + 1` holds one offer in hand.
+"""Pipelined credit at the coordinator: a node that says `slots + n` holds n offers in hand
+(n at most `MAX_LOOKAHEAD`).
 
 Its next job is there when a render ends (no idle slot for the result -> ack -> offer round
 trip); its credit comes back with each acked result, without a `Ready`. An offer in hand is
@@ -9,6 +10,7 @@ the Ready-driven flow.
 
 from __future__ import annotations
 
+from sogni_coordinator.dispatch import MAX_LOOKAHEAD
 from sogni_coordinator.job_state import JobState
 from sogni_coordinator.routing import MAX_NODES_PER_REQUEST
 
@@ -19,24 +21,28 @@ def _state(coord: Harness, job_id: bytes) -> JobState:
     return coord.dispatcher.jobs[job_id].state
 
 
-async def test_a_pipelining_node_holds_exactly_one_offer_beyond_its_slots(coord: Harness) -> None:
-    sub = await coord.submit(request(4))
+async def test_a_pipelining_node_holds_what_it_asks_up_to_max_lookahead(coord: Harness) -> None:
+    sub = await coord.submit(request(MAX_LOOKAHEAD + 3))
     a = coord.node(0, slots=1, ready=False)
-    coord.dispatcher.ready(a.link, 1 + 1)  # slots + LOOKAHEAD
+    coord.dispatcher.ready(a.link, 1 + 1)  # slots + one in hand (a render slower than the trip)
     coord.dispatcher.match()
     first, second = a.offers()  # one to render, one in hand; no third
     ids = sub.accepted.job_ids
     assert [first.offer.job_id, second.offer.job_id] == ids[:2]
     assert _state(coord, ids[2]) is JobState.QUEUED and a.link.credit == 0
-    coord.dispatcher.ready(a.link, 5)  # asking for more than slots + 1 earns no more
+    # renders faster than the round trip: it asks for more; more than MAX_LOOKAHEAD earns none
+    coord.dispatcher.ready(a.link, 1 + MAX_LOOKAHEAD + 5)
     coord.dispatcher.match()
-    assert a.offers() == []
+    more = a.offers()
+    assert [o.offer.job_id for o in more] == ids[2 : 1 + MAX_LOOKAHEAD]
+    assert _state(coord, ids[1 + MAX_LOOKAHEAD]) is JobState.QUEUED and a.link.credit == 0
     # the result is acked: the credit is back without a Ready, the next offer goes out
     await coord.deliver(a, first)
     coord.dispatcher.result_acked(a.link)
     coord.dispatcher.match()
-    (third,) = a.offers()
-    assert third.offer.job_id == ids[2] and len(a.link.inflight) == 2
+    (last,) = a.offers()
+    assert last.offer.job_id == ids[1 + MAX_LOOKAHEAD]
+    assert len(a.link.inflight) == 1 + MAX_LOOKAHEAD
 
 
 async def test_an_older_node_still_waits_for_its_ready(coord: Harness) -> None:

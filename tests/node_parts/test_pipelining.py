@@ -17,7 +17,16 @@ from typing import Any
 import trio
 from structlog.testing import capture_logs
 
-from sogni_protocol.messages import Cancel, HandBack, OfferDeclined, Progress, Ready, Result
+from sogni_node.worker import LOOKAHEAD, MAX_LOOKAHEAD, Worker
+from sogni_protocol.messages import (
+    Cancel,
+    HandBack,
+    OfferDeclined,
+    Progress,
+    Ready,
+    Result,
+    ResultAck,
+)
 
 from .test_node_resilience import MODEL, CountingBackend, Link, coordinator, node
 
@@ -142,6 +151,39 @@ async def test_no_progress_frame_per_step(tmp_path: Path) -> None:
         # per step: nobody needs 9 frames
         assert sorted(type(m).__name__ for m in seen) == ["Progress"] * 3 + ["Result"] * 3
         assert {m.step for m in seen if isinstance(m, Progress)} == {1}
+        link.done.set()
+
+
+def test_the_lookahead_covers_the_round_trip_at_the_render_rate() -> None:
+    worker = Worker(CountingBackend(), slots=2)
+    assert worker.lookahead == LOOKAHEAD  # nothing measured yet
+    worker.note_render(3.0)  # a GPU render of seconds against a LAN round trip
+    worker.note_round_trip(0.05)
+    assert worker.lookahead == 1  # a real job is never held back from an idle node
+    fast = Worker(CountingBackend(), slots=2)
+    fast.note_render(0.1)
+    fast.note_round_trip(0.1)  # two slots finish two renders while a credit travels
+    assert fast.lookahead == 2
+    for _ in range(30):  # a moving average: renders now take a millisecond
+        fast.note_render(0.001)
+    assert fast.lookahead == MAX_LOOKAHEAD  # never more, however fast
+    fast.draining = True
+    assert not fast.can_hold()
+
+
+async def test_renders_faster_than_the_round_trip_hold_more_offers(tmp_path: Path) -> None:
+    backend = CountingBackend()  # instant renders
+    async with coordinator() as coord, node(tmp_path, coord, backend) as n:
+        link = await coord.link()
+        assert (await link.next(Ready)).slots == 2 + 1
+        for seed in (1, 2, 3):
+            await link.channel.send(coord.offer(seed))
+            result = await link.next(Result)
+            await trio.sleep(0.3)  # the coordinator answers slowly: a long round trip
+            await link.channel.send(ResultAck(job_id=result.job_id, accepted=True))
+        await until(lambda: n.worker.lookahead == MAX_LOOKAHEAD)
+        await link.channel.send(coord.offer(4))  # the next credit spent: a fresh Ready
+        assert (await link.next(Ready)).slots == 2 + MAX_LOOKAHEAD
         link.done.set()
 
 
