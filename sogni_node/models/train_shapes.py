@@ -99,6 +99,10 @@ _CONTRAST_SCOPE = "image"
 largest difference, every scene, as in session 9's runs), "batch" (to 1 at the batch's
 largest: a small shape's cells weigh less than a large one's), "unplaced" (per image, only
 scenes without a position word). An experiment knob."""
+_CONTRAST_UNTIL = 1.0
+"""Fraction of the UNet steps during which the contrast weight applies (1.0: all, as
+before); the rest train on the plain loss. An experiment knob: does a plain finish restore
+the position words the weight costs while keeping its shape gain?"""
 _MIRROR = {
     "on the left": "on the right",
     "on the right": "on the left",
@@ -540,6 +544,7 @@ def train_diffusion(
         with torch.no_grad():
             z0 = vae.encode(draw_scenes(scenes)).latent_dist.mode() * scale
             contrast = _CONTRAST_WEIGHT or _POSITION_CONTRAST
+            contrast = contrast and step < _CONTRAST_UNTIL * steps
             weight = _contrast_weight(scenes, z0, vae, scale, t) if contrast else None
         eps = torch.randn(z0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
@@ -640,6 +645,7 @@ def _add_ddim_keys(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     global _CONTRAST_WEIGHT, _CONTRAST_BELOW, _POSITION_CONTRAST, _CONTRAST_SCOPE
+    global _CONTRAST_UNTIL
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output model folder")
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="step budget")
@@ -666,6 +672,12 @@ def main(argv: list[str] | None = None) -> None:
         default=_CONTRAST_SCOPE,
         help="contrast weight scaled per image, per batch, or only on unplaced scenes",
     )
+    parser.add_argument(
+        "--contrast-until",
+        type=float,
+        default=_CONTRAST_UNTIL,
+        help="fraction of the UNet steps with the contrast weight (1.0: all)",
+    )
     parser.add_argument("--eval", type=int, default=50, help="prompts to score after (0: skip)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -674,6 +686,7 @@ def main(argv: list[str] | None = None) -> None:
     _CONTRAST_BELOW = args.contrast_below
     _POSITION_CONTRAST = args.position_contrast
     _CONTRAST_SCOPE = args.contrast_scope
+    _CONTRAST_UNTIL = args.contrast_until
     started = time.perf_counter()
     out = train(args.out, args.minutes, args.seed)
     logger.info("saved %s in %.1f min", out, (time.perf_counter() - started) / 60)
