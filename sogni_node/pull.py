@@ -248,7 +248,7 @@ class PullSession:
             return 0
         others = sum(1 for j in self.worker.running if j not in self.jobs)
         others += sum(1 for j in self.worker.in_hand if j not in self.jobs)
-        return max(0, self.worker.slots + self.worker.lookahead - others)
+        return max(0, self.worker.slots + self.worker.advertise() - others)
 
     async def run(
         self, jobs: trio.Nursery | None = None, slot_freed: Callable[[], None] | None = None

@@ -34,6 +34,9 @@ MAX_LOOKAHEAD = 4
 """The most offers held beyond the slots: when renders are shorter than the round trip, one
 offer in hand is not enough to keep a slot busy (`Worker.lookahead`). A coordinator caps what
 it honours at the same number (`sogni_coordinator.dispatch.MAX_LOOKAHEAD`)."""
+PROMISE_SECONDS = 10.0
+"""How long a `Ready`'s lookahead is honoured after it shrank: far longer than an offer the
+coordinator sent before it saw the smaller `Ready` takes to arrive."""
 _SMOOTHING = 0.2
 """Weight of the newest sample in the moving averages of render and round-trip time."""
 
@@ -84,12 +87,15 @@ class Worker:
         self._idle = trio.Event()
         self._idle.set()
         self.in_hand: set[bytes] = set()
-        """Offers accepted without a free slot, waiting for one (at most `lookahead`)."""
+        """Offers accepted without a free slot, waiting for one (`can_hold`)."""
         self._slot_lot = trio.lowlevel.ParkingLot()
         self._render_s: float | None = None
         """Moving average of a render's wall time (thread hop included)."""
         self._round_trip_s: float | None = None
         """Moving average of result sent -> its ack received (the ack brings the credit back)."""
+        self._promised = LOOKAHEAD
+        self._promised_at = float("-inf")
+        """The largest lookahead a recent `Ready` advertised, and when (`advertise`)."""
 
     def lora_ids(self) -> list[str]:
         """LoRAs to advertise: none when the backend cannot apply them."""
@@ -135,9 +141,23 @@ class Worker:
         """A result's ack came `seconds` after the result was written."""
         self._round_trip_s = _smoothed(self._round_trip_s, seconds)
 
+    def advertise(self) -> int:
+        """The lookahead for a `Ready` about to be sent, remembered: `can_hold` honours it
+        for `PROMISE_SECONDS` even if the lookahead shrinks meanwhile."""
+        lookahead = self.lookahead
+        now = time.monotonic()
+        if lookahead >= self._promised or now - self._promised_at >= PROMISE_SECONDS:
+            self._promised, self._promised_at = lookahead, now
+        return lookahead
+
     def can_hold(self) -> bool:
-        """May one more offer wait here for a slot?"""
-        return not self.draining and len(self.in_hand) < self.lookahead
+        """May one more offer wait here for a slot? As many as the lookahead, or as a recent
+        `Ready` promised: offers it credited may still arrive after the lookahead shrank
+        (renders got slower), and declining them would count against the node."""
+        held = self.lookahead
+        if time.monotonic() - self._promised_at < PROMISE_SECONDS:
+            held = max(held, self._promised)
+        return not self.draining and len(self.in_hand) < held
 
     async def changed(self) -> None:
         """Wait until a slot frees or `wake` is called (an offer in hand looks again)."""

@@ -167,8 +167,20 @@ def test_the_lookahead_covers_the_round_trip_at_the_render_rate() -> None:
     for _ in range(30):  # a moving average: renders now take a millisecond
         fast.note_render(0.001)
     assert fast.lookahead == MAX_LOOKAHEAD  # never more, however fast
+    assert fast.advertise() == MAX_LOOKAHEAD  # a Ready says so
+    for _ in range(30):  # renders slow down: it asks for fewer ...
+        fast.note_render(1.0)
+    assert fast.lookahead == 1 and fast.advertise() == 1
+    fast.in_hand.update({b"a", b"b", b"c"})  # ... but what the last big Ready credited fits
+    assert fast.can_hold()
+    fast.in_hand.add(b"d")
+    assert not fast.can_hold()  # never beyond what it promised
+    fast.in_hand.clear()
     fast.draining = True
     assert not fast.can_hold()
+    slow = Worker(CountingBackend(), slots=1)
+    slow.in_hand.add(b"a")
+    assert not slow.can_hold()  # nothing promised beyond one: an extra offer is declined
 
 
 async def test_renders_faster_than_the_round_trip_hold_more_offers(tmp_path: Path) -> None:
