@@ -131,12 +131,8 @@ def _write_files(items: list[tuple[Path, bytes]]) -> dict[Path, OSError]:
     for path, data in items:
         tmp: str | None = None
         try:
-            folder = path.parent
-            if folder not in made:
-                folder.mkdir(parents=True, exist_ok=True)
-                made.add(folder)
             tmp = _temporary(path)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            fd = _create(tmp, path.parent, made)
             try:
                 view = memoryview(data)
                 while view:
@@ -184,6 +180,29 @@ def _write_files(items: list[tuple[Path, bytes]]) -> dict[Path, OSError]:
 
 
 _names = itertools.count()
+
+
+_CREATE_ATTEMPTS = 5
+"""Times a write makes its folder again after a concurrent delete removed it."""
+
+
+def _create(tmp: str, folder: Path, made: set[Path]) -> int:
+    """Open the new temporary file `tmp` in `folder`, making the folder first if this write
+    has not. Deleting a request's last delivered image removes its folder (`_unlink`, in
+    another thread), so the folder can vanish between the `mkdir` and the `open`, or inside
+    `mkdir` itself (it then reports the folder existing but not a directory): make it again.
+    Once the temporary file is in it, the folder is not empty and stays."""
+    for attempt in range(_CREATE_ATTEMPTS):
+        try:
+            if folder not in made:
+                folder.mkdir(parents=True, exist_ok=True)
+                made.add(folder)
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except (FileNotFoundError, FileExistsError):
+            made.discard(folder)
+            if attempt == _CREATE_ATTEMPTS - 1 or (folder.exists() and not folder.is_dir()):
+                raise
+    raise AssertionError("unreachable")
 
 
 def _temporary(path: Path) -> str:

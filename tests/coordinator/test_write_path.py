@@ -111,6 +111,43 @@ async def test_a_failed_image_keeps_its_row_out_and_the_rest_of_its_group_in(
     db.close()
 
 
+def test_a_write_remakes_the_folder_a_concurrent_delete_removed(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """Delivering a request's last image removes its folder (in another thread); a new image
+    of that request written at that moment makes the folder again instead of failing (the
+    receipt was refused, "could not store the image; retry", seen under load)."""
+    import os
+
+    from sogni_coordinator.results import folder as folder_mod
+
+    store = FolderResults(tmp_path / "results")
+    key_a, key_b = ResultKey(b"r" * 32, 0, b"a" * 32), ResultKey(b"r" * 32, 1, b"b" * 32)
+    real_open, real_mkdir = os.open, Path.mkdir
+    raced = {"open": 0, "mkdir": 0}
+
+    def open_after_rmdir(path: Any, *args: Any) -> int:
+        if str(path).endswith(".tmp") and raced["open"] == 0:
+            raced["open"] += 1
+            Path(path).parent.rmdir()  # the other thread's `_unlink` got there first
+        return real_open(path, *args)
+
+    def mkdir_racing(self: Path, *args: Any, **kwargs: Any) -> None:
+        if raced["open"] == 1 and raced["mkdir"] == 0:
+            raced["mkdir"] += 1  # inside mkdir: it existed, then was gone by the is_dir check
+            raise FileExistsError(17, "File exists", str(self))
+        real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(folder_mod.os, "open", open_after_rmdir)
+    monkeypatch.setattr(Path, "mkdir", mkdir_racing)
+    assert folder_mod._write_files([(store.path_of(key_a), b"png-a")]) == {}
+    assert raced == {"open": 1, "mkdir": 1}  # lost at the open, then inside mkdir: made again
+    monkeypatch.undo()
+    assert store.path_of(key_a).read_bytes() == b"png-a"
+    assert folder_mod._write_files([(store.path_of(key_b), b"png-b")]) == {}  # unraced
+    assert store.path_of(key_b).read_bytes() == b"png-b"
+
+
 async def test_a_receipt_is_committed_with_its_image_in_one_writer_call(coord: Harness) -> None:
     """Through the dispatcher: the image file exists when the receipt's row is written."""
     seen: list[bool] = []
