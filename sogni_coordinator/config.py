@@ -71,6 +71,9 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     heartbeat_interval: Seconds = 5.0
     heartbeat_timeout: Seconds = 15.0
     offer_ttl: Seconds = 30.0
+    no_node_grace: Seconds = 10.0
+    """How long a queued job may wait with no connected node able to serve it before it fails
+    (a node restarting after a crash must reconnect within it to keep its re-queued jobs)."""
     job_deadline_floor: Seconds = 150.0
     job_deadline_base: Annotated[float, Meta(ge=0, le=86_400)] = 30.0
     models: Annotated[list[ModelId], Meta(max_length=1024)] = msgspec.field(default_factory=list)

@@ -133,6 +133,7 @@ async def run_coordinator(
             image_safety=image_safety_from(config.content),  # docs/SAFETY.md
         )
         dispatcher.hardware = hardware
+        dispatcher.no_node_grace = config.no_node_grace
         if link is not None and link.settler.params is not None:  # docs/GOVERNANCE.md
             link.settler.params.follow_verification(dispatcher.checks)
         rotations = chain_for(domain, chain_path(config.data_dir), signer.address, time.time())

@@ -69,7 +69,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         tmp_path_factory.mktemp("crash"),
         models,
         node_env={"SOGNI_NODE_TEST_MODEL": "true"},
-        coordinator_env={"SOGNI_COORDINATOR_PROMPT_RETENTION_SECONDS": "0"},
+        coordinator_env={
+            "SOGNI_COORDINATOR_PROMPT_RETENTION_SECONDS": "0",
+            # a killed node's re-queued jobs wait for its restart (a Python start with torch
+            # and diffusers: over 10 s on a slow, loaded 2-core VM, where they failed)
+            "SOGNI_COORDINATOR_NO_NODE_GRACE": "120",
+        },
     )
     payer = Account.create()
     cluster.fund(payer.address, FUNDS_SPARK)
