@@ -80,6 +80,7 @@ from sogni_protocol.errors import ProtocolError
 from sogni_protocol.image_types import format_of
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
+    MAX_LOOKAHEAD,
     BalanceQuery,
     Cancel,
     Capabilities,
@@ -120,9 +121,6 @@ __all__ = [
 
 MAX_ATTEMPTS = 5
 """A job that fails this many times (node lost, deadline, hand-back) is given up on."""
-MAX_LOOKAHEAD = 4
-"""The most offers a node may hold beyond its slots: a node whose renders are shorter than
-the round trip asks for more than one in hand (`sogni_node.worker.Worker.lookahead`)."""
 NO_NODE_GRACE = 10.0
 """Seconds a queued job may wait with no connected node able to serve it before it fails."""
 STRAGGLER_FACTOR = 2.0

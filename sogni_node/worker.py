@@ -18,7 +18,7 @@ import trio
 from sogni_node.models.loras import LoraLibrary
 from sogni_node.render.backend import Backend, RenderCancelled, RenderJob, RenderOutput
 from sogni_protocol.logs import get_logger
-from sogni_protocol.messages import JobParams
+from sogni_protocol.messages import MAX_LOOKAHEAD, JobParams
 
 log = get_logger(__name__)
 
@@ -30,10 +30,6 @@ class NoFreeSlot(Exception):
 LOOKAHEAD = 1
 """Offers the node holds beyond its slots (pipelined credit) at the least: the next job is in
 hand when a render ends, so a slot never idles for the result -> ack -> next offer round trip."""
-MAX_LOOKAHEAD = 4
-"""The most offers held beyond the slots: when renders are shorter than the round trip, one
-offer in hand is not enough to keep a slot busy (`Worker.lookahead`). A coordinator caps what
-it honours at the same number (`sogni_coordinator.dispatch.MAX_LOOKAHEAD`)."""
 PROMISE_SECONDS = 10.0
 """How long a `Ready`'s lookahead is honoured after it shrank: far longer than an offer the
 coordinator sent before it saw the smaller `Ready` takes to arrive."""

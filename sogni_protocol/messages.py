@@ -463,11 +463,17 @@ class CapabilitiesUpdate(_Message, tag="capabilitiesUpdate", kw_only=True):
     binding_signature: Signature
 
 
+MAX_LOOKAHEAD = 4
+"""The most offers a node may hold in hand beyond its slots (`Ready`): the node asks for at
+most this many (`sogni_node.worker.Worker.lookahead`), the coordinator honours no more."""
+
+
 class Ready(_Message, tag="ready", kw_only=True):
     """Credit-based flow control: how many offers the node can hold, those in flight
-    included. A pipelining node says its slots + 1 (one offer in hand while it renders; the
-    coordinator then returns a credit with each acked result); an older node says its free
-    slots. `warm_models` are loaded now, so jobs for them start without a load."""
+    included. A pipelining node says its slots + n, n offers in hand while it renders (1, or
+    up to `MAX_LOOKAHEAD` when its renders beat the round trip; the coordinator then returns
+    a credit with each acked result); an older node says its free slots. `warm_models` are
+    loaded now, so jobs for them start without a load."""
 
     slots: Slots
     warm_models: Annotated[list[ModelId], Meta(max_length=64)] = []
