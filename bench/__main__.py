@@ -137,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import image_tolerance
 
             out[name] = image_tolerance.run(args.quick, command)
+        elif name == "rerender":  # whole re-render: cross-mode image bound, detection
+            from bench import rerender_tolerance
+
+            out[name] = rerender_tolerance.run(args.quick, command)
         elif name == "content":  # prompt policy: refusal rates on the corpus, cost per prompt
             from bench import content_policy
 

@@ -2,10 +2,13 @@
 
 Policy (`VerificationConfig`, the `[verification]` table): a full receipt is sampled with
 probability `rate`, and always among its wallet's `first_jobs` receipts. Never sampled: a
-partial receipt, a receipt committing to no trajectory (zero root), a scheduler or declared
-numeric mode no verifier can re-run (`SUPPORTED_SCHEDULERS`, `verifiers.TOLERANCES`), and a
-receipt for a job that was not plainly running on that node (a late receipt after a deadline,
-a cancelled job): those are released as before.
+partial receipt, and a receipt for a job that was not plainly running on that node (a late
+receipt after a deadline, a cancelled job): those are released as before. A receipt the step
+checks cannot cover (`step_checkable`: no trajectory committed, a scheduler or declared
+numeric mode no verifier can re-run a step of, `SUPPORTED_SCHEDULERS`,
+`verifiers.TOLERANCES`) is checked by a whole re-render instead (`rerender_verify`; off with
+`rerender = false`: then released unchecked), so declaring an unmeasured mode buys no
+escape.
 
 Holding: the dispatcher stores a sampled receipt with a `pending` check (same transaction,
 `Store.store_held_receipt`), writes the image to disk as always, but does not settle billing,
@@ -79,6 +82,7 @@ from sogni_coordinator.image_verify import verify_image
 from sogni_coordinator.jobs import Job, NodeLink
 from sogni_coordinator.known_answers import KnownAnswer, KnownAnswers
 from sogni_coordinator.reputation import Reputation
+from sogni_coordinator.rerender_verify import verify_rerender
 from sogni_coordinator.results import ResultKey, ResultStore
 from sogni_coordinator.store import Store
 from sogni_coordinator.verification_config import VerificationConfig
@@ -122,6 +126,21 @@ re-running it raised ValueError: a latent of the wrong size, a multistep schedul
 committed state missing, ...): a fail, as a step over tolerance. Other codes (another
 numeric mode, the model not loaded, a deadline) and silence say nothing about the worker:
 skipped."""
+
+
+RENDER = "render"
+"""The kind of a whole re-render's verdict (`StepEvidence.kind`, `_Run.used`)."""
+
+
+def step_checkable(job: Job, receipt: Receipt, dtype: str) -> bool:
+    """The step checks cover this receipt: it commits a trajectory, of a scheduler a
+    verifier re-runs, in a declared mode whose step tolerance was measured. Otherwise its
+    check is a whole re-render (`rerender_verify`; docs/VERIFICATION.md, "Whole re-render")."""
+    return (
+        receipt.trajectory_root != NO_TRAJECTORY
+        and job.params.scheduler in SUPPORTED_SCHEDULERS
+        and tolerance_for(dtype) is not None
+    )
 
 
 @dataclass(frozen=True)
@@ -348,12 +367,9 @@ class Checks:
         p = self.policy
         if not p.enabled or receipt.steps_done < job.params.steps:
             return False
-        if receipt.trajectory_root == NO_TRAJECTORY:
-            return False
-        if job.params.scheduler not in SUPPORTED_SCHEDULERS:
-            return False
-        if meta is None or tolerance_for(meta.dtype) is None:
-            return False  # an unmeasured mode would fail every honest check: not sampled
+        dtype = meta.dtype if meta is not None else ""
+        if not p.rerender and not step_checkable(job, receipt, dtype):
+            return False  # released unchecked, as before the whole re-render existed
         if p.first_jobs and self.dispatcher.store.receipt_count(receipt.worker) < p.first_jobs:
             return True
         rate = p.rate
@@ -438,7 +454,10 @@ class Checks:
             await self.dispatcher.check_passed(held, outcome.verdict)
 
     async def verify(self, held: Held) -> Outcome:
-        """Challenge the worker, prove its answers, re-run each drawn step elsewhere."""
+        """Challenge the worker, prove its answers, re-run each drawn step elsewhere; or,
+        for a receipt no step check covers, render the whole job again elsewhere."""
+        if not step_checkable(held.job, held.receipt, held.dtype):
+            return await self._verify_rerender(held)
         p, receipt = self.policy, held.receipt
         n = receipt.steps_done
         drawn = draw_steps(n, p.steps_to_check(n), self._rng, start=True)
@@ -466,6 +485,39 @@ class Checks:
         elif outcome.verdict == "pass":
             self._remember(run)
         extra = [n for n in run.notes if n not in outcome.reason]
+        if extra and outcome.verdict != "fail":
+            outcome = replace(outcome, reason="; ".join([outcome.reason, *extra]))
+        await self._record_work(run)
+        return outcome
+
+    async def _verify_rerender(self, held: Held) -> Outcome:
+        """The whole re-render (`rerender_verify`), decided as a step is: a third wallet
+        re-renders before a fail stands, a verifier it overrules loses standing."""
+        d, receipt = self.dispatcher, held.receipt
+        stored = await d.results.get(held.path)
+        if stored is None:
+            raise OSError(f"result store: the held image {held.path.name} is gone")
+        image, n = stored.image, receipt.steps_done
+        run = _Run(held, {})
+
+        async def ask(exclude: frozenset[str]) -> StepVerdict:
+            return await verify_rerender(
+                d,
+                params=held.job.params,
+                worker=held.worker,
+                worker_payout=receipt.payee,
+                image=image,
+                step=n,
+                timeout=self.policy.verify_timeout + held.budget,
+                rng=self._rng,
+                exclude=exclude,
+            )
+
+        outcome = (await self._decide(run, n, RENDER, ask)).outcome
+        if outcome.verdict == "fail":
+            ev = Evidence(reason=outcome.reason, steps=run.evidence)
+            outcome = replace(outcome, evidence=encode_evidence(ev))
+        extra = [note for note in run.notes if note not in outcome.reason]
         if extra and outcome.verdict != "fail":
             outcome = replace(outcome, reason="; ".join([outcome.reason, *extra]))
         await self._record_work(run)
@@ -731,11 +783,11 @@ class Checks:
         """Each used answer is one step of verifier work, paid from the take at settlement
         to the verifier's payout account (else its wallet): an ephemeral container's pay
         lands with its operator, not on a throwaway key."""
-        per_payee = Counter(
-            run.payees[w.lower()].lower()
-            for w, _, _ in run.used
-            if w is not None and w.lower() in run.payees
-        )
+        per_payee: Counter[str] = Counter()
+        for w, _, kind in run.used:  # a re-render is every step of the job's work
+            if w is not None and w.lower() in run.payees:
+                steps = run.held.receipt.steps_done if kind == RENDER else 1
+                per_payee[run.payees[w.lower()].lower()] += steps
         store = self.dispatcher.store
         for payee, steps in sorted(per_payee.items()):
             await store.call(store.record_verifier_work, run.held.job.job_id, payee, steps)

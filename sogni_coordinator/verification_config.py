@@ -47,6 +47,12 @@ class VerificationConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unkno
     """After a coordinator restart, seconds a held receipt waits for its worker's node to
     reconnect so its check can run (the node keeps trajectories for
     `trajectory_retention_seconds`, 1 h by default); then it fails closed, without a strike."""
+    rerender: bool = True
+    """Check a sampled receipt the step checks cannot cover (a declared mode with no
+    measured step tolerance, such as CUDA float16; no committed trajectory; a scheduler no
+    verifier re-runs) by a whole re-render on a float32 node of another wallet
+    (docs/VERIFICATION.md, "Whole re-render"). False: such receipts are released unchecked,
+    and a node can escape every check by declaring such a mode."""
     image_check: bool = True
     """Also open the final latent and have a verifier decode it and compare with the
     delivered image (docs/IMAGE_CHECK.md)."""

@@ -55,6 +55,7 @@ from sogni_protocol.messages import (
     TensorEntry,
     VerifyDecode,
     VerifyRefused,
+    VerifyRender,
     VerifyStep,
     encode,
 )
@@ -100,8 +101,8 @@ and CPUs with native fp16 kernels (AVX512-FP16, AMX-FP16, Arm) take paths never 
 every cheat caught at the policy's 7 of 8 steps. Measured on one path only, the
 AVX-512-BF16 one of this tree's machine; a bare `bfloat16`/`float16` (an older node: path
 unknown), either on any other path, CUDA float16 (`float16@cuda-...`), fp8 and compiled
-pipelines are not measured (no GPU was lent): never sampled, and a verdict asked for anyway
-fails closed."""
+pipelines are not measured (no GPU was lent): never step-checked (a sampled receipt gets
+the whole re-render, `rerender_verify`), and a step verdict asked for anyway fails closed."""
 
 
 SEED_TOLERANCE = 1e-6
@@ -247,7 +248,7 @@ class PendingVerifications:
         self,
         peer_id: str,
         outbox: trio.MemorySendChannel[Message],
-        request: VerifyStep | VerifyDecode,
+        request: VerifyStep | VerifyDecode | VerifyRender,
         timeout: float,
     ) -> StepVerified | DecodeVerified | str:
         """Queue `request` on the verifier's stream and wait at most `timeout` seconds: its
@@ -258,7 +259,7 @@ class PendingVerifications:
         self,
         peer_id: str,
         outbox: trio.MemorySendChannel[Message],
-        request: VerifyStep | VerifyDecode,
+        request: VerifyStep | VerifyDecode | VerifyRender,
         timeout: float,
     ) -> StepVerified | DecodeVerified | VerifyRefused | str:
         """As `ask`, but a refusal comes back as the `VerifyRefused` (its `code` matters)."""

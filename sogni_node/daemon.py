@@ -57,6 +57,7 @@ from sogni_protocol.image_encoding import encoder_build, encodes_like_network
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
     OPEN_PIXELS_FEATURE,
+    RERENDER_FEATURE,
     SIGNER_SET_FEATURE,
     Capabilities,
     NodeHello,
@@ -101,7 +102,8 @@ def capabilities(
     """This node's advert; `payout` (its payout account, None: its wallet) tells the
     coordinator where work it verifies is paid and whom it may not verify for; `version`
     names `SIGNER_SET_FEATURE` when the node reads a signer set in the `Welcome`, and
-    `OPEN_PIXELS_FEATURE` (it opens a lossy image's pixels when challenged)."""
+    `OPEN_PIXELS_FEATURE` (it opens a lossy image's pixels when challenged) and
+    `RERENDER_FEATURE` (it renders a job again for a check)."""
     return Capabilities(
         peer_id=peer_id,
         version=version,
@@ -219,7 +221,7 @@ async def run_node(
                     # the words of what this node reads or does beyond the base protocol
                     " ".join(
                         [SIGNER_SET_FEATURE] * (identity.network is not None)
-                        + [OPEN_PIXELS_FEATURE]
+                        + [OPEN_PIXELS_FEATURE, RERENDER_FEATURE]
                     ),
                 )
 

@@ -115,6 +115,7 @@ from sogni_protocol.messages import (
     VerifyDecode,
     VerifyRefusalCode,
     VerifyRefused,
+    VerifyRender,
     VerifyStep,
     Welcome,
     encode,
@@ -459,6 +460,8 @@ class PullSession:
                 jobs.start_soon(self._on_verify, msg)
             elif isinstance(msg, VerifyDecode):
                 jobs.start_soon(self._on_verify_decode, msg)
+            elif isinstance(msg, VerifyRender):
+                jobs.start_soon(self._on_verify_render, msg)
             elif isinstance(msg, Heartbeat):
                 pass
             elif isinstance(msg, Goodbye):  # the coordinator ends the session: say why
@@ -550,7 +553,7 @@ class PullSession:
     # --- work for the coordinator's checks (docs/VERIFICATION.md, docs/IMAGE_CHECK.md) ------
     async def _verifier_work(
         self,
-        msg: VerifyStep | VerifyDecode,
+        msg: VerifyStep | VerifyDecode | VerifyRender,
         work: Callable[[Any], _Reply | VerifyRefused],
         failed: str,
         doing: str,
@@ -570,7 +573,9 @@ class PullSession:
             reason = f"the node {doing} ({type(exc).__name__})"
             return VerifyRefused(check_id=msg.check_id, reason=reason, code=code)
 
-    def _serving_refusal(self, msg: VerifyStep | VerifyDecode, what: str) -> VerifyRefused | None:
+    def _serving_refusal(
+        self, msg: VerifyStep | VerifyDecode | VerifyRender, what: str
+    ) -> VerifyRefused | None:
         """Why this node cannot do `what` for `msg` at all (not the diffusers backend, the
         model not served, another numeric mode than the declared one), or None."""
         from sogni_node.render.diffusers_backend import DiffusersBackend
@@ -584,7 +589,7 @@ class PullSession:
         if msg.model_id not in self.caps.models:
             return refuse(f"model {msg.model_id} is not served here", "model")
         if backend.dtype_name != msg.dtype:
-            declared = "step" if isinstance(msg, VerifyStep) else "image"
+            declared = {VerifyStep: "step", VerifyDecode: "image"}.get(type(msg), "check")
             return refuse(
                 f"this node runs {backend.dtype_name}, the {declared} declared {msg.dtype}", "mode"
             )
@@ -740,6 +745,52 @@ class PullSession:
                 loaded.pipe, x, width=msg.width, height=msg.height, dtype=backend.dtype
             )
         return DecodeVerified(check_id=msg.check_id, image=image)
+
+    # --- rendering another node's job again (docs/VERIFICATION.md, "Whole re-render") -----
+    async def _on_verify_render(self, msg: VerifyRender) -> None:
+        """Render someone's job again (off the event loop, one check at a time, as
+        `_on_verify`) and send the image as a PNG, or a `VerifyRefused` saying why not. Never
+        raises; logs neither the prompt nor the image."""
+        check = msg.check_id.hex()[:16]
+        reply = await self._verifier_work(
+            msg, self._rerender, "rerender_failed", "could not render the job again"
+        )
+        if isinstance(reply, VerifyRefused):
+            log.warning("rerender_refused", check=check, reason=reply.reason, code=reply.code)
+        else:
+            log.info("job_rerendered", check=check, size=len(reply.image))
+        self.send(reply)
+
+    def _rerender(self, msg: VerifyRender) -> DecodeVerified | VerifyRefused:
+        """Blocking: the job's whole render in this node's mode, as a lossless PNG."""
+        from sogni_node.render.diffusers_backend import SCHEDULERS
+        from sogni_node.worker import _render_job
+
+        def refuse(reason: str, code: VerifyRefusalCode) -> VerifyRefused:
+            return VerifyRefused(check_id=msg.check_id, reason=reason, code=code)
+
+        refused = self._serving_refusal(msg, "render a job again")
+        if refused is not None:
+            return refused
+        params = msg.params
+        limit = self.caps.max_pixels
+        if limit and params.width * params.height > limit:
+            return refuse(
+                f"{params.width}x{params.height} is over this node's max_pixels", "too_large"
+            )
+        if params.scheduler and params.scheduler not in SCHEDULERS:
+            return refuse(f"unknown scheduler {params.scheduler!r}", "scheduler")
+        try:
+            job = _render_job(params, self.worker.loras)
+        except Exception as exc:  # a LoRA not installed here
+            return refuse(f"the job's LoRAs are not available here ({type(exc).__name__})", "loras")
+        try:
+            out = self.worker.backend.render(
+                dataclasses.replace(job, output_format="png"), lambda _: None, lambda: False
+            )
+        except ValueError as exc:  # never `bad_leaf`: a re-render opens nothing of the worker's
+            return refuse(f"the node could not render the job ({type(exc).__name__})", "other")
+        return DecodeVerified(check_id=msg.check_id, image=out.image)
 
     # --- offers --------------------------------------------------------------------------
     def _check_offer(self, msg: Offer, offer_hash: bytes) -> str | None:

@@ -709,11 +709,37 @@ class VerifyDecode(_Message, tag="verifyDecode", kw_only=True):
 
 
 class DecodeVerified(_Message, tag="decodeVerified", kw_only=True):
-    """Verifier -> coordinator: the VAE decode of the final latent of a `VerifyDecode`, as a
-    lossless PNG. Travels under the result frame limit."""
+    """Verifier -> coordinator: the VAE decode of the final latent of a `VerifyDecode` (or
+    the image of a `VerifyRender`), as a lossless PNG. Travels under the result frame limit."""
 
     check_id: Bytes32
     image: Annotated[bytes, Meta(max_length=ids.RESULT_FRAME_LIMIT)]
+
+
+RERENDER_FEATURE = "+rerender"
+"""A word in a node's `Capabilities.version`: it answers `VerifyRender` (a whole re-render of
+a job, for a receipt the step checks cannot cover). A coordinator sends `VerifyRender` only to
+such nodes, so a node that predates the message never receives a frame it cannot read."""
+
+
+class VerifyRender(_Message, tag="verifyRender", kw_only=True):
+    """Coordinator -> a verifier node (another wallet than the worker's): render the whole job
+    `params` again, from its seed, in the verifier's own numeric mode `dtype` (the coordinator
+    asks only a node advertising it: the reference mode, float32), and answer `DecodeVerified`
+    with the image as a lossless PNG, or `VerifyRefused`, before `deadline`. For a receipt
+    whose declared mode has no measured step tolerance, or that commits no trajectory
+    (docs/VERIFICATION.md, "Whole re-render"). Like `VerifyStep`, carries the prompt, never
+    the job id. Sent only to a node naming `RERENDER_FEATURE`."""
+
+    check_id: Bytes32
+    model_id: ModelId
+    params: JobParams
+    dtype: ShortText
+    deadline: Uint64
+
+    def __post_init__(self) -> None:
+        if self.model_id != self.params.model_id:
+            raise ValueError("model_id differs from the parameters' model")
 
 
 VerifyRefusalCode = Literal[
@@ -833,6 +859,7 @@ CoordinatorToNode = (
     | Challenge
     | VerifyStep
     | VerifyDecode
+    | VerifyRender
 )
 Message = (
     RenderRequest
@@ -870,6 +897,7 @@ Message = (
     | VerifyStep
     | StepVerified
     | VerifyDecode
+    | VerifyRender
     | DecodeVerified
     | VerifyRefused
     | ContentReport

@@ -187,10 +187,15 @@ class DiffusersBackend:
             name += f"+{self.quantize}"
         if self.compile:
             name += "+compiled"
-        if self.dtype != torch.float32:  # reduced precision: checked on the same path only
+        device = torch.device(self.device).type
+        # reduced precision: checked on the same path only. float32 off the CPU too: its
+        # tolerance was measured across CPU code paths, and CUDA's float32 convolutions run
+        # in TF32 by default (cuDNN), so a CPU verifier's step check could fail an honest GPU
+        # node; a `float32@cuda-...` receipt gets the whole re-render instead
+        if self.dtype != torch.float32 or device != "cpu":
             from sogni_node.hardware import compute_path
 
-            name += f"@{compute_path(torch.device(self.device).type)}"
+            name += f"@{compute_path(device)}"
         return name
 
     @property

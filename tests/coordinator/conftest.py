@@ -217,7 +217,7 @@ class Harness:
             if db is not None:
                 db.close()
 
-    def node(self, n: int, *, slots: int = 1, ready: bool = True) -> FakeNode:
+    def node(self, n: int, *, slots: int = 1, ready: bool = True, **caps_kw: Any) -> FakeNode:
         key = bytes([n + 1]) * 32
         wallet = Account.from_key(key).address
         send, inbox = trio.open_memory_channel[Message](1000)
@@ -230,6 +230,7 @@ class Harness:
             backend="test",
             device="cpu",
             max_pixels=0,
+            **caps_kw,
         )
         link = self.dispatcher.node_joined(f"peer-{n}", caps, send)
         if ready:

@@ -3,6 +3,7 @@ fake worker that commits to a real Merkle tree of made-up latents and a fake ver
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
@@ -11,12 +12,15 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TypeVar
 
+import msgspec
 import pytest
 import trio
 from eth_account import Account
+from PIL import Image
 
 from sogni_app.api import authorize
 from sogni_coordinator.challenges import MAX_PAIRS, choose_steps
+from sogni_coordinator.evidence import decode_evidence
 from sogni_coordinator.job_state import JobState
 from sogni_coordinator.ledger import worker_account
 from sogni_coordinator.verification_config import VerificationConfig
@@ -24,9 +28,11 @@ from sogni_coordinator.verifiers import SEED_TOLERANCE
 from sogni_protocol import eip712
 from sogni_protocol.messages import (
     MAX_CHALLENGE_STEPS,
+    RERENDER_FEATURE,
     Challenge,
     ChallengeAnswer,
     ChallengeRefused,
+    DecodeVerified,
     JobImage,
     Offer,
     RenderMeta,
@@ -35,6 +41,7 @@ from sogni_protocol.messages import (
     StepOpeningWire,
     StepVerified,
     TensorEntry,
+    VerifyRender,
     VerifyStep,
 )
 from sogni_protocol.trajectory import TensorBytes, TrajectoryTree, step_digest
@@ -308,11 +315,14 @@ async def test_policy_samples_nothing_at_rate_zero_and_the_first_jobs(
         h.close()
 
 
-async def test_unsampled_receipts_are_released_at_once(checked: Harness) -> None:
-    """A zero root, an unmeasured mode: not sampled even at rate 1."""
-    h = checked
+async def test_without_rerender_uncovered_receipts_are_released_at_once(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """`rerender = false`: a zero root, an unmeasured mode are not sampled even at rate 1."""
+    policy = msgspec.structs.replace(ALL, rerender=False)
+    h = Harness(tmp_path / "coordinator.db", nursery, billing=True, verification=policy)
     sub, _ = await _paid_request(h, 2)
-    worker, _verifier = h.node(0, slots=2), h.node(1, ready=False)
+    worker, _verifier = h.node(0, slots=2), h.node(1, ready=False, **REFERENCE)
     h.dispatcher.match()
     a, b = worker.offers()
     await h.deliver(worker, a)  # no trajectory
@@ -321,6 +331,97 @@ async def test_unsampled_receipts_are_released_at_once(checked: Harness) -> None
     assert h.store.check_state(a.offer.job_id) is None
     assert h.store.check_state(b.offer.job_id) is None
     assert sub.state.finished.is_set()  # type: ignore[attr-defined]
+    h.close()
+
+
+# --- the whole re-render (docs/VERIFICATION.md, "Whole re-render") -----------------------
+REFERENCE = {"mode": "float32", "version": RERENDER_FEATURE}
+"""What a node able to re-render advertises."""
+
+
+async def answer_rerender(h: Harness, verifier: FakeNode, image: bytes) -> VerifyRender:
+    """The verifier's answer to the next `VerifyRender`: `image` as its render."""
+    ask = await next_of(verifier, VerifyRender)
+    reply = DecodeVerified(check_id=ask.check_id, image=image)
+    assert h.dispatcher.verifications.answered(verifier.link.peer_id, reply)
+    return ask
+
+
+@pytest.mark.parametrize("uncovered", ["no trajectory", "unmeasured mode"])
+async def test_an_uncovered_receipt_is_rerendered_elsewhere_and_passes(
+    checked: Harness, uncovered: str
+) -> None:
+    """No trajectory, or a declared mode with no step tolerance (CUDA float16): no
+    challenge, a whole re-render on a float32 node of another wallet; its image matches:
+    passed, delivered, paid, the verifier paid for every step."""
+    h = checked
+    sub, _ = await _paid_request(h)
+    worker, verifier = h.node(0), h.node(1, ready=False, **REFERENCE)
+    h.node(2, ready=False)  # another wallet, but no `+rerender`: never asked
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    if uncovered == "no trajectory":
+        result = worker.result(offer)
+    else:
+        t = Trajectory(offer.offer.steps, seed=1)
+        result = committed(worker, offer, t, dtype="float16@cuda-sm90-torch2.13")
+    await h.dispatcher.accept_result(worker.link, result)
+    job_id = offer.offer.job_id
+    assert h.store.check_state(job_id) == "pending"
+    ask = await answer_rerender(h, verifier, result.image)
+    assert ask.params.model_id == offer.params.model_id and ask.dtype == "float32"
+    assert ask.check_id != job_id
+    await until(lambda: h.store.check_state(job_id) == "passed")
+    assert not [m for m in worker.drain() if isinstance(m, Challenge)]
+    await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
+    (line,) = log_lines(h)
+    assert line["verdict"] == "pass" and line["verifier"] == verifier.wallet
+    assert line["distance"] == 0.0 and line["imageRule"] == "rerender"
+    await until(lambda: _earned(h, worker.wallet) > 0)
+    steps = offer.offer.steps  # a re-render is paid as every step of the job
+    assert h.store.verifier_work([job_id]) == {job_id: [(verifier.wallet.lower(), steps)]}
+
+
+async def test_an_uncovered_receipt_whose_image_differs_fails_after_a_third_wallet(
+    checked: Harness,
+) -> None:
+    """A node declaring an unmeasured mode delivers another image: the re-render differs,
+    a third wallet's re-render agrees; the receipt fails (unpaid, struck, evidence kept),
+    and the job is rendered again."""
+    h = checked
+    sub, _ = await _paid_request(h)
+    rogue = h.node(0)
+    first, third = h.node(1, ready=False, **REFERENCE), h.node(2, ready=False, **REFERENCE)
+    h.dispatcher.match()
+    (offer,) = rogue.offers()
+    job_id = offer.offer.job_id
+    t = Trajectory(offer.offer.steps, seed=1)
+    result = committed(rogue, offer, t, dtype="float16@cuda-sm90-torch2.13")
+    await h.dispatcher.accept_result(rogue.link, result)
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(buf, format="PNG")  # not the delivered
+    asked: list[FakeNode] = []
+    with trio.fail_after(10):
+        while len(asked) < 2:
+            for v in (first, third):
+                for ask in (m for m in v.drain() if isinstance(m, VerifyRender)):
+                    reply = DecodeVerified(check_id=ask.check_id, image=buf.getvalue())
+                    assert h.dispatcher.verifications.answered(v.link.peer_id, reply)
+                    asked.append(v)
+            await trio.sleep(0.005)
+    assert sorted(v.wallet for v in asked) == sorted([first.wallet, third.wallet])
+    await until(lambda: h.store.failed_receipts(job_id) and h.reputation.get(rogue.wallet).strikes)
+    ((_, worker, _, reason),) = h.store.failed_receipts(job_id)
+    assert worker == rogue.wallet.lower() and "re-render" in reason
+    assert h.store.job_state(job_id) is JobState.QUEUED
+    assert _earned(h, rogue.wallet) == 0
+    (line,) = log_lines(h)
+    assert line["verdict"] == "fail" and line["distance"] > line["tolerance"]
+    (stored,) = h.store.failed_evidence(job_id)
+    ev = decode_evidence(stored)
+    assert [s.kind for s in ev.steps] == ["render"]
+    assert ev.steps[0].third is not None and not ev.steps[0].third.passed
+    assert not sub.state.finished.is_set()  # type: ignore[attr-defined]
 
 
 # --- the seed check (docs/VERIFICATION.md, "Seed check") ---------------------------------

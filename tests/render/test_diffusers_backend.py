@@ -9,12 +9,15 @@ import pickle
 import struct
 import threading
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 import trio
 from PIL import Image
 
+from sogni_coordinator.verifiers import tolerance_for
 from sogni_node.hardware import compute_path
 from sogni_node.models import TINY_MODEL_ID, ModelRegistry, UnknownModelError
 from sogni_node.models.registry import SHAPES_MODEL_ID
@@ -260,3 +263,9 @@ def test_bad_options(registry: ModelRegistry) -> None:
         DiffusersBackend(registry, device="xpu")
     bf16 = DiffusersBackend(registry, dtype="bf16").dtype_name
     assert bf16 == f"bfloat16@{compute_path('cpu')}"  # checked on the same code path only
+    assert DiffusersBackend(registry).dtype_name == "float32"  # CPU float32: step-checked
+    # float32 on a GPU names its path (TF32 convolutions): never held to CPU float32's
+    # step tolerance, its receipts get the whole re-render (no GPU here: the property alone)
+    gpu = SimpleNamespace(dtype=torch.float32, quantize="none", compile=False, device="cuda")
+    cuda = DiffusersBackend.dtype_name.fget(gpu)  # type: ignore[attr-defined]
+    assert cuda == f"float32@{compute_path('cuda')}" and tolerance_for(cuda) is None

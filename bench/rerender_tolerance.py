@@ -1,0 +1,254 @@
+"""Whole re-render check: how far an honest render in one numeric mode lies from a float32
+re-render of the same job, a tolerance, and what that catches.
+
+Why: the step checks (`python -m bench tolerance`) only run for a declared mode whose honest
+step distance was measured; a node declaring any other mode (CUDA float16, fp8, a CPU path
+never measured), or committing no trajectory, would otherwise escape every check. Such a
+receipt gets a whole re-render instead (`sogni_coordinator.rerender_verify`): a node of
+another wallet renders the job again in float32 and the coordinator compares both images
+(`image_verify.check_distance`: the largest mean absolute difference over any 8x8 block and
+channel, 0..255 levels, the verifier's PNG put through the job's encoder). The bound must
+hold for a render in a mode nobody measured, so it is set over the widest honest spread seen
+across the modes this CPU can run (bf16, CPU float16, the quantization modes, threads) —
+an assumption for a GPU mode (CUDA float16 and bf16 round no coarser than CPU bf16; fp8 is not
+covered), stated in docs/VERIFICATION.md.
+
+Measured with the shipped model `sogni-shapes-64` (64x64, 8 steps, guidance 5, jobs cycling
+through the backend's schedulers), float32 verifier at 1 thread:
+
+- the honest distance per provider mode, for PNG, JPEG and WebP jobs; the tolerance per format
+  is `SAFETY` x the largest calibration distance of any mode; the false rejections among the
+  held-out honest checks;
+- the detection of each cheat (another model, a near model, 25% / all but one of the steps
+  skipped, another seed, noise, replays), delivered in each format;
+- the cost: one re-render is one render (the verifier's), against the step check's fraction.
+
+Run: ``.venv/bin/python -m bench rerender`` (writes its section of BENCHMARKS.md) or
+``.venv/bin/python -m bench.rerender_tolerance [--quick]`` (prints only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench import _common as common
+from bench import image_tolerance as it
+from bench import trajectory_tolerance as tt
+from bench.trajectory_tolerance import BF16, FP16, FP32, INT8, Job, Mode, Provider
+
+SAFETY = 2.0
+"""Tolerance = this x the largest honest calibration distance over all modes: the spread
+between modes is a whole trajectory's drift (not one step's rounding), bounded by the
+coarsest mode's rounding, so it does not grow 10x with the next honest job as a near-zero
+step distance can; 2x the coarsest mode measured, the rule `LOSSY_SAFETY` uses."""
+FORMATS = ("png", "jpeg", "webp")
+PROVIDERS: tuple[Provider, ...] = (
+    Provider(FP32, threads=2),
+    Provider(FP32, batch=2),
+    Provider(BF16),
+    Provider(BF16, threads=2),
+    Provider(FP16),
+    Provider(INT8),
+    Provider(Mode(quantize="int8-dynamic")),
+    Provider(Mode(quantize="quanto-int8")),
+    Provider(Mode(quantize="quanto-int4")),
+)
+CHEATS = (
+    "another model (tiny, random weights)",
+    "another model (shapes UNet + 1% weight noise)",
+    "25% of steps skipped",
+    "all steps but one skipped",
+    "another seed",
+    "pure noise",
+    "replay (other prompt, other seed)",
+    "replay (other prompt, same seed)",
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    calibration: int = 24  # jobs per provider
+    held_out: int = 1000  # honest checks, spread over the providers and formats
+    cheat_jobs: int = 40
+    quick: bool = False
+
+
+QUICK = Settings(calibration=3, held_out=54, cheat_jobs=6, quick=True)
+
+
+def _pixels(pipe: Any, job: Job, base: Any, *, threads: int = 1, **kw: Any) -> np.ndarray:
+    rendered, _ = it.render(pipe, [job], base, threads=threads, **kw)
+    return rendered[0][2]
+
+
+def _honest(p: Provider, job: Job, partner: Job, pipe: Any, base: Any) -> np.ndarray:
+    batch = [job] if p.batch == 1 else [job, Job(partner.prompt, partner.seed, job.scheduler)]
+    return it.render(pipe, batch, base, threads=p.threads)[0][0][2]
+
+
+def _distances(delivered: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """The coordinator's distance for the same pixels delivered as a PNG, JPEG, WebP job."""
+    ref = it.png(reference)
+    return {f: it.distance(it.png(delivered, f), ref, f) for f in FORMATS}
+
+
+def _cheat(
+    cheat: str, job: Job, other: Job, pipes: dict[str, Any], base: Any, rng: random.Random
+) -> np.ndarray:
+    own = pipes["own"]
+    if cheat.startswith("another model (tiny"):
+        return _pixels(pipes["tiny"], job, base)
+    if cheat.startswith("another model (shapes"):
+        return _pixels(pipes["perturbed"], job, base)
+    if cheat == "25% of steps skipped":
+        skipped = set(rng.sample(range(1, tt.STEPS), tt.STEPS // 4))
+        with tt.reused_unet_outputs(own, set(range(tt.STEPS)) - skipped):
+            return _pixels(own, job, base)
+    if cheat == "all steps but one skipped":
+        with tt.reused_unet_outputs(own, {0}):
+            return _pixels(own, job, base)
+    if cheat == "another seed":
+        return _pixels(own, job, base, seeds=[(job.seed + 1) % 2**32])
+    if cheat == "pure noise":
+        g = np.random.default_rng(job.seed)
+        return g.integers(0, 256, size=(tt.SIZE, tt.SIZE, 3), dtype=np.uint8)
+    if cheat == "replay (other prompt, other seed)":
+        return _pixels(own, Job(other.prompt, other.seed, job.scheduler), base)
+    if cheat == "replay (other prompt, same seed)":
+        return _pixels(own, Job(other.prompt, job.seed, job.scheduler), base)
+    raise ValueError(cheat)
+
+
+def measure(s: Settings) -> dict[str, Any]:
+    from sogni_node.models.tiny import ensure_tiny_model
+
+    rng = random.Random(20261201)
+    providers = PROVIDERS[:3] + PROVIDERS[4:5] if s.quick else PROVIDERS
+    per = s.calibration + -(-s.held_out // (len(providers) * len(FORMATS)))
+    jobs = tt.make_jobs(per, rng)
+    partners = tt.make_jobs(per, rng)
+    ref_pipe = tt.load_pipe(tt.shapes_path(), FP32)
+    base = dict(ref_pipe.scheduler.config)
+    started = time.perf_counter()
+    refs = [_pixels(ref_pipe, j, base) for j in jobs]
+    render_s = (time.perf_counter() - started) / len(jobs)
+    honest: dict[str, list[dict[str, float]]] = {}
+    for p in providers:
+        t0 = time.perf_counter()
+        pipe = ref_pipe if p.mode == FP32 else tt.load_pipe(tt.shapes_path(), p.mode)
+        honest[p.name] = [
+            _distances(_honest(p, j, q, pipe, base), r)
+            for j, q, r in zip(jobs, partners, refs, strict=True)
+        ]
+        print(f"rerender: {p.name} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+    cal = {f: max(h[f] for rows in honest.values() for h in rows[: s.calibration]) for f in FORMATS}
+    tol = {f: round(max(1.0, SAFETY * cal[f]), 1) for f in FORMATS}
+    held = [h for rows in honest.values() for h in rows[s.calibration :]]
+    rejected = {f: sum(h[f] > tol[f] for h in held) for f in FORMATS}
+
+    cheat_jobs = tt.make_jobs(s.cheat_jobs, rng)
+    others = tt.make_jobs(s.cheat_jobs, rng)
+    cheats: dict[str, list[dict[str, float]]] = {}
+    with tempfile.TemporaryDirectory(prefix="rerender-tiny-") as tmp:
+        pipes = {
+            "own": ref_pipe,
+            "tiny": tt.load_pipe(ensure_tiny_model(Path(tmp))),
+            "perturbed": tt.load_pipe(tt.shapes_path(), FP32, weight_noise=0.01),
+        }
+        cheat_refs = [_pixels(ref_pipe, j, base) for j in cheat_jobs]
+        for cheat in CHEATS:
+            crng = random.Random(cheat)
+            cheats[cheat] = [
+                _distances(_cheat(cheat, j, o, pipes, base, crng), r)
+                for j, o, r in zip(cheat_jobs, others, cheat_refs, strict=True)
+            ]
+    return {
+        "calibration": s.calibration,
+        "honest": honest,
+        "calibration_max": cal,
+        "tolerance": tol,
+        "held_out": len(held) * len(FORMATS),
+        "rejected": rejected,
+        "cheats": cheats,
+        "render_s": render_s,
+    }
+
+
+def _worst(rows: Sequence[dict[str, float]], f: str) -> float:
+    return max(r[f] for r in rows)
+
+
+def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
+    tol = m["tolerance"]
+    rows = [
+        (name, *(f"{common.median(r[f] for r in hs):.2f} / {_worst(hs, f):.2f}" for f in FORMATS))
+        for name, hs in m["honest"].items()
+    ]
+    crows = []
+    for cheat, hs in m["cheats"].items():
+        cells = []
+        for f in FORMATS:
+            caught = sum(r[f] > tol[f] for r in hs)
+            cells.append(f"{min(r[f] for r in hs):.1f}, {100 * caught / len(hs):.0f}%")
+        crows.append((cheat, *cells))
+    total_rej = sum(m["rejected"].values())
+    lines = [
+        "## Whole re-render check: unmeasured modes and receipts without a trajectory",
+        "",
+        f"Command: `{command}` ({seconds:.0f} s). A receipt the step checks cannot cover (a "
+        "declared mode with no measured step tolerance, such as CUDA float16, or no committed "
+        "trajectory) is checked by a whole re-render: a node of another wallet renders the job "
+        "again in float32 and the coordinator compares the delivered image with it (block "
+        "distance, 0..255 levels, the verifier's PNG through the job's encoder; "
+        "`sogni_coordinator.rerender_verify`, docs/VERIFICATION.md). Model `sogni-shapes-64`, "
+        "64x64, 8 steps, guidance 5, schedulers cycled; reference float32, 1 thread, this CPU.",
+        "",
+        f"Honest distance per provider (median / max over {len(next(iter(m['honest'].values())))}"
+        " jobs):",
+        "",
+        common.table(("provider", *FORMATS), rows),
+        "",
+        "Tolerance (`rerender_verify.RERENDER_TOLERANCES`) = "
+        f"{SAFETY:g} x the largest calibration distance of any mode ({m['calibration']} jobs "
+        "per provider): "
+        + ", ".join(f"{f} {tol[f]:g} (max {m['calibration_max'][f]:.2f})" for f in FORMATS)
+        + f". Held-out honest checks over it: {total_rej} of {m['held_out']}.",
+        "",
+        f"Detection per checked job ({len(next(iter(m['cheats'].values())))} jobs per cheat; "
+        "smallest distance, share caught):",
+        "",
+        common.table(("cheat", *FORMATS), crows),
+        "",
+        f"Cost: one check is one float32 render on the verifier ({m['render_s'] * 1000:.0f} ms "
+        "here) plus the compare, i.e. about 1.0 of a render per checked job (x the sampling "
+        "rate overall), against 0.4-0.9 for the step checks of a measured mode.",
+    ]
+    return "\n".join(lines)
+
+
+def run(quick: bool, command: str = "python -m bench rerender") -> str:
+    started = time.perf_counter()
+    m = measure(QUICK if quick else Settings())
+    raw = Path(tempfile.gettempdir()) / f"rerender_tolerance-{int(time.time())}.json"
+    raw.write_text(json.dumps(m, indent=1, default=float))
+    print(f"rerender: raw results in {raw}", file=sys.stderr)
+    return render_markdown(m, command, time.perf_counter() - started)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small samples (about 2 min)")
+    ns = parser.parse_args()
+    cmd = "python -m bench.rerender_tolerance" + (" --quick" if ns.quick else "")
+    print(run(ns.quick, cmd))

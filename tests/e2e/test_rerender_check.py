@@ -1,0 +1,97 @@
+"""The whole re-render over libp2p (docs/VERIFICATION.md, "Whole re-render"; rate = 1).
+
+A worker's declared numeric mode is its own word. Before this check a rogue declaring a mode
+nobody measured (here `float16@cuda-sm90-torch2.13`, what a CUDA node declares), or committing
+no trajectory at all, escaped every check and was paid for any image. Now such a receipt is
+held, a real node of another wallet renders the whole job again in float32 (`VerifyRender`),
+and the coordinator compares the images: an honest render in that mode passes (here the
+rogue's image is the real render, so the distance is 0), another seed's image or a flat one
+is caught, unpaid and struck, and the job is rendered again by the honest node.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, cast
+
+import msgspec
+import pytest
+import trio
+
+from sogni_app.api import render
+from sogni_coordinator.rerender_verify import RERENDER_RULE
+from sogni_node.render.trajectory import Trajectory
+from sogni_protocol import eip712
+from sogni_protocol.messages import NO_TRAJECTORY
+
+from .conftest import rogue_node, tiny_request
+from .rogue_kit import EVERY, checks_of, heartbeats, png, real_render, submit_result, take_offer
+from .test_image_check import _refuse_every_check
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+CUDA = "float16@cuda-sm90-torch2.13"
+"""A mode no step tolerance was measured for (no GPU was lent)."""
+
+
+@pytest.mark.parametrize(
+    "worker", ["honest_in_cuda_mode", "another_seeds_image", "flat_no_trajectory"]
+)
+async def test_a_receipt_no_step_check_covers_is_rendered_again_elsewhere(
+    net_factory: Any, backend: Any, worker: str
+) -> None:
+    async with (
+        net_factory(verification=EVERY) as net,
+        rogue_node(net) as (channel, acct),
+        trio.open_nursery() as tasks,
+    ):
+        tasks.start_soon(heartbeats, channel)
+        dispatcher = net.coordinator.dispatcher
+        results: list[Any] = []
+
+        async def client() -> None:
+            results.append(await render(net.addr, tiny_request(1, scheduler="euler")))
+
+        with trio.fail_after(150):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client)
+                offer = await take_offer(channel)
+                honest_image, committed = await real_render(backend, offer.params)
+                dtype = CUDA
+                if worker == "another_seeds_image":  # a render it had, not this job's
+                    other = msgspec.structs.replace(offer.params, seed=offer.params.seed + 1)
+                    image, committed = await real_render(backend, other)
+                elif worker == "flat_no_trajectory":
+                    image = png(offer.params.width, offer.params.height)
+                    committed = cast(Trajectory, SimpleNamespace(root=NO_TRAJECTORY))
+                    dtype = backend.dtype_name  # a measured mode, but nothing to open
+                else:
+                    image = honest_image
+                honest = await net.add_node(backend, "honest")  # the verifier, then worker
+                while len(dispatcher.nodes) < 2:
+                    await trio.sleep(0.05)
+                job_id = await submit_result(
+                    net, channel, acct, offer, image, committed, dtype=dtype
+                )
+                tasks.start_soon(_refuse_every_check, channel)  # the rogue verifies nothing
+        (result,) = results
+        (image_out,) = result.images
+        assert image_out.image == honest_image
+        first = checks_of(net.tmp)[0]
+        assert eip712.same_address(first["worker"], acct.address)
+        assert eip712.same_address(first["verifier"], honest.wallet.address)
+        assert first["imageRule"] == RERENDER_RULE
+        payable = [r.receipt.worker.lower() for r in dispatcher.store.unsettled_receipts()]
+        if worker == "honest_in_cuda_mode":  # the same pixels: passed and paid
+            assert first["verdict"] == "pass" and first["distance"] == 0.0, first
+            assert eip712.same_address(image_out.receipt.worker, acct.address)
+            assert payable == [acct.address.lower()]
+            assert dispatcher.reputation.get(acct.address).strikes == []
+        else:
+            assert first["verdict"] == "fail" and first["distance"] > first["tolerance"], first
+            ((_, rogue, _, reason),) = dispatcher.store.failed_receipts(job_id)
+            assert eip712.same_address(rogue, acct.address) and "re-render" in reason
+            assert len(dispatcher.reputation.get(acct.address).strikes) == 1
+            assert eip712.same_address(image_out.receipt.worker, honest.wallet.address)
+            assert payable == [honest.wallet.address.lower()]
+        tasks.cancel_scope.cancel()
