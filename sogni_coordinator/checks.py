@@ -82,7 +82,7 @@ from sogni_coordinator.image_verify import verify_image
 from sogni_coordinator.jobs import Job, NodeLink
 from sogni_coordinator.known_answers import KnownAnswer, KnownAnswers
 from sogni_coordinator.reputation import Reputation
-from sogni_coordinator.rerender_verify import verify_rerender
+from sogni_coordinator.rerender_verify import rerender_covers, verify_rerender
 from sogni_coordinator.results import ResultKey, ResultStore
 from sogni_coordinator.store import Store
 from sogni_coordinator.verification_config import VerificationConfig
@@ -368,7 +368,7 @@ class Checks:
         if not p.enabled or receipt.steps_done < job.params.steps:
             return False
         dtype = meta.dtype if meta is not None else ""
-        if not p.rerender and not step_checkable(job, receipt, dtype):
+        if not step_checkable(job, receipt, dtype) and not (p.rerender and rerender_covers(dtype)):
             return False  # released unchecked, as before the whole re-render existed
         if p.first_jobs and self.dispatcher.store.receipt_count(receipt.worker) < p.first_jobs:
             return True

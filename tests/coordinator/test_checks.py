@@ -347,6 +347,23 @@ async def answer_rerender(h: Harness, verifier: FakeNode, image: bytes) -> Verif
     return ask
 
 
+async def test_a_4bit_mode_no_rerender_bound_covers_is_released_unchecked(
+    checked: Harness,
+) -> None:
+    """An unmeasured 4-bit mode: its honest renders are another picture on some jobs
+    (BENCHMARKS.md), so a re-render would refuse honest nodes: released unchecked."""
+    h = checked
+    sub, _ = await _paid_request(h)
+    worker, _verifier = h.node(0), h.node(1, ready=False, **REFERENCE)
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    t = Trajectory(offer.offer.steps, seed=1)
+    mode = "float16+quanto-int4@cuda-sm90-torch2.13"
+    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t, dtype=mode))
+    assert h.store.check_state(offer.offer.job_id) is None
+    assert sub.state.finished.is_set()  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("uncovered", ["no trajectory", "unmeasured mode"])
 async def test_an_uncovered_receipt_is_rerendered_elsewhere_and_passes(
     checked: Harness, uncovered: str
