@@ -82,7 +82,7 @@ from sogni_coordinator.image_verify import verify_image
 from sogni_coordinator.jobs import Job, NodeLink
 from sogni_coordinator.known_answers import KnownAnswer, KnownAnswers
 from sogni_coordinator.reputation import Reputation
-from sogni_coordinator.rerender_verify import rerender_covers, verify_rerender
+from sogni_coordinator.rerender_verify import can_rerender, rerender_covers, verify_rerender
 from sogni_coordinator.results import ResultKey, ResultStore
 from sogni_coordinator.store import Store
 from sogni_coordinator.verification_config import VerificationConfig
@@ -408,15 +408,18 @@ class Checks:
         joined.set()
 
     def _connected(self, held: Held) -> bool:
-        """The node that rendered `held` is connected, and (after a restart verifiers come
-        back too) some node of another wallet that serves the model and has standing."""
+        """The node that rendered `held` is connected (a re-render needs nothing of it), and
+        (after a restart verifiers come back too) some node of another wallet that can check
+        it (re-run its steps, or render it again) and has standing."""
+        rerender = not step_checkable(held.job, held.receipt, held.dtype)
         link = self.dispatcher.nodes.get(held.peer_id)
-        if link is None or link.wallet.lower() != held.worker.lower():
+        if not rerender and (link is None or link.wallet.lower() != held.worker.lower()):
             return False
         barred = self.standing.without() | {held.worker.lower(), held.receipt.payee.lower()}
         model = held.job.params.model_id
         return any(
-            can_verify(other, model, held.dtype) and other.accounts.isdisjoint(barred)
+            (can_rerender(other, model) if rerender else can_verify(other, model, held.dtype))
+            and other.accounts.isdisjoint(barred)
             for other in self.dispatcher.nodes.values()
         )
 
@@ -432,6 +435,8 @@ class Checks:
             while not self._connected(held):
                 await self._joined.wait()
             return None
+        if not step_checkable(held.job, held.receipt, held.dtype):
+            return None  # a re-render needs no worker: run it (skipped with no verifier)
         link = self.dispatcher.nodes.get(held.peer_id)
         if link is not None and link.wallet.lower() == held.worker.lower():
             return None

@@ -47,6 +47,7 @@ __all__ = [
     "REFERENCE_MODE",
     "RERENDER_RULE",
     "RERENDER_TOLERANCES",
+    "can_rerender",
     "rerender_covers",
     "verify_rerender",
 ]
@@ -87,8 +88,14 @@ class _Dispatcher(Protocol):
     def verifications(self) -> PendingVerifications: ...
 
 
-def _can_rerender(link: NodeLink) -> bool:
-    return RERENDER_FEATURE in link.features and link.mode == REFERENCE_MODE
+def can_rerender(link: NodeLink, model_id: str) -> bool:
+    """`link` can render `model_id` again for a check: it serves it, in `REFERENCE_MODE`, and
+    names `RERENDER_FEATURE`."""
+    return (
+        RERENDER_FEATURE in link.features
+        and link.mode == REFERENCE_MODE
+        and model_id in link.models
+    )
 
 
 async def verify_rerender(
@@ -116,7 +123,7 @@ async def verify_rerender(
         log.info("rerender_not_verified", verifier=verifier, reason=reason)
         return StepVerdict(verifier, step, None, tol, False, reason, code, rule=RERENDER_RULE)
 
-    able = {p: link for p, link in dispatcher.nodes.items() if _can_rerender(link)}
+    able = {p: n for p, n in dispatcher.nodes.items() if can_rerender(n, params.model_id)}
     peer = choose_verifier(able, params.model_id, worker, rng, exclude, worker_payout=worker_payout)
     if peer is None:
         return fail(

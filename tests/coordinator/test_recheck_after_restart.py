@@ -20,15 +20,17 @@ import trio
 
 from sogni_coordinator.checks import RESTART_REASON
 from sogni_coordinator.job_state import JobState
-from sogni_protocol.messages import Challenge, ChallengeRefused
+from sogni_protocol.messages import Challenge, ChallengeRefused, VerifyRender
 
 from .conftest import Harness
 from .test_checks import (
     ALL,
+    REFERENCE,
     Trajectory,
     _earned,
     _paid_request,
     answer_challenge,
+    answer_rerender,
     answer_verify,
     committed,
     log_lines,
@@ -135,3 +137,27 @@ async def test_a_node_back_without_its_trajectory_fails_the_check_closed_without
     assert h.reputation.get(wallet).strikes == []
     assert [x["verdict"] for x in log_lines(h)] == ["fail"]
     assert h.store.job_state(job_id) is JobState.QUEUED
+
+
+async def test_a_rerender_pending_at_restart_runs_without_its_worker(short_wait: Harness) -> None:
+    """A receipt checked by a whole re-render (here: no trajectory) needs nothing of its
+    worker's node: after a restart it waits only for a node able to render it again."""
+    h = short_wait
+    await _paid_request(h)
+    worker = h.node(0)
+    first = h.node(1, ready=False, **REFERENCE)
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    job_id = offer.offer.job_id
+    result = worker.result(offer)  # no trajectory committed
+    await h.dispatcher.accept_result(worker.link, result)
+    await next_of(first, VerifyRender)  # the re-render had started: the coordinator dies now
+    h.restart()
+    assert h.dispatcher.restore() == 0
+    assert h.store.check_state(job_id) == "pending"
+    verifier = h.node(1, ready=False, **REFERENCE)  # the worker never comes back
+    await answer_rerender(h, verifier, result.image)
+    await until(lambda: h.store.check_state(job_id) == "passed")
+    (line,) = log_lines(h)
+    assert line["verdict"] == "pass" and line["verifier"] == verifier.wallet
+    await until(lambda: _earned(h, worker.wallet) > 0)
