@@ -703,14 +703,27 @@ class PullSession:
         """Decode someone's committed final latent (off the event loop, one check at a time,
         as `_on_verify`) and send the image as a PNG, or a `VerifyRefused` saying why not.
         Never raises; logs no image (exceptions by type only)."""
-        check = msg.check_id.hex()[:16]
-        reply = await self._verifier_work(
-            msg, self._decode, "decode_failed", "could not decode the final latent"
+        await self._answer_with_image(
+            msg, self._decode, "could not decode the final latent", ("decode", "latent_decoded")
         )
+
+    async def _answer_with_image(
+        self,
+        msg: VerifyDecode | VerifyRender,
+        work: Callable[[Any], DecodeVerified | VerifyRefused],
+        doing: str,
+        events: tuple[str, str],
+    ) -> None:
+        """`work(msg)` as `_verifier_work` runs it, then send the image or the refusal;
+        `events`: the log events' prefix (`<prefix>_failed`, `<prefix>_refused`) and the
+        event of an answer (which logs the image's size only)."""
+        check = msg.check_id.hex()[:16]
+        prefix, done = events
+        reply = await self._verifier_work(msg, work, f"{prefix}_failed", doing)
         if isinstance(reply, VerifyRefused):
-            log.warning("decode_refused", check=check, reason=reply.reason, code=reply.code)
+            log.warning(f"{prefix}_refused", check=check, reason=reply.reason, code=reply.code)
         else:
-            log.info("latent_decoded", check=check, size=len(reply.image))
+            log.info(done, check=check, size=len(reply.image))
         self.send(reply)
 
     def _decode(self, msg: VerifyDecode) -> DecodeVerified | VerifyRefused:
@@ -751,15 +764,9 @@ class PullSession:
         """Render someone's job again (off the event loop, one check at a time, as
         `_on_verify`) and send the image as a PNG, or a `VerifyRefused` saying why not. Never
         raises; logs neither the prompt nor the image."""
-        check = msg.check_id.hex()[:16]
-        reply = await self._verifier_work(
-            msg, self._rerender, "rerender_failed", "could not render the job again"
+        await self._answer_with_image(
+            msg, self._rerender, "could not render the job again", ("rerender", "job_rerendered")
         )
-        if isinstance(reply, VerifyRefused):
-            log.warning("rerender_refused", check=check, reason=reply.reason, code=reply.code)
-        else:
-            log.info("job_rerendered", check=check, size=len(reply.image))
-        self.send(reply)
 
     def _rerender(self, msg: VerifyRender) -> DecodeVerified | VerifyRefused:
         """Blocking: the job's whole render in this node's mode, as a lossless PNG."""
