@@ -1,6 +1,7 @@
 """Shared pieces of the rogue-node and verification tests: what a rogue sends (a flat image,
 made-up but correctly committed trajectories, faithful openings), how its stream stays alive,
-and where the coordinator's check log is."""
+a rogue with a client waiting on its job (`rogue_rendering`), and where the coordinator's
+check log is."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ import hashlib
 import io
 import json
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,7 +41,7 @@ from sogni_protocol.messages import (
     TensorEntry,
 )
 
-from .conftest import Net, receive_skipping
+from .conftest import Net, receive_skipping, rogue_node
 
 T = TypeVar("T")
 
@@ -153,6 +157,37 @@ async def heartbeats(channel: Channel) -> None:
         seq += 1
         await channel.send(Heartbeat(seq=seq))
         await trio.sleep(0.5)
+
+
+@dataclass
+class RogueRun:
+    """A rogue node's stream and wallet, a nursery for its background tasks (cancelled when
+    the run ends), and the client's render results (one, once the run's block is left)."""
+
+    channel: Channel
+    acct: Any
+    tasks: trio.Nursery
+    results: list[Any] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def rogue_rendering(net: Net, request: Any, timeout: float = 150) -> AsyncIterator[RogueRun]:
+    """A heartbeating rogue node, and a client rendering `request` meanwhile; leaving the
+    block waits (at most `timeout` s in all) for the client's result."""
+    from sogni_app.api import render
+
+    async with rogue_node(net) as (channel, acct), trio.open_nursery() as tasks:
+        tasks.start_soon(heartbeats, channel)
+        run = RogueRun(channel, acct, tasks)
+
+        async def client() -> None:
+            run.results.append(await render(net.addr, request))
+
+        with trio.fail_after(timeout):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(client)
+                yield run
+        tasks.cancel_scope.cancel()
 
 
 def spy_verifier_replies(monkeypatch: Any, net: Net, kind: type[T]) -> list[T]:

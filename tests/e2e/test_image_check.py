@@ -54,13 +54,14 @@ from sogni_protocol.messages import (
     job_params,
 )
 
-from .conftest import MODEL, Net, receive_skipping, rogue_node, tiny_request
+from .conftest import MODEL, Net, receive_skipping, tiny_request
 from .rogue_kit import (
     EVERY,
     checks_of,
     heartbeats,
     peer_of,
     real_render,
+    rogue_rendering,
     spy_verifier_replies,
     stored_receipt,
     submit_result,
@@ -114,44 +115,33 @@ async def test_honest_nodes_pass_the_image_check(
 async def test_a_rogue_delivering_another_image_is_caught_and_its_job_rendered_again(
     net_factory: Any, backend: Any, rogue: str
 ) -> None:
-    async with (
-        net_factory(verification=EVERY) as net,
-        rogue_node(net) as (channel, acct),
-        trio.open_nursery() as tasks,
-    ):
-        tasks.start_soon(heartbeats, channel)
+    async with net_factory(verification=EVERY) as net:
         dispatcher = net.coordinator.dispatcher
-        results: list[Any] = []
-
-        async def client() -> None:
-            results.append(await render(net.addr, tiny_request(1, scheduler="euler")))
-
-        with trio.fail_after(150):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client)
-                offer = await take_offer(channel)
-                honest_image, committed = await real_render(backend, offer.params)
-                if rogue == "another_seeds_image":  # a render it had, not this job's
-                    other = msgspec.structs.replace(offer.params, seed=offer.params.seed + 1)
-                    image, _ = await real_render(backend, other)
-                else:
-                    image = _patched(honest_image)
-                assert image != honest_image
-                job_id = await submit_result(
-                    net, channel, acct, offer, image, committed, dtype=backend.dtype_name
-                )
-                assert dispatcher.store.check_state(job_id) == "pending"
-                challenge = await receive_skipping(channel, (Challenge,))
-                assert offer.params.steps in challenge.steps  # the final leaf is opened
-                assert challenge.pixels is msgspec.UNSET  # a PNG job, a node without the word
-                honest = await net.add_node(backend, "honest")  # the verifier, then worker
-                while len(dispatcher.nodes) < 2:
-                    await trio.sleep(0.05)
-                openings = [wire(committed, k) for k in challenge.steps]
-                answer = ChallengeAnswer(job_id=job_id, openings=openings)
-                await channel.send(answer, limit=RESULT_FRAME_LIMIT)
-                tasks.start_soon(_refuse_every_check, channel)
-        (result,) = results
+        async with rogue_rendering(net, tiny_request(1, scheduler="euler")) as run:
+            channel, acct = run.channel, run.acct
+            offer = await take_offer(channel)
+            honest_image, committed = await real_render(backend, offer.params)
+            if rogue == "another_seeds_image":  # a render it had, not this job's
+                other = msgspec.structs.replace(offer.params, seed=offer.params.seed + 1)
+                image, _ = await real_render(backend, other)
+            else:
+                image = _patched(honest_image)
+            assert image != honest_image
+            job_id = await submit_result(
+                net, channel, acct, offer, image, committed, dtype=backend.dtype_name
+            )
+            assert dispatcher.store.check_state(job_id) == "pending"
+            challenge = await receive_skipping(channel, (Challenge,))
+            assert offer.params.steps in challenge.steps  # the final leaf is opened
+            assert challenge.pixels is msgspec.UNSET  # a PNG job, a node without the word
+            honest = await net.add_node(backend, "honest")  # the verifier, then worker
+            while len(dispatcher.nodes) < 2:
+                await trio.sleep(0.05)
+            openings = [wire(committed, k) for k in challenge.steps]
+            answer = ChallengeAnswer(job_id=job_id, openings=openings)
+            await channel.send(answer, limit=RESULT_FRAME_LIMIT)
+            run.tasks.start_soon(_refuse_every_check, channel)
+        (result,) = run.results
         (image_out,) = result.images
         assert eip712.same_address(image_out.receipt.worker, honest.wallet.address)
         assert image_out.image == honest_image  # the same render, by the honest node
@@ -170,7 +160,6 @@ async def test_a_rogue_delivering_another_image_is_caught_and_its_job_rendered_a
         assert eip712.same_address(failed["verifier"], honest.wallet.address)
         assert failed["distance"] > 10 * failed["tolerance"]
         assert failed["imageRule"] == "block"
-        tasks.cancel_scope.cancel()
 
 
 async def test_honest_nodes_pass_lossy_jobs_by_the_pixels_they_open(

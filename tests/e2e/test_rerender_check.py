@@ -18,14 +18,21 @@ import msgspec
 import pytest
 import trio
 
-from sogni_app.api import render
 from sogni_coordinator.rerender_verify import RERENDER_RULE
 from sogni_node.render.trajectory import Trajectory
 from sogni_protocol import eip712
 from sogni_protocol.messages import NO_TRAJECTORY
 
-from .conftest import rogue_node, tiny_request
-from .rogue_kit import EVERY, checks_of, heartbeats, png, real_render, submit_result, take_offer
+from .conftest import tiny_request
+from .rogue_kit import (
+    EVERY,
+    checks_of,
+    png,
+    real_render,
+    rogue_rendering,
+    submit_result,
+    take_offer,
+)
 from .test_image_check import _refuse_every_check
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -40,41 +47,28 @@ CUDA = "float16@cuda-sm90-torch2.13"
 async def test_a_receipt_no_step_check_covers_is_rendered_again_elsewhere(
     net_factory: Any, backend: Any, worker: str
 ) -> None:
-    async with (
-        net_factory(verification=EVERY) as net,
-        rogue_node(net) as (channel, acct),
-        trio.open_nursery() as tasks,
-    ):
-        tasks.start_soon(heartbeats, channel)
+    async with net_factory(verification=EVERY) as net:
         dispatcher = net.coordinator.dispatcher
-        results: list[Any] = []
-
-        async def client() -> None:
-            results.append(await render(net.addr, tiny_request(1, scheduler="euler")))
-
-        with trio.fail_after(150):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client)
-                offer = await take_offer(channel)
-                honest_image, committed = await real_render(backend, offer.params)
-                dtype = CUDA
-                if worker == "another_seeds_image":  # a render it had, not this job's
-                    other = msgspec.structs.replace(offer.params, seed=offer.params.seed + 1)
-                    image, committed = await real_render(backend, other)
-                elif worker == "flat_no_trajectory":
-                    image = png(offer.params.width, offer.params.height)
-                    committed = cast(Trajectory, SimpleNamespace(root=NO_TRAJECTORY))
-                    dtype = backend.dtype_name  # a measured mode, but nothing to open
-                else:
-                    image = honest_image
-                honest = await net.add_node(backend, "honest")  # the verifier, then worker
-                while len(dispatcher.nodes) < 2:
-                    await trio.sleep(0.05)
-                job_id = await submit_result(
-                    net, channel, acct, offer, image, committed, dtype=dtype
-                )
-                tasks.start_soon(_refuse_every_check, channel)  # the rogue verifies nothing
-        (result,) = results
+        async with rogue_rendering(net, tiny_request(1, scheduler="euler")) as run:
+            channel, acct = run.channel, run.acct
+            offer = await take_offer(channel)
+            honest_image, committed = await real_render(backend, offer.params)
+            dtype = CUDA
+            if worker == "another_seeds_image":  # a render it had, not this job's
+                other = msgspec.structs.replace(offer.params, seed=offer.params.seed + 1)
+                image, committed = await real_render(backend, other)
+            elif worker == "flat_no_trajectory":
+                image = png(offer.params.width, offer.params.height)
+                committed = cast(Trajectory, SimpleNamespace(root=NO_TRAJECTORY))
+                dtype = backend.dtype_name  # a measured mode, but nothing to open
+            else:
+                image = honest_image
+            honest = await net.add_node(backend, "honest")  # the verifier, then worker
+            while len(dispatcher.nodes) < 2:
+                await trio.sleep(0.05)
+            job_id = await submit_result(net, channel, acct, offer, image, committed, dtype=dtype)
+            run.tasks.start_soon(_refuse_every_check, channel)  # the rogue verifies nothing
+        (result,) = run.results
         (image_out,) = result.images
         assert image_out.image == honest_image
         first = checks_of(net.tmp)[0]
@@ -94,4 +88,3 @@ async def test_a_receipt_no_step_check_covers_is_rendered_again_elsewhere(
             assert len(dispatcher.reputation.get(acct.address).strikes) == 1
             assert eip712.same_address(image_out.receipt.worker, honest.wallet.address)
             assert payable == [honest.wallet.address.lower()]
-        tasks.cancel_scope.cancel()

@@ -27,8 +27,15 @@ from sogni_protocol.messages import (
     VerifyStep,
 )
 
-from .conftest import receive_skipping, rogue_node, tiny_request
-from .rogue_kit import EVERY, checks_of, heartbeats, made_up_trajectory, rogue_result, wire
+from .conftest import receive_skipping, tiny_request
+from .rogue_kit import (
+    EVERY,
+    checks_of,
+    made_up_trajectory,
+    rogue_rendering,
+    rogue_result,
+    wire,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -66,44 +73,33 @@ async def test_honest_nodes_pass_every_check_and_every_image_is_delivered(
 async def test_a_rogue_worker_is_caught_unpaid_and_its_job_rendered_again(
     net_factory: Any, backend: Any, rogue: str
 ) -> None:
-    async with (
-        net_factory(verification=EVERY) as net,
-        rogue_node(net) as (channel, acct),
-        trio.open_nursery() as beats,
-    ):
-        beats.start_soon(heartbeats, channel)
+    async with net_factory(verification=EVERY) as net:
         dispatcher = net.coordinator.dispatcher
-        results: list[Any] = []
-
-        async def client() -> None:
-            results.append(await render(net.addr, tiny_request(1, scheduler="euler")))
-
-        with trio.fail_after(150):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client)
-                # "rendered" without the model: noise of the job's latent size, or (malformed)
-                # latents of another size, which the verifier cannot even re-run
-                shape = (1, 4, 8, 8) if rogue == "malformed_leaves" else LATENTS
-                committed = made_up_trajectory(3, seed=11, shape=shape)
-                job_id = await rogue_result(net, channel, acct, committed)
-                assert dispatcher.store.check_state(job_id) == "pending"
-                challenge = await receive_skipping(channel, (Challenge,))
-                honest = await net.add_node(backend, "honest")  # the verifier, then worker
-                while len(dispatcher.nodes) < 2:
-                    await trio.sleep(0.05)
-                if rogue == "refuses_to_reveal":
-                    answer: Any = ChallengeRefused(job_id=job_id, reason="not telling")
-                else:  # faithful openings of what it committed: the Merkle check passes
-                    openings = [wire(committed, k) for k in challenge.steps]
-                    answer = ChallengeAnswer(job_id=job_id, openings=openings)
-                await channel.send(answer, limit=RESULT_FRAME_LIMIT)
-                # the honest node renders the job again; the rogue, the only other wallet,
-                # is asked to verify it and will not: the honest node is released anyway
-                ask = await receive_skipping(
-                    channel, (VerifyStep,), timeout=120, limit=RESULT_FRAME_LIMIT
-                )
-                await channel.send(VerifyRefused(check_id=ask.check_id, reason="no"))
-        (result,) = results
+        async with rogue_rendering(net, tiny_request(1, scheduler="euler")) as run:
+            channel, acct = run.channel, run.acct
+            # "rendered" without the model: noise of the job's latent size, or (malformed)
+            # latents of another size, which the verifier cannot even re-run
+            shape = (1, 4, 8, 8) if rogue == "malformed_leaves" else LATENTS
+            committed = made_up_trajectory(3, seed=11, shape=shape)
+            job_id = await rogue_result(net, channel, acct, committed)
+            assert dispatcher.store.check_state(job_id) == "pending"
+            challenge = await receive_skipping(channel, (Challenge,))
+            honest = await net.add_node(backend, "honest")  # the verifier, then worker
+            while len(dispatcher.nodes) < 2:
+                await trio.sleep(0.05)
+            if rogue == "refuses_to_reveal":
+                answer: Any = ChallengeRefused(job_id=job_id, reason="not telling")
+            else:  # faithful openings of what it committed: the Merkle check passes
+                openings = [wire(committed, k) for k in challenge.steps]
+                answer = ChallengeAnswer(job_id=job_id, openings=openings)
+            await channel.send(answer, limit=RESULT_FRAME_LIMIT)
+            # the honest node renders the job again; the rogue, the only other wallet,
+            # is asked to verify it and will not: the honest node is released anyway
+            ask = await receive_skipping(
+                channel, (VerifyStep,), timeout=120, limit=RESULT_FRAME_LIMIT
+            )
+            await channel.send(VerifyRefused(check_id=ask.check_id, reason="no"))
+        (result,) = run.results
         (image,) = result.images
         assert eip712.same_address(image.receipt.worker, honest.wallet.address)
         stored = dispatcher.store.receipt(job_id)
@@ -129,4 +125,3 @@ async def test_a_rogue_worker_is_caught_unpaid_and_its_job_rendered_again(
             assert "not telling" in reason
         assert released["verdict"] == "skipped"
         assert eip712.same_address(released["worker"], honest.wallet.address)
-        beats.cancel_scope.cancel()
