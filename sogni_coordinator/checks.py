@@ -82,7 +82,12 @@ from sogni_coordinator.image_verify import verify_image
 from sogni_coordinator.jobs import Job, NodeLink
 from sogni_coordinator.known_answers import KnownAnswer, KnownAnswers
 from sogni_coordinator.reputation import Reputation
-from sogni_coordinator.rerender_verify import can_rerender, rerender_covers, verify_rerender
+from sogni_coordinator.rerender_verify import (
+    REFERENCE_MODE,
+    can_rerender,
+    rerender_covers,
+    verify_rerender,
+)
 from sogni_coordinator.results import ResultKey, ResultStore
 from sogni_coordinator.store import Store
 from sogni_coordinator.verification_config import VerificationConfig
@@ -661,7 +666,7 @@ class Checks:
             first = await self._asked(ask, excluded)
             v = first.verdict
             probing = first.answered and self._rng.random() < self.policy.probe_rate
-            if probing and await self._probe(run, first) is False:
+            if probing and await self._probe(run, first, kind) is False:
                 requeue += self._discard(run, first.wallet)
                 continue  # its answer is discarded: ask another verifier
             if v.passed:
@@ -685,7 +690,7 @@ class Checks:
                 run.use(first, step, kind)
                 run.use(third, step, kind)
                 return _Decided(self._failed(run, step, kind, first, third), requeue)
-            probed = await self._probe(run, first)
+            probed = await self._probe(run, first, kind)
             if probed is False:
                 requeue += self._discard(run, first.wallet)
                 continue  # the step is asked again, without the lying verifier
@@ -700,14 +705,17 @@ class Checks:
         payee = link.payee if link is not None else None  # gone: no account known to pay
         return _Answer(replace(v, verifier=wallet), v.verifier, payee)
 
-    async def _probe(self, run: _Run, first: _Answer) -> bool | None:
+    async def _probe(self, run: _Run, first: _Answer, kind: str) -> bool | None:
         """A known-answer probe of `first`'s verifier: True if it answered right, False if
-        wrong (it loses standing), None if there was no probe or no answer."""
+        wrong (it loses standing), None if there was no probe or no answer. A re-render's
+        verifier runs `REFERENCE_MODE`, so it is probed with a step of that mode (the worker's
+        mode has no known answers: nobody step-checks it)."""
         held = run.held
         if first.peer is None or first.wallet is None:
             return None
+        dtype = REFERENCE_MODE if kind == RENDER else held.dtype
         known = self.known.draw(
-            held.job.params.model_id, held.dtype, first.wallet, self._rng, payout=first.payee
+            held.job.params.model_id, dtype, first.wallet, self._rng, payout=first.payee
         )
         if known is None:
             return None

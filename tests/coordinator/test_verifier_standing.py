@@ -7,12 +7,14 @@ lazily (leaf k echoed back: d = 1.0, over any tolerance)."""
 
 from __future__ import annotations
 
+import io
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
+from PIL import Image
 
 from sogni_coordinator.checks import OVERRULED, PROBE_FAILED
 from sogni_coordinator.evidence import decode_evidence
@@ -30,11 +32,13 @@ from sogni_protocol.messages import (
     StepVerified,
     VerifyDecode,
     VerifyRefused,
+    VerifyRender,
     VerifyStep,
 )
 
 from .conftest import MODEL, FakeNode, Harness, events, request
 from .test_checks import (
+    REFERENCE,
     Trajectory,
     _earned,
     _paid_request,
@@ -481,3 +485,31 @@ def _png(width: int, height: int, colour: tuple[int, int, int]) -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (width, height), colour).save(buf, format="PNG")
     return buf.getvalue()
+
+
+async def test_two_wallets_a_lazy_rerender_verifier_is_caught_by_a_step_probe(
+    h: Harness,
+) -> None:
+    """A re-render's verifier (float32) answers a wrong image for an honest worker's
+    unmeasured-mode receipt; no third wallet: it is probed with a known float32 step, echoes
+    it, loses standing, and the worker is released unstruck."""
+    sub, _ = await _paid_request(h)
+    worker, lazy = h.node(0), h.node(1, ready=False, **REFERENCE)
+    known = _prime(h, "0x" + "11" * 20, "0x" + "22" * 20)
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    t = Trajectory(offer.offer.steps, seed=1)
+    cuda = "float16@cuda-sm90-torch2.13"
+    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t, dtype=cuda))
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 10)).save(buf, format="PNG")  # not what it rendered
+    ask = await next_of(lazy, VerifyRender)
+    reply = DecodeVerified(check_id=ask.check_id, image=buf.getvalue())
+    assert h.dispatcher.verifications.answered(lazy.link.peer_id, reply)
+    (probe,) = await serve(h, lazy, [known], honest=False)
+    assert probe.dtype == "float32" and probe.k == 2
+    await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
+    (line,) = log_lines(h)
+    assert line["verdict"] == "skipped" and PROBE_FAILED in str(line["reason"])
+    assert h.reputation.get(worker.wallet).strikes == []
+    assert not h.dispatcher.checks.standing.has_standing(lazy.wallet)
