@@ -68,7 +68,6 @@ from sogni_protocol.messages import (
     PixelsOpening,
     StepOpeningWire,
     VerifyDecode,
-    VerifyRefused,
     decode,
     encode,
 )
@@ -436,15 +435,12 @@ async def verify_image(
         return fail(f"image: cannot ask for a decode: {exc}")
     if len(encode(request)) > RESULT_FRAME_LIMIT:
         return fail("image: the final leaf is too large to send")
-    reply = await dispatcher.verifications.ask_reply(
+    reply = await dispatcher.verifications.ask_image(
         peer, dispatcher.nodes[peer].outbox, request, timeout
     )
-    if isinstance(reply, str):
-        return fail(f"image: {reply}", peer)
-    if isinstance(reply, VerifyRefused):  # `bad_leaf` blames the worker's leaf: checks.py
-        return fail(f"image: verifier refused: {reply.reason}", peer, reply.code)
-    if not isinstance(reply, DecodeVerified):
-        return fail("image: the verifier answered a decode with a step", peer)
+    if not isinstance(reply, DecodeVerified):  # `bad_leaf` blames the worker's leaf: checks.py
+        reason, code = reply
+        return fail(f"image: {reason}", peer, code)
     try:
         ref, fmt, w, h = reply.image, params.output_format, params.width, params.height
         judged = await trio.to_thread.run_sync(

@@ -38,7 +38,6 @@ from sogni_protocol.messages import (
     RERENDER_FEATURE,
     DecodeVerified,
     JobParams,
-    VerifyRefused,
     VerifyRender,
     encode,
 )
@@ -138,15 +137,11 @@ async def verify_rerender(
     )
     if len(encode(request)) > RESULT_FRAME_LIMIT:
         return fail("re-render: the job's parameters are too large to send")
-    reply = await dispatcher.verifications.ask_reply(
+    reply = await dispatcher.verifications.ask_image(
         peer, dispatcher.nodes[peer].outbox, request, timeout
     )
-    if isinstance(reply, str):
-        return fail(f"re-render: {reply}", peer)
-    if isinstance(reply, VerifyRefused):  # no code blames the worker: nothing of its was sent
-        return fail(f"re-render: verifier refused: {reply.reason}", peer)
-    if not isinstance(reply, DecodeVerified):
-        return fail("re-render: the verifier answered with a step", peer)
+    if not isinstance(reply, DecodeVerified):  # no code blames the worker: nothing of its
+        return fail(f"re-render: {reply[0]}", peer)  # was sent
     delivered = delivered_image(image)
     try:
         d = await trio.to_thread.run_sync(

@@ -265,6 +265,24 @@ class PendingVerifications:
         """As `ask`, but a refusal comes back as the `VerifyRefused` (its `code` matters)."""
         return await self._pending.ask_reply(peer_id, request.check_id, outbox, request, timeout)
 
+    async def ask_image(
+        self,
+        peer_id: str,
+        outbox: trio.MemorySendChannel[Message],
+        request: VerifyDecode | VerifyRender,
+        timeout: float,
+    ) -> DecodeVerified | tuple[str, str | None]:
+        """`ask_reply` for a request answered by an image: the `DecodeVerified`, or why there
+        is none and the refusal's code (None when the verifier did not refuse)."""
+        reply = await self.ask_reply(peer_id, outbox, request, timeout)
+        if isinstance(reply, str):
+            return reply, None
+        if isinstance(reply, VerifyRefused):
+            return f"verifier refused: {reply.reason}", reply.code
+        if not isinstance(reply, DecodeVerified):
+            return "the verifier answered with a step", None
+        return reply
+
     def answered(self, peer_id: str, reply: StepVerified | DecodeVerified | VerifyRefused) -> bool:
         """A verifier's reply; False (and ignored) if nothing of that node waits for it."""
         return self._pending.answered(peer_id, reply.check_id, reply)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgspec
 import torch
 import trio
 from PIL import Image
@@ -28,6 +29,7 @@ from sogni_node.worker import _render_job
 from sogni_protocol import eip712
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
 from sogni_protocol.messages import (
+    ChallengeAnswer,
     Heartbeat,
     JobParams,
     Offer,
@@ -39,6 +41,8 @@ from sogni_protocol.messages import (
     ScalarEntry,
     StepOpeningWire,
     TensorEntry,
+    VerifyRefused,
+    VerifyStep,
 )
 
 from .conftest import Net, receive_skipping, rogue_node
@@ -190,6 +194,30 @@ async def rogue_rendering(net: Net, request: Any, timeout: float = 150) -> Async
         tasks.cancel_scope.cancel()
 
 
+async def honest_joins(net: Net, backend: Any) -> Any:
+    """An honest node joins (the verifier of the rogue's job, then its re-renderer); returns
+    its handle once the coordinator has both nodes."""
+    honest = await net.add_node(backend, "honest")
+    while len(net.coordinator.dispatcher.nodes) < 2:
+        await trio.sleep(0.05)
+    return honest
+
+
+async def open_faithfully(
+    channel: Channel, job_id: bytes, committed: Trajectory, steps: list[int]
+) -> None:
+    """Answer a challenge with the committed leaves (every Merkle proof holds)."""
+    answer = ChallengeAnswer(job_id=job_id, openings=[wire(committed, k) for k in steps])
+    await channel.send(answer, limit=RESULT_FRAME_LIMIT)
+
+
+async def refuse_next_step(channel: Channel) -> None:
+    """The rogue, asked to verify the honest node's re-render, refuses (saying nothing
+    about that node: it is released anyway)."""
+    ask = await receive_skipping(channel, (VerifyStep,), timeout=120, limit=RESULT_FRAME_LIMIT)
+    await channel.send(VerifyRefused(check_id=ask.check_id, reason="no"))
+
+
 def spy_verifier_replies(monkeypatch: Any, net: Net, kind: type[T]) -> list[T]:
     """Every reply of type `kind` (`StepVerified`, `DecodeVerified`) a verifier sends the
     coordinator, in order."""
@@ -212,3 +240,10 @@ async def real_render(backend: DiffusersBackend, params: JobParams) -> tuple[byt
     out = await trio.to_thread.run_sync(backend.render, job, lambda _: None, lambda: False)
     assert out.trajectory is not None
     return out.image, out.trajectory
+
+
+async def another_seeds_render(
+    backend: DiffusersBackend, params: JobParams
+) -> tuple[bytes, Trajectory]:
+    """A real render of the job with the next seed: an image the rogue had, not this job's."""
+    return await real_render(backend, msgspec.structs.replace(params, seed=params.seed + 1))

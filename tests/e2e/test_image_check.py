@@ -57,8 +57,11 @@ from sogni_protocol.messages import (
 from .conftest import MODEL, Net, receive_skipping, tiny_request
 from .rogue_kit import (
     EVERY,
+    another_seeds_render,
     checks_of,
     heartbeats,
+    honest_joins,
+    open_faithfully,
     peer_of,
     real_render,
     rogue_rendering,
@@ -121,9 +124,8 @@ async def test_a_rogue_delivering_another_image_is_caught_and_its_job_rendered_a
             channel, acct = run.channel, run.acct
             offer = await take_offer(channel)
             honest_image, committed = await real_render(backend, offer.params)
-            if rogue == "another_seeds_image":  # a render it had, not this job's
-                other = msgspec.structs.replace(offer.params, seed=offer.params.seed + 1)
-                image, _ = await real_render(backend, other)
+            if rogue == "another_seeds_image":
+                image, _ = await another_seeds_render(backend, offer.params)
             else:
                 image = _patched(honest_image)
             assert image != honest_image
@@ -134,12 +136,8 @@ async def test_a_rogue_delivering_another_image_is_caught_and_its_job_rendered_a
             challenge = await receive_skipping(channel, (Challenge,))
             assert offer.params.steps in challenge.steps  # the final leaf is opened
             assert challenge.pixels is msgspec.UNSET  # a PNG job, a node without the word
-            honest = await net.add_node(backend, "honest")  # the verifier, then worker
-            while len(dispatcher.nodes) < 2:
-                await trio.sleep(0.05)
-            openings = [wire(committed, k) for k in challenge.steps]
-            answer = ChallengeAnswer(job_id=job_id, openings=openings)
-            await channel.send(answer, limit=RESULT_FRAME_LIMIT)
+            honest = await honest_joins(net, backend)  # the verifier, then worker
+            await open_faithfully(channel, job_id, committed, challenge.steps)
             run.tasks.start_soon(_refuse_every_check, channel)
         (result,) = run.results
         (image_out,) = result.images

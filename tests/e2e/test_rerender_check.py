@@ -14,9 +14,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 from typing import Any, cast
 
-import msgspec
 import pytest
-import trio
 
 from sogni_coordinator.rerender_verify import RERENDER_RULE
 from sogni_node.render.trajectory import Trajectory
@@ -26,7 +24,9 @@ from sogni_protocol.messages import NO_TRAJECTORY
 from .conftest import tiny_request
 from .rogue_kit import (
     EVERY,
+    another_seeds_render,
     checks_of,
+    honest_joins,
     png,
     real_render,
     rogue_rendering,
@@ -54,18 +54,15 @@ async def test_a_receipt_no_step_check_covers_is_rendered_again_elsewhere(
             offer = await take_offer(channel)
             honest_image, committed = await real_render(backend, offer.params)
             dtype = CUDA
-            if worker == "another_seeds_image":  # a render it had, not this job's
-                other = msgspec.structs.replace(offer.params, seed=offer.params.seed + 1)
-                image, committed = await real_render(backend, other)
+            if worker == "another_seeds_image":
+                image, committed = await another_seeds_render(backend, offer.params)
             elif worker == "flat_no_trajectory":
                 image = png(offer.params.width, offer.params.height)
                 committed = cast(Trajectory, SimpleNamespace(root=NO_TRAJECTORY))
                 dtype = backend.dtype_name  # a measured mode, but nothing to open
             else:
                 image = honest_image
-            honest = await net.add_node(backend, "honest")  # the verifier, then worker
-            while len(dispatcher.nodes) < 2:
-                await trio.sleep(0.05)
+            honest = await honest_joins(net, backend)  # the verifier, then worker
             job_id = await submit_result(net, channel, acct, offer, image, committed, dtype=dtype)
             run.tasks.start_soon(_refuse_every_check, channel)  # the rogue verifies nothing
         (result,) = run.results

@@ -23,15 +23,15 @@ from sogni_protocol.messages import (
     Challenge,
     ChallengeAnswer,
     ChallengeRefused,
-    VerifyRefused,
-    VerifyStep,
 )
 
 from .conftest import receive_skipping, tiny_request
 from .rogue_kit import (
     EVERY,
     checks_of,
+    honest_joins,
     made_up_trajectory,
+    refuse_next_step,
     rogue_rendering,
     rogue_result,
     wire,
@@ -84,9 +84,7 @@ async def test_a_rogue_worker_is_caught_unpaid_and_its_job_rendered_again(
             job_id = await rogue_result(net, channel, acct, committed)
             assert dispatcher.store.check_state(job_id) == "pending"
             challenge = await receive_skipping(channel, (Challenge,))
-            honest = await net.add_node(backend, "honest")  # the verifier, then worker
-            while len(dispatcher.nodes) < 2:
-                await trio.sleep(0.05)
+            honest = await honest_joins(net, backend)  # the verifier, then worker
             if rogue == "refuses_to_reveal":
                 answer: Any = ChallengeRefused(job_id=job_id, reason="not telling")
             else:  # faithful openings of what it committed: the Merkle check passes
@@ -95,10 +93,7 @@ async def test_a_rogue_worker_is_caught_unpaid_and_its_job_rendered_again(
             await channel.send(answer, limit=RESULT_FRAME_LIMIT)
             # the honest node renders the job again; the rogue, the only other wallet,
             # is asked to verify it and will not: the honest node is released anyway
-            ask = await receive_skipping(
-                channel, (VerifyStep,), timeout=120, limit=RESULT_FRAME_LIMIT
-            )
-            await channel.send(VerifyRefused(check_id=ask.check_id, reason="no"))
+            await refuse_next_step(channel)
         (result,) = run.results
         (image,) = result.images
         assert eip712.same_address(image.receipt.worker, honest.wallet.address)

@@ -48,13 +48,19 @@ from sogni_protocol import eip712
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
 from sogni_protocol.messages import (
     Challenge,
-    ChallengeAnswer,
-    VerifyRefused,
     VerifyStep,
 )
 
 from .conftest import MODEL, Net, NodeHandle, receive_skipping, rogue_node, tiny_request
-from .rogue_kit import checks_of, heartbeats, submit_result, take_offer, wire
+from .rogue_kit import (
+    checks_of,
+    heartbeats,
+    honest_joins,
+    open_faithfully,
+    refuse_next_step,
+    submit_result,
+    take_offer,
+)
 from .test_verifier_probes import POLICY as PROBES_OFF
 from .test_verifier_probes import lazy_reply, lazy_verifier
 
@@ -220,16 +226,9 @@ async def _rogue_is_caught(
                 job_id, committed = await _rogue_renders(net, channel, acct, engine, cheat, edit)
                 assert dispatcher.store.check_state(job_id) == "pending"
                 challenge = await receive_skipping(channel, (Challenge,))
-                honest = await net.add_node(backend, "honest")
-                while len(dispatcher.nodes) < 2:
-                    await trio.sleep(0.05)
-                openings = [wire(committed, k) for k in challenge.steps]  # faithful
-                answer = ChallengeAnswer(job_id=job_id, openings=openings)
-                await channel.send(answer, limit=RESULT_FRAME_LIMIT)
-                ask = await receive_skipping(
-                    channel, (VerifyStep,), timeout=120, limit=RESULT_FRAME_LIMIT
-                )
-                await channel.send(VerifyRefused(check_id=ask.check_id, reason="no"))
+                honest = await honest_joins(net, backend)
+                await open_faithfully(channel, job_id, committed, challenge.steps)  # faithful
+                await refuse_next_step(channel)
         (result,) = results
         (image,) = result.images
         assert eip712.same_address(image.receipt.worker, honest.wallet.address)

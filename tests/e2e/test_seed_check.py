@@ -27,8 +27,6 @@ from sogni_protocol.messages import (
     Challenge,
     ChallengeAnswer,
     StepVerified,
-    VerifyRefused,
-    VerifyStep,
 )
 
 from .conftest import receive_skipping, rogue_node, tiny_request
@@ -36,7 +34,10 @@ from .rogue_kit import (
     EVERY,
     checks_of,
     heartbeats,
+    honest_joins,
+    open_faithfully,
     real_render,
+    refuse_next_step,
     spy_verifier_replies,
     submit_result,
     take_offer,
@@ -119,18 +120,11 @@ async def test_a_rogue_with_the_wrong_start_is_caught_and_its_job_rendered_again
                 assert dispatcher.store.check_state(job_id) == "pending"
                 challenge = await receive_skipping(channel, (Challenge,))
                 assert {0, 1} <= set(challenge.steps)
-                honest = await net.add_node(backend, "honest")  # the verifier, then worker
-                while len(dispatcher.nodes) < 2:
-                    await trio.sleep(0.05)
-                openings = [wire(committed, k) for k in challenge.steps]
-                answer = ChallengeAnswer(job_id=job_id, openings=openings)
-                await channel.send(answer, limit=RESULT_FRAME_LIMIT)
+                honest = await honest_joins(net, backend)  # the verifier, then worker
+                await open_faithfully(channel, job_id, committed, challenge.steps)
                 # the honest node renders the job again; the rogue, the only other wallet,
                 # is asked to verify it and refuses: the honest node is released anyway
-                ask = await receive_skipping(
-                    channel, (VerifyStep,), timeout=120, limit=RESULT_FRAME_LIMIT
-                )
-                await channel.send(VerifyRefused(check_id=ask.check_id, reason="no"))
+                await refuse_next_step(channel)
         (result,) = results
         (image_out,) = result.images
         assert eip712.same_address(image_out.receipt.worker, honest.wallet.address)
