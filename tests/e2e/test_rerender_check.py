@@ -11,17 +11,22 @@ is caught, unpaid and struck, and the job is rendered again by the honest node.
 
 from __future__ import annotations
 
+import secrets
+import time
 from types import SimpleNamespace
 from typing import Any, cast
 
+import msgspec
 import pytest
+import trio
 
-from sogni_coordinator.rerender_verify import RERENDER_RULE
+from sogni_app.api import render
+from sogni_coordinator.rerender_verify import RERENDER_RULE, verify_rerender
 from sogni_node.render.trajectory import Trajectory
 from sogni_protocol import eip712
-from sogni_protocol.messages import NO_TRAJECTORY
+from sogni_protocol.messages import NO_TRAJECTORY, DecodeVerified, VerifyRender, job_params
 
-from .conftest import tiny_request
+from .conftest import MODEL, tiny_request
 from .rogue_kit import (
     EVERY,
     another_seeds_render,
@@ -30,6 +35,7 @@ from .rogue_kit import (
     png,
     real_render,
     rogue_rendering,
+    stored_receipt,
     submit_result,
     take_offer,
 )
@@ -85,3 +91,44 @@ async def test_a_receipt_no_step_check_covers_is_rendered_again_elsewhere(
             assert len(dispatcher.reputation.get(acct.address).strikes) == 1
             assert eip712.same_address(image_out.receipt.worker, honest.wallet.address)
             assert payable == [honest.wallet.address.lower()]
+
+
+async def test_a_verifier_node_renders_a_job_again_or_refuses_with_a_code(
+    net_factory: Any, backend: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The exchange itself, against real nodes: the re-render is the delivered image (PNG,
+    and a JPEG job's file through the coordinator's encoder); a mode the node does not run
+    is refused `mode`, a model it does not serve `model`; neither log names the prompt."""
+    async with net_factory() as net:
+        await net.add_node(backend, "alice")
+        await net.add_node(backend, "bob")
+        dispatcher = net.coordinator.dispatcher
+        with trio.fail_after(90):
+            for fmt in ("png", "jpeg"):
+                request = tiny_request(1, output_format=fmt, seed=4)
+                (delivered,) = (await render(net.addr, request)).images
+                receipt = stored_receipt(dispatcher, delivered.job_id)
+                verdict = await verify_rerender(
+                    dispatcher, params=job_params(request, 0), worker=receipt.worker,
+                    worker_payout=receipt.payee, image=delivered.image, step=3, timeout=30,
+                )  # fmt: skip
+                assert verdict.passed and verdict.distance == 0.0, verdict.reason
+                assert not eip712.same_address(verdict.verifier or "", receipt.worker)
+                peer = verdict.verifier
+                assert peer is not None and peer in dispatcher.nodes
+            params = job_params(tiny_request(1), 0)
+            for dtype, model, code in (("bfloat16@elsewhere", MODEL, "mode"),
+                                       ("float32", "sogni-not-here", "model")):  # fmt: skip
+                ask = VerifyRender(
+                    check_id=secrets.token_bytes(32), model_id=model,
+                    params=msgspec.structs.replace(params, model_id=model), dtype=dtype,
+                    deadline=int(time.time()) + 30,
+                )  # fmt: skip
+                reply = await dispatcher.verifications.ask_image(
+                    peer, dispatcher.nodes[peer].outbox, ask, 30
+                )
+                assert not isinstance(reply, DecodeVerified) and reply[1] == code, reply
+        assert len(dispatcher.verifications) == 0
+    logs = capsys.readouterr()
+    assert "job_rerendered" in logs.out + logs.err
+    assert "a red circle" not in logs.out + logs.err
