@@ -72,5 +72,8 @@ async def test_credit_still_flows_for_many_windows(server: Server, client: Host)
             await channel.send(_result(image), limit=RESULT_FRAME_LIMIT, timeout=30)
             echoed = await channel.receive(limit=RESULT_FRAME_LIMIT, timeout=30)
             assert isinstance(echoed, Result) and echoed.image == image
-            # the client read 3 MB: credit went back in a few large updates, not per read
-            assert 0 < len(updates) <= 3 * 1024 * 1024 // (128 * 1024) + 2
+            # the client read 3 MB: credit went back in large updates (half a 256 KB window
+            # each: 24), not per read. Measured on a slow 2-core VM: 25-27 (py-libp2p's
+            # auto-tune adds one for a small read now and then, timing-dependent: a bound of
+            # 26 failed 1 run in 5), 41-42 with PY_YAMUX_RELEASE_ON_READ=1 (per read)
+            assert 0 < len(updates) <= 3 * 1024 * 1024 // (128 * 1024) + 8
