@@ -170,7 +170,8 @@ def summarise(m: dict[str, Any]) -> dict[str, Any]:
     from sogni_coordinator.rerender_verify import RERENDER_TOLERANCES, rerender_covers
 
     cal = m["calibration"]
-    covered = {n: rows for n, rows in m["honest"].items() if rerender_covers(_declared(n))}
+    declared = {p.name: p.mode.declared("cpu") for p in PROVIDERS}
+    covered = {n: rows for n, rows in m["honest"].items() if rerender_covers(declared[n])}
     calmax = {f: max(h[f] for rows in covered.values() for h in rows[:cal]) for f in FORMATS}
     tol = {f: round(max(1.0, SAFETY * calmax[f]), 1) for f in FORMATS}
     held = [h for rows in covered.values() for h in rows[cal:]]
@@ -191,13 +192,6 @@ def summarise(m: dict[str, Any]) -> dict[str, Any]:
         "caught": {c: caught(rows, tol) for c, rows in m["cheats"].items()},
         "caught_shipped": {c: caught(rows, shipped) for c, rows in m["cheats"].items()},
     }
-
-
-def _declared(provider: str) -> str:
-    """The mode a provider of `PROVIDERS` declares (its name's first word)."""
-    short = provider.split(",", 1)[0]
-    full = {"fp32": "float32", "bf16": "bfloat16@cpu", "fp16": "float16@cpu"}
-    return full.get(short, f"float32+{short}")
 
 
 def _worst(rows: Sequence[dict[str, float]], f: str) -> float:
