@@ -63,7 +63,7 @@ import trio
 from sogni_net import Channel, Host, TransportError
 from sogni_node.journal import Journal, StoredResult
 from sogni_node.payout import signed_form
-from sogni_node.render.backend import RenderCancelled
+from sogni_node.render.backend import RenderCancelled, RenderJob
 from sogni_node.render.trajectory import StepOpening
 from sogni_node.trajectory_files import TrajectoryFiles
 from sogni_node.trust import NetworkSigners, TrustedKeys, TrustFileError
@@ -95,6 +95,7 @@ from sogni_protocol.messages import (
     Heartbeat,
     HelloRefused,
     JobOffer,
+    JobParams,
     Message,
     NodeHello,
     Offer,
@@ -595,6 +596,17 @@ class PullSession:
             )
         return None
 
+    def _job_to_check(self, check_id: bytes, params: JobParams) -> RenderJob | VerifyRefused:
+        """The backend job for a check's parameters, or a `loras` refusal when one of its
+        LoRAs is not installed here (blocking: LoRA files are hashed)."""
+        from sogni_node.worker import _render_job
+
+        try:
+            return _render_job(params, self.worker.loras)
+        except Exception as exc:  # a LoRA not installed here
+            reason = f"the job's LoRAs are not available here ({type(exc).__name__})"
+            return VerifyRefused(check_id=check_id, reason=reason, code="loras")
+
     # --- re-running another node's step (docs/VERIFICATION.md, "Verifier nodes") ----------
     async def _on_verify(self, msg: VerifyStep) -> None:
         """Re-run step k of someone's render (off the event loop, one at a time) and send
@@ -618,7 +630,6 @@ class PullSession:
         from sogni_node.render.lora import applied_loras
         from sogni_node.render.noise import initial_latents as pinned_noise
         from sogni_node.verify import step_check as sc
-        from sogni_node.worker import _render_job
 
         def refuse(reason: str, code: VerifyRefusalCode) -> VerifyRefused:
             return VerifyRefused(check_id=msg.check_id, reason=reason, code=code)
@@ -633,10 +644,9 @@ class PullSession:
         name = msg.scheduler or backend.registry.get(msg.model_id).default_scheduler
         if name and name not in SCHEDULERS:
             return refuse(f"unknown scheduler {name!r}", "scheduler")
-        try:
-            job = _render_job(msg.params, self.worker.loras)
-        except Exception as exc:  # a LoRA not installed here
-            return refuse(f"the job's LoRAs are not available here ({type(exc).__name__})", "loras")
+        job = self._job_to_check(msg.check_id, msg.params)
+        if isinstance(job, VerifyRefused):
+            return job
         loaded = backend._get(msg.model_id)
         if name:
             cls, overrides = SCHEDULERS[name]
@@ -771,7 +781,6 @@ class PullSession:
     def _rerender(self, msg: VerifyRender) -> DecodeVerified | VerifyRefused:
         """Blocking: the job's whole render in this node's mode, as a lossless PNG."""
         from sogni_node.render.diffusers_backend import SCHEDULERS
-        from sogni_node.worker import _render_job
 
         def refuse(reason: str, code: VerifyRefusalCode) -> VerifyRefused:
             return VerifyRefused(check_id=msg.check_id, reason=reason, code=code)
@@ -787,10 +796,9 @@ class PullSession:
             )
         if params.scheduler and params.scheduler not in SCHEDULERS:
             return refuse(f"unknown scheduler {params.scheduler!r}", "scheduler")
-        try:
-            job = _render_job(params, self.worker.loras)
-        except Exception as exc:  # a LoRA not installed here
-            return refuse(f"the job's LoRAs are not available here ({type(exc).__name__})", "loras")
+        job = self._job_to_check(msg.check_id, params)
+        if isinstance(job, VerifyRefused):
+            return job
         try:
             out = self.worker.backend.render(
                 dataclasses.replace(job, output_format="png"), lambda _: None, lambda: False
