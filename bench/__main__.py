@@ -141,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
             from bench import rerender_tolerance
 
             out[name] = rerender_tolerance.run(args.quick, command)
+        elif name == "rerender_weights":  # the 4-bit and fp8 modes, with the worker's weights
+            from bench import rerender_tolerance
+
+            out[name] = rerender_tolerance.run_same_weights(args.quick, command)
         elif name == "content":  # prompt policy: refusal rates on the corpus, cost per prompt
             from bench import content_policy
 

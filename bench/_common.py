@@ -155,10 +155,12 @@ def _marker(name: str, end: bool = False) -> str:
 
 SECTION_ORDER = (
     "overhead", "dispatch", "settlement", "governance", "disputes", "pricing", "fuzz", "chaos",
-    "unet", "cpuvar", "tolerance", "image", "rerender", "content", "safety_image", "shapes",
-    "cluster",
+    "unet", "cpuvar", "tolerance", "image", "rerender", "rerender_weights", "content",
+    "safety_image", "shapes", "cluster",
 )  # fmt: skip
-SLOW_SECTIONS = ("unet", "cpuvar", "tolerance", "image", "rerender", "cluster")
+SLOW_SECTIONS = (
+    "unet", "cpuvar", "tolerance", "image", "rerender", "rerender_weights", "cluster",
+)  # fmt: skip
 """Run only when named (`python -m bench unet`, about 45 min here); a whole-file rewrite keeps
 their last text."""
 

@@ -167,11 +167,11 @@ def summarise(m: dict[str, Any]) -> dict[str, Any]:
     """The proposed tolerance per format (`SAFETY` x the largest calibration distance of the
     covered modes), its false rejections among the held-out honest checks, and each cheat's
     detection at the proposed and at the shipped tolerance."""
-    from sogni_coordinator.rerender_verify import RERENDER_TOLERANCES, rerender_covers
+    from sogni_coordinator.rerender_verify import RERENDER_TOLERANCES, rerender_weights
 
     cal = m["calibration"]
     declared = {p.name: p.mode.declared("cpu") for p in PROVIDERS}
-    covered = {n: rows for n, rows in m["honest"].items() if rerender_covers(declared[n])}
+    covered = {n: rows for n, rows in m["honest"].items() if not rerender_weights(declared[n])}
     calmax = {f: max(h[f] for rows in covered.values() for h in rows[:cal]) for f in FORMATS}
     tol = {f: round(max(1.0, SAFETY * calmax[f]), 1) for f in FORMATS}
     held = [h for rows in covered.values() for h in rows[cal:]]
@@ -236,11 +236,12 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
         "",
         common.table(("provider", *FORMATS), rows),
         "",
-        "Not covered (`rerender_verify.rerender_covers`): "
+        "Re-rendered with the worker's own weights instead (`rerender_verify.rerender_weights`"
+        ", next section), so not in the bound: "
         + (", ".join(x["excluded"]) or "none")
         + ". A 4-bit mode's honest render is another picture on some jobs (over pure noise's "
-        "distance), so no re-render bound can pass it without passing every cheat: such a "
-        "mode is step-checked where measured (CPU float32+quanto-int4) and unchecked elsewhere.",
+        "distance) against plain float32 weights, so no bound could pass it and not every "
+        "cheat.",
         "",
         f"Proposed tolerance = {SAFETY:g} x the largest calibration distance of the covered "
         f"modes ({m['calibration']} jobs per provider): "
@@ -264,32 +265,103 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def fp8_simulation(n: int) -> dict[str, dict[str, tuple[float, float]]]:
-    """Honest drift of fp8 weights (torchao's `fp8` mode is CUDA-only): the UNet's weights
-    rounded through float8 e4m3 with a per-tensor scale, computed in float32 and in bf16,
-    against float32: (median, max) per format over `n` jobs. Why: whether the bound covers
-    `+fp8` receipts (it does not: `rerender_verify.UNCOVERED_QUANTIZATIONS`)."""
-    import torch
+SAME_WEIGHTS: tuple[tuple[str, Mode], ...] = (
+    ("float32+quanto-int4", Mode(quantize="quanto-int4")),
+    ("bfloat16+quanto-int4", Mode("bfloat16", "quanto-int4")),
+    ("float32+fp8", Mode(quantize="fp8")),
+    ("bfloat16+fp8", Mode("bfloat16", "fp8")),
+)
+"""The modes whose re-render reproduces the worker's weights (`rerender_verify.rerender_weights`):
+each as the worker's weights (`<dtype>+<mode>`) and how an honest node runs it."""
 
-    def fp8_weights(pipe: Any) -> Any:
-        with torch.no_grad():
-            for p in pipe.unet.parameters():
-                if p.dim() >= 2:
-                    w = p.float()
-                    scale = w.abs().max().clamp(min=1e-12) / 448.0
-                    p.copy_(((w / scale).to(torch.float8_e4m3fn).float() * scale).to(p.dtype))
-        return pipe
+
+def _quantized_pipe(mode: Mode) -> Any:
+    """A pipeline in `mode`. fp8 is loaded as torchao makes it on any device: its weight-only
+    kernels run on this CPU too (the node refuses fp8 off CUDA only for speed and support)."""
+    from sogni_node.render import quantize
+
+    pipe = tt.load_pipe(tt.shapes_path(), Mode(mode.dtype))
+    quantize._quantize_module(quantize.denoiser(pipe), mode.quantize)
+    return pipe
+
+
+def same_weights(n: int) -> dict[str, dict[str, dict[str, tuple[float, float]]]]:
+    """Honest drift of the 4-bit and fp8 modes over `n` jobs, (median, max) per format:
+    against a plain float32 re-render (why they cannot share its bound) and against a float32
+    re-render computing with the worker's own rounded weights (`quantize.weights_as`, what a
+    `+rerender-weights` verifier does)."""
+    from sogni_node.render.quantize import weights_as
 
     jobs = tt.make_jobs(n, random.Random(20261201))
     ref = tt.load_pipe(tt.shapes_path(), FP32)
     base = dict(ref.scheduler.config)
-    refs = [_pixels(ref, j, base) for j in jobs]
-    out = {}
-    for name, mode in (("fp8 weights, fp32 compute", FP32), ("fp8 weights, bf16 compute", BF16)):
-        pipe = fp8_weights(tt.load_pipe(tt.shapes_path(), mode))
-        rows = [_distances(_pixels(pipe, j, base), r) for j, r in zip(jobs, refs, strict=True)]
-        out[name] = {f: (common.median(r[f] for r in rows), _worst(rows, f)) for f in FORMATS}
+    plain = [_pixels(ref, j, base) for j in jobs]
+    out: dict[str, dict[str, dict[str, tuple[float, float]]]] = {}
+    for weights, mode in SAME_WEIGHTS:
+        t0 = time.perf_counter()
+        pipe = _quantized_pipe(mode)
+        honest = [_pixels(pipe, j, base) for j in jobs]
+        with weights_as(ref, weights):
+            same = [_pixels(ref, j, base) for j in jobs]
+        out[weights] = {}
+        for against, refs in (("float32", plain), ("same weights", same)):
+            rows = [_distances(h, r) for h, r in zip(honest, refs, strict=True)]
+            out[weights][against] = {
+                f: (common.median(r[f] for r in rows), _worst(rows, f)) for f in FORMATS
+            }
+        print(f"same weights: {weights} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
     return out
+
+
+def same_weights_markdown(
+    result: dict[str, dict[str, dict[str, tuple[float, float]]]],
+    jobs: int,
+    command: str,
+    seconds: float,
+) -> str:
+    from sogni_coordinator.rerender_verify import RERENDER_TOLERANCES
+
+    rows = [
+        (
+            weights,
+            against,
+            *(f"{row[f][0]:.2f} / {row[f][1]:.2f}" for f in FORMATS),
+        )
+        for weights, by in result.items()
+        for against, row in by.items()
+    ]
+    same = [row[f][1] for by in result.values() for f in FORMATS for row in [by["same weights"]]]
+    plain = [row[f][1] for by in result.values() for f in FORMATS for row in [by["float32"]]]
+    bound = min(RERENDER_TOLERANCES.values())
+    return "\n".join(
+        [
+            "## Whole re-render with the worker's weights: 4-bit and fp8 modes",
+            "",
+            f"Command: `{command}` ({seconds:.0f} s). A 4-bit or fp8 node's receipt is "
+            "re-rendered in float32 by a node naming `+rerender-weights`, computing with the "
+            "worker's own weights: cast to its dtype, quantized by its mode's library, "
+            "dequantized (`quantize.weights_as`, `rerender_verify.rerender_weights`). Honest "
+            "nodes here: the mode as the node loads it (fp8 through torchao's weight-only "
+            "kernels, which run on this CPU; the node refuses fp8 off CUDA, so a GPU's fp8 "
+            "kernels are not measured). Distance as in the section above (median / max over "
+            f"{jobs} jobs, 0..255 levels), "
+            "against a plain float32 re-render and against the same-weights one:",
+            "",
+            common.table(("worker's weights", "re-rendered against", *FORMATS), rows),
+            "",
+            f"Largest against the same weights: {max(same):.2f} levels (bound {bound:g}; "
+            f"{bound / max(max(same), 1e-9):.1f}x margin); against plain float32: "
+            f"{max(plain):.2f}. With float32 compute the same weights give the same picture; "
+            "with bf16 compute the drift left is bf16's, which the bound above was set over.",
+        ]
+    )
+
+
+def run_same_weights(quick: bool, command: str = "python -m bench rerender_weights") -> str:
+    started = time.perf_counter()
+    jobs = 6 if quick else 62
+    result = same_weights(jobs)
+    return same_weights_markdown(result, jobs, command, time.perf_counter() - started)
 
 
 def run(quick: bool, command: str = "python -m bench rerender") -> str:
@@ -309,12 +381,23 @@ if __name__ == "__main__":
     )
     parser.add_argument("--seconds", type=float, default=0.0, help=argparse.SUPPRESS)
     parser.add_argument(
-        "--fp8-sim", type=int, metavar="N", help="only the fp8-weights drift over N jobs"
+        "--same-weights",
+        type=int,
+        metavar="N",
+        help="only the 4-bit and fp8 modes' drift over N jobs, against plain float32 and "
+        "against float32 with the worker's rounded weights",
     )
     ns = parser.parse_args()
-    if ns.fp8_sim:
-        for name, row in fp8_simulation(ns.fp8_sim).items():
-            print(name, ", ".join(f"{f} {m:.1f} / {x:.1f}" for f, (m, x) in row.items()))
+    if ns.same_weights:
+        t0 = time.perf_counter()
+        if ns.from_json:  # the JSON line a run printed first
+            result = json.loads(ns.from_json.read_text().splitlines()[0])
+        else:
+            result = same_weights(ns.same_weights)
+            print(json.dumps(result))
+        cmd = f"python -m bench.rerender_tolerance --same-weights {ns.same_weights}"
+        seconds = ns.seconds or time.perf_counter() - t0
+        print(same_weights_markdown(result, ns.same_weights, cmd, seconds))
         sys.exit(0)
     cmd = "python -m bench.rerender_tolerance" + (" --quick" if ns.quick else "")
     if ns.from_json:

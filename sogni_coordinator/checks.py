@@ -80,12 +80,18 @@ from sogni_coordinator.challenges import (
 from sogni_coordinator.evidence import Evidence, StepEvidence, VerifierAnswer, encode_evidence
 from sogni_coordinator.image_verify import verify_image
 from sogni_coordinator.jobs import Job, NodeLink
-from sogni_coordinator.known_answers import KnownAnswer, KnownAnswers
+from sogni_coordinator.known_answers import (
+    KNOWN_RENDERS_PER_KEY,
+    KnownAnswer,
+    KnownAnswers,
+    KnownRender,
+)
 from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.rerender_verify import (
     REFERENCE_MODE,
     can_rerender,
-    rerender_covers,
+    rerender_on,
+    rerender_weights,
     verify_rerender,
 )
 from sogni_coordinator.results import ResultKey, ResultStore
@@ -355,8 +361,12 @@ class Checks:
         self.log_path = log_path
         self._rng = rng or random.SystemRandom()
         self._clock = clock
-        self.known = KnownAnswers(self.policy.probe_pool)
+        self.known = KnownAnswers[KnownAnswer](self.policy.probe_pool)
         """Steps whose answer is known, to probe verifiers with (in memory)."""
+        self.known_renders = KnownAnswers[KnownRender](
+            min(self.policy.probe_pool, KNOWN_RENDERS_PER_KEY)
+        )
+        """Passed re-renders, to probe re-render verifiers with (in memory)."""
         self.standing = VerifierStanding(self.policy.standing_lost_for, clock)
         """Verifiers caught answering wrongly, not asked for a while."""
         self._joined = trio.Event()
@@ -373,7 +383,7 @@ class Checks:
         if not p.enabled or receipt.steps_done < job.params.steps:
             return False
         dtype = meta.dtype if meta is not None else ""
-        if not step_checkable(job, receipt, dtype) and not (p.rerender and rerender_covers(dtype)):
+        if not step_checkable(job, receipt, dtype) and not p.rerender:
             return False  # released unchecked, as before the whole re-render existed
         if p.first_jobs and self.dispatcher.store.receipt_count(receipt.worker) < p.first_jobs:
             return True
@@ -423,7 +433,11 @@ class Checks:
         barred = self.standing.without() | {held.worker.lower(), held.receipt.payee.lower()}
         model = held.job.params.model_id
         return any(
-            (can_rerender(other, model) if rerender else can_verify(other, model, held.dtype))
+            (
+                can_rerender(other, model, rerender_weights(held.dtype))
+                if rerender
+                else can_verify(other, model, held.dtype)
+            )
             and other.accounts.isdisjoint(barred)
             for other in self.dispatcher.nodes.values()
         )
@@ -509,11 +523,14 @@ class Checks:
             raise OSError(f"result store: the held image {held.path.name} is gone")
         image, n = stored.image, receipt.steps_done
         run = _Run(held, {})
+        answers: dict[str, StepVerdict] = {}
+        """Each verifier's latest answer, by wallet (`_asked` names them so)."""
 
         async def ask(exclude: frozenset[str]) -> StepVerdict:
-            return await verify_rerender(
+            v = await verify_rerender(
                 d,
                 params=held.job.params,
+                dtype=held.dtype,
                 worker=held.worker,
                 worker_payout=receipt.payee,
                 image=image,
@@ -522,11 +539,17 @@ class Checks:
                 rng=self._rng,
                 exclude=exclude,
             )
+            link = self.dispatcher.nodes.get(v.verifier) if v.verifier is not None else None
+            if link is not None:
+                answers[link.wallet.lower()] = v
+            return v
 
         outcome = (await self._decide(run, n, RENDER, ask)).outcome
         if outcome.verdict == "fail":
             ev = Evidence(reason=outcome.reason, steps=run.evidence)
             outcome = replace(outcome, evidence=encode_evidence(ev))
+        elif outcome.verdict == "pass":
+            self._remember_render(run, answers)
         extra = [note for note in run.notes if note not in outcome.reason]
         if extra and outcome.verdict != "fail":
             outcome = replace(outcome, reason="; ".join([outcome.reason, *extra]))
@@ -708,18 +731,55 @@ class Checks:
     async def _probe(self, run: _Run, first: _Answer, kind: str) -> bool | None:
         """A known-answer probe of `first`'s verifier: True if it answered right, False if
         wrong (it loses standing), None if there was no probe or no answer. A re-render's
-        verifier runs `REFERENCE_MODE`, so it is probed with a step of that mode (the worker's
-        mode has no known answers: nobody step-checks it)."""
+        verifier is asked to re-render a known render (a passed re-render of a job none of
+        its accounts touched, with the same weights) where the pool holds one, so a verifier
+        lazy only on re-renders is caught; else it gets a known step of `REFERENCE_MODE`, its
+        own (the worker's mode has no known answers: nobody step-checks it)."""
         held = run.held
         if first.peer is None or first.wallet is None:
             return None
+        model = held.job.params.model_id
+        v: StepVerdict | None = None
+        if kind == RENDER:  # a known render first: a verifier lazy only on re-renders
+            weights = rerender_weights(held.dtype)
+            render = self.known_renders.draw(
+                model, f"render:{weights}", first.wallet, self._rng, payout=first.payee
+            )
+            if render is not None:
+                v = await rerender_on(
+                    self.dispatcher,
+                    first.peer,
+                    params=render.params,
+                    weights=render.weights,
+                    image=render.image,
+                    fmt="png",
+                    step=render.params.steps,
+                    timeout=self.policy.verify_timeout + held.budget,
+                )
+        if v is None:
+            v = await self._probe_step(held, first, kind)
+        if v is None:
+            return None
+        log.info("verifier_probed", verifier=first.wallet, passed=v.passed, kind=kind)
+        if v.passed:
+            return True
+        if _against_worker(v):  # over tolerance, or bad_leaf on a known-good leaf
+            self.standing.lose(first.wallet, f"known-answer probe: {v.reason}")
+            run.note(PROBE_FAILED)
+            return False
+        return None
+
+    async def _probe_step(self, held: Held, first: _Answer, kind: str) -> StepVerdict | None:
+        """A known step for `first`'s verifier, in the check's mode (a re-render's verifier
+        runs `REFERENCE_MODE`: it is probed with a step of that mode), or None if none."""
+        assert first.peer is not None and first.wallet is not None
         dtype = REFERENCE_MODE if kind == RENDER else held.dtype
         known = self.known.draw(
             held.job.params.model_id, dtype, first.wallet, self._rng, payout=first.payee
         )
         if known is None:
             return None
-        v = await probe_step(
+        return await probe_step(
             self.dispatcher,
             first.peer,
             params=known.params,
@@ -729,14 +789,6 @@ class Checks:
             dtype=known.dtype,
             timeout=self.policy.verify_timeout,
         )
-        log.info("verifier_probed", verifier=first.wallet, passed=v.passed)
-        if v.passed:
-            return True
-        if _against_worker(v):  # over tolerance, or bad_leaf on a known-good leaf
-            self.standing.lose(first.wallet, f"known-answer probe: {v.reason}")
-            run.note(PROBE_FAILED)
-            return False
-        return None
 
     @staticmethod
     def _discard(run: _Run, wallet: str | None) -> list[int]:
@@ -789,6 +841,26 @@ class Checks:
                         for a in (held.receipt.payee, run.payees.get(wallet.lower()))
                         if a is not None
                     ),
+                )
+            )
+
+    def _remember_render(self, run: _Run, answers: Mapping[str, StepVerdict]) -> None:
+        """A passed re-render becomes a known render: the job and the verifier's image."""
+        held = run.held
+        for wallet, _step, kind in run.used:
+            w = wallet.lower() if wallet is not None else ""
+            v = answers.get(w)
+            if kind != RENDER or v is None or not v.passed or v.image is None:
+                continue
+            payees = (held.receipt.payee, run.payees.get(w))
+            self.known_renders.add(
+                KnownRender(
+                    worker=held.worker.lower(),
+                    verifier=w,
+                    params=held.job.params,
+                    weights=rerender_weights(held.dtype),
+                    image=v.image,
+                    accounts=frozenset(a.lower() for a in payees if a is not None),
                 )
             )
 

@@ -8,6 +8,10 @@ fields a real check carries), it tells whether that verifier computes: an honest
 within tolerance of the known x_{k+1}, a lazy or lying one does not (docs/VERIFICATION.md,
 "Checking the verifiers").
 
+A passed whole re-render is a known answer too (`KnownRender`: the job and the verifier's
+image), for probing re-render verifiers with a re-render, which a verifier lazy only on
+re-renders cannot pass.
+
 The pool is in memory, bounded per (model, declared numeric mode): the verifier must run the
 declared mode, so a probe is drawn for the mode of the check it rides with. A restart empties
 it; new passed checks fill it again. A probe is never drawn from the probed wallet's own work
@@ -20,20 +24,45 @@ from __future__ import annotations
 import random
 from collections import deque
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from sogni_protocol.messages import JobParams, StepOpeningWire
 
-__all__ = ["KnownAnswer", "KnownAnswers"]
+__all__ = ["KNOWN_RENDERS_PER_KEY", "KnownAnswer", "KnownAnswers", "KnownRender"]
+
+KNOWN_RENDERS_PER_KEY = 16
+"""Known renders kept per (model, weights): each holds a PNG (a 1024x1024 one is ~1.5 MB)."""
 
 
-@dataclass(frozen=True)
-class KnownAnswer:
-    """One verified step: what a `VerifyStep` for it carries, and the agreed x_{k+1}."""
+class _Known:
+    """What every known answer says about who made it."""
 
     worker: str
     """The wallet that rendered it (lowercase)."""
     verifier: str
     """The wallet whose re-run agreed (lowercase)."""
+    accounts: frozenset[str]
+    """Every other account behind it (lowercase): the receipt's payee, the verifier's payout
+    account. A verifier whose wallet or payout is one of them could recognise the work."""
+
+    @property
+    def key(self) -> tuple[str, str]:
+        """(model id, mode): a probe is drawn for the mode of the check it rides with."""
+        raise NotImplementedError
+
+    def involves(self, *accounts: str | None) -> bool:
+        """Whether any of `accounts` (wallets or payout addresses) rendered, verified or was
+        paid for this work."""
+        mine = {self.worker, self.verifier, *self.accounts}
+        return any(a is not None and a.lower() in mine for a in accounts)
+
+
+@dataclass(frozen=True)
+class KnownAnswer(_Known):
+    """One verified step: what a `VerifyStep` for it carries, and the agreed x_{k+1}."""
+
+    worker: str
+    verifier: str
     params: JobParams
     scheduler: str
     dtype: str
@@ -41,48 +70,65 @@ class KnownAnswer:
     opening_next: StepOpeningWire
     """Leaf k + 1 as the worker committed it: the known answer."""
     accounts: frozenset[str] = frozenset()
-    """Every other account behind it (lowercase): the receipt's payee, the verifier's payout
-    account. A verifier whose wallet or payout is one of them could recognise the step."""
 
-    def involves(self, *accounts: str | None) -> bool:
-        """Whether any of `accounts` (wallets or payout addresses) rendered, verified or was
-        paid for this step."""
-        mine = {self.worker, self.verifier, *self.accounts}
-        return any(a is not None and a.lower() in mine for a in accounts)
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.params.model_id, self.dtype)
 
 
-class KnownAnswers:
-    """At most `per_key` known answers per (model id, declared mode), newest kept."""
+@dataclass(frozen=True)
+class KnownRender(_Known):
+    """One passed whole re-render: the job (and the worker's weights, `VerifyRender.weights`)
+    and the verifier's image, which the delivered one matched: a re-render verifier asked the
+    same job again must land within the re-render bound of it."""
+
+    worker: str
+    verifier: str
+    params: JobParams
+    weights: str
+    image: bytes
+    """The verifier's render, a lossless PNG."""
+    accounts: frozenset[str] = frozenset()
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.params.model_id, f"render:{self.weights}")
+
+
+K = TypeVar("K", bound=_Known)
+
+
+class KnownAnswers(Generic[K]):
+    """At most `per_key` known answers per (model id, mode), newest kept."""
 
     def __init__(self, per_key: int = 64) -> None:
         self.per_key = per_key
-        self._pool: dict[tuple[str, str], deque[KnownAnswer]] = {}
+        self._pool: dict[tuple[str, str], deque[K]] = {}
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._pool.values())
 
-    def add(self, answer: KnownAnswer) -> None:
+    def add(self, answer: K) -> None:
         if self.per_key <= 0 or answer.worker.lower() == answer.verifier.lower():
             return  # a wallet agreeing with itself proves nothing
-        key = (answer.params.model_id, answer.dtype)
-        queue = self._pool.get(key)
+        queue = self._pool.get(answer.key)
         if queue is None:
-            queue = self._pool[key] = deque(maxlen=self.per_key)
+            queue = self._pool[answer.key] = deque(maxlen=self.per_key)
         queue.append(answer)
 
     def draw(
         self,
         model_id: str,
-        dtype: str,
+        mode: str,
         verifier: str,
         rng: random.Random,
         *,
         payout: str | None = None,
-    ) -> KnownAnswer | None:
-        """A known answer for `model_id` in mode `dtype` that `verifier` (a wallet) and its
-        `payout` account neither rendered, verified nor were paid for, drawn at random; None
-        if there is none (a sibling container of one operator must not be probed with its
-        siblings' work)."""
-        queue = self._pool.get((model_id, dtype), ())
+    ) -> K | None:
+        """A known answer for `model_id` in `mode` (a declared mode; `render:<weights>` for a
+        re-render) that `verifier` (a wallet) and its `payout` account neither rendered,
+        verified nor were paid for, drawn at random; None if there is none (a sibling
+        container of one operator must not be probed with its siblings' work)."""
+        queue = self._pool.get((model_id, mode), ())
         fit = [a for a in queue if not a.involves(verifier, payout)]
         return rng.choice(fit) if fit else None

@@ -36,6 +36,7 @@ from sogni_protocol.ids import RESULT_FRAME_LIMIT
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
     RERENDER_FEATURE,
+    RERENDER_WEIGHTS_FEATURE,
     DecodeVerified,
     JobParams,
     VerifyRender,
@@ -46,8 +47,10 @@ __all__ = [
     "REFERENCE_MODE",
     "RERENDER_RULE",
     "RERENDER_TOLERANCES",
+    "SAME_WEIGHTS_QUANTIZATIONS",
     "can_rerender",
-    "rerender_covers",
+    "rerender_on",
+    "rerender_weights",
     "verify_rerender",
 ]
 
@@ -64,19 +67,28 @@ mode may show against a float32 re-render of the same job. `python -m bench rere
 distance is 57-58 levels (bf16, whose rounding compounds over the trajectory, is the widest;
 CPU float16 reaches 6, the int8 modes 23); 64 is 1.46x the largest of all 496 covered honest
 renders (43.9), 0 of 912 held-out honest checks over it."""
-UNCOVERED_QUANTIZATIONS = ("+quanto-int4", "+fp8")
-"""Declared-mode parts the re-render bound does not cover, since honest renders in them were
-measured beyond it: a 4-bit render is another picture on some jobs (up to 178 levels from
-float32's, beyond pure noise's 117), so a bound passing it would pass every cheat; fp8
-weights (CUDA only; simulated on the CPU by rounding the UNet's weights through float8 e4m3
-with a per-tensor scale) reached 70-78 levels on 24 jobs. Such a mode is step-checked where
-measured (`float32+quanto-int4` on the CPU) and released unchecked elsewhere: a hole a cheat
-can choose (docs/VERIFICATION.md, "Whole re-render")."""
+SAME_WEIGHTS_QUANTIZATIONS = ("quanto-int4", "fp8")
+"""Declared-mode parts whose re-render reproduces the worker's rounded weights
+(`VerifyRender.weights`, sent only to a node naming `RERENDER_WEIGHTS_FEATURE`): against plain
+float32 weights an honest 4-bit render is another picture on some jobs (up to 177 levels,
+beyond pure noise's 117), so no bound could pass it and not every cheat; bf16 with fp8
+weights reached 62 against the bound's 64. With the same weights, quantized by the same
+library, the only drift left is the compute dtype's: at most 41 levels over 62 jobs per mode,
+0 with float32 compute (`python -m bench rerender_weights`, BENCHMARKS.md)."""
+_WEIGHT_DTYPES = ("float32", "bfloat16", "float16")
 
 
-def rerender_covers(dtype: str) -> bool:
-    """A receipt declaring `dtype` can be checked by a whole re-render."""
-    return not any(q in dtype for q in UNCOVERED_QUANTIZATIONS)
+def rerender_weights(dtype: str) -> str:
+    """The `VerifyRender.weights` a receipt declaring `dtype` needs: `""` (plain float32
+    weights) unless it names a `SAME_WEIGHTS_QUANTIZATIONS` mode; then `<dtype>+<mode>`, the
+    dtype float32 when the declared one is none a node of this project declares (the rounding
+    then differs from the worker's by that dtype's rounding, as any unmeasured mode's)."""
+    parts = dtype.partition("@")[0].split("+")
+    for mode in SAME_WEIGHTS_QUANTIZATIONS:
+        if mode in parts[1:]:
+            front = parts[0] if parts[0] in _WEIGHT_DTYPES else REFERENCE_MODE
+            return f"{front}+{mode}"
+    return ""
 
 
 class _Dispatcher(Protocol):
@@ -87,11 +99,12 @@ class _Dispatcher(Protocol):
     def verifications(self) -> PendingVerifications: ...
 
 
-def can_rerender(link: NodeLink, model_id: str) -> bool:
+def can_rerender(link: NodeLink, model_id: str, weights: str = "") -> bool:
     """`link` can render `model_id` again for a check: it serves it, in `REFERENCE_MODE`, and
-    names `RERENDER_FEATURE`."""
+    names `RERENDER_FEATURE` (and `RERENDER_WEIGHTS_FEATURE` where `weights` are needed)."""
     return (
         RERENDER_FEATURE in link.features
+        and (not weights or RERENDER_WEIGHTS_FEATURE in link.features)
         and link.mode == REFERENCE_MODE
         and model_id in link.models
     )
@@ -101,6 +114,7 @@ async def verify_rerender(
     dispatcher: _Dispatcher,
     *,
     params: JobParams,
+    dtype: str,
     worker: str,
     worker_payout: str,
     image: bytes,
@@ -110,51 +124,95 @@ async def verify_rerender(
     exclude: frozenset[str] = frozenset(),
 ) -> StepVerdict:
     """Have a node none of whose accounts is `worker`, `worker_payout` (the receipt's payee)
-    or in `exclude` render `params` again in `REFERENCE_MODE`, and compare its image with
+    or in `exclude` render `params` again in `REFERENCE_MODE` (with the weights of the
+    worker's declared mode `dtype` where `rerender_weights` says so), and compare its image with
     `image` (the delivered one, or the stored `JobImage` frame holding it). A verdict with
     `distance` None is inconclusive (no such node, no answer, a refusal: never the worker's
     doing); over tolerance, evidence against the worker. `step` labels the verdict (the
     receipt's steps)."""
-    fmt = params.output_format
-    tol = RERENDER_TOLERANCES.get(fmt, min(RERENDER_TOLERANCES.values()))
-
-    def fail(reason: str, verifier: str | None = None, code: str | None = None) -> StepVerdict:
-        log.info("rerender_not_verified", verifier=verifier, reason=reason)
-        return StepVerdict(verifier, step, None, tol, False, reason, code, rule=RERENDER_RULE)
-
-    able = {p: n for p, n in dispatcher.nodes.items() if can_rerender(n, params.model_id)}
+    weights = rerender_weights(dtype)
+    able = {p: n for p, n in dispatcher.nodes.items() if can_rerender(n, params.model_id, weights)}
     peer = choose_verifier(able, params.model_id, worker, rng, exclude, worker_payout=worker_payout)
     if peer is None:
-        return fail(
-            f"no verifier: no other wallet's node renders {params.model_id} in {REFERENCE_MODE}"
-        )
+        tol = _tolerance(params.output_format)
+        reason = f"no other wallet's node renders {params.model_id} in {_reference(weights)}"
+        return _inconclusive(step, tol, f"no verifier: {reason}")
+    return await rerender_on(
+        dispatcher,
+        peer,
+        params=params,
+        weights=weights,
+        image=image,
+        fmt=params.output_format,
+        step=step,
+        timeout=timeout,
+    )
+
+
+def _tolerance(fmt: str) -> float:
+    return RERENDER_TOLERANCES.get(fmt, min(RERENDER_TOLERANCES.values()))
+
+
+def _reference(weights: str) -> str:
+    return REFERENCE_MODE + (f" with {weights} weights" if weights else "")
+
+
+def _inconclusive(
+    step: int, tol: float, reason: str, verifier: str | None = None, code: str | None = None
+) -> StepVerdict:
+    log.info("rerender_not_verified", verifier=verifier, reason=reason)
+    return StepVerdict(verifier, step, None, tol, False, reason, code, rule=RERENDER_RULE)
+
+
+async def rerender_on(
+    dispatcher: _Dispatcher,
+    peer: str,
+    *,
+    params: JobParams,
+    weights: str,
+    image: bytes,
+    fmt: str,
+    step: int,
+    timeout: float,
+) -> StepVerdict:
+    """Ask `peer` to render `params` again in `REFERENCE_MODE` (with `weights`) and compare
+    its PNG with `image`, a `fmt` file (or the stored `JobImage` frame holding it). The
+    request is the same for a real check and a known-render probe (a fresh random
+    `check_id`; `fmt` png there: the known image is an earlier verifier's PNG), so the
+    verifier cannot tell them apart."""
+    tol = _tolerance(fmt)
+    reference = _reference(weights)
+    link = dispatcher.nodes.get(peer)
+    if link is None:
+        return _inconclusive(step, tol, "re-render: verifier not connected", peer)
     request = VerifyRender(
         check_id=secrets.token_bytes(32),
         model_id=params.model_id,
         params=params,
         dtype=REFERENCE_MODE,
         deadline=int(time.time() + timeout) + 1,
+        weights=weights,
     )
     if len(encode(request)) > RESULT_FRAME_LIMIT:
-        return fail("re-render: the job's parameters are too large to send")
-    reply = await dispatcher.verifications.ask_image(
-        peer, dispatcher.nodes[peer].outbox, request, timeout
-    )
+        return _inconclusive(step, tol, "re-render: the job's parameters are too large to send")
+    reply = await dispatcher.verifications.ask_image(peer, link.outbox, request, timeout)
     if not isinstance(reply, DecodeVerified):  # no code blames the worker: nothing of its
-        return fail(f"re-render: {reply[0]}", peer)  # was sent
+        return _inconclusive(step, tol, f"re-render: {reply[0]}", peer)  # was sent
     delivered = delivered_image(image)
     try:
         d = await trio.to_thread.run_sync(
             check_distance, delivered, reply.image, fmt, params.width, params.height
         )
     except ValueError as exc:  # the verifier's PNG is not an image of the job's size
-        return fail(f"re-render: {exc}", peer)
+        return _inconclusive(step, tol, f"re-render: {exc}", peer)
     passed = d.block <= tol
     word = "within" if passed else "over"
     shown = "not an image of the job's size" if d.block == float("inf") else f"{d.block:.3g}"
     reason = (
         f"re-render: block distance {shown} {word} {tol:g} levels (mean {d.mean:.3g}; "
-        f"{fmt}, reference {REFERENCE_MODE})"
+        f"{fmt}, reference {reference})"
     )
     log.info("rerender_verified", verifier=peer, distance=d.block, passed=passed)
-    return StepVerdict(peer, step, d.block, tol, passed, reason, rule=RERENDER_RULE)
+    return StepVerdict(
+        peer, step, d.block, tol, passed, reason, rule=RERENDER_RULE, image=reply.image
+    )

@@ -229,6 +229,8 @@ class StepVerdict:
     rule: str | None = None
     """The image check's rule that decided (`image_verify.PIXELS_RULE`, `CODEC_RULE` or
     `BLOCK_RULE`); None for a step."""
+    image: bytes | None = None
+    """A re-render's PNG, when the verifier answered one (kept as a known render)."""
 
 
 class PendingVerifications:

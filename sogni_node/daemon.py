@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import signal
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -58,6 +59,7 @@ from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
     OPEN_PIXELS_FEATURE,
     RERENDER_FEATURE,
+    RERENDER_WEIGHTS_FEATURE,
     SIGNER_SET_FEATURE,
     Capabilities,
     NodeHello,
@@ -103,7 +105,8 @@ def capabilities(
     coordinator where work it verifies is paid and whom it may not verify for; `version`
     names `SIGNER_SET_FEATURE` when the node reads a signer set in the `Welcome`, and
     `OPEN_PIXELS_FEATURE` (it opens a lossy image's pixels when challenged) and
-    `RERENDER_FEATURE` (it renders a job again for a check)."""
+    `RERENDER_FEATURE` (it renders a job again for a check), `RERENDER_WEIGHTS_FEATURE` (with
+    a quantized worker's weights: `_rounds_weights`)."""
     return Capabilities(
         peer_id=peer_id,
         version=version,
@@ -121,6 +124,18 @@ def capabilities(
         payout=payout,
         mode=getattr(backend, "dtype_name", ""),  # same-path re-checks (docs/VERIFICATION.md)
     )
+
+
+def _rounds_weights(backend: Backend) -> bool:
+    """This node can re-render with a quantized worker's weights: a diffusers backend with
+    plain weights and both quantization libraries installed (the backend's module is looked
+    up, not imported: another backend never loads torch for this)."""
+    module = sys.modules.get("sogni_node.render.diffusers_backend")
+    if module is None or not isinstance(backend, module.DiffusersBackend):
+        return False
+    from sogni_node.render.quantize import can_round_weights
+
+    return backend.quantize == "none" and can_round_weights()
 
 
 def _warn_if_encoder_differs() -> None:
@@ -222,6 +237,7 @@ async def run_node(
                     " ".join(
                         [SIGNER_SET_FEATURE] * (identity.network is not None)
                         + [OPEN_PIXELS_FEATURE, RERENDER_FEATURE]
+                        + [RERENDER_WEIGHTS_FEATURE] * _rounds_weights(backend)
                     ),
                 )
 

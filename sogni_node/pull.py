@@ -796,11 +796,24 @@ class PullSession:
             )
         if params.scheduler and params.scheduler not in SCHEDULERS:
             return refuse(f"unknown scheduler {params.scheduler!r}", "scheduler")
+        backend = self.worker.backend
+        render = backend.render
+        if msg.weights:  # the worker's 4-bit / fp8 weights, reproduced here
+            from sogni_node.render.diffusers_backend import DiffusersBackend
+            from sogni_node.render.quantize import parse_weights
+
+            if not isinstance(backend, DiffusersBackend) or backend.quantize != "none":
+                return refuse(f"this node cannot render with {msg.weights} weights", "mode")
+            try:
+                parse_weights(msg.weights)
+            except ValueError as exc:
+                return refuse(str(exc), "mode")
+            render = functools.partial(backend.render, weights=msg.weights)
         job = self._job_to_check(msg.check_id, params)
         if isinstance(job, VerifyRefused):
             return job
         try:
-            out = self.worker.backend.render(
+            out = render(
                 dataclasses.replace(job, output_format="png"), lambda _: None, lambda: False
             )
         except ValueError as exc:  # never `bad_leaf`: a re-render opens nothing of the worker's

@@ -722,6 +722,12 @@ a job, for a receipt the step checks cannot cover). A coordinator sends `VerifyR
 such nodes, so a node that predates the message never receives a frame it cannot read."""
 
 
+RERENDER_WEIGHTS_FEATURE = "+rerender-weights"
+"""A word in a node's `Capabilities.version`: it honours `VerifyRender.weights` (re-renders
+with another node's quantized weights reproduced). A coordinator sends a non-empty `weights`
+only to such nodes."""
+
+
 class VerifyRender(_Message, tag="verifyRender", kw_only=True):
     """Coordinator -> a verifier node (another wallet than the worker's): render the whole job
     `params` again, from its seed, in the verifier's own numeric mode `dtype` (the coordinator
@@ -729,13 +735,20 @@ class VerifyRender(_Message, tag="verifyRender", kw_only=True):
     with the image as a lossless PNG, or `VerifyRefused`, before `deadline`. For a receipt
     whose declared mode has no measured step tolerance, or that commits no trajectory
     (docs/VERIFICATION.md, "Whole re-render"). Like `VerifyStep`, carries the prompt, never
-    the job id. Sent only to a node naming `RERENDER_FEATURE`."""
+    the job id. Sent only to a node naming `RERENDER_FEATURE`.
+
+    `weights` (non-empty only for a node naming `RERENDER_WEIGHTS_FEATURE`): the worker's
+    weights as `<dtype>+<quantization>` (e.g. `bfloat16+quanto-int4`), for a mode whose
+    rounding alone moves the picture too far (4-bit, fp8): the verifier casts its denoiser's
+    weights to that dtype, quantizes them as that mode does and computes with them
+    dequantized, in its own `dtype`."""
 
     check_id: Bytes32
     model_id: ModelId
     params: JobParams
     dtype: ShortText
     deadline: Uint64
+    weights: ShortText = ""
 
     def __post_init__(self) -> None:
         if self.model_id != self.params.model_id:

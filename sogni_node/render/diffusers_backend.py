@@ -16,6 +16,7 @@ them and the tensors to open any step later.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -275,9 +276,16 @@ class DiffusersBackend:
         job: RenderJob,
         on_step: Callable[[int], None],
         should_cancel: Callable[[], bool],
+        *,
+        weights: str = "",
     ) -> RenderOutput:
-        """Blocking render; run it with `trio.to_thread.run_sync`. See `Backend.render`."""
+        """Blocking render; run it with `trio.to_thread.run_sync`. See `Backend.render`.
+
+        `weights` (a re-render check only): compute with another node's quantized weights,
+        `quantize.weights_as`; ValueError if this backend's own weights are quantized."""
         check_scheduler(job.scheduler)
+        if weights and self.quantize != "none":
+            raise ValueError(f"this node's weights are {self.quantize}: cannot use {weights}")
         if job.loras and not self.supports_loras:
             raise RenderError(
                 f"model {job.model_id!r}: LoRAs cannot be applied to {self.quantize} weights"
@@ -326,8 +334,13 @@ class DiffusersBackend:
                 recorder = TrajectoryRecorder()
                 recorder.record(0, latents, pipe.scheduler)
                 pinned["latents"] = latents
+            rounded: contextlib.AbstractContextManager[Any] = contextlib.nullcontext()
+            if weights:
+                from sogni_node.render.quantize import weights_as
+
+                rounded = weights_as(pipe, weights)
             try:
-                with applied_loras(pipe, job.loras):
+                with rounded, applied_loras(pipe, job.loras):
                     result = pipe(
                         prompt=job.prompt,
                         negative_prompt=job.negative_prompt or None,

@@ -233,6 +233,21 @@ def quantize_pipeline(pipe: Any, mode: str) -> None:
     device = next(net.parameters()).device
     check_quant_mode(mode, str(device))
     before = storage_bytes(net)
+    _quantize_module(net, mode)
+    _return_freed_memory(device)
+    logger.info(
+        "quantized %d of %d linear layers of the %s to %s: %.1f -> %.1f MB",
+        quantized_layers(net),
+        sum(isinstance(m, torch.nn.Linear) for m in net.modules()),
+        type(net).__name__,
+        mode,
+        before / 1e6,
+        storage_bytes(net) / 1e6,
+    )
+
+
+def _quantize_module(net: torch.nn.Module, mode: str) -> None:
+    """Quantize `net`'s target layers in place with `mode`'s library (no device check)."""
     targets = [name for name, m in net.named_modules() if is_target(m)]
     if mode.startswith("quanto-"):
         quanto = _import("optimum.quanto", mode)
@@ -245,16 +260,79 @@ def quantize_pipeline(pipe: Any, mode: str) -> None:
         quantize_ = _import("torchao.quantization", mode).quantize_
         with quiet_quant_imports():
             quantize_(net, config, filter_fn=lambda m, _fqn: is_target(m))
-    _return_freed_memory(device)
-    logger.info(
-        "quantized %d of %d linear layers of the %s to %s: %.1f -> %.1f MB",
-        quantized_layers(net),
-        sum(isinstance(m, torch.nn.Linear) for m in net.modules()),
-        type(net).__name__,
-        mode,
-        before / 1e6,
-        storage_bytes(net) / 1e6,
+
+
+_WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def can_round_weights() -> bool:
+    """Both quantization libraries are installed, so `weights_as` can reproduce every mode
+    (a node then names `RERENDER_WEIGHTS_FEATURE`)."""
+    return all(_installed(package) for package in set(_PACKAGE.values()))
+
+
+def parse_weights(weights: str) -> tuple[torch.dtype, str]:
+    """`<dtype>+<mode>` (e.g. `bfloat16+quanto-int4`, the front of a quantized node's declared
+    mode) -> (dtype, mode); ValueError naming what is wrong."""
+    name, plus, mode = weights.partition("+")
+    if not plus or name not in _WEIGHT_DTYPES or mode not in QUANT_MODES or mode == "none":
+        raise ValueError(
+            f"weights {weights!r} are not <dtype>+<mode> with dtype one of "
+            f"{', '.join(_WEIGHT_DTYPES)} and mode one of {', '.join(QUANT_MODES[1:])}"
+        )
+    package = _PACKAGE[mode]
+    if not _installed(package):
+        raise ValueError(
+            f"weights {weights!r} need the {package!r} package, which is not installed; "
+            f"install the quant extra: {QUANT_EXTRA}"
+        )
+    return _WEIGHT_DTYPES[name], mode
+
+
+def _round_trip(weight: torch.Tensor, dtype: torch.dtype, mode: str) -> torch.Tensor:
+    """`weight` as a node holding it in `dtype`, quantized with `mode`, computes with it."""
+    out_features, in_features = weight.shape
+    layer = torch.nn.Linear(
+        in_features, out_features, bias=False, device=weight.device, dtype=dtype
     )
+    with torch.no_grad():
+        layer.weight.copy_(weight.to(dtype))
+    holder = torch.nn.Sequential(layer)  # the libraries replace children, not the root
+    _quantize_module(holder, mode)
+    quantized = getattr(holder[0], "weight")  # noqa: B009 (a tensor subclass now)
+    return quantized.dequantize().to(weight.dtype)
+
+
+@contextlib.contextmanager
+def weights_as(pipe: Any, weights: str) -> Iterator[int]:
+    """For the duration, the denoiser's target layers compute with the weights a node
+    declaring `weights` (`parse_weights`) holds: cast to its dtype, quantized by its mode's
+    own library, dequantized to this pipeline's dtype. Yields how many layers changed; the
+    original weights are put back after, exactly.
+
+    Why: a whole re-render of a 4-bit or fp8 node's job against plain float32 weights drifts
+    beyond any bound a cheat could not also meet (docs/VERIFICATION.md, "Whole re-render");
+    with the worker's own rounded weights the only drift left is the compute dtype's. The
+    rounding runs on this device (fp8 weights are made on a CPU too: only fp8 *matmuls*
+    need CUDA), layer by layer, so the extra memory is one layer's.
+    """
+    dtype, mode = parse_weights(weights)
+    net = denoiser(pipe)
+    if quantized_layers(net):
+        raise ValueError("the denoiser's weights are quantized already: cannot round them again")
+    saved: list[tuple[torch.Tensor, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for module in net.modules():
+                if isinstance(module, torch.nn.Linear) and is_target(module):
+                    param = module.weight
+                    rounded = _round_trip(param.data, dtype, mode)
+                    saved.append((param, param.data))
+                    param.data = rounded
+        yield len(saved)
+    finally:
+        for param, original in saved:
+            param.data = original
 
 
 def _return_freed_memory(device: torch.device) -> None:

@@ -23,12 +23,14 @@ from sogni_coordinator.challenges import MAX_PAIRS, choose_steps
 from sogni_coordinator.evidence import decode_evidence
 from sogni_coordinator.job_state import JobState
 from sogni_coordinator.ledger import worker_account
+from sogni_coordinator.rerender_verify import rerender_weights
 from sogni_coordinator.verification_config import VerificationConfig
 from sogni_coordinator.verifiers import SEED_TOLERANCE
 from sogni_protocol import eip712
 from sogni_protocol.messages import (
     MAX_CHALLENGE_STEPS,
     RERENDER_FEATURE,
+    RERENDER_WEIGHTS_FEATURE,
     Challenge,
     ChallengeAnswer,
     ChallengeRefused,
@@ -347,21 +349,51 @@ async def answer_rerender(h: Harness, verifier: FakeNode, image: bytes) -> Verif
     return ask
 
 
-async def test_a_4bit_mode_no_rerender_bound_covers_is_released_unchecked(
-    checked: Harness,
+WEIGHTS_REFERENCE = {"mode": "float32", "version": f"{RERENDER_FEATURE} {RERENDER_WEIGHTS_FEATURE}"}
+"""What a node able to re-render with a quantized worker's weights advertises."""
+
+
+@pytest.mark.parametrize(
+    ("declared", "weights"),
+    [
+        ("float16+quanto-int4@cuda-sm90-torch2.13", "float16+quanto-int4"),
+        ("bfloat16+fp8+compiled@cuda-sm90-torch2.13", "bfloat16+fp8"),
+        ("float32+quanto-int4@cuda-sm90-torch2.13", "float32+quanto-int4"),
+        ("float8+fp8@cuda-sm90-torch2.13", "float32+fp8"),  # a dtype no node declares
+    ],
+)
+async def test_a_4bit_or_fp8_receipt_is_rerendered_with_the_workers_weights(
+    checked: Harness, declared: str, weights: str
 ) -> None:
-    """An unmeasured 4-bit mode: its honest renders are another picture on some jobs
-    (BENCHMARKS.md), so a re-render would refuse honest nodes: released unchecked."""
+    """A 4-bit or fp8 mode's rounding alone moves the picture (BENCHMARKS.md), so its
+    re-render reproduces the worker's weights: asked only of a node naming
+    `+rerender-weights`, never of a plain re-render node, with the weights named."""
     h = checked
     sub, _ = await _paid_request(h)
-    worker, _verifier = h.node(0), h.node(1, ready=False, **REFERENCE)
+    worker = h.node(0)
+    plain = h.node(1, ready=False, **REFERENCE)
+    verifier = h.node(2, ready=False, **WEIGHTS_REFERENCE)
     h.dispatcher.match()
     (offer,) = worker.offers()
     t = Trajectory(offer.offer.steps, seed=1)
-    mode = "float16+quanto-int4@cuda-sm90-torch2.13"
-    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t, dtype=mode))
-    assert h.store.check_state(offer.offer.job_id) is None
-    assert sub.state.finished.is_set()  # type: ignore[attr-defined]
+    result = committed(worker, offer, t, dtype=declared)
+    await h.dispatcher.accept_result(worker.link, result)
+    job_id = offer.offer.job_id
+    assert h.store.check_state(job_id) == "pending"
+    ask = await answer_rerender(h, verifier, result.image)
+    assert ask.weights == weights and ask.dtype == "float32"
+    await until(lambda: h.store.check_state(job_id) == "passed")
+    assert not [m for m in plain.drain() if isinstance(m, VerifyRender)]
+    await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
+    (line,) = log_lines(h)
+    assert line["verdict"] == "pass" and line["verifier"] == verifier.wallet
+
+
+def test_only_4bit_and_fp8_modes_need_the_workers_weights() -> None:
+    for plain in ("float32", "bfloat16@cpu-avx2", "float16+int8@cuda-sm90", "float32+quanto-int8"):
+        assert rerender_weights(plain) == ""
+    assert rerender_weights("bfloat16+quanto-int4+compiled@cpu-avx2") == "bfloat16+quanto-int4"
+    assert rerender_weights("float16@cuda-fp8") == ""  # only a mode part counts, not the path
 
 
 @pytest.mark.parametrize("uncovered", ["no trajectory", "unmeasured mode"])

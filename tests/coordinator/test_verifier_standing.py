@@ -19,7 +19,7 @@ from PIL import Image
 from sogni_coordinator.checks import OVERRULED, PROBE_FAILED
 from sogni_coordinator.evidence import decode_evidence
 from sogni_coordinator.job_state import JobState
-from sogni_coordinator.known_answers import KnownAnswer, KnownAnswers
+from sogni_coordinator.known_answers import KnownAnswer, KnownAnswers, KnownRender
 from sogni_coordinator.verification_config import VerificationConfig
 from sogni_coordinator.verifier_standing import VerifierStanding
 from sogni_protocol.messages import (
@@ -39,6 +39,7 @@ from sogni_protocol.messages import (
 from .conftest import MODEL, FakeNode, Harness, events, request
 from .test_checks import (
     REFERENCE,
+    WEIGHTS_REFERENCE,
     Trajectory,
     _earned,
     _paid_request,
@@ -513,3 +514,86 @@ async def test_two_wallets_a_lazy_rerender_verifier_is_caught_by_a_step_probe(
     assert line["verdict"] == "skipped" and PROBE_FAILED in str(line["reason"])
     assert h.reputation.get(worker.wallet).strikes == []
     assert not h.dispatcher.checks.standing.has_standing(lazy.wallet)
+
+
+@pytest.mark.parametrize("probe_honest", [False, True])
+async def test_two_wallets_a_rerender_verifier_is_probed_with_a_known_render(
+    h: Harness, probe_honest: bool
+) -> None:
+    """With a passed re-render in the pool, a re-render's verifier that fails an honest
+    worker (no third wallet) is probed with that earlier job, as an ordinary `VerifyRender`
+    (preferred to a known step: a verifier can be lazy on re-renders only). A wrong image
+    costs it its standing and releases the worker unstruck; the known image lets its fail
+    stand."""
+    sub, _ = await _paid_request(h)
+    worker, verifier = h.node(0), h.node(1, ready=False, **REFERENCE)
+    _prime(h, "0x" + "11" * 20, "0x" + "22" * 20)  # a known step too: never used here
+    params = JobParams(
+        model_id=MODEL, positive_prompt="an earlier render", steps=10, guidance=4.0,
+        width=64, height=64, seed=4,
+    )  # fmt: skip
+    known_image, wrong = _png(64, 64, (200, 30, 30)), _png(64, 64, (10, 200, 10))
+    h.dispatcher.checks.known_renders.add(
+        KnownRender(
+            worker="0x" + "11" * 20,
+            verifier="0x" + "22" * 20,
+            params=params,
+            weights="",
+            image=known_image,
+        )
+    )
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    job_id = offer.offer.job_id
+    t = Trajectory(offer.offer.steps, seed=1)
+    cuda = "float16@cuda-sm90-torch2.13"
+    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t, dtype=cuda))
+    ask = await next_of(verifier, VerifyRender)
+    reply = DecodeVerified(check_id=ask.check_id, image=wrong)  # not the delivered image
+    assert h.dispatcher.verifications.answered(verifier.link.peer_id, reply)
+    probe = await next_of(verifier, VerifyRender)
+    assert probe.params == params and probe.weights == "" and probe.check_id != ask.check_id
+    image = known_image if probe_honest else wrong
+    reply = DecodeVerified(check_id=probe.check_id, image=image)
+    assert h.dispatcher.verifications.answered(verifier.link.peer_id, reply)
+    standing = h.dispatcher.checks.standing
+    if probe_honest:  # the fail stands: unpaid, struck, rendered again
+        rep = h.reputation
+        await until(
+            lambda: bool(h.store.failed_receipts(job_id) and rep.get(worker.wallet).strikes)
+        )
+        (raw,) = h.store.failed_evidence(job_id)
+        assert decode_evidence(raw).steps[0].probe_passed is True
+        assert len(h.reputation.get(worker.wallet).strikes) == 1
+        assert standing.has_standing(verifier.wallet)
+    else:
+        await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
+        (line,) = log_lines(h)
+        assert line["verdict"] == "skipped" and PROBE_FAILED in str(line["reason"])
+        assert h.reputation.get(worker.wallet).strikes == []
+        assert not standing.has_standing(verifier.wallet)
+    assert not [m for m in verifier.drain() if isinstance(m, VerifyStep)]
+
+
+async def test_a_passed_rerender_becomes_a_known_render(h: Harness) -> None:
+    """The verifier's image of a passed re-render joins the pool, keyed by model and the
+    worker's weights, and is never drawn for the accounts that made it."""
+    sub, _ = await _paid_request(h)
+    worker, verifier = h.node(0), h.node(1, ready=False, **WEIGHTS_REFERENCE)
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    t = Trajectory(offer.offer.steps, seed=1)
+    int4 = "float16+quanto-int4@cuda-sm90-torch2.13"
+    result = committed(worker, offer, t, dtype=int4)
+    await h.dispatcher.accept_result(worker.link, result)
+    ask = await next_of(verifier, VerifyRender)
+    reply = DecodeVerified(check_id=ask.check_id, image=result.image)
+    assert h.dispatcher.verifications.answered(verifier.link.peer_id, reply)
+    await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
+    pool, rng = h.dispatcher.checks.known_renders, random.Random(1)
+    mode = "render:float16+quanto-int4"
+    known = pool.draw(MODEL, mode, "0x" + "33" * 20, rng)
+    assert known is not None and known.image == result.image and known.params == offer.params
+    assert pool.draw(MODEL, "render:", "0x" + "33" * 20, rng) is None  # other weights
+    for account in (worker.wallet, verifier.wallet):
+        assert pool.draw(MODEL, mode, account, rng) is None

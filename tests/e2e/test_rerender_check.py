@@ -22,6 +22,7 @@ import trio
 
 from sogni_app.api import render
 from sogni_coordinator.rerender_verify import RERENDER_RULE, verify_rerender
+from sogni_node.render.diffusers_backend import DiffusersBackend
 from sogni_node.render.trajectory import Trajectory
 from sogni_protocol import eip712
 from sogni_protocol.messages import NO_TRAJECTORY, DecodeVerified, VerifyRender, job_params
@@ -98,7 +99,9 @@ async def test_a_verifier_node_renders_a_job_again_or_refuses_with_a_code(
 ) -> None:
     """The exchange itself, against real nodes: the re-render is the delivered image (PNG,
     and a JPEG job's file through the coordinator's encoder); a mode the node does not run
-    is refused `mode`, a model it does not serve `model`; neither log names the prompt."""
+    is refused `mode`, a model it does not serve `model`; neither log names the prompt. A
+    4-bit node's image passes against a re-render with its own weights (a node naming
+    `+rerender-weights`), and weights that name no mode are refused `mode`."""
     async with net_factory() as net:
         await net.add_node(backend, "alice")
         await net.add_node(backend, "bob")
@@ -109,20 +112,36 @@ async def test_a_verifier_node_renders_a_job_again_or_refuses_with_a_code(
                 (delivered,) = (await render(net.addr, request)).images
                 receipt = stored_receipt(dispatcher, delivered.job_id)
                 verdict = await verify_rerender(
-                    dispatcher, params=job_params(request, 0), worker=receipt.worker,
-                    worker_payout=receipt.payee, image=delivered.image, step=3, timeout=30,
+                    dispatcher, params=job_params(request, 0), dtype="float32",
+                    worker=receipt.worker, worker_payout=receipt.payee, image=delivered.image,
+                    step=3, timeout=30,
                 )  # fmt: skip
                 assert verdict.passed and verdict.distance == 0.0, verdict.reason
                 assert not eip712.same_address(verdict.verifier or "", receipt.worker)
                 peer = verdict.verifier
                 assert peer is not None and peer in dispatcher.nodes
-            params = job_params(tiny_request(1), 0)
-            for dtype, model, code in (("bfloat16@elsewhere", MODEL, "mode"),
-                                       ("float32", "sogni-not-here", "model")):  # fmt: skip
+            # a 4-bit node's image (a CUDA one, as declared): re-rendered with its weights
+            params = job_params(tiny_request(1, seed=5), 0)
+            int4 = DiffusersBackend(
+                backend.registry, device="cpu", threads=1, quantize="quanto-int4"
+            )
+            node_image, _ = await real_render(int4, params)
+            verdict = await verify_rerender(
+                dispatcher, params=params, dtype="float32+quanto-int4@cuda-sm90-torch2.13",
+                worker="0x" + "11" * 20, worker_payout="0x" + "11" * 20, image=node_image,
+                step=3, timeout=30,
+            )  # fmt: skip
+            assert verdict.passed and verdict.distance is not None, verdict.reason
+            assert verdict.distance <= 1 and "quanto-int4 weights" in verdict.reason
+            for dtype, model, weights, code in (
+                ("bfloat16@elsewhere", MODEL, "", "mode"),
+                ("float32", "sogni-not-here", "", "model"),
+                ("float32", MODEL, "float64+fp8", "mode"),
+            ):
                 ask = VerifyRender(
                     check_id=secrets.token_bytes(32), model_id=model,
                     params=msgspec.structs.replace(params, model_id=model), dtype=dtype,
-                    deadline=int(time.time()) + 30,
+                    deadline=int(time.time()) + 30, weights=weights,
                 )  # fmt: skip
                 reply = await dispatcher.verifications.ask_image(
                     peer, dispatcher.nodes[peer].outbox, ask, 30

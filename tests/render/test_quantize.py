@@ -14,7 +14,9 @@ ATEN_CPU_CAPABILITY, oneDNN's ISA, MKL's, the quantized engine), not from one ma
 from __future__ import annotations
 
 import importlib.util
+import io
 import random
+import re
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -34,13 +36,16 @@ from sogni_node.render.quantize import (
     FP8_MIN_CAPABILITY,
     QUANT_EXTRA,
     QUANT_MODES,
+    _quantize_module,
     check_quant_mode,
     compile_pipeline,
     denoiser,
     is_target,
+    parse_weights,
     quantize_pipeline,
     quantized_layers,
     storage_bytes,
+    weights_as,
 )
 
 N_PROMPTS = 6
@@ -195,6 +200,87 @@ def test_backend_renders_quantized() -> None:
         assert not backend.supports_loras
     finally:
         backend.close()
+
+
+# --- another node's weights, for a whole re-render (docs/VERIFICATION.md) -----------------
+@pytest.mark.parametrize("weights", ["bfloat16+quanto-int4", "float32+fp8", "float16+int8"])
+def test_weights_as_holds_a_quantized_nodes_own_weights_and_puts_them_back(weights: str) -> None:
+    """Inside `weights_as`, every target layer computes with exactly what a node loaded in
+    that dtype and quantized by that mode computes with (fp8 weights are made on a CPU too);
+    after it, the plain weights are back bit for bit."""
+    dtype_name, _, mode = weights.partition("+")
+    if not _available(mode):
+        pytest.skip(f"{mode} needs the quant extra: {QUANT_EXTRA}")
+    pipe = _load()
+    before = {k: v.clone() for k, v in denoiser(pipe).state_dict().items()}
+    node = _load().to(dtype=getattr(torch, dtype_name))
+    _quantize_module(denoiser(node), mode)  # as quantize_pipeline, without its device check
+    theirs = [m.weight.dequantize().float() for m in denoiser(node).modules() if is_target(m)]
+    with weights_as(pipe, weights) as changed:
+        ours = [m.weight for m in denoiser(pipe).modules() if is_target(m)]
+        assert changed == len(theirs) == len(ours) > 0
+        assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))
+        assert any(not torch.equal(w, before[k]) for k, w in denoiser(pipe).state_dict().items())
+    after = denoiser(pipe).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize(
+    ("weights", "says"),
+    [
+        ("quanto-int4", "not <dtype>+<mode>"),
+        ("float64+fp8", "not <dtype>+<mode>"),
+        ("float32+none", "not <dtype>+<mode>"),
+        ("float32+int3", "not <dtype>+<mode>"),
+    ],
+)
+def test_weights_that_name_no_mode_are_refused(weights: str, says: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(says)):
+        parse_weights(weights)
+
+
+def test_a_plain_backend_renders_with_a_4bit_nodes_weights() -> None:
+    """A float32 verifier re-rendering with `weights` gives the 4-bit node's picture (within
+    one level: the same weights, the same float32 compute, another matmul kernel), not its
+    own; a quantized backend cannot round its weights again."""
+    if not _available("quanto-int4"):
+        pytest.skip(f"quanto-int4 needs the quant extra: {QUANT_EXTRA}")
+    spec = shapes_model_spec()
+    job = RenderJob(
+        model_id=SHAPES_MODEL_ID,
+        prompt="a red circle on a blue background",
+        negative_prompt="",
+        steps=4,
+        guidance=spec.default_guidance,
+        scheduler=None,
+        width=spec.width,
+        height=spec.height,
+        seed=3,
+    )
+    images = {}
+    cases = (("none", ""), ("none", "float32+quanto-int4"), ("quanto-int4", ""))
+    for quantize, weights in cases:
+        backend = DiffusersBackend(
+            ModelRegistry([spec]), device="cpu", threads=1, quantize=quantize
+        )
+        try:
+            out = backend.render(job, lambda _: None, lambda: False, weights=weights)
+            images[quantize, weights] = _pixels(out.image)
+            if quantize != "none":
+                asked = cases[1][1]
+                with pytest.raises(ValueError, match=re.escape(f"cannot use {asked}")):
+                    backend.render(job, lambda _: None, lambda: False, weights=asked)
+        finally:
+            backend.close()
+    plain, rounded, node = (images[k] for k in images)
+    assert np.abs(rounded - node).max() <= 1
+    assert np.abs(plain - node).max() > 1
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
 def test_none_is_a_no_op() -> None:
