@@ -175,6 +175,21 @@ def test_quantized_render_is_close_to_fp32(
     assert shape_shift <= MAX_SHAPE_SHIFT[mode], shifts
 
 
+def _shapes_job(*, steps: int, seed: int) -> RenderJob:
+    spec = shapes_model_spec()
+    return RenderJob(
+        model_id=SHAPES_MODEL_ID,
+        prompt="a red circle on a blue background",
+        negative_prompt="",
+        steps=steps,
+        guidance=spec.default_guidance,
+        scheduler=None,
+        width=spec.width,
+        height=spec.height,
+        seed=seed,
+    )
+
+
 def test_backend_renders_quantized() -> None:
     """The node's backend takes the mode, records it in receipts and refuses LoRAs."""
     if not _available("int8"):
@@ -182,18 +197,7 @@ def test_backend_renders_quantized() -> None:
     registry = ModelRegistry([shapes_model_spec()])
     backend = DiffusersBackend(registry, device="cpu", threads=1, quantize="int8")
     try:
-        spec = shapes_model_spec()
-        job = RenderJob(
-            model_id=SHAPES_MODEL_ID,
-            prompt="a red circle on a blue background",
-            negative_prompt="",
-            steps=2,
-            guidance=spec.default_guidance,
-            scheduler=None,
-            width=spec.width,
-            height=spec.height,
-            seed=1,
-        )
+        job = _shapes_job(steps=2, seed=1)
         out = backend.render(job, on_step=lambda _: None, should_cancel=lambda: False)
         assert out.dtype == "float32+int8"
         assert out.image.startswith(b"\x89PNG")
@@ -215,14 +219,19 @@ def test_weights_as_holds_a_quantized_nodes_own_weights_and_puts_them_back(weigh
     before = {k: v.clone() for k, v in denoiser(pipe).state_dict().items()}
     node = _load().to(dtype=getattr(torch, dtype_name))
     _quantize_module(denoiser(node), mode)  # as quantize_pipeline, without its device check
-    theirs = [m.weight.dequantize().float() for m in denoiser(node).modules() if is_target(m)]
+    theirs = [_weight(m).dequantize().float() for m in denoiser(node).modules() if is_target(m)]
     with weights_as(pipe, weights) as changed:
-        ours = [m.weight for m in denoiser(pipe).modules() if is_target(m)]
+        ours = [_weight(m) for m in denoiser(pipe).modules() if is_target(m)]
         assert changed == len(theirs) == len(ours) > 0
         assert all(torch.equal(a, b) for a, b in zip(theirs, ours, strict=True))
         assert any(not torch.equal(w, before[k]) for k, w in denoiser(pipe).state_dict().items())
     after = denoiser(pipe).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _weight(module: torch.nn.Module) -> Any:
+    """A target layer's weight (a quantized tensor subclass, or a plain parameter)."""
+    return module.weight
 
 
 @pytest.mark.parametrize(
@@ -246,17 +255,7 @@ def test_a_plain_backend_renders_with_a_4bit_nodes_weights() -> None:
     if not _available("quanto-int4"):
         pytest.skip(f"quanto-int4 needs the quant extra: {QUANT_EXTRA}")
     spec = shapes_model_spec()
-    job = RenderJob(
-        model_id=SHAPES_MODEL_ID,
-        prompt="a red circle on a blue background",
-        negative_prompt="",
-        steps=4,
-        guidance=spec.default_guidance,
-        scheduler=None,
-        width=spec.width,
-        height=spec.height,
-        seed=3,
-    )
+    job = _shapes_job(steps=4, seed=3)
     images = {}
     cases = (("none", ""), ("none", "float32+quanto-int4"), ("quanto-int4", ""))
     for quantize, weights in cases:
