@@ -81,6 +81,7 @@ from sogni_coordinator.evidence import Evidence, StepEvidence, VerifierAnswer, e
 from sogni_coordinator.image_verify import verify_image
 from sogni_coordinator.jobs import Job, NodeLink
 from sogni_coordinator.known_answers import (
+    KNOWN_RENDER_MAX_BYTES,
     KNOWN_RENDERS_PER_KEY,
     KnownAnswer,
     KnownAnswers,
@@ -334,6 +335,9 @@ class _Dispatcher(Protocol):
     @property
     def results(self) -> ResultStore: ...
 
+    @property
+    def prompt_retention(self) -> float: ...
+
     async def challenge(
         self, peer_id: str, job_id: bytes, steps: list[int], timeout: float, pixels: bool = False
     ) -> ChallengeResult: ...
@@ -361,10 +365,11 @@ class Checks:
         self.log_path = log_path
         self._rng = rng or random.SystemRandom()
         self._clock = clock
-        self.known = KnownAnswers[KnownAnswer](self.policy.probe_pool)
+        retention = dispatcher.prompt_retention  # an answer holds its job's prompt
+        self.known = KnownAnswers[KnownAnswer](self.policy.probe_pool, max_age=retention)
         """Steps whose answer is known, to probe verifiers with (in memory)."""
         self.known_renders = KnownAnswers[KnownRender](
-            min(self.policy.probe_pool, KNOWN_RENDERS_PER_KEY)
+            min(self.policy.probe_pool, KNOWN_RENDERS_PER_KEY), max_age=retention
         )
         """Passed re-renders, to probe re-render verifiers with (in memory)."""
         self.standing = VerifierStanding(self.policy.standing_lost_for, clock)
@@ -754,10 +759,10 @@ class Checks:
                     image=render.image,
                     fmt="png",
                     step=render.params.steps,
-                    timeout=self.policy.verify_timeout + held.budget,
+                    timeout=self.policy.verify_timeout + render.budget,
                 )
-        if v is None:
-            v = await self._probe_step(held, first, kind)
+        if v is None or v.distance is None:  # none, or refused / silent: a step instead
+            v = await self._probe_step(held, first, kind) or v
         if v is None:
             return None
         log.info("verifier_probed", verifier=first.wallet, passed=v.passed, kind=kind)
@@ -852,6 +857,8 @@ class Checks:
             v = answers.get(w)
             if kind != RENDER or v is None or not v.passed or v.image is None:
                 continue
+            if len(v.image) > KNOWN_RENDER_MAX_BYTES:
+                continue
             payees = (held.receipt.payee, run.payees.get(w))
             self.known_renders.add(
                 KnownRender(
@@ -860,6 +867,7 @@ class Checks:
                     params=held.job.params,
                     weights=rerender_weights(held.dtype),
                     image=v.image,
+                    budget=held.budget,
                     accounts=frozenset(a.lower() for a in payees if a is not None),
                 )
             )

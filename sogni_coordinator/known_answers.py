@@ -21,17 +21,28 @@ nothing about it).
 
 from __future__ import annotations
 
+import math
 import random
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from sogni_protocol.messages import JobParams, StepOpeningWire
 
-__all__ = ["KNOWN_RENDERS_PER_KEY", "KnownAnswer", "KnownAnswers", "KnownRender"]
+__all__ = [
+    "KNOWN_RENDERS_PER_KEY",
+    "KNOWN_RENDER_MAX_BYTES",
+    "KnownAnswer",
+    "KnownAnswers",
+    "KnownRender",
+]
 
 KNOWN_RENDERS_PER_KEY = 16
 """Known renders kept per (model, weights): each holds a PNG (a 1024x1024 one is ~1.5 MB)."""
+KNOWN_RENDER_MAX_BYTES = 4 * 1024 * 1024
+"""A larger PNG (a verifier may pad its answer up to the frame limit) is not kept."""
 
 
 class _Known:
@@ -88,6 +99,9 @@ class KnownRender(_Known):
     weights: str
     image: bytes
     """The verifier's render, a lossless PNG."""
+    budget: float
+    """The job's render budget (s): a probe's deadline must be the one a real check of this
+    job would carry, or a verifier could tell probes apart."""
     accounts: frozenset[str] = frozenset()
 
     @property
@@ -99,22 +113,43 @@ K = TypeVar("K", bound=_Known)
 
 
 class KnownAnswers(Generic[K]):
-    """At most `per_key` known answers per (model id, mode), newest kept."""
+    """At most `per_key` known answers per (model id, mode), newest kept, each for at most
+    `max_age` seconds: an answer holds its job's prompt (and a known render its image), which
+    must not outlive the coordinator's `prompt_retention_seconds`."""
 
-    def __init__(self, per_key: int = 64) -> None:
+    def __init__(
+        self,
+        per_key: int = 64,
+        *,
+        max_age: float = math.inf,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.per_key = per_key
-        self._pool: dict[tuple[str, str], deque[K]] = {}
+        self.max_age = max_age
+        self._clock = clock
+        self._pool: dict[tuple[str, str], deque[tuple[float, K]]] = {}
 
     def __len__(self) -> int:
+        self._expire()
         return sum(len(q) for q in self._pool.values())
 
     def add(self, answer: K) -> None:
         if self.per_key <= 0 or answer.worker.lower() == answer.verifier.lower():
             return  # a wallet agreeing with itself proves nothing
+        self._expire()
         queue = self._pool.get(answer.key)
         if queue is None:
             queue = self._pool[answer.key] = deque(maxlen=self.per_key)
-        queue.append(answer)
+        queue.append((self._clock(), answer))
+
+    def _expire(self) -> None:
+        """Forget answers older than `max_age` (each queue is oldest first)."""
+        oldest = self._clock() - self.max_age
+        for key, queue in list(self._pool.items()):
+            while queue and queue[0][0] < oldest:
+                queue.popleft()
+            if not queue:
+                del self._pool[key]
 
     def draw(
         self,
@@ -129,6 +164,7 @@ class KnownAnswers(Generic[K]):
         re-render) that `verifier` (a wallet) and its `payout` account neither rendered,
         verified nor were paid for, drawn at random; None if there is none (a sibling
         container of one operator must not be probed with its siblings' work)."""
+        self._expire()
         queue = self._pool.get((model_id, mode), ())
-        fit = [a for a in queue if not a.involves(verifier, payout)]
+        fit = [a for _, a in queue if not a.involves(verifier, payout)]
         return rng.choice(fit) if fit else None

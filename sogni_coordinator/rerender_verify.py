@@ -27,6 +27,7 @@ import time
 from collections.abc import Mapping
 from typing import Protocol
 
+import msgspec
 import trio
 
 from sogni_coordinator.image_verify import check_distance, delivered_image
@@ -185,13 +186,15 @@ async def rerender_on(
     link = dispatcher.nodes.get(peer)
     if link is None:
         return _inconclusive(step, tol, "re-render: verifier not connected", peer)
+    if weights and RERENDER_WEIGHTS_FEATURE not in link.features:  # re-advertised without
+        return _inconclusive(step, tol, f"re-render: the verifier cannot use {weights}", peer)
     request = VerifyRender(
         check_id=secrets.token_bytes(32),
         model_id=params.model_id,
         params=params,
         dtype=REFERENCE_MODE,
         deadline=int(time.time() + timeout) + 1,
-        weights=weights,
+        weights=weights or msgspec.UNSET,
     )
     if len(encode(request)) > RESULT_FRAME_LIMIT:
         return _inconclusive(step, tol, "re-render: the job's parameters are too large to send")

@@ -798,17 +798,18 @@ class PullSession:
             return refuse(f"unknown scheduler {params.scheduler!r}", "scheduler")
         backend = self.worker.backend
         render = backend.render
-        if msg.weights:  # the worker's 4-bit / fp8 weights, reproduced here
+        weights = msg.weights if isinstance(msg.weights, str) else ""
+        if weights:  # the worker's 4-bit / fp8 weights, reproduced here
             from sogni_node.render.diffusers_backend import DiffusersBackend
             from sogni_node.render.quantize import parse_weights
 
             if not isinstance(backend, DiffusersBackend) or backend.quantize != "none":
-                return refuse(f"this node cannot render with {msg.weights} weights", "mode")
+                return refuse(f"this node cannot render with {weights} weights", "mode")
             try:
-                parse_weights(msg.weights)
+                parse_weights(weights)
             except ValueError as exc:
                 return refuse(str(exc), "mode")
-            render = functools.partial(backend.render, weights=msg.weights)
+            render = functools.partial(backend.render, weights=weights)
         job = self._job_to_check(msg.check_id, params)
         if isinstance(job, VerifyRefused):
             return job

@@ -737,7 +737,7 @@ class VerifyRender(_Message, tag="verifyRender", kw_only=True):
     (docs/VERIFICATION.md, "Whole re-render"). Like `VerifyStep`, carries the prompt, never
     the job id. Sent only to a node naming `RERENDER_FEATURE`.
 
-    `weights` (non-empty only for a node naming `RERENDER_WEIGHTS_FEATURE`): the worker's
+    `weights` (set only for a node naming `RERENDER_WEIGHTS_FEATURE`): the worker's
     weights as `<dtype>+<quantization>` (e.g. `bfloat16+quanto-int4`), for a mode whose
     rounding alone moves the picture too far (4-bit, fp8): the verifier casts its denoiser's
     weights to that dtype, quantizes them as that mode does and computes with them
@@ -748,7 +748,9 @@ class VerifyRender(_Message, tag="verifyRender", kw_only=True):
     params: JobParams
     dtype: ShortText
     deadline: Uint64
-    weights: ShortText = ""
+    weights: ShortText | msgspec.UnsetType = msgspec.UNSET
+    """Unset (not encoded, so a `+rerender` node that predates the field reads the frame)
+    unless the worker's weights must be reproduced."""
 
     def __post_init__(self) -> None:
         if self.model_id != self.params.model_id:

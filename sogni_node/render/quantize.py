@@ -314,7 +314,9 @@ def weights_as(pipe: Any, weights: str) -> Iterator[int]:
     beyond any bound a cheat could not also meet (docs/VERIFICATION.md, "Whole re-render");
     with the worker's own rounded weights the only drift left is the compute dtype's. The
     rounding runs on this device (fp8 weights are made on a CPU too: only fp8 *matmuls*
-    need CUDA), layer by layer, so the extra memory is one layer's.
+    need CUDA), layer by layer; the rounded weights and the originals (to put back) are both
+    held for the render: one extra copy of the target layers (a float32 SDXL UNet's are
+    ~10 GB), which a verifier's memory budget must allow.
     """
     dtype, mode = parse_weights(weights)
     net = denoiser(pipe)

@@ -36,6 +36,7 @@ from sogni_protocol.messages import (
     ChallengeRefused,
     DecodeVerified,
     JobImage,
+    JobParams,
     Offer,
     RenderMeta,
     Result,
@@ -45,6 +46,8 @@ from sogni_protocol.messages import (
     TensorEntry,
     VerifyRender,
     VerifyStep,
+    decode,
+    encode,
 )
 from sogni_protocol.trajectory import TensorBytes, TrajectoryTree, step_digest
 
@@ -387,6 +390,40 @@ async def test_a_4bit_or_fp8_receipt_is_rerendered_with_the_workers_weights(
     await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
     (line,) = log_lines(h)
     assert line["verdict"] == "pass" and line["verifier"] == verifier.wallet
+
+
+async def test_a_4bit_receipt_with_no_weights_verifier_is_skipped_and_released(
+    checked: Harness,
+) -> None:
+    """Only plain re-render nodes serve the model: a 4-bit receipt is not re-rendered
+    against plain weights (that would refuse honest nodes); skipped, released, paid."""
+    h = checked
+    sub, _ = await _paid_request(h)
+    worker, plain = h.node(0), h.node(1, ready=False, **REFERENCE)
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    t = Trajectory(offer.offer.steps, seed=1)
+    mode = "float16+quanto-int4@cuda-sm90-torch2.13"
+    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t, dtype=mode))
+    await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
+    (line,) = log_lines(h)
+    assert line["verdict"] == "skipped" and "float16+quanto-int4 weights" in line["reason"]
+    assert not [m for m in plain.drain() if isinstance(m, VerifyRender)]
+    await until(lambda: _earned(h, worker.wallet) > 0)
+
+
+def test_a_verify_render_frame_names_weights_only_when_set() -> None:
+    """Unset weights are not encoded: a `+rerender` node that predates the field (it refuses
+    unknown fields) still reads every plain re-render."""
+    params = JobParams(model_id="sogni-tiny-sd", positive_prompt="p", steps=2, guidance=4.0,
+                       width=64, height=64, seed=1)  # fmt: skip
+    plain = VerifyRender(
+        check_id=b"\x01" * 32, model_id=params.model_id, params=params, dtype="float32",
+        deadline=1,
+    )  # fmt: skip
+    assert "weights" not in msgspec.msgpack.decode(encode(plain))
+    weighted = msgspec.structs.replace(plain, weights="bfloat16+fp8")
+    assert decode(encode(weighted)) == weighted
 
 
 def test_only_4bit_and_fp8_modes_need_the_workers_weights() -> None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import io
 import random
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import msgspec
 import pytest
 import trio
 from PIL import Image
@@ -516,32 +518,29 @@ async def test_two_wallets_a_lazy_rerender_verifier_is_caught_by_a_step_probe(
     assert not h.dispatcher.checks.standing.has_standing(lazy.wallet)
 
 
-@pytest.mark.parametrize("probe_honest", [False, True])
+@pytest.mark.parametrize("probe", ["wrong image", "known image", "refused"])
 async def test_two_wallets_a_rerender_verifier_is_probed_with_a_known_render(
-    h: Harness, probe_honest: bool
+    h: Harness, probe: str
 ) -> None:
     """With a passed re-render in the pool, a re-render's verifier that fails an honest
     worker (no third wallet) is probed with that earlier job, as an ordinary `VerifyRender`
-    (preferred to a known step: a verifier can be lazy on re-renders only). A wrong image
-    costs it its standing and releases the worker unstruck; the known image lets its fail
-    stand."""
+    with the deadline a real check of it would carry (preferred to a known step: a verifier
+    can be lazy on re-renders only). A wrong image costs it its standing and releases the
+    worker unstruck; the known image lets its fail stand; a refused render probe is followed
+    by a known step, which it answers wrong."""
     sub, _ = await _paid_request(h)
     worker, verifier = h.node(0), h.node(1, ready=False, **REFERENCE)
-    _prime(h, "0x" + "11" * 20, "0x" + "22" * 20)  # a known step too: never used here
+    known_step = _prime(h, "0x" + "11" * 20, "0x" + "22" * 20)
     params = JobParams(
         model_id=MODEL, positive_prompt="an earlier render", steps=10, guidance=4.0,
         width=64, height=64, seed=4,
     )  # fmt: skip
     known_image, wrong = _png(64, 64, (200, 30, 30)), _png(64, 64, (10, 200, 10))
-    h.dispatcher.checks.known_renders.add(
-        KnownRender(
-            worker="0x" + "11" * 20,
-            verifier="0x" + "22" * 20,
-            params=params,
-            weights="",
-            image=known_image,
-        )
-    )
+    earlier = KnownRender(
+        worker="0x" + "11" * 20, verifier="0x" + "22" * 20, params=params, weights="",
+        image=known_image, budget=300.0,
+    )  # fmt: skip
+    h.dispatcher.checks.known_renders.add(earlier)
     h.dispatcher.match()
     (offer,) = worker.offers()
     job_id = offer.offer.job_id
@@ -551,13 +550,22 @@ async def test_two_wallets_a_rerender_verifier_is_probed_with_a_known_render(
     ask = await next_of(verifier, VerifyRender)
     reply = DecodeVerified(check_id=ask.check_id, image=wrong)  # not the delivered image
     assert h.dispatcher.verifications.answered(verifier.link.peer_id, reply)
-    probe = await next_of(verifier, VerifyRender)
-    assert probe.params == params and probe.weights == "" and probe.check_id != ask.check_id
-    image = known_image if probe_honest else wrong
-    reply = DecodeVerified(check_id=probe.check_id, image=image)
-    assert h.dispatcher.verifications.answered(verifier.link.peer_id, reply)
+    asked = await next_of(verifier, VerifyRender)
+    assert asked.params == params and asked.check_id != ask.check_id
+    assert asked.weights is msgspec.UNSET  # a plain re-render's frame carries no weights
+    left = asked.deadline - time.time()
+    assert POLICY.verify_timeout + 300 - 5 < left <= POLICY.verify_timeout + 300 + 1
+    answer: DecodeVerified | VerifyRefused = DecodeVerified(
+        check_id=asked.check_id, image=known_image if probe == "known image" else wrong
+    )
+    if probe == "refused":
+        answer = VerifyRefused(check_id=asked.check_id, reason="busy", code="other")
+    assert h.dispatcher.verifications.answered(verifier.link.peer_id, answer)
+    if probe == "refused":  # then a known float32 step, answered wrong
+        (step_probe,) = await serve(h, verifier, [known_step], honest=False)
+        assert step_probe.dtype == "float32"
     standing = h.dispatcher.checks.standing
-    if probe_honest:  # the fail stands: unpaid, struck, rendered again
+    if probe == "known image":  # the fail stands: unpaid, struck, rendered again
         rep = h.reputation
         await until(
             lambda: bool(h.store.failed_receipts(job_id) and rep.get(worker.wallet).strikes)
@@ -573,6 +581,21 @@ async def test_two_wallets_a_rerender_verifier_is_probed_with_a_known_render(
         assert h.reputation.get(worker.wallet).strikes == []
         assert not standing.has_standing(verifier.wallet)
     assert not [m for m in verifier.drain() if isinstance(m, VerifyStep)]
+
+
+def test_known_answers_expire_with_the_prompt_retention() -> None:
+    """An answer holds its job's prompt: it is not drawn (nor kept) past `max_age`."""
+    now = [1000.0]
+    pool = KnownAnswers[KnownRender](4, max_age=60.0, clock=lambda: now[0])
+    params = JobParams(model_id="m", positive_prompt="p", steps=2, guidance=4.0,
+                       width=64, height=64, seed=1)  # fmt: skip
+    pool.add(KnownRender(worker="0xaa", verifier="0xbb", params=params, weights="",
+                         image=b"png", budget=10.0))  # fmt: skip
+    rng = random.Random(1)
+    now[0] += 59.0
+    assert pool.draw("m", "render:", "0xcc", rng) is not None and len(pool) == 1
+    now[0] += 2.0
+    assert pool.draw("m", "render:", "0xcc", rng) is None and len(pool) == 0
 
 
 async def test_a_passed_rerender_becomes_a_known_render(h: Harness) -> None:

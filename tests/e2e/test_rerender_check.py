@@ -125,7 +125,10 @@ async def test_a_verifier_node_renders_a_job_again_or_refuses_with_a_code(
             int4 = DiffusersBackend(
                 backend.registry, device="cpu", threads=1, quantize="quanto-int4"
             )
-            node_image, _ = await real_render(int4, params)
+            try:
+                node_image, _ = await real_render(int4, params)
+            finally:
+                int4.close()
             verdict = await verify_rerender(
                 dispatcher, params=params, dtype="float32+quanto-int4@cuda-sm90-torch2.13",
                 worker="0x" + "11" * 20, worker_payout="0x" + "11" * 20, image=node_image,
@@ -141,7 +144,7 @@ async def test_a_verifier_node_renders_a_job_again_or_refuses_with_a_code(
                 ask = VerifyRender(
                     check_id=secrets.token_bytes(32), model_id=model,
                     params=msgspec.structs.replace(params, model_id=model), dtype=dtype,
-                    deadline=int(time.time()) + 30, weights=weights,
+                    deadline=int(time.time()) + 30, weights=weights or msgspec.UNSET,
                 )  # fmt: skip
                 reply = await dispatcher.verifications.ask_image(
                     peer, dispatcher.nodes[peer].outbox, ask, 30
