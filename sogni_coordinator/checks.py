@@ -103,6 +103,7 @@ from sogni_coordinator.verifiers import (
     PendingVerifications,
     StepVerdict,
     can_verify,
+    choose_verifier,
     probe_step,
     tolerance_for,
     verify_step,
@@ -739,61 +740,106 @@ class Checks:
         verifier is asked to re-render a known render (a passed re-render of a job none of
         its accounts touched, with the same weights) where the pool holds one, so a verifier
         lazy only on re-renders is caught; else it gets a known step of `REFERENCE_MODE`, its
-        own (the worker's mode has no known answers: nobody step-checks it)."""
+        own (the worker's mode has no known answers: nobody step-checks it). A wrong answer
+        costs standing only once a third wallet answering the same probe agrees with the
+        pool (`_entry_holds`): an entry planted by a colluding worker and verifier is evicted
+        instead, and the probe says nothing."""
         held = run.held
         if first.peer is None or first.wallet is None:
             return None
         model = held.job.params.model_id
-        v: StepVerdict | None = None
+        entries: list[KnownAnswer | KnownRender | None] = []
         if kind == RENDER:  # a known render first: a verifier lazy only on re-renders
             weights = rerender_weights(held.dtype)
-            render = self.known_renders.draw(
-                model, f"render:{weights}", first.wallet, self._rng, payout=first.payee
-            )
-            if render is not None:
-                v = await rerender_on(
-                    self.dispatcher,
-                    first.peer,
-                    params=render.params,
-                    weights=render.weights,
-                    image=render.image,
-                    fmt="png",
-                    step=render.params.steps,
-                    timeout=self.policy.verify_timeout + render.budget,
+            entries.append(
+                self.known_renders.draw(
+                    model, f"render:{weights}", first.wallet, self._rng, payout=first.payee
                 )
-        if v is None or v.distance is None:  # none, or refused / silent: a step instead
-            v = await self._probe_step(held, first, kind) or v
-        if v is None:
+            )
+        dtype = REFERENCE_MODE if kind == RENDER else held.dtype
+        entries.append(self.known.draw(model, dtype, first.wallet, self._rng, payout=first.payee))
+        v: StepVerdict | None = None
+        entry: KnownAnswer | KnownRender | None = None
+        for entry in (e for e in entries if e is not None):
+            v = await self._ask_known(first.peer, entry)
+            if v.passed or _against_worker(v):
+                break  # answered (a refusal or silence: the next kind of probe instead)
+        if v is None or entry is None:
             return None
         log.info("verifier_probed", verifier=first.wallet, passed=v.passed, kind=kind)
         if v.passed:
             return True
-        if _against_worker(v):  # over tolerance, or bad_leaf on a known-good leaf
-            self.standing.lose(first.wallet, f"known-answer probe: {v.reason}")
-            run.note(PROBE_FAILED)
-            return False
-        return None
-
-    async def _probe_step(self, held: Held, first: _Answer, kind: str) -> StepVerdict | None:
-        """A known step for `first`'s verifier, in the check's mode (a re-render's verifier
-        runs `REFERENCE_MODE`: it is probed with a step of that mode), or None if none."""
-        assert first.peer is not None and first.wallet is not None
-        dtype = REFERENCE_MODE if kind == RENDER else held.dtype
-        known = self.known.draw(
-            held.job.params.model_id, dtype, first.wallet, self._rng, payout=first.payee
-        )
-        if known is None:
+        if not _against_worker(v):  # over tolerance, or bad_leaf on a known-good leaf
             return None
+        if await self._entry_holds(held, first, entry) is False:
+            if isinstance(entry, KnownRender):
+                self.known_renders.evict(entry)
+            else:
+                self.known.evict(entry)
+            log.warning("known_answer_evicted", verifier=first.wallet, reason=v.reason)
+            return None
+        self.standing.lose(first.wallet, f"known-answer probe: {v.reason}")
+        run.note(PROBE_FAILED)
+        return False
+
+    async def _ask_known(self, peer: str, entry: KnownAnswer | KnownRender) -> StepVerdict:
+        """Send `peer` the probe `entry` makes, as a real check of its job would look."""
+        if isinstance(entry, KnownRender):
+            return await rerender_on(
+                self.dispatcher,
+                peer,
+                params=entry.params,
+                weights=entry.weights,
+                image=entry.image,
+                fmt="png",
+                step=entry.params.steps,
+                timeout=self.policy.verify_timeout + entry.budget,
+            )
         return await probe_step(
             self.dispatcher,
-            first.peer,
-            params=known.params,
-            scheduler=known.scheduler,
-            opening_k=known.opening_k,
-            opening_next=known.opening_next,
-            dtype=known.dtype,
+            peer,
+            params=entry.params,
+            scheduler=entry.scheduler,
+            opening_k=entry.opening_k,
+            opening_next=entry.opening_next,
+            dtype=entry.dtype,
             timeout=self.policy.verify_timeout,
         )
+
+    async def _entry_holds(
+        self, held: Held, first: _Answer, entry: KnownAnswer | KnownRender
+    ) -> bool | None:
+        """Whether a pool entry `first`'s verifier failed is right, by the same probe to a
+        node of a third wallet (none of whose accounts is the first verifier's, the held
+        receipt's worker or payee, or behind the entry; with standing): True if it agrees
+        with the entry, False if it fails it too, None with no such node or no answer."""
+        assert first.wallet is not None
+        barred = {first.wallet.lower(), *self.standing.without()}
+        barred |= {entry.worker, entry.verifier, *entry.accounts}
+        if first.payee is not None:
+            barred.add(first.payee.lower())
+        model = entry.params.model_id
+        if isinstance(entry, KnownRender):
+            nodes = {
+                p: n
+                for p, n in self.dispatcher.nodes.items()
+                if can_rerender(n, model, entry.weights)
+            }
+            peer = choose_verifier(
+                nodes, model, held.worker, self._rng, barred, worker_payout=held.receipt.payee
+            )
+        else:
+            peer = choose_verifier(
+                self.dispatcher.nodes, model, held.worker, self._rng, barred,
+                worker_payout=held.receipt.payee, dtype=entry.dtype,
+            )  # fmt: skip
+        if peer is None:
+            return None
+        v = await self._ask_known(peer, entry)
+        log.info("known_answer_rechecked", verifier=peer, passed=v.passed)
+        if v.passed:
+            return True
+        return False if _against_worker(v) else None
 
     @staticmethod
     def _discard(run: _Run, wallet: str | None) -> list[int]:

@@ -142,6 +142,13 @@ class KnownAnswers(Generic[K]):
             queue = self._pool[answer.key] = deque(maxlen=self.per_key)
         queue.append((self._clock(), answer))
 
+    def evict(self, answer: K) -> None:
+        """Forget `answer`: a third wallet failed it too (a planted entry)."""
+        queue = self._pool.get(answer.key)
+        if queue is not None:
+            for item in [item for item in queue if item[1] is answer]:
+                queue.remove(item)
+
     def _expire(self) -> None:
         """Forget answers older than `max_age` (each queue is oldest first)."""
         oldest = self._clock() - self.max_age

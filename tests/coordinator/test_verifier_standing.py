@@ -620,3 +620,70 @@ async def test_a_passed_rerender_becomes_a_known_render(h: Harness) -> None:
     assert pool.draw(MODEL, "render:", "0x" + "33" * 20, rng) is None  # other weights
     for account in (worker.wallet, verifier.wallet):
         assert pool.draw(MODEL, mode, account, rng) is None
+
+
+@pytest.mark.parametrize("third_agrees_with_pool", [False, True])
+async def test_a_planted_known_render_is_evicted_not_held_against_an_honest_verifier(
+    tmp_path: Path, nursery: trio.Nursery, third_agrees_with_pool: bool
+) -> None:
+    """A colluding worker and verifier plant a wrong known render (their garbage image).
+    An honest verifier probed with it (probe_rate = 1) answers its real render: before it
+    loses standing, a third wallet answers the same probe. It fails the entry too: the
+    entry is evicted and the honest verifier keeps its standing. It agrees with the pool:
+    the verifier loses standing, as before."""
+    policy = msgspec.structs.replace(POLICY, probe_rate=1.0)
+    h = Harness(tmp_path / "coordinator.db", nursery, billing=True, verification=policy)
+    sub, _ = await _paid_request(h)
+    worker = h.node(0)
+    first, third = h.node(1, ready=False, **REFERENCE), h.node(2, ready=False, **REFERENCE)
+    planted_params = JobParams(
+        model_id=MODEL, positive_prompt="a planted job", steps=10, guidance=4.0,
+        width=64, height=64, seed=9,
+    )  # fmt: skip
+    garbage, real = _png(64, 64, (200, 30, 30)), _png(64, 64, (10, 200, 10))
+    planted = KnownRender(
+        worker="0x" + "11" * 20, verifier="0x" + "22" * 20, params=planted_params,
+        weights="", image=garbage, budget=60.0,
+    )  # fmt: skip
+    pool = h.dispatcher.checks.known_renders
+    pool.add(planted)
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    t = Trajectory(offer.offer.steps, seed=1)
+    cuda = "float16@cuda-sm90-torch2.13"
+    result = committed(worker, offer, t, dtype=cuda)
+    await h.dispatcher.accept_result(worker.link, result)
+    probed: list[str] = []
+
+    def image_for(node: FakeNode, ask: VerifyRender) -> bytes:
+        if ask.params != planted_params:
+            return result.image  # the real check: the honest render
+        probed.append(node.wallet)
+        return garbage if node is third and third_agrees_with_pool else real
+
+    async def answer_renders() -> None:
+        while True:
+            for node in (first, third):
+                for ask in [m for m in node.drain() if isinstance(m, VerifyRender)]:
+                    reply = DecodeVerified(check_id=ask.check_id, image=image_for(node, ask))
+                    assert h.dispatcher.verifications.answered(node.link.peer_id, reply)
+            await trio.sleep(0.005)
+
+    async with trio.open_nursery() as answering:
+        answering.start_soon(answer_renders)
+        await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
+        answering.cancel_scope.cancel()
+    standing = h.dispatcher.checks.standing
+    (line,) = log_lines(h)
+    assert line["verdict"] == "pass"
+    asked_first = probed[0]
+    assert probed[:2] == [
+        asked_first,
+        third.wallet if asked_first == first.wallet else first.wallet,
+    ]
+    if third_agrees_with_pool:
+        assert not standing.has_standing(asked_first)
+        assert pool.draw(MODEL, "render:", "0x" + "33" * 20, random.Random(1)) is planted
+    else:
+        assert standing.has_standing(first.wallet) and standing.has_standing(third.wallet)
+        assert pool.draw(MODEL, "render:", "0x" + "33" * 20, random.Random(1)) is not planted
