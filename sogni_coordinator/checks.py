@@ -66,7 +66,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Literal, Protocol
 
 import msgspec
 import trio
@@ -741,9 +741,9 @@ class Checks:
         its accounts touched, with the same weights) where the pool holds one, so a verifier
         lazy only on re-renders is caught; else it gets a known step of `REFERENCE_MODE`, its
         own (the worker's mode has no known answers: nobody step-checks it). A wrong answer
-        costs standing only once a third wallet answering the same probe agrees with the
-        pool (`_entry_holds`): an entry planted by a colluding worker and verifier is evicted
-        instead, and the probe says nothing."""
+        costs standing only once another wallet answering the same probe agrees with the
+        pool (or none can answer it): an entry planted by a colluding worker and verifier is evicted
+        instead, and the probe says nothing (`_recheck_entry`)."""
         held = run.held
         if first.peer is None or first.wallet is None:
             return None
@@ -771,12 +771,16 @@ class Checks:
             return True
         if not _against_worker(v):  # over tolerance, or bad_leaf on a known-good leaf
             return None
-        if await self._entry_holds(held, first, entry) is False:
-            if isinstance(entry, KnownRender):
-                self.known_renders.evict(entry)
-            else:
-                self.known.evict(entry)
-            log.warning("known_answer_evicted", verifier=first.wallet, reason=v.reason)
+        recheck = await self._recheck_entry(held, first, entry)
+        if recheck == "bad":  # planted: everything its pair put in the pools goes
+            gone = self.known.evict_made_by(entry.worker, entry.verifier)
+            gone += self.known_renders.evict_made_by(entry.worker, entry.verifier)
+            self.standing.lose(entry.verifier, "agreed with an answer two other wallets failed")
+            log.warning(
+                "known_answer_evicted", worker=entry.worker, verifier=entry.verifier, gone=gone
+            )
+            return None
+        if recheck == "split":  # one recheck failed it, no other answered: nothing decided
             return None
         self.standing.lose(first.wallet, f"known-answer probe: {v.reason}")
         run.note(PROBE_FAILED)
@@ -806,18 +810,44 @@ class Checks:
             timeout=self.policy.verify_timeout,
         )
 
-    async def _entry_holds(
+    async def _recheck_entry(
         self, held: Held, first: _Answer, entry: KnownAnswer | KnownRender
-    ) -> bool | None:
-        """Whether a pool entry `first`'s verifier failed is right, by the same probe to a
-        node of a third wallet (none of whose accounts is the first verifier's, the held
-        receipt's worker or payee, or behind the entry; with standing): True if it agrees
-        with the entry, False if it fails it too, None with no such node or no answer."""
+    ) -> Literal["holds", "bad", "split", "unknown"]:
+        """Whether a pool entry `first`'s verifier failed is right, by the same probe to nodes
+        of other wallets (none of whose accounts is the first verifier's, the held receipt's
+        worker or payee, behind the entry, or an earlier recheck's; with standing), one after
+        another: `holds` once one agrees with the entry (each that failed it before loses
+        standing: failing takes no work, so a partner of the liar must not clear it);
+        `bad` when two fail it; `split` when one failed it and no other answers; `unknown`
+        when none answers."""
         assert first.wallet is not None
         barred = {first.wallet.lower(), *self.standing.without()}
         barred |= {entry.worker, entry.verifier, *entry.accounts}
         if first.payee is not None:
             barred.add(first.payee.lower())
+        failed_by: list[str] = []
+        for _ in range(2):
+            peer = self._recheck_peer(held, entry, barred)
+            link = self.dispatcher.nodes.get(peer) if peer is not None else None
+            if peer is None or link is None:
+                break
+            v = await self._ask_known(peer, entry)
+            log.info("known_answer_rechecked", verifier=link.wallet, passed=v.passed)
+            if v.passed:
+                for wallet in failed_by:
+                    self.standing.lose(wallet, "failed a known answer another wallet confirmed")
+                return "holds"
+            if not _against_worker(v):
+                break
+            failed_by.append(link.wallet)
+            barred |= link.accounts
+        else:
+            return "bad"
+        return "split" if failed_by else "unknown"
+
+    def _recheck_peer(
+        self, held: Held, entry: KnownAnswer | KnownRender, barred: set[str]
+    ) -> str | None:
         model = entry.params.model_id
         if isinstance(entry, KnownRender):
             nodes = {
@@ -825,21 +855,13 @@ class Checks:
                 for p, n in self.dispatcher.nodes.items()
                 if can_rerender(n, model, entry.weights)
             }
-            peer = choose_verifier(
+            return choose_verifier(
                 nodes, model, held.worker, self._rng, barred, worker_payout=held.receipt.payee
             )
-        else:
-            peer = choose_verifier(
-                self.dispatcher.nodes, model, held.worker, self._rng, barred,
-                worker_payout=held.receipt.payee, dtype=entry.dtype,
-            )  # fmt: skip
-        if peer is None:
-            return None
-        v = await self._ask_known(peer, entry)
-        log.info("known_answer_rechecked", verifier=peer, passed=v.passed)
-        if v.passed:
-            return True
-        return False if _against_worker(v) else None
+        return choose_verifier(
+            self.dispatcher.nodes, model, held.worker, self._rng, barred,
+            worker_payout=held.receipt.payee, dtype=entry.dtype,
+        )  # fmt: skip
 
     @staticmethod
     def _discard(run: _Run, wallet: str | None) -> list[int]:

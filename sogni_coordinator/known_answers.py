@@ -142,12 +142,19 @@ class KnownAnswers(Generic[K]):
             queue = self._pool[answer.key] = deque(maxlen=self.per_key)
         queue.append((self._clock(), answer))
 
-    def evict(self, answer: K) -> None:
-        """Forget `answer`: a third wallet failed it too (a planted entry)."""
-        queue = self._pool.get(answer.key)
-        if queue is not None:
-            for item in [item for item in queue if item[1] is answer]:
-                queue.remove(item)
+    def evict_made_by(self, worker: str, verifier: str) -> int:
+        """Forget every answer `worker` rendered and `verifier` agreed with (a planted entry
+        was found: its pair's other entries are suspect too); how many went."""
+        pair = (worker.lower(), verifier.lower())
+        gone = 0
+        for key, queue in list(self._pool.items()):
+            kept = [item for item in queue if (item[1].worker, item[1].verifier) != pair]
+            gone += len(queue) - len(kept)
+            if kept:
+                self._pool[key] = deque(kept, maxlen=queue.maxlen)
+            else:
+                del self._pool[key]
+        return gone
 
     def _expire(self) -> None:
         """Forget answers older than `max_age` (each queue is oldest first)."""

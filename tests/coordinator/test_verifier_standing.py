@@ -622,20 +622,21 @@ async def test_a_passed_rerender_becomes_a_known_render(h: Harness) -> None:
         assert pool.draw(MODEL, mode, account, rng) is None
 
 
-@pytest.mark.parametrize("third_agrees_with_pool", [False, True])
-async def test_a_planted_known_render_is_evicted_not_held_against_an_honest_verifier(
-    tmp_path: Path, nursery: trio.Nursery, third_agrees_with_pool: bool
+@pytest.mark.parametrize("case", ["upheld", "evicted", "recheck lies"])
+async def test_a_failed_probe_is_rechecked_before_it_costs_standing(
+    tmp_path: Path, nursery: trio.Nursery, case: str
 ) -> None:
-    """A colluding worker and verifier plant a wrong known render (their garbage image).
-    An honest verifier probed with it (probe_rate = 1) answers its real render: before it
-    loses standing, a third wallet answers the same probe. It fails the entry too: the
-    entry is evicted and the honest verifier keeps its standing. It agrees with the pool:
-    the verifier loses standing, as before."""
+    """A verifier (probe_rate = 1) fails a known render: before it loses standing, another
+    wallet answers the same probe. `upheld`: it agrees with the pool, the verifier loses
+    standing. `evicted`: it fails the entry too and so does a third: a planted entry (a
+    colluding pair's garbage); it goes, nobody probed loses standing, its verifier does.
+    `recheck lies`: the second fails it (failing takes no work), a third upholds it: the
+    verifier and the lying recheck both lose standing."""
     policy = msgspec.structs.replace(POLICY, probe_rate=1.0)
     h = Harness(tmp_path / "coordinator.db", nursery, billing=True, verification=policy)
     sub, _ = await _paid_request(h)
     worker = h.node(0)
-    first, third = h.node(1, ready=False, **REFERENCE), h.node(2, ready=False, **REFERENCE)
+    verifiers = [h.node(i, ready=False, **REFERENCE) for i in (1, 2, 3)]
     planted_params = JobParams(
         model_id=MODEL, positive_prompt="a planted job", steps=10, guidance=4.0,
         width=64, height=64, seed=9,
@@ -653,17 +654,19 @@ async def test_a_planted_known_render_is_evicted_not_held_against_an_honest_veri
     cuda = "float16@cuda-sm90-torch2.13"
     result = committed(worker, offer, t, dtype=cuda)
     await h.dispatcher.accept_result(worker.link, result)
-    probed: list[str] = []
+    script = {"upheld": [real, garbage], "evicted": [real, real, real],
+              "recheck lies": [real, real, garbage]}[case]  # fmt: skip
+    probed: list[str] = []  # wallets asked the planted job, in order
 
     def image_for(node: FakeNode, ask: VerifyRender) -> bytes:
         if ask.params != planted_params:
             return result.image  # the real check: the honest render
         probed.append(node.wallet)
-        return garbage if node is third and third_agrees_with_pool else real
+        return script[len(probed) - 1] if len(probed) <= len(script) else garbage
 
     async def answer_renders() -> None:
         while True:
-            for node in (first, third):
+            for node in verifiers:
                 for ask in [m for m in node.drain() if isinstance(m, VerifyRender)]:
                     reply = DecodeVerified(check_id=ask.check_id, image=image_for(node, ask))
                     assert h.dispatcher.verifications.answered(node.link.peer_id, reply)
@@ -673,17 +676,33 @@ async def test_a_planted_known_render_is_evicted_not_held_against_an_honest_veri
         answering.start_soon(answer_renders)
         await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
         answering.cancel_scope.cancel()
-    standing = h.dispatcher.checks.standing
     (line,) = log_lines(h)
     assert line["verdict"] == "pass"
-    asked_first = probed[0]
-    assert probed[:2] == [
-        asked_first,
-        third.wallet if asked_first == first.wallet else first.wallet,
-    ]
-    if third_agrees_with_pool:
-        assert not standing.has_standing(asked_first)
-        assert pool.draw(MODEL, "render:", "0x" + "33" * 20, random.Random(1)) is planted
+    standing = h.dispatcher.checks.standing
+    assert len(set(probed[: len(script)])) == len(script)  # each recheck another wallet
+    lost = {v.wallet for v in verifiers if not standing.has_standing(v.wallet)}
+    still = pool.draw(MODEL, "render:", "0x" + "33" * 20, random.Random(1))
+    if case == "upheld":
+        assert lost == {probed[0]} and still is planted
+    elif case == "evicted":
+        assert lost == set() and still is not planted
+        assert not standing.has_standing(planted.verifier)
     else:
-        assert standing.has_standing(first.wallet) and standing.has_standing(third.wallet)
-        assert pool.draw(MODEL, "render:", "0x" + "33" * 20, random.Random(1)) is not planted
+        assert lost == {probed[0], probed[1]} and still is planted
+
+
+def test_a_planted_pairs_entries_all_go() -> None:
+    """`evict_made_by`: every entry of the (worker, verifier) pair, none of another's."""
+    pool = KnownAnswers[KnownRender](8)
+    params = JobParams(model_id="m", positive_prompt="p", steps=2, guidance=4.0,
+                       width=64, height=64, seed=1)  # fmt: skip
+
+    def entry(worker: str, verifier: str, weights: str = "") -> KnownRender:
+        return KnownRender(worker=worker, verifier=verifier, params=params, weights=weights,
+                           image=b"png", budget=1.0)  # fmt: skip
+
+    kept = entry("0xaa", "0xcc")
+    for e in (entry("0xaa", "0xbb"), entry("0xaa", "0xbb", "float32+fp8"), kept):
+        pool.add(e)
+    assert pool.evict_made_by("0xAA", "0xBB") == 2 and len(pool) == 1
+    assert pool.draw("m", "render:", "0xdd", random.Random(1)) is kept
