@@ -64,10 +64,12 @@ $(BROWSER_STAMP): scripts/ensure-browser.sh
 	@mkdir -p .cache && touch $(BROWSER_STAMP)
 
 # The suite in TEST_WORKERS processes (pytest-xdist), one per core of the 2-core reference
-# machine: ~31 min serially there. `make test TEST_WORKERS=0` runs it in this process.
+# machine: ~31 min serially there. `make test TEST_WORKERS=0` runs it in this process. Tests
+# marked `serial` (timing floors) run afterwards, alone.
 TEST_WORKERS ?= 2
 test: install $(NPM_STAMP) $(INTEROP_STAMP) $(NOSANA_STAMP) $(BROWSER_STAMP) $(SDK_PY_STAMP) $(SDK_JS_STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS)
+	$(PY) -m pytest -n $(TEST_WORKERS) -m "not serial"
+	$(PY) -m pytest -m serial
 
 demo: install
 	$(PY) -m sogni_devnet.localnet --images 8 --out out

@@ -15,6 +15,7 @@ import os
 import struct
 from typing import TYPE_CHECKING, Any
 
+import pytest
 import trio
 from libp2p.stream_muxer.yamux import yamux
 
@@ -27,6 +28,8 @@ from tests.net.test_net_channel import _result
 if TYPE_CHECKING:
     from sogni_net import Channel
     from tests.net.conftest import Server
+
+pytestmark = pytest.mark.serial  # update counts depend on read timing
 
 
 def count_window_updates(channel: Channel) -> list[int]:
