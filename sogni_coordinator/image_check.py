@@ -4,7 +4,8 @@ Why: a signed receipt only proves who sent the bytes. Before paying for them the
 makes sure they are an image at all: they decode completely (a truncated or garbage file
 does not), in the format the job asked for, at the job's size. It costs a decode (about a
 millisecond at 512x512), runs in a worker thread (on the event loop for jobs of at most
-`INLINE_PIXELS`, where the decode, ~30 us at 64x64, costs less than the thread hand-off),
+`INLINE_PIXELS`, where the decode, 30-110 us at 64x64 depending on the CPU, costs less
+than the thread hand-off),
 and never looks at what the image shows: whether it is the right image is the trajectory
 checks' job (docs/TRAJECTORY.md).
 """

@@ -518,6 +518,21 @@ async def test_two_wallets_a_lazy_rerender_verifier_is_caught_by_a_step_probe(
     assert not h.dispatcher.checks.standing.has_standing(lazy.wallet)
 
 
+def _earlier_render(h: Harness, image: bytes, *, seed: int, budget: float) -> KnownRender:
+    """A known render in the pool: a job that 0x11.. rendered and 0x22.. re-rendered as
+    `image`."""
+    params = JobParams(
+        model_id=MODEL, positive_prompt="an earlier render", steps=10, guidance=4.0,
+        width=64, height=64, seed=seed,
+    )  # fmt: skip
+    earlier = KnownRender(
+        worker="0x" + "11" * 20, verifier="0x" + "22" * 20, params=params, weights="",
+        image=image, budget=budget,
+    )  # fmt: skip
+    h.dispatcher.checks.known_renders.add(earlier)
+    return earlier
+
+
 @pytest.mark.parametrize("probe", ["wrong image", "known image", "refused"])
 async def test_two_wallets_a_rerender_verifier_is_probed_with_a_known_render(
     h: Harness, probe: str
@@ -531,16 +546,9 @@ async def test_two_wallets_a_rerender_verifier_is_probed_with_a_known_render(
     sub, _ = await _paid_request(h)
     worker, verifier = h.node(0), h.node(1, ready=False, **REFERENCE)
     known_step = _prime(h, "0x" + "11" * 20, "0x" + "22" * 20)
-    params = JobParams(
-        model_id=MODEL, positive_prompt="an earlier render", steps=10, guidance=4.0,
-        width=64, height=64, seed=4,
-    )  # fmt: skip
     known_image, wrong = _png(64, 64, (200, 30, 30)), _png(64, 64, (10, 200, 10))
-    earlier = KnownRender(
-        worker="0x" + "11" * 20, verifier="0x" + "22" * 20, params=params, weights="",
-        image=known_image, budget=300.0,
-    )  # fmt: skip
-    h.dispatcher.checks.known_renders.add(earlier)
+    earlier = _earlier_render(h, known_image, seed=4, budget=300.0)
+    params = earlier.params
     h.dispatcher.match()
     (offer,) = worker.offers()
     job_id = offer.offer.job_id
@@ -637,17 +645,9 @@ async def test_a_failed_probe_is_rechecked_before_it_costs_standing(
     sub, _ = await _paid_request(h)
     worker = h.node(0)
     verifiers = [h.node(i, ready=False, **REFERENCE) for i in (1, 2, 3)]
-    planted_params = JobParams(
-        model_id=MODEL, positive_prompt="a planted job", steps=10, guidance=4.0,
-        width=64, height=64, seed=9,
-    )  # fmt: skip
     garbage, real = _png(64, 64, (200, 30, 30)), _png(64, 64, (10, 200, 10))
-    planted = KnownRender(
-        worker="0x" + "11" * 20, verifier="0x" + "22" * 20, params=planted_params,
-        weights="", image=garbage, budget=60.0,
-    )  # fmt: skip
-    pool = h.dispatcher.checks.known_renders
-    pool.add(planted)
+    planted = _earlier_render(h, garbage, seed=9, budget=60.0)  # a colluding pair's
+    planted_params, pool = planted.params, h.dispatcher.checks.known_renders
     h.dispatcher.match()
     (offer,) = worker.offers()
     t = Trajectory(offer.offer.steps, seed=1)
