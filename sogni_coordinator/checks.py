@@ -750,11 +750,9 @@ class Checks:
         model = held.job.params.model_id
         entries: list[KnownAnswer | KnownRender | None] = []
         if kind == RENDER:  # a known render first: a verifier lazy only on re-renders
-            weights = rerender_weights(held.dtype)
+            mode = KnownRender.mode(rerender_weights(held.dtype))
             entries.append(
-                self.known_renders.draw(
-                    model, f"render:{weights}", first.wallet, self._rng, payout=first.payee
-                )
+                self.known_renders.draw(model, mode, first.wallet, self._rng, payout=first.payee)
             )
         dtype = REFERENCE_MODE if kind == RENDER else held.dtype
         entries.append(self.known.draw(model, dtype, first.wallet, self._rng, payout=first.payee))
@@ -848,20 +846,20 @@ class Checks:
     def _recheck_peer(
         self, held: Held, entry: KnownAnswer | KnownRender, barred: set[str]
     ) -> str | None:
+        """A node that can answer `entry`'s probe, none of whose accounts is `barred`."""
         model = entry.params.model_id
-        if isinstance(entry, KnownRender):
-            nodes = {
-                p: n
-                for p, n in self.dispatcher.nodes.items()
-                if can_rerender(n, model, entry.weights)
-            }
-            return choose_verifier(
-                nodes, model, held.worker, self._rng, barred, worker_payout=held.receipt.payee
+        able = {
+            p: n
+            for p, n in self.dispatcher.nodes.items()
+            if (
+                can_rerender(n, model, entry.weights)
+                if isinstance(entry, KnownRender)
+                else can_verify(n, model, entry.dtype)
             )
+        }
         return choose_verifier(
-            self.dispatcher.nodes, model, held.worker, self._rng, barred,
-            worker_payout=held.receipt.payee, dtype=entry.dtype,
-        )  # fmt: skip
+            able, model, held.worker, self._rng, barred, worker_payout=held.receipt.payee
+        )
 
     @staticmethod
     def _discard(run: _Run, wallet: str | None) -> list[int]:

@@ -106,7 +106,12 @@ class KnownRender(_Known):
 
     @property
     def key(self) -> tuple[str, str]:
-        return (self.params.model_id, f"render:{self.weights}")
+        return (self.params.model_id, self.mode(self.weights))
+
+    @staticmethod
+    def mode(weights: str) -> str:
+        """The pool's mode for re-renders with `weights` (`KnownAnswers.draw`)."""
+        return f"render:{weights}"
 
 
 K = TypeVar("K", bound=_Known)

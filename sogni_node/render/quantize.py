@@ -124,11 +124,16 @@ def check_quant_mode(mode: str, device: str) -> None:
             "quantization mode 'int8-dynamic' gives wrong images on this CPU (its int8 matrix "
             "multiply saturates: oneDNN without VNNI); use 'int8' or 'quanto-int8' instead"
         )
+    _require_package(mode, f"quantization mode {mode!r}")
+
+
+def _require_package(mode: str, what: str) -> None:
+    """ValueError naming the extra to install when `mode`'s library is missing."""
     package = _PACKAGE[mode]
     if not _installed(package):
         raise ValueError(
-            f"quantization mode {mode!r} needs the {package!r} package, which is not "
-            f"installed; install the quant extra: {QUANT_EXTRA}"
+            f"{what} needs the {package!r} package, which is not installed; "
+            f"install the quant extra: {QUANT_EXTRA}"
         )
 
 
@@ -280,12 +285,7 @@ def parse_weights(weights: str) -> tuple[torch.dtype, str]:
             f"weights {weights!r} are not <dtype>+<mode> with dtype one of "
             f"{', '.join(_WEIGHT_DTYPES)} and mode one of {', '.join(QUANT_MODES[1:])}"
         )
-    package = _PACKAGE[mode]
-    if not _installed(package):
-        raise ValueError(
-            f"weights {weights!r} need the {package!r} package, which is not installed; "
-            f"install the quant extra: {QUANT_EXTRA}"
-        )
+    _require_package(mode, f"re-rendering with weights {weights!r}")
     return _WEIGHT_DTYPES[name], mode
 
 
