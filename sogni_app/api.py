@@ -410,7 +410,7 @@ async def _open_first(host: Host, coordinators: list[str]) -> tuple[Channel, str
     last: TransportError | None = None
     for addr in coordinators:
         try:
-            return await host.open_channel(addr, CLIENT_PROTOCOL, timeout=15.0), addr
+            return await host.open_channel(addr, CLIENT_PROTOCOL, timeout=15.0, direct=True), addr
         except TransportError as exc:
             last = exc
     assert last is not None
@@ -488,7 +488,7 @@ async def _until_done(
 async def _attach(
     host: Host, ticket: ResumeTicket, run: _Run, idle_timeout: float, addr: str
 ) -> RenderResult:
-    channel = await host.open_channel(addr, CLIENT_PROTOCOL, timeout=15.0)
+    channel = await host.open_channel(addr, CLIENT_PROTOCOL, timeout=15.0, direct=True)
     try:
         await channel.send(ResumeRequest(request_id=ticket.request_id, token=ticket.token))
         first = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=30.0)
@@ -615,7 +615,9 @@ async def _ask(
     async with open_host(key_path=None, listen=()) as host:
         # errors leave the host's nursery as plain exceptions, not exception groups
         try:
-            channel = await host.open_channel(coordinator, CLIENT_PROTOCOL, timeout=15.0)
+            channel = await host.open_channel(
+                coordinator, CLIENT_PROTOCOL, timeout=15.0, direct=True
+            )
             try:
                 await channel.send(build(host))
                 reply = await channel.receive(limit=CONTROL_FRAME_LIMIT, timeout=timeout)

@@ -61,6 +61,10 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
 
     data_dir: Path = Path("~/.sogni/coordinator")
     listen: Multiaddr = "/ip4/127.0.0.1/tcp/4001"
+    direct_port: Annotated[int, Meta(ge=-1, le=65535)] = 0
+    """TCP port for direct channels (node job sessions and app requests straight over Noise,
+    no yamux; `sogni_net.direct`) on `listen`'s IP: 0 picks a free port, -1 turns them off.
+    Nodes and apps that cannot reach it use libp2p streams as before."""
     keystore: Path = None  # type: ignore[assignment]  # None until __post_init__: signer.json
     password_env: EnvName = "SOGNI_COORDINATOR_PASSWORD"
     database: Path = None  # type: ignore[assignment]  # None until __post_init__

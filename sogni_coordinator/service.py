@@ -190,10 +190,12 @@ async def run_coordinator(
             key_path=config.node_key_path,
             listen=[config.listen],
             pubsub_topics=[CAPABILITIES_TOPIC],
+            direct=config.direct_port >= 0,
+            direct_port=max(config.direct_port, 0),
         ) as host:
             host.set_topic_validator(CAPABILITIES_TOPIC, book.validate)
-            host.set_stream_handler(JOBS_PROTOCOL, on_node)
-            host.set_stream_handler(CLIENT_PROTOCOL, on_client)
+            host.set_stream_handler(JOBS_PROTOCOL, on_node, direct=True)
+            host.set_stream_handler(CLIENT_PROTOCOL, on_client, direct=True)
             host.set_stream_handler(EPOCHS_PROTOCOL, partial(serve_epochs, folder=epochs))
             host.set_stream_handler(RELAY_PROTOCOL, partial(serve_relay, relay=relay))
             async with trio.open_nursery() as nursery:

@@ -27,6 +27,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -52,6 +53,7 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from libp2p.tools.anyio_service import background_trio_service
 from libp2p.transport.tcp.tcp import TCP
 
+from sogni_net import direct as direct_channels
 from sogni_net._log import describe, log_event, quiet_libp2p_logging
 from sogni_net.channel import Channel
 from sogni_net.containment import (
@@ -96,8 +98,16 @@ class Host:
         pubsub: Pubsub,
         topics: Iterable[str],
         penalties: PeerPenalties | None = None,
+        noise: NoiseTransport | None = None,
     ) -> None:
         self._lp = libp2p_host
+        self._noise = noise
+        self._handlers: dict[str, Handler] = {}
+        self._direct_served: set[str] = set()
+        self.direct_port: int | None = None
+        """Where this host listens for direct channels (`sogni_net.direct`); None: it does not."""
+        self._direct_ports: dict[str, int] = {}
+        self._direct_limit = trio.CapacityLimiter(direct_channels.MAX_DIRECT_CONNECTIONS)
         self._nursery = nursery
         self._pubsub = pubsub
         self._penalties = penalties
@@ -140,12 +150,17 @@ class Host:
         return self._penalties.strikes[peer_id] if self._penalties is not None else 0
 
     # --- streams ------------------------------------------------------------------------
-    def set_stream_handler(self, protocol: str, handler: Handler) -> None:
+    def set_stream_handler(self, protocol: str, handler: Handler, *, direct: bool = False) -> None:
         """Serve `protocol`: each inbound stream becomes a `Channel` passed to `handler`.
 
         The handler runs in this host's nursery, not py-libp2p's per-connection one, so an
-        exception only resets its own stream (and is logged) and shutdown cancels it.
+        exception only resets its own stream (and is logged) and shutdown cancels it. With
+        `direct`, the handler also serves direct channels (`sogni_net.direct`) when the host
+        listens for them.
         """
+        self._handlers[protocol] = handler
+        if direct:
+            self._direct_served.add(protocol)
 
         async def on_stream(stream: INetStream) -> None:
             channel = Channel(stream, protocol=protocol)
@@ -196,12 +211,26 @@ class Host:
         peer = await self._detached(lambda: self._connect(addr), timeout, f"connect {addr}")
         return peer.to_base58()
 
-    async def open_channel(self, addr: str, protocol: str, *, timeout: float = 10.0) -> Channel:
+    async def open_channel(
+        self, addr: str, protocol: str, *, timeout: float = 10.0, direct: bool = False
+    ) -> Channel:
         """Open a channel speaking `protocol` to a peer, dialing it first if needed.
 
         `addr` is a multiaddr ending in /p2p/<peer id>, or a bare peer id already connected
         or known. Raises `DialError` if the peer cannot be reached or refuses the protocol.
+        With `direct` (and a multiaddr), the channel is a direct one when the peer serves the
+        protocol so (`sogni_net.direct`: its own TCP connection, no yamux), else a libp2p
+        stream as usual.
         """
+        if direct and addr.startswith("/") and self._noise is not None:
+            deadline = trio.current_time() + timeout
+            try:
+                return await self._open_direct(addr, protocol, timeout)
+            except DialError as exc:
+                log_event(
+                    logging.INFO, "direct_channel_unavailable", protocol=protocol, error=str(exc)
+                )
+            timeout = max(deadline - trio.current_time(), 1.0)
 
         async def opened() -> Channel:
             peer = await self._connect(addr)
@@ -214,6 +243,64 @@ class Host:
             await channel.reset()
 
         return await self._detached(opened, timeout, f"open {protocol} to {addr}", orphan)
+
+    async def _open_direct(self, addr: str, protocol: str, timeout: float) -> Channel:
+        deadline = trio.current_time() + timeout
+        peer = await self._detached(lambda: self._connect(addr), timeout, f"connect {addr}")
+        key = peer.to_base58()
+        port = self._direct_ports.get(key)
+        if port is None:
+            remaining = max(deadline - trio.current_time(), 0.1)
+            query = await self.open_channel(key, direct_channels.DIRECT_PROTOCOL, timeout=remaining)
+            async with query:
+                answer = await query._receive_exact(3, timeout=remaining)
+            port = direct_channels.decode_endpoint(answer)
+        ip = _dial_host(addr)
+        noise = self._noise
+        assert noise is not None
+        try:
+            with trio.fail_after(max(deadline - trio.current_time(), 0.1)):
+                stream = await direct_channels.dial(ip, port, peer, protocol, noise)
+        except (DialError, trio.TooSlowError, OSError) as exc:
+            self._direct_ports.pop(key, None)  # a restarted peer may listen elsewhere now
+            if isinstance(exc, DialError):
+                raise
+            raise DialError(f"direct channel to {ip}:{port}: {describe(exc)}") from exc
+        self._direct_ports[key] = port
+        channel = Channel(stream, protocol=protocol)  # type: ignore[arg-type]
+        channel._start(self._nursery)
+        return channel
+
+    async def _serve_direct(self, sock: trio.SocketStream) -> None:
+        """One inbound direct connection: handshake under a deadline, then the handler."""
+        noise = self._noise
+        assert noise is not None
+        try:
+            self._direct_limit.acquire_nowait()
+        except trio.WouldBlock:
+            await sock.aclose()
+            return
+        try:
+            try:
+                with trio.fail_after(direct_channels.HANDSHAKE_TIMEOUT):
+                    accepted = await direct_channels.accept(sock, noise, self._direct_served)
+            except Exception as exc:
+                log_event(logging.DEBUG, "direct_handshake_failed", error=describe(exc))
+                await sock.aclose()
+                return
+            if accepted is None:
+                await sock.aclose()
+                return
+            stream, protocol = accepted
+            channel = Channel(stream, protocol=protocol)  # type: ignore[arg-type]
+            await self._serve(self._handlers[protocol], channel, trio.Event())
+        finally:
+            self._direct_limit.release()
+
+    async def _answer_direct_port(self, channel: Channel) -> None:
+        port = self.direct_port
+        if port is not None:
+            await channel.send_unframed(direct_channels.encode_endpoint(port))
 
     async def ping(self, peer_addr_or_id: str, *, timeout: float = 5.0) -> float:
         """Round-trip time in seconds of one libp2p ping (/ipfs/ping/1.0.0) to the peer.
@@ -429,6 +516,8 @@ async def open_host(
     pubsub_topics: Sequence[str] = (),
     handlers: Mapping[str, Handler] | None = None,
     bootstrap_timeout: float = 10.0,
+    direct: bool = False,
+    direct_port: int = 0,
 ) -> AsyncIterator[Host]:
     """Run a libp2p host (TCP, Noise only, yamux, identify, ping, GossipSub) for the block.
 
@@ -436,20 +525,18 @@ async def open_host(
     identity. `handlers` are installed before the host listens, so no early stream is refused.
     Bootstrap peers are dialed concurrently before the block starts; a failure is logged,
     not raised. Leaving the block cancels every handler and channel, closes connections and
-    listeners.
+    listeners. With `direct`, the host also listens for direct channels (`sogni_net.direct`)
+    on the first listen address's IP, port `direct_port` (0: any free port).
     """
     quiet_libp2p_logging()
     _check_listen_addrs(listen)
     node_key = load_or_create_node_key(key_path) if key_path is not None else NodeKey.generate()
     key_pair = node_key.key_pair
     listen_addrs = [multiaddr.Multiaddr(addr) for addr in listen]
+    noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     lp = new_host(
         key_pair=key_pair,
-        sec_opt={
-            TProtocol(NOISE_PROTOCOL): NoiseTransport(
-                key_pair, noise_privkey=create_x25519_key_pair().private_key
-            )
-        },
+        sec_opt={TProtocol(NOISE_PROTOCOL): noise},
         muxer_opt={TProtocol(YAMUX_PROTOCOL): Yamux},
         transports=[TCP()],  # else listen addrs with /ws or /quic-v1 would add transports
         listen_addrs=listen_addrs,
@@ -494,7 +581,17 @@ async def open_host(
                     contain_tasks(router.manager, penalties, "gossipsub")
                     penalties.attach(nursery, router)
                 await pubsub.wait_until_ready()
-                host = Host(lp, nursery, pubsub, pubsub_topics, penalties)
+                host = Host(lp, nursery, pubsub, pubsub_topics, penalties, noise)
+                if direct and listen_addrs:
+                    first = listen_addrs[0]
+                    ip = str(first.value_for_protocol(first.protocols()[0].name))
+                    listeners = await nursery.start(
+                        partial(trio.serve_tcp, host._serve_direct, direct_port, host=ip)
+                    )
+                    host.direct_port = int(listeners[0].socket.getsockname()[1])
+                    host.set_stream_handler(
+                        direct_channels.DIRECT_PROTOCOL, host._answer_direct_port
+                    )
                 for protocol, handler in (handlers or {}).items():
                     host.set_stream_handler(protocol, handler)
                 for topic in dict.fromkeys(pubsub_topics):
@@ -542,6 +639,18 @@ async def _close(lp: Any, *, client: bool) -> None:
             assert isinstance(event, trio.Event)
             await event.wait()
         nursery.cancel_scope.cancel()
+
+
+def _dial_host(addr: str) -> str:
+    """The IP or DNS name in a peer's multiaddr, where its direct listener is too."""
+    try:
+        parsed = multiaddr.Multiaddr(addr)
+        for proto in parsed.protocols():
+            if proto.name in ("ip4", "ip6", "dns", "dns4", "dns6"):
+                return str(parsed.value_for_protocol(proto.name))
+    except Exception as exc:
+        raise DialError(f"not a peer address: {addr!r}") from exc
+    raise DialError(f"no IP or DNS name to dial directly in {addr!r}")
 
 
 def _check_listen_addrs(listen: Sequence[str]) -> None:

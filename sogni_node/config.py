@@ -61,6 +61,9 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
 
     data_dir: Path = Path("~/.sogni/node")
     listen: Multiaddr = "/ip4/127.0.0.1/tcp/0"
+    direct_channels: bool = True
+    """Run job sessions over a coordinator's direct channel when it offers one
+    (`sogni_net.direct`: Noise straight on TCP, no yamux); else, or when false, libp2p."""
     coordinators: list[CoordinatorMultiaddr] = msgspec.field(default_factory=list)
     trusted_coordinators: list[Address] = msgspec.field(default_factory=list)
     network_id: NetworkId = DEFAULT_NETWORK_ID

@@ -267,6 +267,7 @@ async def run_node(
                     heartbeat_timeout=config.heartbeat_timeout,
                     on_connected=lambda event: connected(addr, event),
                     trajectories=trajectories,
+                    direct=config.direct_channels,
                 )
 
             pulls_stop = trio.Event()

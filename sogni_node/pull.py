@@ -198,8 +198,10 @@ class PullSession:
         heartbeat_timeout: float = 15.0,
         on_connected: Callable[[dict[str, object]], None] | None = None,
         trajectories: TrajectoryFiles | None = None,
+        direct: bool = True,
     ) -> None:
         self.host = host
+        self.direct = direct
         self.trajectories = trajectories
         self.addr = addr
         self.id = identity
@@ -272,7 +274,9 @@ class PullSession:
             self.worker.wake()  # its offers in hand give up: the coordinator re-queued them
 
     async def _run(self, jobs: trio.Nursery) -> None:
-        channel = await self.host.open_channel(self.addr, JOBS_PROTOCOL, timeout=10.0)
+        channel = await self.host.open_channel(
+            self.addr, JOBS_PROTOCOL, timeout=10.0, direct=self.direct
+        )
         try:
             await self._handshake(channel)
             async with trio.open_nursery() as io:

@@ -77,7 +77,7 @@ async def _client_request(
     if payer_key is not None:
         request = authorize(request, payer_key, Domain(DEFAULT_CHAIN_ID, UNDEPLOYED_CONTRACT))
     async with open_host(key_path=None, listen=()) as host:
-        channel = await host.open_channel(addr, CLIENT_PROTOCOL, timeout=30.0)
+        channel = await host.open_channel(addr, CLIENT_PROTOCOL, timeout=30.0, direct=True)
         await gate.wait()
         sent = time.perf_counter()
         await channel.send(request)
