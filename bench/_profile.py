@@ -64,6 +64,12 @@ OPERATIONS: list[tuple[str, str, str]] = [
     ("match + sign offers (`Dispatcher.match`)", "Dispatcher.match", "dispatch"),
     ("frames written (`Yamux._write_frame`: Noise + socket)", "Yamux._write_frame", "yamux"),
     ("frames read (`Yamux.handle_incoming`)", "Yamux.handle_incoming", "yamux"),
+    (
+        "direct channels written (`DirectStream.write`: Noise + socket)",
+        "DirectStream.write",
+        "direct",
+    ),
+    ("direct channels read (`DirectStream.read`)", "DirectStream.read", "direct"),
     ("streaming to clients (`client_session._stream`)", "_stream", "client_session"),
 ]
 """(label, qualified name as py-spy prints it, file-name hint for cProfile's bare names)."""

@@ -276,6 +276,7 @@ async def run_coordinator(
                     addrs=host.addrs,
                     signer=signer.address,
                     http=http_url,
+                    direct=host.direct_port,
                 )
                 task_status.started(
                     RunningCoordinator(

@@ -46,6 +46,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -515,13 +516,36 @@ class Journal:
         """Record the coordinator's `ResultAck` and delete the kept image (accepted: the
         coordinator has it; refused: it is worth nothing). False if `job_id` has no receipt.
         Committed without a fsync of its own (durable within `SYNC_INTERVAL`; see above)."""
+        return self.mark_acked_many([(job_id, accepted, reason)]) == 1
+
+    def mark_acked_many(self, acks: Sequence[tuple[bytes, bool, str]]) -> int:
+        """`mark_acked` for several `(job id, accepted, reason)` in one commit (a session
+        journals the acks that arrived while it wrote the last batch together); returns how
+        many named a receipt."""
+        now = time.time()
+        found = 0
         with self._lock:
-            cur = self._lazy(
-                "UPDATE receipts SET accepted = ?, ack_reason = ?, acked_at = ? WHERE job_id = ?",
-                (int(accepted), reason, time.time(), job_id),
-            )
-            self._drop_files(job_id)
-            return cur.rowcount > 0
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._db.execute("BEGIN")
+                try:
+                    for job_id, accepted, reason in acks:
+                        cur = self._db.execute(
+                            "UPDATE receipts SET accepted = ?, ack_reason = ?, acked_at = ?"
+                            " WHERE job_id = ?",
+                            (int(accepted), reason, now, job_id),
+                        )
+                        found += cur.rowcount
+                    self._db.execute("COMMIT")
+                except BaseException:
+                    self._db.execute("ROLLBACK")
+                    raise
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
+            self.unsynced += 1
+            for job_id, _, _ in acks:
+                self._drop_files(job_id)
+        return found
 
     def mark_handed_back(self, job_id: bytes, steps_done: int, reason: str) -> bool:
         """Record that the job went back unfinished; False if its offer was never recorded."""

@@ -232,6 +232,9 @@ class PullSession:
         self._verify_limiter = trio.CapacityLimiter(1)
         """Steps re-run for the coordinator one at a time (`VerifyStep`: a UNet call each)."""
         self._result_sent: dict[bytes, float] = {}
+        self._acks: list[tuple[bytes, bool, str]] = []
+        """Acks received, not yet journaled (`_journal_acks` writes them in batches)."""
+        self._acks_waiting = trio.Event()
         """When each result not yet acked was written (the round trip sets the lookahead)."""
 
     def send(self, msg: Message) -> None:
@@ -281,6 +284,7 @@ class PullSession:
             await self._handshake(channel)
             async with trio.open_nursery() as io:
                 io.start_soon(self._guard, functools.partial(self._reader, channel, jobs), io)
+                io.start_soon(self._journal_acks)
                 self.offer_ready()
                 await self._guard(functools.partial(self._writer, channel), io)  # ends on Goodbye
                 io.cancel_scope.cancel()
@@ -458,7 +462,7 @@ class PullSession:
                         msg.job_id, "cancelled by coordinator", pay_partial=msg.pay_partial
                     )
             elif isinstance(msg, ResultAck):
-                await self._on_ack(msg)
+                self._on_ack(msg)
             elif isinstance(msg, Challenge):
                 jobs.start_soon(self._on_challenge, msg)
             elif isinstance(msg, VerifyStep):
@@ -483,9 +487,10 @@ class PullSession:
         self._forwarded.add(result.job_id)
         self.send(result)
 
-    async def _on_ack(self, msg: ResultAck) -> None:
-        """Journal the answer and drop the kept image (accepted: delivered; refused: void),
-        except a refused forwarded result: kept for its own coordinator or a re-offer."""
+    def _on_ack(self, msg: ResultAck) -> None:
+        """Queue the answer for the journal (`_journal_acks`), which drops the kept image
+        (accepted: delivered; refused: void), except a refused forwarded result: kept for
+        its own coordinator or a re-offer."""
         job = msg.job_id.hex()[:16]
         sent = self._result_sent.pop(msg.job_id, None)
         if sent is not None:
@@ -496,12 +501,33 @@ class PullSession:
                 log.warning("forwarded_result_refused", job=job, reason=msg.reason)
                 return
             log.info("forwarded_result_accepted", job=job, coordinator=self.coordinator)
-        try:
-            await _off_loop(self.journal.mark_acked, msg.job_id, msg.accepted, msg.reason)
-        except Exception as exc:  # the image stays until pruned; the session carries on
-            log.error("ack_not_journaled", job=job, error=type(exc).__name__)
+        self._acks.append((msg.job_id, msg.accepted, msg.reason))
+        self._acks_waiting.set()
         if not msg.accepted:
             log.warning("receipt_refused", job=job, reason=msg.reason)
+
+    async def _journal_acks(self) -> None:
+        """Journal acks off the event loop, all that arrived meanwhile in one commit: the
+        reader never waits on the disk (the next offer rides in the ack's write), and a busy
+        node makes one thread hop per batch, not per job. An ack lost with the process is
+        harmless: its receipt reads un-acked and is resent, and the coordinator acks again."""
+        try:
+            while True:
+                await self._acks_waiting.wait()
+                await self._flush_acks()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        batch, self._acks = self._acks, []
+        self._acks_waiting = trio.Event()
+        if not batch:
+            return
+        try:
+            await _off_loop(self.journal.mark_acked_many, batch)
+        except Exception as exc:  # the images stay until pruned; the session carries on
+            log.error("ack_not_journaled", jobs=len(batch), error=type(exc).__name__)
 
     # --- challenges ----------------------------------------------------------------------
     async def _on_challenge(self, msg: Challenge) -> None:

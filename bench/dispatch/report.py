@@ -167,7 +167,12 @@ def _floor(report: Report) -> list[str]:
     if not floor:
         return []
     us = {name: seconds * 1e6 for name, seconds in floor}
-    one, batched, raw_one, raw_batched = (us[name] for name, _ in floor)
+    if len(floor) != 6:  # another commit's floor (`--against`): its own rows, no text
+        return [
+            common.table(("way", "CPU us per frame"), [(n, f"{v:.1f}") for n, v in us.items()]),
+            "",
+        ]
+    one, batched, direct_one, direct_batched, raw_one, raw_batched = (us[name] for name, _ in floor)
     return [
         "Transport floor (`python -m bench.dispatch.transport_floor`): CPU per 200-byte "
         "frame, both ends of one stream in one process (the coordinator pays one end):",
@@ -177,13 +182,15 @@ def _floor(report: Report) -> list[str]:
         f"py-libp2p costs {one / raw_one:.0f}x a raw trio socket with the same AEAD per frame "
         f"when each frame is its own write ({one:.0f} vs {raw_one:.0f} us), and "
         f"{batched / raw_batched:.0f}x when frames share writes ({batched:.0f} vs "
-        f"{raw_batched:.1f} us): batching queued frames (this section's channels) removes "
-        f"most of it, and what is left is py-libp2p's per-write path (yamux frame and window "
-        f"bookkeeping, Noise's msgio framing, trio locks and events in Python). Lifting it "
-        f"further means leaving that path for the hot streams: one long-lived stream per node "
-        f"with our own framing straight over the Noise-secured connection (no yamux per "
-        f"frame), or the muxer and Noise in native code (a Rust libp2p via PyO3, or "
-        f"js-libp2p's), where a frame costs what the raw row shows. py-libp2p also sends a "
+        f"{raw_batched:.1f} us): yamux's per-frame locks, events and window bookkeeping in "
+        f"Python. A direct channel (the same `Channel`, Noise on its own TCP connection, no "
+        f"yamux: `sogni_net.direct`, what node job sessions and app requests use) costs "
+        f"{direct_one:.0f} us one frame at a time ({one / direct_one:.1f}x less than "
+        f"py-libp2p) and {direct_batched:.1f} us batched ({batched / direct_batched:.1f}x "
+        f"less); what is left above the raw rows is the channel's own Python (its frame "
+        f"queue, the writer and reader tasks waking each other) and Noise's per-message "
+        f"work. Below that, only native code would go (Noise and the framing in Rust via "
+        f"PyO3). For the streams still on yamux (gossip, epochs, relay), py-libp2p also sends a "
         f"yamux WINDOW_UPDATE after nearly every read (its `PY_YAMUX_RELEASE_ON_READ`, on by "
         f"default): 5.5 per job at the coordinator in one cProfile round (30 Nov 2026), 2.9 "
         f"with it off (and 27% fewer socket reads). `sogni_net.channel` turns it off in every "
@@ -353,10 +360,10 @@ def _interpretation(report: Report) -> str:
         f"Networked, the coordinator uses {coord_ms:.1f} ms of CPU per job, so about "
         f"{transport_ms:.1f} ms goes to the frames per job (result, with the node's `Ready` "
         f"in the same write; ack and next offer in one write; image; no per-step progress) "
-        f"crossing py-libp2p: Noise, "
-        f"yamux, trio locks and "
-        f"wake-ups, a socket send per write (queued frames share one). With a core to itself "
-        f"it would manage ~{capacity:.0f} jobs/s.",
+        f"through the channels (node sessions and app requests on direct channels: Noise "
+        f"straight on their own TCP connection, no yamux; `sogni_net.direct`), trio tasks, "
+        f"locks and wake-ups, a socket send per write (queued frames share one). With a core "
+        f"to itself it would manage ~{capacity:.0f} jobs/s.",
         f"All processes together need {ours_ms:.1f} ms of CPU per job (the simulated nodes "
         f"and the client pay the same per-frame costs), so {cores} cores cap this test near "
         f"{cores * 1000 / ours_ms:.0f} jobs/s on an idle machine; during the rounds the machine "
@@ -379,7 +386,7 @@ def _interpretation(report: Report) -> str:
         )
         text.append(f"Its profile: {top}; idle {prof.idle * 100:.0f}%.")
     ops = dict(prof.operations) if prof is not None else {}
-    frames = sum(v for k, v in ops.items() if "Yamux" in k)
+    frames = sum(v for k, v in ops.items() if "Yamux" in k or "DirectStream" in k)
     own = sum(v for k, v in ops.items() if "_match" in k or k.startswith("verify"))
     split = (
         f" (on its thread: reading and writing frames {frames * 100:.0f}%, matching and "
@@ -390,7 +397,8 @@ def _interpretation(report: Report) -> str:
     text.append(
         "So the limit is CPU: one single-threaded event loop "
         + ("starved of a core by everything else on the machine, " if queued >= 25 else "")
-        + f"that pays far more for moving frames through py-libp2p than for dispatching{split}."
+        + f"whose time goes to trio's task switching and the frames' Python around the "
+        f"dispatch work itself{split}."
     )
     receipted = [_ms(r.receipted, 50) for r in rounds if r.receipted]
     if receipted:
@@ -398,12 +406,12 @@ def _interpretation(report: Report) -> str:
             f"Latency is queueing (all {report.settings.jobs} jobs are accepted at once and "
             f"drain in {med(lambda r: r.wall):.0f} s): p50 {common.median(receipted):.0f} ms "
             f"to the receipt, {med(lambda r: _ms(r.latencies, 50)):.0f} ms to the client. A "
-            f"client stream writes every image ready at once in one write, and the channel "
-            f"hands what the yamux window allows to the connection as one write of all its "
-            f"64 KB frames (`sogni_net.channel._write`): py-libp2p's own write awaits four "
-            f"locks and a checkpoint per frame, each a full turn of the busy loop, and before "
-            f"that change writes of 40-60 images took 1.5-2.5 s (traced 30 Nov 2026, load "
-            f"average 10; zero-window waits 0)."
+            f"client stream writes every image ready at once in one write: one socket send on "
+            f"a direct channel; over libp2p the channel hands what the yamux window allows to "
+            f"the connection as one write of all its 64 KB frames (`sogni_net.channel._write`), "
+            f"because py-libp2p's own write awaits four locks and a checkpoint per frame, each "
+            f"a full turn of the busy loop (writes of 40-60 images took 1.5-2.5 s before that, "
+            f"traced 30 Nov 2026, load average 10)."
         )
     return " ".join(text)
 

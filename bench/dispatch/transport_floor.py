@@ -6,14 +6,16 @@ per-frame cost the wall, and what would lift it?
 
 Both sides in one process and one trio loop on 127.0.0.1, sender and receiver, so the figure
 is the CPU of both ends per frame (the coordinator pays one end of each frame it moves).
-Frames are 200-byte payloads (an ack, an offer's size class). Four ways:
+Frames are 200-byte payloads (an ack, an offer's size class). Six ways:
 
 1. `Channel.send`, one awaited frame at a time (what each node stream did per message);
 2. `Channel.send_many`, 32 frames per batch (one yamux write per batch: the writer here);
-3. raw trio TCP, each frame length-prefixed and sealed with ChaCha20-Poly1305 (Noise's
+3. and 4. the same over a direct channel (`sogni_net.direct`: Noise on its own TCP
+   connection, no yamux), what node job sessions and app requests use;
+5. raw trio TCP, each frame length-prefixed and sealed with ChaCha20-Poly1305 (Noise's
    transport cipher; the handshake is once per connection and not counted), one
    `send_all` per frame;
-4. the same, 32 sealed frames per `send_all`.
+6. the same, 32 sealed frames per `send_all`.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ def _msg(i: int) -> ResultAck:
     return ResultAck(job_id=i.to_bytes(32, "big"), accepted=True, reason="x" * 100)
 
 
-async def _libp2p(batch: int) -> float:
-    """Seconds of wall (and, single loop, CPU) per frame over a py-libp2p channel."""
+async def _libp2p(batch: int, *, direct: bool = False) -> float:
+    """Seconds of wall (and, single loop, CPU) per frame over a py-libp2p channel (with
+    `direct`, a direct channel between the same two hosts)."""
     got = trio.Event()
 
     async def sink(channel: Channel) -> None:
@@ -49,11 +52,12 @@ async def _libp2p(batch: int) -> float:
         got.set()
 
     async with (
-        open_host(key_path=None, listen=["/ip4/127.0.0.1/tcp/0"]) as server,
+        open_host(key_path=None, listen=["/ip4/127.0.0.1/tcp/0"], direct=direct) as server,
         open_host(key_path=None, listen=()) as client,
     ):
-        server.set_stream_handler(SINK, sink)
-        async with await client.open_channel(server.addrs[0], SINK) as channel:
+        server.set_stream_handler(SINK, sink, direct=direct)
+        channel = await client.open_channel(server.addrs[0], SINK, direct=direct)
+        async with channel:
             started = time.process_time()
             if batch == 1:
                 for i in range(FRAMES):
@@ -117,13 +121,21 @@ async def _measure() -> list[tuple[str, float]]:
     return [
         ("py-libp2p `Channel.send`, one awaited frame at a time", await _libp2p(1)),
         (f"py-libp2p `Channel.send_many`, {BATCH} frames per write", await _libp2p(BATCH)),
+        (
+            "direct channel `Channel.send`, one awaited frame at a time",
+            await _libp2p(1, direct=True),
+        ),
+        (
+            f"direct channel `Channel.send_many`, {BATCH} frames per write",
+            await _libp2p(BATCH, direct=True),
+        ),
         ("raw trio TCP + ChaCha20-Poly1305, one send per frame", await _raw(1)),
         (f"raw trio TCP + ChaCha20-Poly1305, {BATCH} frames per send", await _raw(BATCH)),
     ]
 
 
 def measure() -> list[tuple[str, float]]:
-    """(way, CPU seconds per frame, both ends) for the four ways above."""
+    """(way, CPU seconds per frame, both ends) for the six ways above."""
     return trio.run(_measure)
 
 

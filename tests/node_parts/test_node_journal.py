@@ -99,6 +99,26 @@ def test_unacked_and_filters(tmp_path: Path) -> None:
         assert [r.receipt.job_id[0] for r in j.receipts(since=1_700_000_002)] == [2, 3]
 
 
+def test_acks_in_one_batch(tmp_path: Path) -> None:
+    """A session journals the acks that arrived together in one commit; an ack naming no
+    receipt (another node's job, a forged id) changes nothing and is not counted."""
+    with Journal(tmp_path / "j.db") as j:
+        for n in (1, 2, 3):
+            j.record_receipt(receipt(n), SIG)
+        acks = [
+            (bytes([1]) * 32, True, ""),
+            (bytes([9]) * 32, True, ""),
+            (bytes([3]) * 32, False, "image check failed"),
+        ]
+        assert j.mark_acked_many(acks) == 2
+        assert j.mark_acked_many([]) == 0
+        by_id = {r.receipt.job_id[0]: r for r in j.receipts()}
+        assert by_id[1].accepted is True
+        assert by_id[2].accepted is None  # not in the batch: still un-acked, resent later
+        assert by_id[3].accepted is False and by_id[3].ack_reason == "image check failed"
+        assert [r.receipt.job_id[0] for r in j.unacked()] == [2]
+
+
 def test_receipt_is_idempotent_but_never_replaced(tmp_path: Path) -> None:
     with Journal(tmp_path / "j.db") as j:
         j.record_receipt(receipt(1), SIG)
