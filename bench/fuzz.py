@@ -254,11 +254,14 @@ class Tally:
         return sum(n for k, n in self.outcomes.items() if k in ("reset", "closed", "refused"))
 
 
-async def one_stream(host: Host, addr: str, protocol: str, payload: bytes, wait: float) -> str:
-    """Open `protocol`, send `payload` raw, half-close, wait for how the daemon ends it."""
+async def one_stream(
+    host: Host, addr: str, protocol: str, payload: bytes, wait: float, *, direct: bool = False
+) -> str:
+    """Open `protocol` (on a direct channel with `direct`, where the daemon serves it so),
+    send `payload` raw, half-close, wait for how the daemon ends it."""
     for attempt in range(5):
         try:
-            channel = await host.open_channel(addr, protocol, timeout=10)
+            channel = await host.open_channel(addr, protocol, timeout=10, direct=direct)
             break
         except DialError:
             # Often our connection being dropped by the daemon (for the previous payload):
@@ -297,9 +300,10 @@ async def barrage(
     concurrency: int = 8,
     wait: float = 2.0,
     kinds: dict[str, Kind] = KINDS,
+    direct: bool = False,
 ) -> Tally:
     """Send `streams` malformed streams on `protocol`, `concurrency` at a time; the first
-    `len(kinds)` go through every kind once."""
+    `len(kinds)` go through every kind once (on direct channels with `direct`)."""
     rng = random.Random(f"{seed}:{protocol}")
     tally = Tally()
     todo = iter(range(streams))
@@ -310,7 +314,7 @@ async def barrage(
             # Every kind once first (a short run still covers them all), then at random.
             kind = names[i] if i < len(names) else rng.choice(names)
             payload = kinds[kind](rng)
-            outcome = await one_stream(host, addr, protocol, payload, wait)
+            outcome = await one_stream(host, addr, protocol, payload, wait, direct=direct)
             tally.streams += 1
             tally.frames += 1 if payload else 0
             tally.bytes += len(payload)

@@ -107,6 +107,17 @@ async def test_every_protocol_of_both_daemons_survives_malformed_streams(
                         # answer is one whose bytes form a valid prefix it is waiting past.
                         assert tally.outcomes["dial_failed"] == 0, (name, protocol, tally)
                         assert tally.refused + tally.outcomes["no_answer"] == tally.streams
+                # The same payloads on the coordinator's direct channels (its hot protocols
+                # without yamux): the same channel code, behind its own listener.
+                for protocol in (JOBS_PROTOCOL, CLIENT_PROTOCOL):
+                    tally = await barrage(
+                        hostile, net.addr, protocol, len(KINDS), concurrency=4, wait=1.0,
+                        direct=True,
+                    )  # fmt: skip
+                    assert tally.outcomes["dial_failed"] == 0, (protocol, tally)
+                    assert tally.refused + tally.outcomes["no_answer"] == tally.streams
+                # They did go direct: the coordinator's direct port is known and was used.
+                assert net.addr.rpartition("/p2p/")[2] in hostile._direct_ports
 
             async with open_host(key_path=None, listen=()) as probe:
                 for addr in targets.values():
