@@ -270,6 +270,13 @@ class Channel:
         The header is checked against `limit` before any of the body is waited for; a frame
         that is too large raises `FrameTooLarge` and resets the channel.
         """
+        whole = self._buffered_frame(limit)
+        if whole:
+            # A frame already here (the rest of a batched write): taken without a turn of
+            # the event loop, which a lock and a deadline would cost per frame.
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if not self._recv_lock.locked() and self._recv_closed is None:
+                return self._take(whole, skip=HEADER_SIZE)
         try:
             with trio.fail_after(timeout):
                 async with self._recv_lock:
@@ -286,6 +293,20 @@ class Channel:
                         self._want = 0
         except trio.TooSlowError:
             raise ReadTimeout(f"no complete frame within {timeout}s") from None
+
+    def _buffered_frame(self, limit: int) -> int:
+        """The length (header included) of a whole frame waiting at the buffer's front, if
+        nobody else is receiving; 0 otherwise, or when its header needs the slow path (too
+        large: that path resets the channel)."""
+        if self._recv_lock.locked() or self._recv_closed is not None:
+            return 0
+        if len(self._buf) < HEADER_SIZE:
+            return 0
+        try:
+            size = body_length(bytes(self._buf[:HEADER_SIZE]), limit)
+        except FrameTooLarge:
+            return 0
+        return HEADER_SIZE + size if len(self._buf) >= HEADER_SIZE + size else 0
 
     async def _receive_exact(self, n: int, *, timeout: float) -> bytes:
         """Exactly `n` unframed bytes (ping's echo)."""
