@@ -2,10 +2,12 @@
 
 Network: `start_localnet` runs the coordinator and one node (1 slot, 1 torch thread) as
 separate processes on 127.0.0.1; this process is the client (`sogni_app.api.render`, real
-libp2p: TCP + Noise + yamux). One request of N images at 64x64 goes to the single node,
-which renders them one after another, so wall time / N is the time per image as an app
-sees it, every per-image cost included (offer signing and checking, journal and receipt
-commits, progress messages, the image's trip back, receipt verification).
+libp2p, TCP + Noise, with the request and the node's job session on direct channels: Noise
+on their own TCP connections, no yamux, `sogni_net.direct`). One request of N images at
+64x64 goes to the single node, which renders them one after another, so wall time / N is
+the time per image as an app sees it, every per-image cost included (offer signing and
+checking, journal and receipt commits, progress messages, the image's trip back, receipt
+verification).
 
 Baseline, in this process and in the same run: the same `DiffusersBackend.render` with the
 same model, parameters, seeds and thread count (1), called N times in a loop. Runs
@@ -219,8 +221,9 @@ def render_markdown(report: Report) -> str:
         "",
         f"Network: `start_localnet` with the coordinator and one node as separate processes "
         f"(node: 1 slot, `SOGNI_NODE_THREADS=1`, `OMP_NUM_THREADS=1`), this process the "
-        f"client via `sogni_app.api.render` over real libp2p (TCP + Noise + yamux) on "
-        f"127.0.0.1. Direct: `DiffusersBackend(threads=1).render` in this process. Both: "
+        f"client via `sogni_app.api.render` over real libp2p on 127.0.0.1 (the request and "
+        f"the node's job session on direct channels: TCP + Noise, no yamux; "
+        f"`sogni_net.direct`). Direct: `DiffusersBackend(threads=1).render` in this process. Both: "
         f"`{MODEL}`, {s.side}x{s.side}, {s.steps} steps, guidance {s.guidance}, seeds "
         f"{s.seed}..{s.seed + n - 1}, one batch of {n} images rendered one after another; "
         f"per-image time = batch wall time / {n}. Median of {len(report.runs)} runs after a "
@@ -304,7 +307,7 @@ def _interpretation(report: Report, direct_ms: float) -> str:
         f"distinct image in a worker thread, docs/SAFETY.md; every render here is a new "
         f"image), the rest moving the frames that cross it per image (result with the node's "
         f"ready in the same write, the ack with the next offer in one write, image; "
-        f"progress at most every 0.5 s, none for a job this short) through py-libp2p; all "
+        f"progress at most every 0.5 s, none for a job this short) over direct channels; all "
         f"of it runs beside the render, on the "
         f"other core when one is free, so on a busy 2-core machine it takes from the render.",
         f"Every image came back byte-identical to the direct render "

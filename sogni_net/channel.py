@@ -94,6 +94,7 @@ class Channel:
         self._read_end: str | None = None  # why no more bytes will arrive
         self._recv_closed: str | None = None  # set when we stopped receiving ourselves
         self._pump_scope = trio.CancelScope()
+        self._fast_frames = 0
         # send side
         self._ops_send, self._ops_recv = trio.open_memory_channel[_WriteOp](math.inf)
         self._send_end: str | None = None  # why `send` refuses new frames
@@ -271,12 +272,15 @@ class Channel:
         that is too large raises `FrameTooLarge` and resets the channel.
         """
         whole = self._buffered_frame(limit)
-        if whole:
+        if whole and self._fast_frames < _FAST_FRAMES:
             # A frame already here (the rest of a batched write): taken without a turn of
-            # the event loop, which a lock and a deadline would cost per frame.
+            # the event loop, which a lock and a deadline would cost per frame; every
+            # `_FAST_FRAMES`th frame takes the slow path, so a flood cannot starve the loop.
             await trio.lowlevel.checkpoint_if_cancelled()
             if not self._recv_lock.locked() and self._recv_closed is None:
+                self._fast_frames += 1
                 return self._take(whole, skip=HEADER_SIZE)
+        self._fast_frames = 0
         try:
             with trio.fail_after(timeout):
                 async with self._recv_lock:
@@ -370,12 +374,17 @@ class Channel:
 
     # --- background tasks ---------------------------------------------------------------
     async def _run(self) -> None:
+        released = False
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._pump)
                 await self._writer()
             await self._release()
+            released = True
         finally:
+            close_now = getattr(self._stream, "close_now", None)
+            if not released and close_now is not None:
+                close_now()  # cancelled (host shutdown): a direct channel owns its socket
             self._finished.set()
 
     async def _pump(self) -> None:
@@ -509,6 +518,9 @@ class Channel:
         except Exception:
             pass
 
+
+_FAST_FRAMES = 64
+"""Frames `receive_raw` may take from the buffer in a row without a loop turn."""
 
 _YAMUX_CHUNK = yamux.MAX_MESSAGE_SIZE - yamux.HEADER_SIZE
 

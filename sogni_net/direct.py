@@ -41,10 +41,31 @@ from sogni_net.errors import DialError
 DIRECT_PROTOCOL = "/sogni/direct/1.0.0"
 """libp2p protocol answering where this host listens for direct channels."""
 
-HANDSHAKE_TIMEOUT = 10.0
-"""Seconds a direct connection gets for TCP, Noise and protocol selection."""
+HANDSHAKE_TIMEOUT = 5.0
+"""Seconds an inbound direct connection gets for Noise and protocol selection."""
 
-MAX_DIRECT_CONNECTIONS = 4096
+DIRECT_BUDGET = 3.0
+"""Most seconds a dialer spends on the port query and the direct dial before libp2p."""
+
+RETRY_AFTER = 60.0
+"""Seconds a dialer uses libp2p for a peer whose direct port did not answer."""
+
+
+def _connection_cap() -> int:
+    """Direct connections served at once: a quarter of the file-descriptor limit (libp2p,
+    SQLite and the HTTP listener need the rest), at most 4,096."""
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):
+        return 256
+    if soft == resource.RLIM_INFINITY:
+        return 4096
+    return max(16, min(4096, soft // 4))
+
+
+MAX_DIRECT_CONNECTIONS = _connection_cap()
 """Direct connections a host serves at once; more are closed on accept."""
 
 _VERSION = 1
@@ -143,6 +164,10 @@ class DirectStream:
 
     async def close(self) -> None:
         await self._sock.aclose()
+
+    def close_now(self) -> None:
+        """Synchronous close, for a channel whose task was cancelled (host shutdown)."""
+        self._sock.socket.close()
 
     async def reset(self) -> None:
         """Abortive close: the peer's next read fails (TCP RST), as a yamux reset does."""

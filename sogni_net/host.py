@@ -107,6 +107,7 @@ class Host:
         self.direct_port: int | None = None
         """Where this host listens for direct channels (`sogni_net.direct`); None: it does not."""
         self._direct_ports: dict[str, int] = {}
+        self._direct_down: dict[str, float] = {}
         self._direct_limit = trio.CapacityLimiter(direct_channels.MAX_DIRECT_CONNECTIONS)
         self._nursery = nursery
         self._pubsub = pubsub
@@ -226,7 +227,7 @@ class Host:
             deadline = trio.current_time() + timeout
             try:
                 return await self._open_direct(addr, protocol, timeout)
-            except DialError as exc:
+            except TransportError as exc:
                 log_event(
                     logging.INFO, "direct_channel_unavailable", protocol=protocol, error=str(exc)
                 )
@@ -245,26 +246,37 @@ class Host:
         return await self._detached(opened, timeout, f"open {protocol} to {addr}", orphan)
 
     async def _open_direct(self, addr: str, protocol: str, timeout: float) -> Channel:
+        """A direct channel, or `TransportError`. The libp2p connection comes first (the
+        fallback needs it too); the port query and the dial then get at most a third of what
+        is left (`DIRECT_BUDGET` at most), so a firewalled port leaves the fallback its time.
+        A peer whose port did not answer is not tried directly again for a minute."""
         deadline = trio.current_time() + timeout
         peer = await self._detached(lambda: self._connect(addr), timeout, f"connect {addr}")
         key = peer.to_base58()
+        if self._direct_down.get(key, 0.0) > trio.current_time():
+            raise DialError("direct port unreachable a moment ago; using libp2p")
+        budget = min(direct_channels.DIRECT_BUDGET, (deadline - trio.current_time()) / 3)
+        until = trio.current_time() + max(budget, 0.1)
         port = self._direct_ports.get(key)
         if port is None:
-            remaining = max(deadline - trio.current_time(), 0.1)
+            remaining = max(until - trio.current_time(), 0.1)
             query = await self.open_channel(key, direct_channels.DIRECT_PROTOCOL, timeout=remaining)
             async with query:
-                answer = await query._receive_exact(3, timeout=remaining)
+                answer = await query._receive_exact(
+                    3, timeout=max(until - trio.current_time(), 0.1)
+                )
             port = direct_channels.decode_endpoint(answer)
         ip = _dial_host(addr)
         noise = self._noise
         assert noise is not None
         try:
-            with trio.fail_after(max(deadline - trio.current_time(), 0.1)):
+            with trio.fail_after(max(until - trio.current_time(), 0.1)):
                 stream = await direct_channels.dial(ip, port, peer, protocol, noise)
         except (DialError, trio.TooSlowError, OSError) as exc:
             self._direct_ports.pop(key, None)  # a restarted peer may listen elsewhere now
             if isinstance(exc, DialError):
                 raise
+            self._direct_down[key] = trio.current_time() + direct_channels.RETRY_AFTER
             raise DialError(f"direct channel to {ip}:{port}: {describe(exc)}") from exc
         self._direct_ports[key] = port
         channel = Channel(stream, protocol=protocol)  # type: ignore[arg-type]
@@ -278,7 +290,7 @@ class Host:
         try:
             self._direct_limit.acquire_nowait()
         except trio.WouldBlock:
-            await sock.aclose()
+            sock.socket.close()
             return
         try:
             try:
@@ -286,15 +298,14 @@ class Host:
                     accepted = await direct_channels.accept(sock, noise, self._direct_served)
             except Exception as exc:
                 log_event(logging.DEBUG, "direct_handshake_failed", error=describe(exc))
-                await sock.aclose()
                 return
             if accepted is None:
-                await sock.aclose()
                 return
             stream, protocol = accepted
             channel = Channel(stream, protocol=protocol)  # type: ignore[arg-type]
             await self._serve(self._handlers[protocol], channel, trio.Event())
         finally:
+            sock.socket.close()  # synchronous: also when shutdown cancels the handler
             self._direct_limit.release()
 
     async def _answer_direct_port(self, channel: Channel) -> None:

@@ -538,7 +538,8 @@ class Journal:
                         found += cur.rowcount
                     self._db.execute("COMMIT")
                 except BaseException:
-                    self._db.execute("ROLLBACK")
+                    if self._db.in_transaction:  # SQLite may have rolled back already
+                        self._db.execute("ROLLBACK")
                     raise
             finally:
                 self._db.execute("PRAGMA synchronous=FULL")

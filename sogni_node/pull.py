@@ -232,10 +232,10 @@ class PullSession:
         self._verify_limiter = trio.CapacityLimiter(1)
         """Steps re-run for the coordinator one at a time (`VerifyStep`: a UNet call each)."""
         self._result_sent: dict[bytes, float] = {}
+        """When each result not yet acked was written (the round trip sets the lookahead)."""
         self._acks: list[tuple[bytes, bool, str]] = []
         """Acks received, not yet journaled (`_journal_acks` writes them in batches)."""
         self._acks_waiting = trio.Event()
-        """When each result not yet acked was written (the round trip sets the lookahead)."""
 
     def send(self, msg: Message) -> None:
         try:

@@ -100,6 +100,7 @@ async def start_cluster(
             **cfg,
         }
     cfg.setdefault("http_listen", "off")
+    cfg.setdefault("heartbeat_timeout", 3.0)
     accounts = {name: Account.create() for name in names}
     signers = [a.address for a in accounts.values()]
     members: dict[str, Member] = {}
@@ -113,7 +114,6 @@ async def start_cluster(
                 results_dir=tmp / "shared-results",
                 network_signers=signers,
                 heartbeat_interval=0.5,
-                heartbeat_timeout=3.0,
                 **cfg,
             )
             signer = Signer(acct.address, bytes(acct.key))

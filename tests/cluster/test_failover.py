@@ -66,7 +66,11 @@ async def test_failover_between_two_coordinators(tmp_path: Path, backend: Any, p
     req = tiny_request(4, seed=0)
     per_image = quote(req).per_image.spark_micro
     async with (
-        start_cluster(tmp_path, pg_url, ["a", "b"], lease_seconds=2.0, **where) as members,
+        # The rogues hold their offers in silence while B's node renders two images: on a
+        # loaded machine that outlasts a 3 s heartbeat timeout, and A would drop them.
+        start_cluster(
+            tmp_path, pg_url, ["a", "b"], lease_seconds=2.0, heartbeat_timeout=60.0, **where
+        ) as members,
         open_host(key_path=None, listen=()) as client,
         open_host(key_path=None, listen=()) as host1,
         open_host(key_path=None, listen=()) as host2,

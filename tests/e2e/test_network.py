@@ -267,6 +267,7 @@ async def test_node_that_disconnects_mid_job_loses_it_to_the_queue(
         assert [r.receipt.job_id for r in receipts] == accepted.job_ids
 
 
+@pytest.mark.serial  # a 1 s job deadline: a render slowed by another test misses it
 async def test_job_past_its_deadline_is_requeued_and_paid_once(
     net_factory: Any, backend: Any
 ) -> None:

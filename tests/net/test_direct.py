@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -210,3 +211,22 @@ def test_endpoint_answer_is_checked() -> None:
     for bad in (b"", b"\x01\x0f", b"\x02\x0f\xa1", b"\x01\x00\x00", b"\x01\x0f\xa1\x00"):
         with pytest.raises(direct_mod.DialError):
             direct_mod.decode_endpoint(bad)
+
+
+async def test_an_unreachable_direct_port_falls_back_and_is_not_retried_at_once(
+    served: Served, client: Host
+) -> None:
+    """A firewalled or closed port costs one failed dial, then a minute of plain libp2p."""
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+    client._direct_ports[served.host.peer_id] = closed_port
+    with trio.fail_after(20):
+        for seq in (1, 2):
+            channel = await client.open_channel(served.host.addrs[0], ECHO, direct=True)
+            async with channel:
+                assert not isinstance(channel._stream, DirectStream)
+                await channel.send(Heartbeat(seq=seq))
+                assert await channel.receive(timeout=5) == Heartbeat(seq=seq)
+            assert served.host.peer_id in client._direct_down
+            assert served.host.peer_id not in client._direct_ports
