@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+from collections.abc import Container
 from typing import Any
 
 import trio
@@ -220,7 +221,7 @@ async def dial(
 
 
 async def accept(
-    sock: trio.SocketStream, noise: NoiseTransport, served: frozenset[str] | set[str]
+    sock: trio.SocketStream, noise: NoiseTransport, served: Container[str]
 ) -> tuple[DirectStream, str] | None:
     """The listener's side of `dial`: a stream and its protocol, or None after refusing a
     protocol not in `served`. Raises on a broken handshake; the caller sets the deadline."""

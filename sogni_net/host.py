@@ -102,8 +102,7 @@ class Host:
     ) -> None:
         self._lp = libp2p_host
         self._noise = noise
-        self._handlers: dict[str, Handler] = {}
-        self._direct_served: set[str] = set()
+        self._direct_handlers: dict[str, Handler] = {}
         self.direct_port: int | None = None
         """Where this host listens for direct channels (`sogni_net.direct`); None: it does not."""
         self._direct_ports: dict[str, int] = {}
@@ -159,9 +158,10 @@ class Host:
         `direct`, the handler also serves direct channels (`sogni_net.direct`) when the host
         listens for them.
         """
-        self._handlers[protocol] = handler
         if direct:
-            self._direct_served.add(protocol)
+            self._direct_handlers[protocol] = handler
+        else:
+            self._direct_handlers.pop(protocol, None)
 
         async def on_stream(stream: INetStream) -> None:
             channel = Channel(stream, protocol=protocol)
@@ -257,20 +257,21 @@ class Host:
             raise DialError("direct port unreachable a moment ago; using libp2p")
         budget = min(direct_channels.DIRECT_BUDGET, (deadline - trio.current_time()) / 3)
         until = trio.current_time() + max(budget, 0.1)
+
+        def left() -> float:
+            return max(until - trio.current_time(), 0.1)
+
         port = self._direct_ports.get(key)
         if port is None:
-            remaining = max(until - trio.current_time(), 0.1)
-            query = await self.open_channel(key, direct_channels.DIRECT_PROTOCOL, timeout=remaining)
+            query = await self.open_channel(key, direct_channels.DIRECT_PROTOCOL, timeout=left())
             async with query:
-                answer = await query._receive_exact(
-                    3, timeout=max(until - trio.current_time(), 0.1)
-                )
+                answer = await query._receive_exact(3, timeout=left())
             port = direct_channels.decode_endpoint(answer)
         ip = _dial_host(addr)
         noise = self._noise
         assert noise is not None
         try:
-            with trio.fail_after(max(until - trio.current_time(), 0.1)):
+            with trio.fail_after(left()):
                 stream = await direct_channels.dial(ip, port, peer, protocol, noise)
         except (DialError, trio.TooSlowError, OSError) as exc:
             self._direct_ports.pop(key, None)  # a restarted peer may listen elsewhere now
@@ -295,7 +296,7 @@ class Host:
         try:
             try:
                 with trio.fail_after(direct_channels.HANDSHAKE_TIMEOUT):
-                    accepted = await direct_channels.accept(sock, noise, self._direct_served)
+                    accepted = await direct_channels.accept(sock, noise, self._direct_handlers)
             except Exception as exc:
                 log_event(logging.DEBUG, "direct_handshake_failed", error=describe(exc))
                 return
@@ -303,7 +304,7 @@ class Host:
                 return
             stream, protocol = accepted
             channel = Channel(stream, protocol=protocol)  # type: ignore[arg-type]
-            await self._serve(self._handlers[protocol], channel, trio.Event())
+            await self._serve(self._direct_handlers[protocol], channel, trio.Event())
         finally:
             sock.socket.close()  # synchronous: also when shutdown cancels the handler
             self._direct_limit.release()
