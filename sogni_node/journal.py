@@ -46,7 +46,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -242,13 +242,18 @@ class Journal:
     def _lazy(self, sql: str, args: tuple[object, ...]) -> sqlite3.Cursor:
         """Under the lock: one statement, committed without a fsync of its own (durable with
         the next fsync'd commit or `sync`; the module's docstring says when that is enough)."""
+        with self._without_fsync():
+            return self._db.execute(sql, args)
+
+    @contextlib.contextmanager
+    def _without_fsync(self) -> Iterator[None]:
+        """Under the lock: what commits inside is not fsync'd on its own (see `_lazy`)."""
         self._db.execute("PRAGMA synchronous=NORMAL")
         try:
-            cur = self._db.execute(sql, args)
+            yield
         finally:
             self._db.execute("PRAGMA synchronous=FULL")
         self.unsynced += 1
-        return cur
 
     def _durable(self, sql: str, args: tuple[object, ...]) -> sqlite3.Cursor:
         """Under the lock: one statement, its commit fsync'd (and with it every earlier one)."""
@@ -524,26 +529,21 @@ class Journal:
         many named a receipt."""
         now = time.time()
         found = 0
-        with self._lock:
-            self._db.execute("PRAGMA synchronous=NORMAL")
+        with self._lock, self._without_fsync():
+            self._db.execute("BEGIN")
             try:
-                self._db.execute("BEGIN")
-                try:
-                    for job_id, accepted, reason in acks:
-                        cur = self._db.execute(
-                            "UPDATE receipts SET accepted = ?, ack_reason = ?, acked_at = ?"
-                            " WHERE job_id = ?",
-                            (int(accepted), reason, now, job_id),
-                        )
-                        found += cur.rowcount
-                    self._db.execute("COMMIT")
-                except BaseException:
-                    if self._db.in_transaction:  # SQLite may have rolled back already
-                        self._db.execute("ROLLBACK")
-                    raise
-            finally:
-                self._db.execute("PRAGMA synchronous=FULL")
-            self.unsynced += 1
+                for job_id, accepted, reason in acks:
+                    cur = self._db.execute(
+                        "UPDATE receipts SET accepted = ?, ack_reason = ?, acked_at = ?"
+                        " WHERE job_id = ?",
+                        (int(accepted), reason, now, job_id),
+                    )
+                    found += cur.rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:  # SQLite may have rolled back already
+                    self._db.execute("ROLLBACK")
+                raise
             for job_id, _, _ in acks:
                 self._drop_files(job_id)
         return found
