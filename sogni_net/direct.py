@@ -46,7 +46,7 @@ HANDSHAKE_TIMEOUT = 5.0
 """Seconds an inbound direct connection gets for Noise and protocol selection."""
 
 DIRECT_BUDGET = 3.0
-"""Most seconds a dialer spends on the port query and the direct dial before libp2p."""
+"""Most seconds a dialer spends on the direct dial (TCP, Noise, protocol) before libp2p."""
 
 RETRY_AFTER = 60.0
 """Seconds a dialer uses libp2p for a peer whose direct port did not answer."""

@@ -247,31 +247,37 @@ class Host:
 
     async def _open_direct(self, addr: str, protocol: str, timeout: float) -> Channel:
         """A direct channel, or `TransportError`. The libp2p connection comes first (the
-        fallback needs it too); the port query and the dial then get at most a third of what
-        is left (`DIRECT_BUDGET` at most), so a firewalled port leaves the fallback its time.
-        A peer whose port did not answer is not tried directly again for a minute."""
+        fallback needs it too). The port query rides that connection, so it gets up to half
+        of what is left: when it is slow, libp2p itself is slow (a coordinator that 50 nodes
+        dial at once), and a short budget would send every node to the slower path for its
+        whole session. The direct dial then gets at most `DIRECT_BUDGET` (a third of what is
+        left), so a firewalled port leaves the fallback its time; a peer whose port did not
+        answer is not tried directly again for a minute."""
         deadline = trio.current_time() + timeout
         peer = await self._detached(lambda: self._connect(addr), timeout, f"connect {addr}")
         key = peer.to_base58()
         if self._direct_down.get(key, 0.0) > trio.current_time():
             raise DialError("direct port unreachable a moment ago; using libp2p")
-        budget = min(direct_channels.DIRECT_BUDGET, (deadline - trio.current_time()) / 3)
-        until = trio.current_time() + max(budget, 0.1)
 
-        def left() -> float:
+        def left(until: float) -> float:
             return max(until - trio.current_time(), 0.1)
 
         port = self._direct_ports.get(key)
         if port is None:
-            query = await self.open_channel(key, direct_channels.DIRECT_PROTOCOL, timeout=left())
+            until = trio.current_time() + (deadline - trio.current_time()) / 2
+            query = await self.open_channel(
+                key, direct_channels.DIRECT_PROTOCOL, timeout=left(until)
+            )
             async with query:
-                answer = await query._receive_exact(3, timeout=left())
+                answer = await query._receive_exact(3, timeout=left(until))
             port = direct_channels.decode_endpoint(answer)
+        budget = min(direct_channels.DIRECT_BUDGET, (deadline - trio.current_time()) / 3)
+        dial_until = trio.current_time() + max(budget, 0.1)
         ip = _dial_host(addr)
         noise = self._noise
         assert noise is not None
         try:
-            with trio.fail_after(left()):
+            with trio.fail_after(left(dial_until)):
                 stream = await direct_channels.dial(ip, port, peer, protocol, noise)
         except (DialError, trio.TooSlowError, OSError) as exc:
             self._direct_ports.pop(key, None)  # a restarted peer may listen elsewhere now

@@ -230,3 +230,26 @@ async def test_an_unreachable_direct_port_falls_back_and_is_not_retried_at_once(
                 assert await channel.receive(timeout=5) == Heartbeat(seq=seq)
             assert served.host.peer_id in client._direct_down
             assert served.host.peer_id not in client._direct_ports
+
+
+async def test_a_slow_port_answer_still_gets_a_direct_channel(
+    served: Served, client: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The port query rides libp2p, like the fallback: when it is slow (a coordinator that
+    many nodes dial at once) the dialer waits for it rather than settle for libp2p for the
+    whole session. Only the direct dial has the short budget."""
+    monkeypatch.setattr(direct_mod, "DIRECT_BUDGET", 0.2)
+    answer = served.host._answer_direct_port
+
+    async def slow_answer(channel: Channel) -> None:
+        await trio.sleep(0.6)  # three times the dial budget
+        await answer(channel)
+
+    served.host.set_stream_handler(direct_mod.DIRECT_PROTOCOL, slow_answer)
+    with trio.fail_after(20):
+        channel = await client.open_channel(served.host.addrs[0], ECHO, timeout=10, direct=True)
+        async with channel:
+            assert isinstance(channel._stream, DirectStream)
+            await channel.send(Heartbeat(seq=7))
+            assert await channel.receive(timeout=5) == Heartbeat(seq=7)
+    assert served.host.peer_id not in client._direct_down
