@@ -48,6 +48,10 @@ HANDSHAKE_TIMEOUT = 5.0
 DIRECT_BUDGET = 3.0
 """Most seconds a dialer spends on the direct dial (TCP, Noise, protocol) before libp2p."""
 
+HANDSHAKES_PER_IP = 64
+"""Inbound connections from one IP address in their handshake at once; more are closed on
+accept (a dialer refused so falls back to libp2p)."""
+
 RETRY_AFTER = 60.0
 """Seconds a dialer uses libp2p for a peer whose direct port did not answer."""
 

@@ -108,6 +108,8 @@ class Host:
         self._direct_ports: dict[str, int] = {}
         self._direct_down: dict[str, float] = {}
         self._direct_limit = trio.CapacityLimiter(direct_channels.MAX_DIRECT_CONNECTIONS)
+        self._handshaking: dict[str, int] = {}
+        """Inbound direct connections per remote IP still in their handshake."""
         self._nursery = nursery
         self._pubsub = pubsub
         self._penalties = penalties
@@ -291,14 +293,21 @@ class Host:
         return channel
 
     async def _serve_direct(self, sock: trio.SocketStream) -> None:
-        """One inbound direct connection: handshake under a deadline, then the handler."""
+        """One inbound direct connection: handshake under a deadline, then the handler. An
+        IP gets at most `HANDSHAKES_PER_IP` handshakes at once: silent connections from one
+        address cannot take every slot (each holds one for `HANDSHAKE_TIMEOUT`)."""
         noise = self._noise
         assert noise is not None
+        ip = _remote_ip(sock)
+        if self._handshaking.get(ip, 0) >= direct_channels.HANDSHAKES_PER_IP:
+            sock.socket.close()
+            return
         try:
             self._direct_limit.acquire_nowait()
         except trio.WouldBlock:
             sock.socket.close()
             return
+        self._handshaking[ip] = self._handshaking.get(ip, 0) + 1
         try:
             try:
                 with trio.fail_after(direct_channels.HANDSHAKE_TIMEOUT):
@@ -306,6 +315,8 @@ class Host:
             except Exception as exc:
                 log_event(logging.DEBUG, "direct_handshake_failed", error=describe(exc))
                 return
+            finally:  # also when cancelled mid-handshake
+                self._handshake_done(ip)
             if accepted is None:
                 return
             stream, protocol = accepted
@@ -314,6 +325,13 @@ class Host:
         finally:
             sock.socket.close()  # synchronous: also when shutdown cancels the handler
             self._direct_limit.release()
+
+    def _handshake_done(self, ip: str) -> None:
+        left = self._handshaking.get(ip, 0) - 1
+        if left > 0:
+            self._handshaking[ip] = left
+        else:
+            self._handshaking.pop(ip, None)
 
     async def _answer_direct_port(self, channel: Channel) -> None:
         port = self.direct_port
@@ -657,6 +675,14 @@ async def _close(lp: Any, *, client: bool) -> None:
             assert isinstance(event, trio.Event)
             await event.wait()
         nursery.cancel_scope.cancel()
+
+
+def _remote_ip(sock: trio.SocketStream) -> str:
+    """The remote address of an accepted socket ("" if the socket cannot say)."""
+    try:
+        return str(sock.socket.getpeername()[0])
+    except (OSError, IndexError):
+        return ""
 
 
 def _dial_host(addr: str) -> str:

@@ -253,3 +253,30 @@ async def test_a_slow_port_answer_still_gets_a_direct_channel(
             await channel.send(Heartbeat(seq=7))
             assert await channel.receive(timeout=5) == Heartbeat(seq=7)
     assert served.host.peer_id not in client._direct_down
+
+
+async def test_one_address_gets_a_bounded_number_of_handshakes(
+    served: Served, client: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Silent connections from one IP hold at most `HANDSHAKES_PER_IP` handshake slots; the
+    next is closed at once, and the slots come back when those connections go."""
+    port = served.host.direct_port
+    assert port is not None
+    monkeypatch.setattr(direct_mod, "HANDSHAKES_PER_IP", 2)
+    with trio.fail_after(20):
+        silent = [await trio.open_tcp_stream("127.0.0.1", port) for _ in range(2)]
+        while sum(served.host._handshaking.values()) < 2:
+            await trio.sleep(0.01)  # both accepted and waiting for their handshake
+        extra = await trio.open_tcp_stream("127.0.0.1", port)
+        with trio.fail_after(2):  # well before the 5 s handshake deadline
+            assert await extra.receive_some(1024) == b""
+        await extra.aclose()
+        for stream in silent:
+            await stream.aclose()
+        while served.host._handshaking:
+            await trio.sleep(0.01)
+        channel = await client.open_channel(served.host.addrs[0], ECHO, direct=True)
+        async with channel:
+            assert isinstance(channel._stream, DirectStream)
+            await channel.send(Heartbeat(seq=3))
+            assert await channel.receive(timeout=5) == Heartbeat(seq=3)
