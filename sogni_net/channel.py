@@ -39,7 +39,6 @@ from libp2p.network.stream.net_stream import StreamState
 from libp2p.stream_muxer.yamux import yamux
 
 from sogni_net._log import describe
-from sogni_net.direct import DirectStream
 from sogni_net.errors import ChannelClosed, ReadTimeout, WriteTimeout
 from sogni_protocol.errors import FrameTooLarge, InvalidMessage
 from sogni_protocol.framing import HEADER_SIZE, body_length, encode_frame
@@ -85,8 +84,6 @@ class Channel:
         self._stream = stream
         self.protocol = protocol
         self.remote_peer_id: str = stream.muxed_conn.peer_id.to_base58()
-        self.direct = isinstance(stream, DirectStream)
-        """Over its own Noise connection (`sogni_net.direct`), not a libp2p stream."""
         self._linger = linger
         # receive side
         self._buf = bytearray()

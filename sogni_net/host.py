@@ -260,15 +260,26 @@ class Host:
         key = peer.to_base58()
         if self._direct_down.get(key, 0.0) > trio.current_time():
             raise DialError("direct port unreachable a moment ago; using libp2p")
+
+        def left(until: float) -> float:
+            return max(until - trio.current_time(), 0.1)
+
         port = self._direct_ports.get(key)
         if port is None:
-            port = await self._query_port(key, (deadline - trio.current_time()) / 2)
+            until = trio.current_time() + (deadline - trio.current_time()) / 2
+            query = await self.open_channel(
+                key, direct_channels.DIRECT_PROTOCOL, timeout=left(until)
+            )
+            async with query:
+                answer = await query._receive_exact(3, timeout=left(until))
+            port = direct_channels.decode_endpoint(answer)
         budget = min(direct_channels.DIRECT_BUDGET, (deadline - trio.current_time()) / 3)
+        dial_until = trio.current_time() + max(budget, 0.1)
         ip = _dial_host(addr)
         noise = self._noise
         assert noise is not None
         try:
-            with trio.fail_after(max(budget, 0.1)):
+            with trio.fail_after(left(dial_until)):
                 stream = await direct_channels.dial(ip, port, peer, protocol, noise)
         except (DialError, trio.TooSlowError, OSError) as exc:
             self._direct_ports.pop(key, None)  # a restarted peer may listen elsewhere now
@@ -280,36 +291,6 @@ class Host:
         channel = Channel(stream, protocol=protocol)  # type: ignore[arg-type]
         channel._start(self._nursery)
         return channel
-
-    async def _query_port(self, key: str, timeout: float) -> int:
-        """Ask the connected peer `key` where it listens for direct channels."""
-        until = trio.current_time() + timeout
-
-        def left() -> float:
-            return max(until - trio.current_time(), 0.1)
-
-        query = await self.open_channel(key, direct_channels.DIRECT_PROTOCOL, timeout=left())
-        async with query:
-            answer = await query._receive_exact(3, timeout=left())
-        return direct_channels.decode_endpoint(answer)
-
-    async def serves_direct(self, addr: str, *, timeout: float = 10.0) -> bool:
-        """Whether the peer at `addr` (a multiaddr) serves direct channels, asked over libp2p
-        now unless already known; the port is remembered, so the next `open_channel(direct=
-        True)` dials it at once. For a channel that fell back to libp2p while the peer was
-        too busy to answer: its owner may move to a direct one later."""
-        if self._noise is None or not addr.startswith("/"):
-            return False
-        try:
-            peer = await self._detached(lambda: self._connect(addr), timeout, f"connect {addr}")
-            key = peer.to_base58()
-            if self._direct_down.get(key, 0.0) > trio.current_time():
-                return False
-            if key not in self._direct_ports:
-                self._direct_ports[key] = await self._query_port(key, timeout)
-        except TransportError:
-            return False
-        return True
 
     async def _serve_direct(self, sock: trio.SocketStream) -> None:
         """One inbound direct connection: handshake under a deadline, then the handler. An

@@ -52,7 +52,6 @@ import dataclasses
 import functools
 import hashlib
 import math
-import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -135,11 +134,6 @@ _WRITE_BATCH = 64
 """At most this many queued messages leave in one stream write."""
 _MAX_TIMED = 1024
 """Results whose ack is being timed at once (more: not timed; acks lost with a session)."""
-
-MOVE_CHECK_INTERVAL = 60.0
-"""Seconds (+-25%) before a libp2p session asks again for the coordinator's direct port, when
-the node wants direct channels and the first ask failed (a coordinator too busy to answer in
-time: a reconnection storm after its restart); doubled after each failure, up to an hour."""
 
 PROGRESS_INTERVAL = 0.5
 """Seconds between progress frames of one job: its first step always (a listening client
@@ -242,8 +236,6 @@ class PullSession:
         self._acks: list[tuple[bytes, bool, str]] = []
         """Acks received, not yet journaled (`_journal_acks` writes them in batches)."""
         self._acks_waiting = trio.Event()
-        self._moving = False
-        """Draining to end itself and reconnect over a direct channel (`_move_to_direct`)."""
 
     def send(self, msg: Message) -> None:
         try:
@@ -259,7 +251,7 @@ class PullSession:
         `lookahead` in hand, less what other sessions' jobs hold; 0 while draining. A
         coordinator that does not pipeline caps it at `slots` (and counts its offers in flight
         against it); one that pipelines less deeply at its own most."""
-        if self.worker.draining or self._moving:
+        if self.worker.draining:
             return 0
         others = sum(1 for j in self.worker.running if j not in self.jobs)
         others += sum(1 for j in self.worker.in_hand if j not in self.jobs)
@@ -293,8 +285,6 @@ class PullSession:
             async with trio.open_nursery() as io:
                 io.start_soon(self._guard, functools.partial(self._reader, channel, jobs), io)
                 io.start_soon(self._journal_acks)
-                if self.direct and not channel.direct:
-                    io.start_soon(self._move_to_direct)
                 self.offer_ready()
                 await self._guard(functools.partial(self._writer, channel), io)  # ends on Goodbye
                 io.cancel_scope.cancel()
@@ -445,28 +435,6 @@ class PullSession:
                 )
             return None
         return encode_frame(payload, limit)
-
-    async def _move_to_direct(self) -> None:
-        """A session that fell back to libp2p asks again for the coordinator's direct port
-        now and then; once the port is known it drains (Ready 0: no new offers, the jobs it
-        holds finish and their results go out) and says goodbye, and the next session dials
-        the port at once. Nothing offered is dropped: the move waits for the last job."""
-        wait = MOVE_CHECK_INTERVAL
-        while True:
-            await trio.sleep(wait * random.uniform(0.75, 1.25))
-            if await self.host.serves_direct(self.addr, timeout=10.0):
-                break
-            wait = min(wait * 2, 3600.0)  # an older coordinator without them: rarely
-        self._moving = True
-        self.offer_ready()  # Ready(0)
-        while self.jobs:
-            with trio.move_on_after(1.0):
-                await self.worker.changed()  # woken when a job here releases its slot
-        with trio.move_on_after(30.0):  # their results out and acked; a lost ack cannot
-            while self._result_sent or self._out_recv.statistics().current_buffer_used:
-                await trio.sleep(0.05)  # keep the node idle for long
-        log.info("session_moving_to_direct_channel", coordinator=self.coordinator)
-        self.send(Goodbye(reason="moving to a direct channel"))
 
     def update_capabilities(self, caps: Capabilities) -> None:
         """What this node renders changed while it runs (a model or LoRA added or removed):
