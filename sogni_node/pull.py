@@ -236,6 +236,10 @@ class PullSession:
         self._acks: list[tuple[bytes, bool, str]] = []
         """Acks received, not yet journaled (`_journal_acks` writes them in batches)."""
         self._acks_waiting = trio.Event()
+        self._acks_pending: set[bytes] = set()
+        """Jobs whose ack arrived and is not yet committed (queued or being written)."""
+        self._acks_flushed = trio.Event()
+        """Set (and replaced) whenever a batch of acks has been written."""
 
     def send(self, msg: Message) -> None:
         try:
@@ -502,6 +506,7 @@ class PullSession:
                 return
             log.info("forwarded_result_accepted", job=job, coordinator=self.coordinator)
         self._acks.append((msg.job_id, msg.accepted, msg.reason))
+        self._acks_pending.add(msg.job_id)
         self._acks_waiting.set()
         if not msg.accepted:
             log.warning("receipt_refused", job=job, reason=msg.reason)
@@ -528,6 +533,17 @@ class PullSession:
             await _off_loop(self.journal.mark_acked_many, batch)
         except Exception as exc:  # the images stay until pruned; the session carries on
             log.error("ack_not_journaled", jobs=len(batch), error=type(exc).__name__)
+        finally:
+            self._acks_pending.difference_update(job_id for job_id, _, _ in batch)
+            flushed, self._acks_flushed = self._acks_flushed, trio.Event()
+            flushed.set()
+
+    async def _ack_journaled(self, job_id: bytes) -> None:
+        """Wait until an ack of `job_id` that has arrived is in the journal. A refusal and
+        the job's re-offer ride in one write: the re-offer must find the refusal journaled
+        (and render again), not resend the refused result as if still unanswered."""
+        while job_id in self._acks_pending:
+            await self._acks_flushed.wait()
 
     # --- challenges ----------------------------------------------------------------------
     async def _on_challenge(self, msg: Challenge) -> None:
@@ -953,6 +969,7 @@ class PullSession:
         finishing = self.worker.finishing.get(job.id)
         if finishing is not None:  # rendered, its result still being kept: wait for it
             await finishing.wait()
+        await self._ack_journaled(job.id)
         # one thread hop: the kept result that answers this offer, else the offer journaled
         kept = await _off_loop(
             self.journal.take_offer, job.msg.offer, job.offer_hash, job.msg.signature

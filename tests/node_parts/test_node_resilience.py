@@ -341,6 +341,34 @@ async def test_results_are_kept_until_acked_then_deleted(tmp_path: Path) -> None
         link.done.set()
 
 
+async def test_a_refusal_and_the_reoffer_in_one_write_render_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The coordinator refuses a result and offers the job again in the same write: the
+    re-offer waits for the refusal to be journaled (acks are written in batches off the
+    reader) and renders anew, instead of resending the refused image as still unanswered."""
+    mark = Journal.mark_acked_many
+
+    def slow_mark(self: Journal, acks: Any) -> int:
+        time.sleep(0.5)  # the ack batch is still being written when the re-offer is read
+        return mark(self, acks)
+
+    monkeypatch.setattr(Journal, "mark_acked_many", slow_mark)
+    backend = CountingBackend()
+    async with coordinator() as coord, node(tmp_path, coord, backend):
+        link = await coord.link()
+        offer = coord.offer(1)
+        await link.channel.send(offer)
+        first = await link.next(Result, HandBack)
+        assert isinstance(first, Result)
+        again = coord.offer(1, job_id=offer.offer.job_id, later=5)
+        refusal = ResultAck(job_id=offer.offer.job_id, accepted=False, reason="bad image")
+        await link.channel.send_many([(refusal, CONTROL_FRAME_LIMIT), (again, CONTROL_FRAME_LIMIT)])
+        second = await link.next(Result, HandBack, OfferDeclined)
+        assert isinstance(second, Result) and second.image != first.image  # rendered anew
+        assert backend.calls == 2
+
+
 async def test_a_node_restart_resends_an_unacked_result_when_offered_again(
     tmp_path: Path,
 ) -> None:
