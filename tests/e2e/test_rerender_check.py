@@ -106,7 +106,7 @@ async def test_a_verifier_node_renders_a_job_again_or_refuses_with_a_code(
         await net.add_node(backend, "alice")
         await net.add_node(backend, "bob")
         dispatcher = net.coordinator.dispatcher
-        with trio.fail_after(90):
+        with trio.fail_after(240):  # a guard against a hang: quantizing takes a while under load
             for fmt in ("png", "jpeg"):
                 request = tiny_request(1, output_format=fmt, seed=4)
                 (delivered,) = (await render(net.addr, request)).images
@@ -132,7 +132,7 @@ async def test_a_verifier_node_renders_a_job_again_or_refuses_with_a_code(
             verdict = await verify_rerender(
                 dispatcher, params=params, dtype="float32+quanto-int4@cuda-sm90-torch2.13",
                 worker="0x" + "11" * 20, worker_payout="0x" + "11" * 20, image=node_image,
-                step=3, timeout=30,
+                step=3, timeout=90,
             )  # fmt: skip
             assert verdict.passed and verdict.distance is not None, verdict.reason
             assert verdict.distance <= 1 and "quanto-int4 weights" in verdict.reason
