@@ -94,6 +94,7 @@ async def test_a_receipt_no_step_check_covers_is_rendered_again_elsewhere(
             assert payable == [honest.wallet.address.lower()]
 
 
+@pytest.mark.serial  # 5 s alone; its 4-bit quantizing ran past 90 s twice beside other tests
 async def test_a_verifier_node_renders_a_job_again_or_refuses_with_a_code(
     net_factory: Any, backend: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
