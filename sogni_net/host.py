@@ -260,26 +260,23 @@ class Host:
         key = peer.to_base58()
         if self._direct_down.get(key, 0.0) > trio.current_time():
             raise DialError("direct port unreachable a moment ago; using libp2p")
-
-        def left(until: float) -> float:
-            return max(until - trio.current_time(), 0.1)
-
         port = self._direct_ports.get(key)
         if port is None:
             until = trio.current_time() + (deadline - trio.current_time()) / 2
-            query = await self.open_channel(
-                key, direct_channels.DIRECT_PROTOCOL, timeout=left(until)
-            )
+
+            def left() -> float:
+                return max(until - trio.current_time(), 0.1)
+
+            query = await self.open_channel(key, direct_channels.DIRECT_PROTOCOL, timeout=left())
             async with query:
-                answer = await query._receive_exact(3, timeout=left(until))
+                answer = await query._receive_exact(3, timeout=left())
             port = direct_channels.decode_endpoint(answer)
         budget = min(direct_channels.DIRECT_BUDGET, (deadline - trio.current_time()) / 3)
-        dial_until = trio.current_time() + max(budget, 0.1)
         ip = _dial_host(addr)
         noise = self._noise
         assert noise is not None
         try:
-            with trio.fail_after(left(dial_until)):
+            with trio.fail_after(max(budget, 0.1)):
                 stream = await direct_channels.dial(ip, port, peer, protocol, noise)
         except (DialError, trio.TooSlowError, OSError) as exc:
             self._direct_ports.pop(key, None)  # a restarted peer may listen elsewhere now
