@@ -182,15 +182,17 @@ async function barrage (protocol) {
 const started = Date.now()
 const report = { target: args.addr, seed: Number(args.seed), framesPerProtocol: frames, protocols: {}, implementation: 'js-libp2p' }
 try {
+  // The daemon's protocol list comes from identify's answer ('peer:identify'), not the peer
+  // store: the store already holds '/ipfs/id/1.0.0' once identify's own stream is negotiated,
+  // before the answer arrives. Listen before dialing so the event cannot be missed.
+  const identified = new Promise((resolve) => {
+    node.addEventListener('peer:identify', (evt) => resolve(evt.detail.protocols))
+  })
   const connection = await node.dial(target, { signal: AbortSignal.timeout(10000) })
   const protocols = new Set(args.protocol)
   if (args.all) {
-    // identify runs right after the dial; wait (bounded) for the daemon's protocol list
-    for (let i = 0; i < 50; i++) {
-      const peer = await node.peerStore.get(connection.remotePeer).catch(() => null)
-      if (peer?.protocols?.length) { for (const p of peer.protocols) protocols.add(p); break }
-      await sleep(100)
-    }
+    const announced = await Promise.race([identified, sleep(10000).then(() => [])])
+    for (const p of announced) protocols.add(p)
   }
   report.announced = [...protocols]
   for (const protocol of protocols) report.protocols[protocol] = await barrage(protocol)
