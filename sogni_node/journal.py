@@ -8,28 +8,30 @@ Prompts never touch the disk: an offer carries only the params hash, and `record
 accepts a `JobOffer` record's JSON (which has no prompt field), never free-form JSON.
 
 Durability, and what it costs (BENCHMARKS.md, Dispatch: a fsync'd commit is a few hundred
-microseconds of CPU, and a node paid three to four per job). What the node signs and sends
-is fsync'd before it is sent: the image file, its directory entry and the receipt's commit
-(`keep_result`, `record_receipt`, `resign`). Writes that answer nothing on their own, an
-offer taken (`record_offer`, `take_offer`) and a coordinator's ack (`mark_acked`), commit
-without a fsync of their own (`synchronous=NORMAL` for that commit): SQLite has them, the
-operating system holds them, and they become durable with the next fsync'd commit (the WAL
-is append-only, so fsyncing it covers every earlier commit) or `sync`, which the daemon
-calls within `SYNC_INTERVAL` seconds of such a write. A process crash loses none of them
-(the writes are in the kernel's page cache); only a power cut or an OS crash inside that
-window can: then an offer taken is forgotten (nothing was sent for it: a receipt commits
-it), or an ack is, and its receipt reads as unacked again (the receipt and its signature
-are kept; its image, if still on disk, waits until `prune_results`).
+microseconds of CPU). What the node signs and sends is fsync'd before it is sent: the image
+and the receipt's commit (`keep_result`, `record_receipt`, `resign`). Writes that answer
+nothing on their own, an offer taken (`record_offer`, `take_offer`) and a coordinator's ack
+(`mark_acked`), commit without a fsync of their own (`synchronous=NORMAL` for that commit):
+SQLite has them, the operating system holds them, and they become durable with the next
+fsync'd commit (the WAL is append-only, so fsyncing it covers every earlier commit) or
+`sync`, which the daemon calls within `SYNC_INTERVAL` seconds of such a write. A process
+crash loses none of them (the writes are in the kernel's page cache); only a power cut or an
+OS crash inside that window can: then an offer taken is forgotten (nothing was sent for it:
+a receipt commits it), or an ack is, and its receipt reads as unacked again (the receipt and
+its signature are kept; its image, if still kept, waits until `prune_results`).
 
-Results are kept until acked: `keep_result` writes the image to `<results_dir>/<job id>.<ext>`
-(fsync'd, file and folder) before the receipt row commits, and `mark_acked` deletes it, so a
-result the coordinator may not have received can be sent again byte for byte
-(`stored_result`), re-signed against a new offer if the coordinator restarted (`resign`: same
-image, same sha256; only the offer hash and the signature change). The file is written in
+Results are kept until acked, so a result the coordinator may not have received can be sent
+again byte for byte (`stored_result`), re-signed against a new offer if the coordinator
+restarted (`resign`: same image, same sha256; only the offer hash and the signature change);
+`mark_acked` deletes the image. An image up to `INLINE_MAX` bytes (every image of the
+embedded models, most 512-px ones) is a row of `kept_images`, written in the receipt's own
+transaction: one fsync per result. A larger one is a file, `<results_dir>/<job id>.<ext>`,
+fsync'd with its folder before the receipt row commits (three fsyncs); it is written in
 place, not renamed over: no receipt names it until the receipt commits, after the file's
 fsync, so a torn file (a crash while writing) is one no receipt names, like a file without a
 receipt (a crash between the two steps); either is overwritten by the next render of the
-job, `prune_results` clears what no ack will delete, and `stored_result` checks the hash.
+job, `prune_results` clears what no ack will delete, and `stored_result` checks the hash of
+what it reads, row or file.
 
 Sync API on one connection guarded by a lock. Every write is fsync'd (and `keep_result` writes
 megabytes), so trio code calls it through `trio.to_thread.run_sync`, never on the trio thread.
@@ -61,6 +63,7 @@ from sogni_protocol.messages import NO_TRAJECTORY, JobOffer, Receipt, RenderMeta
 from sogni_protocol.migrations import Migration, SchemaTooNew, migrate
 
 __all__ = [
+    "INLINE_MAX",
     "SCHEMA_VERSION",
     "SYNC_INTERVAL",
     "Journal",
@@ -68,6 +71,10 @@ __all__ = [
     "JournalReceipt",
     "StoredResult",
 ]
+
+INLINE_MAX = 256 * 1024
+"""Bytes up to which a kept image is a row of the journal (`kept_images`), not a file: in
+SQLite a blob this small reads and writes faster than a file, and it commits with its receipt."""
 
 SYNC_INTERVAL = 1.0
 """Seconds within which the daemon makes commits without a fsync durable (`Journal.sync`)."""
@@ -139,6 +146,12 @@ _MIGRATIONS = (
         "receipts carry where their rewards go (EIP-712 version '4'); NULL: the worker",
         "ALTER TABLE receipts ADD COLUMN payout TEXT",
     ),
+    Migration(
+        6,
+        "kept images up to INLINE_MAX bytes live in the journal, committed with their receipt "
+        "(one fsync per result instead of three); larger ones stay files",
+        "CREATE TABLE kept_images (job_id BLOB PRIMARY KEY, image BLOB NOT NULL)",
+    ),
 )
 SCHEMA_VERSION = len(_MIGRATIONS)
 
@@ -188,8 +201,12 @@ class StoredResult:
 class Journal:
     """One node's SQLite journal. Use as a context manager, or call `close()`."""
 
-    def __init__(self, path: Path, results_dir: Path | None = None) -> None:
+    def __init__(
+        self, path: Path, results_dir: Path | None = None, *, inline_max: int = INLINE_MAX
+    ) -> None:
         self.path = Path(path).expanduser()
+        self.inline_max = inline_max
+        """Kept images up to this many bytes are journal rows; larger ones files."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.results_dir = (
             Path(results_dir).expanduser() if results_dir else self.path.parent / "results"
@@ -414,19 +431,42 @@ class Journal:
         chain_id: int | None = None,
         verifying_contract: str | None = None,
     ) -> None:
-        """Write the image (fsync'd), then journal its receipt (its commit fsync'd); both stay
-        until `mark_acked`. Checks first, so a refused write never replaces a kept image."""
+        """Keep the image and journal its receipt, durably (fsync'd); both stay until
+        `mark_acked`. An image up to `inline_max` bytes is a journal row committed with the
+        receipt (one fsync); a larger one a file, fsync'd with its folder before the receipt
+        commits. Checks first, so a refused write never replaces a kept image."""
         if hashlib.sha256(image).digest() != receipt.result_hash:
             raise JournalError(f"job 0x{receipt.job_id.hex()}: resultHash is not the image's")
         row = _receipt_row(receipt, signature, None, chain_id, verifying_contract, meta, None)
+        job_id = bytes(receipt.job_id)
         with self._lock:
-            if not self._may_record(receipt.job_id, signature):
+            if not self._may_record(job_id, signature):
+                return
+            if image and len(image) <= self.inline_max:
+                with self._transaction():
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO kept_images (job_id, image) VALUES (?, ?)",
+                        (job_id, image),
+                    )
+                    self._insert_receipt(job_id, row, signature)
                 return
             if image:  # a partial receipt has none
                 extension = extension_of(image)
-                self._drop_files(receipt.job_id, keep=extension)
-                self._write_kept(self.results_dir / f"{receipt.job_id.hex()}.{extension}", image)
-            self._insert_receipt(receipt.job_id, row, signature)
+                self._drop_files(job_id, keep=extension)
+                self._write_kept(self.results_dir / f"{job_id.hex()}.{extension}", image)
+            self._insert_receipt(job_id, row, signature)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """Under the lock: one transaction (its commit fsync'd unless inside `_without_fsync`)."""
+        self._db.execute("BEGIN")
+        try:
+            yield
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:  # SQLite may have rolled back already
+                self._db.execute("ROLLBACK")
+            raise
 
     def _write_kept(self, path: Path, image: bytes) -> None:
         """Write `image` in place and fsync it and its folder (see the module's docstring for
@@ -473,6 +513,11 @@ class Journal:
         entry = _receipt_from_row(row)
         if entry.receipt.result_hash == _EMPTY_SHA256:
             return StoredResult(entry, b"")
+        inline = self._db.execute(
+            "SELECT image FROM kept_images WHERE job_id = ?", (bytes(job_id),)
+        ).fetchone()
+        if inline is not None and hashlib.sha256(inline[0]).digest() == entry.receipt.result_hash:
+            return StoredResult(entry, bytes(inline[0]))
         for path in self._files(job_id):
             try:
                 image = path.read_bytes()
@@ -485,23 +530,34 @@ class Journal:
     def prune_results(self, max_age: float) -> int:
         """Delete kept images no ack will delete: those of acked or unknown jobs (a crash
         between file and receipt) and those unacked for more than `max_age` seconds (the
-        coordinator gave the job to another node). Returns how many files went."""
-        if not self.results_dir.is_dir():
-            return 0
+        coordinator gave the job to another node). Returns how many images went."""
+        recent = "SELECT job_id FROM receipts WHERE accepted IS NULL AND recorded_at >= ?"
+        since = time.time() - max_age
         with self._lock:
-            keep = {
-                bytes(job_id).hex()
-                for (job_id,) in self._db.execute(
-                    "SELECT job_id FROM receipts WHERE accepted IS NULL AND recorded_at >= ?",
-                    (time.time() - max_age,),
-                )
-            }
-        gone = 0
+            keep = {bytes(job_id).hex() for (job_id,) in self._db.execute(recent, (since,))}
+            with self._without_fsync():  # losing the delete loses nothing
+                gone = self._db.execute(
+                    f"DELETE FROM kept_images WHERE job_id NOT IN ({recent})", (since,)
+                ).rowcount
+        if not self.results_dir.is_dir():
+            return gone
         for path in self.results_dir.iterdir():
             if path.is_file() and not path.name.startswith(".") and path.stem not in keep:
                 path.unlink(missing_ok=True)
                 gone += 1
         return gone
+
+    def kept_results(self) -> set[bytes]:
+        """The job ids with a kept image (a journal row or a file): what `mark_acked` or
+        `prune_results` will delete."""
+        with self._lock:
+            rows = {bytes(r[0]) for r in self._db.execute("SELECT job_id FROM kept_images")}
+        if self.results_dir.is_dir():
+            for path in self.results_dir.iterdir():
+                if path.is_file() and not path.name.startswith("."):
+                    with contextlib.suppress(ValueError):
+                        rows.add(bytes.fromhex(path.stem))
+        return rows
 
     def _files(self, job_id: bytes) -> list[Path]:
         """The names a kept image of `job_id` can have (no folder listing: a glob lists the
@@ -529,9 +585,9 @@ class Journal:
         many named a receipt."""
         now = time.time()
         found = 0
-        with self._lock, self._without_fsync():
-            self._db.execute("BEGIN")
-            try:
+        files = []  # jobs whose image was not a journal row: maybe a file
+        with self._lock:
+            with self._without_fsync(), self._transaction():
                 for job_id, accepted, reason in acks:
                     cur = self._db.execute(
                         "UPDATE receipts SET accepted = ?, ack_reason = ?, acked_at = ?"
@@ -539,12 +595,10 @@ class Journal:
                         (int(accepted), reason, now, job_id),
                     )
                     found += cur.rowcount
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:  # SQLite may have rolled back already
-                    self._db.execute("ROLLBACK")
-                raise
-            for job_id, _, _ in acks:
+                    cur = self._db.execute("DELETE FROM kept_images WHERE job_id = ?", (job_id,))
+                    if cur.rowcount == 0:
+                        files.append(job_id)
+            for job_id in files:
                 self._drop_files(job_id)
         return found
 

@@ -5,10 +5,12 @@ write path"). Real SQLite and files in a temporary folder."""
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 from pathlib import Path
 
 import msgspec
+import pytest
 import trio
 
 from sogni_node.daemon import _sync_journal
@@ -72,7 +74,7 @@ def test_a_leftover_file_without_a_receipt_is_replaced(tmp_path: Path) -> None:
     (results / f"{stem}.png").write_bytes(b"torn")  # a crash while writing, no receipt
     (results / f"{stem}.jpg").write_bytes(b"older")  # a crash before an earlier receipt
     image = PNG + b"one"
-    with Journal(tmp_path / "j.db", results) as j:
+    with Journal(tmp_path / "j.db", results, inline_max=0) as j:  # images as files
         j.keep_result(rendered(1, image), SIG, image)
         [path] = results.iterdir()
         assert path.name == f"{stem}.png" and path.read_bytes() == image
@@ -81,6 +83,28 @@ def test_a_leftover_file_without_a_receipt_is_replaced(tmp_path: Path) -> None:
         assert kept is not None and kept.image == image
         j.mark_acked(bytes([1]) * 32, True)
         assert list(results.iterdir()) == []
+
+
+def test_an_image_kept_as_a_row_costs_one_fsync_and_outlives_leftover_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    stem = (bytes([1]) * 32).hex()
+    (results / f"{stem}.png").write_bytes(b"torn")  # a crash while writing an earlier file
+    image = PNG + b"one"
+    with Journal(tmp_path / "j.db", results) as j:
+        fsyncs: list[int] = []
+        real_fsync = os.fsync
+        monkeypatch.setattr(os, "fsync", lambda fd: fsyncs.append(fd) or real_fsync(fd))
+        j.keep_result(rendered(1, image), SIG, image)
+        assert fsyncs == []  # no file, no folder: only SQLite's own fsync of the commit
+        assert j.unsynced == 0 and (results / f"{stem}.png").read_bytes() == b"torn"
+        kept = j.stored_result(bytes([1]) * 32)
+        assert kept is not None and kept.image == image  # the row, not the torn file
+        j.mark_acked(bytes([1]) * 32, True)
+        assert j.kept_results() == {bytes([1]) * 32}  # the torn file: prune's job
+        assert j.prune_results(max_age=3600) == 1 and j.kept_results() == set()
 
 
 async def test_the_daemon_syncs_within_the_interval(tmp_path: Path) -> None:

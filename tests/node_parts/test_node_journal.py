@@ -10,7 +10,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from sogni_node.journal import SCHEMA_VERSION, Journal, JournalError
+from sogni_node.journal import INLINE_MAX, SCHEMA_VERSION, Journal, JournalError
 from sogni_protocol.messages import JobOffer, Receipt, RenderMeta
 
 COORD = "0x" + "c0" * 20
@@ -190,7 +190,7 @@ def test_a_version_1_journal_migrates_on_open(
 
     monkeypatch.setattr(eip712, "DOMAIN_VERSION", "2")  # receipts signed from now on
     with Journal(path) as j:
-        assert j._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+        assert j._db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
         [old] = j.receipts()
         assert old.receipt == r and old.signature == SIG
         assert old.domain_version == "1"  # everything before the migration was signed so
@@ -248,68 +248,113 @@ def rendered(n: int, image: bytes) -> Receipt:
     return msgspec.structs.replace(receipt(n), result_hash=hashlib.sha256(image).digest())
 
 
-def test_a_kept_result_stays_until_acked_and_never_changes_image(tmp_path: Path) -> None:
+INLINE_OR_FILE = pytest.mark.parametrize("inline", [True, False], ids=["row", "file"])
+
+
+def journal(tmp_path: Path, inline: bool) -> Journal:
+    """Kept images as journal rows (the default for small images) or as files."""
+    return Journal(tmp_path / "j.db", tmp_path / "results", inline_max=1 << 20 if inline else 0)
+
+
+@INLINE_OR_FILE
+def test_a_kept_result_stays_until_acked_and_never_changes_image(
+    tmp_path: Path, inline: bool
+) -> None:
     image = PNG + b"one"
-    with Journal(tmp_path / "j.db", tmp_path / "results") as j:
+    job = bytes([1]) * 32
+    with journal(tmp_path, inline) as j:
         j.keep_result(rendered(1, image), SIG, image)
-        [path] = (tmp_path / "results").iterdir()
-        assert (
-            path.name == f"{(bytes([1]) * 32).hex()}.png" and path.stat().st_mode & 0o777 == 0o600
-        )
+        assert j.kept_results() == {job}
+        if inline:
+            assert not (tmp_path / "results").exists()
+        else:
+            [path] = (tmp_path / "results").iterdir()
+            assert path.name == f"{job.hex()}.png" and path.stat().st_mode & 0o777 == 0o600
         j.keep_result(rendered(1, image), SIG, image)  # a retry: no-op
         with pytest.raises(JournalError, match="already has a different receipt"):
             j.keep_result(rendered(1, PNG + b"two"), b"\x02" * 65, PNG + b"two")
         with pytest.raises(JournalError, match="resultHash is not the image's"):
             j.keep_result(rendered(2, image), SIG, PNG + b"other")
-        kept = j.stored_result(bytes([1]) * 32)
+        kept = j.stored_result(job)
         assert kept is not None and kept.image == image and kept.entry.accepted is None
 
-        assert j.resign(bytes([1]) * 32, b"\x0e" * 32, b"\x03" * 65)  # a new offer, same image
-        kept = j.stored_result(bytes([1]) * 32)
+        assert j.resign(job, b"\x0e" * 32, b"\x03" * 65)  # a new offer, same image
+        kept = j.stored_result(job)
         assert kept is not None and kept.image == image
         assert (kept.entry.receipt.offer_hash, kept.entry.signature) == (b"\x0e" * 32, b"\x03" * 65)
         assert kept.entry.receipt.result_hash == hashlib.sha256(image).digest()
 
-        assert j.mark_acked(bytes([1]) * 32, True)
-        assert list((tmp_path / "results").iterdir()) == []
-        assert not j.resign(bytes([1]) * 32, b"\x0d" * 32, SIG)  # acked: never re-signed
+        assert j.mark_acked(job, True)
+        assert j.kept_results() == set()
+        assert not (tmp_path / "results").exists() or not list((tmp_path / "results").iterdir())
+        assert not j.resign(job, b"\x0d" * 32, SIG)  # acked: never re-signed
         assert j.stored_result(bytes([2]) * 32) is None
 
 
-def test_a_lost_or_changed_image_is_reported_not_sent(tmp_path: Path) -> None:
+def test_small_images_are_rows_and_large_ones_files(tmp_path: Path) -> None:
+    small, large = PNG + b"s", PNG + bytes(100)
+    with Journal(tmp_path / "j.db", tmp_path / "results", inline_max=len(small)) as j:
+        j.keep_result(rendered(1, small), SIG, small)
+        j.keep_result(rendered(2, large), SIG, large)
+        assert [p.name for p in (tmp_path / "results").iterdir()] == [
+            f"{(bytes([2]) * 32).hex()}.png"
+        ]
+        assert j.kept_results() == {bytes([1]) * 32, bytes([2]) * 32}
+        for n, image in ((1, small), (2, large)):
+            kept = j.stored_result(bytes([n]) * 32)
+            assert kept is not None and kept.image == image
+    with Journal(tmp_path / "j.db", tmp_path / "results") as j:  # reopened: both still there
+        assert {n: j.stored_result(bytes([n]) * 32).image for n in (1, 2)} == {1: small, 2: large}  # type: ignore[union-attr]
+
+
+@INLINE_OR_FILE
+def test_a_lost_or_changed_image_is_reported_not_sent(tmp_path: Path, inline: bool) -> None:
     image = PNG + b"one"
-    with Journal(tmp_path / "j.db") as j:  # results next to the journal by default
+    with journal(tmp_path, inline) as j:
         j.keep_result(rendered(1, image), SIG, image)
-        [path] = (tmp_path / "results").iterdir()
-        path.write_bytes(PNG + b"bit rot")
+        if inline:
+            j._db.execute("UPDATE kept_images SET image = ?", (PNG + b"bit rot",))
+        else:
+            [path] = (tmp_path / "results").iterdir()
+            path.write_bytes(PNG + b"bit rot")
         kept = j.stored_result(bytes([1]) * 32)
         assert kept is not None and kept.image is None
 
 
-def test_a_refused_receipt_is_replaced_by_the_next_render(tmp_path: Path) -> None:
+def test_results_are_next_to_the_journal_by_default(tmp_path: Path) -> None:
+    large = PNG + bytes(INLINE_MAX)
     with Journal(tmp_path / "j.db") as j:
+        j.keep_result(rendered(1, large), SIG, large)
+        assert [p.stem for p in (tmp_path / "results").iterdir()] == [(bytes([1]) * 32).hex()]
+
+
+@INLINE_OR_FILE
+def test_a_refused_receipt_is_replaced_by_the_next_render(tmp_path: Path, inline: bool) -> None:
+    with journal(tmp_path, inline) as j:
         j.keep_result(rendered(1, PNG + b"a"), SIG, PNG + b"a")
         j.mark_acked(bytes([1]) * 32, False, "bad image")  # the refused image is dropped
-        assert list((tmp_path / "results").iterdir()) == []
+        assert j.kept_results() == set()
         j.keep_result(rendered(1, PNG + b"b"), b"\x02" * 65, PNG + b"b")
         kept = j.stored_result(bytes([1]) * 32)
         assert kept is not None and kept.image == PNG + b"b" and kept.entry.accepted is None
         assert j.counts()["receipts"] == 1
 
 
+@INLINE_OR_FILE
 def test_prune_keeps_only_recent_unacked_results(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, inline: bool
 ) -> None:
-    with Journal(tmp_path / "j.db") as j:
+    with journal(tmp_path, inline) as j:
         for n in (1, 2, 3):
             j.keep_result(rendered(n, PNG + bytes([n])), SIG, PNG + bytes([n]))
         j.mark_acked(bytes([2]) * 32, True)
+        (tmp_path / "results").mkdir(exist_ok=True)
         (tmp_path / "results" / "orphan.png").write_bytes(PNG)  # a crash before its receipt
         assert j.prune_results(max_age=3600) == 1
-        assert {p.stem[:2] for p in (tmp_path / "results").iterdir()} == {"01", "03"}
+        assert j.kept_results() == {bytes([1]) * 32, bytes([3]) * 32}
         monkeypatch.setattr(time, "time", lambda: 2e10)  # much later: nobody re-offered them
         assert j.prune_results(max_age=3600) == 2
-        assert list((tmp_path / "results").iterdir()) == []
+        assert j.kept_results() == set() and list((tmp_path / "results").iterdir()) == []
 
 
 def test_the_payout_address_is_journalled_with_the_receipt(tmp_path: Path) -> None:

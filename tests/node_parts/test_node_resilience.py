@@ -219,9 +219,9 @@ async def node(
         journal.close()
 
 
-def kept(results: Path) -> set[str]:
+def kept(journal: Journal) -> set[str]:
     """Job ids (hex) whose images the node keeps."""
-    return {p.stem for p in results.glob("*.png")} if results.exists() else set()
+    return {job_id.hex() for job_id in journal.kept_results()}
 
 
 def recover(result: Result) -> str:
@@ -321,13 +321,13 @@ async def test_results_are_kept_until_acked_then_deleted(tmp_path: Path) -> None
             await link.channel.send(offer)
             assert isinstance(await link.next(Result, HandBack), Result)
             ids.append(offer.offer.job_id)
-        assert kept(n.results) == {i.hex() for i in ids}
+        assert kept(n.journal) == {i.hex() for i in ids}
 
         await link.channel.send(ResultAck(job_id=ids[0], accepted=True))
         await link.channel.send(ResultAck(job_id=ids[1], accepted=False, reason="bad image"))
         await link.channel.send(coord.offer(4))  # read after the acks: they are journaled
         fourth = await link.next(Result, HandBack)
-        assert kept(n.results) == {ids[2].hex(), fourth.job_id.hex()}
+        assert kept(n.journal) == {ids[2].hex(), fourth.job_id.hex()}
         states = {r.receipt.job_id: r.accepted for r in n.journal.receipts()}
         assert (states[ids[0]], states[ids[1]], states[ids[2]]) == (True, False, None)
 
