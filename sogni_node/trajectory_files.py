@@ -22,6 +22,11 @@ from sogni_protocol.logs import get_logger
 
 __all__ = ["TrajectoryFiles"]
 
+PRUNE_EVERY = 60.0
+"""Seconds between two listings of the folder by `keep` at most (a quarter of the retention
+when shorter): a busy node keeps thousands of trajectories within the window, and listing
+them on every job would cost it more than the job's own write."""
+
 log = get_logger(__name__)
 
 
@@ -29,17 +34,21 @@ class TrajectoryFiles:
     def __init__(self, folder: Path, retention: float) -> None:
         self.folder = Path(folder)
         self.retention = retention
+        self._pruned_at: float | None = None
 
     def path(self, job_id: bytes) -> Path:
         return self.folder / f"{job_id.hex()}.safetensors"
 
     def keep(self, job_id: bytes, trajectory: Trajectory, now: float | None = None) -> Path:
         """Write `trajectory` for `job_id` (blocking: call off the event loop), then delete
-        those past the retention window."""
+        those past the retention window (at most every `PRUNE_EVERY` seconds)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.path(job_id)
         trajectory.save(path)
-        self.prune(time.time() if now is None else now)
+        now = time.time() if now is None else now
+        every = min(PRUNE_EVERY, self.retention / 4)
+        if self._pruned_at is None or not 0 <= now - self._pruned_at < every:
+            self.prune(now)
         return path
 
     def pixels_path(self, job_id: bytes) -> Path:
@@ -70,6 +79,7 @@ class TrajectoryFiles:
     def prune(self, now: float) -> int:
         """Delete trajectories (and kept pixels) older than the retention window; returns how
         many files."""
+        self._pruned_at = now
         gone = 0
         kept = [*self.folder.glob("*.safetensors"), *self.folder.glob("*.pixels.png")]
         for path in kept:
