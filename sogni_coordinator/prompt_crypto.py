@@ -6,14 +6,17 @@ the store forget a prompt by deleting 32 bytes (crypto-shredding): the ciphertex
 the jobs table, in old WAL frames or in backups is useless without the key. The job id is
 the associated data, so a sealed blob cannot be moved to another job's row.
 
-Blob layout: 12-byte nonce, ciphertext, 16-byte tag.
+Blob layout: 12-byte nonce, ciphertext, 16-byte tag. Sealed with `cryptography`'s AESGCM
+(OpenSSL): 14 us per job here, against 139 us for pycryptodome's, whose Python-level GCM
+set-up was the largest part of the database writer's work per job (blobs are the same).
 """
 
 from __future__ import annotations
 
 import os
 
-from Crypto.Cipher import AES
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 __all__ = ["KEY_BYTES", "PromptKeyError", "new_key", "seal", "unseal"]
 
@@ -34,20 +37,14 @@ def new_key() -> bytes:
 def seal(key: bytes, plaintext: bytes, job_id: bytes) -> bytes:
     """Encrypt and authenticate `plaintext` for the row of `job_id`."""
     nonce = os.urandom(_NONCE)
-    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=_TAG)
-    cipher.update(job_id)
-    body, tag = cipher.encrypt_and_digest(plaintext)
-    return nonce + body + tag
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, job_id)
 
 
 def unseal(key: bytes, blob: bytes, job_id: bytes) -> bytes:
     """The plaintext `seal` was given, or `PromptKeyError`."""
     if len(blob) < _NONCE + _TAG:
         raise PromptKeyError("sealed parameters are truncated")
-    nonce, body, tag = blob[:_NONCE], blob[_NONCE:-_TAG], blob[-_TAG:]
-    cipher = AES.new(key, AES.MODE_GCM, nonce=nonce, mac_len=_TAG)
-    cipher.update(job_id)
     try:
-        return cipher.decrypt_and_verify(body, tag)
-    except ValueError:
+        return AESGCM(key).decrypt(blob[:_NONCE], blob[_NONCE:], job_id)
+    except (InvalidTag, ValueError):  # ValueError: a key of the wrong length
         raise PromptKeyError("sealed parameters do not open with this request's key") from None

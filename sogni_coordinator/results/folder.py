@@ -1,11 +1,11 @@
 """Images as files: `<root>/<request id>/<index>-<offer hash prefix>.jobimage` (mode 0600).
 
 The default store (one coordinator, or several sharing a mounted folder). Each file is the
-`JobImage` frame the client will get, written under a temporary name, made durable with one
-`syncfs` for a whole group (separate fsyncs, one after another, each wait for their own
-journal commit), renamed, and the renames made durable with a second `syncfs` when the
-group spans several folders (one request's folder: its fsync). The file is the truth: a
-memory copy is sent only while its file exists.
+`JobImage` frame the client will get, written in place under its own name (new: no receipt
+names it yet) and made durable with one `syncfs` for a whole group (separate fsyncs, one
+after another, each wait for their own journal commit); a name that exists already is
+replaced atomically (temporary name, rename). The file is the truth: a memory copy is sent
+only while its file exists.
 """
 
 from __future__ import annotations
@@ -118,21 +118,29 @@ class FolderResults(ResultStore):
 
 
 def _write_files(items: list[tuple[Path, bytes]]) -> dict[Path, OSError]:
-    """Each file written to a temporary name, all made durable at once (one `syncfs` of the
-    results file system where Linux has it), renamed (mode 0600), then the renames made
-    durable: one more `syncfs` when they span several folders (a request is a folder, and
-    an fsync per folder waits for its own journal commit), else the folder's fsync. Runs in
-    a worker thread (the database writer's, `ResultStore.write_group`); the files that
-    failed, with their error."""
+    """Each new file written in place (no receipt names it until its group is durable, and
+    `prune` clears one whose receipt never committed), all made durable at once with their
+    folder entries (one `syncfs` of the results file system where Linux has it; else each
+    file's fsync and its folder's). A name that exists already (the same result sent again)
+    is replaced atomically instead: written to a temporary name, synced with the rest, then
+    renamed, and the renames made durable (one more `syncfs` when they span several folders,
+    else the folder's fsync). Runs in a worker thread (the database writer's,
+    `ResultStore.write_group`); the files that failed, with their error."""
     errors: dict[Path, OSError] = {}
-    written: list[tuple[Path, str]] = []
+    fresh: list[Path] = []
+    replacing: list[tuple[Path, str]] = []
     one_sync = _SYNCFS is not None and len(items) > 1
     made: set[Path] = set()
     for path, data in items:
-        tmp: str | None = None
+        name, tmp = str(path), None
+        fd = None
         try:
-            tmp = _temporary(path)
-            fd = _create(tmp, path.parent, made)
+            fd = _create(name, path.parent, made)
+            if fd is None:  # the name exists: replace it whole, never rewrite it in place
+                tmp = name = _temporary(path)
+                fd = _create(tmp, path.parent, made)
+                if fd is None:
+                    raise FileExistsError(17, "temporary name taken", tmp)
             try:
                 view = memoryview(data)
                 while view:
@@ -141,24 +149,31 @@ def _write_files(items: list[tuple[Path, bytes]]) -> dict[Path, OSError]:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            written.append((path, tmp))
+            if tmp is None:
+                fresh.append(path)
+            else:
+                replacing.append((path, tmp))
         except OSError as exc:
             errors[path] = exc
-            if tmp is not None:
+            if fd is not None:  # created by this write: nothing may find it half-written
                 with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-    if one_sync and written:
+                    os.unlink(name)
+    if one_sync and (fresh or replacing):
         try:
-            _syncfs(written[0][0].parent)
-        except OSError as exc:
-            for path, tmp in written:
+            _syncfs((fresh[0] if fresh else replacing[0][0]).parent)
+        except OSError as exc:  # not known durable: none may be pointed at
+            for path in fresh:
+                errors[path] = exc
+                with contextlib.suppress(OSError):
+                    path.unlink()
+            for path, tmp in replacing:
                 errors[path] = exc
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
             return errors
-    folders: set[Path] = set()
+    folders: set[Path] = set() if one_sync else {path.parent for path in fresh}
     renamed: list[Path] = []
-    for path, tmp in written:
+    for path, tmp in replacing:
         try:
             os.replace(tmp, path)
             folders.add(path.parent)
@@ -168,11 +183,9 @@ def _write_files(items: list[tuple[Path, bytes]]) -> dict[Path, OSError]:
     if one_sync and len(folders) > 1:
         try:
             _syncfs(renamed[0].parent)
-        except OSError as exc:  # not known durable: none may be pointed at
+        except OSError as exc:  # the replaced names: not known durable
             for path in renamed:
                 errors[path] = exc
-                with contextlib.suppress(OSError):
-                    path.unlink()
     else:
         for folder in folders:
             fsync_dir(folder)
@@ -186,21 +199,31 @@ _CREATE_ATTEMPTS = 5
 """Times a write makes its folder again after a concurrent delete removed it."""
 
 
-def _create(tmp: str, folder: Path, made: set[Path]) -> int:
-    """Open the new temporary file `tmp` in `folder`, making the folder first if this write
-    has not. Deleting a request's last delivered image removes its folder (`_unlink`, in
-    another thread), so the folder can vanish between the `mkdir` and the `open`, or inside
-    `mkdir` itself (it then reports the folder existing but not a directory): make it again.
-    Once the temporary file is in it, the folder is not empty and stays."""
+def _create(name: str, folder: Path, made: set[Path]) -> int | None:
+    """Open the new file `name` in `folder` (None if a file of that name exists), making the
+    folder first if this write has not. Deleting a request's last delivered image removes
+    its folder (`_unlink`, in another thread), so the folder can vanish between the `mkdir`
+    and the `open`, or inside `mkdir` itself (it then reports the folder existing but not a
+    directory): make it again. Once the new file is in it, the folder is not empty and
+    stays."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
     for attempt in range(_CREATE_ATTEMPTS):
         try:
             if folder not in made:
                 folder.mkdir(parents=True, exist_ok=True)
                 made.add(folder)
-            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        except (FileNotFoundError, FileExistsError):
+        except FileExistsError:
             made.discard(folder)
             if attempt == _CREATE_ATTEMPTS - 1 or (folder.exists() and not folder.is_dir()):
+                raise
+            continue
+        try:
+            return os.open(name, flags, 0o600)
+        except FileExistsError:
+            return None
+        except FileNotFoundError:
+            made.discard(folder)
+            if attempt == _CREATE_ATTEMPTS - 1:
                 raise
     raise AssertionError("unreachable")
 

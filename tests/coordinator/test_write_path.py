@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 import trio
 import trio.testing
 
@@ -127,7 +128,7 @@ def test_a_write_remakes_the_folder_a_concurrent_delete_removed(
     raced = {"open": 0, "mkdir": 0}
 
     def open_after_rmdir(path: Any, *args: Any) -> int:
-        if str(path).endswith(".tmp") and raced["open"] == 0:
+        if str(path).endswith(".jobimage") and raced["open"] == 0:
             raced["open"] += 1
             Path(path).parent.rmdir()  # the other thread's `_unlink` got there first
         return real_open(path, *args)
@@ -408,3 +409,38 @@ async def test_an_offered_job_gets_a_fresh_grace_when_it_comes_back(coord: Harne
     coord.clock.advance(coord.dispatcher.no_node_grace + 1)
     coord.dispatcher.sweep()
     assert coord.store.job_state(job_id) is JobState.FAILED
+
+
+def test_new_images_are_written_in_place_with_one_sync_and_a_taken_name_is_replaced_whole(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A group of new images over several requests' folders costs one `syncfs` (no
+    temporary names, no renames); an image whose name exists (the same result sent again)
+    is never rewritten in place: it is renamed over, whole, and the renames synced."""
+    from sogni_coordinator.results import folder as folder_mod
+
+    if folder_mod._SYNCFS is None:
+        pytest.skip("no syncfs on this platform")
+    store = FolderResults(tmp_path / "results")
+    syncs: list[Path] = []
+    real_syncfs = folder_mod._syncfs
+    monkeypatch.setattr(folder_mod, "_syncfs", lambda p: syncs.append(p) or real_syncfs(p))
+    keys = [ResultKey(bytes([r]) * 32, i, b"o" * 32) for r in (1, 2, 3) for i in range(3)]
+    assert (
+        folder_mod._write_files([(store.path_of(k), b"new" + bytes([k.index])) for k in keys]) == {}
+    )
+    assert len(syncs) == 1
+    assert all(store.path_of(k).read_bytes() == b"new" + bytes([k.index]) for k in keys)
+    assert not list((tmp_path / "results").rglob("*.tmp"))
+
+    replaced: list[str] = []
+    real_replace = folder_mod.os.replace
+    monkeypatch.setattr(
+        folder_mod.os, "replace", lambda a, b: replaced.append(str(b)) or real_replace(a, b)
+    )
+    again = [keys[0], keys[3], ResultKey(b"\x04" * 32, 0, b"o" * 32)]
+    assert folder_mod._write_files([(store.path_of(k), b"again") for k in again]) == {}
+    assert replaced == [str(store.path_of(keys[0])), str(store.path_of(keys[3]))]
+    assert len(syncs) == 3  # the group's, then the renames' (two folders)
+    assert all(store.path_of(k).read_bytes() == b"again" for k in again)
+    assert not list((tmp_path / "results").rglob(".*.tmp"))
