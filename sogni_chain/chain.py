@@ -343,9 +343,18 @@ class Chain:
                 self._rpc("evm_mine", [])
 
     def advance_time(self, seconds: int) -> int:
-        """Move the clock forward and mine a block at the new time; returns its timestamp."""
+        """Move the clock forward and mine a block at the new time; returns its timestamp.
+
+        Embedded: at least `seconds` after the latest block, and never before the pending
+        block, which py-evm stamped with the wall clock when the latest was mined (on a
+        loaded machine that can already be more than `seconds` later)."""
         if self._tester is not None:
-            self._tester.time_travel(self.timestamp() + seconds)
+            pending = int(self._tester.get_block_by_number("pending")["timestamp"])
+            target = self.timestamp() + seconds
+            if target > pending:
+                self._tester.time_travel(target)
+            else:  # the pending block is late enough already (time_travel to it is a no-op)
+                self._tester.mine_blocks()
         else:
             self._rpc("evm_increaseTime", [seconds])
             self._rpc("evm_mine", [])
