@@ -539,10 +539,8 @@ class Journal:
                 gone = self._db.execute(
                     f"DELETE FROM kept_images WHERE job_id NOT IN ({recent})", (since,)
                 ).rowcount
-        if not self.results_dir.is_dir():
-            return gone
-        for path in self.results_dir.iterdir():
-            if path.is_file() and not path.name.startswith(".") and path.stem not in keep:
+        for path in self._kept_files():
+            if path.stem not in keep:
                 path.unlink(missing_ok=True)
                 gone += 1
         return gone
@@ -552,12 +550,17 @@ class Journal:
         `prune_results` will delete."""
         with self._lock:
             rows = {bytes(r[0]) for r in self._db.execute("SELECT job_id FROM kept_images")}
-        if self.results_dir.is_dir():
-            for path in self.results_dir.iterdir():
-                if path.is_file() and not path.name.startswith("."):
-                    with contextlib.suppress(ValueError):
-                        rows.add(bytes.fromhex(path.stem))
+        for path in self._kept_files():
+            with contextlib.suppress(ValueError):
+                rows.add(bytes.fromhex(path.stem))
         return rows
+
+    def _kept_files(self) -> list[Path]:
+        """Every image file in the results folder (a listing: `prune_results` and
+        `kept_results` only, never per job)."""
+        if not self.results_dir.is_dir():
+            return []
+        return [p for p in self.results_dir.iterdir() if p.is_file() and not p.name.startswith(".")]
 
     def _files(self, job_id: bytes) -> list[Path]:
         """The names a kept image of `job_id` can have (no folder listing: a glob lists the
