@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml scripts/ensure-system-deps.sh
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[node,coordinator,dev,coreml,quant]'
+	# optimum-quanto compiles its int4 CPU kernels on first use: build them now, not mid-render
+	$(PY) -c "from sogni_node.render.quantize import build_cpu_kernels; build_cpu_kernels()"
 	touch $(STAMP)
 
 # npm tools for the chain tests: solc-js, OpenZeppelin, anvil (pinned in contracts/package-lock.json)

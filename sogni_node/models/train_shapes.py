@@ -81,6 +81,12 @@ _VAE_EDGE_WEIGHT = 0.0
 """Extra VAE loss weight on pixels within 2 px of an edge (0: the plain loss, as shipped).
 An experiment knob: the VAE rounds square corners, but a full run with 2.0 and 8 latent
 channels scored far worse (docs/MODEL.md, "Limits")."""
+_VAE_LATENT_NOISE = 0.0
+"""Train the decoder on noisy latents: z + u * this * std(z) * noise, u uniform in [0, 1) per
+image (0: the plain loss, as shipped). An experiment knob (issue #17): the shipped decoder
+turns a square's latent into a circle under modest noise, so the UNet has to hit a narrow
+target; noise forces the encoder to spread a shape's identity over a margin the UNet can
+reach."""
 _UNET_BATCH = 32
 _CONTRAST_WEIGHT = 0.0
 """UNet loss weight on where the scene's latent differs from the same scene with the other
@@ -447,7 +453,11 @@ def train_vae(steps: int, rng: random.Random) -> tuple[Any, float]:
         posterior = vae.encode(x).latent_dist
         # Deterministic (the mode): it trains several times faster here than sampling, and
         # the diffusion phase only ever uses the mode.
-        recon = vae.decode(posterior.mode()).sample
+        z = posterior.mode()
+        if _VAE_LATENT_NOISE:
+            u = torch.rand(z.shape[0], 1, 1, 1) * _VAE_LATENT_NOISE
+            z = z + u * z.detach().std() * torch.randn_like(z)
+        recon = vae.decode(z).sample
         if _VAE_EDGE_WEIGHT:
             w, err = _edge_weight(x), recon - x
             rec = (w * err * err).mean() + 0.5 * (w * err.abs()).mean()
@@ -657,7 +667,7 @@ def _add_ddim_keys(path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     global _CONTRAST_WEIGHT, _CONTRAST_BELOW, _POSITION_CONTRAST, _CONTRAST_SCOPE
-    global _CONTRAST_UNTIL, _PLACEMENT_JITTER, _JITTER_POSITIONED
+    global _CONTRAST_UNTIL, _PLACEMENT_JITTER, _JITTER_POSITIONED, _VAE_LATENT_NOISE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output model folder")
     parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="step budget")
@@ -701,6 +711,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="positioned scenes keep the shipped cross-axis stray (jitter only the others)",
     )
+    parser.add_argument(
+        "--vae-latent-noise",
+        type=float,
+        default=_VAE_LATENT_NOISE,
+        help="decoder trained on latents with up to this much relative noise (0: none)",
+    )
     parser.add_argument("--eval", type=int, default=50, help="prompts to score after (0: skip)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -712,6 +728,7 @@ def main(argv: list[str] | None = None) -> None:
     _CONTRAST_UNTIL = args.contrast_until
     _PLACEMENT_JITTER = args.placement_jitter
     _JITTER_POSITIONED = not args.positioned_full_stray
+    _VAE_LATENT_NOISE = args.vae_latent_noise
     started = time.perf_counter()
     out = train(args.out, args.minutes, args.seed)
     logger.info("saved %s in %.1f min", out, (time.perf_counter() - started) / 60)

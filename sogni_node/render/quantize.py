@@ -267,6 +267,24 @@ def _quantize_module(net: torch.nn.Module, mode: str) -> None:
             quantize_(net, config, filter_fn=lambda m, _fqn: is_target(m))
 
 
+def build_cpu_kernels() -> bool:
+    """Compile optimum-quanto's CPU kernels now; False when quanto is not installed.
+
+    Why: quanto builds its C++ unpacking kernels (which every int4 matmul on CPU calls) with
+    torch's JIT extension loader the first time they are needed, into its own package folder:
+    1-2 minutes of gcc on a 2-core machine, more under load. Left to the first int4 render, that
+    build lands inside a job's deadline (or a test's). `make install` calls this once, so a
+    fresh environment never compiles mid-render; later calls load the built library.
+    """
+    if not _installed("optimum.quanto"):
+        return False
+    with quiet_quant_imports():
+        from optimum.quanto.library.extensions import get_extension
+
+        get_extension("quanto_cpp").lib  # noqa: B018 - the property builds and loads it
+    return True
+
+
 _WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -37,6 +37,7 @@ from sogni_node.render.quantize import (
     QUANT_EXTRA,
     QUANT_MODES,
     _quantize_module,
+    build_cpu_kernels,
     check_quant_mode,
     compile_pipeline,
     denoiser,
@@ -357,3 +358,16 @@ def test_int8_dynamic_is_refused_where_int8_matmul_is_inexact(
         quantize.check_quant_mode("int8-dynamic", "cpu")
     if _available("int8"):
         quantize.check_quant_mode("int8", "cpu")  # the other modes stay available
+
+
+@pytest.mark.skipif(importlib.util.find_spec("optimum.quanto") is None, reason="quant extra")
+def test_quanto_cpu_kernels_are_built_ahead_of_a_render() -> None:
+    """`make install` builds quanto's JIT kernels; a later call loads them, compiling nothing
+    (a compile inside a render took minutes under load in fresh-clone CI)."""
+    from optimum.quanto.library.extensions import get_extension
+
+    assert build_cpu_kernels() is True
+    ext = get_extension("quanto_cpp")
+    assert ext._lib is not None
+    packed = torch.tensor([[0x21, 0x43]], dtype=torch.uint8)
+    assert ext.lib.unpack(packed, 4).tolist() == [[1, 3], [2, 4]]
