@@ -115,13 +115,18 @@ class MeteredWorker(Worker):
         return run
 
     async def render(
-        self, run: Running, params: JobParams, on_step: Callable[[int], None]
+        self,
+        run: Running,
+        params: JobParams,
+        on_step: Callable[[int], None],
+        *,
+        report_every: float = 0.0,
     ) -> RenderOutput:
         m = self.metrics
         model = m.model(params.model_id)
         started = time.monotonic()
         try:
-            out = await super().render(run, params, on_step)
+            out = await super().render(run, params, on_step, report_every=report_every)
         except (RenderCancelled, trio.Cancelled):
             m.handed_back.labels(model=model).inc()
             raise

@@ -1045,19 +1045,18 @@ class PullSession:
                 self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature
             )
 
-        last = [float("-inf")]  # the first step always goes out
-
         def on_step(step: int) -> None:
-            # The first step, then at most one frame per PROGRESS_INTERVAL, none for the last
-            # step (the result follows): a client's progress bar needs no more, and a frame
-            # per step was most of the frames a fast job cost the coordinator.
-            now = time.monotonic()
-            if step < offer.steps and now - last[0] >= PROGRESS_INTERVAL:
-                last[0] = now
+            # The worker reports the first step, then at most one per PROGRESS_INTERVAL; none
+            # goes out for the last step (the result follows): a client's progress bar needs
+            # no more, and a frame per step was most of the frames a fast job cost the
+            # coordinator.
+            if step < offer.steps:
                 self.send(Progress(job_id=offer.job_id, step=step))
 
         try:
-            out = await self.worker.render(run, job.msg.params, on_step)
+            out = await self.worker.render(
+                run, job.msg.params, on_step, report_every=PROGRESS_INTERVAL
+            )
         except RenderCancelled as exc:
             if run.pay_partial and exc.steps_done > 0:
                 await self._finish(job, b"", exc.steps_done, None)

@@ -177,15 +177,24 @@ class Worker:
         return run
 
     async def render(
-        self, run: Running, params: JobParams, on_step: Callable[[int], None]
+        self,
+        run: Running,
+        params: JobParams,
+        on_step: Callable[[int], None],
+        *,
+        report_every: float = 0.0,
     ) -> RenderOutput:
         """Render in a thread; raises `RenderCancelled` if `cancel` was called meanwhile.
 
         `on_step` runs on the event loop, queued by the render thread without waiting for it
         (a blocking call into a busy loop stalled the render once per step, and cost about
-        as much CPU as the hop into the thread); steps reach it in order, and all of them
-        before `render` returns."""
+        as much CPU as the hop into the thread); the steps it gets reach it in order, all of
+        them before `render` returns. With `report_every` > 0 it gets the first step and then
+        at most one per `report_every` seconds: each report wakes the loop through a socket,
+        ~3% of a small model's render when every step went (`run.steps_done` still follows
+        every step)."""
         token = trio.lowlevel.current_trio_token()
+        last_report = [float("-inf")]
 
         def report(i: int) -> None:  # on the loop: an exception here would end the run
             try:
@@ -195,6 +204,11 @@ class Worker:
 
         def step(i: int) -> None:
             run.steps_done = i
+            if report_every > 0:
+                now = time.monotonic()
+                if now - last_report[0] < report_every:
+                    return
+                last_report[0] = now
             token.run_sync_soon(report, i)
 
         def render() -> RenderOutput:

@@ -87,3 +87,19 @@ async def test_a_failing_step_report_does_not_end_the_render() -> None:
 
     out = await worker.render(worker.claim(b"\x02" * 32), _params(), on_step)
     assert out.steps_done == STEPS
+
+
+async def test_report_every_sends_the_first_step_then_at_most_one_per_interval() -> None:
+    backend = _SteppingBackend(threading.Event())
+    backend.go.set()
+    worker = Worker(backend, slots=1)
+    seen: list[int] = []
+    run = worker.claim(b"\x03" * 32)
+    # Every step of this backend lands within one interval (an hour), so only the first
+    # wakes the loop; the run still records how far the render got.
+    out = await worker.render(run, _params(), seen.append, report_every=3600.0)
+    assert seen == [1]
+    assert out.steps_done == STEPS and run.steps_done == STEPS
+    seen.clear()
+    await worker.render(worker.claim(b"\x04" * 32), _params(), seen.append, report_every=0.0)
+    assert seen == list(range(1, STEPS + 1))
