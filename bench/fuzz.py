@@ -384,7 +384,7 @@ def run(quick: bool, streams: int | None = None) -> str:
     from sogni_app.api import render_request, render_sync
     from sogni_devnet.localnet import start_localnet
 
-    per_protocol = streams or (QUICK_STREAMS if quick else FULL_STREAMS)
+    per_protocol = streams or _default_streams(quick)
     started = time.perf_counter()
     with (
         tempfile.TemporaryDirectory(prefix="sogni-fuzz-") as tmp,
@@ -436,12 +436,12 @@ def _interop(targets: dict[str, str], streams: int) -> dict[str, Any] | None:
     return out
 
 
+def _default_streams(quick: bool) -> int:
+    return QUICK_STREAMS if quick else FULL_STREAMS
+
+
 def _streams_flag(streams: int, quick: bool) -> str:
-    return (
-        ""
-        if streams == (QUICK_STREAMS if quick else FULL_STREAMS)
-        else f" --fuzz-streams {streams}"
-    )
+    return "" if streams == _default_streams(quick) else f" --fuzz-streams {streams}"
 
 
 def render_markdown(report: FuzzReport, quick: bool) -> str:

@@ -360,7 +360,7 @@ def test_int8_dynamic_is_refused_where_int8_matmul_is_inexact(
         quantize.check_quant_mode("int8", "cpu")  # the other modes stay available
 
 
-@pytest.mark.skipif(importlib.util.find_spec("optimum.quanto") is None, reason="quant extra")
+@pytest.mark.skipif(not _available("quanto-int4"), reason="quant extra")
 def test_quanto_cpu_kernels_are_built_ahead_of_a_render() -> None:
     """`make install` builds quanto's JIT kernels; a later call loads them, compiling nothing
     (a compile inside a render took minutes under load in fresh-clone CI)."""
