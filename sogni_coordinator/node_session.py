@@ -22,14 +22,15 @@ or the coordinator is shutting down.
 
 Backpressure: the outbox is bounded (`outbox_size`; the writer takes up to `_WRITE_BATCH`
 more off it for one stream write). Offers need credit, so at most `slots + MAX_LOOKAHEAD` are
-outstanding; cancels are at most two per job held; acks one (the reader waits for each to be
-written, `_AckLane`: it rides with the next offer); so a full outbox means the node has
-stopped reading. Then the dispatcher's non-blocking send fails: an offer is not made (the job
-stays queued and the node's credit drops to zero), a cancel is not queued (the node is
-past saving: its writer times out within 30 s and its jobs are re-queued). A `ResultAck` is
-never dropped: the reader queues it (waiting for room) and reads nothing more from that node
-until the writer has written it, so a node that does not read its acks stops being read,
-and the write's timeout ends the session.
+outstanding; cancels are at most two per job held; acks at most `RESULTS_AT_ONCE` (each
+result's task waits for its ack to be written, `_AckLane`: it rides with the next offer); so
+a full outbox means the node has stopped reading. Then the dispatcher's non-blocking send
+fails: an offer is not made (the job stays queued and the node's credit drops to zero), a
+cancel is not queued (the node is past saving: its writer times out within 30 s and its
+jobs are re-queued). A `ResultAck` is
+never dropped: its result's task queues it (waiting for room) and holds one of the reader's
+`RESULTS_AT_ONCE` places until the writer has written it, so a node that does not read its
+acks stops being read once that many wait, and the write's timeout ends the session.
 """
 
 from __future__ import annotations
@@ -90,7 +91,8 @@ ACK_TIMEOUT = 30.0
 
 
 def outbox_size(slots: int) -> int:
-    """Room for every offer the node's credit allows, two cancels per job, and spare."""
+    """Room for every offer the node's credit allows, two cancels per job, and spare (the
+    pending acks, at most `RESULTS_AT_ONCE`, fit in it)."""
     return 3 * (max(slots, 1) + MAX_LOOKAHEAD) + 16
 
 
@@ -254,9 +256,9 @@ def _limit(msg: Message) -> int:
 class _AckLane:
     """Acks through the outbox, so the offer its credit brings rides in the same write.
 
-    The reader gives the credit back, queues the ack and waits until the writer has written
-    it (reading nothing more from the node meanwhile: the backpressure of the module
-    docstring). The writer, finding an ack, lets the match that the credit woke run once
+    A result's task gives the credit back, queues the ack and waits until the writer has
+    written it (holding its place among the reader's `RESULTS_AT_ONCE`: the backpressure of
+    the module docstring). The writer, finding an ack, lets the match that the credit woke run once
     before it takes what is queued: ack and next offer leave in one stream write (one yamux
     frame and Noise record), where the ack used to be a write of its own."""
 
@@ -319,6 +321,46 @@ async def _reader(
     timeout: float,
     lane: _AckLane,
 ) -> str:
+    """Read the node's messages; results are settled concurrently (`RESULTS_AT_ONCE`).
+
+    A session that ends on a bad frame or a silent node first lets the results it already
+    read finish (committed and acked, or refused): what was received is not dropped
+    half-way because of what came after it."""
+    error: Exception | None = None
+    async with trio.open_nursery() as results:
+        try:
+            reason = await _read(channel, link, dispatcher, timeout, lane, results)
+        except (TransportError, ProtocolError) as exc:
+            error = exc
+    if error is not None:
+        raise error
+    return reason
+
+
+RESULTS_AT_ONCE = 8
+"""Results of one node being verified and committed at the same time. A receipt waits for
+its group commit (tens of ms under load); one at a time, that wait capped a fast node at a
+few dozen results a second and left the coordinator idle between groups. Each pending
+result holds its frame (up to `RESULT_FRAME_LIMIT`) until it is answered; the reader reads
+nothing more while this many wait (the backpressure of the module docstring)."""
+
+
+async def _read(
+    channel: Channel,
+    link: NodeLink,
+    dispatcher: Dispatcher,
+    timeout: float,
+    lane: _AckLane,
+    results: trio.Nursery,
+) -> str:
+    at_once = trio.Semaphore(RESULTS_AT_ONCE)
+
+    async def settle(msg: Result) -> None:
+        try:
+            await _on_result(channel, link, dispatcher, msg, lane)
+        finally:
+            at_once.release()
+
     while True:
         msg = await channel.receive(limit=RESULT_FRAME_LIMIT, timeout=timeout)
         if isinstance(msg, Ready):
@@ -326,7 +368,8 @@ async def _reader(
         elif isinstance(msg, Progress):
             dispatcher.progress(link, msg.job_id, msg.step)
         elif isinstance(msg, Result):
-            await _on_result(channel, link, dispatcher, msg, lane)
+            await at_once.acquire()
+            results.start_soon(settle, msg)
         elif isinstance(msg, OfferDeclined):
             log.info("offer_declined", peer=link.peer_id, reason=msg.reason)
             dispatcher.offer_declined(link, msg.job_id, msg.reason)

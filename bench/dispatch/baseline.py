@@ -21,9 +21,10 @@ from bench.dispatch._parts import COMMIT, MODEL, bench_request
 from bench.instant import noise_png
 from sogni_app.api import authorize
 from sogni_coordinator.billing import Billing
-from sogni_coordinator.dispatch import MAX_LOOKAHEAD, Dispatcher
+from sogni_coordinator.dispatch import MAX_LOOKAHEAD, Dispatcher, ResultRefused
 from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.ledger import Ledger
+from sogni_coordinator.node_session import RESULTS_AT_ONCE
 from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.routing import Router
 from sogni_coordinator.store import Store
@@ -152,9 +153,10 @@ async def _baseline(
     """One trio loop holds the coordinator's code and 50 fake nodes, joined by memory channels.
 
     Per node link, as in `node_session`: a writer task encodes what the dispatcher sends, a
-    reader task decodes results, awaits `accept_result`, encodes the ack and gives the credit
-    back (`result_acked`: each node sent one `Ready` of slots + `MAX_LOOKAHEAD` and holds that
-    many offers in hand, as `sogni_node.pull` does when its renders beat the round trip).
+    reader task decodes results and settles up to `RESULTS_AT_ONCE` at a time (each awaits
+    `accept_result`, encodes the ack and gives the credit back: `result_acked`; each node
+    sent one `Ready` of slots + `MAX_LOOKAHEAD` and holds that many offers in hand, as
+    `sogni_node.pull` does when its renders beat the round trip).
     Each request's events are encoded as its client stream would.
     `Dispatcher.run` does the matching as in production. A fake node decodes offers and signs
     receipts; the time of its steps is subtracted, everything else in the loop is the
@@ -226,13 +228,26 @@ async def _baseline(
             if isinstance(msg, Offer):
                 to_coordinator.send_nowait(_node_answer(msg, wallet, domain, image))
 
-    async def node_reader(link: NodeLink, from_node: trio.MemoryReceiveChannel[bytes]) -> None:
-        async for frame in from_node:
-            result = decode(frame)
-            assert isinstance(result, Result)
-            await dispatcher.accept_result(link, result)
-            encode(ResultAck(job_id=result.job_id, accepted=True))
+    async def settle(link: NodeLink, result: Result, at_once: trio.Semaphore) -> None:
+        try:
+            try:
+                await dispatcher.accept_result(link, result)
+            except ResultRefused as exc:  # e.g. a straggler's copy, already receipted
+                encode(ResultAck(job_id=result.job_id, accepted=False, reason=str(exc)[:512]))
+            else:
+                encode(ResultAck(job_id=result.job_id, accepted=True))
             dispatcher.result_acked(link)  # the ack gives the credit back: no `Ready`
+        finally:
+            at_once.release()
+
+    async def node_reader(link: NodeLink, from_node: trio.MemoryReceiveChannel[bytes]) -> None:
+        at_once = trio.Semaphore(RESULTS_AT_ONCE)  # as `node_session` settles them
+        async with trio.open_nursery() as results:
+            async for frame in from_node:
+                result = decode(frame)
+                assert isinstance(result, Result)
+                await at_once.acquire()
+                results.start_soon(settle, link, result, at_once, name=PART_READER)
 
     async def accept_request(r: int, nursery: trio.Nursery) -> None:
         """What `serve_client` does with each request."""

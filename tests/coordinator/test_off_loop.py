@@ -32,7 +32,7 @@ from sogni_coordinator.chain_link import ChainLink
 from sogni_coordinator.dispatch import Dispatcher
 from sogni_coordinator.job_state import JobState
 from sogni_coordinator.ledger import ISSUERS, Ledger, reserved_account, worker_account
-from sogni_coordinator.node_session import outbox_size, serve_node
+from sogni_coordinator.node_session import RESULTS_AT_ONCE, outbox_size, serve_node
 from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.routing import Router, TierMode
 from sogni_coordinator.standing import Standing, StandingCache, StandingLookup
@@ -41,6 +41,7 @@ from sogni_net import ChannelClosed, ReadTimeout, WriteTimeout
 from sogni_protocol import eip712
 from sogni_protocol.messages import (
     Capabilities,
+    Goodbye,
     Heartbeat,
     Message,
     NodeHello,
@@ -457,7 +458,44 @@ async def test_a_database_locked_past_the_deadline_refuses_the_receipt_not_the_s
         assert c.store.job_state(again.offer.job_id) is JobState.DONE
 
 
+async def test_a_result_read_before_a_bad_frame_is_still_settled(tmp_path: Path) -> None:
+    """The session ends on the bad frame, but only after the result before it is committed
+    and acked: results are settled concurrently, and the bad frame is read meanwhile."""
+    async with coordinator(tmp_path) as c:
+        node = await c.connect(0, slots=1)
+        [job] = (await c.submit(request(1))).accepted.job_ids
+        await node.send(Ready(slots=1))
+        offer = await node.next(Offer)
+        await node.send(node.signer.result(offer))
+        await node.send(offer)  # not a node's message: a protocol error
+        ack = await node.next(ResultAck)
+        assert ack.accepted and ack.job_id == job
+        assert c.store.job_state(job) is JobState.DONE
+        goodbye = await node.next(Goodbye)
+        assert "unexpected Offer" in goodbye.reason
+
+
 # --- backpressure -------------------------------------------------------------------------------
+async def test_a_nodes_results_are_committed_without_waiting_for_each_other(
+    tmp_path: Path,
+) -> None:
+    """A result does not wait for the one before it to be committed and acked: while the
+    node reads nothing (its first ack cannot be written), its second result still commits."""
+    async with coordinator(tmp_path) as c:
+        node = await c.connect(0, slots=2)
+        first, second = (await c.submit(request(2))).accepted.job_ids
+        await node.send(Ready(slots=2))
+        offers = [await node.next(Offer), await node.next(Offer)]
+        node.channel.stall()
+        for offer in offers:
+            await node.send(node.signer.result(offer))
+        await until(lambda: c.store.job_state(first) is JobState.DONE)
+        await until(lambda: c.store.job_state(second) is JobState.DONE)
+        node.channel.resume()
+        acks = [await node.next(ResultAck), await node.next(ResultAck)]
+        assert {a.job_id for a in acks if a.accepted} == {first, second}
+
+
 async def test_a_node_that_stops_reading_is_held_back_without_losing_an_ack(
     tmp_path: Path,
 ) -> None:
@@ -470,18 +508,26 @@ async def test_a_node_that_stops_reading_is_held_back_without_losing_an_ack(
         offer = await node.next(Offer)
         assert offer.offer.job_id == first
 
-        # the node stops reading: its ack waits for the stream, and so does its reader
+        # the node stops reading: its acks wait for the stream; once RESULTS_AT_ONCE results
+        # wait for theirs, the reader reads nothing more
         node.channel.stall()
-        await node.send(node.signer.result(offer))
-        await node.send(Ready(slots=1))  # would earn the next offer, if it were read
+        result = node.signer.result(offer)
+        await node.send(result)
         await until(lambda: node.channel.waiting == 1)
         await until(lambda: c.store.job_state(first) is JobState.DONE)
+        for _ in range(RESULTS_AT_ONCE):  # the same result again: refused, answered all the same
+            await node.send(result)
+        await node.send(Ready(slots=1))  # would earn the next offer, if it were read
         await trio.sleep(0.2)
         assert c.dispatcher.jobs[second].state is JobState.QUEUED  # the Ready is unread
         node.channel.resume()
-        ack = await node.next(ResultAck)
-        assert ack.accepted and ack.job_id == first  # not dropped
-        offer = await node.next(Offer)  # the Ready was read once the ack was written
+        # the last duplicate is read once an ack is written, and the Ready after it: its offer
+        # may leave before that duplicate's refusal
+        sent = [await node.next(ResultAck | Offer) for _ in range(2 + RESULTS_AT_ONCE)]
+        acks = [m for m in sent if isinstance(m, ResultAck)]
+        assert acks[0].accepted and acks[0].job_id == first  # not dropped
+        assert len(acks) == 1 + RESULTS_AT_ONCE and not any(a.accepted for a in acks[1:])
+        [offer] = [m for m in sent if isinstance(m, Offer)]
         assert offer.offer.job_id == second
         await node.send(node.signer.result(offer))
         assert (await node.next(ResultAck)).accepted
