@@ -325,15 +325,22 @@ async def _reader(
 
     A session that ends on a bad frame or a silent node first lets the results it already
     read finish (committed and acked, or refused): what was received is not dropped
-    half-way because of what came after it."""
-    error: Exception | None = None
+    half-way because of what came after it. A result whose ack cannot be written (the
+    stream broke) ends the session with that error, as the reader's own would."""
+    errors: list[Exception] = []
+    reason = ""
     async with trio.open_nursery() as results:
+
+        def failed(exc: Exception) -> None:
+            errors.append(exc)
+            results.cancel_scope.cancel()
+
         try:
-            reason = await _read(channel, link, dispatcher, timeout, lane, results)
+            reason = await _read(channel, link, dispatcher, timeout, lane, results, failed)
         except (TransportError, ProtocolError) as exc:
-            error = exc
-    if error is not None:
-        raise error
+            errors.append(exc)
+    if errors:
+        raise errors[0]
     return reason
 
 
@@ -352,12 +359,15 @@ async def _read(
     timeout: float,
     lane: _AckLane,
     results: trio.Nursery,
+    failed: Callable[[Exception], None],
 ) -> str:
     at_once = trio.Semaphore(RESULTS_AT_ONCE)
 
     async def settle(msg: Result) -> None:
         try:
             await _on_result(channel, link, dispatcher, msg, lane)
+        except (TransportError, ProtocolError) as exc:
+            failed(exc)
         finally:
             at_once.release()
 
