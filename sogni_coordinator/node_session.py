@@ -22,14 +22,14 @@ or the coordinator is shutting down.
 
 Backpressure: the outbox is bounded (`outbox_size`; the writer takes up to `_WRITE_BATCH`
 more off it for one stream write). Offers need credit, so at most `slots + MAX_LOOKAHEAD` are
-outstanding; cancels are at most two per job held; acks at most `RESULTS_AT_ONCE` (each
+outstanding; cancels are at most two per job held; acks at most `results_at_once` (each
 result's task waits for its ack to be written, `_AckLane`: it rides with the next offer); so
 a full outbox means the node has stopped reading. Then the dispatcher's non-blocking send
 fails: an offer is not made (the job stays queued and the node's credit drops to zero), a
 cancel is not queued (the node is past saving: its writer times out within 30 s and its
 jobs are re-queued). A `ResultAck` is
 never dropped: its result's task queues it (waiting for room) and holds one of the reader's
-`RESULTS_AT_ONCE` places until the writer has written it, so a node that does not read its
+`results_at_once` places until the writer has written it, so a node that does not read its
 acks stops being read once that many wait, and the write's timeout ends the session.
 """
 
@@ -257,7 +257,7 @@ class _AckLane:
     """Acks through the outbox, so the offer its credit brings rides in the same write.
 
     A result's task gives the credit back, queues the ack and waits until the writer has
-    written it (holding its place among the reader's `RESULTS_AT_ONCE`: the backpressure of
+    written it (holding its place among the reader's `results_at_once`: the backpressure of
     the module docstring). The writer, finding an ack, lets the match that the credit woke run once
     before it takes what is queued: ack and next offer leave in one stream write (one yamux
     frame and Noise record), where the ack used to be a write of its own."""
@@ -321,7 +321,7 @@ async def _reader(
     timeout: float,
     lane: _AckLane,
 ) -> str:
-    """Read the node's messages; results are settled concurrently (`RESULTS_AT_ONCE`).
+    """Read the node's messages; results are settled concurrently (`results_at_once`).
 
     A session that ends on a bad frame or a silent node first lets the results it already
     read finish (committed and acked, or refused): what was received is not dropped
@@ -345,11 +345,20 @@ async def _reader(
 
 
 RESULTS_AT_ONCE = 8
-"""Results of one node being verified and committed at the same time. A receipt waits for
-its group commit (tens of ms under load); one at a time, that wait capped a fast node at a
-few dozen results a second and left the coordinator idle between groups. Each pending
-result holds its frame (up to `RESULT_FRAME_LIMIT`) until it is answered; the reader reads
-nothing more while this many wait (the backpressure of the module docstring)."""
+"""The most results of one node verified and committed at the same time (`results_at_once`).
+Each pending result holds its frame (up to `RESULT_FRAME_LIMIT`) until it is answered."""
+
+
+def results_at_once(slots: int) -> int:
+    """How many results of a node with `slots` (at its hello) are settled at a time: one per
+    slot, at most `RESULTS_AT_ONCE`. A receipt waits for its group commit (tens of ms under
+    load): one at a time, the results of slots that finish together (a batch of one request)
+    waited for each other's commits. More than the node's slots gains nothing a real node
+    sends (a slot's next result is a render away) and was measured to hurt: 8 per one-slot
+    instant node made the commit groups 4x longer to wait for and images reach clients
+    ~0.5 s after their receipts (BENCHMARKS, "Dispatch"). The reader reads nothing more
+    while this many wait (the backpressure of the module docstring)."""
+    return max(1, min(slots, RESULTS_AT_ONCE))
 
 
 async def _read(
@@ -361,7 +370,7 @@ async def _read(
     results: trio.Nursery,
     failed: Callable[[Exception], None],
 ) -> str:
-    at_once = trio.Semaphore(RESULTS_AT_ONCE)
+    at_once = trio.Semaphore(results_at_once(link.slots))
 
     async def settle(msg: Result) -> None:
         try:

@@ -24,7 +24,7 @@ from sogni_coordinator.billing import Billing
 from sogni_coordinator.dispatch import MAX_LOOKAHEAD, Dispatcher, ResultRefused
 from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.ledger import Ledger
-from sogni_coordinator.node_session import RESULTS_AT_ONCE
+from sogni_coordinator.node_session import results_at_once
 from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.routing import Router
 from sogni_coordinator.store import Store
@@ -153,7 +153,7 @@ async def _baseline(
     """One trio loop holds the coordinator's code and 50 fake nodes, joined by memory channels.
 
     Per node link, as in `node_session`: a writer task encodes what the dispatcher sends, a
-    reader task decodes results and settles up to `RESULTS_AT_ONCE` at a time (each awaits
+    reader task decodes results and settles `results_at_once` at a time (each awaits
     `accept_result`, encodes the ack and gives the credit back: `result_acked`; each node
     sent one `Ready` of slots + `MAX_LOOKAHEAD` and holds that many offers in hand, as
     `sogni_node.pull` does when its renders beat the round trip).
@@ -241,7 +241,7 @@ async def _baseline(
             at_once.release()
 
     async def node_reader(link: NodeLink, from_node: trio.MemoryReceiveChannel[bytes]) -> None:
-        at_once = trio.Semaphore(RESULTS_AT_ONCE)  # as `node_session` settles them
+        at_once = trio.Semaphore(results_at_once(link.slots))  # as `node_session` settles
         async with trio.open_nursery() as results:
             async for frame in from_node:
                 result = decode(frame)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+import types
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,7 +33,12 @@ from sogni_coordinator.chain_link import ChainLink
 from sogni_coordinator.dispatch import Dispatcher
 from sogni_coordinator.job_state import JobState
 from sogni_coordinator.ledger import ISSUERS, Ledger, reserved_account, worker_account
-from sogni_coordinator.node_session import RESULTS_AT_ONCE, outbox_size, serve_node
+from sogni_coordinator.node_session import (
+    RESULTS_AT_ONCE,
+    outbox_size,
+    results_at_once,
+    serve_node,
+)
 from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.routing import Router, TierMode
 from sogni_coordinator.standing import Standing, StandingCache, StandingLookup
@@ -116,7 +122,7 @@ class Node:
     async def send(self, msg: Message) -> None:
         await self.channel._to_coord.send(msg)
 
-    async def next(self, kind: type, timeout: float = 5.0) -> Any:
+    async def next(self, kind: type | types.UnionType, timeout: float = 5.0) -> Any:
         with trio.fail_after(timeout):
             while True:
                 msg = await self.channel.inbox.receive()
@@ -479,8 +485,10 @@ async def test_a_result_read_before_a_bad_frame_is_still_settled(tmp_path: Path)
 async def test_a_nodes_results_are_committed_without_waiting_for_each_other(
     tmp_path: Path,
 ) -> None:
-    """A result does not wait for the one before it to be committed and acked: while the
-    node reads nothing (its first ack cannot be written), its second result still commits."""
+    """A result of a two-slot node does not wait for the one before it to be committed and
+    acked: while the node reads nothing (its first ack cannot be written), its second result
+    still commits (`results_at_once`: one per slot, at most `RESULTS_AT_ONCE`)."""
+    assert [results_at_once(n) for n in (0, 1, 2, 64)] == [1, 1, 2, RESULTS_AT_ONCE]
     async with coordinator(tmp_path) as c:
         node = await c.connect(0, slots=2)
         first, second = (await c.submit(request(2))).accepted.job_ids
@@ -508,14 +516,15 @@ async def test_a_node_that_stops_reading_is_held_back_without_losing_an_ack(
         offer = await node.next(Offer)
         assert offer.offer.job_id == first
 
-        # the node stops reading: its acks wait for the stream; once RESULTS_AT_ONCE results
-        # wait for theirs, the reader reads nothing more
+        # the node stops reading: its acks wait for the stream; once `results_at_once` results
+        # (one per slot) wait for theirs, the reader reads nothing more
         node.channel.stall()
         result = node.signer.result(offer)
         await node.send(result)
         await until(lambda: node.channel.waiting == 1)
         await until(lambda: c.store.job_state(first) is JobState.DONE)
-        for _ in range(RESULTS_AT_ONCE):  # the same result again: refused, answered all the same
+        at_once = results_at_once(1)
+        for _ in range(at_once):  # the same result again: refused, answered all the same
             await node.send(result)
         await node.send(Ready(slots=1))  # would earn the next offer, if it were read
         await trio.sleep(0.2)
@@ -523,10 +532,10 @@ async def test_a_node_that_stops_reading_is_held_back_without_losing_an_ack(
         node.channel.resume()
         # the last duplicate is read once an ack is written, and the Ready after it: its offer
         # may leave before that duplicate's refusal
-        sent = [await node.next(ResultAck | Offer) for _ in range(2 + RESULTS_AT_ONCE)]
+        sent = [await node.next(ResultAck | Offer) for _ in range(2 + at_once)]
         acks = [m for m in sent if isinstance(m, ResultAck)]
         assert acks[0].accepted and acks[0].job_id == first  # not dropped
-        assert len(acks) == 1 + RESULTS_AT_ONCE and not any(a.accepted for a in acks[1:])
+        assert len(acks) == 1 + at_once and not any(a.accepted for a in acks[1:])
         [offer] = [m for m in sent if isinstance(m, Offer)]
         assert offer.offer.job_id == second
         await node.send(node.signer.result(offer))
