@@ -27,10 +27,10 @@ result's task waits for its ack to be written, `_AckLane`: it rides with the nex
 a full outbox means the node has stopped reading. Then the dispatcher's non-blocking send
 fails: an offer is not made (the job stays queued and the node's credit drops to zero), a
 cancel is not queued (the node is past saving: its writer times out within 30 s and its
-jobs are re-queued). A `ResultAck` is
-never dropped: its result's task queues it (waiting for room) and holds one of the reader's
-`results_at_once` places until the writer has written it, so a node that does not read its
-acks stops being read once that many wait, and the write's timeout ends the session.
+jobs are re-queued). A `ResultAck` is never dropped: its result's task queues it (waiting
+for room) and holds one of the reader's `results_at_once` places until the writer has
+written it, so a node that does not read its acks stops being read once that many wait,
+and the write's timeout ends the session.
 """
 
 from __future__ import annotations
@@ -258,9 +258,9 @@ class _AckLane:
 
     A result's task gives the credit back, queues the ack and waits until the writer has
     written it (holding its place among the reader's `results_at_once`: the backpressure of
-    the module docstring). The writer, finding an ack, lets the match that the credit woke run once
-    before it takes what is queued: ack and next offer leave in one stream write (one yamux
-    frame and Noise record), where the ack used to be a write of its own."""
+    the module docstring). The writer, finding an ack, lets the match that the credit woke
+    run once before it takes what is queued: ack and next offer leave in one stream write
+    (one yamux frame and Noise record), where the ack used to be a write of its own."""
 
     def __init__(self, outbox: trio.MemorySendChannel[Message]) -> None:
         self.outbox = outbox
