@@ -4,8 +4,8 @@ Why: the embedded default model must follow prompts (so a requester sees the col
 for) yet train in minutes on a laptop CPU and render in well under a second. The data are
 synthetic, drawn on the fly ("a red circle on a blue background"), so nothing is downloaded.
 
-Two phases, both seeded and with step counts derived only from `--minutes`, so the same
-command, torch version, CPU kind and thread count rebuild the same weights:
+Two phases, both seeded with fixed step counts, so the same command, torch version, CPU kind
+and thread count rebuild the same weights (about 30 minutes on two threads of a 2-core CPU):
 
 1. a small AutoencoderKL (64 px <-> 4x16x16 latents) learns to reconstruct the shapes;
 2. a small CLIP text encoder and UNet learn v-prediction on those latents under a zero
@@ -16,7 +16,7 @@ command, torch version, CPU kind and thread count rebuild the same weights:
 Captions (issue #17) may carry a size word, a position and one of four word orders; see
 `random_training_scene`. docs/MODEL.md has the recipe, its cost and its measured adherence.
 
-Run: `python -m sogni_node.models.train_shapes --out DIR [--minutes N] [--seed S]`.
+Run: `python -m sogni_node.models.train_shapes --out DIR [--seed S]`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,9 @@ SHAPES_MODEL_ID = _registry.SHAPES_MODEL_ID
 IMAGE_SIZE = _registry.SHAPES_IMAGE_SIZE
 DEFAULT_STEPS = _registry.SHAPES_DEFAULT_STEPS
 DEFAULT_GUIDANCE = _registry.SHAPES_DEFAULT_GUIDANCE
-DEFAULT_MINUTES = 22.0
+DEFAULT_VAE_STEPS = 1188
+DEFAULT_UNET_STEPS = 6800
+DEFAULT_PROCS = 1
 DEFAULT_SEED = 1234
 
 PALETTE: dict[str, tuple[int, int, int]] = {
@@ -68,13 +70,6 @@ _MAX_TOKENS = 20
 
 _VAE_CHANNELS = (16, 32, 64)
 _LATENT_CHANNELS = 4
-_VAE_SHARE = 0.27
-"""Share of the time budget spent on the autoencoder; the rest trains UNet + text encoder."""
-_VAE_STEPS_PER_MIN = 200
-_UNET_STEPS_PER_MIN = 210
-"""Steps per CPU minute on one thread of this AMD EPYC VM (process time, so other jobs on the
-machine do not count). Fixed, so step counts (hence the weights) depend on --minutes only,
-never on how fast the machine happens to be today."""
 _VAE_BATCH = 16
 _VAE_LR = 3e-3
 _VAE_EDGE_WEIGHT = 0.0
@@ -87,17 +82,19 @@ image (0: the plain loss, as shipped). An experiment knob (issue #17): the shipp
 turns a square's latent into a circle under modest noise, so the UNet has to hit a narrow
 target; noise forces the encoder to spread a shape's identity over a margin the UNet can
 reach."""
-_UNET_BATCH = 32
+_UNET_BATCH = 16
+"""16 since session 19 (32 before, same samples in half the steps): twice the updates for the
+same compute, which an under-trained model uses better (docs/MODEL.md)."""
 _CONTRAST_WEIGHT = 0.0
 """UNet loss weight on where the scene's latent differs from the same scene with the other
 shape (circle <-> square; triangle -> circle): 1 + this x that difference, scaled to 1 at its
 largest per image. 0: the plain loss, as shipped. An experiment knob (docs/MODEL.md,
 "Limits", session 9: 4 raised shape from 71% to 83% but lost the position words)."""
-_PLACEMENT_JITTER = 8.0
+_PLACEMENT_JITTER = 0.0
 """How far (px) a shape's centre strays from where its caption puts it: unqualified and small
-scenes around the middle, positioned scenes along the other axis. 8 as shipped. An experiment
-knob (issue #17): the mean of squares jittered by +-8 px is a rounded blob, which is what an
-under-trained model draws at the high-noise steps where the outline is chosen."""
+scenes around the middle, positioned scenes along the other axis. 0 as shipped since session
+19 (8 before). Issue #17: the mean of squares jittered by +-8 px is a rounded blob, which is
+what an under-trained model draws at the high-noise steps where the outline is chosen."""
 _JITTER_POSITIONED = True
 """Whether `_PLACEMENT_JITTER` also scales the cross-axis stray of positioned scenes (True,
 as in session 14's J = 2 run) or leaves them at the shipped stray. An experiment knob."""
@@ -123,6 +120,21 @@ _MIRROR = {
     "at the top": "at the bottom",
     "at the bottom": "at the top",
 }
+_FOCUS_SHARE = 0.75
+"""Share of each UNet batch drawn at the timesteps the default 8-step trailing sampler visits
+(the rest uniform over all timesteps). 0.75 as shipped since session 19 (0.5 before)."""
+_CHANNELS_LAST = True
+"""Train the convolutions in channels-last memory layout: the same model, ~10-25% faster per
+step on this CPU (the VAE encode most), numerically not bit-identical to the default layout."""
+_LATENT_POOL = 0
+"""Scenes drawn and encoded once before the UNet phase, its batches then drawn from them
+(0: a fresh batch encoded every step, as shipped). An experiment knob: a batch's encode is
+a fifth of a UNet step on one thread; with 24,000 (and `--procs 2 --fused-step`) colours
+fell to 90% (docs/MODEL.md, session 19)."""
+_FUSED_STEP = False
+"""Fused AdamW and one foreach call for the EMA: the same update in fewer kernel launches,
+which matter at these small batches (numerically not bit-identical to the per-tensor loop).
+Off as shipped (an experiment knob)."""
 _UNET_LR = 1.5e-3
 _CFG_DROPOUT = 0.1
 _COLOUR_JITTER = 12
@@ -200,7 +212,8 @@ def random_training_scene(rng: random.Random) -> Scene:
     Placement: "on the left" etc. puts the centroid in that third (radius 8-13 so it fits);
     "in the centre" keeps it within 3 px of the middle; "small" is radius 5-8, "large" 21-25
     (centred, triangles lowered so their tip stays inside). Unqualified scenes keep the
-    original placement, so old prompts mean what they meant.
+    original radius (11-19) and sit in the middle; their centre, and a positioned shape's
+    other coordinate, strays by up to `_PLACEMENT_JITTER` px (0 as shipped, 8 before).
     """
     base = random_scene(rng)
     form = rng.choices(range(len(_FORMS)), weights=_FORM_WEIGHTS)[0]
@@ -445,11 +458,15 @@ def _edge_weight(x: torch.Tensor) -> torch.Tensor:
 def train_vae(steps: int, rng: random.Random) -> tuple[Any, float]:
     """Train the autoencoder; return it (eval mode) and the latent scaling factor (1/std)."""
     vae = _make_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=_VAE_LR, weight_decay=0.0)
+    if _CHANNELS_LAST:
+        vae.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(
+        vae.parameters(), lr=_VAE_LR, weight_decay=0.0, fused=_FUSED_STEP or None
+    )
     started = time.perf_counter()
     for step in range(steps):
         _set_lr(opt, _lr(step, steps, _VAE_LR))
-        x = draw_scenes([random_training_scene(rng) for _ in range(_VAE_BATCH)])
+        x = _layout(draw_scenes([random_training_scene(rng) for _ in range(_share(_VAE_BATCH))]))
         posterior = vae.encode(x).latent_dist
         # Deterministic (the mode): it trains several times faster here than sampling, and
         # the diffusion phase only ever uses the mode.
@@ -467,6 +484,7 @@ def train_vae(steps: int, rng: random.Random) -> tuple[Any, float]:
         loss = rec + 1e-3 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        _average_grads(list(vae.parameters()))
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         if step % 50 == 0 or step == steps - 1:
@@ -481,8 +499,60 @@ def train_vae(steps: int, rng: random.Random) -> tuple[Any, float]:
     vae.eval()
     with torch.no_grad():
         x = draw_scenes([random_training_scene(rng) for _ in range(256)])
-        std = float(vae.encode(x).latent_dist.mode().std())
-    return vae, 1.0 / std
+        std = vae.encode(x).latent_dist.mode().std().reshape(1)
+    if _world() > 1:  # every rank encodes with rank 0's scale
+        import torch.distributed as dist
+
+        dist.broadcast(std, 0)
+    return vae, 1.0 / float(std)
+
+
+def _world() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _share(batch: int) -> int:
+    """This process's share of a global batch (data-parallel training: `--procs`)."""
+    return batch // _world()
+
+
+def _average_grads(params: list[torch.nn.Parameter]) -> None:
+    """Step every process with the mean of all processes' gradients (one all-reduce over a
+    flat buffer), so their weights stay identical; a no-op in a single process."""
+    if _world() == 1:
+        return
+    import torch.distributed as dist
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    for p in params:
+        if p.grad is None:  # the same buffer layout on every process
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat)
+    flat /= _world()
+    for grad, mean in zip(grads, _unflatten_dense_tensors(flat, grads), strict=True):
+        grad.copy_(mean)
+
+
+def _latent_pool(rng: random.Random, vae: Any, scale: float) -> tuple[list[Scene], torch.Tensor]:
+    """`_LATENT_POOL` scenes (this process's share) and their latents, encoded once: the
+    UNet phase then draws its batches from them instead of encoding every batch (a fifth of
+    a step's time on one thread). Empty when the pool is off."""
+    scenes = [random_training_scene(rng) for _ in range(_share(_LATENT_POOL))]
+    chunks = []
+    with torch.no_grad():
+        for i in range(0, len(scenes), 256):
+            x = _layout(draw_scenes(scenes[i : i + 256]))
+            chunks.append(vae.encode(x).latent_dist.mode() * scale)
+    latents = torch.cat(chunks).contiguous() if chunks else torch.empty(0)
+    return scenes, latents
+
+
+def _layout(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if _CHANNELS_LAST else x
 
 
 def _latent_diff(
@@ -532,8 +602,10 @@ def train_diffusion(
 
     text_encoder = _make_text_encoder(tokenizer)
     unet = _make_unet()
+    if _CHANNELS_LAST:
+        unet.to(memory_format=torch.channels_last)
     params = [*text_encoder.parameters(), *unet.parameters()]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=_FUSED_STEP or None)
     ema_te, ema_unet = copy.deepcopy(text_encoder), copy.deepcopy(unet)
     ema_params = [*ema_te.parameters(), *ema_unet.parameters()]
     alphas = _make_scheduler().alphas_cumprod.float()
@@ -551,10 +623,15 @@ def train_diffusion(
             ).input_ids[0]
         return token_cache[caption]
 
+    pool, pool_z = _latent_pool(rng, vae, scale)
     started = time.perf_counter()
     for step in range(steps):
         _set_lr(opt, _lr(step, steps, _UNET_LR))
-        scenes = [random_training_scene(rng) for _ in range(_UNET_BATCH)]
+        if pool:
+            picked = torch.randint(0, len(pool), (_share(_UNET_BATCH),), generator=gen)
+            scenes = [pool[i] for i in picked.tolist()]
+        else:
+            scenes = [random_training_scene(rng) for _ in range(_share(_UNET_BATCH))]
         captions = [s.caption if rng.random() >= _CFG_DROPOUT else "" for s in scenes]
         ids = torch.stack([tokens(c) for c in captions])
         t = torch.randint(0, len(alphas), (len(scenes),), generator=gen)
@@ -562,15 +639,23 @@ def train_diffusion(
         # 124): the default render then runs on the steps the model saw most.
         focus = torch.randint(0, DEFAULT_STEPS, t.shape, generator=gen)
         focused = len(alphas) - 1 - focus * (len(alphas) // DEFAULT_STEPS)
-        t = torch.where(torch.arange(len(t)) % 2 == 0, focused, t)
+        at_focus = (
+            torch.arange(len(t)) % 2 == 0
+            if _FOCUS_SHARE == 0.5  # the shipped draw, untouched
+            else torch.arange(len(t)) < round(_FOCUS_SHARE * len(t))
+        )
+        t = torch.where(at_focus, focused, t)
         with torch.no_grad():
-            z0 = vae.encode(draw_scenes(scenes)).latent_dist.mode() * scale
+            if pool:
+                z0 = pool_z[picked]
+            else:
+                z0 = vae.encode(_layout(draw_scenes(scenes))).latent_dist.mode() * scale
             contrast = _CONTRAST_WEIGHT or _POSITION_CONTRAST
             contrast = contrast and step < _CONTRAST_UNTIL * steps
             weight = _contrast_weight(scenes, z0, vae, scale, t) if contrast else None
         eps = torch.randn(z0.shape, generator=gen)
         a = alphas[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * z0 + (1 - a).sqrt() * eps
+        noisy = _layout(a.sqrt() * z0 + (1 - a).sqrt() * eps)
         target = a.sqrt() * eps - (1 - a).sqrt() * z0
         cond = text_encoder(ids)[0]
         pred = unet(noisy, t, cond).sample
@@ -580,12 +665,16 @@ def train_diffusion(
             loss = (weight * (pred - target) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        _average_grads(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         decay = min(0.995, (1 + step) / (10 + step))
         with torch.no_grad():
-            for e, p in zip(ema_params, params, strict=True):
-                e.lerp_(p, 1.0 - decay)
+            if _FUSED_STEP:
+                torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+            else:
+                for e, p in zip(ema_params, params, strict=True):
+                    e.lerp_(p, 1.0 - decay)
         if step % 25 == 0 or step == steps - 1:
             logger.info(
                 "unet %d/%d loss %.4f (%.0fs)",
@@ -594,6 +683,8 @@ def train_diffusion(
                 loss.item(),
                 time.perf_counter() - started,
             )
+    if _CHANNELS_LAST:  # saved weights in the usual layout (safetensors wants contiguous)
+        ema_unet.to(memory_format=torch.contiguous_format)
     return ema_te.eval(), ema_unet.eval()
 
 
@@ -621,21 +712,97 @@ def evaluate(model_dir: Path, n: int = 50, seed: int = 7, steps: int = DEFAULT_S
     return good / n
 
 
-def train(out: Path, minutes: float = DEFAULT_MINUTES, seed: int = DEFAULT_SEED) -> Path:
-    """Train both phases and save a diffusers folder at `out` (replaced if present)."""
+def train(
+    out: Path,
+    seed: int = DEFAULT_SEED,
+    vae_steps: int = DEFAULT_VAE_STEPS,
+    unet_steps: int = DEFAULT_UNET_STEPS,
+    procs: int = DEFAULT_PROCS,
+) -> Path:
+    """Train both phases and save a diffusers folder at `out` (replaced if present).
+
+    `procs` > 1 trains data-parallel in that many processes of one thread each (gloo over a
+    file store, no network): each draws its share of every batch and all step with the mean
+    gradient. On small tensors two one-thread processes do ~1.5x the work of one process
+    with two threads."""
+    logger.info(
+        "training %s: %d vae steps, %d unet steps, %d process(es)",
+        SHAPES_MODEL_ID,
+        vae_steps,
+        unet_steps,
+        procs,
+    )
+    if procs == 1:
+        _train(out, seed, vae_steps, unet_steps)
+    else:
+        import torch.multiprocessing as mp
+
+        knobs = {name: globals()[name] for name in _KNOBS}
+        with tempfile.TemporaryDirectory() as tmp:
+            store = str(Path(tmp) / "store")
+            args = (procs, store, str(out), seed, vae_steps, unet_steps, knobs)
+            mp.spawn(_train_rank, args=args, nprocs=procs)
+    _add_ddim_keys(out / "scheduler" / "scheduler_config.json")
+    return out
+
+
+_KNOBS = (
+    "_CONTRAST_WEIGHT",
+    "_CONTRAST_BELOW",
+    "_POSITION_CONTRAST",
+    "_CONTRAST_SCOPE",
+    "_CONTRAST_UNTIL",
+    "_PLACEMENT_JITTER",
+    "_JITTER_POSITIONED",
+    "_VAE_LATENT_NOISE",
+    "_FOCUS_SHARE",
+    "_CHANNELS_LAST",
+    "_UNET_BATCH",
+    "_FUSED_STEP",
+    "_LATENT_POOL",
+)
+"""Module settings a spawned training process must share with its parent (`main` sets them
+from the command line; a spawned process imports this module afresh)."""
+
+
+def _train_rank(
+    rank: int,
+    procs: int,
+    store: str,
+    out: str,
+    seed: int,
+    vae_steps: int,
+    unet_steps: int,
+    knobs: dict[str, Any],
+) -> None:
+    import torch.distributed as dist
+
+    globals().update(knobs)
+    torch.set_num_threads(1)
+    level = logging.INFO if rank == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=procs)
+    try:
+        _train(Path(out), seed, vae_steps, unet_steps, rank)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(out: Path, seed: int, vae_steps: int, unet_steps: int, rank: int = 0) -> None:
+    """Both phases in this process (one rank of a data-parallel run, or the only one)."""
     from diffusers import StableDiffusionPipeline
 
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    vae_steps = max(1, round(minutes * _VAE_SHARE * _VAE_STEPS_PER_MIN))
-    unet_steps = max(1, round(minutes * (1 - _VAE_SHARE) * _UNET_STEPS_PER_MIN))
-    logger.info("training %s: %d vae steps, %d unet steps", SHAPES_MODEL_ID, vae_steps, unet_steps)
+    torch.manual_seed(seed)  # the same initial weights on every rank
+    rng = random.Random(seed + 7919 * rank)  # each rank draws its own scenes and noise
     with tempfile.TemporaryDirectory() as tmp:
         tok_dir = Path(tmp) / "tokenizer"
         tokenizer = _make_tokenizer(tok_dir)
         vae, scale = train_vae(vae_steps, rng)
         vae.register_to_config(scaling_factor=scale)
         text_encoder, unet = train_diffusion(unet_steps, rng, vae, scale, tokenizer)
+        vae.to(memory_format=torch.contiguous_format)
+        if rank != 0:
+            return
         pipe: Any = StableDiffusionPipeline(  # Any: diffusers' stubs lack save_pretrained
             vae=vae,
             text_encoder=text_encoder,
@@ -652,8 +819,6 @@ def train(out: Path, minutes: float = DEFAULT_MINUTES, seed: int = DEFAULT_SEED)
         pipe.save_pretrained(str(out), safe_serialization=True)
         for name in ("vocab.json", "merges.txt"):
             shutil.copyfile(tok_dir / name, out / "tokenizer" / name)
-    _add_ddim_keys(out / "scheduler" / "scheduler_config.json")
-    return out
 
 
 def _add_ddim_keys(path: Path) -> None:
@@ -668,11 +833,16 @@ def _add_ddim_keys(path: Path) -> None:
 def main(argv: list[str] | None = None) -> None:
     global _CONTRAST_WEIGHT, _CONTRAST_BELOW, _POSITION_CONTRAST, _CONTRAST_SCOPE
     global _CONTRAST_UNTIL, _PLACEMENT_JITTER, _JITTER_POSITIONED, _VAE_LATENT_NOISE
+    global _FOCUS_SHARE, _CHANNELS_LAST, _UNET_BATCH, _FUSED_STEP, _LATENT_POOL
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output model folder")
-    parser.add_argument("--minutes", type=float, default=DEFAULT_MINUTES, help="step budget")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="torch CPU threads (with --procs > 1: one each)"
+    )
+    parser.add_argument(
+        "--procs", type=int, default=DEFAULT_PROCS, help="data-parallel processes (1: no spawn)"
+    )
     parser.add_argument(
         "--contrast-weight",
         type=float,
@@ -717,6 +887,30 @@ def main(argv: list[str] | None = None) -> None:
         default=_VAE_LATENT_NOISE,
         help="decoder trained on latents with up to this much relative noise (0: none)",
     )
+    parser.add_argument("--vae-steps", type=int, default=DEFAULT_VAE_STEPS)
+    parser.add_argument("--unet-steps", type=int, default=DEFAULT_UNET_STEPS)
+    parser.add_argument("--unet-batch", type=int, default=_UNET_BATCH, help="UNet batch size")
+    parser.add_argument(
+        "--focus-share",
+        type=float,
+        default=_FOCUS_SHARE,
+        help="share of each UNet batch at the 8-step sampler's timesteps",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=_CHANNELS_LAST,
+        help="train convolutions in channels-last layout (faster on CPU)",
+    )
+    parser.add_argument(
+        "--fused-step",
+        action=argparse.BooleanOptionalAction,
+        default=_FUSED_STEP,
+        help="fused AdamW and a foreach EMA update (faster on CPU)",
+    )
+    parser.add_argument(
+        "--latent-pool", type=int, default=_LATENT_POOL, help="scenes encoded once (0: none)"
+    )
     parser.add_argument("--eval", type=int, default=50, help="prompts to score after (0: skip)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -729,8 +923,13 @@ def main(argv: list[str] | None = None) -> None:
     _PLACEMENT_JITTER = args.placement_jitter
     _JITTER_POSITIONED = not args.positioned_full_stray
     _VAE_LATENT_NOISE = args.vae_latent_noise
+    _FOCUS_SHARE = args.focus_share
+    _CHANNELS_LAST = args.channels_last
+    _UNET_BATCH = args.unet_batch
+    _FUSED_STEP = args.fused_step
+    _LATENT_POOL = args.latent_pool
     started = time.perf_counter()
-    out = train(args.out, args.minutes, args.seed)
+    out = train(args.out, args.seed, args.vae_steps, args.unet_steps, args.procs)
     logger.info("saved %s in %.1f min", out, (time.perf_counter() - started) / 60)
     if args.eval:
         for steps in (DEFAULT_STEPS, 12):
