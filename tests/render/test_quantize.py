@@ -57,7 +57,9 @@ N_PROMPTS = 6
 # the same in every configuration (weight-only modes compute in fp32). int8-dynamic 46.9,
 # spread 46.9-51.7 across configurations (an Intel Xeon measured 47.9): quantizing the
 # activations per token amplifies fp32 rounding differences. Floors sit 5-11 dB below the
-# worst; int8-dynamic's 6.9 dB, 1.4x its spread.
+# worst; int8-dynamic's 6.9 dB, 1.4x its spread. (Those are for the weights before session
+# 19; the retrained weights on this AMD path only, `bench cpuvar` not rerun: int8 58.0,
+# int8-dynamic 50.9, quanto-int8 54.8, quanto-int4 39.2, all 4.8-15 dB above the floors.)
 PSNR_FLOOR = {"int8": 50.0, "int8-dynamic": 40.0, "quanto-int8": 48.0, "quanto-int4": 24.0}
 CPU_MODES = tuple(PSNR_FLOOR)
 
@@ -69,7 +71,8 @@ CPU_MODES = tuple(PSNR_FLOOR)
 # 3.6. Bounds: worst + 4 RGB units, or + 3x the spread across configurations where larger
 # (int8-dynamic's shape: 5.9 + 13.5); quanto-int4's shape 25% above its worst. All but int4's
 # shape bound stay far below half the smallest palette gap (orange-yellow, 81), so no colour
-# can drift into another name unseen.
+# can drift into another name unseen. Retrained weights (session 19, this AMD path only):
+# shape int8 1.0, int8-dynamic 1.0, quanto-int8 1.0, quanto-int4 8.5; background at most 3.2.
 # The classifier's verdicts are not compared: one fp32 shape sits 1.3 RGB units from the
 # yellow/white boundary, and int8-dynamic's shift of a few units flips it on some CPUs (the
 # Xeon failure; emulated with ONEDNN_MAX_CPU_ISA=AVX2_VNNI).
