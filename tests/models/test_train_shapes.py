@@ -26,11 +26,6 @@ def test_same_command_same_weights(tmp_path: Path) -> None:
     first = train_shapes.train(tmp_path / "a", vae_steps=3, unet_steps=3, procs=1)
     second = train_shapes.train(tmp_path / "b", vae_steps=3, unet_steps=3, procs=1)
     assert _weights(first) == _weights(second)
-    other = train_shapes.train(tmp_path / "c", seed=7, vae_steps=3, unet_steps=3, procs=1)
-    assert (
-        _weights(other)["unet/diffusion_pytorch_model.safetensors"]
-        != (_weights(first)["unet/diffusion_pytorch_model.safetensors"])
-    )
 
 
 def test_data_parallel_run_saves_a_loadable_model(tmp_path: Path) -> None:
