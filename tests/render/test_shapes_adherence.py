@@ -27,11 +27,10 @@ from sogni_node.render.diffusers_backend import DiffusersBackend
 
 N_PROMPTS = 50
 # Measured over 17 emulated x86-64 CPU code paths (`python -m bench cpuvar`, BENCHMARKS.md "CPU
-# variation"): 49/50 shape and 50/50 background colours right in every one; renders differ
-# between paths by at most 1 (8-bit) and only 1 of the 50 has a colour within 5 RGB units of
-# a palette boundary, so rounding can flip at most that one. 0.9 (45/50) keeps 4 misses of
-# margin below the worst path. (Those figures are for the weights before issue #17; `cpuvar` has
-# not been rerun for the current ones.)
+# variation", rerun on the session-19 weights, 15 paths on an AMD EPYC without AVX-VNNI): 50/50
+# shape and background colours right in every one; renders differ between paths by at most 1
+# (8-bit) and none of the 50 has a colour within 5 RGB units of a palette boundary. 0.9 (45/50)
+# keeps 5 misses of margin below the worst path.
 MIN_ADHERENCE = 0.9
 
 
