@@ -723,8 +723,8 @@ def train(
 
     `procs` > 1 trains data-parallel in that many processes of one thread each (gloo over a
     file store, no network): each draws its share of every batch and all step with the mean
-    gradient. On small tensors two one-thread processes do ~1.5x the work of one process
-    with two threads."""
+    gradient. On these small tensors two one-thread processes step ~1.2x faster than one
+    process with two threads (docs/MODEL.md, session 19)."""
     logger.info(
         "training %s: %d vae steps, %d unet steps, %d process(es)",
         SHAPES_MODEL_ID,
