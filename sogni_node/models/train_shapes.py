@@ -129,8 +129,8 @@ step on this CPU (the VAE encode most), numerically not bit-identical to the def
 _LATENT_POOL = 0
 """Scenes drawn and encoded once before the UNet phase, its batches then drawn from them
 (0: a fresh batch encoded every step, as shipped). An experiment knob: a batch's encode is
-a fifth of a UNet step on one thread; with 24,000 (and `--procs 2 --fused-step`) colours
-fell to 90% (docs/MODEL.md, session 19)."""
+a fifth of a UNet step on one thread. With 24,000 (and `--procs 2 --fused-step`) colours
+fell to 90%, as they did with `--procs 2 --fused-step` alone (docs/MODEL.md, session 19)."""
 _FUSED_STEP = False
 """Fused AdamW and one foreach call for the EMA: the same update in fewer kernel launches,
 which matter at these small batches (numerically not bit-identical to the per-tensor loop).
