@@ -223,7 +223,7 @@ def random_training_scene(rng: random.Random) -> Scene:
         size = None  # a large shape cannot sit in one third of the image
     cx, cy, r = base.cx, base.cy, base.radius
     scaled = _JITTER_POSITIONED or position in (None, "in the centre")
-    if _PLACEMENT_JITTER != 8.0 and scaled:  # shipped draws untouched when the knob is off
+    if _PLACEMENT_JITTER != 8.0 and scaled:  # J = 8 draws as before session 19
         shrink = _PLACEMENT_JITTER / 8.0
         cx, cy = 32.0 + (cx - 32.0) * shrink, 32.0 + (cy - 32.0) * shrink
     if size == "small":
@@ -641,7 +641,7 @@ def train_diffusion(
         focused = len(alphas) - 1 - focus * (len(alphas) // DEFAULT_STEPS)
         at_focus = (
             torch.arange(len(t)) % 2 == 0
-            if _FOCUS_SHARE == 0.5  # the shipped draw, untouched
+            if _FOCUS_SHARE == 0.5  # the pre-session-19 draw, unchanged
             else torch.arange(len(t)) < round(_FOCUS_SHARE * len(t))
         )
         t = torch.where(at_focus, focused, t)
