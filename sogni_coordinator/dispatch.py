@@ -123,6 +123,9 @@ MAX_ATTEMPTS = 5
 """A job that fails this many times (node lost, deadline, hand-back) is given up on."""
 NO_NODE_GRACE = 10.0
 """Seconds a queued job may wait with no connected node able to serve it before it fails."""
+CANCEL_GRACE = 30.0
+"""Seconds a job is kept from a node told to stop it, unless the node answers first (its
+hand-back or result): offered again while it is still stopping, it could only decline."""
 STRAGGLER_FACTOR = 2.0
 """A job running this many times longer than its request's median is copied to another node."""
 NEWCOMER_WORK_RATE = 20_000.0
@@ -209,6 +212,7 @@ class Dispatcher:
         self._clock = clock
         self.billing = billing
         self.no_node_grace = NO_NODE_GRACE
+        self.cancel_grace = CANCEL_GRACE
         self.receipts = GroupCommit(store)
         self.queue = TieredQueue()
         """Queued jobs, higher payer stake tiers first (staking_benefits.py)."""
@@ -226,6 +230,9 @@ class Dispatcher:
         self.nodes: dict[str, NodeLink] = {}
         self.free = FreePool()
         """Connected nodes with credit, in the order they got it (`NodeLink.credit` keeps it)."""
+        self._stopping: dict[bytes, dict[NodeLink, float]] = {}
+        """Job -> nodes told to stop it that have not answered, each until when it is kept
+        from them (`_cancel_on`)."""
         self.requests: dict[bytes, RequestState] = {}
         self._unsaved: dict[bytes, Job] = {}
         self._storing: dict[ResultKey, trio.Event] = {}
@@ -630,6 +637,8 @@ class Dispatcher:
         link.pool = None
         for job in list(link.inflight.values()):
             self._release(job, link, f"node left: {reason}", penalize=True)
+        for job_id in [j for j, links in self._stopping.items() if link in links]:
+            self._stopped(link, job_id)
         link.outbox.close()
         if self.nodes.get(link.peer_id) is None:  # no newer stream: its challenges fail now
             self.challenges.node_left(link.peer_id, reason)
@@ -681,6 +690,7 @@ class Dispatcher:
         self.handed_back(link, job_id, f"declined: {reason}")
 
     def handed_back(self, link: NodeLink, job_id: bytes, reason: str) -> None:
+        self._stopped(link, job_id)
         job = link.inflight.get(job_id)
         if job is not None:
             # with several coordinators a node declines what it has no slot for (offers from
@@ -710,6 +720,7 @@ class Dispatcher:
         The receipt is durable when this returns; only then may the node hear "accepted".
         A bad result from the node holding the job is a strike, and the job is re-queued.
         """
+        self._stopped(link, result.job_id)  # a cancelled render's late result ends it too
         try:
             await self._accept(link, result)
         except (ResultRefused, ProtocolError) as exc:
@@ -865,7 +876,7 @@ class Dispatcher:
         budget = render_budget(job.params, self.deadline_floor, self.deadline_base)
         for other in list(job.holders):
             if other is not link:  # a straggler's copy: its receipt could not be stored now
-                self._send_to_node(other, Cancel(job_id=job.job_id))
+                self._cancel_on(other, job)
             self._forget_holder(job, other)
         self.checks.hold(
             Held(job, link.peer_id, link.wallet, receipt, dtype, path, elapsed, budget)
@@ -932,9 +943,14 @@ class Dispatcher:
         """Nodes `job` may be offered to: not a wallet whose receipt for it failed a check,
         unless no other connected node can serve it."""
         bad = self.excluded.get(job.job_id)
-        if not bad:  # only nodes with credit can be picked: the pool itself, not a copy
+        stopping = self._stopping.get(job.job_id)
+        if not bad and not stopping:  # only nodes with credit can be picked: the pool itself
             return self.free
-        nodes = list(self.nodes.values())
+        nodes = list(self.nodes.values()) if bad else list(self.free)
+        if stopping:  # never the node still stopping this job (`_cancel_on`)
+            nodes = [n for n in nodes if n not in stopping]
+        if not bad:
+            return nodes
         others = [n for n in nodes if n.wallet.lower() not in bad]
         if any(self.router.capable(n, job.network, job.params) for n in others):
             return others
@@ -1074,7 +1090,8 @@ class Dispatcher:
                 )
                 if link is None:
                     unmatched.append(job)
-                    if job.job_id not in self.excluded:  # its siblings may go where it may not
+                    # its siblings may go where it may not
+                    if job.job_id not in self.excluded and job.job_id not in self._stopping:
                         blocked.add(job.request_id)
                         unmatched.append(self.queue.take_run(job.request_id))
                 elif not self._offer(job, link):
@@ -1156,8 +1173,10 @@ class Dispatcher:
         while heap and heap[0][0] < now:
             deadline, _, job, link = heapq.heappop(heap)
             if self.jobs.get(job.job_id) is job and job.deadlines.get(link) == deadline:
-                self._send_to_node(link, Cancel(job_id=job.job_id))
+                self._cancel_on(link, job)
                 self._release(job, link, "deadline missed", penalize=True)
+        if self._stopping:
+            self._expire_stops(now)
         queued: set[bytes] = set()  # requests with jobs waiting in the queue
         for request_id, entries in list(self._queued_by_request.items()):
             first = self._first_waiting(request_id, entries)
@@ -1225,6 +1244,29 @@ class Dispatcher:
                         log.info("straggler_copied", job=job.job_id.hex()[:16])
 
     # --- holders and endings -------------------------------------------------------------
+    def _cancel_on(self, link: NodeLink, job: Job) -> None:
+        """Tell `link` to stop `job`, and keep the job from it until it answers or
+        `cancel_grace` passes: re-offered while it still renders the job, it can only decline
+        ("already running here"), and each decline would spend one of the job's attempts."""
+        self._send_to_node(link, Cancel(job_id=job.job_id))
+        self._stopping.setdefault(job.job_id, {})[link] = self._clock() + self.cancel_grace
+
+    def _stopped(self, link: NodeLink, job_id: bytes) -> None:
+        """`link` answered for a job it was told to stop: it may be offered the job again."""
+        links = self._stopping.get(job_id)
+        if links is None or links.pop(link, None) is None:
+            return
+        if not links:
+            del self._stopping[job_id]
+        self._wake()
+
+    def _expire_stops(self, now: float) -> None:
+        """Nodes that never answered a cancel within `cancel_grace` may be offered the job."""
+        for job_id, links in list(self._stopping.items()):
+            for link, until in list(links.items()):
+                if until <= now:
+                    self._stopped(link, job_id)
+
     def _forget_holder(self, job: Job, link: NodeLink) -> bool:
         """Drop `link` from `job`'s holders (no state change); False if it held nothing."""
         link.inflight.pop(job.job_id, None)
@@ -1288,6 +1330,7 @@ class Dispatcher:
         assert job.state in TERMINAL, job.state
         self.jobs.pop(job.job_id, None)
         self.excluded.pop(job.job_id, None)
+        self._stopping.pop(job.job_id, None)
         if self.cluster is not None:
             self.cluster.ended(job)
         for other in list(job.holders):

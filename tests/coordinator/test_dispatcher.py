@@ -88,6 +88,40 @@ async def test_missed_deadline_cancels_requeues_and_costs_reputation(coord: Harn
     assert sub.state.finished.is_set() and sub.state.delivered == 1
 
 
+async def test_a_node_still_stopping_a_job_is_not_offered_it_again(coord: Harness) -> None:
+    """After a missed deadline the only capable node is still stopping the job: offered it
+    again, it could only decline ("already running here"), and each decline spent one of the
+    job's attempts, so a slow first render failed the job in milliseconds (session 19)."""
+    sub = await coord.submit(request(1))
+    (job_id,) = sub.accepted.job_ids
+    a = coord.node(0)
+    coord.dispatcher.match()
+    assert len(a.offers()) == 1
+    coord.clock.advance(FLOOR + 1)
+    coord.dispatcher.sweep()
+    assert [c.job_id for c in a.cancels()] == [job_id]
+    coord.dispatcher.ready(a.link, 1)
+    coord.dispatcher.match()
+    assert a.offers() == []  # kept from the node until it answers the cancel
+    assert _job_state(coord, job_id) is JobState.QUEUED
+    coord.dispatcher.handed_back(a.link, job_id, "cancelled by coordinator")
+    coord.dispatcher.match()
+    (again,) = a.offers()  # it has stopped: the job may go to it again
+    assert again.offer.job_id == job_id
+    assert coord.dispatcher.jobs[job_id].attempts == 1  # the deadline's, nothing more
+    # a node that never answers a cancel gets the job back only after the grace
+    coord.clock.advance(FLOOR + 1)
+    coord.dispatcher.sweep()
+    coord.dispatcher.ready(a.link, 1)
+    coord.dispatcher.match()
+    assert a.offers() == []
+    coord.clock.advance(coord.dispatcher.cancel_grace)
+    coord.dispatcher.sweep()
+    coord.dispatcher.match()
+    assert [o.offer.job_id for o in a.offers()] == [job_id]
+    assert coord.dispatcher.jobs[job_id].attempts == 2
+
+
 async def test_a_node_that_leaves_gives_its_jobs_back_to_the_front(coord: Harness) -> None:
     first = await coord.submit(request(1))
     a = coord.node(0)
