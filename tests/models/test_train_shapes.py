@@ -29,8 +29,9 @@ def test_same_command_same_weights(tmp_path: Path) -> None:
 
 
 def test_data_parallel_run_saves_a_loadable_model(tmp_path: Path) -> None:
-    """Two one-thread processes (gloo over a file store, no network) train and save a folder
-    the stock pipeline loads, with the scheduler keys a `ddim` job needs."""
+    """Two one-thread processes (gloo over a file store, no network) train the UNet phase from
+    the autoencoder a one-process run trains, and save a folder the stock pipeline loads, with
+    the scheduler keys a `ddim` job needs."""
     from diffusers import StableDiffusionPipeline
 
     out = train_shapes.train(tmp_path / "dp", vae_steps=3, unet_steps=3, procs=2)
@@ -38,3 +39,6 @@ def test_data_parallel_run_saves_a_loadable_model(tmp_path: Path) -> None:
     assert pipe.unet.config.in_channels == 4
     assert pipe.scheduler.config.clip_sample is False
     assert pipe.vae.config.scaling_factor > 0
+    single = train_shapes.train(tmp_path / "one", vae_steps=3, unet_steps=3, procs=1)
+    vae = "vae/diffusion_pytorch_model.safetensors"
+    assert (out / vae).read_bytes() == (single / vae).read_bytes()
