@@ -129,8 +129,8 @@ step on this CPU (the VAE encode most), numerically not bit-identical to the def
 _LATENT_POOL = 0
 """Scenes drawn and encoded once before the UNet phase, its batches then drawn from them
 (0: a fresh batch encoded every step, as shipped). An experiment knob: a batch's encode is
-a fifth of a UNet step on one thread. With 24,000 (and `--procs 2 --fused-step`) colours
-fell to 90%, as they did with `--procs 2 --fused-step` alone (docs/MODEL.md, session 19)."""
+a fifth of a UNet step on one thread. Shape and the unseen word orders scored lower with
+a pool in both runs that had one (docs/MODEL.md, runs B and D)."""
 _FUSED_STEP = False
 """Fused AdamW and one foreach call for the EMA: the same update in fewer kernel launches,
 which matter at these small batches (numerically not bit-identical to the per-tensor loop).
@@ -721,10 +721,11 @@ def train(
 ) -> Path:
     """Train both phases and save a diffusers folder at `out` (replaced if present).
 
-    `procs` > 1 trains data-parallel in that many processes of one thread each (gloo over a
-    file store, no network): each draws its share of every batch and all step with the mean
-    gradient. On these small tensors two one-thread processes step ~1.2x faster than one
-    process with two threads (docs/MODEL.md, session 19)."""
+    `procs` > 1 trains the VAE here, as a one-process run does, then the UNet phase
+    data-parallel in that many processes of one thread each (gloo over a file store, no
+    network): each draws its share of every batch and all step with the mean gradient. On
+    these small tensors two one-thread processes step the UNet ~1.2x faster than one process
+    with two threads (docs/MODEL.md, sessions 19-20)."""
     logger.info(
         "training %s: %d vae steps, %d unet steps, %d process(es)",
         SHAPES_MODEL_ID,
