@@ -51,6 +51,7 @@ component may replace a migration that SQLite-only DDL cannot express
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import sqlite3
 import threading
@@ -148,6 +149,23 @@ Stage = tuple[GroupWriter, Any]
 """What `call_staged` stores first: the writer and one item for its `write_group`."""
 
 
+@dataclass
+class WriteStats:
+    """What the writer of one file has done since it opened: enough to tell whether jobs
+    wait on the disk (`bench.dispatch`), at a few additions per group."""
+
+    groups: int = 0
+    """Transactions the writer committed (`flush`)."""
+    writes: int = 0
+    """Queued writes in them (receipts, settlements, reputation updates, ...)."""
+    commit_s: float = 0.0
+    """Seconds in those transactions, `BEGIN` to `COMMIT` (the fsync included)."""
+    stages: int = 0
+    """Groups of staged items stored at once (`stage`: images, one `syncfs` each)."""
+    staged: int = 0
+    stage_s: float = 0.0
+
+
 @dataclass(eq=False)
 class _Write:
     component: str
@@ -188,6 +206,7 @@ class _Shared:
         """`call_staged` writes whose items are not stored yet: only the writer takes them."""
         self.wake: Callable[[_Write], None] | None = None
         """Set while a writer runs: tells it there is something to write (any thread)."""
+        self.stats = WriteStats()
 
     # --- the queue ---------------------------------------------------------------------
     def enqueue(self, write: _Write) -> None:
@@ -215,6 +234,7 @@ class _Shared:
             taken, self._staged = self._staged, []
         if not taken:
             return
+        started = time.perf_counter()
         groups: dict[int, tuple[GroupWriter, list[_Write]]] = {}
         for write in taken:
             assert write.stage is not None
@@ -231,6 +251,10 @@ class _Shared:
                     failed[id(write)] = error
         with self._queue_lock:
             self._queue.extend(w for w in taken if id(w) not in failed)
+        stats = self.stats
+        stats.stages += 1
+        stats.staged += len(taken)
+        stats.stage_s += time.perf_counter() - started
         for write in taken:
             if (error := failed.get(id(write))) is not None:
                 write.done(None, error)
@@ -309,12 +333,17 @@ class _Shared:
             if self.depth:  # inside a transaction of this thread: it will take them
                 return
             taken = self._take()
+            started = time.perf_counter()
             try:
                 self.begin()
                 self.depth = 1
                 try:
                     outcomes = self.apply(taken)
                     self.conn.execute("COMMIT")
+                    stats = self.stats
+                    stats.groups += 1
+                    stats.writes += len(taken)
+                    stats.commit_s += time.perf_counter() - started
                 except BaseException:
                     self.rollback()
                     raise
@@ -540,6 +569,10 @@ class Database:
     @property
     def writer_running(self) -> bool:
         return self._shared.wake is not None
+
+    def write_stats(self) -> WriteStats:
+        """A copy of the file's writer counters (shared by every component on the file)."""
+        return dataclasses.replace(self._shared.stats)
 
     def submit(self, label: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
         """Write later, in the writer's next group (at once when no writer runs); a failure

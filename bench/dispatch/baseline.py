@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import os
@@ -21,6 +22,7 @@ from bench.dispatch._parts import COMMIT, MODEL, bench_request
 from bench.instant import noise_png
 from sogni_app.api import authorize
 from sogni_coordinator.billing import Billing
+from sogni_coordinator.db import WriteStats
 from sogni_coordinator.dispatch import MAX_LOOKAHEAD, Dispatcher, ResultRefused
 from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.ledger import Ledger
@@ -60,6 +62,11 @@ class Baseline:
     """`Router.pick` calls (one per queued job `_match` looked at)."""
     matches: int = 0
     """`_match` calls (wake-ups of `Dispatcher.run`)."""
+    nodes: int = 0
+    """Fake nodes (one slot each)."""
+    disk: WriteStats | None = None
+    """What the database's writer did during the run: its commit groups and image groups
+    (a job's ack waits for both, so they explain the loop's idle time)."""
 
     @property
     def jobs_per_s(self) -> float:
@@ -280,6 +287,7 @@ async def _baseline(
             nursery.start_soon(node_reader, link, up_recv, name=PART_READER)
         await trio.testing.wait_all_tasks_blocked()
         clock.steps.clear()
+        before = store.write_stats()
         started = time.perf_counter()
         for r in range(n_requests):
             await accept_request(r, nursery)
@@ -288,6 +296,7 @@ async def _baseline(
             dispatcher.ready(link, link.slots + MAX_LOOKAHEAD)
         await all_delivered.wait()
         wall = time.perf_counter() - started
+        disk = _since(before, store.write_stats())
         nursery.cancel_scope.cancel()
     parts: dict[str, float] = defaultdict(float)
     for name, seconds in clock.steps.items():
@@ -298,7 +307,15 @@ async def _baseline(
         ledger.close()
     reputation.close()
     store.close()
-    return Baseline(n_jobs, coordinator, dict(parts), micro, counts["picks"], counts["matches"])
+    return Baseline(
+        n_jobs, coordinator, dict(parts), micro, counts["picks"], counts["matches"], n_nodes, disk
+    )
+
+
+def _since(before: WriteStats, after: WriteStats) -> WriteStats:
+    return WriteStats(
+        *(getattr(after, f.name) - getattr(before, f.name) for f in dataclasses.fields(after))
+    )
 
 
 def _part(task_name: str) -> str:

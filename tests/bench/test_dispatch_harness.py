@@ -19,3 +19,7 @@ def test_baseline_harness_delivers_every_job(tmp_path: Path, paid: bool) -> None
     assert {"recover a receipt signer (EIP-712 digest + ECDSA recover + checksum)"} <= set(
         result.micro_us
     )
+    # every receipt's image was stored by a staged group and its row committed by the writer
+    disk = result.disk
+    assert disk is not None and disk.staged == 30 and 1 <= disk.stages <= 30
+    assert disk.writes >= 30 and 1 <= disk.groups <= disk.writes and disk.commit_s > 0

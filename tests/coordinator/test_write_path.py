@@ -65,6 +65,9 @@ async def test_images_are_on_disk_before_their_rows_commit_in_one_group(tmp_path
     rows = db._db.execute("SELECT image_on_disk FROM rows").fetchall()
     assert rows == [(1,)] * len(keys)  # every image durable before its row was written
     assert sum(files.groups) == len(keys) and len(files.groups) < len(keys)  # grouped
+    stats = db.write_stats()  # what the benchmark reads to tell waits on the disk
+    assert (stats.stages, stats.staged) == (len(files.groups), len(keys))
+    assert stats.writes == len(keys) and 1 <= stats.groups < len(keys)
     for i, key in enumerate(keys):
         assert decode(files.path_of(key).read_bytes()) == images[i]
         assert await files.get(key) == images[i]  # kept in memory too
