@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from sogni_coordinator.db import WriteStats
 from sogni_coordinator.dispatch import Dispatcher, ResultRefused
 from sogni_coordinator.job_state import TERMINAL, JobEvent, JobState
 from sogni_coordinator.storage import is_postgres, location
@@ -233,10 +234,10 @@ class LiveState(Collector):
         self.dispatcher = dispatcher
         self.model = models
 
-    def describe(self) -> Iterable[GaugeMetricFamily]:
-        return list(self._families())
+    def describe(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
+        return [*self._families(), *self._disk()]
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         d = self.dispatcher
         tiers = dict.fromkeys(TIERS, 0)
         models: dict[str, int] = {}
@@ -255,6 +256,24 @@ class LiveState(Collector):
         for state, n in d.job_counts().items():
             jobs.add_metric([state], n)
         yield from (nodes, by_model, jobs)
+        yield from self._disk(d.store.write_stats())
+
+    @staticmethod
+    def _disk(stats: WriteStats | None = None) -> tuple[CounterMetricFamily, ...]:
+        """The database writer's work: a job's ack waits for its image group and its commit,
+        so their mean durations (rate of seconds / rate of groups) are its disk latency."""
+        s = stats or WriteStats()
+        rows = (
+            ("db_commits", "Write transactions the database writer committed", s.groups),
+            ("db_writes", "Writes (receipts, settlements, ...) in those transactions", s.writes),
+            ("db_commit_seconds", "Seconds in those transactions, fsync included", s.commit_s),
+            ("result_groups", "Groups of result images stored durably at once", s.stages),
+            ("results_stored", "Result images in those groups", s.staged),
+            ("result_group_seconds", "Seconds storing those groups, sync included", s.stage_s),
+        )
+        return tuple(
+            CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value) for name, doc, value in rows
+        )
 
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:

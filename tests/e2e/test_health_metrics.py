@@ -145,6 +145,12 @@ async def test_health_ready_and_metrics_of_both_daemons(tmp_path: Path, backend:
         assert value(c, "sogni_coordinator_live_jobs", state="queued") == 0
         assert value(c, "sogni_coordinator_epoch", state="posted") == -1  # no chain here
         assert value(c, "sogni_coordinator_settled_sogni") == 0
+        # the database writer: the image stored in a group, its receipt in a commit
+        assert value(c, "sogni_coordinator_results_stored_total") == 1
+        assert value(c, "sogni_coordinator_result_groups_total") == 1
+        assert value(c, "sogni_coordinator_db_commits_total") >= 1
+        assert value(c, "sogni_coordinator_db_writes_total") >= 1  # the receipt at least
+        assert value(c, "sogni_coordinator_db_commit_seconds_total") > 0
         c = await lag_sampled(base, "sogni_coordinator")
 
         node_text, n = await scrape(url)
