@@ -867,9 +867,6 @@ def _add_ddim_keys(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    global _CONTRAST_WEIGHT, _CONTRAST_BELOW, _POSITION_CONTRAST, _CONTRAST_SCOPE
-    global _CONTRAST_UNTIL, _PLACEMENT_JITTER, _JITTER_POSITIONED, _VAE_LATENT_NOISE
-    global _FOCUS_SHARE, _CHANNELS_LAST, _UNET_BATCH, _FUSED_STEP, _LATENT_POOL
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="output model folder")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
@@ -951,19 +948,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    _CONTRAST_WEIGHT = args.contrast_weight
-    _CONTRAST_BELOW = args.contrast_below
-    _POSITION_CONTRAST = args.position_contrast
-    _CONTRAST_SCOPE = args.contrast_scope
-    _CONTRAST_UNTIL = args.contrast_until
-    _PLACEMENT_JITTER = args.placement_jitter
-    _JITTER_POSITIONED = not args.positioned_full_stray
-    _VAE_LATENT_NOISE = args.vae_latent_noise
-    _FOCUS_SHARE = args.focus_share
-    _CHANNELS_LAST = args.channels_last
-    _UNET_BATCH = args.unet_batch
-    _FUSED_STEP = args.fused_step
-    _LATENT_POOL = args.latent_pool
+    # each knob from its option (`_UNET_BATCH` <- `--unet-batch`), one the other way round
+    inverted = {"_JITTER_POSITIONED": not args.positioned_full_stray}
+    globals().update({n: getattr(args, n[1:].lower()) for n in _KNOBS if n not in inverted})
+    globals().update(inverted)
     started = time.perf_counter()
     out = train(args.out, args.seed, args.vae_steps, args.unet_steps, args.procs)
     logger.info("saved %s in %.1f min", out, (time.perf_counter() - started) / 60)
