@@ -11,7 +11,7 @@ from bench import _common as common
 from bench.dispatch._parts import COMMIT, FLOOR_JOBS_PER_S
 from bench.dispatch.baseline import PART_IDLE, PART_LOOP, PART_READER, Baseline
 from bench.dispatch.network import Round
-from bench.dispatch.runner import Report
+from bench.dispatch.runner import BASELINE_RUNS, Report
 from sogni_coordinator.dispatch import MAX_LOOKAHEAD, Dispatcher
 
 
@@ -81,7 +81,8 @@ def render_markdown(report: Report) -> str:
         f"once, each from its own libp2p host ({s.jobs} jobs), and times each job from "
         f"`requestAccepted` to its image. Median of {len(rounds)} rounds after a warm-up "
         f"round; min-max in brackets. Baseline (same run, same {s.requests} x "
-        f"{s.images_per_request} jobs): the coordinator's own code in one trio loop, "
+        f"{s.images_per_request} jobs, the median of {BASELINE_RUNS} runs): the coordinator's "
+        f"own code in one trio loop, "
         f"`Dispatcher.run` and `Store` on disk, results decoded, verified and acked, offers "
         f"and images encoded, with {s.nodes} fake nodes on memory channels instead of "
         f"libp2p, each holding {MAX_LOOKAHEAD} offers beyond its slot as an instant "
