@@ -456,7 +456,8 @@ def _edge_weight(x: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(steps: int, rng: random.Random) -> tuple[Any, float]:
-    """Train the autoencoder; return it (eval mode) and the latent scaling factor (1/std)."""
+    """Train the autoencoder; return it (eval mode) and the latent scaling factor (1/std).
+    Always in one process (`--procs` parallelises the UNet phase only)."""
     vae = _make_vae()
     if _CHANNELS_LAST:
         vae.to(memory_format=torch.channels_last)
@@ -466,7 +467,7 @@ def train_vae(steps: int, rng: random.Random) -> tuple[Any, float]:
     started = time.perf_counter()
     for step in range(steps):
         _set_lr(opt, _lr(step, steps, _VAE_LR))
-        x = _layout(draw_scenes([random_training_scene(rng) for _ in range(_share(_VAE_BATCH))]))
+        x = _layout(draw_scenes([random_training_scene(rng) for _ in range(_VAE_BATCH)]))
         posterior = vae.encode(x).latent_dist
         # Deterministic (the mode): it trains several times faster here than sampling, and
         # the diffusion phase only ever uses the mode.
@@ -484,7 +485,6 @@ def train_vae(steps: int, rng: random.Random) -> tuple[Any, float]:
         loss = rec + 1e-3 * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        _average_grads(list(vae.parameters()))
         torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
         if step % 50 == 0 or step == steps - 1:
@@ -499,12 +499,8 @@ def train_vae(steps: int, rng: random.Random) -> tuple[Any, float]:
     vae.eval()
     with torch.no_grad():
         x = draw_scenes([random_training_scene(rng) for _ in range(256)])
-        std = vae.encode(x).latent_dist.mode().std().reshape(1)
-    if _world() > 1:  # every rank encodes with rank 0's scale
-        import torch.distributed as dist
-
-        dist.broadcast(std, 0)
-    return vae, 1.0 / float(std)
+        std = float(vae.encode(x).latent_dist.mode().std())
+    return vae, 1.0 / std
 
 
 def _world() -> int:
@@ -742,9 +738,7 @@ def train(
         with tempfile.TemporaryDirectory() as tmp:
             # The autoencoder trains here, as in a one-process run (two processes step it no
             # faster): every rank then starts the UNet phase from the same VAE, scale and RNGs.
-            torch.manual_seed(seed)
-            rng = random.Random(seed)
-            vae, scale = train_vae(vae_steps, rng)
+            vae, scale, rng = _vae_phase(seed, vae_steps)
             handoff = Path(tmp) / "vae.pt"
             torch.save(
                 {
@@ -819,10 +813,17 @@ def _train_rank(
 
 def _train(out: Path, seed: int, vae_steps: int, unet_steps: int) -> None:
     """Both phases in this process."""
+    vae, scale, rng = _vae_phase(seed, vae_steps)
+    _train_unet(out, unet_steps, rng, vae, scale)
+
+
+def _vae_phase(seed: int, vae_steps: int) -> tuple[Any, float, random.Random]:
+    """The seeded start of every run and its autoencoder: the VAE, its scale and the scene
+    RNG the UNet phase goes on with."""
     torch.manual_seed(seed)
     rng = random.Random(seed)
     vae, scale = train_vae(vae_steps, rng)
-    _train_unet(out, unet_steps, rng, vae, scale)
+    return vae, scale, rng
 
 
 def _train_unet(
