@@ -17,7 +17,6 @@ from msgspec import Meta
 
 from sogni_coordinator.content_policy import ContentConfig
 from sogni_coordinator.gateway.config import GatewayConfig
-from sogni_coordinator.storage import is_postgres
 from sogni_coordinator.verification_config import VerificationConfig
 from sogni_protocol.logs import LogLevel
 from sogni_protocol.messages import Address, ModelId
@@ -146,8 +145,9 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     renews every third of it): after a coordinator dies, its jobs run elsewhere after this."""
     result_store: Literal["folder", "database"] = "folder"
     """Where receipted images wait for their client: "folder" (`results_dir`, the default)
-    or "database" (rows in the PostgreSQL `database` names, which every coordinator of the
-    network reads: no shared folder to mount; only with a `postgresql://` database)."""
+    or "database" (rows in `database`: in PostgreSQL every coordinator of the network reads
+    them, no shared folder to mount; in a SQLite file an image commits with its receipt, one
+    flush instead of two: docs/OPERATIONS.md)."""
     result_retention: Annotated[float, Meta(ge=1, le=3650 * 86_400)] | None = None
     """Seconds an image its client never acknowledged is kept (then deleted by a sweep).
     None: 7 days in the database, until acknowledged in a folder (as before)."""
@@ -166,10 +166,10 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
         fill_path(self, "database", data_dir / "coordinator.db")
         if self.addresses_file is not None:
             apply_addresses_file(self)
-        if self.result_store == "database" and not is_postgres(self.database):
+        if self.result_store == "database" and str(self.database) == ":memory:":
             raise ValueError(
-                'result_store = "database" keeps images in the network\'s PostgreSQL, but '
-                "database is a SQLite file: set database to a postgresql:// URL, or use "
+                'result_store = "database" keeps images in the database file, but database '
+                'is ":memory:" (gone when the coordinator stops): name a file, or use '
                 'result_store = "folder"'
             )
         if not self.local and self.billing != "required":

@@ -28,6 +28,7 @@ from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.node_session import results_at_once
 from sogni_coordinator.reputation import Reputation
+from sogni_coordinator.results import SqliteResults
 from sogni_coordinator.routing import Router
 from sogni_coordinator.store import Store
 from sogni_protocol import eip712
@@ -132,16 +133,25 @@ def _node_answer(offer_msg: Offer, wallet: LocalAccount, domain: Domain, image: 
 
 
 def run_baseline(
-    requests: int, images: int, nodes: int, workdir: Path, *, paid: bool = False
+    requests: int,
+    images: int,
+    nodes: int,
+    workdir: Path,
+    *,
+    paid: bool = False,
+    results: str = "folder",
 ) -> Baseline:
     """The networked round's traffic through the real `Dispatcher`, minus the network.
 
     With `paid`, billing is on (`billing = "required"`): each request is signed by a funded
     payer, its quote reserved in the ledger, each receipt settled and the rest refunded, as in
-    a paying network.
+    a paying network. `results`: the coordinator's `result_store` ("folder": files beside
+    the database; "database": rows of its SQLite file, written with their receipts).
     """
     clock = _TaskClock()
-    return trio.run(_baseline, requests, images, nodes, workdir, clock, paid, instruments=[clock])
+    return trio.run(
+        _baseline, requests, images, nodes, workdir, clock, paid, results, instruments=[clock]
+    )
 
 
 def _billing(workdir: Path, domain: Domain) -> tuple[Billing, Ledger]:
@@ -156,6 +166,7 @@ async def _baseline(
     workdir: Path,
     clock: _TaskClock,
     paid: bool,
+    results: str,
 ) -> Baseline:
     """One trio loop holds the coordinator's code and 50 fake nodes, joined by memory channels.
 
@@ -185,6 +196,7 @@ async def _baseline(
         domain=domain,
         billing=billing,
         router=Router(reputation),
+        results=SqliteResults(workdir / "baseline.db") if results == "database" else None,
     )
     payer = Account.create()
     if ledger is not None:  # enough paid Spark for every job
@@ -306,6 +318,7 @@ async def _baseline(
     if ledger is not None:
         ledger.close()
     reputation.close()
+    dispatcher.results.close()
     store.close()
     return Baseline(
         n_jobs, coordinator, dict(parts), micro, counts["picks"], counts["matches"], n_nodes, disk

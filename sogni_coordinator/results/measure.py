@@ -2,6 +2,7 @@
 
     python -m sogni_coordinator.results.measure --store folder --dir /tmp/x
     python -m sogni_coordinator.results.measure --store database --url postgresql://...
+    python -m sogni_coordinator.results.measure --store sqlite --dir /tmp/x
 
 `--concurrent` images are put at once (the dispatcher's receipts arrive together: `put`
 groups them into one write), `--images` in all, each `--kb` of random bytes (incompressible,
@@ -24,6 +25,7 @@ import trio
 
 from sogni_coordinator.results.base import ResultKey, ResultStore
 from sogni_coordinator.results.folder import FolderResults
+from sogni_coordinator.results.sqlite import SqliteResults
 from sogni_protocol.messages import JobImage, Receipt, RenderMeta
 
 
@@ -53,6 +55,8 @@ def _image(i: int, size: int) -> JobImage:
 def _open(args: argparse.Namespace) -> ResultStore:
     if args.store == "folder":
         return FolderResults(Path(args.dir) / "results")
+    if args.store == "sqlite":  # the coordinator's SQLite file (`result_store = "database"`)
+        return SqliteResults(Path(args.dir) / "coordinator.db")
     from sogni_coordinator.results.postgres import PostgresResults
 
     store = PostgresResults(args.url)
@@ -90,8 +94,10 @@ async def _run(args: argparse.Namespace, run: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", choices=["folder", "database"], default="folder")
-    parser.add_argument("--dir", default=None, help="the folder store's parent (a temp one)")
+    parser.add_argument("--store", choices=["folder", "database", "sqlite"], default="folder")
+    parser.add_argument(
+        "--dir", default=None, help="the folder's or SQLite file's parent (a temp one)"
+    )
     parser.add_argument("--url", default="", help="the database store's postgresql:// URL")
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--concurrent", type=int, default=8)

@@ -135,6 +135,14 @@ _FUSED_STEP = False
 """Fused AdamW and one foreach call for the EMA: the same update in fewer kernel launches,
 which matter at these small batches (numerically not bit-identical to the per-tensor loop).
 Off as shipped (an experiment knob)."""
+_SHAPE_WEIGHTS: tuple[float, float, float] | None = None
+"""Relative odds of circle, square and triangle in the UNet phase's scenes (None: the even
+draw, as shipped; the VAE phase always draws evenly). An experiment knob (issue #17): squares
+are the one class the model misses, so more of its updates could go to their corners."""
+_SCALE_SHIFT = False
+"""ResNet blocks take the time (and pooled prompt) embedding as a scale and a shift of their
+normalised features (ADM's AdaGN) instead of a shift alone. An experiment knob (issue #17):
+the 16x16 blocks, which draw the outline, see the shape word only through this embedding."""
 _UNET_LR = 1.5e-3
 _CFG_DROPOUT = 0.1
 _COLOUR_JITTER = 12
@@ -431,6 +439,7 @@ def _make_unet() -> Any:
         addition_embed_type=_UNET_TEXT_EMBED,
         addition_embed_type_num_heads=4,
         norm_num_groups=4,  # 8+ channels per group, so flat colour fields survive the norms
+        resnet_time_scale_shift="scale_shift" if _SCALE_SHIFT else "default",
     )
 
 
@@ -581,6 +590,18 @@ def _contrast_weight(
     return weight
 
 
+def _unet_scene(rng: random.Random) -> Scene:
+    """A UNet-phase scene: the training draw, its shape redrawn by `_SHAPE_WEIGHTS` if set."""
+    scene = random_training_scene(rng)
+    if _SHAPE_WEIGHTS is None:
+        return scene
+    shape = rng.choices(SHAPES, weights=_SHAPE_WEIGHTS)[0]
+    # a large triangle sits 0.3 r lower so that its box, not its centroid, is centred
+    lift = 0.3 * scene.radius if scene.size == "large" else 0.0
+    cy = scene.cy - lift * (scene.shape == "triangle") + lift * (shape == "triangle")
+    return dataclasses.replace(scene, shape=shape, cy=cy)
+
+
 def _mirrored(scene: Scene) -> Scene:
     """The scene with its position word (and the shape) mirrored; unplaced scenes unchanged."""
     if scene.position not in _MIRROR:
@@ -627,7 +648,7 @@ def train_diffusion(
             picked = torch.randint(0, len(pool), (_share(_UNET_BATCH),), generator=gen)
             scenes = [pool[i] for i in picked.tolist()]
         else:
-            scenes = [random_training_scene(rng) for _ in range(_share(_UNET_BATCH))]
+            scenes = [_unet_scene(rng) for _ in range(_share(_UNET_BATCH))]
         captions = [s.caption if rng.random() >= _CFG_DROPOUT else "" for s in scenes]
         ids = torch.stack([tokens(c) for c in captions])
         t = torch.randint(0, len(alphas), (len(scenes),), generator=gen)
@@ -770,6 +791,8 @@ _KNOBS = (
     "_UNET_BATCH",
     "_FUSED_STEP",
     "_LATENT_POOL",
+    "_SHAPE_WEIGHTS",
+    "_SCALE_SHIFT",
 )
 """Module settings a spawned training process must share with its parent (`main` sets them
 from the command line; a spawned process imports this module afresh)."""
@@ -944,6 +967,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument(
         "--latent-pool", type=int, default=_LATENT_POOL, help="scenes encoded once (0: none)"
+    )
+    parser.add_argument(
+        "--shape-weights",
+        type=lambda v: tuple(float(w) for w in v.split(",")),
+        default=_SHAPE_WEIGHTS,
+        help="odds of circle,square,triangle in the UNet phase, e.g. 1,2,1 (default: even)",
+    )
+    parser.add_argument(
+        "--scale-shift",
+        action=argparse.BooleanOptionalAction,
+        default=_SCALE_SHIFT,
+        help="condition ResNet blocks by scale and shift (AdaGN), not shift alone",
     )
     parser.add_argument("--eval", type=int, default=50, help="prompts to score after (0: skip)")
     args = parser.parse_args(argv)

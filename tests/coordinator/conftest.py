@@ -26,6 +26,7 @@ from sogni_coordinator.dispatch import Dispatcher, Resumed, Submission
 from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.reputation import Reputation
+from sogni_coordinator.results import SqliteResults
 from sogni_coordinator.routing import Router
 from sogni_coordinator.store import Store
 from sogni_coordinator.verification_config import VerificationConfig
@@ -155,8 +156,12 @@ class Harness:
         billing: bool = False,
         verification: VerificationConfig | None = None,
         folder: Path | None = None,
+        results: str = "folder",
     ) -> None:
         self.path = path
+        self.results = results
+        """Where images wait: "folder" (beside the database) or "database" (a SQLite
+        file's own rows: `SqliteResults`)."""
         """The database: a SQLite file, or a PostgreSQL URL (then `folder` is needed)."""
         self.folder = folder if folder is not None else Path(path).parent
         """Results and the verification log (beside a SQLite database by default)."""
@@ -201,6 +206,7 @@ class Harness:
             verification=self.verification,
             verification_log=self.folder / "verifications.jsonl",
             results_dir=self.folder / "results",
+            results=SqliteResults(self.path) if self.results == "database" else None,
         )
 
     def restart(self) -> None:
@@ -213,6 +219,7 @@ class Harness:
 
     def close(self) -> None:
         self._commits.cancel()
+        self.dispatcher.results.close()
         for db in (self.store, self.reputation, self.ledger):
             if db is not None:
                 db.close()

@@ -10,12 +10,14 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import trio
 from eth_account import Account
 
 from sogni_app.api import authorize
 from sogni_coordinator.dispatch import Refusal, StorageFault, Submission
 from sogni_coordinator.job_state import JobState
 from sogni_coordinator.prompt_crypto import PromptKeyError, new_key, seal, unseal
+from sogni_coordinator.results import SqliteResults
 from sogni_protocol.messages import JobImage, JobProgress, Offer, RequestDone, RequestResumed
 from sogni_protocol.pricing import quote
 
@@ -145,6 +147,38 @@ async def test_after_a_restart_a_resume_gets_the_images_from_disk_and_charges_no
     # a replayed resume, even after everything, re-charges nothing
     paid.dispatcher.resume(rid, token)
     assert paid.ledger.balance(payer.address) == charged
+
+
+async def test_with_images_in_the_database_file_acks_delete_rows_and_a_restart_resumes(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """`result_store = "database"` on SQLite: images wait as rows of the coordinator's file,
+    an acknowledgement deletes its row (with the next group commit), a restart prunes rows
+    nobody waits for and a resume sends the rest from the file, not from memory."""
+    h = Harness(tmp_path / "coordinator.db", nursery, results="database")
+    try:
+        sub, _ = await _render_all(h, 3)
+        rid, token = sub.accepted.request_id, sub.accepted.resume_token
+        rows = h.dispatcher.results
+        assert isinstance(rows, SqliteResults)
+        assert len(rows.stored_keys()) == 3 and not (tmp_path / "results").exists()
+        first, *rest = await events(sub)
+        assert isinstance(first, JobImage)
+        await h.dispatcher.ack_images(rid, [first.job_id])
+        with trio.fail_after(10):  # the delete rides the writer's next group
+            while len(rows.stored_keys()) != 2:
+                await trio.sleep(0.01)
+        orphan = rows.key(os.urandom(32), 0, os.urandom(32))  # a receipt that never committed
+        await rows.put(orphan, first)
+        h.restart()
+        assert h.dispatcher.restore() == 0  # everything rendered: nothing to requeue
+        restarted = h.dispatcher.results
+        assert isinstance(restarted, SqliteResults) and orphan not in restarted.stored_keys()
+        resumed = h.dispatcher.resume(rid, token)
+        again = await events(resumed)
+        assert again == rest  # read back from the rows, byte for byte
+    finally:
+        h.close()
 
 
 async def test_progress_is_coalesced_per_job_so_a_slow_client_costs_no_memory(

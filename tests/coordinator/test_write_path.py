@@ -21,7 +21,7 @@ import trio.testing
 from sogni_coordinator.db import Database
 from sogni_coordinator.dispatch import ResultRefused
 from sogni_coordinator.job_state import JobState
-from sogni_coordinator.results import FolderResults, ResultKey
+from sogni_coordinator.results import FolderResults, ResultKey, SqliteResults
 from sogni_coordinator.results.base import StagedImage
 from sogni_protocol.messages import JobFailed, JobImage, JobOffer, JobProgress, Receipt, decode
 from sogni_protocol.messages import encode as encode_message
@@ -447,3 +447,59 @@ def test_new_images_are_written_in_place_with_one_sync_and_a_taken_name_is_repla
     assert len(syncs) == 3  # the group's, then the renames' (two folders)
     assert all(store.path_of(k).read_bytes() == b"again" for k in again)
     assert not list((tmp_path / "results").rglob(".*.tmp"))
+
+
+async def test_on_sqlite_an_image_row_commits_with_its_receipt_in_one_group(
+    tmp_path: Path,
+) -> None:
+    """`result_store = "database"` on a SQLite coordinator: the image rows are written in
+    their receipts' savepoints (no staging step, no `syncfs`), a group of them in one
+    commit; a receipt that fails writes no image row, and an image row that fails takes
+    its receipt with it and leaves the rest of the group in."""
+    path = tmp_path / "coordinator.db"
+    db = Database(path, component="write_path", migrations=MIGRATIONS)
+    results = SqliteResults(path)
+    assert results.joins(db.location) and not SqliteResults(tmp_path / "b.db").joins(db.location)
+    keys = [results.key(bytes([i]) * 32, i, b"\x02" * 32) for i in range(8)]
+    images = [job_image(i) for i in range(8)]
+    outcome: dict[int, BaseException | None] = {}
+
+    def insert(key: ResultKey, fail: bool) -> bool:  # the receipt's write
+        with db._tx() as conn:
+            conn.execute("INSERT INTO rows VALUES (?, 1)", (key.name,))
+        if fail:
+            raise ValueError("the receipt's write failed")
+        return True
+
+    async def write(i: int) -> None:
+        stage = results.staged(keys[i], images[i])
+        if i == 6:  # a NULL frame: the row's insert fails (NOT NULL)
+            stage = (results, StagedImage(keys[i], None, images[i]))  # type: ignore[arg-type]
+        try:
+            await db.call_staged(stage, insert, keys[i], i == 5)
+            outcome[i] = None
+        except (OSError, ValueError) as exc:
+            outcome[i] = exc
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(db.run_writer)
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as calls:
+            for i in range(len(keys)):
+                calls.start_soon(write, i)
+        nursery.cancel_scope.cancel()
+    assert isinstance(outcome.pop(5), ValueError) and isinstance(outcome.pop(6), OSError)
+    assert set(outcome) == {0, 1, 2, 3, 4, 7} and not any(outcome.values())
+    stats = db.write_stats()
+    assert stats.stages == 0 and stats.writes == len(keys)  # nothing staged: one step
+    assert 1 <= stats.groups < len(keys)  # grouped: fewer commits than receipts
+    names = {r[0] for r in db._db.execute("SELECT name FROM rows")}
+    assert names == {keys[i].name for i in outcome}  # 5 and 6 rolled back alone
+    assert set(results.stored_keys()) == {keys[i] for i in outcome}  # no image without its receipt
+    reader = SqliteResults(path, memory_bytes=0)  # nothing in memory: read from the rows
+    for i in outcome:
+        assert await reader.get(keys[i]) == images[i]
+        assert await results.get(keys[i]) is images[i]  # kept in memory once committed
+    reader.close()
+    results.close()
+    db.close()

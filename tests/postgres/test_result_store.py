@@ -1,13 +1,17 @@
-"""The result store (`sogni_coordinator.results`): the same tests on both stores.
+"""The result store (`sogni_coordinator.results`): the same tests on every store.
 
 `folder`: files in a folder (the default); `database`: rows in a real PostgreSQL (the
-session's server, a fresh database per test). A second handle on the same folder or
-database stands for a second coordinator of the network: what one stores, the other reads.
+session's server, a fresh database per test); `sqlite`: rows in the coordinator's own
+SQLite file. A second handle on the same folder or database stands for a second
+coordinator of the network (for `sqlite`, a second component of one coordinator on the
+file): what one stores, the other reads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +26,7 @@ from sogni_coordinator.results import (
     FolderResults,
     ResultKey,
     ResultStore,
+    SqliteResults,
     StoreError,
     open_results,
 )
@@ -46,6 +51,8 @@ class Kind:
         store: ResultStore
         if self.name == "folder":
             store = FolderResults(self.tmp / "results", memory_bytes)
+        elif self.name == "sqlite":
+            store = SqliteResults(self.tmp / "coordinator.db", memory_bytes)
         else:
             assert self.url is not None
             store = PostgresResults(self.url, memory_bytes)
@@ -58,6 +65,14 @@ class Kind:
             path = FolderResults(self.tmp / "results").path_of(key)
             then = time.time() - seconds
             os.utime(path, (then, then))
+        elif self.name == "sqlite":
+            with contextlib.closing(sqlite3.connect(self.tmp / "coordinator.db")) as db:
+                db.execute(  # on a connection of its own, as another process would
+                    "UPDATE result_images SET stored_at = stored_at - ?"
+                    " WHERE request_id = ? AND idx = ? AND offer_hash = ?",
+                    (seconds, *key),
+                )
+                db.commit()
         else:
             assert self.url is not None
             with psycopg.connect(self.url, autocommit=True) as conn:
@@ -68,7 +83,7 @@ class Kind:
                 )
 
 
-@pytest.fixture(params=["folder", "database"])
+@pytest.fixture(params=["folder", "database", "sqlite"])
 def kind(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Kind]:
     url = request.getfixturevalue("pg_url") if request.param == "database" else None
     k = Kind(request.param, tmp_path, url)
@@ -99,7 +114,7 @@ async def test_remove_deletes_for_every_handle(kind: Kind) -> None:
     assert await b.get(gone) is None
     assert await kind.open().get(gone) is None  # a third coordinator: gone from the store
     if kind.name == "folder":  # A's memory copy is sent only while its file exists; the
-        assert await a.get(gone) is None  # database store trusts its memory (no round trip)
+        assert await a.get(gone) is None  # database stores trust their memory (no round trip)
     await a.discard([keep])  # from the event loop
     assert await b.get(keep) is None and await a.get(keep) is None
 
@@ -157,12 +172,17 @@ async def test_a_failed_write_raises_oserror(kind: Kind, tmp_path: Path) -> None
     if kind.name == "folder":
         store: ResultStore = FolderResults(tmp_path / "blocker")
         (tmp_path / "blocker").write_bytes(b"")  # a file where the folder should be
+    elif kind.name == "sqlite":
+        store = kind.open()
+        assert isinstance(store, SqliteResults)
+        with store.db._tx() as conn:  # the table gone: every write and read of it fails
+            conn.execute("DROP TABLE result_images")
     else:
         assert kind.url is not None
         store = PostgresResults(kind.url.rsplit("/", 1)[0] + "/no_such_database")
     with pytest.raises(OSError):
         await store.put(store.key(RID, 1, OFFER), job_image(1))
-    if kind.name == "folder":
+    if kind.name != "database":  # unreadable: reported missing
         assert await store.get(store.key(RID, 1, OFFER)) is None
     else:  # a database that cannot be asked: "try later" (`StoreError`), not "missing"
         with pytest.raises(StoreError):
@@ -194,15 +214,29 @@ def test_the_database_store_never_runs_on_the_event_loop(pg_url: str) -> None:
         store.close()
 
 
-def test_config_chooses_the_store_and_refuses_database_on_sqlite(
+def test_config_chooses_the_store_and_refuses_database_in_memory(
     pg_url: str, tmp_path: Path
 ) -> None:
     env = {"SOGNI_COORDINATOR_DATA_DIR": str(tmp_path / "c")}
     assert load_coordinator_config(env=env).result_store == "folder"
+    on_file = load_coordinator_config(env={**env, "SOGNI_COORDINATOR_RESULT_STORE": "database"})
+    rows = open_results(on_file)  # the coordinator's SQLite file
+    try:
+        assert isinstance(rows, SqliteResults) and not rows.shared
+        assert rows.joins(str(tmp_path / "c" / "coordinator.db"))
+        assert not rows.joins(str(tmp_path / "other.db")) and not rows.joins(pg_url)
+    finally:
+        rows.close()
     with pytest.raises(SettingsError) as refused:
-        load_coordinator_config(env={**env, "SOGNI_COORDINATOR_RESULT_STORE": "database"})
+        load_coordinator_config(
+            env={
+                **env,
+                "SOGNI_COORDINATOR_RESULT_STORE": "database",
+                "SOGNI_COORDINATOR_DATABASE": ":memory:",
+            }
+        )
     message = str(refused.value)
-    assert "postgresql://" in message and "\n" not in message
+    assert ":memory:" in message and "\n" not in message
     with pytest.raises(SettingsError, match="RESULT_STORE"):
         load_coordinator_config(env={**env, "SOGNI_COORDINATOR_RESULT_STORE": "s3"})
     cfg = load_coordinator_config(
