@@ -139,6 +139,10 @@ _SHAPE_WEIGHTS: tuple[float, float, float] | None = None
 """Relative odds of circle, square and triangle in the UNet phase's scenes (None: the even
 draw, as shipped; the VAE phase always draws evenly). An experiment knob (issue #17): squares
 are the one class the model misses, so more of its updates could go to their corners."""
+_FOCUS_WEIGHTS: tuple[float, ...] | None = None
+"""Relative odds of the default sampler's 8 timesteps (999 first) in the focused share of each
+UNet batch (None: even, as shipped). An experiment knob (issue #17): a square's x0 prediction
+keeps its corners at the first step and loses them at the next three (docs/MODEL.md)."""
 _SCALE_SHIFT = False
 """ResNet blocks take the time (and pooled prompt) embedding as a scale and a shift of their
 normalised features (ADM's AdaGN) instead of a shift alone. An experiment knob (issue #17):
@@ -654,7 +658,11 @@ def train_diffusion(
         t = torch.randint(0, len(alphas), (len(scenes),), generator=gen)
         # Half the batch at the timesteps an 8-step trailing sampler visits (999, 874, ...,
         # 124): the default render then runs on the steps the model saw most.
-        focus = torch.randint(0, DEFAULT_STEPS, t.shape, generator=gen)
+        if _FOCUS_WEIGHTS is None:
+            focus = torch.randint(0, DEFAULT_STEPS, t.shape, generator=gen)
+        else:  # the sampler's steps in its order (999 first), at these relative odds
+            odds = torch.tensor(_FOCUS_WEIGHTS, dtype=torch.float64)
+            focus = torch.multinomial(odds, len(t), replacement=True, generator=gen)
         focused = len(alphas) - 1 - focus * (len(alphas) // DEFAULT_STEPS)
         at_focus = (
             torch.arange(len(t)) % 2 == 0
@@ -793,6 +801,7 @@ _KNOBS = (
     "_LATENT_POOL",
     "_SHAPE_WEIGHTS",
     "_SCALE_SHIFT",
+    "_FOCUS_WEIGHTS",
 )
 """Module settings a spawned training process must share with its parent (`main` sets them
 from the command line; a spawned process imports this module afresh)."""
@@ -975,6 +984,12 @@ def main(argv: list[str] | None = None) -> None:
         help="odds of circle,square,triangle in the UNet phase, e.g. 1,2,1 (default: even)",
     )
     parser.add_argument(
+        "--focus-weights",
+        type=lambda v: tuple(float(w) for w in v.split(",")),
+        default=_FOCUS_WEIGHTS,
+        help="odds of the 8 sampler timesteps (999 first) in the focused share (default: even)",
+    )
+    parser.add_argument(
         "--scale-shift",
         action=argparse.BooleanOptionalAction,
         default=_SCALE_SHIFT,
@@ -982,6 +997,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--eval", type=int, default=50, help="prompts to score after (0: skip)")
     args = parser.parse_args(argv)
+    if args.focus_weights is not None and len(args.focus_weights) != DEFAULT_STEPS:
+        parser.error(f"--focus-weights needs {DEFAULT_STEPS} odds, one per sampler step")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     # each knob from its option (`_UNET_BATCH` <- `--unet-batch`), one the other way round
