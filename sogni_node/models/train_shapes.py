@@ -852,6 +852,7 @@ _KNOBS = (
     "_GUIDED_PAIRS",
     "_GUIDED_WEIGHT",
     "_GUIDED_BELOW",
+    "_UNET_LR",
 )
 """Module settings a spawned training process must share with its parent (`main` sets them
 from the command line; a spawned process imports this module afresh)."""
@@ -1055,6 +1056,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--guided-below", type=int, default=_GUIDED_BELOW, help="train the guided output below t"
     )
+    parser.add_argument("--unet-lr", type=float, default=_UNET_LR, help="UNet phase's peak lr")
     parser.add_argument(
         "--scale-shift",
         action=argparse.BooleanOptionalAction,
