@@ -149,23 +149,6 @@ normalised features (ADM's AdaGN) instead of a shift alone. An experiment knob (
 the 16x16 blocks, which draw the outline, see the shape word only through this embedding."""
 _EMA_DECAY = 0.995
 """Decay of the weights' moving average that is saved (warmed up as (1 + step) / (10 + step))."""
-_EXTRA_EMA: tuple[float, ...] = ()
-"""More moving averages kept beside the saved one, each saved as `<out>-ema<decay>` (none as
-shipped). An experiment knob (issue #17): one run compares averaging horizons, since the
-guidance's 4x amplification of the conditional and unconditional predictions' difference
-also amplifies the weights' own noise."""
-_GUIDED_PAIRS = 0
-"""Samples of each UNet batch that get an unconditional twin (same scene, timestep and noise,
-empty caption) in place of the batch's last ones, so that the prediction the sampler
-actually uses, `u + g (c - u)` at the default guidance g, is also trained (0: none, as
-shipped). An experiment knob (issue #17): at guidance 5 the sampler multiplies by four
-whatever the two halves disagree on, and that is what draws a square as a cushion."""
-_GUIDED_WEIGHT = 0.04
-"""Weight of the guided prediction's loss (1 / g^2 makes one pair's gradient about one
-sample's)."""
-_GUIDED_BELOW = 950
-"""Timesteps at and above this keep their guidance untrained (the first step, from pure
-noise, is where the guidance draws the shape the prompt names)."""
 _UNET_LR = 1.5e-3
 _CFG_DROPOUT = 0.1
 _COLOUR_JITTER = 12
@@ -648,10 +631,10 @@ def train_diffusion(
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=_FUSED_STEP or None)
     ema_te, ema_unet = copy.deepcopy(text_encoder), copy.deepcopy(unet)
     ema_params = [*ema_te.parameters(), *ema_unet.parameters()]
-    extra = [(copy.deepcopy(text_encoder), copy.deepcopy(unet)) for _ in _EXTRA_EMA]
     alphas = _make_scheduler().alphas_cumprod.float()
     gen = torch.Generator().manual_seed(rng.randrange(2**31))
     token_cache: dict[str, torch.Tensor] = {}
+    focus_odds = torch.tensor(_FOCUS_WEIGHTS or (), dtype=torch.float64)
 
     def tokens(caption: str) -> torch.Tensor:
         if caption not in token_cache:
@@ -674,11 +657,6 @@ def train_diffusion(
         else:
             scenes = [_unet_scene(rng) for _ in range(_share(_UNET_BATCH))]
         captions = [s.caption if rng.random() >= _CFG_DROPOUT else "" for s in scenes]
-        pairs = _GUIDED_PAIRS
-        if pairs:  # the last `pairs` samples become the first ones' unconditional twins
-            scenes[-pairs:] = scenes[:pairs]
-            captions[:pairs] = [s.caption for s in scenes[:pairs]]
-            captions[-pairs:] = [""] * pairs
         ids = torch.stack([tokens(c) for c in captions])
         t = torch.randint(0, len(alphas), (len(scenes),), generator=gen)
         # Half the batch at the timesteps an 8-step trailing sampler visits (999, 874, ...,
@@ -686,8 +664,7 @@ def train_diffusion(
         if _FOCUS_WEIGHTS is None:
             focus = torch.randint(0, DEFAULT_STEPS, t.shape, generator=gen)
         else:  # the sampler's steps in its order (999 first), at these relative odds
-            odds = torch.tensor(_FOCUS_WEIGHTS, dtype=torch.float64)
-            focus = torch.multinomial(odds, len(t), replacement=True, generator=gen)
+            focus = torch.multinomial(focus_odds, len(t), replacement=True, generator=gen)
         focused = len(alphas) - 1 - focus * (len(alphas) // DEFAULT_STEPS)
         at_focus = (
             torch.arange(len(t)) % 2 == 0
@@ -695,8 +672,6 @@ def train_diffusion(
             else torch.arange(len(t)) < round(_FOCUS_SHARE * len(t))
         )
         t = torch.where(at_focus, focused, t)
-        if pairs:
-            t[-pairs:] = t[:pairs]
         with torch.no_grad():
             if pool:
                 z0 = pool_z[picked]
@@ -706,8 +681,6 @@ def train_diffusion(
             contrast = contrast and step < _CONTRAST_UNTIL * steps
             weight = _contrast_weight(scenes, z0, vae, scale, t) if contrast else None
         eps = torch.randn(z0.shape, generator=gen)
-        if pairs:
-            z0[-pairs:], eps[-pairs:] = z0[:pairs], eps[:pairs]
         a = alphas[t].view(-1, 1, 1, 1)
         noisy = _layout(a.sqrt() * z0 + (1 - a).sqrt() * eps)
         target = a.sqrt() * eps - (1 - a).sqrt() * z0
@@ -717,26 +690,18 @@ def train_diffusion(
             loss = F.mse_loss(pred, target)
         else:
             loss = (weight * (pred - target) ** 2).mean()
-        if pairs:
-            c, u = pred[:pairs], pred[-pairs:]
-            guided = u + DEFAULT_GUIDANCE * (c - u)
-            below = (t[:pairs] < _GUIDED_BELOW).float().view(-1, 1, 1, 1)
-            loss = loss + _GUIDED_WEIGHT * (below * (guided - target[:pairs]) ** 2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         _average_grads(params)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        warm = (1 + step) / (10 + step)
+        decay = min(_EMA_DECAY, (1 + step) / (10 + step))
         with torch.no_grad():
             if _FUSED_STEP:
-                torch._foreach_lerp_(ema_params, params, 1.0 - min(_EMA_DECAY, warm))
+                torch._foreach_lerp_(ema_params, params, 1.0 - decay)
             else:
                 for e, p in zip(ema_params, params, strict=True):
-                    e.lerp_(p, 1.0 - min(_EMA_DECAY, warm))
-            for (te, un), d in zip(extra, _EXTRA_EMA, strict=True):
-                moving = [*te.parameters(), *un.parameters()]
-                torch._foreach_lerp_(moving, params, 1.0 - min(d, warm))
+                    e.lerp_(p, 1.0 - decay)
         if step % 25 == 0 or step == steps - 1:
             logger.info(
                 "unet %d/%d loss %.4f (%.0fs)",
@@ -746,14 +711,8 @@ def train_diffusion(
                 time.perf_counter() - started,
             )
     if _CHANNELS_LAST:  # saved weights in the usual layout (safetensors wants contiguous)
-        for un in (ema_unet, *(un for _, un in extra)):
-            un.to(memory_format=torch.contiguous_format)
-    _EXTRA_MODELS[:] = [(te.eval(), un.eval()) for te, un in extra]
+        ema_unet.to(memory_format=torch.contiguous_format)
     return ema_te.eval(), ema_unet.eval()
-
-
-_EXTRA_MODELS: list[tuple[Any, Any]] = []
-"""The `_EXTRA_EMA` averages of the last `train_diffusion` call (text encoder, UNet)."""
 
 
 def evaluate(model_dir: Path, n: int = 50, seed: int = 7, steps: int = DEFAULT_STEPS) -> float:
@@ -824,9 +783,7 @@ def train(
             store = str(Path(tmp) / "store")
             args = (procs, store, str(out), seed, str(handoff), unet_steps, knobs)
             mp.spawn(_train_rank, args=args, nprocs=procs)
-    for d in (None, *_EXTRA_EMA):
-        folder = out if d is None else out.with_name(f"{out.name}-ema{d}")
-        _add_ddim_keys(folder / "scheduler" / "scheduler_config.json")
+    _add_ddim_keys(out / "scheduler" / "scheduler_config.json")
     return out
 
 
@@ -848,10 +805,6 @@ _KNOBS = (
     "_SCALE_SHIFT",
     "_FOCUS_WEIGHTS",
     "_EMA_DECAY",
-    "_EXTRA_EMA",
-    "_GUIDED_PAIRS",
-    "_GUIDED_WEIGHT",
-    "_GUIDED_BELOW",
     "_UNET_LR",
 )
 """Module settings a spawned training process must share with its parent (`main` sets them
@@ -934,16 +887,11 @@ def _train_unet(
             image_encoder=None,
             requires_safety_checker=False,
         )
-        extra = zip(_EXTRA_EMA, _EXTRA_MODELS, strict=True)
-        folders = [(out, text_encoder, unet)]
-        folders += [(out.with_name(f"{out.name}-ema{d}"), te, un) for d, (te, un) in extra]
-        for folder, te, un in folders:
-            pipe.register_modules(text_encoder=te, unet=un)
-            if folder.exists():
-                shutil.rmtree(folder)
-            pipe.save_pretrained(str(folder), safe_serialization=True)
-            for name in ("vocab.json", "merges.txt"):
-                shutil.copyfile(tok_dir / name, folder / "tokenizer" / name)
+        if out.exists():
+            shutil.rmtree(out)
+        pipe.save_pretrained(str(out), safe_serialization=True)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(tok_dir / name, out / "tokenizer" / name)
 
 
 def _add_ddim_keys(path: Path) -> None:
@@ -1040,21 +988,10 @@ def main(argv: list[str] | None = None) -> None:
     for flag, default, text in (
         ("--shape-weights", _SHAPE_WEIGHTS, "odds of circle,square,triangle, e.g. 1,2,1"),
         ("--focus-weights", _FOCUS_WEIGHTS, "odds of the 8 sampler timesteps, 999 first"),
-        ("--extra-ema", _EXTRA_EMA, "more averages' decays, each saved as <out>-ema<decay>"),
     ):
         parser.add_argument(flag, type=_floats, default=default, help=text)
     parser.add_argument(
         "--ema-decay", type=float, default=_EMA_DECAY, help="decay of the saved weights' average"
-    )
-    parser.add_argument(
-        "--guided-pairs",
-        type=int,
-        default=_GUIDED_PAIRS,
-        help="samples per UNet batch with an unconditional twin, to train the guided output",
-    )
-    parser.add_argument("--guided-weight", type=float, default=_GUIDED_WEIGHT)
-    parser.add_argument(
-        "--guided-below", type=int, default=_GUIDED_BELOW, help="train the guided output below t"
     )
     parser.add_argument("--unet-lr", type=float, default=_UNET_LR, help="UNet phase's peak lr")
     parser.add_argument(
@@ -1065,8 +1002,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--eval", type=int, default=50, help="prompts to score after (0: skip)")
     args = parser.parse_args(argv)
-    if args.guided_pairs and (args.latent_pool or 2 * args.guided_pairs > args.unet_batch):
-        parser.error("--guided-pairs needs no --latent-pool and at most half of --unet-batch")
     if args.focus_weights is not None and len(args.focus_weights) != DEFAULT_STEPS:
         parser.error(f"--focus-weights needs {DEFAULT_STEPS} odds, one per sampler step")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
