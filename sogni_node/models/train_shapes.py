@@ -47,7 +47,7 @@ IMAGE_SIZE = _registry.SHAPES_IMAGE_SIZE
 DEFAULT_STEPS = _registry.SHAPES_DEFAULT_STEPS
 DEFAULT_GUIDANCE = _registry.SHAPES_DEFAULT_GUIDANCE
 DEFAULT_VAE_STEPS = 1188
-DEFAULT_UNET_STEPS = 6800
+DEFAULT_UNET_STEPS = 6000
 DEFAULT_PROCS = 1
 DEFAULT_SEED = 1234
 
@@ -120,6 +120,16 @@ _MIRROR = {
     "at the top": "at the bottom",
     "at the bottom": "at the top",
 }
+_RADIUS_SPREAD = 1.0
+"""How far an unqualified scene's radius strays from 15 px (`--radius-spread`): the drawn
+radius 11-19 is pulled towards 15 by this / 4, so 4 draws as before session 23 and 1 (as
+shipped since) gives 14-16: a caption without a size word then stands for one size, not a
+range whose average is a soft-edged pyramid. UNet phase only: the autoencoder still learns
+every size."""
+_POSITION_SHARE = 0.35
+"""Share of the UNet phase's captions with a position word (`--position-share`; the
+autoencoder's scenes keep `_P_POSITION`, 0.25): 0.35 since session 23, when one size per
+unqualified caption made those captions easier and left/right harder (docs/MODEL.md)."""
 _FOCUS_SHARE = 0.75
 """Share of each UNet batch drawn at the timesteps the default 8-step trailing sampler visits
 (the rest uniform over all timesteps). 0.75 as shipped since session 19 (0.5 before)."""
@@ -131,18 +141,23 @@ _LATENT_POOL = 0
 (0: a fresh batch encoded every step, as shipped). An experiment knob: a batch's encode is
 a fifth of a UNet step on one thread. Shape and the unseen word orders scored lower with
 a pool in both runs that had one (docs/MODEL.md, runs B and D)."""
-_FUSED_STEP = False
+_FUSED_STEP = True
+"""Fused AdamW and foreach clipping and EMA in the UNet phase (`--fused-step`; since session 23,
+~5% of a step; the VAE phase keeps plain AdamW)."""
+_CLASSIC_ATTENTION = True
+"""Train the UNet with diffusers' classic attention (bmm + softmax) instead of PyTorch's
+fused CPU kernel, whose backward is slow on these tiny sequences (`--classic-attention`)."""
 """Fused AdamW and one foreach call for the EMA: the same update in fewer kernel launches,
 which matter at these small batches (numerically not bit-identical to the per-tensor loop).
 Off as shipped (an experiment knob)."""
-_SHAPE_WEIGHTS: tuple[float, float, float] | None = None
+_SHAPE_WEIGHTS: tuple[float, float, float] | None = (1.0, 2.0, 1.0)
 """Relative odds of circle, square and triangle in the UNet phase's scenes (None: the even
-draw, as shipped; the VAE phase always draws evenly). An experiment knob (issue #17): squares
-are the one class the model misses, so more of its updates could go to their corners."""
-_FOCUS_WEIGHTS: tuple[float, ...] | None = None
+draw, as before session 23; the VAE phase always draws evenly). Squares are the class the
+model misses, so half of its scenes are squares (issue #17)."""
+_FOCUS_WEIGHTS: tuple[float, ...] | None = (1.0, 2.0, 2.0, 2.0, 1.0, 1.0, 1.0, 1.0)
 """Relative odds of the default sampler's 8 timesteps (999 first) in the focused share of each
-UNet batch (None: even, as shipped). An experiment knob (issue #17): a square's x0 prediction
-keeps its corners at the first step and loses them at the next three (docs/MODEL.md)."""
+UNet batch (None: even, as before session 23): a square's x0 prediction keeps its corners at
+the first step and loses them at the next three, so those get twice the updates (#17)."""
 _SCALE_SHIFT = False
 """ResNet blocks take the time (and pooled prompt) embedding as a scale and a shift of their
 normalised features (ADM's AdaGN) instead of a shift alone. An experiment knob (issue #17):
@@ -220,7 +235,7 @@ def random_scene(rng: random.Random, jitter: bool = True) -> Scene:
     )
 
 
-def random_training_scene(rng: random.Random) -> Scene:
+def random_training_scene(rng: random.Random, p_position: float = _P_POSITION) -> Scene:
     """A scene of any caption form, with position and size words some of the time.
 
     Placement: "on the left" etc. puts the centroid in that third (radius 8-13 so it fits);
@@ -231,7 +246,7 @@ def random_training_scene(rng: random.Random) -> Scene:
     """
     base = random_scene(rng)
     form = rng.choices(range(len(_FORMS)), weights=_FORM_WEIGHTS)[0]
-    position = rng.choice(POSITIONS) if rng.random() < _P_POSITION else None
+    position = rng.choice(POSITIONS) if rng.random() < p_position else None
     size = rng.choice(SIZES) if rng.random() < _P_SIZE else None
     if size == "large" and position not in (None, "in the centre"):
         size = None  # a large shape cannot sit in one third of the image
@@ -597,8 +612,11 @@ def _contrast_weight(
 
 
 def _unet_scene(rng: random.Random) -> Scene:
-    """A UNet-phase scene: the training draw, its shape redrawn by `_SHAPE_WEIGHTS` if set."""
-    scene = random_training_scene(rng)
+    """A UNet-phase scene: the training draw, an unqualified radius pulled in by
+    `_RADIUS_SPREAD`, its shape redrawn by `_SHAPE_WEIGHTS` if set."""
+    scene = random_training_scene(rng, _POSITION_SHARE)
+    if _RADIUS_SPREAD != 4.0 and scene.position is None and scene.size is None:
+        scene = dataclasses.replace(scene, radius=15.0 + (scene.radius - 15.0) * _RADIUS_SPREAD / 4)
     if _SHAPE_WEIGHTS is None:
         return scene
     shape = rng.choices(SHAPES, weights=_SHAPE_WEIGHTS)[0]
@@ -627,6 +645,10 @@ def train_diffusion(
     unet = _make_unet()
     if _CHANNELS_LAST:
         unet.to(memory_format=torch.channels_last)
+    if _CLASSIC_ATTENTION:  # training only: the saved config loads the default processor
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
     params = [*text_encoder.parameters(), *unet.parameters()]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=_FUSED_STEP or None)
     ema_te, ema_unet = copy.deepcopy(text_encoder), copy.deepcopy(unet)
@@ -693,7 +715,7 @@ def train_diffusion(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         _average_grads(params)
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0, foreach=_FUSED_STEP or None)
         opt.step()
         decay = min(_EMA_DECAY, (1 + step) / (10 + step))
         with torch.no_grad():
@@ -794,12 +816,15 @@ _KNOBS = (
     "_CONTRAST_SCOPE",
     "_CONTRAST_UNTIL",
     "_PLACEMENT_JITTER",
+    "_RADIUS_SPREAD",
+    "_POSITION_SHARE",
     "_JITTER_POSITIONED",
     "_VAE_LATENT_NOISE",
     "_FOCUS_SHARE",
     "_CHANNELS_LAST",
     "_UNET_BATCH",
     "_FUSED_STEP",
+    "_CLASSIC_ATTENTION",
     "_LATENT_POOL",
     "_SHAPE_WEIGHTS",
     "_SCALE_SHIFT",
@@ -948,7 +973,7 @@ def main(argv: list[str] | None = None) -> None:
         "--placement-jitter",
         type=float,
         default=_PLACEMENT_JITTER,
-        help="px a shape's centre strays from its caption's place (8: the shipped recipe)",
+        help="px a shape's centre strays from its caption's place (0 as shipped, 8 before)",
     )
     parser.add_argument(
         "--positioned-full-stray",
@@ -960,6 +985,18 @@ def main(argv: list[str] | None = None) -> None:
         type=float,
         default=_VAE_LATENT_NOISE,
         help="decoder trained on latents with up to this much relative noise (0: none)",
+    )
+    parser.add_argument(
+        "--radius-spread",
+        type=float,
+        default=_RADIUS_SPREAD,
+        help="px an unqualified scene's radius strays from 15 (1 as shipped; 4: 11-19)",
+    )
+    parser.add_argument(
+        "--position-share",
+        type=float,
+        default=_POSITION_SHARE,
+        help="share of UNet-phase captions with a position word",
     )
     parser.add_argument("--vae-steps", type=int, default=DEFAULT_VAE_STEPS)
     parser.add_argument("--unet-steps", type=int, default=DEFAULT_UNET_STEPS)
@@ -980,7 +1017,13 @@ def main(argv: list[str] | None = None) -> None:
         "--fused-step",
         action=argparse.BooleanOptionalAction,
         default=_FUSED_STEP,
-        help="fused AdamW and a foreach EMA update in the UNet phase (faster on CPU)",
+        help="fused AdamW, foreach clipping and EMA update in the UNet phase (faster on CPU)",
+    )
+    parser.add_argument(
+        "--classic-attention",
+        action=argparse.BooleanOptionalAction,
+        default=_CLASSIC_ATTENTION,
+        help="train the UNet with bmm + softmax attention (faster on CPU's tiny sequences)",
     )
     parser.add_argument(
         "--latent-pool", type=int, default=_LATENT_POOL, help="scenes encoded once (0: none)"
