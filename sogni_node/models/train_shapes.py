@@ -1007,24 +1007,12 @@ def main(argv: list[str] | None = None) -> None:
         default=_FOCUS_SHARE,
         help="share of each UNet batch at the 8-step sampler's timesteps",
     )
-    parser.add_argument(
-        "--channels-last",
-        action=argparse.BooleanOptionalAction,
-        default=_CHANNELS_LAST,
-        help="train convolutions in channels-last layout (faster on CPU)",
-    )
-    parser.add_argument(
-        "--fused-step",
-        action=argparse.BooleanOptionalAction,
-        default=_FUSED_STEP,
-        help="fused AdamW, foreach clipping and EMA update in the UNet phase (faster on CPU)",
-    )
-    parser.add_argument(
-        "--classic-attention",
-        action=argparse.BooleanOptionalAction,
-        default=_CLASSIC_ATTENTION,
-        help="train the UNet with bmm + softmax attention (faster on CPU's tiny sequences)",
-    )
+    for flag, default, text in (
+        ("--channels-last", _CHANNELS_LAST, "convolutions in channels-last layout (faster on CPU)"),
+        ("--fused-step", _FUSED_STEP, "fused AdamW, foreach clipping and EMA in the UNet phase"),
+        ("--classic-attention", _CLASSIC_ATTENTION, "UNet attention as bmm + softmax in training"),
+    ):
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
     parser.add_argument(
         "--latent-pool", type=int, default=_LATENT_POOL, help="scenes encoded once (0: none)"
     )
