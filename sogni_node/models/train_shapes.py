@@ -1007,12 +1007,12 @@ def main(argv: list[str] | None = None) -> None:
         default=_FOCUS_SHARE,
         help="share of each UNet batch at the 8-step sampler's timesteps",
     )
-    for flag, default, text in (
+    for switch, on, about in (
         ("--channels-last", _CHANNELS_LAST, "convolutions in channels-last layout (faster on CPU)"),
         ("--fused-step", _FUSED_STEP, "fused AdamW, foreach clipping and EMA in the UNet phase"),
         ("--classic-attention", _CLASSIC_ATTENTION, "UNet attention as bmm + softmax in training"),
     ):
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
+        parser.add_argument(switch, action=argparse.BooleanOptionalAction, default=on, help=about)
     parser.add_argument(
         "--latent-pool", type=int, default=_LATENT_POOL, help="scenes encoded once (0: none)"
     )
