@@ -142,8 +142,8 @@ _LATENT_POOL = 0
 a fifth of a UNet step on one thread. Shape and the unseen word orders scored lower with
 a pool in both runs that had one (docs/MODEL.md, runs B and D)."""
 _FUSED_STEP = True
-"""Fused AdamW and foreach clipping and EMA in the UNet phase (`--fused-step`; since session 23,
-~5% of a step; the VAE phase keeps plain AdamW)."""
+"""Fused AdamW and foreach clipping and EMA in the UNet phase (`--fused-step`; on since
+session 23: with `_CLASSIC_ATTENTION`, ~12% of a UNet step; the VAE phase keeps plain AdamW)."""
 _CLASSIC_ATTENTION = True
 """Train the UNet with diffusers' classic attention (bmm + softmax) instead of PyTorch's
 fused CPU kernel, whose backward is slow on these tiny sequences (`--classic-attention`)."""
