@@ -8,7 +8,7 @@ import platform
 import statistics
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from sogni_devnet.localnet import DEMO_PASSWORD, Proc
@@ -204,6 +204,20 @@ def write_sections(sections: Mapping[str, str], machine: str, *, whole: bool) ->
             parts.append(f"{_marker(name)}\n{kept[name]}\n{_marker(name, end=True)}")
     # atomic: a crash or Ctrl-C mid-write must not lose the sections this run kept
     atomic_write_text(BENCHMARKS_MD, "\n\n".join(p.strip("\n") for p in parts) + "\n")
+    return BENCHMARKS_MD
+
+
+def rewrite_section(name: str, render: Callable[[str], str]) -> Path:
+    """Replace one section's text between its markers with `render(took)`, where `took` is
+    the seconds its last run took, as that text gives them (the command line's "(N s)").
+    Why: a full run of a slow section is 15-40 minutes here; re-tabulating its raw results
+    after a change to its tables must not need another (`--from-json` of those benches)."""
+    text = BENCHMARKS_MD.read_text()
+    start, end = _marker(name), _marker(name, end=True)
+    head, rest = text.split(start, 1)
+    body, tail = rest.split(end, 1)
+    took = body.split("` (", 1)[1].split(" s)", 1)[0]
+    atomic_write_text(BENCHMARKS_MD, f"{head}{start}\n{render(took)}\n{end}{tail}")
     return BENCHMARKS_MD
 
 

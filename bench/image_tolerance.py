@@ -20,7 +20,9 @@ cycling through the backend's schedulers):
   share of honest checks whose bytes came out identical;
 - tolerances (per declared mode and output format: SAFETY x the largest calibration distance,
   at least 1 level), then the false rejections among >= 1,000 held-out honest checks per
-  format (other prompts and seeds);
+  format (other prompts and seeds), at those and at the shipped ones (`image_verify`: what
+  a coordinator applies; a run's proposal rests on 12-40 calibration renders and moves
+  between runs, so the tables give both);
 - the detection of each cheat (the worker commits an honest trajectory and delivers another
   image): another seed's image, another prompt's image, a replayed older image, pure noise,
   the decode of the second-to-last latent (a truncated schedule), a lossy re-encode of the
@@ -46,7 +48,8 @@ cycling through the backend's schedulers):
 Run: ``.venv/bin/python -m bench image`` (writes its section of BENCHMARKS.md; 19 minutes
 at load 5-6, about 10 of them float16's providers and cheats, as CPU float16 renders take about
 10x float32's; 1.5 with --quick; set OMP_WAIT_POLICY=PASSIVE on a loaded machine) or
-``.venv/bin/python -m bench.image_tolerance [--quick]`` (prints only).
+``.venv/bin/python -m bench.image_tolerance [--quick]`` (prints only);
+``--from-json RAW`` re-renders the section from a run's raw results (no measuring).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ import torch
 from bench import _common as common
 from bench import trajectory_tolerance as tt
 from bench.trajectory_tolerance import BF16, FP16, FP32, INT8, Job, Mode, Provider
+from sogni_coordinator.image_verify import CODEC_TOLERANCES, FLOAT16_CPU, image_tolerance
 
 REPO = Path(__file__).resolve().parent.parent
 SAFETY = 10.0
@@ -606,6 +610,19 @@ def _v(x: float) -> str:
     return "inf" if math.isinf(x) else ("0" if x == 0 else f"{x:.3g}")
 
 
+def _shipped(mode: str, fmt: str) -> float:
+    """The tolerance a coordinator applies to a worker declaring bench mode `mode` (its
+    measured path, for the path-bound float16) on a `fmt` job (`image_verify`)."""
+    short = {"fp32": "float32", "bf16": "bfloat16", "fp16": FLOAT16_CPU}
+    shipped = image_tolerance(short.get(mode, f"float32+{mode}"), fmt)
+    return math.nan if shipped is None else shipped
+
+
+def _caught(ds: Sequence[float], *tolerances: float) -> str:
+    """The share of `ds` over each tolerance, "a% / b%"."""
+    return " / ".join(f"{100 * sum(x > t for x in ds) / len(ds):.0f}%" for t in tolerances)
+
+
 def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
     from sogni_protocol.image_encoding import JPEG_QUALITY, WEBP_QUALITY
 
@@ -655,19 +672,23 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
     ]
     rows = []
     rejected = dict.fromkeys(JOB_FORMATS, 0)
+    rejected_shipped = dict.fromkeys(JOB_FORMATS, 0)
     for name in m["providers"]:
         h = m["honest"][name]
         n, nh, total = h["n_cal"], h["n_held"], len(h["d"]["png"])
         row: list[Any] = [name, total]
         for f in JOB_FORMATS:
             d = h["d"][f]
-            bad = sum(x > tol[f][h["mode"]] for x in d[n : n + nh])
+            held = d[n : n + nh]
+            bad = sum(x > tol[f][h["mode"]] for x in held)
+            bad_shipped = sum(x > _shipped(h["mode"], f) for x in held)
             rejected[f] += bad
-            row += [_v(max(d)), f"{h['same'][f]}", f"{bad}"]
+            rejected_shipped[f] += bad_shipped
+            row += [_v(max(d)), f"{h['same'][f]}", f"{bad} / {bad_shipped}"]
         rows.append(tuple(row))
     head: list[str] = ["provider", "checks"]
     for f in JOB_FORMATS:
-        head += [f"{f} max", f"{f} identical", f"{f} held-out rejected"]
+        head += [f"{f} max", f"{f} identical", f"{f} held-out rejected (run's / shipped tol.)"]
     lines.append(common.table(tuple(head), rows))
     if m["skipped"]:
         lines += ["", "Not run here: " + "; ".join(f"{k} ({v})" for k, v in m["skipped"].items())]
@@ -677,11 +698,18 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
         "### Tolerance",
         "",
         common.table(
-            ("declared mode", *(f"{f}: max calibration / tolerance" for f in JOB_FORMATS)),
+            (
+                "declared mode",
+                *(f"{f}: max calibration / tolerance (shipped)" for f in JOB_FORMATS),
+            ),
             [
                 (
                     mode,
-                    *(f"{_v(m['worst'][f][mode])} / **{_v(tol[f][mode])}**" for f in JOB_FORMATS),
+                    *(
+                        f"{_v(m['worst'][f][mode])} / **{_v(tol[f][mode])}** "
+                        f"({_v(_shipped(mode, f))})"
+                        for f in JOB_FORMATS
+                    ),
                 )
                 for mode in modes
             ],
@@ -689,11 +717,16 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
         "",
     ]
     for f in JOB_FORMATS:
-        met = n_held >= 1000 and rejected[f] == 0
+
+        def verdict(bad: int) -> str:
+            return "met" if n_held >= 1000 and bad == 0 else "not met"
+
         lines.append(
-            f"Held-out honest {f.upper()} checks over their mode's tolerance: {rejected[f]} of "
-            f"{n_held}. Floor, 0 false rejections in 1,000 honest checks: **"
-            f"{'met' if met else 'not met'}**"
+            f"Held-out honest {f.upper()} checks over their mode's tolerance: "
+            f"{rejected[f]} of {n_held} at this run's, {rejected_shipped[f]} at the shipped. "
+            "Floor, 0 false rejections in 1,000 honest checks: "
+            f"**{verdict(rejected_shipped[f])}** at the shipped tolerances, "
+            f"{verdict(rejected[f])} at this run's"
             + (" (fewer than 1,000 checks in a quick run)." if n_held < 1000 else ".")
         )
         lines.append("")
@@ -701,7 +734,8 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
         "### Detection per checked job",
         "",
         "The worker (fp32) commits an honest trajectory and delivers another image in the "
-        "job's format. Caught: over the fp32 tolerance of that format.",
+        "job's format. Caught: over the fp32 tolerance of that format, this run's / the "
+        "shipped.",
         "",
     ]
     crow = []
@@ -709,18 +743,16 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
         row = [cheat]
         for f in JOB_FORMATS:
             ds = m["cheats"][f][cheat]
-            t = tol[f]["fp32"]
-            row.append(
-                f"{_v(min(ds))} / {_v(common.median(ds))}: "
-                f"**{100 * sum(x > t for x in ds) / len(ds):.0f}%**"
-            )
+            caught = _caught(ds, tol[f]["fp32"], _shipped("fp32", f))
+            row.append(f"{_v(min(ds))} / {_v(common.median(ds))}: **{caught}**")
         crow.append(tuple(row))
     lines += [
         common.table(
             (
                 "cheat",
                 *(
-                    f"{f} job (tol. {_v(tol[f]['fp32'])}): min / median, caught"
+                    f"{f} job (tol. {_v(tol[f]['fp32'])} / {_v(_shipped('fp32', f))}): "
+                    "min / median, caught"
                     for f in JOB_FORMATS
                 ),
             ),
@@ -804,29 +836,35 @@ def _mode_cheats_markdown(
     for cheat in CHEATS:
         row: list[Any] = [cheat]
         for f in JOB_FORMATS:
-            ds, t = mc[f][cheat], tol[f][mode]
-            row.append(
-                f"{_v(min(ds))} / {_v(common.median(ds))}: "
-                f"**{100 * sum(x > t for x in ds) / len(ds):.0f}%**"
-            )
+            ds = mc[f][cheat]
+            caught = _caught(ds, tol[f][mode], _shipped(mode, f))
+            row.append(f"{_v(min(ds))} / {_v(common.median(ds))}: **{caught}**")
         for f in FORMATS:
             esc = mc[f"{f} pixels rule escaped"][cheat]
             row.append(f"**{100 * (len(esc) - sum(esc)) / len(esc):.0f}%**")
         rows.append(tuple(row))
-    head = [f"{f} job (tol. {_v(tol[f][mode])}): min / median, caught" for f in JOB_FORMATS]
+    head = [
+        f"{f} job (tol. {_v(tol[f][mode])} / {_v(_shipped(mode, f))}): min / median, caught"
+        for f in JOB_FORMATS
+    ]
     head += [f"{f} job, pixels rule (PNG tol. {_v(tol['png'][mode])}): caught" for f in FORMATS]
     return [
         f"A {mode} worker (path-bound: `{FP16.dtype if mode == 'fp16' else mode}@<its code "
         "path>`) commits an honest trajectory rendered in that mode, the verifier decodes its "
         "x_N in that mode, and the worker delivers another image in the job's format (another "
         "seed's or prompt's image rendered in float32: a cheater may make it any way it "
-        f"likes). Caught: over the {mode} tolerance of that format; under the pixels rule, "
+        f"likes). Caught: over the {mode} tolerance of that format (this run's / the shipped); "
+        "under the pixels rule, "
         f"as above but at the {mode} PNG tolerance (the codec rule was measured for fp32 "
         "workers only).",
         "",
         common.table(("cheat", *head), rows),
         "",
     ]
+
+
+def _shipped_codec() -> str:
+    return ", ".join(f"{f} {_v(t)}" for f, t in CODEC_TOLERANCES.items())
 
 
 def _codec_markdown(m: dict[str, Any]) -> list[str]:
@@ -881,10 +919,11 @@ def _codec_markdown(m: dict[str, Any]) -> list[str]:
         ),
         "",
         f"Codec tolerance: {_v(m['codec_worst'])} x {CODEC_SAFETY:g} -> **{_v(ctol)}** levels "
-        "(`image_verify.CODEC_TOLERANCES`). Each cheat claims an unmeasured build and opens "
-        "whichever pixels it could (its honest pixels, the cheat's pixels, the delivered file's "
-        "decode) that pass the PNG leg; caught when even the closest is over the tolerance "
-        "(inf: no pixels it could open pass the PNG leg).",
+        f"(shipped `image_verify.CODEC_TOLERANCES`: {_shipped_codec()}). Each cheat claims an "
+        "unmeasured build and opens whichever pixels it could (its honest pixels, the cheat's "
+        "pixels, the delivered file's decode) that pass the PNG leg; caught when even the "
+        "closest is over the tolerance, this run's / the shipped (inf: no pixels it could "
+        "open pass the PNG leg).",
         "",
     ]
     crows = []
@@ -892,12 +931,20 @@ def _codec_markdown(m: dict[str, Any]) -> list[str]:
         row: list[Any] = [cheat]
         for f in FORMATS:
             ds = m["codec_cheats"][f][cheat]
-            caught = 100 * sum(x > ctol for x in ds) / len(ds)
-            row.append(f"{_v(min(ds))} / {_v(common.median(ds))}: **{caught:.0f}%**")
+            caught = _caught(ds, ctol, CODEC_TOLERANCES[f])
+            row.append(f"{_v(min(ds))} / {_v(common.median(ds))}: **{caught}**")
         crows.append(tuple(row))
     lines += [
         common.table(
-            ("cheat", *(f"{f} job, codec rule: min / median, caught" for f in FORMATS)), crows
+            (
+                "cheat",
+                *(
+                    f"{f} job, codec rule (tol. {_v(ctol)} / {_v(CODEC_TOLERANCES[f])}): "
+                    "min / median, caught"
+                    for f in FORMATS
+                ),
+            ),
+            crows,
         ),
         "",
     ]
@@ -916,12 +963,24 @@ def run(quick: bool, command: str = "python -m bench image") -> str:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small samples (about 1 min)")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        help="re-render the BENCHMARKS.md section from this run's raw results (no measuring)",
+    )
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     parser.add_argument("--quantize", default="none", help=argparse.SUPPRESS)
     ns = parser.parse_args()
     if ns.child:
         _child(ns.child, Mode(ns.dtype, ns.quantize))
+    elif ns.from_json:
+        raw_results = json.loads(ns.from_json.read_text())
+        written = common.rewrite_section(
+            "image",
+            lambda took: render_markdown(raw_results, "python -m bench image", float(took)),
+        )
+        print(f"wrote {written}")
     else:
         cmd = "python -m bench.image_tolerance" + (" --quick" if ns.quick else "")
         print(run(ns.quick, cmd))

@@ -1107,18 +1107,11 @@ def run(quick: bool, command: str = "python -m bench tolerance") -> str:
 
 def rewrite_section(raw: Path) -> Path:
     """Re-render this bench's BENCHMARKS.md section from a full run's raw results (the JSON
-    `run` leaves in the temp folder) after a change to the tables; only that section's text
-    between its markers is replaced (its command and time are kept)."""
-    path = common.BENCHMARKS_MD
-    text = path.read_text()
-    start, end = "<!-- bench:tolerance -->", "<!-- bench:/tolerance -->"
-    head, rest = text.split(start, 1)
-    body, tail = rest.split(end, 1)
-    took = body.split("` (", 1)[1].split(" s)", 1)[0]
+    `run` leaves in the temp folder) after a change to the tables (its command and time kept)."""
     m = json.loads(raw.read_text())
-    section = render_markdown(m, "python -m bench tolerance", float(took))
-    path.write_text(f"{head}{start}\n{section}\n{end}{tail}")
-    return path
+    return common.rewrite_section(
+        "tolerance", lambda took: render_markdown(m, "python -m bench tolerance", float(took))
+    )
 
 
 if __name__ == "__main__":

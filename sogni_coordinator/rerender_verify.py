@@ -67,7 +67,8 @@ mode may show against a float32 re-render of the same job. `python -m bench rere
 (BENCHMARKS.md, "Whole re-render check", 62 jobs per provider): 2x the largest calibration
 distance is 57-58 levels (bf16, whose rounding compounds over the trajectory, is the widest;
 CPU float16 reaches 6, the int8 modes 23); 64 is 1.46x the largest of all 496 covered honest
-renders (43.9), 0 of 912 held-out honest checks over it."""
+renders (43.9), 0 of 912 held-out honest checks over it. On session 23's weights: largest 23.9
+(bf16), 0 of 912 over."""
 SAME_WEIGHTS_QUANTIZATIONS = ("quanto-int4", "fp8")
 """Declared-mode parts whose re-render reproduces the worker's rounded weights
 (`VerifyRender.weights`, sent only to a node naming `RERENDER_WEIGHTS_FEATURE`): against plain
