@@ -114,11 +114,13 @@ from sogni_protocol.messages import (
     MAX_CHALLENGE_STEPS,
     NO_TRAJECTORY,
     OPEN_PIXELS_FEATURE,
+    RERENDER_SEED_FEATURE,
     ChallengeAnswer,
     PixelsOpening,
     Receipt,
     RenderMeta,
     StepOpeningWire,
+    TensorEntry,
 )
 
 __all__ = ["SUPPORTED_SCHEDULERS", "Checks", "Held", "Outcome"]
@@ -528,7 +530,15 @@ class Checks:
         if stored is None:
             raise OSError(f"result store: the held image {held.path.name} is gone")
         image, n = stored.image, receipt.steps_done
-        run = _Run(held, {})
+        start: TensorEntry | None = None
+        opened: list[StepOpeningWire] = []
+        if self._seed_checkable(held):  # the seed check: leaf 0, proved, to the verifier
+            leaf0 = await self._open(held, [0])
+            if isinstance(leaf0, Outcome):
+                return leaf0
+            opened = leaf0[0]
+            start = next(t for t in opened[0].tensors if t.name == "latents")
+        run = _Run(held, {o.step: o for o in opened})
         answers: dict[str, StepVerdict] = {}
         """Each verifier's latest answer, by wallet (`_asked` names them so)."""
 
@@ -544,6 +554,7 @@ class Checks:
                 timeout=self.policy.verify_timeout + held.budget,
                 rng=self._rng,
                 exclude=exclude,
+                start=start,
             )
             link = self.dispatcher.nodes.get(v.verifier) if v.verifier is not None else None
             if link is not None:
@@ -552,7 +563,8 @@ class Checks:
 
         outcome = (await self._decide(run, n, RENDER, ask)).outcome
         if outcome.verdict == "fail":
-            ev = Evidence(reason=outcome.reason, steps=run.evidence)
+            answer = ChallengeAnswer(job_id=receipt.job_id, openings=opened) if opened else None
+            ev = Evidence(reason=outcome.reason, challenge=answer, steps=run.evidence)
             outcome = replace(outcome, evidence=encode_evidence(ev))
         elif outcome.verdict == "pass":
             self._remember_render(run, answers)
@@ -561,6 +573,21 @@ class Checks:
             outcome = replace(outcome, reason="; ".join([outcome.reason, *extra]))
         await self._record_work(run)
         return outcome
+
+    def _seed_checkable(self, held: Held) -> bool:
+        """Open the worker's leaf 0 for a re-render: it committed a trajectory and a node of
+        another account can re-render with the seed check (`RERENDER_SEED_FEATURE`)."""
+        if held.receipt.trajectory_root == NO_TRAJECTORY:
+            return False
+        model = held.job.params.model_id
+        weights = rerender_weights(held.dtype)
+        able = {
+            peer: link
+            for peer, link in self.dispatcher.nodes.items()
+            if RERENDER_SEED_FEATURE in link.features and can_rerender(link, model, weights)
+        }
+        payee = held.receipt.payee
+        return choose_verifier(able, model, held.worker, None, worker_payout=payee) is not None
 
     def _asks_pixels(self, held: Held) -> bool:
         """Ask the worker to open its lossy image's pixels with the final leaf (the image

@@ -32,14 +32,21 @@ import trio
 
 from sogni_coordinator.image_verify import check_distance, delivered_image
 from sogni_coordinator.jobs import NodeLink
-from sogni_coordinator.verifiers import PendingVerifications, StepVerdict, choose_verifier
+from sogni_coordinator.verifiers import (
+    SEED_TOLERANCE,
+    PendingVerifications,
+    StepVerdict,
+    choose_verifier,
+)
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
     RERENDER_FEATURE,
+    RERENDER_SEED_FEATURE,
     RERENDER_WEIGHTS_FEATURE,
     DecodeVerified,
     JobParams,
+    TensorEntry,
     VerifyRender,
     encode,
 )
@@ -124,6 +131,7 @@ async def verify_rerender(
     timeout: float,
     rng: random.Random | None = None,
     exclude: frozenset[str] = frozenset(),
+    start: TensorEntry | None = None,
 ) -> StepVerdict:
     """Have a node none of whose accounts is `worker`, `worker_payout` (the receipt's payee)
     or in `exclude` render `params` again in `REFERENCE_MODE` (with the weights of the
@@ -131,9 +139,17 @@ async def verify_rerender(
     `image` (the delivered one, or the stored `JobImage` frame holding it). A verdict with
     `distance` None is inconclusive (no such node, no answer, a refusal: never the worker's
     doing); over tolerance, evidence against the worker. `step` labels the verdict (the
-    receipt's steps)."""
+    receipt's steps). `start`: the worker's proved leaf 0, for the seed check (`rerender_on`);
+    a node that can measure it is then preferred."""
     weights = rerender_weights(dtype)
     able = {p: n for p, n in dispatcher.nodes.items() if can_rerender(n, params.model_id, weights)}
+    if start is not None:
+        seeded = {p: n for p, n in able.items() if RERENDER_SEED_FEATURE in n.features}
+        allowed = choose_verifier(
+            seeded, params.model_id, worker, None, exclude, worker_payout=worker_payout
+        )
+        if allowed is not None:  # one of them may check: the seed check is not given up
+            able = seeded
     peer = choose_verifier(able, params.model_id, worker, rng, exclude, worker_payout=worker_payout)
     if peer is None:
         tol = _tolerance(params.output_format)
@@ -148,6 +164,7 @@ async def verify_rerender(
         fmt=params.output_format,
         step=step,
         timeout=timeout,
+        start=start,
     )
 
 
@@ -176,12 +193,19 @@ async def rerender_on(
     fmt: str,
     step: int,
     timeout: float,
+    start: TensorEntry | None = None,
 ) -> StepVerdict:
     """Ask `peer` to render `params` again in `REFERENCE_MODE` (with `weights`) and compare
     its PNG with `image`, a `fmt` file (or the stored `JobImage` frame holding it). The
     request is the same for a real check and a known-render probe (a fresh random
     `check_id`; `fmt` png there: the known image is an earlier verifier's PNG), so the
-    verifier cannot tell them apart."""
+    verifier cannot tell them apart.
+
+    `start` (the worker's leaf 0, proved against its receipt) goes along to a peer naming
+    `RERENDER_SEED_FEATURE`, and its `start_distance` over `SEED_TOLERANCE` fails the check
+    whatever the pictures show: another seed's render of a model that draws much the same
+    picture for every seed would pass the image bound (docs/VERIFICATION.md, "Whole
+    re-render"). A peer without the word is asked the image alone."""
     tol = _tolerance(fmt)
     reference = _reference(weights)
     link = dispatcher.nodes.get(peer)
@@ -197,11 +221,26 @@ async def rerender_on(
         deadline=int(time.time() + timeout) + 1,
         weights=weights or msgspec.UNSET,
     )
+    if start is not None and RERENDER_SEED_FEATURE in link.features:
+        seeded = msgspec.structs.replace(request, start_latents=start)
+        if len(encode(seeded)) <= RESULT_FRAME_LIMIT:  # else the image alone, as before
+            request = seeded
     if len(encode(request)) > RESULT_FRAME_LIMIT:
         return _inconclusive(step, tol, "re-render: the job's parameters are too large to send")
     reply = await dispatcher.verifications.ask_image(peer, link.outbox, request, timeout)
     if not isinstance(reply, DecodeVerified):  # no code blames the worker: nothing of its
         return _inconclusive(step, tol, f"re-render: {reply[0]}", peer)  # was sent
+    if isinstance(request.start_latents, TensorEntry):
+        d0 = reply.start_distance
+        if not isinstance(d0, float):  # it named the word and left the answer out
+            return _inconclusive(step, tol, "re-render: no seed distance in the answer", peer)
+        if d0 > SEED_TOLERANCE:
+            shown = "another shape" if d0 == float("inf") else f"d0 = {d0:.3g}"
+            reason = f"seed: leaf 0 is {shown} from the seed's noise, over {SEED_TOLERANCE:g}"
+            log.info("rerender_verified", verifier=peer, distance=d0, passed=False, rule="seed")
+            return StepVerdict(
+                peer, step, d0, SEED_TOLERANCE, False, reason, rule=RERENDER_RULE, image=reply.image
+            )
     delivered = delivered_image(image)
     try:
         d = await trio.to_thread.run_sync(

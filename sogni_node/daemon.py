@@ -59,6 +59,7 @@ from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
     OPEN_PIXELS_FEATURE,
     RERENDER_FEATURE,
+    RERENDER_SEED_FEATURE,
     RERENDER_WEIGHTS_FEATURE,
     SIGNER_SET_FEATURE,
     Capabilities,
@@ -105,8 +106,9 @@ def capabilities(
     coordinator where work it verifies is paid and whom it may not verify for; `version`
     names `SIGNER_SET_FEATURE` when the node reads a signer set in the `Welcome`, and
     `OPEN_PIXELS_FEATURE` (it opens a lossy image's pixels when challenged) and
-    `RERENDER_FEATURE` (it renders a job again for a check), `RERENDER_WEIGHTS_FEATURE` (with
-    a quantized worker's weights: `_rounds_weights`)."""
+    `RERENDER_FEATURE` (it renders a job again for a check; `RERENDER_SEED_FEATURE`: with the
+    worker's leaf 0 measured against the seed's noise), `RERENDER_WEIGHTS_FEATURE` (with a
+    quantized worker's weights: `_rounds_weights`)."""
     return Capabilities(
         peer_id=peer_id,
         version=version,
@@ -236,7 +238,7 @@ async def run_node(
                     # the words of what this node reads or does beyond the base protocol
                     " ".join(
                         [SIGNER_SET_FEATURE] * (identity.network is not None)
-                        + [OPEN_PIXELS_FEATURE, RERENDER_FEATURE]
+                        + [OPEN_PIXELS_FEATURE, RERENDER_FEATURE, RERENDER_SEED_FEATURE]
                         + [RERENDER_WEIGHTS_FEATURE] * _rounds_weights(backend)
                     ),
                 )

@@ -63,7 +63,7 @@ import trio
 from sogni_net import Channel, Host, TransportError
 from sogni_node.journal import Journal, StoredResult
 from sogni_node.payout import signed_form
-from sogni_node.render.backend import RenderCancelled, RenderJob
+from sogni_node.render.backend import Backend, RenderCancelled, RenderJob
 from sogni_node.render.trajectory import StepOpening
 from sogni_node.trajectory_files import TrajectoryFiles
 from sogni_node.trust import NetworkSigners, TrustedKeys, TrustFileError
@@ -674,7 +674,6 @@ class PullSession:
 
         from sogni_node.render.diffusers_backend import SCHEDULERS, DiffusersBackend
         from sogni_node.render.lora import applied_loras
-        from sogni_node.render.noise import initial_latents as pinned_noise
         from sogni_node.verify import step_check as sc
 
         def refuse(reason: str, code: VerifyRefusalCode) -> VerifyRefused:
@@ -743,13 +742,14 @@ class PullSession:
         start: float | None = None
         if msg.k == 0:  # the seed check: leaf 0 must be this seed's noise, unscaled, as the
             # compute dtype rounds it (docs/VERIFICATION.md, "Seed check")
-            shape = sc.latent_shape(loaded.pipe, width=job.width, height=job.height)
-            noise = pinned_noise(job.seed, shape, dtype=backend.dtype).float()  # as rendered
-            leaf = tensor(committed)
-            start = math.inf
-            if tuple(leaf.shape) == tuple(noise.shape):
-                start = sc.start_distance(leaf, noise)
-                start = start if math.isfinite(start) else math.inf
+            start = sc.seed_distance(
+                loaded.pipe,
+                tensor(committed),
+                seed=job.seed,
+                width=job.width,
+                height=job.height,
+                dtypes=(backend.dtype,),
+            )
         return StepVerified(
             check_id=msg.check_id, latents=latents, x_k_scale=scale, start_distance=start
         )
@@ -865,6 +865,9 @@ class PullSession:
             )
         except ValueError as exc:  # never `bad_leaf`: a re-render opens nothing of the worker's
             return refuse(f"the node could not render the job ({type(exc).__name__})", "other")
+        if isinstance(msg.start_latents, TensorEntry):  # the seed check of a re-render
+            start = _seed_distance(backend, params, msg.start_latents)
+            return DecodeVerified(check_id=msg.check_id, image=out.image, start_distance=start)
         return DecodeVerified(check_id=msg.check_id, image=out.image)
 
     # --- offers --------------------------------------------------------------------------
@@ -1212,6 +1215,27 @@ class PullSession:
             Result(job_id=job.id, image=kept.image, receipt=receipt, signature=signature, meta=meta)
         )
         log.info("result_resent", job=job.tag, resigned=True, rotated=True)
+
+
+def _seed_distance(backend: Backend, params: JobParams, leaf: TensorEntry) -> float:
+    """Blocking: the seed check of the worker's leaf 0 (`step_check.seed_distance`, any
+    rounding); `inf` when the leaf is not float32 latents of a shape its bytes fill (it was
+    the worker's to open) or this backend has no diffusers pipeline to shape the noise."""
+    import torch
+
+    from sogni_node.render.diffusers_backend import DiffusersBackend
+    from sogni_node.verify import step_check as sc
+
+    if not isinstance(backend, DiffusersBackend) or leaf.dtype != "float32":
+        return math.inf
+    try:
+        latents = torch.frombuffer(bytearray(leaf.data), dtype=torch.float32).reshape(leaf.shape)
+    except (RuntimeError, ValueError):
+        return math.inf
+    pipe = backend._get(params.model_id).pipe
+    return sc.seed_distance(
+        pipe, latents, seed=params.seed, width=params.width, height=params.height
+    )
 
 
 def _opening_wire(opening: StepOpening) -> StepOpeningWire:

@@ -714,12 +714,22 @@ class DecodeVerified(_Message, tag="decodeVerified", kw_only=True):
 
     check_id: Bytes32
     image: Annotated[bytes, Meta(max_length=ids.RESULT_FRAME_LIMIT)]
+    start_distance: Annotated[float, Meta(ge=0.0)] | msgspec.UnsetType = msgspec.UNSET
+    """Only answering a `VerifyRender` with `start_latents`: |leaf 0 - noise| / |noise|, the
+    noise the job's seed draws rounded as the closest of float32, float16 and bfloat16 (`inf`
+    for a leaf of another shape). Unset otherwise (not encoded)."""
 
 
 RERENDER_FEATURE = "+rerender"
 """A word in a node's `Capabilities.version`: it answers `VerifyRender` (a whole re-render of
 a job, for a receipt the step checks cannot cover). A coordinator sends `VerifyRender` only to
 such nodes, so a node that predates the message never receives a frame it cannot read."""
+
+
+RERENDER_SEED_FEATURE = "+rerender-seed"
+"""A word in a node's `Capabilities.version`: it honours `VerifyRender.start_latents` (measures
+the worker's committed leaf 0 against the job seed's noise: the seed check of a re-rendered
+receipt). A coordinator sends `start_latents` only to such nodes."""
 
 
 RERENDER_WEIGHTS_FEATURE = "+rerender-weights"
@@ -751,6 +761,11 @@ class VerifyRender(_Message, tag="verifyRender", kw_only=True):
     weights: ShortText | msgspec.UnsetType = msgspec.UNSET
     """Unset (not encoded, so a `+rerender` node that predates the field reads the frame)
     unless the worker's weights must be reproduced."""
+    start_latents: TensorEntry | msgspec.UnsetType = msgspec.UNSET
+    """The worker's leaf 0 (its starting noise, unscaled), opened and proved against its
+    receipt's trajectory root by the coordinator, for a node naming `RERENDER_SEED_FEATURE`:
+    the answer then carries `start_distance`. Without it a re-render would pass another seed's
+    image whenever the model draws much the same picture for both seeds."""
 
     def __post_init__(self) -> None:
         if self.model_id != self.params.model_id:

@@ -340,3 +340,33 @@ def start_distance(x_0: torch.Tensor, expected: torch.Tensor) -> float:
     num = _norm(x_0.detach().to("cpu", torch.float64).reshape(e.shape) - e)
     den = _norm(e)
     return num / den if den else (0.0 if num == 0.0 else math.inf)
+
+
+ROUNDINGS = (torch.float32, torch.float16, torch.bfloat16)
+"""The compute dtypes a node may cast its float32 starting noise to (any device)."""
+
+
+def seed_distance(
+    pipe: Any,
+    leaf: torch.Tensor,
+    *,
+    seed: int,
+    width: int,
+    height: int,
+    dtypes: Sequence[torch.dtype] = ROUNDINGS,
+) -> float:
+    """The seed check: `start_distance` of a committed leaf 0 (the unscaled starting noise)
+    against the noise `seed` draws, cast to the closest of `dtypes` (the worker's compute
+    dtype when it is known, as for a step check; any of `ROUNDINGS` for a re-rendered
+    receipt, whose declared mode may be one nobody measured). `inf` for a leaf of another
+    shape or with non-finite values. Another seed's noise lands near sqrt(2) whatever the
+    rounding, so trying several costs the check nothing."""
+    shape = latent_shape(pipe, width=width, height=height)
+    if tuple(leaf.shape) != shape:
+        return math.inf
+    best = math.inf
+    for dtype in dtypes:
+        d = start_distance(leaf, pinned.initial_latents(seed, shape, dtype=dtype).float())
+        if math.isfinite(d):
+            best = min(best, d)
+    return best

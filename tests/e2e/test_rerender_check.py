@@ -6,7 +6,10 @@ no trajectory at all, escaped every check and was paid for any image. Now such a
 held, a real node of another wallet renders the whole job again in float32 (`VerifyRender`),
 and the coordinator compares the images: an honest render in that mode passes (here the
 rogue's image is the real render, so the distance is 0), another seed's image or a flat one
-is caught, unpaid and struck, and the job is rendered again by the honest node.
+is caught, unpaid and struck, and the job is rendered again by the honest node. A receipt
+that commits a trajectory also opens its leaf 0 for the verifier's seed check, so the
+honest image delivered with another seed's trajectory (what a model drawing much the same
+picture for every seed lets a cheat pass off) is caught too.
 """
 
 from __future__ import annotations
@@ -18,29 +21,43 @@ from typing import Any, cast
 
 import msgspec
 import pytest
+import torch
 import trio
 
 from sogni_app.api import render
 from sogni_coordinator.rerender_verify import RERENDER_RULE, verify_rerender
+from sogni_net import Channel
 from sogni_node.render.diffusers_backend import DiffusersBackend
 from sogni_node.render.trajectory import Trajectory
 from sogni_protocol import eip712
-from sogni_protocol.messages import NO_TRAJECTORY, DecodeVerified, VerifyRender, job_params
+from sogni_protocol.ids import RESULT_FRAME_LIMIT
+from sogni_protocol.messages import (
+    NO_TRAJECTORY,
+    Challenge,
+    DecodeVerified,
+    TensorEntry,
+    VerifyDecode,
+    VerifyRefused,
+    VerifyRender,
+    VerifyStep,
+    job_params,
+)
 
-from .conftest import MODEL, tiny_request
+from .conftest import MODEL, receive_skipping, tiny_request
 from .rogue_kit import (
     EVERY,
     another_seeds_render,
     checks_of,
     honest_joins,
+    open_faithfully,
     png,
     real_render,
     rogue_rendering,
     stored_receipt,
     submit_result,
     take_offer,
+    wire,
 )
-from .test_image_check import _refuse_every_check
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -48,8 +65,37 @@ CUDA = "float16@cuda-sm90-torch2.13"
 """A mode no step tolerance was measured for (no GPU was lent)."""
 
 
+def _latents_entry(t: torch.Tensor) -> TensorEntry:
+    data = t.detach().float().contiguous().numpy().astype("<f4").tobytes()
+    return TensorEntry(name="latents", dtype="float32", shape=list(t.shape), data=data)
+
+
+def _leaf0(committed: Trajectory) -> TensorEntry:
+    """The worker's leaf 0 as the coordinator forwards it (its latents, opened)."""
+    return next(t for t in wire(committed, 0).tensors if t.name == "latents")
+
+
+async def _open_and_refuse(channel: Channel, committed: Trajectory) -> None:
+    """The rogue: it opens what it committed when challenged (its leaf 0, for the seed
+    check) and refuses every check it is asked to make (saying nothing about the worker)."""
+    while True:
+        ask = await receive_skipping(
+            channel, (Challenge, VerifyStep, VerifyDecode), timeout=120, limit=RESULT_FRAME_LIMIT
+        )
+        if isinstance(ask, Challenge):
+            await open_faithfully(channel, ask.job_id, committed, list(ask.steps))
+        else:
+            await channel.send(VerifyRefused(check_id=ask.check_id, reason="no", code="model"))
+
+
 @pytest.mark.parametrize(
-    "worker", ["honest_in_cuda_mode", "another_seeds_image", "flat_no_trajectory"]
+    "worker",
+    [
+        "honest_in_cuda_mode",
+        "another_seeds_image",
+        "honest_image_other_seeds_trajectory",
+        "flat_no_trajectory",
+    ],
 )
 async def test_a_receipt_no_step_check_covers_is_rendered_again_elsewhere(
     net_factory: Any, backend: Any, worker: str
@@ -63,6 +109,9 @@ async def test_a_receipt_no_step_check_covers_is_rendered_again_elsewhere(
             dtype = CUDA
             if worker == "another_seeds_image":
                 image, committed = await another_seeds_render(backend, offer.params)
+            elif worker == "honest_image_other_seeds_trajectory":
+                image = honest_image  # the same picture: the image bound alone passes it
+                _, committed = await another_seeds_render(backend, offer.params)
             elif worker == "flat_no_trajectory":
                 image = png(offer.params.width, offer.params.height)
                 committed = cast(Trajectory, SimpleNamespace(root=NO_TRAJECTORY))
@@ -71,7 +120,7 @@ async def test_a_receipt_no_step_check_covers_is_rendered_again_elsewhere(
                 image = honest_image
             honest = await honest_joins(net, backend)  # the verifier, then worker
             job_id = await submit_result(net, channel, acct, offer, image, committed, dtype=dtype)
-            run.tasks.start_soon(_refuse_every_check, channel)  # the rogue verifies nothing
+            run.tasks.start_soon(_open_and_refuse, channel, committed)
         (result,) = run.results
         (image_out,) = result.images
         assert image_out.image == honest_image
@@ -88,7 +137,9 @@ async def test_a_receipt_no_step_check_covers_is_rendered_again_elsewhere(
         else:
             assert first["verdict"] == "fail" and first["distance"] > first["tolerance"], first
             ((_, rogue, _, reason),) = dispatcher.store.failed_receipts(job_id)
-            assert eip712.same_address(rogue, acct.address) and "re-render" in reason
+            # a committed trajectory is seed-checked first: another seed fails there
+            cause = "re-render" if worker == "flat_no_trajectory" else "seed: leaf 0"
+            assert eip712.same_address(rogue, acct.address) and cause in reason, reason
             assert len(dispatcher.reputation.get(acct.address).strikes) == 1
             assert eip712.same_address(image_out.receipt.worker, honest.wallet.address)
             assert payable == [honest.wallet.address.lower()]
@@ -124,6 +175,24 @@ async def test_a_verifier_node_renders_a_job_again_or_refuses_with_a_code(
                 assert not eip712.same_address(verdict.verifier or "", receipt.worker)
                 peer = verdict.verifier
                 assert peer is not None and peer in dispatcher.nodes
+            # the seed check: the worker's leaf 0 against the seed's noise, rounded as any
+            # compute dtype may round it (a CUDA float16 node's leaf is float16 noise)
+            seeded = job_params(tiny_request(1, seed=4), 0)
+            _, own = await real_render(backend, seeded)
+            _, other = await another_seeds_render(backend, seeded)
+            noise = torch.from_numpy(own.open(0).record.tensors["latents"].copy())
+            as_fp16 = _latents_entry(noise.to(torch.float16))
+            for leaf, far in ((_leaf0(own), False), (as_fp16, False), (_leaf0(other), True)):
+                ask = VerifyRender(
+                    check_id=secrets.token_bytes(32), model_id=MODEL, params=seeded,
+                    dtype="float32", deadline=int(time.time()) + 30, start_latents=leaf,
+                )  # fmt: skip
+                reply = await dispatcher.verifications.ask_image(
+                    peer, dispatcher.nodes[peer].outbox, ask, 30
+                )
+                assert isinstance(reply, DecodeVerified), reply
+                assert isinstance(reply.start_distance, float)
+                assert (reply.start_distance > 1.0) if far else reply.start_distance == 0.0
             # a 4-bit node's image (a CUDA one, as declared): re-rendered with its weights
             params = job_params(tiny_request(1, seed=5), 0)
             int4 = DiffusersBackend(

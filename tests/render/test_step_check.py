@@ -212,6 +212,26 @@ def test_another_seeds_noise_is_far(pipe: Any) -> None:
     assert start(pipe, euler, render(pipe, euler, seed=SEED + 1)) > 0.5
 
 
+def test_seed_distance_takes_any_rounding_of_this_seeds_noise_only(pipe: Any) -> None:
+    """The re-render's seed check (`seed_distance`): the seed's noise as float32, float16 or
+    bfloat16 rounds it is 0; another seed's is near sqrt(2) at every rounding; a leaf of
+    another shape or with a NaN is inf, never a pass."""
+    shape = sc.latent_shape(pipe, width=SIZE, height=SIZE)
+    noise = initial_latents(SEED, shape)
+
+    def d(leaf: torch.Tensor, **kw: Any) -> float:
+        return sc.seed_distance(pipe, leaf, seed=SEED, width=SIZE, height=SIZE, **kw)
+
+    for dtype in sc.ROUNDINGS:
+        assert d(noise.to(dtype).float()) == 0.0
+    assert d(noise.half().float(), dtypes=(torch.float32,)) > 0.0  # the rounding is named
+    assert 1.3 < d(initial_latents(SEED + 1, shape)) < 1.5
+    assert d(noise[..., :-1]) == math.inf
+    poisoned = noise.clone()
+    poisoned[0, 0, 0, 0] = math.nan
+    assert d(poisoned) == math.inf
+
+
 def test_noise_instead_of_a_latent_is_far(pipe: Any) -> None:
     sched = scheduler(pipe, "euler")
     traj = render(pipe, sched)
