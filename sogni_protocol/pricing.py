@@ -122,6 +122,8 @@ def tier_factor(network: str, catalog: Catalog | None = None) -> Fraction:
 
 def price_factor_bps(network: str, catalog: Catalog | None = None) -> int:
     """`tier_factor` in basis points, as signed into offers and receipts (`priceFactorBps`)."""
+    if network == "fast":  # factor 1, whatever the catalog: no Fraction arithmetic per offer
+        return 10_000
     return int(tier_factor(network, catalog) * 10_000)
 
 
