@@ -295,6 +295,11 @@ _Ask = Callable[[frozenset[str]], Awaitable[StepVerdict]]
 """Ask one verifier, not of these wallets, for a verdict (a step re-run, an image check)."""
 
 
+def _latents(opening: StepOpeningWire) -> TensorEntry:
+    """An opened leaf's latents (`StepOpeningWire` checks on decode that it has them)."""
+    return next(t for t in opening.tensors if t.name == "latents")
+
+
 def _against_worker(v: StepVerdict) -> bool:
     """The verdict holds the step against the worker: over tolerance, or `bad_leaf`."""
     return not v.passed and (v.distance is not None or v.code == BAD_LEAF)
@@ -537,7 +542,7 @@ class Checks:
             if isinstance(leaf0, Outcome):
                 return leaf0
             opened = leaf0[0]
-            start = next(t for t in opened[0].tensors if t.name == "latents")
+            start = _latents(opened[0])
         run = _Run(held, {o.step: o for o in opened})
         answers: dict[str, StepVerdict] = {}
         """Each verifier's latest answer, by wallet (`_asked` names them so)."""
@@ -823,6 +828,7 @@ class Checks:
                 fmt="png",
                 step=entry.params.steps,
                 timeout=self.policy.verify_timeout + entry.budget,
+                start=entry.start,
             )
         return await probe_step(
             self.dispatcher,
@@ -962,6 +968,7 @@ class Checks:
                     image=v.image,
                     budget=held.budget,
                     accounts=frozenset(a.lower() for a in payees if a is not None),
+                    start=_latents(run.by_step[0]) if v.seed_checked else None,
                 )
             )
 

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from sogni_protocol.messages import JobParams, StepOpeningWire
+from sogni_protocol.messages import JobParams, StepOpeningWire, TensorEntry
 
 __all__ = [
     "KNOWN_RENDERS_PER_KEY",
@@ -103,6 +103,10 @@ class KnownRender(_Known):
     """The job's render budget (s): a probe's deadline must be the one a real check of this
     job would carry, or a verifier could tell probes apart."""
     accounts: frozenset[str] = frozenset()
+    start: TensorEntry | None = None
+    """The worker's leaf 0, when the check measured it against the seed and it passed: a
+    probe then carries it too (`VerifyRender.start_latents`), so a verifier that lies only
+    about the seed distance is caught as one that lies about the image."""
 
     @property
     def key(self) -> tuple[str, str]:

@@ -256,6 +256,17 @@ async def rerender_on(
         f"{fmt}, reference {reference})"
     )
     log.info("rerender_verified", verifier=peer, distance=d.block, passed=passed)
+    seed_checked = isinstance(request.start_latents, TensorEntry)
+    if seed_checked:
+        reason += f"; seed: leaf 0 within {SEED_TOLERANCE:g} of the seed's noise"
     return StepVerdict(
-        peer, step, d.block, tol, passed, reason, rule=RERENDER_RULE, image=reply.image
+        peer,
+        step,
+        d.block,
+        tol,
+        passed,
+        reason,
+        rule=RERENDER_RULE,
+        image=reply.image,
+        seed_checked=seed_checked,
     )

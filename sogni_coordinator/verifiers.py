@@ -234,6 +234,9 @@ class StepVerdict:
     `BLOCK_RULE`); None for a step."""
     image: bytes | None = None
     """A re-render's PNG, when the verifier answered one (kept as a known render)."""
+    seed_checked: bool = False
+    """A re-render whose verifier also measured the worker's leaf 0 against the seed
+    (`rerender_verify.rerender_on` with `start`): its pass vouches for that leaf."""
 
 
 class PendingVerifications:

@@ -30,6 +30,7 @@ from sogni_protocol import eip712
 from sogni_protocol.messages import (
     MAX_CHALLENGE_STEPS,
     RERENDER_FEATURE,
+    RERENDER_SEED_FEATURE,
     RERENDER_WEIGHTS_FEATURE,
     Challenge,
     ChallengeAnswer,
@@ -508,6 +509,59 @@ async def test_an_uncovered_receipt_whose_image_differs_fails_after_a_third_wall
     assert [s.kind for s in ev.steps] == ["render"]
     assert ev.steps[0].third is not None and not ev.steps[0].third.passed
     assert not sub.state.finished.is_set()  # type: ignore[attr-defined]
+
+
+SEEDED = {"mode": "float32", "version": f"{RERENDER_FEATURE} {RERENDER_SEED_FEATURE}"}
+"""What a node able to re-render with the seed check advertises."""
+
+
+@pytest.mark.parametrize("d0", [0.0, 1.41])
+async def test_a_rerendered_receipt_with_a_trajectory_is_seed_checked(
+    checked: Harness, d0: float
+) -> None:
+    """An unmeasured mode's receipt commits a trajectory and a `+rerender-seed` node is
+    connected: the worker opens leaf 0 (proved), the verifier gets it with the re-render and
+    measures it against the seed. The same picture passes only at d0 = 0; at 1.41 (another
+    seed's noise) a third wallet agrees and the receipt fails (unpaid, struck, leaf 0 kept as
+    evidence). A passed one's leaf 0 rides along with the known render it becomes."""
+    h = checked
+    sub, _ = await _paid_request(h)
+    worker = h.node(0)
+    first, third = h.node(1, ready=False, **SEEDED), h.node(2, ready=False, **SEEDED)
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    job_id = offer.offer.job_id
+    t = Trajectory(offer.offer.steps, seed=1)
+    result = committed(worker, offer, t, dtype="float16@cuda-sm90-torch2.13")
+    await h.dispatcher.accept_result(worker.link, result)
+    await answer_challenge(h, worker, t)
+    asked: list[VerifyRender] = []
+    with trio.fail_after(10):
+        while not asked or (d0 and len(asked) < 2):
+            for v in (first, third):
+                for ask in (m for m in v.drain() if isinstance(m, VerifyRender)):
+                    reply = DecodeVerified(
+                        check_id=ask.check_id, image=result.image, start_distance=d0
+                    )
+                    assert h.dispatcher.verifications.answered(v.link.peer_id, reply)
+                    asked.append(ask)
+            await trio.sleep(0.005)
+    assert all(a.start_latents == t.tensor(0) for a in asked)
+    if not d0:
+        await until(lambda: h.store.check_state(job_id) == "passed")
+        await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
+        (line,) = log_lines(h)
+        assert line["verdict"] == "pass" and "seed: leaf 0 within" in str(line["reason"])
+        pool = h.dispatcher.checks.known_renders
+        known = pool.draw(offer.params.model_id, "render:", "0x" + "00" * 20, random.Random(0))
+        assert known is not None and known.start == t.tensor(0)
+        return
+    await until(lambda: h.store.failed_receipts(job_id) and h.reputation.get(worker.wallet).strikes)
+    ((_, who, _, reason),) = h.store.failed_receipts(job_id)
+    assert who == worker.wallet.lower() and "seed: leaf 0 is d0 = 1.41" in reason
+    assert _earned(h, worker.wallet) == 0
+    ev = decode_evidence(h.store.failed_evidence(job_id)[0])
+    assert ev.challenge is not None and [o.step for o in ev.challenge.openings] == [0]
 
 
 # --- the seed check (docs/VERIFICATION.md, "Seed check") ---------------------------------
