@@ -93,6 +93,7 @@ from sogni_coordinator.rerender_verify import (
     can_rerender,
     rerender_on,
     rerender_weights,
+    seed_checkers,
     verify_rerender,
 )
 from sogni_coordinator.results import ResultKey, ResultStore
@@ -114,7 +115,6 @@ from sogni_protocol.messages import (
     MAX_CHALLENGE_STEPS,
     NO_TRAJECTORY,
     OPEN_PIXELS_FEATURE,
-    RERENDER_SEED_FEATURE,
     ChallengeAnswer,
     PixelsOpening,
     Receipt,
@@ -293,11 +293,6 @@ def _evidence_openings(run: _Run) -> list[StepOpeningWire]:
 
 _Ask = Callable[[frozenset[str]], Awaitable[StepVerdict]]
 """Ask one verifier, not of these wallets, for a verdict (a step re-run, an image check)."""
-
-
-def _latents(opening: StepOpeningWire) -> TensorEntry:
-    """An opened leaf's latents (`StepOpeningWire` checks on decode that it has them)."""
-    return next(t for t in opening.tensors if t.name == "latents")
 
 
 def _against_worker(v: StepVerdict) -> bool:
@@ -542,7 +537,7 @@ class Checks:
             if isinstance(leaf0, Outcome):
                 return leaf0
             opened = leaf0[0]
-            start = _latents(opened[0])
+            start = opened[0].latents
         run = _Run(held, {o.step: o for o in opened})
         answers: dict[str, StepVerdict] = {}
         """Each verifier's latest answer, by wallet (`_asked` names them so)."""
@@ -585,12 +580,7 @@ class Checks:
         if held.receipt.trajectory_root == NO_TRAJECTORY:
             return False
         model = held.job.params.model_id
-        weights = rerender_weights(held.dtype)
-        able = {
-            peer: link
-            for peer, link in self.dispatcher.nodes.items()
-            if RERENDER_SEED_FEATURE in link.features and can_rerender(link, model, weights)
-        }
+        able = seed_checkers(self.dispatcher.nodes, model, rerender_weights(held.dtype))
         payee = held.receipt.payee
         return choose_verifier(able, model, held.worker, None, worker_payout=payee) is not None
 
@@ -968,7 +958,7 @@ class Checks:
                     image=v.image,
                     budget=held.budget,
                     accounts=frozenset(a.lower() for a in payees if a is not None),
-                    start=_latents(run.by_step[0]) if v.seed_checked else None,
+                    start=run.by_step[0].latents if v.seed_checked else None,
                 )
             )
 

@@ -59,6 +59,7 @@ __all__ = [
     "can_rerender",
     "rerender_on",
     "rerender_weights",
+    "seed_checkers",
     "verify_rerender",
 ]
 
@@ -119,6 +120,18 @@ def can_rerender(link: NodeLink, model_id: str, weights: str = "") -> bool:
     )
 
 
+def seed_checkers(
+    nodes: Mapping[str, NodeLink], model_id: str, weights: str = ""
+) -> dict[str, NodeLink]:
+    """The nodes that can re-render `model_id` (with `weights`) and also measure a worker's
+    leaf 0 against the seed (`RERENDER_SEED_FEATURE`)."""
+    return {
+        peer: link
+        for peer, link in nodes.items()
+        if RERENDER_SEED_FEATURE in link.features and can_rerender(link, model_id, weights)
+    }
+
+
 async def verify_rerender(
     dispatcher: _Dispatcher,
     *,
@@ -144,7 +157,7 @@ async def verify_rerender(
     weights = rerender_weights(dtype)
     able = {p: n for p, n in dispatcher.nodes.items() if can_rerender(n, params.model_id, weights)}
     if start is not None:
-        seeded = {p: n for p, n in able.items() if RERENDER_SEED_FEATURE in n.features}
+        seeded = seed_checkers(dispatcher.nodes, params.model_id, weights)
         allowed = choose_verifier(
             seeded, params.model_id, worker, None, exclude, worker_payout=worker_payout
         )

@@ -207,10 +207,6 @@ def normalised_distance(
     return math.sqrt(num) / math.sqrt(den)
 
 
-def _latents(opening: StepOpeningWire) -> TensorEntry:
-    return next(t for t in opening.tensors if t.name == "latents")  # the wire type checks it
-
-
 # --- the exchange ------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepVerdict:
@@ -368,7 +364,7 @@ def _unfit(opening_k: StepOpeningWire, opening_next: StepOpeningWire, dtype: str
         return f"no tolerance measured for the declared mode {dtype!r}"
     if opening_next.step != k + 1:
         return f"leaf {opening_next.step} does not follow leaf {k}"
-    if _latents(opening_k).shape != _latents(opening_next).shape:
+    if opening_k.latents.shape != opening_next.latents.shape:
         return f"leaves {k} and {k + 1} differ in shape"
     return None
 
@@ -414,7 +410,7 @@ async def probe_step(
     ) -> StepVerdict:
         return _not_verified(k, dtype, reason, verifier, d, code)
 
-    x_k, x_next = _latents(opening_k), _latents(opening_next)
+    x_k, x_next = opening_k.latents, opening_next.latents
     try:
         request = VerifyStep(
             check_id=secrets.token_bytes(32),

@@ -55,7 +55,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, ParamSpec, TypeVar, cast
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
 import msgspec
 import trio
@@ -123,6 +123,9 @@ from sogni_protocol.messages import (
 )
 from sogni_protocol.rotation_chain import chain_fault, chain_keys, newly_trusted
 from sogni_protocol.trajectory import TensorBytes
+
+if TYPE_CHECKING:
+    import torch
 
 log = get_logger(__name__)
 
@@ -701,13 +704,9 @@ class PullSession:
         if type(scheduler).__name__ not in sc.SUPPORTED_SCHEDULERS:
             return refuse(f"{type(scheduler).__name__} steps cannot be re-run", "scheduler")
 
-        def tensor(entry: TensorEntry) -> torch.Tensor:
-            flat = torch.frombuffer(bytearray(entry.data), dtype=torch.float32)
-            return flat.reshape(entry.shape)
-
         entries = {t.name: t for t in msg.opening.tensors}
         committed = entries["latents"]
-        x_k = tensor(committed)
+        x_k = _tensor(committed)
         scale = 1.0
         if msg.k == 0:  # leaf 0 is the unscaled noise
             scale = float(sc.fresh_scheduler(scheduler, job.steps, "cpu").init_noise_sigma)
@@ -716,7 +715,7 @@ class PullSession:
             (n for n in entries if n.startswith("model_outputs.")),
             key=lambda n: int(n.rsplit(".", 1)[1]) if n.rsplit(".", 1)[1].isdigit() else 0,
         )
-        state = sc.StepState(tuple(tensor(entries[n]) for n in outputs)) if outputs else None
+        state = sc.StepState(tuple(_tensor(entries[n]) for n in outputs)) if outputs else None
         if msg.k >= 1 and state is None and type(scheduler).__name__.startswith("DPMSolver"):
             return refuse(f"leaf {msg.k} carries no multistep state", "bad_leaf")
         with loaded.lock:
@@ -744,7 +743,7 @@ class PullSession:
             # compute dtype rounds it (docs/VERIFICATION.md, "Seed check")
             start = sc.seed_distance(
                 loaded.pipe,
-                tensor(committed),
+                _tensor(committed),
                 seed=job.seed,
                 width=job.width,
                 height=job.height,
@@ -806,8 +805,7 @@ class PullSession:
         loaded = backend._get(msg.model_id)
         if final_latent_shape(loaded.pipe, width=msg.width, height=msg.height) is None:
             return refuse("this model's latents cannot be decoded here", "backend")
-        entry = latents[0]
-        x = torch.frombuffer(bytearray(entry.data), dtype=torch.float32).reshape(entry.shape)
+        x = _tensor(latents[0])
         with loaded.lock:
             torch.set_num_threads(backend.threads)  # process-global: set under the lock
             image = decode_png(
@@ -1217,19 +1215,24 @@ class PullSession:
         log.info("result_resent", job=job.tag, resigned=True, rotated=True)
 
 
+def _tensor(entry: TensorEntry) -> torch.Tensor:
+    """An opened tensor's bytes (float32 on the wire, whatever it was computed in)."""
+    import torch
+
+    return torch.frombuffer(bytearray(entry.data), dtype=torch.float32).reshape(entry.shape)
+
+
 def _seed_distance(backend: Backend, params: JobParams, leaf: TensorEntry) -> float:
     """Blocking: the seed check of the worker's leaf 0 (`step_check.seed_distance`, any
     rounding); `inf` when the leaf is not float32 latents of a shape its bytes fill (it was
     the worker's to open) or this backend has no diffusers pipeline to shape the noise."""
-    import torch
-
     from sogni_node.render.diffusers_backend import DiffusersBackend
     from sogni_node.verify import step_check as sc
 
     if not isinstance(backend, DiffusersBackend) or leaf.dtype != "float32":
         return math.inf
     try:
-        latents = torch.frombuffer(bytearray(leaf.data), dtype=torch.float32).reshape(leaf.shape)
+        latents = _tensor(leaf)
     except (RuntimeError, ValueError):
         return math.inf
     pipe = backend._get(params.model_id).pipe

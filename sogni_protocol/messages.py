@@ -591,6 +591,11 @@ class StepOpeningWire(_Record, kw_only=True):
         if self.step >= self.n_leaves:
             raise ValueError(f"step {self.step} is outside a tree of {self.n_leaves} leaves")
 
+    @property
+    def latents(self) -> TensorEntry:
+        """The revealed latent (every opening has one: checked on decode)."""
+        return next(t for t in self.tensors if t.name == "latents")
+
 
 OPEN_PIXELS_FEATURE = "+open-pixels"
 """A word in a node's `Capabilities.version`: it keeps the lossless pixels of its JPEG and

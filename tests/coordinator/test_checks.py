@@ -9,6 +9,7 @@ import math
 import random
 from array import array
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -469,6 +470,35 @@ async def test_an_uncovered_receipt_is_rerendered_elsewhere_and_passes(
     assert h.store.verifier_work([job_id]) == {job_id: [(verifier.wallet.lower(), steps)]}
 
 
+@dataclass
+class _HeldCuda:
+    sub: object
+    worker: FakeNode
+    verifiers: tuple[FakeNode, FakeNode]
+    offer: Offer
+    trajectory: Trajectory
+    result: Result
+
+    @property
+    def job_id(self) -> bytes:
+        return self.offer.offer.job_id
+
+
+async def _held_cuda_receipt(h: Harness, advert: dict[str, str]) -> _HeldCuda:
+    """A paid request's one job, rendered by node 0 declaring CUDA float16 (no step
+    tolerance) with a committed trajectory, and its receipt accepted (held for a re-render);
+    nodes 1 and 2, of other wallets, advertise `advert`."""
+    sub, _ = await _paid_request(h)
+    worker = h.node(0)
+    verifiers = (h.node(1, ready=False, **advert), h.node(2, ready=False, **advert))
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    t = Trajectory(offer.offer.steps, seed=1)
+    result = committed(worker, offer, t, dtype="float16@cuda-sm90-torch2.13")
+    await h.dispatcher.accept_result(worker.link, result)
+    return _HeldCuda(sub, worker, verifiers, offer, t, result)
+
+
 async def test_an_uncovered_receipt_whose_image_differs_fails_after_a_third_wallet(
     checked: Harness,
 ) -> None:
@@ -476,15 +506,8 @@ async def test_an_uncovered_receipt_whose_image_differs_fails_after_a_third_wall
     a third wallet's re-render agrees; the receipt fails (unpaid, struck, evidence kept),
     and the job is rendered again."""
     h = checked
-    sub, _ = await _paid_request(h)
-    rogue = h.node(0)
-    first, third = h.node(1, ready=False, **REFERENCE), h.node(2, ready=False, **REFERENCE)
-    h.dispatcher.match()
-    (offer,) = rogue.offers()
-    job_id = offer.offer.job_id
-    t = Trajectory(offer.offer.steps, seed=1)
-    result = committed(rogue, offer, t, dtype="float16@cuda-sm90-torch2.13")
-    await h.dispatcher.accept_result(rogue.link, result)
+    held = await _held_cuda_receipt(h, REFERENCE)
+    sub, rogue, (first, third), job_id = held.sub, held.worker, held.verifiers, held.job_id
     buf = io.BytesIO()
     Image.new("RGB", (64, 64), (10, 200, 10)).save(buf, format="PNG")  # not the delivered
     asked: list[FakeNode] = []
@@ -525,15 +548,9 @@ async def test_a_rerendered_receipt_with_a_trajectory_is_seed_checked(
     seed's noise) a third wallet agrees and the receipt fails (unpaid, struck, leaf 0 kept as
     evidence). A passed one's leaf 0 rides along with the known render it becomes."""
     h = checked
-    sub, _ = await _paid_request(h)
-    worker = h.node(0)
-    first, third = h.node(1, ready=False, **SEEDED), h.node(2, ready=False, **SEEDED)
-    h.dispatcher.match()
-    (offer,) = worker.offers()
-    job_id = offer.offer.job_id
-    t = Trajectory(offer.offer.steps, seed=1)
-    result = committed(worker, offer, t, dtype="float16@cuda-sm90-torch2.13")
-    await h.dispatcher.accept_result(worker.link, result)
+    held = await _held_cuda_receipt(h, SEEDED)
+    sub, worker, (first, third), job_id = held.sub, held.worker, held.verifiers, held.job_id
+    offer, t, result = held.offer, held.trajectory, held.result
     await answer_challenge(h, worker, t)
     asked: list[VerifyRender] = []
     with trio.fail_after(10):

@@ -72,7 +72,7 @@ def _latents_entry(t: torch.Tensor) -> TensorEntry:
 
 def _leaf0(committed: Trajectory) -> TensorEntry:
     """The worker's leaf 0 as the coordinator forwards it (its latents, opened)."""
-    return next(t for t in wire(committed, 0).tensors if t.name == "latents")
+    return wire(committed, 0).latents
 
 
 async def _open_and_refuse(channel: Channel, committed: Trajectory) -> None:
