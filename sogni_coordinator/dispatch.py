@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import heapq
 import itertools
+import logging
 import math
 import os
 import statistics
@@ -107,6 +108,7 @@ if TYPE_CHECKING:
     from sogni_coordinator.cluster import Cluster
 
 log = get_logger(__name__)
+_debug_log = logging.getLogger(__name__)  # the stdlib logger behind `log`: its level
 
 __all__ = [
     "MAX_ATTEMPTS",
@@ -1130,7 +1132,8 @@ class Dispatcher:
             return False
         self._to(job, JobEvent.OFFER)  # RUNNING is stored as QUEUED: nothing to write
         job.unservable_since = None  # a node serves it: a later grace starts afresh
-        log.debug("offer_sent", job=job.job_id.hex()[:16], peer=link.peer_id, budget_s=budget)
+        if _debug_log.isEnabledFor(logging.DEBUG):  # per offer: skip the filtered call's cost
+            log.debug("offer_sent", job=job.job_id.hex()[:16], peer=link.peer_id, budget_s=budget)
         job.offers[offer_hash] = link.peer_id
         job.signed_offers[offer_hash] = (offer, signature)
         if self.cluster is not None:  # a node may deliver it to another coordinator

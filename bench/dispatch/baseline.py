@@ -68,6 +68,20 @@ class Baseline:
     disk: WriteStats | None = None
     """What the database's writer did during the run: its commit groups and image groups
     (a job's ack waits for both, so they explain the loop's idle time)."""
+    by_task: bool = True
+    """`parts` came from a per-task-step instrument in this run (which costs the loop time
+    itself); else only the loop's idle time and the fake nodes' own time were measured."""
+    cpu_seconds: float = 0.0
+    """CPU time of the loop's thread in the timed part, minus the fake nodes' own: steadier
+    than wall time on a shared machine (no waits for a core or the disk in it)."""
+    split: Baseline | None = None
+    """A run of the same shape with `by_task`, whose parts split this one's time by task
+    (set by the runner on the run it reports)."""
+
+    @property
+    def by_part(self) -> Baseline:
+        """The run whose `parts` name every task: this one, or its `split`."""
+        return self if self.by_task or self.split is None else self.split
 
     @property
     def jobs_per_s(self) -> float:
@@ -88,25 +102,36 @@ PART_IDLE = "loop idle (waiting on I/O, e.g. a commit thread)"
 PART_OTHER = "group commit and other coordinator tasks"
 
 
-class _TaskClock(trio.abc.Instrument):
-    """Wall time of every trio task step, by the task's name, and of the loop's I/O waits."""
+class _IdleClock(trio.abc.Instrument):
+    """Wall time of the loop's I/O waits: two calls per loop turn, not per task step (trio
+    calls only the hooks an instrument overrides), so the throughput run pays almost
+    nothing for it."""
 
     def __init__(self) -> None:
         self.steps: dict[str, float] = defaultdict(float)
-        self._started = 0.0
         self._io = 0.0
-
-    def before_task_step(self, task: trio.lowlevel.Task) -> None:
-        self._started = time.perf_counter()
-
-    def after_task_step(self, task: trio.lowlevel.Task) -> None:
-        self.steps[task.name] += time.perf_counter() - self._started
 
     def before_io_wait(self, timeout: float) -> None:
         self._io = time.perf_counter()
 
     def after_io_wait(self, timeout: float) -> None:
         self.steps[PART_IDLE] += time.perf_counter() - self._io
+
+
+class _TaskClock(_IdleClock):
+    """Also the wall time of every trio task step, by the task's name: two calls and a dict
+    update per step, ~10% of the loop's time in this harness, so only the run that splits
+    the time into parts uses it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._started = 0.0
+
+    def before_task_step(self, task: trio.lowlevel.Task) -> None:
+        self._started = time.perf_counter()
+
+    def after_task_step(self, task: trio.lowlevel.Task) -> None:
+        self.steps[task.name] += time.perf_counter() - self._started
 
 
 def _node_answer(offer_msg: Offer, wallet: LocalAccount, domain: Domain, image: bytes) -> bytes:
@@ -140,6 +165,7 @@ def run_baseline(
     *,
     paid: bool = False,
     results: str = "folder",
+    by_task: bool = True,
 ) -> Baseline:
     """The networked round's traffic through the real `Dispatcher`, minus the network.
 
@@ -147,8 +173,10 @@ def run_baseline(
     payer, its quote reserved in the ledger, each receipt settled and the rest refunded, as in
     a paying network. `results`: the coordinator's `result_store` ("folder": files beside
     the database; "database": rows of its SQLite file, written with their receipts).
+    `by_task`: split the loop's time by task (`_TaskClock`); without it, a run measures
+    throughput as production code runs, with only the idle time and the fake nodes' time.
     """
-    clock = _TaskClock()
+    clock = _TaskClock() if by_task else _IdleClock()
     return trio.run(
         _baseline, requests, images, nodes, workdir, clock, paid, results, instruments=[clock]
     )
@@ -164,7 +192,7 @@ async def _baseline(
     n_images: int,
     n_nodes: int,
     workdir: Path,
-    clock: _TaskClock,
+    clock: _IdleClock,
     paid: bool,
     results: str,
 ) -> Baseline:
@@ -178,7 +206,9 @@ async def _baseline(
     Each request's events are encoded as its client stream would.
     `Dispatcher.run` does the matching as in production. A fake node decodes offers and signs
     receipts; the time of its steps is subtracted, everything else in the loop is the
-    coordinator's. Only the dispatcher's public API is used; `match` and `Router.pick` are
+    coordinator's (the time of its steps: from the task clock when `clock` splits by task,
+    else the node's own timing of its work, so the task switches to and from the node count
+    as the coordinator's). Only the dispatcher's public API is used; `match` and `Router.pick` are
     wrapped on the instance to count them.
     """
     workdir.mkdir(parents=True, exist_ok=True)
@@ -219,6 +249,8 @@ async def _baseline(
     dispatcher.match = counting_match  # type: ignore[method-assign]
 
     n_jobs = n_requests * n_images
+    node_seconds = [0.0]
+    node_cpu = [0.0]
     all_delivered = trio.Event()
     delivered = 0
 
@@ -243,9 +275,12 @@ async def _baseline(
         to_coordinator: trio.MemorySendChannel[bytes],
     ) -> None:
         async for frame in from_coordinator:
+            started, cpu = time.perf_counter(), time.thread_time()
             msg = decode(frame)
             if isinstance(msg, Offer):
                 to_coordinator.send_nowait(_node_answer(msg, wallet, domain, image))
+            node_seconds[0] += time.perf_counter() - started
+            node_cpu[0] += time.thread_time() - cpu
 
     async def settle(link: NodeLink, result: Result, at_once: trio.Semaphore) -> None:
         try:
@@ -299,8 +334,9 @@ async def _baseline(
             nursery.start_soon(node_reader, link, up_recv, name=PART_READER)
         await trio.testing.wait_all_tasks_blocked()
         clock.steps.clear()
+        node_seconds[0] = node_cpu[0] = 0.0
         before = store.write_stats()
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.thread_time()
         for r in range(n_requests):
             await accept_request(r, nursery)
         for link in list(dispatcher.nodes.values()):  # each node's one `Ready`, as
@@ -308,12 +344,14 @@ async def _baseline(
             dispatcher.ready(link, link.slots + MAX_LOOKAHEAD)
         await all_delivered.wait()
         wall = time.perf_counter() - started
+        cpu = time.thread_time() - cpu_started - node_cpu[0]
         disk = _since(before, store.write_stats())
         nursery.cancel_scope.cancel()
     parts: dict[str, float] = defaultdict(float)
     for name, seconds in clock.steps.items():
         parts[_part(name)] += seconds
-    coordinator = wall - parts.pop(PART_NODE, 0.0)
+    by_task = isinstance(clock, _TaskClock)
+    coordinator = wall - (parts.pop(PART_NODE, 0.0) if by_task else node_seconds[0])
     micro = _micro(store, bytes(signer.key), dispatcher.address, domain, wallets[0], image)
     if ledger is not None:
         ledger.close()
@@ -321,7 +359,16 @@ async def _baseline(
     dispatcher.results.close()
     store.close()
     return Baseline(
-        n_jobs, coordinator, dict(parts), micro, counts["picks"], counts["matches"], n_nodes, disk
+        n_jobs,
+        coordinator,
+        dict(parts),
+        micro,
+        counts["picks"],
+        counts["matches"],
+        n_nodes,
+        disk,
+        by_task,
+        cpu,
     )
 
 

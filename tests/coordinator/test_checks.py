@@ -3,6 +3,7 @@ fake worker that commits to a real Merkle tree of made-up latents and a fake ver
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -11,7 +12,7 @@ from array import array
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import pytest
@@ -170,7 +171,11 @@ async def answer_verify(
         assert h.dispatcher.verifications.answered(verifier.link.peer_id, reply)
 
 
-def log_lines(h: Harness) -> list[dict[str, object]]:
+def _check_passed(h: Harness, job_id: bytes) -> bool:
+    return h.store.check_state(job_id) == "passed"
+
+
+def log_lines(h: Harness) -> list[dict[str, Any]]:
     path = h.folder / "verifications.jsonl"
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
@@ -315,10 +320,9 @@ async def test_policy_samples_nothing_at_rate_zero_and_the_first_jobs(
             if seen[-1]:
                 await answer_challenge(h, worker, t)
                 await answer_verify(h, verifier, t, honest=True)
-                job_id = offer.offer.job_id
-                await until(lambda s=h.store, j=job_id: s.check_state(j) == "passed")
+                await until(functools.partial(_check_passed, h, offer.offer.job_id))
         assert seen == held
-        await until(lambda s=sub: s.state.finished.is_set())
+        await until(sub.state.finished.is_set)
         h.close()
 
 
