@@ -150,13 +150,12 @@ class DirectStream:
 
     async def write(self, data: bytes) -> None:
         """All of `data`, sealed in as many Noise messages as it needs, in one socket send."""
-        out = bytearray()
+        parts: list[bytes] = []  # joined once: no growing buffer copied again into bytes
         for start in range(0, max(len(data), 1), _MAX_PLAINTEXT):
             sealed = self._noise.encrypt(data[start : start + _MAX_PLAINTEXT])
-            out += len(sealed).to_bytes(2, "big")
-            out += sealed
+            parts += (len(sealed).to_bytes(2, "big"), sealed)
         try:
-            await self._sock.send_all(bytes(out))
+            await self._sock.send_all(b"".join(parts))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise StreamReset(f"direct connection lost ({exc})") from exc
 
