@@ -76,7 +76,7 @@ class Baseline:
     than wall time on a shared machine (no waits for a core or the disk in it)."""
     split: Baseline | None = None
     """A run of the same shape with `by_task`, whose parts split this one's time by task
-    (set by the runner on the run it reports)."""
+    (set by the runner on the run it reports: the median of its clocked runs)."""
 
     @property
     def by_part(self) -> Baseline:

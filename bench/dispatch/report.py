@@ -43,7 +43,18 @@ def render_markdown(report: Report) -> str:
         (
             "baseline: the coordinator's own work, no network",
             f"{base.jobs_per_s:.0f} jobs/s ({base.seconds / base.jobs * 1e6:.0f} us per job, "
-            f"{base.busy_seconds / base.jobs * 1e6:.0f} us of it running code)",
+            f"{base.busy_seconds / base.jobs * 1e6:.0f} us of it running code, "
+            f"{base.cpu_seconds / base.jobs * 1e6:.0f} us of the loop thread's CPU)",
+        ),
+        *(
+            [
+                (
+                    "baseline timed by task, as older harnesses timed it",
+                    f"{base.split.jobs_per_s:.0f} jobs/s",
+                )
+            ]
+            if base.split is not None
+            else []
         ),
         ("**ratio networked / baseline**", f"**{rate / base.jobs_per_s:.2f}**"),
         (
@@ -87,9 +98,10 @@ def render_markdown(report: Report) -> str:
         f"and images encoded, with {s.nodes} fake nodes on memory channels instead of "
         f"libp2p, each holding {MAX_LOOKAHEAD} offers beyond its slot as an instant "
         f"`sogni_node.pull` node does (one `Ready` of slots + {MAX_LOOKAHEAD}, credit back "
-        f"with each ack); the fake nodes' time (a trio "
-        f"instrument times every task step) is "
-        f"subtracted. Paid path: after each free round a round of the same size whose requests "
+        f"with each ack); the fake nodes' time (they time their own work) is subtracted, and "
+        f"only the loop's waits are clocked (a trio instrument on its I/O wait, two calls per "
+        f"loop turn); as many runs more with a clock on every task step split the time into "
+        f"parts (that clock costs the loop time itself). Paid path: after each free round a round of the same size whose requests "
         f"name a funded payer and carry its EIP-712 signature (the coordinator's billing is "
         f"`optional`, so these are billed: reservation, settlement per receipt, refund), and a "
         f"baseline with billing `required`.",
@@ -121,8 +133,9 @@ def render_markdown(report: Report) -> str:
         + (
             ""
             if split is base
-            else f" (parts from one more run timed by task: {split.jobs_per_s:.0f} jobs/s, the "
-            f"clock's own cost is the difference from the {base.jobs_per_s:.0f} above)"
+            else f" (parts from the median of as many runs timed by task: {split.jobs_per_s:.0f} "
+            f"jobs/s, the clock's own cost is the difference from the {base.jobs_per_s:.0f} "
+            "above; harnesses before 2c009f0 timed every run so)"
         )
         + ":",
         "",
