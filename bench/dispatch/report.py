@@ -101,7 +101,8 @@ def render_markdown(report: Report) -> str:
         f"with each ack); the fake nodes' time (they time their own work) is subtracted, and "
         f"only the loop's waits are clocked (a trio instrument on its I/O wait, two calls per "
         f"loop turn); as many runs more with a clock on every task step split the time into "
-        f"parts (that clock costs the loop time itself). Paid path: after each free round a round of the same size whose requests "
+        f"parts (that clock costs the loop time itself). Paid path: after each free round a "
+        f"round of the same size whose requests "
         f"name a funded payer and carry its EIP-712 signature (the coordinator's billing is "
         f"`optional`, so these are billed: reservation, settlement per receipt, refund), and a "
         f"baseline with billing `required`.",
