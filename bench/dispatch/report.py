@@ -134,9 +134,9 @@ def render_markdown(report: Report) -> str:
         + (
             ""
             if split is base
-            else f" (parts from the median of as many runs timed by task: {split.jobs_per_s:.0f} "
-            f"jobs/s, the clock's own cost is the difference from the {base.jobs_per_s:.0f} "
-            "above; harnesses before 2c009f0 timed every run so)"
+            else f" (parts from the median of as many runs timed by task, {split.jobs_per_s:.0f} "
+            "jobs/s: the clock's two calls per task step are within this machine's run-to-run "
+            "spread; harnesses before 2c009f0 timed every run so)"
         )
         + ":",
         "",
