@@ -1,9 +1,10 @@
 """Where a process's event-loop thread spends its wall time: py-spy samples or cProfile stats.
 
 py-spy (if installed: `pip install py-spy`) samples a running process from outside at a
-fixed rate with `--idle`, so a timed round can be profiled as is, without slowing it. Without
-py-spy, cProfile stats (written by `bench._coordinator` on a signal) are summarised instead;
-they come from an extra round that the profiler slows down.
+fixed rate with `--idle`, without changing its code; it still takes about a quarter of a core
+on a 2-core machine, so it samples one extra round, not a timed one. Without py-spy, cProfile
+stats (written by `bench._coordinator` on a signal) are summarised instead; they come from an
+extra round that the profiler slows down.
 
 Both are reduced to the same shape: the share of the trio thread's wall time by category of
 the innermost Python frame (self time; time inside a C call such as an SQLite commit or a
@@ -149,7 +150,7 @@ def from_py_spy(path: Path, rate: int = 200) -> Profile:
     if total == 0:
         raise RuntimeError(f"no samples of the trio thread in {path}")
     return Profile(
-        method=f"py-spy {rate} Hz, `--idle`, during the last timed round",
+        method=f"py-spy {rate} Hz, `--idle`, during one more round (not counted)",
         seconds=total / rate,
         idle=idle / total,
         categories=sorted(((k, v / total) for k, v in leaf.items()), key=lambda kv: -kv[1]),
