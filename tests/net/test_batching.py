@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import pytest
 import trio
 
 from sogni_net import Channel, Host
+from sogni_net.errors import ChannelClosed
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT
 from sogni_protocol.messages import Heartbeat
 
@@ -74,3 +76,25 @@ async def test_a_lone_frame_is_written_at_once(server: Server, client: Host) -> 
                 await channel.send(Heartbeat(seq=i))
                 assert await channel.receive(timeout=5) == Heartbeat(seq=i)
             assert len(sizes) == 3
+
+
+async def test_a_failed_batch_write_fails_the_send_with_its_error(
+    server: Server, client: Host
+) -> None:
+    """`send_many` waits once for its whole batch; every frame of a failed write carries the
+    write's error, and the sender hears it (the channel cannot be used again)."""
+    with trio.fail_after(10):
+        async with await client.open_channel(server.host.addrs[0], server.ECHO) as channel:
+            await channel.send(Heartbeat(seq=0))
+            assert await channel.receive(timeout=5) == Heartbeat(seq=0)
+            stream: Any = channel._stream
+
+            async def broken(data: bytes) -> None:
+                raise OSError("disk on fire")
+
+            stream.write = broken
+            frames = [(Heartbeat(seq=i), CONTROL_FRAME_LIMIT) for i in range(1, 6)]
+            with pytest.raises(ChannelClosed, match="disk on fire"):
+                await channel.send_many(frames, timeout=5)
+            with pytest.raises(ChannelClosed):
+                await channel.send(Heartbeat(seq=9))
