@@ -716,11 +716,11 @@ def render_markdown(m: dict[str, Any], command: str, seconds: float) -> str:
         ),
         "",
     ]
+
+    def verdict(bad: int) -> str:
+        return "met" if n_held >= 1000 and bad == 0 else "not met"
+
     for f in JOB_FORMATS:
-
-        def verdict(bad: int) -> str:
-            return "met" if n_held >= 1000 and bad == 0 else "not met"
-
         lines.append(
             f"Held-out honest {f.upper()} checks over their mode's tolerance: "
             f"{rejected[f]} of {n_held} at this run's, {rejected_shipped[f]} at the shipped. "

@@ -579,10 +579,14 @@ class Checks:
         another account can re-render with the seed check (`RERENDER_SEED_FEATURE`)."""
         if held.receipt.trajectory_root == NO_TRAJECTORY:
             return False
-        model = held.job.params.model_id
-        able = seed_checkers(self.dispatcher.nodes, model, rerender_weights(held.dtype))
-        payee = held.receipt.payee
-        return choose_verifier(able, model, held.worker, None, worker_payout=payee) is not None
+        pool = seed_checkers(
+            self.dispatcher.nodes,
+            held.job.params.model_id,
+            rerender_weights(held.dtype),
+            held.worker,
+            worker_payout=held.receipt.payee,
+        )
+        return pool is not None
 
     def _asks_pixels(self, held: Held) -> bool:
         """Ask the worker to open its lossy image's pixels with the final leaf (the image

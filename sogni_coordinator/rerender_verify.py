@@ -121,15 +121,24 @@ def can_rerender(link: NodeLink, model_id: str, weights: str = "") -> bool:
 
 
 def seed_checkers(
-    nodes: Mapping[str, NodeLink], model_id: str, weights: str = ""
-) -> dict[str, NodeLink]:
+    nodes: Mapping[str, NodeLink],
+    model_id: str,
+    weights: str,
+    worker: str,
+    *,
+    worker_payout: str | None,
+    exclude: frozenset[str] = frozenset(),
+) -> dict[str, NodeLink] | None:
     """The nodes that can re-render `model_id` (with `weights`) and also measure a worker's
-    leaf 0 against the seed (`RERENDER_SEED_FEATURE`)."""
-    return {
+    leaf 0 against the seed (`RERENDER_SEED_FEATURE`), when one of them may check
+    `worker`'s job (`choose_verifier`'s rules); else None."""
+    able = {
         peer: link
         for peer, link in nodes.items()
         if RERENDER_SEED_FEATURE in link.features and can_rerender(link, model_id, weights)
     }
+    chosen = choose_verifier(able, model_id, worker, None, exclude, worker_payout=worker_payout)
+    return None if chosen is None else able
 
 
 async def verify_rerender(
@@ -155,14 +164,19 @@ async def verify_rerender(
     receipt's steps). `start`: the worker's proved leaf 0, for the seed check (`rerender_on`);
     a node that can measure it is then preferred."""
     weights = rerender_weights(dtype)
-    able = {p: n for p, n in dispatcher.nodes.items() if can_rerender(n, params.model_id, weights)}
-    if start is not None:
-        seeded = seed_checkers(dispatcher.nodes, params.model_id, weights)
-        allowed = choose_verifier(
-            seeded, params.model_id, worker, None, exclude, worker_payout=worker_payout
+    seeded = None
+    if start is not None:  # one of them may check: the seed check is not given up
+        seeded = seed_checkers(
+            dispatcher.nodes,
+            params.model_id,
+            weights,
+            worker,
+            worker_payout=worker_payout,
+            exclude=exclude,
         )
-        if allowed is not None:  # one of them may check: the seed check is not given up
-            able = seeded
+    able = seeded or {
+        p: n for p, n in dispatcher.nodes.items() if can_rerender(n, params.model_id, weights)
+    }
     peer = choose_verifier(able, params.model_id, worker, rng, exclude, worker_payout=worker_payout)
     if peer is None:
         tol = _tolerance(params.output_format)
@@ -238,12 +252,13 @@ async def rerender_on(
         seeded = msgspec.structs.replace(request, start_latents=start)
         if len(encode(seeded)) <= RESULT_FRAME_LIMIT:  # else the image alone, as before
             request = seeded
+    seed_checked = isinstance(request.start_latents, TensorEntry)
     if len(encode(request)) > RESULT_FRAME_LIMIT:
         return _inconclusive(step, tol, "re-render: the job's parameters are too large to send")
     reply = await dispatcher.verifications.ask_image(peer, link.outbox, request, timeout)
     if not isinstance(reply, DecodeVerified):  # no code blames the worker: nothing of its
         return _inconclusive(step, tol, f"re-render: {reply[0]}", peer)  # was sent
-    if isinstance(request.start_latents, TensorEntry):
+    if seed_checked:
         d0 = reply.start_distance
         if not isinstance(d0, float):  # it named the word and left the answer out
             return _inconclusive(step, tol, "re-render: no seed distance in the answer", peer)
@@ -269,7 +284,6 @@ async def rerender_on(
         f"{fmt}, reference {reference})"
     )
     log.info("rerender_verified", verifier=peer, distance=d.block, passed=passed)
-    seed_checked = isinstance(request.start_latents, TensorEntry)
     if seed_checked:
         reason += f"; seed: leaf 0 within {SEED_TOLERANCE:g} of the seed's noise"
     return StepVerdict(

@@ -206,10 +206,9 @@ async def _baseline(
     Each request's events are encoded as its client stream would.
     `Dispatcher.run` does the matching as in production. A fake node decodes offers and signs
     receipts; the time of its steps is subtracted, everything else in the loop is the
-    coordinator's (the time of its steps: from the task clock when `clock` splits by task,
-    else the node's own timing of its work, so the task switches to and from the node count
-    as the coordinator's). Only the dispatcher's public API is used; `match` and `Router.pick` are
-    wrapped on the instance to count them.
+    coordinator's (the node times its own work, with either clock, so the task switches to
+    and from a node count as the coordinator's). Only the dispatcher's public API is used;
+    `match` and `Router.pick` are wrapped on the instance to count them.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     store = Store(workdir / "baseline.db")
@@ -350,8 +349,8 @@ async def _baseline(
     parts: dict[str, float] = defaultdict(float)
     for name, seconds in clock.steps.items():
         parts[_part(name)] += seconds
-    by_task = isinstance(clock, _TaskClock)
-    coordinator = wall - (parts.pop(PART_NODE, 0.0) if by_task else node_seconds[0])
+    parts.pop(PART_NODE, None)  # the nodes' own timing is what is subtracted
+    coordinator = wall - node_seconds[0]
     micro = _micro(store, bytes(signer.key), dispatcher.address, domain, wallets[0], image)
     if ledger is not None:
         ledger.close()
@@ -367,7 +366,7 @@ async def _baseline(
         counts["matches"],
         n_nodes,
         disk,
-        by_task,
+        isinstance(clock, _TaskClock),
         cpu,
     )
 
