@@ -18,6 +18,7 @@ import pytest
 import trio
 import trio.testing
 
+from sogni_coordinator import db as db_module
 from sogni_coordinator.db import Database
 from sogni_coordinator.dispatch import ResultRefused
 from sogni_coordinator.job_state import JobState
@@ -71,6 +72,51 @@ async def test_images_are_on_disk_before_their_rows_commit_in_one_group(tmp_path
     for i, key in enumerate(keys):
         assert decode(files.path_of(key).read_bytes()) == images[i]
         assert await files.get(key) == images[i]  # kept in memory too
+    db.close()
+
+
+async def test_a_groups_waiters_each_get_their_outcome_from_one_wake_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer wakes the loop once per group for all its waiters (`db._wake_loops`), not
+    once per write: each waiter still gets its own result or error."""
+    db = Database(tmp_path / "w.db", component="write_path", migrations=MIGRATIONS)
+    wake_ups: list[int] = []
+    call_each = db_module._call_each
+
+    def counted(fns: list[Any]) -> None:
+        wake_ups.append(len(fns))
+        call_each(fns)
+
+    monkeypatch.setattr(db_module, "_call_each", counted)
+
+    def write(i: int) -> int:  # runs in the writer's transaction
+        if i % 5 == 0:
+            raise ValueError(f"write {i} refused")
+        with db._tx() as conn:
+            conn.execute("INSERT INTO rows VALUES (?, ?)", (f"r{i}", i))
+        return i * 10
+
+    outcomes: dict[int, int | str] = {}
+
+    async def one(i: int) -> None:
+        try:
+            outcomes[i] = await db.call(write, i)
+        except ValueError as exc:
+            outcomes[i] = str(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(db.run_writer)
+        await trio.testing.wait_all_tasks_blocked()
+        async with trio.open_nursery() as calls:
+            for i in range(20):
+                calls.start_soon(one, i)
+        nursery.cancel_scope.cancel()
+    assert outcomes == {i: f"write {i} refused" if i % 5 == 0 else i * 10 for i in range(20)}
+    rows = db._db.execute("SELECT image_on_disk FROM rows ORDER BY image_on_disk").fetchall()
+    assert rows == [(i,) for i in range(20) if i % 5]  # the refused writes rolled back alone
+    stats = db.write_stats()
+    assert sum(wake_ups) == 20 and len(wake_ups) == stats.groups < 20
     db.close()
 
 
@@ -427,7 +473,12 @@ def test_new_images_are_written_in_place_with_one_sync_and_a_taken_name_is_repla
     store = FolderResults(tmp_path / "results")
     syncs: list[Path] = []
     real_syncfs = folder_mod._syncfs
-    monkeypatch.setattr(folder_mod, "_syncfs", lambda p: syncs.append(p) or real_syncfs(p))
+
+    def counted_syncfs(path: Path) -> None:
+        syncs.append(path)
+        real_syncfs(path)
+
+    monkeypatch.setattr(folder_mod, "_syncfs", counted_syncfs)
     keys = [ResultKey(bytes([r]) * 32, i, b"o" * 32) for r in (1, 2, 3) for i in range(3)]
     assert (
         folder_mod._write_files([(store.path_of(k), b"new" + bytes([k.index])) for k in keys]) == {}
@@ -438,9 +489,12 @@ def test_new_images_are_written_in_place_with_one_sync_and_a_taken_name_is_repla
 
     replaced: list[str] = []
     real_replace = folder_mod.os.replace
-    monkeypatch.setattr(
-        folder_mod.os, "replace", lambda a, b: replaced.append(str(b)) or real_replace(a, b)
-    )
+
+    def counted_replace(src: str, dst: str) -> None:
+        replaced.append(str(dst))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(folder_mod.os, "replace", counted_replace)
     again = [keys[0], keys[3], ResultKey(b"\x04" * 32, 0, b"o" * 32)]
     assert folder_mod._write_files([(store.path_of(k), b"again") for k in again]) == {}
     assert replaced == [str(store.path_of(keys[0])), str(store.path_of(keys[3]))]
