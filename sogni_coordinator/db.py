@@ -347,7 +347,7 @@ class _Shared:
         try:
             for write, (result, error) in zip(taken, outcomes, strict=True):
                 write.done(result, error)
-        finally:  # a failing `done` leaves no other write's task waiting forever
+        finally:  # a `done` that raised still wakes them: a waiter fails, none hangs
             _wake_loops(taken)
 
     def flush(self) -> None:
