@@ -20,7 +20,9 @@ Modules: `baseline` (the in-process harness: the real `Dispatcher` with fake nod
 channels), `network` (the networked harness: coordinator and node processes, client rounds),
 `runner` (settings, rounds, profiling), `report` (BENCHMARKS.md section), `node_ab` (the
 node side alone: CPU per job of this tree's node daemons against another commit's, run side by
-side in the same rounds; `python -m bench.dispatch.node_ab --against COMMIT`).
+side in the same rounds; `python -m bench.dispatch.node_ab --against COMMIT`), `baseline_ab`
+(the in-process baseline alone: this tree's against another commit's in alternated runs, each
+in a fresh process, medians compared; `python -m bench.dispatch.baseline_ab --against COMMIT`).
 """
 
 from bench.dispatch._parts import QUICK, Settings
