@@ -334,7 +334,8 @@ def _thread_table(report: Report) -> list[str]:
 
 
 def _disk_sentence(base: Baseline) -> list[str]:
-    """Why the in-process run waits: its acks wait on the database writer's two steps."""
+    """Why the in-process run waits: its acks wait on the database writer's two steps (and
+    its loop on the GIL the writer's threads hold)."""
     disk = base.disk
     if disk is None or not disk.groups or not disk.stages:
         return []
@@ -350,7 +351,9 @@ def _disk_sentence(base: Baseline) -> list[str]:
         f"result is settled only once its last is answered (`results_at_once`), so the "
         f"{base.nodes} nodes keep about {base.nodes} receipts in those steps at a time. Its "
         f"loop-busy time alone would allow {1e6 / (base.busy_seconds / base.jobs * 1e6):.0f} "
-        f"jobs/s."
+        f"jobs/s, but not all of that idle is the disk's: it lasts until the loop's thread "
+        f"holds the GIL again, and changes that cut it moved as much time into the loop's "
+        f'CPU (docs/ARCHITECTURE.md, "What the baseline\'s idle is").'
     ]
 
 
