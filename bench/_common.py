@@ -18,6 +18,25 @@ REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 
 
+class ExportError(RuntimeError):
+    """`export_tree` could not export the commit (git's last line says why)."""
+
+
+def export_tree(commit: str, into: Path, repo: Path = REPO) -> None:
+    """Extract `commit`'s tracked files into the folder `into`, for measuring another commit
+    beside this tree (`--against`, `node_ab`, `baseline_ab`): `git archive`, so no worktree
+    entry is left in .git and a killed run leaves nothing to clean up but the folder."""
+    archive = subprocess.run(
+        ["git", "-C", str(repo), "archive", "--format=tar", commit],
+        capture_output=True,
+        check=False,
+    )
+    if archive.returncode != 0:
+        why = archive.stderr.decode(errors="replace").strip().splitlines()
+        raise ExportError(why[-1] if why else "git archive failed")
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
+
+
 # --- statistics ----------------------------------------------------------------------------
 def median(values: Iterable[float]) -> float:
     return float(statistics.median(list(values)))

@@ -201,17 +201,15 @@ def run_against(repo: Path, commit: str, sections: Sequence[str], quick: bool) -
     wanted = [s for s in sections if s in SECTIONS]
     if not wanted:
         return empty()
+    from bench._common import ExportError, export_tree  # not at import: this file also
+    # runs inside the other commit's tree, whose `bench` may lack it
+
     tmp = Path(tempfile.mkdtemp(prefix="bench-against-"))
     try:
-        archive = subprocess.run(
-            ["git", "-C", str(repo), "archive", "--format=tar", commit],
-            capture_output=True,
-            check=False,
-        )
-        if archive.returncode != 0:
-            why = archive.stderr.decode(errors="replace").strip().splitlines()
-            raise AgainstError(f"--against {commit}: {why[-1] if why else 'git archive failed'}")
-        subprocess.run(["tar", "-x", "-C", str(tmp)], input=archive.stdout, check=True)
+        try:
+            export_tree(commit, tmp, repo)
+        except ExportError as exc:
+            raise AgainstError(f"--against {commit}: {exc}") from None
         cache = repo / ".cache"
         if cache.is_dir() and not (tmp / ".cache").exists():
             (tmp / ".cache").symlink_to(cache)

@@ -85,14 +85,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="sogni-baseline-ab-") as work:
         old_tree = Path(work) / "old"
         old_tree.mkdir()
-        archive = subprocess.run(
-            ["git", "-C", str(common.REPO), "archive", "--format=tar", args.against],
-            capture_output=True,
-            check=False,
-        )
-        if archive.returncode != 0:
-            raise SystemExit(f"git archive {args.against}: {archive.stderr.decode().strip()}")
-        subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive.stdout, check=True)
+        try:
+            common.export_tree(args.against, old_tree)
+        except common.ExportError as exc:
+            raise SystemExit(f"git archive {args.against}: {exc}") from None
         trees = {args.against: old_tree, "this tree": common.REPO}
         runs: dict[str, list[list[float | None]]] = {name: [] for name in trees}
         for r in range(args.rounds):

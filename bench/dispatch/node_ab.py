@@ -18,7 +18,6 @@ import contextlib
 import os
 import shutil
 import sqlite3
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -57,12 +56,10 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="sogni-node-ab-"))
     old_tree = workdir / "old"
     old_tree.mkdir()
-    archive = subprocess.run(
-        ["git", "-C", str(common.REPO), "archive", "--format=tar", args.against],
-        capture_output=True,
-        check=True,
-    )
-    subprocess.run(["tar", "-x", "-C", str(old_tree)], input=archive.stdout, check=True)
+    try:
+        common.export_tree(args.against, old_tree)
+    except common.ExportError as exc:
+        raise SystemExit(f"git archive {args.against}: {exc}") from None
     old = set(range(args.old_processes))
     procs: list[Proc] = []
     try:

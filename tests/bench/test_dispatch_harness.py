@@ -4,22 +4,13 @@ dispatch`), and of its alternated comparison with another commit (`baseline_ab`)
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from bench.dispatch import baseline_ab
 from bench.dispatch.baseline import run_baseline
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def _git_ok() -> bool:
-    probe = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, check=False
-    )
-    return probe.returncode == 0
+from tests.bench._helpers import git_ok
 
 
 @pytest.mark.parametrize("paid", [False, True], ids=["free", "paid"])
@@ -39,7 +30,7 @@ def test_baseline_harness_delivers_every_job(tmp_path: Path, paid: bool) -> None
 def test_alternated_baselines_of_two_trees_make_one_table(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    if not _git_ok():
+    if not git_ok():
         pytest.skip("not a git checkout")
     baseline_ab.main(["--against", "HEAD", "--rounds", "2", "--jobs", "40", "--nodes", "4"])
     out = capsys.readouterr().out.splitlines()
@@ -57,7 +48,7 @@ def test_alternated_baselines_of_two_trees_make_one_table(
 
 
 def test_a_bad_commit_stops_the_comparison_with_one_line() -> None:
-    if not _git_ok():
+    if not git_ok():
         pytest.skip("not a git checkout")
     with pytest.raises(SystemExit, match="git archive no-such-commit: "):
         baseline_ab.main(["--against", "no-such-commit", "--rounds", "1"])

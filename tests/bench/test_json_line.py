@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from bench import _metrics
-
-REPO = Path(__file__).resolve().parents[2]
+from tests.bench._helpers import REPO, git_ok
 
 
 def _bench(*args: str) -> subprocess.CompletedProcess[str]:
@@ -25,13 +23,6 @@ def _bench(*args: str) -> subprocess.CompletedProcess[str]:
         timeout=300,
         check=False,
     )
-
-
-def _git_ok() -> bool:
-    probe = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, check=False
-    )
-    return probe.returncode == 0
 
 
 def test_the_last_line_is_the_json_object_with_every_key() -> None:
@@ -46,7 +37,7 @@ def test_the_last_line_is_the_json_object_with_every_key() -> None:
 
 
 def test_a_bad_against_commit_is_one_line_and_nothing_runs() -> None:
-    if not _git_ok():
+    if not git_ok():
         pytest.skip("not a git checkout")
     proc = _bench("governance", "--no-write", "--json", "--against", "no-such-commit")
     assert proc.returncode == 2 and proc.stdout == ""
@@ -54,7 +45,7 @@ def test_a_bad_against_commit_is_one_line_and_nothing_runs() -> None:
 
 
 def test_against_measures_the_other_tree_and_the_line_carries_both() -> None:
-    if not _git_ok():
+    if not git_ok():
         pytest.skip("not a git checkout")
     old = _metrics.run_against(REPO, "HEAD", ["settlement", "governance"], quick=True)
     assert set(old) == set(_metrics.KEYS)
