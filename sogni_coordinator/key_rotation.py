@@ -91,7 +91,7 @@ def load_chain(path: Path) -> list[SignedKeyRotation]:
             chain.append(msgspec.json.decode(line, type=SignedKeyRotation))
         except msgspec.ValidationError as exc:
             raise RotationError(f"{path} line {n} is not a signed key rotation: {exc}") from None
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec: a str not UTF-8
             raise RotationError(f"{path} line {n} is not JSON") from None
     return chain
 

@@ -390,12 +390,26 @@ async def _sync_journal(journal: Journal, interval: float = SYNC_INTERVAL) -> No
                 log.warning("journal_not_synced", error=type(exc).__name__)
 
 
+SIGNER_SET_FETCH_TIMEOUT = 10.0
+"""Seconds one fetch of the signer set may take, end to end (`NetworkSigners.fetch`)."""
+
+
 async def _refresh_signer_set(network: NetworkSigners, urls: list[str], interval: float) -> None:
     """Fetch the network's signer set from each coordinator's HTTP listener now and every
-    `interval` seconds; a newer valid set is kept (the next handshake uses it)."""
+    `interval` seconds; a newer valid set is kept (the next handshake uses it). Whatever one
+    fetch meets (a listener that answers garbage or never finishes, a full disk when a newer
+    set is written) is one log line: the held set stays and the daemon runs on."""
+    timeout = SIGNER_SET_FETCH_TIMEOUT
     while True:
         for url in urls:
-            await trio.to_thread.run_sync(network.fetch, url)
+            fetch = functools.partial(network.fetch, url, timeout)
+            with trio.move_on_after(2 * timeout) as late:  # `fetch` bounds itself; belt
+                try:
+                    await trio.to_thread.run_sync(fetch, abandon_on_cancel=True)  # type: ignore[call-arg]
+                except Exception as exc:
+                    log.error("signer_set_refresh_failed", url=url, error=type(exc).__name__)
+            if late.cancelled_caught:
+                log.warning("signer_set_not_fetched", url=url, error="TimeoutError")
         await trio.sleep(interval)
 
 
@@ -446,7 +460,11 @@ async def _forward_orphans(
                 continue
             key, target = targets[0]
             tried.add((job_id, key))  # once, even if its image is gone (pruned): no re-reads
-            kept = await trio.to_thread.run_sync(journal.stored_result, job_id)
+            try:
+                kept = await trio.to_thread.run_sync(journal.stored_result, job_id)
+            except Exception as exc:  # the journal is busy or broken: the next re-offer gets it
+                log.error("orphan_not_read", job=job_id.hex()[:16], error=type(exc).__name__)
+                continue
             if kept is None or kept.image is None or kept.entry.accepted is not None:
                 continue
             receipt = signed_form(entry.receipt, entry.domain_version, identity.payout)
@@ -463,6 +481,11 @@ async def _forward_orphans(
             log.info("result_forwarded", job=job_id.hex()[:16], dead=owner, to=key)
 
 
+RESULT_KEEP_WAIT = 10.0
+"""Seconds a stopping node waits, after its renders ended, for their results to be journaled
+and queued (a fsync'd write each) before it says goodbye."""
+
+
 async def _drain(
     worker: Worker, sessions: set[PullSession], grace: float, report: ShutdownReport
 ) -> None:
@@ -475,6 +498,12 @@ async def _drain(
         await worker.wait_idle()
     handed_back = set(worker.cancel_all("node shutting down"))
     await worker.wait_idle()  # cancelled renders stop at their next step
+    # A render's slot is free before its result is kept and sent (`Worker.finishing`): the
+    # goodbye must follow those results, or the coordinator ends the session first and
+    # re-queues work that was done.
+    with trio.move_on_after(RESULT_KEEP_WAIT):
+        while worker.finishing:
+            await next(iter(worker.finishing.values())).wait()
     report.handed_back = sorted(j.hex() for j in handed_back)
     report.finished = sorted(j.hex() for j in running - handed_back)
 

@@ -220,7 +220,7 @@ class _HttpSource:
         raw = await self._get(f"/epochs?after={after}", ids.EPOCHS_FRAME_LIMIT, self.timeout)
         try:
             page = msgspec.json.decode(raw, type=_HttpIndex)
-        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: a str not UTF-8
             raise ProtocolError(f"{self.base}/epochs: not an epoch index: {exc}") from None
         return EpochIndex(epochs=page.epochs, more=page.more)
 

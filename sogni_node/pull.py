@@ -129,6 +129,10 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
+MAX_CHECKS_WAITING = 16
+"""Verifier checks (`VerifyStep`, `VerifyDecode`, `VerifyRender`) one session holds at once,
+running or waiting their turn; more are refused at once, so a coordinator's burst of frames
+(each up to `RESULT_FRAME_LIMIT`) never piles up in memory."""
 _READ_LIMIT = RESULT_FRAME_LIMIT
 """What the coordinator may send in one frame: a `VerifyStep` carries a committed latent
 (64 KiB at 512 x 512, more with multistep state), above a control frame."""
@@ -234,6 +238,8 @@ class PullSession:
         """Challenges answered one at a time (each loads a trajectory file)."""
         self._verify_limiter = trio.CapacityLimiter(1)
         """Steps re-run for the coordinator one at a time (`VerifyStep`: a UNet call each)."""
+        self._checks_waiting = 0
+        """Verifier checks of this session running or waiting for `_verify_limiter`."""
         self._result_sent: dict[bytes, float] = {}
         """When each result not yet acked was written (the round trip sets the lookahead)."""
         self._acks: list[tuple[bytes, bool, str]] = []
@@ -609,19 +615,32 @@ class PullSession:
         doing: str,
     ) -> _Reply | VerifyRefused:
         """`work(msg)` off the event loop, one check at a time (a UNet call or a VAE decode
-        each), unless the deadline passed; a crash is a refusal, never the session's end. A
-        ValueError blames the worker's leaf (wrong shape, not finite, state missing)."""
-        if msg.deadline <= time.time():
-            return VerifyRefused(
-                check_id=msg.check_id, reason="deadline already passed", code="deadline"
-            )
-        try:
-            return await trio.to_thread.run_sync(work, msg, limiter=self._verify_limiter)
-        except Exception as exc:  # a bug or a bad tensor: refuse, keep the session
-            log.error(failed, check=msg.check_id.hex()[:16], error=type(exc).__name__)
-            code: VerifyRefusalCode = "bad_leaf" if isinstance(exc, ValueError) else "other"
-            reason = f"the node {doing} ({type(exc).__name__})"
+        each), unless the deadline passed (before or while it waited its turn) or
+        `MAX_CHECKS_WAITING` wait already (each holds its message, up to a result frame:
+        refused at once, code `other`, which says nothing about the worker); a crash is a
+        refusal, never the session's end. A ValueError blames the worker's leaf (wrong shape,
+        not finite, state missing)."""
+
+        def refused(reason: str, code: VerifyRefusalCode) -> VerifyRefused:
             return VerifyRefused(check_id=msg.check_id, reason=reason, code=code)
+
+        if msg.deadline <= time.time():
+            return refused("deadline already passed", "deadline")
+        if self._checks_waiting >= MAX_CHECKS_WAITING:
+            return refused(f"busy: {self._checks_waiting} checks already waiting", "other")
+        self._checks_waiting += 1
+        try:
+            async with self._verify_limiter:
+                if msg.deadline <= time.time() or self.closed.is_set():
+                    return refused("deadline passed while the check waited its turn", "deadline")
+                try:
+                    return await trio.to_thread.run_sync(work, msg)
+                except Exception as exc:  # a bug or a bad tensor: refuse, keep the session
+                    log.error(failed, check=msg.check_id.hex()[:16], error=type(exc).__name__)
+                    code: VerifyRefusalCode = "bad_leaf" if isinstance(exc, ValueError) else "other"
+                    return refused(f"the node {doing} ({type(exc).__name__})", code)
+        finally:
+            self._checks_waiting -= 1
 
     def _serving_refusal(
         self, msg: VerifyStep | VerifyDecode | VerifyRender, what: str

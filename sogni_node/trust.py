@@ -13,6 +13,7 @@ entry whose root is no longer configured is ignored, so removing a key from
 
 from __future__ import annotations
 
+import http.client
 import threading
 import time
 import urllib.error
@@ -228,10 +229,28 @@ class NetworkSigners:
         now held."""
         url = base_url.rstrip("/") + SIGNER_SET_PATH
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
-                data = bytes(response.read(MAX_SET_BYTES + 1))
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+            data = _get(url, timeout)
+        except (OSError, ValueError, http.client.HTTPException) as exc:  # URLError: OSError
             log.warning("signer_set_not_fetched", url=url, error=type(exc).__name__)
             with _lock:
                 return self._held()
         return self.offer(data, url)
+
+
+def _get(url: str, timeout: float) -> bytes:
+    """The body of `url`, at most `MAX_SET_BYTES + 1` bytes, within `timeout` seconds in all:
+    urllib's timeout bounds each socket operation only, so a server trickling its answer a
+    byte at a time would hold the thread (and the daemon's shutdown) for as long as it liked.
+    Raises `TimeoutError`, urllib's errors and `http.client.HTTPException` (a malformed
+    status line, a broken chunk)."""
+    deadline = time.monotonic() + timeout
+    out = bytearray()
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        while len(out) <= MAX_SET_BYTES:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no whole answer within {timeout:g} s")
+            chunk = response.read1(MAX_SET_BYTES + 1 - len(out))
+            if not chunk:
+                break
+            out += chunk
+    return bytes(out)

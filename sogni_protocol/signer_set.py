@@ -145,5 +145,5 @@ def decode_signer_set(data: bytes) -> SignedSignerSet:
         raise SignerSetError(f"signer set is {len(data)} bytes, more than {MAX_FILE_BYTES}")
     try:
         return msgspec.json.decode(data, type=SignedSignerSet)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: a str not UTF-8
         raise SignerSetError(f"not a signer set: {exc}") from None

@@ -4,9 +4,11 @@ library verifies the document as signed."""
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from eth_account import Account
@@ -208,3 +210,100 @@ async def test_a_node_fetches_a_newer_set_from_a_coordinators_listener(tmp_path:
     # a listener that is gone: one log line, the held set stays
     got = await trio.to_thread.run_sync(signers.fetch, url)
     assert got is not None and got.set.serial == 3
+
+
+def _raw_handler(answer: bytes, *, trickle: float = 0.0) -> Any:
+    """A TCP listener on 127.0.0.1 that answers every connection with `answer` (sent a byte at
+    a time every `trickle` seconds, if set), whatever was asked: a broken HTTP server."""
+    import trio
+
+    async def handle(stream: trio.SocketStream) -> None:
+        with trio.move_on_after(20):
+            await stream.receive_some(65536)
+            if trickle:
+                for byte in answer:
+                    await stream.send_all(bytes([byte]))
+                    await trio.sleep(trickle)
+            else:
+                await stream.send_all(answer)
+            await stream.aclose()
+
+    return handle
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"garbage\r\n\r\n",  # no status line: http.client.BadStatusLine
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",  # a broken chunk
+        b'HTTP/1.1 200 OK\r\nContent-Length: 18\r\n\r\n{"operator":"\xff\xfe"}',  # not UTF-8
+    ],
+    ids=["status-line", "chunk", "utf8"],
+)
+async def test_a_broken_listener_is_one_log_line_and_the_held_set_stays(
+    tmp_path: Path, answer: bytes
+) -> None:
+    import trio
+    from structlog.testing import capture_logs
+
+    operator, key = _key()
+    a = _key()[0]
+    held = tmp_path / "network_signers.json"
+    held.write_bytes(_signed(key, [a], serial=2))
+    signers = NetworkSigners(held, DOMAIN, [operator], NETWORK)
+    handle = _raw_handler(answer)
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        with capture_logs() as logs:
+            got = await trio.to_thread.run_sync(signers.fetch, f"http://127.0.0.1:{port}")
+        nursery.cancel_scope.cancel()
+    assert got is not None and got.set.serial == 2  # the held set, untouched
+    assert [e["event"] for e in logs if e["log_level"] in ("warning", "error")] in (
+        ["signer_set_not_fetched"],
+        ["signer_set_refused"],
+    )
+
+
+async def test_a_listener_that_trickles_its_answer_is_given_up_on_time(tmp_path: Path) -> None:
+    import trio
+
+    operator, _ = _key()
+    signers = NetworkSigners(tmp_path / "held.json", DOMAIN, [operator], NETWORK)
+    body = b"HTTP/1.1 200 OK\r\nContent-Length: 4000\r\n\r\n" + b" " * 4000
+    handle = _raw_handler(body, trickle=0.05)  # every read within urllib's own timeout
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(
+            functools.partial(trio.serve_tcp, handle, 0, host="127.0.0.1")
+        )
+        port = listeners[0].socket.getsockname()[1]
+        started = time.monotonic()
+        got = await trio.to_thread.run_sync(signers.fetch, f"http://127.0.0.1:{port}", 1.0)
+        took = time.monotonic() - started
+        nursery.cancel_scope.cancel()
+    assert got is None and took < 5  # the whole answer would take 200 s
+
+
+async def test_the_daemons_refresh_outlives_a_fetch_that_raises(tmp_path: Path) -> None:
+    import trio
+    from structlog.testing import capture_logs
+
+    from sogni_node import daemon
+
+    operator, _ = _key()
+    signers = NetworkSigners(tmp_path / "held.json", DOMAIN, [operator], NETWORK)
+    calls: list[str] = []
+
+    def broken_fetch(url: str, timeout: float = 10.0) -> None:
+        calls.append(url)
+        raise RuntimeError("a bug in the fetch path")
+
+    signers.fetch = broken_fetch  # type: ignore[method-assign,assignment]
+    with capture_logs() as logs:
+        with trio.move_on_after(2.5):
+            await daemon._refresh_signer_set(signers, ["http://127.0.0.1:9"], 1.0)
+    assert len(calls) >= 2  # it kept going after the first failure
+    failed = [e for e in logs if e["event"] == "signer_set_refresh_failed"]
+    assert failed and failed[0]["error"] == "RuntimeError"

@@ -346,6 +346,39 @@ async def test_sigterm_finishes_or_hands_back_running_jobs_and_says_which(
             assert msg.delivered == 1
 
 
+async def test_a_render_that_finishes_in_the_grace_reaches_the_coordinator_before_goodbye(
+    net_factory: Any, backend: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sogni_node.journal import Journal
+
+    # A render's slot is free before its result is kept (a fsync'd journal write) and sent;
+    # a slow disk there must not let the node's goodbye overtake the result.
+    keep = Journal.keep_result
+
+    def slow_keep(self: Journal, *args: Any, **kwargs: Any) -> None:
+        time.sleep(0.3)
+        keep(self, *args, **kwargs)
+
+    monkeypatch.setattr(Journal, "keep_result", slow_keep)
+    async with net_factory() as net:
+        slow = SlowBackend(backend, 0.2)
+        node = await net.add_node(slow, "node0", shutdown_grace=30.0)
+        async with open_host(key_path=None, listen=()) as client:
+            cchan = await client.open_channel(net.addr, CLIENT_PROTOCOL)
+            await cchan.send(request(1, steps=2))
+            accepted = await cchan.receive(timeout=10)
+            await slow.started.wait()
+            node.stop.set()  # what SIGTERM does in the daemon
+            with trio.fail_after(60):
+                await node.done.wait()
+            report = node.report[0]
+            assert report.finished == [accepted.job_ids[0].hex()] and report.handed_back == []
+            # delivered by this node alone: the coordinator had the result before the goodbye
+            msg = await receive_skipping(cchan, (RequestDone,), 30, RESULT_FRAME_LIMIT)
+            assert msg.delivered == 1
+        assert len(net.coordinator.dispatcher.store.receipts()) == 1
+
+
 async def test_coordinator_restart_requeues_accepted_jobs(tmp_path: Any, backend: Any) -> None:
     from .conftest import start_net
 
