@@ -807,65 +807,74 @@ class Dispatcher:
                 if link.inflight.get(job.job_id) is not job:  # the twin settled the job
                     raise ResultRefused(await self._gone_reason(job.job_id))
             storing = self._storing[path] = trio.Event()
-        try:
+        # From here the receipt's write is queued, and cancelling the wait would not cancel
+        # the write, only what follows it: a node session ended meanwhile (a reset, the node
+        # replaced) would leave the job live while its receipt commits, re-queue it, and every
+        # honest re-render would be refused as already receipted (a strike each, then the
+        # client's JobFailed while the first node is paid). So it runs to its end, shielded:
+        # the write is bounded (`db.WRITE_DEADLINE`), and what follows waits on the database only.
+        with trio.CancelScope(shield=True):
             try:
-                if hold:
-                    now = self._clock()
-                    committed = await self.store.call_staged(
-                        staged,
-                        self.store.store_held_receipt,
-                        receipt,
-                        result.signature,
-                        job.request_id,
-                        offer,
-                        peer_id=link.peer_id,
-                        dtype=result.meta.dtype if result.meta else "",
-                        elapsed=now - job.holders.get(link, now),
-                    )
-                else:
-                    committed = await self.receipts.commit(
-                        receipt, result.signature, job.request_id, outcome, offer, image=staged
-                    )
-            except OSError as exc:  # the image (a receipt's write raises no OSError)
-                log.error("result_file_write_failed", job=job.job_id.hex()[:16], error=str(exc))
-                raise StorageFault("the coordinator could not store the image; retry") from None
-            if not committed:
-                # a store that joins the database wrote no row for a refused receipt
-                if path is not None and not self.results.joins(self.store.location):
-                    await self.results.discard([path])
-                raise ResultRefused(await self._gone_reason(job.job_id))
-        finally:  # a waiting twin runs once this result is settled (no await from here on)
-            if path is not None:
-                del self._storing[path]
-                storing.set()
-        if hold and path is not None:
-            self._hold(job, link, receipt, result.meta.dtype if result.meta else "", path)
-            return
-        # durable from here on: the node is paid whatever happened meanwhile
-        # with several coordinators the request's owner bills it (`Cluster.refresh`)
-        if self.billing is not None and (self.cluster is None or job.request_id in self.requests):
-            self.billing.settle(
-                job.request_id, job.job_id, receipt.payee, receipt.steps_done, job.params.steps
-            )  # the payee: where the receipt says its rewards go, as the epoch pays them
-        now = self._clock()
-        elapsed = now - job.holders.get(link, now)
-        budget = render_budget(job.params, self.deadline_floor, self.deadline_base)
-        self.reputation.succeeded(
-            link.wallet, elapsed, budget, receipt.work_units, full=not partial
-        )
-        try:
-            self._to(job, event, durable=True)
-        except Forbidden:  # it ended (failed) while the receipt was being committed
-            log.warning("receipt_for_ended_job", job=job.job_id.hex()[:16], state=job.state)
-            return
-        state = self.requests.get(job.request_id)
-        if state is not None and path is not None:
-            state.durations.append(elapsed)
-            state.mailbox.add_image(job.job_id, path)
-            state.mailbox.progress.pop(job.job_id, None)
-            state.mailbox.notify()
-        self._ended(job, keep=link)
-        self._save()
+                try:
+                    if hold:
+                        now = self._clock()
+                        committed = await self.store.call_staged(
+                            staged,
+                            self.store.store_held_receipt,
+                            receipt,
+                            result.signature,
+                            job.request_id,
+                            offer,
+                            peer_id=link.peer_id,
+                            dtype=result.meta.dtype if result.meta else "",
+                            elapsed=now - job.holders.get(link, now),
+                        )
+                    else:
+                        committed = await self.receipts.commit(
+                            receipt, result.signature, job.request_id, outcome, offer, image=staged
+                        )
+                except OSError as exc:  # the image (a receipt's write raises no OSError)
+                    log.error("result_file_write_failed", job=job.job_id.hex()[:16], error=str(exc))
+                    raise StorageFault("the coordinator could not store the image; retry") from None
+                if not committed:
+                    # a store that joins the database wrote no row for a refused receipt
+                    if path is not None and not self.results.joins(self.store.location):
+                        await self.results.discard([path])
+                    raise ResultRefused(await self._gone_reason(job.job_id))
+            finally:  # a waiting twin runs once this result is settled (no await from here on)
+                if path is not None:
+                    del self._storing[path]
+                    storing.set()
+            if hold and path is not None:
+                self._hold(job, link, receipt, result.meta.dtype if result.meta else "", path)
+                return
+            # durable from here on: the node is paid whatever happened meanwhile
+            # with several coordinators the request's owner bills it (`Cluster.refresh`)
+            if self.billing is not None and (
+                self.cluster is None or job.request_id in self.requests
+            ):
+                self.billing.settle(
+                    job.request_id, job.job_id, receipt.payee, receipt.steps_done, job.params.steps
+                )  # the payee: where the receipt says its rewards go, as the epoch pays them
+            now = self._clock()
+            elapsed = now - job.holders.get(link, now)
+            budget = render_budget(job.params, self.deadline_floor, self.deadline_base)
+            self.reputation.succeeded(
+                link.wallet, elapsed, budget, receipt.work_units, full=not partial
+            )
+            try:
+                self._to(job, event, durable=True)
+            except Forbidden:  # it ended (failed) while the receipt was being committed
+                log.warning("receipt_for_ended_job", job=job.job_id.hex()[:16], state=job.state)
+                return
+            state = self.requests.get(job.request_id)
+            if state is not None and path is not None:
+                state.durations.append(elapsed)
+                state.mailbox.add_image(job.job_id, path)
+                state.mailbox.progress.pop(job.job_id, None)
+                state.mailbox.notify()
+            self._ended(job, keep=link)
+            self._save()
 
     # --- held receipts (checks.py): the dispatcher's side --------------------------------
     def _hold(

@@ -4,6 +4,7 @@ deadlines, stragglers, the attempts limit, cancel with partial pay, restart rest
 from __future__ import annotations
 
 import pytest
+import trio
 from eth_account import Account
 
 from sogni_app.api import authorize
@@ -256,6 +257,36 @@ async def test_cancel_ends_queued_jobs_and_pays_running_ones_pro_rata(paid: Harn
     assert not [m for m in await events(sub) if isinstance(m, JobImage)]
     assert sub.state.finished.is_set() and sub.state.cancelled == 3
     assert paid.ledger.balance(payer.address)["spark_paid"] == 1_000_000  # all refunded
+
+
+async def test_a_result_whose_session_ends_while_it_commits_is_settled_all_the_same(
+    paid: Harness,
+) -> None:
+    # The node's session is cancelled (its stream reset, the node replaced) while the receipt
+    # waits for its group commit: the write goes ahead, so must what follows it (delivery,
+    # billing, the job's end), or the job is re-queued and every honest re-render refused.
+    payer = Account.create()
+    assert paid.ledger is not None
+    paid.ledger.credit_purchase(payer.address, 1)
+    req = request(1)
+    sub = await paid.submit(authorize(req, bytes(payer.key), paid.dispatcher.domain))
+    a = paid.node(0)
+    paid.dispatcher.match()
+    (offer,) = a.offers()
+    with trio.CancelScope() as session:
+        session.cancel()  # delivered at the first wait: the queued receipt write's
+        await paid.deliver(a, offer)
+    assert not session.cancelled_caught  # it ran to its end
+    paid.dispatcher.node_left(a.link, "stream reset")
+    job_id = offer.offer.job_id
+    assert _job_state(paid, job_id) is JobState.DONE
+    assert [m.job_id for m in await events(sub) if isinstance(m, JobImage)] == [job_id]
+    b = paid.node(1)
+    paid.dispatcher.match()
+    assert b.offers() == []  # nothing re-queued
+    assert paid.reputation.get(a.wallet).strikes == []
+    charged = quote(req).per_image.spark_micro
+    assert paid.ledger.balance(payer.address)["spark_paid"] == 1_000_000 - charged
 
 
 async def test_a_partial_receipt_is_paid_for_the_steps_done(paid: Harness) -> None:
