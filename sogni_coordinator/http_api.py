@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from sogni_net import health_endpoint, require_http_extra
+from sogni_net.http import read_body
 from sogni_protocol import ids
 from sogni_protocol.json_depth import check_depth
 
@@ -161,7 +162,7 @@ def relay_routes(view: CoordinatorView) -> list[BaseRoute]:
     async def relay_claim(request: Request) -> Response:
         if view.relay is None:
             return _error(503, "no_chain", "this coordinator has no settlement chain")
-        body = await _read_body(request, RELAY_BODY_LIMIT)
+        body = await read_body(request, RELAY_BODY_LIMIT)
         if body is None:
             return _error(413, "too_large", f"the body is over {RELAY_BODY_LIMIT} bytes")
         try:
@@ -205,19 +206,6 @@ def _hex(value: Any, what: str) -> bytes:
     if not isinstance(value, str) or not value.startswith("0x"):
         raise ValueError(f"{what} must be 0x-hex")
     return bytes.fromhex(value[2:])
-
-
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The request body, or None as soon as it exceeds `limit` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        return None
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return None
-    return bytes(body)
 
 
 def probe_routes(view: CoordinatorView) -> list[BaseRoute]:

@@ -38,6 +38,7 @@ __all__ = [
     "Endpoint",
     "health_endpoint",
     "parse_listen",
+    "read_body",
     "require_http_extra",
     "serve_http",
 ]
@@ -167,3 +168,18 @@ def health_endpoint(facts: Callable[[], Mapping[str, object]]) -> Endpoint:
         return JSONResponse(body, status_code=code, headers={"Cache-Control": "no-store"})
 
     return healthz
+
+
+async def read_body(request: Request, limit: int) -> bytes | None:
+    """The request's body, or None as soon as it is known to exceed `limit` bytes (its
+    declared length, or what arrived): starlette's own `body()` and `json()` read a body of
+    any size into memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)

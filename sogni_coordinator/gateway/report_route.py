@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from sogni_coordinator.report_intake import file_report, gateway_request_id, parse_gateway_report
 from sogni_coordinator.reports import ReportRefused
+from sogni_net.http import read_body
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -42,14 +43,9 @@ def _answer(status: int, body: dict[str, object]) -> Response:
 
 
 async def _body(request: Request) -> object:
-    declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+    raw = await read_body(request, MAX_BODY_BYTES)
+    if raw is None:
         raise ReportRefused("invalid_report", f"the body is at most {MAX_BODY_BYTES} bytes")
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_BODY_BYTES:
-            raise ReportRefused("invalid_report", f"the body is at most {MAX_BODY_BYTES} bytes")
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError):

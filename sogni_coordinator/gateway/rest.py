@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from sogni_coordinator.gateway.core import AuthedKey, Gateway
 from sogni_coordinator.gateway.referral import account_referral, apply_referral
 from sogni_coordinator.gateway.report_route import gateway_report
 from sogni_coordinator.gateway.socket import base_url_of, client_address, serve_socket
 from sogni_coordinator.model_stake import by_stake
+from sogni_net.http import read_body
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -22,6 +25,13 @@ if TYPE_CHECKING:
     from starlette.websockets import WebSocket
 
 __all__ = ["gateway_routes"]
+
+REFERRAL_BODY_LIMIT = 1024
+"""Bytes of a `POST /v1/account/referral` body (`{"code": "..."}`); more is refused unread."""
+
+
+class _ReferralBody(msgspec.Struct):
+    code: str
 
 
 def _error(status: int, code: int, message: str) -> Response:
@@ -70,12 +80,10 @@ def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
         key = await auth(request)
         if not isinstance(key, AuthedKey):
             return key
-        try:
-            body = await request.json()
-        except ValueError:
-            body = None
-        code = body.get("code") if isinstance(body, dict) else None
-        if not isinstance(code, str):
+        raw = await read_body(request, REFERRAL_BODY_LIMIT)
+        try:  # typed: deep nesting stops at the first wrong type (`json_depth`)
+            code = msgspec.json.decode(raw or b"", type=_ReferralBody).code
+        except (msgspec.DecodeError, UnicodeDecodeError):
             return _error(400, 4000, 'send a JSON body {"code": "REFERRAL-CODE"}')
         fault = await apply_referral(gateway, key.record.account, code)
         if fault is not None:

@@ -61,6 +61,15 @@ async def test_referral_codes_over_rest_and_models_ordered_by_stake(tmp_path: Pa
             assert all("\n" not in m and "Traceback" not in m for m in messages.values())
             anon = await http.post("/v1/account/referral", json={"code": code_a})
             assert anon.status_code == 401
+            # a body over 1 KiB is refused unread (an untyped decode of deep nesting, `[[[...`
+            # 200,000 deep, overflowed the C stack under the recursion limit py_ecc sets); one
+            # under it is decoded typed; each is one refusal, and the daemon serves on
+            for hostile in (b"[" * 500 + b"]" * 500, b'{"code":"' + b"A" * 5000 + b'"}'):
+                refused = await http.post(
+                    "/v1/account/referral", headers={"api-key": kc}, content=hostile
+                )
+                assert refused.status_code == 400 and '{"code"' in refused.json()["message"]
+            assert (await me(kc))["referredBy"] is None
 
             ledger = Ledger(net.config.database)
             try:
