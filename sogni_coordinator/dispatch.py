@@ -78,6 +78,7 @@ from sogni_coordinator.verifiers import PendingVerifications
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.errors import ProtocolError
+from sogni_protocol.ids import RESULT_FRAME_LIMIT
 from sogni_protocol.image_types import format_of
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
@@ -800,6 +801,12 @@ class Dispatcher:
                 meta=result.meta,
             )
             staged = self.results.staged(path, image)  # written by the receipt's group
+            frame = len(staged[1].data)
+            if frame > RESULT_FRAME_LIMIT:  # no client could ever read it: refused unpaid
+                raise ResultRefused(
+                    f"the image's frame to the client would be {frame} bytes, over the "
+                    f"{RESULT_FRAME_LIMIT}-byte limit"
+                )
         offer = job.signed_offers.get(receipt.offer_hash)
         if path is not None:
             while (twin := self._storing.get(path)) is not None:

@@ -3,6 +3,9 @@ deadlines, stragglers, the attempts limit, cancel with partial pay, restart rest
 
 from __future__ import annotations
 
+import struct
+import zlib
+
 import pytest
 import trio
 from eth_account import Account
@@ -11,10 +14,11 @@ from sogni_app.api import authorize
 from sogni_coordinator.dispatch import MAX_ATTEMPTS, Refusal, ResultRefused
 from sogni_coordinator.job_state import JobState
 from sogni_coordinator.ledger import partial_value, reserved_account, worker_account
-from sogni_protocol.messages import JobFailed, JobImage, RequestAccepted
+from sogni_protocol.ids import RESULT_FRAME_LIMIT
+from sogni_protocol.messages import JobFailed, JobImage, RequestAccepted, encode
 from sogni_protocol.pricing import quote
 
-from .conftest import FLOOR, Harness, events, request
+from .conftest import FLOOR, Harness, _png, events, request
 
 
 def _job_state(h: Harness, job_id: bytes) -> JobState | None:
@@ -287,6 +291,31 @@ async def test_a_result_whose_session_ends_while_it_commits_is_settled_all_the_s
     assert paid.reputation.get(a.wallet).strikes == []
     charged = quote(req).per_image.spark_micro
     assert paid.ledger.balance(payer.address)["spark_paid"] == 1_000_000 - charged
+
+
+async def test_an_image_whose_frame_to_the_client_would_be_over_the_limit_is_refused(
+    coord: Harness,
+) -> None:
+    # A decodable PNG padded with a private chunk: the node's Result frame fits under the
+    # limit, the client's JobImage (a few bytes more) would not; once committed, no client
+    # could ever read it, and every resume would stop at it.
+    def padded(size: int) -> bytes:  # a PNG of `size` bytes: a private chunk before IEND
+        png = _png(64, 64)
+        pad = size - len(png) - 12
+        chunk = struct.pack(">I", pad) + b"prVt" + bytes(pad)
+        return png[:-12] + chunk + struct.pack(">I", zlib.crc32(chunk[4:])) + png[-12:]
+
+    sub = await coord.submit(request(1))
+    a = coord.node(0)
+    coord.dispatcher.match()
+    (offer,) = a.offers()
+    overhead = len(encode(a.result(offer, image=padded(100_000)))) - 100_000  # bin32 length
+    result = a.result(offer, image=padded(RESULT_FRAME_LIMIT - overhead))
+    assert len(encode(result)) == RESULT_FRAME_LIMIT  # the node's frame fits exactly
+    with pytest.raises(ResultRefused, match=r"frame to the client would be \d+ bytes, over"):
+        await coord.dispatcher.accept_result(a.link, result)
+    assert coord.store.receipts() == []
+    assert not [m for m in await events(sub) if isinstance(m, JobImage)]
 
 
 async def test_a_partial_receipt_is_paid_for_the_steps_done(paid: Harness) -> None:
