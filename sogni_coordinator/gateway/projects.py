@@ -121,7 +121,7 @@ def parse_job_request(
     except ValueError as exc:
         raise _bad(str(exc)) from None
     fmt = data.get("outputFormat") or "png"
-    if fmt not in _FORMATS:
+    if not isinstance(fmt, str) or fmt not in _FORMATS:  # a list is unhashable: TypeError
         raise _bad("outputFormat must be png, jpg or webp")
     token: TokenType = "spark"
     if data.get("tokenType") in ("spark", "sogni"):

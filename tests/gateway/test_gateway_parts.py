@@ -93,6 +93,14 @@ def test_job_request_defaults_and_refusals() -> None:
         assert words in caught.value.message
     with pytest.raises(ProjectRefused):
         parse_job_request(job_request(MODEL, 17), book=BOOK, served=[MODEL], network="fast")
+    for wrong in ([1], {"a": 1}, 5, "gif"):  # a type error would end the app's whole socket
+        with pytest.raises(ProjectRefused, match="outputFormat"):
+            parse_job_request(
+                {**job_request(MODEL, 1), "outputFormat": wrong},
+                book=BOOK,
+                served=[MODEL],
+                network="fast",
+            )
 
 
 def test_sampler_names_map_both_ways() -> None:
