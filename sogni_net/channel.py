@@ -45,6 +45,10 @@ from sogni_protocol.framing import HEADER_SIZE, body_length, encode_frame
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT
 from sogni_protocol.messages import Message, decode, encode
 
+SLOWEST_LINK = 128 * 1024
+"""Bytes a second a frame's body may take to arrive, on top of the receive's own timeout
+(`Channel.receive_raw`): 1 Mbit/s, so the largest result frame (32 MiB) has ~4 minutes."""
+
 _READ_SIZE = 1 << 20
 """Largest chunk asked of yamux per read; it returns what is buffered, up to this."""
 
@@ -283,7 +287,10 @@ class Channel:
         """Next frame's payload, undecoded.
 
         The header is checked against `limit` before any of the body is waited for; a frame
-        that is too large raises `FrameTooLarge` and resets the channel.
+        that is too large raises `FrameTooLarge` and resets the channel. `timeout` bounds the
+        wait for a frame; once its header names the size, the body also gets the time that
+        size takes at `SLOWEST_LINK` bytes a second (a result of 8 MB over a slow uplink is
+        not a silent peer; a trickle still ends).
         """
         whole = self._buffered_frame(limit)
         if whole and self._fast_frames < _FAST_FRAMES:
@@ -296,7 +303,7 @@ class Channel:
                 return self._take(whole, skip=HEADER_SIZE)
         self._fast_frames = 0
         try:
-            with trio.fail_after(timeout):
+            with trio.fail_after(timeout) as deadline:
                 async with self._recv_lock:
                     try:
                         await self._fill(HEADER_SIZE)
@@ -305,6 +312,7 @@ class Channel:
                         except FrameTooLarge:
                             self._reset_nowait("peer sent a frame above the limit")
                             raise
+                        deadline.deadline += size / SLOWEST_LINK
                         await self._fill(HEADER_SIZE + size)
                         return self._take(HEADER_SIZE + size, skip=HEADER_SIZE)
                     finally:

@@ -119,6 +119,30 @@ async def test_timeout_mid_frame_loses_no_bytes(channel_to: ChannelTo) -> None:
             assert await channel.receive_raw(timeout=5) == b"\x93" + b"x" * 10
 
 
+async def test_a_big_frame_on_a_slow_link_gets_time_for_its_size(channel_to: ChannelTo) -> None:
+    """The receive's timeout bounds the wait for a frame; a body that keeps arriving gets the
+    time its size takes at `SLOWEST_LINK`, so a large result over a slow uplink is read,
+    and a trickle is still cut off."""
+    from sogni_net.channel import SLOWEST_LINK
+
+    payload = b"\x93" + b"x" * (512 * 1024 - 1)  # 4 s at SLOWEST_LINK
+    assert len(payload) / SLOWEST_LINK == 4.0
+    frame = len(payload).to_bytes(4, "big") + payload
+
+    async def slow_writer(channel) -> None:  # type: ignore[no-untyped-def]
+        piece = len(frame) // 8
+        for i in range(0, len(frame), piece):  # 8 pieces over ~1.4 s: longer than the timeout
+            await channel.send_unframed(frame[i : i + piece])
+            await trio.sleep(0.2)
+        await channel.receive(timeout=10)  # wait for the client to finish
+
+    with trio.fail_after(20):
+        async with channel_to(slow_writer) as channel:
+            started = trio.current_time()
+            assert await channel.receive_raw(limit=len(payload), timeout=0.5) == payload
+            assert trio.current_time() - started > 0.5  # it did outlast the timeout
+
+
 async def test_peer_closing_mid_frame_gives_channel_closed(channel_to: ChannelTo) -> None:
     async def half_then_close(channel) -> None:  # type: ignore[no-untyped-def]
         await channel.send_unframed((1000).to_bytes(4, "big") + b"partial")
