@@ -129,6 +129,8 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
+MIN_HEARTBEAT_INTERVAL = 0.2
+"""Seconds: the shortest heartbeat interval a coordinator's `Welcome` can set on this node."""
 MAX_CHECKS_WAITING = 16
 """Verifier checks (`VerifyStep`, `VerifyDecode`, `VerifyRender`) one session holds at once,
 running or waiting their turn; more are refused at once, so a coordinator's burst of frames
@@ -338,7 +340,10 @@ class PullSession:
             )
         await self._trust(welcome)
         self.coordinator = welcome.coordinator
-        self.heartbeat_interval = min(self.heartbeat_interval, welcome.heartbeat_interval)
+        # the coordinator may ask for more frequent heartbeats, down to a floor: each is a
+        # frame and a `Ready` both ways, and a tiny interval would send them every loop turn
+        asked = max(MIN_HEARTBEAT_INTERVAL, welcome.heartbeat_interval)
+        self.heartbeat_interval = min(self.heartbeat_interval, asked)
         if self._on_connected is not None:
             self._on_connected({"event": "connected", "coordinator": welcome.coordinator})
 

@@ -159,3 +159,18 @@ async def test_node_refuses_a_welcome_of_another_version() -> None:
         await _session()._handshake(cast(Channel, channel))
     ok = ScriptedChannel(encode(welcome))
     await _session()._handshake(cast(Channel, ok))  # the same at our version is welcome
+
+
+async def test_a_welcome_cannot_set_heartbeats_below_the_nodes_floor() -> None:
+    from sogni_node.pull import MIN_HEARTBEAT_INTERVAL
+
+    for asked, kept in ((1e-6, MIN_HEARTBEAT_INTERVAL), (1.0, 1.0), (60.0, 5.0)):
+        welcome = Welcome(
+            coordinator=SIGNER.address,
+            chain_id=DOMAIN.chain_id,
+            verifying_contract=DOMAIN.verifying_contract,
+            heartbeat_interval=asked,
+        )
+        session = _session()  # its own interval: 5 s
+        await session._handshake(cast(Channel, ScriptedChannel(encode(welcome))))
+        assert session.heartbeat_interval == kept
