@@ -52,6 +52,7 @@ from sogni_protocol.messages import (
 )
 from sogni_protocol.payout_rules import SOGNI, PayoutRules, SettlementConfig
 from sogni_protocol.pricing import Quote, quote
+from sogni_protocol.stake_benefits import discounted
 
 log = get_logger(__name__)
 
@@ -102,29 +103,30 @@ class Billing:
     def admit(self, request: RenderRequest, request_id: bytes) -> int:
         """Reserve the request's price; returns it (micro units) or raises `Refusal`.
         Writes on the calling thread (CLI, tests); the dispatcher uses `admit_off_loop`."""
-        q = self._authorized_quote(request)
-        if q is None:
+        priced = self._authorized_quote(request)
+        if priced is None:
             return 0
-        return self._record(request, request_id, self._reserve(request, request_id, q))
+        return self._record(request, request_id, self._reserve(request, request_id, *priced))
 
     async def admit_off_loop(self, request: RenderRequest, request_id: bytes) -> int:
         """`admit` with the ledger's fsync'd write in the writer thread, in order with every
         queued settlement and refund."""
         if self.benefits is not None and self.charges(request):
             await self.benefits.warm(request.payer)
-        q = self._authorized_quote(request)
-        if q is None:
+        priced = self._authorized_quote(request)
+        if priced is None:
             return 0
-        reservation = await self.ledger.call(self._reserve, request, request_id, q)
+        reservation = await self.ledger.call(self._reserve, request, request_id, *priced)
         return self._record(request, request_id, reservation)
 
     def charges(self, request: RenderRequest) -> bool:
         """Whether `request` is paid for (else it is free: never paid on chain either)."""
         return not (self.mode == "off" or (request.payer is None and self.mode == "optional"))
 
-    def _authorized_quote(self, request: RenderRequest) -> Quote | None:
-        """The quote of a request that must be paid, after checking its payer's signature;
-        None for a free request."""
+    def _authorized_quote(self, request: RenderRequest) -> tuple[Quote, int] | None:
+        """The quote of a request that must be paid, after checking its payer's signature,
+        with the payer's stake discount (basis points) already taken off it; None for a free
+        request."""
         if not self.charges(request):
             return None
         if request.network_id != self.network_id:
@@ -136,9 +138,14 @@ class Billing:
         if request.expiry > now + MAX_AUTHORIZATION_SECONDS:
             raise Refusal("unauthorized", "payer authorization expires more than a day ahead")
         q = quote(request, self.catalog)
-        return q if self.benefits is None else self.benefits.apply(request.payer, q)
+        if self.benefits is None:
+            return q, 0
+        discount = self.benefits.discount_bps(request.payer)
+        return discounted(q, discount), discount
 
-    def _reserve(self, request: RenderRequest, request_id: bytes, q: Quote) -> Reservation:
+    def _reserve(
+        self, request: RenderRequest, request_id: bytes, q: Quote, discount_bps: int = 0
+    ) -> Reservation:
         assert request.payer is not None
         try:
             return self.ledger.reserve(
@@ -149,6 +156,7 @@ class Billing:
                 authorization_expiry=request.expiry,
                 signature=request.payer_signature,
                 network_id=request.network_id,
+                discount_bps=discount_bps,
             )
         except Replayed as exc:
             raise Refusal("replayed", str(exc)) from None

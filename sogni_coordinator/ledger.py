@@ -110,7 +110,14 @@ CREATE INDEX ledger_referrals_referrer ON ledger_referrals(referrer);
 """Who referred whom (season Ambassadors board, no-farming links): one referrer per account,
 never oneself, never a cycle (`Ledger.refer` walks the chain up before inserting)."""
 
-MIGRATIONS = (_SCHEMA_V1, _V2_AUTHORIZATION_EVIDENCE, _V3_REFERRALS)
+_V4_DISCOUNT = """
+ALTER TABLE ledger_reservations ADD COLUMN discount_bps INTEGER NOT NULL DEFAULT 0;
+"""
+"""The payer's stake discount a request was priced with (basis points off each image): an
+epoch publishes it with the settlement, so the charge checks against the signed offer's
+price less that discount (`epoch_math.mispriced`)."""
+
+MIGRATIONS = (_SCHEMA_V1, _V2_AUTHORIZATION_EVIDENCE, _V3_REFERRALS, _V4_DISCOUNT)
 """The ledger's schema versions in order (`Database` applies the missing ones on open)."""
 
 
@@ -448,8 +455,10 @@ class Ledger(Database):
         authorization_expiry: float = 0.0,
         signature: bytes | None = None,
         network_id: str | None = None,
+        discount_bps: int = 0,
     ) -> Reservation:
         """Hold the quote's price (free Spark before paid); `InsufficientFunds` if short.
+        `discount_bps`: the stake discount already taken off `quote`, kept for the epoch.
 
         `authorization` (the digest of the payer's signed request) is remembered until
         `authorization_expiry`, in the same transaction: using it twice raises `Replayed`.
@@ -498,8 +507,8 @@ class Ledger(Database):
             self._post(db, "reserve", rid, entries)
             db.execute(
                 "INSERT INTO ledger_reservations (request_id, payer, token_type, amount,"
-                " spark_equiv, state, created_at, auth_signature, auth_expiry, network_id)"
-                " VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?, ?)",
+                " spark_equiv, state, created_at, auth_signature, auth_expiry, network_id,"
+                " discount_bps) VALUES (?, ?, ?, ?, ?, 'open', ?, ?, ?, ?, ?)",
                 (
                     rid,
                     payer,
@@ -510,6 +519,7 @@ class Ledger(Database):
                     signature,
                     int(authorization_expiry) if signature is not None else None,
                     network_id,
+                    discount_bps,
                 ),
             )
             if authorization is not None:
@@ -663,13 +673,14 @@ class Ledger(Database):
             for job_id, request_id, index in jobs:
                 row = self._db.execute(
                     "SELECT j.payer, r.token_type, j.spark_free, j.spark_paid, j.sogni,"
-                    " j.sogni_spark, r.auth_signature, r.auth_expiry, r.network_id"
+                    " j.sogni_spark, r.auth_signature, r.auth_expiry, r.network_id,"
+                    " r.discount_bps"
                     " FROM ledger_jobs j JOIN ledger_reservations r"
                     " ON r.request_id = j.request_id WHERE j.job_id = ?",
                     (job_id.hex(),),
                 ).fetchone()
                 if row is not None:
-                    payer, token, free, paid, sogni, sogni_spark, sig, expiry, network = row
+                    payer, token, free, paid, sogni, sogni_spark, sig, expiry, network, off = row
                     auth = None
                     if sig is not None:
                         auth = PayerAuthorization(
@@ -687,6 +698,7 @@ class Ledger(Database):
                         sogni=sogni,
                         spark_equiv=free + paid if token == "spark" else sogni_spark,
                         authorization=auth,
+                        discount_bps=off,
                     )
             for rid in {r for _, r, _ in jobs}:
                 if self._db.execute(

@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING
 
 from sogni_coordinator.standing import StandingCache, StandingLookup
 from sogni_protocol.logs import get_logger
-from sogni_protocol.pricing import Quote
-from sogni_protocol.stake_benefits import StakeBenefits, discounted
+from sogni_protocol.stake_benefits import StakeBenefits
 
 if TYPE_CHECKING:
     from sogni_coordinator.jobs import Job, NodeLink
@@ -59,8 +58,9 @@ class PayerBenefits:
             return 0
         return self.rules.tier(stake)
 
-    def apply(self, payer: str | None, q: Quote) -> Quote:
-        return discounted(q, self.rules.discount_for(self.tier(payer)))
+    def discount_bps(self, payer: str | None) -> int:
+        """The payer's discount now (basis points off each image's price)."""
+        return self.rules.discount_for(self.tier(payer))
 
 
 class _Run:

@@ -21,7 +21,7 @@ canonical (sorted keys, no whitespace) so the same batch always hashes the same.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import msgspec
 import msgspec.inspect
@@ -132,10 +132,14 @@ class PayerAuthorization(msgspec.Struct, kw_only=True, frozen=True, rename="came
     index: int
 
 
-class PayerSettlement(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
+class PayerSettlement(
+    msgspec.Struct, kw_only=True, frozen=True, rename="camel", omit_defaults=True
+):
     """What the payer paid for one job, as the ledger settled it (micro units: 1e-6 Spark or
     SOGNI). ``spark_equiv``: the value in micro-Spark (for SOGNI payments, at the request's
-    quote). Accounts and amounts only: never a prompt."""
+    quote). ``discount_bps``: the payer's stake discount the request was priced with (off
+    each image's price; omitted when 0, so files without discounts read as before). Accounts
+    and amounts only: never a prompt."""
 
     payer: str
     token_type: Literal["spark", "sogni"]
@@ -145,6 +149,7 @@ class PayerSettlement(msgspec.Struct, kw_only=True, frozen=True, rename="camel")
     spark_equiv: int
     authorization: PayerAuthorization | None = None
     """None only for a request accepted before authorizations were kept: the audit says so."""
+    discount_bps: Annotated[int, msgspec.Meta(ge=0, lt=10_000)] = 0
 
 
 class VerifierPay(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):

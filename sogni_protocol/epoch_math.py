@@ -119,19 +119,30 @@ def split_entry(
     return Valued(paid, free, take_bps, rules.split(paid + free, model_id, take_bps))
 
 
-def expected_charge(work_units: int, price_factor_bps: int, steps_done: int, steps: int) -> int:
+def expected_charge(
+    work_units: int, price_factor_bps: int, steps_done: int, steps: int, discount_bps: int = 0
+) -> int:
     """Micro-Spark a payer is charged for a job of the signed offer's `work_units` at its
-    `price_factor_bps`, with `steps_done` of `steps` rendered (as billing charges it)."""
+    `price_factor_bps`, with `steps_done` of `steps` rendered and the payer's stake discount
+    `discount_bps` off the image's price (as billing charges it: `stake_benefits.discounted`
+    rounds the discounted price down, never below 1 micro)."""
     price = Fraction(work_units * MICRO, WORK_UNITS_PER_SPARK) * Fraction(price_factor_bps, BPS)
     per_image = int((price * 2 + 1) // 2)  # round half up, as pricing does
+    if discount_bps > 0:
+        per_image = max(1, per_image * (BPS - discount_bps) // BPS)
     return per_image * max(0, min(steps_done, steps)) // steps
 
 
 def mispriced(offer: JobOffer, receipt: Receipt, paid: PayerSettlement) -> int | None:
-    """What the signed offer prices the job at (micro-Spark) when the payer's settlement is
-    worth something else; None when they agree (SOGNI's Spark value may be off by rounding)."""
+    """What the signed offer prices the job at (micro-Spark), less the payer's published stake
+    discount, when the payer's settlement is worth something else; None when they agree
+    (SOGNI's Spark value may be off by rounding)."""
     charged = expected_charge(
-        offer.work_units, offer.price_factor_bps, receipt.steps_done, offer.steps
+        offer.work_units,
+        offer.price_factor_bps,
+        receipt.steps_done,
+        offer.steps,
+        paid.discount_bps,
     )
     slack = 0 if paid.token_type == "spark" else 1
     return charged if abs(paid.spark_equiv - charged) > slack else None

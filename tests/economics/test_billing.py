@@ -225,6 +225,64 @@ def test_take_rate_per_receipt_follows_stake_on_chain_as_settlement_does(tmp_pat
     c.close()
 
 
+def test_a_staked_payers_discounted_job_is_paid_on_chain_and_audits(tmp_path: Path) -> None:
+    """The payer's stake discount is charged, published with the settlement and checked
+    against the signed offer's price less that discount: the epoch pays the worker its share
+    of the discounted charge, the published files recompute, and a forged discount does not."""
+    import json
+
+    from web3.types import Wei
+
+    from sogni_coordinator.staking_benefits import PayerBenefits
+    from sogni_protocol.epoch_audit import audit_folder
+    from sogni_protocol.stake_benefits import StakeBenefits
+
+    chain = connect()
+    treasury, coordinator = chain.accounts[0], chain.accounts[1]
+    addresses = deploy_all(
+        chain, treasury, coordinator=coordinator, distributor_funding=1_000 * SOGNI
+    )
+    deployment = Deployment(chain, addresses, sender=treasury)
+    payer: LocalAccount = chain.add_key(b"\x5a" * 32)
+    chain.w3.eth.send_transaction(
+        {"from": treasury.address, "to": payer.address, "value": Wei(10**18)}
+    )
+    deployment.token.transfer(payer.address, 1_000 * SOGNI)  # tier 1: 5 % off
+    deployment.token.approve(deployment.staking.address, 1_000 * SOGNI, sender=payer.address)
+    deployment.staking.stake(1_000 * SOGNI, sender=payer.address)
+    domain = Domain(addresses.chain_id, addresses.distributor)
+    c = Coordinator.open(tmp_path / "coordinator.db", domain, rules=RULES)
+    settler = Settler(
+        c.store, deployment, sender=coordinator, rules=RULES, publish_dir=tmp_path / "epochs"
+    )
+    link = ChainLink(deployment, settler)
+    c.billing.standing = link.standing  # what service.py wires
+    c.billing.benefits = PayerBenefits(StakeBenefits(), link.standing)
+    c.ledger.credit_purchase(payer.address, 10)
+    worker = chain.accounts[3]
+    rid, (job,) = c.accept(payer, _request(1))
+    assert c.ledger.balance(reserved_account(rid))["spark_paid"] == 950_000  # 1 Spark, 5 % off
+    c.deliver(rid, job, worker)
+    c.billing.finish(rid)
+    earned = c.ledger.balance(worker_account(worker.address))["spark_paid"]
+    assert earned == 950_000 * 65 // 100  # tier 0 worker: 30 % take, 5 % creator
+
+    result = settler.close_epoch()
+    assert result is not None and result.payouts[worker.address] == earned * 10**12
+    report = audit_folder(tmp_path / "epochs")
+    assert report.ok, report.problems
+    (batch_file,) = (tmp_path / "epochs" / "receipts").glob("*.json")
+    published = json.loads(batch_file.read_text())
+    assert published["receipts"][0]["settlement"]["discountBps"] == 500
+    c.close()
+
+    # a coordinator claiming a deeper discount than it charged is caught by anyone's audit
+    forged = batch_file.read_text().replace('"discountBps":500', '"discountBps":1000')
+    assert forged != batch_file.read_text()
+    batch_file.write_text(forged)
+    assert not audit_folder(tmp_path / "epochs").ok
+
+
 # --- Daily Boost and balances ------------------------------------------------------------
 NOON = dt.datetime(2025, 6, 1, 12, 0, tzinfo=dt.UTC).timestamp()
 
