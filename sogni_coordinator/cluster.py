@@ -57,6 +57,7 @@ import msgspec
 import psycopg
 import trio
 
+from sogni_coordinator.db import DatabaseBusy
 from sogni_coordinator.delivery import Mailbox, short
 from sogni_coordinator.job_state import STORED_LIVE, JobState
 from sogni_coordinator.jobs import Job, NodeLink, RequestState
@@ -73,6 +74,11 @@ from sogni_protocol.messages import Cancel, JobFailed, JobOffer, JobProgress, Re
 from sogni_protocol.pricing import ScalingFactors, default_factors
 
 log = get_logger(__name__)
+
+_DB_ERRORS = (psycopg.Error, sqlite3.Error, DatabaseBusy)
+"""What a round of the cluster's loops may meet from the shared database (an outage, another
+coordinator holding the write lock past `db.WRITE_DEADLINE`): logged, and the next round
+tries again; never the end of the daemon."""
 
 __all__ = ["Cluster", "NetworkTermsDiffer", "network_terms"]
 
@@ -861,7 +867,7 @@ class Cluster:
                         continue
                 except QueueError as exc:
                     log.warning("lease_failed", error=str(exc))
-                except (psycopg.Error, sqlite3.Error) as exc:  # its leases lapse: none is lost
+                except _DB_ERRORS as exc:  # its leases lapse: none is lost
                     log.warning("lease_failed", error=type(exc).__name__)
                     await trio.sleep(EMPTY_LEASE_PAUSE * 10)
                 await trio.sleep(EMPTY_LEASE_PAUSE)  # nodes' credit changes often; the queue less
@@ -1013,7 +1019,7 @@ class Cluster:
                 await fn()
             except QueueError as exc:
                 log.warning("cluster_queue_call_failed", error=str(exc))
-            except (psycopg.Error, sqlite3.Error) as exc:  # the lease lapses: no job is lost
+            except _DB_ERRORS as exc:  # the lease lapses: no job is lost
                 log.warning("cluster_queue_call_failed", error=type(exc).__name__)
 
     async def _offers_forever(self) -> None:
@@ -1163,7 +1169,7 @@ class Cluster:
                 for request_id in list(self.d.requests):
                     await self._fail_dead(request_id)
                     await self.refresh(request_id)
-            except (psycopg.Error, sqlite3.Error) as exc:  # the next round tries again
+            except _DB_ERRORS as exc:  # the next round tries again
                 log.warning("cluster_refresh_failed", error=type(exc).__name__)
             for request_id in [r for r in self.counted if r not in self.d.requests]:
                 del self.counted[request_id]

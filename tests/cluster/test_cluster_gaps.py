@@ -213,3 +213,38 @@ async def test_a_wallet_whose_receipt_failed_a_check_at_b_is_passed_over_at_a(
         held = a.running.dispatcher.jobs[offer.offer.job_id]
         assert set(held.offers.values()) == {host_z.peer_id}  # never offered to W here
         nursery.cancel_scope.cancel()
+
+
+async def test_a_round_that_meets_a_busy_database_is_logged_and_the_cluster_runs_on(
+    tmp_path: Path, pg_url: str, monkeypatch: Any
+) -> None:
+    """Another coordinator holding the shared write lock past the deadline (`DatabaseBusy`)
+    in a refresh round of A's: one log line, and the next round goes on (it ended A's whole
+    daemon: the exception escaped the loop's catch of driver errors)."""
+    from structlog.testing import capture_logs
+
+    from sogni_coordinator.cluster import Cluster
+    from sogni_coordinator.db import DatabaseBusy
+
+    busy: list[bytes] = []
+    fail_dead = Cluster._fail_dead
+
+    async def busy_once(self: Cluster, request_id: bytes) -> None:
+        if not busy:
+            busy.append(request_id)
+            raise DatabaseBusy("database: another coordinator held the write lock for 30 s")
+        await fail_dead(self, request_id)
+
+    monkeypatch.setattr(Cluster, "_fail_dead", busy_once)
+    with capture_logs() as logs:
+        async with _node_at_b(tmp_path, pg_url, models=[MODEL]) as (a, _b, client, node):
+            channel, accepted = await submit(client, a, tiny_request(1, seed=29))
+            with trio.fail_after(20):  # a refresh round of A's met the busy database
+                while not busy:
+                    await trio.sleep(0.05)
+            offer = await node.offer()
+            await node.deliver(offer, a.net.domain)
+            done = await receive_skipping(channel, (RequestDone,), 20, RESULT_FRAME_LIMIT)
+            assert done.delivered == 1 and busy == [accepted.request_id]
+    failed = [e for e in logs if e["event"] == "cluster_refresh_failed"]
+    assert failed and failed[0]["error"] == "DatabaseBusy"
