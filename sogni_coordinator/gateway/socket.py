@@ -165,9 +165,8 @@ class Session:
         shown = raw_id.upper() if isinstance(raw_id, str) and len(raw_id) <= 64 else ""
         try:
             job_id = job_id_of(data)
-            known = self.gateway.projects.get(self.key.key_id, job_id)
-            if job_id in self.live and (known is None or not (known.done or known.cancelled)):
-                return  # already streaming on this socket
+            if job_id in self.live:  # already streaming (or replaying) on this socket: a
+                return  # re-send adds nothing, and never a second task per re-send
             if len(self.live) >= self.gateway.config.max_projects_per_socket:
                 raise ProjectRefused(4029, "tooManyProjects", "too many projects in flight")
             self.live.add(job_id)
