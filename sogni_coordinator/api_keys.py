@@ -34,6 +34,9 @@ from sogni_coordinator.db import Database
 from sogni_coordinator.key_projects import KeyProjects
 from sogni_protocol.pricing import MICRO
 
+GATEWAY_PEER = "api-key:"
+"""How the gateway names the client of a request it submits for a key (`api-key:<key id>`):
+billing then leaves the key's checks to the gateway, which made them (`account_refusal`)."""
 KEY_PREFIX = "sk-sogni-"
 """Marks a string as one of these keys (in logs of a leak scanner, a config file)."""
 MAX_KEY_LENGTH = 200
@@ -198,6 +201,28 @@ class ApiKeys(Database):
                 (time.time(), key_id),
             )
         return cur.rowcount == 1
+
+    def account_refusal(self, account: str, micro: int) -> str | None:
+        """Why an API key's account may not have `micro` more reserved now, for a request
+        signed with the key's derived account key outside the gateway (the native client
+        protocol): the key was revoked, or today's spend would pass its daily limit; None
+        when allowed (the spend is then recorded, in the caller's transaction when one is
+        open, as the reservation's) or when `account` is no key's. Without this a revoked or
+        limited key's holder, who can derive the account key (`account_private_key`), spent
+        the account freely over the native protocol."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT revoked, daily_limit_micro FROM api_keys WHERE account = ?",
+                (account.lower(),),
+            ).fetchone()
+        if row is None:
+            return None
+        if row[0]:
+            return "this account's API key was revoked: the account can no longer pay"
+        limit = None if row[1] is None else int(row[1])
+        if not self.try_spend(account, micro, limit):
+            return "this account's API key has reached its daily spend limit"
+        return None
 
     def list(self) -> list[ApiKeyRecord]:
         """Every key, oldest first."""

@@ -16,11 +16,12 @@ restarted coordinator reloads them (`restore`) and still settles or refunds ever
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import time
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 from sogni_coordinator.ledger import (
     Asset,
@@ -63,6 +64,12 @@ MAX_QUERY_SECONDS = 3600
 """A signed balance query may not be valid for longer than an hour."""
 
 
+class KeyAccounts(Protocol):
+    """`api_keys.ApiKeys` as billing sees it."""
+
+    def account_refusal(self, account: str, micro: int) -> str | None: ...
+
+
 class Refusal(Exception):
     def __init__(self, code: str, reason: str) -> None:
         super().__init__(reason)
@@ -96,27 +103,35 @@ class Billing:
     """The ledger's network: authorizations and boost claims must name it."""
     benefits: PayerBenefits | None = None
     """Staked payers' discount and queue tier (`[staking_benefits]`); None: none."""
+    key_accounts: KeyAccounts | None = None
+    """API keys' accounts (`api_keys.ApiKeys`): a revoked or limited key's account cannot be
+    spent outside the gateway either (`admit(..., via_gateway=False)`); None: not checked."""
     _reservations: dict[bytes, Reservation] = field(default_factory=dict)
     _models: dict[bytes, str] = field(default_factory=dict)
 
     # --- render requests -------------------------------------------------------------------
-    def admit(self, request: RenderRequest, request_id: bytes) -> int:
+    def admit(self, request: RenderRequest, request_id: bytes, *, via_gateway: bool = False) -> int:
         """Reserve the request's price; returns it (micro units) or raises `Refusal`.
-        Writes on the calling thread (CLI, tests); the dispatcher uses `admit_off_loop`."""
+        Writes on the calling thread (CLI, tests); the dispatcher uses `admit_off_loop`.
+        `via_gateway`: the gateway submitted it for an API key and checked the key itself."""
         priced = self._authorized_quote(request)
         if priced is None:
             return 0
-        return self._record(request, request_id, self._reserve(request, request_id, *priced))
+        reservation = self._reserve(request, request_id, *priced, via_gateway=via_gateway)
+        return self._record(request, request_id, reservation)
 
-    async def admit_off_loop(self, request: RenderRequest, request_id: bytes) -> int:
+    async def admit_off_loop(
+        self, request: RenderRequest, request_id: bytes, *, via_gateway: bool = False
+    ) -> int:
         """`admit` with the ledger's fsync'd write in the writer thread, in order with every
-        queued settlement and refund."""
+        queued settlement and refund (and, in the same savepoint, the key account's check)."""
         if self.benefits is not None and self.charges(request):
             await self.benefits.warm(request.payer)
         priced = self._authorized_quote(request)
         if priced is None:
             return 0
-        reservation = await self.ledger.call(self._reserve, request, request_id, *priced)
+        reserve = functools.partial(self._reserve, via_gateway=via_gateway)
+        reservation = await self.ledger.call(reserve, request, request_id, *priced)
         return self._record(request, request_id, reservation)
 
     def charges(self, request: RenderRequest) -> bool:
@@ -144,9 +159,21 @@ class Billing:
         return discounted(q, discount), discount
 
     def _reserve(
-        self, request: RenderRequest, request_id: bytes, q: Quote, discount_bps: int = 0
+        self,
+        request: RenderRequest,
+        request_id: bytes,
+        q: Quote,
+        discount_bps: int = 0,
+        *,
+        via_gateway: bool = False,
     ) -> Reservation:
+        """Runs in the writer's savepoint (`admit_off_loop`): a refusal raised after the key
+        account's spend was recorded rolls it back with everything else."""
         assert request.payer is not None
+        if self.key_accounts is not None and not via_gateway:
+            why = self.key_accounts.account_refusal(request.payer, q.spark_micro)
+            if why is not None:
+                raise Refusal("unauthorized", why)
         try:
             return self.ledger.reserve(
                 request_id,

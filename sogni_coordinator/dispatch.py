@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 import msgspec
 import trio
 
+from sogni_coordinator.api_keys import GATEWAY_PEER
 from sogni_coordinator.billing import Billing, Refusal
 from sogni_coordinator.challenges import ChallengeResult, PendingChallenges
 from sogni_coordinator.checks import RESTART_REASON, Checks, Held, Outcome
@@ -373,7 +374,9 @@ class Dispatcher:
         # without its reservation, or a reservation without its request.
         with trio.CancelScope(shield=True):
             cost = (
-                await self.billing.admit_off_loop(req, request_id)
+                await self.billing.admit_off_loop(
+                    req, request_id, via_gateway=client_peer.startswith(GATEWAY_PEER)
+                )
                 if self.billing is not None
                 else 0
             )

@@ -99,6 +99,10 @@ async def run_coordinator(
         billing = Billing(
             ledger, domain, mode=config.billing, rules=rules, network_id=config.network_id
         )
+        # an API key's account pays only while its key is live and within its daily limit,
+        # whichever protocol its (derivable) account key signs requests over
+        billing.key_accounts = key_accounts = ApiKeys(config.database)
+        closers.append(key_accounts)
         link = connect_chain(config, signer.private_key, store)
         router = Router(reputation, tiers=config.tiers, fast_min_stake=config.fast_min_stake)
         standing = (

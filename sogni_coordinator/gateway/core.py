@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import msgspec
 import trio
 
-from sogni_coordinator.api_keys import account_address, account_private_key
+from sogni_coordinator.api_keys import GATEWAY_PEER, account_address, account_private_key
 from sogni_coordinator.billing import Refusal
 from sogni_coordinator.delivery import Cursor
 from sogni_coordinator.gateway.config import GatewayConfig
@@ -377,7 +377,7 @@ class Gateway:
         )
         try:
             submission = await self.dispatcher.submit(
-                signed, client_peer=f"api-key:{key.key_id}", allowed_models=self.configured
+                signed, client_peer=GATEWAY_PEER + key.key_id, allowed_models=self.configured
             )
         except Refusal as exc:
             await trio.to_thread.run_sync(self.keys.record_spend, account, -reserved)

@@ -283,6 +283,40 @@ def test_a_staked_payers_discounted_job_is_paid_on_chain_and_audits(tmp_path: Pa
     assert not audit_folder(tmp_path / "epochs").ok
 
 
+def test_a_revoked_or_limited_api_keys_account_cannot_pay_outside_the_gateway(
+    coord: Coordinator,
+) -> None:
+    """Whoever holds an API key can derive its account's key and sign requests over the
+    native protocol: the key's revocation and daily limit hold there too (the gateway checks
+    its own requests, once)."""
+    from sogni_coordinator.api_keys import ApiKeys, account_private_key
+
+    keys = ApiKeys(coord.path)
+    try:
+        coord.billing.key_accounts = keys
+        key, account = keys.create("an app", daily_limit_spark=1.5)
+        coord.ledger.credit_purchase(account, 10)
+        holder: LocalAccount = Account.from_key(account_private_key(key))
+        assert holder.address == account
+        coord.accept(holder, _request(1))  # 1 Spark of its 1.5 a day
+        with pytest.raises(Refusal, match="daily spend limit") as limited:
+            coord.accept(holder, _request(1))
+        assert limited.value.code == "unauthorized"
+        assert coord.ledger.balance(account)["spark_paid"] == 9 * SPARK  # the first only
+        signed = authorize(_request(1), holder.key, coord.domain)
+        coord.billing.admit(signed, eip712.request_hash(signed), via_gateway=True)  # checked
+        (record,) = keys.list()
+        assert keys.revoke(record.key_id)
+        with pytest.raises(Refusal, match="revoked"):
+            coord.accept(holder, _request(1, seed=5))
+        assert coord.ledger.balance(account)["spark_paid"] == 8 * SPARK
+        other: LocalAccount = Account.create()  # a wallet that is no key's: unaffected
+        coord.ledger.credit_purchase(other.address, 1)
+        coord.accept(other, _request(1))
+    finally:
+        keys.close()
+
+
 # --- Daily Boost and balances ------------------------------------------------------------
 NOON = dt.datetime(2025, 6, 1, 12, 0, tzinfo=dt.UTC).timestamp()
 
