@@ -398,11 +398,12 @@ class Gateway:
         project = self.projects.get(key.key_id, job_id) or await self._recall(key, job_id)
         if project is None or not project.request_id:
             return None
+        if not project.done:  # first: if it fails, nothing says cancelled and a retry redoes it
+            await self._take_over(project)
         if not project.cancelled:
             project.cancelled = True
             await self.records.call(self.records.cancel, key.key_id, job_id)
         if not project.done:
-            await self._take_over(project)
             self.dispatcher.cancel_request(project.request_id)
         return project
 

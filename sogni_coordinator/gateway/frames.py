@@ -19,6 +19,7 @@ __all__ = [
     "CLIENT_TYPES",
     "CLOSE_AUTH",
     "CLOSE_BAD_DATA",
+    "CLOSE_INTERNAL",
     "CLOSE_POLICY",
     "CLOSE_RATE_LIMITED",
     "CLOSE_REPLACED",
@@ -34,6 +35,8 @@ CLOSE_POLICY = 1008
 """A malformed frame (bad JSON, bad base64, not an object, unknown type)."""
 CLOSE_TOO_BIG = 1009
 """A frame over the size limit."""
+CLOSE_INTERNAL = 1011
+"""The session failed on this side (a database outage, a bug): the SDKs reconnect."""
 CLOSE_REPLACED = 4015
 """Another socket took this (key, appId): the SDKs do not reconnect."""
 CLOSE_AUTH = 4021

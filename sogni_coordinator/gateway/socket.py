@@ -20,6 +20,7 @@ import trio
 from sogni_coordinator.gateway.core import AuthedKey, Gateway
 from sogni_coordinator.gateway.frames import (
     CLOSE_AUTH,
+    CLOSE_INTERNAL,
     CLOSE_POLICY,
     CLOSE_RATE_LIMITED,
     CLOSE_REPLACED,
@@ -44,6 +45,13 @@ OUTBOX = 256
 SWARM_POLL = 1.0
 """How often the worker counts are compared and re-sent when they changed."""
 SEND_TIMEOUT = 30.0
+
+
+def _kind(exc: BaseException) -> str:
+    """The failure's type for a log line (a group: its first leaf's), never its message."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    return type(exc).__name__
 
 
 def client_address(ws: Any) -> str:
@@ -95,6 +103,9 @@ class Session:
                     nursery.start_soon(self._swarm)
                     await self._read(nursery)
                     nursery.cancel_scope.cancel()
+        except Exception as exc:  # a database outage, a bug: this socket ends, not the daemon
+            self.close_code = CLOSE_INTERNAL  # the SDKs reconnect (after 1000 they would not)
+            log.error("gateway_session_failed", key=self.key.key_id, error=_kind(exc))
         finally:
             if self.gateway.sockets.get(slot) is self:
                 del self.gateway.sockets[slot]

@@ -195,6 +195,46 @@ async def test_hostile_frames_close_the_socket_not_the_gateway(
             assert await sdk.until("swarmModels", timeout=20) == {MODEL: 1}
 
 
+async def test_a_session_that_fails_on_this_side_closes_1011_and_the_gateway_serves_on(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A database outage (or a bug) inside one socket's session: that socket closes with
+    1011, after which the SDKs reconnect (with 1000 they would not, and their projects would
+    wait forever), one log line names the error's type, and the gateway serves the next."""
+    from structlog.testing import capture_logs
+
+    from sogni_coordinator.gateway.core import Gateway
+
+    async with start_net(tmp_path) as net:
+        url = net.coordinator.http_url
+        assert url is not None
+        key, _ = _key(net)
+        balances = Gateway.balances
+        failing = [True]
+
+        async def flaky(self: Gateway, account: str) -> Any:
+            if failing[0]:
+                raise OSError("the database is away")
+            return await balances(self, account)
+
+        monkeypatch.setattr(Gateway, "balances", flaky)
+        with capture_logs() as logs:
+            async with open_websocket_url(
+                SdkSocket.url(url), extra_headers=[(b"api-key", key.encode())]
+            ) as ws:
+                with trio.fail_after(10):
+                    try:
+                        while True:
+                            await ws.get_message()
+                    except ConnectionClosed as exc:
+                        assert exc.reason.code == 1011
+        (failed,) = [e for e in logs if e["event"] == "gateway_session_failed"]
+        assert failed["error"] == "OSError" and "away" not in str(failed)
+        failing[0] = False
+        async with connect(url, key) as sdk:
+            assert (await sdk.next())[0] == "authenticated"
+
+
 async def test_reconnect_resumes_without_double_charge_then_cancel(
     tmp_path: Path, backend: Any
 ) -> None:
