@@ -6,6 +6,8 @@ import hashlib
 import io
 import os
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
@@ -16,7 +18,7 @@ from eth_account.messages import encode_typed_data
 from PIL import Image
 
 from sogni_app.api import RenderRefused, receipt_line, render
-from sogni_net import ChannelClosed, open_host
+from sogni_net import Channel, ChannelClosed, open_host
 from sogni_protocol import eip712
 from sogni_protocol.ids import CLIENT_PROTOCOL, JOBS_PROTOCOL, RESULT_FRAME_LIMIT, WIRE_VERSION
 from sogni_protocol.messages import (
@@ -323,27 +325,40 @@ async def test_client_that_disconnects_loses_nothing(net_factory: Any, backend: 
         assert {r.receipt.job_id for r in store.receipts()} == set(accepted.job_ids)
 
 
+@asynccontextmanager
+async def _stopped_mid_render(
+    net: Any, backend: Any, *, step_seconds: float, grace: float, steps: int
+) -> AsyncIterator[tuple[Channel, RequestAccepted, Any]]:
+    """One node rendering a 1-image request is stopped (what SIGTERM does in the daemon)
+    while it renders; the client's stream, the acceptance and the node's shutdown report."""
+    slow = SlowBackend(backend, step_seconds)
+    node = await net.add_node(slow, "node0", shutdown_grace=grace)
+    async with open_host(key_path=None, listen=()) as client:
+        cchan = await client.open_channel(net.addr, CLIENT_PROTOCOL)
+        await cchan.send(request(1, steps=steps))
+        accepted = await cchan.receive(timeout=10)
+        assert isinstance(accepted, RequestAccepted)
+        await slow.started.wait()
+        node.stop.set()
+        with trio.fail_after(60):
+            await node.done.wait()
+        yield cchan, accepted, node.report[0]
+
+
 async def test_sigterm_finishes_or_hands_back_running_jobs_and_says_which(
     net_factory: Any, backend: Any
 ) -> None:
-    async with net_factory() as net:
-        slow = SlowBackend(backend, 0.4)
-        node = await net.add_node(slow, "node0", shutdown_grace=0.2)
-        async with open_host(key_path=None, listen=()) as client:
-            cchan = await client.open_channel(net.addr, CLIENT_PROTOCOL)
-            await cchan.send(request(1, steps=20))
-            accepted = await cchan.receive(timeout=10)
-            await slow.started.wait()
-            node.stop.set()  # what SIGTERM does in the daemon
-            with trio.fail_after(30):
-                await node.done.wait()
-            report = node.report[0]
-            assert report.handed_back == [accepted.job_ids[0].hex()]
-            assert report.finished == []
-            # the coordinator requeued it; another node finishes it
-            await net.add_node(backend, "node1")
-            msg = await receive_skipping(cchan, (RequestDone,), 60, RESULT_FRAME_LIMIT)
-            assert msg.delivered == 1
+    async with (
+        net_factory() as net,
+        _stopped_mid_render(net, backend, step_seconds=0.4, grace=0.2, steps=20) as stopped,
+    ):
+        cchan, accepted, report = stopped
+        assert report.handed_back == [accepted.job_ids[0].hex()]
+        assert report.finished == []
+        # the coordinator requeued it; another node finishes it
+        await net.add_node(backend, "node1")
+        msg = await receive_skipping(cchan, (RequestDone,), 60, RESULT_FRAME_LIMIT)
+        assert msg.delivered == 1
 
 
 async def test_a_render_that_finishes_in_the_grace_reaches_the_coordinator_before_goodbye(
@@ -360,22 +375,15 @@ async def test_a_render_that_finishes_in_the_grace_reaches_the_coordinator_befor
         keep(self, *args, **kwargs)
 
     monkeypatch.setattr(Journal, "keep_result", slow_keep)
-    async with net_factory() as net:
-        slow = SlowBackend(backend, 0.2)
-        node = await net.add_node(slow, "node0", shutdown_grace=30.0)
-        async with open_host(key_path=None, listen=()) as client:
-            cchan = await client.open_channel(net.addr, CLIENT_PROTOCOL)
-            await cchan.send(request(1, steps=2))
-            accepted = await cchan.receive(timeout=10)
-            await slow.started.wait()
-            node.stop.set()  # what SIGTERM does in the daemon
-            with trio.fail_after(60):
-                await node.done.wait()
-            report = node.report[0]
-            assert report.finished == [accepted.job_ids[0].hex()] and report.handed_back == []
-            # delivered by this node alone: the coordinator had the result before the goodbye
-            msg = await receive_skipping(cchan, (RequestDone,), 30, RESULT_FRAME_LIMIT)
-            assert msg.delivered == 1
+    async with (
+        net_factory() as net,
+        _stopped_mid_render(net, backend, step_seconds=0.2, grace=30.0, steps=2) as stopped,
+    ):
+        cchan, accepted, report = stopped
+        assert report.finished == [accepted.job_ids[0].hex()] and report.handed_back == []
+        # delivered by this node alone: the coordinator had the result before the goodbye
+        msg = await receive_skipping(cchan, (RequestDone,), 30, RESULT_FRAME_LIMIT)
+        assert msg.delivered == 1
         assert len(net.coordinator.dispatcher.store.receipts()) == 1
 
 
