@@ -282,6 +282,7 @@ async def test_job_past_its_deadline_is_requeued_and_paid_once(
                 cchan = await client.open_channel(net.addr, CLIENT_PROTOCOL)
                 await cchan.send(request(1))
                 accepted = await cchan.receive(timeout=10)
+                assert isinstance(accepted, RequestAccepted)
                 offer = await receive_skipping(channel, (Offer,))
                 # keep heartbeating but never deliver: the coordinator cancels and requeues
                 with trio.fail_after(10):
