@@ -309,6 +309,8 @@ def render_cmd(
         )
     except ValueError as exc:  # in the options' names, not the wire fields'
         raise BadUsage(in_option_terms(str(exc)), "see `sogni render --help`") from None
+    if out.exists() and not out.is_dir():  # before anything is sent (and paid for)
+        raise BadUsage(f"--out {out} is a file, not a folder", "give a folder for the images")
     addr = resolve_coordinator(coordinator[0] if coordinator else None)  # after the inputs
     others = [c for c in coordinator or [] if c != addr]
     paying: dict[str, Any] = {}

@@ -31,6 +31,7 @@ import typer
 import typer.core
 
 __all__ = [
+    "INTERRUPTED",
     "BadUsage",
     "CliError",
     "CliGroup",
@@ -39,6 +40,7 @@ __all__ = [
     "Unavailable",
     "classify",
     "debug_requested",
+    "interrupted",
     "main",
     "register",
     "require_extra",
@@ -110,6 +112,11 @@ _KNOWN: dict[str, tuple[_Kind, str | None]] = {
     ),
     "msgspec.ValidationError": (BadUsage, "check the values given"),
     "builtins.ConnectionError": (Unavailable, "check that it is running and reachable"),
+    # a path that is a file where a folder belongs, or the reverse, or not ours to write
+    "builtins.FileExistsError": (Refused, "that path is taken by a file: give another one"),
+    "builtins.NotADirectoryError": (Refused, "a file stands where a folder belongs"),
+    "builtins.IsADirectoryError": (Refused, "give a file, not a folder"),
+    "builtins.PermissionError": (Refused, "check the path's owner and permissions"),
     "builtins.ModuleNotFoundError": (
         Unavailable,
         "install the missing package, or the sogni-supernet extra that provides it",
@@ -145,8 +152,27 @@ def classify(exc: BaseException) -> CliError | None:
         if known is not None:
             kind, todo = known
             what = str(exc) or type(exc).__name__
+            if isinstance(exc, OSError) and exc.strerror and exc.filename:
+                what = f"{exc.filename}: {exc.strerror}"  # not "[Errno 17] File exists: '…'"
             return kind(what, todo)
     return None
+
+
+INTERRUPTED = 130
+"""Exit code of a command stopped with Ctrl-C (128 + SIGINT), as shells report it."""
+
+
+def interrupted(exc: BaseException) -> bool:
+    """Is `exc` Ctrl-C: a KeyboardInterrupt, or a trio group of it and the cancellations
+    it caused in the other tasks?"""
+    if isinstance(exc, KeyboardInterrupt):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        leaves = exc.exceptions
+        return any(interrupted(e) for e in leaves) and all(
+            interrupted(e) or type(e).__name__ == "Cancelled" for e in leaves
+        )
+    return False
 
 
 def _debug_env() -> bool:
@@ -199,6 +225,11 @@ class CliGroup(typer.core.TyperGroup):
             debug = bool(ctx.meta.get(_DEBUG_META)) or _debug_env()
             code = _report(exc, debug=debug)
             raise typer.Exit(code) from None
+        except BaseException as exc:  # Ctrl-C, bare or inside a trio nursery's group
+            if not interrupted(exc) or bool(ctx.meta.get(_DEBUG_META)) or _debug_env():
+                raise
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(INTERRUPTED) from None
 
 
 def require_extra(command: str, extra: str, modules: Iterable[str]) -> None:

@@ -55,9 +55,25 @@ def raise_cmd(kind: str) -> None:
         "connection": ConnectionRefusedError(111, "Connection refused"),
         "validation": msgspec.ValidationError("Expected `int`, got `str` - at `$.steps`"),
         "group": ExceptionGroup("nursery", [Unavailable("peer went away")]),
+        "file": FileExistsError(17, "File exists", "/tmp/out"),
+        "notdir": NotADirectoryError(20, "Not a directory", "/tmp/out/journal.db"),
         "bug": KeyError("bug"),
     }
     raise errors[kind]
+
+
+@toy.command("interrupt")
+def interrupt_cmd() -> None:
+    """Ctrl-C inside a trio nursery, as in `sogni render` (trio wraps it in a group)."""
+    import trio
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.sleep_forever)
+            await trio.sleep(0)
+            raise KeyboardInterrupt
+
+    trio.run(main)
 
 
 @toy.command("ok")
@@ -78,6 +94,8 @@ def ok_cmd(n: int) -> None:
         ("connection", 4, "error: [Errno 111] Connection refused (check that it is running"),
         ("validation", 2, "error: Expected `int`, got `str` - at `$.steps` (check the values"),
         ("group", 4, "error: peer went away"),
+        ("file", 3, "error: /tmp/out: File exists (that path is taken by a file"),
+        ("notdir", 3, "error: /tmp/out/journal.db: Not a directory (a file stands where"),
     ],
 )
 def test_expected_errors_are_one_line_with_their_class_code(
@@ -100,6 +118,14 @@ def test_debug_option_or_env_shows_the_traceback() -> None:
     assert isinstance(result.exception, Refused) and "error:" not in result.output
     result = runner.invoke(toy, ["raise", "keystore"], env={"SOGNI_DEBUG": "1"})
     assert isinstance(result.exception, KeystoreNotFound)
+
+
+def test_ctrl_c_is_one_line_and_exit_130_even_inside_a_trio_nursery() -> None:
+    result = runner.invoke(toy, ["interrupt"], env={"SOGNI_DEBUG": None})
+    assert result.exit_code == 130 and result.stderr == "interrupted\n"
+    assert "Traceback" not in result.output
+    with pytest.raises(BaseExceptionGroup):  # --debug keeps the traceback
+        runner.invoke(toy, ["--debug", "interrupt"], env={"SOGNI_DEBUG": None})
 
 
 def test_typer_usage_errors_keep_exit_2() -> None:
@@ -195,3 +221,22 @@ def test_a_coordinator_that_is_down_is_one_line(tmp_path: Path) -> None:
     assert out.returncode == 4, out.stderr
     assert len(errors) == 1 and f"cannot connect to {addr}" in errors[0]
     assert "Traceback" not in out.stderr and "Failed to open TCP stream" not in out.stderr
+
+
+def test_render_refuses_an_out_that_is_a_file_before_sending(tmp_path: Path) -> None:
+    """The check comes before the coordinator is even resolved: nothing is sent or paid for a
+    request whose images could not be saved (it failed after the acceptance, in a traceback)."""
+    from sogni_app.cli import app as sogni_app
+
+    taken = tmp_path / "afile"
+    taken.write_text("not a folder")
+    result = runner.invoke(
+        sogni_app,
+        ["render", "a red circle", "--out", str(taken), "--coordinator", "/nowhere"],
+        env={"SOGNI_DEBUG": None},
+    )
+    assert result.exit_code == 2, result.output
+    assert (
+        result.stderr
+        == f"error: --out {taken} is a file, not a folder (give a folder for the images)\n"
+    )
