@@ -46,6 +46,7 @@ from sogni_app.api import (
     valid_network_id,
 )
 from sogni_app.option_names import in_option_terms
+from sogni_net import peer_info
 from sogni_protocol.cli_errors import (
     BadUsage,
     CliGroup,
@@ -313,6 +314,8 @@ def render_cmd(
         raise BadUsage(f"--out {out} is a file, not a folder", "give a folder for the images")
     addr = resolve_coordinator(coordinator[0] if coordinator else None)  # after the inputs
     others = [c for c in coordinator or [] if c != addr]
+    for given in (addr, *others):  # a malformed one is a usage error, not "unavailable"
+        peer_info(given)
     paying: dict[str, Any] = {}
     if keystore is not None:
         paying = {  # the options are checked before the wallet asks for its password

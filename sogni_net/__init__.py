@@ -15,12 +15,27 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from sogni_net.errors import ChannelClosed, DialError, ReadTimeout, TransportError, WriteTimeout
+from sogni_net.errors import (
+    AddressError,
+    ChannelClosed,
+    DialError,
+    ListenError,
+    ReadTimeout,
+    TransportError,
+    WriteTimeout,
+)
 from sogni_net.http import health_endpoint, parse_listen, require_http_extra, serve_http
 
 if TYPE_CHECKING:
     from sogni_net.channel import Channel
-    from sogni_net.host import GOSSIP_MESSAGE_LIMIT, Handler, Host, TopicValidator, open_host
+    from sogni_net.host import (
+        GOSSIP_MESSAGE_LIMIT,
+        Handler,
+        Host,
+        TopicValidator,
+        open_host,
+        peer_info,
+    )
     from sogni_net.keys import NodeKey, load_or_create_node_key
 
 _LAZY = {
@@ -30,6 +45,7 @@ _LAZY = {
     "Host": "sogni_net.host",
     "TopicValidator": "sogni_net.host",
     "open_host": "sogni_net.host",
+    "peer_info": "sogni_net.host",
     "NodeKey": "sogni_net.keys",
     "load_or_create_node_key": "sogni_net.keys",
 }
@@ -46,11 +62,13 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "GOSSIP_MESSAGE_LIMIT",
+    "AddressError",
     "Channel",
     "ChannelClosed",
     "DialError",
     "Handler",
     "Host",
+    "ListenError",
     "NodeKey",
     "ReadTimeout",
     "TopicValidator",
@@ -60,6 +78,7 @@ __all__ = [
     "load_or_create_node_key",
     "open_host",
     "parse_listen",
+    "peer_info",
     "require_http_extra",
     "serve_http",
 ]

@@ -26,3 +26,13 @@ class WriteTimeout(TransportError):
 
 class DialError(TransportError):
     """Could not reach the peer, or it does not speak the requested protocol."""
+
+
+class AddressError(DialError, ValueError):
+    """The address itself is wrong (not a multiaddr, a bad IP, no or a bad /p2p/ peer id):
+    nothing was dialed."""
+
+
+class ListenError(TransportError):
+    """This process cannot listen where it was told (the port is taken, the address is not
+    this machine's)."""

@@ -63,7 +63,15 @@ from sogni_net.containment import (
     ignore_peer_exchange,
     refuse_unknown_version,
 )
-from sogni_net.errors import ChannelClosed, DialError, ReadTimeout, TransportError, WriteTimeout
+from sogni_net.errors import (
+    AddressError,
+    ChannelClosed,
+    DialError,
+    ListenError,
+    ReadTimeout,
+    TransportError,
+    WriteTimeout,
+)
 from sogni_net.keys import NodeKey, load_or_create_node_key
 from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT
@@ -355,13 +363,7 @@ class Host:
         return rtt
 
     async def _connect(self, addr: str) -> ID:
-        try:
-            if addr.startswith("/"):
-                info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
-            else:
-                info = PeerInfo(ID.from_base58(addr), [])
-        except Exception as exc:
-            raise DialError(f"not a peer address (need /p2p/<peer id>): {addr!r}") from exc
+        info = peer_info(addr)
         if info.peer_id == self._lp.get_id():
             raise DialError("refusing to dial ourselves")
         network: Any = self._lp.get_network()
@@ -682,6 +684,22 @@ def _remote_ip(sock: trio.SocketStream) -> str:
         return ""
 
 
+def peer_info(addr: str) -> PeerInfo:
+    """The peer id and addresses `addr` names (a /.../p2p/<id> multiaddr, or a bare peer id),
+    or `AddressError` saying what is wrong with it (before anything is dialed)."""
+    try:
+        if addr.startswith("/"):
+            return info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        return PeerInfo(ID.from_base58(addr), [])
+    except Exception as exc:
+        why = str(exc).split(" (string: ")[0]  # multiaddr repeats the whole address
+        if "P_P2P" in why:
+            why = "it ends without /p2p/<peer id>"
+        raise AddressError(
+            f"{addr!r} is not a peer address: {why[:200]}",
+        ) from None
+
+
 def _dial_host(addr: str) -> str:
     """The IP or DNS name in a peer's multiaddr, where its direct listener is too."""
     try:
@@ -718,7 +736,7 @@ def _check_listen_addrs(listen: Sequence[str]) -> None:
             try:
                 probe.bind((str(ip), port))
             except OSError as exc:
-                raise TransportError(f"cannot listen on {text}: {exc.strerror}") from exc
+                raise ListenError(f"cannot listen on {text}: {exc.strerror}") from exc
 
 
 def _contain_swarm_before_listening(network: Any, penalties: PeerPenalties) -> None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, cast
 import trio
 
 from sogni_net._log import log_event
-from sogni_net.errors import TransportError
+from sogni_net.errors import ListenError, TransportError
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -104,7 +104,7 @@ async def _bind(host: str, port: int, listen: str) -> socket.socket:
     try:
         infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise TransportError(f"cannot listen for HTTP on {listen}: {exc}") from None
+        raise ListenError(f"cannot listen for HTTP on {listen}: {exc}") from None
     family, kind, proto, _name, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -115,7 +115,7 @@ async def _bind(host: str, port: int, listen: str) -> socket.socket:
         sock.listen(_BACKLOG)
     except OSError as exc:
         sock.close()
-        raise TransportError(f"cannot listen for HTTP on {listen}: {exc.strerror or exc}") from None
+        raise ListenError(f"cannot listen for HTTP on {listen}: {exc.strerror or exc}") from None
     return sock
 
 

@@ -55,6 +55,10 @@ def load_or_create_node_key(path: Path) -> NodeKey:
     return NodeKey(_load(path))
 
 
+class NodeKeyError(ValueError):
+    """The node key file is not an Ed25519 libp2p key (damaged, or another kind of file)."""
+
+
 def _load(path: Path) -> KeyPair:
     mode = stat.S_IMODE(path.stat().st_mode)
     if os.name != "nt" and mode & 0o077:
@@ -63,9 +67,9 @@ def _load(path: Path) -> KeyPair:
     try:
         private_key = deserialize_private_key(path.read_bytes())
     except Exception as exc:
-        raise ValueError(f"{path} is not a libp2p private key: {exc}") from None
+        raise NodeKeyError(f"{path} is not a libp2p private key: {exc}") from None
     if private_key.get_type() != KeyType.Ed25519:
-        raise ValueError(f"{path} holds a {private_key.get_type().name} key, not Ed25519")
+        raise NodeKeyError(f"{path} holds a {private_key.get_type().name} key, not Ed25519")
     return KeyPair(private_key, private_key.get_public_key())
 
 

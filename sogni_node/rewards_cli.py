@@ -175,6 +175,8 @@ def _epochs_dir(
     if local is not None:
         from sogni_protocol.epoch_audit import audit_folder
 
+        if not Path(local).is_dir():  # a typo must not read as "earned 0 SOGNI"
+            raise BadUsage(f"published epochs folder {local} does not exist", "check the path")
         if not any(Path(local).glob("epoch-*.json")):
             return Path(local)  # nothing published yet: an empty report
         report = audit_folder(Path(local), through=through)

@@ -101,6 +101,18 @@ _KNOWN: dict[str, tuple[_Kind, str | None]] = {
     "sogni_wallet.keystore.WrongPassword": (Refused, "check the keystore password"),
     "sogni_wallet.keystore.KeystoreError": (Refused, None),
     "sogni_wallet.addresses.AddressesFileError": (Unavailable, None),
+    "sogni_net.errors.AddressError": (
+        BadUsage,
+        "a peer address looks like /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW...",
+    ),
+    "sogni_net.errors.ListenError": (
+        Unavailable,
+        "another process may use that port: change `listen` / `http_listen`, or stop it",
+    ),
+    "sogni_net.keys.NodeKeyError": (
+        Refused,
+        "move the damaged file away: a new node key (and peer id) is made at the next start",
+    ),
     "sogni_net.errors.TransportError": (
         Unavailable,
         "check the address and that the peer is running",
@@ -120,6 +132,25 @@ _KNOWN: dict[str, tuple[_Kind, str | None]] = {
     "builtins.ModuleNotFoundError": (
         Unavailable,
         "install the missing package, or the sogni-supernet extra that provides it",
+    ),
+}
+
+
+_EXACT: dict[str, tuple[_Kind, str | None, tuple[str, ...]]] = {
+    # that class itself only (sqlite3's IntegrityError and ProgrammingError, bugs, subclass
+    # DatabaseError), and only with one of the messages given (bad SQL is an
+    # OperationalError too, and a bug)
+    "sqlite3.DatabaseError": (
+        Refused,
+        "the database file is damaged or not SQLite: restore it from a backup "
+        "(`sogni-coordinator restore`) or move it away",
+        ("file is not a database", "malformed"),
+    ),
+    "sqlite3.OperationalError": (
+        Unavailable,
+        "another process may hold the database (a running daemon, a `sqlite3` session), or "
+        "its folder is not writable",
+        ("database is locked", "unable to open database", "readonly database", "disk i/o"),
     ),
 }
 
@@ -147,6 +178,9 @@ def classify(exc: BaseException) -> CliError | None:
         return leaves[0] if leaves and all(leaves) else None
     if isinstance(exc, typer.Exit | typer.Abort):
         return None
+    exact = _EXACT.get(_name(type(exc)))
+    if exact is not None and any(m in str(exc).lower() for m in exact[2]):
+        return exact[0](str(exc), exact[1])
     for cls in type(exc).__mro__:
         known = _KNOWN.get(_name(cls))
         if known is not None:

@@ -5,6 +5,7 @@ A toy app exercises the layer itself; the real CLIs are checked for the same beh
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import msgspec
@@ -12,6 +13,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from sogni_net import ListenError
+from sogni_net.keys import NodeKeyError
 from sogni_protocol.cli_errors import (
     BadUsage,
     CliGroup,
@@ -56,6 +59,11 @@ def raise_cmd(kind: str) -> None:
         "validation": msgspec.ValidationError("Expected `int`, got `str` - at `$.steps`"),
         "group": ExceptionGroup("nursery", [Unavailable("peer went away")]),
         "file": FileExistsError(17, "File exists", "/tmp/out"),
+        "nodekey": NodeKeyError("/d/node.key is not a libp2p private key: bad"),
+        "locked": sqlite3.OperationalError("database is locked"),
+        "notadb": sqlite3.DatabaseError("file is not a database"),
+        "badsql": sqlite3.OperationalError("no such column: x"),  # a bug: its traceback
+        "listen": ListenError("cannot listen on /ip4/127.0.0.1/tcp/9: Address already in use"),
         "notdir": NotADirectoryError(20, "Not a directory", "/tmp/out/journal.db"),
         "bug": KeyError("bug"),
     }
@@ -96,6 +104,15 @@ def ok_cmd(n: int) -> None:
         ("group", 4, "error: peer went away"),
         ("file", 3, "error: /tmp/out: File exists (that path is taken by a file"),
         ("notdir", 3, "error: /tmp/out/journal.db: Not a directory (a file stands where"),
+        ("nodekey", 3, "error: /d/node.key is not a libp2p private key: bad (move the damaged"),
+        ("locked", 4, "error: database is locked (another process may hold the database"),
+        ("notadb", 3, "error: file is not a database (the database file is damaged"),
+        (
+            "listen",
+            4,
+            "error: cannot listen on /ip4/127.0.0.1/tcp/9: Address already in use "
+            "(another process may use that port",
+        ),
     ],
 )
 def test_expected_errors_are_one_line_with_their_class_code(
@@ -111,6 +128,8 @@ def test_a_bug_keeps_its_traceback() -> None:
     result = runner.invoke(toy, ["raise", "bug"], env={"SOGNI_DEBUG": None})
     assert isinstance(result.exception, KeyError) and result.exit_code == 1
     assert "error:" not in result.output
+    result = runner.invoke(toy, ["raise", "badsql"], env={"SOGNI_DEBUG": None})
+    assert isinstance(result.exception, sqlite3.OperationalError) and result.exit_code == 1
 
 
 def test_debug_option_or_env_shows_the_traceback() -> None:
@@ -240,3 +259,25 @@ def test_render_refuses_an_out_that_is_a_file_before_sending(tmp_path: Path) -> 
         result.stderr
         == f"error: --out {taken} is a file, not a folder (give a folder for the images)\n"
     )
+
+
+def test_render_names_what_is_wrong_with_a_malformed_coordinator_address(tmp_path: Path) -> None:
+    """Before any dial or progress bar: a usage error saying what is wrong (it read as
+    "unavailable, check that the peer is running", after the progress bar)."""
+    from sogni_app.cli import app as sogni_app
+
+    cases = {
+        "127.0.0.1:47001": "Invalid character",  # read as a bare peer id
+        "/ip4/127.0.0.1/tcp/1/p2p/xyz": "Invalid CID",
+        "/ip4/999.0.0.1/tcp/1/p2p/12D3KooWRaBpx83oLDDzPxmddxTKX7qY3Xe6TrCWXwrQraqhJM1C": "IPv4",
+        "/ip4/127.0.0.1/tcp/1": "without /p2p/<peer id>",
+    }
+    for addr, why in cases.items():
+        result = runner.invoke(
+            sogni_app,
+            ["render", "a red circle", "--out", str(tmp_path), "--coordinator", addr],
+            env={"SOGNI_DEBUG": None},
+        )
+        assert result.exit_code == 2, (addr, result.output)
+        assert result.stderr.startswith(f"error: {addr!r} is not a peer address: "), addr
+        assert why in result.stderr and result.stderr.count("\n") == 1
