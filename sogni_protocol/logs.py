@@ -74,6 +74,11 @@ _LIBRARIES = ("transformers", "diffusers", "huggingface_hub", "libp2p", "multiad
 """Libraries that install their own stderr handler or stop propagation at import (py-libp2p
 sets `propagate = False` on its root logger)."""
 
+_RAISED_TOO = ("libp2p.network.swarm", "libp2p.host.basic_host", "libp2p.protocol_muxer")
+"""py-libp2p loggers that log each failed dial or stream at ERROR, in several lines, and raise
+the same failure to this code, which reports it once in its own words: shown at debug level
+only (a dropped coordinator printed 2-7 such lines per attempt before the one `error:`)."""
+
 _MAX_DEPTH = 6
 _MAX_INLINE_BYTES = 64
 
@@ -267,6 +272,10 @@ def configure_logging(
     root.setLevel(theirs)
     for name in _OUR_PACKAGES:
         logging.getLogger(name).setLevel(ours)
+    for name in _RAISED_TOO:
+        logging.getLogger(name).setLevel(
+            logging.NOTSET if ours <= logging.DEBUG else logging.CRITICAL
+        )
     adopt_library_loggers()
     logging.captureWarnings(capture_warnings)
 

@@ -104,6 +104,26 @@ def test_levels(capsys: pytest.CaptureFixture[str]) -> None:
         configure_logging("loud")
 
 
+def test_libp2p_failures_it_also_raises_show_at_debug_only(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """py-libp2p logs a failed dial or stream at ERROR and raises it to our code, which
+    reports it once: its own lines would come before the one `error:` a CLI prints."""
+    configure_logging("warning", json=True, capture_warnings=False)
+    logging.getLogger("libp2p.network.swarm").error("failed to upgrade security for peer X")
+    logging.getLogger("libp2p.host.basic_host").error("Failed to open stream to peer X:\n  ...")
+    logging.getLogger("libp2p.protocol_muxer.multiselect_client").error("handshake failed")
+    logging.getLogger("libp2p.pubsub").warning("other libp2p warnings still show")
+    lines = capsys.readouterr().err.splitlines()
+    assert [json.loads(line)["event"] for line in lines] == ["other libp2p warnings still show"]
+    configure_logging("debug", json=True, capture_warnings=False)
+    logging.getLogger("libp2p.network.swarm").error("failed to upgrade security for peer X")
+    lines = capsys.readouterr().err.splitlines()
+    assert [json.loads(line)["event"] for line in lines] == [
+        "failed to upgrade security for peer X"
+    ]
+
+
 def test_reconfiguring_does_not_duplicate_handlers(capsys: pytest.CaptureFixture[str]) -> None:
     configure_logging(json=True, capture_warnings=False)
     configure_logging(json=True, capture_warnings=False)
