@@ -663,12 +663,13 @@ class Ledger(Database):
     # --- epoch source --------------------------------------------------------------------------
     def payer_settlements(
         self, jobs: list[tuple[bytes, bytes, int]]
-    ) -> tuple[dict[bytes, PayerSettlement], set[bytes]]:
+    ) -> tuple[dict[bytes, PayerSettlement], dict[bytes, bool]]:
         """For `(job id, request id, image index)`: what each job's payer paid for it (jobs
-        the ledger settled), with the payer's authorization; and which of the requests have a
-        reservation at all (a request without one had no payer)."""
+        the ledger settled), with the payer's authorization; and, for the requests with a
+        reservation (a request without one had no payer), whether it is still open (a
+        closed one settled everything it ever will: the rest was refunded)."""
         settled: dict[bytes, PayerSettlement] = {}
-        reserved: set[bytes] = set()
+        reserved: dict[bytes, bool] = {}
         with self._lock:
             for job_id, request_id, index in jobs:
                 row = self._db.execute(
@@ -701,10 +702,11 @@ class Ledger(Database):
                         discount_bps=off,
                     )
             for rid in {r for _, r, _ in jobs}:
-                if self._db.execute(
-                    "SELECT 1 FROM ledger_reservations WHERE request_id = ?", (rid.hex(),)
-                ).fetchone():
-                    reserved.add(rid)
+                row = self._db.execute(
+                    "SELECT state FROM ledger_reservations WHERE request_id = ?", (rid.hex(),)
+                ).fetchone()
+                if row is not None:
+                    reserved[rid] = row[0] == "open"
         return settled, reserved
 
     # --- leaderboard source -----------------------------------------------------------------

@@ -66,6 +66,13 @@ __all__ = [
 
 log = get_logger(__name__)
 
+ENDED_UNSETTLED = (
+    "its request ended (and was refunded) before this receipt was settled: nothing was "
+    "charged for it"
+)
+"""The refusal of a receipt that committed after its job was given up (its node's last
+attempt ran out while the receipt was being written): it waited in every epoch before."""
+
 UNSIGNED_FORMAT = "sogni-unsigned-post-root-v1"
 SIGNED_FORMAT = "sogni-signed-post-root-v1"
 
@@ -220,10 +227,12 @@ class Settler:
             paid_for = settlements.get(s.receipt.job_id)
             why = self._refusal(s, paid_for)
             if why is None and paid_for is None:
-                if s.request_id in reserved:
+                open_reservation = reserved.get(s.request_id)
+                if open_reservation:
                     waiting += 1  # its ledger settlement is queued: next epoch
                     continue
-                why = epoch_math.NO_PAYER
+                # a closed reservation never settles it (its request ended first, refunded)
+                why = epoch_math.NO_PAYER if open_reservation is None else ENDED_UNSETTLED
             if why is None:
                 assert paid_for is not None
                 candidates.append((s, paid_for))

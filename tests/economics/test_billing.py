@@ -317,6 +317,34 @@ def test_a_revoked_or_limited_api_keys_account_cannot_pay_outside_the_gateway(
         keys.close()
 
 
+def test_a_receipt_committed_after_its_request_ended_is_refused_not_kept_waiting(
+    tmp_path: Path,
+) -> None:
+    """The node's last attempt ran out while its receipt was being written: the request
+    ended and was refunded, then the receipt committed. Nothing was charged for it, so no
+    epoch can pay it; it is refused with that reason (it waited in every epoch, forever)."""
+    from sogni_coordinator.settlement.epochs import ENDED_UNSETTLED
+
+    chain = connect()
+    treasury, coordinator = chain.accounts[0], chain.accounts[1]
+    addresses = deploy_all(chain, treasury, coordinator=coordinator, distributor_funding=SOGNI)
+    deployment = Deployment(chain, addresses, sender=treasury)
+    domain = Domain(addresses.chain_id, addresses.distributor)
+    c = Coordinator.open(tmp_path / "coordinator.db", domain, rules=RULES)
+    settler = Settler(
+        c.store, deployment, sender=coordinator, rules=RULES, publish_dir=tmp_path / "epochs"
+    )
+    payer: LocalAccount = Account.create()
+    c.ledger.credit_purchase(payer.address, 1)
+    rid, (job,) = c.accept(payer, _request(1))
+    c.billing.finish(rid)  # given up: refunded
+    c.deliver(rid, job, chain.accounts[3], settle=False)  # ... and then its receipt commits
+    assert settler.close_epoch() is None  # nothing payable
+    assert c.store.receipt_settlement(job) == (None, "refused", ENDED_UNSETTLED)
+    assert c.ledger.balance(payer.address)["spark_paid"] == SPARK  # nothing was charged
+    c.close()
+
+
 # --- Daily Boost and balances ------------------------------------------------------------
 NOON = dt.datetime(2025, 6, 1, 12, 0, tzinfo=dt.UTC).timestamp()
 

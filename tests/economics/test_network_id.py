@@ -50,7 +50,7 @@ DOMAIN = Domain(31337, "0x" + "d1" * 20)
 OTHER_DISTRIBUTOR = Domain(31337, "0x" + "e2" * 20)
 NET_A, NET_B = "sogni-a", "sogni-b"
 NOON = dt.datetime(2025, 6, 1, 12, 0, tzinfo=dt.UTC).timestamp()
-PEER = "12D3KooWcoordinator"
+PEER = "12D3KooWRaBpx83oLDDzPxmddxTKX7qY3Xe6TrCWXwrQraqhJM1C"  # a valid peer id, never dialed
 ADDR = f"/ip4/127.0.0.1/tcp/4001/p2p/{PEER}"
 
 

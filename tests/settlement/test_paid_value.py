@@ -151,8 +151,9 @@ def test_a_receipt_whose_ledger_settlement_is_queued_waits_for_the_next_epoch(
     r = signed_receipt(me, net.domain)
     store_receipts(store, [r])
     ledger = Ledger(store.path)  # as if the coordinator stopped before the ledger's commit
-    with ledger._tx() as db:
+    with ledger._tx() as db:  # of the settlement, and so of the refund queued after it
         db.execute("DELETE FROM ledger_jobs WHERE job_id = ?", (r.receipt.job_id.hex(),))
+        db.execute("UPDATE ledger_reservations SET state = 'open'")
     ledger.close()
     assert settler(store, net, tmp_path).close_epoch() is None
     assert store.receipt_settlement(r.receipt.job_id) is None  # neither paid nor refused
