@@ -292,10 +292,17 @@ def run(function: Callable[[], int | None], *, debug: bool | None = None) -> int
 
 
 def main(app: typer.Typer | Callable[[], typer.Typer], *, prog_name: str) -> None:
-    """Entry point: load the app (a failure, e.g. a missing extra, is one line), then run it."""
-    if not isinstance(app, typer.Typer):
-        try:
-            app = app()
-        except Exception as exc:
-            sys.exit(_report(exc, debug=debug_requested()))
-    app(prog_name=prog_name)
+    """Entry point: load the app (a failure, e.g. a missing extra, is one line), then run it.
+    Ctrl-C while the app's modules load (seconds: torch, libp2p) is one line too."""
+    try:
+        if not isinstance(app, typer.Typer):
+            try:
+                app = app()
+            except Exception as exc:
+                sys.exit(_report(exc, debug=debug_requested()))
+        app(prog_name=prog_name)
+    except KeyboardInterrupt:
+        if debug_requested():
+            raise
+        typer.echo("interrupted", err=True)
+        sys.exit(INTERRUPTED)

@@ -147,6 +147,21 @@ def test_ctrl_c_is_one_line_and_exit_130_even_inside_a_trio_nursery() -> None:
         runner.invoke(toy, ["--debug", "interrupt"], env={"SOGNI_DEBUG": None})
 
 
+def test_ctrl_c_while_the_app_loads_is_one_line_and_exit_130(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sogni_protocol.cli_errors import main
+
+    def loading() -> typer.Typer:  # the user presses Ctrl-C during the imports
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("SOGNI_DEBUG", raising=False)
+    monkeypatch.setattr("sys.argv", ["sogni", "render", "x"])
+    with pytest.raises(SystemExit) as exited:
+        main(loading, prog_name="sogni")
+    assert exited.value.code == 130 and capsys.readouterr().err == "interrupted\n"
+
+
 def test_typer_usage_errors_keep_exit_2() -> None:
     assert runner.invoke(toy, ["ok", "x"]).exit_code == 2
     assert runner.invoke(toy, ["nope"]).exit_code == 2
