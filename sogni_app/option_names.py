@@ -28,6 +28,28 @@ REQUEST_OPTIONS: dict[str, str] = {
 }
 """`RenderRequest` wire field -> the `sogni render` / `sogni quote` option that sets it."""
 
+
+def _literal_choices() -> dict[str, tuple[str, ...]]:
+    """Wire field -> its allowed values, for the request's fields of one of a few values."""
+    from typing import Literal, get_args, get_origin, get_type_hints
+
+    import msgspec
+
+    from sogni_protocol.messages import RenderRequest
+
+    hints = get_type_hints(RenderRequest, include_extras=True)
+    out: dict[str, tuple[str, ...]] = {}
+    for field in msgspec.structs.fields(RenderRequest):
+        hint = hints[field.name]
+        while get_origin(hint) is not None and get_origin(hint) is not Literal:
+            hint = get_args(hint)[0]  # Annotated[Literal[...], Meta(...)]
+        if get_origin(hint) is Literal:
+            out[field.encode_name] = tuple(str(v) for v in get_args(hint))
+    return out
+
+
+_CHOICES = _literal_choices()
+
 _AT = re.compile(r"^(?P<what>.*?) - at `\$\.(?P<field>[A-Za-z]+)(?P<rest>[^`]*)`$", re.DOTALL)
 
 
@@ -47,6 +69,9 @@ def in_option_terms(message: str, options: dict[str, str] = REQUEST_OPTIONS) -> 
         return message
     what = match["what"]
     what = what[:1].lower() + what[1:]
+    choices = _CHOICES.get(match["field"]) if options is REQUEST_OPTIONS else None
+    if choices and what.startswith("invalid enum value"):
+        what += f" (one of: {', '.join(choices)})"
     where = options[match["field"]]
     rest = match["rest"]
     if rest:  # e.g. the second --lora's strength: `$.loras[1].strength`

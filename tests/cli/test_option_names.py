@@ -19,7 +19,18 @@ runner = CliRunner()
     [
         (["render", "hi", "-n", "0"], "error: -n/--number: expected `int` >= 1"),
         (["render", "hi", "--steps", "0"], "error: --steps: expected `int` >= 1"),
-        (["render", "hi", "--format", "gif"], "error: --format: invalid enum value 'gif'"),
+        (
+            ["render", "hi", "--format", "gif"],
+            "error: --format: invalid enum value 'gif' (one of: png, jpeg, webp)",
+        ),
+        (
+            ["quote", "--network", "slow"],
+            "error: --network: invalid enum value 'slow' (one of: fast, relaxed)",
+        ),
+        (
+            ["quote", "--token-type", "eth"],
+            "error: --token-type: invalid enum value 'eth' (one of: spark, sogni)",
+        ),
         (["render", "hi", "--lora", "glow:99"], "error: --lora glow:99: strength: expected"),
         (["quote", "--model", "sogni-shapes-64", "-n", "0"], "error: -n/--number: expected"),
         (["quote", "--model", "sogni-shapes-64", "--width", "3"], "error: --width: expected"),
