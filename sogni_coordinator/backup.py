@@ -28,6 +28,7 @@ from pathlib import Path
 from Crypto.Cipher import AES
 from Crypto.Protocol.KDF import scrypt
 
+from sogni_coordinator.data_dir_lock import DataDirBusy, hold
 from sogni_coordinator.storage import is_postgres
 from sogni_protocol.atomic import atomic_write_bytes
 
@@ -229,6 +230,16 @@ def restore(
         raise BackupError(
             f"{database} exists: stop that coordinator and pass --force to replace its data"
         )
+    try:
+        with hold(data_dir, "restoring into its folder"):  # and none starts meanwhile
+            return _restore_files(source, data_dir, database, manifest, password)
+    except DataDirBusy as exc:
+        raise BackupError(str(exc)) from None
+
+
+def _restore_files(
+    source: Path, data_dir: Path, database: Path, manifest: BackupManifest, password: str | None
+) -> BackupManifest:
     node_key = None
     if (source / "keys" / _NODE_KEY_ENC).is_file():
         if not password:

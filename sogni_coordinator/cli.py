@@ -44,6 +44,7 @@ _HINT = "sogni-coordinator keys create"
 
 register("sogni_coordinator.settlement.epochs.SettlementError", Refused, None)
 register("sogni_coordinator.ledger.LedgerError", Refused, None)
+register("sogni_coordinator.data_dir_lock.DataDirBusy", Refused, None)
 register(
     "sogni_coordinator.key_rotation.RotationError",
     Refused,

@@ -21,6 +21,7 @@ from sogni_coordinator.claim_relay import ClaimRelay, serve_relay
 from sogni_coordinator.client_session import serve_client
 from sogni_coordinator.cluster import Cluster
 from sogni_coordinator.config import CoordinatorConfig
+from sogni_coordinator.data_dir_lock import hold
 from sogni_coordinator.dispatch import Dispatcher
 from sogni_coordinator.disputes import attach_disputes
 from sogni_coordinator.epoch_serving import EpochFolder, serve_epochs
@@ -83,7 +84,19 @@ async def run_coordinator(
     *,
     task_status: TaskStatus[RunningCoordinator] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled. `task_status.started` reports the listening addresses."""
+    """Serve until cancelled. `task_status.started` reports the listening addresses. The
+    data folder is this process's alone meanwhile (`data_dir_lock`: `DataDirBusy` when
+    another coordinator runs on it)."""
+    with hold(config.data_dir, "starting another one on it"):
+        await _serve(config, signer, task_status=task_status)
+
+
+async def _serve(
+    config: CoordinatorConfig,
+    signer: Signer,
+    *,
+    task_status: TaskStatus[RunningCoordinator],
+) -> None:
     started = time.monotonic()
     config.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(config.database)
