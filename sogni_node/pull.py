@@ -228,6 +228,9 @@ class PullSession:
         self._forwarded: set[bytes] = set()
         """Kept results sent here unasked, offered by another coordinator of the network that
         is gone (`forward`): a refusal keeps them for a re-offer instead of voiding them."""
+        self._answered: set[bytes] = set()
+        """Jobs whose result this session wrote and the coordinator has not acked: only
+        their acks are journaled (`_on_ack`)."""
         self._out_send, self._out_recv = trio.open_memory_channel[Message](math.inf)
         self.jobs: set[bytes] = set()
         """Jobs offered on this session and not yet answered."""
@@ -423,6 +426,7 @@ class PullSession:
                 frames.append(frame)
         results = [msg.job_id for msg in batch if isinstance(msg, Result)]
         if results:
+            self._answered.update(results)  # before the write: its ack may come first
             crashpoint("node_before_send_result")
         await channel.send_frames(frames, timeout=60.0)
         if results:
@@ -510,6 +514,10 @@ class PullSession:
         (accepted: delivered; refused: void), except a refused forwarded result: kept for
         its own coordinator or a re-offer."""
         job = msg.job_id.hex()[:16]
+        if msg.job_id not in self._answered:  # an ack for a result not sent on this session
+            log.warning("unexpected_ack", job=job, coordinator=self.coordinator)
+            return  # would void (or drop) a result kept for another session or coordinator
+        self._answered.discard(msg.job_id)
         sent = self._result_sent.pop(msg.job_id, None)
         if sent is not None:
             self.worker.note_round_trip(time.monotonic() - sent)

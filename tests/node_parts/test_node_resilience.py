@@ -341,6 +341,27 @@ async def test_results_are_kept_until_acked_then_deleted(tmp_path: Path) -> None
         link.done.set()
 
 
+async def test_an_ack_for_a_result_this_session_never_sent_is_ignored(tmp_path: Path) -> None:
+    """Only the acks of results written on this session are journaled: a refusal naming a
+    job whose result went out on an earlier session (or to another coordinator) would void
+    a kept result nobody refused."""
+    backend = CountingBackend()
+    async with coordinator() as coord, node(tmp_path, coord, backend) as n:
+        first = await coord.link()
+        offer = coord.offer(1)
+        await first.channel.send(offer)
+        assert isinstance(await first.next(Result, HandBack), Result)
+        job = offer.offer.job_id
+        first.done.set()  # the stream ends before the coordinator acks
+        second = await coord.link()  # the node's next session
+        await second.channel.send(ResultAck(job_id=job, accepted=False, reason="not yours"))
+        await second.channel.send(coord.offer(2))  # read after the ack: it would be journaled
+        assert isinstance(await second.next(Result, HandBack), Result)
+        assert job.hex() in kept(n.journal)
+        assert {r.receipt.job_id: r.accepted for r in n.journal.receipts()}[job] is None
+        second.done.set()
+
+
 async def test_a_refusal_and_the_reoffer_in_one_write_render_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
