@@ -7,6 +7,7 @@ A user never typed `numberOfImages`; this maps each request field to the option 
 
 from __future__ import annotations
 
+import functools
 import re
 
 __all__ = ["REQUEST_OPTIONS", "in_option_terms"]
@@ -29,8 +30,10 @@ REQUEST_OPTIONS: dict[str, str] = {
 """`RenderRequest` wire field -> the `sogni render` / `sogni quote` option that sets it."""
 
 
+@functools.cache
 def _literal_choices() -> dict[str, tuple[str, ...]]:
-    """Wire field -> its allowed values, for the request's fields of one of a few values."""
+    """Wire field -> its allowed values, for the request's fields of one of a few values
+    (read once, when an error first needs it: not at every CLI's start)."""
     from typing import Literal, get_args, get_origin, get_type_hints
 
     import msgspec
@@ -47,8 +50,6 @@ def _literal_choices() -> dict[str, tuple[str, ...]]:
             out[field.encode_name] = tuple(str(v) for v in get_args(hint))
     return out
 
-
-_CHOICES = _literal_choices()
 
 _AT = re.compile(r"^(?P<what>.*?) - at `\$\.(?P<field>[A-Za-z]+)(?P<rest>[^`]*)`$", re.DOTALL)
 
@@ -69,7 +70,7 @@ def in_option_terms(message: str, options: dict[str, str] = REQUEST_OPTIONS) -> 
         return message
     what = match["what"]
     what = what[:1].lower() + what[1:]
-    choices = _CHOICES.get(match["field"]) if options is REQUEST_OPTIONS else None
+    choices = _literal_choices().get(match["field"]) if options is REQUEST_OPTIONS else None
     if choices and what.startswith("invalid enum value"):
         what += f" (one of: {', '.join(choices)})"
     where = options[match["field"]]

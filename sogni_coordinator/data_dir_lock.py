@@ -20,7 +20,7 @@ try:
 except ImportError:  # pragma: no cover - not on the platforms the daemons run on
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["LOCK_NAME", "DataDirBusy", "DataDirLock", "hold"]
+__all__ = ["LOCK_NAME", "DataDirBusy", "hold"]
 
 LOCK_NAME = "coordinator.lock"
 
@@ -29,33 +29,20 @@ class DataDirBusy(RuntimeError):
     """A coordinator already runs on this data folder (or a restore is copying into it)."""
 
 
-class DataDirLock:
-    """The held lock of one data folder; `release` lets go (idempotent)."""
-
-    def __init__(self, data_dir: Path, doing: str) -> None:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-        if fcntl is None:
-            return
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.release()
-            raise DataDirBusy(
-                f"a coordinator is running on {data_dir}: stop it before {doing}"
-            ) from None
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # closing the descriptor releases its flock
-            self._fd = None
-
-
 @contextmanager
 def hold(data_dir: Path, doing: str) -> Iterator[None]:
-    """Hold `data_dir`'s lock for the block; `DataDirBusy` when another holder has it."""
-    lock = DataDirLock(data_dir, doing)
+    """Hold `data_dir`'s lock for the block; `DataDirBusy`, naming `doing`, when another
+    holder has it. Closing the descriptor releases the lock."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise DataDirBusy(
+                    f"a coordinator is running on {data_dir}: stop it before {doing}"
+                ) from None
         yield
     finally:
-        lock.release()
+        os.close(fd)

@@ -34,6 +34,7 @@ from eth_account import Account
 from sogni_protocol import eip712
 from sogni_protocol.atomic import FileExists, atomic_write_bytes, fsync_dir
 from sogni_protocol.eip712 import Domain
+from sogni_protocol.errors import DECODE_ERRORS
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import KeyRotation, SignedKeyRotation
 from sogni_protocol.rotation_chain import MAX_LINKS, chain_fault
@@ -91,7 +92,7 @@ def load_chain(path: Path) -> list[SignedKeyRotation]:
             chain.append(msgspec.json.decode(line, type=SignedKeyRotation))
         except msgspec.ValidationError as exc:
             raise RotationError(f"{path} line {n} is not a signed key rotation: {exc}") from None
-        except (msgspec.DecodeError, UnicodeDecodeError):  # msgspec: a str not UTF-8
+        except DECODE_ERRORS:
             raise RotationError(f"{path} line {n} is not JSON") from None
     return chain
 

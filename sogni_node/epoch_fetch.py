@@ -37,7 +37,7 @@ import trio
 
 from sogni_protocol import ids
 from sogni_protocol.epoch_files import content_hash
-from sogni_protocol.errors import ProtocolError
+from sogni_protocol.errors import DECODE_ERRORS, ProtocolError
 from sogni_protocol.json_depth import check_depth
 from sogni_protocol.relay_messages import (
     EpochFileChunk,
@@ -220,7 +220,7 @@ class _HttpSource:
         raw = await self._get(f"/epochs?after={after}", ids.EPOCHS_FRAME_LIMIT, self.timeout)
         try:
             page = msgspec.json.decode(raw, type=_HttpIndex)
-        except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: a str not UTF-8
+        except DECODE_ERRORS as exc:
             raise ProtocolError(f"{self.base}/epochs: not an epoch index: {exc}") from None
         return EpochIndex(epochs=page.epochs, more=page.more)
 

@@ -141,8 +141,6 @@ _READ_LIMIT = RESULT_FRAME_LIMIT
 
 _WRITE_BATCH = 64
 """At most this many queued messages leave in one stream write."""
-_MAX_TIMED = 1024
-"""Results whose ack is being timed at once (more: not timed; acks lost with a session)."""
 
 PROGRESS_INTERVAL = 0.5
 """Seconds between progress frames of one job: its first step always (a listening client
@@ -228,9 +226,6 @@ class PullSession:
         self._forwarded: set[bytes] = set()
         """Kept results sent here unasked, offered by another coordinator of the network that
         is gone (`forward`): a refusal keeps them for a re-offer instead of voiding them."""
-        self._answered: set[bytes] = set()
-        """Jobs whose result this session wrote and the coordinator has not acked: only
-        their acks are journaled (`_on_ack`)."""
         self._out_send, self._out_recv = trio.open_memory_channel[Message](math.inf)
         self.jobs: set[bytes] = set()
         """Jobs offered on this session and not yet answered."""
@@ -245,8 +240,10 @@ class PullSession:
         """Steps re-run for the coordinator one at a time (`VerifyStep`: a UNet call each)."""
         self._checks_waiting = 0
         """Verifier checks of this session running or waiting for `_verify_limiter`."""
-        self._result_sent: dict[bytes, float] = {}
-        """When each result not yet acked was written (the round trip sets the lookahead)."""
+        self._result_sent: dict[bytes, float | None] = {}
+        """The results this session wrote that are not acked yet, and when each was written
+        (None while it is being written): only their acks are journaled (`_on_ack`), and the
+        round trip sets the lookahead."""
         self._acks: list[tuple[bytes, bool, str]] = []
         """Acks received, not yet journaled (`_journal_acks` writes them in batches)."""
         self._acks_waiting = trio.Event()
@@ -426,14 +423,15 @@ class PullSession:
                 frames.append(frame)
         results = [msg.job_id for msg in batch if isinstance(msg, Result)]
         if results:
-            self._answered.update(results)  # before the write: its ack may come first
+            self._result_sent.update(dict.fromkeys(results))  # before: its ack may come first
             crashpoint("node_before_send_result")
         await channel.send_frames(frames, timeout=60.0)
         if results:
             crashpoint("node_after_send_result")
-            if len(self._result_sent) < _MAX_TIMED:
-                now = time.monotonic()
-                self._result_sent.update((job_id, now) for job_id in results)
+            now = time.monotonic()
+            for job_id in results:
+                if job_id in self._result_sent:  # not acked while it was written
+                    self._result_sent[job_id] = now
 
     def _frame(self, msg: Message) -> bytes | None:
         """`msg` framed for the stream, or None if it is too large for one frame (then what
@@ -514,11 +512,10 @@ class PullSession:
         (accepted: delivered; refused: void), except a refused forwarded result: kept for
         its own coordinator or a re-offer."""
         job = msg.job_id.hex()[:16]
-        if msg.job_id not in self._answered:  # an ack for a result not sent on this session
+        if msg.job_id not in self._result_sent:  # a result not sent on this session: its
             log.warning("unexpected_ack", job=job, coordinator=self.coordinator)
-            return  # would void (or drop) a result kept for another session or coordinator
-        self._answered.discard(msg.job_id)
-        sent = self._result_sent.pop(msg.job_id, None)
+            return  # ack would void (or drop) a result kept for another session or coordinator
+        sent = self._result_sent.pop(msg.job_id)
         if sent is not None:
             self.worker.note_round_trip(time.monotonic() - sent)
         if msg.job_id in self._forwarded:

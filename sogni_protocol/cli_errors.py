@@ -209,6 +209,15 @@ def interrupted(exc: BaseException) -> bool:
     return False
 
 
+def _report_interrupt(exc: BaseException, *, debug: bool) -> int:
+    """Print "interrupted" for Ctrl-C and return its exit code; else (or with --debug)
+    re-raise."""
+    if debug or not interrupted(exc):
+        raise exc
+    typer.echo("interrupted", err=True)
+    return INTERRUPTED
+
+
 def _debug_env() -> bool:
     return os.environ.get(DEBUG_ENV, "").strip().lower() in _TRUE
 
@@ -255,15 +264,11 @@ class CliGroup(typer.core.TyperGroup):
     def invoke(self, ctx: Any) -> Any:  # typer's vendored click Context
         try:
             return super().invoke(ctx)
-        except Exception as exc:
+        except BaseException as exc:  # Ctrl-C too, bare or inside a trio nursery's group
             debug = bool(ctx.meta.get(_DEBUG_META)) or _debug_env()
-            code = _report(exc, debug=debug)
-            raise typer.Exit(code) from None
-        except BaseException as exc:  # Ctrl-C, bare or inside a trio nursery's group
-            if not interrupted(exc) or bool(ctx.meta.get(_DEBUG_META)) or _debug_env():
-                raise
-            typer.echo("interrupted", err=True)
-            raise typer.Exit(INTERRUPTED) from None
+            if isinstance(exc, Exception):
+                raise typer.Exit(_report(exc, debug=debug)) from None
+            raise typer.Exit(_report_interrupt(exc, debug=debug)) from None
 
 
 def require_extra(command: str, extra: str, modules: Iterable[str]) -> None:
@@ -301,8 +306,5 @@ def main(app: typer.Typer | Callable[[], typer.Typer], *, prog_name: str) -> Non
             except Exception as exc:
                 sys.exit(_report(exc, debug=debug_requested()))
         app(prog_name=prog_name)
-    except KeyboardInterrupt:
-        if debug_requested():
-            raise
-        typer.echo("interrupted", err=True)
-        sys.exit(INTERRUPTED)
+    except KeyboardInterrupt as exc:
+        sys.exit(_report_interrupt(exc, debug=debug_requested()))

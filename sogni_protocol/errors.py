@@ -1,5 +1,12 @@
 """Errors shared by every part; their messages never contain prompts or image bytes."""
 
+import msgspec
+
+DECODE_ERRORS: tuple[type[Exception], ...] = (msgspec.DecodeError, UnicodeDecodeError)
+"""What a strict msgspec decode of bytes from outside raises for bytes it refuses: its own
+`DecodeError` (`ValidationError` included), and `UnicodeDecodeError` for a string that is not
+UTF-8, which msgspec does not wrap."""
+
 
 class ProtocolError(Exception):
     """A peer sent something this protocol refuses; the message names what was wrong."""

@@ -17,7 +17,7 @@ import msgspec
 from msgspec import Meta
 
 from sogni_protocol import ids
-from sogni_protocol.errors import InvalidMessage
+from sogni_protocol.errors import DECODE_ERRORS, InvalidMessage
 
 # --- field types -------------------------------------------------------------------------
 Bytes32 = Annotated[bytes, Meta(min_length=32, max_length=32)]
@@ -992,5 +992,5 @@ def decode(payload: bytes) -> Message:
         if refusal is not None:
             return refusal
         raise InvalidMessage(f"invalid message: {exc}") from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: a str not UTF-8
+    except DECODE_ERRORS as exc:
         raise InvalidMessage(f"not a MessagePack message: {exc}") from None

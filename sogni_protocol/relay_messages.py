@@ -27,7 +27,7 @@ import msgspec
 from msgspec import Meta
 
 from sogni_protocol import ids
-from sogni_protocol.errors import InvalidMessage
+from sogni_protocol.errors import DECODE_ERRORS, InvalidMessage
 
 __all__ = [
     "RELAY_WIRE_VERSION",
@@ -212,5 +212,5 @@ def decode(payload: bytes) -> RelayMessage:
         return _decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise InvalidMessage(f"invalid message: {exc}") from None
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+    except DECODE_ERRORS as exc:
         raise InvalidMessage(f"not a MessagePack message: {exc}") from None

@@ -31,6 +31,7 @@ from eth_account.messages import encode_typed_data
 from eth_utils import to_checksum_address
 
 from sogni_protocol.eip712 import DOMAIN_VERSION, Domain, same_address
+from sogni_protocol.errors import DECODE_ERRORS
 from sogni_protocol.messages import MAX_SET_SIGNERS as MAX_SIGNERS
 from sogni_protocol.messages import NetworkSignerSet, SignedSignerSet
 
@@ -145,5 +146,5 @@ def decode_signer_set(data: bytes) -> SignedSignerSet:
         raise SignerSetError(f"signer set is {len(data)} bytes, more than {MAX_FILE_BYTES}")
     try:
         return msgspec.json.decode(data, type=SignedSignerSet)
-    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # msgspec: a str not UTF-8
+    except DECODE_ERRORS as exc:
         raise SignerSetError(f"not a signer set: {exc}") from None

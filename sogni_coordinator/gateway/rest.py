@@ -17,6 +17,7 @@ from sogni_coordinator.gateway.report_route import gateway_report
 from sogni_coordinator.gateway.socket import base_url_of, client_address, serve_socket
 from sogni_coordinator.model_stake import by_stake
 from sogni_net.http import read_body
+from sogni_protocol.errors import DECODE_ERRORS
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -83,7 +84,7 @@ def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
         raw = await read_body(request, REFERRAL_BODY_LIMIT)
         try:  # typed: deep nesting stops at the first wrong type (`json_depth`)
             code = msgspec.json.decode(raw or b"", type=_ReferralBody).code
-        except (msgspec.DecodeError, UnicodeDecodeError):
+        except DECODE_ERRORS:
             return _error(400, 4000, 'send a JSON body {"code": "REFERRAL-CODE"}')
         fault = await apply_referral(gateway, key.record.account, code)
         if fault is not None:
