@@ -68,6 +68,16 @@ def _refused(logs: list[dict[str, Any]]) -> list[str]:
     return [str(e["error"]) for e in logs if e["event"] == "coordinator_refused"]
 
 
+def _acked(path: Path) -> int:
+    """Receipts the node has journaled as accepted (read beside the running node, as
+    `sogni-node status` does)."""
+    journal = Journal(path)
+    try:
+        return journal.counts()["accepted"]
+    finally:
+        journal.close()
+
+
 def _node_config(tmp_path: Path, coordinator: str, trusted: str, domain: Domain) -> NodeConfig:
     """A node dialling a hand-driven coordinator host that trusts only `trusted`."""
     return NodeConfig(
@@ -112,6 +122,9 @@ async def test_rotated_key_keeps_in_flight_work_and_nodes_follow_it(
                 await slow.nth_started.wait()  # image 2 mid-render (pipelined: it may start
                 # before image 1's result is committed, so wait for that receipt)
                 await until(lambda: running.dispatcher.store.counts().get("done", 0) == 1, 10)
+                # and for its ack in the node's journal: stopped between commit and ack, the
+                # receipt would wait for `forward_results_after` to be acked by the new key
+                await until(lambda: _acked(tmp_path / "node0" / "journal.db") == 1, 10)
                 first.cancel_scope.cancel()  # the coordinator stops here
 
             done = await trio.to_thread.run_sync(
