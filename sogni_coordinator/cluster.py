@@ -57,6 +57,7 @@ import msgspec
 import psycopg
 import trio
 
+from sogni_coordinator.billing import Refusal
 from sogni_coordinator.db import DatabaseBusy
 from sogni_coordinator.delivery import Mailbox, short
 from sogni_coordinator.job_state import STORED_LIVE, JobState
@@ -114,6 +115,7 @@ CANCEL_PRUNE_EVERY = 60.0
 """Each coordinator deletes cancel rows older than `CANCEL_KEEP` this often."""
 HOLD_UNPLACED = 10.0
 """Seconds a leased job may wait here for a node before it goes back to the shared queue."""
+NOT_QUEUED = "the network's shared queue did not take the request: nothing was charged, try again"
 DEAD_GRACE = 5.0
 """Seconds a job stays dead in the queue before its owner fails it (a bury and the store's
 own write of the job's end are two transactions)."""
@@ -169,15 +171,17 @@ _HEARTBEAT = (
     f"INSERT INTO cluster_members VALUES (%s, {_NOW})"
     " ON CONFLICT (coordinator) DO UPDATE SET seen_at = EXCLUDED.seen_at"
 )
+_UNSETTLED = """(EXISTS (SELECT 1 FROM jobs j WHERE j.request_id = c.request_id
+                   AND j.state IN ('queued', 'cancelling'))
+           OR EXISTS (SELECT 1 FROM ledger_reservations r
+                      WHERE r.request_id = encode(c.request_id, 'hex') AND r.state = 'open'))"""
+"""SQL: request `c` has jobs to follow or a reservation to settle."""
 _ORPHANS = f"""
 UPDATE cluster_requests SET owner = %(me)s, claimed_at = {_NOW}
 WHERE request_id IN (
     SELECT c.request_id FROM cluster_requests c
     WHERE c.owner <> %(me)s
-      AND (EXISTS (SELECT 1 FROM jobs j WHERE j.request_id = c.request_id
-                   AND j.state IN ('queued', 'cancelling'))
-           OR EXISTS (SELECT 1 FROM ledger_reservations r
-                      WHERE r.request_id = encode(c.request_id, 'hex') AND r.state = 'open'))
+      AND {_UNSETTLED}
       AND NOT EXISTS (SELECT 1 FROM cluster_members m WHERE m.coordinator = c.owner
                       AND m.seen_at > {_NOW} - %(after)s)
     LIMIT 64 FOR UPDATE OF c SKIP LOCKED)
@@ -437,7 +441,8 @@ class Cluster:
     # --- what the dispatcher calls ----------------------------------------------------------
     async def submitted(self, request_id: bytes, jobs: Sequence[Job], priority: int = 0) -> None:
         """A stored request: this coordinator owns it, its jobs join the shared queue
-        (`priority`: the payer's stake tier, leased first by every coordinator)."""
+        (`priority`: the payer's stake tier, leased first by every coordinator). Raises
+        `Refusal` when the shared database did not take them."""
 
         def claim() -> None:
             self._conn.execute(
@@ -445,14 +450,20 @@ class Cluster:
                 (request_id, self.me, time.time()),
             )
 
-        await self._sql(claim)
+        try:
+            await self._sql(claim)
+            await self.queue.enqueue(
+                [
+                    NewJob(
+                        j.job_id, request_id, j.params.model_id.encode(), QUEUE_ATTEMPTS, priority
+                    )
+                    for j in jobs
+                ]
+            )
+        except (*_DB_ERRORS, QueueError) as exc:  # the dispatcher undoes the stored request
+            log.warning("request_not_queued", request=short(request_id), error=type(exc).__name__)
+            raise Refusal("unavailable", f"{NOT_QUEUED} ({type(exc).__name__})") from None
         self.counted[request_id] = set()
-        await self.queue.enqueue(
-            [
-                NewJob(j.job_id, request_id, j.params.model_id.encode(), QUEUE_ATTEMPTS, priority)
-                for j in jobs
-            ]
-        )
 
     def poke(self) -> None:
         """Credit or nodes changed: the lease loop looks again."""
@@ -704,13 +715,13 @@ class Cluster:
         return True
 
     async def restore(self) -> int:
-        """After a restart: the requests this coordinator still owns with live jobs."""
+        """After a restart: the requests this coordinator still owns with live jobs or an
+        open reservation (settled and refunded by `adopt`: a restart within the orphan
+        window would otherwise leave the payer's reservation open for good)."""
 
         def owned() -> list[bytes]:
             rows = self._conn.execute(
-                "SELECT c.request_id FROM cluster_requests c WHERE c.owner = %s AND EXISTS"
-                " (SELECT 1 FROM jobs j WHERE j.request_id = c.request_id"
-                "  AND j.state IN ('queued', 'cancelling'))",
+                f"SELECT c.request_id FROM cluster_requests c WHERE c.owner = %s AND {_UNSETTLED}",
                 (self.me,),
             ).fetchall()
             return [bytes(r[0]) for r in rows]
@@ -904,11 +915,17 @@ class Cluster:
         by_id = {s.job_id: s for s in stored}
         again = [x.job_id for x in leases if x.attempt > 1]
         barred = await self._failed_workers(again) if again else {}
-        ended = []
+        ended, done = [], []
         for lease in leases:
             s = by_id.get(lease.job_id)
-            if s is None or s.state is not JobState.QUEUED or lease.job_id in d.jobs:
-                ended.append(lease.job_id)  # ended, cancelling, or already taken here
+            if s is not None and lease.job_id in d.jobs:  # ours, leased again after our lease
+                self.leases[lease.job_id] = lease  # lapsed (an outage): still rendered here
+                continue
+            if s is None:  # ended, or receipted and held by a check whose coordinator stopped
+                done.append(lease.job_id)
+                continue
+            if s.state is not JobState.QUEUED:
+                ended.append(lease.job_id)  # cancelling: its lessee ends it
                 continue
             self.leases[lease.job_id] = lease
             self._taken_at[lease.job_id] = time.monotonic()
@@ -918,8 +935,32 @@ class Cluster:
             if job.job_id in barred:  # its receipt failed a check, at any coordinator
                 d.excluded.setdefault(job.job_id, set()).update(barred[job.job_id])
             d._enqueue(job)
+        if done:
+            ended += await self._take_checks(done, {x.job_id: x for x in leases})
         if ended:
             await self.queue.bury(ended)
+
+    async def _take_checks(self, job_ids: list[bytes], leases: dict[bytes, Lease]) -> list[bytes]:
+        """Of leased jobs the store has ended, those whose receipt is still held by a check:
+        the coordinator running it stopped (its lease lapsed), so the check runs here, as
+        after a restart (`Dispatcher.resume_check`), under this lease until it passes (the
+        queue row done: `held_passed`) or fails (the job given back). Returns the rest
+        (ended: buried)."""
+        d = self.d
+        held = await trio.to_thread.run_sync(d.store.pending_checks, job_ids)
+        for c in held:
+            job_id = c.job.job_id
+            if job_id in d.jobs:  # still checked here: our own lease had lapsed
+                self.leases[job_id] = leases[job_id]
+            elif c.peer_id:
+                log.info("check_taken_over", job=job_id.hex()[:16], worker=c.worker)
+                self.leases[job_id] = leases[job_id]
+                d.resume_check(c)
+            else:  # it fails closed, its job queued again: leased anew, as any queued job
+                await trio.to_thread.run_sync(d.fail_unnamed_check, c)
+                await self._release(leases[job_id])
+        taken = {c.job.job_id for c in held}
+        return [j for j in job_ids if j not in taken]
 
     async def _failed_workers(self, job_ids: list[bytes]) -> dict[bytes, set[str]]:
         """Job -> wallets whose receipt for it failed a check (`failed_receipts`, shared):
@@ -963,7 +1004,7 @@ class Cluster:
                 try:
                     renewed = await self.queue.renew(lease, self.lease_ttl)
                 except LeaseLost:
-                    self._lost(job_id)
+                    self.lost(job_id)
                     continue
                 except QueueError as exc:
                     log.warning("lease_renew_failed", error=str(exc))
@@ -1000,7 +1041,7 @@ class Cluster:
         if d.queue and d.free:
             d._wake()
 
-    def _lost(self, job_id: bytes) -> None:
+    def lost(self, job_id: bytes) -> None:
         """The lease lapsed and another coordinator took the job, or it was receipted
         elsewhere: stop rendering it here."""
         self.leases.pop(job_id, None)

@@ -155,6 +155,12 @@ class StorageFault(ResultRefused):
     """The coordinator could not store a good result (disk full): not the node's fault."""
 
 
+class JobGone(ResultRefused):
+    """The job was receipted or ended before this result: another holder's result came
+    first (a straggler's twin; with several coordinators, another lessee's after this one's
+    lease lapsed), or the request ended. Not the node's fault."""
+
+
 @dataclass(frozen=True)
 class Submission:
     """An accepted request: the answer for the client, and what to stream to it."""
@@ -400,7 +406,11 @@ class Dispatcher:
             if paid and self.billing is not None and self.billing.benefits is not None:
                 tier = self.queue.tiers[request_id] = self.billing.benefits.tier(req.payer)
             if self.cluster is not None:  # owned here, rendered by any coordinator's nodes
-                await self.cluster.submitted(request_id, jobs, tier)  # the tier orders it
+                try:
+                    await self.cluster.submitted(request_id, jobs, tier)  # the tier orders it
+                except Refusal:  # stored but in no queue: ended unaccepted, nothing charged
+                    await self._unsubmit(request_id, jobs)
+                    raise
         box = Mailbox(request_id, [j.job_id for j in jobs])
         state = RequestState(request_id, len(jobs), box)
         self.add_request(state, jobs)
@@ -505,6 +515,18 @@ class Dispatcher:
             self.cluster.cancelled(request_id)  # its jobs still in the shared queue
         self._save()
 
+    async def _unsubmit(self, request_id: bytes, jobs: list[Job]) -> None:
+        """A stored request the shared queue did not take: its jobs end (failed, so no
+        coordinator adopts it) and its reservation is refunded whole."""
+        self.queue.tiers.pop(request_id, None)
+        try:
+            ended = [(j.job_id, JobState.FAILED, 0) for j in jobs]
+            await self.store.call(self.store.save_job_states, ended)
+        except Exception as exc:  # the database is away too: the operator is told
+            log.error("request_not_undone", request=short(request_id), error=type(exc).__name__)
+        if self.billing is not None:
+            self.billing.finish(request_id)
+
     def account(self, req: DailyBoostClaim | BalanceQuery, peer_id: str) -> Message:
         """A payer's Daily Boost claim or balance query; raises `Refusal`."""
         if self.billing is None:
@@ -523,14 +545,11 @@ class Dispatcher:
         if self.cluster is not None:
             return 0
         # checks.py: a check pending at the stop is run again once its node reconnects
-        # (`_held_after_restart`); one stored before v7 names no node: it fails closed (the
+        # (`resume_check`); one stored before v7 names no node: it fails closed (the
         # receipt becomes evidence, its job is queued again, nobody is struck).
         held = self.store.pending_checks()
         for c in [c for c in held if not c.peer_id]:
-            if self.store.fail_held_receipt(c.job.job_id, RESTART_REASON):
-                self.checks.write_log(
-                    c.job.job_id, c.worker, Outcome("fail", RESTART_REASON, strike=False)
-                )
+            self.fail_unnamed_check(c)
         held = [c for c in held if c.peer_id]
         by_request: dict[bytes, list[Job]] = {}
         for s in self.store.live_jobs():
@@ -552,16 +571,26 @@ class Dispatcher:
             group, checks = by_request.get(request_id, []), held_by.get(request_id, [])
             self.add_request(RequestState(request_id, len(group) + len(checks), box), group)
         keep = {self.results.key(*pending) for pending in self.store.pending_deliveries()}
-        keep |= {self._held_after_restart(c) for c in held}
+        keep |= {self.resume_check(c) for c in held}
         pruned = self.results.prune(keep)
         if pruned:
             log.info("result_files_pruned", files=pruned)
         return sum(len(group) for group in by_request.values())
 
-    def _held_after_restart(self, c: PendingCheck) -> ResultKey:
-        """A receipt held when the coordinator stopped: its job is live again (RUNNING, no
-        holder: the client sees it rendering), and its check runs once the node that
-        rendered it reconnects (`Checks`, `restart_recheck_timeout`). Returns its image."""
+    def fail_unnamed_check(self, c: PendingCheck) -> None:
+        """Blocking. A held receipt stored before v7 names no node to re-run its check: it
+        fails closed (the receipt becomes evidence, its job is queued again, nobody is
+        struck)."""
+        if self.store.fail_held_receipt(c.job.job_id, RESTART_REASON):
+            self.checks.write_log(
+                c.job.job_id, c.worker, Outcome("fail", RESTART_REASON, strike=False)
+            )
+
+    def resume_check(self, c: PendingCheck) -> ResultKey:
+        """A receipt held when the coordinator stopped (or, with several, when the one
+        checking it stopped: `Cluster._take` leased its job again): its job is live here
+        (RUNNING, no holder: the client sees it rendering), and its check runs once the node
+        that rendered it connects (`Checks`, `restart_recheck_timeout`). Returns its image."""
         s = c.job
         job = Job.restored(s, JobState.RUNNING)
         self.jobs[job.job_id] = job
@@ -724,14 +753,20 @@ class Dispatcher:
         """Verify a result and commit its receipt, or raise `ResultRefused` naming the fault.
 
         The receipt is durable when this returns; only then may the node hear "accepted".
-        A bad result from the node holding the job is a strike, and the job is re-queued.
+        A bad result from the node holding the job is a strike, and the job is re-queued;
+        a good one that came too late (`JobGone`) is neither.
         """
         self._stopped(link, result.job_id)  # a cancelled render's late result ends it too
         try:
             await self._accept(link, result)
         except (ResultRefused, ProtocolError) as exc:
             job = link.inflight.get(result.job_id)
-            if job is not None and isinstance(exc, StorageFault):
+            if job is not None and isinstance(exc, JobGone):  # no strike, nothing to re-render
+                self._forget_holder(job, link)
+                if self.cluster is not None:  # ended by another coordinator: not live here
+                    self.cluster.lost(job.job_id)
+                self._save()
+            elif job is not None and isinstance(exc, StorageFault):
                 self._release(job, link, str(exc), penalize=False)
                 self._save()
             elif job is not None:  # the holder itself sent something bad
@@ -759,7 +794,7 @@ class Dispatcher:
 
     async def _accept_checked(self, link: NodeLink, result: Result) -> None:
         if result.receipt.job_id == result.job_id and result.job_id not in self.jobs:
-            raise ResultRefused(await self._gone_reason(result.job_id))
+            raise JobGone(await self._gone_reason(result.job_id))
         job = self._check_result(link, result)
         receipt = result.receipt
         partial = receipt.steps_done < job.params.steps
@@ -815,7 +850,7 @@ class Dispatcher:
             while (twin := self._storing.get(path)) is not None:
                 await twin.wait()  # the same result, being stored: its image is left alone
                 if link.inflight.get(job.job_id) is not job:  # the twin settled the job
-                    raise ResultRefused(await self._gone_reason(job.job_id))
+                    raise JobGone(await self._gone_reason(job.job_id))
             storing = self._storing[path] = trio.Event()
         # From here the receipt's write is queued, and cancelling the wait would not cancel
         # the write, only what follows it: a node session ended meanwhile (a reset, the node
@@ -850,7 +885,7 @@ class Dispatcher:
                     # a store that joins the database wrote no row for a refused receipt
                     if path is not None and not self.results.joins(self.store.location):
                         await self.results.discard([path])
-                    raise ResultRefused(await self._gone_reason(job.job_id))
+                    raise JobGone(await self._gone_reason(job.job_id))
             finally:  # a waiting twin runs once this result is settled (no await from here on)
                 if path is not None:
                     del self._storing[path]

@@ -26,7 +26,7 @@ import hashlib
 import hmac
 import sqlite3
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -578,19 +578,24 @@ class Store(Database):
             )
             return True
 
-    def pending_checks(self) -> list[PendingCheck]:
-        """After a restart: every receipt still held by a pending check, with its job (the
+    def pending_checks(self, job_ids: Sequence[bytes] | None = None) -> list[PendingCheck]:
+        """After a restart: every receipt still held by a pending check (or those of
+        `job_ids`: a cluster's jobs whose checking coordinator stopped), with its job (the
         parameters unsealed) and what the check needs, in the order they were stored."""
+        only, args = "", tuple(job_ids or ())
+        if job_ids is not None:
+            if not job_ids:
+                return []
+            only = f" AND c.job_id IN ({', '.join('?' * len(job_ids))})"
         with self._lock:
             rows = self._db.execute(
                 "SELECT c.job_id, c.worker, c.peer_id, c.dtype, c.elapsed, r.receipt"
-                " FROM checks c JOIN receipts r USING (job_id) WHERE c.state='pending'"
-                " ORDER BY r.rowid"
+                f" FROM checks c JOIN receipts r USING (job_id) WHERE c.state='pending'{only}"
+                " ORDER BY r.rowid",
+                args,
             ).fetchall()
-        jobs = {
-            j.job_id: j
-            for j in self._jobs("j.job_id IN (SELECT job_id FROM checks WHERE state='pending')")
-        }
+        pending = "j.job_id IN (SELECT c.job_id FROM checks c WHERE c.state='pending'"
+        jobs = {j.job_id: j for j in self._jobs(f"{pending}{only})", args)}
         return [
             PendingCheck(
                 jobs[bytes(r[0])],
@@ -770,7 +775,7 @@ class Store(Database):
         in the order they were accepted: what a restart restores."""
         return self._jobs(f"j.state IN {_LIVE_SQL}")
 
-    def _jobs(self, where: str) -> list[StoredJob]:
+    def _jobs(self, where: str, args: Sequence[object] = ()) -> list[StoredJob]:
         """Jobs with their parameters unsealed (raises `PromptKeyError` if a live job's key
         is gone, which `shred_keys` never allows)."""
         with self._lock:
@@ -778,7 +783,8 @@ class Store(Database):
                 "SELECT j.job_id, j.request_id, j.idx, j.params, j.work_units, j.state,"
                 " j.attempts, r.network, k.key FROM jobs j JOIN requests r USING (request_id)"
                 " LEFT JOIN request_keys k ON k.request_id = j.request_id"
-                f" WHERE {where} ORDER BY j.rowid"
+                f" WHERE {where} ORDER BY j.rowid",
+                args,
             ).fetchall()
         return [
             StoredJob(
@@ -796,24 +802,13 @@ class Store(Database):
 
     def jobs_by_id(self, job_ids: Iterable[bytes]) -> list[StoredJob]:
         """These jobs if they are still live (a coordinator of the network leased them from
-        the shared queue), parameters unsealed; ended or unknown ones are left out."""
+        the shared queue), parameters unsealed; ended or unknown ones are left out. One
+        statement per lease batch."""
         ids = list(dict.fromkeys(job_ids))
         if not ids:
             return []
-        with self._lock:  # one statement per lease batch
-            rows = self._db.execute(
-                "SELECT j.job_id, j.request_id, j.idx, j.params, j.work_units, j.state,"
-                " j.attempts, r.network, k.key FROM jobs j JOIN requests r USING (request_id)"
-                " LEFT JOIN request_keys k ON k.request_id = j.request_id"
-                f" WHERE j.job_id IN ({', '.join('?' * len(ids))}) AND j.state IN {_LIVE_SQL}",
-                ids,
-            ).fetchall()
-        return [
-            StoredJob(
-                r[0], r[1], r[2], _open_params(r[8], r[3], r[0]), r[4], JobState(r[5]), r[6], r[7]
-            )
-            for r in rows
-        ]
+        marks = ", ".join("?" * len(ids))
+        return self._jobs(f"j.job_id IN ({marks}) AND j.state IN {_LIVE_SQL}", ids)
 
     def job_outcomes(self, request_id: bytes) -> list[JobOutcome]:
         """Each job of the request as its owner needs it when another coordinator of the
