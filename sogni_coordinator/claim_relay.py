@@ -11,6 +11,9 @@ can relay claims at the cost of a little gas, which it must not waste:
   anything that would revert is refused without a transaction (`Chain.send`);
 - per claiming account, at most `attempts` requests per `window` seconds (refused or not),
   so nobody makes the coordinator read the chain for free in a loop;
+- a claim must add at least `min_claim` to what the account already claimed: anyone may ask
+  for anyone's claim (the proofs are public), so without a floor a stranger spends the
+  coordinator's gas on dust;
 - transactions go out one at a time (one nonce sequence for the relayer key).
 
 `ClaimRelay.relay` answers `RelayDone` or raises `RelayRefusal` (code and reason, as in
@@ -101,10 +104,13 @@ class ClaimRelay:
         *,
         window: float = 600.0,
         attempts: int = 5,
+        min_claim: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.distributor = distributor
         self.sender = sender
+        self.min_claim = min_claim
+        """The least a relayed claim must add (base units): no gas for strangers' dust."""
         self._limits = _Window(window, attempts, clock)
         self._chain_limiter = trio.CapacityLimiter(1)
         self._in_flight: set[str] = set()
@@ -186,6 +192,12 @@ class ClaimRelay:
         if amount <= already:
             raise RelayRefusal(
                 "nothing_to_claim", f"{account} already claimed {already} of its {amount}"
+            )
+        if amount - already < self.min_claim:
+            raise RelayRefusal(
+                "below_minimum",
+                f"{account} has {amount - already} to claim; this coordinator relays claims of "
+                f"at least {self.min_claim}: claim with the wallet's own ETH, or when more is due",
             )
         if claim.stake_bps > 0:
             self._check_authorization(claim, account, amount)

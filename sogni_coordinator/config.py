@@ -91,6 +91,10 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     in-process chain, which only the process that deployed it can use (see SETTLEMENT.md)."""
     addresses_file: Path | None = None
     """`chain deploy`'s output; when set, chain_id and verifying_contract come from it."""
+    relay_min_claim: Annotated[int, Meta(ge=0)] = 10**18
+    """Base units of SOGNI a relayed claim must add to what its account already claimed (1
+    SOGNI by default): anyone may ask to relay anyone's claim, so without a floor a stranger
+    makes this coordinator's key pay gas for dust. 0 relays any amount."""
     settlement: SettlementConfig = msgspec.field(default_factory=SettlementConfig)
     tiers: Literal["open", "enforced"] = "open"
     """"enforced": fast jobs only to CUDA nodes with a worker licence and `fast_min_stake`;

@@ -202,7 +202,9 @@ async def _serve(
         relay = None
         if link is not None:  # relaying needs gas only, no role: the online coordinator key
             relayer = link.deployment.chain.add_key(signer.private_key)
-            relay = ClaimRelay(link.deployment.distributor, relayer)
+            relay = ClaimRelay(
+                link.deployment.distributor, relayer, min_claim=config.relay_min_claim
+            )
         async with open_host(
             key_path=config.node_key_path,
             listen=[config.listen],

@@ -483,12 +483,13 @@ async def relay_claim(
     """Have the first coordinator that answers submit `claim`: (its source, the result).
 
     A refusal that is about the claim (bad proof, nothing to claim, ...) ends the attempt;
-    one that is about the coordinator (no chain, out of gas money, busy) or a network
-    failure moves on to the next source. `RelayFailed` when none relayed it.
+    one that is about the coordinator (no chain, out of gas money, busy, its minimum) or a
+    network failure moves on to the next source. `RelayFailed` when none relayed it.
     """
     if not sources:
         raise RelayFailed("transport", "no coordinator to relay the claim")
     failures: list[str] = []
+    codes: list[str] = []  # of the coordinators' refusals, for the one error at the end
     outcome: tuple[str, RelayDone] | RelayFailed | None = None
 
     async def one(source: str, host: Host | None) -> RelayDone:
@@ -504,6 +505,7 @@ async def relay_claim(
             except RelayFailed as exc:
                 if exc.code not in _TRY_NEXT:
                     raise
+                codes.append(exc.code)
                 failures.append(f"{source}: {exc.code}: {exc.reason}")
             except Exception as exc:
                 if not _is_transport(exc):
@@ -523,13 +525,22 @@ async def relay_claim(
                 outcome = exc
     if isinstance(outcome, RelayFailed):
         raise outcome
-    if outcome is None:
-        raise RelayFailed("transport", "no coordinator relayed the claim: " + "; ".join(failures))
+    if outcome is None:  # the code every coordinator gave, if they agree (below_minimum...)
+        code = codes[0] if len(set(codes)) == 1 and len(codes) == len(failures) else "transport"
+        raise RelayFailed(code, "no coordinator relayed the claim: " + "; ".join(failures))
     return outcome
 
 
 _TRY_NEXT = frozenset(
-    {"no_chain", "relayer_unfunded", "busy", "unavailable", "bad_request", "transport"}
+    {
+        "no_chain",
+        "relayer_unfunded",
+        "busy",
+        "unavailable",
+        "bad_request",
+        "transport",
+        "below_minimum",  # another coordinator may relay smaller claims
+    }
 )
 
 

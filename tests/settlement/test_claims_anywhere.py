@@ -59,8 +59,9 @@ class Coordinator:
 
 
 @asynccontextmanager
-async def coordinator(net: Net, tmp: Path) -> AsyncIterator[Coordinator]:
-    """A coordinator on the shared chain whose key posts roots and relays claims."""
+async def coordinator(net: Net, tmp: Path, **cfg: Any) -> AsyncIterator[Coordinator]:
+    """A coordinator on the shared chain whose key posts roots and relays claims (of any
+    amount unless `cfg` sets `relay_min_claim`)."""
     addresses = tmp / "addresses.json"
     net.d.addresses.save(addresses)
     config = CoordinatorConfig(
@@ -70,6 +71,7 @@ async def coordinator(net: Net, tmp: Path) -> AsyncIterator[Coordinator]:
         chain_url=net.chain.url,
         addresses_file=addresses,
         log_level="warning",
+        **{"relay_min_claim": 0, **cfg},
     )
     signer = Signer(net.settler.address, bytes(net.settler.key))
     async with trio.open_nursery() as nursery:
@@ -323,3 +325,29 @@ async def test_claims_use_the_newest_matured_root(net: Net, store: Store, tmp_pa
     assert burst.value.code == "rate_limited"
     with pytest.raises(ChainRevert):  # what the relayer refuses, the contract would revert
         net.d.distributor.claim(me.address, latest_amount, latest_proof, sender=net.settler)
+
+
+async def test_the_relayer_pays_no_gas_for_a_strangers_dust(anvil_net: Net, tmp_path: Path) -> None:
+    """Anyone may ask to relay anyone's claim (the proofs are public): a claim adding less
+    than `relay_min_claim` is refused ("below_minimum", naming both amounts and the way out)
+    and no transaction leaves the relayer's key; the same claim is relayed by a coordinator
+    whose floor it meets."""
+    net = anvil_net
+    me = worker(41)
+    receipts = [signed_receipt(me, net.domain)]
+    probe = tmp_path / "probe"
+    async with coordinator(net, probe) as c:
+        close_epoch(net, c.config, receipts)
+        amount, proof = load_published(publish_dir(c.config))[-1].tree.proof_for(me.address)
+    dust = RelayClaim(account=me.address, cumulative_amount=str(amount), proof=proof)
+    nonce = net.chain.w3.eth.get_transaction_count(net.settler.address)
+    async with coordinator(net, probe, relay_min_claim=amount + 1) as c:
+        with pytest.raises(RelayFailed) as refused:
+            await relay_claim([c.addr], dust)
+    assert refused.value.code == "below_minimum"
+    assert str(amount) in refused.value.reason and "own ETH" in refused.value.reason
+    assert net.chain.w3.eth.get_transaction_count(net.settler.address) == nonce  # no gas spent
+    assert net.d.token.balance_of(me.address) == 0
+    async with coordinator(net, probe, relay_min_claim=amount) as c:
+        _, done = await relay_claim([c.addr], dust)
+    assert done.amount == str(amount) and net.d.token.balance_of(me.address) == amount
