@@ -53,6 +53,8 @@ CONFIG_ENV = "SOGNI_COORDINATOR_CONFIG"
 MIN_DISPUTE_WINDOW = 3600.0
 """Seconds `[verification] dispute_window` must be at least off a local network (with
 verification on): the settler keeps a receipt out of every epoch for that long."""
+DEFAULT_RELAY_MIN_CLAIM = 10**18
+"""1 SOGNI: the least a relayed claim must add off a local network (`relay_min_claim`)."""
 
 
 class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -91,10 +93,11 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     in-process chain, which only the process that deployed it can use (see SETTLEMENT.md)."""
     addresses_file: Path | None = None
     """`chain deploy`'s output; when set, chain_id and verifying_contract come from it."""
-    relay_min_claim: Annotated[int, Meta(ge=0)] = 10**18
-    """Base units of SOGNI a relayed claim must add to what its account already claimed (1
-    SOGNI by default): anyone may ask to relay anyone's claim, so without a floor a stranger
-    makes this coordinator's key pay gas for dust. 0 relays any amount."""
+    relay_min_claim: Annotated[int, Meta(ge=0)] | None = None
+    """Base units of SOGNI a relayed claim must add to what its account already claimed:
+    anyone may ask to relay anyone's claim, so without a floor a stranger makes this
+    coordinator's key pay gas for dust. None: 1 SOGNI, or 0 on a local network (`relay_floor`);
+    0 relays any amount."""
     settlement: SettlementConfig = msgspec.field(default_factory=SettlementConfig)
     tiers: Literal["open", "enforced"] = "open"
     """"enforced": fast jobs only to CUDA nodes with a worker licence and `fast_min_stake`;
@@ -195,6 +198,13 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
         """A local network: the chain is a dev chain (free work may be paid, one key may
         both offer and settle)."""
         return self.chain_id in DEV_CHAIN_IDS
+
+    @property
+    def relay_floor(self) -> int:
+        """`relay_min_claim`, or its default: 1 SOGNI, 0 on a local network (free gas)."""
+        if self.relay_min_claim is not None:
+            return self.relay_min_claim
+        return 0 if self.local else DEFAULT_RELAY_MIN_CLAIM
 
     @property
     def node_key_path(self) -> Path:

@@ -202,9 +202,7 @@ async def _serve(
         relay = None
         if link is not None:  # relaying needs gas only, no role: the online coordinator key
             relayer = link.deployment.chain.add_key(signer.private_key)
-            relay = ClaimRelay(
-                link.deployment.distributor, relayer, min_claim=config.relay_min_claim
-            )
+            relay = ClaimRelay(link.deployment.distributor, relayer, min_claim=config.relay_floor)
         async with open_host(
             key_path=config.node_key_path,
             listen=[config.listen],

@@ -189,3 +189,13 @@ def test_example_configs_load(tmp_path: Path, name: str, loader: object, cls: ty
     enabled.write_text(_uncommented(path.read_text()))
     assert enabled.read_text() != path.read_text()
     loader(enabled, env={})  # type: ignore[operator]  # and their commented examples are valid
+
+
+def test_the_relay_floor_defaults_to_one_sogni_off_a_local_network() -> None:
+    """Off a local network a relayed claim must add 1 SOGNI unless configured (a stranger
+    would spend the relayer's gas on dust); on a dev chain any amount; set: as set."""
+    assert CoordinatorConfig().relay_floor == 0  # the embedded chain
+    public = CoordinatorConfig(chain_id=8453, billing="required")
+    assert public.relay_floor == 10**18
+    assert CoordinatorConfig(chain_id=8453, billing="required", relay_min_claim=5).relay_floor == 5
+    assert CoordinatorConfig(relay_min_claim=7).relay_floor == 7

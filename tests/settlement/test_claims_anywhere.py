@@ -61,7 +61,7 @@ class Coordinator:
 @asynccontextmanager
 async def coordinator(net: Net, tmp: Path, **cfg: Any) -> AsyncIterator[Coordinator]:
     """A coordinator on the shared chain whose key posts roots and relays claims (of any
-    amount unless `cfg` sets `relay_min_claim`)."""
+    amount on this local chain unless `cfg` sets `relay_min_claim`)."""
     addresses = tmp / "addresses.json"
     net.d.addresses.save(addresses)
     config = CoordinatorConfig(
@@ -71,7 +71,7 @@ async def coordinator(net: Net, tmp: Path, **cfg: Any) -> AsyncIterator[Coordina
         chain_url=net.chain.url,
         addresses_file=addresses,
         log_level="warning",
-        **{"relay_min_claim": 0, **cfg},
+        **cfg,
     )
     signer = Signer(net.settler.address, bytes(net.settler.key))
     async with trio.open_nursery() as nursery:
