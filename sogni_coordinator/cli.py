@@ -17,7 +17,14 @@ import trio
 import typer
 
 from sogni_coordinator.config import CoordinatorConfig, load_coordinator_config
-from sogni_protocol.cli_errors import BadUsage, CliGroup, DebugOption, Refused, register
+from sogni_protocol.cli_errors import (
+    NEGATIVE_AS_ARGUMENT,
+    BadUsage,
+    CliGroup,
+    DebugOption,
+    Refused,
+    register,
+)
 from sogni_protocol.logs import configure_logging
 from sogni_protocol.settings import SettingsError
 from sogni_wallet.addresses import AddressesFileError
@@ -226,7 +233,7 @@ def workers(
         )
 
 
-@app.command("credit")
+@app.command("credit", context_settings=NEGATIVE_AS_ARGUMENT)
 def credit(
     account: Annotated[str, typer.Argument(help="Payer wallet address.")],
     amount: Annotated[int, typer.Argument(help="Whole Spark (or SOGNI with --sogni).", min=1)],

@@ -30,6 +30,7 @@ from sogni_protocol.settings import (
     fill_path,
     load_settings,
     read_config_text,
+    readable_pattern,
 )
 from sogni_wallet.addresses import apply_addresses_file
 
@@ -54,6 +55,11 @@ EpochSource = Annotated[
     ),
 ]
 """A coordinator's multiaddr (pinning its peer id) or the base URL of its HTTP listener."""
+readable_pattern(
+    EpochSource,
+    "a coordinator's multiaddr ending in its peer id (/ip4/.../tcp/.../p2p/12D3KooW...) or "
+    "the http(s):// URL of its HTTP listener",
+)
 
 
 class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):

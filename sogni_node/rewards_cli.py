@@ -33,7 +33,13 @@ import typer
 from sogni_node.cli_common import ConfigOption, JsonOption
 from sogni_node.cli_common import load_config as _config
 from sogni_node.config import CONFIG_ENV, ENV_PREFIX, NodeConfig
-from sogni_protocol.cli_errors import BadUsage, Refused, Unavailable, register
+from sogni_protocol.cli_errors import (
+    NEGATIVE_AS_ARGUMENT,
+    BadUsage,
+    Refused,
+    Unavailable,
+    register,
+)
 from sogni_wallet.addresses import AddressesFileError
 from sogni_wallet.keystore import keystore_address, unlock_wallet
 
@@ -507,7 +513,7 @@ def _staking_tx(
     _print_json(_stake_state(deployment, wallet.address))
 
 
-@app.command("stake")
+@app.command("stake", context_settings=NEGATIVE_AS_ARGUMENT)
 def stake(
     amount: Annotated[str, typer.Argument(help="SOGNI to stake (e.g. 1000 or 0.5).")],
     config: ConfigOption = None,
@@ -524,7 +530,7 @@ def stake(
     _staking_tx(config, chain_url, send)
 
 
-@app.command("unstake")
+@app.command("unstake", context_settings=NEGATIVE_AS_ARGUMENT)
 def unstake(
     amount: Annotated[str, typer.Argument(help="SOGNI to move to the 7-day unstake bucket.")],
     config: ConfigOption = None,

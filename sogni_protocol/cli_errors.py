@@ -192,6 +192,10 @@ def classify(exc: BaseException) -> CliError | None:
     return None
 
 
+NEGATIVE_AS_ARGUMENT = {"ignore_unknown_options": True}
+"""`context_settings` of a command taking an amount: `-5` reaches the amount's own check
+("must be positive") instead of click's "No such option: -5"."""
+
 INTERRUPTED = 130
 """Exit code of a command stopped with Ctrl-C (128 + SIGINT), as shells report it."""
 

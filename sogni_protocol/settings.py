@@ -41,6 +41,30 @@ __all__ = [
 
 S = TypeVar("S", bound=msgspec.Struct)
 
+_PATTERN_MEANINGS: dict[str, str] = {
+    "^0x[0-9a-fA-F]{40}$": "an Ethereum address (0x and 40 hex digits)",
+    r"^[A-Za-z0-9._:-]+$": "letters, digits and . _ : - only",
+    r"^[a-z0-9][a-z0-9._-]*$": "lower-case letters, digits and . _ - (first a letter or digit)",
+}
+"""What a field's regex asks for, in words: a config error says this, never the regex."""
+
+
+def readable_pattern(field_type: object, meaning: str) -> None:
+    """Register what `field_type`'s (an `Annotated` str with a `Meta(pattern=...)`) pattern
+    means, for config errors (`load_settings`)."""
+    for meta in getattr(field_type, "__metadata__", ()):
+        if isinstance(meta, Meta) and meta.pattern is not None:
+            _PATTERN_MEANINGS[meta.pattern] = meaning
+
+
+def _in_words(text: str) -> str:
+    """msgspec's "Expected `str` matching regex '...'" in words, when the regex is known."""
+    m = re.fullmatch(r"Expected `str` matching regex '(.*)'", text)
+    shown = m.group(1).replace("\\\\", "\\") if m else ""  # msgspec doubles backslashes
+    meaning = _PATTERN_MEANINGS.get(shown)
+    return f"expected {meaning}" if meaning else text
+
+
 # Shared field types for the node and coordinator configs.
 Multiaddr = Annotated[str, Meta(pattern=r"^(/[A-Za-z0-9_.:%-]+)+/?$", max_length=512)]
 CoordinatorMultiaddr = Annotated[
@@ -51,6 +75,16 @@ EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=12
 """The name of an environment variable (e.g. the one holding a keystore password)."""
 ChainId = Annotated[int, Meta(ge=1, le=2**63 - 1)]
 ChainUrl = Annotated[str, Meta(pattern=r"^https?://\S+$", max_length=512)]
+readable_pattern(Multiaddr, "a libp2p multiaddr such as /ip4/0.0.0.0/tcp/4001")
+readable_pattern(
+    CoordinatorMultiaddr,
+    "a coordinator's multiaddr ending in its peer id, such as "
+    "/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW... (`sogni-coordinator start` prints it)",
+)
+readable_pattern(
+    EnvName, "an environment variable's name (letters, digits and _, not first a digit)"
+)
+readable_pattern(ChainUrl, "an http:// or https:// URL such as http://127.0.0.1:8545")
 Seconds = Annotated[float, Meta(gt=0, le=86_400)]
 
 DEFAULT_CHAIN_ID = 131277322940537
@@ -245,6 +279,7 @@ def load_settings(
         loaded = msgspec.convert(data, cls, strict=False, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         keys, text = _split_error(str(exc))
+        text = _in_words(text)
         env_name = _origin_of(keys, origin)
         if env_name is not None:
             raise SettingsError(f"{env_name}: {text}", key=env_name, source="environment") from None

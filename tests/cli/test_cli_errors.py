@@ -227,6 +227,24 @@ def test_quote_and_credit_usage_errors_are_one_line() -> None:
     assert result.stderr == "error: '0x12' is not an Ethereum address (give a 0x... address)\n"
 
 
+def test_a_negative_amount_is_refused_as_an_amount_not_an_unknown_option() -> None:
+    """`credit 0x.. -5`, `stake -5`: click took `-5` for an option ("No such option: -5");
+    the amount's own check names what is wrong."""
+    from sogni_coordinator.cli import app as coordinator_app
+    from sogni_node.cli import app as node_app
+
+    payer = "0x1111111111111111111111111111111111111111"
+    result = runner.invoke(coordinator_app, ["credit", payer, "-5"])
+    assert result.exit_code == 2 and "No such option" not in result.output
+    assert "greater than or equal to 1" in result.output
+    for command in ("stake", "unstake"):
+        result = runner.invoke(node_app, [command, "-5"])
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("error: amount must be positive") and "'-5'" in result.stderr
+    result = runner.invoke(node_app, ["stake", "5", "--bogus"])  # a mistyped option: still named
+    assert result.exit_code == 2 and "--bogus" in result.output
+
+
 def test_a_coordinator_that_is_down_is_one_line(tmp_path: Path) -> None:
     """`sogni render` against a closed port: exit 4 and one `error:` line naming the address,
     no traceback and no second report from py-libp2p's TCP transport."""

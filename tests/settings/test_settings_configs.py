@@ -81,7 +81,7 @@ def test_node_config_errors(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="not found"):
         load_node_config(tmp_path / "missing.toml", env={})
     path.write_text('coordinators = ["/ip4/1.2.3.4/tcp/4001"]\n')  # no /p2p/: cannot authenticate
-    with pytest.raises(SettingsError, match=r"^coordinators: Expected `str` matching"):
+    with pytest.raises(SettingsError, match=r"^coordinators: expected a coordinator.s multiaddr"):
         load_node_config(path, env={})
     path.write_text('trusted_coordinators = ["0x1234"]\n')
     with pytest.raises(SettingsError, match=r"^trusted_coordinators: "):
@@ -130,7 +130,7 @@ def test_coordinator_defaults_and_env(tmp_path: Path) -> None:
 
 
 def test_coordinator_errors() -> None:
-    with pytest.raises(SettingsError, match=r"^SOGNI_COORDINATOR_MODELS: Expected `str` matching"):
+    with pytest.raises(SettingsError, match=r"^SOGNI_COORDINATOR_MODELS: expected letters, digits"):
         load_coordinator_config(None, env={"SOGNI_COORDINATOR_MODELS": "bad model"})
     with pytest.raises(SettingsError, match="heartbeat_timeout"):
         load_coordinator_config(None, env={"SOGNI_COORDINATOR_HEARTBEAT_TIMEOUT": "5"})
@@ -199,3 +199,42 @@ def test_the_relay_floor_defaults_to_one_sogni_off_a_local_network() -> None:
     assert public.relay_floor == 10**18
     assert CoordinatorConfig(chain_id=8453, billing="required", relay_min_claim=5).relay_floor == 5
     assert CoordinatorConfig(relay_min_claim=7).relay_floor == 7
+
+
+def _patterns(info: Any, seen: set[Any] | None = None) -> set[str]:
+    """Every regex a config type (msgspec's inspect info) checks a string against."""
+    import msgspec.inspect as mi
+
+    seen = set() if seen is None else seen
+    if isinstance(info, mi.StrType):
+        return {info.pattern} if info.pattern else set()
+    if isinstance(info, mi.StructType):
+        if info.cls in seen:
+            return set()
+        seen.add(info.cls)
+        return set().union(*(_patterns(f.type, seen) for f in info.fields))
+    inner = [getattr(info, a) for a in ("item_type", "key_type", "value_type") if hasattr(info, a)]
+    inner += list(getattr(info, "types", ()))
+    return set().union(set(), *(_patterns(t, seen) for t in inner))
+
+
+@pytest.mark.parametrize("cls", [NodeConfig, CoordinatorConfig])
+def test_a_config_value_of_the_wrong_shape_is_named_in_words_not_as_a_regex(cls: type) -> None:
+    """Every pattern a config field checks has words for its error ("expected an Ethereum
+    address ..."): a node operator never reads `matching regex '^(/[A-Za-z0-9_.:%-]+)+...'`."""
+    import msgspec.inspect as mi
+
+    from sogni_protocol.settings import _in_words
+
+    patterns = _patterns(mi.type_info(cls))
+    assert patterns
+    for pattern in patterns:
+        shown = pattern.replace("\\", "\\\\")  # as msgspec's error prints it
+        assert not _in_words(f"Expected `str` matching regex '{shown}'").startswith("Expected")
+
+
+def test_a_malformed_coordinator_address_in_the_config_says_what_one_looks_like() -> None:
+    with pytest.raises(SettingsError) as err:
+        load_settings(NodeConfig, 'coordinators = ["hello"]', {}, "SOGNI_NODE", source="n.toml")
+    assert "regex" not in str(err.value) and "/p2p/12D3KooW" in str(err.value)
+    assert str(err.value).startswith("coordinators: expected a coordinator's multiaddr")
