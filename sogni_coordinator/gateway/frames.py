@@ -21,9 +21,10 @@ __all__ = [
     "CLOSE_BAD_DATA",
     "CLOSE_INTERNAL",
     "CLOSE_POLICY",
-    "CLOSE_RATE_LIMITED",
     "CLOSE_REPLACED",
+    "CLOSE_RESTARTING",
     "CLOSE_TOO_BIG",
+    "CLOSE_TRY_LATER",
     "FrameError",
     "decode_frame",
     "encode_frame",
@@ -37,12 +38,16 @@ CLOSE_TOO_BIG = 1009
 """A frame over the size limit."""
 CLOSE_INTERNAL = 1011
 """The session failed on this side (a database outage, a bug): the SDKs reconnect."""
+CLOSE_RESTARTING = 1012
+"""The coordinator is stopping (or restarting): the SDKs reconnect, with backoff, and the
+projects in flight stream again there or at another coordinator of the network."""
+CLOSE_TRY_LATER = 1013
+"""Too many failed authentications from this address: the SDKs reconnect with backoff (a
+4000-4999 code would sign every app behind a shared proxy out for good)."""
 CLOSE_REPLACED = 4015
 """Another socket took this (key, appId): the SDKs do not reconnect."""
 CLOSE_AUTH = 4021
 """A missing, unknown or revoked API key: the SDKs sign out."""
-CLOSE_RATE_LIMITED = 4029
-"""Too many failed authentications from this address."""
 
 CLIENT_TYPES = frozenset({"jobRequest", "jobError"})
 """Frame types an app may send to this gateway (image projects and their cancel)."""

@@ -22,8 +22,9 @@ from sogni_coordinator.gateway.frames import (
     CLOSE_AUTH,
     CLOSE_INTERNAL,
     CLOSE_POLICY,
-    CLOSE_RATE_LIMITED,
     CLOSE_REPLACED,
+    CLOSE_RESTARTING,
+    CLOSE_TRY_LATER,
     FrameError,
     decode_frame,
     encode_frame,
@@ -52,6 +53,14 @@ def _kind(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
         exc = exc.exceptions[0]
     return type(exc).__name__
+
+
+def _stopping(exc: BaseException) -> bool:
+    """`exc` is a cancellation from outside the session (its own ends are caught by its
+    scope): the coordinator is shutting down."""
+    if isinstance(exc, BaseExceptionGroup):
+        return exc.split(trio.Cancelled)[1] is None
+    return isinstance(exc, trio.Cancelled)
 
 
 def client_address(ws: Any) -> str:
@@ -106,6 +115,10 @@ class Session:
         except Exception as exc:  # a database outage, a bug: this socket ends, not the daemon
             self.close_code = CLOSE_INTERNAL  # the SDKs reconnect (after 1000 they would not)
             log.error("gateway_session_failed", key=self.key.key_id, error=_kind(exc))
+        except BaseException as exc:
+            if _stopping(exc):  # the coordinator stops: after 1000 the SDKs would wait forever
+                self.close_code = CLOSE_RESTARTING
+            raise
         finally:
             if self.gateway.sockets.get(slot) is self:
                 del self.gateway.sockets[slot]
@@ -248,7 +261,7 @@ async def serve_socket(ws: WebSocket, gateway: Gateway) -> None:
     address = client_address(ws)
     if await gateway.failed_auth.blocked_async(address):
         await ws.accept()
-        await ws.close(code=CLOSE_RATE_LIMITED)
+        await ws.close(code=CLOSE_TRY_LATER)
         return
     key = await gateway.authenticate(ws.headers.get("api-key"), address)
     app_id = ws.query_params.get("appId", "")

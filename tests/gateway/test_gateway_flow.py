@@ -235,6 +235,69 @@ async def test_a_session_that_fails_on_this_side_closes_1011_and_the_gateway_ser
             assert (await sdk.next())[0] == "authenticated"
 
 
+async def test_a_coordinator_that_stops_closes_its_sdk_sockets_1012(tmp_path: Path) -> None:
+    """The coordinator stops (SIGTERM, a restart) while an SDK is connected: its socket
+    closes with 1012, after which the SDKs reconnect and their projects stream again. With
+    1000 (what a cancelled session used to send) they never reconnect and every project in
+    flight waits forever."""
+    from eth_account import Account
+
+    from sogni_coordinator.config import CoordinatorConfig
+    from sogni_coordinator.service import Signer, run_coordinator
+
+    acct = Account.create()
+    config = CoordinatorConfig(
+        data_dir=tmp_path / "coordinator", listen="/ip4/127.0.0.1/tcp/0", http_listen="127.0.0.1:0"
+    )
+    key, _ = create_key(config.database)
+    stopping = trio.CancelScope()
+
+    async def coordinator(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with stopping:
+            await run_coordinator(
+                config, Signer(acct.address, bytes(acct.key)), task_status=task_status
+            )
+
+    async with trio.open_nursery() as nursery:
+        running = await nursery.start(coordinator)
+        assert running.http_url is not None
+        async with open_websocket_url(
+            SdkSocket.url(running.http_url), extra_headers=[(b"api-key", key.encode())]
+        ) as ws:
+            await ws.get_message()  # authenticated
+            stopping.cancel()
+            with trio.fail_after(10):
+                try:
+                    while True:
+                        await ws.get_message()
+                except ConnectionClosed as exc:
+                    assert exc.reason.code == 1012
+
+
+async def test_an_address_blocked_for_failed_keys_is_told_to_come_back_not_signed_out(
+    tmp_path: Path,
+) -> None:
+    """Past `failed_auth_per_minute` failed keys from one address (behind a TLS proxy: every
+    app's), a socket is closed with 1013 before any lookup: the SDKs reconnect with backoff.
+    A 4000-4999 code (4029 before) signs every app behind that address out for good."""
+    from sogni_coordinator.gateway.config import GatewayConfig
+
+    async with start_net(tmp_path, gateway=GatewayConfig(failed_auth_per_minute=1)) as net:
+        url = net.coordinator.http_url
+        assert url is not None
+        key, _ = _key(net)
+        for presented, code in (("sk-not-a-key-of-this-network", 4021), (key, 1013)):
+            async with open_websocket_url(
+                SdkSocket.url(url), extra_headers=[(b"api-key", presented.encode())]
+            ) as ws:
+                with trio.fail_after(10):
+                    try:
+                        while True:
+                            await ws.get_message()
+                    except ConnectionClosed as exc:
+                        assert exc.reason.code == code
+
+
 async def test_reconnect_resumes_without_double_charge_then_cancel(
     tmp_path: Path, backend: Any
 ) -> None:
