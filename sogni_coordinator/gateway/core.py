@@ -386,9 +386,11 @@ class Gateway:
                 exc.reason.split("; quote:")[0] if exc.code == "insufficient_funds" else exc.reason
             )
             raise ProjectRefused(code, error, message[:500]) from None
-        correction = submission.accepted.cost_micro - reserved  # the price charged wins
-        if correction:
-            await trio.to_thread.run_sync(self.keys.record_spend, account, correction)
+        if req.token_type == "spark":  # the price charged (a stake discount) wins; a SOGNI
+            correction = submission.accepted.cost_micro - reserved  # cost is micro-SOGNI: the
+            if correction:  # limit counts Spark, so it stays at the Spark list price
+                with trio.CancelScope(shield=True):  # accepted: the record must follow it
+                    await trio.to_thread.run_sync(self.keys.record_spend, account, correction)
         return submission
 
     async def cancel(self, key: AuthedKey, job_id: str) -> Project | None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +297,52 @@ async def test_an_address_blocked_for_failed_keys_is_told_to_come_back_not_signe
                             await ws.get_message()
                     except ConnectionClosed as exc:
                         assert exc.reason.code == code
+
+
+async def test_a_sogni_paid_project_counts_its_spark_price_against_the_daily_limit(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The daily limit is in Spark. A project paid in SOGNI (worth 10x a Spark here) is
+    counted at its Spark list price: before, the reservation's Spark was "corrected" to the
+    charged micro-SOGNI, so the key spent 10x its limit."""
+    from sogni_coordinator.api_keys import ApiKeys
+    from sogni_protocol import catalog
+
+    priced = tmp_path / "catalog.toml"
+    text = (catalog.DEFAULT_CATALOG).read_text()
+    priced.write_text(text.replace("sogni_usd_price = 0.005", "sogni_usd_price = 0.05", 1))
+    assert priced.read_text() != text
+    monkeypatch.setenv("SOGNI_CATALOG", str(priced))
+    catalog.default_catalog.cache_clear()
+    try:
+        async with start_net(tmp_path, models=[MODEL]) as net:
+            url = net.coordinator.http_url
+            assert url is not None
+            key, account = _key(net, daily_limit_spark=100.0)
+            ledger = Ledger(net.config.database)
+            try:
+                ledger.deposit_sogni(account, 10**9)
+            finally:
+                ledger.close()
+            req = job_request(MODEL, 1, steps=4, sizePreset="custom", width=64, height=64)
+            req["tokenType"] = "sogni"
+            async with connect(url, key) as sdk:
+                await sdk.until("swarmModels")
+                await sdk.send("jobRequest", req)
+                await sdk.until("jobState", type="queued", timeout=20)
+            keys = ApiKeys(net.config.database)
+            try:
+                spent = keys.spent_today(account)
+            finally:
+                keys.close()
+            with sqlite3.connect(net.config.database) as db:
+                ((token, charged),) = db.execute(
+                    "SELECT token_type, amount FROM ledger_reservations"
+                ).fetchall()
+            assert token == "sogni" and charged > 0
+            assert spent >= 9 * charged  # Spark, worth a tenth of SOGNI each: not micro-SOGNI
+    finally:
+        catalog.default_catalog.cache_clear()
 
 
 async def test_reconnect_resumes_without_double_charge_then_cancel(
