@@ -62,6 +62,7 @@ from sogni_coordinator.db import DatabaseBusy
 from sogni_coordinator.delivery import Mailbox, short
 from sogni_coordinator.job_state import STORED_LIVE, JobState
 from sogni_coordinator.jobs import Job, NodeLink, RequestState
+from sogni_coordinator.prompt_crypto import PromptKeyError
 from sogni_coordinator.queue.base import Lease, LeaseLost, NewJob, QueueError
 from sogni_coordinator.queue.postgres import BOUNDED, PostgresQueue, migrate
 from sogni_coordinator.storage import location
@@ -115,7 +116,10 @@ CANCEL_PRUNE_EVERY = 60.0
 """Each coordinator deletes cancel rows older than `CANCEL_KEEP` this often."""
 HOLD_UNPLACED = 10.0
 """Seconds a leased job may wait here for a node before it goes back to the shared queue."""
-NOT_QUEUED = "the network's shared queue did not take the request: nothing was charged, try again"
+NOT_QUEUED = (
+    "the network's shared queue did not take the request: nothing was charged; send it again"
+    " (a paid one authorized anew: its signature is spent)"
+)
 DEAD_GRACE = 5.0
 """Seconds a job stays dead in the queue before its owner fails it (a bury and the store's
 own write of the job's end are two transactions)."""
@@ -462,6 +466,14 @@ class Cluster:
             )
         except (*_DB_ERRORS, QueueError) as exc:  # the dispatcher undoes the stored request
             log.warning("request_not_queued", request=short(request_id), error=type(exc).__name__)
+            try:  # owned by nobody: never adopted (its jobs end failed in `Dispatcher._unsubmit`)
+                await self._sql(
+                    lambda: self._conn.execute(
+                        "DELETE FROM cluster_requests WHERE request_id = %s", (request_id,)
+                    )
+                )
+            except _DB_ERRORS:
+                pass  # the database is away: the failed jobs leave nothing to adopt anyway
             raise Refusal("unavailable", f"{NOT_QUEUED} ({type(exc).__name__})") from None
         self.counted[request_id] = set()
 
@@ -918,8 +930,12 @@ class Cluster:
         ended, done = [], []
         for lease in leases:
             s = by_id.get(lease.job_id)
-            if s is not None and lease.job_id in d.jobs:  # ours, leased again after our lease
-                self.leases[lease.job_id] = lease  # lapsed (an outage): still rendered here
+            ours = d.jobs.get(lease.job_id)
+            if s is not None and ours is not None:
+                if ours.holders or d._waiting(ours):  # ours, leased again after our lease
+                    self.leases[lease.job_id] = lease  # lapsed (an outage): still rendered,
+                else:  # or waiting for a node, here; else a result for it is being accepted
+                    self._later(functools.partial(self._release, lease))  # here: it decides
                 continue
             if s is None:  # ended, or receipted and held by a check whose coordinator stopped
                 done.append(lease.job_id)
@@ -947,10 +963,14 @@ class Cluster:
         queue row done: `held_passed`) or fails (the job given back). Returns the rest
         (ended: buried)."""
         d = self.d
-        held = await trio.to_thread.run_sync(d.store.pending_checks, job_ids)
+        try:
+            held = await trio.to_thread.run_sync(d.store.pending_checks, job_ids)
+        except PromptKeyError as exc:  # shredded before v8 kept held jobs' keys: buried
+            log.error("held_checks_unreadable", jobs=len(job_ids), error=str(exc))
+            return job_ids
         for c in held:
             job_id = c.job.job_id
-            if job_id in d.jobs:  # still checked here: our own lease had lapsed
+            if job_id in d.checks.pending:  # still checked here: our own lease had lapsed
                 self.leases[job_id] = leases[job_id]
             elif c.peer_id:
                 log.info("check_taken_over", job=job_id.hex()[:16], worker=c.worker)
@@ -1004,7 +1024,8 @@ class Cluster:
                 try:
                     renewed = await self.queue.renew(lease, self.lease_ttl)
                 except LeaseLost:
-                    self.lost(job_id)
+                    if self.leases.get(job_id) is lease:  # not replaced by a new lease meanwhile
+                        self.lost(job_id)
                     continue
                 except QueueError as exc:
                     log.warning("lease_renew_failed", error=str(exc))

@@ -942,9 +942,11 @@ class Dispatcher:
     async def check_passed(self, held: Held, verdict: str) -> None:
         """Release a held receipt as `_accept` does any other: settle, credit, deliver."""
         job, receipt = held.job, held.receipt
-        await self.store.call(
+        if not await self.store.call(
             self.store.mark_check, job.job_id, "passed" if verdict == "pass" else "skipped"
-        )
+        ):
+            self._decided_elsewhere(job)
+            return
         if self.billing is not None:
             self.billing.settle(
                 job.request_id, job.job_id, receipt.payee, receipt.steps_done, job.params.steps
@@ -963,6 +965,15 @@ class Dispatcher:
         self._ended(job)
         self._save()
 
+    def _decided_elsewhere(self, job: Job) -> None:
+        """Another coordinator's check of the same held receipt decided first (this one's
+        lease lapsed meanwhile and the job was leased again): its verdict stands; nothing is
+        settled, struck, discarded or counted here, and the job leaves this coordinator."""
+        log.info("check_decided_elsewhere", job=job.job_id.hex()[:16])
+        self.jobs.pop(job.job_id, None)
+        if self.cluster is not None:
+            self.cluster.lost(job.job_id)
+
     async def check_failed(
         self, held: Held, reason: str, *, strike: bool, evidence: bytes | None = None
     ) -> None:
@@ -971,9 +982,11 @@ class Dispatcher:
         from that wallet if it can. A wallet blacklisted by the strike gets a slash proposal
         (`Store.propose_slash`), for the operator to sign offline with the settlement key."""
         job = held.job
+        if not await self.store.call(self.store.fail_held_receipt, job.job_id, reason, evidence):
+            self._decided_elsewhere(job)
+            return
         if self.refusals is not None and strike:  # disputable: signed, kept for a re-check
             self.refusals.refused(held.receipt, job.params, held.dtype, reason, evidence)
-        await self.store.call(self.store.fail_held_receipt, job.job_id, reason, evidence)
         await self.results.discard([held.path])
         log.warning("receipt_check_failed", job=job.job_id.hex()[:16], worker=held.worker)
         if strike and self.reputation.strike(held.worker):

@@ -609,22 +609,26 @@ class Store(Database):
             if bytes(r[0]) in jobs
         ]
 
-    def mark_check(self, job_id: bytes, state: str) -> None:
+    def mark_check(self, job_id: bytes, state: str) -> bool:
         """A pending check ended well: `passed` or `skipped` (the receipt is released). With
         a shared queue (cluster.py) the job's queue row completes in the same transaction,
-        as an unchecked receipt's does in `store_receipts` (`_complete_shared`)."""
+        as an unchecked receipt's does in `store_receipts` (`_complete_shared`). False if
+        the check was no longer pending (another coordinator's check of it decided first)."""
         with self._tx() as db:
             changed = db.execute(
                 "UPDATE checks SET state=?, updated_at=? WHERE job_id=? AND state='pending'",
                 (state, time.time(), job_id),
             )
-            if self.shared_queue is None or changed.rowcount == 0:
-                return
+            if changed.rowcount == 0:
+                return False
+            if self.shared_queue is None:
+                return True
             row = db.execute(
                 "SELECT signature, request_id FROM receipts WHERE job_id=?", (job_id,)
             ).fetchone()
             if row is not None:
                 self._complete_shared(db, job_id, bytes(row[0]), bytes(row[1]))
+            return True
 
     def check_state(self, job_id: bytes) -> str | None:
         with self._lock:
@@ -931,14 +935,17 @@ class Store(Database):
 
     # --- prompts: crypto-shredding ------------------------------------------------------------
     def shred_keys(self, retention: float, now: float | None = None) -> int:
-        """Delete the keys of requests that ended (no live job) at least `retention` seconds
-        ago (by their jobs' last change), then checkpoint the WAL so the deleted key is gone
-        from it too. Returns how many keys were deleted."""
+        """Delete the keys of requests that ended (no live job, no receipt held by a pending
+        check: its check re-runs the job's steps) at least `retention` seconds ago (by their
+        jobs' last change), then checkpoint the WAL so the deleted key is gone from it too.
+        Returns how many keys were deleted."""
         cutoff = (time.time() if now is None else now) - retention
         with self._tx() as db:
             cur = db.execute(
                 "DELETE FROM request_keys WHERE NOT EXISTS (SELECT 1 FROM jobs j"
                 f" WHERE j.request_id = request_keys.request_id AND j.state IN {_LIVE_SQL})"
+                " AND NOT EXISTS (SELECT 1 FROM checks c JOIN jobs j USING (job_id)"
+                "   WHERE j.request_id = request_keys.request_id AND c.state = 'pending')"
                 " AND (SELECT MAX(j.updated_at) FROM jobs j"
                 "      WHERE j.request_id = request_keys.request_id) <= ?",
                 (cutoff,),

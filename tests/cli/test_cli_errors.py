@@ -240,7 +240,8 @@ def test_a_negative_amount_is_refused_as_an_amount_not_an_unknown_option() -> No
     for command in ("stake", "unstake"):
         result = runner.invoke(node_app, [command, "-5"])
         assert result.exit_code == 2, result.output
-        assert result.stderr.startswith("error: amount must be positive") and "'-5'" in result.stderr
+        assert result.stderr.startswith("error: amount must be positive")
+        assert "'-5'" in result.stderr
     result = runner.invoke(node_app, ["stake", "5", "--bogus"])  # a mistyped option: still named
     assert result.exit_code == 2 and "--bogus" in result.output
 

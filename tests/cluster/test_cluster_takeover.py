@@ -123,7 +123,7 @@ async def test_a_job_leased_again_by_its_own_renderer_stays_leased(
             conn.execute("UPDATE queue_jobs SET lease_expires = 0")
         await _kept_alive(second, b, beats)  # credit at B: its lease loop leases it again
         await _until_rows(pg_url, job_state, [("leased", 2)], 10)
-        assert offer.offer.job_id in b.running.dispatcher.cluster.leases
+        assert b.running.dispatcher.cluster.leases[offer.offer.job_id].attempt == 2
         await node.deliver(offer, b.net.domain)
         image = await receive_skipping(channel, (JobImage,), 20, RESULT_FRAME_LIMIT)
         assert image.job_id == offer.offer.job_id
@@ -239,7 +239,8 @@ async def test_a_request_the_shared_queue_refuses_is_refused_and_refunded(
         assert isinstance(refused, RequestRefused) and refused.code == "unavailable"
         assert "nothing was charged" in refused.reason
         assert _rows(pg_url, "SELECT state FROM jobs") == [("failed",)]
-        assert _rows(pg_url, "SELECT state FROM ledger_reservations") == [("closed",)]
+        assert _rows(pg_url, "SELECT count(*) FROM cluster_requests") == [(0,)]  # nobody's
+        await _until_rows(pg_url, "SELECT state FROM ledger_reservations", [("closed",)], 10)
         assert _rows(pg_url, "SELECT count(*) FROM ledger_jobs") == [(0,)]
         await submit(client, a, authorize(tiny_request(1, seed=36), bytes(payer.key), a.net.domain))
     balance = _rows(pg_url, "SELECT count(*) FROM ledger_reservations WHERE state = 'open'")

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import random
+import time
 from array import array
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -228,6 +229,52 @@ async def test_a_sampled_receipt_is_held_until_its_check_passes(checked: Harness
     assert line["verdict"] == "pass" and line["jobId"] == "0x" + job_id.hex()
     assert line["worker"] == worker.wallet and line["verifier"] == verifier.wallet
     assert line["distance"] == 0.0 and "prompt" not in json.dumps(line)
+
+
+async def test_a_check_another_coordinator_decided_first_settles_nothing_here(
+    checked: Harness,
+) -> None:
+    """Two coordinators of a cluster can check one held receipt (this one's lease lapsed in
+    an outage and the next lessee took the check over). The other's verdict lands first
+    (here: failed, the receipt moved to the evidence): when this check then passes, nothing
+    is settled, credited or delivered here, and the job leaves this coordinator. Before,
+    the pass settled and delivered a receipt the network had already refused."""
+    h = checked
+    sub, _ = await _paid_request(h)
+    worker, verifier = h.node(0), h.node(1, ready=False)
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    t = Trajectory(offer.offer.steps, seed=1)
+    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+    job_id = offer.offer.job_id
+    assert h.store.check_state(job_id) == "pending"
+    assert h.store.fail_held_receipt(job_id, "refused by the other coordinator's check")
+    await answer_challenge(h, worker, t)
+    await answer_verify(h, verifier, t, honest=True)
+    await until(lambda: job_id not in h.dispatcher.jobs)
+    assert not [m for m in await events(sub) if isinstance(m, JobImage)]  # type: ignore[arg-type]
+    assert h.store.unsettled_receipts() == []
+    assert _earned(h, worker.wallet) == 0
+    assert h.reputation.get(worker.wallet).strikes == []  # the other's verdict, not ours
+
+
+async def test_a_held_receipts_prompt_key_outlives_the_retention(checked: Harness) -> None:
+    """A held receipt's job is stored done, yet its check (re-run after a restart, or by
+    another coordinator) needs the job's parameters: its request's key is not shredded
+    while the check is pending. Before, a restart after the retention could not unseal the
+    parameters and the coordinator refused to start (`PromptKeyError`)."""
+    h = checked
+    await _paid_request(h)
+    worker = h.node(0)
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    t = Trajectory(offer.offer.steps, seed=1)
+    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+    job_id = offer.offer.job_id
+    assert h.store.check_state(job_id) == "pending"
+    assert h.store.shred_keys(0, now=time.time() + 10**6) == 0
+    (pending,) = h.store.pending_checks([job_id])  # its parameters still unseal
+    assert pending.job.params.steps == offer.offer.steps
 
 
 @pytest.mark.parametrize("fault", ["verifier_disagrees", "other_root", "refuses"])
