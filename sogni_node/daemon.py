@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import msgspec
 import trio
 
 from sogni_net import (
@@ -172,6 +173,8 @@ async def run_node(
     """
     started = time.monotonic()
     hw = probe(config.device)
+    if config.max_pixels:  # the operator's limit wins over the probe's suggestion
+        hw = msgspec.structs.replace(hw, max_pixels=config.max_pixels)
     new_worker: Callable[..., Worker] = Worker
     if parse_listen(config.http_listen) is not None:  # metrics for /metrics
         require_http_extra()  # say what to install, not ModuleNotFoundError

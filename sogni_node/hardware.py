@@ -26,6 +26,7 @@ __all__ = [
     "cpu_flags",
     "probe",
     "suggest_max_pixels",
+    "system_memory",
 ]
 
 Device = Literal["cuda", "mps", "cpu"]
@@ -119,7 +120,8 @@ def _cgroup_limit() -> int | None:
     return None
 
 
-def _system_memory() -> int:
+def system_memory() -> int:
+    """Bytes of memory this process may use: the machine's, or its container's limit."""
     total = 0
     with contextlib.suppress(ValueError, OSError, AttributeError):
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -228,10 +230,10 @@ def probe(device: str = "auto") -> HardwareInfo:
     if device not in ("auto", "cuda", "mps", "cpu"):
         raise ValueError(f"unknown device {device!r}")
     torch = _import_torch()
-    system_memory = _system_memory()
+    memory = system_memory()
     cpu_name = _cpu_name()
     common: dict[str, Any] = {
-        "system_memory_bytes": system_memory,
+        "system_memory_bytes": memory,
         "cpu_name": cpu_name,
         "cpu_count": _cpu_count(),
         "platform": f"{platform.system()}-{platform.machine()}",
@@ -257,8 +259,8 @@ def probe(device: str = "auto") -> HardwareInfo:
         return HardwareInfo(
             device="mps",
             name=cpu_name,  # the chip (e.g. "Apple M2 Pro") is the GPU
-            memory_bytes=system_memory,
-            max_pixels=suggest_max_pixels("mps", system_memory),
+            memory_bytes=memory,
+            max_pixels=suggest_max_pixels("mps", memory),
             compute_path=compute_path("mps"),
             **common,
         )
@@ -267,8 +269,8 @@ def probe(device: str = "auto") -> HardwareInfo:
     return HardwareInfo(
         device="cpu",
         name=cpu_name,
-        memory_bytes=system_memory,
-        max_pixels=suggest_max_pixels("cpu", system_memory),
+        memory_bytes=memory,
+        max_pixels=suggest_max_pixels("cpu", memory),
         compute_path=compute_path("cpu"),
         **common,
     )

@@ -926,9 +926,14 @@ class PullSession:
             return "offer fields do not match its parameters"
         if offer.model_id not in self.caps.models:
             return f"model {offer.model_id} is not installed here"
+        limit = self.caps.max_pixels
+        if limit and offer.width * offer.height > limit:  # the memory it would need
+            return f"{offer.width}x{offer.height} is over this node's max_pixels ({limit})"
         missing = [lora.id for lora in p.loras if lora.id not in self.caps.loras]
         if missing:
             return f"LoRA {', '.join(missing)} not installed here"
+        if len({lora.id for lora in p.loras}) < len(p.loras):  # each copy merged again
+            return "a LoRA is listed twice"
         if offer.deadline <= time.time():
             return "offer deadline already passed"
         return None

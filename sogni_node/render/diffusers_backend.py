@@ -124,12 +124,14 @@ class _Loaded:
 
 
 def _default_budget(device: str) -> int:
-    """Half of the device's memory: room for activations and the rest of the system."""
+    """Half of the device's memory: room for activations and the rest of the system. On
+    the CPU and MPS, the memory this process may use: a container's limit, not the host's
+    (a partner image on a 64 GB host limited to 8 GB would load models until killed)."""
     if device == "cuda":
         return int(torch.cuda.get_device_properties(0).total_memory // 2)
-    import os
+    from sogni_node.hardware import system_memory
 
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2)
+    return system_memory() // 2
 
 
 class LoraRefused(RenderError):

@@ -449,3 +449,14 @@ async def test_nodes_report_warm_models_with_their_free_slots(
         with trio.fail_after(10):
             while MODEL not in link.warm:
                 await trio.sleep(0.05)
+
+
+async def test_the_operators_max_pixels_is_what_the_node_advertises(
+    net_factory: Any, backend: Any
+) -> None:
+    """`max_pixels` in the node's config overrides the probe's suggestion in its
+    capabilities (it was read nowhere: the probe's guess was always advertised)."""
+    async with net_factory() as net:
+        await net.add_node(backend, "node0", max_pixels=128 * 128)
+        (link,) = net.coordinator.dispatcher.nodes.values()
+        assert link.max_pixels == 128 * 128

@@ -132,7 +132,7 @@ def test_apple_silicon_detected_with_fake_torch(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(hardware.platform, "system", lambda: "Darwin")
     monkeypatch.setattr(hardware.platform, "machine", lambda: "arm64")
     monkeypatch.setattr(hardware, "_cpu_name", lambda: "Apple M2 Pro")
-    monkeypatch.setattr(hardware, "_system_memory", lambda: 32 * GIB)
+    monkeypatch.setattr(hardware, "system_memory", lambda: 32 * GIB)
     info = probe()
     assert info.device == "mps"
     assert info.name == "Apple M2 Pro"
