@@ -182,8 +182,8 @@ class Gateway:
         """`swarmModels`: connected nodes per servable model."""
         counts = dict.fromkeys(self.book.served(self.advertised()), 0)
         for link in self.dispatcher.nodes.values():
-            for model in link.models:
-                counts[model] = counts.get(model, 0) + 1
+            for model in link.models & counts.keys():  # never one the gateway would refuse
+                counts[model] += 1
         return counts
 
     async def balances(self, account: str) -> dict[str, Any]:

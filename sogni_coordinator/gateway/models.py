@@ -94,8 +94,10 @@ class ModelBook:
     configured: frozenset[str]
 
     def served(self, advertised: set[str]) -> list[str]:
-        """Every model id a request may name: configured ones and those nodes advertise."""
-        return sorted(self.configured | advertised)
+        """Every model id a request may name: the configured ones (a configured list is a
+        promise, and the dispatcher takes no other: `Dispatcher.model_fault`), else those
+        nodes advertise."""
+        return sorted(self.configured or advertised)
 
     def defaults(self, model_id: str) -> ModelDefaults:
         entry = self.catalog.model(model_id)

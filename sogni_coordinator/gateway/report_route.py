@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from sogni_coordinator.report_intake import file_report, gateway_request_id, parse_gateway_report
 from sogni_coordinator.reports import ReportRefused
 from sogni_net.http import read_body
+from sogni_protocol.json_depth import TooDeep, check_depth
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -47,7 +48,10 @@ async def _body(request: Request) -> object:
     if raw is None:
         raise ReportRefused("invalid_report", f"the body is at most {MAX_BODY_BYTES} bytes")
     try:
+        check_depth(raw)  # stdlib json recurses: 8 KB of "[" ended in a RecursionError (500)
         return json.loads(raw)
+    except TooDeep as exc:
+        raise ReportRefused("invalid_report", str(exc)) from None
     except (ValueError, UnicodeDecodeError):
         raise ReportRefused("invalid_report", "the body is not JSON") from None
 

@@ -55,6 +55,16 @@ def _kind(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+def _restarting(job_id: str) -> dict[str, Any]:
+    """`jobError` 1001 without `imgID`: the SDKs re-send the jobRequest after reconnecting."""
+    return {
+        "jobID": job_id,
+        "error": 1001,
+        "error_message": "the server could not take this project now: it is re-sent",
+        "isFromWorker": False,
+    }
+
+
 def _stopping(exc: BaseException) -> bool:
     """`exc` is a cancellation from outside the session (its own ends are caught by its
     scope): the coordinator is shutting down."""
@@ -88,6 +98,9 @@ class Session:
         self.network = "relaxed" if network == "" else gateway.config.default_network
         self.base_url = base_url_of(gateway, ws.url)
         self.live: set[str] = set()
+        self.interrupted: list[str] = []
+        """jobIDs whose jobRequest failed on this side: told `jobError` 1001 ("server
+        restarting") as the socket closes, so the SDK re-sends them after reconnecting."""
 
     def close(self, code: int) -> None:
         """End this session (from another task): the socket closes with `code`."""
@@ -125,6 +138,8 @@ class Session:
             with trio.move_on_after(1) as shield:
                 shield.shield = True
                 try:
+                    for job_id in self.interrupted:  # the writer is gone: sent here
+                        await self.ws.send_text(encode_frame("jobError", _restarting(job_id)))
                     await self.ws.close(code=self.close_code)
                 except Exception:  # already closed by the peer: nothing to tell it
                     pass
@@ -213,6 +228,10 @@ class Session:
                 },
             )
             return
+        except Exception:  # the database away, a bug: the session ends (1011), and the SDK
+            if shown:  # re-sends this request once it has reconnected
+                self.interrupted.append(shown)
+            raise
 
         nursery.start_soon(self._stream, project, events)
 

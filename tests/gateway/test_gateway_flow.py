@@ -236,6 +236,43 @@ async def test_a_session_that_fails_on_this_side_closes_1011_and_the_gateway_ser
             assert (await sdk.next())[0] == "authenticated"
 
 
+async def test_a_job_request_that_fails_on_this_side_is_told_to_be_resent(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A jobRequest meets a database outage (or a bug): before the socket closes with 1011
+    the SDK is sent `jobError` 1001 without `imgID` for it ("server restarting"), so it
+    re-sends the request after reconnecting. Before, it waited for a project nobody had
+    (about six minutes, until its watchdog failed it)."""
+    from sogni_coordinator.gateway.core import Gateway
+
+    async def away(*args: Any, **kwargs: Any) -> Any:
+        raise OSError("the database is away")
+
+    monkeypatch.setattr(Gateway, "open_project", away)
+    async with start_net(tmp_path, models=[MODEL]) as net:
+        url = net.coordinator.http_url
+        assert url is not None
+        key, _ = _key(net)
+        request = job_request(MODEL, 1)
+        async with connect(url, key) as sdk:
+            await sdk.send("jobRequest", request)
+            with trio.fail_after(10):
+                try:
+                    while True:
+                        await sdk.next()
+                except ConnectionClosed as exc:
+                    assert exc.reason.code == 1011
+    errors = [data for name, data in sdk.frames if name == "jobError"]
+    assert errors == [
+        {
+            "jobID": request["jobID"],
+            "error": 1001,
+            "error_message": errors[0]["error_message"],
+            "isFromWorker": False,
+        }
+    ]
+
+
 async def test_a_coordinator_that_stops_closes_its_sdk_sockets_1012(tmp_path: Path) -> None:
     """The coordinator stops (SIGTERM, a restart) while an SDK is connected: its socket
     closes with 1012, after which the SDKs reconnect and their projects stream again. With

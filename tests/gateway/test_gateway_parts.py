@@ -117,6 +117,16 @@ def test_sampler_names_map_both_ways() -> None:
     assert BOOK.tiers(set())[MODEL]["sampler"]["allowed"][0] == "euler"
 
 
+def test_a_configured_model_list_is_all_the_sdks_are_offered() -> None:
+    """With `models` configured, a node advertising another model does not put it in the
+    listing (the dispatcher would refuse a project for it: jobError unknown_model); without
+    a list, what nodes advertise is what is offered."""
+    assert BOOK.served({MODEL, "other-model"}) == [MODEL]
+    assert [m["id"] for m in BOOK.listing({MODEL, "other-model"})] == [MODEL]
+    open_book = ModelBook(default_catalog(), frozenset())
+    assert open_book.served({MODEL, "other-model"}) == ["other-model", MODEL]
+
+
 def test_limits() -> None:
     now = [0.0]
     buckets = KeyBuckets(60, 2, clock=lambda: now[0])

@@ -70,6 +70,10 @@ async def test_gateway_reports_and_a_blocked_key(tmp_path: Path, backend: Any) -
                 "/v1/report", content=b"{" + b" " * 20_000 + b"}", headers={"api-key": key}
             )
             assert huge.status_code == 400 and "at most" in huge.json()["message"]
+            deep = await http.post(  # stdlib json recursed into a RecursionError: a 500
+                "/v1/report", content=b"[" * 8000, headers={"api-key": key}
+            )
+            assert deep.status_code == 400 and "deeper" in deep.json()["message"]
             # another key's view: the project is not its own, so it is unknown there
             assert (await post({"jobID": job, "reason": "other"}, other_key)).status_code == 404
             assert (await post({"jobID": "NO-SUCH-JOB", "reason": "other"})).status_code == 404
