@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from sogni_net import health_endpoint, require_http_extra
-from sogni_net.http import read_body
+from sogni_net.http import SlowBody, read_body
 from sogni_protocol import ids
 from sogni_protocol.json_depth import check_depth
 
@@ -162,7 +162,10 @@ def relay_routes(view: CoordinatorView) -> list[BaseRoute]:
     async def relay_claim(request: Request) -> Response:
         if view.relay is None:
             return _error(503, "no_chain", "this coordinator has no settlement chain")
-        body = await read_body(request, RELAY_BODY_LIMIT)
+        try:
+            body = await read_body(request, RELAY_BODY_LIMIT)
+        except SlowBody as exc:
+            return _error(408, "too_slow", str(exc))
         if body is None:
             return _error(413, "too_large", f"the body is over {RELAY_BODY_LIMIT} bytes")
         try:

@@ -38,6 +38,7 @@ __all__ = [
     "Endpoint",
     "health_endpoint",
     "parse_listen",
+    "SlowBody",
     "read_body",
     "require_http_extra",
     "serve_http",
@@ -147,6 +148,8 @@ async def serve_http(
     config.graceful_timeout = 1.0
     config.websocket_max_message_size = 1 << 20  # the SDK gateway's own frame limit is lower
     config.websocket_ping_interval = 20.0  # dead sockets are noticed, not kept forever
+    # No `read_timeout`: hypercorn applies it to every read, so a download longer than it
+    # (the client sends nothing meanwhile) would be cut; bodies have `read_body`'s deadline.
     asgi = cast(Any, app)  # hypercorn's ASGI types are narrower than starlette's
     async with trio.open_nursery() as nursery:
         binds: list[str] = await nursery.start(partial(serve, asgi, config, mode="asgi"))
@@ -170,16 +173,29 @@ def health_endpoint(facts: Callable[[], Mapping[str, object]]) -> Endpoint:
     return healthz
 
 
-async def read_body(request: Request, limit: int) -> bytes | None:
+class SlowBody(Exception):
+    """A request body did not arrive within its deadline (`read_body`): a client trickling
+    bytes would otherwise hold its connection, and a worker, for as long as it likes."""
+
+
+BODY_SECONDS = 10.0
+"""How long a request body (a few KiB at most here) may take to arrive."""
+
+
+async def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes | None:
     """The request's body, or None as soon as it is known to exceed `limit` bytes (its
     declared length, or what arrived): starlette's own `body()` and `json()` read a body of
-    any size into memory."""
+    any size into memory. `SlowBody` if it takes over `timeout` (`BODY_SECONDS`) seconds."""
+    timeout = BODY_SECONDS if timeout is None else timeout
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         return None
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            return None
+    with trio.move_on_after(timeout) as deadline:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                return None
+    if deadline.cancelled_caught:
+        raise SlowBody(f"the request body did not arrive within {timeout:g} s")
     return bytes(body)

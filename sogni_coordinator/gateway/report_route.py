@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from sogni_coordinator.report_intake import file_report, gateway_request_id, parse_gateway_report
 from sogni_coordinator.reports import ReportRefused
-from sogni_net.http import read_body
+from sogni_net.http import SlowBody, read_body
 from sogni_protocol.json_depth import TooDeep, check_depth
 
 if TYPE_CHECKING:
@@ -33,6 +33,7 @@ _STATUS = {
     "not_delivered": (409, 4009),
     "duplicate_report": (409, 4009),
     "rate_limited": (429, 4029),
+    "too_slow": (408, 4008),
     "reports_off": (503, 5003),
 }
 
@@ -44,7 +45,10 @@ def _answer(status: int, body: dict[str, object]) -> Response:
 
 
 async def _body(request: Request) -> object:
-    raw = await read_body(request, MAX_BODY_BYTES)
+    try:
+        raw = await read_body(request, MAX_BODY_BYTES)
+    except SlowBody as exc:
+        raise ReportRefused("too_slow", str(exc)) from None
     if raw is None:
         raise ReportRefused("invalid_report", f"the body is at most {MAX_BODY_BYTES} bytes")
     try:

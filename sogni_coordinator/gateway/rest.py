@@ -16,7 +16,7 @@ from sogni_coordinator.gateway.referral import account_referral, apply_referral
 from sogni_coordinator.gateway.report_route import gateway_report
 from sogni_coordinator.gateway.socket import base_url_of, client_address, serve_socket
 from sogni_coordinator.model_stake import by_stake
-from sogni_net.http import read_body
+from sogni_net.http import SlowBody, read_body
 from sogni_protocol.errors import DECODE_ERRORS
 
 if TYPE_CHECKING:
@@ -81,7 +81,10 @@ def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
         key = await auth(request)
         if not isinstance(key, AuthedKey):
             return key
-        raw = await read_body(request, REFERRAL_BODY_LIMIT)
+        try:
+            raw = await read_body(request, REFERRAL_BODY_LIMIT)
+        except SlowBody as exc:
+            return _error(408, 4008, str(exc))
         try:  # typed: deep nesting stops at the first wrong type (`json_depth`)
             code = msgspec.json.decode(raw or b"", type=_ReferralBody).code
         except DECODE_ERRORS:
