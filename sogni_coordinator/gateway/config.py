@@ -30,4 +30,8 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     """Largest WebSocket frame read from an app (a jobRequest is a few KB)."""
     max_projects_per_socket: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 32
     """Projects one socket may have in flight."""
+    max_sockets_per_key: Annotated[int, msgspec.Meta(ge=1, le=100_000)] = 64
+    """Sockets (one per `appId`) one API key may hold open at once: each costs the
+    coordinator memory and a once-a-second look at the swarm; one more is closed 1013 (the
+    SDK retries later)."""
     default_network: str = "fast"

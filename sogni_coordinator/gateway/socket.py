@@ -294,6 +294,11 @@ async def serve_socket(ws: WebSocket, gateway: Gateway) -> None:
         await ws.close(code=CLOSE_POLICY, reason="appId is required")
         return
     await ws.accept()
+    held = sum(1 for owner, app in gateway.sockets if owner == key.key_id and app != app_id)
+    if held >= gateway.config.max_sockets_per_key:  # a re-connecting appId replaces its own
+        log.info("gateway_socket_refused", key=key.key_id, sockets=held)
+        await ws.close(code=CLOSE_TRY_LATER, reason="too many sockets for this API key")
+        return
     log.info("gateway_socket_open", key=key.key_id)
     try:
         await Session(gateway, ws, key, app_id).run()

@@ -382,6 +382,31 @@ async def test_a_sogni_paid_project_counts_its_spark_price_against_the_daily_lim
         catalog.default_catalog.cache_clear()
 
 
+async def test_an_api_key_holds_at_most_max_sockets_per_key_sockets(tmp_path: Path) -> None:
+    """One key opening sockets under ever new appIds: past `max_sockets_per_key` the next is
+    closed 1013 (each costs memory and a look at the swarm every second); the same appId
+    reconnecting replaces its own socket and is never refused."""
+    from sogni_coordinator.gateway.config import GatewayConfig
+
+    async with start_net(tmp_path, gateway=GatewayConfig(max_sockets_per_key=1)) as net:
+        url = net.coordinator.http_url
+        assert url is not None
+        key, _ = _key(net)
+        async with connect(url, key, app_id="first") as first:
+            assert (await first.next())[0] == "authenticated"
+            async with open_websocket_url(
+                SdkSocket.url(url, "second"), extra_headers=[(b"api-key", key.encode())]
+            ) as ws:
+                with trio.fail_after(10):
+                    try:
+                        while True:
+                            await ws.get_message()
+                    except ConnectionClosed as exc:
+                        assert exc.reason.code == 1013
+            async with connect(url, key, app_id="first") as again:  # replaces its own
+                assert (await again.next())[0] == "authenticated"
+
+
 async def test_reconnect_resumes_without_double_charge_then_cancel(
     tmp_path: Path, backend: Any
 ) -> None:
