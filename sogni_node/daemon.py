@@ -185,7 +185,10 @@ async def run_node(
     models = list(models)  # ours to change: `models add` while we run extends it
     registry = getattr(backend, "registry", None)
     installed = InstalledModels(
-        config.models_dir, registry if isinstance(registry, ModelRegistry) else None, models
+        config.models_dir,
+        registry if isinstance(registry, ModelRegistry) else None,
+        models,
+        unload=getattr(backend, "unload", None),
     )
     journal = Journal(config.journal_path, config.data_dir / "results")
     trajectories = TrajectoryFiles(

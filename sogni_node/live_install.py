@@ -21,7 +21,12 @@ import trio
 from sogni_node.models.loras import INDEX_NAME as LORA_INDEX
 from sogni_node.models.registry import ModelRegistry, ModelSpec
 from sogni_node.models.store import INDEX_NAME as MODEL_INDEX
-from sogni_node.models.store import ModelIntegrityError, ModelStore, ModelStoreError
+from sogni_node.models.store import (
+    ModelIntegrityError,
+    ModelStore,
+    ModelStoreError,
+    StoredModel,
+)
 from sogni_protocol.logs import get_logger
 
 log = get_logger(__name__)
@@ -54,11 +59,24 @@ class InstalledModels:
     were never in the store (built-in models) are never dropped.
     """
 
-    def __init__(self, models_dir: Path, registry: ModelRegistry | None, models: list[str]):
+    def __init__(
+        self,
+        models_dir: Path,
+        registry: ModelRegistry | None,
+        models: list[str],
+        unload: Callable[[str], None] | None = None,
+    ):
         self.store = ModelStore(models_dir)
         self.registry = registry
         self.models = models
+        self.unload = unload
+        """Drops a loaded model from the backend (removed or replaced in the store)."""
         self._from_store: set[str] = set()
+        self._files: dict[str, Stamp] = {}
+        """Store model id -> its files' digests when registered: a re-add with other files
+        under the same id is told apart from the model already served."""
+        self._read: dict[str, Stamp] = {}
+        self._unloads: list[str] = []
 
     def installed_specs(self) -> list[ModelSpec]:
         """Specs of the installed models; a model not yet registered has its files checked
@@ -67,12 +85,21 @@ class InstalledModels:
         if not self.store.index_path.is_file():
             return []
         specs = []
+        read: dict[str, Stamp] = {}
         for model in self.store.installed():
-            new = self.registry is None or model.model_id not in self.registry
+            files = _stamp(model)
+            new = (
+                self.registry is None
+                or model.model_id not in self.registry
+                or self._files.get(model.model_id, files) != files
+            )
             try:
                 specs.append(self.store.spec(model.model_id, verify=new))
             except ModelIntegrityError as exc:
                 log.error("model_not_served", model=model.model_id, error=str(exc))
+                continue
+            read[model.model_id] = files
+        self._read = read
         return specs
 
     def apply(self, specs: list[ModelSpec]) -> bool:
@@ -81,16 +108,48 @@ class InstalledModels:
         before = list(self.models)
         now = {s.model_id for s in specs}
         for spec in specs:
-            if self.registry is not None and spec.model_id not in self.registry:
+            model_id, files = spec.model_id, self._read.get(spec.model_id, ())
+            if self.registry is not None and model_id not in self.registry:
                 self.registry.register(spec)
-            if self.registry is not None and spec.model_id not in self.models:
-                self.models.append(spec.model_id)
+            elif self.registry is not None and (
+                self._files.get(model_id, files) != files or self.registry.get(model_id) != spec
+            ):
+                self.registry.replace(spec)  # re-added under its id: never the old weights
+                self._unload(model_id)
+                log.info("model_replaced", model=model_id)
+            self._files[model_id] = files
+            if self.registry is not None and model_id not in self.models:
+                self.models.append(model_id)
         for gone in self._from_store - now:
             if gone in self.models:
                 self.models.remove(gone)
+            if self.registry is not None:
+                self.registry.unregister(gone)
+            self._files.pop(gone, None)
+            self._unload(gone)
         self._from_store = now & set(self.models)
         self.models.sort()
         return self.models != before
+
+    def _unload(self, model_id: str) -> None:
+        if self.unload is not None:
+            self._unloads.append(model_id)
+
+    def unload_dropped(self) -> None:
+        """Blocking (a model load may hold the backend's lock): drop the pipelines of the
+        models `apply` removed or replaced. Run it off the event loop after `apply`."""
+        dropped, self._unloads = self._unloads, []
+        for model_id in dropped:
+            if self.unload is not None:
+                self.unload(model_id)
+
+
+Stamp = tuple[tuple[str, str], ...]
+"""A stored model's files and their sha256 digests, as its index entry records them."""
+
+
+def _stamp(model: StoredModel) -> Stamp:
+    return tuple(sorted((name, f.sha256) for name, f in model.files.items()))
 
 
 async def watch_installed(
@@ -105,6 +164,7 @@ async def watch_installed(
     last = await trio.to_thread.run_sync(index_stamp, models_dir)
     try:
         installed.apply(await trio.to_thread.run_sync(installed.installed_specs))
+        await trio.to_thread.run_sync(installed.unload_dropped)
     except (ModelStoreError, OSError) as exc:
         log.warning("models_not_reloaded", error=str(exc))
     while True:
@@ -120,3 +180,4 @@ async def watch_installed(
         last = stamp
         installed.apply(specs)
         announce()
+        await trio.to_thread.run_sync(installed.unload_dropped)

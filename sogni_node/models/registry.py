@@ -147,6 +147,14 @@ class ModelRegistry:
             raise ValueError(f"model id {spec.model_id!r} registered twice")
         self._specs[spec.model_id] = spec
 
+    def replace(self, spec: ModelSpec) -> None:
+        """Register `spec` in place of the one of its id (a model re-added to the store)."""
+        self._specs[spec.model_id] = spec
+
+    def unregister(self, model_id: str) -> None:
+        """Forget a model removed from the store (unknown to every later job)."""
+        self._specs.pop(model_id, None)
+
     def get(self, model_id: str) -> ModelSpec:
         try:
             return self._specs[model_id]

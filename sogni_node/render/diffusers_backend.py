@@ -218,6 +218,12 @@ class DiffusersBackend:
         """Load a model now (e.g. at start-up) instead of on its first job."""
         self._get(model_id)
 
+    def unload(self, model_id: str) -> None:
+        """Drop a loaded model (removed or replaced in the store): its memory comes back once
+        a render holding it ends, and the next job of that id loads the new files."""
+        with self._load_lock:
+            self._pipes.drop(model_id)
+
     def warm_models(self) -> list[str]:
         """Models loaded now, most recently used first (advertised to coordinators)."""
         return self._pipes.warm()

@@ -64,6 +64,14 @@ class Residency(Generic[T]):
         """Most recently used first."""
         return list(reversed(self._items))
 
+    def drop(self, model_id: str) -> bool:
+        """Forget a model (removed or replaced in the store); False if it was not loaded.
+        A render holding it finishes with it; the next job of that id loads it anew."""
+        item = self._items.pop(model_id, None)
+        if item is not None and self._on_evict is not None:
+            self._on_evict(model_id, item[0])
+        return item is not None
+
     def clear(self) -> None:
         self._items.clear()
 

@@ -8,6 +8,7 @@ coordinator of `test_node_resilience`, which says `Goodbye` when the test tells 
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def test_models_added_while_running_are_registered_and_advertised(tmp_path: Path
     models_dir = tmp_path / "models"
     registry = ModelRegistry()
     models = ["built-in"]
-    installed = InstalledModels(models_dir, registry, models)
+    unloaded: list[str] = []
+    installed = InstalledModels(models_dir, registry, models, unload=unloaded.append)
     before = index_stamp(models_dir)
     assert installed.apply(installed.installed_specs()) is False  # nothing installed yet
 
@@ -101,9 +103,23 @@ def test_models_added_while_running_are_registered_and_advertised(tmp_path: Path
     assert installed.apply(installed.installed_specs()) is True
     assert models == ["built-in", "tiny"] and "tiny" in registry
 
+    ModelStore(models_dir).remove("tiny")  # and added again under its id, other weights:
+    other = tmp_path / "other"  # the old pipeline must go, never render for the new id
+    shutil.copytree(ensure_tiny_model(tmp_path / "src"), other)
+    weight = max(other.rglob("*.safetensors"), key=lambda p: p.stat().st_size)
+    data = bytearray(weight.read_bytes())
+    data[-1] ^= 1
+    weight.write_bytes(bytes(data))
+    ModelStore(models_dir).add(other, model_id="tiny")
+    assert installed.apply(installed.installed_specs()) is False  # same id, same list
+    installed.unload_dropped()
+    assert unloaded == ["tiny"]
+
     ModelStore(models_dir).remove("tiny")
     assert installed.apply(installed.installed_specs()) is True
     assert models == ["built-in"]  # a built-in model is never dropped
+    installed.unload_dropped()
+    assert "tiny" not in registry and unloaded == ["tiny", "tiny"]  # removed: forgotten
 
     store = ModelStore(models_dir)
     stored = store.add(ensure_tiny_model(tmp_path / "src"), model_id="damaged")

@@ -37,3 +37,13 @@ def test_backend_evicts_a_model_that_no_longer_fits(tmp_path: Path) -> None:
     small.load("sogni-tiny-sd")
     small.load("sogni-tiny-copy")
     assert small.warm_models() == ["sogni-tiny-copy"]
+
+
+def test_a_model_removed_from_the_store_is_dropped_and_its_memory_freed() -> None:
+    freed: list[str] = []
+    cache: Residency[str] = Residency(100, on_evict=lambda model, _value: freed.append(model))
+    cache.admit("a", "pipe-a", 40)
+    cache.admit("b", "pipe-b", 40)
+    assert cache.drop("a") and freed == ["a"]
+    assert cache.warm() == ["b"] and cache.used_bytes == 40
+    assert not cache.drop("a") and freed == ["a"]  # not loaded: nothing to free
