@@ -487,6 +487,9 @@ async def _forward_orphans(
             log.info("result_forwarded", job=job_id.hex()[:16], dead=owner, to=key)
 
 
+CANCEL_WAIT = 30.0
+"""Seconds a stopping node waits for its cancelled renders to stop: they stop at their next
+step, but one still loading a model (minutes) would hold the shutdown past any grace."""
 RESULT_KEEP_WAIT = 10.0
 """Seconds a stopping node waits, after its renders ended, for their results to be journaled
 and queued (a fsync'd write each) before it says goodbye."""
@@ -503,7 +506,10 @@ async def _drain(
     with trio.move_on_after(grace):
         await worker.wait_idle()
     handed_back = set(worker.cancel_all("node shutting down"))
-    await worker.wait_idle()  # cancelled renders stop at their next step
+    with trio.move_on_after(CANCEL_WAIT) as waited:
+        await worker.wait_idle()  # cancelled renders stop at their next step
+    if waited.cancelled_caught:  # one still loading its model: stop without it (handed back)
+        log.warning("renders_not_stopped", running=len(worker.running), waited=CANCEL_WAIT)
     # A render's slot is free before its result is kept and sent (`Worker.finishing`): the
     # goodbye must follow those results, or the coordinator ends the session first and
     # re-queues work that was done.

@@ -181,6 +181,10 @@ class DiffusersBackend:
         budget = memory_budget or _default_budget(dev.type)
         self._pipes: Residency[_Loaded] = Residency(budget, on_evict=self._evicted)
         self._load_lock = threading.Lock()
+        """One model load at a time (each may take minutes and most of the memory)."""
+        self._pipes_lock = threading.Lock()
+        """Guards `_pipes` alone, held for microseconds: a warm model's job, `warm_models`
+        and `unload` never wait for another model's load."""
 
     @property
     def dtype_name(self) -> str:
@@ -221,12 +225,13 @@ class DiffusersBackend:
     def unload(self, model_id: str) -> None:
         """Drop a loaded model (removed or replaced in the store): its memory comes back once
         a render holding it ends, and the next job of that id loads the new files."""
-        with self._load_lock:
+        with self._pipes_lock:
             self._pipes.drop(model_id)
 
     def warm_models(self) -> list[str]:
         """Models loaded now, most recently used first (advertised to coordinators)."""
-        return self._pipes.warm()
+        with self._pipes_lock:
+            return self._pipes.warm()
 
     def _evicted(self, model_id: str, _loaded: _Loaded) -> None:
         logger.info("evicted model %s to stay within the memory budget", model_id)
@@ -235,8 +240,13 @@ class DiffusersBackend:
 
     def _get(self, model_id: str) -> _Loaded:
         spec = self.registry.get(model_id)  # UnknownModelError before taking any lock
-        with self._load_lock:
+        with self._pipes_lock:
             loaded = self._pipes.get(model_id)
+        if loaded is not None:  # warm: never behind another model's load
+            return loaded
+        with self._load_lock:
+            with self._pipes_lock:  # loaded by the job we waited for?
+                loaded = self._pipes.get(model_id)
             if loaded is None:
                 started = time.perf_counter()
                 pipe = DiffusionPipeline.from_pretrained(
@@ -262,8 +272,10 @@ class DiffusersBackend:
                     scheduler_cls=pipe.scheduler.__class__,
                     scheduler_config=dict(pipe.scheduler.config),
                 )
-                busy = [m for m, item in self._pipes.items() if item.lock.locked()]
-                self._pipes.admit(model_id, loaded, module_bytes(pipe), busy=busy)
+                size = module_bytes(pipe)
+                with self._pipes_lock:
+                    busy = [m for m, item in self._pipes.items() if item.lock.locked()]
+                    self._pipes.admit(model_id, loaded, size, busy=busy)
                 logger.info(
                     "loaded model %s on %s/%s in %.2fs",
                     model_id,
@@ -298,6 +310,8 @@ class DiffusersBackend:
             raise RenderError(
                 f"model {job.model_id!r}: LoRAs cannot be applied to {self.quantize} weights"
             )
+        if should_cancel():  # before a load that may take minutes
+            raise RenderCancelled(0)
         loaded = self._get(job.model_id)
         steps_done = 0
         caller_error: BaseException | None = None
@@ -387,7 +401,7 @@ class DiffusersBackend:
         )
 
     def close(self) -> None:
-        with self._load_lock:
+        with self._load_lock, self._pipes_lock:
             self._pipes.clear()
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()

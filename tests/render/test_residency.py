@@ -47,3 +47,58 @@ def test_a_model_removed_from_the_store_is_dropped_and_its_memory_freed() -> Non
     assert cache.drop("a") and freed == ["a"]
     assert cache.warm() == ["b"] and cache.used_bytes == 40
     assert not cache.drop("a") and freed == ["a"]  # not loaded: nothing to free
+
+
+def test_a_warm_models_job_never_waits_for_another_models_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold model loading (minutes for a real checkpoint) held the one lock every job
+    took: a warm model's render, a cancel and the warm list all waited behind it. Now
+    only another load waits; a job cancelled before its load never starts one."""
+    import threading
+    from dataclasses import replace
+
+    from sogni_node.render import diffusers_backend
+    from sogni_node.render.backend import RenderCancelled, RenderJob
+
+    registry = default_registry(tmp_path, test_model=True)
+    registry.register(replace(registry.get("sogni-tiny-sd"), model_id="cold"))
+    backend = DiffusersBackend(registry, device="cpu", threads=1)
+    backend.load("sogni-tiny-sd")
+    loading, release = threading.Event(), threading.Event()
+    real = diffusers_backend.DiffusionPipeline.from_pretrained
+
+    def slow_load(*args: object, **kwargs: object) -> object:
+        loading.set()
+        assert release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(diffusers_backend.DiffusionPipeline, "from_pretrained", slow_load)
+    cold = threading.Thread(target=backend.load, args=("cold",))
+    cold.start()
+    try:
+        assert loading.wait(30)
+        job = RenderJob(
+            model_id="sogni-tiny-sd",
+            prompt="x",
+            negative_prompt="",
+            steps=2,
+            guidance=5.0,
+            scheduler=None,
+            width=64,
+            height=64,
+            seed=1,
+        )
+        done: list[object] = []
+        warm = threading.Thread(
+            target=lambda: done.append(backend.render(job, lambda _s: None, lambda: False))
+        )
+        warm.start()
+        warm.join(60)
+        assert done and backend.warm_models() == ["sogni-tiny-sd"]  # while "cold" loads
+        with pytest.raises(RenderCancelled):
+            backend.render(replace(job, model_id="cold"), lambda _s: None, lambda: True)
+    finally:
+        release.set()
+        cold.join(60)
+    assert set(backend.warm_models()) == {"sogni-tiny-sd", "cold"}
