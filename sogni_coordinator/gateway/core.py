@@ -223,7 +223,7 @@ class Gateway:
         """The project of this jobRequest, submitted once, and a cursor over what it still
         owes (None when it already ended or was cancelled). Raises `ProjectRefused`."""
         job_id = job_id_of(data)
-        project = self.projects.get(key.key_id, job_id) or await self._recall(key, job_id)
+        project = await self.project(key, job_id)
         if project is not None:  # the SDK re-sent it (reconnect, 1001, restart): resume
             return project, await self.reattach(project)
         if not await self.job_rate.take_async(key.key_id):
@@ -255,6 +255,10 @@ class Gateway:
             model=req.model_id,
         )
         return project, submission.events
+
+    async def project(self, key: AuthedKey, job_id: str) -> Project | None:
+        """The key's project `job_id`: in memory, or as the database kept it."""
+        return self.projects.get(key.key_id, job_id) or await self._recall(key, job_id)
 
     async def _recall(self, key: AuthedKey, job_id: str) -> Project | None:
         """The project as the database kept it (after a restart, or once swept from memory)."""
@@ -397,7 +401,7 @@ class Gateway:
         """Cancel the key's project (recalled from the database after a restart); None when
         there is no such accepted project."""
         job_id = job_id.upper()
-        project = self.projects.get(key.key_id, job_id) or await self._recall(key, job_id)
+        project = await self.project(key, job_id)
         if project is None or not project.request_id:
             return None
         if not project.done:  # first: if it fails, nothing says cancelled and a retry redoes it

@@ -120,9 +120,15 @@ def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
         if not isinstance(key, AuthedKey):
             return key
         img = request.query_params.get("imageId", "").upper()
-        found = gateway.projects.by_image(img)
+        job_id = request.query_params.get("jobId", "").upper()
+        if 0 < len(job_id) <= 64:  # what the SDKs send: the key's own project, by its id
+            project = await gateway.project(key, job_id)
+            found = project is not None and img in project.img_ids
+        else:  # older callers: the image id alone
+            hit = gateway.projects.by_image(img)
+            found = hit is not None and hit[0].key_id == key.key_id
         url = await gateway.result_url(img, base_url_of(gateway, request.url)) if found else None
-        if found is None or found[0].key_id != key.key_id or url is None:
+        if url is None:
             return _error(404, 4004, "unknown image")
         return _ok({"downloadUrl": url})
 

@@ -270,14 +270,23 @@ async def test_an_app_that_comes_back_after_the_takeover_collects_its_project(
             assert len({d["imgID"] for d in results}) == len(results) == 2
             for data in results:
                 assert (await http.get(data["resultUrl"])).content == png()
-            # a fresh download URL for one of them, from B's REST
+            # a fresh download URL for one of them, from B's REST: as the SDKs ask (jobId and
+            # imageId: one lookup of the key's project, recalled from the database if need
+            # be), and by the image id alone
+            for params in (
+                {"jobId": job, "imageId": results[0]["imgID"]},
+                {"imageId": results[0]["imgID"]},
+            ):
+                got = await http.get(
+                    b.http_url + "/v1/image/downloadUrl", params=params, headers={"api-key": key}
+                )
+                assert got.status_code == 200, got.text
+                assert (await http.get(got.json()["data"]["downloadUrl"])).content == png()
+            wrong = {"jobId": job, "imageId": "NOT-AN-IMAGE-OF-IT"}
             got = await http.get(
-                b.http_url + "/v1/image/downloadUrl",
-                params={"imageId": results[0]["imgID"]},
-                headers={"api-key": key},
+                b.http_url + "/v1/image/downloadUrl", params=wrong, headers={"api-key": key}
             )
-            assert got.status_code == 200, got.text
-            assert (await http.get(got.json()["data"]["downloadUrl"])).content == png()
+            assert got.status_code == 404
     assert before - _spark(pg_url, account) == charged  # collecting charged nothing more
     assert _pg_rows(pg_url, "SELECT count(*) FROM ledger_jobs") == [(2,)]
 
