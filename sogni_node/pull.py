@@ -886,10 +886,11 @@ class PullSession:
         job = self._job_to_check(msg.check_id, params)
         if isinstance(job, VerifyRefused):
             return job
+        def stop() -> bool:  # from the render thread: the session ended, or no answer counts
+            return self.closed.is_set() or time.time() > msg.deadline
+
         try:
-            out = render(
-                dataclasses.replace(job, output_format="png"), lambda _: None, lambda: False
-            )
+            out = render(dataclasses.replace(job, output_format="png"), lambda _: None, stop)
         except ValueError as exc:  # never `bad_leaf`: a re-render opens nothing of the worker's
             return refuse(f"the node could not render the job ({type(exc).__name__})", "other")
         if isinstance(msg.start_latents, TensorEntry):  # the seed check of a re-render
