@@ -356,6 +356,9 @@ class Dispatcher:
         fault = self.model_fault(req, allowed_models)
         if fault is not None:
             raise Refusal("unknown_model", fault)
+        ids = [lora.id for lora in req.loras]
+        if len(set(ids)) < len(ids):  # every node declines such a job (each copy merged again)
+            raise Refusal("invalid_request", f"a LoRA is listed twice: {sorted(ids)}")
         # Before anything is reserved: a refused prompt costs nothing (docs/CONTENT_POLICY.md).
         screen_request(req, self.content_policy)
         paid = self.billing is not None and self.billing.charges(req)

@@ -488,8 +488,10 @@ async def _forward_orphans(
 
 
 CANCEL_WAIT = 30.0
-"""Seconds a stopping node waits for its cancelled renders to stop: they stop at their next
-step, but one still loading a model (minutes) would hold the shutdown past any grace."""
+"""Seconds a stopping node waits for its cancelled renders to stop before it says goodbye:
+they stop at their next step, but one still loading a model (minutes) cannot be stopped, and
+the coordinator should hear of the others first. The process itself still ends only once
+that load has returned (a render thread is never abandoned mid-write)."""
 RESULT_KEEP_WAIT = 10.0
 """Seconds a stopping node waits, after its renders ended, for their results to be journaled
 and queued (a fsync'd write each) before it says goodbye."""
@@ -508,7 +510,7 @@ async def _drain(
     handed_back = set(worker.cancel_all("node shutting down"))
     with trio.move_on_after(CANCEL_WAIT) as waited:
         await worker.wait_idle()  # cancelled renders stop at their next step
-    if waited.cancelled_caught:  # one still loading its model: stop without it (handed back)
+    if waited.cancelled_caught:  # one still loading its model: the goodbye goes out first
         log.warning("renders_not_stopped", running=len(worker.running), waited=CANCEL_WAIT)
     # A render's slot is free before its result is kept and sent (`Worker.finishing`): the
     # goodbye must follow those results, or the coordinator ends the session first and

@@ -72,10 +72,10 @@ class InstalledModels:
         self.unload = unload
         """Drops a loaded model from the backend (removed or replaced in the store)."""
         self._from_store: set[str] = set()
-        self._files: dict[str, Stamp] = {}
+        self._files: dict[str, FileStamp] = {}
         """Store model id -> its files' digests when registered: a re-add with other files
         under the same id is told apart from the model already served."""
-        self._read: dict[str, Stamp] = {}
+        self._read: dict[str, FileStamp] = {}
         self._unloads: list[str] = []
 
     def installed_specs(self) -> list[ModelSpec]:
@@ -85,7 +85,7 @@ class InstalledModels:
         if not self.store.index_path.is_file():
             return []
         specs = []
-        read: dict[str, Stamp] = {}
+        read: dict[str, FileStamp] = {}
         for model in self.store.installed():
             files = _stamp(model)
             new = (
@@ -111,22 +111,26 @@ class InstalledModels:
             model_id, files = spec.model_id, self._read.get(spec.model_id, ())
             if self.registry is not None and model_id not in self.registry:
                 self.registry.register(spec)
-            elif self.registry is not None and (
-                self._files.get(model_id, files) != files or self.registry.get(model_id) != spec
-            ):
-                self.registry.replace(spec)  # re-added under its id: never the old weights
-                self._unload(model_id)
-                log.info("model_replaced", model=model_id)
-            self._files[model_id] = files
+                self._files[model_id] = files
+            elif self.registry is not None and model_id in self._files:  # ours, not built in
+                old = self.registry.get(model_id)
+                if self._files[model_id] != files or old.path != spec.path:
+                    self.registry.replace(spec)  # re-added under its id: never the old weights
+                    self._unload(model_id)
+                    log.info("model_replaced", model=model_id)
+                elif old != spec:  # the same files, other defaults: no reload needed
+                    self.registry.replace(spec)
+                self._files[model_id] = files
             if self.registry is not None and model_id not in self.models:
                 self.models.append(model_id)
         for gone in self._from_store - now:
             if gone in self.models:
                 self.models.remove(gone)
-            if self.registry is not None:
-                self.registry.unregister(gone)
-            self._files.pop(gone, None)
-            self._unload(gone)
+            if gone in self._files:  # registered from the store here: a built-in id stays
+                if self.registry is not None:
+                    self.registry.unregister(gone)
+                del self._files[gone]
+                self._unload(gone)
         self._from_store = now & set(self.models)
         self.models.sort()
         return self.models != before
@@ -144,11 +148,11 @@ class InstalledModels:
                 self.unload(model_id)
 
 
-Stamp = tuple[tuple[str, str], ...]
+FileStamp = tuple[tuple[str, str], ...]
 """A stored model's files and their sha256 digests, as its index entry records them."""
 
 
-def _stamp(model: StoredModel) -> Stamp:
+def _stamp(model: StoredModel) -> FileStamp:
     return tuple(sorted((name, f.sha256) for name, f in model.files.items()))
 
 

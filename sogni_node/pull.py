@@ -886,6 +886,7 @@ class PullSession:
         job = self._job_to_check(msg.check_id, params)
         if isinstance(job, VerifyRefused):
             return job
+
         def stop() -> bool:  # from the render thread: the session ended, or no answer counts
             return self.closed.is_set() or time.time() > msg.deadline
 

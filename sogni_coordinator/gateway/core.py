@@ -383,8 +383,11 @@ class Gateway:
             submission = await self.dispatcher.submit(
                 signed, client_peer=GATEWAY_PEER + key.key_id, allowed_models=self.configured
             )
-        except Refusal as exc:
-            await trio.to_thread.run_sync(self.keys.record_spend, account, -reserved)
+        except BaseException as exc:  # not accepted: the day's spend gets its share back
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.keys.record_spend, account, -reserved)
+            if not isinstance(exc, Refusal):
+                raise
             code, error = ERRORS.get(exc.code, (4000, exc.code))
             message = (
                 exc.reason.split("; quote:")[0] if exc.code == "insufficient_funds" else exc.reason
@@ -393,8 +396,13 @@ class Gateway:
         if req.token_type == "spark":  # the price charged (a stake discount) wins; a SOGNI
             correction = submission.accepted.cost_micro - reserved  # cost is micro-SOGNI: the
             if correction:  # limit counts Spark, so it stays at the Spark list price
-                with trio.CancelScope(shield=True):  # accepted: the record must follow it
-                    await trio.to_thread.run_sync(self.keys.record_spend, account, correction)
+                with trio.CancelScope(shield=True):  # accepted: the record must follow it,
+                    try:  # and a failure here must not make it look unaccepted (a re-send
+                        await trio.to_thread.run_sync(  # would be charged again)
+                            self.keys.record_spend, account, correction
+                        )
+                    except Exception as exc:  # the day's spend stays at the list price
+                        log.error("spend_not_corrected", key=key.key_id, error=type(exc).__name__)
         return submission
 
     async def cancel(self, key: AuthedKey, job_id: str) -> Project | None:

@@ -228,9 +228,9 @@ class Session:
                 },
             )
             return
-        except Exception:  # the database away, a bug: the session ends (1011), and the SDK
-            if shown:  # re-sends this request once it has reconnected
-                self.interrupted.append(shown)
+        except BaseException:  # the database away, a bug, the coordinator stopping: the
+            if shown:  # session ends (1011/1012) and the SDK re-sends this request once it
+                self.interrupted.append(shown)  # has reconnected (an accepted one resumes)
             raise
 
         nursery.start_soon(self._stream, project, events)

@@ -37,7 +37,7 @@ from diffusers import (
 )
 from diffusers.utils import is_accelerate_available
 
-from sogni_node.models.registry import ModelRegistry
+from sogni_node.models.registry import ModelRegistry, ModelSpec
 from sogni_node.render.backend import RenderCancelled, RenderError, RenderJob, RenderOutput
 from sogni_node.render.encoding import encode_image, float_image_to_uint8
 from sogni_node.render.lora import LoraError, applied_loras, lora_fit_problem
@@ -121,6 +121,8 @@ class _Loaded:
     lock: threading.Lock
     scheduler_cls: _SchedulerClass
     scheduler_config: Mapping[str, Any]
+    spec: ModelSpec
+    """The registry entry it was loaded from: one replaced or removed meanwhile is stale."""
 
 
 def _default_budget(device: str) -> int:
@@ -238,15 +240,26 @@ class DiffusersBackend:
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    def _get(self, model_id: str) -> _Loaded:
-        spec = self.registry.get(model_id)  # UnknownModelError before taking any lock
+    def _warm(self, model_id: str, spec: ModelSpec) -> _Loaded | None:
+        """The loaded pipeline of `spec`; one loaded from an entry since replaced or removed
+        (`models remove`/`add` while the node runs) is dropped, never used."""
         with self._pipes_lock:
             loaded = self._pipes.get(model_id)
+            if loaded is not None and loaded.spec is not spec:
+                self._pipes.drop(model_id)
+                return None
+            return loaded
+
+    def _get(self, model_id: str, should_cancel: Callable[[], bool] | None = None) -> _Loaded:
+        spec = self.registry.get(model_id)  # UnknownModelError before taking any lock
+        loaded = self._warm(model_id, spec)
         if loaded is not None:  # warm: never behind another model's load
             return loaded
         with self._load_lock:
-            with self._pipes_lock:  # loaded by the job we waited for?
-                loaded = self._pipes.get(model_id)
+            if should_cancel is not None and should_cancel():  # while we waited for the lock
+                raise RenderCancelled(0)
+            spec = self.registry.get(model_id)  # as it is now: it may have changed meanwhile
+            loaded = self._warm(model_id, spec)  # loaded by the job we waited for?
             if loaded is None:
                 started = time.perf_counter()
                 pipe = DiffusionPipeline.from_pretrained(
@@ -271,11 +284,13 @@ class DiffusersBackend:
                     lock=threading.Lock(),
                     scheduler_cls=pipe.scheduler.__class__,
                     scheduler_config=dict(pipe.scheduler.config),
+                    spec=spec,
                 )
                 size = module_bytes(pipe)
-                with self._pipes_lock:
-                    busy = [m for m, item in self._pipes.items() if item.lock.locked()]
-                    self._pipes.admit(model_id, loaded, size, busy=busy)
+                with self._pipes_lock:  # kept only if its entry is still current: an unload
+                    if model_id in self.registry and self.registry.get(model_id) is spec:
+                        busy = [m for m, item in self._pipes.items() if item.lock.locked()]
+                        self._pipes.admit(model_id, loaded, size, busy=busy)
                 logger.info(
                     "loaded model %s on %s/%s in %.2fs",
                     model_id,
@@ -312,7 +327,7 @@ class DiffusersBackend:
             )
         if should_cancel():  # before a load that may take minutes
             raise RenderCancelled(0)
-        loaded = self._get(job.model_id)
+        loaded = self._get(job.model_id, should_cancel)
         steps_done = 0
         caller_error: BaseException | None = None
         recorder: TrajectoryRecorder | None = None
@@ -344,7 +359,7 @@ class DiffusersBackend:
             # count is the one actually used.
             torch.set_num_threads(self.threads)
             pipe = loaded.pipe
-            scheduler = job.scheduler or self.registry.get(job.model_id).default_scheduler
+            scheduler = job.scheduler or loaded.spec.default_scheduler
             pipe.scheduler = self._scheduler(loaded, scheduler)
             pin_step_noise(pipe.scheduler, job.seed)
             # Only read where a pipeline draws noise itself (no `latents` below).

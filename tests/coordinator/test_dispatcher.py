@@ -15,7 +15,7 @@ from sogni_coordinator.dispatch import MAX_ATTEMPTS, Refusal, ResultRefused
 from sogni_coordinator.job_state import JobState
 from sogni_coordinator.ledger import partial_value, reserved_account, worker_account
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
-from sogni_protocol.messages import JobFailed, JobImage, RequestAccepted, encode
+from sogni_protocol.messages import JobFailed, JobImage, LoraRef, RequestAccepted, encode
 from sogni_protocol.pricing import quote
 
 from .conftest import FLOOR, Harness, _png, events, request
@@ -47,6 +47,10 @@ async def test_submit_refuses_with_a_code_and_a_reason(coord: Harness) -> None:
     with pytest.raises(Refusal) as info:
         coord.dispatcher.account(None, "peer")  # type: ignore[arg-type]
     assert info.value.code == "billing_off"
+    twice = [LoraRef(id="style"), LoraRef(id="style", strength=0.5)]
+    with pytest.raises(Refusal) as info:  # every node would decline it, attempt after attempt
+        await coord.submit(request(loras=twice))
+    assert info.value.code == "invalid_request" and "listed twice" in info.value.reason
     assert coord.store.counts().get("queued", 0) == 0  # nothing refused was stored
 
 

@@ -102,3 +102,42 @@ def test_a_warm_models_job_never_waits_for_another_models_load(
         release.set()
         cold.join(60)
     assert set(backend.warm_models()) == {"sogni-tiny-sd", "cold"}
+
+
+def test_a_model_removed_or_replaced_while_it_loads_is_not_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`models remove` while a job loads that model: the unload found nothing to drop and
+    the load then kept the old weights, which a re-added model of that id rendered with.
+    Now a pipeline is kept only if its registry entry is still the one it was loaded from,
+    and a warm one whose entry was replaced is dropped."""
+    import threading
+    from dataclasses import replace
+
+    from sogni_node.render import diffusers_backend
+
+    registry = default_registry(tmp_path, test_model=True)
+    registry.register(replace(registry.get("sogni-tiny-sd"), model_id="cold"))
+    backend = DiffusersBackend(registry, device="cpu", threads=1)
+    loading, release = threading.Event(), threading.Event()
+    real = diffusers_backend.DiffusionPipeline.from_pretrained
+
+    def slow_load(*args: object, **kwargs: object) -> object:
+        loading.set()
+        assert release.wait(30)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(diffusers_backend.DiffusionPipeline, "from_pretrained", slow_load)
+    cold = threading.Thread(target=backend.load, args=("cold",))
+    cold.start()
+    assert loading.wait(30)
+    registry.unregister("cold")  # what the watcher does on `models remove`
+    backend.unload("cold")
+    release.set()
+    cold.join(60)
+    assert backend.warm_models() == []
+    monkeypatch.setattr(diffusers_backend.DiffusionPipeline, "from_pretrained", real)
+    backend.load("sogni-tiny-sd")
+    first = backend._get("sogni-tiny-sd")
+    registry.replace(replace(registry.get("sogni-tiny-sd")))  # re-added: a new entry
+    assert backend._get("sogni-tiny-sd") is not first  # loaded anew, never the old pipeline
