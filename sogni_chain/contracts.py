@@ -328,6 +328,21 @@ class Staking(_Bound):
         amount, unlock_at = self._call("pendingStake", self._acct(account))
         return int(amount), int(unlock_at)
 
+    def cooldown(self) -> int:
+        """Seconds an unstake request waits before it can be withdrawn."""
+        return int(self._call("cooldown"))
+
+    def set_cooldown(self, seconds: int, *, sender: Signer | None = None) -> Tx:
+        """Governance: the unstake cooldown for later requests (1 to 30 days)."""
+        return self._send("setCooldown", seconds, sender=sender)
+
+    def frozen_until(self, account: Signer) -> int:
+        """Unix time before which the account may not withdraw (a slash proposed against it)."""
+        return int(self._call("frozenUntil", self._acct(account)))
+
+    def freeze(self, account: Signer, until: int, *, sender: Signer | None = None) -> Tx:
+        return self._send("freeze", self._acct(account), until, sender=sender)
+
     def slash(
         self, account: Signer, amount: int, reason: str, *, sender: Signer | None = None
     ) -> Tx:

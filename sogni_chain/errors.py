@@ -125,6 +125,10 @@ FRIENDLY: dict[str, _Friendly] = {
     ),
     "NothingToWithdraw": lambda a: "nothing is waiting to be withdrawn",
     "CooldownActive": lambda a: f"the unstaked tokens unlock at {_when(a['unlockAt'])}",
+    "StakeFrozen": lambda a: (
+        f"a slash was proposed against this stake: it cannot be withdrawn before "
+        f"{_when(a['until'])} (docs/SLASHING.md)"
+    ),
     "NothingToSlash": lambda a: f"{a['account']} has no stake to slash",
     "NotSlasher": lambda a: f"{a['caller']} may not slash (needs SLASHER_ROLE or governance)",
     # WorkerLicense

@@ -16,6 +16,7 @@ interface IStakingVotes {
     function clock() external view returns (uint48);
     function activeStake(address account) external view returns (uint256);
     function slash(address account, uint256 amount, string calldata reason) external returns (uint256);
+    function freeze(address account, uint64 until) external;
 }
 
 /// @title Worker disputes judged by staker jurors
@@ -42,6 +43,9 @@ contract Disputes is AccessControlDefaultAdminRules {
     bytes32 public constant REPORTER_ROLE = keccak256("REPORTER_ROLE");
     bytes32 public constant SLASHER_ROLE = keccak256("SLASHER_ROLE");
     uint256 public constant MAX_BPS = 10_000;
+    /// @notice Beyond a case's last window, how long a proposed slash keeps the worker's stake
+    ///         frozen (`Staking.freeze`) for anyone to execute it.
+    uint64 public constant EXECUTE_GRACE = 7 days;
 
     enum Kind {
         None,
@@ -212,6 +216,11 @@ contract Disputes is AccessControlDefaultAdminRules {
         c.amount = amount;
         slashReason[caseId] = reason;
         emit SlashProposed(caseId, worker, amount, evidenceHash, c.windowEnd, reason);
+        // the worker cannot withdraw before the case can be decided and executed: the dispute
+        // window, a dispute's evidence, commit and reveal windows, and time to execute
+        staking.freeze(
+            worker, c.windowEnd + evidenceWindow + commitWindow + revealWindow + EXECUTE_GRACE
+        );
     }
 
     /// @notice Take the proposed stake: after the window closed undisputed, or after a lost

@@ -16,7 +16,9 @@ import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 /// @dev Roles: DEFAULT_ADMIN_ROLE is governance (sets tier minimums, may slash, manages roles;
 ///      one holder, handed over in two steps after `defaultAdminDelay()`); SLASHER_ROLE may slash.
 ///      `stakeFor` lets anyone (the reward distributor's auto-stake) add stake for an account. Slashed tokens go to `slashRecipient`, never back to the worker.
-///      A new unstake request adds to the pending bucket and restarts the cooldown for all of it.
+///      A new unstake request adds to the pending bucket and restarts the cooldown for all of it
+///      (never earlier than the bucket's unlock time). A proposed slash freezes withdrawals for
+///      the case's course (`freeze`, SLASHER_ROLE: the Disputes contract).
 ///      Votes: active stake is voting power (OZ `Votes`, timestamp clock) for the Governor. It is
 ///      checkpointed here and not on the token, so token transfers (claims) pay no vote gas.
 ///      A first stake delegates the account to itself unless it has chosen a delegate already;
@@ -41,6 +43,9 @@ contract Staking is AccessControlDefaultAdminRules, Votes {
     }
 
     mapping(address account => Position) private _positions;
+    /// @notice Until when `account` may not withdraw: a proposed slash freezes its stake for
+    ///         the case's whole course (`freeze`), so unstaking cannot outrun a slow dispute.
+    mapping(address account => uint64) public frozenUntil;
     mapping(uint8 tier => uint256) public tierMinimum;
     uint256 public totalPending;
     /// @notice Seconds an unstake request waits before it can be withdrawn.
@@ -55,6 +60,7 @@ contract Staking is AccessControlDefaultAdminRules, Votes {
     event TierMinimumSet(uint8 indexed tier, uint256 minimum);
     event SlashRecipientSet(address recipient);
     event CooldownSet(uint256 cooldown);
+    event Frozen(address indexed account, uint64 until, address indexed slasher);
 
     error ZeroAddress();
     error ZeroAmount();
@@ -64,6 +70,7 @@ contract Staking is AccessControlDefaultAdminRules, Votes {
     error NothingToSlash(address account);
     error NotSlasher(address caller);
     error CooldownOutOfBounds(uint256 value, uint256 min, uint256 max);
+    error StakeFrozen(uint64 until);
 
     /// @param adminTransferDelay seconds between `beginDefaultAdminTransfer` and its acceptance.
     constructor(IERC20 token_, address governance, address slashRecipient_, uint48 adminTransferDelay)
@@ -115,6 +122,7 @@ contract Staking is AccessControlDefaultAdminRules, Votes {
         totalPending += amount;
         _transferVotingUnits(msg.sender, address(0), amount);
         uint64 unlockAt = uint64(block.timestamp + cooldown);
+        if (p.unlockAt > unlockAt) unlockAt = p.unlockAt; // a shorter cooldown never pulls it in
         (p.pending, p.unlockAt) = (pending, unlockAt); // one slot
         emit UnstakeRequested(msg.sender, amount, pending, unlockAt);
     }
@@ -125,6 +133,8 @@ contract Staking is AccessControlDefaultAdminRules, Votes {
         amount = p.pending;
         if (amount == 0) revert NothingToWithdraw();
         if (block.timestamp < p.unlockAt) revert CooldownActive(p.unlockAt);
+        uint64 frozen = frozenUntil[msg.sender];
+        if (block.timestamp < frozen) revert StakeFrozen(frozen);
         (p.pending, p.unlockAt) = (0, 0); // one slot
         totalPending -= amount;
         emit Withdrawn(msg.sender, amount);
@@ -153,6 +163,16 @@ contract Staking is AccessControlDefaultAdminRules, Votes {
         if (recipient == address(0)) revert ZeroAddress();
         slashRecipient = recipient;
         emit SlashRecipientSet(recipient);
+    }
+
+    /// @notice Keep `account` from withdrawing until `until` (a slash was proposed against it:
+    ///         `Disputes.proposeSlash`); a later freeze only ever extends an earlier one.
+    function freeze(address account, uint64 until) external {
+        if (!hasRole(SLASHER_ROLE, msg.sender) && !hasRole(DEFAULT_ADMIN_ROLE, msg.sender)) {
+            revert NotSlasher(msg.sender);
+        }
+        if (until > frozenUntil[account]) frozenUntil[account] = until;
+        emit Frozen(account, frozenUntil[account], msg.sender);
     }
 
     /// @notice Take up to `amount` from `account`: active stake first, then pending.

@@ -232,3 +232,40 @@ def test_resolve_not_before_reveal_end(env: Env) -> None:
     _open_refusal_vote(env)
     with pytest.raises(ChainRevert, match="VotingNotOver"):
         env.disputes.resolve(CASE)
+
+
+def test_a_worker_cannot_outrun_a_proposed_slash_by_unstaking(env: Env) -> None:
+    """The worker unstakes everything right after cheating; the slash is proposed and
+    disputed slowly. Withdrawal waited only for the unstake cooldown, so the worker left
+    with its stake and `executeSlash` found nothing. A proposed slash now freezes
+    withdrawals for the case's whole course (`Staking.freeze`), and the slash takes the
+    pending bucket."""
+    d, staking, p = env.disputes, env.d.staking, env.disputes.params()
+    staking.request_unstake(1_000 * SOGNI, sender=env.worker)
+    case = _propose(env, 400 * SOGNI)
+    frozen = staking.frozen_until(env.worker.address)
+    last_window = p.dispute_window + p.evidence_window + p.commit_window + p.reveal_window
+    assert frozen >= env.chain.timestamp() + last_window
+    env.chain.advance_time(staking.cooldown())  # the cooldown alone has passed
+    with pytest.raises(ChainRevert, match="StakeFrozen"):
+        staking.withdraw(sender=env.worker)
+    env.chain.advance_time(p.dispute_window)
+    assert d.execute_slash(case).event("SlashExecuted")["slashed"] == 400 * SOGNI
+    with pytest.raises(ChainRevert, match="StakeFrozen"):  # the freeze runs its course
+        staking.withdraw(sender=env.worker)
+    env.chain.advance_time(frozen - env.chain.timestamp() + 1)
+    staking.withdraw(sender=env.worker)  # what is left after the slash
+    assert staking.pending_stake(env.worker.address)[0] == 0
+    with pytest.raises(ChainRevert, match="NotSlasher"):  # nobody else freezes anyone
+        staking.freeze(env.worker.address, 2**63, sender=env.outsider)
+
+
+def test_a_shorter_cooldown_never_pulls_an_unlock_time_in(env: Env) -> None:
+    """A bucket unlocking at t keeps t when governance shortens the cooldown and its owner
+    adds 1 wei: the new request restarts the cooldown for all of it, never earlier."""
+    staking = env.d.staking
+    staking.request_unstake(500 * SOGNI, sender=env.worker)
+    _, unlock = staking.pending_stake(env.worker.address)
+    staking.set_cooldown(24 * 3600, sender=env.treasury)
+    staking.request_unstake(1, sender=env.worker)
+    assert staking.pending_stake(env.worker.address)[1] == unlock

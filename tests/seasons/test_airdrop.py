@@ -212,6 +212,9 @@ def test_over_cap_twice_and_wrong_key_are_refused(net: Net, store: Store, tmp_pa
     # a season nobody capped gets nothing
     with pytest.raises(ChainRevert, match="AirdropCapExceeded"):
         dist.post_airdrop_root(1, 77, b"\x01" * 32, 1, b"\x02" * 32, sender=airdropper)
+    # not even a root that adds nothing (it could move every unclaimed leaf elsewhere)
+    with pytest.raises(ChainRevert, match="AirdropCapExceeded"):
+        dist.post_airdrop_root(1, 77, b"\x01" * 32, 0, b"\x02" * 32, sender=airdropper)
     # the settlement key (work epochs) may not post an airdrop, nor the airdrop key a work root
     # (dev chains give the settlement key both roles for local networks: take it back here)
     assert dist.has_role("AIRDROP_ROLE", net.settler)
