@@ -289,6 +289,18 @@ class _State:
                 self.refused.setdefault(r.job_id.lower(), ef.epoch)
 
 
+_JOB_ID = re.compile(r"0x[0-9a-f]{64}")
+
+
+def _job_key(text: str, rfile: str) -> str:
+    """A job id exactly as the coordinator writes it: one receipt has one spelling, so the
+    paid-twice checks cannot be passed by writing it again as `AB..`, `0xAB..` or with
+    spaces (all parse to the same signed bytes)."""
+    if not _JOB_ID.fullmatch(text):
+        raise _Mismatch(f"{rfile}: job id {text[:80]!r} is not 0x and 64 lower-case hex digits")
+    return text
+
+
 def _check(folder: Path, ef: EpochFile, batch: ReceiptsBatch, state: _State) -> None:
     n = ef.epoch
     where = epoch_filename(n)
@@ -336,7 +348,7 @@ def _check(folder: Path, ef: EpochFile, batch: ReceiptsBatch, state: _State) -> 
         raise _Mismatch(f"{rfile}: {why}")
     seen: set[str] = set()
     for e in batch.receipts:
-        job = e.job_id.lower()
+        job = _job_key(e.job_id, rfile)
         if job in seen:
             raise _Mismatch(f"{rfile}: job {e.job_id} is paid twice in this batch")
         seen.add(job)
@@ -351,7 +363,7 @@ def _check(folder: Path, ef: EpochFile, batch: ReceiptsBatch, state: _State) -> 
         if why is not None:
             raise _Mismatch(f"{rfile}: job {e.job_id}: {why}")
     for r in batch.refused:
-        if r.job_id.lower() in seen:
+        if _job_key(r.job_id, rfile) in seen:
             raise _Mismatch(f"{rfile}: job {r.job_id} is both paid and refused")
 
     # what the receipts earn, on top of the epoch before

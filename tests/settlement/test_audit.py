@@ -14,6 +14,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from eth_account import Account
@@ -262,6 +263,19 @@ def test_stakes_edited_to_justify_the_take_rate_need_the_chain(clean: Clean, cop
     assert audit_folder(copy).ok  # consistent: files alone cannot tell
     chain = check_chain(list(iter_published(copy)), clean.net.d)
     assert len(chain.problems) == 1 and "rootOf(2)" in chain.problems[0]
+
+
+@pytest.mark.parametrize("spelling", [str.upper, lambda j: j[2:], lambda j: "0X" + j[2:]])
+def test_one_receipt_spelled_twice_is_not_paid_twice(copy: Path, spelling: Any) -> None:
+    """The same signed receipt again, its job id written another way (`AB..`, no `0x`,
+    `0X`): every spelling parses to the same signed bytes, so it passed the paid-twice
+    checks and doubled the worker's pay. One spelling is accepted: 0x and lower-case hex."""
+    batch = forge.batch_of(copy, 1)
+    first = batch.receipts[0]
+    twin = forge.replace(first, job_id=spelling(first.job_id))
+    assert twin.receipt() == first.receipt()  # the same signed receipt
+    forge.publish_batch(copy, 1, forge.replace(batch, receipts=[*batch.receipts, twin]))
+    assert "is not 0x and 64 lower-case hex digits" in _first(audit_folder(copy))
 
 
 @pytest.mark.parametrize("kind", ["missing epoch", "paid twice", "tree dump", "previous total"])
