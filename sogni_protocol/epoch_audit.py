@@ -133,6 +133,7 @@ def iter_published(path: Path, *, through: int | None = None) -> Iterator[Audite
 
     An epoch with a problem does not stop the audit: the next one is checked on top of the
     leaves and total its predecessor's file states (so each problem is reported where it is).
+    A missing epoch does: it is the last one reported.
     """
     folder = Path(path)
     numbers = _epoch_numbers(folder)
@@ -164,6 +165,8 @@ def iter_published(path: Path, *, through: int | None = None) -> Iterator[Audite
             audit.problem = f"epoch {n}: {exc}"
         state.advance(ef, batch)
         yield AuditedEpoch(audit, ef, batch)
+        if ef is None and numbers.get(n) is None:  # a gap: nothing after it is checkable
+            return  # (and a lone epoch-100000000000.json must not cost 10^11 rounds)
 
 
 def _check_airdrop(folder: Path, ef: EpochFile, season: int, state: _State) -> None:

@@ -278,6 +278,28 @@ def test_one_receipt_spelled_twice_is_not_paid_twice(copy: Path, spelling: Any) 
     assert "is not 0x and 64 lower-case hex digits" in _first(audit_folder(copy))
 
 
+def test_a_lone_far_epoch_is_a_gap_not_a_walk(copy: Path) -> None:
+    """A hostile coordinator's folder (or index) naming epoch 10^11 alone: the audit walked
+    every number up to it, one problem each, uncancellable in its thread (minutes, then out
+    of memory). It stops at the first missing epoch; the node refuses such an index."""
+    from sogni_node.epoch_fetch import _entry_problem
+    from sogni_protocol.epoch_files import epoch_filename
+    from sogni_protocol.relay_messages import EpochSummary
+
+    far = 100_000_000_000
+    (copy / "epoch-000002.json").rename(copy / epoch_filename(far))
+    (copy / "epoch-000001.json").unlink()
+    report = audit_folder(copy)  # at once
+    assert [a.epoch for a in report.epochs] == [1]
+    assert "epoch-000001.json is missing" in _first(report)
+    entry = EpochSummary(
+        epoch=far, root="0x" + "11" * 32, total="1", receipts_hash="0x" + "22" * 32,
+        file=epoch_filename(far), digest="0x" + "33" * 32,
+        receipts_file="receipts/0x" + "22" * 32 + ".json",
+    )  # fmt: skip
+    assert "listed after epoch 0" in (_entry_problem(entry, 0) or "")
+
+
 @pytest.mark.parametrize("kind", ["missing epoch", "paid twice", "tree dump", "previous total"])
 def test_other_inconsistencies(copy: Path, kind: str) -> None:
     if kind == "missing epoch":
