@@ -36,6 +36,7 @@ import msgspec
 import trio
 
 from sogni_protocol import ids
+from sogni_protocol.airdrop import airdrop_filename, airdrop_season
 from sogni_protocol.epoch_files import content_hash
 from sogni_protocol.errors import DECODE_ERRORS, ProtocolError
 from sogni_protocol.json_depth import check_depth
@@ -422,7 +423,12 @@ def _entry_problem(e: EpochSummary, after: int) -> str | None:
     if e.epoch != after + 1:  # a gap, or epoch 10^11 alone: the audit would walk to it
         return f"epoch {e.epoch} listed after epoch {after} (epochs run 1, 2, 3, ... in order)"
     file_name, tree_name = epoch_file_names(e.epoch)
-    receipts = f"receipts/0x{e.receipts_hash[2:].lower()}.json"
+    season = airdrop_season(e.receipts_file)  # a season's prizes: their evidence file
+    receipts = (
+        airdrop_filename(season, _hex32(e.receipts_hash))
+        if season is not None
+        else f"receipts/0x{e.receipts_hash[2:].lower()}.json"
+    )
     for name in (e.file, e.receipts_file, e.tree_file):
         if name is not None:
             try:
@@ -455,6 +461,7 @@ def _has_digest(path: Path, digest: bytes) -> bool:
 
 
 def _link(src: Path, dst: Path) -> None:
+    dst.parent.mkdir(parents=True, exist_ok=True)  # airdrops/season-N/
     try:
         os.link(src, dst)
     except OSError:
@@ -462,6 +469,7 @@ def _link(src: Path, dst: Path) -> None:
 
 
 def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)  # airdrops/season-N/
     with open(path, "xb") as f:
         f.write(data)
 

@@ -27,6 +27,7 @@ import msgspec
 from msgspec import Meta
 
 from sogni_protocol import ids
+from sogni_protocol.airdrop import airdrop_season
 from sogni_protocol.errors import DECODE_ERRORS, InvalidMessage
 
 __all__ = [
@@ -71,17 +72,18 @@ def check_file_name(name: str) -> str:
     """`name` if it is a published file's name, else `ValueError` saying why not.
 
     Allowed: `epoch-NNNNNN.json`, `epoch-NNNNNN.tree.json` (six or more digits, as
-    `epoch_files.epoch_filename` writes them) and `receipts/0x<64 lowercase hex>.json`.
+    `epoch_files.epoch_filename` writes them), `receipts/0x<64 lowercase hex>.json` and a
+    season's airdrop evidence, `airdrops/season-N/0x<64 lowercase hex>.json`.
     Nothing else: no other folder, no `..`, no absolute path, no backslash, no upper case.
     """
-    if _RECEIPTS_FILE.match(name):
+    if _RECEIPTS_FILE.match(name) or airdrop_season(name) is not None:
         return name
     match = _EPOCH_FILE.match(name)
     if match and int(match.group(1)) >= 1 and match.group(1) == f"{int(match.group(1)):06d}":
         return name
     raise ValueError(
         f"{name[:80]!r} is not a published epoch file name (epoch-NNNNNN.json, "
-        "epoch-NNNNNN.tree.json or receipts/0x<keccak>.json)"
+        "epoch-NNNNNN.tree.json, receipts/0x<keccak>.json or airdrops/season-N/0x<keccak>.json)"
     )
 
 

@@ -286,3 +286,25 @@ def test_audit_finds_tampered_evidence(net: Net, store: Store, tmp_path: Path) -
     # and the chain holds the honest evidence's hash, not this one
     published = list(iter_published(folder))
     assert any("receiptsHash" in p for p in check_chain(published, net.d).problems)
+
+
+async def test_nodes_fetch_the_epochs_after_a_season_airdrop(
+    net: Net, store: Store, tmp_path: Path
+) -> None:
+    """A node fetches a folder holding an airdrop epoch over libp2p and HTTP: the index
+    names the season's evidence (`airdrops/season-N/0x...json`), which is served, fetched
+    and audited like a receipts batch. Before, the index named `receipts/<hash>.json`,
+    which does not exist, and every node's fetch failed from the first season's end."""
+    from sogni_node.epoch_fetch import fetch_epochs
+    from tests.node_parts.test_epoch_fetch import _files, serving
+
+    _play_season(net, store)
+    assert settler(store, net, tmp_path).close_epoch() is not None
+    _close(net, store, tmp_path, _season(net))
+    published = tmp_path / "epochs"
+    assert any(published.glob("airdrops/season-*/0x*.json"))
+    async with serving(published) as (addr, url):
+        by_p2p = await fetch_epochs([addr], tmp_path / "a")
+        by_http = await fetch_epochs([url], tmp_path / "b")
+    assert by_p2p.epochs == by_http.epochs == 2
+    assert _files(by_p2p.path) == _files(published) == _files(by_http.path)
