@@ -144,8 +144,17 @@ def mispriced(offer: JobOffer, receipt: Receipt, paid: PayerSettlement) -> int |
         offer.steps,
         paid.discount_bps,
     )
-    slack = 0 if paid.token_type == "spark" else 1
+    slack = 0 if paid.token_type == "spark" else _sogni_slack(charged, paid)
     return charged if abs(paid.spark_equiv - charged) > slack else None
+
+
+def _sogni_slack(charged: int, paid: PayerSettlement) -> int:
+    """How far a SOGNI payment's Spark value may be off by rounding: the ledger values a job
+    from its micro-SOGNI, itself rounded down (`floor(floor(S k/s) P/S)` against `floor(P
+    k/s)` for a partial job), so by up to one micro-SOGNI's worth of micro-Spark, `P/S`:
+    1 at SOGNI's reference price, more when a SOGNI is worth more Spark."""
+    per_sogni = -(-max(charged, paid.spark_equiv) // max(paid.sogni, 1))  # ceil(P/S)
+    return 1 + per_sogni
 
 
 def verifier_pay(

@@ -212,3 +212,29 @@ def _entries(ledger: Ledger, kind: str) -> list[tuple[str, int]]:
             (kind,),
         ).fetchall()
     return [(str(a), int(v)) for a, v in rows]
+
+
+@pytest.mark.parametrize("sogni_usd", [0.005, 0.01, 0.05, 0.0025])
+def test_a_partial_sogni_payment_is_never_mispriced_by_rounding(sogni_usd: float) -> None:
+    """The ledger values a SOGNI-paid job from its micro-SOGNI, rounded down twice
+    (`floor(floor(S k/s) P/S)`) against the offer's `floor(P k/s)`: off by up to P/S
+    micro-Spark. With a 1 micro-Spark tolerance, every second cancelled job paid in SOGNI
+    at $0.01 was refused by the epoch for good (the payer charged, the worker never paid)."""
+    from sogni_coordinator.ledger import partial_value
+    from sogni_protocol.epoch_files import PayerSettlement
+    from sogni_protocol.epoch_math import _sogni_slack, expected_charge
+    from sogni_protocol.pricing import sogni_micro
+
+    for work_units in (1_000, 12_345, 43_200, 99_999):
+        full = expected_charge(work_units, 10_000, 1, 1)
+        per_image_sogni = sogni_micro(full, sogni_usd)
+        for steps in (4, 20, 30):
+            for done in range(1, steps + 1):
+                charged_sogni = partial_value(per_image_sogni, done, steps)
+                spark_equiv = charged_sogni * full // per_image_sogni  # as the ledger does
+                paid = PayerSettlement(
+                    payer="0x" + "11" * 20, token_type="sogni", spark_free=0, spark_paid=0,
+                    sogni=charged_sogni, spark_equiv=spark_equiv,
+                )  # fmt: skip
+                charged = expected_charge(work_units, 10_000, done, steps)
+                assert abs(spark_equiv - charged) <= _sogni_slack(charged, paid), (done, steps)
