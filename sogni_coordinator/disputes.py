@@ -36,6 +36,7 @@ from sogni_coordinator.db import Database
 from sogni_coordinator.evidence import decode_evidence
 from sogni_protocol import epoch_math
 from sogni_protocol.atomic import atomic_write_bytes
+from sogni_protocol.epoch_files import Restoration
 from sogni_protocol.messages import JobParams, Receipt, StepOpeningWire
 
 if TYPE_CHECKING:
@@ -411,22 +412,34 @@ class Restorations:
         epoch: int,
         owed: list[tuple[bytes, str, str, int]],
         take_of: Callable[[str], int],
-    ) -> dict[str, int]:
-        """`earned` plus the `owed` restorations, recorded as planned into `epoch`."""
+    ) -> tuple[dict[str, int], list[Restoration]]:
+        """`earned` plus the `owed` restorations, recorded as planned into `epoch`; and the
+        restorations as the batch publishes them (the audit recomputes each)."""
         from eth_utils import to_checksum_address
 
         out = dict(earned)
         planned: dict[bytes, int] = {}
+        published: list[Restoration] = []
         for case_id, payee, model_id, micro_spark in owed:
-            value = micro_spark * rules.wei_per_spark // epoch_math.MICRO
             account = to_checksum_address(payee)
-            amount = rules.split(value, model_id, take_of(account)).worker
+            take = take_of(account)
+            amount = epoch_math.restored_amount(rules, micro_spark, model_id, take)
             out[account] = out.get(account, 0) + amount
             planned[case_id] = amount
+            published.append(
+                Restoration(
+                    case_id="0x" + case_id.hex(),
+                    payee=account,
+                    model_id=model_id,
+                    micro_spark=micro_spark,
+                    take_bps=take,
+                    amount=str(amount),
+                )
+            )
         if planned:
             self.book.plan(epoch, planned)
             log.info("disputes_restoration_planned", epoch=epoch, count=len(planned))
-        return out
+        return out, published
 
     def posted(self, epoch: int) -> None:
         paid = self.book.posted(epoch)

@@ -372,8 +372,12 @@ def _check(folder: Path, ef: EpochFile, batch: ReceiptsBatch, state: _State) -> 
     # what the receipts earn, on top of the epoch before
     if not state.readable:
         raise _Mismatch(f"cannot be checked: epoch {n - 1}'s file is unreadable")
+    for restored in batch.restorations:  # disputes won: their pay is in the leaves
+        why = _guard(epoch_math.restoration_problem, batch, restored)
+        if why is not None:
+            raise _Mismatch(f"{rfile}: restoration of case {restored.case_id[:80]}: {why}")
     try:
-        earned = epoch_math.earned_by_account(batch.receipts)
+        earned = epoch_math.earned_by_account(batch.receipts, batch.restorations)
     except ValueError as exc:
         raise _Mismatch(f"{rfile}: malformed: {_line(exc)}") from None
     want = epoch_math.cumulative_leaves(state.leaves, earned)

@@ -247,6 +247,20 @@ class Refusal(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     reason: str
 
 
+class Restoration(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
+    """A refused receipt's pay restored after its worker won the dispute (`disputes.py`): the
+    case, the account paid, the model and micro-Spark value of the refused job, the payee's
+    take rate and what the payee is paid (`epoch_math.restoration_problem` recomputes it).
+    Without it in the batch, the leaf it adds is one no receipt pays and every audit fails."""
+
+    case_id: str
+    payee: str
+    model_id: str
+    micro_spark: int
+    take_bps: int
+    amount: str
+
+
 class ReceiptsBatch(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     format: str
     epoch: int
@@ -266,6 +280,8 @@ class ReceiptsBatch(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
     """The free Spark value (base units) of this batch before the emission budget."""
     receipts: list[BatchEntry]
     refused: list[Refusal] = msgspec.field(default_factory=list)
+    restorations: list[Restoration] = msgspec.field(default_factory=list)
+    """Disputes won since the last epoch, paid in this one."""
 
 
 class Payout(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):

@@ -42,6 +42,7 @@ from sogni_protocol.epoch_files import (
     PayerSettlement,
     Payout,
     ReceiptsBatch,
+    Restoration,
     VerifierPay,
 )
 from sogni_protocol.errors import SignatureError
@@ -62,6 +63,8 @@ __all__ = [
     "mispriced",
     "paid_value",
     "payouts",
+    "restoration_problem",
+    "restored_amount",
     "scale_free",
     "self_dealing",
     "split_entry",
@@ -237,8 +240,11 @@ def verifier_problem(e: BatchEntry, value: int, take: int, job_steps: int) -> st
     return None
 
 
-def earned_by_account(entries: Iterable[BatchEntry]) -> dict[str, int]:
-    """Account -> what a batch's entries pay it (workers, creators and verifiers)."""
+def earned_by_account(
+    entries: Iterable[BatchEntry], restorations: Iterable[Restoration] = ()
+) -> dict[str, int]:
+    """Account -> what a batch's entries pay it (workers, creators and verifiers), and its
+    restorations (disputes won)."""
     earned: dict[str, int] = {}
 
     def add(account: str, amount: int) -> None:
@@ -252,7 +258,42 @@ def earned_by_account(entries: Iterable[BatchEntry]) -> dict[str, int]:
         for v in e.verifiers:
             if int(v.amount):
                 add(v.account, int(v.amount))
+    for r in restorations:
+        add(r.payee, int(r.amount))
     return earned
+
+
+def _payee_take(batch: ReceiptsBatch, payee: str) -> int | str:
+    """The take rate the paid account's stake in the batch's snapshot gives (tier 0 when no
+    stake was read), or why there is none."""
+    rules = batch.rules
+    if batch.stake_block is None:
+        return rules.take_rates_bps[0]
+    stake = batch.stakes.get(to_checksum_address(payee))
+    if stake is None:
+        return f"no stake recorded for {payee} at block {batch.stake_block}"
+    return rules.take_bps(int(stake))
+
+
+def restored_amount(rules: PayoutRules, micro_spark: int, model_id: str, take_bps: int) -> int:
+    """What a payee is paid for a refused job whose dispute it won: its value at the epoch's
+    rate, less the take, as the worker's share of any receipt."""
+    value = micro_spark * rules.wei_per_spark // MICRO
+    return rules.split(value, model_id, take_bps).worker
+
+
+def restoration_problem(batch: ReceiptsBatch, r: Restoration) -> str | None:
+    """Why a published restoration does not add up: its take rate is not the payee's stake
+    tier in the batch's snapshot, or its amount not what the rules give."""
+    take = _payee_take(batch, r.payee)
+    if isinstance(take, str):
+        return take
+    if r.take_bps != take:
+        return f"take rate is {r.take_bps} bps, the payee's stake tier gives {take}"
+    want = restored_amount(batch.rules, r.micro_spark, r.model_id, take)
+    if r.micro_spark < 0 or int(r.amount) != want:
+        return f"amount is {r.amount}, the rules give {want}"
+    return None
 
 
 def payouts(
@@ -362,13 +403,9 @@ def entry_problem(batch: ReceiptsBatch, e: BatchEntry) -> str | None:
         if why is not None:
             return why
     rules = batch.rules
-    if batch.stake_block is None:
-        take = rules.take_rates_bps[0]
-    else:
-        stake = batch.stakes.get(to_checksum_address(e.payee))
-        if stake is None:
-            return f"no stake recorded for {e.payee} at block {batch.stake_block}"
-        take = rules.take_bps(int(stake))
+    take = _payee_take(batch, e.payee)
+    if isinstance(take, str):
+        return take
     if e.take_bps != take:
         return f"take rate is {e.take_bps} bps, the payee's stake tier gives {take}"
     v = split_entry(s, e.model_id, rules, take, int(batch.free_requested))

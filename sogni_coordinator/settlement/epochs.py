@@ -44,6 +44,7 @@ from sogni_protocol.epoch_files import (
     PayerSettlement,
     ReceiptsBatch,
     Refusal,
+    Restoration,
     content_hash,
     decode_epoch,
     encode,
@@ -265,8 +266,9 @@ class Settler:
         )
         entries, free_requested = self._value(candidates, stakes)
         earned = epoch_math.earned_by_account(entries)
+        restored: list[Restoration] = []
         if self.restorations is not None and owed:  # disputes won (disputes.py)
-            earned = self.restorations.add_to(
+            earned, restored = self.restorations.add_to(
                 earned,
                 self.rules,
                 epoch,
@@ -291,6 +293,7 @@ class Settler:
             free_requested=str(free_requested),
             receipts=sorted(entries, key=lambda e: e.job_id),
             refused=sorted(refused, key=lambda r: r.job_id),
+            restorations=sorted(restored, key=lambda r: r.case_id),
         )
         batch_bytes = encode(batch)
         receipts_hash = content_hash(batch_bytes)

@@ -153,7 +153,7 @@ async def test_honest_worker_wins_against_faulty_verifiers(
     )
     restorations = Restorations(book)
     owed = restorations.owed(lambda epoch: None)
-    earned = restorations.add_to({"0xabc": 5}, rules, 7, owed, lambda payee: 2000)
+    earned, published = restorations.add_to({"0xabc": 5}, rules, 7, owed, lambda payee: 2000)
     receipt = record.receipt
     charge = epoch_math.expected_charge(
         receipt.work_units, receipt.price_factor_bps, receipt.steps_done, receipt.steps_done
@@ -162,6 +162,9 @@ async def test_honest_worker_wins_against_faulty_verifiers(
     assert worker_share > 0
     payee = to_checksum_address(record.payee)
     assert earned == {"0xabc": 5, payee: worker_share}
+    assert [(r.payee, int(r.amount), r.take_bps) for r in published] == [
+        (payee, worker_share, 2000)
+    ]
     assert restorations.owed(lambda epoch: "planned") == []  # in epoch 7's pending plan
     restorations.posted(7)
     assert book.due() == []  # paid once

@@ -188,3 +188,28 @@ def test_the_payee_stake_tier_sets_the_take(net: Net, tmp_path: Path) -> None:
     assert result is not None
     assert rules().take_rates_bps[2] < rules().take_rates_bps[0]
     assert result.payouts == {honest: _share(rules().take_rates_bps[2])}
+
+
+def test_an_epoch_paying_a_won_dispute_passes_the_audit_and_a_forged_one_does_not(
+    net: Net, tmp_path: Path
+) -> None:
+    """The restored pay is published in the batch (case, payee, model, value, take, amount)
+    and recomputed by the audit. Before, its leaf was one no receipt paid: every node's
+    audit refused the coordinator's epochs for good after its first won dispute."""
+    from sogni_protocol.epoch_audit import audit_folder
+    from tests.settlement import forge
+
+    store, _book, s, honest = _setup(net, tmp_path)
+    store_receipts(store, [signed_receipt(worker(2), net.domain, work_units=SPARK)])
+    assert s.close_epoch() is not None
+    folder = tmp_path / "epochs"
+    report = audit_folder(folder)
+    assert report.ok, report.first_problem
+    batch = forge.batch_of(folder, 1)
+    (restored,) = batch.restorations
+    assert restored.payee == honest and int(restored.amount) == _share(rules().take_rates_bps[0])
+    assert restored.case_id == "0x" + CASE.hex()
+    more = forge.replace(restored, amount=str(int(restored.amount) + 1))  # a wei more
+    forge.publish_batch(folder, 1, forge.replace(batch, restorations=[more]))
+    report = audit_folder(folder)
+    assert not report.ok and "restoration of case" in (report.first_problem or "")

@@ -69,7 +69,7 @@ def rebuild(folder: Path, start: int) -> None:
     previous = dict(epoch_file(folder, start - 1).leaf_ints()) if start > 1 else {}
     while (folder / epoch_filename(n)).exists():
         ef, batch = epoch_file(folder, n), batch_of(folder, n)
-        earned = epoch_math.earned_by_account(batch.receipts)
+        earned = epoch_math.earned_by_account(batch.receipts, batch.restorations)
         leaves = epoch_math.cumulative_leaves(previous, earned)
         cumulative = dict(leaves)
         tree = MerkleTree(leaves)
