@@ -250,8 +250,8 @@ class Chain:
         fees["maxFeePerGas"] = max(fees["maxFeePerGas"], fees["maxPriorityFeePerGas"])
         base: dict[str, Any] = {"from": frm, "value": 0}
         try:
-            if gas is None:
-                gas = int(fn.estimate_gas(base) * self.gas_margin)
+            if gas is None:  # the same headroom as `send`: signed offline, mined later
+                gas = int(fn.estimate_gas(base) * self.gas_margin) + GAS_HEADROOM
             built = dict(fn.build_transaction({**base, "gas": gas, **fees}))
         except _REVERTS as exc:
             raise self.errors.from_exception(exc) from None
