@@ -17,6 +17,7 @@ interface IStakingVotes {
     function activeStake(address account) external view returns (uint256);
     function slash(address account, uint256 amount, string calldata reason) external returns (uint256);
     function freeze(address account, uint64 until) external;
+    function delegates(address account) external view returns (address);
 }
 
 /// @title Worker disputes judged by staker jurors
@@ -79,6 +80,7 @@ contract Disputes is AccessControlDefaultAdminRules {
         uint256 forWorker;
         uint256 againstWorker;
         uint256 rewardPool;
+        address workerDelegate; // whom the worker's stake voted through when voting opened
     }
 
     struct Ballot {
@@ -305,6 +307,7 @@ contract Disputes is AccessControlDefaultAdminRules {
         c.state = State.Voting;
         c.bundleHash = bundleHash;
         c.snapshot = now_ - 1;
+        c.workerDelegate = staking.delegates(c.worker); // its stake must not judge its case
         c.commitEnd = uint64(block.timestamp) + commitWindow;
         c.revealEnd = c.commitEnd + revealWindow;
         emit VotingOpened(caseId, bundleHash, bundleUri, c.snapshot, c.commitEnd, c.revealEnd);
@@ -323,7 +326,7 @@ contract Disputes is AccessControlDefaultAdminRules {
         Case storage c = _known(caseId);
         if (c.state != State.Voting) revert WrongState(c.state);
         if (block.timestamp >= c.commitEnd) revert CommitClosed(c.commitEnd);
-        if (msg.sender == c.worker) revert WorkerCannotVote();
+        if (msg.sender == c.worker || msg.sender == c.workerDelegate) revert WorkerCannotVote();
         Ballot storage b = _ballots[caseId][msg.sender];
         if (b.commitment != bytes32(0)) revert AlreadyCommitted(msg.sender);
         uint256 weight = jurorWeight(msg.sender, c.snapshot);

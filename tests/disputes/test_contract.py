@@ -269,3 +269,22 @@ def test_a_shorter_cooldown_never_pulls_an_unlock_time_in(env: Env) -> None:
     staking.set_cooldown(24 * 3600, sender=env.treasury)
     staking.request_unstake(1, sender=env.worker)
     assert staking.pending_stake(env.worker.address)[1] == unlock
+
+
+def test_the_worker_cannot_judge_its_own_case_through_a_delegate(env: Env) -> None:
+    """The worker delegates its stake's votes to an ally before the vote opens: the ally's
+    weight at the snapshot carries the worker's stake, so it may not commit a vote on the
+    worker's case (before, only the worker's own address was refused)."""
+    from sogni_chain.governance import StakingVotes
+
+    d = env.disputes
+    case = _propose(env, 100 * SOGNI)
+    env.approve_bond()
+    d.dispute_slash(case, sender=env.worker)
+    ally = env.jurors[0]
+    StakingVotes(env.chain, env.d.staking.address).delegate(ally.address, sender=env.worker)
+    env.chain.advance_time(2)  # the delegation lies before the snapshot
+    d.open_voting(case, BUNDLE, "u", sender=env.reporter)
+    with pytest.raises(ChainRevert, match="WorkerCannotVote"):
+        d.commit_vote(case, True, b"\x05" * 32, sender=ally)
+    d.commit_vote(case, False, b"\x06" * 32, sender=env.jurors[1])  # any other staker may
