@@ -213,6 +213,14 @@ reconnects): the node's peer id (it keeps the trajectory), the numeric mode it d
 the render's elapsed time (reputation credits it when the check passes). Checks pending in
 an older file have none: their node is unknown, so they fail closed as before."""
 
+_V8_EPOCH_EVIDENCE = """
+ALTER TABLE epochs ADD COLUMN evidence BLOB;
+PRAGMA user_version=8
+"""
+"""Each epoch's published evidence (its receipts batch, or a season's airdrop evidence), so
+every coordinator of a network publishes every epoch (`Settler.publish_missing`), not only
+the one that closed it. Epochs closed before have none: their closer's folder has them."""
+
 MIGRATIONS = (
     _SCHEMA_V1,
     _V2_JOB_STATES,
@@ -221,6 +229,7 @@ MIGRATIONS = (
     _V5_CHECKS,
     _V6_EVIDENCE_VERIFIERS_SLASHES,
     _V7_RECHECK_AFTER_RESTART,
+    _V8_EPOCH_EVIDENCE,
 )
 _NOT_HELD = "NOT EXISTS (SELECT 1 FROM checks c WHERE c.job_id = r.job_id AND c.state='pending')"
 """SQL: receipt `r` is not held by a pending check."""
@@ -1034,8 +1043,11 @@ class Store(Database):
         plan: bytes,
         paid: list[bytes],
         refused: list[tuple[bytes, str]],
+        evidence: bytes | None = None,
     ) -> None:
-        """Commit an epoch plan and mark its receipts, atomically.
+        """Commit an epoch plan and mark its receipts, atomically; `evidence`: the bytes of
+        the file it names as `receiptsFile` (batch or airdrop evidence), kept for every
+        coordinator of the network to publish.
 
         Raises `sqlite3.IntegrityError` if the epoch exists or a receipt is already settled
         (another closer won the race); nothing is written then.
@@ -1046,6 +1058,8 @@ class Store(Database):
                 " (?, 'planned', ?, ?, ?, ?, ?, NULL, NULL)",
                 (epoch, root, str(total), receipts_hash, plan, time.time()),
             )
+            if evidence is not None:
+                db.execute("UPDATE epochs SET evidence=? WHERE epoch=?", (evidence, epoch))
             db.executemany(
                 "INSERT INTO settled_receipts (job_id, epoch, status) VALUES (?, ?, 'paid')",
                 [(job_id, epoch) for job_id in paid],
@@ -1079,6 +1093,20 @@ class Store(Database):
                 f"SELECT {self._EPOCH_COLUMNS} FROM epochs WHERE epoch=?", (epoch,)
             ).fetchone()
         return None if row is None else EpochRecord.from_row(row)
+
+    def posted_epochs(self) -> list[EpochRecord]:
+        """Every epoch whose root is on chain, in order (what a network publishes)."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._EPOCH_COLUMNS} FROM epochs WHERE state='posted' ORDER BY epoch"
+            ).fetchall()
+        return [EpochRecord.from_row(r) for r in rows]
+
+    def epoch_evidence(self, epoch: int) -> bytes | None:
+        """The bytes of epoch `epoch`'s receipts batch or airdrop evidence, if kept."""
+        with self._lock:
+            row = self._db.execute("SELECT evidence FROM epochs WHERE epoch=?", (epoch,)).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
 
     def last_epoch_record(self, *, state: str | None = None) -> EpochRecord | None:
         """The highest epoch (optionally only one in `state`)."""

@@ -218,6 +218,7 @@ class SeasonCloser:
                 plan=encode_file(plan),
                 paid=[],
                 refused=[],
+                evidence=raw,
             )
         except sqlite3.IntegrityError as exc:
             raise EpochConflict(f"another closer planned epoch {epoch} first: {exc}") from None

@@ -190,6 +190,7 @@ class Settler:
             ) from None
 
     def _close_epoch(self) -> EpochResult | None:
+        self.publish_missing()  # what other coordinators of the network closed
         pending = self.store.last_epoch_record(state="planned")
         if pending is not None:
             return self.post(pending, resumed=True)
@@ -326,6 +327,7 @@ class Settler:
                 plan=plan_bytes,
                 paid=[bytes.fromhex(e.job_id[2:]) for e in entries],
                 refused=[(bytes.fromhex(r.job_id[2:]), r.reason) for r in refused],
+                evidence=batch_bytes,
             )
         except sqlite3.IntegrityError as exc:
             raise EpochConflict(
@@ -453,6 +455,28 @@ class Settler:
                 f"this epoch would add {growth} to the total, over the distributor's cap of "
                 f"{cap} per epoch: close epochs more often, or have the admin raise the cap"
             )
+
+    def publish_missing(self) -> int:
+        """Write every posted epoch this coordinator's folder lacks (its file, tree dump and
+        evidence) from the network's database: with several coordinators only the closer
+        wrote them, and a node fetching from another found gaps its audit refuses. Blocking;
+        returns how many epochs it (re)wrote."""
+        written = 0
+        for record in self.store.posted_epochs():
+            ef = decode_epoch(record.plan)
+            evidence = self.publish_dir / ef.receipts_file
+            missing = not (self.publish_dir / epoch_filename(record.epoch)).exists()
+            if not evidence.exists():
+                raw = self.store.epoch_evidence(record.epoch)
+                if raw is not None and content_hash(raw) == record.receipts_hash:
+                    atomic_write_bytes(evidence, raw)
+                    missing = True
+            if missing:
+                self._publish(record)
+                written += 1
+        if written:
+            log.info("epochs_published_from_database", epochs=written)
+        return written
 
     def _publish(self, record: EpochRecord, tree: MerkleTree | None = None) -> Path:
         """(Re)write the epoch file and tree dump from the committed plan: idempotent."""
