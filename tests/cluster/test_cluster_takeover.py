@@ -42,6 +42,18 @@ from .conftest import MODEL, Rogue, start_cluster, submit
 from .conftest import pg_rows as _rows
 from .test_cluster_gaps import _held_result, _kept_alive, _until_rows
 
+
+def _funded_payer(pg_url: str) -> Any:
+    """A new payer account credited 1 Spark in the network's ledger."""
+    payer = Account.create()
+    ledger = Ledger(pg_url)
+    try:
+        ledger.credit_purchase(payer.address, 1)
+    finally:
+        ledger.close()
+    return payer
+
+
 QUICK_RECHECK = VerificationConfig(
     rate=1.0, challenge_timeout=30.0, verify_timeout=30.0, restart_recheck_timeout=1.0
 )
@@ -138,12 +150,7 @@ async def test_an_owner_restarted_in_the_orphan_window_settles_its_ended_request
     comes back within the orphan window (so B never adopts the request): A's restore bills
     the image from the reservation and closes it. Before, A only restored requests with
     live jobs, and the reservation stayed open (the payer's funds held) for good."""
-    payer = Account.create()
-    ledger = Ledger(pg_url)
-    try:
-        ledger.credit_purchase(payer.address, 1)
-    finally:
-        ledger.close()
+    payer = _funded_payer(pg_url)
     reservation = "SELECT state FROM ledger_reservations"
     async with (
         start_cluster(tmp_path, pg_url, ["a", "b"], lease_seconds=30.0, models=[MODEL]) as m,
@@ -212,12 +219,7 @@ async def test_a_request_the_shared_queue_refuses_is_refused_and_refunded(
     saying nothing was charged), the stored jobs end failed (no coordinator adopts them),
     the reservation is refunded whole; the next request is accepted. Before, the client's
     stream ended with an internal error and the request stayed stored, its funds held."""
-    payer = Account.create()
-    ledger = Ledger(pg_url)
-    try:
-        ledger.credit_purchase(payer.address, 1)
-    finally:
-        ledger.close()
+    payer = _funded_payer(pg_url)
     enqueue = PostgresQueue.enqueue
     failures: list[int] = []
 

@@ -197,6 +197,16 @@ async def _paid_request(h: Harness, n: int = 1) -> tuple[object, str]:
     return sub, payer.address
 
 
+async def _held(h: Harness, worker: FakeNode) -> tuple[Offer, Trajectory]:
+    """`worker` renders the one job matched to it and sends a committed result, which a
+    coordinator checking every receipt holds: the offer and the trajectory it committed to."""
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    t = Trajectory(offer.offer.steps, seed=1)
+    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+    return offer, t
+
+
 def _earned(h: Harness, wallet: str) -> int:
     assert h.ledger is not None
     return sum(h.ledger.balance(worker_account(wallet)).values())
@@ -206,10 +216,7 @@ async def test_a_sampled_receipt_is_held_until_its_check_passes(checked: Harness
     h = checked
     sub, _ = await _paid_request(h)
     worker, verifier = h.node(0), h.node(1, ready=False)  # two wallets
-    h.dispatcher.match()
-    (offer,) = worker.offers()
-    t = Trajectory(offer.offer.steps, seed=1)
-    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+    offer, t = await _held(h, worker)
     job_id = offer.offer.job_id
     # held: stored pending, not delivered, not billed, not in an epoch, still "running"
     assert h.store.check_state(job_id) == "pending"
@@ -242,10 +249,7 @@ async def test_a_check_another_coordinator_decided_first_settles_nothing_here(
     h = checked
     sub, _ = await _paid_request(h)
     worker, verifier = h.node(0), h.node(1, ready=False)
-    h.dispatcher.match()
-    (offer,) = worker.offers()
-    t = Trajectory(offer.offer.steps, seed=1)
-    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+    offer, t = await _held(h, worker)
     job_id = offer.offer.job_id
     assert h.store.check_state(job_id) == "pending"
     assert h.store.fail_held_receipt(job_id, "refused by the other coordinator's check")
@@ -266,10 +270,7 @@ async def test_a_held_receipts_prompt_key_outlives_the_retention(checked: Harnes
     h = checked
     await _paid_request(h)
     worker = h.node(0)
-    h.dispatcher.match()
-    (offer,) = worker.offers()
-    t = Trajectory(offer.offer.steps, seed=1)
-    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+    offer, _ = await _held(h, worker)
     job_id = offer.offer.job_id
     assert h.store.check_state(job_id) == "pending"
     assert h.store.shred_keys(0, now=time.time() + 10**6) == 0
@@ -332,10 +333,7 @@ async def test_no_verifier_skips_the_check_and_releases(checked: Harness) -> Non
     h = checked
     sub, _ = await _paid_request(h)
     worker = h.node(0)  # a single-wallet network
-    h.dispatcher.match()
-    (offer,) = worker.offers()
-    t = Trajectory(offer.offer.steps, seed=1)
-    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+    offer, t = await _held(h, worker)
     await answer_challenge(h, worker, t)
     await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
     assert h.store.check_state(offer.offer.job_id) == "skipped"
@@ -652,10 +650,7 @@ async def test_every_check_opens_leaf_0_and_has_pair_0_1_verified(checked: Harne
     h = checked
     sub, _ = await _paid_request(h)
     worker, verifier = h.node(0), h.node(1, ready=False)
-    h.dispatcher.match()
-    (offer,) = worker.offers()
-    t = Trajectory(offer.offer.steps, seed=1)
-    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+    _, t = await _held(h, worker)
     ch = await next_of(worker, Challenge)
     assert {0, 1} <= set(ch.steps)
     answer = ChallengeAnswer(job_id=ch.job_id, openings=[t.opening(k) for k in ch.steps])

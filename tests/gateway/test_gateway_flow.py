@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,16 @@ from .conftest import create_key
 from .sdk_wire import SdkSocket, connect, job_request
 
 TINY = {"steps": 3, "sizePreset": "custom", "width": 64, "height": 64}
+
+
+async def _close_code(next_frame: Callable[[], Awaitable[object]], seconds: float = 10) -> int:
+    """Read frames until the gateway closes the socket: its close code."""
+    with trio.fail_after(seconds):
+        try:
+            while True:
+                await next_frame()
+        except ConnectionClosed as exc:
+            return int(exc.reason.code)
 
 
 def _key(net: Any, name: str = "app", **kw: Any) -> tuple[str, str]:
@@ -182,12 +193,7 @@ async def test_hostile_frames_close_the_socket_not_the_gateway(
                 SdkSocket.url(url), extra_headers=[(b"api-key", key.encode())]
             ) as ws:
                 await ws.send_message(frame)
-                with trio.fail_after(10):
-                    try:
-                        while True:
-                            await ws.get_message()
-                    except ConnectionClosed as exc:
-                        assert exc.reason.code == code, frame[:40]
+                assert await _close_code(ws.get_message) == code, frame[:40]
         # the gateway still serves, and re-sends the worker counts when a node joins
         async with connect(url, key) as sdk:
             assert (await sdk.next())[0] == "authenticated"
@@ -223,12 +229,7 @@ async def test_a_session_that_fails_on_this_side_closes_1011_and_the_gateway_ser
             async with open_websocket_url(
                 SdkSocket.url(url), extra_headers=[(b"api-key", key.encode())]
             ) as ws:
-                with trio.fail_after(10):
-                    try:
-                        while True:
-                            await ws.get_message()
-                    except ConnectionClosed as exc:
-                        assert exc.reason.code == 1011
+                assert await _close_code(ws.get_message) == 1011
         (failed,) = [e for e in logs if e["event"] == "gateway_session_failed"]
         assert failed["error"] == "OSError" and "away" not in str(failed)
         failing[0] = False
@@ -256,12 +257,7 @@ async def test_a_job_request_that_fails_on_this_side_is_told_to_be_resent(
         request = job_request(MODEL, 1)
         async with connect(url, key) as sdk:
             await sdk.send("jobRequest", request)
-            with trio.fail_after(10):
-                try:
-                    while True:
-                        await sdk.next()
-                except ConnectionClosed as exc:
-                    assert exc.reason.code == 1011
+            assert await _close_code(sdk.next) == 1011
     errors = [data for name, data in sdk.frames if name == "jobError"]
     assert errors == [
         {
@@ -304,12 +300,7 @@ async def test_a_coordinator_that_stops_closes_its_sdk_sockets_1012(tmp_path: Pa
         ) as ws:
             await ws.get_message()  # authenticated
             stopping.cancel()
-            with trio.fail_after(10):
-                try:
-                    while True:
-                        await ws.get_message()
-                except ConnectionClosed as exc:
-                    assert exc.reason.code == 1012
+            assert await _close_code(ws.get_message) == 1012
 
 
 async def test_an_address_blocked_for_failed_keys_is_told_to_come_back_not_signed_out(
@@ -328,12 +319,7 @@ async def test_an_address_blocked_for_failed_keys_is_told_to_come_back_not_signe
             async with open_websocket_url(
                 SdkSocket.url(url), extra_headers=[(b"api-key", presented.encode())]
             ) as ws:
-                with trio.fail_after(10):
-                    try:
-                        while True:
-                            await ws.get_message()
-                    except ConnectionClosed as exc:
-                        assert exc.reason.code == code
+                assert await _close_code(ws.get_message) == code
 
 
 async def test_a_sogni_paid_project_counts_its_spark_price_against_the_daily_limit(
@@ -397,12 +383,7 @@ async def test_an_api_key_holds_at_most_max_sockets_per_key_sockets(tmp_path: Pa
             async with open_websocket_url(
                 SdkSocket.url(url, "second"), extra_headers=[(b"api-key", key.encode())]
             ) as ws:
-                with trio.fail_after(10):
-                    try:
-                        while True:
-                            await ws.get_message()
-                    except ConnectionClosed as exc:
-                        assert exc.reason.code == 1013
+                assert await _close_code(ws.get_message) == 1013
             async with connect(url, key, app_id="first") as again:  # replaces its own
                 assert (await again.next())[0] == "authenticated"
 

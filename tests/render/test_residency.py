@@ -1,10 +1,13 @@
 """Warm models stay within the memory budget; the least recently used goes first."""
 
+import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 
 from sogni_node.models.defaults import default_registry
+from sogni_node.models.registry import ModelRegistry
 from sogni_node.render.diffusers_backend import DiffusersBackend
 from sogni_node.render.residency import Residency, module_bytes
 
@@ -55,26 +58,10 @@ def test_a_warm_models_job_never_waits_for_another_models_load(
     """A cold model loading (minutes for a real checkpoint) held the one lock every job
     took: a warm model's render, a cancel and the warm list all waited behind it. Now
     only another load waits; a job cancelled before its load never starts one."""
-    import threading
-    from dataclasses import replace
-
-    from sogni_node.render import diffusers_backend
     from sogni_node.render.backend import RenderCancelled, RenderJob
 
-    registry = default_registry(tmp_path, test_model=True)
-    registry.register(replace(registry.get("sogni-tiny-sd"), model_id="cold"))
-    backend = DiffusersBackend(registry, device="cpu", threads=1)
-    backend.load("sogni-tiny-sd")
-    loading, release = threading.Event(), threading.Event()
-    real = diffusers_backend.DiffusionPipeline.from_pretrained
-
-    def slow_load(*args: object, **kwargs: object) -> object:
-        loading.set()
-        assert release.wait(30)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(diffusers_backend.DiffusionPipeline, "from_pretrained", slow_load)
-    cold = threading.Thread(target=backend.load, args=("cold",))
+    c = _loading_cold(tmp_path, monkeypatch, warm=True)
+    backend, loading, release, cold = c.backend, c.loading, c.release, c.thread
     cold.start()
     try:
         assert loading.wait(30)
@@ -111,14 +98,50 @@ def test_a_model_removed_or_replaced_while_it_loads_is_not_kept(
     the load then kept the old weights, which a re-added model of that id rendered with.
     Now a pipeline is kept only if its registry entry is still the one it was loaded from,
     and a warm one whose entry was replaced is dropped."""
-    import threading
-    from dataclasses import replace
 
+    c = _loading_cold(tmp_path, monkeypatch)
+    registry, backend, loading, release, cold = (
+        c.registry,
+        c.backend,
+        c.loading,
+        c.release,
+        c.thread,
+    )
+    cold.start()
+    assert loading.wait(30)
+    registry.unregister("cold")  # what the watcher does on `models remove`
+    backend.unload("cold")
+    release.set()
+    cold.join(60)
+    assert backend.warm_models() == []
+    monkeypatch.undo()  # loads as usual from here
+    backend.load("sogni-tiny-sd")
+    first = backend._get("sogni-tiny-sd")
+    registry.replace(replace(registry.get("sogni-tiny-sd")))  # re-added: a new entry
+    assert backend._get("sogni-tiny-sd") is not first  # loaded anew, never the old pipeline
+
+
+@dataclass
+class _Cold:
+    """The tiny model, a copy of it named `cold`, and a load of `cold` (in `thread`, not
+    started) that holds until `release` is set; `loading` says it began."""
+
+    registry: ModelRegistry
+    backend: DiffusersBackend
+    loading: threading.Event
+    release: threading.Event
+    thread: threading.Thread
+
+
+def _loading_cold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, warm: bool = False) -> _Cold:
+    """`warm`: the tiny model is loaded first, as usual."""
     from sogni_node.render import diffusers_backend
 
     registry = default_registry(tmp_path, test_model=True)
     registry.register(replace(registry.get("sogni-tiny-sd"), model_id="cold"))
     backend = DiffusersBackend(registry, device="cpu", threads=1)
+    if warm:
+        backend.load("sogni-tiny-sd")
     loading, release = threading.Event(), threading.Event()
     real = diffusers_backend.DiffusionPipeline.from_pretrained
 
@@ -128,16 +151,5 @@ def test_a_model_removed_or_replaced_while_it_loads_is_not_kept(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(diffusers_backend.DiffusionPipeline, "from_pretrained", slow_load)
-    cold = threading.Thread(target=backend.load, args=("cold",))
-    cold.start()
-    assert loading.wait(30)
-    registry.unregister("cold")  # what the watcher does on `models remove`
-    backend.unload("cold")
-    release.set()
-    cold.join(60)
-    assert backend.warm_models() == []
-    monkeypatch.setattr(diffusers_backend.DiffusionPipeline, "from_pretrained", real)
-    backend.load("sogni-tiny-sd")
-    first = backend._get("sogni-tiny-sd")
-    registry.replace(replace(registry.get("sogni-tiny-sd")))  # re-added: a new entry
-    assert backend._get("sogni-tiny-sd") is not first  # loaded anew, never the old pipeline
+    thread = threading.Thread(target=backend.load, args=("cold",))
+    return _Cold(registry, backend, loading, release, thread)
