@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -276,15 +276,31 @@ class DisputeBook(Database):
                     (epoch, str(amount), case_id),
                 )
 
-    def posted(self, epoch: int) -> int:
-        """`epoch` is on chain: its planned restorations are paid (once). Returns how many."""
+    def posted(self, epoch: int, paid: Collection[bytes] | None = None) -> int:
+        """`epoch` is on chain: its planned restorations are paid (once), those its batch
+        published (`paid` case ids) when known; one planned into it that the batch does not
+        carry (another plan took that number) is owed again. Returns how many were paid."""
         with self._tx() as db:
-            done = db.execute(
-                "UPDATE dispute_restorations SET epoch=planned_epoch, amount=planned_amount"
-                " WHERE planned_epoch=? AND epoch IS NULL",
+            rows = db.execute(
+                "SELECT case_id FROM dispute_restorations WHERE planned_epoch=? AND epoch IS NULL",
                 (epoch,),
-            )
-            return int(done.rowcount)
+            ).fetchall()
+            done = 0
+            for (case_id,) in rows:
+                if paid is None or bytes(case_id) in paid:
+                    db.execute(
+                        "UPDATE dispute_restorations SET epoch=planned_epoch,"
+                        " amount=planned_amount WHERE case_id=?",
+                        (case_id,),
+                    )
+                    done += 1
+                else:
+                    db.execute(
+                        "UPDATE dispute_restorations SET planned_epoch=NULL, planned_amount=NULL"
+                        " WHERE case_id=?",
+                        (case_id,),
+                    )
+            return done
 
     def restorations(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -391,15 +407,22 @@ class Restorations:
     def __init__(self, book: DisputeBook) -> None:
         self.book = book
 
-    def owed(self, epoch_state: Callable[[int], str | None]) -> list[tuple[bytes, str, str, int]]:
+    def owed(
+        self,
+        epoch_state: Callable[[int], str | None],
+        paid_in: Callable[[int], Collection[bytes] | None] = lambda _epoch: None,
+    ) -> list[tuple[bytes, str, str, int]]:
         """(case, payee, model, micro-Spark) the next plan must pay; `epoch_state(e)` is the
-        store's state of epoch e ("planned", "posted", None when no plan of it was saved)."""
+        store's state of epoch e ("planned", "posted", None when no plan of it was saved),
+        `paid_in(e)` the case ids epoch e's published batch pays (None: not known)."""
         out: list[tuple[bytes, str, str, int]] = []
         for case_id, payee, model_id, micro_spark, planned in self.book.due():
             state = None if planned is None else epoch_state(planned)
-            if planned is not None and state == "posted":
-                self.book.posted(planned)  # posted, then crashed before marking it
-                continue
+            if planned is not None and state == "posted":  # posted, then crashed before
+                paid = paid_in(planned)  # marking it; or another plan took that number
+                self.book.posted(planned, paid)
+                if paid is None or case_id in paid:
+                    continue
             if state == "planned":
                 continue  # in a saved plan that is still to be posted
             out.append((case_id, payee, model_id, micro_spark))
@@ -441,10 +464,10 @@ class Restorations:
             log.info("disputes_restoration_planned", epoch=epoch, count=len(planned))
         return out, published
 
-    def posted(self, epoch: int) -> None:
-        paid = self.book.posted(epoch)
-        if paid:
-            log.info("disputes_restored", epoch=epoch, count=paid)
+    def posted(self, epoch: int, paid: Collection[bytes] | None = None) -> None:
+        count = self.book.posted(epoch, paid)
+        if count:
+            log.info("disputes_restored", epoch=epoch, count=count)
 
 
 class _Dispatcher(Protocol):

@@ -46,6 +46,7 @@ from sogni_protocol.epoch_files import (
     Refusal,
     Restoration,
     content_hash,
+    decode_batch,
     decode_epoch,
     encode,
     epoch_filename,
@@ -216,7 +217,11 @@ class Settler:
             self.rules = self.params.rules_for_epoch(self.rules)
         window_closed = self._clock() - self.dispute_window if self.dispute_window > 0 else None
         stored = self.store.unsettled_receipts(stored_before=window_closed)
-        owed = [] if self.restorations is None else self.restorations.owed(self._epoch_state)
+        owed = (
+            []
+            if self.restorations is None
+            else self.restorations.owed(self._epoch_state, self._restored_in)
+        )
         if not stored and not owed:  # an epoch of restorations alone still closes
             return None
         settlements, reserved = self.ledger.payer_settlements(
@@ -348,6 +353,18 @@ class Settler:
         assert record is not None
         self._publish(record, tree)
         return record
+
+    def _restored_in(self, epoch: int) -> set[bytes] | None:
+        """The dispute cases epoch `epoch`'s published batch pays (None: its batch is not in
+        the database, an epoch closed before v8, or an airdrop's evidence)."""
+        raw = self.store.epoch_evidence(epoch)
+        if raw is None:
+            return None
+        try:
+            batch = decode_batch(raw)
+        except ValueError:  # an airdrop's evidence: it pays no dispute
+            return set()
+        return {bytes.fromhex(r.case_id.removeprefix("0x")) for r in batch.restorations}
 
     def _epoch_state(self, epoch: int) -> str | None:
         record = self.store.epoch_record(epoch)
@@ -545,8 +562,8 @@ class Settler:
                 f"not this plan's 0x{record.root.hex()}"
             )
         self.store.mark_epoch_posted(record.epoch, tx_hash)
-        if self.restorations is not None:  # won disputes planned into it are now paid
-            self.restorations.posted(record.epoch)
+        if self.restorations is not None:  # won disputes its batch carries are now paid
+            self.restorations.posted(record.epoch, self._restored_in(record.epoch))
         log.info("epoch_posted", epoch=record.epoch, tx=tx_hash, resumed=resumed)
 
     # --- an offline settlement key ---------------------------------------------------------

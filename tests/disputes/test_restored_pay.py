@@ -167,7 +167,7 @@ def test_a_crash_after_posting_is_repaired_not_paid_twice(
     store, book, s, honest = _setup(net, tmp_path)
     assert s.restorations is not None
     with monkeypatch.context() as m:  # posted, then the process died before marking it
-        m.setattr(s.restorations, "posted", lambda epoch: None)
+        m.setattr(s.restorations, "posted", lambda epoch, paid=None: None)
         first = s.close_epoch()
     assert first is not None and book.restorations()[0]["epoch"] is None
     other = worker(2)
@@ -213,3 +213,31 @@ def test_an_epoch_paying_a_won_dispute_passes_the_audit_and_a_forged_one_does_no
     forge.publish_batch(folder, 1, forge.replace(batch, restorations=[more]))
     report = audit_folder(folder)
     assert not report.ok and "restoration of case" in (report.first_problem or "")
+
+
+def test_a_restoration_planned_into_an_epoch_that_went_out_without_it_stays_owed(
+    net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The restoration is planned into epoch 1, the plan fails its growth check, and another
+    plan (here one without restorations; a season's airdrop or a racing closer alike) takes
+    epoch 1. Epoch 1's batch does not pay the case, so it stays owed and epoch 2 pays it.
+    Before, it was marked paid by epoch 1 (posted) and never paid at all."""
+    store, book, s, honest = _setup(net, tmp_path)
+
+    def over_cap(growth: int) -> None:
+        raise SettlementError("over the distributor's cap")
+
+    with monkeypatch.context() as m:
+        m.setattr(s, "_check_growth", over_cap)
+        with pytest.raises(SettlementError):
+            s.close_epoch()
+    assert book.restorations()[0]["epoch"] is None  # planned into 1, not saved
+    restorations, s.restorations = s.restorations, None
+    store_receipts(store, [signed_receipt(worker(2), net.domain, work_units=SPARK)])
+    first = s.close_epoch()  # epoch 1, without the restoration
+    assert first is not None and first.epoch == 1 and honest not in first.payouts
+    s.restorations = restorations
+    second = s.close_epoch()
+    assert second is not None and second.epoch == 2
+    assert second.payouts == {honest: _share(rules().take_rates_bps[0])}
+    assert book.restorations()[0]["epoch"] == 2
