@@ -135,7 +135,10 @@ async def test_a_job_leased_again_by_its_own_renderer_stays_leased(
             conn.execute("UPDATE queue_jobs SET lease_expires = 0")
         await _kept_alive(second, b, beats)  # credit at B: its lease loop leases it again
         await _until_rows(pg_url, job_state, [("leased", 2)], 10)
-        assert b.running.dispatcher.cluster.leases[offer.offer.job_id].attempt == 2
+        leases = b.running.dispatcher.cluster.leases  # the new lease, once `_take` has it
+        with trio.fail_after(10):
+            while (lease := leases.get(offer.offer.job_id)) is None or lease.attempt != 2:
+                await trio.sleep(0.05)
         await node.deliver(offer, b.net.domain)
         image = await receive_skipping(channel, (JobImage,), 20, RESULT_FRAME_LIMIT)
         assert image.job_id == offer.offer.job_id
