@@ -31,6 +31,7 @@ async def _close_code(next_frame: Callable[[], Awaitable[object]], seconds: floa
             while True:
                 await next_frame()
         except ConnectionClosed as exc:
+            assert exc.reason is not None
             return int(exc.reason.code)
 
 
