@@ -27,8 +27,8 @@ import trio
 
 from sogni_net import Channel, ReadTimeout
 from sogni_protocol import ids
-from sogni_protocol.airdrop import airdrop_filename, airdrop_season
-from sogni_protocol.epoch_files import content_hash, decode_epoch, receipts_filename
+from sogni_protocol.airdrop import evidence_filename
+from sogni_protocol.epoch_files import content_hash, decode_epoch
 from sogni_protocol.logs import get_logger
 from sogni_protocol.relay_messages import (
     EpochFileChunk,
@@ -130,12 +130,7 @@ class EpochFolder:
             data = self._read_regular(self.path / name)
             ef = decode_epoch(data)
             digest = bytes.fromhex(ef.receipts_hash.removeprefix("0x"))
-            season = airdrop_season(ef.receipts_file)  # a season's prizes: their evidence
-            receipts = (
-                airdrop_filename(season, digest)
-                if season is not None
-                else f"receipts/{receipts_filename(digest)}"
-            )
+            receipts = evidence_filename(ef.receipts_file, digest)
             expected_name, tree_name = epoch_file_names(ef.epoch)
             if expected_name != name:
                 raise ValueError(f"it says it is epoch {ef.epoch}")

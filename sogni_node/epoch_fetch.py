@@ -36,7 +36,7 @@ import msgspec
 import trio
 
 from sogni_protocol import ids
-from sogni_protocol.airdrop import airdrop_filename, airdrop_season
+from sogni_protocol.airdrop import evidence_filename
 from sogni_protocol.epoch_files import content_hash
 from sogni_protocol.errors import DECODE_ERRORS, ProtocolError
 from sogni_protocol.json_depth import check_depth
@@ -423,12 +423,7 @@ def _entry_problem(e: EpochSummary, after: int) -> str | None:
     if e.epoch != after + 1:  # a gap, or epoch 10^11 alone: the audit would walk to it
         return f"epoch {e.epoch} listed after epoch {after} (epochs run 1, 2, 3, ... in order)"
     file_name, tree_name = epoch_file_names(e.epoch)
-    season = airdrop_season(e.receipts_file)  # a season's prizes: their evidence file
-    receipts = (
-        airdrop_filename(season, _hex32(e.receipts_hash))
-        if season is not None
-        else f"receipts/0x{e.receipts_hash[2:].lower()}.json"
-    )
+    receipts = evidence_filename(e.receipts_file, _hex32(e.receipts_hash))
     for name in (e.file, e.receipts_file, e.tree_file):
         if name is not None:
             try:

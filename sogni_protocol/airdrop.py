@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 import msgspec
 
 from sogni_protocol.catalog import SEASON_BOARDS
+from sogni_protocol.epoch_files import receipts_filename
 
 __all__ = [
     "AIRDROP_FORMAT",
@@ -227,6 +228,15 @@ _AIRDROP_FILE = re.compile(r"^airdrops/season-([1-9]\d{0,8})/0x[0-9a-f]{64}\.jso
 def airdrop_filename(season: int, evidence_hash: bytes) -> str:
     """Where an airdrop's evidence is published, relative to the epochs folder."""
     return f"airdrops/season-{season}/0x{evidence_hash.hex()}.json"
+
+
+def evidence_filename(receipts_file: str, digest: bytes) -> str:
+    """Where an epoch's evidence hashing to `digest` is published: its season's airdrop
+    folder when the epoch's `receiptsFile` names one, else `receipts/` (a receipts batch)."""
+    season = airdrop_season(receipts_file)
+    if season is not None:
+        return airdrop_filename(season, digest)
+    return f"receipts/{receipts_filename(digest)}"
 
 
 def airdrop_season(receipts_file: str) -> int | None:
