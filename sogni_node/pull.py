@@ -724,63 +724,63 @@ class PullSession:
         job = self._job_to_check(msg.check_id, msg.params)
         if isinstance(job, VerifyRefused):
             return job
-        loaded = backend._get(msg.model_id)
-        if name:
-            cls, overrides = SCHEDULERS[name]
-            scheduler = cls.from_config(loaded.scheduler_config, **overrides)
-        else:
-            scheduler = loaded.scheduler_cls.from_config(loaded.scheduler_config)
-        if type(scheduler).__name__ not in sc.SUPPORTED_SCHEDULERS:
-            return refuse(f"{type(scheduler).__name__} steps cannot be re-run", "scheduler")
+        with backend.holding(msg.model_id) as loaded:
+            if name:
+                cls, overrides = SCHEDULERS[name]
+                scheduler = cls.from_config(loaded.scheduler_config, **overrides)
+            else:
+                scheduler = loaded.scheduler_cls.from_config(loaded.scheduler_config)
+            if type(scheduler).__name__ not in sc.SUPPORTED_SCHEDULERS:
+                return refuse(f"{type(scheduler).__name__} steps cannot be re-run", "scheduler")
 
-        entries = {t.name: t for t in msg.opening.tensors}
-        committed = entries["latents"]
-        x_k = _tensor(committed)
-        scale = 1.0
-        if msg.k == 0:  # leaf 0 is the unscaled noise
-            scale = float(sc.fresh_scheduler(scheduler, job.steps, "cpu").init_noise_sigma)
-            x_k = x_k * scale
-        outputs = sorted(
-            (n for n in entries if n.startswith("model_outputs.")),
-            key=lambda n: int(n.rsplit(".", 1)[1]) if n.rsplit(".", 1)[1].isdigit() else 0,
-        )
-        state = sc.StepState(tuple(_tensor(entries[n]) for n in outputs)) if outputs else None
-        if msg.k >= 1 and state is None and type(scheduler).__name__.startswith("DPMSolver"):
-            return refuse(f"leaf {msg.k} carries no multistep state", "bad_leaf")
-        with loaded.lock:
-            torch.set_num_threads(backend.threads)  # process-global: set under the lock
-            with applied_loras(loaded.pipe, job.loras):
-                x_pred = sc.recompute_step(
+            entries = {t.name: t for t in msg.opening.tensors}
+            committed = entries["latents"]
+            x_k = _tensor(committed)
+            scale = 1.0
+            if msg.k == 0:  # leaf 0 is the unscaled noise
+                scale = float(sc.fresh_scheduler(scheduler, job.steps, "cpu").init_noise_sigma)
+                x_k = x_k * scale
+            outputs = sorted(
+                (n for n in entries if n.startswith("model_outputs.")),
+                key=lambda n: int(n.rsplit(".", 1)[1]) if n.rsplit(".", 1)[1].isdigit() else 0,
+            )
+            state = sc.StepState(tuple(_tensor(entries[n]) for n in outputs)) if outputs else None
+            if msg.k >= 1 and state is None and type(scheduler).__name__.startswith("DPMSolver"):
+                return refuse(f"leaf {msg.k} carries no multistep state", "bad_leaf")
+            with loaded.lock:
+                torch.set_num_threads(backend.threads)  # process-global: set under the lock
+                with applied_loras(loaded.pipe, job.loras):
+                    x_pred = sc.recompute_step(
+                        loaded.pipe,
+                        prompt=job.prompt,
+                        negative_prompt=job.negative_prompt or None,
+                        guidance=job.guidance,
+                        steps=job.steps,
+                        width=job.width,
+                        height=job.height,
+                        seed=job.seed,
+                        scheduler=scheduler,
+                        k=msg.k,
+                        latents_k=x_k,
+                        scheduler_state=state,
+                    )
+            out = x_pred.detach().to("cpu", torch.float32).reshape(committed.shape).contiguous()
+            data = out.numpy().astype("<f4").tobytes()
+            latents = TensorEntry(name="latents", dtype="float32", shape=list(out.shape), data=data)
+            start: float | None = None
+            if msg.k == 0:  # the seed check: leaf 0 must be this seed's noise, unscaled, as the
+                # compute dtype rounds it (docs/VERIFICATION.md, "Seed check")
+                start = sc.seed_distance(
                     loaded.pipe,
-                    prompt=job.prompt,
-                    negative_prompt=job.negative_prompt or None,
-                    guidance=job.guidance,
-                    steps=job.steps,
+                    _tensor(committed),
+                    seed=job.seed,
                     width=job.width,
                     height=job.height,
-                    seed=job.seed,
-                    scheduler=scheduler,
-                    k=msg.k,
-                    latents_k=x_k,
-                    scheduler_state=state,
+                    dtypes=(backend.dtype,),
                 )
-        out = x_pred.detach().to("cpu", torch.float32).reshape(committed.shape).contiguous()
-        data = out.numpy().astype("<f4").tobytes()
-        latents = TensorEntry(name="latents", dtype="float32", shape=list(out.shape), data=data)
-        start: float | None = None
-        if msg.k == 0:  # the seed check: leaf 0 must be this seed's noise, unscaled, as the
-            # compute dtype rounds it (docs/VERIFICATION.md, "Seed check")
-            start = sc.seed_distance(
-                loaded.pipe,
-                _tensor(committed),
-                seed=job.seed,
-                width=job.width,
-                height=job.height,
-                dtypes=(backend.dtype,),
+            return StepVerified(
+                check_id=msg.check_id, latents=latents, x_k_scale=scale, start_distance=start
             )
-        return StepVerified(
-            check_id=msg.check_id, latents=latents, x_k_scale=scale, start_distance=start
-        )
 
     # --- decoding another node's final latent (docs/IMAGE_CHECK.md) ------------------------
     async def _on_verify_decode(self, msg: VerifyDecode) -> None:
@@ -831,16 +831,16 @@ class PullSession:
         latents = [t for t in msg.opening.tensors if t.name == "latents"]
         if len(latents) != 1:  # bytes are float32 whatever `dtype` it was computed in
             raise ValueError("the opening carries no final latent")
-        loaded = backend._get(msg.model_id)
-        if final_latent_shape(loaded.pipe, width=msg.width, height=msg.height) is None:
-            return refuse("this model's latents cannot be decoded here", "backend")
-        x = _tensor(latents[0])
-        with loaded.lock:
-            torch.set_num_threads(backend.threads)  # process-global: set under the lock
-            image = decode_png(
-                loaded.pipe, x, width=msg.width, height=msg.height, dtype=backend.dtype
-            )
-        return DecodeVerified(check_id=msg.check_id, image=image)
+        with backend.holding(msg.model_id) as loaded:
+            if final_latent_shape(loaded.pipe, width=msg.width, height=msg.height) is None:
+                return refuse("this model's latents cannot be decoded here", "backend")
+            x = _tensor(latents[0])
+            with loaded.lock:
+                torch.set_num_threads(backend.threads)  # process-global: set under the lock
+                image = decode_png(
+                    loaded.pipe, x, width=msg.width, height=msg.height, dtype=backend.dtype
+                )
+            return DecodeVerified(check_id=msg.check_id, image=image)
 
     # --- rendering another node's job again (docs/VERIFICATION.md, "Whole re-render") -----
     async def _on_verify_render(self, msg: VerifyRender) -> None:
@@ -1271,10 +1271,10 @@ def _seed_distance(backend: Backend, params: JobParams, leaf: TensorEntry) -> fl
         latents = _tensor(leaf)
     except (RuntimeError, ValueError):
         return math.inf
-    pipe = backend._get(params.model_id).pipe
-    return sc.seed_distance(
-        pipe, latents, seed=params.seed, width=params.width, height=params.height
-    )
+    with backend.holding(params.model_id) as loaded:
+        return sc.seed_distance(
+            loaded.pipe, latents, seed=params.seed, width=params.width, height=params.height
+        )
 
 
 def _opening_wire(opening: StepOpening) -> StepOpeningWire:

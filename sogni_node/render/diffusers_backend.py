@@ -20,7 +20,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -123,6 +123,9 @@ class _Loaded:
     scheduler_config: Mapping[str, Any]
     spec: ModelSpec
     """The registry entry it was loaded from: one replaced or removed meanwhile is stale."""
+    users: int = 0
+    """Renders holding it, counted from the moment `_using` hands it out (before they take
+    `lock`): another model's load never evicts it from under them. Under `_pipes_lock`."""
 
 
 def _default_budget(device: str) -> int:
@@ -216,8 +219,7 @@ class DiffusersBackend:
         """Why the LoRA file at `path` does not fit model `model_id` (None: it fits), checked
         against the loaded UNet and text encoders without changing them: `loras add --model`
         refuses a LoRA built for another model before any job asks for it."""
-        loaded = self._get(model_id)
-        with loaded.lock:
+        with self.holding(model_id) as loaded, loaded.lock:
             return lora_fit_problem(loaded.pipe, path)
 
     def load(self, model_id: str) -> None:
@@ -240,26 +242,47 @@ class DiffusersBackend:
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
 
-    def _warm(self, model_id: str, spec: ModelSpec) -> _Loaded | None:
+    def _warm(self, model_id: str, spec: ModelSpec, hold: bool) -> _Loaded | None:
         """The loaded pipeline of `spec`; one loaded from an entry since replaced or removed
-        (`models remove`/`add` while the node runs) is dropped, never used."""
+        (`models remove`/`add` while the node runs) is dropped, never used. `hold`: counted
+        as in use before the lock is let go."""
         with self._pipes_lock:
             loaded = self._pipes.get(model_id)
             if loaded is not None and loaded.spec is not spec:
                 self._pipes.drop(model_id)
                 return None
+            if loaded is not None and hold:
+                loaded.users += 1
             return loaded
 
-    def _get(self, model_id: str, should_cancel: Callable[[], bool] | None = None) -> _Loaded:
+    @contextlib.contextmanager
+    def holding(
+        self, model_id: str, should_cancel: Callable[[], bool] | None = None
+    ) -> Iterator[_Loaded]:
+        """The model's pipeline, loaded if need be, kept from eviction until the block ends."""
+        loaded = self._get(model_id, should_cancel, hold=True)
+        try:
+            yield loaded
+        finally:
+            with self._pipes_lock:
+                loaded.users -= 1
+                self._pipes.trim(busy=self._busy())
+
+    def _busy(self) -> list[str]:
+        return [m for m, item in self._pipes.items() if item.users > 0]
+
+    def _get(
+        self, model_id: str, should_cancel: Callable[[], bool] | None = None, hold: bool = False
+    ) -> _Loaded:
         spec = self.registry.get(model_id)  # UnknownModelError before taking any lock
-        loaded = self._warm(model_id, spec)
+        loaded = self._warm(model_id, spec, hold)
         if loaded is not None:  # warm: never behind another model's load
             return loaded
         with self._load_lock:
             if should_cancel is not None and should_cancel():  # while we waited for the lock
                 raise RenderCancelled(0)
             spec = self.registry.get(model_id)  # as it is now: it may have changed meanwhile
-            loaded = self._warm(model_id, spec)  # loaded by the job we waited for?
+            loaded = self._warm(model_id, spec, hold)  # loaded by the job we waited for?
             if loaded is None:
                 started = time.perf_counter()
                 pipe = DiffusionPipeline.from_pretrained(
@@ -285,12 +308,12 @@ class DiffusersBackend:
                     scheduler_cls=pipe.scheduler.__class__,
                     scheduler_config=dict(pipe.scheduler.config),
                     spec=spec,
+                    users=1 if hold else 0,
                 )
                 size = module_bytes(pipe)
                 with self._pipes_lock:  # kept only if its entry is still current: an unload
                     if model_id in self.registry and self.registry.get(model_id) is spec:
-                        busy = [m for m, item in self._pipes.items() if item.lock.locked()]
-                        self._pipes.admit(model_id, loaded, size, busy=busy)
+                        self._pipes.admit(model_id, loaded, size, busy=self._busy())
                 logger.info(
                     "loaded model %s on %s/%s in %.2fs",
                     model_id,
@@ -327,7 +350,17 @@ class DiffusersBackend:
             )
         if should_cancel():  # before a load that may take minutes
             raise RenderCancelled(0)
-        loaded = self._get(job.model_id, should_cancel)
+        with self.holding(job.model_id, should_cancel) as loaded:
+            return self._render_on(loaded, job, on_step, should_cancel, weights)
+
+    def _render_on(
+        self,
+        loaded: _Loaded,
+        job: RenderJob,
+        on_step: Callable[[int], None],
+        should_cancel: Callable[[], bool],
+        weights: str,
+    ) -> RenderOutput:
         steps_done = 0
         caller_error: BaseException | None = None
         recorder: TrajectoryRecorder | None = None

@@ -37,10 +37,15 @@ class Residency(Generic[T]):
         A model larger than the whole budget is still admitted (alone): refusing it would
         make the node unable to render it at all.
         """
-        keep = set(busy) | {model_id}
-        evicted = []
         self._items[model_id] = (value, size)
         self._items.move_to_end(model_id)
+        return self.trim(set(busy) | {model_id})
+
+    def trim(self, busy: Iterable[str] = ()) -> list[str]:
+        """Evict the least recently used models (never those in `busy`) until within the
+        budget: also once a render lets go of a model kept over it."""
+        keep = set(busy)
+        evicted = []
         for victim in list(self._items):
             if self.used_bytes <= self.budget_bytes:
                 break

@@ -153,3 +153,23 @@ def _loading_cold(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, warm: bool
     monkeypatch.setattr(diffusers_backend.DiffusionPipeline, "from_pretrained", slow_load)
     thread = threading.Thread(target=backend.load, args=("cold",))
     return _Cold(registry, backend, loading, release, thread)
+
+
+def test_a_model_handed_to_a_render_is_not_evicted_before_the_render_locks_it(
+    tmp_path: Path,
+) -> None:
+    """A render got its pipeline, then another model's load evicted it before the render
+    took its lock (busy meant "locked"): two models in memory over the budget, the evicted
+    one loaded again by the next job. Now a pipeline counts as busy from the moment it is
+    handed out until the render lets go."""
+    registry = default_registry(tmp_path, test_model=True)
+    registry.register(replace(registry.get("sogni-tiny-sd"), model_id="sogni-tiny-copy"))
+    probe = DiffusersBackend(registry, device="cpu", threads=1)
+    probe.load("sogni-tiny-sd")
+    size = module_bytes(probe._pipes.items()[0][1].pipe)
+    backend = DiffusersBackend(registry, device="cpu", threads=1, memory_budget=size)
+    with backend.holding("sogni-tiny-sd") as held:
+        assert not held.lock.locked()  # handed out, its render not yet started
+        backend.load("sogni-tiny-copy")
+        assert set(backend.warm_models()) == {"sogni-tiny-sd", "sogni-tiny-copy"}
+    assert backend.warm_models() == ["sogni-tiny-copy"]  # let go: back within the budget
