@@ -94,6 +94,9 @@ class Case:
     for_worker: int
     against_worker: int
     reward_pool: int
+    execute_by: int = 0
+    """A slash: `executeSlash` reverts `SlashExpired` from then on (after a lost vote, no
+    earlier than its reveal end + `EXECUTE_GRACE`); 0 for a refusal."""
 
 
 @dataclass(frozen=True)
@@ -311,6 +314,7 @@ class Disputes(_Bound):
             for_worker=n[7],
             against_worker=n[8],
             reward_pool=n[9],
+            execute_by=int(raw[16]),
         )
 
     def ballot(self, case_id: bytes, juror: Signer) -> Ballot:

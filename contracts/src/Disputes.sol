@@ -81,6 +81,7 @@ contract Disputes is AccessControlDefaultAdminRules {
         uint256 againstWorker;
         uint256 rewardPool;
         address workerDelegate; // whom the worker's stake voted through when voting opened
+        uint64 executeBy; // a slash: executable before this, never after (the freeze's end)
     }
 
     struct Ballot {
@@ -130,6 +131,7 @@ contract Disputes is AccessControlDefaultAdminRules {
     error NotYourCase(address caller, address worker);
     error WindowClosed(uint64 windowEnd);
     error WindowOpen(uint64 windowEnd);
+    error SlashExpired(uint64 executeBy);
     error WrongState(State state);
     error EvidencePending(uint64 evidenceDeadline);
     error CommitClosed(uint64 commitEnd);
@@ -220,21 +222,28 @@ contract Disputes is AccessControlDefaultAdminRules {
         emit SlashProposed(caseId, worker, amount, evidenceHash, c.windowEnd, reason);
         // the worker cannot withdraw before the case can be decided and executed: the dispute
         // window, a dispute's evidence, commit and reveal windows, and time to execute
-        staking.freeze(
-            worker, c.windowEnd + evidenceWindow + commitWindow + revealWindow + EXECUTE_GRACE
-        );
+        c.executeBy = c.windowEnd + evidenceWindow + commitWindow + revealWindow + EXECUTE_GRACE;
+        staking.freeze(worker, c.executeBy);
     }
 
     /// @notice Take the proposed stake: after the window closed undisputed, or after a lost
-    ///         dispute. Anyone may send it (the slasher decided; the window protected the worker).
+    ///         dispute. Anyone may send it (the slasher decided; the window protected the worker),
+    ///         but only within `EXECUTE_GRACE` of the case's end: an old case left unexecuted
+    ///         never takes stake the worker put up later (after its freeze ran out).
     function executeSlash(bytes32 caseId) external returns (uint256 slashed) {
         Case storage c = _known(caseId);
         if (c.kind != Kind.Slash) revert WrongState(c.state);
+        uint64 deadline = c.executeBy;
         if (c.state == State.Proposed) {
             if (block.timestamp < c.windowEnd) revert WindowOpen(c.windowEnd);
-        } else if (c.state != State.WorkerLost) {
+        } else if (c.state == State.WorkerLost) {
+            // a vote opened late (anyone may open it after the evidence deadline) ends late
+            uint64 afterVote = c.revealEnd + EXECUTE_GRACE;
+            if (afterVote > deadline) deadline = afterVote;
+        } else {
             revert WrongState(c.state);
         }
+        if (block.timestamp >= deadline) revert SlashExpired(deadline);
         c.state = State.Executed;
         slashed = staking.slash(c.worker, c.amount, slashReason[caseId]);
         emit SlashExecuted(caseId, c.worker, slashed);

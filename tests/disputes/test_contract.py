@@ -228,6 +228,33 @@ def test_lost_slash_dispute_executes_won_one_never(env: Env) -> None:
     assert env.d.staking.active_stake(env.worker.address) == 900 * SOGNI
 
 
+def test_an_old_slash_case_never_takes_stake_put_up_after_its_freeze(env: Env) -> None:
+    """An undisputed slash left unexecuted could be executed by anyone at any later time:
+    the worker's freeze ran out, it withdrew, staked again months later, and the old case
+    took the new stake. A case now executes only until the freeze it set ends
+    (`executeBy`); after a lost vote opened late, until its reveal end + EXECUTE_GRACE."""
+    d, p = env.disputes, env.disputes.params()
+    case = _propose(env, 400 * SOGNI)
+    execute_by = d.case(case).execute_by
+    assert execute_by == env.d.staking.frozen_until(env.worker.address)
+    env.chain.advance_time(execute_by - env.chain.timestamp())
+    with pytest.raises(ChainRevert, match="SlashExpired"):
+        d.execute_slash(case, sender=env.outsider)
+    assert env.d.staking.active_stake(env.worker.address) == 1_000 * SOGNI
+
+    late = _propose(env, 100 * SOGNI)  # disputed; nobody opens the vote for a long while
+    env.approve_bond()
+    d.dispute_slash(late, sender=env.worker)
+    env.chain.advance_time(d.case(late).execute_by - env.chain.timestamp())
+    d.open_voting(late, BUNDLE, "u", sender=env.outsider)
+    d.commit_vote(late, False, b"\x05" * 32, sender=env.jurors[0])
+    env.chain.advance_time(p.commit_window)
+    d.reveal_vote(late, False, b"\x05" * 32, sender=env.jurors[0])
+    env.chain.advance_time(p.reveal_window)
+    d.resolve(late)
+    assert d.execute_slash(late).event("SlashExecuted")["slashed"] == 100 * SOGNI
+
+
 def test_resolve_not_before_reveal_end(env: Env) -> None:
     _open_refusal_vote(env)
     with pytest.raises(ChainRevert, match="VotingNotOver"):
