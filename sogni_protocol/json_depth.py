@@ -16,7 +16,10 @@ __all__ = ["MAX_JSON_DEPTH", "TooDeep", "check_depth"]
 MAX_JSON_DEPTH = 32
 """Deeper than any message of this protocol or the SDKs' (their deepest is under 8)."""
 
-_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_STRINGS = re.compile(rb'"(?:[^"\\]|\\.)*(?:"|\\?\Z)', re.DOTALL)
+"""A string, or an unterminated one running to the end of the text. Requiring the closing
+quote made every quote of `"\\"\\"...` (no close) try to the end: quadratic, 12 s of the loop
+for one 64 KiB body. Brackets after an unterminated quote are never parsed by a decoder."""
 _BRACKETS = re.compile(rb"[\[\]{}]")
 
 
