@@ -2,10 +2,15 @@
 
 import msgspec
 
-DECODE_ERRORS: tuple[type[Exception], ...] = (msgspec.DecodeError, UnicodeDecodeError)
+DECODE_ERRORS: tuple[type[Exception], ...] = (
+    msgspec.DecodeError,
+    UnicodeDecodeError,
+    RecursionError,
+)
 """What a strict msgspec decode of bytes from outside raises for bytes it refuses: its own
-`DecodeError` (`ValidationError` included), and `UnicodeDecodeError` for a string that is not
-UTF-8, which msgspec does not wrap."""
+`DecodeError` (`ValidationError` included), `UnicodeDecodeError` for a string that is not
+UTF-8, which msgspec does not wrap, and `RecursionError` for a value it skips (an unknown
+field) nested deeper than the interpreter's recursion limit: 200 KB of `0x91` bytes."""
 
 
 class ProtocolError(Exception):

@@ -988,7 +988,10 @@ def decode(payload: bytes) -> Message:
     try:
         return _decoder.decode(payload)
     except msgspec.ValidationError as exc:
-        refusal = _other_version(payload)
+        try:
+            refusal = _other_version(payload)
+        except DECODE_ERRORS as again:
+            raise InvalidMessage(f"not a MessagePack message: {again}") from None
         if refusal is not None:
             return refusal
         raise InvalidMessage(f"invalid message: {exc}") from None

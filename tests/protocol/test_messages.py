@@ -133,3 +133,21 @@ def test_resume_messages_roundtrip_and_are_strict() -> None:
                 }
             )
         )
+
+
+@pytest.mark.parametrize("deep_first", [True, False])
+def test_a_deeply_nested_unknown_field_is_an_invalid_message(deep_first: bool) -> None:
+    """msgspec skips an unknown field's value recursively: nested past the recursion limit
+    it raised `RecursionError`, which no reader caught as a protocol error (a node session's
+    reader died with results half settled). Also through the other-version fallback."""
+    import sys
+
+    from sogni_protocol import relay_messages
+
+    deep = b"\x91" * (sys.getrecursionlimit() + 10) + b"\xc0"
+    fields = [b"\xa1a" + deep, b"\xa4type\xa3zzz", b"\xa1v\x07"]
+    payload = b"\x83" + b"".join(fields if deep_first else fields[::-1])
+    with pytest.raises(InvalidMessage, match="recursion"):
+        decode(payload)
+    with pytest.raises(InvalidMessage):
+        relay_messages.decode(payload)
