@@ -487,15 +487,32 @@ class Journal:
             os.close(fd)
         fsync_dir(path.parent)
 
-    def resign(self, job_id: bytes, offer_hash: bytes, signature: bytes) -> bool:
+    def resign(
+        self,
+        job_id: bytes,
+        offer_hash: bytes,
+        signature: bytes,
+        *,
+        payout: str | None = None,
+        domain_version: str = eip712.DOMAIN_VERSION,
+    ) -> bool:
         """Point an unacked receipt at a new offer (a coordinator that restarted forgot the
-        old one). Only the offer hash and signature change: the image and its hash stay, so
-        the node never signs two different images for one job. False if no unacked receipt."""
+        old one). The image and its hash stay, so the node never signs two different images
+        for one job; what the new signature covers besides the offer hash (the payout, the
+        EIP-712 version it was signed under) is recorded with it, or the journalled receipt
+        would no longer verify. False if no unacked receipt."""
         with self._lock:
             cur = self._durable(
-                "UPDATE receipts SET offer_hash = ?, signature = ?, recorded_at = ?"
-                " WHERE job_id = ? AND accepted IS NULL",
-                (bytes(offer_hash), bytes(signature), time.time(), bytes(job_id)),
+                "UPDATE receipts SET offer_hash = ?, signature = ?, recorded_at = ?,"
+                " payout = ?, domain_version = ? WHERE job_id = ? AND accepted IS NULL",
+                (
+                    bytes(offer_hash),
+                    bytes(signature),
+                    time.time(),
+                    payout,
+                    domain_version,
+                    bytes(job_id),
+                ),
             )
             return cur.rowcount > 0
 

@@ -1184,8 +1184,14 @@ class PullSession:
         """Answer a re-offer with the kept result: the same image and hash; the receipt is
         re-signed only if this offer's hash differs from the one it names."""
         entry, offer = kept.entry, job.msg.offer
+        rendered = await _off_loop(self.journal.offer, job.id)
         fault = _reoffer_fault(
-            entry.receipt, entry.accepted, kept.image, offer, self.previous_keys | self.network_keys
+            entry.receipt,
+            entry.accepted,
+            kept.image,
+            offer,
+            self.previous_keys | self.network_keys,
+            rendered=rendered,
         )
         if fault is not None:
             self._decline(job.id, fault)
@@ -1203,7 +1209,17 @@ class PullSession:
             await _off_loop(
                 self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature
             )
-            if not await _off_loop(self.journal.resign, job.id, job.offer_hash, signature):
+            resigned = await _off_loop(
+                functools.partial(
+                    self.journal.resign,
+                    job.id,
+                    job.offer_hash,
+                    signature,
+                    payout=receipt.payout,
+                    domain_version=self.id.domain.version,
+                )
+            )
+            if not resigned:
                 self._decline(job.id, "the kept result was acknowledged meanwhile")
                 return
         meta = entry.meta or RenderMeta(
@@ -1309,8 +1325,13 @@ def _reoffer_fault(
     image: bytes | None,
     offer: JobOffer,
     previous_keys: frozenset[str] = frozenset(),
+    *,
+    rendered: JobOffer | None = None,
 ) -> str | None:
-    """Why a kept result cannot answer `offer` (then the offer is declined), or None."""
+    """Why a kept result cannot answer `offer` (then the offer is declined), or None.
+    `rendered`, the journalled offer the image was rendered for: a re-offer naming other
+    parameters (prompt, seed, size) would have this node sign a receipt binding the image
+    to parameters it never rendered, evidence against itself in every check."""
     if accepted:
         return "this node's result for the job was already accepted"
     if image is None:
@@ -1324,8 +1345,15 @@ def _reoffer_fault(
         )
         and receipt.model_id == offer.model_id
         and receipt.work_units == offer.work_units
+        and receipt.price_factor_bps == offer.price_factor_bps
     )
+    if same and rendered is not None:
+        same = _render_fields(rendered) == _render_fields(offer)
     return None if same else "the re-offer differs from the offer this node rendered"
+
+
+def _render_fields(offer: JobOffer) -> tuple[object, ...]:
+    return (offer.params_hash, offer.seed, offer.width, offer.height, offer.steps)
 
 
 async def _off_loop(fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:

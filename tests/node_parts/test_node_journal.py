@@ -283,6 +283,11 @@ def test_a_kept_result_stays_until_acked_and_never_changes_image(
         assert kept is not None and kept.image == image
         assert (kept.entry.receipt.offer_hash, kept.entry.signature) == (b"\x0e" * 32, b"\x03" * 65)
         assert kept.entry.receipt.result_hash == hashlib.sha256(image).digest()
+        payee = "0x" + "ab" * 20  # signed now with a payout, under this version: both kept
+        assert j.resign(job, b"\x0f" * 32, b"\x04" * 65, payout=payee, domain_version="4")
+        kept = j.stored_result(job)
+        assert kept is not None and kept.entry.receipt.payout == payee
+        assert (kept.entry.domain_version, kept.entry.receipt.offer_hash) == ("4", b"\x0f" * 32)
 
         assert j.mark_acked(job, True)
         assert j.kept_results() == set()

@@ -311,6 +311,38 @@ async def test_a_reoffer_of_a_rendered_job_resends_the_kept_result(tmp_path: Pat
         link.done.set()
 
 
+async def test_a_reoffer_naming_other_parameters_is_declined_not_resigned(
+    tmp_path: Path,
+) -> None:
+    """Only the coordinator, model, work units and steps were compared: a re-offer of the
+    job with another seed (or prompt, size) had the node sign a receipt binding its kept
+    image to parameters it never rendered, which every check then held against it."""
+    backend = CountingBackend()
+    async with coordinator() as coord, node(tmp_path, coord, backend) as n:
+        link = await coord.link()
+        offer = coord.offer(1)
+        await link.channel.send(offer)
+        first = await link.next(Result, HandBack)
+        assert isinstance(first, Result)
+        other = coord.offer(2, job_id=offer.offer.job_id, later=5)  # another seed
+        await link.channel.send(other)
+        declined = await link.next(OfferDeclined, Result, HandBack)
+        assert isinstance(declined, OfferDeclined) and "differs" in declined.reason
+        [entry] = n.journal.receipts()
+        assert (entry.receipt, entry.signature) == (first.receipt, first.signature)
+        again = coord.offer(1, job_id=offer.offer.job_id, later=9)  # same parameters
+        await link.channel.send(again)
+        resent = await link.next(Result, HandBack)
+        assert isinstance(resent, Result) and backend.calls == 1
+        [entry] = n.journal.receipts()  # what the journal holds verifies as signed
+        assert eip712.recover_receipt_signer(
+            eip712.Domain(DOMAIN.chain_id, DOMAIN.verifying_contract, entry.domain_version),
+            entry.receipt,
+            entry.signature,
+        ) == recover(resent)
+        link.done.set()
+
+
 async def test_results_are_kept_until_acked_then_deleted(tmp_path: Path) -> None:
     backend = CountingBackend()
     async with coordinator() as coord, node(tmp_path, coord, backend) as n:
