@@ -135,6 +135,11 @@ MAX_CHECKS_WAITING = 16
 """Verifier checks (`VerifyStep`, `VerifyDecode`, `VerifyRender`) one session holds at once,
 running or waiting their turn; more are refused at once, so a coordinator's burst of frames
 (each up to `RESULT_FRAME_LIMIT`) never piles up in memory."""
+MAX_CHALLENGES_WAITING = 64
+"""Challenges one session holds at once, answering or waiting their turn: each loads a
+trajectory file (megabytes for SDXL) and its answer may be megabytes, so a coordinator's
+flood of small `Challenge` frames is refused at once past this, never thousands of tasks.
+An honest coordinator challenges a sampled share of this node's jobs, far fewer."""
 _READ_LIMIT = RESULT_FRAME_LIMIT
 """What the coordinator may send in one frame: a `VerifyStep` carries a committed latent
 (64 KiB at 512 x 512, more with multistep state), above a control frame."""
@@ -240,6 +245,8 @@ class PullSession:
         """Steps re-run for the coordinator one at a time (`VerifyStep`: a UNet call each)."""
         self._checks_waiting = 0
         """Verifier checks of this session running or waiting for `_verify_limiter`."""
+        self._challenges_waiting = 0
+        """Challenges of this session answering or waiting for `_challenge_limiter`."""
         self._result_sent: dict[bytes, float | None] = {}
         """The results this session wrote that are not acked yet, and when each was written
         (None while it is being written): only their acks are journaled (`_on_ack`), and the
@@ -569,22 +576,38 @@ class PullSession:
         """Open the asked leaves of the job's kept trajectory (off the event loop) and send
         them, or a `ChallengeRefused` saying why not. Never raises; logs no parameters."""
         job = msg.job_id.hex()[:16]
-        reply: ChallengeAnswer | ChallengeRefused
-        try:
-            reply = await trio.to_thread.run_sync(
-                self._answer, msg, limiter=self._challenge_limiter
-            )
-        except Exception as exc:  # a broken file or a bug: refuse, keep the session
-            log.error("challenge_failed", job=job, error=type(exc).__name__)
-            reply = ChallengeRefused(
-                job_id=msg.job_id, reason="the node could not open its trajectory"
-            )
+        reply: ChallengeAnswer | ChallengeRefused | None
+        if self._challenges_waiting >= MAX_CHALLENGES_WAITING:
+            waiting = self._challenges_waiting
+            reply = ChallengeRefused(job_id=msg.job_id, reason=f"busy: {waiting} challenges")
+        else:
+            self._challenges_waiting += 1
+            try:
+                reply = await self._answer_in_turn(msg)
+            finally:
+                self._challenges_waiting -= 1
+        if reply is None:  # the session ended or the deadline passed while it waited
+            log.info("challenge_dropped", job=job)
+            return
         if isinstance(reply, ChallengeRefused):
             log.warning("challenge_refused", job=job, reason=reply.reason)
         else:
             opened = reply.pixels is not msgspec.UNSET  # never the pixels themselves
             log.info("challenge_answered", job=job, steps=len(reply.openings), pixels=opened)
         self.send(reply)
+
+    async def _answer_in_turn(self, msg: Challenge) -> ChallengeAnswer | ChallengeRefused | None:
+        """`_answer` off the event loop, one at a time; None when no one would read it."""
+        async with self._challenge_limiter:
+            if self.closed.is_set() or msg.deadline <= time.time():
+                return None
+            try:
+                return await trio.to_thread.run_sync(self._answer, msg)
+            except Exception as exc:  # a broken file or a bug: refuse, keep the session
+                log.error("challenge_failed", job=msg.job_id.hex()[:16], error=type(exc).__name__)
+                return ChallengeRefused(
+                    job_id=msg.job_id, reason="the node could not open its trajectory"
+                )
 
     def _answer(self, msg: Challenge) -> ChallengeAnswer | ChallengeRefused:
         """Blocking: read the journal and the trajectory file."""
@@ -656,7 +679,8 @@ class PullSession:
         self, msg: VerifyStep | VerifyDecode | VerifyRender, what: str
     ) -> VerifyRefused | None:
         """Why this node cannot do `what` for `msg` at all (not the diffusers backend, the
-        model not served, another numeric mode than the declared one), or None."""
+        model not served, a size over its `max_pixels`, another numeric mode than the
+        declared one), or None."""
         from sogni_node.render.diffusers_backend import DiffusersBackend
 
         def refuse(reason: str, code: VerifyRefusalCode) -> VerifyRefused:
@@ -667,6 +691,13 @@ class PullSession:
             return refuse(f"the {backend.name} backend cannot {what}", "backend")
         if msg.model_id not in self.caps.models:
             return refuse(f"model {msg.model_id} is not served here", "model")
+        if isinstance(msg, VerifyDecode):
+            width, height = msg.width, msg.height
+        else:
+            width, height = msg.params.width, msg.params.height
+        limit = self.caps.max_pixels
+        if limit and width * height > limit:  # what this node would not render: a step too
+            return refuse(f"{width}x{height} is over this node's max_pixels", "too_large")
         if backend.dtype_name != msg.dtype:
             declared = {VerifyStep: "step", VerifyDecode: "image"}.get(type(msg), "check")
             return refuse(
@@ -825,9 +856,6 @@ class PullSession:
             return refused
         backend = self.worker.backend
         assert isinstance(backend, DiffusersBackend)
-        limit = self.caps.max_pixels
-        if limit and msg.width * msg.height > limit:  # what this node would not render
-            return refuse(f"{msg.width}x{msg.height} is over this node's max_pixels", "too_large")
         latents = [t for t in msg.opening.tensors if t.name == "latents"]
         if len(latents) != 1:  # bytes are float32 whatever `dtype` it was computed in
             raise ValueError("the opening carries no final latent")
@@ -862,11 +890,6 @@ class PullSession:
         if refused is not None:
             return refused
         params = msg.params
-        limit = self.caps.max_pixels
-        if limit and params.width * params.height > limit:
-            return refuse(
-                f"{params.width}x{params.height} is over this node's max_pixels", "too_large"
-            )
         if params.scheduler and params.scheduler not in SCHEDULERS:
             return refuse(f"unknown scheduler {params.scheduler!r}", "scheduler")
         backend = self.worker.backend

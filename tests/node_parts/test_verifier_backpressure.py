@@ -8,38 +8,50 @@ from __future__ import annotations
 import os
 import threading
 import time
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
+import msgspec
 import trio
 from eth_account import Account
 
-from sogni_node.pull import MAX_CHECKS_WAITING, NodeIdentity, PullSession
+from sogni_node.pull import (
+    MAX_CHALLENGES_WAITING,
+    MAX_CHECKS_WAITING,
+    NodeIdentity,
+    PullSession,
+)
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.messages import (
     Capabilities,
+    Challenge,
+    ChallengeRefused,
     DecodeVerified,
+    JobParams,
     ScalarEntry,
     StepOpeningWire,
     TensorEntry,
     VerifyDecode,
     VerifyRefused,
+    VerifyStep,
 )
 
 DOMAIN = Domain(31337, "0x" + "22" * 20)
 ACCOUNT = Account.create()
 
 
-def _session() -> PullSession:
+def _session(max_pixels: int = 0, models: list[str] | None = None) -> PullSession:
     identity = NodeIdentity(ACCOUNT.address, bytes(ACCOUNT.key), DOMAIN, frozenset())
     caps = Capabilities(
         peer_id="peer-v",
         wallet=ACCOUNT.address,
         expiry=2_000_000_000,
-        models=["m"],
+        models=models or ["m"],
         slots=1,
         backend="test",
         device="cpu",
-        max_pixels=0,
+        max_pixels=max_pixels,
     )
     return PullSession(None, "addr", identity, None, None, caps)  # type: ignore[arg-type]
 
@@ -128,3 +140,72 @@ async def test_a_check_whose_deadline_passes_while_it_waits_is_refused_not_run()
     late = replies[soon.check_id]
     assert isinstance(late, VerifyRefused) and late.code == "deadline"
     assert ran == [first.check_id]
+
+
+def test_a_step_check_over_max_pixels_is_refused_like_a_decode(tmp_path: Path) -> None:
+    """`VerifyStep` ignored `max_pixels` (decode and re-render checked it): a node that
+    advertises 512x512 ran a UNet step at 2048x2048 for any coordinator that asked."""
+    from sogni_node.models.defaults import default_registry
+    from sogni_node.render.diffusers_backend import DiffusersBackend
+
+    backend = DiffusersBackend(default_registry(tmp_path, test_model=True), threads=1)
+    session = _session(max_pixels=512 * 512, models=["sogni-tiny-sd"])
+    session.worker = cast(Any, SimpleNamespace(backend=backend))
+    params = JobParams(
+        model_id="sogni-tiny-sd",
+        positive_prompt="p",
+        steps=10,
+        guidance=5.0,
+        width=2048,
+        height=2048,
+        seed=1,
+    )
+    step = VerifyStep(
+        check_id=os.urandom(32),
+        model_id="sogni-tiny-sd",
+        params=params,
+        scheduler="",
+        dtype=backend.dtype_name,
+        k=8,
+        opening=_check(time.time() + 60).opening,
+        deadline=int(time.time() + 60),
+    )
+    refused = session._serving_refusal(step, "re-run a step")
+    assert refused is not None and refused.code == "too_large"
+    assert "2048x2048" in refused.reason
+    small = msgspec.structs.replace(
+        step, params=msgspec.structs.replace(params, width=512, height=512)
+    )
+    assert session._serving_refusal(small, "re-run a step") is None
+
+
+async def test_a_flood_of_challenges_is_bounded_and_dropped_once_the_session_ends() -> None:
+    """Each `Challenge` started a task with no bound, no deadline check and no check of the
+    session: 100k small frames became 100k trajectory loads that outlived the session."""
+    session = _session()
+    release = threading.Event()
+    answered: list[bytes] = []
+    sent: list[object] = []
+
+    def answer(msg: Challenge) -> ChallengeRefused:  # one slow trajectory load at a time
+        release.wait(30)
+        answered.append(msg.job_id)
+        return ChallengeRefused(job_id=msg.job_id, reason="no trajectory")
+
+    session._answer = answer  # type: ignore[method-assign]
+    session.send = sent.append  # type: ignore[method-assign]
+    flood = [
+        Challenge(job_id=os.urandom(32), steps=[1], deadline=int(time.time() + 60))
+        for _ in range(MAX_CHALLENGES_WAITING + 10)
+    ]
+    async with trio.open_nursery() as nursery:
+        for msg in flood:
+            nursery.start_soon(session._on_challenge, msg)
+        with trio.fail_after(10):  # the extra ones are refused while the first still loads
+            while len(sent) < 10:
+                await trio.sleep(0.01)
+        assert all(isinstance(m, ChallengeRefused) and "busy" in m.reason for m in sent)
+        session.closed.set()  # the session ends: those waiting are dropped, not answered
+        release.set()
+    assert len(answered) == 1 and session._challenges_waiting == 0
+    assert len(sent) == 11
