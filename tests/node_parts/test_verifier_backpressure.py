@@ -193,7 +193,7 @@ async def test_a_flood_of_challenges_is_bounded_and_dropped_once_the_session_end
         return ChallengeRefused(job_id=msg.job_id, reason="no trajectory")
 
     session._answer = answer  # type: ignore[method-assign]
-    session.send = sent.append  # type: ignore[method-assign]
+    session.send = sent.append  # type: ignore[method-assign,assignment]
     flood = [
         Challenge(job_id=os.urandom(32), steps=[1], deadline=int(time.time() + 60))
         for _ in range(MAX_CHALLENGES_WAITING + 10)
