@@ -222,6 +222,9 @@ class PullSession:
         self.caps = capabilities
         self.heartbeat_interval = heartbeat_interval
         self.heartbeat_timeout = heartbeat_timeout
+        self.read_timeout = heartbeat_timeout
+        """How long the reader waits for a frame: the node's own timeout, or longer for a
+        coordinator whose `Welcome` says it beats less often (it is silent that long)."""
         self.coordinator = ""
         self.previous_keys: frozenset[str] = frozenset()
         """The coordinator's earlier offer keys (lower-case), from its verified rotations."""
@@ -351,6 +354,9 @@ class PullSession:
         # frame and a `Ready` both ways, and a tiny interval would send them every loop turn
         asked = max(MIN_HEARTBEAT_INTERVAL, welcome.heartbeat_interval)
         self.heartbeat_interval = min(self.heartbeat_interval, asked)
+        # a coordinator beating every 20 s (its config allows any interval under its own
+        # timeout) would otherwise time out every idle node after 15 s, re-queueing its jobs
+        self.read_timeout = max(self.heartbeat_timeout, 3 * welcome.heartbeat_interval)
         if self._on_connected is not None:
             self._on_connected({"event": "connected", "coordinator": welcome.coordinator})
 
@@ -478,7 +484,7 @@ class PullSession:
 
     async def _reader(self, channel: Channel, jobs: trio.Nursery) -> None:
         while True:
-            msg = await channel.receive(limit=_READ_LIMIT, timeout=self.heartbeat_timeout)
+            msg = await channel.receive(limit=_READ_LIMIT, timeout=self.read_timeout)
             if isinstance(msg, Offer):
                 self._on_offer(msg, jobs)
             elif isinstance(msg, Cancel):

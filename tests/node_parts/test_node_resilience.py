@@ -143,7 +143,7 @@ class Coordinator:
 
 
 @asynccontextmanager
-async def coordinator() -> AsyncIterator[Coordinator]:
+async def coordinator(heartbeat_interval: float = 0.5) -> AsyncIterator[Coordinator]:
     acct = Account.create()
     send, receive = trio.open_memory_channel[Link](16)
 
@@ -155,7 +155,7 @@ async def coordinator() -> AsyncIterator[Coordinator]:
                 coordinator=acct.address,
                 chain_id=DOMAIN.chain_id,
                 verifying_contract=DOMAIN.verifying_contract,
-                heartbeat_interval=0.5,
+                heartbeat_interval=heartbeat_interval,
             )
         )
         link = Link(channel)
@@ -176,7 +176,11 @@ class Node:
 
 @asynccontextmanager
 async def node(
-    tmp: Path, coord: Coordinator, backend: CountingBackend, wallet: Any = None
+    tmp: Path,
+    coord: Coordinator,
+    backend: CountingBackend,
+    wallet: Any = None,
+    heartbeat_timeout: float = 60,  # the scripted coordinator sends no heartbeats
 ) -> AsyncIterator[Node]:
     """A node daemon's pull loop for `coord`; leaving the block stops it (a node restart
     when the next block opens on the same `tmp` and `wallet`)."""
@@ -208,7 +212,7 @@ async def node(
                     journal,
                     caps,
                     heartbeat_interval=0.5,
-                    heartbeat_timeout=60,  # the scripted coordinator sends no heartbeats
+                    heartbeat_timeout=heartbeat_timeout,
                 )
 
             async with trio.open_nursery() as nursery:
@@ -341,6 +345,22 @@ async def test_a_reoffer_naming_other_parameters_is_declined_not_resigned(
             entry.signature,
         ) == recover(resent)
         link.done.set()
+
+
+async def test_a_coordinator_beating_less_often_than_the_node_times_out_is_waited_for(
+    tmp_path: Path,
+) -> None:
+    """The reader always used the node's own timeout (15 s by default): a coordinator whose
+    `Welcome` says it beats every 20 s timed out every idle node, which reconnected and had
+    its jobs re-queued. Now the node waits 3 beats of the coordinator's interval."""
+    async with coordinator(heartbeat_interval=1.0) as coord:
+        async with node(tmp_path, coord, CountingBackend(), heartbeat_timeout=0.8) as n:
+            link = await coord.link()
+            await trio.sleep(2.0)  # silent for 2.5 of the node's timeouts, under 3 beats
+            await link.channel.send(coord.offer(1))
+            assert isinstance(await link.next(Result, HandBack), Result)
+            assert coord.links.statistics().current_buffer_used == 0  # never reconnected
+            link.done.set()
 
 
 async def test_results_are_kept_until_acked_then_deleted(tmp_path: Path) -> None:
