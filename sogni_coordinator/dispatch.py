@@ -826,8 +826,18 @@ class Dispatcher:
                 f"partial receipt claims {receipt.steps_done} of {job.params.steps} steps; the "
                 f"time since the offer allows at most {allowed} at this node's measured speed"
             )
-        # checks.py: a sampled receipt is held (stored pending, not billed nor delivered)
-        hold = job.state is JobState.RUNNING and self.checks.sampled(job, receipt, result.meta)
+        # checks.py: a sampled receipt is held (stored pending, not billed nor delivered),
+        # also one the client cancelled meanwhile (CANCELLING: it ends when the check does).
+        # A late one for a job back in the queue (deadline missed, handed back, the node
+        # reconnected) cannot be held while the queue may offer the job again: when its
+        # draw says check, it is not taken (no strike, nothing owed); it was paid unchecked,
+        # which let a node hand a job back and then answer it with noise.
+        hold = self.checks.sampled(job, receipt, result.meta)
+        if hold and job.state is JobState.QUEUED:
+            raise JobGone(
+                "this result came after the job was taken back from this node, and it "
+                "was drawn for a check: not taken (nothing owed, no strike)"
+            )
         path = None
         staged = None
         if not partial:  # durable before its receipt commits: a restart finds it there
@@ -905,10 +915,16 @@ class Dispatcher:
                     job.request_id, job.job_id, receipt.payee, receipt.steps_done, job.params.steps
                 )  # the payee: where the receipt says its rewards go, as the epoch pays them
             now = self._clock()
-            elapsed = now - job.holders.get(link, now)
+            started = job.holders.get(link)  # None: a late receipt, its holding released
+            elapsed = now - started if started is not None else 0.0
             budget = render_budget(job.params, self.deadline_floor, self.deadline_base)
             self.reputation.succeeded(
-                link.wallet, elapsed, budget, receipt.work_units, full=not partial
+                link.wallet,
+                elapsed,
+                budget,
+                receipt.work_units,
+                full=not partial,
+                late=started is None,
             )
             try:
                 self._to(job, event, durable=True)

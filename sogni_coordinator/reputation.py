@@ -168,15 +168,28 @@ class Reputation(Database):
 
     # --- events --------------------------------------------------------------------------
     def succeeded(
-        self, wallet: str, elapsed: float, budget: float, work_units: int, *, full: bool = True
+        self,
+        wallet: str,
+        elapsed: float,
+        budget: float,
+        work_units: int,
+        *,
+        full: bool = True,
+        late: bool = False,
     ) -> None:
         """A receipt was stored; `full`: a whole render (a partial one says nothing about
-        the node's rate)."""
+        the node's rate); `late`: it came after the node's holding was released (deadline
+        missed, handed back): a slow sample, no rate (its time is unknown). It counted as
+        the fastest (elapsed 0)."""
         rec = self.get(wallet)
-        if full and elapsed > 0:
+        if full and elapsed > 0 and not late:
             sample = work_units / elapsed
             rec.work_rate = sample if rec.work_rate <= 0 else _ema(rec.work_rate, sample)
-        rec.speed = _ema(rec.speed, budget / max(elapsed, 1e-3) if elapsed > 0 else 2.0)
+        if late:
+            speed = 0.0
+        else:
+            speed = budget / max(elapsed, 1e-3) if elapsed > 0 else 2.0
+        rec.speed = _ema(rec.speed, speed)
         rec.success = _ema(rec.success, 1.0)
         rec.acceptance = _ema(rec.acceptance, 1.0)
         rec.jobs += 1

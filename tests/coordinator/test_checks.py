@@ -23,6 +23,7 @@ from PIL import Image
 
 from sogni_app.api import authorize
 from sogni_coordinator.challenges import MAX_PAIRS, choose_steps
+from sogni_coordinator.dispatch import ResultRefused
 from sogni_coordinator.evidence import decode_evidence
 from sogni_coordinator.job_state import JobState
 from sogni_coordinator.ledger import worker_account
@@ -340,6 +341,46 @@ async def test_no_verifier_skips_the_check_and_releases(checked: Harness) -> Non
     (line,) = log_lines(h)
     assert line["verdict"] == "skipped" and "no verifier" in str(line["reason"])
     assert h.reputation.get(worker.wallet).strikes == []
+
+
+def _job_state(h: Harness, job_id: bytes) -> JobState | None:
+    job = h.dispatcher.jobs.get(job_id)
+    return job.state if job is not None else h.store.job_state(job_id)
+
+
+async def test_a_result_after_a_hand_back_is_checked_or_not_taken(checked: Harness) -> None:
+    """Sampling looked only at RUNNING jobs: a node that handed a job back (no penalty) and
+    then answered it with noise, while no other node had taken it (QUEUED), was stored,
+    billed and delivered unchecked, and its "elapsed 0" made it the fastest node. Now such
+    a late result is refused when its draw says check (nothing owed, no strike); one the
+    client cancelled meanwhile (CANCELLING) is held and checked like any other."""
+    h = checked
+    sub, _ = await _paid_request(h, 2)
+    worker = h.node(0, slots=2)
+    h.dispatcher.match()
+    first, second = worker.offers()
+    h.dispatcher.handed_back(worker.link, first.offer.job_id, "no slot")
+    assert h.dispatcher.jobs[first.offer.job_id].state is JobState.QUEUED
+    t = Trajectory(first.offer.steps, seed=1)
+    with pytest.raises(ResultRefused, match="taken back"):
+        await h.dispatcher.accept_result(worker.link, committed(worker, first, t))
+    assert h.store.check_state(first.offer.job_id) is None
+    assert h.store.unsettled_receipts() == [] and _earned(h, worker.wallet) == 0
+    assert h.reputation.get(worker.wallet).strikes == []
+    assert h.dispatcher.jobs[first.offer.job_id].state is JobState.QUEUED  # rendered again
+
+    h.dispatcher.cancel_request(sub.accepted.request_id)  # type: ignore[attr-defined]
+    assert h.dispatcher.jobs[second.offer.job_id].state is JobState.CANCELLING
+    t2 = Trajectory(second.offer.steps, seed=1)
+    await h.dispatcher.accept_result(worker.link, committed(worker, second, t2))
+    assert h.store.check_state(second.offer.job_id) == "pending"  # held, not paid unchecked
+    assert h.store.unsettled_receipts() == [] and _earned(h, worker.wallet) == 0
+    verifier = h.node(1, ready=False)
+    await answer_challenge(h, worker, t2)
+    await answer_verify(h, verifier, t2, honest=True)
+    await until(lambda: h.store.check_state(second.offer.job_id) == "passed")
+    await until(lambda: _earned(h, worker.wallet) > 0)  # checked, then paid
+    assert _job_state(h, second.offer.job_id) is JobState.DONE
 
 
 async def test_policy_samples_nothing_at_rate_zero_and_the_first_jobs(

@@ -89,6 +89,8 @@ async def test_missed_deadline_cancels_requeues_and_costs_reputation(coord: Harn
     assert copy.offer.job_id == job_id
     await coord.deliver(a, offer)
     assert _job_state(coord, job_id) is JobState.DONE
+    assert coord.reputation.get(a.wallet).speed < 1.0  # late: a slow sample, never "instant"
+    assert coord.reputation.get(a.wallet).work_rate == 0  # its time is unknown: no rate
     assert [c.job_id for c in b.cancels()] == [job_id]  # the other holder is stopped
     with pytest.raises(ResultRefused, match="already receipted"):
         await coord.deliver(b, copy)
