@@ -132,9 +132,13 @@ CANCEL_GRACE = 30.0
 hand-back or result): offered again while it is still stopping, it could only decline."""
 STRAGGLER_FACTOR = 2.0
 """A job running this many times longer than its request's median is copied to another node."""
-NEWCOMER_WORK_RATE = 20_000.0
-"""Work units per second a node is allowed for partial pay before it has shown its own rate:
-20x the baseline GPU (1,000 per second), so no real node is cut."""
+NEWCOMER_WORK_RATE = 2_000.0
+"""Work units per second a node is allowed for partial pay before it has shown its own rate
+with a full receipt: twice the baseline GPU (1,000 per second). At 20x, a node that never
+finished a job claimed 19 of 20 SDXL steps 2 s after the offer, forever; a fast newcomer is
+paid short only on cancels before its first full render."""
+MAX_PARTIAL_WORK_RATE = 20_000.0
+"""The most any node is allowed for partial pay, whatever rate it showed: 20x the baseline."""
 PARTIAL_RATE_MARGIN = 2.0
 """A measured node may claim partial steps at up to twice its measured rate."""
 EMPTY_SHA256 = hashlib.sha256(b"").digest()
@@ -1086,8 +1090,9 @@ class Dispatcher:
 
     def _partial_steps_allowed(self, link: NodeLink, job: Job) -> int:
         """The most steps `link` can have done on `job` since it was offered: elapsed time at
-        the rate this coordinator measured for the node (full receipts, with a margin), or at
-        `NEWCOMER_WORK_RATE` before it has any; never the node's own claim."""
+        the rate this coordinator measured for the node (full receipts, with a margin, up to
+        `MAX_PARTIAL_WORK_RATE`), or at `NEWCOMER_WORK_RATE` before it has any; never the
+        node's own claim."""
         offered = job.holders.get(link)
         if offered is None:
             return 0
@@ -1095,7 +1100,7 @@ class Dispatcher:
         rate = NEWCOMER_WORK_RATE if measured <= 0 else PARTIAL_RATE_MARGIN * measured
         elapsed = max(0.0, self._clock() - offered)
         per_step = job.work_units / job.params.steps  # work units of one step of this job
-        return 1 + int(elapsed * min(rate, NEWCOMER_WORK_RATE) / max(per_step, 1e-9))
+        return 1 + int(elapsed * min(rate, MAX_PARTIAL_WORK_RATE) / max(per_step, 1e-9))
 
     async def _gone_reason(self, job_id: bytes) -> str:
         """Why a result for a job no longer live here is refused (store reads in a worker

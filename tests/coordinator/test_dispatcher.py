@@ -11,7 +11,7 @@ import trio
 from eth_account import Account
 
 from sogni_app.api import authorize
-from sogni_coordinator.dispatch import MAX_ATTEMPTS, Refusal, ResultRefused
+from sogni_coordinator.dispatch import MAX_ATTEMPTS, NEWCOMER_WORK_RATE, Refusal, ResultRefused
 from sogni_coordinator.job_state import JobState
 from sogni_coordinator.ledger import partial_value, reserved_account, worker_account
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
@@ -366,6 +366,18 @@ async def test_a_partial_receipt_cannot_claim_more_steps_than_time_allows(
     with pytest.raises(ResultRefused, match="at most 1 at this node's measured speed"):
         await coord.deliver(a, offer, steps_done=39)  # 0 s after the offer
     assert not coord.store.receipts()
+    # a node that never finished a job: twice the baseline GPU's rate, not 20x (forever)
+    late = await coord.submit(request(1, **big))
+    coord.dispatcher.ready(a.link, 1)
+    coord.dispatcher.match()
+    (unmeasured,) = a.offers()
+    coord.dispatcher.cancel_request(late.accepted.request_id)
+    coord.clock.advance(2.0)
+    per_step = unmeasured.offer.work_units / 40
+    allowed = 1 + int(2.0 * NEWCOMER_WORK_RATE / per_step)
+    assert allowed < 20 <= 1 + int(2.0 * 20_000 / per_step)  # what 20x allowed
+    with pytest.raises(ResultRefused, match=f"at most {allowed} at this node's"):
+        await coord.deliver(a, unmeasured, steps_done=20)
 
     # an honest full render teaches the coordinator the node's rate: 40 steps in 10 s
     honest = await coord.submit(request(1, **big))
