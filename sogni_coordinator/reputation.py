@@ -185,11 +185,8 @@ class Reputation(Database):
         if full and elapsed > 0 and not late:
             sample = work_units / elapsed
             rec.work_rate = sample if rec.work_rate <= 0 else _ema(rec.work_rate, sample)
-        if late:
-            speed = 0.0
-        else:
-            speed = budget / max(elapsed, 1e-3) if elapsed > 0 else 2.0
-        rec.speed = _ema(rec.speed, speed)
+        on_time = budget / max(elapsed, 1e-3) if elapsed > 0 else 2.0
+        rec.speed = _ema(rec.speed, 0.0 if late else on_time)
         rec.success = _ema(rec.success, 1.0)
         rec.acceptance = _ema(rec.acceptance, 1.0)
         rec.jobs += 1

@@ -353,14 +353,16 @@ async def test_a_coordinator_beating_less_often_than_the_node_times_out_is_waite
     """The reader always used the node's own timeout (15 s by default): a coordinator whose
     `Welcome` says it beats every 20 s timed out every idle node, which reconnected and had
     its jobs re-queued. Now the node waits 3 beats of the coordinator's interval."""
-    async with coordinator(heartbeat_interval=1.0) as coord:
-        async with node(tmp_path, coord, CountingBackend(), heartbeat_timeout=0.8) as n:
-            link = await coord.link()
-            await trio.sleep(2.0)  # silent for 2.5 of the node's timeouts, under 3 beats
-            await link.channel.send(coord.offer(1))
-            assert isinstance(await link.next(Result, HandBack), Result)
-            assert coord.links.statistics().current_buffer_used == 0  # never reconnected
-            link.done.set()
+    async with (
+        coordinator(heartbeat_interval=1.0) as coord,
+        node(tmp_path, coord, CountingBackend(), heartbeat_timeout=0.8),
+    ):
+        link = await coord.link()
+        await trio.sleep(2.0)  # silent for 2.5 of the node's timeouts, under 3 beats
+        await link.channel.send(coord.offer(1))
+        assert isinstance(await link.next(Result, HandBack), Result)
+        assert coord.links.statistics().current_buffer_used == 0  # never reconnected
+        link.done.set()
 
 
 async def test_results_are_kept_until_acked_then_deleted(tmp_path: Path) -> None:
