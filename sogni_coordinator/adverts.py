@@ -4,11 +4,20 @@ The pull handshake is what routing trusts; gossip lets a coordinator see nodes t
 not (yet) connected to it, e.g. for a network view. Each advert is a `NodeHello` frame,
 validated before GossipSub relays it: decoded strictly, the binding checked against the
 gossip origin, and at most one accepted per node per `min_interval` seconds.
+
+Anyone can make a peer key and a wallet, so what an advert may cost is bounded whoever sends
+it: one signature check per origin per `min_interval` (a refused one counts too: a stream of
+bad bindings from one origin was checked every time, ~9 ms of the loop each), at most
+`checks_per_second` across all origins (a token bucket: past it, adverts are dropped
+unchecked), and a book of at most `max_adverts` origins, oldest first out, expired ones
+pruned (it grew by ~94 KB per self-signed origin, forever).
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sogni_protocol import eip712
@@ -24,11 +33,22 @@ log = get_logger(__name__)
 class AdvertBook:
     domain: Domain
     min_interval: float = 25.0
-    adverts: dict[str, Capabilities] = field(default_factory=dict)
-    _last_seen: dict[str, float] = field(default_factory=dict)
+    max_adverts: int = 4096
+    checks_per_second: float = 20.0
+    clock: Callable[[], float] = time.time
+    adverts: OrderedDict[str, Capabilities] = field(default_factory=OrderedDict)
+    _last_seen: OrderedDict[str, float] = field(default_factory=OrderedDict)
+    _tokens: float = field(default=-1.0)
+    _filled_at: float = 0.0
 
     def validate(self, origin: str, data: bytes) -> bool:
         """GossipSub validator: accept, record and relay only well-formed, bound, fresh adverts."""
+        now = self.clock()
+        if now - self._last_seen.get(origin, -1e18) < self.min_interval:
+            return False  # spam protection: one advert checked per node per interval
+        if not self._take_token(now):
+            return False  # the network's whole budget of checks is spent for now
+        self._seen(origin, now)
         try:
             msg = decode(data)
         except ProtocolError as exc:
@@ -37,15 +57,39 @@ class AdvertBook:
         if not isinstance(msg, NodeHello):
             log.info("advert_rejected", origin=origin, error=f"{type(msg).__name__} on topic")
             return False
-        now = time.time()
-        if now - self._last_seen.get(origin, -1e18) < self.min_interval:
-            return False  # spam protection: one advert per node per interval
         fault = eip712.check_binding(
             self.domain, msg.capabilities, msg.binding_signature, origin, now
         )
         if fault is not None:
             log.info("advert_rejected", origin=origin, error=fault)
             return False
-        self._last_seen[origin] = now
         self.adverts[origin] = msg.capabilities
+        self.adverts.move_to_end(origin)
+        self._prune(now)
         return True
+
+    def _take_token(self, now: float) -> bool:
+        if self._tokens < 0:  # a full bucket to start with
+            self._tokens, self._filled_at = self.checks_per_second, now
+        elapsed = max(0.0, now - self._filled_at)
+        self._tokens = min(self.checks_per_second, self._tokens + elapsed * self.checks_per_second)
+        self._filled_at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+    def _seen(self, origin: str, now: float) -> None:
+        self._last_seen[origin] = now
+        self._last_seen.move_to_end(origin)
+        while self._last_seen:  # entries older than the interval limit nothing: dropped
+            oldest, at = next(iter(self._last_seen.items()))
+            if now - at < self.min_interval and len(self._last_seen) <= self.max_adverts:
+                break
+            del self._last_seen[oldest]
+
+    def _prune(self, now: float) -> None:
+        while len(self.adverts) > self.max_adverts:
+            self.adverts.popitem(last=False)
+        for origin in [o for o, caps in self.adverts.items() if caps.expiry <= now]:
+            del self.adverts[origin]  # at most `max_adverts` looked at, `checks_per_second`

@@ -54,6 +54,7 @@ from sogni_node.trust import NetworkSigners
 from sogni_node.worker import Worker
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
+from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CAPABILITIES_TOPIC
 from sogni_protocol.image_encoding import encoder_build, encodes_like_network
 from sogni_protocol.logs import get_logger
@@ -67,6 +68,7 @@ from sogni_protocol.messages import (
     NodeHello,
     RenderMeta,
     Result,
+    decode,
     encode,
 )
 from sogni_wallet.keystore import Wallet, unlock_wallet
@@ -228,6 +230,7 @@ async def run_node(
             listen=[config.listen],
             pubsub_topics=[CAPABILITIES_TOPIC],
         ) as host:
+            host.set_topic_validator(CAPABILITIES_TOPIC, plain_advert)
             speed = saved_speed(config.bench_path)
 
             def new_caps() -> Capabilities:
@@ -592,3 +595,18 @@ def run(config: NodeConfig, *, announce: bool = False) -> ShutdownReport:
         return report
 
     return trio.run(main)
+
+
+def plain_advert(origin: str, data: bytes) -> bool:
+    """The node's gossip validator: relay only what could be an advert of its origin, unexpired
+    (a strict decode, no signature: coordinators check bindings). Without one a node relayed
+    any bytes up to the topic's frame limit across the mesh."""
+    try:
+        msg = decode(data)
+    except ProtocolError:
+        return False
+    return (
+        isinstance(msg, NodeHello)
+        and msg.capabilities.peer_id == origin
+        and msg.capabilities.expiry > time.time()
+    )
