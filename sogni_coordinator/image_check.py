@@ -4,9 +4,8 @@ Why: a signed receipt only proves who sent the bytes. Before paying for them the
 makes sure they are an image at all: they decode completely (a truncated or garbage file
 does not), in the format the job asked for, at the job's size. It costs a decode (about a
 millisecond at 512x512), runs in a worker thread (on the event loop for jobs of at most
-`INLINE_PIXELS`, where the decode costs less than the thread hand-off: ~20 us at 64x64 for
-the plain PNGs nodes write, inflated with zlib alone, 30-110 us through Pillow for any other
-file, depending on the CPU),
+`INLINE_PIXELS` whose image is the plain PNG nodes write, inflated with zlib alone: ~20 us at
+64x64, less than the thread hand-off; any file Pillow must decide goes to the thread),
 and never looks at what the image shows: whether it is the right image is the trajectory
 checks' job (docs/TRAJECTORY.md).
 """
@@ -19,7 +18,12 @@ import warnings
 import zlib
 
 import trio
-from PIL import Image
+from PIL import Image, PngImagePlugin
+
+PngImagePlugin.MAX_TEXT_MEMORY = 1 << 20
+"""Pillow inflates a PNG's text chunks up to 64 MiB by default: a result of compressed text
+would cost a decode of that much per image. A node's encoder writes none; 1 MiB is far above
+any honest metadata, and more is refused as not decoding."""
 
 __all__ = ["INLINE_BYTES", "INLINE_PIXELS", "check_image", "image_fault"]
 
@@ -116,7 +120,11 @@ def _plain_png_fault(image: bytes, width: int, height: int) -> str | None:
 
 
 async def check_image(image: bytes, fmt: str, width: int, height: int) -> str | None:
-    """`image_fault`, in a worker thread unless the job and the image are small."""
-    if width * height <= INLINE_PIXELS and len(image) <= INLINE_BYTES:
-        return image_fault(image, fmt, width, height)
+    """`image_fault`, in a worker thread unless the job and the image are small and the
+    image is the plain PNG form: anything Pillow must decide goes to the thread (a 64 KiB
+    PNG of zTXt chunks each inflating to 1 MiB held the loop 0.4 s through Pillow)."""
+    if width * height <= INLINE_PIXELS and len(image) <= INLINE_BYTES and fmt == "png":
+        fast = _plain_png_fault(image, width, height)
+        if fast is not _UNSURE:
+            return fast
     return await trio.to_thread.run_sync(image_fault, image, fmt, width, height)
