@@ -180,13 +180,18 @@ class ImageDistance:
 _FAR = ImageDistance(math.inf, math.inf)
 
 
+_JOB_FORMATS = ("PNG", "JPEG", "WEBP")
+
+
 def _rgb(data: bytes, width: int, height: int) -> Image.Image | None:
     """`data` decoded as RGB, or None if it is not a complete image of that size (the size is
-    read from the header before any pixel is decoded: no decompression bombs)."""
+    read from the header before any pixel is decoded: no decompression bombs). Only the
+    formats a job can ask for are tried: Pillow would otherwise open whatever a worker or a
+    verifier sent as EPS (Ghostscript), PSD, FITS and the rest."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=_JOB_FORMATS) as im:
                 if im.size != (width, height):
                     return None
                 im.load()

@@ -104,6 +104,10 @@ def test_another_size_or_garbage_is_infinitely_far_and_a_bad_reference_is_an_err
         image_distance(ref, b"junk", SIZE, SIZE)
     with pytest.raises(ValueError):  # a verifier's image of another size is its own fault
         image_distance(ref, encoded(picture(size=72)), SIZE, SIZE)
+    # only a job's formats are decoded: Pillow's other parsers (EPS runs Ghostscript) never
+    for other in ("BMP", "TIFF", "PPM"):
+        with pytest.raises(ValueError):
+            image_distance(ref, encoded(picture(), other), SIZE, SIZE)
 
 
 def test_a_jpeg_of_the_same_pixels_is_no_png_jobs_image() -> None:
