@@ -24,7 +24,7 @@ can relay claims at the cost of a little gas, which it must not waste:
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -70,27 +70,37 @@ class RelayRefusal(Exception):
         return RelayRefused(code=self.code, reason=self.reason[:1024])
 
 
+MAX_ACCOUNTS_TRACKED = 100_000
+"""Accounts the rate limit remembers; past it, the least recently asked for is forgotten."""
+MAX_WAITING = 8
+"""Claims waiting for the chain at once; more are refused `busy` at once. Anyone may name
+any account, so without a bound a stream of junk claims queued up before honest ones."""
+ROOT_CACHE_SECONDS = 10.0
+"""How long the newest matured root is reused: a claim's proof is checked against it before
+any chain read (junk proofs cost no RPC), refreshed at most this often."""
+
+
 @dataclass
 class _Window:
-    """Sliding-window counter of requests per account."""
+    """Sliding-window counter of requests per account, least recently asked first."""
 
     window: float
     attempts: int
     clock: Callable[[], float]
-    seen: dict[str, deque[float]] = field(default_factory=dict)
+    seen: OrderedDict[str, deque[float]] = field(default_factory=OrderedDict)
 
     def admit(self, account: str) -> float | None:
         """None when admitted (and counted), else the seconds until the next one is."""
         now = self.clock()
         times = self.seen.setdefault(account, deque())
+        self.seen.move_to_end(account)
         while times and times[0] <= now - self.window:
             times.popleft()
         if len(times) >= self.attempts:
             return times[0] + self.window - now
         times.append(now)
-        if len(self.seen) > 100_000:  # forget idle accounts, bounded memory
-            for key in [k for k, v in self.seen.items() if not v or v[-1] <= now - self.window]:
-                del self.seen[key]
+        while len(self.seen) > MAX_ACCOUNTS_TRACKED:  # bounded memory, O(1) per request
+            self.seen.popitem(last=False)
         return None
 
 
@@ -114,6 +124,10 @@ class ClaimRelay:
         self._limits = _Window(window, attempts, clock)
         self._chain_limiter = trio.CapacityLimiter(1)
         self._in_flight: set[str] = set()
+        self._clock = clock
+        self._root: tuple[float, int, bytes] | None = None
+        """(when read, epoch, root): the newest matured root, reused `ROOT_CACHE_SECONDS`
+        (written by the one thread `_chain_limiter` lets in)."""
 
     @property
     def address(self) -> str:
@@ -130,6 +144,8 @@ class ClaimRelay:
             )
         if account in self._in_flight:
             raise RelayRefusal("busy", f"a claim for {claim.account} is already being relayed")
+        if len(self._in_flight) >= MAX_WAITING:
+            raise RelayRefusal("busy", "this coordinator is relaying other claims: retry shortly")
         self._in_flight.add(account)
         try:
             done = await trio.to_thread.run_sync(
@@ -171,6 +187,19 @@ class ClaimRelay:
         d = self.distributor
         account = d.chain.address_of(claim.account)
         amount = int(claim.cumulative_amount)
+        cached = self._root
+        fresh = cached is not None and self._clock() - cached[0] < ROOT_CACHE_SECONDS
+        if (
+            fresh
+            and cached is not None
+            and not merkle.verify(cached[2], (account, amount), claim.proof)
+        ):
+            raise RelayRefusal(  # no chain read for a proof of no matured root
+                "invalid_proof",
+                f"the amount and proof are not a leaf of epoch {cached[1]}'s root, the newest "
+                f"matured one as read at most {ROOT_CACHE_SECONDS:g} s ago (claims verify "
+                "against it; retry shortly if a newer root has just matured)",
+            )
         if d.paused():
             raise RelayRefusal("paused", "claims are paused by governance")
         epoch = d.matured_epoch()
@@ -182,6 +211,8 @@ class ClaimRelay:
                 + (f": claims open at unix time {opens}" if opens else ""),
             )
         root = d.root_of(epoch)
+        if root is not None:
+            self._root = (self._clock(), epoch, root)
         if root is None or not merkle.verify(root, (account, amount), claim.proof):
             raise RelayRefusal(
                 "invalid_proof",

@@ -22,7 +22,7 @@ from typer.testing import CliRunner, Result
 
 from sogni_chain import ChainRevert
 from sogni_coordinator.chain_link import publish_dir
-from sogni_coordinator.claim_relay import ClaimRelay, RelayRefusal
+from sogni_coordinator.claim_relay import MAX_WAITING, ClaimRelay, RelayRefusal
 from sogni_coordinator.config import CoordinatorConfig
 from sogni_coordinator.service import RunningCoordinator, Signer, run_coordinator
 from sogni_coordinator.store import Store
@@ -325,6 +325,41 @@ async def test_claims_use_the_newest_matured_root(net: Net, store: Store, tmp_pa
     assert burst.value.code == "rate_limited"
     with pytest.raises(ChainRevert):  # what the relayer refuses, the contract would revert
         net.d.distributor.claim(me.address, latest_amount, latest_proof, sender=net.settler)
+
+    # junk claims naming fresh accounts each (the rate limit is per account): once the root
+    # was read, their proofs are checked against it before any chain read
+    reads: list[str] = []
+    d = net.d.distributor
+
+    def counted(name: str, real: Any) -> Any:
+        def read(*args: object) -> object:
+            reads.append(name)
+            return real(*args)
+
+        return read
+
+    for name in ("paused", "matured_epoch", "root_of"):
+        setattr(d, name, counted(name, getattr(d, name)))
+    try:
+        for i in range(5):
+            junk = RelayClaim(account=worker(100 + i).address, cumulative_amount="7", proof=[])
+            with pytest.raises(RelayRefusal) as bad:
+                await relay.relay(junk)
+            assert bad.value.code == "invalid_proof"
+    finally:
+        for name in ("paused", "matured_epoch", "root_of"):
+            delattr(d, name)
+    assert reads == []
+
+
+async def test_the_relay_refuses_more_claims_than_it_lets_wait(net: Net) -> None:
+    """Every claim waited for the one chain slot, with no bound: junk naming new accounts
+    queued up ahead of honest claims. Past `MAX_WAITING`, a claim is refused `busy` at once."""
+    relay = ClaimRelay(net.d.distributor, net.settler)
+    relay._in_flight.update(f"0x{i:040x}" for i in range(MAX_WAITING))  # claims in flight
+    with pytest.raises(RelayRefusal) as busy:
+        await relay.relay(RelayClaim(account=worker(99).address, cumulative_amount="1", proof=[]))
+    assert busy.value.code == "busy"
 
 
 async def test_the_relayer_pays_no_gas_for_a_strangers_dust(anvil_net: Net, tmp_path: Path) -> None:
