@@ -1213,6 +1213,11 @@ class PullSession:
         """Answer a re-offer with the kept result: the same image and hash; the receipt is
         re-signed only if this offer's hash differs from the one it names."""
         entry, offer = kept.entry, job.msg.offer
+        if job.id in self._result_sent and entry.receipt.offer_hash != job.offer_hash:
+            # its ack would be matched by job id to the receipt re-signed now: an acceptance
+            # of the first written onto the second (the paid receipt lost from the journal)
+            self._decline(job.id, "this node's result for the job awaits the coordinator's ack")
+            return
         rendered = await _off_loop(self.journal.offer, job.id)
         fault = _reoffer_fault(
             entry.receipt,

@@ -302,6 +302,11 @@ async def test_a_reoffer_of_a_rendered_job_resends_the_kept_result(tmp_path: Pat
         )
 
         again = coord.offer(1, job_id=offer.offer.job_id, later=5)  # a restarted coordinator
+        await link.channel.send(again)  # on this session the first result awaits its ack
+        declined = await link.next(OfferDeclined, Result, HandBack)
+        assert isinstance(declined, OfferDeclined) and "awaits" in declined.reason
+        link.done.set()  # the coordinator restarts: a new session, the same re-offer
+        link = await coord.link()
         await link.channel.send(again)
         resent = await link.next(Result, HandBack)
         assert isinstance(resent, Result) and resent.image == first.image
@@ -328,6 +333,8 @@ async def test_a_reoffer_naming_other_parameters_is_declined_not_resigned(
         await link.channel.send(offer)
         first = await link.next(Result, HandBack)
         assert isinstance(first, Result)
+        link.done.set()  # a new session (the first result's ack never comes)
+        link = await coord.link()
         other = coord.offer(2, job_id=offer.offer.job_id, later=5)  # another seed
         await link.channel.send(other)
         declined = await link.next(OfferDeclined, Result, HandBack)
