@@ -32,6 +32,7 @@ import msgspec
 import structlog
 from eth_hash.auto import keccak
 
+from sogni_coordinator import prompt_crypto
 from sogni_coordinator.db import Database
 from sogni_coordinator.evidence import decode_evidence
 from sogni_protocol import epoch_math
@@ -104,6 +105,14 @@ _SCHEMA_V2 = """
 ALTER TABLE dispute_restorations ADD COLUMN planned_epoch INTEGER;
 ALTER TABLE dispute_restorations ADD COLUMN planned_amount TEXT;
 """
+# A refusal's job parameters (the prompt too: a dispute's re-checks re-run its steps) are
+# sealed with a key of their own (`prompt_crypto`, the case id as associated data), and the
+# key is shredded (`params` emptied) once no re-check can need them: the vote opened, the
+# case resolved, or the dispute window closed undisputed. Rows written before this held the
+# parameters in plain text, forever; `DisputeBook` seals them when it opens.
+_SCHEMA_V3 = """
+ALTER TABLE dispute_refusals ADD COLUMN params_key BLOB;
+"""
 
 
 def evidence_hash_of(evidence: bytes | None, reason: str) -> bytes:
@@ -125,7 +134,9 @@ class RefusalRecord:
     worker: str
     payee: str
     receipt: Receipt
-    params: JobParams
+    params: JobParams | None
+    """None once shredded (see `_SCHEMA_V3`): no re-check can run, the vote goes on the
+    original evidence."""
     dtype: str
     reason: str
     evidence_hash: bytes
@@ -151,18 +162,22 @@ class RefusalRecord:
 
 _COLS = (
     "job_id, case_id, worker, payee, receipt, params, dtype, reason, evidence_hash, refused_at,"
-    " signature, bundle_hash, bundle_path, outcome"
+    " signature, bundle_hash, bundle_path, outcome, params_key"
 )
 
 
 def _record(row: tuple[Any, ...]) -> RefusalRecord:
+    params = None
+    if row[14] is not None:
+        plain = prompt_crypto.unseal(bytes(row[14]), bytes(row[5]), bytes(row[1]))
+        params = msgspec.msgpack.decode(plain, type=JobParams)
     return RefusalRecord(
         bytes(row[0]),
         bytes(row[1]),
         str(row[2]),
         str(row[3]),
         msgspec.msgpack.decode(row[4], type=Receipt),
-        msgspec.msgpack.decode(row[5], type=JobParams),
+        params,
         str(row[6]),
         str(row[7]),
         bytes(row[8]),
@@ -179,13 +194,35 @@ class DisputeBook(Database):
     `disputes`, in the coordinator's database)."""
 
     def __init__(self, path: Path | str) -> None:
-        super().__init__(path, component="disputes", migrations=[_SCHEMA_V1, _SCHEMA_V2])
+        super().__init__(
+            path, component="disputes", migrations=[_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3]
+        )
+        self._seal_plain_rows()
+
+    def _seal_plain_rows(self) -> None:
+        """Rows written before `_SCHEMA_V3`: their plain parameters sealed now."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT case_id, params FROM dispute_refusals"
+                " WHERE params_key IS NULL AND length(params) > 0"
+            ).fetchall()
+            for case_id, params in rows:
+                key = prompt_crypto.new_key()
+                sealed = prompt_crypto.seal(key, bytes(params), bytes(case_id))
+                db.execute(
+                    "UPDATE dispute_refusals SET params=?, params_key=? WHERE case_id=?",
+                    (sealed, key, bytes(case_id)),
+                )
 
     def add(self, r: RefusalRecord) -> None:
+        key = prompt_crypto.new_key() if r.params is not None else None
+        sealed = b""
+        if key is not None:
+            sealed = prompt_crypto.seal(key, msgspec.msgpack.encode(r.params), r.case_id)
         with self._tx() as db:
             db.execute(
                 f"INSERT INTO dispute_refusals ({_COLS}) VALUES"
-                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL)"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?)"
                 " ON CONFLICT (case_id) DO NOTHING",
                 (
                     r.job_id,
@@ -193,14 +230,34 @@ class DisputeBook(Database):
                     r.worker.lower(),
                     r.payee.lower(),
                     msgspec.msgpack.encode(r.receipt),
-                    msgspec.msgpack.encode(r.params),
+                    sealed,
                     r.dtype,
                     r.reason,
                     r.evidence_hash,
                     r.refused_at,
                     r.signature,
+                    key,
                 ),
             )
+
+    def shred(self, case_id: bytes | None = None, *, undisputed_before: int | None = None) -> int:
+        """Forget the parameters (the prompt) of one case, or of every case refused before
+        `undisputed_before` that was never disputed (no bundle): nothing will re-check them.
+        Returns how many were forgotten."""
+        args: tuple[bytes | int, ...]
+        if case_id is not None:
+            where, args = "case_id=?", (case_id,)
+        elif undisputed_before is not None:
+            where, args = "bundle_hash IS NULL AND refused_at < ?", (undisputed_before,)
+        else:
+            raise ValueError("shred needs a case id or a time")
+        with self._tx() as db:
+            done = db.execute(
+                "UPDATE dispute_refusals SET params=?, params_key=NULL"
+                f" WHERE params_key IS NOT NULL AND {where}",
+                (b"", *args),
+            )
+            return int(done.rowcount)
 
     def refusals(self, job_id: bytes | None = None) -> list[RefusalRecord]:
         where, args = ("WHERE job_id=?", (job_id,)) if job_id is not None else ("", ())
@@ -504,6 +561,7 @@ class DisputeDesk:
         self.dispatcher, self.reputation = dispatcher, reputation
         self.rechecks, self.verify_timeout = rechecks, verify_timeout
         self._rng = rng or random.SystemRandom()
+        self._window: int | None = None
         self.public_url: str | None = public_url
         """Base URL jurors fetch bundles from (`[gateway] public_url`, else the bound
         `http_listen`); None without an HTTP server: the bundle's file URI is published."""
@@ -531,6 +589,11 @@ class DisputeDesk:
 
     async def poll(self) -> int:
         """Handle what happened on chain since the last poll; returns events handled."""
+        if self._window is None:  # read once: a change by governance applies after a restart
+            self._window = int(self.disputes.params().dispute_window)
+        # the refusals nobody disputed in time: their prompts are forgotten (an hour's slack
+        # for a dispute opened in the window's last block and not yet seen here)
+        self.book.shred(undisputed_before=int(time.time()) - self._window - 3600)
         opened, resolved = self.events()
         for ev in opened:
             record = self.book.by_case(bytes(ev["caseId"]))
@@ -547,7 +610,7 @@ class DisputeDesk:
             "caseId": "0x" + record.case_id.hex(),
             "jobId": "0x" + record.job_id.hex(),
             "worker": record.worker,
-            "modelId": record.params.model_id,
+            "modelId": record.receipt.model_id,
             "steps": record.receipt.steps_done,
             "refusedAt": record.refused_at,
             "reason": record.reason,
@@ -559,6 +622,7 @@ class DisputeDesk:
         path = self.publish_dir / "disputes" / f"{record.case_id.hex()}.json"
         atomic_write_bytes(path, body)
         self.book.set_bundle(record.case_id, digest, str(path))
+        self.book.shred(record.case_id)  # the re-checks are done: the prompt is not needed
         uri = self.bundle_uri(record.case_id, path)
         self.disputes.open_voting(record.case_id, digest, uri, sender=self.reporter)
         log.info("dispute_vote_opened", case=record.case_id.hex()[:16], rechecks=len(rechecks))
@@ -570,6 +634,10 @@ class DisputeDesk:
         from sogni_coordinator.verifiers import verify_step
 
         assert self.dispatcher is not None
+        if record.params is None:  # shredded: disputed after its window, as seen here
+            log.warning("dispute_recheck_impossible", case=record.case_id.hex()[:16])
+            return []
+        params = record.params
         kept = self.dispatcher.store.failed_evidence(record.job_id)
         if not kept:
             return []
@@ -592,8 +660,8 @@ class DisputeDesk:
             for _ in range(self.rechecks):
                 v = await verify_step(
                     self.dispatcher,
-                    params=record.params,
-                    scheduler=record.params.scheduler,
+                    params=params,
+                    scheduler=params.scheduler,
                     worker=record.worker,
                     opening_k=ok,
                     opening_next=nxt,
@@ -625,6 +693,7 @@ class DisputeDesk:
         record = self.book.by_case(case_id)
         if record is None or not self.book.settle(case_id, worker_won):
             return
+        self.book.shred(case_id)
         if worker_won and self.reputation is not None:
             self.reputation.pardon(record.worker)
         log.info("dispute_resolved", case=case_id.hex()[:16], worker_won=worker_won)

@@ -39,6 +39,14 @@ async def h(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Harness]:
     harness.close()
 
 
+def _raw_params(db: Path) -> bytes:
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        (row,) = conn.execute("SELECT params FROM dispute_refusals").fetchall()
+    return bytes(row[0])
+
+
 async def _faulty(h: Harness, node: FakeNode, truth: Trajectory) -> None:
     """A verifier with a broken kernel: its x'_{k+1} is another trajectory's."""
     ask = await next_of(node, VerifyStep)
@@ -79,6 +87,9 @@ async def test_honest_worker_wins_against_faulty_verifiers(
     chain.send_eth(account.address, 10**18, sender=env.gov)
     env.d.token.transfer(account.address, 50 * SOGNI)
     (record,) = book.refusals(job_id)
+    # the prompt a re-check needs is kept sealed (it was plain msgpack in the row, forever)
+    assert record.params is not None and record.params.positive_prompt == "a red circle"
+    assert b"a red circle" not in _raw_params(tmp_path / "coordinator.db")
     refusal = Refusal.from_json(json.loads(json.dumps(record.as_json())))  # as served over HTTP
     with pytest.raises(DisputeRefused, match="not this wallet"):
         open_dispute(disputes, env.d.token.address, worker=env.outsider, refusal=refusal)
@@ -114,6 +125,7 @@ async def test_honest_worker_wins_against_faulty_verifiers(
     assert {r["verifier"] for r in bundle["rechecks"]} == {"v1", "v2"}  # no wallets published
     assert worker.wallet.lower() not in body.decode().replace(record.worker, "")
     assert b"positive_prompt" not in body and b"prompt" not in body
+    assert record.params is None and _raw_params(tmp_path / "coordinator.db") == b""  # shredded
 
     # jurors vote with the client; salts are kept 0600 for the reveal
     clients = [
