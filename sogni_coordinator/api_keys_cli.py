@@ -42,7 +42,7 @@ def _open(config: Path | None) -> ApiKeys:
         raise BadUsage(
             str(exc), "fix the config file or the SOGNI_COORDINATOR_* variables"
         ) from exc
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return ApiKeys(cfg.database)
 
 

@@ -29,6 +29,7 @@ from Crypto.Cipher import AES
 from Crypto.Protocol.KDF import scrypt
 
 from sogni_coordinator.data_dir_lock import DataDirBusy, hold
+from sogni_coordinator.db import private_database_file
 from sogni_coordinator.storage import is_postgres
 from sogni_protocol.atomic import atomic_write_bytes
 
@@ -175,7 +176,8 @@ def backup(
         raise BackupError(f"{target} is not empty: back up into a new folder")
     if node_key is not None and not password:
         raise BackupError("the node key is encrypted with a password: set one to back it up")
-    target.mkdir(parents=True, exist_ok=True)
+    target.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_database_file(target / _DB_NAME)  # live requests' prompt keys: owner only
     _snapshot_db(database, target / _DB_NAME)
     for name in _FOLDERS:
         if (data_dir / name).is_dir():
@@ -245,11 +247,12 @@ def _restore_files(
         if not password:
             raise BackupError("the backup holds an encrypted node key: give its password")
         node_key = _decrypt((source / "keys" / _NODE_KEY_ENC).read_bytes(), password)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     for suffix in ("-wal", "-shm"):  # a stale WAL must not be replayed over the restored file
         Path(str(database) + suffix).unlink(missing_ok=True)
     database.parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(source / _DB_NAME, database)
+    os.chmod(database, 0o600)  # live requests' prompt keys: owner only
     for name in _FOLDERS:
         if (source / name).is_dir():
             shutil.rmtree(data_dir / name, ignore_errors=True)

@@ -248,7 +248,7 @@ def credit(
     if not is_address(account):
         raise BadUsage(f"{account!r} is not an Ethereum address", "give a 0x... address")
     cfg = _config(config)
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     ledger = Ledger(cfg.database)
     try:
         if sogni:

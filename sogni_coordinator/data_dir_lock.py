@@ -33,7 +33,7 @@ class DataDirBusy(RuntimeError):
 def hold(data_dir: Path, doing: str) -> Iterator[None]:
     """Hold `data_dir`'s lock for the block; `DataDirBusy`, naming `doing`, when another
     holder has it. Closing the descriptor releases the lock."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         if fcntl is not None:

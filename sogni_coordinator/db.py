@@ -51,8 +51,10 @@ component may replace a migration that SQLite-only DDL cannot express
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import os
 import sqlite3
 import threading
 import time
@@ -504,6 +506,22 @@ def _log_failure(component: str, label: str) -> Done:
     return done
 
 
+def private_database_file(path: Path) -> None:
+    """Create the database file readable by its owner only, and take group and others' read
+    off an existing one and its WAL and shared-memory files (SQLite gives those the main
+    file's mode): it holds the request keys that open live prompts (`prompt_crypto`), and the
+    umask left it 0644, readable by every local user."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    except OSError:
+        return  # unreadable or a read-only folder: SQLite says what is wrong
+    for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(OSError):
+            mode = part.stat().st_mode & 0o777
+            if mode & 0o077:
+                part.chmod(mode & 0o700)
+
+
 class Database:
     def __init__(
         self,
@@ -522,7 +540,8 @@ class Database:
         self.path = Path(path)
         self.component = component
         if str(path) != ":memory:" and not self.postgres:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_database_file(self.path)
         self._shared = _open_shared(path)
         self._db = self._shared.conn
         self._lock = _ReadLock(self._shared, component)

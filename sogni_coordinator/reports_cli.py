@@ -38,7 +38,7 @@ IdArg = Annotated[int, typer.Argument(help="The report's id, from `reports list`
 
 def _open(config: Path | None) -> Reports:
     cfg = load_cli_config(config)
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     return Reports(cfg.database)
 
 

@@ -98,7 +98,7 @@ async def _serve(
     task_status: TaskStatus[RunningCoordinator],
 ) -> None:
     started = time.monotonic()
-    config.data_dir.mkdir(parents=True, exist_ok=True)
+    config.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys, prompts' keys
     store = Store(config.database)
     closers: list[ApiKeys] = []  # closed after the nursery (the gateway's key store)
     ledger = Ledger(config.database, daily_boost_spark=default_catalog().daily_boost_spark)

@@ -83,6 +83,21 @@ def test_an_online_backup_restores_the_same_coordinator(net: Net, tmp_path: Path
     assert (fresh / "node.key").read_bytes() == raw_key
     assert (fresh / "node.key").stat().st_mode & 0o777 == 0o600
     assert (fresh / "signer.json").read_bytes() == (data / "signer.json").read_bytes()
+    # the database holds live requests' prompt keys: owner only, wherever it is (the umask
+    # left it, its folder and its backup readable by every local user)
+    for path in (data / "coordinator.db", tmp_path / "bk" / "coordinator.db"):
+        assert path.stat().st_mode & 0o077 == 0, path
+    assert fresh.joinpath("coordinator.db").stat().st_mode & 0o077 == 0
+    assert (tmp_path / "bk").stat().st_mode & 0o077 == 0
+
+
+def test_an_existing_database_readable_by_others_is_made_private(tmp_path: Path) -> None:
+    db = tmp_path / "coordinator.db"
+    Store(db).close()
+    assert db.stat().st_mode & 0o777 == 0o600
+    db.chmod(0o644)  # as older releases left it
+    Store(db).close()
+    assert db.stat().st_mode & 0o777 == 0o600
 
 
 def test_a_changed_backup_a_wrong_password_or_an_existing_database_are_refused(
