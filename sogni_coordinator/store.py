@@ -857,9 +857,12 @@ class Store(Database):
             ).fetchone()
             if row is None:
                 return None
-            queued = self._db.execute(  # a held receipt's job is not settled yet: still live
-                "SELECT COUNT(*) FROM jobs WHERE request_id=? AND (state='queued' OR job_id IN"
-                " (SELECT job_id FROM checks WHERE state='pending'))",
+            # a held receipt's job is not settled yet: still live; so is a cancelling one
+            # (its node's last receipt may still come: a coordinator adopting the request
+            # refunded everything, and that receipt went unpaid)
+            queued = self._db.execute(
+                "SELECT COUNT(*) FROM jobs WHERE request_id=? AND (state IN ('queued',"
+                " 'cancelling') OR job_id IN (SELECT job_id FROM checks WHERE state='pending'))",
                 (request_id,),
             ).fetchone()[0]
             receipts = self._db.execute(

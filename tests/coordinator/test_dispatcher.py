@@ -8,6 +8,7 @@ import zlib
 
 import pytest
 import trio
+import trio.testing
 from eth_account import Account
 
 from sogni_app.api import authorize
@@ -464,3 +465,18 @@ async def test_restart_requeues_live_jobs_and_never_ended_ones(coord_any: Harnes
     # and a second restart has nothing to do
     coord.restart()
     assert coord.dispatcher.restore() == 0
+
+
+async def test_a_cancelling_job_keeps_its_request_open_in_the_store(coord: Harness) -> None:
+    """A coordinator adopting a request (several coordinators) settles and refunds it from
+    `request_record`: a job still cancelling did not count as live, so the whole rest was
+    refunded and the node's last receipt, when it came, went unpaid."""
+    sub = await coord.submit(request(2))
+    a = coord.node(0)
+    coord.dispatcher.match()
+    (offer,) = a.offers()
+    coord.dispatcher.cancel_request(sub.accepted.request_id)
+    await trio.testing.wait_all_tasks_blocked()
+    assert coord.store.job_state(offer.offer.job_id) is JobState.CANCELLING
+    record = coord.store.request_record(sub.accepted.request_id)
+    assert record is not None and record.queued == 1  # the cancelling one; the other ended
