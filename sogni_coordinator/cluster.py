@@ -120,6 +120,23 @@ NOT_QUEUED = (
     "the network's shared queue did not take the request: nothing was charged; send it again"
     " (a paid one authorized anew: its signature is spent)"
 )
+UNREGISTERED_GRACE = 600.0
+"""Seconds an open reservation may have no `cluster_requests` row before a coordinator takes
+it and refunds it: its coordinator died between reserving and registering the request
+(milliseconds apart), and no client ever heard it was accepted."""
+_UNREGISTERED = """
+INSERT INTO cluster_requests
+SELECT decode(r.request_id, 'hex'), %(me)s, extract(epoch FROM clock_timestamp())::float8
+FROM ledger_reservations r
+WHERE r.state = 'open'
+  AND r.created_at < extract(epoch FROM clock_timestamp())::float8 - %(grace)s
+  AND NOT EXISTS (SELECT 1 FROM cluster_requests c
+                  WHERE c.request_id = decode(r.request_id, 'hex'))
+LIMIT 64
+ON CONFLICT DO NOTHING
+RETURNING request_id
+"""
+"""Open reservations no request row owns: claimed (one coordinator wins each) to refund."""
 DEAD_GRACE = 5.0
 """Seconds a job stays dead in the queue before its owner fails it (a bury and the store's
 own write of the job's end are two transactions)."""
@@ -1211,6 +1228,31 @@ class Cluster:
         for request_id in await self._sql(beat_and_take):
             log.info("orphan_request_adopted", request=short(request_id))
             await self.adopt(request_id, claim=False)
+        if prune:
+            await self._refund_unregistered()
+
+    async def _refund_unregistered(self) -> None:
+        """Reservations whose coordinator died before registering their request: their
+        stored jobs (if it got that far) end failed and the payer is refunded whole. Before,
+        no coordinator ever looked at them: the funds stayed reserved for good."""
+
+        def take() -> list[bytes]:
+            rows = self._conn.execute(
+                _UNREGISTERED, {"me": self.me, "grace": UNREGISTERED_GRACE}
+            ).fetchall()
+            return [bytes(r[0]) for r in rows]
+
+        d = self.d
+        for request_id in await self._sql(take):
+            outcomes = await trio.to_thread.run_sync(d.store.job_outcomes, request_id)
+            live = [(o.job_id, JobState.FAILED, 0) for o in outcomes if o.state in STORED_LIVE]
+            if live:
+                await d.store.call(d.store.save_job_states, live)
+            if d.billing is not None:
+                await trio.to_thread.run_sync(
+                    functools.partial(d.billing.restore, d.store, only={request_id})
+                )
+            log.warning("unregistered_request_refunded", request=short(request_id))
 
     async def _refresh_forever(self) -> None:
         while True:

@@ -250,3 +250,32 @@ async def test_a_request_the_shared_queue_refuses_is_refused_and_refunded(
         await submit(client, a, authorize(tiny_request(1, seed=36), bytes(payer.key), a.net.domain))
     balance = _rows(pg_url, "SELECT count(*) FROM ledger_reservations WHERE state = 'open'")
     assert balance == [(1,)]  # the second request's, reserved
+
+
+async def test_a_reservation_whose_coordinator_died_before_registering_it_is_refunded(
+    tmp_path: Path, pg_url: str
+) -> None:
+    """A coordinator reserved a payer's funds and died before the request's
+    `cluster_requests` row (milliseconds apart; no client heard it was accepted): no
+    coordinator ever looked at it, and the funds stayed reserved for good. Now one claims it
+    after `UNREGISTERED_GRACE` and refunds it whole."""
+    from sogni_protocol.pricing import quote
+
+    payer = _funded_payer(pg_url)
+    ledger = Ledger(pg_url)
+    try:
+        before = ledger.balance(payer.address)
+        ledger.reserve(b"\x5a" * 32, payer.address, quote(tiny_request(1, seed=37)), "spark")
+        assert ledger.balance(payer.address) != before
+    finally:
+        ledger.close()
+    with psycopg.connect(pg_url, autocommit=True) as conn:  # reserved long ago
+        conn.execute("UPDATE ledger_reservations SET created_at = created_at - 3600")
+    async with start_cluster(tmp_path, pg_url, ["a"], models=[MODEL]):
+        await _until_rows(pg_url, "SELECT state FROM ledger_reservations", [("closed",)], 20)
+    ledger = Ledger(pg_url)
+    try:
+        assert ledger.balance(payer.address) == before  # refunded whole
+    finally:
+        ledger.close()
+    assert _rows(pg_url, "SELECT count(*) FROM ledger_jobs") == [(0,)]
