@@ -340,6 +340,7 @@ async def run_node(
                     _advertise, host, identity, lambda: new_caps(), config.advert_interval
                 )
                 nursery.start_soon(_sync_journal, journal)
+                nursery.start_soon(_prune_forever, journal)
                 nursery.start_soon(watch_installed, config.models_dir, installed, announce)
                 urls = [u for u in config.network_signers_urls if u.startswith("http")]
                 if identity.network is not None and urls:
@@ -399,6 +400,27 @@ async def _sync_journal(journal: Journal, interval: float = SYNC_INTERVAL) -> No
                 log.warning("journal_not_synced", error=type(exc).__name__)
 
 
+PRUNE_INTERVAL = 3600.0
+"""Seconds between prunes of kept results while the node runs (it pruned only at start: an
+image whose ack was lost with its stream stayed on disk as long as the daemon ran)."""
+
+
+async def _prune_forever(journal: Journal, interval: float = PRUNE_INTERVAL) -> None:
+    """`Journal.prune_results` every `interval`; a file with no receipt only once it is an
+    hour old (a render's image is written before its receipt commits)."""
+    while True:
+        await trio.sleep(interval)
+        try:
+            pruned = await trio.to_thread.run_sync(
+                functools.partial(journal.prune_results, RESULT_KEEP_SECONDS, unknown_after=3600)
+            )
+        except OSError as exc:  # a tidy-up: the next round tries again
+            log.warning("results_not_pruned", error=type(exc).__name__)
+        else:
+            if pruned:
+                log.info("results_pruned", files=pruned)
+
+
 SIGNER_SET_FETCH_TIMEOUT = 10.0
 """Seconds one fetch of the signer set may take, end to end (`NetworkSigners.fetch`)."""
 
@@ -452,7 +474,8 @@ async def _forward_orphans(
         if not live:
             continue
         try:
-            entries = await trio.to_thread.run_sync(journal.unacked)
+            since = time.time() - RESULT_KEEP_SECONDS  # older ones are pruned: no image
+            entries = await trio.to_thread.run_sync(journal.unacked, since)
         except Exception as exc:  # the journal is busy or broken: next round
             log.error("orphans_not_read", error=type(exc).__name__)
             continue

@@ -544,10 +544,13 @@ class Journal:
                 return StoredResult(entry, image)
         return StoredResult(entry, None)
 
-    def prune_results(self, max_age: float) -> int:
+    def prune_results(self, max_age: float, *, unknown_after: float = 0.0) -> int:
         """Delete kept images no ack will delete: those of acked or unknown jobs (a crash
         between file and receipt) and those unacked for more than `max_age` seconds (the
-        coordinator gave the job to another node). Returns how many images went."""
+        coordinator gave the job to another node, or the ack was lost with the stream).
+        Returns how many images went. `unknown_after`: a file with no receipt is deleted
+        only once it is that many seconds old (while the node runs, a render's file is
+        written before its receipt commits)."""
         recent = "SELECT job_id FROM receipts WHERE accepted IS NULL AND recorded_at >= ?"
         since = time.time() - max_age
         with self._lock:
@@ -556,11 +559,28 @@ class Journal:
                 gone = self._db.execute(
                     f"DELETE FROM kept_images WHERE job_id NOT IN ({recent})", (since,)
                 ).rowcount
+        young = time.time() - unknown_after
         for path in self._kept_files():
-            if path.stem not in keep:
-                path.unlink(missing_ok=True)
-                gone += 1
+            if path.stem in keep:
+                continue
+            try:
+                if path.stat().st_mtime > young and not self._has_receipt(path.stem):
+                    continue  # its receipt is being written
+                path.unlink()
+            except OSError:
+                continue
+            gone += 1
         return gone
+
+    def _has_receipt(self, stem: str) -> bool:
+        """Does the job a result file is named after (its id in hex) have a receipt?"""
+        try:
+            job_id = bytes.fromhex(stem)
+        except ValueError:
+            return False
+        with self._lock:
+            row = self._db.execute("SELECT 1 FROM receipts WHERE job_id = ?", (job_id,))
+            return row.fetchone() is not None
 
     def kept_results(self) -> set[bytes]:
         """The job ids with a kept image (a journal row or a file): what `mark_acked` or
@@ -663,12 +683,14 @@ class Journal:
             ).fetchall()
         return [(str(m), max(0.0, float(t)), int(u)) for m, t, u in rows]
 
-    def unacked(self) -> list[JournalReceipt]:
-        """Receipts with no `ResultAck` yet (the result may not have reached the coordinator)."""
+    def unacked(self, since: float = 0.0) -> list[JournalReceipt]:
+        """Receipts with no `ResultAck` yet (the result may not have reached the coordinator),
+        recorded at or after `since` (unix seconds)."""
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {_RECEIPT_COLUMNS} FROM receipts WHERE accepted IS NULL"
-                " ORDER BY recorded_at"
+                " AND recorded_at >= ? ORDER BY recorded_at",
+                (since,),
             ).fetchall()
         return [_receipt_from_row(r) for r in rows]
 

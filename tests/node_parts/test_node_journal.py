@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -360,6 +361,24 @@ def test_prune_keeps_only_recent_unacked_results(
         monkeypatch.setattr(time, "time", lambda: 2e10)  # much later: nobody re-offered them
         assert j.prune_results(max_age=3600) == 2
         assert j.kept_results() == set() and list((tmp_path / "results").iterdir()) == []
+
+
+def test_a_prune_while_the_node_runs_spares_a_result_being_written(tmp_path: Path) -> None:
+    """The daemon now prunes every hour, not only at start: a render's image file exists a
+    moment before its receipt commits, and must not be taken for a crash's leftover."""
+    with journal(tmp_path, False) as j:
+        results = tmp_path / "results"
+        results.mkdir(exist_ok=True)
+        writing = results / f"{(bytes([7]) * 32).hex()}.png"
+        writing.write_bytes(PNG)  # its receipt is about to commit
+        old = results / "leftover.png"
+        old.write_bytes(PNG)
+        os.utime(old, (1.0, 1.0))  # a crash's leftover, long ago
+        assert j.prune_results(max_age=3600, unknown_after=3600) == 1
+        assert writing.exists() and not old.exists()
+        j.keep_result(rendered(7, PNG), SIG, PNG)  # the receipt commits: kept until its ack
+        assert j.prune_results(max_age=3600, unknown_after=3600) == 0
+        assert j.unacked(since=time.time() + 60) == [] and len(j.unacked()) == 1
 
 
 def test_the_payout_address_is_journalled_with_the_receipt(tmp_path: Path) -> None:
