@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from sogni_coordinator.gateway.limits import KeyBuckets
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.errors import ProtocolError
@@ -38,15 +39,19 @@ class AdvertBook:
     clock: Callable[[], float] = time.time
     adverts: OrderedDict[str, Capabilities] = field(default_factory=OrderedDict)
     _last_seen: OrderedDict[str, float] = field(default_factory=OrderedDict)
-    _tokens: float = field(default=-1.0)
-    _filled_at: float = 0.0
+    _checks: KeyBuckets | None = None
+
+    def __post_init__(self) -> None:
+        per_minute = round(self.checks_per_second * 60)
+        self._checks = KeyBuckets(per_minute, round(self.checks_per_second), self.clock)
 
     def validate(self, origin: str, data: bytes) -> bool:
         """GossipSub validator: accept, record and relay only well-formed, bound, fresh adverts."""
         now = self.clock()
         if now - self._last_seen.get(origin, -1e18) < self.min_interval:
             return False  # spam protection: one advert checked per node per interval
-        if not self._take_token(now):
+        assert self._checks is not None
+        if not self._checks.take("all"):
             return False  # the network's whole budget of checks is spent for now
         self._seen(origin, now)
         try:
@@ -66,17 +71,6 @@ class AdvertBook:
         self.adverts[origin] = msg.capabilities
         self.adverts.move_to_end(origin)
         self._prune(now)
-        return True
-
-    def _take_token(self, now: float) -> bool:
-        if self._tokens < 0:  # a full bucket to start with
-            self._tokens, self._filled_at = self.checks_per_second, now
-        elapsed = max(0.0, now - self._filled_at)
-        self._tokens = min(self.checks_per_second, self._tokens + elapsed * self.checks_per_second)
-        self._filled_at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
         return True
 
     def _seen(self, origin: str, now: float) -> None:

@@ -46,6 +46,7 @@ import trio
 
 from sogni_coordinator.db import DatabaseBusy
 from sogni_coordinator.dispatch import MAX_LOOKAHEAD, Dispatcher, Refusal, ResultRefused
+from sogni_coordinator.gateway.limits import KeyBuckets
 from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.standing import StandingCache
 from sogni_net import Channel, ReadTimeout, TransportError
@@ -380,6 +381,8 @@ async def _read(
         finally:
             at_once.release()
 
+    updates = KeyBuckets(per_minute=CAPS_PER_MINUTE, burst=CAPS_BURST)
+    dropped = 0
     while True:
         msg = await channel.receive(limit=RESULT_FRAME_LIMIT, timeout=timeout)
         if isinstance(msg, Ready):
@@ -397,7 +400,10 @@ async def _read(
         elif isinstance(msg, Goodbye):
             return f"{NODE_GOODBYE}: {msg.reason}"
         elif isinstance(msg, CapabilitiesUpdate):
-            await _on_capabilities(channel, link, dispatcher, msg)
+            if updates.take("caps"):
+                await _on_capabilities(channel, link, dispatcher, msg)
+            elif (dropped := dropped + 1) > CAPS_DROPPED_LIMIT:  # no node changes that fast
+                raise ProtocolError("capabilities updates far faster than a node changes")
         elif isinstance(msg, ChallengeAnswer | ChallengeRefused):
             dispatcher.challenges.answered(link.peer_id, msg)
         elif isinstance(msg, StepVerified | DecodeVerified | VerifyRefused):
@@ -406,6 +412,15 @@ async def _read(
             pass
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} on the jobs stream")
+
+
+CAPS_BURST = 8
+CAPS_PER_MINUTE = 30
+"""`CapabilitiesUpdate`s a session may send: a burst of 8 (models installed together), then
+one per 2 s. Each costs a signature recovery on the loop (4-9 ms for a long model list), a
+log line and a database write; past the rate they are dropped unread."""
+CAPS_DROPPED_LIMIT = 64
+"""Updates dropped in one session before it is ended as misbehaving."""
 
 
 async def _on_capabilities(

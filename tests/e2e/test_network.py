@@ -460,3 +460,38 @@ async def test_the_operators_max_pixels_is_what_the_node_advertises(
         await net.add_node(backend, "node0", max_pixels=128 * 128)
         (link,) = net.coordinator.dispatcher.nodes.values()
         assert link.max_pixels == 128 * 128
+
+
+async def test_a_flood_of_capabilities_updates_is_dropped_then_the_session_ended(
+    net_factory: Any,
+) -> None:
+    """Each `CapabilitiesUpdate` cost the coordinator a signature recovery on its loop (4-9
+    ms for a long model list), a log line and a database write, with no limit: a joined
+    node could send them back to back. Now a burst of `CAPS_BURST`, then one per 2 s; past
+    `CAPS_DROPPED_LIMIT` dropped ones the session ends."""
+    from sogni_coordinator.node_session import CAPS_BURST, CAPS_DROPPED_LIMIT
+    from sogni_protocol.messages import Capabilities, CapabilitiesUpdate
+
+    async with net_factory() as net, rogue_node(net) as (channel, acct):
+        caps = Capabilities(
+            peer_id="12D3KooWnotthisstream",  # bound to another peer: refused when checked
+            wallet=acct.address,
+            expiry=int(time.time()) + 600,
+            models=[MODEL],
+            slots=1,
+            backend="rogue",
+            device="cpu",
+            max_pixels=1 << 20,
+        )
+        update = CapabilitiesUpdate(
+            capabilities=caps,
+            binding_signature=eip712.sign_binding(bytes(acct.key), net.domain, caps),
+        )
+        for _ in range(CAPS_BURST + CAPS_DROPPED_LIMIT + 1):
+            await channel.send(update)
+        refusals = 0
+        with pytest.raises(ChannelClosed), trio.fail_after(20):
+            while True:
+                msg = await channel.receive(timeout=20)
+                refusals += isinstance(msg, HelloRefused)
+        assert refusals == CAPS_BURST  # the rest were dropped unchecked
