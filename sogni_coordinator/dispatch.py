@@ -509,7 +509,15 @@ class Dispatcher:
     def cancel_request(self, request_id: bytes) -> None:
         """The client cancelled: queued jobs end now, running ones stop at their next step
         and are paid for the steps done (their nodes send partial receipts)."""
-        for job in [j for j in self.jobs.values() if j.request_id == request_id]:
+        state = self.requests.get(request_id)
+        if state is not None:  # its own job ids: never a walk over every live job
+            found = (self.jobs.get(job_id) for job_id in state.mailbox.job_ids)
+            mine = [j for j in found if j is not None and j.request_id == request_id]
+        elif self.cluster is not None:  # another's request, some of its jobs leased here
+            mine = [j for j in self.jobs.values() if j.request_id == request_id]
+        else:  # ended, or never here: nothing to stop (a repeated cancel costs nothing)
+            mine = []
+        for job in mine:
             try:
                 new = self._to(job, JobEvent.CANCEL)
             except Forbidden:

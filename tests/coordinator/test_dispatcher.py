@@ -480,3 +480,25 @@ async def test_a_cancelling_job_keeps_its_request_open_in_the_store(coord: Harne
     assert coord.store.job_state(offer.offer.job_id) is JobState.CANCELLING
     record = coord.store.request_record(sub.accepted.request_id)
     assert record is not None and record.queued == 1  # the cancelling one; the other ended
+
+
+async def test_a_cancel_looks_at_its_own_jobs_only(coord: Harness) -> None:
+    """Every `CancelRequest` (a gateway's `jobError` too) walked every live job of every
+    request; a repeated cancel of an ended request did the same for nothing."""
+
+    class Counted(dict):  # type: ignore[type-arg]
+        walks = 0
+
+        def values(self):  # type: ignore[no-untyped-def,override]
+            Counted.walks += 1
+            return super().values()
+
+    other = await coord.submit(request(3))
+    mine = await coord.submit(request(2))
+    coord.dispatcher.jobs = Counted(coord.dispatcher.jobs)
+    coord.dispatcher.cancel_request(mine.accepted.request_id)
+    coord.dispatcher.cancel_request(mine.accepted.request_id)  # again: ended, nothing to do
+    coord.dispatcher.cancel_request(b"\x00" * 32)  # never here
+    assert Counted.walks == 0
+    assert mine.state.cancelled == 2 and mine.state.finished.is_set()
+    assert all(_job_state(coord, j) is JobState.QUEUED for j in other.accepted.job_ids)
