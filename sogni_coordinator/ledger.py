@@ -671,6 +671,16 @@ class Ledger(Database):
         settled: dict[bytes, PayerSettlement] = {}
         reserved: dict[bytes, bool] = {}
         with self._lock:
+            # reservations first: a request's settles commit before its refund, so one read
+            # closed here has every settle visible below. Read after the jobs (each SELECT
+            # its own snapshot on PostgreSQL, or another process's refund in between), a
+            # settled job could read unsettled and its request closed: refused for good.
+            for rid in {r for _, r, _ in jobs}:
+                row = self._db.execute(
+                    "SELECT state FROM ledger_reservations WHERE request_id = ?", (rid.hex(),)
+                ).fetchone()
+                if row is not None:
+                    reserved[rid] = row[0] == "open"
             for job_id, request_id, index in jobs:
                 row = self._db.execute(
                     "SELECT j.payer, r.token_type, j.spark_free, j.spark_paid, j.sogni,"
@@ -701,12 +711,6 @@ class Ledger(Database):
                         authorization=auth,
                         discount_bps=off,
                     )
-            for rid in {r for _, r, _ in jobs}:
-                row = self._db.execute(
-                    "SELECT state FROM ledger_reservations WHERE request_id = ?", (rid.hex(),)
-                ).fetchone()
-                if row is not None:
-                    reserved[rid] = row[0] == "open"
         return settled, reserved
 
     # --- leaderboard source -----------------------------------------------------------------

@@ -84,3 +84,46 @@ def test_over_settle_refused(ledger: Ledger) -> None:
     ledger.reserve("r3", ALICE, quote("sdxl-base-1.0"))
     with pytest.raises(LedgerError, match="exceeds"):
         ledger.settle("r3", M + 1, BOB, 0, 0)
+
+
+def test_an_epoch_never_reads_a_settled_job_as_unsettled_in_a_closed_request(
+    ledger: Ledger,
+) -> None:
+    """`payer_settlements` read the jobs, then their reservations: a settle and the refund
+    that follows it (another coordinator, another process, or PostgreSQL's per-statement
+    snapshots) landing between the two reads gave "unsettled, request closed", and the
+    epoch refused a receipt the payer was charged for, for good. Reservations are read
+    first now; whatever lands between, the answer is consistent."""
+    ledger.credit_purchase(ALICE, 10)
+    rid = b"\x07" * 32
+    ledger.reserve(rid, ALICE, quote("sdxl-base-1.0", images=1), "spark")
+    real = ledger._db
+
+    class SettleAfterFirstRead:
+        reads = 0
+
+        def execute(self, sql: str, *args: object) -> object:
+            out = real.execute(sql, *args)
+            SettleAfterFirstRead.reads += 1
+            if SettleAfterFirstRead.reads == 1:  # the job settled and the rest refunded now
+                rows = out.fetchall()
+                ledger._db = real
+                ledger.settle(rid, M, BOB, 3000, 0, job_id=bytes(32).hex())
+                ledger.refund(rid)
+                ledger._db = self  # type: ignore[assignment]
+                return _Rows(rows)
+            return out
+
+    class _Rows:
+        def __init__(self, rows: list[object]) -> None:
+            self.rows = rows
+
+        def fetchone(self) -> object:
+            return self.rows[0] if self.rows else None
+
+    ledger._db = SettleAfterFirstRead()  # type: ignore[assignment]
+    try:
+        settled, reserved = ledger.payer_settlements([(bytes(32), rid, 0)])
+    finally:
+        ledger._db = real
+    assert bytes(32) in settled or reserved[rid]  # never "unsettled" in a closed request
