@@ -103,7 +103,7 @@ def test_an_epoch_never_reads_a_settled_job_as_unsettled_in_a_closed_request(
         reads = 0
 
         def execute(self, sql: str, *args: object) -> object:
-            out = real.execute(sql, *args)
+            out = real.execute(sql, *args)  # type: ignore[arg-type]
             SettleAfterFirstRead.reads += 1
             if SettleAfterFirstRead.reads == 1:  # the job settled and the rest refunded now
                 rows = out.fetchall()
