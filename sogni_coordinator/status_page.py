@@ -45,6 +45,10 @@ BUCKET_SECONDS = 300
 """Width of one bar of the throughput chart; twelve bars make the last hour."""
 BUCKETS = 12
 REFRESH_SECONDS = 10
+CACHE_SECONDS = 5.0
+"""How long one snapshot serves every `GET /status`: each runs the season boards and the
+stake history, and the page is public (it shares the gateway's listener), so a burst of
+requests made one snapshot each, all in the thread pool image checks and key lookups use."""
 TOP = 10
 """Rows shown per leaderboard."""
 WEI_PER_SOGNI = 10**18
@@ -261,9 +265,19 @@ def status_routes(
     except (OSError, ValueError):  # no seasons configured: the page leaves the boards out
         catalog = None
 
+    lock = trio.Lock()  # one snapshot at a time; who waited for it reads the fresh copy
+    cached: list[tuple[float, str]] = []
+    limiter = trio.CapacityLimiter(1)  # never the shared thread pool's other work
+
     async def page(request: Request) -> Response:
         del request
-        s = await trio.to_thread.run_sync(snapshot, view, catalog, None, stakes)
-        return HTMLResponse(render(s), headers={"Cache-Control": "no-store"})
+        async with lock:
+            if not cached or trio.current_time() - cached[0][0] >= CACHE_SECONDS:
+                s = await trio.to_thread.run_sync(
+                    snapshot, view, catalog, None, stakes, limiter=limiter
+                )
+                cached[:] = [(trio.current_time(), render(s))]
+            body = cached[0][1]
+        return HTMLResponse(body, headers={"Cache-Control": "no-store"})
 
     return [Route("/status", page, methods=["GET"])]
