@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -72,7 +73,10 @@ class StandingCache:
         self.clock = clock
         self.lookups = 0
         """Chain reads started (tests and metrics)."""
-        self._entries: dict[str, tuple[float, Standing]] = {}
+        self._entries: OrderedDict[str, tuple[float, Standing]] = OrderedDict()
+        """Least recently read first: the oldest goes when `max_wallets` is reached, in O(1)
+        (a scan of every entry per new wallet was ~10 ms at 100,000, on the loop, and any
+        throwaway wallet's hello makes a new one)."""
         self._inflight: dict[str, trio.Event] = {}
         self._wanted: set[str] = set()
         self._wake = trio.Event()
@@ -145,10 +149,10 @@ class StandingCache:
             done.set()
 
     def _store(self, key: str, standing: Standing) -> None:
-        if key not in self._entries and len(self._entries) >= self.max_wallets:
-            oldest = min(self._entries, key=lambda k: self._entries[k][0])
-            del self._entries[oldest]
         self._entries[key] = (self.clock(), standing)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.max_wallets:
+            self._entries.popitem(last=False)
 
     async def _poll_changes(self) -> None:
         assert self.changes is not None

@@ -560,3 +560,19 @@ async def test_a_node_that_stops_reading_is_held_back_without_losing_an_ack(
         assert offer.offer.job_id == third
         await node.send(node.signer.result(offer))
         assert (await node.next(ResultAck)).accepted
+
+
+async def test_the_standing_cache_forgets_the_least_recently_read_wallet_at_its_limit() -> None:
+    """Each new wallet past `max_wallets` scanned every entry for the oldest (~10 ms at
+    100,000, on the loop; a throwaway wallet's hello is enough). Now the oldest goes in O(1):
+    asserted here as which wallet goes."""
+    cache = StandingCache(lambda w: Standing(True, len(w)), max_wallets=3)
+    for wallet in ("0x1", "0x2", "0x3"):
+        await cache.warm(wallet)
+    await cache.warm("0x1")  # fresh: served from memory
+    await cache.warm("0x4")  # one too many: the least recently read (0x1 was read first)
+    assert list(cache._entries) == ["0x2", "0x3", "0x4"]
+    cache.invalidate(["0x2"])
+    await cache.warm("0x2")  # read again: now the most recent
+    await cache.warm("0x5")
+    assert list(cache._entries) == ["0x4", "0x2", "0x5"]
