@@ -237,6 +237,9 @@ class PullSession:
         self._out_send, self._out_recv = trio.open_memory_channel[Message](math.inf)
         self.jobs: set[bytes] = set()
         """Jobs offered on this session and not yet answered."""
+        self._live: dict[bytes, _Job] = {}
+        """The same jobs, each with the render it claimed (if any): a `Cancel` stops only a
+        render this session claimed, never another session's render of the same job id."""
         self._cancelled: set[bytes] = set()
         self.closed = trio.Event()
         self._on_connected = on_connected
@@ -488,12 +491,7 @@ class PullSession:
             if isinstance(msg, Offer):
                 self._on_offer(msg, jobs)
             elif isinstance(msg, Cancel):
-                if msg.job_id in self.jobs:  # never another session's job
-                    self._cancelled.add(msg.job_id)
-                    self.worker.wake()  # an offer in hand gives up its wait
-                    self.worker.cancel(
-                        msg.job_id, "cancelled by coordinator", pay_partial=msg.pay_partial
-                    )
+                self._on_cancel(msg)
             elif isinstance(msg, ResultAck):
                 self._on_ack(msg)
             elif isinstance(msg, Challenge):
@@ -512,6 +510,19 @@ class PullSession:
                 log.error("capabilities_refused", coordinator=self.coordinator, error=msg.reason)
             else:
                 log.warning("unexpected_message", type=type(msg).__name__)
+
+    def _on_cancel(self, msg: Cancel) -> None:
+        """Stop this session's job: its render if it claimed one, else its wait (in hand, or
+        behind another session's render of the same job id, which is never stopped: its
+        partial receipt would answer that session's offer, which was not cancelled)."""
+        job = self._live.get(msg.job_id)
+        if job is None:  # never another session's job
+            return
+        self._cancelled.add(msg.job_id)
+        self.worker.wake()  # an offer in hand gives up its wait
+        running = self.worker.running.get(msg.job_id)
+        if running is not None and running is job.run:
+            self.worker.cancel(msg.job_id, "cancelled by coordinator", pay_partial=msg.pay_partial)
 
     def forward(self, result: Result) -> None:
         """Send a kept result whose coordinator is gone to this one (same receipt, same
@@ -1000,7 +1011,8 @@ class PullSession:
         self.jobs.add(job_id)
         if in_hand:
             self.worker.in_hand.add(job_id)
-        jobs.start_soon(self._run_job, _Job(msg, offer_hash, run, in_hand=in_hand))
+        job = self._live[job_id] = _Job(msg, offer_hash, run, in_hand=in_hand)
+        jobs.start_soon(self._run_job, job)
 
     def _decline(self, job_id: bytes, reason: str) -> None:
         log.warning("offer_declined", job=job_id.hex()[:16], reason=reason)
@@ -1021,6 +1033,8 @@ class PullSession:
             if job.run is not None:
                 self.worker.release(job.run)
             self.jobs.discard(job.id)
+            if self._live.get(job.id) is job:
+                del self._live[job.id]
             self._cancelled.discard(job.id)
             try:
                 self._slot_freed()

@@ -209,3 +209,44 @@ async def test_a_flood_of_challenges_is_bounded_and_dropped_once_the_session_end
         release.set()
     assert len(answered) == 1 and session._challenges_waiting == 0
     assert len(sent) == 11
+
+
+def test_a_cancel_stops_only_a_render_this_session_claimed() -> None:
+    """Two coordinators offered one job id (a cluster's failover): B's job waits for A's
+    render of it. B's `Cancel(pay_partial)` stopped A's render, whose partial receipt A
+    then refused as "not cancelled", a strike for an honest node."""
+    from sogni_node.pull import _Job
+    from sogni_node.worker import Worker
+    from sogni_protocol.messages import Cancel, JobOffer, Offer
+
+    class _Backend:
+        name = "test"
+
+    worker = Worker(cast(Any, _Backend()), slots=2)
+    job_id = os.urandom(32)
+    theirs = worker.claim(job_id)  # session A's render
+    session = _session()
+    session.worker = worker
+    offer = JobOffer(
+        job_id=job_id,
+        coordinator="0x" + "33" * 20,
+        model_id="m",
+        params_hash=bytes(32),
+        steps=4,
+        width=64,
+        height=64,
+        seed=1,
+        work_units=1,
+        deadline=2_000_000_000,
+    )
+    params = JobParams(
+        model_id="m", positive_prompt="p", steps=4, guidance=4.0, width=64, height=64, seed=1
+    )
+    waiting = _Job(Offer(offer=offer, params=params, signature=bytes(65)), bytes(32), None)
+    session._live[job_id] = waiting  # B's job, waiting for A's render to end
+    session._on_cancel(Cancel(job_id=job_id, pay_partial=True))
+    assert not theirs.cancel.is_set() and job_id in session._cancelled
+    mine = _Job(waiting.msg, bytes(32), theirs)  # had this session claimed it: stopped
+    session._live[job_id] = mine
+    session._on_cancel(Cancel(job_id=job_id, pay_partial=True))
+    assert theirs.cancel.is_set() and theirs.pay_partial
