@@ -642,6 +642,24 @@ class Journal:
                 self._drop_files(job_id)
         return found
 
+    def void(self, job_id: bytes, reason: str) -> bool:
+        """Mark an unacked receipt refused (it is re-signed for another coordinator key, and
+        no ack will come for it) and drop its image; False, and nothing changed, when an ack
+        was journaled meanwhile (an acceptance is never overwritten)."""
+        with self._lock:
+            with self._without_fsync(), self._transaction():
+                cur = self._db.execute(
+                    "UPDATE receipts SET accepted = 0, ack_reason = ?, acked_at = ?"
+                    " WHERE job_id = ? AND accepted IS NULL",
+                    (reason, time.time(), job_id),
+                )
+                if cur.rowcount == 0:
+                    return False
+                inline = self._db.execute("DELETE FROM kept_images WHERE job_id = ?", (job_id,))
+            if inline.rowcount == 0:
+                self._drop_files(job_id)
+        return True
+
     def mark_handed_back(self, job_id: bytes, steps_done: int, reason: str) -> bool:
         """Record that the job went back unfinished; False if its offer was never recorded."""
         with self._lock:

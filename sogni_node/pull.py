@@ -1297,7 +1297,9 @@ class PullSession:
         )
         await _off_loop(self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature)
         why = f"void: re-signed for the coordinator's new key {offer.coordinator}"
-        await _off_loop(self.journal.mark_acked, job.id, False, why)
+        if not await _off_loop(self.journal.void, job.id, why):  # acked meanwhile: it stands
+            self._decline(job.id, "the kept result was acknowledged meanwhile")
+            return
         await _off_loop(
             functools.partial(
                 self.journal.keep_result,

@@ -391,3 +391,21 @@ def test_the_payout_address_is_journalled_with_the_receipt(tmp_path: Path) -> No
     with Journal(tmp_path / "j.db") as j:
         by_job = {r.receipt.job_id[0]: r.receipt for r in j.receipts()}
     assert by_job[3].payout == payout and by_job[4].payout is None
+
+
+def test_a_void_never_overwrites_an_acceptance(tmp_path: Path) -> None:
+    """A result re-signed for another coordinator key voided the old receipt
+    unconditionally: an acceptance journaled a moment before was overwritten as refused,
+    and a second receipt signed for the same job."""
+    with journal(tmp_path, False) as j:
+        job = bytes([1]) * 32
+        j.keep_result(rendered(1, PNG + b"a"), SIG, PNG + b"a")
+        assert j.mark_acked(job, True)  # the old key's coordinator accepted it meanwhile
+        assert not j.void(job, "void: re-signed")
+        kept = j.stored_result(job)
+        assert kept is not None and kept.entry.accepted is True
+        other = bytes([2]) * 32
+        j.keep_result(rendered(2, PNG + b"b"), SIG, PNG + b"b")
+        assert j.void(other, "void: re-signed") and j.kept_results() == set()
+        gone = j.stored_result(other)
+        assert gone is not None and gone.entry.accepted is False
