@@ -88,6 +88,10 @@ class ProjectRecord:
     outcomes: dict[int, ImageOutcome] = field(default_factory=dict)
 
 
+IN_FLIGHT_KEEP = 7 * 86400.0
+"""Seconds a project still in flight is kept at least (`KeyProjects.prune`)."""
+
+
 class KeyProjects(Database):
     """The project rows of one coordinator database (blocking: call off the event loop)."""
 
@@ -204,17 +208,23 @@ class KeyProjects(Database):
         return [str(r[0]) for r in rows]
 
     def prune(self, retention: float, now: float | None = None) -> int:
-        """Delete projects that ended (or, never ended, started) over `retention` s ago."""
-        cutoff = (time.time() if now is None else now) - retention
+        """Delete projects that ended over `retention` s ago, and those that never will
+        (cancelled, or never accepted) started that long ago. One still in flight (accepted,
+        its request running) is kept `IN_FLIGHT_KEEP` (at least 7 `retention`s): deleted
+        while it ran, an SDK re-sending its jobRequest after a reconnect was charged again."""
+        at = time.time() if now is None else now
+        cutoff, long_cutoff = at - retention, at - max(IN_FLIGHT_KEEP, 7 * retention)
+        where = (
+            "(ended_at IS NOT NULL AND ended_at < ?)"
+            " OR (ended_at IS NULL AND (cancelled = 1 OR request_id IS NULL) AND created_at < ?)"
+            " OR (ended_at IS NULL AND created_at < ?)"
+        )
+        args = (cutoff, cutoff, long_cutoff)
         with self._tx() as db:
             db.execute(
                 "DELETE FROM api_key_project_images WHERE (key_id, job_id) IN ("
-                "SELECT key_id, job_id FROM api_key_projects "
-                "WHERE COALESCE(ended_at, created_at) < ?)",
-                (cutoff,),
+                f"SELECT key_id, job_id FROM api_key_projects WHERE {where})",
+                args,
             )
-            cur = db.execute(
-                "DELETE FROM api_key_projects WHERE COALESCE(ended_at, created_at) < ?",
-                (cutoff,),
-            )
+            cur = db.execute(f"DELETE FROM api_key_projects WHERE {where}", args)
         return cur.rowcount

@@ -37,7 +37,7 @@ def test_a_project_is_recorded_once_and_survives_reopening(tmp_path: Path) -> No
         assert cancelled is not None and cancelled.cancelled
 
         records.ended("key_b", "JOB", at=150.0)
-        assert records.prune(retention=60, now=200.0) == 1  # key_a's never ended: 100 < 140
+        assert records.prune(retention=60, now=200.0) == 1  # key_a's, cancelled: 100 < 140
         assert records.get("key_a", "JOB") is None and records.get("key_b", "JOB") is not None
         assert records.prune(retention=60, now=211.0) == 1
         records.forget("key_b", "JOB")
@@ -68,3 +68,21 @@ def test_the_key_store_opens_and_closes_the_project_records(tmp_path: Path) -> N
         assert keys.projects.get("key_a", "JOB") is not None
     finally:
         keys.close()
+
+
+def test_a_project_still_in_flight_is_not_pruned_at_the_retention(tmp_path: Path) -> None:
+    """A project running longer than `retention_seconds` (a long queue, a slow network) was
+    deleted: an SDK re-sending its jobRequest after a reconnect then passed `begin` and was
+    submitted and charged a second time."""
+    from sogni_coordinator.key_projects import IN_FLIGHT_KEEP
+
+    records = KeyProjects(tmp_path / "coordinator.sqlite")
+    try:
+        assert records.begin("key", "RUNNING", ["I0"], now=100.0)
+        records.accepted("key", "RUNNING", b"r" * 32, b"s" * 32)
+        assert records.begin("key", "NEVER", ["I0"], now=100.0)  # not accepted (a crash)
+        assert records.prune(retention=60, now=1000.0) == 1  # only the one never accepted
+        assert not records.begin("key", "RUNNING", ["I0"], now=1001.0)  # a re-send: refused
+        assert records.prune(retention=60, now=100.0 + IN_FLIGHT_KEEP + 1) == 1
+    finally:
+        records.close()
