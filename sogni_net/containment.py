@@ -109,10 +109,25 @@ class PeerPenalties:
             self._closing.discard(peer)
 
 
+MAX_STREAMS_PER_PEER = 256
+"""Inbound streams one peer may hold open at once; more are reset on arrival. py-libp2p has
+one limit for the whole host (10,000 streams, inbound and outbound together): one peer
+holding them all (say with idle pings) had every other peer's streams reset."""
+
+
 def guard_streams(network: Any, inner: StreamHandler, penalties: PeerPenalties) -> None:
-    """Install `inner` (the host's protocol dispatcher) behind a per-stream guard."""
+    """Install `inner` (the host's protocol dispatcher) behind a per-stream guard, which
+    also caps each peer's open inbound streams at `MAX_STREAMS_PER_PEER`."""
+    open_streams: dict[Any, int] = {}
 
     async def guarded(stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id
+        held = open_streams.get(peer, 0)
+        if held >= MAX_STREAMS_PER_PEER:
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            return
+        open_streams[peer] = held + 1
         try:
             await inner(stream)
         except Exception as exc:
@@ -120,8 +135,13 @@ def guard_streams(network: Any, inner: StreamHandler, penalties: PeerPenalties) 
                 await stream.reset()
             if is_expected_connection_shutdown(exc):
                 return
-            peer = stream.muxed_conn.peer_id
             penalties.penalise(peer, f"stream {stream.get_protocol()}", exc)
+        finally:
+            left = open_streams[peer] - 1
+            if left:
+                open_streams[peer] = left
+            else:
+                del open_streams[peer]
 
     network.set_stream_handler(guarded)
 

@@ -116,3 +116,37 @@ async def test_another_libp2p_version_is_left_alone_and_says_so(
     async with open_host(key_path=None) as host:
         assert host.strikes("anyone") == 0
     assert "libp2p_containment_disabled" in capsys.readouterr().out
+
+
+async def test_one_peer_cannot_hold_more_than_its_share_of_streams(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """py-libp2p caps streams for the whole host only: one peer holding them all had every
+    other peer's streams reset. Each peer's open inbound streams are capped now (its own
+    pubsub and identify streams count too)."""
+    from sogni_net import containment
+
+    monkeypatch.setattr(containment, "MAX_STREAMS_PER_PEER", 8)
+    addr = server.host.addrs[0]
+
+    async def hold(host: Host, n: int) -> list[Channel]:
+        held = []
+        for _ in range(n):
+            try:
+                channel = await host.open_channel(addr, server.SILENT, timeout=5)
+            except Exception:  # reset before the protocol was even agreed
+                break
+            held.append(channel)
+        return held
+
+    async with (
+        open_host(key_path=None, listen=()) as greedy,
+        open_host(key_path=None, listen=()) as bystander,
+    ):
+        held = await hold(greedy, 12)
+        assert 4 <= len(held) < 8  # refused at its share, not before
+        async with await bystander.open_channel(addr, server.ECHO) as channel:  # others: fine
+            await channel.send(Heartbeat(seq=1))
+            assert await channel.receive(timeout=5) == Heartbeat(seq=1)
+        for channel in held:
+            await channel.close()
