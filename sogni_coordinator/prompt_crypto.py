@@ -5,8 +5,8 @@ node. Sealing each job's parameters with a key of its request, stored in its own
 the store forget a prompt by deleting 32 bytes (crypto-shredding): the ciphertext left in
 the jobs table, in old WAL frames or in backups is useless without the key once it is gone.
 Until then the key sits in the same database (a restart must resume live jobs), which is why
-the database and its backups are readable by their owner only (`db.private_database_file`). The job id is
-the associated data, so a sealed blob cannot be moved to another job's row.
+the database and its backups are readable by their owner only (`db.private_database_file`).
+The job id is the associated data, so a sealed blob cannot be moved to another job's row.
 
 Blob layout: 12-byte nonce, ciphertext, 16-byte tag. Sealed with `cryptography`'s AESGCM
 (OpenSSL): 14 us per job here, against 139 us for pycryptodome's, whose Python-level GCM
