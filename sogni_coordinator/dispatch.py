@@ -1017,7 +1017,17 @@ class Dispatcher:
             self._decided_elsewhere(job)
             return
         if self.refusals is not None and strike:  # disputable: signed, kept for a re-check
-            self.refusals.refused(held.receipt, job.params, held.dtype, reason, evidence)
+            charge = 0  # billing off: no payer, nothing an epoch would have paid
+            if self.billing is not None:  # what a won dispute restores the worker's share of
+                charge = await trio.to_thread.run_sync(
+                    self.billing.ledger.paid_value_of,
+                    job.request_id,
+                    held.receipt.steps_done,
+                    job.params.steps,
+                )
+            self.refusals.refused(
+                held.receipt, job.params, held.dtype, reason, evidence, charge=charge
+            )
         await self.results.discard([held.path])
         log.warning("receipt_check_failed", job=job.job_id.hex()[:16], worker=held.worker)
         if strike and self.reputation.strike(held.worker):

@@ -113,6 +113,12 @@ ALTER TABLE dispute_restorations ADD COLUMN planned_amount TEXT;
 _SCHEMA_V3 = """
 ALTER TABLE dispute_refusals ADD COLUMN params_key BLOB;
 """
+# What billing would have charged for the refused receipt, in paid micro-Spark (free Spark
+# counts nothing, a request with no payer nothing at all): a won dispute restores the
+# worker's share of that, as an epoch would have paid it. NULL (older rows): the list price.
+_SCHEMA_V4 = """
+ALTER TABLE dispute_refusals ADD COLUMN charge INTEGER;
+"""
 
 
 def evidence_hash_of(evidence: bytes | None, reason: str) -> bytes:
@@ -145,6 +151,8 @@ class RefusalRecord:
     bundle_hash: bytes | None = None
     bundle_path: str | None = None
     outcome: str | None = None
+    charge: int | None = None
+    """Paid micro-Spark billing would have charged (`_SCHEMA_V4`); None: the list price."""
 
     def as_json(self) -> dict[str, Any]:
         """What a worker needs to dispute it (`sogni_chain.disputes.Refusal.from_json`)."""
@@ -162,7 +170,7 @@ class RefusalRecord:
 
 _COLS = (
     "job_id, case_id, worker, payee, receipt, params, dtype, reason, evidence_hash, refused_at,"
-    " signature, bundle_hash, bundle_path, outcome, params_key"
+    " signature, bundle_hash, bundle_path, outcome, params_key, charge"
 )
 
 
@@ -186,6 +194,7 @@ def _record(row: tuple[Any, ...]) -> RefusalRecord:
         None if row[11] is None else bytes(row[11]),
         row[12],
         row[13],
+        None if row[15] is None else int(row[15]),
     )
 
 
@@ -195,7 +204,9 @@ class DisputeBook(Database):
 
     def __init__(self, path: Path | str) -> None:
         super().__init__(
-            path, component="disputes", migrations=[_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3]
+            path,
+            component="disputes",
+            migrations=[_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4],
         )
         self._seal_plain_rows()
 
@@ -222,7 +233,7 @@ class DisputeBook(Database):
         with self._tx() as db:
             db.execute(
                 f"INSERT INTO dispute_refusals ({_COLS}) VALUES"
-                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?)"
+                " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, ?, ?)"
                 " ON CONFLICT (case_id) DO NOTHING",
                 (
                     r.job_id,
@@ -237,6 +248,7 @@ class DisputeBook(Database):
                     r.refused_at,
                     r.signature,
                     key,
+                    r.charge,
                 ),
             )
 
@@ -292,16 +304,18 @@ class DisputeBook(Database):
                 return False
             if worker_won:
                 row = db.execute(
-                    "SELECT job_id, payee, receipt FROM dispute_refusals WHERE case_id=?",
+                    "SELECT job_id, payee, receipt, charge FROM dispute_refusals WHERE case_id=?",
                     (case_id,),
                 ).fetchone()
                 receipt = msgspec.msgpack.decode(row[2], type=Receipt)
-                charge = epoch_math.expected_charge(
-                    receipt.work_units,
-                    receipt.price_factor_bps,
-                    receipt.steps_done,
-                    receipt.steps_done,
-                )
+                charge = row[3]
+                if charge is None:  # refused before charges were recorded: the list price
+                    charge = epoch_math.expected_charge(
+                        receipt.work_units,
+                        receipt.price_factor_bps,
+                        receipt.steps_done,
+                        receipt.steps_done,
+                    )
                 db.execute(
                     "INSERT INTO dispute_restorations"
                     " (case_id, job_id, payee, model_id, micro_spark) VALUES (?, ?, ?, ?, ?)"
@@ -412,7 +426,10 @@ class Reporter:
         dtype: str,
         reason: str,
         evidence: bytes | None,
+        charge: int | None = None,
     ) -> RefusalRecord:
+        """Sign and keep the refusal; `charge`: what billing would have charged for the
+        receipt (`Ledger.paid_value_of`), what a won dispute restores the worker's share of."""
         from sogni_chain.disputes import sign_refusal
 
         case_id = case_id_of(self.disputes, receipt.job_id, receipt.worker)
@@ -439,6 +456,7 @@ class Reporter:
             evidence_hash,
             refused_at,
             signed.signature,
+            charge=charge,
         )
         self.book.add(record)
         return record

@@ -383,6 +383,35 @@ class Ledger(Database):
                 for rid, payer, token, amount in rows
             ]
 
+    def paid_value_of(self, request_id: bytes | str, steps_done: int, steps: int) -> int:
+        """What `settle` would take now from the request's reservation for one image of
+        `steps_done` of `steps`, in paid micro-Spark (a SOGNI payment at its Spark
+        equivalent; free Spark, spent first, counts nothing: epochs pay it from their
+        emission alone). 0 when the request has no reservation (no payer)."""
+        rid = _hex(request_id)
+        with self._lock:
+            row = self._db.execute(
+                "SELECT token_type, amount, spark_equiv FROM ledger_reservations"
+                " WHERE request_id = ?",
+                (rid,),
+            ).fetchone()
+            if row is None:
+                return 0
+            token, amount, spark_equiv = row
+            images = (
+                self._db.execute(
+                    "SELECT images FROM requests WHERE request_id = ?", (bytes.fromhex(rid),)
+                ).fetchone()
+                if self._has_table("requests")
+                else None
+            )
+            free_left = self._balance(self._db, reserved_account(rid), "spark_free")
+        per_image = int(amount) // max(1, int(images[0]) if images else 1)
+        value = partial_value(per_image, steps_done, steps)
+        if token == "spark":
+            return max(0, value - free_left)
+        return value * int(spark_equiv) // int(amount) if amount else 0
+
     def totals(self) -> dict[Asset, int]:
         """Sum of each asset over all accounts: always 0 (double entry)."""
         with self._lock:
