@@ -147,12 +147,46 @@ _SIGN_FOR_IT = (
 register(CoordinatorLost, Unavailable, "collect the rest later with `sogni collect`")
 
 
+def _damaged(path: Path, what: str) -> Refused:
+    return Refused(
+        f"{path} is damaged: {what}",
+        "restart the local coordinator (it writes the file anew), or pass --coordinator",
+    )
+
+
 def _local_coordinator() -> dict[str, Any] | None:
+    """What the local coordinator wrote in its address file (None: no file). A damaged
+    file is one line naming it (`Refused`), never a KeyError or a JSON traceback."""
     info = DEFAULT_COORDINATOR_FILE.expanduser()
     if not info.exists():
         return None
-    data = json.loads(info.read_text())
-    return data if isinstance(data, dict) else None
+    try:
+        data = json.loads(info.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError):
+        raise _damaged(info, "it is not JSON") from None
+    if not isinstance(data, dict):
+        raise _damaged(info, "it is not a JSON object")
+    return data
+
+
+def _checked_local(data: dict[str, Any], *keys: str) -> dict[str, Any]:
+    """`data` once the values `keys` name have the shape the coordinator writes."""
+    info = DEFAULT_COORDINATOR_FILE.expanduser()
+    kinds: dict[str, type] = {"peerId": str, "chainId": int, "verifyingContract": str}
+    for key in keys:
+        if key == "addrs":
+            addrs = data.get("addrs")
+            if (
+                not isinstance(addrs, list)
+                or not addrs
+                or not all(isinstance(a, str) for a in addrs)
+            ):
+                raise _damaged(info, "it lists no address (`addrs`)")
+            continue
+        value, kind = data.get(key), kinds.get(key, str)
+        if key in data and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise _damaged(info, f"its `{key}` is not a {'number' if kind is int else 'string'}")
+    return data
 
 
 def resolve_coordinator(explicit: str | None) -> str:
@@ -163,7 +197,7 @@ def resolve_coordinator(explicit: str | None) -> str:
         return env
     local = _local_coordinator()
     if local is not None:
-        return str(local["addrs"][0])
+        return str(_checked_local(local, "addrs")["addrs"][0])
     raise typer.BadParameter(
         "no coordinator: pass --coordinator /ip4/.../p2p/..., set SOGNI_COORDINATOR_ADDR, "
         f"or run a local coordinator (it writes {DEFAULT_COORDINATOR_FILE})",
@@ -174,9 +208,12 @@ def resolve_coordinator(explicit: str | None) -> str:
 def _local_coordinator_at(addr: str) -> dict[str, Any]:
     """What the local coordinator wrote in its address file, if `addr` is that coordinator
     (else nothing: the file is not about it)."""
-    local = _local_coordinator()
+    try:
+        local = _local_coordinator()
+    except Refused:  # not JSON: it cannot say it is about `addr`
+        return {}
     if local is not None and addr.endswith(f"/p2p/{local.get('peerId')}"):
-        return local
+        return _checked_local(local, "chainId", "verifyingContract", "networkId")
     return {}
 
 
@@ -393,29 +430,38 @@ def _ticket(
             raise ValueError("not 32 bytes")
     except ValueError as exc:
         raise BadUsage(f"request id {request_id!r} is not 64 hex digits ({exc})") from None
-    saved: ResumeTicket | None = None
-    path = out / "request.json"
-    if path.exists():
-        try:
-            saved = ResumeTicket.from_json(path.read_text())
-        except ValueError as exc:
-            raise BadUsage(f"{path}: {exc}", "pass --token") from None
-        if saved.request_id != rid:
-            saved = None
-    if token is None:
-        if saved is None:
-            raise BadUsage(
-                f"no resume token for request {request_id[:12]}...",
-                "pass --token, or --out the folder whose request.json names it",
-            )
-        secret = saved.token
-    else:
+    secret: bytes | None = None
+    if token is not None:
         try:
             secret = bytes.fromhex(token.removeprefix("0x"))
         except ValueError:
             secret = b""
         if len(secret) != 32:
             raise BadUsage("--token must be 64 hex digits")
+    for given in coordinator or []:
+        peer_info(given)  # a usage error now, not "unavailable" after the dial
+    saved: ResumeTicket | None = None
+    path = out / "request.json"
+    if path.exists():
+        try:
+            saved = ResumeTicket.from_json(path.read_text(encoding="utf-8"))
+        except ValueError:  # its own words are Python's ("'list' object has no ...")
+            damaged = f"{path} is damaged: it is not the request ticket `sogni render` writes"
+            if secret is None:
+                raise BadUsage(
+                    damaged, "pass --token (and --coordinator), or --out another folder"
+                ) from None
+            if not coordinator:  # the file would have named the coordinator
+                raise BadUsage(damaged, "pass --coordinator too, or move the file away") from None
+        if saved is not None and saved.request_id != rid:
+            saved = None
+    if secret is None:
+        if saved is None:
+            raise BadUsage(
+                f"no resume token for request {request_id[:12]}...",
+                "pass --token, or --out the folder whose request.json names it",
+            )
+        secret = saved.token
     if coordinator:  # named here: these, in this order
         return ResumeTicket(coordinator[0], rid, secret, tuple(coordinator[1:]))
     if saved is not None:
@@ -483,6 +529,7 @@ def _account_call(
     signing: dict[str, Any] = {"domain": domain}
     if names_network:
         signing["network_id"] = resolve_network_id(addr, network_id)
+    peer_info(addr)  # a malformed address is a usage error before the wallet is unlocked
     wallet = _wallet(keystore, password_env)
     try:
         return call(addr, wallet.private_key, **signing)

@@ -25,7 +25,14 @@ from sogni_coordinator.config import (
     CoordinatorConfig,
     load_coordinator_config,
 )
-from sogni_protocol.cli_errors import BadUsage, Refused, Unavailable
+from sogni_protocol.cli_errors import (
+    BadUsage,
+    Refused,
+    Unavailable,
+    no_funds,
+    parse_amount,
+    too_little_eth,
+)
 from sogni_protocol.logs import configure_logging
 from sogni_protocol.settings import SettingsError, load_settings, read_config_text
 from sogni_wallet.addresses import AddressesFileError
@@ -331,24 +338,38 @@ def chain_fund(
     address: Annotated[str, typer.Argument(help="Account to fund (e.g. a node wallet).")],
     config: ConfigOpt = None,
     chain_url: UrlOpt = None,
-    eth: Annotated[float, typer.Option(help="ETH for gas.")] = 1.0,
-    sogni: Annotated[int, typer.Option(help="Whole SOGNI from the treasury (for staking).")] = 0,
+    eth: Annotated[str, typer.Option(help="ETH for gas (0: none).")] = "1",
+    sogni: Annotated[str, typer.Option(help="SOGNI from the treasury (for staking).")] = "0",
 ) -> None:
     """Dev faucet: ETH and SOGNI from dev account 0 (the treasury of `chain deploy`)."""
+    from eth_utils import is_address
+
     from sogni_chain import ChainRevert
 
+    eth_wei = parse_amount(eth, unit="ETH", allow_zero=True)  # exit 2 before any chain call
+    sogni_wei = parse_amount(sogni, unit="SOGNI", allow_zero=True)
+    if not is_address(address):
+        raise BadUsage(f"{address[:60]!r} is not an Ethereum address", "give a 0x... address")
     cfg = _config(config)
     chain = _shared_chain(cfg, chain_url)
     deployment = _deployment(cfg, chain)
+    treasury = chain.accounts[0]
     try:
-        if eth > 0:
-            chain.send_eth(address, int(eth * 10**18), sender=chain.accounts[0])
-        if sogni > 0:
-            deployment.token.transfer(address, sogni * 10**18, sender=chain.accounts[0])
+        if eth_wei > 0:
+            chain.send_eth(address, eth_wei, sender=treasury)
+        if sogni_wei > 0:
+            deployment.token.transfer(address, sogni_wei, sender=treasury)
     except ChainRevert:
         raise
     except ValueError as exc:  # e.g. not an address
         raise BadUsage(str(exc), "give a 0x... address") from exc
+    except Exception as exc:
+        if not no_funds(exc):  # the treasury cannot pay what was asked and the gas
+            raise
+        balance = chain.eth_balance(treasury.address)
+        raise too_little_eth(
+            treasury.address, balance, sending=f"sending {eth} ETH", todo="ask for less --eth"
+        ) from None
     _print_json(
         {
             "address": address,

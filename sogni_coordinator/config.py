@@ -32,6 +32,7 @@ from sogni_protocol.settings import (
     Seconds,
     SettingsError,
     check_heartbeats,
+    check_listen_addr,
     fill_path,
     load_settings,
     read_config_text,
@@ -168,9 +169,11 @@ class CoordinatorConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknow
     def __post_init__(self) -> None:
         check_heartbeats(self.heartbeat_interval, self.heartbeat_timeout)
         check_http_listen(self.http_listen)
+        _check_listen(self.listen)
         data_dir = fill_path(self, "data_dir", self.data_dir)
         fill_path(self, "keystore", data_dir / "signer.json")
         fill_path(self, "database", data_dir / "coordinator.db")
+        check_database_url(self.database)
         if self.addresses_file is not None:
             apply_addresses_file(self)
         if self.result_store == "database" and str(self.database) == ":memory:":
@@ -239,6 +242,36 @@ def check_chain_domain(cfg: CoordinatorConfig, source: str | None = None) -> Non
             key="addresses_file",
             source=source or "<config>",
         )
+
+
+def _check_listen(value: str) -> None:
+    """Refuse a `listen` the host cannot serve (UDP, a DNS name, a bad IP or port) when the
+    config loads, naming the key: `start` would crash on it."""
+    try:
+        check_listen_addr(value)
+    except ValueError as exc:
+        raise ValueError(f"listen: {exc}") from None
+
+
+def check_database_url(database: Path | str) -> None:
+    """Refuse a `database` PostgreSQL URL that cannot parse (a bad host or port) when the
+    config loads, never echoing it: it may carry a password. libpq checks the rest when it
+    connects."""
+    from urllib.parse import urlsplit
+
+    from sogni_coordinator.storage import is_postgres, location
+
+    if not is_postgres(database):
+        return
+    try:
+        parts = urlsplit(location(database))
+        if "," not in parts.netloc:  # one host (libpq also takes "h1:p1,h2:p2")
+            _ = parts.port  # a ValueError for a port out of range or not a number
+    except ValueError as exc:
+        raise ValueError(
+            f"database: not a valid PostgreSQL URL ({exc}): write it as "
+            "postgresql://USER@HOST:PORT/DBNAME (the password after USER:)"
+        ) from None
 
 
 def check_http_listen(value: str) -> None:

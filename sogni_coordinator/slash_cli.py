@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sogni_coordinator.chain_cli import _config, _deployment, _shared_chain
-from sogni_protocol.cli_errors import BadUsage, Refused, register
+from sogni_protocol.cli_errors import BadUsage, Refused, parse_amount, register
 
 if TYPE_CHECKING:
     from sogni_chain import Chain
@@ -214,12 +213,7 @@ def slash_propose_tx(
     """
     from sogni_coordinator.settlement.slashes import prepare
 
-    wei: int | None = None
-    if amount is not None:
-        try:
-            wei = int(Decimal(amount) * _WEI)
-        except InvalidOperation:
-            raise BadUsage(f"{amount!r} is not an amount", "give SOGNI, e.g. 250.5") from None
+    wei = None if amount is None else parse_amount(amount, unit="SOGNI")  # exit 2: "inf", "-5"
     cfg = _config(config)
     sender = _settlement_address(cfg)
     chain = _chain(cfg, chain_url)

@@ -75,6 +75,7 @@ from sogni_net.errors import (
 from sogni_net.keys import NodeKey, load_or_create_node_key
 from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT
+from sogni_protocol.settings import check_peer_id
 
 Handler = Callable[[Channel], Awaitable[None]]
 """Serves one inbound channel. When it returns, or raises `ChannelClosed`, the channel is
@@ -686,18 +687,30 @@ def _remote_ip(sock: trio.SocketStream) -> str:
 
 def peer_info(addr: str) -> PeerInfo:
     """The peer id and addresses `addr` names (a /.../p2p/<id> multiaddr, or a bare peer id),
-    or `AddressError` saying what is wrong with it (before anything is dialed)."""
+    or `AddressError` saying what is wrong with it (before anything is dialed).
+
+    The peer id is checked to be one (`check_peer_id`): py-libp2p takes any base58 word,
+    and `--coordinator garbage` would fail later, at the dial, as "unavailable"."""
     try:
         if addr.startswith("/"):
-            return info_from_p2p_addr(multiaddr.Multiaddr(addr))
-        return PeerInfo(ID.from_base58(addr), [])
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        else:
+            info = PeerInfo(ID.from_base58(addr), [])
     except Exception as exc:
         why = str(exc).split(" (string: ")[0]  # multiaddr repeats the whole address
         if "P_P2P" in why:
             why = "it ends without /p2p/<peer id>"
         raise AddressError(
-            f"{addr!r} is not a peer address: {why[:200]}",
+            f"{addr[:200]!r} is not a peer address: {why[:200]}",
         ) from None
+    peer_id = info.peer_id.to_base58()
+    try:
+        check_peer_id(peer_id)
+    except ValueError:
+        shown = repr(peer_id[:80])
+        why = "not a valid peer id either" if peer_id == addr else f"{shown} is not a peer id"
+        raise AddressError(f"{addr[:200]!r} is not a peer address: {why}") from None
+    return info
 
 
 def _dial_host(addr: str) -> str:

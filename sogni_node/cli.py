@@ -216,6 +216,13 @@ def start(
             "SOGNI_NODE_COORDINATORS=/ip4/HOST/tcp/PORT/p2p/PEER_ID, and the coordinator's "
             "signing address in `trusted_coordinators`; `sogni-node config` shows both",
         )
+    if not cfg.trusted_coordinators and not cfg.network_operators:  # it would decline all
+        raise BadUsage(
+            "coordinators are configured but none is trusted: this node would decline every offer",
+            "set `trusted_coordinators` (SOGNI_NODE_TRUSTED_COORDINATORS) to the coordinators' "
+            "signing addresses (`sogni-coordinator keys show`), or `network_operators` "
+            "(SOGNI_NODE_NETWORK_OPERATORS) to the network operator's",
+        )
     configure_logging(cfg.log_level, cfg.log_json)
     from sogni_node import daemon  # lazy: pulls in torch, diffusers and libp2p
 
@@ -234,10 +241,17 @@ def status_command(
     ] = 2.0,
     as_json: JsonOption = False,
 ) -> None:
-    """A live view of this node: daemon, coordinators, jobs today, speed, rewards."""
+    """A live view of this node: daemon, coordinators, jobs today, speed, rewards.
+
+    `--json` and `--once` (or no terminal) print one reading and exit 4 when no daemon
+    answered, as every CLI does for "nothing listening": a script sees the node is down."""
     import time
 
-    from sogni_node.status_view import collect, render
+    from sogni_node.status_view import NodeStatus, collect, render
+
+    def down(reading: NodeStatus) -> None:
+        if reading.daemon is None:  # after the reading: stdout still carries it
+            raise Unavailable(reading.daemon_error or "no node daemon answers")
 
     cfg = _config(config)
     try:
@@ -245,14 +259,18 @@ def status_command(
     except Exception:  # no keystore yet: the view says so
         wallet = None
     if as_json:
-        typer.echo(json.dumps(collect(cfg, wallet).as_json(), indent=2))
+        reading = collect(cfg, wallet)
+        typer.echo(json.dumps(reading.as_json(), indent=2))
+        down(reading)
         return
     from rich.console import Console
     from rich.live import Live
 
     console = Console()
     if once or not console.is_terminal:
-        console.print(render(collect(cfg, wallet)))
+        reading = collect(cfg, wallet)
+        console.print(render(reading))
+        down(reading)
         return
     try:
         with Live(render(collect(cfg, wallet)), console=console, auto_refresh=False) as live:

@@ -27,6 +27,8 @@ from sogni_protocol.settings import (
     Multiaddr,
     Seconds,
     check_heartbeats,
+    check_listen_addr,
+    check_peer_addr,
     fill_path,
     load_settings,
     read_config_text,
@@ -150,6 +152,7 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
     def __post_init__(self) -> None:
         check_heartbeats(self.heartbeat_interval, self.heartbeat_timeout)
         check_http_listen(self.http_listen)
+        check_addresses(self)
         if self.payout_address is not None:
             from sogni_node.payout import check_payout_address
 
@@ -227,6 +230,24 @@ def config_sources(path: Path | None = None, env: Mapping[str, str] = os.environ
         else:
             out[field.name] = "default"
     return out
+
+
+def check_addresses(cfg: NodeConfig) -> None:
+    """Refuse, when the config loads and naming the key, a `listen` the host cannot serve and
+    a coordinator address that can never be dialed or authenticated (a bad IP or port, an
+    invalid peer id): `start` would crash on the one, and retry the other forever."""
+    try:
+        check_listen_addr(cfg.listen)
+    except ValueError as exc:
+        raise ValueError(f"listen: {exc}") from None
+    for key in ("coordinators", "epoch_sources", "network_signers_urls"):
+        for addr in getattr(cfg, key):
+            if not addr.startswith("/"):  # an http(s):// URL (epoch_sources and the like)
+                continue
+            try:
+                check_peer_addr(addr)
+            except ValueError as exc:
+                raise ValueError(f"{key}: {exc}") from None
 
 
 def check_http_listen(value: str) -> None:

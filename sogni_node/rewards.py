@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,7 @@ from sogni_node.payout import payout_of, signed_form
 from sogni_protocol import eip712, epoch_math
 from sogni_protocol.airdrop import airdrop_season, prizes_by_account
 from sogni_protocol.airdrop_audit import read_evidence
+from sogni_protocol.cli_errors import no_funds
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.epoch_files import (
     RECEIPTS_FORMAT,
@@ -497,7 +497,7 @@ def gas_shortfall(
     except (ContractLogicError, TransactionFailed) as exc:
         raise chain.errors.from_exception(exc) from None
     except Exception as exc:
-        if not _no_funds(exc):
+        if not no_funds(exc):
             raise
         gas = 300_000  # the node estimates with the sender's balance: it has none
     base_fee = int(w3.eth.get_block("latest").get("baseFeePerGas", 0))
@@ -505,10 +505,6 @@ def gas_shortfall(
     needed = gas * price
     balance = chain.eth_balance(payer)
     return (needed, balance) if balance < needed or balance == 0 else None
-
-
-def _no_funds(exc: BaseException) -> bool:
-    return "insufficient funds" in str(exc).lower()
 
 
 class NoGas(Exception):
@@ -537,7 +533,7 @@ def submit_claim(
             tx = distributor.claim(plan.account, plan.cumulative, plan.proof, sender=account)
             staked = 0
     except Exception as exc:
-        if _no_funds(exc):
+        if no_funds(exc):
             raise NoGas(f"{plan.account} has too little ETH to pay the claim's gas") from None
         raise
     return ClaimResult(int(tx.event("Claimed")["amount"]), staked, tx.hash)
@@ -550,14 +546,15 @@ def _utc(ts: int) -> str:
 
 
 def parse_sogni(text: str) -> int:
-    """``"12.5"`` SOGNI -> base units; refuses negatives, zero and more than 18 decimals."""
+    """``"12.5"`` SOGNI -> base units; refuses zero, negatives, non-finite numbers, more
+    than 18 decimals and more than a uint256 holds (`ValueError`). The rules are
+    `cli_errors.parse_amount`'s, the one amount parser."""
+    from sogni_protocol.cli_errors import BadUsage, parse_amount
+
     try:
-        value = Decimal(text.strip()) * SOGNI
-    except InvalidOperation:
-        raise ValueError(f"not an amount of SOGNI: {text!r}") from None
-    if value != value.to_integral_value() or value <= 0:
-        raise ValueError(f"amount must be positive with at most 18 decimals: {text!r}")
-    return int(value)
+        return parse_amount(text)
+    except BadUsage as exc:
+        raise ValueError(exc.what) from None
 
 
 def format_sogni(amount: int) -> str:

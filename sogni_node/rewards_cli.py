@@ -36,9 +36,13 @@ from sogni_node.config import CONFIG_ENV, ENV_PREFIX, NodeConfig
 from sogni_protocol.cli_errors import (
     NEGATIVE_AS_ARGUMENT,
     BadUsage,
+    CliError,
     Refused,
     Unavailable,
+    no_funds,
+    parse_amount,
     register,
+    too_little_eth,
 )
 from sogni_wallet.addresses import AddressesFileError
 from sogni_wallet.keystore import keystore_address, unlock_wallet
@@ -494,12 +498,8 @@ def _stake_state(deployment: Deployment, address: str) -> dict[str, str]:
 
 
 def _amount(text: str) -> int:
-    from sogni_node.rewards import parse_sogni
-
-    try:
-        return parse_sogni(text)
-    except ValueError as exc:
-        raise BadUsage(str(exc), "give an amount of SOGNI such as 1000 or 0.5") from exc
+    """SOGNI typed on the command line, in base units (exit 2 for anything else)."""
+    return parse_amount(text, unit="SOGNI")
 
 
 def _staking_tx(
@@ -509,8 +509,26 @@ def _staking_tx(
     cfg = _config(config)
     deployment = _required_deployment(cfg, chain_url)
     wallet = _wallet(cfg, deployment)
-    send(deployment, wallet)  # a revert (e.g. CooldownActive) is refused: exit 3
+    try:
+        send(deployment, wallet)  # a revert (e.g. CooldownActive) is refused: exit 3
+    except CliError:
+        raise
+    except Exception as exc:
+        if no_funds(exc):  # the chain's own words: a web3 or eth-tester error
+            balance = deployment.chain.eth_balance(wallet.address)
+            raise too_little_eth(wallet.address, balance) from None
+        raise
     _print_json(_stake_state(deployment, wallet.address))
+
+
+def _too_little_sogni(address: str, balance: int, wei: int) -> Refused:
+    from sogni_node.rewards import format_sogni
+
+    return Refused(
+        f"wallet {address} holds {format_sogni(balance)} SOGNI, less than the "
+        f"{format_sogni(wei)} SOGNI to stake",
+        "stake less, claim rewards first (`sogni-node rewards claim`), or send SOGNI to it",
+    )
 
 
 @app.command("stake", context_settings=NEGATIVE_AS_ARGUMENT)
@@ -523,9 +541,20 @@ def stake(
     wei = _amount(amount)
 
     def send(deployment: Deployment, wallet: LocalAccount) -> None:
+        from sogni_chain import ChainRevert
+
+        balance = deployment.token.balance_of(wallet.address)
+        if balance < wei:  # in words, not as the token's ERC20InsufficientBalance(...)
+            raise _too_little_sogni(wallet.address, balance, wei)
         if deployment.token.allowance(wallet, deployment.staking.address) < wei:
             deployment.token.approve(deployment.staking.address, wei, sender=wallet)
-        deployment.staking.stake(wei, sender=wallet)
+        try:
+            deployment.staking.stake(wei, sender=wallet)
+        except ChainRevert as exc:  # spent between the check and the stake
+            if exc.error != "ERC20InsufficientBalance":
+                raise
+            now = deployment.token.balance_of(wallet.address)
+            raise _too_little_sogni(wallet.address, now, wei) from None
 
     _staking_tx(config, chain_url, send)
 

@@ -17,12 +17,19 @@ code a script can act on. A bug, on the other hand, must keep its traceback.
 
 Exit 1 stays for a command that ran but whose result is negative (a check found a bad file,
 some images failed, today's Daily Boost was already claimed). See docs/CLI.md.
+
+Also here, because every CLI needs them the same way: OS errors about a path (missing, on a
+read-only or full disk) and PostgreSQL connection failures become one line naming the path
+or `host:port`; a password in a URL never reaches a message (`redact`); `parse_amount` is the
+one parser of token amounts typed on a command line.
 """
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
+import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from typing import Annotated, Any, ClassVar
@@ -42,9 +49,13 @@ __all__ = [
     "debug_requested",
     "interrupted",
     "main",
+    "no_funds",
+    "parse_amount",
+    "redact",
     "register",
     "require_extra",
     "run",
+    "too_little_eth",
 ]
 
 DEBUG_ENV = "SOGNI_DEBUG"
@@ -59,8 +70,8 @@ class CliError(Exception):
 
     def __init__(self, what: str, todo: str | None = None) -> None:
         super().__init__(what)
-        self.what = _one_line(what)
-        self.todo = _one_line(todo) if todo else None
+        self.what = redact(_one_line(what))
+        self.todo = redact(_one_line(todo)) if todo else None
 
     def line(self) -> str:
         return f"error: {self.what}" + (f" ({self.todo})" if self.todo else "")
@@ -129,6 +140,7 @@ _KNOWN: dict[str, tuple[_Kind, str | None]] = {
     "builtins.NotADirectoryError": (Refused, "a file stands where a folder belongs"),
     "builtins.IsADirectoryError": (Refused, "give a file, not a folder"),
     "builtins.PermissionError": (Refused, "check the path's owner and permissions"),
+    "builtins.FileNotFoundError": (Unavailable, "check the path"),
     "builtins.ModuleNotFoundError": (
         Unavailable,
         "install the missing package, or the sogni-supernet extra that provides it",
@@ -169,6 +181,70 @@ def _one_line(text: str) -> str:
     return "; ".join(part.strip() for part in text.strip().splitlines() if part.strip())
 
 
+_URL_PASSWORD = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://[^\s/:@\"']*):[^\s@\"']*@")
+"""A URL's `user:password@`; a password may hold any character but blanks and quotes (an
+unencoded `/` too: hiding too much beats showing part of one)."""
+_KEY_PASSWORD = re.compile(r"(?i)\b(password\s*=\s*)('[^']*'|\"[^\"]*\"|\S+)")
+
+
+def redact(text: str) -> str:
+    """`text` without the password of a URL (`postgresql://user:***@host`) or a libpq
+    `password=...`: a database URL is echoed by its driver's errors, never by ours."""
+    return _KEY_PASSWORD.sub(r"\1***", _URL_PASSWORD.sub(r"\1:***@", text))
+
+
+_OS_ERRNO: dict[int, tuple[_Kind, str]] = {
+    # an OSError the machine caused, whatever the path: the OS's reason is the message
+    errno.EROFS: (Refused, "that file system is read-only: choose a writable place"),
+    errno.ENOSPC: (Unavailable, "the disk is full: free some space"),
+    errno.EDQUOT: (Unavailable, "the disk quota is used up: free some space"),
+    errno.EIO: (Unavailable, "the disk failed to read or write: check it"),
+    errno.ENAMETOOLONG: (BadUsage, "give a shorter path"),
+    errno.ELOOP: (BadUsage, "a symbolic link in the path points back to itself"),
+}
+
+
+def _os_error(exc: OSError) -> CliError | None:
+    """An OSError about a path (it names one) or about the machine (read-only, full disk):
+    `<path>: <what the OS said>`. One naming neither (a socket's) stays unmapped."""
+    known = _OS_ERRNO.get(exc.errno or 0)
+    if known is None and not exc.filename:
+        return None
+    kind, todo = known or (Unavailable, "check the path")
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    what = f"{exc.filename}: {reason}" if exc.filename else reason
+    return kind(what, todo)
+
+
+_PG_AT = re.compile(r'connection to server at "([^"]*)"(?: \([^)]*\))?, port (\d+) failed: (.*)')
+_PG_SOCKET = re.compile(r'connection to server on socket "([^"]*)" failed: (.*)')
+_PG_TODO = (
+    "check that PostgreSQL runs there and accepts this user, and the `database` setting "
+    "(SOGNI_COORDINATOR_DATABASE)"
+)
+
+
+def _is_psycopg(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".")[0] == "psycopg"
+
+
+def _database_error(exc: BaseException) -> CliError | None:
+    """A PostgreSQL connection failure (psycopg's plain `OperationalError`, raised as is or
+    under the sqlite3 error the storage layer turns it into): "cannot reach the database at
+    host:port", its URL's password never shown. Errors of a statement (bad SQL, a
+    constraint) are not connection failures: they stay unmapped."""
+    cause = exc if _is_psycopg(exc) else exc.__cause__
+    if cause is None or not _is_psycopg(cause) or type(cause).__name__ != "OperationalError":
+        return None
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+    if m := _PG_AT.search(first):
+        return Unavailable(f"cannot reach the database at {m[1]}:{m[2]}: {m[3]}", _PG_TODO)
+    if m := _PG_SOCKET.search(first):
+        return Unavailable(f"cannot reach the database at {m[1]}: {m[2]}", _PG_TODO)
+    why = re.sub(r'\s*in URI: ".*', "", first).removeprefix("connection failed: ")
+    return Unavailable(f"cannot reach the database: {why or type(cause).__name__}", _PG_TODO)
+
+
 def classify(exc: BaseException) -> CliError | None:
     """The CLI error `exc` stands for, or None when it is not an expected one (a bug)."""
     if isinstance(exc, CliError):
@@ -178,6 +254,9 @@ def classify(exc: BaseException) -> CliError | None:
         return leaves[0] if leaves and all(leaves) else None
     if isinstance(exc, typer.Exit | typer.Abort):
         return None
+    special = _database_error(exc) or _no_funds_error(exc)
+    if special is not None:
+        return special
     exact = _EXACT.get(_name(type(exc)))
     if exact is not None and any(m in str(exc).lower() for m in exact[2]):
         return exact[0](str(exc), exact[1])
@@ -188,8 +267,96 @@ def classify(exc: BaseException) -> CliError | None:
             what = str(exc) or type(exc).__name__
             if isinstance(exc, OSError) and exc.strerror and exc.filename:
                 what = f"{exc.filename}: {exc.strerror}"  # not "[Errno 17] File exists: '…'"
-            return kind(what, todo)
+            own = getattr(exc, "todo", None)  # a SettingsError with no key to fix says so
+            return kind(what, own if isinstance(own, str) else todo)
+    if isinstance(exc, OSError):
+        return _os_error(exc)
     return None
+
+
+_NO_FUNDS = (
+    "insufficient funds",  # a JSON-RPC node (anvil, geth): "insufficient funds for gas * ..."
+    "cannot afford txn gas",  # the embedded EVM (eth-tester), for the gas
+    "does not have enough balance",  # the embedded EVM, for the value and the gas
+)
+
+
+def no_funds(exc: BaseException) -> bool:
+    """Did sending a transaction fail because its sender has too little ETH? (Each chain
+    words it its own way, in an exception class of its own.)"""
+    text = str(exc).lower()
+    return any(words in text for words in _NO_FUNDS)
+
+
+def too_little_eth(
+    address: str, balance_wei: int, *, sending: str = "", todo: str | None = None
+) -> Refused:
+    """The one line for a transaction `address` cannot pay for (a node's `stake`, a
+    coordinator's `chain fund`): whose wallet, the ETH it has, how to fund it."""
+    whole, frac = divmod(balance_wei, 10**18)
+    eth = f"{whole}.{frac:018d}".rstrip("0").rstrip(".") if frac else str(whole)
+    return Refused(
+        f"wallet {address} has {eth} ETH, too little to pay for {sending or 'this transaction'}"
+        " and its gas",
+        todo or f"send it some ETH (on a local chain: `sogni-coordinator chain fund {address}`)",
+    )
+
+
+def _no_funds_error(exc: BaseException) -> CliError | None:
+    """A transaction its sender could not pay for, sent by a command that did not say whose
+    wallet it was (those that know name it): one line, not web3's error dictionary."""
+    if type(exc).__module__.split(".")[0] not in ("web3", "eth_utils", "eth_tester"):
+        return None
+    if not no_funds(exc):
+        return None
+    return Refused(
+        "the sending wallet has too little ETH to pay for this transaction and its gas",
+        "send it some ETH (on a local chain: `sogni-coordinator chain fund ADDRESS`)",
+    )
+
+
+UINT256_MAX = 2**256 - 1
+"""The most a contract's amount (uint256) holds, in base units."""
+
+
+def parse_amount(
+    text: str, *, unit: str = "SOGNI", decimals: int = 18, allow_zero: bool = False
+) -> int:
+    """`"12.5"` of `unit` in base units (`10**-decimals` of it), else `BadUsage` (exit 2).
+
+    The one parser of amounts typed on a command line, because each reaches a contract as a
+    uint256: "inf", "nan", "-5", "1e999" or more than 2^256 - 1 base units are refused here,
+    in words, not as an OverflowError or a web3 validation traceback later.
+    """
+    from decimal import Decimal, InvalidOperation
+
+    shown = text.strip()
+    quoted = repr(shown[:40] + ("..." if len(shown) > 40 else ""))
+    example = f"give {unit} as a number such as 1000 or 0.5"
+    try:
+        value = Decimal(shown) if len(shown) <= 200 else None
+    except InvalidOperation:
+        value = None
+    if value is None or not value.is_finite():
+        raise BadUsage(f"not an amount of {unit}: {quoted}", example)
+    if value < 0 or (value == 0 and not allow_zero):
+        least = "0 or more" if allow_zero else "positive"
+        raise BadUsage(f"amount must be {least}, not {quoted}", example)
+    if value != 0 and value.adjusted() > 80:  # far above 2^256 base units: skip the maths
+        raise BadUsage(
+            f"not an amount of {unit}: {quoted} is more than a contract holds", "give less"
+        )
+    _sign, digit_tuple, exponent = value.as_tuple()
+    digits = "".join(map(str, digit_tuple)).rstrip("0")  # integer maths: no rounding
+    exponent = int(exponent) + len(digit_tuple) - len(digits)
+    if digits and exponent < -decimals:
+        raise BadUsage(f"amount {quoted} has more than {decimals} decimals", example)
+    base = int(digits) * 10 ** (exponent + decimals) if digits else 0
+    if base > UINT256_MAX:
+        raise BadUsage(
+            f"not an amount of {unit}: {quoted} is more than a contract holds", "give less"
+        )
+    return base
 
 
 NEGATIVE_AS_ARGUMENT = {"ignore_unknown_options": True}

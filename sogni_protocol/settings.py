@@ -32,6 +32,9 @@ __all__ = [
     "Multiaddr",
     "Seconds",
     "SettingsError",
+    "check_listen_addr",
+    "check_peer_addr",
+    "check_peer_id",
     "env_names",
     "load_settings",
     "read_config_text",
@@ -87,6 +90,83 @@ readable_pattern(
 readable_pattern(ChainUrl, "an http:// or https:// URL such as http://127.0.0.1:8545")
 Seconds = Annotated[float, Meta(gt=0, le=86_400)]
 
+
+# --- addresses a daemon listens on or dials: checked in full when the config loads ----------
+_BASE58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+_PEER_ID_LOOKS = "a peer id looks like 12D3KooW... (`sogni-coordinator start` prints it)"
+
+
+def check_peer_id(text: str) -> None:
+    """Raise ValueError (in words) unless `text` is a libp2p peer id.
+
+    Why here and not at dial time: py-libp2p takes any base58 word for a peer id, and a node
+    would then retry a coordinator that can never be authenticated. A peer id is the base58
+    of a multihash: the identity hash of a small public key (Ed25519 `12D3KooW...`,
+    secp256k1 `16Uiu2...`), or the sha2-256 of a larger one (`Qm...`)."""
+    if not text or len(text) > 128 or any(c not in _BASE58 for c in text):
+        raise ValueError(f"{text[:80]!r} is not a peer id: {_PEER_ID_LOOKS}")
+    number = 0
+    for c in text:
+        number = number * 58 + _BASE58.index(c)
+    zeros = len(text) - len(text.lstrip("1"))
+    raw = b"\0" * zeros + number.to_bytes((number.bit_length() + 7) // 8, "big")
+    if len(raw) == 34 and raw[:2] == b"\x12\x20":  # sha2-256, 32 bytes
+        return
+    key = raw[2:]
+    if (  # identity multihash of a protobuf PublicKey {Type (varint), Data (bytes)}
+        len(raw) >= 6
+        and raw[0] == 0
+        and raw[1] == len(key) <= 42
+        and key[0] == 0x08
+        and key[1] <= 3
+        and key[2] == 0x12
+        and key[3] == len(key) - 4
+    ):
+        return
+    raise ValueError(f"{text[:80]!r} is not a peer id: {_PEER_ID_LOOKS}")
+
+
+def _multiaddr(text: str) -> Any:
+    """`multiaddr.Multiaddr(text)`, or ValueError saying what is wrong in it."""
+    import multiaddr  # small, pure Python: no libp2p
+
+    try:
+        return multiaddr.Multiaddr(text)
+    except Exception as exc:  # StringParseError, ValueError, BinaryParseError, ...
+        why = str(exc).split(" (string: ")[0]
+        why = re.sub(r"^Invalid MultiAddr '.*?': ", "", why)
+        if "integer not in range" in why:
+            why = "a port is 0-65535"
+        raise ValueError(f"{text[:200]!r} is not a multiaddr: {why[:200]}") from None
+
+
+def check_listen_addr(text: str) -> None:
+    """Raise ValueError unless `text` is what a daemon can listen on: /ip4|ip6/<ip>/tcp/<port>
+    (the host serves TCP only, and would crash on anything else at start)."""
+    addr = _multiaddr(text)
+    names = [proto.name for proto in addr.protocols()]
+    if len(names) != 2 or names[0] not in ("ip4", "ip6") or names[1] != "tcp":
+        raise ValueError(
+            f"{text[:200]!r} cannot be listened on: give /ip4/<ip>/tcp/<port> or "
+            "/ip6/<ip>/tcp/<port> (TCP only; port 0 picks a free port)"
+        )
+
+
+def check_peer_addr(text: str) -> None:
+    """Raise ValueError unless `text` is a dialable peer address: an IP or DNS name, a TCP
+    port, then /p2p/<a valid peer id>."""
+    addr = _multiaddr(text)
+    names = [proto.name for proto in addr.protocols()]
+    if not names or names[-1] != "p2p":
+        raise ValueError(f"{text[:200]!r} ends without /p2p/<peer id>")
+    check_peer_id(str(addr.value_for_protocol("p2p")))
+    if not any(n in ("ip4", "ip6", "dns", "dns4", "dns6") for n in names) or "tcp" not in names:
+        raise ValueError(
+            f"{text[:200]!r} has no IP (or DNS name) and TCP port to dial, such as "
+            "/ip4/203.0.113.7/tcp/4001/p2p/12D3KooW..."
+        )
+
+
 DEFAULT_CHAIN_ID = 131277322940537
 DEV_CHAIN_IDS = frozenset({31337, 1337, DEFAULT_CHAIN_ID})
 """Local development chains: anvil and hardhat (31337), ganache (1337), the embedded EVM.
@@ -101,12 +181,23 @@ _PATH_RE = re.compile(r"`\$((?:\.[A-Za-z0-9_]+|\[\d+\])*)`$")
 
 
 class SettingsError(ValueError):
-    """A config that cannot be used; the message names the key and its source."""
+    """A config that cannot be used; the message names the key and its source.
 
-    def __init__(self, message: str, *, key: str | None = None, source: str | None = None):
+    `todo` says what to do when "fix that key" (the CLI layer's default) would be wrong: a
+    config file that is missing or not TOML has no key to fix."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        key: str | None = None,
+        source: str | None = None,
+        todo: str | None = None,
+    ):
         super().__init__(message)
         self.key = key
         self.source = source
+        self.todo = todo
 
 
 def _env_prefix(prefix: str) -> str:
@@ -225,9 +316,57 @@ def _apply_env(
 
 
 def _dec_hook(tp: type, obj: Any) -> Any:
-    if isinstance(tp, type) and issubclass(tp, PurePath) and isinstance(obj, str):
-        return tp(obj).expanduser() if issubclass(tp, Path) else tp(obj)
-    raise NotImplementedError(f"cannot convert {type(obj).__name__} to {tp!r}")
+    """Paths from strings. Anything else is a ValueError, which msgspec reports as a
+    validation error at the key (`data_dir = 5` names `data_dir`, not a traceback)."""
+    if isinstance(tp, type) and issubclass(tp, PurePath):
+        if isinstance(obj, str):
+            return tp(obj).expanduser() if issubclass(tp, Path) else tp(obj)
+        raise ValueError(f"Expected a path (a string), got `{type(obj).__name__}`")
+    raise ValueError(f"Expected `{getattr(tp, '__name__', tp)}`, got `{type(obj).__name__}`")
+
+
+def _choices(info: mi.StructType, keys: tuple[str, ...]) -> list[str]:
+    """The values a `Literal`/`Enum` field at `keys` accepts (empty if it is not one)."""
+    t: mi.Type = info
+    for key in keys:
+        struct = _nested_struct(t)
+        field = next((f for f in struct.fields if f.encode_name == key), None) if struct else None
+        if field is None:
+            return []
+        t = field.type
+    for candidate in t.types if isinstance(t, mi.UnionType) else (t,):
+        if isinstance(candidate, mi.LiteralType):
+            return [str(v) for v in candidate.values]
+        if isinstance(candidate, mi.EnumType):
+            return [str(m.value) for m in candidate.cls]
+    return []
+
+
+def _with_choices(text: str, info: mi.StructType, keys: tuple[str, ...]) -> str:
+    """msgspec's "Invalid enum value 'tpu'" with the values the key accepts."""
+    if not text.startswith("Invalid enum value"):
+        return text
+    choices = _choices(info, keys)
+    return f"{text}; expected one of: {', '.join(choices)}" if choices else text
+
+
+_KEY_PREFIX = re.compile(r"^([A-Za-z0-9_]+)(?:\.([A-Za-z0-9_]+))?(?:\[\d+\])?: ")
+
+
+def _named_key(text: str, info: mi.StructType) -> tuple[str, ...]:
+    """The key a cross-field check (`__post_init__`) names first ("listen: ..."), if any."""
+    m = _KEY_PREFIX.match(text)
+    if m is None:
+        return ()
+    keys = tuple(k for k in m.groups() if k)
+    by_name = {f.encode_name: f for f in info.fields}
+    field = by_name.get(keys[0])
+    if field is None:
+        return ()
+    nested = _nested_struct(field.type)
+    if len(keys) == 2 and (nested is None or keys[1] not in {f.encode_name for f in nested.fields}):
+        return keys[:1]
+    return keys
 
 
 def _split_error(message: str) -> tuple[tuple[str, ...], str]:
@@ -264,7 +403,11 @@ def load_settings(
         try:
             data = tomllib.loads(toml_text)
         except tomllib.TOMLDecodeError as exc:
-            raise SettingsError(f"{where}: not valid TOML: {exc}", source=where) from None
+            raise SettingsError(
+                f"{where}: not valid TOML: {exc}",
+                source=where,
+                todo="fix the TOML syntax at that line",
+            ) from None
     unknown: list[str] = []
     _check_unknown(data, info, "", unknown)
     if unknown:
@@ -279,14 +422,27 @@ def load_settings(
         loaded = msgspec.convert(data, cls, strict=False, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
         keys, text = _split_error(str(exc))
-        text = _in_words(text)
+        text = _with_choices(_in_words(text), info, keys)
         env_name = _origin_of(keys, origin)
         if env_name is not None:
             raise SettingsError(f"{env_name}: {text}", key=env_name, source="environment") from None
         if keys:
             key = ".".join(keys)
             raise SettingsError(f"{key}: {text} (in {where})", key=key, source=where) from None
-        # A check across fields (__post_init__): say where the values came from.
+        # A check across fields (__post_init__): say where the values came from, those of
+        # the key it names first when it names one ("listen: ...").
+        named = _named_key(text, info)
+        if named:
+            env_name = _origin_of(named, origin)
+            key = ".".join(named)
+            if env_name is not None:
+                raise SettingsError(
+                    f"{text} (env {env_name})", key=key, source="environment"
+                ) from None
+            if named[0] in data:  # set in the file (env values were found above)
+                raise SettingsError(f"{text} (in {where})", key=key, source=where) from None
+            if not origin and toml_text is None:  # a default, or a struct built in code
+                raise SettingsError(text, key=key) from None
         parts = [f"in {where}"] if toml_text is not None else []
         if origin:
             parts.append("env " + ", ".join(sorted(origin.values())))
@@ -338,12 +494,20 @@ def read_config_text(
             return None, None
         path = Path(named)
     path = path.expanduser()
+    todo = f"check the path given with --config or in {config_env}"
     try:
         return path.read_text(encoding="utf-8"), str(path)
     except FileNotFoundError:
-        raise SettingsError(f"config file {path} not found", source=str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise SettingsError(f"cannot read config file {path}: {exc}", source=str(path)) from None
+        raise SettingsError(f"config file {path} not found", source=str(path), todo=todo) from None
+    except UnicodeDecodeError:
+        raise SettingsError(
+            f"config file {path} is not text (UTF-8)", source=str(path), todo=todo
+        ) from None
+    except OSError as exc:
+        why = exc.strerror or type(exc).__name__
+        raise SettingsError(
+            f"cannot read config file {path}: {why}", source=str(path), todo=todo
+        ) from None
 
 
 def settings_to_builtins(value: msgspec.Struct) -> dict[str, Any]:

@@ -183,7 +183,7 @@ def load_wallet(
             raise WrongPassword(f"wrong password for keystore {path}") from None
         raise KeystoreError(f"cannot decrypt keystore {path}: {exc}") from None
     except (KeyError, TypeError, NotImplementedError) as exc:
-        raise KeystoreError(f"keystore {path} is malformed: {exc!r}") from None
+        raise KeystoreError(f"keystore {path} is malformed: {_malformed(exc)}") from None
     address = str(Account.from_key(key).address)
     recorded = document.get("address")
     if isinstance(recorded, str) and recorded.lower().removeprefix("0x") != address[2:].lower():
@@ -231,3 +231,12 @@ def unlock_wallet(
     if env is None:  # read once: child processes (a shell-out, a crash reporter) never see it
         os.environ.pop(password_env, None)
     return wallet
+
+
+def _malformed(exc: Exception) -> str:
+    """What is wrong with a keystore's document, in words (never a Python repr)."""
+    if isinstance(exc, KeyError):
+        return f"its {exc.args[0]!s} field is missing (restore the file from a backup)"
+    if isinstance(exc, NotImplementedError):
+        return "it uses a cipher or key derivation this wallet does not support"
+    return "a field of its crypto section has the wrong type (restore the file from a backup)"

@@ -60,8 +60,10 @@ def test_status_command_without_a_daemon_or_wallet(tmp_path: Path) -> None:
         "SOGNI_NODE_HTTP_LISTEN": "127.0.0.1:9",  # nothing listens there
     }
     out = CliRunner().invoke(node_app, ["status", "--once"], env=env)
-    assert out.exit_code == 0, out.output
+    assert out.exit_code == 4, out.output  # no daemon: a script can tell (it was 0)
     assert "no node daemon answers on 127.0.0.1:9" in out.output
     assert "Traceback" not in out.output
-    data = json.loads(CliRunner().invoke(node_app, ["status", "--json"], env=env).stdout)
+    as_json = CliRunner().invoke(node_app, ["status", "--json"], env=env)
+    assert as_json.exit_code == 4
+    data = json.loads(as_json.stdout)
     assert data["wallet"] is None and data["jobs_today"] == 0 and data["daemon"] is None

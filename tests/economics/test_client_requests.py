@@ -13,7 +13,7 @@ from sogni_app.api import DEFAULT_DOMAIN, parse_lora, render_request
 from sogni_app.cli import app, resolve_domain
 from sogni_protocol.messages import LoraRef
 
-PEER = "12D3KooWcoordinator"
+PEER = "12D3KooWGSS6nP8pdtfG2vxzs6XP9SZpGCHgFmuE2QR7Qj9oKyFq"
 
 
 @pytest.mark.parametrize(
@@ -93,7 +93,7 @@ def test_domain_from_options_else_the_local_coordinator_file(
     assert resolve_domain(addr, None, None).verifying_contract == contract
     assert resolve_domain(addr, None, None).chain_id == 8453
     assert resolve_domain(addr, 1, None).chain_id == 1  # an option wins
-    other = "/ip4/10.0.0.2/tcp/4001/p2p/12D3KooWsomeoneelse"
+    other = "/ip4/10.0.0.2/tcp/4001/p2p/12D3KooWA5o6wv6q7xTukcN6pJbQ8CxaPDKwmirDwi5Nd9qe6Z9M"
     assert resolve_domain(other, None, None) == DEFAULT_DOMAIN  # the file is not about it
     result = CliRunner().invoke(
         app, ["balance", "--coordinator", addr, "--verifying-contract", "0x12"]

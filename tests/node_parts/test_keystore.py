@@ -123,3 +123,20 @@ def test_unlock_wallet(tmp_path: Path) -> None:
         unlock_wallet(path, "PW", env={"PW": "pw"})
     address = create_keystore(path, "pw", kdf_n=N)
     assert unlock_wallet(path, "PW", env={"PW": "pw"}).address == address
+
+
+def test_a_malformed_keystore_is_named_in_words(tmp_path: Path) -> None:
+    """The message was a Python repr (`KeyError('kdf')`, a TypeError about comparing str
+    and int): it says what is wrong with the file now."""
+    import json
+
+    from sogni_wallet.keystore import KeystoreError, create_keystore, load_wallet
+
+    path = tmp_path / "k.json"
+    create_keystore(path, "pw", kdf_n=2)
+    document = json.loads(path.read_text())
+    del document["crypto"]["kdf"]
+    path.write_text(json.dumps(document))
+    with pytest.raises(KeystoreError) as info:
+        load_wallet(path, "pw")
+    assert "kdf field is missing" in str(info.value) and "KeyError" not in str(info.value)

@@ -132,6 +132,7 @@ def test_start_calls_daemon_run_with_config(
         SOGNI_NODE_SLOTS="2",
         SOGNI_NODE_LOG_JSON="true",
         SOGNI_NODE_COORDINATORS="/ip4/127.0.0.1/tcp/9/p2p/12D3KooWNDUxrJgsgq7ocTuLmYg3pqSQ2m9Sz1jBzj4TZs5p3HwB",
+        SOGNI_NODE_TRUSTED_COORDINATORS="0x" + "11" * 20,
     )
     result = runner.invoke(app, ["start"], env=env)
     assert result.exit_code == 0, result.output

@@ -112,6 +112,7 @@ def test_entrypoint_runs_the_node_from_env_and_it_stops_cleanly_on_sigterm(
         SOGNI_NODE_PASSWORD_FILE=str(password_file),
         # a node without coordinators refuses to start; nothing listens on port 9
         SOGNI_NODE_COORDINATORS=f"/ip4/127.0.0.1/tcp/9/p2p/{UNREACHABLE_PEER}",
+        SOGNI_NODE_TRUSTED_COORDINATORS="0x" + "11" * 20,
     )
     node = _spawn("node", ["node", "--announce"], env, tmp_path)
     try:

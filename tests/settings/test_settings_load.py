@@ -120,7 +120,10 @@ def test_unparseable_env_bool_is_an_error() -> None:
 
 
 def test_wrong_type_in_file() -> None:
-    with pytest.raises(SettingsError, match=r"^mode: Invalid enum value 'c' \(in /etc/app.toml\)"):
+    with pytest.raises(
+        SettingsError,
+        match=r"^mode: Invalid enum value 'c'; expected one of: a, b \(in /etc/app.toml\)",
+    ):
         load('mode = "c"')
 
 
