@@ -44,6 +44,7 @@ from sogni_coordinator.settlement.timer import run_epoch_timer
 from sogni_coordinator.staking_benefits import PayerBenefits
 from sogni_coordinator.store import Store
 from sogni_net import Channel, open_host, parse_listen, require_http_extra, serve_http
+from sogni_protocol.atomic import atomic_write_bytes
 from sogni_protocol.catalog import default_catalog
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import (
@@ -286,7 +287,10 @@ async def _serve(
                     "networkId": config.network_id,
                     "http": http_url,
                 }
-                (config.data_dir / "coordinator.json").write_text(json.dumps(info, indent=2))
+                # atomic: a `sogni` command reading it mid-write saw an empty file
+                atomic_write_bytes(
+                    config.data_dir / "coordinator.json", json.dumps(info, indent=2).encode()
+                )
                 log.info(
                     "coordinator_ready",
                     peer=host.peer_id,
