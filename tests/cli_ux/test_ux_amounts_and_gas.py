@@ -27,23 +27,13 @@ from sogni_node.cli import app as node_app
 from sogni_node.rewards import parse_sogni
 from sogni_protocol.cli_errors import UINT256_MAX, BadUsage, classify, parse_amount
 from sogni_wallet.keystore import create_keystore
+from tests.cli_ux.one_line import one_line
 
 runner = CliRunner()
 PASSWORD = "cli-ux"
 SOGNI = 10**18
 ADDRESS = "0x1111111111111111111111111111111111111111"
 NOT_AMOUNTS = ("inf", "Infinity", "-inf", "nan", "NaN", "1e999", str(2**256), "abc", "")
-
-
-def _one_line(result: object, code: int) -> str:
-    """The single `error:` line of a failed command (no traceback), after its exit code."""
-    exit_code = getattr(result, "exit_code", None)
-    output = getattr(result, "output", "")
-    assert exit_code == code, (output, getattr(result, "exception", None))
-    stderr: str = getattr(result, "stderr", "")
-    assert "Traceback" not in output and stderr.startswith("error: "), output
-    assert stderr.count("\n") == 1, stderr
-    return stderr
 
 
 # --- the parser --------------------------------------------------------------------------
@@ -68,21 +58,21 @@ def test_parse_amount_takes_decimals_and_refuses_what_no_contract_holds() -> Non
 @pytest.mark.parametrize("command", ["stake", "unstake"])
 def test_stake_and_unstake_refuse_non_finite_and_huge_amounts(command: str) -> None:
     for bad in NOT_AMOUNTS[:-1]:
-        line = _one_line(runner.invoke(node_app, [command, bad]), 2)
+        line = one_line(runner.invoke(node_app, [command, bad]), 2)
         assert "not an amount of SOGNI" in line, (bad, line)
 
 
 def test_slash_propose_tx_refuses_non_finite_and_negative_amounts() -> None:
     for bad in ("inf", "nan", "-5", "1e999"):
         result = runner.invoke(coordinator_app, ["slash", "propose-tx", "1", "--amount", bad])
-        line = _one_line(result, 2)
+        line = one_line(result, 2)
         assert "amount" in line and repr(bad) in line, line
 
 
 def test_chain_fund_refuses_non_finite_amounts_before_any_chain_call() -> None:
     for option, bad in (("--eth", "1e999"), ("--eth", "inf"), ("--eth", "nan"), ("--sogni", "-1")):
         result = runner.invoke(coordinator_app, ["chain", "fund", ADDRESS, option, bad])
-        line = _one_line(result, 2)
+        line = one_line(result, 2)
         assert repr(bad) in line, line
 
 
@@ -133,7 +123,7 @@ def test_staking_without_eth_names_the_wallet_and_how_to_fund_it(
     wallet, env = _node_wallet(net, tmp_path, monkeypatch)
     net.d.token.transfer(wallet.address, 10 * SOGNI, sender=net.treasury)  # SOGNI, no ETH
     for args in (["stake", "1"], ["unstake", "1"], ["withdraw"]):
-        line = _one_line(runner.invoke(node_app, args, env=env), 3)
+        line = one_line(runner.invoke(node_app, args, env=env), 3)
         assert f"wallet {wallet.address} has 0 ETH" in line, (args, line)
         assert f"sogni-coordinator chain fund {wallet.address}" in line, line
         assert "Web3" not in line and "ValidationError" not in line
@@ -144,7 +134,7 @@ def test_staking_more_sogni_than_the_wallet_holds_says_so_in_words(
 ) -> None:
     wallet, env = _node_wallet(net, tmp_path, monkeypatch)
     net.chain.send_eth(wallet.address, SOGNI, sender=net.treasury)  # ETH, no SOGNI
-    line = _one_line(runner.invoke(node_app, ["stake", "5"], env=env), 3)
+    line = one_line(runner.invoke(node_app, ["stake", "5"], env=env), 3)
     assert f"wallet {wallet.address} holds 0 SOGNI, less than the 5 SOGNI to stake" in line
     assert "ERC20InsufficientBalance" not in line and "rewards claim" in line
     net.d.token.transfer(wallet.address, 5 * SOGNI, sender=net.treasury)
@@ -153,7 +143,7 @@ def test_staking_more_sogni_than_the_wallet_holds_says_so_in_words(
     assert net.d.staking.active_stake(wallet.address) == 5 * SOGNI
 
 
-def test_chain_fund_more_eth_than_the_treasury_holds_is_one_line(
+def test_chain_fund_more_eth_than_the_treasury_holds_isone_line(
     net: Net, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     addresses = tmp_path / "addresses.json"
@@ -169,7 +159,7 @@ def test_chain_fund_more_eth_than_the_treasury_holds_is_one_line(
     result = runner.invoke(
         coordinator_app, ["chain", "fund", ADDRESS, "--eth", "100000000"], env=env
     )
-    line = _one_line(result, 3)
+    line = one_line(result, 3)
     assert f"wallet {net.treasury.address} has" in line and "sending 100000000 ETH" in line
     assert "ask for less --eth" in line
 

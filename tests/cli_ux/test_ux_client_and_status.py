@@ -13,21 +13,12 @@ from typer.testing import CliRunner
 from sogni_app.cli import app as sogni_app
 from sogni_net import AddressError, peer_info
 from sogni_node.cli import app as node_app
+from tests.cli_ux.one_line import one_line
 
 runner = CliRunner()
 PEER = "12D3KooWNDUxrJgsgq7ocTuLmYg3pqSQ2m9Sz1jBzj4TZs5p3HwB"
 REQUEST = "ab" * 32
 TOKEN = "cd" * 32
-
-
-def _one_line(result: object, code: int) -> str:
-    exit_code = getattr(result, "exit_code", None)
-    output = getattr(result, "output", "")
-    assert exit_code == code, (output, getattr(result, "exception", None))
-    stderr: str = getattr(result, "stderr", "")
-    assert "Traceback" not in output and stderr.startswith("error: "), output
-    assert stderr.count("\n") == 1, stderr
-    return stderr
 
 
 def _home(tmp_path: Path, content: str | None) -> dict[str, str | None]:
@@ -54,12 +45,12 @@ def _home(tmp_path: Path, content: str | None) -> dict[str, str | None]:
         ("[1]", "it is not a JSON object"),
     ],
 )
-def test_a_damaged_local_coordinator_file_is_one_line(
+def test_a_damaged_local_coordinator_file_isone_line(
     tmp_path: Path, content: str, what: str
 ) -> None:
     path = tmp_path / ".sogni" / "coordinator" / "coordinator.json"
     for args in (["balance"], ["render", "x"]):
-        line = _one_line(runner.invoke(sogni_app, args, env=_home(tmp_path, content)), 3)
+        line = one_line(runner.invoke(sogni_app, args, env=_home(tmp_path, content)), 3)
         assert line.startswith(f"error: {path} is damaged: {what}"), line
         assert "restart the local coordinator" in line and "--coordinator" in line
 
@@ -74,14 +65,14 @@ def test_a_damaged_domain_in_the_file_of_the_named_coordinator_is_refused(
         ["balance", "--coordinator", addr, "--keystore", str(tmp_path / "none.json")],
         env=_home(tmp_path, content),
     )
-    assert "its `chainId` is not a number" in _one_line(result, 3)
+    assert "its `chainId` is not a number" in one_line(result, 3)
     other = f"/ip4/127.0.0.1/tcp/9/p2p/{'QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N'}"
     result = runner.invoke(  # the file is not about this one: not read for the domain
         sogni_app,
         ["balance", "--coordinator", other, "--keystore", str(tmp_path / "none.json")],
         env=_home(tmp_path, content),
     )
-    assert "no keystore" in _one_line(result, 4)
+    assert "no keystore" in one_line(result, 4)
 
 
 def test_a_word_is_not_a_peer_id_and_is_refused_before_the_wallet_is_unlocked(
@@ -96,7 +87,7 @@ def test_a_word_is_not_a_peer_id_and_is_refused_before_the_wallet_is_unlocked(
                 [command, "--coordinator", bad, "--keystore", str(tmp_path / "none.json")],
                 env=_home(tmp_path, None),
             )
-            line = _one_line(result, 2)
+            line = one_line(result, 2)
             assert line.startswith(f"error: {bad!r} is not a peer address: "), line
     assert str(peer_info(PEER).peer_id) == PEER
 
@@ -107,18 +98,18 @@ def test_collect_with_a_damaged_ticket_says_what_is_wrong_in_words(tmp_path: Pat
     (out / "request.json").write_text("[1]")
     env = _home(tmp_path, None)
     base = ["collect", REQUEST, "--out", str(out)]
-    line = _one_line(runner.invoke(sogni_app, base, env=env), 2)
+    line = one_line(runner.invoke(sogni_app, base, env=env), 2)
     assert "request.json is damaged: it is not the request ticket" in line
     assert "'list' object" not in line and "pass --token" in line
-    line = _one_line(runner.invoke(sogni_app, [*base, "--token", TOKEN], env=env), 2)
+    line = one_line(runner.invoke(sogni_app, [*base, "--token", TOKEN], env=env), 2)
     assert "is damaged" in line and "pass --token" not in line and "--coordinator" in line
-    assert "--token must be 64 hex" in _one_line(
+    assert "--token must be 64 hex" in one_line(
         runner.invoke(sogni_app, [*base, "--token", "zz"], env=env), 2
     )
     result = runner.invoke(
         sogni_app, [*base, "--token", TOKEN, "--coordinator", "garbage"], env=env
     )
-    assert "is not a peer address" in _one_line(result, 2)
+    assert "is not a peer address" in one_line(result, 2)
 
 
 def test_node_status_exits_4_when_no_daemon_answers(tmp_path: Path) -> None:
@@ -129,10 +120,10 @@ def test_node_status_exits_4_when_no_daemon_answers(tmp_path: Path) -> None:
         "SOGNI_DEBUG": None,
     }
     result = runner.invoke(node_app, ["status", "--json"], env=env)
-    line = _one_line(result, 4)
+    line = one_line(result, 4)
     assert "no node daemon answers on 127.0.0.1:9" in line and "sogni-node start" in line
     reading = json.loads(result.stdout)  # the reading still goes to stdout, for scripts
     assert reading["daemon"] is None and reading["jobs_today"] == 0
     result = runner.invoke(node_app, ["status", "--once"], env=env)
-    assert "no node daemon answers" in _one_line(result, 4)
+    assert "no node daemon answers" in one_line(result, 4)
     assert "no node daemon answers" in result.stdout

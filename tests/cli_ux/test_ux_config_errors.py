@@ -20,6 +20,7 @@ import sogni_node
 from sogni_coordinator.cli import app as coordinator_app
 from sogni_node.cli import app as node_app
 from sogni_protocol.settings import check_peer_addr, check_peer_id
+from tests.cli_ux.one_line import one_line
 
 runner = CliRunner()
 PEER = "12D3KooWNDUxrJgsgq7ocTuLmYg3pqSQ2m9Sz1jBzj4TZs5p3HwB"
@@ -37,16 +38,6 @@ BAD_COORDINATORS = {
     "/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWxxxx": "'12D3KooWxxxx' is not a peer id",
     f"/ip4/127.0.0.1/udp/4001/p2p/{PEER}": "no IP (or DNS name) and TCP port",
 }
-
-
-def _one_line(result: object, code: int) -> str:
-    exit_code = getattr(result, "exit_code", None)
-    output = getattr(result, "output", "")
-    assert exit_code == code, (output, getattr(result, "exception", None))
-    stderr: str = getattr(result, "stderr", "")
-    assert "Traceback" not in output and stderr.startswith("error: "), output
-    assert stderr.count("\n") == 1, stderr
-    return stderr
 
 
 @pytest.fixture
@@ -80,7 +71,7 @@ def test_node_start_refuses_a_listen_address_it_cannot_serve(
         result = runner.invoke(
             node_app, ["start"], env=_node_env(tmp_path, SOGNI_NODE_LISTEN=value)
         )
-        line = _one_line(result, 2)
+        line = one_line(result, 2)
         assert line.startswith(f"error: listen: {value!r}") and why in line, line
         assert "(env SOGNI_NODE_LISTEN)" in line
     assert fake_daemon == []
@@ -97,14 +88,14 @@ def test_coordinator_start_refuses_a_listen_address_it_cannot_serve(tmp_path: Pa
             "SOGNI_COORDINATOR_LISTEN": value,
             "SOGNI_DEBUG": None,
         }
-        line = _one_line(runner.invoke(coordinator_app, ["start"], env=env), 2)
+        line = one_line(runner.invoke(coordinator_app, ["start"], env=env), 2)
         assert line.startswith(f"error: listen: {value!r}") and why in line, line
 
 
 def test_a_listen_address_in_a_file_names_the_file(tmp_path: Path) -> None:
     config = tmp_path / "node.toml"
     config.write_text('listen = "/ip4/127.0.0.1/udp/4001"\n')
-    line = _one_line(
+    line = one_line(
         runner.invoke(node_app, ["config", "-c", str(config)], env=_node_env(tmp_path)), 2
     )
     assert f"(in {config})" in line and "listen:" in line
@@ -115,7 +106,7 @@ def test_node_start_refuses_coordinators_it_could_never_reach(
 ) -> None:
     for value, why in BAD_COORDINATORS.items():
         env = _node_env(tmp_path, SOGNI_NODE_COORDINATORS=value)
-        line = _one_line(runner.invoke(node_app, ["start"], env=env), 2)
+        line = one_line(runner.invoke(node_app, ["start"], env=env), 2)
         assert line.startswith("error: coordinators: ") and why in line, line
         assert "(env SOGNI_NODE_COORDINATORS)" in line
     assert fake_daemon == []
@@ -127,7 +118,7 @@ def test_node_start_refuses_to_run_trusting_no_coordinator(
     """`coordinators` without `trusted_coordinators` or `network_operators`: every offer
     would be declined, forever."""
     env = _node_env(tmp_path, SOGNI_NODE_TRUSTED_COORDINATORS=None)
-    line = _one_line(runner.invoke(node_app, ["start"], env=env), 2)
+    line = one_line(runner.invoke(node_app, ["start"], env=env), 2)
     assert "none is trusted" in line and "trusted_coordinators" in line
     assert "network_operators" in line and "SOGNI_NODE_TRUSTED_COORDINATORS" in line
     assert fake_daemon == []
@@ -156,30 +147,30 @@ def test_peer_ids_are_checked_not_just_base58() -> None:
 def test_a_number_where_a_path_belongs_names_the_key_and_file(tmp_path: Path) -> None:
     node_toml = tmp_path / "node.toml"
     node_toml.write_text("data_dir = 5\n")
-    line = _one_line(runner.invoke(node_app, ["config", "-c", str(node_toml)]), 2)
+    line = one_line(runner.invoke(node_app, ["config", "-c", str(node_toml)]), 2)
     assert line.startswith("error: data_dir: Expected a path") and f"(in {node_toml})" in line
     coordinator_toml = tmp_path / "coordinator.toml"
     coordinator_toml.write_text("database = 5\n")
     result = runner.invoke(coordinator_app, ["workers", "-c", str(coordinator_toml)])
-    line = _one_line(result, 2)
+    line = one_line(result, 2)
     assert line.startswith("error: database: Expected a path") and str(coordinator_toml) in line
 
 
 def test_an_enum_error_lists_the_choices(tmp_path: Path) -> None:
     result = runner.invoke(node_app, ["config"], env=_node_env(tmp_path, SOGNI_NODE_DEVICE="tpu"))
-    line = _one_line(result, 2)
+    line = one_line(result, 2)
     assert "SOGNI_NODE_DEVICE: Invalid enum value 'tpu'" in line
     assert "expected one of: auto, cpu, cuda, mps" in line
 
 
 def test_a_missing_or_broken_config_file_is_not_a_key_to_fix(tmp_path: Path) -> None:
     missing = tmp_path / "nonexistent.toml"
-    line = _one_line(runner.invoke(node_app, ["config", "-c", str(missing)]), 2)
+    line = one_line(runner.invoke(node_app, ["config", "-c", str(missing)]), 2)
     assert f"config file {missing} not found" in line and "fix that key" not in line
     assert "SOGNI_NODE_CONFIG" in line
     broken = tmp_path / "bad.toml"
     broken.write_text("x =\n")
-    line = _one_line(runner.invoke(node_app, ["config", "-c", str(broken)]), 2)
+    line = one_line(runner.invoke(node_app, ["config", "-c", str(broken)]), 2)
     assert "not valid TOML" in line and "fix the TOML syntax" in line
     assert "fix that key" not in line
 
@@ -195,6 +186,6 @@ def test_a_malformed_postgres_url_is_a_config_error_without_its_password(
     for url in ("postgres://user:SECRETPW@[bad", "postgresql://user:SECRETPW@db:99999/x"):
         env["SOGNI_COORDINATOR_DATABASE"] = url
         result = runner.invoke(coordinator_app, ["workers"], env=env)
-        line = _one_line(result, 2)
+        line = one_line(result, 2)
         assert line.startswith("error: database: not a valid PostgreSQL URL"), line
         assert "SECRETPW" not in result.output

@@ -13,18 +13,9 @@ from typer.testing import CliRunner
 
 from sogni_coordinator.cli import app as coordinator_app
 from sogni_protocol.cli_errors import classify, redact
+from tests.cli_ux.one_line import one_line
 
 runner = CliRunner()
-
-
-def _one_line(result: object, code: int) -> str:
-    exit_code = getattr(result, "exit_code", None)
-    output = getattr(result, "output", "")
-    assert exit_code == code, (output, getattr(result, "exception", None))
-    stderr: str = getattr(result, "stderr", "")
-    assert "Traceback" not in output and stderr.startswith("error: "), output
-    assert stderr.count("\n") == 1, stderr
-    return stderr
 
 
 def _env(tmp_path: Path, **extra: str | None) -> dict[str, str | None]:
@@ -42,12 +33,12 @@ def test_a_missing_file_is_one_line_naming_it(tmp_path: Path) -> None:
     result = runner.invoke(
         coordinator_app, ["network", "signers", "show", str(missing)], env=_env(tmp_path)
     )
-    assert _one_line(result, 4) == f"error: {missing}: No such file or directory (check the path)\n"
+    assert one_line(result, 4) == f"error: {missing}: No such file or directory (check the path)\n"
 
 
-def test_a_database_where_no_folder_can_be_made_is_one_line(tmp_path: Path) -> None:
+def test_a_database_where_no_folder_can_be_made_isone_line(tmp_path: Path) -> None:
     env = _env(tmp_path, SOGNI_COORDINATOR_DATABASE="/proc/nope/db.sqlite")
-    line = _one_line(runner.invoke(coordinator_app, ["workers"], env=env), 4)
+    line = one_line(runner.invoke(coordinator_app, ["workers"], env=env), 4)
     assert line.startswith("error: /proc/nope") and "No such file or directory" in line
 
 
@@ -77,7 +68,7 @@ def test_an_os_error_naming_no_path_nor_the_machine_stays_a_bug() -> None:
 def test_an_unreachable_postgres_is_one_line_naming_host_and_port(tmp_path: Path) -> None:
     env = _env(tmp_path, SOGNI_COORDINATOR_DATABASE="postgresql://user:SECRETPW@127.0.0.1:9/db")
     result = runner.invoke(coordinator_app, ["workers"], env=env)
-    line = _one_line(result, 4)
+    line = one_line(result, 4)
     assert line.startswith("error: cannot reach the database at 127.0.0.1:9: "), line
     assert "SECRETPW" not in result.output
 
