@@ -124,7 +124,7 @@ class _Loaded:
     spec: ModelSpec
     """The registry entry it was loaded from: one replaced or removed meanwhile is stale."""
     users: int = 0
-    """Renders holding it, counted from the moment `_using` hands it out (before they take
+    """Renders holding it, counted from the moment `holding` hands it out (before they take
     `lock`): another model's load never evicts it from under them. Under `_pipes_lock`."""
 
 

@@ -39,12 +39,13 @@ class Residency(Generic[T]):
         """
         self._items[model_id] = (value, size)
         self._items.move_to_end(model_id)
-        return self.trim(set(busy) | {model_id})
+        return self.trim(busy)
 
     def trim(self, busy: Iterable[str] = ()) -> list[str]:
-        """Evict the least recently used models (never those in `busy`) until within the
-        budget: also once a render lets go of a model kept over it."""
-        keep = set(busy)
+        """Evict the least recently used models (never those in `busy`, never the most
+        recently used: a model larger than the whole budget stays loaded alone) until
+        within the budget: also once a render lets go of a model kept over it."""
+        keep = set(busy) | set(list(self._items)[-1:])
         evicted = []
         for victim in list(self._items):
             if self.used_bytes <= self.budget_bytes:

@@ -173,3 +173,13 @@ def test_a_model_handed_to_a_render_is_not_evicted_before_the_render_locks_it(
         backend.load("sogni-tiny-copy")
         assert set(backend.warm_models()) == {"sogni-tiny-sd", "sogni-tiny-copy"}
     assert backend.warm_models() == ["sogni-tiny-copy"]  # let go: back within the budget
+
+
+def test_a_model_larger_than_the_budget_stays_loaded_alone_after_its_render() -> None:
+    """Trimming when a render let go evicted a lone model over the budget (an 8 GB GPU's
+    SDXL): the node reloaded it from disk for every job and advertised nothing warm."""
+    lru: Residency[str] = Residency(100)
+    lru.admit("big", "BIG", 150)
+    assert lru.trim(busy=[]) == [] and lru.warm() == ["big"]
+    lru.admit("small", "S", 10)  # another model: the big one, least recent, makes room
+    assert lru.warm() == ["small"]
