@@ -159,6 +159,14 @@ class StorageFault(ResultRefused):
     """The coordinator could not store a good result (disk full): not the node's fault."""
 
 
+class NotTaken(ResultRefused):
+    """A result this coordinator will not pay, which need not be a lie: a full render of a
+    job the client cancelled meanwhile, drawn for a check (holding it would outlive the
+    cancel across a restart), or a partial receipt claiming more steps than a node with no
+    measured rate is allowed (a fast newcomer may really have done them). Released without
+    a strike, nothing owed."""
+
+
 class JobGone(ResultRefused):
     """The job was receipted or ended before this result: another holder's result came
     first (a straggler's twin; with several coordinators, another lessee's after this one's
@@ -781,7 +789,7 @@ class Dispatcher:
                 if self.cluster is not None:  # ended by another coordinator: not live here
                     self.cluster.lost(job.job_id)
                 self._save()
-            elif job is not None and isinstance(exc, StorageFault):
+            elif job is not None and isinstance(exc, StorageFault | NotTaken):
                 self._release(job, link, str(exc), penalize=False)
                 self._save()
             elif job is not None:  # the holder itself sent something bad
@@ -834,21 +842,28 @@ class Dispatcher:
         except Forbidden:
             raise ResultRefused("partial receipt for a job that was not cancelled") from None
         if partial and receipt.steps_done > (allowed := self._partial_steps_allowed(link, job)):
-            raise ResultRefused(
+            measured = self.reputation.get(link.wallet).work_rate > 0
+            raise (ResultRefused if measured else NotTaken)(  # a newcomer: no strike
                 f"partial receipt claims {receipt.steps_done} of {job.params.steps} steps; the "
-                f"time since the offer allows at most {allowed} at this node's measured speed"
+                f"time since the offer allows at most {allowed} at this node's "
+                + ("measured speed" if measured else "newcomer's rate, before a full render")
             )
-        # checks.py: a sampled receipt is held (stored pending, not billed nor delivered),
-        # also one the client cancelled meanwhile (CANCELLING: it ends when the check does).
+        # checks.py: a sampled receipt is held (stored pending, not billed nor delivered).
         # A late one for a job back in the queue (deadline missed, handed back, the node
-        # reconnected) cannot be held while the queue may offer the job again: when its
-        # draw says check, it is not taken (no strike, nothing owed); it was paid unchecked,
-        # which let a node hand a job back and then answer it with noise.
+        # reconnected) cannot be held while the queue may offer the job again, nor one the
+        # client cancelled (held, its cancel would not survive a restart): when its draw
+        # says check, it is not taken (no strike, nothing owed). Both were paid unchecked,
+        # which let a node hand a job back, or answer a cancelled one, with noise.
         hold = self.checks.sampled(job, receipt, result.meta)
         if hold and job.state is JobState.QUEUED:
             raise JobGone(
                 "this result came after the job was taken back from this node, and it "
                 "was drawn for a check: not taken (nothing owed, no strike)"
+            )
+        if hold and job.state is JobState.CANCELLING:
+            raise NotTaken(
+                "the client cancelled this job, and its result was drawn for a check: not "
+                "taken (nothing owed, no strike)"
             )
         path = None
         staged = None

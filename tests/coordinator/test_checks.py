@@ -351,9 +351,10 @@ def _job_state(h: Harness, job_id: bytes) -> JobState | None:
 async def test_a_result_after_a_hand_back_is_checked_or_not_taken(checked: Harness) -> None:
     """Sampling looked only at RUNNING jobs: a node that handed a job back (no penalty) and
     then answered it with noise, while no other node had taken it (QUEUED), was stored,
-    billed and delivered unchecked, and its "elapsed 0" made it the fastest node. Now such
-    a late result is refused when its draw says check (nothing owed, no strike); one the
-    client cancelled meanwhile (CANCELLING) is held and checked like any other."""
+    billed and delivered unchecked, and its "elapsed 0" made it the fastest node; so was a
+    full result for a job the client cancelled. Now either is refused when its draw says
+    check (nothing owed, no strike): holding a cancelled job's result, its cancel would not
+    survive a restart."""
     h = checked
     sub, _ = await _paid_request(h, 2)
     worker = h.node(0, slots=2)
@@ -372,15 +373,12 @@ async def test_a_result_after_a_hand_back_is_checked_or_not_taken(checked: Harne
     h.dispatcher.cancel_request(sub.accepted.request_id)  # type: ignore[attr-defined]
     assert h.dispatcher.jobs[second.offer.job_id].state is JobState.CANCELLING
     t2 = Trajectory(second.offer.steps, seed=1)
-    await h.dispatcher.accept_result(worker.link, committed(worker, second, t2))
-    assert h.store.check_state(second.offer.job_id) == "pending"  # held, not paid unchecked
+    with pytest.raises(ResultRefused, match="cancelled this job"):
+        await h.dispatcher.accept_result(worker.link, committed(worker, second, t2))
+    assert h.store.check_state(second.offer.job_id) is None  # not held: its cancel stands
     assert h.store.unsettled_receipts() == [] and _earned(h, worker.wallet) == 0
-    verifier = h.node(1, ready=False)
-    await answer_challenge(h, worker, t2)
-    await answer_verify(h, verifier, t2, honest=True)
-    await until(lambda: h.store.check_state(second.offer.job_id) == "passed")
-    await until(lambda: _earned(h, worker.wallet) > 0)  # checked, then paid
-    assert _job_state(h, second.offer.job_id) is JobState.DONE
+    assert h.reputation.get(worker.wallet).strikes == []
+    assert _job_state(h, second.offer.job_id) is JobState.CANCELLED
 
 
 async def test_policy_samples_nothing_at_rate_zero_and_the_first_jobs(

@@ -364,9 +364,10 @@ async def test_a_partial_receipt_cannot_claim_more_steps_than_time_allows(
     coord.dispatcher.match()
     (offer,) = a.offers()
     coord.dispatcher.cancel_request(cheat.accepted.request_id)
-    with pytest.raises(ResultRefused, match="at most 1 at this node's measured speed"):
+    with pytest.raises(ResultRefused, match="at most 1 at this node's newcomer's rate"):
         await coord.deliver(a, offer, steps_done=39)  # 0 s after the offer
     assert not coord.store.receipts()
+    assert coord.reputation.get(a.wallet).strikes == []  # unmeasured: it may be fast
     # a node that never finished a job: twice the baseline GPU's rate, not 20x (forever)
     late = await coord.submit(request(1, **big))
     coord.dispatcher.ready(a.link, 1)
@@ -377,7 +378,7 @@ async def test_a_partial_receipt_cannot_claim_more_steps_than_time_allows(
     per_step = unmeasured.offer.work_units / 40
     allowed = 1 + int(2.0 * NEWCOMER_WORK_RATE / per_step)
     assert allowed < 20 <= 1 + int(2.0 * 20_000 / per_step)  # what 20x allowed
-    with pytest.raises(ResultRefused, match=f"at most {allowed} at this node's"):
+    with pytest.raises(ResultRefused, match=f"at most {allowed} at this node's newcomer"):
         await coord.deliver(a, unmeasured, steps_done=20)
 
     # an honest full render teaches the coordinator the node's rate: 40 steps in 10 s
@@ -397,6 +398,7 @@ async def test_a_partial_receipt_cannot_claim_more_steps_than_time_allows(
     with pytest.raises(ResultRefused, match="at most 9 at this node's measured speed"):
         await coord.deliver(a, offer, steps_done=20)
     assert len(coord.store.receipts()) == 1 and honest.accepted.job_ids
+    assert len(coord.reputation.get(a.wallet).strikes) == 1  # measured: an overclaim is a lie
 
 
 async def test_a_partial_receipt_for_a_running_job_is_refused_as_a_strike(
