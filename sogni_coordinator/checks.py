@@ -885,8 +885,9 @@ class Checks:
             )
         }
         return choose_verifier(
-            able, model, held.worker, self._rng, barred, worker_payout=held.receipt.payee
-        )
+            able, model, held.worker, self._rng, barred, worker_payout=held.receipt.payee,
+            pixels=entry.params.width * entry.params.height,
+        )  # fmt: skip
 
     @staticmethod
     def _discard(run: _Run, wallet: str | None) -> list[int]:

@@ -427,7 +427,10 @@ async def verify_image(
         return fail(f"image: no tolerance measured for {dtype!r} {params.output_format}")
     if not any(t.name == "latents" for t in final.tensors):
         return fail("image: the final leaf carries no latent")
-    peer = choose_verifier(dispatcher.nodes, params.model_id, worker, rng, dtype=dtype)
+    peer = choose_verifier(
+        dispatcher.nodes, params.model_id, worker, rng, dtype=dtype,
+        pixels=params.width * params.height,
+    )  # fmt: skip
     if peer is None:
         return fail(f"no verifier: no other wallet's node serves {params.model_id}")
     try:

@@ -177,7 +177,10 @@ async def verify_rerender(
     able = seeded or {
         p: n for p, n in dispatcher.nodes.items() if can_rerender(n, params.model_id, weights)
     }
-    peer = choose_verifier(able, params.model_id, worker, rng, exclude, worker_payout=worker_payout)
+    peer = choose_verifier(
+        able, params.model_id, worker, rng, exclude, worker_payout=worker_payout,
+        pixels=params.width * params.height,
+    )  # fmt: skip
     if peer is None:
         tol = _tolerance(params.output_format)
         reason = f"no other wallet's node renders {params.model_id} in {_reference(weights)}"

@@ -152,9 +152,12 @@ def choose_verifier(
     *,
     worker_payout: str | None = None,
     dtype: str | None = None,
+    pixels: int = 0,
 ) -> str | None:
     """A connected node (peer id) that serves `model_id`, drawn at random, none of whose
     accounts (its wallet, its advertised payout address) is barred; None if there is none.
+    `pixels`: the job's size; a node advertising a smaller `max_pixels` refuses the check
+    (`too_large`), which counted as skipped, so a large job passed unchecked.
     With `dtype` (the worker's declared mode) only nodes that can re-run that mode
     (`can_verify`): for a path-bound mode, nodes declaring the very same mode and code path,
     required as a different wallet is, never merely preferred.
@@ -172,7 +175,9 @@ def choose_verifier(
     candidates = sorted(
         peer
         for peer, link in nodes.items()
-        if can_verify(link, model_id, dtype) and link.accounts.isdisjoint(barred)
+        if can_verify(link, model_id, dtype)
+        and link.accounts.isdisjoint(barred)
+        and not (link.max_pixels and pixels > link.max_pixels)
     )
     if not candidates:
         return None
@@ -339,6 +344,7 @@ async def verify_step(
         exclude,
         worker_payout=worker_payout,
         dtype=dtype,
+        pixels=params.width * params.height,
     )
     if peer is None:
         where = f" in {dtype}" if path_bound(dtype) else ""

@@ -144,3 +144,21 @@ async def test_a_same_path_verifier_checks_and_another_path_is_never_asked(
     (line,) = log_lines(h)
     assert line["verdict"] == "pass" and line["verifier"] == same.wallet
     assert not [m for m in avx2.drain() if isinstance(m, VerifyStep)]
+
+
+def test_a_verifier_is_never_a_node_too_small_for_the_job() -> None:
+    """A node advertising a smaller `max_pixels` refuses the check (`too_large`), which
+    counted as skipped: a cheater's large job passed unchecked whenever one was drawn."""
+    small = mode_link("small", OTHER, "float32")
+    small.max_pixels = 512 * 512
+    large = mode_link("large", THIRD, "float32")
+    large.max_pixels = 2048 * 2048
+    nodes = {"small": small, "large": large}
+    rng = random.Random(5)
+    drawn = {
+        choose_verifier(nodes, "m", WORKER, rng, dtype="float32", pixels=1024 * 1024)
+        for _ in range(50)
+    }
+    assert drawn == {"large"}
+    assert choose_verifier({"small": small}, "m", WORKER, rng, pixels=1024 * 1024) is None
+    assert choose_verifier({"small": small}, "m", WORKER, rng, pixels=512 * 512) == "small"
