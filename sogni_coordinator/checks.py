@@ -112,6 +112,7 @@ from sogni_coordinator.verifiers import (
 from sogni_protocol.image_encoding import LOSSY_FORMATS
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
+    CHALLENGE_BUSY,
     MAX_CHALLENGE_STEPS,
     NO_TRAJECTORY,
     OPEN_PIXELS_FEATURE,
@@ -131,6 +132,8 @@ SUPPORTED_SCHEDULERS = frozenset({"", "euler", "euler_a", "ddim", "dpmpp_2m_karr
 """Schedulers a verifier can re-run a step of (docs/VERIFICATION.md; "" is the model's
 default, which the verifier node rebuilds or refuses, a refusal counting as skipped)."""
 RESTART_REASON = "not verified before restart"
+BUSY_RETRY = 1.0
+"""Seconds before a challenge a node refused as busy (`CHALLENGE_BUSY`) is asked again."""
 OVERRULED = "overruled a verifier's fail"
 """In a verdict's reason: a third wallet passed a step a verifier had failed."""
 PROBE_FAILED = "a verifier failed a known-answer probe"
@@ -612,19 +615,29 @@ class Checks:
         asks_pixels = self._asks_pixels(held)
         for batch in challenge_batches(leaves):
             with_pixels = asks_pixels and receipt.steps_done in batch
-            result = await d.challenge(
-                held.peer_id,
-                receipt.job_id,
-                batch,
-                self.policy.challenge_timeout,
-                pixels=with_pixels,
-            )
+            deadline = trio.current_time() + self.policy.challenge_timeout
+            while True:  # "busy": asked again until the deadline
+                result = await d.challenge(
+                    held.peer_id,
+                    receipt.job_id,
+                    batch,
+                    max(0.1, deadline - trio.current_time()),
+                    pixels=with_pixels,
+                )
+                refused = result.refused or ""  # `PendingReplies` words it "node refused: ..."
+                busy = result.answer is None and refused.startswith(
+                    f"node refused: {CHALLENGE_BUSY}"
+                )
+                if not busy or trio.current_time() + BUSY_RETRY >= deadline:
+                    break
+                await trio.sleep(BUSY_RETRY)
             fault = result.fault(receipt)
             if fault is not None:
                 restored = held.reconnect_within is not None
                 # no answer: not struck when the node left, or lost its trajectory in the
-                # restart (it kept it for `trajectory_retention_seconds` only)
-                gone = result.answer is None and (fault == "node not connected" or restored)
+                # restart (it kept it for `trajectory_retention_seconds` only), or was busy
+                # to the end (not paid either way: nothing is released unchecked)
+                gone = result.answer is None and (fault == "node not connected" or restored or busy)
                 reason = f"challenge: {fault}"
                 if gone and restored:
                     reason = f"{RESTART_REASON}: {reason}"

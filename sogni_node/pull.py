@@ -82,6 +82,7 @@ from sogni_protocol.ids import (
 from sogni_protocol.image_encoding import encoder_build
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import (
+    CHALLENGE_BUSY,
     NO_TRAJECTORY,
     Cancel,
     Capabilities,
@@ -596,7 +597,8 @@ class PullSession:
         reply: ChallengeAnswer | ChallengeRefused | None
         if self._challenges_waiting >= MAX_CHALLENGES_WAITING:
             waiting = self._challenges_waiting
-            reply = ChallengeRefused(job_id=msg.job_id, reason=f"busy: {waiting} challenges")
+            why = f"{CHALLENGE_BUSY} {waiting} challenges waiting"
+            reply = ChallengeRefused(job_id=msg.job_id, reason=why)
         else:
             self._challenges_waiting += 1
             try:

@@ -645,10 +645,17 @@ class ChallengeAnswer(_Message, tag="challengeAnswer", kw_only=True):
 
 
 class ChallengeRefused(_Message, tag="challengeRefused", kw_only=True):
-    """Node -> coordinator: it cannot answer (trajectory gone, step out of range)."""
+    """Node -> coordinator: it cannot answer (trajectory gone, step out of range), or not
+    now (`reason` starting with `CHALLENGE_BUSY`: too many challenges waiting; ask again)."""
 
     job_id: Bytes32
     reason: Reason
+
+
+CHALLENGE_BUSY = "busy:"
+"""How a `ChallengeRefused.reason` says "not now": the coordinator asks again until its
+deadline, and an answer that never comes then fails the check without a strike (nothing is
+paid unchecked: a node that always says busy is never paid)."""
 
 
 # --- verifier nodes (docs/VERIFICATION.md, "Verifier nodes") --------------------------------

@@ -343,6 +343,29 @@ async def test_no_verifier_skips_the_check_and_releases(checked: Harness) -> Non
     assert h.reputation.get(worker.wallet).strikes == []
 
 
+async def test_a_busy_worker_is_asked_again_and_never_struck_for_it(checked: Harness) -> None:
+    """A node holding too many challenges refuses more as "busy" (`CHALLENGE_BUSY`): that
+    failed the check and struck an honest node. Now the coordinator asks again until its
+    deadline; busy to the end fails the check (unpaid) without a strike."""
+    from sogni_protocol.messages import CHALLENGE_BUSY, ChallengeRefused
+
+    h = checked
+    await _paid_request(h)
+    worker, verifier = h.node(0), h.node(1, ready=False)
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    t = Trajectory(offer.offer.steps, seed=1)
+    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+    job_id = offer.offer.job_id
+    ch = await next_of(worker, Challenge)
+    busy = ChallengeRefused(job_id=ch.job_id, reason=f"{CHALLENGE_BUSY} 64 challenges waiting")
+    assert h.dispatcher.challenges.answered(worker.link.peer_id, busy)
+    await answer_challenge(h, worker, t)  # asked again a moment later: answered now
+    await answer_verify(h, verifier, t, honest=True)
+    await until(lambda: h.store.check_state(job_id) == "passed")
+    assert h.reputation.get(worker.wallet).strikes == []
+
+
 def _job_state(h: Harness, job_id: bytes) -> JobState | None:
     job = h.dispatcher.jobs.get(job_id)
     return job.state if job is not None else h.store.job_state(job_id)
