@@ -320,6 +320,9 @@ contract Disputes is AccessControlDefaultAdminRules {
         c.commitEnd = uint64(block.timestamp) + commitWindow;
         c.revealEnd = c.commitEnd + revealWindow;
         emit VotingOpened(caseId, bundleHash, bundleUri, c.snapshot, c.commitEnd, c.revealEnd);
+        // a slash whose vote opens late can still be executed after it (`executeSlash`): the
+        // worker's stake stays frozen that long, or it could leave and come back to pay for it
+        if (c.kind == Kind.Slash) staking.freeze(c.worker, c.revealEnd + EXECUTE_GRACE);
     }
 
     /// @notice The commitment a juror sends: keccak256(abi.encode(forWorker, salt, juror, caseId, this)).
