@@ -159,6 +159,16 @@ class StorageFault(ResultRefused):
     """The coordinator could not store a good result (disk full): not the node's fault."""
 
 
+LATE = -1.0
+"""A held receipt's `elapsed` when its node no longer held the job (deadline missed, handed
+back): its render time is unknown, and it is a slow reputation sample, never an instant one."""
+
+
+def _elapsed(job: Job, link: NodeLink, now: float) -> float:
+    started = job.holders.get(link)
+    return now - started if started is not None else LATE
+
+
 class NotTaken(ResultRefused):
     """A result this coordinator will not pay, which need not be a lie: a full render of a
     job the client cancelled meanwhile, drawn for a check (holding it would outlive the
@@ -912,7 +922,7 @@ class Dispatcher:
                             offer,
                             peer_id=link.peer_id,
                             dtype=result.meta.dtype if result.meta else "",
-                            elapsed=now - job.holders.get(link, now),
+                            elapsed=_elapsed(job, link, now),
                         )
                     else:
                         committed = await self.receipts.commit(
@@ -942,16 +952,15 @@ class Dispatcher:
                     job.request_id, job.job_id, receipt.payee, receipt.steps_done, job.params.steps
                 )  # the payee: where the receipt says its rewards go, as the epoch pays them
             now = self._clock()
-            started = job.holders.get(link)  # None: a late receipt, its holding released
-            elapsed = now - started if started is not None else 0.0
+            elapsed = _elapsed(job, link, now)  # LATE: its holding was released
             budget = render_budget(job.params, self.deadline_floor, self.deadline_base)
             self.reputation.succeeded(
                 link.wallet,
-                elapsed,
+                max(0.0, elapsed),
                 budget,
                 receipt.work_units,
                 full=not partial,
-                late=started is None,
+                late=elapsed == LATE,
             )
             try:
                 self._to(job, event, durable=True)
@@ -960,7 +969,8 @@ class Dispatcher:
                 return
             state = self.requests.get(job.request_id)
             if state is not None and path is not None:
-                state.durations.append(elapsed)
+                if elapsed != LATE:  # a straggler's measure: render times only
+                    state.durations.append(elapsed)
                 state.mailbox.add_image(job.job_id, path)
                 state.mailbox.progress.pop(job.job_id, None)
                 state.mailbox.notify()
@@ -974,7 +984,7 @@ class Dispatcher:
         """A sampled receipt is stored pending: the job stays live (RUNNING, no holder: the
         client sees it rendering) until `check_passed` or `check_failed`."""
         now = self._clock()
-        elapsed = now - job.holders.get(link, now)
+        elapsed = _elapsed(job, link, now)
         budget = render_budget(job.params, self.deadline_floor, self.deadline_base)
         for other in list(job.holders):
             if other is not link:  # a straggler's copy: its receipt could not be stored now
@@ -997,14 +1007,18 @@ class Dispatcher:
             self.billing.settle(
                 job.request_id, job.job_id, receipt.payee, receipt.steps_done, job.params.steps
             )  # the payee: where the receipt says its rewards go, as the epoch pays them
-        self.reputation.succeeded(held.worker, held.elapsed, held.budget, receipt.work_units)
+        late = held.elapsed == LATE
+        self.reputation.succeeded(
+            held.worker, max(0.0, held.elapsed), held.budget, receipt.work_units, late=late
+        )
         self.excluded.pop(job.job_id, None)
         self._to(job, JobEvent.RECEIPT, durable=True)
         if self.cluster is not None:  # its shared queue row: done now (cluster.py)
             self.cluster.held_passed(job)
         state = self.requests.get(job.request_id)
         if state is not None:
-            state.durations.append(held.elapsed)
+            if not late:
+                state.durations.append(held.elapsed)
             state.mailbox.add_image(job.job_id, held.path)
             state.mailbox.progress.pop(job.job_id, None)
             state.mailbox.notify()

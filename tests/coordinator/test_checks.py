@@ -366,6 +366,32 @@ async def test_a_busy_worker_is_asked_again_and_never_struck_for_it(checked: Har
     assert h.reputation.get(worker.wallet).strikes == []
 
 
+async def test_a_late_result_held_for_its_check_is_a_slow_sample(checked: Harness) -> None:
+    """A node past its deadline (the job running again elsewhere) answers; its result is
+    drawn and held, the check passes: its render time was recorded as 0, the fastest sample
+    a node can give. It is a slow one now, and sets no render-time median."""
+    from .conftest import FLOOR
+
+    h = checked
+    await _paid_request(h)
+    late, other = h.node(0), h.node(1)
+    h.dispatcher.match()
+    mine, theirs = late.offers(), other.offers()
+    holder, verifier = (late, other) if mine else (other, late)
+    (offer,) = mine or theirs
+    h.clock.advance(FLOOR + 1)
+    h.dispatcher.sweep()  # deadline missed: the job goes to the other node
+    h.dispatcher.match()
+    t = Trajectory(offer.offer.steps, seed=1)
+    await h.dispatcher.accept_result(holder.link, committed(holder, offer, t))
+    assert h.store.check_state(offer.offer.job_id) == "pending"
+    await answer_challenge(h, holder, t)
+    await answer_verify(h, verifier, t, honest=True)
+    await until(lambda: h.store.check_state(offer.offer.job_id) == "passed")
+    record = h.reputation.get(holder.wallet)
+    assert record.speed < 1.0 and record.work_rate == 0
+
+
 def _job_state(h: Harness, job_id: bytes) -> JobState | None:
     job = h.dispatcher.jobs.get(job_id)
     return job.state if job is not None else h.store.job_state(job_id)
