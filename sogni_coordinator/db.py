@@ -511,8 +511,11 @@ def private_database_file(path: Path) -> None:
     off an existing one and its WAL and shared-memory files (SQLite gives those the main
     file's mode): it holds the request keys that open live prompts (`prompt_crypto`), and the
     umask left it 0644, readable by every local user."""
-    try:
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    try:  # O_EXCL: never an fd on an existing file, whose close would drop every SQLite
+        # lock this process holds on it (POSIX locks are per process and file)
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))
+    except FileExistsError:
+        pass
     except OSError:
         return  # unreadable or a read-only folder: SQLite says what is wrong
     for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
