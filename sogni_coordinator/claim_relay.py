@@ -136,6 +136,9 @@ class ClaimRelay:
     async def relay(self, claim: RelayClaim) -> RelayDone:
         """Check `claim`, then submit it; `RelayRefusal` when it is not sent."""
         account = claim.account.lower()
+        if len(self._in_flight) >= MAX_WAITING:  # before the account's count: a stranger's
+            # junk keeping the relay busy must not use up an honest account's attempts
+            raise RelayRefusal("busy", "this coordinator is relaying other claims: retry shortly")
         wait = self._limits.admit(account)
         if wait is not None:
             raise RelayRefusal(
@@ -144,8 +147,6 @@ class ClaimRelay:
             )
         if account in self._in_flight:
             raise RelayRefusal("busy", f"a claim for {claim.account} is already being relayed")
-        if len(self._in_flight) >= MAX_WAITING:
-            raise RelayRefusal("busy", "this coordinator is relaying other claims: retry shortly")
         self._in_flight.add(account)
         try:
             done = await trio.to_thread.run_sync(
