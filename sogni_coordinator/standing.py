@@ -92,7 +92,10 @@ class StandingCache:
         entry = self._entries.get(key)
         if entry is None or self.clock() - entry[0] >= self.ttl:
             self._want(key)
-        return Standing() if entry is None else entry[1]
+        if entry is None:
+            return Standing()
+        self._entries.move_to_end(key)  # read: the last to be forgotten
+        return entry[1]
 
     def invalidate(self, wallets: Iterable[str] | None = None) -> None:
         """The chain says these wallets (None: every wallet) changed: read them again soon;

@@ -569,10 +569,10 @@ async def test_the_standing_cache_forgets_the_least_recently_read_wallet_at_its_
     cache = StandingCache(lambda w: Standing(True, len(w)), max_wallets=3)
     for wallet in ("0x1", "0x2", "0x3"):
         await cache.warm(wallet)
-    await cache.warm("0x1")  # fresh: served from memory
-    await cache.warm("0x4")  # one too many: the least recently read (0x1 was read first)
-    assert list(cache._entries) == ["0x2", "0x3", "0x4"]
-    cache.invalidate(["0x2"])
-    await cache.warm("0x2")  # read again: now the most recent
+    await cache.warm("0x1")  # fresh: served from memory, now the most recently read
+    await cache.warm("0x4")  # one too many: the least recently read goes (0x2)
+    assert list(cache._entries) == ["0x3", "0x1", "0x4"]
+    cache.invalidate(["0x3"])
+    await cache.warm("0x3")  # read again: now the most recent
     await cache.warm("0x5")
-    assert list(cache._entries) == ["0x4", "0x2", "0x5"]
+    assert list(cache._entries) == ["0x4", "0x3", "0x5"]
