@@ -86,6 +86,12 @@ def test_what_adverts_may_cost_is_bounded_whoever_sends_them() -> None:
         )
         assert list(book.adverts) == ["12D3KooWlast"]
         assert len(book._last_seen) <= 3
+        clock[0] += book.min_interval
+        for i in range(10):  # a flood of fresh identities spends the budget ...
+            book.validate(f"12D3KooWflood{i}", _advert(peer=f"12D3KooWflood{i}"))
+        assert book.validate(  # ... but a node already in the book is still heard
+            "12D3KooWlast", _advert(peer="12D3KooWlast", expiry=int(clock[0]) + 60)
+        )
     finally:
         eip712.check_binding = real
 
