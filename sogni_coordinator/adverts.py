@@ -9,8 +9,9 @@ Anyone can make a peer key and a wallet, so what an advert may cost is bounded w
 it: one signature check per origin per `min_interval` (a refused one counts too: a stream of
 bad bindings from one origin was checked every time, ~9 ms of the loop each), at most
 `checks_per_second` across origins not in the book yet (a token bucket: past it, their
-adverts are dropped unchecked; known nodes keep their one per interval), and a book of at most `max_adverts` origins, oldest first out, expired ones
-pruned (it grew by ~94 KB per self-signed origin, forever).
+adverts are dropped unchecked; known nodes keep their one per interval), and a book of at
+most `max_adverts` origins, oldest first out, expired ones pruned (it grew by ~94 KB per
+self-signed origin, forever).
 """
 
 from __future__ import annotations
