@@ -548,9 +548,9 @@ class Journal:
         """Delete kept images no ack will delete: those of acked or unknown jobs (a crash
         between file and receipt) and those unacked for more than `max_age` seconds (the
         coordinator gave the job to another node, or the ack was lost with the stream).
-        Returns how many images went. `unknown_after`: a file with no receipt is deleted
-        only once it is that many seconds old (while the node runs, a render's file is
-        written before its receipt commits)."""
+        Returns how many images went. `unknown_after`: a file is deleted only once it is
+        that many seconds old (while the node runs, a render's file is written before its
+        receipt commits, and may commit after `keep` was read)."""
         recent = "SELECT job_id FROM receipts WHERE accepted IS NULL AND recorded_at >= ?"
         since = time.time() - max_age
         with self._lock:
@@ -564,23 +564,13 @@ class Journal:
             if path.stem in keep:
                 continue
             try:
-                if path.stat().st_mtime > young and not self._has_receipt(path.stem):
-                    continue  # its receipt is being written
+                if path.stat().st_mtime > young:
+                    continue  # its receipt may be committing now, after `keep` was read
                 path.unlink()
             except OSError:
                 continue
             gone += 1
         return gone
-
-    def _has_receipt(self, stem: str) -> bool:
-        """Does the job a result file is named after (its id in hex) have a receipt?"""
-        try:
-            job_id = bytes.fromhex(stem)
-        except ValueError:
-            return False
-        with self._lock:
-            row = self._db.execute("SELECT 1 FROM receipts WHERE job_id = ?", (job_id,))
-            return row.fetchone() is not None
 
     def kept_results(self) -> set[bytes]:
         """The job ids with a kept image (a journal row or a file): what `mark_acked` or
