@@ -211,8 +211,14 @@ class DisputeBook(Database):
         self._seal_plain_rows()
 
     def _seal_plain_rows(self) -> None:
-        """Rows written before `_SCHEMA_V3`: their plain parameters sealed now."""
+        """Rows written before `_SCHEMA_V3`: their plain parameters sealed now, or dropped
+        where no re-check can need them any more (the vote opened, the case resolved)."""
         with self._tx() as db:
+            db.execute(
+                "UPDATE dispute_refusals SET params = ? WHERE params_key IS NULL"
+                " AND length(params) > 0 AND (bundle_hash IS NOT NULL OR outcome IS NOT NULL)",
+                (b"",),
+            )
             rows = db.execute(
                 "SELECT case_id, params FROM dispute_refusals"
                 " WHERE params_key IS NULL AND length(params) > 0"
@@ -609,9 +615,7 @@ class DisputeDesk:
         """Handle what happened on chain since the last poll; returns events handled."""
         if self._window is None:  # read once: a change by governance applies after a restart
             self._window = int(self.disputes.params().dispute_window)
-        # the refusals nobody disputed in time: their prompts are forgotten (an hour's slack
-        # for a dispute opened in the window's last block and not yet seen here)
-        self.book.shred(undisputed_before=int(time.time()) - self._window - 3600)
+        head_time = int(self.disputes.chain.timestamp())  # of the blocks `events` reads
         opened, resolved = self.events()
         for ev in opened:
             record = self.book.by_case(bytes(ev["caseId"]))
@@ -619,6 +623,10 @@ class DisputeDesk:
                 await self.open_vote(record)
         for ev in resolved:
             self.resolved(bytes(ev["caseId"]), bool(ev["workerWon"]))
+        # then the refusals nobody disputed in time: their prompts are forgotten. After the
+        # events, and by the chain's clock: a dispute opened in time while this coordinator
+        # was away is handled (re-checked) first; an hour's slack besides
+        self.book.shred(undisputed_before=head_time - self._window - 3600)
         return len(opened) + len(resolved)
 
     async def open_vote(self, record: RefusalRecord) -> bytes:

@@ -108,6 +108,9 @@ async def test_honest_worker_wins_against_faulty_verifiers(
         rechecks=2,
         verify_timeout=5.0,
     )
+    # the coordinator sees the dispute only hours after the window closed (it was away):
+    # the re-checks still run, the prompt is forgotten only after them
+    chain.advance_time(disputes.params().dispute_window + 7200)
     async with trio.open_nursery() as nursery:
         for node in more:
             nursery.start_soon(_honest, h, node, truth)

@@ -81,3 +81,23 @@ def test_rows_written_in_plain_text_are_sealed_when_the_book_opens(tmp_path: Pat
     assert found is not None and found.params is not None
     assert found.params.positive_prompt == PROMPT
     book.close()
+
+
+def test_an_older_row_whose_vote_opened_is_forgotten_not_sealed(tmp_path: Path) -> None:
+    """Sealing kept the key in the same row: an older case already voted on (nothing will
+    re-check it) kept its prompt readable for good."""
+    import msgspec
+
+    db = tmp_path / "coordinator.db"
+    book = DisputeBook(db)
+    book.add(_record(b"\x0a" * 32, refused_at=1_000))
+    book.set_bundle(b"\x0a" * 32, b"\x01" * 32, "bundle.json")
+    book.close()
+    plain = msgspec.msgpack.encode(_record(b"\x0a" * 32, 1_000).params)
+    with sqlite3.connect(db) as conn:  # as a coordinator before this change wrote it
+        conn.execute("UPDATE dispute_refusals SET params=?, params_key=NULL", (plain,))
+    book = DisputeBook(db)
+    assert _raw(db) == [b""]
+    found = book.by_case(b"\x0a" * 32)
+    assert found is not None and found.params is None
+    book.close()
