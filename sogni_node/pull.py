@@ -512,17 +512,28 @@ class PullSession:
             else:
                 log.warning("unexpected_message", type=type(msg).__name__)
 
+    def _claim(self, job_id: bytes) -> Running:
+        """A slot for `job_id`, owned by this session (`Running.owner`)."""
+        run = self.worker.claim(job_id)
+        run.owner = self
+        return run
+
     def _on_cancel(self, msg: Cancel) -> None:
         """Stop this session's job: its render if it claimed one, else its wait (in hand, or
-        behind another session's render of the same job id, which is never stopped: its
-        partial receipt would answer that session's offer, which was not cancelled)."""
+        behind another session's render of the same job id). That render is stopped only if
+        its session has ended (a reconnect): a live session's render goes on, since its
+        partial receipt would answer that session's offer, which was not cancelled."""
         job = self._live.get(msg.job_id)
         if job is None:  # never another session's job
             return
         self._cancelled.add(msg.job_id)
         self.worker.wake()  # an offer in hand gives up its wait
         running = self.worker.running.get(msg.job_id)
-        if running is not None and running is job.run:
+        if running is None:
+            return
+        owner = getattr(running.owner, "closed", None)  # the session that claimed it
+        ended = owner is not None and owner.is_set()  # (this coordinator's, reconnected)
+        if running is job.run or ended:
             self.worker.cancel(msg.job_id, "cancelled by coordinator", pay_partial=msg.pay_partial)
 
     def forward(self, result: Result) -> None:
@@ -999,7 +1010,7 @@ class PullSession:
                 fault = "job is already running here"
             elif fault is None and job_id not in self.worker.running:
                 if self.worker.free_slots > 0 or not self.worker.can_hold():
-                    run = self.worker.claim(job_id)  # now, so two offers never race for a slot
+                    run = self._claim(job_id)  # now, so two offers never race for a slot
                 else:  # every slot busy: hold it for the next one (pipelined credit)
                     in_hand = True
             # else: an earlier session's render of this job is still running; _serve waits
@@ -1046,8 +1057,11 @@ class PullSession:
     async def _serve(self, job: _Job) -> None:
         if job.run is None:  # an earlier session's render of this job: let it end first
             earlier = self.worker.running.get(job.id)
-            if earlier is not None:
-                await earlier.ended.wait()
+            while earlier is not None and not earlier.ended.is_set():
+                if job.id in self._cancelled:  # a cancel ends the wait, not that render
+                    await self._hand_back(job, 0, "cancelled by coordinator")
+                    return
+                await self.worker.changed()  # a slot freed (that render's) or a cancel
         finishing = self.worker.finishing.get(job.id)
         if finishing is not None:  # rendered, its result still being kept: wait for it
             await finishing.wait()
@@ -1060,6 +1074,9 @@ class PullSession:
         if kept is not None:
             if job.run is not None:
                 self.worker.release(job.run)
+            if job.id in self._cancelled:  # never a full result for a cancelled offer
+                await self._hand_back(job, 0, "cancelled by coordinator")
+                return
             await self._resend(job, kept)
             return
         if job.id in self._cancelled:  # cancelled while it waited for the earlier render
@@ -1071,7 +1088,7 @@ class PullSession:
             assert job.run is not None
         elif job.run is None:
             try:
-                job.run = self.worker.claim(job.id)
+                job.run = self._claim(job.id)
             except NoFreeSlot as exc:
                 self._decline(job.id, str(exc))
                 return
@@ -1094,7 +1111,7 @@ class PullSession:
                     reason = "node is shutting down"
                     break
                 if self.worker.free_slots > 0:
-                    job.run = self.worker.claim(job.id)
+                    job.run = self._claim(job.id)
                     break
                 await self.worker.changed()
         self.worker.in_hand.discard(job.id)

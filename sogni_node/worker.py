@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -46,6 +47,9 @@ class Running:
     pay_partial: bool = False
     ended: trio.Event = field(default_factory=trio.Event)
     """Set when the slot is free again: a re-offer of this job waits for it."""
+    owner: Any = None
+    """The pull session that claimed it (`closed`: a `trio.Event`): another session's
+    `Cancel` stops it only once that session has ended."""
 
 
 def _render_job(params: JobParams, loras: LoraLibrary | None) -> RenderJob:

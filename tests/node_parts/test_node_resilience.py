@@ -36,6 +36,7 @@ from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT, JOBS_PROTOCOL, RESULT_FRAME_LIMIT
 from sogni_protocol.logs import redact_sensitive
 from sogni_protocol.messages import (
+    Cancel,
     Capabilities,
     HandBack,
     JobOffer,
@@ -501,6 +502,36 @@ async def test_a_render_outlives_its_broken_stream_and_answers_the_reoffer(
         assert isinstance(resent, Result) and backend.calls == 1
         assert resent.receipt.offer_hash == eip712.offer_hash(DOMAIN, again.offer)
         assert resent.receipt.result_hash == hashlib.sha256(resent.image).digest()
+        relink.done.set()
+
+
+async def test_a_cancel_after_a_reconnect_stops_the_earlier_sessions_render(
+    tmp_path: Path,
+) -> None:
+    """The coordinator re-offers a job whose render outlived its broken stream, then
+    cancels it: the earlier session is gone, so its render stops; the re-offer waiting
+    behind it gives up and is handed back (it used to wait the render out and answer the
+    cancelled offer with a full result)."""
+    backend = CountingBackend()
+    backend.hold.clear()
+    async with coordinator() as coord, node(tmp_path, coord, backend) as n:
+        link = await coord.link()
+        offer = coord.offer(1)
+        await link.channel.send(offer)
+        await trio.to_thread.run_sync(backend.started.wait, 20)
+        await link.channel.reset()  # the coordinator dies mid-render
+        link.done.set()
+        relink = await coord.link()
+        again = coord.offer(1, job_id=offer.offer.job_id, later=5)
+        await relink.channel.send(again)
+        await relink.channel.send(Cancel(job_id=offer.offer.job_id))
+        back = await relink.next(HandBack, Result, OfferDeclined)
+        assert isinstance(back, HandBack) and "cancelled" in back.reason
+        backend.hold.set()  # the earlier render, held at step 1, sees its cancel now
+        with trio.fail_after(20):
+            while n.worker.running:
+                await trio.sleep(0.01)  # polled: the worker offers no event for it
+        assert backend.calls == 1
         relink.done.set()
 
 

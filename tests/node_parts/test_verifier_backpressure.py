@@ -244,8 +244,13 @@ def test_a_cancel_stops_only_a_render_this_session_claimed() -> None:
     )
     waiting = _Job(Offer(offer=offer, params=params, signature=bytes(65)), bytes(32), None)
     session._live[job_id] = waiting  # B's job, waiting for A's render to end
+    theirs.owner = _session()  # a live session of another coordinator
     session._on_cancel(Cancel(job_id=job_id, pay_partial=True))
     assert not theirs.cancel.is_set() and job_id in session._cancelled
+    theirs.owner.closed.set()  # that session ended (this coordinator's own, reconnected):
+    session._on_cancel(Cancel(job_id=job_id))  # nobody else will stop it
+    assert theirs.cancel.is_set()
+    theirs.cancel.clear()
     mine = _Job(waiting.msg, bytes(32), theirs)  # had this session claimed it: stopped
     session._live[job_id] = mine
     session._on_cancel(Cancel(job_id=job_id, pay_partial=True))
