@@ -481,22 +481,32 @@ async def test_a_node_restart_resends_an_unacked_result_when_offered_again(
             link.done.set()
 
 
+async def _reoffered_mid_render(
+    coord: Coordinator, backend: CountingBackend
+) -> tuple[Link, Offer, Offer]:
+    """A job offered, its render held at step 1, the coordinator's stream reset (it died);
+    the node reconnects and the job is offered again (another hash). Returns the new link,
+    the first offer and the re-offer."""
+    link = await coord.link()
+    offer = coord.offer(1)
+    await link.channel.send(offer)
+    await trio.to_thread.run_sync(backend.started.wait, 20)
+    await link.channel.reset()  # the coordinator dies mid-render
+    link.done.set()
+    relink = await coord.link()  # the node reconnected
+    again = coord.offer(1, job_id=offer.offer.job_id, later=5)
+    await relink.channel.send(again)
+    return relink, offer, again
+
+
 async def test_a_render_outlives_its_broken_stream_and_answers_the_reoffer(
     tmp_path: Path,
 ) -> None:
     backend = CountingBackend()
     backend.hold.clear()
     async with coordinator() as coord, node(tmp_path, coord, backend) as n:
-        link = await coord.link()
-        offer = coord.offer(1)
-        await link.channel.send(offer)
-        await trio.to_thread.run_sync(backend.started.wait, 20)
-        await link.channel.reset()  # the coordinator dies mid-render
-        link.done.set()
-        relink = await coord.link()  # the node reconnected; the render runs on
-        assert set(n.worker.running) == {offer.offer.job_id}
-        again = coord.offer(1, job_id=offer.offer.job_id, later=5)
-        await relink.channel.send(again)
+        relink, offer, again = await _reoffered_mid_render(coord, backend)
+        assert set(n.worker.running) == {offer.offer.job_id}  # the render runs on
         backend.hold.set()
         resent = await relink.next(Result, HandBack, OfferDeclined)
         assert isinstance(resent, Result) and backend.calls == 1
@@ -515,15 +525,7 @@ async def test_a_cancel_after_a_reconnect_stops_the_earlier_sessions_render(
     backend = CountingBackend()
     backend.hold.clear()
     async with coordinator() as coord, node(tmp_path, coord, backend) as n:
-        link = await coord.link()
-        offer = coord.offer(1)
-        await link.channel.send(offer)
-        await trio.to_thread.run_sync(backend.started.wait, 20)
-        await link.channel.reset()  # the coordinator dies mid-render
-        link.done.set()
-        relink = await coord.link()
-        again = coord.offer(1, job_id=offer.offer.job_id, later=5)
-        await relink.channel.send(again)
+        relink, offer, _again = await _reoffered_mid_render(coord, backend)
         await relink.channel.send(Cancel(job_id=offer.offer.job_id))
         back = await relink.next(HandBack, Result, OfferDeclined)
         assert isinstance(back, HandBack) and "cancelled" in back.reason
