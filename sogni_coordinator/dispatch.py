@@ -625,7 +625,7 @@ class Dispatcher:
         (RUNNING, no holder: the client sees it rendering), and its check runs once the node
         that rendered it connects (`Checks`, `restart_recheck_timeout`). Returns its image."""
         s = c.job
-        job = Job.restored(s, JobState.RUNNING)
+        job = Job.restored(s, JobState.CANCELLING if c.cancelled else JobState.RUNNING)
         self.jobs[job.job_id] = job
         path = self.results.key(s.request_id, s.index, c.receipt.offer_hash)
         budget = render_budget(s.params, self.deadline_floor, self.deadline_base)

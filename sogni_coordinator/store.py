@@ -221,6 +221,15 @@ PRAGMA user_version=8
 every coordinator of a network publishes every epoch (`Settler.publish_missing`), not only
 the one that closed it. Epochs closed before have none: their closer's folder has them."""
 
+_V9_HELD_CANCEL = """
+ALTER TABLE checks ADD COLUMN cancelled INTEGER NOT NULL DEFAULT 0;
+PRAGMA user_version=9
+"""
+"""A held receipt's client cancelled the request while its check ran: the job (stored DONE,
+its receipt in) cannot keep that state, so the check row does, and a restart resumes the
+check with the job CANCELLING: a failed check then ends it cancelled, never renders it
+again against the cancelled request."""
+
 MIGRATIONS = (
     _SCHEMA_V1,
     _V2_JOB_STATES,
@@ -230,6 +239,7 @@ MIGRATIONS = (
     _V6_EVIDENCE_VERIFIERS_SLASHES,
     _V7_RECHECK_AFTER_RESTART,
     _V8_EPOCH_EVIDENCE,
+    _V9_HELD_CANCEL,
 )
 _NOT_HELD = "NOT EXISTS (SELECT 1 FROM checks c WHERE c.job_id = r.job_id AND c.state='pending')"
 """SQL: receipt `r` is not held by a pending check."""
@@ -271,6 +281,8 @@ class PendingCheck:
     dtype: str
     elapsed: float
     receipt: Receipt
+    cancelled: bool = False
+    """Its client cancelled the request while the check ran (`_V9_HELD_CANCEL`)."""
 
 
 def _stored_receipt(row: tuple[Any, ...]) -> StoredReceipt:
@@ -467,11 +479,16 @@ class Store(Database):
         """Record `(job id, state, attempts)` in one transaction. A job that already ended
         (receipted, failed, cancelled) keeps its state: the store never revives one."""
         now = time.time()
+        rows = list(jobs)
         with self._tx() as db:
             db.executemany(
                 "UPDATE jobs SET state=?, attempts=?, updated_at=?"
                 f" WHERE job_id=? AND state IN {_LIVE_SQL}",
-                [(state.value, attempts, now, job_id) for job_id, state, attempts in jobs],
+                [(state.value, attempts, now, job_id) for job_id, state, attempts in rows],
+            )
+            db.executemany(  # a held receipt's job is stored DONE: its check row keeps it
+                "UPDATE checks SET cancelled=1 WHERE job_id=? AND state='pending'",
+                [(job_id,) for job_id, state, _ in rows if state is JobState.CANCELLING],
             )
 
     def store_receipt(
@@ -598,7 +615,8 @@ class Store(Database):
             only = f" AND c.job_id IN ({', '.join('?' * len(job_ids))})"
         with self._lock:
             rows = self._db.execute(
-                "SELECT c.job_id, c.worker, c.peer_id, c.dtype, c.elapsed, r.receipt"
+                "SELECT c.job_id, c.worker, c.peer_id, c.dtype, c.elapsed, r.receipt,"
+                " c.cancelled"
                 f" FROM checks c JOIN receipts r USING (job_id) WHERE c.state='pending'{only}"
                 " ORDER BY r.rowid",
                 args,
@@ -613,6 +631,7 @@ class Store(Database):
                 str(r[3]),
                 float(r[4]),
                 _receipt_decoder.decode(r[5]),
+                bool(r[6]),
             )
             for r in rows
             if bytes(r[0]) in jobs

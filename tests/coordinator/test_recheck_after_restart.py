@@ -161,3 +161,29 @@ async def test_a_rerender_pending_at_restart_runs_without_its_worker(short_wait:
     (line,) = log_lines(h)
     assert line["verdict"] == "pass" and line["verifier"] == verifier.wallet
     await until(lambda: _earned(h, worker.wallet) > 0)
+
+
+async def test_a_cancel_while_held_survives_a_restart(short_wait: Harness) -> None:
+    """The client cancels while a receipt is held; the coordinator restarts: the check came
+    back with its job RUNNING, so a failed check re-queued it and it was rendered again for
+    a cancelled request. The cancel is kept with the check now: the job comes back
+    CANCELLING, and a check that fails ends it cancelled."""
+    h = short_wait
+    sub, _ = await _paid_request(h)
+    worker = h.node(0)
+    h.node(1, ready=False)
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    job_id = offer.offer.job_id
+    t = Trajectory(offer.offer.steps, seed=1)
+    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+    assert h.store.check_state(job_id) == "pending"
+    h.dispatcher.cancel_request(sub.accepted.request_id)  # type: ignore[attr-defined]
+    await trio.testing.wait_all_tasks_blocked()
+    h.restart()
+    assert h.dispatcher.restore() == 0
+    assert h.dispatcher.jobs[job_id].state is JobState.CANCELLING
+    # its node never returns: the check fails closed, and the job ends cancelled
+    await until(lambda: bool(h.store.failed_receipts(job_id)), timeout=10)
+    await until(lambda: h.store.job_state(job_id) is JobState.CANCELLED)
+    assert h.dispatcher.job_counts()["queued"] == 0  # never rendered again
