@@ -364,8 +364,12 @@ class Dispatcher:
         *,
         client_peer: str,
         allowed_models: set[str],
+        token: bytes | None = None,
     ) -> Submission:
         """Validate, reserve the price, split into jobs, commit them, queue them.
+
+        `token`: the resume token to give the request (a fresh one when None); the gateway
+        records it before submitting, so a crash before its record is updated can resume.
 
         Raises `Refusal(code, reason)`. When this returns the request and every job are
         durable, so the client may be told "accepted". The reservation and the request are
@@ -400,7 +404,7 @@ class Dispatcher:
             )
             for i, params in enumerate(split_request(req))
         ]
-        token = os.urandom(32)
+        token = token or os.urandom(32)
         # Shielded: a client that goes away mid-submit must not leave a stored request
         # without its reservation, or a reservation without its request.
         with trio.CancelScope(shield=True):

@@ -343,8 +343,17 @@ class Gateway:
             records.begin, key.key_id, project.job_id, project.img_ids, project.app_id
         ):
             raise ProjectRefused(4000, "duplicateProject", "this jobID is already in use")
+
+        async def record(request_id: bytes, token: bytes) -> None:
+            # before the submit: a crash after the dispatcher accepted (and charged) it, but
+            # before this record said so, left a project that could not be resumed while
+            # its request rendered and was charged ("projectInterrupted")
+            sealed = seal_token(token, key.secret, request_id)
+            with trio.CancelScope(shield=True):
+                await records.call(records.accepted, key.key_id, project.job_id, request_id, sealed)
+
         try:
-            submission = await self._submit(key, req)
+            submission = await self._submit(key, req, record)
         except BaseException:
             with trio.CancelScope(shield=True):  # nothing was submitted (submit is atomic)
                 await records.call(records.forget, key.key_id, project.job_id)
@@ -353,14 +362,16 @@ class Gateway:
         project.request_id = accepted.request_id
         project.token = accepted.resume_token
         project.cost_micro = accepted.cost_micro
-        sealed = seal_token(accepted.resume_token, key.secret, accepted.request_id)
-        with trio.CancelScope(shield=True):  # accepted and charged: the record must say so
-            await records.call(
-                records.accepted, key.key_id, project.job_id, accepted.request_id, sealed
-            )
         return submission
 
-    async def _submit(self, key: AuthedKey, req: RenderRequest) -> Any:
+    async def _submit(
+        self,
+        key: AuthedKey,
+        req: RenderRequest,
+        record: Callable[[bytes, bytes], Awaitable[None]],
+    ) -> Any:
+        """Check the key's daily limit, sign the request with the key's account, `record`
+        its request id and resume token, then submit it."""
         account = key.record.account
         limit = key.record.daily_limit_micro
         reserved = quote(req).spark_micro  # the check and the write in one transaction
@@ -379,9 +390,17 @@ class Gateway:
                 expiry=int(time.time()) + AUTHORIZATION_SECONDS,
             ),
         )
+        token = os.urandom(32)
+        billing = self.dispatcher.billing
+        charged = billing is not None and billing.charges(signed)
         try:
+            if charged:  # known by the hash it is signed under: recorded before it is charged
+                await record(eip712.request_hash(signed), token)
             submission = await self.dispatcher.submit(
-                signed, client_peer=GATEWAY_PEER + key.key_id, allowed_models=self.configured
+                signed,
+                client_peer=GATEWAY_PEER + key.key_id,
+                allowed_models=self.configured,
+                token=token,
             )
         except BaseException as exc:  # not accepted: the day's spend gets its share back
             with trio.CancelScope(shield=True):
@@ -393,6 +412,8 @@ class Gateway:
                 exc.reason.split("; quote:")[0] if exc.code == "insufficient_funds" else exc.reason
             )
             raise ProjectRefused(code, error, message[:500]) from None
+        if not charged:  # a free one's id is drawn at random: known only now
+            await record(submission.accepted.request_id, token)
         if req.token_type == "spark":  # the price charged (a stake discount) wins; a SOGNI
             correction = submission.accepted.cost_micro - reserved  # cost is micro-SOGNI: the
             if correction:  # limit counts Spark, so it stays at the Spark list price

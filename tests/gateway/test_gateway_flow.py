@@ -482,3 +482,35 @@ async def test_reconnect_resumes_without_double_charge_then_cancel(
                 with trio.move_on_after(1):
                     while True:
                         assert (await told.next())[1].get("jobID") != away["jobID"]
+
+
+async def test_a_paid_project_is_recorded_resumable_before_it_is_submitted(
+    tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The record got its request id and resume token only after the dispatcher accepted
+    (and charged) the request: a crash in between left a project the app could not resume
+    while its request rendered and was charged. Now both are recorded first, from the hash
+    the request is signed under (the dispatcher's id for a paid request)."""
+    from sogni_coordinator.dispatch import Dispatcher
+
+    seen: list[tuple[object, object]] = []
+    submit = Dispatcher.submit
+
+    async def checking(self: Dispatcher, req: Any, **kw: Any) -> Any:
+        with sqlite3.connect(net.config.database) as db:  # the gateway's record, as it is
+            seen.extend(db.execute("SELECT request_id, token_sealed FROM api_key_projects"))
+        accepted = await submit(self, req, **kw)
+        assert accepted.accepted.request_id == seen[0][0]  # the id recorded is the real one
+        return accepted
+
+    monkeypatch.setattr(Dispatcher, "submit", checking)
+    async with start_net(tmp_path, models=[MODEL]) as net:
+        url = net.coordinator.http_url
+        assert url is not None
+        key, account = _key(net)
+        _credit(net, account, 10)
+        async with connect(url, key) as sdk:
+            await sdk.until("swarmModels")
+            await sdk.send("jobRequest", job_request(MODEL, 1, steps=4))
+            await sdk.until("jobState", type="queued", timeout=20)
+    assert len(seen) == 1 and seen[0][0] and seen[0][1]
