@@ -257,19 +257,22 @@ def check_database_url(database: Path | str) -> None:
     """Refuse a `database` PostgreSQL URL that cannot parse (a bad host or port) when the
     config loads, never echoing it: it may carry a password. libpq checks the rest when it
     connects."""
-    from urllib.parse import urlsplit
-
     from sogni_coordinator.storage import is_postgres, location
 
     if not is_postgres(database):
         return
+    try:  # libpq's own parser: a password may hold `#`, `?` or `[` unencoded
+        from psycopg.conninfo import conninfo_to_dict
+    except ImportError:  # no PostgreSQL support installed: opening it will say so
+        return
     try:
-        parts = urlsplit(location(database))
-        if "," not in parts.netloc:  # one host (libpq also takes "h1:p1,h2:p2")
-            _ = parts.port  # a ValueError for a port out of range or not a number
-    except ValueError as exc:
+        port = conninfo_to_dict(location(database)).get("port")
+        ports = [] if port is None else str(port).split(",")  # libpq takes "p1,p2"
+        if not all(p.isdigit() and 0 < int(p) < 65536 for p in ports):
+            raise ValueError("port")
+    except Exception:  # its text may quote the URL, password included: never shown
         raise ValueError(
-            f"database: not a valid PostgreSQL URL ({exc}): write it as "
+            "database: not a valid PostgreSQL URL: write it as "
             "postgresql://USER@HOST:PORT/DBNAME (the password after USER:)"
         ) from None
 

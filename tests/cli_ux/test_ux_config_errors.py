@@ -189,3 +189,7 @@ def test_a_malformed_postgres_url_is_a_config_error_without_its_password(
         line = one_line(result, 2)
         assert line.startswith("error: database: not a valid PostgreSQL URL"), line
         assert "SECRETPW" not in result.output
+    # what libpq accepts loads: a password with `#` unencoded (urlsplit read it as a port)
+    from sogni_coordinator.config import check_database_url
+
+    check_database_url("postgresql://sogni:se#cretpw@db.example:5432/sogni")
