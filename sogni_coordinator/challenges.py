@@ -219,6 +219,11 @@ class PendingChallenges:
     def __len__(self) -> int:
         return len(self._pending)
 
+    def open_to(self, peer_id: str) -> int:
+        """Challenges waiting for `peer_id`'s answer (a "busy" refusal is believed only when
+        there are many: `checks.BUSY_BELIEVED`)."""
+        return self._pending.open_to(peer_id)
+
     async def ask(
         self,
         peer_id: str,

@@ -73,6 +73,7 @@ import trio
 
 from sogni_coordinator.challenges import (
     ChallengeResult,
+    PendingChallenges,
     challenge_batches,
     draw_steps,
     leaves_for,
@@ -134,6 +135,10 @@ default, which the verifier node rebuilds or refuses, a refusal counting as skip
 RESTART_REASON = "not verified before restart"
 BUSY_RETRY = 1.0
 """Seconds before a challenge a node refused as busy (`CHALLENGE_BUSY`) is asked again."""
+BUSY_BELIEVED = 16
+"""Challenges this coordinator must have open to the node for its "busy" to be believed (a
+node refuses past 64 held: `sogni_node.pull.MAX_CHALLENGES_WAITING`). Fewer: an ordinary
+refusal, struck, or a cheater would say "busy" to every check it cannot pass."""
 OVERRULED = "overruled a verifier's fail"
 """In a verdict's reason: a third wallet passed a step a verifier had failed."""
 PROBE_FAILED = "a verifier failed a known-answer probe"
@@ -331,6 +336,9 @@ class _Dispatcher(Protocol):
 
     @property
     def verifications(self) -> PendingVerifications: ...
+
+    @property
+    def challenges(self) -> PendingChallenges: ...
 
     @property
     def store(self) -> Store: ...
@@ -616,7 +624,7 @@ class Checks:
         for batch in challenge_batches(leaves):
             with_pixels = asks_pixels and receipt.steps_done in batch
             deadline = trio.current_time() + self.policy.challenge_timeout
-            while True:  # "busy": asked again until the deadline
+            while True:  # "busy", when believable: asked again until the deadline
                 result = await d.challenge(
                     held.peer_id,
                     receipt.job_id,
@@ -625,8 +633,11 @@ class Checks:
                     pixels=with_pixels,
                 )
                 refused = result.refused or ""  # `PendingReplies` words it "node refused: ..."
-                busy = result.answer is None and refused.startswith(
-                    f"node refused: {CHALLENGE_BUSY}"
+                crowded = d.challenges.open_to(held.peer_id) + 1 >= BUSY_BELIEVED  # + this
+                busy = (
+                    crowded
+                    and result.answer is None
+                    and refused.startswith(f"node refused: {CHALLENGE_BUSY}")
                 )
                 if not busy or trio.current_time() + BUSY_RETRY >= deadline:
                     break

@@ -58,6 +58,10 @@ class PendingReplies(Generic[Answer, Refusal]):
     def __len__(self) -> int:
         return len(self._waiting)
 
+    def open_to(self, peer_id: str) -> int:
+        """Requests waiting for `peer_id`'s answer."""
+        return sum(1 for peer, _key in self._waiting if peer == peer_id)
+
     async def ask(
         self,
         peer_id: str,

@@ -343,12 +343,17 @@ async def test_no_verifier_skips_the_check_and_releases(checked: Harness) -> Non
     assert h.reputation.get(worker.wallet).strikes == []
 
 
-async def test_a_busy_worker_is_asked_again_and_never_struck_for_it(checked: Harness) -> None:
+async def test_a_busy_worker_is_asked_again_and_never_struck_for_it(
+    checked: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A node holding too many challenges refuses more as "busy" (`CHALLENGE_BUSY`): that
-    failed the check and struck an honest node. Now the coordinator asks again until its
-    deadline; busy to the end fails the check (unpaid) without a strike."""
+    failed the check and struck an honest node. Now, when this coordinator has many
+    challenges open to it (`BUSY_BELIEVED`, 1 here), it asks again until its deadline; busy
+    to the end fails the check (unpaid) without a strike."""
+    from sogni_coordinator import checks
     from sogni_protocol.messages import CHALLENGE_BUSY, ChallengeRefused
 
+    monkeypatch.setattr(checks, "BUSY_BELIEVED", 1)
     h = checked
     await _paid_request(h)
     worker, verifier = h.node(0), h.node(1, ready=False)
@@ -390,6 +395,26 @@ async def test_a_late_result_held_for_its_check_is_a_slow_sample(checked: Harnes
     await until(lambda: h.reputation.get(holder.wallet).jobs == 1)  # credited: check passed
     record = h.reputation.get(holder.wallet)
     assert record.speed < 1.0 and record.work_rate == 0
+
+
+async def test_a_busy_refusal_with_one_challenge_open_is_struck(checked: Harness) -> None:
+    """A cheater could say "busy" to every challenge it cannot pass, never struck. With
+    fewer than `BUSY_BELIEVED` challenges open to it, "busy" is an ordinary refusal."""
+    from sogni_protocol.messages import CHALLENGE_BUSY, ChallengeRefused
+
+    h = checked
+    await _paid_request(h)
+    worker = h.node(0)
+    h.node(1, ready=False)
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    t = Trajectory(offer.offer.steps, seed=1)
+    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+    ch = await next_of(worker, Challenge)
+    busy = ChallengeRefused(job_id=ch.job_id, reason=f"{CHALLENGE_BUSY} 64 challenges waiting")
+    assert h.dispatcher.challenges.answered(worker.link.peer_id, busy)
+    await until(lambda: bool(h.store.failed_receipts(offer.offer.job_id)))
+    await until(lambda: len(h.reputation.get(worker.wallet).strikes) == 1)
 
 
 def _job_state(h: Harness, job_id: bytes) -> JobState | None:
