@@ -8,8 +8,8 @@ gossip origin, and at most one accepted per node per `min_interval` seconds.
 Anyone can make a peer key and a wallet, so what an advert may cost is bounded whoever sends
 it: one signature check per origin per `min_interval` (a refused one counts too: a stream of
 bad bindings from one origin was checked every time, ~9 ms of the loop each), at most
-`checks_per_second` across origins not in the book yet (a token bucket: past it, their
-adverts are dropped unchecked; known nodes keep their one per interval), and a book of at
+`checks_per_second` across origins not connected here (a token bucket: past it, their
+adverts are dropped unchecked; connected nodes keep their one per interval), and a book of at
 most `max_adverts` origins, oldest first out, expired ones pruned (it grew by ~94 KB per
 self-signed origin, forever).
 """
@@ -38,6 +38,10 @@ class AdvertBook:
     max_adverts: int = 4096
     checks_per_second: float = 20.0
     clock: Callable[[], float] = time.time
+    connected: Callable[[str], bool] = lambda _origin: False
+    """Is this origin a node connected here through the handshake? Only those skip the
+    shared budget (an advert book of self-signed identities could otherwise be filled and
+    then checked at 4,096 per 25 s)."""
     adverts: OrderedDict[str, Capabilities] = field(default_factory=OrderedDict)
     _last_seen: OrderedDict[str, float] = field(default_factory=OrderedDict)
     _checks: KeyBuckets | None = None
@@ -52,9 +56,9 @@ class AdvertBook:
         if now - self._last_seen.get(origin, -1e18) < self.min_interval:
             return False  # spam protection: one advert checked per node per interval
         assert self._checks is not None
-        if origin not in self.adverts and not self._checks.take("all"):
-            return False  # new origins' budget of checks is spent for now: a flood of fresh
-            # identities never starves nodes already in the book (each limited on its own)
+        if not self.connected(origin) and not self._checks.take("all"):
+            return False  # the budget of checks is spent for now: a flood of fresh
+            # identities never starves the nodes connected here (each limited on its own)
         self._seen(origin, now)
         try:
             msg = decode(data)

@@ -198,7 +198,7 @@ async def _serve(
         async def on_client(channel: Channel) -> None:
             await serve_client(channel, dispatcher, allowed_models=allowed)
 
-        book = AdvertBook(dispatcher.domain)
+        book = AdvertBook(dispatcher.domain, connected=lambda peer: peer in dispatcher.nodes)
         epochs = EpochFolder(publish_dir(config))
         relay = None
         if link is not None:  # relaying needs gas only, no role: the online coordinator key

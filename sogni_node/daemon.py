@@ -406,8 +406,8 @@ image whose ack was lost with its stream stayed on disk as long as the daemon ra
 
 
 async def _prune_forever(journal: Journal, interval: float = PRUNE_INTERVAL) -> None:
-    """`Journal.prune_results` every `interval`; a file with no receipt only once it is an
-    hour old (a render's image is written before its receipt commits)."""
+    """`Journal.prune_results` every `interval`, sparing every file younger than an hour (a
+    render's image is written before its receipt commits)."""
     while True:
         await trio.sleep(interval)
         try:

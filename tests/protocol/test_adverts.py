@@ -58,7 +58,13 @@ def test_what_adverts_may_cost_is_bounded_whoever_sends_them() -> None:
     each), any number of origins were checked at once, and the book kept every self-signed
     origin forever (~94 KB each)."""
     clock = [time.time()]  # the adverts expire 60 s from now
-    book = AdvertBook(DOMAIN, clock=lambda: clock[0], max_adverts=3, checks_per_second=4.0)
+    book = AdvertBook(
+        DOMAIN,
+        clock=lambda: clock[0],
+        max_adverts=3,
+        checks_per_second=4.0,
+        connected=lambda origin: origin == "12D3KooWlast",  # handshaken here
+    )
     checked: list[str] = []
     real = eip712.check_binding
 
@@ -89,7 +95,7 @@ def test_what_adverts_may_cost_is_bounded_whoever_sends_them() -> None:
         clock[0] += book.min_interval
         for i in range(10):  # a flood of fresh identities spends the budget ...
             book.validate(f"12D3KooWflood{i}", _advert(peer=f"12D3KooWflood{i}"))
-        assert book.validate(  # ... but a node already in the book is still heard
+        assert book.validate(  # ... but a node connected here is still heard
             "12D3KooWlast", _advert(peer="12D3KooWlast", expiry=int(clock[0]) + 60)
         )
     finally:
