@@ -596,6 +596,7 @@ class Checks:
             rerender_weights(held.dtype),
             held.worker,
             worker_payout=held.receipt.payee,
+            pixels=held.job.params.width * held.job.params.height,
         )
         return pool is not None
 

@@ -128,6 +128,7 @@ def seed_checkers(
     *,
     worker_payout: str | None,
     exclude: frozenset[str] = frozenset(),
+    pixels: int = 0,
 ) -> dict[str, NodeLink] | None:
     """The nodes that can re-render `model_id` (with `weights`) and also measure a worker's
     leaf 0 against the seed (`RERENDER_SEED_FEATURE`), when one of them may check
@@ -137,7 +138,9 @@ def seed_checkers(
         for peer, link in nodes.items()
         if RERENDER_SEED_FEATURE in link.features and can_rerender(link, model_id, weights)
     }
-    chosen = choose_verifier(able, model_id, worker, None, exclude, worker_payout=worker_payout)
+    chosen = choose_verifier(
+        able, model_id, worker, None, exclude, worker_payout=worker_payout, pixels=pixels
+    )
     return None if chosen is None else able
 
 
@@ -173,6 +176,7 @@ async def verify_rerender(
             worker,
             worker_payout=worker_payout,
             exclude=exclude,
+            pixels=params.width * params.height,
         )
     able = seeded or {
         p: n for p, n in dispatcher.nodes.items() if can_rerender(n, params.model_id, weights)

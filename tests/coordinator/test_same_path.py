@@ -162,3 +162,53 @@ def test_a_verifier_is_never_a_node_too_small_for_the_job() -> None:
     assert drawn == {"large"}
     assert choose_verifier({"small": small}, "m", WORKER, rng, pixels=1024 * 1024) is None
     assert choose_verifier({"small": small}, "m", WORKER, rng, pixels=512 * 512) == "small"
+
+
+async def test_a_re_render_is_never_sent_to_a_seed_checker_too_small_for_the_job(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With a seed-capable node too small for the job, the draw fell to it alone and found
+    nobody: the large job's check was inconclusive though a large enough node was there."""
+    from typing import Any
+
+    from sogni_coordinator import rerender_verify
+    from sogni_coordinator.rerender_verify import (
+        RERENDER_FEATURE,
+        RERENDER_SEED_FEATURE,
+        verify_rerender,
+    )
+    from sogni_protocol.messages import JobParams
+
+    small = mode_link("small", OTHER, "float32")
+    small.max_pixels = 512 * 512
+    small.features = frozenset({RERENDER_FEATURE, RERENDER_SEED_FEATURE})
+    large = mode_link("large", THIRD, "float32")
+    large.max_pixels = 2048 * 2048
+    large.features = frozenset({RERENDER_FEATURE})
+    asked: list[str] = []
+
+    async def rerender_on(_dispatcher: Any, peer: str, **_kw: Any) -> str:
+        asked.append(peer)
+        return "asked"
+
+    monkeypatch.setattr(rerender_verify, "rerender_on", rerender_on)
+
+    class Nodes:
+        nodes = {"small": small, "large": large}
+
+    params = JobParams(
+        model_id="m", positive_prompt="x", guidance=5.0, width=1024, height=1024, steps=4, seed=1
+    )
+    await verify_rerender(
+        Nodes(),  # type: ignore[arg-type]
+        params=params,
+        dtype="float32",
+        worker=WORKER,
+        worker_payout=WORKER,
+        image=b"",
+        step=4,
+        timeout=1,
+        rng=random.Random(1),
+        start=object(),  # type: ignore[arg-type]
+    )
+    assert asked == ["large"]
