@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 
 import msgspec
+import pytest
 
 from sogni_coordinator.image_verify import image_tolerance
 from sogni_coordinator.verifiers import (
@@ -194,7 +195,8 @@ async def test_a_re_render_is_never_sent_to_a_seed_checker_too_small_for_the_job
     monkeypatch.setattr(rerender_verify, "rerender_on", rerender_on)
 
     class Nodes:
-        nodes = {"small": small, "large": large}
+        def __init__(self) -> None:
+            self.nodes = {"small": small, "large": large}
 
     params = JobParams(
         model_id="m", positive_prompt="x", guidance=5.0, width=1024, height=1024, steps=4, seed=1
