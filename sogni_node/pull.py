@@ -531,9 +531,12 @@ class PullSession:
         running = self.worker.running.get(msg.job_id)
         if running is None:
             return
-        owner = getattr(running.owner, "closed", None)  # the session that claimed it
-        ended = owner is not None and owner.is_set()  # (this coordinator's, reconnected)
-        if running is job.run or ended:
+        owner = running.owner  # the session that claimed it: ended, and this coordinator's
+        closed = getattr(owner, "closed", None)  # (it reconnected), nobody else stops it
+        mine = isinstance(getattr(owner, "coordinator", None), str) and eip712.same_address(
+            owner.coordinator, self.coordinator
+        )
+        if running is job.run or (closed is not None and closed.is_set() and mine):
             self.worker.cancel(msg.job_id, "cancelled by coordinator", pay_partial=msg.pay_partial)
 
     def forward(self, result: Result) -> None:

@@ -244,10 +244,15 @@ def test_a_cancel_stops_only_a_render_this_session_claimed() -> None:
     )
     waiting = _Job(Offer(offer=offer, params=params, signature=bytes(65)), bytes(32), None)
     session._live[job_id] = waiting  # B's job, waiting for A's render to end
+    session.coordinator = "0x" + "33" * 20
     theirs.owner = _session()  # a live session of another coordinator
+    theirs.owner.coordinator = "0x" + "44" * 20
     session._on_cancel(Cancel(job_id=job_id, pay_partial=True))
     assert not theirs.cancel.is_set() and job_id in session._cancelled
-    theirs.owner.closed.set()  # that session ended (this coordinator's own, reconnected):
+    theirs.owner.closed.set()  # ended, but another coordinator's (a cluster's failover)
+    session._on_cancel(Cancel(job_id=job_id))
+    assert not theirs.cancel.is_set()
+    theirs.owner.coordinator = session.coordinator  # this coordinator's own, reconnected:
     session._on_cancel(Cancel(job_id=job_id))  # nobody else will stop it
     assert theirs.cancel.is_set()
     theirs.cancel.clear()
