@@ -96,6 +96,9 @@ class Unavailable(CliError):
 
 
 _Kind = type[CliError]
+_CHECK_PATH = f"check the path; {DEBUG_ENV}=1 shows where it was opened"
+"""A missing path may be the user's or the program's own: the traceback is one switch away."""
+
 _KNOWN: dict[str, tuple[_Kind, str | None]] = {
     # name of the exception class (module.QualName) -> (class, what to do)
     "sogni_protocol.settings.SettingsError": (
@@ -140,7 +143,7 @@ _KNOWN: dict[str, tuple[_Kind, str | None]] = {
     "builtins.NotADirectoryError": (Refused, "a file stands where a folder belongs"),
     "builtins.IsADirectoryError": (Refused, "give a file, not a folder"),
     "builtins.PermissionError": (Refused, "check the path's owner and permissions"),
-    "builtins.FileNotFoundError": (Unavailable, "check the path"),
+    "builtins.FileNotFoundError": (Unavailable, _CHECK_PATH),
     "builtins.ModuleNotFoundError": (
         Unavailable,
         "install the missing package, or the sogni-supernet extra that provides it",
@@ -210,7 +213,7 @@ def _os_error(exc: OSError) -> CliError | None:
     known = _OS_ERRNO.get(exc.errno or 0)
     if known is None and not exc.filename:
         return None
-    kind, todo = known or (Unavailable, "check the path")
+    kind, todo = known or (Unavailable, _CHECK_PATH)
     reason = exc.strerror or str(exc) or type(exc).__name__
     what = f"{exc.filename}: {reason}" if exc.filename else reason
     return kind(what, todo)

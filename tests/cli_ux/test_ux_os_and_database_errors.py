@@ -33,7 +33,8 @@ def test_a_missing_file_is_one_line_naming_it(tmp_path: Path) -> None:
     result = runner.invoke(
         coordinator_app, ["network", "signers", "show", str(missing)], env=_env(tmp_path)
     )
-    assert one_line(result, 4) == f"error: {missing}: No such file or directory (check the path)\n"
+    hint = "check the path; SOGNI_DEBUG=1 shows where it was opened"
+    assert one_line(result, 4) == f"error: {missing}: No such file or directory ({hint})\n"
 
 
 def test_a_database_where_no_folder_can_be_made_isone_line(tmp_path: Path) -> None:
