@@ -248,7 +248,9 @@ def test_an_old_slash_case_never_takes_stake_put_up_after_its_freeze(env: Env) -
     env.chain.advance_time(d.case(late).execute_by - env.chain.timestamp())
     d.open_voting(late, BUNDLE, "u", sender=env.outsider)
     # the vote opened late: the stake stays frozen until the slash can no longer execute
-    assert env.d.staking.frozen_until(env.worker.address) >= d.case(late).reveal_end
+    execute_grace = 7 * 86400  # Disputes.EXECUTE_GRACE
+    frozen = env.d.staking.frozen_until(env.worker.address)
+    assert frozen >= d.case(late).reveal_end + execute_grace
     d.commit_vote(late, False, b"\x05" * 32, sender=env.jurors[0])
     env.chain.advance_time(p.commit_window)
     d.reveal_vote(late, False, b"\x05" * 32, sender=env.jurors[0])
