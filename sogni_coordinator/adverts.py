@@ -44,7 +44,7 @@ class AdvertBook:
     then checked at 4,096 per 25 s)."""
     adverts: OrderedDict[str, Capabilities] = field(default_factory=OrderedDict)
     _last_seen: OrderedDict[str, float] = field(default_factory=OrderedDict)
-    _checks: KeyBuckets | None = None
+    _checks: KeyBuckets = field(init=False)
 
     def __post_init__(self) -> None:
         per_minute = round(self.checks_per_second * 60)
@@ -55,7 +55,6 @@ class AdvertBook:
         now = self.clock()
         if now - self._last_seen.get(origin, -1e18) < self.min_interval:
             return False  # spam protection: one advert checked per node per interval
-        assert self._checks is not None
         if not self.connected(origin) and not self._checks.take("all"):
             return False  # the budget of checks is spent for now: a flood of fresh
             # identities never starves the nodes connected here (each limited on its own)

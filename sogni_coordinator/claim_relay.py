@@ -189,10 +189,9 @@ class ClaimRelay:
         account = d.chain.address_of(claim.account)
         amount = int(claim.cumulative_amount)
         cached = self._root
-        fresh = cached is not None and self._clock() - cached[0] < ROOT_CACHE_SECONDS
         if (
-            fresh
-            and cached is not None
+            cached is not None
+            and self._clock() - cached[0] < ROOT_CACHE_SECONDS
             and not merkle.verify(cached[2], (account, amount), claim.proof)
         ):
             raise RelayRefusal(  # no chain read for a proof of no matured root

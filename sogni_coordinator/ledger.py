@@ -239,6 +239,11 @@ def _addr(value: str) -> str:
     return value.lower()
 
 
+def _as_spark(sogni: int, spark_equiv: int, amount: int) -> int:
+    """Micro-SOGNI of a reservation at its Spark value (`spark_equiv` for `amount`)."""
+    return sogni * spark_equiv // amount if amount else 0
+
+
 def reserved_account(request_id: bytes | str) -> str:
     return f"reserved:{_hex(request_id)}"
 
@@ -410,7 +415,7 @@ class Ledger(Database):
         value = partial_value(per_image, steps_done, steps)
         if token == "spark":
             return max(0, value - free_left)
-        return value * int(spark_equiv) // int(amount) if amount else 0
+        return _as_spark(value, int(spark_equiv), int(amount))
 
     def totals(self) -> dict[Asset, int]:
         """Sum of each asset over all accounts: always 0 (double entry)."""
@@ -626,7 +631,7 @@ class Ledger(Database):
                 ]
             ts = time.time() if now is None else now
             tx = self._post(db, "settle", rid, entries, ts)
-            sogni_spark = parts["sogni"] * spark_equiv // amount if amount else 0
+            sogni_spark = _as_spark(parts["sogni"], spark_equiv, amount)
             db.execute(
                 "INSERT INTO ledger_jobs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (

@@ -53,7 +53,7 @@ import functools
 import hashlib
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, KeysView
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar, cast
 
@@ -236,11 +236,9 @@ class PullSession:
         """Kept results sent here unasked, offered by another coordinator of the network that
         is gone (`forward`): a refusal keeps them for a re-offer instead of voiding them."""
         self._out_send, self._out_recv = trio.open_memory_channel[Message](math.inf)
-        self.jobs: set[bytes] = set()
-        """Jobs offered on this session and not yet answered."""
         self._live: dict[bytes, _Job] = {}
-        """The same jobs, each with the render it claimed (if any): a `Cancel` stops only a
-        render this session claimed, never another session's render of the same job id."""
+        """Jobs offered on this session and not yet answered, each with the render it
+        claimed (if any): what a `Cancel` of this session may stop (`_on_cancel`)."""
         self._cancelled: set[bytes] = set()
         self.closed = trio.Event()
         self._on_connected = on_connected
@@ -512,6 +510,11 @@ class PullSession:
             else:
                 log.warning("unexpected_message", type=type(msg).__name__)
 
+    @property
+    def jobs(self) -> KeysView[bytes]:
+        """Jobs offered on this session and not yet answered."""
+        return self._live.keys()
+
     def _claim(self, job_id: bytes) -> Running:
         """A slot for `job_id`, owned by this session (`Running.owner`)."""
         run = self.worker.claim(job_id)
@@ -521,8 +524,8 @@ class PullSession:
     def _on_cancel(self, msg: Cancel) -> None:
         """Stop this session's job: its render if it claimed one, else its wait (in hand, or
         behind another session's render of the same job id). That render is stopped only if
-        its session has ended (a reconnect): a live session's render goes on, since its
-        partial receipt would answer that session's offer, which was not cancelled."""
+        its session has ended and was this coordinator's (a reconnect): another's render goes
+        on, since its partial receipt would answer an offer that was not cancelled."""
         job = self._live.get(msg.job_id)
         if job is None:  # never another session's job
             return
@@ -1024,7 +1027,6 @@ class PullSession:
         if fault is not None:
             self._decline(job_id, fault)
             return
-        self.jobs.add(job_id)
         if in_hand:
             self.worker.in_hand.add(job_id)
         job = self._live[job_id] = _Job(msg, offer_hash, run, in_hand=in_hand)
@@ -1048,7 +1050,6 @@ class PullSession:
             self.worker.in_hand.discard(job.id)
             if job.run is not None:
                 self.worker.release(job.run)
-            self.jobs.discard(job.id)
             if self._live.get(job.id) is job:
                 del self._live[job.id]
             self._cancelled.discard(job.id)

@@ -17,6 +17,7 @@ from pathlib import Path
 import msgspec
 import pytest
 import trio
+import trio.testing
 
 from sogni_coordinator.checks import RESTART_REASON
 from sogni_coordinator.job_state import JobState
@@ -50,9 +51,12 @@ async def short_wait(
     h.close()
 
 
-async def _held_then_restarted(h: Harness) -> tuple[bytes, bytes, Trajectory, str]:
-    """One paid job rendered by node 0, its receipt held; then the coordinator restarts.
-    Returns (request id, job id, the committed trajectory, the worker's wallet)."""
+async def _held_then_restarted(
+    h: Harness, *, cancelled: bool = False
+) -> tuple[bytes, bytes, Trajectory, str]:
+    """One paid job rendered by node 0, its receipt held (`cancelled`: then its client
+    cancels); then the coordinator restarts. Returns (request id, job id, the committed
+    trajectory, the worker's wallet)."""
     sub, _ = await _paid_request(h)
     worker = h.node(0)
     h.node(1, ready=False)
@@ -63,6 +67,9 @@ async def _held_then_restarted(h: Harness) -> tuple[bytes, bytes, Trajectory, st
     await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
     assert h.store.check_state(job_id) == "pending"
     await next_of(worker, Challenge)  # the check had started: the coordinator dies now
+    if cancelled:
+        h.dispatcher.cancel_request(sub.accepted.request_id)  # type: ignore[attr-defined]
+        await trio.testing.wait_all_tasks_blocked()
     h.restart()
     assert h.dispatcher.restore() == 0  # nothing re-queued: the receipt is still held
     return sub.accepted.request_id, job_id, t, worker.wallet  # type: ignore[attr-defined]
@@ -169,19 +176,7 @@ async def test_a_cancel_while_held_survives_a_restart(short_wait: Harness) -> No
     a cancelled request. The cancel is kept with the check now: the job comes back
     CANCELLING, and a check that fails ends it cancelled."""
     h = short_wait
-    sub, _ = await _paid_request(h)
-    worker = h.node(0)
-    h.node(1, ready=False)
-    h.dispatcher.match()
-    (offer,) = worker.offers()
-    job_id = offer.offer.job_id
-    t = Trajectory(offer.offer.steps, seed=1)
-    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
-    assert h.store.check_state(job_id) == "pending"
-    h.dispatcher.cancel_request(sub.accepted.request_id)  # type: ignore[attr-defined]
-    await trio.testing.wait_all_tasks_blocked()
-    h.restart()
-    assert h.dispatcher.restore() == 0
+    _, job_id, _, _ = await _held_then_restarted(h, cancelled=True)
     assert h.dispatcher.jobs[job_id].state is JobState.CANCELLING
     # its node never returns: the check fails closed, and the job ends cancelled
     await until(lambda: bool(h.store.failed_receipts(job_id)), timeout=10)
