@@ -1062,9 +1062,12 @@ class PullSession:
         if job.run is None:  # an earlier session's render of this job: let it end first
             earlier = self.worker.running.get(job.id)
             while earlier is not None and not earlier.ended.is_set():
-                if job.id in self._cancelled:  # a cancel ends the wait, not that render
+                if job.id in self._cancelled and not earlier.cancel.is_set():
+                    # a cancel that did not stop that render (`_on_cancel`) ends only the wait
                     await self._hand_back(job, 0, "cancelled by coordinator")
                     return
+                # else the stopped render ends at its next step, its partial receipt kept:
+                # this offer answers the cancel with it (the client pays for those steps)
                 await self.worker.changed()  # a slot freed (that render's) or a cancel
         finishing = self.worker.finishing.get(job.id)
         if finishing is not None:  # rendered, its result still being kept: wait for it
@@ -1078,10 +1081,11 @@ class PullSession:
         if kept is not None:
             if job.run is not None:
                 self.worker.release(job.run)
-            if job.id in self._cancelled:  # never a full result for a cancelled offer
+            cancelled = job.id in self._cancelled
+            if cancelled and kept.image != b"":  # never a full result for a cancelled offer
                 await self._hand_back(job, 0, "cancelled by coordinator")
                 return
-            await self._resend(job, kept)
+            await self._resend(job, kept, cancelled=cancelled)
             return
         if job.id in self._cancelled:  # cancelled while it waited for the earlier render
             await self._hand_back(job, 0, "cancelled by coordinator")
@@ -1246,9 +1250,11 @@ class PullSession:
             )
         )
 
-    async def _resend(self, job: _Job, kept: StoredResult) -> None:
+    async def _resend(self, job: _Job, kept: StoredResult, *, cancelled: bool = False) -> None:
         """Answer a re-offer with the kept result: the same image and hash; the receipt is
-        re-signed only if this offer's hash differs from the one it names."""
+        re-signed only if this offer's hash differs from the one it names. A `cancelled`
+        re-offer is answered only by a partial receipt (an earlier session's render its
+        cancel stopped), else handed back."""
         entry, offer = kept.entry, job.msg.offer
         if job.id in self._result_sent and entry.receipt.offer_hash != job.offer_hash:
             # its ack would be matched by job id to the receipt re-signed now: an acceptance
@@ -1263,7 +1269,12 @@ class PullSession:
             offer,
             self.previous_keys | self.network_keys,
             rendered=rendered,
+            cancelled=cancelled,
         )
+        if fault is not None and cancelled:
+            log.warning("partial_receipt_not_resent", job=job.tag, reason=fault)
+            await self._hand_back(job, 0, "cancelled by coordinator")
+            return
         if fault is not None:
             self._decline(job.id, fault)
             return
@@ -1400,16 +1411,21 @@ def _reoffer_fault(
     previous_keys: frozenset[str] = frozenset(),
     *,
     rendered: JobOffer | None = None,
+    cancelled: bool = False,
 ) -> str | None:
     """Why a kept result cannot answer `offer` (then the offer is declined), or None.
     `rendered`, the journalled offer the image was rendered for: a re-offer naming other
     parameters (prompt, seed, size) would have this node sign a receipt binding the image
-    to parameters it never rendered, evidence against itself in every check."""
+    to parameters it never rendered, evidence against itself in every check. A `cancelled`
+    offer takes only a partial receipt (no image, fewer steps than the offer's)."""
     if accepted:
         return "this node's result for the job was already accepted"
     if image is None:
         return "this node's kept result for the job is lost; it will not sign another image"
-    if receipt.steps_done != offer.steps or not image:
+    partial = not image and 0 < receipt.steps_done < offer.steps
+    if cancelled and not partial:
+        return "a cancelled offer takes only a partial receipt"
+    if not cancelled and (receipt.steps_done != offer.steps or not image):
         return "this node holds a partial receipt for the job"
     same = (
         (
@@ -1417,7 +1433,7 @@ def _reoffer_fault(
             or receipt.coordinator.lower() in previous_keys  # rotated, or one of its network
         )
         and receipt.model_id == offer.model_id
-        and receipt.work_units == offer.work_units
+        and receipt.work_units == offer.work_units * receipt.steps_done // offer.steps
         and receipt.price_factor_bps == offer.price_factor_bps
     )
     if same and rendered is not None:

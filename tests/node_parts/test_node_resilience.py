@@ -520,20 +520,45 @@ async def test_a_cancel_after_a_reconnect_stops_the_earlier_sessions_render(
 ) -> None:
     """The coordinator re-offers a job whose render outlived its broken stream, then
     cancels it: the earlier session is gone, so its render stops; the re-offer waiting
-    behind it gives up and is handed back (it used to wait the render out and answer the
+    behind it is handed back once it has (it used to wait the render out and answer the
     cancelled offer with a full result)."""
     backend = CountingBackend()
     backend.hold.clear()
     async with coordinator() as coord, node(tmp_path, coord, backend) as n:
         relink, offer, _again = await _reoffered_mid_render(coord, backend)
         await relink.channel.send(Cancel(job_id=offer.offer.job_id))
+        with trio.fail_after(20):
+            while not n.worker.running[offer.offer.job_id].cancel.is_set():
+                await trio.sleep(0.01)  # polled: the worker offers no event for it
+        backend.hold.set()  # the earlier render, held at step 1, sees its cancel now
         back = await relink.next(HandBack, Result, OfferDeclined)
         assert isinstance(back, HandBack) and "cancelled" in back.reason
-        backend.hold.set()  # the earlier render, held at step 1, sees its cancel now
+        assert not n.worker.running and backend.calls == 1
+        relink.done.set()
+
+
+async def test_a_paid_cancel_after_a_reconnect_is_answered_with_the_partial_receipt(
+    tmp_path: Path,
+) -> None:
+    """The client cancels (paid) a re-offered job whose earlier session's render is still
+    running: that render stops, its partial receipt (steps done, no image) is kept and
+    answers the re-offer, re-signed for it. It was journaled but never sent (the re-offer
+    was handed back with 0 steps): the node went unpaid for steps the client pays for."""
+    backend = CountingBackend()
+    backend.hold.clear()
+    async with coordinator() as coord, node(tmp_path, coord, backend) as n:
+        relink, offer, again = await _reoffered_mid_render(coord, backend)
+        await relink.channel.send(Cancel(job_id=offer.offer.job_id, pay_partial=True))
         with trio.fail_after(20):
-            while n.worker.running:
+            while not n.worker.running[offer.offer.job_id].cancel.is_set():
                 await trio.sleep(0.01)  # polled: the worker offers no event for it
-        assert backend.calls == 1
+        backend.hold.set()
+        partial = await relink.next(Result, HandBack, OfferDeclined)
+        assert isinstance(partial, Result) and partial.image == b""
+        assert partial.receipt.steps_done == 1 and backend.calls == 1
+        assert partial.receipt.offer_hash == eip712.offer_hash(DOMAIN, again.offer)
+        assert partial.receipt.work_units == again.offer.work_units // again.offer.steps
+        assert eip712.same_address(recover(partial), partial.receipt.worker)
         relink.done.set()
 
 
