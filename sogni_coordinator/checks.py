@@ -2,8 +2,9 @@
 
 Policy (`VerificationConfig`, the `[verification]` table): a full receipt is sampled with
 probability `rate`, and always among its wallet's `first_jobs` receipts. Never sampled: a
-partial receipt, and a receipt for a job that was not plainly running on that node (a late
-receipt after a deadline, a cancelled job): those are released as before. A receipt the step
+partial receipt. A late receipt for a job back in the queue that its draw says to check is
+not taken (`JobGone`: the queue may offer the job again); a cancelled job's full receipt is
+held with its cancel (`checks.cancelled`), paid only if its check passes. A receipt the step
 checks cannot cover (`step_checkable`: no trajectory committed, a scheduler or declared
 numeric mode no verifier can re-run a step of, `SUPPORTED_SCHEDULERS`,
 `verifiers.TOLERANCES`) is checked by a whole re-render instead (`rerender_verify`; off with

@@ -170,11 +170,9 @@ def _elapsed(job: Job, link: NodeLink, now: float) -> float:
 
 
 class NotTaken(ResultRefused):
-    """A result this coordinator will not pay, which need not be a lie: a full render of a
-    job the client cancelled meanwhile, drawn for a check (holding it would outlive the
-    cancel across a restart), or a partial receipt claiming more steps than a node with no
-    measured rate is allowed (a fast newcomer may really have done them). Released without
-    a strike, nothing owed."""
+    """A result this coordinator will not pay, which need not be a lie: a partial receipt
+    claiming more steps than a node with no measured rate is allowed (a fast newcomer may
+    really have done them). Released without a strike, nothing owed."""
 
 
 class JobGone(ResultRefused):
@@ -864,20 +862,16 @@ class Dispatcher:
             )
         # checks.py: a sampled receipt is held (stored pending, not billed nor delivered).
         # A late one for a job back in the queue (deadline missed, handed back, the node
-        # reconnected) cannot be held while the queue may offer the job again, nor one the
-        # client cancelled (held, its cancel would not survive a restart): when its draw
-        # says check, it is not taken (no strike, nothing owed). Both were paid unchecked,
-        # which let a node hand a job back, or answer a cancelled one, with noise.
+        # reconnected) cannot be held while the queue may offer the job again: when its
+        # draw says check, it is not taken (no strike, nothing owed); it was paid
+        # unchecked, which let a node hand a job back, then answer it with noise. One the
+        # client cancelled is held with its cancel (`checks.cancelled`: a restart resumes
+        # the check with the job CANCELLING), paid only if the check passes.
         hold = self.checks.sampled(job, receipt, result.meta)
         if hold and job.state is JobState.QUEUED:
             raise JobGone(
                 "this result came after the job was taken back from this node, and it "
                 "was drawn for a check: not taken (nothing owed, no strike)"
-            )
-        if hold and job.state is JobState.CANCELLING:
-            raise NotTaken(
-                "the client cancelled this job, and its result was drawn for a check: not "
-                "taken (nothing owed, no strike)"
             )
         path = None
         staged = None
@@ -927,6 +921,7 @@ class Dispatcher:
                             peer_id=link.peer_id,
                             dtype=result.meta.dtype if result.meta else "",
                             elapsed=_elapsed(job, link, now),
+                            cancelled=job.state is JobState.CANCELLING,
                         )
                     else:
                         committed = await self.receipts.commit(

@@ -587,20 +587,31 @@ class Store(Database):
         peer_id: str = "",
         dtype: str = "",
         elapsed: float = 0.0,
+        cancelled: bool = False,
     ) -> bool:
         """`store_receipt` (job DONE) plus a `pending` check, in one transaction: the receipt
         is durable but neither delivered nor paid until `mark_check` or `fail_held_receipt`.
-        `peer_id`, `dtype`, `elapsed`: what re-running the check after a restart needs."""
+        `peer_id`, `dtype`, `elapsed`: what re-running the check after a restart needs;
+        `cancelled`: its client cancelled the request before the result came."""
         with self._tx() as db:
             if not self._insert_receipt(db, receipt, signature, request_id, JobState.DONE, offer):
                 return False
             db.execute(
                 "INSERT INTO checks (job_id, worker, state, updated_at, peer_id,"
-                " dtype, elapsed) VALUES (?, ?, 'pending', ?, ?, ?, ?) ON CONFLICT (job_id)"
-                " DO UPDATE SET worker = excluded.worker, state = excluded.state,"
-                " updated_at = excluded.updated_at, peer_id = excluded.peer_id,"
-                " dtype = excluded.dtype, elapsed = excluded.elapsed",
-                (receipt.job_id, receipt.worker.lower(), time.time(), peer_id, dtype, elapsed),
+                " dtype, elapsed, cancelled) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?)"
+                " ON CONFLICT (job_id) DO UPDATE SET worker = excluded.worker,"
+                " state = excluded.state, updated_at = excluded.updated_at,"
+                " peer_id = excluded.peer_id, dtype = excluded.dtype,"
+                " elapsed = excluded.elapsed, cancelled = excluded.cancelled",
+                (
+                    receipt.job_id,
+                    receipt.worker.lower(),
+                    time.time(),
+                    peer_id,
+                    dtype,
+                    elapsed,
+                    int(cancelled),
+                ),
             )
             return True
 

@@ -426,12 +426,14 @@ async def test_a_result_after_a_hand_back_is_checked_or_not_taken(checked: Harne
     """Sampling looked only at RUNNING jobs: a node that handed a job back (no penalty) and
     then answered it with noise, while no other node had taken it (QUEUED), was stored,
     billed and delivered unchecked, and its "elapsed 0" made it the fastest node; so was a
-    full result for a job the client cancelled. Now either is refused when its draw says
-    check (nothing owed, no strike): holding a cancelled job's result, its cancel would not
-    survive a restart."""
+    full result for a job the client cancelled. Now the first is refused when its draw says
+    check (nothing owed, no strike); the second is held with its cancel (a restart resumes
+    its check CANCELLING) and paid once the check passes (it was refused unpaid: an honest
+    node that finished before the cancel reached it lost the render)."""
     h = checked
     sub, _ = await _paid_request(h, 2)
     worker = h.node(0, slots=2)
+    verifier = h.node(1, ready=False)
     h.dispatcher.match()
     first, second = worker.offers()
     h.dispatcher.handed_back(worker.link, first.offer.job_id, "no slot")
@@ -447,12 +449,17 @@ async def test_a_result_after_a_hand_back_is_checked_or_not_taken(checked: Harne
     h.dispatcher.cancel_request(sub.accepted.request_id)  # type: ignore[attr-defined]
     assert h.dispatcher.jobs[second.offer.job_id].state is JobState.CANCELLING
     t2 = Trajectory(second.offer.steps, seed=1)
-    with pytest.raises(ResultRefused, match="cancelled this job"):
-        await h.dispatcher.accept_result(worker.link, committed(worker, second, t2))
-    assert h.store.check_state(second.offer.job_id) is None  # not held: its cancel stands
-    assert h.store.unsettled_receipts() == [] and _earned(h, worker.wallet) == 0
+    await h.dispatcher.accept_result(worker.link, committed(worker, second, t2))
+    assert h.store.check_state(second.offer.job_id) == "pending"
+    (pending,) = h.store.pending_checks()
+    assert pending.cancelled  # held with its cancel: a restart resumes it CANCELLING
+    assert _earned(h, worker.wallet) == 0  # nothing paid before the check
+    await answer_challenge(h, worker, t2)
+    await answer_verify(h, verifier, t2, honest=True)
+    await until(lambda: _earned(h, worker.wallet) > 0)
+    assert h.store.check_state(second.offer.job_id) == "passed"
     assert h.reputation.get(worker.wallet).strikes == []
-    assert _job_state(h, second.offer.job_id) is JobState.CANCELLED
+    assert _job_state(h, second.offer.job_id) is JobState.DONE
 
 
 async def test_policy_samples_nothing_at_rate_zero_and_the_first_jobs(
