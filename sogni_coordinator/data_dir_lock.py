@@ -10,39 +10,25 @@ same lock for its copy. Where `fcntl` is missing (Windows) nothing is locked.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not on the platforms the daemons run on
-    fcntl = None  # type: ignore[assignment]
+from sogni_protocol import folder_lock
 
 __all__ = ["LOCK_NAME", "DataDirBusy", "hold"]
 
 LOCK_NAME = "coordinator.lock"
 
 
-class DataDirBusy(RuntimeError):
+class DataDirBusy(folder_lock.FolderBusy):
     """A coordinator already runs on this data folder (or a restore is copying into it)."""
 
 
 @contextmanager
 def hold(data_dir: Path, doing: str) -> Iterator[None]:
     """Hold `data_dir`'s lock for the block; `DataDirBusy`, naming `doing`, when another
-    holder has it. Closing the descriptor releases the lock."""
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise DataDirBusy(
-                    f"a coordinator is running on {data_dir}: stop it before {doing}"
-                ) from None
+    holder has it."""
+    busy = DataDirBusy(f"a coordinator is running on {data_dir}: stop it before {doing}")
+    with folder_lock.hold(data_dir, LOCK_NAME, busy):
         yield
-    finally:
-        os.close(fd)

@@ -35,6 +35,11 @@ for _name, _kind, _todo in (
     ("sogni_node.models.registry.UnknownModelError", BadUsage, _MODELS_TODO),
     ("sogni_node.journal.JournalError", Refused, None),
     ("sogni_node.rewards.PublicationError", Refused, "ask the coordinator's operator"),
+    (
+        "sogni_protocol.folder_lock.FolderBusy",
+        Refused,
+        "stop that node first, or give this one its own data_dir (SOGNI_NODE_DATA_DIR)",
+    ),
 ):
     register(_name, _kind, _todo)
 

@@ -39,7 +39,7 @@ from sogni_net import (
 )
 from sogni_node import partner
 from sogni_node.benchmark import saved_speed
-from sogni_node.config import NodeConfig
+from sogni_node.config import DATA_DIR_LOCK, NodeConfig
 from sogni_node.hardware import HardwareError, HardwareInfo, probe
 from sogni_node.http_api import NodeView, build_app
 from sogni_node.journal import SYNC_INTERVAL, Journal
@@ -52,9 +52,10 @@ from sogni_node.render.backend import Backend
 from sogni_node.trajectory_files import TrajectoryFiles
 from sogni_node.trust import NetworkSigners
 from sogni_node.worker import Worker
-from sogni_protocol import eip712
+from sogni_protocol import eip712, folder_lock
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.errors import ProtocolError
+from sogni_protocol.folder_lock import FolderBusy
 from sogni_protocol.ids import CAPABILITIES_TOPIC
 from sogni_protocol.image_encoding import encoder_build, encodes_like_network
 from sogni_protocol.logs import get_logger
@@ -590,6 +591,12 @@ def run(config: NodeConfig, *, announce: bool = False) -> ShutdownReport:
     launcher knows when the node is usable without guessing. These announcements are for
     launchers; operators and tests read the stable log events of docs/EVENTS.md.
     """
+    busy = FolderBusy(f"a node is already running on {config.data_dir}")
+    with folder_lock.hold(config.data_dir, DATA_DIR_LOCK, busy):  # for the process's life
+        return _run(config, announce=announce)
+
+
+def _run(config: NodeConfig, *, announce: bool) -> ShutdownReport:
     from sogni_node.models.defaults import default_registry
 
     wallet = unlock_wallet(config.keystore, config.password_env)

@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from sogni_node.benchmark import saved_speed
-from sogni_node.config import NodeConfig
+from sogni_node.config import DATA_DIR_LOCK, NodeConfig
 from sogni_node.journal import Journal
+from sogni_protocol import folder_lock
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -56,8 +57,13 @@ class NodeStatus:
 
 def _daemon(cfg: NodeConfig, timeout: float) -> tuple[dict[str, Any] | None, str | None]:
     listen = cfg.http_listen
-    if listen == "off":
-        return None, "the node's HTTP listener is off (http_listen = off)"
+    if listen == "off":  # the data folder's lock still tells whether one runs
+        running = folder_lock.held(cfg.data_dir, DATA_DIR_LOCK)
+        if running:
+            return {"status": "running"}, None  # no live figures: they need the listener
+        if running is None:
+            return None, "cannot tell whether a node runs (http_listen = off, its lock unreadable)"
+        return None, f"no node daemon runs on {cfg.data_dir} (start it with `sogni-node start`)"
     host, _, port = listen.rpartition(":")
     if host in ("0.0.0.0", "", "[::]"):
         host = "127.0.0.1"
@@ -149,8 +155,12 @@ def render(s: NodeStatus) -> RenderableType:
     t.add_column(style="bold")
     t.add_column()
     t.add_row("wallet", s.wallet or "-")
-    if s.daemon is not None:
-        d = s.daemon
+    d = s.daemon
+    if d is None:
+        t.add_row("daemon", f"[yellow]{s.daemon_error}[/]")
+    elif "uptimeSeconds" not in d:  # seen by its data folder's lock only
+        t.add_row("daemon", "running (http_listen = off: no live figures)")
+    else:
         t.add_row("daemon", f"{d.get('status', '?')}, up {d.get('uptimeSeconds', 0):.0f} s")
         t.add_row(
             "coordinators",
@@ -160,8 +170,6 @@ def render(s: NodeStatus) -> RenderableType:
         warm = d.get("warmModels")
         if isinstance(warm, list):
             t.add_row("warm models", ", ".join(map(str, warm)) or "none")
-    else:
-        t.add_row("daemon", f"[yellow]{s.daemon_error}[/]")
     per_model = ", ".join(f"{m} {n}" for m, n in sorted(s.models_today.items()))
     t.add_row("jobs today", f"{s.jobs_today}" + (f" ({per_model})" if per_model else ""))
     bench = f"{s.bench_speed:.2f}x" if s.bench_speed else "not measured (`sogni-node bench`)"

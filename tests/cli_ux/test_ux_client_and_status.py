@@ -13,6 +13,9 @@ from typer.testing import CliRunner
 from sogni_app.cli import app as sogni_app
 from sogni_net import AddressError, peer_info
 from sogni_node.cli import app as node_app
+from sogni_node.config import DATA_DIR_LOCK
+from sogni_protocol import folder_lock
+from sogni_protocol.folder_lock import FolderBusy
 from tests.cli_ux.one_line import one_line
 
 runner = CliRunner()
@@ -127,3 +130,38 @@ def test_node_status_exits_4_when_no_daemon_answers(tmp_path: Path) -> None:
     result = runner.invoke(node_app, ["status", "--once"], env=env)
     assert "no node daemon answers" in one_line(result, 4)
     assert "no node daemon answers" in result.stdout
+
+
+def test_node_status_with_http_off_reads_the_data_folders_lock(tmp_path: Path) -> None:
+    """With `http_listen = off` status could not tell a running node from none (exit 4
+    either way): the running daemon's data-folder lock tells it."""
+    env = {
+        "SOGNI_NODE_DATA_DIR": str(tmp_path),
+        "SOGNI_NODE_HTTP_LISTEN": "off",
+        "SOGNI_NODE_CONFIG": None,
+        "SOGNI_DEBUG": None,
+    }
+    result = runner.invoke(node_app, ["status", "--json"], env=env)
+    assert f"no node daemon runs on {tmp_path}" in one_line(result, 4)
+    busy = FolderBusy("held by this test")
+    with folder_lock.hold(tmp_path, DATA_DIR_LOCK, busy):  # as `sogni-node start` holds it
+        result = runner.invoke(node_app, ["status", "--json"], env=env)
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["daemon"] == {"status": "running"}
+        result = runner.invoke(node_app, ["status", "--once"], env=env)
+        assert result.exit_code == 0 and "http_listen = off: no live figures" in result.stdout
+
+
+def test_a_second_node_on_one_data_folder_is_refused_in_one_line(tmp_path: Path) -> None:
+    """Two daemons on one data folder would share its journal and identity as if alone."""
+    env = {
+        "SOGNI_NODE_DATA_DIR": str(tmp_path),
+        "SOGNI_NODE_CONFIG": None,
+        "SOGNI_NODE_COORDINATORS": f"/ip4/127.0.0.1/tcp/9/p2p/{PEER}",
+        "SOGNI_NODE_TRUSTED_COORDINATORS": "0x" + "11" * 20,
+        "SOGNI_DEBUG": None,
+    }
+    with folder_lock.hold(tmp_path, DATA_DIR_LOCK, FolderBusy("held by this test")):
+        result = runner.invoke(node_app, ["start"], env=env)
+    line = one_line(result, 3)
+    assert f"a node is already running on {tmp_path}" in line and "SOGNI_NODE_DATA_DIR" in line
