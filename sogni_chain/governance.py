@@ -4,11 +4,12 @@ Why a separate module and file: governance is optional on a local network (``dep
 governed=True)``), and its three addresses live in a sibling file of the addresses file
 (``addresses.json`` -> ``addresses.governance.json``) so the addresses file keeps its shape.
 
-The handover: the deployer begins the admin transfer of Staking and the RewardDistributor to
-the timelock; once their ``admin_transfer_delay`` has passed (at once on dev chains),
-:func:`finish_handover` makes the timelock accept both, sets its real delay, and drops the
-deployer's temporary timelock roles. From then on only a passed, queued and delayed proposal
-changes a parameter.
+The handover: the deployer begins the admin transfer of Staking, the RewardDistributor,
+Disputes and the WorkerLicense to the timelock; once their ``admin_transfer_delay`` has
+passed (at once on dev chains), :func:`finish_handover` makes the timelock accept them, sets
+its real delay, and drops the deployer's temporary timelock roles and its licence
+``MINTER_ROLE``. From then on only a passed, queued and delayed proposal changes a parameter,
+blacklists or burns a licence, or names who mints them (:func:`minter_action`).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sogni_protocol.settings import DEV_CHAIN_IDS
 from sogni_wallet.addresses import Addresses
 
 from .chain import Chain, Signer, Tx
-from .contracts import _EIP712_DOMAIN_TYPE, Distributor, Staking, _Bound
+from .contracts import _EIP712_DOMAIN_TYPE, Distributor, License, Staking, _Bound
 
 __all__ = [
     "DEV_SETTINGS",
@@ -46,6 +47,7 @@ __all__ = [
     "deploy_governance",
     "finish_handover",
     "governance_path",
+    "minter_action",
     "parameter_actions",
 ]
 
@@ -376,6 +378,16 @@ def _action(bound: _Bound, summary: str, fn: str, *args: Any) -> Action:
     return Action(bound.address, _calldata(bound, fn, *args), summary=summary)
 
 
+def minter_action(chain: Chain, addresses: Addresses, minter: str, *, grant: bool = True) -> Action:
+    """A proposal call that lets `minter` mint worker licences (or, `grant=False`, stops it):
+    after the handover nobody holds `MINTER_ROLE` until governance names someone."""
+    lic = License(chain, addresses.license)
+    fn, verb = ("grantRole", "may now") if grant else ("revokeRole", "may no longer")
+    return _action(
+        lic, f"{minter} {verb} mint worker licences", fn, lic._role("MINTER_ROLE"), minter
+    )
+
+
 def parameter_actions(
     chain: Chain,
     addresses: Addresses,
@@ -502,6 +514,7 @@ def deploy_governance(
     tl.grant_role("CANCELLER_ROLE", governor)
     Staking(chain, addresses.staking, admin).begin_default_admin_transfer(timelock)
     Distributor(chain, addresses.distributor, admin).begin_default_admin_transfer(timelock)
+    License(chain, addresses.license, admin).begin_default_admin_transfer(timelock)
     if addresses.disputes is not None:  # bond, windows, juror cap: governed too
         _disputes(chain, addresses.disputes, admin).begin_default_admin_transfer(timelock)
     gov = GovernanceAddresses(
@@ -516,6 +529,7 @@ def deploy_governance(
     pending = [
         Staking(chain, addresses.staking).pending_default_admin()[1],
         Distributor(chain, addresses.distributor).pending_default_admin()[1],
+        License(chain, addresses.license).pending_default_admin()[1],
     ]
     if addresses.disputes is not None:
         pending.append(_disputes(chain, addresses.disputes).pending_default_admin()[1])
@@ -543,15 +557,18 @@ def finish_handover(
     *,
     timelock_delay: int,
 ) -> Tx:
-    """Timelock accepts Staking's and the distributor's admin role and takes its real delay;
-    the deployer then gives up its temporary proposer, canceller and timelock-admin roles."""
+    """Timelock accepts the admin role of Staking, the distributor, the licence (and
+    Disputes) and takes its real delay; the deployer then gives up its temporary proposer,
+    canceller and timelock-admin roles, and minting licences (`minter_action`)."""
     tl = Timelock(chain, gov.timelock, admin)
     staking = Staking(chain, addresses.staking)
     distributor = Distributor(chain, addresses.distributor)
-    targets = [staking.address, distributor.address]
+    lic = License(chain, addresses.license, admin)
+    targets = [staking.address, distributor.address, lic.address]
     calldatas = [
         _calldata(staking, "acceptDefaultAdminTransfer"),
         _calldata(distributor, "acceptDefaultAdminTransfer"),
+        _calldata(lic, "acceptDefaultAdminTransfer"),
     ]
     if addresses.disputes is not None:
         disputes = _disputes(chain, addresses.disputes)
@@ -566,4 +583,6 @@ def finish_handover(
     for role in ("PROPOSER_ROLE", "CANCELLER_ROLE"):
         tl._send("renounceRole", tl._role(role), admin_addr)
     tl._send("renounceRole", tl._role("DEFAULT_ADMIN_ROLE"), admin_addr)
+    if lic.has_role("MINTER_ROLE", admin_addr):
+        lic._send("renounceRole", lic._role("MINTER_ROLE"), admin_addr)
     return done

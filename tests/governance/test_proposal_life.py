@@ -6,8 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from sogni_chain import Deployment
-from sogni_chain.governance import DEV_SETTINGS, GovernanceAddresses, parameter_actions
+import pytest
+
+from sogni_chain import ChainRevert, Deployment
+from sogni_chain.governance import (
+    DEV_SETTINGS,
+    GovernanceAddresses,
+    minter_action,
+    parameter_actions,
+)
 from sogni_coordinator.network_params import NetworkParamsReader, network_params_for
 from sogni_coordinator.settlement.epochs import Settler
 from sogni_coordinator.store import Store
@@ -38,6 +45,27 @@ def test_handover_leaves_the_timelock_in_charge(gnet: GovNet) -> None:
     tl = g.d.staking  # the deployer kept no role anywhere
     assert not tl.has_role("DEFAULT_ADMIN_ROLE", g.treasury)
     assert g.votes.get_votes(g.stakers[0]) == 100_000 * SOGNI  # a first stake self-delegates
+
+
+def test_the_licence_is_governed_and_only_a_proposal_names_its_minter(gnet: GovNet) -> None:
+    """The deployer kept the WorkerLicense's admin and MINTER_ROLE after the handover: one
+    key could mint fast-tier licences, blacklist or burn anyone's, alone and at once."""
+    g = gnet
+    lic = g.d.license
+    assert lic.default_admin() == g.gov.timelock
+    assert not lic.has_role("DEFAULT_ADMIN_ROLE", g.treasury)
+    assert not lic.has_role("MINTER_ROLE", g.treasury)
+    with pytest.raises(ChainRevert, match="AccessControl"):
+        lic.mint_batch([g.outsider], sender=g.treasury)
+    with pytest.raises(ChainRevert, match="AccessControl"):
+        lic.set_transfer_cooldown(0, sender=g.treasury)
+    action = minter_action(g.chain, g.d.addresses, g.outsider.address)
+    pid = g.governor.propose([action], "licence sales", sender=g.stakers[0])
+    p = g.pass_and_queue(pid)
+    g.chain.advance_time(DEV_SETTINGS.timelock_delay + 2)
+    g.governor.execute(p)
+    (token,) = lic.mint_batch([g.stakers[1]], sender=g.outsider)
+    assert lic.owner_of(token) == g.stakers[1].address
 
 
 def test_take_rate_proposal_from_vote_to_next_epoch(
