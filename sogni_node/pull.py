@@ -152,6 +152,11 @@ PROGRESS_INTERVAL = 0.5
 """Seconds between progress frames of one job: its first step always (a listening client
 sees it start), then at most one per interval, none for its last step."""
 
+OVERTIME_FLOOR = 60.0
+"""A render stops (handed back) once past its offer's deadline by as long as the offer gave
+it, and at least this many seconds: a late result is still paid while the job waits, but by
+then another node has had as long again for it (`Worker.render`'s `give_up_at`)."""
+
 P = ParamSpec("P")
 T = TypeVar("T")
 _Reply = TypeVar("_Reply", StepVerified, DecodeVerified)
@@ -1160,9 +1165,12 @@ class PullSession:
             if step < offer.steps:
                 self.send(Progress(job_id=offer.job_id, step=step))
 
+        # past the deadline by as long again the coordinator has given the job to another
+        # node, which has likely finished it: the slot is worth more to the next offer
+        give_up_at = offer.deadline + max(OVERTIME_FLOOR, offer.deadline - time.time())
         try:
             out = await self.worker.render(
-                run, job.msg.params, on_step, report_every=PROGRESS_INTERVAL
+                run, job.msg.params, on_step, report_every=PROGRESS_INTERVAL, give_up_at=give_up_at
             )
         except RenderCancelled as exc:
             if run.pay_partial and exc.steps_done > 0:

@@ -34,6 +34,8 @@ hand when a render ends, so a slot never idles for the result -> ack -> next off
 PROMISE_SECONDS = 10.0
 """How long a `Ready`'s lookahead is honoured after it shrank: far longer than an offer the
 coordinator sent before it saw the smaller `Ready` takes to arrive."""
+OVERTIME_REASON = "render ran past its offer's deadline by as long again"
+"""Why a render stopped by `Worker.render`'s `give_up_at` was handed back."""
 _SMOOTHING = 0.2
 """Weight of the newest sample in the moving averages of render and round-trip time."""
 
@@ -187,6 +189,7 @@ class Worker:
         on_step: Callable[[int], None],
         *,
         report_every: float = 0.0,
+        give_up_at: float | None = None,
     ) -> RenderOutput:
         """Render in a thread; raises `RenderCancelled` if `cancel` was called meanwhile.
 
@@ -196,7 +199,11 @@ class Worker:
         them before `render` returns. With `report_every` > 0 it gets the first step and then
         at most one per `report_every` seconds: each report wakes the loop through a socket,
         ~3% of a small model's render when every step went (`run.steps_done` still follows
-        every step)."""
+        every step).
+
+        `give_up_at` (unix seconds): the render stops at its first step after it, as if
+        cancelled (`OVERTIME_REASON`): nobody waits for it any more, and a render stuck
+        slow (a throttled GPU, a swapping host) would hold its slot for ever."""
         token = trio.lowlevel.current_trio_token()
         last_report = [float("-inf")]
 
@@ -215,9 +222,18 @@ class Worker:
                 last_report[0] = now
             token.run_sync_soon(report, i)
 
+        def should_cancel() -> bool:  # in the render thread, before each step
+            if run.cancel.is_set():
+                return True
+            if give_up_at is not None and time.time() > give_up_at:
+                run.reason = OVERTIME_REASON
+                run.cancel.set()
+                return True
+            return False
+
         def render() -> RenderOutput:
             job = _render_job(params, self.loras)
-            return self.backend.render(job, step, run.cancel.is_set)
+            return self.backend.render(job, step, should_cancel)
 
         job_id = run.job_id.hex()[:16]
         log.info("job_started", job=job_id, model=params.model_id, steps=params.steps)

@@ -30,7 +30,7 @@ from sogni_node import pull
 from sogni_node.journal import Journal
 from sogni_node.pull import NodeIdentity, PullSession, pull_forever
 from sogni_node.render.backend import RenderCancelled, RenderJob, RenderOutput
-from sogni_node.worker import Worker
+from sogni_node.worker import OVERTIME_REASON, Worker
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT, JOBS_PROTOCOL, RESULT_FRAME_LIMIT
@@ -387,9 +387,11 @@ async def test_results_are_kept_until_acked_then_deleted(tmp_path: Path) -> None
 
         await link.channel.send(ResultAck(job_id=ids[0], accepted=True))
         await link.channel.send(ResultAck(job_id=ids[1], accepted=False, reason="bad image"))
-        await link.channel.send(coord.offer(4))  # read after the acks: they are journaled
+        await link.channel.send(coord.offer(4))
         fourth = await link.next(Result, HandBack)
-        assert kept(n.journal) == {ids[2].hex(), fourth.job_id.hex()}
+        with trio.fail_after(20):  # the acks are journaled in a batch of their own, off the
+            while kept(n.journal) != {ids[2].hex(), fourth.job_id.hex()}:  # loop: polled
+                await trio.sleep(0.01)
         states = {r.receipt.job_id: r.accepted for r in n.journal.receipts()}
         assert (states[ids[0]], states[ids[1]], states[ids[2]]) == (True, False, None)
 
@@ -574,4 +576,28 @@ async def test_a_result_too_large_to_send_is_handed_back_and_the_stream_stays(
         assert isinstance(back, HandBack) and back.reason == "result too large"
         await link.channel.send(coord.offer(2))
         assert isinstance(await link.next(HandBack, Result), HandBack)  # same stream, alive
+        link.done.set()
+
+
+async def test_a_render_far_past_its_deadline_stops_and_is_handed_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A render had no wall-clock limit: one stuck slow (a throttled GPU, a swapping host)
+    held its slot for ever after the coordinator had given the job to another node. Past
+    the deadline by as long again (at least `OVERTIME_FLOOR`), it stops at its next step."""
+    monkeypatch.setattr(pull, "OVERTIME_FLOOR", 0.5)
+    backend = CountingBackend()
+    backend.hold.clear()
+    async with coordinator() as coord, node(tmp_path, coord, backend) as n:
+        link = await coord.link()
+        offer = coord.offer(1, later=-598)  # deadline in 2 s
+        await link.channel.send(offer)
+        await trio.to_thread.run_sync(backend.started.wait, 20)
+        with trio.fail_after(20):
+            while time.time() <= offer.offer.deadline + 2.5:  # past deadline + max(floor, 2 s)
+                await trio.sleep(0.1)
+        backend.hold.set()  # the render reaches its next step
+        back = await link.next(HandBack, Result)
+        assert isinstance(back, HandBack) and back.reason == OVERTIME_REASON
+        assert back.steps_done == 1 and not n.worker.running
         link.done.set()
