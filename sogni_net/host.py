@@ -75,7 +75,7 @@ from sogni_net.errors import (
 from sogni_net.keys import NodeKey, load_or_create_node_key
 from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT
-from sogni_protocol.settings import check_peer_id
+from sogni_protocol.settings import check_listen_addr, check_peer_id
 
 Handler = Callable[[Channel], Awaitable[None]]
 """Serves one inbound channel. When it returns, or raises `ChannelClosed`, the channel is
@@ -735,10 +735,9 @@ def _check_listen_addrs(listen: Sequence[str]) -> None:
     SO_REUSEPORT collides with any existing listener, so the mistake surfaces here instead.
     """
     for text in listen:
+        check_listen_addr(text)  # ValueError naming what it should be
         addr = multiaddr.Multiaddr(text)
         names = [proto.name for proto in addr.protocols()]
-        if len(names) != 2 or names[0] not in ("ip4", "ip6") or names[1] != "tcp":
-            raise ValueError(f"listen address must be /ip4|ip6/<ip>/tcp/<port>, not {text!r}")
         port = int(addr.value_for_protocol("tcp") or 0)
         if port == 0:
             continue

@@ -147,8 +147,8 @@ def check_listen_addr(text: str) -> None:
     names = [proto.name for proto in addr.protocols()]
     if len(names) != 2 or names[0] not in ("ip4", "ip6") or names[1] != "tcp":
         raise ValueError(
-            f"{text[:200]!r} cannot be listened on: give /ip4/<ip>/tcp/<port> or "
-            "/ip6/<ip>/tcp/<port> (TCP only; port 0 picks a free port)"
+            f"{text[:200]!r} cannot be listened on: a listen address is /ip4/<ip>/tcp/<port> "
+            "or /ip6/<ip>/tcp/<port> (TCP only; port 0 picks a free port)"
         )
 
 
