@@ -186,6 +186,17 @@ class Held:
     fails closed, without a strike. None: held by this run, its node connected."""
 
 
+def _away(refused: str) -> bool:
+    """A challenge that never reached its node, or whose node left before answering (its
+    stream dropped or was replaced, its outbox full): not the node's lie. It is asked again
+    if the node comes back before the deadline, else the check fails unpaid, unstruck."""
+    return (
+        refused == "node not connected"
+        or refused.startswith("node left: ")
+        or refused in ("the node is gone", "the node's outbox is full")
+    )
+
+
 @dataclass(frozen=True)
 class Outcome:
     """One check's verdict, as logged: `verdict` is `pass`, `fail` or `skipped`; `strike`
@@ -462,6 +473,17 @@ class Checks:
             for other in self.dispatcher.nodes.values()
         )
 
+    async def _back(self, held: Held, asked: object, deadline: float) -> bool:
+        """Wait until `deadline` (trio time) for node `held.peer_id`, of the worker's wallet,
+        on another stream than `asked` (the one whose challenge was lost with it)."""
+        with trio.move_on_at(deadline):
+            while True:
+                link = self.dispatcher.nodes.get(held.peer_id)
+                if link is not None and link is not asked:
+                    return link.wallet.lower() == held.worker.lower()
+                await self._joined.wait()
+        return False
+
     async def _reconnected(self, held: Held) -> Outcome | None:
         """Wait (at most `reconnect_within` s) for the node that rendered a receipt held
         across a restart, and a verifier; None once they are connected (or the node is and
@@ -627,6 +649,7 @@ class Checks:
             with_pixels = asks_pixels and receipt.steps_done in batch
             deadline = trio.current_time() + self.policy.challenge_timeout
             while True:  # "busy", when believable: asked again until the deadline
+                asked = d.nodes.get(held.peer_id)
                 result = await d.challenge(
                     held.peer_id,
                     receipt.job_id,
@@ -635,6 +658,9 @@ class Checks:
                     pixels=with_pixels,
                 )
                 refused = result.refused or ""  # `PendingReplies` words it "node refused: ..."
+                if result.answer is None and _away(refused):
+                    if await self._back(held, asked, deadline):
+                        continue  # it reconnected (it keeps its trajectory): asked again
                 crowded = d.challenges.open_to(held.peer_id) + 1 >= BUSY_BELIEVED  # + this
                 busy = (
                     crowded
@@ -650,7 +676,7 @@ class Checks:
                 # no answer: not struck when the node left, or lost its trajectory in the
                 # restart (it kept it for `trajectory_retention_seconds` only), or was busy
                 # to the end (not paid either way: nothing is released unchecked)
-                gone = result.answer is None and (fault == "node not connected" or restored or busy)
+                gone = result.answer is None and (_away(refused) or restored or busy)
                 reason = f"challenge: {fault}"
                 if gone and restored:
                     reason = f"{RESTART_REASON}: {reason}"

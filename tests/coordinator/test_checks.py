@@ -397,6 +397,30 @@ async def test_a_late_result_held_for_its_check_is_a_slow_sample(checked: Harnes
     assert record.speed < 1.0 and record.work_rate == 0
 
 
+async def test_a_challenge_lost_with_a_reconnect_is_asked_again_on_the_new_stream(
+    checked: Harness,
+) -> None:
+    """The worker's stream was replaced (a reconnect) while its challenge was open: the
+    challenge failed "node left: ..." and only "node not connected" counted as gone, so an
+    honest worker was struck and unpaid for a network blip. It is asked again once the same
+    node is back (it keeps its trajectory), and the check passes."""
+    h = checked
+    await _paid_request(h)
+    worker = h.node(0)
+    verifier = h.node(1, ready=False)
+    h.dispatcher.match()
+    (offer,) = worker.offers()
+    t = Trajectory(offer.offer.steps, seed=1)
+    await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+    await next_of(worker, Challenge)  # on its way when the stream drops
+    again = h.node(0)  # the same node on a new stream
+    await answer_challenge(h, again, t)  # the challenge, asked again
+    await answer_verify(h, verifier, t, honest=True)
+    await until(lambda: _earned(h, again.wallet) > 0)
+    assert h.store.check_state(offer.offer.job_id) == "passed"
+    assert h.reputation.get(worker.wallet).strikes == []
+
+
 async def test_a_busy_refusal_with_one_challenge_open_is_struck(checked: Harness) -> None:
     """A cheater could say "busy" to every challenge it cannot pass, never struck. With
     fewer than `BUSY_BELIEVED` challenges open to it, "busy" is an ordinary refusal."""
