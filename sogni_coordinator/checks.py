@@ -658,9 +658,9 @@ class Checks:
                     pixels=with_pixels,
                 )
                 refused = result.refused or ""  # `PendingReplies` words it "node refused: ..."
-                if result.answer is None and _away(refused):
-                    if await self._back(held, asked, deadline):
-                        continue  # it reconnected (it keeps its trajectory): asked again
+                lost = result.answer is None and _away(refused)
+                if lost and await self._back(held, asked, deadline):
+                    continue  # it reconnected (it keeps its trajectory): asked again
                 crowded = d.challenges.open_to(held.peer_id) + 1 >= BUSY_BELIEVED  # + this
                 busy = (
                     crowded

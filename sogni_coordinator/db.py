@@ -498,6 +498,26 @@ def _close_shared(shared: _Shared) -> None:
         shared.conn.close()
 
 
+def _nothing() -> None:
+    pass
+
+
+def _ignored(_result: Any, _error: BaseException | None) -> None:
+    pass
+
+
+def _contained(fn: Callable[[], None]) -> Callable[[], None]:
+    """`fn` for `run_sync_soon`, where an exception would crash the event loop."""
+
+    def run() -> None:
+        try:
+            fn()
+        except Exception:
+            log.exception("after_queued_failed")
+
+    return run
+
+
 def _log_failure(component: str, label: str) -> Done:
     def done(_result: Any, error: BaseException | None) -> None:
         if error is not None:
@@ -634,6 +654,16 @@ class Database:
                 done(None, exc)
             return
         self._shared.enqueue(_Write(self.component, call, done, waited=False))
+
+    def after_queued(self, fn: Callable[[], None]) -> None:
+        """Run `fn` on this event loop once every write queued before it has been applied
+        (at once when no writer runs): what it tells a client about them holds after a
+        crash. A failed write is logged by its own `done`; `fn` still runs."""
+        if not self.writer_running:
+            fn()
+            return
+        wake = (trio.lowlevel.current_trio_token(), _contained(fn))
+        self._shared.enqueue(_Write(self.component, _nothing, _ignored, wake=wake))
 
     async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Write in the writer's next group and return what `fn` returned (or raise what it

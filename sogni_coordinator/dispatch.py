@@ -164,6 +164,10 @@ LATE = -1.0
 back): its render time is unknown, and it is a slow reputation sample, never an instant one."""
 
 
+def _nothing() -> None:
+    """A write that writes nothing: awaited, every write queued before it has committed."""
+
+
 def _elapsed(job: Job, link: NodeLink, now: float) -> float:
     started = job.holders.get(link)
     return now - started if started is not None else LATE
@@ -525,6 +529,11 @@ class Dispatcher:
             for job_id in acked:
                 box.acknowledge(job_id)
         return acked
+
+    async def durable(self) -> None:
+        """Wait until every state change written so far is committed: a reply that says a
+        cancel took effect comes after this (the gateway's `didCancel`)."""
+        await self.store.call(_nothing)
 
     def cancel_request(self, request_id: bytes) -> None:
         """The client cancelled: queued jobs end now, running ones stop at their next step
@@ -1459,9 +1468,16 @@ class Dispatcher:
         if self.cluster is not None:
             self.cluster.gave_up(job)
         state = self.requests.get(job.request_id)
-        if state is not None:
-            state.mailbox.add_failure(JobFailed(job_id=job.job_id, index=job.index, reason=reason))
-            state.mailbox.notify()
+        if state is not None:  # told once its failed state is durable (`Store.after_queued`)
+            self._save()
+            box = state.mailbox
+            failed = JobFailed(job_id=job.job_id, index=job.index, reason=reason)
+
+            def tell() -> None:
+                box.add_failure(failed)
+                box.notify()
+
+            self.store.after_queued(tell)
         self._ended(job)
 
     def _ended(self, job: Job, *, keep: NodeLink | None = None) -> None:
@@ -1499,15 +1515,20 @@ class Dispatcher:
             if self.billing is not None:
                 self.billing.finish(state.request_id)
             box = state.mailbox
-            box.done = RequestDone(
+            done = RequestDone(
                 request_id=state.request_id,
                 delivered=state.delivered,
                 failed=state.failed,
                 cancelled=state.cancelled,
             )
-            box.notify()
-            if box.idle and self.mailboxes.get(box.request_id) is box:
-                del self.mailboxes[box.request_id]
+
+            def tell() -> None:  # once the jobs' end and the refund are durable: a client
+                box.done = done  # told "cancelled" before, then a crash, had its request
+                box.notify()  # rendered (and charged) after the restart
+                if box.idle and self.mailboxes.get(box.request_id) is box:
+                    del self.mailboxes[box.request_id]
+
+            self.store.after_queued(tell)
             log.debug("request_ended", request=short(state.request_id))
             self._shred_wake.set()
             state.finished.set()

@@ -440,6 +440,7 @@ class Gateway:
             await self.records.call(self.records.cancel, key.key_id, job_id)
         if not project.done:
             self.dispatcher.cancel_request(project.request_id)
+            await self.dispatcher.durable()  # `didCancel` only once the jobs' end is stored
         return project
 
     async def active(self, key: AuthedKey) -> list[str]:

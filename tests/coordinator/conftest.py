@@ -11,6 +11,7 @@ import functools
 import hashlib
 import io
 import random
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,6 +179,7 @@ class Harness:
     def _start(self) -> None:
         """A dispatcher, and its group commit task (the rest of `run` the test drives)."""
         self.dispatcher = self._dispatcher()
+        _RUNNING.add(self)
         self._commits = scope = trio.CancelScope()
         receipts = self.dispatcher.receipts
 
@@ -218,6 +220,7 @@ class Harness:
         self._start()
 
     def close(self) -> None:
+        _RUNNING.discard(self)
         self._commits.cancel()
         self.dispatcher.results.close()
         for db in (self.store, self.reputation, self.ledger):
@@ -251,9 +254,16 @@ class Harness:
         await self.dispatcher.accept_result(node.link, node.result(offer, **kw))
 
 
+_RUNNING: weakref.WeakSet[Harness] = weakref.WeakSet()
+"""Harnesses whose writer runs: `events` waits for what they queued."""
+
+
 async def events(sub: Submission | Resumed) -> list[Message]:
     """What the client stream would send now (images read from disk), without `RequestDone`
-    (see `sub.events.finished`); each message once per attachment."""
+    (see `sub.events.finished`); each message once per attachment. What the coordinator
+    tells once its writes commit (a failure, the end: `Store.after_queued`) is waited for."""
+    for h in list(_RUNNING):
+        await h.dispatcher.durable()
     out: list[Message] = []
     while (msg := await sub.events.next()) is not None:
         if not isinstance(msg, RequestDone):

@@ -16,7 +16,14 @@ from sogni_coordinator.dispatch import MAX_ATTEMPTS, NEWCOMER_WORK_RATE, Refusal
 from sogni_coordinator.job_state import JobState
 from sogni_coordinator.ledger import partial_value, reserved_account, worker_account
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
-from sogni_protocol.messages import JobFailed, JobImage, LoraRef, RequestAccepted, encode
+from sogni_protocol.messages import (
+    JobFailed,
+    JobImage,
+    LoraRef,
+    RequestAccepted,
+    RequestDone,
+    encode,
+)
 from sogni_protocol.pricing import quote
 
 from .conftest import FLOOR, Harness, _png, events, request
@@ -171,6 +178,37 @@ async def test_attempts_limit_fails_the_job_and_tells_the_client(coord: Harness)
     coord.dispatcher.ready(a.link, 1)
     coord.dispatcher.match()
     assert a.offers() == []
+
+
+async def test_a_cancel_and_a_failure_are_told_only_once_stored(coord: Harness) -> None:
+    """`RequestDone` (a cancel) and `JobFailed` (a give-up) reached the client while the
+    jobs' end was only queued for the writer: a SIGKILL then, and the restarted coordinator
+    rendered (and charged) the request its client was told had been cancelled."""
+    cancelled = await coord.submit(request(1))
+    failing = await coord.submit(request(1))
+    a = coord.node(0)
+    for _ in range(MAX_ATTEMPTS - 1):
+        coord.dispatcher.match()
+        (offer,) = a.offers()
+        coord.dispatcher.handed_back(a.link, offer.offer.job_id, "render failed")
+        coord.dispatcher.ready(a.link, 1)
+    coord.dispatcher.match()
+    (last,) = a.offers()  # the job whose next hand-back is its last attempt
+    other = cancelled if last.offer.job_id not in cancelled.accepted.job_ids else failing
+    lock = coord.store._shared.rlock
+    lock.acquire()  # the writer's group is slow (an fsync, another process's lock)
+    try:
+        coord.dispatcher.cancel_request(other.accepted.request_id)
+        coord.dispatcher.handed_back(a.link, last.offer.job_id, "render failed")
+        for sub in (cancelled, failing):
+            assert await sub.events.next() is None  # nothing said: nothing stored yet
+    finally:
+        lock.release()
+    await coord.dispatcher.durable()
+    assert coord.store.job_state(other.accepted.job_ids[0]) is JobState.CANCELLED
+    assert coord.store.job_state(last.offer.job_id) is JobState.FAILED
+    told = [await sub.events.next() for sub in (cancelled, failing)]
+    assert {type(m) for m in told} == {RequestDone, JobFailed}
 
 
 async def test_a_job_no_connected_node_can_serve_fails_after_the_grace(coord: Harness) -> None:
