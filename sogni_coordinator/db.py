@@ -58,7 +58,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +96,24 @@ class SchemaTooNew(RuntimeError):
 
 class DatabaseBusy(RuntimeError):
     """Another process held the database's write lock past `WRITE_DEADLINE`."""
+
+
+DATABASE_ERRORS = (DatabaseBusy, sqlite3.Error)
+"""What a write may raise when the database, not the caller, failed (busy, disk full, a
+PostgreSQL connection lost: `storage.postgres` raises them as `sqlite3` errors)."""
+
+
+async def until_written(write: Callable[[], Awaitable[T]], what: str) -> T:
+    """`await write()` until the database takes it, waiting longer each time (at most a
+    minute): for a decision that must not be lost nor end the daemon (a check's verdict)."""
+    delay = 0.5
+    while True:
+        try:
+            return await write()
+        except DATABASE_ERRORS as exc:
+            log.error("db_write_retried", write=what, error=str(exc)[:200], retry_in=delay)
+        await trio.sleep(delay)
+        delay = min(delay * 2, 60.0)
 
 
 def table_exists(db: sqlite3.Connection, name: str) -> bool:

@@ -49,6 +49,7 @@ from sogni_coordinator.billing import Billing, Refusal
 from sogni_coordinator.challenges import ChallengeResult, PendingChallenges
 from sogni_coordinator.checks import RESTART_REASON, Checks, Held, Outcome
 from sogni_coordinator.content_policy import ContentPolicy, screen_request
+from sogni_coordinator.db import DATABASE_ERRORS, until_written
 from sogni_coordinator.delivery import Cursor, Mailbox, short
 from sogni_coordinator.disputes import Reporter
 from sogni_coordinator.group_commit import GroupCommit
@@ -1006,8 +1007,9 @@ class Dispatcher:
     async def check_passed(self, held: Held, verdict: str) -> None:
         """Release a held receipt as `_accept` does any other: settle, credit, deliver."""
         job, receipt = held.job, held.receipt
-        if not await self.store.call(
-            self.store.mark_check, job.job_id, "passed" if verdict == "pass" else "skipped"
+        state = "passed" if verdict == "pass" else "skipped"
+        if not await until_written(
+            lambda: self.store.call(self.store.mark_check, job.job_id, state), "check verdict"
         ):
             self._decided_elsewhere(job)
             return
@@ -1050,29 +1052,44 @@ class Dispatcher:
         from that wallet if it can. A wallet blacklisted by the strike gets a slash proposal
         (`Store.propose_slash`), for the operator to sign offline with the settlement key."""
         job = held.job
-        if not await self.store.call(self.store.fail_held_receipt, job.job_id, reason, evidence):
+        if not await until_written(
+            lambda: self.store.call(self.store.fail_held_receipt, job.job_id, reason, evidence),
+            "check verdict",
+        ):
             self._decided_elsewhere(job)
             return
+        # the verdict is stored: what follows must not stop the job going back to the queue
         if self.refusals is not None and strike:  # disputable: signed, kept for a re-check
             charge = 0  # billing off: no payer, nothing an epoch would have paid
-            if self.billing is not None:  # what a won dispute restores the worker's share of
-                charge = await trio.to_thread.run_sync(
-                    self.billing.ledger.paid_value_of,
-                    job.request_id,
-                    held.receipt.steps_done,
-                    job.params.steps,
+            try:
+                if self.billing is not None:  # what a won dispute restores the worker's share
+                    charge = await trio.to_thread.run_sync(
+                        self.billing.ledger.paid_value_of,
+                        job.request_id,
+                        held.receipt.steps_done,
+                        job.params.steps,
+                    )
+                self.refusals.refused(
+                    held.receipt, job.params, held.dtype, reason, evidence, charge=charge
                 )
-            self.refusals.refused(
-                held.receipt, job.params, held.dtype, reason, evidence, charge=charge
-            )
-        await self.results.discard([held.path])
+            except (*DATABASE_ERRORS, OSError) as exc:
+                log.error("refusal_not_signed", job=job.job_id.hex()[:16], error=str(exc)[:200])
+        try:
+            await self.results.discard([held.path])
+        except OSError as exc:  # an orphan file, pruned with its request's folder
+            log.error("held_image_not_discarded", job=job.job_id.hex()[:16], error=str(exc))
         log.warning("receipt_check_failed", job=job.job_id.hex()[:16], worker=held.worker)
         if strike and self.reputation.strike(held.worker):
             log.warning("worker_blacklisted", wallet=held.worker, reason=reason)
             since = time.time() - STRIKE_WINDOW
-            failed = await self.store.call(self.store.failed_job_ids, held.worker, since)
-            why = f"{len(failed)} failed result checks within {STRIKE_WINDOW:g} s; last: {reason}"
-            await self.store.call(self.store.propose_slash, held.worker, why[:500], failed)
+            try:
+                failed = await self.store.call(self.store.failed_job_ids, held.worker, since)
+                why = (
+                    f"{len(failed)} failed result checks within {STRIKE_WINDOW:g} s; last: {reason}"
+                )
+                await self.store.call(self.store.propose_slash, held.worker, why[:500], failed)
+            except DATABASE_ERRORS as exc:  # the blacklist stands; the operator is told
+                log.error("slash_not_proposed", wallet=held.worker, error=str(exc)[:200])
         self.excluded.setdefault(job.job_id, set()).add(held.worker.lower())
         if self._to(job, JobEvent.RELEASE) is JobState.CANCELLED:
             self._ended(job)
@@ -1306,7 +1323,13 @@ class Dispatcher:
             with trio.move_on_after(min(max(self.prompt_retention / 2, 1.0), 60.0)):
                 await self._shred_wake.wait()
             self._shred_wake = trio.Event()
-            shredded = await trio.to_thread.run_sync(self.store.shred_keys, self.prompt_retention)
+            try:
+                shredded = await trio.to_thread.run_sync(
+                    self.store.shred_keys, self.prompt_retention
+                )
+            except DATABASE_ERRORS as exc:  # shredded at the next round; the daemon runs on
+                log.error("prompt_keys_not_shredded", error=str(exc)[:200])
+                continue
             if shredded:
                 log.info("prompt_keys_shredded", requests=shredded)
 

@@ -24,6 +24,7 @@ import trio
 
 from sogni_coordinator.api_keys import GATEWAY_PEER, account_address, account_private_key
 from sogni_coordinator.billing import Refusal
+from sogni_coordinator.db import DATABASE_ERRORS
 from sogni_coordinator.delivery import Cursor
 from sogni_coordinator.gateway.config import GatewayConfig
 from sogni_coordinator.gateway.limits import SharedLimits, limiters
@@ -154,9 +155,12 @@ class Gateway:
         await trio.to_thread.run_sync(self.images.load)
         try:
             while True:
-                await self.images.sweep()
-                self.projects.sweep()
-                await self.records.call(self.records.prune, self.config.retention_seconds)
+                try:
+                    await self.images.sweep()
+                    self.projects.sweep()
+                    await self.records.call(self.records.prune, self.config.retention_seconds)
+                except (*DATABASE_ERRORS, OSError) as exc:  # swept next time; serving goes on
+                    log.error("gateway_sweep_failed", error=str(exc)[:200])
                 await trio.sleep(SWEEP_SECONDS)
         finally:
             if self.shared_limits is not None:  # its connection, off the event loop

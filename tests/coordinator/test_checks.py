@@ -421,6 +421,33 @@ async def test_a_challenge_lost_with_a_reconnect_is_asked_again_on_the_new_strea
     assert h.reputation.get(worker.wallet).strikes == []
 
 
+async def test_a_verdict_the_database_refuses_is_written_again_not_lost(
+    checked: Harness,
+) -> None:
+    """A check's verdict write that failed (disk full, a busy or lost database) escaped
+    `Checks._check` and ended `Checks.run`, the dispatcher and the coordinator. It is
+    written again until the database takes it; then the receipt is paid as usual."""
+    import sqlite3
+
+    h = checked
+    await _paid_request(h)
+    worker, verifier = h.node(0), h.node(1, ready=False)
+    offer, t = await _held(h, worker)
+    real, tries = h.store.mark_check, []
+
+    def failing_twice(job_id: bytes, state: str) -> bool:
+        tries.append(state)
+        if len(tries) <= 2:
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(job_id, state)
+
+    h.store.mark_check = failing_twice  # type: ignore[method-assign]
+    await answer_challenge(h, worker, t)
+    await answer_verify(h, verifier, t, honest=True)
+    await until(lambda: _earned(h, worker.wallet) > 0, timeout=20)
+    assert tries == ["passed"] * 3 and h.store.check_state(offer.offer.job_id) == "passed"
+
+
 async def test_a_busy_refusal_with_one_challenge_open_is_struck(checked: Harness) -> None:
     """A cheater could say "busy" to every challenge it cannot pass, never struck. With
     fewer than `BUSY_BELIEVED` challenges open to it, "busy" is an ordinary refusal."""

@@ -576,3 +576,28 @@ async def test_the_standing_cache_forgets_the_least_recently_read_wallet_at_its_
     await cache.warm("0x3")  # read again: now the most recent
     await cache.warm("0x5")
     assert list(cache._entries) == ["0x4", "0x3", "0x5"]
+
+
+async def test_a_database_error_while_shredding_keys_leaves_the_dispatcher_running(
+    tmp_path: Path,
+) -> None:
+    """`_shred_forever` had no `except`: one busy or full database during a shred ended
+    `Dispatcher.run`, and with it the coordinator. It is tried again at the next round."""
+    async with coordinator(tmp_path) as c:
+        real, calls = c.store.shred_keys, []
+
+        def flaky(retention: float) -> int:
+            calls.append(retention)
+            if len(calls) == 1:
+                raise dbmod.DatabaseBusy("stayed locked by another process for 30 s")
+            return real(retention)
+
+        c.store.shred_keys = flaky  # type: ignore[method-assign]
+        c.dispatcher._shred_wake.set()
+        with trio.fail_after(10):
+            while len(calls) < 1:
+                await trio.sleep(0.01)
+            c.dispatcher._shred_wake.set()  # the next round: the loop is still there
+            while len(calls) < 2:
+                await trio.sleep(0.01)
+                c.dispatcher._shred_wake.set()
