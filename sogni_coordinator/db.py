@@ -796,6 +796,10 @@ class Database:
             except trio.RunFinishedError:
                 pass
 
+        # their own threads: in trio's default pool (40) they queued behind whatever peers
+        # can start at will (balance queries, key lookups), and receipts' commits waited
+        own = trio.CapacityLimiter(2)
+
         async def stager() -> None:
             while True:
                 await wanted["stage"].wait()
@@ -803,7 +807,7 @@ class Database:
                 if shared.has_staged():
                     staging[0] = True
                     try:
-                        await trio.to_thread.run_sync(shared.stage)
+                        await trio.to_thread.run_sync(shared.stage, limiter=own)
                     finally:
                         staging[0] = False
                     wanted["commit"].set()
@@ -816,7 +820,7 @@ class Database:
                     await wanted["commit"].wait()
                     wanted["commit"] = trio.Event()
                     if shared.pending():
-                        await trio.to_thread.run_sync(shared.flush)
+                        await trio.to_thread.run_sync(shared.flush, limiter=own)
         finally:
             shared.wake = None
             shared.stage_and_flush()

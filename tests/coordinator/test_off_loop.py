@@ -601,3 +601,25 @@ async def test_a_database_error_while_shredding_keys_leaves_the_dispatcher_runni
             while len(calls) < 2:
                 await trio.sleep(0.01)
                 c.dispatcher._shred_wake.set()
+
+
+async def test_the_writer_commits_while_every_default_worker_thread_is_busy(
+    tmp_path: Path,
+) -> None:
+    """The writer's commits ran in trio's default thread pool (40), beside work any peer
+    can start at will (balance queries, key lookups): a flood of those queued every receipt's
+    commit behind them. The writer has threads of its own."""
+    async with coordinator(tmp_path) as c:
+        release = threading.Event()
+        limiter = trio.to_thread.current_default_thread_limiter()
+        try:
+            async with trio.open_nursery() as busy:
+                for _ in range(int(limiter.total_tokens)):
+                    busy.start_soon(partial(trio.to_thread.run_sync, release.wait, 30))
+                with trio.fail_after(10):
+                    while limiter.borrowed_tokens < limiter.total_tokens:
+                        await trio.sleep(0.01)
+                    await c.store.call(c.store.save_job_states, [])  # committed meanwhile
+                release.set()
+        finally:
+            release.set()
