@@ -87,6 +87,10 @@ def _iso(ts: int) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+_Settlement = tuple[bytes, int, str, int, str, bytes]
+"""`_settle_now`'s arguments: request id, value, payee, take (bps), model, job id."""
+
+
 @dataclass
 class Billing:
     ledger: Ledger
@@ -108,6 +112,8 @@ class Billing:
     spent outside the gateway either (`admit(..., via_gateway=False)`); None: not checked."""
     _reservations: dict[bytes, Reservation] = field(default_factory=dict)
     _models: dict[bytes, str] = field(default_factory=dict)
+    _settlements: dict[bytes, list[_Settlement]] = field(default_factory=dict)
+    """A live request's settlements, replayed before its refund (`_refund_now`)."""
 
     # --- render requests -------------------------------------------------------------------
     def admit(self, request: RenderRequest, request_id: bytes, *, via_gateway: bool = False) -> int:
@@ -224,9 +230,7 @@ class Billing:
         reservation = self._reservations.get(request_id)
         if reservation is None:
             return
-        self.ledger.submit(
-            "settle",
-            self._settle_now,
+        settlement = (
             request_id,
             partial_value(reservation.per_image, steps_done, steps),
             worker,
@@ -234,6 +238,8 @@ class Billing:
             self._models[request_id],
             job_id,
         )
+        self._settlements.setdefault(request_id, []).append(settlement)
+        self.ledger.submit("settle", self._settle_now, *settlement)
 
     def _settle_now(
         self, request_id: bytes, value: int, worker: str, take_bps: int, model: str, job: bytes
@@ -257,9 +263,15 @@ class Billing:
         if self._reservations.pop(request_id, None) is None:
             return
         self._models.pop(request_id, None)
-        self.ledger.submit("refund", self._refund_now, request_id)
+        settled = self._settlements.pop(request_id, [])
+        self.ledger.submit("refund", self._refund_now, request_id, settled)
 
-    def _refund_now(self, request_id: bytes) -> None:
+    def _refund_now(self, request_id: bytes, settled: list[_Settlement]) -> None:
+        # every settlement again first (idempotent per job): one whose write failed (a
+        # busy or lost database fails its whole group, and nothing retries a `submit`)
+        # would otherwise find the reservation closed for good, its receipt never paid
+        for settlement in settled:
+            self._settle_now(*settlement)
         refunded = self.ledger.refund(request_id)
         if any(refunded.values()):
             log.info("request_refunded", request=request_id.hex()[:16], refunded=refunded)
@@ -269,6 +281,7 @@ class Billing:
         settles and refunds it now; this one lets go without touching the ledger."""
         self._reservations.pop(request_id, None)
         self._models.pop(request_id, None)
+        self._settlements.pop(request_id, None)
 
     def restore(self, store: Store, only: Collection[bytes] | None = None) -> int:
         """After a restart, take back every open reservation; returns how many stay open.

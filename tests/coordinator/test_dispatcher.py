@@ -363,6 +363,41 @@ async def test_an_image_whose_frame_to_the_client_would_be_over_the_limit_is_ref
     assert not [m for m in await events(sub) if isinstance(m, JobImage)]
 
 
+async def test_a_settlement_whose_write_failed_is_made_before_the_refund(paid: Harness) -> None:
+    """A settlement's write failed with its group (a busy or lost database) and nothing
+    retried it: the request's refund then closed the reservation, and the stored, accepted
+    receipt could never be paid (the payer refunded its price). The refund settles every
+    settlement of the request again first (idempotent per job)."""
+    import sqlite3
+
+    payer = Account.create()
+    ledger = paid.ledger
+    assert ledger is not None
+    ledger.credit_purchase(payer.address, 1)
+    await paid.submit(authorize(request(2), bytes(payer.key), paid.dispatcher.domain))
+    a = paid.node(0, slots=2)
+    paid.dispatcher.match()
+    first, second = a.offers()
+    real, failed = ledger.settle, []
+
+    def settle_failing_once(*args: object, **kwargs: object) -> object:
+        if not failed:
+            failed.append(args)
+            raise sqlite3.OperationalError("database is locked")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    ledger.settle = settle_failing_once  # type: ignore[method-assign]
+    await paid.deliver(a, first)
+    await paid.dispatcher.durable()
+    assert failed  # the first settlement's write failed
+    await paid.deliver(a, second)
+    await paid.dispatcher.durable()
+    settled = ledger.settled_jobs(0, float("inf"))
+    assert len(settled) == 2 and {row[1] for row in settled} == {a.wallet.lower()}
+    per_image = quote(request(2)).per_image.spark_micro
+    assert ledger.balance(payer.address)["spark_paid"] < 1_000_000 - per_image  # both charged
+
+
 async def test_a_partial_receipt_is_paid_for_the_steps_done(paid: Harness) -> None:
     payer = Account.create()
     assert paid.ledger is not None
