@@ -121,12 +121,15 @@ class MeteredWorker(Worker):
         on_step: Callable[[int], None],
         *,
         report_every: float = 0.0,
+        give_up_at: float | None = None,
     ) -> RenderOutput:
         m = self.metrics
         model = m.model(params.model_id)
         started = time.monotonic()
         try:
-            out = await super().render(run, params, on_step, report_every=report_every)
+            out = await super().render(
+                run, params, on_step, report_every=report_every, give_up_at=give_up_at
+            )
         except (RenderCancelled, trio.Cancelled):
             m.handed_back.labels(model=model).inc()
             raise

@@ -28,6 +28,7 @@ from structlog.testing import capture_logs
 from sogni_net import Channel, open_host
 from sogni_node import pull
 from sogni_node.journal import Journal
+from sogni_node.metrics import metered
 from sogni_node.pull import NodeIdentity, PullSession, pull_forever
 from sogni_node.render.backend import RenderCancelled, RenderJob, RenderOutput
 from sogni_node.worker import OVERTIME_REASON, Worker
@@ -189,7 +190,7 @@ async def node(
     identity = NodeIdentity(
         acct.address, bytes(acct.key), DOMAIN, frozenset({coord.address.lower()})
     )
-    worker = Worker(backend, slots=2)
+    worker = metered([MODEL])(backend, slots=2)  # as the daemon's (its HTTP listener on)
     journal = Journal(tmp / "journal.db", tmp / "results")
     try:
         async with open_host(key_path=tmp / "node.key", listen=()) as host:
