@@ -169,9 +169,22 @@ def _nothing() -> None:
     """A write that writes nothing: awaited, every write queued before it has committed."""
 
 
-def _elapsed(job: Job, link: NodeLink, now: float) -> float:
+UNTIMED = -2.0
+"""A receipt's `elapsed` when its node finished the render before this offer was made (more
+than `RESENT_SLACK` s before, by its own clock): a kept result answering a re-offer after a
+restart or reconnect. Its time measures the network: no speed nor rate sample (it counted
+as a render of a round trip, and raised the node's partial-pay allowance)."""
+RESENT_SLACK = 30.0
+"""Seconds a node's clock may lag the coordinator's before its fresh renders read as kept."""
+
+
+def _elapsed(job: Job, link: NodeLink, now: float, receipt: Receipt) -> float:
     started = job.holders.get(link)
-    return now - started if started is not None else LATE
+    if started is None:
+        return LATE
+    if receipt.completed_at < started - RESENT_SLACK:
+        return UNTIMED
+    return now - started
 
 
 class NotTaken(ResultRefused):
@@ -270,6 +283,11 @@ class Dispatcher:
         from them (`_cancel_on`)."""
         self.requests: dict[bytes, RequestState] = {}
         self._unsaved: dict[bytes, Job] = {}
+        self._committing: dict[bytes, int] = {}
+        """Job id -> receipts of it being committed now: its last holder leaving meanwhile
+        (`_release`) waits for the outcome (`_let_go_later`) instead of giving the job up."""
+        self._let_go_later: dict[bytes, tuple[str, bool]] = {}
+        """Job id -> the (reason, spent) of a release put off while its receipt committed."""
         self._storing: dict[ResultKey, trio.Event] = {}
         """Result keys whose receipt is being committed now (set when that ends): a
         duplicate result (the same request, index and offer) waits for its twin before its
@@ -917,6 +935,8 @@ class Dispatcher:
         # client's JobFailed while the first node is paid). So it runs to its end, shielded:
         # the write is bounded (`db.WRITE_DEADLINE`), and what follows waits on the database only.
         with trio.CancelScope(shield=True):
+            self._committing[job.job_id] = self._committing.get(job.job_id, 0) + 1
+            committed = False
             try:
                 try:
                     if hold:
@@ -930,7 +950,7 @@ class Dispatcher:
                             offer,
                             peer_id=link.peer_id,
                             dtype=result.meta.dtype if result.meta else "",
-                            elapsed=_elapsed(job, link, now),
+                            elapsed=_elapsed(job, link, now, receipt),
                             cancelled=job.state is JobState.CANCELLING,
                         )
                     else:
@@ -949,6 +969,7 @@ class Dispatcher:
                 if path is not None:
                     del self._storing[path]
                     storing.set()
+                self._committed(job, committed)
             if hold and path is not None:
                 self._hold(job, link, receipt, result.meta.dtype if result.meta else "", path)
                 return
@@ -961,7 +982,7 @@ class Dispatcher:
                     job.request_id, job.job_id, receipt.payee, receipt.steps_done, job.params.steps
                 )  # the payee: where the receipt says its rewards go, as the epoch pays them
             now = self._clock()
-            elapsed = _elapsed(job, link, now)  # LATE: its holding was released
+            elapsed = _elapsed(job, link, now, receipt)  # LATE: its holding was released
             budget = render_budget(job.params, self.deadline_floor, self.deadline_base)
             self.reputation.succeeded(
                 link.wallet,
@@ -970,6 +991,7 @@ class Dispatcher:
                 receipt.work_units,
                 full=not partial,
                 late=elapsed == LATE,
+                timed=elapsed != UNTIMED,
             )
             try:
                 self._to(job, event, durable=True)
@@ -978,7 +1000,7 @@ class Dispatcher:
                 return
             state = self.requests.get(job.request_id)
             if state is not None and path is not None:
-                if elapsed != LATE:  # a straggler's measure: render times only
+                if elapsed >= 0:  # a straggler's measure: render times only
                     state.durations.append(elapsed)
                 state.mailbox.add_image(job.job_id, path)
                 state.mailbox.progress.pop(job.job_id, None)
@@ -993,7 +1015,7 @@ class Dispatcher:
         """A sampled receipt is stored pending: the job stays live (RUNNING, no holder: the
         client sees it rendering) until `check_passed` or `check_failed`."""
         now = self._clock()
-        elapsed = _elapsed(job, link, now)
+        elapsed = _elapsed(job, link, now, receipt)
         budget = render_budget(job.params, self.deadline_floor, self.deadline_base)
         for other in list(job.holders):
             if other is not link:  # a straggler's copy: its receipt could not be stored now
@@ -1007,9 +1029,9 @@ class Dispatcher:
     async def check_passed(self, held: Held, verdict: str) -> None:
         """Release a held receipt as `_accept` does any other: settle, credit, deliver."""
         job, receipt = held.job, held.receipt
-        state = "passed" if verdict == "pass" else "skipped"
+        mark = "passed" if verdict == "pass" else "skipped"
         if not await until_written(
-            lambda: self.store.call(self.store.mark_check, job.job_id, state), "check verdict"
+            lambda: self.store.call(self.store.mark_check, job.job_id, mark), "check verdict"
         ):
             self._decided_elsewhere(job)
             return
@@ -1019,7 +1041,12 @@ class Dispatcher:
             )  # the payee: where the receipt says its rewards go, as the epoch pays them
         late = held.elapsed == LATE
         self.reputation.succeeded(
-            held.worker, max(0.0, held.elapsed), held.budget, receipt.work_units, late=late
+            held.worker,
+            max(0.0, held.elapsed),
+            held.budget,
+            receipt.work_units,
+            late=late,
+            timed=held.elapsed != UNTIMED,
         )
         self.excluded.pop(job.job_id, None)
         self._to(job, JobEvent.RECEIPT, durable=True)
@@ -1027,7 +1054,7 @@ class Dispatcher:
             self.cluster.held_passed(job)
         state = self.requests.get(job.request_id)
         if state is not None:
-            if not late:
+            if held.elapsed >= 0:
                 state.durations.append(held.elapsed)
             state.mailbox.add_image(job.job_id, held.path)
             state.mailbox.progress.pop(job.job_id, None)
@@ -1465,6 +1492,28 @@ class Dispatcher:
             self.reputation.failed(link.wallet)
         if job.holders:  # a straggler's copy runs on
             return
+        if self._committing.get(job.job_id):  # a receipt for it is being committed: given
+            self._let_go_later[job.job_id] = (reason, spent)  # up, and the receipt would be
+            return  # stored, acked and never delivered nor paid; requeued, then refused
+        self._let_go(job, reason, spent=spent)
+
+    def _committed(self, job: Job, committed: bool) -> None:
+        """A receipt write for `job` ended: a release put off meanwhile happens now unless
+        the receipt was stored (then the job ends with it, as if the holder had stayed)."""
+        left = self._committing[job.job_id] - 1
+        if left:
+            self._committing[job.job_id] = left
+            return
+        del self._committing[job.job_id]
+        later = self._let_go_later.pop(job.job_id, None)
+        if later is None or committed or self.jobs.get(job.job_id) is not job:
+            return
+        if not job.holders and job.state in (JobState.RUNNING, JobState.CANCELLING):
+            self._let_go(job, later[0], spent=later[1])
+            self._save()
+
+    def _let_go(self, job: Job, reason: str, *, spent: bool) -> None:
+        """The job's last holder let go: back to the queue, or its end."""
         if self._to(job, JobEvent.RELEASE) is JobState.CANCELLED:
             self._ended(job)
             return

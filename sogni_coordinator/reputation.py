@@ -176,17 +176,20 @@ class Reputation(Database):
         *,
         full: bool = True,
         late: bool = False,
+        timed: bool = True,
     ) -> None:
         """A receipt was stored; `full`: a whole render (a partial one says nothing about
         the node's rate); `late`: it came after the node's holding was released (deadline
         missed, handed back): a slow sample, no rate (its time is unknown). It counted as
-        the fastest (elapsed 0)."""
+        the fastest (elapsed 0). Not `timed`: a kept result answering a re-offer (its time
+        is the network's): no speed nor rate sample."""
         rec = self.get(wallet)
-        if full and elapsed > 0 and not late:
+        if full and elapsed > 0 and not late and timed:
             sample = work_units / elapsed
             rec.work_rate = sample if rec.work_rate <= 0 else _ema(rec.work_rate, sample)
         on_time = budget / max(elapsed, 1e-3) if elapsed > 0 else 2.0
-        rec.speed = _ema(rec.speed, 0.0 if late else on_time)
+        if timed:
+            rec.speed = _ema(rec.speed, 0.0 if late else on_time)
         rec.success = _ema(rec.success, 1.0)
         rec.acceptance = _ema(rec.acceptance, 1.0)
         rec.jobs += 1

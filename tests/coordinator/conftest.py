@@ -12,7 +12,7 @@ import hashlib
 import io
 import random
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -96,6 +96,8 @@ class FakeNode:
     key: bytes
     inbox: trio.MemoryReceiveChannel[Message]
     seen: list[Message] = field(default_factory=list)
+    clock: Callable[[], float] = lambda: 1_700_000_000.0
+    """The coordinator's: a receipt's `completed_at` is its time (a render just finished)."""
 
     @property
     def wallet(self) -> str:
@@ -119,8 +121,16 @@ class FakeNode:
         self.drain()
         return [m for m in self.seen if isinstance(m, Cancel)]
 
-    def result(self, offer: Offer, *, steps_done: int | None = None, image: bytes = PNG) -> Result:
-        """A correctly signed result; `steps_done` below the job's steps: a partial one."""
+    def result(
+        self,
+        offer: Offer,
+        *,
+        steps_done: int | None = None,
+        image: bytes = PNG,
+        completed_at: int | None = None,
+    ) -> Result:
+        """A correctly signed result; `steps_done` below the job's steps: a partial one;
+        `completed_at` (default: now) long before the offer: a result kept from before."""
         o = offer.offer
         done = o.steps if steps_done is None else steps_done
         if done < o.steps and image is PNG:
@@ -136,7 +146,7 @@ class FakeNode:
             result_hash=hashlib.sha256(image).digest(),
             steps_done=done,
             work_units=o.work_units * done // o.steps,
-            completed_at=1_700_000_000,
+            completed_at=int(self.clock()) if completed_at is None else completed_at,
             price_factor_bps=o.price_factor_bps,
         )
         return Result(
@@ -245,7 +255,7 @@ class Harness:
         link = self.dispatcher.node_joined(f"peer-{n}", caps, send)
         if ready:
             self.dispatcher.ready(link, slots)
-        return FakeNode(link, key, inbox)
+        return FakeNode(link, key, inbox, clock=self.clock)
 
     async def submit(self, req: RenderRequest) -> Submission:
         return await self.dispatcher.submit(req, client_peer="client", allowed_models={MODEL})

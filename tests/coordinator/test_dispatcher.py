@@ -243,6 +243,24 @@ async def test_a_momentary_gap_does_not_fail_a_long_queued_job(coord: Harness) -
     assert sum(isinstance(m, JobFailed) for m in await events(sub)) == 2
 
 
+async def test_a_kept_result_answering_a_re_offer_is_no_speed_sample(coord: Harness) -> None:
+    """A node answers a re-offer (after a restart or a reconnect) with the result it kept,
+    finished long before this offer: it counted as a render of one round trip (the fastest
+    node, its partial-pay rate raised, every straggler of the request copied)."""
+    sub = await coord.submit(request(2))
+    a = coord.node(0, slots=2)
+    coord.dispatcher.match()
+    kept, fresh = a.offers()
+    coord.clock.advance(2)
+    before = coord.clock() - 600  # rendered for an earlier offer, 10 minutes ago
+    await coord.deliver(a, kept, completed_at=int(before))
+    record = coord.reputation.get(a.wallet)
+    assert record.jobs == 1 and record.work_rate == 0  # no rate measured from it
+    assert sub.state.durations == []  # nor a straggler's measure
+    await coord.deliver(a, fresh)  # rendered for this offer: 2 s
+    assert coord.reputation.get(a.wallet).work_rate > 0 and sub.state.durations == [2.0]
+
+
 # --- stragglers ------------------------------------------------------------------------------
 async def test_a_straggler_is_copied_and_the_first_receipt_wins(coord: Harness) -> None:
     sub = await coord.submit(request(4))
@@ -396,6 +414,51 @@ async def test_a_settlement_whose_write_failed_is_made_before_the_refund(paid: H
     assert len(settled) == 2 and {row[1] for row in settled} == {a.wallet.lower()}
     per_image = quote(request(2)).per_image.spark_micro
     assert ledger.balance(payer.address)["spark_paid"] < 1_000_000 - per_image  # both charged
+
+
+async def test_a_holder_leaving_while_its_receipt_commits_does_not_give_the_job_up(
+    paid: Harness, nursery: trio.Nursery
+) -> None:
+    """The last attempt's node left while its good receipt was being committed: the job was
+    given up (JobFailed, the request refunded), then the receipt was stored and the node
+    told "accepted": never delivered, never paid (the epoch refused it as ended unsettled).
+    The release waits for the commit's outcome; a stored receipt ends the job as usual."""
+    payer = Account.create()
+    assert paid.ledger is not None
+    paid.ledger.credit_purchase(payer.address, 1)
+    sub = await paid.submit(authorize(request(1), bytes(payer.key), paid.dispatcher.domain))
+    d = paid.dispatcher
+    for i in range(MAX_ATTEMPTS - 1):
+        n = paid.node(10 + i)
+        d.match()
+        (o,) = n.offers()
+        d.handed_back(n.link, o.offer.job_id, "busy")
+    last = paid.node(0)
+    d.match()
+    (offer,) = last.offers()
+    accepted = trio.Event()
+
+    async def deliver() -> None:
+        await paid.deliver(last, offer)  # raises if refused
+        accepted.set()
+
+    lock = paid.store._shared.rlock
+    lock.acquire()  # the writer's group is slow (an fsync, another process's lock)
+    try:
+        nursery.start_soon(deliver)
+        with trio.fail_after(10):
+            while not d._committing:
+                await trio.sleep(0.01)
+        d.node_left(last.link, "stream reset")  # the session ends while its receipt commits
+        assert offer.offer.job_id in d.jobs  # not given up meanwhile
+    finally:
+        lock.release()
+    with trio.fail_after(10):
+        await accepted.wait()
+    sent = await events(sub)
+    assert [type(m) for m in sent] == [JobImage] and sub.state.delivered == 1
+    assert sub.state.failed == 0
+    assert len(paid.ledger.settled_jobs(0, float("inf"))) == 1  # the node is paid
 
 
 async def test_a_partial_receipt_is_paid_for_the_steps_done(paid: Harness) -> None:
