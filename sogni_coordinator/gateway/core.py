@@ -432,11 +432,13 @@ class Gateway:
 
     async def cancel(self, key: AuthedKey, job_id: str) -> Project | None:
         """Cancel the key's project (recalled from the database after a restart); None when
-        there is no such accepted project."""
+        there is no such accepted project, or it has ended (nothing left to cancel)."""
         job_id = job_id.upper()
         project = await self.project(key, job_id)
         if project is None or not project.request_id:
             return None
+        if project.done and not project.cancelled:  # rendered: nothing left to cancel (its
+            return None  # results are still replayed to a re-sent `jobRequest`)
         if not project.done:  # first: if it fails, nothing says cancelled and a retry redoes it
             await self._take_over(project)
         if not project.cancelled:

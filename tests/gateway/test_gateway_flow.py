@@ -428,6 +428,22 @@ async def test_reconnect_resumes_without_double_charge_then_cancel(
                     r["imgID"] for r in results
                 ]
                 assert before - _spark(net, account) == spent
+                # a cancel of the finished project cancels nothing: its results still replay
+                # (it said didCancel:true and turned every later replay into artistCanceled)
+                await second.send(
+                    "jobError",
+                    {
+                        "jobID": req["jobID"],
+                        "error": "artistCanceled",
+                        "error_message": "artistCanceled",
+                        "isFromWorker": False,
+                    },
+                )
+                nothing = await second.until("artistCancelConfirmation", jobID=req["jobID"])
+                assert nothing["didCancel"] is False
+                await second.send("jobRequest", req)
+                replayed = await second.project(req["jobID"])
+                assert [k for k, _ in replayed].count("jobResult") == 2
 
                 # cancel: artistCancelConfirmation, then nothing more for that project
                 slow.started = trio.Event()
