@@ -176,6 +176,9 @@ class Channel:
         self._recv_closed = self._recv_closed or reason
         self._pump_scope.cancel()
         self._data_lot.unpark_all()
+        abort_now = getattr(self._stream, "abort_now", None)
+        if abort_now is not None:  # a direct channel's own socket: closed now, so a write
+            abort_now()  # stuck on a peer that stopped reading ends (else never: task leaked)
         op = _WriteOp("reset")
         return op if self._enqueue(op) else None
 

@@ -175,10 +175,16 @@ class DirectStream:
 
     async def reset(self) -> None:
         """Abortive close: the peer's next read fails (TCP RST), as a yamux reset does."""
+        self.abort_now()
+        await self._sock.aclose()
+
+    def abort_now(self) -> None:
+        """`reset`, synchronously: it also wakes a send stuck on a peer that stopped reading
+        (the channel's reset is queued behind that send, which would never return)."""
         with contextlib.suppress(OSError):
             linger = struct.pack("ii", 1, 0)
             self._sock.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
-        await self._sock.aclose()
+        self._sock.socket.close()
 
 
 async def _session(

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 import trio
 
-from sogni_net import Channel, ChannelClosed, Host, ReadTimeout, open_host
+from sogni_net import Channel, ChannelClosed, Host, ReadTimeout, TransportError, open_host
 from sogni_net import direct as direct_mod
 from sogni_net.direct import DirectStream
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
@@ -23,6 +23,7 @@ ECHO = "/sogni-test/echo/1.0.0"
 LIBP2P_ONLY = "/sogni-test/libp2p-only/1.0.0"
 RESET = "/sogni-test/reset/1.0.0"
 CLOSE = "/sogni-test/close/1.0.0"
+STALL = "/sogni-test/stall/1.0.0"
 
 
 @dataclass
@@ -45,6 +46,9 @@ async def served() -> AsyncIterator[Served]:
         await channel.receive(timeout=10)
         await channel.reset()
 
+    async def stall(channel: Channel) -> None:  # never reads
+        await trio.sleep_forever()
+
     async def close(channel: Channel) -> None:
         send.send_nowait(channel.remote_peer_id)
         send.send_nowait(type(channel._stream).__name__)
@@ -55,6 +59,7 @@ async def served() -> AsyncIterator[Served]:
         host.set_stream_handler(LIBP2P_ONLY, _echo)
         host.set_stream_handler(RESET, reset, direct=True)
         host.set_stream_handler(CLOSE, close, direct=True)
+        host.set_stream_handler(STALL, stall, direct=True)
         yield Served(host, receive)
 
 
@@ -106,6 +111,24 @@ async def test_reset_reaches_the_other_side(served: Served, client: Host) -> Non
             await channel.send(Heartbeat(seq=1))
             with pytest.raises(ChannelClosed, match="reset"):
                 await channel.receive(timeout=5)
+
+
+async def test_a_write_stuck_on_a_peer_that_stopped_reading_ends_with_the_reset(
+    served: Served, client: Host
+) -> None:
+    """After a write timeout the channel's reset was queued behind the stuck socket send,
+    which never returned: its task and socket leaked until the host stopped (one per
+    reconnect to a hung coordinator). The reset closes a direct channel's socket now."""
+    with trio.fail_after(30):
+        channel = await client.open_channel(served.host.addrs[0], STALL, direct=True)
+        assert isinstance(channel._stream, DirectStream)
+        big = _big_result()
+        with pytest.raises(TransportError):
+            for _ in range(1000):  # until the kernel's buffers are full and a write times out
+                await channel.send(big, limit=RESULT_FRAME_LIMIT, timeout=1.0)
+        await channel.reset()
+        await channel._finished.wait()  # the writer task ended
+        assert channel._stream._sock.socket.fileno() == -1  # and the socket is closed
 
 
 async def test_read_deadline_holds_on_a_direct_channel(served: Served, client: Host) -> None:
