@@ -4,8 +4,11 @@ the chain.
 The files alone (`sogni_protocol.epoch_audit`) prove that every payout follows from signed
 receipts, signed offers, payer authorizations and the published rules, and that the roots are
 the trees of those payouts. With a chain (`--chain-url`) it also checks that those roots,
-receipts hashes and totals are what the distributor holds, and that the stake snapshot each
-batch states (which sets its take rates) is what the staking contract held at that block.
+receipts hashes and totals are what the distributor holds, that the stake snapshot each
+batch states (which sets its take rates) is what the staking contract held at that block, and,
+when the addresses file names a Disputes contract, that each restoration (a won dispute's pay)
+is for a refusal case its worker won there: the files alone cannot tell a won case from an
+invented one.
 
 Deliberately imports nothing from `chain_cli` (which registers this command: importing back
 would be an import cycle); it uses the same building blocks (config loader, `connect`, the
@@ -34,16 +37,27 @@ from sogni_protocol.epoch_files import epoch_filename
 
 if TYPE_CHECKING:
     from sogni_chain import Chain, Distributor, Staking
+    from sogni_chain.disputes import Case
     from sogni_coordinator.config import CoordinatorConfig
 
 __all__ = ["ChainCheck", "audit", "check_chain"]
 
 
 class Contracts(Protocol):
-    """What the chain check reads: a `sogni_chain.Deployment` is one."""
+    """What the chain check reads: a `sogni_chain.Deployment` is one (with its `disputes`,
+    if deployed: see `CaseReader`)."""
 
     distributor: Distributor
     staking: Staking
+
+
+class CaseReader(Protocol):
+    """What the restoration check reads: `sogni_chain.disputes.Disputes` is one."""
+
+    @property
+    def address(self) -> str: ...
+
+    def case(self, case_id: bytes) -> Case: ...
 
 
 @dataclass
@@ -62,6 +76,8 @@ class ChainCheck:
     """Epochs whose root, receiptsHash (and total) were compared."""
     stakes: int = 0
     """Stake snapshot entries compared."""
+    cases: int = 0
+    """Restorations compared with their dispute case on the Disputes contract."""
 
     @property
     def ok(self) -> bool:
@@ -72,6 +88,7 @@ class ChainCheck:
             "ok": self.ok,
             "epochs": self.epochs,
             "stakes": self.stakes,
+            "cases": self.cases,
             "problems": list(self.problems),
             "notes": list(self.notes),
         }
@@ -81,12 +98,23 @@ def check_chain(audited: Sequence[AuditedEpoch], contracts: Contracts) -> ChainC
     """Compare each readable epoch's root, receiptsHash and total with the distributor's, and
     every stake its batch states with the staking contract's at the batch's stake block.
 
+    With a Disputes contract (`contracts.disputes`, a `Deployment`'s when deployed) each
+    restoration must name a refusal case its worker won there (`_restoration_problem`);
+    without one, batches paying restorations get a note that they were not checked.
+
     An epoch file the chain has no root for is a note when it is the last one (planned, not
     posted yet), a problem otherwise; a root posted with no epoch file is a problem (a payout
     nobody can audit). One problem per epoch: the first found.
     """
     check = ChainCheck()
     dist, staking = contracts.distributor, contracts.staking
+    disputes: CaseReader | None = getattr(contracts, "disputes", None)
+    payouts = _payout_addresses(audited)
+    if disputes is None and any(a.batch is not None and a.batch.restorations for a in audited):
+        check.notes.append(
+            "restorations (won disputes) not checked: no Disputes contract is named (pass "
+            "--config with the addresses file that names it)"
+        )
     last = max((a.audit.epoch for a in audited), default=0)
     total_of = getattr(dist, "total_of", None)
     if total_of is None:
@@ -140,6 +168,8 @@ def check_chain(audited: Sequence[AuditedEpoch], contracts: Contracts) -> ChainC
                 )
                 continue
         problem = _stake_problem(a, staking, check)
+        if problem is None and disputes is not None:
+            problem = _restoration_problem(a, disputes, payouts, check)
         if problem is not None:
             check.problems.append(problem)
     posted = dist.latest_epoch()
@@ -164,6 +194,61 @@ def _stake_problem(a: AuditedEpoch, staking: Staking, check: ChainCheck) -> str 
                 f"epoch {a.audit.epoch}: receipts file {a.file.receipts_file if a.file else '?'}: "
                 f"worker {worker}: stake at block {block} is {stated} in the batch, "
                 f"{onchain} on chain (its take rate rests on it)"
+            )
+    return None
+
+
+def _payout_addresses(audited: Sequence[AuditedEpoch]) -> dict[str, set[str]]:
+    """Worker (lowercase) -> the payout addresses its signed receipts in the batches name."""
+    out: dict[str, set[str]] = {}
+    for a in audited:
+        for e in a.batch.receipts if a.batch is not None else []:
+            if e.payout is not None:
+                out.setdefault(e.worker.lower(), set()).add(e.payout.lower())
+    return out
+
+
+def _restoration_problem(
+    a: AuditedEpoch, disputes: CaseReader, payouts: dict[str, set[str]], check: ChainCheck
+) -> str | None:
+    """The first restoration of the epoch's batch that no refusal case won by its worker on
+    `disputes` justifies: an unknown case, a slash, a case not (yet) won by the worker.
+
+    The payee is the case's worker, or a payout address one of that worker's signed receipts
+    in the batches names; any other payee (a worker whose receipts never reached a batch) is
+    a note: the refused receipt that names it is not published."""
+    from sogni_chain.disputes import CaseState
+
+    batch = a.batch
+    if batch is None:
+        return None
+    where = f"epoch {a.audit.epoch}: receipts file {a.file.receipts_file if a.file else '?'}"
+    for r in batch.restorations:
+        try:
+            case_id = bytes.fromhex(r.case_id.removeprefix("0x"))
+        except ValueError:
+            continue  # the file audit names a malformed case id
+        if len(case_id) != 32:
+            continue
+        case = disputes.case(case_id)
+        check.cases += 1
+        if case.kind != "refusal":
+            what = "no case" if case.kind == "none" else f"a {case.kind} case"
+            return (
+                f"{where}: restoration of case {r.case_id} pays {r.payee}, but it is {what} on "
+                f"Disputes {disputes.address}, not a disputed refusal"
+            )
+        if case.state is not CaseState.WORKER_WON:
+            return (
+                f"{where}: restoration of case {r.case_id} pays {r.payee}, but the case is "
+                f"{case.state.label} on Disputes {disputes.address}, not won by its worker"
+            )
+        payee, worker = r.payee.lower(), case.worker.lower()
+        if payee != worker and payee not in payouts.get(worker, set()):
+            check.notes.append(
+                f"{where}: restoration of case {r.case_id} pays {r.payee}, the case's worker "
+                f"is {case.worker}: no published receipt of that worker names {r.payee} as "
+                "its payout address, so the chain cannot tie them"
             )
     return None
 
@@ -236,8 +321,8 @@ def _print_table(folder: Path, report: AuditReport, chain_check: ChainCheck | No
         for note in chain_check.notes:
             typer.echo(f"note: {note}")
         typer.echo(
-            f"chain: {chain_check.epochs} roots and {chain_check.stakes} stakes compared, "
-            f"{len(chain_check.problems)} mismatches"
+            f"chain: {chain_check.epochs} roots, {chain_check.stakes} stakes and "
+            f"{chain_check.cases} dispute cases compared, {len(chain_check.problems)} mismatches"
         )
     if report.ok and (chain_check is None or chain_check.ok):
         where = "files and chain" if chain_check is not None else "files"

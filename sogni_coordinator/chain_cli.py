@@ -424,8 +424,15 @@ def epoch_sign(
         str, typer.Option(help="Env var holding its password (else prompted).")
     ] = "SOGNI_SETTLEMENT_PASSWORD",
     out: Annotated[Path | None, typer.Option(help="Default: FILE with .signed.json.")] = None,
+    distributor: Annotated[
+        str | None,
+        typer.Option(help="The RewardDistributor's address: refuse a file sent elsewhere."),
+    ] = None,
 ) -> None:
-    """Sign an epoch's postRoot with the settlement key, offline (no chain, no config)."""
+    """Sign an epoch's postRoot with the settlement key, offline (no chain, no config).
+
+    What is signed is decoded from the transaction and checked against the file's labels
+    (and `--distributor`) first; the line printed shows what was decoded, not the labels."""
     from sogni_coordinator.settlement.epochs import SettlementError, sign_offline
     from sogni_wallet.keystore import load_wallet, password_from_env_or_prompt
 
@@ -440,7 +447,7 @@ def epoch_sign(
         keystore, password, create_hint="sogni-coordinator keys create --settlement"
     )
     try:
-        signed = sign_offline(document, wallet.private_key)
+        signed = sign_offline(document, wallet.private_key, distributor=distributor)
     except (SettlementError, KeyError, TypeError, ValueError) as exc:
         raise Refused(
             f"not signed: {exc}", "sign the file `epoch close` wrote, with its key"
@@ -448,8 +455,10 @@ def epoch_sign(
     target = out or unsigned.with_suffix(".signed.json")
     target.write_text(json.dumps(signed, indent=2))
     typer.echo(
-        f"signed epoch {signed['epoch']} root {signed['root']} (total {document['total']}) "
-        f"from {signed['from']}: {target}"
+        f"signed epoch {signed['epoch']} root {signed['root']} (total {signed['total']}, "
+        f"receiptsHash {signed['receiptsHash']}) to distributor {signed['to']} on chain "
+        f"{signed['chainId']}, at most {signed['maxCostWei']} wei of gas, from "
+        f"{signed['from']}: {target}"
     )
 
 

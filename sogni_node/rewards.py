@@ -46,11 +46,13 @@ from sogni_protocol.epoch_files import (
 )
 from sogni_protocol.errors import SignatureError
 from sogni_protocol.merkle import MerkleTree
+from sogni_protocol.messages import Receipt
 
 if TYPE_CHECKING:
     from sogni_chain import Distributor, Signer
 
 __all__ = [
+    "MAX_DISPUTE_WINDOW_S",
     "PENDING_GRACE_S",
     "ClaimPlan",
     "ClaimResult",
@@ -73,8 +75,17 @@ __all__ = [
 ]
 
 SOGNI = 10**18
-PENDING_GRACE_S = 600.0
-"""A receipt recorded less than this before an epoch closed may legitimately be in the next."""
+PENDING_GRACE_S = 1800.0
+"""Slack on top of the dispute window before an unbatched receipt is called missing: a receipt
+held by a check waits for it (up to `restart_recheck_timeout`, 900 s, after a coordinator
+restart, plus the check's own timeouts), one whose ledger settlement is queued waits an epoch,
+and the node's and the coordinator's clocks differ a little. The journal cannot tell a held
+receipt from a released one (both are acked "accepted"), so this covers them all."""
+MAX_DISPUTE_WINDOW_S = 30 * 86_400.0
+"""The largest `[verification] dispute_window` a coordinator accepts: a receipt enters an epoch
+only that long after it was stored, and batches do not publish the window. Without a window
+given or proven by the node's own paid receipts (`_window_bound`), an unbatched receipt is
+pending, not missing, until it is this old at the latest close."""
 
 
 class PublicationError(Exception):
@@ -213,9 +224,9 @@ class RewardsReport:
     verified: int = 0
     """Journal receipts found in a batch, identical and correctly split."""
     pending: list[str] = field(default_factory=list)
+    """Accepted receipts not yet in any batch (too recent for the last close: `audit`)."""
     unpaid: list[str] = field(default_factory=list)
     """Receipts for free work (no payer): accepted, and never paid on chain by design."""
-    """Accepted receipts not yet in any batch (too recent for the last close)."""
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -269,11 +280,19 @@ def audit(
     *,
     distributor: Distributor | None = None,
     worker: str | None = None,
+    dispute_window: float | None = None,
 ) -> RewardsReport:
     """Check the published epochs against the journal of ``worker`` (the signing wallet;
     default ``account``), whose receipts pay ``account`` (its payout address, or itself),
     and the chain, if given. Earnings and the leaf are ``account``'s: every receipt paying it
-    counts, whichever wallet signed it (a payout address collects several containers')."""
+    counts, whichever wallet signed it (a payout address collects several containers'), and
+    so does its restored pay for disputes it won (the batch's ``restorations``).
+
+    A receipt in no batch is *missing* only once it was recorded more than the coordinator's
+    dispute window plus `PENDING_GRACE_S` before the latest close (else it is *pending*: the
+    settler had to leave it out). ``dispute_window`` (seconds) is that window if the caller
+    knows it; else the tightest one the node's own paid receipts prove, at most
+    `MAX_DISPUTE_WINDOW_S`."""
     worker = worker if worker is not None else account
     payout = payout_of(account, worker)
     report = RewardsReport(account=account)
@@ -307,6 +326,9 @@ def audit(
                     earned += int(v.amount)
         for refusal in pe.batch.refused:
             refused[refusal.job_id.lower()] = refusal.reason
+        for restored in pe.batch.restorations:  # a dispute this account won: its pay restored
+            if _same(restored.payee, account):
+                earned += int(restored.amount)
         earned += pe.prizes.get(account.lower(), 0)  # a season's prizes (airdrop epoch)
         running += earned
         try:
@@ -328,7 +350,7 @@ def audit(
     if not contiguous:
         report.problems.append("epoch files are not contiguous from 1: leaf totals unchecked")
 
-    last_close = epochs[-1].file.closed_at
+    ours: list[tuple[JournalReceipt, Receipt]] = []
     for jr in journal:
         r = signed_form(jr.receipt, jr.domain_version, payout)
         if jr.accepted is False or not _same(r.worker, worker):
@@ -344,6 +366,10 @@ def audit(
             )
         ):
             continue  # signed for another deployment: never payable here
+        ours.append((jr, r))
+    window = dispute_window if dispute_window is not None else _window_bound(ours, by_job)
+    missing_before = epochs[-1].file.closed_at - window - PENDING_GRACE_S
+    for jr, r in ours:
         job = "0x" + r.job_id.hex()
         found = by_job.get(job)
         if found is None:
@@ -351,7 +377,7 @@ def audit(
                 report.unpaid.append(job)  # free work: never paid on chain, not a fault
             elif job in refused:
                 report.problems.append(f"job {job} refused by the coordinator: {refused[job]}")
-            elif jr.accepted and jr.recorded_at < last_close - PENDING_GRACE_S:
+            elif jr.accepted and jr.recorded_at < missing_before:
                 report.problems.append(f"job {job} accepted but missing from every batch")
             else:
                 report.pending.append(job)
@@ -377,6 +403,27 @@ def audit(
         matured = [e.cumulative for e in report.epochs if e.epoch == report.matured_epoch]
         report.claimable = max(0, (matured[0] if matured else 0) - report.claimed)
     return report
+
+
+def _window_bound(
+    ours: Sequence[tuple[JournalReceipt, Receipt]],
+    by_job: dict[str, tuple[PublishedEpoch, BatchEntry]],
+) -> float:
+    """The longest dispute window the coordinator can have now, by the node's own evidence:
+    a receipt paid in epoch k was stored at least the window before k closed, so the window
+    is at most that gap for each of ours in the newest epoch that paid any (older epochs may
+    predate a change of the setting); `MAX_DISPUTE_WINDOW_S` when none was paid yet."""
+    newest: dict[int, float] = {}
+    for jr, r in ours:
+        found = by_job.get("0x" + r.job_id.hex())
+        if found is None:
+            continue
+        pe = found[0]
+        gap = max(0.0, pe.file.closed_at - jr.recorded_at)
+        newest[pe.epoch] = min(newest.get(pe.epoch, gap), gap)
+    if not newest:
+        return MAX_DISPUTE_WINDOW_S
+    return min(newest[max(newest)], MAX_DISPUTE_WINDOW_S)
 
 
 def claim(distributor: Distributor, account: Signer, epochs: Sequence[PublishedEpoch]) -> int:

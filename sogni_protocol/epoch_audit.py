@@ -268,6 +268,8 @@ class _State:
     """Job id -> the epoch that paid it."""
     refused: dict[str, int] = field(default_factory=dict)
     """Job id -> the epoch whose batch refused it."""
+    restored: dict[str, int] = field(default_factory=dict)
+    """Dispute case id -> the epoch whose batch paid its restoration (each case pays once)."""
 
     def advance(self, ef: EpochFile | None, batch: ReceiptsBatch | None) -> None:
         self.epoch += 1
@@ -290,6 +292,8 @@ class _State:
                 self.paid.setdefault(e.job_id.lower(), ef.epoch)
             for r in batch.refused:
                 self.refused.setdefault(r.job_id.lower(), ef.epoch)
+            for c in batch.restorations:
+                self.restored.setdefault(c.case_id.lower(), ef.epoch)
 
 
 _JOB_ID = re.compile(r"0x[0-9a-f]{64}")
@@ -301,6 +305,14 @@ def _job_key(text: str, rfile: str) -> str:
     spaces (all parse to the same signed bytes)."""
     if not _JOB_ID.fullmatch(text):
         raise _Mismatch(f"{rfile}: job id {text[:80]!r} is not 0x and 64 lower-case hex digits")
+    return text
+
+
+def _case_key(text: str, rfile: str) -> str:
+    """A dispute case id in its one spelling (as `_job_key`): a won case pays once, so it
+    cannot come back as `0xAB..` or without `0x` to be paid again."""
+    if not _JOB_ID.fullmatch(text):
+        raise _Mismatch(f"{rfile}: case id {text[:80]!r} is not 0x and 64 lower-case hex digits")
     return text
 
 
@@ -372,10 +384,19 @@ def _check(folder: Path, ef: EpochFile, batch: ReceiptsBatch, state: _State) -> 
     # what the receipts earn, on top of the epoch before
     if not state.readable:
         raise _Mismatch(f"cannot be checked: epoch {n - 1}'s file is unreadable")
+    cases: set[str] = set()
     for restored in batch.restorations:  # disputes won: their pay is in the leaves
+        case = _case_key(restored.case_id, rfile)
+        if case in cases:
+            raise _Mismatch(f"{rfile}: case {case} is restored twice in this batch")
+        cases.add(case)
+        if case in state.restored:
+            raise _Mismatch(
+                f"{rfile}: case {case} was already restored in epoch {state.restored[case]}"
+            )
         why = _guard(epoch_math.restoration_problem, batch, restored)
         if why is not None:
-            raise _Mismatch(f"{rfile}: restoration of case {restored.case_id[:80]}: {why}")
+            raise _Mismatch(f"{rfile}: restoration of case {case}: {why}")
     try:
         earned = epoch_math.earned_by_account(batch.receipts, batch.restorations)
     except ValueError as exc:

@@ -284,7 +284,11 @@ def restored_amount(rules: PayoutRules, micro_spark: int, model_id: str, take_bp
 
 def restoration_problem(batch: ReceiptsBatch, r: Restoration) -> str | None:
     """Why a published restoration does not add up: its take rate is not the payee's stake
-    tier in the batch's snapshot, or its amount not what the rules give."""
+    tier in the batch's snapshot, or its amount not what the rules give.
+
+    Arithmetic only: that its case was won, by a worker this payee stands for, is on the
+    Disputes contract (`audit_cli.check_chain` reads it), and that a case pays once is the
+    folder audit's (`epoch_audit`, across epochs)."""
     take = _payee_take(batch, r.payee)
     if isinstance(take, str):
         return take

@@ -23,6 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eth_abi import decode as abi_decode
+from eth_abi import encode as abi_encode
+from eth_abi.exceptions import DecodingError
+from eth_hash.auto import keccak
 from eth_utils import to_checksum_address
 
 from sogni_chain import ChainRevert, Deployment, Signer
@@ -63,7 +67,9 @@ __all__ = [
     "SettlementBusy",
     "SettlementError",
     "Settler",
+    "check_unsigned",
     "epoch_claims",
+    "sign_offline",
 ]
 
 log = get_logger(__name__)
@@ -77,6 +83,8 @@ attempt ran out while the receipt was being written): it waited in every epoch b
 
 UNSIGNED_FORMAT = "sogni-unsigned-post-root-v1"
 SIGNED_FORMAT = "sogni-signed-post-root-v1"
+_POST_ROOT = keccak(b"postRoot(uint256,bytes32,uint256,bytes32)")[:4]
+_POST_ROOT_ARGS = ["uint256", "bytes32", "uint256", "bytes32"]
 
 
 class SettlementError(Exception):
@@ -583,6 +591,8 @@ class Settler:
             "root": "0x" + record.root.hex(),
             "total": str(record.total),
             "receiptsHash": "0x" + record.receipts_hash.hex(),
+            "chainId": self.domain.chain_id,
+            "distributor": to_checksum_address(self.distributor.address),
             "from": to_checksum_address(self.sender),
             "tx": tx,
         }
@@ -593,16 +603,23 @@ class Settler:
 
     def submit_signed(self, signed: dict[str, Any]) -> EpochResult:
         """Broadcast the planned epoch's `postRoot`, signed offline (`sign_offline`'s output),
-        after checking it is exactly that epoch's root from the settlement key."""
+        after checking it is exactly that epoch's root from the settlement key.
+
+        The signed raw transaction itself is decoded and compared with the stored plan (its
+        target, chain, value and calldata), not only the file's labels: a file whose labels
+        name the plan but whose transaction posts another root is refused before sending."""
         record = self.store.last_epoch_record(state="planned")
         if record is None:
             raise SettlementError("no planned epoch awaits a signature")
+        if signed.get("format") != SIGNED_FORMAT:
+            raise SettlementError(f"not a signed epoch root transaction ({SIGNED_FORMAT})")
         if (signed.get("epoch"), signed.get("root")) != (record.epoch, "0x" + record.root.hex()):
             raise SettlementError(
                 f"the signed transaction is for epoch {signed.get('epoch')} root "
                 f"{signed.get('root')}, but epoch {record.epoch} root 0x{record.root.hex()} "
                 "awaits: sign the current unsigned file"
             )
+        _check_signed(signed, record, self.distributor.address, self.domain.chain_id)
         onchain = self.distributor.root_of(record.epoch)
         tx_hash = None
         if onchain is None:
@@ -678,13 +695,165 @@ def epoch_claims(record: EpochRecord) -> dict[str, Any]:
     }
 
 
-def sign_offline(unsigned: dict[str, Any], private_key: bytes) -> dict[str, Any]:
-    """Sign an unsigned `postRoot` (`Settler` wrote it) with the settlement key, without any
-    chain access: the output is what `Settler.submit_signed` broadcasts."""
-    from eth_account import Account
+def _post_root_calldata(epoch: int, root: bytes, total: int, receipts_hash: bytes) -> bytes:
+    return _POST_ROOT + abi_encode(_POST_ROOT_ARGS, [epoch, root, total, receipts_hash])
 
+
+def _decode_post_root(data: bytes) -> tuple[int, bytes, int, bytes]:
+    """`postRoot`'s (epoch, root, total, receiptsHash) from calldata; any other call (another
+    function, trailing bytes) is refused."""
+    if data[:4] != _POST_ROOT:
+        raise SettlementError(
+            f"the transaction calls selector 0x{data[:4].hex()}, not the distributor's postRoot"
+        )
+    try:
+        epoch, root, total, receipts_hash = abi_decode(_POST_ROOT_ARGS, data[4:], strict=True)
+    except (DecodingError, ValueError) as exc:
+        raise SettlementError(f"the transaction's postRoot calldata is malformed: {exc}") from None
+    if _post_root_calldata(epoch, root, total, receipts_hash) != data:
+        raise SettlementError("the transaction's postRoot calldata carries extra bytes")
+    return int(epoch), bytes(root), int(total), bytes(receipts_hash)
+
+
+def _bytes32(text: Any, what: str) -> bytes:
+    raw = str(text)
+    try:
+        out = bytes.fromhex(raw.removeprefix("0x"))
+    except ValueError:
+        out = b""
+    if len(out) != 32 or not raw.startswith("0x"):
+        raise SettlementError(f"the file's {what} {raw[:80]!r} is not a 0x 32-byte hash")
+    return out
+
+
+def _mismatch(
+    decoded: tuple[int, bytes, int, bytes], stated: tuple[int, bytes, int, bytes]
+) -> str | None:
+    """Which postRoot argument differs from what the file (or plan) states, or None."""
+    names = ("epoch", "root", "total", "receiptsHash")
+    for name, got, want in zip(names, decoded, stated, strict=True):
+        if got != want:
+            return f"the transaction posts {name} {_shown(got)}, the file states {_shown(want)}"
+    return None
+
+
+def _shown(value: object) -> str:
+    return "0x" + value.hex() if isinstance(value, bytes) else str(value)
+
+
+def check_unsigned(unsigned: dict[str, Any], distributor: str | None = None) -> dict[str, Any]:
+    """What an unsigned `postRoot` file would really do, decoded from its transaction, after
+    checking it is what the file's labels state: sent to the distributor the file names (and
+    `distributor`, if the signer knows it), on the file's chain, with no ETH, calling
+    `postRoot(epoch, root, total, receiptsHash)` with the labelled values. The online host
+    writes the file, so the offline key must not trust its labels alone."""
     if unsigned.get("format") != UNSIGNED_FORMAT:
         raise SettlementError(f"not an unsigned epoch root transaction ({UNSIGNED_FORMAT})")
+    try:
+        epoch, total = int(unsigned["epoch"]), int(unsigned["total"])
+        sender, tx = str(unsigned["from"]), unsigned["tx"]
+        to, data = str(tx["to"]), bytes.fromhex(str(tx["data"]).removeprefix("0x"))
+        tx_chain, value = int(tx["chainId"]), int(tx.get("value", 0))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SettlementError(f"not an unsigned epoch root transaction: {exc!r}") from None
+    stated = (
+        epoch,
+        _bytes32(unsigned.get("root"), "root"),
+        total,
+        _bytes32(unsigned.get("receiptsHash"), "receiptsHash"),
+    )
+    named = unsigned.get("distributor")
+    if named is None and distributor is None:
+        raise SettlementError(
+            "the file names no distributor (written by an older version): run `epoch close` "
+            "again to rewrite it"
+        )
+    if (
+        named is not None
+        and distributor is not None
+        and not eip712.same_address(str(named), distributor)
+    ):
+        raise SettlementError(f"the file is for distributor {named}, not {distributor}")
+    target = str(named if named is not None else distributor)
+    if not eip712.same_address(to, target):
+        raise SettlementError(f"the transaction is sent to {to}, not the distributor {target}")
+    file_chain = unsigned.get("chainId")
+    if file_chain is not None and int(file_chain) != tx_chain:
+        raise SettlementError(
+            f"the transaction is for chain {tx_chain}, the file for chain {file_chain}"
+        )
+    if value != 0:
+        raise SettlementError(f"the transaction sends {value} wei; postRoot sends none")
+    decoded = _decode_post_root(data)
+    why = _mismatch(decoded, stated)
+    if why is not None:
+        raise SettlementError(why)
+    gas, fee = int(tx.get("gas", 0)), int(tx.get("maxFeePerGas", tx.get("gasPrice", 0)))
+    return {
+        "epoch": decoded[0],
+        "root": "0x" + decoded[1].hex(),
+        "total": str(decoded[2]),
+        "receiptsHash": "0x" + decoded[3].hex(),
+        "to": to_checksum_address(to),
+        "chainId": tx_chain,
+        "from": sender,
+        "maxCostWei": str(gas * fee),
+    }
+
+
+def _check_signed(
+    signed: dict[str, Any], record: EpochRecord, distributor: str, chain_id: int
+) -> None:
+    """The signed raw transaction is this plan's `postRoot` to this deployment's distributor,
+    on its chain, sending no ETH, from the key the file names."""
+    from eth_account import Account
+    from eth_account.typed_transactions import TypedTransaction
+    from hexbytes import HexBytes
+
+    try:
+        raw = HexBytes(str(signed["raw"]))
+        tx = TypedTransaction.from_bytes(raw).as_dict()
+        sender = str(Account.recover_transaction(raw))
+        to = "0x" + bytes(tx["to"]).hex()
+        data, tx_chain, value = bytes(tx["data"]), int(tx["chainId"]), int(tx["value"])
+    except Exception as exc:  # malformed hex, RLP or signature: one line, not a traceback
+        raise SettlementError(f"not a signed EIP-1559 transaction: {_one_line(exc)}") from None
+    if not eip712.same_address(to, distributor):
+        raise SettlementError(
+            f"the signed transaction is sent to {to_checksum_address(to)}, not the "
+            f"distributor {distributor}: not sent"
+        )
+    if tx_chain != chain_id:
+        raise SettlementError(f"the signed transaction is for chain {tx_chain}, not {chain_id}")
+    if value != 0:
+        raise SettlementError(f"the signed transaction sends {value} wei; postRoot sends none")
+    why = _mismatch(
+        _decode_post_root(data), (record.epoch, record.root, record.total, record.receipts_hash)
+    )
+    if why is not None:
+        raise SettlementError(why.replace("the file states", "the plan states") + ": not sent")
+    if not eip712.same_address(sender, str(signed.get("from"))):
+        raise SettlementError(
+            f"the transaction is signed by {sender}, not by {signed.get('from')}: not sent"
+        )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:200] or type(exc).__name__
+
+
+def sign_offline(
+    unsigned: dict[str, Any], private_key: bytes, *, distributor: str | None = None
+) -> dict[str, Any]:
+    """Sign an unsigned `postRoot` (`Settler` wrote it) with the settlement key, without any
+    chain access: the output is what `Settler.submit_signed` broadcasts.
+
+    Refuses (`SettlementError`) unless the transaction is exactly the `postRoot` the file's
+    labels state, to the distributor it names (`check_unsigned`); the output's `epoch`,
+    `root`, `total`, `receiptsHash`, `to` and `chainId` are decoded from what was signed."""
+    from eth_account import Account
+
+    call = check_unsigned(unsigned, distributor)
     account = Account.from_key(private_key)
     if not eip712.same_address(account.address, str(unsigned["from"])):
         raise SettlementError(
@@ -694,8 +863,7 @@ def sign_offline(unsigned: dict[str, Any], private_key: bytes) -> dict[str, Any]
     signed = account.sign_transaction(unsigned["tx"])
     return {
         "format": SIGNED_FORMAT,
-        "epoch": unsigned["epoch"],
-        "root": unsigned["root"],
+        **call,
         "from": account.address,
         "raw": "0x" + bytes(signed.raw_transaction).hex(),
         "hash": "0x" + bytes(signed.hash).hex(),

@@ -126,6 +126,11 @@ def test_epoch_sign_cli_works_offline_and_refuses_a_wrong_key(
     assert result.exit_code == 0, result.output
     signed = json.loads(planned.unsigned_tx.with_suffix(".signed.json").read_text())
     assert signed["from"] == net.settler.address and signed["raw"].startswith("0x")
+    distributor = net.d.addresses.distributor  # what was signed, decoded, is shown
+    assert f"to distributor {signed['to']}" in result.output and signed["to"] == distributor
+    elsewhere = "0x" + "44" * 20  # the operator names its distributor: another is refused
+    result = runner.invoke(coordinator_app, [*args, "--distributor", elsewhere], env=env)
+    assert result.exit_code == 3 and "not " + elsewhere in result.output
 
     wrong = tmp_path / "wrong.json"
     create_keystore(wrong, PASSWORD, kdf_n=2)
