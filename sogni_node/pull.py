@@ -80,7 +80,7 @@ from sogni_protocol.ids import (
     unsupported_version,
 )
 from sogni_protocol.image_encoding import encoder_build
-from sogni_protocol.logs import get_logger
+from sogni_protocol.logs import get_logger, where
 from sogni_protocol.messages import (
     CHALLENGE_BUSY,
     NO_TRAJECTORY,
@@ -1048,7 +1048,7 @@ class PullSession:
         try:
             await self._serve(job)
         except Exception as exc:  # the type only: a message may quote the job's parameters
-            log.error("job_failed", job=job.tag, error=type(exc).__name__)
+            log.error("job_failed", job=job.tag, error=type(exc).__name__, where=where(exc))
             steps = job.run.steps_done if job.run is not None else 0
             await self._hand_back(job, steps, "node error", sent_steps=0)
         finally:
@@ -1182,7 +1182,13 @@ class PullSession:
             return
         except Exception as exc:  # a failed render must not take the session down
             refusal = getattr(exc, "refusal", None)  # LoraRefused: layer names, never a prompt
-            log.error("render_failed", job=job.tag, error=type(exc).__name__, reason=refusal)
+            log.error(
+                "render_failed",
+                job=job.tag,
+                error=type(exc).__name__,
+                reason=refusal,
+                where=where(exc),
+            )
             reason = refusal if isinstance(refusal, str) else "render failed"
             await self._hand_back(job, run.steps_done, reason[:512], sent_steps=0)
             return

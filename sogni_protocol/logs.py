@@ -14,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import logging
 import sys
+import traceback
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any, Literal, TextIO, cast
 
 import msgspec
@@ -31,6 +33,7 @@ __all__ = [
     "get_logger",
     "redact_sensitive",
     "tap_events",
+    "where",
 ]
 
 LogLevel = Literal["debug", "info", "warning", "error", "critical"]
@@ -292,6 +295,14 @@ def configure_logging(
         # Not cached: a logger used before configure_logging() must pick up the config later.
         cache_logger_on_first_use=False,
     )
+
+
+def where(exc: BaseException, depth: int = 3) -> str:
+    """Where `exc` was raised: its innermost `depth` frames as `file.py:line in function`,
+    innermost last. Never its message, which may quote a prompt: an operator can still find
+    the failing line (a render failing with a bare `TypeError` could not be told apart)."""
+    frames = traceback.extract_tb(exc.__traceback__)[-depth:]
+    return " > ".join(f"{Path(f.filename).name}:{f.lineno} in {f.name}" for f in frames)
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

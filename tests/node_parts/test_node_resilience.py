@@ -282,7 +282,10 @@ async def test_a_failed_render_is_contained_and_never_logs_the_prompt(tmp_path: 
         )
         emitted = [redact_sensitive(None, e["log_level"], dict(e)) for e in logs]
         assert MARK not in repr(emitted)  # what the logger's processors let through
-        assert any(e["event"] == "render_failed" and e["error"] == "RuntimeError" for e in logs)
+        (failed,) = [e for e in logs if e["event"] == "render_failed"]
+        assert failed["error"] == "RuntimeError"  # and where, without the message: an
+        assert "test_node_resilience.py" in failed["where"]  # operator finds the line
+        assert "in render" in failed["where"]
         link.done.set()
 
 
