@@ -74,7 +74,7 @@ from sogni_coordinator.safety.screen import MESSAGES as IMAGE_REFUSALS
 from sogni_coordinator.safety.screen import ImageSafety
 from sogni_coordinator.seasons.hardware import HardwareLog
 from sogni_coordinator.staking_benefits import TieredQueue, pick_with_upgrade, upgrade_rule
-from sogni_coordinator.store import PendingCheck, Store
+from sogni_coordinator.store import DeliveryRecord, PendingCheck, Store
 from sogni_coordinator.verification_config import VerificationConfig
 from sogni_coordinator.verifiers import PendingVerifications
 from sogni_protocol import eip712
@@ -491,9 +491,14 @@ class Dispatcher:
         still attached is superseded. Nothing is charged: receipts were paid when stored."""
         if not self.store.token_matches(request_id, token):
             raise Refusal("unauthorized", "unknown request, or not its resume token")
+        record = None if request_id in self.mailboxes else self.store.delivery(request_id)
+        return self._attach(request_id, record)
+
+    def _attach(self, request_id: bytes, record: DeliveryRecord | None) -> Resumed:
+        """`resume`'s end, once the token matched: the request's mailbox (`record`, read
+        from the store, builds it when none is in memory) attached to a new cursor."""
         box = self.mailboxes.get(request_id)
         if box is None:
-            record = self.store.delivery(request_id)
             if record is None:  # token matched, so the request exists: a race with nothing
                 raise Refusal("unauthorized", "unknown request, or not its resume token")
             box = self.mailboxes[request_id] = Mailbox.from_record(record, self.results)
@@ -509,12 +514,16 @@ class Dispatcher:
     async def resume_anywhere(self, request_id: bytes, token: bytes) -> Resumed:
         """`resume`, and with several coordinators a request another one accepted: this
         one adopts it from the shared database (its client's coordinator died, or moved)."""
+        # Off the event loop: anyone may send a resume with a random id and token, and each
+        # read waited on the database's lock (a commit, or another process's, up to 30 s).
+        if not await trio.to_thread.run_sync(self.store.token_matches, request_id, token):
+            raise Refusal("unauthorized", "unknown request, or not its resume token")
         if self.cluster is not None and request_id not in self.requests:
-            matches = await trio.to_thread.run_sync(self.store.token_matches, request_id, token)
-            if not matches:
-                raise Refusal("unauthorized", "unknown request, or not its resume token")
             await self.cluster.adopt(request_id)
-        return self.resume(request_id, token)
+        record = None
+        if request_id not in self.mailboxes:
+            record = await trio.to_thread.run_sync(self.store.delivery, request_id)
+        return self._attach(request_id, record)
 
     def detach(self, cursor: Cursor) -> None:
         """A client stream ended: its images stay on disk until a client acknowledges them."""

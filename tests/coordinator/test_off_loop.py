@@ -11,6 +11,7 @@ and the embedded EVM for the event feed.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -30,7 +31,7 @@ from sogni_app.api import authorize
 from sogni_coordinator import db as dbmod
 from sogni_coordinator.billing import Billing
 from sogni_coordinator.chain_link import ChainLink
-from sogni_coordinator.dispatch import Dispatcher
+from sogni_coordinator.dispatch import Dispatcher, Refusal
 from sogni_coordinator.job_state import JobState
 from sogni_coordinator.ledger import ISSUERS, Ledger, reserved_account, worker_account
 from sogni_coordinator.node_session import (
@@ -623,3 +624,29 @@ async def test_the_writer_commits_while_every_default_worker_thread_is_busy(
                 release.set()
         finally:
             release.set()
+
+
+async def test_a_resume_with_a_random_token_waits_off_the_event_loop(tmp_path: Path) -> None:
+    """Anyone may send a `ResumeRequest` with a random id and token: its token check read
+    the database on the event loop, which waited there while the writer held the database
+    (a commit, or another process's lock: up to 30 s): every session stalled."""
+    async with coordinator(tmp_path) as c:
+        held, alive, outcome = threading.Event(), threading.Event(), []
+
+        def writer_busy() -> None:  # the writer holds the database until the loop is seen
+            with c.store._shared.rlock:
+                held.set()
+                outcome.append("loop ran" if alive.wait(10) else "loop was blocked")
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(trio.to_thread.run_sync, writer_busy))
+            await trio.to_thread.run_sync(held.wait, 10)
+
+            async def resume() -> None:
+                with pytest.raises(Refusal):
+                    await c.dispatcher.resume_anywhere(os.urandom(32), os.urandom(32))
+
+            nursery.start_soon(resume)
+            await trio.sleep(0.05)  # the resume task has started and waits for the database
+            alive.set()  # only if the loop runs meanwhile
+        assert outcome == ["loop ran"]
