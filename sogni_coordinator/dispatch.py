@@ -37,7 +37,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,6 +52,7 @@ from sogni_coordinator.content_policy import ContentPolicy, screen_request
 from sogni_coordinator.db import DATABASE_ERRORS, until_written
 from sogni_coordinator.delivery import Cursor, Mailbox, short
 from sogni_coordinator.disputes import Reporter
+from sogni_coordinator.gateway.limits import KeyBuckets
 from sogni_coordinator.group_commit import GroupCommit
 from sogni_coordinator.image_check import check_image
 from sogni_coordinator.job_state import (
@@ -165,6 +166,24 @@ LATE = -1.0
 back): its render time is unknown, and it is a slow reputation sample, never an instant one."""
 
 
+@dataclass
+class HelloLimits:
+    """Node hellos allowed: per peer id (a connection opening stream after stream, each with
+    a fresh self-signed wallet: a record, hardware rows and a chain lookup each) and in all
+    (many peer ids), each with bursts for a whole network reconnecting after a restart."""
+
+    per_peer: KeyBuckets = field(default_factory=lambda: KeyBuckets(per_minute=12, burst=4))
+    total: KeyBuckets = field(default_factory=lambda: KeyBuckets(per_minute=12_000, burst=1000))
+
+    def allow(self, peer_id: str) -> str | None:
+        """None, or why this hello is refused (the node retries after a backoff)."""
+        if not self.per_peer.take(peer_id):
+            return "too many sessions from this peer: wait before connecting again"
+        if not self.total.take("*"):
+            return "too many nodes are connecting now: try again in a few seconds"
+        return None
+
+
 def _nothing() -> None:
     """A write that writes nothing: awaited, every write queued before it has committed."""
 
@@ -255,6 +274,9 @@ class Dispatcher:
         self.domain = domain
         self.router = router or Router(Reputation(":memory:"))
         self.reputation = self.router.reputation
+        self.hellos = HelloLimits()
+        """How often node sessions may start (`node_session`): each costs a signature
+        recovery, a chain lookup and state for its wallet."""
         self.deadline_floor = deadline_floor
         self.deadline_base = deadline_base
         self._clock = clock

@@ -104,6 +104,9 @@ class HandshakeRefused(Exception):
 def _check_hello(hello: Message, channel: Channel, dispatcher: Dispatcher) -> NodeHello:
     if not isinstance(hello, NodeHello):
         raise HandshakeRefused(f"first message must be nodeHello, got {type(hello).__name__}")
+    busy = dispatcher.hellos.allow(channel.remote_peer_id)  # before any work for it
+    if busy is not None:
+        raise HandshakeRefused(busy)
     fault = eip712.check_binding(
         dispatcher.domain,
         hello.capabilities,

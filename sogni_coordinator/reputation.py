@@ -98,6 +98,10 @@ def _ema(old: float, sample: float) -> float:
     return (1 - ALPHA) * old + ALPHA * sample
 
 
+FIRST_SESSION_KEPT = 60.0
+"""Seconds a wallet with no record must have been connected for its session to create one."""
+
+
 class Reputation(Database):
     """Per-wallet records in memory, written through to SQLite (its own table)."""
 
@@ -232,6 +236,9 @@ class Reputation(Database):
         self._save(rec)
 
     def disconnected(self, wallet: str, connected_for: float) -> None:
+        if wallet.lower() not in self.records and connected_for < FIRST_SESSION_KEPT:
+            return  # a wallet that never worked, on a blip: no record (one per fresh wallet
+            # a peer churns through, kept for ever and reloaded at every start)
         rec = self.get(wallet)
         rec.connected_seconds += max(0.0, connected_for)
         self._save(rec)

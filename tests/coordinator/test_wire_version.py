@@ -13,7 +13,7 @@ import pytest
 
 from sogni_coordinator.client_session import serve_client
 from sogni_coordinator.node_session import serve_node
-from sogni_net import Channel
+from sogni_net import Channel, ChannelClosed
 from sogni_node.pull import NodeIdentity, PullSession, SessionRefused
 from sogni_protocol import eip712
 from sogni_protocol.ids import WIRE_VERSION
@@ -44,6 +44,8 @@ class ScriptedChannel:
         self.closed = False
 
     async def receive(self, *, limit: int = 0, timeout: float = 0) -> Message:
+        if not self.frames:  # the script is over: the peer closed
+            raise ChannelClosed("closed by peer")
         return decode(self.frames.pop(0))
 
     async def send(self, message: Message, **_: Any) -> None:
@@ -108,6 +110,26 @@ async def test_other_refused_hellos_are_explained_too(coord: Harness) -> None:
     (refused,) = channel.sent
     assert isinstance(refused, HelloRefused) and refused.reason
     assert channel.closed and coord.dispatcher.nodes == {}
+
+
+async def test_a_peer_churning_hellos_is_refused_before_any_work_and_leaves_no_record(
+    coord: Harness,
+) -> None:
+    """One connection could open stream after stream, each with a fresh self-signed wallet
+    (the binding ties the peer id, not the wallet): each cost a signature recovery, a chain
+    lookup, and a reputation record kept for ever. Hellos are rate-limited per peer (and in
+    all), and a wallet that never worked leaves no record after a short session."""
+    refused = []
+    for _ in range(6):
+        channel = ScriptedChannel(encode(_hello()))
+        await serve_node(
+            cast(Channel, channel), coord.dispatcher, heartbeat_interval=1, heartbeat_timeout=3
+        )
+        refused += [m.reason for m in channel.sent if isinstance(m, HelloRefused)]
+    assert refused[-2:] == ["too many sessions from this peer: wait before connecting again"] * 2
+    assert coord.dispatcher.nodes == {}
+    wallet = _caps("peer-x").wallet
+    assert wallet.lower() not in coord.reputation.records  # its blips left no record
 
 
 async def test_client_first_frame_of_another_version_is_refused(
