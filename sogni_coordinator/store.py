@@ -1049,19 +1049,25 @@ class Store(Database):
         "epoch, state, root, total, receipts_hash, plan, planned_at, posted_at, tx_hash"
     )
 
-    def unsettled_receipts(self, stored_before: float | None = None) -> list[StoredReceipt]:
+    def unsettled_receipts(
+        self, stored_before: float | None = None, limit: int | None = None
+    ) -> list[StoredReceipt]:
         """Receipts in no epoch yet (neither paid nor refused), not held by a pending check
         (`sogni_coordinator.checks`) and, with `stored_before`, stored before that time (the
-        dispute window: younger receipts wait for a later epoch), oldest first."""
+        dispute window: younger receipts wait for a later epoch), oldest first; at most
+        `limit` of them."""
         window = "" if stored_before is None else " AND r.stored_at < ?"
-        args = () if stored_before is None else (stored_before,)
+        args: tuple[float | int, ...] = () if stored_before is None else (stored_before,)
+        if limit is not None:
+            args += (limit,)
         with self._lock:
             rows = self._db.execute(
                 f"SELECT {self._RECEIPT_READ} FROM receipts r"
                 " WHERE NOT EXISTS (SELECT 1 FROM settled_receipts s WHERE s.job_id = r.job_id)"
                 f" AND {_NOT_HELD}"  # a receipt whose check is pending is not paid yet
                 + window
-                + " ORDER BY r.rowid",
+                + " ORDER BY r.rowid"
+                + ("" if limit is None else " LIMIT ?"),
                 args,
             ).fetchall()
         return [_stored_receipt(r) for r in rows]

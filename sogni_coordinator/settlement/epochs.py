@@ -81,6 +81,12 @@ ENDED_UNSETTLED = (
 """The refusal of a receipt that committed after its job was given up (its node's last
 attempt ran out while the receipt was being written): it waited in every epoch before."""
 
+MAX_RECEIPTS_PER_EPOCH = 20_000
+"""Receipts one epoch takes at most, oldest first (the rest go into the next, closed at once):
+its receipts batch (~1.9 KB a receipt) stays well under `ids.EPOCH_FILE_LIMIT` (64 MiB), the
+most any node fetches. Uncapped, a busy hour's batch was refused by every node: none could
+audit or claim that epoch, nor any after it."""
+
 UNSIGNED_FORMAT = "sogni-unsigned-post-root-v1"
 SIGNED_FORMAT = "sogni-signed-post-root-v1"
 _POST_ROOT = keccak(b"postRoot(uint256,bytes32,uint256,bytes32)")[:4]
@@ -178,6 +184,9 @@ class Settler:
         self.publish_dir = Path(publish_dir)
         self.read_stake = read_stake
         self.dispute_window = dispute_window
+        self.max_receipts = MAX_RECEIPTS_PER_EPOCH
+        self.more_waiting = False
+        """The last plan took `max_receipts` and more wait: close the next epoch at once."""
         self._clock = clock
         self.restorations: Restorations | None = None
         addrs = deployment.addresses
@@ -224,7 +233,8 @@ class Settler:
         if self.params is not None:
             self.rules = self.params.rules_for_epoch(self.rules)
         window_closed = self._clock() - self.dispute_window if self.dispute_window > 0 else None
-        stored = self.store.unsettled_receipts(stored_before=window_closed)
+        stored = self.store.unsettled_receipts(stored_before=window_closed, limit=self.max_receipts)
+        self.more_waiting = len(stored) >= self.max_receipts  # the rest: the next epoch, now
         owed = (
             []
             if self.restorations is None

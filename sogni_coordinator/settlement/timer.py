@@ -34,8 +34,11 @@ async def run_epoch_timer(
 ) -> None:
     """Every ``every`` seconds, close an epoch (if there is anything to pay); until cancelled."""
     task_status.started()
+    hurry = False
     while True:
-        await trio.sleep(every)
+        if not hurry:
+            await trio.sleep(every)
+        hurry = False
         try:
             result = await trio.to_thread.run_sync(settler.close_epoch)
         except SettlementBusy:  # another coordinator of the network is closing: its turn
@@ -48,6 +51,7 @@ async def run_epoch_timer(
             log.error("epoch_close_crashed", error=repr(exc), exc_info=True)
             continue
         if result is not None and result.posted:
+            hurry = settler.more_waiting  # an epoch filled up: the next one now
             log.info(
                 "epoch_closed",
                 epoch=result.epoch,

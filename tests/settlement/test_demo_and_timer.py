@@ -57,3 +57,31 @@ async def test_timer_closes_epochs(net: Net, store: Store, tmp_path: Path) -> No
                 await trio.sleep(0.05)
             nursery.cancel_scope.cancel()
     assert [r.epoch for r in closed] == [1, 2]
+
+
+async def test_an_epoch_takes_at_most_its_cap_and_the_timer_closes_the_rest_at_once(
+    net: Net, store: Store, tmp_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """An epoch took every unsettled receipt: a busy hour's batch outgrew the 64 MiB every
+    node's fetch allows, and no node could audit or claim that epoch or any after it. An
+    epoch takes `max_receipts`, oldest first; the timer closes the next one at once, not an
+    hour later (the clock is trio's mock: sleeps are skipped, and their time counted)."""
+    store_receipts(store, [signed_receipt(worker(i), net.domain) for i in range(1, 6)])
+    closed: list[tuple[EpochResult, float]] = []
+    three = trio.Event()
+
+    def on_closed(result: EpochResult) -> None:
+        closed.append((result, trio.current_time()))
+        if len(closed) == 3:
+            three.set()
+
+    s = settler(store, net, tmp_path)
+    s.max_receipts = 2
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_epoch_timer, s, 3600.0, on_closed)  # hourly
+        await three.wait()
+        nursery.cancel_scope.cancel()
+    assert [(r.epoch, r.paid_receipts) for r, _ in closed] == [(1, 2), (2, 2), (3, 1)]
+    assert store.unsettled_receipts() == []
+    first, last = closed[0][1], closed[-1][1]
+    assert last - first < 3600  # one hour's wait, not three

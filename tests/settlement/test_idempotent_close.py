@@ -132,7 +132,9 @@ def test_losing_the_commit_race_is_a_conflict_not_a_double_payment(
         # b read the receipts and found no pending plan just before a committed its plan
         seen = second.unsettled_receipts()
         real = second.last_epoch_record
-        monkeypatch.setattr(second, "unsettled_receipts", lambda stored_before=None: seen)
+        monkeypatch.setattr(
+            second, "unsettled_receipts", lambda stored_before=None, limit=None: seen
+        )
         monkeypatch.setattr(
             second,
             "last_epoch_record",
