@@ -300,6 +300,22 @@ def _progress_item(payload: str) -> tuple[bytes, bytes, int, int] | None:
     return request_id, job_id, step, steps
 
 
+MUST_TRIES = 12
+"""Tries of a shared-queue call that a lapsed lease does not stand in for (`_Must`): about
+three minutes of a database away, waiting longer each time."""
+
+
+class _Must:
+    """A queued shared-queue call that is tried again when the database fails it (a cancel,
+    a give-up): the others (a release) are covered by their lease lapsing."""
+
+    def __init__(self, fn: Callable[[], Awaitable[None]]) -> None:
+        self._fn = fn
+
+    def __call__(self) -> Awaitable[None]:
+        return self._fn()
+
+
 class Cluster:
     """This coordinator's part in the network: leases, owned requests, shared offers."""
 
@@ -546,13 +562,13 @@ class Cluster:
     def gave_up(self, job: Job) -> None:
         """Out of attempts: the job leaves the shared queue for good."""
         self.leases.pop(job.job_id, None)
-        self._later(functools.partial(self._bury, [job.job_id]))
+        self._later(_Must(functools.partial(self._bury, [job.job_id])))
 
     def cancelled(self, request_id: bytes) -> None:
         """The client cancelled: jobs still in the shared queue end, and every coordinator
         is told (NOTIFY `c:<request>`) so the ones rendering its jobs stop their nodes (paid
         for the steps done, as any cancel: `_cancel_leased`)."""
-        self._later(functools.partial(self._cancel_queued, request_id))
+        self._later(_Must(functools.partial(self._cancel_queued, request_id)))
 
     def _later(self, fn: Callable[[], Awaitable[None]]) -> None:
         try:
@@ -1094,12 +1110,19 @@ class Cluster:
 
     async def _todo_forever(self) -> None:
         async for fn in self._todo:
-            try:
-                await fn()
-            except QueueError as exc:
-                log.warning("cluster_queue_call_failed", error=str(exc))
-            except _DB_ERRORS as exc:  # the lease lapses: no job is lost
-                log.warning("cluster_queue_call_failed", error=type(exc).__name__)
+            for attempt in range(MUST_TRIES):
+                try:
+                    await fn()
+                    break
+                except (QueueError, *_DB_ERRORS) as exc:  # a lease lapses: no job is lost
+                    error = str(exc) if isinstance(exc, QueueError) else type(exc).__name__
+                    if not isinstance(fn, _Must) or attempt + 1 == MUST_TRIES:
+                        log.warning("cluster_queue_call_failed", error=error)
+                        break
+                    # a cancel or a give-up is not undone by a lapse: once lost, the jobs
+                    # were leased, rendered and billed elsewhere (the client told "cancelled")
+                    log.warning("cluster_queue_call_retried", error=error, attempt=attempt + 1)
+                    await trio.sleep(min(2.0**attempt, 30.0))
 
     async def _offers_forever(self) -> None:
         while True:
