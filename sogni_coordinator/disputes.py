@@ -768,13 +768,25 @@ def attach_disputes(
     )
 
 
+READ_THREADS = 4
+"""Worker threads the dispute routes read with at once (their requests are not authenticated)."""
+
+
 def dispute_routes(dispatcher: Any) -> list[Any]:
     """`GET /disputes/refusals/0x<job id>`: the signed refusals of a job (what `sogni-node
     dispute open` sends on chain; no prompt, no image), 404 when there is none;
-    `GET /disputes/bundles/0x<case id>`: a case's published evidence bundle, for jurors."""
+    `GET /disputes/bundles/0x<case id>`: a case's published evidence bundle, for jurors.
+
+    Anyone may ask, so the database and file reads run in worker threads (at most
+    `READ_THREADS` at once): on the event loop one would stall every task for as long as
+    the database writer holds its lock (up to 30 s). anyio's threads, not trio's, so the
+    routes also serve under starlette's TestClient (asyncio)."""
+    import anyio.to_thread
     from starlette.requests import Request
     from starlette.responses import JSONResponse, Response
     from starlette.routing import Route
+
+    reads = anyio.CapacityLimiter(READ_THREADS)
 
     async def refusals(request: Request) -> JSONResponse:
         reporter: Reporter | None = getattr(dispatcher, "refusals", None)
@@ -785,7 +797,9 @@ def dispute_routes(dispatcher: Any) -> list[Any]:
             job_id = b""
         if len(job_id) != 32:
             return JSONResponse({"error": "a job id is 32 bytes of hex"}, status_code=400)
-        found = [] if reporter is None else reporter.book.refusals(job_id)
+        found = []
+        if reporter is not None:
+            found = await anyio.to_thread.run_sync(reporter.book.refusals, job_id, limiter=reads)
         if not found:
             return JSONResponse({"error": "no refusal for this job"}, status_code=404)
         return JSONResponse({"refusals": [r.as_json() for r in found]})
@@ -797,10 +811,18 @@ def dispute_routes(dispatcher: Any) -> list[Any]:
             case_id = bytes.fromhex(text)
         except ValueError:
             case_id = b""
-        record = reporter.book.by_case(case_id) if reporter is not None and case_id else None
-        if record is None or record.bundle_path is None:
+
+        def read(book: DisputeBook) -> bytes | None:
+            record = book.by_case(case_id)
+            if record is None or record.bundle_path is None:
+                return None
+            return Path(record.bundle_path).read_bytes()  # its keccak256 is the bundleHash
+
+        body = None
+        if reporter is not None and case_id:
+            body = await anyio.to_thread.run_sync(read, reporter.book, limiter=reads)
+        if body is None:
             return JSONResponse({"error": "no published bundle for this case"}, status_code=404)
-        body = Path(record.bundle_path).read_bytes()  # its keccak256 is the on-chain bundleHash
         return Response(body, media_type="application/json")
 
     return [

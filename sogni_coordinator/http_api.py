@@ -3,23 +3,28 @@
 `/healthz` (the process is up) and `/readyz` (database writable, libp2p listening) for probes,
 `/metrics` for Prometheus (`sogni_coordinator.metrics`, docs/OPERATIONS.md); `GET /epochs`
 (the index of published epochs) and `GET /epochs/{name}` (one published file:
-`epoch-NNNNNN.json`, `epoch-NNNNNN.tree.json`, `receipts/0x<keccak>.json`) so nodes can
-fetch and check their rewards from anywhere; `POST /relay/claim` to have this coordinator
-submit a claim and pay its gas (the same checks and limits as the `/sogni/relay/1.0.0`
-protocol, `claim_relay`); the status page; and the gateway for apps written for Sogni's
-client SDKs (`sogni_coordinator.gateway`, REST and WebSocket at the host root). starlette is
-imported when the app is built, so importing this module needs no `http` extra.
+`epoch-NNNNNN.json`, `epoch-NNNNNN.tree.json`, `receipts/0x<keccak>.json`; streamed, a few
+at once: anyone may ask) so nodes can fetch and check their rewards from anywhere;
+`POST /relay/claim` to have this coordinator submit a claim and pay its gas (the same checks
+and limits as the `/sogni/relay/1.0.0` protocol, `claim_relay`); the status page; and the
+gateway for apps written for Sogni's client SDKs (`sogni_coordinator.gateway`, REST and
+WebSocket at the host root). starlette is imported when the app is built, so importing this
+module needs no `http` extra.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import msgspec
+import trio
 
 from sogni_net import health_endpoint, require_http_extra
 from sogni_net.http import SlowBody, read_body
@@ -32,6 +37,7 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
     from starlette.routing import BaseRoute
+    from starlette.types import Receive, Scope, Send
 
     from sogni_coordinator.claim_relay import ClaimRelay
     from sogni_coordinator.dispatch import Dispatcher
@@ -41,6 +47,15 @@ if TYPE_CHECKING:
 
 RELAY_BODY_LIMIT = ids.RELAY_FRAME_LIMIT
 """Largest `POST /relay/claim` body read (a claim with a 64-node proof is ~5 KB of JSON)."""
+
+EPOCH_TRANSFERS = 4
+"""`GET /epochs/{name}` answers sent at once (anyone may ask, unauthenticated). Counted apart
+from libp2p's (`epoch_serving.CONCURRENT_TRANSFERS`), so neither transport starves the other."""
+EPOCH_TRANSFER_WAIT = 5.0
+"""How long a request waits for a transfer slot before it is answered 503 (Retry-After)."""
+EPOCH_CHUNK = 256 * 1024
+"""Bytes read from a published file (off the loop) and sent per write: a file of up to
+`ids.EPOCH_FILE_LIMIT` (64 MiB) is never held in memory whole."""
 
 
 @dataclass(frozen=True)
@@ -102,12 +117,112 @@ def _error(status: int, code: str, reason: str) -> Response:
 _FILE_STATUS = {"bad_name": 400, "not_found": 404, "too_large": 413}
 
 
-def epoch_routes(view: CoordinatorView) -> list[BaseRoute]:
-    """`GET /epochs` and `GET /epochs/{name}` over `view.epochs`."""
-    from starlette.responses import JSONResponse, Response
-    from starlette.routing import Route
-
+def _open_published(folder: EpochFolder, name: str) -> tuple[BinaryIO, int]:
+    """Published file `name` opened for reading, and its size: the checks of
+    `EpochFolder.read` (a strict name, a regular file inside the folder, never through a
+    symlink, the size cap), without reading it. Blocking: run it in a worker thread."""
     from sogni_coordinator.epoch_serving import EpochFileError
+    from sogni_protocol.relay_messages import check_file_name
+
+    try:
+        check_file_name(name)
+    except ValueError as exc:
+        raise EpochFileError("bad_name", str(exc)) from None
+    path = folder.path / name
+    missing = EpochFileError("not_found", f"no published file {path.name}")
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or not path.resolve().is_relative_to(folder.path.resolve()):
+            raise missing
+        # O_NOFOLLOW: a symlink put in its place since the check is refused, not followed
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:  # ELOOP: it became a symlink since the check
+        if isinstance(exc, FileNotFoundError | NotADirectoryError) or exc.errno == errno.ELOOP:
+            raise missing from None
+        raise
+    f = os.fdopen(fd, "rb")
+    size = os.fstat(fd).st_size
+    if size > folder.file_limit:
+        f.close()
+        raise EpochFileError("too_large", f"{path.name} is {size} bytes, over {folder.file_limit}")
+    return f, size
+
+
+class _PublishedFiles:
+    """`GET /epochs/{name}` (an ASGI app): waits for one of `slots`, then streams the file in
+    `EPOCH_CHUNK`s read off the loop; the slot is released however the answer ends (a
+    client that stops reading is dropped by the listener's send deadline)."""
+
+    def __init__(self, view: CoordinatorView, slots: trio.Semaphore, wait: float) -> None:
+        self.view, self.slots, self.wait = view, slots, wait
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from sogni_coordinator.epoch_serving import EpochFileError
+
+        folder = self.view.epochs
+        if folder is None:
+            await _error(404, "not_found", "this coordinator publishes no epochs")(
+                scope, receive, send
+            )
+            return
+        name = str(scope["path_params"]["name"])
+        with trio.move_on_after(self.wait) as waited:
+            await self.slots.acquire()
+        if waited.cancelled_caught:
+            busy = _error(503, "unavailable", "busy: try again shortly")
+            busy.headers["Retry-After"] = "5"
+            await busy(scope, receive, send)
+            return
+        try:
+            try:
+                f, size = await trio.to_thread.run_sync(
+                    _open_published, folder, name, limiter=folder.limiter
+                )
+            except EpochFileError as exc:
+                await _error(_FILE_STATUS.get(exc.code, 400), exc.code, exc.reason)(
+                    scope, receive, send
+                )
+                return
+            with f:
+                await _stream_file(f, size, folder.limiter, name, scope, send)
+        finally:
+            self.slots.release()
+
+
+async def _stream_file(
+    f: BinaryIO, size: int, limiter: trio.CapacityLimiter, name: str, scope: Scope, send: Send
+) -> None:
+    # receipts batches are content-addressed (immutable); an epoch file is rewritten
+    # (replaced: the open file stays whole) only while its root is not posted yet
+    cache = b"public, max-age=31536000, immutable" if name.startswith("receipts/") else b"no-cache"
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(size).encode()),
+        (b"cache-control", cache),
+    ]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    if size == 0 or scope.get("method") == "HEAD":
+        await send({"type": "http.response.body", "body": b""})
+        return
+    left = size
+    while left > 0:
+        chunk = await trio.to_thread.run_sync(f.read, min(EPOCH_CHUNK, left), limiter=limiter)
+        if not chunk:  # truncated in place: the client gets a short body and fails its read
+            return
+        left -= len(chunk)
+        await send({"type": "http.response.body", "body": chunk, "more_body": left > 0})
+
+
+def epoch_routes(
+    view: CoordinatorView,
+    *,
+    transfers: int = EPOCH_TRANSFERS,
+    wait: float = EPOCH_TRANSFER_WAIT,
+) -> list[BaseRoute]:
+    """`GET /epochs` and `GET /epochs/{name}` over `view.epochs`; at most `transfers` files
+    are sent at once, and a request that waited `wait` seconds for its turn gets 503."""
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
 
     async def index(request: Request) -> Response:
         if view.epochs is None:
@@ -119,24 +234,10 @@ def epoch_routes(view: CoordinatorView) -> list[BaseRoute]:
         body = {"epochs": msgspec.to_builtins(epochs), "more": more}
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
-    async def file(request: Request) -> Response:
-        if view.epochs is None:
-            return _error(404, "not_found", "this coordinator publishes no epochs")
-        name = str(request.path_params["name"])
-        try:
-            data = await view.epochs.read_async(name)
-        except EpochFileError as exc:
-            return _error(_FILE_STATUS.get(exc.code, 400), exc.code, exc.reason)
-        # receipts batches are content-addressed (immutable); an epoch file is rewritten
-        # only while its root is not posted yet
-        cache = (
-            "public, max-age=31536000, immutable" if name.startswith("receipts/") else "no-cache"
-        )
-        return Response(data, media_type="application/json", headers={"Cache-Control": cache})
-
+    files = _PublishedFiles(view, trio.Semaphore(transfers), wait)
     return [
         Route("/epochs", index, methods=["GET"]),
-        Route("/epochs/{name:path}", file, methods=["GET"]),
+        Route("/epochs/{name:path}", files, methods=["GET"]),
     ]
 
 

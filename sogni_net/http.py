@@ -6,19 +6,27 @@ hypercorn and starlette (the `http` extra) are imported only when a listener sta
 `import sogni_net` works without them.
 
 `listen` is `host:port`, `[ipv6]:port` or `off`; port 0 picks a free port, and the bound URL
-(with the real port) is what `serve_http` reports. We bind the socket ourselves and hand it
-to hypercorn as `fd://N`, so a taken port fails here with a plain error, before any task
-starts, and IPv6 literals need no guessing by hypercorn's bind parser.
+(with the real port) is what `serve_http` reports. We bind the socket ourselves, so a taken
+port fails here with a plain error, before any task starts, and IPv6 literals need no
+guessing by hypercorn's bind parser.
+
+We also accept the connections ourselves and hand each to hypercorn's own connection handler
+(`hypercorn.trio.tcp_server.TCPServer`, hypercorn pinned at 0.18.0), because its trio worker
+writes to a socket under a shielded cancel scope with no deadline: a client that stops reading
+would hold its connection task, and the server's shutdown (so the daemon's `finally` blocks
+that flush queued database writes), for ever. Here every write gives up after `SEND_TIMEOUT`
+seconds without progress, shutdown closes what is still open after `SHUTDOWN_GRACE`, and at
+most `max_connections` are served at once (hypercorn has no such setting).
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import re
 import socket
 from collections.abc import Awaitable, Callable, Mapping
-from functools import partial
 from typing import TYPE_CHECKING, Any, cast
 
 import trio
@@ -35,6 +43,8 @@ if TYPE_CHECKING:
 __all__ = [
     "HEALTHY",
     "LISTEN_OFF",
+    "SEND_TIMEOUT",
+    "SHUTDOWN_GRACE",
     "Endpoint",
     "SlowBody",
     "health_endpoint",
@@ -51,6 +61,21 @@ HEALTHY = frozenset({"ok", "degraded"})
 """`/healthz` statuses answered with 200; anything else (e.g. "draining") gets 503."""
 
 Endpoint = Callable[["Request"], Awaitable["Response"]]
+
+SEND_TIMEOUT = 30.0
+"""Seconds a write to a client may go without the client taking a byte (it stopped reading,
+or its network died) before its connection is closed. Progress resets it, so a long download
+to a slow but live client is never cut."""
+
+SHUTDOWN_GRACE = 2.0
+"""On shutdown, how long the apps' last words (the gateway's 1012 close) may take before the
+connections still open are closed under them."""
+
+MAX_CONNECTIONS = 4096
+"""Upper bound of the default connection cap (`default_max_connections`)."""
+
+_ACCEPT_RETRY = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+"""accept() failures that pass (out of descriptors or memory): wait a moment and go on."""
 
 _HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,252})$")
 _BACKLOG = 128
@@ -120,42 +145,182 @@ async def _bind(host: str, port: int, listen: str) -> socket.socket:
     return sock
 
 
+def default_max_connections() -> int:
+    """Half the process's open-file limit (libp2p and the database need the rest), at most
+    `MAX_CONNECTIONS`: past the limit accept() fails anyway, and so would everything else."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):  # no rlimits (Windows)
+        return 1024
+    if soft == resource.RLIM_INFINITY:
+        return MAX_CONNECTIONS
+    return max(16, min(MAX_CONNECTIONS, soft // 2))
+
+
+class _SendDeadline(trio.abc.HalfCloseableStream):
+    """A client connection whose writes give up after `timeout` seconds without progress.
+
+    hypercorn calls `send_all` inside `CancelScope(shield=True)`: a deadline outside it (the
+    server's cancellation, an app's `fail_after`) never reaches the write, but a deadline set
+    in here does. On a stall the socket is closed, which also wakes the connection's reader;
+    hypercorn takes the BrokenResourceError as a client that went away (an app's later sends
+    are dropped, a WebSocket app receives `websocket.disconnect`).
+    """
+
+    def __init__(self, stream: trio.SocketStream, timeout: float) -> None:
+        self.stream = stream
+        self.socket = stream.socket  # hypercorn reads the addresses from it (and no SSL)
+        self.timeout = timeout
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        with memoryview(data) as view:
+            if not view:
+                await self.stream.send_all(b"")
+                return
+            sent = 0
+            while sent < len(view):
+                with trio.move_on_after(self.timeout) as stalled:
+                    try:
+                        with view[sent:] as rest:
+                            sent += await self.socket.send(rest)
+                    except OSError as exc:
+                        if exc.errno == errno.EBADF:  # closed under us (shutdown, the reader)
+                            raise trio.ClosedResourceError("the connection was closed") from None
+                        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+                if stalled.cancelled_caught:
+                    self.socket.close()
+                    log_event(logging.INFO, "http_client_stalled", seconds=self.timeout)
+                    raise trio.BrokenResourceError(
+                        f"the client took no data for {self.timeout:g} s"
+                    )
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.stream.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        return await self.stream.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+
+class _Connections:
+    """The open client connections, so shutdown can wait for them and close the rest."""
+
+    def __init__(self, limit: int) -> None:
+        self.slots = trio.Semaphore(limit)
+        self.open: set[trio.SocketStream] = set()
+        self._changed = trio.lowlevel.ParkingLot()
+
+    def add(self, stream: trio.SocketStream) -> None:
+        self.open.add(stream)
+
+    def discard(self, stream: trio.SocketStream) -> None:
+        stream.socket.close()
+        self.open.discard(stream)
+        self.slots.release()
+        self._changed.unpark_all()
+
+    async def drain(self, grace: float) -> None:
+        """Wait up to `grace` seconds for the connections to end, then close the rest (a
+        shielded write wakes with ClosedResourceError). Runs while being cancelled."""
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + grace
+            while self.open:
+                await self._changed.park()
+        for stream in list(self.open):
+            stream.socket.close()
+
+
 async def serve_http(
     app: ASGIApp,
     listen: str,
     *,
+    send_timeout: float = SEND_TIMEOUT,
+    max_connections: int | None = None,
     task_status: TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` on `listen` until cancelled; `task_status.started(url)` gives the bound URL.
 
     Start it with `nursery.start` in the daemon's nursery: it binds before reporting started,
-    so a URL in hand is already accepting connections, and cancelling the nursery stops it.
+    so a URL in hand is already accepting connections, and cancelling the nursery stops it
+    within `SHUTDOWN_GRACE` seconds whatever the clients do. A write that makes no progress
+    for `send_timeout` seconds drops its connection; past `max_connections` open connections
+    (default `default_max_connections()`) new ones wait in the listen backlog.
     """
     where = parse_listen(listen)
     if where is None:
         raise ValueError("http_listen is off: the caller should not start the listener")
     require_http_extra()
     from hypercorn.config import Config
-    from hypercorn.trio import serve
+    from hypercorn.trio.lifespan import Lifespan
+    from hypercorn.trio.tcp_server import TCPServer
+    from hypercorn.trio.worker_context import WorkerContext
+    from hypercorn.typing import ConnectionState
+    from hypercorn.utils import repr_socket_addr, wrap_app
 
+    limit = default_max_connections() if max_connections is None else max_connections
+    if limit < 1 or send_timeout <= 0:
+        raise ValueError("max_connections and send_timeout must be positive")
     sock = await _bind(*where, listen)
+    url = f"http://{repr_socket_addr(sock.family, sock.getsockname())}"
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     config = Config()
-    config.bind = [f"fd://{sock.detach()}"]  # hypercorn owns the descriptor from here on
     config.accesslog = None
     # Through the application's logging (JSON, redaction), not hypercorn's own stderr handler.
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
-    config.graceful_timeout = 1.0
     config.websocket_max_message_size = 1 << 20  # the SDK gateway's own frame limit is lower
     config.websocket_ping_interval = 20.0  # dead sockets are noticed, not kept forever
     # No `read_timeout`: hypercorn applies it to every read, so a download longer than it
-    # (the client sends nothing meanwhile) would be cut; bodies have `read_body`'s deadline.
-    asgi = cast(Any, app)  # hypercorn's ASGI types are narrower than starlette's
-    async with trio.open_nursery() as nursery:
-        binds: list[str] = await nursery.start(partial(serve, asgi, config, mode="asgi"))
-        url = binds[0]
-        log_event(logging.INFO, "http_started", url=url)
-        task_status.started(url)
+    # (the client sends nothing meanwhile) would be cut; bodies have `read_body`'s deadline,
+    # idle connections hypercorn's `keep_alive_timeout`, writes `send_timeout`.
+    asgi = wrap_app(cast(Any, app), config.wsgi_max_body_size, "asgi")
+    context = WorkerContext(None)
+    state: dict[str, Any] = {}
+    conns = _Connections(limit)
+
+    async def connection(stream: trio.SocketStream) -> None:
+        try:
+            guarded = cast(Any, _SendDeadline(stream, send_timeout))
+            await TCPServer(asgi, config, context, ConnectionState(state.copy()), guarded).run()
+        finally:
+            conns.discard(stream)
+
+    async def accept(nursery: trio.Nursery) -> None:
+        try:
+            while True:
+                await conns.slots.acquire()
+                try:
+                    stream = await listener.accept()
+                except OSError as exc:
+                    conns.slots.release()
+                    if exc.errno not in _ACCEPT_RETRY:
+                        raise
+                    log_event(logging.WARNING, "http_accept_failed", error=exc.strerror)
+                    await trio.sleep(0.1)
+                    continue
+                conns.add(stream)
+                nursery.start_soon(connection, stream)
+        finally:
+            listener.socket.close()
+            await conns.drain(SHUTDOWN_GRACE)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            lifespan = Lifespan(asgi, config, state)
+            await nursery.start(lifespan.handle_lifespan)
+            await lifespan.wait_for_startup()
+            nursery.start_soon(accept, nursery)
+            log_event(logging.INFO, "http_started", url=url)
+            task_status.started(url)
+    finally:
+        listener.socket.close()
 
 
 def health_endpoint(facts: Callable[[], Mapping[str, object]]) -> Endpoint:

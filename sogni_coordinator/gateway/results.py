@@ -6,12 +6,16 @@ coordinator's `result_store = "database"` the images are rows in the network's P
 instead (`results.postgres.PostgresResults`, table `gateway_images`, read and written in
 worker threads), so any coordinator of the network serves a signed URL another one issued,
 with no shared folder.
+
+A file is written with `sogni_protocol.atomic` (temporary file, fsync, rename, fsync of the
+folder): an image an app was told about survives a power cut. Temporary files a crash left
+behind are deleted at start (`STALE_TMP`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -20,6 +24,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from sogni_protocol.atomic import atomic_write_bytes
 from sogni_protocol.image_types import format_of
 
 if TYPE_CHECKING:
@@ -31,6 +36,12 @@ __all__ = ["ImageStore", "StoredImage"]
 IMAGE_ID = re.compile(r"^[0-9A-F]{8}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{4}-[0-9A-F]{12}$")
 _TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 _EXT = {"png": "png", "jpeg": "jpg", "webp": "webp"}
+_TMP = re.compile(r"^(\.[0-9A-F-]{36}\.(png|jpg|webp)\..+|[0-9A-F-]{36})\.tmp$")
+"""A save's temporary file: `atomic_write_bytes`' `.<id>.<ext>.<random>.tmp`, or the
+`<id>.tmp` of earlier versions."""
+STALE_TMP = 600.0
+"""Age (seconds) past which a temporary file is a crash's leftover, not another
+coordinator's save in progress (a shared folder): `load` deletes it."""
 
 
 @dataclass(frozen=True)
@@ -60,7 +71,13 @@ class ImageStore:
         """Index what an earlier run left (blocking: call off the loop at start)."""
         self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         kinds = {ext: kind for kind, ext in _EXT.items()}
+        now = time.time()
         for path in self.folder.iterdir():
+            if _TMP.match(path.name):
+                with contextlib.suppress(OSError):  # gone already, or not ours to delete
+                    if now - path.stat().st_mtime > STALE_TMP:
+                        path.unlink()
+                continue
             stem, _, ext = path.name.partition(".")
             if IMAGE_ID.match(stem) and ext in kinds:
                 created = path.stat().st_mtime
@@ -108,16 +125,7 @@ class ImageStore:
             await trio.to_thread.run_sync(db.save_named, image_id, _TYPES[kind], image)
             return StoredImage(None, _TYPES[kind], time.time())
         path = self.folder / f"{image_id}.{_EXT[kind]}"
-
-        def write() -> None:
-            tmp = path.with_suffix(".tmp")
-            with open(tmp, "wb") as f:
-                f.write(image)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-
-        await trio.to_thread.run_sync(write)
+        await trio.to_thread.run_sync(atomic_write_bytes, path, image)
         stored = StoredImage(path, _TYPES[kind], time.time())
         self._index[image_id] = stored
         return stored

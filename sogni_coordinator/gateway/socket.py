@@ -46,6 +46,11 @@ OUTBOX = 256
 SWARM_POLL = 1.0
 """How often the worker counts are compared and re-sent when they changed."""
 SEND_TIMEOUT = 30.0
+"""Longest wait for this socket's turn to write (hypercorn's per-connection send lock). The
+write itself runs in hypercorn's shielded scope, out of this deadline's reach: a socket whose
+app stops reading is dropped by the listener's own send deadline (`sogni_net.http`
+`SEND_TIMEOUT`, no progress for that long), and the session ends on the
+`websocket.disconnect` that follows (later sends to the dropped socket are discarded)."""
 
 
 def _kind(exc: BaseException) -> str:
@@ -135,6 +140,9 @@ class Session:
         finally:
             if self.gateway.sockets.get(slot) is self:
                 del self.gateway.sockets[slot]
+            # Last words (1001s, the close code) within 1 s: a write stuck on a client that
+            # stopped reading is beyond this deadline, but ends at the listener's send
+            # deadline, or at its SHUTDOWN_GRACE when the coordinator stops.
             with trio.move_on_after(1) as shield:
                 shield.shield = True
                 try:
@@ -161,7 +169,8 @@ class Session:
         await self.send("balanceUpdate", await self.gateway.balances(record.account))
 
     async def _write(self) -> None:
-        """The only sender; a socket that fails or stalls a send ends the session."""
+        """The only sender; a send that fails or times out ends the session (a stalled one
+        is ended by the listener, which drops the connection: see SEND_TIMEOUT)."""
         try:
             async for text in self.send_out:
                 with trio.fail_after(SEND_TIMEOUT):
