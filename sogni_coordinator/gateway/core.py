@@ -65,8 +65,13 @@ INTERRUPTED = (
 )
 LOST = "the network no longer knows this project: start a new project"
 
-Send = Callable[[str, dict[str, Any]], Awaitable[None]]
-"""Queue one frame (type, payload) for a socket."""
+
+class Send(Protocol):
+    """Queue one frame (type, payload) for a socket; `then` runs once it is written."""
+
+    def __call__(
+        self, name: str, data: dict[str, Any], *, then: Callable[[], None] | None = None
+    ) -> Awaitable[None]: ...
 
 
 class KeyRecord(Protocol):
@@ -583,9 +588,15 @@ class Gateway:
     async def _finish(self, project: Project, send: Send) -> None:
         if project.cancelled:
             return
-        project.told = True
+
+        # Told only once written: marked when queued, an end lost with its socket (the
+        # writer stalls, then drops the queue) was never replayed to the app's next socket,
+        # and the SDKs marked the project lost (rendered and charged, never returned).
+        def told() -> None:
+            project.told = True
+
         if any(o.ok for o in project.outcomes.values()):
-            await send("jobState", {"type": "jobCompleted", "jobID": project.job_id})
+            await send("jobState", {"type": "jobCompleted", "jobID": project.job_id}, then=told)
         else:
             await send(
                 "jobError",
@@ -595,6 +606,7 @@ class Gateway:
                     "error_message": "no image of this project could be rendered",
                     "isFromWorker": False,
                 },
+                then=told,
             )
 
     async def result_url(self, img_id: str, base_url: str) -> str | None:

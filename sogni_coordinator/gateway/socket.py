@@ -13,6 +13,7 @@ resumes them too (after a 1001, or from another appId).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -96,7 +97,9 @@ class Session:
         self.ws = ws
         self.key = key
         self.app_id = app_id
-        self.send_in, self.send_out = trio.open_memory_channel[str](OUTBOX)
+        self.send_in, self.send_out = trio.open_memory_channel[
+            tuple[str, Callable[[], None] | None]
+        ](OUTBOX)
         self.close_code = 1000
         self.scope = trio.CancelScope()
         network = ws.query_params.get("forceWorkerId", "fast")
@@ -112,8 +115,11 @@ class Session:
         self.close_code = code
         self.scope.cancel()
 
-    async def send(self, name: str, data: dict[str, Any]) -> None:
-        await self.send_in.send(encode_frame(name, data))
+    async def send(
+        self, name: str, data: dict[str, Any], *, then: Callable[[], None] | None = None
+    ) -> None:
+        """Queue a frame for the writer; `then` runs once it has been written."""
+        await self.send_in.send((encode_frame(name, data), then))
 
     async def run(self) -> None:
         slot = (self.key.key_id, self.app_id)
@@ -172,9 +178,11 @@ class Session:
         """The only sender; a send that fails or times out ends the session (a stalled one
         is ended by the listener, which drops the connection: see SEND_TIMEOUT)."""
         try:
-            async for text in self.send_out:
+            async for text, then in self.send_out:
                 with trio.fail_after(SEND_TIMEOUT):
                     await self.ws.send_text(text)
+                if then is not None:
+                    then()
         except Exception as exc:  # closed by the peer, or too slow: nothing more to send
             log.info("gateway_socket_send_failed", key=self.key.key_id, error=type(exc).__name__)
             self.scope.cancel()

@@ -1,0 +1,55 @@
+"""A project's end counts as told to its app only once its frame was written: marked when it
+was queued, an end lost with its socket (the writer stalls, then drops its queue) was never
+replayed to the app's next socket, and the SDKs marked the project lost (rendered, charged,
+never returned)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, cast
+
+import trio
+
+from sogni_coordinator.gateway.core import Gateway
+from sogni_coordinator.gateway.projects import Outcome, Project, ProjectBook
+from sogni_coordinator.gateway.socket import Session
+
+
+async def test_a_projects_end_is_told_once_written_not_once_queued() -> None:
+    project = Project("k1", "JOB1", 1, app_id="app")
+    project.outcomes[0] = Outcome(ok=True, steps=3, seed=1)
+    queued: list[tuple[str, Any]] = []
+
+    async def send(name: str, data: dict[str, Any], *, then: Any = None) -> None:
+        queued.append((name, then))  # queued for a writer that never writes it
+
+    await Gateway._finish(cast(Gateway, None), project, send)
+    assert [name for name, _ in queued] == ["jobState"] and not project.told
+    book = ProjectBook(keep=3600)
+    book.add(project)
+    assert book.untold("k1", "app") == [project]  # the app's next socket gets it again
+    queued[0][1]()  # the writer wrote it
+    assert project.told and book.untold("k1", "app") == []
+
+
+async def test_the_socket_writer_runs_then_after_the_frame_is_written() -> None:
+    written: list[str] = []
+    ws = SimpleNamespace(query_params={}, url=SimpleNamespace(scheme="http", netloc="x"))
+
+    async def send_text(text: str) -> None:
+        written.append(text)
+
+    ws.send_text = send_text
+    gateway = SimpleNamespace(config=SimpleNamespace(default_network="fast", public_url=None))
+    session = Session(cast(Any, gateway), cast(Any, ws), cast(Any, None), "app")
+    seen: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session._write)
+        await session.send(
+            "jobState", {"type": "jobCompleted"}, then=lambda: seen.append(len(written))
+        )
+        with trio.fail_after(5):
+            while not seen:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
+    assert seen == [1]  # after its frame went out
