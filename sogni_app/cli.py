@@ -53,6 +53,7 @@ from sogni_protocol.cli_errors import (
     DebugOption,
     Refused,
     Unavailable,
+    interrupted,
     register,
 )
 from sogni_protocol.cli_errors import main as run_cli
@@ -81,6 +82,11 @@ DEFAULT_MODEL = EMBEDDED_MODEL_ID
 DEFAULT_COORDINATOR_FILE = Path("~/.sogni/coordinator/coordinator.json")
 DEFAULT_KEYSTORE = Path("~/.sogni/client/payer.json")
 _KEYS_HINT = "sogni keys create"
+MODEL_GUIDANCE: dict[str, float] = {DEFAULT_MODEL: 5.0, "sogni-tiny-sd": 5.0}
+"""The guidance of the models a node ships, as their specs have it (sogni_node.models:
+SHAPES_DEFAULT_GUIDANCE, TINY_DEFAULT_GUIDANCE; a test keeps them equal)."""
+OTHER_MODEL_GUIDANCE = 7.5
+"""Any other model: what a node's model spec and a `RenderRequest` default to."""
 MICRO = 1_000_000
 
 _T = TypeVar("_T")
@@ -145,6 +151,11 @@ _SIGN_FOR_IT = (
     "sign for the coordinator's network and domain: --network-id, --chain-id, --verifying-contract"
 )
 register(CoordinatorLost, Unavailable, "collect the rest later with `sogni collect`")
+
+
+def default_guidance(model_id: str) -> float:
+    """The guidance `sogni render` asks for when `--guidance` is not given: the model's."""
+    return MODEL_GUIDANCE.get(model_id, OTHER_MODEL_GUIDANCE)
 
 
 def _damaged(path: Path, what: str) -> Refused:
@@ -283,7 +294,13 @@ def render_cmd(
     n: Annotated[int, typer.Option("-n", "--number", help="Number of images (1-512).")] = 1,
     model: Annotated[str, typer.Option("--model", help="Model id.")] = DEFAULT_MODEL,
     steps: Annotated[int, typer.Option(help="Denoising steps.")] = 8,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale.")] = 4.0,
+    guidance: Annotated[
+        float | None,
+        typer.Option(
+            help="Classifier-free guidance scale (default: the model's own, "
+            f"{MODEL_GUIDANCE[DEFAULT_MODEL]} for {DEFAULT_MODEL}; else {OTHER_MODEL_GUIDANCE}).",
+        ),
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed+i.")] = 0,
     width: Annotated[int, typer.Option(help="Width in pixels.")] = 64,
     height: Annotated[int, typer.Option(help="Height in pixels.")] = 64,
@@ -334,7 +351,7 @@ def render_cmd(
             model_id=model,
             negative_prompt=negative,
             steps=steps,
-            guidance=guidance,
+            guidance=default_guidance(model) if guidance is None else guidance,
             seed=seed,
             width=width,
             height=height,
@@ -367,29 +384,39 @@ def render_cmd(
         path = save_ticket(ticket, out)
         typer.echo(f"request {ticket.request_id.hex()} accepted (resume ticket: {path})", err=True)
 
-    with _ProgressBar("rendering", n * steps) as bar:
+    try:
+        with _ProgressBar("rendering", n * steps) as bar:
 
-        def on_image(image: RenderedImage) -> None:
-            save_image(tickets[0].request_id, image, out)  # saved before it is acknowledged
-            bar.image(image.index, steps)
+            def on_image(image: RenderedImage) -> None:
+                save_image(tickets[0].request_id, image, out)  # saved before it is acknowledged
+                bar.image(image.index, steps)
 
-        try:
-            result = render_sync(
-                [addr, *others],
-                request,
-                on_progress=bar.progress,
-                on_image=on_image,
-                on_accepted=on_accepted,
-                reconnect_for=reconnect_for,
-                **paying,
+            try:
+                result = render_sync(
+                    [addr, *others],
+                    request,
+                    on_progress=bar.progress,
+                    on_image=on_image,
+                    on_accepted=on_accepted,
+                    reconnect_for=reconnect_for,
+                    **paying,
+                )
+            except CoordinatorLost as exc:
+                raise _lost(exc, out) from None
+            except RenderRefused as exc:
+                if paying and exc.code == "unauthorized":  # signed for another network/domain
+                    raise Refused(f"the coordinator refused: {exc}", _SIGN_FOR_IT) from None
+                raise
+    except BaseException as exc:  # Ctrl-C: the request was accepted and keeps running
+        if tickets and interrupted(exc):
+            rid = tickets[0].request_id.hex()
+            typer.echo(
+                f"request {rid} keeps running on the coordinator: fetch its images with "
+                f"`sogni collect {rid} --out {out}`",
+                err=True,
             )
-        except CoordinatorLost as exc:
-            raise _lost(exc, out) from None
-        except RenderRefused as exc:
-            if paying and exc.code == "unauthorized":  # signed for another network or domain
-                raise Refused(f"the coordinator refused: {exc}", _SIGN_FOR_IT) from None
-            raise
-    _report(result, out, token_type)
+        raise
+    _report(result, out, token_type, images=n, steps=steps)
 
 
 @app.command("collect")
@@ -474,9 +501,41 @@ def _lost(exc: CoordinatorLost, out: Path) -> Unavailable:
     return Unavailable(str(exc), f"collect it later: sogni collect {rid} --out {out}")
 
 
-def _report(result: RenderResult, out: Path, token_type: str | None) -> None:
-    """The summary line; exit 1 when some images failed."""
-    cost = f" for {result.cost_micro / MICRO:.6f} {token_type}" if result.cost_micro else ""
+def charged_micro(result: RenderResult, images: int, steps: int) -> int:
+    """What the request was charged, in micro units, as the coordinator settles it: each
+    delivered image's share of the reserved `cost_micro` (pro rata of its steps for a
+    cancelled one, rounded down); failed images and the rest of the reservation are
+    refunded. `images` and `steps` are the request's."""
+    if not result.cost_micro or images < 1 or steps < 1:
+        return 0
+    per_image = result.cost_micro // images  # the quote's total is exactly images x per_image
+    return sum(
+        per_image * max(0, min(im.receipt.steps_done, steps)) // steps for im in result.images
+    )
+
+
+def cost_summary(reserved_micro: int, charged: int, unit: str) -> str:
+    """ "0.019352 spark", or what was charged of what was reserved when part was refunded."""
+    if charged >= reserved_micro:
+        return f"{charged / MICRO:.6f} {unit}"
+    if charged == 0:
+        return f"nothing ({reserved_micro / MICRO:.6f} {unit} reserved, all refunded)"
+    refunded = reserved_micro - charged
+    return (
+        f"{charged / MICRO:.6f} {unit} ({reserved_micro / MICRO:.6f} reserved, "
+        f"{refunded / MICRO:.6f} refunded)"
+    )
+
+
+def _report(
+    result: RenderResult, out: Path, token_type: str | None, *, images: int = 0, steps: int = 0
+) -> None:
+    """The summary line: what was charged (of the reservation) when the request is known;
+    exit 1 when some images failed."""
+    cost = ""
+    if result.cost_micro and token_type is not None:
+        charged = charged_micro(result, images, steps)
+        cost = f" for {cost_summary(result.cost_micro, charged, token_type)}"
     typer.echo(f"{len(result.images)} images and receipts in {out}/ (receipts.jsonl){cost}")
     for index, reason in result.failed:
         typer.echo(f"image {index} failed: {reason}", err=True)

@@ -31,7 +31,26 @@ _LISTENING = re.compile(r"Listening on ([0-9.]+):(\d+)")
 
 
 class AnvilError(RuntimeError):
-    pass
+    """anvil is missing or did not start; `todo`, when set, says what to do about it (the
+    CLI error layer prints it)."""
+
+    def __init__(self, message: str, todo: str | None = None) -> None:
+        super().__init__(message)
+        self.todo = todo
+
+
+_IN_USE = re.compile(r"address already in use|os error 98|os error 48", re.IGNORECASE)
+
+
+def _exited(code: int, host: str, port: int, log: str) -> AnvilError:
+    """Why anvil stopped before it listened: a port in use in words, else its last lines."""
+    if _IN_USE.search(log):
+        return AnvilError(
+            f"port {port} on {host} is already in use (another anvil, or another program)",
+            "pick another --port, or stop the other anvil",
+        )
+    said = log.strip()[-2000:]
+    return AnvilError(f"anvil exited with code {code}" + (f": {said}" if said else ""))
 
 
 def _platform_package() -> str | None:
@@ -150,7 +169,7 @@ class Anvil:
                 self.url = f"http://{match.group(1)}:{self.port}"
                 return self
             if self._proc.poll() is not None:
-                raise AnvilError(f"anvil exited with {self._proc.returncode}:\n{text[-2000:]}")
+                raise _exited(self._proc.returncode, self.host, self.port, text)
             time.sleep(0.05)
         self.stop()
         raise AnvilError(f"anvil did not start within {self.startup_timeout}s")
@@ -186,12 +205,15 @@ class Anvil:
         self.stop()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, prog: str | None = None) -> int:
     """Run anvil in the foreground until Ctrl-C, printing its URL."""
-    parser = argparse.ArgumentParser(description="Start the pinned anvil for Sogni development.")
+    parser = argparse.ArgumentParser(
+        prog=prog or "python -m sogni_chain anvil",
+        description="Start the pinned anvil for Sogni development.",
+    )
     parser.add_argument("--state", default=".cache/anvil-state.json", help="state file")
-    parser.add_argument("--port", type=int, default=8545)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8545, help="port (0: anvil picks one)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     args = parser.parse_args(argv)
 
     def on_term(signum: int, frame: object) -> None:

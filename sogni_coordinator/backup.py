@@ -8,9 +8,10 @@ Published epoch files are written before the database marks their epoch (atomic 
 copying the folder after the snapshot gives every epoch the snapshot knows of.
 
 Keys: the offer key and the settlement key are already encrypted keystores and are copied as
-they are; the libp2p identity (`node.key`, raw Ed25519) is encrypted with a password (scrypt +
-AES-GCM) before it leaves the data folder. Keys go into `keys/` only when asked, so a backup
-folder without them can go to ordinary storage.
+they are; the libp2p identity (`node.key`, raw Ed25519) and the gateway's result-URL key
+(`result-url.key`, the network's HMAC key: docs/GATEWAY.md) are encrypted with a password
+(scrypt + AES-GCM) before they leave the data folder. Keys go into `keys/` only when asked, so
+a backup folder without them can go to ordinary storage.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from sogni_coordinator.db import private_database_file
 from sogni_coordinator.storage import is_postgres
 from sogni_protocol.atomic import atomic_write_bytes
 
-__all__ = ["BACKUP_FORMAT", "BackupError", "BackupManifest", "backup", "restore"]
+__all__ = ["BACKUP_FORMAT", "ENCRYPTED_KEYS", "BackupError", "BackupManifest", "backup", "restore"]
 
 BACKUP_FORMAT = "sogni-coordinator-backup-v1"
 _DB_NAME = "coordinator.db"
@@ -41,6 +42,14 @@ _FOLDERS = ("epochs", "unsigned")
 """Data-folder sub-folders carried in a backup (published epochs, unsigned transactions)."""
 _FILES = ("addresses.json", "verifications.jsonl", "coordinator.json")
 _NODE_KEY_ENC = "node.key.enc"
+_URL_KEY_ENC = "result-url.key.enc"
+_ENCRYPTED = {_NODE_KEY_ENC: "node key", _URL_KEY_ENC: "result-URL key"}
+"""The raw secrets a backup holds encrypted, by file name in `keys/`."""
+ENCRYPTED_KEYS = tuple(_ENCRYPTED)
+"""Their file names: a restore asks for the password when the backup holds one."""
+_URL_KEY = "result-url.key"
+"""`sogni_coordinator.result_urls.KEY_FILE` (not imported: the gateway's module is not
+needed to copy a file)."""
 _SCRYPT_N = 2**15
 
 
@@ -127,7 +136,7 @@ def _encrypt(data: bytes, password: str) -> bytes:
     ).encode()
 
 
-def _decrypt(blob: bytes, password: str) -> bytes:
+def _decrypt(blob: bytes, password: str, what: str = "node key") -> bytes:
     try:
         doc = json.loads(blob)
         salt, nonce = bytes.fromhex(doc["salt"]), bytes.fromhex(doc["nonce"])
@@ -138,7 +147,7 @@ def _decrypt(blob: bytes, password: str) -> bytes:
         )
     except (ValueError, KeyError, TypeError) as exc:
         raise BackupError(
-            f"cannot decrypt the backed-up node key ({type(exc).__name__}): wrong password?"
+            f"cannot decrypt the backed-up {what} ({type(exc).__name__}): wrong password?"
         ) from None
 
 
@@ -162,12 +171,14 @@ def backup(
     database: Path | None = None,
     key_files: Iterable[Path] = (),
     node_key: Path | None = None,
+    url_key: Path | None = None,
     password: str | None = None,
 ) -> BackupManifest:
     """Write a backup of the coordinator in `data_dir` into the empty folder `target`.
 
     `key_files` (encrypted keystores) are copied into `keys/`; `node_key` (the raw libp2p
-    identity) is encrypted with `password` first. Without them the backup holds no key."""
+    identity) and `url_key` (the gateway's result-URL HMAC key) are encrypted with
+    `password` first. Without them the backup holds no key."""
     _refuse_server(database)
     database = database or data_dir / _DB_NAME
     if not database.exists():
@@ -176,6 +187,8 @@ def backup(
         raise BackupError(f"{target} is not empty: back up into a new folder")
     if node_key is not None and not password:
         raise BackupError("the node key is encrypted with a password: set one to back it up")
+    if url_key is not None and url_key.is_file() and not password:
+        raise BackupError("the result-URL key is encrypted with a password: set one to back it up")
     target.mkdir(mode=0o700, parents=True, exist_ok=True)
     private_database_file(target / _DB_NAME)  # live requests' prompt keys: owner only
     _snapshot_db(database, target / _DB_NAME)
@@ -191,13 +204,12 @@ def backup(
             (target / "keys").mkdir(exist_ok=True)
             shutil.copy2(path, target / "keys" / path.name)
             keys = True
-    if node_key is not None and node_key.is_file():
-        assert password is not None
-        (target / "keys").mkdir(exist_ok=True)
-        atomic_write_bytes(
-            target / "keys" / _NODE_KEY_ENC, _encrypt(node_key.read_bytes(), password)
-        )
-        keys = True
+    for secret, name in ((node_key, _NODE_KEY_ENC), (url_key, _URL_KEY_ENC)):
+        if secret is not None and secret.is_file():
+            assert password is not None
+            (target / "keys").mkdir(exist_ok=True)
+            atomic_write_bytes(target / "keys" / name, _encrypt(secret.read_bytes(), password))
+            keys = True
     files = {
         str(p.relative_to(target)): _sha256(p) for p in _walk(target) if p.name != "manifest.json"
     }
@@ -213,12 +225,14 @@ def restore(
     database: Path | None = None,
     password: str | None = None,
     force: bool = False,
+    url_key: Path | None = None,
 ) -> BackupManifest:
     """Restore the backup in `source` into `data_dir` (whose coordinator must be stopped).
 
     Every file is checked against the manifest first; nothing is written if one differs.
     Refuses to overwrite an existing database unless `force`. Keys in the backup are restored
-    too (the node key decrypted with `password`)."""
+    too (the node key and the result-URL key decrypted with `password`; the latter to
+    `url_key`, default `data_dir/result-url.key`)."""
     _refuse_server(database)
     manifest = BackupManifest.read(source)
     for rel, digest in manifest.files.items():
@@ -234,19 +248,27 @@ def restore(
         )
     try:
         with hold(data_dir, "restoring into its folder"):  # and none starts meanwhile
-            return _restore_files(source, data_dir, database, manifest, password)
+            return _restore_files(
+                source, data_dir, database, manifest, password, url_key or data_dir / _URL_KEY
+            )
     except DataDirBusy as exc:
         raise BackupError(str(exc)) from None
 
 
 def _restore_files(
-    source: Path, data_dir: Path, database: Path, manifest: BackupManifest, password: str | None
+    source: Path,
+    data_dir: Path,
+    database: Path,
+    manifest: BackupManifest,
+    password: str | None,
+    url_key: Path,
 ) -> BackupManifest:
-    node_key = None
-    if (source / "keys" / _NODE_KEY_ENC).is_file():
-        if not password:
-            raise BackupError("the backup holds an encrypted node key: give its password")
-        node_key = _decrypt((source / "keys" / _NODE_KEY_ENC).read_bytes(), password)
+    secrets: dict[str, bytes] = {}  # decrypted before anything is written
+    for name, what in _ENCRYPTED.items():
+        if (source / "keys" / name).is_file():
+            if not password:
+                raise BackupError(f"the backup holds an encrypted {what}: give its password")
+            secrets[name] = _decrypt((source / "keys" / name).read_bytes(), password, what)
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     for suffix in ("-wal", "-shm"):  # a stale WAL must not be replayed over the restored file
         Path(str(database) + suffix).unlink(missing_ok=True)
@@ -262,10 +284,12 @@ def _restore_files(
             shutil.copy2(source / name, data_dir / name)
     if (source / "keys").is_dir():
         for path in sorted((source / "keys").iterdir()):
-            if path.name != _NODE_KEY_ENC:
+            if path.name not in _ENCRYPTED:
                 shutil.copy2(path, data_dir / path.name)
                 os.chmod(data_dir / path.name, 0o600)
-    if node_key is not None:
-        atomic_write_bytes(data_dir / "node.key", node_key)
-        os.chmod(data_dir / "node.key", 0o600)
+    for name, target in ((_NODE_KEY_ENC, data_dir / "node.key"), (_URL_KEY_ENC, url_key)):
+        if name in secrets:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(target, secrets[name])
+            os.chmod(target, 0o600)
     return manifest

@@ -10,8 +10,8 @@ from typing import Annotated
 
 import typer
 
-from sogni_coordinator.backup import BackupError, backup, restore
-from sogni_coordinator.config import load_coordinator_config
+from sogni_coordinator.backup import ENCRYPTED_KEYS, BackupError, backup, restore
+from sogni_coordinator.config import CoordinatorConfig, load_coordinator_config
 from sogni_protocol.cli_errors import Refused, register
 from sogni_wallet.keystore import password_from_env_or_prompt
 
@@ -27,6 +27,13 @@ ConfigOpt = Annotated[
 ]
 
 
+def _url_key(cfg: CoordinatorConfig) -> Path:
+    """The gateway's result-URL key file: `result_url_key_file`, else in the data folder."""
+    if cfg.result_url_key_file is not None:
+        return cfg.result_url_key_file
+    return cfg.data_dir / "result-url.key"
+
+
 @app.command("backup")
 def backup_cmd(
     folder: Annotated[Path, typer.Argument(help="A new (or empty) folder for the backup.")],
@@ -34,8 +41,9 @@ def backup_cmd(
         bool,
         typer.Option(
             "--keys",
-            help="Also back up the keys: keystores as they are (encrypted), the libp2p "
-            "identity encrypted with the coordinator's password.",
+            help="Also back up the keys: keystores as they are (encrypted); the libp2p "
+            "identity and the gateway's result-URL key encrypted with the coordinator's "
+            "password.",
         ),
     ] = False,
     config: ConfigOpt = None,
@@ -43,13 +51,14 @@ def backup_cmd(
     """A consistent snapshot of the database and published epochs, safe while it runs."""
     cfg = load_coordinator_config(config)
     key_files: list[Path] = []
-    node_key = password = None
+    node_key = url_key = password = None
     if keys:
         key_files = [cfg.keystore]
         if cfg.settlement_keystore is not None:
             key_files.append(cfg.settlement_keystore)
         node_key = cfg.node_key_path
-        if node_key.exists():
+        url_key = _url_key(cfg)
+        if node_key.exists() or url_key.exists():
             password = password_from_env_or_prompt(cfg.password_env)
     manifest = backup(
         cfg.data_dir,
@@ -57,6 +66,7 @@ def backup_cmd(
         database=cfg.database,
         key_files=key_files,
         node_key=node_key,
+        url_key=url_key,
         password=password,
     )
     typer.echo(
@@ -76,9 +86,16 @@ def restore_cmd(
     cfg = load_coordinator_config(config)
     source = folder.expanduser()
     password = None
-    if (source / "keys" / "node.key.enc").exists():
+    if any((source / "keys" / name).exists() for name in ENCRYPTED_KEYS):
         password = password_from_env_or_prompt(cfg.password_env)
-    manifest = restore(source, cfg.data_dir, database=cfg.database, password=password, force=force)
+    manifest = restore(
+        source,
+        cfg.data_dir,
+        database=cfg.database,
+        password=password,
+        force=force,
+        url_key=_url_key(cfg),
+    )
     typer.echo(
         json.dumps(
             {"restored": str(cfg.data_dir), "files": len(manifest.files), "keys": manifest.keys}

@@ -47,7 +47,7 @@ __all__ = ["app", "chain_app", "epoch_app"]
 app = typer.Typer(add_completion=False)
 """Nameless: `sogni_coordinator.cli` merges its two groups (`chain`, `epoch`) into its own."""
 chain_app = typer.Typer(
-    help="The settlement contracts (deploy, dev funding).", no_args_is_help=True
+    help="The settlement contracts (deploy, dev funding, settlement role).", no_args_is_help=True
 )
 epoch_app = typer.Typer(
     help="Settlement epochs: close, sign, submit, show, list, watch, audit.", no_args_is_help=True
@@ -176,7 +176,8 @@ def _settler(cfg: CoordinatorConfig, url: str | None, store: Store) -> Settler:
         raise Refused(
             f"the settlement key {address} lacks SETTLEMENT_ROLE on "
             f"{deployment.distributor.address}",
-            "deploy with it as settler (--settler), or have the admin grant the role",
+            f"grant it with the admin key: `sogni-coordinator chain grant-settler {address}`"
+            " (or deploy with it as settler: `chain deploy --settler`)",
         )
     settler = Settler(
         store,
@@ -377,6 +378,102 @@ def chain_fund(
             "sogni": str(deployment.token.balance_of(address)),
         }
     )
+
+
+def _admin_chain(
+    cfg: CoordinatorConfig, url: str | None, keystore: Path | None, password_env: str
+) -> tuple[Chain, Any]:
+    """The chain and the admin signer: dev account 0 (the treasury and admin of `chain
+    deploy` on a dev chain), or the key in `keystore` (any chain, dev keys not loaded)."""
+    if keystore is None:
+        chain = _shared_chain(cfg, url)
+        return chain, chain.accounts[0]
+    from sogni_chain import connect
+    from sogni_wallet.keystore import unlock_wallet
+
+    url = url or cfg.chain_url
+    if url is None or url == "embedded":
+        _shared_chain(cfg, url)  # refuses in words
+    if not keystore.expanduser().is_file():
+        raise Unavailable(
+            f"{keystore}: No such file or directory", "give --keystore the admin's keystore file"
+        )
+    wallet = unlock_wallet(keystore, password_env, create_hint="sogni-coordinator keys create")
+    try:
+        chain = connect(url, keys=[])
+    except ConnectionError:
+        raise
+    except ValueError as exc:
+        raise BadUsage(str(exc), "use http(s)://host:port") from exc
+    return chain, chain.add_key(wallet.private_key)
+
+
+@chain_app.command("grant-settler")
+def chain_grant_settler(
+    address: Annotated[
+        str,
+        typer.Argument(help="The settlement key's address (e.g. the new key after `keys rotate`)."),
+    ],
+    config: ConfigOpt = None,
+    chain_url: UrlOpt = None,
+    keystore: Annotated[
+        Path | None,
+        typer.Option(
+            "--keystore",
+            help="The admin's keystore (default: dev account 0, the admin `chain deploy` "
+            "makes on a dev chain).",
+        ),
+    ] = None,
+    password_env: Annotated[
+        str, typer.Option(help="Env var holding the admin keystore's password (else prompted).")
+    ] = "SOGNI_ADMIN_PASSWORD",
+) -> None:
+    """Give ADDRESS SETTLEMENT_ROLE on the RewardDistributor (it may post epoch roots),
+    sent from the distributor's admin: what `epoch close` needs after `keys rotate` on a
+    network where the offer key settles."""
+    from eth_utils import is_address, to_checksum_address
+
+    if not is_address(address):
+        raise BadUsage(f"{address[:60]!r} is not an Ethereum address", "give a 0x... address")
+    address = to_checksum_address(address)
+    cfg = _config(config)
+    chain, admin = _admin_chain(cfg, chain_url, keystore, password_env)
+    distributor = _deployment(cfg, chain).distributor
+    if not distributor.has_role("DEFAULT_ADMIN_ROLE", admin.address):
+        raise Refused(
+            f"{admin.address} is not the admin of the RewardDistributor {distributor.address} "
+            f"(its admin is {distributor.default_admin()})",
+            "run it with the admin's key (--keystore); on a governed network a governance "
+            "proposal grants the role",
+        )
+    granted = distributor.has_role("SETTLEMENT_ROLE", address)
+    tx: str | None = None
+    if not granted:
+        try:
+            tx = distributor.grant_role("SETTLEMENT_ROLE", address, sender=admin).hash
+        except Exception as exc:
+            if not no_funds(exc):
+                raise
+            raise too_little_eth(
+                admin.address, chain.eth_balance(admin.address), sending="the grant"
+            ) from None
+    eth = chain.eth_balance(address)
+    _print_json(
+        {
+            "address": address,
+            "role": "SETTLEMENT_ROLE",
+            "distributor": distributor.address,
+            "alreadyHeld": granted,
+            "tx": tx,
+            "eth": str(eth),
+        }
+    )
+    if eth == 0:
+        typer.echo(
+            f"note: {address} holds no ETH to pay for posting roots: "
+            f"`sogni-coordinator chain fund {address}` on a local chain",
+            err=True,
+        )
 
 
 # --- epoch ---------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from sogni_protocol.cli_errors import (
     CliGroup,
     DebugOption,
     Refused,
+    parse_amount,
     register,
 )
 from sogni_protocol.logs import configure_logging
@@ -233,18 +234,31 @@ def workers(
         )
 
 
+MAX_CREDIT_MICRO = 2**53
+"""The most one `credit` adds (about 9 billion units): balances are 64-bit micro units."""
+
+
 @app.command("credit", context_settings=NEGATIVE_AS_ARGUMENT)
 def credit(
     account: Annotated[str, typer.Argument(help="Payer wallet address.")],
-    amount: Annotated[int, typer.Argument(help="Whole Spark (or SOGNI with --sogni).", min=1)],
+    amount: Annotated[
+        str, typer.Argument(help="Spark (or SOGNI with --sogni), e.g. 100 or 2.5 (6 decimals).")
+    ],
     sogni: Annotated[bool, typer.Option("--sogni", help="Credit SOGNI instead of Spark.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Credit a payer: stands for a card purchase of Spark, or a SOGNI deposit."""
     from eth_utils import is_address
 
-    from sogni_coordinator.ledger import MICRO, Ledger
+    from sogni_coordinator.ledger import Ledger
 
+    unit = "SOGNI" if sogni else "Spark"
+    micro = parse_amount(amount, unit=unit, decimals=6)  # the ledger counts micro units
+    if micro > MAX_CREDIT_MICRO:
+        raise BadUsage(
+            f"not an amount of {unit}: {amount.strip()[:40]!r} is more than the ledger holds",
+            f"give at most {MAX_CREDIT_MICRO // 10**6} {unit}",
+        )
     if not is_address(account):
         raise BadUsage(f"{account!r} is not an Ethereum address", "give a 0x... address")
     cfg = _config(config)
@@ -252,9 +266,9 @@ def credit(
     ledger = Ledger(cfg.database)
     try:
         if sogni:
-            ledger.deposit_sogni(account, amount * MICRO)
+            ledger.deposit_sogni(account, micro)
         else:
-            ledger.credit_purchase(account, amount)
+            ledger.credit_purchase(account, micro, micro=True)
         typer.echo(json.dumps({"account": account, "balance": ledger.balance(account)}))
     finally:
         ledger.close()

@@ -34,7 +34,9 @@ DEMO_PASSWORD = "localnet-demo-password"
 DEMO_KDF_N = 2**14
 DEMO_MODEL = "sogni-shapes-64"  # the trained embedded default: follows colour prompts
 DEMO_STEPS = 8
-DEMO_GUIDANCE = 4.0
+DEMO_GUIDANCE = 5.0
+"""The model's own default (sogni_node.models.registry.SHAPES_DEFAULT_GUIDANCE), as
+`sogni render` asks for it."""
 
 
 @dataclass
@@ -244,6 +246,7 @@ def _copy_verifications(log: Path, out: Path) -> list[dict[str, object]]:
 
 def _demo(images: int, out: Path, prompt: str, model: str) -> int:
     from sogni_app.api import render_sync, save
+    from sogni_app.cli import charged_micro, cost_summary
     from sogni_devnet.settlement_demo import embedded_deployment, settle_and_claim
     from sogni_protocol.eip712 import Domain
     from sogni_protocol.messages import RenderRequest
@@ -284,7 +287,8 @@ def _demo(images: int, out: Path, prompt: str, model: str) -> int:
         paths = save(result, out)
         workers = {im.receipt.worker for im in result.images}
         print(f"{len(paths)} images from {len(workers)} nodes in {out}/ (receipts.jsonl)")
-        print(f"  paid by {payer.address}: {result.cost_micro / 1e6:.6f} Spark")
+        charged = charged_micro(result, images, DEMO_STEPS)
+        print(f"  paid by {payer.address}: {cost_summary(result.cost_micro, charged, 'Spark')}")
         keys = [
             load_wallet(work / f"node{i}" / "wallet.json", DEMO_PASSWORD).private_key
             for i in range(2)
@@ -296,11 +300,11 @@ def _demo(images: int, out: Path, prompt: str, model: str) -> int:
     print(f"  {out}/verifications.jsonl)")
     published = out / "epochs"
     shutil.rmtree(published, ignore_errors=True)
-    shutil.copytree(work / "coordinator" / "epochs", published)
     epoch = settled.epoch
-    if epoch is None:
-        print("no epoch closed: no receipts to settle")
+    if epoch is None:  # nothing rendered: the coordinator published no epoch folder
+        print(f"no epoch closed: no receipts to settle (see the logs in {work}/logs)")
         return 1
+    shutil.copytree(work / "coordinator" / "epochs", published)
     print(
         f"epoch {epoch.epoch} settled on chain: root 0x{epoch.root.hex()[:16]}..., "
         f"{epoch.paid_receipts} receipts, batch {epoch.receipts_file}"

@@ -19,7 +19,7 @@ import typer
 from sogni_node.cli_common import ConfigOption, JsonOption, load_config
 from sogni_node.models.loras import LoraLibrary
 from sogni_node.models.store import ModelStore
-from sogni_protocol.cli_errors import CliError, Refused, classify
+from sogni_protocol.cli_errors import CliError, Refused, Unavailable, classify
 
 __all__ = ["loras_app", "models_app"]
 
@@ -37,6 +37,36 @@ DirOption = Annotated[
 def _unusable(exc: ValueError) -> CliError:
     """A file the store cannot use: its registered class, else refused (exit 3)."""
     return classify(exc) or Refused(str(exc), "check the file, or pass --class/--config-dir")
+
+
+_NOT_A_CHECKPOINT = (
+    "the file is damaged or not a checkpoint: download it again, or give a diffusers folder"
+)
+
+
+def _must_exist(path: Path) -> None:
+    """A path that is not there is unavailable (exit 4), as every CLI says it."""
+    if not path.exists():
+        raise Unavailable(f"{path}: No such file or directory", "check the path")
+
+
+def _checkpoint_file(path: Path) -> None:
+    """Before the store looks at it: a single file must be a readable `.safetensors`
+    (--class or --config-dir cannot help a file that is not one)."""
+    from sogni_node.models.detect import DetectionError, read_safetensors_header
+
+    _must_exist(path)
+    if not path.is_file():
+        return  # a diffusers folder: the store checks it
+    if not path.name.lower().endswith(".safetensors"):
+        raise Refused(
+            f"{path.name}: only .safetensors single files are supported",
+            "give a .safetensors checkpoint or a diffusers folder",
+        )
+    try:
+        read_safetensors_header(path)
+    except DetectionError as exc:
+        raise Refused(str(exc), _NOT_A_CHECKPOINT) from None
 
 
 def _store(config: Path | None, models_dir: Path | None) -> ModelStore:
@@ -117,6 +147,7 @@ def add(
     models_dir: DirOption = None,
 ) -> None:
     """Import a model: detect its class, hash its weights, add it to the index."""
+    _checkpoint_file(path)
     store = _store(config, models_dir)
     try:
         model = store.add(
@@ -204,6 +235,7 @@ def add_lora(
     models_dir: DirOption = None,
 ) -> None:
     """Check that a file is a supported LoRA, hash it and install it."""
+    _must_exist(path)
     fits = _fit_check(config, models_dir, model) if model is not None else None
     try:
         stored = _library(config, models_dir).add(path, lora_id, fits)

@@ -64,7 +64,7 @@ for _name, _kind, _todo in (
     ),
     ("sogni_node.epoch_fetch.RelayFailed", Refused, None),
     ("sogni_node.rewards.NotMatured", Refused, "try again once it has matured"),
-    ("sogni_protocol.epoch_audit.PublishedFolderError", BadUsage, "check --epochs-dir"),
+    ("sogni_protocol.epoch_audit.PublishedFolderError", Unavailable, "check --epochs-dir"),
 ):
     register(_name, _kind, _todo)
 
@@ -186,7 +186,9 @@ def _epochs_dir(
         from sogni_protocol.epoch_audit import audit_folder
 
         if not Path(local).is_dir():  # a typo must not read as "earned 0 SOGNI"
-            raise BadUsage(f"published epochs folder {local} does not exist", "check the path")
+            raise Unavailable(  # a missing path is exit 4, as `epoch audit --published`
+                f"published epochs folder {local} does not exist", "check the path"
+            )
         if not any(Path(local).glob("epoch-*.json")):
             return Path(local)  # nothing published yet: an empty report
         report = audit_folder(Path(local), through=through)
@@ -401,10 +403,31 @@ def rewards_claim(
                 }
             )
         _print_json(out)
+    elif plan is None:  # not "claimed 0 SOGNI": nothing was sent
+        typer.echo(_nothing_due(account, d.claimed(account), report.earned, matured))
     else:
         extra = f", {format_sogni(staked)} SOGNI of it staked" if staked else ""
         via = f" (relayed by {relayer})" if relayer else ""
         typer.echo(f"claimed {format_sogni(amount)} SOGNI to {account}{extra}{via}")
+
+
+def _nothing_due(account: str, claimed: int, earned: int, matured: int) -> str:
+    """Why a claim sends nothing: all claimed already, or nothing earned, by the newest
+    matured epoch; and whether later epochs hold more."""
+    from sogni_node.rewards import format_sogni
+
+    why = (
+        f"{account} already claimed {format_sogni(claimed)} SOGNI, all it earned"
+        if claimed
+        else f"{account} earned nothing"
+    )
+    later = earned - claimed
+    more = (
+        f"; {format_sogni(later)} SOGNI more is in epochs not matured yet: claim again then"
+        if later > 0
+        else ""
+    )
+    return f"nothing to claim ({why} through epoch {matured}, the newest matured{more})"
 
 
 def _no_gas(account: str, needed: int, balance: int) -> str:

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sogni_node.benchmark import saved_speed
@@ -25,7 +27,7 @@ from sogni_protocol import folder_lock
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-__all__ = ["NodeStatus", "collect", "render"]
+__all__ = ["NodeStatus", "collect", "epochs_folder", "render"]
 
 WEI_PER_SOGNI = 10**18
 
@@ -79,15 +81,52 @@ def _daemon(cfg: NodeConfig, timeout: float) -> tuple[dict[str, Any] | None, str
         return None, f"no node daemon answers on {listen} (start it with `sogni-node start`)"
 
 
+def _has_epochs(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.glob("epoch-*.json"))
+
+
+def _newest_epoch(folder: Path) -> tuple[int, float]:
+    """(highest epoch number, newest file time) of a folder of published epochs."""
+    numbers = [
+        (int(m[1]), p.stat().st_mtime)
+        for p in folder.glob("epoch-*.json")
+        if (m := re.fullmatch(r"epoch-(\d+)\.json", p.name))
+    ]
+    return max(numbers, default=(0, 0.0))
+
+
+def epochs_folder(cfg: NodeConfig) -> Path | None:
+    """The published epochs the view reads: `epochs_dir` when set, else the newest copy
+    `sogni-node rewards` fetched and checked (`data_dir/epochs/<source>/`, replaced only
+    by a copy that passed `audit_folder`), the configured sources' first; None: none yet."""
+    if cfg.epochs_dir is not None:
+        return cfg.epochs_dir if _has_epochs(cfg.epochs_dir) else None
+    cache = cfg.epochs_cache
+    if not cache.is_dir():
+        return None
+    from sogni_node.epoch_fetch import source_key
+
+    sources = [cache / source_key(s) for s in (cfg.epoch_sources or cfg.coordinators)]
+    ours = [f for f in sources if _has_epochs(f)]
+    others = [  # staging (".x.partial") and swap leftovers (".old") are not checked copies
+        f
+        for f in sorted(cache.iterdir())
+        if not f.name.startswith(".") and not f.name.endswith(".old") and _has_epochs(f)
+    ]
+    candidates = ours or others
+    return max(candidates, key=_newest_epoch) if candidates else None
+
+
 def _rewards(
     cfg: NodeConfig, wallet: str, journal: Journal
 ) -> tuple[int | None, int | None, str | None]:
-    if cfg.epochs_dir is None or not any(cfg.epochs_dir.glob("epoch-*.json")):
+    folder = epochs_folder(cfg)
+    if folder is None:
         return None, None, "no published epochs here yet (`sogni-node rewards` fetches them)"
     from sogni_node.rewards import PublicationError, audit, load_published
 
     try:
-        epochs = load_published(cfg.epochs_dir)
+        epochs = load_published(folder)
     except PublicationError as exc:
         return None, None, f"published epochs are inconsistent: {exc}"
     distributor = None

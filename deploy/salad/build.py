@@ -30,7 +30,14 @@ LIST_VARS = {"SALAD_GPU_CLASS"}
 
 
 class BuildError(ValueError):
-    """A container group that cannot be built: the message names what is missing or wrong."""
+    """A container group that cannot be built: the message names what is missing or wrong,
+    `todo` (when set) what to do about it."""
+
+    def __init__(self, message: str, todo: str | None = None, *, code: int = 2) -> None:
+        super().__init__(message)
+        self.todo = todo
+        self.code = code
+        """2: a value you set is wrong; 4: something needed is not there (docs/CLI.md)."""
 
 
 def _fill(value: Any, env: Mapping[str, str]) -> Any:
@@ -65,6 +72,56 @@ def _dropped(sent: Any, kept: Any, path: str = "") -> list[str]:
     return []
 
 
+ENTRYPOINT_ONLY = frozenset(
+    {
+        "SOGNI_NODE_KEY",
+        "SOGNI_NODE_KEYSTORE_JSON",
+        "SOGNI_NODE_KEYSTORE_FILE",
+        "SOGNI_NODE_PASSWORD",
+        "SOGNI_NODE_PASSWORD_FILE",
+    }
+)
+"""Variables the image's entrypoint consumes (docker/entrypoint.sh), not node settings."""
+
+
+def _check_node_settings(variables: Mapping[str, Any]) -> None:
+    """Load the node's config from the container's variables, with the node's own checks
+    (`sogni_node.config`): a bad coordinator address or payout address is refused now, not
+    by every replica at start, after the deployment."""
+    try:
+        from sogni_node.config import load_node_config
+        from sogni_protocol.settings import SettingsError
+    except ImportError as exc:
+        raise BuildError(
+            f"checking the node settings needs the sogni-supernet package ({exc.name})",
+            "run it with the project's Python: .venv/bin/python deploy/salad/build.py",
+        ) from None
+    env = {
+        k: str(v)
+        for k, v in variables.items()
+        if k.startswith("SOGNI_NODE_") and k not in ENTRYPOINT_ONLY
+    }
+    try:
+        load_node_config(None, env)
+    except SettingsError as exc:
+        raise BuildError(str(exc), "fix that variable in your environment") from None
+    except ValueError as exc:  # a config the node refuses in other words
+        raise BuildError(str(exc), "fix the SOGNI_NODE_* variables") from None
+
+
+def _keystore_text(path: Path) -> str:
+    """The keystore's JSON, checked to be a keystore (not its password: that stays yours)."""
+    from sogni_wallet.keystore import KeystoreError, KeystoreNotFound, keystore_address
+
+    try:
+        keystore_address(path, create_hint="sogni-node keys create")
+    except KeystoreNotFound as exc:
+        raise BuildError(str(exc), code=4) from None
+    except KeystoreError as exc:
+        raise BuildError(str(exc), "give --keystore the node's keystore v3 file") from None
+    return path.read_text()
+
+
 def build(
     env: Mapping[str, str],
     *,
@@ -84,6 +141,7 @@ def build(
         variables.pop("SOGNI_NODE_KEY", None)
         variables["SOGNI_NODE_KEYSTORE_JSON"] = keystore
         variables["SOGNI_NODE_PASSWORD"] = password
+    _check_node_settings(data["container"]["environment_variables"])
     if not data["container"]["resources"].get("gpu_classes"):
         raise BuildError("set SALAD_GPU_CLASS (a GPU class id from the SaladCloud API)")
     try:
@@ -97,22 +155,34 @@ def build(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Print (or write) the body; one `error:` line when it cannot be built, exit 2 for a
+    value set wrong, 4 for a file that is not there (as the project's CLIs, docs/CLI.md)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--keystore", type=Path, help="node keystore to pass as a secret")
     parser.add_argument("--out", type=Path, help="write the body here (mode 0600)")
     args = parser.parse_args(argv)
     try:
-        keystore = args.keystore.read_text() if args.keystore else None
+        keystore = _keystore_text(args.keystore) if args.keystore else None
         body = json.dumps(build(os.environ, keystore=keystore)._map(), indent=2)
     except (BuildError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        print(_error_line(exc), file=sys.stderr)
+        return exc.code if isinstance(exc, BuildError) else 4
     if args.out is None:
         print(body)
     else:
         args.out.touch(mode=0o600)
         args.out.write_text(body + "\n")
     return 0
+
+
+def _error_line(exc: Exception) -> str:
+    """`error: <what> (<what to do>)` on one line; an OS error names its path, not errno."""
+    if isinstance(exc, OSError) and exc.filename and exc.strerror:
+        what: str = f"{exc.filename}: {exc.strerror}"
+    else:
+        what = " ".join(str(exc).split())
+    todo = getattr(exc, "todo", None)
+    return f"error: {what}" + (f" ({todo})" if todo else "")
 
 
 if __name__ == "__main__":

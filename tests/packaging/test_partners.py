@@ -29,7 +29,9 @@ SALAD = ROOT / "deploy" / "salad"
 SECRET_NAMES = ("PASSWORD", "KEYSTORE", "SECRET", "PRIVATE")
 FILLED = {
     "SOGNI_NODE_IMAGE": "ghcr.io/example/sogni-node:0.1.0",
-    "SOGNI_NODE_COORDINATORS": "/dns4/c.example/tcp/4001/p2p/12D3KooWabc",
+    "SOGNI_NODE_COORDINATORS": (  # a real peer id: the builder checks it as the node does
+        "/dns4/c.example/tcp/4001/p2p/12D3KooWNDUxrJgsgq7ocTuLmYg3pqSQ2m9Sz1jBzj4TZs5p3HwB"
+    ),
     "SOGNI_NODE_TRUSTED_COORDINATORS": "0x" + "11" * 20,
     "SOGNI_NODE_PAYOUT_ADDRESS": "0x" + "22" * 20,
     "SALAD_GPU_CLASS": "ed563892-aacd-40f5-80b7-90c9be6c759b",

@@ -140,7 +140,7 @@ async def test_fetch_audit_and_claim_without_gas_through_the_coordinator(
         assert report["ok"] and report["verifiedReceipts"] == 2, report
         # a mistyped local copy is an error, not "earned 0 SOGNI"
         typo = await node(["rewards", "--epochs-dir", str(tmp_path / "nowhere")], env)
-        assert typo.exit_code == 2 and "does not exist" in typo.stderr, typo.output
+        assert typo.exit_code == 4 and "does not exist" in typo.stderr, typo.output
         assert report["maturedEpoch"] == 1 and report["claimable"] == report["earned"] != "0"
         cache = Path(env["SOGNI_NODE_DATA_DIR"]) / "epochs" / c.running.peer_id
         assert Path(report["epochsDir"]) == cache and (cache / "epoch-000001.json").exists()
