@@ -454,4 +454,4 @@ def test_sogni_render_signs_for_the_network_option_and_shows_a_refusal_as_one_li
     assert wired.ledger.open_reservations() == []
     paid = _sogni(tmp_path, *args, env={"SOGNI_NETWORK_ID": NET_B})  # from the environment
     assert paid.exit_code == 0, paid.output
-    assert "for 1.000000 spark" in paid.stdout
+    assert "1.000000 spark reserved" in paid.stdout  # accepted on the network it names
