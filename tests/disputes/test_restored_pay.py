@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 
 from sogni_chain import ChainRevert, connect
-from sogni_coordinator.disputes import DisputeBook, RefusalRecord, Restorations
+from sogni_coordinator.disputes import DisputeBook, Restorations
 from sogni_coordinator.settlement.epochs import EpochConflict, SettlementError, Settler
 from sogni_coordinator.store import Store
-from sogni_protocol.messages import JobParams, Receipt
 from tests.chain_rollback import rolled_back
 from tests.settlement.settle_env import (
     Net,
@@ -24,6 +23,7 @@ from tests.settlement.settle_env import (
     settler,
     signed_receipt,
     store_receipts,
+    won_case,
     worker,
 )
 
@@ -45,42 +45,8 @@ def net(_net: Net) -> Iterator[Net]:
 
 def _won(book: DisputeBook, payee: str) -> None:
     """A refused 1-Spark receipt whose worker then won its dispute."""
-    refused = Receipt(
-        job_id=b"\x09" * 32,
-        offer_hash=b"\x00" * 32,
-        worker=payee,
-        coordinator=payee,
-        model_id="sogni-test",
-        result_hash=b"\x00" * 32,
-        steps_done=4,
-        work_units=SPARK,
-        completed_at=1,
-    )
-    params = JobParams(
-        model_id="sogni-test",
-        positive_prompt="p",
-        steps=4,
-        guidance=4.0,
-        width=64,
-        height=64,
-        seed=1,
-    )
-    book.add(
-        RefusalRecord(
-            refused.job_id,
-            CASE,
-            payee,
-            payee,
-            refused,
-            params,
-            "float32",
-            "step 0 over",
-            b"\x01" * 32,
-            1,
-            b"sig",
-        )
-    )
-    assert book.settle(CASE, worker_won=True) and not book.settle(CASE, worker_won=True)
+    won_case(book, payee, CASE, SPARK)
+    assert not book.settle(CASE, worker_won=True)  # decided once
 
 
 def _setup(net: Net, tmp: Path) -> tuple[Store, DisputeBook, Settler, str]:

@@ -4,12 +4,14 @@ would leave them), and a chain."""
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
 from eth_account.signers.local import LocalAccount
 
 from sogni_chain import Chain, Deployment, deploy_all
+from sogni_coordinator.disputes import DisputeBook, RefusalRecord
 from sogni_coordinator.settlement.epochs import Settler
 from sogni_coordinator.store import Store
 from sogni_devnet.paid_work import (  # noqa: F401  (re-exported for the tests)
@@ -25,6 +27,7 @@ from sogni_devnet.paid_work import (  # noqa: F401  (re-exported for the tests)
     worker,
 )
 from sogni_protocol.eip712 import Domain
+from sogni_protocol.messages import JobParams, Receipt
 from sogni_protocol.payout_rules import SOGNI, PayoutRules, SettlementConfig
 
 FUNDING = 1_000_000 * SOGNI
@@ -64,3 +67,44 @@ def settler(store: Store, net: Net, tmp: Path, **kw: object) -> Settler:
         publish_dir=tmp / "epochs",
         **kw,  # type: ignore[arg-type]
     )
+
+
+def won_case(book: DisputeBook, payee: str, case: bytes, units: int) -> None:
+    """A refused receipt of `units` work units (4 steps) for `payee`, recorded under `case`,
+    whose worker then won its dispute: the next epoch owes its restoration."""
+    refused = Receipt(
+        job_id=b"\x09" * 32,
+        offer_hash=b"\x00" * 32,
+        worker=payee,
+        coordinator=payee,
+        model_id="sogni-test",
+        result_hash=b"\x00" * 32,
+        steps_done=4,
+        work_units=units,
+        completed_at=1,
+    )
+    params = JobParams(
+        model_id="sogni-test",
+        positive_prompt="p",
+        steps=4,
+        guidance=4.0,
+        width=64,
+        height=64,
+        seed=1,
+    )
+    record = RefusalRecord(
+        refused.job_id, case, payee, payee, refused, params, "float32", "step 0 over",
+        b"\x01" * 32, 1, b"sig",
+    )  # fmt: skip
+    book.add(record)
+    assert book.settle(case, worker_won=True)
+
+
+def stored_at(store: Store, job_id: bytes) -> float:
+    """When `store` stored the receipt of `job_id` (read from the file, as another process)."""
+    db = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True)
+    try:
+        (at,) = db.execute("SELECT stored_at FROM receipts WHERE job_id=?", (job_id,)).fetchone()
+    finally:
+        db.close()
+    return float(at)

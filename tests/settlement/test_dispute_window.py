@@ -4,7 +4,6 @@ window must be at least an hour."""
 
 from __future__ import annotations
 
-import sqlite3
 from pathlib import Path
 
 import pytest
@@ -14,18 +13,9 @@ from sogni_coordinator.store import Store
 from sogni_coordinator.verification_config import VerificationConfig
 from sogni_protocol.epoch_files import decode_batch
 
-from .settle_env import Net, settler, signed_receipt, store_receipts, worker
+from .settle_env import Net, settler, signed_receipt, store_receipts, stored_at, worker
 
 WINDOW = 3600.0
-
-
-def _stored_at(store: Store, job_id: bytes) -> float:
-    db = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True)
-    try:
-        (at,) = db.execute("SELECT stored_at FROM receipts WHERE job_id=?", (job_id,)).fetchone()
-    finally:
-        db.close()
-    return float(at)
 
 
 def test_a_receipt_waits_out_its_window_then_enters_the_next_epoch(
@@ -35,12 +25,12 @@ def test_a_receipt_waits_out_its_window_then_enters_the_next_epoch(
     s = settler(store, net, tmp_path, dispute_window=WINDOW, clock=lambda: now[0])
     early, late = signed_receipt(worker(1), net.domain), signed_receipt(worker(2), net.domain)
     store_receipts(store, [early])
-    t_early = _stored_at(store, early.receipt.job_id)
+    t_early = stored_at(store, early.receipt.job_id)
     now[0] = t_early + 10
     assert s.close_epoch() is None  # inside its window: nothing to pay yet
 
     store_receipts(store, [late])
-    t_late = _stored_at(store, late.receipt.job_id)
+    t_late = stored_at(store, late.receipt.job_id)
     assert t_late > t_early
     now[0] = WINDOW + (t_early + t_late) / 2  # the early window closed, the late one not
     first = s.close_epoch()

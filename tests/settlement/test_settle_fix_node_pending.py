@@ -4,7 +4,6 @@ the settler had to leave out are pending, not a false alarm."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from pathlib import Path
 
@@ -12,18 +11,17 @@ from sogni_coordinator.store import Store
 from sogni_node.journal import JournalReceipt
 from sogni_node.rewards import MAX_DISPUTE_WINDOW_S, PENDING_GRACE_S, audit, load_published
 
-from .settle_env import Net, SignedReceipt, settler, signed_receipt, store_receipts, worker
+from .settle_env import (
+    Net,
+    SignedReceipt,
+    settler,
+    signed_receipt,
+    store_receipts,
+    stored_at,
+    worker,
+)
 
 WINDOW = 3600.0
-
-
-def _stored_at(store: Store, job_id: bytes) -> float:
-    db = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True)
-    try:
-        (at,) = db.execute("SELECT stored_at FROM receipts WHERE job_id=?", (job_id,)).fetchone()
-    finally:
-        db.close()
-    return float(at)
 
 
 def _journalled(net: Net, sr: SignedReceipt, recorded_at: float) -> JournalReceipt:
@@ -50,10 +48,10 @@ def test_receipts_inside_the_dispute_window_are_pending_not_missing(
     early, late = signed_receipt(w, net.domain), signed_receipt(w, net.domain)
     dropped = signed_receipt(w, net.domain)  # accepted, and never settled by the coordinator
     store_receipts(store, [early])
-    t0 = _stored_at(store, early.receipt.job_id)
+    t0 = stored_at(store, early.receipt.job_id)
     time.sleep(0.05)
     store_receipts(store, [late])
-    t1 = _stored_at(store, late.receipt.job_id)
+    t1 = stored_at(store, late.receipt.job_id)
     assert t1 > t0
     now[0] = (t0 + t1) / 2 + WINDOW  # early's window has closed, late's has not
     result = s.close_epoch()

@@ -12,15 +12,14 @@ from eth_utils import to_checksum_address
 
 from sogni_chain.disputes import Case, CaseState
 from sogni_coordinator.audit_cli import check_chain
-from sogni_coordinator.disputes import DisputeBook, RefusalRecord, Restorations
+from sogni_coordinator.disputes import DisputeBook, Restorations
 from sogni_coordinator.settlement.epochs import Settler
 from sogni_coordinator.store import Store
 from sogni_node.rewards import audit, load_published
 from sogni_protocol.epoch_audit import audit_folder, iter_published
-from sogni_protocol.messages import JobParams, Receipt
 
 from . import forge
-from .settle_env import Net, settler, signed_receipt, store_receipts, worker
+from .settle_env import Net, settler, signed_receipt, store_receipts, won_case, worker
 
 SPARK = 43_200
 CASE = b"\x0c" * 32
@@ -31,31 +30,7 @@ def _won(net: Net, store: Store, tmp: Path) -> tuple[Settler, str]:
     """A settler owing one won dispute (1 Spark) to worker 1, and worker 1's address."""
     book = DisputeBook(store.path)
     honest = worker(1).address
-    refused = Receipt(
-        job_id=b"\x09" * 32,
-        offer_hash=b"\x00" * 32,
-        worker=honest,
-        coordinator=honest,
-        model_id="sogni-test",
-        result_hash=b"\x00" * 32,
-        steps_done=4,
-        work_units=SPARK,
-        completed_at=1,
-    )
-    params = JobParams(
-        model_id="sogni-test",
-        positive_prompt="p",
-        steps=4,
-        guidance=4.0,
-        width=64,
-        height=64,
-        seed=1,
-    )
-    record = RefusalRecord(
-        refused.job_id, CASE, honest, honest, refused, params, "float32", "x", b"\x01" * 32, 1, b"s"
-    )
-    book.add(record)
-    assert book.settle(CASE, worker_won=True)
+    won_case(book, honest, CASE, SPARK)
     s = settler(store, net, tmp)
     s.restorations = Restorations(book)
     return s, honest
