@@ -430,15 +430,7 @@ async def test_reconnect_resumes_without_double_charge_then_cancel(
                 assert before - _spark(net, account) == spent
                 # a cancel of the finished project cancels nothing: its results still replay
                 # (it said didCancel:true and turned every later replay into artistCanceled)
-                await second.send(
-                    "jobError",
-                    {
-                        "jobID": req["jobID"],
-                        "error": "artistCanceled",
-                        "error_message": "artistCanceled",
-                        "isFromWorker": False,
-                    },
-                )
+                await second.send("jobError", _cancel(req["jobID"]))
                 nothing = await second.until("artistCancelConfirmation", jobID=req["jobID"])
                 assert nothing["didCancel"] is False
                 await second.send("jobRequest", req)
@@ -450,15 +442,7 @@ async def test_reconnect_resumes_without_double_charge_then_cancel(
                 cancel = job_request(MODEL, 2, steps=20, sizePreset="custom", width=64, height=64)
                 await second.send("jobRequest", cancel)
                 await second.until("jobProgress", jobID=cancel["jobID"])
-                await second.send(
-                    "jobError",
-                    {
-                        "jobID": cancel["jobID"],
-                        "error": "artistCanceled",
-                        "error_message": "artistCanceled",
-                        "isFromWorker": False,
-                    },
-                )
+                await second.send("jobError", _cancel(cancel["jobID"]))
                 confirm = await second.until("artistCancelConfirmation", jobID=cancel["jobID"])
                 assert confirm["didCancel"] is True
                 await second.until("balanceUpdate")  # the project's stream ended
@@ -530,3 +514,13 @@ async def test_a_paid_project_is_recorded_resumable_before_it_is_submitted(
             await sdk.send("jobRequest", job_request(MODEL, 1, steps=4))
             await sdk.until("jobState", type="queued", timeout=20)
     assert len(seen) == 1 and seen[0][0] and seen[0][1]
+
+
+def _cancel(job_id: str) -> dict[str, object]:
+    """The SDKs' cancel of a project (a client-sent `jobError`)."""
+    return {
+        "jobID": job_id,
+        "error": "artistCanceled",
+        "error_message": "artistCanceled",
+        "isFromWorker": False,
+    }
