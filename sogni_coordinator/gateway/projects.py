@@ -1,28 +1,36 @@
 """SDK projects <-> this network's render requests.
 
 `parse_job_request` turns a `jobRequest` payload into a `RenderRequest` (missing fields
-defaulted per model, every value range-checked, clear errors). A `Project` is the gateway's
-memory of one (API key, jobID): the request it became, the resume token that re-attaches to
-it, the image ids handed out and each image's outcome. `ProjectBook` finds it again when an
-SDK re-sends the same jobRequest or reconnects, so the request is resumed, never submitted (or
-charged) twice; `sogni_coordinator.key_projects` keeps the same across a restart.
+defaulted per model, every value range-checked, clear errors; what this network cannot do
+is refused, never dropped); `parse_estimate` does the same for the path of the SDKs'
+`estimateCost` call, and `estimate_body` prices it in the shape they read. A `Project` is
+the gateway's memory of one (API key, jobID): the request it became, the resume token that
+re-attaches to it, the image ids handed out and each image's outcome. `ProjectBook` finds it
+again when an SDK re-sends the same jobRequest or reconnects, so the request is resumed,
+never submitted (or charged) twice; `sogni_coordinator.key_projects` keeps the same across
+a restart.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import secrets
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import trio
 
-from sogni_coordinator.gateway.models import ModelBook, scheduler_of
+from sogni_coordinator.gateway.models import SIZE_PRESETS, ModelBook
 from sogni_coordinator.key_projects import ImageOutcome
 from sogni_protocol import ids
-from sogni_protocol.messages import Network, RenderRequest, TokenType
+from sogni_protocol.catalog import Catalog
+from sogni_protocol.messages import LoraRef, Network, RenderRequest, TokenType
+from sogni_protocol.pricing import BASELINE_USD, MICRO, Quote, tier_factor
 
 __all__ = [
     "MAX_IMAGES",
@@ -30,6 +38,8 @@ __all__ = [
     "Project",
     "ProjectBook",
     "ProjectRefused",
+    "estimate_body",
+    "parse_estimate",
     "parse_job_request",
 ]
 
@@ -37,7 +47,12 @@ MAX_IMAGES = 16
 """Images one SDK project may ask for."""
 _JOB_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _FORMATS = {"png": "png", "jpg": "jpeg", "jpeg": "jpeg", "webp": "webp"}
-_PRESETS = {"square": (512, 512), "square_hd": (1024, 1024)}
+_PRESET_IDS = ", ".join(p.id for p in SIZE_PRESETS)
+_USD_PER_SPARK = Decimal(BASELINE_USD.numerator) / BASELINE_USD.denominator
+_LORA_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+"""A LoRA id as the network names it (`messages.ModelId`)."""
+LORA_STRENGTH = 4.0
+"""Largest |strength| of a LoRA (`messages.LoraStrength`)."""
 
 
 class ProjectRefused(Exception):
@@ -112,14 +127,16 @@ def parse_job_request(
     ):
         raise _bad("guidanceScale must be a number from 0 to 30")
     seed = _int(frame, "seed", secrets.randbelow(2**32), 0, 2**32 - 1)
-    width, height = _size(frame, d.width, d.height)
+    width, height = _size(frame, book, model)
     try:
-        scheduler = scheduler_of(
+        scheduler = book.scheduler(
+            model,
             frame.get("comfySampler") or frame.get("scheduler") or frame.get("sampler"),
             frame.get("comfyScheduler") or frame.get("timeStepSpacing"),
         )
     except ValueError as exc:
         raise _bad(str(exc)) from None
+    loras = _loras(frame)
     fmt = data.get("outputFormat") or "png"
     if not isinstance(fmt, str) or fmt not in _FORMATS:  # a list is unhashable: TypeError
         raise _bad("outputFormat must be png, jpg or webp")
@@ -148,6 +165,7 @@ def parse_job_request(
         height=height,
         seed=seed,
         number_of_images=count,
+        loras=loras,
         output_format=_FORMATS[fmt],  # type: ignore[arg-type]
         network=net,
         token_type=token,
@@ -155,19 +173,194 @@ def parse_job_request(
     )
 
 
-def _size(frame: dict[str, Any], width: int, height: int) -> tuple[int, int]:
+def _size(frame: dict[str, Any], book: ModelBook, model: str) -> tuple[int, int]:
+    """The image size: the model's own (no preset, or `default`), `custom` width and height,
+    or one of Sogni's presets scaled to the model (`ModelBook.preset_size`)."""
+    d = book.defaults(model)
     preset = frame.get("sizePreset")
     if preset is None or preset == "" or preset == "default":
-        return width, height
+        return d.width, d.height
     if preset == "custom":
-        w = _int(frame, "width", width, 64, 2048)
-        h = _int(frame, "height", height, 64, 2048)
+        w = _int(frame, "width", d.width, 64, 2048)
+        h = _int(frame, "height", d.height, 64, 2048)
         if w % 8 or h % 8:
             raise _bad("width and height must be multiples of 8")
         return w, h
-    if isinstance(preset, str) and preset in _PRESETS:
-        return _PRESETS[preset]
-    raise _bad(f"sizePreset must be 'custom' (with width and height) or one of {sorted(_PRESETS)}")
+    size = book.preset_size(model, preset) if isinstance(preset, str) else None
+    if size is None:
+        shown = repr(preset[:64]) if isinstance(preset, str) else type(preset).__name__
+        raise _bad(
+            f"unknown sizePreset {shown}: use 'custom' (with width and height) or one of "
+            f"{_PRESET_IDS}"
+        )
+    return size
+
+
+def _loras(frame: dict[str, Any]) -> list[LoraRef]:
+    """The SDKs' `loras` (ids) and `loraStrengths` (one number each, default 1), as the
+    network's `LoraRef`s; anything this network cannot apply is refused, never dropped."""
+    names, strengths = frame.get("loras"), frame.get("loraStrengths")
+    if names is None or names == []:
+        if strengths not in (None, []):
+            raise _bad("loraStrengths was sent without loras")
+        return []
+    if not isinstance(names, list) or not all(
+        isinstance(n, str) and _LORA_ID.match(n) for n in names
+    ):
+        raise _bad("loras must be a list of LoRA ids (letters, digits, '.', '_', ':' or '-')")
+    if len(names) > ids.MAX_LORAS:
+        raise _bad(f"loras: at most {ids.MAX_LORAS} LoRAs per project")
+    if len(set(names)) < len(names):
+        raise _bad("loras: a LoRA is listed twice")
+    if strengths is None:
+        strengths = [1.0] * len(names)
+    if not isinstance(strengths, list) or len(strengths) != len(names):
+        raise _bad("loraStrengths must hold one number per LoRA in loras")
+    refs = []
+    for name, strength in zip(names, strengths, strict=True):
+        if (
+            isinstance(strength, bool)
+            or not isinstance(strength, int | float)
+            or not math.isfinite(strength)
+            or abs(strength) > LORA_STRENGTH
+        ):
+            raise _bad(
+                f"loraStrengths must be numbers from -{LORA_STRENGTH:g} to {LORA_STRENGTH:g}"
+            )
+        refs.append(LoraRef(id=name, strength=float(strength)))
+    return refs
+
+
+def _segment_int(params: Mapping[str, str], name: str, lo: int, hi: int) -> int:
+    raw = params.get(name, "")
+    try:
+        value = Decimal(raw)
+    except ArithmeticError:
+        value = Decimal("NaN")
+    if not (value.is_finite() and lo <= value <= hi) or value != value.to_integral_value():
+        raise _bad(f"{name} must be a whole number from {lo} to {hi}")
+    return int(value)
+
+
+def _segment_number(params: Mapping[str, str], name: str, lo: float, hi: float) -> float:
+    try:
+        value = float(params.get(name, ""))
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise _bad(f"{name} must be a number from {lo:g} to {hi:g}")
+    return value
+
+
+def parse_estimate(
+    params: Mapping[str, str],
+    query: Mapping[str, str],
+    *,
+    book: ModelBook,
+    served: list[str],
+) -> RenderRequest:
+    """The request an SDK's `estimateCost` path describes: `GET /api/v2/job/estimate/
+    {tokenType}/{network}/{model}/{imageCount}/{stepCount}/{previewCount}/{cnEnabled}/
+    {denoise}/{width}/{height}`, v3 adding `/{guidance}/{sampler}/{contextImages}`
+    (width and height 0: the model's size; guidance 0 and sampler `_`: the model's).
+
+    Checked as a jobRequest would be (`parse_job_request`); what this network cannot render
+    (ControlNet, a starting image, context images) is refused with the field's name."""
+    count = _segment_int(params, "imageCount", 1, MAX_IMAGES)
+    steps = _segment_int(params, "stepCount", 1, 150)
+    _segment_int(params, "previewCount", 0, 1000)  # no previews here: they cost nothing
+    if _segment_int(params, "cnEnabled", 0, 1):
+        raise _bad("cnEnabled: this network does not render with ControlNet")
+    if _segment_number(params, "denoise", 0, 1) != 0:
+        raise _bad("startingImageStrength: this network renders from text only")
+    width = _segment_int(params, "width", 0, 2048)
+    height = _segment_int(params, "height", 0, 2048)
+    frame: dict[str, Any] = {"modelID": params.get("model"), "steps": steps}
+    if width or height:
+        frame.update(sizePreset="custom", width=width, height=height)
+    if "guidance" in params:  # v3
+        guidance = _segment_number(params, "guidance", 0, 30)
+        if guidance:
+            frame["guidanceScale"] = guidance
+        if params.get("sampler", "_") != "_":
+            frame["sampler"] = params["sampler"]
+        if _segment_int(params, "contextImages", 0, 16):
+            raise _bad("contextImages: this network renders from text only")
+    data: dict[str, Any] = {
+        "jobID": "ESTIMATE",
+        "numberOfImages": count,
+        "tokenType": params.get("tokenType"),
+        "network": params.get("network"),
+        "keyFrames": [frame],
+    }
+    if query.get("outputFormat"):
+        data["outputFormat"] = query["outputFormat"]
+    return parse_job_request(data, book=book, served=served, network="fast")
+
+
+def _decimal(micro: int) -> str:
+    """Micro units as a plain decimal string of whole units (`"0.000125"`)."""
+    return format(Decimal(micro) / MICRO, "f")
+
+
+def _costs(q: Quote, images: int, steps: int, free: bool) -> dict[str, Any]:
+    """One `quote.job` / `quote.project` object: `images` of the quote's per-image price."""
+    p = q.per_image
+    spark = 0 if free else p.spark_micro * images
+    sogni = 0 if free else p.sogni_micro * images
+    return {
+        "costInRenderSec": f"{p.render_seconds * images:.4f}",
+        "costInUSD": format(Decimal(spark) * _USD_PER_SPARK / MICRO, "f"),
+        "costInToken": _decimal(spark if q.token_type == "spark" else sogni),
+        "costInSpark": _decimal(spark),
+        "costInSogni": _decimal(sogni),
+        "calculatedStepCount": steps,
+    }
+
+
+def estimate_body(
+    req: RenderRequest, q: Quote, catalog: Catalog, *, name: str, free: bool = False
+) -> dict[str, Any]:
+    """`{request, rate, quote: {model, job, project}}` as the SDKs' `estimateCost` reads it
+    (`quote.project.costInToken|costInUSD|costInSpark|costInSogni`, decimal strings): the
+    price this network reserves for `req` (`q`, the payer's stake discount already taken
+    off); `free`: billing is off, every cost is 0."""
+    seconds = q.per_image.render_seconds
+    usd_per_spark = _USD_PER_SPARK
+    token_usd = usd_per_spark if q.token_type == "spark" else Decimal(str(q.sogni_usd_price))
+    per_second_usd = usd_per_spark * q.per_image.spark_micro / MICRO / Decimal(str(seconds or 1))
+    return {
+        "request": {
+            "model": req.model_id,
+            "name": name,
+            "imageCount": req.number_of_images,
+            "stepCount": req.steps,
+            "previewCount": 0,
+            "cnEnabled": False,
+            "denoiseStrength": "0",
+            "width": req.width,
+            "height": req.height,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+        "rate": {
+            "costPerBaseHQRenderInUSD": str(usd_per_spark),
+            "tokenMarkePriceUSD": str(token_usd),
+            "costPerRenderSecUSD": "0" if free else f"{per_second_usd:.10f}",
+            "costPerRenderSecToken": "0" if free else f"{per_second_usd / token_usd:.10f}",
+            "network": req.network,
+            "networkCostMultiplier": str(float(tier_factor(req.network, catalog))),
+        },
+        "quote": {
+            "model": {
+                "weight": "1",
+                "secPerStep": f"{seconds / req.steps:.6f}",
+                "secPerPreview": "0",
+                "secForCN": "0",
+            },
+            "job": _costs(q, 1, req.steps, free),
+            "project": _costs(q, req.number_of_images, req.steps, free),
+        },
+    }
 
 
 Outcome = ImageOutcome

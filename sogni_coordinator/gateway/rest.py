@@ -12,12 +12,15 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from sogni_coordinator.gateway.core import AuthedKey, Gateway
+from sogni_coordinator.gateway.projects import ProjectRefused, estimate_body, parse_estimate
 from sogni_coordinator.gateway.referral import account_referral, apply_referral
 from sogni_coordinator.gateway.report_route import gateway_report
 from sogni_coordinator.gateway.socket import base_url_of, client_address, serve_socket
 from sogni_coordinator.model_stake import by_stake
 from sogni_net.http import SlowBody, read_body
 from sogni_protocol.errors import DECODE_ERRORS
+from sogni_protocol.pricing import quote
+from sogni_protocol.stake_benefits import discounted
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -29,6 +32,15 @@ __all__ = ["gateway_routes"]
 
 REFERRAL_BODY_LIMIT = 1024
 """Bytes of a `POST /v1/account/referral` body (`{"code": "..."}`); more is refused unread."""
+
+
+_ESTIMATE = (
+    "{tokenType}/{network}/{model}/{imageCount}/{stepCount}/{previewCount}/{cnEnabled}/"
+    "{denoise}/{width}/{height}"
+)
+"""The path of the SDKs' `estimateCost` after `/api/v2/job/estimate/` (`parse_estimate`)."""
+_ESTIMATE_V3 = "{guidance}/{sampler}/{contextImages}"
+"""What v3 adds (sent when the app names a sampler or context images)."""
 
 
 class _ReferralBody(msgspec.Struct):
@@ -109,6 +121,46 @@ def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
             return key
         return JSONResponse(gateway.book.tiers(gateway.advertised()))
 
+    async def size_presets(request: Request) -> Response:
+        """Sogni's size presets scaled to the model's native size (a bare array)."""
+        key = await auth(request)
+        if not isinstance(key, AuthedKey):
+            return key
+        network = str(request.path_params["network"])
+        model = str(request.path_params["model"])
+        if network not in ("fast", "relaxed"):
+            return _error(400, 4000, "network must be fast or relaxed")
+        served = gateway.book.served(gateway.advertised())
+        if model not in served:
+            return _error(404, 4004, f"unknown model {model[:128]!r}: this network serves {served}")
+        return JSONResponse(gateway.book.size_presets(model), headers={"Cache-Control": "no-store"})
+
+    async def estimate(request: Request) -> Response:
+        """The SDKs' `estimateCost`: what the project would reserve, for this key's account
+        (its stake discount taken off), in the shape they read (`projects.estimate_body`)."""
+        key = await auth(request)
+        if not isinstance(key, AuthedKey):
+            return key
+        params = {k: str(v) for k, v in request.path_params.items()}
+        served = gateway.book.served(gateway.advertised())
+        try:
+            req = parse_estimate(params, request.query_params, book=gateway.book, served=served)
+        except ProjectRefused as exc:
+            status = 404 if exc.code == 4004 else 400
+            return _error(status, exc.code, exc.message)
+        billing = gateway.dispatcher.billing
+        catalog = gateway.book.catalog
+        free = billing is None or billing.mode == "off"
+        if billing is not None:
+            catalog = billing.catalog or catalog
+        priced = quote(req, catalog)
+        if not free and billing is not None and billing.benefits is not None:
+            account = key.record.account
+            await billing.benefits.warm(account)
+            priced = discounted(priced, billing.benefits.discount_bps(account))
+        body = estimate_body(req, priced, catalog, name=gateway.book.name(req.model_id), free=free)
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
     async def balance(request: Request) -> Response:
         key = await auth(request)
         if not isinstance(key, AuthedKey):
@@ -176,6 +228,11 @@ def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
         Route("/v1/account/referral", use_referral, methods=["POST"]),
         Route("/api/v1/models/list", models_list, methods=["GET"]),
         Route("/api/v2/models/tiers", tiers, methods=["GET"]),
+        Route(
+            "/api/v1/size-presets/network/{network}/model/{model}", size_presets, methods=["GET"]
+        ),
+        Route(f"/api/v2/job/estimate/{_ESTIMATE}", estimate, methods=["GET"]),
+        Route(f"/api/v3/job/estimate/{_ESTIMATE}/{_ESTIMATE_V3}", estimate, methods=["GET"]),
         Route("/v4/account/balance", balance, methods=["GET"]),
         Route("/v1/image/downloadUrl", download_url, methods=["GET"]),
         Route("/api/v1/artist/projects/active", active, methods=["GET"]),
