@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -34,4 +34,4 @@ class GatewayConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fi
     """Sockets (one per `appId`) one API key may hold open at once: each costs the
     coordinator memory and a once-a-second look at the swarm; one more is closed 1013 (the
     SDK retries later)."""
-    default_network: str = "fast"
+    default_network: Literal["fast", "relaxed"] = "fast"

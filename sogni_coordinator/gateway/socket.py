@@ -26,9 +26,16 @@ from sogni_coordinator.gateway.frames import (
     CLOSE_REPLACED,
     CLOSE_RESTARTING,
     CLOSE_TRY_LATER,
+    CancelFrame,
+    ChangeNetwork,
+    ClientFrame,
     FrameError,
-    decode_frame,
+    JobRequestFrame,
+    LlmJobRequest,
+    SetSubscriptions,
     encode_frame,
+    read_frame,
+    subscriptions_from_query,
 )
 from sogni_coordinator.gateway.projects import Project, ProjectRefused, job_id_of
 from sogni_protocol.logs import get_logger
@@ -79,6 +86,15 @@ def _stopping(exc: BaseException) -> bool:
     return isinstance(exc, trio.Cancelled)
 
 
+def network_of(force_worker_id: str | None, config: Any) -> str:
+    """The SDK's `forceWorkerId` query parameter: `fast` (or any worker id) the fast network,
+    empty the relaxed one, absent the gateway's `default_network` (an operator's relaxed
+    default made apps asking for fast get relaxed)."""
+    if force_worker_id is None:
+        return str(config.default_network)
+    return "relaxed" if force_worker_id == "" else "fast"
+
+
 def client_address(ws: Any) -> str:
     client = ws.client
     return client.host if client is not None else "?"
@@ -102,8 +118,10 @@ class Session:
         ](OUTBOX)
         self.close_code = 1000
         self.scope = trio.CancelScope()
-        network = ws.query_params.get("forceWorkerId", "fast")
-        self.network = "relaxed" if network == "" else gateway.config.default_network
+        self.network = network_of(ws.query_params.get("forceWorkerId"), gateway.config)
+        self.subscriptions = subscriptions_from_query(
+            ws.query_params.get("socketEventSubscriptions")
+        )
         self.base_url = base_url_of(gateway, ws.url)
         self.live: set[str] = set()
         self.interrupted: list[str] = []
@@ -206,15 +224,40 @@ class Session:
             if raw is None:
                 raw = message.get("bytes")
             try:
-                name, data = decode_frame(raw, limit)
+                frame = read_frame(raw, limit)
+                if isinstance(frame, SetSubscriptions):
+                    self.subscriptions = frame.apply(self.subscriptions)
             except FrameError as exc:
                 log.info("gateway_bad_frame", key=self.key.key_id, code=exc.code, error=exc.reason)
                 self.close_code = exc.code
                 return
-            if name == "jobRequest":
-                await self._job_request(nursery, data)
-            elif name == "jobError":
-                await self._cancel(data)
+            await self._on(nursery, frame)
+
+    async def _on(self, nursery: trio.Nursery, frame: ClientFrame) -> None:
+        """One well-formed frame from the app (the SDKs wait for the replies sent here)."""
+        if isinstance(frame, JobRequestFrame):
+            await self._job_request(nursery, frame.data)
+        elif isinstance(frame, CancelFrame):
+            await self._cancel(frame.data)
+        elif isinstance(frame, ChangeNetwork):  # the SDK's switchNetwork: later projects
+            self.network = frame.network
+            await self.send("changeNetwork", {"network": frame.network})
+        elif isinstance(frame, SetSubscriptions):
+            await self.send(
+                "socketEventSubscriptionsUpdated", {"socketEventSubscriptions": self.subscriptions}
+            )
+        elif isinstance(frame, LlmJobRequest):
+            await self.send(
+                "llmJobError",
+                {
+                    "jobID": frame.job_id,
+                    "error": "llmNotSupported",
+                    "error_message": "this network renders images only",
+                    "isFromWorker": False,
+                },
+            )
+        else:  # a well-formed frame of a type this gateway does not serve
+            log.info("gateway_frame_ignored", key=self.key.key_id, type=frame.name)
 
     async def _job_request(self, nursery: trio.Nursery, data: dict[str, Any]) -> None:
         raw_id = data.get("jobID")
