@@ -97,6 +97,19 @@ def job_id_of(data: dict[str, Any]) -> str:
     return job_id.upper()
 
 
+_IMAGE_INPUTS = ("hasStartingImage", "hasContextImage1", "hasContextImage2", "hasContextImage3")
+
+
+def _text_to_image_only(frame: dict[str, Any]) -> None:
+    """An input image (image-to-image, context images) or a ControlNet job: refused naming
+    the field (they were read as text-to-image: the app got images ignoring its input)."""
+    for name in _IMAGE_INPUTS:
+        if frame.get(name) is True:
+            raise _bad(f"{name}: this network renders from text only (no input images)")
+    if frame.get("currentControlNetsJob") is not None:
+        raise _bad("currentControlNetsJob: this network renders from text only (no ControlNet)")
+
+
 def parse_job_request(
     data: dict[str, Any], *, book: ModelBook, served: list[str], network: str
 ) -> RenderRequest:
@@ -114,6 +127,7 @@ def parse_job_request(
         raise ProjectRefused(
             4004, "unknownModel", f"unknown model {shown!r}: this network serves {served}"
         )
+    _text_to_image_only(frame)
     d = book.defaults(model)
     count = _int(data, "numberOfImages", 1, 1, MAX_IMAGES)
     steps = _int(frame, "steps", d.steps, 1, 150)

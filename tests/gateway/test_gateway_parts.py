@@ -84,6 +84,10 @@ def test_job_request_defaults_and_refusals() -> None:
         ({"sizePreset": "huge"}, "sizePreset"),
         ({"scheduler": "heun"}, "sampler"),
         ({"positivePrompt": 5}, "positivePrompt"),
+        # an input image or ControlNet was read as text-to-image: the input ignored
+        ({"hasStartingImage": True, "strengthIsEnabled": True, "strength": 0.5}, "hasStarting"),
+        ({"hasContextImage1": True}, "hasContextImage1"),
+        ({"currentControlNetsJob": {"name": "canny"}}, "currentControlNetsJob"),
     ]
     for frame, words in bad:
         with pytest.raises(ProjectRefused) as caught:
