@@ -593,7 +593,7 @@ class Gateway:
         # writer stalls, then drops the queue) was never replayed to the app's next socket,
         # and the SDKs marked the project lost (rendered and charged, never returned).
         def told() -> None:
-            project.told = True
+            project.told, project.told_at = True, time.time()
 
         if any(o.ok for o in project.outcomes.values()):
             await send("jobState", {"type": "jobCompleted", "jobID": project.job_id}, then=told)

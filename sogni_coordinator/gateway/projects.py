@@ -396,7 +396,9 @@ class Project:
     cancelled: bool = False
     done: bool = False
     told: bool = False
-    """Its end (`jobCompleted`, or the project-level error) was queued for a socket."""
+    """Its end (`jobCompleted`, or the project-level error) was written to a socket."""
+    told_at: float = 0.0
+    """When (`time.time()`): a new socket of its app within `REPLAY_TOLD` s gets it again."""
     ended_at: float | None = None
     started_at: float = field(default_factory=time.time)
     ready: trio.Event = field(default_factory=trio.Event)
@@ -409,6 +411,12 @@ class Project:
     def __post_init__(self) -> None:
         if not self.img_ids:
             self.img_ids = [str(uuid.uuid4()).upper() for _ in range(self.count)]
+
+
+REPLAY_TOLD = 120.0
+"""Seconds after a project's end was written during which a new socket of its app gets the
+project again: written is not read (the socket can drop with the frame unread, and the SDKs
+then fail the project as lost after their two-minute watchdog)."""
 
 
 class ProjectBook:
@@ -440,13 +448,19 @@ class ProjectBook:
             p for (k, _), p in self._by_key.items() if k == key_id and not (p.done or p.cancelled)
         ]
 
-    def untold(self, key_id: str, app_id: str) -> list[Project]:
+    def untold(self, key_id: str, app_id: str, now: float | None = None) -> list[Project]:
         """The projects `app_id` started with the key whose end no socket was sent (still
-        running, or ended while the app was away), cancelled ones aside."""
+        running, or ended while the app was away), and those whose end was written less
+        than `REPLAY_TOLD` s ago (the socket may have dropped before the app read it: the
+        SDKs ignore events of a project they finished), cancelled ones aside."""
+        recent = (time.time() if now is None else now) - REPLAY_TOLD
         return [
             p
             for (k, _), p in self._by_key.items()
-            if k == key_id and p.app_id == app_id and not (p.told or p.cancelled)
+            if k == key_id
+            and p.app_id == app_id
+            and not p.cancelled
+            and (not p.told or p.told_at > recent)
         ]
 
     def sweep(self, now: float | None = None) -> None:

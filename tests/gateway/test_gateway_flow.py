@@ -172,10 +172,6 @@ async def test_hostile_frames_close_the_socket_not_the_gateway(
                 json.dumps({"type": "jobRequest", "data": base64.b64encode(b"\xff\xfe").decode()}),
                 1008,
             ),
-            (
-                json.dumps({"type": "deleteEverything", "data": base64.b64encode(b"{}").decode()}),
-                1008,
-            ),
             (json.dumps({"type": "jobRequest", "data": "A" * 400_000}), 1009),
             (b"\x00binary", 1003),
             # nesting that would overflow the C stack under the process's recursion limit
@@ -477,11 +473,15 @@ async def test_reconnect_resumes_without_double_charge_then_cancel(
                 frames = await back.project(away["jobID"])
                 assert [k for k, _ in frames].count("jobResult") == 2
                 assert frames[-1][1]["type"] == "jobCompleted"
-            async with connect(url, key, app_id="away") as told:  # told once: nothing pushed
-                await told.until("balanceUpdate")
-                with trio.move_on_after(1):
-                    while True:
-                        assert (await told.next())[1].get("jobID") != away["jobID"]
+            # written is not read (the socket may drop with it unread): a new socket of the
+            # app within REPLAY_TOLD gets the same results again, the same images, nothing
+            # rendered or charged (the SDKs ignore a project they finished)
+            async with connect(url, key, app_id="away") as again:
+                replay = await again.project(away["jobID"])
+                assert [d["imgID"] for k, d in replay if k == "jobResult"] == [
+                    d["imgID"] for k, d in frames if k == "jobResult"
+                ]
+                assert store.counts().get("done", 0) == done_before + 2
 
 
 async def test_a_paid_project_is_recorded_resumable_before_it_is_submitted(

@@ -1,7 +1,8 @@
 """A project's end counts as told to its app only once its frame was written: marked when it
 was queued, an end lost with its socket (the writer stalls, then drops its queue) was never
 replayed to the app's next socket, and the SDKs marked the project lost (rendered, charged,
-never returned)."""
+never returned). Written is not read either: a new socket of the app gets a project whose
+end was written in the last `REPLAY_TOLD` seconds again (the SDKs ignore a finished one)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any, cast
 import trio
 
 from sogni_coordinator.gateway.core import Gateway
-from sogni_coordinator.gateway.projects import Outcome, Project, ProjectBook
+from sogni_coordinator.gateway.projects import REPLAY_TOLD, Outcome, Project, ProjectBook
 from sogni_coordinator.gateway.socket import Session
 
 
@@ -28,8 +29,10 @@ async def test_a_projects_end_is_told_once_written_not_once_queued() -> None:
     book = ProjectBook(keep=3600)
     book.add(project)
     assert book.untold("k1", "app") == [project]  # the app's next socket gets it again
-    queued[0][1]()  # the writer wrote it
-    assert project.told and book.untold("k1", "app") == []
+    queued[0][1]()  # the writer wrote it: the app may still not have read it
+    assert project.told and book.untold("k1", "app") == [project]  # replayed a while
+    later = project.told_at + REPLAY_TOLD + 1
+    assert book.untold("k1", "app", now=later) == []
 
 
 async def test_the_socket_writer_runs_then_after_the_frame_is_written() -> None:
