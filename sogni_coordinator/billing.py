@@ -270,8 +270,10 @@ class Billing:
         # every settlement again first (idempotent per job): one whose write failed (a
         # busy or lost database fails its whole group, and nothing retries a `submit`)
         # would otherwise find the reservation closed for good, its receipt never paid
-        for settlement in settled:
-            self._settle_now(*settlement)
+        missing = set(self.ledger.unsettled_of([job for *_, job in settled]))
+        for settlement in settled:  # not `settle`'s own replay of a settled job: a scan
+            if settlement[-1] in missing:  # of the ledger's entries (cost grew with it)
+                self._settle_now(*settlement)
         refunded = self.ledger.refund(request_id)
         if any(refunded.values()):
             log.info("request_refunded", request=request_id.hex()[:16], refunded=refunded)

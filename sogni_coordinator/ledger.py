@@ -388,6 +388,18 @@ class Ledger(Database):
                 for rid, payer, token, amount in rows
             ]
 
+    def unsettled_of(self, job_ids: list[bytes]) -> list[bytes]:
+        """Those of `job_ids` the ledger has not settled (one indexed lookup each)."""
+        with self._lock:
+            return [
+                j
+                for j in job_ids
+                if self._db.execute(
+                    "SELECT 1 FROM ledger_jobs WHERE job_id = ?", (_hex(j),)
+                ).fetchone()
+                is None
+            ]
+
     def paid_value_of(self, request_id: bytes | str, steps_done: int, steps: int) -> int:
         """What `settle` would take now from the request's reservation for one image of
         `steps_done` of `steps`, in paid micro-Spark (a SOGNI payment at its Spark
