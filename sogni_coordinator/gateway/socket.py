@@ -1,14 +1,15 @@
 """One SDK WebSocket at `/`: authenticate, announce, read jobRequests and cancels.
 
 The upgrade carries the `api-key` header and the `appId` query parameter. A bad key is
-accepted then closed with 4021 (the SDKs sign out; Python's `create` raises); an address with
-too many failed keys gets 4029 before any lookup. One socket per (key, appId): a newer one
-closes the older with 4015. Every frame is decoded strictly (`frames.py`): a malformed one
-closes the socket with its code. One writer task owns the socket's send side; each project
-streams into it from its own task in the session's nursery, and a lost socket only detaches
-the projects (the dispatcher keeps rendering): the app's next socket resumes them at once (the
-SDKs wait for events, they do not re-send an accepted jobRequest), and a re-sent jobRequest
-resumes them too (after a 1001, or from another appId).
+accepted then closed with 4021 (the SDKs sign out; Python's `create` raises); an address
+with too many failed keys gets 1013 (try again later) before any lookup. One socket per
+(key, appId): a newer one closes the older with 4015. Every frame is decoded strictly
+(`frames.py`): a malformed one closes the socket with its code. One writer task owns the
+socket's send side; each project streams into it from its own task in the session's nursery,
+and a lost socket only detaches the projects (the dispatcher keeps rendering): the app's
+next socket resumes them at once (the SDKs wait for events, they do not re-send an accepted
+jobRequest), and a re-sent jobRequest resumes them too (after a 1001, or from another
+appId).
 """
 
 from __future__ import annotations
@@ -330,9 +331,10 @@ class Session:
         project = await self.gateway.cancel(self.key, job_id)
         if project is not None:
             log.info("gateway_project_cancelled", key=self.key.key_id, project=project.job_id)
-        await self.send(
-            "artistCancelConfirmation", {"jobID": job_id.upper(), "didCancel": project is not None}
-        )
+        confirmation: dict[str, Any] = {"jobID": job_id.upper(), "didCancel": project is not None}
+        if project is None:  # the Python SDK shows this text (else a generic one)
+            confirmation["error_message"] = "no project of this key with this jobID is in flight"
+        await self.send("artistCancelConfirmation", confirmation)
 
 
 async def serve_socket(ws: WebSocket, gateway: Gateway) -> None:
