@@ -1226,6 +1226,14 @@ class Dispatcher:
         offered = job.holders.get(link)
         if offered is None:
             return 0
+        # from the job's first offer to this node: after a reconnect it answers the re-offer
+        # with the partial receipt of the render its earlier session started (the steps
+        # were done before this offer; measured from it, the honest claim was a strike)
+        budget = render_budget(job.params, self.deadline_floor, self.deadline_base)
+        for offer_hash, peer in job.offers.items():
+            signed = job.signed_offers.get(offer_hash)
+            if peer == link.peer_id and signed is not None:
+                offered = min(offered, signed[0].deadline - budget)
         measured = self.reputation.get(link.wallet).work_rate
         rate = NEWCOMER_WORK_RATE if measured <= 0 else PARTIAL_RATE_MARGIN * measured
         elapsed = max(0.0, self._clock() - offered)

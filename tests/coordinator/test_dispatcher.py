@@ -461,6 +461,37 @@ async def test_a_holder_leaving_while_its_receipt_commits_does_not_give_the_job_
     assert len(paid.ledger.settled_jobs(0, float("inf"))) == 1  # the node is paid
 
 
+async def test_a_partial_receipt_from_before_a_reconnect_is_measured_from_the_first_offer(
+    coord: Harness,
+) -> None:
+    """A node renders 20 of 40 steps, its stream drops, it reconnects, the job is offered
+    again and cancelled: the node answers with the partial receipt of its earlier session's
+    render. Its steps were bounded by the time since the re-offer (0.5 s: at most 5 steps
+    at its measured rate): the honest claim was refused with a strike."""
+    big = {"width": 1024, "height": 1024, "steps": 40}
+    a = coord.node(0)
+    await coord.submit(request(1, **big))  # one honest full render: 40 steps in 10 s
+    coord.dispatcher.match()
+    (offer,) = a.offers()
+    coord.clock.advance(10.0)
+    await coord.deliver(a, offer)
+    sub = await coord.submit(request(1, **big))
+    coord.dispatcher.ready(a.link, 1)
+    coord.dispatcher.match()
+    (first,) = a.offers()
+    coord.clock.advance(5.0)  # 20 steps at that rate, then the stream drops
+    coord.dispatcher.node_left(a.link, "stream reset")
+    again_node = coord.node(0)  # the same peer and wallet, reconnected
+    coord.dispatcher.match()
+    (again,) = again_node.offers()
+    assert again.offer.job_id == first.offer.job_id
+    coord.dispatcher.cancel_request(sub.accepted.request_id)
+    coord.clock.advance(0.5)
+    await coord.deliver(again_node, again, steps_done=20)  # accepted: 20 of 40 paid
+    assert coord.reputation.get(a.wallet).strikes == []
+    assert _job_state(coord, first.offer.job_id) is JobState.CANCELLED
+
+
 async def test_a_partial_receipt_is_paid_for_the_steps_done(paid: Harness) -> None:
     payer = Account.create()
     assert paid.ledger is not None
