@@ -311,6 +311,7 @@ class _Must:
 
     def __init__(self, fn: Callable[[], Awaitable[None]]) -> None:
         self._fn = fn
+        self.tries = 0
 
     def __call__(self) -> Awaitable[None]:
         return self._fn()
@@ -1109,20 +1110,27 @@ class Cluster:
         log.info("lease_lost", job=job_id.hex()[:16])
 
     async def _todo_forever(self) -> None:
-        async for fn in self._todo:
-            for attempt in range(MUST_TRIES):
+        async with trio.open_nursery() as retries:
+            async for fn in self._todo:
                 try:
                     await fn()
-                    break
-                except (QueueError, *_DB_ERRORS) as exc:  # a lease lapses: no job is lost
-                    error = str(exc) if isinstance(exc, QueueError) else type(exc).__name__
-                    if not isinstance(fn, _Must) or attempt + 1 == MUST_TRIES:
-                        log.warning("cluster_queue_call_failed", error=error)
-                        break
-                    # a cancel or a give-up is not undone by a lapse: once lost, the jobs
-                    # were leased, rendered and billed elsewhere (the client told "cancelled")
-                    log.warning("cluster_queue_call_retried", error=error, attempt=attempt + 1)
-                    await trio.sleep(min(2.0**attempt, 30.0))
+                except QueueError as exc:  # the call's own refusal: trying again changes nothing
+                    log.warning("cluster_queue_call_failed", error=str(exc))
+                except _DB_ERRORS as exc:  # a lease lapses: no job is lost, but
+                    if isinstance(fn, _Must) and fn.tries + 1 < MUST_TRIES:
+                        # a cancel or a give-up is not undone by a lapse: once lost, the jobs
+                        # were leased, rendered and billed elsewhere (the client told
+                        # "cancelled"); queued again later, not waited for here (every
+                        # other call would wait behind it)
+                        log.warning("cluster_queue_call_retried", error=type(exc).__name__)
+                        retries.start_soon(self._again, fn)
+                    else:
+                        log.warning("cluster_queue_call_failed", error=type(exc).__name__)
+
+    async def _again(self, fn: _Must) -> None:
+        await trio.sleep(min(2.0**fn.tries, 30.0))
+        fn.tries += 1
+        self._later(fn)
 
     async def _offers_forever(self) -> None:
         while True:
