@@ -592,8 +592,9 @@ class Gateway:
         # Told only once written: marked when queued, an end lost with its socket (the
         # writer stalls, then drops the queue) was never replayed to the app's next socket,
         # and the SDKs marked the project lost (rendered and charged, never returned).
-        def told() -> None:
-            project.told, project.told_at = True, time.time()
+        def told() -> None:  # the first write only: a replay does not extend its window
+            if not project.told:
+                project.told, project.told_at = True, time.time()
 
         if any(o.ok for o in project.outcomes.values()):
             await send("jobState", {"type": "jobCompleted", "jobID": project.job_id}, then=told)

@@ -308,7 +308,9 @@ class Session:
         restarted) stream here at once: the SDKs wait for their events without re-sending
         an accepted jobRequest. A re-sent one finds them already streaming."""
         limit = self.gateway.config.max_projects_per_socket
-        for project in (await self.gateway.untold(self.key, self.app_id))[:limit]:
+        owed = await self.gateway.untold(self.key, self.app_id)
+        owed.sort(key=lambda p: p.told)  # still running first: a replay of an end may wait
+        for project in owed[:limit]:
             if project.job_id not in self.live:
                 self.live.add(project.job_id)
                 nursery.start_soon(self._reattached, project)

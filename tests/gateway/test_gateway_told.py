@@ -56,3 +56,44 @@ async def test_the_socket_writer_runs_then_after_the_frame_is_written() -> None:
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
     assert seen == [1]  # after its frame went out
+
+
+async def test_a_reconnect_resumes_running_projects_before_replaying_ended_ones() -> None:
+    """Ended projects replayed within `REPLAY_TOLD` took the socket's project slots in
+    creation order: a project still running behind 32 ended ones was never resumed (the
+    SDKs then mark it lost). Running ones come first; a replay does not extend its window."""
+    ended = Project("k1", "ENDED", 1, app_id="app", told=True, told_at=1.0)
+    running = Project("k1", "RUNNING", 1, app_id="app")
+    resumed: list[str] = []
+
+    async def untold(_key: Any, _app: str) -> list[Project]:
+        return [ended, running]
+
+    gateway = SimpleNamespace(
+        config=SimpleNamespace(default_network="fast", public_url=None, max_projects_per_socket=1),
+        untold=untold,
+    )
+    ws = SimpleNamespace(query_params={}, url=SimpleNamespace(scheme="http", netloc="x"))
+    session = Session(cast(Any, gateway), cast(Any, ws), cast(Any, None), "app")
+
+    async def reattached(project: Project) -> None:
+        resumed.append(project.job_id)
+
+    session._reattached = reattached  # type: ignore[method-assign]
+    async with trio.open_nursery() as nursery:
+        await session._resume_in_flight(nursery)
+    assert resumed == ["RUNNING"]
+    # a replayed end written again keeps its first time: the window is not extended
+    project = Project("k1", "JOB2", 1, app_id="app")
+    project.outcomes[0] = Outcome(ok=True, steps=3, seed=1)
+    thens: list[Any] = []
+
+    async def send(name: str, data: dict[str, Any], *, then: Any = None) -> None:
+        thens.append(then)
+
+    await Gateway._finish(cast(Gateway, None), project, send)
+    thens[0]()
+    first = project.told_at
+    await Gateway._finish(cast(Gateway, None), project, send)
+    thens[1]()
+    assert project.told_at == first
