@@ -102,6 +102,18 @@ FIRST_SESSION_KEPT = 60.0
 """Seconds a wallet with no record must have been connected for its session to create one."""
 
 
+def _untouched(rec: WorkerRecord | None) -> bool:
+    """No record, or one that only scoring made: no job, failure, strike, decline or time."""
+    return rec is None or (
+        rec.jobs == 0
+        and rec.failures == 0
+        and not rec.strikes
+        and rec.acceptance == 1.0
+        and rec.connected_seconds == 0.0
+        and rec.blacklisted_until == 0.0
+    )
+
+
 class Reputation(Database):
     """Per-wallet records in memory, written through to SQLite (its own table)."""
 
@@ -236,9 +248,13 @@ class Reputation(Database):
         self._save(rec)
 
     def disconnected(self, wallet: str, connected_for: float) -> None:
-        if wallet.lower() not in self.records and connected_for < FIRST_SESSION_KEPT:
-            return  # a wallet that never worked, on a blip: no record (one per fresh wallet
-            # a peer churns through, kept for ever and reloaded at every start)
+        key = wallet.lower()
+        if connected_for < FIRST_SESSION_KEPT and _untouched(self.records.get(key)):
+            # a wallet that never worked, on a blip: no record (one per fresh wallet a peer
+            # churns through was kept for ever and reloaded at every start; scoring it for
+            # an offer (`get`) made one in memory)
+            self.records.pop(key, None)
+            return
         rec = self.get(wallet)
         rec.connected_seconds += max(0.0, connected_for)
         self._save(rec)

@@ -130,6 +130,9 @@ async def test_a_peer_churning_hellos_is_refused_before_any_work_and_leaves_no_r
     assert coord.dispatcher.nodes == {}
     wallet = _caps("peer-x").wallet
     assert wallet.lower() not in coord.reputation.records  # its blips left no record
+    coord.reputation.get(wallet).score(0.0)  # scored for an offer: made one in memory
+    coord.reputation.disconnected(wallet, 5.0)
+    assert wallet.lower() not in coord.reputation.records
 
 
 async def test_client_first_frame_of_another_version_is_refused(
