@@ -89,7 +89,7 @@ from sogni_coordinator.known_answers import (
     KnownAnswers,
     KnownRender,
 )
-from sogni_coordinator.reputation import Reputation
+from sogni_coordinator.reputation import STRIKE_WINDOW, Reputation
 from sogni_coordinator.rerender_verify import (
     REFERENCE_MODE,
     can_rerender,
@@ -184,6 +184,10 @@ class Held:
     """Restored after a restart: seconds to wait for node `peer_id` (of `worker`'s wallet)
     to reconnect before checking; it never does, or cannot open its trajectory: the check
     fails closed, without a strike. None: held by this run, its node connected."""
+
+
+AWAY_FORGIVEN = 3
+"""Challenges a wallet may lose with its stream within `STRIKE_WINDOW` without a strike."""
 
 
 def _away(refused: str) -> bool:
@@ -403,6 +407,9 @@ class Checks:
         self._joined = trio.Event()
         """Set (and replaced) whenever a node joins: checks restored after a restart wait on
         it for their node."""
+        self._away_at: dict[str, list[float]] = {}
+        """Wallet -> when its challenges were lost with its stream (`_away`), in the last
+        `STRIKE_WINDOW`: past `AWAY_FORGIVEN` of them, one more is struck."""
         self._send, self._recv = trio.open_memory_channel[Held](math.inf)
         self.pending: dict[bytes, Held] = {}
         """Held receipts by job id, until their check ends."""
@@ -472,6 +479,18 @@ class Checks:
             and other.accounts.isdisjoint(barred)
             for other in self.dispatcher.nodes.values()
         )
+
+    def _forgiven(self, wallet: str) -> bool:
+        """This challenge lost with the worker's stream goes unstruck unless `AWAY_FORGIVEN`
+        others did within `STRIKE_WINDOW`: a cheater could otherwise drop its connection at
+        every challenge it cannot pass and never be struck (it only lost that job's pay)."""
+        now = time.time()
+        recent = [t for t in self._away_at.get(wallet.lower(), []) if now - t < STRIKE_WINDOW]
+        recent.append(now)
+        self._away_at[wallet.lower()] = recent[-(AWAY_FORGIVEN + 1) :]
+        if len(self._away_at) > 10_000:  # bounded: the oldest wallets' counts go first
+            del self._away_at[next(iter(self._away_at))]
+        return len(recent) <= AWAY_FORGIVEN
 
     async def _back(self, held: Held, asked: object, deadline: float) -> bool:
         """Wait until `deadline` (trio time) for node `held.peer_id`, of the worker's wallet,
@@ -676,7 +695,10 @@ class Checks:
                 # no answer: not struck when the node left, or lost its trajectory in the
                 # restart (it kept it for `trajectory_retention_seconds` only), or was busy
                 # to the end (not paid either way: nothing is released unchecked)
-                gone = result.answer is None and (_away(refused) or restored or busy)
+                away = result.answer is None and _away(refused)
+                gone = (away and self._forgiven(held.worker)) or (
+                    result.answer is None and (restored or busy)
+                )
                 reason = f"challenge: {fault}"
                 if gone and restored:
                     reason = f"{RESTART_REASON}: {reason}"

@@ -448,6 +448,36 @@ async def test_a_verdict_the_database_refuses_is_written_again_not_lost(
     assert tries == ["passed"] * 3 and h.store.check_state(offer.offer.job_id) == "passed"
 
 
+async def test_a_wallet_losing_every_challenge_with_its_stream_is_struck_past_a_few(
+    tmp_path: Path, nursery: trio.Nursery
+) -> None:
+    """A challenge lost with the worker's stream fails unpaid and unstruck (a blip): a
+    cheater could drop its connection at every challenge it cannot pass and never be struck.
+    Past `AWAY_FORGIVEN` such losses within `STRIKE_WINDOW`, the next one is struck."""
+    from sogni_coordinator.checks import AWAY_FORGIVEN
+
+    quick = msgspec.structs.replace(ALL, challenge_timeout=0.3)
+    h = Harness(tmp_path / "coordinator.db", nursery, billing=True, verification=quick)
+    try:
+        h.node(1, ready=False)  # a verifier
+        worker = h.node(0)
+        for lost in range(AWAY_FORGIVEN + 1):
+            await _paid_request(h)
+            h.dispatcher.match()
+            (offer,) = worker.offers()
+            t = Trajectory(offer.offer.steps, seed=1)
+            await h.dispatcher.accept_result(worker.link, committed(worker, offer, t))
+            await next_of(worker, Challenge)
+            h.dispatcher.node_left(worker.link, "stream reset")  # gone until the deadline
+            job_id = offer.offer.job_id  # failed, then (after any strike) queued again:
+            await until(lambda: _job_state(h, job_id) is JobState.QUEUED)  # noqa: B023
+            struck = len(h.reputation.get(worker.wallet).strikes)
+            assert struck == (1 if lost == AWAY_FORGIVEN else 0), lost
+            worker = h.node(0)  # back, for the next job
+    finally:
+        h.close()
+
+
 async def test_a_busy_refusal_with_one_challenge_open_is_struck(checked: Harness) -> None:
     """A cheater could say "busy" to every challenge it cannot pass, never struck. With
     fewer than `BUSY_BELIEVED` challenges open to it, "busy" is an ordinary refusal."""
