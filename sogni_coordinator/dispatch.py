@@ -176,9 +176,14 @@ class HelloLimits:
     total: KeyBuckets = field(default_factory=lambda: KeyBuckets(per_minute=12_000, burst=1000))
 
     def allow(self, peer_id: str) -> str | None:
-        """None, or why this hello is refused (the node retries after a backoff)."""
+        """Before any work: None, or why this peer's hello is refused (it backs off)."""
         if not self.per_peer.take(peer_id):
             return "too many sessions from this peer: wait before connecting again"
+        return None
+
+    def allow_bound(self) -> str | None:
+        """Once the hello's binding is checked (fresh peer ids cost an attacker nothing, a
+        valid binding a signature: spent before it, the total kept honest nodes out)."""
         if not self.total.take("*"):
             return "too many nodes are connecting now: try again in a few seconds"
         return None

@@ -116,6 +116,9 @@ def _check_hello(hello: Message, channel: Channel, dispatcher: Dispatcher) -> No
     )
     if fault is not None:
         raise HandshakeRefused(fault)
+    busy = dispatcher.hellos.allow_bound()  # before the chain lookup and the wallet's state
+    if busy is not None:
+        raise HandshakeRefused(busy)
     return hello
 
 
