@@ -12,6 +12,7 @@ import msgspec
 import pytest
 
 from sogni_coordinator.client_session import serve_client
+from sogni_coordinator.gateway.limits import KeyBuckets
 from sogni_coordinator.node_session import serve_node
 from sogni_net import Channel, ChannelClosed
 from sogni_node.pull import NodeIdentity, PullSession, SessionRefused
@@ -133,6 +134,26 @@ async def test_a_peer_churning_hellos_is_refused_before_any_work_and_leaves_no_r
     coord.reputation.get(wallet).score(0.0)  # scored for an offer: made one in memory
     coord.reputation.disconnected(wallet, 5.0)
     assert wallet.lower() not in coord.reputation.records
+
+
+async def test_hellos_with_a_bad_binding_do_not_spend_the_total_limit(coord: Harness) -> None:
+    """The total hello budget was spent before the binding was checked: fresh peer ids with
+    junk bindings (free to make) could keep every honest node out after a restart."""
+    coord.dispatcher.hellos.total = KeyBuckets(per_minute=1, burst=1)
+    signature = _hello().binding_signature
+    for n in range(3):  # bound to peer-x, claimed for other peers: refused, budget kept
+        forged = NodeHello(capabilities=_caps(f"junk-{n}"), binding_signature=signature)
+        await serve_node(
+            cast(Channel, ScriptedChannel(encode(forged))),
+            coord.dispatcher,
+            heartbeat_interval=1,
+            heartbeat_timeout=3,
+        )
+    honest = ScriptedChannel(encode(_hello()))
+    await serve_node(
+        cast(Channel, honest), coord.dispatcher, heartbeat_interval=1, heartbeat_timeout=3
+    )
+    assert any(isinstance(m, Welcome) for m in honest.sent), honest.sent
 
 
 async def test_client_first_frame_of_another_version_is_refused(
