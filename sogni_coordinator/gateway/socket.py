@@ -54,6 +54,8 @@ OUTBOX = 256
 """Frames queued for a slow socket before its projects wait."""
 SWARM_POLL = 1.0
 """How often the worker counts are compared and re-sent when they changed."""
+MAX_IGNORED = 256
+"""Well-formed frames of unserved types one socket may send before it is closed (1008)."""
 SEND_TIMEOUT = 30.0
 """Longest wait for this socket's turn to write (hypercorn's per-connection send lock). The
 write itself runs in hypercorn's shielded scope, out of this deadline's reach: a socket whose
@@ -124,6 +126,8 @@ class Session:
             ws.query_params.get("socketEventSubscriptions")
         )
         self.base_url = base_url_of(gateway, ws.url)
+        self.ignored = 0
+        """Frames of types this gateway does not serve, read on this socket."""
         self.live: set[str] = set()
         self.interrupted: list[str] = []
         """jobIDs whose jobRequest failed on this side: told `jobError` 1001 ("server
@@ -258,7 +262,12 @@ class Session:
                 },
             )
         else:  # a well-formed frame of a type this gateway does not serve
-            log.info("gateway_frame_ignored", key=self.key.key_id, type=frame.name)
+            self.ignored += 1
+            if self.ignored > MAX_IGNORED:  # a flood, not an SDK: its socket ends
+                log.info("gateway_frames_flooded", key=self.key.key_id)
+                self.close(CLOSE_POLICY)
+            elif self.ignored == 1:  # one line per socket, not one per frame
+                log.info("gateway_frame_ignored", key=self.key.key_id, type=frame.name)
 
     async def _job_request(self, nursery: trio.Nursery, data: dict[str, Any]) -> None:
         raw_id = data.get("jobID")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from sogni_coordinator.gateway.socket import network_of
+from sogni_coordinator.gateway.socket import MAX_IGNORED, network_of
 from tests.e2e.conftest import start_net
 
 from .conftest import create_key
@@ -34,6 +34,9 @@ async def test_control_frames_get_their_replies_and_the_socket_stays(tmp_path: P
             await ws.send("someFutureEvent", {"x": 1})  # ignored
             await ws.send("changeNetwork", "fast")  # still open: answered
             assert (await ws.until("changeNetwork"))["network"] == "fast"
+            for _ in range(MAX_IGNORED):  # a flood of them, not an SDK: closed
+                await ws.send("someFutureEvent", {"x": 1})
+            assert await ws.close_code() == 1008
 
 
 def test_force_worker_id_picks_the_network() -> None:
