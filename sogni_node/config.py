@@ -46,10 +46,10 @@ __all__ = [
 
 ENV_PREFIX = "SOGNI_NODE"
 CONFIG_ENV = "SOGNI_NODE_CONFIG"
+"""Env var naming the config file when no `--config` is given."""
 DATA_DIR_LOCK = "node.lock"
 """Held (`flock`) by a running `sogni-node start` in its `data_dir`: one daemon per journal,
 and `sogni-node status` tells a running node from none without its HTTP listener."""
-"""Env var naming the config file when no `--config` is given."""
 
 
 EpochSource = Annotated[

@@ -9,6 +9,7 @@ process ends, SIGKILL included: there is no stale lock to clean up. Where `fcntl
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +20,10 @@ except ImportError:  # pragma: no cover - not on the platforms the daemons run o
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["FolderBusy", "held", "hold"]
+
+
+_TRIES = 5
+"""Tries of the exclusive lock, 50 ms apart: `held`'s shared lock lasts an instant."""
 
 
 class FolderBusy(RuntimeError):
@@ -33,10 +38,14 @@ def hold(folder: Path, lock_name: str, busy: FolderBusy) -> Iterator[None]:
     fd = os.open(folder / lock_name, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         if fcntl is not None:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise busy from None
+            for attempt in range(_TRIES):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if attempt + 1 == _TRIES:
+                        raise busy from None
+                    time.sleep(0.05)  # `held` looks for an instant (a status): not a daemon
         yield
     finally:
         os.close(fd)

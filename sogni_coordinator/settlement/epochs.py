@@ -228,7 +228,8 @@ class Settler:
         stored within the last `dispute_window` seconds (or held by a pending check).
         """
         pending = self.store.last_epoch_record(state="planned")
-        if pending is not None:
+        if pending is not None:  # resumed: whether more wait is not known, so look at once
+            self.more_waiting = True
             return pending
         if self.params is not None:
             self.rules = self.params.rules_for_epoch(self.rules)
