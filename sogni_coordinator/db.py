@@ -683,6 +683,10 @@ class Database:
         wake = (trio.lowlevel.current_trio_token(), _contained(fn))
         self._shared.enqueue(_Write(self.component, _nothing, _ignored, wake=wake))
 
+    async def durable(self) -> None:
+        """Wait until every write queued so far has been applied (a write of nothing)."""
+        await self.call(_nothing)
+
     async def call(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Write in the writer's next group and return what `fn` returned (or raise what it
         raised). Cancelling the wait does not cancel the write."""

@@ -189,10 +189,6 @@ class HelloLimits:
         return None
 
 
-def _nothing() -> None:
-    """A write that writes nothing: awaited, every write queued before it has committed."""
-
-
 UNTIMED = -2.0
 """A receipt's `elapsed` when its node finished the render before this offer was made (more
 than `RESENT_SLACK` s before, by its own clock): a kept result answering a re-offer after a
@@ -588,7 +584,7 @@ class Dispatcher:
     async def durable(self) -> None:
         """Wait until every state change written so far is committed: a reply that says a
         cancel took effect comes after this (the gateway's `didCancel`)."""
-        await self.store.call(_nothing)
+        await self.store.durable()
 
     def cancel_request(self, request_id: bytes) -> None:
         """The client cancelled: queued jobs end now, running ones stop at their next step

@@ -12,7 +12,13 @@ import trio.testing
 from eth_account import Account
 
 from sogni_app.api import authorize
-from sogni_coordinator.dispatch import MAX_ATTEMPTS, NEWCOMER_WORK_RATE, Refusal, ResultRefused
+from sogni_coordinator.dispatch import (
+    MAX_ATTEMPTS,
+    NEWCOMER_WORK_RATE,
+    Refusal,
+    ResultRefused,
+    Submission,
+)
 from sogni_coordinator.job_state import JobState
 from sogni_coordinator.ledger import partial_value, reserved_account, worker_account
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
@@ -26,7 +32,7 @@ from sogni_protocol.messages import (
 )
 from sogni_protocol.pricing import quote
 
-from .conftest import FLOOR, Harness, _png, events, request
+from .conftest import FLOOR, FakeNode, Harness, _png, events, request
 
 
 def _job_state(h: Harness, job_id: bytes) -> JobState | None:
@@ -470,11 +476,7 @@ async def test_a_partial_receipt_from_before_a_reconnect_is_measured_from_the_fi
     at its measured rate): the honest claim was refused with a strike."""
     big = {"width": 1024, "height": 1024, "steps": 40}
     a = coord.node(0)
-    await coord.submit(request(1, **big))  # one honest full render: 40 steps in 10 s
-    coord.dispatcher.match()
-    (offer,) = a.offers()
-    coord.clock.advance(10.0)
-    await coord.deliver(a, offer)
+    await _measured(coord, a, big)
     sub = await coord.submit(request(1, **big))
     coord.dispatcher.ready(a.link, 1)
     coord.dispatcher.match()
@@ -548,13 +550,7 @@ async def test_a_partial_receipt_cannot_claim_more_steps_than_time_allows(
     with pytest.raises(ResultRefused, match=f"at most {allowed} at this node's newcomer"):
         await coord.deliver(a, unmeasured, steps_done=20)
 
-    # an honest full render teaches the coordinator the node's rate: 40 steps in 10 s
-    honest = await coord.submit(request(1, **big))
-    coord.dispatcher.ready(a.link, 1)
-    coord.dispatcher.match()
-    (offer,) = a.offers()
-    coord.clock.advance(10.0)
-    await coord.deliver(a, offer)
+    honest = await _measured(coord, a, big)
     # 1 s after the next offer: at twice that rate, at most 1 + 8 steps
     third = await coord.submit(request(1, **big))
     coord.dispatcher.ready(a.link, 1)
@@ -671,3 +667,14 @@ async def test_a_cancel_looks_at_its_own_jobs_only(coord: Harness) -> None:
     assert Counted.walks == 0
     assert mine.state.cancelled == 2 and mine.state.finished.is_set()
     assert all(_job_state(coord, j) is JobState.QUEUED for j in other.accepted.job_ids)
+
+
+async def _measured(coord: Harness, node: FakeNode, big: dict[str, int]) -> Submission:
+    """An honest full render teaches the coordinator the node's rate: 40 steps in 10 s."""
+    sub = await coord.submit(request(1, **big))
+    coord.dispatcher.ready(node.link, 1)
+    coord.dispatcher.match()
+    (offer,) = node.offers()
+    coord.clock.advance(10.0)
+    await coord.deliver(node, offer)
+    return sub
