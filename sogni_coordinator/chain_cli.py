@@ -188,6 +188,7 @@ def _settler(cfg: CoordinatorConfig, url: str | None, store: Store) -> Settler:
         network_id=cfg.network_id,
         dispute_window=cfg.verification.dispute_window,
         params=network_params_for(chain, _addresses_path(cfg)),
+        confirmations=cfg.settlement.confirmations_on(local=cfg.local),
     )
     if deployment.disputes is not None:  # won disputes are paid by whichever closer plans
         settler.restorations = Restorations(DisputeBook(cfg.database))

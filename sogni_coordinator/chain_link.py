@@ -109,5 +109,6 @@ def connect_chain(config: CoordinatorConfig, private_key: bytes, store: Store) -
         network_id=config.network_id,
         dispute_window=config.verification.dispute_window,
         params=network_params_for(chain, config.addresses_file),
+        confirmations=config.settlement.confirmations_on(local=config.local),
     )
     return ChainLink(deployment, settler)

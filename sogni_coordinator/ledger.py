@@ -117,7 +117,19 @@ ALTER TABLE ledger_reservations ADD COLUMN discount_bps INTEGER NOT NULL DEFAULT
 epoch publishes it with the settlement, so the charge checks against the signed offer's
 price less that discount (`epoch_math.mispriced`)."""
 
-MIGRATIONS = (_SCHEMA_V1, _V2_AUTHORIZATION_EVIDENCE, _V3_REFERRALS, _V4_DISCOUNT)
+_V5_ENTRIES_BY_TX = """
+CREATE INDEX ledger_entries_tx ON ledger_entries(tx_id);
+"""
+"""A transaction's entries by its id: a settlement's replay and the purchases list join on it
+(without it each scanned every entry of the ledger)."""
+
+MIGRATIONS = (
+    _SCHEMA_V1,
+    _V2_AUTHORIZATION_EVIDENCE,
+    _V3_REFERRALS,
+    _V4_DISCOUNT,
+    _V5_ENTRIES_BY_TX,
+)
 """The ledger's schema versions in order (`Database` applies the missing ones on open)."""
 
 

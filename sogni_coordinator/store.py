@@ -1126,6 +1126,17 @@ class Store(Database):
                 (time.time(), tx_hash, epoch),
             )
 
+    def mark_epoch_dropped(self, epoch: int) -> bool:
+        """A posted epoch's root is gone from the chain (a reorganisation): planned again, to
+        be posted from its stored plan. False if `epoch` is not a posted epoch here."""
+        with self._tx() as db:
+            changed = db.execute(
+                "UPDATE epochs SET state='planned', posted_at=NULL, tx_hash=NULL"
+                " WHERE epoch=? AND state='posted'",
+                (epoch,),
+            ).rowcount
+        return bool(changed)
+
     def epoch_record(self, epoch: int) -> EpochRecord | None:
         with self._lock:
             row = self._db.execute(

@@ -90,6 +90,10 @@ class PayoutRules(msgspec.Struct, kw_only=True, frozen=True, rename="camel"):
         return Split(value, take, creator_amount, self.creator_of(model_id), worker)
 
 
+PUBLIC_CONFIRMATIONS = 64
+"""Two Ethereum epochs: past finality there, and well past any L2 sequencer's reorgs."""
+
+
 class SettlementConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """The coordinator's `[settlement]` table (env: `SOGNI_COORDINATOR_SETTLEMENT__<KEY>`).
 
@@ -115,6 +119,15 @@ class SettlementConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown
     more; default: 0, except on a local network (a dev chain id), where free work is paid."""
     publish_dir: Path | None = None
     """Where epoch and receipts files are written; default: `data_dir/epochs`."""
+    confirmations: Annotated[int, Meta(ge=0, le=100_000)] | None = None
+    """Blocks behind the chain's head that settlement trusts: stakes (take-rate tiers) are
+    read that deep, so a reorganisation cannot change an epoch's snapshot after its close.
+    None: 0 on a local network (a dev chain id), else `PUBLIC_CONFIRMATIONS`."""
+
+    def confirmations_on(self, *, local: bool) -> int:
+        if self.confirmations is not None:
+            return self.confirmations
+        return 0 if local else PUBLIC_CONFIRMATIONS
 
     def __post_init__(self) -> None:
         tiers, rates = self.stake_tiers_sogni, self.take_rates_bps

@@ -171,6 +171,7 @@ class Settler:
         dispute_window: float = 0.0,
         clock: Callable[[], float] = time.time,
         params: NetworkParamsReader | None = None,
+        confirmations: int = 0,
     ) -> None:
         self.params = params
         """Governed parameters (docs/GOVERNANCE.md), folded into ``rules`` at each plan."""
@@ -184,6 +185,8 @@ class Settler:
         self.publish_dir = Path(publish_dir)
         self.read_stake = read_stake
         self.dispute_window = dispute_window
+        self.confirmations = confirmations
+        """Blocks behind the head that stakes are read at (`[settlement] confirmations`)."""
         self.max_receipts = MAX_RECEIPTS_PER_EPOCH
         self.more_waiting = False
         """The last plan took `max_receipts` and more wait: close the next epoch at once."""
@@ -209,6 +212,9 @@ class Settler:
 
     def _close_epoch(self) -> EpochResult | None:
         self.publish_missing()  # what other coordinators of the network closed
+        dropped = self._dropped()
+        if dropped is not None:
+            return self.post(dropped, resumed=True)
         pending = self.store.last_epoch_record(state="planned")
         if pending is not None:
             return self.post(pending, resumed=True)
@@ -216,6 +222,28 @@ class Settler:
         if record is None:
             return None
         return self.post(record, resumed=False)
+
+    def _dropped(self) -> EpochRecord | None:
+        """The lowest epoch recorded posted whose root the chain no longer has, made a plan
+        again: a reorganisation dropped its `postRoot` and nobody mined it again. It is
+        posted from its stored plan (same root, files and leaves as published); nothing after
+        it could be posted before it (`epoch == latest + 1`)."""
+        last = self.store.last_epoch_record(state="posted")
+        if last is None:
+            return None
+        chain_epoch = self.distributor.latest_epoch()
+        if chain_epoch >= last.epoch:
+            return None
+        epoch = chain_epoch + 1
+        if not self.store.mark_epoch_dropped(epoch):
+            raise EpochConflict(
+                f"the distributor's latest epoch is {chain_epoch}, behind this database's "
+                f"posted epoch {last.epoch}, and epoch {epoch} is not in it to post again"
+            )
+        log.warning("epoch_post_dropped", epoch=epoch, chain_latest=chain_epoch)
+        record = self.store.epoch_record(epoch)
+        assert record is not None
+        return record
 
     # --- step 1: plan --------------------------------------------------------------------
     def plan_epoch(self) -> EpochRecord | None:
@@ -433,10 +461,11 @@ class Settler:
         return None
 
     def _stake_snapshot(self, workers: set[str]) -> tuple[int | None, dict[str, int]]:
-        """Every payee's active stake at one recorded block (its receipts' take-rate tier)."""
+        """Every payee's active stake at one recorded block (its receipts' take-rate tier),
+        `confirmations` behind the head: a reorganisation cannot change it after the close."""
         if not self.read_stake:
             return None, {}
-        block = self.deployment.chain.block_number()
+        block = max(0, self.deployment.chain.block_number() - self.confirmations)
         staking = self.deployment.staking
         return block, {
             to_checksum_address(w): staking.active_stake(w, block=block) for w in sorted(workers)

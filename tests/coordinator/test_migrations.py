@@ -143,7 +143,7 @@ def test_a_database_of_the_previous_release_migrates_with_its_data(tmp_path: Pat
     try:
         assert (store.schema_version, ledger.schema_version, reputation.schema_version) == (
             len(MIGRATIONS),
-            4,  # + the payer's authorization evidence, referrals, stake discount
+            5,  # + the payer's authorization evidence, referrals, stake discount, entries by tx
             2,  # + work_rate, for bounding partial pay
         )
         (live,) = store.live_jobs()
@@ -170,7 +170,7 @@ def test_a_database_of_the_previous_release_migrates_with_its_data(tmp_path: Pat
         reputation.close()
     db = sqlite3.connect(path)
     versions = dict(db.execute("SELECT component, version FROM schema_versions").fetchall())
-    assert versions == {"store": len(MIGRATIONS), "ledger": 4, "reputation": 2}
+    assert versions == {"store": len(MIGRATIONS), "ledger": 5, "reputation": 2}
     assert db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS)
     assert db.execute("PRAGMA foreign_key_check").fetchall() == []
     # the old plaintext parameters: sealed for the live job, dropped for the ended ones
