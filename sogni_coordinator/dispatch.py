@@ -132,6 +132,10 @@ NO_NODE_GRACE = 10.0
 CANCEL_GRACE = 30.0
 """Seconds a job is kept from a node told to stop it, unless the node answers first (its
 hand-back or result): offered again while it is still stopping, it could only decline."""
+PARTIAL_WAIT = 60.0
+"""Seconds a cancelled job whose node's stream was lost (or whose coordinator restarted)
+waits, still cancelling, for the partial receipt the node kept: it sends it when it
+reconnects (within seconds: `sogni_node.pull` retries from 0.5 s). Then it ends unpaid."""
 STRAGGLER_FACTOR = 2.0
 """A job running this many times longer than its request's median is copied to another node."""
 NEWCOMER_WORK_RATE = 2_000.0
@@ -200,8 +204,8 @@ RESENT_SLACK = 30.0
 
 def _elapsed(job: Job, link: NodeLink, now: float, receipt: Receipt) -> float:
     started = job.holders.get(link)
-    if started is None:
-        return LATE
+    if started is None:  # a partial receipt resent after a reconnect or restart: no sample
+        return UNTIMED if job.partial_wait is not None else LATE
     if receipt.completed_at < started - RESENT_SLACK:
         return UNTIMED
     return now - started
@@ -284,6 +288,7 @@ class Dispatcher:
         self.billing = billing
         self.no_node_grace = NO_NODE_GRACE
         self.cancel_grace = CANCEL_GRACE
+        self.partial_wait = PARTIAL_WAIT
         self.receipts = GroupCommit(store)
         self.queue = TieredQueue()
         """Queued jobs, higher payer stake tiers first (staking_benefits.py)."""
@@ -296,6 +301,9 @@ class Dispatcher:
         """A heap of (deadline, tie-break, job, holder) per offer: `sweep` pops the expired
         ones instead of walking every job; an entry whose holder is gone is skipped."""
         self._tiebreak = itertools.count()
+        self._partial_waits: list[tuple[float, int, Job]] = []
+        """A heap of (until, tie-break, job): cancelling jobs with no holder left, waiting
+        for a partial receipt (`PARTIAL_WAIT`); `sweep` ends the expired ones."""
         self._unservable: set[bytes] = set()
         """Requests whose queued jobs' no-node grace clocks run (`Job.unservable_since`)."""
         self.nodes: dict[str, NodeLink] = {}
@@ -309,7 +317,7 @@ class Dispatcher:
         self._committing: dict[bytes, int] = {}
         """Job id -> receipts of it being committed now: its last holder leaving meanwhile
         (`_release`) waits for the outcome (`_let_go_later`) instead of giving the job up."""
-        self._let_go_later: dict[bytes, tuple[str, bool]] = {}
+        self._let_go_later: dict[bytes, tuple[str, bool, bool]] = {}
         """Job id -> the (reason, spent) of a release put off while its receipt committed."""
         self._storing: dict[ResultKey, trio.Event] = {}
         """Result keys whose receipt is being committed now (set when that ends): a
@@ -597,6 +605,7 @@ class Dispatcher:
             mine = [j for j in self.jobs.values() if j.request_id == request_id]
         else:  # ended, or never here: nothing to stop (a repeated cancel costs nothing)
             mine = []
+        cancel_offers: list[tuple[bytes, bytes, str, JobOffer, bytes]] = []
         for job in mine:
             try:
                 new = self._to(job, JobEvent.CANCEL)
@@ -604,10 +613,19 @@ class Dispatcher:
                 continue  # already cancelling
             if new is JobState.CANCELLED:
                 self._ended(job)
+            elif job.holders:  # a restart waits for the partial receipts (`restore`)
+                held = {link.peer_id for link in job.holders}
+                cancel_offers.extend(
+                    (h, job.job_id, peer, *job.signed_offers[h])
+                    for h, peer in job.offers.items()
+                    if peer in held and h in job.signed_offers
+                )
             for link in job.holders:
                 self._send_to_node(link, Cancel(job_id=job.job_id, pay_partial=True))
         if self.cluster is not None and request_id in self.requests:
             self.cluster.cancelled(request_id)  # its jobs still in the shared queue
+        if cancel_offers and self.cluster is None:  # before the states: a restart finds both
+            self.store.submit("cancel offers", self.store.save_cancel_offers, cancel_offers)
         self._save()
 
     async def _unsubmit(self, request_id: bytes, jobs: list[Job]) -> None:
@@ -632,7 +650,8 @@ class Dispatcher:
 
     def restore(self) -> int:
         """After a restart: re-queue the jobs that had not ended (their clients resume with
-        their tokens), end those a client had cancelled, take back the open reservations so
+        their tokens), end those a client had cancelled (one cancelled while a node rendered
+        it waits `PARTIAL_WAIT` for that node's partial receipt), take back the open reservations so
         what the jobs deliver is settled and the rest refunded, and drop image files that no
         client is owed. Receipts held by a pending check stay held, their check re-run when
         their node reconnects. Returns how many jobs were re-queued. With several
@@ -647,9 +666,19 @@ class Dispatcher:
             self.fail_unnamed_check(c)
         held = [c for c in held if c.peer_id]
         by_request: dict[bytes, list[Job]] = {}
+        cancel_offers = self.store.cancel_offers()
+        waiting: dict[bytes, list[Job]] = {}  # cancelled while rendering: partials to come
         for s in self.store.live_jobs():
             job = Job.restored(s, s.state)
-            if self._to(job, JobEvent.RESTORE) is JobState.QUEUED:
+            offers = cancel_offers.get(s.job_id) if s.state is JobState.CANCELLING else None
+            if offers:
+                for offer_hash, peer_id, offer, signature in offers:
+                    job.offers[offer_hash] = peer_id
+                    job.signed_offers[offer_hash] = (offer, signature)
+                self.jobs[job.job_id] = job
+                self._await_partial(job)
+                waiting.setdefault(s.request_id, []).append(job)
+            elif self._to(job, JobEvent.RESTORE) is JobState.QUEUED:
                 by_request.setdefault(s.request_id, []).append(job)
         self._save()  # before billing counts each request's queued jobs
         if self.billing is not None:
@@ -659,12 +688,13 @@ class Dispatcher:
         held_by: dict[bytes, list[PendingCheck]] = {}
         for c in held:
             held_by.setdefault(c.job.request_id, []).append(c)
-        for request_id in by_request | held_by:
+        for request_id in by_request | held_by | waiting:
             record = self.store.delivery(request_id)
             assert record is not None  # it has live jobs
             box = Mailbox.from_record(record, self.results)
             group, checks = by_request.get(request_id, []), held_by.get(request_id, [])
-            self.add_request(RequestState(request_id, len(group) + len(checks), box), group)
+            live = len(group) + len(checks) + len(waiting.get(request_id, []))
+            self.add_request(RequestState(request_id, live, box), group)
         keep = {self.results.key(*pending) for pending in self.store.pending_deliveries()}
         keep |= {self.resume_check(c) for c in held}
         pruned = self.results.prune(keep)
@@ -766,7 +796,7 @@ class Dispatcher:
         self.free.pop(link, None)
         link.pool = None
         for job in list(link.inflight.values()):
-            self._release(job, link, f"node left: {reason}", penalize=True)
+            self._release(job, link, f"node left: {reason}", penalize=True, partial_may_follow=True)
         for job_id in [j for j, links in self._stopping.items() if link in links]:
             self._stopped(link, job_id)
         link.outbox.close()
@@ -1224,9 +1254,7 @@ class Dispatcher:
         the rate this coordinator measured for the node (full receipts, with a margin, up to
         `MAX_PARTIAL_WORK_RATE`), or at `NEWCOMER_WORK_RATE` before it has any; never the
         node's own claim."""
-        offered = job.holders.get(link)
-        if offered is None:
-            return 0
+        offered = job.holders.get(link, math.inf)  # none: its stream was lost, or a restart
         # from the job's first offer to this node: after a reconnect it answers the re-offer
         # with the partial receipt of the render its earlier session started (the steps
         # were done before this offer; measured from it, the honest claim was a strike)
@@ -1235,6 +1263,8 @@ class Dispatcher:
             signed = job.signed_offers.get(offer_hash)
             if peer == link.peer_id and signed is not None:
                 offered = min(offered, signed[0].deadline - budget)
+        if offered == math.inf:
+            return 0
         measured = self.reputation.get(link.wallet).work_rate
         rate = NEWCOMER_WORK_RATE if measured <= 0 else PARTIAL_RATE_MARGIN * measured
         elapsed = max(0.0, self._clock() - offered)
@@ -1416,6 +1446,17 @@ class Dispatcher:
                 self._release(job, link, "deadline missed", penalize=True)
         if self._stopping:
             self._expire_stops(now)
+        waits = self._partial_waits
+        while waits and waits[0][0] < now:
+            _, _, job = heapq.heappop(waits)
+            if (
+                self.jobs.get(job.job_id) is job
+                and job.state is JobState.CANCELLING
+                and not job.holders
+                and not self._committing.get(job.job_id)
+            ):
+                self._let_go(job, "no partial receipt came", spent=False)
+                self._save()
         queued: set[bytes] = set()  # requests with jobs waiting in the queue
         for request_id, entries in list(self._queued_by_request.items()):
             first = self._first_waiting(request_id, entries)
@@ -1521,11 +1562,19 @@ class Dispatcher:
         return True
 
     def _release(
-        self, job: Job, link: NodeLink, reason: str, *, penalize: bool, spent: bool = True
+        self,
+        job: Job,
+        link: NodeLink,
+        reason: str,
+        *,
+        penalize: bool,
+        spent: bool = True,
+        partial_may_follow: bool = False,
     ) -> None:
         """`link` no longer renders `job`. When it was the last holder, the job goes back to
         the queue (an attempt spent unless not `spent`), or ends if it was being cancelled or
-        out of attempts."""
+        out of attempts; a cancelled one whose node's stream was lost (`partial_may_follow`)
+        first waits for the partial receipt the node sends when it reconnects."""
         if not self._forget_holder(job, link):
             return
         if penalize:
@@ -1533,9 +1582,9 @@ class Dispatcher:
         if job.holders:  # a straggler's copy runs on
             return
         if self._committing.get(job.job_id):  # a receipt for it is being committed: given
-            self._let_go_later[job.job_id] = (reason, spent)  # up, and the receipt would be
-            return  # stored, acked and never delivered nor paid; requeued, then refused
-        self._let_go(job, reason, spent=spent)
+            self._let_go_later[job.job_id] = (reason, spent, partial_may_follow)  # up, and the
+            return  # receipt would be stored, acked and never delivered nor paid; then refused
+        self._let_go(job, reason, spent=spent, wait_partial=partial_may_follow)
 
     def _committed(self, job: Job, committed: bool) -> None:
         """A receipt write for `job` ended: a release put off meanwhile happens now unless
@@ -1549,11 +1598,14 @@ class Dispatcher:
         if later is None or committed or self.jobs.get(job.job_id) is not job:
             return
         if not job.holders and job.state in (JobState.RUNNING, JobState.CANCELLING):
-            self._let_go(job, later[0], spent=later[1])
+            self._let_go(job, later[0], spent=later[1], wait_partial=later[2])
             self._save()
 
-    def _let_go(self, job: Job, reason: str, *, spent: bool) -> None:
+    def _let_go(self, job: Job, reason: str, *, spent: bool, wait_partial: bool = False) -> None:
         """The job's last holder let go: back to the queue, or its end."""
+        if wait_partial and job.state is JobState.CANCELLING and job.partial_wait is None:
+            self._await_partial(job)
+            return
         if self._to(job, JobEvent.RELEASE) is JobState.CANCELLED:
             self._ended(job)
             return
@@ -1567,6 +1619,14 @@ class Dispatcher:
             self._give_up(job, f"gave up after {job.attempts} attempts; last: {reason}")
             return
         self._requeue(job)
+
+    def _await_partial(self, job: Job) -> None:
+        """A cancelled job with no holder left stays live (cancelling) for `PARTIAL_WAIT`:
+        the partial receipt its node kept comes when the node reconnects, checked against
+        the offer made to it (`job.offers` keeps it); `sweep` ends it unpaid after that."""
+        job.partial_wait = self._clock() + self.partial_wait
+        heapq.heappush(self._partial_waits, (job.partial_wait, next(self._tiebreak), job))
+        log.info("partial_receipt_awaited", job=job.job_id.hex()[:16], seconds=self.partial_wait)
 
     def _requeue(self, job: Job) -> None:
         """Back to the front of the queue; with several coordinators, the shared queue."""

@@ -90,6 +90,9 @@ class Job:
     """Every offer hash issued for this job -> the peer id it was issued to."""
     signed_offers: dict[bytes, tuple[JobOffer, bytes]] = field(default_factory=dict)
     """Every offer hash -> the offer and its signature (the epoch publishes the one paid)."""
+    partial_wait: float | None = None
+    """Until when a cancelled job with no holder left waits for its node's partial receipt
+    (`Dispatcher._await_partial`); None: it has not waited."""
     unservable_since: float | None = None
     """When a sweep first found no connected node able to serve it (None: one can). The
     no-node grace runs from here, not from when it was queued: a job that waited its turn

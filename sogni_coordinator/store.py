@@ -230,6 +230,22 @@ its receipt in) cannot keep that state, so the check row does, and a restart res
 check with the job CANCELLING: a failed check then ends it cancelled, never renders it
 again against the cancelled request."""
 
+_V10_CANCEL_OFFERS = """
+CREATE TABLE cancel_offers (
+    offer_hash BLOB PRIMARY KEY,
+    job_id     BLOB NOT NULL,
+    peer_id    TEXT NOT NULL,
+    offer      BLOB NOT NULL,
+    signature  BLOB NOT NULL
+);
+CREATE INDEX cancel_offers_job ON cancel_offers (job_id);
+PRAGMA user_version=10
+"""
+"""The signed offers of a job cancelled while a node rendered it, written with the cancel:
+after a restart the job waits, still cancelling, for the partial receipt the node kept and
+sends when it reconnects (checked against the offer made to that node); without them it
+ended cancelled and the steps the node did were never paid. Dropped once the job ended."""
+
 MIGRATIONS = (
     _SCHEMA_V1,
     _V2_JOB_STATES,
@@ -240,6 +256,7 @@ MIGRATIONS = (
     _V7_RECHECK_AFTER_RESTART,
     _V8_EPOCH_EVIDENCE,
     _V9_HELD_CANCEL,
+    _V10_CANCEL_OFFERS,
 )
 _NOT_HELD = "NOT EXISTS (SELECT 1 FROM checks c WHERE c.job_id = r.job_id AND c.state='pending')"
 """SQL: receipt `r` is not held by a pending check."""
@@ -813,6 +830,39 @@ class Store(Database):
         return int(n[0]) + int(f[0])
 
     # --- reads -------------------------------------------------------------------------
+    def save_cancel_offers(self, rows: Iterable[tuple[bytes, bytes, str, JobOffer, bytes]]) -> None:
+        """`(offer hash, job id, peer id, offer, signature)` of the offers running when their
+        job was cancelled (`_V10_CANCEL_OFFERS`)."""
+        with self._tx() as db:
+            db.executemany(
+                "INSERT INTO cancel_offers (offer_hash, job_id, peer_id, offer, signature)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (offer_hash) DO NOTHING",
+                [(h, j, p, msgspec.msgpack.encode(o), sig) for h, j, p, o, sig in rows],
+            )
+
+    def cancel_offers(self) -> dict[bytes, list[tuple[bytes, str, JobOffer, bytes]]]:
+        """Job id -> `(offer hash, peer id, offer, signature)` of its cancelled offers, for the
+        jobs still cancelling; the rows of jobs that ended are dropped here."""
+        with self._tx() as db:
+            db.execute(
+                "DELETE FROM cancel_offers WHERE job_id NOT IN"
+                " (SELECT job_id FROM jobs WHERE state='cancelling')"
+            )
+            rows = db.execute(
+                "SELECT job_id, offer_hash, peer_id, offer, signature FROM cancel_offers"
+            ).fetchall()
+        found: dict[bytes, list[tuple[bytes, str, JobOffer, bytes]]] = {}
+        for job_id, offer_hash, peer_id, offer, signature in rows:
+            found.setdefault(bytes(job_id), []).append(
+                (
+                    bytes(offer_hash),
+                    str(peer_id),
+                    _offer_decoder.decode(bytes(offer)),
+                    bytes(signature),
+                )
+            )
+        return found
+
     def live_jobs(self) -> list[StoredJob]:
         """Jobs that had not ended when the coordinator stopped (queued or cancelling),
         in the order they were accepted: what a restart restores."""

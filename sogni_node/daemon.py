@@ -453,17 +453,21 @@ async def _forward_orphans(
     interval: float = 2.0,
     orphan_after: float = 10.0,
 ) -> None:
-    """Deliver results kept for a coordinator that is gone to another of its network.
+    """Deliver results kept for a coordinator that is gone to another of its network, and
+    those an earlier session to a coordinator left unanswered to its session now.
 
     A result waits for its coordinator's ack; when that coordinator has had no open session
     for `orphan_after` seconds, the same `Result` (receipt and signature unchanged) goes to a
     connected coordinator whose network set names both, which accepts it against the shared
-    offer record. Each (job, coordinator) is tried once; a refusal keeps the result (a
-    re-offer still gets it, `PullSession._resend`).
+    offer record. One whose coordinator is connected again (a lost stream, a restart), at
+    least `orphan_after` s old and never sent on the session now open, goes to that session:
+    a cancelled job waits there for its partial receipt (`Dispatcher.PARTIAL_WAIT`). Each
+    (job, coordinator) is tried once per session; a refusal keeps the result (a re-offer
+    still gets it, `PullSession._resend`).
     """
     started = trio.current_time()
     last_seen: dict[str, float] = {}
-    tried: set[tuple[bytes, str]] = set()
+    tried: dict[tuple[bytes, str], PullSession | None] = {}
     while True:
         await trio.sleep(interval)
         now = trio.current_time()
@@ -480,19 +484,32 @@ async def _forward_orphans(
         except Exception as exc:  # the journal is busy or broken: next round
             log.error("orphans_not_read", error=type(exc).__name__)
             continue
+        wall = time.time()
         for entry in entries:
             job_id, owner = entry.receipt.job_id, entry.receipt.coordinator.lower()
-            if owner in live or now - last_seen.get(owner, started) < orphan_after:
+            own = live.get(owner)
+            if own is not None:  # back: what an earlier session of it left unanswered
+                if (
+                    wall - entry.recorded_at < orphan_after
+                    or tried.get((job_id, owner)) is own
+                    or own.answered_here(job_id)
+                ):
+                    continue
+                key, target = owner, own
+            elif now - last_seen.get(owner, started) < orphan_after:
                 continue
-            targets = [
-                (key, s)
-                for key, s in live.items()
-                if owner in s.network_keys and (job_id, key) not in tried and job_id not in s.jobs
-            ]
-            if not targets:
-                continue
-            key, target = targets[0]
-            tried.add((job_id, key))  # once, even if its image is gone (pruned): no re-reads
+            else:
+                targets = [
+                    (key, s)
+                    for key, s in live.items()
+                    if owner in s.network_keys
+                    and (job_id, key) not in tried
+                    and job_id not in s.jobs
+                ]
+                if not targets:
+                    continue
+                key, target = targets[0]
+            tried[(job_id, key)] = target  # once per session, even if its image is gone (pruned)
             try:
                 kept = await trio.to_thread.run_sync(journal.stored_result, job_id)
             except Exception as exc:  # the journal is busy or broken: the next re-offer gets it
@@ -511,7 +528,10 @@ async def _forward_orphans(
                     meta=meta,
                 )
             )
-            log.info("result_forwarded", job=job_id.hex()[:16], dead=owner, to=key)
+            if target is own:
+                log.info("result_resent", job=job_id.hex()[:16], to=key)
+            else:
+                log.info("result_forwarded", job=job_id.hex()[:16], dead=owner, to=key)
 
 
 CANCEL_WAIT = 30.0

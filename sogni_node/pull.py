@@ -520,6 +520,11 @@ class PullSession:
         """Jobs offered on this session and not yet answered."""
         return self._live.keys()
 
+    def answered_here(self, job_id: bytes) -> bool:
+        """This session holds `job_id`, sent its result or has its ack on the way to the
+        journal: not a result an earlier session left to send again (`_forward_orphans`)."""
+        return job_id in self._live or job_id in self._result_sent or job_id in self._acks_pending
+
     def _claim(self, job_id: bytes) -> Running:
         """A slot for `job_id`, owned by this session (`Running.owner`)."""
         run = self.worker.claim(job_id)

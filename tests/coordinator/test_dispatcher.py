@@ -32,7 +32,7 @@ from sogni_protocol.messages import (
 )
 from sogni_protocol.pricing import quote
 
-from .conftest import FLOOR, FakeNode, Harness, _png, events, request
+from .conftest import FLOOR, FakeNode, Harness, Offer, _png, events, request
 
 
 def _job_state(h: Harness, job_id: bytes) -> JobState | None:
@@ -522,6 +522,74 @@ async def test_a_partial_receipt_is_paid_for_the_steps_done(paid: Harness) -> No
         await paid.deliver(a, offer, steps_done=5)
 
 
+async def _cancelled_while_rendering(
+    paid: Harness,
+) -> tuple[Submission, FakeNode, Offer, int, str]:
+    """A paid request of 1 image offered to node 0, then cancelled (the node was told)."""
+    payer = Account.create()
+    assert paid.ledger is not None
+    paid.ledger.credit_purchase(payer.address, 1)
+    req = request(1)
+    sub = await paid.submit(authorize(req, bytes(payer.key), paid.dispatcher.domain))
+    a = paid.node(0)
+    paid.dispatcher.match()
+    (offer,) = a.offers()
+    paid.dispatcher.cancel_request(sub.accepted.request_id)
+    return sub, a, offer, quote(req).per_image.spark_micro, payer.address
+
+
+async def test_a_partial_receipt_after_the_stream_was_lost_is_paid(paid: Harness) -> None:
+    """The node's stream drops with the cancel in flight: the job waits, still cancelling,
+    for the partial receipt the node sends when it is back (it ended unpaid at once)."""
+    sub, a, offer, _, _ = await _cancelled_while_rendering(paid)
+    paid.clock.advance(2.0)
+    paid.dispatcher.node_left(a.link, "stream reset")
+    assert _job_state(paid, offer.offer.job_id) is JobState.CANCELLING
+    back = paid.node(0)  # the same peer and wallet
+    paid.dispatcher.match()
+    assert back.offers() == []  # never offered again
+    await paid.deliver(back, offer, steps_done=4)
+    assert paid.store.job_state(offer.offer.job_id) is JobState.CANCELLED
+    assert paid.ledger is not None
+    assert sum(paid.ledger.balance(worker_account(a.wallet)).values()) > 0
+    assert paid.reputation.get(a.wallet).strikes == []
+    assert sub.state.cancelled == 1 and sub.state.remaining == 0
+
+
+async def test_a_partial_receipt_after_a_restart_is_paid(paid: Harness) -> None:
+    """The coordinator restarts while a cancelled job's node stops it: the offer kept with
+    the cancel lets the job wait for that node's partial receipt, checked against it."""
+    _, a, offer, per_image, payer = await _cancelled_while_rendering(paid)
+    await paid.dispatcher.durable()
+    paid.restart()
+    paid.dispatcher.restore()
+    paid.clock.advance(2.0)
+    other = paid.node(1)  # another wallet cannot answer the offer made to node 0
+    with pytest.raises(ResultRefused, match="offer was made to another node"):
+        await paid.deliver(other, offer, steps_done=4)
+    back = paid.node(0)
+    await paid.deliver(back, offer, steps_done=4)
+    assert paid.store.job_state(offer.offer.job_id) is JobState.CANCELLED
+    assert paid.ledger is not None
+    charged = partial_value(per_image, 4, 10)
+    assert paid.ledger.balance(payer)["spark_paid"] == (1_000_000 - charged)
+    assert sum(paid.ledger.balance(worker_account(a.wallet)).values()) > 0
+
+
+async def test_a_cancelled_job_whose_node_never_comes_back_ends_unpaid(paid: Harness) -> None:
+    sub, a, offer, _, _ = await _cancelled_while_rendering(paid)
+    paid.dispatcher.node_left(a.link, "stream reset")
+    paid.clock.advance(paid.dispatcher.partial_wait + 1)
+    paid.dispatcher.sweep()
+    assert _job_state(paid, offer.offer.job_id) is JobState.CANCELLED
+    assert sub.state.cancelled == 1
+    back = paid.node(0)
+    with pytest.raises(ResultRefused):  # too late: nothing owed
+        await paid.deliver(back, offer, steps_done=4)
+    assert paid.ledger is not None
+    assert sum(paid.ledger.balance(worker_account(a.wallet)).values()) == 0
+
+
 async def test_a_partial_receipt_cannot_claim_more_steps_than_time_allows(
     coord: Harness,
 ) -> None:
@@ -610,9 +678,14 @@ async def test_restart_requeues_live_jobs_and_never_ended_ones(coord_any: Harnes
     restored = coord.dispatcher.restore()
     live = main.accepted.job_ids[1:]
     assert restored == 2
-    assert set(coord.dispatcher.jobs) == set(live)
+    # the cancelled running job waits for its node's partial receipt, never offered again
+    assert set(coord.dispatcher.jobs) == {*live, doomed.offer.job_id}
     assert coord.store.job_state(main.accepted.job_ids[0]) is JobState.DONE
-    assert coord.store.job_state(doomed.offer.job_id) is JobState.CANCELLED  # not redone
+    assert coord.store.job_state(doomed.offer.job_id) is JobState.CANCELLING
+    coord.clock.advance(coord.dispatcher.partial_wait + 1)
+    coord.dispatcher.sweep()  # none came: it ends cancelled, unpaid, not redone
+    await coord.dispatcher.durable()
+    assert coord.store.job_state(doomed.offer.job_id) is JobState.CANCELLED
     assert [s.job_id for s in coord.store.live_jobs()] == live
     assert {s.job_id: s.attempts for s in coord.store.live_jobs()}[live[1]] == 1
 

@@ -10,6 +10,7 @@ around it, not diffusion.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import threading
@@ -27,6 +28,7 @@ from structlog.testing import capture_logs
 
 from sogni_net import Channel, open_host
 from sogni_node import pull
+from sogni_node.daemon import _forward_orphans
 from sogni_node.journal import Journal
 from sogni_node.metrics import metered
 from sogni_node.pull import NodeIdentity, PullSession, pull_forever
@@ -183,9 +185,11 @@ async def node(
     backend: CountingBackend,
     wallet: Any = None,
     heartbeat_timeout: float = 60,  # the scripted coordinator sends no heartbeats
+    resend_after: float | None = None,
 ) -> AsyncIterator[Node]:
     """A node daemon's pull loop for `coord`; leaving the block stops it (a node restart
-    when the next block opens on the same `tmp` and `wallet`)."""
+    when the next block opens on the same `tmp` and `wallet`). `resend_after`: the daemon's
+    `_forward_orphans` runs too, results unanswered that long sent again."""
     acct = wallet or Account.create()
     identity = NodeIdentity(
         acct.address, bytes(acct.key), DOMAIN, frozenset({coord.address.lower()})
@@ -218,7 +222,19 @@ async def node(
                 )
 
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(pull_forever, new_session, coord.addr, set(), trio.Event())
+                sessions: set[PullSession] = set()
+                nursery.start_soon(pull_forever, new_session, coord.addr, sessions, trio.Event())
+                if resend_after is not None:
+                    nursery.start_soon(
+                        functools.partial(
+                            _forward_orphans,
+                            journal,
+                            sessions,
+                            identity,
+                            interval=0.1,
+                            orphan_after=resend_after,
+                        )
+                    )
                 yield Node(journal, worker, tmp / "results")
                 nursery.cancel_scope.cancel()
     finally:
@@ -565,6 +581,39 @@ async def test_a_paid_cancel_after_a_reconnect_is_answered_with_the_partial_rece
         assert partial.receipt.offer_hash == eip712.offer_hash(DOMAIN, again.offer)
         assert partial.receipt.work_units == again.offer.work_units // again.offer.steps
         assert eip712.same_address(recover(partial), partial.receipt.worker)
+        relink.done.set()
+
+
+async def test_a_partial_receipt_lost_with_its_stream_is_sent_when_the_node_is_back(
+    tmp_path: Path,
+) -> None:
+    """The stream drops between the paid cancel and the partial receipt: the render stops,
+    its receipt is kept, and the node's next session to that coordinator gets it unasked
+    (the coordinator waits for it, `Dispatcher.PARTIAL_WAIT`); it was kept and never sent."""
+    backend = CountingBackend()
+    backend.hold.clear()
+    async with coordinator() as coord, node(tmp_path, coord, backend, resend_after=0.5) as n:
+        link = await coord.link()
+        offer = coord.offer(1)
+        await link.channel.send(offer)
+        await trio.to_thread.run_sync(backend.started.wait, 20)
+        await link.channel.send(Cancel(job_id=offer.offer.job_id, pay_partial=True))
+        with trio.fail_after(20):
+            while not n.worker.running[offer.offer.job_id].cancel.is_set():
+                await trio.sleep(0.01)  # polled: the worker offers no event for it
+        await link.channel.reset()  # the stream is lost before the partial receipt
+        link.done.set()
+        backend.hold.set()
+        relink = await coord.link()
+        partial = await relink.next(Result, HandBack, OfferDeclined)
+        assert isinstance(partial, Result) and partial.image == b""
+        assert partial.receipt.steps_done == 1
+        assert partial.receipt.offer_hash == eip712.offer_hash(DOMAIN, offer.offer)
+        assert eip712.same_address(recover(partial), partial.receipt.worker)
+        await relink.channel.send(ResultAck(job_id=offer.offer.job_id, accepted=True))
+        with trio.fail_after(20):
+            while n.journal.unacked():
+                await trio.sleep(0.05)  # the ack is journaled off the loop
         relink.done.set()
 
 
