@@ -107,6 +107,7 @@ from sogni_protocol.messages import (
     split_request,
 )
 from sogni_protocol.pricing import price_factor_bps, work_units
+from sogni_protocol.schedulers import scheduler_fault
 
 if TYPE_CHECKING:
     from sogni_coordinator.cluster import Cluster
@@ -348,7 +349,8 @@ class Dispatcher:
         """Records each node's advertised device for the Workers boards (seasons/hardware.py)."""
         """Stake on models (model_stake.py), read by model lists; None without a chain."""
         self.excluded: dict[bytes, set[str]] = {}
-        """Job id -> wallets whose receipt for it failed a check: offered elsewhere first."""
+        """Job id -> wallets whose receipt for it failed a check, or that handed it back:
+        offered elsewhere first."""
         self.refusals: Reporter | None = None
         """Signs each refusal so the worker can dispute it on chain (disputes.py); None
         without a Disputes contract."""
@@ -437,6 +439,8 @@ class Dispatcher:
         ids = [lora.id for lora in req.loras]
         if len(set(ids)) < len(ids):  # every node declines such a job (each copy merged again)
             raise Refusal("invalid_request", f"a LoRA is listed twice: {sorted(ids)}")
+        if (why := scheduler_fault(req.scheduler)) is not None:  # every node would fail it
+            raise Refusal("invalid_request", why)
         # Before anything is reserved: a refused prompt costs nothing (docs/CONTENT_POLICY.md).
         screen_request(req, self.content_policy)
         paid = self.billing is not None and self.billing.charges(req)
@@ -853,6 +857,10 @@ class Dispatcher:
         self._stopped(link, job_id)
         job = link.inflight.get(job_id)
         if job is not None:
+            # offered to another wallet first while one can serve it: a node that fails
+            # every job at once (its disk full) was offered the same jobs again and again
+            # and spent each one's attempts in milliseconds
+            self.excluded.setdefault(job_id, set()).add(link.wallet.lower())
             # with several coordinators a node declines what it has no slot for (offers from
             # all of them): not the job's fault, so no attempt of the job is spent
             self._release(

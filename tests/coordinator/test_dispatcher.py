@@ -522,6 +522,35 @@ async def test_a_partial_receipt_is_paid_for_the_steps_done(paid: Harness) -> No
         await paid.deliver(a, offer, steps_done=5)
 
 
+async def test_a_scheduler_no_node_renders_is_refused_on_arrival(coord: Harness) -> None:
+    """It was accepted and failed on every node it was offered to (an error each)."""
+    coord.node(0)
+    with pytest.raises(Refusal, match="unknown scheduler 'no_such'") as info:
+        await coord.submit(request(1, scheduler="no_such"))
+    assert info.value.code == "invalid_request"
+    assert coord.dispatcher.jobs == {}
+    await coord.submit(request(1, scheduler="euler_a"))  # one the network renders
+
+
+async def test_a_handed_back_job_goes_to_another_node_first(coord: Harness) -> None:
+    """A node failing every job at once (its disk full) handed each back and, free again
+    at once, was offered the same jobs again: all their attempts spent in milliseconds."""
+    sub = await coord.submit(request(1))
+    broken = coord.node(0)
+    coord.dispatcher.match()
+    (offer,) = broken.offers()
+    healthy = coord.node(1, ready=False)
+    coord.dispatcher.handed_back(broken.link, offer.offer.job_id, "node error")
+    coord.dispatcher.ready(broken.link, 1)  # it has credit first again
+    coord.dispatcher.ready(healthy.link, 1)
+    coord.dispatcher.match()
+    assert broken.offers() == []
+    (again,) = healthy.offers()
+    assert again.offer.job_id == offer.offer.job_id
+    await coord.deliver(healthy, again)
+    assert sub.state.delivered == 1
+
+
 async def _cancelled_while_rendering(
     paid: Harness,
 ) -> tuple[Submission, FakeNode, Offer, int, str]:
