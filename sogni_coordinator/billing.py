@@ -107,6 +107,10 @@ class Billing:
     """The ledger's network: authorizations and boost claims must name it."""
     benefits: PayerBenefits | None = None
     """Staked payers' discount and queue tier (`[staking_benefits]`); None: none."""
+    boost_for_anyone: bool = True
+    """Any wallet may claim the Daily Boost (a local network); False: only one that bought
+    Spark or deposited SOGNI here, or has stake (a script mints wallets for free, each a
+    day's free Spark: renders for nothing, and workers unpaid when the free budget is 0)."""
     key_accounts: KeyAccounts | None = None
     """API keys' accounts (`api_keys.ApiKeys`): a revoked or limited key's account cannot be
     spent outside the gateway either (`admit(..., via_gateway=False)`); None: not checked."""
@@ -341,9 +345,13 @@ class Billing:
         d = self.domain
         return f"{fault}; this coordinator signs for chain {d.chain_id}, {d.verifying_contract}"
 
+    def _boost_eligible(self, payer: str) -> bool:
+        return self.standing(payer).stake > 0 or self.ledger.has_paid(payer)
+
     def claim_boost(self, claim: DailyBoostClaim) -> BoostGranted:
         """Grant the Daily Boost for today (UTC) if the claim is the payer's own and the first
-        today; otherwise `Refusal` (`unauthorized`, `wrong_day`, `already_claimed`)."""
+        today; otherwise `Refusal` (`unauthorized`, `wrong_day`, `not_eligible`: off a local
+        network only a paying or staking account, `already_claimed`)."""
         self._require_on()
         if claim.network_id != self.network_id:
             raise Refusal("unauthorized", self._wrong_network("boost claim", claim.network_id))
@@ -356,6 +364,12 @@ class Billing:
             raise Refusal(
                 "wrong_day",
                 f"the claim is for {claim.day} but today is {today} (UTC): sign one for today",
+            )
+        if not self.boost_for_anyone and not self._boost_eligible(claim.payer):
+            raise Refusal(
+                "not_eligible",
+                f"{claim.payer} has never bought Spark, deposited SOGNI or staked on this "
+                "network: the Daily Boost is for its customers (buy Spark or stake first)",
             )
         try:
             amount = self.ledger.claim_daily_boost(claim.payer, now)

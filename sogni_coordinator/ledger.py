@@ -119,9 +119,11 @@ price less that discount (`epoch_math.mispriced`)."""
 
 _V5_ENTRIES_BY_TX = """
 CREATE INDEX ledger_entries_tx ON ledger_entries(tx_id);
+CREATE INDEX ledger_tx_ref ON ledger_tx(ref, kind);
 """
 """A transaction's entries by its id: a settlement's replay and the purchases list join on it
-(without it each scanned every entry of the ledger)."""
+(without it each scanned every entry of the ledger); an account's purchases and deposits by
+its address (`has_paid`, the Daily Boost's eligibility)."""
 
 MIGRATIONS = (
     _SCHEMA_V1,
@@ -464,6 +466,16 @@ class Ledger(Database):
                 _addr(payer),
                 [(TREASURY, "spark_paid", -amount), (_addr(payer), "spark_paid", amount)],
             )
+
+    def has_paid(self, account: str) -> bool:
+        """The account ever bought Spark or deposited SOGNI here (the Daily Boost's test of a
+        real customer: a fresh wallet costs nothing to make)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM ledger_tx WHERE kind IN ('purchase', 'deposit') AND ref = ? LIMIT 1",
+                (_addr(account),),
+            ).fetchone()
+        return row is not None
 
     def deposit_sogni(self, payer: str, micro_sogni: int) -> int:
         """Credit SOGNI the payer deposited on chain (micro-SOGNI); returns the tx id."""

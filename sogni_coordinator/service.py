@@ -111,7 +111,12 @@ async def _serve(
         domain = Domain(config.chain_id, config.verifying_contract)
         rules = payout_rules(config)  # [settlement] + the catalog's model creators
         billing = Billing(
-            ledger, domain, mode=config.billing, rules=rules, network_id=config.network_id
+            ledger,
+            domain,
+            mode=config.billing,
+            rules=rules,
+            network_id=config.network_id,
+            boost_for_anyone=config.local,
         )
         # an API key's account pays only while its key is live and within its daily limit,
         # whichever protocol its (derivable) account key signs requests over

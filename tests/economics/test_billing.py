@@ -32,6 +32,7 @@ from sogni_coordinator.ledger import (
     worker_account,
 )
 from sogni_coordinator.settlement.epochs import Settler
+from sogni_coordinator.standing import Standing
 from sogni_coordinator.store import Store
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
@@ -373,6 +374,28 @@ def test_daily_boost_once_a_day_with_a_signed_claim(
         == 100 * SPARK
     )
     coord.conserved()
+
+
+def test_off_a_local_network_a_fresh_wallet_gets_no_daily_boost(
+    coord: Coordinator, payer: LocalAccount
+) -> None:
+    """A script minting wallets got a day's free Spark with each: renders for nothing (and
+    unpaid workers where the free budget is 0). Only a paying or staking account claims."""
+    coord.billing.clock = lambda: NOON
+    coord.billing.boost_for_anyone = False
+    claim = eip712.sign_boost_claim(payer.key, coord.domain, "2025-06-01")
+    with pytest.raises(Refusal) as fresh:
+        coord.billing.claim_boost(claim)
+    assert fresh.value.code == "not_eligible" and payer.address in fresh.value.reason
+    assert coord.ledger.balances() == {}
+    staker = Account.create()
+    coord.billing.standing = lambda w: Standing(stake=1) if w == staker.address else Standing()
+    staked = coord.billing.claim_boost(
+        eip712.sign_boost_claim(staker.key, coord.domain, "2025-06-01")
+    )
+    assert staked.amount_micro == 50 * SPARK
+    coord.ledger.credit_purchase(payer.address, 1)  # a customer now
+    assert coord.billing.claim_boost(claim).amount_micro == 50 * SPARK
 
 
 def test_forged_and_foreign_claims_are_refused(coord: Coordinator, payer: LocalAccount) -> None:
