@@ -13,6 +13,7 @@ restart, re-attaches with `Dispatcher.resume` and never submits (or charges) aga
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -27,6 +28,7 @@ from sogni_coordinator.billing import Refusal
 from sogni_coordinator.db import DATABASE_ERRORS
 from sogni_coordinator.delivery import Cursor
 from sogni_coordinator.gateway.config import GatewayConfig
+from sogni_coordinator.gateway.failures import failure_of, image_error, project_error
 from sogni_coordinator.gateway.limits import SharedLimits, limiters
 from sogni_coordinator.gateway.models import ModelBook
 from sogni_coordinator.gateway.projects import (
@@ -38,11 +40,19 @@ from sogni_coordinator.gateway.projects import (
     parse_job_request,
 )
 from sogni_coordinator.gateway.results import ImageStore
+from sogni_coordinator.job_state import JobState
 from sogni_coordinator.key_projects import ProjectRecord, seal_token
 from sogni_protocol import eip712
 from sogni_protocol.catalog import Catalog
 from sogni_protocol.logs import get_logger
-from sogni_protocol.messages import JobFailed, JobImage, JobProgress, RenderRequest, RequestDone
+from sogni_protocol.messages import (
+    JobFailed,
+    JobImage,
+    JobProgress,
+    Message,
+    RenderRequest,
+    RequestDone,
+)
 from sogni_protocol.pricing import quote
 
 if TYPE_CHECKING:
@@ -64,6 +74,9 @@ INTERRUPTED = (
     "(nor charged again): start a new project"
 )
 LOST = "the network no longer knows this project: start a new project"
+QUEUE_TICK = 0.5
+"""Seconds between looks at a queued project's place in the queue (a changed one is sent as
+`jobState queued`; the SDKs expect the server's queue updates about this often)."""
 
 
 class Send(Protocol):
@@ -154,6 +167,9 @@ class Gateway:
         )
         self.sockets: dict[tuple[str, str], Any] = {}
         """(key id, appId) -> the socket session holding it (`socket.Session`)."""
+        self._positions: dict[bytes, int] = {}
+        self._positions_at = -math.inf
+        """`queue_position`'s last count of the dispatcher's queue, and when (monotonic)."""
 
     async def run(self) -> None:
         """Index stored images, then delete expired images and forget ended projects."""
@@ -242,7 +258,16 @@ class Gateway:
         project = self.projects.get(key.key_id, job_id)  # a twin raced us through _recall
         if project is not None:
             return project, await self.reattach(project)
-        project = Project(key.key_id, job_id, req.number_of_images, app_id=app_id)
+        project = Project(
+            key.key_id,
+            job_id,
+            req.number_of_images,
+            app_id=app_id,
+            model_id=req.model_id,
+            steps=req.steps,
+            network=req.network,
+            token_type=req.token_type,
+        )
         self.projects.add(project)
         try:
             submission = await self._submit_recorded(key, project, req)
@@ -461,6 +486,83 @@ class Gateway:
         live = [p.job_id for p in self.projects.in_flight(key.key_id)]
         return list(dict.fromkeys(live + stored))
 
+    def queue_position(self, project: Project, *, first: bool = False) -> int:
+        """`jobState queued`'s `queuePosition`: how many other projects (requests) of the
+        same network and model wait ahead of this one in the dispatcher's queue, in the
+        order it serves them (payer tiers first, then arrival). 0 when none of its images
+        waits here (being rendered, or, with several coordinators, still in the network's
+        shared queue, which has no place to tell). One pass over the queue serves every
+        project asking within half a `QUEUE_TICK`; a project's `first` look counts again if
+        the last pass did not see it (it may have been submitted since)."""
+        now = time.monotonic()
+        rid = project.request_id
+        missed = first and rid not in self._positions
+        if missed or now - self._positions_at > QUEUE_TICK / 2:
+            self._positions, self._positions_at = self._count_queue(), now
+        return self._positions.get(rid, 0)
+
+    def _count_queue(self) -> dict[bytes, int]:
+        """Request id -> requests of its (network, model) with an image waiting before its
+        first waiting image. Entries no longer waiting (started, cancelled) are skipped, as
+        the dispatcher's matcher skips them."""
+        d = self.dispatcher
+        ahead: dict[tuple[str, str], int] = {}
+        positions: dict[bytes, int] = {}
+        for job in d.queue:
+            if job.request_id in positions:
+                continue
+            if job.state is not JobState.QUEUED or d.jobs.get(job.job_id) is not job:
+                continue
+            lane = (job.network, job.params.model_id)
+            positions[job.request_id] = ahead.get(lane, 0)
+            ahead[lane] = positions[job.request_id] + 1
+        return positions
+
+    def still_running(self, projects: list[Project]) -> list[Project]:
+        """Those of `projects` still in flight: not ended, cancelled or refused."""
+        return [p for p in projects if not (p.done or p.cancelled) and p.refusal is None]
+
+    def recovered(self, project: Project) -> dict[str, Any]:
+        """An in-flight project as the SDKs read `authenticated.activeProjects` (their
+        `RecoveredProject`): its id, app, model, image and step counts, times (ms) and
+        status (`queued`, or `active` once a node took one of its images). The prompt and
+        the request itself (`clientRequestData`) are not kept, so not sent: an SDK that did
+        not know the project rebuilds it from these fields, and its events follow on the
+        socket. What a project recalled from the database does not record (model, steps,
+        network) is asked of the dispatcher, when it runs the request here."""
+        model, steps, network, token = (
+            project.model_id,
+            project.steps,
+            project.network,
+            project.token_type,
+        )
+        d = self.dispatcher
+        box = d.mailboxes.get(project.request_id) if not model else None
+        for job_id in box.job_ids if box is not None else ():
+            job = d.jobs.get(job_id)
+            if job is not None:  # a live image of its request: they differ only by seed
+                model, steps, network = job.params.model_id, job.params.steps, job.network
+                break
+        active = project.started or bool(project.outcomes)
+        entry: dict[str, Any] = {
+            "id": project.job_id,
+            "appId": project.app_id,
+            "jobType": "image",
+            "model": {"id": model, "name": self.book.name(model) if model else ""},
+            "imageCount": project.count,
+            "stepCount": steps,
+            "createTime": int(project.started_at * 1000),
+            "updateTime": int(time.time() * 1000),
+            "status": "active" if active else "queued",
+            "workerJobs": [],
+            "completedWorkerJobs": [],
+        }
+        if network:
+            entry["network"] = network
+        if token:
+            entry["tokenType"] = token
+        return entry
+
     async def stream(
         self, project: Project, events: Cursor | None, send: Send, base_url: str
     ) -> None:
@@ -474,8 +576,9 @@ class Gateway:
                 # dispatcher's cancellation ends it the way the SDKs expect, "canceled")
                 await _send_cancelled(project, send)
                 return
+            position = 0 if events is None else self.queue_position(project, first=True)
             if events is None or not project.outcomes:
-                await send("jobState", {"type": "queued", "jobID": job, "queuePosition": 0})
+                await send("jobState", {"type": "queued", "jobID": job, "queuePosition": position})
             for index in sorted(project.outcomes):
                 sent.add(index)
                 await self._send_outcome(project, index, send, base_url)
@@ -483,7 +586,24 @@ class Gateway:
                 await self._finish(project, send)
                 return
             started: set[int] = set()
-            async for msg in events:
+            while True:
+                # While no image of it is seen rendering, its place in the queue is looked
+                # at every QUEUE_TICK and sent again when it changed (the SDKs show it).
+                queued = not (project.started or project.outcomes or project.cancelled)
+                try:
+                    msg = await _next_event(events, QUEUE_TICK if queued else None)
+                except StopAsyncIteration:
+                    break
+                if msg is None:
+                    now = self.queue_position(project)
+                    if now != position and not project.started:
+                        position = now
+                        await send(
+                            "jobState", {"type": "queued", "jobID": job, "queuePosition": now}
+                        )
+                    continue
+                if isinstance(msg, JobProgress | JobImage | JobFailed):
+                    project.started = True
                 if isinstance(msg, JobProgress):
                     if msg.index in sent or project.cancelled or msg.index >= project.count:
                         continue
@@ -511,7 +631,8 @@ class Gateway:
                     and msg.index < project.count
                     and msg.index not in project.outcomes
                 ):
-                    await self._record(project, msg.index, Outcome(ok=False, error="jobFailed"))
+                    failed = Outcome(ok=False, error=failure_of(msg.reason))
+                    await self._record(project, msg.index, failed)
                 # outcomes an earlier attachment recorded meanwhile are sent here too
                 for index in sorted(set(project.outcomes) - sent):
                     sent.add(index)
@@ -519,7 +640,7 @@ class Gateway:
                 if isinstance(msg, RequestDone):
                     for index in range(project.count):  # exactly one outcome per image
                         if index not in project.outcomes:
-                            await self._record(project, index, Outcome(ok=False, error="lost"))
+                            await self._record(project, index, Outcome(ok=False, error="imageLost"))
                     for index in sorted(set(project.outcomes) - sent):
                         sent.add(index)
                         await self._send_outcome(project, index, send, base_url)
@@ -579,8 +700,7 @@ class Gateway:
                 {
                     "jobID": project.job_id,
                     "imgID": img,
-                    "error": 5000,
-                    "error_message": "the network could not render this image",
+                    **image_error(outcome.error),
                     "isFromWorker": False,
                 },
             )
@@ -598,13 +718,12 @@ class Gateway:
 
         if any(o.ok for o in project.outcomes.values()):
             await send("jobState", {"type": "jobCompleted", "jobID": project.job_id}, then=told)
-        else:
+        else:  # the images' own reason: the SDKs take the project's error from this frame
             await send(
                 "jobError",
                 {
                     "jobID": project.job_id,
-                    "error": 5000,
-                    "error_message": "no image of this project could be rendered",
+                    **project_error(project.outcomes),
                     "isFromWorker": False,
                 },
                 then=told,
@@ -615,6 +734,17 @@ class Gateway:
         if await self.images.find(img_id) is None:  # in the database: any coordinator's
             return None
         return self.urls.sign(img_id, base_url=base_url, ttl=self.config.result_ttl_seconds)
+
+
+async def _next_event(events: Cursor, wait: float | None) -> Message | None:
+    """The cursor's next message; None when `wait` s pass without one. Raises
+    `StopAsyncIteration` at its end. A wait cut short loses nothing: the cursor marks a
+    message sent only as it hands it out."""
+    if wait is None:
+        return await events.__anext__()
+    with trio.move_on_after(wait):
+        return await events.__anext__()
+    return None
 
 
 async def _send_cancelled(project: Project, send: Send) -> None:

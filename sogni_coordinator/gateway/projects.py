@@ -392,7 +392,16 @@ class Project:
     request_id: bytes = b""
     token: bytes = b""
     cost_micro: int = 0
+    model_id: str = ""
+    """What it renders, for the `authenticated.activeProjects` entry (empty when recalled
+    from the database: `Gateway.recovered` asks the dispatcher)."""
+    steps: int = 0
+    network: str = ""
+    token_type: str = ""
     outcomes: dict[int, Outcome] = field(default_factory=dict)
+    started: bool = False
+    """A node was seen rendering one of its images (progress, an image or a failure): it
+    is no longer only queued, and no more queue positions are sent for it."""
     cancelled: bool = False
     done: bool = False
     told: bool = False

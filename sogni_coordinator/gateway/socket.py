@@ -9,7 +9,8 @@ socket's send side; each project streams into it from its own task in the sessio
 and a lost socket only detaches the projects (the dispatcher keeps rendering): the app's
 next socket resumes them at once (the SDKs wait for events, they do not re-send an accepted
 jobRequest), and a re-sent jobRequest resumes them too (after a 1001, or from another
-appId).
+appId). That socket's `authenticated` lists those still in flight (`activeProjects`), so an
+app that restarted tracks them again.
 """
 
 from __future__ import annotations
@@ -129,6 +130,8 @@ class Session:
         self.ignored = 0
         """Frames of types this gateway does not serve, read on this socket."""
         self.live: set[str] = set()
+        self.listed: set[str] = set()
+        """jobIDs `authenticated.activeProjects` named (in flight as the socket opened)."""
         self.interrupted: list[str] = []
         """jobIDs whose jobRequest failed on this side: told `jobError` 1001 ("server
         restarting") as the socket closes, so the SDK re-sends them after reconnecting."""
@@ -154,8 +157,9 @@ class Session:
             with self.scope:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write)
-                    await self._hello()
-                    await self._resume_in_flight(nursery)
+                    owed = await self._owed()
+                    await self._hello(owed)
+                    self._resume_in_flight(nursery, owed)
                     nursery.start_soon(self._swarm)
                     await self._read(nursery)
                     nursery.cancel_scope.cancel()
@@ -181,15 +185,19 @@ class Session:
                 except Exception:  # already closed by the peer: nothing to tell it
                     pass
 
-    async def _hello(self) -> None:
+    async def _hello(self, owed: list[Project]) -> None:
+        """`authenticated` (its `activeProjects`: this app's projects in flight, which
+        stream here next), the worker counts and the balance."""
         record = self.key.record
+        active = self.gateway.still_running(owed)
+        self.listed = {p.job_id for p in active}
         await self.send(
             "authenticated",
             {
                 "clientType": "artist",
                 "username": record.name,
                 "address": record.account,
-                "activeProjects": [],
+                "activeProjects": [self.gateway.recovered(p) for p in active],
                 "unclaimedCompletedProjects": [],
                 "subscriptionEntitlement": {"active": False, "subscription": None},
             },
@@ -312,14 +320,18 @@ class Session:
             self.live.discard(project.job_id)
         await self.send("balanceUpdate", await self.gateway.balances(self.key.record.account))
 
-    async def _resume_in_flight(self, nursery: trio.Nursery) -> None:
+    async def _owed(self) -> list[Project]:
+        """This app's projects that stream to this socket (`_resume_in_flight`): still
+        running first (a replay of an end may wait), at most `max_projects_per_socket`."""
+        owed = await self.gateway.untold(self.key, self.app_id)
+        owed.sort(key=lambda p: p.told)
+        return owed[: self.gateway.config.max_projects_per_socket]
+
+    def _resume_in_flight(self, nursery: trio.Nursery, owed: list[Project]) -> None:
         """This app's projects still in flight (its older socket dropped, or the coordinator
         restarted) stream here at once: the SDKs wait for their events without re-sending
         an accepted jobRequest. A re-sent one finds them already streaming."""
-        limit = self.gateway.config.max_projects_per_socket
-        owed = await self.gateway.untold(self.key, self.app_id)
-        owed.sort(key=lambda p: p.told)  # still running first: a replay of an end may wait
-        for project in owed[:limit]:
+        for project in owed:
             if project.job_id not in self.live:
                 self.live.add(project.job_id)
                 nursery.start_soon(self._reattached, project)
@@ -327,9 +339,19 @@ class Session:
     async def _reattached(self, project: Project) -> None:
         try:
             events = await self.gateway.reattach(project)
-        except ProjectRefused as exc:  # lost or interrupted: the app hears it if it re-sends
+        except ProjectRefused as exc:  # lost or interrupted
             log.info("gateway_project_not_resumed", key=self.key.key_id, error=exc.error)
             self.live.discard(project.job_id)
+            if project.job_id in self.listed:  # `authenticated` said it runs: it does not
+                await self.send(
+                    "jobError",
+                    {
+                        "jobID": project.job_id,
+                        "error": exc.code,
+                        "error_message": exc.message,
+                        "isFromWorker": False,
+                    },
+                )
             return
         await self._stream(project, events)
 

@@ -6,6 +6,8 @@ the same data dir and ports, the app reconnects and re-sends the same jobRequest
 do. The project completes with exactly its two results (the first replayed from the record
 the gateway kept, the second from the resumed request), the account is charged once, and no
 second request exists. Another key re-sending the same jobID gets nothing of the first's.
+The app's own socket after the restart is told the project still runs
+(`authenticated.activeProjects`).
 """
 
 from __future__ import annotations
@@ -81,6 +83,13 @@ async def test_restart_mid_project_resumes_the_resent_job_request_and_charges_on
             running = await second.start(run_coordinator, config, signer)
             store = running.dispatcher.store
             assert await _active(url, key) == [job]  # known from the database
+            async with connect(url, key) as ws:  # the app's socket is told what still runs
+                kind, hello = await ws.next()
+                assert kind == "authenticated"
+                (entry,) = hello["activeProjects"]  # what the database does not keep (the
+                assert entry["id"] == job and entry["status"] == "active"  # model, steps)
+                assert entry["model"]["id"] == MODEL and entry["stepCount"] == 4  # is the
+                assert entry["imageCount"] == 2 and entry["network"] == "fast"  # dispatcher's
             async with connect(url, other) as thief:  # same jobID, other key: its own project
                 await thief.send("jobRequest", req)
                 stolen = await thief.project(job)

@@ -81,7 +81,7 @@ async def test_a_reconnect_resumes_running_projects_before_replaying_ended_ones(
 
     session._reattached = reattached  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
-        await session._resume_in_flight(nursery)
+        session._resume_in_flight(nursery, await session._owed())
     assert resumed == ["RUNNING"]
     # a replayed end written again keeps its first time: the window is not extended
     project = Project("k1", "JOB2", 1, app_id="app")

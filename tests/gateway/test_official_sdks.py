@@ -7,7 +7,10 @@ operator would. Each SDK then runs in its own process (the Python SDK is asyncio
 pinned in tests/gateway/sdk/js/package-lock.json) and goes through: a wrong key, a project
 without funds, one over its key's daily limit, auth, models, two images rendered and
 downloaded without auth headers, a forged URL, a socket dropped mid-project with the request
-re-sent (charged once), and a cancel.
+re-sent (charged once), a cancel, queue positions (a model the gateway offers and no node
+serves: its projects wait), a project whose every image fails (the real reason reaches the
+app, not a generic one) and an app restarted while its project waits (listed in
+`authenticated.activeProjects`, tracked again by the new client).
 `make test` installs both SDKs. The scenarios are in tests/gateway/sdk/.
 """
 
@@ -26,6 +29,7 @@ import trio
 from eth_account import Account
 
 from sogni_protocol.pricing import MICRO
+from tests.e2e.conftest import MODEL as UNSERVED
 
 ROOT = Path(__file__).resolve().parents[2]
 SDK = Path(__file__).resolve().parent / "sdk"
@@ -33,7 +37,12 @@ PY_SDK_DIR = ROOT / ".cache" / "sogni-sdk-py"
 JS_DIR = SDK / "js"
 CREDIT_SPARK = 50
 SDK_DEADLINE = 150.0
-"""Seconds one SDK's scenarios may take (about 15 s here); past it the test fails."""
+"""Seconds one SDK's scenarios may take (about 30 s here); past it the test fails."""
+NO_NODE_GRACE = 5.0
+"""Seconds the unserved model's images wait before they fail (`no_node_grace`): long
+enough to see their queue positions, short enough for the test."""
+NO_WORKERS = "noWorkers"
+"""The code of an image no connected node can render (`gateway.failures`)."""
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("sogni_coordinator.gateway") is None,
@@ -161,6 +170,48 @@ def _check(sdk: str, r: dict[str, Any], account: str, model: str) -> list[str]:
         f"cancel: {cancel}",
     )
     need(0 <= (cancel.get("charged") or 0) <= 2 * charged, f"a canceled project cost {cancel}")
+    for name in ("queue", "failed", "recover"):
+        step = r.get(name, {})
+        need(
+            step.get("ok"),
+            f"{name} failed: {step.get('error')}\n{step.get('trace') or step.get('stack') or ''}",
+        )
+    queue = r.get("queue", {})
+    need(queue.get("first") == 0, f"the first queued project is not at position 0: {queue}")
+    need(
+        (queue.get("seen") or [])[-2:] == [1, 0],
+        f"the second project's queue positions went {queue.get('seen')}, not 1 then 0",
+    )
+    failed = r.get("failed", {})
+    need(failed.get("status") == "failed", f"a project with no image made: {failed}")
+    real = {"code": 5000, "originalCode": NO_WORKERS}
+    for what in ("rejected", "projectError"):  # the project's error once the project-level
+        got = failed.get(what) or {}  # jobError came: it used to be a generic one
+        need(
+            {k: got.get(k) for k in real} == real and "no connected node" in str(got["message"]),
+            f"a project whose images all failed (no node): {what} is {got}, not the real reason",
+        )
+    need(
+        len(failed.get("jobErrors") or []) == 2
+        and all((e or {}).get("originalCode") == NO_WORKERS for e in failed["jobErrors"]),
+        f"its images' errors: {failed.get('jobErrors')}",
+    )
+    again = r.get("recover", {})
+    need(
+        again.get("params") == {"modelId": UNSERVED, "numberOfMedia": 2},
+        f"a restarted app did not track its waiting project again: {again}",
+    )
+    listed = again.get("recovered")  # (the SDK's event may fire before the app listens)
+    entry = {"model": UNSERVED, "imageCount": 2, "status": "queued"}
+    need(
+        listed is None or listed == {**entry, "appId": f"sogni-test-{sdk}-recover"},
+        f"activeProjects entry: {listed}",
+    )
+    need(
+        again.get("status") == "failed"
+        and (again.get("rejected") or {}).get("originalCode") == NO_WORKERS,
+        f"the recovered project's events did not follow: {again}",
+    )
     return bad
 
 
@@ -174,10 +225,16 @@ async def test_official_sdk_renders_through_the_gateway(tmp_path: Path, sdk: str
     from tests.e2e.conftest import start_net
 
     model = SHAPES_MODEL_ID  # the trained embedded model
-    cfg: dict[str, Any] = {"model": model, "appId": f"sogni-test-{sdk}", "cancelSteps": None}
+    cfg: dict[str, Any] = {
+        "model": model,
+        "unservedModel": UNSERVED,
+        "appId": f"sogni-test-{sdk}",
+        "cancelSteps": None,
+    }
     command, env = _runner(sdk, cfg)  # skip before starting anything
     backend = DiffusersBackend(default_registry(tmp_path / "models"), device="cpu", threads=1)
-    async with start_net(tmp_path) as net:
+    models = [model, UNSERVED]  # the node renders the first only
+    async with start_net(tmp_path, models=models, no_node_grace=NO_NODE_GRACE) as net:
         assert net.coordinator.http_url, "the coordinator serves no HTTP listener"
         keys = ApiKeys(net.config.database)
         ledger = Ledger(net.config.database)

@@ -3,9 +3,11 @@ gateway, as an app would use it. Run by tests/gateway/test_official_sdks.py in i
 process: the SDK is asyncio, and it pins `websockets<17`, so it lives in its own folder
 (`.cache/sogni-sdk-py`, made by `make test`) put first on PYTHONPATH.
 
-argv[1]: JSON `{url, key, poorKey, limitKey, badKey, model, appId, cancelSteps}`. Prints one
-JSON object, the outcome of each scenario (`ok` plus what the test checks), on its last line
-of stdout; logs go to stderr. A scenario that fails records its error and the next one still runs.
+argv[1]: JSON `{url, key, poorKey, limitKey, badKey, model, unservedModel, appId,
+cancelSteps}` (`unservedModel`: offered by the gateway, rendered by no node: its images wait
+in the queue, then fail with the dispatcher's "no node" reason). Prints one JSON object, the
+outcome of each scenario (`ok` plus what the test checks), on its last line of stdout; logs
+go to stderr. A scenario that fails records its error and the next one still runs.
 """
 
 from __future__ import annotations
@@ -28,6 +30,21 @@ PROMPT = "a red circle on a blue background"
 
 def _spark(balance: dict[str, Any]) -> float:
     return float(balance["spark"]["net"])
+
+
+def _error_of(error: dict[str, Any] | None) -> dict[str, Any] | None:
+    if error is None:
+        return None
+    return {k: error.get(k) for k in ("code", "originalCode", "message")}
+
+
+async def _until(cond: Callable[[], Any], seconds: float, what: str | Callable[[], str]) -> Any:
+    deadline = time.monotonic() + seconds
+    while not (got := cond()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    if not got:
+        raise TimeoutError(f"timeout: {what() if callable(what) else what}")
+    return got
 
 
 async def _client(cfg: dict[str, Any], key: str, app_id: str) -> SogniClient:
@@ -189,13 +206,106 @@ async def main_flow(cfg: dict[str, Any], out: dict[str, Any]) -> None:
         after = _spark(await client.account.refresh_balance())
         return {"outcome": outcome, "status": project.status, "charged": round(before - after, 6)}
 
+    waiting: list[Any] = []
+
+    async def queue() -> dict[str, Any]:
+        """Two projects of a model no node serves wait in the queue, the second behind the
+        first; once the first is cancelled the second is told it moved up."""
+        unserved = {"modelId": cfg["unservedModel"]}
+        first = await client.projects.create(_project(cfg, 1, **unserved))
+        second = await client.projects.create(_project(cfg, 2, **unserved))
+        waiting.append(second)
+        seen = [second.queue_position]
+
+        def updated(_keys: Any) -> None:
+            if seen[-1] != second.queue_position:
+                seen.append(second.queue_position)
+
+        second.on("updated", updated)
+        await _until(
+            lambda: first.queue_position == 0 and second.queue_position == 1,
+            4,
+            lambda: f"queue positions {first.queue_position}, {second.queue_position}",
+        )
+        await first.cancel()
+        await _until(lambda: second.queue_position == 0, 4, "the second project moving up")
+        return {"first": first.queue_position, "seen": seen}
+
+    async def failed() -> dict[str, Any]:
+        """Every image of the waiting project fails (no node): the error raised and the
+        project's error once the project-level jobError came carry the images' own reason."""
+        (project,) = waiting
+        rejected: dict[str, Any] | None = None
+        try:
+            await project.wait_for_completion(timeout=TIMEOUT)
+        except ProjectError as exc:
+            rejected = exc.error
+        await asyncio.sleep(0.5)  # the project-level jobError follows the images' own
+        return {
+            "status": project.status,
+            "rejected": _error_of(rejected),
+            "projectError": _error_of(project.error),
+            "jobErrors": [_error_of(job.error) for job in project.jobs],
+        }
+
     await step("auth", auth)
     await step("models", models)
     await step("render", render_and_download)
     await step("reconnect", reconnect)
     await step("cancel", cancel)
+    await step("queue", queue)
+    if waiting:
+        await step("failed", failed)
     out["final_balance"] = _spark(await client.account.refresh_balance())
     await client.aclose()
+
+
+async def recover(cfg: dict[str, Any]) -> dict[str, Any]:
+    """An app restarts (a new client, the same appId) while its project waits in the queue:
+    `authenticated` lists the project in `activeProjects`, the SDK tracks it again and its
+    events follow (here: its images fail, no node serves the model)."""
+    app_id = cfg["appId"] + "-recover"
+    before = await _client(cfg, cfg["key"], app_id)
+    try:
+        await before.projects.wait_for_models(timeout=15)
+        project = await before.projects.create(_project(cfg, 2, modelId=cfg["unservedModel"]))
+        await _until(lambda: project.status == "queued", 4, "queued")
+    finally:
+        await before.aclose()
+    after = await _client(cfg, cfg["key"], app_id)
+    recovered: list[dict[str, Any]] = []
+    after.projects.on("activeProjectsRecovered", lambda found: recovered.extend(found))
+    try:
+        tracked = await _until(
+            lambda: next((p for p in after.projects.tracked_projects if p.id == project.id), None),
+            10,
+            "the project tracked again",
+        )
+        rejected: dict[str, Any] | None = None
+        try:
+            await tracked.wait_for_completion(timeout=TIMEOUT)
+        except ProjectError as exc:
+            rejected = exc.error
+        mine = next((r for r in recovered if r.get("id") == project.id), None)
+        return {
+            "ok": True,
+            "id": project.id,
+            "recovered": mine
+            and {
+                "model": (mine.get("model") or {}).get("id"),
+                "imageCount": mine.get("imageCount"),
+                "status": mine.get("status"),
+                "appId": mine.get("appId"),
+            },
+            "params": {
+                "modelId": tracked.params.get("modelId"),
+                "numberOfMedia": tracked.params.get("numberOfMedia"),
+            },
+            "status": tracked.status,
+            "rejected": _error_of(rejected),
+        }
+    finally:
+        await after.aclose()
 
 
 async def insufficient(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -239,6 +349,14 @@ async def run(cfg: dict[str, Any]) -> dict[str, Any]:
         await main_flow(cfg, out)
     except Exception as exc:
         out["main_error"] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
+    try:
+        out["recover"] = await recover(cfg)
+    except Exception as exc:
+        out["recover"] = {
+            "ok": False,
+            "error": f"{type(exc).__name__}: {exc}",
+            "trace": traceback.format_exc(limit=6)[-1500:],
+        }
     return out
 
 

@@ -2,7 +2,9 @@
 // package-lock.json) against this network's gateway, as a Node app would use it. Run by
 // tests/gateway/test_official_sdks.py.
 //
-// argv[2]: JSON {url, key, poorKey, limitKey, badKey, model, appId, cancelSteps}. Prints one JSON object,
+// argv[2]: JSON {url, key, poorKey, limitKey, badKey, model, unservedModel, appId, cancelSteps}
+// (`unservedModel`: offered by the gateway, rendered by no node: its images wait in the queue,
+// then fail with the dispatcher's "no node" reason). Prints one JSON object,
 // the outcome of each scenario, on the last line of stdout. A scenario that fails records its
 // error and the next one still runs.
 import { SogniClient } from '@sogni-ai/sogni-client';
@@ -54,6 +56,14 @@ function project(n, extra = {}) {
 }
 
 const spark = (balance) => Number(balance.spark.net);
+const errorOf = (e) =>
+  e ? { code: e.code ?? null, originalCode: e.originalCode ?? null, message: e.message ?? null } : null;
+
+async function until(cond, ms, what) {
+  const deadline = Date.now() + ms;
+  while (!cond() && Date.now() < deadline) await sleep(20);
+  if (!cond()) throw new Error(`timeout: ${typeof what === 'function' ? what() : what}`);
+}
 
 async function step(name, fn) {
   const started = Date.now();
@@ -198,8 +208,97 @@ async function mainFlow() {
     const after = await balance();
     return { outcome, status: p.status, charged: Number((before - after).toFixed(6)) };
   });
+  let waiting = null;
+  await step('queue', async () => {
+    // two projects of a model no node serves wait in the queue, the second behind the first;
+    // once the first is cancelled the second is told it moved up
+    const first = await sogni.projects.create(project(1, { modelId: cfg.unservedModel }));
+    const second = await sogni.projects.create(project(2, { modelId: cfg.unservedModel }));
+    waiting = second;
+    const seen = [second.queuePosition];
+    second.on('updated', () => {
+      if (seen[seen.length - 1] !== second.queuePosition) seen.push(second.queuePosition);
+    });
+    await until(
+      () => first.queuePosition === 0 && second.queuePosition === 1,
+      4000,
+      () => `queue positions ${first.queuePosition}, ${second.queuePosition}`
+    );
+    await first.cancel();
+    await until(() => second.queuePosition === 0, 4000, 'the second project moving up');
+    return { first: first.queuePosition, seen };
+  });
+  await step('failed', async () => {
+    // every image of the waiting project fails (no node): the rejection and the project's
+    // error once the project-level jobError came both carry the images' own reason
+    if (!waiting) throw new Error('no waiting project');
+    let rejected = null;
+    try {
+      await withTimeout(waiting.waitForCompletion(), TIMEOUT_MS, 'failed project');
+    } catch (e) {
+      rejected = e;
+    }
+    await sleep(500); // the project-level jobError follows the images' own
+    return {
+      status: waiting.status,
+      rejected: errorOf(rejected),
+      projectError: errorOf(waiting.error),
+      jobErrors: waiting.jobs.map((j) => errorOf(j.error)),
+    };
+  });
   out.final_balance = await balance();
   sogni.dispose();
+}
+
+async function recover() {
+  // An app restarts (a new client, the same appId) while its project waits in the queue: the
+  // `authenticated` frame lists the project in `activeProjects`, the SDK tracks it again and
+  // its events follow (here: its images fail, no node serves the model).
+  const appId = `${cfg.appId}-recover`;
+  const before = await client(cfg.key, appId);
+  let id;
+  try {
+    await before.projects.waitForModels(15_000);
+    const p = await before.projects.create(project(2, { modelId: cfg.unservedModel }));
+    id = p.id;
+    await until(() => p.status === 'queued', 4000, 'queued');
+  } finally {
+    before.dispose();
+  }
+  const after = await client(cfg.key, appId);
+  try {
+    let recovered = null;
+    after.projects.on('activeProjectsRecovered', (list) => {
+      recovered = list.find((r) => r.id === id) ?? recovered;
+    });
+    let tracked;
+    await until(
+      () => (tracked = after.projects.trackedProjects.find((t) => t.id === id)),
+      10_000,
+      'the project tracked again'
+    );
+    let rejected = null;
+    try {
+      await withTimeout(tracked.waitForCompletion(), TIMEOUT_MS, 'recovered project');
+    } catch (e) {
+      rejected = e;
+    }
+    return {
+      ok: true,
+      id,
+      recovered: recovered && {
+        model: recovered.model?.id,
+        imageCount: recovered.imageCount,
+        status: recovered.status,
+        appId: recovered.appId,
+      },
+      params: { modelId: tracked.params.modelId, numberOfMedia: tracked.params.numberOfMedia },
+      status: tracked.status,
+      rejected: errorOf(rejected),
+    };
+  } finally {
+    after.dispose();
+  }
 }
 
 for (const [name, fn] of [
@@ -217,6 +316,11 @@ try {
   await mainFlow();
 } catch (e) {
   out.main_error = `${errText(e)}\n${e?.stack ?? ''}`;
+}
+try {
+  out.recover = await recover();
+} catch (e) {
+  out.recover = { ok: false, error: errText(e), stack: e?.stack?.slice(0, 1500) };
 }
 out.unhandled = unhandled;
 console.log(JSON.stringify(out));
