@@ -75,6 +75,9 @@ MAX_ACCOUNTS_TRACKED = 100_000
 MAX_WAITING = 8
 """Claims waiting for the chain at once; more are refused `busy` at once. Anyone may name
 any account, so without a bound a stream of junk claims queued up before honest ones."""
+SENDER_FACTOR = 4
+"""A sender may ask this many times an account's attempts per window (it may claim for
+several accounts: an operator's workers)."""
 ROOT_CACHE_SECONDS = 10.0
 """How long the newest matured root is reused: a claim's proof is checked against it before
 any chain read (junk proofs cost no RPC), refreshed at most this often."""
@@ -122,6 +125,10 @@ class ClaimRelay:
         self.min_claim = min_claim
         """The least a relayed claim must add (base units): no gas for strangers' dust."""
         self._limits = _Window(window, attempts, clock)
+        """Claims per account, counted once their proof holds: anyone may name any account,
+        and junk naming a victim used up its attempts (a lock-out from gasless claims)."""
+        self._senders = _Window(window, attempts * SENDER_FACTOR, clock)
+        """Claims per sender (peer id, IP address), junk included."""
         self._chain_limiter = trio.CapacityLimiter(1)
         self._in_flight: set[str] = set()
         self._clock = clock
@@ -133,17 +140,16 @@ class ClaimRelay:
     def address(self) -> str:
         return str(self.distributor.chain.address_of(self.sender))
 
-    async def relay(self, claim: RelayClaim) -> RelayDone:
-        """Check `claim`, then submit it; `RelayRefusal` when it is not sent."""
+    async def relay(self, claim: RelayClaim, sender: str = "") -> RelayDone:
+        """Check `claim`, then submit it; `RelayRefusal` when it is not sent. `sender`: who
+        asks (peer id, IP address), limited apart from the account it names."""
         account = claim.account.lower()
         if len(self._in_flight) >= MAX_WAITING:  # before the account's count: a stranger's
             # junk keeping the relay busy must not use up an honest account's attempts
             raise RelayRefusal("busy", "this coordinator is relaying other claims: retry shortly")
-        wait = self._limits.admit(account)
-        if wait is not None:
+        if sender and (wait := self._senders.admit(sender)) is not None:
             raise RelayRefusal(
-                "rate_limited",
-                f"too many relay requests for {claim.account}: retry in {wait:.0f} s",
+                "rate_limited", f"too many relay requests from you: retry in {wait:.0f} s"
             )
         if account in self._in_flight:
             raise RelayRefusal("busy", f"a claim for {claim.account} is already being relayed")
@@ -218,6 +224,12 @@ class ClaimRelay:
                 "invalid_proof",
                 f"the amount and proof are not a leaf of epoch {epoch}'s root, the newest "
                 "matured one (claims verify against it)",
+            )
+        wait = self._limits.admit(account.lower())  # a real leaf: only its owner's
+        if wait is not None:  # claims (or a replay of them) count against it
+            raise RelayRefusal(
+                "rate_limited",
+                f"too many relay requests for {claim.account}: retry in {wait:.0f} s",
             )
         already = d.claimed(account)
         if amount <= already:
@@ -301,7 +313,7 @@ async def serve_relay(channel: Channel, relay: ClaimRelay | None) -> None:
         answer = RelayRefused(code="no_chain", reason="this coordinator has no settlement chain")
     else:
         try:
-            answer = await relay.relay(request)
+            answer = await relay.relay(request, sender=channel.remote_peer_id)
         except RelayRefusal as refusal:
             log.info("relay_refused", account=request.account, code=refusal.code)
             answer = refusal.message()

@@ -302,6 +302,8 @@ class Dispatcher:
         """A heap of (deadline, tie-break, job, holder) per offer: `sweep` pops the expired
         ones instead of walking every job; an entry whose holder is gone is skipped."""
         self._tiebreak = itertools.count()
+        self._screening = trio.CapacityLimiter(1)
+        """Prompt screens run one at a time in a worker thread (`submit`)."""
         self._partial_waits: list[tuple[float, int, Job]] = []
         """A heap of (until, tie-break, job): cancelling jobs with no holder left, waiting
         for a partial receipt (`PARTIAL_WAIT`); `sweep` ends the expired ones."""
@@ -442,7 +444,11 @@ class Dispatcher:
         if (why := scheduler_fault(req.scheduler)) is not None:  # every node would fail it
             raise Refusal("invalid_request", why)
         # Before anything is reserved: a refused prompt costs nothing (docs/CONTENT_POLICY.md).
-        screen_request(req, self.content_policy)
+        # In a worker thread, one at a time: anyone may send prompts, each up to ~30 ms of
+        # Unicode work (`content_normalise`), and the loop serves everyone else meanwhile.
+        await trio.to_thread.run_sync(
+            screen_request, req, self.content_policy, limiter=self._screening
+        )
         paid = self.billing is not None and self.billing.charges(req)
         # A paid request is known by the hash its payer signed, and its jobs by ids derived
         # from it: a published receipt then proves which authorization paid for it.

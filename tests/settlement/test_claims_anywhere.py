@@ -22,7 +22,7 @@ from typer.testing import CliRunner, Result
 
 from sogni_chain import ChainRevert
 from sogni_coordinator.chain_link import publish_dir
-from sogni_coordinator.claim_relay import MAX_WAITING, ClaimRelay, RelayRefusal
+from sogni_coordinator.claim_relay import MAX_WAITING, SENDER_FACTOR, ClaimRelay, RelayRefusal
 from sogni_coordinator.config import CoordinatorConfig
 from sogni_coordinator.service import RunningCoordinator, Signer, run_coordinator
 from sogni_coordinator.store import Store
@@ -261,9 +261,9 @@ async def test_the_relayer_checks_before_it_spends_gas(anvil_net: Net, tmp_path:
         via, done = await relay_claim([c.running.http_url or ""], good)
         assert via == c.running.http_url and done.amount == str(amount) and done.epoch == 1
         assert net.d.token.balance_of(me.address) == amount
-        with pytest.raises(RelayFailed) as sixth:  # 5 requests per account per 10 minutes
+        with pytest.raises(RelayFailed) as again:  # the junk above used none of its attempts
             await relay_claim([c.addr], good)
-        assert sixth.value.code == "rate_limited"
+        assert again.value.code == "nothing_to_claim"
         assert net.chain.w3.eth.get_transaction_count(net.settler.address) == nonce + 1
 
 
@@ -315,14 +315,24 @@ async def test_claims_use_the_newest_matured_root(net: Net, store: Store, tmp_pa
     )
     assert done.epoch == 1 and int(done.amount) == plan.cumulative
     assert net.d.token.balance_of(me.address) == plan.cumulative
-    # per-account rate limit: a burst is refused before any chain read
+    # per-sender rate limit: a burst of junk is refused before any chain read, and junk
+    # naming an account never uses up that account's attempts (a lock-out from the relay)
     limited = ClaimRelay(net.d.distributor, net.settler, attempts=1)
-    claim = RelayClaim(account=me.address, cumulative_amount="1", proof=[])
-    with pytest.raises(RelayRefusal):
-        await limited.relay(claim)
+    junk = RelayClaim(account=me.address, cumulative_amount="1", proof=[])
+    for _ in range(SENDER_FACTOR):
+        with pytest.raises(RelayRefusal) as bad:
+            await limited.relay(junk, sender="stranger")
+        assert bad.value.code == "invalid_proof"
     with pytest.raises(RelayRefusal) as burst:
-        await limited.relay(claim)
-    assert burst.value.code == "rate_limited"
+        await limited.relay(junk, sender="stranger")
+    assert burst.value.code == "rate_limited" and "from you" in burst.value.reason
+    real = RelayClaim(account=me.address, cumulative_amount=str(plan.cumulative), proof=plan.proof)
+    with pytest.raises(RelayRefusal) as claimed:  # the victim's own claim is still heard
+        await limited.relay(real, sender="me")
+    assert claimed.value.code == "nothing_to_claim"  # (it claimed above)
+    with pytest.raises(RelayRefusal) as again:  # a real leaf counts against its account
+        await limited.relay(real, sender="someone")
+    assert again.value.code == "rate_limited" and me.address in again.value.reason
     with pytest.raises(ChainRevert):  # what the relayer refuses, the contract would revert
         net.d.distributor.claim(me.address, latest_amount, latest_proof, sender=net.settler)
 
