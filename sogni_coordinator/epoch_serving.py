@@ -56,6 +56,11 @@ MAX_REQUESTS_PER_STREAM = 100_000
 CONCURRENT_TRANSFERS = 4
 """Files held in memory and sent at once (all streams together); others wait their turn."""
 TRANSFER_WAIT = 30.0
+MIN_TRANSFER_RATE = 256 * 1024
+"""Bytes per second a file transfer must keep up on average (after `TRANSFER_GRACE`): the
+transfer slots are few, and four readers trickling a byte before each send deadline held
+them all (every node's fetch refused "busy")."""
+TRANSFER_GRACE = 10.0
 
 _EPOCH_JSON = re.compile(r"^epoch-([0-9]{6,18})\.json$")
 
@@ -86,6 +91,23 @@ class EpochFolder:
         self.limiter = trio.CapacityLimiter(4)
         """Worker threads reading this folder at once (both transports)."""
         self.transfers = trio.Semaphore(CONCURRENT_TRANSFERS)
+        self.fetching: set[str] = set()
+        """Who holds a transfer slot now (peer id, IP address): one each."""
+
+    def hold(self, who: str) -> bool:
+        """Take `who`'s one transfer (False: it has one running); `let_go` gives it back."""
+        if who in self.fetching:
+            return False
+        self.fetching.add(who)
+        return True
+
+    def let_go(self, who: str) -> None:
+        self.fetching.discard(who)
+
+    @staticmethod
+    def transfer_deadline(size: int) -> float:
+        """Seconds a file of `size` bytes may take to send (`MIN_TRANSFER_RATE`)."""
+        return TRANSFER_GRACE + size / MIN_TRANSFER_RATE
 
     # --- index ---------------------------------------------------------------------------
     def index(
@@ -218,23 +240,40 @@ async def serve_epochs(channel: Channel, folder: EpochFolder) -> None:
 
 
 async def _send_file(channel: Channel, folder: EpochFolder, name: str) -> None:
-    with trio.move_on_after(TRANSFER_WAIT) as waited:
-        await folder.transfers.acquire()
-    if waited.cancelled_caught:
-        await _send(channel, EpochRefused(code="unavailable", reason="busy: try again shortly"))
+    peer = channel.remote_peer_id
+    if not folder.hold(peer):
+        reason = "one file at a time per peer: this peer is fetching one already"
+        await _send(channel, EpochRefused(code="unavailable", reason=reason))
         return
     try:
-        try:
-            data = await folder.read_async(name)
-        except EpochFileError as exc:
-            await _send(channel, EpochRefused(code=exc.code, reason=exc.reason))
+        with trio.move_on_after(TRANSFER_WAIT) as waited:
+            await folder.transfers.acquire()
+        if waited.cancelled_caught:
+            reason = "busy: try again shortly"
+            await _send(channel, EpochRefused(code="unavailable", reason=reason))
             return
+        try:
+            await _transfer(channel, folder, name)
+        finally:
+            folder.transfers.release()
+    finally:
+        folder.let_go(peer)
+
+
+async def _transfer(channel: Channel, folder: EpochFolder, name: str) -> None:
+    try:
+        data = await folder.read_async(name)
+    except EpochFileError as exc:
+        await _send(channel, EpochRefused(code=exc.code, reason=exc.reason))
+        return
+    with trio.move_on_after(folder.transfer_deadline(len(data))) as late:
         await _send(channel, EpochFileStart(name=name, size=len(data), digest=content_hash(data)))
         for offset in range(0, len(data), ids.EPOCH_CHUNK_BYTES):
             chunk = data[offset : offset + ids.EPOCH_CHUNK_BYTES]
             await _send(channel, EpochFileChunk(data=chunk))
-    finally:
-        folder.transfers.release()
+    if late.cancelled_caught:  # too slow a reader: its slot goes to the next
+        log.info("epoch_transfer_too_slow", file=name, bytes=len(data))
+        await channel.reset()
 
 
 _Answer = EpochIndex | EpochFileStart | EpochFileChunk | EpochRefused

@@ -26,6 +26,7 @@ from sogni_coordinator.epoch_serving import EpochFileError, EpochFolder, serve_e
 from sogni_coordinator.http_api import CoordinatorView, build_app
 from sogni_coordinator.store import Store
 from sogni_net import Channel, Handler, open_host, serve_http
+from sogni_net.errors import ReadTimeout, TransportError
 from sogni_node.epoch_fetch import EpochFetchError, EpochsRejected, fetch_epochs, source_key
 from sogni_protocol import ids
 from sogni_protocol.epoch_files import decode_epoch, encode, epoch_filename
@@ -254,3 +255,38 @@ async def test_reads_have_deadlines(tmp_path: Path) -> None:
     finally:
         listener.close()
     assert addr in str(err.value) and url in str(err.value)
+
+
+async def test_a_peer_fetches_one_file_at_a_time_and_a_late_transfer_is_cut(
+    published: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Four readers trickling bytes held every transfer slot (each send met its deadline),
+    and every node's fetch was refused "busy": now one transfer per peer, and a file must
+    go at `MIN_TRANSFER_RATE` on average or its stream is reset (its slot freed)."""
+    epochs = EpochFolder(published)
+    handlers = {ids.EPOCHS_PROTOCOL: partial(serve_epochs, folder=epochs)}
+    name = next(n for n in _files(published) if n.startswith("epoch-") and n.endswith(".json"))
+    request = encode_message(EpochFileRequest(name=name))
+    async with (
+        open_host(key_path=None, handlers=handlers) as host,
+        open_host(key_path=None, listen=()) as client,
+    ):
+
+        async def ask() -> object:
+            channel = await client.open_channel(host.addrs[0], ids.EPOCHS_PROTOCOL)
+            await channel.send_raw(request)
+            answer = decode(await channel.receive_raw(limit=ids.EPOCHS_FRAME_LIMIT, timeout=3))
+            if isinstance(answer, EpochFileStart):  # the file follows, whole
+                chunk = decode(await channel.receive_raw(limit=ids.EPOCHS_FRAME_LIMIT, timeout=3))
+                assert isinstance(chunk, EpochFileChunk) and len(chunk.data) == answer.size
+            return answer
+
+        assert epochs.hold(client.peer_id)  # this peer's transfer runs on another stream
+        answer = await ask()
+        assert isinstance(answer, EpochRefused) and "one file at a time" in answer.reason
+        epochs.let_go(client.peer_id)
+        assert isinstance(await ask(), EpochFileStart)
+        monkeypatch.setattr(EpochFolder, "transfer_deadline", staticmethod(lambda size: 0.0))
+        with pytest.raises((ReadTimeout, TransportError)):  # cut: reset (or a silent end)
+            await ask()
+        assert epochs.fetching == set() and epochs.transfers.value == 4  # all given back
