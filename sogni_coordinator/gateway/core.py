@@ -413,21 +413,21 @@ class Gateway:
             raise ProjectRefused(
                 4025, "dailyLimitReached", "this API key's daily spend limit is reached"
             )
-        signed = eip712.sign_request(
-            account_private_key(key.secret),
-            self.dispatcher.domain,
-            msgspec.structs.replace(
-                req,
-                payer=account,
-                network_id=self.network_id,
-                nonce=os.urandom(16),
-                expiry=int(time.time()) + AUTHORIZATION_SECONDS,
-            ),
-        )
         token = os.urandom(32)
-        billing = self.dispatcher.billing
-        charged = billing is not None and billing.charges(signed)
         try:
+            signed = eip712.sign_request(
+                account_private_key(key.secret),
+                self.dispatcher.domain,
+                msgspec.structs.replace(
+                    req,
+                    payer=account,
+                    network_id=self.network_id,
+                    nonce=os.urandom(16),
+                    expiry=int(time.time()) + AUTHORIZATION_SECONDS,
+                ),
+            )
+            billing = self.dispatcher.billing
+            charged = billing is not None and billing.charges(signed)
             if charged:  # known by the hash it is signed under: recorded before it is charged
                 await record(eip712.request_hash(signed), token)
             submission = await self.dispatcher.submit(

@@ -86,6 +86,11 @@ def _text(raw: dict[str, Any], name: str) -> str:
         return ""
     if not isinstance(value, str) or len(value) > ids.MAX_PROMPT_CHARS:
         raise _bad(f"{name} must be text of at most {ids.MAX_PROMPT_CHARS} characters")
+    if not value.isascii():
+        try:  # JSON may carry a lone surrogate ("\ud800"), which no signature can encode
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise _bad(f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
     return value
 
 

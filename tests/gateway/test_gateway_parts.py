@@ -52,6 +52,17 @@ def test_frames_round_trip_and_hostile_ones_get_a_close_code() -> None:
         assert caught.value.code == code, raw[:40]
 
 
+def test_a_prompt_with_a_lone_surrogate_is_refused_naming_the_field() -> None:
+    """JSON carries "\\ud800"; signing the request then raised, the socket died 1011 with
+    the key's day's spend held (and the SDK's re-send held more)."""
+    bad = job_request(MODEL, 1, positivePrompt="a red circle \ud800")
+    with pytest.raises(ProjectRefused, match="positivePrompt is not valid Unicode") as info:
+        parse_job_request(bad, book=BOOK, served=[MODEL], network="fast")
+    assert "red circle" not in str(info.value)
+    fine = job_request(MODEL, 1, positivePrompt="un cercle rouge \u00e9 \U0001f600")
+    assert parse_job_request(fine, book=BOOK, served=[MODEL], network="fast").positive_prompt
+
+
 def test_job_request_defaults_and_refusals() -> None:
     req = parse_job_request(job_request(MODEL, 2), book=BOOK, served=[MODEL], network="fast")
     assert (req.steps, req.width, req.height, req.number_of_images) == (4, 64, 64, 2)
