@@ -12,6 +12,7 @@ through everything.
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -65,8 +66,23 @@ class KeyBuckets:
         return self.take(key)
 
 
+def client_block(address: str) -> str:
+    """What failures are counted under: an IPv4 address, or an IPv6 address's /64 (one
+    host is given a whole /64: rotating through it went around the limit, and the memory
+    bound forgot the oldest first); anything else (a proxy's name) as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 class FailureWindow:
-    """At most `limit` failures per address in any `window` seconds."""
+    """At most `limit` failures per client (`client_block`) in any `window` seconds."""
 
     def __init__(
         self, limit: int, window: float = 60.0, clock: Callable[[], float] = time.monotonic
@@ -87,10 +103,10 @@ class FailureWindow:
         return times
 
     def blocked(self, address: str) -> bool:
-        return len(self._recent(address)) >= self.limit
+        return len(self._recent(client_block(address))) >= self.limit
 
     def failed(self, address: str) -> None:
-        self._recent(address).append(self._clock())
+        self._recent(client_block(address)).append(self._clock())
 
     async def blocked_async(self, address: str) -> bool:
         return self.blocked(address)
@@ -278,15 +294,17 @@ class SharedFailureWindow(FailureWindow):
         self.shared = shared
 
     async def blocked_async(self, address: str) -> bool:
+        block = client_block(address)
         return await _shared(
-            lambda: self.shared.blocked(address, self.limit, self.window),
+            lambda: self.shared.blocked(block, self.limit, self.window),
             lambda: self.blocked(address),
             "failed_auth",
         )
 
     async def failed_async(self, address: str) -> None:
         self.failed(address)  # also in memory: the fallback starts from what was seen here
-        await _shared(lambda: self.shared.failed(address, self.window), lambda: None, "failed_auth")
+        block = client_block(address)
+        await _shared(lambda: self.shared.failed(block, self.window), lambda: None, "failed_auth")
 
 
 def limiters(

@@ -156,6 +156,13 @@ def test_limits() -> None:
     assert window.blocked("1.2.3.4") and not window.blocked("5.6.7.8")
     now[0] = 62.0
     assert not window.blocked("1.2.3.4")
+    # an IPv6 host owns a /64: rotating through it does not get past the limit
+    window.failed("2001:db8:1:2::1")
+    window.failed("2001:db8:1:2:ffff::7")
+    assert window.blocked("2001:db8:1:2:abcd::42") and not window.blocked("2001:db8:1:3::1")
+    window.failed("::ffff:9.9.9.9")  # an IPv4 client seen through an IPv6 socket
+    window.failed("9.9.9.9")
+    assert window.blocked("9.9.9.9")
 
 
 async def test_images_kept_by_id_and_swept(tmp_path: Path) -> None:
