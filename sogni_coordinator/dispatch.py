@@ -798,15 +798,19 @@ class Dispatcher:
         )
         self._wake()
 
-    def node_left(self, link: NodeLink, reason: str) -> None:
-        """The stream ended: the node's jobs go back to the front of the queue."""
+    def node_left(self, link: NodeLink, reason: str, *, goodbye: bool = False) -> None:
+        """The stream ended: the node's jobs go back to the front of the queue. A cancelled
+        one waits for its partial receipt unless the node said `goodbye` (a node leaving in
+        order sends what it has first)."""
         if self.nodes.get(link.peer_id) is link:
             del self.nodes[link.peer_id]
             self.reputation.disconnected(link.wallet, self._clock() - link.connected_at)
         self.free.pop(link, None)
         link.pool = None
         for job in list(link.inflight.values()):
-            self._release(job, link, f"node left: {reason}", penalize=True, partial_may_follow=True)
+            self._release(
+                job, link, f"node left: {reason}", penalize=True, partial_may_follow=not goodbye
+            )
         for job_id in [j for j, links in self._stopping.items() if link in links]:
             self._stopped(link, job_id)
         link.outbox.close()

@@ -221,7 +221,7 @@ async def serve_node(
         reason = "coordinator shutting down"
         raise
     finally:
-        dispatcher.node_left(link, reason)
+        dispatcher.node_left(link, reason, goodbye=reason.startswith(NODE_GOODBYE))
         log.info("node_left", peer=peer, reason=reason)
         with trio.move_on_after(1) as scope:
             scope.shield = True

@@ -605,6 +605,14 @@ async def test_a_partial_receipt_after_a_restart_is_paid(paid: Harness) -> None:
     assert sum(paid.ledger.balance(worker_account(a.wallet)).values()) > 0
 
 
+async def test_a_cancelled_job_whose_node_says_goodbye_ends_at_once(paid: Harness) -> None:
+    """A node leaving in order sent what it had first: nothing to wait for."""
+    sub, a, offer, _, _ = await _cancelled_while_rendering(paid)
+    paid.dispatcher.node_left(a.link, "node said goodbye: stopping", goodbye=True)
+    assert _job_state(paid, offer.offer.job_id) is JobState.CANCELLED
+    assert sub.state.cancelled == 1
+
+
 async def test_a_cancelled_job_whose_node_never_comes_back_ends_unpaid(paid: Harness) -> None:
     sub, a, offer, _, _ = await _cancelled_while_rendering(paid)
     paid.dispatcher.node_left(a.link, "stream reset")
