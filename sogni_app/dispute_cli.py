@@ -19,6 +19,7 @@ import typer
 
 from sogni_app.chain_cli_common import format_sogni, format_when, keystore_signer
 from sogni_protocol.cli_errors import BadUsage, Refused, Unavailable
+from sogni_protocol.settings import READ_ONLY_SENDER
 from sogni_wallet.addresses import Addresses
 
 if TYPE_CHECKING:  # `sogni --help` imports no web3 (tests/cli/test_bare_install.py)
@@ -320,7 +321,7 @@ def _client(
     from sogni_chain.disputes import Disputes
 
     try:
-        chain = connect(rpc)
+        chain = connect(rpc, keys=[])  # the juror's own key only (keystore_signer)
     except ValueError as exc:
         raise BadUsage(str(exc)) from None
     except ConnectionError as exc:
@@ -331,7 +332,7 @@ def _client(
     account = keystore_signer(chain, keystore, password_env)
     return JurorClient(
         chain,
-        Disputes(chain, addresses.disputes),
+        Disputes(chain, addresses.disputes, READ_ONLY_SENDER if account is None else account),
         SaltBox(data_dir),
         account,
         addresses.deployed_at_block,

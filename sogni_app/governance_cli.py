@@ -18,6 +18,7 @@ import typer
 
 from sogni_app.chain_cli_common import SOGNI_WEI, format_sogni, format_when, keystore_signer
 from sogni_protocol.cli_errors import BadUsage, Refused, Unavailable
+from sogni_protocol.settings import READ_ONLY_SENDER
 
 if TYPE_CHECKING:  # web3 loads only when a command runs: `sogni --help` stays light
     from sogni_chain import Chain, Signer
@@ -98,13 +99,18 @@ class GovClient:
     def governor(self) -> Governor:
         from sogni_chain.governance import Governor
 
-        return Governor(self.chain, self.gov.governor, self.account)
+        return Governor(self.chain, self.gov.governor, self._sender)
 
     @property
     def votes(self) -> StakingVotes:
         from sogni_chain.governance import StakingVotes
 
-        return StakingVotes(self.chain, self.addresses.staking, self.account)
+        return StakingVotes(self.chain, self.addresses.staking, self._sender)
+
+    @property
+    def _sender(self) -> Signer:
+        """The wrappers' default sender: the account, else nobody (reads only)."""
+        return READ_ONLY_SENDER if self.account is None else self.account
 
     def _me(self) -> Signer:
         if self.account is None:
@@ -269,7 +275,7 @@ def _client(rpc: str, addresses_path: Path, keystore: Path | None, password_env:
     from sogni_wallet.addresses import Addresses
 
     try:
-        chain = connect(rpc)
+        chain = connect(rpc, keys=[])  # the keystore's key only (never anvil's dev keys)
     except ValueError as exc:
         raise BadUsage(str(exc)) from None
     addresses = Addresses.load(addresses_path, chain_id=chain.chain_id)

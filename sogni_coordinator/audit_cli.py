@@ -34,6 +34,7 @@ from sogni_protocol.epoch_audit import (
     iter_published,
 )
 from sogni_protocol.epoch_files import epoch_filename
+from sogni_protocol.settings import READ_ONLY_SENDER
 
 if TYPE_CHECKING:
     from sogni_chain import Chain, Distributor, Staking
@@ -374,7 +375,7 @@ def _connect(url: str) -> Chain:
             "pass the JSON-RPC url of the chain the epochs were posted on",
         )
     try:
-        return connect(url)
+        return connect(url, keys=[])  # reads only: no keys, on any chain
     except ConnectionError:
         raise
     except ValueError as exc:
@@ -402,7 +403,7 @@ def _contracts(chain: Chain, distributor: str, cfg: CoordinatorConfig | None) ->
                 f"{path} names {addresses.distributor}",
                 "audit with the config of the coordinator that published them",
             )
-        deployment = Deployment(chain, addresses)
+        deployment = Deployment(chain, addresses, sender=READ_ONLY_SENDER)
         if not deployment.is_deployed():
             raise Unavailable(
                 f"no contracts at the addresses in {path} (was the chain reset?)",
@@ -415,6 +416,6 @@ def _contracts(chain: Chain, distributor: str, cfg: CoordinatorConfig | None) ->
             "(was the chain reset?)",
             "point --chain-url at the chain the epochs were posted on",
         )
-    dist = Distributor(chain, distributor)
+    dist = Distributor(chain, distributor, READ_ONLY_SENDER)
     staking_address = chain.call(dist.contract.functions.staking())
-    return _Contracts(dist, Staking(chain, staking_address))
+    return _Contracts(dist, Staking(chain, staking_address, READ_ONLY_SENDER))

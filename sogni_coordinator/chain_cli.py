@@ -34,7 +34,12 @@ from sogni_protocol.cli_errors import (
     too_little_eth,
 )
 from sogni_protocol.logs import configure_logging
-from sogni_protocol.settings import SettingsError, load_settings, read_config_text
+from sogni_protocol.settings import (
+    READ_ONLY_SENDER,
+    SettingsError,
+    load_settings,
+    read_config_text,
+)
 from sogni_wallet.addresses import AddressesFileError
 
 if TYPE_CHECKING:
@@ -129,15 +134,25 @@ def _shared_chain(cfg: CoordinatorConfig, url: str | None) -> Chain:
 
 
 def _connect(url: str | None) -> Chain:
-    """`connect`; nothing answering is unavailable (exit 4, by the layer), a bad url usage."""
-    from sogni_chain import connect
+    """`connect`; nothing answering is unavailable (exit 4, by the layer), a bad url usage.
+    A JSON-RPC chain gets anvil's public dev keys only when it is a local dev chain (`chain
+    fund`, `deploy` there); elsewhere only the keys a command adds (settlement, admin):
+    `connect`'s default refused every command on a real network."""
+    from sogni_chain import anvil_dev_keys, connect
+    from sogni_protocol.settings import DEV_CHAIN_IDS
 
     try:
-        return connect(url)
+        if url is None or url == "embedded":
+            return connect(url)
+        chain = connect(url, keys=[])
     except ConnectionError:
         raise
     except ValueError as exc:
         raise BadUsage(str(exc), "use http(s)://host:port, or 'embedded'") from exc
+    if chain.chain_id in DEV_CHAIN_IDS:
+        for key in anvil_dev_keys():
+            chain.add_key(key)
+    return chain
 
 
 def _deployment(cfg: CoordinatorConfig, chain: Chain) -> Deployment:
@@ -145,7 +160,8 @@ def _deployment(cfg: CoordinatorConfig, chain: Chain) -> Deployment:
 
     path = _addresses_path(cfg)
     addresses = Addresses.load(path, chain_id=chain.chain_id)  # AddressesFileError: exit 4
-    deployment = Deployment(chain, addresses)
+    # off a dev chain no key is loaded (`_connect`): each command's sends name their signer
+    deployment = Deployment(chain, addresses, sender=None if chain.accounts else READ_ONLY_SENDER)
     if not deployment.is_deployed():
         raise Unavailable(
             f"no contracts at the addresses in {path} (was the chain reset?)",

@@ -95,10 +95,10 @@ def connect_chain(config: CoordinatorConfig, private_key: bytes, store: Store) -
     from sogni_coordinator.settlement.keys import settlement_sender
     from sogni_coordinator.settlement.rules import payout_rules
 
-    chain = connect(config.chain_url)
+    chain = connect(config.chain_url, keys=[])  # its own keys only: never anvil's dev keys
     addresses = Addresses.load(config.addresses_file, chain_id=chain.chain_id)
+    offer_address = chain.add_key(private_key).address  # the wrappers' default sender
     deployment = Deployment(chain, addresses)
-    offer_address = chain.add_key(private_key).address
     sender = settlement_sender(config, chain, offer_address, lambda: private_key)
     settler = Settler(
         store,

@@ -27,7 +27,7 @@ from sogni_protocol.cli_errors import (
     register,
 )
 from sogni_protocol.logs import configure_logging
-from sogni_protocol.settings import SettingsError
+from sogni_protocol.settings import READ_ONLY_SENDER, SettingsError
 from sogni_wallet.addresses import AddressesFileError
 from sogni_wallet.keystore import (
     create_keystore,
@@ -197,8 +197,9 @@ def workers(
     if cfg.chain_url and cfg.addresses_file:
         from sogni_chain import Addresses, Deployment, connect
 
-        chain = connect(cfg.chain_url)
-        standing = Deployment(chain, Addresses.load(cfg.addresses_file, chain_id=chain.chain_id))
+        chain = connect(cfg.chain_url, keys=[])  # reads only
+        addresses = Addresses.load(cfg.addresses_file, chain_id=chain.chain_id)
+        standing = Deployment(chain, addresses, sender=READ_ONLY_SENDER)
     now = time.time()
     rows = []
     for rec in sorted(reputation.records.values(), key=lambda r: -r.score(now)):

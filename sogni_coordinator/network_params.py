@@ -26,6 +26,7 @@ from sogni_chain.governance import (
 )
 from sogni_protocol.logs import get_logger
 from sogni_protocol.payout_rules import BPS, SOGNI, PayoutRules
+from sogni_protocol.settings import READ_ONLY_SENDER
 
 __all__ = ["NetworkParamsReader", "network_params_for"]
 
@@ -129,4 +130,4 @@ def network_params_for(chain: Chain, addresses_file: str | Path) -> NetworkParam
     except ValueError as exc:
         log.warning("network_params_unavailable", error=str(exc))
         return None
-    return NetworkParamsReader(NetworkParameters(chain, gov.parameters))
+    return NetworkParamsReader(NetworkParameters(chain, gov.parameters, READ_ONLY_SENDER))

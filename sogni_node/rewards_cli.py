@@ -44,6 +44,7 @@ from sogni_protocol.cli_errors import (
     register,
     too_little_eth,
 )
+from sogni_protocol.settings import READ_ONLY_SENDER
 from sogni_wallet.addresses import AddressesFileError
 from sogni_wallet.keystore import keystore_address, unlock_wallet
 
@@ -123,8 +124,9 @@ def _required_deployment(cfg: NodeConfig, url: str | None) -> Deployment:
             "set addresses_file (the coordinator's `chain deploy` output)",
         )
     try:
-        chain = connect(url)
-        deployment = Deployment(chain, Addresses.load(cfg.addresses_file, chain_id=chain.chain_id))
+        chain = connect(url, keys=[])  # only the wallet signs (added below): never dev keys
+        addresses = Addresses.load(cfg.addresses_file, chain_id=chain.chain_id)
+        deployment = Deployment(chain, addresses, sender=READ_ONLY_SENDER)  # sends name the wallet
     except AddressesFileError:
         raise
     except ValueError as exc:  # an unsupported url, or addresses for another chain

@@ -23,6 +23,7 @@ from sogni_node.benchmark import saved_speed
 from sogni_node.config import DATA_DIR_LOCK, NodeConfig
 from sogni_node.journal import Journal
 from sogni_protocol import folder_lock
+from sogni_protocol.settings import READ_ONLY_SENDER
 
 if TYPE_CHECKING:
     from rich.console import RenderableType
@@ -134,9 +135,11 @@ def _rewards(
         try:
             from sogni_chain import Addresses, Deployment, connect
 
-            chain = connect(cfg.chain_url)
+            chain = connect(cfg.chain_url, keys=[])  # reads only: no keys
             distributor = Deployment(
-                chain, Addresses.load(cfg.addresses_file, chain_id=chain.chain_id)
+                chain,
+                Addresses.load(cfg.addresses_file, chain_id=chain.chain_id),
+                sender=READ_ONLY_SENDER,
             ).distributor
         except Exception as exc:  # the chain is optional here: report it, show the rest
             return None, None, f"cannot reach the chain ({type(exc).__name__})"

@@ -172,6 +172,9 @@ DEV_CHAIN_IDS = frozenset({31337, 1337, DEFAULT_CHAIN_ID})
 """Local development chains: anvil and hardhat (31337), ganache (1337), the embedded EVM.
 Only on these may public dev keys sign."""
 """eth-tester / py-evm's chain id: the embedded local settlement chain is the default domain."""
+READ_ONLY_SENDER = "0x" + "00" * 20
+"""The default sender of contract wrappers a command only reads through (a chain connected
+without keys: it signs with nobody's, least of all anvil's public dev keys)."""
 UNDEPLOYED_CONTRACT = "0x" + "00" * 20
 """Verifying contract until the reward distributor is deployed (local runs only)."""
 

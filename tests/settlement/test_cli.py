@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sogni_chain import Addresses, Deployment, anvil_dev_keys, connect
-from sogni_chain.anvil import Anvil
+from sogni_chain import Addresses, Deployment, anvil_dev_keys, connect, deploy_all
+from sogni_chain.anvil import Anvil, find_anvil
 from sogni_coordinator.cli import app as coordinator_app
 from sogni_coordinator.store import Store
 from sogni_node.cli import app as node_app
@@ -176,3 +176,42 @@ def test_embedded_deploy_writes_the_deterministic_addresses(tmp_path: Path) -> N
     in_process = embedded_deployment(tmp_path / "again.json").addresses
     assert written.distributor == in_process.distributor
     assert written.chain_id == in_process.chain_id
+
+
+def test_node_and_operator_commands_work_on_a_real_networks_chain_id(tmp_path: Path) -> None:
+    """Every node chain command connected with anvil's dev keys, which `connect` refuses off
+    a dev chain: on any real network (chain 8453 here) `rewards`, `claim`, `stake` and the
+    operator's `epoch` commands all exited 2 "not a local dev chain"."""
+    if find_anvil() is None:
+        pytest.skip("anvil binary not installed (npm ci --prefix contracts)")
+    with Anvil(chain_id=8453) as node:
+        deployer = anvil_dev_keys(1)[0]  # funded by anvil; a real deployer's own key
+        chain = connect(node.url, keys=[deployer])
+        addresses_file = tmp_path / "addresses.json"
+        deploy_all(chain, chain.accounts[0], path=addresses_file)
+        nenv = {
+            "SOGNI_NODE_DATA_DIR": str(tmp_path / "node"),
+            "SOGNI_NODE_PASSWORD": PASSWORD,
+            "SOGNI_NODE_CHAIN_URL": node.url,
+            "SOGNI_NODE_ADDRESSES_FILE": str(addresses_file),
+        }
+        create_keystore(tmp_path / "node" / "wallet.json", PASSWORD, kdf_n=2**4)
+        epochs = tmp_path / "epochs"
+        epochs.mkdir()
+        report = json.loads(
+            _run(node_app, ["rewards", "--epochs-dir", str(epochs), "--json"], nenv)
+        )
+        assert report["ok"] and report["account"] == keystore_address(
+            tmp_path / "node" / "wallet.json"
+        )
+        withdrawn = runner.invoke(node_app, ["withdraw"], env=nenv)  # signs with the wallet
+        assert "not a local dev chain" not in withdrawn.output, withdrawn.output
+        cenv = {
+            "SOGNI_COORDINATOR_DATA_DIR": str(tmp_path / "coordinator"),
+            "SOGNI_COORDINATOR_CHAIN_URL": node.url,
+            "SOGNI_COORDINATOR_ADDRESSES_FILE": str(addresses_file),
+            "SOGNI_COORDINATOR_BILLING": "required",  # a real network's rule
+        }
+        closing = runner.invoke(coordinator_app, ["epoch", "close", "--json"], env=cenv)
+        assert "not a local dev chain" not in closing.output  # connected; on to its own key
+        assert closing.exit_code == 4 and "no keystore" in closing.output
