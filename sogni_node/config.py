@@ -251,6 +251,15 @@ def check_addresses(cfg: NodeConfig) -> None:
                 check_peer_addr(addr)
             except ValueError as exc:
                 raise ValueError(f"{key}: {exc}") from None
+    seen: dict[str, str] = {}
+    for addr in cfg.coordinators:  # each its own session: one coordinator's replaced the other
+        peer = addr.rsplit("/p2p/", 1)[-1]
+        if peer in seen:
+            raise ValueError(
+                f"coordinators: {addr[:200]!r} and {seen[peer][:200]!r} are one coordinator "
+                f"(peer {peer}): list each coordinator once"
+            )
+        seen[peer] = addr
 
 
 def check_http_listen(value: str) -> None:

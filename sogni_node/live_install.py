@@ -19,6 +19,7 @@ from pathlib import Path
 import trio
 
 from sogni_node.models.loras import INDEX_NAME as LORA_INDEX
+from sogni_node.models.loras import LoraLibraryError
 from sogni_node.models.registry import ModelRegistry, ModelSpec
 from sogni_node.models.store import INDEX_NAME as MODEL_INDEX
 from sogni_node.models.store import (
@@ -183,5 +184,8 @@ async def watch_installed(
             continue  # `last` unchanged: tried again at the next poll
         last = stamp
         installed.apply(specs)
-        announce()
+        try:
+            announce()
+        except (ModelStoreError, LoraLibraryError, OSError) as exc:  # the last list stands
+            log.warning("capabilities_not_announced", error=str(exc))
         await trio.to_thread.run_sync(installed.unload_dropped)

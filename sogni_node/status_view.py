@@ -151,7 +151,7 @@ def _rewards(
 def collect(cfg: NodeConfig, wallet: str | None, *, timeout: float = 2.0) -> NodeStatus:
     """Read everything the view shows (blocking: HTTP, SQLite, files)."""
     daemon, daemon_error = _daemon(cfg, timeout)
-    midnight = dt.datetime.combine(dt.date.today(), dt.time(), dt.UTC).timestamp()
+    midnight = dt.datetime.combine(dt.date.today(), dt.time()).timestamp()  # the local day
     jobs, units, seconds = 0, 0, 0.0
     models: dict[str, int] = {}
     earned = claimable = None

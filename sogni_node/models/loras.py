@@ -15,7 +15,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Protocol
 
@@ -75,9 +75,19 @@ class LoraLibrary:
             return {}
         except ValueError as exc:
             raise LoraLibraryError(f"LoRA index {path} is corrupt: {exc}") from None
-        if raw.get("version") != INDEX_VERSION:
+        if not isinstance(raw, dict) or raw.get("version") != INDEX_VERSION:
             raise LoraLibraryError(f"LoRA index {path}: unsupported version")
-        return {i: StoredLora(lora_id=i, **d) for i, d in raw.get("loras", {}).items()}
+        known = {f.name for f in fields(StoredLora)} - {"lora_id"}
+        try:  # a file people edit by hand; fields a newer version added are left out
+            return {
+                i: StoredLora(lora_id=i, **{k: v for k, v in d.items() if k in known})
+                for i, d in raw.get("loras", {}).items()
+            }
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise LoraLibraryError(
+                f"LoRA index {path}: a malformed entry ({type(exc).__name__}: {exc}); fix it, "
+                "or remove the LoRA and add it again"
+            ) from None
 
     def _save(self, loras: dict[str, StoredLora]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

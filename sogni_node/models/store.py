@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -174,9 +175,15 @@ class ModelStore:
             return {}
         except ValueError as exc:
             raise ModelStoreError(f"model index {self.index_path} is corrupt: {exc}") from None
-        if raw.get("version") != INDEX_VERSION:
+        if not isinstance(raw, dict) or raw.get("version") != INDEX_VERSION:
             raise ModelStoreError(f"model index {self.index_path}: unsupported version")
-        return {mid: StoredModel.from_json(mid, d) for mid, d in raw.get("models", {}).items()}
+        try:  # a file people edit by hand: any malformed entry is an error naming it
+            return {mid: StoredModel.from_json(mid, d) for mid, d in raw.get("models", {}).items()}
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            raise ModelStoreError(
+                f"model index {self.index_path}: a malformed entry ({type(exc).__name__}: "
+                f"{exc}); fix it, or remove the model and add it again"
+            ) from None
 
     def _save_index(self, models: dict[str, StoredModel]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -253,7 +260,7 @@ class ModelStore:
                 self._convert(source, staged, model_class, architecture, config_dir, tokenizer_dir)
             else:
                 say(f"copying {source}")
-                shutil.copytree(source, staged)
+                _copy_folder(source, staged)
             if not (staged / "model_index.json").is_file():
                 raise ModelStoreError(f"{source}: no model_index.json after import")
             say("hashing weight files")
@@ -419,3 +426,18 @@ def _vocab_fits(folder: Path, rows: set[int]) -> bool:
     except (OSError, ValueError):
         return False
     return len(vocab) in rows
+
+
+def _copy_folder(source: Path, target: Path) -> None:
+    """`shutil.copytree`, its failure raised as the first `OSError` it collected: its own
+    `shutil.Error` holds a list of strings (no errno), so a full disk read as a traceback,
+    not as "the disk is full" with what to do."""
+    try:
+        shutil.copytree(source, target)
+    except shutil.Error as exc:
+        errors = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+        _src, dst, why = errors[0] if errors and len(errors[0]) == 3 else ("", "", str(exc))
+        found = re.match(r"\[Errno (\d+)\] ([^:]+)", str(why))
+        if found is None:
+            raise ModelStoreError(f"copying {source} failed: {str(why)[:300]}") from None
+        raise OSError(int(found.group(1)), found.group(2), str(dst)) from None

@@ -193,3 +193,15 @@ def test_a_malformed_postgres_url_is_a_config_error_without_its_password(
     from sogni_coordinator.config import check_database_url
 
     check_database_url("postgresql://sogni:se#cretpw@db.example:5432/sogni")
+
+
+def test_one_coordinator_listed_twice_is_refused_naming_the_key(tmp_path: Path) -> None:
+    """Each address got its own session to the same coordinator, each replacing the other:
+    sessions flapped, jobs dropped mid-render ("node replaced or removed" 20 times in 40 s)."""
+    node_toml = tmp_path / "node.toml"
+    node_toml.write_text(
+        f'coordinators = ["/ip4/127.0.0.1/tcp/4001/p2p/{PEER}",'
+        f' "/dns4/c.example/tcp/4001/p2p/{PEER}"]\n'
+    )
+    line = one_line(runner.invoke(node_app, ["config", "-c", str(node_toml)]), 2)
+    assert "coordinators:" in line and "one coordinator" in line and PEER in line

@@ -3,7 +3,11 @@ one clear line for each part that is missing (daemon stopped, no epochs, no wall
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +56,25 @@ async def test_status_reads_the_running_daemon_and_todays_jobs(
     assert "sogni-node start" in stopped.daemon_error
     assert stopped.jobs_today == 2  # the journal still tells
     render_view(stopped)  # renders without the daemon's part
+    with _timezone("Pacific/Kiritimati"):  # UTC+14: "today" is the local day, as it reads
+        assert collect(cfg, node.wallet.address, timeout=0.5).jobs_today == 2
+
+
+@contextlib.contextmanager
+def _timezone(name: str) -> Iterator[None]:
+    """Now in another time zone (an operator east of UTC counted 0 jobs from 10:00 UTC on:
+    a local date at UTC midnight lay in the future)."""
+    before = os.environ.get("TZ")
+    os.environ["TZ"] = name
+    time.tzset()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TZ", None)
+        else:
+            os.environ["TZ"] = before
+        time.tzset()
 
 
 def test_status_command_without_a_daemon_or_wallet(tmp_path: Path) -> None:
