@@ -44,11 +44,14 @@ def test_node_paths_follow_data_dir_unless_set(tmp_path: Path) -> None:
     assert cfg.keystore == tmp_path / "wallet.json"
 
 
+OTHER_PEER = "QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"  # a second coordinator
+
+
 def test_node_configured_by_env_alone(tmp_path: Path) -> None:
     coordinator = f"/ip4/10.0.0.2/tcp/4001/p2p/{PEER}"
     env = {
         "SOGNI_NODE_DATA_DIR": str(tmp_path),
-        "SOGNI_NODE_COORDINATORS": f"{coordinator}, /dns4/c.example/tcp/4001/p2p/{PEER}",
+        "SOGNI_NODE_COORDINATORS": f"{coordinator}, /dns4/c.example/tcp/4001/p2p/{OTHER_PEER}",
         "SOGNI_NODE_TRUSTED_COORDINATORS": "0x" + "ab" * 20,
         "SOGNI_NODE_SLOTS": "2",
         "SOGNI_NODE_DEVICE": "cuda",
