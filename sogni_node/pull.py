@@ -1297,6 +1297,12 @@ class PullSession:
         if fault is not None:
             self._decline(job.id, fault)
             return
+        if not eip712.same_address(entry.receipt.worker, self.id.wallet_address):
+            # kept under the wallet this node had before (its key replaced): re-signed with
+            # today's key it still names the old worker, a "bad result" strike, the good
+            # signature overwritten in the journal. Declined: rendered elsewhere, no strike
+            self._decline(job.id, "this node's kept result was signed by its previous wallet")
+            return
         signature = entry.signature
         receipt = signed_form(entry.receipt, entry.domain_version, self.id.payout)
         if not eip712.same_address(receipt.coordinator, offer.coordinator):

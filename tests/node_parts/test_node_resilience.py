@@ -617,6 +617,30 @@ async def test_a_partial_receipt_lost_with_its_stream_is_sent_when_the_node_is_b
         relink.done.set()
 
 
+async def test_a_result_kept_under_a_previous_wallet_is_declined_not_resigned(
+    tmp_path: Path,
+) -> None:
+    """The operator replaced the wallet (or a container's ephemeral key changed) with a
+    result kept for the coordinator: re-signed with the new key it named the old worker, and
+    the coordinator refused it as a bad result (a strike) and rendered it again."""
+    backend = CountingBackend()
+    async with coordinator() as coord:
+        async with node(tmp_path, coord, backend):
+            link = await coord.link()
+            offer = coord.offer(1)
+            await link.channel.send(offer)
+            assert isinstance(await link.next(Result, HandBack), Result)  # kept, never acked
+            link.done.set()
+        async with node(tmp_path, coord, backend, wallet=Account.create()):
+            relink = await coord.link()
+            again = coord.offer(1, job_id=offer.offer.job_id, later=5)
+            await relink.channel.send(again)
+            answer = await relink.next(Result, HandBack, OfferDeclined)
+            assert isinstance(answer, OfferDeclined) and "previous wallet" in answer.reason
+            assert backend.calls == 1  # not rendered again on this node either
+            relink.done.set()
+
+
 async def test_a_result_too_large_to_send_is_handed_back_and_the_stream_stays(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
