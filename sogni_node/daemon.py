@@ -348,7 +348,7 @@ async def run_node(
                     nursery.start_soon(
                         _refresh_signer_set, identity.network, urls, config.network_signers_refresh
                     )
-                if identity.network is not None and len(config.coordinators) > 1:
+                if config.coordinators:  # to another of a network, or back to its own
                     nursery.start_soon(
                         functools.partial(
                             _forward_orphans,

@@ -26,6 +26,7 @@ from sogni_protocol.messages import (
     JobFailed,
     JobImage,
     LoraRef,
+    RenderRequest,
     RequestAccepted,
     RequestDone,
     encode,
@@ -338,14 +339,7 @@ async def test_a_result_whose_session_ends_while_it_commits_is_settled_all_the_s
     # The node's session is cancelled (its stream reset, the node replaced) while the receipt
     # waits for its group commit: the write goes ahead, so must what follows it (delivery,
     # billing, the job's end), or the job is re-queued and every honest re-render refused.
-    payer = Account.create()
-    assert paid.ledger is not None
-    paid.ledger.credit_purchase(payer.address, 1)
-    req = request(1)
-    sub = await paid.submit(authorize(req, bytes(payer.key), paid.dispatcher.domain))
-    a = paid.node(0)
-    paid.dispatcher.match()
-    (offer,) = a.offers()
+    sub, a, offer, req, payer = await _offered_paid(paid)
     with trio.CancelScope() as session:
         session.cancel()  # delivered at the first wait: the queued receipt write's
         await paid.deliver(a, offer)
@@ -359,7 +353,8 @@ async def test_a_result_whose_session_ends_while_it_commits_is_settled_all_the_s
     assert b.offers() == []  # nothing re-queued
     assert paid.reputation.get(a.wallet).strikes == []
     charged = quote(req).per_image.spark_micro
-    assert paid.ledger.balance(payer.address)["spark_paid"] == 1_000_000 - charged
+    assert paid.ledger is not None
+    assert paid.ledger.balance(payer)["spark_paid"] == 1_000_000 - charged
 
 
 async def test_an_image_whose_frame_to_the_client_would_be_over_the_limit_is_refused(
@@ -551,10 +546,9 @@ async def test_a_handed_back_job_goes_to_another_node_first(coord: Harness) -> N
     assert sub.state.delivered == 1
 
 
-async def _cancelled_while_rendering(
-    paid: Harness,
-) -> tuple[Submission, FakeNode, Offer, int, str]:
-    """A paid request of 1 image offered to node 0, then cancelled (the node was told)."""
+async def _offered_paid(paid: Harness) -> tuple[Submission, FakeNode, Offer, RenderRequest, str]:
+    """A paid request of 1 image, offered to node 0: (its submission, the node, the offer,
+    the request, the payer's address)."""
     payer = Account.create()
     assert paid.ledger is not None
     paid.ledger.credit_purchase(payer.address, 1)
@@ -563,8 +557,16 @@ async def _cancelled_while_rendering(
     a = paid.node(0)
     paid.dispatcher.match()
     (offer,) = a.offers()
+    return sub, a, offer, req, payer.address
+
+
+async def _cancelled_while_rendering(
+    paid: Harness,
+) -> tuple[Submission, FakeNode, Offer, int, str]:
+    """`_offered_paid`, then cancelled (the node was told); the image's price in its place."""
+    sub, a, offer, req, payer = await _offered_paid(paid)
     paid.dispatcher.cancel_request(sub.accepted.request_id)
-    return sub, a, offer, quote(req).per_image.spark_micro, payer.address
+    return sub, a, offer, quote(req).per_image.spark_micro, payer
 
 
 async def test_a_partial_receipt_after_the_stream_was_lost_is_paid(paid: Harness) -> None:

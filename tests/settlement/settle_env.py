@@ -58,6 +58,11 @@ def rules(**overrides: object) -> PayoutRules:
     return SettlementConfig(**overrides).rules()  # type: ignore[arg-type]
 
 
+def posted_epochs(net: Net) -> list[int]:
+    """The epochs the distributor has a root for, in order."""
+    return [int(r["epoch"]) for r in net.d.distributor.roots_posted()]
+
+
 def settler(store: Store, net: Net, tmp: Path, **kw: object) -> Settler:
     return Settler(
         store,

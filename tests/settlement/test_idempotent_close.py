@@ -11,15 +11,11 @@ from sogni_coordinator.settlement.epochs import EpochConflict, SettlementError
 from sogni_coordinator.store import Store
 from sogni_protocol.epoch_files import decode_epoch
 
-from .settle_env import Net, rules, settler, signed_receipt, store_receipts, worker
+from .settle_env import Net, posted_epochs, rules, settler, signed_receipt, store_receipts, worker
 
 
 class Crash(Exception):
     """Stands in for the process dying at a chosen point."""
-
-
-def _roots(net: Net) -> list[int]:
-    return [int(r["epoch"]) for r in net.d.distributor.roots_posted()]
 
 
 def test_crash_between_persisting_plan_and_posting(
@@ -44,7 +40,7 @@ def test_crash_between_persisting_plan_and_posting(
         nxt = s.close_epoch()
         assert nxt is not None and nxt.epoch == 2 and nxt.paid_receipts == 1
         assert s.close_epoch() is None
-        assert _roots(net) == [1, 2]
+        assert posted_epochs(net) == [1, 2]
     finally:
         restarted.close()
 
@@ -64,11 +60,11 @@ def test_crash_after_posting_before_recording(
     monkeypatch.undo()
     record = store.epoch_record(1)
     assert record is not None and record.state == "planned"  # DB does not know it was posted
-    assert _roots(net) == [1]
+    assert posted_epochs(net) == [1]
 
     result = settler(store, net, tmp_path).close_epoch()  # restart: the chain has our root
     assert result is not None and result.resumed and result.root == record.root
-    assert _roots(net) == [1]  # not posted again
+    assert posted_epochs(net) == [1]  # not posted again
     assert store.epoch_record(1).state == "posted"  # type: ignore[union-attr]
 
 
@@ -91,7 +87,7 @@ def test_crash_before_the_plan_commits_leaves_no_trace(
     assert result is not None and result.epoch == 1 and result.paid_receipts == 2
     # the batch is deterministic: the orphaned file of the crashed attempt is the same file
     assert sorted((tmp_path / "epochs" / "receipts").iterdir()) == orphan
-    assert _roots(net) == [1]
+    assert posted_epochs(net) == [1]
 
 
 def test_epoch_file_rewritten_if_lost_after_commit(net: Net, store: Store, tmp_path: Path) -> None:
@@ -116,7 +112,7 @@ def test_racing_closers_share_one_plan(net: Net, tmp_path: Path) -> None:
         assert plan_a is not None and plan_b is not None and plan_a.root == plan_b.root
         ra, rb = a.close_epoch(), b.close_epoch()
         assert ra is not None and ra.epoch == 1 and rb is None
-        assert _roots(net) == [1]
+        assert posted_epochs(net) == [1]
     finally:
         first.close()
         second.close()

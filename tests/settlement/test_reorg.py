@@ -15,11 +15,7 @@ from sogni_coordinator.store import Store
 from sogni_protocol.epoch_files import decode_batch
 from sogni_protocol.payout_rules import SOGNI, SettlementConfig
 
-from .settle_env import Net, settler, signed_receipt, store_receipts, worker
-
-
-def _roots(net: Net) -> list[int]:
-    return [int(r["epoch"]) for r in net.d.distributor.roots_posted()]
+from .settle_env import Net, posted_epochs, settler, signed_receipt, store_receipts, worker
 
 
 def test_a_dropped_post_is_posted_again_before_the_next_epoch(
@@ -44,7 +40,7 @@ def test_a_dropped_post_is_posted_again_before_the_next_epoch(
     nxt = s.close_epoch()  # without the repost: epoch 2 refused (EpochNotNext) at every close
     assert nxt is not None and nxt.epoch == 2 and nxt.paid_receipts == 1
     assert s.close_epoch() is None
-    assert _roots(net) == [1, 2]
+    assert posted_epochs(net) == [1, 2]
 
 
 def test_two_dropped_posts_are_posted_again_in_order(
@@ -61,7 +57,7 @@ def test_two_dropped_posts_are_posted_again_in_order(
     net.chain.revert(before)
     reposted = [s.close_epoch(), s.close_epoch()]
     assert [(r.epoch, r.root) for r in reposted if r is not None] == [(1, roots[0]), (2, roots[1])]
-    assert s.close_epoch() is None and _roots(net) == [1, 2]
+    assert s.close_epoch() is None and posted_epochs(net) == [1, 2]
 
 
 def test_a_dropped_post_with_an_offline_key_writes_its_transaction_again(
