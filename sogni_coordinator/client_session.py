@@ -19,8 +19,12 @@ The first frame may instead be a signed `DailyBoostClaim`, `BalanceQuery` or `Co
 
 from __future__ import annotations
 
+import traceback
+from typing import Protocol, runtime_checkable
+
 import trio
 
+from sogni_coordinator.db import DATABASE_ERRORS, storage_fault
 from sogni_coordinator.delivery import Cursor, short
 from sogni_coordinator.dispatch import Dispatcher, Refusal
 from sogni_coordinator.final_reply import send_final_reply
@@ -49,10 +53,35 @@ from sogni_protocol.messages import (
 
 log = get_logger(__name__)
 
-__all__ = ["ACK_GRACE", "serve_client"]
+__all__ = ["ACK_GRACE", "UNAVAILABLE", "RequestMeter", "serve_client"]
 
 ACK_GRACE = 30.0
 """After `RequestDone`, how long the app gets to send its last acks and close."""
+ERROR_LIMIT = 300
+"""Characters of a refused frame's error text logged (the peer hears at most 2000)."""
+UNAVAILABLE = (
+    "the coordinator cannot store requests now ({fault}): nothing was charged; "
+    "try again later or another coordinator"
+)
+"""The `RequestRefused` reason ("unavailable") when the database would not take the request."""
+FAILED = (
+    "the coordinator failed on this request (an internal error, logged for its operator): "
+    "nothing was charged; try again later"
+)
+"""The `RequestRefused` reason ("internal") when accepting a request raised unexpectedly."""
+
+
+@runtime_checkable
+class RequestMeter(Protocol):
+    """A dispatcher that counts requests (`metrics.MeteredDispatcher`): told of the render
+    requests this session refuses before `submit` (which counts its own outcomes)."""
+
+    def request_refused(self, code: str) -> None: ...
+
+
+def _refused_here(dispatcher: Dispatcher, code: str) -> None:
+    if isinstance(dispatcher, RequestMeter):
+        dispatcher.request_refused(code)
 
 
 async def serve_client(
@@ -64,10 +93,12 @@ async def serve_client(
     except UnsupportedWireVersion as exc:
         reason = unsupported_version(exc.version, "coordinator")
         log.info("client_request_refused", peer=peer, code="unsupported_version", error=reason)
+        _refused_here(dispatcher, "unsupported_version")
         await _refuse(channel, "unsupported_version", reason)
         return
-    except ProtocolError as exc:
-        log.warning("client_request_invalid", peer=peer, error=str(exc))
+    except ProtocolError as exc:  # `messages.decode` cuts the values it quotes
+        log.warning("client_request_invalid", peer=peer, error=str(exc)[:ERROR_LIMIT])
+        _refused_here(dispatcher, "invalid_request")
         await _refuse(channel, "invalid_request", str(exc))
         return
     except TransportError as exc:
@@ -89,11 +120,12 @@ async def serve_client(
                 req, client_peer=peer, allowed_models=allowed_models
             )
             first, events = submitted.accepted, submitted.events
-            log.info(
+            log.info(  # once per request: its jobs' ids, as `offer_sent` and receipts name them
                 "request_accepted",
                 peer=peer,
                 request=short(first.request_id),
                 image_count=len(first.job_ids),
+                jobs=[short(job_id) for job_id in first.job_ids],
             )
         elif isinstance(req, ResumeRequest):
             resumed = await dispatcher.resume_anywhere(req.request_id, req.token)
@@ -102,6 +134,7 @@ async def serve_client(
                 "request_resumed", peer=peer, request=short(req.request_id), acked=len(first.acked)
             )
         else:
+            _refused_here(dispatcher, "invalid_request")
             raise Refusal(
                 "invalid_request",
                 "expected renderRequest, resumeRequest, dailyBoostClaim or balanceQuery, "
@@ -110,6 +143,20 @@ async def serve_client(
     except Refusal as exc:
         log.info("client_request_refused", peer=peer, code=exc.code, error=exc.reason)
         await _refuse(channel, exc.code, exc.reason)
+        return
+    except Exception as exc:
+        fault = storage_fault(exc) if isinstance(exc, (*DATABASE_ERRORS, OSError)) else None
+        if fault is not None:  # disk full, I/O error, locked, the database server lost
+            log.error("client_request_unavailable", peer=peer, error=fault)
+            await _refuse(channel, "unavailable", UNAVAILABLE.format(fault=fault))
+            return
+        log.error(  # a bug: formatted, not exc_info (a renderer would print the prompt)
+            "client_request_failed",
+            peer=peer,
+            error=type(exc).__name__,
+            traceback="".join(traceback.format_exception(exc)),
+        )
+        await _refuse(channel, "internal", FAILED)
         return
     await _serve_request(channel, dispatcher, first, events)
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import os
 import sqlite3
@@ -184,6 +185,61 @@ class WriteStats:
     """Groups of staged items stored at once (`stage`: images, one `syncfs` each)."""
     staged: int = 0
     stage_s: float = 0.0
+    failed: int = 0
+    """Write transactions that failed as a whole (none of their writes committed: disk
+    full, I/O error, read-only, locked past the deadline)."""
+    stage_failed: int = 0
+    """Staged items (images) that could not be stored (`stage`)."""
+
+
+@dataclass(frozen=True)
+class WriteFailure:
+    """The writer's storage is failing now: published by the writer (`_Shared`), read by
+    readiness (`metrics.database_ready`). Cleared by the next success of the same kind."""
+
+    what: Literal["database", "results"]
+    """What failed: a write transaction ("database"), or storing a staged image ("results")."""
+    since: float
+    """`time.monotonic()` of the first failure since the last success."""
+    last: float
+    """`time.monotonic()` of the latest failure."""
+    error: str
+    """One line, never a path nor a value: e.g. "disk full (OperationalError)"."""
+
+
+_STORAGE_FAULTS = (
+    ("full", "disk full"),
+    ("no space", "disk full"),
+    ("quota", "disk quota exceeded"),
+    ("readonly", "read-only"),
+    ("read-only", "read-only"),
+    ("i/o", "I/O error"),
+    ("unable to open", "cannot open the database file"),
+    ("locked", "locked by another process"),
+    ("connection", "connection lost"),
+)
+_STORAGE_ERRNOS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only",
+    errno.EIO: "I/O error",
+}
+
+
+def storage_fault(exc: BaseException) -> str | None:
+    """A one-line name for `exc` when it means the storage failed (disk full, I/O error,
+    read-only, locked, connection lost), not the write (a constraint, a bug); else None.
+    Never quotes the error's own text (a PostgreSQL error may name a host or a value)."""
+    if isinstance(exc, DatabaseBusy):
+        return "locked by another process"
+    if isinstance(exc, OSError) and exc.errno in _STORAGE_ERRNOS:
+        return f"{_STORAGE_ERRNOS[exc.errno]} ({type(exc).__name__})"
+    if isinstance(exc, sqlite3.OperationalError):
+        low = f"{getattr(exc, 'sqlite_errorname', '')} {exc}".lower()
+        for word, name in _STORAGE_FAULTS:
+            if word in low:
+                return f"{name} ({type(exc).__name__})"
+    return None
 
 
 @dataclass(eq=False)
@@ -251,6 +307,20 @@ class _Shared:
         self.wake: Callable[[_Write], None] | None = None
         """Set while a writer runs: tells it there is something to write (any thread)."""
         self.stats = WriteStats()
+        self.failing: dict[str, WriteFailure] = {}
+        """What is failing now ("database", "results"); written by whichever thread wrote."""
+
+    # --- health: what readiness reads ----------------------------------------------------
+    # replaced whole, never changed in place: the loop reads it while a writer thread writes
+    def failed(self, what: Literal["database", "results"], error: str) -> None:
+        now = time.monotonic()
+        old = self.failing.get(what)
+        since = now if old is None else old.since
+        self.failing = {**self.failing, what: WriteFailure(what, since, now, error)}
+
+    def succeeded(self, what: Literal["database", "results"]) -> None:
+        if what in self.failing:  # a dict lookup per commit: nothing on the hot path
+            self.failing = {k: v for k, v in self.failing.items() if k != what}
 
     # --- the queue ---------------------------------------------------------------------
     def enqueue(self, write: _Write) -> None:
@@ -299,6 +369,12 @@ class _Shared:
         stats.stages += 1
         stats.staged += len(taken)
         stats.stage_s += time.perf_counter() - started
+        stats.stage_failed += len(failed)
+        faults = [f for f in map(storage_fault, failed.values()) if f is not None]
+        if faults:
+            self.failed("results", faults[0])
+        elif len(failed) < len(taken):  # something was stored: the volume takes writes
+            self.succeeded("results")
         refused = [write for write in taken if id(write) in failed]
         self.complete(refused, [(None, failed[id(write)]) for write in refused])
 
@@ -350,9 +426,15 @@ class _Shared:
             try:
                 result = write.fn()
             except Exception as exc:
+                if not self.conn.in_transaction:  # SQLite rolled the whole transaction back
+                    raise  # (disk full, I/O error): no write of the group stands, the savepoint
+                    # is gone, and each must hear this error, not "no such savepoint"
                 self.conn.execute("ROLLBACK TO queued")
                 self.conn.execute("RELEASE queued")
                 out.append((None, exc))
+                fault = storage_fault(exc)  # a statement that spilled to a full disk
+                if fault is not None:
+                    self.failed("database", fault)
             else:
                 self.conn.execute("RELEASE queued")
                 out.append((result, None))
@@ -380,6 +462,7 @@ class _Shared:
                 return
             taken = self._take()
             started = time.perf_counter()
+            changes = self.changes()
             try:
                 self.begin()
                 self.depth = 1
@@ -397,6 +480,10 @@ class _Shared:
                     self.depth = 0
             except Exception as exc:  # busy past the deadline, disk full: none was written
                 outcomes = [(None, exc)] * len(taken)
+                self.stats.failed += 1
+                self.failed("database", storage_fault(exc) or type(exc).__name__)
+            else:
+                self.committed(changes, outcomes)
         self.complete(taken, outcomes)
 
     def stage_and_flush(self) -> None:
@@ -417,28 +504,62 @@ class _Shared:
                 try:
                     yield self.conn
                 except BaseException:
-                    self.conn.execute(f"ROLLBACK TO {name}")
-                    self.conn.execute(f"RELEASE {name}")
+                    if self.conn.in_transaction:  # else SQLite rolled it all back (disk full):
+                        self.conn.execute(f"ROLLBACK TO {name}")  # the error goes up as it is
+                        self.conn.execute(f"RELEASE {name}")
                     raise
                 else:
                     self.conn.execute(f"RELEASE {name}")
                 finally:
                     self.depth -= 1
                 return
-            self.begin()
+            changes = self.changes()
+            try:
+                self.begin()
+            except Exception as exc:
+                self._tx_failed(exc)
+                raise
             self.depth = 1
             taken = self._take() if self.pending(component) else []
             try:
                 outcomes = self.apply(taken)
                 yield self.conn
-                self.conn.execute("COMMIT")
-            except BaseException:
+                try:
+                    self.conn.execute("COMMIT")
+                except Exception as exc:
+                    self._tx_failed(exc)
+                    raise
+                self.committed(changes, outcomes)
+            except BaseException as exc:
+                fault = storage_fault(exc)  # a statement of the body met a full disk
+                if fault is not None:
+                    self.failed("database", fault)
                 self.rollback()
                 self._put_back(taken)
                 raise
             finally:
                 self.depth = 0
         self.complete(taken, outcomes)
+
+    def changes(self) -> int:
+        """Rows written on the connection so far (either engine's `total_changes`)."""
+        return int(getattr(self.conn, "total_changes", 0))
+
+    def committed(self, before: int, outcomes: list[tuple[Any, BaseException | None]]) -> None:
+        """A transaction committed: the database takes writes again, if it wrote a row
+        (an empty commit succeeds on a full disk too: it proves nothing) and none of its
+        writes met a storage fault (a statement that spilled to a full disk)."""
+        if (
+            "database" in self.failing
+            and self.changes() > before
+            and not any(e is not None and storage_fault(e) is not None for _, e in outcomes)
+        ):
+            self.succeeded("database")
+
+    def _tx_failed(self, exc: Exception) -> None:
+        """A transaction's `BEGIN` or `COMMIT` failed: the storage, not the caller's code."""
+        self.stats.failed += 1
+        self.failed("database", storage_fault(exc) or type(exc).__name__)
 
 
 class _ReadLock:
@@ -659,6 +780,10 @@ class Database:
     def write_stats(self) -> WriteStats:
         """A copy of the file's writer counters (shared by every component on the file)."""
         return dataclasses.replace(self._shared.stats)
+
+    def write_failures(self) -> list[WriteFailure]:
+        """What is failing now on this file's writes (empty: the last of each kind worked)."""
+        return list(self._shared.failing.values())
 
     def submit(self, label: str, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
         """Write later, in the writer's next group (at once when no writer runs); a failure

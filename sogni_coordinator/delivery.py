@@ -28,7 +28,7 @@ from sogni_protocol.messages import JobFailed, JobProgress, Message, RequestDone
 
 log = get_logger(__name__)
 
-__all__ = ["Cursor", "Mailbox", "ResultFiles", "short"]
+__all__ = ["SHORT_HEX", "Cursor", "Mailbox", "ResultFiles", "short"]
 
 ResultFiles = FolderResults
 """The folder store's former name."""
@@ -37,9 +37,15 @@ READ_RETRY = 1.0
 LOST_IMAGE = "the coordinator lost this image's file; its receipt is stored"
 
 
-def short(request_id: bytes) -> str:
-    """A request id for logs: a prefix, never the whole id."""
-    return request_id.hex()[:12]
+SHORT_HEX = 16
+"""Hex digits of an id in logs: the prefix every coordinator log line uses for request, job
+and check ids (and the node's for check ids), so one grep finds an id everywhere."""
+
+
+def short(ident: bytes) -> str:
+    """An id (request, job, check) for logs: a prefix of `SHORT_HEX` hex digits, never the
+    whole id (a resume needs the whole request id, and its token)."""
+    return ident.hex()[:SHORT_HEX]
 
 
 @dataclass(eq=False)

@@ -1,6 +1,7 @@
 """The coordinator's HTTP API (served by `sogni_net.serve_http` on `http_listen`).
 
-`/healthz` (the process is up) and `/readyz` (database writable, libp2p listening) for probes,
+`/healthz` (the process is up) and `/readyz` (writes not failing, room on the disk, database
+lock takeable, libp2p listening) for probes,
 `/metrics` for Prometheus (`sogni_coordinator.metrics`, docs/OPERATIONS.md); `GET /epochs`
 (the index of published epochs) and `GET /epochs/{name}` (one published file:
 `epoch-NNNNNN.json`, `epoch-NNNNNN.tree.json`, `receipts/0x<keccak>.json`; streamed, a few
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
     from sogni_coordinator.dispatch import Dispatcher
     from sogni_coordinator.epoch_serving import EpochFolder
     from sogni_coordinator.gateway import Gateway
+    from sogni_coordinator.jobs import NodeLink
     from sogni_coordinator.seasons.stakers import StakeChange
 
 RELAY_BODY_LIMIT = ids.RELAY_FRAME_LIMIT
@@ -87,14 +89,26 @@ class CoordinatorView:
     (`sogni_coordinator.network_signers`); None: 404."""
 
 
+def node_usable(d: Dispatcher, link: NodeLink) -> bool:
+    """Would the router give this connected node work (`Router._fits`)? Not while its wallet
+    is blacklisted (strikes) or blocked (content reports): it stays connected meanwhile."""
+    return not d.reputation.blacklisted(link.wallet) and (
+        link.wallet.lower() not in d.router.blocked_nodes
+    )
+
+
 def health(view: CoordinatorView) -> dict[str, object]:
-    """Cheap facts for `/healthz`: "ok" with a node connected, "degraded" (still 200) without.
+    """Cheap facts for `/healthz`: "ok" with a usable node connected, "degraded" (still 200)
+    without.
 
     A coordinator without nodes still accepts and queues requests, so a probe must not
     restart it; "degraded" tells an operator that nothing will render until a node joins.
+    `nodes` counts the usable ones; `nodesBarred` those connected but given no work
+    (blacklisted or blocked), which render nothing either.
     """
     d = view.dispatcher
-    nodes = len(d.nodes)
+    links = list(d.nodes.values())
+    nodes = sum(1 for link in links if node_usable(d, link))
     counts = d.job_counts()
     return {
         "status": "ok" if nodes else "degraded",
@@ -103,6 +117,7 @@ def health(view: CoordinatorView) -> dict[str, object]:
         "signer": view.signer,
         "uptimeSeconds": round(time.monotonic() - view.started, 1),
         "nodes": nodes,
+        "nodesBarred": len(links) - nodes,
         "queuedJobs": counts["queued"],
         "liveJobs": sum(counts.values()),
     }

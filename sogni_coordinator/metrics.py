@@ -5,12 +5,18 @@ place a job's state changes), offers declined, results accepted or refused and c
 verdicts, without touching the dispatcher's logic; gauges are read from memory at scrape
 time (nodes per tier and model, live jobs), and the settlement gauges from the database off
 the event loop before each scrape. Labels are model ids of the allowed set, tiers, verdicts
-and fixed refusal categories: never a prompt, a key, an address or a reason's text.
-Imported only when the HTTP listener is on (needs the `http` extra).
+and fixed refusal categories and codes: never a prompt, a key, an address or a reason's
+text. Imported only when the HTTP listener is on (needs the `http` extra).
+
+Readiness (`/readyz`) tells whether the coordinator can take work now: its libp2p listener
+is up, its writes are not failing (`db.WriteFailure`, published by the database writer),
+the volumes of its database and result images are writable with room left, and the
+database's write lock can be taken.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -24,9 +30,19 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from sogni_coordinator.db import WriteStats
-from sogni_coordinator.dispatch import Dispatcher, ResultRefused
+from sogni_coordinator.billing import Refusal
+from sogni_coordinator.db import DATABASE_ERRORS, WriteFailure, WriteStats, storage_fault
+from sogni_coordinator.dispatch import (
+    Dispatcher,
+    JobGone,
+    NotTaken,
+    ResultRefused,
+    StorageFault,
+    Submission,
+)
+from sogni_coordinator.http_api import node_usable
 from sogni_coordinator.job_state import TERMINAL, JobEvent, JobState
+from sogni_coordinator.results import FolderResults
 from sogni_coordinator.storage import is_postgres, location
 from sogni_protocol.metrics import (
     OTHER,
@@ -44,26 +60,85 @@ if TYPE_CHECKING:
     from sogni_coordinator.jobs import Job, NodeLink
     from sogni_coordinator.store import Store
     from sogni_net import Host
-    from sogni_protocol.messages import Result
+    from sogni_protocol.messages import RenderRequest, Result
 
 PREFIX = "sogni_coordinator"
 TIERS = ("fast", "relaxed")
 VERDICTS = ("pass", "fail", "skipped")
 
 REFUSAL_CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("storage", ("storage", "could not store", "retry")),
-    ("job_gone", ("unknown job", "already receipted", "already ended", "for another job")),
-    ("offer_mismatch", ("offer", "another coordinator", "another model", "price factor")),
-    ("bad_signature", ("signature", "wallet bound")),
+    # most specific first: "partial receipt ... since the offer" is partial, and "receipt
+    # steps or work units differ from the offer" a work mismatch, not an offer mismatch
+    ("storage", ("could not store", "could not check", "retry")),
+    (
+        "job_gone",
+        ("unknown job", "already receipted", "already ended", "for another job", "taken back"),
+    ),
     ("partial", ("partial",)),
     ("work_mismatch", ("steps or work units",)),
+    ("bad_signature", ("signature", "wallet bound")),
+    ("offer_mismatch", ("offer", "another coordinator", "another model", "price factor")),
+    ("image_policy", ("content policy",)),
     ("bad_image", ("image", "resulthash", "decode")),
 )
-"""`ResultRefused` texts -> a fixed label set (`receipts_refused_total{reason}`)."""
+"""`ResultRefused` texts -> a fixed label set (`receipts_refused_total{reason}`); the first
+category with a keyword in the text wins. `refusal_category` asks the exception's type
+first."""
 REFUSAL_LABELS = (*(name for name, _ in REFUSAL_CATEGORIES), "other")
+_REFUSAL_TYPES: tuple[tuple[type[ResultRefused], str], ...] = (
+    (StorageFault, "storage"),
+    (JobGone, "job_gone"),
+    (NotTaken, "partial"),
+)
+
+REQUEST_CODES = (
+    "invalid_request",
+    "unsupported_version",
+    "unknown_model",
+    "content_policy",
+    "insufficient_funds",
+    "unauthorized",
+    "replayed",
+    "payer_blocked",
+    "unavailable",
+)
+"""`RequestRefused` codes a render request may get (`requests_refused_total{code}`); any
+other code is counted as "other"."""
+REQUEST_LABELS = (*REQUEST_CODES, OTHER)
+
+IMAGE_CHECKS = (
+    ("none", "deliver"),
+    ("none", "timeout"),
+    ("none", "error"),
+    ("adult", "deliver"),
+    ("adult", "blur"),
+    ("adult", "withhold"),
+    ("minors", "refuse"),
+    ("minors", "withhold"),
+)
+"""(category, action) pairs the image check can report (`safety.screen`), pre-created."""
+_IMAGE_CATEGORIES = frozenset(c for c, _ in IMAGE_CHECKS)
+_IMAGE_ACTIONS = frozenset(a for _, a in IMAGE_CHECKS)
+
+
+def refusal_category(exc: ResultRefused) -> str:
+    """`exc`'s label in `REFUSAL_LABELS`: by its type when that says (storage, job gone, a
+    newcomer's partial claim), else by its text."""
+    for kind, label in _REFUSAL_TYPES:
+        if isinstance(exc, kind):
+            return label
+    return category(str(exc), REFUSAL_CATEGORIES)
+
 
 READY_TIMEOUT = 3.0
 """Seconds `/readyz` waits for the database write lock before answering not ready."""
+READY_MIN_FREE = 16 * 2**20
+"""Bytes that must be free on the database's and the result images' volumes for `/readyz`:
+under this a request's commit (or a result's image) may fail for want of space."""
+FAILURE_MEMORY = 60.0
+"""Seconds a failed write keeps `/readyz` at 503 when no write has succeeded since (a
+write that succeeds clears it at once; the volume checks still see a disk that stays
+full)."""
 
 
 class CoordinatorMetrics:
@@ -112,6 +187,23 @@ class CoordinatorMetrics:
             ["category", "action"],
             registry=registry,
         )
+        self.requests_accepted = Counter(
+            f"{PREFIX}_requests_accepted",
+            "Render requests accepted (stored and queued), by model",
+            ["model"],
+            registry=registry,
+        )
+        self.requests_refused = Counter(
+            f"{PREFIX}_requests_refused",
+            "Render requests refused, by the code the client was sent",
+            ["code"],
+            registry=registry,
+        )
+        self.requests_failed = Counter(
+            f"{PREFIX}_requests_failed",
+            "Render requests that failed with an unexpected error (logged with a traceback)",
+            registry=registry,
+        )
         self.render_seconds = Histogram(
             f"{PREFIX}_render_seconds",
             "From the offer to the stored receipt of a finished job",
@@ -139,15 +231,30 @@ class CoordinatorMetrics:
         )
         self.lag = LoopLag(registry, PREFIX)
         for model in (*sorted(models.allowed), OTHER):  # every series exists from the start
-            for counter in self.job_counters:
+            for counter in (*self.job_counters, self.requests_accepted):
                 counter.labels(model=model)
         for name in REFUSAL_LABELS:
             self.receipts_refused.labels(reason=name)
         for verdict in VERDICTS:
             self.checks.labels(verdict=verdict)
+        for code in REQUEST_LABELS:
+            self.requests_refused.labels(code=code)
+        for cat, action in IMAGE_CHECKS:
+            self.image_checks.labels(category=cat, action=action)
         self._queued_at: dict[bytes, float] = {}
         self._offered_at: dict[bytes, float] = {}
         self._children: dict[tuple[int, str], Any] = {}
+
+    def request_refused(self, code: str) -> None:
+        """A render request refused with `code` (bounded: unknown codes count as "other")."""
+        self.requests_refused.labels(code=code if code in REQUEST_CODES else OTHER).inc()
+
+    def image_checked(self, category: str, action: str) -> None:
+        """An image check's decision (bounded: anything unexpected counts as "other")."""
+        self.image_checks.labels(
+            category=category if category in _IMAGE_CATEGORIES else OTHER,
+            action=action if action in _IMAGE_ACTIONS else OTHER,
+        ).inc()
 
     def of_model(self, metric: Counter | Histogram, model_id: str) -> Any:
         """`metric`'s series for `model_id`'s label, remembered: `labels()` takes a lock and
@@ -194,9 +301,38 @@ class MeteredDispatcher(Dispatcher):
         self.metrics = metrics
         super().__init__(*args, **kwargs)
         if self.image_safety is not None:  # fixed labels: category and action, no content
-            self.image_safety.on_decision = lambda category, action: metrics.image_checks.labels(
-                category=category, action=action
-            ).inc()
+            self.image_safety.on_decision = metrics.image_checked
+
+    async def submit(
+        self,
+        req: RenderRequest,
+        *,
+        client_peer: str,
+        allowed_models: set[str],
+        token: bytes | None = None,
+    ) -> Submission:
+        """Counted by outcome: accepted (by model), refused (by code; a storage failure
+        counts as "unavailable", what a client is told), or failed (a bug)."""
+        try:
+            submitted = await super().submit(
+                req, client_peer=client_peer, allowed_models=allowed_models, token=token
+            )
+        except Refusal as exc:
+            self.metrics.request_refused(exc.code)
+            raise
+        except Exception as exc:
+            if isinstance(exc, (*DATABASE_ERRORS, OSError)) and storage_fault(exc) is not None:
+                self.metrics.request_refused("unavailable")  # what `client_session` answers
+            else:
+                self.metrics.requests_failed.inc()
+            raise
+        self.metrics.of_model(self.metrics.requests_accepted, req.model_id).inc()
+        return submitted
+
+    def request_refused(self, code: str) -> None:
+        """A render request the client session refused before `submit` (a frame it could
+        not decode, another wire version): `client_session.RequestMeter`."""
+        self.metrics.request_refused(code)
 
     def _to(self, job: Job, event: JobEvent, *, durable: bool = False) -> JobState:
         old = job.state
@@ -219,8 +355,7 @@ class MeteredDispatcher(Dispatcher):
         try:
             await super().accept_result(link, result)
         except ResultRefused as exc:
-            reason = category(str(exc), REFUSAL_CATEGORIES)
-            self.metrics.receipts_refused.labels(reason=reason).inc()
+            self.metrics.receipts_refused.labels(reason=refusal_category(exc)).inc()
             raise
         self.metrics.receipts_stored.inc()
         if job is not None:
@@ -252,21 +387,27 @@ class LiveState(Collector):
         d = self.dispatcher
         tiers = dict.fromkeys(TIERS, 0)
         models: dict[str, int] = {}
+        usable = barred = 0
         for link in list(d.nodes.values()):
+            if not node_usable(d, link):  # blacklisted or blocked: no offer goes to it
+                barred += 1
+                continue
+            usable += 1
             for tier in d.router.classify(link.device, link.wallet)[0]:
                 if tier in tiers:
                     tiers[tier] += 1
             for model in {self.model(m) for m in link.models}:
                 models[model] = models.get(model, 0) + 1
-        nodes, by_model, jobs = self._families()
-        nodes.add_metric(["all"], len(d.nodes))
+        nodes, barred_family, by_model, jobs = self._families()
+        nodes.add_metric(["all"], usable)
         for tier, n in tiers.items():
             nodes.add_metric([tier], n)
+        barred_family.add_metric([], barred)
         for model, n in sorted(models.items()):
             by_model.add_metric([model], n)
         for state, n in d.job_counts().items():
             jobs.add_metric([state], n)
-        yield from (nodes, by_model, jobs)
+        yield from (nodes, barred_family, by_model, jobs)
         yield from self._disk(d.store.write_stats())
 
     @staticmethod
@@ -281,22 +422,30 @@ class LiveState(Collector):
             ("result_groups", "Groups of result images stored durably at once", s.stages),
             ("results_stored", "Result images in those groups", s.staged),
             ("result_group_seconds", "Seconds storing those groups, sync included", s.stage_s),
+            ("db_commit_failures", "Write transactions that failed (disk full, ...)", s.failed),
+            ("result_failures", "Result images that could not be stored", s.stage_failed),
         )
         return tuple(
             CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value) for name, doc, value in rows
         )
 
     @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    def _families() -> tuple[
+        GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily
+    ]:
         return (
             GaugeMetricFamily(
                 f"{PREFIX}_nodes_connected",
-                "Connected nodes per tier they may serve now (all: every node)",
+                "Connected usable nodes per tier they may serve now (all: every usable node)",
                 labels=["tier"],
             ),
             GaugeMetricFamily(
+                f"{PREFIX}_nodes_barred",
+                "Connected nodes given no work: blacklisted or blocked",
+            ),
+            GaugeMetricFamily(
                 f"{PREFIX}_nodes_with_model",
-                "Connected nodes offering each model",
+                "Connected usable nodes offering each model",
                 labels=["model"],
             ),
             GaugeMetricFamily(f"{PREFIX}_live_jobs", "Live jobs per state", labels=["state"]),
@@ -327,16 +476,60 @@ async def refresh_settlement(metrics: CoordinatorMetrics, store: Store) -> None:
         metrics.settled.set(total / SOGNI)
 
 
-def database_writable(path: Path, timeout: float = READY_TIMEOUT) -> str | None:
-    """Blocking: take the database's write lock and roll back at once; None if it could,
-    else a one-line reason. A second connection, so a probe never joins the writer's
-    transaction."""
-    if is_postgres(path):  # a PostgreSQL URL (storage/)
+def volume_fault(folder: Path, what: str) -> str | None:
+    """Blocking: why `folder`'s volume cannot take `what`'s writes (read-only, under
+    `READY_MIN_FREE` free), or None."""
+    if not hasattr(os, "statvfs"):  # Windows: the writer's failures still say it
+        return None
+    while not folder.exists() and folder.parent != folder:  # made by its first write
+        folder = folder.parent
+    try:
+        st = os.statvfs(folder)
+    except OSError as exc:
+        return f"{what} folder unreadable ({type(exc).__name__})"
+    if st.f_flag & os.ST_RDONLY:
+        return f"{what} volume is read-only"
+    free = st.f_bavail * st.f_frsize
+    if free < READY_MIN_FREE:
+        return (
+            f"disk full: {free / 2**20:.1f} MiB free on the {what} volume (under "
+            f"{READY_MIN_FREE / 2**20:g} MiB): free space there"
+        )
+    return None
+
+
+def write_fault(failures: Iterable[WriteFailure], now: float) -> str | None:
+    """Why writes are failing now (the writer's last transaction, or image, failed and
+    none succeeded since, within `FAILURE_MEMORY`), or None."""
+    for f in sorted(failures, key=lambda f: f.what):
+        if now - f.last < FAILURE_MEMORY:
+            what = "database writes" if f.what == "database" else "result image writes"
+            return (
+                f"{what} failing: {f.error}, the last {now - f.last:.0f} s ago "
+                f"(failing since {now - f.since:.0f} s ago)"
+            )
+    return None
+
+
+def database_writable(
+    path: Path, timeout: float = READY_TIMEOUT, results: Path | None = None
+) -> str | None:
+    """Blocking: None if the database (and the `results` folder, when images are files)
+    can take writes now, else a one-line reason. Checks the volumes (read-only, nearly
+    full), then takes the database's write lock and rolls back at once, on a second
+    connection, so a probe never joins the writer's transaction. A lock proves no free
+    space: `write_fault` tells writes that fail."""
+    postgres = is_postgres(path)  # a PostgreSQL URL (storage/): its volume is the server's
+    if not postgres and not path.exists():
+        return "database file missing"
+    if not postgres and (fault := volume_fault(path.parent, "database")) is not None:
+        return fault
+    if results is not None and (fault := volume_fault(results, "result images")) is not None:
+        return fault
+    if postgres:
         from sogni_coordinator.storage.postgres import probe_writable
 
         return probe_writable(location(path), timeout)
-    if not path.exists():
-        return "database file missing"
     started = time.monotonic()
     try:
         db = sqlite3.connect(path, timeout=timeout, isolation_level=None)
@@ -351,9 +544,11 @@ def database_writable(path: Path, timeout: float = READY_TIMEOUT) -> str | None:
     return None
 
 
-async def database_ready(path: Path) -> str | None:
+async def database_ready(path: Path, results: Path | None = None) -> str | None:
     with trio.move_on_after(READY_TIMEOUT + 1):
-        return await trio.to_thread.run_sync(database_writable, path, abandon_on_cancel=True)  # type: ignore[call-arg]
+        return await trio.to_thread.run_sync(  # type: ignore[call-arg]
+            database_writable, path, READY_TIMEOUT, results, abandon_on_cancel=True
+        )
     return f"database write lock not taken within {READY_TIMEOUT + 1:g} s"
 
 
@@ -379,9 +574,15 @@ def observe(
     async def refresh() -> None:
         await refresh_settlement(metrics, store)
 
+    folder = dispatcher.results
+    results = folder.root if isinstance(folder, FolderResults) else None
+
     async def not_ready() -> str | None:
         if not host.addrs:
             return "libp2p listener not up"
-        return await database_ready(database)
+        failing = write_fault(store.write_failures(), time.monotonic())
+        if failing is not None:
+            return failing
+        return await database_ready(database, results)
 
     return replace(view, registry=metrics.registry, refresh=refresh, not_ready=not_ready)

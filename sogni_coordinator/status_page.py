@@ -18,6 +18,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
+from sogni_coordinator.http_api import node_usable
 from sogni_coordinator.model_stake import by_stake
 from sogni_coordinator.seasons import BOARD_RULES, BOARDS, Row, board_rows
 from sogni_coordinator.seasons.stakers import StakeChange
@@ -100,7 +101,8 @@ def snapshot(
     d = view.dispatcher
     by_tier: Counter[str] = Counter()
     by_model: Counter[str] = Counter()
-    for link in list(d.nodes.values()):
+    usable = [link for link in list(d.nodes.values()) if node_usable(d, link)]
+    for link in usable:  # blacklisted or blocked nodes render nothing: not counted
         for tier in d.router.classify(link.device, link.wallet)[0]:
             by_tier[tier] += 1
         for model in link.models:
@@ -124,7 +126,7 @@ def snapshot(
         generated_at=now,
         peer_id=view.peer_id,
         signer=view.signer,
-        nodes=len(d.nodes),
+        nodes=len(usable),
         nodes_by_tier=dict(sorted(by_tier.items())),
         nodes_by_model={m: by_model[m] for m in by_stake(d.model_stake, sorted(by_model))},
         jobs=d.job_counts(),

@@ -42,6 +42,7 @@ from typing import Protocol
 
 import trio
 
+from sogni_coordinator.delivery import short
 from sogni_coordinator.jobs import NodeLink
 from sogni_coordinator.pending_replies import PendingReplies
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
@@ -325,17 +326,19 @@ async def verify_step(
     rng: random.Random | None = None,
     exclude: Collection[str] = (),
     worker_payout: str | None = None,
+    job: bytes | None = None,
 ) -> StepVerdict:
     """Re-run step k = `opening_k.step` (x_k -> x_{k+1}) on a node none of whose accounts is
     `worker` (the worker's wallet address), `worker_payout` (the receipt's payee) or in
     `exclude` (`choose_verifier`), and compare with `opening_next` (leaf k + 1).
 
     Both openings must already have passed `challenges.check_answer` against the worker's
-    receipt; `dtype` is the mode the worker declared (`RenderMeta.dtype`)."""
+    receipt; `dtype` is the mode the worker declared (`RenderMeta.dtype`). `job`: the
+    checked job's id, for the log lines (`step_verified`, `step_not_verified`)."""
     k = opening_k.step
     bad = _unfit(opening_k, opening_next, dtype)
     if bad is not None:
-        return _not_verified(k, dtype, bad)
+        return _not_verified(k, dtype, bad, job=job)
     peer = choose_verifier(
         dispatcher.nodes,
         params.model_id,
@@ -348,9 +351,8 @@ async def verify_step(
     )
     if peer is None:
         where = f" in {dtype}" if path_bound(dtype) else ""
-        return _not_verified(
-            k, dtype, f"no verifier: no other wallet's node serves {params.model_id}{where}"
-        )
+        why = f"no verifier: no other wallet's node serves {params.model_id}{where}"
+        return _not_verified(k, dtype, why, job=job)
     return await probe_step(
         dispatcher,
         peer,
@@ -360,6 +362,7 @@ async def verify_step(
         opening_next=opening_next,
         dtype=dtype,
         timeout=timeout,
+        job=job,
     )
 
 
@@ -382,9 +385,19 @@ def _not_verified(
     verifier: str | None = None,
     d: float | None = None,
     code: str | None = None,
+    *,
+    job: bytes | None = None,
+    check: bytes | None = None,
 ) -> StepVerdict:
     tol = tolerance_for(dtype)
-    log.info("step_not_verified", step=k, verifier=verifier, reason=reason)
+    log.info(
+        "step_not_verified",
+        job=None if job is None else short(job),
+        check=None if check is None else short(check),
+        step=k,
+        verifier=verifier,
+        reason=reason,
+    )
     return StepVerdict(verifier, k, d, tol if tol is not None else 0.0, False, reason, code)
 
 
@@ -398,28 +411,32 @@ async def probe_step(
     opening_next: StepOpeningWire,
     dtype: str,
     timeout: float,
+    job: bytes | None = None,
 ) -> StepVerdict:
     """Ask verifier `peer` to re-run step k and measure its answer against `opening_next`.
     The request is the same for a real check and a known-answer probe (a fresh random
-    `check_id` each time): the verifier cannot tell them apart."""
+    `check_id` each time): the verifier cannot tell them apart. `job`: the checked job's
+    id for the log lines (None: a known-answer probe); the check id is logged too, as the
+    verifier node logs it."""
     k = opening_k.step
     tol = tolerance_for(dtype)
     bad = _unfit(opening_k, opening_next, dtype)
     if bad is not None or tol is None:
-        return _not_verified(k, dtype, bad or "no tolerance")
+        return _not_verified(k, dtype, bad or "no tolerance", job=job)
     link = dispatcher.nodes.get(peer)
     if link is None:
-        return _not_verified(k, dtype, "verifier not connected", peer)
+        return _not_verified(k, dtype, "verifier not connected", peer, job=job)
+    check_id = secrets.token_bytes(32)
 
     def fail(
         reason: str, verifier: str | None = None, d: float | None = None, code: str | None = None
     ) -> StepVerdict:
-        return _not_verified(k, dtype, reason, verifier, d, code)
+        return _not_verified(k, dtype, reason, verifier, d, code, job=job, check=check_id)
 
     x_k, x_next = opening_k.latents, opening_next.latents
     try:
         request = VerifyStep(
-            check_id=secrets.token_bytes(32),
+            check_id=check_id,
             model_id=params.model_id,
             params=params,
             scheduler=scheduler,
@@ -449,7 +466,15 @@ async def probe_step(
         if passed
         else f"step {k}: d = {d:.3g} over {tol:g} ({dtype})"
     )
-    log.info("step_verified", step=k, verifier=peer, distance=d, passed=passed)
+    log.info(
+        "step_verified",
+        job=None if job is None else short(job),
+        check=short(request.check_id),
+        step=k,
+        verifier=peer,
+        distance=d,
+        passed=passed,
+    )
     mine = reply.latents
     if passed and k == 0:  # the seed check (docs/VERIFICATION.md, "Seed check")
         d0 = reply.start_distance

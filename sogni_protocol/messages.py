@@ -11,6 +11,7 @@ base sees an unvalidated dict from the network.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -989,18 +990,40 @@ def _other_version(payload: bytes) -> Message | None:
     raise UnsupportedWireVersion(envelope.v)
 
 
+QUOTED_LIMIT = 40
+"""Characters of a refused value that an error quotes (msgspec's "Invalid enum value
+'...'" quotes the whole value, which the peer chose: up to a frame's size)."""
+ERROR_LIMIT = 500
+"""Characters of a decode error's text at most."""
+_QUOTED = re.compile(r"'(.*)'(?= - at `|$)", re.DOTALL)
+
+
+def _bounded(text: str) -> str:
+    """msgspec's error text with the value it quotes cut to `QUOTED_LIMIT` characters, and
+    the whole to `ERROR_LIMIT`: errors are logged and sent back to the peer."""
+
+    def cut(m: re.Match[str]) -> str:
+        value = m.group(1)
+        if len(value) <= QUOTED_LIMIT:
+            return m.group(0)
+        return f"'{value[:QUOTED_LIMIT]}...' ({len(value)} characters)"
+
+    return _QUOTED.sub(cut, text, count=1)[:ERROR_LIMIT]
+
+
 def decode(payload: bytes) -> Message:
     """Decode one frame payload into a typed message, or raise `InvalidMessage`
-    (`UnsupportedWireVersion` for a frame of another wire version)."""
+    (`UnsupportedWireVersion` for a frame of another wire version); its text quotes at most
+    `QUOTED_LIMIT` characters of a refused value."""
     try:
         return _decoder.decode(payload)
     except msgspec.ValidationError as exc:
         try:
             refusal = _other_version(payload)
         except DECODE_ERRORS as again:
-            raise InvalidMessage(f"not a MessagePack message: {again}") from None
+            raise InvalidMessage(f"not a MessagePack message: {_bounded(str(again))}") from None
         if refusal is not None:
             return refusal
-        raise InvalidMessage(f"invalid message: {exc}") from None
+        raise InvalidMessage(f"invalid message: {_bounded(str(exc))}") from None
     except DECODE_ERRORS as exc:
-        raise InvalidMessage(f"not a MessagePack message: {exc}") from None
+        raise InvalidMessage(f"not a MessagePack message: {_bounded(str(exc))}") from None

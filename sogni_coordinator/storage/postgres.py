@@ -71,10 +71,12 @@ def _as_sqlite(exc: psycopg.Error) -> sqlite3.Error:
 class PgCursor:
     """What `execute` returns: rows read eagerly (the connection is shared), `rowcount`."""
 
-    def __init__(self, rows: list[Row], rowcount: int) -> None:
+    def __init__(self, rows: list[Row], rowcount: int, changed: int = 0) -> None:
         self._rows = rows
         self._next = 0
         self.rowcount = rowcount
+        self.changed = changed
+        """Rows an INSERT, UPDATE or DELETE wrote (0 for a read)."""
 
     @property
     def lastrowid(self) -> int | None:
@@ -129,6 +131,9 @@ class PgConnection:
         self._lost = False
         """The connection broke inside a transaction that the caller has not rolled back."""
         self.reconnects = 0
+        self.total_changes = 0
+        """Rows written since it opened, as `sqlite3.Connection.total_changes` (db.py tells
+        a commit that wrote from an empty one by it: only the first proves the disk)."""
 
     def _connect(self) -> psycopg.Connection[tuple[Any, ...]]:
         try:
@@ -172,7 +177,9 @@ class PgConnection:
         for attempt in (0, 1):
             conn = self._conn if in_tx else self._usable()
             try:
-                return self._run(conn, sql, params)
+                out = self._run(conn, sql, params)
+                self.total_changes += out.changed
+                return out
             except psycopg.Error as exc:
                 if not conn.broken:
                     raise _as_sqlite(exc) from exc
@@ -191,7 +198,7 @@ class PgConnection:
             for query in to_postgres(sql):  # one, but none for PRAGMA, more for ADD COLUMN
                 cur.execute(query, _params(params))  # type: ignore[arg-type]  # translated
                 rows = [_row(r) for r in cur.fetchall()] if cur.description else []
-                out = PgCursor(rows, cur.rowcount)
+                out = PgCursor(rows, cur.rowcount, _changed(cur.statusmessage, cur.rowcount))
         return out
 
     def executemany(self, sql: str, seq: Iterable[Sequence[Any]]) -> PgCursor:
@@ -209,6 +216,7 @@ class PgConnection:
         try:
             with conn.cursor() as cur:
                 cur.executemany(query, rows)  # type: ignore[arg-type]  # translated
+                self.total_changes += max(cur.rowcount, 0)
                 return PgCursor([], cur.rowcount)
         except psycopg.Error as exc:
             if conn.broken and in_tx:
@@ -230,6 +238,14 @@ class PgConnection:
 
     def close(self) -> None:
         self._conn.close()
+
+
+_WRITES = ("INSERT", "UPDATE", "DELETE", "MERGE")
+
+
+def _changed(status: str | None, rowcount: int) -> int:
+    """Rows a statement wrote, from its command tag ("INSERT 0 3", "UPDATE 2", "SELECT 1")."""
+    return max(rowcount, 0) if status is not None and status.startswith(_WRITES) else 0
 
 
 _REPEATABLE = frozenset({"BEGIN", "SELECT", "ROLLBACK"})
@@ -261,12 +277,22 @@ def _dropped(conn: psycopg.Connection[Any]) -> bool:
 
 def probe_writable(url: str, timeout: float) -> str | None:
     """The readiness probe's PostgreSQL form (blocking): a connection of its own takes the
-    write lock and rolls back at once; None if it could, else a one-line reason."""
+    write lock and rolls back at once, and asks whether the server takes writes at all (a
+    standby after a failover, or a database set read-only, grants the lock but refuses
+    every write); None if it could and does, else a one-line reason. A full disk on the
+    server shows in the coordinator's own failing writes (`db.WriteFailure`), not here."""
     try:
         with psycopg.connect(url, autocommit=True, connect_timeout=max(1, int(timeout))) as conn:
             conn.execute(f"SET lock_timeout = {int(timeout * 1000)}")
             with conn.transaction():
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (WRITE_LOCK,))
+                row = conn.execute(
+                    "SELECT pg_is_in_recovery(), current_setting('transaction_read_only')"
+                ).fetchone()
     except psycopg.Error as exc:
         return f"database not writable ({type(exc).__name__})"
+    if row is not None and row[0]:
+        return "database not writable: the server is a read-only standby (in recovery)"
+    if row is not None and row[1] == "on":
+        return "database not writable: transactions are read-only (default_transaction_read_only)"
     return None
