@@ -27,6 +27,7 @@ from sogni_net.errors import (
 from sogni_net.http import health_endpoint, parse_listen, require_http_extra, serve_http
 
 if TYPE_CHECKING:
+    from sogni_net.admission import InboundLimits
     from sogni_net.channel import Channel
     from sogni_net.host import (
         GOSSIP_MESSAGE_LIMIT,
@@ -43,6 +44,7 @@ _LAZY = {
     "GOSSIP_MESSAGE_LIMIT": "sogni_net.host",
     "Handler": "sogni_net.host",
     "Host": "sogni_net.host",
+    "InboundLimits": "sogni_net.admission",
     "TopicValidator": "sogni_net.host",
     "open_host": "sogni_net.host",
     "peer_info": "sogni_net.host",
@@ -68,6 +70,7 @@ __all__ = [
     "DialError",
     "Handler",
     "Host",
+    "InboundLimits",
     "ListenError",
     "NodeKey",
     "ReadTimeout",

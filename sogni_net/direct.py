@@ -73,6 +73,10 @@ def _connection_cap() -> int:
 MAX_DIRECT_CONNECTIONS = _connection_cap()
 """Direct connections a host serves at once; more are closed on accept."""
 
+CONNECTIONS_PER_IP = max(64, MAX_DIRECT_CONNECTIONS // 4)
+"""Direct connections one IP address may have open at once (handshaking or serving); more
+are closed on accept, and their dialers fall back to libp2p streams."""
+
 _VERSION = 1
 _MAX_PROTOCOL_BYTES = 256
 _NOISE_MAX_MESSAGE = 65535

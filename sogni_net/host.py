@@ -55,6 +55,7 @@ from libp2p.transport.tcp.tcp import TCP
 
 from sogni_net import direct as direct_channels
 from sogni_net._log import describe, log_event, quiet_libp2p_logging
+from sogni_net.admission import InboundAdmission, InboundLimits, address_key
 from sogni_net.channel import Channel
 from sogni_net.containment import (
     PeerPenalties,
@@ -72,6 +73,7 @@ from sogni_net.errors import (
     TransportError,
     WriteTimeout,
 )
+from sogni_net.gossip import GuardedGossipSub, GuardedPubsub
 from sogni_net.keys import NodeKey, load_or_create_node_key
 from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import CONTROL_FRAME_LIMIT
@@ -108,9 +110,13 @@ class Host:
         topics: Iterable[str],
         penalties: PeerPenalties | None = None,
         noise: NoiseTransport | None = None,
+        admission: InboundAdmission | None = None,
     ) -> None:
         self._lp = libp2p_host
         self._noise = noise
+        self.inbound = admission
+        """Inbound libp2p connection admission (slots, per-IP counts); None when containment
+        is off (another py-libp2p version)."""
         self._direct_handlers: dict[str, Handler] = {}
         self.direct_port: int | None = None
         """Where this host listens for direct channels (`sogni_net.direct`); None: it does not."""
@@ -119,6 +125,8 @@ class Host:
         self._direct_limit = trio.CapacityLimiter(direct_channels.MAX_DIRECT_CONNECTIONS)
         self._handshaking: dict[str, int] = {}
         """Inbound direct connections per remote IP still in their handshake."""
+        self._direct_open: dict[str, int] = {}
+        """Inbound direct connections per remote IP, handshaking or serving."""
         self._nursery = nursery
         self._pubsub = pubsub
         self._penalties = penalties
@@ -301,11 +309,16 @@ class Host:
     async def _serve_direct(self, sock: trio.SocketStream) -> None:
         """One inbound direct connection: handshake under a deadline, then the handler. An
         IP gets at most `HANDSHAKES_PER_IP` handshakes at once: silent connections from one
-        address cannot take every slot (each holds one for `HANDSHAKE_TIMEOUT`)."""
+        address cannot take every slot (each holds one for `HANDSHAKE_TIMEOUT`); and at most
+        `CONNECTIONS_PER_IP` connections in all, so one address cannot hold every slot with
+        connections it keeps open."""
         noise = self._noise
         assert noise is not None
-        ip = _remote_ip(sock)
-        if self._handshaking.get(ip, 0) >= direct_channels.HANDSHAKES_PER_IP:
+        ip = address_key(_remote_ip(sock))  # an IPv6 /64 counts as one address
+        if (
+            self._handshaking.get(ip, 0) >= direct_channels.HANDSHAKES_PER_IP
+            or self._direct_open.get(ip, 0) >= direct_channels.CONNECTIONS_PER_IP
+        ):
             sock.socket.close()
             return
         try:
@@ -314,6 +327,7 @@ class Host:
             sock.socket.close()
             return
         self._handshaking[ip] = self._handshaking.get(ip, 0) + 1
+        self._direct_open[ip] = self._direct_open.get(ip, 0) + 1
         try:
             try:
                 with trio.fail_after(direct_channels.HANDSHAKE_TIMEOUT):
@@ -322,7 +336,7 @@ class Host:
                 log_event(logging.DEBUG, "direct_handshake_failed", error=describe(exc))
                 return
             finally:  # also when cancelled mid-handshake
-                self._handshake_done(ip)
+                _decrement(self._handshaking, ip)
             if accepted is None:
                 return
             stream, protocol = accepted
@@ -330,14 +344,8 @@ class Host:
             await self._serve(self._direct_handlers[protocol], channel, trio.Event())
         finally:
             sock.socket.close()  # synchronous: also when shutdown cancels the handler
+            _decrement(self._direct_open, ip)
             self._direct_limit.release()
-
-    def _handshake_done(self, ip: str) -> None:
-        left = self._handshaking.get(ip, 0) - 1
-        if left > 0:
-            self._handshaking[ip] = left
-        else:
-            self._handshaking.pop(ip, None)
 
     async def _answer_direct_port(self, channel: Channel) -> None:
         port = self.direct_port
@@ -554,6 +562,7 @@ async def open_host(
     bootstrap_timeout: float = 10.0,
     direct: bool = False,
     direct_port: int = 0,
+    inbound_limits: InboundLimits | None = None,
 ) -> AsyncIterator[Host]:
     """Run a libp2p host (TCP, Noise only, yamux, identify, ping, GossipSub) for the block.
 
@@ -563,6 +572,8 @@ async def open_host(
     not raised. Leaving the block cancels every handler and channel, closes connections and
     listeners. With `direct`, the host also listens for direct channels (`sogni_net.direct`)
     on the first listen address's IP, port `direct_port` (0: any free port).
+    `inbound_limits` caps inbound libp2p connections (`sogni_net.admission`; default
+    `InboundLimits()`; like the other containment, only with py-libp2p 0.8.1).
     """
     quiet_libp2p_logging()
     _check_listen_addrs(listen)
@@ -582,10 +593,15 @@ async def open_host(
     )
     network: Any = lp.get_network()
     penalties = None if refuse_unknown_version() else PeerPenalties(network)
+    admission = None
     if penalties is not None:
         guard_streams(network, getattr(lp, "_swarm_stream_handler"), penalties)  # noqa: B009
         _contain_swarm_before_listening(network, penalties)
-    router = GossipSub(
+        admission = InboundAdmission(network, inbound_limits or InboundLimits())
+        admission.install()
+    # The guarded classes bound what one gossip RPC and one peer cost (`sogni_net.gossip`);
+    # they override py-libp2p 0.8.1 internals, so only with containment on.
+    router = (GossipSub if penalties is None else GuardedGossipSub)(
         protocols=list(_GOSSIP_PROTOCOLS),
         degree=6,
         degree_low=4,
@@ -600,7 +616,13 @@ async def open_host(
     )
     # Always run pubsub, even without topics: py-libp2p opens a pubsub stream to every peer
     # it connects to and logs an error for each peer that does not speak it.
-    pubsub = Pubsub(lp, router, strict_signing=True, allowed_topics=frozenset(pubsub_topics))
+    topics = frozenset(pubsub_topics)
+    if penalties is None:
+        pubsub = Pubsub(lp, router, strict_signing=True, allowed_topics=topics)
+    else:
+        pubsub = GuardedPubsub(
+            lp, router, strict_signing=True, allowed_topics=topics, penalties=penalties
+        )
     if penalties is not None:
         ignore_peer_exchange(router)
 
@@ -617,7 +639,7 @@ async def open_host(
                     contain_tasks(router.manager, penalties, "gossipsub")
                     penalties.attach(nursery, router)
                 await pubsub.wait_until_ready()
-                host = Host(lp, nursery, pubsub, pubsub_topics, penalties, noise)
+                host = Host(lp, nursery, pubsub, pubsub_topics, penalties, noise, admission)
                 if direct and listen_addrs:
                     first = listen_addrs[0]
                     ip = str(first.value_for_protocol(first.protocols()[0].name))
@@ -675,6 +697,14 @@ async def _close(lp: Any, *, client: bool) -> None:
             assert isinstance(event, trio.Event)
             await event.wait()
         nursery.cancel_scope.cancel()
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts.get(key, 0) - 1
+    if left > 0:
+        counts[key] = left
+    else:
+        counts.pop(key, None)
 
 
 def _remote_ip(sock: trio.SocketStream) -> str:

@@ -303,3 +303,28 @@ async def test_one_address_gets_a_bounded_number_of_handshakes(
             assert isinstance(channel._stream, DirectStream)
             await channel.send(Heartbeat(seq=3))
             assert await channel.receive(timeout=5) == Heartbeat(seq=3)
+
+
+async def test_one_address_holds_a_bounded_number_of_direct_connections(
+    served: Served, client: Host, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past `CONNECTIONS_PER_IP` open direct connections from one address, its next ones are
+    closed on accept (the dialer falls back to libp2p); they come back as those close."""
+    monkeypatch.setattr(direct_mod, "CONNECTIONS_PER_IP", 2)
+    addr = served.host.addrs[0]
+    with trio.fail_after(30):
+        held = [await client.open_channel(addr, ECHO, direct=True) for _ in range(2)]
+        assert all(isinstance(channel._stream, DirectStream) for channel in held)
+        extra = await client.open_channel(addr, ECHO, direct=True)
+        async with extra:
+            assert not isinstance(extra._stream, DirectStream)  # refused: over libp2p
+            await extra.send(Heartbeat(seq=4))
+            assert await extra.receive(timeout=5) == Heartbeat(seq=4)
+        for channel in held:
+            await channel.reset()
+        while served.host._direct_open:
+            await trio.sleep(0.01)
+        client._direct_down.clear()  # the refusal marked the port down for a minute
+        again = await client.open_channel(addr, ECHO, direct=True)
+        async with again:
+            assert isinstance(again._stream, DirectStream)
