@@ -798,6 +798,13 @@ class Dispatcher:
         )
         self._wake()
 
+    def usable(self, link: NodeLink) -> bool:
+        """Would the router give this connected node work? Not while its wallet is
+        blacklisted (strikes) or blocked (content reports): it stays connected meanwhile."""
+        return not self.reputation.blacklisted(link.wallet) and (
+            link.wallet.lower() not in self.router.blocked_nodes
+        )
+
     def node_left(self, link: NodeLink, reason: str, *, goodbye: bool = False) -> None:
         """The stream ended: the node's jobs go back to the front of the queue. A cancelled
         one waits for its partial receipt unless the node said `goodbye` (a node leaving in

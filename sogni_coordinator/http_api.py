@@ -44,7 +44,6 @@ if TYPE_CHECKING:
     from sogni_coordinator.dispatch import Dispatcher
     from sogni_coordinator.epoch_serving import EpochFolder
     from sogni_coordinator.gateway import Gateway
-    from sogni_coordinator.jobs import NodeLink
     from sogni_coordinator.seasons.stakers import StakeChange
 
 RELAY_BODY_LIMIT = ids.RELAY_FRAME_LIMIT
@@ -89,14 +88,6 @@ class CoordinatorView:
     (`sogni_coordinator.network_signers`); None: 404."""
 
 
-def node_usable(d: Dispatcher, link: NodeLink) -> bool:
-    """Would the router give this connected node work (`Router._fits`)? Not while its wallet
-    is blacklisted (strikes) or blocked (content reports): it stays connected meanwhile."""
-    return not d.reputation.blacklisted(link.wallet) and (
-        link.wallet.lower() not in d.router.blocked_nodes
-    )
-
-
 def health(view: CoordinatorView) -> dict[str, object]:
     """Cheap facts for `/healthz`: "ok" with a usable node connected, "degraded" (still 200)
     without.
@@ -108,7 +99,7 @@ def health(view: CoordinatorView) -> dict[str, object]:
     """
     d = view.dispatcher
     links = list(d.nodes.values())
-    nodes = sum(1 for link in links if node_usable(d, link))
+    nodes = sum(1 for link in links if d.usable(link))
     counts = d.job_counts()
     return {
         "status": "ok" if nodes else "degraded",

@@ -40,7 +40,6 @@ from sogni_coordinator.dispatch import (
     StorageFault,
     Submission,
 )
-from sogni_coordinator.http_api import node_usable
 from sogni_coordinator.job_state import TERMINAL, JobEvent, JobState
 from sogni_coordinator.results import FolderResults
 from sogni_coordinator.storage import is_postgres, location
@@ -389,7 +388,7 @@ class LiveState(Collector):
         models: dict[str, int] = {}
         usable = barred = 0
         for link in list(d.nodes.values()):
-            if not node_usable(d, link):  # blacklisted or blocked: no offer goes to it
+            if not d.usable(link):  # blacklisted or blocked: no offer goes to it
                 barred += 1
                 continue
             usable += 1

@@ -18,7 +18,6 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from sogni_coordinator.http_api import node_usable
 from sogni_coordinator.model_stake import by_stake
 from sogni_coordinator.seasons import BOARD_RULES, BOARDS, Row, board_rows
 from sogni_coordinator.seasons.stakers import StakeChange
@@ -101,7 +100,7 @@ def snapshot(
     d = view.dispatcher
     by_tier: Counter[str] = Counter()
     by_model: Counter[str] = Counter()
-    usable = [link for link in list(d.nodes.values()) if node_usable(d, link)]
+    usable = [link for link in list(d.nodes.values()) if d.usable(link)]
     for link in usable:  # blacklisted or blocked nodes render nothing: not counted
         for tier in d.router.classify(link.device, link.wallet)[0]:
             by_tier[tier] += 1
