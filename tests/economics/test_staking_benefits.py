@@ -31,6 +31,7 @@ from sogni_protocol.stake_benefits import StakeBenefits, discounted
 
 MODEL = "sdxl-base-1.0"
 TTL = 300.0
+TIER_STAKES = {0: 0, 1: 1_000, 2: 10_000, 3: 100_000}  # accounts[0..3]'s stake in the world
 
 
 class Clock:
@@ -82,7 +83,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     addresses = deploy_all(chain, treasury, coordinator=coordinator, distributor_funding=SOGNI)
     deployment = Deployment(chain, addresses, sender=treasury)
     accounts = []
-    for i in range(2, 7):  # funded dev accounts whose keys we know
+    for i in range(2, 9):  # funded dev accounts whose keys we know
         acct: LocalAccount = chain.add_key(bytes([0x40 + i]) * 32)
         chain.w3.eth.send_transaction(
             {"from": treasury.address, "to": acct.address, "value": Wei(10**18)}  # gas money
@@ -104,18 +105,21 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     billing = Billing(ledger, domain, benefits=PayerBenefits(StakeBenefits(), cache))
     for a in accounts:
         ledger.credit_purchase(a.address, 1_000)
-    yield World(
+    world = World(
         deployment, domain, ledger, billing, cache, link.standing_changes(), clock, accounts
     )
+    # each test may run alone (xdist splits a module between workers): stakes are set here,
+    # and a test that changes a stake uses accounts no other test reads
+    for stake, payer in zip(TIER_STAKES.values(), accounts, strict=False):
+        if stake:
+            world.stake(payer, stake)
+    yield world
     ledger.close()
     store.close()
 
 
 async def test_the_quote_with_stake_is_the_charge_for_every_tier(world: World) -> None:
-    tiers = {0: 0, 1: 1_000, 2: 10_000, 3: 100_000}
-    for (tier, stake), payer in zip(tiers.items(), world.accounts, strict=False):
-        if stake:
-            world.stake(payer, stake)
+    for (tier, stake), payer in zip(TIER_STAKES.items(), world.accounts, strict=False):
         await world.cache.warm(payer.address)
         for network in ("fast", "relaxed"):
             charged = world.admit(payer, network)
@@ -126,7 +130,8 @@ async def test_the_quote_with_stake_is_the_charge_for_every_tier(world: World) -
 
 
 async def test_no_tier_without_stake_and_none_borrowed(world: World) -> None:
-    staker, other = world.accounts[3], world.accounts[4]  # staker has 100,000 from above
+    staker, other = world.accounts[3], world.accounts[4]  # staker has 100,000 (the world's)
+    await world.cache.warm(staker.address)
     await world.cache.warm(other.address)
     assert world.billing.benefits is not None
     assert world.billing.benefits.tier(other.address) == 0
@@ -138,8 +143,9 @@ async def test_no_tier_without_stake_and_none_borrowed(world: World) -> None:
 async def test_unstake_after_a_quote_keeps_the_discount_only_within_the_cache_window(
     world: World,
 ) -> None:
-    payer = world.accounts[4]
+    payer, rich = world.accounts[5], world.accounts[6]  # read by no other test
     world.stake(payer, 10_000)
+    world.stake(rich, 100_000)
     world.clock.now += TTL  # the earlier read is stale: read again
     await world.cache.warm(payer.address)
     discounted_price = world.admit(payer)
@@ -154,7 +160,6 @@ async def test_unstake_after_a_quote_keeps_the_discount_only_within_the_cache_wi
     assert world.admit(payer) == client_quote(MODEL, images=2).spark_micro
 
     # with the service's change feed, the unstake event ends it at the next poll
-    rich = world.accounts[3]
     world.feed()  # type: ignore[operator]  # consume older events
     world.deployment.staking.request_unstake(100_000 * SOGNI, sender=rich.address)
     changed = world.feed()  # type: ignore[operator]
