@@ -70,6 +70,16 @@ def measure() -> dict[str, int]:
     out["executeSlash"] = disputes.execute_slash(
         bytes(ptx.event("SlashProposed")["caseId"]), sender=coord
     ).gas_used
+    # a disputed slash nobody opens the vote of: upheld by `resolve` after its voteBy
+    stalled = bytes(
+        disputes.propose_slash(worker.address, 100 * SOGNI, "sogni: 5", sender=coord).event(
+            "SlashProposed"
+        )["caseId"]
+    )
+    d.token.approve(disputes.address, DEV_DISPUTE_PARAMS.bond, sender=worker)
+    out["disputeSlash"] = disputes.dispute_slash(stalled, sender=worker).gas_used
+    chain.advance_time(disputes.case(stalled).vote_by - chain.timestamp())
+    out["resolve (no vote by voteBy)"] = disputes.resolve(stalled, sender=coord).gas_used
     return out
 
 
@@ -83,7 +93,12 @@ Embedded EVM (Cancun rules, same as anvil). `python -m bench disputes`. A worker
 signed refusal (coordinator signature checked on chain, bond pulled), the coordinator opens
 the vote on the re-checked bundle, 3 stakers commit and reveal (median), `resolve` keeps the
 bond (treasury share sent), a majority juror claims; a slash proposed and executed after its
-window (`executeSlash` calls `Staking.slash`).
+window (`executeSlash` calls `Staking.slash`); a slash disputed (`disputeSlash`: the jury is
+fixed then, from the votes of the second before, and the worker's delegate read with
+`Staking.delegationOf`) whose vote nobody opened by its `voteBy`, upheld by `resolve`.
+Since the jury is fixed when a dispute opens, its snapshot and barred delegate are written
+by `disputeRefusal`/`disputeSlash` (about +54,000) and no longer by `openVoting` (about
+-49,000); before: `disputeRefusal` 162,918, `openVoting` 115,523 (same bench, same machine).
 
 | call | gas |
 |---|---|

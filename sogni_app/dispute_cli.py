@@ -170,8 +170,9 @@ class JurorClient:
         return self.disputes.case(case_id)
 
     def bundle(self, case: Case) -> tuple[str, dict[str, Any]] | None:
-        """The case's published bundle, fetched and verified; None before voting opens."""
-        if case.bundle_hash == bytes(32):
+        """The case's published bundle, fetched and verified; None before voting opens and
+        when the worker opened its stalled vote (on the original evidence: no bundle)."""
+        if case.bundle_hash in (bytes(32), case.evidence_hash):
             return None
         uri = self.disputes.bundle_uri(case.case_id, self.from_block)
         if uri is None:
@@ -241,6 +242,11 @@ def format_bundle(uri: str, bundle: dict[str, Any]) -> str:
     lines = [f"fetched   {uri} (keccak256 matches the chain)"]
     if bundle.get("reason"):
         lines.append(f"refused   {bundle['reason']}")
+    for f in bundle.get("failures") or []:  # a slash's failed checks
+        lines.append(
+            f"failed    job {str(f.get('jobId'))[:18]}  {f.get('modelId')}  "
+            f"{f.get('steps')} steps  {f.get('reason')}"
+        )
     rechecks = bundle.get("rechecks") or []
     if not rechecks:
         lines.append("re-checks none (the vote is on the original evidence)")
@@ -263,6 +269,7 @@ def case_dict(c: Case) -> dict[str, Any]:
         "amount": str(c.amount),
         "windowEnd": c.window_end,
         "evidenceDeadline": c.evidence_deadline,
+        "voteBy": c.vote_by,
         "commitEnd": c.commit_end,
         "revealEnd": c.reveal_end,
         "snapshot": c.snapshot,
@@ -279,6 +286,15 @@ def _phase(c: Case, now: int) -> str:
 
     if c.state is CaseState.PROPOSED:
         return f"slash proposed; disputable until {format_when(c.window_end)}"
+    if c.upheld_by_default(now):
+        return (
+            f"no vote was opened by {format_when(c.vote_by)}: upheld, anyone may resolve it"
+        )
+    if c.vote_stalled(now):
+        return (
+            f"the vote is not open: the worker (or anyone) may open it on the original "
+            f"evidence until {format_when(c.vote_by)}, or the dispute is lost"
+        )
     if c.state is CaseState.DISPUTED:
         return f"re-checking; voting opens by {format_when(c.evidence_deadline)}"
     if c.state is CaseState.VOTING:
@@ -304,7 +320,11 @@ def format_case(c: Case, now: int, *, long: bool = False) -> str:
         f"bond      {format_sogni(c.bond)} SOGNI",
         f"evidence  0x{c.evidence_hash.hex()}",
     ]
-    if c.bundle_hash != bytes(32):
+    if c.vote_by:
+        lines.append(f"vote by   {format_when(c.vote_by)} (else the case is upheld)")
+    if c.bundle_hash != bytes(32) and c.bundle_hash == c.evidence_hash:
+        lines.append("bundle    none: the vote was opened on the original evidence")
+    elif c.bundle_hash != bytes(32):
         lines.append(f"bundle    0x{c.bundle_hash.hex()} (with the re-checks)")
     if c.state in (CaseState.VOTING, CaseState.WORKER_WON, CaseState.WORKER_LOST):
         lines.append(

@@ -343,6 +343,12 @@ class Staking(_Bound):
     def freeze(self, account: Signer, until: int, *, sender: Signer | None = None) -> Tx:
         return self._send("freeze", self._acct(account), until, sender=sender)
 
+    def delegation_of(self, account: Signer) -> tuple[ChecksumAddress, int]:
+        """Whom the account's votes go to, and when that last changed (Staking's clock, unix
+        seconds; 0: never). Disputes refuses a dispute opened in that very second."""
+        delegatee, changed_at = self._call("delegationOf", self._acct(account))
+        return Web3.to_checksum_address(delegatee), int(changed_at)
+
     def slash(
         self, account: Signer, amount: int, reason: str, *, sender: Signer | None = None
     ) -> Tx:

@@ -35,6 +35,7 @@ __all__ = [
     "Refusal",
     "deploy_disputes",
     "new_salt",
+    "open_stalled_vote",
     "sign_refusal",
 ]
 
@@ -97,6 +98,21 @@ class Case:
     execute_by: int = 0
     """A slash: `executeSlash` reverts `SlashExpired` from then on (after a lost vote, no
     earlier than its reveal end + `EXECUTE_GRACE`); 0 for a refusal."""
+    vote_by: int = 0
+    """A dispute's vote must be open by then (the evidence deadline plus one commit window):
+    after it `resolve` upholds the refusal or slash and keeps the bond. 0 until disputed."""
+    worker_delegate: str = ""
+    """Whom the worker's stake voted through at the snapshot (fixed when the dispute opened):
+    it may not judge the case. Empty until disputed."""
+
+    def vote_stalled(self, now: int) -> bool:
+        """Disputed, the coordinator's evidence window over, the vote not open: the worker (or
+        anyone) may open it on the original evidence until `vote_by`."""
+        return self.state is CaseState.DISPUTED and self.evidence_deadline <= now < self.vote_by
+
+    def upheld_by_default(self, now: int) -> bool:
+        """Disputed and `vote_by` passed with no vote: `resolve` upholds it (bond kept)."""
+        return self.state is CaseState.DISPUTED and now >= self.vote_by > 0
 
 
 @dataclass(frozen=True)
@@ -295,8 +311,11 @@ class Disputes(_Bound):
     # -- views --
 
     def case(self, case_id: bytes) -> Case:
-        raw = self._call("caseOf", case_id)
-        n = [int(v) for v in raw[3:8]] + [int(v) for v in raw[10:15]]
+        raw = list(self._call("caseOf", case_id))
+        if len(raw) == 17:  # a Disputes deployed before `voteBy`: no such field
+            raw.insert(7, 0)
+        n = [int(v) for v in raw[3:7]] + [int(raw[8])] + [int(v) for v in raw[11:16]]
+        delegate = "" if int(str(raw[16]), 16) == 0 else to_checksum_address(raw[16])
         return Case(
             case_id=case_id,
             worker=to_checksum_address(raw[0]),
@@ -307,14 +326,16 @@ class Disputes(_Bound):
             commit_end=n[2],
             reveal_end=n[3],
             snapshot=n[4],
-            evidence_hash=bytes(raw[8]),
-            bundle_hash=bytes(raw[9]),
+            evidence_hash=bytes(raw[9]),
+            bundle_hash=bytes(raw[10]),
             bond=n[5],
             amount=n[6],
             for_worker=n[7],
             against_worker=n[8],
             reward_pool=n[9],
-            execute_by=int(raw[16]),
+            execute_by=int(raw[17]),
+            vote_by=int(raw[7]),
+            worker_delegate=delegate,
         )
 
     def ballot(self, case_id: bytes, juror: Signer) -> Ballot:
@@ -477,6 +498,36 @@ def open_dispute(
     return disputes.dispute_slash(cid, sender=worker)
 
 
+def open_stalled_vote(disputes: Disputes, case_id: bytes, *, worker: Signer) -> Tx:
+    """Open the vote of `worker`'s own dispute on the original evidence, when the coordinator
+    did not open it within the evidence window; possible until the case's `vote_by`, after
+    which the dispute is lost (`resolve` upholds it). Checks what the contract would refuse."""
+    chain = disputes.chain
+    me = chain.address_of(worker)
+    now = chain.timestamp()
+    case = disputes.case(case_id)
+    short = "0x" + case_id.hex()[:16]
+    if case.state is CaseState.NONE:
+        raise DisputeRefused(f"no case {short} on chain")
+    if case.worker.lower() != me.lower():
+        raise DisputeRefused(f"case {short} is {case.worker}'s dispute, not this wallet {me}'s")
+    if case.state is CaseState.VOTING:
+        raise DisputeRefused(f"voting on {short} is already open (until {_when(case.commit_end)})")
+    if case.state is not CaseState.DISPUTED:
+        raise DisputeRefused(f"case {short} is {case.state.label}: no vote to open")
+    if now + 1 >= case.vote_by:
+        raise DisputeRefused(
+            f"the vote on {short} had to be open by {_when(case.vote_by)}: the dispute is lost"
+            " (anyone may resolve it)"
+        )
+    if now + 1 < case.evidence_deadline:
+        raise DisputeRefused(
+            f"the coordinator has until {_when(case.evidence_deadline)} to publish its "
+            f"re-checks; open the vote yourself after that (before {_when(case.vote_by)})"
+        )
+    return disputes.open_voting(case_id, case.evidence_hash, "", sender=worker)
+
+
 def check_commit(disputes: Disputes, case_id: bytes, juror: Signer) -> Case:
     """The case, if `juror` may commit a vote on it now; else a one-line refusal."""
     case = disputes.case(case_id)
@@ -487,8 +538,9 @@ def check_commit(disputes: Disputes, case_id: bytes, juror: Signer) -> Case:
         raise DisputeRefused(f"no case {short}")
     if case.state is CaseState.DISPUTED:
         raise DisputeRefused(
-            f"voting on {short} is not open yet (waiting for the re-checks, at the latest "
-            f"{_when(case.evidence_deadline)})"
+            f"voting on {short} is not open yet (waiting for the re-checks until "
+            f"{_when(case.evidence_deadline)}; it opens by {_when(case.vote_by)} or the "
+            "dispute is lost)"
         )
     if case.state is not CaseState.VOTING:
         raise DisputeRefused(f"case {short} is {case.state.label}: no vote")
@@ -498,9 +550,14 @@ def check_commit(disputes: Disputes, case_id: bytes, juror: Signer) -> Case:
         raise DisputeRefused("the worker cannot vote on its own dispute")
     if disputes.ballot(case_id, me).commitment != bytes(32):
         raise DisputeRefused(f"{me} already voted on {short}")
+    if case.worker_delegate and case.worker_delegate.lower() == me.lower():
+        raise DisputeRefused(
+            f"{me} carried the worker's votes when the dispute opened: it cannot judge {short}"
+        )
     if disputes.voting_weight(me, case.snapshot) == 0:
         raise DisputeRefused(
-            f"{me} is not a staker: it had no staked SOGNI (votes) when voting on {short} opened"
+            f"{me} is not a staker: it had no staked SOGNI (votes) when the dispute on {short}"
+            " opened"
         )
     return case
 

@@ -56,8 +56,10 @@ __all__ = [
     "RefusalRecord",
     "Reporter",
     "Restorations",
+    "SlashCase",
     "case_id_of",
     "evidence_hash_of",
+    "slash_evidence_hash",
 ]
 
 log = structlog.get_logger(__name__)
@@ -119,6 +121,29 @@ ALTER TABLE dispute_refusals ADD COLUMN params_key BLOB;
 _SCHEMA_V4 = """
 ALTER TABLE dispute_refusals ADD COLUMN charge INTEGER;
 """
+# This coordinator's slash cases on Disputes (proposed by its settlement key from a
+# `slash_proposals` row: the case's evidence hash is keccak of the proposal's failed job ids),
+# followed like refusals: the desk publishes the bundle and opens the vote when the worker
+# disputes, then resolves and executes what is due. `vote_by` once disputed (the vote must be
+# open by then, or the case is upheld); `outcome`: 'worker won', 'slash upheld', 'executed',
+# 'expired'; `finished` once nothing is left to send for it.
+_SCHEMA_V5 = """
+CREATE TABLE IF NOT EXISTS dispute_slashes (
+    case_id       BLOB PRIMARY KEY,
+    proposal_id   INTEGER NOT NULL,
+    worker        TEXT NOT NULL,
+    job_ids       BLOB NOT NULL,
+    evidence_hash BLOB NOT NULL,
+    amount        TEXT NOT NULL,
+    reason        TEXT NOT NULL,
+    vote_by       INTEGER,
+    bundle_hash   BLOB,
+    bundle_path   TEXT,
+    outcome       TEXT,
+    finished      INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS dispute_slashes_open ON dispute_slashes(finished);
+"""
 
 
 def evidence_hash_of(evidence: bytes | None, reason: str) -> bytes:
@@ -131,6 +156,52 @@ def case_id_of(disputes: str, job_id: bytes, worker: str) -> bytes:
     return keccak(
         b"sogni-refusal-case" + bytes.fromhex(disputes[2:]) + job_id + bytes.fromhex(worker[2:])
     )
+
+
+@dataclass(frozen=True)
+class SlashCase:
+    """One of this coordinator's slash cases on Disputes (`dispute_slashes`)."""
+
+    case_id: bytes
+    proposal_id: int
+    worker: str
+    job_ids: list[bytes]
+    evidence_hash: bytes
+    amount: int
+    reason: str
+    vote_by: int | None = None
+    bundle_hash: bytes | None = None
+    bundle_path: str | None = None
+    outcome: str | None = None
+    finished: bool = False
+
+
+_SLASH_COLS = (
+    "case_id, proposal_id, worker, job_ids, evidence_hash, amount, reason, vote_by,"
+    " bundle_hash, bundle_path, outcome, finished"
+)
+
+
+def _slash_case(row: tuple[Any, ...]) -> SlashCase:
+    return SlashCase(
+        bytes(row[0]),
+        int(row[1]),
+        str(row[2]),
+        msgspec.msgpack.decode(row[3], type=list[bytes]),
+        bytes(row[4]),
+        int(row[5]),
+        str(row[6]),
+        None if row[7] is None else int(row[7]),
+        None if row[8] is None else bytes(row[8]),
+        row[9],
+        row[10],
+        bool(row[11]),
+    )
+
+
+def slash_evidence_hash(job_ids: list[bytes]) -> bytes:
+    """What `slash propose-tx` puts on chain as a slash's evidence: keccak of its job ids."""
+    return keccak(b"".join(job_ids))
 
 
 @dataclass(frozen=True)
@@ -206,7 +277,7 @@ class DisputeBook(Database):
         super().__init__(
             path,
             component="disputes",
-            migrations=[_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4],
+            migrations=[_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5],
         )
         self._seal_plain_rows()
 
@@ -396,6 +467,84 @@ class DisputeBook(Database):
             for c, j, p, e, a in rows
         ]
 
+    # -- slash cases --
+
+    def add_slash(self, case: SlashCase) -> bool:
+        """Follow a slash case (once); False if it was followed already."""
+        with self._tx() as db:
+            done = db.execute(
+                f"INSERT INTO dispute_slashes ({_SLASH_COLS}) VALUES"
+                " (?, ?, ?, ?, ?, ?, ?, NULL, NULL, NULL, NULL, 0)"
+                " ON CONFLICT (case_id) DO NOTHING",
+                (
+                    case.case_id,
+                    case.proposal_id,
+                    case.worker.lower(),
+                    msgspec.msgpack.encode(case.job_ids),
+                    case.evidence_hash,
+                    str(case.amount),
+                    case.reason,
+                ),
+            )
+            return int(done.rowcount) == 1
+
+    def slash_cases(
+        self, *, open_only: bool = False, proposal_id: int | None = None
+    ) -> list[SlashCase]:
+        """Slash cases followed, oldest proposal first (unfinished ones / one proposal's)."""
+        where: list[str] = []
+        args: list[Any] = []
+        if open_only:
+            where.append("finished=0")
+        if proposal_id is not None:
+            where.append("proposal_id=?")
+            args.append(proposal_id)
+        clause = ("WHERE " + " AND ".join(where)) if where else ""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_SLASH_COLS} FROM dispute_slashes {clause} ORDER BY proposal_id, case_id",
+                tuple(args),
+            ).fetchall()
+        return [_slash_case(r) for r in rows]
+
+    def slash_case(self, case_id: bytes) -> SlashCase | None:
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT {_SLASH_COLS} FROM dispute_slashes WHERE case_id=?", (case_id,)
+            ).fetchone()
+        return None if row is None else _slash_case(row)
+
+    def update_slash(
+        self,
+        case_id: bytes,
+        *,
+        vote_by: int | None = None,
+        bundle: tuple[bytes, str] | None = None,
+        outcome: str | None = None,
+        finished: bool | None = None,
+    ) -> None:
+        sets: list[str] = []
+        args: list[Any] = []
+        if vote_by is not None:
+            sets.append("vote_by=?")
+            args.append(vote_by)
+        if bundle is not None:
+            sets += ["bundle_hash=?", "bundle_path=?"]
+            args += [bundle[0], bundle[1]]
+        if outcome is not None:
+            sets.append("outcome=?")
+            args.append(outcome)
+        if finished is not None:
+            sets.append("finished=?")
+            args.append(int(finished))
+        if not sets:
+            return
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE dispute_slashes SET {', '.join(sets)} WHERE case_id=?",
+                (*args, case_id),
+            )
+
     def next_block(self) -> int:
         with self._lock:
             row = self._db.execute("SELECT next_block FROM dispute_cursor WHERE id=1").fetchone()
@@ -579,8 +728,14 @@ class DisputeDesk:
         verify_timeout: float = 30.0,
         rng: random.Random | None = None,
         public_url: str | None = None,
+        store: Store | None = None,
     ) -> None:
         self.book, self.disputes, self.reporter = book, disputes, reporter
+        self.store: Store | None = (
+            store if store is not None else getattr(dispatcher, "store", None)
+        )
+        """Where this coordinator's slash proposals are (`slash_proposals`): a slash case on
+        chain is followed when its evidence hash is one of theirs."""
         self.publish_dir = publish_dir
         self.dispatcher, self.reputation = dispatcher, reputation
         self.rechecks, self.verify_timeout = rechecks, verify_timeout
@@ -597,11 +752,16 @@ class DisputeDesk:
         return f"{self.public_url.rstrip('/')}/disputes/bundles/0x{case_id.hex()}"
 
     def events(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        """New DisputeOpened and DisputeResolved events since the last poll."""
+        """New DisputeOpened and DisputeResolved events since the last poll (SlashProposed
+        ones of this coordinator's proposals are followed on the way)."""
         start = self.book.next_block()
         head = self.disputes.chain.block_number()
         if head < start:
             return [], []
+        if self.store is not None:
+            for ev in self.disputes.events_of("SlashProposed", start):
+                if ev["blockNumber"] <= head:
+                    self.follow_slash(ev)
         opened = [
             e for e in self.disputes.events_of("DisputeOpened", start) if e["blockNumber"] <= head
         ]
@@ -623,6 +783,7 @@ class DisputeDesk:
                 await self.open_vote(record)
         for ev in resolved:
             self.resolved(bytes(ev["caseId"]), bool(ev["workerWon"]))
+        await self.follow_slashes()
         # then the refusals nobody disputed in time: their prompts are forgotten. After the
         # events, and by the chain's clock: a dispute opened in time while this coordinator
         # was away is handled (re-checked) first; an hour's slack besides
@@ -652,6 +813,128 @@ class DisputeDesk:
         uri = self.bundle_uri(record.case_id, path)
         self.disputes.open_voting(record.case_id, digest, uri, sender=self.reporter)
         log.info("dispute_vote_opened", case=record.case_id.hex()[:16], rechecks=len(rechecks))
+        return digest
+
+    # -- slash cases: followed from the proposal to the executed (or cancelled) slash --
+
+    def follow_slash(self, ev: Mapping[str, Any]) -> SlashCase | None:
+        """A `SlashProposed` event: followed when it is one of this coordinator's proposals
+        (same wallet, evidence hash = keccak of the proposal's failed job ids)."""
+        if self.store is None:
+            return None
+        case_id, worker = bytes(ev["caseId"]), str(ev["worker"]).lower()
+        evidence = bytes(ev["evidenceHash"])
+        for p in self.store.slash_proposals():
+            if p.wallet.lower() == worker and slash_evidence_hash(p.job_ids) == evidence:
+                case = SlashCase(
+                    case_id, p.id, worker, p.job_ids, evidence, int(ev["amount"]), str(ev["reason"])
+                )
+                if self.book.add_slash(case):
+                    log.info("dispute_slash_followed", case=case_id.hex()[:16], proposal=p.id)
+                return case
+        return None
+
+    async def follow_slashes(self) -> None:
+        """Move each unfinished slash case of this coordinator on, from the chain's state:
+        disputed -> publish the bundle and open the vote (before `voteBy`; after it, resolve:
+        upheld); vote over -> resolve; window closed undisputed, or lost -> execute. Each
+        step is retried at the next poll when it fails (a chain hiccup, a race)."""
+        from sogni_chain import ChainRevert
+        from sogni_chain.disputes import CaseState
+
+        for sc in self.book.slash_cases(open_only=True):
+            try:
+                case = self.disputes.case(sc.case_id)
+                now = int(self.disputes.chain.timestamp()) + 1  # the next block, at least
+                short = sc.case_id.hex()[:16]
+                if case.vote_by and sc.vote_by != case.vote_by:
+                    self.book.update_slash(sc.case_id, vote_by=case.vote_by)
+                state = case.state
+                if state is CaseState.DISPUTED and now < case.vote_by:
+                    await self.open_slash_vote(sc)
+                elif state is CaseState.DISPUTED or (
+                    state is CaseState.VOTING and now >= case.reveal_end
+                ):
+                    self.disputes.resolve(sc.case_id, sender=self.reporter)
+                    log.info("dispute_slash_resolved", case=short)
+                elif state is CaseState.PROPOSED and now >= case.window_end:
+                    self._execute(sc, case.execute_by, now)
+                elif state is CaseState.WORKER_LOST:
+                    deadline = max(case.execute_by, case.reveal_end + 7 * 86400)  # EXECUTE_GRACE
+                    self._execute(sc, deadline, now)
+                elif state is CaseState.WORKER_WON:
+                    self.book.update_slash(sc.case_id, outcome="worker won", finished=True)
+                elif state is CaseState.EXECUTED:
+                    self.book.update_slash(sc.case_id, outcome="executed", finished=True)
+            except ChainRevert as exc:
+                log.warning(
+                    "dispute_slash_step_refused", case=sc.case_id.hex()[:16], error=str(exc)
+                )
+
+    def _execute(self, sc: SlashCase, deadline: int, now: int) -> None:
+        if now >= deadline:  # left too long (this coordinator was away): it never executes
+            self.book.update_slash(sc.case_id, outcome="expired", finished=True)
+            log.warning("dispute_slash_expired", case=sc.case_id.hex()[:16])
+            return
+        tx = self.disputes.execute_slash(sc.case_id, sender=self.reporter)
+        slashed = int(tx.event("SlashExecuted")["slashed"])
+        self.book.update_slash(sc.case_id, outcome="executed", finished=True)
+        log.info("dispute_slash_executed", case=sc.case_id.hex()[:16], slashed=slashed)
+
+    def slash_failures(self, sc: SlashCase) -> list[dict[str, Any]]:
+        """The failed checks behind a slash, as its bundle lists them (no prompt, no image)."""
+        out: list[dict[str, Any]] = []
+        if self.store is None:
+            return out
+        for job_id in sc.job_ids:
+            for _job, worker, receipt, reason in self.store.failed_receipts(job_id):
+                if worker.lower() != sc.worker.lower():
+                    continue  # another worker failed the same job
+                out.append(
+                    {
+                        "jobId": "0x" + job_id.hex(),
+                        "modelId": receipt.model_id,
+                        "steps": receipt.steps_done,
+                        "reason": reason,
+                    }
+                )
+        return out
+
+    async def open_slash_vote(self, sc: SlashCase) -> bytes:
+        """Publish a disputed slash's bundle (its failed checks and, where the job's
+        parameters are still kept, re-runs of their steps on other wallets) and open the vote."""
+        rechecks: list[dict[str, Any]] = []
+        if self.dispatcher is not None:
+            for job_id in sc.job_ids:
+                for record in self.book.refusals(job_id):
+                    if record.worker.lower() == sc.worker.lower() and record.params is not None:
+                        rechecks += [
+                            {"jobId": "0x" + job_id.hex(), **r} for r in await self.recheck(record)
+                        ]
+        bundle = {
+            "format": BUNDLE_FORMAT,
+            "kind": "slash",
+            "caseId": "0x" + sc.case_id.hex(),
+            "worker": sc.worker,
+            "amount": str(sc.amount),
+            "reason": sc.reason,
+            "evidenceHash": "0x" + sc.evidence_hash.hex(),
+            "failures": self.slash_failures(sc),
+            "rechecks": rechecks,
+        }
+        body = json.dumps(bundle, indent=2, sort_keys=True).encode()
+        digest = keccak(body)
+        path = self.publish_dir / "disputes" / f"{sc.case_id.hex()}.json"
+        atomic_write_bytes(path, body)
+        self.book.update_slash(sc.case_id, bundle=(digest, str(path)))
+        uri = self.bundle_uri(sc.case_id, path)
+        self.disputes.open_voting(sc.case_id, digest, uri, sender=self.reporter)
+        log.info(
+            "dispute_slash_vote_opened",
+            case=sc.case_id.hex()[:16],
+            failures=len(bundle["failures"]),
+            rechecks=len(rechecks),
+        )
         return digest
 
     async def recheck(self, record: RefusalRecord) -> list[dict[str, Any]]:
@@ -716,6 +999,11 @@ class DisputeDesk:
         return out
 
     def resolved(self, case_id: bytes, worker_won: bool) -> None:
+        slash = self.book.slash_case(case_id)
+        if slash is not None and slash.outcome is None:
+            outcome = "worker won" if worker_won else "slash upheld"
+            self.book.update_slash(case_id, outcome=outcome, finished=worker_won)
+            log.info("dispute_slash_decided", case=case_id.hex()[:16], worker_won=worker_won)
         record = self.book.by_case(case_id)
         if record is None or not self.book.settle(case_id, worker_won):
             return
@@ -814,9 +1102,13 @@ def dispute_routes(dispatcher: Any) -> list[Any]:
 
         def read(book: DisputeBook) -> bytes | None:
             record = book.by_case(case_id)
-            if record is None or record.bundle_path is None:
+            where = record.bundle_path if record is not None else None
+            if where is None:  # a slash case's bundle
+                slash = book.slash_case(case_id)
+                where = slash.bundle_path if slash is not None else None
+            if where is None:
                 return None
-            return Path(record.bundle_path).read_bytes()  # its keccak256 is the bundleHash
+            return Path(where).read_bytes()  # its keccak256 is the bundleHash
 
         body = None
         if reporter is not None and case_id:

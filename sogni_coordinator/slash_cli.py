@@ -105,6 +105,45 @@ def _as_json(p: SlashProposal) -> dict[str, Any]:
     }
 
 
+def _when(ts: float) -> str:
+    return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _disputes_of(cfg: CoordinatorConfig) -> dict[int, dict[str, Any]]:
+    """Proposal id -> its slash case on Disputes as the coordinator's desk follows it (case
+    id, `voteBy` once disputed, outcome, and the failures its published bundle lists)."""
+    from sogni_coordinator.disputes import DisputeBook
+
+    book = DisputeBook(cfg.database)
+    try:
+        cases = book.slash_cases()
+    finally:
+        book.close()
+    out: dict[int, dict[str, Any]] = {}
+    for c in cases:
+        failures: list[dict[str, Any]] = []
+        if c.bundle_path is not None:
+            try:
+                failures = list(json.loads(Path(c.bundle_path).read_text()).get("failures", []))
+            except (OSError, ValueError, AttributeError):
+                failures = []
+        out[c.proposal_id] = {
+            "caseId": "0x" + c.case_id.hex(),
+            "voteBy": c.vote_by,
+            "outcome": c.outcome,
+            "bundle": c.bundle_path,
+            "failures": failures,
+        }
+    return out
+
+
+def _dispute_line(dispute: dict[str, Any]) -> str:
+    line = f"case {dispute['caseId'][:18]}"
+    if dispute["voteBy"]:
+        line += f", disputed: vote by {_when(dispute['voteBy'])}"
+    return line + (f", {dispute['outcome']}" if dispute["outcome"] else "")
+
+
 def _find(store: Store, proposal_id: int) -> SlashProposal:
     for p in store.slash_proposals():
         if p.id == proposal_id:
@@ -137,6 +176,9 @@ def slash_list(
         items = [_as_json(p) for p in store.slash_proposals(state)]
     finally:
         store.close()
+    disputes = _disputes_of(cfg)
+    for it in items:
+        it["dispute"] = disputes.get(it["id"])
     if as_json:
         typer.echo(json.dumps(items, indent=2))
         return
@@ -150,6 +192,8 @@ def slash_list(
             f"{it['id']:>5}  {it['wallet']:<42}  {it['failedChecks']:>5}  {it['state']:<9}  "
             f"{reason}"
         )
+        if it["dispute"] is not None:
+            typer.echo(f"{'':>5}  {_dispute_line(it['dispute'])}")
 
 
 @app.command("show")
@@ -176,7 +220,8 @@ def slash_show(proposal_id: IdArg, config: ConfigOpt = None, as_json: JsonOpt = 
                 )
     finally:
         store.close()
-    data = {**_as_json(proposal), "failures": failures}
+    dispute = _disputes_of(cfg).get(proposal.id)
+    data = {**_as_json(proposal), "failures": failures, "dispute": dispute}
     if as_json:
         typer.echo(json.dumps(data, indent=2))
         return
@@ -191,6 +236,10 @@ def slash_show(proposal_id: IdArg, config: ConfigOpt = None, as_json: JsonOpt = 
             f"  {f['jobId']}  {f['modelId']}  {f['stepsDone']} steps  evidence bytes: {sizes}"
         )
         typer.echo(f"    {f['reason']}")
+    if dispute is not None:
+        typer.echo(_dispute_line(dispute))
+        for f in dispute["failures"]:
+            typer.echo(f"  bundle: {f.get('jobId')}  {f.get('modelId')}  {f.get('reason')}")
 
 
 @app.command("propose-tx")

@@ -5,8 +5,11 @@ bond (SOGNI, approved then pulled by the Disputes contract). The signed refusal 
 the coordinator (`GET /disputes/refusals/0x<job>` on its HTTP port) or from a file saved
 from there (`--refusal FILE`): it is what makes the dispute valid on chain (signed by a key
 holding REPORTER_ROLE). `--slash CASE` disputes a proposed slash instead (no refusal needed).
-Each expected refusal (window closed, not this wallet's, bond missing, already disputed) is
-one line before anything is sent.
+`sogni-node dispute open-vote CASE` opens the node's own stalled vote (the coordinator did not
+within its evidence window) on the original evidence, before the case's vote-by time: a
+dispute whose vote nobody opened by then is lost. Each expected refusal (window closed, not
+this wallet's, bond missing, already disputed, too early, too late) is one line before
+anything is sent.
 """
 
 from __future__ import annotations
@@ -130,4 +133,46 @@ def open_cmd(
         f"dispute opened: case 0x{bytes(ev['caseId']).hex()}, bond "
         f"{int(ev['bond']) / _SOGNI:g} SOGNI; the coordinator re-checks the steps, then "
         f"stakers vote (`sogni dispute show 0x{bytes(ev['caseId']).hex()[:16]}`)"
+    )
+
+
+@app.command("open-vote")
+def open_vote_cmd(
+    case: Annotated[str, typer.Argument(help="This wallet's disputed case (0x + 64 hex).")],
+    config: ConfigOption = None,
+    chain_url: Annotated[
+        str | None, typer.Option("--chain-url", help="JSON-RPC url (default: config chain_url).")
+    ] = None,
+) -> None:
+    """Open the vote of this wallet's own stalled dispute, on the original evidence: once the
+    coordinator's evidence window is over and before the case's vote-by time (after it the
+    dispute is lost: the refusal or slash is upheld and the bond kept)."""
+    from sogni_chain import ChainRevert
+    from sogni_chain.disputes import DisputeRefused, open_stalled_vote
+    from sogni_node.rewards_cli import _required_deployment, _wallet
+
+    try:
+        case_id = bytes.fromhex(case.lower().removeprefix("0x"))
+    except ValueError:
+        case_id = b""
+    if len(case_id) != 32:
+        raise BadUsage(f"{case!r} is not a case id (0x + 64 hex)")
+    cfg = _config(config)
+    deployment = _required_deployment(cfg, chain_url)
+    if deployment.disputes is None:
+        raise Unavailable(
+            "the addresses file names no Disputes contract", "ask the coordinator's operator"
+        )
+    worker = _wallet(cfg, deployment)
+    try:
+        tx = open_stalled_vote(deployment.disputes, case_id, worker=worker)
+    except DisputeRefused as exc:
+        raise Refused(str(exc)) from None
+    except ChainRevert as exc:
+        raise Refused(f"opening the vote was refused: {exc}") from None
+    ev = tx.event("VotingOpened")
+    typer.echo(
+        f"vote opened on case 0x{case_id.hex()} (on the original evidence); stakers commit "
+        f"until {int(ev['commitEnd'])} and reveal until {int(ev['revealEnd'])} "
+        f"(`sogni dispute show 0x{case_id.hex()[:16]}`)"
     )

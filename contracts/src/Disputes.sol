@@ -17,7 +17,7 @@ interface IStakingVotes {
     function activeStake(address account) external view returns (uint256);
     function slash(address account, uint256 amount, string calldata reason) external returns (uint256);
     function freeze(address account, uint64 until) external;
-    function delegates(address account) external view returns (address);
+    function delegationOf(address account) external view returns (address delegatee, uint64 changedAt);
 }
 
 /// @title Worker disputes judged by staker jurors
@@ -25,8 +25,12 @@ interface IStakingVotes {
 ///         case id, worker, evidence bundle hash, time) or whose stake a slasher proposed to take
 ///         may open a dispute within `disputeWindow` by posting a SOGNI `bond`. The coordinator
 ///         then publishes the evidence bundle with extra re-checks (its hash opens the vote; if it
-///         does not within `evidenceWindow`, anyone opens it on the original evidence). Stakers
-///         vote stake-weighted (votes at the snapshot), commit-reveal so votes cannot be copied.
+///         does not within `evidenceWindow`, anyone, the worker first of all, opens it on the
+///         original evidence until `voteBy`). A dispute whose vote nobody opened by `voteBy` is
+///         lost: `resolve` then upholds the refusal or slash and the bond goes to the treasury,
+///         so disputing and waiting never keeps a slashed stake. Stakers vote stake-weighted
+///         (votes one second before the dispute opened: the jury, and the worker's delegate who
+///         may not sit on it, are fixed then), commit-reveal so votes cannot be copied.
 ///         One juror's weight is capped at `jurorCapBps` of all votes at the snapshot, so a
 ///         single large staker cannot decide a case alone against the others.
 ///         The worker wins only with a strict majority of revealed weight: bond back and an event
@@ -72,7 +76,8 @@ contract Disputes is AccessControlDefaultAdminRules {
         uint64 evidenceDeadline;
         uint64 commitEnd;
         uint64 revealEnd;
-        uint256 snapshot;
+        uint64 voteBy; // the vote must be open by then, or `resolve` upholds the case
+        uint256 snapshot; // votes one second before the dispute opened
         bytes32 evidenceHash;
         bytes32 bundleHash;
         uint256 bond;
@@ -80,7 +85,7 @@ contract Disputes is AccessControlDefaultAdminRules {
         uint256 forWorker;
         uint256 againstWorker;
         uint256 rewardPool;
-        address workerDelegate; // whom the worker's stake voted through when voting opened
+        address workerDelegate; // whom the worker's stake voted through at the snapshot
         uint64 executeBy; // a slash: executable before this, never after (the freeze's end)
     }
 
@@ -143,6 +148,9 @@ contract Disputes is AccessControlDefaultAdminRules {
     error NothingToReveal(address juror);
     error BadReveal(address juror);
     error NoReward(address juror);
+    error DelegationJustChanged(address worker, uint64 changedAt);
+    error VotePending(uint64 voteBy);
+    error VoteDeadlinePassed(uint64 voteBy);
 
     constructor(
         IERC20 token_,
@@ -291,12 +299,34 @@ contract Disputes is AccessControlDefaultAdminRules {
         _open(caseId, c);
     }
 
+    /// @dev The jury is fixed here, not when the vote opens: the votes one second before, and
+    ///      the account the worker's stake voted through then (barred from judging). Votes of
+    ///      the current second can still move, so a dispute in the second the worker's
+    ///      delegation changed is refused: the delegate read now might not be the one holding
+    ///      its stake at the snapshot. The vote must open by `voteBy`: the evidence deadline
+    ///      plus one commit window (the worker's own time to open it on the original evidence).
     function _open(bytes32 caseId, Case storage c) private {
         if (msg.sender != c.worker) revert NotYourCase(msg.sender, c.worker);
         if (block.timestamp >= c.windowEnd) revert WindowClosed(c.windowEnd);
+        (address delegatee, uint64 changedAt) = staking.delegationOf(msg.sender);
+        uint256 now_ = _clock();
+        if (changedAt >= now_) revert DelegationJustChanged(msg.sender, changedAt);
+        c.snapshot = now_ - 1;
+        c.workerDelegate = delegatee; // its stake must not judge its case
         c.state = State.Disputed;
         c.bond = bond;
-        c.evidenceDeadline = uint64(block.timestamp) + evidenceWindow;
+        uint64 evidenceDeadline = uint64(block.timestamp) + evidenceWindow;
+        uint64 voteBy = evidenceDeadline + commitWindow;
+        (c.evidenceDeadline, c.voteBy) = (evidenceDeadline, voteBy);
+        if (c.kind == Kind.Slash) {
+            // a case lost by default (no vote by `voteBy`) must still be executable: the
+            // freeze covers it (windows governance lengthened since the proposal included)
+            uint64 until = voteBy + EXECUTE_GRACE;
+            if (until > c.executeBy) {
+                c.executeBy = until;
+                staking.freeze(c.worker, until);
+            }
+        }
         emit DisputeOpened(caseId, c.worker, c.kind, c.evidenceHash, c.bond, c.evidenceDeadline);
         token.safeTransferFrom(msg.sender, address(this), c.bond);
     }
@@ -304,19 +334,19 @@ contract Disputes is AccessControlDefaultAdminRules {
     // ----- voting -----
 
     /// @notice Open the vote on the bundle with the re-checks: a reporter at any time once
-    ///         disputed, anyone after `evidenceDeadline` (then on the original evidence).
+    ///         disputed, anyone (the worker above all: a stalled vote) after `evidenceDeadline`
+    ///         (then on the original evidence); nobody after `voteBy` (`resolve` upholds it).
+    ///         The jury was fixed when the dispute opened (`snapshot`, `workerDelegate`).
     function openVoting(bytes32 caseId, bytes32 bundleHash, string calldata bundleUri) external {
         Case storage c = _known(caseId);
         if (c.state != State.Disputed) revert WrongState(c.state);
+        if (block.timestamp >= c.voteBy) revert VoteDeadlinePassed(c.voteBy);
         if (!hasRole(REPORTER_ROLE, msg.sender)) {
             if (block.timestamp < c.evidenceDeadline) revert EvidencePending(c.evidenceDeadline);
             bundleHash = c.evidenceHash;
         }
-        uint256 now_ = _clock();
         c.state = State.Voting;
         c.bundleHash = bundleHash;
-        c.snapshot = now_ - 1;
-        c.workerDelegate = staking.delegates(c.worker); // its stake must not judge its case
         c.commitEnd = uint64(block.timestamp) + commitWindow;
         c.revealEnd = c.commitEnd + revealWindow;
         emit VotingOpened(caseId, bundleHash, bundleUri, c.snapshot, c.commitEnd, c.revealEnd);
@@ -364,11 +394,17 @@ contract Disputes is AccessControlDefaultAdminRules {
         emit VoteRevealed(caseId, msg.sender, forWorker, b.weight);
     }
 
-    /// @notice Settle a vote once the reveal window closed (anyone may call).
+    /// @notice Settle a vote once the reveal window closed, or a dispute whose vote nobody
+    ///         opened by `voteBy` (lost: the refusal or slash stands, the bond goes to the
+    ///         treasury). Anyone may call.
     function resolve(bytes32 caseId) external {
         Case storage c = _known(caseId);
-        if (c.state != State.Voting) revert WrongState(c.state);
-        if (block.timestamp < c.revealEnd) revert VotingNotOver(c.revealEnd);
+        if (c.state == State.Disputed) {
+            if (block.timestamp < c.voteBy) revert VotePending(c.voteBy);
+        } else {
+            if (c.state != State.Voting) revert WrongState(c.state);
+            if (block.timestamp < c.revealEnd) revert VotingNotOver(c.revealEnd);
+        }
         bool won = c.forWorker > c.againstWorker;
         uint256 toTreasury;
         if (won) {

@@ -22,7 +22,8 @@ import {EIP712} from "@openzeppelin/contracts/utils/cryptography/EIP712.sol";
 ///      Votes: active stake is voting power (OZ `Votes`, timestamp clock) for the Governor. It is
 ///      checkpointed here and not on the token, so token transfers (claims) pay no vote gas.
 ///      A first stake delegates the account to itself unless it has chosen a delegate already;
-///      an unstake request or a slash of active stake removes the votes at once.
+///      an unstake request or a slash of active stake removes the votes at once. When an
+///      account's delegate last changed is recorded (`delegationOf`) for Disputes.
 contract Staking is AccessControlDefaultAdminRules, Votes {
     using SafeERC20 for IERC20;
 
@@ -35,9 +36,11 @@ contract Staking is AccessControlDefaultAdminRules, Votes {
     IERC20 public immutable token;
     address public slashRecipient;
 
-    /// @dev `pending` and `unlockAt` share a slot: an unstake request writes both.
+    /// @dev `pending` and `unlockAt` share a slot: an unstake request writes both. `active`
+    ///      and `delegatedAt` share the other: a first stake writes both for one slot's price.
     struct Position {
-        uint256 active;
+        uint192 active; // <= the token's supply (10^28) < 2^192
+        uint64 delegatedAt; // when the account's delegate last changed (`delegationOf`)
         uint192 pending; // <= the token's supply (10^28) < 2^192
         uint64 unlockAt;
     }
@@ -102,7 +105,7 @@ contract Staking is AccessControlDefaultAdminRules, Votes {
         if (delegates(account) == address(0)) _delegate(account, account);
         Position storage p = _positions[account];
         uint256 active = p.active + amount;
-        p.active = active;
+        p.active = uint192(active); // all stake is SOGNI held here: <= supply < 2^192
         emit Staked(account, amount, active);
         _transferVotingUnits(address(0), account, amount);
         token.safeTransferFrom(msg.sender, address(this), amount);
@@ -116,7 +119,7 @@ contract Staking is AccessControlDefaultAdminRules, Votes {
         if (amount > active) revert InsufficientActiveStake(amount, active);
         uint192 pending;
         unchecked {
-            p.active = active - amount;
+            p.active = uint192(active - amount);
             pending = p.pending + uint192(amount); // amount <= active <= supply < 2^192
         }
         totalPending += amount;
@@ -188,7 +191,7 @@ contract Staking is AccessControlDefaultAdminRules, Votes {
         uint256 fromActive = amount < p.active ? amount : p.active;
         uint256 rest = amount - fromActive;
         uint256 fromPending = rest < p.pending ? rest : p.pending;
-        p.active -= fromActive;
+        p.active -= uint192(fromActive); // fromActive <= p.active
         p.pending -= uint192(fromPending); // fromPending <= p.pending
         totalPending -= fromPending;
         if (fromActive > 0) _transferVotingUnits(account, address(0), fromActive);
@@ -211,6 +214,21 @@ contract Staking is AccessControlDefaultAdminRules, Votes {
 
     function _getVotingUnits(address account) internal view override returns (uint256) {
         return _positions[account].active;
+    }
+
+    /// @dev Every delegation (`delegate`, `delegateBySig`, a first stake's self-delegation)
+    ///      passes here: one that changes the delegate records when (Staking's clock).
+    function _delegate(address account, address delegatee) internal override {
+        if (delegates(account) != delegatee) _positions[account].delegatedAt = uint64(clock());
+        super._delegate(account, delegatee);
+    }
+
+    /// @notice Whom `account`'s votes go to and when that last changed (0: never). A dispute
+    ///         fixes its jury from the votes one second before it opens, and bars the worker's
+    ///         delegate; Disputes refuses one opened in the second of a delegation change
+    ///         (`DelegationJustChanged`), when the votes of that second are not final yet.
+    function delegationOf(address account) external view returns (address delegatee, uint64 changedAt) {
+        return (delegates(account), _positions[account].delegatedAt);
     }
 
     /// @notice All active stake: the Votes total-supply checkpoint, which every change of

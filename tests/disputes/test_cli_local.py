@@ -102,6 +102,13 @@ def test_cheater_loses_through_the_clis(anvil: Anvil, tmp_path: Path) -> None:
     out = _ok(runner.invoke(node_app, args, env=node_env))
     assert "dispute opened: case 0x" + "42" * 32 in out
     _refused(runner.invoke(node_app, args, env=node_env), Refused, "already disputed")
+    stalled = ["dispute", "open-vote", "0x" + "42" * 32]  # the coordinator's time first
+    _refused(runner.invoke(node_app, stalled, env=node_env), Refused, "to publish its re-checks")
+    _refused(
+        runner.invoke(node_app, ["dispute", "open-vote", "0x42"], env=node_env),
+        BadUsage,
+        "not a case id",
+    )
 
     def juror(i: int, who: Any) -> tuple[list[str], dict[str, str]]:
         key = tmp_path / f"juror{i}.json"

@@ -232,7 +232,8 @@ def test_an_old_slash_case_never_takes_stake_put_up_after_its_freeze(env: Env) -
     """An undisputed slash left unexecuted could be executed by anyone at any later time:
     the worker's freeze ran out, it withdrew, staked again months later, and the old case
     took the new stake. A case now executes only until the freeze it set ends
-    (`executeBy`); after a lost vote opened late, until its reveal end + EXECUTE_GRACE."""
+    (`executeBy`); after a lost vote opened late (by `voteBy`), until its reveal end +
+    EXECUTE_GRACE."""
     d, p = env.disputes, env.disputes.params()
     case = _propose(env, 400 * SOGNI)
     execute_by = d.case(case).execute_by
@@ -242,10 +243,10 @@ def test_an_old_slash_case_never_takes_stake_put_up_after_its_freeze(env: Env) -
         d.execute_slash(case, sender=env.outsider)
     assert env.d.staking.active_stake(env.worker.address) == 1_000 * SOGNI
 
-    late = _propose(env, 100 * SOGNI)  # disputed; nobody opens the vote for a long while
+    late = _propose(env, 100 * SOGNI)  # disputed; nobody opens the vote until the last second
     env.approve_bond()
     d.dispute_slash(late, sender=env.worker)
-    env.chain.advance_time(d.case(late).execute_by - env.chain.timestamp())
+    env.chain.advance_time(d.case(late).vote_by - 2 - env.chain.timestamp())
     d.open_voting(late, BUNDLE, "u", sender=env.outsider)
     # the vote opened late: the stake stays frozen until the slash can no longer execute
     execute_grace = 7 * 86400  # Disputes.EXECUTE_GRACE
@@ -303,19 +304,25 @@ def test_a_shorter_cooldown_never_pulls_an_unlock_time_in(env: Env) -> None:
 
 
 def test_the_worker_cannot_judge_its_own_case_through_a_delegate(env: Env) -> None:
-    """The worker delegates its stake's votes to an ally before the vote opens: the ally's
-    weight at the snapshot carries the worker's stake, so it may not commit a vote on the
-    worker's case (before, only the worker's own address was refused)."""
+    """The worker delegates its stake's votes to an ally before disputing: the ally's weight
+    at the snapshot carries the worker's stake, so it may not commit a vote on the worker's
+    case (before, only the worker's own address was refused). The jury is fixed when the
+    dispute opens: delegating again afterwards moves no weight and frees no one."""
     from sogni_chain.governance import StakingVotes
 
     d = env.disputes
     case = _propose(env, 100 * SOGNI)
+    ally, other = env.jurors[0], env.jurors[1]
+    votes = StakingVotes(env.chain, env.d.staking.address)
+    votes.delegate(ally.address, sender=env.worker)
+    env.chain.advance_time(2)  # the delegation lies before the snapshot
     env.approve_bond()
     d.dispute_slash(case, sender=env.worker)
-    ally = env.jurors[0]
-    StakingVotes(env.chain, env.d.staking.address).delegate(ally.address, sender=env.worker)
-    env.chain.advance_time(2)  # the delegation lies before the snapshot
+    assert d.case(case).worker_delegate == ally.address
+    votes.delegate(other.address, sender=env.worker)  # after the dispute opened
+    env.chain.advance_time(2)
     d.open_voting(case, BUNDLE, "u", sender=env.reporter)
     with pytest.raises(ChainRevert, match="WorkerCannotVote"):
         d.commit_vote(case, True, b"\x05" * 32, sender=ally)
-    d.commit_vote(case, False, b"\x06" * 32, sender=env.jurors[1])  # any other staker may
+    tx = d.commit_vote(case, True, b"\x06" * 32, sender=other)  # any other staker may,
+    assert tx.event("VoteCommitted")["weight"] == 200 * SOGNI  # with its own stake only

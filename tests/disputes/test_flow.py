@@ -108,9 +108,10 @@ async def test_honest_worker_wins_against_faulty_verifiers(
         rechecks=2,
         verify_timeout=5.0,
     )
-    # the coordinator sees the dispute only hours after the window closed (it was away):
-    # the re-checks still run, the prompt is forgotten only after them
-    chain.advance_time(disputes.params().dispute_window + 7200)
+    # the coordinator sees the dispute late (it was away), past the evidence window but
+    # before the case's voteBy (after it nobody may open the vote: test_no_escape.py): the
+    # re-checks still run, the prompt is forgotten only after them
+    chain.advance_time(disputes.case(record.case_id).vote_by - chain.timestamp() - 300)
     async with trio.open_nursery() as nursery:
         for node in more:
             nursery.start_soon(_honest, h, node, truth)
