@@ -20,7 +20,7 @@ from sogni_node.cli_common import ConfigOption, JsonOption
 from sogni_node.cli_common import load_config as _config
 from sogni_node.hardware import HardwareInfo, probe
 from sogni_protocol.cli_errors import BadUsage, CliGroup, DebugOption, Unavailable
-from sogni_protocol.logs import configure_logging
+from sogni_protocol.logs import configure_logging, quiet_progress_bars
 from sogni_protocol.settings import settings_to_builtins
 from sogni_wallet.keystore import (
     DEFAULT_KDF_N,
@@ -224,6 +224,7 @@ def start(
             "(SOGNI_NODE_NETWORK_OPERATORS) to the network operator's",
         )
     configure_logging(cfg.log_level, cfg.log_json)
+    quiet_progress_bars()  # before the libraries that draw them are imported
     from sogni_node import daemon  # lazy: pulls in torch, diffusers and libp2p
 
     try:
@@ -247,7 +248,7 @@ def status_command(
     answered, as every CLI does for "nothing listening": a script sees the node is down."""
     import time
 
-    from sogni_node.status_view import NodeStatus, collect, render
+    from sogni_node.status_view import NodeStatus, StatusCache, collect, render
 
     def down(reading: NodeStatus) -> None:
         if reading.daemon is None:  # after the reading: stdout still carries it
@@ -272,11 +273,13 @@ def status_command(
         console.print(render(reading))
         down(reading)
         return
+    cache = StatusCache()  # the rewards audit is redone only when the journal or epochs change
     try:
-        with Live(render(collect(cfg, wallet)), console=console, auto_refresh=False) as live:
+        first = render(collect(cfg, wallet, cache=cache))
+        with Live(first, console=console, auto_refresh=False) as live:
             while True:
                 time.sleep(every)
-                live.update(render(collect(cfg, wallet)), refresh=True)
+                live.update(render(collect(cfg, wallet, cache=cache)), refresh=True)
     except KeyboardInterrupt:
         return
 

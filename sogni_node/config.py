@@ -198,10 +198,28 @@ class NodeConfig(msgspec.Struct, kw_only=True, frozen=True, forbid_unknown_field
         return any(low == a.lower() for a in self.trusted_coordinators)
 
 
+PATH_KEYS = frozenset(
+    f.name
+    for f in msgspec.structs.fields(NodeConfig)
+    if "Path" in str(f.type)  # data_dir, models_dir, keystore, addresses_file, ...
+)
+"""Keys whose value is a path: an empty `SOGNI_NODE_<KEY>=` leaves them unset."""
+
+
+def without_empty_paths(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` less the path variables set to an empty string (or blanks): those mean "not
+    set", as for XDG's variables. An empty path read as "." would put the journal and the
+    keys in whatever folder the node was started from (`SOGNI_NODE_DATA_DIR=` in a unit
+    file or a container's env)."""
+    names = {f"{ENV_PREFIX}_{key.upper()}" for key in PATH_KEYS}
+    return {k: v for k, v in env.items() if not (k in names and not v.strip())}
+
+
 def load_node_config(path: Path | None = None, env: Mapping[str, str] = os.environ) -> NodeConfig:
-    """Load the node config: file `path` (or `$SOGNI_NODE_CONFIG`, or none) + `SOGNI_NODE_*`."""
+    """Load the node config: file `path` (or `$SOGNI_NODE_CONFIG`, or none) + `SOGNI_NODE_*`
+    (a path variable set empty counts as unset: `without_empty_paths`)."""
     text, source = read_config_text(path, env, CONFIG_ENV)
-    return load_settings(NodeConfig, text, env, ENV_PREFIX, source=source)
+    return load_settings(NodeConfig, text, without_empty_paths(env), ENV_PREFIX, source=source)
 
 
 DERIVED_FROM_DATA_DIR = frozenset({"models_dir", "keystore"})
@@ -217,6 +235,7 @@ def config_sources(path: Path | None = None, env: Mapping[str, str] = os.environ
     import tomllib
 
     text, source = read_config_text(path, env, CONFIG_ENV)
+    env = without_empty_paths(env)
     in_file = tomllib.loads(text) if text is not None else {}
     addresses = env.get(f"{ENV_PREFIX}_ADDRESSES_FILE") or in_file.get("addresses_file")
     out: dict[str, str] = {}

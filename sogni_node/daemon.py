@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import msgspec
 import trio
@@ -41,7 +43,7 @@ from sogni_node import partner
 from sogni_node.benchmark import saved_speed
 from sogni_node.config import DATA_DIR_LOCK, NodeConfig
 from sogni_node.hardware import HardwareError, HardwareInfo, probe
-from sogni_node.http_api import NodeView, build_app
+from sogni_node.http_api import JOURNAL_PROBE_SECONDS, NodeView, build_app
 from sogni_node.journal import SYNC_INTERVAL, Journal
 from sogni_node.live_install import InstalledModels, watch_installed
 from sogni_node.models.loras import LoraLibrary
@@ -58,7 +60,7 @@ from sogni_protocol.errors import ProtocolError
 from sogni_protocol.folder_lock import FolderBusy
 from sogni_protocol.ids import CAPABILITIES_TOPIC
 from sogni_protocol.image_encoding import encoder_build, encodes_like_network
-from sogni_protocol.logs import get_logger
+from sogni_protocol.logs import adopt_library_loggers, get_logger, quiet_progress_bars
 from sogni_protocol.messages import (
     OPEN_PIXELS_FEATURE,
     RERENDER_FEATURE,
@@ -255,6 +257,7 @@ async def run_node(
 
             def announce() -> None:
                 """A model or LoRA was added or removed: tell every coordinator."""
+                worker.models_changed(list(models))  # metric labels for the new ones
                 caps = new_caps()
                 log.info("capabilities_changed", models=caps.models, loras=len(caps.loras))
                 for session in list(sessions):
@@ -293,7 +296,8 @@ async def run_node(
                         lambda: _connected(sessions),
                         len(config.coordinators),
                         started,
-                        tuple(models),
+                        models,  # the live list: `models add` while it runs extends it
+                        journal_fault=lambda: journal.write_fault,
                     )
                     from sogni_node.metrics import observe
 
@@ -341,6 +345,7 @@ async def run_node(
                     _advertise, host, identity, lambda: new_caps(), config.advert_interval
                 )
                 nursery.start_soon(_sync_journal, journal)
+                nursery.start_soon(_probe_journal, journal, all_ready)
                 nursery.start_soon(_prune_forever, journal)
                 nursery.start_soon(watch_installed, config.models_dir, installed, announce)
                 urls = [u for u in config.network_signers_urls if u.startswith("http")]
@@ -399,6 +404,27 @@ async def _sync_journal(journal: Journal, interval: float = SYNC_INTERVAL) -> No
                 await trio.to_thread.run_sync(journal.sync)
             except OSError as exc:  # the next receipt's commit syncs it all the same
                 log.warning("journal_not_synced", error=type(exc).__name__)
+
+
+async def _probe_journal(
+    journal: Journal, on_writable: Callable[[], None], interval: float = JOURNAL_PROBE_SECONDS
+) -> None:
+    """While the journal cannot be written (a write met a full disk, a read-only or failing
+    volume: `Journal.write_fault`), the node takes no job (`PullSession.capacity` is 0, offers
+    are declined); every `interval` seconds this tries a kept image's worth of writes
+    (`Journal.probe_write`), and once one works it calls `on_writable` (every session
+    advertises its slots again)."""
+    while True:
+        await trio.sleep(interval)
+        if journal.writable:
+            continue
+        try:
+            back = await trio.to_thread.run_sync(journal.probe_write)
+        except Exception as exc:  # a bug in the probe must not end the daemon
+            log.error("journal_probe_failed", error=type(exc).__name__)
+            continue
+        if back:
+            on_writable()
 
 
 PRUNE_INTERVAL = 3600.0
@@ -611,35 +637,78 @@ def run(config: NodeConfig, *, announce: bool = False) -> ShutdownReport:
     launcher knows when the node is usable without guessing. These announcements are for
     launchers; operators and tests read the stable log events of docs/EVENTS.md.
     """
-    busy = FolderBusy(f"a node is already running on {config.data_dir}")
-    with folder_lock.hold(config.data_dir, DATA_DIR_LOCK, busy):  # for the process's life
-        return _run(config, announce=announce)
+    with private_files():
+        busy = FolderBusy(f"a node is already running on {config.data_dir}")
+        with folder_lock.hold(config.data_dir, DATA_DIR_LOCK, busy):  # for the process's life
+            return _run(config, announce=announce)
+
+
+@contextmanager
+def private_files() -> Iterator[None]:
+    """Umask 077 while the daemon runs: every file it writes (journal, kept images,
+    trajectories, keys, the signer set) is its owner's alone, whatever the shell's umask;
+    the data folder itself, when made here, is 0700."""
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process at once (a second Ctrl-C): no drain, no goodbye. The journal loses
+    nothing a crash would not (`sogni_node.journal`); coordinators re-queue the jobs."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
+async def watch_signals(stop: trio.Event, exit_now: Callable[[int], object] = _exit_now) -> None:
+    """The first SIGINT or SIGTERM starts the drain (`stop`); a second one while it drains
+    stops the process at once (`exit_now(130)`), with one line saying so."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if not stop.is_set():
+                log.info(
+                    "signal_received",
+                    signal=name,
+                    hint="draining; send it again to stop at once",
+                )
+                stop.set()
+                continue
+            log.warning(
+                "forced_stop",
+                signal=name,
+                hint="second signal while draining: stopping now; running jobs are not "
+                "waited for (their coordinators give them to other nodes)",
+            )
+            exit_now(130)
+            return
 
 
 def _run(config: NodeConfig, *, announce: bool) -> ShutdownReport:
     from sogni_node.models.defaults import default_registry
 
+    quiet_progress_bars()  # before torch, diffusers and transformers are imported
     wallet = unlock_wallet(config.keystore, config.password_env)
     registry = default_registry(config.models_dir, test_model=config.test_model)
     try:
         backend = build_backend(config, registry, probe(config.device))
     except ValueError as exc:  # a quant mode this device can't run, a missing extra
         raise HardwareError(str(exc)) from None
+    adopt_library_loggers()  # those imported with the backend: into the structured log
+    quiet_progress_bars()
     models = registry.ids()
     on_event = _announce if announce else None
 
     async def main() -> ShutdownReport:
         stop = trio.Event()
         async with trio.open_nursery() as nursery:
-
-            async def watch_signals() -> None:
-                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                    async for signum in signals:
-                        log.info("signal_received", signal=signal.Signals(signum).name)
-                        stop.set()
-                        return
-
-            nursery.start_soon(watch_signals)
+            nursery.start_soon(watch_signals, stop)
             report = await run_node(config, wallet, backend, models, stop=stop, on_event=on_event)
             nursery.cancel_scope.cancel()
         return report

@@ -19,6 +19,7 @@ size cap (`ids.EPOCH_FILE_LIMIT`): a file announced or delivered bigger is cut o
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -27,10 +28,10 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 import trio
@@ -80,12 +81,50 @@ RELAY_TIMEOUT = 120.0
 MAX_INDEX_PAGES = 10_000
 
 
+T = TypeVar("T")
+
+
 class EpochFetchError(Exception):
     """No source could be read (and no checked copy is cached)."""
 
 
 class EpochsRejected(EpochFetchError):
     """A source served files that fail the node's check: nothing of it was kept."""
+
+
+class EpochCacheError(Exception):
+    """The fetched epochs could not be written here (this machine's disk or permissions,
+    not the coordinator): `todo` says what to do."""
+
+    def __init__(self, message: str, todo: str) -> None:
+        super().__init__(message)
+        self.todo = todo
+
+
+def _local_fault(exc: OSError, cache_root: Path) -> EpochCacheError:
+    where = exc.filename or cache_root
+    reason = exc.strerror or type(exc).__name__
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = f"free space on this machine's disk ({cache_root}), or pass --epochs-dir"
+    else:
+        todo = (
+            f"check the owner and permissions of {cache_root} (data_dir/epochs) on this "
+            "machine, or pass --epochs-dir"
+        )
+    return EpochCacheError(
+        f"cannot keep the published epochs here: {where}: {reason} (a local write failed; "
+        "the coordinator is not at fault)",
+        todo,
+    )
+
+
+async def _locally(cache_root: Path, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(*args)` in a thread: a file operation on this machine, whose OSError is an
+    `EpochCacheError` (never counted as the source's failure)."""
+    try:
+        return await trio.to_thread.run_sync(fn, *args)
+    except OSError as exc:
+        raise _local_fault(exc, cache_root) from None
 
 
 class RelayFailed(Exception):
@@ -315,7 +354,7 @@ async def fetch_epochs(
                 src = _P2PSource(host, source, timeout, file_timeout)
             try:
                 return await attempt(src, source)
-            except EpochsRejected:
+            except (EpochsRejected, EpochCacheError):  # the next source would fare no better
                 raise
             except _HttpRefused as exc:
                 failures.append(f"{source}: {exc}")
@@ -336,7 +375,7 @@ async def fetch_epochs(
         async with open_host(key_path=None, listen=()) as host:
             try:  # leave the host's nursery with a plain exception, not a group
                 outcome = await run_all(host)
-            except (EpochFetchError, ProtocolError) as exc:
+            except (EpochFetchError, EpochCacheError, ProtocolError) as exc:
                 outcome = exc
     if isinstance(outcome, BaseException):
         raise outcome
@@ -354,7 +393,7 @@ async def fetch_epochs(
 async def _sync(src: _Source, source: str, cache_root: Path, limit: int) -> FetchedEpochs:
     entries = await _full_index(src, source)
     dest = cache_root / source_key(source)
-    staging = await trio.to_thread.run_sync(_fresh_dir, cache_root, source_key(source))
+    staging = await _locally(cache_root, _fresh_dir, cache_root, source_key(source))
     fetched: list[str] = []
 
     async def place(name: str, digest: bytes | None, *, reuse: bool = False) -> bool:
@@ -367,7 +406,7 @@ async def _sync(src: _Source, source: str, cache_root: Path, limit: int) -> Fetc
             else reuse and cached.is_file()
         )
         if same:
-            await trio.to_thread.run_sync(_link, cached, staging / name)
+            await _locally(cache_root, _link, cached, staging / name)
             return True
         data = await src.file(name, limit)
         if digest is not None and content_hash(data) != digest:
@@ -377,7 +416,7 @@ async def _sync(src: _Source, source: str, cache_root: Path, limit: int) -> Fetc
                 else f"{name} is not the file the index describes (its hash differs)"
             )
             raise EpochsRejected(f"epochs from {source} are refused: {problem}")
-        await trio.to_thread.run_sync(_write, staging / name, data)
+        await _locally(cache_root, _write, staging / name, data)
         fetched.append(name)
         return False
 
@@ -396,7 +435,7 @@ async def _sync(src: _Source, source: str, cache_root: Path, limit: int) -> Fetc
                 raise EpochsRejected(f"epochs from {source} are refused: {exc}") from None
             if not report.ok:
                 raise EpochsRejected(f"epochs from {source} fail the check: {report.first_problem}")
-        await trio.to_thread.run_sync(_swap, staging, dest)
+        await _locally(cache_root, _swap, staging, dest)
     finally:
         await trio.to_thread.run_sync(shutil.rmtree, staging, True)
     return FetchedEpochs(dest, source, len(entries), fetched)

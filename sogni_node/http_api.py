@@ -9,7 +9,7 @@ so importing this module needs no `http` extra.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -34,10 +34,13 @@ class NodeView:
     """Coordinators with a live, welcomed pull session."""
     configured: int
     started: float = field(default_factory=time.monotonic)
-    models: tuple[str, ...] = ()
-    """Models this node serves (advertised); none: not ready."""
+    models: Sequence[str] = ()
+    """Models this node serves (advertised; the daemon's live list, which `models add`
+    extends while it runs); none: not ready."""
     registry: CollectorRegistry | None = None
     """This node's metrics (`sogni_node.metrics`); None: `/metrics` is 404."""
+    journal_fault: Callable[[], str | None] = lambda: None
+    """Why the journal cannot be written now (`Journal.write_fault`), or None."""
 
 
 def health(view: NodeView) -> dict[str, object]:
@@ -66,15 +69,26 @@ def health(view: NodeView) -> dict[str, object]:
 def not_ready(view: NodeView) -> str | None:
     """Why the node cannot take work now (one line for `/readyz`), or None.
 
-    Ready: not shutting down, a model to serve, and a welcomed session with at least one
-    trusted coordinator (sessions are only welcomed by a trusted signer)."""
+    Ready: not shutting down, a journal that can be written, a model to serve, and a
+    welcomed session with at least one trusted coordinator (sessions are only welcomed by a
+    trusted signer)."""
     if view.worker.draining:
         return "draining: the node is shutting down"
+    fault = view.journal_fault()
+    if fault is not None:
+        return (
+            f"journal not writable: {fault}; no job is taken until a write works again "
+            f"(tried every {JOURNAL_PROBE_SECONDS:g} s)"
+        )
     if not view.models:
         return "no model to serve"
     if view.coordinators() < 1:
         return f"no trusted coordinator connected (0 of {view.configured})"
     return None
+
+
+JOURNAL_PROBE_SECONDS = 2.0
+"""How often the daemon tries to write its journal while it cannot (`Journal.probe_write`)."""
 
 
 def routes(view: NodeView) -> list[BaseRoute]:

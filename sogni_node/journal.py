@@ -43,22 +43,25 @@ The schema evolves by ordered forward migrations (`_MIGRATIONS`, applied on open
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import hashlib
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import msgspec
 
 from sogni_protocol import eip712
 from sogni_protocol.atomic import fsync_dir
 from sogni_protocol.image_types import EXTENSIONS, extension_of
+from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import NO_TRAJECTORY, JobOffer, Receipt, RenderMeta
 from sogni_protocol.migrations import Migration, SchemaTooNew, migrate
 
@@ -70,7 +73,10 @@ __all__ = [
     "JournalError",
     "JournalReceipt",
     "StoredResult",
+    "storage_fault",
 ]
+
+log = get_logger(__name__)
 
 INLINE_MAX = 256 * 1024
 """Bytes up to which a kept image is a row of the journal (`kept_images`), not a file: in
@@ -167,7 +173,115 @@ _EMPTY_SHA256 = hashlib.sha256(b"").digest()
 
 
 class JournalError(Exception):
-    """The journal cannot be opened or refuses a write that would contradict it."""
+    """The journal cannot be opened or read, or refuses a write that would contradict it.
+    `todo`: what the operator can do about it (the CLI prints it after the message)."""
+
+    def __init__(self, message: str, todo: str | None = None) -> None:
+        super().__init__(message)
+        self.todo = todo
+
+
+DAMAGED_TODO = (
+    "stop the node, then restore the journal from a backup copy, or move it aside "
+    "(e.g. `mv journal.db journal.db.damaged`, with its -wal and -shm files) and start again "
+    "with a new one; the receipts in the damaged one are then missing from `sogni-node "
+    "rewards` audits"
+)
+"""What to do about a damaged journal (the node's words, not the coordinator's)."""
+
+_BUGS = (sqlite3.IntegrityError, sqlite3.ProgrammingError, sqlite3.InterfaceError)
+"""sqlite3 errors that are this code's mistakes, never the disk's."""
+
+_OS_FAULTS = {
+    errno.ENOSPC: "disk full",
+    errno.EDQUOT: "disk quota exceeded",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "permission denied",
+    errno.EIO: "I/O error",
+}
+_SQLITE_FAULTS = (
+    ("full", "disk full"),
+    ("readonly", "read-only"),
+    ("read-only", "read-only"),
+    ("i/o", "I/O error"),
+    ("locked", "locked by another process"),
+    ("busy", "locked by another process"),
+    ("unable to open", "cannot open the file"),
+    ("malformed", "damaged"),
+    ("not a database", "damaged"),
+)
+
+
+def storage_fault(exc: BaseException) -> str | None:
+    """The kind of storage fault `exc` is, in a few fixed words and its type (`disk full
+    (OperationalError)`), never its own text; None when it is not one (a bug, a refusal)."""
+    if isinstance(exc, OSError):
+        kind = _OS_FAULTS.get(exc.errno or 0, "OS error")
+    elif isinstance(exc, sqlite3.Error) and not isinstance(exc, _BUGS):
+        low = str(exc).lower()
+        kind = next((k for words, k in _SQLITE_FAULTS if words in low), "database error")
+    else:
+        return None
+    return f"{kind} ({type(exc).__name__})"
+
+
+def _todo_for(fault: str) -> str:
+    if fault.startswith("damaged"):
+        return DAMAGED_TODO
+    if fault.startswith(("disk full", "disk quota")):
+        return "free space on the disk of the node's data_dir"
+    if fault.startswith("locked"):
+        return "another process holds the journal (a `sqlite3` session, a backup): end it"
+    return "check the disk and the owner and permissions of the node's data_dir and its files"
+
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _writes(
+    method: Callable[Concatenate[Journal, _P], _T],
+) -> Callable[Concatenate[Journal, _P], _T]:
+    """A write: a storage fault it meets marks the journal not writable (`write_fault`)
+    until `probe_write` succeeds; the error is raised as it was."""
+
+    @functools.wraps(method)
+    def wrapper(self: Journal, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return method(self, *args, **kwargs)
+        except (OSError, sqlite3.Error) as exc:
+            self._write_failed(exc)
+            raise
+
+    return wrapper
+
+
+def _reads(
+    method: Callable[Concatenate[Journal, _P], _T],
+) -> Callable[Concatenate[Journal, _P], _T]:
+    """A read: a storage fault it meets is a `JournalError` in the node's words."""
+
+    @functools.wraps(method)
+    def wrapper(self: Journal, *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            fault = storage_fault(exc)
+            if fault is None:
+                raise
+            raise JournalError(
+                f"cannot read the journal {self.path}: {fault}", _todo_for(fault)
+            ) from None
+
+    return wrapper
+
+
+PROBE_BYTES = INLINE_MAX
+"""What `probe_write` writes, twice (a journal row and a file): a kept image's worth."""
+_PROBE_ID = b"sogni-node write probe"
+"""The probe's `kept_images` key: never a job id (those are 32 bytes)."""
+_PROBE_FILE = ".write-probe"
 
 
 @dataclass(frozen=True)
@@ -198,11 +312,33 @@ class StoredResult:
     the file is missing or no longer matches the hash (it cannot be sent again)."""
 
 
+def _private(path: Path, *, create: bool = True) -> None:
+    """`path` readable by its owner only (0600): created so before SQLite opens it (its -wal
+    and -shm files then get the same mode), or tightened when an older node left it 0644."""
+    try:
+        if create:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        mode = path.stat().st_mode & 0o777
+        if mode & 0o077:
+            os.chmod(path, mode & 0o700)
+    except FileNotFoundError:
+        pass
+    except OSError:  # not ours to change (a read-only copy): SQLite says what it can't do
+        pass
+
+
 class Journal:
-    """One node's SQLite journal. Use as a context manager, or call `close()`."""
+    """One node's SQLite journal. Use as a context manager, or call `close()`.
+
+    `check`: run `PRAGMA quick_check` when opening (a damaged journal is a `JournalError`)."""
 
     def __init__(
-        self, path: Path, results_dir: Path | None = None, *, inline_max: int = INLINE_MAX
+        self,
+        path: Path,
+        results_dir: Path | None = None,
+        *,
+        inline_max: int = INLINE_MAX,
+        check: bool = True,
     ) -> None:
         self.path = Path(path).expanduser()
         self.inline_max = inline_max
@@ -214,15 +350,86 @@ class Journal:
         self._lock = threading.Lock()
         self.unsynced = 0
         """Commits made without a fsync since the last fsync'd one (`sync` makes them durable)."""
+        self.write_fault: str | None = None
+        """Why the last write failed (`storage_fault`), until `probe_write` succeeds: while
+        set, the node takes no job (it could not record it)."""
+        _private(self.path)
         try:
             self._db = sqlite3.connect(
                 self.path, isolation_level=None, check_same_thread=False, timeout=10
             )
+            if check:
+                self._check()
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._migrate()
         except sqlite3.DatabaseError as exc:
-            raise JournalError(f"cannot open journal {self.path}: {exc}") from None
+            fault = storage_fault(exc) or type(exc).__name__
+            raise JournalError(
+                f"cannot open the journal {self.path}: {fault}", _todo_for(fault)
+            ) from None
+        for suffix in ("-wal", "-shm"):  # SQLite gives them the journal's mode; older ones
+            _private(Path(f"{self.path}{suffix}"), create=False)
+
+    def _check(self) -> None:
+        """`PRAGMA quick_check` (every page and index, not their agreement: seconds for a
+        journal of gigabytes): a damaged journal is refused in one line, before anything is
+        written to it."""
+        rows = self._db.execute("PRAGMA quick_check(3)").fetchall()
+        problems = [str(r[0]) for r in rows if str(r[0]) != "ok"]
+        if problems:
+            raise JournalError(
+                f"the journal {self.path} is damaged (SQLite quick_check: {problems[0][:200]})",
+                DAMAGED_TODO,
+            )
+
+    @property
+    def writable(self) -> bool:
+        """False since a write met a storage fault, until `probe_write` succeeds."""
+        return self.write_fault is None
+
+    def _write_failed(self, exc: BaseException) -> None:
+        fault = storage_fault(exc)
+        if fault is None:
+            return
+        if self.write_fault is None:
+            log.error(
+                "journal_not_writable",
+                reason=fault,
+                path=str(self.path),
+                hint="the node takes no jobs until its journal can be written again",
+            )
+        self.write_fault = fault
+
+    def probe_write(self, size: int = PROBE_BYTES) -> bool:
+        """Write what a kept image takes, a journal row and a file in the results folder
+        (both fsync'd), and remove them: True (and `write_fault` cleared) when that worked.
+        Blocking: call it off the event loop."""
+        try:
+            with self._lock:
+                with self._transaction():
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO kept_images (job_id, image)"
+                        " VALUES (?, zeroblob(?))",
+                        (_PROBE_ID, size),
+                    )
+                self._db.execute("DELETE FROM kept_images WHERE job_id = ?", (_PROBE_ID,))
+                path = self.results_dir / _PROBE_FILE
+                try:
+                    self._write_kept(path, bytes(size))
+                finally:
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+        except (OSError, sqlite3.Error) as exc:
+            fault = storage_fault(exc)
+            if fault is None:
+                raise
+            self.write_fault = fault
+            return False
+        if self.write_fault is not None:
+            log.info("journal_writable_again", was=self.write_fault)
+        self.write_fault = None
+        return True
 
     def _migrate(self) -> None:
         """Apply the migrations this journal lacks (one transaction), or refuse a newer one."""
@@ -239,6 +446,7 @@ class Journal:
         with self._lock:
             self._db.close()
 
+    @_writes
     def sync(self) -> bool:
         """Make every commit so far durable: fsync the WAL if a commit since the last fsync'd
         one had none of its own. False if there was nothing to do. Blocking (a fsync)."""
@@ -290,6 +498,7 @@ class Journal:
         self.close()
 
     # --- writes ---------------------------------------------------------------------------
+    @_writes
     def record_offer(
         self,
         job_id: bytes,
@@ -350,12 +559,14 @@ class Journal:
             row,
         )
 
+    @_writes
     def record_signed_offer(self, offer: JobOffer, offer_hash: bytes, signature: bytes) -> None:
         """`record_offer` from the `JobOffer` record itself, keeping the coordinator's signature
         (the node's evidence that the work was offered)."""
         with self._lock:
             self._insert_offer(_offer_row(offer, offer_hash, signature))
 
+    @_writes
     def take_offer(
         self, offer: JobOffer, offer_hash: bytes, signature: bytes
     ) -> StoredResult | None:
@@ -370,6 +581,7 @@ class Journal:
             self._insert_offer(_offer_row(offer, offer_hash, signature))
             return None
 
+    @_writes
     def record_receipt(
         self,
         receipt: Receipt,
@@ -421,6 +633,7 @@ class Journal:
             return False
         raise JournalError(f"job 0x{job_id.hex()} already has a different receipt")
 
+    @_writes
     def keep_result(
         self,
         receipt: Receipt,
@@ -487,6 +700,7 @@ class Journal:
             os.close(fd)
         fsync_dir(path.parent)
 
+    @_writes
     def resign(
         self,
         job_id: bytes,
@@ -516,6 +730,7 @@ class Journal:
             )
             return cur.rowcount > 0
 
+    @_reads
     def stored_result(self, job_id: bytes) -> StoredResult | None:
         """The journalled receipt for `job_id` and its kept image; None if it has no receipt."""
         with self._lock:
@@ -572,6 +787,7 @@ class Journal:
             gone += 1
         return gone
 
+    @_reads
     def kept_results(self) -> set[bytes]:
         """The job ids with a kept image (a journal row or a file): what `mark_acked` or
         `prune_results` will delete."""
@@ -609,6 +825,7 @@ class Journal:
         Committed without a fsync of its own (durable within `SYNC_INTERVAL`; see above)."""
         return self.mark_acked_many([(job_id, accepted, reason)]) == 1
 
+    @_writes
     def mark_acked_many(self, acks: Sequence[tuple[bytes, bool, str]]) -> int:
         """`mark_acked` for several `(job id, accepted, reason)` in one commit (a session
         journals the acks that arrived while it wrote the last batch together); returns how
@@ -632,6 +849,7 @@ class Journal:
                 self._drop_files(job_id)
         return found
 
+    @_writes
     def void(self, job_id: bytes, reason: str) -> bool:
         """Mark an unacked receipt refused (it is re-signed for another coordinator key, and
         no ack will come for it) and drop its image; False, and nothing changed, when an ack
@@ -650,6 +868,7 @@ class Journal:
                 self._drop_files(job_id)
         return True
 
+    @_writes
     def mark_handed_back(self, job_id: bytes, steps_done: int, reason: str) -> bool:
         """Record that the job went back unfinished; False if its offer was never recorded."""
         with self._lock:
@@ -661,6 +880,7 @@ class Journal:
             return cur.rowcount > 0
 
     # --- reads ----------------------------------------------------------------------------
+    @_reads
     def receipts(
         self, *, coordinator: str | None = None, since: int | None = None
     ) -> list[JournalReceipt]:
@@ -678,6 +898,7 @@ class Journal:
             rows = self._db.execute(sql, args).fetchall()
         return [_receipt_from_row(r) for r in rows]
 
+    @_reads
     def render_times(self, since: float) -> list[tuple[str, float, int]]:
         """`(model id, seconds from offer to receipt, work units)` of each receipt recorded at
         or after `since` that the coordinator did not refuse (`sogni-node status`)."""
@@ -691,6 +912,7 @@ class Journal:
             ).fetchall()
         return [(str(m), max(0.0, float(t)), int(u)) for m, t, u in rows]
 
+    @_reads
     def unacked(self, since: float = 0.0) -> list[JournalReceipt]:
         """Receipts with no `ResultAck` yet (the result may not have reached the coordinator),
         recorded at or after `since` (unix seconds)."""
@@ -702,6 +924,7 @@ class Journal:
             ).fetchall()
         return [_receipt_from_row(r) for r in rows]
 
+    @_reads
     def offer(self, job_id: bytes) -> JobOffer | None:
         """The journalled `JobOffer` for `job_id`, if one was recorded with its JSON."""
         with self._lock:
@@ -712,6 +935,7 @@ class Journal:
             return None
         return msgspec.json.decode(row[0], type=JobOffer)
 
+    @_reads
     def counts(self) -> dict[str, int]:
         """offers, receipts, accepted, rejected, unacked, handed_back, work_units_accepted."""
         with self._lock:

@@ -24,9 +24,16 @@ from prometheus_client.registry import Collector
 from sogni_node.earnings import EarningsTally
 from sogni_node.journal import Journal
 from sogni_node.render.backend import RenderCancelled
-from sogni_node.worker import Running, Worker
+from sogni_node.worker import FAILURE_STAGES, Running, Worker
 from sogni_protocol.logs import get_logger, tap_events
-from sogni_protocol.metrics import OTHER, RENDER_BUCKETS, LoopLag, ModelLabels, new_registry
+from sogni_protocol.metrics import (
+    MAX_MODEL_LABELS,
+    OTHER,
+    RENDER_BUCKETS,
+    LoopLag,
+    ModelLabels,
+    new_registry,
+)
 from sogni_protocol.pricing import MICRO
 
 if TYPE_CHECKING:
@@ -51,6 +58,18 @@ EVENT_COUNTS: dict[str, tuple[tuple[str, ...], str]] = {
 """Log event -> (verification kind, or none for a challenge; outcome)."""
 
 
+class LiveModelLabels(ModelLabels):
+    """Model labels that grow with the models installed while the node runs (`add`), up to
+    `MAX_MODEL_LABELS`: a model added by `sogni-node models add` is labelled at once."""
+
+    def add(self, model_id: str) -> bool:
+        """Allow `model_id` as a label; False if it already was or the set is full."""
+        if model_id in self.allowed or len(self.allowed) >= MAX_MODEL_LABELS:
+            return False
+        self.allowed = self.allowed | {model_id}
+        return True
+
+
 class NodeMetrics:
     def __init__(self, registry: CollectorRegistry, models: ModelLabels) -> None:
         self.registry = registry
@@ -63,13 +82,18 @@ class NodeMetrics:
             return Counter(f"{PREFIX}_jobs_{name}", doc, ["model"], registry=registry)
 
         self.finished = jobs("finished", "Renders finished")
-        self.failed = jobs("failed", "Renders that failed (the job is handed back)")
+        self.failed = Counter(
+            f"{PREFIX}_jobs_failed",
+            "Jobs that failed (handed back), by where: render, journal, sign, trajectory, "
+            "upload, other",
+            ["model", "stage"],
+            registry=registry,
+        )
         self.handed_back = jobs(
             "handed_back", "Renders cancelled mid-way (handed back, or paid pro rata)"
         )
         for model in (*sorted(models.allowed), OTHER):  # every series exists from the start
-            for counter in (self.finished, self.failed, self.handed_back):
-                counter.labels(model=model)
+            self._series(model)
         self.render_seconds = Histogram(
             f"{PREFIX}_render_seconds",
             "Wall time of finished renders",
@@ -92,6 +116,24 @@ class NodeMetrics:
         for kind, outcome in EVENT_COUNTS.values():
             (self.verifications if kind else self.challenges).labels(*kind, outcome)
         self.lag = LoopLag(registry, PREFIX)
+
+    def _series(self, model: str) -> None:
+        for counter in (self.finished, self.handed_back):
+            counter.labels(model=model)
+        for stage in FAILURE_STAGES:
+            self.failed.labels(model=model, stage=stage)
+
+    def add_models(self, models: Iterable[str]) -> None:
+        """Label models installed while the node runs (their series start at 0)."""
+        if not isinstance(self.model, LiveModelLabels):
+            return
+        for model in models:
+            if self.model.add(model):
+                self._series(model)
+
+    def job_failed(self, model_id: str, stage: str) -> None:
+        stage = stage if stage in FAILURE_STAGES else OTHER
+        self.failed.labels(model=self.model(model_id), stage=stage).inc()
 
     def on_event(self, event: str) -> None:
         """A structured log event's name (`sogni_protocol.logs.tap_events`): count the
@@ -134,32 +176,46 @@ class MeteredWorker(Worker):
             m.handed_back.labels(model=model).inc()
             raise
         except Exception:
-            m.failed.labels(model=model).inc()
+            m.failed.labels(model=model, stage="render").inc()
             raise
         m.finished.labels(model=model).inc()
         m.render_seconds.labels(model=model).observe(time.monotonic() - started)
         return out
 
+    def job_failed(self, model_id: str, stage: str) -> None:
+        self.metrics.job_failed(model_id, stage)
+
+    def models_changed(self, models: list[str]) -> None:
+        self.metrics.add_models(models)
+
 
 class LiveState(Collector):
     """Gauges read from the daemon's memory at scrape time (on the trio thread)."""
 
-    def __init__(self, worker: Worker, coordinators: Callable[[], int], configured: int) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        coordinators: Callable[[], int],
+        configured: int,
+        journal: Journal | None = None,
+    ) -> None:
         self.worker = worker
         self.coordinators = coordinators
         self.configured = configured
+        self.journal = journal
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         return list(self._families())
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        connected, configured, slots, running, draining = self._families()
+        connected, configured, slots, running, draining, writable = self._families()
         connected.add_metric([], self.coordinators())
         configured.add_metric([], self.configured)
         slots.add_metric([], self.worker.slots)
         running.add_metric([], len(self.worker.running))
         draining.add_metric([], 1 if self.worker.draining else 0)
-        yield from (connected, configured, slots, running, draining)
+        writable.add_metric([], 1 if self.journal is None or self.journal.writable else 0)
+        yield from (connected, configured, slots, running, draining, writable)
 
     @staticmethod
     def _families() -> tuple[GaugeMetricFamily, ...]:
@@ -171,6 +227,10 @@ class LiveState(Collector):
             GaugeMetricFamily(f"{PREFIX}_slots", "Render slots"),
             GaugeMetricFamily(f"{PREFIX}_running_jobs", "Renders running now"),
             GaugeMetricFamily(f"{PREFIX}_draining", "1 while shutting down"),
+            GaugeMetricFamily(
+                f"{PREFIX}_journal_writable",
+                "0 while the journal cannot be written (no job is taken), else 1",
+            ),
         )
 
 
@@ -218,7 +278,7 @@ async def _refresh_earnings(tally: EarningsTally, interval: float) -> None:
 def metered(models: Iterable[str]) -> Callable[..., MeteredWorker]:
     """A `Worker` constructor that counts into a new registry of its own (several nodes in
     one process stay apart). Model labels: `models` (those this node serves), else "other"."""
-    return partial(MeteredWorker, metrics=NodeMetrics(new_registry(), ModelLabels(models)))
+    return partial(MeteredWorker, metrics=NodeMetrics(new_registry(), LiveModelLabels(models)))
 
 
 def observe(
@@ -235,7 +295,7 @@ def observe(
     if not isinstance(worker, MeteredWorker):
         raise TypeError("the worker was not built by `metered`")
     metrics = worker.metrics
-    metrics.registry.register(LiveState(worker, view.coordinators, view.configured))
+    metrics.registry.register(LiveState(worker, view.coordinators, view.configured, journal))
     if journal is not None:
         tally = EarningsTally(journal)
         metrics.registry.register(Earnings(tally))

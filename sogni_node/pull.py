@@ -192,6 +192,8 @@ class _Job:
     """Accepted with every slot busy: it waits for the next free slot (pipelined credit)."""
     recorded: bool = False
     """Its signed offer is journaled (done while in hand, so the render starts at once)."""
+    stage: str = "other"
+    """What it was doing last, for `jobs_failed_total{stage}` (`worker.FAILURE_STAGES`)."""
 
     @property
     def id(self) -> bytes:
@@ -283,11 +285,16 @@ class PullSession:
         `lookahead` in hand, less what other sessions' jobs hold; 0 while draining. A
         coordinator that does not pipeline caps it at `slots` (and counts its offers in flight
         against it); one that pipelines less deeply at its own most."""
-        if self.worker.draining:
-            return 0
+        if self.worker.draining or self._journal_fault is not None:
+            return 0  # a job it could not journal would be work it cannot prove
         others = sum(1 for j in self.worker.running if j not in self.jobs)
         others += sum(1 for j in self.worker.in_hand if j not in self.jobs)
         return max(0, self.worker.slots + self.worker.advertise() - others)
+
+    @property
+    def _journal_fault(self) -> str | None:
+        """Why the journal cannot be written now (`Journal.write_fault`): no job is taken."""
+        return getattr(self.journal, "write_fault", None)  # tests may run without a journal
 
     async def run(
         self, jobs: trio.Nursery | None = None, slot_freed: Callable[[], None] | None = None
@@ -463,6 +470,7 @@ class PullSession:
         if len(payload) > limit:  # this message's problem, not the stream's
             log.error("message_too_large", type=type(msg).__name__, size=len(payload))
             if isinstance(msg, Result):
+                self.worker.job_failed(msg.receipt.model_id, "upload")
                 self.send(HandBack(job_id=msg.job_id, steps_done=0, reason="result too large"))
             elif isinstance(msg, ChallengeAnswer):
                 reason = f"answer too large ({len(payload)} bytes): ask for fewer steps"
@@ -1022,7 +1030,9 @@ class PullSession:
         try:
             offer_hash = eip712.offer_hash(self.id.domain, msg.offer)
             fault = self._check_offer(msg, offer_hash)
-            if fault is None and job_id in self.jobs:
+            if fault is None and self._journal_fault is not None:
+                fault = f"this node's journal cannot be written now ({self._journal_fault})"
+            elif fault is None and job_id in self.jobs:
                 fault = "job is already running here"
             elif fault is None and job_id not in self.worker.running:
                 if self.worker.free_slots > 0 or not self.worker.can_hold():
@@ -1053,7 +1063,14 @@ class PullSession:
         try:
             await self._serve(job)
         except Exception as exc:  # the type only: a message may quote the job's parameters
-            log.error("job_failed", job=job.tag, error=type(exc).__name__, where=where(exc))
+            log.error(
+                "job_failed",
+                job=job.tag,
+                stage=job.stage,
+                error=type(exc).__name__,
+                where=where(exc),
+            )
+            self.worker.job_failed(job.msg.offer.model_id, job.stage)
             steps = job.run.steps_done if job.run is not None else 0
             await self._hand_back(job, steps, "node error", sent_steps=0)
         finally:
@@ -1084,6 +1101,7 @@ class PullSession:
             await finishing.wait()
         await self._ack_journaled(job.id)
         # one thread hop: the kept result that answers this offer, else the offer journaled
+        job.stage = "journal"
         kept = await _off_loop(
             self.journal.take_offer, job.msg.offer, job.offer_hash, job.msg.signature
         )
@@ -1118,6 +1136,7 @@ class PullSession:
         if its deadline passes first, the coordinator cancels it, or the node drains."""
         offer = job.msg.offer
         if not job.recorded:
+            job.stage = "journal"
             await _off_loop(
                 self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature
             )
@@ -1158,6 +1177,7 @@ class PullSession:
     async def _render_and_keep(self, job: _Job, run: Running) -> None:
         offer = job.msg.offer
         if not job.recorded:
+            job.stage = "journal"
             await _off_loop(
                 self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature
             )
@@ -1173,6 +1193,7 @@ class PullSession:
         # past the deadline by as long again the coordinator has given the job to another
         # node, which has likely finished it: the slot is worth more to the next offer
         give_up_at = offer.deadline + max(OVERTIME_FLOOR, offer.deadline - time.time())
+        job.stage = "render"  # a render's own failure is counted by the worker (below)
         try:
             out = await self.worker.render(
                 run, job.msg.params, on_step, report_every=PROGRESS_INTERVAL, give_up_at=give_up_at
@@ -1203,6 +1224,7 @@ class PullSession:
         root = NO_TRAJECTORY
         if out.trajectory is not None and self.trajectories is not None:
             # kept before the receipt commits to it: a challenge can always be answered
+            job.stage = "trajectory"
             await _off_loop(self.trajectories.keep, job.id, out.trajectory)
             if out.pixels is not None:  # a lossy image's pixels: opened for the image check
                 await _off_loop(self.trajectories.keep_pixels, job.id, out.pixels)
@@ -1248,9 +1270,11 @@ class PullSession:
             trajectory_root=trajectory_root,
             payout=self.id.payout,
         )
+        job.stage = "sign"
         signature = eip712.sign_receipt(self.id.wallet_key, self.id.domain, receipt)
         meta = meta or RenderMeta(backend=self.worker.backend.name, device="", dtype="", threads=0)
         crashpoint("node_before_journal")
+        job.stage = "journal"
         await _off_loop(
             functools.partial(
                 self.journal.keep_result,
@@ -1263,6 +1287,7 @@ class PullSession:
             )
         )
         crashpoint("node_after_journal")
+        job.stage = "upload"
         self.send(
             Result(
                 job_id=offer.job_id, image=image, receipt=receipt, signature=signature, meta=meta
@@ -1312,7 +1337,9 @@ class PullSession:
             receipt = msgspec.structs.replace(
                 receipt, offer_hash=job.offer_hash, payout=self.id.payout
             )
+            job.stage = "sign"
             signature = eip712.sign_receipt(self.id.wallet_key, self.id.domain, receipt)
+            job.stage = "journal"
             await _off_loop(
                 self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature
             )
@@ -1350,10 +1377,12 @@ class PullSession:
         receipt = msgspec.structs.replace(
             receipt, offer_hash=job.offer_hash, coordinator=offer.coordinator, payout=self.id.payout
         )
+        job.stage = "sign"
         signature = eip712.sign_receipt(self.id.wallet_key, self.id.domain, receipt)
         meta = entry.meta or RenderMeta(
             backend=self.worker.backend.name, device="", dtype="", threads=0
         )
+        job.stage = "journal"
         await _off_loop(self.journal.record_signed_offer, offer, job.offer_hash, job.msg.signature)
         why = f"void: re-signed for the coordinator's new key {offer.coordinator}"
         if not await _off_loop(self.journal.void, job.id, why):  # acked meanwhile: it stands

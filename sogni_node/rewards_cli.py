@@ -64,6 +64,7 @@ for _name, _kind, _todo in (
         "check that a coordinator is running and reachable, or pass --epochs-dir",
     ),
     ("sogni_node.epoch_fetch.RelayFailed", Refused, None),
+    ("sogni_node.epoch_fetch.EpochCacheError", Unavailable, None),  # its own todo: local
     ("sogni_node.rewards.NotMatured", Refused, "try again once it has matured"),
     ("sogni_protocol.epoch_audit.PublishedFolderError", Unavailable, "check --epochs-dir"),
 ):

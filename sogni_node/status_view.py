@@ -28,9 +28,40 @@ from sogni_protocol.settings import READ_ONLY_SENDER
 if TYPE_CHECKING:
     from rich.console import RenderableType
 
-__all__ = ["NodeStatus", "collect", "epochs_folder", "render"]
+__all__ = ["NodeStatus", "StatusCache", "collect", "epochs_folder", "render"]
 
 WEI_PER_SOGNI = 10**18
+CHAIN_RECHECK_SECONDS = 60.0
+"""With a chain, how long a cached audit's claimable amount stands (a claim changes it
+without touching the journal)."""
+
+_Rewards = tuple[int | None, int | None, str | None]
+
+
+@dataclass
+class StatusCache:
+    """What the live view keeps between readings: the rewards audit (every journalled
+    receipt against every published epoch) is redone only when the journal, the epochs or
+    the account changed, or, with a chain, `CHAIN_RECHECK_SECONDS` after the last one."""
+
+    key: tuple[object, ...] | None = None
+    rewards: _Rewards = (None, None, None)
+    at: float = 0.0
+    audits: int = 0
+    """Audits run (tests, and an operator's curiosity)."""
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+
+def journal_stamp(cfg: NodeConfig) -> tuple[object, ...]:
+    """Changes whenever the journal does (a commit grows its WAL; a checkpoint writes it)."""
+    return tuple(_stamp(Path(f"{cfg.journal_path}{end}")) for end in ("", "-wal"))
 
 
 @dataclass
@@ -118,9 +149,29 @@ def epochs_folder(cfg: NodeConfig) -> Path | None:
     return max(candidates, key=_newest_epoch) if candidates else None
 
 
-def _rewards(
-    cfg: NodeConfig, wallet: str, journal: Journal
-) -> tuple[int | None, int | None, str | None]:
+def _cached_rewards(
+    cfg: NodeConfig,
+    wallet: str,
+    journal: Journal,
+    stamp: tuple[object, ...],
+    cache: StatusCache | None,
+) -> _Rewards:
+    """`_rewards`, from `cache` while nothing it reads changed."""
+    if cache is None:
+        return _rewards(cfg, wallet, journal)
+    folder = epochs_folder(cfg)
+    key = (stamp, wallet, folder, _newest_epoch(folder) if folder is not None else None)
+    now = time.monotonic()
+    fresh = cfg.chain_url is None or now - cache.at < CHAIN_RECHECK_SECONDS
+    if cache.key == key and fresh:
+        return cache.rewards
+    cache.rewards = _rewards(cfg, wallet, journal)
+    cache.key, cache.at = key, now
+    cache.audits += 1
+    return cache.rewards
+
+
+def _rewards(cfg: NodeConfig, wallet: str, journal: Journal) -> _Rewards:
     folder = epochs_folder(cfg)
     if folder is None:
         return None, None, "no published epochs here yet (`sogni-node rewards` fetches them)"
@@ -148,8 +199,15 @@ def _rewards(
     return report.earned, report.claimable, None
 
 
-def collect(cfg: NodeConfig, wallet: str | None, *, timeout: float = 2.0) -> NodeStatus:
-    """Read everything the view shows (blocking: HTTP, SQLite, files)."""
+def collect(
+    cfg: NodeConfig,
+    wallet: str | None,
+    *,
+    timeout: float = 2.0,
+    cache: StatusCache | None = None,
+) -> NodeStatus:
+    """Read everything the view shows (blocking: HTTP, SQLite, files); with `cache` (the
+    live view's), the rewards audit only when the journal or the epochs changed."""
     daemon, daemon_error = _daemon(cfg, timeout)
     midnight = dt.datetime.combine(dt.date.today(), dt.time()).timestamp()  # the local day
     jobs, units, seconds = 0, 0, 0.0
@@ -158,7 +216,8 @@ def collect(cfg: NodeConfig, wallet: str | None, *, timeout: float = 2.0) -> Nod
     rewards_error: str | None = "no wallet: create one with `sogni-node keys create`"
     unacked = 0
     if cfg.journal_path.exists():
-        with Journal(cfg.journal_path) as journal:
+        stamp = journal_stamp(cfg)  # before opening: closing may checkpoint it
+        with Journal(cfg.journal_path, check=False) as journal:  # the daemon checks it
             for model, secs, wu in journal.render_times(midnight):
                 jobs += 1
                 units += wu
@@ -166,7 +225,9 @@ def collect(cfg: NodeConfig, wallet: str | None, *, timeout: float = 2.0) -> Nod
                 models[model] = models.get(model, 0) + 1
             unacked = len(journal.unacked())
             if wallet is not None:
-                earned, claimable, rewards_error = _rewards(cfg, wallet, journal)
+                earned, claimable, rewards_error = _cached_rewards(
+                    cfg, wallet, journal, stamp, cache
+                )
     elif wallet is not None:
         rewards_error = "no jobs journalled yet"
     return NodeStatus(

@@ -14,6 +14,7 @@ its pixels already.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -42,9 +43,10 @@ class TrajectoryFiles:
     def keep(self, job_id: bytes, trajectory: Trajectory, now: float | None = None) -> Path:
         """Write `trajectory` for `job_id` (blocking: call off the event loop), then delete
         those past the retention window (at most every `PRUNE_EVERY` seconds)."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.path(job_id)
         trajectory.save(path)
+        os.chmod(path, 0o600)  # the latents of a render: its owner's only, whatever the umask
         now = time.time() if now is None else now
         every = min(PRUNE_EVERY, self.retention / 4)
         if self._pruned_at is None or not 0 <= now - self._pruned_at < every:
@@ -57,10 +59,13 @@ class TrajectoryFiles:
     def keep_pixels(self, job_id: bytes, png: bytes) -> Path:
         """Write the lossless pixels of `job_id`'s lossy image (blocking: off the event loop),
         atomically, so a challenge never reads half a file."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         path = self.pixels_path(job_id)
         tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(png)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(fd, 0o600)  # a leftover .tmp keeps its mode through O_TRUNC
+            f.write(png)
         tmp.replace(path)
         return path
 

@@ -38,6 +38,10 @@ OVERTIME_REASON = "render ran past its offer's deadline by as long again"
 """Why a render stopped by `Worker.render`'s `give_up_at` was handed back."""
 _SMOOTHING = 0.2
 """Weight of the newest sample in the moving averages of render and round-trip time."""
+FAILURE_STAGES = ("render", "journal", "sign", "trajectory", "upload", "other")
+"""Where a job can fail (`job_failed`, the `stage` of `sogni_node_jobs_failed_total`):
+the render itself; writing the journal (offer, image, receipt); signing the receipt;
+keeping its trajectory; sending the result (too large for a frame); anything else."""
 
 
 @dataclass(eq=False)
@@ -98,6 +102,12 @@ class Worker:
         self._promised = LOOKAHEAD
         self._promised_at = float("-inf")
         """The largest lookahead a recent `Ready` advertised, and when (`advertise`)."""
+
+    def job_failed(self, model_id: str, stage: str) -> None:
+        """A job failed outside its render (`FAILURE_STAGES`); the metered worker counts it."""
+
+    def models_changed(self, models: list[str]) -> None:
+        """The models served changed while the node runs (`sogni_node.live_install`)."""
 
     def lora_ids(self) -> list[str]:
         """LoRAs to advertise: none when the backend cannot apply them."""

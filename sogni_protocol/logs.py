@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import traceback
 from collections.abc import Callable, Mapping
@@ -31,6 +32,7 @@ __all__ = [
     "adopt_library_loggers",
     "configure_logging",
     "get_logger",
+    "quiet_progress_bars",
     "redact_sensitive",
     "tap_events",
     "where",
@@ -73,9 +75,17 @@ _OUR_PACKAGES = (
     "sogni_devnet",
     "bench",
 )
-_LIBRARIES = ("transformers", "diffusers", "huggingface_hub", "libp2p", "multiaddr")
+_LIBRARIES = ("transformers", "diffusers", "huggingface_hub", "torch", "libp2p", "multiaddr")
 """Libraries that install their own stderr handler or stop propagation at import (py-libp2p
-sets `propagate = False` on its root logger)."""
+sets `propagate = False` on its root logger; torch on `torch`, `torch._dynamo`, ...)."""
+
+_PROMPT_QUOTING = ("truncated because", "following part of your input")
+"""Library messages that quote a prompt: diffusers and transformers log the part of an
+over-long prompt cut off at the text encoder's token limit."""
+PROMPT_WITHHELD = "prompt truncated to the text encoder's token limit (text withheld)"
+
+_third_party_level = logging.WARNING
+"""The level `configure_logging` set for other libraries' loggers (`adopt_library_loggers`)."""
 
 _RAISED_TOO = ("libp2p.network.swarm", "libp2p.host.basic_host", "libp2p.protocol_muxer")
 """py-libp2p loggers that log each failed dial or stream at ERROR, in several lines, and raise
@@ -162,6 +172,21 @@ def _tap_event(_logger: Any, _method: str, event_dict: EventDict) -> EventDict:
     return event_dict
 
 
+def _withhold_prompts(record: logging.LogRecord) -> bool:
+    """Handler filter: a library record that may quote a prompt is replaced by a neutral
+    line (structlog's redaction sees only keys, never a library's message text)."""
+    if record.name.split(".")[0] in _LIBRARIES:
+        try:
+            text = record.getMessage()
+        except Exception:  # a malformed record: its raw message is all there is
+            text = str(record.msg)
+        if any(words in text.lower() for words in _PROMPT_QUOTING):
+            record.msg, record.args = PROMPT_WITHHELD, ()
+            if "message" in record.__dict__:  # formatted by a handler before ours
+                record.message = PROMPT_WITHHELD
+    return True
+
+
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """Writes to whatever `sys.stderr` is at emit time (test runners swap it)."""
 
@@ -169,6 +194,7 @@ class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def __init__(self) -> None:
         super().__init__()
+        self.addFilter(_withhold_prompts)
 
     @property  # type: ignore[override]
     def stream(self) -> TextIO:
@@ -210,18 +236,63 @@ def _shared_processors() -> list[Processor]:
 
 
 def adopt_library_loggers(names: tuple[str, ...] = _LIBRARIES) -> None:
-    """Route already-imported libraries' loggers through ours.
+    """Route already-imported libraries' loggers through ours, at WARNING (or the
+    `third_party_level` given to `configure_logging`) at the least.
 
-    transformers and diffusers add their own stderr handler and set `propagate = False` when
-    first imported, bypassing the JSON format and the redaction. `configure_logging` calls
-    this; call it again right after importing such a library (the render backend does).
+    transformers, diffusers and torch add their own stderr handlers and set `propagate =
+    False` when first imported (torch on several of its loggers), bypassing the JSON format
+    and the redaction. `configure_logging` calls this; call it again right after importing
+    such a library (`sogni-node start` does, once the render backend is loaded).
     """
+    loggers = logging.Logger.manager.loggerDict
     for name in names:
         lib = logging.getLogger(name)
-        for handler in list(lib.handlers):
-            if not getattr(handler, "_sogni", False):
-                lib.removeHandler(handler)
-        lib.propagate = True
+        lib.setLevel(max(lib.level, _third_party_level))  # never more talkative than that
+        subs = [
+            item
+            for key, item in list(loggers.items())
+            if key.startswith(name + ".") and isinstance(item, logging.Logger)
+        ]
+        for logger in (lib, *subs):
+            printing = [
+                h
+                for h in logger.handlers
+                if isinstance(h, logging.StreamHandler)
+                and not isinstance(h, logging.FileHandler)
+                and not getattr(h, "_sogni", False)
+            ]
+            for handler in printing:
+                logger.removeHandler(handler)
+            if printing or logger is lib:
+                logger.propagate = True
+
+
+_PROGRESS_ENV = {
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # huggingface_hub's downloads
+    "TQDM_DISABLE": "1",  # every other tqdm bar (tqdm reads TQDM_* as its defaults)
+}
+
+
+def quiet_progress_bars() -> None:
+    """No progress bar in a daemon's log: tqdm bars (diffusers' "Loading pipeline
+    components", transformers' checkpoint shards, huggingface_hub's downloads) are turned
+    off, by the environment for libraries not imported yet (an operator's own setting
+    wins) and by each library's switch for those already imported. Imports nothing."""
+    for key, value in _PROGRESS_ENV.items():
+        os.environ.setdefault(key, value)
+    switches = (
+        ("diffusers.utils.logging", "disable_progress_bar"),
+        ("transformers.utils.logging", "disable_progress_bar"),
+        ("huggingface_hub.utils", "disable_progress_bars"),
+    )
+    for module_name, function in switches:
+        module = sys.modules.get(module_name)
+        switch = getattr(module, function, None) if module is not None else None
+        if callable(switch):
+            try:
+                switch()
+            except Exception:  # a library's own switch must never stop the daemon
+                pass
 
 
 def configure_logging(
@@ -237,7 +308,9 @@ def configure_logging(
     the same handler at `third_party_level`. `json=None` picks JSON lines unless stderr is a
     terminal. Everything goes to stderr; stdout stays free for command output.
     """
+    global _third_party_level
     ours, theirs = _level(level), _level(third_party_level)
+    _third_party_level = theirs
     if json is None:
         json = not sys.stderr.isatty()
 
