@@ -31,6 +31,7 @@ from sogni_coordinator.ledger import (
     LedgerError,
     Replayed,
     Reservation,
+    SelfDealing,
     next_utc_midnight,
     partial_value,
     utc_day,
@@ -118,6 +119,8 @@ class Billing:
     _models: dict[bytes, str] = field(default_factory=dict)
     _settlements: dict[bytes, list[_Settlement]] = field(default_factory=dict)
     """A live request's settlements, replayed before its refund (`_refund_now`)."""
+    _payers: dict[bytes, frozenset[str]] = field(default_factory=dict)
+    """A live request's payer and the accounts referral-linked to it (`payer_accounts`)."""
 
     # --- render requests -------------------------------------------------------------------
     def admit(self, request: RenderRequest, request_id: bytes, *, via_gateway: bool = False) -> int:
@@ -185,7 +188,7 @@ class Billing:
             if why is not None:
                 raise Refusal("unauthorized", why)
         try:
-            return self.ledger.reserve(
+            reservation = self.ledger.reserve(
                 request_id,
                 request.payer,
                 q,
@@ -195,6 +198,8 @@ class Billing:
                 network_id=request.network_id,
                 discount_bps=discount_bps,
             )
+            self._payers[request_id] = self.ledger.linked_accounts(request.payer)
+            return reservation
         except Replayed as exc:
             raise Refusal("replayed", str(exc)) from None
         except InsufficientFunds as exc:
@@ -205,6 +210,15 @@ class Billing:
         self._reservations[request_id] = reservation
         self._models[request_id] = request.model_id
         return reservation.total
+
+    def payer_accounts(self, request_id: bytes) -> frozenset[str]:
+        """The accounts (lower case) that paid for a live request: its payer and every account
+        referral-linked to it (`Ledger.linked_accounts`, read when it was reserved). None of
+        them may check the request's jobs (pass them to `verifiers.choose_verifier` /
+        `verify_step` as `payer_accounts`): a payer verifying its own jobs would be paid from
+        their take (free Daily Boost work included: emission turned into its earnings) and
+        could fail honest renders of them. Empty for a free request (no payer)."""
+        return self._payers.get(request_id, frozenset())
 
     def take_rate_bps(self, worker: str) -> int:
         """The platform's take on this worker's receipts: its stake tier's rate."""
@@ -257,7 +271,10 @@ class Billing:
                 self.rules.creator_share_bps,
                 model_id=model,
                 job_id=job,
+                refuse_self_dealing=True,
             )
+        except SelfDealing as exc:  # left unsettled: refunded with the request, never paid
+            log.warning("self_dealing_unpaid", request=request_id.hex()[:16], error=str(exc))
         except LedgerError as exc:  # the receipt is stored; the money can be reconciled
             log.error("ledger_settle_failed", request=request_id.hex()[:16], error=str(exc))
 
@@ -267,6 +284,7 @@ class Billing:
         if self._reservations.pop(request_id, None) is None:
             return
         self._models.pop(request_id, None)
+        self._payers.pop(request_id, None)
         settled = self._settlements.pop(request_id, [])
         self.ledger.submit("refund", self._refund_now, request_id, settled)
 
@@ -288,6 +306,7 @@ class Billing:
         self._reservations.pop(request_id, None)
         self._models.pop(request_id, None)
         self._settlements.pop(request_id, None)
+        self._payers.pop(request_id, None)
 
     def restore(self, store: Store, only: Collection[bytes] | None = None) -> int:
         """After a restart, take back every open reservation; returns how many stay open.
@@ -320,6 +339,7 @@ class Billing:
                 row.amount // record.images,
             )
             self._models[rid] = record.model_id
+            self._payers[rid] = self.ledger.linked_accounts(row.payer)
             for receipt, steps in record.receipts:
                 self.settle(rid, receipt.job_id, receipt.payee, receipt.steps_done, steps)
             if record.queued == 0:
@@ -345,8 +365,19 @@ class Billing:
         d = self.domain
         return f"{fault}; this coordinator signs for chain {d.chain_id}, {d.verifying_contract}"
 
+    def is_customer(self, account: str) -> bool:
+        """`account` bought Spark or deposited SOGNI here, or has stake: what off a local
+        network the Daily Boost and a usable referral code need (a fresh wallet costs nothing
+        to make, so neither may be had with one)."""
+        try:
+            staked = self.standing(account).stake > 0
+        except Exception as exc:  # a raw chain lookup raises many kinds: judge by the ledger
+            log.warning("stake_lookup_failed", wallet=account.lower(), error=type(exc).__name__)
+            staked = False
+        return staked or self.ledger.has_paid(account)
+
     def _boost_eligible(self, payer: str) -> bool:
-        return self.standing(payer).stake > 0 or self.ledger.has_paid(payer)
+        return self.is_customer(payer)
 
     def claim_boost(self, claim: DailyBoostClaim) -> BoostGranted:
         """Grant the Daily Boost for today (UTC) if the claim is the payer's own and the first

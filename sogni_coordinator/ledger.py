@@ -159,6 +159,11 @@ class ReferralRefused(LedgerError):
     a cycle."""
 
 
+class SelfDealing(LedgerError):
+    """A receipt that would pay free (Daily Boost) Spark to its own payer, or to an account
+    referral-linked to it (`Ledger.settle(refuse_self_dealing=True)`): never settled."""
+
+
 class BoostAlreadyClaimed(LedgerError):
     """The Daily Boost was already claimed this UTC day."""
 
@@ -610,11 +615,16 @@ class Ledger(Database):
         model_id: str = "",
         job_id: bytes | str | None = None,
         now: float | None = None,
+        refuse_self_dealing: bool = False,
     ) -> Settlement:
         """Pay one receipt: `job_value` (micro, paying unit) from the reservation to the worker,
         the platform (take) and the model's creator (share; the platform if no model).
 
-        Free Spark is spent before paid. Idempotent per `job_id`.
+        Free Spark is spent before paid. Idempotent per `job_id`. `refuse_self_dealing`
+        (billing's path): a job that would spend free (Daily Boost) Spark and pay it to the
+        payer itself or an account referral-linked to it (`linked_accounts`) raises
+        `SelfDealing`, nothing written: the free grant never becomes its payer's earnings (the
+        request's refund returns the Spark; no epoch pays an unsettled receipt).
         """
         rid = _hex(request_id)
         if job_value < 0 or not 0 <= take_rate_bps + creator_share_bps <= BPS:
@@ -649,6 +659,13 @@ class Ledger(Database):
                 parts["spark_paid"] = job_value - parts["spark_free"]
             else:
                 parts["sogni"] = job_value
+            if refuse_self_dealing and parts["spark_free"] > 0:
+                linked = self._linked(db, str(payer))
+                if _addr(worker) in linked:
+                    raise SelfDealing(
+                        f"{_addr(worker)} is the payer {payer} or referral-linked to it: free "
+                        "(Daily Boost) Spark is never paid to its payer's own accounts"
+                    )
             creator = creator_account(model_id) if model_id else PLATFORM
             entries: list[tuple[str, Asset, int]] = []
             totals = {"take": 0, "creator": 0, "worker": 0}
@@ -902,6 +919,21 @@ class Ledger(Database):
                 "INSERT INTO ledger_referrals VALUES (?, ?, ?)",
                 (referred, referrer, time.time() if now is None else now),
             )
+
+    def linked_accounts(self, account: str) -> frozenset[str]:
+        """`account` (lower case) and every account referral-linked to it: its referrer and
+        the accounts it referred (one directly referred the other, the season boards' no-farming
+        link). None of them may check, or be paid for, work the account paid for with free
+        Spark (`Billing.payer_accounts`)."""
+        with self._lock:
+            return self._linked(self._db, account)
+
+    @staticmethod
+    def _linked(db: sqlite3.Connection, account: str) -> frozenset[str]:
+        acct = _addr(account)
+        up = db.execute("SELECT referrer FROM ledger_referrals WHERE referred = ?", (acct,))
+        down = db.execute("SELECT referred FROM ledger_referrals WHERE referrer = ?", (acct,))
+        return frozenset({acct, *(str(r[0]) for r in up), *(str(r[0]) for r in down)})
 
     def referrals(self) -> dict[str, tuple[str, float]]:
         """referred -> (referrer, when) for every referral."""

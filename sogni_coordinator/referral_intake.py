@@ -38,9 +38,11 @@ def answer_referral(
             code="billing_off", reason="billing is off on this coordinator: no referrals"
         )
     codes = codes_beside(billing.ledger)
+    # off a local network only a customer's code refers anyone (as for the Daily Boost)
+    eligible = None if billing.boost_for_anyone else billing.is_customer
     try:
         if q.code:
-            codes.use(billing.ledger, q.payer, q.code)
+            codes.use(billing.ledger, q.payer, q.code, eligible=eligible)
         return ReferralReport(
             payer=q.payer,
             code=codes.code_for(q.payer),

@@ -4,7 +4,11 @@ A code is the HMAC of the account under a random secret this coordinator keeps i
 table, so codes are stable across restarts, cannot be derived from an address by anyone else
 (nobody can attach a referral to an account that never handed out its code) and need no
 registration. A code is remembered when it is first shown, which is how `use` finds its
-account. The rules (no self-referral, one referrer, no cycle) are the ledger's.
+account. The rules (no self-referral, one referrer, no cycle) are the ledger's; off a local
+network the code's owner must also be a customer (`use(eligible=Billing.is_customer)`: it
+bought Spark, deposited SOGNI or staked), as for the Daily Boost: otherwise a script mints a
+chain of fresh wallets, each the referrer of the next, for nothing (docs/ECONOMICS.md,
+"Referral codes").
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from sogni_coordinator.db import Database
@@ -92,15 +97,30 @@ class ReferralCodes(Database):
             ).fetchone()
         return None if row is None else str(row[0])
 
-    def use(self, ledger: Ledger, referred: str, code: str, now: float | None = None) -> str:
+    def use(
+        self,
+        ledger: Ledger,
+        referred: str,
+        code: str,
+        now: float | None = None,
+        *,
+        eligible: Callable[[str], bool] | None = None,
+    ) -> str:
         """Record that the code's owner referred `referred`; returns the referrer.
-        `ReferralRefused` (one line) for an unknown code, oneself, a second referrer, a cycle."""
+        `ReferralRefused` (one line) for an unknown code, oneself, a second referrer, a cycle,
+        and, with `eligible` (off a local network: `Billing.is_customer`), a code whose owner
+        fails it: a fresh wallet's code refers nobody."""
         acct = _account(referred)
         referrer = self.owner(code)
         if referrer is None:
             raise ReferralRefused(f"unknown referral code {normalise_code(code)}")
         if referrer == acct:
             raise ReferralRefused("this is your own referral code: an account cannot refer itself")
+        if eligible is not None and not eligible(referrer):
+            raise ReferralRefused(
+                f"the owner of code {normalise_code(code)} has never bought Spark, deposited "
+                "SOGNI or staked on this network: only a customer's code refers anyone"
+            )
         ledger.refer(acct, referrer, now)
         return referrer
 

@@ -5,7 +5,9 @@ committed to; it does not prove they are honest steps of the model. Here the coo
 hands leaf k of a challenged job (its latents and committed scheduler state) to another
 node serving the same model, whose wallet and payout account both differ from the worker's
 wallet and payout account (`choose_verifier`; or a worker, or another container paid to the
-same account, could vouch for itself). That node re-runs step k
+same account, could vouch for itself) and from the accounts that paid for the job (the payer
+and the accounts referral-linked to it, `Billing.payer_accounts`: a payer checking its own
+jobs would be paid from their take, free Daily Boost work included). That node re-runs step k
 (`sogni_node.verify.step_check.recompute_step`) in the worker's declared numeric mode and
 sends back x'_{k+1} (`StepVerified`). The coordinator then measures the committed x_{k+1}
 against it (docs/VERIFICATION.md):
@@ -152,6 +154,7 @@ def choose_verifier(
     exclude: Collection[str] = (),
     *,
     worker_payout: str | None = None,
+    payer_accounts: Collection[str] = (),
     dtype: str | None = None,
     pixels: int = 0,
 ) -> str | None:
@@ -164,13 +167,18 @@ def choose_verifier(
     required as a different wallet is, never merely preferred.
 
     Barred (any case): `worker_wallet`, `worker_payout` (the worker's payout account: an
-    operator's containers share one and must not vouch for each other) and `exclude`
-    (accounts: verifiers without standing, the first verifier's wallet and payout when a
-    third node re-runs its step). The caller passes the payee its worker SIGNED into the
-    receipt, never the payout the worker's node advertises: an advert costs nothing, so a
-    cheater naming an honest operator's account there could bar that operator's nodes from
-    checking it, while a receipt naming it pays that operator."""
+    operator's containers share one and must not vouch for each other), `payer_accounts`
+    (the job's payer and the accounts referral-linked to it, `Billing.payer_accounts`: a
+    verifier is paid from the checked job's take, so a payer checking its own free Daily
+    Boost jobs would turn the grant into its own earnings, and one checking its paid jobs
+    could fail honest renders of them) and `exclude` (accounts: verifiers without standing,
+    the first verifier's wallet and payout when a third node re-runs its step). The caller
+    passes the payee its worker SIGNED into the receipt, never the payout the worker's node
+    advertises: an advert costs nothing, so a cheater naming an honest operator's account
+    there could bar that operator's nodes from checking it, while a receipt naming it pays
+    that operator."""
     barred = {worker_wallet.lower(), *(a.lower() for a in exclude)}
+    barred |= {a.lower() for a in payer_accounts}
     if worker_payout is not None:
         barred.add(worker_payout.lower())
     candidates = sorted(
@@ -326,11 +334,13 @@ async def verify_step(
     rng: random.Random | None = None,
     exclude: Collection[str] = (),
     worker_payout: str | None = None,
+    payer_accounts: Collection[str] = (),
     job: bytes | None = None,
 ) -> StepVerdict:
     """Re-run step k = `opening_k.step` (x_k -> x_{k+1}) on a node none of whose accounts is
-    `worker` (the worker's wallet address), `worker_payout` (the receipt's payee) or in
-    `exclude` (`choose_verifier`), and compare with `opening_next` (leaf k + 1).
+    `worker` (the worker's wallet address), `worker_payout` (the receipt's payee), in
+    `payer_accounts` (the job's payer and its referral links) or in `exclude`
+    (`choose_verifier`), and compare with `opening_next` (leaf k + 1).
 
     Both openings must already have passed `challenges.check_answer` against the worker's
     receipt; `dtype` is the mode the worker declared (`RenderMeta.dtype`). `job`: the
@@ -346,6 +356,7 @@ async def verify_step(
         rng,
         exclude,
         worker_payout=worker_payout,
+        payer_accounts=payer_accounts,
         dtype=dtype,
         pixels=params.width * params.height,
     )

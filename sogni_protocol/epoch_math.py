@@ -190,17 +190,23 @@ def verifiers_of(
     take: int,
     job_steps: int,
     payee: str | None = None,
+    free_payer: str | None = None,
 ) -> list[VerifierPay]:
     """The settler's verifier list for one receipt from the recorded `(account, steps)` work
     (the account each verifier is paid at: its payout address when it advertised one, else
     its wallet): checksummed, one per account, sorted by lowercase address, the receipt's own
     worker and payee left out (neither is paid for checking itself: a worker's payout account
-    never earns verifying its own work), each account's steps capped at the job's."""
+    never earns verifying its own work), each account's steps capped at the job's.
+    `free_payer`: the payer of a receipt paid with free (Daily Boost) Spark, never paid for
+    checking it either (`self_dealing`'s rule; the coordinator does not ask it to,
+    `Billing.payer_accounts`, but work recorded before that rule must not pay it)."""
     steps_of: dict[str, int] = {}
     for wallet, steps in work:
         if steps <= 0 or eip712.same_address(wallet, worker):
             continue
         if payee is not None and eip712.same_address(wallet, payee):
+            continue
+        if free_payer is not None and eip712.same_address(wallet, free_payer):
             continue
         account = to_checksum_address(wallet)
         steps_of[account] = steps_of.get(account, 0) + steps

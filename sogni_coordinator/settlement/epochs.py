@@ -492,6 +492,7 @@ class Settler:
                 work.get(receipt.job_id, []),
                 worker=receipt.worker,
                 payee=receipt.payee,
+                free_payer=paid_for.payer if paid_for.spark_free > 0 else None,
                 value=valued.split.value,
                 take=valued.split.take,
                 job_steps=s.offer.steps,

@@ -51,6 +51,16 @@ def test_verifiers_of_drops_the_worker_merges_caps_and_sorts() -> None:
         epoch_math.verifier_pay(SOGNI, SOGNI, 0, [(A, 1)])
 
 
+def test_verifiers_of_never_pays_the_payer_of_free_work_for_checking_it() -> None:
+    work = [(A.lower(), 2), (B.lower(), 1)]
+    free = epoch_math.verifiers_of(
+        work, worker=WORKER, value=SOGNI, take=SOGNI, job_steps=8, free_payer=A.lower()
+    )
+    assert [p.account for p in free] == [B]  # A paid with the Daily Boost: no pay from it
+    paid = epoch_math.verifiers_of(work, worker=WORKER, value=SOGNI, take=SOGNI, job_steps=8)
+    assert [p.account for p in paid] == [A, B]
+
+
 def _batch(fmt: str) -> bytes:
     rules = PayoutRules(
         wei_per_spark=SOGNI, stake_tiers_sogni=[0], take_rates_bps=[3000], creator_share_bps=0
