@@ -749,6 +749,7 @@ class Checks:
                 rng=self._rng,
                 exclude=exclude,
                 worker_payout=held.receipt.payee,
+                job=held.job.job_id,  # named in `step_verified` / `step_not_verified`
             )
 
         return ask

@@ -57,10 +57,12 @@ CONCURRENT_TRANSFERS = 4
 """Files held in memory and sent at once (all streams together); others wait their turn."""
 TRANSFER_WAIT = 30.0
 MIN_TRANSFER_RATE = 256 * 1024
-"""Bytes per second a file transfer must keep up on average (after `TRANSFER_GRACE`): the
-transfer slots are few, and four readers trickling a byte before each send deadline held
-them all (every node's fetch refused "busy")."""
+"""Bytes per second a file transfer must keep up on average (after `TRANSFER_GRACE`), over
+libp2p and over HTTP (`http_api`, `GET /epochs/{name}`): the transfer slots are few, and four
+readers trickling a byte before each send deadline held them all (every node's fetch
+refused "busy")."""
 TRANSFER_GRACE = 10.0
+"""Seconds every transfer gets on top of its size at `MIN_TRANSFER_RATE` (`transfer_deadline`)."""
 
 _EPOCH_JSON = re.compile(r"^epoch-([0-9]{6,18})\.json$")
 
@@ -92,7 +94,8 @@ class EpochFolder:
         """Worker threads reading this folder at once (both transports)."""
         self.transfers = trio.Semaphore(CONCURRENT_TRANSFERS)
         self.fetching: set[str] = set()
-        """Who holds a transfer slot now (peer id, IP address): one each."""
+        """The libp2p peers fetching a file now: one each (HTTP counts its client addresses
+        apart: `http_api.EPOCH_TRANSFERS_PER_ADDRESS`)."""
 
     def hold(self, who: str) -> bool:
         """Take `who`'s one transfer (False: it has one running); `let_go` gives it back."""
@@ -106,7 +109,8 @@ class EpochFolder:
 
     @staticmethod
     def transfer_deadline(size: int) -> float:
-        """Seconds a file of `size` bytes may take to send (`MIN_TRANSFER_RATE`)."""
+        """Seconds a file of `size` bytes may take to send (`MIN_TRANSFER_RATE`), by either
+        transport."""
         return TRANSFER_GRACE + size / MIN_TRANSFER_RATE
 
     # --- index ---------------------------------------------------------------------------

@@ -5,7 +5,8 @@ lock takeable, libp2p listening) for probes,
 `/metrics` for Prometheus (`sogni_coordinator.metrics`, docs/OPERATIONS.md); `GET /epochs`
 (the index of published epochs) and `GET /epochs/{name}` (one published file:
 `epoch-NNNNNN.json`, `epoch-NNNNNN.tree.json`, `receipts/0x<keccak>.json`; streamed, a few
-at once: anyone may ask) so nodes can fetch and check their rewards from anywhere;
+at once, one per client address, at a minimum rate: anyone may ask) so nodes can fetch and
+check their rewards from anywhere;
 `POST /relay/claim` to have this coordinator submit a claim and pay its gas (the same checks
 and limits as the `/sogni/relay/1.0.0` protocol, `claim_relay`); the status page; and the
 gateway for apps written for Sogni's client SDKs (`sogni_coordinator.gateway`, REST and
@@ -28,9 +29,11 @@ import msgspec
 import trio
 
 from sogni_net import health_endpoint, require_http_extra
+from sogni_net.admission import address_key
 from sogni_net.http import SlowBody, read_body
 from sogni_protocol import ids
 from sogni_protocol.json_depth import check_depth
+from sogni_protocol.logs import get_logger
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -46,12 +49,19 @@ if TYPE_CHECKING:
     from sogni_coordinator.gateway import Gateway
     from sogni_coordinator.seasons.stakers import StakeChange
 
+log = get_logger(__name__)
+
 RELAY_BODY_LIMIT = ids.RELAY_FRAME_LIMIT
 """Largest `POST /relay/claim` body read (a claim with a 64-node proof is ~5 KB of JSON)."""
 
 EPOCH_TRANSFERS = 4
 """`GET /epochs/{name}` answers sent at once (anyone may ask, unauthenticated). Counted apart
 from libp2p's (`epoch_serving.CONCURRENT_TRANSFERS`), so neither transport starves the other."""
+EPOCH_TRANSFERS_PER_ADDRESS = 1
+"""`GET /epochs/{name}` answers one client address (an IPv4 address, an IPv6 /64:
+`sogni_net.admission.address_key`) may be sent, or wait for, at once; another is answered
+429 with Retry-After at once. libp2p allows one per peer (`EpochFolder.hold`): one address
+opening many requests held every slot, and a node fetches its files one after another."""
 EPOCH_TRANSFER_WAIT = 5.0
 """How long a request waits for a transfer slot before it is answered 503 (Retry-After)."""
 EPOCH_CHUNK = 256 * 1024
@@ -155,23 +165,56 @@ def _open_published(folder: EpochFolder, name: str) -> tuple[BinaryIO, int]:
 
 
 class _PublishedFiles:
-    """`GET /epochs/{name}` (an ASGI app): waits for one of `slots`, then streams the file in
-    `EPOCH_CHUNK`s read off the loop; the slot is released however the answer ends (a
-    client that stops reading is dropped by the listener's send deadline)."""
+    """`GET /epochs/{name}` (an ASGI app): at most `per_address` requests per client address
+    at once (429 past it), then waits for one of `slots` (503 after `wait` seconds), then
+    streams the file in `EPOCH_CHUNK`s read off the loop. The file must go at the libp2p
+    path's minimum rate (`EpochFolder.transfer_deadline`: `epoch_serving.MIN_TRANSFER_RATE`
+    after `TRANSFER_GRACE`): at its deadline the slot goes to the next request, even while a
+    write to the slow client is still under way (hypercorn writes in a shielded scope), and
+    the answer ends there, cut short (the connection closes after that write). The address's
+    turn ends with its answer (a client that stops reading is dropped by the listener's send
+    deadline)."""
 
-    def __init__(self, view: CoordinatorView, slots: trio.Semaphore, wait: float) -> None:
+    def __init__(
+        self, view: CoordinatorView, slots: trio.Semaphore, wait: float, per_address: int
+    ) -> None:
         self.view, self.slots, self.wait = view, slots, wait
+        self.per_address = per_address
+        self.fetching: dict[str, int] = {}
+        """Requests per client address (`address_key`) being sent or waiting for a slot."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from sogni_coordinator.epoch_serving import EpochFileError
-
         folder = self.view.epochs
         if folder is None:
             await _error(404, "not_found", "this coordinator publishes no epochs")(
                 scope, receive, send
             )
             return
-        name = str(scope["path_params"]["name"])
+        client = scope.get("client")
+        who = address_key(str(client[0])) if client else ""
+        if self.fetching.get(who, 0) >= self.per_address:
+            busy = _error(
+                429,
+                "busy",
+                f"at most {self.per_address} file(s) at a time per address: this address "
+                "is fetching already",
+            )
+            busy.headers["Retry-After"] = "5"
+            await busy(scope, receive, send)
+            return
+        self.fetching[who] = self.fetching.get(who, 0) + 1
+        try:
+            await self._answer(folder, str(scope["path_params"]["name"]), scope, receive, send)
+        finally:
+            left = self.fetching.pop(who) - 1
+            if left > 0:
+                self.fetching[who] = left
+
+    async def _answer(
+        self, folder: EpochFolder, name: str, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        from sogni_coordinator.epoch_serving import EpochFileError
+
         with trio.move_on_after(self.wait) as waited:
             await self.slots.acquire()
         if waited.cancelled_caught:
@@ -179,6 +222,7 @@ class _PublishedFiles:
             busy.headers["Retry-After"] = "5"
             await busy(scope, receive, send)
             return
+        slot = _Slot(self.slots)
         try:
             try:
                 f, size = await trio.to_thread.run_sync(
@@ -190,9 +234,42 @@ class _PublishedFiles:
                 )
                 return
             with f:
-                await _stream_file(f, size, folder.limiter, name, scope, send)
+                deadline = trio.current_time() + folder.transfer_deadline(size)
+                streaming = trio.CancelScope(deadline=deadline)
+                failed: Exception | None = None
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(slot.release_at, deadline)
+                    try:
+                        with streaming:
+                            await _stream_file(f, size, folder.limiter, name, scope, send)
+                    except Exception as exc:  # raised as it is, not in the nursery's group
+                        failed = exc
+                    nursery.cancel_scope.cancel()
+                if failed is not None:
+                    raise failed
+                if streaming.cancelled_caught:  # too slow a reader: cut short
+                    log.info("epoch_transfer_too_slow", file=name, bytes=size, via="http")
         finally:
+            slot.release()
+
+
+class _Slot:
+    """A transfer slot taken from `slots`, given back once: at the transfer's deadline
+    (`release_at`, from a task of its own: the transfer may be stuck in a shielded write) or
+    when the answer ends, whichever comes first."""
+
+    def __init__(self, slots: trio.Semaphore) -> None:
+        self.slots = slots
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
             self.slots.release()
+
+    async def release_at(self, deadline: float) -> None:
+        await trio.sleep_until(deadline)
+        self.release()
 
 
 async def _stream_file(
@@ -224,9 +301,11 @@ def epoch_routes(
     *,
     transfers: int = EPOCH_TRANSFERS,
     wait: float = EPOCH_TRANSFER_WAIT,
+    per_address: int = EPOCH_TRANSFERS_PER_ADDRESS,
 ) -> list[BaseRoute]:
     """`GET /epochs` and `GET /epochs/{name}` over `view.epochs`; at most `transfers` files
-    are sent at once, and a request that waited `wait` seconds for its turn gets 503."""
+    are sent at once, and a request that waited `wait` seconds for its turn gets 503; at most
+    `per_address` requests of one client address are served or waiting at once (429)."""
     from starlette.responses import JSONResponse
     from starlette.routing import Route
 
@@ -240,7 +319,7 @@ def epoch_routes(
         body = {"epochs": msgspec.to_builtins(epochs), "more": more}
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
-    files = _PublishedFiles(view, trio.Semaphore(transfers), wait)
+    files = _PublishedFiles(view, trio.Semaphore(transfers), wait, per_address)
     return [
         Route("/epochs", index, methods=["GET"]),
         Route("/epochs/{name:path}", files, methods=["GET"]),

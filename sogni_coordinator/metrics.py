@@ -11,7 +11,9 @@ text. Imported only when the HTTP listener is on (needs the `http` extra).
 Readiness (`/readyz`) tells whether the coordinator can take work now: its libp2p listener
 is up, its writes are not failing (`db.WriteFailure`, published by the database writer),
 the volumes of its database and result images are writable with room left, and the
-database's write lock can be taken.
+database's write lock can be taken. `/readyz` is unauthenticated: the volume and lock checks
+run at most once per `READY_CACHE` seconds (`ReadinessCache`, concurrent probes share one
+check), while the listener and the writer's failures are read on every probe.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -105,6 +107,10 @@ REQUEST_CODES = (
 other code is counted as "other"."""
 REQUEST_LABELS = (*REQUEST_CODES, OTHER)
 
+PROTOCOLS = ("node", "client", "epochs", "relay")
+"""The libp2p protocols the coordinator serves (`handler_failures_total{protocol}`): jobs
+(`/sogni/jobs/1.0.0`, nodes), client, epochs and relay."""
+
 IMAGE_CHECKS = (
     ("none", "deliver"),
     ("none", "timeout"),
@@ -138,6 +144,11 @@ FAILURE_MEMORY = 60.0
 """Seconds a failed write keeps `/readyz` at 503 when no write has succeeded since (a
 write that succeeds clears it at once; the volume checks still see a disk that stays
 full)."""
+READY_CACHE = 1.0
+"""Seconds one verdict of the volume and write-lock checks answers `/readyz` (per
+coordinator): anyone may ask, and each check takes the database's write lock, so a flood of
+probes queued the writer behind them. The writer's failures are read on every probe, so a
+failing disk is still seen at once."""
 
 
 class CoordinatorMetrics:
@@ -203,6 +214,12 @@ class CoordinatorMetrics:
             "Render requests that failed with an unexpected error (logged with a traceback)",
             registry=registry,
         )
+        self.handler_failures = Counter(
+            f"{PREFIX}_handler_failures",
+            "libp2p streams whose handler failed unexpectedly (logged handler_failed), by protocol",
+            ["protocol"],
+            registry=registry,
+        )
         self.render_seconds = Histogram(
             f"{PREFIX}_render_seconds",
             "From the offer to the stored receipt of a finished job",
@@ -238,6 +255,8 @@ class CoordinatorMetrics:
             self.checks.labels(verdict=verdict)
         for code in REQUEST_LABELS:
             self.requests_refused.labels(code=code)
+        for protocol in PROTOCOLS:
+            self.handler_failures.labels(protocol=protocol)
         for cat, action in IMAGE_CHECKS:
             self.image_checks.labels(category=cat, action=action)
         self._queued_at: dict[bytes, float] = {}
@@ -247,6 +266,10 @@ class CoordinatorMetrics:
     def request_refused(self, code: str) -> None:
         """A render request refused with `code` (bounded: unknown codes count as "other")."""
         self.requests_refused.labels(code=code if code in REQUEST_CODES else OTHER).inc()
+
+    def handler_failed(self, protocol: str) -> None:
+        """A libp2p stream of `protocol` whose handler raised (bounded: else "other")."""
+        self.handler_failures.labels(protocol=protocol if protocol in PROTOCOLS else OTHER).inc()
 
     def image_checked(self, category: str, action: str) -> None:
         """An image check's decision (bounded: anything unexpected counts as "other")."""
@@ -332,6 +355,10 @@ class MeteredDispatcher(Dispatcher):
         """A render request the client session refused before `submit` (a frame it could
         not decode, another wire version): `client_session.RequestMeter`."""
         self.metrics.request_refused(code)
+
+    def handler_failed(self, protocol: str) -> None:
+        """A stream handler of `protocol` failed (`service.HandlerMeter`)."""
+        self.metrics.handler_failed(protocol)
 
     def _to(self, job: Job, event: JobEvent, *, durable: bool = False) -> JobState:
         old = job.state
@@ -551,6 +578,39 @@ async def database_ready(path: Path, results: Path | None = None) -> str | None:
     return f"database write lock not taken within {READY_TIMEOUT + 1:g} s"
 
 
+class ReadinessCache:
+    """`check` (the volume and write-lock checks) run at most once per `ttl` seconds
+    (default `READY_CACHE`): a probe within that time gets the last verdict, and probes that
+    arrive while a check runs wait for it and share its verdict (one write lock taken, not
+    one per probe). A check cut short (its prober gone) leaves nothing cached."""
+
+    def __init__(
+        self,
+        check: Callable[[], Awaitable[str | None]],
+        ttl: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._check = check
+        self._ttl = ttl
+        self._clock = clock
+        self._lock = trio.Lock()
+        self._verdict: str | None = None
+        self._at: float | None = None
+
+    def _fresh(self) -> bool:
+        ttl = READY_CACHE if self._ttl is None else self._ttl
+        return self._at is not None and self._clock() - self._at < ttl
+
+    async def __call__(self) -> str | None:
+        if self._fresh():
+            return self._verdict
+        async with self._lock:
+            if not self._fresh():  # else another probe checked while this one waited
+                verdict = await self._check()
+                self._verdict, self._at = verdict, self._clock()
+            return self._verdict
+
+
 def metered(allowed_models: Iterable[str]) -> Callable[..., MeteredDispatcher]:
     """A `Dispatcher` constructor that counts into a new registry of its own (several
     coordinators in one process stay apart). Model labels: `allowed_models`, else "other"."""
@@ -576,12 +636,14 @@ def observe(
     folder = dispatcher.results
     results = folder.root if isinstance(folder, FolderResults) else None
 
+    checked = ReadinessCache(partial(database_ready, database, results))
+
     async def not_ready() -> str | None:
         if not host.addrs:
             return "libp2p listener not up"
-        failing = write_fault(store.write_failures(), time.monotonic())
+        failing = write_fault(store.write_failures(), time.monotonic())  # memory: every probe
         if failing is not None:
             return failing
-        return await database_ready(database, results)
+        return await checked()
 
     return replace(view, registry=metrics.registry, refresh=refresh, not_ready=not_ready)

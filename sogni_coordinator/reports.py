@@ -34,6 +34,7 @@ from typing import Any, Literal, get_args
 import msgspec
 
 from sogni_coordinator.db import Database
+from sogni_coordinator.delivery import short
 from sogni_coordinator.prompt_crypto import PromptKeyError, unseal
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import JobParams, ReportReason
@@ -378,7 +379,7 @@ class Reports(Database):
             "report_filed",
             report=report_id,
             reason=reason,
-            request=request_id.hex()[:12],
+            request=short(request_id),
             via=via,
             images=len(images),
         )

@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import trio
 
@@ -43,10 +43,21 @@ from sogni_coordinator.settlement.rules import payout_rules
 from sogni_coordinator.settlement.timer import run_epoch_timer
 from sogni_coordinator.staking_benefits import PayerBenefits
 from sogni_coordinator.store import Store
-from sogni_net import Channel, open_host, parse_listen, require_http_extra, serve_http
+from sogni_net import (
+    Channel,
+    ChannelClosed,
+    Handler,
+    ReadTimeout,
+    WriteTimeout,
+    open_host,
+    parse_listen,
+    require_http_extra,
+    serve_http,
+)
 from sogni_protocol.atomic import atomic_write_bytes
 from sogni_protocol.catalog import default_catalog
 from sogni_protocol.eip712 import Domain
+from sogni_protocol.errors import ProtocolError
 from sogni_protocol.ids import (
     CAPABILITIES_TOPIC,
     CLIENT_PROTOCOL,
@@ -60,6 +71,36 @@ if TYPE_CHECKING:
     from trio_typing import TaskStatus  # trio-typing's stubs shadow trio's own types
 
 log = get_logger(__name__)
+
+_STREAM_ENDS = (ChannelClosed, ReadTimeout, WriteTimeout, ProtocolError)
+"""How a handler may end that `sogni_net.Host` takes as the stream's end (closed, timed out,
+a peer's bad frame), not as the handler failing: it logs anything else `handler_failed`."""
+
+
+@runtime_checkable
+class HandlerMeter(Protocol):
+    """A dispatcher that counts failed stream handlers (`metrics.MeteredDispatcher`)."""
+
+    def handler_failed(self, protocol: str) -> None: ...
+
+
+def counted(protocol: str, handler: Handler, meter: object) -> Handler:
+    """`handler`, counting in `meter` (`handler_failures_total{protocol}`) each stream it
+    fails with what the host logs as `handler_failed`; the exception goes on to the host
+    (which logs it and resets the stream). `handler` itself when `meter` counts nothing."""
+    if not isinstance(meter, HandlerMeter):
+        return handler
+
+    async def serve(channel: Channel) -> None:
+        try:
+            await handler(channel)
+        except _STREAM_ENDS:
+            raise
+        except Exception:
+            meter.handler_failed(protocol)
+            raise
+
+    return serve
 
 
 @dataclass(frozen=True)
@@ -217,10 +258,19 @@ async def _serve(
             direct_port=max(config.direct_port, 0),
         ) as host:
             host.set_topic_validator(CAPABILITIES_TOPIC, book.validate)
-            host.set_stream_handler(JOBS_PROTOCOL, on_node, direct=True)
-            host.set_stream_handler(CLIENT_PROTOCOL, on_client, direct=True)
-            host.set_stream_handler(EPOCHS_PROTOCOL, partial(serve_epochs, folder=epochs))
-            host.set_stream_handler(RELAY_PROTOCOL, partial(serve_relay, relay=relay))
+            # failures counted by protocol (`handler_failures_total`) when metrics are on
+            host.set_stream_handler(
+                JOBS_PROTOCOL, counted("node", on_node, dispatcher), direct=True
+            )
+            host.set_stream_handler(
+                CLIENT_PROTOCOL, counted("client", on_client, dispatcher), direct=True
+            )
+            host.set_stream_handler(
+                EPOCHS_PROTOCOL, counted("epochs", partial(serve_epochs, folder=epochs), dispatcher)
+            )
+            host.set_stream_handler(
+                RELAY_PROTOCOL, counted("relay", partial(serve_relay, relay=relay), dispatcher)
+            )
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(dispatcher.run)
                 nursery.start_soon(dispatcher.results.run)  # retention sweep; closes it

@@ -25,7 +25,7 @@ import trio
 
 from sogni_coordinator.api_keys import GATEWAY_PEER, account_address, account_private_key
 from sogni_coordinator.billing import Refusal
-from sogni_coordinator.db import DATABASE_ERRORS
+from sogni_coordinator.db import DATABASE_ERRORS, storage_fault
 from sogni_coordinator.delivery import Cursor
 from sogni_coordinator.gateway.config import GatewayConfig
 from sogni_coordinator.gateway.failures import failure_of, image_error, project_error
@@ -74,6 +74,10 @@ INTERRUPTED = (
     "(nor charged again): start a new project"
 )
 LOST = "the network no longer knows this project: start a new project"
+UNAVAILABLE_CODE = 5003
+"""`jobError` code of a project the coordinator could not store (disk full, database away):
+the gateway's code for HTTP 503, with the libp2p refusal's text (`client_session.UNAVAILABLE`,
+"nothing was charged; try again later or another coordinator")."""
 QUEUE_TICK = 0.5
 """Seconds between looks at a queued project's place in the queue (a changed one is sent as
 `jobState queued`; the SDKs expect the server's queue updates about this often)."""
@@ -371,7 +375,37 @@ class Gateway:
 
     async def _submit_recorded(self, key: AuthedKey, project: Project, req: RenderRequest) -> Any:
         """Record the project, submit it, record its resume token; on a refusal (or a
-        cancellation before the dispatcher took it) the record goes and the jobID is free."""
+        cancellation before the dispatcher took it) the record goes and the jobID is free.
+        Storage that fails meanwhile (disk full, the database away) is `unavailable`: a
+        project-level `jobError` `UNAVAILABLE_CODE` in one line, as the libp2p client is
+        refused, not a session torn down 1011 (whose SDK re-sent the project at once)."""
+        reached = trio.Event()  # set once `Dispatcher.submit` is called: it counts its own
+        try:
+            return await self._record_and_submit(key, project, req, reached)
+        except (*DATABASE_ERRORS, OSError) as exc:
+            fault = storage_fault(exc)
+            if fault is None:
+                raise
+            raise self._unavailable(key, project, fault, counted=reached.is_set()) from None
+
+    def _unavailable(
+        self, key: AuthedKey, project: Project, fault: str, *, counted: bool
+    ) -> ProjectRefused:
+        """The refusal of a project that could not be stored, logged; counted as a render
+        request refused `unavailable` unless `Dispatcher.submit` counted it."""
+        # here, not at the top: client_session -> dispatch -> gateway.limits -> this package
+        from sogni_coordinator.client_session import UNAVAILABLE, RequestMeter
+
+        log.error(
+            "gateway_project_unavailable", key=key.key_id, project=project.job_id, error=fault
+        )
+        if not counted and isinstance(self.dispatcher, RequestMeter):
+            self.dispatcher.request_refused("unavailable")
+        return ProjectRefused(UNAVAILABLE_CODE, "unavailable", UNAVAILABLE.format(fault=fault))
+
+    async def _record_and_submit(
+        self, key: AuthedKey, project: Project, req: RenderRequest, reached: trio.Event
+    ) -> Any:
         records = self.records
         if not await records.call(
             records.begin, key.key_id, project.job_id, project.img_ids, project.app_id
@@ -387,7 +421,7 @@ class Gateway:
                 await records.call(records.accepted, key.key_id, project.job_id, request_id, sealed)
 
         try:
-            submission = await self._submit(key, req, record)
+            submission = await self._submit(key, req, record, reached)
         except BaseException:
             with trio.CancelScope(shield=True):  # nothing was submitted (submit is atomic)
                 await records.call(records.forget, key.key_id, project.job_id)
@@ -403,9 +437,10 @@ class Gateway:
         key: AuthedKey,
         req: RenderRequest,
         record: Callable[[bytes, bytes], Awaitable[None]],
+        reached: trio.Event,
     ) -> Any:
         """Check the key's daily limit, sign the request with the key's account, `record`
-        its request id and resume token, then submit it."""
+        its request id and resume token, then submit it (`reached` set just before)."""
         account = key.record.account
         limit = key.record.daily_limit_micro
         reserved = quote(req).spark_micro  # the check and the write in one transaction
@@ -430,6 +465,7 @@ class Gateway:
             charged = billing is not None and billing.charges(signed)
             if charged:  # known by the hash it is signed under: recorded before it is charged
                 await record(eip712.request_hash(signed), token)
+            reached.set()
             submission = await self.dispatcher.submit(
                 signed,
                 client_peer=GATEWAY_PEER + key.key_id,
@@ -438,7 +474,13 @@ class Gateway:
             )
         except BaseException as exc:  # not accepted: the day's spend gets its share back
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.keys.record_spend, account, -reserved)
+                try:
+                    await trio.to_thread.run_sync(self.keys.record_spend, account, -reserved)
+                except (*DATABASE_ERRORS, OSError) as again:  # the same full disk, likely:
+                    fault = storage_fault(again)  # the day's spend stays counted (a limit
+                    if fault is None:  # reached early), and the app hears why it failed
+                        raise
+                    log.error("spend_not_restored", key=key.key_id, error=fault)
             if not isinstance(exc, Refusal):
                 raise
             code, error = ERRORS.get(exc.code, (4000, exc.code))

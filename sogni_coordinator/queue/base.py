@@ -68,7 +68,12 @@ class JobNotLive(QueueError):
 
 
 def short(job_id: bytes) -> str:
-    return job_id.hex()[:12]
+    """A job id for logs and error lines: `delivery.short`, the prefix (16 hex digits) every
+    coordinator log line uses, so a grep for it finds these too. Imported here, not at the
+    top: `delivery` imports `results`, whose PostgreSQL store imports this package."""
+    from sogni_coordinator.delivery import short as prefix
+
+    return prefix(job_id)
 
 
 @dataclass(frozen=True)

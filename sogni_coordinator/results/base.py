@@ -58,8 +58,11 @@ class ResultKey:
 
     @property
     def name(self) -> str:
-        """For logs: no request id in full, nothing of the image."""
-        return f"{self.request_id.hex()[:12]}/{self.index:04d}-{self.offer_hash.hex()[:8]}"
+        """For logs: no request id in full (its prefix as every log line gives it,
+        `delivery.short`), nothing of the image."""
+        from sogni_coordinator.delivery import short  # delivery imports this package
+
+        return f"{short(self.request_id)}/{self.index:04d}-{self.offer_hash.hex()[:8]}"
 
 
 class StoreError(OSError):

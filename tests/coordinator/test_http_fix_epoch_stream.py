@@ -118,7 +118,8 @@ async def test_a_published_file_is_streamed_not_read_whole(tmp_path: Path) -> No
 async def test_transfers_past_the_cap_are_answered_503_with_retry_after(tmp_path: Path) -> None:
     folder, digest = _published(tmp_path)
     view: Any = SimpleNamespace(epochs=folder)
-    app = Starlette(routes=epoch_routes(view, transfers=1, wait=0.2))
+    # both from 127.0.0.1: the per-address cap (its own test: test_leftovers_epochs.py) set apart
+    app = Starlette(routes=epoch_routes(view, transfers=1, wait=0.2, per_address=2))
     release = trio.Event()
     first = Answer(hold=release)  # a client that takes its time: it holds the one slot
     async with trio.open_nursery() as nursery:

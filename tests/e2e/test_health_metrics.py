@@ -23,6 +23,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from sogni_app.api import render
+from sogni_coordinator.metrics import READY_CACHE
 from sogni_coordinator.network_signers import SIGNER_SET_FILE
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.signer_set import NetworkSignerSet, encode_signer_set, sign_signer_set
@@ -185,12 +186,15 @@ async def test_health_ready_and_metrics_of_both_daemons(tmp_path: Path, backend:
         assert code == 200
         assert json.loads(body)["set"]["signers"] == [net.signer.address]
 
-        # A database another process holds locked: not ready, saying why, in one line.
+        # A database another process holds locked: not ready, saying why, in one line (once
+        # the last verdict has aged: the lock is tried at most once per READY_CACHE seconds).
+        await trio.sleep(READY_CACHE)
         with write_locked(net.config.database):
             code, body = await get(base + "/readyz")
         assert code == 503
         reason = json.loads(body)["reason"]
         assert reason.startswith("database not writable") and "\n" not in reason
+        await trio.sleep(READY_CACHE)
         assert (await get(base + "/readyz"))[0] == 200
 
         node.stop.set()
