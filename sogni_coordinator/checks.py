@@ -67,7 +67,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import msgspec
 import trio
@@ -125,6 +125,9 @@ from sogni_protocol.messages import (
     StepOpeningWire,
     TensorEntry,
 )
+
+if TYPE_CHECKING:
+    from sogni_coordinator.billing import Billing
 
 __all__ = ["SUPPORTED_SCHEDULERS", "Checks", "Held", "Outcome"]
 
@@ -368,6 +371,9 @@ class _Dispatcher(Protocol):
     @property
     def prompt_retention(self) -> float: ...
 
+    @property
+    def billing(self) -> Billing | None: ...
+
     async def challenge(
         self, peer_id: str, job_id: bytes, steps: list[int], timeout: float, pixels: bool = False
     ) -> ChallengeResult: ...
@@ -469,6 +475,7 @@ class Checks:
         if not rerender and (link is None or link.wallet.lower() != held.worker.lower()):
             return False
         barred = self.standing.without() | {held.worker.lower(), held.receipt.payee.lower()}
+        barred |= self._payers(held)
         model = held.job.params.model_id
         return any(
             (
@@ -479,6 +486,13 @@ class Checks:
             and other.accounts.isdisjoint(barred)
             for other in self.dispatcher.nodes.values()
         )
+
+    def _payers(self, held: Held) -> frozenset[str]:
+        """The accounts that paid for `held`'s request (`Billing.payer_accounts`): none of
+        them may check it (a payer would be paid from its take, free Daily Boost work
+        included, and could fail honest renders of its own jobs)."""
+        billing = self.dispatcher.billing
+        return frozenset() if billing is None else billing.payer_accounts(held.job.request_id)
 
     def _forgiven(self, wallet: str) -> bool:
         """This challenge lost with the worker's stream goes unstruck unless `AWAY_FORGIVEN`
@@ -792,7 +806,7 @@ class Checks:
         the first verifier; over tolerance, a third wallet; none, a probe of the first."""
         requeue: list[int] = []
         while True:
-            excluded = self.standing.without() | run.discarded
+            excluded = self.standing.without() | run.discarded | self._payers(run.held)
             first = await self._asked(ask, excluded)
             v = first.verdict
             probing = first.answered and self._rng.random() < self.policy.probe_rate
@@ -922,7 +936,7 @@ class Checks:
         when none answers."""
         assert first.wallet is not None
         barred = {first.wallet.lower(), *self.standing.without()}
-        barred |= {entry.worker, entry.verifier, *entry.accounts}
+        barred |= {entry.worker, entry.verifier, *entry.accounts, *self._payers(held)}
         if first.payee is not None:
             barred.add(first.payee.lower())
         failed_by: list[str] = []

@@ -21,6 +21,7 @@ from types import MappingProxyType
 
 import trio
 
+from sogni_coordinator.log_ids import SHORT_HEX, short
 from sogni_coordinator.results import FolderResults, ResultKey, ResultStore, StoreError
 from sogni_coordinator.store import DeliveryRecord
 from sogni_protocol.logs import get_logger
@@ -35,17 +36,6 @@ ResultFiles = FolderResults
 READ_RETRY = 1.0
 """Seconds before an image the store could not be asked for is asked for again."""
 LOST_IMAGE = "the coordinator lost this image's file; its receipt is stored"
-
-
-SHORT_HEX = 16
-"""Hex digits of an id in logs: the prefix every coordinator log line uses for request, job
-and check ids (and the node's for check ids), so one grep finds an id everywhere."""
-
-
-def short(ident: bytes) -> str:
-    """An id (request, job, check) for logs: a prefix of `SHORT_HEX` hex digits, never the
-    whole id (a resume needs the whole request id, and its token)."""
-    return ident.hex()[:SHORT_HEX]
 
 
 @dataclass(eq=False)

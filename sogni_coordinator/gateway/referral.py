@@ -4,6 +4,7 @@ referral field): `referralCode` and `referredBy` are extra fields the SDKs ignor
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -35,7 +36,10 @@ async def apply_referral(gateway: Gateway, account: str, code: str) -> str | Non
         return "referrals are off on this coordinator (no billing)"
     codes = codes_beside(billing.ledger)
     try:
-        await trio.to_thread.run_sync(codes.use, billing.ledger, account, code)
+        # off a local network only a customer's code refers anyone (as over libp2p)
+        eligible = None if billing.boost_for_anyone else billing.is_customer
+        use = functools.partial(codes.use, eligible=eligible)
+        await trio.to_thread.run_sync(use, billing.ledger, account, code)
     except ReferralRefused as exc:
         return str(exc)
     return None

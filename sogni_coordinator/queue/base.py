@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
+from sogni_coordinator.log_ids import short
+
 
 class QueueState(StrEnum):
     QUEUED = "queued"
@@ -65,15 +67,6 @@ class AlreadyCompleted(QueueError):
 
 class JobNotLive(QueueError):
     """The job was given up on (dead letter): it takes no receipt."""
-
-
-def short(job_id: bytes) -> str:
-    """A job id for logs and error lines: `delivery.short`, the prefix (16 hex digits) every
-    coordinator log line uses, so a grep for it finds these too. Imported here, not at the
-    top: `delivery` imports `results`, whose PostgreSQL store imports this package."""
-    from sogni_coordinator.delivery import short as prefix
-
-    return prefix(job_id)
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from typing import Any
 
 import trio
 
+from sogni_coordinator.log_ids import short
 from sogni_protocol.logs import get_logger
 from sogni_protocol.messages import JobImage
 from sogni_protocol.messages import encode as encode_message
@@ -59,9 +60,7 @@ class ResultKey:
     @property
     def name(self) -> str:
         """For logs: no request id in full (its prefix as every log line gives it,
-        `delivery.short`), nothing of the image."""
-        from sogni_coordinator.delivery import short  # delivery imports this package
-
+        `log_ids.short`), nothing of the image."""
         return f"{short(self.request_id)}/{self.index:04d}-{self.offer_hash.hex()[:8]}"
 
 

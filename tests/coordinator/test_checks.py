@@ -906,3 +906,20 @@ async def test_a_leaf_0_off_the_seed_fails_the_check(
         assert h.store.check_state(job_id) == ("passed" if verdict == "pass" else "skipped")
         if verdict == "skipped":
             assert "did not compare leaf 0" in str(line["reason"])
+
+
+async def test_the_payer_s_own_node_never_checks_its_jobs(checked: Harness) -> None:
+    """The only other wallet serving the model is the payer's: the check is skipped, never
+    asked of it (it would be paid from the take of work it paid for, free Spark included)."""
+    h = checked
+    worker, payer_node = h.node(0), h.node(1, ready=False)
+    assert h.ledger is not None
+    h.ledger.credit_purchase(payer_node.wallet, 1)
+    sub = await h.submit(authorize(request(1), payer_node.key, h.dispatcher.domain))
+    offer, t = await _held(h, worker)
+    await answer_challenge(h, worker, t)
+    await until(lambda: sub.state.finished.is_set())  # type: ignore[attr-defined]
+    assert h.store.check_state(offer.offer.job_id) == "skipped"
+    (line,) = log_lines(h)
+    assert "no verifier" in str(line["reason"])
+    assert not [m for m in payer_node.drain() if isinstance(m, VerifyStep)]

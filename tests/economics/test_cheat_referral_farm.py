@@ -19,6 +19,7 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
 from sogni_coordinator.billing import Billing
+from sogni_coordinator.gateway.referral import apply_referral
 from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.referral_intake import answer_referral
 from sogni_coordinator.referrals import close_beside
@@ -127,4 +128,19 @@ def test_free_spark_scores_no_referral_points_at_any_level(tmp_path: Path) -> No
         c.ledger.settle(rid, free, worker.address, 3000, 500, job_id=bytes([i + 9]) * 32)
         c.ledger.refund(rid)
     assert c.ambassadors() == {}
+    c.close()
+
+
+async def test_the_gateway_refuses_a_fresh_wallets_code_off_a_local_network_too(
+    tmp_path: Path,
+) -> None:
+    """`POST /v1/account/referral` applies the same rule as the libp2p handler."""
+    c = Coordinator(tmp_path / "coordinator.db", local=False)
+    gateway = SimpleNamespace(dispatcher=c._dispatcher)
+    a, b = Account.create(), Account.create()
+    why = await apply_referral(gateway, b.address, c.code(a))  # type: ignore[arg-type]
+    assert why is not None and "never bought Spark" in why
+    c.ledger.credit_purchase(a.address, 10)
+    assert await apply_referral(gateway, b.address, c.code(a)) is None  # type: ignore[arg-type]
+    assert c.ledger.referrals()[b.address.lower()][0] == a.address.lower()
     c.close()
