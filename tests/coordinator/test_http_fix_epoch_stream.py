@@ -5,8 +5,6 @@ twenty copies (a 16 MiB batch: the coordinator grew by over 300 MB)."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import tracemalloc
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,79 +12,22 @@ from typing import Any
 
 import trio
 from starlette.applications import Starlette
-from starlette.types import Message
 
 from sogni_coordinator.epoch_serving import EpochFolder
 from sogni_coordinator.http_api import EPOCH_CHUNK, epoch_routes
+
+from .epoch_http import Answer, get, published
 
 NAME = "receipts/0x" + "ab" * 32 + ".json"
 SIZE = 32 << 20
 
 
 def _published(tmp_path: Path) -> tuple[EpochFolder, bytes]:
-    data = os.urandom(SIZE)
-    (tmp_path / "receipts").mkdir()
-    (tmp_path / NAME).write_bytes(data)
-    return EpochFolder(tmp_path), hashlib.sha256(data).digest()
-
-
-class Answer:
-    """What an ASGI app sent: status, headers, the body's size, hash and largest write.
-    `hold` (when given) blocks the first body write until it is set."""
-
-    def __init__(self, hold: trio.Event | None = None) -> None:
-        self.status = 0
-        self.headers: dict[bytes, bytes] = {}
-        self.size = 0
-        self.largest = 0
-        self.digest = hashlib.sha256()
-        self.body = b""
-        self.started = trio.Event()
-        self.hold = hold
-
-    async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-            self.headers = dict(message["headers"])
-            self.started.set()
-            return
-        if self.hold is not None:
-            await self.hold.wait()
-        chunk = message.get("body", b"")
-        self.size += len(chunk)
-        self.largest = max(self.largest, len(chunk))
-        self.digest.update(chunk)
-        if self.size < 4096:
-            self.body += chunk
+    return published(tmp_path, NAME, SIZE)
 
 
 async def _get(app: Starlette, path: str, answer: Answer, method: str = "GET") -> None:
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": method,
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"x")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
-    sent = False
-    never = trio.Event()
-
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await never.wait()
-        raise AssertionError("unreachable")
-
-    await app(scope, receive, answer.send)
+    await get(app, path, answer, method=method)
 
 
 async def test_a_published_file_is_streamed_not_read_whole(tmp_path: Path) -> None:

@@ -7,8 +7,6 @@ slot, and readers trickling a byte before each send deadline held them for ever.
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -16,88 +14,32 @@ from typing import Any
 import pytest
 import trio
 from starlette.applications import Starlette
-from starlette.types import Message
 from structlog.testing import capture_logs
 
 import sogni_coordinator.epoch_serving as epoch_serving
 from sogni_coordinator.epoch_serving import EpochFolder
 from sogni_coordinator.http_api import EPOCH_CHUNK, epoch_routes
 
+from . import epoch_http
+from .epoch_http import get, published
+
 NAME = "receipts/0x" + "cd" * 32 + ".json"
 SIZE = 4 << 20
 
 
 def _published(tmp_path: Path) -> tuple[EpochFolder, bytes]:
-    data = os.urandom(SIZE)
-    (tmp_path / "receipts").mkdir()
-    (tmp_path / NAME).write_bytes(data)
-    return EpochFolder(tmp_path), hashlib.sha256(data).digest()
+    return published(tmp_path, NAME, SIZE)
 
 
-class Answer:
-    """What the app sent one client. `hold`: its first body write waits for it, shielded (as
-    hypercorn's socket writes are: no deadline of the app reaches them). `pause`: seconds
-    each body write takes (a slow reader)."""
+class Answer(epoch_http.Answer):
+    """Its writes shielded, as hypercorn's socket writes are."""
 
     def __init__(self, hold: trio.Event | None = None, pause: float = 0.0) -> None:
-        self.status = 0
-        self.headers: dict[bytes, bytes] = {}
-        self.size = 0
-        self.digest = hashlib.sha256()
-        self.body = b""
-        self.started = trio.Event()
-        self.ended = trio.Event()
-        self.hold, self.pause = hold, pause
-
-    async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-            self.headers = dict(message["headers"])
-            self.started.set()
-            return
-        with trio.CancelScope(shield=True):
-            if self.hold is not None:
-                await self.hold.wait()
-            if self.pause:
-                await trio.sleep(self.pause)
-        chunk = message.get("body", b"")
-        self.size += len(chunk)
-        self.digest.update(chunk)
-        if self.size < 4096:
-            self.body += chunk
+        super().__init__(hold, pause=pause, shield=True)
 
 
 async def _get(app: Starlette, client: str, answer: Answer) -> None:
-    path = "/epochs/" + NAME
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"host", b"x")],
-        "client": (client, 40000),
-        "server": ("127.0.0.1", 80),
-    }
-    sent = False
-    never = trio.Event()
-
-    async def receive() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": b"", "more_body": False}
-        await never.wait()
-        raise AssertionError("unreachable")
-
-    try:
-        await app(scope, receive, answer.send)
-    finally:
-        answer.ended.set()
+    await get(app, "/epochs/" + NAME, answer, client=client)
 
 
 def _app(folder: EpochFolder, **kw: Any) -> Starlette:
