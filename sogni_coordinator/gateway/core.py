@@ -30,7 +30,7 @@ from sogni_coordinator.delivery import Cursor
 from sogni_coordinator.gateway.config import GatewayConfig
 from sogni_coordinator.gateway.failures import failure_of, image_error, project_error
 from sogni_coordinator.gateway.limits import SharedLimits, limiters
-from sogni_coordinator.gateway.models import ModelBook
+from sogni_coordinator.gateway.models import ModelBook, sid_of
 from sogni_coordinator.gateway.projects import (
     Outcome,
     Project,
@@ -78,6 +78,8 @@ UNAVAILABLE_CODE = 5003
 """`jobError` code of a project the coordinator could not store (disk full, database away):
 the gateway's code for HTTP 503, with the libp2p refusal's text (`client_session.UNAVAILABLE`,
 "nothing was charged; try again later or another coordinator")."""
+SWARM_CACHE = 0.5
+"""Seconds one count of the nodes per model (`Gateway.swarm`) serves every socket asking."""
 QUEUE_TICK = 0.5
 """Seconds between looks at a queued project's place in the queue (a changed one is sent as
 `jobState queued`; the SDKs expect the server's queue updates about this often)."""
@@ -171,6 +173,8 @@ class Gateway:
         )
         self.sockets: dict[tuple[str, str], Any] = {}
         """(key id, appId) -> the socket session holding it (`socket.Session`)."""
+        self._swarm: dict[str, tuple[float, dict[str, int]]] = {}
+        """`swarm`'s last count per network, and when (monotonic)."""
         self._positions: dict[bytes, int] = {}
         self._positions_at = -math.inf
         """`queue_position`'s last count of the dispatcher's queue, and when (monotonic)."""
@@ -207,13 +211,35 @@ class Gateway:
     def advertised(self) -> set[str]:
         return self.dispatcher.known_models()
 
-    def swarm(self) -> dict[str, int]:
-        """`swarmModels`: connected nodes per servable model."""
+    def swarm(self, network: str) -> dict[str, int]:
+        """`swarmModels` of a socket on `network`: per servable model, the connected nodes
+        that may take that network's jobs (the router's tiers, blocked nodes aside). Counted
+        over every network's nodes, a relaxed app saw fast-only nodes as its workers (and
+        waited on `noWorkers`). One count per network serves every socket for
+        `SWARM_CACHE` s (each socket looks once a second)."""
+        now = time.monotonic()
+        cached = self._swarm.get(network)
+        if cached is not None and now - cached[0] < SWARM_CACHE:
+            return dict(cached[1])
         counts = dict.fromkeys(self.book.served(self.advertised()), 0)
+        router = self.dispatcher.router
         for link in self.dispatcher.nodes.values():
+            if (
+                network not in router.classify(link.device, link.wallet)[0]
+                or router.reputation.blacklisted(link.wallet)
+                or link.wallet.lower() in router.blocked_nodes
+            ):
+                continue
             for model in link.models & counts.keys():  # never one the gateway would refuse
                 counts[model] += 1
-        return counts
+        self._swarm[network] = (now, counts)
+        return dict(counts)
+
+    def worker_counts(self, network: str) -> dict[str, int]:
+        """`GET /api/v1/status/network/{network}/models`: `swarm(network)` keyed by each
+        model's `SID` (as `/api/v1/models/list` gives it), which the SDKs'
+        `getAvailableModels` maps back to the models."""
+        return {str(sid_of(m)): n for m, n in self.swarm(network).items()}
 
     async def balances(self, account: str) -> dict[str, Any]:
         """`{sogni, spark}` as the SDKs read them (decimal strings of whole tokens)."""
@@ -528,6 +554,31 @@ class Gateway:
         live = [p.job_id for p in self.projects.in_flight(key.key_id)]
         return list(dict.fromkeys(live + stored))
 
+    async def in_flight_projects(
+        self, key: AuthedKey, app_id: str | None, *, limit: int
+    ) -> list[Project]:
+        """The key's projects in flight (`/api/v1/artist/projects/sync`), only those
+        `app_id` started unless it is None: in memory and (after a restart) recalled from
+        the database, oldest first, at most `limit`."""
+        if app_id is not None and not 0 < len(app_id) <= 128:
+            return []  # no socket could have started it (`serve_socket` refuses that appId)
+        stored = await trio.to_thread.run_sync(self.records.in_flight, key.key_id, app_id)
+        found = {
+            p.job_id: p
+            for p in self.projects.in_flight(key.key_id)
+            if app_id is None or p.app_id == app_id
+        }
+        for job_id in stored:
+            if len(found) >= limit:
+                break
+            if job_id not in found:
+                project = await self._recall(key, job_id)
+                if project is not None:
+                    found[job_id] = project
+        running = self.still_running(list(found.values()))
+        running.sort(key=lambda p: p.started_at)
+        return running[:limit]
+
     def queue_position(self, project: Project, *, first: bool = False) -> int:
         """`jobState queued`'s `queuePosition`: how many other projects (requests) of the
         same network and model wait ahead of this one in the dispatcher's queue, in the
@@ -563,6 +614,49 @@ class Gateway:
     def still_running(self, projects: list[Project]) -> list[Project]:
         """Those of `projects` still in flight: not ended, cancelled or refused."""
         return [p for p in projects if not (p.done or p.cancelled) and p.refusal is None]
+
+    def completed(self, projects: list[Project]) -> list[Project]:
+        """Those of `projects` that ended with at least one image made (not cancelled):
+        what `authenticated.unclaimedCompletedProjects` lists."""
+        return [
+            p
+            for p in projects
+            if p.done
+            and not p.cancelled
+            and p.refusal is None
+            and any(o.ok for o in p.outcomes.values())
+        ]
+
+    def recovered_completed(self, project: Project, base_url: str) -> dict[str, Any]:
+        """An ended project as the SDKs read `unclaimedCompletedProjects` (`RecoveredProject`,
+        status `completed`): each image's outcome in `completedWorkerJobs` (`imgID`,
+        `jobCompleted` with `performedSteps`, `seedUsed` and a fresh signed `resultUrl`, or
+        `jobError` with the failure's code as `reason`). The SDKs replay these through their
+        own event handlers: a client still tracking the project completes it, and a
+        restarted one rebuilds it and gets its result URLs (`completedProjectsRecovered`).
+        Its frames are still pushed after `authenticated` (the SDKs ignore a finished
+        project's)."""
+        entry = self.recovered(project)
+        jobs: list[dict[str, Any]] = []
+        for index in sorted(project.outcomes):
+            outcome = project.outcomes[index]
+            img = project.img_ids[index]
+            job: dict[str, Any] = {"id": project.job_id, "imgID": img}
+            if outcome.ok:
+                url = self.urls.sign(img, base_url=base_url, ttl=self.config.result_ttl_seconds)
+                job.update(
+                    status="jobCompleted",
+                    performedSteps=outcome.steps,
+                    seedUsed=outcome.seed,
+                    resultUrl=url,
+                )
+            else:
+                job.update(status="jobError", reason=image_error(outcome.error)["error"])
+            jobs.append(job)
+        entry.update(status="completed", completedWorkerJobs=jobs)
+        if project.ended_at is not None:
+            entry["updateTime"] = int(project.ended_at * 1000)
+        return entry
 
     def recovered(self, project: Project) -> dict[str, Any]:
         """An in-flight project as the SDKs read `authenticated.activeProjects` (their

@@ -17,6 +17,7 @@ a 1024 px model, scaled to each model's native size (a 64 px model's `square_hd`
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "SizePreset",
     "scheduler_of",
     "sdk_names_of",
+    "sid_of",
 ]
 
 PAIRS: dict[tuple[str, str], str] = {
@@ -78,6 +80,16 @@ class not listed: not known ("" from `own_scheduler`)."""
 _GUIDANCE = {"sdxl-turbo": 1.0, "flux-schnell": 1.0, "flux-dev": 3.5, "tiny": 4.0}
 """Default guidance per model class (7.5 otherwise)."""
 _PAIR_LIST = ", ".join(f"{a}+{b}" for a, b in PAIRS)
+
+
+def sid_of(model_id: str) -> int:
+    """A model's numeric `SID` (`/api/v1/models/list`, the keys of
+    `/api/v1/status/network/{network}/models`): from its id alone, so it stays the same
+    as models come and go (the SDKs cache the list for 24 h and match the counts' SIDs
+    against it; a position in the list moved when a node brought a new model). 31 bits,
+    from 1: a positive safe integer in JavaScript."""
+    digest = hashlib.sha256(model_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") % (2**31 - 1) + 1
 
 
 def _key(name: str) -> str:
@@ -262,8 +274,8 @@ class ModelBook:
     def listing(self, advertised: set[str]) -> list[dict[str, Any]]:
         """`GET /api/v1/models/list`: a bare array, one tier per model (named after it)."""
         return [
-            {"id": m, "name": self.name(m), "SID": i + 1, "tier": m, "media": "image"}
-            for i, m in enumerate(self.served(advertised))
+            {"id": m, "name": self.name(m), "SID": sid_of(m), "tier": m, "media": "image"}
+            for m in self.served(advertised)
         ]
 
     def tiers(self, advertised: set[str]) -> dict[str, Any]:

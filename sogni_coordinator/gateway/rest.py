@@ -7,12 +7,19 @@ signed URL is the authorization; the image is found by its id in the gateway's i
 
 from __future__ import annotations
 
+import math
+import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from sogni_coordinator.gateway.core import AuthedKey, Gateway
-from sogni_coordinator.gateway.projects import ProjectRefused, estimate_body, parse_estimate
+from sogni_coordinator.gateway.projects import (
+    Project,
+    ProjectRefused,
+    estimate_body,
+    parse_estimate,
+)
 from sogni_coordinator.gateway.referral import account_referral, apply_referral
 from sogni_coordinator.gateway.report_route import gateway_report
 from sogni_coordinator.gateway.socket import base_url_of, client_address, serve_socket
@@ -47,14 +54,30 @@ class _ReferralBody(msgspec.Struct):
     code: str
 
 
-def _error(status: int, code: int, message: str) -> Response:
+def _error(status: int, code: int, message: str, *, retry_after: int | None = None) -> Response:
+    """`{status:"error", message, errorCode}`; a 429 also says how long to wait, as the
+    SDKs read it (`retryAfter` in the body, else the `Retry-After` header): their
+    `ApiError.retryAfter` was undefined, so an app could not know when to try again."""
     from starlette.responses import JSONResponse
 
-    return JSONResponse(
-        {"status": "error", "message": message, "errorCode": code},
-        status_code=status,
-        headers={"Cache-Control": "no-store"},
-    )
+    body: dict[str, Any] = {"status": "error", "message": message, "errorCode": code}
+    headers = {"Cache-Control": "no-store"}
+    if retry_after is not None:
+        body["retryAfter"] = retry_after
+        headers["Retry-After"] = str(retry_after)
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def rest_retry_after(requests_per_minute: int) -> int:
+    """Seconds until a key over `requests_per_minute` has its next REST call (one token of
+    its bucket refills in 60 / rate s), at least 1."""
+    return max(1, math.ceil(60 / requests_per_minute))
+
+
+FAILED_AUTH_RETRY_AFTER = 60
+"""Seconds an address blocked for failed keys waits: the failure window (one minute)."""
+MAX_SYNC_PROJECTS = 1000
+"""Projects one `/api/v1/artist/projects/sync` answer lists at most."""
 
 
 def _ok(data: Any) -> Response:
@@ -71,12 +94,22 @@ def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
     async def auth(request: Request) -> AuthedKey | Response:
         address = client_address(request)
         if await gateway.failed_auth.blocked_async(address):
-            return _error(429, 4029, "too many failed API keys from this address: wait a minute")
+            return _error(
+                429,
+                4029,
+                "too many failed API keys from this address: wait a minute",
+                retry_after=FAILED_AUTH_RETRY_AFTER,
+            )
         key = await gateway.authenticate(request.headers.get("api-key"), address)
         if key is None:
             return _error(401, 4021, "missing, unknown or revoked API key")
         if not await gateway.rest_rate.take_async(key.key_id):
-            return _error(429, 4029, "too many requests for this API key: slow down")
+            return _error(
+                429,
+                4029,
+                "too many requests for this API key: slow down",
+                retry_after=rest_retry_after(gateway.config.requests_per_minute),
+            )
         return key
 
     async def me(request: Request) -> Response:
@@ -120,6 +153,40 @@ def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
         if not isinstance(key, AuthedKey):
             return key
         return JSONResponse(gateway.book.tiers(gateway.advertised()))
+
+    async def worker_counts(request: Request) -> Response:
+        """The SDKs' `getAvailableModels(network)`: `{SID: workerCount}` (bare), the nodes
+        that may take that network's jobs per model (`swarmModels` keyed by SID)."""
+        key = await auth(request)
+        if not isinstance(key, AuthedKey):
+            return key
+        network = str(request.path_params["network"])
+        if network not in ("fast", "relaxed"):
+            return _error(400, 4000, "network must be fast or relaxed")
+        return JSONResponse(gateway.worker_counts(network), headers={"Cache-Control": "no-store"})
+
+    async def sync(request: Request) -> Response:
+        """The SDKs' recovery snapshot (`sync()`, `listProjectsElsewhere()`): the key's
+        projects in flight as `authenticated.activeProjects` lists them, only those of
+        the `appId` asked for when one is (`Gateway.in_flight_projects`); with an `appId`,
+        also that app's projects that ended while it was away (or in the last
+        `REPLAY_TOLD` s) with an image made, as `unclaimedCompletedProjects` (read-only:
+        the SDKs announce one once per client)."""
+        key = await auth(request)
+        if not isinstance(key, AuthedKey):
+            return key
+        app_id = request.query_params.get("appId")
+        projects = await gateway.in_flight_projects(key, app_id, limit=MAX_SYNC_PROJECTS)
+        ended: list[Project] = []
+        if app_id is not None and 0 < len(app_id) <= 128:  # those its sockets are owed
+            ended = gateway.completed(await gateway.untold(key, app_id))[:MAX_SYNC_PROJECTS]
+        base = base_url_of(gateway, request.url)
+        body = {
+            "activeProjects": [gateway.recovered(p) for p in projects],
+            "unclaimedCompletedProjects": [gateway.recovered_completed(p, base) for p in ended],
+            "serverTime": int(time.time() * 1000),
+        }
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     async def size_presets(request: Request) -> Response:
         """Sogni's size presets scaled to the model's native size (a bare array)."""
@@ -236,6 +303,8 @@ def gateway_routes(gateway: Gateway) -> list[BaseRoute]:
         Route("/v4/account/balance", balance, methods=["GET"]),
         Route("/v1/image/downloadUrl", download_url, methods=["GET"]),
         Route("/api/v1/artist/projects/active", active, methods=["GET"]),
+        Route("/api/v1/artist/projects/sync", sync, methods=["GET"]),
+        Route("/api/v1/status/network/{network}/models", worker_counts, methods=["GET"]),
         Route("/results/{image_id}", result, methods=["GET"]),
         Route("/v1/report", report, methods=["POST"]),
         WebSocketRoute("/", socket),

@@ -127,6 +127,8 @@ class Session:
             ws.query_params.get("socketEventSubscriptions")
         )
         self.base_url = base_url_of(gateway, ws.url)
+        self.swarm_sent: tuple[str, dict[str, int]] = (self.network, {})
+        """The network and counts of the last `swarmModels` sent."""
         self.ignored = 0
         """Frames of types this gateway does not serve, read on this socket."""
         self.live: set[str] = set()
@@ -187,9 +189,12 @@ class Session:
 
     async def _hello(self, owed: list[Project]) -> None:
         """`authenticated` (its `activeProjects`: this app's projects in flight, which
-        stream here next), the worker counts and the balance."""
+        stream here next; its `unclaimedCompletedProjects`: those that ended while the app
+        was away, with their result URLs, whose frames follow too), the worker counts and
+        the balance."""
         record = self.key.record
         active = self.gateway.still_running(owed)
+        ended = self.gateway.completed(owed)
         self.listed = {p.job_id for p in active}
         await self.send(
             "authenticated",
@@ -198,11 +203,13 @@ class Session:
                 "username": record.name,
                 "address": record.account,
                 "activeProjects": [self.gateway.recovered(p) for p in active],
-                "unclaimedCompletedProjects": [],
+                "unclaimedCompletedProjects": [
+                    self.gateway.recovered_completed(p, self.base_url) for p in ended
+                ],
                 "subscriptionEntitlement": {"active": False, "subscription": None},
             },
         )
-        await self.send("swarmModels", self.gateway.swarm())
+        await self._send_swarm()
         await self.send("balanceUpdate", await self.gateway.balances(record.account))
 
     async def _write(self) -> None:
@@ -218,14 +225,17 @@ class Session:
             log.info("gateway_socket_send_failed", key=self.key.key_id, error=type(exc).__name__)
             self.scope.cancel()
 
+    async def _send_swarm(self) -> None:
+        """`swarmModels` of this socket's network (the nodes that may take its jobs)."""
+        self.swarm_sent = (self.network, self.gateway.swarm(self.network))
+        await self.send("swarmModels", self.swarm_sent[1])
+
     async def _swarm(self) -> None:
-        last = self.gateway.swarm()
+        """Re-send `swarmModels` when the counts changed (nodes came or went)."""
         while True:
             await trio.sleep(SWARM_POLL)
-            now = self.gateway.swarm()
-            if now != last:
-                last = now
-                await self.send("swarmModels", now)
+            if self.gateway.swarm(self.network) != self.swarm_sent[1]:
+                await self._send_swarm()
 
     async def _read(self, nursery: trio.Nursery) -> None:
         limit = self.gateway.config.frame_limit_bytes
@@ -255,6 +265,9 @@ class Session:
         elif isinstance(frame, ChangeNetwork):  # the SDK's switchNetwork: later projects
             self.network = frame.network
             await self.send("changeNetwork", {"network": frame.network})
+            # the SDKs empty their model list on `changeNetwork` and fill it again from
+            # the next `swarmModels`: without one, `waitForModels` timed out after a switch
+            await self._send_swarm()
         elif isinstance(frame, SetSubscriptions):
             await self.send(
                 "socketEventSubscriptionsUpdated", {"socketEventSubscriptions": self.subscriptions}

@@ -10,7 +10,7 @@ import pytest
 
 from sogni_coordinator.gateway.frames import FrameError, decode_frame, encode_frame
 from sogni_coordinator.gateway.limits import FailureWindow, KeyBuckets
-from sogni_coordinator.gateway.models import ModelBook, scheduler_of, sdk_names_of
+from sogni_coordinator.gateway.models import ModelBook, scheduler_of, sdk_names_of, sid_of
 from sogni_coordinator.gateway.projects import ProjectRefused, parse_job_request
 from sogni_coordinator.gateway.results import ImageStore
 from sogni_protocol.catalog import default_catalog
@@ -127,7 +127,13 @@ def test_sampler_names_map_both_ways() -> None:
         assert scheduler_of(sampler, scheduler) == ours
     listing = BOOK.listing({MODEL})
     assert listing == [
-        {"id": MODEL, "name": listing[0]["name"], "SID": 1, "tier": MODEL, "media": "image"}
+        {
+            "id": MODEL,
+            "name": listing[0]["name"],
+            "SID": sid_of(MODEL),
+            "tier": MODEL,
+            "media": "image",
+        }
     ]
     assert BOOK.tiers(set())[MODEL]["sampler"]["allowed"][0] == "euler"
 
