@@ -7,10 +7,12 @@ signalling the coordinator, and a block takes effect within that time.
 
 from __future__ import annotations
 
+import sqlite3
 from typing import TYPE_CHECKING
 
 import trio
 
+from sogni_coordinator.db import DatabaseBusy
 from sogni_coordinator.reports import BLOCK_POLL_SECONDS, NODE_BLOCKED, Reports
 from sogni_protocol.logs import get_logger
 
@@ -41,8 +43,14 @@ def apply_blocks(reports: Reports, dispatcher: Dispatcher) -> int:
 async def watch(
     reports: Reports, dispatcher: Dispatcher, interval: float = BLOCK_POLL_SECONDS
 ) -> None:
-    """Keep the running coordinator's blocks in step with the database (the CLI writes it)."""
+    """Keep the running coordinator's blocks in step with the database (the CLI writes it).
+    A round the database fails (away, locked) changes nothing: the last blocks stand, and the
+    coordinator serves on (an outage of the shared database stopped every coordinator)."""
     while True:
-        await trio.to_thread.run_sync(reports.refresh)
-        apply_blocks(reports, dispatcher)
+        try:
+            await trio.to_thread.run_sync(reports.refresh)
+        except (sqlite3.Error, DatabaseBusy) as exc:
+            log.warning("blocks_not_read", error=type(exc).__name__)
+        else:
+            apply_blocks(reports, dispatcher)
         await trio.sleep(interval)

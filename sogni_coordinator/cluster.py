@@ -47,6 +47,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -66,7 +67,7 @@ from sogni_coordinator.prompt_crypto import PromptKeyError
 from sogni_coordinator.queue.base import Lease, LeaseLost, NewJob, QueueError
 from sogni_coordinator.queue.postgres import BOUNDED, PostgresQueue, migrate
 from sogni_coordinator.storage import location
-from sogni_coordinator.store import JobOutcome, Store
+from sogni_coordinator.store import JobOutcome, Store, StoredJob
 from sogni_protocol import eip712
 from sogni_protocol.catalog import Catalog, ModelEntry, default_catalog
 from sogni_protocol.cli_errors import Refused, register
@@ -124,19 +125,42 @@ UNREGISTERED_GRACE = 600.0
 """Seconds an open reservation may have no `cluster_requests` row before a coordinator takes
 it and refunds it: its coordinator died between reserving and registering the request
 (milliseconds apart), and no client ever heard it was accepted."""
-_UNREGISTERED = """
+_UNREGISTERED_WHERE = """r.state = 'open'
+  AND NOT EXISTS (SELECT 1 FROM cluster_requests c
+                  WHERE c.request_id = decode(r.request_id, 'hex'))"""
+_UNREGISTERED = f"""
+SELECT decode(r.request_id, 'hex') FROM ledger_reservations r
+WHERE {_UNREGISTERED_WHERE}
+  AND r.created_at < extract(epoch FROM clock_timestamp())::float8 - %(grace)s
+LIMIT 64
+"""
+"""Open reservations no request row owns, stamped over the grace ago: candidates, claimed
+only if still unregistered `UNREGISTERED_CONFIRM` seconds later (`_CLAIM_UNREGISTERED`)."""
+_CLAIM_UNREGISTERED = f"""
 INSERT INTO cluster_requests
 SELECT decode(r.request_id, 'hex'), %(me)s, extract(epoch FROM clock_timestamp())::float8
 FROM ledger_reservations r
-WHERE r.state = 'open'
-  AND r.created_at < extract(epoch FROM clock_timestamp())::float8 - %(grace)s
-  AND NOT EXISTS (SELECT 1 FROM cluster_requests c
-                  WHERE c.request_id = decode(r.request_id, 'hex'))
-LIMIT 64
+WHERE r.request_id = ANY(%(ids)s) AND {_UNREGISTERED_WHERE}
 ON CONFLICT DO NOTHING
 RETURNING request_id
 """
-"""Open reservations no request row owns: claimed (one coordinator wins each) to refund."""
+"""Of the candidates, those still unregistered: claimed (one coordinator wins each) to
+refund."""
+UNREGISTERED_CONFIRM = 5.0
+"""Seconds (this coordinator's monotonic clock) a candidate must stay unregistered before
+it is claimed. `created_at` is the reserving coordinator's own clock: one running more than
+`UNREGISTERED_GRACE` behind the database stamps every reservation "old" the moment it
+writes it, and before, a look that fell between its reserve and its registering
+(milliseconds) claimed and refunded a request whose client was being told "accepted". A
+registering coordinator is done long before this; a dead one never is."""
+BEAT_GAP_SHARE = 0.5
+"""Of the live window (`live_window`): a gap between two of this coordinator's own heartbeats
+longer than that means it was cut off from the database (an outage, a stall) or just
+started; it then beats for a whole live window before taking any request over, so owners
+cut off as long as it was have beaten again by then. Only a coordinator that stays silent
+while the others beat is taken for dead (before, the first coordinator back after an outage
+longer than the window took every other live owner's requests, ending their clients'
+streams)."""
 DEAD_GRACE = 5.0
 """Seconds a job stays dead in the queue before its owner fails it (a bury and the store's
 own write of the job's end are two transactions)."""
@@ -370,6 +394,14 @@ class Cluster:
         """Models some node connected to a live coordinator of the network serves (read from
         `cluster_models` every `REFRESH_SECONDS`): `Dispatcher.model_fault` accepts them."""
         self._published: frozenset[str] | None = None
+        self._unregistered: dict[bytes, float] = {}
+        """Open reservations no request row owned when seen -> when first seen (monotonic):
+        claimed once they stay so `UNREGISTERED_CONFIRM` seconds."""
+        self._beat_at = -math.inf
+        """When this coordinator's last heartbeat was written (monotonic)."""
+        self._beats_since = math.inf
+        """When its current run of heartbeats (none far apart: `BEAT_GAP_SHARE`) began: it
+        takes no orphan over before that run is `orphan_after` long."""
 
     @classmethod
     async def open(
@@ -709,7 +741,11 @@ class Cluster:
         if not stored or result.job_id in self.d.jobs:
             return None
         s = stored[0]
-        job = Job.restored(s, JobState.RUNNING)
+        # a cancelled job whose lessee died waiting for this node's partial receipt is
+        # stored cancelling: taken so, the partial receipt is paid (restored running, it was
+        # refused as "not cancelled" and the node's steps went unpaid)
+        cancelling = s.state is JobState.CANCELLING
+        job = Job.restored(s, JobState.CANCELLING if cancelling else JobState.RUNNING)
         job.offers[offer_hash] = link.peer_id
         job.signed_offers[offer_hash] = (offer, bytes(signature))
         self.d.jobs[job.job_id] = job
@@ -974,8 +1010,11 @@ class Cluster:
             if s is None:  # ended, or receipted and held by a check whose coordinator stopped
                 done.append(lease.job_id)
                 continue
+            if s.state is JobState.CANCELLING:  # its lessee died awaiting a partial receipt
+                self._await_partial(s, lease)
+                continue
             if s.state is not JobState.QUEUED:
-                ended.append(lease.job_id)  # cancelling: its lessee ends it
+                ended.append(lease.job_id)
                 continue
             self.leases[lease.job_id] = lease
             self._taken_at[lease.job_id] = time.monotonic()
@@ -989,6 +1028,20 @@ class Cluster:
             ended += await self._take_checks(done, {x.job_id: x for x in leases})
         if ended:
             await self.queue.bury(ended)
+
+    def _await_partial(self, s: StoredJob, lease: Lease) -> None:
+        """A leased job stored cancelling: the client cancelled while a node rendered it,
+        and the coordinator that held it (and waited for the node's partial receipt) died.
+        It waits here, under this lease, `dispatch.PARTIAL_WAIT` for that receipt (the node
+        brings it when it reconnects: its offer is read back from `cluster_offers`), as after
+        a single coordinator's restart; then it ends cancelled (`Dispatcher.sweep`). Buried
+        at once instead, its owner failed it as dead and the node's steps went unpaid."""
+        d = self.d
+        job = Job.restored(s, JobState.CANCELLING)
+        self.leases[job.job_id] = lease
+        d.jobs[job.job_id] = job
+        d._await_partial(job)
+        log.info("cancelled_job_taken_over", job=job.job_id.hex()[:16])
 
     async def _take_checks(self, job_ids: list[bytes], leases: dict[bytes, Lease]) -> list[bytes]:
         """Of leased jobs the store has ended, those whose receipt is still held by a check:
@@ -1052,21 +1105,29 @@ class Cluster:
                 self.poke()
 
     async def _renew_forever(self) -> None:
+        """Every third of the lease, each lease is renewed; after a round the database
+        failed, every `REFRESH_SECONDS` until one succeeds. A lease that lapsed meanwhile
+        (an outage longer than the lease) is kept if nobody swept it (`lapsed=True`): the
+        node renders on, rather than being stopped and the job rendered again from the
+        start. One another coordinator took (or a receipt ended) is lost: its render stops."""
+        failed = False
         while True:
-            await trio.sleep(self.lease_ttl / 3)
+            await trio.sleep(
+                min(REFRESH_SECONDS, self.lease_ttl / 3) if failed else self.lease_ttl / 3
+            )
+            failed = False
             for job_id, lease in list(self.leases.items()):
                 try:
-                    renewed = await self.queue.renew(lease, self.lease_ttl)
+                    renewed = await self.queue.renew(lease, self.lease_ttl, lapsed=True)
                 except LeaseLost:
                     if self.leases.get(job_id) is lease:  # not replaced by a new lease meanwhile
                         self.lost(job_id)
                     continue
-                except QueueError as exc:
-                    log.warning("lease_renew_failed", error=str(exc))
-                    continue
-                except psycopg.Error as exc:
-                    log.warning("lease_renew_failed", error=type(exc).__name__)
-                    continue
+                except (QueueError, psycopg.Error) as exc:  # the others would wait as long
+                    error = str(exc) if isinstance(exc, QueueError) else type(exc).__name__
+                    log.warning("lease_renew_failed", error=error, leases=len(self.leases))
+                    failed = True
+                    break
                 if self.leases.get(job_id) is lease:
                     self.leases[job_id] = renewed
 
@@ -1245,12 +1306,20 @@ class Cluster:
 
         def beat_and_take() -> list[bytes]:
             self._conn.execute(_HEARTBEAT, (self.me,))
+            now = time.monotonic()
+            if now - self._beat_at > self.orphan_after * BEAT_GAP_SHARE:  # cut off, or started
+                self._beats_since = now
+            self._beat_at = now
             if prune:  # now(), not clock_timestamp(): stable, so the index serves the range
                 self._conn.execute(
                     "DELETE FROM cluster_cancels"
                     " WHERE cancelled_at < extract(epoch FROM now())::float8 - %s",
                     (CANCEL_KEEP,),
                 )
+            if now - self._beats_since < self.orphan_after:
+                # the database was away for this one too: the others beat again first (taken
+                # over on their stale heartbeats, every live owner lost its clients' requests)
+                return []
             rows = self._conn.execute(
                 _ORPHANS, {"me": self.me, "after": self.orphan_after}
             ).fetchall()
@@ -1261,20 +1330,43 @@ class Cluster:
             await self.adopt(request_id, claim=False)
         if prune:
             await self._refund_unregistered()
+        elif self._unregistered:
+            await self._claim_unregistered()
 
     async def _refund_unregistered(self) -> None:
         """Reservations whose coordinator died before registering their request: their
         stored jobs (if it got that far) end failed and the payer is refunded whole. Before,
         no coordinator ever looked at them: the funds stayed reserved for good."""
 
+        def look() -> list[bytes]:
+            rows = self._conn.execute(_UNREGISTERED, {"grace": UNREGISTERED_GRACE}).fetchall()
+            return [bytes(r[0]) for r in rows]
+
+        now = time.monotonic()
+        for request_id in await self._sql(look):
+            self._unregistered.setdefault(request_id, now)
+        await self._claim_unregistered()
+
+    async def _claim_unregistered(self) -> None:
+        """Claim and refund the candidates seen unregistered `UNREGISTERED_CONFIRM` ago or
+        more (`_refund_unregistered` finds them; the refresh loop comes back every second
+        while some wait)."""
+        now = time.monotonic()
+        due = [r for r, seen in self._unregistered.items() if now - seen >= UNREGISTERED_CONFIRM]
+        if not due:
+            return
+
         def take() -> list[bytes]:
             rows = self._conn.execute(
-                _UNREGISTERED, {"me": self.me, "grace": UNREGISTERED_GRACE}
+                _CLAIM_UNREGISTERED, {"me": self.me, "ids": [h.hex() for h in due]}
             ).fetchall()
             return [bytes(r[0]) for r in rows]
 
+        claimed = await self._sql(take)
+        for request_id in due:
+            del self._unregistered[request_id]
         d = self.d
-        for request_id in await self._sql(take):
+        for request_id in claimed:
             outcomes = await trio.to_thread.run_sync(d.store.job_outcomes, request_id)
             live = [(o.job_id, JobState.FAILED, 0) for o in outcomes if o.state in STORED_LIVE]
             if live:

@@ -137,6 +137,18 @@ WHERE job_id = %(job)s AND state = 'leased' AND lease_owner = %(owner)s
 RETURNING lease_expires
 """
 
+_RENEW_LAPSED = f"""
+WITH c AS (SELECT {_NOW} AS now)
+UPDATE queue_jobs SET lease_expires = c.now + %(ttl)s, updated_at = c.now
+FROM c
+WHERE job_id = %(job)s AND state = 'leased' AND lease_owner = %(owner)s
+  AND attempts = %(attempt)s
+RETURNING lease_expires
+"""
+"""`_RENEW`, and a lease that lapsed while nobody swept it: the row still names this lease
+(a sweep that returned it to the queue changed its state, and the row lock orders the two),
+so no other coordinator holds the job or ever did since."""
+
 _RELEASE = f"""
 UPDATE queue_jobs
 SET state = CASE WHEN attempts >= max_attempts THEN 'dead' ELSE 'queued' END,
@@ -366,9 +378,9 @@ class PostgresQueue(JobQueue):
             for neg, _seq, job_id, request_id, payload, attempts, expires in sorted(rows)
         ]
 
-    def _renew(self, lease: Lease, ttl: float) -> Lease:
+    def _renew(self, lease: Lease, ttl: float, lapsed: bool = False) -> Lease:
         row = self._conn.execute(
-            _RENEW,
+            _RENEW_LAPSED if lapsed else _RENEW,
             {"ttl": ttl, "job": lease.job_id, "owner": lease.owner, "attempt": lease.attempt},
         ).fetchone()
         if row is None:
@@ -484,9 +496,12 @@ class PostgresQueue(JobQueue):
         still queued. Returns the jobs buried."""
         return await self._run(self._bury, list(job_ids), request_id)
 
-    async def renew(self, lease: Lease, ttl: float) -> Lease:
+    async def renew(self, lease: Lease, ttl: float, *, lapsed: bool = False) -> Lease:
+        """`lapsed`: also a lease past its expiry that no coordinator swept yet (its holder
+        was cut off from the database longer than the lease, and its node still renders):
+        kept, rather than lost to a sweep that never came and the render stopped."""
         check_lease_args(lease.owner, 1, ttl)
-        return await self._run(self._renew, lease, float(ttl))
+        return await self._run(self._renew, lease, float(ttl), lapsed)
 
     async def release(self, lease: Lease) -> QueueState:
         return await self._run(self._release, lease)

@@ -130,6 +130,8 @@ class PgConnection:
         self._conn = self._connect()
         self._lost = False
         """The connection broke inside a transaction that the caller has not rolled back."""
+        self._shut = False
+        """`close()` was called."""
         self.reconnects = 0
         self.total_changes = 0
         """Rows written since it opened, as `sqlite3.Connection.total_changes` (db.py tells
@@ -144,22 +146,25 @@ class PgConnection:
         return conn
 
     def _usable(self) -> psycopg.Connection[tuple[Any, ...]]:
-        """The connection, between transactions; one the server dropped is replaced first."""
-        if self._conn.broken or _dropped(self._conn):
+        """The connection, between transactions; one the server dropped (or a reconnect
+        that failed left closed) is replaced first."""
+        if self._shut:  # as sqlite3 after `close()`: never opened again behind its back
+            raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
+        if self._conn.closed or self._conn.broken or _dropped(self._conn):
             self._reconnect()
         return self._conn
 
     def _reconnect(self) -> None:
         self._conn.close()
-        self._conn = self._connect()
+        self._conn = self._connect()  # a failure leaves it closed: the next call tries again
         self.reconnects += 1
 
     @property
     def in_transaction(self) -> bool:
         if self._lost:  # until the caller's ROLLBACK
             return True
-        if self._conn.broken:
-            return False
+        if self._conn.broken or self._conn.closed:  # a closed one's status reads UNKNOWN,
+            return False  # not IDLE: taken for a transaction, it was never opened again
         return self._conn.info.transaction_status != TransactionStatus.IDLE
 
     def _lost_error(self, sql: str) -> sqlite3.OperationalError:
@@ -237,6 +242,7 @@ class PgConnection:
         return bool(row and row[0])
 
     def close(self) -> None:
+        self._shut = True
         self._conn.close()
 
 
