@@ -447,6 +447,16 @@ def _when(ts: int) -> str:
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+def delegation_changed_at(disputes: Disputes, account: str) -> int:
+    """When `account`'s vote delegation last changed on the Staking contract Disputes reads
+    (0: never, or a Staking without `delegationOf`)."""
+    try:
+        staking = Staking(disputes.chain, str(disputes._call("staking")), account)
+        return staking.delegation_of(account)[1]
+    except Exception:  # a read that fails must not stop a dispute: the contract checks
+        return 0
+
+
 def open_dispute(
     disputes: Disputes,
     token_address: str,
@@ -485,6 +495,12 @@ def open_dispute(
         window_end = case.window_end
     if now + 1 >= window_end:
         raise DisputeRefused(f"the dispute window closed at {_when(window_end)}")
+    changed_at = delegation_changed_at(disputes, me)
+    if changed_at >= now:  # the next block may still be in that second
+        raise DisputeRefused(
+            f"this wallet's vote delegation changed at {_when(changed_at)}: a dispute in that "
+            "same second is refused (DelegationJustChanged); try again in a second"
+        )
     token = Token(chain, token_address, worker)
     if token.balance_of(me) < params.bond:
         raise DisputeRefused(

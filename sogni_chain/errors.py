@@ -49,6 +49,19 @@ def _sogni(wei: Any) -> str:
     return f"{whole}.{frac:018d}".rstrip("0").rstrip(".") + " SOGNI" if frac else f"{whole} SOGNI"
 
 
+def _case(case_id: Any) -> str:
+    return "0x" + bytes(case_id).hex()[:16] if isinstance(case_id, bytes) else str(case_id)
+
+
+_CASE_STATES = ("none", "proposed", "disputed", "voting", "worker won", "worker lost", "executed")
+"""Disputes.State, as `sogni dispute list` names them (sogni_chain.disputes.CaseState)."""
+
+
+def _case_state(state: Any) -> str:
+    n = int(state)
+    return _CASE_STATES[n] if 0 <= n < len(_CASE_STATES) else f"in state {n}"
+
+
 _Friendly = Callable[[Mapping[str, Any]], str]
 
 FRIENDLY: dict[str, _Friendly] = {
@@ -131,6 +144,62 @@ FRIENDLY: dict[str, _Friendly] = {
     ),
     "NothingToSlash": lambda a: f"{a['account']} has no stake to slash",
     "NotSlasher": lambda a: f"{a['caller']} may not slash (needs SLASHER_ROLE or governance)",
+    # Disputes (the CLIs refuse the expected cases in their own words before sending:
+    # sogni_chain.disputes; these are for what only the chain can tell)
+    "BadParameters": lambda a: (
+        "dispute parameters out of bounds (bond, windows or juror share): governance sets them"
+    ),
+    "UnknownCase": lambda a: f"no dispute case {_case(a['caseId'])} on the Disputes contract",
+    "CaseExists": lambda a: f"case {_case(a['caseId'])} already exists: it was disputed before",
+    "NotReporter": lambda a: (
+        f"{a['signer']} holds no REPORTER_ROLE on Disputes: the refusal was not signed by a "
+        "coordinator (forged or edited), or this key may not publish evidence"
+    ),
+    "NotYourCase": lambda a: f"{a['caller']} is not the worker of this case ({a['worker']})",
+    "WindowClosed": lambda a: f"the dispute window closed at {_when(a['windowEnd'])}",
+    "WindowOpen": lambda a: (
+        f"the slash's dispute window is open until {_when(a['windowEnd'])}: "
+        "it cannot execute before"
+    ),
+    "SlashExpired": lambda a: (
+        f"the slash expired at {_when(a['executeBy'])}: it can no longer execute"
+    ),
+    "WrongState": lambda a: f"the case is {_case_state(a['state'])}: not possible now",
+    "EvidencePending": lambda a: (
+        f"the coordinator has until {_when(a['evidenceDeadline'])} to publish its re-checks: "
+        "only it may open the vote before then"
+    ),
+    "CommitClosed": lambda a: f"voting on this case closed at {_when(a['commitEnd'])}",
+    "NotRevealTime": lambda a: (
+        f"votes are revealed from {_when(a['commitEnd'])} to {_when(a['revealEnd'])}"
+    ),
+    "VotingNotOver": lambda a: (
+        f"the vote runs until {_when(a['revealEnd'])}: it can be resolved after that"
+    ),
+    "NotAStaker": lambda a: (
+        f"{a['juror']} had no votes (staked SOGNI) when the dispute opened: it cannot judge it"
+    ),
+    "WorkerCannotVote": lambda a: (
+        "the worker, and the account its stake voted through when the dispute opened, "
+        "cannot judge its own case"
+    ),
+    "AlreadyCommitted": lambda a: f"{a['juror']} already voted on this case",
+    "NothingToReveal": lambda a: f"nothing to reveal: {a['juror']} did not vote on this case",
+    "BadReveal": lambda a: f"{a['juror']}'s reveal does not match its vote (another salt or side)",
+    "NoReward": lambda a: f"no reward for {a['juror']} on this case",
+    "DelegationJustChanged": lambda a: (
+        f"{a['worker']}'s vote delegation changed at {_when(a['changedAt'])}, this same "
+        "second: a dispute is refused then (the jury is read from the votes a second "
+        "before); send it again a second later"
+    ),
+    "VotePending": lambda a: (
+        f"the vote on this dispute may still be opened until {_when(a['voteBy'])}: "
+        "it cannot be resolved before then"
+    ),
+    "VoteDeadlinePassed": lambda a: (
+        f"the vote had to be open by {_when(a['voteBy'])}: the dispute is lost (anyone may "
+        "resolve it; the refusal or slash is upheld)"
+    ),
     # WorkerLicense
     "EmptyBatch": lambda a: "no addresses to mint licences to",
     "LicenseBlacklisted": lambda a: f"licence {a['tokenId']} is blacklisted and cannot move",

@@ -1193,11 +1193,14 @@ class Dispatcher:
         except OSError as exc:  # an orphan file, pruned with its request's folder
             log.error("held_image_not_discarded", job=job.job_id.hex()[:16], error=str(exc))
         log.warning("receipt_check_failed", job=job.job_id.hex()[:16], worker=held.worker)
-        if strike and self.reputation.strike(held.worker):
+        if strike and self.reputation.strike(held.worker, job=job.job_id):
             log.warning("worker_blacklisted", wallet=held.worker, reason=reason)
             since = time.time() - STRIKE_WINDOW
             try:
                 failed = await self.store.call(self.store.failed_job_ids, held.worker, since)
+                if self.refusals is not None:  # a job whose dispute it won is no evidence
+                    cleared = self.refusals.book.pardoned(held.worker, failed)
+                    failed = [j for j in failed if j not in cleared]
                 why = (
                     f"{len(failed)} failed result checks within {STRIKE_WINDOW:g} s; last: {reason}"
                 )

@@ -14,8 +14,11 @@ what the coordinator publishes, and a won dispute only matters if the coordinato
   not told whose job it is: the same `VerifyStep` as any check), writes the evidence bundle
   (`disputes/<case>.json` under the publish dir: the original verdict, every re-check, no
   prompt, verifiers named v1, v2, ...) and opens the vote with its keccak256. A dispute
-  resolved for the worker restores its reputation (`Reputation.pardon`) and queues a
-  restoration that the next epoch pays (`Restorations.add_to`).
+  resolved for the worker takes back the strikes of its jobs (`DisputeDesk.apply_pardons`,
+  `Reputation.pardon_strikes`: a refusal's job, or every failed job a won slash named; each
+  job once, recorded in `dispute_pardons`) and a refusal queues a restoration that the next
+  epoch pays (`Restorations.add_to`). Each case is handled on its own: one whose step fails
+  is logged and retried at the next poll, the others go on.
 """
 
 from __future__ import annotations
@@ -143,6 +146,25 @@ CREATE TABLE IF NOT EXISTS dispute_slashes (
     finished      INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS dispute_slashes_open ON dispute_slashes(finished);
+"""
+# A won dispute takes back exactly the strikes of its jobs, once, across restarts:
+# `struck_at` is when the refused job struck the worker (`Reputation.strike`'s clock, told by
+# its `on_strike`; NULL: not known), `dispute_pardons` the jobs whose strike a won dispute
+# (refusal or slash) took back (a job is pardoned once, whichever case wins first), and
+# `pardoned` marks a won case whose pardon is applied (a crash in between: applied at the
+# next poll). Refusals won before this were pardoned when they were resolved.
+_SCHEMA_V6 = """
+ALTER TABLE dispute_refusals ADD COLUMN struck_at REAL;
+ALTER TABLE dispute_refusals ADD COLUMN pardoned INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE dispute_slashes ADD COLUMN pardoned INTEGER NOT NULL DEFAULT 0;
+UPDATE dispute_refusals SET pardoned=1 WHERE outcome IS NOT NULL;
+CREATE TABLE IF NOT EXISTS dispute_pardons (
+    worker        TEXT NOT NULL,
+    job_id        BLOB NOT NULL,
+    case_id       BLOB NOT NULL,
+    pardoned_at   INTEGER NOT NULL,
+    PRIMARY KEY (worker, job_id)
+);
 """
 
 
@@ -277,7 +299,7 @@ class DisputeBook(Database):
         super().__init__(
             path,
             component="disputes",
-            migrations=[_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5],
+            migrations=[_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6],
         )
         self._seal_plain_rows()
 
@@ -329,24 +351,40 @@ class DisputeBook(Database):
                 ),
             )
 
-    def shred(self, case_id: bytes | None = None, *, undisputed_before: int | None = None) -> int:
+    def shred(
+        self,
+        case_id: bytes | None = None,
+        *,
+        undisputed_before: int | None = None,
+        keep: Collection[tuple[str, bytes]] = (),
+    ) -> int:
         """Forget the parameters (the prompt) of one case, or of every case refused before
-        `undisputed_before` that was never disputed (no bundle): nothing will re-check them.
-        Returns how many were forgotten."""
-        args: tuple[bytes | int, ...]
+        `undisputed_before` that was never disputed (no bundle) except those of `keep`
+        ((worker, job id): named by a slash that may still be disputed). Returns how many
+        were forgotten."""
         if case_id is not None:
-            where, args = "case_id=?", (case_id,)
+            targets = [case_id]
         elif undisputed_before is not None:
-            where, args = "bundle_hash IS NULL AND refused_at < ?", (undisputed_before,)
+            kept = {(w.lower(), bytes(j)) for w, j in keep}
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT case_id, worker, job_id FROM dispute_refusals"
+                    " WHERE params_key IS NOT NULL AND bundle_hash IS NULL AND refused_at < ?",
+                    (undisputed_before,),
+                ).fetchall()
+            targets = [bytes(c) for c, w, j in rows if (str(w).lower(), bytes(j)) not in kept]
         else:
             raise ValueError("shred needs a case id or a time")
+        done = 0
         with self._tx() as db:
-            done = db.execute(
-                "UPDATE dispute_refusals SET params=?, params_key=NULL"
-                f" WHERE params_key IS NOT NULL AND {where}",
-                (b"", *args),
-            )
-            return int(done.rowcount)
+            for target in targets:
+                cur = db.execute(
+                    "UPDATE dispute_refusals SET params=?, params_key=NULL"
+                    " WHERE params_key IS NOT NULL AND case_id=?",
+                    (b"", target),
+                )
+                done += int(cur.rowcount)
+        return done
 
     def refusals(self, job_id: bytes | None = None) -> list[RefusalRecord]:
         where, args = ("WHERE job_id=?", (job_id,)) if job_id is not None else ("", ())
@@ -466,6 +504,89 @@ class DisputeBook(Database):
             }
             for c, j, p, e, a in rows
         ]
+
+    # -- pardons: a won dispute takes back exactly the strikes of its jobs --
+
+    def struck(self, worker: str, job_id: bytes, at: float) -> None:
+        """`Reputation.on_strike`: the refused `job_id` struck `worker` at `at` (written with
+        the next group of writes; the refusal row was written before the strike)."""
+        self.submit("dispute strike", self._struck, worker.lower(), job_id, at)
+
+    def _struck(self, worker: str, job_id: bytes, at: float) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE dispute_refusals SET struck_at=? WHERE job_id=? AND worker=?",
+                (at, job_id, worker),
+            )
+
+    def unpardoned_strikes(
+        self, worker: str, job_ids: Collection[bytes]
+    ) -> list[tuple[bytes, float | None]]:
+        """(job id, when it struck; None: not known) of `worker`'s refused jobs among
+        `job_ids` whose strike no won dispute took back yet. A refusal is signed for every
+        check failure that strikes, so a failed job without one struck nothing here."""
+        out: list[tuple[bytes, float | None]] = []
+        w = worker.lower()
+        with self._lock:
+            for job_id in dict.fromkeys(bytes(j) for j in job_ids):
+                row = self._db.execute(
+                    "SELECT MIN(struck_at), COUNT(*) FROM dispute_refusals"
+                    " WHERE worker=? AND job_id=?",
+                    (w, job_id),
+                ).fetchone()
+                if row is None or int(row[1]) == 0:
+                    continue
+                done = self._db.execute(
+                    "SELECT 1 FROM dispute_pardons WHERE worker=? AND job_id=?", (w, job_id)
+                ).fetchone()
+                if done is None:
+                    out.append((job_id, None if row[0] is None else float(row[0])))
+        return out
+
+    def record_pardons(self, worker: str, job_ids: Collection[bytes], case_id: bytes) -> None:
+        """`job_ids`' strikes were taken back for `case_id`, which is done."""
+        w = worker.lower()
+        with self._tx() as db:
+            for job_id in job_ids:
+                db.execute(
+                    "INSERT INTO dispute_pardons (worker, job_id, case_id, pardoned_at)"
+                    " VALUES (?, ?, ?, ?) ON CONFLICT (worker, job_id) DO NOTHING",
+                    (w, job_id, case_id, int(time.time())),
+                )
+            db.execute("UPDATE dispute_refusals SET pardoned=1 WHERE case_id=?", (case_id,))
+            db.execute("UPDATE dispute_slashes SET pardoned=1 WHERE case_id=?", (case_id,))
+
+    def pardoned(self, worker: str, job_ids: Collection[bytes]) -> set[bytes]:
+        """Those of `job_ids` whose strike against `worker` a won dispute took back: no
+        evidence against it any more (a new slash proposal leaves them out)."""
+        w = worker.lower()
+        out: set[bytes] = set()
+        with self._lock:
+            for job_id in job_ids:
+                row = self._db.execute(
+                    "SELECT 1 FROM dispute_pardons WHERE worker=? AND job_id=?",
+                    (w, bytes(job_id)),
+                ).fetchone()
+                if row is not None:
+                    out.add(bytes(job_id))
+        return out
+
+    def won_unpardoned(self) -> list[tuple[bytes, str, list[bytes]]]:
+        """(case id, worker, job ids) of cases the worker won whose pardon is not applied."""
+        with self._lock:
+            refusals = self._db.execute(
+                "SELECT case_id, worker, job_id FROM dispute_refusals"
+                " WHERE outcome='worker won' AND pardoned=0 ORDER BY refused_at, case_id"
+            ).fetchall()
+            slashes = self._db.execute(
+                "SELECT case_id, worker, job_ids FROM dispute_slashes"
+                " WHERE outcome='worker won' AND pardoned=0 ORDER BY proposal_id, case_id"
+            ).fetchall()
+        out = [(bytes(c), str(w), [bytes(j)]) for c, w, j in refusals]
+        out += [
+            (bytes(c), str(w), msgspec.msgpack.decode(j, type=list[bytes])) for c, w, j in slashes
+        ]
+        return out
 
     # -- slash cases --
 
@@ -741,6 +862,12 @@ class DisputeDesk:
         self.rechecks, self.verify_timeout = rechecks, verify_timeout
         self._rng = rng or random.SystemRandom()
         self._window: int | None = None
+        self._retry_from: int | None = None
+        """The first block whose events a poll failed to handle (read again next poll)."""
+        self._pending_open: set[bytes] = set()
+        """Disputed refusals whose vote failed to open (retried; their prompt is kept)."""
+        if reputation is not None:  # which refused job struck when: exact pardons
+            reputation.on_strike = book.struck
         self.public_url: str | None = public_url
         """Base URL jurors fetch bundles from (`[gateway] public_url`, else the bound
         `http_listen`); None without an HTTP server: the bundle's file URI is published."""
@@ -753,7 +880,8 @@ class DisputeDesk:
 
     def events(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """New DisputeOpened and DisputeResolved events since the last poll (SlashProposed
-        ones of this coordinator's proposals are followed on the way)."""
+        ones of this coordinator's proposals are followed on the way). The cursor moves past
+        them; `poll` moves it back to the first event whose handling failed."""
         start = self.book.next_block()
         head = self.disputes.chain.block_number()
         if head < start:
@@ -761,7 +889,10 @@ class DisputeDesk:
         if self.store is not None:
             for ev in self.disputes.events_of("SlashProposed", start):
                 if ev["blockNumber"] <= head:
-                    self.follow_slash(ev)
+                    try:
+                        self.follow_slash(ev)
+                    except Exception as exc:  # a store error: read again at the next poll
+                        self._failed("follow", bytes(ev["caseId"]), exc, ev["blockNumber"])
         opened = [
             e for e in self.disputes.events_of("DisputeOpened", start) if e["blockNumber"] <= head
         ]
@@ -771,48 +902,141 @@ class DisputeDesk:
         self.book.set_next_block(head + 1)
         return opened, resolved
 
+    def _failed(self, step: str, case_id: bytes, exc: Exception, block: int | None = None) -> None:
+        """One case's `step` failed: logged (the case's id prefix and the error's type, never
+        its text, which could quote a prompt), retried at the next poll (its event, from
+        `block`, is read again); the other cases go on."""
+        log.warning(
+            "dispute_case_step_failed",
+            step=step,
+            case=case_id.hex()[:16],
+            error=type(exc).__name__,
+        )
+        if block is not None:
+            block = int(block)
+            self._retry_from = block if self._retry_from is None else min(self._retry_from, block)
+
     async def poll(self) -> int:
-        """Handle what happened on chain since the last poll; returns events handled."""
+        """Handle what happened on chain since the last poll; returns events handled. Each
+        case is handled on its own: one whose step fails (a chain hiccup, a store or bundle
+        write error) is logged and retried at the next poll, the others go on."""
         if self._window is None:  # read once: a change by governance applies after a restart
             self._window = int(self.disputes.params().dispute_window)
         head_time = int(self.disputes.chain.timestamp())  # of the blocks `events` reads
+        self._retry_from = None
         opened, resolved = self.events()
         for ev in opened:
-            record = self.book.by_case(bytes(ev["caseId"]))
-            if record is not None:
-                await self.open_vote(record)
+            await self._on_opened(ev)
         for ev in resolved:
-            self.resolved(bytes(ev["caseId"]), bool(ev["workerWon"]))
+            case_id = bytes(ev["caseId"])
+            try:
+                self.resolved(case_id, bool(ev["workerWon"]))
+            except Exception as exc:
+                self._failed("resolved", case_id, exc, ev["blockNumber"])
+        if self._retry_from is not None:  # read those events again at the next poll
+            self.book.set_next_block(min(self._retry_from, self.book.next_block()))
         await self.follow_slashes()
+        self.apply_pardons()
         # then the refusals nobody disputed in time: their prompts are forgotten. After the
         # events, and by the chain's clock: a dispute opened in time while this coordinator
-        # was away is handled (re-checked) first; an hour's slack besides
-        self.book.shred(undisputed_before=head_time - self._window - 3600)
+        # was away is handled (re-checked) first; an hour's slack besides. Kept longer: the
+        # jobs a slash names, while that slash may still be disputed (`_kept`)
+        try:
+            keep = self._kept()
+            self.book.shred(undisputed_before=head_time - self._window - 3600, keep=keep)
+        except Exception as exc:  # nothing is forgotten this time; the next poll tries again
+            log.warning("dispute_shred_failed", error=type(exc).__name__)
         return len(opened) + len(resolved)
 
+    async def _on_opened(self, ev: Mapping[str, Any]) -> None:
+        from sogni_chain import ChainRevert
+        from sogni_chain.disputes import CaseState
+
+        case_id = bytes(ev["caseId"])
+        try:
+            record = self.book.by_case(case_id)
+            if record is None:
+                return
+            case = self.disputes.case(case_id)
+            if case.state is not CaseState.DISPUTED:
+                self._pending_open.discard(case_id)
+                return  # its vote is open (an event read again after a failure), or over
+            if case.vote_by and int(self.disputes.chain.timestamp()) + 1 >= case.vote_by:
+                self._pending_open.discard(case_id)  # nobody may open it now: no re-checks
+                log.warning("dispute_vote_too_late", case=case_id.hex()[:16])
+                return
+            await self.open_vote(record)
+            self._pending_open.discard(case_id)
+        except ChainRevert as exc:  # the contract's answer: another try gets the same
+            self._pending_open.discard(case_id)
+            log.warning("dispute_vote_refused", case=case_id.hex()[:16], error=str(exc))
+        except Exception as exc:
+            self._pending_open.add(case_id)  # its prompt is kept for the retry
+            self._failed("open vote", case_id, exc, ev["blockNumber"])
+
+    def _kept(self) -> set[tuple[str, bytes]]:
+        """(worker, job id) of refusals whose parameters a re-check may still need after
+        their own dispute window: the jobs of an open slash proposal (not on chain yet) and
+        of a slash case with no bundle yet (disputable until its own window ends, then
+        re-checked when disputed), and disputed refusals whose vote is to be retried."""
+        keep: set[tuple[str, bytes]] = set()
+        if self.store is not None:
+            for p in self.store.slash_proposals("proposed"):
+                keep |= {(p.wallet.lower(), bytes(j)) for j in p.job_ids}
+        for sc in self.book.slash_cases(open_only=True):
+            if sc.bundle_hash is None:
+                keep |= {(sc.worker.lower(), bytes(j)) for j in sc.job_ids}
+        for case_id in self._pending_open:
+            record = self.book.by_case(case_id)
+            if record is not None:
+                keep.add((record.worker.lower(), record.job_id))
+        return keep
+
+    @staticmethod
+    def _published(bundle_hash: bytes | None, path: str | None) -> tuple[bytes, Path] | None:
+        """A bundle already written for the case (its vote failed to open): sent again as
+        it is, not re-built (its re-checks are done and the prompt may be gone)."""
+        if bundle_hash is None or path is None:
+            return None
+        try:
+            body = Path(path).read_bytes()
+        except OSError:
+            return None
+        return (bundle_hash, Path(path)) if keccak(body) == bundle_hash else None
+
     async def open_vote(self, record: RefusalRecord) -> bytes:
-        rechecks = await self.recheck(record) if self.dispatcher is not None else []
-        bundle = {
-            "format": BUNDLE_FORMAT,
-            "caseId": "0x" + record.case_id.hex(),
-            "jobId": "0x" + record.job_id.hex(),
-            "worker": record.worker,
-            "modelId": record.receipt.model_id,
-            "steps": record.receipt.steps_done,
-            "refusedAt": record.refused_at,
-            "reason": record.reason,
-            "evidenceHash": "0x" + record.evidence_hash.hex(),
-            "rechecks": rechecks,
-        }
-        body = json.dumps(bundle, indent=2, sort_keys=True).encode()
-        digest = keccak(body)
-        path = self.publish_dir / "disputes" / f"{record.case_id.hex()}.json"
-        atomic_write_bytes(path, body)
-        self.book.set_bundle(record.case_id, digest, str(path))
-        self.book.shred(record.case_id)  # the re-checks are done: the prompt is not needed
+        published = self._published(record.bundle_hash, record.bundle_path)
+        rechecks: list[dict[str, Any]] = []
+        if published is not None:
+            digest, path = published
+        else:
+            rechecks = await self.recheck(record) if self.dispatcher is not None else []
+            bundle = {
+                "format": BUNDLE_FORMAT,
+                "caseId": "0x" + record.case_id.hex(),
+                "jobId": "0x" + record.job_id.hex(),
+                "worker": record.worker,
+                "modelId": record.receipt.model_id,
+                "steps": record.receipt.steps_done,
+                "refusedAt": record.refused_at,
+                "reason": record.reason,
+                "evidenceHash": "0x" + record.evidence_hash.hex(),
+                "rechecks": rechecks,
+            }
+            body = json.dumps(bundle, indent=2, sort_keys=True).encode()
+            digest = keccak(body)
+            path = self.publish_dir / "disputes" / f"{record.case_id.hex()}.json"
+            atomic_write_bytes(path, body)
+            self.book.set_bundle(record.case_id, digest, str(path))
+            self.book.shred(record.case_id)  # the re-checks are done: the prompt is not needed
         uri = self.bundle_uri(record.case_id, path)
         self.disputes.open_voting(record.case_id, digest, uri, sender=self.reporter)
-        log.info("dispute_vote_opened", case=record.case_id.hex()[:16], rechecks=len(rechecks))
+        log.info(
+            "dispute_vote_opened",
+            case=record.case_id.hex()[:16],
+            rechecks=len(rechecks),
+            republished=published is not None,
+        )
         return digest
 
     # -- slash cases: followed from the proposal to the executed (or cancelled) slash --
@@ -838,38 +1062,44 @@ class DisputeDesk:
         """Move each unfinished slash case of this coordinator on, from the chain's state:
         disputed -> publish the bundle and open the vote (before `voteBy`; after it, resolve:
         upheld); vote over -> resolve; window closed undisputed, or lost -> execute. Each
-        step is retried at the next poll when it fails (a chain hiccup, a race)."""
+        case on its own: a step that fails (a revert, a chain hiccup, a bundle or store write
+        error) is logged and retried at the next poll; the other cases go on."""
         from sogni_chain import ChainRevert
-        from sogni_chain.disputes import CaseState
 
         for sc in self.book.slash_cases(open_only=True):
             try:
-                case = self.disputes.case(sc.case_id)
-                now = int(self.disputes.chain.timestamp()) + 1  # the next block, at least
-                short = sc.case_id.hex()[:16]
-                if case.vote_by and sc.vote_by != case.vote_by:
-                    self.book.update_slash(sc.case_id, vote_by=case.vote_by)
-                state = case.state
-                if state is CaseState.DISPUTED and now < case.vote_by:
-                    await self.open_slash_vote(sc)
-                elif state is CaseState.DISPUTED or (
-                    state is CaseState.VOTING and now >= case.reveal_end
-                ):
-                    self.disputes.resolve(sc.case_id, sender=self.reporter)
-                    log.info("dispute_slash_resolved", case=short)
-                elif state is CaseState.PROPOSED and now >= case.window_end:
-                    self._execute(sc, case.execute_by, now)
-                elif state is CaseState.WORKER_LOST:
-                    deadline = max(case.execute_by, case.reveal_end + 7 * 86400)  # EXECUTE_GRACE
-                    self._execute(sc, deadline, now)
-                elif state is CaseState.WORKER_WON:
-                    self.book.update_slash(sc.case_id, outcome="worker won", finished=True)
-                elif state is CaseState.EXECUTED:
-                    self.book.update_slash(sc.case_id, outcome="executed", finished=True)
+                await self._follow(sc)
             except ChainRevert as exc:
                 log.warning(
                     "dispute_slash_step_refused", case=sc.case_id.hex()[:16], error=str(exc)
                 )
+            except Exception as exc:
+                self._failed("slash", sc.case_id, exc)
+
+    async def _follow(self, sc: SlashCase) -> None:
+        from sogni_chain.disputes import CaseState
+
+        case = self.disputes.case(sc.case_id)
+        now = int(self.disputes.chain.timestamp()) + 1  # the next block, at least
+        short = sc.case_id.hex()[:16]
+        if case.vote_by and sc.vote_by != case.vote_by:
+            self.book.update_slash(sc.case_id, vote_by=case.vote_by)
+        state = case.state
+        if state is CaseState.DISPUTED and now < case.vote_by:
+            await self.open_slash_vote(sc)
+        elif state is CaseState.DISPUTED or (state is CaseState.VOTING and now >= case.reveal_end):
+            self.disputes.resolve(sc.case_id, sender=self.reporter)
+            log.info("dispute_slash_resolved", case=short)
+        elif state is CaseState.PROPOSED and now >= case.window_end:
+            self._execute(sc, case.execute_by, now)
+        elif state is CaseState.WORKER_LOST:
+            deadline = max(case.execute_by, case.reveal_end + 7 * 86400)  # EXECUTE_GRACE
+            self._execute(sc, deadline, now)
+        elif state is CaseState.WORKER_WON:
+            self.book.update_slash(sc.case_id, outcome="worker won", finished=True)
+            self.apply_pardons()
+        elif state is CaseState.EXECUTED:
+            self.book.update_slash(sc.case_id, outcome="executed", finished=True)
 
     def _execute(self, sc: SlashCase, deadline: int, now: int) -> None:
         if now >= deadline:  # left too long (this coordinator was away): it never executes
@@ -902,38 +1132,64 @@ class DisputeDesk:
 
     async def open_slash_vote(self, sc: SlashCase) -> bytes:
         """Publish a disputed slash's bundle (its failed checks and, where the job's
-        parameters are still kept, re-runs of their steps on other wallets) and open the vote."""
+        parameters are still kept, re-runs of their steps on other wallets) and open the vote.
+        The jobs whose parameters are gone are listed (`recheckImpossible`, with `why`):
+        jurors see that no re-check could run for them, not just an empty list."""
+        published = self._published(sc.bundle_hash, sc.bundle_path)
+        short = sc.case_id.hex()[:16]
         rechecks: list[dict[str, Any]] = []
-        if self.dispatcher is not None:
+        failures: list[dict[str, Any]] = []
+        if published is not None:
+            digest, path = published
+        else:
+            impossible: dict[bytes, str] = {}
             for job_id in sc.job_ids:
-                for record in self.book.refusals(job_id):
-                    if record.worker.lower() == sc.worker.lower() and record.params is not None:
+                records = [
+                    r for r in self.book.refusals(job_id) if r.worker.lower() == sc.worker.lower()
+                ]
+                kept = [r for r in records if r.params is not None]
+                if not kept:  # shredded after the refusal's own window, or never kept
+                    impossible[job_id] = "parameters deleted" if records else "parameters not kept"
+                    continue
+                if self.dispatcher is not None:
+                    for record in kept:
                         rechecks += [
                             {"jobId": "0x" + job_id.hex(), **r} for r in await self.recheck(record)
                         ]
-        bundle = {
-            "format": BUNDLE_FORMAT,
-            "kind": "slash",
-            "caseId": "0x" + sc.case_id.hex(),
-            "worker": sc.worker,
-            "amount": str(sc.amount),
-            "reason": sc.reason,
-            "evidenceHash": "0x" + sc.evidence_hash.hex(),
-            "failures": self.slash_failures(sc),
-            "rechecks": rechecks,
-        }
-        body = json.dumps(bundle, indent=2, sort_keys=True).encode()
-        digest = keccak(body)
-        path = self.publish_dir / "disputes" / f"{sc.case_id.hex()}.json"
-        atomic_write_bytes(path, body)
-        self.book.update_slash(sc.case_id, bundle=(digest, str(path)))
+            failures = self.slash_failures(sc)
+            bundle: dict[str, Any] = {
+                "format": BUNDLE_FORMAT,
+                "kind": "slash",
+                "caseId": "0x" + sc.case_id.hex(),
+                "worker": sc.worker,
+                "amount": str(sc.amount),
+                "reason": sc.reason,
+                "evidenceHash": "0x" + sc.evidence_hash.hex(),
+                "failures": failures,
+                "rechecks": rechecks,
+            }
+            if impossible:
+                bundle["recheckImpossible"] = ["0x" + j.hex() for j in impossible]
+                bundle["why"] = "; ".join(sorted(set(impossible.values())))
+                log.warning(  # once: a retry sends the bundle written here
+                    "dispute_slash_recheck_impossible",
+                    case=short,
+                    jobs=len(impossible),
+                    why=bundle["why"],
+                )
+            body = json.dumps(bundle, indent=2, sort_keys=True).encode()
+            digest = keccak(body)
+            path = self.publish_dir / "disputes" / f"{sc.case_id.hex()}.json"
+            atomic_write_bytes(path, body)
+            self.book.update_slash(sc.case_id, bundle=(digest, str(path)))
         uri = self.bundle_uri(sc.case_id, path)
         self.disputes.open_voting(sc.case_id, digest, uri, sender=self.reporter)
         log.info(
             "dispute_slash_vote_opened",
-            case=sc.case_id.hex()[:16],
-            failures=len(bundle["failures"]),
+            case=short,
+            failures=len(failures),
             rechecks=len(rechecks),
+            republished=published is not None,
         )
         return digest
 
@@ -979,6 +1235,7 @@ class DisputeDesk:
                     rng=self._rng,
                     exclude=frozenset(heard),
                     worker_payout=record.payee,
+                    job=record.job_id,
                 )
                 if v.verifier is None:
                     break  # no other wallet left to ask
@@ -999,18 +1256,42 @@ class DisputeDesk:
         return out
 
     def resolved(self, case_id: bytes, worker_won: bool) -> None:
+        """A `DisputeResolved` of one of this coordinator's cases: its outcome recorded
+        once; a win takes back the strikes of its jobs (`apply_pardons`)."""
         slash = self.book.slash_case(case_id)
         if slash is not None and slash.outcome is None:
             outcome = "worker won" if worker_won else "slash upheld"
             self.book.update_slash(case_id, outcome=outcome, finished=worker_won)
             log.info("dispute_slash_decided", case=case_id.hex()[:16], worker_won=worker_won)
         record = self.book.by_case(case_id)
-        if record is None or not self.book.settle(case_id, worker_won):
-            return
-        self.book.shred(case_id)
-        if worker_won and self.reputation is not None:
-            self.reputation.pardon(record.worker)
-        log.info("dispute_resolved", case=case_id.hex()[:16], worker_won=worker_won)
+        if record is not None and self.book.settle(case_id, worker_won):
+            self.book.shred(case_id)
+            log.info("dispute_resolved", case=case_id.hex()[:16], worker_won=worker_won)
+        if worker_won:
+            self.apply_pardons()
+
+    def apply_pardons(self) -> int:
+        """Take back the strikes of the jobs of every case the worker won (a refusal: its
+        job; a slash: the failed jobs it named), each job once whichever of its cases won
+        first, and persisted with the case marked pardoned (a crash before that: applied at
+        the next poll): the worker is not blacklisted, nor proposed for a slash, again on
+        that evidence. A job refused here struck (a refusal is signed for each failure that
+        strikes); one without a refusal struck nothing to take back. Returns cases done."""
+        if self.reputation is None:
+            return 0
+        done = 0
+        for case_id, worker, job_ids in self.book.won_unpardoned():
+            try:
+                struck = self.book.unpardoned_strikes(worker, job_ids)
+                if struck:
+                    self.reputation.pardon_strikes(worker, [t for _job, t in struck])
+                self.book.record_pardons(worker, [j for j, _t in struck], case_id)
+            except Exception as exc:  # a write failed: tried again at the next poll
+                self._failed("pardon", case_id, exc)
+                continue
+            log.info("dispute_pardoned", case=case_id.hex()[:16], strikes=len(struck))
+            done += 1
+        return done
 
     async def run(self, poll_seconds: float) -> None:
         """Poll the contract until cancelled; a failing poll is logged and retried."""

@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from sogni_coordinator.db import Database
+from sogni_protocol.logs import get_logger
+
+log = get_logger(__name__)
 
 ALPHA = 0.2
 NEWCOMER_FLOOR = 0.5
@@ -125,6 +128,10 @@ class Reputation(Database):
         self._dirty_lock = threading.Lock()  # `_write` runs in the writer's thread
         self._dirty: dict[str, tuple[Any, ...]] = {}
         self._write_queued = False
+        self.on_strike: Callable[[str, bytes, float], None] | None = None
+        """Told of each strike of a known job (wallet, job id, time): the dispute desk keeps
+        when each refused job struck, so a won dispute takes back exactly those strikes
+        (`pardon_strikes`)."""
         self.records: dict[str, WorkerRecord] = {}
         for row in self._db.execute(f"SELECT {_COLUMNS} FROM reputation"):
             strikes = [float(x) for x in row[6].split(",") if x]
@@ -223,8 +230,9 @@ class Reputation(Database):
         rec.acceptance = _ema(rec.acceptance, 0.0)
         self._save(rec)
 
-    def strike(self, wallet: str, now: float | None = None) -> bool:
-        """A bad result or a wrong model; True if this strike blacklists the wallet."""
+    def strike(self, wallet: str, now: float | None = None, *, job: bytes | None = None) -> bool:
+        """A bad result or a wrong model (of `job`, when known); True if this strike
+        blacklists the wallet."""
         now = self._clock() if now is None else now
         rec = self.get(wallet)
         rec.strikes = [t for t in rec.strikes if now - t < STRIKE_WINDOW] + [now]
@@ -235,17 +243,56 @@ class Reputation(Database):
             rec.blacklisted_until = now + BLACKLIST_SECONDS
             rec.strikes = []
         self._save(rec)
+        if job is not None and self.on_strike is not None:
+            try:
+                self.on_strike(rec.wallet, job, now)
+            except Exception as exc:  # the strike stands; a pardon then takes the latest
+                log.error("strike_not_recorded", job=job.hex()[:16], error=type(exc).__name__)
         return hit
 
     def pardon(self, wallet: str) -> None:
-        """A dispute found a refusal wrong (`sogni_coordinator.disputes`): take back one
-        strike and its failure, and lift a blacklisting (the strike may have caused it)."""
+        """A dispute found a refusal wrong, the strike's time unknown: take back the latest
+        strike and one failure, and lift a blacklisting (the strike may have caused it)."""
         rec = self.get(wallet)
         rec.strikes = rec.strikes[:-1]
         rec.failures = max(0, rec.failures - 1)
         rec.success = _ema(rec.success, 1.0)
         rec.blacklisted_until = 0.0
         self._save(rec)
+        self.flush()
+
+    def pardon_strikes(self, wallet: str, struck: Sequence[float | None]) -> None:
+        """A won dispute (`sogni_coordinator.disputes`): take back exactly these strikes
+        (their times, as `strike` recorded them; None: a strike of unknown time) and their
+        failures, and lift the blacklisting only if one of them counted towards it (it
+        began within `STRIKE_WINDOW` after one of them). Written at once, not behind: the
+        desk records the pardon as done right after."""
+        if not struck:
+            return
+        rec = self.get(wallet)
+        began = rec.blacklisted_until - BLACKLIST_SECONDS if rec.blacklisted_until > 0 else None
+        lift = False
+        for t in struck:
+            rec.failures = max(0, rec.failures - 1)
+            rec.success = _ema(rec.success, 1.0)
+            if t is None:  # as `pardon`: the latest strike, and the blacklisting
+                rec.strikes = rec.strikes[:-1]
+                lift = True
+                continue
+            for i, s in enumerate(rec.strikes):
+                if abs(s - t) < 1.0:  # kept to the second (`_save`)
+                    del rec.strikes[i]
+                    break
+            if began is not None and t - 1.0 <= began < t + STRIKE_WINDOW:
+                lift = True
+        if lift:
+            rec.blacklisted_until = 0.0
+        self._save(rec)
+        self.flush()
+
+    def flush(self) -> None:
+        """Write the changed rows now (a pardon must not be lost in a crash)."""
+        self._write()
 
     def disconnected(self, wallet: str, connected_for: float) -> None:
         key = wallet.lower()

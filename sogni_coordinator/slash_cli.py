@@ -117,6 +117,7 @@ def _disputes_of(cfg: CoordinatorConfig) -> dict[int, dict[str, Any]]:
     book = DisputeBook(cfg.database)
     try:
         cases = book.slash_cases()
+        pardoned = {c.case_id: book.pardoned(c.worker, c.job_ids) for c in cases}
     finally:
         book.close()
     out: dict[int, dict[str, Any]] = {}
@@ -133,6 +134,7 @@ def _disputes_of(cfg: CoordinatorConfig) -> dict[int, dict[str, Any]]:
             "outcome": c.outcome,
             "bundle": c.bundle_path,
             "failures": failures,
+            "pardoned": ["0x" + j.hex() for j in c.job_ids if j in pardoned[c.case_id]],
         }
     return out
 
@@ -141,7 +143,10 @@ def _dispute_line(dispute: dict[str, Any]) -> str:
     line = f"case {dispute['caseId'][:18]}"
     if dispute["voteBy"]:
         line += f", disputed: vote by {_when(dispute['voteBy'])}"
-    return line + (f", {dispute['outcome']}" if dispute["outcome"] else "")
+    line += f", {dispute['outcome']}" if dispute["outcome"] else ""
+    if dispute.get("pardoned"):  # a won dispute took their strikes back
+        line += f", {len(dispute['pardoned'])} failed checks pardoned"
+    return line
 
 
 def _find(store: Store, proposal_id: int) -> SlashProposal:

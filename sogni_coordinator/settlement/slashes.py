@@ -185,6 +185,18 @@ def slash_amount(staked: int, *, amount: int | None = None, share_bps: int | Non
     return taken
 
 
+def _pardoned(store: Store, proposal: SlashProposal) -> set[bytes]:
+    """The proposal's failed jobs whose strike a won dispute took back (the coordinator's
+    dispute desk, `DisputeBook.pardoned`): no evidence against the wallet any more."""
+    from sogni_coordinator.disputes import DisputeBook
+
+    book = DisputeBook(store.location)
+    try:
+        return book.pardoned(proposal.wallet, proposal.job_ids)
+    finally:
+        book.close()
+
+
 def prepare(
     store: Store,
     deployment: Deployment,
@@ -203,6 +215,19 @@ def prepare(
     proposal = open_proposal(store, proposal_id)
     if offer_address is not None and eip712.same_address(sender, offer_address):
         raise SlashError(f"{sender} is the offer-signing key, which never slashes")
+    if deployment.disputes is not None:
+        pardoned = _pardoned(store, proposal)
+        if pardoned and len(pardoned) == len(set(proposal.job_ids)):
+            store.mark_slash(
+                proposal_id, "dismissed", "its failed checks were pardoned: the worker won"
+            )
+            return Prepared(proposal_id, proposal.wallet, 0, 0, None)
+        if pardoned:
+            raise SlashError(
+                f"{len(pardoned)} of the {len(set(proposal.job_ids))} failed checks behind "
+                f"slash proposal {proposal_id} were pardoned (the worker won their dispute): "
+                "review it, then `sogni-coordinator slash dismiss`"
+            )
     staking = deployment.staking
     active = staking.active_stake(proposal.wallet)
     pending, _unlock = staking.pending_stake(proposal.wallet)
