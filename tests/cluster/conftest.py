@@ -25,7 +25,7 @@ from eth_account import Account
 from sogni_coordinator.config import CoordinatorConfig
 from sogni_coordinator.ledger import Ledger
 from sogni_coordinator.service import RunningCoordinator, Signer, run_coordinator
-from sogni_net import Channel, Host
+from sogni_net import Channel, Host, open_host
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.ids import CLIENT_PROTOCOL, CONTROL_FRAME_LIMIT
@@ -257,3 +257,32 @@ __all__ = [
     "start_cluster",
     "submit",
 ]
+
+
+def paying_account(pg_url: str, spark: int = 1) -> Any:
+    """A new payer with `spark` Spark bought, in the cluster's ledger."""
+    payer = Account.create()
+    ledger = Ledger(pg_url)
+    try:
+        ledger.credit_purchase(payer.address, spark)
+    finally:
+        ledger.close()
+    return payer
+
+
+@asynccontextmanager
+async def two_and_a_node(
+    tmp_path: Path, pg_url: str, lease_seconds: float
+) -> AsyncIterator[tuple[Member, Member, Host, Rogue]]:
+    """Coordinators a and b on one database, a client's host, and a node connected to b."""
+    async with (
+        start_cluster(
+            tmp_path, pg_url, ["a", "b"], lease_seconds=lease_seconds, models=[MODEL]
+        ) as m,
+        open_host(key_path=None, listen=()) as client,
+        open_host(key_path=None, listen=()) as host,
+    ):
+        node = Rogue(host, Account.create())
+        await node.connect(m["b"])
+        assert node.channel is not None
+        yield m["a"], m["b"], client, node

@@ -11,19 +11,17 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg
 import pytest
 import trio
-from eth_account import Account
 
 from sogni_app.api import authorize
 from sogni_coordinator.ledger import ASSETS, Ledger, reserved_account
 from sogni_coordinator.storage.postgres import PgConnection
-from sogni_net import open_host
 from sogni_protocol.ids import RESULT_FRAME_LIMIT
 from sogni_protocol.messages import JobImage, Ready, RequestDone, ResultAck
 from sogni_protocol.pricing import quote
 
 from ..e2e.conftest import receive_skipping, tiny_request
 from ..e2e.rogue_kit import heartbeats
-from .conftest import MODEL, Rogue, pg_rows, start_cluster, submit
+from .conftest import paying_account, pg_rows, submit, two_and_a_node
 
 OUTAGE = 30.0
 A_LATE = 4.0
@@ -83,22 +81,14 @@ async def test_thirty_seconds_without_the_database_lose_nothing_accepted(
     stopped), the result is stored (the store's connection reconnects), both images reach
     A's client and the payer is charged for two images once (the reports watcher outlives
     the failed polls: the test above)."""
-    payer = Account.create()
-    ledger = Ledger(pg_url)
-    ledger.credit_purchase(payer.address, 1)
-    ledger.close()
+    payer = paying_account(pg_url)
     req = tiny_request(2, seed=41)
     per_image = quote(req).per_image.spark_micro
     try:
         async with (
-            start_cluster(tmp_path, pg_url, ["a", "b"], lease_seconds=5.0, models=[MODEL]) as m,
-            open_host(key_path=None, listen=()) as client,
-            open_host(key_path=None, listen=()) as host,
+            two_and_a_node(tmp_path, pg_url, 5.0) as (a, b, client, node),
             trio.open_nursery() as beats,
         ):
-            a, b = m["a"], m["b"]
-            node = Rogue(host, Account.create())
-            await node.connect(b)
             assert node.channel is not None
             beats.start_soon(heartbeats, node.channel)
             channel, accepted = await submit(

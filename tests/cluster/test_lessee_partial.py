@@ -10,12 +10,10 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from eth_account import Account
 
 from sogni_app.api import authorize
 from sogni_coordinator.cluster import DEAD_GRACE
 from sogni_coordinator.ledger import ASSETS, Ledger, partial_value, reserved_account, worker_account
-from sogni_net import open_host
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.messages import (
@@ -32,7 +30,7 @@ from sogni_protocol.pricing import quote
 
 from ..e2e.conftest import receive_skipping, tiny_request
 from ..e2e.rogue_kit import heartbeats
-from .conftest import MODEL, Rogue, pg_rows, start_cluster, submit
+from .conftest import Rogue, paying_account, pg_rows, submit, two_and_a_node
 
 
 def partial_result(node: Rogue, offer: Offer, domain: Domain, steps_done: int) -> Result:
@@ -69,20 +67,12 @@ async def _until(check: Any, seconds: float) -> None:
 async def test_a_partial_receipt_at_the_lessee_is_stored_and_paid_by_the_owner(
     tmp_path: Path, pg_url: str
 ) -> None:
-    payer = Account.create()
+    payer = paying_account(pg_url)
     ledger = Ledger(pg_url)
-    ledger.credit_purchase(payer.address, 1)
     req = tiny_request(1, seed=31, steps=10)
     per_image = quote(req).per_image.spark_micro
     try:
-        async with (
-            start_cluster(tmp_path, pg_url, ["a", "b"], lease_seconds=30.0, models=[MODEL]) as m,
-            open_host(key_path=None, listen=()) as client,
-            open_host(key_path=None, listen=()) as host,
-        ):
-            a, b = m["a"], m["b"]
-            node = Rogue(host, Account.create())
-            await node.connect(b)
+        async with two_and_a_node(tmp_path, pg_url, 30.0) as (a, _b, client, node):
             assert node.channel is not None
             channel, accepted = await submit(
                 client, a, authorize(req, bytes(payer.key), a.net.domain)
@@ -119,14 +109,9 @@ async def _cancelled_at_b_then_b_dies(
     (`wait_for_lease`: after B's lease lapsed and A leased the job). Returns the request id
     and the node once the request ended."""
     async with (
-        start_cluster(tmp_path, pg_url, ["a", "b"], lease_seconds=2.0, models=[MODEL]) as m,
-        open_host(key_path=None, listen=()) as client,
-        open_host(key_path=None, listen=()) as host,
+        two_and_a_node(tmp_path, pg_url, 2.0) as (a, b, client, node),
         trio.open_nursery() as beats,
     ):
-        a, b = m["a"], m["b"]
-        node = Rogue(host, Account.create())
-        await node.connect(b)
         assert node.channel is not None
         channel, accepted = await submit(client, a, authorize(req, bytes(payer.key), a.net.domain))
         offer = await node.offer()
@@ -178,10 +163,7 @@ async def test_a_partial_receipt_for_a_dead_lessee_is_taken_by_another_coordinat
     """B dies after telling its node to stop: the node's partial receipt, delivered to A
     while B's lease still stands, is taken (the stored job is cancelling, not running) and
     paid."""
-    payer = Account.create()
-    ledger = Ledger(pg_url)
-    ledger.credit_purchase(payer.address, 1)
-    ledger.close()
+    payer = paying_account(pg_url)
     req = tiny_request(1, seed=32, steps=10)
     _rid, node = await _cancelled_at_b_then_b_dies(
         tmp_path, pg_url, payer, req, wait_for_lease=False
@@ -195,10 +177,7 @@ async def test_a_cancelling_job_leased_again_waits_for_its_partial_receipt(
     """B dies after telling its node to stop; its lease lapses and A leases the job, stored
     cancelling: A waits for the partial receipt (as a restarted coordinator does), never
     fails the job as dead, and pays the receipt when the node brings it."""
-    payer = Account.create()
-    ledger = Ledger(pg_url)
-    ledger.credit_purchase(payer.address, 1)
-    ledger.close()
+    payer = paying_account(pg_url)
     req = tiny_request(1, seed=33, steps=10)
     _rid, node = await _cancelled_at_b_then_b_dies(
         tmp_path, pg_url, payer, req, wait_for_lease=True

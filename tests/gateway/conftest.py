@@ -18,6 +18,17 @@ def create_key(database: Path | str, name: str = "app", **kw: float | None) -> t
         keys.close()
 
 
+def funded_key(database: Path | str, name: str = "app", spark: int = 10) -> str:
+    """`create_key`'s key, its account credited `spark` Spark (bought, as by card)."""
+    key, account = create_key(database, name)
+    ledger = Ledger(database)
+    try:
+        ledger.credit_purchase(account, spark)
+    finally:
+        ledger.close()
+    return key
+
+
 def spark_of(database: Path | str, account: str) -> int:
     """`account`'s Spark (free and paid, micro units) in the coordinator's ledger."""
     ledger = Ledger(database)

@@ -33,10 +33,9 @@ from trio_websocket import open_websocket_url
 from sogni_coordinator.gateway.config import GatewayConfig
 from sogni_coordinator.gateway.models import sid_of
 from sogni_coordinator.jobs import NodeLink
-from sogni_coordinator.ledger import Ledger
 from tests.e2e.conftest import start_net
 
-from .conftest import create_key
+from .conftest import funded_key
 from .sdk_wire import SdkSocket, connect
 
 TINY = "sogni-tiny-sd"
@@ -64,12 +63,7 @@ async def _net(tmp: Path, **gateway: Any) -> AsyncIterator[_Env]:
     ) as net:
         url = net.coordinator.http_url
         assert url is not None
-        key, account = create_key(net.config.database, "app")
-        ledger = Ledger(net.config.database)
-        try:
-            ledger.credit_purchase(account, 50)
-        finally:
-            ledger.close()
+        key = funded_key(net.config.database, spark=50)
         yield _Env(net, url, key)
 
 
@@ -290,12 +284,7 @@ async def test_a_project_whose_end_may_not_have_been_read_is_listed_unclaimed(
     async with start_net(tmp_path, models=[MODEL], no_node_grace=120) as net:
         url = net.coordinator.http_url
         assert url is not None
-        key, account = create_key(net.config.database, "app")
-        ledger = Ledger(net.config.database)
-        try:
-            ledger.credit_purchase(account, 10)
-        finally:
-            ledger.close()
+        key = funded_key(net.config.database)
         await net.add_node(backend, "node0")
         request = job_request(MODEL, 2, **tiny)
         job = request["jobID"]
@@ -345,12 +334,7 @@ async def test_a_restarted_python_sdk_app_gets_the_urls_of_a_project_it_lost(
     async with start_net(tmp_path, models=[MODEL]) as net:
         url = net.coordinator.http_url
         assert url is not None
-        key, account = create_key(net.config.database, "app")
-        ledger = Ledger(net.config.database)
-        try:
-            ledger.credit_purchase(account, 10)
-        finally:
-            ledger.close()
+        key = funded_key(net.config.database)
         await net.add_node(backend, "node0")
         out = await _python_sdk(
             {"mode": "restart", "url": url, "key": key, "appId": "app-r", "model": MODEL}

@@ -26,11 +26,10 @@ from sogni_coordinator.gateway.failures import (
     project_error,
 )
 from sogni_coordinator.key_projects import ImageOutcome
-from sogni_coordinator.ledger import Ledger
 from sogni_node.models.registry import SHAPES_MODEL_ID
 from tests.e2e.conftest import MODEL, start_net
 
-from .conftest import create_key
+from .conftest import funded_key
 from .sdk_wire import SdkSocket, connect, job_request
 
 TINY = {"steps": 2, "sizePreset": "custom", "width": 64, "height": 64}
@@ -39,13 +38,7 @@ SET_ASIDE = {"createTime", "updateTime", "model"}
 
 
 def _funded(net: Any, name: str = "app") -> str:
-    key, account = create_key(net.config.database, name)
-    ledger = Ledger(net.config.database)
-    try:
-        ledger.credit_purchase(account, 10)
-    finally:
-        ledger.close()
-    return key
+    return funded_key(net.config.database, name)
 
 
 def _cancel(job_id: str) -> dict[str, object]:
