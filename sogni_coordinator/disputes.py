@@ -67,6 +67,11 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
+PROPOSAL_KEEP = 14 * 86_400.0
+"""Seconds an open slash proposal (not sent on chain) keeps its jobs' sealed parameters for a
+re-check: an operator who never acts on it must not keep prompts for ever (dismissing it
+releases them at once)."""
+
 BUNDLE_FORMAT = "sogni-dispute-bundle-v1"
 DEFAULT_RECHECKS = 3
 """Re-runs of each challenged step per dispute, each on another wallet's node."""
@@ -976,13 +981,16 @@ class DisputeDesk:
 
     def _kept(self) -> set[tuple[str, bytes]]:
         """(worker, job id) of refusals whose parameters a re-check may still need after
-        their own dispute window: the jobs of an open slash proposal (not on chain yet) and
+        their own dispute window: the jobs of an open slash proposal (not on chain yet, for
+        `PROPOSAL_KEEP` at most) and
         of a slash case with no bundle yet (disputable until its own window ends, then
         re-checked when disputed), and disputed refusals whose vote is to be retried."""
         keep: set[tuple[str, bytes]] = set()
         if self.store is not None:
+            now = time.time()
             for p in self.store.slash_proposals("proposed"):
-                keep |= {(p.wallet.lower(), bytes(j)) for j in p.job_ids}
+                if now - p.proposed_at < PROPOSAL_KEEP:  # never acted on: not for ever
+                    keep |= {(p.wallet.lower(), bytes(j)) for j in p.job_ids}
         for sc in self.book.slash_cases(open_only=True):
             if sc.bundle_hash is None:
                 keep |= {(sc.worker.lower(), bytes(j)) for j in sc.job_ids}

@@ -6,6 +6,8 @@ keep their parameters while it may be disputed; Disputes' newer errors in one li
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +20,13 @@ from structlog.testing import capture_logs
 from sogni_chain import ChainRevert
 from sogni_chain.disputes import CaseState, Refusal, open_dispute
 from sogni_chain.errors import ErrorDecoder
-from sogni_coordinator.disputes import DisputeBook, DisputeDesk, Reporter, SlashCase
+from sogni_coordinator.disputes import (
+    PROPOSAL_KEEP,
+    DisputeBook,
+    DisputeDesk,
+    Reporter,
+    SlashCase,
+)
 from sogni_coordinator.reputation import Reputation
 from sogni_coordinator.settlement import slashes
 from sogni_coordinator.store import SlashProposal, Store
@@ -404,6 +412,23 @@ async def test_the_jobs_a_slash_names_keep_their_parameters_until_it_cannot_be_d
     await w.desk.poll()  # voted on: nothing needs them any more
     kept = w.book.by_case(named)
     assert kept is not None and kept.params is None
+    w.close()
+
+
+async def test_a_proposal_never_acted_on_keeps_no_prompt_for_ever(env: Env, tmp_path: Path) -> None:
+    w = _World(env, tmp_path)
+    named = w.refuse(J[0])
+    pid = w.store.propose_slash(w.w, "5 failed result checks", [J[0]])
+    assert pid is not None
+    env.chain.advance_time(env.disputes.params().dispute_window + 3600 + 60)
+    with sqlite3.connect(w.db) as db:  # proposed longer ago than an operator may sit on it
+        db.execute(
+            "UPDATE slash_proposals SET proposed_at = ? WHERE id = ?",
+            (time.time() - PROPOSAL_KEEP - 60, pid),
+        )
+    await w.desk.poll()
+    shredded = w.book.by_case(named)
+    assert shredded is not None and shredded.params is None
     w.close()
 
 
