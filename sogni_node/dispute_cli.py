@@ -18,13 +18,19 @@ import json
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from sogni_node.cli_common import ConfigOption
 from sogni_node.cli_common import load_config as _config
 from sogni_protocol.cli_errors import BadUsage, Refused, Unavailable
+
+if TYPE_CHECKING:
+    from eth_account.signers.local import LocalAccount
+
+    from sogni_chain import Deployment
+    from sogni_chain.disputes import Disputes
 
 __all__ = ["app", "fetch_refusal", "pick_refusal"]
 
@@ -63,6 +69,21 @@ def pick_refusal(body: dict[str, Any], job: str, wallet: str) -> dict[str, Any]:
     return mine[-1]
 
 
+def _disputes_and_wallet(
+    config: Path | None, chain_url: str | None
+) -> tuple[Deployment, Disputes, LocalAccount]:
+    """The network's contracts, its Disputes contract and this node's unlocked wallet."""
+    from sogni_node.rewards_cli import _required_deployment, _wallet
+
+    cfg = _config(config)
+    deployment = _required_deployment(cfg, chain_url)
+    if deployment.disputes is None:
+        raise Unavailable(
+            "the addresses file names no Disputes contract", "ask the coordinator's operator"
+        )
+    return deployment, deployment.disputes, _wallet(cfg, deployment)
+
+
 @app.command("open")
 def open_cmd(
     job: Annotated[str, typer.Argument(help="The refused job's id (0x...), from the journal.")],
@@ -86,15 +107,8 @@ def open_cmd(
     """Post the bond and open a dispute; jurors then vote on the re-checked evidence."""
     from sogni_chain import ChainRevert
     from sogni_chain.disputes import DisputeRefused, Refusal, open_dispute
-    from sogni_node.rewards_cli import _required_deployment, _wallet
 
-    cfg = _config(config)
-    deployment = _required_deployment(cfg, chain_url)
-    if deployment.disputes is None:
-        raise Unavailable(
-            "the addresses file names no Disputes contract", "ask the coordinator's operator"
-        )
-    worker = _wallet(cfg, deployment)
+    deployment, disputes, worker = _disputes_and_wallet(config, chain_url)
     signed: Refusal | None = None
     case_id: bytes | None = None
     if slash is not None:
@@ -118,7 +132,7 @@ def open_cmd(
             raise BadUsage(f"not a refusal: {exc!r}") from None
     try:
         tx = open_dispute(
-            deployment.disputes,
+            disputes,
             deployment.token.address,
             worker=worker,
             refusal=signed,
@@ -149,7 +163,6 @@ def open_vote_cmd(
     dispute is lost: the refusal or slash is upheld and the bond kept)."""
     from sogni_chain import ChainRevert
     from sogni_chain.disputes import DisputeRefused, open_stalled_vote
-    from sogni_node.rewards_cli import _required_deployment, _wallet
 
     try:
         case_id = bytes.fromhex(case.lower().removeprefix("0x"))
@@ -157,15 +170,9 @@ def open_vote_cmd(
         case_id = b""
     if len(case_id) != 32:
         raise BadUsage(f"{case!r} is not a case id (0x + 64 hex)")
-    cfg = _config(config)
-    deployment = _required_deployment(cfg, chain_url)
-    if deployment.disputes is None:
-        raise Unavailable(
-            "the addresses file names no Disputes contract", "ask the coordinator's operator"
-        )
-    worker = _wallet(cfg, deployment)
+    _, disputes, worker = _disputes_and_wallet(config, chain_url)
     try:
-        tx = open_stalled_vote(deployment.disputes, case_id, worker=worker)
+        tx = open_stalled_vote(disputes, case_id, worker=worker)
     except DisputeRefused as exc:
         raise Refused(str(exc)) from None
     except ChainRevert as exc:
