@@ -12,7 +12,7 @@ import hashlib
 import io
 import random
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,7 @@ from sogni_coordinator.results import SqliteResults
 from sogni_coordinator.routing import Router
 from sogni_coordinator.store import Store
 from sogni_coordinator.verification_config import VerificationConfig
+from sogni_net import ChannelClosed
 from sogni_protocol import eip712
 from sogni_protocol.eip712 import Domain
 from sogni_protocol.messages import (
@@ -43,6 +44,8 @@ from sogni_protocol.messages import (
     RenderRequest,
     RequestDone,
     Result,
+    decode,
+    encode,
 )
 
 MODEL = "sogni-tiny-sd"
@@ -203,9 +206,13 @@ class Harness:
 
         self.nursery.start_soon(commit_receipts)
 
+    def _dispatcher_type(self) -> Callable[..., Dispatcher]:
+        """What `_dispatcher` builds (the service's metered one: `metrics.metered`)."""
+        return Dispatcher
+
     def _dispatcher(self) -> Dispatcher:
         router = Router(self.reputation, rng=random.Random(7), clock=self.clock)
-        return Dispatcher(
+        return self._dispatcher_type()(
             self.store,
             signer_key=bytes(SIGNER.key),
             signer_address=SIGNER.address,
@@ -310,3 +317,28 @@ async def paid(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Harness]:
     h = Harness(tmp_path / "coordinator.db", nursery, billing=True)
     yield h
     h.close()
+
+
+class ScriptedChannel:
+    """Receives the given frames (decoded as a real channel does), records what is sent."""
+
+    def __init__(self, *frames: bytes, peer: str = "peer-x") -> None:
+        self.remote_peer_id = peer
+        self.frames = list(frames)
+        self.sent: list[Message] = []
+        self.closed = False
+
+    async def receive(self, *, limit: int = 0, timeout: float = 0) -> Message:
+        if not self.frames:  # the script is over: the peer closed
+            raise ChannelClosed("closed by peer")
+        return decode(self.frames.pop(0))
+
+    async def send(self, message: Message, **_: Any) -> None:
+        self.sent.append(decode(encode(message)))
+
+    async def send_many(self, frames: Sequence[tuple[Message, int]], **_: Any) -> None:
+        """As the real channel's: all the frames, in order."""
+        self.sent.extend(decode(encode(message)) for message, _ in frames)
+
+    async def close(self, **_: Any) -> None:
+        self.closed = True

@@ -5,9 +5,8 @@ not (blacklisted, blocked)."""
 
 from __future__ import annotations
 
-import random
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -37,15 +36,13 @@ from sogni_coordinator.metrics import (
     observe,
     refusal_category,
 )
-from sogni_coordinator.results import SqliteResults
-from sogni_coordinator.routing import Router
 from sogni_coordinator.status_page import snapshot
-from sogni_net import Channel, ChannelClosed
+from sogni_net import Channel
 from sogni_protocol import eip712
 from sogni_protocol.ids import WIRE_VERSION
-from sogni_protocol.messages import Message, RequestRefused, Result, decode, encode
+from sogni_protocol.messages import RequestRefused, Result, encode
 
-from .conftest import DOMAIN, FLOOR, MODEL, SIGNER, Harness, request
+from .conftest import DOMAIN, MODEL, SIGNER, Harness, ScriptedChannel, request
 
 ADULT = policy_lists()["adult"]["sexual"][1]
 """An adult term of the shipped policy (never written out here): refused by default."""
@@ -56,22 +53,8 @@ class MeteredHarness(Harness):
 
     dispatcher: MeteredDispatcher
 
-    def _dispatcher(self) -> Dispatcher:
-        router = Router(self.reputation, rng=random.Random(7), clock=self.clock)
-        return metered([MODEL])(
-            self.store,
-            signer_key=bytes(SIGNER.key),
-            signer_address=SIGNER.address,
-            domain=DOMAIN,
-            router=router,
-            deadline_floor=FLOOR,
-            deadline_base=0.0,
-            clock=self.clock,
-            verification=self.verification,
-            verification_log=self.folder / "verifications.jsonl",
-            results_dir=self.folder / "results",
-            results=SqliteResults(self.path) if self.results == "database" else None,
-        )
+    def _dispatcher_type(self) -> Callable[..., Dispatcher]:
+        return metered([MODEL])  # a registry of its own per start
 
     def value(self, name: str, **labels: str) -> float:
         registry = self.dispatcher.metrics.registry
@@ -85,34 +68,9 @@ class FakeHost:
         self.addrs = ["/ip4/127.0.0.1/tcp/1"]
 
 
-class ScriptedChannel:
-    """Receives the given frames (decoded as a real channel does), records what is sent."""
-
-    remote_peer_id = "peer-client"
-
-    def __init__(self, *frames: bytes) -> None:
-        self.frames = list(frames)
-        self.sent: list[Message] = []
-        self.closed = False
-
-    async def receive(self, *, limit: int = 0, timeout: float = 0) -> Message:
-        if not self.frames:
-            raise ChannelClosed("closed by peer")
-        return decode(self.frames.pop(0))
-
-    async def send(self, message: Message, **_: Any) -> None:
-        self.sent.append(decode(encode(message)))
-
-    async def send_many(self, frames: Sequence[tuple[Message, int]], **_: Any) -> None:
-        self.sent.extend(decode(encode(message)) for message, _ in frames)
-
-    async def close(self, **_: Any) -> None:
-        self.closed = True
-
-
 async def serve(h: Harness, *frames: bytes) -> ScriptedChannel:
     """One client stream over `frames`; the session must end by itself (no exception)."""
-    channel = ScriptedChannel(*frames)
+    channel = ScriptedChannel(*frames, peer="peer-client")
     with trio.fail_after(10):
         await serve_client(cast(Channel, channel), h.dispatcher, allowed_models={MODEL})
     return channel

@@ -4,7 +4,6 @@ why (`HelloRefused`, `RequestRefused`), and a node says so in one line instead o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -14,7 +13,7 @@ import pytest
 from sogni_coordinator.client_session import serve_client
 from sogni_coordinator.gateway.limits import KeyBuckets
 from sogni_coordinator.node_session import serve_node
-from sogni_net import Channel, ChannelClosed
+from sogni_net import Channel
 from sogni_node.pull import NodeIdentity, PullSession, SessionRefused
 from sogni_protocol import eip712
 from sogni_protocol.ids import WIRE_VERSION
@@ -25,39 +24,12 @@ from sogni_protocol.messages import (
     NodeHello,
     RequestRefused,
     Welcome,
-    decode,
     encode,
 )
 
-from .conftest import DOMAIN, MODEL, SIGNER, Harness
+from .conftest import DOMAIN, MODEL, SIGNER, Harness, ScriptedChannel
 
 V2 = WIRE_VERSION + 1
-
-
-class ScriptedChannel:
-    """Receives the given frames (decoded as a real channel does), records what is sent."""
-
-    remote_peer_id = "peer-x"
-
-    def __init__(self, *frames: bytes) -> None:
-        self.frames = list(frames)
-        self.sent: list[Message] = []
-        self.closed = False
-
-    async def receive(self, *, limit: int = 0, timeout: float = 0) -> Message:
-        if not self.frames:  # the script is over: the peer closed
-            raise ChannelClosed("closed by peer")
-        return decode(self.frames.pop(0))
-
-    async def send(self, message: Message, **_: Any) -> None:
-        self.sent.append(decode(encode(message)))
-
-    async def send_many(self, frames: Sequence[tuple[Message, int]], **_: Any) -> None:
-        """As the real channel's: all the frames, in order."""
-        self.sent.extend(decode(encode(message)) for message, _ in frames)
-
-    async def close(self, **_: Any) -> None:
-        self.closed = True
 
 
 def _as_version(message: Message, v: int, **extra: Any) -> bytes:
