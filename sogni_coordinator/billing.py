@@ -365,6 +365,12 @@ class Billing:
         d = self.domain
         return f"{fault}; this coordinator signs for chain {d.chain_id}, {d.verifying_contract}"
 
+    @property
+    def referrer_rule(self) -> Callable[[str], bool] | None:
+        """What a referral code's owner must pass (`ReferralCodes.use(eligible=...)`):
+        nothing on a local network, else being a customer (`is_customer`)."""
+        return None if self.boost_for_anyone else self.is_customer
+
     def is_customer(self, account: str) -> bool:
         """`account` bought Spark or deposited SOGNI here, or has stake: what off a local
         network the Daily Boost and a usable referral code need (a fresh wallet costs nothing
@@ -375,9 +381,6 @@ class Billing:
             log.warning("stake_lookup_failed", wallet=account.lower(), error=type(exc).__name__)
             staked = False
         return staked or self.ledger.has_paid(account)
-
-    def _boost_eligible(self, payer: str) -> bool:
-        return self.is_customer(payer)
 
     def claim_boost(self, claim: DailyBoostClaim) -> BoostGranted:
         """Grant the Daily Boost for today (UTC) if the claim is the payer's own and the first
@@ -396,7 +399,7 @@ class Billing:
                 "wrong_day",
                 f"the claim is for {claim.day} but today is {today} (UTC): sign one for today",
             )
-        if not self.boost_for_anyone and not self._boost_eligible(claim.payer):
+        if not self.boost_for_anyone and not self.is_customer(claim.payer):
             raise Refusal(
                 "not_eligible",
                 f"{claim.payer} has never bought Spark, deposited SOGNI or staked on this "

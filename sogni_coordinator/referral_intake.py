@@ -39,10 +39,9 @@ def answer_referral(
         )
     codes = codes_beside(billing.ledger)
     # off a local network only a customer's code refers anyone (as for the Daily Boost)
-    eligible = None if billing.boost_for_anyone else billing.is_customer
     try:
         if q.code:
-            codes.use(billing.ledger, q.payer, q.code, eligible=eligible)
+            codes.use(billing.ledger, q.payer, q.code, eligible=billing.referrer_rule)
         return ReferralReport(
             payer=q.payer,
             code=codes.code_for(q.payer),

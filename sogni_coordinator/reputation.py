@@ -250,17 +250,6 @@ class Reputation(Database):
                 log.error("strike_not_recorded", job=job.hex()[:16], error=type(exc).__name__)
         return hit
 
-    def pardon(self, wallet: str) -> None:
-        """A dispute found a refusal wrong, the strike's time unknown: take back the latest
-        strike and one failure, and lift a blacklisting (the strike may have caused it)."""
-        rec = self.get(wallet)
-        rec.strikes = rec.strikes[:-1]
-        rec.failures = max(0, rec.failures - 1)
-        rec.success = _ema(rec.success, 1.0)
-        rec.blacklisted_until = 0.0
-        self._save(rec)
-        self.flush()
-
     def pardon_strikes(self, wallet: str, struck: Sequence[float | None]) -> None:
         """A won dispute (`sogni_coordinator.disputes`): take back exactly these strikes
         (their times, as `strike` recorded them; None: a strike of unknown time) and their

@@ -37,8 +37,7 @@ async def apply_referral(gateway: Gateway, account: str, code: str) -> str | Non
     codes = codes_beside(billing.ledger)
     try:
         # off a local network only a customer's code refers anyone (as over libp2p)
-        eligible = None if billing.boost_for_anyone else billing.is_customer
-        use = functools.partial(codes.use, eligible=eligible)
+        use = functools.partial(codes.use, eligible=billing.referrer_rule)
         await trio.to_thread.run_sync(use, billing.ledger, account, code)
     except ReferralRefused as exc:
         return str(exc)
